@@ -1,0 +1,45 @@
+"""
+The vision-language adaptor ("aligner", `MlpProjector` in the official projector.py; paper section 3.1, facts
+section 4). It maps vision features into the language model's embedding space, one vector per image token.
+
+mlp_gelu (released 1.3B, SigLIP only):
+    low (B, N, c_low) -> Linear -> GELU -> Linear -> (B, N, d_model)           keys layers.0, layers.2
+
+low_high_hybrid_split_mlp_gelu (released 7B and our hybrid presets):
+    high (B, N, c_high) -> high_up_proj -> (B, N, d_model/2)  \
+                                                                cat, high first -> (B, N, d_model)
+    low  (B, N, c_low)  -> low_up_proj  -> (B, N, d_model/2)  /
+    -> GELU -> Linear -> (B, N, d_model)                                       keys layers.1
+
+This is the code's order, which the paper's "Vision-Language Adaptor" paragraph describes (two single-layer MLPs,
+concatenation, one more MLP). GELU is exact, every Linear has a bias, and there is no normalisation. A `depth` above
+2 adds more (GELU, Linear) pairs, as the official class does.
+"""
+
+import torch
+import torch.nn as nn
+
+from nanovl.config import AlignerConfig
+
+
+class Aligner(nn.Module):
+    def __init__(self, cfg: AlignerConfig, low_dim: int, d_model: int, high_dim: int = 0):
+        super().__init__()
+        self.hybrid = cfg.projector_type == "low_high_hybrid_split_mlp_gelu"
+        if self.hybrid:
+            self.high_up_proj = nn.Linear(high_dim, d_model // 2)
+            self.low_up_proj = nn.Linear(low_dim, d_model // 2)
+            layers = []  # index 0 of the official Sequential is the GELU, so the Linear is layers.1
+        else:
+            layers = [nn.Linear(low_dim, d_model)]
+        for _ in range(1, cfg.depth):
+            layers += [nn.GELU(), nn.Linear(d_model, d_model)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, low, high=None):
+        """low: SigLIP features (B, N, c_low); high: SAM features (B, N, c_high), hybrid only."""
+        if self.hybrid:
+            x = torch.cat([self.high_up_proj(high), self.low_up_proj(low)], dim=-1)  # (B, N, d_model), high first
+        else:
+            x = low
+        return self.layers(x)  # (B, N, d_model)

@@ -1,0 +1,320 @@
+"""
+Configuration: one dataclass per component, a VLConfig that holds them, and the named presets.
+
+DeepSeek-VL (arXiv 2403.05525, section 3.1) is three parts glued together:
+
+    image (B, 3, S, S) --> vision encoder(s) --> adaptor ("aligner") --> LLaMA-style decoder
+                            SigLIP-L @ 384                                  reads image tokens in
+                            (+ SAM-B @ 1024 for the hybrid)                 place of <image_placeholder>
+
+The numbers of the released models come from ../shared/reference/deepseek-vl-facts.md (sections 1-6). The presets:
+
+    tiny         the hybrid architecture, shrunk so a forward+backward pass takes well under a second on a laptop CPU
+    small        a scaled-down hybrid that one GPU trains in minutes
+    1.3b         the released DeepSeek-VL-1.3B: SigLIP-L only, `mlp_gelu` aligner, 24-layer 2048-wide decoder
+    1.3b-hybrid  the paper's hybrid encoder (SAM-B + SigLIP-L) and hybrid adaptor on the 1.3B decoder
+    7b           the released DeepSeek-VL-7B: hybrid encoder, 30-layer 4096-wide decoder
+
+Scaled-down presets keep the official geometry. In the released hybrid, SAM sees a 1024 canvas: 64x64 patches,
+upsampled by 1.5 to 96x96, then two stride-2 convs give 24x24, which is exactly SigLIP's 384/16 grid. So both
+branches give the same number of tokens, and the hybrid adaptor can concatenate them feature-wise. A preset is a
+starting point: `get_config("tiny", **{"llm.n_layers": 2})` overrides any field.
+"""
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+# Pixel statistics. SigLIP was trained on [-1, 1] inputs (mean = std = 0.5). DeepSeek's SAM branch normalises with
+# the CLIP statistics, not SAM's ImageNet ones (facts sheet section 1, last bullets).
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class SigLIPConfig:
+    """SigLIP-L/16 at 384 (facts section 2): a plain pre-norm ViT, no class token, exact GELU, final LayerNorm."""
+    image_size: int = 384
+    patch_size: int = 16
+    width: int = 1024
+    depth: int = 24
+    n_heads: int = 16
+    mlp_ratio: float = 4.0
+    # In-tower normalisation (the hybrid tower normalises each branch itself). None means the image processor has
+    # already normalised, as for the released 1.3B model.
+    pixel_mean: Optional[Tuple[float, float, float]] = SIGLIP_MEAN
+    pixel_std: Optional[Tuple[float, float, float]] = SIGLIP_STD
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class SAMConfig:
+    """SAM-B (ViTDet) at 1024 plus DeepSeek's upsample, downsample convs and neck_hd side path (facts section 1)."""
+    image_size: int = 1024
+    patch_size: int = 16
+    width: int = 768
+    depth: int = 12
+    n_heads: int = 12
+    mlp_ratio: float = 4.0
+    window_size: int = 14
+    global_blocks: Tuple[int, ...] = (2, 5, 8, 11)  # blocks with global attention; the rest are windowed
+    neck_dim: int = 256
+    downsample_dims: Tuple[int, ...] = (512, 1024)  # two bias-free stride-2 convs; the last is the output width
+    pixel_mean: Optional[Tuple[float, float, float]] = CLIP_MEAN
+    pixel_std: Optional[Tuple[float, float, float]] = CLIP_STD
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def upsample_size(self) -> int:
+        # The official code hard-codes 96 for the 64x64 grid: a factor of 1.5. We keep the factor for smaller grids.
+        return self.grid * 3 // 2
+
+    @property
+    def out_grid(self) -> int:
+        return self.upsample_size // 2 ** len(self.downsample_dims)
+
+    @property
+    def out_dim(self) -> int:
+        return self.downsample_dims[-1]
+
+
+@dataclass
+class AlignerConfig:
+    """The vision-language adaptor, `MlpProjector` in the official code (facts section 4)."""
+    projector_type: str = "mlp_gelu"  # or "low_high_hybrid_split_mlp_gelu" for the hybrid encoder
+    depth: int = 2
+
+
+@dataclass
+class LlamaConfig:
+    """The LLaMA-style decoder (facts section 5): RMSNorm pre-norm, RoPE, SwiGLU, untied lm_head."""
+    vocab_size: int = 102400
+    dim: int = 2048
+    n_layers: int = 24
+    n_heads: int = 16
+    n_kv_heads: int = 16  # fewer than n_heads gives grouped-query attention; the released models use full MHA
+    ffn_dim: int = 5632
+    # The released models were trained on 4096-token sequences (README of the official repo); their config says
+    # max_position_embeddings 16384, which only bounds RoPE. We refuse sequences longer than max_seq_len.
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass
+class VLConfig:
+    """The whole model. `sam` is None for SigLIP-only models such as the released 1.3B."""
+    name: str = "custom"
+    siglip: SigLIPConfig = field(default_factory=SigLIPConfig)
+    sam: Optional[SAMConfig] = None
+    aligner: AlignerConfig = field(default_factory=AlignerConfig)
+    llm: LlamaConfig = field(default_factory=LlamaConfig)
+    image_token_id: int = 100015  # id of <image_placeholder> in the DeepSeek-LLM tokenizer (facts section 9)
+
+    @property
+    def hybrid(self) -> bool:
+        return self.sam is not None
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square canvas the image processor makes: SAM's input for the hybrid, else SigLIP's."""
+        return self.sam.image_size if self.hybrid else self.siglip.image_size
+
+    @property
+    def n_image_tokens(self) -> int:
+        """How many language-model positions one image fills (576 for the released models)."""
+        return self.siglip.grid ** 2
+
+    def validate(self) -> "VLConfig":
+        """Check that the parts fit together; raise ValueError saying what does not."""
+        s, a, l = self.siglip, self.aligner, self.llm
+        problems = []
+        if s.image_size % s.patch_size:
+            problems.append(f"siglip.image_size {s.image_size} is not a multiple of siglip.patch_size {s.patch_size}")
+        if s.width % s.n_heads:
+            problems.append(f"siglip.width {s.width} is not divisible by siglip.n_heads {s.n_heads}")
+        if l.dim % l.n_heads or l.n_heads % l.n_kv_heads:
+            problems.append(f"llm.dim {l.dim}, n_heads {l.n_heads}, n_kv_heads {l.n_kv_heads}: need dim % n_heads == 0"
+                            " and n_heads % n_kv_heads == 0")
+        if l.head_dim % 2:
+            problems.append(f"llm head size {l.head_dim} must be even for rotary embeddings")
+        if not 0 <= self.image_token_id < l.vocab_size:
+            problems.append(f"image_token_id {self.image_token_id} is outside the vocabulary (size {l.vocab_size})")
+        if a.projector_type not in ("mlp_gelu", "low_high_hybrid_split_mlp_gelu"):
+            problems.append(f"aligner.projector_type {a.projector_type!r} is not 'mlp_gelu' or "
+                            "'low_high_hybrid_split_mlp_gelu'")
+        if (a.projector_type == "low_high_hybrid_split_mlp_gelu") != self.hybrid:
+            problems.append(f"aligner.projector_type {a.projector_type!r} does not fit "
+                            f"{'a hybrid (SAM + SigLIP)' if self.hybrid else 'a SigLIP-only'} encoder")
+        if a.depth < 1 or (self.hybrid and a.depth < 2):
+            problems.append(f"aligner.depth {a.depth} is too small (at least 1, or 2 for the hybrid adaptor)")
+        if self.hybrid:
+            m = self.sam
+            if m.image_size % m.patch_size or m.width % m.n_heads:
+                problems.append(f"sam.image_size {m.image_size} / patch_size {m.patch_size} / width {m.width} / "
+                                f"n_heads {m.n_heads} do not divide evenly")
+            if m.grid % 2 or m.upsample_size % 2 ** len(m.downsample_dims):
+                problems.append(f"sam grid {m.grid} upsampled to {m.upsample_size} is not divisible by "
+                                f"{2 ** len(m.downsample_dims)} (one halving per downsample conv)")
+            elif m.out_grid != s.grid:
+                problems.append(f"SAM gives a {m.out_grid}x{m.out_grid} grid but SigLIP gives {s.grid}x{s.grid}; the "
+                                "hybrid adaptor needs the same number of tokens from both (keep sam.image_size / "
+                                "siglip.image_size = 8/3 at equal patch sizes, as 1024/384)")
+            if any(not 0 <= i < m.depth for i in m.global_blocks) or not m.global_blocks:
+                problems.append(f"sam.global_blocks {m.global_blocks} must be non-empty indices below sam.depth "
+                                f"{m.depth} (the neck_hd side path reads the first global block)")
+        if problems:
+            raise ValueError(f"invalid config {self.name!r}:\n  " + "\n  ".join(problems))
+        return self
+
+    # JSON round trip, so a checkpoint carries the exact config it was trained with.
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @staticmethod
+    def from_dict(d: dict) -> "VLConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(VLConfig)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}; expected some of {sorted(known)}")
+        parts = {"siglip": SigLIPConfig, "sam": SAMConfig, "aligner": AlignerConfig, "llm": LlamaConfig}
+        for key, cls in parts.items():
+            if d.get(key) is not None:
+                sub = dict(d[key])
+                names = {f.name for f in dataclasses.fields(cls)}
+                if set(sub) - names:
+                    raise ValueError(f"unknown {key} config fields {sorted(set(sub) - names)}")
+                for f in dataclasses.fields(cls):  # JSON turns tuples into lists
+                    if isinstance(sub.get(f.name), list):
+                        sub[f.name] = tuple(sub[f.name])
+                d[key] = cls(**sub)
+        return VLConfig(**d).validate()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Presets
+
+def _released_sam() -> SAMConfig:
+    return SAMConfig()
+
+
+def _tiny() -> VLConfig:
+    # SigLIP: 96 px / 16 = 6x6 = 36 image tokens. SAM: 256 px / 16 = 16x16 grid -> 24x24 -> 12 -> 6: the same 36.
+    # A 16x16 grid in windows of 6 needs padding to 18, so the tiny model exercises the official zero-padding too.
+    return VLConfig(
+        name="tiny",
+        siglip=SigLIPConfig(image_size=96, patch_size=16, width=64, depth=2, n_heads=2),
+        sam=SAMConfig(image_size=256, patch_size=16, width=64, depth=4, n_heads=2, window_size=6,
+                      global_blocks=(1, 3), neck_dim=32, downsample_dims=(64, 64)),
+        aligner=AlignerConfig("low_high_hybrid_split_mlp_gelu"),
+        llm=LlamaConfig(vocab_size=2048, dim=128, n_layers=4, n_heads=4, n_kv_heads=4, ffn_dim=352, max_seq_len=512),
+        image_token_id=3,  # the scaled-down tokenizers put their special tokens at the start of the vocabulary
+    )
+
+
+def _small() -> VLConfig:
+    # SigLIP: 192 px -> 12x12 = 144 image tokens. SAM: 512 px -> 32x32 -> 48x48 -> 24 -> 12.
+    return VLConfig(
+        name="small",
+        siglip=SigLIPConfig(image_size=192, patch_size=16, width=384, depth=6, n_heads=6),
+        sam=SAMConfig(image_size=512, patch_size=16, width=256, depth=6, n_heads=4, window_size=7,
+                      global_blocks=(2, 5), neck_dim=128, downsample_dims=(256, 384)),
+        aligner=AlignerConfig("low_high_hybrid_split_mlp_gelu"),
+        llm=LlamaConfig(vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=1408,
+                        max_seq_len=1024),
+        image_token_id=3,
+    )
+
+
+def _released_13b() -> VLConfig:
+    # The released 1.3B has no in-tower normalisation: its image processor normalises with mean = std = 0.5.
+    return VLConfig(
+        name="1.3b",
+        siglip=SigLIPConfig(pixel_mean=None, pixel_std=None),
+        sam=None,
+        aligner=AlignerConfig("mlp_gelu"),
+        llm=LlamaConfig(dim=2048, n_layers=24, n_heads=16, n_kv_heads=16, ffn_dim=5632),
+    )
+
+
+def _hybrid_13b() -> VLConfig:
+    return VLConfig(
+        name="1.3b-hybrid",
+        siglip=SigLIPConfig(),
+        sam=_released_sam(),
+        aligner=AlignerConfig("low_high_hybrid_split_mlp_gelu"),
+        llm=LlamaConfig(dim=2048, n_layers=24, n_heads=16, n_kv_heads=16, ffn_dim=5632),
+    )
+
+
+def _released_7b() -> VLConfig:
+    return VLConfig(
+        name="7b",
+        siglip=SigLIPConfig(),
+        sam=_released_sam(),
+        aligner=AlignerConfig("low_high_hybrid_split_mlp_gelu"),
+        llm=LlamaConfig(dim=4096, n_layers=30, n_heads=32, n_kv_heads=32, ffn_dim=11008),
+    )
+
+
+PRESETS = {"tiny": _tiny, "small": _small, "1.3b": _released_13b, "1.3b-hybrid": _hybrid_13b, "7b": _released_7b}
+
+
+def _parse(value, current, name: str):
+    """Turn a command-line string into the type of the field it overrides (int, float, bool, str, tuple, None)."""
+    if not isinstance(value, str):
+        return value
+    if value.lower() in ("none", "null"):
+        return None
+    if isinstance(current, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{name} expects true or false, got {value!r}")
+        return value.lower() in ("true", "1")
+    try:
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        if isinstance(current, tuple):
+            items = [v for v in value.strip("()[] ").split(",") if v.strip()]
+            kind = type(current[0]) if current else int
+            return tuple(kind(v) for v in items)
+    except ValueError:
+        raise ValueError(f"{name} expects a value like {current!r}, got {value!r}") from None
+    return value
+
+
+def get_config(name: str, **overrides) -> VLConfig:
+    """A preset by name, with overrides given as dotted keys: get_config("tiny", **{"llm.dim": 256})."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[name]()
+    for key, value in overrides.items():
+        *path, leaf = key.split(".")
+        obj = cfg
+        for part in path:
+            obj = getattr(obj, part, None)
+            if obj is None or not dataclasses.is_dataclass(obj):
+                raise ValueError(f"cannot override {key!r}: {part!r} is not a config section of {name!r}")
+        if leaf not in {f.name for f in dataclasses.fields(obj)}:
+            fields = ", ".join(f.name for f in dataclasses.fields(obj))
+            raise ValueError(f"cannot override {key!r}: no field {leaf!r} (fields here: {fields})")
+        setattr(obj, leaf, _parse(value, getattr(obj, leaf), key))
+    return cfg.validate()

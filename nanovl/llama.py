@@ -1,0 +1,207 @@
+"""
+The language model: a LLaMA-style decoder, the same network as Hugging Face's `LlamaForCausalLM` that DeepSeek-VL
+builds from its `language_config` (paper section 3.1, facts section 5).
+
+    token ids (B, T) or input embeddings (B, T, C)   (the VL model splices image embeddings in before this)
+      -> embed_tokens
+      -> n_layers x [ x + attn(RMSNorm(x)) ; x + SwiGLU(RMSNorm(x)) ]    rotary positions on q and k
+      -> final RMSNorm -> lm_head (untied from embed_tokens)             (B, T, vocab) logits
+
+Decoding. `KVCache` preallocates keys and values for every layer, so decoding one token costs one token's compute:
+each call writes its new keys at the end of the filled part and attends over the filled part. Batched prompts are
+left-padded; `pad_mask` says which positions are real. Positions then count real tokens only (the cumulative sum of
+the mask, as HF's generate does), and no query attends a padding key.
+
+Parameter names are HF's without the `model.` prefix: `embed_tokens`, `layers.N.self_attn.q_proj`,
+`layers.N.mlp.gate_proj`, `layers.N.input_layernorm`, `norm`, `lm_head`.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanovl.config import LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # Normalise in fp32 and scale in the input dtype, exactly as HF's LlamaRMSNorm (it matters in bf16).
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
+    """Rotary embedding tables for integer positions (B, T) -> cos, sin of shape (B, 1, T, head_dim).
+
+    Frequencies theta^(-2i/d) for i < d/2, each used twice ([f, f] layout): HF Llama's "rotate half" convention,
+    which the released checkpoints were converted to. Computed in fp32, then cast, as HF does.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, hs/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hs)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x_i, x_{i + hs/2}) pair of x (B, nh, T, hs) by its position's angle."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys and values: (n_layers, B, n_kv_heads, max_len, hs) each, plus which slots hold real tokens.
+
+    `length` slots are filled; a forward pass with a cache appends its T new tokens at [length, length + T).
+    """
+
+    def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"a cache of {max_len} tokens exceeds the model's context of {cfg.max_seq_len} tokens")
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.real = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k, v):
+        """Write this step's keys and values (B, nkv, T, hs) and return all of them so far (B, nkv, length + T, hs)."""
+        start, end = self.length, self.length + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: Optional[KVCache], layer: int):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs), S = tokens so far including these
+        if self.n_kv_heads != self.n_heads:  # grouped-query attention: head i reads kv head i // (nh / nkv)
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        # Without a mask this is plain causal attention (the training path, eligible for flash kernels).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, nh, T, hs)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache, layer):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.n_layers)])
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
+        """An empty cache on this model's device and dtype, by default as long as the context."""
+        w = self.embed_tokens.weight
+        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, w.device, w.dtype)
+
+    def check_length(self, T: int, cache: Optional[KVCache] = None):
+        """Raise ValueError if T new tokens (after what the cache holds) do not fit the context or the cache."""
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens ({start} cached + {T} new) is longer than the model's "
+                             f"context of {self.cfg.max_seq_len} tokens; shorten it or raise llm.max_seq_len")
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"{T} new tokens do not fit a KV cache of {cache.max_len} holding {start}; "
+                             f"allocate a longer cache")
+
+    def forward(self, idx=None, embeds=None, targets=None, cache: Optional[KVCache] = None, pad_mask=None,
+                reduction: str = "mean"):
+        """
+        idx (B, T) token ids, or embeds (B, T, C) input embeddings.
+        targets (B, T): the id each position should predict (already shifted, as in nanoGPT); -100 is ignored.
+        cache: a KVCache to append to (decoding); None for a plain full-sequence forward (training).
+        pad_mask (B, T): True for real tokens, False for (left) padding. Not needed for unpadded batches.
+        Returns (logits (B, T, vocab), loss or None). With reduction="sum" the loss is the summed cross-entropy, for
+        callers that normalise by the supervised-token count of several micro-batches.
+        """
+        x = self.embed_tokens(idx) if embeds is None else embeds  # (B, T, C)
+        B, T, _ = x.shape
+        self.check_length(T, cache)
+        start = cache.length if cache is not None else 0
+
+        if cache is None and pad_mask is None:
+            positions = torch.arange(T, device=x.device)[None]  # (1, T)
+            mask = None  # causal
+        else:
+            real = torch.ones(B, T, dtype=torch.bool, device=x.device) if pad_mask is None else pad_mask.bool()
+            if cache is not None:
+                cache.real[:, start:start + T] = real
+                real = cache.real[:, :start + T]  # (B, S) every key so far
+            positions = (real.long().cumsum(1) - 1).clamp(min=0)[:, start:]  # (B, T): counts real tokens only
+            q_pos = torch.arange(start, start + T, device=x.device)[:, None]  # (T, 1)
+            k_pos = torch.arange(start + T, device=x.device)[None, :]  # (1, S)
+            # A query sees real keys at or before it. It always sees itself, so that a padding query (whose output
+            # nobody reads) still has one key and its softmax stays finite.
+            mask = (real[:, None, :] & (k_pos <= q_pos)) | (k_pos == q_pos)  # (B, T, S)
+            mask = mask[:, None]  # (B, 1, T, S), broadcast over heads
+
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
+
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+        if reduction == "mean":
+            # Mean over supervised tokens; a batch with none gives 0 (and zero gradients), never NaN.
+            loss = loss / (targets != -100).sum().clamp(min=1)
+        return logits, loss

@@ -1,0 +1,148 @@
+"""
+The DeepSeek-VL vision-language model: vision tower(s) -> aligner -> LLaMA decoder (paper section 3.1, Figure 3;
+official modeling_vlm.py and clip_encoder.py, facts sheet sections 3 and 9).
+
+    images (N, 3, S, S), the padded square canvases from the image processor, all images of the batch in order
+      hybrid:   high = images                       -> SAM    -> (N, n, c_high)
+                low  = bilinear antialiased resize  -> SigLIP -> (N, n, c_low)     (S -> SigLIP's size)
+                aligner(low, high)                                -> (N, n, d_model)
+      SigLIP-only (1.3B): aligner(SigLIP(images))                 -> (N, n, d_model)
+    ids (B, T) with each image written as n consecutive <image_placeholder> ids (n = 576 for the released models)
+      -> token embeddings, with the image-token positions overwritten by the image embeddings, in order
+      -> Llama -> logits (B, T, vocab), and the loss when targets are given
+
+The low-resolution input is made from the *same* padded canvas as the high one, by torchvision's Resize(384,
+antialias=True) in the official tower, which is F.interpolate(bilinear, antialias=True). Each branch then normalises
+with its own mean and std inside its tower.
+
+Parameter names: ours are `sam.*`, `siglip.*`, `aligner.*`, `llm.*`; below those prefixes every name is the released
+checkpoint's. RELEASED_PREFIXES is the whole mapping.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanovl.aligner import Aligner
+from nanovl.config import VLConfig
+from nanovl.llama import KVCache, Llama
+from nanovl.sam import SAM
+from nanovl.siglip import SigLIP
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Released checkpoint key prefix -> nanovl prefix (facts sheet section 7). The rest of each key is identical.
+RELEASED_PREFIXES = (
+    ("vision_model.vision_tower_high.vision_tower.", "sam."),  # 7B: SAM-B
+    ("vision_model.vision_tower_low.vision_tower.", "siglip."),  # 7B: SigLIP-L
+    ("vision_model.vision_tower.", "siglip."),  # 1.3B: SigLIP-L is the only tower
+    ("aligner.", "aligner."),
+    ("language_model.model.", "llm."),
+    ("language_model.lm_head.", "llm.lm_head."),
+)
+# Keys present in released files that the model never reads: SigLIP's attention-pooling head (built, never called),
+# the hybrid tower's two LayerNorms (built, never used in forward) and HF's cached RoPE frequencies.
+RELEASED_UNUSED = (".attn_pool.", "vision_model.high_layer_norm.", "vision_model.low_layer_norm.", "rotary_emb.inv_freq")
+
+
+def released_to_nanovl(key: str) -> Optional[str]:
+    """Name of our parameter for a released checkpoint key; None for a key known to be unused."""
+    if any(u in key for u in RELEASED_UNUSED):
+        return None
+    for theirs, ours in RELEASED_PREFIXES:
+        if key.startswith(theirs):
+            return ours + key[len(theirs):]
+    raise ValueError(f"unknown key {key!r} in a released DeepSeek-VL checkpoint; known prefixes are "
+                     f"{[p for p, _ in RELEASED_PREFIXES]}")
+
+
+def nanovl_to_released(name: str, hybrid: bool) -> str:
+    """The inverse: the released key for one of our parameter names (SigLIP's prefix depends on the layout)."""
+    for theirs, ours in RELEASED_PREFIXES:
+        if name.startswith(ours) and not (ours == "siglip." and hybrid != ("_low" in theirs)):
+            if ours == "llm." and name.startswith("llm.lm_head."):
+                continue  # lm_head sits outside `model.` in HF's layout
+            return theirs + name[len(ours):]
+    raise ValueError(f"parameter {name!r} has no released name")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+class DeepSeekVL(nn.Module):
+    def __init__(self, cfg: VLConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.siglip = SigLIP(cfg.siglip)
+        self.sam = SAM(cfg.sam) if cfg.hybrid else None
+        self.aligner = Aligner(cfg.aligner, low_dim=cfg.siglip.width, d_model=cfg.llm.dim,
+                               high_dim=cfg.sam.out_dim if cfg.hybrid else 0)
+        self.llm = Llama(cfg.llm)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # For training from scratch (the scaled-down presets); released weights overwrite all of this.
+        # GPT-2 style: N(0, 0.02) for linear layers and embeddings; convolutions and norms keep PyTorch's defaults.
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        elif isinstance(module, (SigLIP, SAM)):
+            nn.init.trunc_normal_(module.pos_embed, std=0.02)
+        # The projections that write into the decoder's residual stream are scaled down by sqrt(2 * n_layers), so
+        # the stream's variance does not grow with depth (GPT-2, section 2.3).
+        elif isinstance(module, Llama):
+            for layer in module.layers:
+                for w in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight):
+                    nn.init.normal_(w, std=0.02 / math.sqrt(2 * len(module.layers)))
+
+    @property
+    def dtype(self):
+        return self.llm.embed_tokens.weight.dtype
+
+    def encode_images(self, images):
+        """(N, 3, S, S) canvases -> (N, n_image_tokens, d_model) embeddings in the language model's space."""
+        S = self.cfg.image_size
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != S or images.shape[3] != S:
+            raise ValueError(f"expected images of shape (N, 3, {S}, {S}) for the {self.cfg.name!r} model, got "
+                             f"{tuple(images.shape)}; the image processor pads and resizes to {S}x{S} RGB")
+        images = images.to(self.dtype)
+        if self.sam is None:
+            return self.aligner(self.siglip(images))  # (N, n, d_model)
+        s = self.cfg.siglip.image_size
+        low = F.interpolate(images, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        return self.aligner(self.siglip(low), self.sam(images))  # (N, n, d_model)
+
+    def forward(self, ids, images=None, targets=None, cache: Optional[KVCache] = None, pad_mask=None,
+                reduction: str = "mean"):
+        """
+        ids (B, T): token ids, each image written as cfg.n_image_tokens copies of cfg.image_token_id.
+        images (N, 3, S, S) or None: the images of all rows, in the order their spans appear (row by row).
+        targets, cache, pad_mask, reduction: as Llama.forward. Returns (logits (B, T, vocab), loss or None).
+        """
+        if ids.ndim != 2:
+            raise ValueError(f"expected token ids of shape (B, T), got {tuple(ids.shape)}")
+        self.llm.check_length(ids.shape[1], cache)  # fail before spending time on the images
+        is_image = ids == self.cfg.image_token_id  # (B, T)
+        n_tok, per_image = int(is_image.sum()), self.cfg.n_image_tokens
+        n_given = 0 if images is None else images.shape[0]
+        if n_tok % per_image or n_tok // per_image != n_given:
+            raise ValueError(f"expected {n_tok / per_image:g} images for {n_tok} <image_placeholder> tokens (each "
+                             f"image fills {per_image}), got {n_given}; give one image per placeholder span, in order")
+
+        x = self.llm.embed_tokens(ids.masked_fill(is_image, 0))  # (B, T, C)
+        if n_given:
+            image_embeds = self.encode_images(images)  # (N, n, C)
+            # Ordered scatter, as the official prepare_inputs_embeds: the k-th image token gets the k-th embedding.
+            x = x.masked_scatter(is_image[..., None], image_embeds.to(x.dtype))
+        return self.llm(embeds=x, targets=targets, cache=cache, pad_mask=pad_mask, reduction=reduction)
+
+
+def count_params(model: nn.Module) -> dict:
+    """Parameters per top-level part and in total; works on the meta device (nothing allocated)."""
+    counts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
+    counts["total"] = sum(counts.values())
+    return counts

@@ -1,0 +1,118 @@
+"""The decoder against transformers' LlamaForCausalLM, and the KV cache against the full forward pass."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig as HFLlamaConfig
+from transformers import LlamaForCausalLM
+
+from conftest import ATOL, max_diff, randomize_
+from nanovl.config import LlamaConfig
+from nanovl.llama import Llama
+
+CFG = LlamaConfig(vocab_size=97, dim=64, n_layers=3, n_heads=4, n_kv_heads=4, ffn_dim=176, max_seq_len=64)
+GQA = LlamaConfig(**dict(CFG.__dict__, n_kv_heads=2))
+
+
+def hf_pair(cfg: LlamaConfig):
+    """A transformers Llama and a nanovl Llama holding the same random weights."""
+    hf_cfg = HFLlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
+                           num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+                           num_key_value_heads=cfg.n_kv_heads, max_position_embeddings=cfg.max_seq_len,
+                           rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, tie_word_embeddings=False,
+                           attention_bias=False, mlp_bias=False)
+    hf_cfg._attn_implementation = "eager"
+    hf = randomize_(LlamaForCausalLM(hf_cfg)).eval()
+    ours = Llama(cfg).eval()
+    # HF's names are ours with a `model.` prefix on everything but lm_head: the loader's table is just that.
+    ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()}, strict=True)
+    return hf, ours
+
+
+@pytest.mark.parametrize("cfg", [CFG, GQA], ids=["mha", "gqa"])
+def test_llama_matches_transformers(cfg):
+    hf, ours = hf_pair(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        got, _ = ours(ids)
+    assert got.shape == (2, 40, cfg.vocab_size)
+    assert max_diff(got, expected) < ATOL
+
+
+def left_padded_batch(lengths, vocab, T):
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.bool)
+    seqs = []
+    for b, n in enumerate(lengths):
+        seq = torch.randint(1, vocab, (n,))
+        ids[b, T - n:], mask[b, T - n:] = seq, True
+        seqs.append(seq)
+    return ids, mask, seqs
+
+
+def test_left_padded_batch_matches_transformers():
+    hf, ours = hf_pair(CFG)
+    ids, mask, _ = left_padded_batch([20, 13, 7], CFG.vocab_size, 20)
+    positions = (mask.long().cumsum(1) - 1).clamp(min=0)  # what HF's generate passes for left padding
+    with torch.no_grad():
+        expected = hf(input_ids=ids, attention_mask=mask.long(), position_ids=positions).logits
+        got, _ = ours(ids, pad_mask=mask)
+    assert max_diff(got[mask], expected[mask]) < ATOL
+
+
+@pytest.mark.parametrize("cfg", [CFG, GQA], ids=["mha", "gqa"])
+def test_kv_cache_decoding_matches_full_forward(cfg):
+    ours = randomize_(Llama(cfg)).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 30))
+    with torch.no_grad():
+        full, _ = ours(ids)
+        cache = ours.new_cache(batch_size=2, max_len=32)
+        prefill, _ = ours(ids[:, :22], cache=cache)  # the prompt in one pass
+        steps = [ours(ids[:, t:t + 1], cache=cache)[0] for t in range(22, 30)]  # then one token at a time
+    assert cache.length == 30
+    assert max_diff(torch.cat([prefill] + steps, dim=1), full) < ATOL
+
+
+def test_kv_cache_with_left_padded_batch_matches_each_sequence_alone():
+    ours = randomize_(Llama(CFG)).eval()
+    lengths, prompt_T, new = [18, 11, 4], 18, 6
+    ids, mask, seqs = left_padded_batch(lengths, CFG.vocab_size, prompt_T)
+    continuation = torch.randint(1, CFG.vocab_size, (3, new))  # tokens "generated" after each prompt
+    with torch.no_grad():
+        cache = ours.new_cache(batch_size=3, max_len=prompt_T + new)
+        prefill, _ = ours(ids, cache=cache, pad_mask=mask)
+        steps = [ours(continuation[:, t:t + 1], cache=cache)[0] for t in range(new)]
+        for b, seq in enumerate(seqs):
+            alone, _ = ours(torch.cat([seq, continuation[b]])[None])  # unpadded, no cache
+            n = len(seq)
+            assert max_diff(prefill[b, prompt_T - n:], alone[0, :n]) < ATOL
+            assert max_diff(torch.cat([s[b] for s in steps]), alone[0, n:]) < ATOL
+
+
+def test_loss_ignores_minus_100_and_never_gives_nan():
+    ours = randomize_(Llama(CFG))
+    ids = torch.randint(0, CFG.vocab_size, (2, 12))
+    targets = torch.randint(0, CFG.vocab_size, (2, 12))
+    targets[0, :5] = -100
+    logits, loss = ours(ids, targets=targets)
+    keep = targets != -100
+    assert torch.allclose(loss, F.cross_entropy(logits[keep], targets[keep]), atol=1e-6)
+    _, summed = ours(ids, targets=targets, reduction="sum")
+    assert torch.allclose(summed, loss * keep.sum(), rtol=1e-5)
+    _, none_supervised = ours(ids, targets=torch.full_like(targets, -100))
+    assert none_supervised.item() == 0.0
+    none_supervised.backward()
+    assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
+
+
+def test_too_long_sequences_are_refused():
+    ours = Llama(CFG)
+    with pytest.raises(ValueError, match="longer than the model's context of 64"):
+        ours(torch.zeros(1, 65, dtype=torch.long))
+    cache = ours.new_cache(batch_size=1, max_len=16)
+    ours(torch.zeros(1, 10, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="do not fit a KV cache of 16 holding 10"):
+        ours(torch.zeros(1, 7, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        ours.new_cache(batch_size=1, max_len=65)

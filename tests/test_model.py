@@ -1,0 +1,303 @@
+"""The whole vision-language model: presets and parameter counts, splicing, gradients, bad input, the released key
+table, and the config system."""
+
+import json
+
+import pytest
+import torch
+import torchvision.transforms as T
+
+from conftest import ATOL, max_diff, randomize_
+from nanovl import DeepSeekVL, VLConfig, count_params, get_config
+from nanovl.config import SAMConfig, SigLIPConfig
+from nanovl.model import nanovl_to_released, released_to_nanovl
+from nanovl.sam import SAM
+from nanovl.siglip import SigLIP
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = get_config("tiny")
+    model = randomize_(DeepSeekVL(cfg), std=0.05).eval()
+    return cfg, model
+
+
+def with_images(cfg, rows):
+    """Token ids for rows given as lists of ints and 'I' (one image span each); returns (ids, n_images)."""
+    T = max(sum(cfg.n_image_tokens if t == "I" else 1 for t in row) for row in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    n = 0
+    for b, row in enumerate(rows):
+        seq = []
+        for t in row:
+            seq += [cfg.image_token_id] * cfg.n_image_tokens if t == "I" else [t]
+            n += t == "I"
+        ids[b, :len(seq)] = torch.tensor(seq)
+    return ids, n
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parameter counts of the released shapes (facts sheet section 12), counted on the meta device: nothing is allocated.
+
+M, B = 1e6, 1e9
+EXPECTED = {
+    "1.3b": {"siglip": (303.69, M), "aligner": (6.30, M), "llm": (1.653, B)},
+    "1.3b-hybrid": {"siglip": (303.69, M), "sam": (96.36, M), "llm": (1.653, B)},
+    "7b": {"siglip": (303.69, M), "sam": (96.36, M), "aligner": (20.98, M), "llm": (6.910, B)},
+}
+
+
+@pytest.mark.parametrize("preset", EXPECTED)
+def test_released_parameter_counts_match_the_facts_sheet(preset):
+    with torch.device("meta"):
+        model = DeepSeekVL(get_config(preset))
+    assert all(p.is_meta for p in model.parameters())
+    counts = count_params(model)
+    for part, (figure, unit) in EXPECTED[preset].items():
+        decimals = 2 if unit == M else 3
+        assert round(counts[part] / unit, decimals) == figure, (part, counts[part])
+    if preset == "7b":  # SAM-B's trunk alone is the original 88.88M; the first neck brings it to SAM's 89.67M
+        sam = model.sam
+        trunk = sum(p.numel() for n, p in sam.named_parameters() if n.split(".")[0] in ("patch_embed", "pos_embed",
+                                                                                      "blocks"))
+        assert round(trunk / M, 2) == 88.88
+        assert round((trunk + sum(p.numel() for p in sam.neck.parameters())) / M, 2) == 89.67
+
+
+def test_every_preset_builds_with_equal_token_counts_from_both_branches():
+    for name in ("tiny", "small", "1.3b", "1.3b-hybrid", "7b"):
+        cfg = get_config(name)
+        if cfg.hybrid:
+            assert cfg.sam.out_grid == cfg.siglip.grid
+            assert cfg.sam.upsample_size * 2 == cfg.sam.grid * 3  # upsampled by 1.5, as 64 -> 96
+    assert get_config("7b").n_image_tokens == 576 and get_config("1.3b").n_image_tokens == 576
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Forward, splicing, gradients
+
+def test_images_replace_placeholder_spans_in_order(tiny):
+    cfg, model = tiny
+    # Row 0 holds two adjacent images then text; row 1 one image in the middle.
+    ids, n = with_images(cfg, [["I", "I", 9, 10, 11], [5, 6, "I", 7]])
+    images = torch.rand(n, 3, cfg.image_size, cfg.image_size)
+    with torch.no_grad():
+        logits, _ = model(ids, images)
+        image_embeds = model.encode_images(images)  # (3, n_tok, C)
+        x = model.llm.embed_tokens(ids.masked_fill(ids == cfg.image_token_id, 0))
+        k = 0
+        for b in range(ids.shape[0]):  # the slow, obvious way: walk the spans
+            t = 0
+            while t < ids.shape[1]:
+                if ids[b, t] == cfg.image_token_id:
+                    x[b, t:t + cfg.n_image_tokens] = image_embeds[k]
+                    k, t = k + 1, t + cfg.n_image_tokens
+                else:
+                    t += 1
+        expected, _ = model.llm(embeds=x)
+        swapped, _ = model(ids, images[[1, 0, 2]])
+    assert k == 3
+    assert max_diff(logits, expected) < ATOL
+    assert max_diff(swapped, logits) > 1e-4  # the order of the images matters
+
+
+def test_hybrid_tower_preprocesses_like_the_official_tower(tiny):
+    """SigLIP reads torchvision's Resize(antialias=True) of the same canvas that SAM reads, and each branch
+    normalises with its own statistics: 0.5 for SigLIP, CLIP's for SAM (official HybridVisionTower)."""
+    cfg, model = tiny
+    images = torch.rand(2, 3, cfg.image_size, cfg.image_size)
+    s, m = cfg.siglip, cfg.sam
+    bare_siglip = SigLIP(SigLIPConfig(**dict(s.__dict__, pixel_mean=None, pixel_std=None)))
+    bare_sam = SAM(SAMConfig(**dict(m.__dict__, pixel_mean=None, pixel_std=None)))
+    bare_siglip.load_state_dict(model.siglip.state_dict())
+    bare_sam.load_state_dict(model.sam.state_dict())
+    low = T.Normalize(s.pixel_mean, s.pixel_std)(T.Resize(s.image_size, antialias=True)(images))
+    high = T.Normalize(m.pixel_mean, m.pixel_std)(images)
+    with torch.no_grad():
+        expected = model.aligner(bare_siglip(low), bare_sam(high))
+        assert max_diff(model.encode_images(images), expected) < ATOL
+
+
+def test_tiny_forward_backward_reaches_every_parameter():
+    cfg = get_config("tiny")
+    model = DeepSeekVL(cfg)
+    with torch.no_grad():  # the official init of alpha is 0, which would leave neck_hd without gradient
+        model.sam.hd_alpha_downsamples.fill_(0.5)
+    ids, n = with_images(cfg, [[1, "I", 7, 8, 9] + [10] * 20, [4, 5, "I", 6, "I"]])
+    targets = ids.roll(-1, dims=1).masked_fill(ids == cfg.image_token_id, -100)
+    images = torch.rand(n, 3, cfg.image_size, cfg.image_size)
+    logits, loss = model(ids, images, targets=targets)
+    assert logits.shape == (2, ids.shape[1], cfg.llm.vocab_size)
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_kv_cache_with_images_and_left_padding_matches_full_forward(tiny):
+    cfg, model = tiny
+    ids, n = with_images(cfg, [[1, "I", 7, 8, 9, 10], [1, 2, 4]])
+    lengths = (ids != 0).sum(1)
+    T = ids.shape[1]
+    padded = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for b in range(2):  # left-pad each row
+        padded[b, T - lengths[b]:], mask[b, T - lengths[b]:] = ids[b, :lengths[b]], True
+    images = torch.rand(n, 3, cfg.image_size, cfg.image_size)
+    nxt = torch.tensor([[11, 12], [13, 14]])
+    with torch.no_grad():
+        cache = model.llm.new_cache(batch_size=2, max_len=T + 2)
+        prefill, _ = model(padded, images, cache=cache, pad_mask=mask)
+        step1, _ = model(nxt[:, :1], cache=cache)
+        step2, _ = model(nxt[:, 1:], cache=cache)
+        full0, _ = model(torch.cat([ids[0, :lengths[0]], nxt[0]])[None], images)
+        full1, _ = model(torch.cat([ids[1, :lengths[1]], nxt[1]])[None])
+    for b, full in ((0, full0), (1, full1)):
+        n_b = int(lengths[b])
+        assert max_diff(prefill[b, T - n_b:], full[0, :n_b]) < ATOL
+        assert max_diff(torch.cat([step1[b], step2[b]]), full[0, n_b:]) < ATOL
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input: a clear ValueError that says what was expected and what was given
+
+def test_wrong_image_shape_is_refused(tiny):
+    cfg, model = tiny
+    ids, _ = with_images(cfg, [[1, "I", 2]])
+    with pytest.raises(ValueError, match=r"expected images of shape \(N, 3, 256, 256\).*got \(1, 3, 128, 128\)"):
+        model(ids, torch.rand(1, 3, 128, 128))
+    with pytest.raises(ValueError, match=r"got \(1, 1, 256, 256\)"):
+        model(ids, torch.rand(1, 1, 256, 256))
+
+
+def test_image_count_must_match_placeholder_spans(tiny):
+    cfg, model = tiny
+    ids, _ = with_images(cfg, [[1, "I", 2, "I"]])
+    with pytest.raises(ValueError, match="expected 2 images for 72 <image_placeholder> tokens .* got 1"):
+        model(ids, torch.rand(1, 3, 256, 256))
+    with pytest.raises(ValueError, match="expected 0 images .* got 1"):
+        model(torch.ones(1, 5, dtype=torch.long), torch.rand(1, 3, 256, 256))
+    with pytest.raises(ValueError, match="expected 0.5 images for 18"):  # a span cut in half
+        model(ids[:, :19], None)
+
+
+def test_sequence_longer_than_context_is_refused(tiny):
+    cfg, model = tiny
+    with pytest.raises(ValueError, match="513 tokens .* context of 512"):
+        model(torch.ones(1, 513, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The released checkpoint layout (facts sheet section 7), written out independently of the model code
+
+def released_keys(cfg: VLConfig) -> dict:
+    """Every key of a released-layout checkpoint for this config, with its shape; unused keys included."""
+    keys = {}
+
+    def vit(prefix, width, depth, heads, grid, patch, mlp, names, rel=None):
+        hs = width // heads
+        keys[prefix + "pos_embed"] = (1, grid, grid, width) if rel else (1, grid * grid, width)
+        keys[prefix + "patch_embed.proj.weight"] = (width, 3, patch, patch)
+        keys[prefix + "patch_embed.proj.bias"] = (width,)
+        for n in range(depth):
+            b = f"{prefix}blocks.{n}."
+            for norm in ("norm1", "norm2"):
+                keys[b + norm + ".weight"] = keys[b + norm + ".bias"] = (width,)
+            keys[b + "attn.qkv.weight"], keys[b + "attn.qkv.bias"] = (3 * width, width), (3 * width,)
+            keys[b + "attn.proj.weight"], keys[b + "attn.proj.bias"] = (width, width), (width,)
+            keys[f"{b}mlp.{names[0]}.weight"], keys[f"{b}mlp.{names[0]}.bias"] = (mlp, width), (mlp,)
+            keys[f"{b}mlp.{names[1]}.weight"], keys[f"{b}mlp.{names[1]}.bias"] = (width, mlp), (width,)
+            if rel:
+                size = rel(n)
+                keys[b + "attn.rel_pos_h"] = keys[b + "attn.rel_pos_w"] = (2 * size - 1, hs)
+
+    s = cfg.siglip
+    low = "vision_model.vision_tower_low.vision_tower." if cfg.hybrid else "vision_model.vision_tower."
+    vit(low, s.width, s.depth, s.n_heads, s.grid, s.patch_size, int(s.width * s.mlp_ratio), ("fc1", "fc2"))
+    keys[low + "norm.weight"] = keys[low + "norm.bias"] = (s.width,)
+    keys[low + "attn_pool.latent"] = (1, 1, s.width)  # unused
+    keys[low + "attn_pool.kv.weight"] = (2 * s.width, s.width)  # unused
+    d = cfg.llm.dim
+    if cfg.hybrid:
+        m = cfg.sam
+        high = "vision_model.vision_tower_high.vision_tower."
+        vit(high, m.width, m.depth, m.n_heads, m.grid, m.patch_size, int(m.width * m.mlp_ratio), ("lin1", "lin2"),
+            rel=lambda n: m.grid if n in m.global_blocks else m.window_size)
+        for neck in ("neck", "neck_hd"):
+            keys[f"{high}{neck}.0.weight"] = (m.neck_dim, m.width, 1, 1)
+            keys[f"{high}{neck}.2.weight"] = (m.neck_dim, m.neck_dim, 3, 3)
+            for i in (1, 3):
+                keys[f"{high}{neck}.{i}.weight"] = keys[f"{high}{neck}.{i}.bias"] = (m.neck_dim,)
+        keys[high + "downsamples.0.weight"] = (m.downsample_dims[0], m.neck_dim, 3, 3)
+        keys[high + "downsamples.1.weight"] = (m.downsample_dims[1], m.downsample_dims[0], 3, 3)
+        keys[high + "hd_alpha_downsamples"] = (1,)
+        keys["vision_model.high_layer_norm.weight"] = keys["vision_model.low_layer_norm.bias"] = (1024,)  # unused
+        keys["aligner.high_up_proj.weight"] = (d // 2, m.out_dim)
+        keys["aligner.low_up_proj.weight"] = (d // 2, s.width)
+        keys["aligner.high_up_proj.bias"] = keys["aligner.low_up_proj.bias"] = (d // 2,)
+        keys["aligner.layers.1.weight"], keys["aligner.layers.1.bias"] = (d, d), (d,)
+    else:
+        keys["aligner.layers.0.weight"], keys["aligner.layers.0.bias"] = (d, s.width), (d,)
+        keys["aligner.layers.2.weight"], keys["aligner.layers.2.bias"] = (d, d), (d,)
+    l = cfg.llm
+    keys["language_model.model.embed_tokens.weight"] = (l.vocab_size, d)
+    for n in range(l.n_layers):
+        b = f"language_model.model.layers.{n}."
+        keys[b + "self_attn.q_proj.weight"] = keys[b + "self_attn.o_proj.weight"] = (d, d)
+        keys[b + "self_attn.k_proj.weight"] = keys[b + "self_attn.v_proj.weight"] = (l.n_kv_heads * l.head_dim, d)
+        keys[b + "mlp.gate_proj.weight"] = keys[b + "mlp.up_proj.weight"] = (l.ffn_dim, d)
+        keys[b + "mlp.down_proj.weight"] = (d, l.ffn_dim)
+        keys[b + "input_layernorm.weight"] = keys[b + "post_attention_layernorm.weight"] = (d,)
+        keys[b + "self_attn.rotary_emb.inv_freq"] = (l.head_dim // 2,)  # unused, older HF exports hold it
+    keys["language_model.model.norm.weight"] = (d,)
+    keys["language_model.lm_head.weight"] = (l.vocab_size, d)
+    return keys
+
+
+SMALL_13B = {"siglip.image_size": 32, "siglip.width": 32, "siglip.depth": 2, "siglip.n_heads": 2, "llm.dim": 64,
+             "llm.n_layers": 2, "llm.n_heads": 4, "llm.n_kv_heads": 4, "llm.ffn_dim": 96, "llm.vocab_size": 128,
+             "image_token_id": 100}
+
+
+@pytest.mark.parametrize("cfg", [get_config("tiny"), get_config("1.3b", **SMALL_13B)], ids=["7b-layout", "1.3b-layout"])
+def test_released_keys_map_onto_ours_by_the_table(cfg):
+    ours = DeepSeekVL(cfg).state_dict()
+    mapped = {}
+    for key, shape in released_keys(cfg).items():
+        name = released_to_nanovl(key)
+        if name is None:
+            assert "attn_pool" in key or "layer_norm" in key or "inv_freq" in key, key
+            continue
+        assert name in ours, f"{key} -> {name}"
+        assert tuple(ours[name].shape) == shape, key
+        assert nanovl_to_released(name, cfg.hybrid) == key
+        mapped[name] = key
+    assert set(mapped) == set(ours)  # nothing of ours is left without a released key
+    with pytest.raises(ValueError, match="unknown key"):
+        released_to_nanovl("vision_model.something_else.weight")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Configs
+
+def test_presets_take_overrides_and_round_trip_through_json():
+    cfg = get_config("tiny", **{"llm.n_layers": "2", "sam.global_blocks": "0,3", "llm.rope_theta": "5e5"})
+    assert cfg.llm.n_layers == 2 and cfg.sam.global_blocks == (0, 3) and cfg.llm.rope_theta == 5e5
+    assert VLConfig.from_dict(json.loads(cfg.to_json())) == cfg
+    assert VLConfig.from_dict(get_config("1.3b").to_dict()).sam is None
+
+
+def test_bad_configs_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        get_config("huge")
+    with pytest.raises(ValueError, match="no field 'layers'"):
+        get_config("tiny", **{"llm.layers": 3})
+    with pytest.raises(ValueError, match="llm.dim expects a value like 128, got 'wide'"):
+        get_config("tiny", **{"llm.dim": "wide"})
+    with pytest.raises(ValueError, match="SAM gives a 12x12 grid but SigLIP gives 6x6"):
+        get_config("tiny", **{"sam.image_size": 512})
+    with pytest.raises(ValueError, match="does not fit a SigLIP-only"):
+        get_config("1.3b", **{"aligner.projector_type": "low_high_hybrid_split_mlp_gelu"})
+    with pytest.raises(ValueError, match="unknown config fields"):
+        VLConfig.from_dict({"name": "x", "colour": "blue"})

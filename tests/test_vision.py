@@ -1,0 +1,150 @@
+"""Vision towers and adaptors against their references: timm's ViT (SigLIP settings), segment-anything's
+ImageEncoderViT (SAM-B), torchvision's Resize and Normalize (the hybrid tower's preprocessing), and a direct
+transcription of the facts sheet for DeepSeek's SAM additions and for both adaptors."""
+
+import copy
+from functools import partial
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+from segment_anything.modeling.image_encoder import ImageEncoderViT
+from timm.models.vision_transformer import VisionTransformer
+
+from conftest import ATOL, max_diff, randomize_
+from nanovl.aligner import Aligner
+from nanovl.config import CLIP_MEAN, CLIP_STD, AlignerConfig, SAMConfig, SigLIPConfig
+from nanovl.sam import SAM
+from nanovl.siglip import SigLIP
+
+
+def timm_siglip(cfg: SigLIPConfig) -> VisionTransformer:
+    # timm's SigLIP ViT with DeepSeek's settings: no class token, map pooling (built, unused), exact GELU, eps 1e-6.
+    return VisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
+                             num_heads=cfg.n_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, class_token=False,
+                             global_pool="map", num_classes=0, act_layer=nn.GELU,
+                             norm_layer=partial(nn.LayerNorm, eps=1e-6))
+
+
+def test_siglip_matches_timm():
+    cfg = SigLIPConfig(image_size=64, patch_size=16, width=64, depth=3, n_heads=4, pixel_mean=None, pixel_std=None)
+    ref = randomize_(timm_siglip(cfg), std=0.3).eval()  # large enough that tanh-GELU would show
+    ours = SigLIP(cfg).eval()
+    # The checkpoint's unused attention-pooling head is the only thing we do not build.
+    state = {k: v for k, v in ref.state_dict().items() if not k.startswith("attn_pool.")}
+    assert any(k.startswith("attn_pool.") for k in ref.state_dict())
+    ours.load_state_dict(state, strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = ref.forward_features(x)
+        got = ours(x)
+    assert got.shape == (2, 16, 64)
+    assert max_diff(got, expected) < ATOL
+
+
+def test_siglip_normalises_inside_the_tower_like_torchvision():
+    cfg = SigLIPConfig(image_size=32, patch_size=16, width=32, depth=1, n_heads=2)
+    plain = dict(cfg.__dict__, pixel_mean=None, pixel_std=None)
+    ours, bare = SigLIP(cfg), SigLIP(SigLIPConfig(**plain))
+    bare.load_state_dict(randomize_(ours).state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert max_diff(ours(x), bare(T.Normalize(cfg.pixel_mean, cfg.pixel_std)(x))) < ATOL
+
+
+SAM_TEST = SAMConfig(image_size=128, patch_size=16, width=64, depth=4, n_heads=4, window_size=3, global_blocks=(1, 3),
+                     neck_dim=32, downsample_dims=(32, 48), pixel_mean=None, pixel_std=None)
+
+
+def segment_anything_encoder(cfg: SAMConfig) -> ImageEncoderViT:
+    return ImageEncoderViT(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
+                           num_heads=cfg.n_heads, mlp_ratio=cfg.mlp_ratio, out_chans=cfg.neck_dim, qkv_bias=True,
+                           norm_layer=partial(nn.LayerNorm, eps=1e-6), act_layer=nn.GELU, use_abs_pos=True,
+                           use_rel_pos=True, window_size=cfg.window_size, global_attn_indexes=cfg.global_blocks)
+
+
+def test_sam_matches_segment_anything():
+    # 8x8 grid in windows of 3: padded to 9x9, so the unmasked zero padding is exercised; blocks 1 and 3 are global.
+    ref = randomize_(segment_anything_encoder(SAM_TEST), std=0.3).eval()
+    ours = randomize_(SAM(SAM_TEST), seed=1).eval()
+    missing, unexpected = ours.load_state_dict(ref.state_dict(), strict=False)
+    assert not unexpected
+    assert sorted({k.split(".")[0] for k in missing}) == ["downsamples", "hd_alpha_downsamples", "neck_hd"]
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        expected = ref(x)  # (B, neck_dim, 8, 8)
+        last, _ = ours.trunk(x)
+        got = ours.neck(last.permute(0, 3, 1, 2))
+    assert got.shape == expected.shape == (2, 32, 8, 8)
+    assert max_diff(got, expected) < ATOL
+
+
+def test_sam_deepseek_additions_match_the_facts_sheet():
+    """F = D(Interp(Neck(h_last))) + alpha * D(Interp(NeckHD(h_first_global))), with D the two shared bias-free
+    stride-2 convs and Interp bilinear (align_corners False) to 1.5x the grid, written out from facts section 1."""
+    ref = randomize_(segment_anything_encoder(SAM_TEST), std=0.3).eval()
+    ours = SAM(SAM_TEST).eval()
+    randomize_(ours, seed=2)
+    ours.load_state_dict(ref.state_dict(), strict=False)  # same trunk and neck; neck_hd, convs, alpha stay random
+    with torch.no_grad():
+        ours.hd_alpha_downsamples.fill_(0.7)
+    neck_hd = copy.deepcopy(ref.neck)
+    neck_hd.load_state_dict(ours.neck_hd.state_dict())
+    w0, w1 = ours.downsamples[0].weight, ours.downsamples[1].weight
+    assert ours.downsamples[0].bias is None and ours.downsamples[1].bias is None
+
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        h = ref.patch_embed(x) + ref.pos_embed
+        global_outputs = []
+        for i, blk in enumerate(ref.blocks):
+            h = blk(h)
+            if blk.window_size == 0:
+                global_outputs.append(h)
+
+        def tail(neck, feats):
+            y = neck(feats.permute(0, 3, 1, 2))
+            y = F.interpolate(y.float(), size=(12, 12), mode="bilinear", align_corners=False)  # 8 * 1.5
+            y = F.conv2d(y, w0, stride=2, padding=1)
+            return F.conv2d(y, w1, stride=2, padding=1)  # (B, 48, 3, 3)
+
+        expected = tail(ref.neck, h) + 0.7 * tail(neck_hd, global_outputs[0])
+        expected = expected.flatten(2).transpose(1, 2)  # row-major tokens (B, 9, 48)
+        got = ours(x)
+    assert got.shape == (2, 9, 48)
+    assert max_diff(got, expected) < ATOL
+
+
+def test_sam_uses_clip_statistics_inside_the_tower():
+    cfg = SAMConfig(**dict(SAM_TEST.__dict__, pixel_mean=CLIP_MEAN, pixel_std=CLIP_STD))
+    ours, bare = randomize_(SAM(cfg)), SAM(SAM_TEST)
+    bare.load_state_dict(ours.state_dict())
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        assert max_diff(ours(x), bare(T.Normalize(CLIP_MEAN, CLIP_STD)(x))) < ATOL
+
+
+def test_mlp_gelu_aligner_matches_the_facts_sheet():
+    aligner = randomize_(Aligner(AlignerConfig("mlp_gelu"), low_dim=24, d_model=40))
+    assert sorted(aligner.state_dict()) == ["layers.0.bias", "layers.0.weight", "layers.2.bias", "layers.2.weight"]
+    low = torch.randn(2, 5, 24)
+    l0, l2 = aligner.layers[0], aligner.layers[2]
+    expected = F.linear(F.gelu(F.linear(low, l0.weight, l0.bias)), l2.weight, l2.bias)
+    assert max_diff(aligner(low), expected) < ATOL
+
+
+def test_hybrid_aligner_projects_high_first_then_low():
+    aligner = randomize_(Aligner(AlignerConfig("low_high_hybrid_split_mlp_gelu"), low_dim=24, d_model=40, high_dim=16))
+    assert sorted(aligner.state_dict()) == ["high_up_proj.bias", "high_up_proj.weight", "layers.1.bias",
+                                            "layers.1.weight", "low_up_proj.bias", "low_up_proj.weight"]
+    assert aligner.high_up_proj.weight.shape == (20, 16) and aligner.low_up_proj.weight.shape == (20, 24)
+    low, high = torch.randn(2, 5, 24), torch.randn(2, 5, 16)
+    hp, lp, l1 = aligner.high_up_proj, aligner.low_up_proj, aligner.layers[1]
+    fused = torch.cat([F.linear(high, hp.weight, hp.bias), F.linear(low, lp.weight, lp.bias)], dim=-1)
+    expected = F.linear(F.gelu(fused), l1.weight, l1.bias)
+    assert max_diff(aligner(low, high), expected) < ATOL
+    # Swapping the branches must change the answer, or this test could not catch a wrong concatenation order.
+    swapped = torch.cat([F.linear(low, lp.weight, lp.bias), F.linear(high, hp.weight, hp.bias)], dim=-1)
+    assert max_diff(aligner(low, high), F.linear(F.gelu(swapped), l1.weight, l1.bias)) > 1e-3
