@@ -1,0 +1,111 @@
+"""
+The image processor: a file or PIL image -> the square (3, S, S) canvas the vision towers read. It reproduces the
+released `VLMImageProcessor` (official image_processing_vlm.py; facts sheet section 8):
+
+    any PIL mode -> RGB                       (EXIF orientation applied first, as a photo viewer shows the image)
+    resize: long side -> S, aspect kept      target (max(int(h/M*S), 14), max(int(w/M*S), 14)), M = max(w, h),
+                                              PIL bicubic (what torchvision's resize does on a PIL image)
+    pad to S x S, centred, with the mean colour   offset (S - short) // 2; colour int(255 * mean) per channel
+    HWC uint8 -> CHW float in [0, 1]
+    normalise (x - mean) / std                only where the model does not normalise inside its towers
+
+S and the statistics depend on the model: the released 7B and our hybrid presets use a 1024 (or scaled-down) canvas,
+padded with the CLIP mean (122, 116, 104) and left unnormalised, because each tower normalises its own branch; the
+released 1.3B uses 384, mean = std = 0.5, and normalises here. `ImageProcessor.for_config` picks these from a config.
+
+Bad files get a ValueError naming the file: missing, corrupt, truncated, not an image, or larger than the pixel limit
+(decompression bombs: a tiny PNG can claim billions of pixels, so the size is checked before any pixel is decoded).
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from nanovl.config import SIGLIP_MEAN, SIGLIP_STD, VLConfig
+
+MAX_PIXELS = 64_000_000  # 8000 x 8000; far above any real photo, far below what would exhaust memory
+MIN_SIZE = 14  # the official processor never resizes a side below 14 pixels
+
+
+def load_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open an image file fully (so a truncated file fails here, not later) and return it as an RGB PIL image."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ValueError(f"image {path} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}; "
+                                 "downscale it first (or raise max_pixels if you trust the file)")
+            img.load()  # decode now: corrupt or truncated data raises here
+            return to_rgb(img)
+    except FileNotFoundError:
+        raise ValueError(f"image {path} does not exist") from None
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image {path} looks like a decompression bomb: {e}") from None
+    except (OSError, SyntaxError, Image.UnidentifiedImageError) as e:
+        raise ValueError(f"cannot read image {path}: {e} (is it a corrupt, truncated or non-image file?)") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB, with the EXIF orientation applied.
+
+    The official code calls `convert("RGB")`, which is right for palette, grey, CMYK, YCbCr and alpha modes (alpha is
+    dropped, as it does). It is wrong for 16-bit and 32-bit grey ("I;16", "I", "F"), where convert clips every value
+    above 255 to white, so those are rescaled to 8 bits first.
+    """
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        if img.mode == "F" and a.max() <= 1.0:
+            top = 1.0  # float images are usually in [0, 1]
+        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8))  # mode L
+    return img.convert("RGB")
+
+
+@dataclass
+class ImageProcessor:
+    image_size: int = 1024
+    image_mean: Tuple[float, float, float] = SIGLIP_MEAN  # gives the pad colour, and the normalisation if on
+    image_std: Tuple[float, float, float] = SIGLIP_STD
+    normalize: bool = False
+
+    @staticmethod
+    def for_config(cfg: VLConfig) -> "ImageProcessor":
+        """The processor a model expects: its canvas size; normalise here only if the towers do not."""
+        if cfg.hybrid:  # towers normalise; the canvas is padded with the high-resolution branch's mean (7B: CLIP)
+            mean = cfg.sam.pixel_mean or SIGLIP_MEAN
+            return ImageProcessor(cfg.image_size, mean, cfg.sam.pixel_std or SIGLIP_STD, normalize=False)
+        if cfg.siglip.pixel_mean is not None:  # SigLIP normalises inside its tower
+            return ImageProcessor(cfg.image_size, cfg.siglip.pixel_mean, cfg.siglip.pixel_std, normalize=False)
+        return ImageProcessor(cfg.image_size, SIGLIP_MEAN, SIGLIP_STD, normalize=True)  # released 1.3B
+
+    @property
+    def pad_color(self) -> Tuple[int, int, int]:
+        return tuple(int(255 * m) for m in self.image_mean)
+
+    def canvas(self, img: Image.Image) -> Image.Image:
+        """Resize the long side to image_size (bicubic) and pad to a centred square with the mean colour."""
+        S = self.image_size
+        w, h = img.size
+        M = max(w, h)
+        new_w, new_h = max(int(w / M * S), MIN_SIZE), max(int(h / M * S), MIN_SIZE)
+        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+        square = Image.new("RGB", (S, S), self.pad_color)
+        square.paste(img, ((S - new_w) // 2, (S - new_h) // 2))  # expand2square: centred on the short axis
+        return square
+
+    def __call__(self, image: Union[Image.Image, str, os.PathLike], max_pixels: Optional[int] = None) -> torch.Tensor:
+        """A PIL image or a path -> (3, S, S) float32 tensor."""
+        if isinstance(image, Image.Image):
+            img = to_rgb(image)
+        else:
+            img = load_image(image, max_pixels or MAX_PIXELS)
+        a = np.asarray(self.canvas(img), dtype=np.float64) * (1 / 255)  # (S, S, 3); HF rescales in float64
+        x = torch.from_numpy(a.astype(np.float32)).permute(2, 0, 1).contiguous()  # (3, S, S) in [0, 1]
+        if self.normalize:
+            x = (x - torch.tensor(self.image_mean).view(3, 1, 1)) / torch.tensor(self.image_std).view(3, 1, 1)
+        return x

@@ -1,0 +1,123 @@
+"""The image processor: every PIL mode to RGB, EXIF orientation, the official resize-and-pad, and bad files."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from nanovl.config import CLIP_MEAN, get_config
+from nanovl.image import ImageProcessor, load_image, to_rgb
+
+
+def official_canvas(img: Image.Image, S: int, mean) -> torch.Tensor:
+    """Transcription of the official VLMImageProcessor (facts sheet section 8) with torchvision as the resizer."""
+    w, h = img.size
+    M = max(w, h)
+    size = [max(int(h / M * S), 14), max(int(w / M * S), 14)]
+    img = TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    fill = tuple(int(255 * m) for m in mean)
+    square = Image.new(img.mode, (S, S), fill)
+    w, h = img.size
+    square.paste(img, ((S - w) // 2, (S - h) // 2))
+    return torch.from_numpy(np.asarray(square).astype(np.float64) / 255).float().permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("size", [(300, 200), (120, 410), (64, 64), (1000, 30)])
+def test_resize_and_pad_match_the_official_processor(size):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    proc = ImageProcessor(image_size=256, image_mean=CLIP_MEAN)
+    got = proc(img)
+    assert got.shape == (3, 256, 256)
+    assert torch.allclose(got, official_canvas(img, 256, CLIP_MEAN), atol=1e-6)
+    # the pad colour of the released 7B: the CLIP mean as bytes
+    assert proc.pad_color == (122, 116, 104)
+
+
+def test_processor_follows_the_model():
+    hybrid = ImageProcessor.for_config(get_config("7b"))
+    assert (hybrid.image_size, hybrid.normalize, hybrid.pad_color) == (1024, False, (122, 116, 104))
+    released_13b = ImageProcessor.for_config(get_config("1.3b"))
+    assert (released_13b.image_size, released_13b.normalize, released_13b.pad_color) == (384, True, (127, 127, 127))
+    x = released_13b(Image.new("RGB", (50, 50), (255, 0, 0)))
+    assert x.min().item() == -1.0 and x.max().item() == 1.0  # normalised to [-1, 1]: red is (1, -1, -1)
+    assert ImageProcessor.for_config(get_config("tiny")).image_size == 256
+
+
+def make_mode(mode: str) -> Image.Image:
+    """A 40x30 image in the given mode whose left half is dark and right half bright."""
+    a = np.zeros((30, 40), dtype=np.float64)
+    a[:, 20:] = 1.0
+    if mode in ("I;16", "I"):
+        img = Image.fromarray((a * 65535).astype(np.uint16 if mode == "I;16" else np.int32))  # I;16 or I
+    elif mode == "F":
+        img = Image.fromarray(a.astype(np.float32))  # F
+    else:
+        img = Image.fromarray((a * 255).astype(np.uint8), mode="L").convert(mode)
+    return img
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "P", "RGB", "RGBA", "LA", "CMYK", "YCbCr", "I;16", "I", "F"])
+def test_every_mode_becomes_rgb_with_its_brightness_kept(mode):
+    img = make_mode(mode)
+    assert img.mode == mode
+    rgb = to_rgb(img)
+    assert rgb.mode == "RGB" and rgb.size == (40, 30)
+    a = np.asarray(rgb).astype(int)
+    assert a[:, :20].max() <= 10, mode  # dark stays dark
+    assert a[:, 20:].min() >= 245, mode  # bright stays bright (16-bit is rescaled, not clipped)
+    assert ImageProcessor(image_size=64)(img).shape == (3, 64, 64)
+
+
+def test_sixteen_bit_mid_grey_is_mid_grey():
+    img = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))  # I;16
+    assert abs(int(np.asarray(to_rgb(img))[0, 0, 0]) - 128) <= 1
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = Image.new("RGB", (40, 20), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 20, 20))  # left half red
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 clockwise to display"
+    path = tmp_path / "rotated.jpg"
+    img.save(path, exif=exif, quality=95)
+    shown = load_image(path)
+    assert shown.size == (20, 40)  # portrait once rotated
+    top, bottom = np.asarray(shown)[2, 10], np.asarray(shown)[37, 10]
+    assert top[0] > 200 and top[2] < 60  # the red half is now on top
+    assert bottom[2] > 200 and bottom[0] < 60
+
+
+def png_bytes(size=(64, 64)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_bad_files_get_an_error_naming_the_file(tmp_path):
+    missing = tmp_path / "missing.png"
+    with pytest.raises(ValueError, match=f"{missing} does not exist"):
+        load_image(missing)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=f"cannot read image {corrupt}"):
+        load_image(corrupt)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(png_bytes()[:2000])
+    with pytest.raises(ValueError, match=f"cannot read image {truncated}"):
+        load_image(truncated)
+    text = tmp_path / "notes.jpg"
+    text.write_text("this is not an image")
+    with pytest.raises(ValueError, match=f"cannot read image {text}"):
+        ImageProcessor(image_size=32)(text)
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes(png_bytes((200, 100)))
+    with pytest.raises(ValueError, match=r"big.png is 200x100 = 20,000 pixels, over the limit of 10,000"):
+        load_image(big, max_pixels=10_000)
+    assert load_image(big).size == (200, 100)
