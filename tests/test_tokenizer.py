@@ -1,0 +1,264 @@
+"""The tokenizer against Hugging Face's `tokenizers` (the library that runs DeepSeek's tokenizer.json): the same
+pre-tokenizer splits, the same ids in both directions of file exchange, and exact round trips on varied text."""
+
+import json
+import re
+import unicodedata
+from pathlib import Path
+
+import pytest
+import tokenizers
+from tokenizers import Regex, decoders, models, normalizers, processors, trainers
+from tokenizers import pre_tokenizers as pt
+
+from nanovl.tokenizer import BYTE_TO_CHAR, DEEPSEEK_SPLITS, SPECIAL_TOKENS, Tokenizer, byte_level
+
+TEXTS = [
+    "Hello, world! The quick brown fox jumps over the lazy dog. It's 5 o'clock; isn't it?",
+    "深度求索（DeepSeek）发布了视觉语言模型。你好，世界！",
+    "日本語のテキスト：こんにちは、世界。カタカナとひらがな。",
+    "한국어 텍스트: 안녕하세요, 세계!",
+    "emoji: 👋🏽 👨‍👩‍👧‍👦 🏳️‍🌈 ❤️‍🔥 ✨ 🇫🇷",
+    "café naïve résumé Ωhm Kelvin Åström e\u0301 a\u0308 Ἀθῆναι ΐ ώ ι Привет мир",
+    # the letter-class characters that Unicode normalisation would change: ohm, kelvin, angstrom signs, Greek
+    "\u2126 x\u212a \u212b\u212c \u1f7d\u1fbe\u1fd3\u1fdb a\u1f7db",
+    "def f(x):\n\tif x:\n\t\treturn x  # tab indent\n    else:\n        return {'a': [1, 2]}\n",
+    "spaces:     five, tabs:\t\t\tthree\n\n\n\nblank lines\n   \n  trailing   ",
+    "windows\r\nline\r\nendings\r\n\r\n",
+    "numbers 0 12 345 6789 3.14159 1,000,000 2024-05-06 ٣٤٥ ۴ ①② Ⅻ ½ x² ００７",
+    "full-width：！？（）【】「」，。、　ｆｕｌｌ　ｗｉｄｔｈ ＨＥＬＬＯ “quotes” ‘single’ — dash…",
+    "<｜begin▁of▁sentence｜>User: <image_placeholder>Describe this.\n\nAssistant: A cat.<｜end▁of▁sentence｜><pad>",
+    "odd spaces: a\x1cb\x1dc \x85 d\xa0e\u2003\u2003f \u3000g\u200bh\u2028i\x0bj\x0ck",
+    "punctuation runs: ... !!! ??? ->> <<= {}[]()'\"` ~@#$%^&*_+=|\\/ µs",
+    "",
+    " ",
+    "\n",
+    "a" * 3000 + " " * 2000 + "ab" * 500,
+]
+
+
+def deepseek_pre_tokenizer(digits: bool = False):
+    """DeepSeek-LLM's pre-tokenizer (facts section 10) built with tokenizers. `digits` swaps the last split for
+    Digits(individual_digits=True), the form the released tokenizer.json is reported to use."""
+    splits = [pt.Split(Regex(p), "isolated") for p in (DEEPSEEK_SPLITS[:5] if digits else DEEPSEEK_SPLITS)]
+    return pt.Sequence(splits + ([pt.Digits(individual_digits=True)] if digits else [])
+                       + [pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    # Varied text (so that merges cross UTF-8 byte boundaries) plus the library's own source for volume.
+    sources = [p.read_text(encoding="utf-8") for p in sorted(Path(__file__).parents[1].glob("nanovl/*.py"))]
+    return TEXTS * 20 + sources
+
+
+@pytest.fixture(scope="module")
+def ours(corpus):
+    return Tokenizer.train(corpus, 1000)
+
+
+@pytest.fixture(scope="module", params=["six-splits", "released-layout"])
+def from_tokenizers(request, corpus, tmp_path_factory):
+    """A DeepSeek-style tokenizer.json trained and written by tokenizers, and (theirs, ours loaded from it). The
+    "released-layout" one is laid out as DeepSeek-LLM's file is reported to be: Digits instead of the sixth split,
+    an empty normalizer Sequence, and a post-processor that adds BOS."""
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = deepseek_pre_tokenizer(digits=request.param == "released-layout")
+    hf.decoder = decoders.ByteLevel()
+    if request.param == "released-layout":
+        hf.normalizer = normalizers.Sequence([])
+        hf.post_processor = processors.TemplateProcessing(single=f"{SPECIAL_TOKENS[0]} $A",
+                                                          special_tokens=[(SPECIAL_TOKENS[0], 0)])
+    trainer = trainers.BpeTrainer(vocab_size=1200, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pt.ByteLevel.alphabet())
+    hf.train_from_iterator(corpus, trainer)
+    path = tmp_path_factory.mktemp("hf") / "tokenizer.json"
+    hf.save(str(path))
+    return hf, Tokenizer.load(path)
+
+
+def test_round_trip_is_exact(ours):
+    for text in TEXTS + ["".join(TEXTS)]:
+        ids = ours.encode(text)
+        assert ours.decode(ids) == text
+        assert ours.encode(text, bos=True, eos=True) == [ours.bos_id] + ids + [ours.eos_id]
+    assert len(ours.encode(TEXTS[0])) < len(TEXTS[0]) / 2  # it does merge
+
+
+@pytest.mark.parametrize("digits", [False, True], ids=["six-splits", "digits"])
+def test_pre_tokenizer_matches_tokenizers(digits, ours):
+    theirs = deepseek_pre_tokenizer(digits)
+    mine = Tokenizer(ours.vocab, ours.merges, ours.added_tokens, _spec(theirs))  # read from tokenizers' own JSON
+    for text in TEXTS:
+        expected = [piece for piece, _ in theirs.pre_tokenize_str(text)]
+        assert [byte_level(p) for p in mine.pre_tokenize(text)] == expected, text[:40]
+        if not digits:  # and our built-in copy of the DeepSeek splits is the same
+            assert [byte_level(p) for p in ours.pre_tokenize(text)] == expected
+
+
+def _spec(pre_tokenizer) -> dict:
+    """The tokenizer.json spec of a tokenizers pre-tokenizer object."""
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizer
+    return json.loads(hf.to_str())["pre_tokenizer"]
+
+
+def test_deepseek_letter_class_is_intact():
+    # The parity tests feed tokenizers our own copy of the patterns, so they cannot see a damaged copy. The letter
+    # class must hold exactly the released 2729 code points, all cased letters, including the six that Unicode
+    # normalisation changes (a normalised "K-ℭ" would silently become the huge range U+004B..U+212D).
+    letters = re.compile(DEEPSEEK_SPLITS[1][3:-1])  # the class without the leading \s? and the trailing +
+    members = [cp for cp in range(0x30000) if letters.fullmatch(chr(cp))]
+    assert len(members) == 2729
+    assert {unicodedata.category(chr(cp)) for cp in members} == {"Lu", "Ll", "Lt"}
+    assert {0x1F7D, 0x1FBE, 0x1FD3, 0x1FDB, 0x2126, 0x212A} <= set(members)
+
+
+def test_gpt2_byte_level_regex_matches_tokenizers(ours):
+    # ByteLevel(use_regex=True) splits with GPT-2's pattern, which needs \p{L}, \p{N} and \s translated for `re`.
+    theirs = pt.ByteLevel(add_prefix_space=False, use_regex=True)
+    mine = Tokenizer(ours.vocab, ours.merges, ours.added_tokens, _spec(theirs))
+    for text in TEXTS:
+        assert [byte_level(p) for p in mine.pre_tokenize(text)] == [p for p, _ in theirs.pre_tokenize_str(text)]
+
+
+@pytest.mark.parametrize("behavior", ["isolated", "removed", "merged_with_previous", "merged_with_next", "contiguous"])
+@pytest.mark.parametrize("invert", [False, True])
+def test_split_behaviors_match_tokenizers(behavior, invert, ours):
+    texts = ["a--b-c-", "-x- -y--", "ab\nab\nb", "word  word\t1 2-3", ""]
+    for pattern in [r"(-)|\s", r"b$", r"\p{N}|^a", "-"]:  # (-): a capturing group
+        theirs = pt.Sequence([pt.Split(Regex(pattern), behavior, invert=invert),
+                              pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+        mine = Tokenizer(ours.vocab, ours.merges, ours.added_tokens, _spec(theirs))
+        for text in texts:
+            expected = [p for p, _ in theirs.pre_tokenize_str(text)]
+            assert [byte_level(p) for p in mine.pre_tokenize(text)] == expected, (pattern, text)
+
+
+def test_loading_a_tokenizers_file_gives_the_same_ids(from_tokenizers):
+    hf, mine = from_tokenizers
+    assert mine.vocab_size == hf.get_vocab_size() == 1200
+    for text in TEXTS + ["".join(TEXTS)]:
+        ids = hf.encode(text, add_special_tokens=False).ids
+        assert mine.encode(text) == ids, text[:40]
+        assert mine.decode(ids) == text
+        if hf.post_processor is not None:  # its BOS template is what encode(bos=True) gives
+            assert mine.encode(text, bos=True) == hf.encode(text).ids
+
+
+def test_tokenizers_reads_our_file_and_gives_the_same_ids(ours, tmp_path):
+    hf = tokenizers.Tokenizer.from_file(str(ours.save(tmp_path)))
+    assert hf.get_vocab_size() == ours.vocab_size
+    for text in TEXTS + ["".join(TEXTS)]:
+        ids = ours.encode(text)
+        assert hf.encode(text, add_special_tokens=False).ids == ids, text[:40]
+        assert hf.decode(ids, skip_special_tokens=False) == text
+
+
+def test_special_tokens_and_id_layout(ours):
+    assert ours.vocab_size == 1000
+    assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.image_id) == (0, 1, 2, 3)  # tiny presets: image_token_id 3
+    assert [ours.id_to_token(i) for i in range(4)] == SPECIAL_TOKENS
+    assert [ours.id_to_token(4 + b) for b in range(256)] == BYTE_TO_CHAR  # then the bytes, in byte order
+    assert ours.encode("<image_placeholder>") == [3]
+    ids = ours.encode("x<image_placeholder><image_placeholder>y<pad>")
+    assert ids[1:3] == [3, 3] and ids[-1] == 2 and ours.decode(ids) == "x<image_placeholder><image_placeholder>y<pad>"
+    assert ours.token_to_id("<｜end▁of▁sentence｜>") == 1
+    assert ours.token_to_id(byte_level(" ")) == 4 + 32
+
+
+def test_trainer_merges_the_most_frequent_pair_first():
+    # Pieces: "abab", " abab" x2, " xy". (a, b) occurs 6 times; then (ab, ab) 3 times beats (" ", ab) twice.
+    tok = Tokenizer.train(["abab abab abab xy"], 4 + 256 + 2)
+    assert tok.merges == [("a", "b"), ("ab", "ab")]
+    assert tok.encode(" abab") == [tok.token_to_id("Ġ"), tok.token_to_id("abab")]
+    # Ties go to the pair with the smaller ids: (" ", "a") < ("a", "b") < ("x", "y"), all seen once.
+    assert Tokenizer.train(["xy ab"], 4 + 256 + 1).merges == [("Ġ", "a")]
+
+
+def test_trainer_is_deterministic(corpus, ours):
+    again = Tokenizer.train(corpus, 1000)
+    assert again.merges == ours.merges and again.vocab == ours.vocab
+
+
+def test_trainer_never_spells_a_special_token():
+    # A special token spelled like byte-level text ("Ġx" is how " x" is stored) must not collide with a merge.
+    tok = Tokenizer.train([" x" * 50 + " yz" * 10], 5 + 256 + 2, special_tokens=SPECIAL_TOKENS + ["Ġx"])
+    assert tok.merges == [("Ġ", "y"), ("Ġy", "z")]  # (Ġ, x), seen 50 times, is skipped
+    assert tok.encode(" xĠx") == [tok.token_to_id("Ġ"), tok.token_to_id("x"), 4]
+
+
+def test_trainer_says_when_the_corpus_is_too_small():
+    with pytest.raises(ValueError, match="too small"):
+        Tokenizer.train(["ab"], 4 + 256 + 5)
+
+
+def test_merges_written_as_pairs_load_too(ours, tmp_path):
+    data = json.loads(ours.save(tmp_path).read_text(encoding="utf-8"))
+    data["model"]["merges"] = [m.split(" ") for m in data["model"]["merges"]]  # newer tokenizers write pairs
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    assert Tokenizer.load(tmp_path).encode(TEXTS[0]) == ours.encode(TEXTS[0])
+
+
+def test_added_tokens_are_matched_like_tokenizers(ours, tmp_path):
+    # tokenizers cuts out added tokens with normalized=false first (specials), then those with normalized=true;
+    # in each pass the leftmost, then longest, match wins.
+    hf = tokenizers.Tokenizer.from_file(str(ours.save(tmp_path)))
+    hf.add_special_tokens(["<s>", "<s>x"])
+    hf.add_tokens(["ab<", "abc", "abcd"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    mine = Tokenizer.load(tmp_path)
+    for text in ["ab<s>", "<s>x<s>xy", "xabcde abc ab<", "<<s>x"]:
+        assert mine.encode(text) == hf.encode(text, add_special_tokens=False).ids, text
+        assert mine.decode(mine.encode(text)) == text
+
+
+def test_a_tokenizer_without_pad_or_image_token(corpus, tmp_path):
+    # The released tokenizer has no <pad> (pad falls back to EOS, facts section 10).
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer, hf.decoder = deepseek_pre_tokenizer(), decoders.ByteLevel()
+    hf.train_from_iterator(corpus[:20], trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS[:2],
+                                                            initial_alphabet=pt.ByteLevel.alphabet(),
+                                                            show_progress=False))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.load(tmp_path)
+    assert tok.pad_id == tok.eos_id == 1
+    with pytest.raises(ValueError, match="<image_placeholder>"):
+        tok.image_id
+
+
+@pytest.mark.parametrize("field, value", [
+    ("normalizer", {"type": "Lowercase"}),
+    ("model.byte_fallback", True),
+    ("model.dropout", 0.1),
+    ("model.continuing_subword_prefix", "##"),
+    ("pre_tokenizer", {"type": "Whitespace"}),
+    ("decoder", {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "always", "split": True}),
+    ("truncation", {"max_length": 8, "strategy": "LongestFirst", "stride": 0, "direction": "Right"}),
+])
+def test_unsupported_fields_are_refused_by_name(ours, tmp_path, field, value):
+    data = json.loads(ours.save(tmp_path).read_text(encoding="utf-8"))
+    *parents, key = field.split(".")
+    node = data
+    for p in parents:
+        node = node[p]
+    node[key] = value
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ValueError, match=key):
+        Tokenizer.load(tmp_path)
+
+
+def test_unsupported_pre_tokenizer_step_is_named(ours):
+    spec = _spec(pt.Sequence([pt.Split(Regex(r"\s"), "isolated"), pt.Punctuation(),
+                                 pt.ByteLevel(add_prefix_space=False)]))
+    with pytest.raises(ValueError, match=r"pretokenizers\[1\].type = 'Punctuation'"):
+        Tokenizer(ours.vocab, ours.merges, ours.added_tokens, spec)
+
+
+def test_missing_file_and_bad_ids(ours, tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        Tokenizer.load(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="0..999"):
+        ours.decode([5, 1000])
+    with pytest.raises(ValueError, match="0..999"):
+        ours.decode([-1])
