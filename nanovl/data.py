@@ -1,0 +1,301 @@
+"""
+From data files to model-ready batches, and the import of real data in the LLaVA format.
+
+Rows (JSON lines, written by prepare_data.py or by the LLaVA import):
+
+    pretrain.jsonl   {"category", "images": [paths], "text": "...<image_placeholder>..."}     a document
+    sft.jsonl        {"category", "images": [paths], "conversation": [{"role", "content"}]}   a chat
+    text.jsonl       {"text"}                                                                 text only
+
+A `Source` renders every row of one kind once, up front, into token ids and a loss mask (nanovl.chat) and keeps them
+with the row's image paths; images are read and processed only when a batch needs them. Text documents longer than
+the context are cut into context-sized pieces; chats and image documents that do not fit are dropped and counted
+(cutting them would cut an image span or an answer).
+
+A `plan` fixes, before training starts, which rows every optimizer step reads: each step draws one modality
+(language or multimodal; the paper's modality-grouped batches, section 3.3) with probabilities that may change with
+the step (modality warm-up), and each modality walks through its rows in a fresh shuffled order every epoch. The plan
+is a pure function of the seed, so a resumed run reads exactly the batches it would have read, and with several
+processes each rank takes its own slice of the same global batch. `PlannedBatches` turns (step, micro-batch) into
+tensors, so a torch DataLoader can build the next batches in worker processes while the model trains.
+"""
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.data import Dataset
+
+from nanovl.chat import IMAGE_TAG, check_conversation, render_chat, render_document
+from nanovl.image import ImageProcessor, load_image
+
+
+def read_jsonl(path: str) -> List[dict]:
+    """All rows of a JSON-lines file; a malformed line is an error that names the file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {n}: not valid JSON ({e})") from None
+    return rows
+
+
+def write_jsonl(path: str, rows: Sequence[dict]) -> None:
+    """Write atomically: to a temporary name, then rename, so a killed run never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rendering rows into (ids, mask, image paths)
+
+@dataclass
+class Sample:
+    ids: List[int]
+    mask: List[int]
+    images: List[str]  # absolute paths, in the order of their spans
+
+
+class Source:
+    """One kind of row ("pretrain", "sft" or "text"), rendered to token ids once."""
+
+    def __init__(self, rows: Sequence[dict], kind: str, tokenizer, n_image_tokens: int, max_len: int,
+                 root: str = "", name: str = ""):
+        self.name = name or kind
+        self.samples: List[Sample] = []
+        self.dropped = 0
+        for row in rows:
+            paths = [p if os.path.isabs(p) else os.path.join(root, p) for p in row.get("images", [])]
+            if kind == "text":
+                ids, mask = render_document(row["text"], tokenizer, n_image_tokens)
+                for start in range(0, len(ids) - 1, max_len):  # overlapping by one: each piece predicts its next
+                    piece = slice(start, start + max_len + 1)
+                    if len(ids[piece]) > 1:
+                        self.samples.append(Sample(ids[piece], [0] + mask[piece][1:], []))
+                continue
+            if kind == "pretrain":
+                text = row["text"]
+                ids, mask = render_document(text, tokenizer, n_image_tokens)
+                n_tags = text.count(IMAGE_TAG)
+            elif kind == "sft":
+                ids, mask = render_chat(row["conversation"], tokenizer, n_image_tokens)
+                n_tags = sum(m["content"].count(IMAGE_TAG) for m in row["conversation"])
+            else:
+                raise ValueError(f"unknown source kind {kind!r}; expected 'pretrain', 'sft' or 'text'")
+            if n_tags != len(paths):
+                raise ValueError(f"{self.name}: a row has {n_tags} {IMAGE_TAG} tags but {len(paths)} images: {row!r}")
+            if len(ids) > max_len + 1:  # inputs are ids[:-1], so max_len + 1 ids fill the context exactly
+                self.dropped += 1
+                continue
+            self.samples.append(Sample(ids, mask, paths))
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i) -> Sample:
+        return self.samples[i]
+
+
+def collate(samples: Sequence[Sample], pad_id: int, processor: Optional[ImageProcessor] = None):
+    """Samples -> (ids (B, T), targets (B, T), images (N, 3, S, S) or None), right-padded.
+
+    targets[b, t] is the id at t + 1 where that token is supervised, else -100 (nanoGPT's shifted convention).
+    Right padding is safe for training: with causal attention no real token ever sees the padding after it.
+    """
+    T = max(len(s.ids) for s in samples) - 1
+    ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
+    targets = torch.full((len(samples), T), -100, dtype=torch.long)
+    for b, s in enumerate(samples):
+        x = torch.tensor(s.ids)
+        m = torch.tensor(s.mask, dtype=torch.bool)
+        ids[b, :len(x) - 1] = x[:-1]
+        targets[b, :len(x) - 1] = x[1:].masked_fill(~m[1:], -100)
+    paths = [p for s in samples for p in s.images]
+    images = torch.stack([processor(p) for p in paths]) if paths else None
+    return ids, targets, images
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Which rows each optimizer step reads
+
+def plan_batches(sizes: Dict[str, int], global_batch: int, steps: int, share: Callable[[int], Dict[str, float]],
+                 seed: int) -> List[Tuple[str, List[int]]]:
+    """For each step: (modality, global_batch row indices of that modality's source).
+
+    share(step) gives each modality's probability at that step (they need not sum to 1). Each modality has its own
+    stream of indices: a new permutation every epoch, seeded by (seed, modality, epoch).
+    """
+    empty = [m for m, n in sizes.items() if n == 0]
+    if empty:
+        raise ValueError(f"no rows for modality {empty}; check the data folder (or drop that modality's share to 0)")
+    streams = {m: ([], 0, 0) for m in sizes}  # modality -> (current permutation, position, epoch)
+    plan = []
+    for step in range(steps):
+        weights = share(step)
+        names = [m for m in sizes if weights.get(m, 0) > 0]
+        if not names:
+            raise ValueError(f"step {step}: every modality has share 0 ({weights})")
+        modality = random.Random(f"{seed}-step-{step}").choices(names, [weights[m] for m in names])[0]
+        order, pos, epoch = streams[modality]
+        picked = []
+        while len(picked) < global_batch:
+            if pos == len(order):
+                order = list(range(sizes[modality]))
+                random.Random(f"{seed}-{modality}-epoch-{epoch}").shuffle(order)
+                pos, epoch = 0, epoch + 1
+            take = min(global_batch - len(picked), len(order) - pos)
+            picked += order[pos:pos + take]
+            pos += take
+        streams[modality] = (order, pos, epoch)
+        plan.append((modality, picked))
+    return plan
+
+
+class PlannedBatches(Dataset):
+    """Item k = micro-batch k % accum of step k // accum, for this rank: a map-style dataset a DataLoader can
+    prefetch with workers. Each rank reads global_batch / world rows per step, accum micro-batches of them."""
+
+    def __init__(self, plan, sources: Dict[str, Source], pad_id: int, processor: ImageProcessor, accum: int = 1,
+                 rank: int = 0, world: int = 1):
+        global_batch = len(plan[0][1]) if plan else 0
+        if global_batch % (world * accum):
+            raise ValueError(f"global batch {global_batch} is not divisible by {world} processes x {accum} "
+                             "accumulation steps")
+        self.plan, self.sources, self.pad_id, self.processor = plan, sources, pad_id, processor
+        self.accum, self.rank, self.micro = accum, rank, global_batch // (world * accum)
+
+    def __len__(self):
+        return len(self.plan) * self.accum
+
+    def __getitem__(self, k):
+        step, micro = divmod(k, self.accum)
+        modality, rows = self.plan[step]
+        start = (self.rank * self.accum + micro) * self.micro
+        samples = [self.sources[modality][i] for i in rows[start:start + self.micro]]
+        return collate(samples, self.pad_id, self.processor)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Real data: the LLaVA conversation format
+
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def iter_json_rows(path: str):
+    """Yield (line number, row or exception) for a JSON array file or a JSON-lines file, row by row, so one bad row
+    can be reported with its line and skipped."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    start = len(text) - len(text.lstrip())
+    if text[start:start + 1] != "[":  # JSON lines
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield n, ValueError(f"not valid JSON: {e.msg}")
+        return
+    decoder, pos = json.JSONDecoder(), start + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        line = text.count("\n", 0, pos) + 1
+        try:
+            row, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:  # the array itself is broken: nothing after this can be trusted
+            yield line, ValueError(f"not valid JSON: {e.msg}; the rest of the file was not read")
+            return
+        yield line, row
+
+
+def llava_row(row, images_dir: str, check_image: Callable[[str], None]) -> Tuple[str, dict]:
+    """One LLaVA row -> ("sft" or "pretrain", our row). Raises ValueError saying what is wrong with it."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected an object, got {type(row).__name__}")
+    image = row.get("image", [])
+    images = [image] if isinstance(image, str) else image
+    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+        raise ValueError(f"'image' must be a path or a list of paths, got {image!r}")
+    paths = [os.path.abspath(os.path.join(images_dir, i)) for i in images]
+    for p in paths:
+        check_image(p)
+    if "conversations" not in row:  # a plain image-caption pair
+        caption = row.get("caption", row.get("text"))
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError("no 'conversations' and no non-empty 'caption' or 'text'")
+        if len(paths) != 1:
+            raise ValueError(f"a caption row needs exactly one image, got {len(paths)}")
+        return "pretrain", {"category": "caption", "images": paths, "text": IMAGE_TAG + caption.strip()}
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("'conversations' must be a non-empty list")
+    conversation = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("from") not in ROLE_NAMES or not isinstance(turn.get("value"), str):
+            raise ValueError(f"turn {i} must be {{'from': 'human' or 'gpt', 'value': text}}, got {turn!r}")
+        content = turn["value"].replace("<image>", IMAGE_TAG)
+        conversation.append({"role": ROLE_NAMES[turn["from"]], "content": content})
+    if conversation[-1]["role"] == "user":
+        conversation = conversation[:-1]  # a trailing question without an answer teaches nothing
+    check_conversation(conversation)
+    n_tags = sum(m["content"].count(IMAGE_TAG) for m in conversation)
+    if n_tags == 0 and len(paths) == 1:  # some sets omit the tag; LLaVA puts the image before the first question
+        conversation[0]["content"] = IMAGE_TAG + "\n" + conversation[0]["content"]
+    elif n_tags != len(paths):
+        raise ValueError(f"{n_tags} <image> tags but {len(paths)} images")
+    return "sft", {"category": "llava", "images": paths, "conversation": conversation}
+
+
+def import_llava(path: str, images_dir: str, out: str) -> str:
+    """Convert a LLaVA-format file into our rows in `out` (sft.jsonl, pretrain.jsonl, report.txt).
+
+    Rows with a missing or unreadable image or a malformed field are skipped, each listed with its line number in
+    report.txt; every other row is kept. Returns the report's summary.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"LLaVA file {path} does not exist")
+    if not os.path.isdir(images_dir):
+        raise ValueError(f"image folder {images_dir} does not exist")
+    checked: Dict[str, Optional[str]] = {}
+
+    def check_image(p):
+        if p not in checked:
+            try:
+                load_image(p)
+                checked[p] = None
+            except ValueError as e:
+                checked[p] = str(e)
+        if checked[p]:
+            raise ValueError(checked[p])
+
+    kept = {"sft": [], "pretrain": []}
+    skipped = []
+    total = 0
+    for line, row in iter_json_rows(path):
+        total += 1
+        try:
+            if isinstance(row, Exception):
+                raise row
+            kind, ours = llava_row(row, images_dir, check_image)
+            kept[kind].append(ours)
+        except ValueError as e:
+            skipped.append(f"line {line}: {e}")
+    os.makedirs(out, exist_ok=True)
+    for kind, rows in kept.items():
+        write_jsonl(os.path.join(out, f"{kind}.jsonl"), rows)
+    summary = (f"{path}: {total} rows read, {len(kept['sft'])} conversations and {len(kept['pretrain'])} captions "
+               f"kept, {len(skipped)} skipped; written to {out}")
+    with open(os.path.join(out, "report.txt"), "w", encoding="utf-8") as f:
+        f.write(summary + "\n" + "".join(f"skipped {s}\n" for s in skipped))
+    return summary + (f" (reasons in {os.path.join(out, 'report.txt')})" if skipped else "")

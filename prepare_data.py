@@ -1,0 +1,272 @@
+"""
+Prepare the training data, offline: a synthetic corpus that mirrors DeepSeek-VL's data (paper section 3.2, Tables 1
+and 2), real English prose from the Python standard library, and a tokenizer trained on it. Or import real data in
+the LLaVA conversation format.
+
+    python prepare_data.py                         # the embedded default: data/ for the tiny preset, under 2 minutes
+    python prepare_data.py --config small --n 2000 # bigger images and more of them
+    python prepare_data.py --text my_books/*.txt   # add your own text files to the text-only data
+    python prepare_data.py --show 3                # print 3 rendered samples: image spans and supervised tokens marked
+    python prepare_data.py --llava llava_v1_5.json --images coco/ --out data-llava
+
+The synthetic folder holds:
+
+    images/<category>/*.png       generated images; *_seg.png are per-pixel label maps of the shape scenes
+    pretrain.jsonl                image-text documents: captions, ocr, chart, code, scene_text, interleaved
+    text.jsonl                    text-only documents (standard-library docstrings, plus --text files)
+    sft.jsonl                     conversations: multi-turn questions about every category, and text-only dialogue
+    stage0.jsonl                  image, caption and label map of each scene (SigLIP's contrastive loss, SAM's dense loss)
+    eval_mc.jsonl                 held-out multiple-choice questions per category (the paper's MCPPL evaluation)
+    eval_text.jsonl               held-out text, for language perplexity
+    tokenizer.json                byte-level BPE at the preset's vocabulary size
+    meta.json                     what made this folder; written last, so its presence means the folder is complete
+
+Every run with the same arguments writes the same bytes (each example has its own seed), so a finished folder is
+reused as it is; a folder from other arguments is rebuilt aside and then swapped in.
+"""
+
+import argparse
+import ast
+import glob
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import sysconfig
+import time
+from functools import lru_cache
+from multiprocessing import Pool
+
+from tqdm import tqdm
+
+from nanovl.chat import IMAGE_TAG, render_chat, render_document, show
+from nanovl.config import PRESETS, get_config
+from nanovl.data import import_llava, read_jsonl, write_jsonl
+from nanovl.synth import CATEGORIES, SEG_LABELS, make_example
+from nanovl.tokenizer import Tokenizer
+
+VERSION = 1  # bump when the generators change, so old folders are rebuilt
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text: real English prose that every machine has offline
+
+@lru_cache(maxsize=1)
+def stdlib_docstrings(min_chars: int = 200) -> list:
+    """Docstrings of the Python standard library (parsed with ast, nothing is imported), in a fixed order."""
+    root = sysconfig.get_paths()["stdlib"]
+    skip = {"test", "tests", "idlelib", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo",
+            "ensurepip"}
+    docs = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in skip)
+        for name in sorted(f for f in files if f.endswith(".py")):
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue
+            module = os.path.relpath(os.path.join(folder, name), root)[:-3].replace(os.sep, ".")
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc and len(doc) >= min_chars:
+                        docs.append({"text": doc, "name": getattr(node, "name", module), "module": module})
+    return docs
+
+
+def prose_paragraphs(docs: list) -> list:
+    """Paragraphs that read as prose (no code, no tables), flattened to one line: the text of the OCR pages."""
+    out = []
+    for d in docs:
+        for para in d["text"].split("\n\n"):
+            flat = " ".join(para.split())
+            letters = sum(c.isalpha() or c == " " for c in flat)
+            if 150 <= len(flat) <= 800 and letters > 0.9 * len(flat) and ">>>" not in para:
+                out.append(flat)
+    return out
+
+
+def held_out(text: str, share: float = 0.03) -> bool:
+    """A stable split by content hash: the same text is always on the same side."""
+    return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < share
+
+
+def text_dialogue(doc: dict) -> list:
+    """A text-only conversation from a docstring: what does X do, and the first paragraph as the answer."""
+    first = " ".join(doc["text"].split("\n\n")[0].split())
+    return [{"role": "user", "content": f"What does `{doc['name']}` do in Python's `{doc['module']}` module?"},
+            {"role": "assistant", "content": first}]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Images: one task per example, each with its own seed, so the output does not depend on the number of workers
+
+def generate(task):
+    split, category, index, seed, size, snippet, out = task
+    rng = random.Random(f"{seed}-{split}-{category}-{index}")
+    ex = make_example(category, rng, size, snippet)
+    stem = f"{split}_{index:06d}"
+    paths = []
+    for j, img in enumerate(ex.images):
+        rel = f"images/{category}/{stem}{'' if len(ex.images) == 1 else f'_{j}'}.png"
+        img.save(os.path.join(out, rel))
+        paths.append(rel)
+    rows = {}
+    if split == "eval":
+        if ex.mc:
+            rows["eval_mc"] = [dict(category=category, images=paths, **ex.mc)]
+        return rows
+    rows["pretrain"] = [{"category": category, "images": paths, "text": ex.text}]
+    turns, first = [], True
+    for q, a in ex.qa:
+        if first and IMAGE_TAG not in q:
+            q = IMAGE_TAG * len(paths) + q
+        first = False
+        turns += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+    rows["sft"] = [{"category": category, "images": paths, "conversation": turns}]
+    if ex.seg is not None:
+        seg_rel = f"images/{category}/{stem}_seg.png"
+        ex.seg.save(os.path.join(out, seg_rel))
+        rows["stage0"] = [{"category": category, "image": paths[0], "caption": ex.caption, "seg": seg_rel}]
+    return rows
+
+
+def build(args, out: str):
+    cfg = get_config(args.config)
+    size = args.image_size or cfg.image_size
+    t0 = time.time()
+    print(f"nanovl data for preset {cfg.name!r}: {args.n} examples per category, images at {size} px, into {out}")
+
+    docs = list(stdlib_docstrings())
+    for path in args.text:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            docs.append({"text": f.read(), "name": os.path.basename(path), "module": "user"})
+    train_docs = [d for d in docs if not held_out(d["text"])]
+    eval_docs = [d for d in docs if held_out(d["text"])]
+    snippets = prose_paragraphs(train_docs)
+    print(f"text: {len(docs)} documents ({sum(len(d['text']) for d in docs) / 1e6:.2f} MB), {len(eval_docs)} held out,"
+          f" {len(snippets)} prose paragraphs for the OCR pages")
+
+    for c in CATEGORIES:
+        os.makedirs(os.path.join(out, "images", c), exist_ok=True)
+    n_eval = max(20, args.n // 8)
+    tasks = []
+    for split, n in (("train", args.n), ("eval", n_eval)):
+        for c in CATEGORIES:
+            if split == "eval" and c == "interleaved":
+                continue  # no multiple-choice question for interleaved documents
+            for i in range(n):
+                snippet = snippets[random.Random(f"{args.seed}-{split}-{c}-{i}-text").randrange(len(snippets))]
+                tasks.append((split, c, i, args.seed, size, snippet, out))
+    rows = {k: [] for k in ("pretrain", "sft", "stage0", "eval_mc")}
+    with Pool(args.workers) as pool:
+        for result in tqdm(pool.imap(generate, tasks, chunksize=16), total=len(tasks), desc="images", unit="ex"):
+            for k, v in result.items():
+                rows[k] += v
+
+    rows["sft"] += [{"category": "text", "images": [], "conversation": text_dialogue(d)} for d in train_docs]
+    text_rows = [{"text": d["text"]} for d in train_docs]
+    for name, data in list(rows.items()) + [("text", text_rows), ("eval_text", [{"text": d["text"]}
+                                                                                 for d in eval_docs])]:
+        write_jsonl(os.path.join(out, f"{name}.jsonl"), data)
+
+    # The tokenizer learns from everything the model will read: prose, and the synthetic texts and dialogues.
+    corpus = [d["text"] for d in train_docs] + [r["text"] for r in rows["pretrain"]]
+    corpus += [m["content"] for r in rows["sft"] for m in r["conversation"]]
+    t1 = time.time()
+    tok = Tokenizer.train(corpus, cfg.llm.vocab_size, progress=True)
+    tok.save(os.path.join(out, "tokenizer.json"))
+    if tok.image_id != cfg.image_token_id:
+        raise RuntimeError(f"tokenizer puts <image_placeholder> at {tok.image_id}, the preset expects "
+                           f"{cfg.image_token_id}")
+    print(f"tokenizer: {tok.vocab_size} tokens, trained in {time.time() - t1:.1f}s")
+
+    counts = {k: len(v) for k, v in rows.items()} | {"text": len(text_rows), "eval_text": len(eval_docs)}
+    meta = {"identity": identity(args), "image_size": size,
+            "n_image_tokens": cfg.n_image_tokens, "counts": counts, "seg_labels": ["background"] +
+            [f"{c} {s}" for s, c in SEG_LABELS], "seconds": round(time.time() - t0, 1)}
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    print("wrote " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f" in {time.time() - t0:.0f}s")
+
+
+def identity(args) -> dict:
+    """What determines the folder's content (not where it is, nor how many workers made it)."""
+    texts = {}
+    for path in args.text:
+        with open(path, "rb") as f:
+            texts[path] = hashlib.sha1(f.read()).hexdigest()
+    return {"version": VERSION, "config": args.config, "n": args.n, "seed": args.seed, "image_size": args.image_size,
+            "text": texts}
+
+
+def prepare(args):
+    """Build the synthetic folder unless an identical one is already there; never leave a half-written folder."""
+    meta_path = os.path.join(args.out, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("identity") == identity(args):
+            print(f"{args.out} is already prepared with these arguments; nothing to do")
+            return
+    partial = args.out.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    build(args, partial)
+    if os.path.exists(args.out):
+        shutil.rmtree(args.out)
+    os.replace(partial, args.out)
+
+
+def show_samples(args):
+    """Print rendered samples as the model sees them: [image xN] spans, supervised tokens inside ⟦ ⟧."""
+    tok = Tokenizer.load(os.path.join(args.out, "tokenizer.json"))
+    n_img = get_config(args.config).n_image_tokens
+    rng = random.Random(args.seed)
+    for name in ("pretrain", "sft"):
+        rows = read_jsonl(os.path.join(args.out, f"{name}.jsonl"))
+        for row in rng.sample(rows, min(args.show, len(rows))):
+            if name == "pretrain":
+                ids, mask = render_document(row["text"], tok, n_img)
+            else:
+                ids, mask = render_chat(row["conversation"], tok, n_img)
+            print(f"--- {name} / {row['category']} / {', '.join(row['images']) or 'no image'} ({len(ids)} tokens, "
+                  f"{sum(mask)} supervised)")
+            print(show(ids, mask, tok))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", default=None, help="output folder (default: data, or data-llava with --llava)")
+    p.add_argument("--config", default="tiny", choices=list(PRESETS), help="preset: image size and vocabulary size")
+    p.add_argument("--n", type=int, default=400, help="training examples per category (default 400)")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--image-size", type=int, default=0, help="long side of the generated images (default: the "
+                                                              "preset's canvas)")
+    p.add_argument("--text", nargs="*", default=[], help="your own UTF-8 text files to add to the text-only data")
+    p.add_argument("--show", type=int, default=0, help="print this many rendered samples of an existing folder")
+    p.add_argument("--llava", help="import a LLaVA-format JSON (or JSON lines) file of conversations or captions")
+    p.add_argument("--images", help="with --llava: the folder its image paths are relative to")
+    args = p.parse_args(argv)
+    if args.llava:
+        if not args.images:
+            p.error("--llava needs --images DIR, the folder that the file's image paths are relative to")
+        report = import_llava(args.llava, args.images, args.out or "data-llava")
+        print(report)
+        return
+    args.out = args.out or "data"
+    if args.show:
+        return show_samples(args)
+    args.text = sorted(f for pattern in args.text for f in (glob.glob(pattern) or [pattern]))
+    for f in args.text:
+        if not os.path.isfile(f):
+            p.error(f"--text file {f} does not exist")
+    prepare(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""prepare_data.py end to end on a small run, the LLaVA import with bad rows, and the batches the trainer reads."""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import prepare_data
+from nanovl.chat import IMAGE_TAG
+from nanovl.config import get_config
+from nanovl.data import PlannedBatches, Sample, Source, collate, import_llava, plan_batches, read_jsonl
+from nanovl.image import ImageProcessor
+from nanovl.synth import CATEGORIES, SEG_LABELS
+from nanovl.tokenizer import Tokenizer
+
+
+def folder_digest(path) -> str:
+    h = hashlib.sha1()
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for name in sorted(files):
+            if name == "meta.json":
+                continue  # holds the run time
+            h.update(name.encode())
+            with open(os.path.join(root, name), "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prep") / "data"
+    prepare_data.main(["--out", str(out), "--n", "6", "--workers", "2"])
+    return out
+
+
+def test_prepare_data_writes_every_part(data_dir):
+    names = sorted(os.listdir(data_dir))
+    assert names == ["eval_mc.jsonl", "eval_text.jsonl", "images", "meta.json", "pretrain.jsonl", "sft.jsonl",
+                     "stage0.jsonl", "text.jsonl", "tokenizer.json"]
+    meta = json.load(open(data_dir / "meta.json"))
+    assert meta["image_size"] == 256 and meta["n_image_tokens"] == 36
+    pretrain = read_jsonl(data_dir / "pretrain.jsonl")
+    assert sorted({r["category"] for r in pretrain}) == sorted(CATEGORIES)
+    assert len(pretrain) == 6 * len(CATEGORIES)
+    for row in pretrain:
+        assert row["text"].count(IMAGE_TAG) == len(row["images"]) >= 1
+        for p in row["images"]:
+            with Image.open(data_dir / p) as img:
+                assert max(img.size) == 256  # generated at the preset's canvas size
+    assert any(len(r["images"]) > 1 for r in pretrain)  # interleaved documents hold several images
+    sft = read_jsonl(data_dir / "sft.jsonl")
+    assert {r["category"] for r in sft} == set(CATEGORIES) | {"text"}
+    assert any(len(r["conversation"]) >= 4 for r in sft)  # multi-turn
+    assert any(not r["images"] for r in sft)  # text-only dialogue
+    for row in read_jsonl(data_dir / "stage0.jsonl"):
+        seg = np.asarray(Image.open(data_dir / row["seg"]))
+        assert seg.max() <= len(SEG_LABELS) and seg.max() > 0 and row["caption"]
+    mc = read_jsonl(data_dir / "eval_mc.jsonl")
+    assert {r["category"] for r in mc} == set(CATEGORIES) - {"interleaved"}
+    assert all(len(r["options"]) == 4 and 0 <= r["answer"] < 4 for r in mc)
+    train_images = {p for r in pretrain for p in r["images"]}
+    assert not train_images & {p for r in mc for p in r["images"]}  # held out
+    assert read_jsonl(data_dir / "text.jsonl") and read_jsonl(data_dir / "eval_text.jsonl")
+    tok = Tokenizer.load(data_dir / "tokenizer.json")
+    assert tok.vocab_size == get_config("tiny").llm.vocab_size and tok.image_id == get_config("tiny").image_token_id
+
+
+def test_prepare_data_is_deterministic_and_idempotent(data_dir, tmp_path, capsys):
+    again = tmp_path / "again"
+    prepare_data.main(["--out", str(again), "--n", "6", "--workers", "1"])  # other worker count, same bytes
+    assert folder_digest(again) == folder_digest(data_dir)
+    capsys.readouterr()
+    prepare_data.main(["--out", str(again), "--n", "6"])
+    assert "already prepared" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LLaVA import
+
+def test_llava_import_keeps_good_rows_and_reports_bad_ones(tmp_path):
+    images = tmp_path / "imgs"
+    images.mkdir()
+    Image.new("RGB", (32, 24), (200, 10, 10)).save(images / "a.png")
+    Image.new("RGB", (20, 20), (10, 200, 10)).save(images / "b.jpg")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    good = {"id": "1", "image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "Red."},
+        {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]}
+    rows = [
+        good,                                                                          # kept
+        {"image": "b.jpg", "caption": "A green square."},                              # kept (caption pair)
+        {"id": "t", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},  # kept
+        {"image": "b.jpg", "conversations": [{"from": "human", "value": "No tag here"},
+                                             {"from": "gpt", "value": "Fine."}]},     # kept, tag added
+        {"image": "missing.png", "conversations": good["conversations"]},              # missing image
+        {"image": "broken.jpg", "conversations": good["conversations"]},               # unreadable image
+        {"image": "a.png", "conversations": "not a list"},                             # malformed
+        {"image": "a.png", "conversations": [{"from": "gpt", "value": "I start"}]},    # wrong roles
+        {"image": "a.png", "conversations": [{"from": "human", "value": "<image><image>two?"},
+                                             {"from": "gpt", "value": "one"}]},       # 2 tags, 1 image
+        ["not", "an", "object"],                                                       # not an object
+    ]
+    path = tmp_path / "llava.json"
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")  # row k on line k + 2
+    out = tmp_path / "out"
+    summary = import_llava(str(path), str(images), str(out))
+    assert "10 rows read, 3 conversations and 1 captions kept, 6 skipped" in summary
+    report = (out / "report.txt").read_text()
+    for line, reason in [(6, "missing.png does not exist"), (7, "cannot read image"), (8, "must be a non-empty list"),
+                         (9, "role 'assistant', expected 'user'"), (10, "2 <image> tags but 1 images"),
+                         (11, "expected an object")]:
+        assert f"skipped line {line}: " in report and reason in report.split(f"skipped line {line}: ")[1]
+    sft = read_jsonl(out / "sft.jsonl")
+    assert sft[0]["conversation"][0]["content"] == IMAGE_TAG + "\nWhat colour is it?"
+    assert sft[0]["images"] == [str(images / "a.png")]
+    assert sft[2]["conversation"][0]["content"].startswith(IMAGE_TAG)
+    assert read_jsonl(out / "pretrain.jsonl")[0]["text"] == IMAGE_TAG + "A green square."
+
+
+def test_llava_json_lines_with_a_broken_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    ok = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    path.write_text(json.dumps(ok) + "\n{broken\n" + json.dumps(ok) + "\n")
+    summary = import_llava(str(path), str(tmp_path), str(tmp_path / "out"))
+    assert "3 rows read, 2 conversations and 0 captions kept, 1 skipped" in summary
+    assert "skipped line 2: not valid JSON" in (tmp_path / "out" / "report.txt").read_text()
+    with pytest.raises(ValueError, match="does not exist"):
+        import_llava(str(tmp_path / "nope.json"), str(tmp_path), str(tmp_path / "out"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Samples, batches and the plan
+
+def test_collate_shifts_targets_and_masks_unsupervised_tokens():
+    a = Sample([10, 11, 12, 13], [0, 0, 1, 1], [])
+    b = Sample([20, 21], [0, 1], [])
+    ids, targets, images = collate([a, b], pad_id=2)
+    assert ids.tolist() == [[10, 11, 12], [20, 2, 2]]
+    assert targets.tolist() == [[-100, 12, 13], [21, -100, -100]]
+    assert images is None
+
+
+def test_sources_render_rows_and_handle_long_ones(data_dir):
+    tok = Tokenizer.load(data_dir / "tokenizer.json")
+    cfg = get_config("tiny")
+    sft = Source(read_jsonl(data_dir / "sft.jsonl"), "sft", tok, cfg.n_image_tokens, max_len=120, root=str(data_dir))
+    assert sft.dropped > 0 and all(len(s.ids) <= 121 for s in sft.samples)  # too long for 120: dropped, not cut
+    text = Source([{"text": "word " * 400}], "text", tok, cfg.n_image_tokens, max_len=64)
+    assert len(text) > 1 and all(len(s.ids) <= 65 for s in text.samples)  # long text: cut into context-sized pieces
+    pieces = [s.ids for s in text.samples]
+    assert all(p[-1] == q[0] for p, q in zip(pieces, pieces[1:]))  # consecutive pieces overlap by one token
+    proc = ImageProcessor.for_config(cfg)
+    pre = Source(read_jsonl(data_dir / "pretrain.jsonl"), "pretrain", tok, cfg.n_image_tokens, 512, str(data_dir))
+    ids, targets, images = collate([pre[0], pre[1]], tok.pad_id, proc)
+    assert images.shape == (2, 3, 256, 256)
+    assert (ids == tok.image_id).sum() == 2 * cfg.n_image_tokens
+    assert (targets[ids == tok.image_id] == -100).sum() >= 2 * cfg.n_image_tokens - 2  # image positions not trained
+
+
+def test_plan_draws_one_modality_per_step_and_covers_each_epoch():
+    sizes = {"language": 10, "multimodal": 6}
+    plan = plan_batches(sizes, global_batch=4, steps=200, share=lambda s: {"language": 0.7, "multimodal": 0.3}, seed=1)
+    assert plan == plan_batches(sizes, 4, 200, lambda s: {"language": 0.7, "multimodal": 0.3}, seed=1)
+    assert plan != plan_batches(sizes, 4, 200, lambda s: {"language": 0.7, "multimodal": 0.3}, seed=2)
+    share = sum(m == "language" for m, _ in plan) / len(plan)
+    assert 0.6 < share < 0.8
+    stream = [i for m, rows in plan if m == "multimodal" for i in rows]
+    for epoch in range(len(stream) // 6):
+        assert sorted(stream[6 * epoch:6 * epoch + 6]) == list(range(6))  # every row once per epoch
+    # shares can change with the step (modality warm-up): language only for the first 25 steps here
+    warm = plan_batches(sizes, 4, 50, lambda s: {"language": 1.0, "multimodal": 0.0 if s < 25 else 1.0}, seed=1)
+    assert {m for m, _ in warm[:25]} == {"language"} and {m for m, _ in warm[25:]} == {"language", "multimodal"}
+    only_language = plan_batches(sizes, 4, 20, lambda s: {"language": 1.0, "multimodal": 0.0}, seed=1)
+    assert {m for m, _ in only_language} == {"language"}
+    with pytest.raises(ValueError, match="no rows for modality"):
+        plan_batches({"language": 0}, 4, 2, lambda s: {"language": 1.0}, seed=1)
+
+
+def test_ranks_and_micro_batches_split_the_same_global_batch():
+    source = Source([{"text": f"row {i} " * (1 + i % 3)} for i in range(12)], "text",
+                    Tokenizer.train(["row 1 2 3 4 5 6 7 8 9 10 11"], vocab_size=262), 4, 64)
+    plan = plan_batches({"language": len(source)}, 8, 3, lambda s: {"language": 1.0}, seed=0)
+    whole = PlannedBatches(plan, {"language": source}, 2, None)
+    parts = [PlannedBatches(plan, {"language": source}, 2, None, accum=2, rank=r, world=2) for r in range(2)]
+    for step in range(3):
+        full_rows = plan[step][1]
+        got = [i for r in range(2) for micro in range(2) for i in full_rows[(r * 2 + micro) * 2:(r * 2 + micro + 1) * 2]]
+        assert got == full_rows
+        ids, _, _ = whole[step]
+        pieces = [parts[r][step * 2 + micro][0] for r in range(2) for micro in range(2)]
+        assert sum(p.shape[0] for p in pieces) == ids.shape[0] == 8
+    with pytest.raises(ValueError, match="not divisible"):
+        PlannedBatches(plan, {"language": source}, 2, None, accum=3, world=1)
