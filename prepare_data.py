@@ -15,7 +15,8 @@ The synthetic folder holds:
     pretrain.jsonl                image-text documents: captions, ocr, chart, code, scene_text, interleaved
     text.jsonl                    text-only documents (standard-library docstrings, plus --text files)
     sft.jsonl                     conversations: multi-turn questions about every category, and text-only dialogue
-    stage0.jsonl                  image, caption and label map of each scene (SigLIP's contrastive loss, SAM's dense loss)
+    stage0.jsonl                  image and short caption (SigLIP's contrastive loss), with a label map for the scenes
+                                  of shapes (SAM's dense loss)
     eval_mc.jsonl                 held-out multiple-choice questions per category (the paper's MCPPL evaluation)
     eval_text.jsonl               held-out text, for language perplexity
     tokenizer.json                byte-level BPE at the preset's vocabulary size
@@ -44,10 +45,10 @@ from tqdm import tqdm
 from nanovl.chat import IMAGE_TAG, render_chat, render_document, show
 from nanovl.config import PRESETS, get_config
 from nanovl.data import import_llava, read_jsonl, write_jsonl
-from nanovl.synth import CATEGORIES, SEG_LABELS, make_example
+from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
 from nanovl.tokenizer import Tokenizer
 
-VERSION = 1  # bump when the generators change, so old folders are rebuilt
+VERSION = 2  # bump when the generators change, so old folders are rebuilt
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -120,16 +121,22 @@ def generate(task):
             rows["eval_mc"] = [dict(category=category, images=paths, **ex.mc)]
         return rows
     rows["pretrain"] = [{"category": category, "images": paths, "text": ex.text}]
+    qa = list(ex.qa)
+    if ex.mc:  # one turn in the evaluation's multiple-choice format, asked first or later
+        mc = ex.mc
+        qa.insert(rng.randint(0, len(qa)), (mc_prompt(mc["question"], mc["options"]), mc["options"][mc["answer"]]))
     turns, first = [], True
-    for q, a in ex.qa:
+    for q, a in qa:
         if first and IMAGE_TAG not in q:
             q = IMAGE_TAG * len(paths) + q
         first = False
         turns += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     rows["sft"] = [{"category": category, "images": paths, "conversation": turns}]
-    if ex.seg is not None:
-        seg_rel = f"images/{category}/{stem}_seg.png"
-        ex.seg.save(os.path.join(out, seg_rel))
+    if ex.caption is not None:
+        seg_rel = None
+        if ex.seg is not None:
+            seg_rel = f"images/{category}/{stem}_seg.png"
+            ex.seg.save(os.path.join(out, seg_rel))
         rows["stage0"] = [{"category": category, "image": paths[0], "caption": ex.caption, "seg": seg_rel}]
     return rows
 

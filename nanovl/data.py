@@ -106,7 +106,8 @@ class Source:
 
 
 def collate(samples: Sequence[Sample], pad_id: int, processor: Optional[ImageProcessor] = None):
-    """Samples -> (ids (B, T), targets (B, T), images (N, 3, S, S) or None), right-padded.
+    """Samples -> (ids (B, T), targets (B, T), images (N, 3, S, S) or None), right-padded; no images without a
+    processor.
 
     targets[b, t] is the id at t + 1 where that token is supervised, else -100 (nanoGPT's shifted convention).
     Right padding is safe for training: with causal attention no real token ever sees the padding after it.
@@ -120,7 +121,7 @@ def collate(samples: Sequence[Sample], pad_id: int, processor: Optional[ImagePro
         ids[b, :len(x) - 1] = x[:-1]
         targets[b, :len(x) - 1] = x[1:].masked_fill(~m[1:], -100)
     paths = [p for s in samples for p in s.images]
-    images = torch.stack([processor(p) for p in paths]) if paths else None
+    images = torch.stack([processor(p) for p in paths]) if paths and processor is not None else None
     return ids, targets, images
 
 

@@ -87,14 +87,16 @@ class ImageProcessor:
     def pad_color(self) -> Tuple[int, int, int]:
         return tuple(int(255 * m) for m in self.image_mean)
 
-    def canvas(self, img: Image.Image) -> Image.Image:
-        """Resize the long side to image_size (bicubic) and pad to a centred square with the mean colour."""
+    def canvas(self, img: Image.Image, resample=Image.Resampling.BICUBIC, fill=None) -> Image.Image:
+        """Resize the long side to image_size (bicubic) and pad to a centred square with the mean colour.
+
+        (Stage 0 puts label maps through the same geometry with resample=NEAREST and fill=0.)"""
         S = self.image_size
         w, h = img.size
         M = max(w, h)
         new_w, new_h = max(int(w / M * S), MIN_SIZE), max(int(h / M * S), MIN_SIZE)
-        img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-        square = Image.new("RGB", (S, S), self.pad_color)
+        img = img.resize((new_w, new_h), resample)
+        square = Image.new(img.mode, (S, S), self.pad_color if fill is None else fill)
         square.paste(img, ((S - new_w) // 2, (S - new_h) // 2))  # expand2square: centred on the short axis
         return square
 

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from nanovl.config import LlamaConfig
 
@@ -144,6 +145,7 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(cfg) for _ in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.grad_checkpointing = False
 
     def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
         """An empty cache on this model's device and dtype, by default as long as the context."""
@@ -161,12 +163,14 @@ class Llama(nn.Module):
                              f"allocate a longer cache")
 
     def forward(self, idx=None, embeds=None, targets=None, cache: Optional[KVCache] = None, pad_mask=None,
-                reduction: str = "mean"):
+                doc_ids=None, reduction: str = "mean"):
         """
         idx (B, T) token ids, or embeds (B, T, C) input embeddings.
         targets (B, T): the id each position should predict (already shifted, as in nanoGPT); -100 is ignored.
         cache: a KVCache to append to (decoding); None for a plain full-sequence forward (training).
         pad_mask (B, T): True for real tokens, False for (left) padding. Not needed for unpadded batches.
+        doc_ids (B, T): for packed training rows, which sample each token belongs to; attention and positions then
+        stay inside each sample, as if the samples had been run one by one (the paper packs stage 2, Table 4).
         Returns (logits (B, T, vocab), loss or None). With reduction="sum" the loss is the summed cross-entropy, for
         callers that normalise by the supervised-token count of several micro-batches.
         """
@@ -175,8 +179,17 @@ class Llama(nn.Module):
         self.check_length(T, cache)
         start = cache.length if cache is not None else 0
 
-        if cache is None and pad_mask is None:
-            positions = torch.arange(T, device=x.device)[None]  # (1, T)
+        t = torch.arange(T, device=x.device)
+        if doc_ids is not None:
+            if cache is not None or pad_mask is not None:
+                raise ValueError("doc_ids (packed training rows) cannot be combined with a cache or a pad_mask")
+            starts = torch.ones_like(doc_ids, dtype=torch.bool)
+            starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+            positions = t - torch.where(starts, t, 0).cummax(dim=1).values  # (B, T): 0 at each sample's first token
+            mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & (t[None, :] <= t[:, None])  # (B, T, T)
+            mask = mask[:, None]  # (B, 1, T, T): causal, and block-diagonal over samples
+        elif cache is None and pad_mask is None:
+            positions = t[None]  # (1, T)
             mask = None  # causal
         else:
             real = torch.ones(B, T, dtype=torch.bool, device=x.device) if pad_mask is None else pad_mask.bool()
@@ -193,7 +206,10 @@ class Llama(nn.Module):
 
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, cache, i)
+            if self.grad_checkpointing and self.training:  # recompute activations in backward: memory for compute
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
         logits = self.lm_head(self.norm(x))  # (B, T, vocab)

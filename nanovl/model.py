@@ -112,16 +112,21 @@ class DeepSeekVL(nn.Module):
         images = images.to(self.dtype)
         if self.sam is None:
             return self.aligner(self.siglip(images))  # (N, n, d_model)
-        s = self.cfg.siglip.image_size
-        low = F.interpolate(images, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
-        return self.aligner(self.siglip(low), self.sam(images))  # (N, n, d_model)
+        return self.aligner(self.siglip(self.low_resolution(images)), self.sam(images))  # (N, n, d_model)
 
-    def forward(self, ids, images=None, targets=None, cache: Optional[KVCache] = None, pad_mask=None,
+    def low_resolution(self, images):
+        """SigLIP's input: the canvas itself, or for the hybrid its bilinear antialiased resize to SigLIP's size."""
+        if self.sam is None:
+            return images
+        s = self.cfg.siglip.image_size
+        return F.interpolate(images, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+
+    def forward(self, ids, images=None, targets=None, cache: Optional[KVCache] = None, pad_mask=None, doc_ids=None,
                 reduction: str = "mean"):
         """
         ids (B, T): token ids, each image written as cfg.n_image_tokens copies of cfg.image_token_id.
         images (N, 3, S, S) or None: the images of all rows, in the order their spans appear (row by row).
-        targets, cache, pad_mask, reduction: as Llama.forward. Returns (logits (B, T, vocab), loss or None).
+        targets, cache, pad_mask, doc_ids, reduction: as Llama.forward. Returns (logits (B, T, vocab), loss or None).
         """
         if ids.ndim != 2:
             raise ValueError(f"expected token ids of shape (B, T), got {tuple(ids.shape)}")
@@ -138,7 +143,7 @@ class DeepSeekVL(nn.Module):
             image_embeds = self.encode_images(images)  # (N, n, C)
             # Ordered scatter, as the official prepare_inputs_embeds: the k-th image token gets the k-th embedding.
             x = x.masked_scatter(is_image[..., None], image_embeds.to(x.dtype))
-        return self.llm(embeds=x, targets=targets, cache=cache, pad_mask=pad_mask, reduction=reduction)
+        return self.llm(embeds=x, targets=targets, cache=cache, pad_mask=pad_mask, doc_ids=doc_ids, reduction=reduction)
 
 
 def count_params(model: nn.Module) -> dict:

@@ -53,8 +53,8 @@ class Example:
     text: str  # pretraining text, one IMAGE_TAG per image
     qa: List[Tuple[str, str]]  # question-answer pairs for SFT (the first question is asked with the image)
     mc: Optional[dict] = None  # {"question", "options", "answer"} for multiple-choice evaluation
-    caption: Optional[str] = None  # a short caption (stage 0, SigLIP's image-text contrastive loss)
-    seg: Optional[Image.Image] = None  # mode "L" label map the size of the image (stage 0, SAM's dense objective)
+    caption: Optional[str] = None  # a short caption of the main fact (stage 0, SigLIP's image-text contrastive loss)
+    seg: Optional[Image.Image] = None  # mode "L" label map of a scene of shapes (stage 0, SAM's dense objective)
     extra: dict = field(default_factory=dict)
 
 
@@ -75,6 +75,12 @@ def multiple_choice(rng: random.Random, question: str, answer: str, pool) -> dic
     options = wrong + [answer]
     rng.shuffle(options)
     return {"question": question, "options": options, "answer": options.index(answer)}
+
+
+def mc_prompt(question: str, options) -> str:
+    """How a multiple-choice question is asked, in training chats and in evaluation alike; the answer is the text of
+    one option, so the model is scored on saying it (MCPPL compares the options' perplexities)."""
+    return f"{question}\nOptions: {', '.join(options)}.\nAnswer with one of the options."
 
 
 def with_article(noun_phrase: str) -> str:
@@ -231,7 +237,7 @@ def make_ocr(rng: random.Random, size: int, snippet: str) -> Example:
     qa = [("What is the title of this document?", f"The title is \"{title}\"."),
           ("Read all the text in the document.", text)]
     mc = multiple_choice(rng, "What is the title of this document?", title, TITLE_WORDS)
-    return Example("ocr", [img], IMAGE_TAG + text, qa, mc)
+    return Example("ocr", [img], IMAGE_TAG + text, qa, mc, caption=f"A document titled {title}.")
 
 
 def make_chart(rng: random.Random, size: int) -> Example:
@@ -264,7 +270,7 @@ def make_bar_chart(rng: random.Random, size: int) -> Example:
     qa = [("Which bar is the tallest?", f"The tallest bar is {tallest}, with {max(values)}."),
           ("What data does the chart show?", data + ".")]
     mc = multiple_choice(rng, "Which bar is the tallest?", tallest, ITEMS)
-    return Example("chart", [img], IMAGE_TAG + text, qa, mc)
+    return Example("chart", [img], IMAGE_TAG + text, qa, mc, caption=f"A bar chart; the tallest bar is {tallest}.")
 
 
 def make_table(rng: random.Random, size: int) -> Example:
@@ -290,7 +296,7 @@ def make_table(rng: random.Random, size: int) -> Example:
           ("Convert the table to markdown.", table)]
     mc = multiple_choice(rng, "How many rows does the table have, not counting the header?", NUMBERS[rows],
                          NUMBERS[1:7])
-    return Example("chart", [img], IMAGE_TAG + table, qa, mc)
+    return Example("chart", [img], IMAGE_TAG + table, qa, mc, caption=f"A table with {NUMBERS[rows]} rows.")
 
 
 def make_code(rng: random.Random, size: int) -> Example:
@@ -329,7 +335,7 @@ def make_code(rng: random.Random, size: int) -> Example:
     code = "\n".join(markup)
     qa = [("Write the HTML for this web page.", code), ("What colour is the button?", f"The button is {color}.")]
     mc = multiple_choice(rng, "What colour is the button?", color, list(COLORS))
-    return Example("code", [img], IMAGE_TAG + code, qa, mc)
+    return Example("code", [img], IMAGE_TAG + code, qa, mc, caption=f"A web page with a {color} button.")
 
 
 def make_example(category: str, rng: random.Random, size: int, snippet: str = "") -> Example:

@@ -57,9 +57,14 @@ def test_prepare_data_writes_every_part(data_dir):
     assert {r["category"] for r in sft} == set(CATEGORIES) | {"text"}
     assert any(len(r["conversation"]) >= 4 for r in sft)  # multi-turn
     assert any(not r["images"] for r in sft)  # text-only dialogue
-    for row in read_jsonl(data_dir / "stage0.jsonl"):
-        seg = np.asarray(Image.open(data_dir / row["seg"]))
-        assert seg.max() <= len(SEG_LABELS) and seg.max() > 0 and row["caption"]
+    stage0 = read_jsonl(data_dir / "stage0.jsonl")
+    assert {r["category"] for r in stage0} == set(CATEGORIES) - {"interleaved"}
+    for row in stage0:
+        assert row["caption"]
+        if row["seg"]:
+            seg = np.asarray(Image.open(data_dir / row["seg"]))
+            assert seg.max() <= len(SEG_LABELS) and seg.max() > 0
+    assert {r["category"] for r in stage0 if r["seg"]} == {"caption", "scene_text"}
     mc = read_jsonl(data_dir / "eval_mc.jsonl")
     assert {r["category"] for r in mc} == set(CATEGORIES) - {"interleaved"}
     assert all(len(r["options"]) == 4 and 0 <= r["answer"] < 4 for r in mc)

@@ -1,0 +1,64 @@
+"""
+Stage 0: unimodal pretraining, for presets trained from scratch. DeepSeek-VL starts from a pretrained SigLIP, SAM and
+DeepSeek-LLM (paper section 3.1); a scaled-down preset has none of those, so it first trains each part on its own:
+
+    language model   next-token prediction on text (the ordinary LM loss, in train.py)
+    SigLIP           the sigmoid image-text contrastive loss of SigLIP (Zhai et al. 2023), against a small text tower
+                     that exists only for this stage: matching (image, caption) pairs are pushed to a positive logit,
+                     every other pair in the batch to a negative one, each pair an independent binary decision
+    SAM              a dense objective, as SAM itself is trained on masks: a 1x1 conv on the neck's feature map predicts
+                     each patch's label (background, or which coloured shape covers it) in the synthetic scenes
+
+The heads and the text tower are thrown away after this stage; only the encoders and the language model go on.
+"""
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from nanovl.config import LlamaConfig, VLConfig
+from nanovl.llama import Llama
+
+
+class Stage0Heads(nn.Module):
+    def __init__(self, cfg: VLConfig, n_seg_classes: int, embed_dim: int = 128):
+        super().__init__()
+        # The text tower: a small causal transformer over the caption; its last token summarises the caption.
+        # (Our decoder with lm_head replaced by a projection into the shared embedding space.)
+        width = max(64, cfg.siglip.width // 2)
+        text = LlamaConfig(vocab_size=cfg.llm.vocab_size, dim=width, n_layers=2, n_heads=max(1, width // 32),
+                           n_kv_heads=max(1, width // 32), ffn_dim=width * 8 // 3, max_seq_len=cfg.llm.max_seq_len)
+        self.text_tower = Llama(text)
+        self.text_tower.lm_head = nn.Linear(width, embed_dim, bias=False)
+        self.image_proj = nn.Linear(cfg.siglip.width, embed_dim, bias=False)  # on the mean of SigLIP's tokens
+        # SigLIP's learned temperature and bias, initialised as in the paper: t = 10, b = -10.
+        self.log_t = nn.Parameter(torch.tensor(float(np.log(10.0))))
+        self.bias = nn.Parameter(torch.tensor(-10.0))
+        self.seg_head = nn.Conv2d(cfg.sam.neck_dim, n_seg_classes, kernel_size=1) if cfg.hybrid else None
+
+    def contrastive_loss(self, model, images, caption_ids, caption_len):
+        """SigLIP's sigmoid loss on a batch of (image, caption) pairs; caption_ids right-padded (B, L)."""
+        features = model.siglip(model.low_resolution(images))  # (B, N, C)
+        img = F.normalize(self.image_proj(features.mean(dim=1)), dim=-1)  # (B, E)
+        hidden, _ = self.text_tower(caption_ids)  # (B, L, E): the projection of every position
+        txt = F.normalize(hidden[torch.arange(len(caption_len)), caption_len - 1], dim=-1)  # (B, E) last real token
+        logits = img @ txt.T * self.log_t.exp() + self.bias  # (B, B)
+        labels = 2 * torch.eye(len(logits), device=logits.device) - 1  # +1 on the diagonal, -1 elsewhere
+        return -F.logsigmoid(labels * logits).sum() / len(logits)
+
+    def segmentation_loss(self, sam, images, labels):
+        """Per-patch cross-entropy of a 1x1 conv on SAM's neck output; labels (B, g, g) class ids."""
+        last, _ = sam.trunk(images)
+        logits = self.seg_head(sam.neck(last.permute(0, 3, 1, 2)))  # (B, classes, g, g)
+        return F.cross_entropy(logits, labels)
+
+
+def seg_labels(path: str, processor, grid: int) -> torch.Tensor:
+    """A label map through the same resize-and-pad as its image (nearest, never blending labels), then down to the
+    patch grid: (grid, grid) long tensor, 0 (background) in the padding."""
+    with Image.open(path) as img:
+        canvas = processor.canvas(img.convert("L"), Image.Resampling.NEAREST, fill=0)
+    small = canvas.resize((grid, grid), Image.Resampling.NEAREST)  # the label at each patch's centre
+    return torch.from_numpy(np.asarray(small, dtype=np.int64).copy())

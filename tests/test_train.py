@@ -1,0 +1,207 @@
+"""train.py: freeze maps, the stage-2 mix, loss normalisation, exact resume, DDP, bad starts, evaluation, and a few
+steps of every stage on the tiny preset. Runs on CPU; the data folder is a small prepare_data.py run."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import prepare_data
+import train
+from nanovl import DeepSeekVL, get_config
+from nanovl.evaluate import multiple_choice
+from nanovl.image import ImageProcessor
+from nanovl.tokenizer import Tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--workers", "0", "--eval_limit", "10", "--log_every", "1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "data"
+    prepare_data.main(["--out", str(out), "--n", "6", "--workers", "2"])
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def start_weights(tmp_path_factory):
+    """A random tiny model saved as a stage's model.pt, to start stages 1-3 from without running the ones before."""
+    path = tmp_path_factory.mktemp("init") / "model.pt"
+    torch.manual_seed(0)
+    cfg = get_config("tiny")
+    torch.save({"model": DeepSeekVL(cfg).state_dict(), "config": cfg.to_dict()}, path)
+    return str(path)
+
+
+def load_model(folder):
+    return torch.load(os.path.join(folder, "model.pt"), weights_only=True)["model"]
+
+
+def run(args, cwd=ROOT, module="train.py", torchrun=0):
+    """train.py in a fresh process (resume must survive a real process exit)."""
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=29531"]
+                              if torchrun else []) + [module] + args
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_freeze_maps_follow_the_paper():
+    cfg = get_config("tiny")
+    model = DeepSeekVL(cfg)
+
+    def trained(stage):
+        train.apply_freeze_map(model, train.trainable_prefixes(stage, cfg))
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    names = {n for n, _ in model.named_parameters()}
+    sam_tail = {n for n in names if n.split(".")[:2] in (["sam", "neck"], ["sam", "neck_hd"], ["sam", "downsamples"])
+                or n == "sam.hd_alpha_downsamples"}
+    aligner = {n for n in names if n.startswith("aligner.")}
+    llm = {n for n in names if n.startswith("llm.")}
+    siglip = {n for n in names if n.startswith("siglip.")}
+    assert trained(1) == aligner | sam_tail  # adaptor warm-up: the adaptor, SAM's tail counted in (section 3.1)
+    assert trained(2) == aligner | sam_tail | llm  # vision frozen
+    assert trained(3) == aligner | sam_tail | llm | siglip  # SigLIP joins; SAM's trunk stays frozen
+    counts = train.apply_freeze_map(model, ["llm"])
+    assert counts["llm"][0] == counts["llm"][1] and counts["siglip"][0] == 0
+
+
+def test_stage2_mix_warms_up_from_language_only():
+    tc = train.TrainConfig(steps=100, lang_share=0.7, modality_warmup=0.3, sft_share=0.1)
+    share = train.stage2_share(tc)
+    assert share(0) == pytest.approx({"language": 0.9, "multimodal": 0.0, "sft": 0.1})
+    assert share(15)["language"] == pytest.approx(0.85 * 0.9)  # halfway through the warm-up
+    for step in (30, 99):
+        assert share(step) == pytest.approx({"language": 0.63, "multimodal": 0.27, "sft": 0.1})  # 7:3, then SFT
+
+
+def test_learning_rate_schedules():
+    cos = dict(lr=1.0, warmup=10, steps=110, schedule="cosine")
+    assert train.learning_rate(0, cos, 0.1) == pytest.approx(0.1)
+    assert train.learning_rate(9, cos, 0.1) == pytest.approx(1.0)
+    assert train.learning_rate(60, cos, 0.1) == pytest.approx(0.55)
+    assert train.learning_rate(109, cos, 0.1) == pytest.approx(0.1, abs=1e-3)
+    step = dict(lr=1.0, warmup=0, steps=100, schedule="step")
+    assert [train.learning_rate(s, step, 0.1) for s in (79, 80, 90)] == [1.0, 0.316, 0.1]
+
+
+def test_multiple_choice_picks_the_option_the_model_finds_likeliest(data):
+    tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    cfg = get_config("tiny")
+    favourite = tok.encode(" blue")  # a model that always expects the tokens of " blue" and nothing else
+
+    class Oracle(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids, images=None):
+            logits = torch.zeros(*ids.shape, tok.vocab_size)
+            logits[..., favourite] = 10.0
+            return logits, None
+
+    rows = [{"category": "code", "images": [], "question": "What colour is the button?",
+             "options": ["red", "green", "blue", "black"], "answer": 2},
+            {"category": "caption", "images": [], "question": "What colour is it?",
+             "options": ["blue", "red", "green", "yellow"], "answer": 1}]
+    acc = multiple_choice(Oracle(), rows, tok, ImageProcessor.for_config(cfg), cfg.n_image_tokens)
+    assert acc == {"caption": 0.0, "code": 1.0, "mean": 0.5}
+
+
+def test_every_stage_runs_a_few_steps(data, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    train.main(["--data", data, "--out", out, "--steps", "2", "--batch_size", "4", "--micro_batch", "2"] + FAST)
+    printed = capsys.readouterr().out
+    for stage in range(4):
+        folder = os.path.join(out, f"stage{stage}")
+        for name in ("model.pt", "config.json", "ckpt.pt", "metrics.jsonl", "loss.png", "eval.json"):
+            assert os.path.exists(os.path.join(folder, name)), (stage, name)
+    assert "trainable parameters per module" in printed and "MCPPL accuracy" in printed
+    # each stage started from the one before: weights SAM's trunk never trains after stage 0 are identical
+    w0, w3 = load_model(os.path.join(out, "stage0")), load_model(os.path.join(out, "stage3"))
+    assert torch.equal(w0["sam.blocks.0.attn.qkv.weight"], w3["sam.blocks.0.attn.qkv.weight"])
+    assert not torch.equal(w0["llm.layers.0.mlp.up_proj.weight"], w3["llm.layers.0.mlp.up_proj.weight"])
+
+
+def test_gradient_accumulation_normalises_over_the_whole_step(data, start_weights, tmp_path):
+    common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "3", "--batch_size", "8",
+              "--eval_limit", "5", "--workers", "0"]
+    train.main(common + ["--out", str(tmp_path / "a"), "--micro_batch", "8"])
+    train.main(common + ["--out", str(tmp_path / "b"), "--micro_batch", "2"])  # 4 micro-batches of unequal lengths
+    a, b = load_model(tmp_path / "a" / "stage3"), load_model(tmp_path / "b" / "stage3")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_resume_is_bitwise_identical(data, start_weights, tmp_path):
+    common = ["--data", data, "--stage", "2", "--init_from", start_weights, "--steps", "6", "--batch_size", "4",
+              "--micro_batch", "2", "--ckpt_every", "3", "--eval_limit", "5", "--workers", "1"]
+    run(common + ["--out", str(tmp_path / "whole")])
+    printed = run(common + ["--out", str(tmp_path / "killed"), "--stop_after", "3"])
+    assert "stopping after step 3" in printed and not os.path.exists(tmp_path / "killed" / "stage2" / "model.pt")
+    printed = run(common + ["--out", str(tmp_path / "killed"), "--resume"])
+    assert "resuming from" in printed and "at step 3" in printed
+    whole, resumed = load_model(tmp_path / "whole" / "stage2"), load_model(tmp_path / "killed" / "stage2")
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_two_processes_match_one_with_the_same_global_batch(data, start_weights, tmp_path):
+    common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "3", "--batch_size", "8",
+              "--micro_batch", "2", "--eval_limit", "5", "--workers", "0"]
+    run(common + ["--out", str(tmp_path / "one")])
+    run(common + ["--out", str(tmp_path / "two")], torchrun=2)
+    one, two = load_model(tmp_path / "one" / "stage3"), load_model(tmp_path / "two" / "stage3")
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    train.atomic_save({"step": 1}, path)
+
+    def dies_midway(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"half a checkpo")
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train.atomic_save({"step": 2}, path)
+    assert torch.load(path, weights_only=True) == {"step": 1}  # the last good checkpoint is intact
+
+
+def test_a_nan_loss_stops_the_run_and_names_the_step(data, start_weights, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    forward = DeepSeekVL.forward
+
+    def poisoned(self, *args, **kw):
+        logits, loss = forward(self, *args, **kw)
+        calls["n"] += 1
+        return logits, loss * float("nan") if calls["n"] > 4 else loss  # steps 1-4 fine, step 5 NaN
+
+    monkeypatch.setattr(DeepSeekVL, "forward", poisoned)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="loss became nan at step 5"):
+        train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(out), "--steps", "8",
+                    "--batch_size", "2", "--micro_batch", "2", "--ckpt_every", "4", "--log_every", "3",
+                    "--workers", "0"])
+    assert torch.load(out / "stage3" / "ckpt.pt", weights_only=True)["step"] == 4  # last good checkpoint kept
+
+
+def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
+    with pytest.raises(SystemExit, match="stage 2 starts from stage 1's final weights, but .* does not exist"):
+        train.main(["--data", data, "--stage", "2", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="trained with another model config:\n  llm: checkpoint"):
+        train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "o"),
+                    "--llm.n_layers=2"])
+    with pytest.raises(SystemExit, match="tokenizer.json has 2048 tokens .* expects 4096"):
+        train.main(["--data", data, "--stage", "1", "--out", str(tmp_path / "o"), "--llm.vocab_size=4096"])
+    with pytest.raises(SystemExit, match="stage 0 .* is for the presets trained from scratch"):
+        train.main(["--data", data, "--stage", "0", "--config", "1.3b", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="no field 'layers'"):
+        train.main(["--data", data, "--llm.layers=2"])

@@ -1,0 +1,653 @@
+"""
+Train DeepSeek-VL with the paper's recipe (section 3.2, Table 4; facts sheet section 11). The official repository
+has no training code: this file is the recipe, written out.
+
+    stage 0  unimodal pretraining (scaled-down presets only: the real model starts from pretrained parts)
+             language model on text, SigLIP with a sigmoid contrastive loss, SAM with a dense loss
+    stage 1  adaptor warm-up: only the adaptor trains (for the hybrid, SAM's neck and downsample convs count as
+             adaptor, paper section 3.1); captions and document OCR
+    stage 2  joint vision-language pretraining: language model and adaptor; language:multimodal = 7:3 with modality
+             warm-up, one modality per optimizer step, a small share of SFT data, samples packed into full rows
+    stage 3  supervised fine-tuning: language model, adaptor and SigLIP (SAM stays frozen); chats, loss on answers
+
+    python train.py                                  # the embedded default: prepare data if needed, stages 0-3, tiny, CPU
+    python train.py --stage 2 --config small --lr=5e-4 --llm.n_layers=6
+    python train.py --stage 3 --resume               # continue a killed run exactly where its checkpoint left it
+    python train.py --eval-only --ckpt out/stage3    # multiple-choice and text evaluation of a checkpoint
+    torchrun --nproc_per_node=2 train.py --stage 3   # several processes, one global batch
+
+Any training field below, and any model config field (dotted, as --llm.dim=256), can be set with --key=value.
+Each stage writes out/stage<k>/: model.pt (final weights) and config.json, ckpt.pt (the latest resumable state),
+metrics.jsonl, loss.png and eval.json. Stage k+1 starts from out/stage<k>/model.pt unless --init_from says otherwise.
+"""
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from nanovl import DeepSeekVL, VLConfig, get_config
+from nanovl.data import PlannedBatches, Source, collate, plan_batches, read_jsonl, write_jsonl
+from nanovl.evaluate import bits_per_byte, format_table, multiple_choice
+from nanovl.image import ImageProcessor
+from nanovl.stage0 import Stage0Heads, seg_labels
+from nanovl.synth import SEG_LABELS
+from nanovl.tokenizer import Tokenizer
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "all"  # 0, 1, 2, 3 or all
+    config: str = "tiny"  # model preset
+    data: str = "data"  # folder made by prepare_data.py
+    extra_data: str = ""  # more folders of rows (e.g. a LLaVA import), comma-separated, added to stages 1-3
+    out: str = "out"
+    init_from: str = ""  # weights to start from (default: the previous stage's model.pt)
+    resume: bool = False  # continue from out/stage<k>/ckpt.pt
+    eval_only: bool = False
+    ckpt: str = ""  # with --eval_only: a stage folder or a .pt file
+    # optimisation; 0 / "" / -1 take the stage's default (STAGE_DEFAULTS)
+    steps: int = 0
+    batch_size: int = 0  # global batch, in samples
+    micro_batch: int = 0  # samples per forward pass per process (gradient accumulation makes up the rest)
+    lr: float = 0.0
+    min_lr_ratio: float = 0.1
+    warmup: int = -1
+    schedule: str = ""  # cosine or step
+    weight_decay: float = 0.0  # Table 4: no weight decay in any stage
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seq_len: int = 0  # default: the model's context
+    lang_share: float = 0.7  # stage 2: language share of steps after the warm-up (Table 1: 70% text)
+    modality_warmup: float = 0.3  # stage 2: part of the run over which the language share decays from 1.0
+    sft_share: float = 0.1  # stage 2: share of steps drawn from the SFT chats (the paper's 1.3B recipe)
+    text_sft_share: float = 0.48  # stage 3: text-only share of the chats (Table 2: 47.9%)
+    pack: int = -1  # pack samples into full rows (default: stage 2 only, as Table 4)
+    trainable: str = ""  # comma-separated module prefixes to train instead of the stage's freeze map
+    eval_every: int = 0  # evaluate every this many steps (0: at the end of the stage only)
+    eval_limit: int = 0  # evaluate on the first this many multiple-choice questions (0: all)
+    ckpt_every: int = 0  # write ckpt.pt every this many steps (0: a tenth of the stage)
+    log_every: int = 10
+    seed: int = 1337
+    device: str = "auto"
+    compile: bool = False
+    grad_ckpt: bool = False  # activation checkpointing in the decoder
+    workers: int = 1  # DataLoader worker processes (on a 2-core laptop, more would take cores from training)
+    stop_after: int = 0  # exit right after the checkpoint at this step, as if killed (for testing resume)
+
+
+# Defaults per stage. Scaled-down presets train from scratch on the synthetic data; the released sizes take Table 4.
+STAGE_DEFAULTS = {
+    "scratch": {
+        0: dict(steps=120, batch_size=16, micro_batch=16, lr=3e-3, warmup=12, schedule="cosine", seq_len=128),
+        1: dict(steps=60, batch_size=16, micro_batch=16, lr=3e-3, warmup=6, schedule="cosine"),
+        2: dict(steps=100, batch_size=16, micro_batch=16, lr=2e-3, warmup=10, schedule="step"),
+        3: dict(steps=300, batch_size=16, micro_batch=16, lr=1e-3, warmup=30, schedule="cosine"),
+    },
+    "paper": {  # Table 4, the 1B column (the 7B differs in stage 2: lr 4.2e-5, 42000 steps, batch 2304)
+        1: dict(steps=15000, batch_size=256, micro_batch=8, lr=1e-3, warmup=128, schedule="cosine", seq_len=512),
+        2: dict(steps=96000, batch_size=1024, micro_batch=4, lr=3e-5, warmup=2000, schedule="step", seq_len=4096),
+        3: dict(steps=10000, batch_size=256, micro_batch=4, lr=2e-5, warmup=256, schedule="cosine", seq_len=4096),
+    },
+}
+FROM_SCRATCH = ("tiny", "small")  # presets with no pretrained parts: they need stage 0
+
+
+def parse_args(argv):
+    """--key=value or --key value. TrainConfig fields go to the TrainConfig; anything else is a model config
+    override (get_config checks it). Dashes and underscores are the same: --eval-only == --eval_only."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    tc, overrides, i = TrainConfig(), {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise SystemExit(f"unexpected argument {arg!r}: options look like --key=value")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_") if "." not in key else key
+        if key in fields and fields[key].type in (bool, "bool") and not eq:
+            value = "true"  # a bare flag
+        elif not eq:
+            i += 1
+            if i == len(argv):
+                raise SystemExit(f"--{key} needs a value")
+            value = argv[i]
+        if key in fields:
+            f = fields[key]
+            kind = {"int": int, "float": float, "bool": bool, "str": str}.get(f.type, f.type)
+            try:
+                value = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+            except ValueError:
+                raise SystemExit(f"--{key} expects {kind.__name__}, got {value!r}") from None
+            setattr(tc, key, value)
+        else:
+            overrides[key] = value
+        i += 1
+    return tc, overrides
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Processes, devices, checkpoints
+
+def setup_distributed():
+    """(rank, world, device) from torchrun's environment, or a single process."""
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return rank, world
+    return 0, 1
+
+
+def atomic_save(obj, path: str):
+    """torch.save to a temporary file, then rename: a killed process leaves the old file or the new one, never half
+    of one (rename is atomic on POSIX filesystems)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_weights(path: str, cfg: VLConfig) -> dict:
+    """A model state dict from a stage folder or .pt file, after checking it was made for this model config."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    saved = state.get("config")
+    if saved is not None:
+        saved, ours = dict(saved, name=None), dict(cfg.to_dict(), name=None)
+        if saved != ours:
+            diff = [f"{k}: checkpoint {saved.get(k)} vs now {ours.get(k)}" for k in ours if saved.get(k) != ours.get(k)]
+            raise SystemExit(f"{path} was trained with another model config:\n  " + "\n  ".join(diff) +
+                             "\npass the same --config and overrides it was trained with")
+    return state["model"]
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What each stage trains and reads
+
+def trainable_prefixes(stage: int, cfg: VLConfig) -> list:
+    # For the hybrid, the paper's "VL adaptor" also holds SAM's upsample-and-downsample tail (section 3.1); the
+    # official tower's freeze_high=False unfreezes exactly the neck, neck_hd, downsamples and alpha.
+    adaptor = ["aligner"] + (["sam.neck", "sam.neck_hd", "sam.downsamples", "sam.hd_alpha_downsamples"]
+                             if cfg.hybrid else [])
+    return {0: ["llm", "siglip", "sam.patch_embed", "sam.pos_embed", "sam.blocks", "sam.neck", "heads"],
+            1: adaptor, 2: adaptor + ["llm"], 3: adaptor + ["llm", "siglip"]}[stage]
+
+
+def apply_freeze_map(model, prefixes) -> dict:
+    """requires_grad from a list of module prefixes; returns {top-level module: (trainable, total)} parameters."""
+    counts = {}
+    for name, p in model.named_parameters():
+        p.requires_grad = any(name == q or name.startswith(q + ".") for q in prefixes)
+        top = name.split(".")[0]
+        t, n = counts.get(top, (0, 0))
+        counts[top] = (t + p.numel() * p.requires_grad, n + p.numel())
+    return counts
+
+
+def load_rows(folders, name):
+    rows = []
+    for folder in folders:
+        path = os.path.join(folder, f"{name}.jsonl")
+        if os.path.exists(path):
+            rows += [dict(r, _root=folder) for r in read_jsonl(path)]
+    return rows
+
+
+def stage2_share(tc: TrainConfig):
+    """Stage 2's mix as a function of the step. Modality warm-up (paper section 3.3, Figure 9): the language share
+    starts at 1.0 and decays linearly to lang_share (0.7, Table 1) over the first modality_warmup of the run, so the
+    language model is not shocked by a sudden flood of image tokens. sft_share of the steps are chats throughout."""
+    warm = max(1, int(tc.modality_warmup * tc.steps))
+
+    def share(step):
+        lang = 1.0 - (1.0 - tc.lang_share) * min(1.0, step / warm)
+        return {"language": lang * (1 - tc.sft_share), "multimodal": (1 - lang) * (1 - tc.sft_share),
+                "sft": tc.sft_share}
+
+    return share
+
+
+def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, folders):
+    """Sources by modality, and each modality's share of the steps as a function of the step."""
+    n_img = cfg.n_image_tokens
+
+    def source(rows, kind, name):
+        by_root = {}
+        for r in rows:
+            by_root.setdefault(r["_root"], []).append(r)
+        parts = [Source(rs, kind, tok, n_img, seq_len, root, name) for root, rs in by_root.items()]
+        merged = parts[0] if parts else Source([], kind, tok, n_img, seq_len, name=name)
+        for p in parts[1:]:
+            merged.samples += p.samples
+            merged.dropped += p.dropped
+        return merged
+
+    pretrain, sft = load_rows(folders, "pretrain"), load_rows(folders, "sft")
+    if stage == 1:  # captions and document OCR (paper section 3.2.1)
+        return {"multimodal": source([r for r in pretrain if r["category"] in ("caption", "ocr")], "pretrain",
+                                     "captions+ocr")}, lambda step: {"multimodal": 1.0}
+    if stage == 2:
+        return {"language": source(load_rows([tc.data], "text"), "text", "text"),
+                "multimodal": source(pretrain, "pretrain", "image-text"),
+                "sft": source(sft, "sft", "sft")}, stage2_share(tc)
+    if stage == 3:
+        return {"chat": source([r for r in sft if r["images"]], "sft", "multimodal chats"),
+                "text_chat": source([r for r in sft if not r["images"]], "sft", "text chats")}, \
+            lambda step: {"chat": 1 - tc.text_sft_share, "text_chat": tc.text_sft_share}
+    raise ValueError(f"no data mix for stage {stage}")
+
+
+class PackedBatches(PlannedBatches):
+    """PlannedBatches, with each micro-batch's samples packed greedily into rows of seq_len tokens (stage 2)."""
+
+    def __init__(self, *args, seq_len: int, **kw):
+        super().__init__(*args, **kw)
+        self.seq_len = seq_len
+
+    def __getitem__(self, k):
+        step, micro = divmod(k, self.accum)
+        modality, rows = self.plan[step]
+        start = (self.rank * self.accum + micro) * self.micro
+        samples = [self.sources[modality][i] for i in rows[start:start + self.micro]]
+        packed, row, used = [], [], 0
+        for s in samples:  # first fit in order: a row is full when the next sample does not fit
+            n = len(s.ids) - 1
+            if row and used + n > self.seq_len:
+                packed.append(row)
+                row, used = [], 0
+            row.append(s)
+            used += n
+        packed.append(row)
+        T = max(sum(len(s.ids) - 1 for s in r) for r in packed)
+        ids = torch.full((len(packed), T), self.pad_id, dtype=torch.long)
+        targets = torch.full((len(packed), T), -100, dtype=torch.long)
+        doc_ids = torch.full((len(packed), T), -1, dtype=torch.long)  # padding: a "sample" of its own
+        images = []
+        for b, r in enumerate(packed):
+            x, y, _ = collate(r, self.pad_id)  # each sample shifted on its own, then laid end to end
+            pos = 0
+            for j, s in enumerate(r):
+                n = len(s.ids) - 1
+                ids[b, pos:pos + n], targets[b, pos:pos + n], doc_ids[b, pos:pos + n] = x[j, :n], y[j, :n], j
+                pos += n
+            images += [self.processor(p) for s in r for p in s.images]
+        return ids, targets, (torch.stack(images) if images else None), doc_ids
+
+
+class Stage0Batches(Dataset):
+    """Stage 0 micro-batches: text for the language model, (image, caption) pairs for SigLIP, scenes and their label
+    maps for SAM, each from its own deterministic plan."""
+
+    def __init__(self, text: PlannedBatches, pairs, scenes, plan_pairs, plan_scenes, tok, processor, cfg, micro):
+        self.text, self.pairs, self.scenes, self.tok, self.proc, self.cfg = text, pairs, scenes, tok, processor, cfg
+        self.plan_pairs, self.plan_scenes, self.micro, self.accum = plan_pairs, plan_scenes, micro, text.accum
+        self.rank = text.rank
+
+    def __len__(self):
+        return len(self.text)
+
+    def rows(self, plan, k):
+        step, micro = divmod(k, self.accum)
+        start = (self.rank * self.accum + micro) * self.micro
+        return plan[step][1][start:start + self.micro]
+
+    def __getitem__(self, k):
+        ids, targets, _ = self.text[k]
+        pairs = [self.pairs[i] for i in self.rows(self.plan_pairs, k)]
+        caps = [[self.tok.bos_id] + self.tok.encode(r["caption"]) + [self.tok.eos_id] for r in pairs]
+        cap_ids = torch.full((len(caps), max(map(len, caps))), self.tok.pad_id, dtype=torch.long)
+        for b, c in enumerate(caps):
+            cap_ids[b, :len(c)] = torch.tensor(c)
+        batch = {"ids": ids, "targets": targets, "cap_ids": cap_ids, "cap_len": torch.tensor([len(c) for c in caps]),
+                 "pair_images": torch.stack([self.proc(os.path.join(r["_root"], r["image"])) for r in pairs])}
+        if self.scenes:
+            scenes = [self.scenes[i] for i in self.rows(self.plan_scenes, k)]
+            batch["seg_images"] = torch.stack([self.proc(os.path.join(r["_root"], r["image"])) for r in scenes])
+            batch["seg_labels"] = torch.stack([seg_labels(os.path.join(r["_root"], r["seg"]), self.proc,
+                                                          self.cfg.sam.grid) for r in scenes])
+        return batch
+
+
+class Stage0Model(torch.nn.Module):
+    """The VLM's parts plus the stage-0 heads, with one forward that returns the three losses, so DDP sees a
+    single module."""
+
+    def __init__(self, model: DeepSeekVL, heads: Stage0Heads):
+        super().__init__()
+        self.model, self.heads = model, heads
+
+    def forward(self, batch, reduction="sum"):
+        _, lm = self.model.llm(batch["ids"], targets=batch["targets"], reduction=reduction)
+        clip = self.heads.contrastive_loss(self.model, batch["pair_images"], batch["cap_ids"], batch["cap_len"])
+        seg = self.heads.segmentation_loss(self.model.sam, batch["seg_images"], batch["seg_labels"]) \
+            if "seg_images" in batch else torch.zeros((), device=lm.device)
+        return lm, clip + seg, {"clip": clip.detach(), "seg": seg.detach()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Schedules and plots
+
+def learning_rate(step: int, hp: dict, min_ratio: float) -> float:
+    """Linear warm-up, then cosine to min_ratio x lr (stages 0, 1, 3) or DeepSeek-LLM's steps: x0.316 after 80% of
+    the run, x0.1 after 90% (stage 2; the paper names the step schedule but not its milestones, facts section 11)."""
+    lr, warm, total = hp["lr"], hp["warmup"], hp["steps"]
+    if step < warm:
+        return lr * (step + 1) / warm
+    if hp["schedule"] == "step":
+        return lr * (1.0 if step < 0.8 * total else 0.316 if step < 0.9 * total else 0.1)
+    progress = (step - warm) / max(1, total - warm)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def plot_losses(metrics: list, path: str, title: str):
+    """A loss curve as a PNG, drawn with PIL (no plotting library needed)."""
+    points = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
+    if len(points) < 2:
+        return
+    W, H, pad = 640, 360, 50
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = lambda x: pad + (W - 2 * pad) * (x - x0) / max(1e-9, x1 - x0)
+    sy = lambda y: H - pad - (H - 2 * pad) * (y - y0) / max(1e-9, y1 - y0)
+    d.rectangle((pad, pad, W - pad, H - pad), outline="black")
+    d.line([(sx(x), sy(y)) for x, y in points], fill=(31, 90, 220), width=2)
+    d.text((pad, 15), title, fill="black")
+    d.text((pad, H - pad + 8), f"step {x0}", fill="black")
+    d.text((W - pad - 60, H - pad + 8), f"step {x1}", fill="black")
+    d.text((5, pad - 12), f"{y1:.3f}", fill="black")
+    d.text((5, H - pad), f"{y0:.3f}", fill="black")
+    img.save(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+def evaluate(model, tok, proc, cfg, data_dir, seq_len, limit: int = 0):
+    mc_rows = read_jsonl(os.path.join(data_dir, "eval_mc.jsonl"))
+    if limit:  # the same number of questions from each category
+        categories = sorted({r["category"] for r in mc_rows})
+        per = -(-limit // len(categories))
+        mc_rows = [r for c in categories for r in [r for r in mc_rows if r["category"] == c][:per]]
+    was_training = model.training
+    model.eval()
+    acc = multiple_choice(model, mc_rows, tok, proc, cfg.n_image_tokens, root=data_dir)
+    bpb = bits_per_byte(model, read_jsonl(os.path.join(data_dir, "eval_text.jsonl")), tok, cfg.n_image_tokens, seq_len)
+    model.train(was_training)
+    return acc, bpb
+
+
+def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int, device: str):
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    scratch = cfg.name in FROM_SCRATCH
+    if stage == 0 and not scratch:
+        raise SystemExit(f"stage 0 (unimodal pretraining) is for the presets trained from scratch {FROM_SCRATCH}; "
+                         f"{cfg.name!r} starts from pretrained parts (--init_from)")
+    hp = dict(STAGE_DEFAULTS["scratch" if scratch else "paper"][stage])
+    for key in ("steps", "batch_size", "micro_batch", "lr", "warmup", "schedule", "seq_len"):
+        value = getattr(tc, key)
+        if value not in (0, "", -1):
+            hp[key] = value
+    hp.setdefault("seq_len", cfg.llm.max_seq_len)
+    seq_len = min(hp["seq_len"], cfg.llm.max_seq_len)
+    stc = dataclasses.replace(tc, steps=hp["steps"])
+    out_dir = os.path.join(tc.out, f"stage{stage}")
+    os.makedirs(out_dir, exist_ok=True)
+
+    tok = Tokenizer.load(os.path.join(tc.data, "tokenizer.json"))
+    if tok.vocab_size != cfg.llm.vocab_size or tok.image_id != cfg.image_token_id:
+        raise SystemExit(f"{tc.data}/tokenizer.json has {tok.vocab_size} tokens and <image_placeholder> = "
+                         f"{tok.image_id}; the {cfg.name!r} model expects {cfg.llm.vocab_size} and "
+                         f"{cfg.image_token_id}. Prepare the data with --config {cfg.name}")
+    proc = ImageProcessor.for_config(cfg)
+    torch.manual_seed(tc.seed + stage)
+    model = DeepSeekVL(cfg)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    resume = tc.resume and os.path.exists(ckpt_path)
+    if stage > 0 and not resume:
+        init = tc.init_from or os.path.join(tc.out, f"stage{stage - 1}", "model.pt")
+        if not os.path.exists(init):
+            raise SystemExit(f"stage {stage} starts from stage {stage - 1}'s final weights, but {init} does not exist:"
+                             f" run --stage {stage - 1} first, or pass --init_from PATH")
+        model.load_state_dict(load_weights(init, cfg))
+        say(f"stage {stage}: starting from {init}")
+    heads = Stage0Heads(cfg, 1 + len(SEG_LABELS)) if stage == 0 else None
+    net = Stage0Model(model, heads) if stage == 0 else model
+    prefixes = tc.trainable.split(",") if tc.trainable else trainable_prefixes(stage, cfg)
+    if stage == 0:
+        prefixes = [p if p == "heads" else "model." + p for p in prefixes]
+    counts = apply_freeze_map(net, prefixes)
+    say(f"stage {stage}: trainable parameters per module (trainable / total)")
+    for name, (t, n) in counts.items():
+        say(f"  {name:<8}{t:>14,} / {n:>14,}")
+    net.to(device)
+    model.llm.grad_checkpointing = tc.grad_ckpt
+
+    # Data: a plan per modality group, fixed up front (exact resume, same global batch on every process count).
+    global_batch, micro = hp["batch_size"], hp["micro_batch"]
+    if global_batch % (world * micro):
+        raise SystemExit(f"batch_size {global_batch} is not divisible by {world} processes x micro_batch {micro}")
+    accum = global_batch // (world * micro)
+    folders = [tc.data] + [f for f in tc.extra_data.split(",") if f]
+    if stage == 0:
+        text = Source(load_rows([tc.data], "text"), "text", tok, cfg.n_image_tokens, seq_len, name="text")
+        rows0 = load_rows([tc.data], "stage0")
+        scenes = [r for r in rows0 if r.get("seg")] if cfg.hybrid else []
+        plans = [plan_batches({"language": n}, global_batch, hp["steps"], lambda s: {"language": 1.0}, tc.seed + k)
+                 for k, n in enumerate((len(text), len(rows0), max(1, len(scenes))))]
+        text_batches = PlannedBatches(plans[0], {"language": text}, tok.pad_id, proc, accum, rank, world)
+        dataset = Stage0Batches(text_batches, rows0, scenes, plans[1], plans[2], tok, proc, cfg, micro)
+        say(f"data: {len(text)} text pieces, {len(rows0)} image-caption pairs, {len(scenes)} segmented scenes")
+    else:
+        sources, share = stage_data(stage, stc, tok, cfg, seq_len, folders)
+        for name, src in sources.items():
+            say(f"data: {name}: {len(src)} samples from {src.name}" + (f" ({src.dropped} longer than {seq_len} "
+                                                                        "tokens dropped)" if src.dropped else ""))
+        sizes = {m: len(s) for m, s in sources.items() if any(share(t).get(m, 0) > 0 for t in (0, hp["steps"] - 1))}
+        plan = plan_batches(sizes, global_batch, hp["steps"], share, tc.seed + stage)
+        pack = tc.pack if tc.pack != -1 else int(stage == 2)
+        if pack:
+            dataset = PackedBatches(plan, sources, tok.pad_id, proc, accum, rank, world, seq_len=seq_len)
+        else:
+            dataset = PlannedBatches(plan, sources, tok.pad_id, proc, accum, rank, world)
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=hp["lr"], betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay,
+                            fused=device.startswith("cuda") or None)
+    start, metrics = 0, []
+    if resume:
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        net.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start, metrics = state["step"], [m for m in read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
+                                         if m["step"] <= state["step"]] if master else []
+        say(f"stage {stage}: resuming from {ckpt_path} at step {start}")
+    if start >= hp["steps"]:
+        say(f"stage {stage}: already finished ({start} steps)")
+        return
+    train_net = DDP(net, find_unused_parameters=True) if world > 1 else net
+    if tc.compile:
+        train_net = torch.compile(train_net)
+    loader = DataLoader(dataset, batch_size=None, num_workers=tc.workers,
+                        sampler=range(start * accum, hp["steps"] * accum), pin_memory=device.startswith("cuda"),
+                        persistent_workers=False, prefetch_factor=4 if tc.workers else None)
+    batches = iter(loader)
+    # bf16 autocast on GPU (weights and optimizer stay fp32); plain fp32 on CPU.
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda") else \
+        contextlib.nullcontext
+    ckpt_every = tc.ckpt_every or max(1, hp["steps"] // 10)
+
+    def save_checkpoint(step):
+        if master:
+            atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state(),
+                         "config": cfg.to_dict(), "train": dataclasses.asdict(tc), "stage": stage}, ckpt_path)
+            write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
+
+    net.train()
+    bar = tqdm(range(start, hp["steps"]), desc=f"stage {stage}", initial=start, total=hp["steps"], disable=not master)
+    losses, t_last, tokens = [], time.time(), 0
+    for step in bar:
+        lr = learning_rate(step, hp, tc.min_lr_ratio)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        micros = [next(batches) for _ in range(accum)]
+        micros = [m if isinstance(m, dict) else dict(zip(("ids", "targets", "images", "doc_ids"), m)) for m in micros]
+        # Normalise by the supervised tokens of the whole step (all micro-batches, all processes), so a step's
+        # gradient does not depend on how its batch was split; a step with none gives a zero loss, never NaN.
+        n_sup = sum((m["targets"] != -100).sum() for m in micros).to(device)
+        if world > 1:
+            dist.all_reduce(n_sup)
+        n_sup = n_sup.clamp(min=1).float()
+        step_loss = torch.zeros((), device=device)
+        for j, m in enumerate(micros):
+            tokens += int((m["ids"] != tok.pad_id).sum())  # counted on the CPU copy: no device sync
+            m = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in m.items()}
+            # With DDP, gradients are all-reduced only after the last micro-batch of the step.
+            last = j == accum - 1
+            ctx = train_net.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
+            with ctx, autocast():
+                if stage == 0:
+                    lm_sum, aux, parts = train_net(m)
+                    loss = lm_sum * world / n_sup + aux / accum
+                else:
+                    _, lm_sum = train_net(m["ids"], m.get("images"), targets=m["targets"], doc_ids=m.get("doc_ids"),
+                                          reduction="sum")
+                    loss = lm_sum * world / n_sup  # DDP averages over processes, hence the x world
+            loss.backward()
+            step_loss += loss.detach() / world
+        if world > 1:
+            dist.all_reduce(step_loss)
+        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+
+        done = step + 1
+        if done % tc.log_every == 0 or done == hp["steps"] or done % ckpt_every == 0:
+            window = torch.stack(losses).cpu()
+            bad = (~torch.isfinite(window)).nonzero()
+            if len(bad):
+                raise SystemExit(f"stage {stage}: the loss became {window[bad[0, 0]].item()} at step "
+                                 f"{done - len(window) + int(bad[0, 0]) + 1}; stopping. The last good checkpoint, "
+                                 f"{ckpt_path}, is kept (resume with --resume, perhaps with a lower --lr)")
+            elapsed = time.time() - t_last
+            entry = {"stage": stage, "step": done, "loss": round(float(window.mean()), 5), "lr": lr,
+                     "tok_per_s": round(tokens * world / max(elapsed, 1e-9))}
+            if stage == 0:
+                entry.update({k: round(float(v), 4) for k, v in parts.items()})
+            metrics.append(entry)
+            bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.2e}", tok_s=entry["tok_per_s"])
+            losses, t_last, tokens = [], time.time(), 0
+        if tc.eval_every and done % tc.eval_every == 0 and done < hp["steps"] and master and stage > 0:
+            acc, bpb = evaluate(model, tok, proc, cfg, tc.data, seq_len, tc.eval_limit)
+            metrics.append({"stage": stage, "step": done, "mc_mean": acc["mean"], "bpb": bpb})
+            say(format_table(acc, bpb, f"stage {stage}, step {done}"))
+        if done % ckpt_every == 0 or done == hp["steps"]:
+            save_checkpoint(done)
+            if tc.stop_after and done == tc.stop_after:
+                say(f"stopping after step {done} (--stop_after)")
+                sys.stdout.flush()
+                os._exit(0)  # as if the process were killed right after this checkpoint
+    bar.close()
+
+    if master:
+        atomic_save({"model": model.state_dict(), "config": cfg.to_dict()}, os.path.join(out_dir, "model.pt"))
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            f.write(cfg.to_json())
+        plot_losses(metrics, os.path.join(out_dir, "loss.png"), f"stage {stage} training loss ({cfg.name})")
+        if stage > 0:
+            acc, bpb = evaluate(model, tok, proc, cfg, tc.data, seq_len, tc.eval_limit)
+        else:
+            acc, bpb = None, bits_per_byte(model, read_jsonl(os.path.join(tc.data, "eval_text.jsonl")), tok,
+                                           cfg.n_image_tokens, seq_len)
+        result = {"stage": stage, "mc": acc, "bpb": bpb}
+        metrics.append({"stage": stage, "step": hp["steps"], "mc_mean": acc and acc["mean"], "bpb": bpb})
+        write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
+        with open(os.path.join(out_dir, "eval.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        say(format_table(acc, bpb, f"stage {stage} evaluation") if acc else f"stage 0: text bits per byte {bpb:.3f}")
+    if world > 1:
+        dist.barrier()
+
+
+def main(argv=None):
+    tc, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = get_config(tc.config, **overrides)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    rank, world = setup_distributed()
+    device = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and world > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+
+    if tc.eval_only:
+        if not tc.ckpt:
+            raise SystemExit("--eval_only needs --ckpt DIR (a stage folder) or a model.pt file")
+        model = DeepSeekVL(cfg)
+        model.load_state_dict(load_weights(tc.ckpt, cfg))
+        model.to(device)
+        tok = Tokenizer.load(os.path.join(tc.data, "tokenizer.json"))
+        acc, bpb = evaluate(model, tok, ImageProcessor.for_config(cfg), cfg, tc.data, cfg.llm.max_seq_len)
+        print(format_table(acc, bpb, f"evaluation of {tc.ckpt}"))
+        return
+
+    if not os.path.exists(os.path.join(tc.data, "meta.json")):
+        if rank == 0:
+            import prepare_data
+            print(f"{tc.data} has no prepared data: running prepare_data.py --config {cfg.name} first")
+            prepare_data.main(["--out", tc.data, "--config", cfg.name])
+        if world > 1:
+            dist.barrier()
+    if tc.stage == "all":
+        stages = [0, 1, 2, 3] if cfg.name in FROM_SCRATCH else [1, 2, 3]
+    elif tc.stage in ("0", "1", "2", "3"):
+        stages = [int(tc.stage)]
+    else:
+        raise SystemExit(f"--stage must be 0, 1, 2, 3 or all, got {tc.stage!r}")
+    t0 = time.time()
+    for stage in stages:
+        run_stage(stage, tc, cfg, rank, world, device)
+    if rank == 0:
+        print(f"done: stages {stages} in {time.time() - t0:.0f}s")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
