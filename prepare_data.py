@@ -48,7 +48,7 @@ from nanovl.data import import_llava, read_jsonl, write_jsonl
 from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
 from nanovl.tokenizer import Tokenizer
 
-VERSION = 2  # bump when the generators change, so old folders are rebuilt
+VERSION = 3  # bump when the generators change, so old folders are rebuilt
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -132,6 +132,10 @@ def generate(task):
         first = False
         turns += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
     rows["sft"] = [{"category": category, "images": paths, "conversation": turns}]
+    if ex.mc:  # and a short chat with only that question: cheap, focused practice at answering from the image
+        rows["sft"].append({"category": category, "images": paths, "conversation": [
+            {"role": "user", "content": IMAGE_TAG * len(paths) + mc_prompt(mc["question"], mc["options"])},
+            {"role": "assistant", "content": mc["options"][mc["answer"]]}]})
     if ex.caption is not None:
         seg_rel = None
         if ex.seg is not None:

@@ -76,7 +76,7 @@ class TrainConfig:
     lang_share: float = 0.7  # stage 2: language share of steps after the warm-up (Table 1: 70% text)
     modality_warmup: float = 0.3  # stage 2: part of the run over which the language share decays from 1.0
     sft_share: float = 0.1  # stage 2: share of steps drawn from the SFT chats (the paper's 1.3B recipe)
-    text_sft_share: float = 0.48  # stage 3: text-only share of the chats (Table 2: 47.9%)
+    text_sft_share: float = -1  # stage 3: text-only share of the chats (default: Table 2's 47.9%; 25% from scratch)
     pack: int = -1  # pack samples into full rows (default: stage 2 only, as Table 4)
     trainable: str = ""  # comma-separated module prefixes to train instead of the stage's freeze map
     eval_every: int = 0  # evaluate every this many steps (0: at the end of the stage only)
@@ -88,6 +88,8 @@ class TrainConfig:
     compile: bool = False
     grad_ckpt: bool = False  # activation checkpointing in the decoder
     workers: int = 1  # DataLoader worker processes (on a 2-core laptop, more would take cores from training)
+    clip_batch: int = 64  # stage 0: (image, caption) pairs per micro-batch for SigLIP's contrastive loss
+    seg_batch: int = 8  # stage 0: segmented scenes per micro-batch for SAM's dense loss
     stop_after: int = 0  # exit right after the checkpoint at this step, as if killed (for testing resume)
 
 
@@ -97,12 +99,14 @@ STAGE_DEFAULTS = {
         0: dict(steps=120, batch_size=16, micro_batch=16, lr=3e-3, warmup=12, schedule="cosine", seq_len=128),
         1: dict(steps=60, batch_size=16, micro_batch=16, lr=3e-3, warmup=6, schedule="cosine"),
         2: dict(steps=100, batch_size=16, micro_batch=16, lr=2e-3, warmup=10, schedule="step"),
-        3: dict(steps=300, batch_size=16, micro_batch=16, lr=1e-3, warmup=30, schedule="cosine"),
+        3: dict(steps=300, batch_size=16, micro_batch=16, lr=1e-3, warmup=30, schedule="cosine",
+                text_sft_share=0.25),
     },
     "paper": {  # Table 4, the 1B column (the 7B differs in stage 2: lr 4.2e-5, 42000 steps, batch 2304)
         1: dict(steps=15000, batch_size=256, micro_batch=8, lr=1e-3, warmup=128, schedule="cosine", seq_len=512),
         2: dict(steps=96000, batch_size=1024, micro_batch=4, lr=3e-5, warmup=2000, schedule="step", seq_len=4096),
-        3: dict(steps=10000, batch_size=256, micro_batch=4, lr=2e-5, warmup=256, schedule="cosine", seq_len=4096),
+        3: dict(steps=10000, batch_size=256, micro_batch=4, lr=2e-5, warmup=256, schedule="cosine", seq_len=4096,
+                text_sft_share=0.479),
     },
 }
 FROM_SCRATCH = ("tiny", "small")  # presets with no pretrained parts: they need stage 0
@@ -278,12 +282,8 @@ class PackedBatches(PlannedBatches):
         self.seq_len = seq_len
 
     def __getitem__(self, k):
-        step, micro = divmod(k, self.accum)
-        modality, rows = self.plan[step]
-        start = (self.rank * self.accum + micro) * self.micro
-        samples = [self.sources[modality][i] for i in rows[start:start + self.micro]]
         packed, row, used = [], [], 0
-        for s in samples:  # first fit in order: a row is full when the next sample does not fit
+        for s in self.samples(k):  # first fit in order: a row is full when the next sample does not fit
             n = len(s.ids) - 1
             if row and used + n > self.seq_len:
                 packed.append(row)
@@ -309,24 +309,19 @@ class PackedBatches(PlannedBatches):
 
 class Stage0Batches(Dataset):
     """Stage 0 micro-batches: text for the language model, (image, caption) pairs for SigLIP, scenes and their label
-    maps for SAM, each from its own deterministic plan."""
+    maps for SAM, each from its own deterministic plan. Images are cheap next to text at this size, so the pair and
+    scene streams have their own micro-batch sizes (a contrastive loss also wants many negatives per batch)."""
 
-    def __init__(self, text: PlannedBatches, pairs, scenes, plan_pairs, plan_scenes, tok, processor, cfg, micro):
+    def __init__(self, text: PlannedBatches, pairs, scenes, plan_pairs, plan_scenes, tok, processor, cfg):
         self.text, self.pairs, self.scenes, self.tok, self.proc, self.cfg = text, pairs, scenes, tok, processor, cfg
-        self.plan_pairs, self.plan_scenes, self.micro, self.accum = plan_pairs, plan_scenes, micro, text.accum
-        self.rank = text.rank
+        self.plan_pairs, self.plan_scenes = plan_pairs, plan_scenes
 
     def __len__(self):
         return len(self.text)
 
-    def rows(self, plan, k):
-        step, micro = divmod(k, self.accum)
-        start = (self.rank * self.accum + micro) * self.micro
-        return plan[step][1][start:start + self.micro]
-
     def __getitem__(self, k):
         ids, targets, _ = self.text[k]
-        pairs = [self.pairs[i] for i in self.rows(self.plan_pairs, k)]
+        pairs = [self.pairs[i] for i in self.text.rows(k, self.plan_pairs)]
         caps = [[self.tok.bos_id] + self.tok.encode(r["caption"]) + [self.tok.eos_id] for r in pairs]
         cap_ids = torch.full((len(caps), max(map(len, caps))), self.tok.pad_id, dtype=torch.long)
         for b, c in enumerate(caps):
@@ -334,7 +329,7 @@ class Stage0Batches(Dataset):
         batch = {"ids": ids, "targets": targets, "cap_ids": cap_ids, "cap_len": torch.tensor([len(c) for c in caps]),
                  "pair_images": torch.stack([self.proc(os.path.join(r["_root"], r["image"])) for r in pairs])}
         if self.scenes:
-            scenes = [self.scenes[i] for i in self.rows(self.plan_scenes, k)]
+            scenes = [self.scenes[i] for i in self.text.rows(k, self.plan_scenes)]
             batch["seg_images"] = torch.stack([self.proc(os.path.join(r["_root"], r["image"])) for r in scenes])
             batch["seg_labels"] = torch.stack([seg_labels(os.path.join(r["_root"], r["seg"]), self.proc,
                                                           self.cfg.sam.grid) for r in scenes])
@@ -418,13 +413,13 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         raise SystemExit(f"stage 0 (unimodal pretraining) is for the presets trained from scratch {FROM_SCRATCH}; "
                          f"{cfg.name!r} starts from pretrained parts (--init_from)")
     hp = dict(STAGE_DEFAULTS["scratch" if scratch else "paper"][stage])
-    for key in ("steps", "batch_size", "micro_batch", "lr", "warmup", "schedule", "seq_len"):
+    for key in ("steps", "batch_size", "micro_batch", "lr", "warmup", "schedule", "seq_len", "text_sft_share"):
         value = getattr(tc, key)
-        if value not in (0, "", -1):
+        if value != -1 and (key == "text_sft_share" or value not in (0, "")):  # a share of 0 is a real choice
             hp[key] = value
     hp.setdefault("seq_len", cfg.llm.max_seq_len)
     seq_len = min(hp["seq_len"], cfg.llm.max_seq_len)
-    stc = dataclasses.replace(tc, steps=hp["steps"])
+    stc = dataclasses.replace(tc, steps=hp["steps"], text_sft_share=hp.get("text_sft_share", 0.479))
     out_dir = os.path.join(tc.out, f"stage{stage}")
     os.makedirs(out_dir, exist_ok=True)
 
@@ -467,10 +462,12 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         text = Source(load_rows([tc.data], "text"), "text", tok, cfg.n_image_tokens, seq_len, name="text")
         rows0 = load_rows([tc.data], "stage0")
         scenes = [r for r in rows0 if r.get("seg")] if cfg.hybrid else []
-        plans = [plan_batches({"language": n}, global_batch, hp["steps"], lambda s: {"language": 1.0}, tc.seed + k)
-                 for k, n in enumerate((len(text), len(rows0), max(1, len(scenes))))]
+        plans = [plan_batches({"language": n}, b * world * accum, hp["steps"], lambda s: {"language": 1.0},
+                              tc.seed + k)
+                 for k, (n, b) in enumerate(((len(text), micro), (len(rows0), tc.clip_batch),
+                                             (max(1, len(scenes)), tc.seg_batch)))]
         text_batches = PlannedBatches(plans[0], {"language": text}, tok.pad_id, proc, accum, rank, world)
-        dataset = Stage0Batches(text_batches, rows0, scenes, plans[1], plans[2], tok, proc, cfg, micro)
+        dataset = Stage0Batches(text_batches, rows0, scenes, plans[1], plans[2], tok, proc, cfg)
         say(f"data: {len(text)} text pieces, {len(rows0)} image-caption pairs, {len(scenes)} segmented scenes")
     else:
         sources, share = stage_data(stage, stc, tok, cfg, seq_len, folders)

@@ -172,17 +172,25 @@ class PlannedBatches(Dataset):
             raise ValueError(f"global batch {global_batch} is not divisible by {world} processes x {accum} "
                              "accumulation steps")
         self.plan, self.sources, self.pad_id, self.processor = plan, sources, pad_id, processor
-        self.accum, self.rank, self.micro = accum, rank, global_batch // (world * accum)
+        self.accum, self.rank, self.world = accum, rank, world
 
     def __len__(self):
         return len(self.plan) * self.accum
 
-    def __getitem__(self, k):
+    def rows(self, k, plan=None):
+        """This rank's row indices for item k: its slice of micro-batch k % accum of step k // accum."""
         step, micro = divmod(k, self.accum)
-        modality, rows = self.plan[step]
-        start = (self.rank * self.accum + micro) * self.micro
-        samples = [self.sources[modality][i] for i in rows[start:start + self.micro]]
-        return collate(samples, self.pad_id, self.processor)
+        rows = (plan or self.plan)[step][1]
+        per = len(rows) // (self.world * self.accum)
+        start = (self.rank * self.accum + micro) * per
+        return rows[start:start + per]
+
+    def samples(self, k) -> List[Sample]:
+        modality = self.plan[k // self.accum][0]
+        return [self.sources[modality][i] for i in self.rows(k)]
+
+    def __getitem__(self, k):
+        return collate(self.samples(k), self.pad_id, self.processor)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

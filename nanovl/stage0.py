@@ -33,9 +33,11 @@ class Stage0Heads(nn.Module):
         self.text_tower = Llama(text)
         self.text_tower.lm_head = nn.Linear(width, embed_dim, bias=False)
         self.image_proj = nn.Linear(cfg.siglip.width, embed_dim, bias=False)  # on the mean of SigLIP's tokens
-        # SigLIP's learned temperature and bias, initialised as in the paper: t = 10, b = -10.
+        # SigLIP's learned temperature and bias. The paper starts at t = 10, b = -10, tuned for batches of 32k pairs
+        # where negatives outnumber positives 32k to 1. With our batches of tens of pairs, b = -10 would hold every
+        # logit below zero until t had grown, stalling a short run; b = -5 is near -log(batch) for such batches.
         self.log_t = nn.Parameter(torch.tensor(float(np.log(10.0))))
-        self.bias = nn.Parameter(torch.tensor(-10.0))
+        self.bias = nn.Parameter(torch.tensor(-5.0))
         self.seg_head = nn.Conv2d(cfg.sam.neck_dim, n_seg_classes, kernel_size=1) if cfg.hybrid else None
 
     def contrastive_loss(self, model, images, caption_ids, caption_len):
@@ -45,7 +47,11 @@ class Stage0Heads(nn.Module):
         hidden, _ = self.text_tower(caption_ids)  # (B, L, E): the projection of every position
         txt = F.normalize(hidden[torch.arange(len(caption_len)), caption_len - 1], dim=-1)  # (B, E) last real token
         logits = img @ txt.T * self.log_t.exp() + self.bias  # (B, B)
-        labels = 2 * torch.eye(len(logits), device=logits.device) - 1  # +1 on the diagonal, -1 elsewhere
+        # +1 for matching pairs, -1 for the rest. Our short captions repeat ("A web page with a blue button."), and
+        # an image whose caption is the same as another's is a match for it too, not a negative: treating it as one
+        # would push apart what should be together.
+        same = (caption_ids[:, None, :] == caption_ids[None, :, :]).all(dim=-1)  # (B, B)
+        labels = 2 * same.float() - 1
         return -F.logsigmoid(labels * logits).sum() / len(logits)
 
     def segmentation_loss(self, sam, images, labels):

@@ -82,7 +82,8 @@ def test_round_trip_is_exact(ours):
         ids = ours.encode(text)
         assert ours.decode(ids) == text
         assert ours.encode(text, bos=True, eos=True) == [ours.bos_id] + ids + [ours.eos_id]
-    assert len(ours.encode(TEXTS[0])) < len(TEXTS[0]) / 2  # it does merge
+    everything = "".join(TEXTS)
+    assert len(ours.encode(everything)) < len(everything.encode("utf-8")) / 4  # it does merge (about 11 bytes/token)
 
 
 @pytest.mark.parametrize("digits", [False, True], ids=["six-splits", "digits"])
