@@ -31,10 +31,20 @@ def folder_digest(path) -> str:
     return h.hexdigest()
 
 
+USER_TEXT = "Gulliver woke to find himself tied down by a great many very small people. " * 4
+
+
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def user_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "gulliver.txt"
+    path.write_text(USER_TEXT)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory, user_text):
     out = tmp_path_factory.mktemp("prep") / "data"
-    prepare_data.main(["--out", str(out), "--n", "6", "--workers", "2"])
+    prepare_data.main(["--out", str(out), "--n", "6", "--workers", "2", "--text", user_text])
     return out
 
 
@@ -70,18 +80,23 @@ def test_prepare_data_writes_every_part(data_dir):
     assert all(len(r["options"]) == 4 and 0 <= r["answer"] < 4 for r in mc)
     train_images = {p for r in pretrain for p in r["images"]}
     assert not train_images & {p for r in mc for p in r["images"]}  # held out
-    assert read_jsonl(data_dir / "text.jsonl") and read_jsonl(data_dir / "eval_text.jsonl")
+    assert read_jsonl(data_dir / "eval_text.jsonl")
+    assert USER_TEXT in [r["text"] for r in read_jsonl(data_dir / "text.jsonl")]  # --text files join the text data
+    sft_questions = [m["content"] for r in sft for m in r["conversation"][::2]]
+    assert sum("Options:" in q for q in sft_questions) >= 2 * 5 * 6  # a multiple-choice turn, and a short chat
     tok = Tokenizer.load(data_dir / "tokenizer.json")
     assert tok.vocab_size == get_config("tiny").llm.vocab_size and tok.image_id == get_config("tiny").image_token_id
 
 
-def test_prepare_data_is_deterministic_and_idempotent(data_dir, tmp_path, capsys):
+def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_path, capsys):
     again = tmp_path / "again"
-    prepare_data.main(["--out", str(again), "--n", "6", "--workers", "1"])  # other worker count, same bytes
+    prepare_data.main(["--out", str(again), "--n", "6", "--workers", "1", "--text", user_text])  # 1 worker, same bytes
     assert folder_digest(again) == folder_digest(data_dir)
     capsys.readouterr()
-    prepare_data.main(["--out", str(again), "--n", "6"])
+    prepare_data.main(["--out", str(again), "--n", "6", "--text", user_text])
     assert "already prepared" in capsys.readouterr().out
+    prepare_data.main(["--out", str(again), "--n", "5", "--text", user_text])  # other arguments: rebuilt
+    assert "wrote" in capsys.readouterr().out and not os.path.exists(f"{again}.partial")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -116,3 +116,17 @@ def test_too_long_sequences_are_refused():
         ours(torch.zeros(1, 7, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="exceeds the model's context"):
         ours.new_cache(batch_size=1, max_len=65)
+
+
+def test_packed_rows_match_samples_run_alone():
+    """doc_ids keep attention and positions inside each packed sample (stage 2's sequence packing)."""
+    ours = randomize_(Llama(CFG)).eval()
+    a, b, c = (torch.randint(0, CFG.vocab_size, (n,)) for n in (7, 12, 5))
+    packed = torch.cat([a, b, c, torch.zeros(4, dtype=torch.long)])[None]  # three samples, then padding
+    doc_ids = torch.tensor([0] * 7 + [1] * 12 + [2] * 5 + [-1] * 4)[None]
+    with torch.no_grad():
+        got, _ = ours(packed, doc_ids=doc_ids)
+        alone = torch.cat([ours(x[None])[0][0] for x in (a, b, c)])
+    assert max_diff(got[0, :24], alone) < ATOL
+    with pytest.raises(ValueError, match="cannot be combined"):
+        ours(packed, doc_ids=doc_ids, pad_mask=torch.ones_like(packed, dtype=torch.bool))

@@ -205,3 +205,16 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
         train.main(["--data", data, "--stage", "0", "--config", "1.3b", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="no field 'layers'"):
         train.main(["--data", data, "--llm.layers=2"])
+
+
+def test_packing_lays_samples_end_to_end():
+    from nanovl.data import Sample, plan_batches
+    samples = [Sample(list(range(10 * i + 1, 10 * i + 1 + n)), [0] + [1] * (n - 1), []) for i, n in
+               enumerate((5, 9, 4, 7))]  # inputs of 4, 8, 3 and 6 tokens
+    plan = [("language", [0, 1, 2, 3])]
+    ids, targets, images, doc_ids = train.PackedBatches(plan, {"language": samples}, 0, None, seq_len=12)[0]
+    # first fit in order: [4 + 8] fills a row of 12, then [3 + 6]
+    assert ids.tolist() == [[1, 2, 3, 4, 11, 12, 13, 14, 15, 16, 17, 18], [21, 22, 23, 31, 32, 33, 34, 35, 36, 0, 0, 0]]
+    assert doc_ids.tolist() == [[0] * 4 + [1] * 8, [0] * 3 + [1] * 6 + [-1] * 3]
+    assert targets[0, :4].tolist() == [2, 3, 4, 5] and targets[1, 9:].tolist() == [-100] * 3
+    assert images is None
