@@ -30,9 +30,7 @@ import random
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw

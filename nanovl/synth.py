@@ -246,10 +246,15 @@ def make_chart(rng: random.Random, size: int) -> Example:
     return make_table(rng, size)
 
 
-def make_bar_chart(rng: random.Random, size: int) -> Example:
-    w, h = canvas_shape(rng, size, shapes=((4, 3), (1, 1)))
+def white_page(rng: random.Random, size: int, shapes):
+    """A blank white image of one of the given aspect ratios, and a pen for it."""
+    w, h = canvas_shape(rng, size, shapes=shapes)
     img = Image.new("RGB", (w, h), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
+    return img, ImageDraw.Draw(img), w, h
+
+
+def make_bar_chart(rng: random.Random, size: int) -> Example:
+    img, draw, w, h = white_page(rng, size, ((4, 3), (1, 1)))
     n = rng.randint(3, 5)
     items = rng.sample(ITEMS, n)
     values = rng.sample(range(1, 10), n)  # distinct, so "the tallest" is always one bar
@@ -274,9 +279,7 @@ def make_bar_chart(rng: random.Random, size: int) -> Example:
 
 
 def make_table(rng: random.Random, size: int) -> Example:
-    w, h = canvas_shape(rng, size, shapes=((4, 3), (1, 1)))
-    img = Image.new("RGB", (w, h), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
+    img, draw, w, h = white_page(rng, size, ((4, 3), (1, 1)))
     rows = rng.randint(2, 5)
     items = rng.sample(ITEMS, rows)
     values = [rng.randint(1, 99) for _ in range(rows)]
@@ -301,9 +304,7 @@ def make_table(rng: random.Random, size: int) -> Example:
 
 def make_code(rng: random.Random, size: int) -> Example:
     """A small web page laid out top to bottom from markup; the markup is the target."""
-    w, h = canvas_shape(rng, size, shapes=((3, 4), (1, 1)))
-    img = Image.new("RGB", (w, h), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
+    img, draw, w, h = white_page(rng, size, ((3, 4), (1, 1)))
     heading, label = rng.choice(PAGE_WORDS), rng.choice(BUTTON_WORDS)
     color = rng.choice(["red", "green", "blue", "purple", "orange"])
     body = " ".join(rng.sample(["fresh", "bread", "every", "day", "open", "late", "new", "books", "cheap", "tickets",
