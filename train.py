@@ -247,15 +247,7 @@ def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, fo
     n_img = cfg.n_image_tokens
 
     def source(rows, kind, name):
-        by_root = {}
-        for r in rows:
-            by_root.setdefault(r["_root"], []).append(r)
-        parts = [Source(rs, kind, tok, n_img, seq_len, root, name) for root, rs in by_root.items()]
-        merged = parts[0] if parts else Source([], kind, tok, n_img, seq_len, name=name)
-        for p in parts[1:]:
-            merged.samples += p.samples
-            merged.dropped += p.dropped
-        return merged
+        return Source(rows, kind, tok, n_img, seq_len, name=name)  # each row carries its folder in "_root"
 
     pretrain, sft = load_rows(folders, "pretrain"), load_rows(folders, "sft")
     if stage == 1:  # captions and document OCR (paper section 3.2.1)

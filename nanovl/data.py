@@ -74,7 +74,8 @@ class Source:
         self.samples: List[Sample] = []
         self.dropped = 0
         for row in rows:
-            paths = [p if os.path.isabs(p) else os.path.join(root, p) for p in row.get("images", [])]
+            row_root = row.get("_root", root)  # rows gathered from several folders carry their own
+            paths = [p if os.path.isabs(p) else os.path.join(row_root, p) for p in row.get("images", [])]
             if kind == "text":
                 ids, mask = render_document(row["text"], tokenizer, n_image_tokens)
                 for start in range(0, len(ids) - 1, max_len):  # overlapping by one: each piece predicts its next

@@ -43,10 +43,10 @@ def multiple_choice(model, rows: Sequence[dict], tokenizer, processor, n_image_t
         samples: List[Sample] = []
         for row in chunk:
             question = IMAGE_TAG * len(row["images"]) + mc_prompt(row["question"], row["options"])
+            paths = [os.path.join(root, p) for p in row["images"]]  # absolute paths stay as they are
             for option in row["options"]:
                 conv = [{"role": "user", "content": question}, {"role": "assistant", "content": option}]
                 ids, mask = render_chat(conv, tokenizer, n_image_tokens)
-                paths = [os.path.join(root, p) for p in row["images"]]  # absolute paths stay as they are
                 samples.append(Sample(ids, mask, paths))
         ids, targets, images = collate(samples, tokenizer.pad_id, processor)
         nll = sequence_nll(model, ids, targets, images, device)
