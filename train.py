@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from nanovl import DeepSeekVL, VLConfig, get_config
+from nanovl.checkpoint import init_from_parts, is_released_folder
 from nanovl.data import PlannedBatches, Source, collate, plan_batches, read_jsonl, write_jsonl
 from nanovl.evaluate import bits_per_byte, format_table, multiple_choice
 from nanovl.image import ImageProcessor
@@ -54,7 +55,10 @@ class TrainConfig:
     data: str = "data"  # folder made by prepare_data.py
     extra_data: str = ""  # more folders of rows (e.g. a LLaVA import), comma-separated, added to stages 1-3
     out: str = "out"
-    init_from: str = ""  # weights to start from (default: the previous stage's model.pt)
+    # weights to start from: default the previous stage's model.pt. Or pretrained parts, comma-separated (a released
+    # DeepSeek-VL folder, SAM's checkpoint, a timm SigLIP, an HF Llama): see nanovl/checkpoint.py, init_from_parts
+    init_from: str = ""
+    tokenizer: str = ""  # default: the tokenizer.json of the --init_from folder if it has one, else the data's
     resume: bool = False  # continue from out/stage<k>/ckpt.pt
     eval_only: bool = False
     ckpt: str = ""  # with --eval_only: a stage folder or a .pt file
@@ -180,6 +184,25 @@ def load_weights(path: str, cfg: VLConfig) -> dict:
             raise SystemExit(f"{path} was trained with another model config:\n  " + "\n  ".join(diff) +
                              "\npass the same --config and overrides it was trained with")
     return state["model"]
+
+
+def is_nanovl_checkpoint(path: str) -> bool:
+    """A stage folder or a .pt file written by this script (rather than a pretrained part for init_from_parts)."""
+    if os.path.isdir(path):
+        return os.path.exists(os.path.join(path, "model.pt")) and not is_released_folder(path)
+    return path.endswith(".pt") and not path.endswith((".pth", ".bin"))
+
+
+def tokenizer_path(tc: TrainConfig, sources) -> str:
+    """--tokenizer, else the tokenizer.json beside the weights a stage starts from (a stage folder, or a released
+    model's), else the data's."""
+    if tc.tokenizer:
+        return tc.tokenizer
+    for src in sources:
+        folder = src if os.path.isdir(src) else os.path.dirname(src)
+        if os.path.exists(os.path.join(folder, "tokenizer.json")):
+            return os.path.join(folder, "tokenizer.json")
+    return os.path.join(tc.data, "tokenizer.json")
 
 
 def rng_state() -> dict:
@@ -413,23 +436,38 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     out_dir = os.path.join(tc.out, f"stage{stage}")
     os.makedirs(out_dir, exist_ok=True)
 
-    tok = Tokenizer.load(os.path.join(tc.data, "tokenizer.json"))
-    if tok.vocab_size != cfg.llm.vocab_size or tok.image_id != cfg.image_token_id:
-        raise SystemExit(f"{tc.data}/tokenizer.json has {tok.vocab_size} tokens and <image_placeholder> = "
-                         f"{tok.image_id}; the {cfg.name!r} model expects {cfg.llm.vocab_size} and "
-                         f"{cfg.image_token_id}. Prepare the data with --config {cfg.name}")
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    resume = tc.resume and os.path.exists(ckpt_path)
+    init = [p for p in tc.init_from.split(",") if p] or [os.path.join(tc.out, f"stage{stage - 1}", "model.pt")]
+    tok_path = tokenizer_path(tc, [out_dir] if resume else init if stage > 0 else [])
+    tok = Tokenizer.load(tok_path)
+    # A released tokenizer may be smaller than the padded embedding (100015 ids for 102400 rows); a tokenizer made
+    # by prepare_data for a scratch preset has exactly its size.
+    if tok.vocab_size > cfg.llm.vocab_size or (scratch and tok.vocab_size != cfg.llm.vocab_size) \
+            or tok.image_id != cfg.image_token_id:
+        raise SystemExit(f"{tok_path} has {tok.vocab_size} tokens and <image_placeholder> = {tok.image_id}; the "
+                         f"{cfg.name!r} model has a vocabulary of {cfg.llm.vocab_size} and expects "
+                         f"{cfg.image_token_id}. Prepare the data with --config {cfg.name}, or pass --tokenizer")
+    if master and not resume:
+        tok.save(os.path.join(out_dir, "tokenizer.json"))  # the stage folder is then all sample.py needs
     proc = ImageProcessor.for_config(cfg)
     torch.manual_seed(tc.seed + stage)
     model = DeepSeekVL(cfg)
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    resume = tc.resume and os.path.exists(ckpt_path)
     if stage > 0 and not resume:
-        init = tc.init_from or os.path.join(tc.out, f"stage{stage - 1}", "model.pt")
-        if not os.path.exists(init):
-            raise SystemExit(f"stage {stage} starts from stage {stage - 1}'s final weights, but {init} does not exist:"
-                             f" run --stage {stage - 1} first, or pass --init_from PATH")
-        model.load_state_dict(load_weights(init, cfg))
-        say(f"stage {stage}: starting from {init}")
+        missing = [p for p in init if not os.path.exists(p)]
+        if missing:
+            what = "--init_from" if tc.init_from else f"stage {stage - 1}'s final weights"
+            raise SystemExit(f"stage {stage} starts from {what}, but {', '.join(missing)} does not exist: run "
+                             f"--stage {stage - 1} first, or pass --init_from PATH")
+        if len(init) == 1 and is_nanovl_checkpoint(init[0]):
+            model.load_state_dict(load_weights(init[0], cfg))
+            say(f"stage {stage}: starting from {init[0]}")
+        else:  # pretrained parts (paper section 3.2): say which tensors came from where
+            try:
+                report = init_from_parts(model, init)
+            except (ValueError, FileNotFoundError) as e:
+                raise SystemExit(str(e)) from None
+            say(f"stage {stage}: starting from pretrained parts\n  " + "\n  ".join(report))
     heads = Stage0Heads(cfg, 1 + len(SEG_LABELS)) if stage == 0 else None
     net = Stage0Model(model, heads) if stage == 0 else model
     prefixes = tc.trainable.split(",") if tc.trainable else trainable_prefixes(stage, cfg)
@@ -609,7 +647,7 @@ def main(argv=None):
         model = DeepSeekVL(cfg)
         model.load_state_dict(load_weights(tc.ckpt, cfg))
         model.to(device)
-        tok = Tokenizer.load(os.path.join(tc.data, "tokenizer.json"))
+        tok = Tokenizer.load(tokenizer_path(tc, [tc.ckpt]))
         acc, bpb = evaluate(model, tok, ImageProcessor.for_config(cfg), cfg, tc.data, cfg.llm.max_seq_len)
         print(format_table(acc, bpb, f"evaluation of {tc.ckpt}"))
         return

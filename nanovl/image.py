@@ -83,6 +83,28 @@ class ImageProcessor:
             return ImageProcessor(cfg.image_size, cfg.siglip.pixel_mean, cfg.siglip.pixel_std, normalize=False)
         return ImageProcessor(cfg.image_size, SIGLIP_MEAN, SIGLIP_STD, normalize=True)  # released 1.3B
 
+    # preprocessor_config.json, the file a released model folder carries (VLMImageProcessor's fields).
+    @staticmethod
+    def from_dict(d: dict) -> "ImageProcessor":
+        try:
+            mean = tuple(float(m) for m in (d.get("image_mean") or SIGLIP_MEAN))  # None pads with 127s, as official
+            std = tuple(float(s) for s in (d.get("image_std") or SIGLIP_STD))
+            proc = ImageProcessor(int(d["image_size"]), mean, std, bool(d.get("do_normalize", True)))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"preprocessor_config.json needs image_size (int), image_mean and image_std (3 numbers "
+                             f"each) and do_normalize (bool); got {d!r} ({e})") from None
+        if len(mean) != 3 or len(std) != 3:
+            raise ValueError(f"preprocessor_config.json: image_mean and image_std need 3 values, got {mean}, {std}")
+        if d.get("min_size", MIN_SIZE) != MIN_SIZE or abs(d.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-12:
+            raise ValueError(f"preprocessor_config.json: min_size {d.get('min_size')} and rescale_factor "
+                             f"{d.get('rescale_factor')} are not supported; nanovl uses {MIN_SIZE} and 1/255")
+        return proc
+
+    def to_dict(self) -> dict:
+        return {"image_processor_type": "VLMImageProcessor", "image_size": self.image_size, "min_size": MIN_SIZE,
+                "image_mean": list(self.image_mean), "image_std": list(self.image_std), "rescale_factor": 1 / 255,
+                "do_normalize": self.normalize}
+
     @property
     def pad_color(self) -> Tuple[int, int, int]:
         return tuple(int(255 * m) for m in self.image_mean)

@@ -49,7 +49,7 @@ def relative_index(size: int) -> torch.Tensor:
     differ, or when the table was trained for another size. Neither happens here: the input size is fixed and the
     tables are built for exactly this size, so this is the whole of it.
     """
-    coords = torch.arange(size)
+    coords = torch.arange(size, device="cpu")  # explicit: made for real even when the weights go on "meta"
     return coords[:, None] - coords[None, :] + (size - 1)
 
 
@@ -176,8 +176,11 @@ class SAM(nn.Module):
         self.neck_hd = make_neck(cfg.width, cfg.neck_dim)
         self.hd_alpha_downsamples = nn.Parameter(torch.zeros(1))  # official init 0: the side path starts switched off
         if cfg.pixel_mean is not None:
-            self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
+            # device="cpu": constants are made for real even when the weights are built on "meta" (checkpoint.py)
+            self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean, device="cpu").view(1, 3, 1, 1),
+                                 persistent=False)
+            self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std, device="cpu").view(1, 3, 1, 1),
+                                 persistent=False)
         else:
             self.pixel_mean = self.pixel_std = None
 

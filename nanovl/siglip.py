@@ -87,10 +87,13 @@ class SigLIP(nn.Module):
         self.blocks = nn.ModuleList([Block(cfg.width, cfg.n_heads, cfg.mlp_ratio) for _ in range(cfg.depth)])
         self.norm = nn.LayerNorm(cfg.width, eps=1e-6)
         # The hybrid tower normalises each branch inside the tower (torchvision Normalize in clip_encoder.py). These
-        # are constants, not weights, so they stay out of the state dict.
+        # are constants, not weights, so they stay out of the state dict; device="cpu" makes them for real even when
+        # the weights are built on "meta" to be loaded from a checkpoint (checkpoint.py).
         if cfg.pixel_mean is not None:
-            self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
-            self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
+            self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean, device="cpu").view(1, 3, 1, 1),
+                                 persistent=False)
+            self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std, device="cpu").view(1, 3, 1, 1),
+                                 persistent=False)
         else:
             self.pixel_mean = self.pixel_std = None
 

@@ -1,0 +1,428 @@
+"""
+Weights in and out: nanovl's own checkpoints, the released DeepSeek-VL model folders, and pretrained parts.
+
+    load_model(path)                 a nanovl stage folder (or its model.pt) or a released model folder
+                                     -> (model, tokenizer, image processor), ready for sample.py
+    load_released(folder)            the released layout (facts sheet sections 6-8):
+                                        config.json                  vision_config / aligner_config / language_config
+                                        model.safetensors            or model-0000k-of-0000n.safetensors + index.json
+                                        tokenizer.json, tokenizer_config.json, preprocessor_config.json
+    export_released(model, tok, dir) a nanovl model -> that same layout; load_released reads it back exactly
+    init_from_parts(model, paths)    pretrained parts for training, as the paper did: SigLIP and the language model
+                                     of a released folder, SAM-B's original checkpoint, a timm SigLIP, an HF Llama
+
+How the released keys map onto ours is the six-line RELEASED_PREFIXES table in model.py. Dimensions come from the
+folder's config.json, never from a preset, so scaled-down checkpoints in the released layout load too.
+
+Nothing is ever half-loaded. The model is first built on the "meta" device (shapes only, no memory, no random
+init), every key and shape is checked against the file's, and only then are the tensors attached. A missing,
+unexpected or misshapen key is an error that lists them all; keys the official model builds but never reads are
+skipped by name (RELEASED_UNUSED in model.py).
+"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from nanovl.config import AlignerConfig, LlamaConfig, SAMConfig, SigLIPConfig, VLConfig
+from nanovl.image import ImageProcessor
+from nanovl.model import DeepSeekVL, nanovl_to_released, released_to_nanovl
+from nanovl.safetensors import load_file, load_sharded, save_sharded
+from nanovl.tokenizer import BOS, EOS, Tokenizer
+
+# The towers the released configs name by `model_name` (official clip_encoder.py / sam.py), in nanovl's fields.
+SIGLIP_MODELS = {"siglip_large_patch16_384": dict(patch_size=16, width=1024, depth=24, n_heads=16, mlp_ratio=4.0)}
+SAM_MODELS = {"sam_b_downsample": dict(patch_size=16, width=768, depth=12, n_heads=12, mlp_ratio=4.0, window_size=14,
+                                       global_blocks=(2, 5, 8, 11), neck_dim=256, downsample_dims=(512, 1024))}
+# What transformers' LlamaConfig assumes for a field the released `language_config` leaves out (facts section 5: the
+# 7B's language_config gives only the layer count and vocabulary, the rest are these defaults).
+HF_LLAMA_DEFAULTS = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         vocab_size=32000, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-6)
+TRAINED_CONTEXT = 4096  # the released models were trained on 4096-token sequences (official README)
+
+
+def _shorten(items, n: int = 12) -> str:
+    items = sorted(items)
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# config.json <-> VLConfig
+
+def _tower_config(params: dict, known: dict, cls, where: str):
+    """One `vision_config` tower entry -> SigLIPConfig or SAMConfig. Dimensions come from `model_name` for the
+    released towers, or from the explicit "nanovl" entry that export_released writes for scaled-down ones."""
+    name = params.get("model_name")
+    dims = params.get("nanovl") or known.get(name)
+    if dims is None:
+        raise ValueError(f"{where}: unknown vision tower model_name {name!r}; nanovl knows {sorted(known)} (or give "
+                         f"the dimensions in a 'nanovl' entry, as export_released writes)")
+    if params.get("select_layer", -1) != -1 or params.get("select_feature", "same") != "same":
+        raise ValueError(f"{where}: select_layer {params.get('select_layer')} / select_feature "
+                         f"{params.get('select_feature')!r} are not supported (the released models use -1 / 'same')")
+    stats = {k: tuple(params[k]) if params.get(k) is not None else None for k in ("pixel_mean", "pixel_std")}
+    dims = {k: tuple(v) if isinstance(v, list) else v for k, v in dims.items()}
+    return cls(image_size=int(params["image_size"]), **dims, **stats)
+
+
+def released_config(d: dict, image_token_id: int, name: str = "released") -> VLConfig:
+    """A released config.json (as a dict) -> VLConfig. Raises ValueError on anything nanovl does not implement."""
+    try:
+        vision, aligner, lang = d["vision_config"], d["aligner_config"]["params"], dict(d["language_config"])
+    except (KeyError, TypeError):
+        raise ValueError(f"config.json of a DeepSeek-VL folder needs vision_config, aligner_config.params and "
+                         f"language_config; it has {sorted(d)}") from None
+    cls, params = vision.get("cls"), vision.get("params", {})
+    if cls == "CLIPVisionTower":  # 1.3B: SigLIP only
+        siglip, sam = _tower_config(params, SIGLIP_MODELS, SigLIPConfig, "vision_config"), None
+    elif cls == "HybridVisionTower":  # 7B: SAM-B (high) + SigLIP-L (low), fused by the aligner
+        if params.get("concat_type", "tuple") != "tuple":
+            raise ValueError(f"vision_config: concat_type {params['concat_type']!r} is not supported; the released "
+                             "7B uses 'tuple' (the aligner fuses the two branches)")
+        siglip = _tower_config(params["low_res_cfg"], SIGLIP_MODELS, SigLIPConfig, "vision_config.low_res_cfg")
+        sam = _tower_config(params["high_res_cfg"], SAM_MODELS, SAMConfig, "vision_config.high_res_cfg")
+    else:
+        raise ValueError(f"vision_config.cls {cls!r} is not supported: expected CLIPVisionTower (1.3B) or "
+                         "HybridVisionTower (7B)")
+
+    for key, want in (("model_type", "llama"), ("hidden_act", "silu"), ("tie_word_embeddings", False),
+                      ("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False)):
+        if key in lang and lang[key] != want:
+            raise ValueError(f"language_config: {key} = {lang[key]!r} is not supported (DeepSeek-VL's decoder has "
+                             f"{want!r})")
+    get = lambda key: lang.get(key, HF_LLAMA_DEFAULTS.get(key))
+    n_heads = int(get("num_attention_heads"))
+    dim = int(get("hidden_size"))
+    if lang.get("head_dim") not in (None, dim // n_heads):
+        raise ValueError(f"language_config: head_dim {lang['head_dim']} is not hidden_size / num_attention_heads")
+    llm = LlamaConfig(vocab_size=int(get("vocab_size")), dim=dim, n_layers=int(get("num_hidden_layers")),
+                      n_heads=n_heads, n_kv_heads=int(lang.get("num_key_value_heads") or n_heads),
+                      ffn_dim=int(get("intermediate_size")),
+                      # RoPE would run to max_position_embeddings (16384 released), but the models were trained at
+                      # 4096, so that is the context we allow unless the file says less.
+                      max_seq_len=min(int(get("max_position_embeddings")), TRAINED_CONTEXT),
+                      rope_theta=float(get("rope_theta")), norm_eps=float(get("rms_norm_eps")))
+    cfg = VLConfig(name=name, siglip=siglip, sam=sam, llm=llm, image_token_id=image_token_id,
+                   aligner=AlignerConfig(aligner.get("projector_type", "mlp_gelu"), int(aligner.get("depth", 2))))
+    cfg.validate()
+    for key, want in (("input_dim", siglip.width), ("n_embed", llm.dim)):
+        if key in aligner and aligner[key] != want:
+            raise ValueError(f"aligner_config: {key} = {aligner[key]} but the towers and decoder need {want}")
+    return cfg
+
+
+def _tower_params(tower, known: dict) -> dict:
+    dims = {k: getattr(tower, k) for k in next(iter(known.values()))}
+    name = next((n for n, d in known.items() if d == dims), None)
+    params = {"model_name": name or f"nanovl_{type(tower).__name__.lower()}", "image_size": tower.image_size,
+              "select_feature": "same", "select_layer": -1, "ckpt_path": "",
+              "pixel_mean": tower.pixel_mean and list(tower.pixel_mean),
+              "pixel_std": tower.pixel_std and list(tower.pixel_std)}
+    if name is None:  # not a released tower: say its dimensions, which the official model_name cannot
+        params["nanovl"] = {k: list(v) if isinstance(v, tuple) else v for k, v in dims.items()}
+    return params
+
+
+def released_config_dict(cfg: VLConfig) -> dict:
+    """VLConfig -> the released config.json layout (facts section 6)."""
+    if cfg.hybrid:
+        low, high = _tower_params(cfg.siglip, SIGLIP_MODELS), _tower_params(cfg.sam, SAM_MODELS)
+        low["output_dim"], high["output_dim"] = cfg.siglip.width, cfg.sam.out_dim
+        vision = {"cls": "HybridVisionTower", "model_type": "vision",
+                  "params": {"concat_type": "tuple", "freeze_high": True, "freeze_low": True,
+                             "high_res_cfg": high, "low_res_cfg": low}}
+    else:
+        vision = {"cls": "CLIPVisionTower", "model_type": "vision", "params": _tower_params(cfg.siglip, SIGLIP_MODELS)}
+    l = cfg.llm
+    return {
+        "model_type": "multi_modality", "architectures": ["MultiModalityCausalLM"],
+        "vision_config": vision,
+        "aligner_config": {"cls": "MlpProjector", "model_type": "aligner",
+                           "params": {"projector_type": cfg.aligner.projector_type, "depth": cfg.aligner.depth,
+                                      "input_dim": cfg.siglip.width, "n_embed": l.dim}},
+        "language_config": {"model_type": "llama", "hidden_size": l.dim, "intermediate_size": l.ffn_dim,
+                            "num_hidden_layers": l.n_layers, "num_attention_heads": l.n_heads,
+                            "num_key_value_heads": l.n_kv_heads, "vocab_size": l.vocab_size,
+                            "max_position_embeddings": l.max_seq_len, "rope_theta": l.rope_theta,
+                            "rms_norm_eps": l.norm_eps, "hidden_act": "silu", "tie_word_embeddings": False},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attaching a checked state dict to a model built on "meta"
+
+def _check_keys(expected: dict, state: dict, source: str):
+    """Raise one ValueError listing every missing, unexpected and misshapen key."""
+    missing = set(expected) - set(state)
+    unexpected = set(state) - set(expected)
+    shapes = [f"{k}: file {tuple(state[k].shape)}, model {tuple(expected[k])}" for k in sorted(set(state) & set(expected))
+              if tuple(state[k].shape) != tuple(expected[k])]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing: {_shorten(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected: {_shorten(unexpected)}")
+    if shapes:
+        problems.append(f"{len(shapes)} with the wrong shape: {_shorten(shapes, 6)}")
+    if problems:
+        raise ValueError(f"{source} does not match the model it describes (keys in nanovl's names):\n  " +
+                         "\n  ".join(problems))
+
+
+def build_loaded(cfg: VLConfig, state: dict, source: str, device="cpu", dtype=None) -> DeepSeekVL:
+    """A model holding exactly `state` (nanovl names). Built on "meta" first: nothing is allocated or randomly
+    initialised for weights that are about to be replaced, and a mismatch fails before anything is attached."""
+    with torch.device("meta"):
+        model = DeepSeekVL(cfg)
+    _check_keys({k: v.shape for k, v in model.state_dict().items()}, state, source)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Released folders
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: a released DeepSeek-VL folder holds {what}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def is_released_folder(path) -> bool:
+    """A folder of safetensors weights (nanovl's own checkpoints are model.pt files)."""
+    path = Path(path)
+    return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+
+
+def load_released(folder, device="cpu", dtype=None):
+    """A released DeepSeek-VL folder -> (model, tokenizer, processor), without transformers or safetensors."""
+    folder = Path(folder)
+    config = _read_json(folder / "config.json", "config.json with vision_config, aligner_config and language_config")
+    tok = Tokenizer.load(folder)
+    cfg = released_config(config, tok.image_id, name=folder.name)
+    if tok.vocab_size > cfg.llm.vocab_size:
+        raise ValueError(f"{folder}/tokenizer.json has {tok.vocab_size} ids but the model's vocabulary is "
+                         f"{cfg.llm.vocab_size}")
+    state, skipped, unknown = {}, [], []
+    for key, tensor in load_sharded(folder).items():
+        try:
+            ours = released_to_nanovl(key)
+        except ValueError:
+            unknown.append(key)
+            continue
+        if ours is None:
+            skipped.append(key)
+        else:
+            state[ours] = tensor
+    if unknown:
+        raise ValueError(f"{folder}: {len(unknown)} keys that are not DeepSeek-VL's: {_shorten(unknown)}")
+    model = build_loaded(cfg, state, f"{folder}", device, dtype)
+    pre = folder / "preprocessor_config.json"
+    proc = ImageProcessor.from_dict(_read_json(pre, "the image processor")) if pre.exists() \
+        else ImageProcessor.for_config(cfg)
+    if proc.image_size != cfg.image_size:
+        raise ValueError(f"{pre}: image_size {proc.image_size} but the vision tower reads {cfg.image_size}")
+    return model, tok, proc
+
+
+def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_shard_bytes: Optional[int] = None):
+    """Write `model` in the released layout. The folder is written as folder.partial and then renamed, so an
+    interrupted export never leaves a folder that looks complete."""
+    cfg, folder = model.cfg, Path(folder)
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {nanovl_to_released(k, cfg.hybrid): v.detach().to("cpu", dtype or v.dtype).contiguous()
+               for k, v in model.state_dict().items()}
+    save_sharded(tensors, tmp, max_shard_bytes or 5 * 2 ** 30)  # HF's default shard size
+    (tmp / "config.json").write_text(json.dumps(released_config_dict(cfg), indent=2))
+    tok.save(tmp / "tokenizer.json")
+    (tmp / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": None,
+         "add_bos_token": True, "add_eos_token": False, "model_max_length": cfg.llm.max_seq_len}, indent=2))
+    (tmp / "preprocessor_config.json").write_text(json.dumps(ImageProcessor.for_config(cfg).to_dict(), indent=2))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# nanovl checkpoints, and whichever of the two a path is
+
+def _torch_load(path) -> dict:
+    """torch.load with weights_only=True: a pickle that holds anything but tensors and plain containers is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no checkpoint at {path}") from None
+    except Exception as e:  # UnpicklingError for arbitrary objects, RuntimeError for corrupt zip files
+        raise ValueError(f"cannot load {path} as a plain state dict ({type(e).__name__}: {str(e)[:300]}); only "
+                         "tensors and plain containers are accepted (torch.load(weights_only=True))") from None
+
+
+def load_nanovl(path, device="cpu", dtype=None, tokenizer=None):
+    """A nanovl stage folder (model.pt, tokenizer.json) or model.pt file -> (model, tokenizer, processor)."""
+    path = Path(path)
+    file = path / "model.pt" if path.is_dir() else path
+    state = _torch_load(file)
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "config" not in state:
+        raise ValueError(f"{file} is not a nanovl model file (a dict with 'model' and 'config'); for a training state "
+                         "use the stage folder's model.pt, written at the end of the stage")
+    cfg = VLConfig.from_dict(state["config"])
+    model = build_loaded(cfg, state["model"], str(file), device, dtype)
+    tok_path = Path(tokenizer) if tokenizer else file.parent / "tokenizer.json"
+    if not tok_path.exists():
+        raise FileNotFoundError(f"no tokenizer at {tok_path}: pass --tokenizer (e.g. data/tokenizer.json)")
+    tok = Tokenizer.load(tok_path)
+    if tok.vocab_size > cfg.llm.vocab_size or tok.image_id != cfg.image_token_id:
+        raise ValueError(f"{tok_path} ({tok.vocab_size} ids, image id {tok.image_id}) does not fit the model "
+                         f"(vocabulary {cfg.llm.vocab_size}, image id {cfg.image_token_id})")
+    return model, tok, ImageProcessor.for_config(cfg)
+
+
+def load_model(path, device="cpu", dtype=None, tokenizer=None):
+    """Either kind of checkpoint -> (model, tokenizer, processor), in eval mode."""
+    if is_released_folder(path):
+        return load_released(path, device, dtype)
+    return load_nanovl(path, device, dtype, tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pretrained parts for training (paper section 3.2: SigLIP-L, SAM-B and DeepSeek-LLM start from their own training)
+
+def _read_tensors(path: Path) -> dict:
+    if path.is_dir():
+        return load_sharded(path)
+    if path.suffix == ".safetensors":
+        return load_file(path)
+    state = _torch_load(path)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict) and "config" in state:
+        state = state["model"]  # a nanovl model.pt
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise ValueError(f"{path} is not a plain state dict of tensors")
+    return state
+
+
+def part_state(path) -> tuple:
+    """Read one pretrained part and name its tensors as ours: (what it is, {our name: tensor}, skipped keys, and for
+    a released DeepSeek-VL folder its projector type, else None)."""
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    tensors = _read_tensors(path)
+    keys, skipped, state = list(tensors), [], {}
+
+    def take(key, ours):
+        if ours is None:
+            skipped.append(key)
+        else:
+            state[ours] = tensors[key]
+
+    if "language_config" in config or any(k.startswith("language_model.") for k in keys):
+        kind = "a released DeepSeek-VL model"
+        same_aligner = config.get("aligner_config", {}).get("params", {}).get("projector_type")
+        for k in keys:
+            take(k, released_to_nanovl(k))
+        return kind, state, skipped, same_aligner
+    if any(k.startswith("image_encoder.") for k in keys):  # the original SAM checkpoint: the whole of SAM
+        kind = "SAM's image encoder"
+        for k in keys:
+            take(k, "sam." + k[len("image_encoder."):] if k.startswith("image_encoder.") else None)
+    elif any(k.startswith("model.layers.") for k in keys):  # HF LlamaForCausalLM
+        kind = "an HF Llama language model"
+        for k in keys:  # model.X -> llm.X, lm_head.weight -> llm.lm_head.weight; anything else fails the checks
+            if "rotary_emb.inv_freq" in k:
+                take(k, None)
+            else:
+                take(k, "llm." + (k[len("model."):] if k.startswith("model.") else k))
+    elif "pos_embed" in keys and any(k.startswith("blocks.") and ".mlp.fc1." in k for k in keys):  # timm ViT
+        kind = "a timm SigLIP"
+        for k in keys:  # the pooling head and classifier are not part of the tower DeepSeek-VL uses
+            take(k, None if k.startswith(("attn_pool.", "head.", "fc_norm.")) else "siglip." + k)
+    elif all(k.split(".")[0] in ("siglip", "sam", "aligner", "llm") for k in keys):
+        kind = "a nanovl model"
+        state = dict(tensors)
+    else:
+        raise ValueError(f"cannot tell what {path} holds (keys like {_shorten(keys, 4)}); expected a released "
+                         "DeepSeek-VL folder, SAM's checkpoint (image_encoder.*), a timm SigLIP (blocks.*, pos_embed), "
+                         "an HF Llama (model.layers.*) or a nanovl model.pt")
+    return kind, state, skipped, None
+
+
+def init_from_parts(model: DeepSeekVL, paths) -> list:
+    """Copy pretrained parts into a freshly initialised model; returns the report, one line per source and part.
+
+    Every tensor a source gives must exist in the model with the same shape, and no tensor may come from two
+    sources; otherwise nothing is copied. What no source gives keeps its fresh initialisation: for the 1.3B hybrid
+    recipe the hybrid adaptor and SAM's downsample convs, neck_hd and alpha (neck_hd starts as a copy of the loaded
+    neck, which it is in the official code, a deep copy; alpha starts at 0, so the side path starts switched off).
+    """
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    chosen, origin, report = {}, {}, []
+    for path in paths:
+        kind, state, skipped, projector = part_state(path)
+        if projector and projector != model.cfg.aligner.projector_type:
+            dropped = [k for k in state if k.startswith("aligner.")]
+            for k in dropped:
+                del state[k]
+            report.append(f"{path}: aligner not taken ({projector} there, {model.cfg.aligner.projector_type} here)")
+        bad = [f"{k} {tuple(v.shape)} (model: {tuple(expected[k]) if k in expected else 'no such tensor'})"
+               for k, v in state.items() if k not in expected or tuple(v.shape) != tuple(expected[k])]
+        twice = [f"{k} (also from {origin[k]})" for k in state if k in origin]
+        if bad or twice:
+            raise ValueError(f"{path} ({kind}) does not fit the {model.cfg.name!r} model; nothing was loaded:\n  " +
+                             (f"{len(bad)} tensors: {_shorten(bad, 8)}\n  " if bad else "") +
+                             (f"given twice: {_shorten(twice, 8)}" if twice else ""))
+        chosen.update(state)
+        origin.update({k: str(path) for k in state})
+        parts = sorted({k.split(".")[0] for k in state})
+        report.append(f"{path}: {kind}: {len(state)} tensors into {', '.join(parts) or 'nothing'}"
+                      + (f"; {len(skipped)} unused skipped" if skipped else ""))
+    if model.sam is not None and any(k.startswith("sam.neck.") for k in chosen):
+        for k in [k for k in expected if k.startswith("sam.neck_hd.") and k not in chosen]:
+            chosen[k] = chosen[k.replace("neck_hd.", "neck.")]
+            origin[k] = "a copy of sam.neck"
+    with torch.no_grad():
+        params = model.state_dict()
+        for k, v in chosen.items():
+            params[k].copy_(v)
+    fresh = sorted({".".join(k.split(".")[:2]) for k in expected if k not in chosen})
+    copied = sorted({".".join(k.split(".")[:2]) for k, o in origin.items() if o == "a copy of sam.neck"})
+    if copied:
+        report.append(f"{', '.join(copied)}: a copy of the loaded sam.neck (as the official deep copy)")
+    report.append("freshly initialised: " + (", ".join(fresh) if fresh else "nothing"))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# python -m nanovl.checkpoint --ckpt out/stage3 --export out/stage3-released [--dtype bf16] [--shard_gb 5]
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="Export a nanovl checkpoint in the released DeepSeek-VL layout.")
+    p.add_argument("--ckpt", required=True, help="a nanovl stage folder or model.pt (or a released folder)")
+    p.add_argument("--export", required=True, help="the folder to write")
+    p.add_argument("--tokenizer", default="", help="tokenizer.json, if not beside the checkpoint")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--shard_gb", type=float, default=5.0, help="largest shard, in GiB (HF's default: 5)")
+    args = p.parse_args(argv)
+    try:
+        model, tok, _ = load_model(args.ckpt, tokenizer=args.tokenizer or None)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(str(e)) from None
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    out = export_released(model, tok, args.export, dtype, int(args.shard_gb * 2 ** 30))
+    print(f"wrote {out}: {', '.join(sorted(f.name for f in out.iterdir()))}")
+
+
+if __name__ == "__main__":
+    main()

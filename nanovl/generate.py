@@ -1,0 +1,203 @@
+"""
+Generation: how the next token is picked, batched decoding with the KV cache, and a chat session whose cache holds
+the conversation between turns (nanochat's engine pattern; the official repo calls HF's generate, facts section 9).
+
+    prompt ids (B, T), left-padded, and the images of every row in order
+      -> one forward pass fills the KV cache with the whole prompt (the images go through the towers here, once)
+      -> then one token at a time: logits of the last position -> pick -> feed it back, attending over the cache
+      -> a row stops at <｜end▁of▁sentence｜>; generation stops when every row has, or at max_new_tokens
+
+Picking (`pick`), in HF's order: repetition penalty -> temperature -> top-k -> top-p -> sample; temperature 0 is
+greedy. The official chat CLI samples with temperature 0.2, top-p 0.95, repetition penalty 1.1; its inference
+example decodes greedily, 512 new tokens at most.
+
+A chat turn (`ChatSession.ask`) feeds only what is new since the cache was last written: the end-of-sentence token
+that closes the previous answer, then "User: ...\\n\\nAssistant:". The system prompt, earlier turns and their images
+are never run again. The ids are the ones render_chat would give for the same conversation, except that each
+earlier answer is kept as the ids the model produced rather than re-encoded from its text.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
+
+import torch
+
+from nanovl.chat import IMAGE_TAG, SYSTEM_PROMPT, expand_images
+
+
+@dataclass
+class Sampling:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0: greedy (argmax)
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1.0: off
+    repetition_penalty: float = 1.0  # 1.0: off; >1 discourages tokens already generated in this answer
+    seed: int = 0
+
+    def check(self) -> "Sampling":
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0 \
+                or self.max_new_tokens < 1:
+            raise ValueError(f"bad sampling settings {self}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1, "
+                             "repetition_penalty > 0, max_new_tokens >= 1")
+        return self
+
+
+def warp(logits, generated, s: Sampling):
+    """The sampling distribution's logits: (B, V) last-position logits, generated (B, t) ids of this answer so far.
+    Tokens that may not be picked get -inf. Each step matches its HF logits processor (a test checks this)."""
+    logits = logits.float()
+    if s.repetition_penalty != 1.0 and generated.shape[1]:
+        # HF's RepetitionPenaltyLogitsProcessor: a seen token's logit is divided by the penalty if positive and
+        # multiplied if negative, so it always becomes less likely. HF's generate applies it to input_ids, which are
+        # only the generated tokens when the prompt comes as embeddings, as in DeepSeek-VL's CLI.
+        seen = logits.gather(1, generated)  # (B, t)
+        logits = logits.scatter(1, generated, torch.where(seen > 0, seen / s.repetition_penalty,
+                                                          seen * s.repetition_penalty))
+    if s.temperature == 0:
+        return logits
+    logits = logits / s.temperature
+    if s.top_k:
+        kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1) the k-th largest
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:
+        # Keep the smallest set of most likely tokens whose probabilities add up to top_p: drop a token when the
+        # tokens ranked above it already reach top_p (the most likely token is always kept).
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop_sorted = probs.cumsum(-1) - probs >= s.top_p  # (B, V) in sorted order
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return logits
+
+
+def pick(logits, generated, s: Sampling, generator: Optional[torch.Generator] = None):
+    """logits (B, V) of the last position, generated (B, t) ids of this answer so far -> next ids (B,)."""
+    logits = warp(logits, generated, s)
+    if s.temperature == 0:
+        return logits.argmax(-1)  # greedy
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+def _decode(model, cache, logits, s: Sampling, stop_ids, pad_id: int, n_words: int, on_step=None) -> torch.Tensor:
+    """Decode from the prompt's last logits (B, V) until every row hit a stop id or max_new_tokens. -> (B, n) ids,
+    with pad_id after a row's stop token. on_step(ids (B,)) is called after each step (for streaming).
+
+    Only ids below n_words (the tokenizer's size) are ever picked: the embedding is padded past the tokenizer (to
+    102400 in the released models), and those rows have no text to decode to. Nor is <image_placeholder>: fed back,
+    it would ask for an image that does not exist."""
+    B, device = logits.shape[0], logits.device
+    generator = torch.Generator(device=device).manual_seed(s.seed)
+    stop = torch.tensor(sorted(stop_ids), device=device)
+    out = torch.empty(B, 0, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    n_new = min(s.max_new_tokens, cache.max_len - cache.length + 1)  # the last token is never fed back
+    for i in range(n_new):
+        logits = logits[:, :n_words].index_fill(1, torch.tensor([model.cfg.image_token_id], device=device),
+                                                float("-inf"))
+        nxt = pick(logits, out, s, generator)  # (B,)
+        nxt = torch.where(done, pad_id, nxt)
+        out = torch.cat([out, nxt[:, None]], dim=1)
+        done |= torch.isin(nxt, stop)
+        if on_step is not None:
+            on_step(nxt)
+        if bool(done.all()) or i == n_new - 1:
+            break
+        logits, _ = model(nxt[:, None], cache=cache)  # (B, 1, V): one new token per row, over the cache
+        logits = logits[:, -1]
+    return out
+
+
+@torch.no_grad()
+def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sampling = Sampling(), stop_ids=(),
+             pad_id: int = 0, n_words: Optional[int] = None, on_step: Optional[Callable] = None) -> List[List[int]]:
+    """Several prompts in one left-padded batch -> the new ids of each (the stop token included if reached).
+
+    prompts: token ids with image spans already expanded; images (N, 3, S, S): the images of all rows, in order;
+    n_words: the tokenizer's vocabulary size (default: the model's).
+    """
+    s = sampling.check()
+    T, ctx = max(len(p) for p in prompts), model.cfg.llm.max_seq_len
+    if T >= ctx:
+        raise ValueError(f"the longest prompt has {T} tokens but the model's context is {ctx}: at least one token "
+                         f"must fit after it; shorten the prompt")
+    device = model.llm.embed_tokens.weight.device
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    pad_mask = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for r, p in enumerate(prompts):  # left padding: every prompt ends at the same position, where decoding starts
+        ids[r, T - len(p):] = torch.tensor(p, dtype=torch.long)
+        pad_mask[r, T - len(p):] = True
+    cache = model.llm.new_cache(len(prompts), min(ctx, T + s.max_new_tokens))
+    logits, _ = model(ids.to(device), None if images is None else images.to(device), cache=cache,
+                      pad_mask=pad_mask.to(device))
+    out = _decode(model, cache, logits[:, -1], s, stop_ids, pad_id, n_words or logits.shape[-1], on_step)
+    rows = []
+    for row in out.tolist():  # cut each row after its stop token
+        end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+        rows.append(row[:end])
+    return rows
+
+
+class ChatSession:
+    """A conversation with one model, its KV cache holding everything said so far."""
+
+    def __init__(self, model, tokenizer, processor, system: str = SYSTEM_PROMPT, max_len: Optional[int] = None):
+        self.model, self.tok, self.proc = model, tokenizer, processor
+        self.cache = model.llm.new_cache(1, max_len)
+        self.ids: List[int] = []  # exactly what the cache holds
+        pending = [tokenizer.bos_id]
+        if system:
+            pending += tokenizer.encode(system.strip()) + tokenizer.encode("\n\n")
+        self.pending = pending  # ids decided but not yet fed: the start, or the previous answer's end-of-sentence
+        self.turns = 0
+
+    def turn_ids(self, content: str) -> List[int]:
+        """The ids a user turn adds, up to and including the generation prompt (the pieces render_chat uses)."""
+        tok = self.tok
+        ids = tok.encode(f"User: {content.strip()}") + tok.encode("\n\n") + tok.encode("Assistant:")
+        return expand_images(ids, [0] * len(ids), tok.image_id, self.model.cfg.n_image_tokens)[0]
+
+    @torch.no_grad()
+    def ask(self, content: str, images: Sequence = (), sampling: Sampling = Sampling(),
+            on_text: Optional[Callable[[str], None]] = None) -> str:
+        """One user turn -> the answer's text. `images` (PIL images or paths) fill the turn's placeholders in order.
+        A bad image, a wrong image count or a conversation too long for the context raises ValueError and leaves the
+        session as it was."""
+        s = sampling.check()
+        n_tags = content.count(IMAGE_TAG)
+        if n_tags != len(images):
+            raise ValueError(f"this message has {n_tags} {IMAGE_TAG} but {len(images)} images were given: put one "
+                             f"{IMAGE_TAG} in the message for each image, in order")
+        new = self.pending + self.turn_ids(content)
+        end = self.cache.length + len(new)
+        if end >= self.cache.max_len:
+            raise ValueError(f"this turn would make the conversation {end} tokens long, but the context holds "
+                             f"{self.cache.max_len} (with room for an answer); start a new chat")
+        pixels = torch.stack([self.proc(im) for im in images]) if images else None  # (N, 3, S, S); may raise
+        device = self.model.llm.embed_tokens.weight.device
+        start = self.cache.length
+        try:
+            logits, _ = self.model(torch.tensor([new], device=device), None if pixels is None else pixels.to(device),
+                                   cache=self.cache)
+            answer: List[int] = []
+            shown = ""
+
+            def stream(nxt):
+                nonlocal shown
+                answer.append(int(nxt[0]))
+                text = self.tok.decode([t for t in answer if t != self.tok.eos_id]).lstrip()
+                if on_text is not None and not text.endswith("\ufffd") and len(text) > len(shown):
+                    on_text(text[len(shown):])  # only whole characters: a split UTF-8 sequence waits for its end
+                    shown = text
+
+            _decode(self.model, self.cache, logits[:, -1], s, {self.tok.eos_id}, self.tok.pad_id, self.tok.vocab_size,
+                    stream)
+        except BaseException:
+            self.cache.length = start  # forget the half-written turn: the next one overwrites those slots
+            raise
+        # The cache now holds the turn and every answer token but the last (a token is fed back only to get the
+        # next one). The template closes each answer with <｜end▁of▁sentence｜>: it, and the answer's last token if
+        # the answer was cut at max_new_tokens, start the next turn.
+        held = self.cache.length - start - len(new)
+        self.ids += new + answer[:held]
+        self.pending = [t for t in answer[held:] if t != self.tok.eos_id] + [self.tok.eos_id]
+        self.turns += 1
+        return self.tok.decode([t for t in answer if t != self.tok.eos_id]).strip()

@@ -1,0 +1,163 @@
+"""
+Chat about images with a trained nanovl checkpoint or a released DeepSeek-VL model folder.
+
+    python sample.py --ckpt out/stage3 --image data/images/caption/00000.png --prompt "What colour is the circle?"
+    python sample.py --ckpt out/stage3 --image a.png --image b.png --prompt "<image_placeholder> <image_placeholder> Same?"
+    python sample.py --ckpt deepseek-vl-7b-chat --image photo.jpg     # interactive chat (no --prompt)
+    python sample.py --ckpt out/stage3 --prompt "one" --prompt "two"  # several prompts, one left-padded batch
+
+--ckpt is a nanovl stage folder (model.pt; its tokenizer.json, or --tokenizer) or a released model folder
+(config.json, model.safetensors, tokenizer.json, preprocessor_config.json). A prompt without <image_placeholder>
+gets one in front for each --image, as in the official examples. Decoding is greedy by default; --temperature,
+--top_k, --top_p and --repetition_penalty sample instead (the official CLI uses 0.2 / - / 0.95 / 1.1), seeded by
+--seed, so a run is reproducible.
+
+In the interactive chat each turn reuses the KV cache: only the new message is run through the model, never the
+earlier turns or their images. Commands: `new` starts a new chat, `image PATH` attaches an image to the next
+message, `help`, `exit`.
+"""
+
+import argparse
+import sys
+
+import torch
+
+from nanovl.chat import IMAGE_TAG, SYSTEM_PROMPT, render_chat
+from nanovl.checkpoint import load_model
+from nanovl.generate import ChatSession, Sampling, generate
+
+HELP = f"""commands:
+  new          forget the conversation and start again
+  image PATH   attach an image to your next message (its {IMAGE_TAG} goes in front unless you place it)
+  help         this text
+  exit         leave (so does Ctrl-D)
+A message may hold several {IMAGE_TAG}; you are asked for a path for each one not attached yet."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="a nanovl stage folder / model.pt, or a released model folder")
+    p.add_argument("--image", action="append", default=[], help="an image file; repeat for several")
+    p.add_argument("--prompt", action="append", default=[], help="answer once and exit; repeat for a batch")
+    p.add_argument("--tokenizer", default="", help="tokenizer.json for a nanovl checkpoint without one beside it")
+    p.add_argument("--system", default=SYSTEM_PROMPT, help="system prompt ('' for none)")
+    p.add_argument("--max_new_tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if there is one)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 on GPU, fp32 on CPU")
+    return p.parse_args(argv)
+
+
+def with_tags(message: str, n_images: int) -> str:
+    """The official examples put the image first: prepend a placeholder per image when the message has none."""
+    return message if IMAGE_TAG in message or not n_images else IMAGE_TAG * n_images + message
+
+
+def answer_prompts(args, model, tok, proc, sampling):
+    """--prompt given: one batch of prompts; the images fill their placeholders in order."""
+    prompts = [with_tags(p, len(args.image)) for p in args.prompt] if len(args.prompt) == 1 else args.prompt
+    n_tags = sum(p.count(IMAGE_TAG) for p in prompts)
+    if n_tags != len(args.image):
+        raise SystemExit(f"the prompts hold {n_tags} {IMAGE_TAG} but {len(args.image)} --image were given: give one "
+                         "image per placeholder, in order")
+    try:
+        pixels = torch.stack([proc(path) for path in args.image]) if args.image else None  # (N, 3, S, S)
+        ids = [render_chat([{"role": "user", "content": p}], tok, model.cfg.n_image_tokens, system=args.system,
+                           generation_prompt=True)[0] for p in prompts]
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    stream = len(prompts) == 1
+    shown = [""]
+
+    def on_step(nxt):  # streaming a single prompt: print whole characters as they come
+        answer.append(int(nxt[0]))
+        text = tok.decode([t for t in answer if t != tok.eos_id]).lstrip()
+        if not text.endswith("\ufffd"):
+            print(text[len(shown[0]):], end="", flush=True)
+            shown[0] = text
+
+    answer = []
+    try:
+        outs = generate(model, ids, pixels, sampling, stop_ids={tok.eos_id}, pad_id=tok.pad_id, n_words=tok.vocab_size,
+                        on_step=on_step if stream else None)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if stream:
+        print()
+    else:
+        for p, out in zip(prompts, outs):
+            print(f"User: {p}\nAssistant: {tok.decode([t for t in out if t != tok.eos_id]).strip()}\n")
+
+
+def chat(args, model, tok, proc, sampling):
+    """The interactive loop. Errors in a turn (a bad image, too many placeholders, a full context) are printed and
+    the conversation goes on as it was."""
+    session = ChatSession(model, tok, proc, system=args.system)
+    queued = list(args.image)
+    print(f"chatting with {args.ckpt} ({model.cfg.name}); type 'help' for commands")
+    while True:
+        try:
+            line = input("\nUser: ").strip()
+        except EOFError:
+            print()
+            return
+        if not line:
+            continue
+        if line in ("exit", "quit"):
+            return
+        if line == "help":
+            print(HELP)
+            continue
+        if line == "new":
+            session, queued = ChatSession(model, tok, proc, system=args.system), []
+            print("(new chat)")
+            continue
+        if line.startswith("image "):
+            queued.append(line[len("image "):].strip())
+            print(f"({len(queued)} image(s) attached to your next message)")
+            continue
+        message = with_tags(line, len(queued))
+        images = list(queued)
+        while len(images) < message.count(IMAGE_TAG):
+            try:
+                images.append(input(f"  path of image {len(images) + 1} of {message.count(IMAGE_TAG)}: ").strip())
+            except EOFError:
+                return
+        print("Assistant: ", end="", flush=True)
+        try:
+            session.ask(message, images, sampling, on_text=lambda t: print(t, end="", flush=True))
+            queued = []
+        except ValueError as e:
+            print(f"\n(error: {e}; the conversation is as it was{' and the attached images are dropped' if queued else ''})")
+            queued = []
+            continue
+        except KeyboardInterrupt:
+            print("\n(interrupted: that turn is forgotten)")
+            continue
+        print()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+             "auto": torch.bfloat16 if device.startswith("cuda") else torch.float32}[args.dtype]
+    try:
+        model, tok, proc = load_model(args.ckpt, device, dtype, tokenizer=args.tokenizer or None)
+        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                            args.seed).check()
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(str(e)) from None
+    if args.prompt:
+        answer_prompts(args, model, tok, proc, sampling)
+    else:
+        chat(args, model, tok, proc, sampling)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Generation and sample.py: the cache gives the tokens a full recompute gives, sampling matches HF's logits
+processors and is seeded, a chat turn prefills only its new tokens, and bad input leaves a session as it was."""
+
+import os
+
+import pytest
+import torch
+from PIL import Image
+from transformers.generation.logits_process import (RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
+
+import sample
+from conftest import randomize_
+from nanovl import DeepSeekVL, get_config
+from nanovl.chat import IMAGE_TAG, render_chat
+from nanovl.generate import ChatSession, Sampling, generate, pick, warp
+from nanovl.image import ImageProcessor
+from nanovl.tokenizer import Tokenizer
+
+TEXT = "what colour is the circle? it is red. the square is blue, the sign says open. " * 30
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train([TEXT], 280)
+
+
+@pytest.fixture(scope="module")
+def tiny(tok):
+    torch.manual_seed(0)
+    cfg = get_config("tiny", **{"llm.vocab_size": tok.vocab_size})
+    # Large random weights, so that greedy decoding wanders over many tokens instead of repeating one.
+    return randomize_(DeepSeekVL(cfg), std=0.3).eval()
+
+
+def picture(seed: int, size=(40, 30)) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray((torch.rand(size[1], size[0], 3, generator=g) * 255).byte().numpy())
+
+
+def naive_greedy(model, ids, images, n):
+    """Greedy decoding without a cache: the whole sequence again at every step."""
+    ids = list(ids)
+    for _ in range(n):
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([ids]), images)
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[-n:]
+
+
+def test_greedy_with_the_cache_equals_recomputing_every_step(tiny, tok):
+    proc = ImageProcessor.for_config(tiny.cfg)
+    img = torch.stack([proc(picture(1)), proc(picture(2))])
+    n_img = tiny.cfg.n_image_tokens
+    long = render_chat([{"role": "user", "content": f"{IMAGE_TAG}what colour is the circle?"}], tok, n_img,
+                       generation_prompt=True)[0]
+    short = render_chat([{"role": "user", "content": f"{IMAGE_TAG}red"}], tok, n_img, system="",
+                        generation_prompt=True)[0]
+    assert len(long) != len(short)  # so the batch is left-padded
+    got = generate(tiny, [long, short], img, Sampling(max_new_tokens=12), pad_id=tok.pad_id)
+    assert got[0] == naive_greedy(tiny, long, img[:1], 12)
+    assert got[1] == naive_greedy(tiny, short, img[1:], 12)
+    assert len(set(got[0])) > 3  # the test means something only if the model says varied things
+
+
+def test_warping_matches_hf_logits_processors():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    generated = torch.randint(0, 50, (3, 7))
+    s = Sampling(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.3)
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(generated, logits.clone())
+    for hf in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.8)):
+        expected = hf(generated, expected)
+    got = warp(logits, generated, s)
+    assert torch.equal(torch.isinf(got), torch.isinf(expected))
+    kept = ~torch.isinf(expected)
+    assert torch.allclose(got[kept], expected[kept], atol=1e-6)
+    assert 1 < kept.sum(1).min() and kept.sum(1).max() < 20  # top-p cut below top-k: both rules did something
+
+
+def test_sampling_is_seeded_and_respects_top_k():
+    logits = torch.zeros(1, 10)
+    draws = lambda seed, **kw: [int(pick(logits, torch.empty(1, 0, dtype=torch.long), Sampling(temperature=1.0, **kw),
+                                         torch.Generator().manual_seed(seed + i))) for i in range(50)]
+    assert draws(0) == draws(0) and draws(0) != draws(1)
+    logits[0, 3], logits[0, 7] = 5.0, 4.0
+    assert set(draws(0, top_k=2)) == {3, 7}
+    assert set(draws(0, top_p=0.5)) == {3}
+
+
+def test_generation_is_reproducible_with_a_seed(tiny, tok):
+    prompt = tok.encode("what colour", bos=True)
+    s = Sampling(max_new_tokens=10, temperature=1.5, seed=7)
+    assert generate(tiny, [prompt], sampling=s) == generate(tiny, [prompt], sampling=s)
+    assert generate(tiny, [prompt], sampling=s) != generate(tiny, [prompt], sampling=Sampling(10, 1.5, seed=8))
+
+
+def test_chat_turns_prefill_only_their_new_tokens(tiny, tok, monkeypatch):
+    proc = ImageProcessor.for_config(tiny.cfg)
+    fed, images_seen = [], []
+    forward, encode = tiny.llm.forward, tiny.encode_images
+    monkeypatch.setattr(tiny.llm, "forward", lambda *a, **k: fed.append(k["embeds"].shape[1]) or forward(*a, **k))
+    monkeypatch.setattr(tiny, "encode_images", lambda x: images_seen.append(len(x)) or encode(x))
+
+    chat = ChatSession(tiny, tok, proc)
+    s = Sampling(max_new_tokens=6)
+    chat.ask(f"{IMAGE_TAG}what colour is the circle?", [picture(3)], s)
+    turn1 = render_chat([{"role": "user", "content": f"{IMAGE_TAG}what colour is the circle?"}], tok,
+                        tiny.cfg.n_image_tokens, generation_prompt=True)[0]
+    assert chat.ids[:len(turn1)] == turn1 and fed[0] == len(turn1)  # the first prefill is the official prompt
+    assert chat.pending[-1] == tok.eos_id and len(chat.pending) <= 2  # the answer's end, fed with the next turn
+    fed.clear()
+    pending = len(chat.pending)
+    chat.ask("and the square?", [], s)
+    assert fed[0] == pending + len(chat.turn_ids("and the square?"))  # the new message only ...
+    assert all(n == 1 for n in fed[1:])  # ... then one token per step
+    assert images_seen == [1]  # the image went through the towers once, in the first turn
+
+    # The conversation is the template's: each answer is what decoding the conversation so far from scratch gives,
+    # closed by end-of-sentence, then the next user turn. And the cache is right: the third turn answers as
+    # decoding the whole conversation from scratch does.
+    pixels = proc(picture(3))[None]
+    conversation = list(turn1)
+    for content in ("and the square?", "and the sign?"):
+        answer = generate(tiny, [conversation], pixels, s, stop_ids={tok.eos_id}, n_words=tok.vocab_size)[0]
+        answer = [t for t in answer if t != tok.eos_id]
+        conversation += answer + [tok.eos_id] + chat.turn_ids(content)
+    assert chat.ids + chat.pending == conversation[:len(chat.ids + chat.pending)]
+    third = chat.ask("and the sign?", [], s)
+    expected = generate(tiny, [conversation], pixels, s, stop_ids={tok.eos_id}, n_words=tok.vocab_size)[0]
+    assert third == tok.decode([t for t in expected if t != tok.eos_id]).strip()
+
+
+def test_a_bad_turn_leaves_the_session_as_it_was(tiny, tok, tmp_path):
+    proc = ImageProcessor.for_config(tiny.cfg)
+    s = Sampling(max_new_tokens=5)
+    chat, fresh = ChatSession(tiny, tok, proc), ChatSession(tiny, tok, proc)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG not really")
+    for content, images, message in [(f"{IMAGE_TAG}{IMAGE_TAG}two?", [picture(1)], "2 <image_placeholder> but 1"),
+                                     (f"{IMAGE_TAG}this?", [str(bad)], "cannot read image"),
+                                     ("red " * 600, [], "start a new chat")]:
+        with pytest.raises(ValueError, match=message):
+            chat.ask(content, images, s)
+        assert chat.cache.length == 0 and chat.ids == [] and chat.turns == 0
+    assert chat.ask(f"{IMAGE_TAG}what?", [picture(4)], s) == fresh.ask(f"{IMAGE_TAG}what?", [picture(4)], s)
+
+
+def test_prompt_longer_than_the_context_is_refused(tiny, tok):
+    with pytest.raises(ValueError, match="context is 512"):
+        generate(tiny, [[1] * 600])
+
+
+@pytest.fixture(scope="module")
+def stage_folder(tiny, tok, tmp_path_factory):
+    """A trained-looking stage folder: model.pt and tokenizer.json, as train.py writes them."""
+    folder = tmp_path_factory.mktemp("stage3")
+    torch.save({"model": tiny.state_dict(), "config": tiny.cfg.to_dict()}, folder / "model.pt")
+    tok.save(folder / "tokenizer.json")
+    picture(5, (64, 48)).save(folder / "cat.png")
+    return folder
+
+
+def test_sample_answers_a_prompt_and_streams_the_text(stage_folder, tiny, tok, capsys):
+    sample.main(["--ckpt", str(stage_folder), "--image", str(stage_folder / "cat.png"), "--prompt", "what colour?",
+                 "--max_new_tokens", "8"])
+    out = capsys.readouterr().out
+    proc = ImageProcessor.for_config(tiny.cfg)
+    ids = render_chat([{"role": "user", "content": f"{IMAGE_TAG}what colour?"}], tok, tiny.cfg.n_image_tokens,
+                      generation_prompt=True)[0]
+    expected = generate(tiny, [ids], proc(stage_folder / "cat.png")[None], Sampling(8), stop_ids={tok.eos_id},
+                        n_words=tok.vocab_size)[0]
+    assert out.strip() == tok.decode([t for t in expected if t != tok.eos_id]).strip()
+
+
+def test_sample_refuses_mismatched_images_and_missing_checkpoints(stage_folder, tmp_path):
+    with pytest.raises(SystemExit, match="hold 2 <image_placeholder> but 1 --image"):
+        sample.main(["--ckpt", str(stage_folder), "--image", str(stage_folder / "cat.png"),
+                     "--prompt", f"{IMAGE_TAG}{IMAGE_TAG}same?"])
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        sample.main(["--ckpt", str(tmp_path / "nothing"), "--prompt", "hi"])
+
+
+def test_interactive_chat_commands(stage_folder, monkeypatch, capsys):
+    lines = iter(["help", f"image {stage_folder / 'cat.png'}", "what colour?", f"{IMAGE_TAG}and this?",
+                  str(stage_folder / "missing.png"), "new", "hello", "exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    sample.main(["--ckpt", str(stage_folder), "--max_new_tokens", "4"])
+    out = capsys.readouterr().out
+    assert "commands:" in out and "1 image(s) attached" in out
+    assert "does not exist" in out and "the conversation is as it was" in out  # the missing image, then going on
+    assert "(new chat)" in out
+    assert out.count("Assistant: ") == 3

@@ -1,0 +1,437 @@
+"""Released checkpoints and pretrained parts.
+
+The released weights cannot be downloaded here, so each test builds a folder in the released layout with tiny
+dimensions: a reference model composed from timm (SigLIP), segment-anything (SAM-B) and transformers (Llama) modules
+named as the official model names them, its weights written with the `safetensors` library, a tokenizer written with
+`tokenizers`. nanovl must load the folder without either library and give the reference model's logits."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+from safetensors.torch import load_file as st_load_file
+from safetensors.torch import save_file as st_save_file
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, trainers
+from tokenizers import pre_tokenizers as pt
+from transformers import LlamaConfig as HFLlamaConfig
+from transformers import LlamaForCausalLM
+
+from PIL import Image
+
+from conftest import ATOL, max_diff, randomize_
+from test_image import official_canvas
+from test_tokenizer import deepseek_pre_tokenizer
+from test_vision import segment_anything_encoder, timm_siglip
+from nanovl import DeepSeekVL, get_config
+from nanovl.chat import IMAGE_TAG, render_chat
+from nanovl.checkpoint import export_released, init_from_parts, load_model, load_released, released_config
+from nanovl.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, SAMConfig, SigLIPConfig
+from nanovl.tokenizer import BOS, EOS, IMAGE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VOCAB = 320  # the model's embedding is padded past the tokenizer, as the released 102400 is
+SIGLIP_DIMS = dict(patch_size=16, width=32, depth=2, n_heads=2, mlp_ratio=4.0)
+SAM_DIMS = dict(patch_size=16, width=32, depth=3, n_heads=2, mlp_ratio=4.0, window_size=3, global_blocks=(1,),
+                neck_dim=16, downsample_dims=(24, 40))
+LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+             vocab_size=VOCAB, max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=10000.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The reference model: the official module tree, built from the reference implementations
+
+class OfficialSAM(nn.Module):
+    """DeepSeek's sam_b_downsample: segment-anything's encoder plus neck_hd, the downsample convs and alpha."""
+
+    def __init__(self, cfg: SAMConfig):
+        super().__init__()
+        enc = segment_anything_encoder(cfg)
+        self.patch_embed, self.pos_embed, self.blocks, self.neck = enc.patch_embed, enc.pos_embed, enc.blocks, enc.neck
+        self.neck_hd = copy.deepcopy(enc.neck)
+        d0, d1 = cfg.downsample_dims
+        self.downsamples = nn.Sequential(nn.Conv2d(cfg.neck_dim, d0, 3, 2, 1, bias=False),
+                                         nn.Conv2d(d0, d1, 3, 2, 1, bias=False))
+        self.hd_alpha_downsamples = nn.Parameter(torch.zeros(1))
+        self.up = cfg.upsample_size
+
+    def forward(self, x):  # facts sheet section 1, written out
+        x = self.patch_embed(x) + self.pos_embed
+        first_global = None
+        for blk in self.blocks:
+            x = blk(x)
+            if blk.window_size == 0 and first_global is None:
+                first_global = x
+
+        def tail(neck, h):
+            y = F.interpolate(neck(h.permute(0, 3, 1, 2)).float(), size=(self.up, self.up), mode="bilinear",
+                              align_corners=False)
+            return self.downsamples(y)
+
+        y = tail(self.neck, x) + self.hd_alpha_downsamples * tail(self.neck_hd, first_global)
+        return y.flatten(2).transpose(1, 2)  # (B, n, C) row-major
+
+
+class Tower(nn.Module):  # the official CLIPVisionTower wrapper: the backbone sits at `.vision_tower`
+    def __init__(self, backbone):
+        super().__init__()
+        self.vision_tower = backbone
+
+
+class ReferenceVL(nn.Module):
+    """state_dict() keys are the released checkpoint's keys, unused ones included."""
+
+    def __init__(self, hybrid: bool, siglip_size: int, sam_size: int = 0):
+        super().__init__()
+        self.hybrid = hybrid
+        sig_cfg = SigLIPConfig(image_size=siglip_size, **SIGLIP_DIMS)
+        self.vision_model = nn.Module()
+        if hybrid:
+            self.vision_model.vision_tower_high = Tower(OfficialSAM(SAMConfig(image_size=sam_size, **SAM_DIMS)))
+            self.vision_model.vision_tower_low = Tower(timm_siglip(sig_cfg))
+            self.vision_model.high_layer_norm = nn.LayerNorm(1024)  # built, never used (facts section 3)
+            self.vision_model.low_layer_norm = nn.LayerNorm(1024)
+            d = LLAMA["hidden_size"]
+            self.aligner = nn.Module()
+            self.aligner.high_up_proj = nn.Linear(SAM_DIMS["downsample_dims"][-1], d // 2)
+            self.aligner.low_up_proj = nn.Linear(SIGLIP_DIMS["width"], d // 2)
+            self.aligner.layers = nn.Sequential(nn.GELU(), nn.Linear(d, d))
+        else:
+            self.vision_model.vision_tower = timm_siglip(sig_cfg)
+            self.aligner = nn.Module()
+            self.aligner.layers = nn.Sequential(nn.Linear(SIGLIP_DIMS["width"], LLAMA["hidden_size"]), nn.GELU(),
+                                                nn.Linear(LLAMA["hidden_size"], LLAMA["hidden_size"]))
+        self.language_model = LlamaForCausalLM(HFLlamaConfig(**LLAMA, tie_word_embeddings=False))
+        self.siglip_size = siglip_size
+
+    def image_embeds(self, pixels):
+        vm, a = self.vision_model, self.aligner
+        if not self.hybrid:  # 1.3B: the processor normalised already
+            return a.layers(vm.vision_tower.forward_features(pixels))
+        high = vm.vision_tower_high.vision_tower(T.Normalize(CLIP_MEAN, CLIP_STD)(pixels))
+        low = T.Resize(self.siglip_size, antialias=True)(pixels)  # torchvision's default: bilinear
+        low = vm.vision_tower_low.vision_tower.forward_features(T.Normalize(SIGLIP_MEAN, SIGLIP_STD)(low))
+        return a.layers(torch.cat([a.high_up_proj(high), a.low_up_proj(low)], dim=-1))
+
+    def forward(self, ids, pixels, image_id):  # official prepare_inputs_embeds, then the HF decoder
+        embeds = self.language_model.get_input_embeddings()(ids)
+        embeds[ids == image_id] = self.image_embeds(pixels).flatten(0, 1)
+        return self.language_model(inputs_embeds=embeds).logits
+
+
+def hf_tokenizer(path):
+    """DeepSeek's layout: byte-level BPE, then the special tokens added after the vocabulary."""
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = deepseek_pre_tokenizer()
+    hf.decoder = decoders.ByteLevel()
+    text = ["what colour is the circle? the circle is red and the square is blue. " * 20]
+    hf.train_from_iterator(text, trainers.BpeTrainer(vocab_size=280, show_progress=False,
+                                                     initial_alphabet=pt.ByteLevel.alphabet()))
+    hf.add_special_tokens([BOS, EOS, IMAGE])
+    hf.save(str(path))
+    return hf
+
+
+def released_folder(path, hybrid: bool, shards: bool = False):
+    """Write a released-layout folder by hand (independently of nanovl's exporter); return the reference model."""
+    path.mkdir(parents=True)
+    siglip_size, sam_size = (48, 128) if hybrid else (48, 0)
+    torch.manual_seed(1)
+    ref = randomize_(ReferenceVL(hybrid, siglip_size, sam_size), std=0.2).eval()
+    with torch.no_grad():
+        if hybrid:
+            ref.vision_model.vision_tower_high.vision_tower.hd_alpha_downsamples.fill_(0.7)
+    state = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    state["language_model.model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.rand(8)  # older HF exports hold it
+    if shards:  # two shards and HF's index
+        names = sorted(state)
+        parts = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+        for file, keys in parts.items():
+            st_save_file({k: state[k] for k in keys}, str(path / file))
+        weight_map = {k: f for f, keys in parts.items() for k in keys}
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    else:
+        st_save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    hf_tokenizer(path / "tokenizer.json")
+    tower = lambda size, dims, mean: {"model_name": "tiny", "image_size": size, "select_feature": "same",
+                                      "select_layer": -1, "pixel_mean": mean, "pixel_std": mean and 0.5,
+                                      "nanovl": dims}
+    if hybrid:
+        vision = {"cls": "HybridVisionTower", "params": {
+            "concat_type": "tuple",
+            "high_res_cfg": dict(tower(sam_size, SAM_DIMS, list(CLIP_MEAN)), pixel_std=list(CLIP_STD)),
+            "low_res_cfg": dict(tower(siglip_size, SIGLIP_DIMS, list(SIGLIP_MEAN)), pixel_std=list(SIGLIP_STD))}}
+        aligner = {"projector_type": "low_high_hybrid_split_mlp_gelu", "depth": 2, "input_dim": 32, "n_embed": 64}
+        pre = {"image_size": sam_size, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+               "do_normalize": False}
+    else:
+        vision = {"cls": "CLIPVisionTower", "params": dict(tower(siglip_size, SIGLIP_DIMS, None))}
+        aligner = {"projector_type": "mlp_gelu", "depth": 2, "input_dim": 32, "n_embed": 64}
+        pre = {"image_size": siglip_size, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "do_normalize": True}
+    config = {"model_type": "multi_modality", "vision_config": vision,
+              "aligner_config": {"cls": "MlpProjector", "params": aligner},
+              "language_config": dict(LLAMA, model_type="llama", torch_dtype="float32")}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "preprocessor_config.json").write_text(json.dumps(dict(pre, image_processor_type="VLMImageProcessor",
+                                                                   min_size=14, rescale_factor=1 / 255)))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": BOS, "eos_token": EOS}))
+    return ref
+
+
+def chat_batch(tok, proc, n_tokens, seed=0, official=None):
+    """A two-image chat prompt -> (ids (1, T), pixels (2, 3, S, S)) made by `proc`, or by the official processor's
+    transcription for the layout `official` ("hybrid": CLIP-mean padding, no normalisation; "siglip": 0.5)."""
+    g = torch.Generator().manual_seed(seed)
+    images = [Image.fromarray((torch.rand(30 + 10 * i, 40, 3, generator=g) * 255).byte().numpy()) for i in range(2)]
+    ids = render_chat([{"role": "user", "content": f"{IMAGE_TAG}what colour? {IMAGE_TAG} and this?"}], tok, n_tokens,
+                      generation_prompt=True)[0]
+    if official == "hybrid":
+        pixels = [official_canvas(im, 128, CLIP_MEAN) for im in images]
+    elif official == "siglip":
+        pixels = [T.Normalize(SIGLIP_MEAN, SIGLIP_STD)(official_canvas(im, 48, SIGLIP_MEAN)) for im in images]
+    else:
+        pixels = [proc(im) for im in images]
+    return torch.tensor([ids]), torch.stack(pixels)
+
+
+@pytest.fixture(scope="module", params=["7b-layout-sharded", "1.3b-layout"])
+def folder(request, tmp_path_factory):
+    hybrid = request.param.startswith("7b")
+    path = tmp_path_factory.mktemp("released") / request.param
+    return path, released_folder(path, hybrid, shards=hybrid)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_released_folder_gives_the_reference_models_logits(folder):
+    path, ref = folder
+    model, tok, proc = load_released(path)
+    assert tok.image_id == 282 and tok.vocab_size == 283 and model.cfg.llm.vocab_size == VOCAB
+    assert model.cfg.hybrid == ref.hybrid and model.cfg.llm.max_seq_len == 512
+    # Each side makes its own pixels: nanovl from the folder's preprocessor_config.json, the reference by the
+    # official processor's transcription.
+    ids, pixels = chat_batch(tok, proc, model.cfg.n_image_tokens)
+    _, official = chat_batch(tok, None, model.cfg.n_image_tokens, official="hybrid" if ref.hybrid else "siglip")
+    with torch.no_grad():
+        expected = ref(ids, official, tok.image_id)
+        got, _ = model(ids, pixels)
+    assert got.shape == expected.shape == (1, ids.shape[1], VOCAB)
+    assert max_diff(got, expected) < ATOL
+
+
+def test_released_configs_give_the_presets():
+    """The released configs as the facts sheet rebuilds them (section 6): the 7B leaves most Llama fields to HF's
+    defaults, the 1.3B names its dimensions; both name their towers by model_name only."""
+    siglip = {"model_name": "siglip_large_patch16_384", "image_size": 384, "select_feature": "same",
+              "select_layer": -1}
+    seven = {"vision_config": {"cls": "HybridVisionTower", "params": {
+        "concat_type": "tuple",
+        "high_res_cfg": {"model_name": "sam_b_downsample", "image_size": 1024, "output_dim": 1024,
+                         "pixel_mean": list(CLIP_MEAN), "pixel_std": list(CLIP_STD)},
+        "low_res_cfg": dict(siglip, output_dim=1024, pixel_mean=[0.5] * 3, pixel_std=[0.5] * 3)}},
+        "aligner_config": {"cls": "MlpProjector", "params": {"projector_type": "low_high_hybrid_split_mlp_gelu",
+                                                             "depth": 2, "input_dim": 1024, "n_embed": 4096}},
+        "language_config": {"model_type": "llama", "num_hidden_layers": 30, "vocab_size": 102400,
+                            "max_position_embeddings": 16384, "torch_dtype": "bfloat16"}}
+    one = {"vision_config": {"cls": "CLIPVisionTower", "params": siglip},
+           "aligner_config": {"cls": "MlpProjector", "params": {"projector_type": "mlp_gelu", "depth": 2,
+                                                                "input_dim": 1024, "n_embed": 2048}},
+           "language_config": {"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 16,
+                               "num_hidden_layers": 24, "vocab_size": 102400, "max_position_embeddings": 16384}}
+    for config, preset in ((seven, "7b"), (one, "1.3b")):
+        got = released_config(config, 100015).to_dict()
+        assert dict(got, name=None) == dict(get_config(preset).to_dict(), name=None)
+    with pytest.raises(ValueError, match="unknown vision tower model_name 'siglip_so400m'"):
+        released_config(dict(one, vision_config={"cls": "CLIPVisionTower", "params": dict(
+            siglip, model_name="siglip_so400m")}), 100015)
+    with pytest.raises(ValueError, match="tie_word_embeddings = True is not supported"):
+        released_config(dict(one, language_config=dict(one["language_config"], tie_word_embeddings=True)), 100015)
+
+
+def test_export_loads_back_to_identical_outputs(folder, tmp_path):
+    path, ref = folder
+    model, tok, proc = load_released(path)
+    out = export_released(model, tok, tmp_path / "export", max_shard_bytes=20_000)
+    assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
+    again, tok2, proc2 = load_model(out)
+    assert proc2 == proc and tok2.encode("the circle is red") == tok.encode("the circle is red")
+    ids, pixels = chat_batch(tok, proc, model.cfg.n_image_tokens, seed=1)
+    with torch.no_grad():
+        assert torch.equal(again(ids, pixels)[0], model(ids, pixels)[0])
+    # Read with the safetensors library: the export holds the reference's tensors under the released names.
+    exported = {}
+    for shard in out.glob("model-*.safetensors"):
+        exported.update(st_load_file(str(shard)))
+    unused = ("attn_pool.", "_layer_norm.", "rotary_emb")
+    expected = {k: v for k, v in ref.state_dict().items() if not any(u in k for u in unused)}
+    assert sorted(exported) == sorted(expected)
+    assert all(torch.equal(exported[k], expected[k]) for k in expected)
+
+
+def test_mismatched_keys_are_listed_and_nothing_is_loaded(tmp_path):
+    base = tmp_path / "base"
+    released_folder(base, hybrid=False)
+    state = st_load_file(str(base / "model.safetensors"))
+    cases = {
+        "missing": ({k: v for k, v in state.items() if k != "language_model.model.layers.1.mlp.up_proj.weight"},
+                    "1 missing: llm.layers.1.mlp.up_proj.weight"),
+        "unexpected": (dict(state, **{"language_model.model.layers.2.mlp.up_proj.weight": torch.zeros(96, 64)}),
+                       "1 unexpected: llm.layers.2.mlp.up_proj.weight"),
+        "shape": (dict(state, **{"aligner.layers.2.bias": torch.zeros(65)}),
+                  r"aligner.layers.2.bias: file \(65,\), model \(64,\)"),
+        "foreign": (dict(state, **{"text_encoder.proj.weight": torch.zeros(2)}),
+                    "1 keys that are not DeepSeek-VL's: text_encoder.proj.weight"),
+    }
+    for name, (tensors, message) in cases.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in ("config.json", "tokenizer.json", "preprocessor_config.json"):
+            (folder / f).write_bytes((base / f).read_bytes())
+        st_save_file(tensors, str(folder / "model.safetensors"))
+        with pytest.raises(ValueError, match=message):
+            load_released(folder)
+    # The unused keys are skipped by name: the base folder holds attn_pool.* and rotary_emb.inv_freq and loads.
+    assert any("attn_pool" in k for k in state) and load_released(base)
+
+
+def test_bad_files_are_refused_clearly(tmp_path):
+    folder = tmp_path / "rel"
+    released_folder(folder, hybrid=False)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])  # truncated: tensors run past the end of the file
+    with pytest.raises(ValueError, match="past the end"):
+        load_model(folder)
+    weights.write_bytes(data)
+    (folder / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        load_model(folder)
+    # A pickle holding more than tensors is refused by weights_only=True, with the reason.
+    evil = tmp_path / "model.pt"
+    torch.save({"model": {}, "config": {}, "hook": ReferenceVL}, evil)
+    with pytest.raises(ValueError, match="not a plain state dict|cannot load"):
+        load_model(evil)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pretrained parts for training
+
+TINY = get_config("tiny")
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """Pretrained parts with the tiny preset's shapes, each in its own format."""
+    d = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(3)
+    sam = randomize_(segment_anything_encoder(TINY.sam), std=0.1)
+    sam_state = {"image_encoder." + k: v for k, v in sam.state_dict().items()}
+    sam_state["prompt_encoder.point_embeddings.0.weight"] = torch.randn(1, 256)  # SAM's other parts: not ours
+    sam_state["mask_decoder.iou_token.weight"] = torch.randn(1, 256)
+    torch.save(sam_state, d / "sam_vit_b.pth")
+    siglip = randomize_(timm_siglip(TINY.siglip), seed=4, std=0.1)
+    st_save_file(siglip.state_dict(), str(d / "siglip.safetensors"))
+    l = TINY.llm
+    llama = LlamaForCausalLM(HFLlamaConfig(hidden_size=l.dim, intermediate_size=l.ffn_dim, num_hidden_layers=l.n_layers,
+                                           num_attention_heads=l.n_heads, num_key_value_heads=l.n_kv_heads,
+                                           vocab_size=l.vocab_size, tie_word_embeddings=False))
+    randomize_(llama, seed=5)
+    llama.save_pretrained(d / "llama")
+    return d, sam_state, siglip.state_dict(), llama.state_dict()
+
+
+def test_pretrained_parts_fill_the_model_and_new_parts_stay_fresh(parts):
+    d, sam_state, siglip_state, llama_state = parts
+    torch.manual_seed(0)
+    model = DeepSeekVL(TINY)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = init_from_parts(model, [d / "sam_vit_b.pth", d / "siglip.safetensors", d / "llama"])
+    got = model.state_dict()
+    for k, v in sam_state.items():
+        if k.startswith("image_encoder."):
+            assert torch.equal(got["sam." + k[len("image_encoder."):]], v)
+    for k, v in siglip_state.items():
+        if not k.startswith("attn_pool."):
+            assert torch.equal(got["siglip." + k], v)
+    for k, v in llama_state.items():
+        assert torch.equal(got["llm." + k.removeprefix("model.")], v)
+    for k in got:  # neck_hd starts as the loaded neck; the adaptor, convs and alpha keep their fresh values
+        if k.startswith("sam.neck_hd."):
+            assert torch.equal(got[k], got[k.replace("neck_hd", "neck")])
+        if k.startswith(("aligner.", "sam.downsamples.", "sam.hd_alpha")):
+            assert torch.equal(got[k], before[k])
+    text = "\n".join(report)
+    assert "SAM's image encoder" in text and "2 unused skipped" in text and "a timm SigLIP" in text
+    assert "an HF Llama" in text and "sam.neck_hd: a copy of the loaded sam.neck" in text
+    assert text.endswith("freshly initialised: aligner.high_up_proj, aligner.layers, aligner.low_up_proj, "
+                         "sam.downsamples, sam.hd_alpha_downsamples")
+
+
+def test_a_part_that_does_not_fit_changes_nothing(parts, tmp_path):
+    d = parts[0]
+    wide = timm_siglip(SigLIPConfig(**dict(TINY.siglip.__dict__, width=96, n_heads=2)))
+    st_save_file(wide.state_dict(), str(tmp_path / "wide.safetensors"))
+    model = DeepSeekVL(TINY)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"a timm SigLIP\) does not fit the 'tiny' model; nothing was loaded"):
+        init_from_parts(model, [d / "sam_vit_b.pth", tmp_path / "wide.safetensors"])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError, match="given twice"):
+        init_from_parts(model, [d / "llama", d / "llama"])
+
+
+def test_a_released_siglip_model_starts_the_hybrid_recipe(tmp_path):
+    """The 1.3B hybrid recipe: SigLIP and the decoder from a released SigLIP-only folder; its mlp_gelu aligner does
+    not fit the hybrid adaptor and is left out."""
+    released_folder(tmp_path / "rel", hybrid=False)
+    donor, _, _ = load_released(tmp_path / "rel")
+    cfg = get_config("tiny", **{f"siglip.{k}": v for k, v in SIGLIP_DIMS.items()}, **{
+        "siglip.image_size": 48, "llm.dim": 64, "llm.ffn_dim": 96, "llm.n_layers": 2, "llm.vocab_size": VOCAB,
+        "sam.image_size": 128, "image_token_id": 282})
+    model = DeepSeekVL(cfg)
+    report = init_from_parts(model, [tmp_path / "rel"])
+    assert any("aligner not taken (mlp_gelu there" in line for line in report)
+    for k, v in donor.state_dict().items():
+        if k.startswith(("siglip.", "llm.")):
+            assert torch.equal(model.state_dict()[k], v)
+
+
+def test_train_starts_stage_1_from_pretrained_parts(parts, tmp_path):
+    d = parts[0]
+    data = tmp_path / "data"
+    import prepare_data
+    prepare_data.main(["--out", str(data), "--n", "4", "--workers", "1"])
+    cmd = [sys.executable, "train.py", "--stage", "1", "--data", str(data), "--out", str(tmp_path / "out"),
+           "--init_from", f"{d / 'sam_vit_b.pth'},{d / 'siglip.safetensors'},{d / 'llama'}", "--steps", "2",
+           "--workers", "0", "--eval_limit", "5"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "starting from pretrained parts" in result.stdout and "an HF Llama" in result.stdout
+    trained = torch.load(tmp_path / "out" / "stage1" / "model.pt", weights_only=True)["model"]
+    llama_state = parts[3]
+    assert torch.equal(trained["llm.layers.0.mlp.up_proj.weight"], llama_state["model.layers.0.mlp.up_proj.weight"])
+    assert (tmp_path / "out" / "stage1" / "tokenizer.json").exists()
+
+
+def test_a_nanovl_checkpoint_exports_from_the_command_line(folder, tmp_path, capsys):
+    """model.pt + tokenizer.json (what train.py writes) -> `python -m nanovl.checkpoint --export` -> the same model."""
+    from nanovl import checkpoint
+    path, _ = folder
+    model, tok, proc = load_released(path)
+    stage = tmp_path / "stage3"
+    stage.mkdir()
+    torch.save({"model": model.state_dict(), "config": model.cfg.to_dict()}, stage / "model.pt")
+    tok.save(stage / "tokenizer.json")
+    checkpoint.main(["--ckpt", str(stage), "--export", str(tmp_path / "exported"), "--dtype", "bf16"])
+    assert "model.safetensors" in capsys.readouterr().out
+    again, _, _ = load_model(tmp_path / "exported")
+    assert again.dtype == torch.bfloat16  # kept as written; sample.py picks the dtype to run in
+    assert all(torch.equal(v.to(torch.bfloat16), again.state_dict()[k]) for k, v in model.state_dict().items())
