@@ -1,21 +1,918 @@
 """
-Benchmarks, one function per part of the system. Run one with
+Benchmarks, one function per part of the system:
 
-    python bench.py --what tokenizer                  # encode throughput of a 100k and a 4k byte-level BPE
-    python bench.py --what tokenizer --tokenizer PATH # ... of an existing tokenizer.json (e.g. DeepSeek's) instead
+    python bench.py --what train --config small                      # a full training step (stage 3's freeze map)
+    python bench.py --what train --config 1.3b --llm-only --compare  # the decoder alone, against transformers
+    python bench.py --what prefill --config 7b --seq 4096            # a prompt with an image into the KV cache
+    python bench.py --what decode --config 7b --compare              # greedy decoding, one token at a time
+    python bench.py --what vision --config 7b --compare              # SigLIP, SAM and encode_images, against timm / SAM
+    python bench.py --what tokenizer                                 # byte-level BPE encode throughput
 
-Everything runs offline. The tokenizer benchmark trains its tokenizers on the Python standard library's own source
-(the .py files next to this interpreter), encodes a held-out tenth of those files, and caches the 100k tokenizer under
-~/.cache/nanovl/ so that reruns start at once (delete the file to retrain it after changing the trainer).
+Options: --config PRESET [--llm.n_layers=2 ...] (model config overrides, dotted, as get_config) [--device cpu|cuda]
+[--dtype bf16|fp32] [--batch N] [--seq N] [--steps N] [--warmup N] [--compare]; train: [--stage 1|2|3] [--llm-only]
+[--compile] [--grad_ckpt]; decode: [--prompt-len N] [--new N]; vision: [--compile]. Defaults depend on the preset
+(DEFAULTS below). Each run prints its tables and, as its last line, the same figures as one line of JSON.
+
+What is measured. Work per second (tokens or images); the model FLOPs of that work (the FLOP model below) per
+second, and on a GPU whose name is in DEVICES the model FLOPs utilisation (MFU) against its dense bf16 peak; peak
+memory (torch.cuda.max_memory_allocated on a GPU; on CPU the whole process's peak resident set size), and on a GPU
+each run's working memory (its peak above what was allocated before it); and where the time goes. Steps are timed
+after warm-up steps that are not counted, with CUDA events on a GPU (no synchronisation inside a step) and
+perf_counter on CPU. On a GPU the training step runs in bf16 autocast with fp32 weights and fused AdamW, as train.py
+does; the inference benchmarks cast the weights to --dtype. Decoding is timed two ways: a bare greedy loop over the
+model and its KV cache, and nanovl.generate (what sample.py runs). On a CPU shared with other work, OMP_NUM_THREADS=1
+gives steadier figures.
+
+The FLOP model counts the multiply-adds of matrix products and convolutions, two FLOPs each, and nothing else
+(norms, softmax, activations, the optimizer and the embedding lookup are left out, as in PaLM's MFU, appendix B of
+arXiv 2204.02311, and nanoGPT's estimate_mfu). Per token of a sequence of T, a decoder of L layers and width d with
+N matmul weights (lm_head in, the input embedding out) does 2N + 4*L*d*T forward: the weights, then q k^T and attn v
+(counted over the whole T x T score matrix, as PaLM counts it, although causal attention needs only half). The
+backward pass costs twice the forward: once for the input gradient, once for the weight gradient. How much of that
+a part pays depends on the freeze map:
+
+    trained                                   forward + input grad + weight grad   6N   (attention 3x its forward)
+    frozen, but something below it trains    forward + input grad                 4N   (attention 3x: dq, dk, dv)
+    frozen, nothing below it trains           forward only                         2N   (attention 1x)
+
+So the training FLOPs per token of a trained decoder are 6N + 12*L*d*T. Stage 1 trains the adaptor under a frozen
+decoder, whose backward must still carry the gradient down to the adaptor: 4N + 12*L*d*T. The vision towers sit at
+the bottom: frozen, they cost their forward only. A ViT with n patches does 2N*n + 4*L*d*n^2 per image forward;
+SAM's windowed blocks attend inside windows (the window's token count in place of n, padding included) and add
+decomposed relative-position terms (q against a learned table: 2*d*n*(h + w) per block, 0.5% of SAM-B);
+convolutions (patch embeddings, SAM's neck, neck_hd and downsample convs) are counted directly. Autograd computes
+no gradient for the input of a trained layer with nothing trained below it (SigLIP's patch embedding in stage 3,
+SAM's 1x1 neck convs on the frozen trunk, the adaptor's low_up_proj while SigLIP is frozen); we charge 6N anyway,
+as nanoGPT does for its first layer: SigLIP-L's patch embedding is 0.08% of the tower's training FLOPs.
+MFU counts model FLOPs, not hardware FLOPs: recomputation under --grad_ckpt is not credited (PaLM's definition).
+
+Decoding one token at a time does too little arithmetic per weight for FLOPs to matter: its ceiling is memory
+bandwidth, every weight and every cached key and value read once per step. We print tokens/s and that bound.
+
+The tokenizer benchmark trains its tokenizers on the Python standard library's own source (the .py files next to
+this interpreter), encodes a held-out tenth of those files, and caches the 100k tokenizer under ~/.cache/nanovl/ so
+that reruns start at once (delete the file to retrain it after changing the trainer).
 """
 
 import argparse
+import contextlib
+import json
 import os
+import platform
+import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from nanovl import DeepSeekVL, get_config
+from nanovl.config import LlamaConfig, SAMConfig, SigLIPConfig, VLConfig
 
 CACHE = Path.home() / ".cache" / "nanovl"
+
+# Per preset: train and prefill batch and --seq, decode prompt and new tokens, images per vision batch. The
+# scaled-down presets are sized for a CPU; the released ones for one GPU (the paper's 4096-token context, a 600-token
+# prompt for decoding: one image of 576 tokens and a question).
+DEFAULTS = {
+    "tiny": dict(batch=4, seq=128, prompt_len=64, new=32, images=8),
+    "small": dict(batch=8, seq=512, prompt_len=200, new=64, images=8),
+    "1.3b": dict(batch=4, seq=4096, prompt_len=600, new=256, images=32),
+    "1.3b-hybrid": dict(batch=4, seq=4096, prompt_len=600, new=256, images=32),
+    "7b": dict(batch=1, seq=4096, prompt_len=600, new=256, images=32),
+}
+STEPS = {"train": 10, "prefill": 10, "decode": 3, "vision": 10}  # timed steps, after --warmup untimed ones
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Devices: dense bf16 tensor-core peak (FLOP/s) and memory bandwidth (bytes/s), by words of the CUDA device name.
+# Vendors quote the bf16 peak "with sparsity" (2:4 structured); dense matmuls get half of that.
+#   H100 SXM, H200 SXM: 1,979 TFLOP/s with sparsity -> 989 dense; 3.35 and 4.8 TB/s (NVIDIA H100 and H200 datasheets,
+#       nvidia.com/en-us/data-center/h100/ and /h200/; the H200 has the H100's compute and faster memory)
+#   H100 NVL, H200 NVL: 1,671 -> 835; 3.9 and 4.8 TB/s (the same pages)
+#   H100 PCIe: 1,513 -> 756; 2.0 TB/s (H100 PCIe product brief)
+#   A100: 312 dense (624 with sparsity); 2,039 GB/s for the 80GB SXM, 1,935 for the 80GB PCIe, 1,555 for the 40GB
+#       (NVIDIA A100 datasheet)
+#   L4: 242 with sparsity -> 121; 300 GB/s (NVIDIA L4 datasheet)
+#   GeForce RTX 4090: 165.2 dense bf16 with fp32 accumulation (330.4 with sparsity); 1,008 GB/s (NVIDIA Ada Lovelace
+#       architecture whitepaper, table of the RTX 4090's specifications)
+# The first row whose words all appear in the name wins, so the specific variants come first.
+DEVICES = [
+    (("H200", "NVL"), "H200 NVL", 835e12, 4.8e12),
+    (("H200",), "H200 SXM", 989e12, 4.8e12),
+    (("H100", "NVL"), "H100 NVL", 835e12, 3.9e12),
+    (("H100", "PCIE"), "H100 PCIe", 756e12, 2.0e12),
+    (("H100",), "H100 SXM", 989e12, 3.35e12),
+    (("A100", "80GB", "PCIE"), "A100 80GB PCIe", 312e12, 1.935e12),
+    (("A100", "80GB"), "A100 80GB SXM", 312e12, 2.039e12),
+    (("A100",), "A100 40GB", 312e12, 1.555e12),
+    (("L4",), "L4", 121e12, 0.3e12),
+    (("RTX", "4090"), "RTX 4090", 165.2e12, 1.008e12),
+]
+
+
+class DeviceSpec(NamedTuple):
+    label: str
+    peak_flops: float  # dense bf16, FLOP/s
+    bandwidth: float  # bytes/s
+
+
+def device_spec(name: str):
+    """The DEVICES row for a CUDA device name such as 'NVIDIA H100 80GB HBM3'; None for an unknown device or CPU."""
+    words = set(name.upper().replace("-", " ").split())  # 'NVIDIA A100-SXM4-80GB' -> {NVIDIA, A100, SXM4, 80GB}
+    for needed, label, peak, bandwidth in DEVICES:
+        if all(w in words for w in needed):
+            return DeviceSpec(label, peak, bandwidth)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The FLOP model. Each part reports its forward FLOPs in two buckets, because they scale differently in backward:
+# `weights` are products with a learned matrix (they need a weight gradient when trained), `attention` the products
+# of activations with activations (q k^T and attn v: no weights, but a backward whenever a gradient passes through).
+
+class Forward(NamedTuple):
+    weights: int
+    attention: int
+
+
+# How many forwards' worth of FLOPs each bucket costs in a training step, per mode of a part (see the docstring).
+BACKWARD = {"train": (3, 3), "pass": (2, 3), "frozen": (1, 1)}  # mode: (weights, attention)
+
+
+def step_flops(fwd: Forward, mode: str) -> int:
+    """FLOPs of forward + backward for one part: 6N / 4N / 2N on its weights for train / pass / frozen."""
+    w, a = BACKWARD[mode]
+    return w * fwd.weights + a * fwd.attention
+
+
+def llm_matmul_params(c: LlamaConfig) -> int:
+    """N of the decoder: the weights of every matrix product. Per layer q, k, v, o (k and v narrower under grouped-
+    query attention) and SwiGLU's gate, up and down; then lm_head. The input embedding is a table lookup, not a
+    product, so it is left out; lm_head is a real product over the vocabulary and is kept (as nanoGPT and PaLM do).
+    Norm weights scale elementwise: left out."""
+    kv = c.n_kv_heads * c.head_dim
+    per_layer = 2 * c.dim * c.dim + 2 * c.dim * kv + 3 * c.dim * c.ffn_dim
+    return c.n_layers * per_layer + c.dim * c.vocab_size
+
+
+def llm_forward_flops(c: LlamaConfig, T: int) -> Forward:
+    """Forward FLOPs per token at sequence length T: 2N, and 4*L*d*T for q k^T and attn v over T keys (PaLM's count:
+    the whole T x T matrix, with d = n_heads * head_dim also under grouped-query attention)."""
+    return Forward(2 * llm_matmul_params(c), 4 * c.n_layers * c.dim * T)
+
+
+def siglip_forward_flops(c: SigLIPConfig) -> Forward:
+    """Forward FLOPs per image: 2*N*n + 4*L*d*n^2 with n = grid^2 patches, N the patch embedding's conv weights (one
+    application per patch, so it counts like a linear layer) plus each block's qkv, proj, fc1 and fc2."""
+    n, d, hidden = c.grid ** 2, c.width, int(c.width * c.mlp_ratio)
+    n_params = 3 * c.patch_size ** 2 * d + c.depth * (4 * d * d + 2 * d * hidden)
+    return Forward(2 * n_params * n, 4 * c.depth * d * n * n)
+
+
+def sam_forward_flops(c: SAMConfig) -> dict:
+    """Forward FLOPs per image of SAM's parts: 'trunk' (patch embedding and blocks, a Forward), 'neck' (one of the
+    two necks: 1x1 then 3x3 conv) and 'downsamples' (the two stride-2 convs, once). The whole tower runs the trunk,
+    neck and neck_hd, and the downsample convs twice (once per neck): sam_total_flops.
+
+    Windowed blocks run qkv, proj and attention on the zero-padded grid (16x16 in windows of 6 is padded to 18x18),
+    the MLP on the unpadded one, exactly as sam.Block does. The relative-position terms are q against a learned
+    table, q . R_h over the window's h rows and q . R_w over its w columns: 2*d*(h + w) per token, counted as weights.
+    """
+    g, d, hidden = c.grid, c.width, int(c.width * c.mlp_ratio)
+    weights = 2 * 3 * c.patch_size ** 2 * d * g * g  # patch embedding
+    attention = 0
+    for i in range(c.depth):
+        s = g if i in c.global_blocks else c.window_size  # side of the square each attention call sees
+        n_attn = (-(-g // s) * s) ** 2  # tokens through attention, padding included: ceil(g / s) windows a side
+        weights += 2 * 4 * d * d * n_attn  # qkv (3 d^2) and proj (d^2)
+        weights += 2 * d * n_attn * 2 * s  # relative positions: s rows + s columns per query
+        weights += 2 * 2 * d * hidden * g * g  # MLP: lin1 and lin2
+        attention += 4 * d * s * s * n_attn  # q k^T and attn v over the s*s keys of each query's window
+    neck = 2 * d * c.neck_dim * g * g + 2 * 9 * c.neck_dim ** 2 * g * g  # 1x1 conv, 3x3 conv
+    downsamples, side, c_in = 0, c.upsample_size, c.neck_dim
+    for c_out in c.downsample_dims:
+        side = (side + 1) // 2  # 3x3, stride 2, padding 1
+        downsamples += 2 * 9 * c_in * c_out * side * side
+        c_in = c_out
+    return {"trunk": Forward(weights, attention), "neck": neck, "downsamples": downsamples}
+
+
+def sam_total_flops(c: SAMConfig) -> Forward:
+    """Forward FLOPs per image of the whole SAM tower: trunk, two necks, and the downsample convs on each."""
+    f = sam_forward_flops(c)
+    return Forward(f["trunk"].weights + 2 * f["neck"] + 2 * f["downsamples"], f["trunk"].attention)
+
+
+def aligner_forward_flops(cfg: VLConfig) -> int:
+    """Forward FLOPs per image of the adaptor: its linear layers on each of the image's tokens."""
+    d, low = cfg.llm.dim, cfg.siglip.width
+    if cfg.hybrid:  # high_up_proj and low_up_proj to d/2 each, then (depth - 1) d x d layers
+        first = cfg.sam.out_dim * (d // 2) + low * (d // 2)
+    else:
+        first = low * d
+    return 2 * cfg.n_image_tokens * (first + (cfg.aligner.depth - 1) * d * d)
+
+
+# A part of the VLM, by parameter prefixes, and the parts below it in the data flow (whose training makes gradients
+# pass through it). SAM is two parts, because stages 1-3 train its neck and downsample convs on a frozen trunk.
+PARTS = {
+    "siglip": (("siglip",), ()),
+    "sam_trunk": (("sam.patch_embed", "sam.pos_embed", "sam.blocks"), ()),
+    "sam_tail": (("sam.neck", "sam.neck_hd", "sam.downsamples", "sam.hd_alpha_downsamples"), ("sam_trunk",)),
+    "aligner": (("aligner",), ("siglip", "sam_trunk", "sam_tail")),
+    "llm": (("llm",), ("siglip", "sam_trunk", "sam_tail", "aligner")),
+}
+
+
+def part_modes(model: DeepSeekVL) -> dict:
+    """'train', 'pass' or 'frozen' for each part the model has, read off its parameters' requires_grad."""
+    trains = {}
+    for part, (prefixes, _) in PARTS.items():
+        flags = [p.requires_grad for n, p in model.named_parameters()
+                 if any(n == q or n.startswith(q + ".") for q in prefixes)]
+        if flags:  # a SigLIP-only model has no SAM parts
+            trains[part] = any(flags)
+    return {part: "train" if trains[part] else "pass" if any(trains.get(u) for u in PARTS[part][1]) else "frozen"
+            for part in trains}
+
+
+def vlm_step_flops(cfg: VLConfig, modes: dict, B: int, T: int) -> dict:
+    """FLOPs of one step over B rows of T tokens with one image each, per timed part (siglip, sam, aligner, llm).
+    With every mode 'frozen' this is a forward pass (prefill)."""
+    flops = {"siglip": B * step_flops(siglip_forward_flops(cfg.siglip), modes["siglip"])}
+    if cfg.hybrid:
+        f = sam_forward_flops(cfg.sam)
+        tail = Forward(2 * f["neck"] + 2 * f["downsamples"], 0)
+        flops["sam"] = B * (step_flops(f["trunk"], modes["sam_trunk"]) + step_flops(tail, modes["sam_tail"]))
+    flops["aligner"] = B * step_flops(Forward(aligner_forward_flops(cfg), 0), modes["aligner"])
+    flops["llm"] = B * T * step_flops(llm_forward_flops(cfg.llm, T), modes["llm"])
+    return flops
+
+
+def decode_bytes(c: LlamaConfig, B: int, prompt_len: int, new: int, bytes_per: int) -> int:
+    """Bytes the decoder must read from memory for the new - 1 steps after the prefill (which made the first token):
+    every weight once per step (lm_head in; of the embedding only B rows, left out), plus the cached keys and values
+    of every layer, over prompt_len + i positions at step i."""
+    weights = (llm_matmul_params(c) + (2 * c.n_layers + 1) * c.dim) * bytes_per  # matmuls and RMSNorm weights
+    kv_per_position = 2 * c.n_layers * B * c.n_kv_heads * c.head_dim * bytes_per  # k and v, all layers
+    steps = new - 1
+    positions = steps * prompt_len + steps * (steps + 1) // 2  # sum over i = 1..steps of (prompt_len + i)
+    return steps * weights + kv_per_position * positions
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Timing and memory
+
+class Clock:
+    """Splits each timed step into named parts: mark(name) closes the part that ran since the previous mark. On CUDA
+    it records events and reads them once at the end, so nothing synchronises inside a step; on CPU, where every op
+    finishes before the next Python line, perf_counter is exact."""
+
+    def __init__(self, device: str):
+        self.cuda = device == "cuda"
+        self.marks = []  # (name closing here, or None at a step's start; an event or a time)
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self):
+        self.marks.append((None, self._now()))
+
+    def mark(self, name: str):
+        self.marks.append((name, self._now()))
+
+    def totals(self) -> dict:
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = {}
+        for (_, a), (name, b) in zip(self.marks, self.marks[1:]):
+            if name is not None:
+                out[name] = out.get(name, 0.0) + (a.elapsed_time(b) / 1e3 if self.cuda else b - a)
+        return out
+
+
+def measure(step, steps: int, warmup: int, device: str) -> dict:
+    """Run step(mark, i) warmup + steps times. Returns the seconds per timed step spent in each part the step
+    marked, and their sum as 'total'. Warm-up steps (allocation, autotuning, compilation) are not timed."""
+    for i in range(warmup):
+        step(lambda name: None, i)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    clock = Clock(device)
+    for i in range(warmup, warmup + steps):
+        clock.start()
+        step(clock.mark, i)
+    parts = {name: t / steps for name, t in clock.totals().items()}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def reset_peak_memory(device: str):
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory(device: str):
+    """(bytes, what they are). On CPU there is no allocator to ask: the process's peak resident set size since it
+    started, which includes Python, torch and anything run earlier in the process."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss * (1 if sys.platform == "darwin" else 1024), "process peak RSS"
+
+
+def timed_run(step, args, device: str):
+    """measure(), and the memory the run itself needed: on CUDA the peak allocated above what was allocated before
+    it (its activations, gradients and optimizer state, whatever else is resident, such as a reference model); None
+    on CPU, where the process's peak RSS cannot be split between runs."""
+    before = None
+    if device == "cuda":
+        torch.cuda.synchronize()
+        reset_peak_memory(device)
+        before = torch.cuda.memory_allocated()
+    parts = measure(step, args.steps, args.warmup, device)
+    return parts, None if before is None else torch.cuda.max_memory_allocated() - before
+
+
+def autocast_for(device: str, dtype):
+    """Training precision: fp32 weights and optimizer, with the forward in bf16 autocast when --dtype bf16."""
+    if dtype == torch.bfloat16:
+        return lambda: torch.autocast(device, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def optimizer_for(params, device: str):
+    """train.py's AdamW (betas, weight decay, fused on CUDA) and its gradient clipping, as one step function."""
+    from train import TrainConfig
+
+    tc = TrainConfig()
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay,
+                            fused=device == "cuda" or None)
+
+    def step():
+        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def build(cfg: VLConfig, device: str, dtype=None) -> DeepSeekVL:
+    """The model, initialised on the device itself (a 7B model takes minutes to initialise on a CPU), then cast."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = DeepSeekVL(cfg)
+    return model.to(device, dtype)  # and the constant buffers the towers make on the CPU
+
+
+def synthetic_batch(cfg: VLConfig, B: int, T: int, device: str, image: bool = True, seed: int = 0):
+    """B rows of T random ids, each (when image) with one image span after its first token; targets shifted by one
+    as the collator makes them, -100 where the next token is an image placeholder or there is none; random pixels.
+    Returns (ids (B, T), targets (B, T), images (B, 3, S, S) or None) on the device."""
+    n = cfg.n_image_tokens
+    if image and T < n + 2:
+        raise ValueError(f"--seq {T} is too short for one image of {n} tokens plus text in the {cfg.name!r} model; "
+                         f"use --seq {n + 2} or more (or --llm-only for text alone)")
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.llm.vocab_size, (B, T), generator=g)
+    ids[ids == cfg.image_token_id] = (cfg.image_token_id + 1) % cfg.llm.vocab_size  # no stray placeholders
+    images = None
+    if image:
+        ids[:, 1:1 + n] = cfg.image_token_id
+        images = torch.rand(B, 3, cfg.image_size, cfg.image_size, generator=g).to(device)
+    targets = ids.roll(-1, dims=1)
+    targets[:, -1] = -100
+    targets[targets == cfg.image_token_id] = -100
+    return ids.to(device), targets.to(device), images
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference implementations, imported only for --compare. A missing one is reported and skipped, never fatal.
+
+def reference(package: str, make):
+    """make() under a guard: None, with a line saying which package is missing or what failed, instead of a crash."""
+    try:
+        return make()
+    except ImportError as e:
+        print(f"--compare: {package} is not installed ({e}); pip install {package} for this comparison. "
+              "Showing nanovl's figures only.")
+    except Exception as e:  # a reference that fails on this machine should not take nanovl's figures with it
+        print(f"--compare: the {package} reference failed ({type(e).__name__}: {e}); showing nanovl's figures only.")
+    return None
+
+
+def hf_llama(c: LlamaConfig, device: str, dtype, weights=None):
+    """transformers' LlamaForCausalLM with our dimensions, SDPA attention as ours, and our weights when given (a
+    nanovl Llama state dict: HF's names are ours under `model.`, but for lm_head)."""
+    from transformers import LlamaConfig as HFLlamaConfig
+    from transformers import LlamaForCausalLM
+
+    hf_cfg = HFLlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim,
+                           num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+                           num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq_len,
+                           rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=False,
+                           attention_bias=False, mlp_bias=False)
+    hf_cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        hf = LlamaForCausalLM(hf_cfg)
+    if weights is not None:
+        hf.load_state_dict({(k if k.startswith("lm_head.") else "model." + k): v for k, v in weights.items()})
+    hf.generation_config.eos_token_id = None  # random weights: never stop early, always make --new tokens
+    return hf.to(dtype)
+
+
+def timm_siglip(c: SigLIPConfig):
+    """timm's ViT with DeepSeek's SigLIP settings (the constructor of tests/test_vision.py)."""
+    from functools import partial
+
+    import torch.nn as nn
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(img_size=c.image_size, patch_size=c.patch_size, embed_dim=c.width, depth=c.depth,
+                             num_heads=c.n_heads, mlp_ratio=c.mlp_ratio, qkv_bias=True, class_token=False,
+                             global_pool="map", num_classes=0, act_layer=nn.GELU,
+                             norm_layer=partial(nn.LayerNorm, eps=1e-6))
+
+
+def sam_encoder(c: SAMConfig):
+    """segment-anything's ImageEncoderViT: SAM's trunk and neck, without DeepSeek's neck_hd and downsample convs."""
+    from functools import partial
+
+    import torch.nn as nn
+    from segment_anything.modeling.image_encoder import ImageEncoderViT
+
+    return ImageEncoderViT(img_size=c.image_size, patch_size=c.patch_size, embed_dim=c.width, depth=c.depth,
+                           num_heads=c.n_heads, mlp_ratio=c.mlp_ratio, out_chans=c.neck_dim, qkv_bias=True,
+                           norm_layer=partial(nn.LayerNorm, eps=1e-6), act_layer=nn.GELU, use_abs_pos=True,
+                           use_rel_pos=True, window_size=c.window_size, global_attn_indexes=c.global_blocks)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Printing
+
+def si(x: float, unit: str) -> str:
+    """1.234e12, 'FLOP/s' -> '1.23 TFLOP/s'."""
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g} {prefix}{unit}"
+    return f"{x:.3g} {unit}"
+
+
+def timed(args, what: str) -> str:
+    """'3 steps timed after 2 warm-up', with the plural right."""
+    plural = {"batch": "batches"}.get(what, what + "s")
+    return f"{args.steps} {what if args.steps == 1 else plural} timed after {args.warmup} warm-up"
+
+
+def mib(n: int) -> str:
+    return f"{n / 2 ** 20:,.0f} MiB"
+
+
+def table(header, rows, left: int = 1):
+    """Print rows under a header: the first `left` columns (names) left-aligned, the others (figures) right-aligned.
+    A column that is '-' in every row is left out."""
+    keep = [i for i in range(len(header)) if any(str(r[i]) != "-" for r in rows)]
+    rows = [[str(r[i]) for i in keep] for r in [header] + rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(keep))]
+    for r in rows:
+        print("  ".join(x.ljust(w) if keep[i] < left else x.rjust(w)
+                        for i, (x, w) in enumerate(zip(r, widths))).rstrip())
+    print()
+
+
+def figure(work: int, seconds: float, flops: int, memory, spec, unit: str) -> dict:
+    """One run's figures: work (tokens or images) per second, model FLOPs and FLOP/s, MFU when the device's peak is
+    known, and the memory it needed (timed_run's; None on CPU)."""
+    achieved = flops / seconds
+    return {unit.replace("/", "_per_"): work / seconds, "step_s": seconds, "flops": flops, "flops_per_s": achieved,
+            "mfu": achieved / spec.peak_flops if spec else None, "memory_bytes": memory}
+
+
+def time_runs(runs: dict, work: int, unit: str, args, device: str, spec) -> dict:
+    """Time each of runs, {name: (fn(i), model FLOPs of one call)}, doing `work` tokens or images a call."""
+    figures = {}
+    for name, (fn, flops) in runs.items():
+        def step(mark, i, fn=fn):
+            fn(i)
+            mark("run")
+
+        parts, memory = timed_run(step, args, device)
+        figures[name] = figure(work, parts["total"], flops, memory, spec, unit)
+    return figures
+
+
+def print_runs(figures: dict, unit: str):
+    """One row per run; the MFU and working-memory columns only where there are figures (a GPU)."""
+    key = unit.replace("/", "_per_")
+    rows = [[name, f"{f[key]:,.1f}", f"{f['step_s'] * 1e3:.2f}", si(f["flops"], "FLOP"), si(f["flops_per_s"], "FLOP/s"),
+             "-" if f["mfu"] is None else f"{f['mfu']:.1%}",
+             "-" if f["memory_bytes"] is None else mib(f["memory_bytes"])] for name, f in figures.items()]
+    table(["", unit, "ms", "model FLOP", "achieved", "MFU", "working memory"], rows)
+
+
+def ratio(figures: dict, ours: str, theirs: str, unit: str) -> dict:
+    """Print and return nanovl's throughput over the reference's (above 1: nanovl is faster)."""
+    key = unit.replace("/", "_per_")
+    r = figures[ours][key] / figures[theirs][key]
+    print(f"{ours} / {theirs}: {r:.2f}x {unit}")
+    return {"name": theirs, **figures[theirs], "nanovl": figures[ours], "ratio": r}
+
+
+def print_peak(device: str):
+    memory, kind = peak_memory(device)
+    print(f"peak memory: {mib(memory)} ({kind})"
+          + ("; working memory above: the peak allocated during a run, above what was resident before it" if
+             device == "cuda" else "") + "\n")
+    return {"peak_memory_bytes": memory, "memory": kind}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The benchmarks. Each takes (args, cfg, device, dtype, spec), prints its tables, and returns its figures.
+
+def cut(t):
+    """A leaf copy of t: backward stops here, and t.backward(copy.grad) carries it on as a separate call."""
+    return None if t is None else t.detach().requires_grad_(t.requires_grad)
+
+
+def backward_by_part(model: DeepSeekVL, ids, targets, images, autocast, mark):
+    """DeepSeekVL.forward and the loss's backward, written out with a cut between the parts, so that each part's
+    backward is a call of its own and mark(part) closes the part's forward and backward time. The gradients are
+    those of model(ids, images, targets=targets)[1].backward() (tests/test_bench.py checks)."""
+    is_image = ids == model.cfg.image_token_id  # (B, T)
+    with autocast():
+        low = model.siglip(model.low_resolution(images))  # (B, n, c_low)
+        mark("siglip")
+        high = None
+        if model.sam is not None:
+            high = model.sam(images)  # (B, n, c_high)
+            mark("sam")
+        low_in, high_in = cut(low), cut(high)
+        emb = model.aligner(low_in, high_in) if high is not None else model.aligner(low_in)  # (B, n, C)
+        mark("aligner")
+        emb_in = cut(emb)
+        x = model.llm.embed_tokens(ids.masked_fill(is_image, 0))  # (B, T, C)
+        x = x.masked_scatter(is_image[..., None], emb_in.to(x.dtype))
+        _, loss = model.llm(embeds=x, targets=targets)
+    loss.backward()
+    mark("llm")
+    if emb.requires_grad:
+        emb.backward(emb_in.grad)
+    mark("aligner")
+    if high is not None:
+        if high.requires_grad:
+            high.backward(high_in.grad)
+        mark("sam")
+    if low.requires_grad:
+        low.backward(low_in.grad)
+    mark("siglip")
+    return loss
+
+
+def bench_train(args, cfg, device, dtype, spec):
+    """One optimizer step on synthetic batches made up front: the VLM under a stage's freeze map, or (--llm-only)
+    the decoder on text. Timed twice: as train.py runs it (the headline), then cut at each part's boundary, where a
+    detached copy of the part's output lets each part's backward run as its own timed call (where the time goes)."""
+    from train import apply_freeze_map, trainable_prefixes
+
+    model = build(cfg, device)
+    B, T = args.batch, args.seq
+    if args.llm_only:
+        model.requires_grad_(False)
+        model.llm.requires_grad_(True)
+        modes = {"llm": "train"}
+        flops = {"llm": B * T * step_flops(llm_forward_flops(cfg.llm, T), "train")}
+    else:
+        apply_freeze_map(model, trainable_prefixes(args.stage, cfg))
+        modes = part_modes(model)
+        flops = vlm_step_flops(cfg, modes, B, T)
+    batches = [synthetic_batch(cfg, B, T, device, image=not args.llm_only, seed=s) for s in range(2)]
+    model.llm.grad_checkpointing = args.grad_ckpt
+    if args.compile:
+        for part in (model.siglip, model.sam, model.aligner, model.llm):
+            if part is not None:
+                part.compile()  # in place: model.forward and the cut step both call the compiled parts
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer_step = optimizer_for(params, device)
+    autocast = autocast_for(device, dtype)
+    model.train()
+
+    def plain_step(mark, i):
+        ids, targets, images = batches[i % len(batches)]
+        mark("data")
+        with autocast():
+            _, loss = model.llm(ids, targets=targets) if args.llm_only else model(ids, images, targets=targets)
+        loss.backward()
+        mark("llm" if args.llm_only else "forward+backward")
+        optimizer_step()
+        mark("optimizer")
+
+    def cut_step(mark, i):
+        ids, targets, images = batches[i % len(batches)]
+        mark("data")
+        backward_by_part(model, ids, targets, images, autocast, mark)
+        optimizer_step()
+        mark("optimizer")
+
+    plain, memory = timed_run(plain_step, args, device)
+    figures = {"nanovl": figure(B * T, plain["total"], sum(flops.values()), memory, spec, "tokens/s")}
+    what = "the decoder alone, on text" if args.llm_only else f"stage {args.stage}, one image a row, its " \
+        f"{cfg.n_image_tokens} tokens counted in tokens/s"
+    print(f"training step: batch {B} x {T} tokens ({what})")
+    print(f"train.py's AdamW and clipping; {timed(args, 'step')}" +
+          (", compiled" if args.compile else "") + (", decoder activation checkpointing" if args.grad_ckpt else ""))
+    print("modes: " + ", ".join(f"{p} {m}" for p, m in modes.items()) +
+          f"; {sum(p.numel() for p in params):,} parameters trained\n")
+    print_runs(figures, "tokens/s")
+    result = {**figures["nanovl"], **print_peak(device), "modes": modes, "flops_by_part": flops}
+
+    # Where the time goes.
+    if args.llm_only:
+        parts, note = {k: v for k, v in plain.items() if k != "total"}, "marks in the plain step"
+    else:
+        parts = measure(cut_step, args.steps, args.warmup, device)
+        note = f"the step cut at each part's boundary: {parts.pop('total') * 1e3:.1f} ms a step, against " \
+               f"{plain['total'] * 1e3:.1f} ms uncut"
+    labels = {"data": "data (synthetic, made up front)", "siglip": "SigLIP fwd+bwd", "sam": "SAM fwd+bwd",
+              "aligner": "adaptor fwd+bwd", "llm": "language model fwd+bwd", "optimizer": "optimizer (clip, AdamW)"}
+    mode_of = dict(modes, sam=f"trunk {modes.get('sam_trunk')}, tail {modes.get('sam_tail')}")
+    rows = [[labels[name], mode_of.get(name, "-"), f"{t * 1e3:.2f}", f"{t / sum(parts.values()):.1%}",
+             si(flops[name], "FLOP") if name in flops else "-",
+             si(flops[name] / t, "FLOP/s") if name in flops and t > 0 else "-"] for name, t in parts.items()]
+    print(f"where the time goes ({note})")
+    table(["part", "mode", "ms/step", "share", "model FLOP", "achieved"], rows, left=2)
+    result["parts_s"] = parts
+
+    if args.compare:
+        del plain_step, cut_step, optimizer_step, batches, params  # free our optimizer state and batches first
+        result["reference"] = compare_train(args, cfg, model, device, dtype, spec)
+    return result
+
+
+def compare_train(args, cfg, model, device, dtype, spec):
+    """Our decoder's training step, then transformers' LlamaForCausalLM's (its own random init), on the same text
+    batches with the same AdamW, autocast and flags. Ours is freed before the reference is built, so each runs alone
+    on the device (a 7B decoder in fp32 with AdamW would not fit twice) and its working memory is its own."""
+    if reference("transformers", lambda: __import__("transformers")) is None:  # say so before spending any time
+        return None
+    B, T = args.batch, args.seq
+    autocast = autocast_for(device, dtype)
+    batches = [synthetic_batch(cfg, B, T, device, image=False, seed=s) for s in range(2)]
+    flops = B * T * step_flops(llm_forward_flops(cfg.llm, T), "train")
+
+    def time_training(name, net, loss_fn):
+        net.train().requires_grad_(True)
+        optimizer_step = optimizer_for(list(net.parameters()), device)
+
+        def step(i):
+            ids, targets, _ = batches[i % len(batches)]
+            with autocast():
+                loss = loss_fn(net, ids, targets)
+            loss.backward()
+            optimizer_step()
+
+        return time_runs({name: (step, flops)}, B * T, "tokens/s", args, device, spec)
+
+    llm, model.llm = model.llm, None
+    model.siglip = model.sam = model.aligner = None  # only the decoder takes part
+    figures = time_training("nanovl Llama", llm, lambda net, ids, targets: net(ids, targets=targets)[1])
+    del llm  # with its gradients and optimizer state, before the reference is built
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    hf = reference("transformers", lambda: hf_llama(cfg.llm, device, torch.float32))
+    if hf is None:
+        return None
+    if args.grad_ckpt:
+        hf.gradient_checkpointing_enable()
+    if args.compile:
+        hf.compile()
+    # HF shifts the labels inside its loss; ours take targets already shifted: the same T - 1 predictions a row.
+    figures.update(time_training("transformers LlamaForCausalLM", hf,
+                                 lambda net, ids, targets: net(input_ids=ids, labels=ids).loss))
+    print(f"--compare: the decoder's training step, batch {B} x {T} text tokens, the same AdamW, each model alone")
+    print_runs(figures, "tokens/s")
+    out = ratio(figures, "nanovl Llama", "transformers LlamaForCausalLM", "tokens/s")
+    print()
+    return out
+
+
+def bench_prefill(args, cfg, device, dtype, spec):
+    """A forward pass over a prompt of --seq tokens (one image, then text) into a KV cache."""
+    model = build(cfg, device, dtype).eval()
+    B, T = args.batch, args.seq
+    ids, _, images = synthetic_batch(cfg, B, T, device)
+    cache = model.llm.new_cache(B, max_len=T)  # allocated once; each run writes every slot it reads again
+    if args.compile:
+        print("--compile is ignored for prefill (the cache is written in place); it applies to train and vision")
+
+    def prefill(i, net=model, x=ids, images=images):
+        cache.length = 0
+        net(x, images, cache=cache) if images is not None else net(x, cache=cache)
+
+    frozen = {p: "frozen" for p in PARTS}
+    runs = {"nanovl": (prefill, sum(vlm_step_flops(cfg, frozen, B, T).values()))}
+    print(f"prefill: batch {B} x {T} tokens (one image of {cfg.n_image_tokens} tokens, then text) into a KV cache; "
+          f"{timed(args, 'run')}\n")
+    with torch.inference_mode():
+        figures = time_runs(runs, B * T, "tokens/s", args, device, spec)
+    print_runs(figures, "tokens/s")
+    result = {**figures["nanovl"], **print_peak(device)}
+    if args.compare:  # the decoder alone on a text prompt of the same length, against transformers
+        hf = reference("transformers", lambda: hf_llama(cfg.llm, device, dtype, model.llm.state_dict()))
+        if hf is not None:
+            text, _, _ = synthetic_batch(cfg, B, T, device, image=False)
+            flops = B * T * step_flops(llm_forward_flops(cfg.llm, T), "frozen")
+            runs = {"nanovl Llama": (lambda i: prefill(i, model.llm, text, None), flops),
+                    "transformers LlamaForCausalLM": (lambda i: hf(input_ids=text, use_cache=True), flops)}
+            with torch.inference_mode():
+                figures = time_runs(runs, B * T, "tokens/s", args, device, spec)
+            print(f"--compare: the decoder's prefill, batch {B} x {T} text tokens, same weights")
+            print_runs(figures, "tokens/s")
+            result["reference"] = ratio(figures, "nanovl Llama", "transformers LlamaForCausalLM", "tokens/s")
+    return result
+
+
+def greedy(prefill, cache, llm, new: int, mark):
+    """Greedy decoding: the prompt in one pass (its last logits give the first new token), then one token per call
+    through the cache. Returns the new tokens (B, new)."""
+    cache.length = 0
+    logits, _ = prefill(cache)  # (B, P, vocab)
+    tok = logits[:, -1:].argmax(-1)  # (B, 1), left on the device: no sync
+    mark("prefill")
+    out = [tok]
+    for _ in range(new - 1):
+        logits, _ = llm(tok, cache=cache)  # (B, 1, vocab)
+        tok = logits[:, -1:].argmax(-1)
+        out.append(tok)
+    mark("decode")
+    return torch.cat(out, dim=1)  # (B, new)
+
+
+def bench_decode(args, cfg, device, dtype, spec):
+    """Greedy decoding of --new tokens after a --prompt-len prompt (one image and text when it fits), batch --batch.
+    Two ways: the bare loop over the model and its KV cache (greedy above), and nanovl.generate, which sample.py runs.
+    The prefill is timed up to the first new token; tokens/s counts the new - 1 tokens made one at a time after it."""
+    from nanovl.generate import Sampling, generate
+
+    if args.compile:
+        print("--compile is ignored for decode: the cache grows every step, so every step has a new shape")
+    B, P, new = args.batch, args.prompt_len, args.new
+    if new < 2:
+        raise SystemExit(f"--new {new}: decode needs at least 2 new tokens (the first comes from the prefill)")
+    model = build(cfg, device, dtype).eval()
+    with_image = P >= cfg.n_image_tokens + 2
+    ids, _, images = synthetic_batch(cfg, B, P, device, image=with_image)
+    cache = model.llm.new_cache(B, max_len=P + new)
+
+    def timed_generation(run):
+        """{prefill_s, decode_s, tokens_per_s} of run(mark) -> new ids (B, new), which marks 'prefill' when the
+        first new token is made and 'decode' at the end; and the ids of the last run."""
+        made = []
+
+        @torch.inference_mode()
+        def step(mark, i):
+            made[:] = [run(mark)]
+
+        parts = timed_run(step, args, device)[0]
+        return {"prefill_s": parts["prefill"], "decode_s": parts["decode"],
+                "tokens_per_s": B * (new - 1) / parts["decode"]}, made[0]
+
+    def library(prompt, images):
+        def run(mark):
+            first = []
+
+            def on_step(nxt):  # nanovl.generate calls this after each new token
+                if not first:
+                    mark("prefill")
+                    first.append(True)
+
+            out = generate(model, prompt.tolist(), images, Sampling(max_new_tokens=new), on_step=on_step)
+            mark("decode")
+            return out
+
+        return timed_generation(run)[0]
+
+    runs = {"nanovl loop (model + KVCache)": timed_generation(
+                lambda mark: greedy(lambda cache: model(ids, images, cache=cache), cache, model.llm, new, mark))[0],
+            "nanovl.generate": library(ids, images)}
+    need = decode_bytes(cfg.llm, B, P, new, torch.finfo(dtype).bits // 8)
+    bound = spec and B * (new - 1) / (need / spec.bandwidth)
+    print(f"decode: batch {B}, prompt {P} tokens ({'one image, then text' if with_image else 'text'}), {new} new "
+          f"tokens, greedy; {timed(args, 'generation')}")
+    print(f"each decode step must read {si(need / (new - 1), 'B')} (weights + KV cache)" +
+          (f": at {spec.label}'s {si(spec.bandwidth, 'B/s')}, at most {bound:,.0f} tokens/s" if spec else "") + "\n")
+    print_decoding(runs, need, bound, new)
+    loop_figures = runs["nanovl loop (model + KVCache)"]
+    result = {**loop_figures, "generate": runs["nanovl.generate"], "bytes_per_step": need / (new - 1),
+              "bytes_per_s": need / loop_figures["decode_s"], "bound_tokens_per_s": bound, **print_peak(device),
+              "prompt_len": P, "new": new}
+    if not args.compare:
+        return result
+    # The decoder on a text prompt, against transformers' generate with the same weights.
+    hf = reference("transformers", lambda: hf_llama(cfg.llm, device, dtype, model.llm.state_dict()))
+    if hf is None:
+        return result
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class MarkFirstToken(StoppingCriteria):
+        """Called by generate after each new token: marks the first, and never stops (it returns no sync)."""
+
+        def __init__(self, mark):
+            self.mark, self.first = mark, True
+
+        def __call__(self, input_ids, scores, **kwargs):
+            if self.first:
+                self.mark("prefill")
+                self.first = False
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def hf_run(mark):
+        out = hf.generate(text, attention_mask=torch.ones_like(text), max_new_tokens=new, do_sample=False,
+                          use_cache=True, pad_token_id=0,
+                          stopping_criteria=StoppingCriteriaList([MarkFirstToken(mark)]))
+        mark("decode")
+        return out[:, P:]
+
+    text, _, _ = synthetic_batch(cfg, B, P, device, image=False)
+    ours, our_ids = timed_generation(
+        lambda mark: greedy(lambda cache: model.llm(text, cache=cache), cache, model.llm, new, mark))
+    runs = {"nanovl loop (model + KVCache)": ours, "nanovl.generate": library(text, None)}
+    runs["transformers generate"], their_ids = timed_generation(hf_run)
+    if their_ids.shape != (B, new):
+        raise RuntimeError(f"transformers generated {tuple(their_ids.shape)} tokens, expected {(B, new)}")
+    agree = int((their_ids == our_ids).all(dim=0).long().cumprod(0).sum())  # leading tokens equal in every row
+    print(f"--compare: greedy decoding, batch {B}, a text prompt of {P}, {new} new tokens, the same weights")
+    print("(transformers' generate computes the prompt's logits at its last position only; nanovl's forward at every "
+          "position)")
+    print_decoding(runs, need, bound, new)
+    theirs = runs.pop("transformers generate")
+    result["reference"] = {"name": "transformers generate", **theirs, "nanovl": runs, "same_tokens": agree,
+                           "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
+                           "ratio_generate": runs["nanovl.generate"]["tokens_per_s"] / theirs["tokens_per_s"]}
+    print(f"decode tokens/s over transformers': {result['reference']['ratio']:.2f}x (loop), "
+          f"{result['reference']['ratio_generate']:.2f}x (nanovl.generate); the first {agree} of {new} greedy tokens "
+          "of the loop and transformers agree\n")
+    return result
+
+
+def print_decoding(runs: dict, need: int, bound, new: int):
+    table(["", "prefill ms", "decode tokens/s", "ms/token", "achieved B/s", "of bound"],
+          [[name, f"{f['prefill_s'] * 1e3:.2f}", f"{f['tokens_per_s']:,.1f}", f"{f['decode_s'] / (new - 1) * 1e3:.2f}",
+            si(need / f["decode_s"], "B/s"), "-" if bound is None else f"{f['tokens_per_s'] / bound:.1%}"]
+           for name, f in runs.items()])
+
+
+def bench_vision(args, cfg, device, dtype, spec):
+    """Images per second through SigLIP (on its low-resolution input), SAM (whole, and the trunk + neck that
+    segment-anything also has) and the whole encode_images (both towers, the resize and the adaptor)."""
+    model = build(cfg, device, dtype).eval()
+    N = args.batch
+    images = torch.rand(N, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+    images = images.to(device, dtype)
+    low = model.low_resolution(images)  # (N, 3, s, s): SigLIP's input
+    if args.compile:
+        for part in (model.siglip, model.sam, model.aligner):
+            if part is not None:
+                part.compile()
+    f_siglip = sum(siglip_forward_flops(cfg.siglip))
+    runs = {"nanovl SigLIP": (lambda i: model.siglip(low), N * f_siglip)}
+    if cfg.hybrid:
+        f_sam = sam_forward_flops(cfg.sam)
+        f_trunk_neck = sum(f_sam["trunk"]) + f_sam["neck"]
+        runs["nanovl SAM"] = (lambda i: model.sam(images), N * sum(sam_total_flops(cfg.sam)))
+        runs["nanovl SAM trunk + neck"] = (lambda i: model.sam.neck(model.sam.trunk(images)[0].permute(0, 3, 1, 2)),
+                                           N * f_trunk_neck)
+    whole = sum(vlm_step_flops(cfg, {p: "frozen" for p in PARTS}, N, 0).values())  # T = 0: no decoder
+    runs["nanovl encode_images"] = (lambda i: model.encode_images(images), whole)
+    pairs = []
+    if args.compare:
+        timm_vit = reference("timm", lambda: timm_siglip(cfg.siglip).to(device, dtype).eval())
+        if timm_vit is not None:
+            runs["timm VisionTransformer"] = (lambda i: timm_vit.forward_features(low), N * f_siglip)
+            pairs.append(("nanovl SigLIP", "timm VisionTransformer"))
+        if cfg.hybrid:
+            sam_vit = reference("segment-anything", lambda: sam_encoder(cfg.sam).to(device, dtype).eval())
+            if sam_vit is not None:
+                runs["segment-anything ImageEncoderViT"] = (lambda i: sam_vit(images), N * f_trunk_neck)
+                pairs.append(("nanovl SAM trunk + neck", "segment-anything ImageEncoderViT"))
+    print(f"vision: batches of {N} at {cfg.image_size} px" + (f" (SigLIP's input resized to "
+          f"{cfg.siglip.image_size})" if cfg.hybrid else "") + f"; {timed(args, 'batch')}\n")
+    with torch.inference_mode():
+        figures = time_runs(runs, N, "images/s", args, device, spec)
+    print_runs(figures, "images/s")
+    result = {"images_per_s": figures["nanovl encode_images"]["images_per_s"], "runs": figures}
+    if args.compare:
+        result["reference"] = [ratio(figures, ours, theirs, "images/s") for ours, theirs in pairs] or None
+        print()
+    result.update(print_peak(device))
+    return result
 
 
 def stdlib_texts():
@@ -31,8 +928,17 @@ def stdlib_texts():
 def bench_tokenizer(args):
     from nanovl.tokenizer import Tokenizer
 
-    if hasattr(os, "sched_setaffinity"):  # one core: the tokenizer is plain single-threaded Python anyway
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    affinity = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else None
+    if affinity:  # one core: the tokenizer is plain single-threaded Python anyway
+        os.sched_setaffinity(0, {min(affinity)})
+    try:
+        return _bench_tokenizer(args, Tokenizer)
+    finally:
+        if affinity:
+            os.sched_setaffinity(0, affinity)
+
+
+def _bench_tokenizer(args, Tokenizer):
     train, held_out = stdlib_texts()
     text = "".join(held_out)[: int(args.mb * 1e6)]
     n_bytes = len(text.encode("utf-8"))
@@ -65,11 +971,10 @@ def bench_tokenizer(args):
             big.save(path)
     t0 = time.perf_counter()
     big = Tokenizer.load(path)  # a fresh instance: its caches start empty
-    print(f"loaded {path} ({big.vocab_size:,} ids) in {time.perf_counter() - t0:.1f} s")
+    print(f"loaded {path} ({big.vocab_size:,} ids) in {time.perf_counter() - t0:.1f} s\n")
     runs.append(("big", big))
 
-    print(f"\n{'tokenizer':>10} {'vocab':>9} {'MB':>6} {'cold s':>7} {'cold MB/s':>10} {'warm s':>7} {'warm MB/s':>10} "
-          f"{'tokens/byte':>12}")
+    rows, figures = [], []
     for name, tok in runs:
         # cold: the first pass, every distinct word is pre-tokenized and merged; warm: the same text again, when
         # every word is a cache hit and only the line-level regex splits and lookups remain.
@@ -81,21 +986,104 @@ def bench_tokenizer(args):
         if tok.decode(ids) != text:
             raise RuntimeError(f"the {name} tokenizer does not round-trip the benchmark text")
         mb = n_bytes / 1e6
-        print(f"{name:>10} {tok.vocab_size:>9,} {mb:>6.2f} {t1 - t0:>7.2f} {mb / (t1 - t0):>10.2f} {t2 - t1:>7.2f} "
-              f"{mb / (t2 - t1):>10.2f} {len(ids) / n_bytes:>12.3f}")
+        figures.append({"name": name, "vocab": tok.vocab_size, "mb": mb, "cold_mb_per_s": mb / (t1 - t0),
+                        "warm_mb_per_s": mb / (t2 - t1), "tokens_per_byte": len(ids) / n_bytes})
+        rows.append([name, f"{tok.vocab_size:,}", f"{mb:.2f}", f"{t1 - t0:.2f}", f"{mb / (t1 - t0):.2f}",
+                     f"{t2 - t1:.2f}", f"{mb / (t2 - t1):.2f}", f"{len(ids) / n_bytes:.3f}"])
+    table(["tokenizer", "vocab", "MB", "cold s", "cold MB/s", "warm s", "warm MB/s", "tokens/byte"], rows)
+    return {"runs": figures}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--what", required=True, choices=["tokenizer"], help="which benchmark to run")
+# ---------------------------------------------------------------------------------------------------------------------
+
+def parse_overrides(rest, parser) -> dict:
+    """Model config overrides from the arguments argparse did not know: --llm.dim=256 or --llm.dim 256."""
+    overrides, i = {}, 0
+    while i < len(rest):
+        key, eq, value = rest[i].removeprefix("--").partition("=")
+        if not rest[i].startswith("--") or "." not in key:
+            parser.error(f"unrecognised argument {rest[i]!r}; model config overrides are dotted, like "
+                         "--llm.n_layers=2 or --sam.window_size=7")
+        if not eq:
+            i += 1
+            if i == len(rest):
+                parser.error(f"{rest[i - 1]} needs a value")
+            value = rest[i]
+        overrides[key] = value
+        i += 1
+    return overrides
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--what", required=True, choices=["train", "prefill", "decode", "vision", "tokenizer"])
+    parser.add_argument("--config", default="tiny", help="model preset (nanovl.config.PRESETS)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is one")
+    parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
+    parser.add_argument("--batch", type=int, help="rows (train, prefill, decode) or images (vision)")
+    parser.add_argument("--seq", type=int, help="train and prefill: tokens a row")
+    parser.add_argument("--steps", type=int, help="timed steps (default: 10; decode: 3 generations)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--compare", action="store_true", help="also run the reference implementation")
+    parser.add_argument("--stage", type=int, default=3, choices=[1, 2, 3], help="train: the stage's freeze map")
+    parser.add_argument("--llm-only", "--llm_only", action="store_true", help="train: the decoder alone, on text")
+    parser.add_argument("--compile", action="store_true", help="train, vision: torch.compile each part")
+    parser.add_argument("--grad-ckpt", "--grad_ckpt", action="store_true", help="train: recompute decoder layers")
+    parser.add_argument("--prompt-len", "--prompt_len", type=int, help="decode: prompt tokens")
+    parser.add_argument("--new", type=int, help="decode: new tokens")
     parser.add_argument("--tokenizer", help="tokenizer: a tokenizer.json (or its folder) to use as the big one")
     parser.add_argument("--vocab-size", type=int, default=100_000, help="tokenizer: size of the big trained one")
     parser.add_argument("--small-vocab", type=int, default=4096, help="tokenizer: size of the small trained one")
     parser.add_argument("--small-corpus-mb", type=float, default=3.0, help="tokenizer: text for the small one")
     parser.add_argument("--mb", type=float, default=4.0, help="tokenizer: at most this much text is encoded")
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args(argv)
+    overrides = parse_overrides(rest, parser)
+    result = {"what": args.what}
     if args.what == "tokenizer":
-        bench_tokenizer(args)
+        result.update(bench_tokenizer(args))
+        print(json.dumps(result))
+        return result
+
+    try:
+        cfg = get_config(args.config, **overrides)
+    except ValueError as e:
+        parser.error(str(e))
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+    dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    defaults = DEFAULTS.get(args.config, DEFAULTS["small"])
+    if args.batch is None:
+        args.batch = {"train": defaults["batch"], "vision": defaults["images"]}.get(args.what, 1)
+    args.seq = args.seq or defaults["seq"]
+    args.prompt_len = args.prompt_len or defaults["prompt_len"]
+    args.new = args.new or defaults["new"]
+    args.steps = args.steps or STEPS[args.what]
+    if args.what in ("train", "prefill") and not args.llm_only and args.seq < cfg.n_image_tokens + 2:
+        parser.error(f"--seq {args.seq} is too short for one image of {cfg.n_image_tokens} tokens plus text in the "
+                     f"{cfg.name!r} model; use --seq {cfg.n_image_tokens + 2} or more (or --llm-only for text alone)")
+    device_name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    spec = device_spec(device_name) if device == "cuda" else None
+
+    n = torch.get_num_threads()
+    threads = f", {n} thread{'s' if n > 1 else ''}" if device == "cpu" else ""
+    print(f"nanovl bench --what {args.what}: {cfg.name}" + (f" {overrides}" if overrides else "") +
+          f"; {device} ({device_name}{threads}), {dtype_name}; torch {torch.__version__}")
+    if device == "cuda" and spec is None:
+        print(f"no peak FLOP/s or bandwidth known for {device_name!r}: add it to DEVICES in bench.py for MFU")
+    elif device == "cuda":
+        print(f"{spec.label}: {si(spec.peak_flops, 'FLOP/s')} dense bf16 (MFU is against this whatever --dtype), "
+              f"{si(spec.bandwidth, 'B/s')}")
+    else:
+        print("on CPU: achieved model FLOP/s instead of MFU; peak memory is the process's peak RSS")
+    bench = {"train": bench_train, "prefill": bench_prefill, "decode": bench_decode, "vision": bench_vision}
+    result.update(reference=None, config=cfg.name, overrides=overrides, device=device, device_name=device_name,
+                  dtype=dtype_name, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup)
+    result.update(bench[args.what](args, cfg, device, dtype, spec))
+    print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

@@ -1,0 +1,270 @@
+"""bench.py: the FLOP model against hand counts and against PyTorch's FLOP counter, the freeze-map modes, the cut
+training step against the plain one, every --what on the tiny preset, --compare with and without the references,
+and the JSON line."""
+
+import builtins
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import bench
+import train
+from nanovl import DeepSeekVL, get_config
+from nanovl.config import LlamaConfig, SAMConfig, SigLIPConfig
+from nanovl.llama import Llama
+from nanovl.sam import SAM
+from nanovl.siglip import SigLIP
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Nothing here depends on speed; one thread keeps the file fast when another process shares the two cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(capsys, *argv):
+    """bench.main on the tiny preset with tiny sizes; checks that the last printed line is the result as JSON."""
+    result = bench.main(["--config", "tiny", "--steps", "1", "--warmup", "1", *argv])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1]) == json.loads(json.dumps(result))
+    return result, "\n".join(lines[:-1])
+
+
+def matmul_weights(module: nn.Module) -> int:
+    """Weights of every nn.Linear and nn.Conv2d: what N counts, read off the module instead of the config."""
+    return sum(m.weight.numel() for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+
+
+def counted(fn) -> int:
+    """FLOPs of fn by torch's FlopCounterMode, with the math attention kernel (the CPU fused kernels are not
+    counted) whose q k^T and attn v are ordinary counted matmuls."""
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The FLOP model
+
+def test_decoder_flops_match_a_hand_count():
+    c = LlamaConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=4, ffn_dim=176, max_seq_len=64)
+    # Per layer: q, k, v, o are 64 x 64 (4 * 4096 = 16384); gate, up, down are 64 x 176 (3 * 11264 = 33792).
+    # Two layers: 2 * 50176 = 100352; lm_head 64 x 97 = 6208; the input embedding is not counted.
+    assert bench.llm_matmul_params(c) == 106560 == matmul_weights(Llama(c))
+    T = 32
+    # 6N + 12 L d T per trained token: 639360 + 12 * 2 * 64 * 32 = 639360 + 49152
+    assert bench.step_flops(bench.llm_forward_flops(c, T), "train") == 688512
+    # frozen with a trained part below: 4N + 12 L d T; frozen at the bottom: 2N + 4 L d T
+    assert bench.step_flops(bench.llm_forward_flops(c, T), "pass") == 426240 + 49152
+    assert bench.step_flops(bench.llm_forward_flops(c, T), "frozen") == 213120 + 16384
+    # grouped-query attention: k and v are 64 x 32, so each layer has 2 * 4096 + 2 * 2048 + 33792 = 46080
+    gqa = LlamaConfig(**dict(c.__dict__, n_kv_heads=2))
+    assert bench.llm_matmul_params(gqa) == 2 * 46080 + 6208 == matmul_weights(Llama(gqa))
+
+
+def test_vision_flops_match_a_hand_count():
+    s = SigLIPConfig(image_size=64, patch_size=16, width=32, depth=2, n_heads=2)
+    # n = 4 x 4 = 16 patches. N: patch conv 3 * 16 * 16 * 32 = 24576, each block 4 * 32^2 + 2 * 32 * 128 = 12288.
+    assert 24576 + 2 * 12288 == matmul_weights(SigLIP(s))
+    assert bench.siglip_forward_flops(s) == (2 * 49152 * 16, 4 * 2 * 32 * 16 * 16)  # 2 N n, 4 L d n^2
+
+    m = SAMConfig(image_size=128, patch_size=16, width=32, depth=2, n_heads=2, window_size=3, global_blocks=(1,),
+                  neck_dim=16, downsample_dims=(16, 24))
+    # An 8 x 8 grid. Block 0 attends in 3 x 3 windows, padded to 9 x 9 = 81 tokens; block 1 globally over 64.
+    patch = 2 * 3 * 16 * 16 * 32 * 64
+    block0 = 2 * 4 * 32 * 32 * 81 + 2 * 32 * 81 * (3 + 3) + 2 * 2 * 32 * 128 * 64  # qkv+proj, rel-pos, MLP
+    block1 = 2 * 4 * 32 * 32 * 64 + 2 * 32 * 64 * (8 + 8) + 2 * 2 * 32 * 128 * 64
+    attention = 4 * 32 * 9 * 81 + 4 * 32 * 64 * 64  # 9 keys per query in a window, 64 in the global block
+    f = bench.sam_forward_flops(m)
+    assert f["trunk"] == (patch + block0 + block1, attention) == (6527360, 617600)
+    assert f["neck"] == 2 * 32 * 16 * 64 + 2 * 9 * 16 * 16 * 64  # 1x1 conv, 3x3 conv on the 8 x 8 grid
+    # upsampled to 12 x 12, then 3x3 stride-2 convs to 6 x 6 (16 -> 16 channels) and 3 x 3 (16 -> 24)
+    assert f["downsamples"] == 2 * 9 * 16 * 16 * 36 + 2 * 9 * 16 * 24 * 9
+    # and torch's own count of the modules agrees (the whole tower: two necks, the downsample convs after each)
+    with torch.no_grad():
+        assert counted(lambda: SigLIP(s)(torch.rand(1, 3, 64, 64))) == sum(bench.siglip_forward_flops(s))
+        assert counted(lambda: SAM(m)(torch.rand(1, 3, 128, 128))) == sum(f["trunk"]) + 2 * (f["neck"] +
+                                                                                           f["downsamples"])
+
+
+def test_forward_flops_match_torch_flop_counter():
+    cfg = get_config("tiny")  # its SAM pads a 16 x 16 grid to windows of 6, and has global blocks
+    model = DeepSeekVL(cfg)
+    B, T = 2, 48
+    ids, _, images = bench.synthetic_batch(cfg, B, T, "cpu")
+    low = model.low_resolution(images)
+    with torch.no_grad():
+        assert counted(lambda: model.siglip(low)) == B * sum(bench.siglip_forward_flops(cfg.siglip))
+        assert counted(lambda: model.sam(images)) == B * sum(bench.sam_total_flops(cfg.sam))
+        assert counted(lambda: model.llm(ids)) == B * T * sum(bench.llm_forward_flops(cfg.llm, T))
+        frozen = {p: "frozen" for p in bench.PARTS}
+        assert counted(lambda: model(ids, images)) == sum(bench.vlm_step_flops(cfg, frozen, B, T).values())
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_training_flops_match_the_counter_but_for_first_layer_input_gradients(stage):
+    cfg = get_config("tiny")
+    model = DeepSeekVL(cfg)
+    train.apply_freeze_map(model, train.trainable_prefixes(stage, cfg))
+    B, T = 2, 48
+    ids, targets, images = bench.synthetic_batch(cfg, B, T, "cpu")
+    got = counted(lambda: model(ids, images, targets=targets)[1].backward())
+    modelled = sum(bench.vlm_step_flops(cfg, bench.part_modes(model), B, T).values())
+    # The model charges 6N to a trained part, but autograd computes no gradient for the input of a trained layer
+    # when nothing below it trains: SAM's two 1x1 neck convs (on the frozen trunk), the adaptor's low_up_proj while
+    # SigLIP is frozen, SigLIP's patch embedding (on pixels) when it trains. Each costs one forward's FLOPs.
+    s, m = cfg.siglip, cfg.sam
+    neck_in = 2 * (2 * m.width * m.neck_dim * m.grid ** 2)
+    low_up_proj_in = 2 * cfg.n_image_tokens * s.width * (cfg.llm.dim // 2)
+    patch_in = 2 * 3 * s.patch_size ** 2 * s.width * s.grid ** 2
+    overcount = B * (neck_in + (patch_in if stage == 3 else low_up_proj_in))
+    assert modelled - got == overcount
+    assert overcount / got < 0.01  # and it is small
+
+
+def test_part_modes_follow_train_py_freeze_maps():
+    cfg = get_config("tiny")
+    model = DeepSeekVL(cfg)
+    modes = {}
+    for stage in (1, 2, 3):
+        train.apply_freeze_map(model, train.trainable_prefixes(stage, cfg))
+        modes[stage] = bench.part_modes(model)
+    vision = {"siglip": "frozen", "sam_trunk": "frozen", "sam_tail": "train", "aligner": "train"}
+    assert modes[1] == dict(vision, llm="pass")  # the frozen decoder carries the gradient down to the adaptor
+    assert modes[2] == dict(vision, llm="train")
+    assert modes[3] == dict(vision, siglip="train", llm="train")
+
+
+def test_decode_bytes():
+    c = LlamaConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=64)
+    weights = (98368 + 5 * 64) * 2  # matmul weights and 2 * 2 + 1 RMSNorm weights, bf16
+    kv = 2 * 2 * 3 * 2 * 16 * 2  # k and v, 2 layers, batch 3, 2 kv heads of 16, bf16: bytes per cached position
+    # 4 new tokens: the prefill makes the first, then steps 1..3 attend over 10 + 1, 10 + 2, 10 + 3 positions
+    assert bench.decode_bytes(c, B=3, prompt_len=10, new=4, bytes_per=2) == 3 * weights + kv * (11 + 12 + 13)
+
+
+def test_device_table():
+    assert bench.device_spec("NVIDIA H100 80GB HBM3") == ("H100 SXM", 989e12, 3.35e12)
+    assert bench.device_spec("NVIDIA H200") == ("H200 SXM", 989e12, 4.8e12)
+    assert bench.device_spec("NVIDIA H100 PCIe").peak_flops == 756e12
+    assert bench.device_spec("NVIDIA A100-SXM4-40GB").bandwidth == 1.555e12
+    assert bench.device_spec("NVIDIA A100 80GB PCIe").bandwidth == 1.935e12
+    assert bench.device_spec("NVIDIA L4").peak_flops == 121e12
+    assert bench.device_spec("NVIDIA L40S") is None  # not an L4
+    assert bench.device_spec("NVIDIA GeForce RTX 4090").peak_flops == 165.2e12
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The benchmarks
+
+def test_cut_step_gives_the_plain_step_gradients():
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    model = DeepSeekVL(cfg)
+    train.apply_freeze_map(model, train.trainable_prefixes(3, cfg))
+    ids, targets, images = bench.synthetic_batch(cfg, 2, 48, "cpu")
+    _, loss = model(ids, images, targets=targets)
+    loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    marked = []
+    cut_loss = bench.backward_by_part(model, ids, targets, images, bench.autocast_for("cpu", torch.float32),
+                                      marked.append)
+    assert cut_loss.item() == loss.item()
+    assert marked == ["siglip", "sam", "aligner", "llm", "aligner", "sam", "siglip"]
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == set(plain)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, plain[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_train_on_tiny(capsys):
+    out, printed = run(capsys, "--what", "train", "--batch", "2", "--seq", "48", "--llm.n_layers=2")
+    cfg = get_config("tiny", **{"llm.n_layers": 2})
+    assert out["overrides"] == {"llm.n_layers": "2"} and out["modes"]["llm"] == "train"
+    assert out["flops_by_part"] == bench.vlm_step_flops(cfg, out["modes"], 2, 48)
+    assert out["flops"] == sum(out["flops_by_part"].values())
+    assert out["tokens_per_s"] == pytest.approx(2 * 48 / out["step_s"])
+    assert out["flops_per_s"] == pytest.approx(out["flops"] / out["step_s"]) and out["mfu"] is None
+    assert set(out["parts_s"]) == {"data", "siglip", "sam", "aligner", "llm", "optimizer"}
+    assert out["memory"] == "process peak RSS" and out["peak_memory_bytes"] > 2 ** 20
+    assert "where the time goes" in printed and "SAM fwd+bwd" in printed
+
+
+def test_prefill_decode_and_vision_on_tiny(capsys):
+    cfg = get_config("tiny")
+    out, _ = run(capsys, "--what", "prefill", "--seq", "48")
+    assert out["flops"] == sum(bench.vlm_step_flops(cfg, {p: "frozen" for p in bench.PARTS}, 1, 48).values())
+    assert out["tokens_per_s"] == pytest.approx(48 / out["step_s"])
+
+    out, printed = run(capsys, "--what", "decode", "--prompt-len", "40", "--new", "4", "--batch", "2")
+    assert "one image, then text" in printed
+    assert out["bytes_per_step"] == bench.decode_bytes(cfg.llm, 2, 40, 4, 4) / 3  # fp32 on CPU
+    assert out["tokens_per_s"] == pytest.approx(2 * 3 / out["decode_s"]) and out["bound_tokens_per_s"] is None
+    assert out["generate"]["tokens_per_s"] == pytest.approx(2 * 3 / out["generate"]["decode_s"])
+
+    out, _ = run(capsys, "--what", "vision", "--batch", "2")
+    assert set(out["runs"]) == {"nanovl SigLIP", "nanovl SAM", "nanovl SAM trunk + neck", "nanovl encode_images"}
+    assert out["runs"]["nanovl SAM"]["flops"] == 2 * sum(bench.sam_total_flops(cfg.sam))
+    assert out["images_per_s"] == out["runs"]["nanovl encode_images"]["images_per_s"]
+
+
+def test_compare_runs_the_references(capsys):
+    out, printed = run(capsys, "--what", "train", "--llm-only", "--compare", "--batch", "2", "--seq", "32")
+    ref = out["reference"]
+    assert ref["name"] == "transformers LlamaForCausalLM" and ref["flops"] == ref["nanovl"]["flops"]
+    assert ref["ratio"] == pytest.approx(ref["nanovl"]["tokens_per_s"] / ref["tokens_per_s"])
+
+    out, printed = run(capsys, "--what", "decode", "--compare", "--prompt-len", "20", "--new", "6")
+    # the same weights in fp32 on CPU: transformers' greedy tokens are ours
+    assert out["reference"]["same_tokens"] == 6 and "the first 6 of 6 greedy tokens" in printed
+    assert set(out["reference"]["nanovl"]) == {"nanovl loop (model + KVCache)", "nanovl.generate"}
+
+    out, printed = run(capsys, "--what", "vision", "--compare", "--batch", "1")
+    assert [r["name"] for r in out["reference"]] == ["timm VisionTransformer", "segment-anything ImageEncoderViT"]
+    assert "nanovl SigLIP / timm VisionTransformer" in printed
+
+
+def test_compare_without_the_references_says_what_is_missing(capsys, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_references(name, *args, **kwargs):
+        if name.split(".")[0] in ("transformers", "timm", "segment_anything"):
+            raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_references)
+    out, printed = run(capsys, "--what", "vision", "--compare", "--batch", "1")
+    assert "timm is not installed" in printed and "segment-anything is not installed" in printed
+    assert out["reference"] is None and out["images_per_s"] > 0  # nanovl's own figures are still there
+    out, printed = run(capsys, "--what", "decode", "--compare", "--prompt-len", "20", "--new", "3")
+    assert "transformers is not installed" in printed and out["reference"] is None and out["tokens_per_s"] > 0
+
+
+def test_bad_arguments_are_refused_with_a_reason(capsys):
+    for argv, reason in ((["--what", "train", "--bogus", "1"], "model config overrides are dotted"),
+                         (["--what", "train", "--llm.nope=1"], "no field 'nope'"),
+                         (["--what", "train", "--seq", "30"], "too short for one image of 36 tokens")):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+        assert reason in capsys.readouterr().err
+
+
+def test_tokenizer_benchmark_still_runs(capsys, tmp_path):
+    from nanovl.tokenizer import Tokenizer
+
+    path = tmp_path / "tokenizer.json"
+    Tokenizer.train(["def f(x):\n    return x + 1\n" * 50, "import os\nprint(os.getcwd())\n" * 30], 280).save(path)
+    result = bench.main(["--what", "tokenizer", "--tokenizer", str(path), "--small-vocab", "400",
+                         "--small-corpus-mb", "0.05", "--mb", "0.05"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(result))
+    assert [(r["name"], r["vocab"]) for r in result["runs"]] == [("small", 400), ("big", 280)]
+    assert all(r["tokens_per_byte"] < 1 for r in result["runs"])  # merges happened: fewer tokens than bytes
