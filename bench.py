@@ -714,10 +714,13 @@ def bench_prefill(args, cfg, device, dtype, spec):
 
     def prefill(i, net=model, x=ids, images=images):
         cache.length = 0
-        net(x, images, cache=cache) if images is not None else net(x, cache=cache)
+        # a prompt's forward for generation: only the last position's logits are needed (and computed)
+        net(x, images, cache=cache, last_only=True) if images is not None else net(x, cache=cache, last_only=True)
 
     frozen = {p: "frozen" for p in PARTS}
-    runs = {"nanovl": (prefill, sum(vlm_step_flops(cfg, frozen, B, T).values()))}
+    # lm_head runs on the last position only (last_only): the other T - 1 positions' logits are not model FLOPs.
+    unused_head = B * (T - 1) * 2 * cfg.llm.dim * cfg.llm.vocab_size
+    runs = {"nanovl": (prefill, sum(vlm_step_flops(cfg, frozen, B, T).values()) - unused_head)}
     print(f"prefill: batch {B} x {T} tokens (one image of {cfg.n_image_tokens} tokens, then text) into a KV cache; "
           f"{timed(args, 'run')}\n")
     with torch.inference_mode():
@@ -728,9 +731,10 @@ def bench_prefill(args, cfg, device, dtype, spec):
         hf = reference("transformers", lambda: hf_llama(cfg.llm, device, dtype, model.llm.state_dict()))
         if hf is not None:
             text, _, _ = synthetic_batch(cfg, B, T, device, image=False)
-            flops = B * T * step_flops(llm_forward_flops(cfg.llm, T), "frozen")
+            flops = B * T * step_flops(llm_forward_flops(cfg.llm, T), "frozen") - unused_head
             runs = {"nanovl Llama": (lambda i: prefill(i, model.llm, text, None), flops),
-                    "transformers LlamaForCausalLM": (lambda i: hf(input_ids=text, use_cache=True), flops)}
+                    "transformers LlamaForCausalLM": (lambda i: hf(input_ids=text, use_cache=True, logits_to_keep=1),
+                                                      flops)}
             with torch.inference_mode():
                 figures = time_runs(runs, B * T, "tokens/s", args, device, spec)
             print(f"--compare: the decoder's prefill, batch {B} x {T} text tokens, same weights")
@@ -748,7 +752,7 @@ def greedy(prefill, cache, llm, new: int, mark):
     mark("prefill")
     out = [tok]
     for _ in range(new - 1):
-        logits, _ = llm(tok, cache=cache)  # (B, 1, vocab)
+        logits, _ = llm(tok, cache=cache, last_only=True)  # (B, 1, vocab)
         tok = logits[:, -1:].argmax(-1)
         out.append(tok)
     mark("decode")
@@ -800,7 +804,8 @@ def bench_decode(args, cfg, device, dtype, spec):
         return timed_generation(run)[0]
 
     runs = {"nanovl loop (model + KVCache)": timed_generation(
-                lambda mark: greedy(lambda cache: model(ids, images, cache=cache), cache, model.llm, new, mark))[0],
+                lambda mark: greedy(lambda cache: model(ids, images, cache=cache, last_only=True), cache, model.llm,
+                                   new, mark))[0],
             "nanovl.generate": library(ids, images)}
     need = decode_bytes(cfg.llm, B, P, new, torch.finfo(dtype).bits // 8)
     bound = spec and B * (new - 1) / (need / spec.bandwidth)
@@ -842,7 +847,7 @@ def bench_decode(args, cfg, device, dtype, spec):
 
     text, _, _ = synthetic_batch(cfg, B, P, device, image=False)
     ours, our_ids = timed_generation(
-        lambda mark: greedy(lambda cache: model.llm(text, cache=cache), cache, model.llm, new, mark))
+        lambda mark: greedy(lambda cache: model.llm(text, cache=cache, last_only=True), cache, model.llm, new, mark))
     runs = {"nanovl loop (model + KVCache)": ours, "nanovl.generate": library(text, None)}
     runs["transformers generate"], their_ids = timed_generation(hf_run)
     if their_ids.shape != (B, new):

@@ -159,8 +159,8 @@ def _check_keys(expected: dict, state: dict, source: str):
     """Raise one ValueError listing every missing, unexpected and misshapen key."""
     missing = set(expected) - set(state)
     unexpected = set(state) - set(expected)
-    shapes = [f"{k}: file {tuple(state[k].shape)}, model {tuple(expected[k])}" for k in sorted(set(state) & set(expected))
-              if tuple(state[k].shape) != tuple(expected[k])]
+    shapes = [f"{k}: file {tuple(state[k].shape)}, model {tuple(expected[k])}"
+              for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k])]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing: {_shorten(missing)}")

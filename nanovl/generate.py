@@ -86,13 +86,13 @@ def _decode(model, cache, logits, s: Sampling, stop_ids, pad_id: int, n_words: i
     it would ask for an image that does not exist."""
     B, device = logits.shape[0], logits.device
     generator = torch.Generator(device=device).manual_seed(s.seed)
+    image_id = torch.tensor([model.cfg.image_token_id], device=device)  # made once, not per step
     stop = torch.tensor(sorted(stop_ids), device=device)
     out = torch.empty(B, 0, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     n_new = min(s.max_new_tokens, cache.max_len - cache.length + 1)  # the last token is never fed back
     for i in range(n_new):
-        logits = logits[:, :n_words].index_fill(1, torch.tensor([model.cfg.image_token_id], device=device),
-                                                float("-inf"))
+        logits = logits[:, :n_words].index_fill(1, image_id, float("-inf"))
         nxt = pick(logits, out, s, generator)  # (B,)
         nxt = torch.where(done, pad_id, nxt)
         out = torch.cat([out, nxt[:, None]], dim=1)
@@ -101,7 +101,7 @@ def _decode(model, cache, logits, s: Sampling, stop_ids, pad_id: int, n_words: i
             on_step(nxt)
         if bool(done.all()) or i == n_new - 1:
             break
-        logits, _ = model(nxt[:, None], cache=cache)  # (B, 1, V): one new token per row, over the cache
+        logits, _ = model(nxt[:, None], cache=cache, last_only=True)  # (B, 1, V): one new token per row
         logits = logits[:, -1]
     return out
 
@@ -127,7 +127,7 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
         pad_mask[r, T - len(p):] = True
     cache = model.llm.new_cache(len(prompts), min(ctx, T + s.max_new_tokens))
     logits, _ = model(ids.to(device), None if images is None else images.to(device), cache=cache,
-                      pad_mask=pad_mask.to(device))
+                      pad_mask=pad_mask.to(device), last_only=True)  # (B, 1, V)
     out = _decode(model, cache, logits[:, -1], s, stop_ids, pad_id, n_words or logits.shape[-1], on_step)
     rows = []
     for row in out.tolist():  # cut each row after its stop token
@@ -176,7 +176,7 @@ class ChatSession:
         start = self.cache.length
         try:
             logits, _ = self.model(torch.tensor([new], device=device), None if pixels is None else pixels.to(device),
-                                   cache=self.cache)
+                                   cache=self.cache, last_only=True)
             answer: List[int] = []
             shown = ""
 
@@ -188,8 +188,8 @@ class ChatSession:
                     on_text(text[len(shown):])  # only whole characters: a split UTF-8 sequence waits for its end
                     shown = text
 
-            _decode(self.model, self.cache, logits[:, -1], s, {self.tok.eos_id}, self.tok.pad_id, self.tok.vocab_size,
-                    stream)
+            _decode(self.model, self.cache, logits[:, -1], s, {self.tok.eos_id}, self.tok.pad_id,
+                    self.tok.vocab_size, stream)
         except BaseException:
             self.cache.length = start  # forget the half-written turn: the next one overwrites those slots
             raise

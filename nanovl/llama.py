@@ -163,7 +163,7 @@ class Llama(nn.Module):
                              f"allocate a longer cache")
 
     def forward(self, idx=None, embeds=None, targets=None, cache: Optional[KVCache] = None, pad_mask=None,
-                doc_ids=None, reduction: str = "mean"):
+                doc_ids=None, reduction: str = "mean", last_only: bool = False):
         """
         idx (B, T) token ids, or embeds (B, T, C) input embeddings.
         targets (B, T): the id each position should predict (already shifted, as in nanoGPT); -100 is ignored.
@@ -172,7 +172,9 @@ class Llama(nn.Module):
         doc_ids (B, T): for packed training rows, which sample each token belongs to; attention and positions then
         stay inside each sample, as if the samples had been run one by one (the paper packs stage 2, Table 4).
         Returns (logits (B, T, vocab), loss or None). With reduction="sum" the loss is the summed cross-entropy, for
-        callers that normalise by the supervised-token count of several micro-batches.
+        callers that normalise by the supervised-token count of several micro-batches. last_only (generation, no
+        targets) gives the logits of the last position only, (B, 1, vocab): a prompt of T tokens then costs one
+        lm_head row instead of T (with a 102400-word vocabulary, that is most of a short prompt's FLOPs).
         """
         x = self.embed_tokens(idx) if embeds is None else embeds  # (B, T, C)
         B, T, _ = x.shape
@@ -212,6 +214,8 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
+        if last_only and targets is None:
+            x = x[:, -1:]  # (B, 1, C)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab)
 
         if targets is None:

@@ -122,11 +122,12 @@ class DeepSeekVL(nn.Module):
         return F.interpolate(images, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
 
     def forward(self, ids, images=None, targets=None, cache: Optional[KVCache] = None, pad_mask=None, doc_ids=None,
-                reduction: str = "mean"):
+                reduction: str = "mean", last_only: bool = False):
         """
         ids (B, T): token ids, each image written as cfg.n_image_tokens copies of cfg.image_token_id.
         images (N, 3, S, S) or None: the images of all rows, in the order their spans appear (row by row).
-        targets, cache, pad_mask, doc_ids, reduction: as Llama.forward. Returns (logits (B, T, vocab), loss or None).
+        targets, cache, pad_mask, doc_ids, reduction, last_only: as Llama.forward.
+        Returns (logits (B, T, vocab), loss or None).
         """
         if ids.ndim != 2:
             raise ValueError(f"expected token ids of shape (B, T), got {tuple(ids.shape)}")
@@ -143,7 +144,8 @@ class DeepSeekVL(nn.Module):
             image_embeds = self.encode_images(images)  # (N, n, C)
             # Ordered scatter, as the official prepare_inputs_embeds: the k-th image token gets the k-th embedding.
             x = x.masked_scatter(is_image[..., None], image_embeds.to(x.dtype))
-        return self.llm(embeds=x, targets=targets, cache=cache, pad_mask=pad_mask, doc_ids=doc_ids, reduction=reduction)
+        return self.llm(embeds=x, targets=targets, cache=cache, pad_mask=pad_mask, doc_ids=doc_ids, reduction=reduction,
+                        last_only=last_only)
 
 
 def count_params(model: nn.Module) -> dict:

@@ -72,6 +72,9 @@ def test_kv_cache_decoding_matches_full_forward(cfg):
         steps = [ours(ids[:, t:t + 1], cache=cache)[0] for t in range(22, 30)]  # then one token at a time
     assert cache.length == 30
     assert max_diff(torch.cat([prefill] + steps, dim=1), full) < ATOL
+    with torch.no_grad():  # generation asks for the last position's logits only
+        last, _ = ours(ids[:, :22], cache=ours.new_cache(batch_size=2, max_len=32), last_only=True)
+    assert last.shape == (2, 1, cfg.vocab_size) and max_diff(last, prefill[:, -1:]) < ATOL
 
 
 def test_kv_cache_with_left_padded_batch_matches_each_sequence_alone():
