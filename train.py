@@ -79,6 +79,8 @@ class TrainConfig:
     modality_warmup: float = 0.3  # stage 2: part of the run over which the language share decays from 1.0
     sft_share: float = 0.1  # stage 2: share of steps drawn from the SFT chats (the paper's 1.3B recipe)
     text_sft_share: float = -1  # stage 3: text-only share of the chats (default: Table 2's 47.9%; 25% from scratch)
+    vision_lr_mult: float = -1  # learning rate of towers and adaptor / the stage's (default: 1; 0.1 in stage 3 from
+    # scratch, see the optimizer below)
     pack: int = -1  # pack samples into full rows (default: stage 2 only, as Table 4)
     trainable: str = ""  # comma-separated module prefixes to train instead of the stage's freeze map
     eval_every: int = 0  # evaluate every this many steps (0: at the end of the stage only)
@@ -101,8 +103,8 @@ STAGE_DEFAULTS = {
         0: dict(steps=120, batch_size=16, micro_batch=16, lr=3e-3, warmup=12, schedule="cosine", seq_len=128),
         1: dict(steps=60, batch_size=16, micro_batch=16, lr=3e-3, warmup=6, schedule="cosine"),
         2: dict(steps=100, batch_size=16, micro_batch=16, lr=2e-3, warmup=10, schedule="step"),
-        3: dict(steps=300, batch_size=16, micro_batch=16, lr=1e-3, warmup=30, schedule="cosine",
-                text_sft_share=0.25),
+        3: dict(steps=380, batch_size=16, micro_batch=16, lr=2e-3, warmup=30, schedule="cosine",
+                text_sft_share=0.25, vision_lr_mult=0.1),
     },
     "paper": {  # Table 4, the 1B column (the 7B differs in stage 2: lr 4.2e-5, 42000 steps, batch 2304)
         1: dict(steps=15000, batch_size=256, micro_batch=8, lr=1e-3, warmup=128, schedule="cosine", seq_len=512),
@@ -510,9 +512,16 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         else:
             dataset = PlannedBatches(plan, sources, tok.pad_id, proc, accum, rank, world)
 
+    # Two parameter groups: the language model (and stage 0's heads) at the stage's learning rate, the vision side
+    # (towers and adaptor) at vision_lr_mult times it. A from-scratch decoder learns to read the image tokens only
+    # if they hold still while it does: trained at the full rate in stage 3, they kept the tiny model at chance.
     params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=hp["lr"], betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay,
-                            fused=device.startswith("cuda") or None)
+    vision = lambda n: n.removeprefix("model.").startswith(("siglip.", "sam.", "aligner."))
+    mult = hp.get("vision_lr_mult", 1.0) if tc.vision_lr_mult < 0 else tc.vision_lr_mult
+    groups = [{"params": [p for n, p in net.named_parameters() if p.requires_grad and not vision(n)], "lr_mult": 1.0},
+              {"params": [p for n, p in net.named_parameters() if p.requires_grad and vision(n)], "lr_mult": mult}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp["lr"], betas=(tc.beta1, tc.beta2),
+                            weight_decay=tc.weight_decay, fused=device.startswith("cuda") or None)
     start, metrics = 0, []
     if resume:
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -549,7 +558,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     for step in bar:
         lr = learning_rate(step, hp, tc.min_lr_ratio)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_mult"]
         micros = [next(batches) for _ in range(accum)]
         micros = [m if isinstance(m, dict) else dict(zip(("ids", "targets", "images", "doc_ids"), m)) for m in micros]
         # Normalise by the supervised tokens of the whole step (all micro-batches, all processes), so a step's
