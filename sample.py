@@ -24,7 +24,7 @@ import torch
 
 from nanovl.chat import IMAGE_TAG, SYSTEM_PROMPT, render_chat
 from nanovl.checkpoint import load_model
-from nanovl.generate import ChatSession, Sampling, generate
+from nanovl.generate import ChatSession, Sampling, TextStream, generate
 
 HELP = f"""commands:
   new          forget the conversation and start again
@@ -71,20 +71,11 @@ def answer_prompts(args, model, tok, proc, sampling):
                            generation_prompt=True)[0] for p in prompts]
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    stream = len(prompts) == 1
-    shown = [""]
-
-    def on_step(nxt):  # streaming a single prompt: print whole characters as they come
-        answer.append(int(nxt[0]))
-        text = tok.decode([t for t in answer if t != tok.eos_id]).lstrip()
-        if not text.endswith("\ufffd"):
-            print(text[len(shown[0]):], end="", flush=True)
-            shown[0] = text
-
-    answer = []
+    stream = len(prompts) == 1  # a single prompt's answer is printed as it comes
+    text = TextStream(tok, lambda piece: print(piece, end="", flush=True))
     try:
         outs = generate(model, ids, pixels, sampling, stop_ids={tok.eos_id}, pad_id=tok.pad_id, n_words=tok.vocab_size,
-                        on_step=on_step if stream else None)
+                        on_step=(lambda nxt: text.add(int(nxt[0]))) if stream else None)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if stream:

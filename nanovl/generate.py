@@ -136,6 +136,22 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
     return rows
 
 
+class TextStream:
+    """Token ids -> text as they come, for printing an answer while it is generated: on_text gets each new piece
+    once it decodes to whole characters (a character split across tokens waits for its last byte). The answer's
+    leading space and its end-of-sentence token are not shown."""
+
+    def __init__(self, tokenizer, on_text: Optional[Callable[[str], None]]):
+        self.tok, self.on_text, self.ids, self.shown = tokenizer, on_text, [], ""
+
+    def add(self, token: int):
+        self.ids.append(token)
+        text = self.tok.decode([t for t in self.ids if t != self.tok.eos_id]).lstrip()
+        if self.on_text is not None and not text.endswith("\ufffd") and len(text) > len(self.shown):
+            self.on_text(text[len(self.shown):])
+            self.shown = text
+
+
 class ChatSession:
     """A conversation with one model, its KV cache holding everything said so far."""
 
@@ -177,25 +193,16 @@ class ChatSession:
         try:
             logits, _ = self.model(torch.tensor([new], device=device), None if pixels is None else pixels.to(device),
                                    cache=self.cache, last_only=True)
-            answer: List[int] = []
-            shown = ""
-
-            def stream(nxt):
-                nonlocal shown
-                answer.append(int(nxt[0]))
-                text = self.tok.decode([t for t in answer if t != self.tok.eos_id]).lstrip()
-                if on_text is not None and not text.endswith("\ufffd") and len(text) > len(shown):
-                    on_text(text[len(shown):])  # only whole characters: a split UTF-8 sequence waits for its end
-                    shown = text
-
+            stream = TextStream(self.tok, on_text)
             _decode(self.model, self.cache, logits[:, -1], s, {self.tok.eos_id}, self.tok.pad_id,
-                    self.tok.vocab_size, stream)
+                    self.tok.vocab_size, lambda nxt: stream.add(int(nxt[0])))
         except BaseException:
             self.cache.length = start  # forget the half-written turn: the next one overwrites those slots
             raise
         # The cache now holds the turn and every answer token but the last (a token is fed back only to get the
         # next one). The template closes each answer with <｜end▁of▁sentence｜>: it, and the answer's last token if
         # the answer was cut at max_new_tokens, start the next turn.
+        answer = stream.ids
         held = self.cache.length - start - len(new)
         self.ids += new + answer[:held]
         self.pending = [t for t in answer[held:] if t != self.tok.eos_id] + [self.tok.eos_id]

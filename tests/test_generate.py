@@ -1,8 +1,6 @@
 """Generation and sample.py: the cache gives the tokens a full recompute gives, sampling matches HF's logits
 processors and is seeded, a chat turn prefills only its new tokens, and bad input leaves a session as it was."""
 
-import os
-
 import pytest
 import torch
 from PIL import Image

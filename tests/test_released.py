@@ -20,11 +20,10 @@ from safetensors.torch import load_file as st_load_file
 from safetensors.torch import save_file as st_save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, trainers
+from PIL import Image
 from tokenizers import pre_tokenizers as pt
 from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
-
-from PIL import Image
 
 from conftest import ATOL, max_diff, randomize_
 from test_image import official_canvas
