@@ -67,24 +67,34 @@ def expand_images(ids: List[int], mask: List[int], image_id: int, n_image_tokens
     return out_ids, out_mask
 
 
+def start_ids(tokenizer, system: str = SYSTEM_PROMPT) -> List[int]:
+    """BOS, then the system prompt and its blank line (nothing more when there is no system prompt)."""
+    ids = [tokenizer.bos_id]
+    if system:
+        ids += tokenizer.encode(system.strip()) + tokenizer.encode("\n\n")
+    return ids
+
+
+def user_ids(tokenizer, content: str) -> List[int]:
+    """One user message and its blank line: "User: ...\\n\\n" (the generation's chat session adds turns with it)."""
+    return tokenizer.encode(f"User: {content.strip()}") + tokenizer.encode("\n\n")
+
+
 def render_chat(conversation: Sequence[dict], tokenizer, n_image_tokens: int, system: str = SYSTEM_PROMPT,
                 generation_prompt: bool = False) -> Tuple[List[int], List[int]]:
     """A conversation -> (ids, mask). With generation_prompt the ids end in "Assistant:", ready for sampling."""
     check_conversation(conversation)
-    ids, mask = [tokenizer.bos_id], [0]
+    ids, mask = [], []
 
     def add(tokens: List[int], supervised: int):
         ids.extend(tokens)
         mask.extend([supervised] * len(tokens))
 
-    if system:
-        add(tokenizer.encode(system.strip()), 0)
-        add(tokenizer.encode("\n\n"), 0)
+    add(start_ids(tokenizer, system), 0)
     for i, msg in enumerate(conversation):
         content = msg["content"].strip()
         if i % 2 == 0:
-            add(tokenizer.encode(f"User: {content}"), 0)
-            add(tokenizer.encode("\n\n"), 0)
+            add(user_ids(tokenizer, content), 0)
         else:
             add(tokenizer.encode("Assistant:"), 0)
             add(tokenizer.encode(" " + content), 1)  # the answer ...

@@ -22,7 +22,7 @@ from typing import Callable, List, Optional, Sequence
 
 import torch
 
-from nanovl.chat import IMAGE_TAG, SYSTEM_PROMPT, expand_images
+from nanovl.chat import IMAGE_TAG, SYSTEM_PROMPT, expand_images, start_ids, user_ids
 
 
 @dataclass
@@ -159,16 +159,14 @@ class ChatSession:
         self.model, self.tok, self.proc = model, tokenizer, processor
         self.cache = model.llm.new_cache(1, max_len)
         self.ids: List[int] = []  # exactly what the cache holds
-        pending = [tokenizer.bos_id]
-        if system:
-            pending += tokenizer.encode(system.strip()) + tokenizer.encode("\n\n")
-        self.pending = pending  # ids decided but not yet fed: the start, or the previous answer's end-of-sentence
+        # ids decided but not yet fed: the start, or the previous answer's end-of-sentence
+        self.pending = start_ids(tokenizer, system)
         self.turns = 0
 
     def turn_ids(self, content: str) -> List[int]:
         """The ids a user turn adds, up to and including the generation prompt (the pieces render_chat uses)."""
         tok = self.tok
-        ids = tok.encode(f"User: {content.strip()}") + tok.encode("\n\n") + tok.encode("Assistant:")
+        ids = user_ids(tok, content) + tok.encode("Assistant:")
         return expand_images(ids, [0] * len(ids), tok.image_id, self.model.cfg.n_image_tokens)[0]
 
     @torch.no_grad()
