@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from nanovl import DeepSeekVL, VLConfig, get_config
-from nanovl.checkpoint import init_from_parts, is_released_folder
+from nanovl.checkpoint import init_from_parts, is_released_folder, load_plain
 from nanovl.data import PlannedBatches, Source, collate, plan_batches, read_jsonl, write_jsonl
 from nanovl.evaluate import bits_per_byte, format_table, multiple_choice
 from nanovl.image import ImageProcessor
@@ -177,7 +177,12 @@ def load_weights(path: str, cfg: VLConfig) -> dict:
         path = os.path.join(path, "model.pt")
     if not os.path.exists(path):
         raise SystemExit(f"no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = load_plain(path)  # weights_only: a pickle holding more than tensors is refused, with the reason
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise SystemExit(f"{path} is not a nanovl model file (a dict with 'model' and 'config')")
     saved = state.get("config")
     if saved is not None:
         saved, ours = dict(saved, name=None), dict(cfg.to_dict(), name=None)

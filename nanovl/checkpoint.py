@@ -259,7 +259,7 @@ def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_s
 # ---------------------------------------------------------------------------------------------------------------------
 # nanovl checkpoints, and whichever of the two a path is
 
-def _torch_load(path) -> dict:
+def load_plain(path) -> dict:
     """torch.load with weights_only=True: a pickle that holds anything but tensors and plain containers is refused."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -274,7 +274,7 @@ def load_nanovl(path, device="cpu", dtype=None, tokenizer=None):
     """A nanovl stage folder (model.pt, tokenizer.json) or model.pt file -> (model, tokenizer, processor)."""
     path = Path(path)
     file = path / "model.pt" if path.is_dir() else path
-    state = _torch_load(file)
+    state = load_plain(file)
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "config" not in state:
         raise ValueError(f"{file} is not a nanovl model file (a dict with 'model' and 'config'); for a training state "
                          "use the stage folder's model.pt, written at the end of the stage")
@@ -305,7 +305,7 @@ def _read_tensors(path: Path) -> dict:
         return load_sharded(path)
     if path.suffix == ".safetensors":
         return load_file(path)
-    state = _torch_load(path)
+    state = load_plain(path)
     if isinstance(state, dict) and isinstance(state.get("model"), dict) and "config" in state:
         state = state["model"]  # a nanovl model.pt
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):

@@ -205,6 +205,10 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
         train.main(["--data", data, "--stage", "0", "--config", "1.3b", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="no field 'layers'"):
         train.main(["--data", data, "--llm.layers=2"])
+    evil = tmp_path / "evil.pt"  # a pickle holding a class, not only tensors: weights_only refuses it, with the reason
+    torch.save({"model": {}, "config": None, "hook": DeepSeekVL}, evil)
+    with pytest.raises(SystemExit, match="only tensors and plain containers are accepted"):
+        train.main(["--data", data, "--stage", "3", "--init_from", str(evil), "--out", str(tmp_path / "o")])
 
 
 def test_packing_lays_samples_end_to_end():
