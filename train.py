@@ -43,7 +43,7 @@ from nanovl.checkpoint import init_from_parts, is_released_folder, load_plain
 from nanovl.data import PlannedBatches, Source, collate, plan_batches, read_jsonl, write_jsonl
 from nanovl.evaluate import bits_per_byte, format_table, multiple_choice
 from nanovl.image import ImageProcessor
-from nanovl.stage0 import Stage0Heads, seg_labels
+from nanovl.stage0 import Stage0Heads, plan_distinct, seg_labels
 from nanovl.synth import SEG_LABELS
 from nanovl.tokenizer import Tokenizer
 
@@ -79,8 +79,10 @@ class TrainConfig:
     modality_warmup: float = 0.3  # stage 2: part of the run over which the language share decays from 1.0
     sft_share: float = 0.1  # stage 2: share of steps drawn from the SFT chats (the paper's 1.3B recipe)
     text_sft_share: float = -1  # stage 3: text-only share of the chats (default: Table 2's 47.9%; 25% from scratch)
-    vision_lr_mult: float = -1  # learning rate of towers and adaptor / the stage's (default: 1; 0.1 in stage 3 from
-    # scratch, see the optimizer below)
+    short_chat_share: float = -1  # stage 3: share of steps from one-question image chats, grouped apart from the
+    # multi-turn ones (default: 0, no split; 50% from scratch, see stage_data)
+    vision_lr_mult: float = -1  # learning rate of the pretrained vision parts / the stage's (default: 1; 0.1 in
+    # stages 1-3 from scratch, see the optimizer below)
     pack: int = -1  # pack samples into full rows (default: stage 2 only, as Table 4)
     trainable: str = ""  # comma-separated module prefixes to train instead of the stage's freeze map
     eval_every: int = 0  # evaluate every this many steps (0: at the end of the stage only)
@@ -92,19 +94,19 @@ class TrainConfig:
     compile: bool = False
     grad_ckpt: bool = False  # activation checkpointing in the decoder
     workers: int = 1  # DataLoader worker processes (on a 2-core laptop, more would take cores from training)
-    clip_batch: int = 64  # stage 0: (image, caption) pairs per micro-batch for SigLIP's contrastive loss
-    seg_batch: int = 8  # stage 0: segmented scenes per micro-batch for SAM's dense loss
+    clip_batch: int = 48  # stage 0: (image, caption) pairs per micro-batch for SigLIP's contrastive loss
+    seg_batch: int = 6  # stage 0: segmented scenes per micro-batch for SAM's dense loss
     stop_after: int = 0  # exit right after the checkpoint at this step, as if killed (for testing resume)
 
 
 # Defaults per stage. Scaled-down presets train from scratch on the synthetic data; the released sizes take Table 4.
 STAGE_DEFAULTS = {
     "scratch": {
-        0: dict(steps=120, batch_size=16, micro_batch=16, lr=3e-3, warmup=12, schedule="cosine", seq_len=128),
-        1: dict(steps=60, batch_size=16, micro_batch=16, lr=3e-3, warmup=6, schedule="cosine"),
-        2: dict(steps=100, batch_size=16, micro_batch=16, lr=2e-3, warmup=10, schedule="step"),
-        3: dict(steps=380, batch_size=16, micro_batch=16, lr=2e-3, warmup=30, schedule="cosine",
-                text_sft_share=0.25, vision_lr_mult=0.1),
+        0: dict(steps=300, batch_size=8, micro_batch=8, lr=3e-3, warmup=20, schedule="cosine", seq_len=128),
+        1: dict(steps=30, batch_size=16, micro_batch=16, lr=3e-3, warmup=6, schedule="cosine", vision_lr_mult=0.1),
+        2: dict(steps=100, batch_size=16, micro_batch=16, lr=2e-3, warmup=10, schedule="step", vision_lr_mult=0.1),
+        3: dict(steps=600, batch_size=8, micro_batch=8, lr=2e-3, warmup=30, schedule="cosine",
+                text_sft_share=0.25, short_chat_share=0.5, vision_lr_mult=0.1),
     },
     "paper": {  # Table 4, the 1B column (the 7B differs in stage 2: lr 4.2e-5, 42000 steps, batch 2304)
         1: dict(steps=15000, batch_size=256, micro_batch=8, lr=1e-3, warmup=128, schedule="cosine", seq_len=512),
@@ -212,6 +214,22 @@ def tokenizer_path(tc: TrainConfig, sources) -> str:
     return os.path.join(tc.data, "tokenizer.json")
 
 
+def data_to_prepare(folder: str, preset: str):
+    """(why, prepare_data arguments) when the synthetic folder is missing or was made by an older prepare_data.py
+    (its generators changed, e.g. the stage-0 captions), else None. A rebuild keeps the folder's own arguments."""
+    import prepare_data
+    meta_path = os.path.join(folder, "meta.json")
+    if not os.path.exists(meta_path):
+        return "no prepared data", ["--out", folder, "--config", preset]
+    with open(meta_path) as f:
+        ident = json.load(f).get("identity") or {}
+    if "version" not in ident or ident["version"] == prepare_data.VERSION:
+        return None  # current, or not made by the synthetic generator (a LLaVA import)
+    args = ["--out", folder, "--config", ident["config"], "--n", str(ident["n"]), "--seed", str(ident["seed"]),
+            "--image-size", str(ident["image_size"])] + (["--text", *ident["text"]] if ident.get("text") else [])
+    return f"made by an older prepare_data.py (version {ident['version']}, now {prepare_data.VERSION})", args
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -288,9 +306,20 @@ def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, fo
                 "multimodal": source(pretrain, "pretrain", "image-text"),
                 "sft": source(sft, "sft", "sft")}, stage2_share(tc)
     if stage == 3:
-        return {"chat": source([r for r in sft if r["images"]], "sft", "multimodal chats"),
-                "text_chat": source([r for r in sft if not r["images"]], "sft", "text chats")}, \
-            lambda step: {"chat": 1 - tc.text_sft_share, "text_chat": tc.text_sft_share}
+        # With the loss normalised over a step's answer tokens, one long answer (a page read out, a web page's
+        # markup) outweighs many one-word answers in the same step. The small models learn to answer from the image
+        # on the short answers first, so they get steps of their own: one-question image chats form their own
+        # modality group, with short_chat_share of the steps.
+        chats, text = [r for r in sft if r["images"]], [r for r in sft if not r["images"]]
+        short = tc.short_chat_share if tc.short_chat_share > 0 else 0.0
+        groups = {"chat": [r for r in chats if not short or len(r["conversation"]) > 2],
+                  "short_chat": [r for r in chats if short and len(r["conversation"]) <= 2], "text_chat": text}
+        names = {"chat": "multimodal chats", "short_chat": "one-question image chats", "text_chat": "text chats"}
+        shares = {"chat": 1 - tc.text_sft_share - short, "short_chat": short, "text_chat": tc.text_sft_share}
+        if shares["chat"] < 0:
+            raise SystemExit(f"text_sft_share {tc.text_sft_share} + short_chat_share {short} is over 1")
+        return {k: source(v, "sft", names[k]) for k, v in groups.items() if shares[k] > 0}, \
+            lambda step: {k: v for k, v in shares.items() if v > 0}
     raise ValueError(f"no data mix for stage {stage}")
 
 
@@ -433,13 +462,15 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         raise SystemExit(f"stage 0 (unimodal pretraining) is for the presets trained from scratch {FROM_SCRATCH}; "
                          f"{cfg.name!r} starts from pretrained parts (--init_from)")
     hp = dict(STAGE_DEFAULTS["scratch" if scratch else "paper"][stage])
-    for key in ("steps", "batch_size", "micro_batch", "lr", "warmup", "schedule", "seq_len", "text_sft_share"):
+    for key in ("steps", "batch_size", "micro_batch", "lr", "warmup", "schedule", "seq_len", "text_sft_share",
+                "short_chat_share"):
         value = getattr(tc, key)
-        if value != -1 and (key == "text_sft_share" or value not in (0, "")):  # a share of 0 is a real choice
+        if value != -1 and (key.endswith("_share") or value not in (0, "")):  # a share of 0 is a real choice
             hp[key] = value
     hp.setdefault("seq_len", cfg.llm.max_seq_len)
     seq_len = min(hp["seq_len"], cfg.llm.max_seq_len)
-    stc = dataclasses.replace(tc, steps=hp["steps"], text_sft_share=hp.get("text_sft_share", 0.479))
+    stc = dataclasses.replace(tc, steps=hp["steps"], text_sft_share=hp.get("text_sft_share", 0.479),
+                              short_chat_share=hp.get("short_chat_share", 0.0))
     out_dir = os.path.join(tc.out, f"stage{stage}")
     os.makedirs(out_dir, exist_ok=True)
 
@@ -499,10 +530,18 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         scenes = [r for r in rows0 if r.get("seg")] if cfg.hybrid else []
         plans = [plan_batches({"language": n}, b * world * accum, hp["steps"], lambda s: {"language": 1.0},
                               tc.seed + k)
-                 for k, (n, b) in enumerate(((len(text), micro), (len(rows0), tc.clip_batch),
-                                             (max(1, len(scenes)), tc.seg_batch)))]
+                 for k, (n, b) in enumerate(((len(text), micro), (max(1, len(scenes)), tc.seg_batch)))]
+        captions = [r["caption"] for r in rows0]
+        per = min(tc.clip_batch, len(set(captions)) // (world * accum))  # a batch holds distinct captions only
+        if per < 2:
+            raise SystemExit(f"stage 0 needs at least {2 * world * accum} different captions in {tc.data}/stage0.jsonl"
+                             f" for a contrastive batch of 2 per micro-batch, found {len(set(captions))}")
+        if per < tc.clip_batch:
+            say(f"stage 0: contrastive batches of {per} pairs (clip_batch {tc.clip_batch}), as the data has only "
+                f"{len(set(captions))} different captions")
+        plan_pairs = plan_distinct(captions, per * world * accum, hp["steps"], tc.seed + 2)
         text_batches = PlannedBatches(plans[0], {"language": text}, tok.pad_id, proc, accum, rank, world)
-        dataset = Stage0Batches(text_batches, rows0, scenes, plans[1], plans[2], tok, proc, cfg)
+        dataset = Stage0Batches(text_batches, rows0, scenes, plan_pairs, plans[1], tok, proc, cfg)
         say(f"data: {len(text)} text pieces, {len(rows0)} image-caption pairs, {len(scenes)} segmented scenes")
     else:
         sources, share = stage_data(stage, stc, tok, cfg, seq_len, folders)
@@ -517,11 +556,16 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         else:
             dataset = PlannedBatches(plan, sources, tok.pad_id, proc, accum, rank, world)
 
-    # Two parameter groups: the language model (and stage 0's heads) at the stage's learning rate, the vision side
-    # (towers and adaptor) at vision_lr_mult times it. A from-scratch decoder learns to read the image tokens only
-    # if they hold still while it does: trained at the full rate in stage 3, they kept the tiny model at chance.
+    # Two parameter groups: the language model, the adaptor (and stage 0's heads) at the stage's learning rate; the
+    # parts of the vision side that stage 0 pretrained (the towers and SAM's neck) at vision_lr_mult times it. A
+    # from-scratch decoder learns to read the image tokens only if what they carry holds still while it does. In
+    # the tiny default, training the pretrained parts at the full rate in stages 1-3 wiped out much of what they
+    # had learned (a linear probe on SAM's output fell from 62% to 52% over stages 1 and 2) and kept the final
+    # accuracy near chance; the new adaptor parts, which have to learn the map into the decoder, do best at the
+    # full rate.
     params = [p for p in net.parameters() if p.requires_grad]
-    vision = lambda n: n.removeprefix("model.").startswith(("siglip.", "sam.", "aligner."))
+    vision = lambda n: n.removeprefix("model.").startswith(("siglip.", "sam.patch_embed", "sam.pos_embed",
+                                                            "sam.blocks", "sam.neck."))
     mult = hp.get("vision_lr_mult", 1.0) if tc.vision_lr_mult < 0 else tc.vision_lr_mult
     groups = [{"params": [p for n, p in net.named_parameters() if p.requires_grad and not vision(n)], "lr_mult": 1.0},
               {"params": [p for n, p in net.named_parameters() if p.requires_grad and vision(n)], "lr_mult": mult}]
@@ -666,11 +710,12 @@ def main(argv=None):
         print(format_table(acc, bpb, f"evaluation of {tc.ckpt}"))
         return
 
-    if not os.path.exists(os.path.join(tc.data, "meta.json")):
+    rebuild = data_to_prepare(tc.data, cfg.name)
+    if rebuild:
         if rank == 0:
             import prepare_data
-            print(f"{tc.data} has no prepared data: running prepare_data.py --config {cfg.name} first")
-            prepare_data.main(["--out", tc.data, "--config", cfg.name])
+            print(f"{tc.data}: {rebuild[0]}: running prepare_data.py {' '.join(rebuild[1])} first")
+            prepare_data.main(rebuild[1])
         if world > 1:
             dist.barrier()
     if tc.stage == "all":

@@ -5,12 +5,15 @@ DeepSeek-LLM (paper section 3.1); a scaled-down preset has none of those, so it 
     language model   next-token prediction on text (the ordinary LM loss, in train.py)
     SigLIP           the sigmoid image-text contrastive loss of SigLIP (Zhai et al. 2023), against a small text tower
                      that exists only for this stage: matching (image, caption) pairs are pushed to a positive logit,
-                     every other pair in the batch to a negative one, each pair an independent binary decision
+                     every other pair in the batch to a negative one, each pair an independent binary decision.
+                     Every batch holds distinct captions (plan_distinct), so every other pair is a true negative
     SAM              a dense objective, as SAM itself is trained on masks: a 1x1 conv on the neck's feature map predicts
                      each patch's label (background, or which coloured shape covers it) in the synthetic scenes
 
 The heads and the text tower are thrown away after this stage; only the encoders and the language model go on.
 """
+
+import random
 
 import numpy as np
 import torch
@@ -25,7 +28,7 @@ from nanovl.llama import Llama
 class Stage0Heads(nn.Module):
     def __init__(self, cfg: VLConfig, n_seg_classes: int, embed_dim: int = 128):
         super().__init__()
-        # The text tower: a small causal transformer over the caption; its last token summarises the caption.
+        # The text tower: a small causal transformer over the caption, averaged over its tokens (see below).
         # (Our decoder with lm_head replaced by a projection into the shared embedding space.)
         width = max(64, cfg.siglip.width // 2)
         text = LlamaConfig(vocab_size=cfg.llm.vocab_size, dim=width, n_layers=2, n_heads=max(1, width // 32),
@@ -41,17 +44,20 @@ class Stage0Heads(nn.Module):
         self.seg_head = nn.Conv2d(cfg.sam.neck_dim, n_seg_classes, kernel_size=1) if cfg.hybrid else None
 
     def contrastive_loss(self, model, images, caption_ids, caption_len):
-        """SigLIP's sigmoid loss on a batch of (image, caption) pairs; caption_ids right-padded (B, L)."""
+        """SigLIP's sigmoid loss on a batch of (image, caption) pairs with distinct captions; caption_ids right-padded
+        (B, L). Both sides are pooled by averaging, as SigLIP's image tower and big_vision's text tower with
+        pool_type="gap": a caption here differs from the others in one or two words (the colour, the title), and a
+        mean over its tokens carries those words from the first step, where the last token of a fresh causal tower
+        would first have to learn to gather them (it did: the tower learned the facts far more slowly that way)."""
         features = model.siglip(model.low_resolution(images))  # (B, N, C)
         img = F.normalize(self.image_proj(features.mean(dim=1)), dim=-1)  # (B, E)
         hidden, _ = self.text_tower(caption_ids)  # (B, L, E): the projection of every position
-        txt = F.normalize(hidden[torch.arange(len(caption_len)), caption_len - 1], dim=-1)  # (B, E) last real token
+        real = (torch.arange(caption_ids.shape[1], device=caption_ids.device) < caption_len[:, None]).to(hidden.dtype)
+        txt = F.normalize((hidden * real[..., None]).sum(dim=1) / caption_len[:, None], dim=-1)  # (B, E)
         logits = img @ txt.T * self.log_t.exp() + self.bias  # (B, B)
-        # +1 for matching pairs, -1 for the rest. Our short captions repeat ("A web page with a blue button."), and
-        # an image whose caption is the same as another's is a match for it too, not a negative: treating it as one
-        # would push apart what should be together.
-        same = (caption_ids[:, None, :] == caption_ids[None, :, :]).all(dim=-1)  # (B, B)
-        labels = 2 * same.float() - 1
+        # +1 on the diagonal (matching pairs), -1 everywhere else. That is only right because the batch's captions
+        # are distinct (train.py plans them so): a repeated caption would be a match, not a negative.
+        labels = 2 * torch.eye(len(logits), device=logits.device) - 1
         return -F.logsigmoid(labels * logits).sum() / len(logits)
 
     def segmentation_loss(self, sam, images, labels):
@@ -68,3 +74,31 @@ def seg_labels(path: str, processor, grid: int) -> torch.Tensor:
         canvas = processor.canvas(img.convert("L"), Image.Resampling.NEAREST, fill=0)
     small = canvas.resize((grid, grid), Image.Resampling.NEAREST)  # the label at each patch's centre
     return torch.from_numpy(np.asarray(small, dtype=np.int64).copy())
+
+
+def plan_distinct(captions, batch: int, steps: int, seed: int):
+    """For each step: ("pairs", batch row indices whose captions are all different), in the format of
+    data.plan_batches. Rows come from a new seeded permutation each epoch; a row whose caption is already in the
+    batch is skipped for this epoch. Our captions state one fact each and repeat a lot ("A web page with a blue
+    button." on a fifth of the pages); in a batch of random rows, most negatives would then be other categories,
+    told apart by layout alone, and repeats would be no signal at all. A batch of distinct captions puts the
+    colours, titles and sign words side by side, which is what the tower has to learn to tell apart."""
+    n_distinct = len(set(captions))
+    if batch > n_distinct:
+        raise ValueError(f"a contrastive batch of {batch} distinct captions, but the data has only {n_distinct} "
+                         "different captions; lower --clip_batch")
+    order, pos, epoch, plan = [], 0, 0, []
+    for _ in range(steps):
+        picked, seen = [], set()
+        while len(picked) < batch:
+            if pos == len(order):
+                order = list(range(len(captions)))
+                random.Random(f"{seed}-pairs-epoch-{epoch}").shuffle(order)
+                pos, epoch = 0, epoch + 1
+            i = order[pos]
+            pos += 1
+            if captions[i] not in seen:
+                seen.add(captions[i])
+                picked.append(i)
+        plan.append(("pairs", picked))
+    return plan

@@ -53,7 +53,10 @@ class Example:
     text: str  # pretraining text, one IMAGE_TAG per image
     qa: List[Tuple[str, str]]  # question-answer pairs for SFT (the first question is asked with the image)
     mc: Optional[dict] = None  # {"question", "options", "answer"} for multiple-choice evaluation
-    caption: Optional[str] = None  # a short caption of the main fact (stage 0, SigLIP's image-text contrastive loss)
+    # A short caption of the image's main fact, the one its multiple-choice question asks about (stage 0, SigLIP's
+    # image-text contrastive loss): one fact per caption keeps the captions few and distinct, so each contrastive
+    # batch can hold only different ones, and the tower learns exactly the facts a question can ask.
+    caption: Optional[str] = None
     seg: Optional[Image.Image] = None  # mode "L" label map of a scene of shapes (stage 0, SAM's dense objective)
     extra: dict = field(default_factory=dict)
 
@@ -135,8 +138,9 @@ def describe(objects: list, bg: str) -> str:
     return f"{NUMBERS[len(objects)].capitalize()} {noun} on a {bg} background: {listing}."
 
 
-def scene_questions(rng: random.Random, objects: list) -> Tuple[List[Tuple[str, str]], dict]:
-    """QA pairs about a scene, and one multiple-choice question whose answer is visible in the picture."""
+def scene_questions(rng: random.Random, objects: list) -> Tuple[List[Tuple[str, str]], dict, str]:
+    """QA pairs about a scene, one multiple-choice question whose answer is visible in the picture, and that
+    question's fact as a sentence (the scene's short caption)."""
     n = len(objects)
     qa = [("How many shapes are in the picture?", f"There {'is' if n == 1 else 'are'} {NUMBERS[n]}.")]
     choices = []
@@ -149,17 +153,19 @@ def scene_questions(rng: random.Random, objects: list) -> Tuple[List[Tuple[str, 
     kind, o = rng.choice(choices) if choices and rng.random() < 0.7 else ("count", None)
     if kind == "color":
         mc = multiple_choice(rng, f"What colour is the {o['shape']}?", o["color"], list(COLORS))
+        fact = f"The {o['shape']} is {o['color']}."
     else:
         mc = multiple_choice(rng, "How many shapes are in the picture?", NUMBERS[n], NUMBERS[1:6])
-    return qa, mc
+        fact = f"{NUMBERS[n].capitalize()} {'shape' if n == 1 else 'shapes'}."
+    return qa, mc, fact
 
 
 def make_caption(rng: random.Random, size: int) -> Example:
     img, seg, objects, bg = scene(rng, size, rng.randint(1, 4))
     caption = describe(objects, bg)
-    qa, mc = scene_questions(rng, objects)
+    qa, mc, fact = scene_questions(rng, objects)
     qa = [("Describe the image.", caption)] + rng.sample(qa, min(2, len(qa)))
-    return Example("caption", [img], IMAGE_TAG + caption, qa, mc, caption=caption, seg=seg)
+    return Example("caption", [img], IMAGE_TAG + caption, qa, mc, caption=fact, seg=seg)
 
 
 def make_scene_text(rng: random.Random, size: int) -> Example:
@@ -177,7 +183,7 @@ def make_scene_text(rng: random.Random, size: int) -> Example:
     caption = f'A sign that says "{word}" with {things} on a {bg} background.'
     qa = [("What does the sign say?", f'The sign says "{word}".'), ("Describe the image.", caption)]
     mc = multiple_choice(rng, "What does the sign say?", word, SIGN_WORDS)
-    return Example("scene_text", [img], IMAGE_TAG + caption, qa, mc, caption=caption, seg=seg)
+    return Example("scene_text", [img], IMAGE_TAG + caption, qa, mc, caption=f'A sign that says "{word}".', seg=seg)
 
 
 def make_interleaved(rng: random.Random, size: int) -> Example:

@@ -1,6 +1,8 @@
 """train.py: freeze maps, the stage-2 mix, loss normalisation, exact resume, DDP, bad starts, evaluation, and a few
 steps of every stage on the tiny preset. Runs on CPU; the data folder is a small prepare_data.py run."""
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -222,3 +224,48 @@ def test_packing_lays_samples_end_to_end():
     assert doc_ids.tolist() == [[0] * 4 + [1] * 8, [0] * 3 + [1] * 6 + [-1] * 3]
     assert targets[0, :4].tolist() == [2, 3, 4, 5] and targets[1, 9:].tolist() == [-100] * 3
     assert images is None
+
+
+def test_contrastive_batches_hold_distinct_captions():
+    from nanovl.stage0 import plan_distinct
+    captions = ["red", "blue", "green", "red", "red", "blue", "title A", "title B", "title A", "sign"]
+    plan = plan_distinct(captions, batch=4, steps=30, seed=0)
+    assert plan == plan_distinct(captions, 4, 30, seed=0) and plan != plan_distinct(captions, 4, 30, seed=1)
+    for _, rows in plan:
+        assert len(rows) == 4 and len({captions[i] for i in rows}) == 4  # never a repeated caption
+    assert {i for _, rows in plan for i in rows} == set(range(len(captions)))  # every row gets its turn
+    with pytest.raises(ValueError, match="only 6 different captions"):
+        plan_distinct(captions, batch=7, steps=1, seed=0)
+
+
+def test_stage3_groups_one_question_chats_apart(data):
+    tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    cfg = get_config("tiny")
+    tc = train.TrainConfig(data=data, steps=10, text_sft_share=0.25, short_chat_share=0.5)
+    sources, share = train.stage_data(3, tc, tok, cfg, 512, [data])
+    assert share(0) == {"chat": 0.25, "short_chat": 0.5, "text_chat": 0.25}
+    rows = [json.loads(line) for line in open(os.path.join(data, "sft.jsonl"))]
+    expect = {"short_chat": [r for r in rows if r["images"] and len(r["conversation"]) == 2],
+              "chat": [r for r in rows if r["images"] and len(r["conversation"]) > 2],
+              "text_chat": [r for r in rows if not r["images"]]}
+    assert expect["short_chat"] and expect["chat"]
+    for name, src in sources.items():
+        assert len(src) + src.dropped == len(expect[name]), name
+    assert all(sum(s.mask) and len(s.images) for s in sources["short_chat"].samples)
+    merged, share = train.stage_data(3, dataclasses.replace(tc, short_chat_share=0.0), tok, cfg, 512, [data])
+    assert set(merged) == {"chat", "text_chat"} and share(0) == {"chat": 0.75, "text_chat": 0.25}
+    assert len(merged["chat"]) == len(sources["chat"]) + len(sources["short_chat"])
+
+
+def test_old_synthetic_data_is_rebuilt_with_its_own_arguments(tmp_path):
+    import prepare_data
+    assert train.data_to_prepare(str(tmp_path), "tiny")[1] == ["--out", str(tmp_path), "--config", "tiny"]
+    ident = {"version": prepare_data.VERSION, "config": "tiny", "n": 50, "seed": 3, "image_size": 0, "text": {}}
+    (tmp_path / "meta.json").write_text(json.dumps({"identity": ident}))
+    assert train.data_to_prepare(str(tmp_path), "tiny") is None
+    (tmp_path / "meta.json").write_text(json.dumps({"identity": dict(ident, version=prepare_data.VERSION - 1)}))
+    why, args = train.data_to_prepare(str(tmp_path), "tiny")
+    assert "older prepare_data.py" in why
+    assert args == ["--out", str(tmp_path), "--config", "tiny", "--n", "50", "--seed", "3", "--image-size", "0"]
+    (tmp_path / "meta.json").write_text(json.dumps({"source": "llava"}))  # an import: never rebuilt
+    assert train.data_to_prepare(str(tmp_path), "tiny") is None
