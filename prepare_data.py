@@ -48,7 +48,7 @@ from nanovl.data import import_llava, read_jsonl, write_jsonl
 from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
 from nanovl.tokenizer import Tokenizer
 
-VERSION = 5  # bump when the generators change, so old folders are rebuilt
+VERSION = 6  # bump when the generators change, so old folders are rebuilt
 
 
 # ---------------------------------------------------------------------------------------------------------------------

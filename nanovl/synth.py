@@ -228,9 +228,9 @@ def make_ocr(rng: random.Random, size: int, snippet: str) -> Example:
     draw = ImageDraw.Draw(img)
     title = rng.choice(TITLE_WORDS)
     margin = 0.06 * w
-    tf, bf = font(int(h * 0.11)), font(int(h * 0.045))
+    tf, bf = font(int(h * 0.15)), font(int(h * 0.045))  # the title stays legible at the tiny SigLIP's 96 px
     draw.text((margin, margin), title, fill=(0, 0, 0), font=tf)
-    y = margin + h * 0.16
+    y = margin + h * 0.2
     lines = []
     for line in wrap(draw, snippet, bf, w - 2 * margin):
         if y + h * 0.055 > h - margin:
