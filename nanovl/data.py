@@ -20,6 +20,7 @@ processes each rank takes its own slice of the same global batch. `PlannedBatche
 tensors, so a torch DataLoader can build the next batches in worker processes while the model trains.
 """
 
+import itertools
 import json
 import os
 import random
@@ -129,6 +130,16 @@ def collate(samples: Sequence[Sample], pad_id: int, processor: Optional[ImagePro
 # ---------------------------------------------------------------------------------------------------------------------
 # Which rows each optimizer step reads
 
+def epochs(n: int, key: str):
+    """Row indices 0..n-1 forever, in a new permutation each epoch, seeded by (key, epoch): a source's stream."""
+    epoch = 0
+    while True:
+        order = list(range(n))
+        random.Random(f"{key}-epoch-{epoch}").shuffle(order)
+        yield from order
+        epoch += 1
+
+
 def plan_batches(sizes: Dict[str, int], global_batch: int, steps: int, share: Callable[[int], Dict[str, float]],
                  seed: int) -> List[Tuple[str, List[int]]]:
     """For each step: (modality, global_batch row indices of that modality's source).
@@ -139,7 +150,7 @@ def plan_batches(sizes: Dict[str, int], global_batch: int, steps: int, share: Ca
     empty = [m for m, n in sizes.items() if n == 0]
     if empty:
         raise ValueError(f"no rows for modality {empty}; check the data folder (or drop that modality's share to 0)")
-    streams = {m: ([], 0, 0) for m in sizes}  # modality -> (current permutation, position, epoch)
+    streams = {m: epochs(n, f"{seed}-{m}") for m, n in sizes.items()}
     plan = []
     for step in range(steps):
         weights = share(step)
@@ -147,18 +158,7 @@ def plan_batches(sizes: Dict[str, int], global_batch: int, steps: int, share: Ca
         if not names:
             raise ValueError(f"step {step}: every modality has share 0 ({weights})")
         modality = random.Random(f"{seed}-step-{step}").choices(names, [weights[m] for m in names])[0]
-        order, pos, epoch = streams[modality]
-        picked = []
-        while len(picked) < global_batch:
-            if pos == len(order):
-                order = list(range(sizes[modality]))
-                random.Random(f"{seed}-{modality}-epoch-{epoch}").shuffle(order)
-                pos, epoch = 0, epoch + 1
-            take = min(global_batch - len(picked), len(order) - pos)
-            picked += order[pos:pos + take]
-            pos += take
-        streams[modality] = (order, pos, epoch)
-        plan.append((modality, picked))
+        plan.append((modality, list(itertools.islice(streams[modality], global_batch))))
     return plan
 
 

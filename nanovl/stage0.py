@@ -13,8 +13,6 @@ DeepSeek-LLM (paper section 3.1); a scaled-down preset has none of those, so it 
 The heads and the text tower are thrown away after this stage; only the encoders and the language model go on.
 """
 
-import random
-
 import numpy as np
 import torch
 import torch.nn as nn
@@ -22,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nanovl.config import LlamaConfig, VLConfig
+from nanovl.data import epochs
 from nanovl.llama import Llama
 
 
@@ -78,8 +77,8 @@ def seg_labels(path: str, processor, grid: int) -> torch.Tensor:
 
 def plan_distinct(captions, batch: int, steps: int, seed: int):
     """For each step: ("pairs", batch row indices whose captions are all different), in the format of
-    data.plan_batches. Rows come from a new seeded permutation each epoch; a row whose caption is already in the
-    batch is skipped for this epoch. Our captions state one fact each and repeat a lot ("A web page with a blue
+    data.plan_batches. Rows come from a new seeded permutation each epoch (data.epochs); a row whose caption is
+    already in the batch is skipped for this epoch. Our captions state one fact each and repeat a lot ("A web page with a blue
     button." on a fifth of the pages); in a batch of random rows, most negatives would then be other categories,
     told apart by layout alone, and repeats would be no signal at all. A batch of distinct captions puts the
     colours, titles and sign words side by side, which is what the tower has to learn to tell apart."""
@@ -87,16 +86,11 @@ def plan_distinct(captions, batch: int, steps: int, seed: int):
     if batch > n_distinct:
         raise ValueError(f"a contrastive batch of {batch} distinct captions, but the data has only {n_distinct} "
                          "different captions; lower --clip_batch")
-    order, pos, epoch, plan = [], 0, 0, []
+    stream, plan = epochs(len(captions), f"{seed}-pairs"), []
     for _ in range(steps):
         picked, seen = [], set()
         while len(picked) < batch:
-            if pos == len(order):
-                order = list(range(len(captions)))
-                random.Random(f"{seed}-pairs-epoch-{epoch}").shuffle(order)
-                pos, epoch = 0, epoch + 1
-            i = order[pos]
-            pos += 1
+            i = next(stream)
             if captions[i] not in seen:
                 seen.add(captions[i])
                 picked.append(i)
