@@ -216,6 +216,12 @@ def identity(args) -> dict:
             "text": texts}
 
 
+def arguments(ident: dict, out: str) -> list:
+    """The command line that made a folder of this identity (the inverse of identity), to rebuild it in place."""
+    return ["--out", out, "--config", ident["config"], "--n", str(ident["n"]), "--seed", str(ident["seed"]),
+            "--image-size", str(ident["image_size"])] + (["--text", *ident["text"]] if ident.get("text") else [])
+
+
 def prepare(args):
     """Build the synthetic folder unless an identical one is already there; never leave a half-written folder."""
     meta_path = os.path.join(args.out, "meta.json")

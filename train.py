@@ -225,9 +225,8 @@ def data_to_prepare(folder: str, preset: str):
         ident = json.load(f).get("identity") or {}
     if "version" not in ident or ident["version"] == prepare_data.VERSION:
         return None  # current, or not made by the synthetic generator (a LLaVA import)
-    args = ["--out", folder, "--config", ident["config"], "--n", str(ident["n"]), "--seed", str(ident["seed"]),
-            "--image-size", str(ident["image_size"])] + (["--text", *ident["text"]] if ident.get("text") else [])
-    return f"made by an older prepare_data.py (version {ident['version']}, now {prepare_data.VERSION})", args
+    return (f"made by an older prepare_data.py (version {ident['version']}, now {prepare_data.VERSION})",
+            prepare_data.arguments(ident, folder))
 
 
 def rng_state() -> dict:
