@@ -42,7 +42,7 @@ from nanovl import DeepSeekVL, VLConfig, get_config
 from nanovl.checkpoint import init_from_parts, is_released_folder, load_plain
 from nanovl.data import PlannedBatches, Source, collate, plan_batches, read_jsonl, write_jsonl
 from nanovl.evaluate import bits_per_byte, format_table, multiple_choice
-from nanovl.image import ImageProcessor
+from nanovl.image import CachedProcessor, ImageProcessor
 from nanovl.stage0 import Stage0Heads, plan_distinct, seg_labels
 from nanovl.synth import SEG_LABELS
 from nanovl.tokenizer import Tokenizer
@@ -94,6 +94,7 @@ class TrainConfig:
     compile: bool = False
     grad_ckpt: bool = False  # activation checkpointing in the decoder
     workers: int = 1  # DataLoader worker processes (on a 2-core laptop, more would take cores from training)
+    image_cache: int = 1024  # MB of decoded images each worker keeps to reuse in later epochs (0: decode every time)
     clip_batch: int = 48  # stage 0: (image, caption) pairs per micro-batch for SigLIP's contrastive loss
     seg_batch: int = 6  # stage 0: segmented scenes per micro-batch for SAM's dense loss
     stop_after: int = 0  # exit right after the checkpoint at this step, as if killed (for testing resume)
@@ -523,6 +524,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         raise SystemExit(f"batch_size {global_batch} is not divisible by {world} processes x micro_batch {micro}")
     accum = global_batch // (world * micro)
     folders = [tc.data] + [f for f in tc.extra_data.split(",") if f]
+    reader = CachedProcessor(proc, tc.image_cache << 20)  # what the training batches read their images with
     if stage == 0:
         text = Source(load_rows([tc.data], "text"), "text", tok, cfg.n_image_tokens, seq_len, name="text")
         rows0 = load_rows([tc.data], "stage0")
@@ -539,8 +541,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             say(f"stage 0: contrastive batches of {per} pairs (clip_batch {tc.clip_batch}), as the data has only "
                 f"{len(set(captions))} different captions")
         plan_pairs = plan_distinct(captions, per * world * accum, hp["steps"], tc.seed + 2)
-        text_batches = PlannedBatches(plans[0], {"language": text}, tok.pad_id, proc, accum, rank, world)
-        dataset = Stage0Batches(text_batches, rows0, scenes, plan_pairs, plans[1], tok, proc, cfg)
+        text_batches = PlannedBatches(plans[0], {"language": text}, tok.pad_id, reader, accum, rank, world)
+        dataset = Stage0Batches(text_batches, rows0, scenes, plan_pairs, plans[1], tok, reader, cfg)
         say(f"data: {len(text)} text pieces, {len(rows0)} image-caption pairs, {len(scenes)} segmented scenes")
     else:
         sources, share = stage_data(stage, stc, tok, cfg, seq_len, folders)
@@ -551,9 +553,9 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         plan = plan_batches(sizes, global_batch, hp["steps"], share, tc.seed + stage)
         pack = tc.pack if tc.pack != -1 else int(stage == 2)
         if pack:
-            dataset = PackedBatches(plan, sources, tok.pad_id, proc, accum, rank, world, seq_len=seq_len)
+            dataset = PackedBatches(plan, sources, tok.pad_id, reader, accum, rank, world, seq_len=seq_len)
         else:
-            dataset = PlannedBatches(plan, sources, tok.pad_id, proc, accum, rank, world)
+            dataset = PlannedBatches(plan, sources, tok.pad_id, reader, accum, rank, world)
 
     # Two parameter groups: the language model and the aligner (and stage 0's heads) at the stage's learning rate;
     # the vision side (the towers, SAM's neck and its downsampling tail) at vision_lr_mult times it. A from-scratch

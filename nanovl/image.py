@@ -122,14 +122,50 @@ class ImageProcessor:
         square.paste(img, ((S - new_w) // 2, (S - new_h) // 2))  # expand2square: centred on the short axis
         return square
 
-    def __call__(self, image: Union[Image.Image, str, os.PathLike], max_pixels: Optional[int] = None) -> torch.Tensor:
-        """A PIL image or a path -> (3, S, S) float32 tensor."""
+    def pixels(self, image: Union[Image.Image, str, os.PathLike], max_pixels: Optional[int] = None) -> np.ndarray:
+        """A PIL image or a path -> the canvas as an (S, S, 3) uint8 array (before any float conversion)."""
         if isinstance(image, Image.Image):
             img = to_rgb(image)
         else:
             img = load_image(image, max_pixels or MAX_PIXELS)
-        a = np.asarray(self.canvas(img), dtype=np.float64) * (1 / 255)  # (S, S, 3); HF rescales in float64
+        return np.asarray(self.canvas(img))
+
+    def to_tensor(self, pixels: np.ndarray) -> torch.Tensor:
+        """(S, S, 3) uint8 canvas -> (3, S, S) float32 tensor, rescaled (and normalised if this processor does)."""
+        a = pixels.astype(np.float64) * (1 / 255)  # HF rescales in float64
         x = torch.from_numpy(a.astype(np.float32)).permute(2, 0, 1).contiguous()  # (3, S, S) in [0, 1]
         if self.normalize:
             x = (x - torch.tensor(self.image_mean).view(3, 1, 1)) / torch.tensor(self.image_std).view(3, 1, 1)
         return x
+
+    def __call__(self, image: Union[Image.Image, str, os.PathLike], max_pixels: Optional[int] = None) -> torch.Tensor:
+        """A PIL image or a path -> (3, S, S) float32 tensor."""
+        return self.to_tensor(self.pixels(image, max_pixels))
+
+
+class CachedProcessor:
+    """An ImageProcessor that keeps the canvases of the image files it has read, as uint8 (a quarter of the float
+    tensor), until max_bytes are held; after that, new files are processed as usual and not kept.
+
+    Training reads every image many times: stage 0 of the tiny default reads each of its 2000 captioned images about
+    seven times, 54 images a step. Decoding and resizing them again each time kept a CPU core busy that training
+    needed (on 2 cores, 0.15 s of image work beside 0.32 s of compute per step). A cached image gives the same
+    tensor, bit for bit. The cache lives in the process that reads the data (the DataLoader worker)."""
+
+    def __init__(self, processor: ImageProcessor, max_bytes: int):
+        self.processor, self.max_bytes = processor, max_bytes
+        self.cache, self.held = {}, 0
+
+    def __getattr__(self, name):  # image_size, canvas, ...: the wrapped processor's
+        if name == "processor":
+            raise AttributeError(name)  # (unpickling looks attributes up before __init__ has run)
+        return getattr(self.processor, name)
+
+    def __call__(self, path: Union[str, os.PathLike]) -> torch.Tensor:
+        pixels = self.cache.get(path)
+        if pixels is None:
+            pixels = self.processor.pixels(path)
+            if self.held + pixels.nbytes <= self.max_bytes:
+                self.cache[path] = pixels
+                self.held += pixels.nbytes
+        return self.processor.to_tensor(pixels)

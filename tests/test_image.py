@@ -1,6 +1,7 @@
 """The image processor: every PIL mode to RGB, EXIF orientation, the official resize-and-pad, and bad files."""
 
 import io
+import pickle
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from nanovl.config import CLIP_MEAN, get_config
-from nanovl.image import ImageProcessor, load_image, to_rgb
+from nanovl.image import CachedProcessor, ImageProcessor, load_image, to_rgb
 
 
 def official_canvas(img: Image.Image, S: int, mean) -> torch.Tensor:
@@ -121,3 +122,20 @@ def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
     with pytest.raises(ValueError, match=r"big.png is 200x100 = 20,000 pixels, over the limit of 10,000"):
         load_image(big, max_pixels=10_000)
     assert load_image(big).size == (200, 100)
+
+
+def test_cached_processor_gives_the_same_tensors_and_keeps_to_its_budget(tmp_path):
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(paths[-1])
+    proc = ImageProcessor(image_size=64, image_mean=CLIP_MEAN)
+    cached = CachedProcessor(proc, max_bytes=2 * 64 * 64 * 3)  # room for two uint8 canvases
+    for _ in range(2):  # the second pass reads the first two from the cache, the third from its file again
+        for p in paths:
+            assert torch.equal(cached(p), proc(p))
+    assert sorted(cached.cache) == paths[:2] and cached.held == 2 * 64 * 64 * 3
+    # A DataLoader worker gets a pickled copy; it reads the same pixels and the processor's fields stay reachable.
+    copy = pickle.loads(pickle.dumps(cached))
+    assert torch.equal(copy(paths[2]), proc(paths[2])) and copy.image_size == 64
