@@ -15,6 +15,7 @@ import train
 from nanovl import DeepSeekVL, get_config
 from nanovl.evaluate import multiple_choice
 from nanovl.image import ImageProcessor
+from nanovl.stage0 import Stage0Heads
 from nanovl.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,6 +74,20 @@ def test_freeze_maps_follow_the_paper():
     assert trained(3) == aligner | sam_tail | llm | siglip  # SigLIP joins; SAM's trunk stays frozen
     counts = train.apply_freeze_map(model, ["llm"])
     assert counts["llm"][0] == counts["llm"][1] and counts["siglip"][0] == 0
+
+
+def test_stage0_clips_each_of_its_three_models_on_its_own():
+    cfg = get_config("tiny")
+    net = train.Stage0Model(DeepSeekVL(cfg), Stage0Heads(cfg, n_seg_classes=5))
+    train.apply_freeze_map(net, ["model." + p for p in train.trainable_prefixes(0, cfg)] + ["heads"])
+    groups = {k: {id(p) for p in v} for k, v in train.clipping_groups(net, 0).items()}
+    ids = lambda *prefixes: {id(p) for n, p in net.named_parameters() if p.requires_grad and n.startswith(prefixes)}
+    assert groups == {"llm": ids("model.llm."), "sam": ids("model.sam.", "heads.seg_head."),
+                      "siglip": ids("model.siglip.", "heads.text_tower.", "heads.image_proj.", "heads.log_t",
+                                    "heads.bias")}
+    model = DeepSeekVL(cfg)
+    train.apply_freeze_map(model, train.trainable_prefixes(3, cfg))
+    assert list(train.clipping_groups(model, 3)) == ["model"]  # stages 1-3 train one model, clipped as one
 
 
 def test_stage2_mix_warms_up_from_language_only():
