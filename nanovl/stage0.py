@@ -78,10 +78,10 @@ def seg_labels(path: str, processor, grid: int) -> torch.Tensor:
 def plan_distinct(captions, batch: int, steps: int, seed: int):
     """For each step: ("pairs", batch row indices whose captions are all different), in the format of
     data.plan_batches. Rows come from a new seeded permutation each epoch (data.epochs); a row whose caption is
-    already in the batch is skipped for this epoch. Our captions state one fact each and repeat a lot ("A web page with a blue
-    button." on a fifth of the pages); in a batch of random rows, most negatives would then be other categories,
-    told apart by layout alone, and repeats would be no signal at all. A batch of distinct captions puts the
-    colours, titles and sign words side by side, which is what the tower has to learn to tell apart."""
+    already in the batch is skipped for this epoch. Our captions state one fact each and repeat a lot ("A web page
+    with a blue button." on a fifth of the pages); in a batch of random rows, most negatives would then be other
+    categories, told apart by layout alone, and repeats would be no signal at all. A batch of distinct captions puts
+    the colours, titles and sign words side by side, which is what the tower has to learn to tell apart."""
     n_distinct = len(set(captions))
     if batch > n_distinct:
         raise ValueError(f"a contrastive batch of {batch} distinct captions, but the data has only {n_distinct} "
