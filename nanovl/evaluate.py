@@ -24,9 +24,9 @@ from nanovl.data import Sample, Source, collate
 from nanovl.synth import mc_prompt
 
 
-def sequence_nll(model, ids, targets, images, device) -> torch.Tensor:
+def sequence_nll(model, ids, targets, images, device, image_embeds=None) -> torch.Tensor:
     """Summed negative log-likelihood (nats) of each row's supervised targets: (B,)."""
-    logits, _ = model(ids.to(device), None if images is None else images.to(device))
+    logits, _ = model(ids.to(device), None if images is None else images.to(device), image_embeds=image_embeds)
     nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), ignore_index=-100,
                           reduction="none")
     return nll.view(ids.shape).sum(dim=1)
@@ -41,15 +41,20 @@ def multiple_choice(model, rows: Sequence[dict], tokenizer, processor, n_image_t
     for start in range(0, len(rows), batch_questions):
         chunk = rows[start:start + batch_questions]
         samples: List[Sample] = []
+        paths, which = [], []  # each question's images once; which: the images of every option's row, in order
         for row in chunk:
             question = IMAGE_TAG * len(row["images"]) + mc_prompt(row["question"], row["options"])
-            paths = [os.path.join(root, p) for p in row["images"]]  # absolute paths stay as they are
+            mine = list(range(len(paths), len(paths) + len(row["images"])))
+            paths += [os.path.join(root, p) for p in row["images"]]  # absolute paths stay as they are
             for option in row["options"]:
                 conv = [{"role": "user", "content": question}, {"role": "assistant", "content": option}]
                 ids, mask = render_chat(conv, tokenizer, n_image_tokens)
-                samples.append(Sample(ids, mask, paths))
-        ids, targets, images = collate(samples, tokenizer.pad_id, processor)
-        nll = sequence_nll(model, ids, targets, images, device)
+                samples.append(Sample(ids, mask, []))
+                which += mine
+        ids, targets, _ = collate(samples, tokenizer.pad_id)
+        # The four rows of a question share its image: encode it once, then give each row its copy of the tokens.
+        embeds = model.encode_images(torch.stack([processor(p) for p in paths]).to(device))[which] if paths else None
+        nll = sequence_nll(model, ids, targets, None, device, image_embeds=embeds)
         n_tok = (targets != -100).sum(dim=1).to(nll.device)
         ppl = (nll / n_tok).cpu()  # mean NLL per answer token: the log of the answer's perplexity
         k = 0

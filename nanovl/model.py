@@ -24,10 +24,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from nanovl.aligner import Aligner
 from nanovl.config import VLConfig
+from nanovl.image import low_resolution
 from nanovl.llama import KVCache, Llama
 from nanovl.sam import SAM
 from nanovl.siglip import SigLIP
@@ -116,32 +116,37 @@ class DeepSeekVL(nn.Module):
 
     def low_resolution(self, images):
         """SigLIP's input: the canvas itself, or for the hybrid its bilinear antialiased resize to SigLIP's size."""
-        if self.sam is None:
-            return images
-        s = self.cfg.siglip.image_size
-        return F.interpolate(images, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        return images if self.sam is None else low_resolution(images, self.cfg.siglip.image_size)
 
     def forward(self, ids, images=None, targets=None, cache: Optional[KVCache] = None, pad_mask=None, doc_ids=None,
-                reduction: str = "mean", last_only: bool = False):
+                reduction: str = "mean", last_only: bool = False, image_embeds=None):
         """
         ids (B, T): token ids, each image written as cfg.n_image_tokens copies of cfg.image_token_id.
         images (N, 3, S, S) or None: the images of all rows, in the order their spans appear (row by row).
+        image_embeds (N, n, d_model) or None: instead of images, what encode_images made of them, so that rows sharing
+            an image encode it once (the multiple-choice evaluation asks one question with four answers).
         targets, cache, pad_mask, doc_ids, reduction, last_only: as Llama.forward.
         Returns (logits (B, T, vocab), loss or None).
         """
         if ids.ndim != 2:
             raise ValueError(f"expected token ids of shape (B, T), got {tuple(ids.shape)}")
+        if images is not None and image_embeds is not None:
+            raise ValueError("give images or image_embeds, not both")
         self.llm.check_length(ids.shape[1], cache)  # fail before spending time on the images
         is_image = ids == self.cfg.image_token_id  # (B, T)
         n_tok, per_image = int(is_image.sum()), self.cfg.n_image_tokens
-        n_given = 0 if images is None else images.shape[0]
+        n_given = images.shape[0] if images is not None else image_embeds.shape[0] if image_embeds is not None else 0
         if n_tok % per_image or n_tok // per_image != n_given:
             raise ValueError(f"expected {n_tok / per_image:g} images for {n_tok} <image_placeholder> tokens (each "
                              f"image fills {per_image}), got {n_given}; give one image per placeholder span, in order")
 
         x = self.llm.embed_tokens(ids.masked_fill(is_image, 0))  # (B, T, C)
         if n_given:
-            image_embeds = self.encode_images(images)  # (N, n, C)
+            if image_embeds is None:
+                image_embeds = self.encode_images(images)  # (N, n, C)
+            elif image_embeds.shape[1:] != (per_image, self.cfg.llm.dim):
+                raise ValueError(f"expected image_embeds of shape (N, {per_image}, {self.cfg.llm.dim}), got "
+                                 f"{tuple(image_embeds.shape)}")
             # Ordered scatter, as the official prepare_inputs_embeds: the k-th image token gets the k-th embedding.
             x = x.masked_scatter(is_image[..., None], image_embeds.to(x.dtype))
         return self.llm(embeds=x, targets=targets, cache=cache, pad_mask=pad_mask, doc_ids=doc_ids, reduction=reduction,

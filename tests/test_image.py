@@ -9,6 +9,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from nanovl import DeepSeekVL
 from nanovl.config import CLIP_MEAN, get_config
 from nanovl.image import CachedProcessor, ImageProcessor, load_image, to_rgb
 
@@ -139,3 +140,20 @@ def test_cached_processor_gives_the_same_tensors_and_keeps_to_its_budget(tmp_pat
     # A DataLoader worker gets a pickled copy; it reads the same pixels and the processor's fields stay reachable.
     copy = pickle.loads(pickle.dumps(cached))
     assert torch.equal(copy(paths[2]), proc(paths[2])) and copy.image_size == 64
+
+
+def test_cached_processor_at_siglips_size_gives_what_the_model_would_shrink_the_canvas_to(tmp_path):
+    cfg = get_config("tiny")
+    proc = ImageProcessor.for_config(cfg)
+    rng = np.random.default_rng(2)
+    paths = []
+    for i, size in enumerate([(300, 200), (90, 160)]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(paths[-1])
+    small = CachedProcessor(proc, max_bytes=1 << 20, size=cfg.siglip.image_size)
+    canvases = torch.stack([proc(p) for p in paths])
+    expected = DeepSeekVL(cfg).low_resolution(canvases)  # the hybrid model's own resize, on a batch
+    for _ in range(2):  # decoded and shrunk, then from the cache
+        got = torch.stack([small(p) for p in paths])
+        assert got.shape == (2, 3, 96, 96) and torch.equal(got, expected)
+    assert small.held == 2 * 3 * 96 * 96 * 4

@@ -101,6 +101,24 @@ def test_images_replace_placeholder_spans_in_order(tiny):
     assert max_diff(swapped, logits) > 1e-4  # the order of the images matters
 
 
+def test_precomputed_image_embeddings_stand_in_for_images(tiny):
+    """image_embeds (what encode_images gives) take the place of images, so rows that share an image encode it once;
+    the multiple-choice evaluation gives its four answer rows one encoding of the question's image."""
+    cfg, model = tiny
+    ids, n = with_images(cfg, [["I", 9, 10], ["I", 7, 8]])
+    images = torch.rand(1, 3, cfg.image_size, cfg.image_size).expand(n, -1, -1, -1)
+    with torch.no_grad():
+        logits, _ = model(ids, images)
+        shared, _ = model(ids, image_embeds=model.encode_images(images[:1])[[0, 0]])
+    assert max_diff(shared, logits) < ATOL
+    with pytest.raises(ValueError, match="images or image_embeds, not both"):
+        model(ids, images, image_embeds=torch.zeros(n, cfg.n_image_tokens, cfg.llm.dim))
+    with pytest.raises(ValueError, match=r"image_embeds of shape \(N, 36, 128\), got \(2, 36, 64\)"):
+        model(ids, image_embeds=torch.zeros(n, cfg.n_image_tokens, 64))
+    with pytest.raises(ValueError, match="expected 2 images .* got 1"):
+        model(ids, image_embeds=torch.zeros(1, cfg.n_image_tokens, cfg.llm.dim))
+
+
 def test_hybrid_tower_preprocesses_like_the_official_tower(tiny):
     """SigLIP reads torchvision's Resize(antialias=True) of the same canvas that SAM reads, and each branch
     normalises with its own statistics: 0.5 for SigLIP, CLIP's for SAM (official HybridVisionTower)."""

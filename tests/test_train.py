@@ -119,7 +119,7 @@ def test_multiple_choice_picks_the_option_the_model_finds_likeliest(data):
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
 
-        def forward(self, ids, images=None):
+        def forward(self, ids, images=None, image_embeds=None):
             logits = torch.zeros(*ids.shape, tok.vocab_size)
             logits[..., favourite] = 10.0
             return logits, None
