@@ -45,10 +45,11 @@ class Stage0Heads(nn.Module):
     def contrastive_loss(self, model, images, caption_ids, caption_len):
         """SigLIP's sigmoid loss on a batch of (image, caption) pairs with distinct captions: images (B, 3, s, s) at
         SigLIP's resolution (the data worker makes them as the model would, image.low_resolution of the canvas);
-        caption_ids right-padded (B, L). Both sides are pooled by averaging, as SigLIP's image tower and big_vision's text tower with
-        pool_type="gap": a caption here differs from the others in one or two words (the colour, the title), and a
-        mean over its tokens carries those words from the first step, where the last token of a fresh causal tower
-        would first have to learn to gather them (it did: the tower learned the facts far more slowly that way)."""
+        caption_ids right-padded (B, L). Both sides are pooled by averaging, as SigLIP's image tower and big_vision's
+        text tower with pool_type="gap": a caption here differs from the others in one or two words (the colour, the
+        title), and a mean over its tokens carries those words from the first step, where the last token of a fresh
+        causal tower would first have to learn to gather them (it did: the tower learned the facts far more slowly
+        that way)."""
         features = model.siglip(images)  # (B, N, C)
         img = F.normalize(self.image_proj(features.mean(dim=1)), dim=-1)  # (B, E)
         hidden, _ = self.text_tower(caption_ids)  # (B, L, E): the projection of every position
