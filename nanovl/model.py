@@ -135,7 +135,8 @@ class DeepSeekVL(nn.Module):
         self.llm.check_length(ids.shape[1], cache)  # fail before spending time on the images
         is_image = ids == self.cfg.image_token_id  # (B, T)
         n_tok, per_image = int(is_image.sum()), self.cfg.n_image_tokens
-        n_given = images.shape[0] if images is not None else image_embeds.shape[0] if image_embeds is not None else 0
+        given = images if images is not None else image_embeds
+        n_given = 0 if given is None else given.shape[0]
         if n_tok % per_image or n_tok // per_image != n_given:
             raise ValueError(f"expected {n_tok / per_image:g} images for {n_tok} <image_placeholder> tokens (each "
                              f"image fills {per_image}), got {n_given}; give one image per placeholder span, in order")
