@@ -24,9 +24,10 @@ from nanovl.data import Sample, Source, collate
 from nanovl.synth import mc_prompt
 
 
-def sequence_nll(model, ids, targets, images, device, image_embeds=None) -> torch.Tensor:
-    """Summed negative log-likelihood (nats) of each row's supervised targets: (B,)."""
-    logits, _ = model(ids.to(device), None if images is None else images.to(device), image_embeds=image_embeds)
+def sequence_nll(model, ids, targets, device, image_embeds=None) -> torch.Tensor:
+    """Summed negative log-likelihood (nats) of each row's supervised targets: (B,). image_embeds: the rows' images,
+    already encoded (DeepSeekVL.forward's image_embeds), or None for text only."""
+    logits, _ = model(ids.to(device), image_embeds=image_embeds)
     nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), ignore_index=-100,
                           reduction="none")
     return nll.view(ids.shape).sum(dim=1)
@@ -54,7 +55,7 @@ def multiple_choice(model, rows: Sequence[dict], tokenizer, processor, n_image_t
         ids, targets, _ = collate(samples, tokenizer.pad_id)
         # The four rows of a question share its image: encode it once, then give each row its copy of the tokens.
         embeds = model.encode_images(torch.stack([processor(p) for p in paths]).to(device))[which] if paths else None
-        nll = sequence_nll(model, ids, targets, None, device, image_embeds=embeds)
+        nll = sequence_nll(model, ids, targets, device, image_embeds=embeds)
         n_tok = (targets != -100).sum(dim=1).to(nll.device)
         ppl = (nll / n_tok).cpu()  # mean NLL per answer token: the log of the answer's perplexity
         k = 0
@@ -78,7 +79,7 @@ def bits_per_byte(model, rows: Sequence[dict], tokenizer, n_image_tokens: int, m
     total_nll = 0.0
     for start in range(0, len(source), batch_size):
         ids, targets, _ = collate(source.samples[start:start + batch_size], tokenizer.pad_id)
-        total_nll += sequence_nll(model, ids, targets, None, device).sum().item()
+        total_nll += sequence_nll(model, ids, targets, device).sum().item()
     n_bytes = sum(len(r["text"].encode("utf-8")) for r in rows)
     return total_nll / math.log(2) / max(1, n_bytes)
 
