@@ -12,6 +12,10 @@ each call writes its new keys at the end of the filled part and attends over the
 left-padded; `pad_mask` says which positions are real. Positions then count real tokens only (the cumulative sum of
 the mask, as HF's generate does), and no query attends a padding key.
 
+The loss. With targets, forward computes the cross-entropy from the final hidden states in chunks of rows
+(`LinearCrossEntropy`), so the (B, T, vocab) logits are never held at once: at a 102,400-word vocabulary they would be
+the biggest tensor of the training step.
+
 Parameter names are HF's without the `model.` prefix: `embed_tokens`, `layers.N.self_attn.q_proj`,
 `layers.N.mlp.gate_proj`, `layers.N.input_layernorm`, `norm`, `lm_head`.
 """
@@ -137,6 +141,54 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross_entropy(h @ weight^T, targets) that never holds the (N, vocab) logits all at once.
+
+    With a 102,400-word vocabulary the logits are the biggest tensor of a training step: batch 4 x 4096 tokens makes
+    1.7 GB of bf16 logits, 3.4 GB again in fp32 for the softmax, and their gradient as much again. Here the rows go
+    through in chunks, and each chunk's gradients are worked out at once, in the forward pass, while its logits are
+    at hand: the gradient of the summed loss over logit j of a row is softmax_j - [j == target] (0 for an ignored row),
+    so  dh = dlogits @ weight  and  dweight = dlogits^T @ h.  Backward then only scales them by the incoming gradient.
+    The FLOPs are the same as the plain path (one matmul forward, two for the gradients), only done earlier; the
+    chunk's logits live for one chunk. (The fused linear cross-entropy of Liger-Kernel, written in plain PyTorch.)
+
+    Precision follows the plain path: the matmuls run in whatever autocast says (bf16 in training), the softmax in
+    fp32. A test checks loss and gradients against F.cross_entropy on full logits.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, rows: int, need_grads: bool):
+        # h (N, C) final hidden states, weight (V, C) lm_head, targets (N,) with -100 for rows without a loss;
+        # rows: how many rows a chunk takes
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.zeros_like(h) if need_grads and h.requires_grad else None
+        grad_w = torch.zeros_like(weight) if need_grads and weight.requires_grad else None
+        for i in range(0, targets.shape[0], rows):
+            h_c, t_c = h[i:i + rows], targets[i:i + rows]  # (n, C), (n,)
+            logits = (h_c @ weight.T).float()  # (n, V)
+            valid = t_c != -100
+            t_c = t_c.masked_fill(~valid, 0)  # any id will do: the row is masked out below
+            lse = logits.logsumexp(-1)  # (n,)
+            loss += ((lse - logits.gather(1, t_c[:, None]).squeeze(1)) * valid).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            d = logits.sub_(lse[:, None]).exp_()  # (n, V) softmax, in place of the logits
+            d.scatter_add_(1, t_c[:, None], -torch.ones_like(d[:, :1]))  # minus one at the target
+            d *= valid[:, None]  # (n, V) dloss / dlogits
+            if grad_h is not None:
+                grad_h[i:i + rows] = d @ weight  # (n, C)
+            if grad_w is not None:
+                grad_w += d.T @ h_c  # (V, C)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors  # for a summed loss of 1; the mean's 1 / count comes in grad_loss
+        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
+                None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype), None, None, None)
+
+
 class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -171,7 +223,8 @@ class Llama(nn.Module):
         pad_mask (B, T): True for real tokens, False for (left) padding. Not needed for unpadded batches.
         doc_ids (B, T): for packed training rows, which sample each token belongs to; attention and positions then
         stay inside each sample, as if the samples had been run one by one (the paper packs stage 2, Table 4).
-        Returns (logits (B, T, vocab), loss or None). With reduction="sum" the loss is the summed cross-entropy, for
+        Returns (logits (B, T, vocab), None) without targets, (None, loss) with them: the loss is computed without
+        ever holding all the logits (LinearCrossEntropy). With reduction="sum" the loss is the summed cross-entropy, for
         callers that normalise by the supervised-token count of several micro-batches. last_only (generation, no
         targets) gives the logits of the last position only, (B, 1, vocab): a prompt of T tokens then costs one
         lm_head row instead of T (with a 102400-word vocabulary, that is most of a short prompt's FLOPs).
@@ -214,14 +267,18 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, mask, cache, i)
         if cache is not None:
             cache.length += T
-        if last_only and targets is None:
-            x = x[:, -1:]  # (B, 1, C)
-        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
-
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+            if last_only:
+                x = x[:, -1:]  # (B, 1, C)
+            return self.lm_head(self.norm(x)), None  # (B, T, vocab)
+
+        # Training: the loss straight from the hidden states, chunk by chunk (LinearCrossEntropy above); the full
+        # (B, T, vocab) logits are never made, so none are returned.
+        h = self.norm(x).flatten(0, 1)  # (B*T, C)
+        need_grads = torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad)
+        rows = max(1, 2 ** 27 // self.cfg.vocab_size)  # a chunk's fp32 logits: 512 MiB at most (1310 x 102400)
+        loss = LinearCrossEntropy.apply(h, self.lm_head.weight, targets.flatten(), rows, need_grads)
         if reduction == "mean":
             # Mean over supervised tokens; a batch with none gives 0 (and zero gradients), never NaN.
             loss = loss / (targets != -100).sum().clamp(min=1)
-        return logits, loss
+        return None, loss

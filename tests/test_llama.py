@@ -8,7 +8,7 @@ from transformers import LlamaForCausalLM
 
 from conftest import ATOL, max_diff, randomize_
 from nanovl.config import LlamaConfig
-from nanovl.llama import Llama
+from nanovl.llama import LinearCrossEntropy, Llama
 
 CFG = LlamaConfig(vocab_size=97, dim=64, n_layers=3, n_heads=4, n_kv_heads=4, ffn_dim=176, max_seq_len=64)
 GQA = LlamaConfig(**dict(CFG.__dict__, n_kv_heads=2))
@@ -93,12 +93,53 @@ def test_kv_cache_with_left_padded_batch_matches_each_sequence_alone():
             assert max_diff(torch.cat([s[b] for s in steps]), alone[0, n:]) < ATOL
 
 
+def test_training_loss_and_gradients_match_transformers():
+    # HF shifts labels inside its loss; ours takes targets already shifted (nanoGPT's convention): the same
+    # predictions. The loss never makes the full logits (LinearCrossEntropy), so this is its end-to-end check.
+    hf, ours = hf_pair(CFG)
+    ids = torch.randint(0, CFG.vocab_size, (2, 40))
+    labels = ids.clone()
+    labels[0, :9] = -100  # a prompt without loss, as in SFT
+    targets = labels.roll(-1, dims=1)
+    targets[:, -1] = -100
+    hf(input_ids=ids, labels=labels).loss.backward()
+    logits, loss = ours(ids, targets=targets)
+    assert logits is None  # the training path returns no logits: it never holds them
+    loss.backward()
+    assert torch.allclose(loss, hf(input_ids=ids, labels=labels).loss, atol=1e-6)
+    hf_grads = {k.removeprefix("model."): p.grad for k, p in hf.named_parameters()}
+    for name, p in ours.named_parameters():
+        assert max_diff(p.grad, hf_grads[name]) < 1e-5, name
+
+
+def test_linear_cross_entropy_in_chunks_matches_full_logits():
+    torch.manual_seed(0)
+    h = torch.randn(23, 16, requires_grad=True)  # 23 rows in chunks of 5: the last chunk is short
+    w = torch.randn(50, 16, requires_grad=True)
+    t = torch.randint(0, 50, (23,))
+    t[::4] = -100
+    loss = LinearCrossEntropy.apply(h, w, t, 5, True)
+    (0.3 * loss).backward()  # the incoming gradient scales what forward worked out
+    expected = F.cross_entropy(h @ w.T, t, ignore_index=-100, reduction="sum")
+    got_h, got_w, h.grad, w.grad = h.grad, w.grad, None, None
+    (0.3 * expected).backward()
+    assert torch.allclose(loss, expected, rtol=1e-6)
+    assert max_diff(got_h, h.grad) < 1e-5 and max_diff(got_w, w.grad) < 1e-5
+    frozen = w.detach()  # a frozen lm_head (stage 1): only the hidden states get a gradient
+    h.grad = None
+    LinearCrossEntropy.apply(h, frozen, t, 5, True).backward()
+    assert max_diff(h.grad, torch.autograd.grad(F.cross_entropy(h @ frozen.T, t, reduction="sum"), h)[0]) < 1e-5
+    with torch.no_grad():  # evaluation: the loss alone
+        assert torch.allclose(LinearCrossEntropy.apply(h, w, t, 5, False), expected, rtol=1e-6)
+
+
 def test_loss_ignores_minus_100_and_never_gives_nan():
     ours = randomize_(Llama(CFG))
     ids = torch.randint(0, CFG.vocab_size, (2, 12))
     targets = torch.randint(0, CFG.vocab_size, (2, 12))
     targets[0, :5] = -100
-    logits, loss = ours(ids, targets=targets)
+    _, loss = ours(ids, targets=targets)
+    logits, _ = ours(ids)
     keep = targets != -100
     assert torch.allclose(loss, F.cross_entropy(logits[keep], targets[keep]), atol=1e-6)
     _, summed = ours(ids, targets=targets, reduction="sum")

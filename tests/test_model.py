@@ -144,8 +144,7 @@ def test_tiny_forward_backward_reaches_every_parameter():
     ids, n = with_images(cfg, [[1, "I", 7, 8, 9] + [10] * 20, [4, 5, "I", 6, "I"]])
     targets = ids.roll(-1, dims=1).masked_fill(ids == cfg.image_token_id, -100)
     images = torch.rand(n, 3, cfg.image_size, cfg.image_size)
-    logits, loss = model(ids, images, targets=targets)
-    assert logits.shape == (2, ids.shape[1], cfg.llm.vocab_size)
+    _, loss = model(ids, images, targets=targets)
     assert torch.isfinite(loss) and loss.item() > 0
     loss.backward()
     for name, p in model.named_parameters():
