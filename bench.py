@@ -10,8 +10,8 @@ Benchmarks, one function per part of the system:
 
 Options: --config PRESET [--llm.n_layers=2 ...] (model config overrides, dotted, as get_config) [--device cpu|cuda]
 [--dtype bf16|fp32] [--batch N] [--seq N] [--steps N] [--warmup N] [--compare]; train: [--stage 1|2|3] [--llm-only]
-[--compile] [--grad_ckpt]; decode: [--prompt-len N] [--new N]; vision: [--compile]. Defaults depend on the preset
-(DEFAULTS below). Each run prints its tables and, as its last line, the same figures as one line of JSON.
+[--compile] [--grad_ckpt]; decode: [--prompt-len N] [--new N] [--compile]; vision: [--compile]. Defaults depend on
+the preset (DEFAULTS below). Each run prints its tables and, as its last line, the same figures as one line of JSON.
 
 What is measured. Work per second (tokens or images); the model FLOPs of that work (the FLOP model below) per
 second, and on a GPU whose name is in DEVICES the model FLOPs utilisation (MFU) against its dense bf16 peak; peak
@@ -20,8 +20,9 @@ each run's working memory (its peak above what was allocated before it); and whe
 after warm-up steps that are not counted, with CUDA events on a GPU (no synchronisation inside a step) and
 perf_counter on CPU. On a GPU the training step runs in bf16 autocast with fp32 weights and fused AdamW, as train.py
 does; the inference benchmarks cast the weights to --dtype. Decoding is timed two ways: a bare greedy loop over the
-model and its KV cache, and nanovl.generate (what sample.py runs). On a CPU shared with other work, OMP_NUM_THREADS=1
-gives steadier figures.
+model and its KV cache (forward with one token, the simple path), and nanovl.generate (what sample.py runs: the
+fixed-shape DecodeStep, replayed as a CUDA graph on a GPU; with --compile, also compiled). On a CPU shared with other
+work, OMP_NUM_THREADS=1 gives steadier figures.
 
 The FLOP model counts the multiply-adds of matrix products and convolutions, two FLOPs each, and nothing else
 (norms, softmax, activations, the optimizer and the embedding lookup are left out, as in PaLM's MFU, appendix B of
@@ -710,7 +711,7 @@ def bench_prefill(args, cfg, device, dtype, spec):
     ids, _, images = synthetic_batch(cfg, B, T, device)
     cache = model.llm.new_cache(B, max_len=T)  # allocated once; each run writes every slot it reads again
     if args.compile:
-        print("--compile is ignored for prefill (the cache is written in place); it applies to train and vision")
+        print("--compile is ignored for prefill; it applies to train, decode and vision")
 
     def prefill(i, net=model, x=ids, images=images):
         cache.length = 0
@@ -761,12 +762,12 @@ def greedy(prefill, cache, llm, new: int, mark):
 
 def bench_decode(args, cfg, device, dtype, spec):
     """Greedy decoding of --new tokens after a --prompt-len prompt (one image and text when it fits), batch --batch.
-    Two ways: the bare loop over the model and its KV cache (greedy above), and nanovl.generate, which sample.py runs.
-    The prefill is timed up to the first new token; tokens/s counts the new - 1 tokens made one at a time after it."""
+    Two ways: the bare loop over the model and its KV cache (greedy above: forward with T = 1, the simple path), and
+    nanovl.generate, which sample.py runs (its DecodeStep: fixed shapes, a CUDA graph on a GPU; with --compile also
+    compiled, as a third run). The prefill is timed up to the first new token; tokens/s counts the new - 1 tokens
+    made one at a time after it. The headline is nanovl.generate's (compiled, with --compile)."""
     from nanovl.generate import Sampling, generate
 
-    if args.compile:
-        print("--compile is ignored for decode: the cache grows every step, so every step has a new shape")
     B, P, new = args.batch, args.prompt_len, args.new
     if new < 2:
         raise SystemExit(f"--new {new}: decode needs at least 2 new tokens (the first comes from the prefill)")
@@ -788,7 +789,7 @@ def bench_decode(args, cfg, device, dtype, spec):
         return {"prefill_s": parts["prefill"], "decode_s": parts["decode"],
                 "tokens_per_s": B * (new - 1) / parts["decode"]}, made[0]
 
-    def library(prompt, images):
+    def library(prompt, images, compile=False):
         def run(mark):
             first = []
 
@@ -797,26 +798,36 @@ def bench_decode(args, cfg, device, dtype, spec):
                     mark("prefill")
                     first.append(True)
 
-            out = generate(model, prompt.tolist(), images, Sampling(max_new_tokens=new), on_step=on_step)
+            out = generate(model, prompt.tolist(), images, Sampling(max_new_tokens=new), on_step=on_step,
+                           compile=compile)
             mark("decode")
-            return out
+            return torch.tensor(out, device=device)
 
-        return timed_generation(run)[0]
+        return timed_generation(run)
 
-    runs = {"nanovl loop (model + KVCache)": timed_generation(
-                lambda mark: greedy(lambda cache: model(ids, images, cache=cache, last_only=True), cache, model.llm,
-                                   new, mark))[0],
-            "nanovl.generate": library(ids, images)}
+    def all_runs(prompt, images):
+        """The loop, nanovl.generate, and with --compile nanovl.generate compiled: {name: figures}, and how many
+        leading tokens each gives as the loop does in every row."""
+        loop, loop_ids = timed_generation(lambda mark: greedy(
+            lambda cache: model(prompt, images, cache=cache, last_only=True), cache, model.llm, new, mark))
+        runs, same = {"nanovl loop (model + KVCache)": loop}, {}
+        for name, compile in [("nanovl.generate", False)] + [("nanovl.generate, compiled", True)] * args.compile:
+            runs[name], their_ids = library(prompt, images, compile)
+            same[name] = leading_agreement(loop_ids, their_ids)
+        return runs, same, loop_ids
+
     need = decode_bytes(cfg.llm, B, P, new, torch.finfo(dtype).bits // 8)
     bound = spec and B * (new - 1) / (need / spec.bandwidth)
     print(f"decode: batch {B}, prompt {P} tokens ({'one image, then text' if with_image else 'text'}), {new} new "
-          f"tokens, greedy; {timed(args, 'generation')}")
+          f"tokens, greedy; {timed(args, 'generation')}" + (", nanovl.generate also compiled" if args.compile else ""))
     print(f"each decode step must read {si(need / (new - 1), 'B')} (weights + KV cache)" +
           (f": at {spec.label}'s {si(spec.bandwidth, 'B/s')}, at most {bound:,.0f} tokens/s" if spec else "") + "\n")
+    runs, same, _ = all_runs(ids, images)
     print_decoding(runs, need, bound, new)
-    loop_figures = runs["nanovl loop (model + KVCache)"]
-    result = {**loop_figures, "generate": runs["nanovl.generate"], "bytes_per_step": need / (new - 1),
-              "bytes_per_s": need / loop_figures["decode_s"], "bound_tokens_per_s": bound, **print_peak(device),
+    print_agreement(same, new)
+    headline = "nanovl.generate, compiled" if args.compile else "nanovl.generate"
+    result = {**runs[headline], "runs": runs, "same_tokens_as_loop": same, "bytes_per_step": need / (new - 1),
+              "bytes_per_s": need / runs[headline]["decode_s"], "bound_tokens_per_s": bound, **print_peak(device),
               "prompt_len": P, "new": new}
     if not args.compare:
         return result
@@ -846,25 +857,32 @@ def bench_decode(args, cfg, device, dtype, spec):
         return out[:, P:]
 
     text, _, _ = synthetic_batch(cfg, B, P, device, image=False)
-    ours, our_ids = timed_generation(
-        lambda mark: greedy(lambda cache: model.llm(text, cache=cache, last_only=True), cache, model.llm, new, mark))
-    runs = {"nanovl loop (model + KVCache)": ours, "nanovl.generate": library(text, None)}
+    runs, same, loop_ids = all_runs(text, None)
     runs["transformers generate"], their_ids = timed_generation(hf_run)
     if their_ids.shape != (B, new):
         raise RuntimeError(f"transformers generated {tuple(their_ids.shape)} tokens, expected {(B, new)}")
-    agree = int((their_ids == our_ids).all(dim=0).long().cumprod(0).sum())  # leading tokens equal in every row
+    same["transformers generate"] = leading_agreement(loop_ids, their_ids)
     print(f"--compare: greedy decoding, batch {B}, a text prompt of {P}, {new} new tokens, the same weights")
-    print("(transformers' generate computes the prompt's logits at its last position only; nanovl's forward at every "
-          "position)")
     print_decoding(runs, need, bound, new)
+    print_agreement(same, new)
     theirs = runs.pop("transformers generate")
-    result["reference"] = {"name": "transformers generate", **theirs, "nanovl": runs, "same_tokens": agree,
-                           "ratio": ours["tokens_per_s"] / theirs["tokens_per_s"],
-                           "ratio_generate": runs["nanovl.generate"]["tokens_per_s"] / theirs["tokens_per_s"]}
-    print(f"decode tokens/s over transformers': {result['reference']['ratio']:.2f}x (loop), "
-          f"{result['reference']['ratio_generate']:.2f}x (nanovl.generate); the first {agree} of {new} greedy tokens "
-          "of the loop and transformers agree\n")
+    result["reference"] = {"name": "transformers generate", **theirs, "nanovl": runs, "same_tokens_as_loop": same,
+                           "ratio": runs[headline]["tokens_per_s"] / theirs["tokens_per_s"]}
+    print(f"decode tokens/s of {headline} over transformers': {result['reference']['ratio']:.2f}x\n")
     return result
+
+
+def leading_agreement(a, b) -> int:
+    """How many leading tokens two (B, n) greedy generations share in every row."""
+    n = min(a.shape[1], b.shape[1])
+    return int((a[:, :n] == b[:, :n]).all(dim=0).long().cumprod(0).sum())
+
+
+def print_agreement(same: dict, new: int):
+    """Random weights in bf16 make near-ties between logits, where two correct implementations may pick differently
+    and then go their own ways; the leading tokens show they agree up to the first such tie."""
+    print("greedy tokens equal to the loop's, in every row, from the start: " +
+          ", ".join(f"{name} {n} of {new}" for name, n in same.items()) + "\n")
 
 
 def print_decoding(runs: dict, need: int, bound, new: int):
@@ -1033,7 +1051,8 @@ def main(argv=None):
     parser.add_argument("--compare", action="store_true", help="also run the reference implementation")
     parser.add_argument("--stage", type=int, default=3, choices=[1, 2, 3], help="train: the stage's freeze map")
     parser.add_argument("--llm-only", "--llm_only", action="store_true", help="train: the decoder alone, on text")
-    parser.add_argument("--compile", action="store_true", help="train, vision: torch.compile each part")
+    parser.add_argument("--compile", action="store_true",
+                        help="train, vision: torch.compile each part; decode: also time nanovl.generate compiled")
     parser.add_argument("--grad-ckpt", "--grad_ckpt", action="store_true", help="train: recompute decoder layers")
     parser.add_argument("--prompt-len", "--prompt_len", type=int, help="decode: prompt tokens")
     parser.add_argument("--new", type=int, help="decode: new tokens")

@@ -10,7 +10,8 @@ builds from its `language_config` (paper section 3.1, facts section 5).
 Decoding. `KVCache` preallocates keys and values for every layer, so decoding one token costs one token's compute:
 each call writes its new keys at the end of the filled part and attends over the filled part. Batched prompts are
 left-padded; `pad_mask` says which positions are real. Positions then count real tokens only (the cumulative sum of
-the mask, as HF's generate does), and no query attends a padding key.
+the mask, as HF's generate does), and no query attends a padding key. `decode_step` is the same one-token step with
+fixed shapes, which a GPU records once as a CUDA graph and replays (nanovl/generate.py).
 
 The loss. With targets, forward computes the cross-entropy from the final hidden states in chunks of rows
 (`LinearCrossEntropy`), so the (B, T, vocab) logits are never held at once: at a 102,400-word vocabulary they would be
@@ -20,7 +21,7 @@ Parameter names are HF's without the `model.` prefix: `embed_tokens`, `layers.N.
 `layers.N.mlp.gate_proj`, `layers.N.input_layernorm`, `norm`, `lm_head`.
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -88,6 +89,19 @@ class KVCache:
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CacheSlot(NamedTuple):
+    """Llama.decode_step's handle on the cache: writes each layer's new keys and values at slot `pos`, a (1,) tensor
+    on the device, and gives back the layer's whole cache, filled or not (the caller masks the unfilled slots). No
+    Python number in it changes from one token to the next, which is what lets a CUDA graph replay it."""
+    cache: KVCache
+    pos: torch.Tensor
+
+    def update(self, layer: int, k, v):
+        self.cache.k[layer].index_copy_(2, self.pos, k)  # (B, nkv, 1, hs) into slot pos
+        self.cache.v[layer].index_copy_(2, self.pos, v)
+        return self.cache.k[layer], self.cache.v[layer]  # (B, nkv, max_len, hs)
 
 
 class Attention(nn.Module):
@@ -213,6 +227,28 @@ class Llama(nn.Module):
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"{T} new tokens do not fit a KV cache of {cache.max_len} holding {start}; "
                              f"allocate a longer cache")
+
+    def decode_step(self, tok, cache: KVCache, pos):
+        """One token per row, the decoding step with nothing in it that changes from one token to the next: tok (B, 1)
+        the newest ids, pos a (1,) long tensor on the device, the cache slot they go into. -> logits (B, vocab).
+
+        What forward does with a cache for T = 1, with every shape and every Python number fixed: the keys go to
+        slot pos by index (CacheSlot), attention reads all max_len slots of the cache behind a mask of the real ones
+        up to pos, and positions are counted on the device. So it can be recorded once as a CUDA graph and replayed
+        for every token (generate does on a GPU), and torch.compile compiles it once (gpt-fast's recipe). The cost:
+        attention reads the unfilled slots too, masked. cache.length is the caller's to advance.
+        """
+        x = self.embed_tokens(tok)  # (B, 1, C)
+        cache.real.index_fill_(1, pos, True)
+        slots = torch.arange(cache.max_len, device=tok.device)  # (S,)
+        seen = cache.real & (slots <= pos)  # (B, S): the real tokens up to and including this one
+        positions = seen.sum(1, keepdim=True) - 1  # (B, 1): real tokens before it, as forward's cumulative count
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        mask = seen[:, None, None, :]  # (B, 1, 1, S), broadcast over heads
+        slot = CacheSlot(cache, pos)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, slot, i)
+        return self.lm_head(self.norm(x))[:, 0]  # (B, vocab)
 
     def forward(self, idx=None, embeds=None, targets=None, cache: Optional[KVCache] = None, pad_mask=None,
                 doc_ids=None, reduction: str = "mean", last_only: bool = False):

@@ -189,3 +189,11 @@ def test_interactive_chat_commands(stage_folder, monkeypatch, capsys):
     assert "does not exist" in out and "the conversation is as it was" in out  # the missing image, then going on
     assert "(new chat)" in out
     assert out.count("Assistant: ") == 3
+
+
+def test_compiled_decoding_step_gives_the_same_tokens(tiny, tok):
+    # torch.compile(fullgraph=True) must take the whole step, with no graph break (a break would also stop a CUDA
+    # graph from recording it), and give the tokens of the eager step.
+    prompts = [tok.encode("what colour is the circle?"), tok.encode("red")]
+    s = Sampling(max_new_tokens=6)
+    assert generate(tiny, prompts, sampling=s, compile=True) == generate(tiny, prompts, sampling=s)

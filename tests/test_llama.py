@@ -93,6 +93,26 @@ def test_kv_cache_with_left_padded_batch_matches_each_sequence_alone():
             assert max_diff(torch.cat([s[b] for s in steps]), alone[0, n:]) < ATOL
 
 
+def test_decode_step_matches_the_cache_path_of_forward():
+    # decode_step is forward's T = 1 cache path with fixed shapes (what a CUDA graph replays): same logits, on a
+    # left-padded batch, with a stale slot past the end (a chat turn that was undone) that it must not read.
+    ours = randomize_(Llama(GQA)).eval()
+    ids, mask, _ = left_padded_batch([9, 4, 7], GQA.vocab_size, 9)
+    continuation = torch.randint(1, GQA.vocab_size, (3, 5))
+    with torch.no_grad():
+        caches = ours.new_cache(3, max_len=20), ours.new_cache(3, max_len=20)
+        for cache in caches:
+            ours(ids, cache=cache, pad_mask=mask)
+        caches[1].real[:, -1] = True
+        caches[1].k[:, :, :, -1] = 1e4
+        for t in range(5):
+            expected, _ = ours(continuation[:, t:t + 1], cache=caches[0])
+            got = ours.decode_step(continuation[:, t:t + 1], caches[1], torch.tensor([caches[1].length]))
+            caches[1].length += 1
+            assert max_diff(got, expected[:, 0]) < ATOL
+        assert max_diff(caches[0].k[:, :, :, :14], caches[1].k[:, :, :, :14]) < ATOL  # the same slots written
+
+
 def test_training_loss_and_gradients_match_transformers():
     # HF shifts labels inside its loss; ours takes targets already shifted (nanoGPT's convention): the same
     # predictions. The loss never makes the full logits (LinearCrossEntropy), so this is its end-to-end check.
