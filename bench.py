@@ -7,11 +7,12 @@ Benchmarks, one function per part of the system:
     python bench.py --what decode --config 7b --compare              # greedy decoding, one token at a time
     python bench.py --what vision --config 7b --compare              # SigLIP, SAM and encode_images, against timm / SAM
     python bench.py --what tokenizer                                 # byte-level BPE encode throughput
+    python bench.py --what suite --out bench-suite                   # all of the README's GPU figures (SUITE below)
 
 Options: --config PRESET [--llm.n_layers=2 ...] (model config overrides, dotted, as get_config) [--device cpu|cuda]
 [--dtype bf16|fp32] [--batch N] [--seq N] [--steps N] [--warmup N] [--compare]; train: [--stage 1|2|3] [--llm-only]
-[--compile] [--grad_ckpt]; decode: [--prompt-len N] [--new N] [--compile]; vision: [--compile]. Defaults depend on
-the preset (DEFAULTS below). Each run prints its tables and, as its last line, the same figures as one line of JSON.
+[--compile] [--grad_ckpt]; decode: [--prompt-len N] [--new N] [--compile]; vision: [--compile]; suite: [--out DIR]
+[--runs NAME,...] [--budget SECONDS] [--small] [--tables suite.jsonl]. Defaults depend on the preset (DEFAULTS below). Each run prints its tables and, as its last line, the same figures as one line of JSON.
 
 What is measured. Work per second (tokens or images); the model FLOPs of that work (the FLOP model below) per
 second, and on a GPU whose name is in DEVICES the model FLOPs utilisation (MFU) against its dense bf16 peak; peak
@@ -894,45 +895,49 @@ def print_decoding(runs: dict, need: int, bound, new: int):
 
 def bench_vision(args, cfg, device, dtype, spec):
     """Images per second through SigLIP (on its low-resolution input), SAM (whole, and the trunk + neck that
-    segment-anything also has) and the whole encode_images (both towers, the resize and the adaptor)."""
+    segment-anything also has) and the whole encode_images (both towers, the resize and the adaptor). --compile also
+    times SigLIP and SAM's trunk + neck through torch.compile, the two that are compared with the references."""
     model = build(cfg, device, dtype).eval()
     N = args.batch
     images = torch.rand(N, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
     images = images.to(device, dtype)
     low = model.low_resolution(images)  # (N, 3, s, s): SigLIP's input
-    if args.compile:
-        for part in (model.siglip, model.sam, model.aligner):
-            if part is not None:
-                part.compile()
     f_siglip = sum(siglip_forward_flops(cfg.siglip))
-    runs = {"nanovl SigLIP": (lambda i: model.siglip(low), N * f_siglip)}
+    work = {"nanovl SigLIP": (lambda: model.siglip(low), N * f_siglip)}  # {name: (fn(), model FLOPs)}
     if cfg.hybrid:
         f_sam = sam_forward_flops(cfg.sam)
         f_trunk_neck = sum(f_sam["trunk"]) + f_sam["neck"]
-        runs["nanovl SAM"] = (lambda i: model.sam(images), N * sum(sam_total_flops(cfg.sam)))
-        runs["nanovl SAM trunk + neck"] = (lambda i: model.sam.neck(model.sam.trunk(images)[0].permute(0, 3, 1, 2)),
+        work["nanovl SAM"] = (lambda: model.sam(images), N * sum(sam_total_flops(cfg.sam)))
+        work["nanovl SAM trunk + neck"] = (lambda: model.sam.neck(model.sam.trunk(images)[0].permute(0, 3, 1, 2)),
                                            N * f_trunk_neck)
     whole = sum(vlm_step_flops(cfg, {p: "frozen" for p in PARTS}, N, 0).values())  # T = 0: no decoder
-    runs["nanovl encode_images"] = (lambda i: model.encode_images(images), whole)
-    pairs = []
+    work["nanovl encode_images"] = (lambda: model.encode_images(images), whole)
+    compared = {"nanovl SigLIP": "timm VisionTransformer",  # {ours: the reference it is compared with}
+                "nanovl SAM trunk + neck": "segment-anything ImageEncoderViT"}
+    if args.compile:
+        for name in [n for n in compared if n in work]:
+            fn, flops = work[name]
+            work[name + ", compiled"] = (torch.compile(fn), flops)
+            compared[name + ", compiled"] = compared[name]
     if args.compare:
         timm_vit = reference("timm", lambda: timm_siglip(cfg.siglip).to(device, dtype).eval())
         if timm_vit is not None:
-            runs["timm VisionTransformer"] = (lambda i: timm_vit.forward_features(low), N * f_siglip)
-            pairs.append(("nanovl SigLIP", "timm VisionTransformer"))
+            work["timm VisionTransformer"] = (lambda: timm_vit.forward_features(low), N * f_siglip)
         if cfg.hybrid:
             sam_vit = reference("segment-anything", lambda: sam_encoder(cfg.sam).to(device, dtype).eval())
             if sam_vit is not None:
-                runs["segment-anything ImageEncoderViT"] = (lambda i: sam_vit(images), N * f_trunk_neck)
-                pairs.append(("nanovl SAM trunk + neck", "segment-anything ImageEncoderViT"))
+                work["segment-anything ImageEncoderViT"] = (lambda: sam_vit(images), N * f_trunk_neck)
     print(f"vision: batches of {N} at {cfg.image_size} px" + (f" (SigLIP's input resized to "
-          f"{cfg.siglip.image_size})" if cfg.hybrid else "") + f"; {timed(args, 'batch')}\n")
+          f"{cfg.siglip.image_size})" if cfg.hybrid else "") + f"; {timed(args, 'batch')}" +
+          (", compiled ones compiled in the warm-up" if args.compile else "") + "\n")
     with torch.inference_mode():
-        figures = time_runs(runs, N, "images/s", args, device, spec)
+        figures = time_runs({name: (lambda i, fn=fn: fn(), flops) for name, (fn, flops) in work.items()}, N,
+                            "images/s", args, device, spec)
     print_runs(figures, "images/s")
     result = {"images_per_s": figures["nanovl encode_images"]["images_per_s"], "runs": figures}
     if args.compare:
-        result["reference"] = [ratio(figures, ours, theirs, "images/s") for ours, theirs in pairs] or None
+        result["reference"] = [ratio(figures, ours, theirs, "images/s") for ours, theirs in compared.items()
+                               if ours in figures and theirs in figures] or None
         print()
     result.update(print_peak(device))
     return result
@@ -1018,6 +1023,162 @@ def _bench_tokenizer(args, Tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# The suite: every figure of the README's GPU tables from one command, each run in a process of its own (its peak
+# memory is its own, and a run that fails or runs out of memory does not take the others with it). Runs go in order
+# of importance; none starts after --budget seconds, and each run's figures are appended to --out/suite.jsonl as it
+# ends, so a suite cut short still leaves what it measured. --small runs the same list on the tiny preset (a test).
+
+# The issue's targets: (suite run, what nanovl part, the reference, work, the reference's figure measured on one
+# H200 when the issue was written, what nanovl must reach).
+TARGETS = [
+    ("train-1.3b", None, "transformers LlamaForCausalLM", "1.3B decoder training step, bf16, 4 x 2048 tokens",
+     "35.8k tokens/s, 35% MFU", "50% MFU, 1.4x the reference"),
+    ("train-1.3b-compiled", None, "transformers LlamaForCausalLM", "the same, both models compiled", "-",
+     "50% MFU, 1.4x the reference"),
+    ("train-1.3b-hybrid", None, None, "1.3b-hybrid VL training step, stage 3, 4 x 4096 tokens", "none",
+     "40% MFU with vision FLOPs"),
+    ("train-1.3b-hybrid-compiled", None, None, "the same, compiled", "none", "40% MFU with vision FLOPs"),
+    ("decode-1.3b", None, "transformers generate", "1.3B decode, batch 1, after a 600-token prompt",
+     "19 tokens/s (bound about 1,400)", "800 tokens/s"),
+    ("vision-7b-sam8", "nanovl SAM trunk + neck", "segment-anything ImageEncoderViT",
+     "SAM-B forward, 1024x1024, bf16, batch 8", "56 images/s", "3x the reference"),
+    ("vision-7b", "nanovl SigLIP", "timm VisionTransformer", "SigLIP-L/384 forward, bf16, batch 32", "784 images/s",
+     "at least equal"),
+]
+SUITE = [  # (name, bench arguments), most important first; --small swaps the preset for tiny and shrinks the shapes
+    ("train-1.3b", "--what train --config 1.3b --llm-only --seq 2048 --compare"),
+    ("decode-1.3b", "--what decode --config 1.3b --compare --compile --steps 2 --warmup 1"),  # transformers: ~13 s each
+    ("vision-7b-sam8", "--what vision --config 7b --compare --compile --batch 8"),
+    ("vision-7b", "--what vision --config 7b --compare --compile --batch 32"),
+    ("train-1.3b-hybrid", "--what train --config 1.3b-hybrid --stage 3"),
+] + [  # the memory table: each preset's stages at the bench's default shapes, with and without checkpointing
+    (f"memory-{preset}-stage{stage}{'-ckpt' * ckpt}",
+     f"--what train --config {preset} --stage {stage} --steps 1 --warmup 1" + " --grad-ckpt" * ckpt)
+    for preset in ("1.3b", "1.3b-hybrid") for stage in (1, 2, 3) for ckpt in (False, True)
+] + [
+    ("memory-7b-stage1", "--what train --config 7b --stage 1 --steps 1 --warmup 1"),
+    ("memory-7b-prefill", "--what prefill --config 7b --steps 1 --warmup 1"),
+    ("train-1.3b-compiled", "--what train --config 1.3b --llm-only --seq 2048 --compare --compile"),
+    ("train-1.3b-hybrid-compiled", "--what train --config 1.3b-hybrid --stage 3 --compile"),
+    ("decode-7b", "--what decode --config 7b --compile"),
+]
+
+
+def small_args(args: str) -> str:
+    """A suite run's arguments on the tiny preset, at shapes a CPU runs in seconds."""
+    words = args.split()
+    words[words.index("--config") + 1] = "tiny"
+    for flag in ("--seq", "--batch"):
+        if flag in words:
+            i = words.index(flag)
+            del words[i:i + 2]
+    for flag in ("--steps", "--warmup"):
+        if flag not in words:
+            words += [flag, "1"]
+    words += {"train": ["--batch", "2", "--seq", "80"], "prefill": ["--seq", "80"],
+              "decode": ["--prompt-len", "20", "--new", "3"], "vision": ["--batch", "2"]}[words[1]]
+    return " ".join(words)
+
+
+def run_suite(args) -> list:
+    """Run the suite's runs (all, or --runs) one process each; return [{name, args, seconds, result or error}]."""
+    import subprocess
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    wanted = args.runs.split(",") if args.runs else [name for name, _ in SUITE]
+    unknown = set(wanted) - {name for name, _ in SUITE}
+    if unknown:
+        raise SystemExit(f"unknown suite runs {sorted(unknown)}; the suite has {', '.join(n for n, _ in SUITE)}")
+    start, records = time.perf_counter(), []
+    for name, run_args in SUITE:
+        if name not in wanted:
+            continue
+        left = args.budget - (time.perf_counter() - start)
+        if left <= 0:
+            print(f"suite: out of budget ({args.budget:.0f} s); not run: {name}")
+            continue
+        run_args = small_args(run_args) if args.small else run_args
+        print(f"suite: {name}: python bench.py {run_args}", flush=True)
+        t0 = time.perf_counter()
+        with open(out / f"{name}.log", "w") as log:
+            try:
+                proc = subprocess.run([sys.executable, __file__, *run_args.split()], stdout=subprocess.PIPE,
+                                      stderr=log, text=True, timeout=left)
+                log.write(proc.stdout)
+                lines = proc.stdout.strip().splitlines()
+                result = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
+                error = None if result else f"exit status {proc.returncode}; see {log.name}"
+            except subprocess.TimeoutExpired:
+                result, error = None, f"stopped at the budget after {time.perf_counter() - t0:.0f} s"
+        record = {"name": name, "args": run_args, "date": time.strftime("%Y-%m-%d"),
+                  "seconds": round(time.perf_counter() - t0, 1), "result": result, "error": error}
+        print(f"suite: {name}: " + (error or f"done in {record['seconds']} s"), flush=True)
+        with open(out / "suite.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        records.append(record)
+    return records
+
+
+def suite_tables(records: list):
+    """The README's two tables, in Markdown, from suite records (a missing run shows as 'not run')."""
+    by_name = {r["name"]: r["result"] for r in records if r["result"]}
+    first = next((r for r in records if r["result"]), None)
+    if first:
+        print(f"\n{first['result']['device_name']}, torch {first['result']['torch']}, {first['date']}\n")
+
+    rows = []
+    for run, part, their_name, work, their_h200, target in TARGETS:
+        res = by_name.get(run)
+        if res is None:
+            rows.append([work, their_h200, "not run", "-", "-", target])
+            continue
+        refs = res["reference"] if isinstance(res["reference"], list) else [res["reference"]]
+        ref = next((r for r in refs if r and r["name"] == their_name), None)
+        if run.startswith("train"):  # with a reference, the decoder's figures from the same comparison
+            def tokens(f):
+                return f"{f['tokens_per_s']:,.0f} tokens/s" + ("" if f["mfu"] is None else f", {f['mfu']:.1%} MFU")
+
+            ours = tokens(res if ref is None else ref["nanovl"])
+            theirs = "-" if ref is None else tokens(ref)
+            ratio = "-" if ref is None else f"{ref['ratio']:.2f}x"
+        elif run.startswith("decode"):
+            plain = "CUDA graph" if res["device"] == "cuda" else "eager"
+            ours = ", ".join(f"{f['tokens_per_s']:,.0f} tokens/s ({'compiled' if 'compiled' in name else plain})"
+                             for name, f in res["runs"].items() if name.startswith("nanovl.generate"))
+            theirs = "-" if ref is None else f"{ref['tokens_per_s']:,.1f} tokens/s"
+            ratio = "-" if ref is None else f"{ref['ratio']:.1f}x"
+        else:  # vision: eager, and compiled when the run compiled
+            mine = [(name.removeprefix(part)[2:] or "eager", f) for name, f in res["runs"].items()
+                    if name.startswith(part)]
+            ours = ", ".join(f"{f['images_per_s']:,.0f} images/s ({how})" for how, f in mine)
+            ref = res["runs"].get(their_name)
+            theirs = "-" if ref is None else f"{ref['images_per_s']:,.0f} images/s"
+            ratio = "-" if ref is None else ", ".join(f"{f['images_per_s'] / ref['images_per_s']:.2f}x"
+                                                      for _, f in mine)
+        rows.append([work, their_h200, theirs, ours, ratio, target])
+    print("| work | reference, the issue's H200 figure | reference, this run | nanovl | nanovl / reference "
+          "| target |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+    print("\n| preset | work | activation checkpointing | batch x tokens | peak memory |")
+    print("|---|---|---|---|---|")
+    for r in records:
+        if not r["name"].startswith("memory-"):
+            continue
+        words, res = r["args"].split(), r["result"]
+        work = f"stage {words[words.index('--stage') + 1]}" if "--stage" in words else "inference (prefill)"
+        figure = f"{res['peak_memory_bytes'] / 2 ** 30:.1f} GiB" if res else r["error"]
+        shape = f"{res['batch']} x {res['seq']}" if res else "-"
+        print(f"| {words[words.index('--config') + 1]} | {work} | {'yes' if '--grad-ckpt' in words else 'no'} | "
+              f"{shape} | {figure} |")
+    kinds = {res["memory"] for r in records if (res := r["result"]) and r["name"].startswith("memory-")}
+    print(f"\npeak memory: {', '.join(sorted(kinds)) or '-'}, in a process of its own for each run")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 
 def parse_overrides(rest, parser) -> dict:
     """Model config overrides from the arguments argparse did not know: --llm.dim=256 or --llm.dim 256."""
@@ -1040,7 +1201,7 @@ def parse_overrides(rest, parser) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("--what", required=True, choices=["train", "prefill", "decode", "vision", "tokenizer"])
+    parser.add_argument("--what", required=True, choices=["train", "prefill", "decode", "vision", "tokenizer", "suite"])
     parser.add_argument("--config", default="tiny", help="model preset (nanovl.config.PRESETS)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is one")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
@@ -1061,11 +1222,25 @@ def main(argv=None):
     parser.add_argument("--small-vocab", type=int, default=4096, help="tokenizer: size of the small trained one")
     parser.add_argument("--small-corpus-mb", type=float, default=3.0, help="tokenizer: text for the small one")
     parser.add_argument("--mb", type=float, default=4.0, help="tokenizer: at most this much text is encoded")
+    parser.add_argument("--out", default="bench-suite", help="suite: folder for each run's log and suite.jsonl")
+    parser.add_argument("--runs", help="suite: only these runs, comma-separated (default: all, in SUITE's order)")
+    parser.add_argument("--budget", type=float, default=3600, help="suite: start no run after this many seconds")
+    parser.add_argument("--small", action="store_true", help="suite: the tiny preset at small shapes (a check)")
+    parser.add_argument("--tables", help="suite: print the tables of an earlier run's suite.jsonl, run nothing")
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(rest, parser)
     result = {"what": args.what}
     if args.what == "tokenizer":
         result.update(bench_tokenizer(args))
+        print(json.dumps(result))
+        return result
+    if args.what == "suite":
+        if args.tables:
+            records = [json.loads(line) for line in Path(args.tables).read_text().splitlines() if line.strip()]
+        else:
+            records = run_suite(args)
+        suite_tables(records)
+        result["runs"] = records
         print(json.dumps(result))
         return result
 
@@ -1104,7 +1279,8 @@ def main(argv=None):
         print("on CPU: achieved model FLOP/s instead of MFU; peak memory is the process's peak RSS")
     bench = {"train": bench_train, "prefill": bench_prefill, "decode": bench_decode, "vision": bench_vision}
     result.update(reference=None, config=cfg.name, overrides=overrides, device=device, device_name=device_name,
-                  dtype=dtype_name, batch=args.batch, seq=args.seq, steps=args.steps, warmup=args.warmup)
+                  torch=torch.__version__, dtype=dtype_name, batch=args.batch, seq=args.seq, steps=args.steps,
+                  warmup=args.warmup)
     result.update(bench[args.what](args, cfg, device, dtype, spec))
     print(json.dumps(result))
     return result
