@@ -12,7 +12,8 @@ Benchmarks, one function per part of the system:
 Options: --config PRESET [--llm.n_layers=2 ...] (model config overrides, dotted, as get_config) [--device cpu|cuda]
 [--dtype bf16|fp32] [--batch N] [--seq N] [--steps N] [--warmup N] [--compare]; train: [--stage 1|2|3] [--llm-only]
 [--compile] [--grad_ckpt]; decode: [--prompt-len N] [--new N] [--compile]; vision: [--compile]; suite: [--out DIR]
-[--runs NAME,...] [--budget SECONDS] [--small] [--tables suite.jsonl]. Defaults depend on the preset (DEFAULTS below). Each run prints its tables and, as its last line, the same figures as one line of JSON.
+[--runs NAME,...] [--budget SECONDS] [--small] [--tables suite.jsonl]. Defaults depend on the preset (DEFAULTS
+below). Each run prints its tables and, as its last line, the same figures as one line of JSON.
 
 What is measured. Work per second (tokens or images); the model FLOPs of that work (the FLOP model below) per
 second, and on a GPU whose name is in DEVICES the model FLOPs utilisation (MFU) against its dense bf16 peak; peak
@@ -747,16 +748,18 @@ def bench_prefill(args, cfg, device, dtype, spec):
 
 def greedy(prefill, cache, llm, new: int, mark):
     """Greedy decoding: the prompt in one pass (its last logits give the first new token), then one token per call
-    through the cache. Returns the new tokens (B, new)."""
+    through the cache. Returns the new tokens (B, new). Marks 'prefill', 'first step' and 'decode' (the rest)."""
     cache.length = 0
     logits, _ = prefill(cache)  # (B, P, vocab)
     tok = logits[:, -1:].argmax(-1)  # (B, 1), left on the device: no sync
     mark("prefill")
     out = [tok]
-    for _ in range(new - 1):
+    for i in range(new - 1):
         logits, _ = llm(tok, cache=cache, last_only=True)  # (B, 1, vocab)
         tok = logits[:, -1:].argmax(-1)
         out.append(tok)
+        if i == 0:
+            mark("first step")
     mark("decode")
     return torch.cat(out, dim=1)  # (B, new)
 
@@ -765,21 +768,24 @@ def bench_decode(args, cfg, device, dtype, spec):
     """Greedy decoding of --new tokens after a --prompt-len prompt (one image and text when it fits), batch --batch.
     Two ways: the bare loop over the model and its KV cache (greedy above: forward with T = 1, the simple path), and
     nanovl.generate, which sample.py runs (its DecodeStep: fixed shapes, a CUDA graph on a GPU; with --compile also
-    compiled, as a third run). The prefill is timed up to the first new token; tokens/s counts the new - 1 tokens
-    made one at a time after it. The headline is nanovl.generate's (compiled, with --compile)."""
+    compiled, as a third run). The prefill is timed up to the first new token, then the first decoding step on its
+    own (nanovl.generate records its CUDA graph there, once a generation), and tokens/s counts the new - 2 tokens
+    made one at a time after that: the steady state. The headline is nanovl.generate's (compiled, with --compile)."""
     from nanovl.generate import Sampling, generate
 
     B, P, new = args.batch, args.prompt_len, args.new
-    if new < 2:
-        raise SystemExit(f"--new {new}: decode needs at least 2 new tokens (the first comes from the prefill)")
+    if new < 3:
+        raise SystemExit(f"--new {new}: decode needs at least 3 new tokens (the first comes from the prefill, the "
+                         "second from the first step, timed apart)")
     model = build(cfg, device, dtype).eval()
     with_image = P >= cfg.n_image_tokens + 2
     ids, _, images = synthetic_batch(cfg, B, P, device, image=with_image)
     cache = model.llm.new_cache(B, max_len=P + new)
 
     def timed_generation(run):
-        """{prefill_s, decode_s, tokens_per_s} of run(mark) -> new ids (B, new), which marks 'prefill' when the
-        first new token is made and 'decode' at the end; and the ids of the last run."""
+        """{prefill_s, first_step_s, decode_s, tokens_per_s} of run(mark) -> new ids (B, new), which marks 'prefill'
+        when the first new token is made, 'first step' at the second, and 'decode' at the end; and the ids of the
+        last run."""
         made = []
 
         @torch.inference_mode()
@@ -787,16 +793,16 @@ def bench_decode(args, cfg, device, dtype, spec):
             made[:] = [run(mark)]
 
         parts = timed_run(step, args, device)[0]
-        return {"prefill_s": parts["prefill"], "decode_s": parts["decode"],
-                "tokens_per_s": B * (new - 1) / parts["decode"]}, made[0]
+        return {"prefill_s": parts["prefill"], "first_step_s": parts["first step"], "decode_s": parts["decode"],
+                "tokens_per_s": B * (new - 2) / parts["decode"]}, made[0]
 
     def library(prompt, images, compile=False):
         def run(mark):
             first = []
 
             def on_step(nxt):  # nanovl.generate calls this after each new token
-                if not first:
-                    mark("prefill")
+                if len(first) < 2:
+                    mark(("prefill", "first step")[len(first)])
                     first.append(True)
 
             out = generate(model, prompt.tolist(), images, Sampling(max_new_tokens=new), on_step=on_step,
@@ -817,17 +823,18 @@ def bench_decode(args, cfg, device, dtype, spec):
             same[name] = leading_agreement(loop_ids, their_ids)
         return runs, same, loop_ids
 
-    need = decode_bytes(cfg.llm, B, P, new, torch.finfo(dtype).bits // 8)
-    bound = spec and B * (new - 1) / (need / spec.bandwidth)
+    # the new - 2 steady steps, at cache lengths P + 2 .. P + new - 1: as if the prompt were one token longer
+    need = decode_bytes(cfg.llm, B, P + 1, new - 1, torch.finfo(dtype).bits // 8)
+    bound = spec and B * (new - 2) / (need / spec.bandwidth)
     print(f"decode: batch {B}, prompt {P} tokens ({'one image, then text' if with_image else 'text'}), {new} new "
           f"tokens, greedy; {timed(args, 'generation')}" + (", nanovl.generate also compiled" if args.compile else ""))
-    print(f"each decode step must read {si(need / (new - 1), 'B')} (weights + KV cache)" +
+    print(f"each decode step must read {si(need / (new - 2), 'B')} (weights + KV cache)" +
           (f": at {spec.label}'s {si(spec.bandwidth, 'B/s')}, at most {bound:,.0f} tokens/s" if spec else "") + "\n")
     runs, same, _ = all_runs(ids, images)
     print_decoding(runs, need, bound, new)
     print_agreement(same, new)
     headline = "nanovl.generate, compiled" if args.compile else "nanovl.generate"
-    result = {**runs[headline], "runs": runs, "same_tokens_as_loop": same, "bytes_per_step": need / (new - 1),
+    result = {**runs[headline], "runs": runs, "same_tokens_as_loop": same, "bytes_per_step": need / (new - 2),
               "bytes_per_s": need / runs[headline]["decode_s"], "bound_tokens_per_s": bound, **print_peak(device),
               "prompt_len": P, "new": new}
     if not args.compare:
@@ -839,15 +846,15 @@ def bench_decode(args, cfg, device, dtype, spec):
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class MarkFirstToken(StoppingCriteria):
-        """Called by generate after each new token: marks the first, and never stops (it returns no sync)."""
+        """Called by generate after each new token: marks the first two, and never stops (it returns no sync)."""
 
         def __init__(self, mark):
-            self.mark, self.first = mark, True
+            self.mark, self.seen = mark, 0
 
         def __call__(self, input_ids, scores, **kwargs):
-            if self.first:
-                self.mark("prefill")
-                self.first = False
+            if self.seen < 2:
+                self.mark(("prefill", "first step")[self.seen])
+                self.seen += 1
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     def hf_run(mark):
@@ -887,9 +894,10 @@ def print_agreement(same: dict, new: int):
 
 
 def print_decoding(runs: dict, need: int, bound, new: int):
-    table(["", "prefill ms", "decode tokens/s", "ms/token", "achieved B/s", "of bound"],
-          [[name, f"{f['prefill_s'] * 1e3:.2f}", f"{f['tokens_per_s']:,.1f}", f"{f['decode_s'] / (new - 1) * 1e3:.2f}",
-            si(need / f["decode_s"], "B/s"), "-" if bound is None else f"{f['tokens_per_s'] / bound:.1%}"]
+    table(["", "prefill ms", "first step ms", "decode tokens/s", "ms/token", "achieved B/s", "of bound"],
+          [[name, f"{f['prefill_s'] * 1e3:.2f}", f"{f['first_step_s'] * 1e3:.2f}", f"{f['tokens_per_s']:,.1f}",
+            f"{f['decode_s'] / (new - 2) * 1e3:.2f}", si(need / f["decode_s"], "B/s"),
+            "-" if bound is None else f"{f['tokens_per_s'] / bound:.1%}"]
            for name, f in runs.items()])
 
 
@@ -1026,7 +1034,8 @@ def _bench_tokenizer(args, Tokenizer):
 # The suite: every figure of the README's GPU tables from one command, each run in a process of its own (its peak
 # memory is its own, and a run that fails or runs out of memory does not take the others with it). Runs go in order
 # of importance; none starts after --budget seconds, and each run's figures are appended to --out/suite.jsonl as it
-# ends, so a suite cut short still leaves what it measured. --small runs the same list on the tiny preset (a test).
+# ends (its printed tables and errors to --out/suite.log), so a suite cut short still leaves what it measured.
+# --small runs the same list on the tiny preset (a test).
 
 # The issue's targets: (suite run, what nanovl part, the reference, work, the reference's figure measured on one
 # H200 when the issue was written, what nanovl must reach).
@@ -1101,7 +1110,9 @@ def run_suite(args) -> list:
         run_args = small_args(run_args) if args.small else run_args
         print(f"suite: {name}: python bench.py {run_args}", flush=True)
         t0 = time.perf_counter()
-        with open(out / f"{name}.log", "w") as log:
+        with open(out / "suite.log", "a") as log:
+            log.write(f"=== {name}: python bench.py {run_args}\n")
+            log.flush()
             try:
                 proc = subprocess.run([sys.executable, __file__, *run_args.split()], stdout=subprocess.PIPE,
                                       stderr=log, text=True, timeout=left)
@@ -1222,7 +1233,7 @@ def main(argv=None):
     parser.add_argument("--small-vocab", type=int, default=4096, help="tokenizer: size of the small trained one")
     parser.add_argument("--small-corpus-mb", type=float, default=3.0, help="tokenizer: text for the small one")
     parser.add_argument("--mb", type=float, default=4.0, help="tokenizer: at most this much text is encoded")
-    parser.add_argument("--out", default="bench-suite", help="suite: folder for each run's log and suite.jsonl")
+    parser.add_argument("--out", default="bench-suite", help="suite: folder for suite.jsonl and suite.log")
     parser.add_argument("--runs", help="suite: only these runs, comma-separated (default: all, in SUITE's order)")
     parser.add_argument("--budget", type=float, default=3600, help="suite: start no run after this many seconds")
     parser.add_argument("--small", action="store_true", help="suite: the tiny preset at small shapes (a check)")
