@@ -177,8 +177,10 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
         ids[r, T - len(p):] = torch.tensor(p, dtype=torch.long)
         pad_mask[r, T - len(p):] = True
     cache = model.llm.new_cache(len(prompts), min(ctx, T + s.max_new_tokens))
-    logits, _ = model(ids.to(device), None if images is None else images.to(device), cache=cache,
-                      pad_mask=pad_mask.to(device), last_only=True)  # (B, 1, V)
+    # Prompts of one length need no padding mask, and without one the prompt runs as plain causal attention.
+    pad_mask = None if pad_mask.all() else pad_mask.to(device)
+    logits, _ = model(ids.to(device), None if images is None else images.to(device), cache=cache, pad_mask=pad_mask,
+                      last_only=True)  # (B, 1, V)
     out = _decode(model, DecodeStep(model.llm, cache, compile), logits[:, -1], s, stop_ids, pad_id,
                   n_words or logits.shape[-1], on_step)
     rows = []

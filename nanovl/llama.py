@@ -279,9 +279,13 @@ class Llama(nn.Module):
             positions = t - torch.where(starts, t, 0).cummax(dim=1).values  # (B, T): 0 at each sample's first token
             mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & (t[None, :] <= t[:, None])  # (B, T, T)
             mask = mask[:, None]  # (B, 1, T, T): causal, and block-diagonal over samples
-        elif cache is None and pad_mask is None:
+        elif pad_mask is None and start == 0:
+            # Nothing before these tokens and no padding: plain causal attention, which flash kernels serve; also
+            # when the tokens fill an empty cache (a prompt), whose keys are then exactly these.
             positions = t[None]  # (1, T)
             mask = None  # causal
+            if cache is not None:
+                cache.real[:, :T] = True
         else:
             real = torch.ones(B, T, dtype=torch.bool, device=x.device) if pad_mask is None else pad_mask.bool()
             if cache is not None:
