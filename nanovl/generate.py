@@ -90,24 +90,26 @@ class DecodeStep:
     def __init__(self, llm, cache, compile: bool = False):
         self.llm, self.cache = llm, cache
         self.run = torch.compile(llm.decode_step, fullgraph=True) if compile else llm.decode_step
-        device = cache.k.device
-        self.graphed = device.type == "cuda"
+        self.device = cache.real.device
         # What a recorded graph reads: it replays on these very tensors, so each call copies its inputs into them.
-        self.tok = torch.zeros(cache.real.shape[0], 1, dtype=torch.long, device=device)
-        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.tok = torch.zeros(cache.real.shape[0], 1, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.graph = self.logits = None
 
     def __call__(self, tok):
         self.llm.check_length(1, self.cache)
-        self.tok.copy_(tok)
-        self.pos.fill_(self.cache.length)
-        if not self.graphed:
+        if self.device.type != "cuda":
+            self.tok.copy_(tok)
+            self.pos.fill_(self.cache.length)
             logits = self.run(self.tok, self.cache, self.pos)
         else:
-            if self.graph is None:
-                self.record()
-            self.graph.replay()
-            logits = self.logits
+            with torch.cuda.device(self.device):  # streams and graphs belong to the current device: make it the model's
+                self.tok.copy_(tok)
+                self.pos.fill_(self.cache.length)
+                if self.graph is None:
+                    self.record()
+                self.graph.replay()
+                logits = self.logits
         self.cache.length += 1
         return logits
 
@@ -121,9 +123,10 @@ class DecodeStep:
             for _ in range(2):
                 self.run(self.tok, self.cache, self.pos)
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.run(self.tok, self.cache, self.pos)  # (B, V), rewritten in place by each replay
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self.run(self.tok, self.cache, self.pos)  # (B, V), rewritten in place by each replay
+        self.graph, self.logits = graph, logits  # kept only once recorded: a failed recording is tried again
 
 
 def _decode(model, step: DecodeStep, logits, s: Sampling, stop_ids, pad_id: int, n_words: int,

@@ -65,30 +65,34 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache:
-    """Preallocated keys and values: (n_layers, B, n_kv_heads, max_len, hs) each, plus which slots hold real tokens.
+    """Preallocated keys and values, a (B, n_kv_heads, max_len, hs) tensor per layer for each, plus which slots hold
+    real tokens. `length` slots are filled; a forward pass with a cache appends its T new tokens at
+    [length, length + T).
 
-    `length` slots are filled; a forward pass with a cache appends its T new tokens at [length, length + T).
+    One tensor per layer rather than one for all layers: torch.compile turns a write into a slice of a graph input
+    into a copy of the whole input (decode_step compiled would copy each layer's cache every token), and a write into
+    a whole input in place.
     """
 
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
         if max_len > cfg.max_seq_len:
             raise ValueError(f"a cache of {max_len} tokens exceeds the model's context of {cfg.max_seq_len} tokens")
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.real = torch.zeros(batch_size, max_len, device=device, dtype=torch.bool)
         self.length = 0
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.real.shape[1]
 
     def update(self, layer: int, k, v):
         """Write this step's keys and values (B, nkv, T, hs) and return all of them so far (B, nkv, length + T, hs)."""
         start, end = self.length, self.length + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 class CacheSlot(NamedTuple):
