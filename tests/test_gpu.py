@@ -1,0 +1,145 @@
+"""What only a GPU can check: the CUDA-graph decoding path, and the bf16 kernels (SDPA's flash / cuDNN / memory-
+efficient attention, with causal, boolean and additive masks) against the references. Skipped without CUDA; on the
+device, `python -m pytest -q tests/test_gpu.py`. NANOVL_TEST_DEVICE=cpu runs the same checks on the CPU (no graph is
+recorded there), to try the test code itself on a machine without a GPU.
+
+bf16 keeps 8 bits of mantissa, so the bf16 checks compare with a norm-relative error (|a - b| / |b| over the whole
+tensor) of about 1%; the fp32 checks, where the same kernels run on both sides, keep the suite's 1e-5.
+"""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ATOL, max_diff, randomize_
+from nanovl import DeepSeekVL, get_config
+from nanovl.config import SAMConfig, SigLIPConfig
+from nanovl.generate import DecodeStep, Sampling, generate
+from nanovl.sam import SAM
+from nanovl.siglip import SigLIP
+
+DEVICE = os.environ.get("NANOVL_TEST_DEVICE", "cuda")
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel_error(got, expected) -> float:
+    got, expected = got.float().cpu(), expected.float().cpu()
+    return ((got - expected).norm() / expected.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return randomize_(DeepSeekVL(get_config("tiny")), std=0.3).to(DEVICE).eval()  # fp32
+
+
+def test_graph_replay_gives_the_eager_step_logits(tiny):
+    llm, V = tiny.llm, tiny.cfg.llm.vocab_size
+    prompt = torch.randint(4, V, (2, 20), device=DEVICE)
+    mask = torch.ones(2, 20, dtype=torch.bool, device=DEVICE)
+    mask[1, :7] = False  # a left-padded row
+    caches = [llm.new_cache(2, 40) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            llm(prompt, cache=cache, pad_mask=mask)
+        step = DecodeStep(llm, caches[0])
+        tok = torch.randint(4, V, (2, 1), device=DEVICE)
+        for _ in range(6):
+            got = step(tok).clone()  # the graph's output is rewritten by the next replay
+            expected = llm.decode_step(tok, caches[1], torch.tensor([caches[1].length], device=DEVICE))
+            caches[1].length += 1
+            assert max_diff(got, expected) < ATOL
+            tok = got.argmax(-1, keepdim=True)
+    assert (step.graph is not None) == (DEVICE == "cuda")
+
+
+def test_generate_on_the_device_equals_recomputing_every_step(tiny):
+    prompts = [[5, 9, 14, 200, 31, 7], [40, 41]]  # a left-padded batch
+    got = generate(tiny, prompts, sampling=Sampling(max_new_tokens=8))
+    for prompt, answer in zip(prompts, got):
+        ids = list(prompt)
+        with torch.no_grad():
+            for _ in range(8):
+                logits, _ = tiny(torch.tensor([ids], device=DEVICE))
+                ids.append(int(logits[0, -1].argmax()))
+        assert answer == ids[len(prompt):]
+    assert generate(tiny, prompts, sampling=Sampling(max_new_tokens=8), compile=True) == got
+
+
+def test_prefill_through_the_causal_kernel_equals_the_masked_path():
+    torch.manual_seed(0)
+    llm = randomize_(DeepSeekVL(get_config("tiny")), std=0.1).llm.to(DEVICE, torch.bfloat16).eval()
+    ids = torch.randint(4, 2048, (2, 300), device=DEVICE)
+    with torch.no_grad():
+        causal, _ = llm(ids, cache=llm.new_cache(2, 300))  # empty cache, no padding: is_causal
+        masked, _ = llm(ids, cache=llm.new_cache(2, 300), pad_mask=torch.ones_like(ids, dtype=torch.bool))
+        full, _ = llm(ids)  # the training path
+    assert rel_error(causal, masked) < 1e-2 and rel_error(causal, full) < 1e-2
+
+
+def test_llama_in_bf16_matches_transformers_in_fp32():
+    from test_llama import CFG, hf_pair
+
+    hf, ours = hf_pair(CFG)
+    ids = torch.randint(0, CFG.vocab_size, (2, 40))
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        got, _ = ours.to(DEVICE, torch.bfloat16)(ids.to(DEVICE))
+    assert rel_error(got, expected) < 2e-2
+
+
+def test_training_loss_in_bf16_autocast_matches_full_logits():
+    torch.manual_seed(0)
+    llm = randomize_(DeepSeekVL(get_config("tiny")), std=0.1).llm.to(DEVICE).train()
+    ids = torch.randint(4, 2048, (4, 128), device=DEVICE)
+    targets = ids.roll(-1, dims=1)
+    targets[:, :10] = -100
+    grads = []
+    for chunked in (True, False):
+        llm.zero_grad()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            if chunked:  # LinearCrossEntropy
+                _, loss = llm(ids, targets=targets)
+            else:  # the plain path: all the logits, then cross-entropy in fp32
+                logits, _ = llm(ids)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        loss.backward()
+        grads.append((loss.detach(), llm.lm_head.weight.grad.clone(), llm.embed_tokens.weight.grad.clone()))
+    (loss_a, head_a, embed_a), (loss_b, head_b, embed_b) = grads
+    assert abs(loss_a.item() - loss_b.item()) < 1e-3 * loss_b.item()
+    assert rel_error(head_a, head_b) < 2e-2 and rel_error(embed_a, embed_b) < 2e-2
+
+
+def test_siglip_in_bf16_matches_timm_in_fp32():
+    from test_vision import timm_siglip
+
+    # head size 64 and 576 tokens, as SigLIP-L/16 at 384, for the attention kernels to see the released shapes
+    cfg = SigLIPConfig(image_size=384, patch_size=16, width=256, depth=2, n_heads=4, pixel_mean=None, pixel_std=None)
+    ref = randomize_(timm_siglip(cfg), std=0.05).eval()
+    ours = SigLIP(cfg).eval()
+    ours.load_state_dict({k: v for k, v in ref.state_dict().items() if not k.startswith("attn_pool.")})
+    x = torch.randn(2, 3, 384, 384)
+    with torch.no_grad():
+        expected = ref.forward_features(x)
+        got = ours.to(DEVICE, torch.bfloat16)(x.to(DEVICE, torch.bfloat16))
+    assert rel_error(got, expected) < 2e-2
+
+
+def test_sam_in_bf16_matches_segment_anything_in_fp32():
+    from test_vision import segment_anything_encoder
+
+    # SAM-B's head size (64) and windows (14, padded 16 -> 28 tokens a side: 196-token windows, 256 global tokens),
+    # so the additive relative-position bias meets the kernels at the released model's awkward sizes
+    cfg = SAMConfig(image_size=256, patch_size=16, width=256, depth=4, n_heads=4, window_size=14, global_blocks=(1, 3),
+                    neck_dim=64, downsample_dims=(64, 64), pixel_mean=None, pixel_std=None)
+    ref = randomize_(segment_anything_encoder(cfg), std=0.05).eval()
+    ours = SAM(cfg).eval()
+    ours.load_state_dict(ref.state_dict(), strict=False)  # DeepSeek's additions are not compared here
+    x = torch.randn(2, 3, 256, 256)
+    ours = ours.to(DEVICE, torch.bfloat16)
+    with torch.no_grad():
+        expected = ref(x)
+        got = ours.neck(ours.trunk(x.to(DEVICE, torch.bfloat16))[0].permute(0, 3, 1, 2))
+    assert rel_error(got, expected) < 2e-2
