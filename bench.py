@@ -1060,14 +1060,18 @@ TARGETS = [
      "19 tokens/s (bound about 1,400)", "800 tokens/s"),
     ("vision-7b-sam8", "nanovl SAM trunk + neck", "segment-anything ImageEncoderViT",
      "SAM-B forward, 1024x1024, bf16, batch 8", "56 images/s", "3x the reference"),
+    ("vision-7b-sam8-compiled", "nanovl SAM trunk + neck", "segment-anything ImageEncoderViT",
+     "the same, also compiled", "56 images/s", "3x the reference"),
     ("vision-7b", "nanovl SigLIP", "timm VisionTransformer", "SigLIP-L/384 forward, bf16, batch 32", "784 images/s",
+     "at least equal"),
+    ("vision-7b-compiled", "nanovl SigLIP", "timm VisionTransformer", "the same, also compiled", "784 images/s",
      "at least equal"),
 ]
 SUITE = [  # (name, bench arguments), most important first; --small swaps the preset for tiny and shrinks the shapes
     ("train-1.3b", "--what train --config 1.3b --llm-only --seq 2048 --compare"),
     ("decode-1.3b", "--what decode --config 1.3b --compare --compile --steps 2 --warmup 1"),  # transformers: ~13 s each
-    ("vision-7b-sam8", "--what vision --config 7b --compare --compile --batch 8"),
-    ("vision-7b", "--what vision --config 7b --compare --compile --batch 32"),
+    ("vision-7b-sam8", "--what vision --config 7b --compare --batch 8"),
+    ("vision-7b", "--what vision --config 7b --compare --batch 32"),
     ("train-1.3b-hybrid", "--what train --config 1.3b-hybrid --stage 3"),
 ] + [  # the memory table: each preset's stages at the bench's default shapes, with and without checkpointing
     (f"memory-{preset}-stage{stage}{'-ckpt' * ckpt}",
@@ -1077,6 +1081,8 @@ SUITE = [  # (name, bench arguments), most important first; --small swaps the pr
     ("memory-7b-stage1", "--what train --config 7b --stage 1 --steps 1 --warmup 1"),
     ("memory-7b-prefill", "--what prefill --config 7b --steps 1 --warmup 1"),
     ("train-1.3b-compiled", "--what train --config 1.3b --llm-only --seq 2048 --compare --compile"),
+    ("vision-7b-sam8-compiled", "--what vision --config 7b --compare --compile --batch 8"),
+    ("vision-7b-compiled", "--what vision --config 7b --compare --compile --batch 32"),
     ("train-1.3b-hybrid-compiled", "--what train --config 1.3b-hybrid --stage 3 --compile"),
     ("decode-7b", "--what decode --config 7b --compile"),
 ]
