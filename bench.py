@@ -827,7 +827,8 @@ def bench_decode(args, cfg, device, dtype, spec):
         loop, loop_ids = timed_generation(lambda mark: greedy(
             lambda cache: model(prompt, images, cache=cache, last_only=True), cache, model.llm, new, mark))
         runs, same = {"nanovl loop (model + KVCache)": loop}, {}
-        for name, compile in [("nanovl.generate", False)] + [("nanovl.generate, compiled", True)] * args.compile:
+        variants = [("nanovl.generate", False)] + ([("nanovl.generate, compiled", True)] if args.compile else [])
+        for name, compile in variants:
             runs[name], their_ids = library(prompt, images, compile)
             same[name] = leading_agreement(loop_ids, their_ids)
         return runs, same, loop_ids
@@ -1074,8 +1075,8 @@ SUITE = [  # (name, bench arguments), most important first; --small swaps the pr
     ("vision-7b", "--what vision --config 7b --compare --batch 32"),
     ("train-1.3b-hybrid", "--what train --config 1.3b-hybrid --stage 3"),
 ] + [  # the memory table: each preset's stages at the bench's default shapes, with and without checkpointing
-    (f"memory-{preset}-stage{stage}{'-ckpt' * ckpt}",
-     f"--what train --config {preset} --stage {stage} --steps 1 --warmup 1" + " --grad-ckpt" * ckpt)
+    (f"memory-{preset}-stage{stage}" + ("-ckpt" if ckpt else ""),
+     f"--what train --config {preset} --stage {stage} --steps 1 --warmup 1" + (" --grad-ckpt" if ckpt else ""))
     for preset in ("1.3b", "1.3b-hybrid") for stage in (1, 2, 3) for ckpt in (False, True)
 ] + [
     ("memory-7b-stage1", "--what train --config 7b --stage 1 --steps 1 --warmup 1"),
@@ -1178,7 +1179,7 @@ def suite_tables(records: list):
             theirs = "-" if ref is None else f"{ref['tokens_per_s']:,.1f} tokens/s"
             ratio = "-" if ref is None else f"{ref['ratio']:.1f}x"
         else:  # vision: eager, and compiled when the run compiled
-            mine = [(name.removeprefix(part)[2:] or "eager", f) for name, f in res["runs"].items()
+            mine = [("compiled" if name.endswith(", compiled") else "eager", f) for name, f in res["runs"].items()
                     if name.startswith(part)]
             ours = ", ".join(f"{f['images_per_s']:,.0f} images/s ({how})" for how, f in mine)
             ref = res["runs"].get(their_name)
