@@ -284,15 +284,16 @@ def test_suite_runs_each_bench_in_its_own_process_and_prints_the_readme_tables(c
     runs = "train-1.3b,memory-1.3b-stage1"
     out, printed = run(capsys, "--what", "suite", "--small", "--runs", runs, "--out", str(tmp_path))
     assert [r["name"] for r in out["runs"]] == runs.split(",") and all(r["error"] is None for r in out["runs"])
-    train = out["runs"][0]["result"]
+    logged = [json.loads(line) for line in (tmp_path / "suite.jsonl").read_text().splitlines()]
+    assert [{k: r[k] for k in ("name", "seconds", "error")} for r in logged] == out["runs"]
+    assert "=== memory-1.3b-stage1" in (tmp_path / "suite.log").read_text()
+    train = logged[0]["result"]
     assert train["config"] == "tiny" and train["reference"]["name"] == "transformers LlamaForCausalLM"
     pair = train["reference"]  # the table shows the decoder's figures from the same comparison as the reference's
     assert f"| {pair['tokens_per_s']:,.0f} tokens/s | {pair['nanovl']['tokens_per_s']:,.0f} tokens/s | " \
            f"{pair['ratio']:.2f}x |" in printed
     assert "| SAM-B forward, 1024x1024, bf16, batch 8 | 56 images/s | not run |" in printed
     assert "| tiny | stage 1 | no | 2 x 80 |" in printed
-    logged = [json.loads(line) for line in (tmp_path / "suite.jsonl").read_text().splitlines()]
-    assert logged == out["runs"] and "=== memory-1.3b-stage1" in (tmp_path / "suite.log").read_text()
     again, reprinted = run(capsys, "--what", "suite", "--tables", str(tmp_path / "suite.jsonl"))
     assert reprinted == printed.split("\n\n", 1)[1]  # the tables again, from the file, without running anything
     _, skipped = run(capsys, "--what", "suite", "--small", "--runs", "train-1.3b", "--budget", "0", "--out",
