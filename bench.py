@@ -1266,6 +1266,8 @@ def main(argv=None):
         return result
     if args.what == "suite":
         if args.tables:
+            if not Path(args.tables).is_file():
+                parser.error(f"--tables {args.tables}: no such file (a suite run writes suite.jsonl into its --out)")
             records = [json.loads(line) for line in Path(args.tables).read_text().splitlines() if line.strip()]
         else:
             records = run_suite(args)
@@ -1286,12 +1288,22 @@ def main(argv=None):
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     defaults = DEFAULTS.get(args.config, DEFAULTS["small"])
+    for name in ("batch", "seq", "steps", "prompt_len", "new"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be 0 or more, got {args.warmup}")
     if args.batch is None:
         args.batch = {"train": defaults["batch"], "vision": defaults["images"]}.get(args.what, 1)
     args.seq = args.seq or defaults["seq"]
     args.prompt_len = args.prompt_len or defaults["prompt_len"]
     args.new = args.new or defaults["new"]
     args.steps = args.steps or STEPS[args.what]
+    ctx = cfg.llm.max_seq_len
+    need = {"train": args.seq, "prefill": args.seq, "decode": args.prompt_len + args.new}.get(args.what, 0)
+    if need > ctx:
+        parser.error(f"{need} tokens ({'--seq' if args.what != 'decode' else '--prompt-len + --new'}) do not fit the "
+                     f"{cfg.name!r} model's context of {ctx}")
     if args.what in ("train", "prefill") and not args.llm_only and args.seq < cfg.n_image_tokens + 2:
         parser.error(f"--seq {args.seq} is too short for one image of {cfg.n_image_tokens} tokens plus text in the "
                      f"{cfg.name!r} model; use --seq {cfg.n_image_tokens + 2} or more (or --llm-only for text alone)")

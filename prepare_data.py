@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from nanovl.chat import IMAGE_TAG, prompt_string, render_chat, render_document, show
 from nanovl.config import PRESETS, get_config
-from nanovl.data import import_llava, read_jsonl, write_jsonl
+from nanovl.data import folder_kind, import_llava, read_jsonl, write_jsonl
 from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
 from nanovl.tokenizer import Tokenizer
 
@@ -224,9 +224,14 @@ def arguments(ident: dict, out: str) -> list:
 
 def prepare(args):
     """Build the synthetic folder unless an identical one is already there; never leave a half-written folder."""
-    meta_path = os.path.join(args.out, "meta.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
+    kind = folder_kind(args.out)
+    if kind in ("llava", "other"):  # only a corpus this script made is ever rebuilt in place
+        raise SystemExit(f"--out {args.out} already holds " + ("a LLaVA import" if kind == "llava" else
+                                                               "files that prepare_data.py did not make (no meta.json "
+                                                               "of its own)") +
+                         "; choose another --out, or remove it first")
+    if kind == "synthetic":
+        with open(os.path.join(args.out, "meta.json")) as f:
             meta = json.load(f)
         if meta.get("identity") == identity(args):
             print(f"{args.out} is already prepared with these arguments; nothing to do")
@@ -274,11 +279,20 @@ def main(argv=None):
     if args.llava:
         if not args.images:
             p.error("--llava needs --images DIR, the folder that the file's image paths are relative to")
-        report = import_llava(args.llava, args.images, args.out or "data-llava")
+        try:
+            report = import_llava(args.llava, args.images, args.out or "data-llava")
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         print(report)
         return
+    for name, value, least in (("--n", args.n, 1), ("--workers", args.workers, 1),
+                               ("--image-size", args.image_size, 0)):
+        if value < least:
+            p.error(f"{name} must be at least {least}, got {value}")
     args.out = args.out or "data"
     if args.show:
+        if folder_kind(args.out) == "missing":
+            p.error(f"--show: {args.out} holds no prepared data; make it first (prepare_data.py --out {args.out})")
         return show_samples(args)
     args.text = sorted(f for pattern in args.text for f in (glob.glob(pattern) or [pattern]))
     for f in args.text:

@@ -19,10 +19,13 @@ has no training code: this file is the recipe, written out.
 Any training field below, and any model config field (dotted, as --llm.dim=256), can be set with --key=value.
 Each stage writes out/stage<k>/: model.pt (final weights) and config.json, ckpt.pt (the latest resumable state),
 metrics.jsonl, loss.png and eval.json. Stage k+1 starts from out/stage<k>/model.pt unless --init_from says otherwise.
+A stage folder that holds an earlier run's ckpt.pt or model.pt is never written over: --resume continues it (after
+checking that the settings are the same), and without --resume the run stops before writing anything.
 """
 
 import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -39,9 +42,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from nanovl import DeepSeekVL, VLConfig, get_config
-from nanovl.checkpoint import init_from_parts, is_released_folder, load_plain
-from nanovl.data import PlannedBatches, Source, collate, plan_batches, read_jsonl, write_jsonl
-from nanovl.evaluate import bits_per_byte, format_table, multiple_choice
+from nanovl.checkpoint import check_device, init_from_parts, is_released_folder, load_plain, nanovl_state
+from nanovl.data import PlannedBatches, Source, collate, folder_kind, plan_batches, read_jsonl, write_jsonl
+from nanovl.evaluate import bits_per_byte, format_table, multiple_choice, read_mc_rows
 from nanovl.image import CachedProcessor, ImageProcessor
 from nanovl.stage0 import Stage0Heads, plan_distinct, seg_labels
 from nanovl.synth import SEG_LABELS
@@ -116,14 +119,24 @@ STAGE_DEFAULTS = {
         3: dict(steps=700, batch_size=8, micro_batch=8, lr=2e-3, warmup=30, schedule="cosine",
                 text_sft_share=0.25, short_chat_share=0.65, vision_lr_mult=0.1),
     },
-    "paper": {  # Table 4, the 1B column (the 7B differs in stage 2: lr 4.2e-5, 42000 steps, batch 2304)
+    "paper": {  # Table 4, the 1B column (the 7B's, below, differs in stage 2)
         1: dict(steps=15000, batch_size=256, micro_batch=8, lr=1e-3, warmup=128, schedule="cosine", seq_len=512),
         2: dict(steps=96000, batch_size=1024, micro_batch=4, lr=3e-5, warmup=2000, schedule="step", seq_len=4096),
         3: dict(steps=10000, batch_size=256, micro_batch=4, lr=2e-5, warmup=256, schedule="cosine", seq_len=4096,
                 text_sft_share=0.479),
     },
 }
+# Table 4's 7B column: the 1B's, but for stage 2.
+STAGE_DEFAULTS["paper-7b"] = {**STAGE_DEFAULTS["paper"],
+                              2: dict(STAGE_DEFAULTS["paper"][2], lr=4.2e-5, steps=42000, batch_size=2304)}
 FROM_SCRATCH = ("tiny", "small")  # presets with no pretrained parts: they need stage 0
+
+
+def stage_defaults(preset: str, stage: int) -> dict:
+    """A stage's default hyperparameters for a preset: scaled-down ones train from scratch, the 7B takes Table 4's
+    7B column, the other released sizes (1.3b, 1.3b-hybrid) its 1B column."""
+    table = "scratch" if preset in FROM_SCRATCH else "paper-7b" if preset == "7b" else "paper"
+    return dict(STAGE_DEFAULTS[table][stage])
 
 
 def parse_args(argv):
@@ -147,6 +160,8 @@ def parse_args(argv):
         if key in fields:
             f = fields[key]
             kind = {"int": int, "float": float, "bool": bool, "str": str}.get(f.type, f.type)
+            if kind is bool and value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+                raise SystemExit(f"--{key} expects true or false, got {value!r}")
             try:
                 value = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
             except ValueError:
@@ -155,6 +170,13 @@ def parse_args(argv):
         else:
             overrides[key] = value
         i += 1
+    # Counts and sizes: 0 means the stage's default (or off), and nothing is negative but the -1 defaults.
+    for key in ("steps", "batch_size", "micro_batch", "lr", "seq_len", "eval_every", "eval_limit", "ckpt_every",
+                "workers", "image_cache", "stop_after", "log_every", "clip_batch", "seg_batch"):
+        least = 1 if key in ("log_every", "clip_batch", "seg_batch") else 0
+        if getattr(tc, key) < least:
+            raise SystemExit(f"--{key} must be {least} or more" + (" (0: the default)" if not least else "") +
+                             f", got {getattr(tc, key)}")
     return tc, overrides
 
 
@@ -177,7 +199,10 @@ def atomic_save(obj, path: str):
     """torch.save to a temporary file, then rename: a killed process leaves the old file or the new one, never half
     of one (rename is atomic on POSIX filesystems)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint, or a power cut could leave it empty
     os.replace(tmp, path)
 
 
@@ -188,19 +213,52 @@ def load_weights(path: str, cfg: VLConfig) -> dict:
     if not os.path.exists(path):
         raise SystemExit(f"no checkpoint at {path}")
     try:
-        state = load_plain(path)  # weights_only: a pickle holding more than tensors is refused, with the reason
+        # weights_only: a pickle holding more than tensors is refused, with the reason
+        weights, config = nanovl_state(load_plain(path), path)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
-        raise SystemExit(f"{path} is not a nanovl model file (a dict with 'model' and 'config')")
-    saved = state.get("config")
-    if saved is not None:
-        saved, ours = dict(saved, name=None), dict(cfg.to_dict(), name=None)
-        if saved != ours:
-            diff = [f"{k}: checkpoint {saved.get(k)} vs now {ours.get(k)}" for k in ours if saved.get(k) != ours.get(k)]
-            raise SystemExit(f"{path} was trained with another model config:\n  " + "\n  ".join(diff) +
-                             "\npass the same --config and overrides it was trained with")
-    return state["model"]
+    check_same_config(config, cfg, path)
+    return weights
+
+
+def check_same_config(saved: dict, cfg: VLConfig, path: str):
+    """Stop, naming each differing field, when a checkpoint was made for another model config."""
+    saved, ours = dict(saved, name=None), dict(cfg.to_dict(), name=None)
+    if saved != ours:
+        diff = [f"{k}: checkpoint {saved.get(k)} vs now {ours.get(k)}" for k in ours if saved.get(k) != ours.get(k)]
+        raise SystemExit(f"{path} was trained with another model config:\n  " + "\n  ".join(diff) +
+                         "\npass the same --config and overrides it was trained with")
+
+
+# TrainConfig fields a resumed run may change: they say how the run is carried out, not what it computes (the data
+# folders are named by a path, which may have moved). Every other field shapes the batches, the schedule or the
+# optimizer, and a run resumed with another value would not continue the one that wrote the checkpoint.
+FREE_ON_RESUME = ("stage", "resume", "eval_only", "ckpt", "init_from", "tokenizer", "data", "extra_data", "out",
+                  "eval_every", "eval_limit", "ckpt_every", "log_every", "device", "compile", "grad_ckpt", "workers",
+                  "image_cache", "stop_after")
+
+
+def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig) -> dict:
+    """A stage's ckpt.pt, after checking that it can be continued by this run: this stage, this model config and
+    the same training settings (each difference is named)."""
+    try:
+        state = load_plain(path)
+    except ValueError as e:
+        raise SystemExit(f"{e}; remove it to train stage {stage} from the beginning") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "rng"} <= set(state):
+        raise SystemExit(f"{path} is not a training checkpoint (a dict with model, optimizer, step and rng)")
+    if state.get("stage", stage) != stage:
+        raise SystemExit(f"{path} holds stage {state['stage']}'s training state, not stage {stage}'s")
+    if isinstance(state.get("config"), dict):
+        check_same_config(state["config"], cfg, path)
+    if isinstance(state.get("train"), dict):
+        now = dataclasses.asdict(tc)
+        diff = [f"--{k}: checkpoint {state['train'][k]!r} vs now {v!r}" for k, v in now.items()
+                if k not in FREE_ON_RESUME and k in state["train"] and state["train"][k] != v]
+        if diff:
+            raise SystemExit(f"{path} was written by a run with other training settings:\n  " + "\n  ".join(diff) +
+                             "\npass the same settings to resume it")
+    return state
 
 
 def is_nanovl_checkpoint(path: str) -> bool:
@@ -226,13 +284,19 @@ def data_to_prepare(folder: str, preset: str):
     """(why, prepare_data arguments) when the synthetic folder is missing or was made by an older prepare_data.py
     (its generators changed, e.g. the stage-0 captions), else None. A rebuild keeps the folder's own arguments."""
     import prepare_data
-    meta_path = os.path.join(folder, "meta.json")
-    if not os.path.exists(meta_path):
+    kind = folder_kind(folder)
+    if kind == "missing":
         return "no prepared data", ["--out", folder, "--config", preset]
-    with open(meta_path) as f:
-        ident = json.load(f).get("identity") or {}
-    if "version" not in ident or ident["version"] == prepare_data.VERSION:
-        return None  # current, or not made by the synthetic generator (a LLaVA import)
+    if kind == "llava":
+        raise SystemExit(f"--data {folder} is a LLaVA import, which has no tokenizer or held-out evaluation: pass it "
+                         "as --extra_data, beside a --data folder made by prepare_data.py")
+    if kind == "other":  # never build over files prepare_data did not make
+        raise SystemExit(f"--data {folder} holds files but no meta.json of prepare_data.py's; give --data a folder "
+                         "made by prepare_data.py, or a path that does not exist yet to make one there")
+    with open(os.path.join(folder, "meta.json")) as f:
+        ident = json.load(f)["identity"]
+    if ident["version"] == prepare_data.VERSION:
+        return None
     return (f"made by an older prepare_data.py (version {ident['version']}, now {prepare_data.VERSION})",
             prepare_data.arguments(ident, folder))
 
@@ -299,7 +363,7 @@ def load_rows(folders, name):
     for folder in folders:
         path = os.path.join(folder, f"{name}.jsonl")
         if os.path.exists(path):
-            rows += [dict(r, _root=folder) for r in read_jsonl(path)]
+            rows += [dict(r, _root=folder) for r in read_jsonl(path, origin=True)]
     return rows
 
 
@@ -326,7 +390,7 @@ def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, fo
 
     pretrain, sft = load_rows(folders, "pretrain"), load_rows(folders, "sft")
     if stage == 1:  # captions and document OCR (paper section 3.2.1)
-        return {"multimodal": source([r for r in pretrain if r["category"] in ("caption", "ocr")], "pretrain",
+        return {"multimodal": source([r for r in pretrain if r.get("category") in ("caption", "ocr")], "pretrain",
                                      "captions+ocr")}, lambda step: {"multimodal": 1.0}
     if stage == 2:
         return {"language": source(load_rows([tc.data], "text"), "text", "text"),
@@ -337,10 +401,12 @@ def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, fo
         # markup) outweighs many one-word answers in the same step. The small models learn to answer from the image
         # on the short answers first, so they get steps of their own: one-question image chats form their own
         # modality group, with short_chat_share of the steps.
-        chats, text = [r for r in sft if r["images"]], [r for r in sft if not r["images"]]
+        # (.get: a malformed row goes on to Source, which names its file and line)
+        chats, text = [r for r in sft if r.get("images")], [r for r in sft if not r.get("images")]
         short = tc.short_chat_share if tc.short_chat_share > 0 else 0.0
-        groups = {"chat": [r for r in chats if not short or len(r["conversation"]) > 2],
-                  "short_chat": [r for r in chats if short and len(r["conversation"]) <= 2], "text_chat": text}
+        turns = lambda r: len(r.get("conversation") or ())
+        groups = {"chat": [r for r in chats if not short or turns(r) > 2],
+                  "short_chat": [r for r in chats if short and turns(r) <= 2], "text_chat": text}
         names = {"chat": "multimodal chats", "short_chat": "one-question image chats", "text_chat": "text chats"}
         shares = {"chat": 1 - tc.text_sft_share - short, "short_chat": short, "text_chat": tc.text_sft_share}
         if shares["chat"] < 0:
@@ -473,7 +539,7 @@ def plot_losses(metrics: list, path: str, title: str):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def evaluate(model, tok, proc, cfg, data_dir, seq_len, limit: int = 0):
-    mc_rows = read_jsonl(os.path.join(data_dir, "eval_mc.jsonl"))
+    mc_rows = read_mc_rows(os.path.join(data_dir, "eval_mc.jsonl"))
     if limit:  # the same number of questions from each category
         categories = sorted({r["category"] for r in mc_rows})
         per = -(-limit // len(categories))
@@ -493,7 +559,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     if stage == 0 and not scratch:
         raise SystemExit(f"stage 0 (unimodal pretraining) is for the presets trained from scratch {FROM_SCRATCH}; "
                          f"{cfg.name!r} starts from pretrained parts (--init_from)")
-    hp = dict(STAGE_DEFAULTS["scratch" if scratch else "paper"][stage])
+    hp = stage_defaults(cfg.name, stage)
     for key in ("steps", "batch_size", "micro_batch", "lr", "warmup", "schedule", "seq_len", "text_sft_share",
                 "short_chat_share"):
         value = getattr(tc, key)
@@ -505,9 +571,23 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                               short_chat_share=hp.get("short_chat_share", 0.0))
     out_dir = os.path.join(tc.out, f"stage{stage}")
     os.makedirs(out_dir, exist_ok=True)
+    if master:
+        for stale in glob.glob(os.path.join(out_dir, "*.pt.tmp*")):  # left by a process killed while saving
+            os.remove(stale)
 
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    # A run never writes over another's results unasked: without --resume, a stage folder that holds a checkpoint or
+    # final weights stops the run before anything is written.
+    earlier = [f for f in ("ckpt.pt", "model.pt") if os.path.exists(os.path.join(out_dir, f))]
+    if earlier and (not tc.resume or earlier == ["model.pt"]):
+        raise SystemExit(f"{out_dir} already holds {' and '.join(earlier)} from an earlier run: " +
+                         ("pass --resume to continue it (a finished stage is skipped)" if not tc.resume else
+                          "there is no ckpt.pt to resume from") +
+                         f", or remove {out_dir} (or choose another --out) to train stage {stage} again")
     resume = tc.resume and os.path.exists(ckpt_path)
+    if tc.resume and not resume:
+        say(f"stage {stage}: no checkpoint at {ckpt_path}; starting from the beginning")
+    state = resumable_state(ckpt_path, stage, cfg, tc) if resume else None
     init = [p for p in tc.init_from.split(",") if p] or [os.path.join(tc.out, f"stage{stage - 1}", "model.pt")]
     tok_path = tokenizer_path(tc, [out_dir] if resume else init if stage > 0 else [])
     tok = Tokenizer.load(tok_path)
@@ -550,6 +630,12 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     net.to(device)
     model.llm.grad_checkpointing = tc.grad_ckpt
 
+    if stage > 0 and master:  # what the evaluation at the end reads: a bad row stops the run now, not after training
+        try:
+            read_mc_rows(os.path.join(tc.data, "eval_mc.jsonl"))
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"the held-out questions: {e}") from None
+
     # Data: a plan per modality group, fixed up front (exact resume, same global batch on every process count).
     global_batch, micro = hp["batch_size"], hp["micro_batch"]
     if global_batch % (world * micro):
@@ -558,7 +644,10 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     folders = [tc.data] + [f for f in tc.extra_data.split(",") if f]
     reader = CachedProcessor(proc, tc.image_cache << 20)  # what the training batches read their images with
     if stage == 0:
-        text = Source(load_rows([tc.data], "text"), "text", tok, cfg.n_image_tokens, seq_len, name="text")
+        try:
+            text = Source(load_rows([tc.data], "text"), "text", tok, cfg.n_image_tokens, seq_len, name="text")
+        except ValueError as e:  # a malformed row, named by its file and line
+            raise SystemExit(str(e)) from None
         rows0 = load_rows([tc.data], "stage0")
         scenes = [r for r in rows0 if r.get("seg")] if cfg.hybrid else []
         plans = [plan_batches({"language": n}, b * world * accum, hp["steps"], lambda s: {"language": 1.0},
@@ -578,11 +667,18 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         dataset = Stage0Batches(text_batches, rows0, scenes, plan_pairs, plans[1], tok, reader, low, cfg)
         say(f"data: {len(text)} text pieces, {len(rows0)} image-caption pairs, {len(scenes)} segmented scenes")
     else:
-        sources, share = stage_data(stage, stc, tok, cfg, seq_len, folders)
+        try:
+            sources, share = stage_data(stage, stc, tok, cfg, seq_len, folders)
+        except ValueError as e:  # a malformed row, named by its file and line
+            raise SystemExit(str(e)) from None
         for name, src in sources.items():
             say(f"data: {name}: {len(src)} samples from {src.name}" + (f" ({src.dropped} longer than {seq_len} "
                                                                         "tokens dropped)" if src.dropped else ""))
         sizes = {m: len(s) for m, s in sources.items() if any(share(t).get(m, 0) > 0 for t in (0, hp["steps"] - 1))}
+        for m in [m for m, n in sizes.items() if n == 0]:
+            src = sources[m]
+            raise SystemExit(f"stage {stage} trains on {m} rows ({src.name}), but {', '.join(folders)} hold none" +
+                             (f" that fit: all {src.dropped} are longer than {seq_len} tokens" if src.dropped else ""))
         plan = plan_batches(sizes, global_batch, hp["steps"], share, tc.seed + stage)
         pack = tc.pack if tc.pack != -1 else int(stage == 2)
         if pack:
@@ -606,16 +702,45 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                             weight_decay=tc.weight_decay, fused=device.startswith("cuda") or None)
     start, metrics = 0, []
     if resume:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
-        start, metrics = state["step"], [m for m in read_jsonl(os.path.join(out_dir, "metrics.jsonl"))
-                                         if m["step"] <= state["step"]] if master else []
+        start = state["step"]
+        if master:  # the metrics up to the checkpoint travel inside it (older checkpoints: from metrics.jsonl)
+            metrics = state["metrics"] if "metrics" in state else \
+                [m for m in read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if m["step"] <= start]
         say(f"stage {stage}: resuming from {ckpt_path} at step {start}")
+        del state
+    def finish():
+        """The stage's final weights, loss plot and evaluation; eval.json, written last, marks the stage done."""
+        if master:
+            atomic_save({"model": model.state_dict(), "config": cfg.to_dict()}, os.path.join(out_dir, "model.pt"))
+            with open(os.path.join(out_dir, "config.json"), "w") as f:
+                f.write(cfg.to_json())
+            plot_losses(metrics, os.path.join(out_dir, "loss.png"), f"stage {stage} training loss ({cfg.name})")
+            if stage > 0:
+                acc, bpb = evaluate(model, tok, proc, cfg, tc.data, seq_len, tc.eval_limit)
+            else:
+                acc, bpb = None, bits_per_byte(model, read_jsonl(os.path.join(tc.data, "eval_text.jsonl")), tok,
+                                               cfg.n_image_tokens, seq_len)
+            result = {"stage": stage, "mc": acc, "bpb": bpb}
+            metrics.append({"stage": stage, "step": hp["steps"], "mc_mean": acc and acc["mean"], "bpb": bpb})
+            write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
+            with open(os.path.join(out_dir, "eval.json"), "w") as f:
+                json.dump(result, f, indent=2)
+            say(format_table(acc, bpb, f"stage {stage} evaluation") if acc else
+                f"stage 0: text bits per byte {bpb:.3f}")
+        if world > 1:
+            dist.barrier()
+
     if start >= hp["steps"]:
-        say(f"stage {stage}: already finished ({start} steps)")
-        return
+        if os.path.exists(os.path.join(out_dir, "eval.json")):
+            say(f"stage {stage}: already finished ({start} steps)")
+            return
+        # Killed after the last checkpoint but before the end of finish(): the weights are all in the checkpoint.
+        say(f"stage {stage}: trained to step {start}, but its final weights or evaluation were never written; "
+            "writing them now")
+        return finish()
     train_net = DDP(net, find_unused_parameters=True) if world > 1 else net
     if tc.compile:
         train_net = torch.compile(train_net)
@@ -631,7 +756,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     def save_checkpoint(step):
         if master:
             atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state(),
-                         "config": cfg.to_dict(), "train": dataclasses.asdict(tc), "stage": stage}, ckpt_path)
+                         "config": cfg.to_dict(), "train": dataclasses.asdict(tc), "stage": stage,
+                         "metrics": metrics}, ckpt_path)
             write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
 
     net.train()
@@ -702,24 +828,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                 os._exit(0)  # as if the process were killed right after this checkpoint
     bar.close()
 
-    if master:
-        atomic_save({"model": model.state_dict(), "config": cfg.to_dict()}, os.path.join(out_dir, "model.pt"))
-        with open(os.path.join(out_dir, "config.json"), "w") as f:
-            f.write(cfg.to_json())
-        plot_losses(metrics, os.path.join(out_dir, "loss.png"), f"stage {stage} training loss ({cfg.name})")
-        if stage > 0:
-            acc, bpb = evaluate(model, tok, proc, cfg, tc.data, seq_len, tc.eval_limit)
-        else:
-            acc, bpb = None, bits_per_byte(model, read_jsonl(os.path.join(tc.data, "eval_text.jsonl")), tok,
-                                           cfg.n_image_tokens, seq_len)
-        result = {"stage": stage, "mc": acc, "bpb": bpb}
-        metrics.append({"stage": stage, "step": hp["steps"], "mc_mean": acc and acc["mean"], "bpb": bpb})
-        write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
-        with open(os.path.join(out_dir, "eval.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        say(format_table(acc, bpb, f"stage {stage} evaluation") if acc else f"stage 0: text bits per byte {bpb:.3f}")
-    if world > 1:
-        dist.barrier()
+    finish()
 
 
 def main(argv=None):
@@ -730,6 +839,10 @@ def main(argv=None):
         raise SystemExit(str(e)) from None
     rank, world = setup_distributed()
     device = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        check_device(device)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if device == "cuda" and world > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
 
@@ -740,10 +853,18 @@ def main(argv=None):
         model.load_state_dict(load_weights(tc.ckpt, cfg))
         model.to(device)
         tok = Tokenizer.load(tokenizer_path(tc, [tc.ckpt]))
-        acc, bpb = evaluate(model, tok, ImageProcessor.for_config(cfg), cfg, tc.data, cfg.llm.max_seq_len)
+        try:
+            acc, bpb = evaluate(model, tok, ImageProcessor.for_config(cfg), cfg, tc.data, cfg.llm.max_seq_len)
+        except ValueError as e:  # a malformed held-out row, named by its file and line
+            raise SystemExit(str(e)) from None
         print(format_table(acc, bpb, f"evaluation of {tc.ckpt}"))
         return
 
+    for folder in [f for f in tc.extra_data.split(",") if f]:
+        if not any(os.path.exists(os.path.join(folder, f"{name}.jsonl")) for name in ("pretrain", "sft")):
+            raise SystemExit(f"--extra_data {folder}: " + ("no such folder" if not os.path.isdir(folder) else
+                                                           "holds neither pretrain.jsonl nor sft.jsonl") +
+                             "; expected a folder of rows, such as prepare_data.py --llava writes")
     rebuild = data_to_prepare(tc.data, cfg.name)
     if rebuild:
         if rank == 0:

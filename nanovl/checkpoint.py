@@ -22,6 +22,7 @@ skipped by name (RELEASED_UNUSED in model.py).
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -260,26 +261,49 @@ def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_s
 # nanovl checkpoints, and whichever of the two a path is
 
 def load_plain(path) -> dict:
-    """torch.load with weights_only=True: a pickle that holds anything but tensors and plain containers is refused."""
+    """torch.load with weights_only=True: a pickle that holds anything but tensors and plain containers is refused.
+    What is wrong with a file that does not load is said in so many words: missing, not a torch file at all (empty,
+    or some other format), cut short, or holding objects."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except (FileNotFoundError, IsADirectoryError):
+        raise FileNotFoundError(f"no checkpoint at {path}") from None
+    if head != b"PK\x03\x04":  # torch.save writes a zip archive
+        raise ValueError(f"{path} is not a torch checkpoint ({os.path.getsize(path):,} bytes that are not the zip "
+                         "archive torch.save writes): an empty, corrupt or wrong file") from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no checkpoint at {path}") from None
-    except Exception as e:  # UnpicklingError for arbitrary objects, RuntimeError for corrupt zip files
-        raise ValueError(f"cannot load {path} as a plain state dict ({type(e).__name__}: {str(e)[:300]}); only "
-                         "tensors and plain containers are accepted (torch.load(weights_only=True))") from None
+    except pickle.UnpicklingError as e:
+        why = next((line.strip() for line in str(e).splitlines() if "Unpickler error" in line), "").split(". ")[0]
+        raise ValueError(f"{path} holds more than tensors and plain containers ({why}); only tensors and plain "
+                         "containers are accepted (torch.load(weights_only=True))") from None
+    except Exception as e:  # RuntimeError from the zip reader
+        raise ValueError(f"cannot read {path} ({type(e).__name__}: {str(e).split('. ')[0]}): the file is truncated "
+                         "or corrupt") from None
+
+
+def nanovl_state(state, path) -> tuple:
+    """(model state dict, config dict) of what load_plain read from a nanovl model.pt, or a ValueError that says
+    what the file is instead. A stage's ckpt.pt (the training state) also holds the model and its config, except
+    stage 0's, whose keys carry the stage-0 heads and a `model.` prefix."""
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise ValueError(f"{path} is not a nanovl model file (a dict with 'model' and 'config')")
+    if any(k.startswith("heads.") for k in state["model"]):
+        raise ValueError(f"{path} is stage 0's training state (the model inside stage 0's heads, and the optimizer); "
+                         f"pass the stage folder's model.pt, which holds the model alone")
+    if not isinstance(state.get("config"), dict):
+        raise ValueError(f"{path} holds no model config (a dict under 'config'), got {type(state.get('config'))}")
+    return state["model"], state["config"]
 
 
 def load_nanovl(path, device="cpu", dtype=None, tokenizer=None):
     """A nanovl stage folder (model.pt, tokenizer.json) or model.pt file -> (model, tokenizer, processor)."""
     path = Path(path)
     file = path / "model.pt" if path.is_dir() else path
-    state = load_plain(file)
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or "config" not in state:
-        raise ValueError(f"{file} is not a nanovl model file (a dict with 'model' and 'config'); for a training state "
-                         "use the stage folder's model.pt, written at the end of the stage")
-    cfg = VLConfig.from_dict(state["config"])
-    model = build_loaded(cfg, state["model"], str(file), device, dtype)
+    weights, config = nanovl_state(load_plain(file), file)
+    cfg = VLConfig.from_dict(config)
+    model = build_loaded(cfg, weights, str(file), device, dtype)
     tok_path = Path(tokenizer) if tokenizer else file.parent / "tokenizer.json"
     if not tok_path.exists():
         raise FileNotFoundError(f"no tokenizer at {tok_path}: pass --tokenizer (e.g. data/tokenizer.json)")
@@ -290,8 +314,19 @@ def load_nanovl(path, device="cpu", dtype=None, tokenizer=None):
     return model, tok, ImageProcessor.for_config(cfg)
 
 
+def check_device(device: str):
+    """A ValueError for a device torch does not know or cannot see, before anything is read."""
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device torch knows: cpu, cuda, cuda:1, ...") from None
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}, but torch sees no CUDA device")
+
+
 def load_model(path, device="cpu", dtype=None, tokenizer=None):
     """Either kind of checkpoint -> (model, tokenizer, processor), in eval mode."""
+    check_device(device)
     if is_released_folder(path):
         return load_released(path, device, dtype)
     return load_nanovl(path, device, dtype, tokenizer)

@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -34,16 +35,22 @@ from nanovl.chat import IMAGE_TAG, check_conversation, render_chat, render_docum
 from nanovl.image import ImageProcessor, load_image
 
 
-def read_jsonl(path: str) -> List[dict]:
-    """All rows of a JSON-lines file; a malformed line is an error that names the file and line."""
+def read_jsonl(path: str, origin: bool = False) -> List[dict]:
+    """All rows of a JSON-lines file; a malformed line is an error that names the file and line. origin=True also
+    writes where each row came from into it ("_where": "FILE, line N"), for the errors found in it later."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}, line {n}: not valid JSON ({e})") from None
+                if origin:
+                    if not isinstance(row, dict):
+                        raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+                    row["_where"] = f"{path}, line {n}"
+                rows.append(row)
     return rows
 
 
@@ -66,39 +73,66 @@ class Sample:
     images: List[str]  # absolute paths, in the order of their spans
 
 
+# What each kind of row holds (prepare_data.py writes them; a LLaVA import writes the first two).
+ROW_FORMAT = {
+    "pretrain": '{"text": "... <image_placeholder> ...", "images": [one path per tag]}',
+    "sft": '{"conversation": [{"role": "user", "content": ...}, {"role": "assistant", ...}, ...], "images": [...]}',
+    "text": '{"text": "..."}',
+}
+
+
+def text_field(row: dict, key: str) -> str:
+    if not isinstance(row[key], str):
+        raise ValueError(f"'{key}' must be a string, got {type(row[key]).__name__}")
+    return row[key]
+
+
 class Source:
     """One kind of row ("pretrain", "sft" or "text"), rendered to token ids once."""
 
     def __init__(self, rows: Sequence[dict], kind: str, tokenizer, n_image_tokens: int, max_len: int,
                  root: str = "", name: str = ""):
+        if kind not in ("pretrain", "sft", "text"):
+            raise ValueError(f"unknown source kind {kind!r}; expected 'pretrain', 'sft' or 'text'")
         self.name = name or kind
         self.samples: List[Sample] = []
         self.dropped = 0
-        for row in rows:
-            row_root = row.get("_root", root)  # rows gathered from several folders carry their own
-            paths = [p if os.path.isabs(p) else os.path.join(row_root, p) for p in row.get("images", [])]
-            if kind == "text":
-                ids, mask = render_document(row["text"], tokenizer, n_image_tokens)
-                for start in range(0, len(ids) - 1, max_len):  # overlapping by one: each piece predicts its next
-                    piece = slice(start, start + max_len + 1)
-                    if len(ids[piece]) > 1:
-                        self.samples.append(Sample(ids[piece], [0] + mask[piece][1:], []))
-                continue
-            if kind == "pretrain":
-                text = row["text"]
-                ids, mask = render_document(text, tokenizer, n_image_tokens)
-                n_tags = text.count(IMAGE_TAG)
-            elif kind == "sft":
-                ids, mask = render_chat(row["conversation"], tokenizer, n_image_tokens)
-                n_tags = sum(m["content"].count(IMAGE_TAG) for m in row["conversation"])
-            else:
-                raise ValueError(f"unknown source kind {kind!r}; expected 'pretrain', 'sft' or 'text'")
-            if n_tags != len(paths):
-                raise ValueError(f"{self.name}: a row has {n_tags} {IMAGE_TAG} tags but {len(paths)} images: {row!r}")
-            if len(ids) > max_len + 1:  # inputs are ids[:-1], so max_len + 1 ids fill the context exactly
-                self.dropped += 1
-                continue
-            self.samples.append(Sample(ids, mask, paths))
+        for i, row in enumerate(rows):
+            try:
+                self.add(row, kind, tokenizer, n_image_tokens, max_len, root)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                # A malformed row is named by its file and line when it carries them (read_jsonl(origin=True)).
+                where = row.get("_where", f"{self.name}, row {i}") if isinstance(row, dict) else f"{self.name}, row {i}"
+                what = f"no {e} field" if isinstance(e, KeyError) else str(e)
+                raise ValueError(f"{where}: {what}; a {kind} row is " + ROW_FORMAT[kind]) from None
+
+    def add(self, row: dict, kind: str, tokenizer, n_image_tokens: int, max_len: int, root: str):
+        """Render one row into samples (a text row may give several), or count it as dropped if too long."""
+        images = row.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+            raise ValueError(f"'images' must be a list of paths, got {images!r}")
+        row_root = row.get("_root", root)  # rows gathered from several folders carry their own
+        paths = [p if os.path.isabs(p) else os.path.join(row_root, p) for p in images]
+        if kind == "text":
+            ids, mask = render_document(text_field(row, "text"), tokenizer, n_image_tokens)
+            for start in range(0, len(ids) - 1, max_len):  # overlapping by one: each piece predicts its next
+                piece = slice(start, start + max_len + 1)
+                if len(ids[piece]) > 1:
+                    self.samples.append(Sample(ids[piece], [0] + mask[piece][1:], []))
+            return
+        if kind == "pretrain":
+            text = text_field(row, "text")
+            ids, mask = render_document(text, tokenizer, n_image_tokens)
+            n_tags = text.count(IMAGE_TAG)
+        else:
+            ids, mask = render_chat(row["conversation"], tokenizer, n_image_tokens)  # checks the turns
+            n_tags = sum(m["content"].count(IMAGE_TAG) for m in row["conversation"])
+        if n_tags != len(paths):
+            raise ValueError(f"{n_tags} {IMAGE_TAG} tags but {len(paths)} images")
+        if len(ids) > max_len + 1:  # inputs are ids[:-1], so max_len + 1 ids fill the context exactly
+            self.dropped += 1
+            return
+        self.samples.append(Sample(ids, mask, paths))
 
     def __len__(self):
         return len(self.samples)
@@ -258,6 +292,8 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None]) -> Tuple
         conversation.append({"role": ROLE_NAMES[turn["from"]], "content": content})
     if conversation[-1]["role"] == "user":
         conversation = conversation[:-1]  # a trailing question without an answer teaches nothing
+        if not conversation:
+            raise ValueError("a question with no answer: nothing to learn from")
     check_conversation(conversation)
     n_tags = sum(m["content"].count(IMAGE_TAG) for m in conversation)
     if n_tags == 0 and len(paths) == 1:  # some sets omit the tag; LLaVA puts the image before the first question
@@ -267,16 +303,38 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None]) -> Tuple
     return "sft", {"category": "llava", "images": paths, "conversation": conversation}
 
 
+def folder_kind(path: str) -> str:
+    """What a data folder is, from the meta.json prepare_data.py writes into each folder it makes: "missing" (no
+    folder, or an empty one), "synthetic" (prepare_data.py's corpus), "llava" (an import), or "other" (made by
+    something else, which nothing here may write over)."""
+    if not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path)):
+        return "missing"
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return "other"
+    if isinstance(meta, dict) and "llava" in meta:
+        return "llava"
+    return "synthetic" if isinstance(meta, dict) and "version" in (meta.get("identity") or {}) else "other"
+
+
 def import_llava(path: str, images_dir: str, out: str) -> str:
-    """Convert a LLaVA-format file into our rows in `out` (sft.jsonl, pretrain.jsonl, report.txt).
+    """Convert a LLaVA-format file into our rows in `out` (sft.jsonl, pretrain.jsonl, report.txt, meta.json).
 
     Rows with a missing or unreadable image or a malformed field are skipped, each listed with its line number in
-    report.txt; every other row is kept. Returns the report's summary.
+    report.txt; every other row is kept. Returns the report's summary. `out` is written whole or not at all, and
+    only an earlier import is replaced.
     """
     if not os.path.isfile(path):
         raise ValueError(f"LLaVA file {path} does not exist")
     if not os.path.isdir(images_dir):
         raise ValueError(f"image folder {images_dir} does not exist")
+    kind = folder_kind(out)
+    if kind not in ("missing", "llava"):
+        raise ValueError(f"{out} already holds " + ("prepare_data.py's synthetic corpus" if kind == "synthetic" else
+                                                    "files that no LLaVA import made") +
+                         "; choose another --out for the import (an earlier import there would be replaced)")
     checked: Dict[str, Optional[str]] = {}
 
     def check_image(p):
@@ -301,11 +359,18 @@ def import_llava(path: str, images_dir: str, out: str) -> str:
             kept[kind].append(ours)
         except ValueError as e:
             skipped.append(f"line {line}: {e}")
-    os.makedirs(out, exist_ok=True)
-    for kind, rows in kept.items():
-        write_jsonl(os.path.join(out, f"{kind}.jsonl"), rows)
+    partial = out.rstrip("/") + ".partial"  # built aside, then swapped in: never a half-written folder
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    for name, rows in kept.items():
+        write_jsonl(os.path.join(partial, f"{name}.jsonl"), rows)
     summary = (f"{path}: {total} rows read, {len(kept['sft'])} conversations and {len(kept['pretrain'])} captions "
                f"kept, {len(skipped)} skipped; written to {out}")
-    with open(os.path.join(out, "report.txt"), "w", encoding="utf-8") as f:
+    with open(os.path.join(partial, "report.txt"), "w", encoding="utf-8") as f:
         f.write(summary + "\n" + "".join(f"skipped {s}\n" for s in skipped))
+    with open(os.path.join(partial, "meta.json"), "w") as f:
+        json.dump({"llava": {"file": os.path.abspath(path), "images": os.path.abspath(images_dir)}}, f, indent=2)
+    if os.path.exists(out):
+        shutil.rmtree(out)
+    os.replace(partial, out)
     return summary + (f" (reasons in {os.path.join(out, 'report.txt')})" if skipped else "")

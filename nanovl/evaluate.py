@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from nanovl.chat import IMAGE_TAG, render_chat
-from nanovl.data import Sample, Source, collate
+from nanovl.data import Sample, Source, collate, read_jsonl
 from nanovl.synth import mc_prompt
 
 
@@ -31,6 +31,26 @@ def sequence_nll(model, ids, targets, device, image_embeds=None) -> torch.Tensor
     nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), ignore_index=-100,
                           reduction="none")
     return nll.view(ids.shape).sum(dim=1)
+
+
+def read_mc_rows(path: str) -> List[dict]:
+    """The held-out multiple-choice questions, each checked, so that a bad row stops a run before it trains rather
+    than after. Each row is {category, images, question, options, answer (the index of the right option)}."""
+    rows = read_jsonl(path, origin=True)
+    for row in rows:
+        options, answer = row.get("options"), row.get("answer")
+        problem = (
+            "'category' and 'question' must be strings" if not all(isinstance(row.get(k), str)
+                                                                   for k in ("category", "question")) else
+            "'images' must be a list of paths" if not (isinstance(row.get("images"), list)
+                                                       and all(isinstance(p, str) for p in row["images"])) else
+            "'options' must be a list of at least 2 strings" if not (isinstance(options, list) and len(options) > 1
+                                                                      and all(isinstance(o, str) for o in options)) else
+            f"'answer' must be the index of the right option, 0 to {len(options) - 1}, got {answer!r}"
+            if not (type(answer) is int and 0 <= answer < len(options)) else None)
+        if problem:
+            raise ValueError(f"{row['_where']}: {problem}")
+    return rows
 
 
 @torch.no_grad()

@@ -169,6 +169,9 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
     (DecodeStep).
     """
     s = sampling.check()
+    if not prompts or not all(len(p) for p in prompts):
+        raise ValueError(f"expected one or more prompts of at least one token each, got lengths "
+                         f"{[len(p) for p in prompts]}")
     T, ctx = max(len(p) for p in prompts), model.cfg.llm.max_seq_len
     if T >= ctx:
         raise ValueError(f"the longest prompt has {T} tokens but the model's context is {ctx}: at least one token "

@@ -261,7 +261,11 @@ def test_compare_without_the_references_says_what_is_missing(capsys, monkeypatch
 def test_bad_arguments_are_refused_with_a_reason(capsys):
     for argv, reason in ((["--what", "train", "--bogus", "1"], "model config overrides are dotted"),
                          (["--what", "train", "--llm.nope=1"], "no field 'nope'"),
-                         (["--what", "train", "--seq", "30"], "too short for one image of 36 tokens")):
+                         (["--what", "train", "--seq", "30"], "too short for one image of 36 tokens"),
+                         (["--what", "train", "--batch", "0"], "--batch must be at least 1, got 0"),
+                         (["--what", "decode", "--prompt-len", "600", "--new", "4"],
+                          "604 tokens (--prompt-len + --new) do not fit the 'tiny' model's context of 512"),
+                         (["--what", "suite", "--tables", "missing.jsonl"], "--tables missing.jsonl: no such file")):
         with pytest.raises(SystemExit):
             bench.main(argv)
         assert reason in capsys.readouterr().err

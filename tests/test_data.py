@@ -99,6 +99,28 @@ def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_p
     assert "wrote" in capsys.readouterr().out and not os.path.exists(f"{again}.partial")
 
 
+def test_a_malformed_row_is_named_by_its_file_and_line(data_dir, tmp_path):
+    tok = Tokenizer.load(data_dir / "tokenizer.json")
+    path = tmp_path / "rows.jsonl"
+    good = {"text": f"{IMAGE_TAG} A red square.", "images": ["a.png"]}
+    chat = {"conversation": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    for kind, bad, why in [
+        ("pretrain", {"images": []}, "no 'text' field; a pretrain row is {\"text\""),
+        ("pretrain", dict(good, images="a.png"), "'images' must be a list of paths, got 'a.png'"),
+        ("pretrain", dict(good, images=[]), f"1 {IMAGE_TAG} tags but 0 images"),
+        ("text", {"text": 3}, "'text' must be a string, got int"),
+        ("sft", {"conversation": chat["conversation"][::-1]}, "message 0 has role 'assistant', expected 'user'"),
+    ]:
+        first = good if kind != "sft" else chat
+        path.write_text(json.dumps(first) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(ValueError) as e:
+            Source(read_jsonl(str(path), origin=True), kind, tok, 36, 512)
+        assert str(e.value).startswith(f"{path}, line 2: {why}"), str(e.value)
+    path.write_text(json.dumps(good) + "\n[1, 2]\n")
+    with pytest.raises(ValueError, match="line 2: expected a JSON object, got list"):
+        read_jsonl(str(path), origin=True)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # LLaVA import
 
@@ -151,6 +173,32 @@ def test_llava_json_lines_with_a_broken_line(tmp_path):
     assert "skipped line 2: not valid JSON" in (tmp_path / "out" / "report.txt").read_text()
     with pytest.raises(ValueError, match="does not exist"):
         import_llava(str(tmp_path / "nope.json"), str(tmp_path), str(tmp_path / "out"))
+
+
+def test_no_folder_is_written_over_unless_this_script_made_it_for_the_same_purpose(data_dir, tmp_path):
+    """prepare_data.py rebuilds only its own synthetic folders, an import replaces only an earlier import, and
+    neither ever touches a folder something else made."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("precious")
+    with pytest.raises(SystemExit, match="holds files that prepare_data.py did not make"):
+        prepare_data.main(["--out", str(mine), "--n", "2"])
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}))
+    with pytest.raises(SystemExit, match="holds files that no LLaVA import made"):
+        prepare_data.main(["--llava", str(rows), "--images", str(tmp_path), "--out", str(mine)])
+    assert os.listdir(mine) == ["thesis.txt"] and (mine / "thesis.txt").read_text() == "precious"
+    before = folder_digest(data_dir)
+    with pytest.raises(SystemExit, match="holds prepare_data.py's synthetic corpus"):
+        prepare_data.main(["--llava", str(rows), "--images", str(tmp_path), "--out", str(data_dir)])
+    assert folder_digest(data_dir) == before
+    out = tmp_path / "imported"
+    import_llava(str(rows), str(tmp_path), str(out))
+    import_llava(str(rows), str(tmp_path), str(out))  # an earlier import is replaced
+    assert sorted(os.listdir(out)) == ["meta.json", "pretrain.jsonl", "report.txt", "sft.jsonl"]
+    assert not os.path.exists(f"{out}.partial")
+    with pytest.raises(SystemExit, match="holds a LLaVA import"):
+        prepare_data.main(["--out", str(out), "--n", "2"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -144,9 +144,12 @@ def test_a_bad_turn_leaves_the_session_as_it_was(tiny, tok, tmp_path):
     assert chat.ask(f"{IMAGE_TAG}what?", [picture(4)], s) == fresh.ask(f"{IMAGE_TAG}what?", [picture(4)], s)
 
 
-def test_prompt_longer_than_the_context_is_refused(tiny, tok):
+def test_prompt_longer_than_the_context_or_empty_is_refused(tiny, tok):
     with pytest.raises(ValueError, match="context is 512"):
         generate(tiny, [[1] * 600])
+    for prompts in ([], [[1, 2], []]):
+        with pytest.raises(ValueError, match="one or more prompts of at least one token each"):
+            generate(tiny, prompts)
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +180,11 @@ def test_sample_refuses_mismatched_images_and_missing_checkpoints(stage_folder, 
                      "--prompt", f"{IMAGE_TAG}{IMAGE_TAG}same?"])
     with pytest.raises(SystemExit, match="no checkpoint at"):
         sample.main(["--ckpt", str(tmp_path / "nothing"), "--prompt", "hi"])
+    with pytest.raises(SystemExit, match="'tpu' is not a device torch knows"):
+        sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--device", "tpu"])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="empty.pt is not a torch checkpoint .0 bytes"):
+        sample.main(["--ckpt", str(tmp_path / "empty.pt"), "--prompt", "hi"])
 
 
 def test_interactive_chat_commands(stage_folder, monkeypatch, capsys):

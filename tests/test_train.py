@@ -99,6 +99,14 @@ def test_stage2_mix_warms_up_from_language_only():
         assert share(step) == pytest.approx({"language": 0.63, "multimodal": 0.27, "sft": 0.1})  # 7:3, then SFT
 
 
+def test_released_sizes_default_to_table_4():
+    rows = lambda preset: [tuple(train.stage_defaults(preset, s)[k] for k in ("lr", "steps", "batch_size", "warmup"))
+                           for s in (1, 2, 3)]
+    assert rows("1.3b") == rows("1.3b-hybrid") == [(1e-3, 15000, 256, 128), (3e-5, 96000, 1024, 2000),
+                                                   (2e-5, 10000, 256, 256)]
+    assert rows("7b") == [(1e-3, 15000, 256, 128), (4.2e-5, 42000, 2304, 2000), (2e-5, 10000, 256, 256)]
+
+
 def test_learning_rate_schedules():
     cos = dict(lr=1.0, warmup=10, steps=110, schedule="cosine")
     assert train.learning_rate(0, cos, 0.1) == pytest.approx(0.1)
@@ -130,6 +138,20 @@ def test_multiple_choice_picks_the_option_the_model_finds_likeliest(data):
              "options": ["blue", "red", "green", "yellow"], "answer": 1}]
     acc = multiple_choice(Oracle(), rows, tok, ImageProcessor.for_config(cfg), cfg.n_image_tokens)
     assert acc == {"caption": 0.0, "code": 1.0, "mean": 0.5}
+
+
+def test_a_bad_held_out_question_is_named_before_training(tmp_path):
+    from nanovl.evaluate import read_mc_rows
+    row = {"category": "code", "images": [], "question": "Which?", "options": ["a", "b"], "answer": 1}
+    path = tmp_path / "eval_mc.jsonl"
+    for bad, why in [({"answer": 2}, "'answer' must be the index of the right option, 0 to 1, got 2"),
+                     ({"options": "ab"}, "'options' must be a list of at least 2 strings"),
+                     ({"images": None}, "'images' must be a list of paths")]:
+        path.write_text(json.dumps(row) + "\n" + json.dumps(dict(row, **bad)) + "\n")
+        with pytest.raises(ValueError, match=f"line 2: {why}"):
+            read_mc_rows(str(path))
+    path.write_text(json.dumps(row) + "\n")
+    assert [r["answer"] for r in read_mc_rows(str(path))] == [1]
 
 
 def test_every_stage_runs_a_few_steps(data, tmp_path, capsys):
@@ -177,13 +199,57 @@ def test_two_processes_match_one_with_the_same_global_batch(data, start_weights,
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
 
 
+def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues(data, start_weights, tmp_path,
+                                                                                  capsys):
+    out, folder = str(tmp_path / "o"), tmp_path / "o" / "stage3"
+    common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "2", "--batch_size", "4",
+              "--micro_batch", "2", "--out", out] + FAST
+    train.main(common)
+    files = lambda: {f: (folder / f).read_bytes() for f in ("ckpt.pt", "model.pt", "tokenizer.json")}
+    before = files()
+    with pytest.raises(SystemExit, match="already holds ckpt.pt and model.pt from an earlier run: pass --resume"):
+        train.main(common)
+    with pytest.raises(SystemExit, match="other training settings:\n  --lr: checkpoint 0.0 vs now 0.001"):
+        train.main(common + ["--resume", "--lr", "1e-3"])
+    assert files() == before  # nothing written over
+    with pytest.raises(SystemExit, match="--extra_data .*typo: no such folder"):
+        train.main(common + ["--resume", "--extra_data", str(tmp_path / "typo")])
+
+    # Killed after the last checkpoint, before the final weights and evaluation: resuming writes them from it.
+    (folder / "model.pt").unlink()
+    (folder / "eval.json").unlink()
+    (folder / "ckpt.pt.tmp999").write_bytes(b"half a checkpo")  # left by a process killed while saving
+    capsys.readouterr()
+    train.main(common + ["--resume"])
+    assert "trained to step 2, but its final weights or evaluation were never written" in capsys.readouterr().out
+    assert (folder / "eval.json").exists() and not (folder / "ckpt.pt.tmp999").exists()
+    weights, again = torch.load(folder / "ckpt.pt", weights_only=True)["model"], load_model(folder)
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    steps = [m["step"] for m in train.read_jsonl(folder / "metrics.jsonl")]
+    assert steps == [1, 2, 2]  # the metrics came back from the checkpoint, then the evaluation's line
+    train.main(common + ["--resume"])
+    assert "stage 3: already finished (2 steps)" in capsys.readouterr().out
+
+    state = torch.load(folder / "ckpt.pt", weights_only=True)
+    torch.save(dict(state, stage=1), folder / "ckpt.pt")  # stage 1's training state, copied into stage 3's folder
+    with pytest.raises(SystemExit, match="holds stage 1's training state, not stage 3's"):
+        train.main(common + ["--resume"])
+    (folder / "ckpt.pt").write_bytes(before["ckpt.pt"][:1000])
+    with pytest.raises(SystemExit, match="truncated or corrupt; remove it to train stage 3 from the beginning"):
+        train.main(common + ["--resume"])
+    stage0 = tmp_path / "stage0-ckpt.pt"  # stage 0's training state: the model inside the stage-0 heads
+    torch.save({"model": {"model.llm.norm.weight": torch.ones(4), "heads.log_t": torch.zeros(())},
+                "optimizer": {}, "config": get_config("tiny").to_dict()}, stage0)
+    with pytest.raises(SystemExit, match="stage 0's training state .* pass the stage folder's model.pt"):
+        train.main(["--data", data, "--stage", "3", "--init_from", str(stage0), "--out", str(tmp_path / "p")])
+
+
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     train.atomic_save({"step": 1}, path)
 
     def dies_midway(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"half a checkpo")
+        f.write(b"half a checkpo")
         raise KeyboardInterrupt("killed")
 
     monkeypatch.setattr(torch, "save", dies_midway)
@@ -222,6 +288,17 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
         train.main(["--data", data, "--stage", "0", "--config", "1.3b", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="no field 'layers'"):
         train.main(["--data", data, "--llm.layers=2"])
+    for argv, message in [(["--steps", "-5"], "--steps must be 0 or more .0: the default., got -5"),
+                          (["--resume=maybe"], "--resume expects true or false, got 'maybe'"),
+                          (["--device", "tpu"], "'tpu' is not a device torch knows")]:
+        with pytest.raises(SystemExit, match=message):
+            train.main(["--data", data, "--out", str(tmp_path / "o")] + argv)
+    extra = tmp_path / "extra"  # a malformed row: named by file and line before any step is taken
+    extra.mkdir()
+    (extra / "sft.jsonl").write_text(json.dumps({"conversation": [{"role": "assistant", "content": "Hi"}]}) + "\n")
+    with pytest.raises(SystemExit, match=f"{extra / 'sft.jsonl'}, line 1: message 0 has role 'assistant'"):
+        train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "x"),
+                    "--extra_data", str(extra)])
     evil = tmp_path / "evil.pt"  # a pickle holding a class, not only tensors: weights_only refuses it, with the reason
     torch.save({"model": {}, "config": None, "hook": DeepSeekVL}, evil)
     with pytest.raises(SystemExit, match="only tensors and plain containers are accepted"):
@@ -282,5 +359,11 @@ def test_old_synthetic_data_is_rebuilt_with_its_own_arguments(tmp_path):
     why, args = train.data_to_prepare(str(tmp_path), "tiny")
     assert "older prepare_data.py" in why
     assert args == ["--out", str(tmp_path), "--config", "tiny", "--n", "50", "--seed", "3", "--image-size", "0"]
-    (tmp_path / "meta.json").write_text(json.dumps({"source": "llava"}))  # an import: never rebuilt
-    assert train.data_to_prepare(str(tmp_path), "tiny") is None
+    (tmp_path / "meta.json").write_text(json.dumps({"llava": {}}))  # an import: never rebuilt, nor a --data folder
+    with pytest.raises(SystemExit, match="is a LLaVA import, .* pass it as --extra_data"):
+        train.data_to_prepare(str(tmp_path), "tiny")
+    (tmp_path / "meta.json").unlink()
+    (tmp_path / "thesis.txt").write_text("not made by prepare_data.py")  # never built over
+    with pytest.raises(SystemExit, match="holds files but no meta.json of prepare_data.py's"):
+        train.data_to_prepare(str(tmp_path), "tiny")
+    assert (tmp_path / "thesis.txt").read_text() == "not made by prepare_data.py"
