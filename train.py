@@ -43,7 +43,8 @@ from tqdm import tqdm
 
 from nanovl import DeepSeekVL, VLConfig, get_config
 from nanovl.checkpoint import check_device, init_from_parts, is_released_folder, load_plain, nanovl_state
-from nanovl.data import PlannedBatches, Source, collate, folder_kind, plan_batches, read_jsonl, write_jsonl
+from nanovl.data import (PlannedBatches, Source, collate, folder_kind, plan_batches, read_images, read_jsonl,
+                         write_jsonl)
 from nanovl.evaluate import bits_per_byte, format_table, multiple_choice, read_mc_rows
 from nanovl.image import CachedProcessor, ImageProcessor
 from nanovl.stage0 import Stage0Heads, plan_distinct, seg_labels
@@ -445,7 +446,7 @@ class PackedBatches(PlannedBatches):
                 n = len(s.ids) - 1
                 ids[b, pos:pos + n], targets[b, pos:pos + n], doc_ids[b, pos:pos + n] = x[j, :n], y[j, :n], j
                 pos += n
-            images += [self.processor(p) for s in r for p in s.images]
+            images += read_images(r, self.processor)
         return ids, targets, (torch.stack(images) if images else None), doc_ids
 
 
@@ -767,7 +768,12 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         lr = learning_rate(step, hp, tc.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_mult"]
-        micros = [next(batches) for _ in range(accum)]
+        try:
+            micros = [next(batches) for _ in range(accum)]
+        except ValueError as e:  # an unreadable image; from a worker, the message ends with the original error
+            reason = str(e).strip().splitlines()[-1].removeprefix("ValueError: ")
+            raise SystemExit(f"stage {stage}, step {step + 1}: {reason}. Fix or remove that row, then run again with "
+                             "--resume (from the last checkpoint, if one was written)") from None
         micros = [m if isinstance(m, dict) else dict(zip(("ids", "targets", "images", "doc_ids"), m)) for m in micros]
         # Normalise by the supervised tokens of the whole step (all micro-batches, all processes), so a step's
         # gradient does not depend on how its batch was split; a step with none gives a zero loss, never NaN.

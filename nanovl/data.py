@@ -71,6 +71,20 @@ class Sample:
     ids: List[int]
     mask: List[int]
     images: List[str]  # absolute paths, in the order of their spans
+    where: str = ""  # the row it came from ("FILE, line N"), for errors found later (an unreadable image)
+
+
+def read_images(samples: Sequence[Sample], processor) -> List[torch.Tensor]:
+    """The images of the samples, in order, through the processor; an image that cannot be read is an error that
+    also names the row it belongs to."""
+    out = []
+    for s in samples:
+        for p in s.images:
+            try:
+                out.append(processor(p))
+            except ValueError as e:
+                raise ValueError(f"{s.where}: {e}" if s.where else str(e)) from None
+    return out
 
 
 # What each kind of row holds (prepare_data.py writes them; a LLaVA import writes the first two).
@@ -132,7 +146,7 @@ class Source:
         if len(ids) > max_len + 1:  # inputs are ids[:-1], so max_len + 1 ids fill the context exactly
             self.dropped += 1
             return
-        self.samples.append(Sample(ids, mask, paths))
+        self.samples.append(Sample(ids, mask, paths, row.get("_where", "")))
 
     def __len__(self):
         return len(self.samples)
@@ -156,9 +170,8 @@ def collate(samples: Sequence[Sample], pad_id: int, processor: Optional[ImagePro
         m = torch.tensor(s.mask, dtype=torch.bool)
         ids[b, :len(x) - 1] = x[:-1]
         targets[b, :len(x) - 1] = x[1:].masked_fill(~m[1:], -100)
-    paths = [p for s in samples for p in s.images]
-    images = torch.stack([processor(p) for p in paths]) if paths and processor is not None else None
-    return ids, targets, images
+    images = read_images(samples, processor) if processor is not None else []
+    return ids, targets, torch.stack(images) if images else None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

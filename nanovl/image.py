@@ -127,8 +127,10 @@ class ImageProcessor:
         """A PIL image or a path -> the canvas as an (S, S, 3) uint8 array (before any float conversion)."""
         if isinstance(image, Image.Image):
             img = to_rgb(image)
-        else:
+        elif isinstance(image, (str, os.PathLike)):
             img = load_image(image, max_pixels or MAX_PIXELS)
+        else:
+            raise ValueError(f"expected an image as a PIL image or a path, got {type(image).__name__}")
         return np.asarray(self.canvas(img))
 
     def to_tensor(self, pixels: np.ndarray) -> torch.Tensor:

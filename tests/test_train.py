@@ -244,6 +244,20 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
         train.main(["--data", data, "--stage", "3", "--init_from", str(stage0), "--out", str(tmp_path / "p")])
 
 
+def test_an_unreadable_image_stops_the_run_naming_its_row(data, start_weights, tmp_path, monkeypatch):
+    from nanovl.image import ImageProcessor
+
+    def unreadable(self, image, max_pixels=None):
+        raise ValueError(f"cannot read image {image}: broken")
+
+    monkeypatch.setattr(ImageProcessor, "pixels", unreadable)
+    with pytest.raises(SystemExit, match=r"stage 3, step 1: .*sft.jsonl, line \d+: cannot read image .*: broken\. "
+                                         "Fix or remove that row, then run again with --resume"):
+        train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "o"),
+                    "--steps", "2", "--batch_size", "4", "--micro_batch", "4", "--short_chat_share", "0",
+                    "--text_sft_share", "0"] + FAST)
+
+
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     train.atomic_save({"step": 1}, path)
