@@ -37,19 +37,20 @@ def read_mc_rows(path: str) -> List[dict]:
     """The held-out multiple-choice questions, each checked, so that a bad row stops a run before it trains rather
     than after. Each row is {category, images, question, options, answer (the index of the right option)}."""
     rows = read_jsonl(path, origin=True)
+    strings = lambda x: isinstance(x, list) and all(isinstance(s, str) for s in x)
     for row in rows:
         options, answer = row.get("options"), row.get("answer")
-        problem = (
-            "'category' and 'question' must be strings" if not all(isinstance(row.get(k), str)
-                                                                   for k in ("category", "question")) else
-            "'images' must be a list of paths" if not (isinstance(row.get("images"), list)
-                                                       and all(isinstance(p, str) for p in row["images"])) else
-            "'options' must be a list of at least 2 strings" if not (isinstance(options, list) and len(options) > 1
-                                                                      and all(isinstance(o, str) for o in options)) else
-            f"'answer' must be the index of the right option, 0 to {len(options) - 1}, got {answer!r}"
-            if not (type(answer) is int and 0 <= answer < len(options)) else None)
-        if problem:
-            raise ValueError(f"{row['_where']}: {problem}")
+        if not (isinstance(row.get("category"), str) and isinstance(row.get("question"), str)):
+            problem = "'category' and 'question' must be strings"
+        elif not strings(row.get("images")):
+            problem = "'images' must be a list of paths"
+        elif not (strings(options) and len(options) > 1):
+            problem = "'options' must be a list of at least 2 strings"
+        elif not (type(answer) is int and 0 <= answer < len(options)):
+            problem = f"'answer' must be the index of the right option, 0 to {len(options) - 1}, got {answer!r}"
+        else:
+            continue
+        raise ValueError(f"{row['_where']}: {problem}")
     return rows
 
 
