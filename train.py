@@ -196,6 +196,18 @@ def setup_distributed():
     return 0, 1
 
 
+def remove_stale_temporaries(folder: str):
+    """Delete the temporary files (FILE.tmpPID) that atomic_save left when its process was killed while saving; one
+    whose process is still running is a save in progress, and stays."""
+    for tmp in glob.glob(os.path.join(folder, "*.tmp[0-9]*")):
+        try:
+            os.kill(int(tmp.rsplit(".tmp", 1)[1]), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            os.remove(tmp)
+        except (ValueError, PermissionError):  # not one of ours, or another user's live process
+            pass
+
+
 def atomic_save(obj, path: str):
     """torch.save to a temporary file, then rename: a killed process leaves the old file or the new one, never half
     of one (rename is atomic on POSIX filesystems)."""
@@ -224,9 +236,15 @@ def load_weights(path: str, cfg: VLConfig) -> dict:
 
 def check_same_config(saved: dict, cfg: VLConfig, path: str):
     """Stop, naming each differing field, when a checkpoint was made for another model config."""
-    saved, ours = dict(saved, name=None), dict(cfg.to_dict(), name=None)
+    def fields(d, prefix=""):  # {"llm.n_layers": 4, ...}: the parts' fields one by one
+        return {k: v for key, value in d.items() if key != "name"
+                for k, v in (fields(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
+                             ).items()}
+
+    saved, ours = fields(saved), fields(cfg.to_dict())
     if saved != ours:
-        diff = [f"{k}: checkpoint {saved.get(k)} vs now {ours.get(k)}" for k in ours if saved.get(k) != ours.get(k)]
+        diff = [f"{k}: checkpoint {saved.get(k)} vs now {ours.get(k)}" for k in sorted(set(saved) | set(ours))
+                if saved.get(k) != ours.get(k)]
         raise SystemExit(f"{path} was trained with another model config:\n  " + "\n  ".join(diff) +
                          "\npass the same --config and overrides it was trained with")
 
@@ -234,18 +252,24 @@ def check_same_config(saved: dict, cfg: VLConfig, path: str):
 # TrainConfig fields a resumed run may change: they say how the run is carried out, not what it computes (the data
 # folders are named by a path, which may have moved). Every other field shapes the batches, the schedule or the
 # optimizer, and a run resumed with another value would not continue the one that wrote the checkpoint.
+# The TrainConfig fields that override a stage's defaults (STAGE_DEFAULTS); run_stage resolves them into hp.
+HPARAM_FIELDS = ("steps", "batch_size", "micro_batch", "lr", "warmup", "schedule", "seq_len", "text_sft_share",
+                 "short_chat_share")
 FREE_ON_RESUME = ("stage", "resume", "eval_only", "ckpt", "init_from", "tokenizer", "data", "extra_data", "out",
                   "eval_every", "eval_limit", "ckpt_every", "log_every", "device", "compile", "grad_ckpt", "workers",
                   "image_cache", "stop_after")
 
 
-def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig) -> dict:
+def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: dict) -> dict:
     """A stage's ckpt.pt, after checking that it can be continued by this run: this stage, this model config and
-    the same training settings (each difference is named)."""
+    the same training settings (each difference is named). hp: the stage's hyperparameters as this run resolved
+    them (the defaults filled in), compared with the checkpoint's, so that giving a default explicitly is no
+    difference."""
     try:
         state = load_plain(path)
     except ValueError as e:
-        raise SystemExit(f"{e}; remove it to train stage {stage} from the beginning") from None
+        raise SystemExit(f"{e}; remove the stage folder, {os.path.dirname(path)}, to train stage {stage} again"
+                         ) from None
     if not isinstance(state, dict) or not {"model", "optimizer", "step", "rng"} <= set(state):
         raise SystemExit(f"{path} is not a training checkpoint (a dict with model, optimizer, step and rng)")
     if state.get("stage", stage) != stage:
@@ -253,9 +277,12 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig) -> di
     if isinstance(state.get("config"), dict):
         check_same_config(state["config"], cfg, path)
     if isinstance(state.get("train"), dict):
-        now = dataclasses.asdict(tc)
-        diff = [f"--{k}: checkpoint {state['train'][k]!r} vs now {v!r}" for k, v in now.items()
-                if k not in FREE_ON_RESUME and k in state["train"] and state["train"][k] != v]
+        resolved = isinstance(state.get("hparams"), dict)  # older checkpoints: the settings as given
+        diff = [f"{k}: checkpoint {state['hparams'].get(k)!r} vs now {v!r}" for k, v in hp.items()
+                if resolved and state["hparams"].get(k) != v]
+        diff += [f"--{k}: checkpoint {state['train'][k]!r} vs now {v!r}" for k, v in dataclasses.asdict(tc).items()
+                 if k not in FREE_ON_RESUME and not (resolved and k in HPARAM_FIELDS) and k in state["train"]
+                 and state["train"][k] != v]
         if diff:
             raise SystemExit(f"{path} was written by a run with other training settings:\n  " + "\n  ".join(diff) +
                              "\npass the same settings to resume it")
@@ -391,6 +418,9 @@ def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, fo
 
     pretrain, sft = load_rows(folders, "pretrain"), load_rows(folders, "sft")
     if stage == 1:  # captions and document OCR (paper section 3.2.1)
+        for r in pretrain:
+            if not isinstance(r.get("category"), str):  # what picks the rows: a row without one would go unseen
+                raise ValueError(f"{r['_where']}: no 'category' (a string, such as 'caption' or 'ocr')")
         return {"multimodal": source([r for r in pretrain if r.get("category") in ("caption", "ocr")], "pretrain",
                                      "captions+ocr")}, lambda step: {"multimodal": 1.0}
     if stage == 2:
@@ -561,8 +591,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         raise SystemExit(f"stage 0 (unimodal pretraining) is for the presets trained from scratch {FROM_SCRATCH}; "
                          f"{cfg.name!r} starts from pretrained parts (--init_from)")
     hp = stage_defaults(cfg.name, stage)
-    for key in ("steps", "batch_size", "micro_batch", "lr", "warmup", "schedule", "seq_len", "text_sft_share",
-                "short_chat_share"):
+    for key in HPARAM_FIELDS:
         value = getattr(tc, key)
         if value != -1 and (key.endswith("_share") or value not in (0, "")):  # a share of 0 is a real choice
             hp[key] = value
@@ -572,23 +601,26 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                               short_chat_share=hp.get("short_chat_share", 0.0))
     out_dir = os.path.join(tc.out, f"stage{stage}")
     os.makedirs(out_dir, exist_ok=True)
-    if master:
-        for stale in glob.glob(os.path.join(out_dir, "*.pt.tmp*")):  # left by a process killed while saving
-            os.remove(stale)
 
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     # A run never writes over another's results unasked: without --resume, a stage folder that holds a checkpoint or
     # final weights stops the run before anything is written.
     earlier = [f for f in ("ckpt.pt", "model.pt") if os.path.exists(os.path.join(out_dir, f))]
+    finished = os.path.exists(os.path.join(out_dir, "eval.json"))  # written last
+    if tc.resume and earlier == ["model.pt"] and finished:  # done, and its ckpt.pt deleted to save the space
+        say(f"stage {stage}: already finished")
+        return
     if earlier and (not tc.resume or earlier == ["model.pt"]):
         raise SystemExit(f"{out_dir} already holds {' and '.join(earlier)} from an earlier run: " +
                          ("pass --resume to continue it (a finished stage is skipped)" if not tc.resume else
                           "there is no ckpt.pt to resume from") +
                          f", or remove {out_dir} (or choose another --out) to train stage {stage} again")
+    if master:
+        remove_stale_temporaries(out_dir)
     resume = tc.resume and os.path.exists(ckpt_path)
     if tc.resume and not resume:
         say(f"stage {stage}: no checkpoint at {ckpt_path}; starting from the beginning")
-    state = resumable_state(ckpt_path, stage, cfg, tc) if resume else None
+    state = resumable_state(ckpt_path, stage, cfg, tc, hp) if resume else None
     init = [p for p in tc.init_from.split(",") if p] or [os.path.join(tc.out, f"stage{stage - 1}", "model.pt")]
     tok_path = tokenizer_path(tc, [out_dir] if resume else init if stage > 0 else [])
     tok = Tokenizer.load(tok_path)
@@ -757,7 +789,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     def save_checkpoint(step):
         if master:
             atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state(),
-                         "config": cfg.to_dict(), "train": dataclasses.asdict(tc), "stage": stage,
+                         "config": cfg.to_dict(), "train": dataclasses.asdict(tc), "hparams": hp, "stage": stage,
                          "metrics": metrics}, ckpt_path)
             write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
 
@@ -885,9 +917,13 @@ def main(argv=None):
         stages = [int(tc.stage)]
     else:
         raise SystemExit(f"--stage must be 0, 1, 2, 3 or all, got {tc.stage!r}")
+    if tc.init_from and stages[0] == 0:
+        raise SystemExit("--init_from sets where stage 1, 2 or 3 starts, but this run begins with stage 0, which "
+                         "trains from scratch: drop --init_from, or begin with --stage 1")
     t0 = time.time()
-    for stage in stages:
-        run_stage(stage, tc, cfg, rank, world, device)
+    for k, stage in enumerate(stages):
+        # --init_from is where the run's first stage starts; each later one starts from the stage before it.
+        run_stage(stage, tc if k == 0 else dataclasses.replace(tc, init_from=""), cfg, rank, world, device)
     if rank == 0:
         print(f"done: stages {stages} in {time.time() - t0:.0f}s")
     if world > 1:

@@ -322,6 +322,10 @@ def check_device(device: str):
         raise ValueError(f"--device {device!r} is not a device torch knows: cpu, cuda, cuda:1, ...") from None
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}, but torch sees no CUDA device")
+    try:
+        torch.empty(0, device=device)  # a known device may still be absent here (mps off a Mac, cuda:3 of 1 GPU)
+    except (RuntimeError, AssertionError) as e:
+        raise ValueError(f"--device {device} cannot be used here: {str(e).splitlines()[0].split('. ')[0]}") from None
 
 
 def load_model(path, device="cpu", dtype=None, tokenizer=None):

@@ -209,8 +209,10 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
     before = files()
     with pytest.raises(SystemExit, match="already holds ckpt.pt and model.pt from an earlier run: pass --resume"):
         train.main(common)
-    with pytest.raises(SystemExit, match="other training settings:\n  --lr: checkpoint 0.0 vs now 0.001"):
-        train.main(common + ["--resume", "--lr", "1e-3"])
+    with pytest.raises(SystemExit, match="other training settings:\n  lr: checkpoint 0.002 vs now 0.001\n  --seed"):
+        train.main(common + ["--resume", "--lr", "1e-3", "--seed", "3"])
+    with pytest.raises(SystemExit, match="another model config:\n  llm.n_layers: checkpoint 4 vs now 3\npass"):
+        train.main(common + ["--resume", "--llm.n_layers=3"])
     assert files() == before  # nothing written over
     with pytest.raises(SystemExit, match="--extra_data .*typo: no such folder"):
         train.main(common + ["--resume", "--extra_data", str(tmp_path / "typo")])
@@ -218,30 +220,47 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
     # Killed after the last checkpoint, before the final weights and evaluation: resuming writes them from it.
     (folder / "model.pt").unlink()
     (folder / "eval.json").unlink()
-    (folder / "ckpt.pt.tmp999").write_bytes(b"half a checkpo")  # left by a process killed while saving
+    dead, live = folder / f"ckpt.pt.tmp{2 ** 22 + 1}", folder / f"ckpt.pt.tmp{os.getppid()}"  # pid_max <= 2 ** 22
+    dead.write_bytes(b"half a checkpo")  # left by a process killed while saving: removed
+    live.write_bytes(b"half a mod")  # a save still going on in a live process: kept
     capsys.readouterr()
-    train.main(common + ["--resume"])
+    train.main(common + ["--resume", "--lr", "2e-3"])  # the stage's own learning rate, given explicitly: the same run
     assert "trained to step 2, but its final weights or evaluation were never written" in capsys.readouterr().out
-    assert (folder / "eval.json").exists() and not (folder / "ckpt.pt.tmp999").exists()
+    assert (folder / "eval.json").exists() and not dead.exists() and live.exists()
     weights, again = torch.load(folder / "ckpt.pt", weights_only=True)["model"], load_model(folder)
     assert all(torch.equal(weights[k], again[k]) for k in weights)
     steps = [m["step"] for m in train.read_jsonl(folder / "metrics.jsonl")]
     assert steps == [1, 2, 2]  # the metrics came back from the checkpoint, then the evaluation's line
     train.main(common + ["--resume"])
     assert "stage 3: already finished (2 steps)" in capsys.readouterr().out
+    ckpt = (folder / "ckpt.pt").read_bytes()
+    (folder / "ckpt.pt").unlink()  # a finished stage's training state, deleted to save space: still finished
+    train.main(common + ["--resume"])
+    assert "stage 3: already finished" in capsys.readouterr().out
+    (folder / "ckpt.pt").write_bytes(ckpt)
 
     state = torch.load(folder / "ckpt.pt", weights_only=True)
     torch.save(dict(state, stage=1), folder / "ckpt.pt")  # stage 1's training state, copied into stage 3's folder
     with pytest.raises(SystemExit, match="holds stage 1's training state, not stage 3's"):
         train.main(common + ["--resume"])
     (folder / "ckpt.pt").write_bytes(before["ckpt.pt"][:1000])
-    with pytest.raises(SystemExit, match="truncated or corrupt; remove it to train stage 3 from the beginning"):
+    with pytest.raises(SystemExit, match="truncated or corrupt; remove the stage folder, .*stage3, to train stage 3"):
         train.main(common + ["--resume"])
     stage0 = tmp_path / "stage0-ckpt.pt"  # stage 0's training state: the model inside the stage-0 heads
     torch.save({"model": {"model.llm.norm.weight": torch.ones(4), "heads.log_t": torch.zeros(())},
                 "optimizer": {}, "config": get_config("tiny").to_dict()}, stage0)
     with pytest.raises(SystemExit, match="stage 0's training state .* pass the stage folder's model.pt"):
         train.main(["--data", data, "--stage", "3", "--init_from", str(stage0), "--out", str(tmp_path / "p")])
+
+
+def test_init_from_starts_the_first_stage_of_a_run_and_each_later_one_starts_from_the_one_before(data, monkeypatch,
+                                                                                                    tmp_path):
+    seen = []
+    monkeypatch.setattr(train, "run_stage", lambda stage, tc, *a: seen.append((stage, tc.init_from)))
+    train.main(["--data", data, "--config", "1.3b", "--init_from", "released", "--out", str(tmp_path)])
+    assert seen == [(1, "released"), (2, ""), (3, "")]  # "": out/stage<k-1>/model.pt
+    with pytest.raises(SystemExit, match="this run begins with stage 0, which trains from scratch"):
+        train.main(["--data", data, "--init_from", "released", "--out", str(tmp_path)])
 
 
 def test_an_unreadable_image_stops_the_run_naming_its_row(data, start_weights, tmp_path, monkeypatch):
@@ -293,7 +312,7 @@ def test_a_nan_loss_stops_the_run_and_names_the_step(data, start_weights, tmp_pa
 def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
     with pytest.raises(SystemExit, match="stage 2 starts from stage 1's final weights, but .* does not exist"):
         train.main(["--data", data, "--stage", "2", "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match="trained with another model config:\n  llm: checkpoint"):
+    with pytest.raises(SystemExit, match="another model config:\n  llm.n_layers: checkpoint 4 vs now 2\n"):
         train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "o"),
                     "--llm.n_layers=2"])
     with pytest.raises(SystemExit, match="tokenizer.json has 2048 tokens .* vocabulary of 4096"):
@@ -312,6 +331,11 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
     (extra / "sft.jsonl").write_text(json.dumps({"conversation": [{"role": "assistant", "content": "Hi"}]}) + "\n")
     with pytest.raises(SystemExit, match=f"{extra / 'sft.jsonl'}, line 1: message 0 has role 'assistant'"):
         train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "x"),
+                    "--extra_data", str(extra)])
+    (extra / "sft.jsonl").unlink()
+    (extra / "pretrain.jsonl").write_text(json.dumps({"text": "<image_placeholder> hi", "images": ["a.png"]}) + "\n")
+    with pytest.raises(SystemExit, match=f"{extra / 'pretrain.jsonl'}, line 1: no 'category'"):  # stage 1 picks by it
+        train.main(["--data", data, "--stage", "1", "--init_from", start_weights, "--out", str(tmp_path / "x"),
                     "--extra_data", str(extra)])
     evil = tmp_path / "evil.pt"  # a pickle holding a class, not only tensors: weights_only refuses it, with the reason
     torch.save({"model": {}, "config": None, "hook": DeepSeekVL}, evil)
