@@ -249,12 +249,12 @@ def check_same_config(saved: dict, cfg: VLConfig, path: str):
                          "\npass the same --config and overrides it was trained with")
 
 
-# TrainConfig fields a resumed run may change: they say how the run is carried out, not what it computes (the data
-# folders are named by a path, which may have moved). Every other field shapes the batches, the schedule or the
-# optimizer, and a run resumed with another value would not continue the one that wrote the checkpoint.
 # The TrainConfig fields that override a stage's defaults (STAGE_DEFAULTS); run_stage resolves them into hp.
 HPARAM_FIELDS = ("steps", "batch_size", "micro_batch", "lr", "warmup", "schedule", "seq_len", "text_sft_share",
                  "short_chat_share")
+# TrainConfig fields a resumed run may change: they say how the run is carried out, not what it computes (the data
+# folders are named by a path, which may have moved). Every other field shapes the batches, the schedule or the
+# optimizer, and a run resumed with another value would not continue the one that wrote the checkpoint.
 FREE_ON_RESUME = ("stage", "resume", "eval_only", "ckpt", "init_from", "tokenizer", "data", "extra_data", "out",
                   "eval_every", "eval_limit", "ckpt_every", "log_every", "device", "compile", "grad_ckpt", "workers",
                   "image_cache", "stop_after")
@@ -744,6 +744,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                 [m for m in read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if m["step"] <= start]
         say(f"stage {stage}: resuming from {ckpt_path} at step {start}")
         del state
+
     def finish():
         """The stage's final weights, loss plot and evaluation; eval.json, written last, marks the stage done."""
         if master:
