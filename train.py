@@ -606,9 +606,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     # A run never writes over another's results unasked: without --resume, a stage folder that holds a checkpoint or
     # final weights stops the run before anything is written.
     earlier = [f for f in ("ckpt.pt", "model.pt") if os.path.exists(os.path.join(out_dir, f))]
-    finished = os.path.exists(os.path.join(out_dir, "eval.json"))  # written last
-    if tc.resume and earlier == ["model.pt"] and finished:  # done, and its ckpt.pt deleted to save the space
-        say(f"stage {stage}: already finished")
+    if tc.resume and "model.pt" in earlier and os.path.exists(os.path.join(out_dir, "eval.json")):  # written last
+        say(f"stage {stage}: already finished")  # (its ckpt.pt may have been deleted to save the space)
         return
     if earlier and (not tc.resume or earlier == ["model.pt"]):
         raise SystemExit(f"{out_dir} already holds {' and '.join(earlier)} from an earlier run: " +
@@ -768,10 +767,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             dist.barrier()
 
     if start >= hp["steps"]:
-        if os.path.exists(os.path.join(out_dir, "eval.json")):
-            say(f"stage {stage}: already finished ({start} steps)")
-            return
-        # Killed after the last checkpoint but before the end of finish(): the weights are all in the checkpoint.
+        # Killed after the last checkpoint but before the end of finish() (had it ended, the stage would have been
+        # found finished above): the weights are all in the checkpoint.
         say(f"stage {stage}: trained to step {start}, but its final weights or evaluation were never written; "
             "writing them now")
         return finish()

@@ -209,17 +209,26 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
     before = files()
     with pytest.raises(SystemExit, match="already holds ckpt.pt and model.pt from an earlier run: pass --resume"):
         train.main(common)
+    assert files() == before  # nothing written over
+    capsys.readouterr()
+    train.main(common + ["--resume"])
+    assert "stage 3: already finished" in capsys.readouterr().out
+    (folder / "ckpt.pt").unlink()  # a finished stage's training state, deleted to save space: still finished
+    train.main(common + ["--resume"])
+    assert "stage 3: already finished" in capsys.readouterr().out
+    (folder / "ckpt.pt").write_bytes(before["ckpt.pt"])
+
+    # Killed after the last checkpoint, before the final weights and evaluation: resuming checks the settings, then
+    # writes them from the checkpoint.
+    (folder / "model.pt").unlink()
+    (folder / "eval.json").unlink()
     with pytest.raises(SystemExit, match="other training settings:\n  lr: checkpoint 0.002 vs now 0.001\n  --seed"):
         train.main(common + ["--resume", "--lr", "1e-3", "--seed", "3"])
     with pytest.raises(SystemExit, match="another model config:\n  llm.n_layers: checkpoint 4 vs now 3\npass"):
         train.main(common + ["--resume", "--llm.n_layers=3"])
-    assert files() == before  # nothing written over
     with pytest.raises(SystemExit, match="--extra_data .*typo: no such folder"):
         train.main(common + ["--resume", "--extra_data", str(tmp_path / "typo")])
-
-    # Killed after the last checkpoint, before the final weights and evaluation: resuming writes them from it.
-    (folder / "model.pt").unlink()
-    (folder / "eval.json").unlink()
+    assert (folder / "ckpt.pt").read_bytes() == before["ckpt.pt"] and not (folder / "model.pt").exists()
     dead, live = folder / f"ckpt.pt.tmp{2 ** 22 + 1}", folder / f"ckpt.pt.tmp{os.getppid()}"  # pid_max <= 2 ** 22
     dead.write_bytes(b"half a checkpo")  # left by a process killed while saving: removed
     live.write_bytes(b"half a mod")  # a save still going on in a live process: kept
@@ -227,17 +236,10 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
     train.main(common + ["--resume", "--lr", "2e-3"])  # the stage's own learning rate, given explicitly: the same run
     assert "trained to step 2, but its final weights or evaluation were never written" in capsys.readouterr().out
     assert (folder / "eval.json").exists() and not dead.exists() and live.exists()
-    weights, again = torch.load(folder / "ckpt.pt", weights_only=True)["model"], load_model(folder)
-    assert all(torch.equal(weights[k], again[k]) for k in weights)
+    assert (folder / "model.pt").read_bytes() == before["model.pt"]  # what the first run wrote, byte for byte
     steps = [m["step"] for m in train.read_jsonl(folder / "metrics.jsonl")]
     assert steps == [1, 2, 2]  # the metrics came back from the checkpoint, then the evaluation's line
-    train.main(common + ["--resume"])
-    assert "stage 3: already finished (2 steps)" in capsys.readouterr().out
-    ckpt = (folder / "ckpt.pt").read_bytes()
-    (folder / "ckpt.pt").unlink()  # a finished stage's training state, deleted to save space: still finished
-    train.main(common + ["--resume"])
-    assert "stage 3: already finished" in capsys.readouterr().out
-    (folder / "ckpt.pt").write_bytes(ckpt)
+    (folder / "eval.json").unlink()  # unfinished again: the checks below look at the checkpoint
 
     state = torch.load(folder / "ckpt.pt", weights_only=True)
     torch.save(dict(state, stage=1), folder / "ckpt.pt")  # stage 1's training state, copied into stage 3's folder
