@@ -71,6 +71,7 @@ from typing import NamedTuple
 import torch
 
 from nanovl import DeepSeekVL, get_config
+from nanovl.checkpoint import check_device
 from nanovl.config import LlamaConfig, SAMConfig, SigLIPConfig, VLConfig
 
 CACHE = Path.home() / ".cache" / "nanovl"
@@ -1283,8 +1284,10 @@ def main(argv=None):
     except ValueError as e:
         parser.error(str(e))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but torch sees no CUDA device")
+    try:
+        check_device(device)  # the same check as train.py and sample.py
+    except ValueError as e:
+        parser.error(str(e))
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     defaults = DEFAULTS.get(args.config, DEFAULTS["small"])
