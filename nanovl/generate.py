@@ -238,6 +238,8 @@ class ChatSession:
         A bad image, a wrong image count or a conversation too long for the context raises ValueError and leaves the
         session as it was."""
         s = sampling.check()
+        if not content.strip():
+            raise ValueError(f"the message is empty: expected some text, or an {IMAGE_TAG} for an image")
         n_tags = content.count(IMAGE_TAG)
         if n_tags != len(images):
             raise ValueError(f"this message has {n_tags} {IMAGE_TAG} but {len(images)} images were given: put one "

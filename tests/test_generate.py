@@ -138,7 +138,8 @@ def test_a_bad_turn_leaves_the_session_as_it_was(tiny, tok, tmp_path):
     for content, images, message in [(f"{IMAGE_TAG}{IMAGE_TAG}two?", [picture(1)], "2 <image_placeholder> but 1"),
                                      (f"{IMAGE_TAG}this?", [str(bad)], "cannot read image"),
                                      (f"{IMAGE_TAG}this?", [42], "a PIL image or a path, got int"),
-                                     ("red " * 600, [], "start a new chat")]:
+                                     ("red " * 600, [], "start a new chat"),
+                                     (" \n", [], "the message is empty")]:
         with pytest.raises(ValueError, match=message):
             chat.ask(content, images, s)
         assert chat.cache.length == 0 and chat.ids == [] and chat.turns == 0
