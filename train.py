@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from nanovl import DeepSeekVL, VLConfig, get_config
-from nanovl.checkpoint import check_device, init_from_parts, is_released_folder, load_plain, nanovl_state
+from nanovl.checkpoint import check_device, init_from_parts, is_released_folder, load_model, load_plain, nanovl_state
 from nanovl.data import (PlannedBatches, Source, collate, folder_kind, plan_batches, read_images, read_jsonl,
                          write_jsonl)
 from nanovl.evaluate import bits_per_byte, format_table, multiple_choice, read_mc_rows
@@ -65,7 +65,7 @@ class TrainConfig:
     tokenizer: str = ""  # default: the tokenizer.json of the --init_from folder if it has one, else the data's
     resume: bool = False  # continue from out/stage<k>/ckpt.pt
     eval_only: bool = False
-    ckpt: str = ""  # with --eval_only: a stage folder or a .pt file
+    ckpt: str = ""  # with --eval_only: a stage folder, a model.pt file or a released model folder
     # optimisation; 0 / "" / -1 take the stage's default (STAGE_DEFAULTS)
     steps: int = 0
     batch_size: int = 0  # global batch, in samples
@@ -90,7 +90,7 @@ class TrainConfig:
     pack: int = -1  # pack samples into full rows (default: stage 2 only, as Table 4)
     trainable: str = ""  # comma-separated module prefixes to train instead of the stage's freeze map
     eval_every: int = 0  # evaluate every this many steps (0: at the end of the stage only)
-    eval_limit: int = 0  # evaluate on the first this many multiple-choice questions (0: all)
+    eval_limit: int = 0  # evaluate on this many multiple-choice questions, as many from each category (0: all)
     ckpt_every: int = 0  # write ckpt.pt every this many steps (0: a tenth of the stage)
     log_every: int = 10
     seed: int = 1337
@@ -569,16 +569,30 @@ def plot_losses(metrics: list, path: str, title: str):
 
 # ---------------------------------------------------------------------------------------------------------------------
 
-def evaluate(model, tok, proc, cfg, data_dir, seq_len, limit: int = 0):
-    mc_rows = read_mc_rows(os.path.join(data_dir, "eval_mc.jsonl"))
-    if limit:  # the same number of questions from each category
+def held_out(data_dir: str, limit: int = 0):
+    """A data folder's held-out set: (its multiple-choice questions, each checked; its text rows, or None when it has
+    no eval_text.jsonl, as a folder of one's own questions need not). limit: that many questions, as many from each
+    category."""
+    mc_path, text_path = os.path.join(data_dir, "eval_mc.jsonl"), os.path.join(data_dir, "eval_text.jsonl")
+    if not os.path.isfile(mc_path):
+        raise ValueError(f"no multiple-choice questions at {mc_path}: --data must be a folder holding eval_mc.jsonl "
+                         "(prepare_data.py's, or one of your own)")
+    mc_rows = read_mc_rows(mc_path)
+    if limit:
         categories = sorted({r["category"] for r in mc_rows})
         per = -(-limit // len(categories))
         mc_rows = [r for c in categories for r in [r for r in mc_rows if r["category"] == c][:per]]
+    return mc_rows, read_jsonl(text_path) if os.path.isfile(text_path) else None
+
+
+def evaluate(model, tok, proc, cfg, rows, data_dir, seq_len):
+    """MCPPL accuracy on held_out's questions (their images under data_dir), and text bits per byte (None without
+    held-out text)."""
+    mc_rows, text_rows = rows
     was_training = model.training
     model.eval()
     acc = multiple_choice(model, mc_rows, tok, proc, cfg.n_image_tokens, root=data_dir)
-    bpb = bits_per_byte(model, read_jsonl(os.path.join(data_dir, "eval_text.jsonl")), tok, cfg.n_image_tokens, seq_len)
+    bpb = None if text_rows is None else bits_per_byte(model, text_rows, tok, cfg.n_image_tokens, seq_len)
     model.train(was_training)
     return acc, bpb
 
@@ -662,9 +676,10 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     net.to(device)
     model.llm.grad_checkpointing = tc.grad_ckpt
 
-    if stage > 0 and master:  # what the evaluation at the end reads: a bad row stops the run now, not after training
+    eval_rows = None
+    if stage > 0 and master:  # what the evaluations read: a bad row stops the run now, not after training
         try:
-            read_mc_rows(os.path.join(tc.data, "eval_mc.jsonl"))
+            eval_rows = held_out(tc.data, tc.eval_limit)
         except (ValueError, OSError) as e:
             raise SystemExit(f"the held-out questions: {e}") from None
 
@@ -752,7 +767,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                 f.write(cfg.to_json())
             plot_losses(metrics, os.path.join(out_dir, "loss.png"), f"stage {stage} training loss ({cfg.name})")
             if stage > 0:
-                acc, bpb = evaluate(model, tok, proc, cfg, tc.data, seq_len, tc.eval_limit)
+                acc, bpb = evaluate(model, tok, proc, cfg, eval_rows, tc.data, seq_len)
             else:
                 acc, bpb = None, bits_per_byte(model, read_jsonl(os.path.join(tc.data, "eval_text.jsonl")), tok,
                                                cfg.n_image_tokens, seq_len)
@@ -853,7 +868,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.2e}", tok_s=entry["tok_per_s"])
             losses, t_last, tokens = [], time.time(), 0
         if tc.eval_every and done % tc.eval_every == 0 and done < hp["steps"] and master and stage > 0:
-            acc, bpb = evaluate(model, tok, proc, cfg, tc.data, seq_len, tc.eval_limit)
+            acc, bpb = evaluate(model, tok, proc, cfg, eval_rows, tc.data, seq_len)
             metrics.append({"stage": stage, "step": done, "mc_mean": acc["mean"], "bpb": bpb})
             say(format_table(acc, bpb, f"stage {stage}, step {done}"))
         if done % ckpt_every == 0 or done == hp["steps"]:
@@ -884,16 +899,17 @@ def main(argv=None):
 
     if tc.eval_only:
         if not tc.ckpt:
-            raise SystemExit("--eval_only needs --ckpt DIR (a stage folder) or a model.pt file")
-        model = DeepSeekVL(cfg)
-        model.load_state_dict(load_weights(tc.ckpt, cfg))
-        model.to(device)
-        tok = Tokenizer.load(tokenizer_path(tc, [tc.ckpt]))
+            raise SystemExit("--eval_only needs --ckpt: a stage folder, a model.pt file or a released model folder")
+        # The model config comes from the checkpoint (--config and model overrides are not used); bf16 on a GPU.
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         try:
-            acc, bpb = evaluate(model, tok, ImageProcessor.for_config(cfg), cfg, tc.data, cfg.llm.max_seq_len)
-        except ValueError as e:  # a malformed held-out row, named by its file and line
+            rows = held_out(tc.data, tc.eval_limit)  # before loading a model that may take minutes
+            tokenizer = None if is_released_folder(tc.ckpt) else tokenizer_path(tc, [tc.ckpt])
+            model, tok, proc = load_model(tc.ckpt, device, dtype, tokenizer)
+            acc, bpb = evaluate(model, tok, proc, model.cfg, rows, tc.data, model.cfg.llm.max_seq_len)
+        except (ValueError, FileNotFoundError) as e:  # a bad checkpoint or row (named by file and line), a bad image
             raise SystemExit(str(e)) from None
-        print(format_table(acc, bpb, f"evaluation of {tc.ckpt}"))
+        print(format_table(acc, bpb, f"evaluation of {tc.ckpt} on {tc.data}"))
         return
 
     for folder in [f for f in tc.extra_data.split(",") if f]:

@@ -17,7 +17,6 @@ from collections import defaultdict
 from typing import Dict, List, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from nanovl.chat import IMAGE_TAG, render_chat
 from nanovl.data import Sample, Source, collate, read_jsonl
@@ -26,11 +25,10 @@ from nanovl.synth import mc_prompt
 
 def sequence_nll(model, ids, targets, device, image_embeds=None) -> torch.Tensor:
     """Summed negative log-likelihood (nats) of each row's supervised targets: (B,). image_embeds: the rows' images,
-    already encoded (DeepSeekVL.forward's image_embeds), or None for text only."""
-    logits, _ = model(ids.to(device), image_embeds=image_embeds)
-    nll = F.cross_entropy(logits.float().flatten(0, 1), targets.to(device).flatten(), ignore_index=-100,
-                          reduction="none")
-    return nll.view(ids.shape).sum(dim=1)
+    already encoded (DeepSeekVL.forward's image_embeds), or None for text only. Only the supervised positions get
+    logits (reduction="none"), so scoring a 7B model's answers takes no more memory than its prompts."""
+    _, nll = model(ids.to(device), image_embeds=image_embeds, targets=targets.to(device), reduction="none")  # (B, T)
+    return nll.sum(dim=1)
 
 
 def read_mc_rows(path: str) -> List[dict]:
@@ -57,9 +55,10 @@ def read_mc_rows(path: str) -> List[dict]:
 @torch.no_grad()
 def multiple_choice(model, rows: Sequence[dict], tokenizer, processor, n_image_tokens: int, root: str = "",
                     batch_questions: int = 8) -> Dict[str, float]:
-    """Accuracy per category (and "mean", over categories) on rows {category, images, question, options, answer}."""
+    """Accuracy per category on rows {category, images, question, options, answer}, with "mean" (over categories) and
+    "chance" (what guessing would score, averaged the same way: 25% with four options everywhere)."""
     device = next(model.parameters()).device
-    correct, total = defaultdict(int), defaultdict(int)
+    correct, total, guess = defaultdict(int), defaultdict(int), defaultdict(float)
     for start in range(0, len(rows), batch_questions):
         chunk = rows[start:start + batch_questions]
         samples: List[Sample] = []
@@ -85,9 +84,11 @@ def multiple_choice(model, rows: Sequence[dict], tokenizer, processor, n_image_t
             choice = int(ppl[k:k + n].argmin())
             correct[row["category"]] += choice == row["answer"]
             total[row["category"]] += 1
+            guess[row["category"]] += 1 / n
             k += n
     acc = {c: correct[c] / total[c] for c in sorted(total)}
     acc["mean"] = sum(acc.values()) / max(1, len(acc))
+    acc["chance"] = sum(guess[c] / total[c] for c in total) / max(1, len(total))
     return acc
 
 
@@ -107,6 +108,8 @@ def bits_per_byte(model, rows: Sequence[dict], tokenizer, n_image_tokens: int, m
 
 def format_table(acc: Dict[str, float], bpb: float, title: str) -> str:
     lines = [title, f"{'category':<14}{'MCPPL accuracy':>16}"]
-    lines += [f"{c:<14}{100 * a:>15.1f}%" for c, a in acc.items() if c != "mean"]
-    lines += [f"{'mean':<14}{100 * acc['mean']:>15.1f}%   (chance 25.0%)", f"text bits per byte: {bpb:.3f}"]
+    lines += [f"{c:<14}{100 * a:>15.1f}%" for c, a in acc.items() if c not in ("mean", "chance")]
+    lines.append(f"{'mean':<14}{100 * acc['mean']:>15.1f}%   (chance {100 * acc['chance']:.1f}%)")
+    if bpb is not None:
+        lines.append(f"text bits per byte: {bpb:.3f}")
     return "\n".join(lines)

@@ -265,10 +265,13 @@ class Llama(nn.Module):
         stay inside each sample, as if the samples had been run one by one (the paper packs stage 2, Table 4).
         Returns (logits (B, T, vocab), None) without targets, (None, loss) with them: the loss is computed without
         ever holding all the logits (LinearCrossEntropy). With reduction="sum" the loss is the summed cross-entropy, for
-        callers that normalise by the supervised-token count of several micro-batches. last_only (generation, no
+        callers that normalise by the supervised-token count of several micro-batches; with reduction="none" it is
+        each position's cross-entropy (B, T), 0 where the target is -100, for scoring answers. last_only (generation, no
         targets) gives the logits of the last position only, (B, 1, vocab): a prompt of T tokens then costs one
         lm_head row instead of T (with a 102400-word vocabulary, that is most of a short prompt's FLOPs).
         """
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         x = self.embed_tokens(idx) if embeds is None else embeds  # (B, T, C)
         B, T, _ = x.shape
         self.check_length(T, cache)
@@ -316,9 +319,19 @@ class Llama(nn.Module):
                 x = x[:, -1:]  # (B, 1, C)
             return self.lm_head(self.norm(x)), None  # (B, T, vocab)
 
+        h = self.norm(x).flatten(0, 1)  # (B*T, C)
+        if reduction == "none":
+            # Scoring (the multiple-choice evaluation): only the supervised positions, a few answer tokens per row,
+            # go through lm_head. The logits of every position of a batch of prompts with images would take
+            # gigabytes with a 102,400-word vocabulary, and most of the FLOPs.
+            flat = targets.flatten()  # (B*T,)
+            keep = (flat != -100).nonzero().squeeze(1)  # (n,)
+            nll = torch.zeros(flat.shape, dtype=torch.float32, device=h.device)
+            nll[keep] = F.cross_entropy(self.lm_head(h[keep]).float(), flat[keep], reduction="none")
+            return None, nll.view(B, T)
+
         # Training: the loss straight from the hidden states, chunk by chunk (LinearCrossEntropy above); the full
         # (B, T, vocab) logits are never made, so none are returned.
-        h = self.norm(x).flatten(0, 1)  # (B*T, C)
         need_grads = torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad)
         rows = max(1, 2 ** 27 // self.cfg.vocab_size)  # a chunk's fp32 logits: 512 MiB at most (1310 x 102400)
         loss = LinearCrossEntropy.apply(h, self.lm_head.weight, targets.flatten(), rows, need_grads)

@@ -166,6 +166,11 @@ def test_loss_ignores_minus_100_and_never_gives_nan():
     assert torch.allclose(loss, F.cross_entropy(logits[keep], targets[keep]), atol=1e-6)
     _, summed = ours(ids, targets=targets, reduction="sum")
     assert torch.allclose(summed, loss * keep.sum(), rtol=1e-5)
+    _, each = ours(ids, targets=targets, reduction="none")  # scoring: each position's loss, 0 where ignored
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+    assert each.shape == (2, 12) and max_diff(each, expected.view(2, 12)) < 1e-5 and (each[0, :5] == 0).all()
+    with pytest.raises(ValueError, match="reduction must be 'mean', 'sum' or 'none', got 'summ'"):
+        ours(ids, targets=targets, reduction="summ")
     _, none_supervised = ours(ids, targets=torch.full_like(targets, -100))
     assert none_supervised.item() == 0.0
     none_supervised.backward()

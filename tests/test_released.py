@@ -434,3 +434,41 @@ def test_a_nanovl_checkpoint_exports_from_the_command_line(folder, tmp_path, cap
     again, _, _ = load_model(tmp_path / "exported")
     assert again.dtype == torch.bfloat16  # kept as written; sample.py picks the dtype to run in
     assert all(torch.equal(v.to(torch.bfloat16), again.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_eval_only_scores_a_released_model_on_a_folder_of_ones_own_questions(folder, tmp_path, capsys):
+    """train.py --eval-only on a released folder and a folder holding only eval_mc.jsonl and its images: the choices
+    are those of the perplexities computed from the model's full logits, and no text line is printed."""
+    import train
+    from nanovl.data import Sample, collate
+    from nanovl.synth import mc_prompt
+    path, _ = folder
+    model, tok, proc = load_released(path)
+    bench = tmp_path / "bench"
+    (bench / "images").mkdir(parents=True)
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for i in range(12):
+        image = f"images/{i}.png"
+        Image.fromarray((torch.rand(40, 30 + i, 3, generator=g) * 255).byte().numpy()).save(bench / image)
+        options = ["red", "the blue one", "circle", "square"][:2 + i % 3]  # 2 to 4 options
+        rows.append({"category": "colours" if i % 2 else "shapes", "images": [image], "question": f"which {i}?",
+                     "options": options, "answer": i % len(options)})
+    (bench / "eval_mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    correct = {"colours": 0, "shapes": 0}
+    for row in rows:  # each option scored alone, from the full logits
+        ppl = []
+        for option in row["options"]:
+            conv = [{"role": "user", "content": IMAGE_TAG + mc_prompt(row["question"], row["options"])},
+                    {"role": "assistant", "content": option}]
+            ids, targets, _ = collate([Sample(*render_chat(conv, tok, model.cfg.n_image_tokens), [])], tok.pad_id)
+            logits, _ = model(ids, proc(str(bench / row["images"][0]))[None])
+            ppl.append(F.cross_entropy(logits[0], targets[0], ignore_index=-100).item())
+        correct[row["category"]] += min(range(len(ppl)), key=ppl.__getitem__) == row["answer"]
+    train.main(["--eval-only", "--ckpt", str(path), "--data", str(bench)])
+    printed = capsys.readouterr().out
+    for category, n in correct.items():
+        assert f"{category:<14}{100 * n / 6:>15.1f}%" in printed, (correct, printed)
+    chance = 100 * (1 / 2 + 1 / 3 + 1 / 4) / 3  # each category has two questions of each size
+    assert f"(chance {chance:.1f}%)" in printed and "bits per byte" not in printed

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import prepare_data
 import train
@@ -127,17 +128,18 @@ def test_multiple_choice_picks_the_option_the_model_finds_likeliest(data):
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
 
-        def forward(self, ids, images=None, image_embeds=None):
+        def forward(self, ids, images=None, image_embeds=None, targets=None, reduction="mean"):
             logits = torch.zeros(*ids.shape, tok.vocab_size)
             logits[..., favourite] = 10.0
-            return logits, None
+            nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+            return None, nll.view(ids.shape)  # as reduction="none"
 
     rows = [{"category": "code", "images": [], "question": "What colour is the button?",
              "options": ["red", "green", "blue", "black"], "answer": 2},
             {"category": "caption", "images": [], "question": "What colour is it?",
              "options": ["blue", "red", "green", "yellow"], "answer": 1}]
     acc = multiple_choice(Oracle(), rows, tok, ImageProcessor.for_config(cfg), cfg.n_image_tokens)
-    assert acc == {"caption": 0.0, "code": 1.0, "mean": 0.5}
+    assert acc == {"caption": 0.0, "code": 1.0, "mean": 0.5, "chance": 0.25}
 
 
 def test_a_bad_held_out_question_is_named_before_training(tmp_path):
@@ -309,6 +311,20 @@ def test_a_nan_loss_stops_the_run_and_names_the_step(data, start_weights, tmp_pa
                     "--batch_size", "2", "--micro_batch", "2", "--ckpt_every", "4", "--log_every", "3",
                     "--workers", "0"])
     assert torch.load(out / "stage3" / "ckpt.pt", weights_only=True)["step"] == 4  # last good checkpoint kept
+
+
+def test_eval_only_takes_the_config_from_the_checkpoint(data, start_weights, tmp_path, capsys):
+    # start_weights is a tiny model.pt with no tokenizer beside it: the data folder's is used; --config is not
+    train.main(["--eval-only", "--ckpt", start_weights, "--data", data, "--config", "small", "--eval_limit", "5"])
+    printed = capsys.readouterr().out
+    assert f"evaluation of {start_weights} on {data}" in printed and "(chance 25.0%)" in printed
+    assert "text bits per byte" in printed
+    with pytest.raises(SystemExit, match="no multiple-choice questions at .*eval_mc.jsonl: --data must be a folder"):
+        train.main(["--eval-only", "--ckpt", start_weights, "--data", str(tmp_path)])
+    with pytest.raises(SystemExit, match="no checkpoint at .*model.pt"):
+        train.main(["--eval-only", "--ckpt", str(tmp_path), "--data", data])
+    with pytest.raises(SystemExit, match="--eval_only needs --ckpt"):
+        train.main(["--eval-only", "--data", data])
 
 
 def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
