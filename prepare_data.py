@@ -4,7 +4,7 @@ and 2), real English prose from the Python standard library, and a tokenizer tra
 the LLaVA conversation format.
 
     python prepare_data.py                         # the embedded default: data/ for the tiny preset, under 2 minutes
-    python prepare_data.py --config small --n 2000 # bigger images and more of them
+    python prepare_data.py --config small --n 2000 # bigger images and more of them, into data-small/
     python prepare_data.py --text my_books/*.txt   # add your own text files to the text-only data
     python prepare_data.py --show 3                # print 3 rendered samples: image spans and supervised tokens marked
     python prepare_data.py --llava llava_v1_5.json --images coco/ --out data-llava
@@ -19,7 +19,8 @@ The synthetic folder holds:
                                   of shapes (SAM's dense loss)
     eval_mc.jsonl                 held-out multiple-choice questions per category (the paper's MCPPL evaluation)
     eval_text.jsonl               held-out text, for language perplexity
-    tokenizer.json                byte-level BPE at the preset's vocabulary size
+    tokenizer.json                byte-level BPE at the preset's vocabulary size (tiny and small; the released
+                                  sizes read DeepSeek-LLM's tokenizer, from the released model folder)
     meta.json                     what made this folder; written last, so its presence means the folder is complete
 
 Every run with the same arguments writes the same bytes (each example has its own seed), so a finished folder is
@@ -43,8 +44,8 @@ from multiprocessing import Pool
 from tqdm import tqdm
 
 from nanovl.chat import IMAGE_TAG, prompt_string, render_chat, render_document, show
-from nanovl.config import PRESETS, get_config
-from nanovl.data import folder_kind, import_llava, read_jsonl, write_jsonl
+from nanovl.config import FROM_SCRATCH, PRESETS, get_config
+from nanovl.data import default_folder, folder_kind, import_llava, read_jsonl, write_jsonl
 from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
 from nanovl.tokenizer import Tokenizer
 
@@ -190,12 +191,16 @@ def build(args, out: str):
     corpus = [d["text"] for d in train_docs] + [r["text"] for r in rows["pretrain"]]
     corpus += [prompt_string(r["conversation"]) for r in rows["sft"]]
     t1 = time.time()
-    tok = Tokenizer.train(corpus, cfg.llm.vocab_size, progress=True)
-    tok.save(os.path.join(out, "tokenizer.json"))
-    if tok.image_id != cfg.image_token_id:
-        raise RuntimeError(f"tokenizer puts <image_placeholder> at {tok.image_id}, the preset expects "
-                           f"{cfg.image_token_id}")
-    print(f"tokenizer: {tok.vocab_size} tokens, trained in {time.time() - t1:.1f}s")
+    if cfg.name in FROM_SCRATCH:
+        tok = Tokenizer.train(corpus, cfg.llm.vocab_size, progress=True)
+        tok.save(os.path.join(out, "tokenizer.json"))
+        if tok.image_id != cfg.image_token_id:
+            raise RuntimeError(f"tokenizer puts <image_placeholder> at {tok.image_id}, the preset expects "
+                               f"{cfg.image_token_id}")
+        print(f"tokenizer: {tok.vocab_size} tokens, trained in {time.time() - t1:.1f}s")
+    else:  # 102,400 tokens could not be learnt from this corpus, and the released weights need their own anyway
+        print(f"tokenizer: none; the {cfg.name!r} preset reads DeepSeek-LLM's, from the released model folder "
+              "(train.py --init_from, or --tokenizer)")
 
     counts = {k: len(v) for k, v in rows.items()} | {"text": len(text_rows), "eval_text": len(eval_docs)}
     meta = {"identity": identity(args), "image_size": size,
@@ -264,7 +269,8 @@ def show_samples(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", default=None, help="output folder (default: data, or data-llava with --llava)")
+    p.add_argument("--out", default=None, help="output folder (default: data for tiny, data-<preset> for the other "
+                                                "presets, data-llava with --llava)")
     p.add_argument("--config", default="tiny", choices=list(PRESETS), help="preset: image size and vocabulary size")
     p.add_argument("--n", type=int, default=400, help="training examples per category (default 400)")
     p.add_argument("--seed", type=int, default=1337)
@@ -289,10 +295,13 @@ def main(argv=None):
                                ("--image-size", args.image_size, 0)):
         if value < least:
             p.error(f"{name} must be at least {least}, got {value}")
-    args.out = args.out or "data"
+    args.out = args.out or default_folder(args.config)
     if args.show:
         if folder_kind(args.out) == "missing":
             p.error(f"--show: {args.out} holds no prepared data; make it first (prepare_data.py --out {args.out})")
+        if not os.path.isfile(os.path.join(args.out, "tokenizer.json")):
+            p.error(f"--show: {args.out} has no tokenizer.json to render with (a folder for a released preset reads "
+                    "the released model's tokenizer)")
         return show_samples(args)
     args.text = sorted(f for pattern in args.text for f in (glob.glob(pattern) or [pattern]))
     for f in args.text:

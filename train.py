@@ -42,9 +42,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from nanovl import DeepSeekVL, VLConfig, get_config
+from nanovl.config import FROM_SCRATCH
 from nanovl.checkpoint import check_device, init_from_parts, is_released_folder, load_model, load_plain, nanovl_state
-from nanovl.data import (PlannedBatches, Source, collate, folder_kind, plan_batches, read_images, read_jsonl,
-                         write_jsonl)
+from nanovl.data import (PlannedBatches, Source, collate, default_folder, folder_kind, plan_batches, read_images,
+                         read_jsonl, write_jsonl)
 from nanovl.evaluate import bits_per_byte, format_table, multiple_choice, read_mc_rows
 from nanovl.image import CachedProcessor, ImageProcessor
 from nanovl.stage0 import Stage0Heads, plan_distinct, seg_labels
@@ -56,7 +57,7 @@ from nanovl.tokenizer import Tokenizer
 class TrainConfig:
     stage: str = "all"  # 0, 1, 2, 3 or all
     config: str = "tiny"  # model preset
-    data: str = "data"  # folder made by prepare_data.py
+    data: str = ""  # folder made by prepare_data.py (default: data for tiny, data-<preset> for the other presets)
     extra_data: str = ""  # more folders of rows (e.g. a LLaVA import), comma-separated, added to stages 1-3
     out: str = "out"
     # weights to start from: default the previous stage's model.pt. Or pretrained parts, comma-separated (a released
@@ -130,7 +131,6 @@ STAGE_DEFAULTS = {
 # Table 4's 7B column: the 1B's, but for stage 2.
 STAGE_DEFAULTS["paper-7b"] = {**STAGE_DEFAULTS["paper"],
                               2: dict(STAGE_DEFAULTS["paper"][2], lr=4.2e-5, steps=42000, batch_size=2304)}
-FROM_SCRATCH = ("tiny", "small")  # presets with no pretrained parts: they need stage 0
 
 
 def stage_defaults(preset: str, stage: int) -> dict:
@@ -171,6 +171,7 @@ def parse_args(argv):
         else:
             overrides[key] = value
         i += 1
+    tc.data = tc.data or default_folder(tc.config)
     # Counts and sizes: 0 means the stage's default (or off), and nothing is negative but the -1 defaults.
     for key in ("steps", "batch_size", "micro_batch", "lr", "seq_len", "eval_every", "eval_limit", "ckpt_every",
                 "workers", "image_cache", "stop_after", "log_every", "clip_batch", "seg_batch"):
@@ -310,7 +311,8 @@ def tokenizer_path(tc: TrainConfig, sources) -> str:
 
 def data_to_prepare(folder: str, preset: str):
     """(why, prepare_data arguments) when the synthetic folder is missing or was made by an older prepare_data.py
-    (its generators changed, e.g. the stage-0 captions), else None. A rebuild keeps the folder's own arguments."""
+    (its generators changed, e.g. the stage-0 captions), else None. A rebuild keeps the folder's own arguments; a
+    folder made for another preset is refused, never rebuilt."""
     import prepare_data
     kind = folder_kind(folder)
     if kind == "missing":
@@ -322,7 +324,12 @@ def data_to_prepare(folder: str, preset: str):
         raise SystemExit(f"--data {folder} holds files but no meta.json of prepare_data.py's; give --data a folder "
                          "made by prepare_data.py, or a path that does not exist yet to make one there")
     with open(os.path.join(folder, "meta.json")) as f:
-        ident = json.load(f)["identity"]
+        meta = json.load(f)
+    ident = meta["identity"]
+    if ident["config"] != preset:  # its images are another size, its tokenizer (if any) another model's
+        raise SystemExit(f"--data {folder} was prepared for the {ident['config']!r} preset (images at "
+                         f"{meta.get('image_size')} px); the {preset!r} model needs data of its own: pass "
+                         f"--data {default_folder(preset)} (made there if missing)")
     if ident["version"] == prepare_data.VERSION:
         return None
     return (f"made by an older prepare_data.py (version {ident['version']}, now {prepare_data.VERSION})",
@@ -601,9 +608,6 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     scratch = cfg.name in FROM_SCRATCH
-    if stage == 0 and not scratch:
-        raise SystemExit(f"stage 0 (unimodal pretraining) is for the presets trained from scratch {FROM_SCRATCH}; "
-                         f"{cfg.name!r} starts from pretrained parts (--init_from)")
     hp = stage_defaults(cfg.name, stage)
     for key in HPARAM_FIELDS:
         value = getattr(tc, key)
@@ -635,7 +639,17 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         say(f"stage {stage}: no checkpoint at {ckpt_path}; starting from the beginning")
     state = resumable_state(ckpt_path, stage, cfg, tc, hp) if resume else None
     init = [p for p in tc.init_from.split(",") if p] or [os.path.join(tc.out, f"stage{stage - 1}", "model.pt")]
+    missing = [p for p in init if not os.path.exists(p)]
+    if stage > 0 and not resume and missing:
+        what = "--init_from" if tc.init_from else f"stage {stage - 1}'s final weights"
+        raise SystemExit(f"stage {stage} starts from {what}, but {', '.join(missing)} does not exist: run "
+                         f"--stage {stage - 1} first, or pass --init_from PATH")
     tok_path = tokenizer_path(tc, [out_dir] if resume else init if stage > 0 else [])
+    where = (f"prepare_data.py --config {cfg.name} makes one, or pass --tokenizer PATH" if scratch else
+             f"the {cfg.name!r} preset reads DeepSeek-LLM's tokenizer: pass --init_from a released DeepSeek-VL folder "
+             "(its tokenizer.json is used) or --tokenizer PATH")
+    if not os.path.isfile(tok_path):
+        raise SystemExit(f"no tokenizer at {tok_path}; {where}")
     tok = Tokenizer.load(tok_path)
     # A released tokenizer may be smaller than the padded embedding (100015 ids for 102400 rows); a tokenizer made
     # by prepare_data for a scratch preset has exactly its size.
@@ -643,18 +657,13 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             or tok.image_id != cfg.image_token_id:
         raise SystemExit(f"{tok_path} has {tok.vocab_size} tokens and <image_placeholder> = {tok.image_id}; the "
                          f"{cfg.name!r} model has a vocabulary of {cfg.llm.vocab_size} and expects "
-                         f"{cfg.image_token_id}. Prepare the data with --config {cfg.name}, or pass --tokenizer")
+                         f"{cfg.image_token_id}; {where}")
     if master and not resume:
         tok.save(os.path.join(out_dir, "tokenizer.json"))  # the stage folder is then all sample.py needs
     proc = ImageProcessor.for_config(cfg)
     torch.manual_seed(tc.seed + stage)
     model = DeepSeekVL(cfg)
     if stage > 0 and not resume:
-        missing = [p for p in init if not os.path.exists(p)]
-        if missing:
-            what = "--init_from" if tc.init_from else f"stage {stage - 1}'s final weights"
-            raise SystemExit(f"stage {stage} starts from {what}, but {', '.join(missing)} does not exist: run "
-                             f"--stage {stage - 1} first, or pass --init_from PATH")
         if len(init) == 1 and is_nanovl_checkpoint(init[0]):
             model.load_state_dict(load_weights(init[0], cfg))
             say(f"stage {stage}: starting from {init[0]}")
@@ -917,6 +926,18 @@ def main(argv=None):
             raise SystemExit(f"--extra_data {folder}: " + ("no such folder" if not os.path.isdir(folder) else
                                                            "holds neither pretrain.jsonl nor sft.jsonl") +
                              "; expected a folder of rows, such as prepare_data.py --llava writes")
+    if tc.stage == "all":
+        stages = [0, 1, 2, 3] if cfg.name in FROM_SCRATCH else [1, 2, 3]
+    elif tc.stage in ("0", "1", "2", "3"):
+        stages = [int(tc.stage)]
+    else:
+        raise SystemExit(f"--stage must be 0, 1, 2, 3 or all, got {tc.stage!r}")
+    if stages[0] == 0 and cfg.name not in FROM_SCRATCH:
+        raise SystemExit(f"stage 0 (unimodal pretraining) is for the presets trained from scratch {FROM_SCRATCH}; "
+                         f"{cfg.name!r} starts from pretrained parts (--init_from)")
+    if tc.init_from and stages[0] == 0:
+        raise SystemExit("--init_from sets where stage 1, 2 or 3 starts, but this run begins with stage 0, which "
+                         "trains from scratch: drop --init_from, or begin with --stage 1")
     rebuild = data_to_prepare(tc.data, cfg.name)
     if rebuild:
         if rank == 0:
@@ -925,15 +946,6 @@ def main(argv=None):
             prepare_data.main(rebuild[1])
         if world > 1:
             dist.barrier()
-    if tc.stage == "all":
-        stages = [0, 1, 2, 3] if cfg.name in FROM_SCRATCH else [1, 2, 3]
-    elif tc.stage in ("0", "1", "2", "3"):
-        stages = [int(tc.stage)]
-    else:
-        raise SystemExit(f"--stage must be 0, 1, 2, 3 or all, got {tc.stage!r}")
-    if tc.init_from and stages[0] == 0:
-        raise SystemExit("--init_from sets where stage 1, 2 or 3 starts, but this run begins with stage 0, which "
-                         "trains from scratch: drop --init_from, or begin with --stage 1")
     t0 = time.time()
     for k, stage in enumerate(stages):
         # --init_from is where the run's first stage starts; each later one starts from the stage before it.

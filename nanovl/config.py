@@ -275,6 +275,10 @@ def _released_7b() -> VLConfig:
 
 
 PRESETS = {"tiny": _tiny, "small": _small, "1.3b": _released_13b, "1.3b-hybrid": _hybrid_13b, "7b": _released_7b}
+# The presets trained from scratch on the synthetic corpus (stage 0 included), with a tokenizer prepare_data.py trains
+# at their vocabulary size. The others have the released shapes: they start from pretrained parts and read
+# DeepSeek-LLM's tokenizer, which comes with a released model folder.
+FROM_SCRATCH = ("tiny", "small")
 
 
 def _parse(value, current, name: str):

@@ -316,6 +316,12 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None]) -> Tuple
     return "sft", {"category": "llava", "images": paths, "conversation": conversation}
 
 
+def default_folder(preset: str) -> str:
+    """Where prepare_data.py writes a preset's synthetic corpus and train.py reads it unless told otherwise: data/ for
+    the embedded default (tiny), data-<preset>/ for the others, whose images are of another size."""
+    return "data" if preset == "tiny" else f"data-{preset}"
+
+
 def folder_kind(path: str) -> str:
     """What a data folder is, from the meta.json prepare_data.py writes into each folder it makes: "missing" (no
     folder, or an empty one), "synthetic" (prepare_data.py's corpus), "llava" (an import), or "other" (made by

@@ -261,6 +261,7 @@ def test_init_from_starts_the_first_stage_of_a_run_and_each_later_one_starts_fro
                                                                                                     tmp_path):
     seen = []
     monkeypatch.setattr(train, "run_stage", lambda stage, tc, *a: seen.append((stage, tc.init_from)))
+    monkeypatch.setattr(train, "data_to_prepare", lambda folder, preset: None)  # tiny's data, 1.3b's stages
     train.main(["--data", data, "--config", "1.3b", "--init_from", "released", "--out", str(tmp_path)])
     assert seen == [(1, "released"), (2, ""), (3, "")]  # "": out/stage<k-1>/model.pt
     with pytest.raises(SystemExit, match="this run begins with stage 0, which trains from scratch"):
@@ -327,6 +328,26 @@ def test_eval_only_takes_the_config_from_the_checkpoint(data, start_weights, tmp
         train.main(["--eval-only", "--data", data])
 
 
+def test_a_released_preset_gets_data_without_a_tokenizer_and_asks_for_the_released_one(data, tmp_path, capsys):
+    # 102,400 tokens cannot be learnt from the synthetic corpus, and the released weights need their own tokenizer
+    assert [train.parse_args(["--config", p])[0].data for p in ("tiny", "1.3b")] == ["data", "data-1.3b"]
+    mine, weights = tmp_path / "data", tmp_path / "released"
+    prepare_data.main(["--out", str(mine), "--config", "1.3b", "--n", "2"])
+    assert "the '1.3b' preset reads DeepSeek-LLM's" in capsys.readouterr().out
+    assert (mine / "meta.json").exists() and not (mine / "tokenizer.json").exists()
+    with pytest.raises(SystemExit):
+        prepare_data.main(["--out", str(mine), "--show", "1"])
+    assert "has no tokenizer.json to render with" in capsys.readouterr().err
+    argv = ["--stage", "1", "--config", "1.3b", "--data", str(mine), "--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit, match=f"starts from --init_from, but {weights} does not exist"):
+        train.main(argv + ["--init_from", str(weights)])
+    with pytest.raises(SystemExit, match="was prepared for the 'tiny' preset .images at 256 px.; the '1.3b' model"):
+        train.main(argv[:4] + ["--data", data, "--out", str(tmp_path / "out")])  # tiny's data: refused, not rebuilt
+    weights.mkdir()  # a folder without a tokenizer.json
+    with pytest.raises(SystemExit, match="no tokenizer at .*reads DeepSeek-LLM's tokenizer: pass --init_from a released"):
+        train.main(argv + ["--init_from", str(weights)])
+
+
 def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
     with pytest.raises(SystemExit, match="stage 2 starts from stage 1's final weights, but .* does not exist"):
         train.main(["--data", data, "--stage", "2", "--out", str(tmp_path / "o")])
@@ -334,7 +355,8 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
         train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "o"),
                     "--llm.n_layers=2"])
     with pytest.raises(SystemExit, match="tokenizer.json has 2048 tokens .* vocabulary of 4096"):
-        train.main(["--data", data, "--stage", "1", "--out", str(tmp_path / "o"), "--llm.vocab_size=4096"])
+        train.main(["--data", data, "--stage", "1", "--init_from", start_weights, "--out", str(tmp_path / "o"),
+                    "--llm.vocab_size=4096"])
     with pytest.raises(SystemExit, match="stage 0 .* is for the presets trained from scratch"):
         train.main(["--data", data, "--stage", "0", "--config", "1.3b", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="no field 'layers'"):
