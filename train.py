@@ -122,7 +122,9 @@ STAGE_DEFAULTS = {
                 text_sft_share=0.25, short_chat_share=0.65, vision_lr_mult=0.1),
     },
     "paper": {  # Table 4, the 1B column (the 7B's, below, differs in stage 2)
-        1: dict(steps=15000, batch_size=256, micro_batch=8, lr=1e-3, warmup=128, schedule="cosine", seq_len=512),
+        # Stage 1's sequence length is Table 4's 512 read as text tokens, plus one image's 576: an image alone is 576
+        # tokens, so 512 in all would hold no caption pair at all.
+        1: dict(steps=15000, batch_size=256, micro_batch=8, lr=1e-3, warmup=128, schedule="cosine", seq_len=512 + 576),
         2: dict(steps=96000, batch_size=1024, micro_batch=4, lr=3e-5, warmup=2000, schedule="step", seq_len=4096),
         3: dict(steps=10000, batch_size=256, micro_batch=4, lr=2e-5, warmup=256, schedule="cosine", seq_len=4096,
                 text_sft_share=0.479),

@@ -106,6 +106,8 @@ def test_released_sizes_default_to_table_4():
     assert rows("1.3b") == rows("1.3b-hybrid") == [(1e-3, 15000, 256, 128), (3e-5, 96000, 1024, 2000),
                                                    (2e-5, 10000, 256, 256)]
     assert rows("7b") == [(1e-3, 15000, 256, 128), (4.2e-5, 42000, 2304, 2000), (2e-5, 10000, 256, 256)]
+    # Table 4's stage-1 length of 512, read as text tokens plus one image's 576 (or no caption pair would fit)
+    assert [train.stage_defaults("7b", s)["seq_len"] for s in (1, 2, 3)] == [512 + 576, 4096, 4096]
 
 
 def test_learning_rate_schedules():
