@@ -69,7 +69,7 @@ class TrainConfig:
     ckpt: str = ""  # with --eval_only: a stage folder, a model.pt file or a released model folder
     # optimisation; 0 / "" / -1 take the stage's default (STAGE_DEFAULTS)
     steps: int = 0
-    batch_size: int = 0  # global batch, in samples
+    batch_size: int = 0  # global batch, in samples; packed (stage 2), in rows of seq_len tokens
     micro_batch: int = 0  # samples per forward pass per process (gradient accumulation makes up the rest)
     lr: float = 0.0
     min_lr_ratio: float = 0.1
@@ -117,7 +117,8 @@ STAGE_DEFAULTS = {
         # many scenes as before, in batches half as big.
         0: dict(steps=800, batch_size=4, micro_batch=4, lr=3e-3, warmup=20, schedule="cosine", seq_len=128),
         1: dict(steps=30, batch_size=16, micro_batch=16, lr=3e-3, warmup=6, schedule="cosine", vision_lr_mult=0.1),
-        2: dict(steps=100, batch_size=16, micro_batch=16, lr=2e-3, warmup=10, schedule="step", vision_lr_mult=0.1),
+        # Stage 2's batch counts packed rows of 512 tokens (6 hold about what 16 samples did, unpacked).
+        2: dict(steps=100, batch_size=6, micro_batch=6, lr=2e-3, warmup=10, schedule="step", vision_lr_mult=0.1),
         3: dict(steps=700, batch_size=8, micro_batch=8, lr=2e-3, warmup=30, schedule="cosine",
                 text_sft_share=0.25, short_chat_share=0.65, vision_lr_mult=0.1),
     },
@@ -457,22 +458,12 @@ def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, fo
 
 
 class PackedBatches(PlannedBatches):
-    """PlannedBatches, with each micro-batch's samples packed greedily into rows of seq_len tokens (stage 2)."""
-
-    def __init__(self, *args, seq_len: int, **kw):
-        super().__init__(*args, **kw)
-        self.seq_len = seq_len
+    """PlannedBatches over a packed plan (plan_batches with lengths): each item is this rank's rows of the micro-batch,
+    every row samples laid end to end (stage 2). Attention and positions stay inside each sample (doc_ids)."""
 
     def __getitem__(self, k):
-        packed, row, used = [], [], 0
-        for s in self.samples(k):  # first fit in order: a row is full when the next sample does not fit
-            n = len(s.ids) - 1
-            if row and used + n > self.seq_len:
-                packed.append(row)
-                row, used = [], 0
-            row.append(s)
-            used += n
-        packed.append(row)
+        modality = self.plan[k // self.accum][0]
+        packed = [[self.sources[modality][i] for i in row] for row in self.rows(k)]
         T = max(sum(len(s.ids) - 1 for s in r) for r in packed)
         ids = torch.full((len(packed), T), self.pad_id, dtype=torch.long)
         targets = torch.full((len(packed), T), -100, dtype=torch.long)
@@ -737,10 +728,12 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             src = sources[m]
             raise SystemExit(f"stage {stage} trains on {m} rows ({src.name}), but {', '.join(folders)} hold none" +
                              (f" that fit: all {src.dropped} are longer than {seq_len} tokens" if src.dropped else ""))
-        plan = plan_batches(sizes, global_batch, hp["steps"], share, tc.seed + stage)
         pack = tc.pack if tc.pack != -1 else int(stage == 2)
+        # Packed, the batch counts rows of seq_len tokens (Table 4: stage 2 takes 1024 sequences of 4096); else samples.
+        lengths = {m: [len(s.ids) - 1 for s in sources[m].samples] for m in sizes} if pack else None
+        plan = plan_batches(sizes, global_batch, hp["steps"], share, tc.seed + stage, lengths, seq_len)
         if pack:
-            dataset = PackedBatches(plan, sources, tok.pad_id, reader, accum, rank, world, seq_len=seq_len)
+            dataset = PackedBatches(plan, sources, tok.pad_id, reader, accum, rank, world)
         else:
             dataset = PlannedBatches(plan, sources, tok.pad_id, reader, accum, rank, world)
 

@@ -188,16 +188,22 @@ def epochs(n: int, key: str):
 
 
 def plan_batches(sizes: Dict[str, int], global_batch: int, steps: int, share: Callable[[int], Dict[str, float]],
-                 seed: int) -> List[Tuple[str, List[int]]]:
+                 seed: int, lengths: Optional[Dict[str, List[int]]] = None, row_len: int = 0) -> List[Tuple[str, list]]:
     """For each step: (modality, global_batch row indices of that modality's source).
 
     share(step) gives each modality's probability at that step (they need not sum to 1). Each modality has its own
     stream of indices: a new permutation every epoch, seeded by (seed, modality, epoch).
+
+    Packed (lengths, each sample's token count per modality, and row_len given): the batch counts rows of row_len
+    tokens, as Table 4's stage 2 does (1024 sequences of 4096 tokens), and each step holds global_batch rows, each a
+    list of the sample indices laid end to end in it. Samples fill rows first fit in stream order: a row is closed
+    when the next sample does not fit, and that sample starts the next row (or the modality's next step).
     """
     empty = [m for m, n in sizes.items() if n == 0]
     if empty:
         raise ValueError(f"no rows for modality {empty}; check the data folder (or drop that modality's share to 0)")
     streams = {m: epochs(n, f"{seed}-{m}") for m, n in sizes.items()}
+    waiting: Dict[str, int] = {}  # per modality: the sample that did not fit the last row of its previous step
     plan = []
     for step in range(steps):
         weights = share(step)
@@ -205,7 +211,23 @@ def plan_batches(sizes: Dict[str, int], global_batch: int, steps: int, share: Ca
         if not names:
             raise ValueError(f"step {step}: every modality has share 0 ({weights})")
         modality = random.Random(f"{seed}-step-{step}").choices(names, [weights[m] for m in names])[0]
-        plan.append((modality, list(itertools.islice(streams[modality], global_batch))))
+        stream = streams[modality]
+        if lengths is None:
+            plan.append((modality, list(itertools.islice(stream, global_batch))))
+            continue
+        rows, row, used = [], [], 0
+        while len(rows) < global_batch:
+            i = waiting.pop(modality) if modality in waiting else next(stream)
+            n = lengths[modality][i]
+            if row and used + n > row_len:
+                rows.append(row)
+                row, used = [], 0
+                if len(rows) == global_batch:
+                    waiting[modality] = i
+                    break
+            row.append(i)
+            used += n
+        plan.append((modality, rows))
     return plan
 
 

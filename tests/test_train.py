@@ -2,6 +2,7 @@
 steps of every stage on the tiny preset. Runs on CPU; the data folder is a small prepare_data.py run."""
 
 import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -386,12 +387,25 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
 
 
 def test_packing_lays_samples_end_to_end():
-    from nanovl.data import Sample, plan_batches
+    from nanovl.data import Sample, epochs, plan_batches
     samples = [Sample(list(range(10 * i + 1, 10 * i + 1 + n)), [0] + [1] * (n - 1), []) for i, n in
                enumerate((5, 9, 4, 7))]  # inputs of 4, 8, 3 and 6 tokens
-    plan = [("language", [0, 1, 2, 3])]
-    ids, targets, images, doc_ids = train.PackedBatches(plan, {"language": samples}, 0, None, seq_len=12)[0]
-    # first fit in order: [4 + 8] fills a row of 12, then [3 + 6]
+    lengths = {"language": [len(s.ids) - 1 for s in samples]}
+    # The batch counts rows: 2 rows of 12 a step. First fit in the stream's order; a sample that does not fit closes
+    # the row and starts the next, or the next step.
+    plan = plan_batches({"language": 4}, 2, 3, lambda step: {"language": 1.0}, 0, lengths, 12)
+    laid = [i for _, rows in plan for row in rows for i in row]
+    assert laid == list(itertools.islice(epochs(4, "0-language"), len(laid)))  # the stream, in order, none skipped
+    expected, row = [], []
+    for i in laid:  # first fit, by hand
+        if row and sum(lengths["language"][j] for j in row + [i]) > 12:
+            expected.append(row)
+            row = []
+        row.append(i)
+    assert [row for _, rows in plan for row in rows] == expected + [row] and all(len(rows) == 2 for _, rows in plan)
+
+    plan = [("language", [[0, 1], [2, 3]])]
+    ids, targets, images, doc_ids = train.PackedBatches(plan, {"language": samples}, 0, None)[0]
     assert ids.tolist() == [[1, 2, 3, 4, 11, 12, 13, 14, 15, 16, 17, 18], [21, 22, 23, 31, 32, 33, 34, 35, 36, 0, 0, 0]]
     assert doc_ids.tolist() == [[0] * 4 + [1] * 8, [0] * 3 + [1] * 6 + [-1] * 3]
     assert targets[0, :4].tolist() == [2, 3, 4, 5] and targets[1, 9:].tolist() == [-100] * 3
