@@ -42,8 +42,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from nanovl import DeepSeekVL, VLConfig, get_config
-from nanovl.config import FROM_SCRATCH
 from nanovl.checkpoint import check_device, init_from_parts, is_released_folder, load_model, load_plain, nanovl_state
+from nanovl.config import FROM_SCRATCH
 from nanovl.data import (PlannedBatches, Source, collate, default_folder, folder_kind, plan_batches, read_images,
                          read_jsonl, write_jsonl)
 from nanovl.evaluate import bits_per_byte, format_table, multiple_choice, read_mc_rows
@@ -70,7 +70,7 @@ class TrainConfig:
     # optimisation; 0 / "" / -1 take the stage's default (STAGE_DEFAULTS)
     steps: int = 0
     batch_size: int = 0  # global batch, in samples; packed (stage 2), in rows of seq_len tokens
-    micro_batch: int = 0  # samples per forward pass per process (gradient accumulation makes up the rest)
+    micro_batch: int = 0  # samples (packed: rows) per forward pass per process (accumulation makes up the rest)
     lr: float = 0.0
     min_lr_ratio: float = 0.1
     warmup: int = -1
