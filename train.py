@@ -57,7 +57,8 @@ from nanovl.tokenizer import Tokenizer
 class TrainConfig:
     stage: str = "all"  # 0, 1, 2, 3 or all
     config: str = "tiny"  # model preset
-    data: str = ""  # folder made by prepare_data.py (default: data for tiny, data-<preset> for the other presets)
+    data: str = ""  # folder made by prepare_data.py, or a LLaVA import to train on alone (stages 1 and 3)
+    # (default: data for tiny, data-<preset> for the other presets)
     extra_data: str = ""  # more folders of rows (e.g. a LLaVA import), comma-separated, added to stages 1-3
     out: str = "out"
     # weights to start from: default the previous stage's model.pt. Or pretrained parts, comma-separated (a released
@@ -315,14 +316,14 @@ def tokenizer_path(tc: TrainConfig, sources) -> str:
 def data_to_prepare(folder: str, preset: str):
     """(why, prepare_data arguments) when the synthetic folder is missing or was made by an older prepare_data.py
     (its generators changed, e.g. the stage-0 captions), else None. A rebuild keeps the folder's own arguments; a
-    folder made for another preset is refused, never rebuilt."""
+    folder made for another preset is refused, never rebuilt. A LLaVA import is used as it is: training on one's
+    own data alone."""
     import prepare_data
     kind = folder_kind(folder)
     if kind == "missing":
         return "no prepared data", ["--out", folder, "--config", preset]
     if kind == "llava":
-        raise SystemExit(f"--data {folder} is a LLaVA import, which has no tokenizer or held-out evaluation: pass it "
-                         "as --extra_data, beside a --data folder made by prepare_data.py")
+        return None
     if kind == "other":  # never build over files prepare_data did not make
         raise SystemExit(f"--data {folder} holds files but no meta.json of prepare_data.py's; give --data a folder "
                          "made by prepare_data.py, or a path that does not exist yet to make one there")
@@ -417,6 +418,11 @@ def stage2_share(tc: TrainConfig):
                 "sft": tc.sft_share}
 
     return share
+
+
+# The modality groups a run can do without, and the setting that leaves each out (one's own data may have no
+# text-only chats, say); the others are what the stage is for.
+SHARE_FLAGS = {"sft": "--sft_share", "text_chat": "--text_sft_share", "short_chat": "--short_chat_share"}
 
 
 def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, folders):
@@ -679,7 +685,10 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     model.llm.grad_checkpointing = tc.grad_ckpt
 
     eval_rows = None
-    if stage > 0 and master:  # what the evaluations read: a bad row stops the run now, not after training
+    if stage > 0 and master and not os.path.isfile(os.path.join(tc.data, "eval_mc.jsonl")):
+        say(f"stage {stage}: {tc.data} has no held-out questions (eval_mc.jsonl), so the stage is not evaluated; "
+            "evaluate it afterwards with --eval-only --data DIR")
+    elif stage > 0 and master:  # what the evaluations read: a bad row stops the run now, not after training
         try:
             eval_rows = held_out(tc.data, tc.eval_limit)
         except (ValueError, OSError) as e:
@@ -725,9 +734,10 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                                                                         "tokens dropped)" if src.dropped else ""))
         sizes = {m: len(s) for m, s in sources.items() if any(share(t).get(m, 0) > 0 for t in (0, hp["steps"] - 1))}
         for m in [m for m, n in sizes.items() if n == 0]:
-            src = sources[m]
+            src, flag = sources[m], SHARE_FLAGS.get(m)
             raise SystemExit(f"stage {stage} trains on {m} rows ({src.name}), but {', '.join(folders)} hold none" +
-                             (f" that fit: all {src.dropped} are longer than {seq_len} tokens" if src.dropped else ""))
+                             (f" that fit: all {src.dropped} are longer than {seq_len} tokens" if src.dropped else "") +
+                             (f"; without them, pass {flag} 0" if flag and not src.dropped else ""))
         pack = tc.pack if tc.pack != -1 else int(stage == 2)
         # Packed, the batch counts rows of seq_len tokens (Table 4: stage 2 takes 1024 sequences of 4096); else samples.
         lengths = {m: [len(s.ids) - 1 for s in sources[m].samples] for m in sizes} if pack else None
@@ -771,7 +781,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                 f.write(cfg.to_json())
             plot_losses(metrics, os.path.join(out_dir, "loss.png"), f"stage {stage} training loss ({cfg.name})")
             if stage > 0:
-                acc, bpb = evaluate(model, tok, proc, cfg, eval_rows, tc.data, seq_len)
+                acc, bpb = evaluate(model, tok, proc, cfg, eval_rows, tc.data, seq_len) if eval_rows else (None, None)
             else:
                 acc, bpb = None, bits_per_byte(model, read_jsonl(os.path.join(tc.data, "eval_text.jsonl")), tok,
                                                cfg.n_image_tokens, seq_len)
@@ -780,8 +790,10 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
             with open(os.path.join(out_dir, "eval.json"), "w") as f:
                 json.dump(result, f, indent=2)
-            say(format_table(acc, bpb, f"stage {stage} evaluation") if acc else
-                f"stage 0: text bits per byte {bpb:.3f}")
+            if acc:
+                say(format_table(acc, bpb, f"stage {stage} evaluation"))
+            elif stage == 0:
+                say(f"stage 0: text bits per byte {bpb:.3f}")
         if world > 1:
             dist.barrier()
 
@@ -871,7 +883,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             metrics.append(entry)
             bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.2e}", tok_s=entry["tok_per_s"])
             losses, t_last, tokens = [], time.time(), 0
-        if tc.eval_every and done % tc.eval_every == 0 and done < hp["steps"] and master and stage > 0:
+        if tc.eval_every and done % tc.eval_every == 0 and done < hp["steps"] and eval_rows:
             acc, bpb = evaluate(model, tok, proc, cfg, eval_rows, tc.data, seq_len)
             metrics.append({"stage": stage, "step": done, "mc_mean": acc["mean"], "bpb": bpb})
             say(format_table(acc, bpb, f"stage {stage}, step {done}"))
@@ -933,6 +945,9 @@ def main(argv=None):
     if tc.init_from and stages[0] == 0:
         raise SystemExit("--init_from sets where stage 1, 2 or 3 starts, but this run begins with stage 0, which "
                          "trains from scratch: drop --init_from, or begin with --stage 1")
+    if stages[0] == 0 and folder_kind(tc.data) == "llava":
+        raise SystemExit(f"stage 0 trains on prepare_data.py's corpus (text, caption pairs, label maps), and --data "
+                         f"{tc.data} is a LLaVA import: begin with --stage 1, or pass the import as --extra_data")
     rebuild = data_to_prepare(tc.data, cfg.name)
     if rebuild:
         if rank == 0:

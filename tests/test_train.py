@@ -351,6 +351,34 @@ def test_a_released_preset_gets_data_without_a_tokenizer_and_asks_for_the_releas
         train.main(argv + ["--init_from", str(weights)])
 
 
+def test_a_llava_import_alone_trains_stages_1_and_3(data, start_weights, tmp_path, capsys):
+    from nanovl.data import import_llava
+    images = sorted(os.listdir(os.path.join(data, "images", "code")))[:3]
+    ask = lambda q, a: [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+    rows = [{"image": f"code/{images[0]}", "conversations": ask("<image>\nWhat colour is the button?", "Blue.")},
+            {"image": f"code/{images[1]}", "conversations": ask("<image>\nWhat is this?", "A web page.") +
+             ask("And the button?", "It is red.")},
+            {"image": f"code/{images[2]}", "caption": "A small web page with a button."}]
+    (tmp_path / "mine.json").write_text(json.dumps(rows))
+    mine = str(tmp_path / "mine")
+    import_llava(str(tmp_path / "mine.json"), os.path.join(data, "images"), mine)
+    tokenizer = os.path.join(data, "tokenizer.json")  # an import has none: --init_from's folder or --tokenizer
+    argv = ["--data", mine, "--init_from", start_weights, "--tokenizer", tokenizer, "--steps", "2", "--batch_size", "2",
+            "--micro_batch", "2", "--workers", "0"]
+    with pytest.raises(SystemExit, match="trains on text_chat rows .text chats.* hold none; without them, pass "
+                                         "--text_sft_share 0"):
+        train.main(argv + ["--stage", "3", "--out", str(tmp_path / "out")])
+    for stage in ("1", "3"):
+        train.main(argv + ["--stage", stage, "--out", str(tmp_path / f"out{stage}"), "--text_sft_share", "0"])
+        printed = capsys.readouterr().out
+        assert f"stage {stage}: {mine} has no held-out questions" in printed and "MCPPL" not in printed
+        folder = tmp_path / f"out{stage}" / f"stage{stage}"
+        assert json.loads((folder / "eval.json").read_text()) == {"stage": int(stage), "mc": None, "bpb": None}
+        assert (folder / "model.pt").exists()
+    with pytest.raises(SystemExit, match="stage 0 trains on prepare_data.py's corpus .* is a LLaVA import"):
+        train.main(["--data", mine, "--out", str(tmp_path / "o0")])
+
+
 def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
     with pytest.raises(SystemExit, match="stage 2 starts from stage 1's final weights, but .* does not exist"):
         train.main(["--data", data, "--stage", "2", "--out", str(tmp_path / "o")])
@@ -453,9 +481,8 @@ def test_old_synthetic_data_is_rebuilt_with_its_own_arguments(tmp_path):
     why, args = train.data_to_prepare(str(tmp_path), "tiny")
     assert "older prepare_data.py" in why
     assert args == ["--out", str(tmp_path), "--config", "tiny", "--n", "50", "--seed", "3", "--image-size", "0"]
-    (tmp_path / "meta.json").write_text(json.dumps({"llava": {}}))  # an import: never rebuilt, nor a --data folder
-    with pytest.raises(SystemExit, match="is a LLaVA import, .* pass it as --extra_data"):
-        train.data_to_prepare(str(tmp_path), "tiny")
+    (tmp_path / "meta.json").write_text(json.dumps({"llava": {}}))  # an import: used as it is, never rebuilt
+    assert train.data_to_prepare(str(tmp_path), "tiny") is None
     (tmp_path / "meta.json").unlink()
     (tmp_path / "thesis.txt").write_text("not made by prepare_data.py")  # never built over
     with pytest.raises(SystemExit, match="holds files but no meta.json of prepare_data.py's"):
