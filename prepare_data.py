@@ -185,13 +185,13 @@ def build(args, out: str):
                                                                                  for d in eval_docs])]:
         write_jsonl(os.path.join(out, f"{name}.jsonl"), data)
 
-    # The tokenizer learns from everything the model will read: prose, the synthetic texts, and the dialogues as the
-    # chat template renders them, system prompt and role names included (they are in every chat: as words of their
-    # own, the system prompt takes 35 tokens where pieces of words took 63, a fifth of a short chat).
-    corpus = [d["text"] for d in train_docs] + [r["text"] for r in rows["pretrain"]]
-    corpus += [prompt_string(r["conversation"]) for r in rows["sft"]]
-    t1 = time.time()
     if cfg.name in FROM_SCRATCH:
+        # The tokenizer learns from everything the model will read: prose, the synthetic texts, and the dialogues as
+        # the chat template renders them, system prompt and role names included (they are in every chat: as words of
+        # their own, the system prompt takes 35 tokens where pieces of words took 63, a fifth of a short chat).
+        corpus = [d["text"] for d in train_docs] + [r["text"] for r in rows["pretrain"]]
+        corpus += [prompt_string(r["conversation"]) for r in rows["sft"]]
+        t1 = time.time()
         tok = Tokenizer.train(corpus, cfg.llm.vocab_size, progress=True)
         tok.save(os.path.join(out, "tokenizer.json"))
         if tok.image_id != cfg.image_token_id:

@@ -577,12 +577,11 @@ def plot_losses(metrics: list, path: str, title: str):
 
 def held_out(data_dir: str, limit: int = 0):
     """A data folder's held-out set: (its multiple-choice questions, each checked; its text rows, or None when it has
-    no eval_text.jsonl, as a folder of one's own questions need not). limit: that many questions, as many from each
-    category."""
+    no eval_text.jsonl, as a folder of one's own questions need not), or None when it has no eval_mc.jsonl (a LLaVA
+    import). limit: that many questions, as many from each category."""
     mc_path, text_path = os.path.join(data_dir, "eval_mc.jsonl"), os.path.join(data_dir, "eval_text.jsonl")
     if not os.path.isfile(mc_path):
-        raise ValueError(f"no multiple-choice questions at {mc_path}: --data must be a folder holding eval_mc.jsonl "
-                         "(prepare_data.py's, or one of your own)")
+        return None
     mc_rows = read_mc_rows(mc_path)
     if limit:
         categories = sorted({r["category"] for r in mc_rows})
@@ -685,14 +684,14 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     model.llm.grad_checkpointing = tc.grad_ckpt
 
     eval_rows = None
-    if stage > 0 and master and not os.path.isfile(os.path.join(tc.data, "eval_mc.jsonl")):
-        say(f"stage {stage}: {tc.data} has no held-out questions (eval_mc.jsonl), so the stage is not evaluated; "
-            "evaluate it afterwards with --eval-only --data DIR")
-    elif stage > 0 and master:  # what the evaluations read: a bad row stops the run now, not after training
+    if stage > 0 and master:  # what the evaluations read: a bad row stops the run now, not after training
         try:
             eval_rows = held_out(tc.data, tc.eval_limit)
         except (ValueError, OSError) as e:
             raise SystemExit(f"the held-out questions: {e}") from None
+        if eval_rows is None:
+            say(f"stage {stage}: {tc.data} has no held-out questions (eval_mc.jsonl), so the stage is not evaluated; "
+                "evaluate it afterwards with --eval-only --data DIR")
 
     # Data: a plan per modality group, fixed up front (exact resume, same global batch on every process count).
     global_batch, micro = hp["batch_size"], hp["micro_batch"]
@@ -920,6 +919,9 @@ def main(argv=None):
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         try:
             rows = held_out(tc.data, tc.eval_limit)  # before loading a model that may take minutes
+            if rows is None:
+                raise ValueError(f"no multiple-choice questions at {os.path.join(tc.data, 'eval_mc.jsonl')}: --data "
+                                 "must be a folder holding eval_mc.jsonl (prepare_data.py's, or one of your own)")
             tokenizer = None if is_released_folder(tc.ckpt) else tokenizer_path(tc, [tc.ckpt])
             model, tok, proc = load_model(tc.ckpt, device, dtype, tokenizer)
             acc, bpb = evaluate(model, tok, proc, model.cfg, rows, tc.data, model.cfg.llm.max_seq_len)
