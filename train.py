@@ -92,7 +92,8 @@ class TrainConfig:
     pack: int = -1  # pack samples into full rows (default: stage 2 only, as Table 4)
     trainable: str = ""  # comma-separated module prefixes to train instead of the stage's freeze map
     eval_every: int = 0  # evaluate every this many steps (0: at the end of the stage only)
-    eval_limit: int = 0  # evaluate on this many multiple-choice questions, as many from each category (0: all)
+    eval_limit: int = 0  # evaluate on this many multiple-choice questions, as many from each category, and at most
+    # this many held-out text rows (0: all)
     ckpt_every: int = 0  # write ckpt.pt every this many steps (0: a tenth of the stage)
     log_every: int = 10
     seed: int = 1337
@@ -578,7 +579,7 @@ def plot_losses(metrics: list, path: str, title: str):
 def held_out(data_dir: str, limit: int = 0):
     """A data folder's held-out set: (its multiple-choice questions, each checked; its text rows, or None when it has
     no eval_text.jsonl, as a folder of one's own questions need not), or None when it has no eval_mc.jsonl (a LLaVA
-    import). limit: that many questions, as many from each category."""
+    import). limit: that many questions, as many from each category, and at most that many text rows."""
     mc_path, text_path = os.path.join(data_dir, "eval_mc.jsonl"), os.path.join(data_dir, "eval_text.jsonl")
     if not os.path.isfile(mc_path):
         return None
@@ -587,7 +588,8 @@ def held_out(data_dir: str, limit: int = 0):
         categories = sorted({r["category"] for r in mc_rows})
         per = -(-limit // len(categories))
         mc_rows = [r for c in categories for r in [r for r in mc_rows if r["category"] == c][:per]]
-    return mc_rows, read_jsonl(text_path) if os.path.isfile(text_path) else None
+    text_rows = read_jsonl(text_path) if os.path.isfile(text_path) else None
+    return mc_rows, text_rows[:limit] if (limit and text_rows) else text_rows
 
 
 def evaluate(model, tok, proc, cfg, rows, data_dir, seq_len):
@@ -814,7 +816,11 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         contextlib.nullcontext
     ckpt_every = tc.ckpt_every or max(1, hp["steps"] // 10)
 
+    saved = start  # the step of the newest checkpoint
+
     def save_checkpoint(step):
+        nonlocal saved
+        saved = step
         if master:
             atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state(),
                          "config": cfg.to_dict(), "train": dataclasses.asdict(tc), "hparams": hp, "stage": stage,
@@ -832,8 +838,11 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             micros = [next(batches) for _ in range(accum)]
         except ValueError as e:  # an unreadable image; from a worker, the message ends with the original error
             reason = str(e).strip().splitlines()[-1].removeprefix("ValueError: ")
-            raise SystemExit(f"stage {stage}, step {step + 1}: {reason}. Fix or remove that row, then run again with "
-                             "--resume (from the last checkpoint, if one was written)") from None
+            if step > saved:  # keep the steps done since the last checkpoint: nothing is lost
+                save_checkpoint(step)
+            kept = f"Training up to step {step} is saved in {ckpt_path}. " if step else ""
+            raise SystemExit(f"stage {stage}, step {step + 1}: {reason}. {kept}Fix or remove that row, then run "
+                             f"again{' with --resume' if step else ''}") from None
         micros = [m if isinstance(m, dict) else dict(zip(("ids", "targets", "images", "doc_ids"), m)) for m in micros]
         # Normalise by the supervised tokens of the whole step (all micro-batches, all processes), so a step's
         # gradient does not depend on how its batch was split; a step with none gives a zero loss, never NaN.

@@ -159,6 +159,17 @@ def test_a_bad_held_out_question_is_named_before_training(tmp_path):
     assert [r["answer"] for r in read_mc_rows(str(path))] == [1]
 
 
+def test_eval_limit_bounds_questions_per_category_and_text_rows(data):
+    mc, text = train.held_out(data)
+    categories = sorted({r["category"] for r in mc})
+    assert len(categories) > 1 and len(text) > 3
+    mc3, text3 = train.held_out(data, limit=3)
+    # ceil(3 / categories) questions from each category, the first of each; and the first 3 text rows
+    per = -(-3 // len(categories))
+    assert mc3 == [r for c in categories for r in [r for r in mc if r["category"] == c][:per]]
+    assert text3 == text[:3]
+
+
 def test_every_stage_runs_a_few_steps(data, tmp_path, capsys):
     out = str(tmp_path / "out")
     train.main(["--data", data, "--out", out, "--steps", "2", "--batch_size", "4", "--micro_batch", "2"] + FAST)
@@ -271,18 +282,36 @@ def test_init_from_starts_the_first_stage_of_a_run_and_each_later_one_starts_fro
         train.main(["--data", data, "--init_from", "released", "--out", str(tmp_path)])
 
 
-def test_an_unreadable_image_stops_the_run_naming_its_row(data, start_weights, tmp_path, monkeypatch):
+def test_an_unreadable_image_stops_the_run_naming_its_row_and_keeps_the_steps_done(data, start_weights, tmp_path,
+                                                                                    monkeypatch):
     from nanovl.image import ImageProcessor
+    args = ["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "o"), "--steps", "3",
+            "--batch_size", "4", "--micro_batch", "4", "--short_chat_share", "0", "--text_sft_share", "0",
+            "--ckpt_every", "3"] + FAST
+    readable, calls = ImageProcessor.pixels, []
 
-    def unreadable(self, image, max_pixels=None):
-        raise ValueError(f"cannot read image {image}: broken")
+    def breaks_later(self, image, max_pixels=None):  # every image of step 1 reads; the first of step 2 does not
+        calls.append(image)
+        if len(calls) > 4:
+            raise ValueError(f"cannot read image {image}: broken")
+        return readable(self, image) if max_pixels is None else readable(self, image, max_pixels)
 
-    monkeypatch.setattr(ImageProcessor, "pixels", unreadable)
-    with pytest.raises(SystemExit, match=r"stage 3, step 1: .*sft.jsonl, line \d+: cannot read image .*: broken\. "
-                                         "Fix or remove that row, then run again with --resume"):
-        train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "o"),
-                    "--steps", "2", "--batch_size", "4", "--micro_batch", "4", "--short_chat_share", "0",
-                    "--text_sft_share", "0"] + FAST)
+    monkeypatch.setattr(ImageProcessor, "pixels", breaks_later)
+    with pytest.raises(SystemExit, match=r"stage 3, step 2: .*sft.jsonl, line \d+: cannot read image .*: broken\. "
+                                         r"Training up to step 1 is saved in .*ckpt.pt\. Fix or remove that row, then run again "
+                                         "with --resume"):
+        train.main(args)
+    ckpt = torch.load(tmp_path / "o" / "stage3" / "ckpt.pt", weights_only=False)
+    assert ckpt["step"] == 1  # saved on failure: the first checkpoint was due at step 3
+    monkeypatch.setattr(ImageProcessor, "pixels", readable)  # the row fixed: the run goes on from step 1
+    train.main(args + ["--resume"])
+    assert torch.load(tmp_path / "o" / "stage3" / "ckpt.pt", weights_only=False)["step"] == 3
+
+    calls[:] = range(4)  # now the very first image is unreadable: nothing to keep, nothing to resume
+    monkeypatch.setattr(ImageProcessor, "pixels", breaks_later)
+    with pytest.raises(SystemExit, match=r"step 1: .*broken\. Fix or remove that row, then run again$"):
+        train.main(args[:7] + [str(tmp_path / "p")] + args[8:])
+    assert not os.path.exists(tmp_path / "p" / "stage3" / "ckpt.pt")
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
