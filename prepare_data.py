@@ -252,7 +252,7 @@ def prepare(args):
 
 def show_samples(args):
     """Print rendered samples as the model sees them: [image xN] spans, supervised tokens inside ⟦ ⟧."""
-    tok = Tokenizer.load(os.path.join(args.out, "tokenizer.json"))
+    tok = Tokenizer.load(args.tokenizer)
     n_img = get_config(args.config).n_image_tokens
     rng = random.Random(args.seed)
     for name in ("pretrain", "sft"):
@@ -279,6 +279,9 @@ def main(argv=None):
                                                               "preset's canvas)")
     p.add_argument("--text", nargs="*", default=[], help="your own UTF-8 text files to add to the text-only data")
     p.add_argument("--show", type=int, default=0, help="print this many rendered samples of an existing folder")
+    p.add_argument("--tokenizer", help="with --show: the tokenizer to render with (default: the folder's own "
+                                       "tokenizer.json; a folder for a released preset, or a LLaVA import, has none: "
+                                       "give the released model's, e.g. deepseek-vl-1.3b-chat/tokenizer.json)")
     p.add_argument("--llava", help="import a LLaVA-format JSON (or JSON lines) file of conversations or captions")
     p.add_argument("--images", help="with --llava: the folder its image paths are relative to")
     args = p.parse_args(argv)
@@ -299,9 +302,10 @@ def main(argv=None):
     if args.show:
         if folder_kind(args.out) == "missing":
             p.error(f"--show: {args.out} holds no prepared data; make it first (prepare_data.py --out {args.out})")
-        if not os.path.isfile(os.path.join(args.out, "tokenizer.json")):
-            p.error(f"--show: {args.out} has no tokenizer.json to render with (a folder for a released preset reads "
-                    "the released model's tokenizer)")
+        args.tokenizer = args.tokenizer or os.path.join(args.out, "tokenizer.json")
+        if not os.path.isfile(args.tokenizer):
+            p.error(f"--show: no tokenizer at {args.tokenizer} to render with (a folder for a released preset, or a "
+                    "LLaVA import, has none: pass --tokenizer, e.g. the released model's tokenizer.json)")
         return show_samples(args)
     args.text = sorted(f for pattern in args.text for f in (glob.glob(pattern) or [pattern]))
     for f in args.text:

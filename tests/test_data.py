@@ -175,6 +175,23 @@ def test_llava_json_lines_with_a_broken_line(tmp_path):
         import_llava(str(tmp_path / "nope.json"), str(tmp_path), str(tmp_path / "out"))
 
 
+def test_show_renders_samples_with_the_folders_tokenizer_or_a_given_one(data_dir, tmp_path, capsys):
+    prepare_data.main(["--out", str(data_dir), "--show", "2"])
+    shown = capsys.readouterr().out
+    assert shown.count("--- pretrain / ") == 2 and shown.count("--- sft / ") == 2 and "⟦" in shown
+    # a LLaVA import has no tokenizer of its own: --show asks for one, then renders with it
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]))
+    prepare_data.main(["--llava", str(rows), "--images", str(tmp_path), "--out", str(tmp_path / "imp")])
+    with pytest.raises(SystemExit):
+        prepare_data.main(["--out", str(tmp_path / "imp"), "--show", "1"])
+    assert "pass --tokenizer" in capsys.readouterr().err
+    prepare_data.main(["--out", str(tmp_path / "imp"), "--show", "1", "--tokenizer",
+                       os.path.join(data_dir, "tokenizer.json")])
+    shown = capsys.readouterr().out
+    assert "--- sft / llava / no image" in shown and "⟦ Hello" in shown
+
+
 def test_no_folder_is_written_over_unless_this_script_made_it_for_the_same_purpose(data_dir, tmp_path):
     """prepare_data.py rebuilds only its own synthetic folders, an import replaces only an earlier import, and
     neither ever touches a folder something else made."""
