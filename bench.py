@@ -316,17 +316,24 @@ def measure(step, steps: int, warmup: int, device: str) -> dict:
     return parts
 
 
+# Each timed run resets CUDA's peak statistics to measure its own working memory; the process's peak so far is kept
+# here first, so that peak_memory() is the peak of every run of the process, not of the last one alone.
+_cuda_peak_before_reset = 0
+
+
 def reset_peak_memory(device: str):
+    global _cuda_peak_before_reset
     if device == "cuda":
+        _cuda_peak_before_reset = max(_cuda_peak_before_reset, torch.cuda.max_memory_allocated())
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
 
 def peak_memory(device: str):
-    """(bytes, what they are). On CPU there is no allocator to ask: the process's peak resident set size since it
-    started, which includes Python, torch and anything run earlier in the process."""
+    """(bytes, what they are): the most ever allocated at once in this process. On CPU there is no allocator to ask:
+    the process's peak resident set size since it started, which includes Python, torch and anything run earlier."""
     if device == "cuda":
-        return torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+        return max(_cuda_peak_before_reset, torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
     import resource
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
@@ -500,17 +507,35 @@ def figure(work: int, seconds: float, flops: int, memory, spec, unit: str) -> di
             "mfu": achieved / spec.peak_flops if spec else None, "memory_bytes": memory}
 
 
-def time_runs(runs: dict, work: int, unit: str, args, device: str, spec) -> dict:
-    """Time each of runs, {name: (fn(i), model FLOPs of one call)}, doing `work` tokens or images a call."""
+def time_runs(runs: dict, work: int, unit: str, args, device: str, spec, optional=(), partial=None) -> dict:
+    """Time each of runs, {name: (fn(i), model FLOPs of one call)}, doing `work` tokens or images a call. A run named
+    in `optional` (a reference, a compiled variant) that fails is reported and left out, so that it cannot take the
+    other runs' figures with it; partial(figures so far) is called after each run."""
     figures = {}
     for name, (fn, flops) in runs.items():
         def step(mark, i, fn=fn):
             fn(i)
             mark("run")
 
-        parts, memory = timed_run(step, args, device)
+        try:
+            parts, memory = timed_run(step, args, device)
+        except Exception as e:
+            if name not in optional:
+                raise
+            report_failure(name, e, device)
+            continue
         figures[name] = figure(work, parts["total"], flops, memory, spec, unit)
+        if partial:
+            partial(figures)
     return figures
+
+
+def report_failure(name: str, e: Exception, device: str):
+    """Say that an optional run failed, and free what it left on the device for the runs after it."""
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    print(f"{name}: failed ({type(e).__name__}: {first}); left out")
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def print_runs(figures: dict, unit: str):
@@ -522,8 +547,11 @@ def print_runs(figures: dict, unit: str):
     table(["", unit, "ms", "model FLOP", "achieved", "MFU", "working memory"], rows)
 
 
-def ratio(figures: dict, ours: str, theirs: str, unit: str) -> dict:
-    """Print and return nanovl's throughput over the reference's (above 1: nanovl is faster)."""
+def ratio(figures: dict, ours: str, theirs: str, unit: str):
+    """Print and return nanovl's throughput over the reference's (above 1: nanovl is faster); None when either run
+    failed."""
+    if ours not in figures or theirs not in figures:
+        return None
     key = unit.replace("/", "_per_")
     r = figures[ours][key] / figures[theirs][key]
     print(f"{ours} / {theirs}: {r:.2f}x {unit}")
@@ -636,6 +664,7 @@ def bench_train(args, cfg, device, dtype, spec):
           f"; {sum(p.numel() for p in params):,} parameters trained\n")
     print_runs(figures, "tokens/s")
     result = {**figures["nanovl"], **print_peak(device), "modes": modes, "flops_by_part": flops}
+    args.partial(result)
 
     # Where the time goes.
     if args.llm_only:
@@ -653,6 +682,7 @@ def bench_train(args, cfg, device, dtype, spec):
     print(f"where the time goes ({note})")
     table(["part", "mode", "ms/step", "share", "model FLOP", "achieved"], rows, left=2)
     result["parts_s"] = parts
+    args.partial(result)
 
     if args.compare:
         del plain_step, cut_step, optimizer_step, batches, params  # free our optimizer state and batches first
@@ -683,8 +713,9 @@ def compare_train(args, cfg, model, device, dtype, spec):
             loss.backward()
             optimizer_step()
 
-        return time_runs({name: (step, flops)}, B * T, "tokens/s", args, device, spec)
+        return time_runs({name: (step, flops)}, B * T, "tokens/s", args, device, spec, optional=reference_runs)
 
+    reference_runs = ("transformers LlamaForCausalLM", "transformers LlamaForCausalLM, compiled")
     llm, model.llm = model.llm, None
     model.siglip = model.sam = model.aligner = None  # only the decoder takes part
     figures = time_training("nanovl Llama", llm, lambda net, ids, targets: net(ids, targets=targets)[1])
@@ -710,7 +741,7 @@ def compare_train(args, cfg, model, device, dtype, spec):
           ("; nanovl compiled" if args.compile else ""))
     print_runs(figures, "tokens/s")
     out = ratio(figures, "nanovl Llama", "transformers LlamaForCausalLM", "tokens/s")
-    if args.compile:
+    if out is not None and args.compile:
         out["compiled"] = ratio(figures, "nanovl Llama", "transformers LlamaForCausalLM, compiled", "tokens/s")
     print()
     return out
@@ -740,6 +771,7 @@ def bench_prefill(args, cfg, device, dtype, spec):
         figures = time_runs(runs, B * T, "tokens/s", args, device, spec)
     print_runs(figures, "tokens/s")
     result = {**figures["nanovl"], **print_peak(device)}
+    args.partial(result)
     if args.compare:  # the decoder alone on a text prompt of the same length, against transformers
         hf = reference("transformers", lambda: hf_llama(cfg.llm, device, dtype, model.llm.state_dict()))
         if hf is not None:
@@ -749,7 +781,8 @@ def bench_prefill(args, cfg, device, dtype, spec):
                     "transformers LlamaForCausalLM": (lambda i: hf(input_ids=text, use_cache=True, logits_to_keep=1),
                                                       flops)}
             with torch.inference_mode():
-                figures = time_runs(runs, B * T, "tokens/s", args, device, spec)
+                figures = time_runs(runs, B * T, "tokens/s", args, device, spec,
+                                    optional=("transformers LlamaForCausalLM",))
             print(f"--compare: the decoder's prefill, batch {B} x {T} text tokens, same weights")
             print_runs(figures, "tokens/s")
             result["reference"] = ratio(figures, "nanovl Llama", "transformers LlamaForCausalLM", "tokens/s")
@@ -830,7 +863,13 @@ def bench_decode(args, cfg, device, dtype, spec):
         runs, same = {"nanovl loop (model + KVCache)": loop}, {}
         variants = [("nanovl.generate", False)] + ([("nanovl.generate, compiled", True)] if args.compile else [])
         for name, compile in variants:
-            runs[name], their_ids = library(prompt, images, compile)
+            try:
+                runs[name], their_ids = library(prompt, images, compile)
+            except Exception as e:  # a compiler that fails on this machine leaves the other figures standing
+                if not compile:
+                    raise
+                report_failure(name, e, device)
+                continue
             same[name] = leading_agreement(loop_ids, their_ids)
         return runs, same, loop_ids
 
@@ -844,10 +883,11 @@ def bench_decode(args, cfg, device, dtype, spec):
     runs, same, _ = all_runs(ids, images)
     print_decoding(runs, need, bound, new)
     print_agreement(same, new)
-    headline = "nanovl.generate, compiled" if args.compile else "nanovl.generate"
+    headline = "nanovl.generate, compiled" if "nanovl.generate, compiled" in runs else "nanovl.generate"
     result = {**runs[headline], "runs": runs, "same_tokens_as_loop": same, "bytes_per_step": need / (new - 2),
               "bytes_per_s": need / runs[headline]["decode_s"], "bound_tokens_per_s": bound, **print_peak(device),
               "prompt_len": P, "new": new}
+    args.partial(result)
     if not args.compare:
         return result
     # The decoder on a text prompt, against transformers' generate with the same weights.
@@ -877,7 +917,11 @@ def bench_decode(args, cfg, device, dtype, spec):
 
     text, _, _ = synthetic_batch(cfg, B, P, device, image=False)
     runs, same, loop_ids = all_runs(text, None)
-    runs["transformers generate"], their_ids = timed_generation(hf_run)
+    try:
+        runs["transformers generate"], their_ids = timed_generation(hf_run)
+    except Exception as e:
+        report_failure("transformers generate", e, device)
+        return result
     if their_ids.shape != (B, new):
         raise RuntimeError(f"transformers generated {tuple(their_ids.shape)} tokens, expected {(B, new)}")
     same["transformers generate"] = leading_agreement(loop_ids, their_ids)
@@ -885,6 +929,7 @@ def bench_decode(args, cfg, device, dtype, spec):
     print_decoding(runs, need, bound, new)
     print_agreement(same, new)
     theirs = runs.pop("transformers generate")
+    headline = "nanovl.generate, compiled" if "nanovl.generate, compiled" in runs else "nanovl.generate"
     result["reference"] = {"name": "transformers generate", **theirs, "nanovl": runs, "same_tokens_as_loop": same,
                            "ratio": runs[headline]["tokens_per_s"] / theirs["tokens_per_s"]}
     print(f"decode tokens/s of {headline} over transformers': {result['reference']['ratio']:.2f}x\n")
@@ -949,9 +994,10 @@ def bench_vision(args, cfg, device, dtype, spec):
     print(f"vision: batches of {N} at {cfg.image_size} px" + (f" (SigLIP's input resized to "
           f"{cfg.siglip.image_size})" if cfg.hybrid else "") + f"; {timed(args, 'batch')}" +
           (", compiled ones compiled in the warm-up" if args.compile else "") + "\n")
+    optional = [name for name in work if name.endswith(", compiled") or not name.startswith("nanovl")]
     with torch.inference_mode():
         figures = time_runs({name: (lambda i, fn=fn: fn(), flops) for name, (fn, flops) in work.items()}, N,
-                            "images/s", args, device, spec)
+                            "images/s", args, device, spec, optional, lambda done: args.partial({"runs": done}))
     print_runs(figures, "images/s")
     result = {"images_per_s": figures["nanovl encode_images"]["images_per_s"], "runs": figures}
     if args.compare:
@@ -1045,7 +1091,10 @@ def _bench_tokenizer(args, Tokenizer):
 # The suite: every figure of the README's GPU tables from one command, each run in a process of its own (its peak
 # memory is its own, and a run that fails or runs out of memory does not take the others with it). Runs go in order
 # of importance; none starts after --budget seconds, and each run's figures are appended to --out/suite.jsonl as it
-# ends (its printed tables and errors to --out/suite.log), so a suite cut short still leaves what it measured.
+# ends (its printed tables and errors to --out/suite.log), so a suite cut short still leaves what it measured. Within
+# a run too: each bench prints its figures so far as it goes (--emit-partial), and a run stopped at the budget or
+# failing after its headline keeps the last of them, marked partial. A compiled run that fails (a compiler that does
+# not work on the machine) fails alone: its eager figures, and the references', come from runs of their own.
 # --small runs the same list on the tiny preset (a test).
 
 # The issue's targets: (suite run, what nanovl part, the reference, work, the reference's figure measured on one
@@ -1060,6 +1109,7 @@ TARGETS = [
     ("train-1.3b-hybrid-compiled", None, None, "the same, compiled", "none", "40% MFU with vision FLOPs"),
     ("decode-1.3b", None, "transformers generate", "1.3B decode, batch 1, after a 600-token prompt",
      "19 tokens/s (bound about 1,400)", "800 tokens/s"),
+    ("decode-1.3b-compiled", None, "transformers generate", "the same, compiled", "19 tokens/s", "800 tokens/s"),
     ("vision-7b-sam8", "nanovl SAM trunk + neck", "segment-anything ImageEncoderViT",
      "SAM-B forward, 1024x1024, bf16, batch 8", "56 images/s", "3x the reference"),
     ("vision-7b-sam8-compiled", "nanovl SAM trunk + neck", "segment-anything ImageEncoderViT",
@@ -1070,22 +1120,26 @@ TARGETS = [
      "at least equal"),
 ]
 SUITE = [  # (name, bench arguments), most important first; --small swaps the preset for tiny and shrinks the shapes
+    # The targets, eager, each against its reference in the same process.
     ("train-1.3b", "--what train --config 1.3b --llm-only --seq 2048 --compare"),
-    ("decode-1.3b", "--what decode --config 1.3b --compare --compile --steps 2 --warmup 1"),  # transformers: ~13 s each
+    ("decode-1.3b", "--what decode --config 1.3b --compare --steps 2 --warmup 1"),  # transformers: ~13 s each
     ("vision-7b-sam8", "--what vision --config 7b --compare --batch 8"),
     ("vision-7b", "--what vision --config 7b --compare --batch 32"),
+    # Compiled: nanovl alone (the reference's figure is the eager run's above, from the same suite), so a compiler
+    # failure costs only its own run and no time goes to compiling the references.
+    ("train-1.3b-compiled", "--what train --config 1.3b --llm-only --seq 2048 --compile"),
     ("train-1.3b-hybrid", "--what train --config 1.3b-hybrid --stage 3"),
+    ("decode-1.3b-compiled", "--what decode --config 1.3b --compile --steps 2 --warmup 1"),
+    ("memory-7b-stage1", "--what train --config 7b --stage 1 --steps 1 --warmup 1"),  # the 7B fits one GPU
+    ("memory-7b-prefill", "--what prefill --config 7b --steps 1 --warmup 1"),
+    ("vision-7b-sam8-compiled", "--what vision --config 7b --compare --compile --batch 8"),
+    ("train-1.3b-hybrid-compiled", "--what train --config 1.3b-hybrid --stage 3 --compile"),
+    ("vision-7b-compiled", "--what vision --config 7b --compare --compile --batch 32"),
 ] + [  # the memory table: each preset's stages at the bench's default shapes, with and without checkpointing
     (f"memory-{preset}-stage{stage}" + ("-ckpt" if ckpt else ""),
      f"--what train --config {preset} --stage {stage} --steps 1 --warmup 1" + (" --grad-ckpt" if ckpt else ""))
-    for preset in ("1.3b", "1.3b-hybrid") for stage in (1, 2, 3) for ckpt in (False, True)
+    for preset in ("1.3b-hybrid", "1.3b") for stage in (3, 2, 1) for ckpt in (False, True)
 ] + [
-    ("memory-7b-stage1", "--what train --config 7b --stage 1 --steps 1 --warmup 1"),
-    ("memory-7b-prefill", "--what prefill --config 7b --steps 1 --warmup 1"),
-    ("train-1.3b-compiled", "--what train --config 1.3b --llm-only --seq 2048 --compare --compile"),
-    ("vision-7b-sam8-compiled", "--what vision --config 7b --compare --compile --batch 8"),
-    ("vision-7b-compiled", "--what vision --config 7b --compare --compile --batch 32"),
-    ("train-1.3b-hybrid-compiled", "--what train --config 1.3b-hybrid --stage 3 --compile"),
     ("decode-7b", "--what decode --config 7b --compile"),
 ]
 
@@ -1130,15 +1184,22 @@ def run_suite(args) -> list:
         with open(out / "suite.log", "a") as log:
             log.write(f"=== {name}: python bench.py {run_args}\n")
             log.flush()
+            # Unbuffered, so that every line a run printed reaches the pipe at once, and is still there if it is
+            # stopped at the budget.
+            env = dict(os.environ, PYTHONUNBUFFERED="1")
             try:
-                proc = subprocess.run([sys.executable, __file__, *run_args.split()], stdout=subprocess.PIPE,
-                                      stderr=log, text=True, timeout=left)
-                log.write(proc.stdout)
-                lines = proc.stdout.strip().splitlines()
-                result = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
-                error = None if result else f"exit status {proc.returncode}; see {log.name}"
-            except subprocess.TimeoutExpired:
-                result, error = None, f"stopped at the budget after {time.perf_counter() - t0:.0f} s"
+                proc = subprocess.run([sys.executable, __file__, *run_args.split(), "--emit-partial"],
+                                      stdout=subprocess.PIPE, stderr=log, text=True, timeout=left, env=env)
+                output, stopped = proc.stdout, None if proc.returncode == 0 else f"exit status {proc.returncode}"
+            except subprocess.TimeoutExpired as e:
+                output = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+                stopped = f"stopped at the budget after {time.perf_counter() - t0:.0f} s"
+            log.write(output)
+            result = last_json(output)
+            if stopped:
+                error = stopped + ("; the figures it had are kept" if result else "") + f"; see {log.name}"
+            else:
+                error = None if result else f"printed no figures; see {log.name}"
         record = {"name": name, "args": run_args, "date": time.strftime("%Y-%m-%d"),
                   "seconds": round(time.perf_counter() - t0, 1), "result": result, "error": error}
         print(f"suite: {name}: " + (error or f"done in {record['seconds']} s"), flush=True)
@@ -1146,6 +1207,19 @@ def run_suite(args) -> list:
             f.write(json.dumps(record) + "\n")
         records.append(record)
     return records
+
+
+def last_json(output: str):
+    """The last line of a bench's output that is a JSON object: its result, or for a run cut short the last of its
+    partial ones; None when there is none."""
+    for line in reversed(output.strip().splitlines()):
+        try:
+            found = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(found, dict):
+            return found
+    return None
 
 
 def suite_tables(records: list):
@@ -1161,8 +1235,15 @@ def suite_tables(records: list):
         if res is None:
             rows.append([work, their_h200, "not run", "-", "-", target])
             continue
-        refs = res["reference"] if isinstance(res["reference"], list) else [res["reference"]]
-        ref = next((r for r in refs if r and r["name"] == their_name), None)
+        def reference_of(res):
+            refs = res.get("reference") if isinstance(res.get("reference"), list) else [res.get("reference")]
+            return next((r for r in refs if r and r["name"] == their_name), None)
+
+        ref = reference_of(res)
+        # A compiled train or decode run times nanovl alone: its reference is the eager run's, from the same suite.
+        borrowed = None
+        if ref is None and run.endswith("-compiled") and not run.startswith("vision"):
+            borrowed = reference_of(by_name.get(run.removesuffix("-compiled"), {}))
         if run.startswith("train"):  # with a reference, the decoder's figures from the same comparison
             def tokens(f):
                 return f"{f['tokens_per_s']:,.0f} tokens/s" + ("" if f["mfu"] is None else f", {f['mfu']:.1%} MFU")
@@ -1173,12 +1254,18 @@ def suite_tables(records: list):
             if ref is not None and ref.get("compiled"):  # the reference compiled too
                 theirs += f" (compiled: {tokens(ref['compiled'])})"
                 ratio += f" ({ref['compiled']['ratio']:.2f}x)"
+            if borrowed:
+                theirs = tokens(borrowed) + " (eager run's)"
+                ratio = f"{res['tokens_per_s'] / borrowed['tokens_per_s']:.2f}x"
         elif run.startswith("decode"):
             plain = "CUDA graph" if res["device"] == "cuda" else "eager"
             ours = ", ".join(f"{f['tokens_per_s']:,.0f} tokens/s ({'compiled' if 'compiled' in name else plain})"
                              for name, f in res["runs"].items() if name.startswith("nanovl.generate"))
             theirs = "-" if ref is None else f"{ref['tokens_per_s']:,.1f} tokens/s"
             ratio = "-" if ref is None else f"{ref['ratio']:.1f}x"
+            if borrowed:
+                theirs = f"{borrowed['tokens_per_s']:,.1f} tokens/s (eager run's)"
+                ratio = f"{res['tokens_per_s'] / borrowed['tokens_per_s']:.1f}x"
         else:  # vision: eager, and compiled when the run compiled
             mine = [("compiled" if name.endswith(", compiled") else "eager", f) for name, f in res["runs"].items()
                     if name.startswith(part)]
@@ -1187,6 +1274,8 @@ def suite_tables(records: list):
             theirs = "-" if ref is None else f"{ref['images_per_s']:,.0f} images/s"
             ratio = "-" if ref is None else ", ".join(f"{f['images_per_s'] / ref['images_per_s']:.2f}x"
                                                       for _, f in mine)
+        if res.get("partial"):
+            ours += " (run cut short: the figures it had)"
         rows.append([work, their_h200, theirs, ours, ratio, target])
     print("| work | reference, the issue's H200 figure | reference, this run | nanovl | nanovl / reference "
           "| target |")
@@ -1196,16 +1285,21 @@ def suite_tables(records: list):
 
     print("\n| preset | work | activation checkpointing | batch x tokens | peak memory |")
     print("|---|---|---|---|---|")
-    for r in records:
-        if not r["name"].startswith("memory-"):
-            continue
-        words, res = r["args"].split(), r["result"]
+    memory_runs = [(r, r["args"].split()) for r in records if r["name"].startswith("memory-")]
+    # by preset, then the prefill and stages 1-3, each without checkpointing first (the suite runs them in another
+    # order: the most wanted first)
+    memory_runs.sort(key=lambda rw: (rw[1][rw[1].index("--config") + 1], rw[1][rw[1].index("--stage") + 1]
+                                     if "--stage" in rw[1] else "0", "--grad-ckpt" in rw[1]))
+    for r, words in memory_runs:
+        res = r["result"]
         work = f"stage {words[words.index('--stage') + 1]}" if "--stage" in words else "inference (prefill)"
-        figure = f"{res['peak_memory_bytes'] / 2 ** 30:.1f} GiB" if res else r["error"]
+        measured = res and res.get("peak_memory_bytes")  # a run cut short may have stopped before measuring it
+        figure = f"{res['peak_memory_bytes'] / 2 ** 30:.1f} GiB" if measured else r["error"]
         shape = f"{res['batch']} x {res['seq']}" if res else "-"
         print(f"| {words[words.index('--config') + 1]} | {work} | {'yes' if '--grad-ckpt' in words else 'no'} | "
               f"{shape} | {figure} |")
-    kinds = {res["memory"] for r in records if (res := r["result"]) and r["name"].startswith("memory-")}
+    kinds = {res["memory"] for r in records
+             if (res := r["result"]) and "memory" in res and r["name"].startswith("memory-")}
     print(f"\npeak memory: {', '.join(sorted(kinds)) or '-'}, in a process of its own for each run")
 
 
@@ -1258,6 +1352,7 @@ def main(argv=None):
     parser.add_argument("--budget", type=float, default=3600, help="suite: start no run after this many seconds")
     parser.add_argument("--small", action="store_true", help="suite: the tiny preset at small shapes (a check)")
     parser.add_argument("--tables", help="suite: print the tables of an earlier run's suite.jsonl, run nothing")
+    parser.add_argument("--emit-partial", action="store_true", help=argparse.SUPPRESS)  # set by the suite for its runs
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(rest, parser)
     result = {"what": args.what}
@@ -1328,6 +1423,10 @@ def main(argv=None):
     result.update(reference=None, config=cfg.name, overrides=overrides, device=device, device_name=device_name,
                   torch=torch.__version__, dtype=dtype_name, batch=args.batch, seq=args.seq, steps=args.steps,
                   warmup=args.warmup)
+    # For the suite, each bench also prints its figures so far as a JSON line as soon as it has its headline (and
+    # again as it goes), so that a run stopped at the budget, or failing in a later comparison, keeps what it measured.
+    args.partial = (lambda figures: print(json.dumps({**result, **figures, "partial": True}), flush=True)) \
+        if args.emit_partial else (lambda figures: None)
     result.update(bench[args.what](args, cfg, device, dtype, spec))
     print(json.dumps(result))
     return result

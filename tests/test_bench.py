@@ -2,6 +2,7 @@
 training step against the plain one, every --what on the tiny preset, --compare with and without the references,
 and the JSON line."""
 
+import argparse
 import builtins
 import json
 
@@ -303,3 +304,81 @@ def test_suite_runs_each_bench_in_its_own_process_and_prints_the_readme_tables(c
     _, skipped = run(capsys, "--what", "suite", "--small", "--runs", "train-1.3b", "--budget", "0", "--out",
                      str(tmp_path))
     assert "out of budget (0 s); not run: train-1.3b" in skipped
+
+
+def test_a_failing_reference_or_compiled_run_is_left_out_and_the_others_stand(capsys, monkeypatch):
+    import types
+
+    def broken(i):
+        raise RuntimeError("no compiler here\nmore detail")
+
+    args = types.SimpleNamespace(steps=1, warmup=0)
+    figures = bench.time_runs({"nanovl": (lambda i: None, 10), "reference": (broken, 10)}, 4, "tokens/s", args, "cpu",
+                              None, optional=("reference",))
+    assert list(figures) == ["nanovl"]
+    assert "reference: failed (RuntimeError: no compiler here); left out" in capsys.readouterr().out
+    with pytest.raises(RuntimeError):  # nanovl's own runs are not optional: their failure is the bench's
+        bench.time_runs({"nanovl": (broken, 10)}, 4, "tokens/s", args, "cpu", None, optional=("reference",))
+    assert bench.ratio(figures, "nanovl", "reference", "tokens/s") is None
+
+    # decoding: a compiled nanovl.generate that fails leaves the loop's and the plain generate's figures
+    import nanovl.generate
+    plain = nanovl.generate.generate
+
+    def no_compiler(*a, compile=False, **k):
+        if compile:
+            raise RuntimeError("inductor is not available")
+        return plain(*a, **k)
+
+    monkeypatch.setattr(nanovl.generate, "generate", no_compiler)
+    result, printed = run(capsys, "--what", "decode", "--compile", "--steps", "1", "--warmup", "0")
+    assert "nanovl.generate, compiled: failed (RuntimeError: inductor is not available); left out" in printed
+    assert set(result["runs"]) == {"nanovl loop (model + KVCache)", "nanovl.generate"}
+    assert result["tokens_per_s"] == result["runs"]["nanovl.generate"]["tokens_per_s"]
+
+
+FAKE_BENCH = """
+import json, sys, time
+print("nanovl bench: a stand-in that measures its headline, then hangs or fails in its comparison")
+print(json.dumps({"what": "train", "config": "tiny", "device": "cpu", "device_name": "cpu", "torch": "x",
+                  "reference": None, "tokens_per_s": 1234.0, "mfu": None, "batch": 4, "seq": 4096, "partial": True}))
+print("comparing...")
+if "--seq" in sys.argv:  # train-1.3b has --seq 2048 in SUITE: hang past the budget
+    time.sleep(60)
+sys.exit(1)
+"""
+
+
+def test_a_suite_run_cut_short_or_failing_keeps_the_figures_it_printed(capsys, monkeypatch, tmp_path):
+    fake = tmp_path / "fake_bench.py"
+    fake.write_text(FAKE_BENCH)  # no flush in it: only the suite's unbuffered child keeps the lines past a kill
+    monkeypatch.setattr(bench, "__file__", str(fake))
+    out = tmp_path / "suite"
+    (cut,) = bench.run_suite(argparse.Namespace(out=str(out), runs="train-1.3b", budget=4, small=False))
+    (failed,) = bench.run_suite(argparse.Namespace(out=str(out), runs="memory-1.3b-stage1", budget=60, small=False))
+    records = [cut, failed]
+    assert cut["error"].startswith("stopped at the budget after") and "the figures it had are kept" in cut["error"]
+    assert cut["result"]["tokens_per_s"] == 1234.0 and cut["result"]["partial"]
+    assert failed["error"].startswith("exit status 1; the figures it had are kept")
+    assert "comparing..." in (out / "suite.log").read_text()
+    bench.suite_tables(records)
+    printed = capsys.readouterr().out
+    assert "| 1,234 tokens/s (run cut short: the figures it had) |" in printed
+    assert "| 1.3b | stage 1 | no | 4 x 4096 | exit status 1; the figures it had are kept; see " in printed
+
+
+def test_a_compiled_run_alone_is_compared_with_the_eager_runs_reference(capsys):
+    def train_result(tokens, reference=None):
+        return {"what": "train", "device": "cuda", "device_name": "NVIDIA H200", "torch": "2.11", "mfu": 0.5,
+                "tokens_per_s": tokens, "reference": reference}
+
+    ref = {"name": "transformers LlamaForCausalLM", "tokens_per_s": 1000.0, "mfu": 0.35, "ratio": 1.5,
+           "nanovl": {"tokens_per_s": 1500.0, "mfu": 0.52}}
+    records = [{"name": "train-1.3b", "args": "", "date": "d", "seconds": 1, "error": None,
+                "result": train_result(1500.0, ref)},
+               {"name": "train-1.3b-compiled", "args": "", "date": "d", "seconds": 1, "error": None,
+                "result": train_result(2000.0)}]
+    bench.suite_tables(records)
+    printed = capsys.readouterr().out
+    assert "| the same, nanovl compiled (the reference eager, and compiled in brackets) | - | 1,000 tokens/s, 35.0% " \
+           "MFU (eager run's) | 2,000 tokens/s, 50.0% MFU | 2.00x |" in printed
