@@ -16,15 +16,17 @@ has no training code: this file is the recipe, written out.
     python train.py --eval-only --ckpt out/stage3    # multiple-choice and text evaluation of a checkpoint
     torchrun --nproc_per_node=2 train.py --stage 3   # several processes, one global batch
 
-Any training field below, and any model config field (dotted, as --llm.dim=256), can be set with --key=value.
-Each stage writes out/stage<k>/: model.pt (final weights) and config.json, ckpt.pt (the latest resumable state),
-metrics.jsonl, loss.png and eval.json. Stage k+1 starts from out/stage<k>/model.pt unless --init_from says otherwise.
-A stage folder that holds an earlier run's ckpt.pt or model.pt is never written over: --resume continues it (after
-checking that the settings are the same), and without --resume the run stops before writing anything.
+Any training field below (--help lists them), and any model config field (dotted, as --llm.dim=256), can be set with
+--key=value. Each stage writes out/stage<k>/: model.pt (final weights), config.json and tokenizer.json, ckpt.pt (the
+latest resumable state), metrics.jsonl, loss.png and eval.json. Stage k+1 starts from out/stage<k>/model.pt unless
+--init_from says otherwise. A stage folder that holds an earlier run's ckpt.pt or model.pt is never written over:
+--resume continues it (after checking that the settings are the same), and without --resume the run stops before
+writing anything.
 """
 
 import contextlib
 import dataclasses
+import difflib
 import glob
 import json
 import math
@@ -145,11 +147,25 @@ def stage_defaults(preset: str, stage: int) -> dict:
     return dict(STAGE_DEFAULTS[table][stage])
 
 
+def usage() -> str:
+    """--help: this file's docstring, then TrainConfig as written above (every setting, its default and comment)."""
+    import inspect
+
+    settings = inspect.getsource(TrainConfig).split("\n", 2)[2]  # the body, below "@dataclass" and "class ..."
+    return (__doc__.strip() + "\n\nTraining settings (--key=value or --key value; a bare --flag for true):\n\n" +
+            "\n".join(line.removeprefix("    ") for line in settings.rstrip().splitlines()) +
+            "\n\nModel config fields (nanovl/config.py), dotted: --llm.n_layers=6, --siglip.depth=4, --sam.window_size=7,"
+            "\n--aligner.depth=2; the preset (--config) gives the rest.")
+
+
 def parse_args(argv):
     """--key=value or --key value. TrainConfig fields go to the TrainConfig; anything else is a model config
     override (get_config checks it). Dashes and underscores are the same: --eval-only == --eval_only."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     tc, overrides, i = TrainConfig(), {}, 0
+    if "--help" in argv or "-h" in argv:
+        print(usage())
+        raise SystemExit(0)
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
@@ -173,6 +189,11 @@ def parse_args(argv):
             except ValueError:
                 raise SystemExit(f"--{key} expects {kind.__name__}, got {value!r}") from None
             setattr(tc, key, value)
+        elif "." not in key and key not in {f.name for f in dataclasses.fields(VLConfig)}:
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            raise SystemExit(f"unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else "") +
+                             "; python train.py --help lists the training settings, and model config fields are "
+                             "dotted, as --llm.n_layers=6")
         else:
             overrides[key] = value
         i += 1
@@ -697,8 +718,15 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
 
     # Data: a plan per modality group, fixed up front (exact resume, same global batch on every process count).
     global_batch, micro = hp["batch_size"], hp["micro_batch"]
+    if global_batch % (world * micro) and not tc.micro_batch and global_batch % world == 0:
+        # The stage's default micro-batch is for one process (tiny's is the whole batch): with several, each takes
+        # the largest micro-batch up to it that splits its share of the batch evenly. The global batch, and so the
+        # run, is the same (a test checks); the default in the checkpoint's settings is unchanged.
+        micro = max(m for m in range(1, micro + 1) if (global_batch // world) % m == 0)
     if global_batch % (world * micro):
-        raise SystemExit(f"batch_size {global_batch} is not divisible by {world} processes x micro_batch {micro}")
+        raise SystemExit(f"batch_size {global_batch} is not divisible by {world} processes x micro_batch {micro}: "
+                         f"pass a --micro_batch that divides batch_size / processes, or a --batch_size that "
+                         f"{world} x {micro} divides")
     accum = global_batch // (world * micro)
     folders = [tc.data] + [f for f in tc.extra_data.split(",") if f]
     reader = CachedProcessor(proc, tc.image_cache << 20)  # what the training batches read their images with

@@ -181,7 +181,8 @@ def test_show_renders_samples_with_the_folders_tokenizer_or_a_given_one(data_dir
     assert shown.count("--- pretrain / ") == 2 and shown.count("--- sft / ") == 2 and "⟦" in shown
     # a LLaVA import has no tokenizer of its own: --show asks for one, then renders with it
     rows = tmp_path / "rows.json"
-    rows.write_text(json.dumps([{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}]))
+    chat = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]
+    rows.write_text(json.dumps([{"conversations": chat}]))
     prepare_data.main(["--llava", str(rows), "--images", str(tmp_path), "--out", str(tmp_path / "imp")])
     with pytest.raises(SystemExit):
         prepare_data.main(["--out", str(tmp_path / "imp"), "--show", "1"])

@@ -208,8 +208,9 @@ def test_resume_is_bitwise_identical(data, start_weights, tmp_path):
 
 def test_two_processes_match_one_with_the_same_global_batch(data, start_weights, tmp_path):
     common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "3", "--batch_size", "8",
-              "--micro_batch", "2", "--eval_limit", "5", "--workers", "0"]
-    run(common + ["--out", str(tmp_path / "one")])
+              "--eval_limit", "5", "--workers", "0"]
+    run(common + ["--out", str(tmp_path / "one"), "--micro_batch", "2"])
+    # The stage's default micro-batch is the whole batch (8): two processes take 4 rows each without being told.
     run(common + ["--out", str(tmp_path / "two")], torchrun=2)
     one, two = load_model(tmp_path / "one" / "stage3"), load_model(tmp_path / "two" / "stage3")
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
@@ -298,8 +299,8 @@ def test_an_unreadable_image_stops_the_run_naming_its_row_and_keeps_the_steps_do
 
     monkeypatch.setattr(ImageProcessor, "pixels", breaks_later)
     with pytest.raises(SystemExit, match=r"stage 3, step 2: .*sft.jsonl, line \d+: cannot read image .*: broken\. "
-                                         r"Training up to step 1 is saved in .*ckpt.pt\. Fix or remove that row, then run again "
-                                         "with --resume"):
+                                         r"Training up to step 1 is saved in .*ckpt.pt\. Fix or remove that row, "
+                                         "then run again with --resume"):
         train.main(args)
     ckpt = torch.load(tmp_path / "o" / "stage3" / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 1  # saved on failure: the first checkpoint was due at step 3
@@ -423,6 +424,8 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
         train.main(["--data", data, "--llm.layers=2"])
     for argv, message in [(["--steps", "-5"], "--steps must be 0 or more .0: the default., got -5"),
                           (["--resume=maybe"], "--resume expects true or false, got 'maybe'"),
+                          (["--setps", "5"], r"unknown setting --setps \(did you mean --steps\?\); python train.py "
+                                             "--help lists the training settings"),
                           (["--device", "tpu"], "'tpu' is not a device torch knows")]:
         with pytest.raises(SystemExit, match=message):
             train.main(["--data", data, "--out", str(tmp_path / "o")] + argv)
@@ -441,6 +444,16 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
     torch.save({"model": {}, "config": None, "hook": DeepSeekVL}, evil)
     with pytest.raises(SystemExit, match="only tensors and plain containers are accepted"):
         train.main(["--data", data, "--stage", "3", "--init_from", str(evil), "--out", str(tmp_path / "o")])
+
+
+def test_help_lists_every_training_setting(capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--help"])
+    assert stop.value.code == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(train.__doc__.strip()[:60])
+    for f in dataclasses.fields(train.TrainConfig):
+        assert f"\n{f.name}: " in printed
 
 
 def test_packing_lays_samples_end_to_end():
