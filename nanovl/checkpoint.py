@@ -23,6 +23,7 @@ skipped by name (RELEASED_UNUSED in model.py).
 import json
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -235,10 +236,30 @@ def load_released(folder, device="cpu", dtype=None):
     return model, tok, proc
 
 
+EXPORT_FILES = re.compile(r"(config|tokenizer|tokenizer_config|preprocessor_config)\.json|model\.safetensors"
+                          r"(\.index\.json)?|model-\d+-of-\d+\.safetensors")  # the names an export writes
+
+
+def export_target(folder) -> Path:
+    """The folder an export may write, resolved ("." has no name to put ".partial" after); ValueError for one that
+    holds anything an export does not write."""
+    folder = Path(folder).resolve()
+    if folder.exists():
+        others = sorted(f.name for f in folder.iterdir() if not EXPORT_FILES.fullmatch(f.name)) \
+            if folder.is_dir() else [folder.name]
+        if others:
+            raise ValueError(f"{folder} exists and holds {', '.join(others[:5])}" + (", ..." if len(others) > 5 else "")
+                             + ", which an export does not write: an export only replaces an earlier export. Choose a "
+                             "new folder to export to")
+    return folder
+
+
 def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_shard_bytes: Optional[int] = None):
     """Write `model` in the released layout. The folder is written as folder.partial and then renamed, so an
-    interrupted export never leaves a folder that looks complete."""
-    cfg, folder = model.cfg, Path(folder)
+    interrupted export never leaves a folder that looks complete. An existing folder is replaced only when it is
+    empty or an earlier export (every file one an export writes): a stage folder, a data folder or anything else
+    is refused, never deleted."""
+    cfg, folder = model.cfg, export_target(folder)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -455,11 +476,15 @@ def main(argv=None):
     p.add_argument("--shard_gb", type=float, default=5.0, help="largest shard, in GiB (HF's default: 5)")
     args = p.parse_args(argv)
     try:
+        export_target(args.export)  # before the minutes a large model takes to load
         model, tok, _ = load_model(args.ckpt, tokenizer=args.tokenizer or None)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from None
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    out = export_released(model, tok, args.export, dtype, int(args.shard_gb * 2 ** 30))
+    try:
+        out = export_released(model, tok, args.export, dtype, int(args.shard_gb * 2 ** 30))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     print(f"wrote {out}: {', '.join(sorted(f.name for f in out.iterdir()))}")
 
 

@@ -274,6 +274,24 @@ def test_export_loads_back_to_identical_outputs(folder, tmp_path):
     assert all(torch.equal(exported[k], expected[k]) for k in expected)
 
 
+def test_export_replaces_only_an_earlier_export(folder, tmp_path, monkeypatch):
+    model, tok, _ = load_released(folder[0])
+    out = export_released(model, tok, tmp_path / "export")
+    export_released(model, tok, out, max_shard_bytes=20_000)  # an earlier export: replaced, now in shards
+    assert not (out / "model.safetensors").exists() and (out / "model.safetensors.index.json").exists()
+    stage = tmp_path / "stage3"  # a training run's folder: refused, and nothing in it touched
+    stage.mkdir()
+    (stage / "model.pt").write_bytes(b"weights")
+    (stage / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="stage3 exists and holds model.pt, which an export does not write"):
+        export_released(model, tok, stage)
+    assert (stage / "model.pt").read_bytes() == b"weights" and sorted(os.listdir(stage)) == ["config.json", "model.pt"]
+    monkeypatch.chdir(stage)
+    from nanovl import checkpoint
+    with pytest.raises(SystemExit, match="holds model.pt"):  # "." is the folder it is run from
+        checkpoint.main(["--ckpt", str(out), "--export", "."])
+
+
 def test_mismatched_keys_are_listed_and_nothing_is_loaded(tmp_path):
     base = tmp_path / "base"
     released_folder(base, hybrid=False)
