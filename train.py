@@ -474,6 +474,8 @@ def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, fo
         chats, text = [r for r in sft if r.get("images")], [r for r in sft if not r.get("images")]
         short = tc.short_chat_share if tc.short_chat_share > 0 else 0.0
         turns = lambda r: len(r.get("conversation") or ())
+        if short and (all(turns(r) <= 2 for r in chats) or all(turns(r) > 2 for r in chats)):
+            short = 0.0  # all one kind (a LLaVA import of one-question chats, say): nothing to split, one group
         groups = {"chat": [r for r in chats if not short or turns(r) > 2],
                   "short_chat": [r for r in chats if short and turns(r) <= 2], "text_chat": text}
         names = {"chat": "multimodal chats", "short_chat": "one-question image chats", "text_chat": "text chats"}
@@ -764,7 +766,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         sizes = {m: len(s) for m, s in sources.items() if any(share(t).get(m, 0) > 0 for t in (0, hp["steps"] - 1))}
         for m in [m for m, n in sizes.items() if n == 0]:
             src, flag = sources[m], SHARE_FLAGS.get(m)
-            raise SystemExit(f"stage {stage} trains on {m} rows ({src.name}), but {', '.join(folders)} hold none" +
+            raise SystemExit(f"stage {stage} trains on {m} rows ({src.name}), but {', '.join(folders)} "
+                             f"{'holds' if len(folders) == 1 else 'hold'} none" +
                              (f" that fit: all {src.dropped} are longer than {seq_len} tokens" if src.dropped else "") +
                              (f"; without them, pass {flag} 0" if flag and not src.dropped else ""))
         pack = tc.pack if tc.pack != -1 else int(stage == 2)

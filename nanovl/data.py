@@ -270,8 +270,9 @@ ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": 
 
 
 def iter_json_rows(path: str):
-    """Yield (line number, row or exception) for a JSON array file or a JSON-lines file, row by row, so one bad row
-    can be reported with its line and skipped."""
+    """Yield (where, row or exception) for a JSON array file or a JSON-lines file, row by row, so one bad row can be
+    reported and skipped. where: "line N" for JSON lines; "row K, line N" in an array (K counts from 1), since an
+    array written by json.dump is often all on one line."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
     start = len(text) - len(text.lstrip())
@@ -279,23 +280,24 @@ def iter_json_rows(path: str):
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    yield n, json.loads(line)
+                    yield f"line {n}", json.loads(line)
                 except json.JSONDecodeError as e:
-                    yield n, ValueError(f"not valid JSON: {e.msg}")
+                    yield f"line {n}", ValueError(f"not valid JSON: {e.msg}")
         return
-    decoder, pos = json.JSONDecoder(), start + 1
+    decoder, pos, line, counted, k = json.JSONDecoder(), start + 1, 1, 0, 0
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
         if pos >= len(text) or text[pos] == "]":
             return
-        line = text.count("\n", 0, pos) + 1
+        line += text.count("\n", counted, pos)  # counted on from the last row: linear in the file, not quadratic
+        counted, k = pos, k + 1
         try:
             row, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:  # the array itself is broken: nothing after this can be trusted
-            yield line, ValueError(f"not valid JSON: {e.msg}; the rest of the file was not read")
+            yield f"row {k}, line {line}", ValueError(f"not valid JSON: {e.msg}; the rest of the file was not read")
             return
-        yield line, row
+        yield f"row {k}, line {line}", row
 
 
 def llava_row(row, images_dir: str, check_image: Callable[[str], None]) -> Tuple[str, dict]:
@@ -391,7 +393,7 @@ def import_llava(path: str, images_dir: str, out: str) -> str:
     kept = {"sft": [], "pretrain": []}
     skipped = []
     total = 0
-    for line, row in iter_json_rows(path):
+    for where, row in iter_json_rows(path):
         total += 1
         try:
             if isinstance(row, Exception):
@@ -399,14 +401,21 @@ def import_llava(path: str, images_dir: str, out: str) -> str:
             kind, ours = llava_row(row, images_dir, check_image)
             kept[kind].append(ours)
         except ValueError as e:
-            skipped.append(f"line {line}: {e}")
+            named = f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else ""
+            skipped.append(f"{where}{named}: {e}")
+    broken = skipped and "the rest of the file was not read" in skipped[-1]
+    if not kept["sft"] and not kept["pretrain"]:
+        raise ValueError(f"{path}: no row to keep ({total} read" + (f"; the first skipped: {skipped[0]}" if skipped
+                                                                      else "") + "); nothing was written")
     partial = out.rstrip("/") + ".partial"  # built aside, then swapped in: never a half-written folder
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     for name, rows in kept.items():
         write_jsonl(os.path.join(partial, f"{name}.jsonl"), rows)
     summary = (f"{path}: {total} rows read, {len(kept['sft'])} conversations and {len(kept['pretrain'])} captions "
-               f"kept, {len(skipped)} skipped; written to {out}")
+               f"kept, {len(skipped)} skipped; written to {out}" +
+               (f". The file is broken at {skipped[-1].split(':')[0]}: the rows after it were not read" if broken
+                else ""))
     with open(os.path.join(partial, "report.txt"), "w", encoding="utf-8") as f:
         f.write(summary + "\n" + "".join(f"skipped {s}\n" for s in skipped))
     with open(os.path.join(partial, "meta.json"), "w") as f:

@@ -156,7 +156,8 @@ def test_llava_import_keeps_good_rows_and_reports_bad_ones(tmp_path):
     for line, reason in [(6, "missing.png does not exist"), (7, "cannot read image"), (8, "must be a non-empty list"),
                          (9, "role 'assistant', expected 'user'"), (10, "2 <image> tags but 1 images"),
                          (11, "expected an object")]:
-        assert f"skipped line {line}: " in report and reason in report.split(f"skipped line {line}: ")[1]
+        where = f"skipped row {line - 1}, line {line}: "
+        assert where in report and reason in report.split(where)[1]
     sft = read_jsonl(out / "sft.jsonl")
     assert sft[0]["conversation"][0]["content"] == IMAGE_TAG + "\nWhat colour is it?"
     assert sft[0]["images"] == [str(images / "a.png")]
@@ -173,6 +174,33 @@ def test_llava_json_lines_with_a_broken_line(tmp_path):
     assert "skipped line 2: not valid JSON" in (tmp_path / "out" / "report.txt").read_text()
     with pytest.raises(ValueError, match="does not exist"):
         import_llava(str(tmp_path / "nope.json"), str(tmp_path), str(tmp_path / "out"))
+
+
+def test_llava_array_on_one_line_names_rows_by_index_and_id_and_reads_in_linear_time(tmp_path):
+    ok = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    rows = [dict(ok, id=str(i)) for i in range(4)] + [{"id": "bad", "conversations": []}]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps(rows))  # as json.dump writes it: one line
+    summary = import_llava(str(path), str(tmp_path), str(tmp_path / "out"))
+    assert "5 rows read, 4 conversations and 0 captions kept, 1 skipped" in summary
+    assert "skipped row 5, line 1 (id 'bad'): 'conversations' must be a non-empty list" in \
+           (tmp_path / "out" / "report.txt").read_text()
+    # A broken array: the rows before the break are kept, and the summary says where the rest was lost.
+    path.write_text(json.dumps(rows[:3])[:-1] + ", {broken")
+    summary = import_llava(str(path), str(tmp_path), str(tmp_path / "out"))
+    assert "3 conversations" in summary and "The file is broken at row 4, line 1: the rows after it were not read" \
+        in summary
+    # Nothing to keep is an error, and nothing is written.
+    path.write_text("[]")
+    with pytest.raises(ValueError, match="no row to keep .0 read.; nothing was written"):
+        import_llava(str(path), str(tmp_path), str(tmp_path / "empty"))
+    assert not (tmp_path / "empty").exists()
+    # Linear in the rows: the line of each row is counted on from the one before, not from the top of the file.
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps([ok] * 20000))  # one line of 1.6 MB
+    from nanovl.data import iter_json_rows
+    wheres = [where for where, _ in iter_json_rows(str(big))]
+    assert len(wheres) == 20000 and wheres[-1] == "row 20000, line 1"
 
 
 def test_show_renders_samples_with_the_folders_tokenizer_or_a_given_one(data_dir, tmp_path, capsys):

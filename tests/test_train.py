@@ -395,7 +395,7 @@ def test_a_llava_import_alone_trains_stages_1_and_3(data, start_weights, tmp_pat
     tokenizer = os.path.join(data, "tokenizer.json")  # an import has none: --init_from's folder or --tokenizer
     argv = ["--data", mine, "--init_from", start_weights, "--tokenizer", tokenizer, "--steps", "2", "--batch_size", "2",
             "--micro_batch", "2", "--workers", "0"]
-    with pytest.raises(SystemExit, match="trains on text_chat rows .text chats.* hold none; without them, pass "
+    with pytest.raises(SystemExit, match="trains on text_chat rows .text chats.* holds none; without them, pass "
                                          "--text_sft_share 0"):
         train.main(argv + ["--stage", "3", "--out", str(tmp_path / "out")])
     for stage in ("1", "3"):
@@ -407,6 +407,13 @@ def test_a_llava_import_alone_trains_stages_1_and_3(data, start_weights, tmp_pat
         assert (folder / "model.pt").exists()
     with pytest.raises(SystemExit, match="stage 0 trains on prepare_data.py's corpus .* is a LLaVA import"):
         train.main(["--data", mine, "--out", str(tmp_path / "o0")])
+    # One-question chats only (LLaVA's usual kind): tiny's split of short chats from long ones has nothing to split,
+    # and the stage trains on them as one group without being told.
+    (tmp_path / "short.json").write_text(json.dumps(rows[:1] * 3))
+    import_llava(str(tmp_path / "short.json"), os.path.join(data, "images"), str(tmp_path / "short"))
+    train.main(argv[:1] + [str(tmp_path / "short")] + argv[2:] + ["--stage", "3", "--out", str(tmp_path / "o3"),
+                                                                  "--text_sft_share", "0"])
+    assert (tmp_path / "o3" / "stage3" / "model.pt").exists()
 
 
 def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
