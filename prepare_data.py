@@ -311,7 +311,11 @@ def main(argv=None):
     for f in args.text:
         if not os.path.isfile(f):
             p.error(f"--text file {f} does not exist")
-    prepare(args)
+    try:
+        prepare(args)
+    except KeyboardInterrupt:  # Ctrl-C: a line instead of a traceback
+        raise SystemExit(f"\ninterrupted: {args.out} is as it was (the new data was being built aside, in "
+                         f"{args.out.rstrip('/')}.partial, which the next run starts again)") from None
 
 
 if __name__ == "__main__":

@@ -987,6 +987,17 @@ def main(argv=None):
     if tc.init_from and stages[0] == 0:
         raise SystemExit("--init_from sets where stage 1, 2 or 3 starts, but this run begins with stage 0, which "
                          "trains from scratch: drop --init_from, or begin with --stage 1")
+    start = tc.init_from if "," not in tc.init_from else ""  # one nanovl checkpoint (not parts): check its preset
+    saved = os.path.join(start if os.path.isdir(start) else os.path.dirname(start), "config.json") if start else ""
+    if saved and is_nanovl_checkpoint(start) and os.path.isfile(saved):
+        try:
+            with open(saved) as f:
+                theirs = json.load(f).get("name")
+        except (OSError, ValueError, AttributeError):
+            theirs = None  # unreadable: loading the weights names what is wrong
+        if theirs and theirs != cfg.name:
+            raise SystemExit(f"--init_from {start} holds a {theirs!r} model ({saved}), but this run builds "
+                             f"{cfg.name!r}: pass --config {theirs}, or start from a {cfg.name!r} checkpoint")
     if stages[0] == 0 and folder_kind(tc.data) == "llava":
         raise SystemExit(f"stage 0 trains on prepare_data.py's corpus (text, caption pairs, label maps), and --data "
                          f"{tc.data} is a LLaVA import: begin with --stage 1, or pass the import as --extra_data")
@@ -1001,7 +1012,13 @@ def main(argv=None):
     t0 = time.time()
     for k, stage in enumerate(stages):
         # --init_from is where the run's first stage starts; each later one starts from the stage before it.
-        run_stage(stage, tc if k == 0 else dataclasses.replace(tc, init_from=""), cfg, rank, world, device)
+        try:
+            run_stage(stage, tc if k == 0 else dataclasses.replace(tc, init_from=""), cfg, rank, world, device)
+        except KeyboardInterrupt:  # Ctrl-C: a line instead of a traceback; checkpoints are whole (atomic_save)
+            ckpt = os.path.join(tc.out, f"stage{stage}", "ckpt.pt")
+            raise SystemExit(f"\nstage {stage}: interrupted. " + (
+                f"Its last checkpoint, {ckpt}, is kept: run the same command with --resume to go on from it" if
+                os.path.isfile(ckpt) else "No checkpoint of it was written yet")) from None
     if rank == 0:
         print(f"done: stages {stages} in {time.time() - t0:.0f}s")
     if world > 1:

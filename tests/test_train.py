@@ -370,7 +370,7 @@ def test_a_released_preset_gets_data_without_a_tokenizer_and_asks_for_the_releas
     assert (mine / "meta.json").exists() and not (mine / "tokenizer.json").exists()
     with pytest.raises(SystemExit):
         prepare_data.main(["--out", str(mine), "--show", "1"])
-    assert "has no tokenizer.json to render with" in capsys.readouterr().err
+    assert "no tokenizer at " in (err := capsys.readouterr().err) and "pass --tokenizer" in err
     argv = ["--stage", "1", "--config", "1.3b", "--data", str(mine), "--out", str(tmp_path / "out")]
     with pytest.raises(SystemExit, match=f"starts from --init_from, but {weights} does not exist"):
         train.main(argv + ["--init_from", str(weights)])
@@ -429,6 +429,15 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
         train.main(["--data", data, "--stage", "0", "--config", "1.3b", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="no field 'layers'"):
         train.main(["--data", data, "--llm.layers=2"])
+    stage = tmp_path / "stage2"  # a tiny stage folder given to a small run: named before any data is made
+    stage.mkdir()
+    (stage / "model.pt").write_bytes(open(start_weights, "rb").read())
+    (stage / "config.json").write_text(get_config("tiny").to_json())
+    with pytest.raises(SystemExit, match="stage2 holds a 'tiny' model .*, but this run builds 'small': pass --config "
+                                         "tiny"):
+        train.main(["--config", "small", "--stage", "3", "--init_from", str(stage), "--data", str(tmp_path / "none"),
+                    "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "none").exists()
     for argv, message in [(["--steps", "-5"], "--steps must be 0 or more .0: the default., got -5"),
                           (["--resume=maybe"], "--resume expects true or false, got 'maybe'"),
                           (["--setps", "5"], r"unknown setting --setps \(did you mean --steps\?\); python train.py "
