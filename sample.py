@@ -1,7 +1,7 @@
 """
 Chat about images with a trained nanovl checkpoint or a released DeepSeek-VL model folder.
 
-    python sample.py --ckpt out/stage3 --image data/images/caption/00000.png --prompt "What colour is the circle?"
+    python sample.py --ckpt out/stage3 --image data/images/caption/eval_000000.png --prompt "What colour is the circle?"
     python sample.py --ckpt out/stage3 --image a.png --image b.png --prompt "<image_placeholder> <image_placeholder> Same?"
     python sample.py --ckpt deepseek-vl-7b-chat --image photo.jpg     # interactive chat (no --prompt)
     python sample.py --ckpt out/stage3 --prompt "one" --prompt "two"  # several prompts, one left-padded batch
@@ -25,6 +25,7 @@ import torch
 from nanovl.chat import IMAGE_TAG, SYSTEM_PROMPT, render_chat
 from nanovl.checkpoint import load_model
 from nanovl.generate import ChatSession, Sampling, TextStream, generate
+from nanovl.image import load_image
 
 HELP = f"""commands:
   new          forget the conversation and start again
@@ -81,10 +82,20 @@ def answer_prompts(args, model, tok, proc, sampling):
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if stream:
-        print()
+        answered = tok.decode([t for t in outs[0] if t != tok.eos_id]).strip()
+        print("" if answered else "(no answer: the model ended its turn at once; an undertrained model often does)")
     else:
         for p, out in zip(prompts, outs):
             print(f"User: {p}\nAssistant: {tok.decode([t for t in out if t != tok.eos_id]).strip()}\n")
+
+
+def read_image(path: str):
+    """The image at path, or None after saying why it cannot be read (missing, corrupt, not an image, too large)."""
+    try:
+        return load_image(path)
+    except ValueError as e:
+        print(f"(error: {e}; not attached)")
+        return None
 
 
 def chat(args, model, tok, proc, sampling):
@@ -111,16 +122,27 @@ def chat(args, model, tok, proc, sampling):
             print("(new chat)")
             continue
         if line.startswith("image "):
-            queued.append(line[len("image "):].strip())
-            print(f"({len(queued)} image(s) attached to your next message)")
+            image = read_image(line[len("image "):].strip())  # read now: a bad path is said at once
+            if image is not None:
+                queued.append(image)
+                print(f"({len(queued)} image(s) attached to your next message)")
             continue
         message = with_tags(line, len(queued))
         images = list(queued)
         while len(images) < message.count(IMAGE_TAG):
             try:
-                images.append(input(f"  path of image {len(images) + 1} of {message.count(IMAGE_TAG)}: ").strip())
+                path = input(f"  path of image {len(images) + 1} of {message.count(IMAGE_TAG)} (empty: drop the "
+                             "message): ").strip()
             except EOFError:
                 return
+            if not path:
+                break
+            image = read_image(path)
+            if image is not None:
+                images.append(image)
+        if len(images) < message.count(IMAGE_TAG):
+            print("(message dropped; the conversation is as it was)")
+            continue
         print("Assistant: ", end="", flush=True)
         try:
             session.ask(message, images, sampling, on_text=lambda t: print(t, end="", flush=True))

@@ -35,10 +35,15 @@ class Sampling:
     seed: int = 0
 
     def check(self) -> "Sampling":
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0 \
-                or self.max_new_tokens < 1:
-            raise ValueError(f"bad sampling settings {self}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1, "
-                             "repetition_penalty > 0, max_new_tokens >= 1")
+        """self, or ValueError naming each setting out of its range."""
+        bad = [f"{name} must be {need}, got {value}" for name, value, ok, need in (
+            ("temperature", self.temperature, self.temperature >= 0, ">= 0 (0: greedy)"),
+            ("top_k", self.top_k, self.top_k >= 0, ">= 0 (0: off)"),
+            ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1] (1: off)"),
+            ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0 (1: off)"),
+            ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1")) if not ok]
+        if bad:
+            raise ValueError("bad sampling settings: " + "; ".join(bad))
         return self
 
 

@@ -187,16 +187,23 @@ def test_sample_refuses_mismatched_images_and_missing_checkpoints(stage_folder, 
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(SystemExit, match="empty.pt is not a torch checkpoint .0 bytes"):
         sample.main(["--ckpt", str(tmp_path / "empty.pt"), "--prompt", "hi"])
+    with pytest.raises(SystemExit, match=r"^bad sampling settings: top_p must be in \(0, 1\] \(1: off\), got 2.0; "
+                                         "max_new_tokens must be >= 1, got 0$"):
+        sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--top_p", "2", "--max_new_tokens", "0"])
 
 
 def test_interactive_chat_commands(stage_folder, monkeypatch, capsys):
-    lines = iter(["help", f"image {stage_folder / 'cat.png'}", "what colour?", f"{IMAGE_TAG}and this?",
-                  str(stage_folder / "missing.png"), "new", "hello", "exit"])
+    cat, missing = stage_folder / "cat.png", stage_folder / "missing.png"
+    lines = iter(["help", f"image {cat}", f"image {missing}", "what colour?",  # a bad image is said when attached
+                  f"{IMAGE_TAG}and this?", str(missing), str(cat),  # and when asked for, which asks again
+                  f"{IMAGE_TAG}and that?", "",  # no path: the message is dropped
+                  "new", "hello", "exit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     sample.main(["--ckpt", str(stage_folder), "--max_new_tokens", "4"])
     out = capsys.readouterr().out
-    assert "commands:" in out and "1 image(s) attached" in out
-    assert "does not exist" in out and "the conversation is as it was" in out  # the missing image, then going on
+    assert "commands:" in out and "1 image(s) attached" in out and "2 image(s)" not in out
+    assert out.count("missing.png does not exist") == 2 and out.count("; not attached)") == 2
+    assert "(message dropped; the conversation is as it was)" in out
     assert "(new chat)" in out
     assert out.count("Assistant: ") == 3
 
