@@ -268,7 +268,8 @@ def check_same_config(saved: dict, cfg: VLConfig, path: str):
                 for k, v in (fields(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
                              ).items()}
 
-    saved, ours = fields(saved), fields(cfg.to_dict())
+    same_types = lambda d: json.loads(json.dumps(d))  # tuples as lists, as a config.json holds them
+    saved, ours = fields(same_types(saved)), fields(same_types(cfg.to_dict()))
     if saved != ours:
         diff = [f"{k}: checkpoint {saved.get(k)} vs now {ours.get(k)}" for k in sorted(set(saved) | set(ours))
                 if saved.get(k) != ours.get(k)]
@@ -648,6 +649,11 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     # final weights stops the run before anything is written.
     earlier = [f for f in ("ckpt.pt", "model.pt") if os.path.exists(os.path.join(out_dir, f))]
     if tc.resume and "model.pt" in earlier and os.path.exists(os.path.join(out_dir, "eval.json")):  # written last
+        try:  # finished, but for this model? (the later stages of this run would start from it)
+            with open(os.path.join(out_dir, "config.json")) as f:
+                check_same_config(json.load(f), cfg, out_dir)
+        except (OSError, ValueError):
+            pass  # no readable config.json: loading its model.pt later checks the config
         say(f"stage {stage}: already finished")  # (its ckpt.pt may have been deleted to save the space)
         return
     if earlier and (not tc.resume or earlier == ["model.pt"]):

@@ -233,6 +233,9 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
     (folder / "ckpt.pt").unlink()  # a finished stage's training state, deleted to save space: still finished
     train.main(common + ["--resume"])
     assert "stage 3: already finished" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="stage3 was trained with another model config:\n  llm.n_layers: checkpoint 4 "
+                                         "vs now 2"):  # finished, but not for this model
+        train.main(common + ["--resume", "--llm.n_layers=2"])
     (folder / "ckpt.pt").write_bytes(before["ckpt.pt"])
 
     # Killed after the last checkpoint, before the final weights and evaluation: resuming checks the settings, then
