@@ -289,7 +289,7 @@ def main(argv=None):
         if not args.images:
             p.error("--llava needs --images DIR, the folder that the file's image paths are relative to")
         try:
-            report = import_llava(args.llava, args.images, args.out or "data-llava")
+            report = import_llava(args.llava, args.images, args.out or "data-llava", workers=max(1, args.workers))
         except ValueError as e:
             raise SystemExit(str(e)) from None
         print(report)

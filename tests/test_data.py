@@ -203,6 +203,19 @@ def test_llava_array_on_one_line_names_rows_by_index_and_id_and_reads_in_linear_
     assert len(wheres) == 20000 and wheres[-1] == "row 20000, line 1"
 
 
+def test_images_are_checked_alike_in_one_process_or_several(tmp_path):
+    from nanovl.data import check_images
+    paths = []
+    for i in range(1000):  # the pool is used from 1000 images on
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (2, 2), (i % 256, 0, 0)).save(paths[-1])
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    paths += [str(tmp_path / "broken.png"), str(tmp_path / "missing.png"), paths[0]]  # a repeat is checked once
+    one, two = check_images(paths, workers=1), check_images(paths, workers=2)
+    assert one == two and len(one) == 1002
+    assert sorted(p for p, error in one.items() if error) == [str(tmp_path / "broken.png"), str(tmp_path / "missing.png")]
+
+
 def test_show_renders_samples_with_the_folders_tokenizer_or_a_given_one(data_dir, tmp_path, capsys):
     prepare_data.main(["--out", str(data_dir), "--show", "2"])
     shown = capsys.readouterr().out
