@@ -777,6 +777,10 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                              (f" that fit: all {src.dropped} are longer than {seq_len} tokens" if src.dropped else "") +
                              (f"; without them, pass {flag} 0" if flag and not src.dropped else ""))
         pack = tc.pack if tc.pack != -1 else int(stage == 2)
+        for m, n in sizes.items():
+            if not pack and n < global_batch:  # legal (the plan walks through epochs), but worth knowing
+                say(f"data: {m} has {n} sample{'s' * (n != 1)}, fewer than a batch of {global_batch}: each of its "
+                    "steps repeats samples")
         # Packed, the batch counts rows of seq_len tokens (Table 4: stage 2 takes 1024 sequences of 4096); else samples.
         lengths = {m: [len(s.ids) - 1 for s in sources[m].samples] for m in sizes} if pack else None
         plan = plan_batches(sizes, global_batch, hp["steps"], share, tc.seed + stage, lengths, seq_len)

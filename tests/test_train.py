@@ -405,6 +405,8 @@ def test_a_llava_import_alone_trains_stages_1_and_3(data, start_weights, tmp_pat
         train.main(argv + ["--stage", stage, "--out", str(tmp_path / f"out{stage}"), "--text_sft_share", "0"])
         printed = capsys.readouterr().out
         assert f"stage {stage}: {mine} has no held-out questions" in printed and "MCPPL" not in printed
+        if stage == "1":  # one caption for batches of two
+            assert "data: multimodal has 1 sample, fewer than a batch of 2: each of its steps repeats samples" in printed
         folder = tmp_path / f"out{stage}" / f"stage{stage}"
         assert json.loads((folder / "eval.json").read_text()) == {"stage": int(stage), "mc": None, "bpb": None}
         assert (folder / "model.pt").exists()
