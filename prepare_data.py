@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from nanovl.chat import IMAGE_TAG, prompt_string, render_chat, render_document, show
 from nanovl.config import FROM_SCRATCH, PRESETS, get_config
-from nanovl.data import default_folder, folder_kind, import_llava, read_jsonl, write_jsonl
+from nanovl.data import default_folder, folder_kind, import_llava, quiet_worker, read_jsonl, write_jsonl
 from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
 from nanovl.tokenizer import Tokenizer
 
@@ -174,7 +174,7 @@ def build(args, out: str):
                 snippet = snippets[random.Random(f"{args.seed}-{split}-{c}-{i}-text").randrange(len(snippets))]
                 tasks.append((split, c, i, args.seed, size, snippet, out))
     rows = {k: [] for k in ("pretrain", "sft", "stage0", "eval_mc")}
-    with Pool(args.workers) as pool:
+    with Pool(args.workers, initializer=quiet_worker) as pool:
         for result in tqdm(pool.imap(generate, tasks, chunksize=16), total=len(tasks), desc="images", unit="ex"):
             for k, v in result.items():
                 rows[k] += v
@@ -292,6 +292,9 @@ def main(argv=None):
             report = import_llava(args.llava, args.images, args.out or "data-llava", workers=max(1, args.workers))
         except ValueError as e:
             raise SystemExit(str(e)) from None
+        except KeyboardInterrupt:  # Ctrl-C: a line instead of a traceback
+            raise SystemExit(f"\ninterrupted: {args.out or 'data-llava'} is as it was (an import is written aside "
+                             "and swapped in only when whole)") from None
         print(report)
         return
     for name, value, least in (("--n", args.n, 1), ("--workers", args.workers, 1),

@@ -61,15 +61,15 @@ def with_tags(message: str, n_images: int) -> str:
     return message if IMAGE_TAG in message or not n_images else IMAGE_TAG * n_images + message
 
 
-def answer_prompts(args, model, tok, proc, sampling):
-    """--prompt given: one batch of prompts; the images fill their placeholders in order."""
+def answer_prompts(args, model, tok, proc, sampling, pictures):
+    """--prompt given: one batch of prompts; the images (read from --image) fill their placeholders in order."""
     prompts = [with_tags(p, len(args.image)) for p in args.prompt] if len(args.prompt) == 1 else args.prompt
     n_tags = sum(p.count(IMAGE_TAG) for p in prompts)
     if n_tags != len(args.image):
         raise SystemExit(f"the prompts hold {n_tags} {IMAGE_TAG} but {len(args.image)} --image were given: give one "
                          "image per placeholder, in order")
     try:
-        pixels = torch.stack([proc(path) for path in args.image]) if args.image else None  # (N, 3, S, S)
+        pixels = torch.stack([proc(picture) for picture in pictures]) if pictures else None  # (N, 3, S, S)
         ids = [render_chat([{"role": "user", "content": p}], tok, model.cfg.n_image_tokens, system=args.system,
                            generation_prompt=True)[0] for p in prompts]
     except ValueError as e:
@@ -98,11 +98,11 @@ def read_image(path: str):
         return None
 
 
-def chat(args, model, tok, proc, sampling):
-    """The interactive loop. Errors in a turn (a bad image, too many placeholders, a full context) are printed and
-    the conversation goes on as it was."""
+def chat(args, model, tok, proc, sampling, pictures):
+    """The interactive loop, with the --image pictures attached to the first message. Errors in a turn (a bad image,
+    too many placeholders, a full context) are printed and the conversation goes on as it was."""
     session = ChatSession(model, tok, proc, system=args.system, compile=args.compile)
-    queued = list(args.image)
+    queued = list(pictures)
     print(f"chatting with {args.ckpt} ({model.cfg.name}); type 'help' for commands")
     while True:
         try:
@@ -163,15 +163,16 @@ def main(argv=None):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
              "auto": torch.bfloat16 if device.startswith("cuda") else torch.float32}[args.dtype]
     try:
+        pictures = [load_image(path) for path in args.image]  # a bad --image is said before a model loads for minutes
         model, tok, proc = load_model(args.ckpt, device, dtype, tokenizer=args.tokenizer or None)
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                             args.seed).check()
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from None
     if args.prompt:
-        answer_prompts(args, model, tok, proc, sampling)
+        answer_prompts(args, model, tok, proc, sampling, pictures)
     else:
-        chat(args, model, tok, proc, sampling)
+        chat(args, model, tok, proc, sampling, pictures)
 
 
 if __name__ == "__main__":

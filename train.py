@@ -94,8 +94,8 @@ class TrainConfig:
     pack: int = -1  # pack samples into full rows (default: stage 2 only, as Table 4)
     trainable: str = ""  # comma-separated module prefixes to train instead of the stage's freeze map
     eval_every: int = 0  # evaluate every this many steps (0: at the end of the stage only)
-    eval_limit: int = 0  # evaluate on this many multiple-choice questions, as many from each category, and at most
-    # this many held-out text rows (0: all)
+    eval_limit: int = 0  # evaluate on about this many multiple-choice questions (this many / categories, rounded up,
+    # from each category) and at most this many held-out text rows (0: all)
     ckpt_every: int = 0  # write ckpt.pt every this many steps (0: a tenth of the stage)
     log_every: int = 10
     seed: int = 1337
@@ -172,6 +172,12 @@ def parse_args(argv):
             raise SystemExit(f"unexpected argument {arg!r}: options look like --key=value")
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_") if "." not in key else key
+        model_fields = [f.name for f in dataclasses.fields(VLConfig)]  # the top level; the parts' are dotted
+        if key not in fields and "." not in key and key not in model_fields:
+            close = difflib.get_close_matches(key, list(fields) + model_fields, n=1)
+            raise SystemExit(f"unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else "") +
+                             "; python train.py --help lists the training settings, and the model's parts' fields "
+                             "are dotted, as --llm.n_layers=6")
         if key in fields and fields[key].type in (bool, "bool") and not eq:
             value = "true"  # a bare flag
         elif not eq:
@@ -189,11 +195,6 @@ def parse_args(argv):
             except ValueError:
                 raise SystemExit(f"--{key} expects {kind.__name__}, got {value!r}") from None
             setattr(tc, key, value)
-        elif "." not in key and key not in {f.name for f in dataclasses.fields(VLConfig)}:
-            close = difflib.get_close_matches(key, list(fields), n=1)
-            raise SystemExit(f"unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else "") +
-                             "; python train.py --help lists the training settings, and model config fields are "
-                             "dotted, as --llm.n_layers=6")
         else:
             overrides[key] = value
         i += 1
@@ -603,7 +604,7 @@ def plot_losses(metrics: list, path: str, title: str):
 def held_out(data_dir: str, limit: int = 0):
     """A data folder's held-out set: (its multiple-choice questions, each checked; its text rows, or None when it has
     no eval_text.jsonl, as a folder of one's own questions need not), or None when it has no eval_mc.jsonl (a LLaVA
-    import). limit: that many questions, as many from each category, and at most that many text rows."""
+    import). limit: limit / categories questions (rounded up) from each category, and at most limit text rows."""
     mc_path, text_path = os.path.join(data_dir, "eval_mc.jsonl"), os.path.join(data_dir, "eval_text.jsonl")
     if not os.path.isfile(mc_path):
         return None
@@ -633,10 +634,10 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     say = print if master else (lambda *a, **k: None)
     scratch = cfg.name in FROM_SCRATCH
     hp = stage_defaults(cfg.name, stage)
-    for key in HPARAM_FIELDS:
-        value = getattr(tc, key)
-        if value != -1 and (key.endswith("_share") or value not in (0, "")):  # a share of 0 is a real choice
-            hp[key] = value
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for key in HPARAM_FIELDS:  # a value other than the field's default is a choice (--warmup 0, a share of 0)
+        if getattr(tc, key) != defaults[key]:
+            hp[key] = getattr(tc, key)
     hp.setdefault("seq_len", cfg.llm.max_seq_len)
     seq_len = min(hp["seq_len"], cfg.llm.max_seq_len)
     stc = dataclasses.replace(tc, steps=hp["steps"], text_sft_share=hp.get("text_sft_share", 0.479),
@@ -726,15 +727,17 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
 
     # Data: a plan per modality group, fixed up front (exact resume, same global batch on every process count).
     global_batch, micro = hp["batch_size"], hp["micro_batch"]
-    if global_batch % (world * micro) and not tc.micro_batch and global_batch % world == 0:
-        # The stage's default micro-batch is for one process (tiny's is the whole batch): with several, each takes
-        # the largest micro-batch up to it that splits its share of the batch evenly. The global batch, and so the
-        # run, is the same (a test checks); the default in the checkpoint's settings is unchanged.
+    if global_batch % (world * micro) and not tc.micro_batch and global_batch % world == 0 and stage > 0:
+        # The stage's default micro-batch does not split this batch (tiny's is the whole batch, for one process):
+        # each process takes the largest micro-batch up to it that splits its share evenly. In stages 1-3 the loss
+        # is normalised over the whole step, so the run is the same however the batch is split (a test checks); the
+        # default in the checkpoint's settings is unchanged. Not in stage 0, whose contrastive pairs and scenes are
+        # counted per micro-batch.
         micro = max(m for m in range(1, micro + 1) if (global_batch // world) % m == 0)
     if global_batch % (world * micro):
         raise SystemExit(f"batch_size {global_batch} is not divisible by {world} processes x micro_batch {micro}: "
-                         f"pass a --micro_batch that divides batch_size / processes, or a --batch_size that "
-                         f"{world} x {micro} divides")
+                         + (f"pass a --micro_batch that divides {global_batch // world}" if global_batch % world == 0
+                            else f"pass a --batch_size that {world} processes divide"))
     accum = global_batch // (world * micro)
     folders = [tc.data] + [f for f in tc.extra_data.split(",") if f]
     reader = CachedProcessor(proc, tc.image_cache << 20)  # what the training batches read their images with
@@ -870,7 +873,27 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
 
     net.train()
     bar = tqdm(range(start, hp["steps"]), desc=f"stage {stage}", initial=start, total=hp["steps"], disable=not master)
-    losses, t_last, tokens = [], time.time(), 0
+    losses, t_last, tokens, parts = [], time.time(), 0, {}
+
+    def log(done, lr):
+        """The mean loss of the steps since the last log into the metrics; a NaN or inf among them stops the run
+        before anything is saved over the last good checkpoint."""
+        nonlocal losses, t_last, tokens
+        window = torch.stack(losses).cpu()
+        bad = (~torch.isfinite(window)).nonzero()
+        if len(bad):
+            raise SystemExit(f"stage {stage}: the loss became {window[bad[0, 0]].item()} at step "
+                             f"{done - len(window) + int(bad[0, 0]) + 1}; stopping. The last good checkpoint, "
+                             f"{ckpt_path}, is kept (resume with --resume, perhaps with a lower --lr)")
+        elapsed = time.time() - t_last
+        entry = {"stage": stage, "step": done, "loss": round(float(window.mean()), 5), "lr": lr,
+                 "tok_per_s": round(tokens * world / max(elapsed, 1e-9))}
+        if stage == 0:
+            entry.update({k: round(float(v), 4) for k, v in parts.items()})
+        metrics.append(entry)
+        bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.2e}", tok_s=entry["tok_per_s"])
+        losses, t_last, tokens = [], time.time(), 0
+
     for step in bar:
         lr = learning_rate(step, hp, tc.min_lr_ratio)
         for group in opt.param_groups:
@@ -879,11 +902,15 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             micros = [next(batches) for _ in range(accum)]
         except ValueError as e:  # an unreadable image; from a worker, the message ends with the original error
             reason = str(e).strip().splitlines()[-1].removeprefix("ValueError: ")
-            if step > saved:  # keep the steps done since the last checkpoint: nothing is lost
+            if master and step > saved:  # keep the steps done since the last checkpoint: nothing is lost
+                if losses:
+                    log(step, learning_rate(step - 1, hp, tc.min_lr_ratio))
                 save_checkpoint(step)
-            kept = f"Training up to step {step} is saved in {ckpt_path}. " if step else ""
+            # (With several processes, only the first writes checkpoints: another one that fails cannot save.)
+            kept = f"Training up to step {saved} is saved in {ckpt_path}. " if saved and master else \
+                "The last checkpoint, if one was written, is kept. " if world > 1 else ""
             raise SystemExit(f"stage {stage}, step {step + 1}: {reason}. {kept}Fix or remove that row, then run "
-                             f"again{' with --resume' if step else ''}") from None
+                             f"again{' with --resume' if saved or world > 1 else ''}") from None
         micros = [m if isinstance(m, dict) else dict(zip(("ids", "targets", "images", "doc_ids"), m)) for m in micros]
         # Normalise by the supervised tokens of the whole step (all micro-batches, all processes), so a step's
         # gradient does not depend on how its batch was split; a step with none gives a zero loss, never NaN.
@@ -918,20 +945,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
 
         done = step + 1
         if done % tc.log_every == 0 or done == hp["steps"] or done % ckpt_every == 0:
-            window = torch.stack(losses).cpu()
-            bad = (~torch.isfinite(window)).nonzero()
-            if len(bad):
-                raise SystemExit(f"stage {stage}: the loss became {window[bad[0, 0]].item()} at step "
-                                 f"{done - len(window) + int(bad[0, 0]) + 1}; stopping. The last good checkpoint, "
-                                 f"{ckpt_path}, is kept (resume with --resume, perhaps with a lower --lr)")
-            elapsed = time.time() - t_last
-            entry = {"stage": stage, "step": done, "loss": round(float(window.mean()), 5), "lr": lr,
-                     "tok_per_s": round(tokens * world / max(elapsed, 1e-9))}
-            if stage == 0:
-                entry.update({k: round(float(v), 4) for k, v in parts.items()})
-            metrics.append(entry)
-            bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.2e}", tok_s=entry["tok_per_s"])
-            losses, t_last, tokens = [], time.time(), 0
+            log(done, lr)
         if tc.eval_every and done % tc.eval_every == 0 and done < hp["steps"] and eval_rows:
             acc, bpb = evaluate(model, tok, proc, cfg, eval_rows, tc.data, seq_len)
             metrics.append({"stage": stage, "step": done, "mc_mean": acc["mean"], "bpb": bpb})

@@ -25,6 +25,7 @@ import json
 import os
 import random
 import shutil
+import signal
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -371,6 +372,12 @@ def image_error(path: str) -> Optional[str]:
         return str(e)
 
 
+def quiet_worker():
+    """A pool worker's initializer: Ctrl-C reaches every process of the terminal, and the parent alone answers it
+    (with a line, not one traceback per worker); leaving the pool's `with` stops the workers."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def check_images(paths: Sequence[str], workers: int = 1) -> Dict[str, Optional[str]]:
     """{path: image_error(path)} for distinct paths, decoded in `workers` processes, with a progress bar: LLaVA-1.5's
     665k rows name about half a million images, minutes of decoding even in parallel."""
@@ -382,7 +389,7 @@ def check_images(paths: Sequence[str], workers: int = 1) -> Dict[str, Optional[s
         return dict(zip(paths, tqdm(map(image_error, paths), **bar)))
     import multiprocessing
 
-    with multiprocessing.Pool(workers) as pool:
+    with multiprocessing.Pool(workers, initializer=quiet_worker) as pool:
         return dict(zip(paths, tqdm(pool.imap(image_error, paths, chunksize=64), **bar)))
 
 

@@ -182,6 +182,9 @@ def test_sample_refuses_mismatched_images_and_missing_checkpoints(stage_folder, 
                      "--prompt", f"{IMAGE_TAG}{IMAGE_TAG}same?"])
     with pytest.raises(SystemExit, match="no checkpoint at"):
         sample.main(["--ckpt", str(tmp_path / "nothing"), "--prompt", "hi"])
+    for chat in ([], ["--prompt", "hi"]):  # a bad --image, in either mode, is named before the model is loaded
+        with pytest.raises(SystemExit, match="nope.png does not exist"):
+            sample.main(["--ckpt", str(tmp_path / "nothing"), "--image", str(tmp_path / "nope.png")] + chat)
     with pytest.raises(SystemExit, match="'tpu' is not a device torch knows"):
         sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--device", "tpu"])
     (tmp_path / "empty.pt").write_bytes(b"")

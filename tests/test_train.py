@@ -4,6 +4,7 @@ steps of every stage on the tiny preset. Runs on CPU; the data folder is a small
 import dataclasses
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -291,7 +292,7 @@ def test_an_unreadable_image_stops_the_run_naming_its_row_and_keeps_the_steps_do
     from nanovl.image import ImageProcessor
     args = ["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "o"), "--steps", "3",
             "--batch_size", "4", "--micro_batch", "4", "--short_chat_share", "0", "--text_sft_share", "0",
-            "--ckpt_every", "3"] + FAST
+            "--ckpt_every", "3"] + FAST + ["--log_every", "3"]
     readable, calls = ImageProcessor.pixels, []
 
     def breaks_later(self, image, max_pixels=None):  # every image of step 1 reads; the first of step 2 does not
@@ -307,6 +308,7 @@ def test_an_unreadable_image_stops_the_run_naming_its_row_and_keeps_the_steps_do
         train.main(args)
     ckpt = torch.load(tmp_path / "o" / "stage3" / "ckpt.pt", weights_only=False)
     assert ckpt["step"] == 1  # saved on failure: the first checkpoint was due at step 3
+    assert [(m["step"], math.isfinite(m["loss"])) for m in ckpt["metrics"]] == [(1, True)]  # and the log at step 3
     monkeypatch.setattr(ImageProcessor, "pixels", readable)  # the row fixed: the run goes on from step 1
     train.main(args + ["--resume"])
     assert torch.load(tmp_path / "o" / "stage3" / "ckpt.pt", weights_only=False)["step"] == 3
@@ -447,6 +449,8 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
                           (["--resume=maybe"], "--resume expects true or false, got 'maybe'"),
                           (["--setps", "5"], r"unknown setting --setps \(did you mean --steps\?\); python train.py "
                                              "--help lists the training settings"),
+                          (["--resum"], r"unknown setting --resum \(did you mean --resume\?\)"),  # last, no value
+                          (["--image_token_idd=5"], r"did you mean --image_token_id\?"),
                           (["--device", "tpu"], "'tpu' is not a device torch knows")]:
         with pytest.raises(SystemExit, match=message):
             train.main(["--data", data, "--out", str(tmp_path / "o")] + argv)
