@@ -162,6 +162,7 @@ def parse_args(argv):
     """--key=value or --key value. TrainConfig fields go to the TrainConfig; anything else is a model config
     override (get_config checks it). Dashes and underscores are the same: --eval-only == --eval_only."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    model_fields = [f.name for f in dataclasses.fields(VLConfig)]  # the top level; the parts' are dotted
     tc, overrides, i = TrainConfig(), {}, 0
     if "--help" in argv or "-h" in argv:
         print(usage())
@@ -172,7 +173,6 @@ def parse_args(argv):
             raise SystemExit(f"unexpected argument {arg!r}: options look like --key=value")
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_") if "." not in key else key
-        model_fields = [f.name for f in dataclasses.fields(VLConfig)]  # the top level; the parts' are dotted
         if key not in fields and "." not in key and key not in model_fields:
             close = difflib.get_close_matches(key, list(fields) + model_fields, n=1)
             raise SystemExit(f"unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else "") +
@@ -961,6 +961,23 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     finish()
 
 
+def check_init_preset(init_from: str, cfg: VLConfig):
+    """Stop before any data is made when --init_from is a nanovl checkpoint of another preset: its stage folder's
+    config.json names it (the weights themselves are checked field by field when they load, minutes later)."""
+    if not init_from or "," in init_from or not is_nanovl_checkpoint(init_from):
+        return  # nothing to start from, or pretrained parts
+    folder = init_from if os.path.isdir(init_from) else os.path.dirname(init_from)
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            theirs = json.load(f).get("name")
+    except (OSError, ValueError, AttributeError):
+        return  # none, or unreadable: loading the weights names what is wrong
+    if theirs and theirs != cfg.name:
+        raise SystemExit(f"--init_from {init_from} holds a {theirs!r} model ({os.path.join(folder, 'config.json')}), "
+                         f"but this run builds {cfg.name!r}: pass --config {theirs}, or start from a {cfg.name!r} "
+                         "checkpoint")
+
+
 def main(argv=None):
     tc, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -1011,17 +1028,7 @@ def main(argv=None):
     if tc.init_from and stages[0] == 0:
         raise SystemExit("--init_from sets where stage 1, 2 or 3 starts, but this run begins with stage 0, which "
                          "trains from scratch: drop --init_from, or begin with --stage 1")
-    start = tc.init_from if "," not in tc.init_from else ""  # one nanovl checkpoint (not parts): check its preset
-    saved = os.path.join(start if os.path.isdir(start) else os.path.dirname(start), "config.json") if start else ""
-    if saved and is_nanovl_checkpoint(start) and os.path.isfile(saved):
-        try:
-            with open(saved) as f:
-                theirs = json.load(f).get("name")
-        except (OSError, ValueError, AttributeError):
-            theirs = None  # unreadable: loading the weights names what is wrong
-        if theirs and theirs != cfg.name:
-            raise SystemExit(f"--init_from {start} holds a {theirs!r} model ({saved}), but this run builds "
-                             f"{cfg.name!r}: pass --config {theirs}, or start from a {cfg.name!r} checkpoint")
+    check_init_preset(tc.init_from, cfg)
     if stages[0] == 0 and folder_kind(tc.data) == "llava":
         raise SystemExit(f"stage 0 trains on prepare_data.py's corpus (text, caption pairs, label maps), and --data "
                          f"{tc.data} is a LLaVA import: begin with --stage 1, or pass the import as --extra_data")
