@@ -65,6 +65,7 @@ import platform
 import sys
 import sysconfig
 import time
+import traceback
 from pathlib import Path
 from typing import NamedTuple
 
@@ -535,6 +536,7 @@ def report_failure(name: str, e: Exception, device: str):
     first = (str(e).strip().splitlines() or [""])[0][:300]
     print(f"{name}: failed ({type(e).__name__}: {first}); left out")
     if device == "cuda":
+        traceback.clear_frames(e.__traceback__)  # the failed run's tensors are held by its frames' locals
         torch.cuda.empty_cache()
 
 
