@@ -206,6 +206,9 @@ def parse_args(argv):
         if getattr(tc, key) < least:
             raise SystemExit(f"--{key} must be {least} or more" + (" (0: the default)" if not least else "") +
                              f", got {getattr(tc, key)}")
+    if tc.warmup < -1:
+        raise SystemExit(f"--warmup must be 0 or more (steps of linear warm-up; -1: the stage's default), got "
+                         f"{tc.warmup}")
     return tc, overrides
 
 

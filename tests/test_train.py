@@ -447,6 +447,7 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
     assert not (tmp_path / "none").exists()
     for argv, message in [(["--steps", "-5"], "--steps must be 0 or more .0: the default., got -5"),
                           (["--resume=maybe"], "--resume expects true or false, got 'maybe'"),
+                          (["--warmup", "-5"], "--warmup must be 0 or more .* got -5"),
                           (["--setps", "5"], r"unknown setting --setps \(did you mean --steps\?\); python train.py "
                                              "--help lists the training settings"),
                           (["--resum"], r"unknown setting --resum \(did you mean --resume\?\)"),  # last, no value
