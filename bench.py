@@ -882,10 +882,13 @@ def bench_decode(args, cfg, device, dtype, spec):
           f"tokens, greedy; {timed(args, 'generation')}" + (", nanovl.generate also compiled" if args.compile else ""))
     print(f"each decode step must read {si(need / (new - 2), 'B')} (weights + KV cache)" +
           (f": at {spec.label}'s {si(spec.bandwidth, 'B/s')}, at most {bound:,.0f} tokens/s" if spec else "") + "\n")
+    def headline_of(runs):  # nanovl.generate compiled, unless that was not asked for or failed
+        return "nanovl.generate, compiled" if "nanovl.generate, compiled" in runs else "nanovl.generate"
+
     runs, same, _ = all_runs(ids, images)
     print_decoding(runs, need, bound, new)
     print_agreement(same, new)
-    headline = "nanovl.generate, compiled" if "nanovl.generate, compiled" in runs else "nanovl.generate"
+    headline = headline_of(runs)
     result = {**runs[headline], "runs": runs, "same_tokens_as_loop": same, "bytes_per_step": need / (new - 2),
               "bytes_per_s": need / runs[headline]["decode_s"], "bound_tokens_per_s": bound, **print_peak(device),
               "prompt_len": P, "new": new}
@@ -931,7 +934,7 @@ def bench_decode(args, cfg, device, dtype, spec):
     print_decoding(runs, need, bound, new)
     print_agreement(same, new)
     theirs = runs.pop("transformers generate")
-    headline = "nanovl.generate, compiled" if "nanovl.generate, compiled" in runs else "nanovl.generate"
+    headline = headline_of(runs)
     result["reference"] = {"name": "transformers generate", **theirs, "nanovl": runs, "same_tokens_as_loop": same,
                            "ratio": runs[headline]["tokens_per_s"] / theirs["tokens_per_s"]}
     print(f"decode tokens/s of {headline} over transformers': {result['reference']['ratio']:.2f}x\n")
@@ -1289,19 +1292,23 @@ def suite_tables(records: list):
 
     print("\n| preset | work | activation checkpointing | batch x tokens | peak memory |")
     print("|---|---|---|---|---|")
-    memory_runs = [(r, r["args"].split()) for r in records if r["name"].startswith("memory-")]
+    def flag(words, name, default=None):  # the value after --name in a run's arguments
+        return words[words.index(name) + 1] if name in words else default
+
+    memory_runs = []  # (preset, stage ("0": the prefill), checkpointing, record)
+    for r in records:
+        if r["name"].startswith("memory-"):
+            words = r["args"].split()
+            memory_runs.append((flag(words, "--config"), flag(words, "--stage", "0"), "--grad-ckpt" in words, r))
     # by preset, then the prefill and stages 1-3, each without checkpointing first (the suite runs them in another
     # order: the most wanted first)
-    memory_runs.sort(key=lambda rw: (rw[1][rw[1].index("--config") + 1], rw[1][rw[1].index("--stage") + 1]
-                                     if "--stage" in rw[1] else "0", "--grad-ckpt" in rw[1]))
-    for r, words in memory_runs:
+    for preset, stage, ckpt, r in sorted(memory_runs, key=lambda m: m[:3]):
         res = r["result"]
-        work = f"stage {words[words.index('--stage') + 1]}" if "--stage" in words else "inference (prefill)"
+        work = f"stage {stage}" if stage != "0" else "inference (prefill)"
         measured = res and res.get("peak_memory_bytes")  # a run cut short may have stopped before measuring it
         figure = f"{res['peak_memory_bytes'] / 2 ** 30:.1f} GiB" if measured else r["error"]
         shape = f"{res['batch']} x {res['seq']}" if res else "-"
-        print(f"| {words[words.index('--config') + 1]} | {work} | {'yes' if '--grad-ckpt' in words else 'no'} | "
-              f"{shape} | {figure} |")
+        print(f"| {preset} | {work} | {'yes' if ckpt else 'no'} | {shape} | {figure} |")
     kinds = {res["memory"] for r in records
              if (res := r["result"]) and "memory" in res and r["name"].startswith("memory-")}
     print(f"\npeak memory: {', '.join(sorted(kinds)) or '-'}, in a process of its own for each run")
