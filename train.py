@@ -603,6 +603,7 @@ def plot_losses(metrics: list, path: str, title: str):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Evaluation during and after a stage
 
 def held_out(data_dir: str, limit: int = 0):
     """A data folder's held-out set: (its multiple-choice questions, each checked; its text rows, or None when it has
@@ -632,10 +633,13 @@ def evaluate(model, tok, proc, cfg, rows, data_dir, seq_len):
     return acc, bpb
 
 
-def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int, device: str):
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    scratch = cfg.name in FROM_SCRATCH
+# ---------------------------------------------------------------------------------------------------------------------
+# A stage, part by part: its settings, its folder, its tokenizer and model, its batches and optimizer; run_stage
+# below puts them together and runs the training loop.
+
+def stage_hparams(stage: int, tc: TrainConfig, cfg: VLConfig):
+    """(hp, seq_len, stc): the stage's hyperparameters (its defaults, with each setting given on the command line
+    over them), the sequence length it trains at, and tc with the stage's step count and stage-3 shares filled in."""
     hp = stage_defaults(cfg.name, stage)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for key in HPARAM_FIELDS:  # a value other than the field's default is a choice (--warmup 0, a share of 0)
@@ -645,12 +649,14 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     seq_len = min(hp["seq_len"], cfg.llm.max_seq_len)
     stc = dataclasses.replace(tc, steps=hp["steps"], text_sft_share=hp.get("text_sft_share", 0.479),
                               short_chat_share=hp.get("short_chat_share", 0.0))
-    out_dir = os.path.join(tc.out, f"stage{stage}")
-    os.makedirs(out_dir, exist_ok=True)
+    return hp, seq_len, stc
 
+
+def open_stage_folder(stage: int, tc: TrainConfig, cfg: VLConfig, hp: dict, out_dir: str, master: bool, say):
+    """(finished, state): whether the stage is already done (with --resume), and the checkpoint to continue from
+    (None: start from the beginning). A run never writes over another's results unasked: without --resume, a stage
+    folder that holds a checkpoint or final weights stops the run before anything is written."""
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    # A run never writes over another's results unasked: without --resume, a stage folder that holds a checkpoint or
-    # final weights stops the run before anything is written.
     earlier = [f for f in ("ckpt.pt", "model.pt") if os.path.exists(os.path.join(out_dir, f))]
     if tc.resume and "model.pt" in earlier and os.path.exists(os.path.join(out_dir, "eval.json")):  # written last
         try:  # finished, but for this model? (the later stages of this run would start from it)
@@ -659,7 +665,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         except (OSError, ValueError):
             pass  # no readable config.json: loading its model.pt later checks the config
         say(f"stage {stage}: already finished")  # (its ckpt.pt may have been deleted to save the space)
-        return
+        return True, None
     if earlier and (not tc.resume or earlier == ["model.pt"]):
         raise SystemExit(f"{out_dir} already holds {' and '.join(earlier)} from an earlier run: " +
                          ("pass --resume to continue it (a finished stage is skipped)" if not tc.resume else
@@ -667,33 +673,35 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                          f", or remove {out_dir} (or choose another --out) to train stage {stage} again")
     if master:
         remove_stale_temporaries(out_dir)
-    resume = tc.resume and os.path.exists(ckpt_path)
-    if tc.resume and not resume:
+    if tc.resume and not os.path.exists(ckpt_path):
         say(f"stage {stage}: no checkpoint at {ckpt_path}; starting from the beginning")
-    state = resumable_state(ckpt_path, stage, cfg, tc, hp) if resume else None
-    init = [p for p in tc.init_from.split(",") if p] or [os.path.join(tc.out, f"stage{stage - 1}", "model.pt")]
-    missing = [p for p in init if not os.path.exists(p)]
-    if stage > 0 and not resume and missing:
-        what = "--init_from" if tc.init_from else f"stage {stage - 1}'s final weights"
-        raise SystemExit(f"stage {stage} starts from {what}, but {', '.join(missing)} does not exist: run "
-                         f"--stage {stage - 1} first, or pass --init_from PATH")
-    tok_path = tokenizer_path(tc, [out_dir] if resume else init if stage > 0 else [])
-    where = (f"prepare_data.py --config {cfg.name} makes one, or pass --tokenizer PATH" if scratch else
-             f"the {cfg.name!r} preset reads DeepSeek-LLM's tokenizer: pass --init_from a released DeepSeek-VL folder "
-             "(its tokenizer.json is used) or --tokenizer PATH")
+        return False, None
+    return False, resumable_state(ckpt_path, stage, cfg, tc, hp) if tc.resume else None
+
+
+def stage_tokenizer(tc: TrainConfig, cfg: VLConfig, sources) -> Tokenizer:
+    """The tokenizer a stage trains with (tokenizer_path's choice among sources), checked against the model."""
+    tok_path = tokenizer_path(tc, sources)
+    where = (f"prepare_data.py --config {cfg.name} makes one, or pass --tokenizer PATH" if cfg.name in FROM_SCRATCH
+             else f"the {cfg.name!r} preset reads DeepSeek-LLM's tokenizer: pass --init_from a released DeepSeek-VL "
+                  "folder (its tokenizer.json is used) or --tokenizer PATH")
     if not os.path.isfile(tok_path):
         raise SystemExit(f"no tokenizer at {tok_path}; {where}")
     tok = Tokenizer.load(tok_path)
     # A released tokenizer may be smaller than the padded embedding (100015 ids for 102400 rows); a tokenizer made
     # by prepare_data for a scratch preset has exactly its size.
-    if tok.vocab_size > cfg.llm.vocab_size or (scratch and tok.vocab_size != cfg.llm.vocab_size) \
+    if tok.vocab_size > cfg.llm.vocab_size or (cfg.name in FROM_SCRATCH and tok.vocab_size != cfg.llm.vocab_size) \
             or tok.image_id != cfg.image_token_id:
         raise SystemExit(f"{tok_path} has {tok.vocab_size} tokens and <image_placeholder> = {tok.image_id}; the "
                          f"{cfg.name!r} model has a vocabulary of {cfg.llm.vocab_size} and expects "
                          f"{cfg.image_token_id}; {where}")
-    if master and not resume:
-        tok.save(os.path.join(out_dir, "tokenizer.json"))  # the stage folder is then all sample.py needs
-    proc = ImageProcessor.for_config(cfg)
+    return tok
+
+
+def stage_model(stage: int, tc: TrainConfig, cfg: VLConfig, init: list, resume: bool, say):
+    """(model, net): the VLM, started from init (a nanovl checkpoint, or pretrained parts) unless the stage starts
+    from scratch or resumes, and what trains: the VLM itself, or in stage 0 the VLM with the stage-0 heads. The
+    stage's freeze map is applied, and what it leaves trainable is printed."""
     torch.manual_seed(tc.seed + stage)
     model = DeepSeekVL(cfg)
     if stage > 0 and not resume:
@@ -715,20 +723,12 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     say(f"stage {stage}: trainable parameters per module (trainable / total)")
     for name, (t, n) in counts.items():
         say(f"  {name:<8}{t:>14,} / {n:>14,}")
-    net.to(device)
-    model.llm.grad_checkpointing = tc.grad_ckpt
+    return model, net
 
-    eval_rows = None
-    if stage > 0 and master:  # what the evaluations read: a bad row stops the run now, not after training
-        try:
-            eval_rows = held_out(tc.data, tc.eval_limit)
-        except (ValueError, OSError) as e:
-            raise SystemExit(f"the held-out questions: {e}") from None
-        if eval_rows is None:
-            say(f"stage {stage}: {tc.data} has no held-out questions (eval_mc.jsonl), so the stage is not evaluated; "
-                "evaluate it afterwards with --eval-only --data DIR")
 
-    # Data: a plan per modality group, fixed up front (exact resume, same global batch on every process count).
+def split_batch(stage: int, tc: TrainConfig, hp: dict, world: int):
+    """(micro, accum): the samples (packed: rows) per forward pass on each process, and the micro-batches each process
+    accumulates per step, so that processes x micro x accum is the global batch."""
     global_batch, micro = hp["batch_size"], hp["micro_batch"]
     if global_batch % (world * micro) and not tc.micro_batch and global_batch % world == 0 and stage > 0:
         # The stage's default micro-batch does not split this batch (tiny's is the whole batch, for one process):
@@ -741,7 +741,15 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         raise SystemExit(f"batch_size {global_batch} is not divisible by {world} processes x micro_batch {micro}: "
                          + (f"pass a --micro_batch that divides {global_batch // world}" if global_batch % world == 0
                             else f"pass a --batch_size that {world} processes divide"))
-    accum = global_batch // (world * micro)
+    return micro, global_batch // (world * micro)
+
+
+def stage_batches(stage: int, tc: TrainConfig, hp: dict, cfg: VLConfig, tok, proc, seq_len: int, micro: int,
+                  accum: int, rank: int, world: int, say) -> Dataset:
+    """The stage's micro-batches, item k the k-th of the whole run on this process: a plan per modality group, fixed
+    up front (exact resume, the same global batch on every process count). Stage 0 reads its own rows (text,
+    caption pairs, scenes); stages 1-3 read stage_data's sources, packed into full rows in stage 2. tc: the run's
+    settings with the stage's filled in (stage_hparams' stc)."""
     folders = [tc.data] + [f for f in tc.extra_data.split(",") if f]
     reader = CachedProcessor(proc, tc.image_cache << 20)  # what the training batches read their images with
     if stage == 0:
@@ -765,50 +773,94 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         plan_pairs = plan_distinct(captions, per * world * accum, hp["steps"], tc.seed + 2)
         text_batches = PlannedBatches(plans[0], {"language": text}, tok.pad_id, reader, accum, rank, world)
         low = CachedProcessor(proc, tc.image_cache << 20, size=cfg.siglip.image_size if cfg.hybrid else None)
-        dataset = Stage0Batches(text_batches, rows0, scenes, plan_pairs, plans[1], tok, reader, low, cfg)
         say(f"data: {len(text)} text pieces, {len(rows0)} image-caption pairs, {len(scenes)} segmented scenes")
-    else:
-        try:
-            sources, share = stage_data(stage, stc, tok, cfg, seq_len, folders)
-        except ValueError as e:  # a malformed row, named by its file and line
-            raise SystemExit(str(e)) from None
-        for name, src in sources.items():
-            say(f"data: {name}: {len(src)} samples from {src.name}" + (f" ({src.dropped} longer than {seq_len} "
-                                                                        "tokens dropped)" if src.dropped else ""))
-        sizes = {m: len(s) for m, s in sources.items() if any(share(t).get(m, 0) > 0 for t in (0, hp["steps"] - 1))}
-        for m in [m for m, n in sizes.items() if n == 0]:
-            src, flag = sources[m], SHARE_FLAGS.get(m)
-            raise SystemExit(f"stage {stage} trains on {m} rows ({src.name}), but {', '.join(folders)} "
-                             f"{'holds' if len(folders) == 1 else 'hold'} none" +
-                             (f" that fit: all {src.dropped} are longer than {seq_len} tokens" if src.dropped else "") +
-                             (f"; without them, pass {flag} 0" if flag and not src.dropped else ""))
-        pack = tc.pack if tc.pack != -1 else int(stage == 2)
-        for m, n in sizes.items():
-            if not pack and n < global_batch:  # legal (the plan walks through epochs), but worth knowing
-                say(f"data: {m} has {n} sample{'s' * (n != 1)}, fewer than a batch of {global_batch}: each of its "
-                    "steps repeats samples")
-        # Packed, the batch counts rows of seq_len tokens (Table 4: stage 2 takes 1024 sequences of 4096); else samples.
-        lengths = {m: [len(s.ids) - 1 for s in sources[m].samples] for m in sizes} if pack else None
-        plan = plan_batches(sizes, global_batch, hp["steps"], share, tc.seed + stage, lengths, seq_len)
-        if pack:
-            dataset = PackedBatches(plan, sources, tok.pad_id, reader, accum, rank, world)
-        else:
-            dataset = PlannedBatches(plan, sources, tok.pad_id, reader, accum, rank, world)
+        return Stage0Batches(text_batches, rows0, scenes, plan_pairs, plans[1], tok, reader, low, cfg)
 
-    clip_groups = clipping_groups(net, stage)  # each clipped to grad_clip on its own
-    # Two parameter groups: the language model and the aligner (and stage 0's heads) at the stage's learning rate;
-    # the vision side (the towers, SAM's neck and its downsampling tail) at vision_lr_mult times it. A from-scratch
-    # decoder learns to read the image tokens only if what they carry holds still while it does. In the tiny
-    # default, training the vision side at the full rate in stages 1-3 wiped out much of what stage 0 had taught it
-    # (a linear probe on SAM's output fell from 62% to 52% over stages 1 and 2; the document titles were lost
-    # first), and kept the final accuracy near chance. The aligner, which has to learn the map into the decoder,
-    # does best at the full rate.
+    try:
+        sources, share = stage_data(stage, tc, tok, cfg, seq_len, folders)
+    except ValueError as e:  # a malformed row, named by its file and line
+        raise SystemExit(str(e)) from None
+    for name, src in sources.items():
+        say(f"data: {name}: {len(src)} samples from {src.name}" + (f" ({src.dropped} longer than {seq_len} "
+                                                                    "tokens dropped)" if src.dropped else ""))
+    sizes = {m: len(s) for m, s in sources.items() if any(share(t).get(m, 0) > 0 for t in (0, hp["steps"] - 1))}
+    for m in [m for m, n in sizes.items() if n == 0]:
+        src, flag = sources[m], SHARE_FLAGS.get(m)
+        raise SystemExit(f"stage {stage} trains on {m} rows ({src.name}), but {', '.join(folders)} "
+                         f"{'holds' if len(folders) == 1 else 'hold'} none" +
+                         (f" that fit: all {src.dropped} are longer than {seq_len} tokens" if src.dropped else "") +
+                         (f"; without them, pass {flag} 0" if flag and not src.dropped else ""))
+    pack = tc.pack if tc.pack != -1 else int(stage == 2)
+    global_batch = hp["batch_size"]
+    for m, n in sizes.items():
+        if not pack and n < global_batch:  # legal (the plan walks through epochs), but worth knowing
+            say(f"data: {m} has {n} sample{'s' * (n != 1)}, fewer than a batch of {global_batch}: each of its "
+                "steps repeats samples")
+    # Packed, the batch counts rows of seq_len tokens (Table 4: stage 2 takes 1024 sequences of 4096); else samples.
+    lengths = {m: [len(s.ids) - 1 for s in sources[m].samples] for m in sizes} if pack else None
+    plan = plan_batches(sizes, global_batch, hp["steps"], share, tc.seed + stage, lengths, seq_len)
+    return (PackedBatches if pack else PlannedBatches)(plan, sources, tok.pad_id, reader, accum, rank, world)
+
+
+def stage_optimizer(net, tc: TrainConfig, hp: dict, device: str):
+    """AdamW (Table 4: betas 0.9, 0.95, no weight decay) over two parameter groups: the language model and the
+    aligner (and stage 0's heads) at the stage's learning rate; the vision side (the towers, SAM's neck and its
+    downsampling tail) at vision_lr_mult times it. Each group's lr_mult scales the schedule's rate at every step."""
+    # A from-scratch decoder learns to read the image tokens only if what they carry holds still while it does. In
+    # the tiny default, training the vision side at the full rate in stages 1-3 wiped out much of what stage 0 had
+    # taught it (a linear probe on SAM's output fell from 62% to 52% over stages 1 and 2; the document titles were
+    # lost first), and kept the final accuracy near chance. The aligner, which has to learn the map into the
+    # decoder, does best at the full rate.
     vision = lambda n: n.removeprefix("model.").startswith(("siglip.", "sam."))
     mult = hp.get("vision_lr_mult", 1.0) if tc.vision_lr_mult < 0 else tc.vision_lr_mult
     groups = [{"params": [p for n, p in net.named_parameters() if p.requires_grad and not vision(n)], "lr_mult": 1.0},
               {"params": [p for n, p in net.named_parameters() if p.requires_grad and vision(n)], "lr_mult": mult}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=hp["lr"], betas=(tc.beta1, tc.beta2),
-                            weight_decay=tc.weight_decay, fused=device.startswith("cuda") or None)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=hp["lr"], betas=(tc.beta1, tc.beta2),
+                             weight_decay=tc.weight_decay, fused=device.startswith("cuda") or None)
+
+
+def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int, device: str):
+    """One stage, start to finish: check its folder (or the checkpoint it resumes), build the tokenizer, the model
+    (with the stage's freeze map), the batches and the optimizer, then train, checkpointing every ckpt_every steps,
+    and write the final weights and evaluation (finish). rank, world: this process among torchrun's."""
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    hp, seq_len, stc = stage_hparams(stage, tc, cfg)
+    out_dir = os.path.join(tc.out, f"stage{stage}")
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    finished, state = open_stage_folder(stage, tc, cfg, hp, out_dir, master, say)
+    if finished:
+        return
+    resume = state is not None
+    init = [p for p in tc.init_from.split(",") if p] or [os.path.join(tc.out, f"stage{stage - 1}", "model.pt")]
+    missing = [p for p in init if not os.path.exists(p)]
+    if stage > 0 and not resume and missing:
+        what = "--init_from" if tc.init_from else f"stage {stage - 1}'s final weights"
+        raise SystemExit(f"stage {stage} starts from {what}, but {', '.join(missing)} does not exist: run "
+                         f"--stage {stage - 1} first, or pass --init_from PATH")
+    tok = stage_tokenizer(tc, cfg, [out_dir] if resume else init if stage > 0 else [])
+    if master and not resume:
+        tok.save(os.path.join(out_dir, "tokenizer.json"))  # the stage folder is then all sample.py needs
+    proc = ImageProcessor.for_config(cfg)
+    model, net = stage_model(stage, tc, cfg, init, resume, say)
+    net.to(device)
+    model.llm.grad_checkpointing = tc.grad_ckpt
+
+    eval_rows = None
+    if stage > 0 and master:  # what the evaluations read: a bad row stops the run now, not after training
+        try:
+            eval_rows = held_out(tc.data, tc.eval_limit)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"the held-out questions: {e}") from None
+        if eval_rows is None:
+            say(f"stage {stage}: {tc.data} has no held-out questions (eval_mc.jsonl), so the stage is not evaluated; "
+                "evaluate it afterwards with --eval-only --data DIR")
+
+    micro, accum = split_batch(stage, tc, hp, world)
+    dataset = stage_batches(stage, stc, hp, cfg, tok, proc, seq_len, micro, accum, rank, world, say)
+    clip_groups = clipping_groups(net, stage)  # each clipped to grad_clip on its own
+    opt = stage_optimizer(net, tc, hp, device)
     start, metrics = 0, []
     if resume:
         net.load_state_dict(state["model"])
