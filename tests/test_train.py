@@ -186,6 +186,72 @@ def test_every_stage_runs_a_few_steps(data, tmp_path, capsys):
     assert not torch.equal(w0["llm.layers.0.mlp.up_proj.weight"], w3["llm.layers.0.mlp.up_proj.weight"])
 
 
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_weights, tmp_path, monkeypatch, stage):
+    """The training loop against the recipe, computed here independently of it: the first step's logged loss is the
+    model's loss on that step's batch (stage 0: the decoder's over the whole step's supervised tokens, plus the mean of
+    the contrastive and dense losses over the micro-batches; stage 1, packed: each sample's loss computed on its own,
+    unpacked, so attention and positions must stay inside each sample); every step's logged learning rate follows the
+    schedule with --min_lr_ratio; each clipping group is clipped at --grad_clip every step; and the vision side
+    trains at vision_lr_mult of the rate."""
+    clipped = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: clipped.append((len(params), max_norm)) or clip(params, max_norm))
+    out = str(tmp_path / "out")
+    args = ["--data", data, "--stage", str(stage), "--out", out, "--steps", "3", "--batch_size", "4", "--micro_batch",
+            "2", "--warmup", "0", "--min_lr_ratio", "0.5", "--grad_clip", "0.5", "--workers", "0", "--log_every", "1",
+            "--eval_limit", "5"] + (["--init_from", start_weights, "--pack", "1"] if stage else [])
+    train.main(args)
+    metrics = train.read_jsonl(os.path.join(out, f"stage{stage}", "metrics.jsonl"))
+
+    tc, _ = train.parse_args(args)
+    cfg = get_config("tiny")
+    hp, seq_len, stc = train.stage_hparams(stage, tc, cfg)
+    assert [m["lr"] for m in metrics if "loss" in m] == [train.learning_rate(s, hp, 0.5) for s in range(3)]
+    assert train.learning_rate(2, hp, 0.5) != train.learning_rate(2, hp, 0.1)  # (the ratio shows at step 3)
+    micro, accum = train.split_batch(stage, tc, hp, 1)
+    assert (micro, accum) == (2, 2)
+    tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    quiet = lambda *a, **k: None
+    dataset = train.stage_batches(stage, stc, hp, cfg, tok, ImageProcessor.for_config(cfg), seq_len, micro, accum, 0,
+                                  1, quiet)
+    model, net = train.stage_model(stage, tc, cfg, [start_weights], False, quiet)  # the run's starting weights
+    n_groups = 3 if stage == 0 else 1
+    trainable = sum(p.requires_grad for p in net.parameters())
+    assert len(clipped) == 3 * n_groups and all(max_norm == 0.5 for _, max_norm in clipped)  # every group, every step
+    assert sum(n for n, _ in clipped[:n_groups]) == trainable
+
+    with torch.no_grad():
+        micros = [dataset[k] for k in range(accum)]  # step 1's micro-batches
+        if stage == 0:
+            n_sup = sum((m["targets"] != -100).sum() for m in micros)
+            lm, aux = zip(*[net(m)[:2] for m in micros])
+            expected = sum(lm) / n_sup + sum(aux) / accum
+        else:
+            total, n_sup = 0.0, 0
+            for ids, targets, images, doc_ids in micros:
+                assert doc_ids.max() > 0  # rows hold several samples
+                images = list(images)
+                for b in range(ids.shape[0]):
+                    for j in range(int(doc_ids[b].max()) + 1):
+                        keep = doc_ids[b] == j
+                        x, y = ids[b, keep][None], targets[b, keep][None]
+                        n_img = int((x == cfg.image_token_id).sum()) // cfg.n_image_tokens
+                        mine, images = images[:n_img], images[n_img:]
+                        _, loss = model(x, torch.stack(mine) if mine else None, targets=y, reduction="sum")
+                        total, n_sup = total + loss, n_sup + int((y != -100).sum())
+            expected = total / n_sup
+    assert metrics[0]["loss"] == pytest.approx(float(expected), abs=2e-5)
+
+    groups = torch.load(os.path.join(out, f"stage{stage}", "ckpt.pt"), weights_only=True)["optimizer"]["param_groups"]
+    vision = [n for n, p in net.named_parameters() if p.requires_grad and n.removeprefix("model.").startswith(
+        ("siglip.", "sam."))]
+    mult = 1.0 if stage == 0 else 0.1  # the from-scratch default: stages 1-3 hold the vision side nearly still
+    assert len(groups) == 2 and len(groups[1]["params"]) == len(vision) > 0
+    assert groups[1]["lr"] == pytest.approx(mult * groups[0]["lr"]) and groups[0]["lr"] == metrics[-2]["lr"]
+
+
 def test_gradient_accumulation_normalises_over_the_whole_step(data, start_weights, tmp_path):
     common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "3", "--batch_size", "8",
               "--eval_limit", "5", "--workers", "0"]
