@@ -317,6 +317,8 @@ def test_plan_draws_one_modality_per_step_and_covers_each_epoch():
     plan = plan_batches(sizes, global_batch=4, steps=200, share=lambda s: {"language": 0.7, "multimodal": 0.3}, seed=1)
     assert plan == plan_batches(sizes, 4, 200, lambda s: {"language": 0.7, "multimodal": 0.3}, seed=1)
     assert plan != plan_batches(sizes, 4, 200, lambda s: {"language": 0.7, "multimodal": 0.3}, seed=2)
+    one = lambda seed: plan_batches({"language": 10}, 4, 5, lambda s: {"language": 1.0}, seed)
+    assert one(1) != one(2)  # the seed also shuffles each modality's rows
     share = sum(m == "language" for m, _ in plan) / len(plan)
     assert 0.6 < share < 0.8
     stream = [i for m, rows in plan if m == "multimodal" for i in rows]
@@ -338,11 +340,19 @@ def test_ranks_and_micro_batches_split_the_same_global_batch():
     whole = PlannedBatches(plan, {"language": source}, 2, None)
     parts = [PlannedBatches(plan, {"language": source}, 2, None, accum=2, rank=r, world=2) for r in range(2)]
     for step in range(3):
-        full_rows = plan[step][1]
-        got = [i for r in range(2) for micro in range(2) for i in full_rows[(r * 2 + micro) * 2:(r * 2 + micro + 1) * 2]]
-        assert got == full_rows
+        got = [i for r in range(2) for micro in range(2) for i in parts[r].rows(step * 2 + micro)]
+        assert got == plan[step][1]  # the four slices, disjoint, in order, make up the step's global batch
         ids, _, _ = whole[step]
         pieces = [parts[r][step * 2 + micro][0] for r in range(2) for micro in range(2)]
         assert sum(p.shape[0] for p in pieces) == ids.shape[0] == 8
     with pytest.raises(ValueError, match="not divisible"):
         PlannedBatches(plan, {"language": source}, 2, None, accum=3, world=1)
+    # Each step reads the rows of the modality its plan drew.
+    other = Source([{"text": f"image row {i}"} for i in range(12)], "text", Tokenizer.train(["image row"], 262), 4, 64)
+    sources = {"language": source, "multimodal": other}
+    plan = plan_batches({m: 12 for m in sources}, 8, 20, lambda s: {"language": 0.5, "multimodal": 0.5}, seed=0)
+    assert {m for m, _ in plan} == {"language", "multimodal"}
+    batches = PlannedBatches(plan, sources, 2, None, accum=2, rank=1, world=2)
+    for k in range(len(batches)):
+        modality, rows = plan[k // 2]
+        assert batches.samples(k) == [sources[modality][i] for i in batches.rows(k)]

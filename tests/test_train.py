@@ -72,6 +72,9 @@ def test_freeze_maps_follow_the_paper():
     aligner = {n for n in names if n.startswith("aligner.")}
     llm = {n for n in names if n.startswith("llm.")}
     siglip = {n for n in names if n.startswith("siglip.")}
+    sam_trunk = {n for n in names if n.startswith(("sam.patch_embed.", "sam.pos_embed", "sam.blocks.", "sam.neck."))}
+    # stage 0 (scratch presets): each part on its own task; the adaptor and SAM's side path wait for stage 1
+    assert trained(0) == llm | siglip | sam_trunk
     assert trained(1) == aligner | sam_tail  # adaptor warm-up: the adaptor, SAM's tail counted in (section 3.1)
     assert trained(2) == aligner | sam_tail | llm  # vision frozen
     assert trained(3) == aligner | sam_tail | llm | siglip  # SigLIP joins; SAM's trunk stays frozen
@@ -115,11 +118,14 @@ def test_released_sizes_default_to_table_4():
 def test_learning_rate_schedules():
     cos = dict(lr=1.0, warmup=10, steps=110, schedule="cosine")
     assert train.learning_rate(0, cos, 0.1) == pytest.approx(0.1)
-    assert train.learning_rate(9, cos, 0.1) == pytest.approx(1.0)
+    assert train.learning_rate(9, cos, 0.1) == train.learning_rate(10, cos, 0.1) == pytest.approx(1.0)  # the peak
     assert train.learning_rate(60, cos, 0.1) == pytest.approx(0.55)
     assert train.learning_rate(109, cos, 0.1) == pytest.approx(0.1, abs=1e-3)
     step = dict(lr=1.0, warmup=0, steps=100, schedule="step")
     assert [train.learning_rate(s, step, 0.1) for s in (79, 80, 90)] == [1.0, 0.316, 0.1]
+    # the milestones are 80% and 90% of the whole run, warm-up included
+    warm = dict(step, warmup=10, steps=110)
+    assert [train.learning_rate(s, warm, 0.1) for s in (87, 88, 98, 99)] == [1.0, 0.316, 0.316, 0.1]
 
 
 def test_multiple_choice_picks_the_option_the_model_finds_likeliest(data):
@@ -566,6 +572,9 @@ def test_packing_lays_samples_end_to_end():
         row.append(i)
     assert [row for _, rows in plan for row in rows] == expected + [row] and all(len(rows) == 2 for _, rows in plan)
 
+    exact = plan_batches({"language": 2}, 1, 2, lambda step: {"language": 1.0}, 0, {"language": [6, 6]}, 12)
+    assert [sorted(rows[0]) for _, rows in exact] == [[0, 1], [0, 1]]  # 6 + 6 tokens fill a row of 12 exactly
+
     plan = [("language", [[0, 1], [2, 3]])]
     ids, targets, images, doc_ids = train.PackedBatches(plan, {"language": samples}, 0, None)[0]
     assert ids.tolist() == [[1, 2, 3, 4, 11, 12, 13, 14, 15, 16, 17, 18], [21, 22, 23, 31, 32, 33, 34, 35, 36, 0, 0, 0]]
@@ -584,6 +593,18 @@ def test_contrastive_batches_hold_distinct_captions():
     assert {i for _, rows in plan for i in rows} == set(range(len(captions)))  # every row gets its turn
     with pytest.raises(ValueError, match="only 6 different captions"):
         plan_distinct(captions, batch=7, steps=1, seed=0)
+
+
+def test_stage1_reads_captions_and_documents(data):
+    tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    sources, share = train.stage_data(1, train.TrainConfig(data=data), tok, get_config("tiny"), 512, [data])
+    rows = [json.loads(line) for line in open(os.path.join(data, "pretrain.jsonl"))]
+    picked = [r for r in rows if r["category"] in ("caption", "ocr")]  # paper section 3.2.1
+    assert {r["category"] for r in picked} == {"caption", "ocr"} and len(picked) < len(rows)
+    assert list(sources) == ["multimodal"] and share(0) == {"multimodal": 1.0}
+    src = sources["multimodal"]
+    assert len(src) + src.dropped == len(picked) and src.dropped < len(picked)
+    assert {s.images[0] for s in src.samples} <= {os.path.join(data, r["images"][0]) for r in picked}
 
 
 def test_stage3_groups_one_question_chats_apart(data):
