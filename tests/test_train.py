@@ -17,6 +17,7 @@ import prepare_data
 import train
 from nanovl import DeepSeekVL, get_config
 from nanovl.evaluate import multiple_choice
+from nanovl.synth import mc_prompt
 from nanovl.image import ImageProcessor
 from nanovl.stage0 import Stage0Heads
 from nanovl.tokenizer import Tokenizer
@@ -128,28 +129,65 @@ def test_learning_rate_schedules():
     assert [train.learning_rate(s, warm, 0.1) for s in (87, 88, 98, 99)] == [1.0, 0.316, 0.316, 0.1]
 
 
+class FavouriteTokens(torch.nn.Module):
+    """A stand-in model whose next-token logits are `bonus` for the given ids and 0 for every other, at every
+    position; its loss is the per-token NLL (reduction="none"), as the evaluations ask for."""
+
+    def __init__(self, vocab_size, favourite=(), bonus=0.0):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.vocab_size, self.favourite, self.bonus = vocab_size, list(favourite), bonus
+
+    def forward(self, ids, images=None, image_embeds=None, targets=None, reduction="none"):
+        logits = torch.zeros(*ids.shape, self.vocab_size)
+        logits[..., self.favourite] = self.bonus
+        nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+        return None, nll.view(ids.shape)
+
+
 def test_multiple_choice_picks_the_option_the_model_finds_likeliest(data):
     tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
     cfg = get_config("tiny")
-    favourite = tok.encode(" blue")  # a model that always expects the tokens of " blue" and nothing else
-
-    class Oracle(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-
-        def forward(self, ids, images=None, image_embeds=None, targets=None, reduction="mean"):
-            logits = torch.zeros(*ids.shape, tok.vocab_size)
-            logits[..., favourite] = 10.0
-            nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
-            return None, nll.view(ids.shape)  # as reduction="none"
-
+    oracle = FavouriteTokens(tok.vocab_size, tok.encode(" blue"), 10.0)  # always expects the tokens of " blue"
     rows = [{"category": "code", "images": [], "question": "What colour is the button?",
              "options": ["red", "green", "blue", "black"], "answer": 2},
             {"category": "caption", "images": [], "question": "What colour is it?",
              "options": ["blue", "red", "green", "yellow"], "answer": 1}]
-    acc = multiple_choice(Oracle(), rows, tok, ImageProcessor.for_config(cfg), cfg.n_image_tokens)
+    acc = multiple_choice(oracle, rows, tok, ImageProcessor.for_config(cfg), cfg.n_image_tokens)
     assert acc == {"caption": 0.0, "code": 1.0, "mean": 0.5, "chance": 0.25}
+
+
+def test_multiple_choice_ranks_options_by_perplexity_not_summed_loss(data):
+    from nanovl.chat import render_chat
+    from nanovl.data import Sample, collate
+    tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    cfg = get_config("tiny")
+    model = FavouriteTokens(tok.vocab_size, set(tok.encode(" blue")), bonus=3.0)
+    options = ["red", " ".join(["blue"] * 12)]  # a short unlikely answer, and a long one of likely tokens
+    row = {"category": "chart", "images": [], "question": "Which?", "options": options, "answer": 1}
+    chats = [render_chat([{"role": "user", "content": mc_prompt(row["question"], options)},
+                          {"role": "assistant", "content": o}], tok, cfg.n_image_tokens) for o in options]
+    _, targets, _ = collate([Sample(ids, mask, []) for ids, mask in chats], tok.pad_id)
+    _, nll = model(torch.zeros_like(targets), targets=targets)
+    summed, n = nll.sum(dim=1), (targets != -100).sum(dim=1)
+    assert summed[0] < summed[1] and (summed / n)[1] < (summed / n)[0]  # the two rules disagree here
+    acc = multiple_choice(model, [row], tok, ImageProcessor.for_config(cfg), cfg.n_image_tokens)
+    assert acc["chart"] == 1.0  # the lower perplexity (mean NLL per answer token), as the paper's MCPPL
+
+
+def test_bits_per_byte_counts_bits_over_utf8_bytes(data):
+    from nanovl.data import Source, collate
+    from nanovl.evaluate import bits_per_byte
+    tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    rows = [{"text": "Naïve café, 20 °C: déjà vu. " * 30}, {"text": "Short one."}]
+    uniform = FavouriteTokens(tok.vocab_size)  # every token costs log(V) nats, log2(V) bits
+    pieces = Source(rows, "text", tok, 4, max_len=64).samples
+    assert len(pieces) > 2  # the long text is cut into pieces
+    _, targets, _ = collate(pieces, tok.pad_id)
+    n_bytes = sum(len(r["text"].encode("utf-8")) for r in rows)
+    assert n_bytes > sum(len(r["text"]) for r in rows)  # multibyte characters
+    expected = int((targets != -100).sum()) * math.log2(tok.vocab_size) / n_bytes
+    assert bits_per_byte(uniform, rows, tok, 4, max_len=64) == pytest.approx(expected, rel=1e-6)
 
 
 def test_a_bad_held_out_question_is_named_before_training(tmp_path):
