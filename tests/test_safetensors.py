@@ -188,6 +188,8 @@ CORRUPTIONS = {
     "tensor past end": (lambda p: p.write_bytes(p.read_bytes()[:-4]),
                         "tensor 'b' has data_offsets [16, 32], past the end of the 28-byte data buffer"),
     "overlap": (lambda p: rewrite(p, set_entry("b", data_offsets=[8, 24])), "'a' (ends at 16) and 'b'"),
+    "overlap by a byte": (lambda p: rewrite(p, set_entry("b", data_offsets=[15, 31])),
+                          "'a' (ends at 16) and 'b' (data_offsets [15, 31]) overlap"),
 }
 
 
@@ -275,6 +277,16 @@ def test_sharded_save_matches_huggingface_hub_byte_for_byte(tmp_path):
     assert set(index["weight_map"]) == set(tensors)
     assert_same(st.load_sharded(tmp_path / "ours"), tensors)
     assert_same(st.load_sharded(tmp_path / "hub"), tensors)
+    # A shard that the tensors fill exactly (512 + 128 bytes) stays one shard, as in the hub's split.
+    st.save_sharded(tensors, tmp_path / "exact", max_shard_bytes=640)
+    (tmp_path / "hub-exact").mkdir()
+    hub.save_torch_state_dict(tensors, tmp_path / "hub-exact", max_shard_size=640)
+    files = sorted(os.listdir(tmp_path / "exact"))
+    assert files == sorted(os.listdir(tmp_path / "hub-exact"))
+    for file in files:
+        assert (tmp_path / "exact" / file).read_bytes() == (tmp_path / "hub-exact" / file).read_bytes(), file
+    index = json.loads((tmp_path / "exact" / st.INDEX_NAME).read_text())["weight_map"]
+    assert index["embed.weight"] == index["layers.0.w"]
 
 
 def test_huggingface_hub_loads_our_shards_into_a_model(tmp_path):
