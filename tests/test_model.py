@@ -316,5 +316,10 @@ def test_bad_configs_are_refused_with_the_reason():
         get_config("tiny", **{"sam.image_size": 512})
     with pytest.raises(ValueError, match="does not fit a SigLIP-only"):
         get_config("1.3b", **{"aligner.projector_type": "low_high_hybrid_split_mlp_gelu"})
+    with pytest.raises(ValueError, match="n_heads 4, n_kv_heads 3: need dim % n_heads == 0 and n_heads % n_kv_heads"):
+        get_config("tiny", **{"llm.n_heads": 4, "llm.n_kv_heads": 3})
+    depth = get_config("tiny").sam.depth
+    with pytest.raises(ValueError, match=rf"sam.global_blocks \({depth},\) must be non-empty indices below"):
+        get_config("tiny", **{"sam.global_blocks": str(depth)})
     with pytest.raises(ValueError, match="unknown config fields"):
         VLConfig.from_dict({"name": "x", "colour": "blue"})

@@ -274,6 +274,22 @@ def test_export_loads_back_to_identical_outputs(folder, tmp_path):
     assert all(torch.equal(exported[k], expected[k]) for k in expected)
 
 
+def test_grouped_query_attention_survives_export_and_load(folder, tmp_path):
+    # The released decoders have as many key/value heads as query heads; a model of one's own may have fewer.
+    path, _ = folder
+    model, tok, proc = load_released(path)
+    cfg = copy.deepcopy(model.cfg)
+    cfg.llm.n_kv_heads = cfg.llm.n_heads // 2
+    torch.manual_seed(0)
+    gqa = DeepSeekVL(cfg).eval()
+    assert gqa.llm.layers[0].self_attn.k_proj.weight.shape[0] < gqa.llm.layers[0].self_attn.q_proj.weight.shape[0]
+    again, _, _ = load_model(export_released(gqa, tok, tmp_path / "gqa"))
+    assert again.cfg.llm.n_kv_heads == cfg.llm.n_kv_heads
+    ids, pixels = chat_batch(tok, proc, cfg.n_image_tokens, seed=2)
+    with torch.no_grad():
+        assert torch.equal(again(ids, pixels)[0], gqa(ids, pixels)[0])
+
+
 def test_export_replaces_only_an_earlier_export(folder, tmp_path, monkeypatch):
     model, tok, _ = load_released(folder[0])
     out = export_released(model, tok, tmp_path / "export")
