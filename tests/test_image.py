@@ -27,7 +27,7 @@ def official_canvas(img: Image.Image, S: int, mean) -> torch.Tensor:
     return torch.from_numpy(np.asarray(square).astype(np.float64) / 255).float().permute(2, 0, 1)
 
 
-@pytest.mark.parametrize("size", [(300, 200), (120, 410), (64, 64), (1000, 30)])
+@pytest.mark.parametrize("size", [(300, 200), (120, 410), (64, 64), (1000, 30), (300, 201)])  # 171 px: odd margins
 def test_resize_and_pad_match_the_official_processor(size):
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
@@ -47,6 +47,8 @@ def test_processor_follows_the_model():
     x = released_13b(Image.new("RGB", (50, 50), (255, 0, 0)))
     assert x.min().item() == -1.0 and x.max().item() == 1.0  # normalised to [-1, 1]: red is (1, -1, -1)
     assert ImageProcessor.for_config(get_config("tiny")).image_size == 256
+    # A preprocessor_config.json without do_normalize normalises, as VLMImageProcessor's default
+    assert ImageProcessor.from_dict({"image_size": 384, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}).normalize
 
 
 def make_mode(mode: str) -> Image.Image:
@@ -77,6 +79,8 @@ def test_every_mode_becomes_rgb_with_its_brightness_kept(mode):
 def test_sixteen_bit_mid_grey_is_mid_grey():
     img = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))  # I;16
     assert abs(int(np.asarray(to_rgb(img))[0, 0, 0]) - 128) <= 1
+    # A 32-bit image whose values stay within 0-255 holds 8-bit values: white stays white.
+    assert np.asarray(to_rgb(Image.fromarray(np.full((8, 8), 255, dtype=np.int32))))[0, 0, 0] == 255
 
 
 def test_exif_orientation_is_applied(tmp_path):

@@ -12,6 +12,8 @@ from nanovl.llama import LinearCrossEntropy, Llama
 
 CFG = LlamaConfig(vocab_size=97, dim=64, n_layers=3, n_heads=4, n_kv_heads=4, ffn_dim=176, max_seq_len=64)
 GQA = LlamaConfig(**dict(CFG.__dict__, n_kv_heads=2))
+# Other rotary base and norm epsilon than the defaults (released: 10000 and 1e-6), so that a hard-coded constant shows.
+ODD = LlamaConfig(**dict(CFG.__dict__, rope_theta=50.0, norm_eps=0.05))
 
 
 def hf_pair(cfg: LlamaConfig):
@@ -29,7 +31,7 @@ def hf_pair(cfg: LlamaConfig):
     return hf, ours
 
 
-@pytest.mark.parametrize("cfg", [CFG, GQA], ids=["mha", "gqa"])
+@pytest.mark.parametrize("cfg", [CFG, GQA, ODD], ids=["mha", "gqa", "theta-eps"])
 def test_llama_matches_transformers(cfg):
     hf, ours = hf_pair(cfg)
     ids = torch.randint(0, cfg.vocab_size, (2, 40))
@@ -38,6 +40,17 @@ def test_llama_matches_transformers(cfg):
         got, _ = ours(ids)
     assert got.shape == (2, 40, cfg.vocab_size)
     assert max_diff(got, expected) < ATOL
+
+
+def test_rmsnorm_rounds_like_transformers_in_bf16():
+    # Normalised in fp32, cast back, then scaled in bf16: the order of the casts decides the last bit.
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from nanovl.llama import RMSNorm
+    theirs, ours = randomize_(LlamaRMSNorm(64, eps=1e-6), std=1.0), RMSNorm(64, 1e-6)
+    ours.load_state_dict(theirs.state_dict())
+    theirs, ours = theirs.bfloat16(), ours.bfloat16()
+    x = (torch.randn(16, 64) * 3).bfloat16()
+    assert torch.equal(ours(x), theirs(x))
 
 
 def left_padded_batch(lengths, vocab, T):

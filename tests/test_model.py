@@ -136,6 +136,22 @@ def test_hybrid_tower_preprocesses_like_the_official_tower(tiny):
         assert max_diff(model.encode_images(images), expected) < ATOL
 
 
+def test_a_fresh_model_starts_as_gpt2_does():
+    # N(0, 0.02) for linear layers, embeddings and learned positions; the projections into the decoder's residual
+    # stream scaled down by sqrt(2 * n_layers), so the stream's variance does not grow with depth.
+    torch.manual_seed(0)
+    cfg = get_config("tiny")
+    model = DeepSeekVL(cfg)
+    std = lambda t: t.float().std().item()
+    assert std(model.llm.layers[0].mlp.up_proj.weight) == pytest.approx(0.02, rel=0.05)
+    deep = 0.02 / (2 * cfg.llm.n_layers) ** 0.5
+    for layer in model.llm.layers:
+        assert std(layer.self_attn.o_proj.weight) == pytest.approx(deep, rel=0.05)
+        assert std(layer.mlp.down_proj.weight) == pytest.approx(deep, rel=0.05)
+    for tower in (model.siglip, model.sam):
+        assert std(tower.pos_embed) == pytest.approx(0.02, rel=0.05)
+
+
 def test_tiny_forward_backward_reaches_every_parameter():
     cfg = get_config("tiny")
     model = DeepSeekVL(cfg)

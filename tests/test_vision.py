@@ -20,6 +20,14 @@ from nanovl.sam import SAM
 from nanovl.siglip import SigLIP
 
 
+def same_epsilons(ours: nn.Module, ref: nn.Module):
+    """Every normalisation layer of ours has the epsilon of the reference's layer of the same name (parity tests on
+    random weights see no difference between 1e-5 and 1e-6; features of a real image with little variance do)."""
+    eps = {name: m.eps for name, m in ours.named_modules() if hasattr(m, "eps")}
+    theirs = {name: m.eps for name, m in ref.named_modules() if hasattr(m, "eps") and "attn_pool" not in name}
+    assert set(theirs) <= set(eps) and {n: eps[n] for n in theirs} == theirs
+
+
 def timm_siglip(cfg: SigLIPConfig) -> VisionTransformer:
     # timm's SigLIP ViT with DeepSeek's settings: no class token, map pooling (built, unused), exact GELU, eps 1e-6.
     return VisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
@@ -42,6 +50,7 @@ def test_siglip_matches_timm():
         got = ours(x)
     assert got.shape == (2, 16, 64)
     assert max_diff(got, expected) < ATOL
+    same_epsilons(ours, ref)
 
 
 def test_siglip_normalises_inside_the_tower_like_torchvision():
@@ -79,6 +88,7 @@ def test_sam_matches_segment_anything():
         got = ours.neck(last.permute(0, 3, 1, 2))
     assert got.shape == expected.shape == (2, 32, 8, 8)
     assert max_diff(got, expected) < ATOL
+    same_epsilons(ours, ref)
 
 
 def test_sam_deepseek_additions_match_the_facts_sheet():
