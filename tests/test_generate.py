@@ -76,6 +76,55 @@ def test_warping_matches_hf_logits_processors():
     assert 1 < kept.sum(1).min() and kept.sum(1).max() < 20  # top-p cut below top-k: both rules did something
 
 
+def test_repetition_penalty_matches_hf_on_every_logit_and_applies_to_greedy_decoding():
+    torch.manual_seed(1)
+    logits = torch.randn(3, 50)  # about half negative: those are multiplied by the penalty, the rest divided
+    generated = torch.randint(0, 50, (3, 12))
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(generated, logits.clone())
+    got = warp(logits, generated, Sampling(repetition_penalty=1.3))  # temperature 0: greedy
+    assert torch.allclose(got, expected, atol=1e-6) and (logits.gather(1, generated) < 0).any()
+    said = int(generated[0, 0])  # a token this answer already has ...
+    other = next(t for t in range(50) if t not in generated[0])  # ... and one it has not
+    logits[0, said], logits[0, other] = 10.0, 9.0
+    assert int(pick(logits, generated, Sampling())[0]) == said  # greedy
+    assert int(pick(logits, generated, Sampling(repetition_penalty=1.3))[0]) == other  # greedy, 10 / 1.3 < 9
+
+
+def test_decoding_never_picks_padded_or_image_ids_and_keeps_each_rows_stop():
+    from types import SimpleNamespace
+    from nanovl.generate import _decode
+    V, n_words, image_id = 12, 8, 3
+    model = SimpleNamespace(cfg=SimpleNamespace(image_token_id=image_id))
+    logits = torch.zeros(2, V)
+    logits[:, 8:] = 100.0  # ids past the tokenizer's 8 words: rows of the padded embedding, nothing to decode to
+    logits[:, image_id] = 50.0  # fed back, <image_placeholder> would ask for an image that does not exist
+    logits[0, 6], logits[1, 5] = 10.0, 10.0  # then row 0 says the stop id 6 at once; row 1 goes on saying 5
+
+    class Step:  # stands in for DecodeStep: a cache with 3 free slots
+        def __init__(self):
+            self.cache, self.fed = SimpleNamespace(max_len=10, length=7), []
+
+        def __call__(self, tok):
+            self.fed.append(tok[:, 0].tolist())
+            self.cache.length += 1
+            return logits.clone()
+
+    step = Step()
+    out = _decode(model, step, logits.clone(), Sampling(max_new_tokens=50), {6}, pad_id=0, n_words=n_words)
+    # 3 free slots give 4 new tokens (the last is never fed back); row 0 keeps its stop id, then pads
+    assert out.tolist() == [[6, 0, 0, 0], [5, 5, 5, 5]] and len(step.fed) == 3
+
+
+def test_generation_ends_each_row_with_its_stop_id(tiny, tok):
+    prompts = [tok.encode("what colour is the circle?"), tok.encode("red")]
+    free = generate(tiny, prompts, sampling=Sampling(max_new_tokens=6))
+    stop = free[0][2]  # row 0's third token (or an earlier one, if it said it before)
+    got = generate(tiny, prompts, sampling=Sampling(max_new_tokens=6), stop_ids={stop})
+    for row, expected in zip(got, free):  # each row up to and including its first stop id, if it says it
+        assert row == expected[:expected.index(stop) + 1 if stop in expected else None]
+    assert got[0][-1] == stop
+
+
 def test_sampling_is_seeded_and_respects_top_k():
     logits = torch.zeros(1, 10)
     draws = lambda seed, **kw: [int(pick(logits, torch.empty(1, 0, dtype=torch.long), Sampling(temperature=1.0, **kw),
