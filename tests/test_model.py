@@ -219,6 +219,14 @@ def test_sequence_longer_than_context_is_refused(tiny):
     cfg, model = tiny
     with pytest.raises(ValueError, match="513 tokens .* context of 512"):
         model(torch.ones(1, 513, dtype=torch.long))
+    with torch.no_grad():  # exactly the context fits, in one pass or after a cache
+        assert model(torch.ones(1, 512, dtype=torch.long), last_only=True)[0].shape == (1, 1, cfg.llm.vocab_size)
+        cache = model.llm.new_cache(1, 512)
+        model(torch.ones(1, 500, dtype=torch.long), cache=cache, last_only=True)
+        with pytest.raises(ValueError, match=r"513 tokens \(500 cached \+ 13 new\)"):
+            model(torch.ones(1, 13, dtype=torch.long), cache=cache)
+        model(torch.ones(1, 12, dtype=torch.long), cache=cache, last_only=True)
+        assert cache.length == 512
 
 
 # ---------------------------------------------------------------------------------------------------------------------
