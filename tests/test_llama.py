@@ -106,6 +106,24 @@ def test_kv_cache_with_left_padded_batch_matches_each_sequence_alone():
             assert max_diff(torch.cat([s[b] for s in steps]), alone[0, n:]) < ATOL
 
 
+def test_every_query_sees_at_least_one_key(monkeypatch):
+    # A padding query whose every key were masked would get a softmax over nothing: zeros from this CPU kernel,
+    # NaN from others (and NaN in one row of a batched matmul can spread). Each sees itself at least.
+    sdpa, masks = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q, k, v, attn_mask=None, **kw: masks.append(attn_mask) or sdpa(q, k, v, attn_mask, **kw))
+    ours = randomize_(Llama(CFG)).eval()
+    ids, pad, _ = left_padded_batch([10, 3], CFG.vocab_size, 10)
+    with torch.no_grad():
+        cache = ours.new_cache(2, max_len=16)
+        ours(ids, cache=cache, pad_mask=pad)  # prefill: row 1 has 7 padding queries
+        ours(ids[:, :2], cache=cache)  # a chat turn of two tokens
+        pos = torch.tensor([cache.length])
+        ours.decode_step(ids[:, :1], cache, pos)  # the fixed-shape step
+    assert len(masks) == 3 * CFG.n_layers and not masks[0].all()
+    assert all(bool(m.any(-1).all()) for m in masks)
+
+
 def test_decode_step_matches_the_cache_path_of_forward():
     # decode_step is forward's T = 1 cache path with fixed shapes (what a CUDA graph replays): same logits, on a
     # left-padded batch, with a stale slot past the end (a chat turn that was undone) that it must not read.
