@@ -1,0 +1,66 @@
+"""Stage 0's losses written out from their papers (SigLIP's sigmoid loss, a per-patch cross-entropy) and its label
+maps, against nanovl/stage0.py."""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from nanovl import DeepSeekVL, get_config
+from nanovl.image import ImageProcessor
+from nanovl.stage0 import Stage0Heads, seg_labels
+
+
+def test_contrastive_loss_is_siglips_sigmoid_loss_over_real_caption_tokens():
+    torch.manual_seed(0)
+    cfg = get_config("tiny")
+    model, heads = DeepSeekVL(cfg).eval(), Stage0Heads(cfg, n_seg_classes=5).eval()
+    with torch.no_grad():  # a temperature and bias other than the start, so that both must be used as written
+        heads.log_t.fill_(math.log(3.0))
+        heads.bias.fill_(-2.0)
+    images = torch.rand(3, 3, cfg.siglip.image_size, cfg.siglip.image_size)
+    captions = [[1, 40, 41, 42, 43, 2], [1, 50, 51, 52, 2], [1, 60, 2]]  # of different lengths
+    ids = torch.full((3, 6), 0, dtype=torch.long)
+    for b, c in enumerate(captions):
+        ids[b, :len(c)] = torch.tensor(c)
+        ids[b, len(c):] = 77  # padding: any id, never read
+    with torch.no_grad():
+        got = heads.contrastive_loss(model, images, ids, torch.tensor([len(c) for c in captions]))
+        # Both towers pooled by averaging: SigLIP over its patch tokens, the text tower over each caption alone.
+        img = F.normalize(heads.image_proj(model.siglip(images).mean(dim=1)), dim=-1)  # (B, E)
+        txt = F.normalize(torch.cat([heads.text_tower(torch.tensor([c]))[0].mean(dim=1) for c in captions]), dim=-1)
+        z = img @ txt.T * 3.0 - 2.0  # (B, B): t * cos + b
+        # Zhai et al. 2023, eq. 1: -1/|B| sum_i sum_j log sigmoid(label_ij * z_ij), label +1 for a pair, -1 otherwise
+        expected = -sum(F.logsigmoid(z[i, j] if i == j else -z[i, j]) for i in range(3) for j in range(3)) / 3
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_segmentation_loss_is_a_per_patch_cross_entropy_on_the_neck():
+    torch.manual_seed(0)
+    cfg = get_config("tiny")
+    model, heads = DeepSeekVL(cfg).eval(), Stage0Heads(cfg, n_seg_classes=5).eval()
+    g = cfg.sam.grid
+    images = torch.rand(2, 3, cfg.sam.image_size, cfg.sam.image_size)
+    labels = torch.zeros(2, g, g, dtype=torch.long)
+    labels[:, : g // 2, : g // 4] = 3  # not symmetric: rows and columns must not be swapped
+    labels[1, g - 2:, :] = 4
+    with torch.no_grad():
+        last, _ = model.sam.trunk(images)  # (B, H, W, C), H the rows
+        logits = heads.seg_head(model.sam.neck(last.permute(0, 3, 1, 2)))  # (B, classes, H, W)
+        expected = F.cross_entropy(logits, labels)  # the mean over every patch of every image
+        assert torch.allclose(heads.segmentation_loss(model.sam, images, labels), expected, atol=1e-6)
+        assert not torch.allclose(F.cross_entropy(logits, labels.transpose(1, 2)), expected, atol=1e-3)
+
+
+def test_label_maps_take_the_images_geometry_and_never_blend_labels(tmp_path):
+    # A wide label map, its left half in stripes of 2 and 5 two pixels wide, its right half 5: the canvas pads it top
+    # and bottom with 0 (background), and every step keeps whole labels (nearest), never a blend such as 3 or 4.
+    labels = np.full((40, 120), 5, dtype=np.uint8)
+    labels[:, :60] = np.where(np.arange(60) // 2 % 2, 5, 2)
+    Image.fromarray(labels).save(tmp_path / "seg.png")
+    grid = seg_labels(str(tmp_path / "seg.png"), ImageProcessor(image_size=96), grid=12)
+    assert grid.shape == (12, 12) and set(grid.unique().tolist()) == {0, 2, 5}
+    assert grid[6, 6:].tolist() == [5] * 6 and 2 in grid[6, :6].tolist()
+    assert grid[0].tolist() == [0] * 12 and grid[-1].tolist() == [0] * 12  # the padding
