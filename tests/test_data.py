@@ -3,6 +3,8 @@
 import hashlib
 import json
 import os
+import random
+import re
 
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ from nanovl.chat import IMAGE_TAG
 from nanovl.config import get_config
 from nanovl.data import PlannedBatches, Sample, Source, collate, import_llava, plan_batches, read_jsonl
 from nanovl.image import ImageProcessor
-from nanovl.synth import CATEGORIES, SEG_LABELS
+from nanovl.synth import CATEGORIES, COLORS, NUMBERS, SEG_LABELS, SHAPES, make_example
 from nanovl.tokenizer import Tokenizer
 
 
@@ -70,7 +72,7 @@ def test_prepare_data_writes_every_part(data_dir):
     stage0 = read_jsonl(data_dir / "stage0.jsonl")
     assert {r["category"] for r in stage0} == set(CATEGORIES) - {"interleaved"}
     for row in stage0:
-        assert row["caption"]
+        assert row["caption"] and IMAGE_TAG not in row["caption"]  # the image's one fact, not its document
         if row["seg"]:
             seg = np.asarray(Image.open(data_dir / row["seg"]))
             assert seg.max() <= len(SEG_LABELS) and seg.max() > 0
@@ -82,10 +84,67 @@ def test_prepare_data_writes_every_part(data_dir):
     assert not train_images & {p for r in mc for p in r["images"]}  # held out
     assert read_jsonl(data_dir / "eval_text.jsonl")
     assert USER_TEXT in [r["text"] for r in read_jsonl(data_dir / "text.jsonl")]  # --text files join the text data
+    # Held out means unseen: no evaluation image is a training image, and no held-out text is in the training text
+    # (nor on the OCR pages, whose prose comes from the training text).
+    digest = lambda p: hashlib.sha1((data_dir / p).read_bytes()).hexdigest()
+    assert not {digest(p) for p in train_images} & {digest(p) for r in mc for p in r["images"]}
+    flat = lambda text: " ".join(text.split())
+    train_text = "\n".join(flat(t) for t in [r["text"] for r in read_jsonl(data_dir / "text.jsonl")] +
+                           [r["text"] for r in pretrain] + [m["content"] for r in sft for m in r["conversation"]])
+    for row in read_jsonl(data_dir / "eval_text.jsonl"):
+        for paragraph in [flat(p) for p in row["text"].split("\n\n") if len(flat(p)) >= 80]:
+            assert paragraph[:80] not in train_text
+    # A short chat asks a long chat's multiple-choice question again: the same answer
+    answers = {}
+    for r in sft:
+        for q, a in zip(r["conversation"][::2], r["conversation"][1::2]):
+            if "Options:" in q["content"]:
+                answers.setdefault((tuple(r["images"]), q["content"].replace(IMAGE_TAG, "")), set()).add(a["content"])
+    assert answers and all(len(a) == 1 for a in answers.values())
     sft_questions = [m["content"] for r in sft for m in r["conversation"][::2]]
     assert sum("Options:" in q for q in sft_questions) >= 2 * 5 * 6  # a multiple-choice turn, and a short chat
     tok = Tokenizer.load(data_dir / "tokenizer.json")
     assert tok.vocab_size == get_config("tiny").llm.vocab_size and tok.image_id == get_config("tiny").image_token_id
+
+
+def stated_answer(question: str, text: str) -> str:
+    """The answer to a synthetic multiple-choice question, read from the example's own text (what it states)."""
+    text = text.replace(IMAGE_TAG, "")
+    if question == "What colour is the button?":
+        return re.search(r"background:(\w+)", text).group(1)
+    if question.startswith("What colour is the "):
+        return re.search(rf"(\w+) {question.removeprefix('What colour is the ').rstrip('?')}\b", text).group(1)
+    if question == "How many shapes are in the picture?":
+        return text.split()[0].lower()  # "Three shapes on a white background: ..."
+    if question == "What does the sign say?":
+        return re.search(r'says "(\w+)"', text).group(1)
+    if question == "What is the title of this document?":
+        return text.split("\n")[0]
+    if question == "Which bar is the tallest?":
+        bars = dict((item, int(v)) for item, v in re.findall(r"(\w+): (\d+)", text))
+        return max(bars, key=bars.get)
+    if question.startswith("How many rows does the table have"):
+        return NUMBERS[len(text.strip().split("\n")) - 2]  # less the header and its rule
+    raise AssertionError(f"no rule for {question!r}")
+
+
+def test_every_multiple_choice_answer_is_what_the_example_states():
+    kinds, shapes = set(), re.compile(rf"(\w+) ({'|'.join(SHAPES)})")
+    for category in [c for c in CATEGORIES if c != "interleaved"]:
+        for i in range(40):
+            ex = make_example(category, random.Random(f"check-{category}-{i}"), 64, "A snippet of prose.")
+            right = ex.mc["options"][ex.mc["answer"]]
+            assert right == stated_answer(ex.mc["question"], ex.text), (category, i, ex.mc, ex.text)
+            assert len(set(ex.mc["options"])) == 4
+            assert right.lower() in ex.caption.lower() and IMAGE_TAG not in ex.caption  # stage 0's one fact
+            q = ex.mc["question"]
+            kinds.add((category, "colour" if "colour" in q else "count" if "shapes" in q else "tallest" if "tallest" in q
+                       else "rows" if "rows" in q else q))
+            if ex.seg is not None:  # every shape is labelled by its (shape, colour), the background 0
+                drawn = {1 + SEG_LABELS.index((s, c)) for c, s in shapes.findall(ex.text) if c in COLORS}
+                assert set(np.unique(np.asarray(ex.seg)).tolist()) == drawn | {0}, (category, i)
+    # every kind of question is asked: colours and counts of shapes, tallest bars and table rows
+    assert {("caption", "colour"), ("caption", "count"), ("chart", "tallest"), ("chart", "rows")} <= kinds
 
 
 def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_path, capsys):
