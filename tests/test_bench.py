@@ -160,6 +160,9 @@ def test_device_table():
     assert bench.device_spec("NVIDIA L4").peak_flops == 121e12
     assert bench.device_spec("NVIDIA L40S") is None  # not an L4
     assert bench.device_spec("NVIDIA GeForce RTX 4090").peak_flops == 165.2e12
+    assert bench.device_spec("NVIDIA H100 NVL") == ("H100 NVL", 835e12, 3.9e12)  # not the SXM part
+    assert bench.device_spec("NVIDIA H200 NVL") == ("H200 NVL", 835e12, 4.8e12)
+    assert bench.device_spec("NVIDIA A100-SXM4-80GB") == ("A100 80GB SXM", 312e12, 2.039e12)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -382,3 +385,25 @@ def test_a_compiled_run_alone_is_compared_with_the_eager_runs_reference(capsys):
     printed = capsys.readouterr().out
     assert "| the same, nanovl compiled (against the eager run's reference) | - | 1,000 tokens/s, 35.0% MFU (eager " \
            "run's) | 2,000 tokens/s, 50.0% MFU | 2.00x |" in printed
+
+    # Decoding and vision: the ratio is always nanovl's throughput over the reference's.
+    generate_ref = {"name": "transformers generate", "tokens_per_s": 20.0, "ratio": 40.0}
+    decode = lambda tokens, runs, reference=None: dict(train_result(tokens, reference), what="decode", runs=runs)
+    vision = {"what": "vision", "device": "cuda", "device_name": "NVIDIA H200", "torch": "2.11", "reference": None,
+              "runs": {"nanovl SAM trunk + neck": {"images_per_s": 150.0},
+                       "segment-anything ImageEncoderViT": {"images_per_s": 50.0}}}
+    records = [{"name": name, "args": "", "date": "d", "seconds": 1, "error": None, "result": result} for name, result in
+               [("decode-1.3b", decode(800.0, {"nanovl.generate": {"tokens_per_s": 800.0}}, generate_ref)),
+                ("decode-1.3b-compiled", decode(1000.0, {"nanovl.generate, compiled": {"tokens_per_s": 1000.0}})),
+                ("vision-7b-sam8", vision)]]
+    bench.suite_tables(records)
+    printed = capsys.readouterr().out
+    assert "| 20.0 tokens/s (eager run's) | 1,000 tokens/s (compiled) | 50.0x |" in printed
+    assert "| 50 images/s | 150 images/s (eager) | 3.00x |" in printed
+
+
+def test_mfu_is_model_flops_per_second_over_the_devices_peak():
+    spec = bench.device_spec("NVIDIA H200")
+    f = bench.figure(work=4096, seconds=0.5, flops=400e12, memory=None, spec=spec, unit="tokens/s")
+    assert f["tokens_per_s"] == 8192 and f["flops_per_s"] == 800e12 and f["mfu"] == pytest.approx(800e12 / 989e12)
+    assert bench.figure(4096, 0.5, 400e12, None, None, "tokens/s")["mfu"] is None  # CPU: no peak to compare with

@@ -46,6 +46,9 @@ def test_render_equals_encoding_the_official_prompt_string(tok, name):
 
 
 def test_official_single_turn_prompt():
+    assert SYSTEM_PROMPT == ("You are a helpful language and vision assistant. You are able to understand the visual "
+                             "content that the user provides, and assist the user with a variety of tasks using "
+                             "natural language.")  # VLChatProcessor's, word for word (facts sheet section 9)
     conv = [{"role": "user", "content": "<image_placeholder>Describe each stage of this image."}]
     assert prompt_string(conv, generation_prompt=True) == (
         SYSTEM_PROMPT + "\n\nUser: <image_placeholder>Describe each stage of this image.\n\nAssistant:")

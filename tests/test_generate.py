@@ -162,6 +162,8 @@ def test_chat_turns_prefill_only_their_new_tokens(tiny, tok, monkeypatch):
     assert fed[0] == pending + len(chat.turn_ids("and the square?"))  # the new message only ...
     assert all(n == 1 for n in fed[1:])  # ... then one token per step
     assert images_seen == [1]  # the image went through the towers once, in the first turn
+    # a message is stripped, as render_chat strips it (the template's prompt_string does)
+    assert chat.turn_ids(" and the square? \n") == chat.turn_ids("and the square?")
 
     # The conversation is the template's: each answer is what decoding the conversation so far from scratch gives,
     # closed by end-of-sentence, then the next user turn. And the cache is right: the third turn answers as
@@ -223,6 +225,59 @@ def test_sample_answers_a_prompt_and_streams_the_text(stage_folder, tiny, tok, c
     expected = generate(tiny, [ids], proc(stage_folder / "cat.png")[None], Sampling(8), stop_ids={tok.eos_id},
                         n_words=tok.vocab_size)[0]
     assert out.strip() == tok.decode([t for t in expected if t != tok.eos_id]).strip()
+
+
+def test_sample_answers_a_batch_of_prompts_each_with_its_own_answer(stage_folder, tiny, tok, capsys):
+    # Two prompts, the image's placeholder written where it belongs, no system prompt: each printed answer is its
+    # own prompt's (decoded alone, with the same template).
+    prompts = [f"{IMAGE_TAG}what colour?", "and the sign says"]
+    args = ["--ckpt", str(stage_folder), "--image", str(stage_folder / "cat.png"), "--system", "",
+            "--max_new_tokens", "5"]
+    sample.main(args + [x for p in prompts for x in ("--prompt", p)])
+    out = capsys.readouterr().out
+    pixels = ImageProcessor.for_config(tiny.cfg)(stage_folder / "cat.png")[None]
+    for p, images in zip(prompts, (pixels, None)):
+        ids = render_chat([{"role": "user", "content": p}], tok, tiny.cfg.n_image_tokens, system="",
+                          generation_prompt=True)[0]
+        alone = generate(tiny, [ids], images, Sampling(5), stop_ids={tok.eos_id}, n_words=tok.vocab_size)[0]
+        assert f"User: {p}\nAssistant: {tok.decode([t for t in alone if t != tok.eos_id]).strip()}\n" in out
+    sample.main(["--ckpt", str(stage_folder), "--prompt", "hello", "--max_new_tokens", "3"])  # text only: no image
+
+
+def test_load_model_takes_a_dtype_and_a_tokenizer_and_refuses_one_that_does_not_fit(stage_folder, tiny, tok,
+                                                                                  tmp_path):
+    import dataclasses
+    import shutil
+    from nanovl.checkpoint import load_model
+    model, _, _ = load_model(stage_folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    bare = tmp_path / "bare"  # weights without a tokenizer beside them
+    bare.mkdir()
+    shutil.copy(stage_folder / "model.pt", bare / "model.pt")
+    with pytest.raises(FileNotFoundError, match="no tokenizer at"):
+        load_model(bare)
+    _, given, _ = load_model(bare, tokenizer=stage_folder / "tokenizer.json")
+    assert given.encode("the circle is red") == tok.encode("the circle is red")
+    other = dataclasses.replace(tiny.cfg, image_token_id=tok.image_id + 1)  # a model that reads images elsewhere
+    torch.save({"model": DeepSeekVL(other).state_dict(), "config": other.to_dict()}, bare / "model.pt")
+    with pytest.raises(ValueError, match=f"image id {tok.image_id}\\) does not fit the model .*image id "
+                                         f"{tok.image_id + 1}"):
+        load_model(bare, tokenizer=stage_folder / "tokenizer.json")
+
+
+def test_interactive_chat_takes_the_system_prompt(stage_folder, monkeypatch, capsys):
+    sessions = []
+
+    class Recorded(ChatSession):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            sessions.append(self)
+
+    monkeypatch.setattr(sample, "ChatSession", Recorded)
+    monkeypatch.setattr("builtins.input", lambda prompt="", lines=iter(["hi", "exit"]): next(lines))
+    sample.main(["--ckpt", str(stage_folder), "--system", "Answer in one word.", "--max_new_tokens", "2"])
+    tok = sessions[0].tok
+    assert "Answer in one word." in tok.decode(sessions[0].ids[:30])
 
 
 def test_sample_refuses_mismatched_images_and_missing_checkpoints(stage_folder, tmp_path):

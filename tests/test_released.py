@@ -261,6 +261,9 @@ def test_export_loads_back_to_identical_outputs(folder, tmp_path):
     assert len(list(out.glob("model-*.safetensors"))) > 1 and (out / "model.safetensors.index.json").exists()
     again, tok2, proc2 = load_model(out)
     assert proc2 == proc and tok2.encode("the circle is red") == tok.encode("the circle is red")
+    # what HF's AutoTokenizer reads beside tokenizer.json: DeepSeek-LLM's tokenizer starts every text with BOS
+    tok_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert (tok_config["bos_token"], tok_config["eos_token"], tok_config["add_bos_token"]) == (BOS, EOS, True)
     ids, pixels = chat_batch(tok, proc, model.cfg.n_image_tokens, seed=1)
     with torch.no_grad():
         assert torch.equal(again(ids, pixels)[0], model(ids, pixels)[0])
@@ -274,17 +277,18 @@ def test_export_loads_back_to_identical_outputs(folder, tmp_path):
     assert all(torch.equal(exported[k], expected[k]) for k in expected)
 
 
-def test_grouped_query_attention_survives_export_and_load(folder, tmp_path):
-    # The released decoders have as many key/value heads as query heads; a model of one's own may have fewer.
+def test_a_decoder_unlike_the_released_ones_survives_export_and_load(folder, tmp_path):
+    # The released decoders have as many key/value heads as query heads, rotary base 10000 and norm epsilon 1e-6; a
+    # model of one's own may have fewer heads and other constants.
     path, _ = folder
     model, tok, proc = load_released(path)
     cfg = copy.deepcopy(model.cfg)
-    cfg.llm.n_kv_heads = cfg.llm.n_heads // 2
+    cfg.llm.n_kv_heads, cfg.llm.rope_theta, cfg.llm.norm_eps = cfg.llm.n_heads // 2, 5e5, 1e-5
     torch.manual_seed(0)
     gqa = DeepSeekVL(cfg).eval()
     assert gqa.llm.layers[0].self_attn.k_proj.weight.shape[0] < gqa.llm.layers[0].self_attn.q_proj.weight.shape[0]
     again, _, _ = load_model(export_released(gqa, tok, tmp_path / "gqa"))
-    assert again.cfg.llm.n_kv_heads == cfg.llm.n_kv_heads
+    assert again.cfg.llm == cfg.llm
     ids, pixels = chat_batch(tok, proc, cfg.n_image_tokens, seed=2)
     with torch.no_grad():
         assert torch.equal(again(ids, pixels)[0], gqa(ids, pixels)[0])
@@ -416,8 +420,9 @@ def test_a_part_that_does_not_fit_changes_nothing(parts, tmp_path):
     with pytest.raises(ValueError, match=r"a timm SigLIP\) does not fit the 'tiny' model; nothing was loaded"):
         init_from_parts(model, [d / "sam_vit_b.pth", tmp_path / "wide.safetensors"])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    with pytest.raises(ValueError, match="given twice"):
-        init_from_parts(model, [d / "llama", d / "llama"])
+    for twice in ("llama", "sam_vit_b.pth", "siglip.safetensors"):
+        with pytest.raises(ValueError, match="given twice"):
+            init_from_parts(model, [d / twice, d / twice])
 
 
 def test_a_released_siglip_model_starts_the_hybrid_recipe(tmp_path):
@@ -434,6 +439,18 @@ def test_a_released_siglip_model_starts_the_hybrid_recipe(tmp_path):
     for k, v in donor.state_dict().items():
         if k.startswith(("siglip.", "llm.")):
             assert torch.equal(model.state_dict()[k], v)
+
+
+def test_a_released_folder_of_the_same_layout_gives_every_tensor(tmp_path):
+    # Its aligner fits (the same projector type) and its own neck_hd is kept, not replaced by a copy of the neck.
+    released_folder(tmp_path / "rel", hybrid=True)
+    donor, _, _ = load_released(tmp_path / "rel")
+    model = DeepSeekVL(donor.cfg)
+    report = init_from_parts(model, [tmp_path / "rel"])
+    assert report[-1] == "freshly initialised: nothing"
+    theirs = donor.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in model.state_dict().items())
+    assert not torch.equal(theirs["sam.neck_hd.0.weight"], theirs["sam.neck.0.weight"])
 
 
 def test_train_starts_stage_1_from_pretrained_parts(parts, tmp_path):
