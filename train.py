@@ -281,7 +281,7 @@ def check_same_config(saved: dict, cfg: VLConfig, path: str):
                          "\npass the same --config and overrides it was trained with")
 
 
-# The TrainConfig fields that override a stage's defaults (STAGE_DEFAULTS); run_stage resolves them into hp.
+# The TrainConfig fields that override a stage's defaults (STAGE_DEFAULTS); stage_hparams resolves them into hp.
 HPARAM_FIELDS = ("steps", "batch_size", "micro_batch", "lr", "warmup", "schedule", "seq_len", "text_sft_share",
                  "short_chat_share")
 # TrainConfig fields a resumed run may change: they say how the run is carried out, not what it computes (the data
@@ -652,11 +652,11 @@ def stage_hparams(stage: int, tc: TrainConfig, cfg: VLConfig):
     return hp, seq_len, stc
 
 
-def open_stage_folder(stage: int, tc: TrainConfig, cfg: VLConfig, hp: dict, out_dir: str, master: bool, say):
+def open_stage_folder(stage: int, tc: TrainConfig, cfg: VLConfig, hp: dict, out_dir: str, ckpt_path: str,
+                      master: bool, say):
     """(finished, state): whether the stage is already done (with --resume), and the checkpoint to continue from
     (None: start from the beginning). A run never writes over another's results unasked: without --resume, a stage
     folder that holds a checkpoint or final weights stops the run before anything is written."""
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
     earlier = [f for f in ("ckpt.pt", "model.pt") if os.path.exists(os.path.join(out_dir, f))]
     if tc.resume and "model.pt" in earlier and os.path.exists(os.path.join(out_dir, "eval.json")):  # written last
         try:  # finished, but for this model? (the later stages of this run would start from it)
@@ -829,7 +829,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     out_dir = os.path.join(tc.out, f"stage{stage}")
     os.makedirs(out_dir, exist_ok=True)
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    finished, state = open_stage_folder(stage, tc, cfg, hp, out_dir, master, say)
+    finished, state = open_stage_folder(stage, tc, cfg, hp, out_dir, ckpt_path, master, say)
     if finished:
         return
     resume = state is not None

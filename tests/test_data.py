@@ -94,13 +94,14 @@ def test_prepare_data_writes_every_part(data_dir):
     for row in read_jsonl(data_dir / "eval_text.jsonl"):
         for paragraph in [flat(p) for p in row["text"].split("\n\n") if len(flat(p)) >= 80]:
             assert paragraph[:80] not in train_text
-    # A short chat asks a long chat's multiple-choice question again: the same answer
+    # A short chat asks a long chat's multiple-choice question again, word for word: the same answer
     answers = {}
     for r in sft:
         for q, a in zip(r["conversation"][::2], r["conversation"][1::2]):
             if "Options:" in q["content"]:
-                answers.setdefault((tuple(r["images"]), q["content"].replace(IMAGE_TAG, "")), set()).add(a["content"])
-    assert answers and all(len(a) == 1 for a in answers.values())
+                answers.setdefault((tuple(r["images"]), q["content"].replace(IMAGE_TAG, "")), []).append(a["content"])
+    assert len(answers) == sum(r["category"] != "interleaved" for r in pretrain)  # one per example that has one
+    assert all(len(a) == 2 and a[0] == a[1] for a in answers.values())
     sft_questions = [m["content"] for r in sft for m in r["conversation"][::2]]
     assert sum("Options:" in q for q in sft_questions) >= 2 * 5 * 6  # a multiple-choice turn, and a short chat
     tok = Tokenizer.load(data_dir / "tokenizer.json")

@@ -227,14 +227,19 @@ def test_sample_answers_a_prompt_and_streams_the_text(stage_folder, tiny, tok, c
     assert out.strip() == tok.decode([t for t in expected if t != tok.eos_id]).strip()
 
 
-def test_sample_answers_a_batch_of_prompts_each_with_its_own_answer(stage_folder, tiny, tok, capsys):
+def test_sample_answers_a_batch_of_prompts_each_with_its_own_answer(stage_folder, tiny, tok, capsys, monkeypatch):
     # Two prompts, the image's placeholder written where it belongs, no system prompt: each printed answer is its
     # own prompt's (decoded alone, with the same template).
     prompts = [f"{IMAGE_TAG}what colour?", "and the sign says"]
     args = ["--ckpt", str(stage_folder), "--image", str(stage_folder / "cat.png"), "--system", "",
             "--max_new_tokens", "5"]
+    asked = []  # the prompts' ids, as sample.py hands them to generate
+    monkeypatch.setattr(sample, "generate", lambda model, ids, *a, **k: asked.append(ids) or generate(model, ids, *a,
+                                                                                                      **k))
     sample.main(args + [x for p in prompts for x in ("--prompt", p)])
     out = capsys.readouterr().out
+    assert asked == [[render_chat([{"role": "user", "content": p}], tok, tiny.cfg.n_image_tokens, system="",
+                                  generation_prompt=True)[0] for p in prompts]]
     pixels = ImageProcessor.for_config(tiny.cfg)(stage_folder / "cat.png")[None]
     for p, images in zip(prompts, (pixels, None)):
         ids = render_chat([{"role": "user", "content": p}], tok, tiny.cfg.n_image_tokens, system="",

@@ -46,7 +46,7 @@ def test_segmentation_loss_is_a_per_patch_cross_entropy_on_the_neck():
     labels = torch.zeros(2, g, g, dtype=torch.long)
     labels[:, : g // 2, : g // 4] = 3  # not symmetric: rows and columns must not be swapped
     labels[1, g - 2:, :] = 4
-    with torch.no_grad():
+    with torch.no_grad():  # (trunk and neck, as written here, are checked against segment-anything in test_vision)
         last, _ = model.sam.trunk(images)  # (B, H, W, C), H the rows
         logits = heads.seg_head(model.sam.neck(last.permute(0, 3, 1, 2)))  # (B, classes, H, W)
         expected = F.cross_entropy(logits, labels)  # the mean over every patch of every image

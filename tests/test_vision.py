@@ -25,7 +25,7 @@ def same_epsilons(ours: nn.Module, ref: nn.Module):
     random weights see no difference between 1e-5 and 1e-6; features of a real image with little variance do)."""
     eps = {name: m.eps for name, m in ours.named_modules() if hasattr(m, "eps")}
     theirs = {name: m.eps for name, m in ref.named_modules() if hasattr(m, "eps") and "attn_pool" not in name}
-    assert set(theirs) <= set(eps) and {n: eps[n] for n in theirs} == theirs
+    assert theirs and set(theirs) <= set(eps) and {n: eps[n] for n in theirs} == theirs
 
 
 def timm_siglip(cfg: SigLIPConfig) -> VisionTransformer:
