@@ -44,7 +44,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from nanovl import DeepSeekVL, VLConfig, get_config
-from nanovl.checkpoint import check_device, init_from_parts, is_released_folder, load_model, load_plain, nanovl_state
+from nanovl.checkpoint import (check_device, check_tokenizer_fits, init_from_parts, is_released_folder, load_model,
+                               load_plain, nanovl_state)
 from nanovl.config import FROM_SCRATCH
 from nanovl.data import (PlannedBatches, Source, collate, default_folder, folder_kind, plan_batches, read_images,
                          read_jsonl, write_jsonl)
@@ -688,13 +689,10 @@ def stage_tokenizer(tc: TrainConfig, cfg: VLConfig, sources) -> Tokenizer:
     if not os.path.isfile(tok_path):
         raise SystemExit(f"no tokenizer at {tok_path}; {where}")
     tok = Tokenizer.load(tok_path)
-    # A released tokenizer may be smaller than the padded embedding (100015 ids for 102400 rows); a tokenizer made
-    # by prepare_data for a scratch preset has exactly its size.
-    if tok.vocab_size > cfg.llm.vocab_size or (cfg.name in FROM_SCRATCH and tok.vocab_size != cfg.llm.vocab_size) \
-            or tok.image_id != cfg.image_token_id:
-        raise SystemExit(f"{tok_path} has {tok.vocab_size} tokens and <image_placeholder> = {tok.image_id}; the "
-                         f"{cfg.name!r} model has a vocabulary of {cfg.llm.vocab_size} and expects "
-                         f"{cfg.image_token_id}; {where}")
+    try:
+        check_tokenizer_fits(tok, cfg, tok_path, exact=cfg.name in FROM_SCRATCH)
+    except ValueError as e:
+        raise SystemExit(f"{e}; {where}") from None
     return tok
 
 

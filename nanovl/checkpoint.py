@@ -211,9 +211,7 @@ def load_released(folder, device="cpu", dtype=None):
     config = _read_json(folder / "config.json", "config.json with vision_config, aligner_config and language_config")
     tok = Tokenizer.load(folder)
     cfg = released_config(config, tok.image_id, name=folder.name)
-    if tok.vocab_size > cfg.llm.vocab_size:
-        raise ValueError(f"{folder}/tokenizer.json has {tok.vocab_size} ids but the model's vocabulary is "
-                         f"{cfg.llm.vocab_size}")
+    check_tokenizer_fits(tok, cfg, folder / "tokenizer.json")
     state, skipped, unknown = {}, [], []
     for key, tensor in load_sharded(folder).items():
         try:
@@ -329,10 +327,19 @@ def load_nanovl(path, device="cpu", dtype=None, tokenizer=None):
     if not tok_path.exists():
         raise FileNotFoundError(f"no tokenizer at {tok_path}: pass --tokenizer (e.g. data/tokenizer.json)")
     tok = Tokenizer.load(tok_path)
-    if tok.vocab_size > cfg.llm.vocab_size or tok.image_id != cfg.image_token_id:
-        raise ValueError(f"{tok_path} ({tok.vocab_size} ids, image id {tok.image_id}) does not fit the model "
-                         f"(vocabulary {cfg.llm.vocab_size}, image id {cfg.image_token_id})")
+    check_tokenizer_fits(tok, cfg, tok_path)
     return model, tok, ImageProcessor.for_config(cfg)
+
+
+def check_tokenizer_fits(tok: Tokenizer, cfg: VLConfig, where, exact: bool = False):
+    """A ValueError unless the tokenizer (read from `where`) can drive the model: every id it makes needs an embedding
+    row, and its <image_placeholder> must be the id the model replaces with image features. A released tokenizer may
+    be smaller than the padded embedding (100015 ids for 102400 rows); `exact` asks for the same size, as a tokenizer
+    that prepare_data.py made for a scratch preset has."""
+    if tok.vocab_size > cfg.llm.vocab_size or (exact and tok.vocab_size != cfg.llm.vocab_size) \
+            or tok.image_id != cfg.image_token_id:
+        raise ValueError(f"{where} has {tok.vocab_size} tokens and <image_placeholder> = {tok.image_id}; the "
+                         f"{cfg.name!r} model has a vocabulary of {cfg.llm.vocab_size} and expects {cfg.image_token_id}")
 
 
 def check_device(device: str):

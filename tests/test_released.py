@@ -347,6 +347,11 @@ def test_bad_files_are_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="past the end"):
         load_model(folder)
     weights.write_bytes(data)
+    config = json.loads((folder / "config.json").read_text())
+    small = {**config, "language_config": {**config["language_config"], "vocab_size": 200}}
+    (folder / "config.json").write_text(json.dumps(small))  # 283 token ids, but embeddings for 200
+    with pytest.raises(ValueError, match=r"image_token_id 282 is outside the vocabulary \(size 200\)"):
+        load_model(folder)
     (folder / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         load_model(folder)
