@@ -170,8 +170,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     The FLOPs are the same as the plain path (one matmul forward, two for the gradients), only done earlier; the
     chunk's logits live for one chunk. (The fused linear cross-entropy of Liger-Kernel, written in plain PyTorch.)
 
-    Precision follows the plain path: the matmuls run in whatever autocast says (bf16 in training), the softmax in
-    fp32. A test checks loss and gradients against F.cross_entropy on full logits.
+    Precision follows the plain path: the matmuls run in the weights' dtype, or in what autocast says (bf16 in
+    training), the softmax in fp32. Tests check loss and gradients against F.cross_entropy on full logits, in fp32
+    and with bf16 weights.
     """
 
     @staticmethod
@@ -193,10 +194,12 @@ class LinearCrossEntropy(torch.autograd.Function):
             d = logits.sub_(lse[:, None]).exp_()  # (n, V) softmax, in place of the logits
             d.scatter_add_(1, t_c[:, None], -torch.ones_like(d[:, :1]))  # minus one at the target
             d *= valid[:, None]  # (n, V) dloss / dlogits
+            # (d is fp32; in the matmuls it takes the weights' dtype, as the logits' matmul ran in it. Autocast
+            # casts it again, to bf16, where the weights are fp32 masters.)
             if grad_h is not None:
-                grad_h[i:i + rows] = d @ weight  # (n, C)
+                grad_h[i:i + rows] = d.to(weight.dtype) @ weight  # (n, C)
             if grad_w is not None:
-                grad_w += d.T @ h_c  # (V, C)
+                grad_w += d.T.to(h_c.dtype) @ h_c  # (V, C)
         ctx.save_for_backward(grad_h, grad_w)
         return loss
 

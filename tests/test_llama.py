@@ -186,6 +186,25 @@ def test_linear_cross_entropy_in_chunks_matches_full_logits():
         assert torch.allclose(LinearCrossEntropy.apply(h, w, t, 5, False), expected, rtol=1e-6)
 
 
+def test_a_bf16_model_trains_without_autocast():
+    # model.to(torch.bfloat16) and a training step, no autocast: the chunked loss must take bf16 weights as the plain
+    # path does (its gradients came out of an fp32 softmax, and met bf16 weights in a matmul).
+    model = randomize_(Llama(CFG)).to(torch.bfloat16)
+    ids = torch.randint(0, CFG.vocab_size, (2, 12))
+    targets = torch.randint(0, CFG.vocab_size, (2, 12))
+    _, loss = model(ids, targets=targets)
+    loss.backward()
+    got = {n: p.grad for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits, _ = model(ids)  # the plain path: full bf16 logits, the loss in fp32
+    expected = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    expected.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - expected.item()) < 1e-3
+    for n, p in model.named_parameters():
+        assert got[n].dtype == torch.bfloat16
+        assert max_diff(got[n].float(), p.grad.float()) <= 0.02 * p.grad.float().abs().max() + 1e-6, n
+
+
 def test_loss_ignores_minus_100_and_never_gives_nan():
     ours = randomize_(Llama(CFG))
     ids = torch.randint(0, CFG.vocab_size, (2, 12))
