@@ -168,6 +168,25 @@ def test_tiny_forward_backward_reaches_every_parameter():
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_half_precision_hybrid_runs_on_the_cpu(tiny, dtype):
+    # model.to(dtype) on a machine without a GPU (sample.py --dtype): the hybrid's resize for SigLIP has no CPU kernel
+    # for half types, so it runs in fp32 and rounds back; the rest computes in the model's dtype.
+    cfg, model = tiny
+    half = randomize_(DeepSeekVL(cfg), std=0.05).to(dtype)
+    half.load_state_dict(model.state_dict())
+    ids, n = with_images(cfg, [[1, "I", 7, 8, 9]])
+    images = torch.rand(n, 3, cfg.image_size, cfg.image_size)
+    assert torch.equal(half.low_resolution(images.to(dtype)), model.low_resolution(images.to(dtype).float()).to(dtype))
+    with torch.no_grad():
+        logits, _ = half(ids, images)
+        expected, _ = model(ids, images)
+    assert logits.dtype == dtype and max_diff(logits.float(), expected) < 0.05 * expected.abs().max()
+    _, loss = half.train()(ids, images, targets=ids.roll(-1, 1))
+    loss.backward()
+    assert torch.isfinite(loss) and half.llm.embed_tokens.weight.grad.dtype == dtype
+
+
 def test_kv_cache_with_images_and_left_padding_matches_full_forward(tiny):
     cfg, model = tiny
     ids, n = with_images(cfg, [[1, "I", 7, 8, 9, 10], [1, 2, 4]])
