@@ -176,6 +176,16 @@ class VLConfig:
             if any(not 0 <= i < m.depth for i in m.global_blocks) or not m.global_blocks:
                 problems.append(f"sam.global_blocks {m.global_blocks} must be non-empty indices below sam.depth "
                                 f"{m.depth} (the neck_hd side path reads the first global block)")
+        for part, c in (("siglip", s), ("sam", self.sam)):
+            if c is None:
+                continue
+            if (c.pixel_mean is None) != (c.pixel_std is None) or \
+                    any(v is not None and len(v) != 3 for v in (c.pixel_mean, c.pixel_std)):
+                problems.append(f"{part}.pixel_mean {c.pixel_mean} and pixel_std {c.pixel_std} must be three numbers "
+                                "each (the tower normalises) or both none (the image processor does)")
+            elif self.hybrid and c.pixel_mean is None:
+                problems.append(f"{part}.pixel_mean is none, but a hybrid model normalises inside both towers (each "
+                                "branch with its own statistics; the image processor only resizes and pads)")
         if problems:
             raise ValueError(f"invalid config {self.name!r}:\n  " + "\n  ".join(problems))
         return self
@@ -317,8 +327,12 @@ def get_config(name: str, **overrides) -> VLConfig:
             obj = getattr(obj, part, None)
             if obj is None or not dataclasses.is_dataclass(obj):
                 raise ValueError(f"cannot override {key!r}: {part!r} is not a config section of {name!r}")
-        if leaf not in {f.name for f in dataclasses.fields(obj)}:
+        field = {f.name: f for f in dataclasses.fields(obj)}.get(leaf)
+        if field is None:
             fields = ", ".join(f.name for f in dataclasses.fields(obj))
             raise ValueError(f"cannot override {key!r}: no field {leaf!r} (fields here: {fields})")
-        setattr(obj, leaf, _parse(value, getattr(obj, leaf), key))
+        # A field the preset leaves at None (the 1.3B's siglip.pixel_mean) is parsed as its class default's type.
+        current = getattr(obj, leaf)
+        like = field.default if current is None and field.default is not dataclasses.MISSING else current
+        setattr(obj, leaf, _parse(value, like, key))
     return cfg.validate()

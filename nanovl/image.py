@@ -78,8 +78,7 @@ class ImageProcessor:
     def for_config(cfg: VLConfig) -> "ImageProcessor":
         """The processor a model expects: its canvas size; normalise here only if the towers do not."""
         if cfg.hybrid:  # towers normalise; the canvas is padded with the high-resolution branch's mean (7B: CLIP)
-            mean = cfg.sam.pixel_mean or SIGLIP_MEAN
-            return ImageProcessor(cfg.image_size, mean, cfg.sam.pixel_std or SIGLIP_STD, normalize=False)
+            return ImageProcessor(cfg.image_size, cfg.sam.pixel_mean, cfg.sam.pixel_std, normalize=False)
         if cfg.siglip.pixel_mean is not None:  # SigLIP normalises inside its tower
             return ImageProcessor(cfg.image_size, cfg.siglip.pixel_mean, cfg.siglip.pixel_std, normalize=False)
         return ImageProcessor(cfg.image_size, SIGLIP_MEAN, SIGLIP_STD, normalize=True)  # released 1.3B

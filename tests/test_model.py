@@ -346,6 +346,9 @@ def test_presets_take_overrides_and_round_trip_through_json():
     assert cfg.llm.n_layers == 2 and cfg.sam.global_blocks == (0, 3) and cfg.llm.rope_theta == 5e5
     assert VLConfig.from_dict(json.loads(cfg.to_json())) == cfg
     assert VLConfig.from_dict(get_config("1.3b").to_dict()).sam is None
+    # A field the preset leaves at None takes its class default's type: SigLIP normalising inside the 1.3B's tower.
+    own = get_config("1.3b", **{"siglip.pixel_mean": "0.5,0.5,0.5", "siglip.pixel_std": "(0.25, 0.25, 0.25)"})
+    assert own.siglip.pixel_mean == (0.5, 0.5, 0.5) and own.siglip.pixel_std == (0.25, 0.25, 0.25)
 
 
 def test_bad_configs_are_refused_with_the_reason():
@@ -364,5 +367,11 @@ def test_bad_configs_are_refused_with_the_reason():
     depth = get_config("tiny").sam.depth
     with pytest.raises(ValueError, match=rf"sam.global_blocks \({depth},\) must be non-empty indices below"):
         get_config("tiny", **{"sam.global_blocks": str(depth)})
+    with pytest.raises(ValueError, match=r"siglip.pixel_mean \(0.5, 0.5\) and pixel_std .* three numbers each"):
+        get_config("tiny", **{"siglip.pixel_mean": "0.5,0.5"})
+    with pytest.raises(ValueError, match=r"sam.pixel_mean None and pixel_std \(0.26"):
+        get_config("tiny", **{"sam.pixel_mean": "none"})
+    with pytest.raises(ValueError, match="sam.pixel_mean is none, but a hybrid model normalises inside both towers"):
+        get_config("tiny", **{"sam.pixel_mean": "none", "sam.pixel_std": "none"})
     with pytest.raises(ValueError, match="unknown config fields"):
         VLConfig.from_dict({"name": "x", "colour": "blue"})
