@@ -8,9 +8,11 @@ Chat about images with a trained nanovl checkpoint or a released DeepSeek-VL mod
 
 --ckpt is a nanovl stage folder (model.pt; its tokenizer.json, or --tokenizer) or a released model folder
 (config.json, model.safetensors, tokenizer.json, preprocessor_config.json). A prompt without <image_placeholder>
-gets one in front for each --image, as in the official examples. Decoding is greedy by default; --temperature,
---top_k, --top_p and --repetition_penalty sample instead (the official CLI uses 0.2 / - / 0.95 / 1.1), seeded by
---seed, so a run is reproducible.
+gets one in front for each --image, as in the official examples (with several prompts, each places its own).
+Decoding is greedy by default; --temperature samples instead, from the distribution that --top_k and --top_p
+narrow (they need a temperature), seeded by --seed, so a run is reproducible. --repetition_penalty makes tokens
+already in the answer less likely, greedy or not. The official CLI uses temperature 0.2, top_p 0.95 and
+repetition_penalty 1.1.
 
 In the interactive chat each turn reuses the KV cache: only the new message is run through the model, never the
 earlier turns or their images. Commands: `new` starts a new chat, `image PATH` attaches an image to the next
@@ -44,8 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--system", default=SYSTEM_PROMPT, help="system prompt ('' for none)")
     p.add_argument("--max_new_tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest tokens (0: off; needs a temperature)")
+    p.add_argument("--top_p", type=float, default=1.0,
+                   help="sample from the likeliest tokens that make up this probability (1: off; needs a temperature)")
     p.add_argument("--repetition_penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",

@@ -42,6 +42,9 @@ class Sampling:
             ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1] (1: off)"),
             ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0 (1: off)"),
             ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1")) if not ok]
+        if self.temperature == 0 and (self.top_k > 0 or 0 < self.top_p < 1):
+            bad.append("top_k and top_p choose among the tokens a sample is drawn from, so they need temperature > 0 "
+                       "(temperature 0 decodes greedily: the likeliest token, whatever they say)")
         if bad:
             raise ValueError("bad sampling settings: " + "; ".join(bad))
         return self

@@ -302,6 +302,9 @@ def test_sample_refuses_mismatched_images_and_missing_checkpoints(stage_folder, 
     with pytest.raises(SystemExit, match=r"^bad sampling settings: top_p must be in \(0, 1\] \(1: off\), got 2.0; "
                                          "max_new_tokens must be >= 1, got 0$"):
         sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--top_p", "2", "--max_new_tokens", "0"])
+    for setting in (["--top_k", "5"], ["--top_p", "0.9"]):  # not silently greedy
+        with pytest.raises(SystemExit, match="top_k and top_p .* need temperature > 0"):
+            sample.main(["--ckpt", str(stage_folder), "--prompt", "hi"] + setting)
 
 
 def test_interactive_chat_commands(stage_folder, monkeypatch, capsys):
