@@ -40,8 +40,9 @@ from nanovl.tokenizer import BOS, EOS, Tokenizer
 SIGLIP_MODELS = {"siglip_large_patch16_384": dict(patch_size=16, width=1024, depth=24, n_heads=16, mlp_ratio=4.0)}
 SAM_MODELS = {"sam_b_downsample": dict(patch_size=16, width=768, depth=12, n_heads=12, mlp_ratio=4.0, window_size=14,
                                        global_blocks=(2, 5, 8, 11), neck_dim=256, downsample_dims=(512, 1024))}
-# What transformers' LlamaConfig assumes for a field the released `language_config` leaves out (facts section 5: the
-# 7B's language_config gives only the layer count and vocabulary, the rest are these defaults).
+# What transformers' LlamaConfig assumes for a field the released `language_config` leaves out (facts section 6: the
+# 7B's language_config gives only the layer count, the vocabulary and max_position_embeddings 16384; the rest are
+# these defaults).
 HF_LLAMA_DEFAULTS = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          vocab_size=32000, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-6)
 TRAINED_CONTEXT = 4096  # the released models were trained on 4096-token sequences (official README)
@@ -365,7 +366,7 @@ def load_model(path, device="cpu", dtype=None, tokenizer=None):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Pretrained parts for training (paper section 3.2: SigLIP-L, SAM-B and DeepSeek-LLM start from their own training)
+# Pretrained parts for training (paper section 3.1: SigLIP-L, SAM-B and DeepSeek-LLM start from their own training)
 
 def _read_tensors(path: Path) -> dict:
     if path.is_dir():
@@ -429,9 +430,11 @@ def init_from_parts(model: DeepSeekVL, paths) -> list:
     """Copy pretrained parts into a freshly initialised model; returns the report, one line per source and part.
 
     Every tensor a source gives must exist in the model with the same shape, and no tensor may come from two
-    sources; otherwise nothing is copied. What no source gives keeps its fresh initialisation: for the 1.3B hybrid
-    recipe the hybrid adaptor and SAM's downsample convs, neck_hd and alpha (neck_hd starts as a copy of the loaded
-    neck, which it is in the official code, a deep copy; alpha starts at 0, so the side path starts switched off).
+    sources; otherwise nothing is copied. What no source gives keeps its fresh initialisation: for the `1.3b-hybrid`
+    preset (config.py) the hybrid adaptor and SAM's downsample convs, neck_hd and alpha. neck_hd starts as a copy of
+    the loaded neck, which is our choice: the official tower deep-copies its neck when it is built, before a
+    checkpoint is loaded into it, so from SAM's own checkpoint its neck_hd would start random. A trained neck is the
+    better start, and alpha starts at 0 either way, so the side path starts switched off.
     """
     expected = {k: v.shape for k, v in model.state_dict().items()}
     chosen, origin, report = {}, {}, []
@@ -465,7 +468,7 @@ def init_from_parts(model: DeepSeekVL, paths) -> list:
     fresh = sorted({".".join(k.split(".")[:2]) for k in expected if k not in chosen})
     copied = sorted({".".join(k.split(".")[:2]) for k, o in origin.items() if o == "a copy of sam.neck"})
     if copied:
-        report.append(f"{', '.join(copied)}: a copy of the loaded sam.neck (as the official deep copy)")
+        report.append(f"{', '.join(copied)}: a copy of the loaded sam.neck")
     report.append("freshly initialised: " + (", ".join(fresh) if fresh else "nothing"))
     return report
 

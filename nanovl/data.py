@@ -13,7 +13,7 @@ the context are cut into context-sized pieces; chats and image documents that do
 (cutting them would cut an image span or an answer).
 
 A `plan` fixes, before training starts, which rows every optimizer step reads: each step draws one modality
-(language or multimodal; the paper's modality-grouped batches, section 3.3) with probabilities that may change with
+(language or multimodal; the paper's modality-grouped batches, section 4.4, Figure 8) with probabilities that may change with
 the step (modality warm-up), and each modality walks through its rows in a fresh shuffled order every epoch. The plan
 is a pure function of the seed, so a resumed run reads exactly the batches it would have read, and with several
 processes each rank takes its own slice of the same global batch. `PlannedBatches` turns (step, micro-batch) into

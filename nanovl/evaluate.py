@@ -1,14 +1,18 @@
 """
-Evaluation during and after training (paper section 3.3, "1.3B monitoring"; section 4.4).
+Evaluation during and after training: multi-choice perplexity (paper section 3.2.2) and bits per byte of held-out
+text (the language side of the paper's Figure 4).
 
-Multi-choice perplexity (MCPPL). The model sees the image, the question and all the options, then each option is
-scored as the assistant's answer: the option whose answer tokens (and end-of-sentence) have the lowest perplexity is
-the model's choice. Unlike free generation this gives a smooth, low-noise signal even for small models, which is why
-DeepSeek used it to watch its 1.3B runs. Accuracy is reported per category of the held-out set.
+Multi-choice perplexity (MCPPL). Free generation is a noisy signal for a small model that cannot yet follow the
+answer format, so DeepSeek watched its 1.3B runs this way: the model sees the image, the question and all the
+options, and the option it finds most likely is its choice. The paper scores the answer letters (A, B, C, D); our
+synthetic questions list their options without letters, so each option's own text (and the end-of-sentence after
+it) is scored as the assistant's answer, and the lowest perplexity wins. Accuracy is reported per category of the
+held-out set.
 
-Text bits per byte, as the paper reports Pile-test: the summed negative log-likelihood of held-out text in bits,
+Text bits per byte, as the paper watches Pile-test: the summed negative log-likelihood of held-out text in bits,
 divided by its length in UTF-8 bytes. Unlike perplexity per token it does not depend on the tokenizer, and it shows
-whether vision-language training is eroding the language model (the paper's Figure 4).
+whether vision-language training is eroding the language model. Each document's end-of-sentence is predicted and
+counted too (it has no bytes of its own): knowing where a text ends is part of modelling it.
 """
 
 import math

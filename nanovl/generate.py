@@ -5,7 +5,8 @@ the conversation between turns (nanochat's engine pattern; the official repo cal
     prompt ids (B, T), left-padded, and the images of every row in order
       -> one forward pass fills the KV cache with the whole prompt (the images go through the towers here, once)
       -> then one token at a time: logits of the last position -> pick -> feed it back, attending over the cache
-      -> a row stops at <｜end▁of▁sentence｜>; generation stops when every row has, or at max_new_tokens
+      -> a row stops at a stop id (the chat passes <｜end▁of▁sentence｜>); generation stops when every row has, or at
+         max_new_tokens
 
 Picking (`pick`), in HF's order: repetition penalty -> temperature -> top-k -> top-p -> sample; temperature 0 is
 greedy. The official chat CLI samples with temperature 0.2, top-p 0.95, repetition penalty 1.1; its inference
@@ -173,8 +174,10 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
     """Several prompts in one left-padded batch -> the new ids of each (the stop token included if reached).
 
     prompts: token ids with image spans already expanded; images (N, 3, S, S): the images of all rows, in order;
-    n_words: the tokenizer's vocabulary size (default: the model's); compile: torch.compile the decoding step
-    (DecodeStep).
+    stop_ids: ids that end a row (none by default: every row runs to max_new_tokens); pad_id: what a row that has
+    stopped gets for the rest of the batch's steps (it is cut off the returned ids); n_words: the tokenizer's
+    vocabulary size (default: the model's; ids past it, the embedding's padding rows, are never picked); on_step:
+    called with each step's (B,) new ids; compile: torch.compile the decoding step (DecodeStep).
     """
     s = sampling.check()
     if not prompts or not all(len(p) for p in prompts):

@@ -10,7 +10,7 @@ builds from its `language_config` (paper section 3.1, facts section 5).
 Decoding. `KVCache` preallocates keys and values for every layer, so decoding one token costs one token's compute:
 each call writes its new keys at the end of the filled part and attends over the filled part. Batched prompts are
 left-padded; `pad_mask` says which positions are real. Positions then count real tokens only (the cumulative sum of
-the mask, as HF's generate does), and no query attends a padding key. `decode_step` is the same one-token step with
+the mask, as HF's generate does), and no real query attends a padding key. `decode_step` is the same one-token step with
 fixed shapes, which a GPU records once as a CUDA graph and replays (nanovl/generate.py).
 
 The loss. With targets, forward computes the cross-entropy from the final hidden states in chunks of rows
@@ -70,8 +70,8 @@ class KVCache:
     [length, length + T).
 
     One tensor per layer rather than one for all layers: torch.compile turns a write into a slice of a graph input
-    into a copy of the whole input (decode_step compiled would copy each layer's cache every token), and a write into
-    a whole input in place.
+    into a copy of the whole input (decode_step compiled would copy each layer's cache every token), but keeps a
+    write into a whole input in place.
     """
 
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
@@ -124,7 +124,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs), S = tokens so far including these
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs): S = tokens so far (decode_step: all max_len slots)
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: head i reads kv head i // (nh / nkv)
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
@@ -163,7 +163,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """Summed cross_entropy(h @ weight^T, targets) that never holds the (N, vocab) logits all at once.
 
     With a 102,400-word vocabulary the logits are the biggest tensor of a training step: batch 4 x 4096 tokens makes
-    1.7 GB of bf16 logits, 3.4 GB again in fp32 for the softmax, and their gradient as much again. Here the rows go
+    3.4 GB of bf16 logits, 6.7 GB again in fp32 for the softmax, and their gradient as much again. Here the rows go
     through in chunks, and each chunk's gradients are worked out at once, in the forward pass, while its logits are
     at hand: the gradient of the summed loss over logit j of a row is softmax_j - [j == target] (0 for an ignored row),
     so  dh = dlogits @ weight  and  dweight = dlogits^T @ h.  Backward then only scales them by the incoming gradient.
@@ -320,7 +320,7 @@ class Llama(nn.Module):
         if targets is None:
             if last_only:
                 x = x[:, -1:]  # (B, 1, C)
-            return self.lm_head(self.norm(x)), None  # (B, T, vocab)
+            return self.lm_head(self.norm(x)), None  # (B, T, vocab), or (B, 1, vocab) with last_only
 
         h = self.norm(x).flatten(0, 1)  # (B*T, C)
         if reduction == "none":

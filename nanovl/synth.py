@@ -11,7 +11,7 @@ Synthetic image-text data whose text is exactly known, one generator per categor
 
 Each generator takes a seeded `random.Random` and the canvas size and returns an `Example`: the image(s), the
 pretraining text (with one <image_placeholder> per image), question-answer pairs for chat fine-tuning, one
-multiple-choice question for evaluation (the paper's MCPPL, section 3.3), and for scenes a short caption and a
+multiple-choice question for evaluation (the paper's MCPPL, section 3.2.2), and for scenes a short caption and a
 per-pixel segmentation map (the stage-0 objectives of SigLIP and SAM). The questions ask about what the picture
 shows (a colour, a count, the tallest bar, the word on a sign, the title of a page), so a model can only answer
 them by looking.

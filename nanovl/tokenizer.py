@@ -591,8 +591,9 @@ class Tokenizer:
             for flag in ("single_word", "lstrip", "rstrip"):
                 if t.get(flag):
                     refuse(f"added_tokens[{i}].{flag}", True, "added tokens are matched as exact text only")
-        # The post_processor (e.g. a template adding BOS) is kept for save() but not applied: encode(bos=True) is
-        # the explicit way, which is what DeepSeek-VL's processor relies on (facts section 9).
+        # The post_processor (e.g. a template adding BOS) is kept for save() but not applied: encode() adds no BOS
+        # unless asked (bos=True). The official processor gets its BOS from that template (facts section 9); nanovl.chat
+        # writes bos_id first itself, so each rendered sequence shows where its BOS comes from.
         merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]
         bad = [m for m in merges if len(m) != 2]
         if bad:
