@@ -582,7 +582,7 @@ def backward_by_part(model: DeepSeekVL, ids, targets, images, autocast, mark):
     those of model(ids, images, targets=targets)[1].backward() (tests/test_bench.py checks)."""
     is_image = ids == model.cfg.image_token_id  # (B, T)
     with autocast():
-        low = model.siglip(model.low_resolution(images))  # (B, n, c_low)
+        low = model.siglip(model.siglip_input(images))  # (B, n, c_low)
         mark("siglip")
         high = None
         if model.sam is not None:
@@ -970,7 +970,7 @@ def bench_vision(args, cfg, device, dtype, spec):
     N = args.batch
     images = torch.rand(N, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
     images = images.to(device, dtype)
-    low = model.low_resolution(images)  # (N, 3, s, s): SigLIP's input
+    low = model.siglip_input(images)  # (N, 3, s, s): SigLIP's input
     f_siglip = sum(siglip_forward_flops(cfg.siglip))
     work = {"nanovl SigLIP": (lambda: model.siglip(low), N * f_siglip)}  # {name: (fn(), model FLOPs)}
     if cfg.hybrid:

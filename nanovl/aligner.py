@@ -12,7 +12,10 @@ low_high_hybrid_split_mlp_gelu (released 7B and our hybrid presets):
     -> GELU -> Linear -> (B, N, d_model)                                       keys layers.1
 
 This is the code's order, which the paper's "Vision-Language Adaptor" paragraph describes (two single-layer MLPs,
-concatenation, one more MLP). GELU is exact, every Linear has a bias, and there is no normalisation. A `depth` above
+concatenation, one more MLP); an earlier sentence of the same section, concatenating the raw features into 576 x 2048
+before any MLP, matches neither the code nor the weights. The paper also counts SAM's upsample and its two stride-2
+convs as part of the adaptor: they live in sam.py, at the end of the tower, and train with this module in stage 1
+(train.py). GELU is exact, every Linear has a bias, and there is no normalisation. A `depth` above
 2 adds more (GELU, Linear) pairs, as the official class does.
 """
 

@@ -7,7 +7,9 @@ DeepSeek-VL (arXiv 2403.05525, section 3.1) is three parts glued together:
                             SigLIP-L @ 384                                  reads image tokens in
                             (+ SAM-B @ 1024 for the hybrid)                 place of <image_placeholder>
 
-The numbers of the released models come from ../shared/reference/deepseek-vl-facts.md (sections 1-6). The presets:
+The numbers of the released models are the official code's and configs' (deepseek-ai/DeepSeek-VL), as the project's
+facts sheet collects them (../shared/reference/deepseek-vl-facts.md, kept beside this repository; comments cite its
+sections as "facts section N"). The presets:
 
     tiny         the hybrid architecture, shrunk so a forward+backward pass takes well under a second on a laptop CPU
     small        a scaled-down hybrid that one GPU trains in minutes
@@ -36,7 +38,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class SigLIPConfig:
-    """SigLIP-L/16 at 384 (facts section 2): a plain pre-norm ViT, no class token, exact GELU, final LayerNorm."""
+    """SigLIP-L/16 at 384 (facts section 2): a plain ViT of pre-LN blocks (no extra norm before the first block, timm's
+    norm_pre), no class token, exact GELU, final LayerNorm."""
     image_size: int = 384
     patch_size: int = 16
     width: int = 1024

@@ -2,7 +2,7 @@
 The image processor: a file or PIL image -> the square (3, S, S) canvas the vision towers read. It reproduces the
 released `VLMImageProcessor` (official image_processing_vlm.py; facts sheet section 8):
 
-    any PIL mode -> RGB                       (EXIF orientation applied first, as a photo viewer shows the image)
+    any PIL mode -> RGB                       (EXIF orientation applied first: see to_rgb for the two deviations)
     resize: long side -> S, aspect kept      target (max(int(h/M*S), 14), max(int(w/M*S), 14)), M = max(w, h),
                                               PIL bicubic (what torchvision's resize does on a PIL image)
     pad to S x S, centred, with the mean colour   offset (S - short) // 2; colour int(255 * mean) per channel
@@ -53,9 +53,13 @@ def load_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS) -> I
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB, with the EXIF orientation applied.
 
-    The official code calls `convert("RGB")`, which is right for palette, grey, CMYK, YCbCr and alpha modes (alpha is
-    dropped, as it does). It is wrong for 16-bit and 32-bit grey ("I;16", "I", "F"), where convert clips every value
-    above 255 to white, so those are rescaled to 8 bits first.
+    The official code calls `convert("RGB")` alone, which is right for palette, grey, CMYK, YCbCr and alpha modes
+    (alpha is dropped, as it does). We differ from it twice, on purpose:
+    - a photo whose EXIF says "rotate to display" (most phone pictures) is turned upright first, as a photo viewer
+      shows it; the official code gives the model the sensor's orientation, on its side, so for such a file the
+      released model answers differently here than in its own repository;
+    - 16-bit and 32-bit grey ("I;16", "I", "F") are rescaled to 8 bits first, where convert clips every value above
+      255 to white.
     """
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

@@ -22,7 +22,6 @@ checkpoint's. RELEASED_PREFIXES is the whole mapping.
 import math
 from typing import Optional
 
-import torch
 import torch.nn as nn
 
 from nanovl.aligner import Aligner
@@ -112,9 +111,9 @@ class DeepSeekVL(nn.Module):
         images = images.to(self.dtype)
         if self.sam is None:
             return self.aligner(self.siglip(images))  # (N, n, d_model)
-        return self.aligner(self.siglip(self.low_resolution(images)), self.sam(images))  # (N, n, d_model)
+        return self.aligner(self.siglip(self.siglip_input(images)), self.sam(images))  # (N, n, d_model)
 
-    def low_resolution(self, images):
+    def siglip_input(self, images):
         """SigLIP's input: the canvas itself, or for the hybrid its bilinear antialiased resize to SigLIP's size."""
         return images if self.sam is None else low_resolution(images, self.cfg.siglip.image_size)
 
@@ -126,7 +125,8 @@ class DeepSeekVL(nn.Module):
         image_embeds (N, n, d_model) or None: instead of images, what encode_images made of them, so that rows sharing
             an image encode it once (the multiple-choice evaluation asks one question with four answers).
         targets, cache, pad_mask, doc_ids, reduction, last_only: as Llama.forward.
-        Returns (logits (B, T, vocab), loss or None).
+        Returns (logits (B, T, vocab), None) without targets, and (None, loss) with them: training never makes the
+        full logits (Llama.forward).
         """
         if ids.ndim != 2:
             raise ValueError(f"expected token ids of shape (B, T), got {tuple(ids.shape)}")
@@ -137,11 +137,14 @@ class DeepSeekVL(nn.Module):
         n_tok, per_image = int(is_image.sum()), self.cfg.n_image_tokens
         given = images if images is not None else image_embeds
         n_given = 0 if given is None else given.shape[0]
-        if n_tok % per_image or n_tok // per_image != n_given:
-            raise ValueError(f"expected {n_tok / per_image:g} images for {n_tok} <image_placeholder> tokens (each "
+        if n_tok % per_image:
+            raise ValueError(f"{n_tok} <image_placeholder> tokens are not whole images of {per_image} each: an image "
+                             f"span was cut (expand each placeholder to {per_image} tokens, and keep spans whole)")
+        if n_tok // per_image != n_given:
+            raise ValueError(f"expected {n_tok // per_image} images for {n_tok} <image_placeholder> tokens (each "
                              f"image fills {per_image}), got {n_given}; give one image per placeholder span, in order")
 
-        x = self.llm.embed_tokens(ids.masked_fill(is_image, 0))  # (B, T, C)
+        x = self.llm.embed_tokens(ids)  # (B, T, C); the image positions are overwritten below
         if n_given:
             if image_embeds is None:
                 image_embeds = self.encode_images(images)  # (N, n, C)

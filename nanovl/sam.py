@@ -10,6 +10,7 @@ SAM-B (ViTDet) at 1024: the high-resolution, fine-detail half of DeepSeek-VL's h
          windows; every block adds decomposed relative-position terms to its attention logits
       -> neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d                      (B, 256, 64, 64)
       -> DeepSeek: bilinear upsample to 96x96 in fp32, two bias-free stride-2 convs (B, 1024, 24, 24)
+         (the paper counts this tail as part of the vision-language adaptor; it trains with the aligner)
       -> DeepSeek "sam_hd": the same tail applied to the output of the *first* global block through its own
          neck (`neck_hd`), but the *shared* downsample convs, scaled by a learned scalar and added:
              F = D(up(neck(h_last))) + alpha * D(up(neck_hd(h_block2)))
@@ -99,7 +100,8 @@ class MLPBlock(nn.Module):
 
 
 def window_partition(x, ws: int):
-    """(B, H, W, C) -> (B * nW, ws, ws, C), zero-padding the bottom and right up to a multiple of ws.
+    """(B, H, W, C) -> ((B * nH * nW, ws, ws, C) windows, (Hp, Wp) the padded size), zero-padding the bottom and
+    right up to a multiple of ws (nH = Hp / ws windows down, nW = Wp / ws across).
 
     One reshape and permute, no loop over windows. The padded tokens are ordinary zeros *after norm1*, and the
     official code does not mask them as keys; we do the same, or the released weights would give other outputs.
@@ -113,7 +115,7 @@ def window_partition(x, ws: int):
 
 
 def window_unpartition(x, ws: int, padded_hw, hw):
-    """Inverse of window_partition: (B * nW, ws, ws, C) -> (B, H, W, C), cropping the padding off again."""
+    """Inverse of window_partition: (B * nH * nW, ws, ws, C) -> (B, H, W, C), cropping the padding off again."""
     (Hp, Wp), (H, W) = padded_hw, hw
     B = x.shape[0] // ((Hp // ws) * (Wp // ws))
     x = x.view(B, Hp // ws, Wp // ws, ws, ws, -1).permute(0, 1, 3, 2, 4, 5)  # (B, nH, ws, nW, ws, C)
@@ -173,7 +175,7 @@ class SAM(nn.Module):
             convs.append(nn.Conv2d(c_in, c_out, kernel_size=3, stride=2, padding=1, bias=False))
             c_in = c_out
         self.downsamples = nn.Sequential(*convs)  # no norm, no activation between or after (official)
-        self.neck_hd = make_neck(cfg.width, cfg.neck_dim)
+        self.neck_hd = make_neck(cfg.width, cfg.neck_dim)  # the official deep copy of the neck: own weights
         self.hd_alpha_downsamples = nn.Parameter(torch.zeros(1))  # official init 0: the side path starts switched off
         if cfg.pixel_mean is not None:
             # device="cpu": constants are made for real even when the weights are built on "meta" (checkpoint.py)

@@ -28,7 +28,8 @@ class Stage0Heads(nn.Module):
     def __init__(self, cfg: VLConfig, n_seg_classes: int, embed_dim: int = 128):
         super().__init__()
         # The text tower: a small causal transformer over the caption, averaged over its tokens (see below).
-        # (Our decoder with lm_head replaced by a projection into the shared embedding space.)
+        # (Our decoder with lm_head replaced by a projection into the shared embedding space.) The heads keep
+        # PyTorch's default initialisation: DeepSeekVL's GPT-2 init covers the model, and these are not part of it.
         width = max(64, cfg.siglip.width // 2)
         text = LlamaConfig(vocab_size=cfg.llm.vocab_size, dim=width, n_layers=2, n_heads=max(1, width // 32),
                            n_kv_heads=max(1, width // 32), ffn_dim=width * 8 // 3, max_seq_len=cfg.llm.max_seq_len)
@@ -37,7 +38,8 @@ class Stage0Heads(nn.Module):
         self.image_proj = nn.Linear(cfg.siglip.width, embed_dim, bias=False)  # on the mean of SigLIP's tokens
         # SigLIP's learned temperature and bias. The paper starts at t = 10, b = -10, tuned for batches of 32k pairs
         # where negatives outnumber positives 32k to 1. With our batches of tens of pairs, b = -10 would hold every
-        # logit below zero until t had grown, stalling a short run; b = -5 is near -log(batch) for such batches.
+        # logit below zero until t had grown, stalling a short run. b = -5 is of the order of -log(batch) (-3.9 for the
+        # default 48 pairs), the log-odds that a pair drawn from the batch is a match.
         self.log_t = nn.Parameter(torch.tensor(float(np.log(10.0))))
         self.bias = nn.Parameter(torch.tensor(-5.0))
         self.seg_head = nn.Conv2d(cfg.sam.neck_dim, n_seg_classes, kernel_size=1) if cfg.hybrid else None
@@ -45,8 +47,9 @@ class Stage0Heads(nn.Module):
     def contrastive_loss(self, model, images, caption_ids, caption_len):
         """SigLIP's sigmoid loss on a batch of (image, caption) pairs with distinct captions: images (B, 3, s, s) at
         SigLIP's resolution (the data worker makes them as the model would, image.low_resolution of the canvas);
-        caption_ids right-padded (B, L). Both sides are pooled by averaging, as SigLIP's image tower and big_vision's
-        text tower with pool_type="gap": a caption here differs from the others in one or two words (the colour, the
+        caption_ids right-padded (B, L). Both sides are pooled by averaging (big_vision's pool_type="gap"; the
+        released SigLIP pools its image tokens with an attention head, attn_pool, which DeepSeek-VL never calls and
+        nanovl does not build): a caption here differs from the others in one or two words (the colour, the
         title), and a mean over its tokens carries those words from the first step, where the last token of a fresh
         causal tower would first have to learn to gather them (it did: the tower learned the facts far more slowly
         that way)."""

@@ -100,7 +100,7 @@ def test_forward_flops_match_torch_flop_counter():
     model = DeepSeekVL(cfg)
     B, T = 2, 48
     ids, _, images = bench.synthetic_batch(cfg, B, T, "cpu")
-    low = model.low_resolution(images)
+    low = model.siglip_input(images)
     with torch.no_grad():
         assert counted(lambda: model.siglip(low)) == B * sum(bench.siglip_forward_flops(cfg.siglip))
         assert counted(lambda: model.sam(images)) == B * sum(bench.sam_total_flops(cfg.sam))

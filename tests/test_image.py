@@ -156,7 +156,7 @@ def test_cached_processor_at_siglips_size_gives_what_the_model_would_shrink_the_
         Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(paths[-1])
     small = CachedProcessor(proc, max_bytes=1 << 20, size=cfg.siglip.image_size)
     canvases = torch.stack([proc(p) for p in paths])
-    expected = DeepSeekVL(cfg).low_resolution(canvases)  # the hybrid model's own resize, on a batch
+    expected = DeepSeekVL(cfg).siglip_input(canvases)  # the hybrid model's own resize, on a batch
     for _ in range(2):  # decoded and shrunk, then from the cache
         got = torch.stack([small(p) for p in paths])
         assert got.shape == (2, 3, 96, 96) and torch.equal(got, expected)

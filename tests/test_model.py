@@ -177,7 +177,7 @@ def test_a_half_precision_hybrid_runs_on_the_cpu(tiny, dtype):
     half.load_state_dict(model.state_dict())
     ids, n = with_images(cfg, [[1, "I", 7, 8, 9]])
     images = torch.rand(n, 3, cfg.image_size, cfg.image_size)
-    assert torch.equal(half.low_resolution(images.to(dtype)), model.low_resolution(images.to(dtype).float()).to(dtype))
+    assert torch.equal(half.siglip_input(images.to(dtype)), model.siglip_input(images.to(dtype).float()).to(dtype))
     with torch.no_grad():
         logits, _ = half(ids, images)
         expected, _ = model(ids, images)
@@ -230,7 +230,8 @@ def test_image_count_must_match_placeholder_spans(tiny):
         model(ids, torch.rand(1, 3, 256, 256))
     with pytest.raises(ValueError, match="expected 0 images .* got 1"):
         model(torch.ones(1, 5, dtype=torch.long), torch.rand(1, 3, 256, 256))
-    with pytest.raises(ValueError, match="expected 0.5 images for 18"):  # a span cut in half
+    with pytest.raises(ValueError, match="18 <image_placeholder> tokens are not whole images of 36 each: an image "
+                                         "span was cut"):
         model(ids[:, :19], None)
 
 
