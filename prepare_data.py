@@ -14,11 +14,12 @@ The synthetic folder holds:
     images/<category>/*.png       generated images; *_seg.png are per-pixel label maps of the shape scenes
     pretrain.jsonl                image-text documents: captions, ocr, chart, code, scene_text, interleaved
     text.jsonl                    text-only documents (standard-library docstrings, plus --text files)
-    sft.jsonl                     conversations: multi-turn questions about every category, and text-only dialogue
+    sft.jsonl                     conversations: multi-turn questions about every category, a one-question chat of
+                                  each multiple-choice question, and text-only dialogue
     stage0.jsonl                  image and short caption (SigLIP's contrastive loss), with a label map for the scenes
                                   of shapes (SAM's dense loss)
     eval_mc.jsonl                 held-out multiple-choice questions per category (the paper's MCPPL evaluation)
-    eval_text.jsonl               held-out text, for language perplexity
+    eval_text.jsonl               held-out text, for the language model's bits per byte
     tokenizer.json                byte-level BPE at the preset's vocabulary size (tiny and small; the released
                                   sizes read DeepSeek-LLM's tokenizer, from the released model folder)
     meta.json                     what made this folder; written last, so its presence means the folder is complete
@@ -91,7 +92,7 @@ def prose_paragraphs(docs: list) -> list:
     return out
 
 
-def held_out(text: str, share: float = 0.03) -> bool:
+def is_held_out(text: str, share: float = 0.03) -> bool:
     """A stable split by content hash: the same text is always on the same side."""
     return int(hashlib.sha1(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < share
 
@@ -107,6 +108,9 @@ def text_dialogue(doc: dict) -> list:
 # Images: one task per example, each with its own seed, so the output does not depend on the number of workers
 
 def generate(task):
+    """One example, drawn and saved: (split, category, index, seed, size, snippet, out) -> {jsonl name: rows}. The
+    eval split gives its multiple-choice question (eval_mc); the train split its pretraining document, its chats
+    (sft) and its stage-0 pair."""
     split, category, index, seed, size, snippet, out = task
     rng = random.Random(f"{seed}-{split}-{category}-{index}")
     ex = make_example(category, rng, size, snippet)
@@ -156,7 +160,7 @@ def build(args, out: str):
     for path in args.text:
         with open(path, encoding="utf-8", errors="replace") as f:
             docs.append({"text": f.read(), "name": os.path.basename(path), "module": "user"})
-    train_docs = [d for d in docs if not held_out(d["text"])]
+    train_docs = [d for d in docs if not is_held_out(d["text"])]
     # The standard library repeats paragraphs across docstrings, whole or with a few words changed (inspect's
     # findsource and getsourcelines, os's spawnlpe and spawnvp). A held-out docstring with a paragraph that opens as
     # a training paragraph does (the same first 80 characters, whitespace flattened) would not be unseen text, so it
@@ -165,7 +169,7 @@ def build(args, out: str):
         return {p[:80] for p in (" ".join(q.split()) for q in doc["text"].split("\n\n")) if len(p) >= 80}
 
     seen = set().union(*map(openings, train_docs))
-    eval_docs = [d for d in docs if held_out(d["text"]) and not openings(d) & seen]
+    eval_docs = [d for d in docs if is_held_out(d["text"]) and not openings(d) & seen]
     snippets = prose_paragraphs(train_docs)
     print(f"text: {len(docs)} documents ({sum(len(d['text']) for d in docs) / 1e6:.2f} MB), {len(eval_docs)} held out,"
           f" {len(snippets)} prose paragraphs for the OCR pages")

@@ -4,11 +4,13 @@ has no training code: this file is the recipe, written out.
 
     stage 0  unimodal pretraining (scaled-down presets only: the real model starts from pretrained parts)
              language model on text, SigLIP with a sigmoid contrastive loss, SAM with a dense loss
-    stage 1  adaptor warm-up: only the adaptor trains (for the hybrid, SAM's neck and downsample convs count as
-             adaptor, paper section 3.1); captions and document OCR
+    stage 1  adaptor warm-up: only the adaptor trains (for the hybrid also SAM's upsample-and-downsample tail, which
+             the paper counts as adaptor, section 3.1, and its necks, as the official freeze_high=False
+             unfreezes them); captions and document OCR
     stage 2  joint vision-language pretraining: language model and adaptor; language:multimodal = 7:3 with modality
              warm-up, one modality per optimizer step, a small share of SFT data, samples packed into full rows
-    stage 3  supervised fine-tuning: language model, adaptor and SigLIP (SAM stays frozen); chats, loss on answers
+    stage 3  supervised fine-tuning: language model, adaptor and SigLIP (SAM's trunk stays frozen); chats, loss on
+             answers
 
     python train.py                                  # the embedded default: prepare data if needed, stages 0-3, tiny, CPU
     python train.py --stage 2 --config small --lr=5e-4 --llm.n_layers=6
@@ -76,7 +78,8 @@ class TrainConfig:
     batch_size: int = 0  # global batch, in samples; packed (stage 2), in rows of seq_len tokens
     micro_batch: int = 0  # samples (packed: rows) per forward pass per process (accumulation makes up the rest)
     lr: float = 0.0
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = 0.1  # the cosine schedule's floor, a share of lr (not given in the paper; the step
+    # schedule of stage 2 has its own factors)
     warmup: int = -1
     schedule: str = ""  # cosine or step
     weight_decay: float = 0.0  # Table 4: no weight decay in any stage
@@ -86,7 +89,8 @@ class TrainConfig:
     seq_len: int = 0  # default: the model's context
     lang_share: float = 0.7  # stage 2: language share of steps after the warm-up (Table 1: 70% text)
     modality_warmup: float = 0.3  # stage 2: part of the run over which the language share decays from 1.0
-    sft_share: float = 0.1  # stage 2: share of steps drawn from the SFT chats (the paper's 1.3B recipe)
+    sft_share: float = 0.1  # stage 2: share of steps drawn from the SFT chats (the paper mixes in "a minimal
+    # proportion" for the 1.3B, section 3.2.2, without a figure: 0.1 is ours)
     text_sft_share: float = -1  # stage 3: text-only share of the chats (default: Table 2's 47.9%; 25% from scratch)
     short_chat_share: float = -1  # stage 3: share of steps from one-question image chats, grouped apart from the
     # multi-turn ones (default: 0, no split; 65% from scratch, see stage_data)
@@ -118,11 +122,12 @@ STAGE_DEFAULTS = {
         # pairs: trained alone in the tiny default, 400 steps of 48 pairs left a linear probe on its mean token at 59%
         # of the held-out questions, 800 steps at 82% (titles, signs and button colours at 92-100%). At lr 1e-3, 400
         # steps of 48 pairs gave 68%, of 80 pairs 73%, and 800 steps of 48 pairs 78%. What SigLIP knows is what the
-        # decoder learns to read: the final MCPPL went from 46% to 65%. The decoder and SAM see as much text and as
-        # many scenes as before, in batches half as big.
+        # decoder learns to read: in the run that led to this change, the final multiple-choice accuracy went from
+        # 46% to 65%. The decoder and SAM see as much text and as many scenes as before, in batches half as big.
         0: dict(steps=800, batch_size=4, micro_batch=4, lr=3e-3, warmup=20, schedule="cosine", seq_len=128),
         1: dict(steps=30, batch_size=16, micro_batch=16, lr=3e-3, warmup=6, schedule="cosine", vision_lr_mult=0.1),
-        # Stage 2's batch counts packed rows of 512 tokens (6 hold about what 16 samples did, unpacked).
+        # Stage 2's batch counts packed rows of the model's context (tiny: 512 tokens; 6 hold about what 16 samples
+        # did, unpacked).
         2: dict(steps=100, batch_size=6, micro_batch=6, lr=2e-3, warmup=10, schedule="step", vision_lr_mult=0.1),
         3: dict(steps=700, batch_size=8, micro_batch=8, lr=2e-3, warmup=30, schedule="cosine",
                 text_sft_share=0.25, short_chat_share=0.65, vision_lr_mult=0.1),
@@ -217,7 +222,8 @@ def parse_args(argv):
 # Processes, devices, checkpoints
 
 def setup_distributed():
-    """(rank, world, device) from torchrun's environment, or a single process."""
+    """(rank, world) from torchrun's environment, or (0, 1) for a single process; each process then uses the GPU of
+    its LOCAL_RANK, if there are GPUs."""
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
@@ -326,7 +332,7 @@ def is_nanovl_checkpoint(path: str) -> bool:
     """A stage folder or a .pt file written by this script (rather than a pretrained part for init_from_parts)."""
     if os.path.isdir(path):
         return os.path.exists(os.path.join(path, "model.pt")) and not is_released_folder(path)
-    return path.endswith(".pt") and not path.endswith((".pth", ".bin"))
+    return path.endswith(".pt")  # (SAM's own checkpoint is a .pth: a pretrained part)
 
 
 def tokenizer_path(tc: TrainConfig, sources) -> str:
@@ -386,6 +392,8 @@ def set_rng_state(state: dict):
 # What each stage trains and reads
 
 def trainable_prefixes(stage: int, cfg: VLConfig) -> list:
+    """The module prefixes a stage trains (its freeze map); everything else is frozen. Stage 0 trains what its three
+    objectives reach: the decoder, SigLIP, SAM up to its main neck (the dense head reads that neck), and the heads."""
     # For the hybrid, the paper's "VL adaptor" also holds SAM's upsample-and-downsample tail (section 3.1); the
     # official tower's freeze_high=False unfreezes exactly the neck, neck_hd, downsamples and alpha.
     adaptor = ["aligner"] + (["sam.neck", "sam.neck_hd", "sam.downsamples", "sam.hd_alpha_downsamples"]
@@ -435,9 +443,10 @@ def load_rows(folders, name):
 
 
 def stage2_share(tc: TrainConfig):
-    """Stage 2's mix as a function of the step. Modality warm-up (paper section 3.3, Figure 9): the language share
-    starts at 1.0 and decays linearly to lang_share (0.7, Table 1) over the first modality_warmup of the run, so the
-    language model is not shocked by a sudden flood of image tokens. sft_share of the steps are chats throughout."""
+    """Stage 2's mix as a function of the step. sft_share of the steps are chats throughout (many of them with an
+    image). The others follow the modality warm-up (paper section 4.4, Figure 9): their language share starts at 1.0
+    and decays linearly to lang_share (0.7, Table 1) over the first modality_warmup of the run, so the language model
+    is not shocked by a sudden flood of image tokens."""
     warm = max(1, int(tc.modality_warmup * tc.steps))
 
     def share(step):

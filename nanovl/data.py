@@ -12,8 +12,8 @@ with the row's image paths; images are read and processed only when a batch need
 the context are cut into context-sized pieces; chats and image documents that do not fit are dropped and counted
 (cutting them would cut an image span or an answer).
 
-A `plan` fixes, before training starts, which rows every optimizer step reads: each step draws one modality
-(language or multimodal; the paper's modality-grouped batches, section 4.4, Figure 8) with probabilities that may change with
+A `plan` fixes, before training starts, which rows every optimizer step reads: each step draws one modality (language
+or multimodal; the paper's modality-grouped batches, section 4.4, Figure 8) with probabilities that may change with
 the step (modality warm-up), and each modality walks through its rows in a fresh shuffled order every epoch. The plan
 is a pure function of the seed, so a resumed run reads exactly the batches it would have read, and with several
 processes each rank takes its own slice of the same global batch. `PlannedBatches` turns (step, micro-batch) into
@@ -133,6 +133,7 @@ class Source:
             for start in range(0, len(ids) - 1, max_len):  # overlapping by one: each piece predicts its next
                 piece = slice(start, start + max_len + 1)
                 if len(ids[piece]) > 1:
+                    # (a piece's first token is context only: nothing in the piece predicts it)
                     self.samples.append(Sample(ids[piece], [0] + mask[piece][1:], []))
             return
         if kind == "pretrain":
@@ -197,7 +198,7 @@ def plan_batches(sizes: Dict[str, int], global_batch: int, steps: int, share: Ca
 
     Packed (lengths, each sample's token count per modality, and row_len given): the batch counts rows of row_len
     tokens, as Table 4's stage 2 does (1024 sequences of 4096 tokens), and each step holds global_batch rows, each a
-    list of the sample indices laid end to end in it. Samples fill rows first fit in stream order: a row is closed
+    list of the sample indices laid end to end in it. Samples fill rows next fit, in stream order: a row is closed
     when the next sample does not fit, and that sample starts the next row (or the modality's next step).
     """
     empty = [m for m, n in sizes.items() if n == 0]

@@ -11,14 +11,15 @@ Synthetic image-text data whose text is exactly known, one generator per categor
 
 Each generator takes a seeded `random.Random` and the canvas size and returns an `Example`: the image(s), the
 pretraining text (with one <image_placeholder> per image), question-answer pairs for chat fine-tuning, one
-multiple-choice question for evaluation (the paper's MCPPL, section 3.2.2), and for scenes a short caption and a
-per-pixel segmentation map (the stage-0 objectives of SigLIP and SAM). The questions ask about what the picture
+multiple-choice question for evaluation (the paper's MCPPL, section 3.2.2), a short caption of the fact that question
+asks about (stage 0: SigLIP's contrastive loss), and for the scenes of shapes a per-pixel segmentation map (stage 0:
+SAM's dense loss). Interleaved documents have neither question nor caption. The questions ask about what the picture
 shows (a colour, a count, the tallest bar, the word on a sign, the title of a page), so a model can only answer
 them by looking.
 """
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import List, Optional, Tuple
 
@@ -58,7 +59,6 @@ class Example:
     # batch can hold only different ones, and the tower learns exactly the facts a question can ask.
     caption: Optional[str] = None
     seg: Optional[Image.Image] = None  # mode "L" label map of a scene of shapes (stage 0, SAM's dense objective)
-    extra: dict = field(default_factory=dict)
 
 
 @lru_cache(maxsize=None)

@@ -597,13 +597,13 @@ def test_packing_lays_samples_end_to_end():
     samples = [Sample(list(range(10 * i + 1, 10 * i + 1 + n)), [0] + [1] * (n - 1), []) for i, n in
                enumerate((5, 9, 4, 7))]  # inputs of 4, 8, 3 and 6 tokens
     lengths = {"language": [len(s.ids) - 1 for s in samples]}
-    # The batch counts rows: 2 rows of 12 a step. First fit in the stream's order; a sample that does not fit closes
+    # The batch counts rows: 2 rows of 12 a step. Next fit in the stream's order; a sample that does not fit closes
     # the row and starts the next, or the next step.
     plan = plan_batches({"language": 4}, 2, 3, lambda step: {"language": 1.0}, 0, lengths, 12)
     laid = [i for _, rows in plan for row in rows for i in row]
     assert laid == list(itertools.islice(epochs(4, "0-language"), len(laid)))  # the stream, in order, none skipped
     expected, row = [], []
-    for i in laid:  # first fit, by hand
+    for i in laid:  # next fit, by hand
         if row and sum(lengths["language"][j] for j in row + [i]) > 12:
             expected.append(row)
             row = []
