@@ -291,7 +291,7 @@ def load_plain(path) -> dict:
         raise FileNotFoundError(f"no checkpoint at {path}") from None
     if head != b"PK\x03\x04":  # torch.save writes a zip archive
         raise ValueError(f"{path} is not a torch checkpoint ({os.path.getsize(path):,} bytes that are not the zip "
-                         "archive torch.save writes): an empty, corrupt or wrong file") from None
+                         "archive torch.save writes): an empty, corrupt or wrong file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as e:
@@ -397,10 +397,10 @@ def part_state(path) -> tuple:
 
     if "language_config" in config or any(k.startswith("language_model.") for k in keys):
         kind = "a released DeepSeek-VL model"
-        same_aligner = config.get("aligner_config", {}).get("params", {}).get("projector_type")
+        projector_type = config.get("aligner_config", {}).get("params", {}).get("projector_type")
         for k in keys:
             take(k, released_to_nanovl(k))
-        return kind, state, skipped, same_aligner
+        return kind, state, skipped, projector_type
     if any(k.startswith("image_encoder.") for k in keys):  # the original SAM checkpoint: the whole of SAM
         kind = "SAM's image encoder"
         for k in keys:

@@ -234,7 +234,7 @@ class ChatSession:
         self.ids: List[int] = []  # exactly what the cache holds
         # ids decided but not yet fed: the start, or the previous answer's end-of-sentence
         self.pending = start_ids(tokenizer, system)
-        self.turns = 0
+        self.turns = 0  # answered so far
 
     def turn_ids(self, content: str) -> List[int]:
         """The ids a user turn adds, up to and including the generation prompt (the pieces render_chat uses)."""
@@ -266,16 +266,16 @@ class ChatSession:
         try:
             logits, _ = self.model(torch.tensor([new], device=device), None if pixels is None else pixels.to(device),
                                    cache=self.cache, last_only=True)
-            stream = TextStream(self.tok, on_text)
-            _decode(self.model, self.step, logits[:, -1], s, {self.tok.eos_id}, self.tok.pad_id,
-                    self.tok.vocab_size, lambda nxt: stream.add(int(nxt[0])))
+            stream = TextStream(self.tok, on_text)  # prints the answer as it comes
+            out = _decode(self.model, self.step, logits[:, -1], s, {self.tok.eos_id}, self.tok.pad_id,
+                          self.tok.vocab_size, lambda nxt: stream.add(int(nxt[0])))  # (1, n)
         except BaseException:
             self.cache.length = start  # forget the half-written turn: the next one overwrites those slots
             raise
         # The cache now holds the turn and every answer token but the last (a token is fed back only to get the
         # next one). The template closes each answer with <｜end▁of▁sentence｜>: it, and the answer's last token if
         # the answer was cut at max_new_tokens, start the next turn.
-        answer = stream.ids
+        answer = out[0].tolist()  # one row: it stops at its end-of-sentence, so no padding follows
         held = self.cache.length - start - len(new)
         self.ids += new + answer[:held]
         self.pending = [t for t in answer[held:] if t != self.tok.eos_id] + [self.tok.eos_id]
