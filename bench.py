@@ -46,7 +46,8 @@ decomposed relative-position terms (q against a learned table: 2*d*n*(h + w) per
 convolutions (patch embeddings, SAM's neck, neck_hd and downsample convs) are counted directly. Autograd computes
 no gradient for the input of a trained layer with nothing trained below it (SigLIP's patch embedding in stage 3,
 SAM's 1x1 neck convs on the frozen trunk, the adaptor's low_up_proj while SigLIP is frozen); we charge 6N anyway,
-as nanoGPT does for its first layer: SigLIP-L's patch embedding is 0.08% of the tower's training FLOPs.
+for one formula per part: the over-charge, the patch embedding's input gradient, is 0.08% of SigLIP-L's training
+FLOPs.
 MFU counts model FLOPs, not hardware FLOPs: recomputation under --grad_ckpt is not credited (PaLM's definition).
 
 Decoding one token at a time does too little arithmetic per weight for FLOPs to matter: its ceiling is memory
@@ -77,9 +78,9 @@ from nanovl.config import LlamaConfig, SAMConfig, SigLIPConfig, VLConfig
 
 CACHE = Path.home() / ".cache" / "nanovl"
 
-# Per preset: train and prefill batch and --seq, decode prompt and new tokens, images per vision batch. The
-# scaled-down presets are sized for a CPU; the released ones for one GPU (the paper's 4096-token context, a 600-token
-# prompt for decoding: one image of 576 tokens and a question).
+# Per preset: train batch, train and prefill --seq (prefill runs batch 1), decode prompt and new tokens, images per
+# vision batch. The scaled-down presets are sized for a CPU; the released ones for one GPU (the paper's 4096-token
+# context, a 600-token prompt for decoding: one image of 576 tokens and a question).
 DEFAULTS = {
     "tiny": dict(batch=4, seq=128, prompt_len=64, new=32, images=8),
     "small": dict(batch=8, seq=512, prompt_len=200, new=64, images=8),
@@ -343,8 +344,8 @@ def peak_memory(device: str):
 
 def timed_run(step, args, device: str):
     """measure(), and the memory the run itself needed: on CUDA the peak allocated above what was allocated before
-    it (its activations, gradients and optimizer state, whatever else is resident, such as a reference model); None
-    on CPU, where the process's peak RSS cannot be split between runs."""
+    it (its activations, gradients and optimizer state; not the weights, nor anything resident before it, such as a
+    reference model); None on CPU, where the process's peak RSS cannot be split between runs."""
     before = None
     if device == "cuda":
         torch.cuda.synchronize()
@@ -550,8 +551,8 @@ def print_runs(figures: dict, unit: str):
 
 
 def ratio(figures: dict, ours: str, theirs: str, unit: str):
-    """Print and return nanovl's throughput over the reference's (above 1: nanovl is faster); None when either run
-    failed."""
+    """Print nanovl's throughput over the reference's (above 1: nanovl is faster), and return the reference's figures
+    with nanovl's under "nanovl" and that ratio under "ratio"; None when either run failed."""
     if ours not in figures or theirs not in figures:
         return None
     key = unit.replace("/", "_per_")
@@ -592,7 +593,7 @@ def backward_by_part(model: DeepSeekVL, ids, targets, images, autocast, mark):
         emb = model.aligner(low_in, high_in) if high is not None else model.aligner(low_in)  # (B, n, C)
         mark("aligner")
         emb_in = cut(emb)
-        x = model.llm.embed_tokens(ids.masked_fill(is_image, 0))  # (B, T, C)
+        x = model.llm.embed_tokens(ids)  # (B, T, C)
         x = x.masked_scatter(is_image[..., None], emb_in.to(x.dtype))
         _, loss = model.llm(embeds=x, targets=targets)
     loss.backward()
@@ -795,7 +796,7 @@ def greedy(prefill, cache, llm, new: int, mark):
     """Greedy decoding: the prompt in one pass (its last logits give the first new token), then one token per call
     through the cache. Returns the new tokens (B, new). Marks 'prefill', 'first step' and 'decode' (the rest)."""
     cache.length = 0
-    logits, _ = prefill(cache)  # (B, P, vocab)
+    logits, _ = prefill(cache)  # (B, 1, vocab): the last position only
     tok = logits[:, -1:].argmax(-1)  # (B, 1), left on the device: no sync
     mark("prefill")
     out = [tok]
@@ -1255,22 +1256,22 @@ def suite_tables(records: list):
 
             ours = tokens(res if ref is None else ref["nanovl"])
             theirs = "-" if ref is None else tokens(ref)
-            ratio = "-" if ref is None else f"{ref['ratio']:.2f}x"
+            ratio_cell = "-" if ref is None else f"{ref['ratio']:.2f}x"
             if ref is not None and ref.get("compiled"):  # the reference compiled too
                 theirs += f" (compiled: {tokens(ref['compiled'])})"
-                ratio += f" ({ref['compiled']['ratio']:.2f}x)"
+                ratio_cell += f" ({ref['compiled']['ratio']:.2f}x)"
             if borrowed:
                 theirs = tokens(borrowed) + " (eager run's)"
-                ratio = f"{res['tokens_per_s'] / borrowed['tokens_per_s']:.2f}x"
+                ratio_cell = f"{res['tokens_per_s'] / borrowed['tokens_per_s']:.2f}x"
         elif run.startswith("decode"):
             plain = "CUDA graph" if res["device"] == "cuda" else "eager"
             ours = ", ".join(f"{f['tokens_per_s']:,.0f} tokens/s ({'compiled' if 'compiled' in name else plain})"
                              for name, f in res["runs"].items() if name.startswith("nanovl.generate"))
             theirs = "-" if ref is None else f"{ref['tokens_per_s']:,.1f} tokens/s"
-            ratio = "-" if ref is None else f"{ref['ratio']:.1f}x"
+            ratio_cell = "-" if ref is None else f"{ref['ratio']:.1f}x"
             if borrowed:
                 theirs = f"{borrowed['tokens_per_s']:,.1f} tokens/s (eager run's)"
-                ratio = f"{res['tokens_per_s'] / borrowed['tokens_per_s']:.1f}x"
+                ratio_cell = f"{res['tokens_per_s'] / borrowed['tokens_per_s']:.1f}x"
             if run.endswith("-compiled") and "nanovl.generate, compiled" not in res["runs"]:
                 ours += " (compiling failed: see suite.log)"
         else:  # vision: eager, and compiled when the run compiled
@@ -1279,11 +1280,11 @@ def suite_tables(records: list):
             ours = ", ".join(f"{f['images_per_s']:,.0f} images/s ({how})" for how, f in mine)
             ref = res["runs"].get(their_name)
             theirs = "-" if ref is None else f"{ref['images_per_s']:,.0f} images/s"
-            ratio = "-" if ref is None else ", ".join(f"{f['images_per_s'] / ref['images_per_s']:.2f}x"
+            ratio_cell = "-" if ref is None else ", ".join(f"{f['images_per_s'] / ref['images_per_s']:.2f}x"
                                                       for _, f in mine)
         if res.get("partial"):
             ours += " (run cut short: the figures it had)"
-        rows.append([work, their_h200, theirs, ours, ratio, target])
+        rows.append([work, their_h200, theirs, ours, ratio_cell, target])
     print("| work | reference, the issue's H200 figure | reference, this run | nanovl | nanovl / reference "
           "| target |")
     print("|---|---|---|---|---|---|")
@@ -1306,9 +1307,9 @@ def suite_tables(records: list):
         res = r["result"]
         work = f"stage {stage}" if stage != "0" else "inference (prefill)"
         measured = res and res.get("peak_memory_bytes")  # a run cut short may have stopped before measuring it
-        figure = f"{res['peak_memory_bytes'] / 2 ** 30:.1f} GiB" if measured else r["error"]
+        memory_cell = f"{res['peak_memory_bytes'] / 2 ** 30:.1f} GiB" if measured else r["error"]
         shape = f"{res['batch']} x {res['seq']}" if res else "-"
-        print(f"| {preset} | {work} | {'yes' if ckpt else 'no'} | {shape} | {figure} |")
+        print(f"| {preset} | {work} | {'yes' if ckpt else 'no'} | {shape} | {memory_cell} |")
     kinds = {res["memory"] for r in records
              if (res := r["result"]) and "memory" in res and r["name"].startswith("memory-")}
     print(f"\npeak memory: {', '.join(sorted(kinds)) or '-'}, in a process of its own for each run")
@@ -1413,9 +1414,12 @@ def main(argv=None):
     if need > ctx:
         parser.error(f"{need} tokens ({'--seq' if args.what != 'decode' else '--prompt-len + --new'}) do not fit the "
                      f"{cfg.name!r} model's context of {ctx}")
+    if args.llm_only and args.what != "train":
+        parser.error(f"--llm-only is for --what train (the decoder alone); --what {args.what} runs the whole model")
     if args.what in ("train", "prefill") and not args.llm_only and args.seq < cfg.n_image_tokens + 2:
         parser.error(f"--seq {args.seq} is too short for one image of {cfg.n_image_tokens} tokens plus text in the "
-                     f"{cfg.name!r} model; use --seq {cfg.n_image_tokens + 2} or more (or --llm-only for text alone)")
+                     f"{cfg.name!r} model; use --seq {cfg.n_image_tokens + 2} or more" +
+                     (" (or --llm-only for text alone)" if args.what == "train" else ""))
     device_name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
     spec = device_spec(device_name) if device == "cuda" else None
 

@@ -266,6 +266,8 @@ def test_bad_arguments_are_refused_with_a_reason(capsys):
     for argv, reason in ((["--what", "train", "--bogus", "1"], "model config overrides are dotted"),
                          (["--what", "train", "--llm.nope=1"], "no field 'nope'"),
                          (["--what", "train", "--seq", "30"], "too short for one image of 36 tokens"),
+                         (["--what", "prefill", "--seq", "30"], "use --seq 38 or more\n"),  # no --llm-only hint
+                         (["--what", "prefill", "--llm-only"], "--llm-only is for --what train"),
                          (["--what", "train", "--batch", "0"], "--batch must be at least 1, got 0"),
                          (["--what", "decode", "--prompt-len", "600", "--new", "4"],
                           "604 tokens (--prompt-len + --new) do not fit the 'tiny' model's context of 512"),
