@@ -144,9 +144,11 @@ def test_generation_is_reproducible_with_a_seed(tiny, tok):
 
 def test_chat_turns_prefill_only_their_new_tokens(tiny, tok, monkeypatch):
     proc = ImageProcessor.for_config(tiny.cfg)
-    fed, images_seen = [], []
-    forward, encode = tiny.llm.forward, tiny.encode_images
+    fed, stepped, images_seen = [], [], []
+    forward, decode_step, encode = tiny.llm.forward, tiny.llm.decode_step, tiny.encode_images
     monkeypatch.setattr(tiny.llm, "forward", lambda *a, **k: fed.append(k["embeds"].shape[1]) or forward(*a, **k))
+    monkeypatch.setattr(tiny.llm, "decode_step", lambda tok, *a: stepped.append(tuple(tok.shape)) or
+                        decode_step(tok, *a))
     monkeypatch.setattr(tiny, "encode_images", lambda x: images_seen.append(len(x)) or encode(x))
 
     chat = ChatSession(tiny, tok, proc)
@@ -157,10 +159,12 @@ def test_chat_turns_prefill_only_their_new_tokens(tiny, tok, monkeypatch):
     assert chat.ids[:len(turn1)] == turn1 and fed[0] == len(turn1)  # the first prefill is the official prompt
     assert chat.pending[-1] == tok.eos_id and len(chat.pending) <= 2  # the answer's end, fed with the next turn
     fed.clear()
-    pending = len(chat.pending)
+    stepped.clear()
+    pending, start = len(chat.pending), chat.cache.length
     chat.ask("and the square?", [], s)
-    assert fed[0] == pending + len(chat.turn_ids("and the square?"))  # the new message only ...
-    assert all(n == 1 for n in fed[1:])  # ... then one token per step
+    assert fed == [pending + len(chat.turn_ids("and the square?"))]  # one pass over the new message only ...
+    assert stepped and set(stepped) == {(1, 1)}  # ... then one token per decoding step,
+    assert chat.cache.length == start + fed[0] + len(stepped)  # each written once into the cache
     assert images_seen == [1]  # the image went through the towers once, in the first turn
     # a message is stripped, as render_chat strips it (the template's prompt_string does)
     assert chat.turn_ids(" and the square? \n") == chat.turn_ids("and the square?")
@@ -194,6 +198,14 @@ def test_a_bad_turn_leaves_the_session_as_it_was(tiny, tok, tmp_path):
         with pytest.raises(ValueError, match=message):
             chat.ask(content, images, s)
         assert chat.cache.length == 0 and chat.ids == [] and chat.turns == 0
+    # A turn that fails halfway, after its prompt and some answer tokens are in the cache, is forgotten as well.
+
+    def printer_breaks(text):
+        raise RuntimeError("the printer broke")
+
+    with pytest.raises(RuntimeError, match="the printer broke"):
+        chat.ask(f"{IMAGE_TAG}what?", [picture(4)], s, on_text=printer_breaks)
+    assert chat.cache.length == 0 and chat.ids == [] and chat.turns == 0
     assert chat.ask(f"{IMAGE_TAG}what?", [picture(4)], s) == fresh.ask(f"{IMAGE_TAG}what?", [picture(4)], s)
 
 
@@ -323,9 +335,12 @@ def test_interactive_chat_commands(stage_folder, monkeypatch, capsys):
     assert out.count("Assistant: ") == 3
 
 
-def test_compiled_decoding_step_gives_the_same_tokens(tiny, tok):
+def test_compiled_decoding_step_gives_the_same_tokens(tiny, tok, monkeypatch):
     # torch.compile(fullgraph=True) must take the whole step, with no graph break (a break would also stop a CUDA
     # graph from recording it), and give the tokens of the eager step.
+    compiled, real_compile = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **k: compiled.append((fn, k)) or real_compile(fn, **k))
     prompts = [tok.encode("what colour is the circle?"), tok.encode("red")]
     s = Sampling(max_new_tokens=6)
     assert generate(tiny, prompts, sampling=s, compile=True) == generate(tiny, prompts, sampling=s)
+    assert compiled == [(tiny.llm.decode_step, {"fullgraph": True})]  # compiled, not quietly run eager
