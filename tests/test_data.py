@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import prepare_data
-from nanovl.chat import IMAGE_TAG
+from nanovl.chat import IMAGE_TAG, render_document
 from nanovl.config import get_config
 from nanovl.data import PlannedBatches, Sample, Source, collate, import_llava, plan_batches, read_jsonl
 from nanovl.image import ImageProcessor
@@ -286,7 +286,7 @@ def test_llava_array_on_one_line_names_rows_by_index_and_id_and_reads_in_linear_
     assert sum(scanned) <= len(path.read_text())  # quadratic: about 2000 x the file / 2
 
 
-def test_images_are_checked_alike_in_one_process_or_several(tmp_path):
+def test_images_are_checked_alike_in_one_process_or_several(tmp_path, monkeypatch):
     from nanovl.data import check_images
     paths = []
     for i in range(1000):  # the pool is used from 1000 images on
@@ -294,8 +294,11 @@ def test_images_are_checked_alike_in_one_process_or_several(tmp_path):
         Image.new("RGB", (2, 2), (i % 256, 0, 0)).save(paths[-1])
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
     paths += [str(tmp_path / "broken.png"), str(tmp_path / "missing.png"), paths[0]]  # a repeat is checked once
+    import multiprocessing
+    pools, real_pool = [], multiprocessing.Pool
+    monkeypatch.setattr(multiprocessing, "Pool", lambda n, **k: pools.append(n) or real_pool(n, **k))
     one, two = check_images(paths, workers=1), check_images(paths, workers=2)
-    assert one == two and len(one) == 1002
+    assert pools == [2] and one == two and len(one) == 1002  # the second in a pool of two processes
     assert sorted(p for p, error in one.items() if error) == [str(tmp_path / "broken.png"), str(tmp_path / "missing.png")]
 
 
@@ -360,10 +363,12 @@ def test_sources_render_rows_and_handle_long_ones(data_dir):
     cfg = get_config("tiny")
     sft = Source(read_jsonl(data_dir / "sft.jsonl"), "sft", tok, cfg.n_image_tokens, max_len=120, root=str(data_dir))
     assert sft.dropped > 0 and all(len(s.ids) <= 121 for s in sft.samples)  # too long for 120: dropped, not cut
-    text = Source([{"text": "word " * 400}], "text", tok, cfg.n_image_tokens, max_len=64)
-    assert len(text) > 1 and all(len(s.ids) <= 65 for s in text.samples)  # long text: cut into context-sized pieces
-    pieces = [s.ids for s in text.samples]
-    assert all(p[-1] == q[0] for p, q in zip(pieces, pieces[1:]))  # consecutive pieces overlap by one token
+    words = " ".join(f"w{i}" for i in range(400))  # no two tokens alike in a row, so an overlap cannot happen by chance
+    text = Source([{"text": words}], "text", tok, cfg.n_image_tokens, max_len=64)
+    ids, _ = render_document(words, tok, cfg.n_image_tokens)
+    # Long text is cut into context-sized pieces (64 inputs and their 64 targets) that overlap by one token: each
+    # piece's last token is the next one's first, so every token of the document is predicted once.
+    assert len(ids) > 2 * 65 and [s.ids for s in text.samples] == [ids[i:i + 65] for i in range(0, len(ids) - 1, 64)]
     proc = ImageProcessor.for_config(cfg)
     pre = Source(read_jsonl(data_dir / "pretrain.jsonl"), "pretrain", tok, cfg.n_image_tokens, 512, str(data_dir))
     ids, targets, images = collate([pre[0], pre[1]], tok.pad_id, proc)

@@ -227,10 +227,19 @@ def stage_folder(tiny, tok, tmp_path_factory):
     return folder
 
 
-def test_sample_answers_a_prompt_and_streams_the_text(stage_folder, tiny, tok, capsys):
+def test_sample_answers_a_prompt_and_streams_the_text(stage_folder, tiny, tok, capsys, monkeypatch):
+    streamed = []  # what had been printed by the time generation ended
+
+    def spy(*a, **k):
+        ids = generate(*a, **k)
+        streamed.append(capsys.readouterr().out)
+        return ids
+
+    monkeypatch.setattr(sample, "generate", spy)
     sample.main(["--ckpt", str(stage_folder), "--image", str(stage_folder / "cat.png"), "--prompt", "what colour?",
                  "--max_new_tokens", "8"])
-    out = capsys.readouterr().out
+    out = streamed[0] + capsys.readouterr().out
+    assert streamed[0].strip() and streamed[0].strip() == out.strip()  # the whole answer, printed as it came
     proc = ImageProcessor.for_config(tiny.cfg)
     ids = render_chat([{"role": "user", "content": f"{IMAGE_TAG}what colour?"}], tok, tiny.cfg.n_image_tokens,
                       generation_prompt=True)[0]

@@ -1,6 +1,7 @@
 """The image processor: every PIL mode to RGB, EXIF orientation, the official resize-and-pad, and bad files."""
 
 import io
+import os
 import pickle
 
 import numpy as np
@@ -127,6 +128,12 @@ def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
     with pytest.raises(ValueError, match=r"big.png is 200x100 = 20,000 pixels, over the limit of 10,000"):
         load_image(big, max_pixels=10_000)
     assert load_image(big).size == (200, 100)
+    head_only = tmp_path / "head_only.png"  # the header says 200x100; the pixel data is cut off
+    head_only.write_bytes(png_bytes((200, 100))[:60])
+    with pytest.raises(ValueError, match="over the limit"):  # said from the header: decoding would fail otherwise
+        load_image(head_only, max_pixels=10_000)
+    with pytest.raises(ValueError, match="cannot read image"):
+        load_image(head_only)
 
 
 def test_cached_processor_gives_the_same_tensors_and_keeps_to_its_budget(tmp_path):
@@ -137,9 +144,11 @@ def test_cached_processor_gives_the_same_tensors_and_keeps_to_its_budget(tmp_pat
         Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(paths[-1])
     proc = ImageProcessor(image_size=64, image_mean=CLIP_MEAN)
     cached = CachedProcessor(proc, max_bytes=2 * 64 * 64 * 3)  # room for two uint8 canvases
-    for _ in range(2):  # the second pass reads the first two from the cache, the third from its file again
-        for p in paths:
-            assert torch.equal(cached(p), proc(p))
+    first = [cached(p) for p in paths]
+    assert all(torch.equal(t, proc(p)) for t, p in zip(first, paths))
+    for p in paths[:2]:
+        os.remove(p)  # the second pass reads the first two from the cache, the third from its file again
+    assert all(torch.equal(cached(p), t) for p, t in zip(paths, first))
     assert sorted(cached.cache) == paths[:2] and cached.held == 2 * 64 * 64 * 3
     # A DataLoader worker gets a pickled copy; it reads the same pixels and the processor's fields stay reachable.
     copy = pickle.loads(pickle.dumps(cached))

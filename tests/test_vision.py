@@ -54,7 +54,9 @@ def test_siglip_matches_timm():
 
 
 def test_siglip_normalises_inside_the_tower_like_torchvision():
-    cfg = SigLIPConfig(image_size=32, patch_size=16, width=32, depth=1, n_heads=2)
+    # Statistics that differ per channel and from each other (SigLIP's own are all 0.5, which hides a swap).
+    cfg = SigLIPConfig(image_size=32, patch_size=16, width=32, depth=1, n_heads=2, pixel_mean=(0.1, 0.4, 0.7),
+                       pixel_std=(0.2, 0.3, 0.9))
     plain = dict(cfg.__dict__, pixel_mean=None, pixel_std=None)
     ours, bare = SigLIP(cfg), SigLIP(SigLIPConfig(**plain))
     bare.load_state_dict(randomize_(ours).state_dict())
