@@ -9,10 +9,11 @@ synthetic questions list their options without letters, so each option's own tex
 it) is scored as the assistant's answer, and the lowest perplexity wins. Accuracy is reported per category of the
 held-out set.
 
-Text bits per byte, as the paper watches Pile-test: the summed negative log-likelihood of held-out text in bits,
-divided by its length in UTF-8 bytes. Unlike perplexity per token it does not depend on the tokenizer, and it shows
-whether vision-language training is eroding the language model. Each document's end-of-sentence is predicted and
-counted too (it has no bytes of its own): knowing where a text ends is part of modelling it.
+Text bits per byte, where the paper watches Pile-test perplexity (Figure 4): the summed negative log-likelihood of
+held-out text in bits, divided by its length in UTF-8 bytes. Unlike perplexity per token it does not depend on the
+tokenizer, and it shows whether vision-language training is eroding the language model. Each document's
+end-of-sentence is predicted and counted too (it has no bytes of its own): knowing where a text ends is part of
+modelling it.
 """
 
 import math
