@@ -393,7 +393,7 @@ def synthetic_batch(cfg: VLConfig, B: int, T: int, device: str, image: bool = Tr
     n = cfg.n_image_tokens
     if image and T < n + 2:
         raise ValueError(f"--seq {T} is too short for one image of {n} tokens plus text in the {cfg.name!r} model; "
-                         f"use --seq {n + 2} or more (or --llm-only for text alone)")
+                         f"use --seq {n + 2} or more")
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, cfg.llm.vocab_size, (B, T), generator=g)
     ids[ids == cfg.image_token_id] = (cfg.image_token_id + 1) % cfg.llm.vocab_size  # no stray placeholders

@@ -46,7 +46,8 @@ def parse_args(argv=None):
     p.add_argument("--system", default=SYSTEM_PROMPT, help="system prompt ('' for none)")
     p.add_argument("--max_new_tokens", type=int, default=512)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest tokens (0: off; needs a temperature)")
+    p.add_argument("--top_k", type=int, default=0,
+                   help="sample from the k likeliest tokens (0: off; needs a temperature)")
     p.add_argument("--top_p", type=float, default=1.0,
                    help="sample from the likeliest tokens that make up this probability (1: off; needs a temperature)")
     p.add_argument("--repetition_penalty", type=float, default=1.0)

@@ -340,7 +340,8 @@ def check_tokenizer_fits(tok: Tokenizer, cfg: VLConfig, where, exact: bool = Fal
     if tok.vocab_size > cfg.llm.vocab_size or (exact and tok.vocab_size != cfg.llm.vocab_size) \
             or tok.image_id != cfg.image_token_id:
         raise ValueError(f"{where} has {tok.vocab_size} tokens and <image_placeholder> = {tok.image_id}; the "
-                         f"{cfg.name!r} model has a vocabulary of {cfg.llm.vocab_size} and expects {cfg.image_token_id}")
+                         f"{cfg.name!r} model has a vocabulary of {cfg.llm.vocab_size} "
+                         f"and expects {cfg.image_token_id}")
 
 
 def check_device(device: str):

@@ -185,7 +185,8 @@ class VLConfig:
             if (c.pixel_mean is None) != (c.pixel_std is None) or \
                     any(v is not None and len(v) != 3 for v in (c.pixel_mean, c.pixel_std)):
                 problems.append(f"{part}.pixel_mean {c.pixel_mean} and pixel_std {c.pixel_std} must be three numbers "
-                                "each (the tower normalises) or both none (the image processor does)")
+                                "each (the tower normalises)" +
+                                ("" if self.hybrid else " or both none (the image processor does)"))
             elif self.hybrid and c.pixel_mean is None:
                 problems.append(f"{part}.pixel_mean is none, but a hybrid model normalises inside both towers (each "
                                 "branch with its own statistics; the image processor only resizes and pads)")
@@ -330,12 +331,12 @@ def get_config(name: str, **overrides) -> VLConfig:
             obj = getattr(obj, part, None)
             if obj is None or not dataclasses.is_dataclass(obj):
                 raise ValueError(f"cannot override {key!r}: {part!r} is not a config section of {name!r}")
-        field = {f.name: f for f in dataclasses.fields(obj)}.get(leaf)
-        if field is None:
+        spec = {f.name: f for f in dataclasses.fields(obj)}.get(leaf)
+        if spec is None:
             fields = ", ".join(f.name for f in dataclasses.fields(obj))
             raise ValueError(f"cannot override {key!r}: no field {leaf!r} (fields here: {fields})")
         # A field the preset leaves at None (the 1.3B's siglip.pixel_mean) is parsed as its class default's type.
         current = getattr(obj, leaf)
-        like = field.default if current is None and field.default is not dataclasses.MISSING else current
+        like = spec.default if current is None and spec.default is not dataclasses.MISSING else current
         setattr(obj, leaf, _parse(value, like, key))
     return cfg.validate()

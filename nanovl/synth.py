@@ -13,7 +13,8 @@ Each generator takes a seeded `random.Random` and the canvas size and returns an
 pretraining text (with one <image_placeholder> per image), question-answer pairs for chat fine-tuning, one
 multiple-choice question for evaluation (the paper's MCPPL, section 3.2.2), a short caption of the fact that question
 asks about (stage 0: SigLIP's contrastive loss), and for the scenes of shapes a per-pixel segmentation map (stage 0:
-SAM's dense loss). Interleaved documents have neither question nor caption. The questions ask about what the picture
+SAM's dense loss). Interleaved documents have no multiple-choice question and no caption (their chats ask about all
+the pictures together). The questions ask about what the picture
 shows (a colour, a count, the tallest bar, the word on a sign, the title of a page), so a model can only answer
 them by looking.
 """

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -31,7 +32,8 @@ from test_tokenizer import deepseek_pre_tokenizer
 from test_vision import segment_anything_encoder, timm_siglip
 from nanovl import DeepSeekVL, get_config
 from nanovl.chat import IMAGE_TAG, render_chat
-from nanovl.checkpoint import export_released, init_from_parts, load_model, load_released, released_config
+from nanovl.checkpoint import (check_tokenizer_fits, export_released, init_from_parts, load_model, load_released,
+                               released_config)
 from nanovl.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, SAMConfig, SigLIPConfig
 from nanovl.tokenizer import BOS, EOS, IMAGE
 
@@ -349,8 +351,8 @@ def test_bad_files_are_refused_clearly(tmp_path):
     weights.write_bytes(data)
     config = json.loads((folder / "config.json").read_text())
     small = {**config, "language_config": {**config["language_config"], "vocab_size": 200}}
-    (folder / "config.json").write_text(json.dumps(small))  # 283 token ids, but embeddings for 200
-    with pytest.raises(ValueError, match=r"image_token_id 282 is outside the vocabulary \(size 200\)"):
+    (folder / "config.json").write_text(json.dumps(small))  # 283 token ids, but embeddings for 200: the config's own
+    with pytest.raises(ValueError, match=r"image_token_id 282 is outside the vocabulary \(size 200\)"):  # check
         load_model(folder)
     (folder / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
@@ -360,6 +362,21 @@ def test_bad_files_are_refused_clearly(tmp_path):
     torch.save({"model": {}, "config": {}, "hook": ReferenceVL}, evil)
     with pytest.raises(ValueError, match="holds more than tensors .*Unsupported global.*ReferenceVL"):
         load_model(evil)
+
+
+def test_a_tokenizer_must_fit_its_model():
+    # Every id it makes needs an embedding row, and its placeholder must be the model's image id. A released
+    # tokenizer may be smaller than the padded embedding; one made for a scratch preset (exact) has its size.
+    cfg = get_config("tiny")
+    V, image = cfg.llm.vocab_size, cfg.image_token_id
+    fits = lambda n, i: SimpleNamespace(vocab_size=n, image_id=i)  # what the check reads of a tokenizer
+    check_tokenizer_fits(fits(V - 10, image), cfg, "released")
+    check_tokenizer_fits(fits(V, image), cfg, "scratch", exact=True)
+    for tok, exact in ((fits(V + 1, image), False), (fits(V - 10, image), True), (fits(V, image + 1), False)):
+        with pytest.raises(ValueError, match=rf"^t.json has {tok.vocab_size} tokens and <image_placeholder> = "
+                                             rf"{tok.image_id}; the 'tiny' model has a vocabulary of {V} and expects "
+                                             rf"{image}$"):
+            check_tokenizer_fits(tok, cfg, "t.json", exact)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
