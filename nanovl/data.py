@@ -20,6 +20,7 @@ processes each rank takes its own slice of the same global batch. `PlannedBatche
 tensors, so a torch DataLoader can build the next batches in worker processes while the model trains.
 """
 
+import codecs
 import itertools
 import json
 import os
@@ -58,9 +59,13 @@ def read_jsonl(path: str, origin: bool = False) -> List[dict]:
 def write_jsonl(path: str, rows: Sequence[dict]) -> None:
     """Write atomically: to a temporary name, then rename, so a killed run never leaves half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except BaseException:
+        os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 
@@ -271,35 +276,93 @@ class PlannedBatches(Dataset):
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
+class BrokenFile(ValueError):
+    """A JSON array that breaks off (bad syntax, cut short, or more after its end): the rows before it are kept,
+    nothing after it can be trusted."""
+
+
+def read_text(path: str) -> str:
+    """A UTF-8 text file's text, without the byte-order mark some editors write; ValueError naming the file and line
+    for text in another encoding."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}: a compressed file, "
+                         "or text saved in another encoding?); save it as UTF-8") from None
+
+
 def iter_json_rows(path: str):
     """Yield (where, row or exception) for a JSON array file or a JSON-lines file, row by row, so one bad row can be
     reported and skipped. where: "line N" for JSON lines; "row K, line N" in an array (K counts from 1), since an
-    array written by json.dump is often all on one line."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    array written by json.dump is often all on one line. A broken array yields a BrokenFile where it breaks, last."""
+    text = read_text(path)
     start = len(text) - len(text.lstrip())
-    if text[start:start + 1] != "[":  # JSON lines
-        for n, line in enumerate(text.splitlines(), 1):
+    if text[start:start + 1] != "[":  # JSON lines: one row a line. Split at "\n" only: str.splitlines would also
+        # split at characters a JSON string may hold raw (U+2028, U+0085, ...), cutting such a row in two.
+        for n, line in enumerate(text.split("\n"), 1):
             if line.strip():
                 try:
                     yield f"line {n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"line {n}", ValueError(f"not valid JSON: {e.msg}")
+                except (json.JSONDecodeError, RecursionError) as e:
+                    if n == 1 + text.count("\n", 0, start):  # the first row: is the file one JSON object, not rows?
+                        whole = json_or_none(text)
+                        if isinstance(whole, dict):
+                            raise ValueError(f"{path} holds one JSON object (keys {', '.join(list(whole)[:5])}), "
+                                             "expected a JSON array of rows or one row a line") from None
+                    yield f"line {n}", ValueError("not valid JSON: " + (e.msg if isinstance(e, json.JSONDecodeError)
+                                                                        else "nested too deeply"))
         return
     decoder, pos, line, counted, k = json.JSONDecoder(), start + 1, 1, 0, 0
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
-            return
-        line += text.count("\n", counted, pos)  # counted on from the last row: linear in the file, not quadratic
-        counted, k = pos, k + 1
-        try:
-            row, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:  # the array itself is broken: nothing after this can be trusted
-            yield f"row {k}, line {line}", ValueError(f"not valid JSON: {e.msg}; the rest of the file was not read")
-            return
-        yield f"row {k}, line {line}", row
+
+    def skip_space(p):
+        while p < len(text) and text[p] in " \t\r\n":
+            p += 1
+        return p
+
+    def line_of(p):
+        return line + text.count("\n", counted, p)
+
+    pos = skip_space(pos)
+    if text[pos:pos + 1] == "]":  # an empty array
+        pos += 1
+    else:
+        while True:
+            line += text.count("\n", counted, pos)  # counted on from the last row: linear in the file, not quadratic
+            counted, k = pos, k + 1
+            try:
+                row, pos = decoder.raw_decode(text, pos)
+            except (json.JSONDecodeError, RecursionError) as e:  # the array is broken: nothing after it can be trusted
+                why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+                yield f"row {k}, line {line}", BrokenFile(f"not valid JSON: {why}; the rest of the file was not read")
+                return
+            yield f"row {k}, line {line}", row
+            pos = skip_space(pos)
+            if text[pos:pos + 1] == "]":
+                pos += 1
+                break
+            if text[pos:pos + 1] != ",":
+                yield (f"after row {k}, line {line_of(pos)}",
+                       BrokenFile("the file ends before the array's closing ] (was it cut short?)" if pos >= len(text)
+                                  else f"expected ',' or ']' after the row, got {text[pos:pos + 20]!r}; the rest of "
+                                       "the file was not read"))
+                return
+            pos = skip_space(pos + 1)
+    pos = skip_space(pos)
+    if pos < len(text):
+        yield f"line {line_of(pos)}", BrokenFile(f"more after the array's closing ] ({text[pos:pos + 20]!r}: two "
+                                                 "files joined?); the rest of the file was not read")
+
+
+def json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return None
 
 
 def llava_row(row, images_dir: str, check_image: Callable[[str], None]) -> Tuple[str, dict]:
@@ -319,7 +382,12 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None]) -> Tuple
             raise ValueError("no 'conversations' and no non-empty 'caption' or 'text'")
         if len(paths) != 1:
             raise ValueError(f"a caption row needs exactly one image, got {len(paths)}")
-        return "pretrain", {"category": "caption", "images": paths, "text": IMAGE_TAG + caption.strip()}
+        text = caption.strip().replace("<image>", IMAGE_TAG)
+        if IMAGE_TAG not in text:
+            text = IMAGE_TAG + text  # the image before its caption
+        if text.count(IMAGE_TAG) != 1:
+            raise ValueError(f"a caption row has one image, but its caption has {text.count(IMAGE_TAG)} <image> tags")
+        return "pretrain", checked_text({"category": "caption", "images": paths, "text": text})
     turns = row["conversations"]
     if not isinstance(turns, list) or not turns:
         raise ValueError("'conversations' must be a non-empty list")
@@ -339,7 +407,18 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None]) -> Tuple
         conversation[0]["content"] = IMAGE_TAG + "\n" + conversation[0]["content"]
     elif n_tags != len(paths):
         raise ValueError(f"{n_tags} <image> tags but {len(paths)} images")
-    return "sft", {"category": "llava", "images": paths, "conversation": conversation}
+    return "sft", checked_text({"category": "llava", "images": paths, "conversation": conversation})
+
+
+def checked_text(row: dict) -> dict:
+    """row, or ValueError if some string in it cannot be written as UTF-8. JSON can spell half of a character (a
+    lone surrogate such as "\\ud83d", left where a tool cut an emoji in two), which no UTF-8 file can hold."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text holds half of a character ({e.object[e.start:e.end]!r}, a lone surrogate: "
+                         "text cut in the middle of an emoji?)") from None
+    return row
 
 
 def default_folder(preset: str) -> str:
@@ -402,18 +481,24 @@ def named_images(row, images_dir: str) -> List[str]:
     return [os.path.abspath(os.path.join(images_dir, i)) for i in images if isinstance(i, str) and i]
 
 
+IMPORT_FILES = ("sft.jsonl", "pretrain.jsonl", "report.txt", "meta.json")  # what an import writes, meta.json last
+
+
 def import_llava(path: str, images_dir: str, out: str, workers: int = 1) -> str:
     """Convert a LLaVA-format file into our rows in `out` (sft.jsonl, pretrain.jsonl, report.txt, meta.json).
 
     Every image the rows name is checked first, once, in `workers` processes. Rows with a missing or unreadable
     image or a malformed field are skipped, each listed with where it is in the file in report.txt; every other row
     is kept. Returns the report's summary. `out` is written whole or not at all, and only an earlier import is
-    replaced.
+    replaced: its files, not others put beside them (your eval_mc.jsonl and its images).
     """
     if not os.path.isfile(path):
-        raise ValueError(f"LLaVA file {path} does not exist")
+        raise ValueError(f"LLaVA file {path} " + ("is a folder: expected a JSON or JSON-lines file"
+                                                  if os.path.isdir(path) else "does not exist"))
     if not os.path.isdir(images_dir):
-        raise ValueError(f"image folder {images_dir} does not exist")
+        raise ValueError(f"image folder {images_dir} " + ("is a file: expected the folder the image paths are "
+                                                          "relative to" if os.path.exists(images_dir)
+                                                          else "does not exist"))
     kind = folder_kind(out)
     if kind not in ("missing", "llava"):
         raise ValueError(f"{out} already holds " + ("prepare_data.py's synthetic corpus" if kind == "synthetic" else
@@ -428,7 +513,7 @@ def import_llava(path: str, images_dir: str, out: str, workers: int = 1) -> str:
             raise ValueError(error)
 
     kept = {"sft": [], "pretrain": []}
-    skipped = []
+    skipped, broken = [], ""
     total = 0
     for where, row in rows:
         total += 1
@@ -440,24 +525,32 @@ def import_llava(path: str, images_dir: str, out: str, workers: int = 1) -> str:
         except ValueError as e:
             named = f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else ""
             skipped.append(f"{where}{named}: {e}")
-    broken = skipped and "the rest of the file was not read" in skipped[-1]
+            broken = isinstance(e, BrokenFile) and where  # always the last
     if not kept["sft"] and not kept["pretrain"]:
         raise ValueError(f"{path}: no row to keep ({total} read" + (f"; the first skipped: {skipped[0]}" if skipped
                                                                       else "") + "); nothing was written")
-    partial = out.rstrip("/") + ".partial"  # built aside, then swapped in: never a half-written folder
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    for name, rows in kept.items():
-        write_jsonl(os.path.join(partial, f"{name}.jsonl"), rows)
     summary = (f"{path}: {total} rows read, {len(kept['sft'])} conversations and {len(kept['pretrain'])} captions "
                f"kept, {len(skipped)} skipped; written to {out}" +
-               (f". The file is broken at {skipped[-1].split(':')[0]}: the rows after it were not read" if broken
-                else ""))
+               (f". The file is broken at {broken}: the rows after it were not read" if broken else ""))
+    # Written aside, in a folder of the import's files only, then moved in: never a half-written folder.
+    partial = out.rstrip("/") + ".partial"
+    if os.path.exists(partial) and not set(os.listdir(partial)) <= set(IMPORT_FILES):
+        raise ValueError(f"{partial}, where an import is written before it is moved to {out}, holds files an import "
+                         "does not write; move it out of the way")
+    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted import left
+    os.makedirs(partial)
+    for name in ("sft", "pretrain"):
+        write_jsonl(os.path.join(partial, f"{name}.jsonl"), kept[name])
     with open(os.path.join(partial, "report.txt"), "w", encoding="utf-8") as f:
         f.write(summary + "\n" + "".join(f"skipped {s}\n" for s in skipped))
     with open(os.path.join(partial, "meta.json"), "w") as f:
         json.dump({"llava": {"file": os.path.abspath(path), "images": os.path.abspath(images_dir)}}, f, indent=2)
-    if os.path.exists(out):
-        shutil.rmtree(out)
-    os.replace(partial, out)
+    if folder_kind(out) == "missing":
+        if os.path.isdir(out):
+            os.rmdir(out)  # an empty folder
+        os.replace(partial, out)
+    else:  # an earlier import: only its files are replaced (meta.json last), not what else is there (eval_mc.jsonl)
+        for name in IMPORT_FILES:
+            os.replace(os.path.join(partial, name), os.path.join(out, name))
+        os.rmdir(partial)
     return summary + (f" (reasons in {os.path.join(out, 'report.txt')})" if skipped else "")

@@ -266,24 +266,57 @@ def test_llava_array_on_one_line_names_rows_by_index_and_id_and_reads_in_linear_
             scanned.append(end - start)
             return str.count(self, sub, start, end)
 
-    class Reader:
-        def __init__(self, path, *args, **kwargs):
-            self.text = Counted(open(path, encoding="utf-8").read())
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-        def read(self):
-            return self.text
-
     path.write_text("[\n" + ",\n".join(json.dumps(r) for r in [ok] * 2000) + "\n]")  # a row a line, 2000 lines
-    monkeypatch.setattr(nanovl.data, "open", Reader, raising=False)
+    monkeypatch.setattr(nanovl.data, "read_text", lambda p: Counted(open(p, encoding="utf-8").read()))
     wheres = [where for where, _ in nanovl.data.iter_json_rows(str(path))]
     assert len(wheres) == 2000 and wheres[-1] == "row 2000, line 2001"
     assert sum(scanned) <= len(path.read_text())  # quadratic: about 2000 x the file / 2
+
+
+def test_llava_files_as_other_tools_write_them(tmp_path):
+    """Valid JSON that other tools write is read whole; a broken array says where it breaks; text that cannot be
+    stored is one skipped row, not a failed import."""
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    chat = {"conversations": [{"from": "human", "value": "Hi\u2028there"}, {"from": "gpt", "value": "Yo"}]}
+    out = str(tmp_path / "out")
+
+    def run(text: str, **kw):
+        (tmp_path / "rows.json").write_bytes(text.encode("utf-8") if isinstance(text, str) else text)
+        return import_llava(str(tmp_path / "rows.json"), str(tmp_path), out, **kw)
+
+    # JSON lines with a raw U+2028 (what json.dumps(ensure_ascii=False) writes) and a byte-order mark: 2 rows
+    lines = "\n".join(json.dumps(chat, ensure_ascii=False) for _ in range(2))
+    assert "2 rows read, 2 conversations" in run("\ufeff" + lines)
+    assert read_jsonl(f"{out}/sft.jsonl")[0]["conversation"][0]["content"] == "Hi\u2028there"
+    assert "1 rows read, 1 conversations" in run("\ufeff" + json.dumps([chat]))
+    # captions: LLaVA's <image> tag becomes ours where it stands; one with two tags, or half a character, is skipped
+    caption = {"image": "a.png", "caption": "<image> A square."}
+    summary = run(json.dumps([caption, dict(caption, caption="<image><image>"), dict(caption, caption="\ud83d!"),
+                              dict(chat, id="half", conversations=[{"from": "human", "value": "\ud83d"},
+                                                                   {"from": "gpt", "value": "ok"}])]))
+    assert "4 rows read, 0 conversations and 1 captions kept, 3 skipped" in summary
+    assert read_jsonl(f"{out}/pretrain.jsonl")[0]["text"] == IMAGE_TAG + " A square."
+    report = open(f"{out}/report.txt").read()
+    assert "row 2, line 1: a caption row has one image, but its caption has 2 <image> tags" in report
+    assert "row 3, line 1: the text holds half of a character" in report
+    assert "row 4, line 1 (id 'half'): the text holds half of a character" in report
+    # arrays that break: the rows before are kept, and the summary says where
+    rows = json.dumps([chat, chat])
+    for text, where in [(rows + rows, "line 1"), (rows[:-1], "after row 2, line 1"),
+                        (f"[{json.dumps(chat)} {json.dumps(chat)}]", "after row 1, line 1"), ("[\n" + rows[1:] + "\n\n{}", "line 4")]:
+        summary = run(text)
+        assert f"The file is broken at {where}: the rows after it were not read" in summary, (text, summary)
+    run(rows[:-1])
+    assert "after row 2, line 1: the file ends before the array's closing ] (was it cut short?)" in \
+        open(f"{out}/report.txt").read()
+    # files that are not rows at all: an error naming the file, and nothing written over the last import
+    before = open(f"{out}/sft.jsonl").read()
+    for text, error in [(json.dumps({"data": [chat]}, indent=2), "holds one JSON object .keys data., expected a JSON"),
+                        ("[{}]".encode() + "\n\u00e9".encode("latin-1"), "rows.json is not UTF-8 text .byte 0xe9 at "
+                                                                         "line 2")]:
+        with pytest.raises(ValueError, match=error):
+            run(text)
+    assert open(f"{out}/sft.jsonl").read() == before
 
 
 def test_images_are_checked_alike_in_one_process_or_several(tmp_path, monkeypatch):
@@ -339,9 +372,22 @@ def test_no_folder_is_written_over_unless_this_script_made_it_for_the_same_purpo
     assert folder_digest(data_dir) == before
     out = tmp_path / "imported"
     import_llava(str(rows), str(tmp_path), str(out))
+    # What the README says to put beside an import (questions of your own, their images) stays when it is replaced.
+    (out / "eval_mc.jsonl").write_text("mine")
+    (out / "img").mkdir()
+    (out / "img" / "0.png").write_text("mine too")
+    rows.write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"}]}))
     import_llava(str(rows), str(tmp_path), str(out))  # an earlier import is replaced
-    assert sorted(os.listdir(out)) == ["meta.json", "pretrain.jsonl", "report.txt", "sft.jsonl"]
+    assert sorted(os.listdir(out)) == ["eval_mc.jsonl", "img", "meta.json", "pretrain.jsonl", "report.txt", "sft.jsonl"]
+    assert read_jsonl(out / "sft.jsonl")[0]["conversation"][1]["content"] == "Hey"
+    assert (out / "eval_mc.jsonl").read_text() == "mine" and (out / "img" / "0.png").read_text() == "mine too"
     assert not os.path.exists(f"{out}.partial")
+    # The folder an import is written in first is cleared only if it holds nothing but an import's files.
+    os.makedirs(f"{out}.partial")
+    open(f"{out}.partial/thesis.txt", "w").close()
+    with pytest.raises(ValueError, match="holds files an import does not write; move it out of the way"):
+        import_llava(str(rows), str(tmp_path), str(out))
+    assert os.listdir(f"{out}.partial") == ["thesis.txt"]
     with pytest.raises(SystemExit, match="holds a LLaVA import"):
         prepare_data.main(["--out", str(out), "--n", "2"])
 
