@@ -20,18 +20,20 @@ message, `help`, `exit`.
 """
 
 import argparse
+import os
 import sys
 
 import torch
 
-from nanovl.chat import IMAGE_TAG, SYSTEM_PROMPT, render_chat
+from nanovl.chat import IMAGE_TAG, SYSTEM_PROMPT, render_chat, start_ids
 from nanovl.checkpoint import load_model
 from nanovl.generate import ChatSession, Sampling, TextStream, generate
 from nanovl.image import load_image
 
 HELP = f"""commands:
   new          forget the conversation and start again
-  image PATH   attach an image to your next message (its {IMAGE_TAG} goes in front unless you place it)
+  image PATH   attach an image to your next message (its {IMAGE_TAG} goes in front unless you place it);
+               a message that starts with "image" and names no file is sent as a message
   help         this text
   exit         leave (so does Ctrl-D)
 A message may hold several {IMAGE_TAG}; you are asked for a path for each one not attached yet."""
@@ -72,6 +74,9 @@ def answer_prompts(args, model, tok, proc, sampling, pictures):
     if n_tags != len(args.image):
         raise SystemExit(f"the prompts hold {n_tags} {IMAGE_TAG} but {len(args.image)} --image were given: give one "
                          "image per placeholder, in order")
+    empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise SystemExit(f"--prompt {empty[0]} of {len(prompts)} is empty: expected some text")
     try:
         pixels = torch.stack([proc(picture) for picture in pictures]) if pictures else None  # (N, 3, S, S)
         ids = [render_chat([{"role": "user", "content": p}], tok, model.cfg.n_image_tokens, system=args.system,
@@ -94,12 +99,30 @@ def answer_prompts(args, model, tok, proc, sampling, pictures):
 
 
 def read_image(path: str):
-    """The image at path, or None after saying why it cannot be read (missing, corrupt, not an image, too large)."""
+    """The image at path, or None after saying why it cannot be read (missing, corrupt, not an image, too large).
+    A path typed or pasted with quotes around it, or starting with ~, is read as a shell would."""
+    path = path.strip()
+    if len(path) > 1 and path[0] == path[-1] and path[0] in "'\"":
+        path = path[1:-1]
     try:
-        return load_image(path)
+        return load_image(os.path.expanduser(path))
     except ValueError as e:
         print(f"(error: {e}; not attached)")
         return None
+
+
+def is_image_command(line: str) -> bool:
+    """`image PATH` attaches an image, but "image of a cat: what colour is it?" is a message: the line is a command
+    when what follows `image` is one word, is quoted, or names a file."""
+    word, _, rest = line.partition(" ")
+    if word.lower() != "image":
+        return False
+    rest = rest.strip()
+    return len(rest.split()) <= 1 or rest[0] in "'\"" or os.path.isfile(os.path.expanduser(rest))
+
+
+def attached(queued) -> str:
+    return f"; {len(queued)} image(s) stay attached to your next message ('new' drops them)" if queued else ""
 
 
 def chat(args, model, tok, proc, sampling, pictures):
@@ -111,52 +134,65 @@ def chat(args, model, tok, proc, sampling, pictures):
     while True:
         try:
             line = input("\nUser: ").strip()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave, without a traceback
             print()
             return
         if not line:
             continue
-        if line in ("exit", "quit"):
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # the terminal sent bytes that are not UTF-8
+            print("(that message is not UTF-8 text: check the terminal's encoding; the conversation is as it was)")
+            continue
+        if line.lower() in ("exit", "quit"):
             return
-        if line == "help":
+        if line.lower() == "help":
             print(HELP)
             continue
-        if line == "new":
+        if line.lower() == "new":
             session, queued = ChatSession(model, tok, proc, system=args.system, compile=args.compile), []
             print("(new chat)")
             continue
-        if line.startswith("image "):
-            image = read_image(line[len("image "):].strip())  # read now: a bad path is said at once
+        if is_image_command(line):
+            if not line[len("image"):].strip():
+                print("(image needs a PATH: image photo.jpg)")
+                continue
+            image = read_image(line[len("image"):])  # read now: a bad path is said at once
             if image is not None:
                 queued.append(image)
                 print(f"({len(queued)} image(s) attached to your next message)")
             continue
         message = with_tags(line, len(queued))
+        n_tags = message.count(IMAGE_TAG)
+        if n_tags < len(queued):
+            print(f"(this message has {n_tags} {IMAGE_TAG} for {len(queued)} attached images: write one for each, "
+                  f"or none to put them all first{attached(queued)})")
+            continue
         images = list(queued)
-        while len(images) < message.count(IMAGE_TAG):
+        while len(images) < n_tags:
             try:
-                path = input(f"  path of image {len(images) + 1} of {message.count(IMAGE_TAG)} (empty: drop the "
-                             "message): ").strip()
+                path = input(f"  path of image {len(images) + 1} of {n_tags} (empty: drop the message): ").strip()
             except EOFError:
                 return
+            except KeyboardInterrupt:
+                path = ""
             if not path:
                 break
             image = read_image(path)
             if image is not None:
                 images.append(image)
-        if len(images) < message.count(IMAGE_TAG):
-            print("(message dropped; the conversation is as it was)")
+        if len(images) < n_tags:
+            print(f"\n(message dropped; the conversation is as it was{attached(queued)})")
             continue
         print("Assistant: ", end="", flush=True)
         try:
             session.ask(message, images, sampling, on_text=lambda t: print(t, end="", flush=True))
             queued = []
-        except ValueError as e:
-            print(f"\n(error: {e}; the conversation is as it was{' and the attached images are dropped' if queued else ''})")
-            queued = []
+        except (ValueError, RuntimeError) as e:  # RuntimeError: out of memory on a GPU, say; ask undid the turn
+            print(f"\n(error: {e}; the conversation is as it was{attached(queued)})")
             continue
         except KeyboardInterrupt:
-            print("\n(interrupted: that turn is forgotten)")
+            print(f"\n(interrupted: that turn is forgotten{attached(queued)})")
             continue
         print()
 
@@ -166,17 +202,29 @@ def main(argv=None):
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
              "auto": torch.bfloat16 if device.startswith("cuda") else torch.float32}[args.dtype]
+    if IMAGE_TAG in args.system:
+        raise SystemExit(f"--system holds {IMAGE_TAG}, but images go in messages (the system prompt has none)")
     try:
-        pictures = [load_image(path) for path in args.image]  # a bad --image is said before a model loads for minutes
-        model, tok, proc = load_model(args.ckpt, device, dtype, tokenizer=args.tokenizer or None)
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                             args.seed).check()
+        pictures = [load_image(path) for path in args.image]  # a bad --image is said before a model loads for minutes
+        model, tok, proc = load_model(args.ckpt, device, dtype, tokenizer=args.tokenizer or None)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from None
-    if args.prompt:
-        answer_prompts(args, model, tok, proc, sampling, pictures)
-    else:
-        chat(args, model, tok, proc, sampling, pictures)
+    n_system, context = len(start_ids(tok, args.system)), model.cfg.llm.max_seq_len
+    if n_system + 8 > context:  # 8: room for the shortest turn, "User: hi" and "Assistant:"
+        raise SystemExit(f"--system is {n_system} tokens, and the context holds {context}: no room for a message")
+    try:
+        if args.prompt:
+            answer_prompts(args, model, tok, proc, sampling, pictures)
+        else:
+            chat(args, model, tok, proc, sampling, pictures)
+    except KeyboardInterrupt:  # Ctrl-C while a one-shot answer is printed: a line, not a traceback from the model
+        print("\n(interrupted)", file=sys.stderr)
+        raise SystemExit(130) from None
+    except BrokenPipeError:  # printing into a pipe whose reader stopped (| head): nothing more to say, nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's exit flush fails quietly
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ def expand_images(ids: List[int], mask: List[int], image_id: int, n_image_tokens
 def start_ids(tokenizer, system: str = SYSTEM_PROMPT) -> List[int]:
     """BOS, then the system prompt and its blank line (nothing more when there is no system prompt)."""
     ids = [tokenizer.bos_id]
-    if system:
+    if system.strip():
         ids += tokenizer.encode(system.strip()) + tokenizer.encode("\n\n")
     return ids
 

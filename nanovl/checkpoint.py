@@ -347,9 +347,11 @@ def check_tokenizer_fits(tok: Tokenizer, cfg: VLConfig, where, exact: bool = Fal
 def check_device(device: str):
     """A ValueError for a device torch does not know or cannot see, before anything is read."""
     try:
-        torch.device(device)
+        kind = torch.device(device).type
     except RuntimeError:
         raise ValueError(f"--device {device!r} is not a device torch knows: cpu, cuda, cuda:1, ...") from None
+    if kind == "meta":
+        raise ValueError("--device meta holds shapes but no values: nothing could run on it; use cpu or cuda")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}, but torch sees no CUDA device")
     try:

@@ -18,6 +18,7 @@ are never run again. The ids are the ones render_chat would give for the same co
 earlier answer is kept as the ids the model produced rather than re-encoded from its text.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
@@ -37,12 +38,17 @@ class Sampling:
 
     def check(self) -> "Sampling":
         """self, or ValueError naming each setting out of its range."""
+        # Sampling divides the logits by the temperature, and a repetition penalty divides some: below 1e-4, a logit
+        # can pass the largest float, and the softmax of inf is NaN (a temperature that small is greedy anyway).
         bad = [f"{name} must be {need}, got {value}" for name, value, ok, need in (
-            ("temperature", self.temperature, self.temperature >= 0, ">= 0 (0: greedy)"),
+            ("temperature", self.temperature, self.temperature == 0 or 1e-4 <= self.temperature < math.inf,
+             "0 (greedy), or at least 1e-4 and finite"),
             ("top_k", self.top_k, self.top_k >= 0, ">= 0 (0: off)"),
             ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1] (1: off)"),
-            ("repetition_penalty", self.repetition_penalty, self.repetition_penalty > 0, "> 0 (1: off)"),
-            ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1")) if not ok]
+            ("repetition_penalty", self.repetition_penalty, 1e-4 <= self.repetition_penalty < math.inf,
+             "at least 1e-4 and finite (1: off)"),
+            ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
+            ("seed", self.seed, -2 ** 63 <= self.seed < 2 ** 64, "a 64-bit integer")) if not ok]
         if self.temperature == 0 and (self.top_k > 0 or 0 < self.top_p < 1):
             bad.append("top_k and top_p choose among the tokens a sample is drawn from, so they need temperature > 0 "
                        "(temperature 0 decodes greedily: the likeliest token, whatever they say)")
@@ -259,7 +265,8 @@ class ChatSession:
         end = self.cache.length + len(new)
         if end >= self.cache.max_len:
             raise ValueError(f"this turn would make the conversation {end} tokens long, but the context holds "
-                             f"{self.cache.max_len} (with room for an answer); start a new chat")
+                             f"{self.cache.max_len} (with room for an answer); " +
+                             ("start a new chat" if self.turns else "shorten the message (or the system prompt)"))
         pixels = torch.stack([self.proc(im) for im in images]) if images else None  # (N, 3, S, S); may raise
         device = self.model.llm.embed_tokens.weight.device
         start = self.cache.length

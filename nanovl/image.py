@@ -18,6 +18,7 @@ Bad files get a ValueError naming the file: missing, corrupt, truncated, not an 
 """
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
@@ -28,26 +29,35 @@ from PIL import Image, ImageOps
 
 from nanovl.config import SIGLIP_MEAN, SIGLIP_STD, VLConfig
 
-MAX_PIXELS = 64_000_000  # 8000 x 8000; far above any real photo, far below what would exhaust memory
+# 179 megapixels, where PIL itself refuses a file (2 x Image.MAX_IMAGE_PIXELS): a 108 MP phone photo loads (0.3 GB
+# decoded), and nothing near what would exhaust memory does.
+MAX_PIXELS = 2 * 89_478_485
 MIN_SIZE = 14  # the official processor never resizes a side below 14 pixels
 
 
 def load_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open an image file fully (so a truncated file fails here, not later) and return it as an RGB PIL image."""
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is ours, checked below
+            img = Image.open(path)
+        with img:
             w, h = img.size
             if w * h > max_pixels:
                 raise ValueError(f"image {path} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}; "
-                                 "downscale it first (or raise max_pixels if you trust the file)")
+                                 "downscale it first")
             img.load()  # decode now: corrupt or truncated data raises here
             return to_rgb(img)
     except FileNotFoundError:
         raise ValueError(f"image {path} does not exist") from None
-    except Image.DecompressionBombError as e:
-        raise ValueError(f"image {path} looks like a decompression bomb: {e}") from None
+    except Image.DecompressionBombError as e:  # over PIL's own limit, which it checks before ours
+        raise ValueError(f"image {path} is too large to read ({e}); downscale it first") from None
+    except ValueError:
+        raise
     except (OSError, SyntaxError, Image.UnidentifiedImageError) as e:
         raise ValueError(f"cannot read image {path}: {e} (is it a corrupt, truncated or non-image file?)") from None
+    except Exception as e:  # PIL's decoders fail in other ways too (a damaged DDS header: NotImplementedError)
+        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e} (is it a corrupt file?)") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -82,8 +82,10 @@ def test_generation_prompt_ends_with_the_assistant_role(tok):
 
 def test_no_system_prompt(tok):
     conv = CONVERSATIONS["text_only"]
-    ids, _ = render_chat(conv, tok, N_IMG, system="")
-    assert tok.decode(ids).startswith("<｜begin▁of▁sentence｜>User: What does f do?")
+    for system in ("", " \n "):  # one of spaces is none as well: the official prompt string is stripped whole
+        ids, _ = render_chat(conv, tok, N_IMG, system=system)
+        assert tok.decode(ids).startswith("<｜begin▁of▁sentence｜>User: What does f do?")
+        assert ids == tok.encode(prompt_string(conv, system=system), bos=True)
 
 
 def test_documents_supervise_text_and_end_but_not_images(tok):

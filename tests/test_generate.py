@@ -125,6 +125,21 @@ def test_generation_ends_each_row_with_its_stop_id(tiny, tok):
     assert got[0][-1] == stop
 
 
+def test_sampling_settings_out_of_range_are_refused_and_the_smallest_allowed_ones_still_sample():
+    for bad, message in [(dict(temperature=float("inf")), r"temperature must be 0 \(greedy\), or at least 1e-4 and "
+                                                          "finite, got inf"),
+                         (dict(temperature=1e-40), "temperature must be"), (dict(temperature=float("nan")), "temper"),
+                         (dict(repetition_penalty=1e-40), "repetition_penalty must be at least 1e-4 and finite"),
+                         (dict(repetition_penalty=float("inf")), "repetition_penalty must be"),
+                         (dict(seed=2 ** 64), "seed must be a 64-bit integer")]:
+        with pytest.raises(ValueError, match=message):
+            Sampling(**bad).check()
+    # Logits as large as any model gives, divided by the penalty then the temperature, stay finite: they sample.
+    logits = torch.tensor([[30.0, 40.0, 39.9, -30.0]])
+    s = Sampling(temperature=1e-4, repetition_penalty=1e-4).check()
+    assert [int(pick(logits, torch.tensor([[1]]), s, torch.Generator().manual_seed(i))) for i in range(5)] == [1] * 5
+
+
 def test_sampling_is_seeded_and_respects_top_k():
     logits = torch.zeros(1, 10)
     draws = lambda seed, **kw: [int(pick(logits, torch.empty(1, 0, dtype=torch.long), Sampling(temperature=1.0, **kw),
@@ -193,7 +208,7 @@ def test_a_bad_turn_leaves_the_session_as_it_was(tiny, tok, tmp_path):
     for content, images, message in [(f"{IMAGE_TAG}{IMAGE_TAG}two?", [picture(1)], "2 <image_placeholder> but 1"),
                                      (f"{IMAGE_TAG}this?", [str(bad)], "cannot read image"),
                                      (f"{IMAGE_TAG}this?", [42], "a PIL image or a path, got int"),
-                                     ("red " * 600, [], "start a new chat"),
+                                     ("red " * 600, [], "shorten the message .or the system prompt.$"),
                                      (" \n", [], "the message is empty")]:
         with pytest.raises(ValueError, match=message):
             chat.ask(content, images, s)
@@ -207,6 +222,8 @@ def test_a_bad_turn_leaves_the_session_as_it_was(tiny, tok, tmp_path):
         chat.ask(f"{IMAGE_TAG}what?", [picture(4)], s, on_text=printer_breaks)
     assert chat.cache.length == 0 and chat.ids == [] and chat.turns == 0
     assert chat.ask(f"{IMAGE_TAG}what?", [picture(4)], s) == fresh.ask(f"{IMAGE_TAG}what?", [picture(4)], s)
+    with pytest.raises(ValueError, match="start a new chat$"):  # later in a chat, what was said before fills it too
+        chat.ask("red " * 600, [], s)
 
 
 def test_prompt_longer_than_the_context_or_empty_is_refused(tiny, tok):
@@ -317,6 +334,8 @@ def test_sample_refuses_mismatched_images_and_missing_checkpoints(stage_folder, 
             sample.main(["--ckpt", str(tmp_path / "nothing"), "--image", str(tmp_path / "nope.png")] + chat)
     with pytest.raises(SystemExit, match="'tpu' is not a device torch knows"):
         sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--device", "tpu"])
+    with pytest.raises(SystemExit, match="--device meta holds shapes but no values"):
+        sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--device", "meta"])
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(SystemExit, match="empty.pt is not a torch checkpoint .0 bytes"):
         sample.main(["--ckpt", str(tmp_path / "empty.pt"), "--prompt", "hi"])
@@ -342,6 +361,53 @@ def test_interactive_chat_commands(stage_folder, monkeypatch, capsys):
     assert "(message dropped; the conversation is as it was)" in out
     assert "(new chat)" in out
     assert out.count("Assistant: ") == 3
+
+
+def test_interactive_chat_loses_nothing_to_a_failed_turn_or_a_misread_line(stage_folder, monkeypatch, capsys):
+    cat = stage_folder / "cat.png"
+    asked = []  # (message, number of images) of each turn sample.py asked
+
+    class Recorded(ChatSession):
+        def ask(self, content, images=(), *a, **k):
+            asked.append((content, len(images)))
+            if content.endswith("boom"):
+                raise RuntimeError("CUDA out of memory")  # what a GPU says; ask rolls back every exception
+            return super().ask(content, images, *a, **k)
+
+    lines = iter(["image of a cat: what colour is it?",  # a message that starts with "image", not a command
+                  "image", f"image '{cat}'", f"IMAGE {cat}",  # no path; a quoted one; any case
+                  f"{IMAGE_TAG} which?",  # 1 placeholder for 2 images: refused, and both stay attached
+                  "boom",  # fails in the model: the images stay attached for the next message
+                  "both?",  # gets them both
+                  f"{IMAGE_TAG}this?", KeyboardInterrupt(),  # Ctrl-C at the path prompt drops the message
+                  KeyboardInterrupt()])  # and at the User prompt leaves, without a traceback
+
+    def typed(prompt=""):
+        line = next(lines)
+        if isinstance(line, BaseException):
+            raise line
+        return line
+
+    monkeypatch.setattr(sample, "ChatSession", Recorded)
+    monkeypatch.setattr("builtins.input", typed)
+    sample.main(["--ckpt", str(stage_folder), "--max_new_tokens", "2"])
+    out = capsys.readouterr().out
+    assert asked == [("image of a cat: what colour is it?", 0), (f"{IMAGE_TAG}{IMAGE_TAG}boom", 2),
+                     (f"{IMAGE_TAG}{IMAGE_TAG}both?", 2)]
+    assert "(image needs a PATH: image photo.jpg)" in out and "2 image(s) attached" in out
+    assert f"(this message has 1 {IMAGE_TAG} for 2 attached images: write one for each, or none to put them all " \
+           "first; 2 image(s) stay attached to your next message ('new' drops them))" in out
+    assert "(error: CUDA out of memory; the conversation is as it was; 2 image(s) stay attached" in out
+    assert "(message dropped; the conversation is as it was)" in out
+
+
+def test_sample_refuses_a_system_prompt_that_cannot_work_and_names_an_empty_prompt(stage_folder):
+    with pytest.raises(SystemExit, match=f"--system holds {IMAGE_TAG}, but images go in messages"):
+        sample.main(["--ckpt", str(stage_folder), "--system", f"Look at {IMAGE_TAG}"])
+    with pytest.raises(SystemExit, match=r"--system is \d+ tokens, and the context holds 512: no room for a message"):
+        sample.main(["--ckpt", str(stage_folder), "--system", "red " * 600])
+    with pytest.raises(SystemExit, match="--prompt 2 of 3 is empty"):
+        sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--prompt", " ", "--prompt", "yo"])
 
 
 def test_compiled_decoding_step_gives_the_same_tokens(tiny, tok, monkeypatch):

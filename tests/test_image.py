@@ -3,6 +3,9 @@
 import io
 import os
 import pickle
+import struct
+import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -134,6 +137,32 @@ def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
         load_image(head_only, max_pixels=10_000)
     with pytest.raises(ValueError, match="cannot read image"):
         load_image(head_only)
+    # Headers past PIL's limits, which it checks when opening, before ours: over its warning level (89 MP) no warning
+    # is printed (the limit is ours), and over its error level the error says what to do.
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def header_only(side: int):  # a side x side 8-bit RGB PNG, says the header; no pixel data follows
+        path = tmp_path / f"{side}.png"
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)) +
+                         chunk(b"IDAT", b""))
+        return path
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning would be an exception
+        with pytest.raises(ValueError, match="10000.png is 10000x10000 = 100,000,000 pixels, over the limit of 10,000"):
+            load_image(header_only(10_000), max_pixels=10_000)
+    with pytest.raises(ValueError, match="20000.png is too large to read .* downscale it first"):
+        load_image(header_only(20_000))
+
+
+def test_a_file_that_fails_inside_pils_decoder_is_a_value_error(tmp_path):
+    """PIL's decoders raise more than OSError: a DDS header with no pixel format gives NotImplementedError."""
+    dds = tmp_path / "bad.dds"
+    dds.write_bytes(b"DDS " + struct.pack("<7I", 124, 0x1007, 4, 4, 16, 0, 0) + bytes(44) + struct.pack("<2I", 32, 0)
+                    + bytes(20) + struct.pack("<I", 0x1000) + bytes(80))
+    with pytest.raises(ValueError, match=f"cannot read image {dds}: "):
+        load_image(dds)
 
 
 def test_cached_processor_gives_the_same_tensors_and_keeps_to_its_budget(tmp_path):
