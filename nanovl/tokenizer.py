@@ -568,14 +568,27 @@ class Tokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer.json at {path}: pass the file, or a model folder that holds one")
-        data = json.loads(file.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(file.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise ValueError(f"{file} is not a tokenizer.json: it is not text (a model file?)") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file} is not valid JSON ({e}): expected a tokenizer.json") from None
 
         def refuse(field, value, why):
-            raise ValueError(f"{file}: {field} = {value!r} is not supported: {why}")
+            raise ValueError(f"{file}: {field} = {str(value)[:200]!r} is not supported: {why}")
 
+        if not isinstance(data, dict):
+            refuse("the file", type(data).__name__, "a tokenizer.json is a JSON object")
+        for field, kind in [("model", dict), ("added_tokens", list), ("decoder", dict)]:
+            if not isinstance(data.get(field) or kind(), kind):
+                refuse(field, data[field], f"expected a JSON {'object' if kind is dict else 'array'}")
         model = data.get("model") or {}
         if model.get("type") != "BPE":
             refuse("model.type", model.get("type"), "nanovl implements byte-level BPE only")
+        if not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges", []), list):
+            refuse("model.vocab / model.merges", f"{type(model.get('vocab')).__name__} / "
+                   f"{type(model.get('merges')).__name__}", "expected an object of token: id and an array of merges")
         for field, allowed in [("dropout", (None, 0, 0.0)), ("continuing_subword_prefix", (None, "")),
                                ("end_of_word_suffix", (None, "")), ("byte_fallback", (None, False))]:
             if model.get(field) not in allowed:
@@ -587,6 +600,10 @@ class Tokenizer:
         decoder = data.get("decoder") or {}
         if decoder.get("type") != "ByteLevel":
             refuse("decoder", data.get("decoder"), "decoding joins the tokens' bytes, which is the ByteLevel decoder")
+        bad = [t for t in data.get("added_tokens") or []
+               if not isinstance(t, dict) or not isinstance(t.get("id"), int) or not isinstance(t.get("content"), str)]
+        if bad:
+            refuse("added_tokens", bad[0], 'each must be an object with an integer "id" and a string "content"')
         for i, t in enumerate(data.get("added_tokens") or []):
             for flag in ("single_word", "lstrip", "rstrip"):
                 if t.get(flag):
@@ -595,7 +612,7 @@ class Tokenizer:
         # unless asked (bos=True). The official processor gets its BOS from that template (facts section 9); nanovl.chat
         # writes bos_id first itself, so each rendered sequence shows where its BOS comes from.
         merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]
-        bad = [m for m in merges if len(m) != 2]
+        bad = [m for m in merges if not isinstance(m, list) or len(m) != 2 or not all(isinstance(s, str) for s in m)]
         if bad:
             refuse("model.merges", bad[0], 'each merge must be "left right" or ["left", "right"]')
         return cls(model["vocab"], merges, data.get("added_tokens") or [], data.get("pre_tokenizer"),
