@@ -235,13 +235,17 @@ def load_released(folder, device="cpu", dtype=None):
     return model, tok, proc
 
 
+LEFTOVER = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # what a killed safetensors write leaves (nanovl/safetensors.py)
 EXPORT_FILES = re.compile(r"(config|tokenizer|tokenizer_config|preprocessor_config)\.json|model\.safetensors"
                           r"(\.index\.json)?|model-\d+-of-\d+\.safetensors")  # the names an export writes
 
 
+EXPORTED_BY = {"exported_by": "nanovl"}  # in an export's config.json: what tells an earlier export from a look-alike
+
+
 def export_target(folder) -> Path:
     """The folder an export may write, resolved ("." has no name to put ".partial" after); ValueError for one that
-    holds anything an export does not write."""
+    is not an earlier export (by its config.json: the same file names are not enough, a released model has them)."""
     folder = Path(folder).resolve()
     if folder.exists():
         others = sorted(f.name for f in folder.iterdir() if not EXPORT_FILES.fullmatch(f.name)) \
@@ -250,14 +254,27 @@ def export_target(folder) -> Path:
             raise ValueError(f"{folder} exists and holds {', '.join(others[:5])}" + (", ..." if len(others) > 5 else "")
                              + ", which an export does not write: an export only replaces an earlier export. Choose a "
                              "new folder to export to")
+        try:
+            config = json.loads((folder / "config.json").read_text())
+        except (OSError, ValueError):
+            config = None
+        if any(folder.iterdir()) and not (isinstance(config, dict) and config.get("exported_by") == "nanovl"):
+            raise ValueError(f"{folder} exists, and its config.json is not one a nanovl export wrote (with "
+                             f"{json.dumps(EXPORTED_BY)}): an export only replaces an earlier export. Choose a new "
+                             "folder to export to")
+    partial = folder.with_name(folder.name + ".partial")
+    if partial.exists() and not (partial.is_dir() and all(EXPORT_FILES.fullmatch(f.name) or
+                                                          LEFTOVER.fullmatch(f.name) for f in partial.iterdir())):
+        raise ValueError(f"{partial}, where an export is written before it is moved to {folder}, holds files an export "
+                         "does not write; move it out of the way")
     return folder
 
 
 def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_shard_bytes: Optional[int] = None):
     """Write `model` in the released layout. The folder is written as folder.partial and then renamed, so an
     interrupted export never leaves a folder that looks complete. An existing folder is replaced only when it is
-    empty or an earlier export (every file one an export writes): a stage folder, a data folder or anything else
-    is refused, never deleted."""
+    empty or an earlier export (export_target): a stage folder, a data folder or anything else is refused, never
+    deleted."""
     cfg, folder = model.cfg, export_target(folder)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -265,7 +282,7 @@ def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_s
     tensors = {nanovl_to_released(k, cfg.hybrid): v.detach().to("cpu", dtype or v.dtype).contiguous()
                for k, v in model.state_dict().items()}
     save_sharded(tensors, tmp, max_shard_bytes or 5 * 2 ** 30)  # HF's default shard size
-    (tmp / "config.json").write_text(json.dumps(released_config_dict(cfg), indent=2))
+    (tmp / "config.json").write_text(json.dumps({**released_config_dict(cfg), **EXPORTED_BY}, indent=2))
     tok.save(tmp / "tokenizer.json")
     (tmp / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "LlamaTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": None,
@@ -488,6 +505,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--shard_gb", type=float, default=5.0, help="largest shard, in GiB (HF's default: 5)")
     args = p.parse_args(argv)
+    if not args.shard_gb > 0:
+        p.error(f"--shard_gb must be above 0, got {args.shard_gb}")
     try:
         export_target(args.export)  # before the minutes a large model takes to load
         model, tok, _ = load_model(args.ckpt, tokenizer=args.tokenizer or None)
@@ -496,7 +515,7 @@ def main(argv=None):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     try:
         out = export_released(model, tok, args.export, dtype, int(args.shard_gb * 2 ** 30))
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # OSError: a folder that cannot be made (under a file, no permission, ...)
         raise SystemExit(str(e)) from None
     print(f"wrote {out}: {', '.join(sorted(f.name for f in out.iterdir()))}")
 

@@ -308,9 +308,22 @@ def test_export_replaces_only_an_earlier_export(folder, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="stage3 exists and holds model.pt, which an export does not write"):
         export_released(model, tok, stage)
     assert (stage / "model.pt").read_bytes() == b"weights" and sorted(os.listdir(stage)) == ["config.json", "model.pt"]
+    # A folder with only the names an export writes, but not written by one (a released model, trimmed): refused.
+    (stage / "model.pt").unlink()
+    with pytest.raises(ValueError, match="stage3 exists, and its config.json is not one a nanovl export wrote"):
+        export_released(model, tok, stage)
+    assert os.listdir(stage) == ["config.json"]
+    # The folder an export is first written in is cleared only if it holds nothing but an export's files.
+    (tmp_path / "export.partial").mkdir()
+    (tmp_path / "export.partial" / "thesis.txt").write_text("mine")
+    with pytest.raises(ValueError, match="export.partial, where an export is written before .* holds files an export"):
+        export_released(model, tok, out)
+    (tmp_path / "export.partial" / "thesis.txt").unlink()
+    (tmp_path / "export.partial" / ".model.safetensors.0123abcd.tmp").write_text("what a killed export leaves")
+    export_released(model, tok, out)
     monkeypatch.chdir(stage)
     from nanovl import checkpoint
-    with pytest.raises(SystemExit, match="holds model.pt"):  # "." is the folder it is run from
+    with pytest.raises(SystemExit, match="stage3 exists, and its config.json is not"):  # ".": the folder it is run in
         checkpoint.main(["--ckpt", str(out), "--export", "."])
 
 
