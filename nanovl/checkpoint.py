@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from nanovl.config import AlignerConfig, LlamaConfig, SAMConfig, SigLIPConfig, VLConfig
+from nanovl.config import FROM_SCRATCH, AlignerConfig, LlamaConfig, SAMConfig, SigLIPConfig, VLConfig
 from nanovl.image import ImageProcessor
 from nanovl.model import DeepSeekVL, nanovl_to_released, released_to_nanovl
 from nanovl.safetensors import load_file, load_sharded, save_sharded
@@ -164,7 +164,9 @@ def _check_keys(expected: dict, state: dict, source: str):
     unexpected = set(state) - set(expected)
     shapes = [f"{k}: file {tuple(state[k].shape)}, model {tuple(expected[k])}"
               for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k])]
-    problems = []
+    not_float = [f"{k}: {str(state[k].dtype).replace('torch.', '')}" for k in sorted(set(state) & set(expected))
+                 if not state[k].is_floating_point()]  # quantised weights, say: every weight here is a float
+    problems = [f"{len(not_float)} not floating-point: {_shorten(not_float, 6)}"] if not_float else []
     if missing:
         problems.append(f"{len(missing)} missing: {_shorten(missing)}")
     if unexpected:
@@ -182,8 +184,10 @@ def build_loaded(cfg: VLConfig, state: dict, source: str, device="cpu", dtype=No
     with torch.device("meta"):
         model = DeepSeekVL(cfg)
     _check_keys({k: v.shape for k, v in model.state_dict().items()}, state, source)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if dtype is None:  # the file's dtype; where it mixes several, the one most of its tensors have
+        dtypes = [v.dtype for v in state.values()]
+        dtype = max(set(dtypes), key=dtypes.count)
+    state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval()
 
@@ -345,7 +349,7 @@ def load_nanovl(path, device="cpu", dtype=None, tokenizer=None):
     if not tok_path.exists():
         raise FileNotFoundError(f"no tokenizer at {tok_path}: pass --tokenizer (e.g. data/tokenizer.json)")
     tok = Tokenizer.load(tok_path)
-    check_tokenizer_fits(tok, cfg, tok_path)
+    check_tokenizer_fits(tok, cfg, tok_path, exact=cfg.name in FROM_SCRATCH)  # as train.py checked it
     return model, tok, ImageProcessor.for_config(cfg)
 
 
@@ -382,6 +386,9 @@ def load_model(path, device="cpu", dtype=None, tokenizer=None):
     check_device(device)
     if is_released_folder(path):
         return load_released(path, device, dtype)
+    if Path(path).is_dir() and any(Path(path).glob("model-*-of-*.safetensors")):
+        raise ValueError(f"{path} holds safetensors shards but no model.safetensors.index.json, which says which "
+                         "tensor is in which shard; copy it from where the shards came from")
     return load_nanovl(path, device, dtype, tokenizer)
 
 

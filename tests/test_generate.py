@@ -306,6 +306,11 @@ def test_load_model_takes_a_dtype_and_a_tokenizer_and_refuses_one_that_does_not_
     with pytest.raises(ValueError, match=f"<image_placeholder> = {tok.image_id}; the 'tiny' model .* expects "
                                          f"{tok.image_id + 1}"):
         load_model(bare, tokenizer=stage_folder / "tokenizer.json")
+    # A scratch preset's tokenizer was made at its vocabulary size: a smaller one is another tokenizer (train.py
+    # refuses it the same way), whose ids would mean other words to the model.
+    Tokenizer.train([TEXT], tok.vocab_size - 10).save(bare / "small.json")
+    with pytest.raises(ValueError, match=f"small.json has {tok.vocab_size - 10} tokens"):
+        load_model(stage_folder, tokenizer=bare / "small.json")
 
 
 def test_interactive_chat_takes_the_system_prompt(stage_folder, monkeypatch, capsys):

@@ -277,6 +277,9 @@ def test_export_loads_back_to_identical_outputs(folder, tmp_path):
     expected = {k: v for k, v in ref.state_dict().items() if not any(u in k for u in unused)}
     assert sorted(exported) == sorted(expected)
     assert all(torch.equal(exported[k], expected[k]) for k in expected)
+    (out / "model.safetensors.index.json").unlink()  # shards without their index: said so, not "no model.pt"
+    with pytest.raises(ValueError, match="holds safetensors shards but no model.safetensors.index.json"):
+        load_model(out)
 
 
 def test_a_decoder_unlike_the_released_ones_survives_export_and_load(folder, tmp_path):
@@ -340,6 +343,8 @@ def test_mismatched_keys_are_listed_and_nothing_is_loaded(tmp_path):
                   r"aligner.layers.2.bias: file \(65,\), model \(64,\)"),
         "foreign": (dict(state, **{"text_encoder.proj.weight": torch.zeros(2)}),
                     "1 keys that are not DeepSeek-VL's: text_encoder.proj.weight"),
+        "quantised": (dict(state, **{"aligner.layers.2.bias": torch.zeros(64, dtype=torch.int8)}),
+                      "1 not floating-point: aligner.layers.2.bias: int8"),
     }
     for name, (tensors, message) in cases.items():
         folder = tmp_path / name
@@ -351,6 +356,10 @@ def test_mismatched_keys_are_listed_and_nothing_is_loaded(tmp_path):
             load_released(folder)
     # The unused keys are skipped by name: the base folder holds attn_pool.* and rotary_emb.inv_freq and loads.
     assert any("attn_pool" in k for k in state) and load_released(base)
+    # A file of mixed float types loads as one: the type most of its tensors have.
+    st_save_file(dict(state, **{"aligner.layers.2.bias": state["aligner.layers.2.bias"].half()}),
+                 str(tmp_path / "missing" / "model.safetensors"))
+    assert {p.dtype for p in load_released(tmp_path / "missing")[0].state_dict().values()} == {torch.float32}
 
 
 def test_bad_files_are_refused_clearly(tmp_path):
