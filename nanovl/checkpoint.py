@@ -56,11 +56,25 @@ def _shorten(items, n: int = 12) -> str:
 # ---------------------------------------------------------------------------------------------------------------------
 # config.json <-> VLConfig
 
+def _number(value, where: str, kind=int):
+    """A positive integer (or, kind=float, number) field of config.json, or a ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+            or (kind is int and not float(value).is_integer()):
+        raise ValueError(f"config.json: {where} = {value!r}, expected a positive " +
+                         ("integer" if kind is int else "number"))
+    return kind(value)
+
+
 def _tower_config(params: dict, known: dict, cls, where: str):
     """One `vision_config` tower entry -> SigLIPConfig or SAMConfig. Dimensions come from `model_name` for the
     released towers, or from the explicit "nanovl" entry that export_released writes for scaled-down ones."""
+    if not isinstance(params, dict):
+        raise ValueError(f"config.json: {where} = {params!r}, expected an object")
     name = params.get("model_name")
     dims = params.get("nanovl") or known.get(name)
+    if dims is not None and (not isinstance(dims, dict) or set(dims) != set(next(iter(known.values())))):
+        raise ValueError(f"config.json: {where}.nanovl = {dims!r}, expected an object of "
+                         f"{sorted(next(iter(known.values())))}")
     if dims is None:
         raise ValueError(f"{where}: unknown vision tower model_name {name!r}; nanovl knows {sorted(known)} (or give "
                          f"the dimensions in a 'nanovl' entry, as export_released writes)")
@@ -69,25 +83,27 @@ def _tower_config(params: dict, known: dict, cls, where: str):
                          f"{params.get('select_feature')!r} are not supported (the released models use -1 / 'same')")
     stats = {k: tuple(params[k]) if params.get(k) is not None else None for k in ("pixel_mean", "pixel_std")}
     dims = {k: tuple(v) if isinstance(v, list) else v for k, v in dims.items()}
-    return cls(image_size=int(params["image_size"]), **dims, **stats)
+    return cls(image_size=_number(params.get("image_size"), f"{where}.image_size"), **dims, **stats)
 
 
 def released_config(d: dict, image_token_id: int, name: str = "released") -> VLConfig:
     """A released config.json (as a dict) -> VLConfig. Raises ValueError on anything nanovl does not implement."""
     try:
         vision, aligner, lang = d["vision_config"], d["aligner_config"]["params"], dict(d["language_config"])
-    except (KeyError, TypeError):
-        raise ValueError(f"config.json of a DeepSeek-VL folder needs vision_config, aligner_config.params and "
-                         f"language_config; it has {sorted(d)}") from None
-    cls, params = vision.get("cls"), vision.get("params", {})
+        cls, params = vision.get("cls"), vision.get("params", {})
+        assert isinstance(aligner, dict) and isinstance(params, dict)
+    except (KeyError, TypeError, ValueError, AttributeError, AssertionError):
+        raise ValueError(f"config.json of a DeepSeek-VL folder needs vision_config (with params), "
+                         f"aligner_config.params and language_config, each an object; it has "
+                         f"{sorted(d) if isinstance(d, dict) else type(d).__name__}") from None
     if cls == "CLIPVisionTower":  # 1.3B: SigLIP only
         siglip, sam = _tower_config(params, SIGLIP_MODELS, SigLIPConfig, "vision_config"), None
     elif cls == "HybridVisionTower":  # 7B: SAM-B (high) + SigLIP-L (low), fused by the aligner
         if params.get("concat_type", "tuple") != "tuple":
             raise ValueError(f"vision_config: concat_type {params['concat_type']!r} is not supported; the released "
                              "7B uses 'tuple' (the aligner fuses the two branches)")
-        siglip = _tower_config(params["low_res_cfg"], SIGLIP_MODELS, SigLIPConfig, "vision_config.low_res_cfg")
-        sam = _tower_config(params["high_res_cfg"], SAM_MODELS, SAMConfig, "vision_config.high_res_cfg")
+        siglip = _tower_config(params.get("low_res_cfg"), SIGLIP_MODELS, SigLIPConfig, "vision_config.low_res_cfg")
+        sam = _tower_config(params.get("high_res_cfg"), SAM_MODELS, SAMConfig, "vision_config.high_res_cfg")
     else:
         raise ValueError(f"vision_config.cls {cls!r} is not supported: expected CLIPVisionTower (1.3B) or "
                          "HybridVisionTower (7B)")
@@ -97,20 +113,22 @@ def released_config(d: dict, image_token_id: int, name: str = "released") -> VLC
         if key in lang and lang[key] != want:
             raise ValueError(f"language_config: {key} = {lang[key]!r} is not supported (DeepSeek-VL's decoder has "
                              f"{want!r})")
-    get = lambda key: lang.get(key, HF_LLAMA_DEFAULTS.get(key))
-    n_heads = int(get("num_attention_heads"))
-    dim = int(get("hidden_size"))
+    get = lambda key, kind=int: _number(lang.get(key, HF_LLAMA_DEFAULTS.get(key)), f"language_config.{key}", kind)
+    n_heads = get("num_attention_heads")
+    dim = get("hidden_size")
     if lang.get("head_dim") not in (None, dim // n_heads):
         raise ValueError(f"language_config: head_dim {lang['head_dim']} is not hidden_size / num_attention_heads")
-    llm = LlamaConfig(vocab_size=int(get("vocab_size")), dim=dim, n_layers=int(get("num_hidden_layers")),
-                      n_heads=n_heads, n_kv_heads=int(lang.get("num_key_value_heads") or n_heads),
-                      ffn_dim=int(get("intermediate_size")),
+    llm = LlamaConfig(vocab_size=get("vocab_size"), dim=dim, n_layers=get("num_hidden_layers"), n_heads=n_heads,
+                      n_kv_heads=_number(lang.get("num_key_value_heads") or n_heads,
+                                         "language_config.num_key_value_heads"),
+                      ffn_dim=get("intermediate_size"),
                       # RoPE would run to max_position_embeddings (16384 released), but the models were trained at
                       # 4096, so that is the context we allow unless the file says less.
-                      max_seq_len=min(int(get("max_position_embeddings")), TRAINED_CONTEXT),
-                      rope_theta=float(get("rope_theta")), norm_eps=float(get("rms_norm_eps")))
+                      max_seq_len=min(get("max_position_embeddings"), TRAINED_CONTEXT),
+                      rope_theta=get("rope_theta", float), norm_eps=get("rms_norm_eps", float))
     cfg = VLConfig(name=name, siglip=siglip, sam=sam, llm=llm, image_token_id=image_token_id,
-                   aligner=AlignerConfig(aligner.get("projector_type", "mlp_gelu"), int(aligner.get("depth", 2))))
+                   aligner=AlignerConfig(aligner.get("projector_type", "mlp_gelu"),
+                                         _number(aligner.get("depth", 2), "aligner_config.params.depth")))
     cfg.validate()
     for key, want in (("input_dim", siglip.width), ("n_embed", llm.dim)):
         if key in aligner and aligner[key] != want:

@@ -376,6 +376,22 @@ def test_bad_files_are_refused_clearly(tmp_path):
     (folder / "config.json").write_text(json.dumps(small))  # 283 token ids, but embeddings for 200: the config's own
     with pytest.raises(ValueError, match=r"image_token_id 282 is outside the vocabulary \(size 200\)"):  # check
         load_model(folder)
+    lang, tower = config["language_config"], config["vision_config"]["params"]
+    for edited, message in [  # a field of the wrong type or value is named, not a KeyError or ZeroDivisionError
+            ({"language_config": {**lang, "num_attention_heads": 0}}, "language_config.num_attention_heads = 0, "
+                                                                      "expected a positive integer"),
+            ({"language_config": {**lang, "hidden_size": 64.5}}, "language_config.hidden_size = 64.5"),
+            ({"language_config": {**lang, "rope_theta": "big"}}, "language_config.rope_theta = 'big', expected a "
+                                                                 "positive number"),
+            ({"vision_config": {**config["vision_config"], "params": {k: v for k, v in tower.items()
+                                                                      if k != "image_size"}}},
+             "vision_config.image_size = None"),
+            ({"vision_config": {**config["vision_config"], "params": {**tower, "nanovl": [1, 2]}}},
+             r"vision_config.nanovl = \[1, 2\], expected an object of"),
+            ({"aligner_config": []}, "needs vision_config .with params., aligner_config.params and language_config")]:
+        (folder / "config.json").write_text(json.dumps({**config, **edited}))
+        with pytest.raises(ValueError, match=message):
+            load_model(folder)
     (folder / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         load_model(folder)
