@@ -317,8 +317,13 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
         check_same_config(state["config"], cfg, path)
     if isinstance(state.get("train"), dict):
         resolved = isinstance(state.get("hparams"), dict)  # older checkpoints: the settings as given
+        # The learning rate may change: a resume otherwise repeats the same steps bit for bit, so after a loss that
+        # became NaN, a lower --lr is the way on from the last good checkpoint.
+        if resolved and state["hparams"].get("lr") not in (None, hp["lr"]):
+            print(f"resuming with lr {hp['lr']} where the checkpoint's run had {state['hparams']['lr']}: from here "
+                  "the run is not the one the checkpoint's settings would give")
         diff = [f"{k}: checkpoint {state['hparams'].get(k)!r} vs now {v!r}" for k, v in hp.items()
-                if resolved and state["hparams"].get(k) != v]
+                if resolved and k != "lr" and state["hparams"].get(k) != v]
         diff += [f"--{k}: checkpoint {state['train'][k]!r} vs now {v!r}" for k, v in dataclasses.asdict(tc).items()
                  if k not in FREE_ON_RESUME and not (resolved and k in HPARAM_FIELDS) and k in state["train"]
                  and state["train"][k] != v]
@@ -924,8 +929,17 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
 
     saved = start  # the step of the newest checkpoint
 
+    def kept_advice() -> str:
+        # A resume with the same settings would repeat the same steps, so the way on is a lower learning rate.
+        return (f"The last good checkpoint, {ckpt_path} (step {saved}), is kept: --resume it with a lower --lr"
+                if saved else "Start again with a lower --lr")
+
     def save_checkpoint(step):
         nonlocal saved
+        bad = [n for n, p in net.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        if bad:  # the update of a step can break the weights before any loss shows it: never save those
+            raise SystemExit(f"stage {stage}: after step {step}, {len(bad)} weights are not finite ({bad[0]}, ...); "
+                             "stopping. " + kept_advice())
         saved = step
         if master:
             atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state(),
@@ -945,8 +959,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         bad = (~torch.isfinite(window)).nonzero()
         if len(bad):
             raise SystemExit(f"stage {stage}: the loss became {window[bad[0, 0]].item()} at step "
-                             f"{done - len(window) + int(bad[0, 0]) + 1}; stopping. The last good checkpoint, "
-                             f"{ckpt_path}, is kept (resume with --resume, perhaps with a lower --lr)")
+                             f"{done - len(window) + int(bad[0, 0]) + 1}; stopping. " + kept_advice())
         elapsed = time.time() - t_last
         entry = {"stage": stage, "step": done, "loss": round(float(window.mean()), 5), "lr": lr,
                  "tok_per_s": round(tokens * world / max(elapsed, 1e-9))}

@@ -353,8 +353,8 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
     # writes them from the checkpoint.
     (folder / "model.pt").unlink()
     (folder / "eval.json").unlink()
-    with pytest.raises(SystemExit, match="other training settings:\n  lr: checkpoint 0.002 vs now 0.001\n  --seed"):
-        train.main(common + ["--resume", "--lr", "1e-3", "--seed", "3"])
+    with pytest.raises(SystemExit, match=r"other training settings:\n  warmup: checkpoint \d+ vs now 7\n  --seed"):
+        train.main(common + ["--resume", "--warmup", "7", "--seed", "3"])  # (a new --lr is allowed: see below)
     with pytest.raises(SystemExit, match="another model config:\n  llm.n_layers: checkpoint 4 vs now 3\npass"):
         train.main(common + ["--resume", "--llm.n_layers=3"])
     with pytest.raises(SystemExit, match="--extra_data .*typo: no such folder"):
@@ -460,6 +460,36 @@ def test_a_nan_loss_stops_the_run_and_names_the_step(data, start_weights, tmp_pa
                     "--batch_size", "2", "--micro_batch", "2", "--ckpt_every", "4", "--log_every", "3",
                     "--workers", "0"])
     assert torch.load(out / "stage3" / "ckpt.pt", weights_only=True)["step"] == 4  # last good checkpoint kept
+
+
+def test_weights_broken_by_an_update_are_never_saved_and_a_lower_lr_resumes(data, start_weights, tmp_path,
+                                                                          monkeypatch, capsys):
+    """The update of a checkpoint step can make the weights NaN while that step's loss was fine: the checkpoint is
+    not written, and the advice given (a lower --lr from the last good one) is one a resume accepts."""
+    calls = {"n": 0}
+    adamw_step = torch.optim.AdamW.step
+
+    def breaking(self, *a, **k):
+        result = adamw_step(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 6:  # the update of step 6, a checkpoint step
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", breaking)
+    out = tmp_path / "out"
+    args = ["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(out), "--steps", "8",
+            "--batch_size", "2", "--ckpt_every", "3"] + FAST
+    with pytest.raises(SystemExit, match=r"stage 3: after step 6, 1 weights are not finite .*; stopping. The last good "
+                                         r"checkpoint, .*ckpt.pt \(step 3\), is kept: --resume it with a lower --lr$"):
+        train.main(args)
+    assert torch.load(out / "stage3" / "ckpt.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(torch.optim.AdamW, "step", adamw_step)
+    capsys.readouterr()
+    train.main(args + ["--resume", "--lr=1e-5"])
+    assert "resuming with lr 1e-05 where the checkpoint's run had 0.002" in capsys.readouterr().out
+    assert all(torch.isfinite(v).all() for v in load_model(out / "stage3").values())
 
 
 def test_eval_only_takes_the_config_from_the_checkpoint(data, start_weights, tmp_path, capsys):
