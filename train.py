@@ -49,8 +49,8 @@ from nanovl import DeepSeekVL, VLConfig, get_config
 from nanovl.checkpoint import (check_device, check_tokenizer_fits, init_from_parts, is_released_folder, load_model,
                                load_plain, nanovl_state)
 from nanovl.config import FROM_SCRATCH
-from nanovl.data import (PlannedBatches, Source, collate, default_folder, folder_kind, plan_batches, read_images,
-                         read_jsonl, write_jsonl)
+from nanovl.data import (ROW_FORMAT, PlannedBatches, Source, collate, default_folder, folder_kind, image_error,
+                         plan_batches, read_images, read_jsonl, write_jsonl)
 from nanovl.evaluate import bits_per_byte, format_table, multiple_choice, read_mc_rows
 from nanovl.image import CachedProcessor, ImageProcessor
 from nanovl.stage0 import Stage0Heads, plan_distinct, seg_labels
@@ -624,7 +624,7 @@ def held_out(data_dir: str, limit: int = 0):
     """A data folder's held-out set: (its multiple-choice questions, each checked; its text rows, or None when it has
     no eval_text.jsonl, as a folder of one's own questions need not), or None when it has no eval_mc.jsonl (a LLaVA
     import). limit: limit / categories questions (rounded up) from each category, and at most limit text rows."""
-    mc_path, text_path = os.path.join(data_dir, "eval_mc.jsonl"), os.path.join(data_dir, "eval_text.jsonl")
+    mc_path = os.path.join(data_dir, "eval_mc.jsonl")
     if not os.path.isfile(mc_path):
         return None
     mc_rows = read_mc_rows(mc_path)
@@ -632,8 +632,24 @@ def held_out(data_dir: str, limit: int = 0):
         categories = sorted({r["category"] for r in mc_rows})
         per = -(-limit // len(categories))
         mc_rows = [r for c in categories for r in [r for r in mc_rows if r["category"] == c][:per]]
-    text_rows = read_jsonl(text_path) if os.path.isfile(text_path) else None
-    return mc_rows, text_rows[:limit] if (limit and text_rows) else text_rows
+    for row in mc_rows:  # decoded now, so that a bad image stops the run before it trains, not at its evaluation
+        for image in row["images"]:
+            error = image_error(os.path.join(data_dir, image))
+            if error:
+                raise ValueError(f"{row['_where']}: {error}")
+    return mc_rows, held_out_text(data_dir, limit)
+
+
+def held_out_text(data_dir: str, limit: int = 0):
+    """A data folder's held-out text rows (at most limit), each checked, or None when it has no eval_text.jsonl."""
+    path = os.path.join(data_dir, "eval_text.jsonl")
+    if not os.path.isfile(path):
+        return None
+    rows = read_jsonl(path, origin=True)
+    for row in rows:
+        if not isinstance(row.get("text"), str):
+            raise ValueError(f"{row['_where']}: 'text' must be a string; a held-out text row is {ROW_FORMAT['text']}")
+    return rows[:limit] if limit else rows
 
 
 def evaluate(model, tok, proc, cfg, rows, data_dir, seq_len):
@@ -860,14 +876,15 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     model.llm.grad_checkpointing = tc.grad_ckpt
 
     eval_rows = None
-    if stage > 0 and master:  # what the evaluations read: a bad row stops the run now, not after training
+    if master:  # what the evaluations read: a bad row or image stops the run now, not after training
         try:
-            eval_rows = held_out(tc.data, tc.eval_limit)
+            eval_rows = held_out(tc.data, tc.eval_limit) if stage > 0 else held_out_text(tc.data, tc.eval_limit)
         except (ValueError, OSError) as e:
-            raise SystemExit(f"the held-out questions: {e}") from None
+            raise SystemExit(f"the held-out data: {e}") from None
         if eval_rows is None:
-            say(f"stage {stage}: {tc.data} has no held-out questions (eval_mc.jsonl), so the stage is not evaluated; "
-                "evaluate it afterwards with --eval-only --data DIR")
+            say(f"stage {stage}: {tc.data} has no held-out " + (
+                "questions (eval_mc.jsonl), so the stage is not evaluated; evaluate it afterwards with --eval-only "
+                "--data DIR" if stage > 0 else "text (eval_text.jsonl), so stage 0 is not evaluated"))
 
     micro, accum = split_batch(stage, tc, hp, world)
     dataset = stage_batches(stage, stc, hp, cfg, tok, proc, seq_len, micro, accum, rank, world, say)
@@ -894,9 +911,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             plot_losses(metrics, os.path.join(out_dir, "loss.png"), f"stage {stage} training loss ({cfg.name})")
             if stage > 0:
                 acc, bpb = evaluate(model, tok, proc, cfg, eval_rows, tc.data, seq_len) if eval_rows else (None, None)
-            else:
-                acc, bpb = None, bits_per_byte(model, read_jsonl(os.path.join(tc.data, "eval_text.jsonl")), tok,
-                                               cfg.n_image_tokens, seq_len)
+            else:  # stage 0 trains no image-text pairs to ask questions of: the language model's bits per byte only
+                acc, bpb = None, eval_rows and bits_per_byte(model, eval_rows, tok, cfg.n_image_tokens, seq_len)
             result = {"stage": stage, "mc": acc, "bpb": bpb}
             metrics.append({"stage": stage, "step": hp["steps"], "mc_mean": acc and acc["mean"], "bpb": bpb})
             write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
@@ -904,7 +920,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                 json.dump(result, f, indent=2)
             if acc:
                 say(format_table(acc, bpb, f"stage {stage} evaluation"))
-            elif stage == 0:
+            elif bpb is not None:
                 say(f"stage 0: text bits per byte {bpb:.3f}")
         if world > 1:
             dist.barrier()
@@ -1021,7 +1037,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         done = step + 1
         if done % tc.log_every == 0 or done == hp["steps"] or done % ckpt_every == 0:
             log(done, lr)
-        if tc.eval_every and done % tc.eval_every == 0 and done < hp["steps"] and eval_rows:
+        if tc.eval_every and done % tc.eval_every == 0 and done < hp["steps"] and eval_rows and stage > 0:
             acc, bpb = evaluate(model, tok, proc, cfg, eval_rows, tc.data, seq_len)
             metrics.append({"stage": stage, "step": done, "mc_mean": acc["mean"], "bpb": bpb})
             say(format_table(acc, bpb, f"stage {stage}, step {done}"))

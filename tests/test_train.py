@@ -204,6 +204,31 @@ def test_a_bad_held_out_question_is_named_before_training(tmp_path):
     assert [r["answer"] for r in read_mc_rows(str(path))] == [1]
 
 
+def test_bad_held_out_text_or_images_stop_a_run_before_it_trains(data, start_weights, tmp_path, capsys):
+    import shutil
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    text, mc = (copy / "eval_text.jsonl").read_text(), (copy / "eval_mc.jsonl").read_text()
+    args = ["--data", str(copy), "--stage", "1", "--init_from", start_weights, "--steps", "2", "--batch_size", "2",
+            "--workers", "0", "--log_every", "1"]
+    (copy / "eval_text.jsonl").write_text(text.replace('"text": ', '"text": 5, "was": ', 1))
+    with pytest.raises(SystemExit, match=r"eval_text.jsonl, line 1: 'text' must be a string; a held-out text row is"):
+        train.main(args + ["--out", str(tmp_path / "a")])
+    (copy / "eval_text.jsonl").write_text(text)
+    first_image = json.loads(mc.splitlines()[0])["images"][0]
+    (copy / first_image).write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match=rf"eval_mc.jsonl, line 1: cannot read image .*{first_image}"):
+        train.main(args + ["--out", str(tmp_path / "b")])
+    assert not any(os.path.exists(tmp_path / out / "stage1" / "ckpt.pt") for out in "ab")  # no step was trained
+    # Stage 0 reads only the held-out text; a folder without it trains, unevaluated, instead of failing at the end.
+    (copy / "eval_text.jsonl").unlink()
+    capsys.readouterr()
+    train.main(["--data", str(copy), "--stage", "0", "--out", str(tmp_path / "c"), "--steps", "1", "--batch_size", "4"]
+               + FAST)
+    assert "has no held-out text (eval_text.jsonl), so stage 0 is not evaluated" in capsys.readouterr().out
+    assert json.loads((tmp_path / "c" / "stage0" / "eval.json").read_text())["bpb"] is None
+
+
 def test_eval_limit_bounds_questions_per_category_and_text_rows(data):
     mc, text = train.held_out(data)
     categories = sorted({r["category"] for r in mc})
