@@ -215,6 +215,23 @@ def parse_args(argv):
     if tc.warmup < -1:
         raise SystemExit(f"--warmup must be 0 or more (steps of linear warm-up; -1: the stage's default), got "
                          f"{tc.warmup}")
+    # Shares, factors and names: out of its range, each would change the run without a word (a negative clip turns
+    # the gradients round, a share above 1 takes steps from the other sources, a typo'd schedule ran cosine).
+    share = "in [0, 1]"
+    for key, ok, need in [
+            ("lr", math.isfinite(tc.lr), "a finite number (0: the stage's default)"),
+            ("grad_clip", 0 < tc.grad_clip < math.inf, "above 0 (the largest gradient norm of a module)"),
+            ("min_lr_ratio", 0 <= tc.min_lr_ratio <= 1, share), ("lang_share", 0 <= tc.lang_share <= 1, share),
+            ("modality_warmup", 0 <= tc.modality_warmup <= 1, share), ("sft_share", 0 <= tc.sft_share <= 1, share),
+            ("text_sft_share", tc.text_sft_share == -1 or 0 <= tc.text_sft_share <= 1, share + " (-1: the default)"),
+            ("short_chat_share", tc.short_chat_share == -1 or 0 <= tc.short_chat_share <= 1,
+             share + " (-1: the default)"),
+            ("vision_lr_mult", tc.vision_lr_mult == -1 or 0 <= tc.vision_lr_mult < math.inf, ">= 0 (-1: the default)"),
+            ("weight_decay", 0 <= tc.weight_decay < math.inf, ">= 0"),
+            ("beta1", 0 <= tc.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= tc.beta2 < 1, "in [0, 1)"),
+            ("schedule", tc.schedule in ("", "cosine", "step"), "cosine or step (empty: the stage's default)")]:
+        if not ok:
+            raise SystemExit(f"--{key} must be {need}, got {getattr(tc, key)!r}")
     return tc, overrides
 
 
@@ -748,6 +765,9 @@ def stage_model(stage: int, tc: TrainConfig, cfg: VLConfig, init: list, resume: 
     if stage == 0:
         prefixes = [p if p == "heads" else "model." + p for p in prefixes]
     counts = apply_freeze_map(net, prefixes)
+    if not any(t for t, _ in counts.values()):
+        raise SystemExit(f"stage {stage}: --trainable {tc.trainable} names no parameter of the model; its modules: "
+                         f"{', '.join(counts)} (or deeper prefixes, as llm.layers.0)")
     say(f"stage {stage}: trainable parameters per module (trainable / total)")
     for name, (t, n) in counts.items():
         say(f"  {name:<8}{t:>14,} / {n:>14,}")

@@ -617,7 +617,14 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
                                              "--help lists the training settings"),
                           (["--resum"], r"unknown setting --resum \(did you mean --resume\?\)"),  # last, no value
                           (["--image_token_idd=5"], r"did you mean --image_token_id\?"),
-                          (["--device", "tpu"], "'tpu' is not a device torch knows")]:
+                          (["--device", "tpu"], "'tpu' is not a device torch knows"),
+                          (["--grad_clip=-1"], r"--grad_clip must be above 0 \(the largest gradient norm of a module\), "
+                                               "got -1.0"),
+                          (["--lang_share=2"], r"--lang_share must be in \[0, 1\], got 2.0"),
+                          (["--text_sft_share=-0.5"], r"--text_sft_share must be in \[0, 1\] \(-1: the default\)"),
+                          (["--beta1=1"], r"--beta1 must be in \[0, 1\), got 1.0"),
+                          (["--lr=nan"], "--lr must be a finite number"),
+                          (["--schedule=linear"], "--schedule must be cosine or step .*, got 'linear'")]:
         with pytest.raises(SystemExit, match=message):
             train.main(["--data", data, "--out", str(tmp_path / "o")] + argv)
     extra = tmp_path / "extra"  # a malformed row: named by file and line before any step is taken
@@ -631,6 +638,9 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
     with pytest.raises(SystemExit, match=f"{extra / 'pretrain.jsonl'}, line 1: no 'category'"):  # stage 1 picks by it
         train.main(["--data", data, "--stage", "1", "--init_from", start_weights, "--out", str(tmp_path / "x"),
                     "--extra_data", str(extra)])
+    with pytest.raises(SystemExit, match="stage 3: --trainable lm names no parameter of the model; its modules: siglip"):
+        train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "o"),
+                    "--trainable", "lm"])
     evil = tmp_path / "evil.pt"  # a pickle holding a class, not only tensors: weights_only refuses it, with the reason
     torch.save({"model": {}, "config": None, "hook": DeepSeekVL}, evil)
     with pytest.raises(SystemExit, match="only tensors and plain containers are accepted"):
