@@ -264,11 +264,14 @@ def remove_stale_temporaries(folder: str):
 
 
 def atomic_save(obj, path: str):
-    """torch.save to a temporary file, then rename: a killed process leaves the old file or the new one, never half
-    of one (rename is atomic on POSIX filesystems)."""
+    """torch.save (or, for a str, the text) to a temporary file, then rename: a killed process leaves the old file or
+    the new one, never half of one (rename is atomic on POSIX filesystems)."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
-        torch.save(obj, f)
+        if isinstance(obj, str):
+            f.write(obj.encode("utf-8"))
+        else:
+            torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint, or a power cut could leave it empty
     os.replace(tmp, path)
@@ -867,6 +870,25 @@ def stage_optimizer(net, tc: TrainConfig, hp: dict, device: str):
                              weight_decay=tc.weight_decay, fused=device.startswith("cuda") or None)
 
 
+def start_weights(stage: int, tc: TrainConfig) -> list:
+    """Where a stage starts: the --init_from paths, or else the stage before's final weights in --out."""
+    return [p for p in tc.init_from.split(",") if p] or [os.path.join(tc.out, f"stage{stage - 1}", "model.pt")]
+
+
+def check_start(stage: int, tc: TrainConfig, cfg: VLConfig):
+    """Stop unless the weights a stage (1-3, not resumed) starts from exist, with a way on that can be followed."""
+    missing = [p for p in start_weights(stage, tc) if not os.path.exists(p)]
+    if not missing:
+        return
+    if tc.init_from:
+        raise SystemExit(f"--init_from {', '.join(missing)}: no such file or folder")
+    if stage == 1 and cfg.name not in FROM_SCRATCH:
+        raise SystemExit(f"stage 1 of {cfg.name!r} starts from pretrained parts: pass --init_from, e.g. a released "
+                         "DeepSeek-VL folder (see the README's 'Pretrained parts for training')")
+    raise SystemExit(f"stage {stage} starts from stage {stage - 1}'s final weights, but {missing[0]} does not exist: "
+                     f"run --stage {stage - 1} first, or pass --init_from PATH")
+
+
 def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int, device: str):
     """One stage, start to finish: check its folder (or the checkpoint it resumes), build the tokenizer, the model
     (with the stage's freeze map), the batches and the optimizer, then train, checkpointing every ckpt_every steps,
@@ -875,18 +897,19 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     say = print if master else (lambda *a, **k: None)
     hp, seq_len, stc = stage_hparams(stage, tc, cfg)
     out_dir = os.path.join(tc.out, f"stage{stage}")
-    os.makedirs(out_dir, exist_ok=True)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # --out is a file, or holds a file named stage<k>, or may not be written
+        raise SystemExit(f"--out {tc.out}: cannot make the folder {out_dir} ({e.strerror}); expected a folder"
+                         ) from None
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     finished, state = open_stage_folder(stage, tc, cfg, hp, out_dir, ckpt_path, master, say)
     if finished:
         return
     resume = state is not None
-    init = [p for p in tc.init_from.split(",") if p] or [os.path.join(tc.out, f"stage{stage - 1}", "model.pt")]
-    missing = [p for p in init if not os.path.exists(p)]
-    if stage > 0 and not resume and missing:
-        what = "--init_from" if tc.init_from else f"stage {stage - 1}'s final weights"
-        raise SystemExit(f"stage {stage} starts from {what}, but {', '.join(missing)} does not exist: run "
-                         f"--stage {stage - 1} first, or pass --init_from PATH")
+    init = start_weights(stage, tc)
+    if stage > 0 and not resume:
+        check_start(stage, tc, cfg)
     tok = stage_tokenizer(tc, cfg, [out_dir] if resume else init if stage > 0 else [])
     if master and not resume:
         tok.save(os.path.join(out_dir, "tokenizer.json"))  # the stage folder is then all sample.py needs
@@ -926,8 +949,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         """The stage's final weights, loss plot and evaluation; eval.json, written last, marks the stage done."""
         if master:
             atomic_save({"model": model.state_dict(), "config": cfg.to_dict()}, os.path.join(out_dir, "model.pt"))
-            with open(os.path.join(out_dir, "config.json"), "w") as f:
-                f.write(cfg.to_json())
+            atomic_save(cfg.to_json(), os.path.join(out_dir, "config.json"))
             plot_losses(metrics, os.path.join(out_dir, "loss.png"), f"stage {stage} training loss ({cfg.name})")
             if stage > 0:
                 acc, bpb = evaluate(model, tok, proc, cfg, eval_rows, tc.data, seq_len) if eval_rows else (None, None)
@@ -936,8 +958,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             result = {"stage": stage, "mc": acc, "bpb": bpb}
             metrics.append({"stage": stage, "step": hp["steps"], "mc_mean": acc and acc["mean"], "bpb": bpb})
             write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
-            with open(os.path.join(out_dir, "eval.json"), "w") as f:
-                json.dump(result, f, indent=2)
+            atomic_save(json.dumps(result, indent=2), os.path.join(out_dir, "eval.json"))  # last: the stage is done
             if acc:
                 say(format_table(acc, bpb, f"stage {stage} evaluation"))
             elif bpb is not None:
@@ -962,6 +983,9 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda") else \
         contextlib.nullcontext
     ckpt_every = tc.ckpt_every or max(1, hp["steps"] // 10)
+    if tc.stop_after and tc.stop_after % ckpt_every and tc.stop_after != hp["steps"]:
+        raise SystemExit(f"--stop_after {tc.stop_after} is not a checkpoint step (every {ckpt_every}, and the last, "
+                         f"{hp['steps']}): the run stops right after a checkpoint")
 
     saved = start  # the step of the newest checkpoint
 
@@ -1140,6 +1164,8 @@ def main(argv=None):
         raise SystemExit("--init_from sets where stage 1, 2 or 3 starts, but this run begins with stage 0, which "
                          "trains from scratch: drop --init_from, or begin with --stage 1")
     check_init_preset(tc.init_from, cfg)
+    if stages[0] > 0 and not (tc.resume and os.path.exists(os.path.join(tc.out, f"stage{stages[0]}", "ckpt.pt"))):
+        check_start(stages[0], tc, cfg)  # before any data is made, which takes minutes at the released sizes
     if stages[0] == 0 and folder_kind(tc.data) == "llava":
         raise SystemExit(f"stage 0 trains on prepare_data.py's corpus (text, caption pairs, label maps), and --data "
                          f"{tc.data} is a LLaVA import: begin with --stage 1, or pass the import as --extra_data")

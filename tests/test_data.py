@@ -303,7 +303,8 @@ def test_llava_files_as_other_tools_write_them(tmp_path):
     # arrays that break: the rows before are kept, and the summary says where
     rows = json.dumps([chat, chat])
     for text, where in [(rows + rows, "line 1"), (rows[:-1], "after row 2, line 1"),
-                        (f"[{json.dumps(chat)} {json.dumps(chat)}]", "after row 1, line 1"), ("[\n" + rows[1:] + "\n\n{}", "line 4")]:
+                        (f"[{json.dumps(chat)} {json.dumps(chat)}]", "after row 1, line 1"),
+                        ("[\n" + rows[1:] + "\n\n{}", "line 4")]:
         summary = run(text)
         assert f"The file is broken at {where}: the rows after it were not read" in summary, (text, summary)
     run(rows[:-1])

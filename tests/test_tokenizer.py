@@ -259,7 +259,8 @@ def test_a_file_that_is_no_tokenizer_json_is_named_with_what_is_wrong(ours, tmp_
         (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
         with pytest.raises(ValueError, match=f"^{tmp_path / 'tokenizer.json'}: .* is not supported: "):
             Tokenizer.load(tmp_path)
-    for content, message in [(b"{bad", "is not valid JSON"), (b"\x80\x02PK", "is not a tokenizer.json: it is not text")]:
+    for content, message in [(b"{bad", "is not valid JSON"), (b"\x80\x02PK", "is not a tokenizer.json: it is not "
+                                                                               "text")]:
         (tmp_path / "tokenizer.json").write_bytes(content)
         with pytest.raises(ValueError, match=f"^{tmp_path / 'tokenizer.json'} {message}"):
             Tokenizer.load(tmp_path)

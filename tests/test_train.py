@@ -591,6 +591,13 @@ def test_a_llava_import_alone_trains_stages_1_and_3(data, start_weights, tmp_pat
 def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
     with pytest.raises(SystemExit, match="stage 2 starts from stage 1's final weights, but .* does not exist"):
         train.main(["--data", data, "--stage", "2", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="--init_from .*nothing.pt: no such file or folder"):
+        train.main(["--data", data, "--stage", "2", "--out", str(tmp_path / "o"), "--init_from",
+                    str(tmp_path / "nothing.pt")])
+    # A released size's stage 1 needs pretrained parts: said before its data (minutes at 1024 px) is made.
+    with pytest.raises(SystemExit, match="stage 1 of '7b' starts from pretrained parts: pass --init_from"):
+        train.main(["--config", "7b", "--stage", "1", "--data", str(tmp_path / "none7b"), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "none7b").exists()
     with pytest.raises(SystemExit, match="another model config:\n  llm.n_layers: checkpoint 4 vs now 2\n"):
         train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "o"),
                     "--llm.n_layers=2"])
@@ -618,8 +625,8 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
                           (["--resum"], r"unknown setting --resum \(did you mean --resume\?\)"),  # last, no value
                           (["--image_token_idd=5"], r"did you mean --image_token_id\?"),
                           (["--device", "tpu"], "'tpu' is not a device torch knows"),
-                          (["--grad_clip=-1"], r"--grad_clip must be above 0 \(the largest gradient norm of a module\), "
-                                               "got -1.0"),
+                          (["--grad_clip=-1"], r"--grad_clip must be above 0 \(the largest gradient norm of a "
+                                               r"module\), got -1.0"),
                           (["--lang_share=2"], r"--lang_share must be in \[0, 1\], got 2.0"),
                           (["--text_sft_share=-0.5"], r"--text_sft_share must be in \[0, 1\] \(-1: the default\)"),
                           (["--beta1=1"], r"--beta1 must be in \[0, 1\), got 1.0"),
@@ -638,7 +645,13 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
     with pytest.raises(SystemExit, match=f"{extra / 'pretrain.jsonl'}, line 1: no 'category'"):  # stage 1 picks by it
         train.main(["--data", data, "--stage", "1", "--init_from", start_weights, "--out", str(tmp_path / "x"),
                     "--extra_data", str(extra)])
-    with pytest.raises(SystemExit, match="stage 3: --trainable lm names no parameter of the model; its modules: siglip"):
+    (tmp_path / "a_file").write_text("notes")
+    with pytest.raises(SystemExit, match="--out .*a_file: cannot make the folder .*stage3 .Not a directory.; expected"):
+        train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "a_file")])
+    with pytest.raises(SystemExit, match=r"--stop_after 3 is not a checkpoint step \(every 2, and the last, 8\)"):
+        train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "s"),
+                    "--steps", "8", "--ckpt_every", "2", "--stop_after", "3"])
+    with pytest.raises(SystemExit, match="stage 3: --trainable lm names no parameter of the model; its modules: sig"):
         train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "o"),
                     "--trainable", "lm"])
     evil = tmp_path / "evil.pt"  # a pickle holding a class, not only tensors: weights_only refuses it, with the reason
