@@ -738,8 +738,8 @@ def stage_tokenizer(tc: TrainConfig, cfg: VLConfig, sources) -> Tokenizer:
                   "folder (its tokenizer.json is used) or --tokenizer PATH")
     if not os.path.isfile(tok_path):
         raise SystemExit(f"no tokenizer at {tok_path}; {where}")
-    tok = Tokenizer.load(tok_path)
     try:
+        tok = Tokenizer.load(tok_path)
         check_tokenizer_fits(tok, cfg, tok_path, exact=cfg.name in FROM_SCRATCH)
     except ValueError as e:
         raise SystemExit(f"{e}; {where}") from None
@@ -897,11 +897,6 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     say = print if master else (lambda *a, **k: None)
     hp, seq_len, stc = stage_hparams(stage, tc, cfg)
     out_dir = os.path.join(tc.out, f"stage{stage}")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:  # --out is a file, or holds a file named stage<k>, or may not be written
-        raise SystemExit(f"--out {tc.out}: cannot make the folder {out_dir} ({e.strerror}); expected a folder"
-                         ) from None
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     finished, state = open_stage_folder(stage, tc, cfg, hp, out_dir, ckpt_path, master, say)
     if finished:
@@ -911,8 +906,6 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     if stage > 0 and not resume:
         check_start(stage, tc, cfg)
     tok = stage_tokenizer(tc, cfg, [out_dir] if resume else init if stage > 0 else [])
-    if master and not resume:
-        tok.save(os.path.join(out_dir, "tokenizer.json"))  # the stage folder is then all sample.py needs
     proc = ImageProcessor.for_config(cfg)
     model, net = stage_model(stage, tc, cfg, init, resume, say)
     net.to(device)
@@ -933,6 +926,14 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     dataset = stage_batches(stage, stc, hp, cfg, tok, proc, seq_len, micro, accum, rank, world, say)
     clip_groups = clipping_groups(net, stage)  # each clipped to grad_clip on its own
     opt = stage_optimizer(net, tc, hp, device)
+    # Every check has passed: only now is the stage folder made, so a run refused above leaves nothing behind.
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # --out is a file, or holds a file named stage<k>, or may not be written
+        raise SystemExit(f"--out {tc.out}: cannot make the folder {out_dir} ({e.strerror}); expected a folder"
+                         ) from None
+    if master and not resume:
+        tok.save(os.path.join(out_dir, "tokenizer.json"))  # the stage folder is then all sample.py needs
     start, metrics = 0, []
     if resume:
         net.load_state_dict(state["model"])

@@ -658,6 +658,7 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
     torch.save({"model": {}, "config": None, "hook": DeepSeekVL}, evil)
     with pytest.raises(SystemExit, match="only tensors and plain containers are accepted"):
         train.main(["--data", data, "--stage", "3", "--init_from", str(evil), "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists() and not (tmp_path / "x").exists()  # a refused run leaves no stage folder
 
 
 def test_help_lists_every_training_setting(capsys):
