@@ -550,6 +550,9 @@ class PackedBatches(PlannedBatches):
         return ids, targets, (torch.stack(images) if images else None), doc_ids
 
 
+STAGE0_ROW = '{"image": path, "caption": "...", "seg": path of its label map, or null}'
+
+
 class Stage0Batches(Dataset):
     """Stage 0 micro-batches: text for the language model, (image, caption) pairs for SigLIP, scenes and their label
     maps for SAM, each from its own deterministic plan. Images are cheap next to text at this size, so the pair and
@@ -575,13 +578,22 @@ class Stage0Batches(Dataset):
         for b, c in enumerate(caps):
             cap_ids[b, :len(c)] = torch.tensor(c)
         batch = {"ids": ids, "targets": targets, "cap_ids": cap_ids, "cap_len": torch.tensor([len(c) for c in caps]),
-                 "pair_images": torch.stack([self.pair_proc(os.path.join(r["_root"], r["image"])) for r in pairs])}
+                 "pair_images": torch.stack([self.read(r, "image", self.pair_proc) for r in pairs])}
         if self.scenes:
             scenes = [self.scenes[i] for i in self.text.rows(k, self.plan_scenes)]
-            batch["seg_images"] = torch.stack([self.proc(os.path.join(r["_root"], r["image"])) for r in scenes])
-            batch["seg_labels"] = torch.stack([seg_labels(os.path.join(r["_root"], r["seg"]), self.proc,
-                                                          self.cfg.sam.grid) for r in scenes])
+            batch["seg_images"] = torch.stack([self.read(r, "image", self.proc) for r in scenes])
+            batch["seg_labels"] = torch.stack([self.read(r, "seg", lambda path: seg_labels(path, self.proc,
+                                                                                           self.cfg.sam.grid))
+                                               for r in scenes])
         return batch
+
+    @staticmethod
+    def read(row, key, reader):
+        """reader(the row's file under key); a file that cannot be read is an error naming the row, as in stages 1-3."""
+        try:
+            return reader(os.path.join(row["_root"], row[key]))
+        except ValueError as e:
+            raise ValueError(f"{row['_where']}: {e}") from None
 
 
 class Stage0Model(torch.nn.Module):
@@ -804,15 +816,19 @@ def stage_batches(stage: int, tc: TrainConfig, hp: dict, cfg: VLConfig, tok, pro
     folders = [tc.data] + [f for f in tc.extra_data.split(",") if f]
     reader = CachedProcessor(proc, tc.image_cache << 20)  # what the training batches read their images with
     if stage == 0:
-        try:
+        try:  # a malformed row stops the run now, named by its file and line
             text = Source(load_rows([tc.data], "text"), "text", tok, cfg.n_image_tokens, seq_len, name="text")
-        except ValueError as e:  # a malformed row, named by its file and line
+            rows0 = load_rows([tc.data], "stage0")
+            for row in rows0:
+                if not (isinstance(row.get("image"), str) and isinstance(row.get("caption"), str)
+                        and row["caption"].strip() and isinstance(row.get("seg") or "", str)):
+                    raise ValueError(f"{row['_where']}: a stage-0 row is {STAGE0_ROW}")
+            scenes = [r for r in rows0 if r.get("seg")] if cfg.hybrid else []
+            plans = [plan_batches({"language": n}, b * world * accum, hp["steps"], lambda s: {"language": 1.0},
+                                  tc.seed + k)
+                     for k, (n, b) in enumerate(((len(text), micro), (max(1, len(scenes)), tc.seg_batch)))]
+        except ValueError as e:
             raise SystemExit(str(e)) from None
-        rows0 = load_rows([tc.data], "stage0")
-        scenes = [r for r in rows0 if r.get("seg")] if cfg.hybrid else []
-        plans = [plan_batches({"language": n}, b * world * accum, hp["steps"], lambda s: {"language": 1.0},
-                              tc.seed + k)
-                 for k, (n, b) in enumerate(((len(text), micro), (max(1, len(scenes)), tc.seg_batch)))]
         captions = [r["caption"] for r in rows0]
         per = min(tc.clip_batch, len(set(captions)) // (world * accum))  # a batch holds distinct captions only
         if per < 2:

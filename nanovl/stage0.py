@@ -74,8 +74,13 @@ class Stage0Heads(nn.Module):
 def seg_labels(path: str, processor, grid: int) -> torch.Tensor:
     """A label map through the same resize-and-pad as its image (nearest, never blending labels), then down to the
     patch grid: (grid, grid) long tensor, 0 (background) in the padding."""
-    with Image.open(path) as img:
-        canvas = processor.canvas(img.convert("L"), Image.Resampling.NEAREST, fill=0)
+    try:
+        with Image.open(path) as img:
+            canvas = processor.canvas(img.convert("L"), Image.Resampling.NEAREST, fill=0)
+    except FileNotFoundError:
+        raise ValueError(f"label map {path} does not exist") from None
+    except (OSError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"cannot read label map {path}: {e}") from None
     small = canvas.resize((grid, grid), Image.Resampling.NEAREST)  # the label at each patch's centre
     return torch.from_numpy(np.asarray(small, dtype=np.int64).copy())
 

@@ -229,6 +229,24 @@ def test_bad_held_out_text_or_images_stop_a_run_before_it_trains(data, start_wei
     assert json.loads((tmp_path / "c" / "stage0" / "eval.json").read_text())["bpb"] is None
 
 
+def test_stage0_rows_are_checked_before_training_and_a_bad_label_map_is_named_by_its_row(data, tmp_path):
+    import shutil
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    rows = (copy / "stage0.jsonl").read_text().splitlines()
+    args = ["--data", str(copy), "--stage", "0", "--steps", "2", "--batch_size", "4"] + FAST
+    (copy / "stage0.jsonl").write_text("\n".join(rows[:2] + [rows[2].replace('"caption"', '"title"')] + rows[3:]))
+    with pytest.raises(SystemExit, match=r"stage0.jsonl, line 3: a stage-0 row is \{\"image\": path, \"caption\""):
+        train.main(args + ["--out", str(tmp_path / "a")])
+    (copy / "stage0.jsonl").write_text("\n".join(rows))
+    for row in map(json.loads, rows):
+        if row.get("seg"):
+            (copy / row["seg"]).write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match=r"stage 0, step 1: .*stage0.jsonl, line \d+: cannot read label map .*Fix or "
+                                         "remove that row"):
+        train.main(args + ["--out", str(tmp_path / "b")])
+
+
 def test_eval_limit_bounds_questions_per_category_and_text_rows(data):
     mc, text = train.held_out(data)
     categories = sorted({r["category"] for r in mc})
