@@ -348,8 +348,10 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
                  if k not in FREE_ON_RESUME and not (resolved and k in HPARAM_FIELDS) and k in state["train"]
                  and state["train"][k] != v]
         if diff:
+            hint = " (to fit in less memory, --grad_ckpt may change on resume)" if \
+                state["hparams"].get("micro_batch") != hp.get("micro_batch") else ""
             raise SystemExit(f"{path} was written by a run with other training settings:\n  " + "\n  ".join(diff) +
-                             "\npass the same settings to resume it")
+                             f"\npass the same settings to resume it{hint}")
     return state
 
 
@@ -498,7 +500,9 @@ def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, fo
     if stage == 1:  # captions and document OCR (paper section 3.2.1)
         for r in pretrain:
             if not isinstance(r.get("category"), str):  # what picks the rows: a row without one would go unseen
-                raise ValueError(f"{r['_where']}: no 'category' (a string, such as 'caption' or 'ocr')")
+                raise ValueError(f"{r['_where']}: " + ("no 'category'" if "category" not in r else
+                                                       f"'category' is {r['category']!r}") +
+                                 "; expected a string, such as 'caption' or 'ocr'")
         return {"multimodal": source([r for r in pretrain if r.get("category") in ("caption", "ocr")], "pretrain",
                                      "captions+ocr")}, lambda step: {"multimodal": 1.0}
     if stage == 2:

@@ -414,7 +414,13 @@ def load_model(path, device="cpu", dtype=None, tokenizer=None):
 # Pretrained parts for training (paper section 3.1: SigLIP-L, SAM-B and DeepSeek-LLM start from their own training)
 
 def _read_tensors(path: Path) -> dict:
+    if path.is_dir() and not is_released_folder(path) and (path / "model.pt").is_file():
+        path = path / "model.pt"  # a nanovl stage folder
     if path.is_dir():
+        if not is_released_folder(path):
+            raise ValueError(f"--init_from {path}: a folder, but not one of weights: expected a nanovl stage folder "
+                             "(model.pt), a released DeepSeek-VL or HF Llama folder (model.safetensors, or shards "
+                             "and model.safetensors.index.json), or a file (.safetensors, .pt, .pth)")
         return load_sharded(path)
     if path.suffix == ".safetensors":
         return load_file(path)

@@ -483,6 +483,16 @@ def test_a_part_that_does_not_fit_changes_nothing(parts, tmp_path):
     for twice in ("llama", "sam_vit_b.pth", "siglip.safetensors"):
         with pytest.raises(ValueError, match="given twice"):
             init_from_parts(model, [d / twice, d / twice])
+    stage = tmp_path / "stage1"  # a nanovl stage folder is a part too, as its model.pt is
+    stage.mkdir()
+    torch.save({"model": DeepSeekVL(TINY).state_dict(), "config": TINY.to_dict()}, stage / "model.pt")
+    with pytest.raises(ValueError, match=r"stage1 \(a nanovl model\) does not fit the 'tiny' model; nothing was "
+                                         r"loaded:\n  given twice"):
+        init_from_parts(model, [stage, stage])
+    with pytest.raises(ValueError, match=r"--init_from .*parts0: a folder, but not one of weights: expected a nanovl "
+                                         r"stage folder \(model.pt\), a released"):
+        init_from_parts(model, [d])  # the folder of parts, not a part
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_a_released_siglip_model_starts_the_hybrid_recipe(tmp_path):
