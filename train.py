@@ -348,7 +348,7 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
                  if k not in FREE_ON_RESUME and not (resolved and k in HPARAM_FIELDS) and k in state["train"]
                  and state["train"][k] != v]
         if diff:
-            hint = " (to fit in less memory, --grad_ckpt may change on resume)" if \
+            hint = " (to fit in less memory, --grad_ckpt may change on resume)" if resolved and \
                 state["hparams"].get("micro_batch") != hp.get("micro_batch") else ""
             raise SystemExit(f"{path} was written by a run with other training settings:\n  " + "\n  ".join(diff) +
                              f"\npass the same settings to resume it{hint}")
