@@ -144,7 +144,9 @@ class VLConfig:
     def validate(self) -> "VLConfig":
         """Check that the parts fit together; raise ValueError saying what does not."""
         s, a, l = self.siglip, self.aligner, self.llm
-        problems = []
+        problems = self.type_problems()
+        if problems:  # the checks below do arithmetic on the fields
+            raise ValueError(f"invalid config {self.name!r}:\n  " + "\n  ".join(problems))
         if s.image_size % s.patch_size:
             problems.append(f"siglip.image_size {s.image_size} is not a multiple of siglip.patch_size {s.patch_size}")
         if s.width % s.n_heads:
@@ -194,6 +196,29 @@ class VLConfig:
             raise ValueError(f"invalid config {self.name!r}:\n  " + "\n  ".join(problems))
         return self
 
+    def type_problems(self) -> list:
+        """Each field whose value is not of its default's type (an int where a float is wanted will do), named; a
+        config read from a hand-edited file can hold anything."""
+        problems = []
+        for prefix, part, cls in (("", self, VLConfig), ("siglip.", self.siglip, SigLIPConfig),
+                                  ("sam.", self.sam, SAMConfig), ("aligner.", self.aligner, AlignerConfig),
+                                  ("llm.", self.llm, LlamaConfig)):
+            if not isinstance(part, cls):
+                if not (prefix == "sam." and part is None):
+                    problems.append(f"{prefix[:-1]} is {part!r}, expected a {cls.__name__}")
+                continue
+            for f in dataclasses.fields(cls):
+                value, want = getattr(part, f.name), type(f.default)
+                if f.default is dataclasses.MISSING or f.default is None or (value is None and "Optional" in str(f.type)):
+                    continue  # a part (checked above), or a field that may be None (pixel statistics)
+                ok = isinstance(value, want) and not (isinstance(value, bool) and want is not bool) or \
+                    (want is float and isinstance(value, int) and not isinstance(value, bool))
+                if not ok:
+                    problems.append(f"{prefix}{f.name} is {value!r}, expected " +
+                                    {"int": "an integer", "float": "a number", "str": "a string", "tuple": "a list",
+                                     "bool": "true or false"}.get(want.__name__, want.__name__))
+        return problems
+
     # JSON round trip, so a checkpoint carries the exact config it was trained with.
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -211,6 +236,8 @@ class VLConfig:
         parts = {"siglip": SigLIPConfig, "sam": SAMConfig, "aligner": AlignerConfig, "llm": LlamaConfig}
         for key, cls in parts.items():
             if d.get(key) is not None:
+                if not isinstance(d[key], dict):
+                    raise ValueError(f"config field {key} is {d[key]!r}, expected an object of its fields")
                 sub = dict(d[key])
                 names = {f.name for f in dataclasses.fields(cls)}
                 if set(sub) - names:

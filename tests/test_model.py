@@ -376,3 +376,12 @@ def test_bad_configs_are_refused_with_the_reason():
         get_config("tiny", **{"sam.pixel_mean": "none", "sam.pixel_std": "none"})
     with pytest.raises(ValueError, match="unknown config fields"):
         VLConfig.from_dict({"name": "x", "colour": "blue"})
+    # A config read from a file (a checkpoint's, edited by hand) can hold anything: each wrong type is named.
+    good = get_config("tiny").to_dict()
+    for edit, message in [({"llm": dict(good["llm"], dim="abc", rope_theta=10000)}, r"llm.dim is 'abc', expected an "
+                                                                                     r"integer$"),
+                          ({"llm": "abc"}, "config field llm is 'abc', expected an object of its fields"),
+                          ({"sam": dict(good["sam"], depth=2.5)}, "sam.depth is 2.5, expected an integer"),
+                          ({"image_token_id": True}, "image_token_id is True, expected an integer")]:
+        with pytest.raises(ValueError, match=message):
+            VLConfig.from_dict({**good, **edit})
