@@ -1185,12 +1185,12 @@ def main(argv=None):
         raise SystemExit("--init_from sets where stage 1, 2 or 3 starts, but this run begins with stage 0, which "
                          "trains from scratch: drop --init_from, or begin with --stage 1")
     check_init_preset(tc.init_from, cfg)
-    if stages[0] > 0 and not (tc.resume and os.path.exists(os.path.join(tc.out, f"stage{stages[0]}", "ckpt.pt"))):
-        check_start(stages[0], tc, cfg)  # before any data is made, which takes minutes at the released sizes
     if stages[0] == 0 and folder_kind(tc.data) == "llava":
         raise SystemExit(f"stage 0 trains on prepare_data.py's corpus (text, caption pairs, label maps), and --data "
                          f"{tc.data} is a LLaVA import: begin with --stage 1, or pass the import as --extra_data")
     rebuild = data_to_prepare(tc.data, cfg.name)
+    if stages[0] > 0 and not (tc.resume and os.path.exists(os.path.join(tc.out, f"stage{stages[0]}", "ckpt.pt"))):
+        check_start(stages[0], tc, cfg)  # before any data is made, which takes minutes at the released sizes
     if rebuild:
         if rank == 0:
             import prepare_data

@@ -434,10 +434,12 @@ def test_init_from_starts_the_first_stage_of_a_run_and_each_later_one_starts_fro
     seen = []
     monkeypatch.setattr(train, "run_stage", lambda stage, tc, *a: seen.append((stage, tc.init_from)))
     monkeypatch.setattr(train, "data_to_prepare", lambda folder, preset: None)  # tiny's data, 1.3b's stages
-    train.main(["--data", data, "--config", "1.3b", "--init_from", "released", "--out", str(tmp_path)])
-    assert seen == [(1, "released"), (2, ""), (3, "")]  # "": out/stage<k-1>/model.pt
+    released = tmp_path / "released"  # stands in for a released folder (run_stage, which would read it, is not run)
+    released.mkdir()
+    train.main(["--data", data, "--config", "1.3b", "--init_from", str(released), "--out", str(tmp_path)])
+    assert seen == [(1, str(released)), (2, ""), (3, "")]  # "": out/stage<k-1>/model.pt
     with pytest.raises(SystemExit, match="this run begins with stage 0, which trains from scratch"):
-        train.main(["--data", data, "--init_from", "released", "--out", str(tmp_path)])
+        train.main(["--data", data, "--init_from", str(released), "--out", str(tmp_path)])
 
 
 def test_an_unreadable_image_stops_the_run_naming_its_row_and_keeps_the_steps_done(data, start_weights, tmp_path,
@@ -560,7 +562,7 @@ def test_a_released_preset_gets_data_without_a_tokenizer_and_asks_for_the_releas
         prepare_data.main(["--out", str(mine), "--show", "1"])
     assert "no tokenizer at " in (err := capsys.readouterr().err) and "pass --tokenizer" in err
     argv = ["--stage", "1", "--config", "1.3b", "--data", str(mine), "--out", str(tmp_path / "out")]
-    with pytest.raises(SystemExit, match=f"starts from --init_from, but {weights} does not exist"):
+    with pytest.raises(SystemExit, match=f"--init_from {weights}: no such file or folder"):
         train.main(argv + ["--init_from", str(weights)])
     with pytest.raises(SystemExit, match="was prepared for the 'tiny' preset .images at 256 px.; the '1.3b' model"):
         train.main(argv[:4] + ["--data", data, "--out", str(tmp_path / "out")])  # tiny's data: refused, not rebuilt
