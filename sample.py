@@ -188,6 +188,10 @@ def chat(args, model, tok, proc, sampling, pictures):
         try:
             session.ask(message, images, sampling, on_text=lambda t: print(t, end="", flush=True))
             queued = []
+            if session.cache.length + len(session.pending) >= session.cache.max_len:  # _decode stopped at the end
+                print(f"\n(the conversation now fills the context of {session.cache.max_len} tokens, so the answer may "
+                      "have been cut: 'new' starts a new chat)")
+                continue
         except (ValueError, RuntimeError) as e:  # RuntimeError: out of memory on a GPU, say; ask undid the turn
             print(f"\n(error: {e}; the conversation is as it was{attached(queued)})")
             continue

@@ -369,7 +369,7 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None]) -> Tuple
     """One LLaVA row -> ("sft" or "pretrain", our row). Raises ValueError saying what is wrong with it."""
     if not isinstance(row, dict):
         raise ValueError(f"expected an object, got {type(row).__name__}")
-    image = row.get("image", [])
+    image = row.get("image") or []  # "image": null, as some exports write, is no image
     images = [image] if isinstance(image, str) else image
     if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
         raise ValueError(f"'image' must be a path or a list of paths, got {image!r}")
@@ -476,7 +476,7 @@ def check_images(paths: Sequence[str], workers: int = 1) -> Dict[str, Optional[s
 def named_images(row, images_dir: str) -> List[str]:
     """The image paths a LLaVA row names, as llava_row resolves them; [] when its 'image' field is malformed (which
     llava_row reports)."""
-    image = row.get("image", []) if isinstance(row, dict) else []
+    image = (row.get("image") or []) if isinstance(row, dict) else []
     images = [image] if isinstance(image, str) else image if isinstance(image, list) else []
     return [os.path.abspath(os.path.join(images_dir, i)) for i in images if isinstance(i, str) and i]
 

@@ -52,8 +52,10 @@ def load_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS) -> I
         raise ValueError(f"image {path} does not exist") from None
     except Image.DecompressionBombError as e:  # over PIL's own limit, which it checks before ours
         raise ValueError(f"image {path} is too large to read ({e}); downscale it first") from None
-    except ValueError:
-        raise
+    except ValueError as e:
+        if str(path) in str(e):  # ours: over the pixel limit
+            raise
+        raise ValueError(f"cannot read image {path!r}: {e}") from None  # PIL's (a NUL in the path, a bad header)
     except (OSError, SyntaxError, Image.UnidentifiedImageError) as e:
         raise ValueError(f"cannot read image {path}: {e} (is it a corrupt, truncated or non-image file?)") from None
     except Exception as e:  # PIL's decoders fail in other ways too (a damaged DDS header: NotImplementedError)

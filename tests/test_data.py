@@ -285,7 +285,7 @@ def test_llava_files_as_other_tools_write_them(tmp_path):
         return import_llava(str(tmp_path / "rows.json"), str(tmp_path), out, **kw)
 
     # JSON lines with a raw U+2028 (what json.dumps(ensure_ascii=False) writes) and a byte-order mark: 2 rows
-    lines = "\n".join(json.dumps(chat, ensure_ascii=False) for _ in range(2))
+    lines = "\n".join(json.dumps(row, ensure_ascii=False) for row in (chat, dict(chat, image=None)))  # null: none
     assert "2 rows read, 2 conversations" in run("\ufeff" + lines)
     assert read_jsonl(f"{out}/sft.jsonl")[0]["conversation"][0]["content"] == "Hi\u2028there"
     assert "1 rows read, 1 conversations" in run("\ufeff" + json.dumps([chat]))

@@ -10,7 +10,7 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
 import sample
 from conftest import randomize_
 from nanovl import DeepSeekVL, get_config
-from nanovl.chat import IMAGE_TAG, render_chat
+from nanovl.chat import IMAGE_TAG, SYSTEM_PROMPT, render_chat, start_ids, user_ids
 from nanovl.generate import ChatSession, Sampling, generate, pick, warp
 from nanovl.image import ImageProcessor
 from nanovl.tokenizer import Tokenizer
@@ -404,6 +404,18 @@ def test_interactive_chat_loses_nothing_to_a_failed_turn_or_a_misread_line(stage
            "first; 2 image(s) stay attached to your next message ('new' drops them))" in out
     assert "(error: CUDA out of memory; the conversation is as it was; 2 image(s) stay attached" in out
     assert "(message dropped; the conversation is as it was)" in out
+
+
+def test_the_chat_says_when_an_answer_was_cut_by_a_full_context(stage_folder, monkeypatch, capsys):
+    class Short(ChatSession):  # a context just long enough for the first turn and 4 answer tokens
+        def __init__(self, model, tok, *a, **k):
+            turn = start_ids(tok, SYSTEM_PROMPT) + user_ids(tok, "hi") + tok.encode("Assistant:")
+            super().__init__(model, tok, *a, **k, max_len=len(turn) + 4)
+
+    monkeypatch.setattr(sample, "ChatSession", Short)
+    monkeypatch.setattr("builtins.input", lambda prompt="", lines=iter(["hi", "exit"]): next(lines))
+    sample.main(["--ckpt", str(stage_folder), "--max_new_tokens", "50"])
+    assert "(the conversation now fills the context of" in capsys.readouterr().out
 
 
 def test_sample_refuses_a_system_prompt_that_cannot_work_and_names_an_empty_prompt(stage_folder):

@@ -156,6 +156,11 @@ def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
         load_image(header_only(20_000))
 
 
+def test_a_path_pil_refuses_is_named_too():
+    with pytest.raises(ValueError, match=r"cannot read image 'a\\x00b.png': embedded null"):
+        load_image("a\x00b.png")
+
+
 def test_a_file_that_fails_inside_pils_decoder_is_a_value_error(tmp_path):
     """PIL's decoders raise more than OSError: a DDS header with no pixel format gives NotImplementedError."""
     dds = tmp_path / "bad.dds"
