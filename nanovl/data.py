@@ -45,9 +45,9 @@ def read_jsonl(path: str, origin: bool = False) -> List[dict]:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {n}: not valid JSON ({e})") from None
+                    raise ValueError(f"{path}, line {n}, column {e.colno}: not valid JSON ({e.msg})") from None
                 if origin:
                     if not isinstance(row, dict):
                         raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
