@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import sysconfig
@@ -253,8 +254,16 @@ def prepare(args):
         if meta.get("identity") == identity(args):
             print(f"{args.out} is already prepared with these arguments; nothing to do")
             return
+        # Rebuilt whole: so anything else put in the folder (questions of one's own, notes) would go with it.
+        ours = {"images", "meta.json", "tokenizer.json"} | {f"{k}.jsonl" for k in meta.get("counts", {})}
+        others = sorted(f for f in os.listdir(args.out) if f not in ours and not re.search(r"\.tmp\d+$", f))
+        if others:
+            why = "new arguments" if meta["identity"].get("version") == VERSION else "a new version of the corpus"
+            raise SystemExit(f"{args.out} is to be rebuilt ({why}), but it also holds {', '.join(others[:5])}, which "
+                             "prepare_data.py did not write and the rebuild would delete: move "
+                             f"{'them' if len(others) > 1 else 'it'} out of the folder first, or choose another --out")
     partial = args.out.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted build left
     os.makedirs(partial)
     build(args, partial)
     if os.path.exists(args.out):

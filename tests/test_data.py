@@ -155,6 +155,11 @@ def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_p
     capsys.readouterr()
     prepare_data.main(["--out", str(again), "--n", "6", "--text", user_text])
     assert "already prepared" in capsys.readouterr().out
+    (again / "my_questions.jsonl").write_text("mine")  # what a rebuild would delete: it stops and says so
+    with pytest.raises(SystemExit, match="to be rebuilt .new arguments., but it also holds my_questions.jsonl, which "
+                                         "prepare_data.py did not write and the rebuild would delete: move it out"):
+        prepare_data.main(["--out", str(again), "--n", "5", "--text", user_text])
+    (again / "my_questions.jsonl").unlink()
     prepare_data.main(["--out", str(again), "--n", "5", "--text", user_text])  # other arguments: rebuilt
     assert "wrote" in capsys.readouterr().out and not os.path.exists(f"{again}.partial")
 
