@@ -33,7 +33,7 @@ from nanovl.image import load_image
 HELP = f"""commands:
   new          forget the conversation and start again
   image PATH   attach an image to your next message (its {IMAGE_TAG} goes in front unless you place it);
-               a message that starts with "image" and names no file is sent as a message
+               ("image of a cat: what is it?", naming no file, is a message)
   help         this text
   exit         leave (so does Ctrl-D)
 A message may hold several {IMAGE_TAG}; you are asked for a path for each one not attached yet."""
