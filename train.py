@@ -49,7 +49,7 @@ from nanovl import DeepSeekVL, VLConfig, get_config
 from nanovl.checkpoint import (check_device, check_tokenizer_fits, init_from_parts, is_released_folder, load_model,
                                load_plain, nanovl_state)
 from nanovl.config import FROM_SCRATCH
-from nanovl.data import (ROW_FORMAT, PlannedBatches, Source, collate, default_folder, folder_kind, image_error,
+from nanovl.data import (ROW_FORMAT, PlannedBatches, Source, check_images, collate, default_folder, folder_kind,
                          plan_batches, read_images, read_jsonl, write_jsonl)
 from nanovl.evaluate import bits_per_byte, format_table, multiple_choice, read_mc_rows
 from nanovl.image import CachedProcessor, ImageProcessor
@@ -668,11 +668,12 @@ def held_out(data_dir: str, limit: int = 0):
         categories = sorted({r["category"] for r in mc_rows})
         per = -(-limit // len(categories))
         mc_rows = [r for c in categories for r in [r for r in mc_rows if r["category"] == c][:per]]
-    for row in mc_rows:  # decoded now, so that a bad image stops the run before it trains, not at its evaluation
+    # Decoded now, each image once, so that a bad one stops the run before it trains, not at its evaluation.
+    errors = check_images([os.path.join(data_dir, image) for row in mc_rows for image in row["images"]])
+    for row in mc_rows:
         for image in row["images"]:
-            error = image_error(os.path.join(data_dir, image))
-            if error:
-                raise ValueError(f"{row['_where']}: {error}")
+            if errors[os.path.join(data_dir, image)]:
+                raise ValueError(f"{row['_where']}: {errors[os.path.join(data_dir, image)]}")
     return mc_rows, held_out_text(data_dir, limit)
 
 
@@ -685,7 +686,7 @@ def held_out_text(data_dir: str, limit: int = 0):
     for row in rows:
         if not isinstance(row.get("text"), str):
             raise ValueError(f"{row['_where']}: 'text' must be a string; a held-out text row is {ROW_FORMAT['text']}")
-    return rows[:limit] if limit else rows
+    return (rows[:limit] if limit else rows) or None  # an empty file: no text to score
 
 
 def evaluate(model, tok, proc, cfg, rows, data_dir, seq_len):
@@ -719,13 +720,18 @@ def stage_hparams(stage: int, tc: TrainConfig, cfg: VLConfig):
     return hp, seq_len, stc
 
 
+def is_finished(out_dir: str) -> bool:
+    """A stage folder whose run ended: its final weights and eval.json, which finish() writes last."""
+    return all(os.path.exists(os.path.join(out_dir, f)) for f in ("model.pt", "eval.json"))
+
+
 def open_stage_folder(stage: int, tc: TrainConfig, cfg: VLConfig, hp: dict, out_dir: str, ckpt_path: str,
                       master: bool, say):
     """(finished, state): whether the stage is already done (with --resume), and the checkpoint to continue from
     (None: start from the beginning). A run never writes over another's results unasked: without --resume, a stage
     folder that holds a checkpoint or final weights stops the run before anything is written."""
     earlier = [f for f in ("ckpt.pt", "model.pt") if os.path.exists(os.path.join(out_dir, f))]
-    if tc.resume and "model.pt" in earlier and os.path.exists(os.path.join(out_dir, "eval.json")):  # written last
+    if tc.resume and is_finished(out_dir):
         try:  # finished, but for this model? (the later stages of this run would start from it)
             with open(os.path.join(out_dir, "config.json")) as f:
                 check_same_config(json.load(f), cfg, out_dir)
@@ -916,6 +922,10 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     hp, seq_len, stc = stage_hparams(stage, tc, cfg)
+    ckpt_every = tc.ckpt_every or max(1, hp["steps"] // 10)
+    if tc.stop_after and tc.stop_after % ckpt_every and tc.stop_after != hp["steps"]:
+        raise SystemExit(f"--stop_after {tc.stop_after} is not a checkpoint step (every {ckpt_every}, and the last, "
+                         f"{hp['steps']}): the run stops right after a checkpoint")
     out_dir = os.path.join(tc.out, f"stage{stage}")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     finished, state = open_stage_folder(stage, tc, cfg, hp, out_dir, ckpt_path, master, say)
@@ -1003,10 +1013,6 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     # bf16 autocast on GPU (weights and optimizer stay fp32); plain fp32 on CPU.
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda") else \
         contextlib.nullcontext
-    ckpt_every = tc.ckpt_every or max(1, hp["steps"] // 10)
-    if tc.stop_after and tc.stop_after % ckpt_every and tc.stop_after != hp["steps"]:
-        raise SystemExit(f"--stop_after {tc.stop_after} is not a checkpoint step (every {ckpt_every}, and the last, "
-                         f"{hp['steps']}): the run stops right after a checkpoint")
 
     saved = start  # the step of the newest checkpoint
 
@@ -1189,7 +1195,8 @@ def main(argv=None):
         raise SystemExit(f"stage 0 trains on prepare_data.py's corpus (text, caption pairs, label maps), and --data "
                          f"{tc.data} is a LLaVA import: begin with --stage 1, or pass the import as --extra_data")
     rebuild = data_to_prepare(tc.data, cfg.name)
-    if stages[0] > 0 and not (tc.resume and os.path.exists(os.path.join(tc.out, f"stage{stages[0]}", "ckpt.pt"))):
+    first = os.path.join(tc.out, f"stage{stages[0]}")
+    if stages[0] > 0 and not (tc.resume and (os.path.exists(os.path.join(first, "ckpt.pt")) or is_finished(first))):
         check_start(stages[0], tc, cfg)  # before any data is made, which takes minutes at the released sizes
     if rebuild:
         if rank == 0:

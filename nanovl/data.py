@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import signal
 from dataclasses import dataclass
@@ -59,11 +60,12 @@ def read_jsonl(path: str, origin: bool = False) -> List[dict]:
 def write_jsonl(path: str, rows: Sequence[dict]) -> None:
     """Write atomically: to a temporary name, then rename, so a killed run never leaves half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
+    f = open(tmp, "w", encoding="utf-8")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    except BaseException:
+    except BaseException:  # a row that cannot be written: no half-file left beside the old one
         os.remove(tmp)
         raise
     os.replace(tmp, path)
@@ -278,7 +280,12 @@ ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": 
 
 class BrokenFile(ValueError):
     """A JSON array that breaks off (bad syntax, cut short, or more after its end): the rows before it are kept,
-    nothing after it can be trusted."""
+    nothing after it can be trusted. is_row: whether it stands where a row was read (bad syntax in a row), or between
+    or after the rows (a missing comma, no closing ], more after it)."""
+
+    def __init__(self, message: str, is_row: bool = False):
+        super().__init__(message)
+        self.is_row = is_row
 
 
 def read_text(path: str) -> str:
@@ -338,12 +345,16 @@ def iter_json_rows(path: str):
                 row, pos = decoder.raw_decode(text, pos)
             except (json.JSONDecodeError, RecursionError) as e:  # the array is broken: nothing after it can be trusted
                 why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-                yield f"row {k}, line {line}", BrokenFile(f"not valid JSON: {why}; the rest of the file was not read")
+                yield f"row {k}, line {line}", BrokenFile(f"not valid JSON: {why}; the rest of the file was not read",
+                                                          is_row=True)
                 return
             yield f"row {k}, line {line}", row
             pos = skip_space(pos)
             if text[pos:pos + 1] == "]":
                 pos += 1
+                break
+            if text[pos:pos + 1] == "," and text[skip_space(pos + 1):skip_space(pos + 1) + 1] == "]":
+                pos = skip_space(pos + 1) + 1  # a comma after the last row: not JSON, but nothing is lost
                 break
             if text[pos:pos + 1] != ",":
                 yield (f"after row {k}, line {line_of(pos)}",
@@ -516,6 +527,10 @@ def import_llava(path: str, images_dir: str, out: str, workers: int = 1) -> str:
     skipped, broken = [], ""
     total = 0
     for where, row in rows:
+        if isinstance(row, BrokenFile):  # always the last
+            broken = f"{where}: {row}"
+            if not row.is_row:
+                continue  # between or after the rows: not a row read, nor one skipped
         total += 1
         try:
             if isinstance(row, Exception):
@@ -525,16 +540,16 @@ def import_llava(path: str, images_dir: str, out: str, workers: int = 1) -> str:
         except ValueError as e:
             named = f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else ""
             skipped.append(f"{where}{named}: {e}")
-            broken = isinstance(e, BrokenFile) and where  # always the last
     if not kept["sft"] and not kept["pretrain"]:
         raise ValueError(f"{path}: no row to keep ({total} read" + (f"; the first skipped: {skipped[0]}" if skipped
                                                                       else "") + "); nothing was written")
     summary = (f"{path}: {total} rows read, {len(kept['sft'])} conversations and {len(kept['pretrain'])} captions "
                f"kept, {len(skipped)} skipped; written to {out}" +
-               (f". The file is broken at {broken}: the rows after it were not read" if broken else ""))
+               (f". The file is broken: {broken}" if broken else ""))
     # Written aside, in a folder of the import's files only, then moved in: never a half-written folder.
     partial = out.rstrip("/") + ".partial"
-    if os.path.exists(partial) and not set(os.listdir(partial)) <= set(IMPORT_FILES):
+    if os.path.exists(partial) and not all(f in IMPORT_FILES or re.search(r"\.tmp\d+$", f)  # write_jsonl's, if killed
+                                           for f in os.listdir(partial)):
         raise ValueError(f"{partial}, where an import is written before it is moved to {out}, holds files an import "
                          "does not write; move it out of the way")
     shutil.rmtree(partial, ignore_errors=True)  # what an interrupted import left

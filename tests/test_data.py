@@ -256,8 +256,8 @@ def test_llava_array_on_one_line_names_rows_by_index_and_id_and_reads_in_linear_
     # A broken array: the rows before the break are kept, and the summary says where the rest was lost.
     path.write_text(json.dumps(rows[:3])[:-1] + ", {broken")
     summary = import_llava(str(path), str(tmp_path), str(tmp_path / "out"))
-    assert "3 conversations" in summary and "The file is broken at row 4, line 1: the rows after it were not read" \
-        in summary
+    assert "4 rows read, 3 conversations" in summary and "The file is broken: row 4, line 1: not valid JSON: " \
+        "Expecting property name enclosed in double quotes; the rest of the file was not read" in summary
     # Nothing to keep is an error, and nothing is written.
     path.write_text("[]")
     with pytest.raises(ValueError, match="no row to keep .0 read.; nothing was written"):
@@ -310,14 +310,16 @@ def test_llava_files_as_other_tools_write_them(tmp_path):
     assert "row 4, line 1 (id 'half'): the text holds half of a character" in report
     # arrays that break: the rows before are kept, and the summary says where
     rows = json.dumps([chat, chat])
-    for text, where in [(rows + rows, "line 1"), (rows[:-1], "after row 2, line 1"),
-                        (f"[{json.dumps(chat)} {json.dumps(chat)}]", "after row 1, line 1"),
-                        ("[\n" + rows[1:] + "\n\n{}", "line 4")]:
-        summary = run(text)
-        assert f"The file is broken at {where}: the rows after it were not read" in summary, (text, summary)
-    run(rows[:-1])
-    assert "after row 2, line 1: the file ends before the array's closing ] (was it cut short?)" in \
-        open(f"{out}/report.txt").read()
+    for text, n, broken in [(rows + rows, 2, "line 1: more after the array's closing ]"),
+                            (rows[:-1], 2, "after row 2, line 1: the file ends before the array's closing ] (was it "
+                                           "cut short?)"),
+                            (f"[{json.dumps(chat)} {json.dumps(chat)}]", 1, "after row 1, line 1: expected ',' or ']' "
+                                                                            "after the row"),
+                            ("[\n" + rows[1:] + "\n\n{}", 2, "line 4: more after the array's closing ]")]:
+        summary = run(text)  # what stands between or after the rows is no row: not counted as one read or skipped
+        assert f"{n} rows read, {n} conversations and 0 captions kept, 0 skipped" in summary, (text, summary)
+        assert f"The file is broken: {broken}" in summary and summary in open(f"{out}/report.txt").read()
+    assert "1 rows read, 1 conversations" in run(f"[{json.dumps(chat)},\n]")  # a trailing comma loses nothing
     # files that are not rows at all: an error naming the file, and nothing written over the last import
     before = open(f"{out}/sft.jsonl").read()
     for text, error in [(json.dumps({"data": [chat]}, indent=2), "holds one JSON object .keys data., expected a JSON"),
@@ -397,6 +399,10 @@ def test_no_folder_is_written_over_unless_this_script_made_it_for_the_same_purpo
     with pytest.raises(ValueError, match="holds files an import does not write; move it out of the way"):
         import_llava(str(rows), str(tmp_path), str(out))
     assert os.listdir(f"{out}.partial") == ["thesis.txt"]
+    os.remove(f"{out}.partial/thesis.txt")
+    open(f"{out}.partial/sft.jsonl.tmp4321", "w").close()  # what an import killed while writing leaves: cleared
+    import_llava(str(rows), str(tmp_path), str(out))
+    assert not os.path.exists(f"{out}.partial")
     with pytest.raises(SystemExit, match="holds a LLaVA import"):
         prepare_data.main(["--out", str(out), "--n", "2"])
 

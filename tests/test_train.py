@@ -204,7 +204,8 @@ def test_a_bad_held_out_question_is_named_before_training(tmp_path):
     assert [r["answer"] for r in read_mc_rows(str(path))] == [1]
 
 
-def test_bad_held_out_text_or_images_stop_a_run_before_it_trains(data, start_weights, tmp_path, capsys):
+def test_bad_held_out_text_or_images_stop_a_run_before_it_trains_and_a_finished_stage_resumes(data, start_weights,
+                                                                                                tmp_path, capsys):
     import shutil
     copy = tmp_path / "data"
     shutil.copytree(data, copy)
@@ -216,17 +217,33 @@ def test_bad_held_out_text_or_images_stop_a_run_before_it_trains(data, start_wei
         train.main(args + ["--out", str(tmp_path / "a")])
     (copy / "eval_text.jsonl").write_text(text)
     first_image = json.loads(mc.splitlines()[0])["images"][0]
+    image = (copy / first_image).read_bytes()
     (copy / first_image).write_bytes(b"not a png")
     with pytest.raises(SystemExit, match=rf"eval_mc.jsonl, line 1: cannot read image .*{first_image}"):
         train.main(args + ["--out", str(tmp_path / "b")])
+    (copy / first_image).write_bytes(image)
     assert not any(os.path.exists(tmp_path / out / "stage1" / "ckpt.pt") for out in "ab")  # no step was trained
-    # Stage 0 reads only the held-out text; a folder without it trains, unevaluated, instead of failing at the end.
-    (copy / "eval_text.jsonl").unlink()
+    # Stage 0 reads only the held-out text; a folder without it (or with an empty one) trains, unevaluated, instead of
+    # failing at the end.
+    for empty, out in ((False, "c"), (True, "d")):
+        if empty:
+            (copy / "eval_text.jsonl").write_text("")
+        else:
+            (copy / "eval_text.jsonl").unlink()
+        capsys.readouterr()
+        train.main(["--data", str(copy), "--stage", "0", "--out", str(tmp_path / out), "--steps", "1",
+                    "--batch_size", "4"] + FAST)
+        assert "has no held-out text (eval_text.jsonl), so stage 0 is not evaluated" in capsys.readouterr().out
+        assert json.loads((tmp_path / out / "stage0" / "eval.json").read_text())["bpb"] is None
+    # A finished stage is skipped by --resume even when the weights it started from are gone (only ckpt.pt is kept
+    # for resuming; the stage before may have been removed to save the space).
+    train.main(["--data", str(copy), "--stage", "1", "--out", str(tmp_path / "d"), "--resume", "--steps", "1",
+                "--batch_size", "4"] + FAST + ["--init_from", str(tmp_path / "d" / "stage0")])
+    shutil.rmtree(tmp_path / "d" / "stage0")
     capsys.readouterr()
-    train.main(["--data", str(copy), "--stage", "0", "--out", str(tmp_path / "c"), "--steps", "1", "--batch_size", "4"]
-               + FAST)
-    assert "has no held-out text (eval_text.jsonl), so stage 0 is not evaluated" in capsys.readouterr().out
-    assert json.loads((tmp_path / "c" / "stage0" / "eval.json").read_text())["bpb"] is None
+    train.main(["--data", str(copy), "--stage", "1", "--out", str(tmp_path / "d"), "--resume", "--steps", "1",
+                "--batch_size", "4"] + FAST)
+    assert "stage 1: already finished" in capsys.readouterr().out
 
 
 def test_stage0_rows_are_checked_before_training_and_a_bad_label_map_is_named_by_its_row(data, tmp_path):
@@ -678,7 +695,7 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
     torch.save({"model": {}, "config": None, "hook": DeepSeekVL}, evil)
     with pytest.raises(SystemExit, match="only tensors and plain containers are accepted"):
         train.main(["--data", data, "--stage", "3", "--init_from", str(evil), "--out", str(tmp_path / "o")])
-    assert not (tmp_path / "o").exists() and not (tmp_path / "x").exists()  # a refused run leaves no stage folder
+    assert not any((tmp_path / d).exists() for d in "oxs")  # a refused run leaves no stage folder
 
 
 def test_help_lists_every_training_setting(capsys):
