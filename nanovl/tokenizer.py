@@ -21,6 +21,7 @@ import functools
 import heapq
 import json
 import re
+import reprlib
 import unicodedata
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -576,19 +577,21 @@ class Tokenizer:
             raise ValueError(f"{file} is not valid JSON ({e}): expected a tokenizer.json") from None
 
         def refuse(field, value, why):
-            raise ValueError(f"{file}: {field} = {str(value)[:200]!r} is not supported: {why}")
+            raise ValueError(f"{file}: {field} = {reprlib.repr(value)} is not supported: {why}")
 
         if not isinstance(data, dict):
-            refuse("the file", type(data).__name__, "a tokenizer.json is a JSON object")
+            raise ValueError(f"{file} holds a JSON {type(data).__name__}, but a tokenizer.json is a JSON object")
         for field, kind in [("model", dict), ("added_tokens", list), ("decoder", dict)]:
             if not isinstance(data.get(field) or kind(), kind):
                 refuse(field, data[field], f"expected a JSON {'object' if kind is dict else 'array'}")
         model = data.get("model") or {}
         if model.get("type") != "BPE":
             refuse("model.type", model.get("type"), "nanovl implements byte-level BPE only")
-        if not isinstance(model.get("vocab"), dict) or not isinstance(model.get("merges", []), list):
-            refuse("model.vocab / model.merges", f"{type(model.get('vocab')).__name__} / "
-                   f"{type(model.get('merges')).__name__}", "expected an object of token: id and an array of merges")
+        vocab = model.get("vocab")
+        if not isinstance(vocab, dict) or not all(type(i) is int for i in vocab.values()):
+            refuse("model.vocab", vocab, "expected an object of token: integer id")
+        if not isinstance(model.get("merges", []), list):
+            refuse("model.merges", model["merges"], "expected an array of merges")
         for field, allowed in [("dropout", (None, 0, 0.0)), ("continuing_subword_prefix", (None, "")),
                                ("end_of_word_suffix", (None, "")), ("byte_fallback", (None, False))]:
             if model.get(field) not in allowed:

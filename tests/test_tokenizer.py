@@ -251,16 +251,17 @@ def test_unsupported_fields_are_refused_by_name(ours, tmp_path, field, value):
 
 def test_a_file_that_is_no_tokenizer_json_is_named_with_what_is_wrong(ours, tmp_path):
     good = json.loads(ours.save(tmp_path).read_text(encoding="utf-8"))
-    broken = {"top level a list": [1, 2], "model a string": dict(good, model="BPE"),
+    broken = {"model a string": dict(good, model="BPE"),
               "vocab a list": dict(good, model=dict(good["model"], vocab=[["a", 0]])),
+              "ids as strings": dict(good, model=dict(good["model"], vocab={"a": "0"})),
               "merges of numbers": dict(good, model=dict(good["model"], merges=[[1, 2]])),
               "added tokens as strings": dict(good, added_tokens=["<pad>"])}
     for case, data in broken.items():
         (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
         with pytest.raises(ValueError, match=f"^{tmp_path / 'tokenizer.json'}: .* is not supported: "):
             Tokenizer.load(tmp_path)
-    for content, message in [(b"{bad", "is not valid JSON"), (b"\x80\x02PK", "is not a tokenizer.json: it is not "
-                                                                               "text")]:
+    for content, message in [(b"{bad", "is not valid JSON"), (b"[1, 2]", "holds a JSON list, but a tokenizer.json is"),
+                             (b"\x80\x02PK", "is not a tokenizer.json: it is not text")]:
         (tmp_path / "tokenizer.json").write_bytes(content)
         with pytest.raises(ValueError, match=f"^{tmp_path / 'tokenizer.json'} {message}"):
             Tokenizer.load(tmp_path)
