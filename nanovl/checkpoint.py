@@ -91,8 +91,9 @@ def released_config(d: dict, image_token_id: int, name: str = "released") -> VLC
     try:
         vision, aligner, lang = d["vision_config"], d["aligner_config"]["params"], dict(d["language_config"])
         cls, params = vision.get("cls"), vision.get("params", {})
-        assert isinstance(aligner, dict) and isinstance(params, dict)
-    except (KeyError, TypeError, ValueError, AttributeError, AssertionError):
+        if not (isinstance(aligner, dict) and isinstance(params, dict)):
+            raise TypeError
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise ValueError(f"config.json of a DeepSeek-VL folder needs vision_config (with params), "
                          f"aligner_config.params and language_config, each an object; it has "
                          f"{sorted(d) if isinstance(d, dict) else type(d).__name__}") from None
@@ -202,9 +203,9 @@ def build_loaded(cfg: VLConfig, state: dict, source: str, device="cpu", dtype=No
     with torch.device("meta"):
         model = DeepSeekVL(cfg)
     _check_keys({k: v.shape for k, v in model.state_dict().items()}, state, source)
-    if dtype is None:  # the file's dtype; where it mixes several, the one most of its tensors have
-        dtypes = [v.dtype for v in state.values()]
-        dtype = max(set(dtypes), key=dtypes.count)
+    if dtype is None:  # the file's dtype; where it mixes several, one that holds each exactly (fp32, or fp64)
+        dtypes = {v.dtype for v in state.values()}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64 if torch.float64 in dtypes else torch.float32
     state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device=device, dtype=dtype).eval()

@@ -35,6 +35,7 @@ from nanovl.chat import IMAGE_TAG, render_chat
 from nanovl.checkpoint import (check_tokenizer_fits, export_released, init_from_parts, load_model, load_released,
                                released_config)
 from nanovl.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, SAMConfig, SigLIPConfig
+from nanovl.model import nanovl_to_released
 from nanovl.tokenizer import BOS, EOS, IMAGE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -356,10 +357,13 @@ def test_mismatched_keys_are_listed_and_nothing_is_loaded(tmp_path):
             load_released(folder)
     # The unused keys are skipped by name: the base folder holds attn_pool.* and rotary_emb.inv_freq and loads.
     assert any("attn_pool" in k for k in state) and load_released(base)
-    # A file of mixed float types loads as one: the type most of its tensors have.
-    st_save_file(dict(state, **{"aligner.layers.2.bias": state["aligner.layers.2.bias"].half()}),
-                 str(tmp_path / "missing" / "model.safetensors"))
-    assert {p.dtype for p in load_released(tmp_path / "missing")[0].state_dict().values()} == {torch.float32}
+    # A file of mixed float types loads as one that holds each exactly: bf16 weights with fp32 norms load in fp32.
+    mixed = {k: v if "norm" in k else v.bfloat16() for k, v in state.items()}
+    st_save_file(mixed, str(tmp_path / "missing" / "model.safetensors"))
+    loaded = load_released(tmp_path / "missing")[0].state_dict()
+    assert {v.dtype for v in loaded.values()} == {torch.float32}
+    norm = next(k for k in loaded if "norm" in k)
+    assert torch.equal(loaded[norm], state[nanovl_to_released(norm, hybrid=False)])  # not rounded to bf16
 
 
 def test_bad_files_are_refused_clearly(tmp_path):
