@@ -261,7 +261,7 @@ def prepare(args):
             why = "new arguments" if meta["identity"].get("version") == VERSION else "a new version of the corpus"
             raise SystemExit(f"{args.out} is to be rebuilt ({why}), but it also holds {', '.join(others[:5])}, which "
                              "prepare_data.py did not write and the rebuild would delete: move "
-                             f"{'them' if len(others) > 1 else 'it'} out of the folder first, or choose another --out")
+                             f"{'them' if len(others) > 1 else 'it'} out of the folder first, or use another folder")
     partial = args.out.rstrip("/") + ".partial"
     shutil.rmtree(partial, ignore_errors=True)  # what an interrupted build left
     os.makedirs(partial)

@@ -74,9 +74,6 @@ def answer_prompts(args, model, tok, proc, sampling, pictures):
     if n_tags != len(args.image):
         raise SystemExit(f"the prompts hold {n_tags} {IMAGE_TAG} but {len(args.image)} --image were given: give one "
                          "image per placeholder, in order")
-    empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
-    if empty:
-        raise SystemExit(f"--prompt {empty[0]} of {len(prompts)} is empty: expected some text")
     try:
         pixels = torch.stack([proc(picture) for picture in pictures]) if pictures else None  # (N, 3, S, S)
         ids = [render_chat([{"role": "user", "content": p}], tok, model.cfg.n_image_tokens, system=args.system,
@@ -206,6 +203,9 @@ def main(argv=None):
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
              "auto": torch.bfloat16 if device.startswith("cuda") else torch.float32}[args.dtype]
+    empty = [i + 1 for i, p in enumerate(args.prompt) if not p.strip()]
+    if empty and not (len(args.prompt) == 1 and args.image):  # (an image alone is a prompt: it gets its placeholder)
+        raise SystemExit(f"--prompt {empty[0]} of {len(args.prompt)} is empty: expected some text")
     if IMAGE_TAG in args.system:
         raise SystemExit(f"--system holds {IMAGE_TAG}, but images go in messages (the system prompt has none)")
     try:

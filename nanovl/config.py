@@ -209,10 +209,16 @@ class VLConfig:
                 continue
             for f in dataclasses.fields(cls):
                 value, want = getattr(part, f.name), type(f.default)
-                if f.default is dataclasses.MISSING or f.default is None or (value is None and "Optional" in str(f.type)):
-                    continue  # a part (checked above), or a field that may be None (pixel statistics)
-                ok = isinstance(value, want) and not (isinstance(value, bool) and want is not bool) or \
-                    (want is float and isinstance(value, int) and not isinstance(value, bool))
+                is_part = f.default is dataclasses.MISSING or f.default is None  # checked above
+                if is_part or (value is None and "Optional" in str(f.type)):  # pixel statistics may be None
+                    continue
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)  # JSON's true is no number
+                if want is float:
+                    ok = number  # an int will do where a float is wanted
+                elif want is int:
+                    ok = number and isinstance(value, int)
+                else:
+                    ok = isinstance(value, want)
                 if not ok:
                     problems.append(f"{prefix}{f.name} is {value!r}, expected " +
                                     {"int": "an integer", "float": "a number", "str": "a string", "tuple": "a list",

@@ -38,8 +38,9 @@ class Sampling:
 
     def check(self) -> "Sampling":
         """self, or ValueError naming each setting out of its range."""
-        # Sampling divides the logits by the temperature, and a repetition penalty divides some: below 1e-4, a logit
-        # can pass the largest float, and the softmax of inf is NaN (a temperature that small is greedy anyway).
+        # Sampling divides the fp32 logits by the temperature, and a repetition penalty divides some: far enough below
+        # 1 (around 1e-37 for a logit of 30) a logit passes the largest float, and the softmax of inf is NaN. 1e-4 is a
+        # floor well clear of that, and a temperature that small is greedy in effect anyway.
         bad = [f"{name} must be {need}, got {value}" for name, value, ok, need in (
             ("temperature", self.temperature, self.temperature == 0 or 1e-4 <= self.temperature < math.inf,
              "0 (greedy), or at least 1e-4 and finite"),

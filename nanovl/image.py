@@ -35,6 +35,10 @@ MAX_PIXELS = 2 * 89_478_485
 MIN_SIZE = 14  # the official processor never resizes a side below 14 pixels
 
 
+class TooLarge(ValueError):
+    """An image over the pixel limit (told apart from the ValueErrors PIL raises, which load_image rewords)."""
+
+
 def load_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open an image file fully (so a truncated file fails here, not later) and return it as an RGB PIL image."""
     try:
@@ -44,20 +48,22 @@ def load_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS) -> I
         with img:
             w, h = img.size
             if w * h > max_pixels:
-                raise ValueError(f"image {path} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}; "
-                                 "downscale it first")
+                raise TooLarge(f"image {path} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}; "
+                               "downscale it first")
             img.load()  # decode now: corrupt or truncated data raises here
             return to_rgb(img)
     except FileNotFoundError:
         raise ValueError(f"image {path} does not exist") from None
     except Image.DecompressionBombError as e:  # over PIL's own limit, which it checks before ours
         raise ValueError(f"image {path} is too large to read ({e}); downscale it first") from None
-    except ValueError as e:
-        if str(path) in str(e):  # ours: over the pixel limit
-            raise
-        raise ValueError(f"cannot read image {path!r}: {e}") from None  # PIL's (a NUL in the path, a bad header)
+    except TooLarge:
+        raise
+    except ValueError as e:  # PIL's: a NUL in the path, a bad header
+        raise ValueError(f"cannot read image {path!r}: {e}") from None
     except (OSError, SyntaxError, Image.UnidentifiedImageError) as e:
         raise ValueError(f"cannot read image {path}: {e} (is it a corrupt, truncated or non-image file?)") from None
+    except MemoryError:
+        raise  # this machine's limit, not the file's fault
     except Exception as e:  # PIL's decoders fail in other ways too (a damaged DDS header: NotImplementedError)
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e} (is it a corrupt file?)") from None
 

@@ -185,7 +185,8 @@ def test_a_malformed_row_is_named_by_its_file_and_line(data_dir, tmp_path):
     with pytest.raises(ValueError, match="line 2: expected a JSON object, got list"):
         read_jsonl(str(path), origin=True)
     path.write_text(json.dumps(good) + "\n" + json.dumps(good)[:20] + "\n")  # a line cut short: where in it, too
-    with pytest.raises(ValueError, match=r"rows.jsonl, line 2, column 10: not valid JSON \(Unterminated string starting at\)$"):
+    with pytest.raises(ValueError, match=r"rows.jsonl, line 2, column 10: not valid JSON \(Unterminated string "
+                                         r"starting at\)$"):
         read_jsonl(str(path))
 
 
