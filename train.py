@@ -48,10 +48,11 @@ from tqdm import tqdm
 from nanovl import DeepSeekVL, VLConfig, get_config
 from nanovl.checkpoint import (check_device, check_tokenizer_fits, init_from_parts, is_released_folder, load_model,
                                load_plain, nanovl_state)
+from nanovl.chat import IMAGE_TAG
 from nanovl.config import FROM_SCRATCH
 from nanovl.data import (ROW_FORMAT, PlannedBatches, Source, check_images, collate, default_folder, folder_kind,
                          plan_batches, read_images, read_jsonl, write_jsonl)
-from nanovl.evaluate import bits_per_byte, format_table, multiple_choice, read_mc_rows
+from nanovl.evaluate import bits_per_byte, check_fits, format_table, multiple_choice, read_mc_rows
 from nanovl.image import CachedProcessor, ImageProcessor
 from nanovl.stage0 import Stage0Heads, plan_distinct, seg_labels
 from nanovl.synth import SEG_LABELS
@@ -684,8 +685,9 @@ def held_out_text(data_dir: str, limit: int = 0):
         return None
     rows = read_jsonl(path, origin=True)
     for row in rows:
-        if not isinstance(row.get("text"), str):
-            raise ValueError(f"{row['_where']}: 'text' must be a string; a held-out text row is {ROW_FORMAT['text']}")
+        if not isinstance(row.get("text"), str) or not row["text"].strip() or IMAGE_TAG in row["text"]:
+            raise ValueError(f"{row['_where']}: 'text' must be a string of text, without {IMAGE_TAG} (held-out text "
+                             f"is scored alone); a held-out text row is {ROW_FORMAT['text']}")
     return (rows[:limit] if limit else rows) or None  # an empty file: no text to score
 
 
@@ -945,6 +947,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     if master:  # what the evaluations read: a bad row or image stops the run now, not after training
         try:
             eval_rows = held_out(tc.data, tc.eval_limit) if stage > 0 else held_out_text(tc.data, tc.eval_limit)
+            if stage > 0 and eval_rows:
+                check_fits(eval_rows[0], tok, cfg.n_image_tokens, cfg.llm.max_seq_len)
         except (ValueError, OSError) as e:
             raise SystemExit(f"the held-out data: {e}") from None
         if eval_rows is None:
@@ -1167,6 +1171,7 @@ def main(argv=None):
                                  "must be a folder holding eval_mc.jsonl (prepare_data.py's, or one of your own)")
             tokenizer = None if is_released_folder(tc.ckpt) else tokenizer_path(tc, [tc.ckpt])
             model, tok, proc = load_model(tc.ckpt, device, dtype, tokenizer)
+            check_fits(rows[0], tok, model.cfg.n_image_tokens, model.cfg.llm.max_seq_len)
             acc, bpb = evaluate(model, tok, proc, model.cfg, rows, tc.data, model.cfg.llm.max_seq_len)
         except (ValueError, FileNotFoundError) as e:  # a bad checkpoint or row (named by file and line), a bad image
             raise SystemExit(str(e)) from None

@@ -42,8 +42,13 @@ def read_jsonl(path: str, origin: bool = False) -> List[dict]:
     """All rows of a JSON-lines file; a malformed line is an error that names the file and line. origin=True also
     writes where each row came from into it ("_where": "FILE, line N"), for the errors found in it later."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:  # decoded line by line, so that text in another encoding is named by its line
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # -sig: a byte-order mark is no text
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}, line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as "
+                                 "UTF-8") from None
             if line.strip():
                 try:
                     row = json.loads(line.rstrip("\r\n"))

@@ -40,21 +40,50 @@ def read_mc_rows(path: str) -> List[dict]:
     """The held-out multiple-choice questions, each checked, so that a bad row stops a run before it trains rather
     than after. Each row is {category, images, question, options, answer (the index of the right option)}."""
     rows = read_jsonl(path, origin=True)
+    if not rows:
+        raise ValueError(f"{path} holds no questions; expected one JSON object a line, as the README shows")
     strings = lambda x: isinstance(x, list) and all(isinstance(s, str) for s in x)
     for row in rows:
         options, answer = row.get("options"), row.get("answer")
         if not (isinstance(row.get("category"), str) and isinstance(row.get("question"), str)):
             problem = "'category' and 'question' must be strings"
+        elif row["category"] in ("mean", "chance"):  # the names of the summary's two entries
+            problem = f"'category' may not be {row['category']!r}, which the results use for their summary"
         elif not strings(row.get("images")):
             problem = "'images' must be a list of paths"
         elif not (strings(options) and len(options) > 1):
             problem = "'options' must be a list of at least 2 strings"
+        elif not all(o.strip() for o in options) or len({o.strip() for o in options}) < len(options):
+            problem = f"'options' must be different and not empty (a tie would always go to the first), got {options}"
+        elif any(IMAGE_TAG in s for s in [row["question"]] + options):
+            problem = f"{IMAGE_TAG} in the question or an option: the images listed in 'images' get theirs in front"
         elif not (type(answer) is int and 0 <= answer < len(options)):
             problem = f"'answer' must be the index of the right option, 0 to {len(options) - 1}, got {answer!r}"
         else:
             continue
         raise ValueError(f"{row['_where']}: {problem}")
     return rows
+
+
+def option_samples(row: dict, tokenizer, n_image_tokens: int) -> List[Sample]:
+    """A question's rows to score: the image placeholders, the question and its options, then one option as the
+    answer, for each option."""
+    question = IMAGE_TAG * len(row["images"]) + mc_prompt(row["question"], row["options"])
+    samples = []
+    for option in row["options"]:
+        conv = [{"role": "user", "content": question}, {"role": "assistant", "content": option}]
+        samples.append(Sample(*render_chat(conv, tokenizer, n_image_tokens), []))
+    return samples
+
+
+def check_fits(rows: Sequence[dict], tokenizer, n_image_tokens: int, max_len: int) -> None:
+    """A ValueError naming the first question whose images, question and longest option do not fit the context (the
+    model cannot score it), before a run trains or loads for minutes only to fail at its evaluation."""
+    for row in rows:
+        longest = max(len(s.ids) for s in option_samples(row, tokenizer, n_image_tokens))
+        if longest > max_len:
+            raise ValueError(f"{row['_where']}: with its images ({n_image_tokens} tokens each), the question and its "
+                             f"longest option are {longest} tokens, but the model's context is {max_len}")
 
 
 @torch.no_grad()
@@ -69,14 +98,10 @@ def multiple_choice(model, rows: Sequence[dict], tokenizer, processor, n_image_t
         samples: List[Sample] = []
         paths, which = [], []  # each question's images once; which: the images of every option's row, in order
         for row in chunk:
-            question = IMAGE_TAG * len(row["images"]) + mc_prompt(row["question"], row["options"])
             mine = list(range(len(paths), len(paths) + len(row["images"])))
             paths += [os.path.join(root, p) for p in row["images"]]  # absolute paths stay as they are
-            for option in row["options"]:
-                conv = [{"role": "user", "content": question}, {"role": "assistant", "content": option}]
-                ids, mask = render_chat(conv, tokenizer, n_image_tokens)
-                samples.append(Sample(ids, mask, []))
-                which += mine
+            samples += option_samples(row, tokenizer, n_image_tokens)
+            which += mine * len(row["options"])
         ids, targets, _ = collate(samples, tokenizer.pad_id)
         # The four rows of a question share its image: encode it once, then give each row its copy of the tokens.
         embeds = model.encode_images(torch.stack([processor(p) for p in paths]).to(device))[which] if paths else None

@@ -196,12 +196,19 @@ def test_a_bad_held_out_question_is_named_before_training(tmp_path):
     path = tmp_path / "eval_mc.jsonl"
     for bad, why in [({"answer": 2}, "'answer' must be the index of the right option, 0 to 1, got 2"),
                      ({"options": "ab"}, "'options' must be a list of at least 2 strings"),
+                     ({"options": ["a", " a"]}, "'options' must be different and not empty"),
+                     ({"options": ["a", " "]}, "'options' must be different and not empty"),
+                     ({"question": "<image_placeholder> Which?"}, "<image_placeholder> in the question or an option"),
+                     ({"category": "mean"}, "'category' may not be 'mean', which the results use"),
                      ({"images": None}, "'images' must be a list of paths")]:
         path.write_text(json.dumps(row) + "\n" + json.dumps(dict(row, **bad)) + "\n")
         with pytest.raises(ValueError, match=f"line 2: {why}"):
             read_mc_rows(str(path))
     path.write_text(json.dumps(row) + "\n")
     assert [r["answer"] for r in read_mc_rows(str(path))] == [1]
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="eval_mc.jsonl holds no questions"):
+        read_mc_rows(str(path))
 
 
 def test_bad_held_out_text_or_images_stop_a_run_before_it_trains_and_a_finished_stage_resumes(data, start_weights,
@@ -213,9 +220,15 @@ def test_bad_held_out_text_or_images_stop_a_run_before_it_trains_and_a_finished_
     args = ["--data", str(copy), "--stage", "1", "--init_from", start_weights, "--steps", "2", "--batch_size", "2",
             "--workers", "0", "--log_every", "1"]
     (copy / "eval_text.jsonl").write_text(text.replace('"text": ', '"text": 5, "was": ', 1))
-    with pytest.raises(SystemExit, match=r"eval_text.jsonl, line 1: 'text' must be a string; a held-out text row is"):
+    with pytest.raises(SystemExit, match=r"eval_text.jsonl, line 1: 'text' must be a string of text, without "):
         train.main(args + ["--out", str(tmp_path / "a")])
     (copy / "eval_text.jsonl").write_text(text)
+    long_option = mc.replace('"options": ["', '"options": ["' + "very " * 400, 1)  # past the 512-token context
+    (copy / "eval_mc.jsonl").write_text(long_option)
+    with pytest.raises(SystemExit, match=r"eval_mc.jsonl, line 1: with its images .36 tokens each., the question and "
+                                         r"its longest option are \d+ tokens, but the model's context is 512"):
+        train.main(args + ["--out", str(tmp_path / "b")])
+    (copy / "eval_mc.jsonl").write_text(mc)
     first_image = json.loads(mc.splitlines()[0])["images"][0]
     image = (copy / first_image).read_bytes()
     (copy / first_image).write_bytes(b"not a png")
