@@ -1038,6 +1038,11 @@ def bench_tokenizer(args):
 
 
 def _bench_tokenizer(args, Tokenizer):
+    for name in ("mb", "small_corpus_mb"):
+        if not getattr(args, name) > 0:
+            raise SystemExit(f"--{name.replace('_', '-')} must be above 0, got {getattr(args, name)}")
+    if args.tokenizer and not Path(args.tokenizer).exists():
+        raise SystemExit(f"--tokenizer {args.tokenizer}: no such file or folder")
     train, held_out = stdlib_texts()
     text = "".join(held_out)[: int(args.mb * 1e6)]
     n_bytes = len(text.encode("utf-8"))
@@ -1051,7 +1056,10 @@ def _bench_tokenizer(args, Tokenizer):
         corpus.append(t)
         size += len(t.encode("utf-8"))
     t0 = time.perf_counter()
-    small = Tokenizer.train(corpus, args.small_vocab)
+    try:
+        small = Tokenizer.train(corpus, args.small_vocab)
+    except ValueError as e:  # a vocabulary too small for the bytes and the special tokens, say
+        raise SystemExit(f"--small-vocab {args.small_vocab}: {e}") from None
     print(f"trained a {small.vocab_size:,}-id tokenizer on {size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
     runs = [("small", small)]
 
@@ -1069,7 +1077,10 @@ def _bench_tokenizer(args, Tokenizer):
             CACHE.mkdir(parents=True, exist_ok=True)
             big.save(path)
     t0 = time.perf_counter()
-    big = Tokenizer.load(path)  # a fresh instance: its caches start empty
+    try:
+        big = Tokenizer.load(path)  # a fresh instance: its caches start empty
+    except ValueError as e:  # not a tokenizer.json (Tokenizer.load says what is wrong with it)
+        raise SystemExit(str(e)) from None
     print(f"loaded {path} ({big.vocab_size:,} ids) in {time.perf_counter() - t0:.1f} s\n")
     runs.append(("big", big))
 
@@ -1166,16 +1177,41 @@ def small_args(args: str) -> str:
     return " ".join(words)
 
 
+def read_suite_records(path: str, parser) -> list:
+    """An earlier suite's records from its suite.jsonl, or a parser error saying what the file is instead."""
+    from nanovl.data import read_jsonl
+
+    where = "a suite run writes suite.jsonl into its --out"
+    if Path(path).is_dir():
+        parser.error(f"--tables {path} is a folder; expected the suite.jsonl in it ({where})")
+    if not Path(path).is_file():
+        parser.error(f"--tables {path}: no such file ({where})")
+    try:
+        records = read_jsonl(path)
+    except ValueError as e:
+        parser.error(f"--tables {e}")
+    for n, r in enumerate(records, 1):
+        if not (isinstance(r, dict) and isinstance(r.get("name"), str) and
+                isinstance(r.get("result"), (dict, type(None)))):
+            parser.error(f"--tables {path}, record {n}: not a suite run's record (name, args, seconds, result, error)")
+    if not records:
+        parser.error(f"--tables {path} holds no runs")
+    return records
+
+
 def run_suite(args) -> list:
     """Run the suite's runs (all, or --runs) one process each; return [{name, args, seconds, result or error}]."""
     import subprocess
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     wanted = args.runs.split(",") if args.runs else [name for name, _ in SUITE]
     unknown = set(wanted) - {name for name, _ in SUITE}
     if unknown:
         raise SystemExit(f"unknown suite runs {sorted(unknown)}; the suite has {', '.join(n for n, _ in SUITE)}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, or a place that may not be written
+        raise SystemExit(f"--out {out}: cannot make the folder ({e.strerror}); expected a folder to write into")
     start, records = time.perf_counter(), []
     for name, run_args in SUITE:
         if name not in wanted:
@@ -1374,12 +1410,15 @@ def main(argv=None):
         return result
     if args.what == "suite":
         if args.tables:
-            if not Path(args.tables).is_file():
-                parser.error(f"--tables {args.tables}: no such file (a suite run writes suite.jsonl into its --out)")
-            records = [json.loads(line) for line in Path(args.tables).read_text().splitlines() if line.strip()]
+            records = read_suite_records(args.tables, parser)
+        elif not args.budget >= 0:
+            parser.error(f"--budget must be 0 seconds or more, got {args.budget}")
         else:
             records = run_suite(args)
-        suite_tables(records)
+        try:
+            suite_tables(records)
+        except KeyError as e:
+            parser.error(f"a run's figures lack {e}: was {args.tables or args.out} written by another bench.py?")
         # The last line stays JSON, as for every bench, but short: the whole records are in suite.jsonl, and a line
         # of every figure printed after the tables would push them out of a log's tail.
         result["runs"] = [{k: r[k] for k in ("name", "seconds", "error")} for r in records]
@@ -1398,9 +1437,9 @@ def main(argv=None):
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
     defaults = DEFAULTS.get(args.config, DEFAULTS["small"])
-    for name in ("batch", "seq", "steps", "prompt_len", "new"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name, least in (("batch", 1), ("seq", 1), ("steps", 1), ("prompt_len", 1), ("new", 3)):
+        if getattr(args, name) is not None and getattr(args, name) < least:  # decode's first 2 tokens are timed apart
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be 0 or more, got {args.warmup}")
     if args.batch is None:

@@ -271,10 +271,28 @@ def test_bad_arguments_are_refused_with_a_reason(capsys):
                          (["--what", "train", "--batch", "0"], "--batch must be at least 1, got 0"),
                          (["--what", "decode", "--prompt-len", "600", "--new", "4"],
                           "604 tokens (--prompt-len + --new) do not fit the 'tiny' model's context of 512"),
+                         (["--what", "decode", "--new", "2"], "--new must be at least 3, got 2"),
+                         (["--what", "suite", "--budget", "-1"], "--budget must be 0 seconds or more, got -1.0"),
                          (["--what", "suite", "--tables", "missing.jsonl"], "--tables missing.jsonl: no such file")):
         with pytest.raises(SystemExit):
             bench.main(argv)
         assert reason in capsys.readouterr().err
+
+
+def test_suite_files_that_are_not_suite_records_are_refused_with_a_reason(capsys, tmp_path):
+    for content, reason in [("", "holds no runs"), ('{"name": "x", "result": 1}\n', "record 1: not a suite run's"),
+                            ('{"name": "x", "res', "line 1, column 15: not valid JSON"),
+                            ('{"name": "train-1.3b", "args": [], "seconds": 1, "error": null, "date": "d", '
+                             '"result": {"device_name": "cpu", "torch": "2"}}\n', "a run's figures lack")]:
+        (tmp_path / "suite.jsonl").write_text(content)
+        with pytest.raises(SystemExit):
+            bench.main(["--what", "suite", "--tables", str(tmp_path / "suite.jsonl")])
+        assert reason in capsys.readouterr().err, content
+    with pytest.raises(SystemExit):
+        bench.main(["--what", "suite", "--tables", str(tmp_path)])
+    assert "is a folder; expected the suite.jsonl in it" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--out .*suite.jsonl: cannot make the folder"):
+        bench.main(["--what", "suite", "--small", "--runs", "train-1.3b", "--out", str(tmp_path / "suite.jsonl")])
 
 
 def test_tokenizer_benchmark_still_runs(capsys, tmp_path):
@@ -288,6 +306,10 @@ def test_tokenizer_benchmark_still_runs(capsys, tmp_path):
     assert json.loads(last) == json.loads(json.dumps(result))
     assert [(r["name"], r["vocab"]) for r in result["runs"]] == [("small", 400), ("big", 280)]
     assert all(r["tokens_per_byte"] < 1 for r in result["runs"])  # merges happened: fewer tokens than bytes
+    for argv, reason in ((["--mb", "-1"], "--mb must be above 0, got -1.0"),  # (a slice [:-1000000] took it all)
+                         (["--tokenizer", str(tmp_path / "nope.json")], "nope.json: no such file or folder")):
+        with pytest.raises(SystemExit, match=reason):
+            bench.main(["--what", "tokenizer", "--small-vocab", "400", "--small-corpus-mb", "0.05"] + argv)
 
 
 def test_suite_runs_each_bench_in_its_own_process_and_prints_the_readme_tables(capsys, tmp_path):
