@@ -1270,6 +1270,9 @@ def suite_tables(records: list):
     first = next((r for r in records if r["result"]), None)
     if first:
         print(f"\n{first['result']['device_name']}, torch {first['result']['torch']}, {first['date']}\n")
+        if first["result"].get("config") == "tiny":
+            print("(--small: every run is the tiny preset's, at its small shapes; the rows name the runs they stand "
+                  "in for)\n")
 
     rows = []
     for run, part, their_name, work, their_h200, target in TARGETS:

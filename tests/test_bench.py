@@ -326,6 +326,7 @@ def test_suite_runs_each_bench_in_its_own_process_and_prints_the_readme_tables(c
            f"{pair['ratio']:.2f}x |" in printed
     assert "| SAM-B forward, 1024x1024, bf16, batch 8 | 56 images/s | not run |" in printed
     assert "| tiny | stage 1 | no | 2 x 80 |" in printed
+    assert "(--small: every run is the tiny preset's, at its small shapes; the rows name the runs" in printed
     again, reprinted = run(capsys, "--what", "suite", "--tables", str(tmp_path / "suite.jsonl"))
     assert reprinted == printed.split("\n\n", 1)[1]  # the tables again, from the file, without running anything
     _, skipped = run(capsys, "--what", "suite", "--small", "--runs", "train-1.3b", "--budget", "0", "--out",
