@@ -35,7 +35,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import sys
 import sysconfig
@@ -47,7 +46,7 @@ from tqdm import tqdm
 
 from nanovl.chat import IMAGE_TAG, prompt_string, render_chat, render_document, show
 from nanovl.config import FROM_SCRATCH, PRESETS, get_config
-from nanovl.data import default_folder, folder_kind, import_llava, quiet_worker, read_jsonl, write_jsonl
+from nanovl.data import LEFTOVER, default_folder, folder_kind, import_llava, quiet_worker, read_jsonl, write_jsonl
 from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
 from nanovl.tokenizer import Tokenizer
 
@@ -256,7 +255,7 @@ def prepare(args):
             return
         # Rebuilt whole: so anything else put in the folder (questions of one's own, notes) would go with it.
         ours = {"images", "meta.json", "tokenizer.json"} | {f"{k}.jsonl" for k in meta.get("counts", {})}
-        others = sorted(f for f in os.listdir(args.out) if f not in ours and not re.search(r"\.tmp\d+$", f))
+        others = sorted(f for f in os.listdir(args.out) if f not in ours and not LEFTOVER.fullmatch(f))
         if others:
             why = "new arguments" if meta["identity"].get("version") == VERSION else "a new version of the corpus"
             raise SystemExit(f"{args.out} is to be rebuilt ({why}), but it also holds {', '.join(others[:5])}, which "

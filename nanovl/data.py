@@ -62,6 +62,9 @@ def read_jsonl(path: str, origin: bool = False) -> List[dict]:
     return rows
 
 
+LEFTOVER = re.compile(r".*\.tmp\d+")  # the temporary file of a write_jsonl (FILE.tmpPID) whose process was killed
+
+
 def write_jsonl(path: str, rows: Sequence[dict]) -> None:
     """Write atomically: to a temporary name, then rename, so a killed run never leaves half a file."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -553,8 +556,7 @@ def import_llava(path: str, images_dir: str, out: str, workers: int = 1) -> str:
                (f". The file is broken: {broken}" if broken else ""))
     # Written aside, in a folder of the import's files only, then moved in: never a half-written folder.
     partial = out.rstrip("/") + ".partial"
-    if os.path.exists(partial) and not all(f in IMPORT_FILES or re.search(r"\.tmp\d+$", f)  # write_jsonl's, if killed
-                                           for f in os.listdir(partial)):
+    if os.path.exists(partial) and not all(f in IMPORT_FILES or LEFTOVER.fullmatch(f) for f in os.listdir(partial)):
         raise ValueError(f"{partial}, where an import is written before it is moved to {out}, holds files an import "
                          "does not write; move it out of the way")
     shutil.rmtree(partial, ignore_errors=True)  # what an interrupted import left
