@@ -38,27 +38,36 @@ from nanovl.chat import IMAGE_TAG, check_conversation, render_chat, render_docum
 from nanovl.image import ImageProcessor, load_image
 
 
+def read_text(path: str) -> str:
+    """A UTF-8 text file's text, without the byte-order mark some editors write; ValueError naming the file and line
+    for text in another encoding."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}: a compressed file, "
+                         "or text saved in another encoding?); save it as UTF-8") from None
+
+
 def read_jsonl(path: str, origin: bool = False) -> List[dict]:
     """All rows of a JSON-lines file; a malformed line is an error that names the file and line. origin=True also
     writes where each row came from into it ("_where": "FILE, line N"), for the errors found in it later."""
     rows = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:  # decoded line by line, so that text in another encoding is named by its line
-                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # -sig: a byte-order mark is no text
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}, line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x}); save the file as "
-                                 "UTF-8") from None
-            if line.strip():
-                try:
-                    row = json.loads(line.rstrip("\r\n"))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {n}, column {e.colno}: not valid JSON ({e.msg})") from None
-                if origin:
-                    if not isinstance(row, dict):
-                        raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
-                    row["_where"] = f"{path}, line {n}"
-                rows.append(row)
+    for n, line in enumerate(read_text(path).split("\n"), 1):  # "\n" only, as iter_json_rows splits
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}, line {n}, column {e.colno}: not valid JSON ({e.msg})") from None
+            if origin:
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+                row["_where"] = f"{path}, line {n}"
+            rows.append(row)
     return rows
 
 
@@ -294,21 +303,6 @@ class BrokenFile(ValueError):
     def __init__(self, message: str, is_row: bool = False):
         super().__init__(message)
         self.is_row = is_row
-
-
-def read_text(path: str) -> str:
-    """A UTF-8 text file's text, without the byte-order mark some editors write; ValueError naming the file and line
-    for text in another encoding."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}: a compressed file, "
-                         "or text saved in another encoding?); save it as UTF-8") from None
 
 
 def iter_json_rows(path: str):

@@ -185,7 +185,7 @@ def test_a_malformed_row_is_named_by_its_file_and_line(data_dir, tmp_path):
     with pytest.raises(ValueError, match="line 2: expected a JSON object, got list"):
         read_jsonl(str(path), origin=True)
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode() + "\n{\"text\": \"caf\u00e9\"}".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"rows.jsonl, line 2: not UTF-8 text \(byte 0xe9\); save the file as UTF-8"):
+    with pytest.raises(ValueError, match=r"rows.jsonl is not UTF-8 text \(byte 0xe9 at line 2: .*\); save it as UTF-8"):
         read_jsonl(str(path))  # (line 1's byte-order mark is fine)
     path.write_text(json.dumps(good) + "\n" + json.dumps(good)[:20] + "\n")  # a line cut short: where in it, too
     with pytest.raises(ValueError, match=r"rows.jsonl, line 2, column 10: not valid JSON \(Unterminated string "
