@@ -320,11 +320,11 @@ FREE_ON_RESUME = ("stage", "resume", "eval_only", "ckpt", "init_from", "tokenize
                   "image_cache", "stop_after")
 
 
-def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: dict) -> dict:
+def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: dict, world: int, say) -> dict:
     """A stage's ckpt.pt, after checking that it can be continued by this run: this stage, this model config and
     the same training settings (each difference is named). hp: the stage's hyperparameters as this run resolved
     them (the defaults filled in), compared with the checkpoint's, so that giving a default explicitly is no
-    difference."""
+    difference. world: the number of processes of this run; say: print, on the first one."""
     try:
         state = load_plain(path)
     except ValueError as e:
@@ -341,15 +341,30 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
         # The learning rate may change: a resume otherwise repeats the same steps bit for bit, so after a loss that
         # became NaN, a lower --lr is the way on from the last good checkpoint.
         if resolved and state["hparams"].get("lr") not in (None, hp["lr"]):
-            print(f"resuming with lr {hp['lr']} where the checkpoint's run had {state['hparams']['lr']}: from here "
-                  "the run is not the one the checkpoint's settings would give")
+            say(f"resuming with lr {hp['lr']} where the checkpoint's run had {state['hparams']['lr']}: from here "
+                "the run is not the one the checkpoint's settings would give")
+        # In stages 1-3 a step's batch is planned whole and its loss normalised over the whole step, so the same
+        # samples make the same step however they are split into micro-batches and processes (a test checks): a run
+        # killed for want of memory resumes with a smaller --micro_batch, or on another number of GPUs. Stage 0
+        # counts its contrastive pairs and scenes per micro-batch, so there the split is part of the run.
+        free = ("lr", "micro_batch") if stage > 0 else ("lr",)
+        was = state.get("split")  # [processes, micro-batch] of the run that wrote it (older checkpoints: none)
+        now = [world, split_batch(stage, tc, hp, world)[0]]
+        if was and was != now:
+            if stage == 0:
+                raise SystemExit(f"{path} was written by a run of {was[0]} process(es) x micro_batch {was[1]}; this "
+                                 f"one would be {now[0]} x {now[1]}. Stage 0 counts its contrastive pairs and scenes "
+                                 "per micro-batch, so resume it with the same processes and --micro_batch")
+            say(f"resuming with {now[0]} process(es) x micro_batch {now[1]} where the checkpoint's run had {was[0]} x "
+                f"{was[1]}: each step takes the same samples, split another way, so its sums round in another "
+                "order (the run goes on, but not bit for bit)")
         diff = [f"{k}: checkpoint {state['hparams'].get(k)!r} vs now {v!r}" for k, v in hp.items()
-                if resolved and k != "lr" and state["hparams"].get(k) != v]
+                if resolved and k not in free and state["hparams"].get(k) != v]
         diff += [f"--{k}: checkpoint {state['train'][k]!r} vs now {v!r}" for k, v in dataclasses.asdict(tc).items()
                  if k not in FREE_ON_RESUME and not (resolved and k in HPARAM_FIELDS) and k in state["train"]
                  and state["train"][k] != v]
         if diff:
-            hint = " (to fit in less memory, --grad_ckpt may change on resume)" if resolved and \
+            hint = " (to fit in less memory, --grad_ckpt may change on resume)" if resolved and stage == 0 and \
                 state["hparams"].get("micro_batch") != hp.get("micro_batch") else ""
             raise SystemExit(f"{path} was written by a run with other training settings:\n  " + "\n  ".join(diff) +
                              f"\npass the same settings to resume it{hint}")
@@ -728,7 +743,7 @@ def is_finished(out_dir: str) -> bool:
 
 
 def open_stage_folder(stage: int, tc: TrainConfig, cfg: VLConfig, hp: dict, out_dir: str, ckpt_path: str,
-                      master: bool, say):
+                      master: bool, world: int, say):
     """(finished, state): whether the stage is already done (with --resume), and the checkpoint to continue from
     (None: start from the beginning). A run never writes over another's results unasked: without --resume, a stage
     folder that holds a checkpoint or final weights stops the run before anything is written."""
@@ -751,7 +766,7 @@ def open_stage_folder(stage: int, tc: TrainConfig, cfg: VLConfig, hp: dict, out_
     if tc.resume and not os.path.exists(ckpt_path):
         say(f"stage {stage}: no checkpoint at {ckpt_path}; starting from the beginning")
         return False, None
-    return False, resumable_state(ckpt_path, stage, cfg, tc, hp) if tc.resume else None
+    return False, resumable_state(ckpt_path, stage, cfg, tc, hp, world, say) if tc.resume else None
 
 
 def stage_tokenizer(tc: TrainConfig, cfg: VLConfig, sources) -> Tokenizer:
@@ -930,7 +945,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                          f"{hp['steps']}): the run stops right after a checkpoint")
     out_dir = os.path.join(tc.out, f"stage{stage}")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    finished, state = open_stage_folder(stage, tc, cfg, hp, out_dir, ckpt_path, master, say)
+    finished, state = open_stage_folder(stage, tc, cfg, hp, out_dir, ckpt_path, master, world, say)
     if finished:
         return
     resume = state is not None
@@ -1035,7 +1050,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         if master:
             atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state(),
                          "config": cfg.to_dict(), "train": dataclasses.asdict(tc), "hparams": hp, "stage": stage,
-                         "metrics": metrics}, ckpt_path)
+                         "split": [world, micro], "metrics": metrics}, ckpt_path)
             write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
 
     net.train()

@@ -390,6 +390,27 @@ def test_resume_is_bitwise_identical(data, start_weights, tmp_path):
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
+def test_a_run_killed_for_memory_resumes_with_a_smaller_micro_batch_except_in_stage_0(data, start_weights, tmp_path,
+                                                                                      capsys):
+    common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "4", "--batch_size", "4",
+              "--ckpt_every", "2", "--eval_limit", "5", "--workers", "0"]
+    train.main(common + ["--out", str(tmp_path / "whole"), "--micro_batch", "4"])
+    run(common + ["--out", str(tmp_path / "killed"), "--micro_batch", "4", "--stop_after", "2"])
+    capsys.readouterr()
+    train.main(common + ["--out", str(tmp_path / "killed"), "--micro_batch", "1", "--resume"])
+    assert ("resuming with 1 process(es) x micro_batch 1 where the checkpoint's run had 1 x 4: each step takes the same"
+            " samples" in capsys.readouterr().out)
+    whole, resumed = load_model(tmp_path / "whole" / "stage3"), load_model(tmp_path / "killed" / "stage3")
+    assert max((whole[k] - resumed[k]).abs().max().item() for k in whole) < 1e-5
+    # Stage 0 counts its contrastive pairs and scenes per micro-batch: there the split is part of the run.
+    state = torch.load(tmp_path / "killed" / "stage3" / "ckpt.pt", weights_only=True)
+    stage0 = tmp_path / "s0" / "stage0"
+    stage0.mkdir(parents=True)
+    torch.save(dict(state, stage=0, hparams=train.stage_defaults("tiny", 0), step=2), stage0 / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"run of 1 process\(es\) x micro_batch 1; this one would be 1 x 2\. Stage 0"):
+        train.main(["--data", data, "--stage", "0", "--out", str(tmp_path / "s0"), "--resume", "--micro_batch", "2"])
+
+
 def test_two_processes_match_one_with_the_same_global_batch(data, start_weights, tmp_path):
     common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "3", "--batch_size", "8",
               "--eval_limit", "5", "--workers", "0"]
