@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -396,12 +397,16 @@ def test_a_run_killed_for_memory_resumes_with_a_smaller_micro_batch_except_in_st
               "--ckpt_every", "2", "--eval_limit", "5", "--workers", "0"]
     train.main(common + ["--out", str(tmp_path / "whole"), "--micro_batch", "4"])
     run(common + ["--out", str(tmp_path / "killed"), "--micro_batch", "4", "--stop_after", "2"])
+    shutil.copytree(tmp_path / "killed", tmp_path / "killed2")
+    printed = run(common + ["--out", str(tmp_path / "killed2"), "--resume"], torchrun=2)  # micro_batch 4 -> 2 each
+    assert "resuming with 2 process(es) x micro_batch 2 where the checkpoint's run had 1 x 4" in printed
     capsys.readouterr()
     train.main(common + ["--out", str(tmp_path / "killed"), "--micro_batch", "1", "--resume"])
     assert ("resuming with 1 process(es) x micro_batch 1 where the checkpoint's run had 1 x 4: each step takes the same"
             " samples" in capsys.readouterr().out)
-    whole, resumed = load_model(tmp_path / "whole" / "stage3"), load_model(tmp_path / "killed" / "stage3")
-    assert max((whole[k] - resumed[k]).abs().max().item() for k in whole) < 1e-5
+    whole = load_model(tmp_path / "whole" / "stage3")
+    for resumed in (load_model(tmp_path / "killed" / "stage3"), load_model(tmp_path / "killed2" / "stage3")):
+        assert max((whole[k] - resumed[k]).abs().max().item() for k in whole) < 1e-5
     # Stage 0 counts its contrastive pairs and scenes per micro-batch: there the split is part of the run.
     state = torch.load(tmp_path / "killed" / "stage3" / "ckpt.pt", weights_only=True)
     stage0 = tmp_path / "s0" / "stage0"
