@@ -295,16 +295,8 @@ def load_weights(path: str, cfg: VLConfig) -> dict:
 
 def check_same_config(saved: dict, cfg: VLConfig, path: str):
     """Stop, naming each differing field, when a checkpoint was made for another model config."""
-    def fields(d, prefix=""):  # {"llm.n_layers": 4, ...}: the parts' fields one by one
-        return {k: v for key, value in d.items() if key != "name"
-                for k, v in (fields(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
-                             ).items()}
-
-    same_types = lambda d: json.loads(json.dumps(d))  # tuples as lists, as a config.json holds them
-    saved, ours = fields(same_types(saved)), fields(same_types(cfg.to_dict()))
-    if saved != ours:
-        diff = [f"{k}: checkpoint {saved.get(k)} vs now {ours.get(k)}" for k in sorted(set(saved) | set(ours))
-                if saved.get(k) != ours.get(k)]
+    diff = [f"{k}: checkpoint {a} vs now {b}" for k, a, b in VLConfig.differences(saved, cfg.to_dict())]
+    if diff:
         raise SystemExit(f"{path} was trained with another model config:\n  " + "\n  ".join(diff) +
                          "\npass the same --config and overrides it was trained with")
 

@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -362,6 +363,7 @@ def load_nanovl(path, device="cpu", dtype=None, tokenizer=None):
     path = Path(path)
     file = path / "model.pt" if path.is_dir() else path
     weights, config = nanovl_state(load_plain(file), file)
+    warn_if_edited(file.parent / "config.json", config)
     cfg = VLConfig.from_dict(config)
     model = build_loaded(cfg, weights, str(file), device, dtype)
     tok_path = Path(tokenizer) if tokenizer else file.parent / "tokenizer.json"
@@ -370,6 +372,22 @@ def load_nanovl(path, device="cpu", dtype=None, tokenizer=None):
     tok = Tokenizer.load(tok_path)
     check_tokenizer_fits(tok, cfg, tok_path, exact=cfg.name in FROM_SCRATCH)  # as train.py checked it
     return model, tok, ImageProcessor.for_config(cfg)
+
+
+def warn_if_edited(copy: Path, config: dict):
+    """train.py writes the model config twice: inside model.pt, which is what loads, and as config.json beside it,
+    for people to read. An edit to config.json would change nothing, silently; say so instead."""
+    try:
+        written = json.loads(copy.read_text())
+    except (OSError, ValueError):  # none (a bare model.pt), or unreadable: there is nothing to compare
+        return
+    diff = VLConfig.differences(config, written) if isinstance(written, dict) else [("(the whole file)", "", "")]
+    if diff:
+        warnings.warn(f"{copy} differs from the config inside {copy.parent / 'model.pt'} (" +
+                      "; ".join(f"{k}: {b!r} there, {a!r} in model.pt" for k, a, b in diff[:3]) +
+                      (f"; and {len(diff) - 3} more" if len(diff) > 3 else "") + "). model.pt's config is the one "
+                      "its weights were trained with, and the one used: config.json is a copy written for reading, "
+                      "and editing it changes nothing", stacklevel=3)
 
 
 def check_tokenizer_fits(tok: Tokenizer, cfg: VLConfig, where, exact: bool = False):

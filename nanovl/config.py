@@ -233,6 +233,19 @@ class VLConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @staticmethod
+    def differences(a: dict, b: dict) -> list:
+        """[(field, a's value, b's value)] for each field on which two config dicts (to_dict's layout, or as JSON
+        read them back) differ, by dotted name ("llm.n_layers"); [] when they describe the same model."""
+        def fields(d, prefix=""):  # {"llm.n_layers": 4, ...}: the parts' fields one by one; the name is a label
+            return {k: v for key, value in d.items() if key != "name"
+                    for k, v in (fields(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value}
+                                 ).items()}
+
+        same_types = lambda d: json.loads(json.dumps(d))  # tuples as lists, as a config.json holds them
+        a, b = fields(same_types(a)), fields(same_types(b))
+        return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+    @staticmethod
     def from_dict(d: dict) -> "VLConfig":
         d = dict(d)
         known = {f.name for f in dataclasses.fields(VLConfig)}

@@ -1,6 +1,8 @@
 """Generation and sample.py: the cache gives the tokens a full recompute gives, sampling matches HF's logits
 processors and is seeded, a chat turn prefills only its new tokens, and bad input leaves a session as it was."""
 
+import json
+
 import pytest
 import torch
 from PIL import Image
@@ -311,6 +313,26 @@ def test_load_model_takes_a_dtype_and_a_tokenizer_and_refuses_one_that_does_not_
     Tokenizer.train([TEXT], tok.vocab_size - 10).save(bare / "small.json")
     with pytest.raises(ValueError, match=f"small.json has {tok.vocab_size - 10} tokens"):
         load_model(stage_folder, tokenizer=bare / "small.json")
+
+
+def test_an_edited_config_json_beside_model_pt_is_named_not_silently_ignored(stage_folder, tiny, tmp_path):
+    import shutil
+    import warnings
+    from nanovl.checkpoint import load_model
+    folder = tmp_path / "stage3"
+    shutil.copytree(stage_folder, folder)
+    (folder / "config.json").write_text(tiny.cfg.to_json())  # as train.py writes it: loads without a word
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_model(folder)
+    edited = json.loads(tiny.cfg.to_json())
+    edited["llm"]["max_seq_len"] *= 2  # a longer context, hoped for
+    (folder / "config.json").write_text(json.dumps(edited))
+    with pytest.warns(UserWarning, match=r"config.json differs from the config inside .*model.pt \(llm.max_seq_len: "
+                                         rf"{2 * tiny.cfg.llm.max_seq_len} there, {tiny.cfg.llm.max_seq_len} in "
+                                         r"model.pt\)\. model.pt's config is the one .* editing it changes nothing"):
+        model, _, _ = load_model(folder)
+    assert model.cfg.llm.max_seq_len == tiny.cfg.llm.max_seq_len
 
 
 def test_interactive_chat_takes_the_system_prompt(stage_folder, monkeypatch, capsys):
