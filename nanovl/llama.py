@@ -210,6 +210,38 @@ class LinearCrossEntropy(torch.autograd.Function):
                 None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype), None, None, None)
 
 
+def bad_token_count(ids, targets, vocab_size: int):
+    """How many ids, and targets other than -100, fall outside the vocabulary: a 0-d tensor, read by the caller
+    together with whatever else it checks, so that the checks cost one device sync."""
+    bad = ((ids < 0) | (ids >= vocab_size)).sum()
+    if targets is not None:
+        bad = bad + ((targets != -100) & ((targets < 0) | (targets >= vocab_size))).sum()
+    return bad
+
+
+def check_token_ids(ids, targets, pad_mask, vocab_size: int, check_range: bool = True):
+    """A ValueError saying what was expected and what was given, for token ids that are not an integer (B, T) tensor
+    of the vocabulary's ids, targets that are neither such ids nor -100, or targets or a pad_mask of another shape
+    (otherwise the embedding lookup or the loss fails deep inside torch, or on a GPU with a device-side assert).
+    check_range=False: the shapes and dtypes only, which need no device sync."""
+    what = lambda v: f"shape {tuple(v.shape)} of {v.dtype}" if torch.is_tensor(v) else type(v).__name__
+    is_int = lambda v: not (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool)
+    if not (torch.is_tensor(ids) and ids.ndim == 2 and is_int(ids)):
+        raise ValueError(f"expected token ids as an integer tensor of shape (B, T), got {what(ids)}")
+    for name, v in (("targets", targets), ("pad_mask", pad_mask)):
+        if v is not None and not (torch.is_tensor(v) and v.shape == ids.shape):
+            raise ValueError(f"expected {name} of the ids' shape {tuple(ids.shape)}, got {what(v)}")
+    if targets is not None and not is_int(targets):
+        raise ValueError(f"expected integer targets (the ids to predict, -100 where none is), got {targets.dtype}")
+    if check_range and int(bad_token_count(ids, targets, vocab_size)):
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+            raise ValueError(f"token ids must be in [0, {vocab_size}), the model's vocabulary; got ids from "
+                             f"{int(ids.min())} to {int(ids.max())} (ids of another tokenizer?)")
+        bad = targets[(targets != -100) & ((targets < 0) | (targets >= vocab_size))]
+        raise ValueError(f"targets must be ids in [0, {vocab_size}) or -100 (nothing to predict); got "
+                         f"{sorted(set(bad.tolist()))[:5]}")
+
+
 class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -275,6 +307,8 @@ class Llama(nn.Module):
         """
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        if idx is not None:  # (DeepSeekVL.forward checks its ids itself, and passes embeds)
+            check_token_ids(idx, targets, pad_mask, self.cfg.vocab_size)
         x = self.embed_tokens(idx) if embeds is None else embeds  # (B, T, C)
         B, T, _ = x.shape
         self.check_length(T, cache)

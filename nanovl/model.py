@@ -22,12 +22,13 @@ checkpoint's. RELEASED_PREFIXES is the whole mapping.
 import math
 from typing import Optional
 
+import torch
 import torch.nn as nn
 
 from nanovl.aligner import Aligner
 from nanovl.config import VLConfig
 from nanovl.image import low_resolution
-from nanovl.llama import KVCache, Llama
+from nanovl.llama import KVCache, Llama, bad_token_count, check_token_ids
 from nanovl.sam import SAM
 from nanovl.siglip import SigLIP
 
@@ -108,6 +109,9 @@ class DeepSeekVL(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != S or images.shape[3] != S:
             raise ValueError(f"expected images of shape (N, 3, {S}, {S}) for the {self.cfg.name!r} model, got "
                              f"{tuple(images.shape)}; the image processor pads and resizes to {S}x{S} RGB")
+        if not images.is_floating_point():  # uint8 pixels (read_image, np.array(pil)) would pass as 0-255 "floats"
+            raise ValueError(f"expected float pixels in [0, 1], as the image processor makes them, got {images.dtype}"
+                             " (divide uint8 pixels by 255, or use nanovl.image.ImageProcessor)")
         images = images.to(self.dtype)
         if self.sam is None:
             return self.aligner(self.siglip(images))  # (N, n, d_model)
@@ -128,18 +132,36 @@ class DeepSeekVL(nn.Module):
         Returns (logits (B, T, vocab), None) without targets, and (None, loss) with them: training never makes the
         full logits (Llama.forward).
         """
-        if ids.ndim != 2:
-            raise ValueError(f"expected token ids of shape (B, T), got {tuple(ids.shape)}")
+        check_token_ids(ids, targets, pad_mask, self.cfg.llm.vocab_size, check_range=False)
         if images is not None and image_embeds is not None:
             raise ValueError("give images or image_embeds, not both")
+        given = images if images is not None else image_embeds
+        for name, value, want in (("images", images, "(N, 3, S, S)"), ("image_embeds", image_embeds, "(N, n, C)")):
+            if value is not None and not (torch.is_tensor(value) and value.ndim == 4 - (name == "image_embeds")):
+                raise ValueError(f"expected {name} as one tensor of shape {want}, got " +
+                                 (f"shape {tuple(value.shape)}" + (" (one image needs a batch dimension: x[None])"
+                                                                   if value.ndim == 3 and name == "images" else "")
+                                  if torch.is_tensor(value) else type(value).__name__))
         self.llm.check_length(ids.shape[1], cache)  # fail before spending time on the images
         is_image = ids == self.cfg.image_token_id  # (B, T)
-        n_tok, per_image = int(is_image.sum()), self.cfg.n_image_tokens
-        given = images if images is not None else image_embeds
+        per_image = self.cfg.n_image_tokens
+        # Each span of image tokens must hold whole images (back-to-back images make one longer span): the length of
+        # the span that ends before position j is j minus the latest span start at or before j.
+        t = torch.arange(ids.shape[1] + 1, device=ids.device)
+        edge = torch.diff(is_image.int(), dim=1, prepend=is_image[:, :1] * 0, append=is_image[:, :1] * 0)  # (B, T+1)
+        span_start = torch.where(edge == 1, t, 0).cummax(dim=1).values  # (B, T+1)
+        cut = (edge == -1) & ((t - span_start) % per_image != 0)  # (B, T+1): True where a cut span ends
+        # What must hold before anything runs, read back in one go: one device sync per forward, not one per check.
+        n_tok, n_cut, n_bad = torch.stack([is_image.sum(), cut.sum(), bad_token_count(ids, targets,
+                                                                                       self.cfg.llm.vocab_size)]
+                                          ).tolist()
+        if n_bad:
+            check_token_ids(ids, targets, pad_mask, self.cfg.llm.vocab_size)  # raises, naming what is out of range
         n_given = 0 if given is None else given.shape[0]
-        if n_tok % per_image:
-            raise ValueError(f"{n_tok} <image_placeholder> tokens are not whole images of {per_image} each: an image "
-                             f"span was cut (expand each placeholder to {per_image} tokens, and keep spans whole)")
+        if n_cut:
+            raise ValueError(f"{n_cut} span(s) of <image_placeholder> tokens are not whole images of {per_image} "
+                             f"each: an image span was cut or split (expand each placeholder to {per_image} tokens "
+                             "in one run, and keep spans whole)")
         if n_tok // per_image != n_given:
             raise ValueError(f"expected {n_tok // per_image} images for {n_tok} <image_placeholder> tokens (each "
                              f"image fills {per_image}), got {n_given}; give one image per placeholder span, in order")

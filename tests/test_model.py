@@ -230,9 +230,44 @@ def test_image_count_must_match_placeholder_spans(tiny):
         model(ids, torch.rand(1, 3, 256, 256))
     with pytest.raises(ValueError, match="expected 0 images .* got 1"):
         model(torch.ones(1, 5, dtype=torch.long), torch.rand(1, 3, 256, 256))
-    with pytest.raises(ValueError, match="18 <image_placeholder> tokens are not whole images of 36 each: an image "
-                                         "span was cut"):
+    with pytest.raises(ValueError, match="1 span\\(s\\) of <image_placeholder> tokens are not whole images of 36 "
+                                         "each: an image span was cut"):
         model(ids[:, :19], None)
+    # The right total is not enough: each span must hold whole images, or embeddings land on the wrong tokens.
+    n = cfg.n_image_tokens
+    for rows, n_images in (([[1] + [3] * (n - 6) + [5] + [3] * (n + 6)], 2),  # 2 images, spans of 30 and 42
+                           ([[1] + [3] * (n // 2) + [5, 6] + [3] * (n // 2)], 1),  # one image split by text
+                           ([[1] * 3 + [3] * (n // 2), [3] * (n // 2) + [1] * 3], 1)):  # one image across two rows
+        with pytest.raises(ValueError, match="2 span\\(s\\) of <image_placeholder> tokens are not whole images"):
+            model(torch.tensor(rows), torch.rand(n_images, 3, 256, 256))
+    logits, _ = model(torch.tensor([[3] * 2 * n + [5]]), torch.rand(2, 3, 256, 256))  # back to back, at the start
+    assert logits.shape == (1, 2 * n + 1, cfg.llm.vocab_size)
+
+
+def test_pixels_ids_and_targets_of_the_wrong_kind_or_range_are_refused(tiny):
+    cfg, model = tiny
+    ids, _ = with_images(cfg, [[1, "I", 2]])
+    image = torch.rand(1, 3, 256, 256)
+    with pytest.raises(ValueError, match="expected float pixels in \\[0, 1\\].* got torch.uint8 \\(divide uint8"):
+        model(ids, (image * 255).byte())  # what torchvision.io.read_image gives: not 0-1 floats
+    with pytest.raises(ValueError, match=r"shape \(N, 3, S, S\), got shape \(3, 256, 256\) \(one image needs a batch"):
+        model(ids, image[0])
+    with pytest.raises(ValueError, match="expected images as one tensor of shape .*, got list"):
+        model(ids, [image[0]])
+    V = cfg.llm.vocab_size
+    for bad in (V, -1):  # out of the vocabulary: otherwise an IndexError deep in torch (on a GPU, a device assert)
+        with pytest.raises(ValueError, match=rf"token ids must be in \[0, {V}\), the model's vocabulary; got ids from"):
+            model(torch.tensor([[1, bad]]))
+        with pytest.raises(ValueError, match=rf"targets must be ids in \[0, {V}\) or -100 .*got \[{bad}\]"):
+            model(torch.tensor([[1, 5]]), targets=torch.tensor([[-100, bad]]))
+        with pytest.raises(ValueError, match=rf"token ids must be in \[0, {V}\)"):
+            model.llm(torch.tensor([[1, bad]]))  # the decoder alone checks its ids too
+    with pytest.raises(ValueError, match=r"expected targets of the ids' shape \(1, 3\), got shape \(1, 2\)"):
+        model(torch.tensor([[1, 5, 6]]), targets=torch.tensor([[5, 6]]))
+    with pytest.raises(ValueError, match="expected integer targets .* got torch.float32"):
+        model(torch.tensor([[1, 5]]), targets=torch.tensor([[5.0, 6.0]]))
+    with pytest.raises(ValueError, match=r"expected token ids as an integer tensor of shape \(B, T\), got shape"):
+        model(torch.tensor([[1.0, 5.0]]))
 
 
 def test_sequence_longer_than_context_is_refused(tiny):
