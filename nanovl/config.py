@@ -25,6 +25,7 @@ starting point: `get_config("tiny", **{"llm.n_layers": 2})` overrides any field.
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -197,8 +198,9 @@ class VLConfig:
         return self
 
     def type_problems(self) -> list:
-        """Each field whose value is not of its default's type (an int where a float is wanted will do), named; a
-        config read from a hand-edited file can hold anything."""
+        """Each field whose value is not of its default's type (an int where a float is wanted will do), or is a size,
+        rate or constant that is not a positive finite number, named: a config read from a hand-edited file or given
+        on the command line can hold anything (a depth of -1 built an empty decoder; a zero std, NaN logits)."""
         problems = []
         for prefix, part, cls in (("", self, VLConfig), ("siglip.", self.siglip, SigLIPConfig),
                                   ("sam.", self.sam, SAMConfig), ("aligner.", self.aligner, AlignerConfig),
@@ -223,6 +225,19 @@ class VLConfig:
                     problems.append(f"{prefix}{f.name} is {value!r}, expected " +
                                     {"int": "an integer", "float": "a number", "str": "a string", "tuple": "a list",
                                      "bool": "true or false"}.get(want.__name__, want.__name__))
+                    continue
+                # Every number of a config is a size, a count, a rate or a constant: finite and above 0 (an id, a
+                # block index or a pixel mean may also be 0).
+                zero = f.name in ("image_token_id", "global_blocks", "pixel_mean")
+                whole = f.name in ("global_blocks", "downsample_dims")
+                items = value if isinstance(value, tuple) else (value,) if number else ()
+                if not all((isinstance(v, int) if whole else isinstance(v, (int, float))) and not isinstance(v, bool)
+                           and math.isfinite(v) and (v >= 0 if zero else v > 0) for v in items):
+                    many = isinstance(value, tuple)
+                    problems.append(f"{prefix}{f.name} is {value!r}, expected " +
+                                    ("integers" if whole else "finite numbers" if many else "an integer" if want is int
+                                     else "a finite number") +
+                                    (" of 0 or more" if zero else " above 0"))
         return problems
 
     # JSON round trip, so a checkpoint carries the exact config it was trained with.
@@ -343,6 +358,8 @@ FROM_SCRATCH = ("tiny", "small")
 
 def _parse(value, current, name: str):
     """Turn a command-line string into the type of the field it overrides (int, float, bool, str, tuple, None)."""
+    if isinstance(value, list) and isinstance(current, tuple):
+        return tuple(value)  # from Python: a list where the field holds a tuple, as JSON gives them too
     if not isinstance(value, str):
         return value
     if value.lower() in ("none", "null"):

@@ -411,6 +411,21 @@ def test_bad_configs_are_refused_with_the_reason():
         get_config("tiny", **{"sam.pixel_mean": "none", "sam.pixel_std": "none"})
     with pytest.raises(ValueError, match="unknown config fields"):
         VLConfig.from_dict({"name": "x", "colour": "blue"})
+    # Sizes, rates and constants must be positive and finite: a depth of -1 built an empty decoder, a zero std or
+    # a NaN eps gave NaN logits, a zero head count a ZeroDivisionError.
+    for key, value, message in (("llm.n_layers", -1, "llm.n_layers is -1, expected an integer above 0"),
+                                ("llm.n_heads", 0, "llm.n_heads is 0, expected an integer above 0"),
+                                ("llm.norm_eps", "nan", "llm.norm_eps is nan, expected a finite number above 0"),
+                                ("llm.rope_theta", 0, "llm.rope_theta is 0, expected a finite number above 0"),
+                                ("siglip.pixel_std", "0,0,0", r"siglip.pixel_std is \(0.0, 0.0, 0.0\), expected "
+                                                              "finite numbers above 0"),
+                                ("sam.downsample_dims", (1.5, 2), r"sam.downsample_dims is \(1.5, 2\), expected "
+                                                                  "integers above 0"),
+                                ("sam.global_blocks", [-1], r"sam.global_blocks is \(-1,\), expected integers "
+                                                           "of 0 or more")):
+        with pytest.raises(ValueError, match=rf"invalid config 'tiny':\n  {message}$"):
+            get_config("tiny", **{key: value})
+    assert get_config("tiny", **{"sam.global_blocks": [0, 1]}).sam.global_blocks == (0, 1)  # a list, from Python
     # A config read from a file (a checkpoint's, edited by hand) can hold anything: each wrong type is named.
     good = get_config("tiny").to_dict()
     for edit, message in [({"llm": dict(good["llm"], dim="abc", rope_theta=10000)}, r"llm.dim is 'abc', expected an "
