@@ -20,6 +20,7 @@ Only the standard library: Python's `re` lacks \\p{N} and friends, so we build t
 import functools
 import heapq
 import json
+import numbers
 import re
 import reprlib
 import unicodedata
@@ -396,7 +397,14 @@ class Tokenizer:
         """Token ids -> text. Bytes are joined before UTF-8 decoding, so a character split across tokens comes back
         whole; bytes that are not valid UTF-8 (a cut-off sequence) become U+FFFD."""
         table, chunks = self._id_bytes, []
+        if hasattr(ids, "ndim") and hasattr(ids, "tolist"):  # a tensor or a numpy array
+            ids = ids.tolist() if ids.ndim else [ids.tolist()]
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise ValueError(f"expected a list of token ids, got {type(ids).__name__} {reprlib.repr(ids)}")
         for i in ids:
+            if not isinstance(i, numbers.Integral) or isinstance(i, bool):  # int(108.9) would decode as 108
+                raise ValueError(f"expected token ids (integers), got {reprlib.repr(i)} in {reprlib.repr(ids)}" +
+                                 (": decode one row at a time" if isinstance(i, (list, tuple)) else ""))
             i = int(i)
             if not 0 <= i < len(table) or table[i] is None:
                 raise ValueError(f"token id {i} is not in this tokenizer: valid ids are 0..{len(table) - 1}"

@@ -6,8 +6,10 @@ import re
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tokenizers
+import torch
 from tokenizers import Regex, decoders, models, normalizers, processors, trainers
 from tokenizers import pre_tokenizers as pt
 
@@ -281,3 +283,13 @@ def test_missing_file_and_bad_ids(ours, tmp_path):
         ours.decode([5, 1000])
     with pytest.raises(ValueError, match="0..999"):
         ours.decode([-1])
+    # Anything but integer ids is refused rather than coerced: int(108.9) decoded as 108, and a string's characters
+    # were read as ids one by one.
+    ids = ours.encode("hello world")
+    assert ours.decode(torch.tensor(ids)) == ours.decode(np.array(ids)) == ours.decode(ids) == "hello world"
+    with pytest.raises(ValueError, match=r"expected token ids \(integers\), got \d+\.9 in"):
+        ours.decode([i + 0.9 for i in ids])
+    with pytest.raises(ValueError, match="expected a list of token ids, got str '123'"):
+        ours.decode("123")
+    with pytest.raises(ValueError, match="decode one row at a time"):
+        ours.decode(torch.tensor([ids, ids]))
