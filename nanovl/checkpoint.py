@@ -125,8 +125,10 @@ def released_config(d: dict, image_token_id: int, name: str = "released") -> VLC
                                          "language_config.num_key_value_heads"),
                       ffn_dim=get("intermediate_size"),
                       # RoPE would run to max_position_embeddings (16384 released), but the models were trained at
-                      # 4096, so that is the context we allow unless the file says less.
-                      max_seq_len=min(get("max_position_embeddings"), TRAINED_CONTEXT),
+                      # 4096, so that is the context we allow unless the file says less. A nanovl export writes the
+                      # context its model was trained with, which is taken as it is.
+                      max_seq_len=get("max_position_embeddings") if d.get("exported_by") == EXPORTED_BY["exported_by"] else
+                      min(get("max_position_embeddings"), TRAINED_CONTEXT),
                       rope_theta=get("rope_theta", float), norm_eps=get("rms_norm_eps", float))
     cfg = VLConfig(name=name, siglip=siglip, sam=sam, llm=llm, image_token_id=image_token_id,
                    aligner=AlignerConfig(aligner.get("projector_type", "mlp_gelu"),
@@ -299,6 +301,7 @@ def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_s
     interrupted export never leaves a folder that looks complete. An existing folder is replaced only when it is
     empty or an earlier export (export_target): a stage folder, a data folder or anything else is refused, never
     deleted."""
+    check_dtype(dtype, (torch.float32, torch.bfloat16, torch.float16))  # what the released format holds
     cfg, folder = model.cfg, export_target(folder)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -418,9 +421,18 @@ def check_device(device: str):
         raise ValueError(f"--device {device} cannot be used here: {str(e).splitlines()[0].split('. ')[0]}") from None
 
 
+def check_dtype(dtype, allowed=(torch.float32, torch.bfloat16, torch.float16, torch.float64)):
+    """A ValueError unless dtype is None (keep the weights' own) or one of the floating-point torch dtypes allowed:
+    a string ("bf16") would otherwise be read as a device, and an integer dtype would round every weight."""
+    if dtype is not None and dtype not in allowed:
+        raise ValueError(f"dtype {dtype!r}: expected None (the weights' own) or one of " +
+                         ", ".join(map(str, allowed)))
+
+
 def load_model(path, device="cpu", dtype=None, tokenizer=None):
     """Either kind of checkpoint -> (model, tokenizer, processor), in eval mode."""
     check_device(device)
+    check_dtype(dtype)
     if is_released_folder(path):
         return load_released(path, device, dtype)
     if Path(path).is_dir() and any(Path(path).glob("model-*-of-*.safetensors")):

@@ -8,6 +8,7 @@ named as the official model names them, its weights written with the `safetensor
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -32,8 +33,8 @@ from test_tokenizer import deepseek_pre_tokenizer
 from test_vision import segment_anything_encoder, timm_siglip
 from nanovl import DeepSeekVL, get_config
 from nanovl.chat import IMAGE_TAG, render_chat
-from nanovl.checkpoint import (check_tokenizer_fits, export_released, init_from_parts, load_model, load_released,
-                               released_config)
+from nanovl.checkpoint import (TRAINED_CONTEXT, check_tokenizer_fits, export_released, init_from_parts, load_model,
+                               load_released, released_config)
 from nanovl.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, SAMConfig, SigLIPConfig
 from nanovl.model import nanovl_to_released
 from nanovl.tokenizer import BOS, EOS, IMAGE
@@ -290,6 +291,7 @@ def test_a_decoder_unlike_the_released_ones_survives_export_and_load(folder, tmp
     model, tok, proc = load_released(path)
     cfg = copy.deepcopy(model.cfg)
     cfg.llm.n_kv_heads, cfg.llm.rope_theta, cfg.llm.norm_eps = cfg.llm.n_heads // 2, 5e5, 1e-5
+    cfg.llm.max_seq_len = 2 * TRAINED_CONTEXT  # a released folder's context is capped at 4096; an export's is its own
     torch.manual_seed(0)
     gqa = DeepSeekVL(cfg).eval()
     assert gqa.llm.layers[0].self_attn.k_proj.weight.shape[0] < gqa.llm.layers[0].self_attn.q_proj.weight.shape[0]
@@ -298,6 +300,13 @@ def test_a_decoder_unlike_the_released_ones_survives_export_and_load(folder, tmp
     ids, pixels = chat_batch(tok, proc, cfg.n_image_tokens, seed=2)
     with torch.no_grad():
         assert torch.equal(again(ids, pixels)[0], gqa(ids, pixels)[0])
+    for dtype in (torch.int8, "bf16"):  # an int8 export wrote a folder that could not be loaded back
+        with pytest.raises(ValueError, match=rf"dtype {re.escape(repr(dtype))}: expected None \(the weights' own\) or "
+                                             "one of torch.float32, torch.bfloat16, torch.float16$"):
+            export_released(gqa, tok, tmp_path / "int8", dtype=dtype)
+        with pytest.raises(ValueError, match="expected None .* torch.float64$"):
+            load_model(tmp_path / "gqa", dtype=dtype)
+    assert not (tmp_path / "int8").exists()
 
 
 def test_export_replaces_only_an_earlier_export(folder, tmp_path, monkeypatch):
