@@ -127,8 +127,8 @@ def released_config(d: dict, image_token_id: int, name: str = "released") -> VLC
                       # RoPE would run to max_position_embeddings (16384 released), but the models were trained at
                       # 4096, so that is the context we allow unless the file says less. A nanovl export writes the
                       # context its model was trained with, which is taken as it is.
-                      max_seq_len=get("max_position_embeddings") if d.get("exported_by") == EXPORTED_BY["exported_by"] else
-                      min(get("max_position_embeddings"), TRAINED_CONTEXT),
+                      max_seq_len=get("max_position_embeddings") if d.get("exported_by") == "nanovl" else
+                      min(get("max_position_embeddings"), TRAINED_CONTEXT),  # ("nanovl": EXPORTED_BY, below)
                       rope_theta=get("rope_theta", float), norm_eps=get("rms_norm_eps", float))
     cfg = VLConfig(name=name, siglip=siglip, sam=sam, llm=llm, image_token_id=image_token_id,
                    aligner=AlignerConfig(aligner.get("projector_type", "mlp_gelu"),
