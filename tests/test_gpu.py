@@ -143,3 +143,15 @@ def test_sam_in_bf16_matches_segment_anything_in_fp32():
         expected = ref(x)
         got = ours.neck(ours.trunk(x.to(DEVICE, torch.bfloat16))[0].permute(0, 3, 1, 2))
     assert rel_error(got, expected) < 2e-2
+
+
+def test_the_hybrids_low_resolution_input_in_bf16_is_torchvisions():
+    import torchvision.transforms as T
+
+    from nanovl.image import low_resolution
+
+    # torchvision resizes a bf16 tensor in fp32 and rounds back; the device's own bf16 kernel would not give the same
+    # pixels (a fifth of them off by up to a grey level), so ours must do as torchvision does, bit for bit.
+    x = torch.rand(2, 3, 1024, 1024, device=DEVICE).to(torch.bfloat16)
+    expected = T.Resize(384, antialias=True)(x)
+    assert expected.dtype == torch.bfloat16 and torch.equal(low_resolution(x, 384), expected)
