@@ -79,8 +79,10 @@ def _tower_config(params: dict, known: dict, cls, where: str):
     if dims is None:
         raise ValueError(f"{where}: unknown vision tower model_name {name!r}; nanovl knows {sorted(known)} (or give "
                          f"the dimensions in a 'nanovl' entry, as export_released writes)")
-    if params.get("select_layer", -1) != -1 or params.get("select_feature", "same") != "same":
-        raise ValueError(f"{where}: select_layer {params.get('select_layer')} / select_feature "
+    # SigLIP's select_layer cuts the tower at build time (-1 keeps all its blocks); left out of the file, it takes
+    # CLIPVisionTower's default, -2, one block fewer. SAM's tower ignores both fields (facts sections 1 and 2).
+    if cls is SigLIPConfig and (params.get("select_layer", -2) != -1 or params.get("select_feature", "same") != "same"):
+        raise ValueError(f"{where}: select_layer {params.get('select_layer', '(absent: -2)')} / select_feature "
                          f"{params.get('select_feature')!r} are not supported (the released models use -1 / 'same')")
     stats = {k: tuple(params[k]) if params.get(k) is not None else None for k in ("pixel_mean", "pixel_std")}
     dims = {k: tuple(v) if isinstance(v, list) else v for k, v in dims.items()}
@@ -132,7 +134,7 @@ def released_config(d: dict, image_token_id: int, name: str = "released") -> VLC
                       rope_theta=get("rope_theta", float), norm_eps=get("rms_norm_eps", float))
     cfg = VLConfig(name=name, siglip=siglip, sam=sam, llm=llm, image_token_id=image_token_id,
                    aligner=AlignerConfig(aligner.get("projector_type", "mlp_gelu"),
-                                         _number(aligner.get("depth", 2), "aligner_config.params.depth")))
+                                         _number(aligner.get("depth", 1), "aligner_config.params.depth")))
     cfg.validate()
     for key, want in (("input_dim", siglip.width), ("n_embed", llm.dim)):
         if key in aligner and aligner[key] != want:

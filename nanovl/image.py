@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from nanovl.config import SIGLIP_MEAN, SIGLIP_STD, VLConfig
+from nanovl.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, VLConfig
 
 # 179 megapixels, where PIL itself refuses a file (2 x Image.MAX_IMAGE_PIXELS): a 108 MP phone photo loads (0.3 GB
 # decoded), and nothing near what would exhaust memory does.
@@ -108,9 +108,16 @@ class ImageProcessor:
     # preprocessor_config.json, the file a released model folder carries (VLMImageProcessor's fields).
     @staticmethod
     def from_dict(d: dict) -> "ImageProcessor":
+        # A field the file leaves out takes VLMImageProcessor's class default (CLIP's statistics, normalising on),
+        # as the official code would. A mean given as null pads with 127s, as official; there is then nothing to
+        # normalise with, so only do_normalize false goes with it (the 0.5 below gives the 127s, and divides nothing).
+        if d.get("do_normalize", True) and ("image_mean" in d or "image_std" in d) and \
+                (d.get("image_mean") is None or d.get("image_std") is None):
+            raise ValueError(f"preprocessor_config.json: image_mean {d.get('image_mean')} and image_std "
+                             f"{d.get('image_std')} with do_normalize true: normalising needs both")
         try:
-            mean = tuple(float(m) for m in (d.get("image_mean") or SIGLIP_MEAN))  # None pads with 127s, as official
-            std = tuple(float(s) for s in (d.get("image_std") or SIGLIP_STD))
+            mean = tuple(float(m) for m in (CLIP_MEAN if "image_mean" not in d else d["image_mean"] or SIGLIP_MEAN))
+            std = tuple(float(s) for s in (CLIP_STD if "image_std" not in d else d["image_std"] or SIGLIP_STD))
             proc = ImageProcessor(int(d["image_size"]), mean, std, bool(d.get("do_normalize", True)))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"preprocessor_config.json needs image_size (int), image_mean and image_std (3 numbers "

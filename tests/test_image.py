@@ -14,7 +14,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from nanovl import DeepSeekVL
-from nanovl.config import CLIP_MEAN, get_config
+from nanovl.config import CLIP_MEAN, CLIP_STD, get_config
 from nanovl.image import CachedProcessor, ImageProcessor, load_image, to_rgb
 
 
@@ -53,6 +53,14 @@ def test_processor_follows_the_model():
     assert ImageProcessor.for_config(get_config("tiny")).image_size == 256
     # A preprocessor_config.json without do_normalize normalises, as VLMImageProcessor's default
     assert ImageProcessor.from_dict({"image_size": 384, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}).normalize
+    # ... and one without image_mean and image_std takes the class defaults, CLIP's (facts section 8), not SigLIP's
+    bare = ImageProcessor.from_dict({"image_size": 1024, "do_normalize": False})
+    assert (bare.image_mean, bare.image_std, bare.pad_color) == (CLIP_MEAN, CLIP_STD, (122, 116, 104))
+    assert ImageProcessor.from_dict({"image_size": 384, "image_mean": None, "image_std": None,
+                                     "do_normalize": False}).pad_color == (127, 127, 127)  # null pads with 127s
+    with pytest.raises(ValueError, match="image_mean None and image_std None with do_normalize true: normalising "
+                                         "needs both"):
+        ImageProcessor.from_dict({"image_size": 384, "image_mean": None, "image_std": None})
 
 
 def make_mode(mode: str) -> Image.Image:

@@ -256,6 +256,17 @@ def test_released_configs_give_the_presets():
             siglip, model_name="siglip_so400m")}), 100015)
     with pytest.raises(ValueError, match="tie_word_embeddings = True is not supported"):
         released_config(dict(one, language_config=dict(one["language_config"], tie_word_embeddings=True)), 100015)
+    # A field left out takes the official code's default, not the released value: SigLIP's select_layer -2 (one block
+    # fewer, which nanovl does not build), the aligner's depth 1. SAM's tower ignores select_layer.
+    bare = {k: v for k, v in siglip.items() if k != "select_layer"}
+    with pytest.raises(ValueError, match=r"select_layer \(absent: -2\) / select_feature 'same' are not supported"):
+        released_config(dict(one, vision_config={"cls": "CLIPVisionTower", "params": bare}), 100015)
+    shallow = {k: v for k, v in one["aligner_config"]["params"].items() if k != "depth"}
+    assert released_config(dict(one, aligner_config={"params": shallow}), 100015).aligner.depth == 1
+    params = seven["vision_config"]["params"]
+    ignored = dict(params, high_res_cfg=dict(params["high_res_cfg"], select_layer=-2, select_feature="patch"))
+    assert released_config(dict(seven, vision_config={"cls": "HybridVisionTower", "params": ignored}), 100015) == \
+        released_config(seven, 100015)
 
 
 def test_export_loads_back_to_identical_outputs(folder, tmp_path):
