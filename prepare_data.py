@@ -50,7 +50,7 @@ from nanovl.data import LEFTOVER, default_folder, folder_kind, import_llava, qui
 from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
 from nanovl.tokenizer import Tokenizer
 
-VERSION = 7  # bump when the generators change, so old folders are rebuilt
+VERSION = 8  # bump when the generators change, so old folders are rebuilt
 
 
 # ---------------------------------------------------------------------------------------------------------------------

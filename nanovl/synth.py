@@ -43,6 +43,7 @@ TITLE_WORDS = ("Report", "Notes", "Summary", "Letter", "Minutes", "Agenda", "Inv
 ITEMS = ("apples", "pears", "plums", "grapes", "lemons", "melons", "cherries", "peaches")
 PAGE_WORDS = ("Welcome", "Shop", "Contact", "About", "News", "Login", "Search", "Gallery", "Blog", "Events")
 BUTTON_WORDS = ("Buy", "Send", "Join", "Next", "Save", "Go", "Open", "Start")
+BUTTON_COLORS = ("red", "green", "blue", "purple", "orange")  # also the bars' colours (white text reads on each)
 CATEGORIES = ("caption", "ocr", "chart", "code", "scene_text", "interleaved")
 # Segmentation labels for the stage-0 dense objective on SAM: 0 is background, then one per (shape, colour).
 SEG_LABELS = [(s, c) for s in SHAPES for c in COLORS]
@@ -74,7 +75,9 @@ def canvas_shape(rng: random.Random, size: int, shapes=((1, 1), (4, 3), (3, 4)))
 
 
 def multiple_choice(rng: random.Random, question: str, answer: str, pool) -> dict:
-    """Four options, the answer among them at a random place."""
+    """Four options, the answer among them at a random place. pool: the answers the generator can give to this
+    question, so that every option is right for some image: an option that never is (a yellow button, where buttons
+    are never yellow) can be ruled out without looking, and would lift chance above a quarter."""
     wrong = rng.sample([p for p in pool if p != answer], 3)
     options = wrong + [answer]
     rng.shuffle(options)
@@ -150,13 +153,14 @@ def scene_questions(rng: random.Random, objects: list) -> Tuple[List[Tuple[str, 
         if len(same_shape) == 1:
             qa.append((f"What colour is the {o['shape']}?", f"The {o['shape']} is {o['color']}."))
             choices.append(("color", o))
-        qa.append((f"Where is the {o['color']} {o['shape']}?", f"It is at the {o['place']}."))
+        if sum(p["shape"] == o["shape"] and p["color"] == o["color"] for p in objects) == 1:  # else: which one?
+            qa.append((f"Where is the {o['color']} {o['shape']}?", f"It is at the {o['place']}."))
     kind, o = rng.choice(choices) if choices and rng.random() < 0.7 else ("count", None)
     if kind == "color":
         mc = multiple_choice(rng, f"What colour is the {o['shape']}?", o["color"], list(COLORS))
         fact = f"The {o['shape']} is {o['color']}."
     else:
-        mc = multiple_choice(rng, "How many shapes are in the picture?", NUMBERS[n], NUMBERS[1:6])
+        mc = multiple_choice(rng, "How many shapes are in the picture?", NUMBERS[n], NUMBERS[1:5])
         fact = f"{NUMBERS[n].capitalize()} {'shape' if n == 1 else 'shapes'}."
     return qa, mc, fact
 
@@ -265,7 +269,7 @@ def make_bar_chart(rng: random.Random, size: int) -> Example:
     n = rng.randint(3, 5)
     items = rng.sample(ITEMS, n)
     values = rng.sample(range(1, 10), n)  # distinct, so "the tallest" is always one bar
-    color = COLORS[rng.choice(["red", "green", "blue", "purple", "orange"])]
+    color = COLORS[rng.choice(BUTTON_COLORS)]
     base, top, left = h * 0.82, h * 0.1, w * 0.08
     slot = (w - 2 * left) / n
     lf = font(int(min(slot * 0.28, h * 0.06)))
@@ -305,7 +309,7 @@ def make_table(rng: random.Random, size: int) -> Example:
     qa = [("How many rows does the table have, not counting the header?", f"It has {NUMBERS[rows]} rows."),
           ("Convert the table to markdown.", table)]
     mc = multiple_choice(rng, "How many rows does the table have, not counting the header?", NUMBERS[rows],
-                         NUMBERS[1:7])
+                         NUMBERS[2:6])
     return Example("chart", [img], IMAGE_TAG + table, qa, mc, caption=f"A table with {NUMBERS[rows]} rows.")
 
 
@@ -313,7 +317,7 @@ def make_code(rng: random.Random, size: int) -> Example:
     """A small web page laid out top to bottom from markup; the markup is the target."""
     img, draw, w, h = white_page(rng, size, ((3, 4), (1, 1)))
     heading, label = rng.choice(PAGE_WORDS), rng.choice(BUTTON_WORDS)
-    color = rng.choice(["red", "green", "blue", "purple", "orange"])
+    color = rng.choice(BUTTON_COLORS)
     body = " ".join(rng.sample(["fresh", "bread", "every", "day", "open", "late", "new", "books", "cheap", "tickets",
                                 "free", "coffee"], 3))
     elements = [("h1", heading), ("p", body)]
@@ -342,7 +346,7 @@ def make_code(rng: random.Random, size: int) -> Example:
             markup.append(f'<button style="background:{color}">{content}</button>')
     code = "\n".join(markup)
     qa = [("Write the HTML for this web page.", code), ("What colour is the button?", f"The button is {color}.")]
-    mc = multiple_choice(rng, "What colour is the button?", color, list(COLORS))
+    mc = multiple_choice(rng, "What colour is the button?", color, BUTTON_COLORS)
     return Example("code", [img], IMAGE_TAG + code, qa, mc, caption=f"A web page with a {color} button.")
 
 

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -131,10 +132,14 @@ def stated_answer(question: str, text: str) -> str:
 
 def test_every_multiple_choice_answer_is_what_the_example_states():
     kinds, shapes = set(), re.compile(rf"(\w+) ({'|'.join(SHAPES)})")
+    answers, offered = defaultdict(set), defaultdict(set)  # per question: the right options, and all options
     for category in [c for c in CATEGORIES if c != "interleaved"]:
-        for i in range(40):
+        for i in range(200):
             ex = make_example(category, random.Random(f"check-{category}-{i}"), 64, "A snippet of prose.")
             right = ex.mc["options"][ex.mc["answer"]]
+            kind = re.sub("|".join(SHAPES), "<shape>", ex.mc["question"])  # any shape may be any colour
+            answers[kind].add(right)
+            offered[kind].update(ex.mc["options"])
             assert right == stated_answer(ex.mc["question"], ex.text), (category, i, ex.mc, ex.text)
             assert len(set(ex.mc["options"])) == 4
             assert right.lower() in ex.caption.lower() and IMAGE_TAG not in ex.caption  # stage 0's one fact
@@ -143,9 +148,17 @@ def test_every_multiple_choice_answer_is_what_the_example_states():
                        else "rows" if "rows" in q else q))
             if ex.seg is not None:  # every shape is labelled by its (shape, colour), the background 0
                 drawn = {1 + SEG_LABELS.index((s, c)) for c, s in shapes.findall(ex.text) if c in COLORS}
+                scene = [(c, s) for c, s in shapes.findall(ex.text) if c in COLORS]
+                for q, _ in ex.qa:  # "where is the black square?" only of a scene with one black square
+                    if q.startswith("Where is the"):
+                        assert scene.count(tuple(q[len("Where is the "):-1].split())) == 1, (q, ex.text)
                 assert set(np.unique(np.asarray(ex.seg)).tolist()) == drawn | {0}, (category, i)
     # every kind of question is asked: colours and counts of shapes, tallest bars and table rows
     assert {("caption", "colour"), ("caption", "count"), ("chart", "tallest"), ("chart", "rows")} <= kinds
+    # Every option is the right answer to some image: one that never is (a yellow button, where buttons are never
+    # yellow; six rows, where tables have two to five) is ruled out without looking, and chance is above a quarter.
+    never = {q: sorted(offered[q] - answers[q]) for q in answers if offered[q] - answers[q]}
+    assert not never, never
 
 
 def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_path, capsys):
