@@ -35,7 +35,9 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import signal
 import sys
 import sysconfig
 import time
@@ -46,7 +48,8 @@ from tqdm import tqdm
 
 from nanovl.chat import IMAGE_TAG, prompt_string, render_chat, render_document, show
 from nanovl.config import FROM_SCRATCH, PRESETS, get_config
-from nanovl.data import LEFTOVER, default_folder, folder_kind, import_llava, quiet_worker, read_jsonl, write_jsonl
+from nanovl.data import (LEFTOVER, default_folder, folder_kind, import_llava, quiet_worker, read_jsonl, read_text,
+                         write_jsonl)
 from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
 from nanovl.tokenizer import Tokenizer
 
@@ -157,10 +160,11 @@ def build(args, out: str):
     print(f"nanovl data for preset {cfg.name!r}: {args.n} examples per category, images at {size} px, into {out}")
 
     docs = list(stdlib_docstrings())
-    for path in args.text:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            docs.append({"text": f.read(), "name": os.path.basename(path), "module": "user"})
-    train_docs = [d for d in docs if not is_held_out(d["text"])]
+    # Your own files (read and checked in main) are for training: none is held out, and none becomes a "what does
+    # X do in Python's module?" dialogue, which only a docstring answers.
+    docs += [{"text": text, "name": os.path.basename(path), "module": "user"} for path, text in args.user_text]
+    is_held_out_doc = lambda d: d["module"] != "user" and is_held_out(d["text"])
+    train_docs = [d for d in docs if not is_held_out_doc(d)]
     # The standard library repeats paragraphs across docstrings, whole or with a few words changed (inspect's
     # findsource and getsourcelines, os's spawnlpe and spawnvp). A held-out docstring with a paragraph that opens as
     # a training paragraph does (the same first 80 characters, whitespace flattened) would not be unseen text, so it
@@ -169,7 +173,7 @@ def build(args, out: str):
         return {p[:80] for p in (" ".join(q.split()) for q in doc["text"].split("\n\n")) if len(p) >= 80}
 
     seen = set().union(*map(openings, train_docs))
-    eval_docs = [d for d in docs if is_held_out(d["text"]) and not openings(d) & seen]
+    eval_docs = [d for d in docs if is_held_out_doc(d) and not openings(d) & seen]
     snippets = prose_paragraphs(train_docs)
     print(f"text: {len(docs)} documents ({sum(len(d['text']) for d in docs) / 1e6:.2f} MB), {len(eval_docs)} held out,"
           f" {len(snippets)} prose paragraphs for the OCR pages")
@@ -191,7 +195,8 @@ def build(args, out: str):
             for k, v in result.items():
                 rows[k] += v
 
-    rows["sft"] += [{"category": "text", "images": [], "conversation": text_dialogue(d)} for d in train_docs]
+    rows["sft"] += [{"category": "text", "images": [], "conversation": text_dialogue(d)} for d in train_docs
+                    if d["module"] != "user"]
     text_rows = [{"text": d["text"]} for d in train_docs]
     for name, data in list(rows.items()) + [("text", text_rows), ("eval_text", [{"text": d["text"]}
                                                                                  for d in eval_docs])]:
@@ -239,6 +244,34 @@ def arguments(ident: dict, out: str) -> list:
             "--image-size", str(ident["image_size"])] + (["--text", *ident["text"]] if ident.get("text") else [])
 
 
+# What build() writes: these names at the top of the folder, and in images/ only files named as generate() names them.
+BUILT = {"images", "meta.json", "tokenizer.json"} | {f"{k}.jsonl" for k in ("pretrain", "sft", "stage0", "eval_mc",
+                                                                             "text", "eval_text")}
+BUILT_IMAGE = re.compile(rf"({'|'.join(CATEGORIES)})/(train|eval)_\d{{6}}(_\d+)?(_seg)?\.png")
+
+
+def not_built(folder: str) -> list:
+    """What in a corpus folder (or a build's .partial) prepare_data.py did not write: a rebuild would delete it."""
+    others = sorted(f for f in os.listdir(folder) if f not in BUILT and not LEFTOVER.fullmatch(f))
+    for root, _, files in os.walk(os.path.join(folder, "images")):
+        rel = os.path.relpath(root, os.path.join(folder, "images"))
+        others += sorted(f"images/{os.path.normpath(os.path.join(rel, f))}" for f in files
+                         if not BUILT_IMAGE.fullmatch(os.path.normpath(os.path.join(rel, f)).replace(os.sep, "/")))
+    return others
+
+
+def clear_leftover(path: str, what: str):
+    """Remove what an interrupted run left at path (a build's .partial, or the folder it replaced), but only if
+    prepare_data.py wrote all of it: anything else is named, and left as it is."""
+    if not os.path.lexists(path):
+        return
+    others = not_built(path) if os.path.isdir(path) and not os.path.islink(path) else [os.path.basename(path)]
+    if others:
+        raise SystemExit(f"{path} is where {what}, but it holds {', '.join(others[:5])}, which prepare_data.py did not "
+                         "write: move it away (or remove it), then run again")
+    shutil.rmtree(path)
+
+
 def prepare(args):
     """Build the synthetic folder unless an identical one is already there; never leave a half-written folder."""
     kind = folder_kind(args.out)
@@ -253,29 +286,44 @@ def prepare(args):
         if meta.get("identity") == identity(args):
             print(f"{args.out} is already prepared with these arguments; nothing to do")
             return
-        # Rebuilt whole: so anything else put in the folder (questions of one's own, notes) would go with it.
-        ours = {"images", "meta.json", "tokenizer.json"} | {f"{k}.jsonl" for k in meta.get("counts", {})}
-        others = sorted(f for f in os.listdir(args.out) if f not in ours and not LEFTOVER.fullmatch(f))
+        # Rebuilt whole: so anything else put in the folder (questions of one's own, notes, pictures among the
+        # generated ones) would go with it.
+        others = not_built(args.out)
         if others:
             why = "new arguments" if meta["identity"].get("version") == VERSION else "a new version of the corpus"
             raise SystemExit(f"{args.out} is to be rebuilt ({why}), but it also holds {', '.join(others[:5])}, which "
                              "prepare_data.py did not write and the rebuild would delete: move "
                              f"{'them' if len(others) > 1 else 'it'} out of the folder first, or use another folder")
-    partial = args.out.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted build left
+    partial, old = args.out.rstrip("/") + ".partial", args.out.rstrip("/") + ".old"
+    clear_leftover(partial, "an interrupted build is left")
+    clear_leftover(old, "a replaced corpus is left by an interrupted swap")
     os.makedirs(partial)
     build(args, partial)
-    if os.path.exists(args.out):
-        shutil.rmtree(args.out)
-    os.replace(partial, args.out)
+    # The swap: the old folder moves aside, the new one takes its place, and only then is the old one deleted, so
+    # that at every moment one whole corpus exists (a killed swap leaves the old one in .old). Ctrl-C waits for it.
+    ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        if os.path.exists(args.out):
+            os.replace(args.out, old)
+        os.replace(partial, args.out)
+        if os.path.exists(old):
+            shutil.rmtree(old)
+    finally:
+        signal.signal(signal.SIGINT, ctrl_c)
 
 
 def show_samples(args):
     """Print rendered samples as the model sees them: [image xN] spans, supervised tokens inside ⟦ ⟧."""
     tok = Tokenizer.load(args.tokenizer)
-    n_img = get_config(args.config).n_image_tokens
+    try:  # the folder says what it was made for (a synthetic one: the preset's image tokens), else --config does
+        with open(os.path.join(args.out, "meta.json")) as f:
+            n_img = int(json.load(f)["n_image_tokens"])
+    except (OSError, ValueError, KeyError, TypeError):
+        n_img = get_config(args.config).n_image_tokens
     rng = random.Random(args.seed)
     for name in ("pretrain", "sft"):
+        if not os.path.isfile(os.path.join(args.out, f"{name}.jsonl")):
+            continue  # (an import has no pretraining documents when its rows are all chats)
         rows = read_jsonl(os.path.join(args.out, f"{name}.jsonl"))
         for row in rng.sample(rows, min(args.show, len(rows))):
             if name == "pretrain":
@@ -317,11 +365,14 @@ def main(argv=None):
                              "and swapped in only when whole)") from None
         print(report)
         return
-    for name, value, least in (("--n", args.n, 1), ("--workers", args.workers, 1),
-                               ("--image-size", args.image_size, 0)):
+    for name, value, least in (("--n", args.n, 1), ("--workers", args.workers, 1), ("--show", args.show, 0)):
         if value < least:
             p.error(f"{name} must be at least {least}, got {value}")
+    if args.image_size and args.image_size < 64:  # text of a few pixels, and shapes of one, could not be read
+        p.error(f"--image-size must be at least 64 (or 0, the preset's canvas), got {args.image_size}")
     args.out = args.out or default_folder(args.config)
+    if os.path.islink(args.out):  # build beside the folder it points to, and swap that one
+        args.out = os.path.realpath(args.out)
     if args.show:
         if folder_kind(args.out) == "missing":
             p.error(f"--show: {args.out} holds no prepared data; make it first (prepare_data.py --out {args.out})")
@@ -329,13 +380,30 @@ def main(argv=None):
         if not os.path.isfile(args.tokenizer):
             p.error(f"--show: no tokenizer at {args.tokenizer} to render with (a folder for a released preset, or a "
                     "LLaVA import, has none: pass --tokenizer, e.g. the released model's tokenizer.json)")
-        return show_samples(args)
+        try:
+            return show_samples(args)
+        except ValueError as e:  # a malformed row or tokenizer, named
+            raise SystemExit(str(e)) from None
     args.text = sorted(f for pattern in args.text for f in (glob.glob(pattern) or [pattern]))
+    args.user_text = []  # (path, text) of each --text file, checked now rather than found wrong in training
     for f in args.text:
         if not os.path.isfile(f):
-            p.error(f"--text file {f} does not exist")
+            p.error(f"--text {f} " + ("is a folder; expected text files (a pattern such as DIR/*.txt will do)"
+                                      if os.path.isdir(f) else "does not exist"))
+        try:
+            text = read_text(f)
+        except (ValueError, OSError) as e:
+            p.error(f"--text: {e}")
+        if not text.strip():
+            p.error(f"--text {f} is empty")
+        if IMAGE_TAG in text:
+            p.error(f"--text {f} holds {IMAGE_TAG}, which a model reads as an image's place, and a text-only "
+                    "document has no image: remove or reword it")
+        args.user_text.append((f, text))
     try:
         prepare(args)
+    except OSError as e:  # --out in a folder that cannot be written, or a full disk
+        raise SystemExit(f"cannot write {e.filename or args.out}: {e.strerror}") from None
     except KeyboardInterrupt:  # Ctrl-C: a line instead of a traceback
         raise SystemExit(f"\ninterrupted: {args.out} is as it was (the new data was being built aside, in "
                          f"{args.out.rstrip('/')}.partial, which the next run starts again)") from None

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import shutil
 from collections import defaultdict
 
 import numpy as np
@@ -173,8 +174,56 @@ def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_p
                                          "prepare_data.py did not write and the rebuild would delete: move it out"):
         prepare_data.main(["--out", str(again), "--n", "5", "--text", user_text])
     (again / "my_questions.jsonl").unlink()
+    (again / "images" / "caption" / "my_photo.png").write_bytes(b"mine")  # among the generated images: found too
+    with pytest.raises(SystemExit, match="but it also holds images/caption/my_photo.png, which prepare_data.py did"):
+        prepare_data.main(["--out", str(again), "--n", "5", "--text", user_text])
+    (again / "images" / "caption" / "my_photo.png").unlink()
+    # What an interrupted run left beside the folder is cleared only if this script wrote all of it.
+    partial = tmp_path / "again.partial"
+    (partial / "images" / "ocr").mkdir(parents=True)
+    (partial / "images" / "ocr" / "train_000003.png").write_bytes(b"half")
+    (partial / "thesis.tex").write_text("precious")
+    with pytest.raises(SystemExit, match=r"again.partial is where an interrupted build is left, but it holds "
+                                         "thesis.tex, which prepare_data.py did not write"):
+        prepare_data.main(["--out", str(again), "--n", "5", "--text", user_text])
+    assert (partial / "thesis.tex").read_text() == "precious"
+    (partial / "thesis.tex").unlink()
+    shutil.copytree(again, tmp_path / "again.old")  # the corpus a killed swap had moved aside
     prepare_data.main(["--out", str(again), "--n", "5", "--text", user_text])  # other arguments: rebuilt
-    assert "wrote" in capsys.readouterr().out and not os.path.exists(f"{again}.partial")
+    assert "wrote" in capsys.readouterr().out
+    assert not os.path.exists(partial) and not os.path.exists(tmp_path / "again.old")
+
+
+def test_your_own_text_files_are_checked_and_all_trained_on(data_dir, tmp_path, capsys):
+    # --text files are training text: none is held out (the hash split would keep about 3% of them from training),
+    # and none is made into a question about a Python module.
+    text = [r["text"] for r in read_jsonl(data_dir / "text.jsonl")]
+    assert sum(USER_TEXT in t for t in text) == 1
+    assert not any(USER_TEXT in r["text"] for r in read_jsonl(data_dir / "eval_text.jsonl"))
+    assert not any("gulliver" in json.dumps(r) for r in read_jsonl(data_dir / "sft.jsonl"))
+    out = ["--out", str(tmp_path / "d"), "--n", "1"]
+    for name, content, message in (("latin.txt", "Caf\xe9".encode("latin-1"), r"latin.txt is not UTF-8 text \(byte "
+                                                                              r"0xe9 at line 1"),
+                                   ("empty.txt", b" \n", "empty.txt is empty"),
+                                   ("tags.txt", IMAGE_TAG.encode(), "tags.txt holds <image_placeholder>, which a model "
+                                                                    "reads as an image's place")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(SystemExit):  # argparse's error: usage, then the message, on stderr
+            prepare_data.main(out + ["--text", str(tmp_path / name)])
+        assert re.search(message, capsys.readouterr().err), message
+    assert not os.path.exists(tmp_path / "d") and not os.path.exists(tmp_path / "d.partial")
+
+
+def test_bad_arguments_are_named_before_anything_is_written(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "d"), "--n", "1"]
+    for args, message in ((["--image-size", "8"], "--image-size must be at least 64 .or 0, the preset's canvas., got 8"),
+                          (["--show", "-1"], "--show must be at least 0, got -1"),
+                          (["--text", str(tmp_path)], "is a folder; expected text files"),
+                          (["--text", str(tmp_path / "latin.txt")], "latin.txt does not exist")):
+        with pytest.raises(SystemExit):
+            prepare_data.main(out + args)
+        assert re.search(message, capsys.readouterr().err), (args, message)
+    assert not os.path.exists(tmp_path / "d")
 
 
 def test_a_malformed_row_is_named_by_its_file_and_line(data_dir, tmp_path):
