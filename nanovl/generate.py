@@ -19,6 +19,9 @@ earlier answer is kept as the ids the model produced rather than re-encoded from
 """
 
 import math
+import numbers
+import os
+import reprlib
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
@@ -37,7 +40,14 @@ class Sampling:
     seed: int = 0
 
     def check(self) -> "Sampling":
-        """self, or ValueError naming each setting out of its range."""
+        """self, or ValueError naming each setting of the wrong type or out of its range."""
+        kinds = {"max_new_tokens": int, "top_k": int, "seed": int, "temperature": float, "top_p": float,
+                 "repetition_penalty": float}
+        wrong = [f"{name} must be {'an integer' if kind is int else 'a number'}, got {getattr(self, name)!r}"
+                 for name, kind in kinds.items() if isinstance(getattr(self, name), bool) or
+                 not isinstance(getattr(self, name), int if kind is int else (int, float))]
+        if wrong:  # (the ranges below compare numbers; max_new_tokens=2.5 would fail deep in the cache)
+            raise ValueError("bad sampling settings: " + "; ".join(wrong))
         # Sampling divides the fp32 logits by the temperature, and a repetition penalty divides some: far enough below
         # 1 (around 1e-37 for a logit of 30) a logit passes the largest float, and the softmax of inf is NaN. 1e-4 is a
         # floor well clear of that, and a temperature that small is greedy in effect anyway.
@@ -185,8 +195,24 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
     stopped gets for the rest of the batch's steps (it is cut off the returned ids); n_words: the tokenizer's
     vocabulary size (default: the model's; ids past it, the embedding's padding rows, are never picked); on_step:
     called with each step's (B,) new ids; compile: torch.compile the decoding step (DecodeStep).
+
+    A row also ends when the context is full: at most context - (longest prompt) new tokens, whatever
+    sampling.max_new_tokens says (ChatSession and sample.py say when an answer was cut there).
     """
+    if not isinstance(sampling, Sampling):
+        raise ValueError(f"expected sampling=Sampling(...), got {type(sampling).__name__}")
     s = sampling.check()
+    if torch.is_tensor(prompts):  # (B, T) ids, unpadded: a list of rows
+        prompts = prompts.tolist() if prompts.ndim == 2 else [prompts.tolist()] if prompts.ndim == 1 else prompts
+    if isinstance(prompts, (str, bytes)) or not all(isinstance(p, (list, tuple)) and
+                                                    all(isinstance(t, numbers.Integral) for t in p) for p in prompts):
+        raise ValueError(f"expected prompts as a list of token-id lists (one per prompt: [[1, 2, 3]] for one), got "
+                         f"{reprlib.repr(prompts)}")
+    if isinstance(stop_ids, numbers.Integral) or not all(isinstance(t, numbers.Integral) for t in stop_ids):
+        raise ValueError(f"expected stop_ids as a collection of token ids ({{eos_id}} for one), got {stop_ids!r}")
+    if images is not None and not torch.is_tensor(images):
+        raise ValueError(f"expected images as one (N, 3, S, S) tensor, got {type(images).__name__} (torch.stack a "
+                         "list of processed images)")
     if not prompts or not all(len(p) for p in prompts):
         raise ValueError(f"expected one or more prompts of at least one token each, got lengths "
                          f"{[len(p) for p in prompts]}")
@@ -255,7 +281,14 @@ class ChatSession:
         """One user turn -> the answer's text. `images` (PIL images or paths) fill the turn's placeholders in order.
         A bad image, a wrong image count or a conversation too long for the context raises ValueError and leaves the
         session as it was."""
+        if not isinstance(sampling, Sampling):
+            raise ValueError(f"expected sampling=Sampling(...), got {type(sampling).__name__}")
         s = sampling.check()
+        if not isinstance(content, str):
+            raise ValueError(f"expected the message as a string, got {type(content).__name__}")
+        if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple)):
+            raise ValueError(f"expected images as a list of PIL images or paths ([image] for one), got "
+                             f"{type(images).__name__}")
         if not content.strip():
             raise ValueError(f"the message is empty: expected some text, or an {IMAGE_TAG} for an image")
         n_tags = content.count(IMAGE_TAG)

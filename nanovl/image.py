@@ -159,6 +159,8 @@ class ImageProcessor:
             img = load_image(image, max_pixels or MAX_PIXELS)
         else:
             raise ValueError(f"expected an image as a PIL image or a path, got {type(image).__name__}")
+        if min(img.size) < 1:
+            raise ValueError(f"the image is {img.size[0]}x{img.size[1]} pixels: there is nothing in it to look at")
         return np.asarray(self.canvas(img))
 
     def to_tensor(self, pixels: np.ndarray) -> torch.Tensor:

@@ -75,6 +75,9 @@ class KVCache:
     """
 
     def __init__(self, cfg: LlamaConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        if not (isinstance(max_len, int) and max_len >= 1 and isinstance(batch_size, int) and batch_size >= 1):
+            raise ValueError(f"a cache needs a batch size and a length of at least 1, got {batch_size!r} and "
+                             f"{max_len!r}")
         if max_len > cfg.max_seq_len:
             raise ValueError(f"a cache of {max_len} tokens exceeds the model's context of {cfg.max_seq_len} tokens")
         shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
@@ -103,8 +106,9 @@ class CacheSlot(NamedTuple):
     pos: torch.Tensor
 
     def update(self, layer: int, k, v):
-        self.cache.k[layer].index_copy_(2, self.pos, k)  # (B, nkv, 1, hs) into slot pos
-        self.cache.v[layer].index_copy_(2, self.pos, v)
+        # (under autocast the new keys may come in another dtype than the cache's: index_copy_ does not convert)
+        self.cache.k[layer].index_copy_(2, self.pos, k.to(self.cache.k[layer].dtype))  # (B, nkv, 1, hs) into pos
+        self.cache.v[layer].index_copy_(2, self.pos, v.to(self.cache.v[layer].dtype))
         return self.cache.k[layer], self.cache.v[layer]  # (B, nkv, max_len, hs)
 
 
@@ -255,7 +259,7 @@ class Llama(nn.Module):
     def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
         """An empty cache on this model's device and dtype, by default as long as the context."""
         w = self.embed_tokens.weight
-        return KVCache(self.cfg, batch_size, max_len or self.cfg.max_seq_len, w.device, w.dtype)
+        return KVCache(self.cfg, batch_size, self.cfg.max_seq_len if max_len is None else max_len, w.device, w.dtype)
 
     def check_length(self, T: int, cache: Optional[KVCache] = None):
         """Raise ValueError if T new tokens (after what the cache holds) do not fit the context or the cache."""

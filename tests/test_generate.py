@@ -133,7 +133,10 @@ def test_sampling_settings_out_of_range_are_refused_and_the_smallest_allowed_one
                          (dict(temperature=1e-40), "temperature must be"), (dict(temperature=float("nan")), "temper"),
                          (dict(repetition_penalty=1e-40), "repetition_penalty must be at least 1e-4 and finite"),
                          (dict(repetition_penalty=float("inf")), "repetition_penalty must be"),
-                         (dict(seed=2 ** 64), "seed must be a 64-bit integer")]:
+                         (dict(seed=2 ** 64), "seed must be a 64-bit integer"),
+                         (dict(max_new_tokens=2.5), "max_new_tokens must be an integer, got 2.5"),
+                         (dict(top_k="5"), "top_k must be an integer, got '5'"),
+                         (dict(top_p=None), "top_p must be a number, got None")]:
         with pytest.raises(ValueError, match=message):
             Sampling(**bad).check()
     # Logits as large as any model gives, divided by the penalty then the temperature, stay finite: they sample.
@@ -210,6 +213,10 @@ def test_a_bad_turn_leaves_the_session_as_it_was(tiny, tok, tmp_path):
     for content, images, message in [(f"{IMAGE_TAG}{IMAGE_TAG}two?", [picture(1)], "2 <image_placeholder> but 1"),
                                      (f"{IMAGE_TAG}this?", [str(bad)], "cannot read image"),
                                      (f"{IMAGE_TAG}this?", [42], "a PIL image or a path, got int"),
+                                     (f"{IMAGE_TAG}this?", str(bad), "images as a list of PIL images or paths "
+                                                                     r"\(\[image\] for one\), got str"),
+                                     (f"{IMAGE_TAG}this?", [Image.new("RGB", (0, 3))], "0x3 pixels"),
+                                     (None, [], "expected the message as a string, got NoneType"),
                                      ("red " * 600, [], "shorten the message .or the system prompt.$"),
                                      (" \n", [], "the message is empty")]:
         with pytest.raises(ValueError, match=message):
@@ -234,6 +241,18 @@ def test_prompt_longer_than_the_context_or_empty_is_refused(tiny, tok):
     for prompts in ([], [[1, 2], []]):
         with pytest.raises(ValueError, match="one or more prompts of at least one token each"):
             generate(tiny, prompts)
+    # Arguments of the wrong kind are named, not met by a TypeError deep inside (a flat list of ids was "object of
+    # type 'int' has no len()"); a (B, T) tensor of ids is taken as B prompts.
+    s = Sampling(max_new_tokens=3)
+    assert generate(tiny, torch.tensor([[1, 5, 6]]), sampling=s) == generate(tiny, [[1, 5, 6]], sampling=s)
+    for kwargs, message in ((dict(prompts=[1, 5, 6]), r"prompts as a list of token-id lists \(one per prompt: "),
+                            (dict(prompts=[[1, 5]], stop_ids=2), "stop_ids as a collection of token ids"),
+                            (dict(prompts=[[1, 5]], sampling={"max_new_tokens": 3}), "sampling=Sampling"),
+                            (dict(prompts=[[1] + [3] * 36], images=[torch.rand(3, 256, 256)]), "images as one")):
+        with pytest.raises(ValueError, match=message):
+            generate(tiny, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # keys come in bf16, the cache is fp32: written all the same
+        assert len(generate(tiny, [[1, 5, 6]], sampling=s)[0]) == 3
 
 
 @pytest.fixture(scope="module")
