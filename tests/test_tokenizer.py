@@ -293,3 +293,7 @@ def test_missing_file_and_bad_ids(ours, tmp_path):
         ours.decode("123")
     with pytest.raises(ValueError, match="decode one row at a time"):
         ours.decode(torch.tensor([ids, ids]))
+    for text, message in ((None, "expected text as a string, got NoneType"), (b"hi", r"decode bytes first"),
+                          ("ok \ud800 then", r"a lone surrogate, '\\ud800', at character 3 \('ok ' before it\)")):
+        with pytest.raises(ValueError, match=message):
+            ours.encode(text)
