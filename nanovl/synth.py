@@ -214,9 +214,15 @@ def make_interleaved(rng: random.Random, size: int) -> Example:
 # Documents, charts and tables, web pages
 
 def wrap(draw, text: str, f, width: float) -> List[str]:
-    """Greedy word wrap to a pixel width."""
+    """Greedy word wrap to a pixel width. A word wider than a line (a URL, a dotted name) is broken where the line
+    ends, so that every character of the target text is on the page."""
     lines, line = [], ""
-    for word in text.split():
+    words = text.split()
+    for k, word in enumerate(words):
+        if draw.textlength(word, font=f) > width:
+            cut = max((i for i in range(1, len(word)) if draw.textlength(word[:i], font=f) <= width), default=1)
+            words[k + 1:k + 1] = [word[cut:]]  # the rest is the next word, broken again if it is still too wide
+            word = word[:cut]
         trial = f"{line} {word}".strip()
         if line and draw.textlength(trial, font=f) > width:
             lines.append(line)
@@ -272,7 +278,10 @@ def make_bar_chart(rng: random.Random, size: int) -> Example:
     color = COLORS[rng.choice(BUTTON_COLORS)]
     base, top, left = h * 0.82, h * 0.1, w * 0.08
     slot = (w - 2 * left) / n
-    lf = font(int(min(slot * 0.28, h * 0.06)))
+    size_px = int(min(slot * 0.28, h * 0.06))
+    while size_px > 6 and max(draw.textlength(item, font=font(size_px)) for item in items) > slot * 0.95:
+        size_px -= 1  # each label within its own bar's slot: "peaches" ran into "melons" in a third of the charts
+    lf = font(size_px)
     draw.line((left, base, w - left, base), fill=(0, 0, 0), width=2)
     for i, (item, v) in enumerate(zip(items, values)):
         x0 = left + i * slot + slot * 0.15

@@ -162,6 +162,27 @@ def test_every_multiple_choice_answer_is_what_the_example_states():
     assert not never, never
 
 
+def test_every_rendered_text_is_on_the_page_and_apart(monkeypatch):
+    from PIL import ImageDraw
+
+    from nanovl.synth import font, make_bar_chart, wrap
+    # An OCR page's lines: a word wider than the page (a URL) is broken, never drawn past the edge.
+    draw = ImageDraw.Draw(Image.new("RGB", (100, 100)))
+    f, text = font(12), "see http://xml.org/sax/features/namespaces-and-more for the details"
+    lines = wrap(draw, text, f, 90)
+    assert max(draw.textlength(line, font=f) for line in lines) <= 90 and "".join(lines).replace(" ", "") == text.replace(" ", "")
+    # A bar chart's labels each stay in their own bar's slot: "peaches" ran into "melons" in a third of the charts.
+    drawn = []
+    real_text = ImageDraw.ImageDraw.text
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, **kw: (
+        drawn.append((xy[0], self.textlength(text, font=kw["font"]), text)), real_text(self, xy, text, **kw))[1])
+    for seed in range(40):
+        drawn.clear()
+        make_bar_chart(random.Random(seed), 256)
+        labels = sorted((x, x + width) for x, width, text in drawn if not text.isdigit())
+        assert all(end < start for (_, end), (start, _) in zip(labels, labels[1:])), (seed, drawn)
+
+
 def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_path, capsys):
     again = tmp_path / "again"
     prepare_data.main(["--out", str(again), "--n", "6", "--workers", "1", "--text", user_text])  # 1 worker, same bytes
