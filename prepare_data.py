@@ -157,7 +157,8 @@ def build(args, out: str):
     cfg = get_config(args.config)
     size = args.image_size or cfg.image_size
     t0 = time.time()
-    print(f"nanovl data for preset {cfg.name!r}: {args.n} examples per category, images at {size} px, into {out}")
+    print(f"nanovl data for preset {cfg.name!r}: {args.n} examples per category, images at {size} px, into {args.out}"
+          + (f" (built in {out} first)" if out != args.out else ""))
 
     docs = list(stdlib_docstrings())
     # Your own files (read and checked in main) are for training: none is held out, and none becomes a "what does
@@ -384,7 +385,8 @@ def main(argv=None):
             return show_samples(args)
         except ValueError as e:  # a malformed row or tokenizer, named
             raise SystemExit(str(e)) from None
-    args.text = sorted(f for pattern in args.text for f in (glob.glob(pattern) or [pattern]))
+    # Absolute paths: the folder's identity names them, and train.py, run from anywhere, rebuilds from them.
+    args.text = sorted(os.path.abspath(f) for pattern in args.text for f in (glob.glob(pattern) or [pattern]))
     args.user_text = []  # (path, text) of each --text file, checked now rather than found wrong in training
     for f in args.text:
         if not os.path.isfile(f):

@@ -183,13 +183,15 @@ def test_every_rendered_text_is_on_the_page_and_apart(monkeypatch):
         assert all(end < start for (_, end), (start, _) in zip(labels, labels[1:])), (seed, drawn)
 
 
-def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_path, capsys):
+def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_path, capsys, monkeypatch):
     again = tmp_path / "again"
     prepare_data.main(["--out", str(again), "--n", "6", "--workers", "1", "--text", user_text])  # 1 worker, same bytes
     assert folder_digest(again) == folder_digest(data_dir)
     capsys.readouterr()
-    prepare_data.main(["--out", str(again), "--n", "6", "--text", user_text])
+    monkeypatch.chdir(os.path.dirname(user_text))  # the same file named another way: the same folder
+    prepare_data.main(["--out", str(again), "--n", "6", "--text", "./" + os.path.basename(user_text)])
     assert "already prepared" in capsys.readouterr().out
+    monkeypatch.undo()
     (again / "my_questions.jsonl").write_text("mine")  # what a rebuild would delete: it stops and says so
     with pytest.raises(SystemExit, match="to be rebuilt .new arguments., but it also holds my_questions.jsonl, which "
                                          "prepare_data.py did not write and the rebuild would delete: move it out"):
