@@ -643,7 +643,8 @@ def bench_train(args, cfg, device, dtype, spec):
         ids, targets, images = batches[i % len(batches)]
         mark("data")
         with autocast():
-            _, loss = model.llm(ids, targets=targets) if args.llm_only else model(ids, images, targets=targets)
+            _, loss = model.llm(ids, targets=targets, check_ids=False) if args.llm_only else \
+                model(ids, images, targets=targets)
         loss.backward()
         mark("llm" if args.llm_only else "forward+backward")
         optimizer_step()
@@ -801,7 +802,7 @@ def greedy(prefill, cache, llm, new: int, mark):
     mark("prefill")
     out = [tok]
     for i in range(new - 1):
-        logits, _ = llm(tok, cache=cache, last_only=True)  # (B, 1, vocab)
+        logits, _ = llm(tok, cache=cache, last_only=True, check_ids=False)  # (B, 1, vocab); argmax ids: no check
         tok = logits[:, -1:].argmax(-1)
         out.append(tok)
         if i == 0:

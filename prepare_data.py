@@ -275,6 +275,12 @@ def clear_leftover(path: str, what: str):
 
 def prepare(args):
     """Build the synthetic folder unless an identical one is already there; never leave a half-written folder."""
+    old = args.out.rstrip("/") + ".replaced-by-prepare_data"  # where the swap below moves the old corpus aside
+    if folder_kind(args.out) == "missing" and folder_kind(old) == "synthetic":  # killed between the swap's renames
+        if os.path.isdir(args.out):
+            os.rmdir(args.out)  # (empty)
+        os.replace(old, args.out)
+        print(f"{args.out}: put back from {old}, where an interrupted rebuild had moved it")
     kind = folder_kind(args.out)
     if kind in ("llava", "other"):  # only a corpus this script made is ever rebuilt in place
         raise SystemExit(f"--out {args.out} already holds " + ("a LLaVA import" if kind == "llava" else
@@ -295,13 +301,14 @@ def prepare(args):
             raise SystemExit(f"{args.out} is to be rebuilt ({why}), but it also holds {', '.join(others[:5])}, which "
                              "prepare_data.py did not write and the rebuild would delete: move "
                              f"{'them' if len(others) > 1 else 'it'} out of the folder first, or use another folder")
-    partial, old = args.out.rstrip("/") + ".partial", args.out.rstrip("/") + ".old"
+    partial = args.out.rstrip("/") + ".partial"
     clear_leftover(partial, "an interrupted build is left")
     clear_leftover(old, "a replaced corpus is left by an interrupted swap")
     os.makedirs(partial)
     build(args, partial)
     # The swap: the old folder moves aside, the new one takes its place, and only then is the old one deleted, so
-    # that at every moment one whole corpus exists (a killed swap leaves the old one in .old). Ctrl-C waits for it.
+    # that at every moment one whole corpus exists (one killed between the renames is put back by the next run).
+    # Ctrl-C waits for it.
     ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         if os.path.exists(args.out):
@@ -369,8 +376,9 @@ def main(argv=None):
     for name, value, least in (("--n", args.n, 1), ("--workers", args.workers, 1), ("--show", args.show, 0)):
         if value < least:
             p.error(f"{name} must be at least {least}, got {value}")
-    if args.image_size and args.image_size < 64:  # text of a few pixels, and shapes of one, could not be read
-        p.error(f"--image-size must be at least 64 (or 0, the preset's canvas), got {args.image_size}")
+    if args.image_size and args.image_size < 256:  # smaller, a chart's labels and a page's text no longer fit legibly
+        p.error(f"--image-size must be at least 256, the smallest preset's canvas (or 0, the preset's own), got "
+                f"{args.image_size}")
     args.out = args.out or default_folder(args.config)
     if os.path.islink(args.out):  # build beside the folder it points to, and swap that one
         args.out = os.path.realpath(args.out)

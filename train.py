@@ -335,21 +335,7 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
         if resolved and state["hparams"].get("lr") not in (None, hp["lr"]):
             say(f"resuming with lr {hp['lr']} where the checkpoint's run had {state['hparams']['lr']}: from here "
                 "the run is not the one the checkpoint's settings would give")
-        # In stages 1-3 a step's batch is planned whole and its loss normalised over the whole step, so the same
-        # samples make the same step however they are split into micro-batches and processes (a test checks): a run
-        # killed for want of memory resumes with a smaller --micro_batch, or on another number of GPUs. Stage 0
-        # counts its contrastive pairs and scenes per micro-batch, so there the split is part of the run.
-        free = ("lr", "micro_batch") if stage > 0 else ("lr",)
-        was = state.get("split")  # [processes, micro-batch] of the run that wrote it (older checkpoints: none)
-        now = [world, split_batch(stage, tc, hp, world)[0]]
-        if was and was != now:
-            if stage == 0:
-                raise SystemExit(f"{path} was written by a run of {was[0]} process(es) x micro_batch {was[1]}; this "
-                                 f"one would be {now[0]} x {now[1]}. Stage 0 counts its contrastive pairs and scenes "
-                                 "per micro-batch, so resume it with the same processes and --micro_batch")
-            say(f"resuming with {now[0]} process(es) x micro_batch {now[1]} where the checkpoint's run had {was[0]} x "
-                f"{was[1]}: each step takes the same samples, split another way, so its sums round in another "
-                "order (the run goes on, but not bit for bit)")
+        free = ("lr", "micro_batch") if stage > 0 else ("lr",)  # (the split of a step: see below)
         diff = [f"{k}: checkpoint {state['hparams'].get(k)!r} vs now {v!r}" for k, v in hp.items()
                 if resolved and k not in free and state["hparams"].get(k) != v]
         diff += [f"--{k}: checkpoint {state['train'][k]!r} vs now {v!r}" for k, v in dataclasses.asdict(tc).items()
@@ -360,6 +346,21 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
                 state["hparams"].get("micro_batch") != hp.get("micro_batch") else ""
             raise SystemExit(f"{path} was written by a run with other training settings:\n  " + "\n  ".join(diff) +
                              f"\npass the same settings to resume it{hint}")
+        # In stages 1-3 a step's batch is planned whole and its loss normalised over the whole step, so the same
+        # samples make the same step however they are split into micro-batches and processes (a test checks): a run
+        # killed for want of memory resumes with a smaller --micro_batch, or on another number of GPUs. Stage 0
+        # counts its contrastive pairs and scenes per micro-batch, so there the split is part of the run.
+        was = state.get("split")  # [processes, micro-batch] of the run that wrote it (older checkpoints: none)
+        now = [world, split_batch(stage, tc, hp, world)[0]]
+        if was and was != now:
+            if stage == 0:
+                raise SystemExit(f"{path} was written by a run of {was[0]} process(es) x micro_batch {was[1]}; this "
+                                 f"one would be {now[0]} x {now[1]}. Stage 0 counts its contrastive pairs and scenes "
+                                 "per micro-batch, so resume it with the same processes and --micro_batch (to fit in "
+                                 "less memory, --grad_ckpt may change on resume)")
+            say(f"resuming with {now[0]} process(es) x micro_batch {now[1]} where the checkpoint's run had {was[0]} x "
+                f"{was[1]}: each step takes the same samples, split another way, so its sums round in another "
+                "order (the run goes on, but not bit for bit)")
     return state
 
 
@@ -617,7 +618,7 @@ class Stage0Model(torch.nn.Module):
         self.model, self.heads = model, heads
 
     def forward(self, batch, reduction="sum"):
-        _, lm = self.model.llm(batch["ids"], targets=batch["targets"], reduction=reduction)
+        _, lm = self.model.llm(batch["ids"], targets=batch["targets"], reduction=reduction, check_ids=False)
         clip = self.heads.contrastive_loss(self.model, batch["pair_images"], batch["cap_ids"], batch["cap_len"])
         seg = self.heads.segmentation_loss(self.model.sam, batch["seg_images"], batch["seg_labels"]) \
             if "seg_images" in batch else torch.zeros((), device=lm.device)

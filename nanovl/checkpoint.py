@@ -47,6 +47,7 @@ SAM_MODELS = {"sam_b_downsample": dict(patch_size=16, width=768, depth=12, n_hea
 HF_LLAMA_DEFAULTS = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                          vocab_size=32000, max_position_embeddings=2048, rope_theta=10000.0, rms_norm_eps=1e-6)
 TRAINED_CONTEXT = 4096  # the released models were trained on 4096-token sequences (official README)
+EXPORTED_BY = {"exported_by": "nanovl"}  # in an export's config.json: what tells an earlier export from a look-alike
 
 
 def _shorten(items, n: int = 12) -> str:
@@ -129,8 +130,8 @@ def released_config(d: dict, image_token_id: int, name: str = "released") -> VLC
                       # RoPE would run to max_position_embeddings (16384 released), but the models were trained at
                       # 4096, so that is the context we allow unless the file says less. A nanovl export writes the
                       # context its model was trained with, which is taken as it is.
-                      max_seq_len=get("max_position_embeddings") if d.get("exported_by") == "nanovl" else
-                      min(get("max_position_embeddings"), TRAINED_CONTEXT),  # ("nanovl": EXPORTED_BY, below)
+                      max_seq_len=get("max_position_embeddings") if EXPORTED_BY.items() <= d.items() else
+                      min(get("max_position_embeddings"), TRAINED_CONTEXT),
                       rope_theta=get("rope_theta", float), norm_eps=get("rms_norm_eps", float))
     cfg = VLConfig(name=name, siglip=siglip, sam=sam, llm=llm, image_token_id=image_token_id,
                    aligner=AlignerConfig(aligner.get("projector_type", "mlp_gelu"),
@@ -268,7 +269,6 @@ EXPORT_FILES = re.compile(r"(config|tokenizer|tokenizer_config|preprocessor_conf
                           r"(\.index\.json)?|model-\d+-of-\d+\.safetensors")  # the names an export writes
 
 
-EXPORTED_BY = {"exported_by": "nanovl"}  # in an export's config.json: what tells an earlier export from a look-alike
 
 
 def export_target(folder) -> Path:
@@ -386,11 +386,15 @@ def warn_if_edited(copy: Path, config: dict):
         written = json.loads(copy.read_text())
     except (OSError, ValueError):  # none (a bare model.pt), or unreadable: there is nothing to compare
         return
-    diff = VLConfig.differences(config, written) if isinstance(written, dict) else [("(the whole file)", "", "")]
-    if diff:
-        warnings.warn(f"{copy} differs from the config inside {copy.parent / 'model.pt'} (" +
-                      "; ".join(f"{k}: {b!r} there, {a!r} in model.pt" for k, a, b in diff[:3]) +
-                      (f"; and {len(diff) - 3} more" if len(diff) > 3 else "") + "). model.pt's config is the one "
+    if not isinstance(written, dict):
+        diff, what = [], "is not a JSON object"
+    else:
+        diff = VLConfig.differences(config, written)
+        what = "differs from the config inside " + str(copy.parent / "model.pt") + " (" + "; ".join(
+            f"{k}: {b!r} there, {a!r} in model.pt" for k, a, b in diff[:3]) + (
+            f"; and {len(diff) - 3} more" if len(diff) > 3 else "") + ")"
+    if diff or not isinstance(written, dict):
+        warnings.warn(f"{copy} {what}. model.pt's config is the one "
                       "its weights were trained with, and the one used: config.json is a copy written for reading, "
                       "and editing it changes nothing", stacklevel=3)
 

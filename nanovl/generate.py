@@ -20,7 +20,6 @@ earlier answer is kept as the ids the model produced rather than re-encoded from
 
 import math
 import numbers
-import os
 import reprlib
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -286,7 +285,7 @@ class ChatSession:
         s = sampling.check()
         if not isinstance(content, str):
             raise ValueError(f"expected the message as a string, got {type(content).__name__}")
-        if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple)):
+        if not isinstance(images, (list, tuple)):  # (a path string would be read letter by letter)
             raise ValueError(f"expected images as a list of PIL images or paths ([image] for one), got "
                              f"{type(images).__name__}")
         if not content.strip():

@@ -294,7 +294,7 @@ class Llama(nn.Module):
         return self.lm_head(self.norm(x))[:, 0]  # (B, vocab)
 
     def forward(self, idx=None, embeds=None, targets=None, cache: Optional[KVCache] = None, pad_mask=None,
-                doc_ids=None, reduction: str = "mean", last_only: bool = False):
+                doc_ids=None, reduction: str = "mean", last_only: bool = False, check_ids: bool = True):
         """
         idx (B, T) token ids, or embeds (B, T, C) input embeddings.
         targets (B, T): the id each position should predict (already shifted, as in nanoGPT); -100 is ignored.
@@ -307,12 +307,15 @@ class Llama(nn.Module):
         callers that normalise by the supervised-token count of several micro-batches; with reduction="none" it is
         each position's cross-entropy (B, T), 0 where the target is -100, for scoring answers. last_only (generation, no
         targets) gives the logits of the last position only, (B, 1, vocab): a prompt of T tokens then costs one
-        lm_head row instead of T (with a 102400-word vocabulary, that is most of a short prompt's FLOPs).
+        lm_head row instead of T (with a 102400-word vocabulary, that is most of a short prompt's FLOPs). check_ids:
+        refuse ids (and targets) outside the vocabulary, which costs a device sync; False skips it (see below).
         """
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
         if idx is not None:  # (DeepSeekVL.forward checks its ids itself, and passes embeds)
-            check_token_ids(idx, targets, pad_mask, self.cfg.vocab_size)
+            # The range check reads a count back from the device: a training loop whose ids its own tokenizer made
+            # (stage 0, bench.py's decoder step) passes check_ids=False to keep its steps free of syncs.
+            check_token_ids(idx, targets, pad_mask, self.cfg.vocab_size, check_range=check_ids)
         x = self.embed_tokens(idx) if embeds is None else embeds  # (B, T, C)
         B, T, _ = x.shape
         self.check_length(T, cache)

@@ -136,12 +136,13 @@ class DeepSeekVL(nn.Module):
         if images is not None and image_embeds is not None:
             raise ValueError("give images or image_embeds, not both")
         given = images if images is not None else image_embeds
-        for name, value, want in (("images", images, "(N, 3, S, S)"), ("image_embeds", image_embeds, "(N, n, C)")):
-            if value is not None and not (torch.is_tensor(value) and value.ndim == 4 - (name == "image_embeds")):
-                raise ValueError(f"expected {name} as one tensor of shape {want}, got " +
-                                 (f"shape {tuple(value.shape)}" + (" (one image needs a batch dimension: x[None])"
-                                                                   if value.ndim == 3 and name == "images" else "")
-                                  if torch.is_tensor(value) else type(value).__name__))
+        what = lambda v: f"shape {tuple(v.shape)}" if torch.is_tensor(v) else type(v).__name__
+        if images is not None and not (torch.is_tensor(images) and images.ndim == 4):
+            one = torch.is_tensor(images) and images.ndim == 3
+            raise ValueError(f"expected images as one tensor of shape (N, 3, S, S), got {what(images)}" +
+                             (" (one image needs a batch dimension: x[None])" if one else ""))
+        if image_embeds is not None and not (torch.is_tensor(image_embeds) and image_embeds.ndim == 3):
+            raise ValueError(f"expected image_embeds as one tensor of shape (N, n, C), got {what(image_embeds)}")
         self.llm.check_length(ids.shape[1], cache)  # fail before spending time on the images
         is_image = ids == self.cfg.image_token_id  # (B, T)
         per_image = self.cfg.n_image_tokens

@@ -55,7 +55,7 @@ class Stage0Heads(nn.Module):
         that way)."""
         features = model.siglip(images)  # (B, N, C)
         img = F.normalize(self.image_proj(features.mean(dim=1)), dim=-1)  # (B, E)
-        hidden, _ = self.text_tower(caption_ids)  # (B, L, E): the projection of every position
+        hidden, _ = self.text_tower(caption_ids, check_ids=False)  # (B, L, E): the projection of every position
         real = (torch.arange(caption_ids.shape[1], device=caption_ids.device) < caption_len[:, None]).to(hidden.dtype)
         txt = F.normalize((hidden * real[..., None]).sum(dim=1) / caption_len[:, None], dim=-1)  # (B, E)
         logits = img @ txt.T * self.log_t.exp() + self.bias  # (B, B)

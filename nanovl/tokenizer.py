@@ -380,7 +380,8 @@ class Tokenizer:
             raise ValueError(f"expected text as a string, got {type(text).__name__}" +
                              (" (decode bytes first: text.decode('utf-8'))" if isinstance(text, bytes) else ""))
         try:  # (UTF-8 cannot encode a lone surrogate: a broken character from a bad decode, or a JSON escape)
-            text.isascii() or text.encode("utf-8")
+            if not text.isascii():
+                text.encode("utf-8")
         except UnicodeEncodeError as e:
             raise ValueError(f"the text holds a lone surrogate, {text[e.start]!r}, at character {e.start} "
                              f"({text[max(0, e.start - 20):e.start]!r} before it), which is no character; fix the "

@@ -170,7 +170,8 @@ def test_every_rendered_text_is_on_the_page_and_apart(monkeypatch):
     draw = ImageDraw.Draw(Image.new("RGB", (100, 100)))
     f, text = font(12), "see http://xml.org/sax/features/namespaces-and-more for the details"
     lines = wrap(draw, text, f, 90)
-    assert max(draw.textlength(line, font=f) for line in lines) <= 90 and "".join(lines).replace(" ", "") == text.replace(" ", "")
+    assert max(draw.textlength(line, font=f) for line in lines) <= 90
+    assert "".join(lines).replace(" ", "") == text.replace(" ", "")  # every character, in order
     # A bar chart's labels each stay in their own bar's slot: "peaches" ran into "melons" in a third of the charts.
     drawn = []
     real_text = ImageDraw.ImageDraw.text
@@ -211,10 +212,18 @@ def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_p
         prepare_data.main(["--out", str(again), "--n", "5", "--text", user_text])
     assert (partial / "thesis.tex").read_text() == "precious"
     (partial / "thesis.tex").unlink()
-    shutil.copytree(again, tmp_path / "again.old")  # the corpus a killed swap had moved aside
+    shutil.copytree(again, tmp_path / "again.old")  # a backup of one's own, under an obvious name: never touched
+    aside = tmp_path / "again.replaced-by-prepare_data"
+    shutil.copytree(again, aside)  # what a rebuild killed after moving the old corpus aside leaves
     prepare_data.main(["--out", str(again), "--n", "5", "--text", user_text])  # other arguments: rebuilt
     assert "wrote" in capsys.readouterr().out
-    assert not os.path.exists(partial) and not os.path.exists(tmp_path / "again.old")
+    assert not os.path.exists(partial) and not os.path.exists(aside)
+    assert folder_digest(tmp_path / "again.old") == folder_digest(data_dir)
+    # Killed between the swap's two renames: no folder, the old corpus aside. The next run puts it back first.
+    os.replace(again, aside)
+    prepare_data.main(["--out", str(again), "--n", "5", "--text", user_text])
+    printed = capsys.readouterr().out
+    assert f"{again}: put back from {aside}" in printed and "already prepared" in printed
 
 
 def test_your_own_text_files_are_checked_and_all_trained_on(data_dir, tmp_path, capsys):
@@ -224,6 +233,11 @@ def test_your_own_text_files_are_checked_and_all_trained_on(data_dir, tmp_path, 
     assert sum(USER_TEXT in t for t in text) == 1
     assert not any(USER_TEXT in r["text"] for r in read_jsonl(data_dir / "eval_text.jsonl"))
     assert not any("gulliver" in json.dumps(r) for r in read_jsonl(data_dir / "sft.jsonl"))
+    held = next(f"My notes, page {i}." for i in range(1000) if prepare_data.is_held_out(f"My notes, page {i}."))
+    (tmp_path / "held.txt").write_text(held)  # a text the docstrings' hash split would hold out
+    prepare_data.main(["--out", str(tmp_path / "h"), "--n", "1", "--text", str(tmp_path / "held.txt")])
+    assert held in [r["text"] for r in read_jsonl(tmp_path / "h" / "text.jsonl")]
+    assert held not in [r["text"] for r in read_jsonl(tmp_path / "h" / "eval_text.jsonl")]
     out = ["--out", str(tmp_path / "d"), "--n", "1"]
     for name, content, message in (("latin.txt", "Caf\xe9".encode("latin-1"), r"latin.txt is not UTF-8 text \(byte "
                                                                               r"0xe9 at line 1"),
@@ -239,7 +253,7 @@ def test_your_own_text_files_are_checked_and_all_trained_on(data_dir, tmp_path, 
 
 def test_bad_arguments_are_named_before_anything_is_written(tmp_path, capsys):
     out = ["--out", str(tmp_path / "d"), "--n", "1"]
-    for args, message in ((["--image-size", "8"], "--image-size must be at least 64 .or 0, the preset's canvas.,"),
+    for args, message in ((["--image-size", "128"], "--image-size must be at least 256, the smallest preset's canvas"),
                           (["--show", "-1"], "--show must be at least 0, got -1"),
                           (["--text", str(tmp_path)], "is a folder; expected text files"),
                           (["--text", str(tmp_path / "latin.txt")], "latin.txt does not exist")):

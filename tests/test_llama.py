@@ -251,3 +251,16 @@ def test_packed_rows_match_samples_run_alone():
     assert max_diff(got[0, :24], alone) < ATOL
     with pytest.raises(ValueError, match="cannot be combined"):
         ours(packed, doc_ids=doc_ids, pad_mask=torch.ones_like(packed, dtype=torch.bool))
+
+
+def test_ids_are_range_checked_unless_the_caller_vouches_for_them():
+    # The check reads a count back from the device (a sync, and a graph break under torch.compile); training loops
+    # that made their ids with their own tokenizer skip it, and their step then compiles whole.
+    import torch._dynamo as dynamo
+
+    llm = Llama(LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=64, max_seq_len=32))
+    ids = torch.randint(0, 64, (2, 8))
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 64\)"):
+        llm(ids + 64)
+    assert dynamo.explain(llm)(ids, targets=ids, check_ids=False).graph_break_count == 0
+    assert dynamo.explain(llm)(ids, targets=ids).graph_break_count == 1

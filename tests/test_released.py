@@ -311,12 +311,17 @@ def test_a_decoder_unlike_the_released_ones_survives_export_and_load(folder, tmp
     ids, pixels = chat_batch(tok, proc, cfg.n_image_tokens, seed=2)
     with torch.no_grad():
         assert torch.equal(again(ids, pixels)[0], gqa(ids, pixels)[0])
+
+
+def test_export_and_load_refuse_a_dtype_that_is_not_floating_point(folder, tmp_path):
+    path, _ = folder
+    model, tok, _ = load_released(path)
     for dtype in (torch.int8, "bf16"):  # an int8 export wrote a folder that could not be loaded back
         with pytest.raises(ValueError, match=rf"dtype {re.escape(repr(dtype))}: expected None \(the weights' own\) or "
                                              "one of torch.float32, torch.bfloat16, torch.float16$"):
-            export_released(gqa, tok, tmp_path / "int8", dtype=dtype)
+            export_released(model, tok, tmp_path / "int8", dtype=dtype)
         with pytest.raises(ValueError, match="expected None .* torch.float64$"):
-            load_model(tmp_path / "gqa", dtype=dtype)
+            load_model(path, dtype=dtype)  # ("bf16" was read as a device)
     assert not (tmp_path / "int8").exists()
 
 

@@ -412,8 +412,11 @@ def test_a_run_killed_for_memory_resumes_with_a_smaller_micro_batch_except_in_st
     stage0 = tmp_path / "s0" / "stage0"
     stage0.mkdir(parents=True)
     torch.save(dict(state, stage=0, hparams=train.stage_defaults("tiny", 0), step=2), stage0 / "ckpt.pt")
-    with pytest.raises(SystemExit, match=r"run of 1 process\(es\) x micro_batch 1; this one would be 1 x 2\. Stage 0"):
+    with pytest.raises(SystemExit, match=r"other training settings:\n  micro_batch: checkpoint 4 vs now 2\npass the "
+                                         r"same settings to resume it \(to fit in less memory, --grad_ckpt may"):
         train.main(["--data", data, "--stage", "0", "--out", str(tmp_path / "s0"), "--resume", "--micro_batch", "2"])
+    with pytest.raises(SystemExit, match=r"run of 1 process\(es\) x micro_batch 1; this one would be 1 x 4\. Stage 0"):
+        train.main(["--data", data, "--stage", "0", "--out", str(tmp_path / "s0"), "--resume"])  # split [1, 1] saved
 
 
 def test_two_processes_match_one_with_the_same_global_batch(data, start_weights, tmp_path):
