@@ -283,10 +283,14 @@ def prepare(args):
         print(f"{args.out}: put back from {old}, where an interrupted rebuild had moved it")
     kind = folder_kind(args.out)
     if kind in ("llava", "other"):  # only a corpus this script made is ever rebuilt in place
-        raise SystemExit(f"--out {args.out} already holds " + ("a LLaVA import" if kind == "llava" else
-                                                               "files that prepare_data.py did not make (no meta.json "
-                                                               "of its own)") +
-                         "; choose another --out, or remove it first")
+        meta = os.path.join(args.out, "meta.json")
+        raise SystemExit(f"--out {args.out} " + (
+            "already holds a LLaVA import" if kind == "llava" else
+            "is a file, not a folder" if os.path.isfile(args.out) else
+            f"holds a meta.json that is not one prepare_data.py writes (cut short, or edited?), so the folder cannot "
+            "be told from one of yours" if os.path.isfile(meta) else
+            "already holds files that prepare_data.py did not make (no meta.json of its own)") +
+            "; choose another --out, or remove it first")
     if kind == "synthetic":
         with open(os.path.join(args.out, "meta.json")) as f:
             meta = json.load(f)

@@ -473,8 +473,12 @@ def test_no_folder_is_written_over_unless_this_script_made_it_for_the_same_purpo
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.txt").write_text("precious")
-    with pytest.raises(SystemExit, match="holds files that prepare_data.py did not make"):
+    with pytest.raises(SystemExit, match="already holds files that prepare_data.py did not make"):
         prepare_data.main(["--out", str(mine), "--n", "2"])
+    (mine / "meta.json").write_text('{"identity": {"vers')  # a corpus whose meta.json was cut short: named as such
+    with pytest.raises(SystemExit, match="holds a meta.json that is not one prepare_data.py writes .cut short"):
+        prepare_data.main(["--out", str(mine), "--n", "2"])
+    (mine / "meta.json").unlink()
     rows = tmp_path / "rows.jsonl"
     rows.write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}))
     with pytest.raises(SystemExit, match="holds files that no LLaVA import made"):
