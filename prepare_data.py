@@ -254,10 +254,12 @@ BUILT_IMAGE = re.compile(rf"({'|'.join(CATEGORIES)})/(train|eval)_\d{{6}}(_\d+)?
 def not_built(folder: str) -> list:
     """What in a corpus folder (or a build's .partial) prepare_data.py did not write: a rebuild would delete it."""
     others = sorted(f for f in os.listdir(folder) if f not in BUILT and not LEFTOVER.fullmatch(f))
-    for root, _, files in os.walk(os.path.join(folder, "images")):
-        rel = os.path.relpath(root, os.path.join(folder, "images"))
-        others += sorted(f"images/{os.path.normpath(os.path.join(rel, f))}" for f in files
-                         if not BUILT_IMAGE.fullmatch(os.path.normpath(os.path.join(rel, f)).replace(os.sep, "/")))
+    images = os.path.join(folder, "images")
+    for root, _, files in sorted(os.walk(images)):
+        for f in sorted(files):
+            rel = os.path.relpath(os.path.join(root, f), images).replace(os.sep, "/")  # caption/train_000001.png
+            if not BUILT_IMAGE.fullmatch(rel):
+                others.append(f"images/{rel}")
     return others
 
 

@@ -269,8 +269,6 @@ EXPORT_FILES = re.compile(r"(config|tokenizer|tokenizer_config|preprocessor_conf
                           r"(\.index\.json)?|model-\d+-of-\d+\.safetensors")  # the names an export writes
 
 
-
-
 def export_target(folder) -> Path:
     """The folder an export may write, resolved ("." has no name to put ".partial" after); ValueError for one that
     is not an earlier export (by its config.json: the same file names are not enough, a released model has them)."""
@@ -387,16 +385,16 @@ def warn_if_edited(copy: Path, config: dict):
     except (OSError, ValueError):  # none (a bare model.pt), or unreadable: there is nothing to compare
         return
     if not isinstance(written, dict):
-        diff, what = [], "is not a JSON object"
+        what = "is not a JSON object"
     else:
         diff = VLConfig.differences(config, written)
-        what = "differs from the config inside " + str(copy.parent / "model.pt") + " (" + "; ".join(
-            f"{k}: {b!r} there, {a!r} in model.pt" for k, a, b in diff[:3]) + (
-            f"; and {len(diff) - 3} more" if len(diff) > 3 else "") + ")"
-    if diff or not isinstance(written, dict):
-        warnings.warn(f"{copy} {what}. model.pt's config is the one "
-                      "its weights were trained with, and the one used: config.json is a copy written for reading, "
-                      "and editing it changes nothing", stacklevel=3)
+        if not diff:
+            return
+        shown = "; ".join(f"{k}: {b!r} there, {a!r} in model.pt" for k, a, b in diff[:3])
+        what = f"differs from the config inside {copy.parent / 'model.pt'} ({shown}" + (
+            f"; and {len(diff) - 3} more)" if len(diff) > 3 else ")")
+    warnings.warn(f"{copy} {what}. model.pt's config is the one its weights were trained with, and the one used: "
+                  "config.json is a copy written for reading, and editing it changes nothing", stacklevel=3)
 
 
 def check_tokenizer_fits(tok: Tokenizer, cfg: VLConfig, where, exact: bool = False):
