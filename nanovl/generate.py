@@ -313,11 +313,23 @@ class ChatSession:
             self.cache.length = start  # forget the half-written turn: the next one overwrites those slots
             raise
         # The cache now holds the turn and every answer token but the last (a token is fed back only to get the
-        # next one). The template closes each answer with <｜end▁of▁sentence｜>: it, and the answer's last token if
-        # the answer was cut at max_new_tokens, start the next turn.
-        answer = out[0].tolist()  # one row: it stops at its end-of-sentence, so no padding follows
+        # next one). The official CLI keeps an answer as its text (decoded without special tokens) and encodes the
+        # whole conversation again for the next turn (cli_chat.py, conv.update_last_message): the answer comes back
+        # as the ids of " " + its stripped text, closed by <｜end▁of▁sentence｜>, or, if it is empty, as nothing at
+        # all (conversation.py renders an empty message as the bare "Assistant:"). Where those are the generated ids,
+        # as they mostly are, the cache keeps them and only the answer's end (its last token if it was cut at
+        # max_new_tokens, and the end-of-sentence) starts the next turn; where not, the answer is dropped from the
+        # cache and the next turn feeds the text's ids in its place.
+        eos, answer = self.tok.eos_id, out[0].tolist()  # one row: it stops at its end-of-sentence, no padding
         held = self.cache.length - start - len(new)
-        self.ids += new + answer[:held]
-        self.pending = [t for t in answer[held:] if t != self.tok.eos_id] + [self.tok.eos_id]
+        text = self.tok.decode([t for t in answer if t not in self.tok.special_ids]).strip()
+        said = self.tok.encode(" " + text) if text else []  # the answer as render_chat writes it
+        if text and [t for t in answer if t != eos] == said:
+            self.ids += new + answer[:held]
+            self.pending = [t for t in answer[held:] if t != eos] + [eos]
+        else:
+            self.cache.length = start + len(new)
+            self.ids += new
+            self.pending = said + [eos] if text else []
         self.turns += 1
-        return self.tok.decode([t for t in answer if t != self.tok.eos_id]).strip()
+        return text

@@ -173,35 +173,55 @@ def test_chat_turns_prefill_only_their_new_tokens(tiny, tok, monkeypatch):
 
     chat = ChatSession(tiny, tok, proc)
     s = Sampling(max_new_tokens=6)
-    chat.ask(f"{IMAGE_TAG}what colour is the circle?", [picture(3)], s)
+    first = chat.ask(f"{IMAGE_TAG}what colour is the circle?", [picture(3)], s)
     turn1 = render_chat([{"role": "user", "content": f"{IMAGE_TAG}what colour is the circle?"}], tok,
                         tiny.cfg.n_image_tokens, generation_prompt=True)[0]
     assert chat.ids[:len(turn1)] == turn1 and fed[0] == len(turn1)  # the first prefill is the official prompt
-    assert chat.pending[-1] == tok.eos_id and len(chat.pending) <= 2  # the answer's end, fed with the next turn
+    assert chat.pending[-1] == tok.eos_id  # the answer's end (or all of it, see below), fed with the next turn
     fed.clear()
     stepped.clear()
-    pending, start = len(chat.pending), chat.cache.length
-    chat.ask("and the square?", [], s)
+    pending = len(chat.pending)
+    second = chat.ask("and the square?", [], s)
     assert fed == [pending + len(chat.turn_ids("and the square?"))]  # one pass over the new message only ...
     assert stepped and set(stepped) == {(1, 1)}  # ... then one token per decoding step,
-    assert chat.cache.length == start + fed[0] + len(stepped)  # each written once into the cache
+    assert chat.cache.length == len(chat.ids)  # and the cache holds exactly the ids the session says it does
     assert images_seen == [1]  # the image went through the towers once, in the first turn
     # a message is stripped, as render_chat strips it (the template's prompt_string does)
     assert chat.turn_ids(" and the square? \n") == chat.turn_ids("and the square?")
 
-    # The conversation is the template's: each answer is what decoding the conversation so far from scratch gives,
-    # closed by end-of-sentence, then the next user turn. And the cache is right: the third turn answers as
-    # decoding the whole conversation from scratch does.
+    # The conversation is the official CLI's: it keeps each answer as its text and encodes the whole conversation
+    # again (render_chat of the messages), whatever ids the model produced the text with. And the cache is right:
+    # the third turn answers as decoding that whole conversation from scratch does.
     pixels = proc(picture(3))[None]
-    conversation = list(turn1)
-    for content in ("and the square?", "and the sign?"):
-        answer = generate(tiny, [conversation], pixels, s, stop_ids={tok.eos_id}, n_words=tok.vocab_size)[0]
-        answer = [t for t in answer if t != tok.eos_id]
-        conversation += answer + [tok.eos_id] + chat.turn_ids(content)
-    assert chat.ids + chat.pending == conversation[:len(chat.ids + chat.pending)]
+    said = [{"role": "user", "content": f"{IMAGE_TAG}what colour is the circle?"},
+            {"role": "assistant", "content": first}, {"role": "user", "content": "and the square?"},
+            {"role": "assistant", "content": second}, {"role": "user", "content": "and the sign?"}]
+    official = render_chat(said, tok, tiny.cfg.n_image_tokens, generation_prompt=True)[0]
+    assert chat.ids + chat.pending == official[:len(chat.ids + chat.pending)]
     third = chat.ask("and the sign?", [], s)
-    expected = generate(tiny, [conversation], pixels, s, stop_ids={tok.eos_id}, n_words=tok.vocab_size)[0]
-    assert third == tok.decode([t for t in expected if t != tok.eos_id]).strip()
+    expected = generate(tiny, [official], pixels, s, stop_ids={tok.eos_id}, n_words=tok.vocab_size)[0]
+    assert third == tok.decode([t for t in expected if t not in tok.special_ids]).strip()
+    assert chat.cache.length == len(chat.ids)
+
+
+def test_a_chat_keeps_each_answer_as_the_official_cli_does_as_its_text_encoded_again(tiny, tok, monkeypatch):
+    """The official CLI keeps an answer as its text and encodes the whole conversation again for the next turn.
+    Generated ids that are the text's own encoding stay in the cache; any others are dropped from it, and the text's
+    ids take their place."""
+    import nanovl.generate as generation
+
+    word = next(w for w in TEXT.split() if w.isascii() and len(tok.encode(" " + w)) < len(w) + 1)  # merged ids
+    canonical = tok.encode(" " + word)
+    spelled = [i for ch in " " + word for i in tok.encode(ch)]  # the same text, an id per character
+    proc = ImageProcessor.for_config(tiny.cfg)
+    for ids, kept in ((canonical, True), (spelled, False)):
+        script = iter(ids + [tok.eos_id])  # the model "answers" with these ids
+        monkeypatch.setattr(generation, "pick", lambda *a: torch.tensor([next(script)]))
+        chat = ChatSession(tiny, tok, proc)
+        assert chat.ask("hello", [], Sampling(max_new_tokens=20)) == word
+        turn = start_ids(tok) + chat.turn_ids("hello")
+        assert chat.ids == turn + (ids if kept else []) and chat.cache.length == len(chat.ids)
+        assert chat.pending == ([] if kept else canonical) + [tok.eos_id]
 
 
 def test_a_bad_turn_leaves_the_session_as_it_was(tiny, tok, tmp_path):
