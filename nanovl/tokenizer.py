@@ -278,7 +278,7 @@ class Tokenizer:
         # to its text. (tokenizers byte-decodes it when every character is in the byte alphabet: DeepSeek's added
         # "ø" would come back as U+FFFD there; here it comes back as "ø".)
         self._added = {t["content"]: t["id"] for t in added_tokens}
-        # What decoding for display leaves out, as HF's decode(skip_special_tokens=True): the added tokens marked special
+        # What decoding for display leaves out, as HF's decode(skip_special_tokens=True): added tokens marked special
         self.special_ids = frozenset(t["id"] for t in added_tokens if t.get("special"))
         ids = [*vocab.values(), *self._added.values()]
         self._id_bytes = [None] * (max(ids) + 1 if ids else 0)
