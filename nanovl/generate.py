@@ -14,8 +14,8 @@ example decodes greedily, 512 new tokens at most.
 
 A chat turn (`ChatSession.ask`) feeds only what is new since the cache was last written: the end-of-sentence token
 that closes the previous answer, then "User: ...\\n\\nAssistant:". The system prompt, earlier turns and their images
-are never run again. The ids are the ones render_chat would give for the same conversation, except that each
-earlier answer is kept as the ids the model produced rather than re-encoded from its text.
+are never run again. The ids are the ones render_chat gives for the same conversation, each earlier answer encoded
+again from its text as the official CLI does (where the model's own ids for it differ, they leave the cache).
 """
 
 import math
