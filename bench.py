@@ -23,8 +23,9 @@ after warm-up steps that are not counted, with CUDA events on a GPU (no synchron
 perf_counter on CPU. On a GPU the training step runs in bf16 autocast with fp32 weights and fused AdamW, as train.py
 does; the inference benchmarks cast the weights to --dtype. Decoding is timed two ways: a bare greedy loop over the
 model and its KV cache (forward with one token, the simple path), and nanovl.generate (what sample.py runs: the
-fixed-shape DecodeStep, replayed as a CUDA graph on a GPU; with --compile, also compiled). On a CPU shared with other
-work, OMP_NUM_THREADS=1 gives steadier figures.
+fixed-shape DecodeStep, replayed as a CUDA graph on a GPU; with --compile, also compiled); then where a step of the
+latter goes (decode_breakdown: the step alone against generate's loop, and the step's kernels under torch.profiler).
+On a CPU shared with other work, OMP_NUM_THREADS=1 gives steadier figures.
 
 The FLOP model counts the multiply-adds of matrix products and convolutions, two FLOPs each, and nothing else
 (norms, softmax, activations, the optimizer and the embedding lookup are left out, as in PaLM's MFU, appendix B of
@@ -895,6 +896,14 @@ def bench_decode(args, cfg, device, dtype, spec):
               "bytes_per_s": need / runs[headline]["decode_s"], "bound_tokens_per_s": bound, **print_peak(device),
               "prompt_len": P, "new": new}
     args.partial(result)
+    try:  # after the figures above are out: a profiler that fails on this machine takes nothing with it
+        per_step_s = runs[headline]["decode_s"] / (new - 2)  # a step makes a token in every row
+        result["breakdown"] = decode_breakdown(model, ids, images, new, headline.endswith("compiled"), device,
+                                               per_step_s)
+        print_decode_breakdown(result["breakdown"], headline, per_step_s, bound)
+        args.partial(result)
+    except Exception as e:
+        report_failure("where a token goes", e, device)
     if not args.compare:
         return result
     # The decoder on a text prompt, against transformers' generate with the same weights.
@@ -962,6 +971,84 @@ def print_decoding(runs: dict, need: int, bound, new: int):
             f"{f['decode_s'] / (new - 2) * 1e3:.2f}", si(need / f["decode_s"], "B/s"),
             "-" if bound is None else f"{f['tokens_per_s'] / bound:.1%}"]
            for name, f in runs.items()])
+
+
+def decode_breakdown(model, prompt, images, new: int, compile: bool, device: str, per_token_s: float,
+                     top: int = 12) -> dict:
+    """Where nanovl.generate's time per token goes, in two measurements after the same prompt.
+
+    1. Its step alone (DecodeStep: on a GPU the replayed CUDA graph), called back to back with nothing between, new - 2
+       times. What generate spends beyond that per token (per_token_s) is its own loop: picking the token, the
+       bookkeeping, and the one device sync a token that asks whether every row has stopped, while the GPU waits.
+    2. The step's own work: run 5 times without the graph (step.run, the plain or compiled decode_step) under
+       torch.profiler, its GPU kernels (on CPU, its ops) summed by name. Their sum against the replay's time in 1
+       shows what the graph still spends between kernels.
+    Returns {step_s, loop_s, kernels_s, kernels: the top ones [{name, calls, s}] per step, device}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nanovl.generate import DecodeStep
+
+    B, P = prompt.shape
+    cache = model.llm.new_cache(B, max_len=P + new)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    with torch.inference_mode():
+        logits, _ = model(prompt, images, cache=cache, last_only=True)
+        tok = logits[:, -1:].argmax(-1)  # (B, 1): fed again at every step; the step's cost does not depend on it
+        step = DecodeStep(model.llm, cache, compile)
+        step(tok)  # records the graph on a GPU (and compiles, with compile)
+        step(tok)
+        n = new - 2  # the cache's P + new slots: P for the prompt, 2 for the warm-up, n timed
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step(tok)
+        sync()
+        step_s = (time.perf_counter() - t0) / n
+        runs = 5  # each rewrites the last slot written (step.pos), inside the cache
+        os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own log: errors only (on CPU it logs one)
+        kinds = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=kinds) as prof:
+            for _ in range(runs):
+                step.run(step.tok, cache, step.pos)
+            sync()
+
+    def self_us(e):  # a kernel's own time on the GPU (named device_time since torch 2.4, cuda_time before), or an op's
+        if device != "cuda":  # on the CPU
+            return e.self_cpu_time_total
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+    from torch.autograd import DeviceType
+
+    wanted = DeviceType.CUDA if device == "cuda" else DeviceType.CPU
+    rows = sorted(((e.key, e.count / runs, self_us(e) / 1e6 / runs) for e in prof.key_averages()
+                   if e.device_type == wanted and self_us(e) > 0), key=lambda r: -r[2])
+    return {"step_s": step_s, "loop_s": per_token_s - step_s, "kernels_s": sum(r[2] for r in rows),
+            "kernels": [{"name": name, "calls": calls, "s": s} for name, calls, s in rows[:top]],
+            "n_kinds": len(rows), "device": device, "batch": B}
+
+
+def print_decode_breakdown(b: dict, headline: str, per_token_s: float, bound):
+    """decode_breakdown's figures; bound: the bandwidth bound in tokens/s (all rows), or None."""
+    tokens_per_s = b["batch"] / b["step_s"]
+    print(f"where a step of {headline} goes (batch {b['batch']}, a token a row): {per_token_s * 1e3:.3f} ms; the "
+          f"step alone, called back to back, {b['step_s'] * 1e3:.3f} ms ({tokens_per_s:,.0f} tokens/s" +
+          (f", {tokens_per_s / bound:.1%} of the bound" if bound else "") +
+          f"); generate's own loop (picking, bookkeeping, a sync a token) the other {b['loop_s'] * 1e3:.3f} ms")
+    what, unit = ("kernel", "GPU") if b["device"] == "cuda" else ("op", "self CPU")
+    print(f"the step run without a graph under torch.profiler: its {what}s' {unit} time, {b['kernels_s'] * 1e3:.3f} "
+          "ms a step in all")
+    rows = [[k["name"][:70], f"{k['calls']:g}", f"{k['s'] * 1e6:,.1f}", f"{k['s'] / b['kernels_s']:.1%}"]
+            for k in b["kernels"]]
+    shown = sum(k["s"] for k in b["kernels"])
+    if b["n_kinds"] > len(b["kernels"]):
+        rows.append([f"the other {b['n_kinds'] - len(b['kernels'])}", "", f"{(b['kernels_s'] - shown) * 1e6:,.1f}",
+                     f"{(b['kernels_s'] - shown) / b['kernels_s']:.1%}"])
+    table([what, "calls/step", "us/step", "share"], rows)
+    print()
 
 
 def bench_vision(args, cfg, device, dtype, spec):

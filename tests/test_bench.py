@@ -220,6 +220,12 @@ def test_prefill_decode_and_vision_on_tiny(capsys):
     loop = out["runs"]["nanovl loop (model + KVCache)"]
     assert loop["tokens_per_s"] == pytest.approx(2 * 2 / loop["decode_s"])
     assert out["same_tokens_as_loop"] == {"nanovl.generate": 4}  # fp32: DecodeStep gives the loop's tokens
+    b = out["breakdown"]  # where a step goes: the step alone, generate's loop, the step's ops (on CPU)
+    assert b["step_s"] > 0 and b["loop_s"] == pytest.approx(out["decode_s"] / 2 - b["step_s"])
+    assert b["batch"] == 2 and b["device"] == "cpu" and 0 < len(b["kernels"]) <= 12 < b["n_kinds"]
+    # q, k, v, o, gate, up, down in each layer, and lm_head
+    assert any(k["name"] == "aten::mm" and k["calls"] == 7 * cfg.llm.n_layers + 1 for k in b["kernels"])
+    assert sum(k["s"] for k in b["kernels"]) <= b["kernels_s"] and "where a step of nanovl.generate goes" in printed
 
     out, _ = run(capsys, "--what", "vision", "--batch", "2")
     assert set(out["runs"]) == {"nanovl SigLIP", "nanovl SAM", "nanovl SAM trunk + neck", "nanovl encode_images"}
@@ -417,10 +423,11 @@ def test_a_compiled_run_alone_is_compared_with_the_eager_runs_reference(capsys):
     vision = {"what": "vision", "device": "cuda", "device_name": "NVIDIA H200", "torch": "2.11", "reference": None,
               "runs": {"nanovl SAM trunk + neck": {"images_per_s": 150.0},
                        "segment-anything ImageEncoderViT": {"images_per_s": 50.0}}}
-    records = [{"name": name, "args": "", "date": "d", "seconds": 1, "error": None, "result": result} for name, result in
-               [("decode-1.3b", decode(800.0, {"nanovl.generate": {"tokens_per_s": 800.0}}, generate_ref)),
-                ("decode-1.3b-compiled", decode(1000.0, {"nanovl.generate, compiled": {"tokens_per_s": 1000.0}})),
-                ("vision-7b-sam8", vision)]]
+    records = [{"name": name, "args": "", "date": "d", "seconds": 1, "error": None, "result": result}
+               for name, result in [
+                   ("decode-1.3b", decode(800.0, {"nanovl.generate": {"tokens_per_s": 800.0}}, generate_ref)),
+                   ("decode-1.3b-compiled", decode(1000.0, {"nanovl.generate, compiled": {"tokens_per_s": 1000.0}})),
+                   ("vision-7b-sam8", vision)]]
     bench.suite_tables(records)
     printed = capsys.readouterr().out
     assert "| 20.0 tokens/s (eager run's) | 1,000 tokens/s (compiled) | 50.0x |" in printed

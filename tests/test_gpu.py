@@ -68,6 +68,17 @@ def test_generate_on_the_device_equals_recomputing_every_step(tiny):
     assert generate(tiny, prompts, sampling=Sampling(max_new_tokens=8), compile=True) == got
 
 
+def test_the_decode_breakdown_reads_the_steps_kernels(tiny):
+    """bench.py's "where a step goes": on a GPU its rows must be the step's kernels as the profiler saw them (a
+    profiler that records no kernel on the device would leave the table empty), on CPU its ops."""
+    import bench
+
+    prompt = torch.tensor([[5, 9, 14, 200, 31, 7, 40, 41]], device=DEVICE)  # text: no image placeholder
+    b = bench.decode_breakdown(tiny, prompt, None, 6, False, DEVICE, per_token_s=1.0)
+    assert b["step_s"] > 0 and b["kernels_s"] > 0 and b["kernels"] and b["device"] == DEVICE
+    assert all(k["name"].startswith("aten::") == (DEVICE != "cuda") for k in b["kernels"])
+
+
 def test_prefill_through_the_causal_kernel_equals_the_masked_path():
     torch.manual_seed(0)
     llm = randomize_(DeepSeekVL(get_config("tiny")), std=0.1).llm.to(DEVICE, torch.bfloat16).eval()
