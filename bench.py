@@ -12,7 +12,7 @@ Benchmarks, one function per part of the system:
 Options: --config PRESET [--llm.n_layers=2 ...] (model config overrides, dotted, as get_config) [--device cpu|cuda]
 [--dtype bf16|fp32] [--batch N] [--seq N] [--steps N] [--warmup N] [--compare]; train: [--stage 1|2|3] [--llm-only]
 [--compile] [--grad_ckpt]; decode: [--prompt-len N] [--new N] [--compile]; vision: [--compile]; suite: [--out DIR]
-[--runs NAME,...] [--budget SECONDS] [--small] [--tables suite.jsonl]. Defaults depend on the preset (DEFAULTS
+[--runs NAME,...] [--budget SECONDS] [--small] [--tables suite.jsonl ...]. Defaults depend on the preset (DEFAULTS
 below). Each run prints its tables and, as its last line, the same figures as one line of JSON.
 
 What is measured. Work per second (tokens or images); the model FLOPs of that work (the FLOP model below) per
@@ -1352,8 +1352,19 @@ def last_json(output: str):
     return None
 
 
+def latest_records(records: list) -> list:
+    """One record per run, in the order the runs first appear: its latest with figures, or if none has any its latest
+    (a run stopped at one suite's budget and run again by the next, whose files --tables reads together)."""
+    latest = {}
+    for r in records:
+        if r["result"] or not (latest.get(r["name"]) or {}).get("result"):
+            latest[r["name"]] = r
+    return list(latest.values())
+
+
 def suite_tables(records: list):
     """The README's two tables, in Markdown, from suite records (a missing run shows as 'not run')."""
+    records = latest_records(records)
     by_name = {r["name"]: r["result"] for r in records if r["result"]}
     first = next((r for r in records if r["result"]), None)
     if first:
@@ -1490,7 +1501,9 @@ def main(argv=None):
     parser.add_argument("--runs", help="suite: only these runs, comma-separated (default: all, in SUITE's order)")
     parser.add_argument("--budget", type=float, default=3600, help="suite: start no run after this many seconds")
     parser.add_argument("--small", action="store_true", help="suite: the tiny preset at small shapes (a check)")
-    parser.add_argument("--tables", help="suite: print the tables of an earlier run's suite.jsonl, run nothing")
+    parser.add_argument("--tables", nargs="+", metavar="SUITE_JSONL",
+                        help="suite: print the tables of earlier runs' suite.jsonl files, run nothing (a run in "
+                             "several: its latest figures)")
     parser.add_argument("--emit-partial", action="store_true", help=argparse.SUPPRESS)  # set by the suite for its runs
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(rest, parser)
@@ -1501,7 +1514,7 @@ def main(argv=None):
         return result
     if args.what == "suite":
         if args.tables:
-            records = read_suite_records(args.tables, parser)
+            records = [r for path in args.tables for r in read_suite_records(path, parser)]
         elif not args.budget >= 0:
             parser.error(f"--budget must be 0 seconds or more, got {args.budget}")
         else:
@@ -1509,7 +1522,8 @@ def main(argv=None):
         try:
             suite_tables(records)
         except KeyError as e:
-            parser.error(f"a run's figures lack {e}: was {args.tables or args.out} written by another bench.py?")
+            where = " or ".join(args.tables) if args.tables else args.out
+            parser.error(f"a run's figures lack {e}: was {where} written by another bench.py?")
         # The last line stays JSON, as for every bench, but short: the whole records are in suite.jsonl, and a line
         # of every figure printed after the tables would push them out of a log's tail.
         result["runs"] = [{k: r[k] for k in ("name", "seconds", "error")} for r in records]
