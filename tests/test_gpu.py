@@ -79,6 +79,18 @@ def test_the_decode_breakdown_reads_the_steps_kernels(tiny):
     assert all(k["name"].startswith("aten::") == (DEVICE != "cuda") for k in b["kernels"])
 
 
+def test_bench_counts_peak_memory_from_the_model_as_it_runs():
+    """bench.build initialises in fp32 and casts to bf16: the peak memory it leaves is the bf16 model's (the 7B
+    prefill's peak was once its fp32 initialisation, twice its weights)."""
+    if DEVICE != "cuda":
+        pytest.skip("the CUDA allocator's statistics")
+    import bench
+
+    model = bench.build(get_config("tiny"), DEVICE, torch.bfloat16)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert torch.cuda.max_memory_allocated() == torch.cuda.memory_allocated() >= weights
+
+
 def test_prefill_through_the_causal_kernel_equals_the_masked_path():
     torch.manual_seed(0)
     llm = randomize_(DeepSeekVL(get_config("tiny")), std=0.1).llm.to(DEVICE, torch.bfloat16).eval()
