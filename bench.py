@@ -903,7 +903,57 @@ def bench_decode(args, cfg, device, dtype, spec):
               "bytes_per_s": need / runs[headline]["decode_s"], "bound_tokens_per_s": bound, **print_peak(device),
               "prompt_len": P, "new": new}
     args.partial(result)
-    try:  # after the figures above are out: a profiler that fails on this machine takes nothing with it
+
+    def compare():
+        """The decoder on a text prompt, against transformers' generate with the same weights."""
+        hf = reference("transformers", lambda: hf_llama(cfg.llm, device, dtype, model.llm.state_dict()))
+        if hf is None:
+            return
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class MarkFirstToken(StoppingCriteria):
+            """Called by generate after each new token: marks the first two, and never stops (it returns no sync)."""
+
+            def __init__(self, mark):
+                self.mark, self.seen = mark, 0
+
+            def __call__(self, input_ids, scores, **kwargs):
+                if self.seen < 2:
+                    self.mark(("prefill", "first step")[self.seen])
+                    self.seen += 1
+                return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+        def hf_run(mark):
+            out = hf.generate(text, attention_mask=torch.ones_like(text), max_new_tokens=new, do_sample=False,
+                              use_cache=True, pad_token_id=0,
+                              stopping_criteria=StoppingCriteriaList([MarkFirstToken(mark)]))
+            mark("decode")
+            return out[:, P:]
+
+        text, _, _ = synthetic_batch(cfg, B, P, device, image=False)
+        runs, same, loop_ids = all_runs(text, None)
+        try:
+            runs["transformers generate"], their_ids = timed_generation(hf_run)
+        except Exception as e:
+            report_failure("transformers generate", e, device)
+            return
+        if their_ids.shape != (B, new):
+            raise RuntimeError(f"transformers generated {tuple(their_ids.shape)} tokens, expected {(B, new)}")
+        same["transformers generate"] = leading_agreement(loop_ids, their_ids)
+        print(f"--compare: greedy decoding, batch {B}, a text prompt of {P}, {new} new tokens, the same weights")
+        print_decoding(runs, need, bound, new)
+        print_agreement(same, new)
+        theirs = runs.pop("transformers generate")
+        headline = headline_of(runs)
+        result["reference"] = {"name": "transformers generate", **theirs, "nanovl": runs, "same_tokens_as_loop": same,
+                               "ratio": runs[headline]["tokens_per_s"] / theirs["tokens_per_s"]}
+        print(f"decode tokens/s of {headline} over transformers': {result['reference']['ratio']:.2f}x\n")
+
+    if args.compare:
+        compare()
+    # Last, where a step of the headline goes: the profiler is the last thing the process does (a profiler that
+    # breaks on this machine then takes none of the figures above with it).
+    try:
         per_step_s = runs[headline]["decode_s"] / (new - 2)  # a step makes a token in every row
         result["breakdown"] = decode_breakdown(model, ids, images, new, headline.endswith("compiled"), device,
                                                per_step_s)
@@ -911,51 +961,6 @@ def bench_decode(args, cfg, device, dtype, spec):
         args.partial(result)
     except Exception as e:
         report_failure("where a token goes", e, device)
-    if not args.compare:
-        return result
-    # The decoder on a text prompt, against transformers' generate with the same weights.
-    hf = reference("transformers", lambda: hf_llama(cfg.llm, device, dtype, model.llm.state_dict()))
-    if hf is None:
-        return result
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class MarkFirstToken(StoppingCriteria):
-        """Called by generate after each new token: marks the first two, and never stops (it returns no sync)."""
-
-        def __init__(self, mark):
-            self.mark, self.seen = mark, 0
-
-        def __call__(self, input_ids, scores, **kwargs):
-            if self.seen < 2:
-                self.mark(("prefill", "first step")[self.seen])
-                self.seen += 1
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-    def hf_run(mark):
-        out = hf.generate(text, attention_mask=torch.ones_like(text), max_new_tokens=new, do_sample=False,
-                          use_cache=True, pad_token_id=0,
-                          stopping_criteria=StoppingCriteriaList([MarkFirstToken(mark)]))
-        mark("decode")
-        return out[:, P:]
-
-    text, _, _ = synthetic_batch(cfg, B, P, device, image=False)
-    runs, same, loop_ids = all_runs(text, None)
-    try:
-        runs["transformers generate"], their_ids = timed_generation(hf_run)
-    except Exception as e:
-        report_failure("transformers generate", e, device)
-        return result
-    if their_ids.shape != (B, new):
-        raise RuntimeError(f"transformers generated {tuple(their_ids.shape)} tokens, expected {(B, new)}")
-    same["transformers generate"] = leading_agreement(loop_ids, their_ids)
-    print(f"--compare: greedy decoding, batch {B}, a text prompt of {P}, {new} new tokens, the same weights")
-    print_decoding(runs, need, bound, new)
-    print_agreement(same, new)
-    theirs = runs.pop("transformers generate")
-    headline = headline_of(runs)
-    result["reference"] = {"name": "transformers generate", **theirs, "nanovl": runs, "same_tokens_as_loop": same,
-                           "ratio": runs[headline]["tokens_per_s"] / theirs["tokens_per_s"]}
-    print(f"decode tokens/s of {headline} over transformers': {result['reference']['ratio']:.2f}x\n")
     return result
 
 
@@ -996,13 +1001,15 @@ def decode_breakdown(model, prompt, images, new: int, compile: bool, device: str
     from nanovl.generate import DecodeStep
 
     B, P = prompt.shape
-    cache = model.llm.new_cache(B, max_len=P + new)
 
     def sync():
         if device == "cuda":
             torch.cuda.synchronize()
 
     with torch.inference_mode():
+        # Made in inference mode, as generate's cache was in the timed runs: a cache of ordinary tensors would not
+        # match the compiled step's guards, and torch.compile would compile it again.
+        cache = model.llm.new_cache(B, max_len=P + new)
         logits, _ = model(prompt, images, cache=cache, last_only=True)
         tok = logits[:, -1:].argmax(-1)  # (B, 1): fed again at every step; the step's cost does not depend on it
         step = DecodeStep(model.llm, cache, compile)
@@ -1016,7 +1023,8 @@ def decode_breakdown(model, prompt, images, new: int, compile: bool, device: str
         sync()
         step_s = (time.perf_counter() - t0) / n
         runs = 5  # each rewrites the last slot written (step.pos), inside the cache
-        os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own log: errors only (on CPU it logs one)
+        if device != "cuda":  # the profiler's log then says only that it found no GPU (level 5 hides its errors)
+            os.environ.setdefault("KINETO_LOG_LEVEL", "5")
         kinds = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with profile(activities=kinds) as prof:
             for _ in range(runs):
@@ -1030,9 +1038,13 @@ def decode_breakdown(model, prompt, images, new: int, compile: bool, device: str
 
     from torch.autograd import DeviceType
 
+    # A user annotation's time on the GPU spans the kernels inside it, which are counted already: left out.
     wanted = DeviceType.CUDA if device == "cuda" else DeviceType.CPU
     rows = sorted(((e.key, e.count / runs, self_us(e) / 1e6 / runs) for e in prof.key_averages()
-                   if e.device_type == wanted and self_us(e) > 0), key=lambda r: -r[2])
+                   if e.device_type == wanted and not getattr(e, "is_user_annotation", False) and self_us(e) > 0),
+                  key=lambda r: -r[2])
+    if not rows:  # on a GPU, a profiler that could not trace the device (CUPTI) says nothing: say it here
+        raise RuntimeError("the profiler recorded no " + ("kernel on the GPU" if device == "cuda" else "op"))
     return {"step_s": step_s, "loop_s": per_token_s - step_s, "kernels_s": sum(r[2] for r in rows),
             "kernels": [{"name": name, "calls": calls, "s": s} for name, calls, s in rows[:top]],
             "n_kinds": len(rows), "device": device, "batch": B}
@@ -1360,11 +1372,15 @@ def last_json(output: str):
 
 
 def latest_records(records: list) -> list:
-    """One record per run, in the order the runs first appear: its latest with figures, or if none has any its latest
-    (a run stopped at one suite's budget and run again by the next, whose files --tables reads together)."""
+    """One record per run, in the order the runs first appear (a run stopped at one suite's budget and run again by
+    the next, whose files --tables reads together): its latest with whole figures, else its latest cut short with
+    the figures it had, else its latest."""
+    def rank(r):  # no figures, a run's partial figures, its whole figures
+        return 0 if not r["result"] else 1 if r["result"].get("partial") else 2
+
     latest = {}
     for r in records:
-        if r["result"] or not (latest.get(r["name"]) or {}).get("result"):
+        if r["name"] not in latest or rank(r) >= rank(latest[r["name"]]):
             latest[r["name"]] = r
     return list(latest.values())
 

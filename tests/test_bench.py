@@ -342,7 +342,7 @@ def test_suite_runs_each_bench_in_its_own_process_and_prints_the_readme_tables(c
 
 def test_tables_of_several_suite_files_show_each_runs_latest_figures(capsys, tmp_path):
     """A suite stopped at its budget, and a second one for the runs it missed: --tables reads both, and a run in
-    both shows once, with its latest figures (a later failure does not hide them)."""
+    both shows once, with its latest figures (a later failure, or a later run cut short, does not hide them)."""
     args = "--what train --config 1.3b --stage 1 --steps 1 --warmup 1"
     record = lambda result, error: {"name": "memory-1.3b-stage1", "args": args, "date": "d", "seconds": 1,
                                     "result": result, "error": error}
@@ -350,7 +350,8 @@ def test_tables_of_several_suite_files_show_each_runs_latest_figures(capsys, tmp
                "peak_memory_bytes": 3 * 2 ** 30, "memory": "torch.cuda.max_memory_allocated"}
     older = dict(figures, peak_memory_bytes=5 * 2 ** 30)
     files = [[record(older, None), record(None, "stopped at the budget after 3 s")],
-             [record(figures, None), record(None, "exit status 1")]]
+             [record(figures, None), record(None, "exit status 1"),
+              record(dict(figures, peak_memory_bytes=2 ** 30, partial=True), "stopped at the budget after 9 s")]]
     for n, records in enumerate(files):
         (tmp_path / f"{n}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     _, printed = run(capsys, "--what", "suite", "--tables", str(tmp_path / "0.jsonl"), str(tmp_path / "1.jsonl"))
