@@ -1234,6 +1234,8 @@ TARGETS = [
     ("decode-1.3b", None, "transformers generate", "1.3B decode, batch 1, after a 600-token prompt",
      "19 tokens/s (bound about 1,400)", "800 tokens/s"),
     ("decode-1.3b-compiled", None, "transformers generate", "the same, compiled", "19 tokens/s", "800 tokens/s"),
+    ("decode-1.3b-autotuned", None, "transformers generate",
+     "the same, compiled with max_autotune and coordinate_descent_tuning", "19 tokens/s", "800 tokens/s"),
     ("vision-7b-sam8", "nanovl SAM trunk + neck", "segment-anything ImageEncoderViT",
      "SAM-B forward, 1024x1024, bf16, batch 8", "56 images/s", "3x the reference"),
     ("vision-7b-sam8-compiled", "nanovl SAM trunk + neck", "segment-anything ImageEncoderViT",
@@ -1254,6 +1256,9 @@ SUITE = [  # (name, bench arguments), most important first; --small swaps the pr
     ("train-1.3b-compiled", "--what train --config 1.3b --llm-only --seq 2048 --compile"),
     ("train-1.3b-hybrid", "--what train --config 1.3b-hybrid --stage 3"),
     ("decode-1.3b-compiled", "--what decode --config 1.3b --compile --steps 2 --warmup 1"),
+    # The same with the compiler's autotuning (see set_inductor_options): the first experiment for the decoding target
+    ("decode-1.3b-autotuned", "--what decode --config 1.3b --compile --inductor max_autotune=True "
+                              "--inductor coordinate_descent_tuning=True --steps 2 --warmup 1"),
     ("memory-7b-stage1", "--what train --config 7b --stage 1 --steps 1 --warmup 1"),  # the 7B fits one GPU
     ("memory-7b-prefill", "--what prefill --config 7b --steps 1 --warmup 1"),
     ("vision-7b-sam8-compiled", "--what vision --config 7b --compare --compile --batch 8"),
@@ -1408,9 +1413,10 @@ def suite_tables(records: list):
 
         ref = reference_of(res)
         # A compiled train or decode run times nanovl alone: its reference is the eager run's, from the same suite.
+        eager_run = run.removesuffix("-compiled").removesuffix("-autotuned")
         borrowed = None
-        if ref is None and run.endswith("-compiled") and not run.startswith("vision"):
-            borrowed = reference_of(by_name.get(run.removesuffix("-compiled"), {}))
+        if ref is None and eager_run != run and not run.startswith("vision"):
+            borrowed = reference_of(by_name.get(eager_run, {}))
         if run.startswith("train"):  # with a reference, the decoder's figures from the same comparison
             def tokens(f):
                 return f"{f['tokens_per_s']:,.0f} tokens/s" + ("" if f["mfu"] is None else f", {f['mfu']:.1%} MFU")
@@ -1435,7 +1441,7 @@ def suite_tables(records: list):
             if borrowed:
                 theirs = f"{borrowed['tokens_per_s']:,.1f} tokens/s (eager run's)"
                 ratio_cell = f"{res['tokens_per_s'] / borrowed['tokens_per_s']:.1f}x"
-            if run.endswith("-compiled") and "nanovl.generate, compiled" not in res["runs"]:
+            if eager_run != run and "nanovl.generate, compiled" not in res["runs"]:
                 ours += " (compiling failed: see suite.log)"
         else:  # vision: eager, and compiled when the run compiled
             mine = [("compiled" if name.endswith(", compiled") else "eager", f) for name, f in res["runs"].items()
@@ -1480,6 +1486,38 @@ def suite_tables(records: list):
 
 # ---------------------------------------------------------------------------------------------------------------------
 
+def set_inductor_options(pairs, parser) -> dict:
+    """--inductor NAME=VALUE (repeatable): torch._inductor.config settings for this run's compiled parts, to try a
+    compiler setting without editing code. gpt-fast decodes with coordinate_descent_tuning=True (it tunes the fused
+    kernels' block sizes); max_autotune=True also times Triton's matrix-product templates against cuBLAS and keeps
+    the faster (compiling takes longer). A value is a Python literal (True, 4, 'x'), of the setting's own type."""
+    import ast
+
+    import torch._inductor.config as inductor
+
+    chosen = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep:
+            parser.error(f"--inductor {pair}: expected NAME=VALUE, e.g. --inductor coordinate_descent_tuning=True")
+        owner, *path = [inductor] + name.split(".")
+        for part in path[:-1]:
+            owner = getattr(owner, part, None)
+        if owner is None or not hasattr(owner, path[-1]):
+            parser.error(f"--inductor {name}: torch {torch.__version__}'s torch._inductor.config has no such setting")
+        current = getattr(owner, path[-1])
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text  # a bare word: a string setting's value
+        if current is not None and type(value) is not type(current) and \
+                not (type(current) is float and type(value) is int):
+            parser.error(f"--inductor {name}: expected a {type(current).__name__} (it is {current!r}), got {text!r}")
+        setattr(owner, path[-1], value)
+        chosen[name] = value
+    return chosen
+
+
 def parse_overrides(rest, parser) -> dict:
     """Model config overrides from the arguments argparse did not know: --llm.dim=256 or --llm.dim 256."""
     overrides, i = {}, 0
@@ -1514,6 +1552,8 @@ def main(argv=None):
     parser.add_argument("--llm-only", "--llm_only", action="store_true", help="train: the decoder alone, on text")
     parser.add_argument("--compile", action="store_true",
                         help="train, vision: torch.compile each part; decode: also time nanovl.generate compiled")
+    parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
+                        help="with --compile: a torch._inductor.config setting (repeatable), e.g. max_autotune=True")
     parser.add_argument("--grad-ckpt", "--grad_ckpt", action="store_true", help="train: recompute decoder layers")
     parser.add_argument("--prompt-len", "--prompt_len", type=int, help="decode: prompt tokens")
     parser.add_argument("--new", type=int, help="decode: new tokens")
@@ -1559,6 +1599,9 @@ def main(argv=None):
         cfg = get_config(args.config, **overrides)
     except ValueError as e:
         parser.error(str(e))
+    if args.inductor and not args.compile:
+        parser.error("--inductor sets the compiler: it needs --compile")
+    inductor = set_inductor_options(args.inductor, parser)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         check_device(device)  # the same check as train.py and sample.py
@@ -1595,7 +1638,8 @@ def main(argv=None):
     n = torch.get_num_threads()
     threads = f", {n} thread{'s' if n > 1 else ''}" if device == "cpu" else ""
     print(f"nanovl bench --what {args.what}: {cfg.name}" + (f" {overrides}" if overrides else "") +
-          f"; {device} ({device_name}{threads}), {dtype_name}; torch {torch.__version__}")
+          f"; {device} ({device_name}{threads}), {dtype_name}; torch {torch.__version__}" +
+          (f"; inductor {inductor}" if inductor else ""))
     if device == "cuda" and spec is None:
         print(f"no peak FLOP/s or bandwidth known for {device_name!r}: add it to DEVICES in bench.py for MFU")
     elif device == "cuda":
@@ -1604,9 +1648,9 @@ def main(argv=None):
     else:
         print("on CPU: achieved model FLOP/s instead of MFU; peak memory is the process's peak RSS")
     bench = {"train": bench_train, "prefill": bench_prefill, "decode": bench_decode, "vision": bench_vision}
-    result.update(reference=None, config=cfg.name, overrides=overrides, device=device, device_name=device_name,
-                  torch=torch.__version__, dtype=dtype_name, batch=args.batch, seq=args.seq, steps=args.steps,
-                  warmup=args.warmup)
+    result.update(reference=None, config=cfg.name, overrides=overrides, inductor=inductor, device=device,
+                  device_name=device_name, torch=torch.__version__, dtype=dtype_name, batch=args.batch, seq=args.seq,
+                  steps=args.steps, warmup=args.warmup)
     # For the suite, each bench also prints its figures so far as a JSON line as soon as it has its headline (and
     # again as it goes), so that a run stopped at the budget, or failing in a later comparison, keeps what it measured.
     args.partial = (lambda figures: print(json.dumps({**result, **figures, "partial": True}), flush=True)) \

@@ -279,7 +279,14 @@ def test_bad_arguments_are_refused_with_a_reason(capsys):
                           "604 tokens (--prompt-len + --new) do not fit the 'tiny' model's context of 512"),
                          (["--what", "decode", "--new", "2"], "--new must be at least 3, got 2"),
                          (["--what", "suite", "--budget", "-1"], "--budget must be 0 seconds or more, got -1.0"),
-                         (["--what", "suite", "--tables", "missing.jsonl"], "--tables missing.jsonl: no such file")):
+                         (["--what", "suite", "--tables", "missing.jsonl"], "--tables missing.jsonl: no such file"),
+                         (["--what", "decode", "--inductor", "max_autotune=True"], "it needs --compile"),
+                         (["--what", "decode", "--compile", "--inductor", "max_autotune"], "expected NAME=VALUE"),
+                         (["--what", "decode", "--compile", "--inductor", "max_autotun=True"],
+                          "torch._inductor.config has no such setting"),
+                         (["--what", "decode", "--compile", "--inductor", "triton.nope=1"], "has no such setting"),
+                         (["--what", "decode", "--compile", "--inductor", "max_autotune=Ture"],
+                          "max_autotune: expected a bool (it is False), got 'Ture'")):
         with pytest.raises(SystemExit):
             bench.main(argv)
         assert reason in capsys.readouterr().err
@@ -385,7 +392,12 @@ def test_a_failing_reference_or_compiled_run_is_left_out_and_the_others_stand(ca
         return plain(*a, **k)
 
     monkeypatch.setattr(nanovl.generate, "generate", no_compiler)
-    result, printed = run(capsys, "--what", "decode", "--compile", "--steps", "1", "--warmup", "0")
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor, "coordinate_descent_tuning", False)  # and back after the test: --inductor sets it
+    result, printed = run(capsys, "--what", "decode", "--compile", "--inductor", "coordinate_descent_tuning=True",
+                          "--steps", "1", "--warmup", "0")
+    assert result["inductor"] == {"coordinate_descent_tuning": True} and inductor.coordinate_descent_tuning is True
     assert "nanovl.generate, compiled: failed (RuntimeError: inductor is not available); left out" in printed
     assert set(result["runs"]) == {"nanovl loop (model + KVCache)", "nanovl.generate"}
     assert result["tokens_per_s"] == result["runs"]["nanovl.generate"]["tokens_per_s"]
