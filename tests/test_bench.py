@@ -394,10 +394,13 @@ def test_a_failing_reference_or_compiled_run_is_left_out_and_the_others_stand(ca
     monkeypatch.setattr(nanovl.generate, "generate", no_compiler)
     import torch._inductor.config as inductor
 
-    monkeypatch.setattr(inductor, "coordinate_descent_tuning", False)  # and back after the test: --inductor sets it
-    result, printed = run(capsys, "--what", "decode", "--compile", "--inductor", "coordinate_descent_tuning=True",
-                          "--steps", "1", "--warmup", "0")
-    assert result["inductor"] == {"coordinate_descent_tuning": True} and inductor.coordinate_descent_tuning is True
+    # inductor's own patch puts the setting back after (monkeypatch would delete it from inductor's config object)
+    before = inductor.coordinate_descent_tuning
+    with inductor.patch(coordinate_descent_tuning=False):
+        result, printed = run(capsys, "--what", "decode", "--compile", "--inductor", "coordinate_descent_tuning=True",
+                              "--steps", "1", "--warmup", "0")
+        assert result["inductor"] == {"coordinate_descent_tuning": True} and inductor.coordinate_descent_tuning
+    assert inductor.coordinate_descent_tuning == before
     assert "nanovl.generate, compiled: failed (RuntimeError: inductor is not available); left out" in printed
     assert set(result["runs"]) == {"nanovl loop (model + KVCache)", "nanovl.generate"}
     assert result["tokens_per_s"] == result["runs"]["nanovl.generate"]["tokens_per_s"]
