@@ -985,12 +985,12 @@ def print_decoding(runs: dict, need: int, bound, new: int):
            for name, f in runs.items()])
 
 
-def decode_breakdown(model, prompt, images, new: int, compile: bool, device: str, per_token_s: float,
+def decode_breakdown(model, prompt, images, new: int, compile: bool, device: str, per_step_s: float,
                      top: int = 12) -> dict:
     """Where nanovl.generate's time per token goes, in two measurements after the same prompt.
 
     1. Its step alone (DecodeStep: on a GPU the replayed CUDA graph), called back to back with nothing between, new - 2
-       times. What generate spends beyond that per token (per_token_s) is its own loop: picking the token, the
+       times. What generate spends beyond that per step (per_step_s, a token in every row) is its own loop: picking the token, the
        bookkeeping, and the one device sync a token that asks whether every row has stopped, while the GPU waits.
     2. The step's own work: run 5 times without the graph (step.run, the plain or compiled decode_step) under
        torch.profiler, its GPU kernels (on CPU, its ops) summed by name. Their sum against the replay's time in 1
@@ -1045,15 +1045,15 @@ def decode_breakdown(model, prompt, images, new: int, compile: bool, device: str
                   key=lambda r: -r[2])
     if not rows:  # on a GPU, a profiler that could not trace the device (CUPTI) says nothing: say it here
         raise RuntimeError("the profiler recorded no " + ("kernel on the GPU" if device == "cuda" else "op"))
-    return {"step_s": step_s, "loop_s": per_token_s - step_s, "kernels_s": sum(r[2] for r in rows),
+    return {"step_s": step_s, "loop_s": per_step_s - step_s, "kernels_s": sum(r[2] for r in rows),
             "kernels": [{"name": name, "calls": calls, "s": s} for name, calls, s in rows[:top]],
             "n_kinds": len(rows), "device": device, "batch": B}
 
 
-def print_decode_breakdown(b: dict, headline: str, per_token_s: float, bound):
+def print_decode_breakdown(b: dict, headline: str, per_step_s: float, bound):
     """decode_breakdown's figures; bound: the bandwidth bound in tokens/s (all rows), or None."""
     tokens_per_s = b["batch"] / b["step_s"]
-    print(f"where a step of {headline} goes (batch {b['batch']}, a token a row): {per_token_s * 1e3:.3f} ms; the "
+    print(f"where a step of {headline} goes (batch {b['batch']}, a token a row): {per_step_s * 1e3:.3f} ms; the "
           f"step alone, called back to back, {b['step_s'] * 1e3:.3f} ms ({tokens_per_s:,.0f} tokens/s" +
           (f", {tokens_per_s / bound:.1%} of the bound" if bound else "") +
           f"); generate's own loop (picking, bookkeeping, a sync a token) the other {b['loop_s'] * 1e3:.3f} ms")
@@ -1572,6 +1572,8 @@ def main(argv=None):
     parser.add_argument("--emit-partial", action="store_true", help=argparse.SUPPRESS)  # set by the suite for its runs
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(rest, parser)
+    if args.inductor and not args.compile:  # (the suite and the tokenizer compile nothing)
+        parser.error("--inductor sets the compiler: it needs --compile")
     result = {"what": args.what}
     if args.what == "tokenizer":
         result.update(bench_tokenizer(args))
@@ -1599,8 +1601,6 @@ def main(argv=None):
         cfg = get_config(args.config, **overrides)
     except ValueError as e:
         parser.error(str(e))
-    if args.inductor and not args.compile:
-        parser.error("--inductor sets the compiler: it needs --compile")
     inductor = set_inductor_options(args.inductor, parser)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -281,6 +281,7 @@ def test_bad_arguments_are_refused_with_a_reason(capsys):
                          (["--what", "suite", "--budget", "-1"], "--budget must be 0 seconds or more, got -1.0"),
                          (["--what", "suite", "--tables", "missing.jsonl"], "--tables missing.jsonl: no such file"),
                          (["--what", "decode", "--inductor", "max_autotune=True"], "it needs --compile"),
+                         (["--what", "suite", "--inductor", "max_autotune=True"], "it needs --compile"),
                          (["--what", "decode", "--compile", "--inductor", "max_autotune"], "expected NAME=VALUE"),
                          (["--what", "decode", "--compile", "--inductor", "max_autotun=True"],
                           "torch._inductor.config has no such setting"),

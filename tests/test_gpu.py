@@ -74,7 +74,7 @@ def test_the_decode_breakdown_reads_the_steps_kernels(tiny):
     import bench
 
     prompt = torch.tensor([[5, 9, 14, 200, 31, 7, 40, 41]], device=DEVICE)  # text: no image placeholder
-    b = bench.decode_breakdown(tiny, prompt, None, 6, False, DEVICE, per_token_s=1.0)
+    b = bench.decode_breakdown(tiny, prompt, None, 6, False, DEVICE, per_step_s=1.0)
     assert b["step_s"] > 0 and b["kernels_s"] > 0 and b["kernels"] and b["device"] == DEVICE
     assert all(k["name"].startswith("aten::") == (DEVICE != "cuda") for k in b["kernels"])
 
