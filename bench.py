@@ -990,8 +990,9 @@ def decode_breakdown(model, prompt, images, new: int, compile: bool, device: str
     """Where nanovl.generate's time per token goes, in two measurements after the same prompt.
 
     1. Its step alone (DecodeStep: on a GPU the replayed CUDA graph), called back to back with nothing between, new - 2
-       times. What generate spends beyond that per step (per_step_s, a token in every row) is its own loop: picking the token, the
-       bookkeeping, and the one device sync a token that asks whether every row has stopped, while the GPU waits.
+       times. What generate spends beyond that per step (per_step_s, a token in every row) is its own loop: picking
+       the token, the bookkeeping, and the one device sync a token that asks whether every row has stopped, while the
+       GPU waits.
     2. The step's own work: run 5 times without the graph (step.run, the plain or compiled decode_step) under
        torch.profiler, its GPU kernels (on CPU, its ops) summed by name. Their sum against the replay's time in 1
        shows what the graph still spends between kernels.
