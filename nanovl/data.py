@@ -153,7 +153,11 @@ class Source:
         row_root = row.get("_root", root)  # rows gathered from several folders carry their own
         paths = [p if os.path.isabs(p) else os.path.join(row_root, p) for p in images]
         if kind == "text":
-            ids, mask = render_document(text_field(row, "text"), tokenizer, n_image_tokens)
+            text = text_field(row, "text")
+            if IMAGE_TAG in text or paths:  # a text row is read without images: a tag would ask for one
+                raise ValueError(f"a text row has no images, but this one has {text.count(IMAGE_TAG)} {IMAGE_TAG} "
+                                 f"tags and {len(paths)} images")
+            ids, mask = render_document(text, tokenizer, n_image_tokens)
             for start in range(0, len(ids) - 1, max_len):  # overlapping by one: each piece predicts its next
                 piece = slice(start, start + max_len + 1)
                 if len(ids[piece]) > 1:

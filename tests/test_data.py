@@ -273,9 +273,14 @@ def test_a_malformed_row_is_named_by_its_file_and_line(data_dir, tmp_path):
         ("pretrain", dict(good, images="a.png"), "'images' must be a list of paths, got 'a.png'"),
         ("pretrain", dict(good, images=[]), f"1 {IMAGE_TAG} tags but 0 images"),
         ("text", {"text": 3}, "'text' must be a string, got int"),
+        # a text row is read without images: a tag in one used to stop stage 2 mid-run, deep in the model
+        ("text", {"text": f"hello {IMAGE_TAG} world"}, f"a text row has no images, but this one has 1 {IMAGE_TAG} "
+                                                       "tags and 0 images"),
+        ("text", {"text": "hello", "images": ["a.png"]},
+         f"a text row has no images, but this one has 0 {IMAGE_TAG} tags and 1 images"),
         ("sft", {"conversation": chat["conversation"][::-1]}, "message 0 has role 'assistant', expected 'user'"),
     ]:
-        first = good if kind != "sft" else chat
+        first = {"pretrain": good, "text": {"text": "A red square."}, "sft": chat}[kind]
         path.write_text(json.dumps(first) + "\n" + json.dumps(bad) + "\n")
         with pytest.raises(ValueError) as e:
             Source(read_jsonl(str(path), origin=True), kind, tok, 36, 512)
