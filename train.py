@@ -206,12 +206,15 @@ def parse_args(argv):
             overrides[key] = value
         i += 1
     tc.data = tc.data or default_folder(tc.config)
-    # Counts and sizes: 0 means the stage's default (or off), and nothing is negative but the -1 defaults.
-    for key in ("steps", "batch_size", "micro_batch", "lr", "seq_len", "eval_every", "eval_limit", "ckpt_every",
-                "workers", "image_cache", "stop_after", "log_every", "clip_batch", "seg_batch"):
-        least = 1 if key in ("log_every", "clip_batch", "seg_batch") else 0
+    # Counts and sizes: nothing is negative but the -1 defaults; what 0 means, each says (TrainConfig's comments).
+    # SigLIP's contrastive loss in stage 0 needs two pairs at least: with one, there is nothing to contrast.
+    zero_means = {"steps": "the default", "batch_size": "the default", "micro_batch": "the default",
+                  "lr": "the default", "seq_len": "the model's context", "eval_every": "at the end of the stage only",
+                  "eval_limit": "all", "ckpt_every": "a tenth of the stage", "workers": "no worker processes",
+                  "image_cache": "no cache", "stop_after": "off"}
+    for key, least in [*((k, 0) for k in zero_means), ("log_every", 1), ("clip_batch", 2), ("seg_batch", 1)]:
         if getattr(tc, key) < least:
-            raise SystemExit(f"--{key} must be {least} or more" + (" (0: the default)" if not least else "") +
+            raise SystemExit(f"--{key} must be {least} or more" + (f" (0: {zero_means[key]})" if not least else "") +
                              f", got {getattr(tc, key)}")
     if tc.warmup < -1:
         raise SystemExit(f"--warmup must be 0 or more (steps of linear warm-up; -1: the stage's default), got "

@@ -699,6 +699,8 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
     for argv, message in [(["--steps", "-5"], "--steps must be 0 or more .0: the default., got -5"),
                           (["--resume=maybe"], "--resume expects true or false, got 'maybe'"),
                           (["--warmup", "-5"], "--warmup must be 0 or more .* got -5"),
+                          (["--workers", "-1"], r"--workers must be 0 or more \(0: no worker processes\), got -1"),
+                          (["--clip_batch", "1"], "--clip_batch must be 2 or more, got 1"),
                           (["--setps", "5"], r"unknown setting --setps \(did you mean --steps\?\); python train.py "
                                              "--help lists the training settings"),
                           (["--resum"], r"unknown setting --resum \(did you mean --resume\?\)"),  # last, no value
