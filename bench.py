@@ -62,6 +62,7 @@ that reruns start at once (delete the file to retrain it after changing the trai
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import sys
@@ -1057,7 +1058,8 @@ def print_decode_breakdown(b: dict, headline: str, per_step_s: float, bound):
     print(f"where a step of {headline} goes (batch {b['batch']}, a token a row): {per_step_s * 1e3:.3f} ms; the "
           f"step alone, called back to back, {b['step_s'] * 1e3:.3f} ms ({tokens_per_s:,.0f} tokens/s" +
           (f", {tokens_per_s / bound:.1%} of the bound" if bound else "") +
-          f"); generate's own loop (picking, bookkeeping, a sync a token) the other {b['loop_s'] * 1e3:.3f} ms")
+          f"); generate's own loop (picking, bookkeeping, a sync a token) the other {b['loop_s'] * 1e3:.3f} ms" +
+          (" (below 0: within the timings' noise; time more steps)" if b["loop_s"] < 0 else ""))
     what, unit = ("kernel", "GPU") if b["device"] == "cuda" else ("op", "self CPU")
     print(f"the step run without a graph under torch.profiler: its {what}s' {unit} time, {b['kernels_s'] * 1e3:.3f} "
           "ms a step in all")
@@ -1147,8 +1149,8 @@ def bench_tokenizer(args):
 
 def _bench_tokenizer(args, Tokenizer):
     for name in ("mb", "small_corpus_mb"):
-        if not getattr(args, name) > 0:
-            raise SystemExit(f"--{name.replace('_', '-')} must be above 0, got {getattr(args, name)}")
+        if not 0 < getattr(args, name) < math.inf:
+            raise SystemExit(f"--{name.replace('_', '-')} must be a finite number above 0, got {getattr(args, name)}")
     if args.tokenizer and not Path(args.tokenizer).exists():
         raise SystemExit(f"--tokenizer {args.tokenizer}: no such file or folder")
     train, held_out = stdlib_texts()
@@ -1304,8 +1306,9 @@ def read_suite_records(path: str, parser) -> list:
     except ValueError as e:
         parser.error(f"--tables {e}")
     for n, r in enumerate(records, 1):
-        if not (isinstance(r, dict) and isinstance(r.get("name"), str) and
-                isinstance(r.get("result"), (dict, type(None)))):
+        if not (isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("args"), str) and
+                isinstance(r.get("seconds"), (int, float)) and isinstance(r.get("result"), (dict, type(None))) and
+                isinstance(r.get("error"), (str, type(None)))):
             parser.error(f"--tables {path}, record {n}: not a suite run's record (name, args, seconds, result, error)")
     if not records:
         parser.error(f"--tables {path} holds no runs")
@@ -1317,7 +1320,7 @@ def run_suite(args) -> list:
     import subprocess
 
     out = Path(args.out)
-    wanted = args.runs.split(",") if args.runs else [name for name, _ in SUITE]
+    wanted = args.runs.split(",") if args.runs is not None else [name for name, _ in SUITE]
     unknown = set(wanted) - {name for name, _ in SUITE}
     if unknown:
         raise SystemExit(f"unknown suite runs {sorted(unknown)}; the suite has {', '.join(n for n, _ in SUITE)}")
@@ -1405,8 +1408,9 @@ def suite_tables(records: list):
     rows = []
     for run, part, their_name, work, their_h200, target in TARGETS:
         res = by_name.get(run)
-        if res is None:
-            rows.append([work, their_h200, "not run", "-", "-", target])
+        if res is None:  # never run, or run without figures: then its error says why
+            error = next((r["error"] for r in records if r["name"] == run), None)
+            rows.append([work, their_h200, "not run" if error is None else f"no figures: {error}", "-", "-", target])
             continue
         def reference_of(res):
             refs = res.get("reference") if isinstance(res.get("reference"), list) else [res.get("reference")]
@@ -1573,8 +1577,9 @@ def main(argv=None):
     parser.add_argument("--emit-partial", action="store_true", help=argparse.SUPPRESS)  # set by the suite for its runs
     args, rest = parser.parse_known_args(argv)
     overrides = parse_overrides(rest, parser)
-    if args.inductor and not args.compile:  # (the suite and the tokenizer compile nothing)
-        parser.error("--inductor sets the compiler: it needs --compile")
+    if args.inductor and (not args.compile or args.what in ("suite", "tokenizer")):
+        parser.error("--inductor sets the compiler: it needs --compile, and a --what that compiles (a suite's runs "
+                     "carry their own settings)")
     result = {"what": args.what}
     if args.what == "tokenizer":
         result.update(bench_tokenizer(args))

@@ -282,6 +282,7 @@ def test_bad_arguments_are_refused_with_a_reason(capsys):
                          (["--what", "suite", "--tables", "missing.jsonl"], "--tables missing.jsonl: no such file"),
                          (["--what", "decode", "--inductor", "max_autotune=True"], "it needs --compile"),
                          (["--what", "suite", "--inductor", "max_autotune=True"], "it needs --compile"),
+                         (["--what", "suite", "--compile", "--inductor", "nosuch=1"], "a --what that compiles"),
                          (["--what", "decode", "--compile", "--inductor", "max_autotune"], "expected NAME=VALUE"),
                          (["--what", "decode", "--compile", "--inductor", "max_autotun=True"],
                           "torch._inductor.config has no such setting"),
@@ -294,9 +295,12 @@ def test_bad_arguments_are_refused_with_a_reason(capsys):
 
 
 def test_suite_files_that_are_not_suite_records_are_refused_with_a_reason(capsys, tmp_path):
+    with pytest.raises(SystemExit, match=r"unknown suite runs \[''\]"):  # an empty --runs is no run, not all of them
+        bench.main(["--what", "suite", "--runs", "", "--out", str(tmp_path / "s")])
     for content, reason in [("", "holds no runs"), ('{"name": "x", "result": 1}\n', "record 1: not a suite run's"),
+                            ('{"name": "x", "result": null, "error": "boom"}\n', "record 1: not a suite run's"),
                             ('{"name": "x", "res', "line 1, column 15: not valid JSON"),
-                            ('{"name": "train-1.3b", "args": [], "seconds": 1, "error": null, "date": "d", '
+                            ('{"name": "train-1.3b", "args": "", "seconds": 1, "error": null, "date": "d", '
                              '"result": {"device_name": "cpu", "torch": "2"}}\n', "a run's figures lack")]:
         (tmp_path / "suite.jsonl").write_text(content)
         with pytest.raises(SystemExit):
@@ -320,7 +324,8 @@ def test_tokenizer_benchmark_still_runs(capsys, tmp_path):
     assert json.loads(last) == json.loads(json.dumps(result))
     assert [(r["name"], r["vocab"]) for r in result["runs"]] == [("small", 400), ("big", 280)]
     assert all(r["tokens_per_byte"] < 1 for r in result["runs"])  # merges happened: fewer tokens than bytes
-    for argv, reason in ((["--mb", "-1"], "--mb must be above 0, got -1.0"),  # (a slice [:-1000000] took it all)
+    for argv, reason in ((["--mb", "-1"], "--mb must be a finite number above 0, got -1.0"),  # ([:-1000000]: all)
+                         (["--mb", "inf"], "--mb must be a finite number above 0, got inf"),
                          (["--tokenizer", str(tmp_path / "nope.json")], "nope.json: no such file or folder")):
         with pytest.raises(SystemExit, match=reason):
             bench.main(["--what", "tokenizer", "--small-vocab", "400", "--small-corpus-mb", "0.05"] + argv)
@@ -357,13 +362,15 @@ def test_tables_of_several_suite_files_show_each_runs_latest_figures(capsys, tmp
     figures = {"device_name": "NVIDIA H200", "torch": "2.11", "config": "1.3b", "batch": 4, "seq": 4096,
                "peak_memory_bytes": 3 * 2 ** 30, "memory": "torch.cuda.max_memory_allocated"}
     older = dict(figures, peak_memory_bytes=5 * 2 ** 30)
-    files = [[record(older, None), record(None, "stopped at the budget after 3 s")],
+    failed = {"name": "train-1.3b", "args": "", "date": "d", "seconds": 1, "result": None, "error": "exit status 1"}
+    files = [[record(older, None), record(None, "stopped at the budget after 3 s"), failed],
              [record(figures, None), record(None, "exit status 1"),
               record(dict(figures, peak_memory_bytes=2 ** 30, partial=True), "stopped at the budget after 9 s")]]
     for n, records in enumerate(files):
         (tmp_path / f"{n}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     _, printed = run(capsys, "--what", "suite", "--tables", str(tmp_path / "0.jsonl"), str(tmp_path / "1.jsonl"))
     assert printed.count("| 1.3b | stage 1 |") == 1 and "| 1.3b | stage 1 | no | 4 x 4096 | 3.0 GiB |" in printed
+    assert "| 35.8k tokens/s, 35% MFU | no figures: exit status 1 |" in printed  # not "not run": it ran, and failed
     _, printed = run(capsys, "--what", "suite", "--tables", str(tmp_path / "0.jsonl"))
     assert "| 1.3b | stage 1 | no | 4 x 4096 | 5.0 GiB |" in printed
 
