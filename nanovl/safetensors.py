@@ -218,6 +218,8 @@ def load_sharded(folder) -> dict:
     try:
         with open(index_path, encoding="utf-8") as f:
             for name, shard in json.load(f)["weight_map"].items():
+                if not (isinstance(shard, str) and shard):
+                    raise TypeError(f"the shard of {name!r} is {shard!r}, not a file name")
                 by_shard.setdefault(shard, set()).add(name)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f'{index_path}: expected JSON {{"weight_map": {{name: shard file}}}} ({e!r})') from None

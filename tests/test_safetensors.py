@@ -326,5 +326,8 @@ def test_sharded_load_checks_the_index_against_the_shards(tmp_path):
     index_path.write_text('{"weight_map": ["not", "a", "map"]}')
     with pytest.raises(ValueError, match='index.json: expected JSON {"weight_map": {name: shard file}}'):
         st.load_sharded(tmp_path)
+    index_path.write_text('{"weight_map": {"norm.weight": 3}}')  # (os.path.join failed on it, deep in the loader)
+    with pytest.raises(ValueError, match="expected JSON .*the shard of 'norm.weight' is 3, not a file name"):
+        st.load_sharded(tmp_path)
     with pytest.raises(FileNotFoundError, match="holds neither model.safetensors.index.json nor model.safetensors"):
         st.load_sharded(tmp_path / "empty")
