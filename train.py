@@ -598,9 +598,8 @@ class Stage0Batches(Dataset):
         if self.scenes:
             scenes = [self.scenes[i] for i in self.text.rows(k, self.plan_scenes)]
             batch["seg_images"] = torch.stack([self.read(r, "image", self.proc) for r in scenes])
-            batch["seg_labels"] = torch.stack([self.read(r, "seg", lambda path: seg_labels(path, self.proc,
-                                                                                           self.cfg.sam.grid))
-                                               for r in scenes])
+            batch["seg_labels"] = torch.stack([self.read(r, "seg", lambda path: seg_labels(
+                path, self.proc, self.cfg.sam.grid, 1 + len(SEG_LABELS))) for r in scenes])
         return batch
 
     @staticmethod

@@ -71,9 +71,11 @@ class Stage0Heads(nn.Module):
         return F.cross_entropy(logits, labels)
 
 
-def seg_labels(path: str, processor, grid: int) -> torch.Tensor:
+def seg_labels(path: str, processor, grid: int, n_classes: int) -> torch.Tensor:
     """A label map through the same resize-and-pad as its image (nearest, never blending labels), then down to the
-    patch grid: (grid, grid) long tensor, 0 (background) in the padding."""
+    patch grid: (grid, grid) long tensor, 0 (background) in the padding. Its labels must be below n_classes (the
+    segmentation head's outputs): another picture given as a label map is refused here, by name, not deep in the
+    loss."""
     try:
         with Image.open(path) as img:
             canvas = processor.canvas(img.convert("L"), Image.Resampling.NEAREST, fill=0)
@@ -81,6 +83,10 @@ def seg_labels(path: str, processor, grid: int) -> torch.Tensor:
         raise ValueError(f"label map {path} does not exist") from None
     except (OSError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError
         raise ValueError(f"cannot read label map {path}: {e}") from None
+    top = int(np.asarray(canvas).max())
+    if top >= n_classes:
+        raise ValueError(f"label map {path} holds label {top}, but the labels are 0 to {n_classes - 1} (a greyscale "
+                         "image whose pixels are class ids)")
     small = canvas.resize((grid, grid), Image.Resampling.NEAREST)  # the label at each patch's centre
     return torch.from_numpy(np.asarray(small, dtype=np.int64).copy())
 

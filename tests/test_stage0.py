@@ -4,6 +4,7 @@ maps, against nanovl/stage0.py."""
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -60,7 +61,9 @@ def test_label_maps_take_the_images_geometry_and_never_blend_labels(tmp_path):
     labels = np.full((40, 120), 5, dtype=np.uint8)
     labels[:, :60] = np.where(np.arange(60) // 2 % 2, 5, 2)
     Image.fromarray(labels).save(tmp_path / "seg.png")
-    grid = seg_labels(str(tmp_path / "seg.png"), ImageProcessor(image_size=96), grid=12)
+    grid = seg_labels(str(tmp_path / "seg.png"), ImageProcessor(image_size=96), grid=12, n_classes=6)
     assert grid.shape == (12, 12) and set(grid.unique().tolist()) == {0, 2, 5}
     assert grid[6, 6:].tolist() == [5] * 6 and 2 in grid[6, :6].tolist()
     assert grid[0].tolist() == [0] * 12 and grid[-1].tolist() == [0] * 12  # the padding
+    with pytest.raises(ValueError, match="seg.png holds label 5, but the labels are 0 to 4"):  # not deep in the loss
+        seg_labels(str(tmp_path / "seg.png"), ImageProcessor(image_size=96), grid=12, n_classes=5)
