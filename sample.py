@@ -87,12 +87,20 @@ def answer_prompts(args, model, tok, proc, sampling, pictures):
                         on_step=(lambda nxt: text.add(int(nxt[0]))) if stream else None, compile=args.compile)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    # generate ends every answer where the context does (the longest prompt, left-padded, sets where): an answer
+    # that got there without its end-of-sentence was cut, and says so, as the chat does.
+    ctx = model.cfg.llm.max_seq_len
+    room = ctx - max(len(i) for i in ids) + 1  # (the last new token is never fed back, so it needs no slot)
+    cut = [tok.eos_id not in out and len(out) == room < sampling.max_new_tokens for out in outs]
+    note = f" (cut: the prompt and the answer fill the model's context of {ctx} tokens)"
     if stream:
         answered = tok.decode([t for t in outs[0] if t != tok.eos_id]).strip()
-        print("" if answered else "(no answer: the model ended its turn at once; an undertrained model often does)")
+        print((note.strip() if cut[0] else "") if answered else
+              "(no answer: the model ended its turn at once; an undertrained model often does)")
     else:
-        for p, out in zip(prompts, outs):
-            print(f"User: {p}\nAssistant: {tok.decode([t for t in out if t != tok.eos_id]).strip()}\n")
+        for p, out, was_cut in zip(prompts, outs, cut):
+            print(f"User: {p}\nAssistant: {tok.decode([t for t in out if t != tok.eos_id]).strip()}" +
+                  (note if was_cut else "") + "\n")
 
 
 def read_image(path: str):

@@ -331,6 +331,26 @@ def test_sample_answers_a_batch_of_prompts_each_with_its_own_answer(stage_folder
     sample.main(["--ckpt", str(stage_folder), "--prompt", "hello", "--max_new_tokens", "3"])  # text only: no image
 
 
+def test_sample_says_when_the_context_cut_an_answer(stage_folder, tiny, tok, capsys):
+    ctx = tiny.cfg.llm.max_seq_len
+    words = 1
+    while len(render_chat([{"role": "user", "content": "hello " * (words + 1)}], tok, tiny.cfg.n_image_tokens,
+                          generation_prompt=True)[0]) < ctx - 2:
+        words += 1  # a prompt that leaves room for 3 new tokens at most, of the 20 asked for
+    prompt = "hello " * words
+    ids = render_chat([{"role": "user", "content": prompt}], tok, tiny.cfg.n_image_tokens, generation_prompt=True)[0]
+    out = generate(tiny, [ids], None, Sampling(20), stop_ids={tok.eos_id}, n_words=tok.vocab_size)[0]
+    assert tok.eos_id not in out and len(out) == ctx - len(ids) + 1 < 20  # what sample.py will get: a cut answer
+    note = f"(cut: the prompt and the answer fill the model's context of {ctx} tokens)"
+    sample.main(["--ckpt", str(stage_folder), "--prompt", prompt, "--max_new_tokens", "20"])
+    assert capsys.readouterr().out.rstrip().endswith(note)  # one prompt: after its streamed answer
+    sample.main(["--ckpt", str(stage_folder), "--prompt", prompt, "--prompt", "hi", "--max_new_tokens", "20"])
+    printed = capsys.readouterr().out
+    assert printed.count(note) == 2  # a batch: every row ends where the longest prompt's context does
+    sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--max_new_tokens", "3"])
+    assert "cut:" not in capsys.readouterr().out  # an answer that stopped at --max_new_tokens was not cut
+
+
 def test_load_model_takes_a_dtype_and_a_tokenizer_and_refuses_one_that_does_not_fit(stage_folder, tiny, tok,
                                                                                   tmp_path):
     import dataclasses
