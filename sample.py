@@ -162,7 +162,11 @@ def chat(args, model, tok, proc, sampling, pictures):
             if not line[len("image"):].strip():
                 print("(image needs a PATH: image photo.jpg)")
                 continue
-            image = read_image(line[len("image"):])  # read now: a bad path is said at once
+            try:
+                image = read_image(line[len("image"):])  # read now: a bad path is said at once
+            except KeyboardInterrupt:  # Ctrl-C while a large image loads: that image only, not the chat
+                print(f"\n(interrupted: that image is not attached{attached(queued)})")
+                continue
             if image is not None:
                 queued.append(image)
                 print(f"({len(queued)} image(s) attached to your next message)")
@@ -183,7 +187,10 @@ def chat(args, model, tok, proc, sampling, pictures):
                 path = ""
             if not path:
                 break
-            image = read_image(path)
+            try:
+                image = read_image(path)
+            except KeyboardInterrupt:  # as Ctrl-C at the path prompt: the message is dropped
+                break
             if image is not None:
                 images.append(image)
         if len(images) < n_tags:
@@ -223,6 +230,9 @@ def main(argv=None):
         model, tok, proc = load_model(args.ckpt, device, dtype, tokenizer=args.tokenizer or None)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from None
+    except KeyboardInterrupt:  # Ctrl-C while the images or a large model load: a line, not a traceback from PIL
+        print("\n(interrupted)", file=sys.stderr)
+        raise SystemExit(130) from None
     n_system, context = len(start_ids(tok, args.system)), model.cfg.llm.max_seq_len
     if n_system + 8 > context:  # 8: room for the shortest turn, "User: hi" and "Assistant:"
         raise SystemExit(f"--system is {n_system} tokens, and the context holds {context}: no room for a message")

@@ -490,6 +490,31 @@ def test_interactive_chat_loses_nothing_to_a_failed_turn_or_a_misread_line(stage
     assert "(message dropped; the conversation is as it was)" in out
 
 
+def test_ctrl_c_while_an_image_loads_drops_that_image_not_the_chat(stage_folder, monkeypatch, capsys):
+    cat = stage_folder / "cat.png"
+    slow = iter([KeyboardInterrupt(), KeyboardInterrupt()])  # the first two reads are interrupted, as by Ctrl-C
+
+    def read_image(path):
+        error = next(slow, None)
+        if error:
+            raise error
+        return sample.load_image(str(cat))
+
+    lines = iter([f"image {cat}",  # interrupted: not attached
+                  f"{IMAGE_TAG}this?", str(cat),  # interrupted at the path prompt's read: the message is dropped
+                  f"image {cat}", "and now?", "exit"])  # the chat goes on
+    monkeypatch.setattr(sample, "read_image", read_image)
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    sample.main(["--ckpt", str(stage_folder), "--max_new_tokens", "2"])
+    out = capsys.readouterr().out
+    assert "(interrupted: that image is not attached)" in out and "(message dropped;" in out
+    assert "1 image(s) attached" in out and out.count("Assistant: ") == 1
+    monkeypatch.setattr(sample, "load_image", lambda path: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(SystemExit) as e:  # a one-shot --image read interrupted: a line, not PIL's traceback
+        sample.main(["--ckpt", str(stage_folder), "--image", str(cat), "--prompt", "hi"])
+    assert e.value.code == 130 and "(interrupted)" in capsys.readouterr().err
+
+
 def test_the_chat_says_when_an_answer_was_cut_by_a_full_context(stage_folder, monkeypatch, capsys):
     class Short(ChatSession):  # a context just long enough for the first turn and 4 answer tokens
         def __init__(self, model, tok, *a, **k):
