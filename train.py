@@ -780,6 +780,20 @@ def stage_tokenizer(tc: TrainConfig, cfg: VLConfig, sources) -> Tokenizer:
     return tok
 
 
+def check_same_tokenizer(tok: Tokenizer, given: str, path: str):
+    """A resumed stage keeps the tokenizer its steps so far were taken with, the one in its folder (which sample.py
+    reads too): another, even of the same size, turns the same text into other ids. given: where tok came from."""
+    if not os.path.isfile(path):
+        return  # (nothing to compare with)
+    try:
+        theirs = Tokenizer.load(path)
+    except ValueError as e:
+        raise SystemExit(f"{e}; the stage folder's tokenizer cannot be read to compare with --tokenizer") from None
+    if (theirs.vocab, theirs.merges, theirs.added_tokens) != (tok.vocab, tok.merges, tok.added_tokens):
+        raise SystemExit(f"--tokenizer {given} differs from {path}, the tokenizer this stage was trained with: the "
+                         "same text would become other ids. Resume without --tokenizer (or with that one)")
+
+
 def stage_model(stage: int, tc: TrainConfig, cfg: VLConfig, init: list, resume: bool, say):
     """(model, net): the VLM, started from init (a nanovl checkpoint, or pretrained parts) unless the stage starts
     from scratch or resumes, and what trains: the VLM itself, or in stage 0 the VLM with the stage-0 heads. The
@@ -948,6 +962,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     if stage > 0 and not resume:
         check_start(stage, tc, cfg)
     tok = stage_tokenizer(tc, cfg, [out_dir] if resume else init if stage > 0 else [])
+    if resume and tc.tokenizer:  # (without --tokenizer a resumed stage reads its own folder's)
+        check_same_tokenizer(tok, tc.tokenizer, os.path.join(out_dir, "tokenizer.json"))
     proc = ImageProcessor.for_config(cfg)
     model, net = stage_model(stage, tc, cfg, init, resume, say)
     net.to(device)

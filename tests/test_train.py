@@ -461,6 +461,14 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
         train.main(common + ["--resume", "--llm.n_layers=3"])
     with pytest.raises(SystemExit, match="--extra_data .*typo: no such folder"):
         train.main(common + ["--resume", "--extra_data", str(tmp_path / "typo")])
+    other = json.loads(before["tokenizer.json"])  # the same size, two ids swapped: the same text, other ids
+    vocab = other["model"]["vocab"]
+    a, b = [t for t in vocab if len(t) > 2][:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (tmp_path / "other.json").write_text(json.dumps(other, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(SystemExit, match=r"--tokenizer .*other.json differs from .*stage3.tokenizer.json, the "
+                                         "tokenizer this stage was trained with"):
+        train.main(common + ["--resume", "--tokenizer", str(tmp_path / "other.json")])
     assert (folder / "ckpt.pt").read_bytes() == before["ckpt.pt"] and not (folder / "model.pt").exists()
     dead, live = folder / f"ckpt.pt.tmp{2 ** 22 + 1}", folder / f"ckpt.pt.tmp{os.getppid()}"  # pid_max <= 2 ** 22
     dead.write_bytes(b"half a checkpo")  # left by a process killed while saving: removed
