@@ -442,6 +442,11 @@ def load_model(path, device="cpu", dtype=None, tokenizer=None):
     if Path(path).is_dir() and any(Path(path).glob("model-*-of-*.safetensors")):
         raise ValueError(f"{path} holds safetensors shards but no model.safetensors.index.json, which says which "
                          "tensor is in which shard; copy it from where the shards came from")
+    if Path(path).is_dir() and (Path(path) / "config.json").is_file() and not (Path(path) / "model.pt").is_file():
+        # the released layout, less its weights (a nanovl stage folder has a config.json too, beside model.pt)
+        raise FileNotFoundError(f"{path} holds config.json but no weights: a released DeepSeek-VL folder holds "
+                                "model.safetensors (or shards and model.safetensors.index.json), a nanovl stage "
+                                "folder model.pt")
     return load_nanovl(path, device, dtype, tokenizer)
 
 

@@ -293,6 +293,10 @@ def test_export_loads_back_to_identical_outputs(folder, tmp_path):
     (out / "model.safetensors.index.json").unlink()  # shards without their index: said so, not "no model.pt"
     with pytest.raises(ValueError, match="holds safetensors shards but no model.safetensors.index.json"):
         load_model(out)
+    for shard in out.glob("model-*.safetensors"):
+        shard.unlink()  # config.json and the rest, no weights: said so, not "no checkpoint at .../model.pt"
+    with pytest.raises(FileNotFoundError, match="holds config.json but no weights: a released DeepSeek-VL folder"):
+        load_model(out)
 
 
 def test_a_decoder_unlike_the_released_ones_survives_export_and_load(folder, tmp_path):
