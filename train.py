@@ -322,7 +322,7 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
     difference. world: the number of processes of this run; say: print, on the first one."""
     try:
         state = load_plain(path)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:  # (FileNotFoundError: a ckpt.pt that is a folder)
         raise SystemExit(f"{e}; remove the stage folder, {os.path.dirname(path)}, to train stage {stage} again"
                          ) from None
     if not isinstance(state, dict) or not {"model", "optimizer", "step", "rng"} <= set(state):

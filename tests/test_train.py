@@ -614,6 +614,9 @@ def test_eval_only_takes_the_config_from_the_checkpoint(data, start_weights, tmp
         train.main(["--eval-only", "--ckpt", start_weights, "--data", str(tmp_path)])
     with pytest.raises(SystemExit, match="no checkpoint at .*model.pt"):
         train.main(["--eval-only", "--ckpt", str(tmp_path), "--data", data])
+    (tmp_path / "ckpt.pt").mkdir()  # a folder where --resume reads a file: said, not a traceback
+    with pytest.raises(SystemExit, match="no checkpoint at .*ckpt.pt; remove the stage folder"):
+        train.resumable_state(str(tmp_path / "ckpt.pt"), 3, None, None, None, 1, print)
     with pytest.raises(SystemExit, match="--eval_only needs --ckpt"):
         train.main(["--eval-only", "--data", data])
 
