@@ -315,11 +315,13 @@ FREE_ON_RESUME = ("stage", "resume", "eval_only", "ckpt", "init_from", "tokenize
                   "image_cache", "stop_after")
 
 
-def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: dict, world: int, say) -> dict:
+def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: dict, world: int, say,
+                    finished: bool = False) -> dict:
     """A stage's ckpt.pt, after checking that it can be continued by this run: this stage, this model config and
     the same training settings (each difference is named). hp: the stage's hyperparameters as this run resolved
     them (the defaults filled in), compared with the checkpoint's, so that giving a default explicitly is no
-    difference. world: the number of processes of this run; say: print, on the first one."""
+    difference. world: the number of processes of this run; say: print, on the first one. finished: the stage is
+    done and only its settings are checked (how its steps were split no longer matters)."""
     try:
         state = load_plain(path)
     except (ValueError, FileNotFoundError) as e:  # (FileNotFoundError: a ckpt.pt that is a folder)
@@ -338,7 +340,7 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
         if resolved and state["hparams"].get("lr") not in (None, hp["lr"]):
             say(f"resuming with lr {hp['lr']} where the checkpoint's run had {state['hparams']['lr']}: from here "
                 "the run is not the one the checkpoint's settings would give")
-        free = ("lr", "micro_batch") if stage > 0 else ("lr",)  # (the split of a step: see below)
+        free = ("lr", "micro_batch") if stage > 0 or finished else ("lr",)  # (the split of a step: see below)
         diff = [f"{k}: checkpoint {state['hparams'].get(k)!r} vs now {v!r}" for k, v in hp.items()
                 if resolved and k not in free and state["hparams"].get(k) != v]
         diff += [f"--{k}: checkpoint {state['train'][k]!r} vs now {v!r}" for k, v in dataclasses.asdict(tc).items()
@@ -355,7 +357,7 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
         # counts its contrastive pairs and scenes per micro-batch, so there the split is part of the run.
         was = state.get("split")  # [processes, micro-batch] of the run that wrote it (older checkpoints: none)
         now = [world, split_batch(stage, tc, hp, world)[0]]
-        if was and was != now:
+        if was and was != now and not finished:
             if stage == 0:
                 raise SystemExit(f"{path} was written by a run of {was[0]} process(es) x micro_batch {was[1]}; this "
                                  f"one would be {now[0]} x {now[1]}. Stage 0 counts its contrastive pairs and scenes "
@@ -749,7 +751,9 @@ def open_stage_folder(stage: int, tc: TrainConfig, cfg: VLConfig, hp: dict, out_
                 check_same_config(json.load(f), cfg, out_dir)
         except (OSError, ValueError):
             pass  # no readable config.json: loading its model.pt later checks the config
-        say(f"stage {stage}: already finished")  # (its ckpt.pt may have been deleted to save the space)
+        if os.path.exists(ckpt_path):  # and with these settings? (its ckpt.pt may have been deleted to save space)
+            resumable_state(ckpt_path, stage, cfg, tc, hp, world, lambda *a: None, finished=True)
+        say(f"stage {stage}: already finished")
         return True, None
     if earlier and (not tc.resume or earlier == ["model.pt"]):
         raise SystemExit(f"{out_dir} already holds {' and '.join(earlier)} from an earlier run: " +
