@@ -367,6 +367,8 @@ def main(argv=None):
     p.add_argument("--llava", help="import a LLaVA-format JSON (or JSON lines) file of conversations or captions")
     p.add_argument("--images", help="with --llava: the folder its image paths are relative to")
     args = p.parse_args(argv)
+    if args.images and not args.llava:  # (it would be ignored, and the synthetic corpus built instead)
+        p.error("--images is for --llava: the folder that a LLaVA file's image paths are relative to")
     if args.llava:
         if not args.images:
             p.error("--llava needs --images DIR, the folder that the file's image paths are relative to")

@@ -517,6 +517,9 @@ def import_llava(path: str, images_dir: str, out: str, workers: int = 1) -> str:
                                                           "relative to" if os.path.exists(images_dir)
                                                           else "does not exist"))
     kind = folder_kind(out)
+    if os.path.isfile(out):
+        raise ValueError(f"--out {out} is a file: expected a folder for the import (one that does not exist yet, or "
+                         "an earlier import)")
     if kind not in ("missing", "llava"):
         raise ValueError(f"{out} already holds " + ("prepare_data.py's synthetic corpus" if kind == "synthetic" else
                                                     "files that no LLaVA import made") +

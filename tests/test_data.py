@@ -256,7 +256,8 @@ def test_bad_arguments_are_named_before_anything_is_written(tmp_path, capsys):
     for args, message in ((["--image-size", "128"], "--image-size must be at least 256, the smallest preset's canvas"),
                           (["--show", "-1"], "--show must be at least 0, got -1"),
                           (["--text", str(tmp_path)], "is a folder; expected text files"),
-                          (["--text", str(tmp_path / "latin.txt")], "latin.txt does not exist")):
+                          (["--text", str(tmp_path / "latin.txt")], "latin.txt does not exist"),
+                          (["--images", str(tmp_path)], "--images is for --llava")):
         with pytest.raises(SystemExit):
             prepare_data.main(out + args)
         assert re.search(message, capsys.readouterr().err), (args, message)
@@ -488,6 +489,8 @@ def test_no_folder_is_written_over_unless_this_script_made_it_for_the_same_purpo
     rows.write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}))
     with pytest.raises(SystemExit, match="holds files that no LLaVA import made"):
         prepare_data.main(["--llava", str(rows), "--images", str(tmp_path), "--out", str(mine)])
+    with pytest.raises(SystemExit, match="--out .*thesis.txt is a file: expected a folder for the import"):
+        prepare_data.main(["--llava", str(rows), "--images", str(tmp_path), "--out", str(mine / "thesis.txt")])
     assert os.listdir(mine) == ["thesis.txt"] and (mine / "thesis.txt").read_text() == "precious"
     before = folder_digest(data_dir)
     with pytest.raises(SystemExit, match="holds prepare_data.py's synthetic corpus"):

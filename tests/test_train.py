@@ -742,6 +742,9 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
     (tmp_path / "a_file").write_text("notes")
     with pytest.raises(SystemExit, match="--out .*a_file: cannot make the folder .*stage3 .Not a directory.; expected"):
         train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "a_file")])
+    with pytest.raises(SystemExit, match="--data .*a_file is a file: expected a folder made by prepare_data.py"):
+        train.main(["--data", str(tmp_path / "a_file"), "--stage", "3", "--init_from", start_weights, "--out",
+                    str(tmp_path / "y")])
     with pytest.raises(SystemExit, match=r"--stop_after 3 is not a checkpoint step \(every 2, and the last, 8\)"):
         train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "s"),
                     "--steps", "8", "--ckpt_every", "2", "--stop_after", "3"])
