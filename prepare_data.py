@@ -284,11 +284,11 @@ def prepare(args):
         os.replace(old, args.out)
         print(f"{args.out}: put back from {old}, where an interrupted rebuild had moved it")
     kind = folder_kind(args.out)
-    if kind in ("llava", "other"):  # only a corpus this script made is ever rebuilt in place
+    if kind in ("llava", "other", "file"):  # only a corpus this script made is ever rebuilt in place
         meta = os.path.join(args.out, "meta.json")
         raise SystemExit(f"--out {args.out} " + (
             "already holds a LLaVA import" if kind == "llava" else
-            "is a file, not a folder" if os.path.isfile(args.out) else
+            "is a file, not a folder" if kind == "file" else
             f"holds a meta.json that is not one prepare_data.py writes (cut short, or edited?), so the folder cannot "
             "be told from one of yours" if os.path.isfile(meta) else
             "already holds files that prepare_data.py did not make (no meta.json of its own)") +

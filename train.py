@@ -399,7 +399,7 @@ def data_to_prepare(folder: str, preset: str):
         return "no prepared data", ["--out", folder, "--config", preset]
     if kind == "llava":
         return None
-    if os.path.isfile(folder):
+    if kind == "file":
         raise SystemExit(f"--data {folder} is a file: expected a folder made by prepare_data.py (or a LLaVA import), "
                          "or a path that does not exist yet to make one there")
     if kind == "other":  # never build over files prepare_data did not make

@@ -446,10 +446,12 @@ def default_folder(preset: str) -> str:
 
 def folder_kind(path: str) -> str:
     """What a data folder is, from the meta.json prepare_data.py writes into each folder it makes: "missing" (no
-    folder, or an empty one), "synthetic" (prepare_data.py's corpus), "llava" (an import), or "other" (made by
-    something else, which nothing here may write over)."""
+    folder, or an empty one), "synthetic" (prepare_data.py's corpus), "llava" (an import), "other" (made by
+    something else, which nothing here may write over), or "file" (no folder at all: a file of that name)."""
     if not os.path.exists(path) or (os.path.isdir(path) and not os.listdir(path)):
         return "missing"
+    if not os.path.isdir(path):
+        return "file"
     try:
         with open(os.path.join(path, "meta.json")) as f:
             meta = json.load(f)
@@ -517,7 +519,7 @@ def import_llava(path: str, images_dir: str, out: str, workers: int = 1) -> str:
                                                           "relative to" if os.path.exists(images_dir)
                                                           else "does not exist"))
     kind = folder_kind(out)
-    if os.path.isfile(out):
+    if kind == "file":
         raise ValueError(f"--out {out} is a file: expected a folder for the import (one that does not exist yet, or "
                          "an earlier import)")
     if kind not in ("missing", "llava"):
