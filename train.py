@@ -58,6 +58,8 @@ from nanovl.stage0 import Stage0Heads, plan_distinct, seg_labels
 from nanovl.synth import SEG_LABELS
 from nanovl.tokenizer import Tokenizer
 
+N_SEG_CLASSES = 1 + len(SEG_LABELS)  # stage 0's label maps: 0 is the background, then one class per label
+
 
 @dataclass
 class TrainConfig:
@@ -604,7 +606,7 @@ class Stage0Batches(Dataset):
             scenes = [self.scenes[i] for i in self.text.rows(k, self.plan_scenes)]
             batch["seg_images"] = torch.stack([self.read(r, "image", self.proc) for r in scenes])
             batch["seg_labels"] = torch.stack([self.read(r, "seg", lambda path: seg_labels(
-                path, self.proc, self.cfg.sam.grid, 1 + len(SEG_LABELS))) for r in scenes])
+                path, self.proc, self.cfg.sam.grid, N_SEG_CLASSES)) for r in scenes])
         return batch
 
     @staticmethod
@@ -817,7 +819,7 @@ def stage_model(stage: int, tc: TrainConfig, cfg: VLConfig, init: list, resume: 
             except (ValueError, FileNotFoundError) as e:
                 raise SystemExit(str(e)) from None
             say(f"stage {stage}: starting from pretrained parts\n  " + "\n  ".join(report))
-    heads = Stage0Heads(cfg, 1 + len(SEG_LABELS)) if stage == 0 else None
+    heads = Stage0Heads(cfg, N_SEG_CLASSES) if stage == 0 else None
     net = Stage0Model(model, heads) if stage == 0 else model
     prefixes = tc.trainable.split(",") if tc.trainable else trainable_prefixes(stage, cfg)
     if stage == 0:
