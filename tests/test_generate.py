@@ -545,3 +545,42 @@ def test_compiled_decoding_step_gives_the_same_tokens(tiny, tok, monkeypatch):
     s = Sampling(max_new_tokens=6)
     assert generate(tiny, prompts, sampling=s, compile=True) == generate(tiny, prompts, sampling=s)
     assert compiled == [(tiny.llm.decode_step, {"fullgraph": True})]  # compiled, not quietly run eager
+
+
+def test_one_query_attention_equals_sdpa():
+    # The compiled one-token step's attention, written as reductions (nanovl.llama.one_query_attention), against
+    # scaled_dot_product_attention, in fp32, with a padding mask and without one.
+    import torch.nn.functional as F
+
+    from nanovl.llama import compiling_one_row, one_query_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 9, 16), torch.randn(2, 4, 9, 16)
+    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+    mask[1, ..., :4] = False  # a left-padded row
+    for m in (mask, None):
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        assert (one_query_attention(q, k, v, m) - expected).abs().max() < 1e-6
+    assert not compiling_one_row(torch.randn(1, 1, 16))  # eager: nn.Linear and SDPA, the plain path
+
+
+def test_compiled_one_row_step_gives_the_eager_step_logits(tiny):
+    # Batch 1, compiled: the projections and attention run as multiply-and-sum reductions (compiling_one_row), a
+    # different order of the same sums as the eager step's matmuls.
+    from nanovl.generate import DecodeStep
+
+    llm = tiny.llm
+    prompt = torch.tensor([[5, 9, 14, 200, 31, 7]])
+    caches = [llm.new_cache(1, 16) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            llm(prompt, cache=cache)
+        steps = [DecodeStep(llm, caches[0], compile=True), DecodeStep(llm, caches[1])]
+        tok = torch.tensor([[40]])
+        for _ in range(4):
+            got, expected = (step(tok) for step in steps)
+            assert (got - expected).abs().max() < 1e-4 * expected.abs().max()
+            tok = expected.argmax(-1, keepdim=True)
+        prompts = [[5, 9, 14, 200, 31, 7]]
+        assert generate(tiny, prompts, sampling=Sampling(max_new_tokens=6), compile=True) == \
+            generate(tiny, prompts, sampling=Sampling(max_new_tokens=6))
