@@ -68,6 +68,25 @@ def test_generate_on_the_device_equals_recomputing_every_step(tiny):
     assert generate(tiny, prompts, sampling=Sampling(max_new_tokens=8), compile=True) == got
 
 
+def test_a_stop_on_the_device_cuts_the_answer_and_gives_back_the_queued_step(tiny):
+    """On a GPU, _decode queues the next step before it learns that every row has stopped: the answer must still end
+    at the stop token, and the cache must hold exactly the tokens fed (all but the last), as ChatSession expects."""
+    from nanovl.generate import _decode
+
+    prompt = [5, 9, 14, 200, 31, 7]
+    full = generate(tiny, [prompt], sampling=Sampling(max_new_tokens=8))[0]
+    stop = full[3]
+    assert generate(tiny, [prompt], sampling=Sampling(max_new_tokens=8), stop_ids={stop})[0] == \
+        full[:full.index(stop) + 1]
+    cache = tiny.llm.new_cache(1, 20)
+    with torch.no_grad():
+        logits, _ = tiny.llm(torch.tensor([prompt], device=DEVICE), cache=cache, last_only=True)
+        out = _decode(tiny, DecodeStep(tiny.llm, cache), logits[:, -1], Sampling(max_new_tokens=8), {stop}, 0,
+                      tiny.cfg.llm.vocab_size)
+    assert out[0].tolist() == full[:full.index(stop) + 1]
+    assert cache.length == len(prompt) + out.shape[1] - 1
+
+
 def test_the_decode_breakdown_reads_the_steps_kernels(tiny):
     """bench.py's "where a step goes": on a GPU its rows must be the step's kernels as the profiler saw them (a
     profiler that records no kernel on the device would leave the table empty), on CPU its ops."""
