@@ -108,13 +108,16 @@ class DecodeStep:
     It runs Llama.decode_step, whose shapes never change. On a GPU the step is recorded as a CUDA graph the first
     time and replayed after that: one launch per token instead of several hundred small kernels, whose launch
     overhead would otherwise set the decoding speed of a 1.3B model (gpt-fast's recipe). compile=True also runs it
-    through torch.compile, which fuses the norms, rotary embeddings and activations into fewer kernels; the first
-    call then takes a while (compiling), the later ones, and later generations of the same shapes, do not.
+    through torch.compile, which fuses the norms, rotary embeddings and activations into fewer kernels and, at
+    batch 1, writes the projections as reductions (nanovl.llama.compiling_one_row); the first call then takes a while
+    (compiling, and trying block sizes for those reductions: coordinate-descent tuning, as gpt-fast does), the later
+    ones, and later generations of the same shapes, do not.
     """
 
     def __init__(self, llm, cache, compile: bool = False):
         self.llm, self.cache = llm, cache
-        self.run = torch.compile(llm.decode_step, fullgraph=True) if compile else llm.decode_step
+        self.run = torch.compile(llm.decode_step, fullgraph=True, options={"coordinate_descent_tuning": True}) \
+            if compile else llm.decode_step
         self.device = cache.real.device
         # What a recorded graph reads: it replays on these very tensors, so each call copies its inputs into them.
         self.tok = torch.zeros(cache.real.shape[0], 1, dtype=torch.long, device=self.device)
@@ -173,8 +176,8 @@ def _decode(model, step: DecodeStep, logits, s: Sampling, stop_ids, pad_id: int,
     # the next step is queued it would wait for that step too, and asked before, the GPU would idle while the host
     # picks and queues the step. So the answer is copied out before the step is queued (an event marks the copy),
     # and the host waits for the copy alone while the GPU runs the step. The step after every row's last token is
-    # then queued in vain, and its cache slot given back. (Waiting for each step cost 0.11 ms a token, 6%, in the
-    # compiled 1.3B decoding on an H200.)
+    # then queued in vain, and its cache slot given back. (In the compiled 1.3B decoding on an H200, generate's time
+    # beyond its step fell from 0.11 ms a token to 0.06, the picking kernels that still run between the steps.)
     cuda = device.type == "cuda"
     all_done = torch.zeros((), dtype=torch.bool, pin_memory=cuda)
     copied = torch.cuda.Event() if cuda else None
