@@ -71,9 +71,10 @@ def compiling_one_row(x) -> bool:
     Why: a one-row matmul reads its whole weight to do one multiply-add per element, so its speed is the memory's.
     In the compiled 1.3B decoding step on an H200 (the 2026-11-29 profile), cuBLAS's one-row kernels for the
     projections reached about 2.1 TB/s of its 4.8, while the 419 MB lm_head reached 4.0: their tile of 64 output rows
-    (the kernel's name says so) gives a 2048-wide projection 32 thread blocks for 132 SMs. Written as (x * W).sum(-1), torch.compile makes it one reduction kernel spread over
-    every output row. Eager PyTorch would instead build the whole product in memory first, so the plain path keeps
-    nn.Linear and scaled_dot_product_attention. Measured on the H200 (2026-11-29, the compiled 1.3B step alone, a
+    (the kernel's name says so) gives a 2048-wide projection 32 thread blocks for 132 SMs. Written as
+    (x * W).sum(-1), torch.compile makes it one reduction kernel spread over every output row. Eager PyTorch would
+    instead build the whole product in memory first, so the plain path keeps nn.Linear and
+    scaled_dot_product_attention. Measured on the H200 (2026-11-29, the compiled 1.3B step alone, a
     600-token prompt): 1.865 ms with cuBLAS and SDPA, 1.758 ms written as reductions, 1.501 ms once the compiler also
     tunes the reductions' block sizes (coordinate_descent_tuning, which DecodeStep turns on)."""
     return x.numel() == x.shape[-1] and torch.compiler.is_compiling()
