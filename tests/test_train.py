@@ -745,7 +745,7 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
     with pytest.raises(SystemExit, match="--data .*a_file is a file: expected a folder made by prepare_data.py"):
         train.main(["--data", str(tmp_path / "a_file"), "--stage", "3", "--init_from", start_weights, "--out",
                     str(tmp_path / "y")])
-    with pytest.raises(SystemExit, match=r"--stop_after 3 is not a checkpoint step \(every 2, and the last, 8\)"):
+    with pytest.raises(SystemExit, match=r"--stop_after 3 is not a checkpoint step of stage 3 \(every 2, and the last, 8\)"):
         train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "s"),
                     "--steps", "8", "--ckpt_every", "2", "--stop_after", "3"])
     with pytest.raises(SystemExit, match="stage 3: --trainable lm names no parameter of the model; its modules: sig"):
@@ -857,3 +857,20 @@ def test_old_synthetic_data_is_rebuilt_with_its_own_arguments(tmp_path):
     with pytest.raises(SystemExit, match="holds files but no meta.json of prepare_data.py's"):
         train.data_to_prepare(str(tmp_path), "tiny")
     assert (tmp_path / "thesis.txt").read_text() == "not made by prepare_data.py"
+
+
+def test_stage_all_checks_every_stage_settings_before_the_first_trains(tmp_path, monkeypatch):
+    # A setting only stage 3 cannot run with stops `--stage all` at once, not after stages 0-2 have trained.
+    ran = []
+    monkeypatch.setattr(train, "run_stage", lambda stage, *a: ran.append(stage))
+    monkeypatch.setattr(train, "data_to_prepare", lambda *a: None)
+    base = ["--out", str(tmp_path / "o"), "--data", str(tmp_path / "d")]
+    with pytest.raises(SystemExit, match=r"--text_sft_share 0.6 and --short_chat_share 0.6 add up to more than 1"):
+        train.main(base + ["--text_sft_share", "0.6", "--short_chat_share", "0.6"])
+    with pytest.raises(SystemExit, match=r"--stop_after 90 is not a checkpoint step of stage 0 \(every 80"):
+        train.main(base + ["--stop_after", "90"])
+    assert ran == []
+    # 160 is a checkpoint step of stage 0 (every 80 of its 800), where the run stops: stage 1's steps (every 3 of 30)
+    # are not asked about, as that stage will not run
+    train.main(base + ["--stop_after", "160"])
+    assert ran == [0, 1, 2, 3]  # (run_stage is a stand-in here, which never stops the run)
