@@ -1401,7 +1401,11 @@ def suite_tables(records: list):
     by_name = {r["name"]: r["result"] for r in records if r["result"]}
     first = next((r for r in records if r["result"]), None)
     if first:
-        print(f"\n{first['result']['device_name']}, torch {first['result']['torch']}, {first['date']}\n")
+        # where and when the figures shown were measured: each machine, torch and date once (several, when --tables
+        # merges suites run apart)
+        sources = dict.fromkeys(f"{r['result']['device_name']}, torch {r['result']['torch']}, "
+                                f"{r.get('date', 'no date')}" for r in records if r["result"])
+        print(("\n" if len(sources) == 1 else "\nfigures from: ") + "; ".join(sources) + "\n")
         if first["result"].get("config") == "tiny":
             print("(--small: every run is the tiny preset's, at its small shapes; the rows name the runs they stand "
                   "in for)\n")

@@ -363,7 +363,9 @@ def test_tables_of_several_suite_files_show_each_runs_latest_figures(capsys, tmp
                "peak_memory_bytes": 3 * 2 ** 30, "memory": "torch.cuda.max_memory_allocated"}
     older = dict(figures, peak_memory_bytes=5 * 2 ** 30)
     failed = {"name": "train-1.3b", "args": "", "date": "d", "seconds": 1, "result": None, "error": "exit status 1"}
-    files = [[record(older, None), record(None, "stopped at the budget after 3 s"), failed],
+    files = [[record(older, None), record(None, "stopped at the budget after 3 s"), failed,
+              dict(record(dict(figures, torch="2.4"), None), name="memory-1.3b-stage2",
+                   args=args.replace("--stage 1", "--stage 2"))],
              [record(figures, None), record(None, "exit status 1"),
               record(dict(figures, peak_memory_bytes=2 ** 30, partial=True), "stopped at the budget after 9 s")]]
     for n, records in enumerate(files):
@@ -371,6 +373,7 @@ def test_tables_of_several_suite_files_show_each_runs_latest_figures(capsys, tmp
     _, printed = run(capsys, "--what", "suite", "--tables", str(tmp_path / "0.jsonl"), str(tmp_path / "1.jsonl"))
     assert printed.count("| 1.3b | stage 1 |") == 1 and "| 1.3b | stage 1 | no | 4 x 4096 | 3.0 GiB |" in printed
     assert "| 35.8k tokens/s, 35% MFU | no figures: exit status 1 |" in printed  # not "not run": it ran, and failed
+    assert "figures from: NVIDIA H200, torch 2.11, d; NVIDIA H200, torch 2.4, d\n" in printed
     _, printed = run(capsys, "--what", "suite", "--tables", str(tmp_path / "0.jsonl"))
     assert "| 1.3b | stage 1 | no | 4 x 4096 | 5.0 GiB |" in printed
 
