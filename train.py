@@ -542,8 +542,9 @@ def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, fo
         groups = {"chat": [r for r in chats if not short or turns(r) > 2],
                   "short_chat": [r for r in chats if short and turns(r) <= 2], "text_chat": text}
         names = {"chat": "multimodal chats", "short_chat": "one-question image chats", "text_chat": "text chats"}
-        # (stage_settings has refused text_sft_share + short_chat_share above 1)
         shares = {"chat": 1 - tc.text_sft_share - short, "short_chat": short, "text_chat": tc.text_sft_share}
+        if shares["chat"] < 0:
+            raise SystemExit(f"text_sft_share {tc.text_sft_share} + short_chat_share {short} is over 1")
         return {k: source(v, "sft", names[k]) for k, v in groups.items() if shares[k] > 0}, \
             lambda step: {k: v for k, v in shares.items() if v > 0}
     raise ValueError(f"no data mix for stage {stage}")
@@ -834,19 +835,17 @@ def stage_model(stage: int, tc: TrainConfig, cfg: VLConfig, init: list, resume: 
 
 
 def stage_settings(stage: int, tc: TrainConfig, cfg: VLConfig, world: int):
-    """(hp, seq_len, stc, ckpt_every, micro, accum): stage_hparams' settings, how often the stage checkpoints, and how
-    its batch splits (split_batch); SystemExit for settings that cannot run together. main checks each stage of the
-    run with it before the first one trains: a stage-3 setting that cannot work stops `--stage all` at once, not
-    after stages 0 to 2 have trained."""
+    """(hp, seq_len, stc, micro, accum): stage_hparams' settings and how the stage's batch splits (split_batch);
+    SystemExit for settings that cannot run together. main checks each stage of the run with it before the first one
+    trains: a setting a later stage cannot work with stops `--stage all` at once, not after the earlier stages have
+    trained. (What depends on the data is checked when the stage reads it: a --text_sft_share that leaves no room for
+    the preset's short_chat_share is fine where the chats are all of one kind, which then share one group.)"""
     hp, seq_len, stc = stage_hparams(stage, tc, cfg)
-    ckpt_every = tc.ckpt_every or max(1, hp["steps"] // 10)
-    if tc.stop_after and tc.stop_after % ckpt_every and tc.stop_after != hp["steps"]:
-        raise SystemExit(f"--stop_after {tc.stop_after} is not a checkpoint step of stage {stage} (every {ckpt_every}, "
-                         f"and the last, {hp['steps']}): the run stops right after a checkpoint")
-    if stage == 3 and stc.text_sft_share + stc.short_chat_share > 1:  # (the multimodal chats' share is the rest)
-        raise SystemExit(f"--text_sft_share {stc.text_sft_share} and --short_chat_share {stc.short_chat_share} add up "
-                         "to more than 1: they are shares of stage 3's steps, and the multimodal chats take the rest")
-    return (hp, seq_len, stc, ckpt_every) + split_batch(stage, tc, hp, world)
+    given = tc.text_sft_share >= 0 and tc.short_chat_share >= 0  # both on the command line (-1: the preset's)
+    if stage == 3 and given and tc.text_sft_share + tc.short_chat_share > 1:
+        raise SystemExit(f"--text_sft_share {tc.text_sft_share} and --short_chat_share {tc.short_chat_share} add up to "
+                         "more than 1: they are shares of stage 3's steps, and the multimodal chats take the rest")
+    return (hp, seq_len, stc) + split_batch(stage, tc, hp, world)
 
 
 def split_batch(stage: int, tc: TrainConfig, hp: dict, world: int):
@@ -971,12 +970,17 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     and write the final weights and evaluation (finish). rank, world: this process among torchrun's."""
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
-    hp, seq_len, stc, ckpt_every, micro, accum = stage_settings(stage, tc, cfg, world)
+    hp = stage_hparams(stage, tc, cfg)[0]
     out_dir = os.path.join(tc.out, f"stage{stage}")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     finished, state = open_stage_folder(stage, tc, cfg, hp, out_dir, ckpt_path, master, world, say)
     if finished:
         return
+    hp, seq_len, stc, micro, accum = stage_settings(stage, tc, cfg, world)
+    ckpt_every = tc.ckpt_every or max(1, hp["steps"] // 10)
+    if tc.stop_after and tc.stop_after % ckpt_every and tc.stop_after != hp["steps"]:
+        raise SystemExit(f"--stop_after {tc.stop_after} is not a checkpoint step of stage {stage} (every {ckpt_every}, "
+                         f"and the last, {hp['steps']}): the run stops right after a checkpoint")
     resume = state is not None
     init = start_weights(stage, tc)
     if stage > 0 and not resume:
@@ -1245,9 +1249,8 @@ def main(argv=None):
         raise SystemExit(f"stage 0 trains on prepare_data.py's corpus (text, caption pairs, label maps), and --data "
                          f"{tc.data} is a LLaVA import: begin with --stage 1, or pass the import as --extra_data")
     for stage in stages:  # every stage's settings, before any trains (and before data is made)
-        steps = stage_settings(stage, tc, cfg, world)[0]["steps"]
-        if tc.stop_after and tc.stop_after <= steps and not (tc.resume and is_finished(os.path.join(tc.out, f"stage{stage}"))):
-            break  # --stop_after ends the run in this stage: the later ones do not run
+        if not (tc.resume and is_finished(os.path.join(tc.out, f"stage{stage}"))):  # (a finished one is skipped)
+            stage_settings(stage, tc, cfg, world)
     rebuild = data_to_prepare(tc.data, cfg.name)
     first = os.path.join(tc.out, f"stage{stages[0]}")
     if stages[0] > 0 and not (tc.resume and (os.path.exists(os.path.join(first, "ckpt.pt")) or is_finished(first))):
