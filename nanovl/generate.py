@@ -177,7 +177,8 @@ def _decode(model, step: DecodeStep, logits, s: Sampling, stop_ids, pad_id: int,
     # picks and queues the step. So the answer is copied out before the step is queued (an event marks the copy),
     # and the host waits for the copy alone while the GPU runs the step. The step after every row's last token is
     # then queued in vain, and its cache slot given back. (In the compiled 1.3B decoding on an H200, generate's time
-    # beyond its step fell from 0.11 ms a token to 0.06, the picking kernels that still run between the steps.)
+    # beyond its step fell from 0.11 ms a token to 0.06, the picking kernels that still run between the steps.) Not
+    # the first step: it records the graph (and compiles), too dear to risk for an answer that is one token long.
     cuda = device.type == "cuda"
     all_done = torch.zeros((), dtype=torch.bool, pin_memory=cuda)
     copied = torch.cuda.Event() if cuda else None
@@ -191,14 +192,15 @@ def _decode(model, step: DecodeStep, logits, s: Sampling, stop_ids, pad_id: int,
             on_step(nxt)
         if i == n_new - 1:
             break
-        all_done.copy_(done.all(), non_blocking=cuda)
-        if not cuda:  # the answer is at hand: no step is wasted
+        ahead = cuda and i > 0  # queue the step before the answer is known
+        all_done.copy_(done.all(), non_blocking=ahead)
+        if not ahead:  # the answer is at hand: no step is wasted
             if bool(all_done):
                 break
         else:
             copied.record(torch.cuda.current_stream(device))
         logits = step(nxt[:, None])  # (B, V): one new token per row
-        if cuda:
+        if ahead:
             copied.synchronize()  # the copy is done; the step may still be running
             if bool(all_done):
                 step.cache.length -= 1  # that step fed a token past every row's end: its slot is free again

@@ -85,6 +85,13 @@ def test_a_stop_on_the_device_cuts_the_answer_and_gives_back_the_queued_step(tin
                       tiny.cfg.llm.vocab_size)
     assert out[0].tolist() == full[:full.index(stop) + 1]
     assert cache.length == len(prompt) + out.shape[1] - 1
+    # An answer that stops at its first token runs no step: the first records the graph, not worth it in vain
+    cache = tiny.llm.new_cache(1, 20)
+    with torch.no_grad():
+        logits, _ = tiny.llm(torch.tensor([prompt], device=DEVICE), cache=cache, last_only=True)
+        step = DecodeStep(tiny.llm, cache)
+        out = _decode(tiny, step, logits[:, -1], Sampling(max_new_tokens=8), {full[0]}, 0, tiny.cfg.llm.vocab_size)
+    assert out[0].tolist() == full[:1] and cache.length == len(prompt) and step.graph is None
 
 
 def test_the_decode_breakdown_reads_the_steps_kernels(tiny):
