@@ -991,9 +991,9 @@ def decode_breakdown(model, prompt, images, new: int, compile: bool, device: str
     """Where nanovl.generate's time per token goes, in two measurements after the same prompt.
 
     1. Its step alone (DecodeStep: on a GPU the replayed CUDA graph), called back to back with nothing between, new - 2
-       times. What generate spends beyond that per step (per_step_s, a token in every row) is its own loop: picking
-       the token, the bookkeeping, and the one device sync a token that asks whether every row has stopped, while the
-       GPU waits.
+       times. What generate spends beyond that per step (per_step_s, a token in every row) is its own loop: the
+       kernels that pick the token and the bookkeeping between steps, and whatever of the host's work (the question
+       whether every row has stopped, asked once a token) the GPU still waits for.
     2. The step's own work: run 5 times without the graph (step.run, the plain or compiled decode_step) under
        torch.profiler, its GPU kernels (on CPU, its ops) summed by name. Their sum against the replay's time in 1
        shows what the graph still spends between kernels.
@@ -1058,7 +1058,7 @@ def print_decode_breakdown(b: dict, headline: str, per_step_s: float, bound):
     print(f"where a step of {headline} goes (batch {b['batch']}, a token a row): {per_step_s * 1e3:.3f} ms; the "
           f"step alone, called back to back, {b['step_s'] * 1e3:.3f} ms ({tokens_per_s:,.0f} tokens/s" +
           (f", {tokens_per_s / bound:.1%} of the bound" if bound else "") +
-          f"); generate's own loop (picking, bookkeeping, a sync a token) the other {b['loop_s'] * 1e3:.3f} ms" +
+          f"); generate's own loop (picking, bookkeeping, the stop check) the other {b['loop_s'] * 1e3:.3f} ms" +
           (" (below 0: within the timings' noise; time more steps)" if b["loop_s"] < 0 else ""))
     what, unit = ("kernel", "GPU") if b["device"] == "cuda" else ("op", "self CPU")
     print(f"the step run without a graph under torch.profiler: its {what}s' {unit} time, {b['kernels_s'] * 1e3:.3f} "
