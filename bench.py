@@ -1499,8 +1499,9 @@ def suite_tables(records: list):
 def set_inductor_options(pairs, parser) -> dict:
     """--inductor NAME=VALUE (repeatable): torch._inductor.config settings for this run's compiled parts, to try a
     compiler setting without editing code. gpt-fast decodes with coordinate_descent_tuning=True (it tunes the fused
-    kernels' block sizes); max_autotune=True also times Triton's matrix-product templates against cuBLAS and keeps
-    the faster (compiling takes longer). A value is a Python literal (True, 4, 'x'), of the setting's own type."""
+    kernels' block sizes), and so does DecodeStep, whose own compile options win over these; max_autotune=True also
+    times Triton's matrix-product templates against cuBLAS and keeps the faster (compiling takes longer). A value is a
+    Python literal (True, 4, 'x'), of the setting's own type."""
     import ast
 
     import torch._inductor.config as inductor
