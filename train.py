@@ -834,18 +834,17 @@ def stage_model(stage: int, tc: TrainConfig, cfg: VLConfig, init: list, resume: 
     return model, net
 
 
-def stage_settings(stage: int, tc: TrainConfig, cfg: VLConfig, world: int):
-    """(hp, seq_len, stc, micro, accum): stage_hparams' settings and how the stage's batch splits (split_batch);
-    SystemExit for settings that cannot run together. main checks each stage of the run with it before the first one
-    trains: a setting a later stage cannot work with stops `--stage all` at once, not after the earlier stages have
-    trained. (What depends on the data is checked when the stage reads it: a --text_sft_share that leaves no room for
-    the preset's short_chat_share is fine where the chats are all of one kind, which then share one group.)"""
-    hp, seq_len, stc = stage_hparams(stage, tc, cfg)
+def check_stage(stage: int, tc: TrainConfig, hp: dict, world: int):
+    """(micro, accum), how the stage's batch splits (split_batch); SystemExit for settings (hp: stage_hparams') that
+    cannot run together. main checks each stage of the run with it before the first one trains: a setting a later
+    stage cannot work with stops `--stage all` at once, not after the earlier stages have trained. (What depends on
+    the data is checked when the stage reads it: a --text_sft_share that leaves no room for the preset's
+    short_chat_share is fine where the chats are all of one kind, which then share one group.)"""
     given = tc.text_sft_share >= 0 and tc.short_chat_share >= 0  # both on the command line (-1: the preset's)
     if stage == 3 and given and tc.text_sft_share + tc.short_chat_share > 1:
         raise SystemExit(f"--text_sft_share {tc.text_sft_share} and --short_chat_share {tc.short_chat_share} add up to "
                          "more than 1: they are shares of stage 3's steps, and the multimodal chats take the rest")
-    return (hp, seq_len, stc) + split_batch(stage, tc, hp, world)
+    return split_batch(stage, tc, hp, world)
 
 
 def split_batch(stage: int, tc: TrainConfig, hp: dict, world: int):
@@ -970,13 +969,13 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     and write the final weights and evaluation (finish). rank, world: this process among torchrun's."""
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
-    hp = stage_hparams(stage, tc, cfg)[0]
+    hp, seq_len, stc = stage_hparams(stage, tc, cfg)
     out_dir = os.path.join(tc.out, f"stage{stage}")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     finished, state = open_stage_folder(stage, tc, cfg, hp, out_dir, ckpt_path, master, world, say)
     if finished:
         return
-    hp, seq_len, stc, micro, accum = stage_settings(stage, tc, cfg, world)
+    micro, accum = check_stage(stage, tc, hp, world)
     ckpt_every = tc.ckpt_every or max(1, hp["steps"] // 10)
     if tc.stop_after and tc.stop_after % ckpt_every and tc.stop_after != hp["steps"]:
         raise SystemExit(f"--stop_after {tc.stop_after} is not a checkpoint step of stage {stage} (every {ckpt_every}, "
@@ -1250,7 +1249,7 @@ def main(argv=None):
                          f"{tc.data} is a LLaVA import: begin with --stage 1, or pass the import as --extra_data")
     for stage in stages:  # every stage's settings, before any trains (and before data is made)
         if not (tc.resume and is_finished(os.path.join(tc.out, f"stage{stage}"))):  # (a finished one is skipped)
-            stage_settings(stage, tc, cfg, world)
+            check_stage(stage, tc, stage_hparams(stage, tc, cfg)[0], world)
     rebuild = data_to_prepare(tc.data, cfg.name)
     first = os.path.join(tc.out, f"stage{stages[0]}")
     if stages[0] > 0 and not (tc.resume and (os.path.exists(os.path.join(first, "ckpt.pt")) or is_finished(first))):
