@@ -358,8 +358,8 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
         # killed for want of memory resumes with a smaller --micro_batch, or on another number of GPUs. Stage 0
         # counts its contrastive pairs and scenes per micro-batch, so there the split is part of the run.
         was = state.get("split")  # [processes, micro-batch] of the run that wrote it (older checkpoints: none)
-        now = [world, split_batch(stage, tc, hp, world)[0]]
-        if was and was != now and not finished:
+        now = None if finished else [world, split_batch(stage, tc, hp, world)[0]]  # (a finished stage: not asked)
+        if was and now and was != now:
             if stage == 0:
                 raise SystemExit(f"{path} was written by a run of {was[0]} process(es) x micro_batch {was[1]}; this "
                                  f"one would be {now[0]} x {now[1]}. Stage 0 counts its contrastive pairs and scenes "

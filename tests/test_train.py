@@ -443,6 +443,8 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
     capsys.readouterr()
     train.main(common + ["--resume"])
     assert "stage 3: already finished" in capsys.readouterr().out
+    train.main(common + ["--resume", "--micro_batch", "3"])  # how a finished stage's steps would split is not asked
+    assert "stage 3: already finished" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"other training settings:\n  --seed: checkpoint 1337 vs now 3"):
         train.main(common + ["--resume", "--seed", "3"])  # finished, but by another run than this one asks for
     (folder / "ckpt.pt").unlink()  # a finished stage's training state, deleted to save space: still finished
