@@ -1559,7 +1559,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, help="timed steps (default: 10; decode: 3 generations)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--compare", action="store_true", help="also run the reference implementation")
-    parser.add_argument("--stage", type=int, default=3, choices=[1, 2, 3], help="train: the stage's freeze map")
+    parser.add_argument("--stage", type=int, choices=[1, 2, 3], help="train: the stage's freeze map (default 3)")
     parser.add_argument("--llm-only", "--llm_only", action="store_true", help="train: the decoder alone, on text")
     parser.add_argument("--compile", action="store_true",
                         help="train, vision: torch.compile each part; decode: also time nanovl.generate compiled")
@@ -1586,6 +1586,14 @@ def main(argv=None):
     if args.inductor and (not args.compile or args.what in ("suite", "tokenizer")):
         parser.error("--inductor sets the compiler: it needs --compile, and a --what that compiles (a suite's runs "
                      "carry their own settings)")
+    # A flag for other work is refused, not ignored: --what decode --seq 4096 would otherwise time the default prompt.
+    benches = ("train", "prefill", "decode", "vision")
+    for name, whats in (("seq", ("train", "prefill")), ("prompt_len", ("decode",)), ("new", ("decode",)),
+                        ("stage", ("train",)), ("llm_only", ("train",)), ("grad_ckpt", ("train",)),
+                        ("batch", benches), ("steps", benches), ("compile", benches), ("compare", benches)):
+        if getattr(args, name) not in (None, False) and args.what not in whats:
+            parser.error(f"--{name.replace('_', '-')} is for --what {', '.join(whats)}; --what {args.what} does not "
+                         "use it")
     result = {"what": args.what}
     if args.what == "tokenizer":
         result.update(bench_tokenizer(args))
@@ -1621,6 +1629,7 @@ def main(argv=None):
         parser.error(str(e))
     dtype_name = args.dtype or ("bf16" if device == "cuda" else "fp32")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name]
+    args.stage = args.stage or 3
     defaults = DEFAULTS.get(args.config, DEFAULTS["small"])
     for name, least in (("batch", 1), ("seq", 1), ("steps", 1), ("prompt_len", 1), ("new", 3)):
         if getattr(args, name) is not None and getattr(args, name) < least:  # decode's first 2 tokens are timed apart
@@ -1638,8 +1647,6 @@ def main(argv=None):
     if need > ctx:
         parser.error(f"{need} tokens ({'--seq' if args.what != 'decode' else '--prompt-len + --new'}) do not fit the "
                      f"{cfg.name!r} model's context of {ctx}")
-    if args.llm_only and args.what != "train":
-        parser.error(f"--llm-only is for --what train (the decoder alone); --what {args.what} runs the whole model")
     if args.what in ("train", "prefill") and not args.llm_only and args.seq < cfg.n_image_tokens + 2:
         parser.error(f"--seq {args.seq} is too short for one image of {cfg.n_image_tokens} tokens plus text in the "
                      f"{cfg.name!r} model; use --seq {cfg.n_image_tokens + 2} or more" +
@@ -1661,7 +1668,8 @@ def main(argv=None):
         print("on CPU: achieved model FLOP/s instead of MFU; peak memory is the process's peak RSS")
     bench = {"train": bench_train, "prefill": bench_prefill, "decode": bench_decode, "vision": bench_vision}
     result.update(reference=None, config=cfg.name, overrides=overrides, inductor=inductor, device=device,
-                  device_name=device_name, torch=torch.__version__, dtype=dtype_name, batch=args.batch, seq=args.seq,
+                  device_name=device_name, torch=torch.__version__, dtype=dtype_name, batch=args.batch,
+                  seq=args.seq if args.what in ("train", "prefill") else None,
                   steps=args.steps, warmup=args.warmup)
     # For the suite, each bench also prints its figures so far as a JSON line as soon as it has its headline (and
     # again as it goes), so that a run stopped at the budget, or failing in a later comparison, keeps what it measured.

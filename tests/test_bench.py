@@ -32,7 +32,9 @@ def one_thread():
 
 def run(capsys, *argv):
     """bench.main on the tiny preset with tiny sizes; checks that the last printed line is the result as JSON."""
-    result = bench.main(["--config", "tiny", "--steps", "1", "--warmup", "1", *argv])
+    what = argv[list(argv).index("--what") + 1]
+    sizes = ["--steps", "1", "--warmup", "1"] if what not in ("suite", "tokenizer") else []  # (the suite's own)
+    result = bench.main(["--config", "tiny", *sizes, *argv])
     lines = capsys.readouterr().out.strip().splitlines()
     assert json.loads(lines[-1]) == json.loads(json.dumps(result))
     return result, "\n".join(lines[:-1])
@@ -274,6 +276,9 @@ def test_bad_arguments_are_refused_with_a_reason(capsys):
                          (["--what", "train", "--seq", "30"], "too short for one image of 36 tokens"),
                          (["--what", "prefill", "--seq", "30"], "use --seq 38 or more\n"),  # no --llm-only hint
                          (["--what", "prefill", "--llm-only"], "--llm-only is for --what train"),
+                         (["--what", "decode", "--seq", "64"], "--seq is for --what train, prefill; --what decode"),
+                         (["--what", "train", "--new", "8"], "--new is for --what decode; --what train does not"),
+                         (["--what", "suite", "--batch", "8"], "--batch is for --what train, prefill, decode, vision"),
                          (["--what", "train", "--batch", "0"], "--batch must be at least 1, got 0"),
                          (["--what", "decode", "--prompt-len", "600", "--new", "4"],
                           "604 tokens (--prompt-len + --new) do not fit the 'tiny' model's context of 512"),
