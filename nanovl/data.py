@@ -53,6 +53,12 @@ def read_text(path: str) -> str:
                          "or text saved in another encoding?); save it as UTF-8") from None
 
 
+def cr_only(line: str) -> str:
+    """What to add to the error for a JSON line that did not parse, when the file's lines end in "\r" alone (old Mac
+    line ends): the whole file then reads as one line holding every row."""
+    return "; its lines end in \\r alone, where JSON Lines needs \\n" if "\r" in line.strip() else ""
+
+
 def read_jsonl(path: str, origin: bool = False) -> List[dict]:
     """All rows of a JSON-lines file; a malformed line is an error that names the file and line. origin=True also
     writes where each row came from into it ("_where": "FILE, line N"), for the errors found in it later."""
@@ -62,7 +68,8 @@ def read_jsonl(path: str, origin: bool = False) -> List[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {n}, column {e.colno}: not valid JSON ({e.msg})") from None
+                raise ValueError(f"{path}, line {n}, column {e.colno}: not valid JSON ({e.msg}){cr_only(line)}"
+                                 ) from None
             if origin:
                 if not isinstance(row, dict):
                     raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
@@ -328,7 +335,7 @@ def iter_json_rows(path: str):
                             raise ValueError(f"{path} holds one JSON object (keys {', '.join(list(whole)[:5])}), "
                                              "expected a JSON array of rows or one row a line") from None
                     yield f"line {n}", ValueError("not valid JSON: " + (e.msg if isinstance(e, json.JSONDecodeError)
-                                                                        else "nested too deeply"))
+                                                                        else "nested too deeply") + cr_only(line))
         return
     decoder, pos, line, counted, k = json.JSONDecoder(), start + 1, 1, 0, 0
 

@@ -296,6 +296,14 @@ def test_a_malformed_row_is_named_by_its_file_and_line(data_dir, tmp_path):
     with pytest.raises(ValueError, match=r"rows.jsonl, line 2, column 10: not valid JSON \(Unterminated string "
                                          r"starting at\)$"):
         read_jsonl(str(path))
+    path.write_bytes((json.dumps(good) + "\r" + json.dumps(good) + "\r").encode())  # old Mac line ends: one line
+    with pytest.raises(ValueError, match=r"line 1, .*\(Extra data\); its lines end in \\r alone, where JSON Lines "
+                                         r"needs \\n$"):
+        read_jsonl(str(path))
+    from nanovl.data import iter_json_rows
+
+    [(where, error)] = list(iter_json_rows(str(path)))  # the LLaVA import's reader says the same
+    assert where == "line 1" and str(error).endswith("its lines end in \\r alone, where JSON Lines needs \\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
