@@ -54,7 +54,7 @@ def read_text(path: str) -> str:
 
 
 def cr_only(line: str) -> str:
-    """What to add to the error for a JSON line that did not parse, when the file's lines end in "\r" alone (old Mac
+    """What to add to the error for a JSON line that did not parse, when the file's lines end in "\\r" alone (old Mac
     line ends): the whole file then reads as one line holding every row."""
     return "; its lines end in \\r alone, where JSON Lines needs \\n" if "\r" in line.strip() else ""
 
