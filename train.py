@@ -1055,7 +1055,10 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         say(f"stage {stage}: trained to step {start}, but its final weights or evaluation were never written; "
             "writing them now")
         return finish()
-    train_net = DDP(net, find_unused_parameters=True) if world > 1 else net
+    # The model's buffers are constants (pixel statistics, SAM's relative-position indices, the rotary tables, 4 MB
+    # at 1.3B), the same on every rank from the start: broadcasting them from rank 0 before every forward, DDP's
+    # default, would only cost communication.
+    train_net = DDP(net, find_unused_parameters=True, broadcast_buffers=False) if world > 1 else net
     if tc.compile:
         train_net = torch.compile(train_net)
     loader = DataLoader(dataset, batch_size=None, num_workers=tc.workers,
