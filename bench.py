@@ -1499,12 +1499,15 @@ def suite_tables(records: list):
 def set_inductor_options(pairs, parser) -> dict:
     """--inductor NAME=VALUE (repeatable): torch._inductor.config settings for this run's compiled parts, to try a
     compiler setting without editing code. gpt-fast decodes with coordinate_descent_tuning=True (it tunes the fused
-    kernels' block sizes), and so does DecodeStep, whose own compile options win over these; max_autotune=True also
-    times Triton's matrix-product templates against cuBLAS and keeps the faster (compiling takes longer). A value is a
-    Python literal (True, 4, 'x'), of the setting's own type."""
+    kernels' block sizes), and so does DecodeStep, whose own compile options would win over the config: a setting
+    they hold is set there too. max_autotune=True also times Triton's matrix-product templates against cuBLAS and
+    keeps the faster (compiling takes longer). A value is a Python literal (True, 4, 'x'), of the setting's own
+    type."""
     import ast
 
     import torch._inductor.config as inductor
+
+    from nanovl.generate import DecodeStep
 
     chosen = {}
     for pair in pairs:
@@ -1525,6 +1528,8 @@ def set_inductor_options(pairs, parser) -> dict:
                 not (type(current) is float and type(value) is int):
             parser.error(f"--inductor {name}: expected a {type(current).__name__} (it is {current!r}), got {text!r}")
         setattr(owner, path[-1], value)
+        if name in DecodeStep.compile_options:
+            DecodeStep.compile_options = {**DecodeStep.compile_options, name: value}
         chosen[name] = value
     return chosen
 

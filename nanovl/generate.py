@@ -114,9 +114,13 @@ class DecodeStep:
     ones, and later generations of the same shapes, do not.
     """
 
+    # torch.compile's options for the step; they win over torch._inductor.config (bench.py --inductor replaces them
+    # for a run, to measure the step without the tuning).
+    compile_options = {"coordinate_descent_tuning": True}
+
     def __init__(self, llm, cache, compile: bool = False):
         self.llm, self.cache = llm, cache
-        self.run = torch.compile(llm.decode_step, fullgraph=True, options={"coordinate_descent_tuning": True}) \
+        self.run = torch.compile(llm.decode_step, fullgraph=True, options=dict(self.compile_options)) \
             if compile else llm.decode_step
         self.device = cache.real.device
         # What a recorded graph reads: it replays on these very tensors, so each call copies its inputs into them.

@@ -412,11 +412,21 @@ def test_a_failing_reference_or_compiled_run_is_left_out_and_the_others_stand(ca
 
     # inductor's own patch puts the setting back after (monkeypatch would delete it from inductor's config object)
     before = inductor.coordinate_descent_tuning
-    with inductor.patch(coordinate_descent_tuning=False):
-        result, printed = run(capsys, "--what", "decode", "--compile", "--inductor", "coordinate_descent_tuning=True",
+    Step = nanovl.generate.DecodeStep
+    monkeypatch.setattr(Step, "compile_options", {"coordinate_descent_tuning": True})
+    with inductor.patch(coordinate_descent_tuning=True):
+        result, printed = run(capsys, "--what", "decode", "--compile", "--inductor", "coordinate_descent_tuning=False",
                               "--steps", "1", "--warmup", "0")
-        assert result["inductor"] == {"coordinate_descent_tuning": True} and inductor.coordinate_descent_tuning
+        assert result["inductor"] == {"coordinate_descent_tuning": False} and not inductor.coordinate_descent_tuning
     assert inductor.coordinate_descent_tuning == before
+    # The decoding step's own compile options would win over the config: the setting is made there too, and the
+    # step hands it to torch.compile.
+    assert Step.compile_options == {"coordinate_descent_tuning": False}
+    given = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: given.append(kw["options"]) or fn)
+    llm = Llama(get_config("tiny", **{"llm.n_layers": 1}).llm)
+    Step(llm, llm.new_cache(1, 8), compile=True)
+    assert given == [{"coordinate_descent_tuning": False}]
     assert "nanovl.generate, compiled: failed (RuntimeError: inductor is not available); left out" in printed
     assert set(result["runs"]) == {"nanovl loop (model + KVCache)", "nanovl.generate"}
     assert result["tokens_per_s"] == result["runs"]["nanovl.generate"]["tokens_per_s"]
