@@ -6,7 +6,8 @@ the LLaVA conversation format.
     python prepare_data.py                         # the embedded default: data/ for the tiny preset, under 2 minutes
     python prepare_data.py --config small --n 2000 # bigger images and more of them, into data-small/
     python prepare_data.py --text my_books/*.txt   # add your own text files to the text-only data
-    python prepare_data.py --show 3                # print 3 rendered samples: image spans and supervised tokens marked
+    python prepare_data.py --show 3                # print 3 rendered documents and 3 chats: image spans and
+                                                   # supervised tokens marked
     python prepare_data.py --llava llava_v1_5.json --images coco/ --out data-llava
 
 The synthetic folder holds:
@@ -360,7 +361,8 @@ def main(argv=None):
     p.add_argument("--image-size", type=int, default=0, help="long side of the generated images (default: the "
                                                               "preset's canvas)")
     p.add_argument("--text", nargs="*", default=[], help="your own UTF-8 text files to add to the text-only data")
-    p.add_argument("--show", type=int, default=0, help="print this many rendered samples of an existing folder")
+    p.add_argument("--show", type=int, default=0,
+                   help="print this many rendered pretraining documents, and as many chats, of an existing folder")
     p.add_argument("--tokenizer", help="with --show: the tokenizer to render with (default: the folder's own "
                                        "tokenizer.json; a folder for a released preset, or a LLaVA import, has none: "
                                        "give the released model's, e.g. deepseek-vl-1.3b-chat/tokenizer.json)")
@@ -392,7 +394,8 @@ def main(argv=None):
         args.out = os.path.realpath(args.out)
     if args.show:
         if folder_kind(args.out) == "missing":
-            p.error(f"--show: {args.out} holds no prepared data; make it first (prepare_data.py --out {args.out})")
+            p.error(f"--show: {args.out} holds no prepared data; make it first (prepare_data.py --config "
+                    f"{args.config} --out {args.out})")
         args.tokenizer = args.tokenizer or os.path.join(args.out, "tokenizer.json")
         if not os.path.isfile(args.tokenizer):
             p.error(f"--show: no tokenizer at {args.tokenizer} to render with (a folder for a released preset, or a "

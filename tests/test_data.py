@@ -257,7 +257,9 @@ def test_bad_arguments_are_named_before_anything_is_written(tmp_path, capsys):
                           (["--show", "-1"], "--show must be at least 0, got -1"),
                           (["--text", str(tmp_path)], "is a folder; expected text files"),
                           (["--text", str(tmp_path / "latin.txt")], "latin.txt does not exist"),
-                          (["--images", str(tmp_path)], "--images is for --llava")):
+                          (["--images", str(tmp_path)], "--images is for --llava"),
+                          (["--show", "1", "--config", "small"],  # the way to make it is for that preset
+                           r"holds no prepared data; make it first \(prepare_data.py --config small --out .*d\)")):
         with pytest.raises(SystemExit):
             prepare_data.main(out + args)
         assert re.search(message, capsys.readouterr().err), (args, message)
