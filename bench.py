@@ -1555,7 +1555,8 @@ def parse_overrides(rest, parser) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
-    parser.add_argument("--what", required=True, choices=["train", "prefill", "decode", "vision", "tokenizer", "suite"])
+    parser.add_argument("--what", choices=["train", "prefill", "decode", "vision", "tokenizer", "suite"],
+                        help="the work to time (--tables alone implies suite)")
     parser.add_argument("--config", default="tiny", help="model preset (nanovl.config.PRESETS)")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is one")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
@@ -1587,6 +1588,10 @@ def main(argv=None):
                              "several: its latest figures)")
     parser.add_argument("--emit-partial", action="store_true", help=argparse.SUPPRESS)  # set by the suite for its runs
     args, rest = parser.parse_known_args(argv)
+    if args.what is None:  # --tables reads a suite's records: there is no other work it can be for
+        if not args.tables:
+            parser.error("the following arguments are required: --what")
+        args.what = "suite"
     overrides = parse_overrides(rest, parser)
     if args.inductor and (not args.compile or args.what in ("suite", "tokenizer")):
         parser.error("--inductor sets the compiler: it needs --compile, and a --what that compiles (a suite's runs "
@@ -1595,7 +1600,8 @@ def main(argv=None):
     benches = ("train", "prefill", "decode", "vision")
     for name, whats in (("seq", ("train", "prefill")), ("prompt_len", ("decode",)), ("new", ("decode",)),
                         ("stage", ("train",)), ("llm_only", ("train",)), ("grad_ckpt", ("train",)),
-                        ("batch", benches), ("steps", benches), ("compile", benches), ("compare", benches)):
+                        ("batch", benches), ("steps", benches), ("compile", benches), ("compare", benches),
+                        ("tables", ("suite",)), ("runs", ("suite",)), ("small", ("suite",))):
         if getattr(args, name) not in (None, False) and args.what not in whats:
             parser.error(f"--{name.replace('_', '-')} is for --what {', '.join(whats)}; --what {args.what} does not "
                          "use it")

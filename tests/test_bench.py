@@ -285,6 +285,10 @@ def test_bad_arguments_are_refused_with_a_reason(capsys):
                          (["--what", "decode", "--new", "2"], "--new must be at least 3, got 2"),
                          (["--what", "suite", "--budget", "-1"], "--budget must be 0 seconds or more, got -1.0"),
                          (["--what", "suite", "--tables", "missing.jsonl"], "--tables missing.jsonl: no such file"),
+                         (["--tables", "missing.jsonl"], "--tables missing.jsonl: no such file"),  # implies suite
+                         (["--config", "tiny"], "the following arguments are required: --what"),
+                         (["--what", "train", "--tables", "a.jsonl"], "--tables is for --what suite"),
+                         (["--what", "decode", "--runs", "decode-7b"], "--runs is for --what suite"),
                          (["--what", "decode", "--inductor", "max_autotune=True"], "it needs --compile"),
                          (["--what", "suite", "--inductor", "max_autotune=True"], "it needs --compile"),
                          (["--what", "suite", "--compile", "--inductor", "nosuch=1"], "a --what that compiles"),
@@ -381,6 +385,8 @@ def test_tables_of_several_suite_files_show_each_runs_latest_figures(capsys, tmp
     assert "figures from: NVIDIA H200, torch 2.11, d; NVIDIA H200, torch 2.4, d\n" in printed
     _, printed = run(capsys, "--what", "suite", "--tables", str(tmp_path / "0.jsonl"))
     assert "| 1.3b | stage 1 | no | 4 x 4096 | 5.0 GiB |" in printed
+    bench.main(["--tables", str(tmp_path / "0.jsonl")])  # --tables alone: the same
+    assert capsys.readouterr().out.strip().splitlines()[:-1] == printed.splitlines()
 
 
 def test_a_failing_reference_or_compiled_run_is_left_out_and_the_others_stand(capsys, monkeypatch):
