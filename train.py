@@ -744,12 +744,22 @@ def is_finished(out_dir: str) -> bool:
     return all(os.path.exists(os.path.join(out_dir, f)) for f in ("model.pt", "eval.json"))
 
 
+def refuse_earlier_run(stage: int, tc: TrainConfig, out_dir: str):
+    """Stop if the stage folder holds an earlier run's checkpoint or final weights that this run would write over:
+    without --resume, or with it but no ckpt.pt to go on from (a stage finished is not asked: it is skipped)."""
+    earlier = [f for f in ("ckpt.pt", "model.pt") if os.path.exists(os.path.join(out_dir, f))]
+    if earlier and (not tc.resume or earlier == ["model.pt"]):
+        raise SystemExit(f"{out_dir} already holds {' and '.join(earlier)} from an earlier run: " +
+                         ("pass --resume to continue it (a finished stage is skipped)" if not tc.resume else
+                          "there is no ckpt.pt to resume from") +
+                         f", or remove {out_dir} (or choose another --out) to train stage {stage} again")
+
+
 def open_stage_folder(stage: int, tc: TrainConfig, cfg: VLConfig, hp: dict, out_dir: str, ckpt_path: str,
                       master: bool, world: int, say):
     """(finished, state): whether the stage is already done (with --resume), and the checkpoint to continue from
     (None: start from the beginning). A run never writes over another's results unasked: without --resume, a stage
     folder that holds a checkpoint or final weights stops the run before anything is written."""
-    earlier = [f for f in ("ckpt.pt", "model.pt") if os.path.exists(os.path.join(out_dir, f))]
     if tc.resume and is_finished(out_dir):
         try:  # finished, but for this model? (the later stages of this run would start from it)
             with open(os.path.join(out_dir, "config.json")) as f:
@@ -760,11 +770,7 @@ def open_stage_folder(stage: int, tc: TrainConfig, cfg: VLConfig, hp: dict, out_
             resumable_state(ckpt_path, stage, cfg, tc, hp, world, lambda *a: None, finished=True)
         say(f"stage {stage}: already finished")
         return True, None
-    if earlier and (not tc.resume or earlier == ["model.pt"]):
-        raise SystemExit(f"{out_dir} already holds {' and '.join(earlier)} from an earlier run: " +
-                         ("pass --resume to continue it (a finished stage is skipped)" if not tc.resume else
-                          "there is no ckpt.pt to resume from") +
-                         f", or remove {out_dir} (or choose another --out) to train stage {stage} again")
+    refuse_earlier_run(stage, tc, out_dir)
     if master:
         remove_stale_temporaries(out_dir)
     if tc.resume and not os.path.exists(ckpt_path):
@@ -1196,7 +1202,8 @@ def check_init_preset(init_from: str, cfg: VLConfig):
 
 
 def main(argv=None):
-    tc, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    tc, overrides = parse_args(argv)
     try:
         cfg = get_config(tc.config, **overrides)
     except ValueError as e:
@@ -1213,7 +1220,10 @@ def main(argv=None):
     if tc.eval_only:
         if not tc.ckpt:
             raise SystemExit("--eval_only needs --ckpt: a stage folder, a model.pt file or a released model folder")
-        # The model config comes from the checkpoint (--config and model overrides are not used); bf16 on a GPU.
+        # The model config comes from the checkpoint; --config only names the default --data. bf16 on a GPU.
+        if overrides:
+            raise SystemExit(f"--eval-only evaluates the model as --ckpt holds it; model config overrides "
+                             f"({', '.join('--' + k for k in overrides)}) would change nothing: drop them")
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         try:
             rows = held_out(tc.data, tc.eval_limit)  # before loading a model that may take minutes
@@ -1226,6 +1236,9 @@ def main(argv=None):
             acc, bpb = evaluate(model, tok, proc, model.cfg, rows, tc.data, model.cfg.llm.max_seq_len)
         except (ValueError, FileNotFoundError) as e:  # a bad checkpoint or row (named by file and line), a bad image
             raise SystemExit(str(e)) from None
+        if any(a.split("=")[0] == "--config" for a in argv) and model.cfg.name != tc.config:
+            print(f"(--config {tc.config} chose the questions' folder {tc.data} only: the model is the checkpoint's "
+                  f"{model.cfg.name!r})")
         print(format_table(acc, bpb, f"evaluation of {tc.ckpt} on {tc.data}"))
         return
 
@@ -1250,9 +1263,11 @@ def main(argv=None):
     if stages[0] == 0 and folder_kind(tc.data) == "llava":
         raise SystemExit(f"stage 0 trains on prepare_data.py's corpus (text, caption pairs, label maps), and --data "
                          f"{tc.data} is a LLaVA import: begin with --stage 1, or pass the import as --extra_data")
-    for stage in stages:  # every stage's settings, before any trains (and before data is made)
-        if not (tc.resume and is_finished(os.path.join(tc.out, f"stage{stage}"))):  # (a finished one is skipped)
+    for stage in stages:  # every stage's settings and folder, before any trains (and before data is made)
+        folder = os.path.join(tc.out, f"stage{stage}")
+        if not (tc.resume and is_finished(folder)):  # (a finished one is skipped)
             check_stage(stage, tc, stage_hparams(stage, tc, cfg)[0], world)
+            refuse_earlier_run(stage, tc, folder)
     rebuild = data_to_prepare(tc.data, cfg.name)
     first = os.path.join(tc.out, f"stage{stages[0]}")
     if stages[0] > 0 and not (tc.resume and (os.path.exists(os.path.join(first, "ckpt.pt")) or is_finished(first))):

@@ -440,6 +440,11 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
     with pytest.raises(SystemExit, match="already holds ckpt.pt and model.pt from an earlier run: pass --resume"):
         train.main(common)
     assert files() == before  # nothing written over
+    fresh = str(tmp_path / "fresh")  # and said before anything else is made, even for the last of several stages
+    for stage in ("3", "all"):
+        with pytest.raises(SystemExit, match="stage3 already holds ckpt.pt and model.pt from an earlier run"):
+            train.main(["--data", fresh, "--stage", stage, "--out", out] + FAST)
+    assert not os.path.exists(fresh)  # its data was never built
     capsys.readouterr()
     train.main(common + ["--resume"])
     assert "stage 3: already finished" in capsys.readouterr().out
@@ -614,6 +619,9 @@ def test_eval_only_takes_the_config_from_the_checkpoint(data, start_weights, tmp
     printed = capsys.readouterr().out
     assert f"evaluation of {start_weights} on {data}" in printed and "(chance 25.0%)" in printed
     assert "text bits per byte" in printed
+    assert f"(--config small chose the questions' folder {data} only: the model is the checkpoint's 'tiny')" in printed
+    with pytest.raises(SystemExit, match=r"model config overrides \(--llm.n_layers\) would change nothing: drop"):
+        train.main(["--eval-only", "--ckpt", start_weights, "--data", data, "--llm.n_layers=6"])
     with pytest.raises(SystemExit, match="no multiple-choice questions at .*eval_mc.jsonl: --data must be a folder"):
         train.main(["--eval-only", "--ckpt", start_weights, "--data", str(tmp_path)])
     with pytest.raises(SystemExit, match="no checkpoint at .*model.pt"):
