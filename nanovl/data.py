@@ -59,6 +59,16 @@ def cr_only(line: str) -> str:
     return "; its lines end in \\r alone, where JSON Lines needs \\n" if "\r" in line.strip() else ""
 
 
+def json_error(e: Exception, lines: bool = True) -> str:
+    """What a row that did not parse has wrong, and where. JSONDecodeError's msg alone can stop mid-sentence
+    ("Unterminated string starting at"): its position completes it. lines=False: a JSON line, where only the column
+    says more."""
+    if not isinstance(e, json.JSONDecodeError):
+        return "nested too deeply"  # (a RecursionError)
+    at = "" if e.msg.endswith(" at") else " at"  # ("... starting at" already says it)
+    return f"{e.msg}{at} " + (f"line {e.lineno}, column {e.colno}" if lines else f"column {e.colno}")
+
+
 def read_jsonl(path: str, origin: bool = False) -> List[dict]:
     """All rows of a JSON-lines file; a malformed line is an error that names the file and line. origin=True also
     writes where each row came from into it ("_where": "FILE, line N"), for the errors found in it later."""
@@ -68,7 +78,7 @@ def read_jsonl(path: str, origin: bool = False) -> List[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {n}, column {e.colno}: not valid JSON ({e.msg}){cr_only(line)}"
+                raise ValueError(f"{path}, line {n}: not valid JSON: {json_error(e, lines=False)}{cr_only(line)}"
                                  ) from None
             if origin:
                 if not isinstance(row, dict):
@@ -334,8 +344,7 @@ def iter_json_rows(path: str):
                         if isinstance(whole, dict):
                             raise ValueError(f"{path} holds one JSON object (keys {', '.join(list(whole)[:5])}), "
                                              "expected a JSON array of rows or one row a line") from None
-                    yield f"line {n}", ValueError("not valid JSON: " + (e.msg if isinstance(e, json.JSONDecodeError)
-                                                                        else "nested too deeply") + cr_only(line))
+                    yield f"line {n}", ValueError(f"not valid JSON: {json_error(e, lines=False)}{cr_only(line)}")
         return
     decoder, pos, line, counted, k = json.JSONDecoder(), start + 1, 1, 0, 0
 
@@ -357,9 +366,8 @@ def iter_json_rows(path: str):
             try:
                 row, pos = decoder.raw_decode(text, pos)
             except (json.JSONDecodeError, RecursionError) as e:  # the array is broken: nothing after it can be trusted
-                why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deeply"
-                yield f"row {k}, line {line}", BrokenFile(f"not valid JSON: {why}; the rest of the file was not read",
-                                                          is_row=True)
+                yield f"row {k}, line {line}", BrokenFile(f"not valid JSON: {json_error(e)}; the rest of the file was "
+                                                          "not read", is_row=True)
                 return
             yield f"row {k}, line {line}", row
             pos = skip_space(pos)

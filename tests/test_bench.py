@@ -308,7 +308,7 @@ def test_suite_files_that_are_not_suite_records_are_refused_with_a_reason(capsys
         bench.main(["--what", "suite", "--runs", "", "--out", str(tmp_path / "s")])
     for content, reason in [("", "holds no runs"), ('{"name": "x", "result": 1}\n', "record 1: not a suite run's"),
                             ('{"name": "x", "result": null, "error": "boom"}\n', "record 1: not a suite run's"),
-                            ('{"name": "x", "res', "line 1, column 15: not valid JSON"),
+                            ('{"name": "x", "res', "line 1: not valid JSON: Unterminated string starting at column 15"),
                             ('{"name": "train-1.3b", "args": "", "seconds": 1, "error": null, "date": "d", '
                              '"result": {"device_name": "cpu", "torch": "2"}}\n', "a run's figures lack")]:
         (tmp_path / "suite.jsonl").write_text(content)
