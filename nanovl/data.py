@@ -541,56 +541,72 @@ def import_llava(path: str, images_dir: str, out: str, workers: int = 1) -> str:
         raise ValueError(f"{out} already holds " + ("prepare_data.py's synthetic corpus" if kind == "synthetic" else
                                                     "files that no LLaVA import made") +
                          "; choose another --out for the import (an earlier import there would be replaced)")
-    rows = list(iter_json_rows(path))
-    checked = check_images([p for _, row in rows for p in named_images(row, images_dir)], workers)
-
-    def check_image(p):
-        error = checked[p] if p in checked else image_error(p)
-        if error:
-            raise ValueError(error)
-
-    kept = {"sft": [], "pretrain": []}
-    skipped, broken = [], ""
-    total = 0
-    for where, row in rows:
-        if isinstance(row, BrokenFile):  # always the last
-            broken = f"{where}: {row}"
-            if not row.is_row:
-                continue  # between or after the rows: not a row read, nor one skipped
-        total += 1
-        try:
-            if isinstance(row, Exception):
-                raise row
-            kind, ours = llava_row(row, images_dir, check_image)
-            kept[kind].append(ours)
-        except ValueError as e:
-            named = f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else ""
-            skipped.append(f"{where}{named}: {e}")
-    if not kept["sft"] and not kept["pretrain"]:
-        raise ValueError(f"{path}: no row to keep ({total} read" + (f"; the first skipped: {skipped[0]}" if skipped
-                                                                      else "") + "); nothing was written")
-    summary = (f"{path}: {total} rows read, {len(kept['sft'])} conversations and {len(kept['pretrain'])} captions "
-               f"kept, {len(skipped)} skipped; written to {out}" +
-               (f". The file is broken: {broken}" if broken else ""))
-    # Written aside, in a folder of the import's files only, then moved in: never a half-written folder.
+    # Written aside, in a folder of the import's files only, then moved in: never a half-written folder. Made first,
+    # so that a place that cannot be written is said before the images are read (minutes, for many of them).
     partial = out.rstrip("/") + ".partial"
     if os.path.exists(partial) and not all(f in IMPORT_FILES or LEFTOVER.fullmatch(f) for f in os.listdir(partial)):
         raise ValueError(f"{partial}, where an import is written before it is moved to {out}, holds files an import "
                          "does not write; move it out of the way")
     shutil.rmtree(partial, ignore_errors=True)  # what an interrupted import left
-    os.makedirs(partial)
-    for name in ("sft", "pretrain"):
-        write_jsonl(os.path.join(partial, f"{name}.jsonl"), kept[name])
-    with open(os.path.join(partial, "report.txt"), "w", encoding="utf-8") as f:
-        f.write(summary + "\n" + "".join(f"skipped {s}\n" for s in skipped))
-    with open(os.path.join(partial, "meta.json"), "w") as f:
-        json.dump({"llava": {"file": os.path.abspath(path), "images": os.path.abspath(images_dir)}}, f, indent=2)
-    if folder_kind(out) == "missing":
-        if os.path.isdir(out):
-            os.rmdir(out)  # an empty folder
-        os.replace(partial, out)
-    else:  # an earlier import: only its files are replaced (meta.json last), not what else is there (eval_mc.jsonl)
-        for name in IMPORT_FILES:
-            os.replace(os.path.join(partial, name), os.path.join(out, name))
-        os.rmdir(partial)
+    try:
+        os.makedirs(partial)
+    except OSError as e:
+        raise ValueError(f"cannot write {partial}, where the import is written before it is moved to {out}: "
+                         f"{e.strerror or e}") from None
+    moved = False
+    try:
+        rows = list(iter_json_rows(path))
+        checked = check_images([p for _, row in rows for p in named_images(row, images_dir)], workers)
+
+        def check_image(p):
+            error = checked[p] if p in checked else image_error(p)
+            if error:
+                raise ValueError(error)
+
+        kept = {"sft": [], "pretrain": []}
+        skipped, broken = [], ""
+        total = 0
+        for where, row in rows:
+            if isinstance(row, BrokenFile):  # always the last
+                broken = f"{where}: {row}"
+                if not row.is_row:
+                    continue  # between or after the rows: not a row read, nor one skipped
+            total += 1
+            try:
+                if isinstance(row, Exception):
+                    raise row
+                kind, ours = llava_row(row, images_dir, check_image)
+                kept[kind].append(ours)
+            except ValueError as e:
+                named = f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else ""
+                skipped.append(f"{where}{named}: {e}")
+        if not kept["sft"] and not kept["pretrain"]:
+            raise ValueError(f"{path}: no row to keep ({total} read" +
+                             (f"; the first skipped: {skipped[0]}" if skipped else "") + "); nothing was written")
+        summary = (f"{path}: {total} rows read, {len(kept['sft'])} conversations and {len(kept['pretrain'])} "
+                   f"captions kept, {len(skipped)} skipped; written to {out}" +
+                   (f". The file is broken: {broken}" if broken else ""))
+        try:
+            for name in ("sft", "pretrain"):
+                write_jsonl(os.path.join(partial, f"{name}.jsonl"), kept[name])
+            with open(os.path.join(partial, "report.txt"), "w", encoding="utf-8") as f:
+                f.write(summary + "\n" + "".join(f"skipped {s}\n" for s in skipped))
+            with open(os.path.join(partial, "meta.json"), "w") as f:
+                json.dump({"llava": {"file": os.path.abspath(path), "images": os.path.abspath(images_dir)}}, f,
+                          indent=2)
+            if folder_kind(out) == "missing":
+                if os.path.isdir(out):
+                    os.rmdir(out)  # an empty folder
+                os.replace(partial, out)
+            else:  # an earlier import: only its files are replaced (meta.json last), not what else is there
+                moved = True  # (from here on, some of them may be the new ones)
+                for name in IMPORT_FILES:
+                    os.replace(os.path.join(partial, name), os.path.join(out, name))
+                os.rmdir(partial)
+        except OSError as e:  # a full disk, say: one line, and nothing half-written left behind
+            raise ValueError(f"cannot write {e.filename or partial}: {e.strerror or e}" +
+                             (f"; {out} may hold some of the new files" if moved else f"; {out} is as it was")
+                             ) from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # (moved in whole, it is gone already)
     return summary + (f" (reasons in {os.path.join(out, 'report.txt')})" if skipped else "")

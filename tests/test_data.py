@@ -352,6 +352,40 @@ def test_llava_import_keeps_good_rows_and_reports_bad_ones(tmp_path):
     assert read_jsonl(out / "pretrain.jsonl")[0]["text"] == IMAGE_TAG + "A green square."
 
 
+def test_an_import_that_cannot_be_written_says_so_in_a_line_and_leaves_nothing(tmp_path, monkeypatch):
+    import nanovl.data
+    ok = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(ok) + "\n")
+    (tmp_path / "file").write_text("")
+    checked = []
+    monkeypatch.setattr(nanovl.data, "check_images", lambda paths, workers: checked.append(paths) or {})
+    with pytest.raises(ValueError, match=r"cannot write .*file/d.partial, where the import is written before it is "
+                                         r"moved to .*file/d: Not a directory"):
+        import_llava(str(path), str(tmp_path), str(tmp_path / "file" / "d"))
+    assert not checked  # said before any image was read
+    plain = nanovl.data.write_jsonl
+
+    def full(p, rows):  # a disk that fills up while pretrain.jsonl is written
+        if p.endswith("pretrain.jsonl"):
+            raise OSError(28, "No space left on device", p)
+        plain(p, rows)
+
+    monkeypatch.setattr(nanovl.data, "write_jsonl", full)
+    for out in (tmp_path / "new", tmp_path / "earlier"):
+        if out.name == "earlier":  # an earlier import there: its files stay as they were
+            monkeypatch.setattr(nanovl.data, "write_jsonl", plain)
+            import_llava(str(path), str(tmp_path), str(out))
+            before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+            monkeypatch.setattr(nanovl.data, "write_jsonl", full)
+        with pytest.raises(ValueError, match=rf"cannot write .*{out.name}.partial/pretrain.jsonl: No space left on "
+                                             rf"device; .*{out.name} is as it was"):
+            import_llava(str(path), str(tmp_path), str(out))
+        assert not os.path.exists(f"{out}.partial")
+        after = {f: (out / f).read_bytes() for f in os.listdir(out)} if out.exists() else None
+        assert after is None if out.name == "new" else after == before
+
+
 def test_llava_json_lines_with_a_broken_line(tmp_path):
     path = tmp_path / "rows.jsonl"
     ok = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
