@@ -269,18 +269,40 @@ def remove_stale_temporaries(folder: str):
             pass
 
 
+class WriteFailed(Exception):
+    """A file of the run could not be written (a full disk, a file-size limit): main says so in one line, with the
+    checkpoint that is kept."""
+
+
+@contextlib.contextmanager
+def writing(path: str):
+    """Around a write of path: an OSError (or torch.save's RuntimeError, which is what a file-size limit gives)
+    becomes WriteFailed naming the file."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        raise WriteFailed(f"cannot write {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def atomic_save(obj, path: str):
     """torch.save (or, for a str, the text) to a temporary file, then rename: a killed process leaves the old file or
-    the new one, never half of one (rename is atomic on POSIX filesystems)."""
+    the new one, never half of one (rename is atomic on POSIX filesystems). A write that fails removes its
+    temporary file and raises WriteFailed."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        if isinstance(obj, str):
-            f.write(obj.encode("utf-8"))
-        else:
-            torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint, or a power cut could leave it empty
-    os.replace(tmp, path)
+    try:
+        with writing(path), open(tmp, "wb") as f:
+            if isinstance(obj, str):
+                f.write(obj.encode("utf-8"))
+            else:
+                torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint, or a power cut could empty it
+        with writing(path):
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def load_weights(path: str, cfg: VLConfig) -> dict:
@@ -1039,14 +1061,16 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         if master:
             atomic_save({"model": model.state_dict(), "config": cfg.to_dict()}, os.path.join(out_dir, "model.pt"))
             atomic_save(cfg.to_json(), os.path.join(out_dir, "config.json"))
-            plot_losses(metrics, os.path.join(out_dir, "loss.png"), f"stage {stage} training loss ({cfg.name})")
+            with writing(os.path.join(out_dir, "loss.png")):
+                plot_losses(metrics, os.path.join(out_dir, "loss.png"), f"stage {stage} training loss ({cfg.name})")
             if stage > 0:
                 acc, bpb = evaluate(model, tok, proc, cfg, eval_rows, tc.data, seq_len) if eval_rows else (None, None)
             else:  # stage 0 trains no image-text pairs to ask questions of: the language model's bits per byte only
                 acc, bpb = None, eval_rows and bits_per_byte(model, eval_rows, tok, cfg.n_image_tokens, seq_len)
             result = {"stage": stage, "mc": acc, "bpb": bpb}
             metrics.append({"stage": stage, "step": hp["steps"], "mc_mean": acc and acc["mean"], "bpb": bpb})
-            write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
+            with writing(os.path.join(out_dir, "metrics.jsonl")):
+                write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
             atomic_save(json.dumps(result, indent=2), os.path.join(out_dir, "eval.json"))  # last: the stage is done
             if acc:
                 say(format_table(acc, bpb, f"stage {stage} evaluation"))
@@ -1093,7 +1117,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state(),
                          "config": cfg.to_dict(), "train": dataclasses.asdict(tc), "hparams": hp, "stage": stage,
                          "split": [world, micro], "metrics": metrics}, ckpt_path)
-            write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
+            with writing(os.path.join(out_dir, "metrics.jsonl")):
+                write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
 
     net.train()
     bar = tqdm(range(start, hp["steps"]), desc=f"stage {stage}", initial=start, total=hp["steps"], disable=not master)
@@ -1284,11 +1309,12 @@ def main(argv=None):
         # --init_from is where the run's first stage starts; each later one starts from the stage before it.
         try:
             run_stage(stage, tc if k == 0 else dataclasses.replace(tc, init_from=""), cfg, rank, world, device)
-        except KeyboardInterrupt:  # Ctrl-C: a line instead of a traceback; checkpoints are whole (atomic_save)
-            ckpt = os.path.join(tc.out, f"stage{stage}", "ckpt.pt")
-            raise SystemExit(f"\nstage {stage}: interrupted. " + (
-                f"Its last checkpoint, {ckpt}, is kept: run the same command with --resume to go on from it" if
-                os.path.isfile(ckpt) else "No checkpoint of it was written yet")) from None
+        except (KeyboardInterrupt, WriteFailed) as e:  # Ctrl-C, a full disk: a line instead of a traceback
+            ckpt = os.path.join(tc.out, f"stage{stage}", "ckpt.pt")  # (whole: atomic_save)
+            raise SystemExit(f"\nstage {stage}: " + ("interrupted" if isinstance(e, KeyboardInterrupt) else str(e)) +
+                             ". " + (f"Its last checkpoint, {ckpt}, is kept: run the same command with --resume to go "
+                                     "on from it" if os.path.isfile(ckpt) else "No checkpoint of it was written yet")
+                             ) from None
     if rank == 0:
         print(f"done: stages {stages} in {time.time() - t0:.0f}s")
     if world > 1:

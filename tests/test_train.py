@@ -391,6 +391,30 @@ def test_resume_is_bitwise_identical(data, start_weights, tmp_path):
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
 
 
+def test_a_full_disk_stops_the_run_in_a_line_keeping_the_last_checkpoint_whole(data, start_weights, tmp_path,
+                                                                                monkeypatch):
+    common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "4", "--batch_size", "4",
+              "--micro_batch", "2", "--ckpt_every", "2", "--out", str(tmp_path / "o")] + FAST
+    folder, plain, saves = tmp_path / "o" / "stage3", torch.save, []
+
+    def fills_up(obj, f, *args, **kwargs):  # the disk is full when the second checkpoint is half written
+        saves.append(f.name)
+        if len(saves) == 2:
+            f.write(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+        plain(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fills_up)
+    with pytest.raises(SystemExit, match=r"stage 3: cannot write .*ckpt.pt: No space left on device\. Its last "
+                                         r"checkpoint, .*ckpt.pt, is kept: run the same command with --resume"):
+        train.main(common)
+    assert sorted(os.listdir(folder)) == ["ckpt.pt", "metrics.jsonl", "tokenizer.json"]  # no temporary file left
+    assert torch.load(folder / "ckpt.pt", weights_only=True)["step"] == 2  # the first checkpoint, whole
+    monkeypatch.setattr(torch, "save", plain)  # space freed: the run goes on from step 2
+    train.main(common + ["--resume"])
+    assert (folder / "eval.json").exists()
+
+
 def test_a_run_killed_for_memory_resumes_with_a_smaller_micro_batch_except_in_stage_0(data, start_weights, tmp_path,
                                                                                       capsys):
     common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "4", "--batch_size", "4",
