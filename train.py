@@ -235,7 +235,9 @@ def parse_args(argv):
             ("vision_lr_mult", tc.vision_lr_mult == -1 or 0 <= tc.vision_lr_mult < math.inf, ">= 0 (-1: the default)"),
             ("weight_decay", 0 <= tc.weight_decay < math.inf, ">= 0"),
             ("beta1", 0 <= tc.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= tc.beta2 < 1, "in [0, 1)"),
-            ("schedule", tc.schedule in ("", "cosine", "step"), "cosine or step (empty: the stage's default)")]:
+            ("schedule", tc.schedule in ("", "cosine", "step"), "cosine or step (empty: the stage's default)"),
+            ("pack", tc.pack in (-1, 0, 1), "0 or 1 (-1: the default, stage 2 only)"),
+            ("seed", 0 <= tc.seed < 2 ** 62, "from 0 to 2**62 - 1 (torch seeds with seed + stage, in 64 bits)")]:
         if not ok:
             raise SystemExit(f"--{key} must be {need}, got {getattr(tc, key)!r}")
     return tc, overrides
@@ -754,6 +756,9 @@ def stage_hparams(stage: int, tc: TrainConfig, cfg: VLConfig):
     for key in HPARAM_FIELDS:  # a value other than the field's default is a choice (--warmup 0, a share of 0)
         if getattr(tc, key) != defaults[key]:
             hp[key] = getattr(tc, key)
+    if tc.seq_len > cfg.llm.max_seq_len:  # (a default above a smaller --llm.max_seq_len is cut to it, below)
+        raise SystemExit(f"--seq_len {tc.seq_len} is longer than the model's context of {cfg.llm.max_seq_len} tokens; "
+                         "pass at most that, or raise --llm.max_seq_len")
     hp.setdefault("seq_len", cfg.llm.max_seq_len)
     seq_len = min(hp["seq_len"], cfg.llm.max_seq_len)
     stc = dataclasses.replace(tc, steps=hp["steps"], text_sft_share=hp.get("text_sft_share", 0.479),

@@ -759,7 +759,11 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
                           (["--text_sft_share=-0.5"], r"--text_sft_share must be in \[0, 1\] \(-1: the default\)"),
                           (["--beta1=1"], r"--beta1 must be in \[0, 1\), got 1.0"),
                           (["--lr=nan"], "--lr must be a finite number"),
-                          (["--schedule=linear"], "--schedule must be cosine or step .*, got 'linear'")]:
+                          (["--schedule=linear"], "--schedule must be cosine or step .*, got 'linear'"),
+                          (["--pack=2"], r"--pack must be 0 or 1 \(-1: the default, stage 2 only\), got 2"),
+                          (["--seed", str(2 ** 64 - 1)], r"--seed must be from 0 to 2\*\*62 - 1"),
+                          (["--seq_len", "2048"], "--seq_len 2048 is longer than the model's context of 512 tokens"),
+                          ]:
         with pytest.raises(SystemExit, match=message):
             train.main(["--data", data, "--out", str(tmp_path / "o")] + argv)
     extra = tmp_path / "extra"  # a malformed row: named by file and line before any step is taken
