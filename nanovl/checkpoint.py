@@ -224,9 +224,12 @@ def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: a released DeepSeek-VL folder holds {what}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):  # (its fields are read with .get)
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, expected an object of settings")
+    return data
 
 
 def is_released_folder(path) -> bool:
@@ -332,7 +335,11 @@ def load_plain(path) -> dict:
         with open(path, "rb") as f:
             head = f.read(4)
     except (FileNotFoundError, IsADirectoryError):
-        raise FileNotFoundError(f"no checkpoint at {path}") from None
+        path = Path(path)
+        unfinished = path.name == "model.pt" and (path.parent / "ckpt.pt").is_file()  # a stage not trained to its end
+        raise FileNotFoundError(f"no checkpoint at {path}" + (
+            f" (the stage has not finished: its training state {path.parent / 'ckpt.pt'} loads too, or --resume it "
+            "to its end)" if unfinished else "")) from None
     if head != b"PK\x03\x04":  # torch.save writes a zip archive
         raise ValueError(f"{path} is not a torch checkpoint ({os.path.getsize(path):,} bytes that are not the zip "
                          "archive torch.save writes): an empty, corrupt or wrong file")
@@ -353,6 +360,11 @@ def nanovl_state(state, path) -> tuple:
     stage 0's, whose keys carry the stage-0 heads and a `model.` prefix."""
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise ValueError(f"{path} is not a nanovl model file (a dict with 'model' and 'config')")
+    odd = [k for k, v in state["model"].items() if not (isinstance(k, str) and torch.is_tensor(v))]
+    if odd:  # (the key checks below would fail on them with an AttributeError)
+        v = state["model"][odd[0]]
+        raise ValueError(f"{path} is not a nanovl model file: its 'model' should map parameter names to tensors, and "
+                         f"holds {len(odd)} other entries, such as {odd[0]!r}: {type(v).__name__}")
     if any(k.startswith("heads.") for k in state["model"]):
         raise ValueError(f"{path} is stage 0's training state (the model inside stage 0's heads, and the optimizer); "
                          f"pass the stage folder's model.pt, which holds the model alone")

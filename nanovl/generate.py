@@ -238,6 +238,12 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
                          f"{reprlib.repr(prompts)}")
     if isinstance(stop_ids, numbers.Integral) or not all(isinstance(t, numbers.Integral) for t in stop_ids):
         raise ValueError(f"expected stop_ids as a collection of token ids ({{eos_id}} for one), got {stop_ids!r}")
+    vocab = model.cfg.llm.vocab_size
+    if n_words is not None and not (isinstance(n_words, numbers.Integral) and model.cfg.image_token_id < n_words <=
+                                    vocab):
+        raise ValueError(f"n_words is the tokenizer's vocabulary size, the ids that may be picked: expected an integer "
+                         f"above the image token's id {model.cfg.image_token_id} and at most the model's {vocab}, got "
+                         f"{n_words!r}")
     if images is not None and not torch.is_tensor(images):
         raise ValueError(f"expected images as one (N, 3, S, S) tensor, got {type(images).__name__} (torch.stack a "
                          "list of processed images)")
@@ -260,7 +266,7 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
     logits, _ = model(ids.to(device), None if images is None else images.to(device), cache=cache, pad_mask=pad_mask,
                       last_only=True)  # (B, 1, V)
     out = _decode(model, DecodeStep(model.llm, cache, compile), logits[:, -1], s, stop_ids, pad_id,
-                  n_words or logits.shape[-1], on_step)
+                  vocab if n_words is None else n_words, on_step)
     rows = []
     for row in out.tolist():  # cut each row after its stop token
         end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))

@@ -75,6 +75,8 @@ def read_header(path):
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise bad(f"the header is not valid UTF-8 JSON ({e})") from None
+    except RecursionError:  # (thousands of nested brackets: no header of tensor entries nests deeper than 3)
+        raise bad("the header's JSON is nested too deeply") from None
     if not isinstance(header, dict):
         raise bad(f"the header is JSON {type(header).__name__}, expected an object of tensor entries")
     meta = header.get("__metadata__", {})

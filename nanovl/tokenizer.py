@@ -610,6 +610,11 @@ class Tokenizer:
         vocab = model.get("vocab")
         if not isinstance(vocab, dict) or not all(type(i) is int for i in vocab.values()):
             refuse("model.vocab", vocab, "expected an object of token: integer id")
+        if len(set(vocab.values())) != len(vocab) or min(vocab.values(), default=0) < 0:
+            seen = Counter(vocab.values())
+            twice = sorted(i for i, n in seen.items() if i < 0 or n > 1)[:3]
+            refuse("model.vocab", vocab, f"ids must be distinct and not negative (ids such as {twice} are not): a "
+                                         "corrupt or hand-edited file")
         if not isinstance(model.get("merges", []), list):
             refuse("model.merges", model["merges"], "expected an array of merges")
         for field, allowed in [("dropout", (None, 0, 0.0)), ("continuing_subword_prefix", (None, "")),
@@ -624,9 +629,11 @@ class Tokenizer:
         if decoder.get("type") != "ByteLevel":
             refuse("decoder", data.get("decoder"), "decoding joins the tokens' bytes, which is the ByteLevel decoder")
         bad = [t for t in data.get("added_tokens") or []
-               if not isinstance(t, dict) or not isinstance(t.get("id"), int) or not isinstance(t.get("content"), str)]
+               if not isinstance(t, dict) or not isinstance(t.get("id"), int) or t["id"] < 0 or
+               not isinstance(t.get("content"), str)]
         if bad:
-            refuse("added_tokens", bad[0], 'each must be an object with an integer "id" and a string "content"')
+            refuse("added_tokens", bad[0], 'each must be an object with an integer "id" (0 or more) and a string '
+                                           '"content"')
         for i, t in enumerate(data.get("added_tokens") or []):
             for flag in ("single_word", "lstrip", "rstrip"):
                 if t.get(flag):

@@ -268,7 +268,11 @@ def test_prompt_longer_than_the_context_or_empty_is_refused(tiny, tok):
     for kwargs, message in ((dict(prompts=[1, 5, 6]), r"prompts as a list of token-id lists \(one per prompt: "),
                             (dict(prompts=[[1, 5]], stop_ids=2), "stop_ids as a collection of token ids"),
                             (dict(prompts=[[1, 5]], sampling={"max_new_tokens": 3}), "sampling=Sampling"),
-                            (dict(prompts=[[1] + [3] * 36], images=[torch.rand(3, 256, 256)]), "images as one")):
+                            (dict(prompts=[[1] + [3] * 36], images=[torch.rand(3, 256, 256)]), "images as one"),
+                            (dict(prompts=[[1, 5]], n_words=1), "n_words .* above the image token's id 3 and at most "
+                                                                "the model's 280, got 1"),
+                            (dict(prompts=[[1, 5]], n_words=0), "got 0"), (dict(prompts=[[1, 5]], n_words=281),
+                                                                          "got 281")):
         with pytest.raises(ValueError, match=message):
             generate(tiny, **kwargs)
 
@@ -418,6 +422,12 @@ def test_sample_refuses_mismatched_images_and_missing_checkpoints(stage_folder, 
                      "--prompt", f"{IMAGE_TAG}{IMAGE_TAG}same?"])
     with pytest.raises(SystemExit, match="no checkpoint at"):
         sample.main(["--ckpt", str(tmp_path / "nothing"), "--prompt", "hi"])
+    killed = tmp_path / "killed"  # a stage killed before its end: its ckpt.pt, no model.pt
+    killed.mkdir()
+    (killed / "ckpt.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"no checkpoint at .*killed/model.pt \(the stage has not finished: its "
+                                         r"training state .*killed/ckpt.pt loads too, or --resume it to its end\)"):
+        sample.main(["--ckpt", str(killed), "--prompt", "hi"])
     for chat in ([], ["--prompt", "hi"]):  # a bad --image, in either mode, is named before the model is loaded
         with pytest.raises(SystemExit, match="nope.png does not exist"):
             sample.main(["--ckpt", str(tmp_path / "nothing"), "--image", str(tmp_path / "nope.png")] + chat)

@@ -425,6 +425,10 @@ def test_bad_files_are_refused_clearly(tmp_path):
         (folder / "config.json").write_text(json.dumps({**config, **edited}))
         with pytest.raises(ValueError, match=message):
             load_model(folder)
+    (folder / "preprocessor_config.json").write_text("[1]")
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="preprocessor_config.json holds a JSON list, expected an object of settings"):
+        load_model(folder)
     (folder / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         load_model(folder)
@@ -433,6 +437,12 @@ def test_bad_files_are_refused_clearly(tmp_path):
     torch.save({"model": {}, "config": {}, "hook": ReferenceVL}, evil)
     with pytest.raises(ValueError, match="holds more than tensors .*Unsupported global.*ReferenceVL"):
         load_model(evil)
+    for odd, message in (({"llm.norm.weight": 3}, r"holds 1 other entries, such as 'llm.norm.weight': int"),
+                         ({7: torch.ones(1)}, "holds 1 other entries, such as 7: Tensor")):  # not names to tensors: said, not AttributeError
+        torch.save({"model": odd, "config": {}}, evil)
+        with pytest.raises(ValueError, match="is not a nanovl model file: its 'model' should map parameter names to "
+                                             "tensors, and " + message):
+            load_model(evil)
 
 
 def test_a_tokenizer_must_fit_its_model():

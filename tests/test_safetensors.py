@@ -173,6 +173,8 @@ CORRUPTIONS = {
     "garbage json": (lambda p: p.write_bytes((6).to_bytes(8, "little") + b"{nope}"), "not valid UTF-8 JSON"),
     "not utf-8": (lambda p: p.write_bytes((4).to_bytes(8, "little") + b"\xff\xfe{}"), "not valid UTF-8 JSON"),
     "json array": (lambda p: p.write_bytes((2).to_bytes(8, "little") + b"[]"), "expected an object"),
+    "nested too deeply": (lambda p: p.write_bytes((200_000).to_bytes(8, "little") + b"[" * 100_000 + b"]" * 100_000),
+                          "the header's JSON is nested too deeply"),
     "duplicate name": (lambda p: p.write_bytes((40).to_bytes(8, "little") + (b'{"a":{},"a":{}}' + b" " * 25)),
                        "duplicate keys ['a']"),
     "bad metadata": (lambda p: rewrite(p, lambda h: h.update(__metadata__={"step": 3})), "must map strings to strings"),

@@ -257,7 +257,10 @@ def test_a_file_that_is_no_tokenizer_json_is_named_with_what_is_wrong(ours, tmp_
               "vocab a list": dict(good, model=dict(good["model"], vocab=[["a", 0]])),
               "ids as strings": dict(good, model=dict(good["model"], vocab={"a": "0"})),
               "merges of numbers": dict(good, model=dict(good["model"], merges=[[1, 2]])),
-              "added tokens as strings": dict(good, added_tokens=["<pad>"])}
+              "added tokens as strings": dict(good, added_tokens=["<pad>"]),
+              "an id twice": dict(good, model=dict(good["model"], vocab={"a": 0, "b": 0})),
+              "a negative id": dict(good, model=dict(good["model"], vocab={"a": -1})),
+              "a negative added id": dict(good, added_tokens=[{"id": -2, "content": "<x>"}])}
     for case, data in broken.items():
         (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
         with pytest.raises(ValueError, match=f"^{tmp_path / 'tokenizer.json'}: .* is not supported: "):
