@@ -369,7 +369,8 @@ def nanovl_state(state, path) -> tuple:
         raise ValueError(f"{path} is stage 0's training state (the model inside stage 0's heads, and the optimizer); "
                          f"pass the stage folder's model.pt, which holds the model alone")
     if not isinstance(state.get("config"), dict):
-        raise ValueError(f"{path} holds no model config (a dict under 'config'), got {type(state.get('config')).__name__}")
+        raise ValueError(f"{path} holds no model config (a dict under 'config'), got "
+                         f"{type(state.get('config')).__name__}")
     return state["model"], state["config"]
 
 

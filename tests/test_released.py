@@ -438,7 +438,7 @@ def test_bad_files_are_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="holds more than tensors .*Unsupported global.*ReferenceVL"):
         load_model(evil)
     for odd, message in (({"llm.norm.weight": 3}, r"holds 1 other entries, such as 'llm.norm.weight': int"),
-                         ({7: torch.ones(1)}, "holds 1 other entries, such as 7: Tensor")):  # not names to tensors: said, not AttributeError
+                         ({7: torch.ones(1)}, "holds 1 other entries, such as 7: Tensor")):  # not AttributeError
         torch.save({"model": odd, "config": {}}, evil)
         with pytest.raises(ValueError, match="is not a nanovl model file: its 'model' should map parameter names to "
                                              "tensors, and " + message):
