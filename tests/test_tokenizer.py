@@ -191,6 +191,18 @@ def test_trainer_never_spells_a_special_token():
     assert tok.encode(" xĠx") == [tok.token_to_id("Ġ"), tok.token_to_id("x"), 4]
 
 
+def test_trainer_counts_a_very_long_piece_in_parts(monkeypatch):
+    # A run of letters is one piece; the trainer counts it in parts of TRAIN_PIECE_BYTES (256: 4 here), so that a
+    # long one (a DNA sequence) does not make training quadratic. Whole, this one would merge up to "abcdabcd".
+    import nanovl.tokenizer
+    monkeypatch.setattr(nanovl.tokenizer, "TRAIN_PIECE_BYTES", 4)
+    tok = Tokenizer.train(["abcd" * 100], 4 + 256 + 3)
+    assert tok.merges == [("a", "b"), ("c", "d"), ("ab", "cd")]  # never across a cut: at most 4 bytes a token
+    assert tok.encode("abcd" * 3) == [tok.token_to_id("abcd")] * 3
+    with pytest.raises(ValueError, match="too small"):  # each part is one token now: no pair is left to merge
+        Tokenizer.train(["abcd" * 100], 4 + 256 + 4)
+
+
 def test_trainer_says_when_the_corpus_is_too_small():
     with pytest.raises(ValueError, match="too small"):
         Tokenizer.train(["ab"], 4 + 256 + 5)
