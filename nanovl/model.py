@@ -153,11 +153,17 @@ class DeepSeekVL(nn.Module):
         span_start = torch.where(edge == 1, t, 0).cummax(dim=1).values  # (B, T+1)
         cut = (edge == -1) & ((t - span_start) % per_image != 0)  # (B, T+1): True where a cut span ends
         # What must hold before anything runs, read back in one go: one device sync per forward, not one per check.
-        n_tok, n_cut, n_bad = torch.stack([is_image.sum(), cut.sum(), bad_token_count(ids, targets,
-                                                                                       self.cfg.llm.vocab_size)]
-                                          ).tolist()
+        # (Pixels that are NaN or inf would run through every layer and come out as a confident-looking answer.)
+        not_finite = (~torch.isfinite(given)).sum() if given is not None and given.is_floating_point() else \
+            torch.zeros((), dtype=torch.long, device=ids.device)
+        n_tok, n_cut, n_bad, n_nan = torch.stack([is_image.sum(), cut.sum(), bad_token_count(
+            ids, targets, self.cfg.llm.vocab_size), not_finite.to(ids.device)]).tolist()
         if n_bad:
             check_token_ids(ids, targets, pad_mask, self.cfg.llm.vocab_size)  # raises, naming what is out of range
+        if n_nan:
+            name = "images" if images is not None else "image_embeds"
+            raise ValueError(f"{name} hold {n_nan} values that are NaN or infinite, of {given.numel()}; expected "
+                             "finite numbers (processed pixels are about -1 to 1)")
         n_given = 0 if given is None else given.shape[0]
         if n_cut:
             raise ValueError(f"{n_cut} span(s) of <image_placeholder> tokens are not whole images of {per_image} "

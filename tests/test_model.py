@@ -254,6 +254,14 @@ def test_pixels_ids_and_targets_of_the_wrong_kind_or_range_are_refused(tiny):
         model(ids, image[0])
     with pytest.raises(ValueError, match="expected images as one tensor of shape .*, got list"):
         model(ids, [image[0]])
+    broken = image.clone()
+    broken[0, 1, 5, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"images hold 1 values that are NaN or infinite, of 196608; expected finite"):
+        model(ids, broken)
+    embeds = model.encode_images(image)
+    embeds[0, 0, :2] = float("inf")
+    with pytest.raises(ValueError, match="image_embeds hold 2 values that are NaN or infinite"):
+        model(ids, image_embeds=embeds)
     V = cfg.llm.vocab_size
     for bad in (V, -1):  # out of the vocabulary: otherwise an IndexError deep in torch (on a GPU, a device assert)
         with pytest.raises(ValueError, match=rf"token ids must be in \[0, {V}\), the model's vocabulary; got ids from"):
