@@ -44,7 +44,8 @@ RELEASED_PREFIXES = (
 )
 # Keys present in released files that the model never reads: SigLIP's attention-pooling head (built, never called),
 # the hybrid tower's two LayerNorms (built, never used in forward) and HF's cached RoPE frequencies.
-RELEASED_UNUSED = (".attn_pool.", "vision_model.high_layer_norm.", "vision_model.low_layer_norm.", "rotary_emb.inv_freq")
+RELEASED_UNUSED = (".attn_pool.", "vision_model.high_layer_norm.", "vision_model.low_layer_norm.",
+                   "rotary_emb.inv_freq")
 
 
 def released_to_nanovl(key: str) -> Optional[str]:
