@@ -25,8 +25,8 @@ The synthetic folder holds:
                                   sizes read DeepSeek-LLM's tokenizer, from the released model folder)
     meta.json                     what made this folder; written last, so its presence means the folder is complete
 
-Every run with the same arguments writes the same bytes (each example has its own seed), so a finished folder is
-reused as it is; a folder from other arguments is rebuilt aside and then swapped in.
+Every run with the same arguments writes the same data (each example has its own seed; only meta.json's timing
+differs), so a finished folder is reused as it is; a folder from other arguments is rebuilt aside and then swapped in.
 """
 
 import argparse

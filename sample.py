@@ -132,7 +132,7 @@ def attached(queued) -> str:
 
 def chat(args, model, tok, proc, sampling, pictures):
     """The interactive loop, with the --image pictures attached to the first message. Errors in a turn (a bad image,
-    too many placeholders, a full context) are printed and the conversation goes on as it was."""
+    more attached images than placeholders, a full context) are printed and the conversation goes on as it was."""
     session = ChatSession(model, tok, proc, system=args.system, compile=args.compile)
     queued = list(pictures)
     print(f"chatting with {args.ckpt} ({model.cfg.name}); type 'help' for commands")

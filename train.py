@@ -1,6 +1,6 @@
 """
-Train DeepSeek-VL with the paper's recipe (section 3.2, Table 4; facts sheet section 11). The official repository
-has no training code: this file is the recipe, written out.
+Train DeepSeek-VL with the paper's recipe (sections 3.2 and 3.3, Table 4; facts sheet section 11). The official
+repository has no training code: this file is the recipe, written out.
 
     stage 0  unimodal pretraining (scaled-down presets only: the real model starts from pretrained parts)
              language model on text, SigLIP with a sigmoid contrastive loss, SAM with a dense loss
@@ -72,7 +72,8 @@ class TrainConfig:
     # weights to start from: default the previous stage's model.pt. Or pretrained parts, comma-separated (a released
     # DeepSeek-VL folder, SAM's checkpoint, a timm SigLIP, an HF Llama): see nanovl/checkpoint.py, init_from_parts
     init_from: str = ""
-    tokenizer: str = ""  # default: the tokenizer.json of the --init_from folder if it has one, else the data's
+    tokenizer: str = ""  # default: the tokenizer.json beside the weights the stage starts from (--init_from, or the
+    # stage before's folder; resumed: its own folder), else the data's
     resume: bool = False  # continue from out/stage<k>/ckpt.pt
     eval_only: bool = False
     ckpt: str = ""  # with --eval_only: a stage folder, a model.pt file or a released model folder
@@ -101,7 +102,7 @@ class TrainConfig:
     # 0.1 in stages 1-3 from scratch, see the optimizer below)
     pack: int = -1  # pack samples into full rows (default: stage 2 only, as Table 4)
     trainable: str = ""  # comma-separated module prefixes to train instead of the stage's freeze map
-    eval_every: int = 0  # evaluate every this many steps (0: at the end of the stage only)
+    eval_every: int = 0  # evaluate every this many steps, in stages 1-3 (0, and stage 0: at the end only)
     eval_limit: int = 0  # evaluate on about this many multiple-choice questions (this many / categories, rounded up,
     # from each category) and at most this many held-out text rows (0: all)
     ckpt_every: int = 0  # write ckpt.pt every this many steps (0: a tenth of the stage)

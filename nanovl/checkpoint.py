@@ -413,7 +413,7 @@ def warn_if_edited(copy: Path, config: dict):
 def check_tokenizer_fits(tok: Tokenizer, cfg: VLConfig, where, exact: bool = False):
     """A ValueError unless the tokenizer (read from `where`) can drive the model: every id it makes needs an embedding
     row, and its <image_placeholder> must be the id the model replaces with image features. A released tokenizer may
-    be smaller than the padded embedding (100015 ids for 102400 rows); `exact` asks for the same size, as a tokenizer
+    be smaller than the padded embedding (100016 ids for 102400 rows); `exact` asks for the same size, as a tokenizer
     that prepare_data.py made for a scratch preset has."""
     if tok.vocab_size > cfg.llm.vocab_size or (exact and tok.vocab_size != cfg.llm.vocab_size) \
             or tok.image_id != cfg.image_token_id:

@@ -112,7 +112,7 @@ def write_jsonl(path: str, rows: Sequence[dict]) -> None:
 class Sample:
     ids: List[int]
     mask: List[int]
-    images: List[str]  # absolute paths, in the order of their spans
+    images: List[str]  # paths (under the row's folder, as --data gives it), in the order of their spans
     where: str = ""  # the row it came from ("FILE, line N"), for errors found later (an unreadable image)
 
 

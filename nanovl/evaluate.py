@@ -80,10 +80,11 @@ def check_fits(rows: Sequence[dict], tokenizer, n_image_tokens: int, max_len: in
     """A ValueError naming the first question whose images, question and longest option do not fit the context (the
     model cannot score it), before a run trains or loads for minutes only to fail at its evaluation."""
     for row in rows:
-        longest = max(len(s.ids) for s in option_samples(row, tokenizer, n_image_tokens))
+        # (the model reads all but the last token: collate shifts the ids by one, as in training)
+        longest = max(len(s.ids) for s in option_samples(row, tokenizer, n_image_tokens)) - 1
         if longest > max_len:
             raise ValueError(f"{row['_where']}: with its images ({n_image_tokens} tokens each), the question and its "
-                             f"longest option are {longest} tokens, but the model's context is {max_len}")
+                             f"longest option make {longest} input tokens, but the model's context is {max_len}")
 
 
 @torch.no_grad()

@@ -224,8 +224,9 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
     vocabulary size (default: the model's; ids past it, the embedding's padding rows, are never picked); on_step:
     called with each step's (B,) new ids; compile: torch.compile the decoding step (DecodeStep).
 
-    A row also ends when the context is full: at most context - (longest prompt) new tokens, whatever
-    sampling.max_new_tokens says (ChatSession and sample.py say when an answer was cut there).
+    A row also ends when the context is full: at most context - (longest prompt) + 1 new tokens (the last one is
+    never fed back, so needs no cache slot), whatever sampling.max_new_tokens says (sample.py says when an answer
+    was cut there; ChatSession leaves that to its caller, as sample.py's chat loop does).
     """
     if not isinstance(sampling, Sampling):
         raise ValueError(f"expected sampling=Sampling(...), got {type(sampling).__name__}")

@@ -168,7 +168,7 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: head i reads kv head i // (nh / nkv)
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        if compiling_one_row(x):  # one token, compiled: the newest position, so every key given is its to see
+        if compiling_one_row(x):  # one token, compiled: the newest, so no causal mask; `mask` hides unfilled slots
             y = one_query_attention(q, k, v, mask)
         else:  # without a mask this is plain causal attention (the training path, eligible for flash kernels)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, nh, T, hs)

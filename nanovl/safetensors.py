@@ -1,6 +1,7 @@
 """
 The safetensors checkpoint format, read and written by nanovl itself (the `safetensors` package is only a test oracle).
-The released DeepSeek-VL weights and every nanovl checkpoint are stored this way. A file is three parts:
+The released DeepSeek-VL weights are stored this way, and so is a nanovl model exported with `python -m
+nanovl.checkpoint --export` (training's own checkpoints are torch model.pt files). A file is three parts:
 
     8 bytes    N, the header size, little-endian u64
     N bytes    UTF-8 JSON: {name: {"dtype": "BF16", "shape": [4, 8], "data_offsets": [begin, end]}, ...}

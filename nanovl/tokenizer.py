@@ -456,7 +456,8 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int:
-        # The released tokenizer has no pad token; DeepSeek pads with EOS (facts section 10), and so do we.
+        # <pad> where the tokenizer has one (ours do, id 2); the released one has none, and DeepSeek pads with EOS
+        # (facts section 10), as we then do.
         return self._added.get(PAD, self.eos_id)
 
     @property

@@ -227,8 +227,16 @@ def test_bad_held_out_text_or_images_stop_a_run_before_it_trains_and_a_finished_
     long_option = mc.replace('"options": ["', '"options": ["' + "very " * 400, 1)  # past the 512-token context
     (copy / "eval_mc.jsonl").write_text(long_option)
     with pytest.raises(SystemExit, match=r"eval_mc.jsonl, line 1: with its images .36 tokens each., the question and "
-                                         r"its longest option are \d+ tokens, but the model's context is 512"):
+                                         r"its longest option make \d+ input tokens, but the model's context is 512"):
         train.main(args + ["--out", str(tmp_path / "b")])
+    # The model reads all but an answer's last token: a question whose longest option makes context + 1 ids fits.
+    from nanovl.evaluate import check_fits, option_samples
+    row = dict(json.loads(mc.splitlines()[0]), _where="q")
+    tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    ids = max(len(s.ids) for s in option_samples(row, tok, 36))
+    check_fits([row], tok, 36, ids - 1)
+    with pytest.raises(ValueError, match=f"make {ids - 1} input tokens, but the model's context is {ids - 2}"):
+        check_fits([row], tok, 36, ids - 2)
     (copy / "eval_mc.jsonl").write_text(mc)
     first_image = json.loads(mc.splitlines()[0])["images"][0]
     image = (copy / first_image).read_bytes()
