@@ -987,6 +987,8 @@ def check_start(stage: int, tc: TrainConfig, cfg: VLConfig):
     """Stop unless the weights a stage (1-3, not resumed) starts from exist, with a way on that can be followed."""
     missing = [p for p in start_weights(stage, tc) if not os.path.exists(p)]
     if not missing:
+        if not tc.init_from:  # the stage before's, in --out: trained for this preset? (--init_from: main checks)
+            check_init_preset(start_weights(stage, tc)[0], cfg, stage)
         return
     if tc.init_from:
         raise SystemExit(f"--init_from {', '.join(missing)}: no such file or folder")
@@ -1215,9 +1217,10 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     finish()
 
 
-def check_init_preset(init_from: str, cfg: VLConfig):
+def check_init_preset(init_from: str, cfg: VLConfig, stage: int = 0):
     """Stop before any data is made when --init_from is a nanovl checkpoint of another preset: its stage folder's
-    config.json names it (the weights themselves are checked field by field when they load, minutes later)."""
+    config.json names it (the weights themselves are checked field by field when they load, minutes later). stage:
+    given for the stage before's weights in --out, which a stage starts from without --init_from."""
     if not init_from or "," in init_from or not is_nanovl_checkpoint(init_from):
         return  # nothing to start from, or pretrained parts
     folder = init_from if os.path.isdir(init_from) else os.path.dirname(init_from)
@@ -1227,9 +1230,10 @@ def check_init_preset(init_from: str, cfg: VLConfig):
     except (OSError, ValueError, AttributeError):
         return  # none, or unreadable: loading the weights names what is wrong
     if theirs and theirs != cfg.name:
-        raise SystemExit(f"--init_from {init_from} holds a {theirs!r} model ({os.path.join(folder, 'config.json')}), "
-                         f"but this run builds {cfg.name!r}: pass --config {theirs}, or start from a {cfg.name!r} "
-                         "checkpoint")
+        raise SystemExit((f"{init_from}, where stage {stage} starts," if stage else f"--init_from {init_from}") +
+                         f" holds a {theirs!r} model ({os.path.join(folder, 'config.json')}), but this run builds "
+                         f"{cfg.name!r}: pass --config {theirs}, or start from a {cfg.name!r} checkpoint" +
+                         (" (--init_from, or another --out)" if stage else ""))
 
 
 def main(argv=None):

@@ -750,6 +750,9 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
                                          "tiny"):
         train.main(["--config", "small", "--stage", "3", "--init_from", str(stage), "--data", str(tmp_path / "none"),
                     "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="stage2.model.pt, where stage 3 starts, holds a 'tiny' model .*, but this run "
+                                         r"builds 'small': pass --config tiny, or start from a 'small' checkpoint \("):
+        train.main(["--config", "small", "--stage", "3", "--data", str(tmp_path / "none"), "--out", str(tmp_path)])
     assert not (tmp_path / "none").exists()
     for argv, message in [(["--steps", "-5"], "--steps must be 0 or more .0: the default., got -5"),
                           (["--resume=maybe"], "--resume expects true or false, got 'maybe'"),
