@@ -33,8 +33,8 @@ def one_thread():
 def run(capsys, *argv):
     """bench.main on the tiny preset with tiny sizes; checks that the last printed line is the result as JSON."""
     what = argv[list(argv).index("--what") + 1]
-    sizes = ["--steps", "1", "--warmup", "1"] if what not in ("suite", "tokenizer") else []  # (the suite's own)
-    result = bench.main(["--config", "tiny", *sizes, *argv])
+    sizes = ["--config", "tiny", "--steps", "1", "--warmup", "1"] if what not in ("suite", "tokenizer") else []
+    result = bench.main([*sizes, *argv])  # (the suite and the tokenizer bench have sizes of their own)
     lines = capsys.readouterr().out.strip().splitlines()
     assert json.loads(lines[-1]) == json.loads(json.dumps(result))
     return result, "\n".join(lines[:-1])
@@ -235,11 +235,18 @@ def test_prefill_decode_and_vision_on_tiny(capsys):
     assert out["images_per_s"] == out["runs"]["nanovl encode_images"]["images_per_s"]
 
 
-def test_compare_runs_the_references(capsys):
+def test_compare_runs_the_references(capsys, monkeypatch):
+    import nanovl.llama
+    checks, plain = [], nanovl.llama.check_token_ids
+    monkeypatch.setattr(nanovl.llama, "check_token_ids", lambda *a, **k: checks.append(k) or plain(*a, **k))
     out, printed = run(capsys, "--what", "train", "--llm-only", "--compare", "--batch", "2", "--seq", "32")
     ref = out["reference"]
     assert ref["name"] == "transformers LlamaForCausalLM" and ref["flops"] == ref["nanovl"]["flops"]
     assert ref["ratio"] == pytest.approx(ref["nanovl"]["tokens_per_s"] / ref["tokens_per_s"])
+    _, printed = run(capsys, "--what", "prefill", "--compare", "--batch", "1", "--seq", "48")
+    assert "--compare: the decoder's prefill" in printed
+    # nanovl's timed steps read no count back from the device (a sync transformers' steps do not make either)
+    assert checks and all(k.get("check_range") is False for k in checks)
 
     out, printed = run(capsys, "--what", "decode", "--compare", "--prompt-len", "20", "--new", "6")
     # the same weights in fp32 on CPU: transformers' greedy tokens are ours
@@ -289,6 +296,12 @@ def test_bad_arguments_are_refused_with_a_reason(capsys):
                          (["--config", "tiny"], "the following arguments are required: --what"),
                          (["--what", "train", "--tables", "a.jsonl"], "--tables is for --what suite"),
                          (["--what", "decode", "--runs", "decode-7b"], "--runs is for --what suite"),
+                         (["--what", "suite", "--config", "7b"], "--config is for --what train, prefill, decode"),
+                         (["--what", "tokenizer", "--llm.n_layers=2"], "model config overrides (llm.n_layers) are "
+                                                                       "for --what train"),
+                         (["--what", "vision", "--budget", "5"], "--budget is for --what suite"),
+                         (["--what", "vision", "--mb", "2"], "--mb is for --what tokenizer"),
+                         (["--what", "prefill", "--compile"], "--compile is for --what train, decode, vision"),
                          (["--what", "decode", "--inductor", "max_autotune=True"], "it needs --compile"),
                          (["--what", "suite", "--inductor", "max_autotune=True"], "it needs --compile"),
                          (["--what", "suite", "--compile", "--inductor", "nosuch=1"], "a --what that compiles"),
