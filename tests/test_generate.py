@@ -92,6 +92,23 @@ def test_repetition_penalty_matches_hf_on_every_logit_and_applies_to_greedy_deco
     assert int(pick(logits, generated, Sampling(repetition_penalty=1.3))[0]) == other  # greedy, 10 / 1.3 < 9
 
 
+def test_generate_applies_the_repetition_penalty_to_the_answer_so_far(tiny, tok):
+    # As the official CLI (HF generate from input embeddings: its ids hold the answer only), the penalty reads the
+    # tokens generated so far, not the prompt's. A loop that recomputes everything and picks with pick() gives the
+    # same tokens as generate's cached decoding.
+    s = Sampling(max_new_tokens=16, repetition_penalty=1.3)
+    prompt = render_chat([{"role": "user", "content": "say it again and again"}], tok, tiny.cfg.n_image_tokens,
+                         generation_prompt=True)[0]
+    out = []
+    for _ in range(s.max_new_tokens):
+        with torch.no_grad():
+            logits = tiny(torch.tensor([prompt + out]))[0][:, -1]  # (1, V)
+        logits[:, tiny.cfg.image_token_id] = float("-inf")  # never picked (generate's rule)
+        out.append(int(pick(logits, torch.tensor([out], dtype=torch.long).view(1, -1), s)[0]))
+    assert generate(tiny, [prompt], sampling=s)[0] == out
+    assert out != generate(tiny, [prompt], sampling=Sampling(max_new_tokens=16))[0]  # the penalty changed something
+
+
 def test_decoding_never_picks_padded_or_image_ids_and_keeps_each_rows_stop():
     from types import SimpleNamespace
     from nanovl.generate import _decode

@@ -600,7 +600,7 @@ def test_a_nanovl_checkpoint_exports_from_the_command_line(folder, tmp_path, cap
     assert all(torch.equal(v.to(torch.bfloat16), again.state_dict()[k]) for k, v in model.state_dict().items())
 
 
-def test_eval_only_scores_a_released_model_on_a_folder_of_ones_own_questions(folder, tmp_path, capsys):
+def test_eval_only_scores_a_released_model_on_a_folder_of_ones_own_questions(folder, tmp_path, capsys, monkeypatch):
     """train.py --eval-only on a released folder and a folder holding only eval_mc.jsonl and its images: the choices
     are those of the perplexities computed from the model's full logits, and no text line is printed."""
     import train
@@ -620,7 +620,7 @@ def test_eval_only_scores_a_released_model_on_a_folder_of_ones_own_questions(fol
                      "options": options, "answer": i % len(options)})
     (bench / "eval_mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    correct = {"colours": 0, "shapes": 0}
+    correct, expected = {"colours": 0, "shapes": 0}, []
     for row in rows:  # each option scored alone, from the full logits
         ppl = []
         for option in row["options"]:
@@ -630,7 +630,20 @@ def test_eval_only_scores_a_released_model_on_a_folder_of_ones_own_questions(fol
             logits, _ = model(ids, proc(str(bench / row["images"][0]))[None])
             ppl.append(F.cross_entropy(logits[0], targets[0], ignore_index=-100).item())
         correct[row["category"]] += min(range(len(ppl)), key=ppl.__getitem__) == row["answer"]
+        expected += ppl
+    # Not the choices alone (options this different in length may not need the image to be told apart): every
+    # option's score, which each question's own image moves.
+    import nanovl.evaluate
+    scores, plain = [], nanovl.evaluate.sequence_nll
+
+    def spy(model, ids, targets, device, **kw):
+        nll = plain(model, ids, targets, device, **kw)
+        scores.append((nll / (targets != -100).sum(1)).cpu())
+        return nll
+
+    monkeypatch.setattr(nanovl.evaluate, "sequence_nll", spy)
     train.main(["--eval-only", "--ckpt", str(path), "--data", str(bench)])
+    assert torch.allclose(torch.cat(scores), torch.tensor(expected), atol=1e-5)
     printed = capsys.readouterr().out
     for category, n in correct.items():
         assert f"{category:<14}{100 * n / 6:>15.1f}%" in printed, (correct, printed)

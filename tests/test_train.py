@@ -459,6 +459,11 @@ def test_two_processes_match_one_with_the_same_global_batch(data, start_weights,
     run(common + ["--out", str(tmp_path / "two")], torchrun=2)
     one, two = load_model(tmp_path / "one" / "stage3"), load_model(tmp_path / "two" / "stage3")
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    # and the same loss at every step: AdamW's update barely moves when every gradient is scaled alike, so a loss
+    # that two processes counted at the wrong scale (and gradients with it, under another clip) shows only here
+    losses = [[m["loss"] for m in train.read_jsonl(tmp_path / run / "stage3" / "metrics.jsonl") if "loss" in m]
+              for run in ("one", "two")]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-4)
 
 
 def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues(data, start_weights, tmp_path,
