@@ -164,7 +164,7 @@ class DeepSeekVL(nn.Module):
         if n_nan:
             name = "images" if images is not None else "image_embeds"
             raise ValueError(f"{name} hold {n_nan} values that are NaN or infinite, of {given.numel()}; expected "
-                             "finite numbers (processed pixels are about -1 to 1)")
+                             "finite numbers")
         n_given = 0 if given is None else given.shape[0]
         if n_cut:
             raise ValueError(f"{n_cut} span(s) of <image_placeholder> tokens are not whole images of {per_image} "
