@@ -293,14 +293,14 @@ def atomic_save(obj, path: str):
     temporary file and raises WriteFailed."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with writing(path), open(tmp, "wb") as f:
-            if isinstance(obj, str):
-                f.write(obj.encode("utf-8"))
-            else:
-                torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint, or a power cut could empty it
         with writing(path):
+            with open(tmp, "wb") as f:
+                if isinstance(obj, str):
+                    f.write(obj.encode("utf-8"))
+                else:
+                    torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint, or a power cut could empty it
             os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
