@@ -1,6 +1,6 @@
 """
-Prepare the training data, offline: a synthetic corpus that mirrors DeepSeek-VL's data (paper section 3.2, Tables 1
-and 2), real English prose from the Python standard library, and a tokenizer trained on it. Or import real data in
+Prepare the training data, offline: a synthetic corpus that mirrors DeepSeek-VL's data (the paper's Tables 1 and
+2), real English prose from the Python standard library, and a tokenizer trained on it. Or import real data in
 the LLaVA conversation format.
 
     python prepare_data.py                         # the embedded default: data/ for the tiny preset, under 2 minutes

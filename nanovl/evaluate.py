@@ -1,6 +1,6 @@
 """
-Evaluation during and after training: multi-choice perplexity (paper section 3.2.2) and bits per byte of held-out
-text (the language side of the paper's Figure 4).
+Evaluation during and after training: multi-choice perplexity (MCPPL: how the paper watched its 1.3B runs) and
+bits per byte of held-out text (the language side of the paper's Figure 4).
 
 Multi-choice perplexity (MCPPL). Free generation is a noisy signal for a small model that cannot yet follow the
 answer format, so DeepSeek watched its 1.3B runs this way: the model sees the image, the question and all the

@@ -11,7 +11,7 @@ Synthetic image-text data whose text is exactly known, one generator per categor
 
 Each generator takes a seeded `random.Random` and the canvas size and returns an `Example`: the image(s), the
 pretraining text (with one <image_placeholder> per image), question-answer pairs for chat fine-tuning, one
-multiple-choice question for evaluation (the paper's MCPPL, section 3.2.2), a short caption of the fact that question
+multiple-choice question for evaluation (the paper's MCPPL), a short caption of the fact that question
 asks about (stage 0: SigLIP's contrastive loss), and for the scenes of shapes a per-pixel segmentation map (stage 0:
 SAM's dense loss). Interleaved documents have no multiple-choice question and no caption (their chats ask about all
 the pictures together). The questions ask about what the picture
