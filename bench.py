@@ -1552,12 +1552,19 @@ def parse_overrides(rest, parser) -> dict:
     return overrides
 
 
+# Flags whose default is filled in after parsing: they start as None, so that one given for other work can be told from
+# one left out, and refused (below).
+FILLED_DEFAULTS = {"config": "tiny", "out": "bench-suite", "budget": 3600.0, "vocab_size": 100_000, "small_vocab": 4096,
+                   "small_corpus_mb": 3.0, "mb": 4.0}
+
+
 def main(argv=None):
+    d = FILLED_DEFAULTS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     parser.add_argument("--what", choices=["train", "prefill", "decode", "vision", "tokenizer", "suite"],
                         help="the work to time (--tables alone implies suite)")
-    parser.add_argument("--config", help="model preset (nanovl.config.PRESETS; default tiny)")
+    parser.add_argument("--config", help=f"model preset (nanovl.config.PRESETS; default {d['config']})")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is one")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], help="default: bf16 on cuda, fp32 on cpu")
     parser.add_argument("--batch", type=int, help="rows (train, prefill, decode) or images (vision)")
@@ -1576,14 +1583,19 @@ def main(argv=None):
     parser.add_argument("--prompt-len", "--prompt_len", type=int, help="decode: prompt tokens")
     parser.add_argument("--new", type=int, help="decode: new tokens")
     parser.add_argument("--tokenizer", help="tokenizer: a tokenizer.json (or its folder) to use as the big one")
-    parser.add_argument("--vocab-size", type=int, help="tokenizer: size of the big trained one (default 100000)")
-    parser.add_argument("--small-vocab", type=int, help="tokenizer: size of the small trained one (default 4096)")
-    parser.add_argument("--small-corpus-mb", type=float, help="tokenizer: text for the small one (default 3.0)")
-    parser.add_argument("--mb", type=float, help="tokenizer: at most this much text is encoded (default 4.0)")
-    parser.add_argument("--out", help="suite: folder for suite.jsonl and suite.log (default bench-suite)")
+    parser.add_argument("--vocab-size", type=int,
+                        help=f"tokenizer: size of the big trained one (default {d['vocab_size']})")
+    parser.add_argument("--small-vocab", type=int,
+                        help=f"tokenizer: size of the small trained one (default {d['small_vocab']})")
+    parser.add_argument("--small-corpus-mb", type=float,
+                        help=f"tokenizer: text for the small one, MB (default {d['small_corpus_mb']})")
+    parser.add_argument("--mb", type=float,
+                        help=f"tokenizer: at most this many MB of text are encoded (default {d['mb']})")
+    parser.add_argument("--out", help=f"suite: folder for suite.jsonl and suite.log (default {d['out']})")
     parser.add_argument("--runs", help="suite: only these runs, comma-separated (default: all, in SUITE's order)")
-    parser.add_argument("--budget", type=float, help="suite: start no run after this many seconds, and stop the one "
-                                                     "running then, keeping its figures so far (default 3600)")
+    parser.add_argument("--budget", type=float,
+                        help=f"suite: start no run after this many seconds, and stop the one running then, keeping its "
+                             f"figures so far (default {d['budget']:g})")
     parser.add_argument("--small", action="store_true", help="suite: the tiny preset at small shapes (a check)")
     parser.add_argument("--tables", nargs="+", metavar="SUITE_JSONL",
                         help="suite: print the tables of earlier runs' suite.jsonl files, run nothing (a run in "
@@ -1612,8 +1624,7 @@ def main(argv=None):
                          "use it")
     if overrides and args.what not in benches:
         parser.error(f"model config overrides ({', '.join(overrides)}) are for --what {', '.join(benches)}")
-    for name, default in (("config", "tiny"), ("out", "bench-suite"), ("budget", 3600.0), ("vocab_size", 100_000),
-                          ("small_vocab", 4096), ("small_corpus_mb", 3.0), ("mb", 4.0)):
+    for name, default in FILLED_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
     result = {"what": args.what}
