@@ -52,7 +52,7 @@ from nanovl.chat import IMAGE_TAG
 from nanovl.config import FROM_SCRATCH
 from nanovl.data import (ROW_FORMAT, PlannedBatches, Source, check_images, collate, default_folder, folder_kind,
                          plan_batches, read_images, read_jsonl, write_jsonl)
-from nanovl.evaluate import bits_per_byte, check_fits, format_table, multiple_choice, read_mc_rows
+from nanovl.evaluate import bits_per_byte, check_fits, format_table, multiple_choice, open_questions, read_mc_rows
 from nanovl.image import CachedProcessor, ImageProcessor
 from nanovl.stage0 import Stage0Heads, plan_distinct, seg_labels
 from nanovl.synth import SEG_LABELS
@@ -737,15 +737,16 @@ def held_out_text(data_dir: str, limit: int = 0):
 
 
 def evaluate(model, tok, proc, cfg, rows, data_dir, seq_len):
-    """MCPPL accuracy on held_out's questions (their images under data_dir), and text bits per byte (None without
-    held-out text)."""
+    """MCPPL accuracy on held_out's questions (their images under data_dir), the accuracy on the same questions asked
+    open, and text bits per byte (None without held-out text)."""
     mc_rows, text_rows = rows
     was_training = model.training
     model.eval()
     acc = multiple_choice(model, mc_rows, tok, proc, cfg.n_image_tokens, root=data_dir)
+    asked_open = open_questions(model, mc_rows, tok, proc, cfg.n_image_tokens, root=data_dir)
     bpb = None if text_rows is None else bits_per_byte(model, text_rows, tok, cfg.n_image_tokens, seq_len)
     model.train(was_training)
-    return acc, bpb
+    return acc, asked_open, bpb
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1075,16 +1076,19 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             with writing(os.path.join(out_dir, "loss.png")):
                 plot_losses(metrics, os.path.join(out_dir, "loss.png"), f"stage {stage} training loss ({cfg.name})")
             if stage > 0:
-                acc, bpb = evaluate(model, tok, proc, cfg, eval_rows, tc.data, seq_len) if eval_rows else (None, None)
+                acc, asked_open, bpb = (evaluate(model, tok, proc, cfg, eval_rows, tc.data, seq_len) if eval_rows
+                                        else (None, None, None))
             else:  # stage 0 trains no image-text pairs to ask questions of: the language model's bits per byte only
-                acc, bpb = None, eval_rows and bits_per_byte(model, eval_rows, tok, cfg.n_image_tokens, seq_len)
-            result = {"stage": stage, "mc": acc, "bpb": bpb}
-            metrics.append({"stage": stage, "step": hp["steps"], "mc_mean": acc and acc["mean"], "bpb": bpb})
+                acc, asked_open = None, None
+                bpb = eval_rows and bits_per_byte(model, eval_rows, tok, cfg.n_image_tokens, seq_len)
+            result = {"stage": stage, "mc": acc, "open": asked_open, "bpb": bpb}
+            metrics.append({"stage": stage, "step": hp["steps"], "mc_mean": acc and acc["mean"],
+                            "open_mean": asked_open and asked_open["mean"], "bpb": bpb})
             with writing(os.path.join(out_dir, "metrics.jsonl")):
                 write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
             atomic_save(json.dumps(result, indent=2), os.path.join(out_dir, "eval.json"))  # last: the stage is done
             if acc:
-                say(format_table(acc, bpb, f"stage {stage} evaluation"))
+                say(format_table(acc, bpb, f"stage {stage} evaluation", asked_open))
             elif bpb is not None:
                 say(f"stage 0: text bits per byte {bpb:.3f}")
         if world > 1:
@@ -1206,9 +1210,10 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         if done % tc.log_every == 0 or done == hp["steps"] or done % ckpt_every == 0:
             log(done, lr)
         if tc.eval_every and done % tc.eval_every == 0 and done < hp["steps"] and eval_rows and stage > 0:
-            acc, bpb = evaluate(model, tok, proc, cfg, eval_rows, tc.data, seq_len)
-            metrics.append({"stage": stage, "step": done, "mc_mean": acc["mean"], "bpb": bpb})
-            say(format_table(acc, bpb, f"stage {stage}, step {done}"))
+            acc, asked_open, bpb = evaluate(model, tok, proc, cfg, eval_rows, tc.data, seq_len)
+            metrics.append({"stage": stage, "step": done, "mc_mean": acc["mean"], "open_mean": asked_open["mean"],
+                            "bpb": bpb})
+            say(format_table(acc, bpb, f"stage {stage}, step {done}", asked_open))
         if done % ckpt_every == 0 or done == hp["steps"]:
             save_checkpoint(done)
             if tc.stop_after and done == tc.stop_after:
@@ -1271,13 +1276,13 @@ def main(argv=None):
             tokenizer = None if is_released_folder(tc.ckpt) else tokenizer_path(tc, [tc.ckpt])
             model, tok, proc = load_model(tc.ckpt, device, dtype, tokenizer)
             check_fits(rows[0], tok, model.cfg.n_image_tokens, model.cfg.llm.max_seq_len)
-            acc, bpb = evaluate(model, tok, proc, model.cfg, rows, tc.data, model.cfg.llm.max_seq_len)
+            acc, asked_open, bpb = evaluate(model, tok, proc, model.cfg, rows, tc.data, model.cfg.llm.max_seq_len)
         except (ValueError, FileNotFoundError) as e:  # a bad checkpoint or row (named by file and line), a bad image
             raise SystemExit(str(e)) from None
         if any(a.split("=")[0] == "--config" for a in argv) and model.cfg.name != tc.config:
             print(f"(--config {tc.config} chose the questions' folder {tc.data} only: the model is the checkpoint's "
                   f"{model.cfg.name!r})")
-        print(format_table(acc, bpb, f"evaluation of {tc.ckpt} on {tc.data}"))
+        print(format_table(acc, bpb, f"evaluation of {tc.ckpt} on {tc.data}", asked_open))
         return
 
     for folder in [f for f in tc.extra_data.split(",") if f]:

@@ -9,6 +9,12 @@ synthetic questions list their options without letters, so each option's own tex
 it) is scored as the assistant's answer, and the lowest perplexity wins. Accuracy is reported per category of the
 held-out set.
 
+Asked open. MCPPL tells whether the model can pick the answer out of a list, not whether it can say it: a model
+trained only on questions with their options can score well on MCPPL and still answer "What is the title of this
+document?" with the same word for every page. So each held-out question is also asked as a user of sample.py would
+ask it, without its options, and answered by greedy decoding (the paper's generative benchmarks decode greedily);
+the answer is right when it names the right option and no other (as whole words, in any case).
+
 Text bits per byte, where the paper watches Pile-test perplexity (Figure 4): the summed negative log-likelihood of
 held-out text in bits, divided by its length in UTF-8 bytes. Unlike perplexity per token it does not depend on the
 tokenizer, and it shows whether vision-language training is eroding the language model. Each document's
@@ -18,6 +24,7 @@ modelling it.
 
 import math
 import os
+import re
 from collections import defaultdict
 from typing import Dict, List, Sequence
 
@@ -25,6 +32,7 @@ import torch
 
 from nanovl.chat import IMAGE_TAG, render_chat
 from nanovl.data import Sample, Source, collate, read_jsonl
+from nanovl.generate import Sampling, generate
 from nanovl.synth import mc_prompt
 
 
@@ -123,6 +131,42 @@ def multiple_choice(model, rows: Sequence[dict], tokenizer, processor, n_image_t
     return acc
 
 
+def names_only(answer: str, options: Sequence[str], right: int) -> bool:
+    """Whether a free answer names options[right] and no other option: each as whole words, in any case ("The title
+    is "Notes"." names "Notes"; "There are three." names "three" and not "one"). An option that is part of the right
+    one ("red" in "dark red") is not held against it."""
+    def named(option):
+        return re.search(r"(?<!\w)" + re.escape(option.strip().lower()) + r"(?!\w)", answer.lower()) is not None
+    target = options[right].strip().lower()
+    return named(options[right]) and not any(named(o) for i, o in enumerate(options)
+                                             if i != right and o.strip().lower() not in target)
+
+
+@torch.no_grad()
+def open_questions(model, rows: Sequence[dict], tokenizer, processor, n_image_tokens: int, root: str = "",
+                   batch_questions: int = 32, max_new_tokens: int = 32) -> Dict[str, float]:
+    """Accuracy per category, with "mean", on the same rows asked without their options: each question (after its
+    images) in a user turn, the answer decoded greedily (at most max_new_tokens), right when it names the right
+    option and no other (names_only)."""
+    device = next(model.parameters()).device
+    correct, total = defaultdict(int), defaultdict(int)
+    for start in range(0, len(rows), batch_questions):
+        chunk = rows[start:start + batch_questions]
+        prompts = [render_chat([{"role": "user", "content": IMAGE_TAG * len(r["images"]) + r["question"]}], tokenizer,
+                               n_image_tokens, generation_prompt=True)[0] for r in chunk]
+        paths = [os.path.join(root, p) for r in chunk for p in r["images"]]
+        images = torch.stack([processor(p) for p in paths]) if paths else None
+        answers = generate(model, prompts, images, Sampling(max_new_tokens=max_new_tokens),
+                           stop_ids={tokenizer.eos_id}, pad_id=tokenizer.pad_id, n_words=tokenizer.vocab_size)
+        for row, ids in zip(chunk, answers):
+            text = tokenizer.decode([t for t in ids if t not in tokenizer.special_ids])
+            correct[row["category"]] += names_only(text, row["options"], row["answer"])
+            total[row["category"]] += 1
+    acc = {c: correct[c] / total[c] for c in sorted(total)}
+    acc["mean"] = sum(acc.values()) / max(1, len(acc))
+    return acc
+
+
 @torch.no_grad()
 def bits_per_byte(model, rows: Sequence[dict], tokenizer, n_image_tokens: int, max_len: int,
                   batch_size: int = 8) -> float:
@@ -137,10 +181,12 @@ def bits_per_byte(model, rows: Sequence[dict], tokenizer, n_image_tokens: int, m
     return total_nll / math.log(2) / max(1, n_bytes)
 
 
-def format_table(acc: Dict[str, float], bpb: float, title: str) -> str:
-    lines = [title, f"{'category':<14}{'MCPPL accuracy':>16}"]
-    lines += [f"{c:<14}{100 * a:>15.1f}%" for c, a in acc.items() if c not in ("mean", "chance")]
-    lines.append(f"{'mean':<14}{100 * acc['mean']:>15.1f}%   (chance {100 * acc['chance']:.1f}%)")
+def format_table(acc: Dict[str, float], bpb: float, title: str, asked_open: Dict[str, float] = None) -> str:
+    """The evaluation as a table: MCPPL accuracy per category, and beside it the accuracy asked open when given."""
+    more = (lambda c: f"{100 * asked_open[c]:>13.1f}%") if asked_open else (lambda c: "")
+    lines = [title, f"{'category':<14}{'MCPPL accuracy':>16}" + (f"{'asked open':>14}" if asked_open else "")]
+    lines += [f"{c:<14}{100 * a:>15.1f}%" + more(c) for c, a in acc.items() if c not in ("mean", "chance")]
+    lines.append(f"{'mean':<14}{100 * acc['mean']:>15.1f}%" + more("mean") + f"   (chance {100 * acc['chance']:.1f}%)")
     if bpb is not None:
         lines.append(f"text bits per byte: {bpb:.3f}")
     return "\n".join(lines)

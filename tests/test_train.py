@@ -176,6 +176,48 @@ def test_multiple_choice_ranks_options_by_perplexity_not_summed_loss(data):
     assert acc["chart"] == 1.0  # the lower perplexity (mean NLL per answer token), as the paper's MCPPL
 
 
+def test_an_open_answer_is_right_when_it_names_the_right_option_alone():
+    from nanovl.evaluate import names_only
+    assert names_only('The title is "Notes".', ["Report", "Notes", "Memo"], 1)
+    assert names_only("There are three.", ["one", "two", "three", "four"], 2)
+    assert names_only("the sign says park", ["PARK", "EXIT"], 0)  # in any case
+    assert not names_only('The title is "Report".', ["Report", "Notes"], 1)
+    assert not names_only("Notes, or maybe Report", ["Report", "Notes"], 1)  # a hedge names two
+    assert not names_only("Someone", ["one", "two"], 0)  # whole words only
+    assert not names_only("", ["one", "two"], 0)
+    assert names_only("It is dark red.", ["red", "dark red", "blue"], 1)  # the option inside the right one is fine
+    assert not names_only("It is red.", ["red", "dark red"], 1)
+
+
+def test_open_questions_ask_without_the_options_and_score_what_comes_back(data, monkeypatch):
+    import nanovl.evaluate as evaluate
+    tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    cfg = get_config("tiny")
+    images = [r["images"] for r in evaluate.read_mc_rows(os.path.join(data, "eval_mc.jsonl"))[:3]]
+    rows = [{"category": "code", "images": images[0], "question": "What colour is the button?",
+             "options": ["red", "green", "blue"], "answer": 2},
+            {"category": "code", "images": images[1], "question": "What colour is the button?",
+             "options": ["red", "green", "blue"], "answer": 0},
+            {"category": "ocr", "images": images[2], "question": "What is the title?",
+             "options": ["Report", "Notes"], "answer": 1}]
+    replies = iter(["The button is blue.", "The button is blue.", 'The title is "Notes".'])
+    asked = []
+
+    def fake_generate(model, prompts, pixels, sampling, stop_ids, pad_id, n_words):
+        asked.append((prompts, pixels.shape, sampling.temperature, stop_ids))
+        return [tok.encode(" " + next(replies)) + [tok.eos_id] for _ in prompts]
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    acc = evaluate.open_questions(torch.nn.Linear(1, 1), rows, tok, ImageProcessor.for_config(cfg),
+                                  cfg.n_image_tokens, root=data, batch_questions=2)
+    assert acc == {"code": 0.5, "ocr": 1.0, "mean": 0.75}
+    assert [a[1][0] for a in asked] == [2, 1]  # every question's image, in batches of two questions
+    prompt = tok.decode(asked[0][0][0])  # the image's tokens in front of the question, as sample.py puts them
+    assert prompt.endswith("User: " + "<image_placeholder>" * cfg.n_image_tokens +
+                           "What colour is the button?\n\nAssistant:") and "Options" not in prompt
+    assert all(a[2] == 0 and a[3] == {tok.eos_id} for a in asked)  # greedy, up to the end of the answer
+
+
 def test_bits_per_byte_counts_bits_over_utf8_bytes(data):
     from nanovl.data import Source, collate
     from nanovl.evaluate import bits_per_byte
@@ -714,7 +756,8 @@ def test_a_llava_import_alone_trains_stages_1_and_3(data, start_weights, tmp_pat
         if stage == "1":  # one caption for batches of two
             assert "data: multimodal has 1 sample, fewer than a batch of 2: each of its steps repeats samples" in printed
         folder = tmp_path / f"out{stage}" / f"stage{stage}"
-        assert json.loads((folder / "eval.json").read_text()) == {"stage": int(stage), "mc": None, "bpb": None}
+        assert json.loads((folder / "eval.json").read_text()) == {"stage": int(stage), "mc": None, "open": None,
+                                                                   "bpb": None}
         assert (folder / "model.pt").exists()
     with pytest.raises(SystemExit, match="stage 0 trains on prepare_data.py's corpus .* is a LLaVA import"):
         train.main(["--data", mine, "--out", str(tmp_path / "o0")])
