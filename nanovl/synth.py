@@ -143,8 +143,8 @@ def describe(objects: list, bg: str) -> str:
 
 
 def scene_questions(rng: random.Random, objects: list) -> Tuple[List[Tuple[str, str]], dict, str]:
-    """QA pairs about a scene, one multiple-choice question whose answer is visible in the picture, and that
-    question's fact as a sentence (the scene's short caption)."""
+    """QA pairs about a scene, one multiple-choice question whose answer is visible in the picture (its open form
+    first among the pairs), and that question's fact as a sentence (the scene's short caption)."""
     n = len(objects)
     qa = [("How many shapes are in the picture?", f"There {'is' if n == 1 else 'are'} {NUMBERS[n]}.")]
     choices = []
@@ -162,6 +162,7 @@ def scene_questions(rng: random.Random, objects: list) -> Tuple[List[Tuple[str, 
     else:
         mc = multiple_choice(rng, "How many shapes are in the picture?", NUMBERS[n], NUMBERS[1:5])
         fact = f"{NUMBERS[n].capitalize()} {'shape' if n == 1 else 'shapes'}."
+    qa.sort(key=lambda pair: pair[0] != mc["question"])  # (stable: the others keep their order)
     return qa, mc, fact
 
 
@@ -169,7 +170,7 @@ def make_caption(rng: random.Random, size: int) -> Example:
     img, seg, objects, bg = scene(rng, size, rng.randint(1, 4))
     caption = describe(objects, bg)
     qa, mc, fact = scene_questions(rng, objects)
-    qa = [("Describe the image.", caption)] + rng.sample(qa, min(2, len(qa)))
+    qa = [("Describe the image.", caption), qa[0]] + rng.sample(qa[1:], min(1, len(qa) - 1))  # qa[0]: the mc's
     return Example("caption", [img], IMAGE_TAG + caption, qa, mc, caption=fact, seg=seg)
 
 

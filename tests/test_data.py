@@ -106,6 +106,13 @@ def test_prepare_data_writes_every_part(data_dir):
     assert all(len(a) == 2 and a[0] == a[1] for a in answers.values())
     sft_questions = [m["content"] for r in sft for m in r["conversation"][::2]]
     assert sum("Options:" in q for q in sft_questions) >= 2 * 5 * 6  # a multiple-choice turn, and a short chat
+    # ... and a second short chat asks it open, as a user would, answered by a sentence that names the right option
+    short = [(tuple(r["images"]), q["content"].replace(IMAGE_TAG, ""), a["content"])
+             for r in sft if r["images"] and len(r["conversation"]) == 2 for q, a in [r["conversation"]]]
+    open_short = {(images, q): a for images, q, a in short if "Options:" not in q}
+    for images, q, a in [s for s in short if "Options:" in s[1]]:
+        assert a in open_short[images, q.split("\n")[0]], (images, q)
+    assert len(open_short) == len(short) // 2 == len(answers)
     tok = Tokenizer.load(data_dir / "tokenizer.json")
     assert tok.vocab_size == get_config("tiny").llm.vocab_size and tok.image_id == get_config("tiny").image_token_id
 
@@ -144,6 +151,9 @@ def test_every_multiple_choice_answer_is_what_the_example_states():
             assert right == stated_answer(ex.mc["question"], ex.text), (category, i, ex.mc, ex.text)
             assert len(set(ex.mc["options"])) == 4
             assert right.lower() in ex.caption.lower() and IMAGE_TAG not in ex.caption  # stage 0's one fact
+            # the question asked open (a short chat of its own) is answered by a sentence naming that option alone
+            words = set(re.findall(r"\w+", dict(ex.qa)[ex.mc["question"]].lower()))
+            assert {o.lower() for o in ex.mc["options"]} & words == {right.lower()}, (category, i, ex.qa)
             q = ex.mc["question"]
             kinds.add((category, "colour" if "colour" in q else "count" if "shapes" in q else "tallest" if "tallest" in q
                        else "rows" if "rows" in q else q))
