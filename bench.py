@@ -365,12 +365,12 @@ def autocast_for(device: str, dtype):
 
 
 def optimizer_for(params, device: str):
-    """train.py's AdamW (betas, weight decay, fused on CUDA) and its gradient clipping, as one step function."""
+    """train.py's AdamW (betas, weight decay, fused on CUDA and CPU) and its gradient clipping, as one step function."""
     from train import TrainConfig
 
     tc = TrainConfig()
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay,
-                            fused=device == "cuda" or None)
+                            fused=device in ("cuda", "cpu") or None)
 
     def step():
         torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
