@@ -148,7 +148,6 @@ def open_questions(model, rows: Sequence[dict], tokenizer, processor, n_image_to
     """Accuracy per category, with "mean", on the same rows asked without their options: each question (after its
     images) in a user turn, the answer decoded greedily (at most max_new_tokens), right when it names the right
     option and no other (names_only)."""
-    device = next(model.parameters()).device
     correct, total = defaultdict(int), defaultdict(int)
     for start in range(0, len(rows), batch_questions):
         chunk = rows[start:start + batch_questions]
