@@ -369,9 +369,14 @@ def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_we
     out = str(tmp_path / "out")
     args = ["--data", data, "--stage", str(stage), "--out", out, "--steps", "3", "--batch_size", "4", "--micro_batch",
             "2", "--warmup", "0", "--min_lr_ratio", "0.5", "--grad_clip", "0.5", "--workers", "0", "--log_every", "1",
-            "--eval_limit", "5"] + (["--init_from", start_weights, "--pack", "1"] if stage else [])
+            "--eval_limit", "5", "--eval_every", "2"] + (["--init_from", start_weights, "--pack", "1"] if stage else [])
     train.main(args)
     metrics = train.read_jsonl(os.path.join(out, f"stage{stage}", "metrics.jsonl"))
+    # evaluated every 2 steps and at the end, both ways (stage 0, which has no questions to ask: at the end, text only)
+    evals = [m for m in metrics if "bpb" in m]
+    assert [m["step"] for m in evals] == ([2, 3] if stage else [3])
+    assert all(0 <= m["mc_mean"] <= 1 and 0 <= m["open_mean"] <= 1 if stage else m["mc_mean"] is m["open_mean"] is None
+               for m in evals)
 
     tc, _ = train.parse_args(args)
     cfg = get_config("tiny")
