@@ -980,8 +980,9 @@ def stage_optimizer(net, tc: TrainConfig, hp: dict, device: str):
     mult = hp.get("vision_lr_mult", 1.0) if tc.vision_lr_mult < 0 else tc.vision_lr_mult
     groups = [{"params": [p for n, p in net.named_parameters() if p.requires_grad and not vision(n)], "lr_mult": 1.0},
               {"params": [p for n, p in net.named_parameters() if p.requires_grad and vision(n)], "lr_mult": mult}]
-    # fused: one kernel for the whole update, on a GPU and on the CPU alike (on CPU 1.9 ms a step for the tiny model,
-    # against 8 ms for the loop over parameters that is the default there).
+    # fused: one kernel for the whole update, on a GPU and on the CPU alike. On CPU, for the tiny model, the update
+    # alone takes 1.9 ms against 8 ms for the loop over parameters that is the default there; with the clipping, in
+    # bench.py's training step on one thread, 5.5 ms against 12 ms.
     fused = device.split(":")[0] in ("cuda", "cpu") or None
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=hp["lr"], betas=(tc.beta1, tc.beta2),
                              weight_decay=tc.weight_decay, fused=fused)

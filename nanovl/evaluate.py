@@ -132,14 +132,16 @@ def multiple_choice(model, rows: Sequence[dict], tokenizer, processor, n_image_t
 
 
 def names_only(answer: str, options: Sequence[str], right: int) -> bool:
-    """Whether a free answer names options[right] and no other option: each as whole words, in any case ("The title
-    is "Notes"." names "Notes"; "There are three." names "three" and not "one"). An option that is part of the right
-    one ("red" in "dark red") is not held against it."""
-    def named(option):
-        return re.search(r"(?<!\w)" + re.escape(option.strip().lower()) + r"(?!\w)", answer.lower()) is not None
-    target = options[right].strip().lower()
-    return named(options[right]) and not any(named(o) for i, o in enumerate(options)
-                                             if i != right and o.strip().lower() not in target)
+    """Whether a free answer names options[right] and no other option: each as whole words, in any case and spacing
+    ("The title is "Notes"." names "Notes"; "There are three." names "three" and not "one"). An option that is
+    itself words of the right one ("red" in "dark red") is not held against it; "1" in "12" is not such a part."""
+    norm = lambda text: " ".join(text.split()).lower()
+
+    def named(option, text):
+        return re.search(r"(?<!\w)" + re.escape(norm(option)) + r"(?!\w)", text) is not None
+    said, target = norm(answer), norm(options[right])
+    return named(options[right], said) and not any(named(o, said) for i, o in enumerate(options)
+                                                   if i != right and not named(o, target))
 
 
 @torch.no_grad()

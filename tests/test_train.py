@@ -187,6 +187,8 @@ def test_an_open_answer_is_right_when_it_names_the_right_option_alone():
     assert not names_only("", ["one", "two"], 0)
     assert names_only("It is dark red.", ["red", "dark red", "blue"], 1)  # the option inside the right one is fine
     assert not names_only("It is red.", ["red", "dark red"], 1)
+    assert not names_only("1, 2 or 12", ["12", "1", "2"], 0)  # "1" is not words of "12": the hedge names three
+    assert names_only("It  is DARK\nred", ["red", "dark red"], 1)  # in any spacing
 
 
 def test_open_questions_ask_without_the_options_and_score_what_comes_back(data, monkeypatch):
