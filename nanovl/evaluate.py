@@ -95,6 +95,13 @@ def check_fits(rows: Sequence[dict], tokenizer, n_image_tokens: int, max_len: in
                              f"longest option make {longest} input tokens, but the model's context is {max_len}")
 
 
+def by_category(correct: Dict[str, int], total: Dict[str, int]) -> Dict[str, float]:
+    """Accuracy per category (in name order), and "mean": their mean, each category counting the same."""
+    acc = {c: correct[c] / total[c] for c in sorted(total)}
+    acc["mean"] = sum(acc.values()) / max(1, len(acc))
+    return acc
+
+
 @torch.no_grad()
 def multiple_choice(model, rows: Sequence[dict], tokenizer, processor, n_image_tokens: int, root: str = "",
                     batch_questions: int = 8) -> Dict[str, float]:
@@ -125,8 +132,7 @@ def multiple_choice(model, rows: Sequence[dict], tokenizer, processor, n_image_t
             total[row["category"]] += 1
             guess[row["category"]] += 1 / n
             k += n
-    acc = {c: correct[c] / total[c] for c in sorted(total)}
-    acc["mean"] = sum(acc.values()) / max(1, len(acc))
+    acc = by_category(correct, total)
     acc["chance"] = sum(guess[c] / total[c] for c in total) / max(1, len(total))
     return acc
 
@@ -163,9 +169,7 @@ def open_questions(model, rows: Sequence[dict], tokenizer, processor, n_image_to
             text = tokenizer.decode([t for t in ids if t not in tokenizer.special_ids])
             correct[row["category"]] += names_only(text, row["options"], row["answer"])
             total[row["category"]] += 1
-    acc = {c: correct[c] / total[c] for c in sorted(total)}
-    acc["mean"] = sum(acc.values()) / max(1, len(acc))
-    return acc
+    return by_category(correct, total)
 
 
 @torch.no_grad()
