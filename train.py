@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import difflib
 import glob
+import inspect
 import json
 import math
 import os
@@ -256,13 +257,32 @@ def setup_distributed():
     """(rank, world) from torchrun's environment, or (0, 1) for a single process; each process then uses the GPU of
     its LOCAL_RANK, if there are GPUs."""
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        # NCCL for tensors on the GPU, gloo for those on the CPU: the few bytes each step that say whether every
+        # process could read its batch (first_failure), asked over NCCL, would wait for the GPU to finish the step
+        # before; and --device cpu trains over gloo on a machine with GPUs.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         return rank, world
     return 0, 1
+
+
+def first_failure(reason: str, world: int) -> str:
+    """reason: why this process could not read its batch for the step ("" if it could). Returns the first process's
+    reason among those that failed, or "", the same on every process: with several, one that stops alone leaves the
+    others waiting in the step's all-reduce until torchrun kills them, so the steps since the last checkpoint, which
+    the first process would have saved, are lost. A small all-reduce of a CPU tensor each step (over gloo: no wait
+    for the GPU); the reasons are gathered only when one failed."""
+    if world == 1:
+        return reason
+    failed = torch.tensor([int(bool(reason))])
+    dist.all_reduce(failed)
+    if not failed.item():
+        return ""
+    reasons = [None] * world
+    dist.all_gather_object(reasons, reason)
+    return next(r for r in reasons if r)
 
 
 def remove_stale_temporaries(folder: str):
@@ -1108,8 +1128,10 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         return finish()
     # The model's buffers are constants (pixel statistics, SAM's relative-position indices, the rotary tables, 4 MB
     # at 1.3B), the same on every rank from the start: broadcasting them from rank 0 before every forward, DDP's
-    # default, would only cost communication.
-    train_net = DDP(net, find_unused_parameters=True, broadcast_buffers=False) if world > 1 else net
+    # default, would only cost communication. (torch 2.13 renamed the switch, and warns at the old name.)
+    no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else {"broadcast_buffers": False}
+    train_net = DDP(net, find_unused_parameters=True, **no_buffer_sync) if world > 1 else net
     if tc.compile:
         train_net = torch.compile(train_net)
     loader = DataLoader(dataset, batch_size=None, num_workers=tc.workers,
@@ -1168,18 +1190,20 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_mult"]
         try:
-            micros = [next(batches) for _ in range(accum)]
+            micros, reason = [next(batches) for _ in range(accum)], ""
         except ValueError as e:  # an unreadable image; from a worker, the message ends with the original error
             reason = str(e).strip().splitlines()[-1].removeprefix("ValueError: ")
-            if master and step > saved:  # keep the steps done since the last checkpoint: nothing is lost
+        reason = first_failure(reason, world)  # every process stops at the same step, whichever failed
+        if reason:
+            if step > saved:  # keep the steps done since the last checkpoint: nothing is lost
                 if losses:
                     log(step, learning_rate(step - 1, hp, tc.min_lr_ratio))
-                save_checkpoint(step)
-            # (With several processes, only the first writes checkpoints: another one that fails cannot save.)
-            kept = f"Training up to step {saved} is saved in {ckpt_path}. " if saved and master else \
-                "The last checkpoint, if one was written, is kept. " if world > 1 else ""
+                save_checkpoint(step)  # (written by the first process)
+            if not master:  # the first process says why, once, and exits with the failure: torchrun would stop it
+                raise SystemExit(0)  # (with SIGTERM, even mid-save) as soon as another process exits with one
+            kept = f"Training up to step {saved} is saved in {ckpt_path}. " if saved else ""
             raise SystemExit(f"stage {stage}, step {step + 1}: {reason}. {kept}Fix or remove that row, then run "
-                             f"again{' with --resume' if saved or world > 1 else ''}") from None
+                             f"again{' with --resume' if saved else ''}") from None
         micros = [m if isinstance(m, dict) else dict(zip(("ids", "targets", "images", "doc_ids"), m)) for m in micros]
         # Normalise by the supervised tokens of the whole step (all micro-batches, all processes), so a step's
         # gradient does not depend on how its batch was split; a step with none gives a zero loss, never NaN.

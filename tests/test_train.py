@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,14 +49,15 @@ def load_model(folder):
     return torch.load(os.path.join(folder, "model.pt"), weights_only=True)["model"]
 
 
-def run(args, cwd=ROOT, module="train.py", torchrun=0):
-    """train.py in a fresh process (resume must survive a real process exit)."""
+def run(args, cwd=ROOT, module="train.py", torchrun=0, fails=False):
+    """train.py in a fresh process (resume must survive a real process exit); with fails, a run that must fail, and
+    its stdout and stderr."""
     cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=29531"]
                               if torchrun else []) + [module] + args
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+    assert (result.returncode != 0) == fails, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr if fails else result.stdout
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -635,6 +637,37 @@ def test_an_unreadable_image_stops_the_run_naming_its_row_and_keeps_the_steps_do
     with pytest.raises(SystemExit, match=r"step 1: .*broken\. Fix or remove that row, then run again$"):
         train.main(args[:7] + [str(tmp_path / "p")] + args[8:])
     assert not os.path.exists(tmp_path / "p" / "stage3" / "ckpt.pt")
+
+
+def test_an_unreadable_image_in_another_process_stops_every_process_and_keeps_the_steps_done(data, start_weights,
+                                                                                              tmp_path):
+    # The second of two processes cannot read an image of step 2. Alone it would exit, torchrun would kill the
+    # first one (which writes the checkpoints) in its all-reduce, and step 1 would be lost.
+    breaks = tmp_path / "breaks_in_rank_1.py"
+    breaks.write_text(f"""import os, sys
+sys.path.insert(0, {ROOT!r})
+import train
+from nanovl.image import ImageProcessor
+readable, calls = ImageProcessor.pixels, []
+
+def breaks_later(self, image, *args):  # in the second process, each image after its first two
+    calls.append(image)
+    if os.environ["RANK"] == "1" and len(calls) > 2:
+        raise ValueError(f"cannot read image {{image}}: broken")
+    return readable(self, image, *args)
+
+ImageProcessor.pixels = breaks_later
+train.main(sys.argv[1:])
+""")
+    args = ["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "o"), "--steps", "3",
+            "--batch_size", "4", "--short_chat_share", "0", "--text_sft_share", "0", "--ckpt_every", "3"] + FAST
+    printed = run(args, module=str(breaks), torchrun=2, fails=True)
+    assert re.search(r"stage 3, step 2: .*sft.jsonl, line \d+: cannot read image .*: broken\. Training up to step 1 "
+                     r"is saved in .*ckpt.pt\. Fix or remove that row, then run again with --resume", printed)
+    assert "SIGTERM" not in printed  # every process stopped on its own
+    assert torch.load(tmp_path / "o" / "stage3" / "ckpt.pt", weights_only=False)["step"] == 1
+    run(args + ["--resume"], torchrun=2)  # the row fixed: the run goes on from step 1 and finishes
+    assert torch.load(tmp_path / "o" / "stage3" / "ckpt.pt", weights_only=False)["step"] == 3
 
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
