@@ -382,10 +382,12 @@ def _parse(value, current, name: str):
     return value
 
 
-def get_config(name: str, **overrides) -> VLConfig:
+def get_config(name: str, /, **overrides) -> VLConfig:
     """A preset by name, with overrides given as dotted keys: get_config("tiny", **{"llm.dim": 256})."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    if "name" in overrides:  # what the rest of nanovl knows the preset by (its data folder, its training recipe)
+        raise ValueError(f"cannot override 'name': it names the preset, {name!r}; choose another preset instead")
     cfg = PRESETS[name]()
     for key, value in overrides.items():
         *path, leaf = key.split(".")

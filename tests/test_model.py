@@ -400,6 +400,8 @@ def test_bad_configs_are_refused_with_the_reason():
         get_config("huge")
     with pytest.raises(ValueError, match="no field 'layers'"):
         get_config("tiny", **{"llm.layers": 3})
+    with pytest.raises(ValueError, match="cannot override 'name': it names the preset, 'tiny'"):
+        get_config("tiny", name="mine")  # the preset's recipe and data folder go by it
     with pytest.raises(ValueError, match="llm.dim expects a value like 128, got 'wide'"):
         get_config("tiny", **{"llm.dim": "wide"})
     with pytest.raises(ValueError, match="SAM gives a 12x12 grid but SigLIP gives 6x6"):
