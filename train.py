@@ -358,7 +358,7 @@ def check_same_config(saved: dict, cfg: VLConfig, path: str):
 
 # The TrainConfig fields that override a stage's defaults (STAGE_DEFAULTS); stage_hparams resolves them into hp.
 HPARAM_FIELDS = ("steps", "batch_size", "micro_batch", "lr", "warmup", "schedule", "seq_len", "text_sft_share",
-                 "short_chat_share")
+                 "short_chat_share", "vision_lr_mult", "pack")
 # TrainConfig fields a resumed run may change: they say how the run is carried out, not what it computes (the data
 # folders are named by a path, which may have moved). Every other field shapes the batches, the schedule or the
 # optimizer, and a run resumed with another value would not continue the one that wrote the checkpoint.
@@ -393,10 +393,12 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
             say(f"resuming with lr {hp['lr']} where the checkpoint's run had {state['hparams']['lr']}: from here "
                 "the run is not the one the checkpoint's settings would give")
         free = ("lr", "micro_batch") if stage > 0 or finished else ("lr",)  # (the split of a step: see below)
-        diff = [f"{k}: checkpoint {state['hparams'].get(k)!r} vs now {v!r}" for k, v in hp.items()
-                if resolved and k not in free and state["hparams"].get(k) != v]
+        # (A setting resolved since the checkpoint was written, absent from its hparams, is compared as given.)
+        saved_hp = state["hparams"] if resolved else {}
+        diff = [f"{k}: checkpoint {saved_hp[k]!r} vs now {v!r}" for k, v in hp.items()
+                if k in saved_hp and k not in free and saved_hp[k] != v]
         diff += [f"--{k}: checkpoint {state['train'][k]!r} vs now {v!r}" for k, v in dataclasses.asdict(tc).items()
-                 if k not in FREE_ON_RESUME and not (resolved and k in HPARAM_FIELDS) and k in state["train"]
+                 if k not in FREE_ON_RESUME and not (k in HPARAM_FIELDS and k in saved_hp) and k in state["train"]
                  and state["train"][k] != v]
         if diff:
             hint = " (to fit in less memory, --grad_ckpt may change on resume)" if resolved and stage == 0 and \
@@ -592,8 +594,9 @@ def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, fo
         groups = {"chat": [r for r in chats if not short or turns(r) > 2],
                   "short_chat": [r for r in chats if short and turns(r) <= 2], "text_chat": text}
         names = {"chat": "multimodal chats", "short_chat": "one-question image chats", "text_chat": "text chats"}
-        shares = {"chat": 1 - tc.text_sft_share - short, "short_chat": short, "text_chat": tc.text_sft_share}
-        if shares["chat"] < 0:
+        # (rounded: 1 - 0.33 - 0.67 is -1e-16 in floating point, and the shares are what the user wrote)
+        shares = {"chat": round(1 - tc.text_sft_share - short, 9), "short_chat": short, "text_chat": tc.text_sft_share}
+        if shares["chat"] < 0:  # (check_stage refused this before the first stage; here for a direct caller)
             raise SystemExit(f"text_sft_share {tc.text_sft_share} + short_chat_share {short} is over 1")
         return {k: source(v, "sft", names[k]) for k, v in groups.items() if shares[k] > 0}, \
             lambda step: {k: v for k, v in shares.items() if v > 0}
@@ -787,6 +790,8 @@ def stage_hparams(stage: int, tc: TrainConfig, cfg: VLConfig):
         raise SystemExit(f"--seq_len {tc.seq_len} is longer than the model's context of {cfg.llm.max_seq_len} tokens; "
                          "pass at most that, or raise --llm.max_seq_len")
     hp.setdefault("seq_len", cfg.llm.max_seq_len)
+    hp.setdefault("vision_lr_mult", 1.0)
+    hp.setdefault("pack", int(stage == 2))  # stage 2 packs its samples into full rows (Table 4 counts sequences)
     seq_len = min(hp["seq_len"], cfg.llm.max_seq_len)
     stc = dataclasses.replace(tc, steps=hp["steps"], text_sft_share=hp.get("text_sft_share", 0.479),
                               short_chat_share=hp.get("short_chat_share", 0.0))
@@ -881,13 +886,16 @@ def stage_model(stage: int, tc: TrainConfig, cfg: VLConfig, init: list, resume: 
             say(f"stage {stage}: starting from pretrained parts\n  " + "\n  ".join(report))
     heads = Stage0Heads(cfg, N_SEG_CLASSES) if stage == 0 else None
     net = Stage0Model(model, heads) if stage == 0 else model
-    prefixes = tc.trainable.split(",") if tc.trainable else trainable_prefixes(stage, cfg)
-    if stage == 0:
-        prefixes = [p if p == "heads" else "model." + p for p in prefixes]
+    given = [p for p in tc.trainable.split(",") if p] if tc.trainable else trainable_prefixes(stage, cfg)
+    # (In stage 0 the VLM sits inside Stage0Model as "model", beside the heads.)
+    prefixes = [p if stage != 0 or p.split(".")[0] == "heads" else "model." + p for p in given]
+    names = [n for n, _ in net.named_parameters()]
+    unknown = [g for g, p in zip(given, prefixes) if not any(n == p or n.startswith(p + ".") for n in names)]
+    if tc.trainable and (unknown or not given):  # a typo would train less than asked, without a word
+        modules = dict.fromkeys(n.removeprefix("model.").split(".")[0] for n in names)
+        raise SystemExit(f"stage {stage}: --trainable {','.join(unknown) or repr(tc.trainable)} names no parameter "
+                         f"of the model; its modules: {', '.join(modules)} (or deeper prefixes, as llm.layers.0)")
     counts = apply_freeze_map(net, prefixes)
-    if not any(t for t, _ in counts.values()):
-        raise SystemExit(f"stage {stage}: --trainable {tc.trainable} names no parameter of the model; its modules: "
-                         f"{', '.join(counts)} (or deeper prefixes, as llm.layers.0)")
     say(f"stage {stage}: trainable parameters per module (trainable / total)")
     for name, (t, n) in counts.items():
         say(f"  {name:<8}{t:>14,} / {n:>14,}")
@@ -897,13 +905,13 @@ def stage_model(stage: int, tc: TrainConfig, cfg: VLConfig, init: list, resume: 
 def check_stage(stage: int, tc: TrainConfig, hp: dict, world: int):
     """(micro, accum), how the stage's batch splits (split_batch); SystemExit for settings (hp: stage_hparams') that
     cannot run together. main checks each stage of the run with it before the first one trains: a setting a later
-    stage cannot work with stops `--stage all` at once, not after the earlier stages have trained. (What depends on
-    the data is checked when the stage reads it: a --text_sft_share that leaves no room for the preset's
-    short_chat_share is fine where the chats are all of one kind, which then share one group.)"""
-    given = tc.text_sft_share >= 0 and tc.short_chat_share >= 0  # both on the command line (-1: the preset's)
-    if stage == 3 and given and tc.text_sft_share + tc.short_chat_share > 1:
-        raise SystemExit(f"--text_sft_share {tc.text_sft_share} and --short_chat_share {tc.short_chat_share} add up to "
-                         "more than 1: they are shares of stage 3's steps, and the multimodal chats take the rest")
+    stage cannot work with stops `--stage all` at once, not after the earlier stages have trained."""
+    text, short = hp.get("text_sft_share", 0.0), hp.get("short_chat_share", 0.0)
+    if stage == 3 and round(text + short, 9) > 1:
+        said = lambda key: "" if getattr(tc, key) >= 0 else " (the preset's)"  # -1: not given
+        raise SystemExit(f"--text_sft_share {text}{said('text_sft_share')} and --short_chat_share {short}"
+                         f"{said('short_chat_share')} add up to more than 1: they are shares of stage 3's steps, and "
+                         f"the multimodal chats take the rest; pass shares that add up to 1 or less")
     return split_batch(stage, tc, hp, world)
 
 
@@ -975,7 +983,7 @@ def stage_batches(stage: int, tc: TrainConfig, hp: dict, cfg: VLConfig, tok, pro
                          f"{'holds' if len(folders) == 1 else 'hold'} none" +
                          (f" that fit: all {src.dropped} are longer than {seq_len} tokens" if src.dropped else "") +
                          (f"; without them, pass {flag} 0" if flag and not src.dropped else ""))
-    pack = tc.pack if tc.pack != -1 else int(stage == 2)
+    pack = hp["pack"]
     global_batch = hp["batch_size"]
     for m, n in sizes.items():
         if not pack and n < global_batch:  # legal (the plan walks through epochs), but worth knowing
@@ -997,7 +1005,7 @@ def stage_optimizer(net, tc: TrainConfig, hp: dict, device: str):
     # lost first), and kept the final accuracy near chance. The aligner, which has to learn the map into the
     # decoder, does best at the full rate.
     vision = lambda n: n.removeprefix("model.").startswith(("siglip.", "sam."))
-    mult = hp.get("vision_lr_mult", 1.0) if tc.vision_lr_mult < 0 else tc.vision_lr_mult
+    mult = hp["vision_lr_mult"]
     groups = [{"params": [p for n, p in net.named_parameters() if p.requires_grad and not vision(n)], "lr_mult": 1.0},
               {"params": [p for n, p in net.named_parameters() if p.requires_grad and vision(n)], "lr_mult": mult}]
     # fused: one kernel for the whole update, on a GPU and on the CPU alike. On CPU, for the tiny model, the update

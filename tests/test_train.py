@@ -86,6 +86,17 @@ def test_freeze_maps_follow_the_paper():
     assert counts["llm"][0] == counts["llm"][1] and counts["siglip"][0] == 0
 
 
+def test_trainable_takes_any_prefix_and_names_one_that_matches_nothing():
+    cfg, quiet = get_config("tiny"), lambda *a: None
+    # Stage 0 trains the VLM inside a wrapper, beside its heads: a prefix means the same there as in stages 1-3.
+    _, net = train.stage_model(0, train.TrainConfig(trainable="heads.seg_head,llm.layers.0"), cfg, [], False, quiet)
+    trained = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trained == {n for n, _ in net.named_parameters() if n.startswith(("heads.seg_head.", "model.llm.layers.0."))}
+    with pytest.raises(SystemExit, match="stage 0: --trainable siglp names no parameter of the model; its modules: "
+                                         "siglip, sam, aligner, llm, heads"):
+        train.stage_model(0, train.TrainConfig(trainable="llm,siglp"), cfg, [], False, quiet)  # a typo among others
+
+
 def test_stage0_clips_each_of_its_three_models_on_its_own():
     cfg = get_config("tiny")
     net = train.Stage0Model(DeepSeekVL(cfg), Stage0Heads(cfg, n_seg_classes=5))
@@ -552,8 +563,9 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
     # writes them from the checkpoint.
     (folder / "model.pt").unlink()
     (folder / "eval.json").unlink()
-    with pytest.raises(SystemExit, match=r"other training settings:\n  warmup: checkpoint \d+ vs now 7\n  --seed"):
-        train.main(common + ["--resume", "--warmup", "7", "--seed", "3"])  # (a new --lr is allowed: see below)
+    with pytest.raises(SystemExit, match=r"other training settings:\n  warmup: checkpoint \d+ vs now 7\n  "
+                                         r"vision_lr_mult: checkpoint 0.1 vs now 0.5\n  --seed"):
+        train.main(common + ["--resume", "--warmup", "7", "--vision_lr_mult", "0.5", "--seed", "3"])  # (--lr: below)
     with pytest.raises(SystemExit, match="another model config:\n  llm.n_layers: checkpoint 4 vs now 3\npass"):
         train.main(common + ["--resume", "--llm.n_layers=3"])
     with pytest.raises(SystemExit, match="--extra_data .*typo: no such folder"):
@@ -571,7 +583,8 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
     dead.write_bytes(b"half a checkpo")  # left by a process killed while saving: removed
     live.write_bytes(b"half a mod")  # a save still going on in a live process: kept
     capsys.readouterr()
-    train.main(common + ["--resume", "--lr", "2e-3"])  # the stage's own learning rate, given explicitly: the same run
+    # the stage's own learning rate, vision rate and packing, given explicitly: the same run
+    train.main(common + ["--resume", "--lr", "2e-3", "--vision_lr_mult", "0.1", "--pack", "0"])
     assert "trained to step 2, but its final weights or evaluation were never written" in capsys.readouterr().out
     assert (folder / "eval.json").exists() and not dead.exists() and live.exists()
     assert (folder / "model.pt").read_bytes() == before["model.pt"]  # what the first run wrote, byte for byte
@@ -976,6 +989,10 @@ def test_stage3_groups_one_question_chats_apart(data):
     merged, share = train.stage_data(3, dataclasses.replace(tc, short_chat_share=0.0), tok, cfg, 512, [data])
     assert set(merged) == {"chat", "text_chat"} and share(0) == {"chat": 0.75, "text_chat": 0.25}
     assert len(merged["chat"]) == len(sources["chat"]) + len(sources["short_chat"])
+    # Shares that add up to 1 in decimals (not in binary: 1 - 0.33 - 0.67 is -1e-16) leave the long chats none.
+    _, share = train.stage_data(3, dataclasses.replace(tc, text_sft_share=0.33, short_chat_share=0.67), tok, cfg, 512,
+                                [data])
+    assert share(0) == {"short_chat": 0.67, "text_chat": 0.33}
 
 
 def test_old_synthetic_data_is_rebuilt_with_its_own_arguments(tmp_path):
@@ -1007,7 +1024,9 @@ def test_stage_all_checks_every_stage_settings_before_the_first_trains(tmp_path,
         train.main(base + ["--text_sft_share", "0.6", "--short_chat_share", "0.6"])
     with pytest.raises(SystemExit, match=r"batch_size 6 is not divisible by 1 processes x micro_batch 4"):
         train.main(base + ["--micro_batch", "4"])  # stage 2's 6 packed rows; stages 0, 1 and 3 split by 4
+    # One of the two given, the other the preset's (0.65 for one-question chats): the sum is the same problem
+    with pytest.raises(SystemExit, match=r"--text_sft_share 0.6 and --short_chat_share 0.65 \(the preset's\) add up"):
+        train.main(base + ["--text_sft_share", "0.6"])
     assert ran == []
-    # One of the two given, the other the preset's: the data decides (one kind of chats makes one group), at stage 3
-    train.main(base + ["--text_sft_share", "0.6"])
+    train.main(base + ["--text_sft_share", "0.33", "--short_chat_share", "0.67"])  # 1 in decimals, not in binary
     assert ran == [0, 1, 2, 3]
