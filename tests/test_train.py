@@ -401,6 +401,14 @@ def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_we
     micro, accum = train.split_batch(stage, tc, hp, 1)
     assert (micro, accum) == (2, 2)
     tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    if stage == 0:  # held-out text is scored in pieces of the model's context, as in every stage, not of stage 0's 128
+        from nanovl.evaluate import bits_per_byte
+        trained = DeepSeekVL(cfg).eval()
+        trained.load_state_dict(load_model(os.path.join(out, "stage0")))
+        rows = train.read_jsonl(os.path.join(data, "eval_text.jsonl"))[:5]
+        assert seq_len == 128 and cfg.llm.max_seq_len == 512
+        assert evals[-1]["bpb"] == pytest.approx(bits_per_byte(trained, rows, tok, cfg.n_image_tokens, 512), rel=1e-6)
+        assert evals[-1]["bpb"] != pytest.approx(bits_per_byte(trained, rows, tok, cfg.n_image_tokens, 128), rel=1e-3)
     quiet = lambda *a, **k: None
     dataset = train.stage_batches(stage, stc, hp, cfg, tok, ImageProcessor.for_config(cfg), seq_len, micro, accum, 0,
                                   1, quiet)
