@@ -12,7 +12,7 @@ repository has no training code: this file is the recipe, written out.
     stage 3  supervised fine-tuning: language model, adaptor and SigLIP (SAM's trunk stays frozen); chats, loss on
              answers
 
-    python train.py                                  # the embedded default: prepare data if needed, stages 0-3, tiny, CPU
+    python train.py                                  # the embedded default: prepare data if needed, stages 0-3, tiny
     python train.py --stage 2 --config small --lr=5e-4 --llm.n_layers=6
     python train.py --stage 3 --resume               # continue a killed run exactly where its checkpoint left it
     python train.py --eval-only --ckpt out/stage3    # multiple-choice and text evaluation of a checkpoint
@@ -68,7 +68,8 @@ class TrainConfig:
     config: str = "tiny"  # model preset
     data: str = ""  # folder made by prepare_data.py, or a LLaVA import to train on alone (stages 1 and 3)
     # (default: data for tiny, data-<preset> for the other presets)
-    extra_data: str = ""  # more folders of rows (e.g. a LLaVA import), comma-separated, added to stages 1-3
+    extra_data: str = ""  # more folders of rows (e.g. a LLaVA import), comma-separated: their pretrain.jsonl and
+    # sft.jsonl are added to stages 1-3 (stage 2's text and the held-out set come from --data alone)
     out: str = "out"
     # weights to start from: default the previous stage's model.pt. Or pretrained parts, comma-separated (a released
     # DeepSeek-VL folder, SAM's checkpoint, a timm SigLIP, an HF Llama): see nanovl/checkpoint.py, init_from_parts
@@ -78,7 +79,8 @@ class TrainConfig:
     resume: bool = False  # continue from out/stage<k>/ckpt.pt
     eval_only: bool = False
     ckpt: str = ""  # with --eval_only: a stage folder, a model.pt file or a released model folder
-    # optimisation; 0 / "" / -1 take the stage's default (STAGE_DEFAULTS)
+    # optimisation; steps, batch_size, micro_batch, lr and seq_len at 0, and every -1 and "", take the stage's
+    # default (STAGE_DEFAULTS)
     steps: int = 0
     batch_size: int = 0  # global batch, in samples; packed (stage 2), in rows of seq_len tokens
     micro_batch: int = 0  # samples (packed: rows) per forward pass per process (accumulation makes up the rest)
@@ -91,7 +93,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    seq_len: int = 0  # default: the model's context
+    seq_len: int = 0  # default: the stage's (the model's context where the stage sets none)
     lang_share: float = 0.7  # stage 2: language share of steps after the warm-up (Table 1: 70% text)
     modality_warmup: float = 0.3  # stage 2: part of the run over which the language share decays from 1.0
     sft_share: float = 0.1  # stage 2: share of steps drawn from the SFT chats (the paper mixes in "a minimal
@@ -176,7 +178,8 @@ def usage() -> str:
 
 def parse_args(argv):
     """--key=value or --key value. TrainConfig fields go to the TrainConfig; anything else is a model config
-    override (get_config checks it). Dashes and underscores are the same: --eval-only == --eval_only."""
+    override (get_config checks it). Dashes and underscores are the same: --eval-only == --eval_only,
+    --llm.n-layers == --llm.n_layers."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     model_fields = [f.name for f in dataclasses.fields(VLConfig)]  # the top level; the parts' are dotted
     tc, overrides, i = TrainConfig(), {}, 0
@@ -188,7 +191,7 @@ def parse_args(argv):
         if not arg.startswith("--"):
             raise SystemExit(f"unexpected argument {arg!r}: options look like --key=value")
         key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_") if "." not in key else key
+        key = key.replace("-", "_")
         if key not in fields and "." not in key and key not in model_fields:
             close = difflib.get_close_matches(key, list(fields) + model_fields, n=1)
             raise SystemExit(f"unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else "") +
@@ -218,7 +221,7 @@ def parse_args(argv):
     # Counts and sizes: nothing is negative but the -1 defaults; what 0 means, each says (TrainConfig's comments).
     # SigLIP's contrastive loss in stage 0 needs two pairs at least: with one, there is nothing to contrast.
     zero_means = {"steps": "the default", "batch_size": "the default", "micro_batch": "the default",
-                  "lr": "the default", "seq_len": "the model's context", "eval_every": "at the end of the stage only",
+                  "lr": "the default", "seq_len": "the default", "eval_every": "at the end of the stage only",
                   "eval_limit": "all", "ckpt_every": "a tenth of the stage", "workers": "no worker processes",
                   "image_cache": "no cache", "stop_after": "off"}
     for key, least in [*((k, 0) for k in zero_means), ("log_every", 1), ("clip_batch", 2), ("seg_batch", 1)]:
@@ -800,8 +803,8 @@ def stage_hparams(stage: int, tc: TrainConfig, cfg: VLConfig):
     hp.setdefault("vision_lr_mult", 1.0)
     hp.setdefault("pack", int(stage == 2))  # stage 2 packs its samples into full rows (Table 4 counts sequences)
     seq_len = min(hp["seq_len"], cfg.llm.max_seq_len)
-    stc = dataclasses.replace(tc, steps=hp["steps"], text_sft_share=hp.get("text_sft_share", 0.479),
-                              short_chat_share=hp.get("short_chat_share", 0.0))
+    stc = dataclasses.replace(tc, steps=hp["steps"], text_sft_share=hp.get("text_sft_share", 0.0),  # (stage 3's:
+                              short_chat_share=hp.get("short_chat_share", 0.0))  # every preset sets its text share)
     return hp, seq_len, stc
 
 
@@ -1084,7 +1087,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         if eval_rows is None:
             say(f"stage {stage}: {tc.data} has no held-out " + (
                 "questions (eval_mc.jsonl), so the stage is not evaluated; evaluate it afterwards with --eval-only "
-                "--data DIR" if stage > 0 else "text (eval_text.jsonl), so stage 0 is not evaluated"))
+                f"--ckpt {out_dir} --data DIR" if stage > 0 else "text (eval_text.jsonl), so stage 0 is not evaluated"))
 
     dataset = stage_batches(stage, stc, hp, cfg, tok, proc, seq_len, micro, accum, rank, world, say)
     clip_groups = clipping_groups(net, stage)  # each clipped to grad_clip on its own
@@ -1096,7 +1099,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         raise SystemExit(f"--out {tc.out}: cannot make the folder {out_dir} ({e.strerror}); expected a folder"
                          ) from None
     if master and not resume:
-        tok.save(os.path.join(out_dir, "tokenizer.json"))  # the stage folder is then all sample.py needs
+        atomic_save(tok.to_json(), os.path.join(out_dir, "tokenizer.json"))  # the folder is all sample.py needs
     start, metrics = 0, []
     if resume:
         net.load_state_dict(state["model"])
@@ -1183,8 +1186,9 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     losses, t_last, tokens, parts = [], time.time(), 0, {}
 
     def log(done, lr):
-        """The mean loss of the steps since the last log into the metrics; a NaN or inf among them stops the run
-        before anything is saved over the last good checkpoint."""
+        """The mean loss of the steps since the last log into the metrics (in stage 0 with the last micro-batch's
+        contrastive and dense losses beside it, as this process computed them); a NaN or inf among the losses stops
+        the run before anything is saved over the last good checkpoint."""
         nonlocal losses, t_last, tokens
         window = torch.stack(losses).cpu()
         bad = (~torch.isfinite(window)).nonzero()
@@ -1266,7 +1270,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                 sys.stdout.flush()
                 os._exit(0)  # as if the process were killed right after this checkpoint
     bar.close()
-
+    del batches, loader  # their worker processes, and the images these cache, have nothing more to do
     finish()
 
 

@@ -577,6 +577,11 @@ class Tokenizer:
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    def to_json(self) -> str:
+        """The text of the tokenizer.json that save writes."""
         data = {
             "version": "1.0", "truncation": None, "padding": None,
             "added_tokens": self.added_tokens,
@@ -590,8 +595,7 @@ class Tokenizer:
                       # "a b" strings: every version of tokenizers reads them (byte-level tokens contain no space)
                       "merges": [f"{a} {b}" for a, b in self.merges]},
         }
-        path.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
-        return path
+        return json.dumps(data, ensure_ascii=False, indent=1)
 
     @classmethod
     def load(cls, path) -> "Tokenizer":
