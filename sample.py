@@ -67,13 +67,21 @@ def with_tags(message: str, n_images: int) -> str:
     return message if IMAGE_TAG in message or not n_images else IMAGE_TAG * n_images + message
 
 
-def answer_prompts(args, model, tok, proc, sampling, pictures):
-    """--prompt given: one batch of prompts; the images (read from --image) fill their placeholders in order."""
+def tagged_prompts(args) -> list:
+    """The --prompt texts with their image placeholders: one prompt alone gets one per --image when it has none;
+    several must place their own, one per image, in order."""
     prompts = [with_tags(p, len(args.image)) for p in args.prompt] if len(args.prompt) == 1 else args.prompt
     n_tags = sum(p.count(IMAGE_TAG) for p in prompts)
     if n_tags != len(args.image):
         raise SystemExit(f"the prompts hold {n_tags} {IMAGE_TAG} but {len(args.image)} --image were given: give one "
-                         "image per placeholder, in order")
+                         "image per placeholder, in order" + (" (with several prompts, each places its own)"
+                                                              if len(prompts) > 1 else ""))
+    return prompts
+
+
+def answer_prompts(args, prompts, model, tok, proc, sampling, pictures):
+    """--prompt given: one batch of prompts (tagged_prompts); the images (from --image) fill their placeholders in
+    order."""
     try:
         pixels = torch.stack([proc(picture) for picture in pictures]) if pictures else None  # (N, 3, S, S)
         ids = [render_chat([{"role": "user", "content": p}], tok, model.cfg.n_image_tokens, system=args.system,
@@ -92,10 +100,11 @@ def answer_prompts(args, model, tok, proc, sampling, pictures):
     ctx = model.cfg.llm.max_seq_len
     room = ctx - max(len(i) for i in ids) + 1  # (the last new token is never fed back, so it needs no slot)
     cut = [tok.eos_id not in out and len(out) == room < sampling.max_new_tokens for out in outs]
-    note = f" (cut: the prompt and the answer fill the model's context of {ctx} tokens)"
+    note = f" (cut: the {'longest prompt of the batch' if len(prompts) > 1 else 'prompt'} and the answer fill the " \
+        f"model's context of {ctx} tokens)"
     if stream:
         answered = tok.decode([t for t in outs[0] if t != tok.eos_id]).strip()
-        print((note.strip() if cut[0] else "") if answered else
+        print(("\n" + note.strip() if cut[0] else "") if answered else
               "(no answer: the model ended its turn at once; an undertrained model often does)")
     else:
         for p, out, was_cut in zip(prompts, outs, cut):
@@ -181,7 +190,8 @@ def chat(args, model, tok, proc, sampling, pictures):
         while len(images) < n_tags:
             try:
                 path = input(f"  path of image {len(images) + 1} of {n_tags} (empty: drop the message): ").strip()
-            except EOFError:
+            except EOFError:  # the input ended (a piped chat)
+                print("\n(message dropped: the input ended)")
                 return
             except KeyboardInterrupt:
                 path = ""
@@ -226,7 +236,8 @@ def main(argv=None):
     try:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                             args.seed).check()
-        pictures = [load_image(path) for path in args.image]  # a bad --image is said before a model loads for minutes
+        prompts = tagged_prompts(args) if args.prompt else None  # what needs no model is said before one loads,
+        pictures = [load_image(path) for path in args.image]  # which may take minutes
         model, tok, proc = load_model(args.ckpt, device, dtype, tokenizer=args.tokenizer or None)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from None
@@ -238,7 +249,7 @@ def main(argv=None):
         raise SystemExit(f"--system is {n_system} tokens, and the context holds {context}: no room for a message")
     try:
         if args.prompt:
-            answer_prompts(args, model, tok, proc, sampling, pictures)
+            answer_prompts(args, prompts, model, tok, proc, sampling, pictures)
         else:
             chat(args, model, tok, proc, sampling, pictures)
     except KeyboardInterrupt:  # Ctrl-C while a one-shot answer is printed: a line, not a traceback from the model

@@ -873,7 +873,7 @@ def check_same_tokenizer(tok: Tokenizer, given: str, path: str):
         theirs = Tokenizer.load(path)
     except ValueError as e:
         raise SystemExit(f"{e}; the stage folder's tokenizer cannot be read to compare with --tokenizer") from None
-    if (theirs.vocab, theirs.merges, theirs.added_tokens) != (tok.vocab, tok.merges, tok.added_tokens):
+    if not tok.same_ids(theirs):
         raise SystemExit(f"--tokenizer {given} differs from {path}, the tokenizer this stage was trained with: the "
                          "same text would become other ids. Resume without --tokenizer (or with that one)")
 
@@ -1322,7 +1322,7 @@ def main(argv=None):
             if rows is None:
                 raise ValueError(f"no multiple-choice questions at {os.path.join(tc.data, 'eval_mc.jsonl')}: --data "
                                  "must be a folder holding eval_mc.jsonl (prepare_data.py's, or one of your own)")
-            tokenizer = None if is_released_folder(tc.ckpt) else tokenizer_path(tc, [tc.ckpt])
+            tokenizer = tc.tokenizer if is_released_folder(tc.ckpt) else tokenizer_path(tc, [tc.ckpt])
             model, tok, proc = load_model(tc.ckpt, device, dtype, tokenizer)
             check_fits(rows[0], tok, model.cfg.n_image_tokens, model.cfg.llm.max_seq_len)
             acc, asked_open, bpb = evaluate(model, tok, proc, model.cfg, rows, tc.data)

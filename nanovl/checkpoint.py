@@ -238,13 +238,14 @@ def is_released_folder(path) -> bool:
     return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
 
 
-def load_released(folder, device="cpu", dtype=None):
-    """A released DeepSeek-VL folder -> (model, tokenizer, processor), without transformers or safetensors."""
+def load_released(folder, device="cpu", dtype=None, tokenizer=None):
+    """A released DeepSeek-VL folder -> (model, tokenizer, processor), without transformers or safetensors.
+    tokenizer: a tokenizer.json for a folder without one (see pick_tokenizer)."""
     folder = Path(folder)
     config = _read_json(folder / "config.json", "config.json with vision_config, aligner_config and language_config")
-    tok = Tokenizer.load(folder)
+    tok, tok_path = pick_tokenizer(folder, tokenizer)
     cfg = released_config(config, tok.image_id, name=folder.name)
-    check_tokenizer_fits(tok, cfg, folder / "tokenizer.json")
+    check_tokenizer_fits(tok, cfg, tok_path)
     state, skipped, unknown = {}, [], []
     for key, tensor in load_sharded(folder).items():
         try:
@@ -337,9 +338,11 @@ def load_plain(path) -> dict:
     except (FileNotFoundError, IsADirectoryError):
         path = Path(path)
         unfinished = path.name == "model.pt" and (path.parent / "ckpt.pt").is_file()  # a stage not trained to its end
+        stages = sorted(p.parent.name for p in path.parent.glob("stage*/model.pt"))  # a train.py --out folder
         raise FileNotFoundError(f"no checkpoint at {path}" + (
             f" (the stage has not finished: its training state {path.parent / 'ckpt.pt'} loads too, or --resume it "
-            "to its end)" if unfinished else "")) from None
+            "to its end)" if unfinished else f" ({path.parent} holds the stage folders {', '.join(stages)}: pass "
+            f"one of them, as {path.parent / stages[-1]})" if stages else "")) from None
     if head != b"PK\x03\x04":  # torch.save writes a zip archive
         raise ValueError(f"{path} is not a torch checkpoint ({os.path.getsize(path):,} bytes that are not the zip "
                          "archive torch.save writes): an empty, corrupt or wrong file")
@@ -381,13 +384,29 @@ def load_nanovl(path, device="cpu", dtype=None, tokenizer=None):
     weights, config = nanovl_state(load_plain(file), file)
     warn_if_edited(file.parent / "config.json", config)
     cfg = VLConfig.from_dict(config)
-    model = build_loaded(cfg, weights, str(file), device, dtype)
-    tok_path = Path(tokenizer) if tokenizer else file.parent / "tokenizer.json"
-    if not tok_path.exists():
-        raise FileNotFoundError(f"no tokenizer at {tok_path}: pass --tokenizer (e.g. data/tokenizer.json)")
-    tok = Tokenizer.load(tok_path)
+    tok, tok_path = pick_tokenizer(file.parent, tokenizer)  # (before the weights, which may take minutes to build)
     check_tokenizer_fits(tok, cfg, tok_path, exact=cfg.name in FROM_SCRATCH)  # as train.py checked it
+    model = build_loaded(cfg, weights, str(file), device, dtype)
     return model, tok, ImageProcessor.for_config(cfg)
+
+
+def pick_tokenizer(folder: Path, given=None) -> tuple:
+    """(Tokenizer, its path): the tokenizer.json saved beside the weights in folder, or the one given (a file, or a
+    folder holding one) for weights without one. Where both exist they must be the same tokenizer: another, even
+    of the same size, turns the same text into other ids, and the model reads them as nonsense without a word."""
+    saved = folder / "tokenizer.json"
+    if not given:
+        if not saved.is_file():
+            raise FileNotFoundError(f"no tokenizer at {saved}: pass --tokenizer (e.g. data/tokenizer.json)")
+        return Tokenizer.load(saved), saved
+    given = Path(given) / "tokenizer.json" if Path(given).is_dir() else Path(given)
+    if not given.is_file():
+        raise FileNotFoundError(f"no tokenizer at {given}, the --tokenizer given")
+    tok = Tokenizer.load(given)
+    if saved.is_file() and given.resolve() != saved.resolve() and not tok.same_ids(Tokenizer.load(saved)):
+        raise ValueError(f"--tokenizer {given} differs from {saved}, the tokenizer saved with the weights: the same "
+                         "text would become other ids. Leave --tokenizer out to use the saved one")
+    return tok, given
 
 
 def warn_if_edited(copy: Path, config: dict):
@@ -451,7 +470,7 @@ def load_model(path, device="cpu", dtype=None, tokenizer=None):
     check_device(device)
     check_dtype(dtype)
     if is_released_folder(path):
-        return load_released(path, device, dtype)
+        return load_released(path, device, dtype, tokenizer)
     if Path(path).is_dir() and any(Path(path).glob("model-*-of-*.safetensors")):
         raise ValueError(f"{path} holds safetensors shards but no model.safetensors.index.json, which says which "
                          "tensor is in which shard; copy it from where the shards came from")

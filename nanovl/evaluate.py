@@ -137,11 +137,29 @@ def multiple_choice(model, rows: Sequence[dict], tokenizer, processor, n_image_t
     return acc
 
 
+OPTION_LABEL = re.compile(r"\s*[(\[]?([A-Za-z]|\d{1,2})[)\].:]\s+")  # "(A) ", "B. ", "[3] ", "d: "
+
+
+def without_labels(options: Sequence[str]) -> list:
+    """The options less their labels when every one is written with its label, in order ("(A) red", "(B) blue", ...
+    or "1. red", "2. blue", ...): asked open, a model says "red", never "(A)". Otherwise the options as they are."""
+    found = [OPTION_LABEL.match(o) for o in options]
+    if not all(found):
+        return list(options)
+    labels, n = [m.group(1).upper() for m in found], len(options)
+    if labels not in ([chr(ord("A") + i) for i in range(n)], [str(i + 1) for i in range(n)]):
+        return list(options)
+    rest = [o[m.end():] for o, m in zip(options, found)]
+    return rest if all(r.strip() for r in rest) else list(options)
+
+
 def names_only(answer: str, options: Sequence[str], right: int) -> bool:
     """Whether a free answer names options[right] and no other option: each as whole words, in any case and spacing
     ("The title is "Notes"." names "Notes"; "There are three." names "three" and not "one"). An option that is
-    itself words of the right one ("red" in "dark red") is not held against it; "1" in "12" is not such a part."""
+    itself words of the right one ("red" in "dark red") is not held against it; "1" in "12" is not such a part.
+    Options written with labels are read without them (without_labels)."""
     norm = lambda text: " ".join(text.split()).lower()
+    options = without_labels(options)
 
     def named(option, text):
         return re.search(r"(?<!\w)" + re.escape(norm(option)) + r"(?!\w)", text) is not None

@@ -580,6 +580,10 @@ class Tokenizer:
         path.write_text(self.to_json(), encoding="utf-8")
         return path
 
+    def same_ids(self, other: "Tokenizer") -> bool:
+        """Whether both turn every text into the same ids: the same vocabulary, merges and special tokens."""
+        return (self.vocab, self.merges, self.added_tokens) == (other.vocab, other.merges, other.added_tokens)
+
     def to_json(self) -> str:
         """The text of the tokenizer.json that save writes."""
         data = {

@@ -2,6 +2,7 @@
 processors and is seeded, a chat turn prefills only its new tokens, and bad input leaves a session as it was."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -364,10 +365,10 @@ def test_sample_says_when_the_context_cut_an_answer(stage_folder, tiny, tok, cap
     assert tok.eos_id not in out and len(out) == ctx - len(ids) + 1 < 20  # what sample.py will get: a cut answer
     note = f"(cut: the prompt and the answer fill the model's context of {ctx} tokens)"
     sample.main(["--ckpt", str(stage_folder), "--prompt", prompt, "--max_new_tokens", "20"])
-    assert capsys.readouterr().out.rstrip().endswith(note)  # one prompt: after its streamed answer
+    assert capsys.readouterr().out.rstrip().endswith("\n" + note)  # one prompt: on a line after its streamed answer
     sample.main(["--ckpt", str(stage_folder), "--prompt", prompt, "--prompt", "hi", "--max_new_tokens", "20"])
-    printed = capsys.readouterr().out
-    assert printed.count(note) == 2  # a batch: every row ends where the longest prompt's context does
+    printed = capsys.readouterr().out  # a batch: every row ends where the longest prompt's context does
+    assert printed.count(note.replace("the prompt", "the longest prompt of the batch")) == 2
     sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--max_new_tokens", "3"])
     assert "cut:" not in capsys.readouterr().out  # an answer that stopped at --max_new_tokens was not cut
 
@@ -394,8 +395,22 @@ def test_load_model_takes_a_dtype_and_a_tokenizer_and_refuses_one_that_does_not_
     # A scratch preset's tokenizer was made at its vocabulary size: a smaller one is another tokenizer (train.py
     # refuses it the same way), whose ids would mean other words to the model.
     Tokenizer.train([TEXT], tok.vocab_size - 10).save(bare / "small.json")
-    with pytest.raises(ValueError, match=f"small.json has {tok.vocab_size - 10} tokens"):
-        load_model(stage_folder, tokenizer=bare / "small.json")
+    shutil.copy(stage_folder / "model.pt", bare / "model.pt")  # (the right model again, without a tokenizer)
+    with pytest.raises(ValueError, match=f"small.json has {tok.vocab_size - 10} tokens and <image_placeholder> = "
+                                         f"{tok.image_id}; the 'tiny' model has a vocabulary of {tok.vocab_size} and"):
+        load_model(bare, tokenizer=bare / "small.json")
+    # One of the same size, beside weights saved with their own: two ids swapped turn the same text into other ids.
+    other = json.loads((stage_folder / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = other["model"]["vocab"]
+    a, b = [t for t in vocab if len(t) > 2][:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (bare / "swapped.json").write_text(json.dumps(other, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"--tokenizer .*swapped.json differs from .*tokenizer.json, the tokenizer "
+                                         "saved with the weights"):
+        load_model(stage_folder, tokenizer=bare / "swapped.json")
+    assert load_model(stage_folder, tokenizer=stage_folder)[1].same_ids(tok)  # the saved one itself, as its folder
+    with pytest.raises(FileNotFoundError, match="no tokenizer at .*typo.json, the --tokenizer given"):
+        load_model(stage_folder, tokenizer=bare / "typo.json")
 
 
 def test_an_edited_config_json_beside_model_pt_is_named_not_silently_ignored(stage_folder, tiny, tmp_path):
@@ -434,11 +449,20 @@ def test_interactive_chat_takes_the_system_prompt(stage_folder, monkeypatch, cap
 
 
 def test_sample_refuses_mismatched_images_and_missing_checkpoints(stage_folder, tmp_path):
-    with pytest.raises(SystemExit, match="hold 2 <image_placeholder> but 1 --image"):
-        sample.main(["--ckpt", str(stage_folder), "--image", str(stage_folder / "cat.png"),
+    with pytest.raises(SystemExit, match="hold 2 <image_placeholder> but 1 --image"):  # said before the model loads
+        sample.main(["--ckpt", str(tmp_path / "nothing"), "--image", str(stage_folder / "cat.png"),
                      "--prompt", f"{IMAGE_TAG}{IMAGE_TAG}same?"])
+    with pytest.raises(SystemExit, match=r"hold 1 <image_placeholder> but 0 --image were given: give one image per "
+                                         r"placeholder, in order \(with several prompts, each places its own\)"):
+        sample.main(["--ckpt", str(stage_folder), "--prompt", f"{IMAGE_TAG}same?", "--prompt", "hi"])
     with pytest.raises(SystemExit, match="no checkpoint at"):
         sample.main(["--ckpt", str(tmp_path / "nothing"), "--prompt", "hi"])
+    for stage in ("stage2", "stage3"):
+        (tmp_path / "out" / stage).mkdir(parents=True)
+        shutil.copy(stage_folder / "model.pt", tmp_path / "out" / stage / "model.pt")
+    with pytest.raises(SystemExit, match=r"no checkpoint at .*out.model.pt \(.*out holds the stage folders stage2, "
+                                         r"stage3: pass one of them, as .*stage3\)"):  # train.py's --out, not a stage
+        sample.main(["--ckpt", str(tmp_path / "out"), "--prompt", "hi"])
     killed = tmp_path / "killed"  # a stage killed before its end: its ckpt.pt, no model.pt
     killed.mkdir()
     (killed / "ckpt.pt").write_bytes(b"")

@@ -312,6 +312,10 @@ def test_a_decoder_unlike_the_released_ones_survives_export_and_load(folder, tmp
     assert gqa.llm.layers[0].self_attn.k_proj.weight.shape[0] < gqa.llm.layers[0].self_attn.q_proj.weight.shape[0]
     again, _, _ = load_model(export_released(gqa, tok, tmp_path / "gqa"))
     assert again.cfg.llm == cfg.llm
+    (tmp_path / "gqa" / "tokenizer.json").unlink()  # a folder without its tokenizer takes the one given
+    with pytest.raises(FileNotFoundError, match="no tokenizer at .*gqa.tokenizer.json: pass --tokenizer"):
+        load_model(tmp_path / "gqa")
+    assert load_model(tmp_path / "gqa", tokenizer=path)[1].same_ids(tok)
     ids, pixels = chat_batch(tok, proc, cfg.n_image_tokens, seed=2)
     with torch.no_grad():
         assert torch.equal(again(ids, pixels)[0], gqa(ids, pixels)[0])

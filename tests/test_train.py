@@ -202,6 +202,11 @@ def test_an_open_answer_is_right_when_it_names_the_right_option_alone():
     assert not names_only("It is red.", ["red", "dark red"], 1)
     assert not names_only("1, 2 or 12", ["12", "1", "2"], 0)  # "1" is not words of "12": the hedge names three
     assert names_only("It  is DARK\nred", ["red", "dark red"], 1)  # in any spacing
+    # Options written with their labels, in order, are read without them: asked open, a model says "yellow"
+    assert names_only("The square is yellow.", ["(A) yellow", "(B) blue"], 0)
+    assert names_only("5 cm", ["1. 5 cm", "2. 7 cm"], 0) and names_only("blue", ["a: red", "b: blue"], 1)
+    assert not names_only("yellow", ["A. yellow", "C. blue"], 0)  # not in order: not labels
+    assert names_only("A dog", ["A dog", "B cat"], 0)  # a word, not a label: kept
 
 
 def test_open_questions_ask_without_the_options_and_score_what_comes_back(data, monkeypatch):
