@@ -278,14 +278,15 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
 class TextStream:
     """Token ids -> text as they come, for printing an answer while it is generated: on_text gets each new piece
     once it decodes to whole characters (a character split across tokens waits for its last byte). The answer's
-    leading space and its end-of-sentence token are not shown."""
+    leading space and its special tokens (the end-of-sentence, ...) are not shown: the text is the one ask returns,
+    decoded as the official CLI decodes (skip_special_tokens)."""
 
     def __init__(self, tokenizer, on_text: Optional[Callable[[str], None]]):
         self.tok, self.on_text, self.ids, self.shown = tokenizer, on_text, [], ""
 
     def add(self, token: int):
         self.ids.append(token)
-        text = self.tok.decode([t for t in self.ids if t != self.tok.eos_id]).lstrip()
+        text = self.tok.decode([t for t in self.ids if t not in self.tok.special_ids]).lstrip()
         if self.on_text is not None and not text.endswith("\ufffd") and len(text) > len(self.shown):
             self.on_text(text[len(self.shown):])
             self.shown = text
@@ -360,6 +361,8 @@ class ChatSession:
         held = self.cache.length - start - len(new)
         text = self.tok.decode([t for t in answer if t not in self.tok.special_ids]).strip()
         said = self.tok.encode(" " + text) if text else []  # the answer as render_chat writes it
+        if self.tok.image_id in said:  # it spelt out "<image_placeholder>": encoded again, that is an image slot with
+            said = [t for t in answer if t not in self.tok.special_ids]  # no image, so its own ids stay instead
         if text and [t for t in answer if t != eos] == said:
             self.ids += new + answer[:held]
             self.pending = [t for t in answer[held:] if t != eos] + [eos]

@@ -294,7 +294,7 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.grad_checkpointing = False
         # The rotary tables of every position in the context, made once, in fp32, on the CPU (so also when the model
-        # is built on "meta"; .to() moves them, and casts them with the weights). Each forward looks its positions up.
+        # is built on "meta"; .to() moves them, and _apply keeps them fp32). Each forward looks its positions up.
         # Computed inside the step instead, torch.compile fused pow, cos and sin into the kernel applying them to every
         # element of q and k: in the compiled 1.3B training step on an H200 that kernel took 9.5 ms of a 166 ms step
         # (the 2026-11-29 profile), and with the tables the step took 155 ms (52.6% MFU against 49.2%).
@@ -302,6 +302,15 @@ class Llama(nn.Module):
                                 torch.float32)
         self.register_buffer("rope_cos", cos[0, 0], persistent=False)  # (max_seq_len, hs); not in the state dict
         self.register_buffer("rope_sin", sin[0, 0], persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        """What .to(), .cuda(), .half() and the like run: the rotary tables move with the weights but stay fp32 (rope
+        casts the rows it looks up to the compute dtype, as HF casts its fp32 cos and sin): cast to bf16 and back
+        with the weights, they would stay rounded to bf16."""
+        tables = self.rope_cos, self.rope_sin
+        super()._apply(fn, recurse)
+        self.rope_cos, self.rope_sin = (t.to(self.rope_cos.device) for t in tables)
+        return self
 
     def rope(self, positions, dtype):
         """cos, sin (B, 1, T, hs) for integer positions (B, T): rope_cos_sin's values, looked up in the tables."""

@@ -240,6 +240,26 @@ def test_a_chat_keeps_each_answer_as_the_official_cli_does_as_its_text_encoded_a
         turn = start_ids(tok) + chat.turn_ids("hello")
         assert chat.ids == turn + (ids if kept else []) and chat.cache.length == len(chat.ids)
         assert chat.pending == ([] if kept else canonical) + [tok.eos_id]
+    # An answer that spells out <image_placeholder> in ordinary pieces keeps them: encoded again, the text would be an
+    # image slot with no image, and every later turn would be refused.
+    pieces = [i for part in (" <", "image", "_", "placeholder", ">") for i in tok.encode(part)]
+    assert tok.image_id in tok.encode(tok.decode(pieces))
+    script = iter(pieces + [tok.eos_id])
+    monkeypatch.setattr(generation, "pick", lambda *a: torch.tensor([next(script)]))
+    chat = ChatSession(tiny, tok, proc)
+    assert chat.ask("hello", [], Sampling(max_new_tokens=20)) == IMAGE_TAG
+    assert tok.image_id not in chat.ids + chat.pending
+    monkeypatch.setattr(generation, "pick", lambda *a: torch.tensor([tok.eos_id]))
+    chat.ask("and then?", [], Sampling(max_new_tokens=3))  # the next turn goes through
+
+
+def test_the_streamed_answer_is_the_text_returned_without_special_tokens(tiny, tok, monkeypatch):
+    import nanovl.generate as generation
+    script = iter(tok.encode(" Hi") + [tok.bos_id] + tok.encode(" there") + [tok.eos_id])  # a stray special token
+    monkeypatch.setattr(generation, "pick", lambda *a: torch.tensor([next(script)]))
+    shown = []
+    chat = ChatSession(tiny, tok, ImageProcessor.for_config(tiny.cfg))
+    assert chat.ask("hello", [], Sampling(max_new_tokens=20), on_text=shown.append) == "Hi there" == "".join(shown)
 
 
 def test_a_bad_turn_leaves_the_session_as_it_was(tiny, tok, tmp_path):

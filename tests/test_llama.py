@@ -53,6 +53,19 @@ def test_rmsnorm_rounds_like_transformers_in_bf16():
     assert torch.equal(ours(x), theirs(x))
 
 
+def test_the_rotary_tables_stay_fp32_through_dtype_casts():
+    # rope casts the rows it looks up to the compute dtype; the tables stay fp32, so a model cast to bf16 and back
+    # computes as one built with its (now rounded) weights. Cast with the weights, the tables stayed bf16-rounded.
+    model = Llama(ODD).eval().bfloat16()
+    assert model.rope_cos.dtype == model.rope_sin.dtype == torch.float32
+    model.float()
+    fresh = Llama(ODD).eval()
+    fresh.load_state_dict(model.state_dict())
+    ids = torch.randint(0, ODD.vocab_size, (1, 40))
+    with torch.no_grad():
+        assert torch.equal(model(ids)[0], fresh(ids)[0])
+
+
 def left_padded_batch(lengths, vocab, T):
     ids = torch.zeros(len(lengths), T, dtype=torch.long)
     mask = torch.zeros(len(lengths), T, dtype=torch.bool)
