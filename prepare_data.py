@@ -3,12 +3,13 @@ Prepare the training data, offline: a synthetic corpus that mirrors DeepSeek-VL'
 2), real English prose from the Python standard library, and a tokenizer trained on it. Or import real data in
 the LLaVA conversation format.
 
-    python prepare_data.py                         # the embedded default: data/ for the tiny preset, under 2 minutes
+    python prepare_data.py                         # the embedded default: data/ for the tiny preset, in seconds
     python prepare_data.py --config small --n 2000 # bigger images and more of them, into data-small/
     python prepare_data.py --text my_books/*.txt   # add your own text files to the text-only data
     python prepare_data.py --show 3                # print 3 rendered documents and 3 chats: image spans and
                                                    # supervised tokens marked
-    python prepare_data.py --llava llava_v1_5.json --images coco/ --out data-llava
+    python prepare_data.py --llava llava_v1_5.json --images llava_images/ --out data-llava
+                                                   # --images: the folder the rows' image paths start from
 
 The synthetic folder holds:
 
@@ -349,14 +350,15 @@ def show_samples(args):
     rng = random.Random(args.seed)
     for name in ("pretrain", "sft"):
         if not os.path.isfile(os.path.join(args.out, f"{name}.jsonl")):
-            continue  # (an import has no pretraining documents when its rows are all chats)
+            continue  # (a folder of one's own rows may hold only one of the two)
         rows = read_jsonl(os.path.join(args.out, f"{name}.jsonl"))
         for row in rng.sample(rows, min(args.show, len(rows))):
             if name == "pretrain":
                 ids, mask = render_document(row["text"], tok, n_img)
             else:
                 ids, mask = render_chat(row["conversation"], tok, n_img)
-            print(f"--- {name} / {row['category']} / {', '.join(row['images']) or 'no image'} ({len(ids)} tokens, "
+            print(f"--- {name} / {row.get('category', '-')} / {', '.join(row.get('images', [])) or 'no image'} "
+                  f"({len(ids)} tokens, "
                   f"{sum(mask)} supervised)")
             print(show(ids, mask, tok))
 
@@ -379,14 +381,20 @@ def main(argv=None):
                                        "give the released model's, e.g. deepseek-vl-1.3b-chat/tokenizer.json)")
     p.add_argument("--llava", help="import a LLaVA-format JSON (or JSON lines) file of conversations or captions")
     p.add_argument("--images", help="with --llava: the folder its image paths are relative to")
+    p.add_argument("--captions", action="store_true",
+                   help="with --llava: import one-question chats about one image as captions (the answer; for "
+                        "LLaVA-Pretrain, whose captions are written as such chats), for stage 1")
     args = p.parse_args(argv)
     if args.images and not args.llava:  # (it would be ignored, and the synthetic corpus built instead)
         p.error("--images is for --llava: the folder that a LLaVA file's image paths are relative to")
+    if args.captions and not args.llava:
+        p.error("--captions is for --llava: it imports one-question chats as captions")
     if args.llava:
         if not args.images:
             p.error("--llava needs --images DIR, the folder that the file's image paths are relative to")
         try:
-            report = import_llava(args.llava, args.images, args.out or "data-llava", workers=max(1, args.workers))
+            report = import_llava(args.llava, args.images, args.out or "data-llava", workers=max(1, args.workers),
+                                  as_captions=args.captions)
         except ValueError as e:
             raise SystemExit(str(e)) from None
         except KeyboardInterrupt:  # Ctrl-C: a line instead of a traceback

@@ -77,7 +77,7 @@ def read_jsonl(path: str, origin: bool = False) -> List[dict]:
         if line.strip():
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, RecursionError) as e:
                 raise ValueError(f"{path}, line {n}: not valid JSON: {json_error(e, lines=False)}{cr_only(line)}"
                                  ) from None
             if origin:
@@ -188,6 +188,8 @@ class Source:
         else:
             ids, mask = render_chat(row["conversation"], tokenizer, n_image_tokens)  # checks the turns
             n_tags = sum(m["content"].count(IMAGE_TAG) for m in row["conversation"])
+            if not any(mask):  # (a LLaVA import drops such rows; one of one's own would train nothing, unseen)
+                raise ValueError("the conversation has no assistant turn: nothing to learn from")
         if n_tags != len(paths):
             raise ValueError(f"{n_tags} {IMAGE_TAG} tags but {len(paths)} images")
         if len(ids) > max_len + 1:  # inputs are ids[:-1], so max_len + 1 ids fill the context exactly
@@ -397,8 +399,10 @@ def json_or_none(text: str):
         return None
 
 
-def llava_row(row, images_dir: str, check_image: Callable[[str], None]) -> Tuple[str, dict]:
-    """One LLaVA row -> ("sft" or "pretrain", our row). Raises ValueError saying what is wrong with it."""
+def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_captions: bool = False
+              ) -> Tuple[str, dict]:
+    """One LLaVA row -> ("sft" or "pretrain", our row). Raises ValueError saying what is wrong with it. as_captions:
+    a one-question chat about one image is a caption, its answer the text (see import_llava)."""
     if not isinstance(row, dict):
         raise ValueError(f"expected an object, got {type(row).__name__}")
     image = row.get("image") or []  # "image": null, as some exports write, is no image
@@ -439,6 +443,9 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None]) -> Tuple
         conversation[0]["content"] = IMAGE_TAG + "\n" + conversation[0]["content"]
     elif n_tags != len(paths):
         raise ValueError(f"{n_tags} <image> tags but {len(paths)} images")
+    answer = conversation[-1]["content"].strip()
+    if as_captions and len(paths) == 1 and len(conversation) == 2 and IMAGE_TAG not in answer:
+        return "pretrain", checked_text({"category": "caption", "images": paths, "text": IMAGE_TAG + answer})
     return "sft", checked_text({"category": "llava", "images": paths, "conversation": conversation})
 
 
@@ -518,8 +525,12 @@ def named_images(row, images_dir: str) -> List[str]:
 IMPORT_FILES = ("sft.jsonl", "pretrain.jsonl", "report.txt", "meta.json")  # what an import writes, meta.json last
 
 
-def import_llava(path: str, images_dir: str, out: str, workers: int = 1) -> str:
+def import_llava(path: str, images_dir: str, out: str, workers: int = 1, as_captions: bool = False) -> str:
     """Convert a LLaVA-format file into our rows in `out` (sft.jsonl, pretrain.jsonl, report.txt, meta.json).
+    Plain image-caption rows become captions (stage 1 reads them), conversations chats (stage 3). as_captions: a
+    one-question chat about one image becomes a caption too, the image then the answer, its instruction dropped.
+    That is the shape of LLaVA's own caption set (LLaVA-Pretrain: "<image> Render a clear and concise summary of
+    the photo." and the caption), and how LLaVA trains on it in its first stage (its "plain" template).
 
     Every image the rows name is checked first, once, in `workers` processes. Rows with a missing or unreadable
     image or a malformed field are skipped, each listed with where it is in the file in report.txt; every other row
@@ -575,7 +586,7 @@ def import_llava(path: str, images_dir: str, out: str, workers: int = 1) -> str:
             try:
                 if isinstance(row, Exception):
                     raise row
-                kind, ours = llava_row(row, images_dir, check_image)
+                kind, ours = llava_row(row, images_dir, check_image, as_captions)
                 kept[kind].append(ours)
             except ValueError as e:
                 named = f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else ""
@@ -592,8 +603,8 @@ def import_llava(path: str, images_dir: str, out: str, workers: int = 1) -> str:
             with open(os.path.join(partial, "report.txt"), "w", encoding="utf-8") as f:
                 f.write(summary + "\n" + "".join(f"skipped {s}\n" for s in skipped))
             with open(os.path.join(partial, "meta.json"), "w") as f:
-                json.dump({"llava": {"file": os.path.abspath(path), "images": os.path.abspath(images_dir)}}, f,
-                          indent=2)
+                json.dump({"llava": {"file": os.path.abspath(path), "images": os.path.abspath(images_dir),
+                                     "as_captions": as_captions}}, f, indent=2)
             if folder_kind(out) == "missing":
                 if os.path.isdir(out):
                     os.rmdir(out)  # an empty folder

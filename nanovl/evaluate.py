@@ -4,7 +4,7 @@ bits per byte of held-out text (the language side of the paper's Figure 4).
 
 Multi-choice perplexity (MCPPL). Free generation is a noisy signal for a small model that cannot yet follow the
 answer format, so DeepSeek watched its 1.3B runs this way: the model sees the image, the question and all the
-options, and the option it finds most likely is its choice. The paper scores the answer letters (A, B, C, D); our
+options, and the option it finds most likely (per token) is its choice. The paper scores the answer letters (A, B, C, D); our
 synthetic questions list their options without letters, so each option's own text (and the end-of-sentence after
 it) is scored as the assistant's answer, and the lowest perplexity wins. Accuracy is reported per category of the
 held-out set.
@@ -53,16 +53,19 @@ def read_mc_rows(path: str) -> List[dict]:
     strings = lambda x: isinstance(x, list) and all(isinstance(s, str) for s in x)
     for row in rows:
         options, answer = row.get("options"), row.get("answer")
-        if not (isinstance(row.get("category"), str) and isinstance(row.get("question"), str)):
-            problem = "'category' and 'question' must be strings"
+        if not isinstance(row.get("category"), str):
+            problem = f"'category' must be a string, got {row.get('category')!r}"
+        elif not (isinstance(row.get("question"), str) and row["question"].strip()):
+            problem = f"'question' must be a string of text, got {row.get('question')!r}"
         elif row["category"] in ("mean", "chance"):  # the names of the summary's two entries
             problem = f"'category' may not be {row['category']!r}, which the results use for their summary"
         elif not strings(row.get("images")):
-            problem = "'images' must be a list of paths"
+            problem = f"'images' must be a list of paths (empty for a question without one), got {row.get('images')!r}"
         elif not (strings(options) and len(options) > 1):
-            problem = "'options' must be a list of at least 2 strings"
-        elif not all(o.strip() for o in options) or len({o.strip() for o in options}) < len(options):
-            problem = f"'options' must be different and not empty (a tie would always go to the first), got {options}"
+            problem = f"'options' must be a list of at least 2 strings, got {options!r}"
+        elif not all(o.strip() for o in options) or len({" ".join(o.split()).lower() for o in options}) < len(options):
+            # (a tie would always go to the first; and asked open, an answer is matched in any case and spacing)
+            problem = f"'options' must be different in any case and spacing, and not empty, got {options}"
         elif any(IMAGE_TAG in s for s in [row["question"]] + options):
             problem = f"{IMAGE_TAG} in the question or an option: the images listed in 'images' get theirs in front"
         elif not (type(answer) is int and 0 <= answer < len(options)):

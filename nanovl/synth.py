@@ -9,15 +9,13 @@ Synthetic image-text data whose text is exactly known, one generator per categor
     scene_text   a sign with a word on it, inside a scene of shapes                      scene text OCR
     interleaved  several scenes inside running text that refers to them                 interleaved image-text
 
-Each generator takes a seeded `random.Random` and the canvas size and returns an `Example`: the image(s), the
-pretraining text (with one <image_placeholder> per image), question-answer pairs for chat fine-tuning, one
-multiple-choice question for evaluation (the paper's MCPPL), a short caption of the fact that question
-asks about (stage 0: SigLIP's contrastive loss), and for the scenes of shapes a per-pixel segmentation map (stage 0:
-SAM's dense loss). Interleaved documents have no multiple-choice question and no caption (their chats ask about all
-the pictures together). The questions ask about what the picture
-shows (a colour, a count, the tallest bar, the word on a sign, the title of a page), so a model can only answer
-them by looking.
-"""
+Each generator takes a seeded `random.Random` and the canvas size (and make_ocr a paragraph of prose) and returns an
+`Example`: the image(s), the pretraining text (with one <image_placeholder> per image), question-answer pairs for
+chat fine-tuning, one multiple-choice question for evaluation (the paper's MCPPL), a short caption of the fact that
+question asks about (stage 0: SigLIP's contrastive loss), and for the scenes of shapes a per-pixel segmentation map
+(stage 0: SAM's dense loss). Interleaved documents have no multiple-choice question and no caption (their chats ask
+about all the pictures together). The questions ask about what the picture shows (a colour, a count, the tallest
+bar, the word on a sign, the title of a page), so a model can only answer them by looking. """
 
 import random
 from dataclasses import dataclass

@@ -292,6 +292,7 @@ def test_a_malformed_row_is_named_by_its_file_and_line(data_dir, tmp_path):
         ("text", {"text": "hello", "images": ["a.png"]},
          f"a text row has no images, but this one has 0 {IMAGE_TAG} tags and 1 images"),
         ("sft", {"conversation": chat["conversation"][::-1]}, "message 0 has role 'assistant', expected 'user'"),
+        ("sft", {"conversation": chat["conversation"][:1]}, "the conversation has no assistant turn: nothing to learn"),
     ]:
         first = {"pretrain": good, "text": {"text": "A red square."}, "sft": chat}[kind]
         path.write_text(json.dumps(first) + "\n" + json.dumps(bad) + "\n")
@@ -307,6 +308,9 @@ def test_a_malformed_row_is_named_by_its_file_and_line(data_dir, tmp_path):
     path.write_text(json.dumps(good) + "\n" + json.dumps(good)[:20] + "\n")  # a line cut short: where in it, too
     with pytest.raises(ValueError, match=r"rows.jsonl, line 2: not valid JSON: Unterminated string starting at "
                                          r"column 10$"):
+        read_jsonl(str(path))
+    path.write_text(json.dumps(good) + "\n" + "[" * 100_000 + "\n")
+    with pytest.raises(ValueError, match=r"rows.jsonl, line 2: not valid JSON: nested too deeply"):
         read_jsonl(str(path))
     path.write_bytes((json.dumps(good) + "\r" + json.dumps(good) + "\r").encode())  # old Mac line ends: one line
     with pytest.raises(ValueError, match=r"line 1: not valid JSON: Extra data at column \d+; its lines end in \\r "
@@ -360,6 +364,12 @@ def test_llava_import_keeps_good_rows_and_reports_bad_ones(tmp_path):
     assert sft[0]["images"] == [str(images / "a.png")]
     assert sft[2]["conversation"][0]["content"].startswith(IMAGE_TAG)
     assert read_jsonl(out / "pretrain.jsonl")[0]["text"] == IMAGE_TAG + "A green square."
+    # --captions: a one-question chat about one image is a caption (LLaVA-Pretrain's rows); the others stay chats
+    summary = import_llava(str(path), str(images), str(out), as_captions=True)
+    assert "10 rows read, 2 conversations and 2 captions kept, 6 skipped" in summary
+    captions = [r["text"] for r in read_jsonl(out / "pretrain.jsonl")]
+    assert captions == [IMAGE_TAG + "A green square.", IMAGE_TAG + "Fine."]
+    assert [len(r["conversation"]) for r in read_jsonl(out / "sft.jsonl")] == [4, 2]  # multi-turn; no image
 
 
 def test_an_import_that_cannot_be_written_says_so_in_a_line_and_leaves_nothing(tmp_path, monkeypatch):
@@ -527,6 +537,11 @@ def test_show_renders_samples_with_the_folders_tokenizer_or_a_given_one(data_dir
                        os.path.join(data_dir, "tokenizer.json")])
     shown = capsys.readouterr().out
     assert "--- sft / llava / no image" in shown and "⟦ Hello" in shown
+    (tmp_path / "imp" / "sft.jsonl").write_text(json.dumps({"conversation": [{"role": "user", "content": "Hi"}, {
+        "role": "assistant", "content": "Hello"}]}) + "\n")  # a row of one's own: no category, no images
+    prepare_data.main(["--out", str(tmp_path / "imp"), "--show", "1", "--tokenizer",
+                       os.path.join(data_dir, "tokenizer.json")])
+    assert "--- sft / - / no image" in capsys.readouterr().out
 
 
 def test_no_folder_is_written_over_unless_this_script_made_it_for_the_same_purpose(data_dir, tmp_path):

@@ -258,12 +258,17 @@ def test_a_bad_held_out_question_is_named_before_training(tmp_path):
     row = {"category": "code", "images": [], "question": "Which?", "options": ["a", "b"], "answer": 1}
     path = tmp_path / "eval_mc.jsonl"
     for bad, why in [({"answer": 2}, "'answer' must be the index of the right option, 0 to 1, got 2"),
-                     ({"options": "ab"}, "'options' must be a list of at least 2 strings"),
-                     ({"options": ["a", " a"]}, "'options' must be different and not empty"),
-                     ({"options": ["a", " "]}, "'options' must be different and not empty"),
+                     ({"options": "ab"}, "'options' must be a list of at least 2 strings, got 'ab'"),
+                     ({"options": [1, 2]}, r"'options' must be a list of at least 2 strings, got \[1, 2\]"),
+                     ({"options": ["a", " a"]}, "'options' must be different in any case and spacing, and not empty"),
+                     ({"options": ["Notes", "notes"]}, "'options' must be different in any case and spacing"),
+                     ({"options": ["a", " "]}, "'options' must be different in any case and spacing, and not empty"),
                      ({"question": "<image_placeholder> Which?"}, "<image_placeholder> in the question or an option"),
+                     ({"question": " "}, "'question' must be a string of text, got ' '"),
+                     ({"category": 3}, "'category' must be a string, got 3"),
                      ({"category": "mean"}, "'category' may not be 'mean', which the results use"),
-                     ({"images": None}, "'images' must be a list of paths")]:
+                     ({"images": None}, r"'images' must be a list of paths \(empty for a question without one\), got "
+                                        "None")]:
         path.write_text(json.dumps(row) + "\n" + json.dumps(dict(row, **bad)) + "\n")
         with pytest.raises(ValueError, match=f"line 2: {why}"):
             read_mc_rows(str(path))
