@@ -68,10 +68,12 @@ def expand_images(ids: List[int], mask: List[int], image_id: int, n_image_tokens
 
 
 def start_ids(tokenizer, system: str = SYSTEM_PROMPT) -> List[int]:
-    """BOS, then the system prompt and its blank line (nothing more when there is no system prompt)."""
+    """BOS, then the system prompt and its blank line (nothing more when there is no system prompt). The official
+    string keeps the system prompt as given, less the whitespace at its start (the whole string is stripped), and one
+    piece with its blank line: a run of whitespace at its end joins the newlines."""
     ids = [tokenizer.bos_id]
     if system.strip():
-        ids += tokenizer.encode(system.strip()) + tokenizer.encode("\n\n")
+        ids += tokenizer.encode(system.lstrip() + "\n\n")
     return ids
 
 

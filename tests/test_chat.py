@@ -88,6 +88,14 @@ def test_no_system_prompt(tok):
         assert ids == tok.encode(prompt_string(conv, system=system), bos=True)
 
 
+@pytest.mark.parametrize("system", ["Be brief. ", "  Be brief.", "Be brief.\n", "Be brief.\t \n"])
+def test_a_system_prompt_with_whitespace_at_its_ends_renders_as_the_official_string(tok, system):
+    # The official string keeps the system prompt as given (then strips the whole: its start only)
+    conv = CONVERSATIONS["single"]
+    ids, _ = render_chat(conv, tok, N_IMG, system=system)
+    assert ids == expanded(tok.encode(prompt_string(conv, system=system), bos=True), tok)
+
+
 def test_documents_supervise_text_and_end_but_not_images(tok):
     ids, mask = render_document(f"Look: {IMAGE_TAG}a red circle.", tok, N_IMG)
     assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
