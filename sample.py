@@ -164,6 +164,7 @@ def chat(args, model, tok, proc, sampling, pictures):
             print(HELP)
             continue
         if line.lower() == "new":
+            session = None  # the old cache goes first: both at once would need twice its memory
             session, queued = ChatSession(model, tok, proc, system=args.system, compile=args.compile), []
             print("(new chat)")
             continue

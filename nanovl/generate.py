@@ -245,6 +245,8 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
         raise ValueError(f"n_words is the tokenizer's vocabulary size, the ids that may be picked: expected an integer "
                          f"above the image token's id {model.cfg.image_token_id} and at most the model's {vocab}, got "
                          f"{n_words!r}")
+    if not (isinstance(pad_id, numbers.Integral) and 0 <= pad_id < vocab):  # it is fed to the model, and embedded
+        raise ValueError(f"pad_id must be a token id, 0 to {vocab - 1} (the tokenizer's pad_id), got {pad_id!r}")
     if images is not None and not torch.is_tensor(images):
         raise ValueError(f"expected images as one (N, 3, S, S) tensor, got {type(images).__name__} (torch.stack a "
                          "list of processed images)")

@@ -310,7 +310,10 @@ def test_prompt_longer_than_the_context_or_empty_is_refused(tiny, tok):
                             (dict(prompts=[[1, 5]], n_words=1), "n_words .* above the image token's id 3 and at most "
                                                                 "the model's 280, got 1"),
                             (dict(prompts=[[1, 5]], n_words=0), "got 0"), (dict(prompts=[[1, 5]], n_words=281),
-                                                                          "got 281")):
+                                                                          "got 281"),
+                            (dict(prompts=[[1, 5]], pad_id=-1), r"pad_id must be a token id, 0 to 279 \(the "
+                                                                r"tokenizer's pad_id\), got -1"),
+                            (dict(prompts=[[1, 5]], pad_id=280), "got 280")):
         with pytest.raises(ValueError, match=message):
             generate(tiny, **kwargs)
 
