@@ -423,8 +423,9 @@ def main(argv=None):
             return show_samples(args)
         except ValueError as e:  # a malformed row or tokenizer, named
             raise SystemExit(str(e)) from None
-    # Absolute paths: the folder's identity names them, and train.py, run from anywhere, rebuilds from them.
-    args.text = sorted(os.path.abspath(f) for pattern in args.text for f in (glob.glob(pattern) or [pattern]))
+    # Absolute paths: the folder's identity names them, and train.py, run from anywhere, rebuilds from them. Each
+    # once, however many patterns name it (the identity counts it once too).
+    args.text = sorted({os.path.abspath(f) for pattern in args.text for f in (glob.glob(pattern) or [pattern])})
     args.user_text = []  # (path, text) of each --text file, checked now rather than found wrong in training
     for f in args.text:
         if not os.path.isfile(f):

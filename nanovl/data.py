@@ -45,6 +45,10 @@ def read_text(path: str) -> str:
         raw = f.read()
     if raw.startswith(codecs.BOM_UTF8):
         raw = raw[len(codecs.BOM_UTF8):]
+    if b"\x00" in raw:  # valid UTF-8, but never in text: UTF-16 without its byte-order mark reads as ASCII and NULs
+        line = raw.count(b"\n", 0, raw.index(b"\x00")) + 1
+        raise ValueError(f"{path} is not UTF-8 text (a NUL byte at line {line}: UTF-16 text, or a binary file?); "
+                         "save it as UTF-8")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -252,6 +252,8 @@ def test_your_own_text_files_are_checked_and_all_trained_on(data_dir, tmp_path, 
     for name, content, message in (("latin.txt", "Caf\xe9".encode("latin-1"), r"latin.txt is not UTF-8 text \(byte "
                                                                               r"0xe9 at line 1"),
                                    ("empty.txt", b" \n", "empty.txt is empty"),
+                                   ("utf16.txt", "A line\nmore".encode("utf-16-le"), r"utf16.txt is not UTF-8 text "
+                                                                                     r"\(a NUL byte at line 1: UTF-16"),
                                    ("tags.txt", IMAGE_TAG.encode(), "tags.txt holds <image_placeholder>, which a model "
                                                                     "reads as an image's place")):
         (tmp_path / name).write_bytes(content)
