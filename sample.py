@@ -59,7 +59,10 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if there is one)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on GPU, fp32 on CPU")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.ckpt.strip():  # (an unset shell variable, say: "" would read as the current folder's model.pt)
+        p.error("--ckpt is empty: expected a stage folder, a model.pt file or a released model folder")
+    return args
 
 
 def with_tags(message: str, n_images: int) -> str:

@@ -53,19 +53,44 @@ def load_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS) -> I
             img.load()  # decode now: corrupt or truncated data raises here
             return to_rgb(img)
     except FileNotFoundError:
-        raise ValueError(f"image {path} does not exist") from None
+        url = str(path).startswith(("http://", "https://"))
+        raise ValueError(f"image {path} does not exist" + (" (a web address: download the image first)" if url else "")
+                         ) from None
+    except IsADirectoryError:
+        raise ValueError(f"image {path} is a folder: expected an image file") from None
     except Image.DecompressionBombError as e:  # over PIL's own limit, which it checks before ours
         raise ValueError(f"image {path} is too large to read ({e}); downscale it first") from None
     except TooLarge:
         raise
     except ValueError as e:  # PIL's: a NUL in the path, a bad header
         raise ValueError(f"cannot read image {path!r}: {e}") from None
-    except (OSError, SyntaxError, Image.UnidentifiedImageError) as e:
+    except Image.UnidentifiedImageError as e:  # not a format this Pillow reads: say which, when the bytes tell
+        kind = unread_format(path)
+        raise ValueError(f"cannot read image {path}: " + (f"{kind}, a format Pillow does not read; convert it to PNG "
+                                                          "or JPEG" if kind else f"{e} (is it a corrupt, truncated "
+                                                          "or non-image file?)")) from None
+    except (OSError, SyntaxError) as e:
         raise ValueError(f"cannot read image {path}: {e} (is it a corrupt, truncated or non-image file?)") from None
     except MemoryError:
         raise  # this machine's limit, not the file's fault
     except Exception as e:  # PIL's decoders fail in other ways too (a damaged DDS header: NotImplementedError)
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e} (is it a corrupt file?)") from None
+
+
+def unread_format(path) -> str:
+    """The name of a common image format Pillow cannot open without a plugin, from the file's first bytes, or ""."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return ""
+    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"heim", b"heis", b"hevc"):
+        return "a HEIC/HEIF photo (as iPhones take)"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):
+        return "an AVIF image"
+    if b"<svg" in head.lower() or (head.lstrip().startswith(b"<?xml") and b"svg" in head.lower()):
+        return "an SVG drawing"
+    return ""
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

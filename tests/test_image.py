@@ -131,6 +131,16 @@ def test_bad_files_get_an_error_naming_the_file(tmp_path):
     text.write_text("this is not an image")
     with pytest.raises(ValueError, match=f"cannot read image {text}"):
         ImageProcessor(image_size=32)(text)
+    # What a user is likely to give, named: a phone's HEIC photo, an SVG, a folder, a web address
+    (tmp_path / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
+    (tmp_path / "logo.svg").write_text('<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"></svg>')
+    for path, why in [(tmp_path / "photo.heic", r"a HEIC/HEIF photo \(as iPhones take\), a format Pillow does not "
+                                                "read; convert it to PNG or JPEG"),
+                      (tmp_path / "logo.svg", "an SVG drawing, a format Pillow does not read"),
+                      (tmp_path, f"image {tmp_path} is a folder: expected an image file"),
+                      ("https://example.org/cat.png", r"does not exist \(a web address: download the image first\)")]:
+        with pytest.raises(ValueError, match=why):
+            load_image(path)
 
 
 def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
