@@ -204,3 +204,26 @@ def test_the_hybrids_low_resolution_input_in_bf16_is_torchvisions():
     x = torch.rand(2, 3, 1024, 1024, device=DEVICE).to(torch.bfloat16)
     expected = T.Resize(384, antialias=True)(x)
     assert expected.dtype == torch.bfloat16 and torch.equal(low_resolution(x, 384), expected)
+
+
+def test_training_steps_with_an_evaluation_on_the_device(tmp_path):
+    """train.py as it runs on a GPU: bf16 autocast, fused AdamW on the device, and the evaluations mid-stage and at
+    the end, whose open questions decode through a recorded graph with the fp32 training weights."""
+    import json
+
+    import prepare_data
+    import train
+
+    prepare_data.main(["--out", str(tmp_path / "data"), "--n", "2", "--workers", "4"])
+    torch.manual_seed(0)
+    cfg = get_config("tiny")
+    torch.save({"model": DeepSeekVL(cfg).state_dict(), "config": cfg.to_dict()}, tmp_path / "init.pt")
+    train.main(["--data", str(tmp_path / "data"), "--stage", "3", "--init_from", str(tmp_path / "init.pt"),
+                "--out", str(tmp_path / "out"), "--steps", "4", "--batch_size", "4", "--eval_every", "2",
+                "--eval_limit", "10", "--workers", "0", "--log_every", "1", "--device", DEVICE])
+    metrics = train.read_jsonl(tmp_path / "out" / "stage3" / "metrics.jsonl")
+    assert [m["step"] for m in metrics if "mc_mean" in m] == [2, 4]
+    assert all(0 <= m["mc_mean"] <= 1 and 0 <= m["open_mean"] <= 1 and m["bpb"] > 0 for m in metrics if "bpb" in m)
+    assert all(m["loss"] > 0 for m in metrics if "loss" in m)  # finite: a NaN would have stopped the run
+    result = json.loads((tmp_path / "out" / "stage3" / "eval.json").read_text())
+    assert set(result["mc"]) >= {"mean", "chance"} and set(result["open"]) >= {"mean"}
