@@ -265,6 +265,16 @@ def load_released(folder, device="cpu", dtype=None, tokenizer=None):
         else ImageProcessor.for_config(cfg)
     if proc.image_size != cfg.image_size:
         raise ValueError(f"{pre}: image_size {proc.image_size} but the vision tower reads {cfg.image_size}")
+    # Either the processor normalises the pixels (the 1.3B) or the towers do, each its own way (the hybrid 7B).
+    # Both, or neither, is what the official code would do with such a file too: kept, but said.
+    in_tower = cfg.siglip.pixel_mean is not None
+    if proc.normalize == in_tower:
+        tower, result = ("normalises", "the pixels are normalised twice") if in_tower else \
+            ("does not normalise", "nothing normalises the pixels")
+        warnings.warn(f"{pre} gives do_normalize {str(proc.normalize).lower()} (leaving it out gives true, "
+                      f"VLMImageProcessor's default), and the vision tower {tower} its input itself: {result}, as the official "
+                      f"code would do with this file. A released {'hybrid' if cfg.hybrid else 'SigLIP-only'} model "
+                      f"expects do_normalize {str(not in_tower).lower()}", stacklevel=2)
     return model, tok, proc
 
 

@@ -143,15 +143,19 @@ class ImageProcessor:
         try:
             mean = tuple(float(m) for m in (CLIP_MEAN if "image_mean" not in d else d["image_mean"] or SIGLIP_MEAN))
             std = tuple(float(s) for s in (CLIP_STD if "image_std" not in d else d["image_std"] or SIGLIP_STD))
-            proc = ImageProcessor(int(d["image_size"]), mean, std, bool(d.get("do_normalize", True)))
+            if not isinstance(d.get("do_normalize", True), bool):  # ("false", a string, would read as true)
+                raise ValueError(f"do_normalize {d['do_normalize']!r} is not true or false")
+            proc = ImageProcessor(int(d["image_size"]), mean, std, d.get("do_normalize", True))
+            rescale = float(d.get("rescale_factor", 1 / 255))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"preprocessor_config.json needs image_size (int), image_mean and image_std (3 numbers "
-                             f"each) and do_normalize (bool); got {d!r} ({e})") from None
+                             f"each), do_normalize (true or false) and rescale_factor (a number); got {d!r} ({e})"
+                             ) from None
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"preprocessor_config.json: image_mean and image_std need 3 values, got {mean}, {std}")
-        if d.get("min_size", MIN_SIZE) != MIN_SIZE or abs(d.get("rescale_factor", 1 / 255) - 1 / 255) > 1e-12:
-            raise ValueError(f"preprocessor_config.json: min_size {d.get('min_size')} and rescale_factor "
-                             f"{d.get('rescale_factor')} are not supported; nanovl uses {MIN_SIZE} and 1/255")
+        if d.get("min_size", MIN_SIZE) != MIN_SIZE or abs(rescale - 1 / 255) > 1e-12:
+            raise ValueError(f"preprocessor_config.json: min_size {d.get('min_size', MIN_SIZE)} and rescale_factor "
+                             f"{rescale} are not supported; nanovl uses {MIN_SIZE} and 1/255")
         return proc
 
     def to_dict(self) -> dict:

@@ -61,6 +61,11 @@ def test_processor_follows_the_model():
     with pytest.raises(ValueError, match="image_mean None and image_std None with do_normalize true: normalising "
                                          "needs both"):
         ImageProcessor.from_dict({"image_size": 384, "image_mean": None, "image_std": None})
+    for bad, why in [({"do_normalize": "false"}, "do_normalize 'false' is not true or false"),
+                     ({"rescale_factor": "x"}, "could not convert string to float"),
+                     ({"rescale_factor": 1.0}, "min_size 14 and rescale_factor 1.0 are not supported")]:
+        with pytest.raises(ValueError, match=why):
+            ImageProcessor.from_dict({"image_size": 384, **bad})
 
 
 def make_mode(mode: str) -> Image.Image:

@@ -429,8 +429,14 @@ def test_bad_files_are_refused_clearly(tmp_path):
         (folder / "config.json").write_text(json.dumps({**config, **edited}))
         with pytest.raises(ValueError, match=message):
             load_model(folder)
-    (folder / "preprocessor_config.json").write_text("[1]")
+    # A SigLIP-only tower reads pixels its processor normalised: a file that turns that off is followed, and said
+    pre = json.loads((folder / "preprocessor_config.json").read_text())
     (folder / "config.json").write_text(json.dumps(config))
+    (folder / "preprocessor_config.json").write_text(json.dumps(dict(pre, do_normalize=False)))
+    with pytest.warns(UserWarning, match=r"gives do_normalize false .* and the vision tower does not normalise its "
+                                         r"input itself: nothing normalises the pixels, as the official code would"):
+        assert not load_model(folder)[2].normalize
+    (folder / "preprocessor_config.json").write_text("[1]")
     with pytest.raises(ValueError, match="preprocessor_config.json holds a JSON list, expected an object of settings"):
         load_model(folder)
     (folder / "config.json").unlink()
