@@ -11,7 +11,8 @@ Benchmarks, one function per part of the system:
 
 Options: --config PRESET [--llm.n_layers=2 ...] (model config overrides, dotted, as get_config) [--device cpu|cuda]
 [--dtype bf16|fp32] [--batch N] [--seq N] [--steps N] [--warmup N] [--compare]; train: [--stage 1|2|3] [--llm-only]
-[--compile] [--grad_ckpt]; decode: [--prompt-len N] [--new N] [--compile]; vision: [--compile]; suite: [--out DIR]
+[--compile] [--grad_ckpt]; decode: [--prompt-len N] [--new N] [--compile]; vision: [--compile] [--inductor];
+tokenizer: [--tokenizer FILE] [--vocab-size N] [--small-vocab N] [--small-corpus-mb MB] [--mb MB]; suite: [--out DIR]
 [--runs NAME,...] [--budget SECONDS] [--small] [--tables suite.jsonl ...]. Defaults depend on the preset (DEFAULTS
 below). Each run prints its tables and, as its last line, the same figures as one line of JSON.
 
@@ -1182,14 +1183,17 @@ def _bench_tokenizer(args, Tokenizer):
             size = sum(len(t.encode("utf-8")) for t in train)
             print(f"training a {args.vocab_size:,}-id tokenizer on {size / 1e6:.1f} MB (once; cached afterwards)")
             t0 = time.perf_counter()
-            big = Tokenizer.train(train, args.vocab_size, progress=True)
+            try:
+                big = Tokenizer.train(train, args.vocab_size, progress=True)
+            except ValueError as e:  # as the small one, above
+                raise SystemExit(f"--vocab-size {args.vocab_size}: {e}") from None
             print(f"trained in {time.perf_counter() - t0:.1f} s")
             CACHE.mkdir(parents=True, exist_ok=True)
             big.save(path)
     t0 = time.perf_counter()
     try:
         big = Tokenizer.load(path)  # a fresh instance: its caches start empty
-    except ValueError as e:  # not a tokenizer.json (Tokenizer.load says what is wrong with it)
+    except (ValueError, FileNotFoundError) as e:  # not a tokenizer.json, or a folder without one (Tokenizer.load says)
         raise SystemExit(str(e)) from None
     print(f"loaded {path} ({big.vocab_size:,} ids) in {time.perf_counter() - t0:.1f} s\n")
     runs.append(("big", big))
@@ -1555,7 +1559,7 @@ def parse_overrides(rest, parser) -> dict:
 # Flags whose default is filled in after parsing: they start as None, so that one given for other work can be told from
 # one left out, and refused (below).
 FILLED_DEFAULTS = {"config": "tiny", "out": "bench-suite", "budget": 3600.0, "vocab_size": 100_000, "small_vocab": 4096,
-                   "small_corpus_mb": 3.0, "mb": 4.0}
+                   "small_corpus_mb": 3.0, "mb": 4.0, "warmup": 2}
 
 
 def main(argv=None):
@@ -1570,7 +1574,7 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, help="rows (train, prefill, decode) or images (vision)")
     parser.add_argument("--seq", type=int, help="train and prefill: tokens a row")
     parser.add_argument("--steps", type=int, help="timed steps (default: 10; decode: 3 generations)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--warmup", type=int, help=f"untimed steps first (default {d['warmup']})")
     parser.add_argument("--compare", action="store_true", help="also run the reference implementation")
     parser.add_argument("--stage", type=int, choices=[1, 2, 3], help="train: the stage's freeze map (default 3)")
     parser.add_argument("--llm-only", "--llm_only", action="store_true", help="train: the decoder alone, on text")
@@ -1614,7 +1618,8 @@ def main(argv=None):
     benches = ("train", "prefill", "decode", "vision")
     for name, whats in (("seq", ("train", "prefill")), ("prompt_len", ("decode",)), ("new", ("decode",)),
                         ("stage", ("train",)), ("llm_only", ("train",)), ("grad_ckpt", ("train",)),
-                        ("batch", benches), ("steps", benches), ("compile", ("train", "decode", "vision")),
+                        ("batch", benches), ("steps", benches), ("warmup", benches),
+                        ("compile", ("train", "decode", "vision")),
                         ("compare", benches), ("config", benches), ("device", benches), ("dtype", benches),
                         ("tables", ("suite",)), ("runs", ("suite",)), ("small", ("suite",)), ("out", ("suite",)),
                         ("budget", ("suite",)), ("tokenizer", ("tokenizer",)), ("vocab_size", ("tokenizer",)),
@@ -1622,6 +1627,8 @@ def main(argv=None):
         if getattr(args, name) not in (None, False) and args.what not in whats:
             parser.error(f"--{name.replace('_', '-')} is for --what {', '.join(whats)}; --what {args.what} does not "
                          "use it")
+    if args.llm_only and args.stage:
+        parser.error("--stage picks a freeze map of the whole model; --llm-only times the decoder alone, all trained")
     if overrides and args.what not in benches:
         parser.error(f"model config overrides ({', '.join(overrides)}) are for --what {', '.join(benches)}")
     for name, default in FILLED_DEFAULTS.items():

@@ -301,6 +301,9 @@ def test_bad_arguments_are_refused_with_a_reason(capsys):
                                                                        "for --what train"),
                          (["--what", "vision", "--budget", "5"], "--budget is for --what suite"),
                          (["--what", "vision", "--mb", "2"], "--mb is for --what tokenizer"),
+                         (["--what", "tokenizer", "--warmup", "3"], "--warmup is for --what train, prefill, decode"),
+                         (["--what", "train", "--llm-only", "--stage", "2"], "--stage picks a freeze map of the whole "
+                                                                           "model; --llm-only times the decoder"),
                          (["--what", "prefill", "--compile"], "--compile is for --what train, decode, vision"),
                          (["--what", "decode", "--inductor", "max_autotune=True"], "it needs --compile"),
                          (["--what", "suite", "--inductor", "max_autotune=True"], "it needs --compile"),
