@@ -73,7 +73,7 @@ def _tower_config(params: dict, known: dict, cls, where: str):
     if not isinstance(params, dict):
         raise ValueError(f"config.json: {where} = {params!r}, expected an object")
     name = params.get("model_name")
-    dims = params.get("nanovl") or known.get(name)
+    dims = params.get("nanovl") or (known.get(name) if isinstance(name, str) else None)
     if dims is not None and (not isinstance(dims, dict) or set(dims) != set(next(iter(known.values())))):
         raise ValueError(f"config.json: {where}.nanovl = {dims!r}, expected an object of "
                          f"{sorted(next(iter(known.values())))}")
@@ -85,7 +85,11 @@ def _tower_config(params: dict, known: dict, cls, where: str):
     if cls is SigLIPConfig and (params.get("select_layer", -2) != -1 or params.get("select_feature", "same") != "same"):
         raise ValueError(f"{where}: select_layer {params.get('select_layer', '(absent: -2)')} / select_feature "
                          f"{params.get('select_feature')!r} are not supported (the released models use -1 / 'same')")
-    stats = {k: tuple(params[k]) if params.get(k) is not None else None for k in ("pixel_mean", "pixel_std")}
+    stats = {k: params.get(k) for k in ("pixel_mean", "pixel_std")}
+    for k, v in stats.items():
+        if v is not None and not (isinstance(v, list) and len(v) == 3):
+            raise ValueError(f"config.json: {where}.{k} = {v!r}, expected 3 numbers (or null: no normalising)")
+    stats = {k: None if v is None else tuple(v) for k, v in stats.items()}
     dims = {k: tuple(v) if isinstance(v, list) else v for k, v in dims.items()}
     return cls(image_size=_number(params.get("image_size"), f"{where}.image_size"), **dims, **stats)
 
@@ -564,8 +568,8 @@ def init_from_parts(model: DeepSeekVL, paths) -> list:
 
     Every tensor a source gives must exist in the model with the same shape, and no tensor may come from two
     sources; otherwise nothing is copied. What no source gives keeps its fresh initialisation: for the `1.3b-hybrid`
-    preset (config.py) the hybrid adaptor and SAM's downsample convs, neck_hd and alpha. neck_hd starts as a copy of
-    the loaded neck, which is our choice: the official tower deep-copies its neck when it is built, before a
+    preset (config.py) the hybrid adaptor and SAM's downsample convs and alpha. neck_hd, which no source gives
+    either, starts as a copy of the loaded neck instead, which is our choice: the official tower deep-copies its neck when it is built, before a
     checkpoint is loaded into it, so from SAM's own checkpoint its neck_hd would start random. A trained neck is the
     better start, and alpha starts at 0 either way, so the side path starts switched off.
     """

@@ -425,6 +425,11 @@ def test_bad_files_are_refused_clearly(tmp_path):
              "vision_config.image_size = None"),
             ({"vision_config": {**config["vision_config"], "params": {**tower, "nanovl": [1, 2]}}},
              r"vision_config.nanovl = \[1, 2\], expected an object of"),
+            ({"vision_config": {**config["vision_config"], "params": {**tower, "pixel_mean": 0.5}}},
+             r"vision_config.pixel_mean = 0.5, expected 3 numbers \(or null: no normalising\)"),
+            ({"vision_config": {**config["vision_config"], "params": {**{k: v for k, v in tower.items()
+                                                                         if k != "nanovl"}, "model_name": ["x"]}}},
+             r"unknown vision tower model_name \['x'\]"),
             ({"aligner_config": []}, "needs vision_config .with params., aligner_config.params and language_config")]:
         (folder / "config.json").write_text(json.dumps({**config, **edited}))
         with pytest.raises(ValueError, match=message):
