@@ -6,12 +6,12 @@ nanovl.checkpoint --export` (training's own checkpoints are torch model.pt files
     8 bytes    N, the header size, little-endian u64
     N bytes    UTF-8 JSON: {name: {"dtype": "BF16", "shape": [4, 8], "data_offsets": [begin, end]}, ...}
                plus an optional "__metadata__": {str: str}; offsets count from the start of the data buffer
-    the rest   the data buffer: each tensor's bytes, C order, little-endian, packed back to back
+    the rest   the data buffer: each tensor's bytes, C order, little-endian, packed back to back, nothing else
 
 load_file memory-maps the file: nothing is read until a tensor's values are touched, so `names` picks a few tensors
 out of a big file for free. The whole header is validated before any tensor is built, so a bad file raises a
-ValueError naming the file and the problem, never a half-filled dict. save_file writes, atomically, the same bytes
-as `safetensors.torch.save_file`. load_sharded / save_sharded handle Hugging Face's sharded checkpoint folders.
+ValueError naming the file and the problem (never another exception, nor a half-filled dict). save_file writes,
+atomically, the same bytes as `safetensors.torch.save_file`. load_sharded / save_sharded handle Hugging Face's sharded checkpoint folders.
 Little-endian hosts only (x86, ARM as run everywhere): bytes are mapped and written as they lie in memory, unswapped.
 """
 
@@ -90,11 +90,13 @@ def read_header(path):
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise bad(f"entry {name!r} should be {{dtype, shape, data_offsets}}, got {entry!r}")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in _DTYPES:
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
             raise bad(f"tensor {name!r} has unknown dtype {dtype!r}; known dtypes: {', '.join(_DTYPES)}")
         # `type(x) is int`, not isinstance: JSON true would pass as the integer 1, and 2.0 must not pass at all
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise bad(f"tensor {name!r} has shape {shape!r}, expected a list of non-negative integers")
+        if math.prod(d for d in shape if d) * _DTYPES[dtype].itemsize >= 2 ** 63:  # (0 x 2**64 is empty, and no view)
+            raise bad(f"tensor {name!r} has shape {shape}, more bytes than a tensor can address")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)):
             raise bad(f"tensor {name!r} has data_offsets {offsets!r}, expected [begin, end], non-negative integers")
         begin, end = offsets
@@ -107,14 +109,19 @@ def read_header(path):
         if end > buffer_size:
             raise bad(f"tensor {name!r} has data_offsets [{begin}, {end}], past the end of the {buffer_size}-byte "
                       f"data buffer; the file is truncated")
-        if end > begin:  # an empty tensor occupies no bytes, so it cannot overlap anything
-            spans.append((begin, end, name))
-    # Sorted by start, two tensors overlap exactly when one starts before its predecessor ends. (Gaps are tolerated:
-    # they waste bytes but cannot make a tensor read another's data. The library itself writes none.)
-    spans.sort()
-    for (_, prev_end, prev), (begin, end, name) in zip(spans, spans[1:]):
-        if begin < prev_end:
-            raise bad(f"tensors {prev!r} (ends at {prev_end}) and {name!r} (data_offsets [{begin}, {end}]) overlap")
+        spans.append((begin, end, name))
+    # Sorted by start, the tensors must tile the data buffer: each starts where the one before ended, and the last
+    # ends at the end of the file, as the library requires. An overlap would let a tensor read another's bytes; a
+    # hole or bytes after the last tensor could hide another file inside this one.
+    pos, prev = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < pos:
+            raise bad(f"tensors {prev!r} (ends at {pos}) and {name!r} (data_offsets [{begin}, {end}]) overlap")
+        if begin > pos:
+            raise bad(f"bytes {pos} to {begin} of the data buffer belong to no tensor (a hole before {name!r})")
+        pos, prev = end, name
+    if pos != buffer_size:
+        raise bad(f"the tensors end at byte {pos} of the {buffer_size}-byte data buffer: the rest belongs to none")
     return header, 8 + n
 
 
@@ -226,6 +233,9 @@ def load_sharded(folder) -> dict:
                 by_shard.setdefault(shard, set()).add(name)
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f'{index_path}: expected JSON {{"weight_map": {{name: shard file}}}} ({e!r})') from None
+    outside = [s for s in by_shard if os.path.basename(s) != s]  # an index names files of its folder: no ../, no /
+    if outside:
+        raise ValueError(f"{index_path} lists shard {outside[0]!r}: expected a file name in {folder}")
     # Validate every shard before loading any, so a broken checkpoint fails before gigabytes are mapped.
     for shard, expected in by_shard.items():
         shard_path = os.path.join(folder, shard)

@@ -192,6 +192,14 @@ CORRUPTIONS = {
     "overlap": (lambda p: rewrite(p, set_entry("b", data_offsets=[8, 24])), "'a' (ends at 16) and 'b'"),
     "overlap by a byte": (lambda p: rewrite(p, set_entry("b", data_offsets=[15, 31])),
                           "'a' (ends at 16) and 'b' (data_offsets [15, 31]) overlap"),
+    # What the library refuses too: bytes no tensor owns could carry another file inside this one
+    "hole": (lambda p: rewrite(p, set_entry("a", shape=[2], data_offsets=[8, 16])),
+             "bytes 0 to 8 of the data buffer belong to no tensor (a hole before 'a')"),
+    "trailing bytes": (lambda p: p.write_bytes(p.read_bytes() + b"PK\x03\x04 a zip"),
+                       "the tensors end at byte 32 of the 42-byte data buffer: the rest belongs to none"),
+    "dtype not a string": (lambda p: rewrite(p, set_entry("a", dtype=["F32"])), "tensor 'a' has unknown dtype ['F32']"),
+    "shape past any address": (lambda p: rewrite(p, set_entry("a", shape=[0, 2 ** 64])),
+                               "has shape [0, 18446744073709551616], more bytes than a tensor can address"),
 }
 
 
@@ -324,6 +332,9 @@ def test_sharded_load_checks_the_index_against_the_shards(tmp_path):
         st.load_sharded(tmp_path)
     with_map({k: v for k, v in index["weight_map"].items() if k != "norm.weight"})
     with pytest.raises(ValueError, match="missing \\[\\], extra \\['norm.weight'\\]"):
+        st.load_sharded(tmp_path)
+    with_map({**index["weight_map"], "norm.weight": "../elsewhere.safetensors"})  # only files of the folder
+    with pytest.raises(ValueError, match="lists shard '../elsewhere.safetensors': expected a file name in"):
         st.load_sharded(tmp_path)
     index_path.write_text('{"weight_map": ["not", "a", "map"]}')
     with pytest.raises(ValueError, match='index.json: expected JSON {"weight_map": {name: shard file}}'):
