@@ -661,8 +661,9 @@ class Stage0Batches(Dataset):
         if self.scenes:
             scenes = [self.scenes[i] for i in self.text.rows(k, self.plan_scenes)]
             batch["seg_images"] = torch.stack([self.read(r, "image", self.proc) for r in scenes])
-            batch["seg_labels"] = torch.stack([self.read(r, "seg", lambda path: seg_labels(
-                path, self.proc, self.cfg.sam.grid, N_SEG_CLASSES)) for r in scenes])
+            labels = lambda r: self.read(r, "seg", lambda path: seg_labels(  # checked against the size of its image
+                path, self.proc, self.cfg.sam.grid, N_SEG_CLASSES, os.path.join(r["_root"], r["image"])))
+            batch["seg_labels"] = torch.stack([labels(r) for r in scenes])
         return batch
 
     @staticmethod

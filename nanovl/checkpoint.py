@@ -276,9 +276,10 @@ def load_released(folder, device="cpu", dtype=None, tokenizer=None):
         tower, result = ("normalises", "the pixels are normalised twice") if in_tower else \
             ("does not normalise", "nothing normalises the pixels")
         warnings.warn(f"{pre} gives do_normalize {str(proc.normalize).lower()} (leaving it out gives true, "
-                      f"VLMImageProcessor's default), and the vision tower {tower} its input itself: {result}, as the official "
-                      f"code would do with this file. A released {'hybrid' if cfg.hybrid else 'SigLIP-only'} model "
-                      f"expects do_normalize {str(not in_tower).lower()}", stacklevel=2)
+                      f"VLMImageProcessor's default), and the vision tower {tower} its input itself: {result}, as "
+                      f"the official code would do with this file. A released "
+                      f"{'hybrid' if cfg.hybrid else 'SigLIP-only'} model expects do_normalize "
+                      f"{str(not in_tower).lower()}", stacklevel=2)
     return model, tok, proc
 
 
@@ -568,10 +569,10 @@ def init_from_parts(model: DeepSeekVL, paths) -> list:
 
     Every tensor a source gives must exist in the model with the same shape, and no tensor may come from two
     sources; otherwise nothing is copied. What no source gives keeps its fresh initialisation: for the `1.3b-hybrid`
-    preset (config.py) the hybrid adaptor and SAM's downsample convs and alpha. neck_hd, which no source gives
-    either, starts as a copy of the loaded neck instead, which is our choice: the official tower deep-copies its neck when it is built, before a
-    checkpoint is loaded into it, so from SAM's own checkpoint its neck_hd would start random. A trained neck is the
-    better start, and alpha starts at 0 either way, so the side path starts switched off.
+    preset (config.py) the hybrid adaptor and SAM's downsample convs and alpha. neck_hd, which no source gives either,
+    starts as a copy of the loaded neck instead, which is our choice: the official tower deep-copies its neck when it is
+    built, before a checkpoint is loaded into it, so from SAM's own checkpoint its neck_hd would start random. A trained
+    neck is the better start, and alpha starts at 0 either way, so the side path starts switched off.
     """
     expected = {k: v.shape for k, v in model.state_dict().items()}
     chosen, origin, report = {}, {}, []

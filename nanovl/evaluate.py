@@ -2,12 +2,11 @@
 Evaluation during and after training: multi-choice perplexity (MCPPL: how the paper watched its 1.3B runs) and
 bits per byte of held-out text (the language side of the paper's Figure 4).
 
-Multi-choice perplexity (MCPPL). Free generation is a noisy signal for a small model that cannot yet follow the
-answer format, so DeepSeek watched its 1.3B runs this way: the model sees the image, the question and all the
-options, and the option it finds most likely (per token) is its choice. The paper scores the answer letters (A, B, C, D); our
-synthetic questions list their options without letters, so each option's own text (and the end-of-sentence after
-it) is scored as the assistant's answer, and the lowest perplexity wins. Accuracy is reported per category of the
-held-out set.
+Multi-choice perplexity (MCPPL). Free generation is a noisy signal for a small model that cannot yet follow the answer
+format, so DeepSeek watched its 1.3B runs this way: the model sees the image, the question and all the options, and the
+option it finds most likely (per token) is its choice. The paper scores the answer letters (A, B, C, D); our synthetic
+questions list their options without letters, so each option's own text (and the end-of-sentence after it) is scored as
+the assistant's answer, and the lowest perplexity wins. Accuracy is reported per category of the held-out set.
 
 Asked open. MCPPL tells whether the model can pick the answer out of a list, not whether it can say it: a model
 trained only on questions with their options can score well on MCPPL and still answer "What is the title of this

@@ -8,11 +8,12 @@ nanovl.checkpoint --export` (training's own checkpoints are torch model.pt files
                plus an optional "__metadata__": {str: str}; offsets count from the start of the data buffer
     the rest   the data buffer: each tensor's bytes, C order, little-endian, packed back to back, nothing else
 
-load_file memory-maps the file: nothing is read until a tensor's values are touched, so `names` picks a few tensors
-out of a big file for free. The whole header is validated before any tensor is built, so a bad file raises a
-ValueError naming the file and the problem (never another exception, nor a half-filled dict). save_file writes,
-atomically, the same bytes as `safetensors.torch.save_file`. load_sharded / save_sharded handle Hugging Face's sharded checkpoint folders.
-Little-endian hosts only (x86, ARM as run everywhere): bytes are mapped and written as they lie in memory, unswapped.
+load_file memory-maps the file: nothing is read until a tensor's values are touched, so `names` picks a few tensors out
+of a big file for free. The whole header is validated before any tensor is built, so a bad file raises a ValueError
+naming the file and the problem (never another exception, nor a half-filled dict). save_file writes, atomically, the
+same bytes as `safetensors.torch.save_file`. load_sharded / save_sharded handle Hugging Face's sharded checkpoint
+folders. Little-endian hosts only (x86, ARM as run everywhere): bytes are mapped and written as they lie in memory,
+unswapped.
 """
 
 import json

@@ -10,7 +10,8 @@ SAM-B (ViTDet) at 1024: the high-resolution, fine-detail half of DeepSeek-VL's h
          windows; every block adds decomposed relative-position terms to its attention logits
       -> neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d                      (B, 256, 64, 64)
       -> DeepSeek: bilinear upsample to 96x96 in fp32, two bias-free stride-2 convs (B, 1024, 24, 24)
-         (the paper counts this tail as part of the vision-language adaptor; it trains with the aligner)
+         (the paper counts this tail as part of the vision-language adaptor; it trains with the aligner, and so do
+         both necks, as the official freeze_high=False unfreezes them)
       -> DeepSeek "sam_hd": the same tail applied to the output of the *first* global block through its own
          neck (`neck_hd`), but the *shared* downsample convs, scaled by a learned scalar and added:
              F = D(up(neck(h_last))) + alpha * D(up(neck_hd(h_block2)))
@@ -74,14 +75,15 @@ class Attention(nn.Module):
         qkv = self.qkv(x).view(B, N, 3, nh, C // nh)  # (B, N, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, N, hs)
 
-        # Decomposed relative positions: the logit of query (i, j) for key (k, l) gains q . R_h[i-k] + q . R_w[j-l].
+        # Decomposed relative positions: the logit of the query at cell (qy, qx) for the key at (ky, kx) gains
+        # q . R_h[qy - ky] + q . R_w[qx - kx] (rel_index shifts the offsets to start at 0).
         # The official code uses the *unscaled* q here, while the content term uses q * hs^-0.5.
         r_h = self.rel_pos_h[self.rel_index]  # (h, h, hs): [query row, key row]
         r_w = self.rel_pos_w[self.rel_index]  # (w, w, hs)
         r_q = q.reshape(B, nh, h, w, -1)
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, r_h)  # (B, nh, h, w, h_k)
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, r_w)  # (B, nh, h, w, w_k)
-        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, nh, N, N)  # (B, nh, N, N)
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, nh, N, N)  # (B, nh, h, w, h_k, w_k) -> N x N
 
         # softmax(q k^T / sqrt(hs) + bias) v: the same sum as the official (q * scale) @ k^T + rel terms.
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, nh, N, hs)

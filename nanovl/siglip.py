@@ -6,7 +6,7 @@ It is a plain Vision Transformer in timm's layout (`vit_large_patch16_siglip_384
 
     pixels (B, 3, 384, 384)
       -> [optional in-tower normalisation to [-1, 1]]
-      -> patch embedding: a 16x16 stride-16 conv          (B, 576, 1024)
+      -> patch embedding: a 16x16 stride-16 conv          (B, 1024, 24, 24), flattened to (B, 576, 1024)
       -> + learned absolute position embedding            (no class token, no interpolation)
       -> 24 pre-norm blocks: x + attn(norm1(x)); x + mlp(norm2(x))
       -> final LayerNorm                                   (B, 576, 1024)

@@ -71,14 +71,23 @@ class Stage0Heads(nn.Module):
         return F.cross_entropy(logits, labels)
 
 
-def seg_labels(path: str, processor, grid: int, n_classes: int) -> torch.Tensor:
+def seg_labels(path: str, processor, grid: int, n_classes: int, image_path: str = "") -> torch.Tensor:
     """A label map through the same resize-and-pad as its image (nearest, never blending labels), then down to the
-    patch grid: (grid, grid) long tensor, 0 (background) in the padding. Its labels must be below n_classes (the
-    segmentation head's outputs): another picture given as a label map is refused here, by name, not deep in the
-    loss."""
+    patch grid: (grid, grid) long tensor, 0 (background) in the padding. It must be a greyscale image whose pixels are
+    class ids below n_classes (the segmentation head's outputs), of the size of its image (at image_path, when given):
+    another picture given as a label map is refused here, by name, not deep in the loss or shifted against its
+    image."""
     try:
         with Image.open(path) as img:
-            canvas = processor.canvas(img.convert("L"), Image.Resampling.NEAREST, fill=0)
+            if img.mode != "L":  # (a palette or colour image converted to grey would give luminances, not ids)
+                raise ValueError(f"label map {path} is a {img.mode} image; expected greyscale (mode L) class ids")
+            if image_path:
+                with Image.open(image_path) as image:  # (the header only: its size)
+                    size = image.size
+                if img.size != size:
+                    raise ValueError(f"label map {path} is {img.size[0]}x{img.size[1]} but its image is {size[0]}x"
+                                     f"{size[1]}: padded to a square, its labels would be shifted against it")
+            canvas = processor.canvas(img, Image.Resampling.NEAREST, fill=0)
     except FileNotFoundError:
         raise ValueError(f"label map {path} does not exist") from None
     except (OSError, SyntaxError) as e:  # PIL's UnidentifiedImageError is an OSError

@@ -14,7 +14,8 @@ Byte-level BPE in three lines. Every UTF-8 byte is a token, so any text can be e
 the most frequent adjacent pair of tokens into a new token; the fusions, in order, are the "merges". Encoding replays
 them: in each piece, the adjacent pair whose merge came earliest in training is fused first.
 
-Only the standard library: Python's `re` lacks \\p{N} and friends, so we build those classes from `unicodedata`.
+Only the standard library (and tqdm for train's optional progress bar): Python's `re` lacks \\p{N} and friends, so we
+build those classes from `unicodedata`.
 """
 
 import functools
@@ -132,7 +133,9 @@ def translate_regex(pattern: str) -> str:
         if c == "\\" and i + 1 < len(pattern):
             d = pattern[i + 1]
             if d in "pP" and pattern[i + 2:i + 3] == "{":
-                end = pattern.index("}", i)
+                end = pattern.find("}", i)
+                if end < 0:
+                    raise ValueError(f"\\{d}{{ without its closing }} in {pattern!r}")
                 body, i = _unicode_class(pattern[i + 3:end]), end + 1
                 if in_class and d == "P":
                     raise ValueError(f"\\P{{..}} inside a character class is not supported: {pattern!r}")
@@ -212,11 +215,15 @@ def _compile_pre_tokenizer(spec) -> list:
     steps, todo = [], [("pre_tokenizer", spec)]
     while todo:  # flatten (nested) Sequences, keeping each step's path for error messages
         where, step = todo.pop(0)
-        if isinstance(step, dict) and step.get("type") == "Sequence":
+        if not isinstance(step, dict):
+            raise ValueError(f"{where} = {step!r} is not supported: expected an object with a 'type'")
+        if step.get("type") == "Sequence":
+            if not isinstance(step.get("pretokenizers"), list):
+                raise ValueError(f"{where}.pretokenizers = {step.get('pretokenizers')!r}: expected a list of steps")
             todo = [(f"{where}.pretokenizers[{i}]", s) for i, s in enumerate(step["pretokenizers"])] + todo
         else:
             steps.append((where, step))
-    if not steps or not isinstance(steps[-1][1], dict) or steps[-1][1].get("type") != "ByteLevel":
+    if not steps or steps[-1][1].get("type") != "ByteLevel":
         raise ValueError(f"pre_tokenizer = {spec!r} is not supported: nanovl implements byte-level BPE, whose "
                          f"pre-tokenizer ends with {{'type': 'ByteLevel'}}")
     stages = []
@@ -224,9 +231,9 @@ def _compile_pre_tokenizer(spec) -> list:
         kind = step.get("type")
         if kind == "Split":
             pattern = step.get("pattern", {})
-            if "Regex" in pattern:
+            if isinstance(pattern, dict) and isinstance(pattern.get("Regex"), str):
                 source = translate_regex(pattern["Regex"])
-            elif "String" in pattern:
+            elif isinstance(pattern, dict) and isinstance(pattern.get("String"), str):
                 source = re.escape(pattern["String"])
             else:
                 raise ValueError(f"{where}.pattern = {pattern!r} is not supported: expected {{'Regex': ...}} "
@@ -282,6 +289,9 @@ class Tokenizer:
         # What decoding for display leaves out, as HF's decode(skip_special_tokens=True): added tokens marked special
         self.special_ids = frozenset(t["id"] for t in added_tokens if t.get("special"))
         ids = [*vocab.values(), *self._added.values()]
+        if ids and max(ids) >= max(2 * len(ids), 1 << 20):  # every id gets a slot below: an id of 10**10 would not fit
+            raise ValueError(f"token ids run up to {max(ids)} for {len(ids)} tokens: ids are numbered from 0, without "
+                             "wide gaps (a corrupt or hand-edited file?)")
         self._id_bytes = [None] * (max(ids) + 1 if ids else 0)
         for token, i in vocab.items():
             self._id_bytes[i] = bytes(CHAR_TO_BYTE[c] for c in token) if all(c in CHAR_TO_BYTE for c in token) \
@@ -438,6 +448,9 @@ class Tokenizer:
             return self._added[token]
         if token in self.vocab:
             return self.vocab[token]
+        if token in (BOS, EOS):  # a special token that a tokenizer of one's own may lack
+            raise ValueError(f"{token!r} is not a token of this tokenizer: it has no such added token (DeepSeek's has "
+                             f"it as a special token)")
         raise ValueError(f"{token!r} is not a token of this tokenizer (model tokens are spelled byte-level: "
                          f"{byte_level(token)!r})")
 

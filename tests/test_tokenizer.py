@@ -289,6 +289,22 @@ def test_unsupported_pre_tokenizer_step_is_named(ours):
                                  pt.ByteLevel(add_prefix_space=False)]))
     with pytest.raises(ValueError, match=r"pretokenizers\[1\].type = 'Punctuation'"):
         Tokenizer(ours.vocab, ours.merges, ours.added_tokens, spec)
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}
+    for malformed, message in [  # named, not an AttributeError, KeyError or TypeError from inside
+            ({"type": "Sequence", "pretokenizers": [None, byte_level]}, r"pretokenizers\[0\] = None is not supported"),
+            ({"type": "Sequence"}, "pre_tokenizer.pretokenizers = None: expected a list of steps"),
+            ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": None, "behavior": "Isolated"},
+                                                    byte_level]}, r"pattern = None is not supported"),
+            ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": 5},
+                                                     "behavior": "Isolated"}, byte_level]}, r"\{'Regex': 5\}"),
+            ({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": r"\p{L"},
+                                                     "behavior": "Isolated"}, byte_level]},
+             r"\\p\{ without its closing \} in"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Tokenizer(ours.vocab, ours.merges, ours.added_tokens, malformed)
+    with pytest.raises(ValueError, match=r"token ids run up to 10000000000 for \d+ tokens"):
+        Tokenizer(ours.vocab, ours.merges, ours.added_tokens + [{"id": 10 ** 10, "content": "<far>"}])
 
 
 def test_missing_file_and_bad_ids(ours, tmp_path):

@@ -351,6 +351,13 @@ def test_stage0_rows_are_checked_before_training_and_a_bad_label_map_is_named_by
     with pytest.raises(SystemExit, match=r"stage 0, step 1: .*stage0.jsonl, line \d+: cannot read label map .*Fix or "
                                          "remove that row"):
         train.main(args + ["--out", str(tmp_path / "b")])
+    from PIL import Image
+    for row in map(json.loads, rows):  # label maps of the wrong size: shifted against their images, unseen
+        if row.get("seg"):
+            Image.new("L", (7, 5)).save(copy / row["seg"])
+    with pytest.raises(SystemExit, match=r"stage 0, step 1: .*: label map .* is 7x5 but its image is \d+x\d+: padded "
+                                         "to a square, its labels would be shifted"):
+        train.main(args + ["--out", str(tmp_path / "c")])
 
 
 def test_eval_limit_bounds_questions_per_category_and_text_rows(data):
