@@ -147,7 +147,8 @@ def chat(args, model, tok, proc, sampling, pictures):
     more attached images than placeholders, a full context) are printed and the conversation goes on as it was."""
     session = ChatSession(model, tok, proc, system=args.system, compile=args.compile)
     queued = list(pictures)
-    print(f"chatting with {args.ckpt} ({model.cfg.name}); type 'help' for commands")
+    print(f"chatting with {args.ckpt} ({model.cfg.name}); type 'help' for commands" +
+          (f"\n({len(queued)} image(s) attached to your first message)" if queued else ""))
     while True:
         try:
             line = input("\nUser: ").strip()

@@ -354,7 +354,12 @@ def load_plain(path) -> dict:
         path = Path(path)
         unfinished = path.name == "model.pt" and (path.parent / "ckpt.pt").is_file()  # a stage not trained to its end
         stages = sorted(p.parent.name for p in path.parent.glob("stage*/model.pt"))  # a train.py --out folder
+        # nothing of that name, not even a folder: a released model's name (or Hugging Face id) not downloaded yet?
+        released = not path.exists() and not path.suffix and not stages
         raise FileNotFoundError(f"no checkpoint at {path}" + (
+            " (nothing there: nanovl reads local folders; a released model is downloaded first, see the README's "
+            "Released weights)" if released else ""
+        ) + (
             f" (the stage has not finished: its training state {path.parent / 'ckpt.pt'} loads too, or --resume it "
             "to its end)" if unfinished else f" ({path.parent} holds the stage folders {', '.join(stages)}: pass "
             f"one of them, as {path.parent / stages[-1]})" if stages else "")) from None
