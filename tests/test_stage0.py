@@ -67,3 +67,6 @@ def test_label_maps_take_the_images_geometry_and_never_blend_labels(tmp_path):
     assert grid[0].tolist() == [0] * 12 and grid[-1].tolist() == [0] * 12  # the padding
     with pytest.raises(ValueError, match="seg.png holds label 5, but the labels are 0 to 4"):  # not deep in the loss
         seg_labels(str(tmp_path / "seg.png"), ImageProcessor(image_size=96), grid=12, n_classes=5)
+    Image.fromarray(labels).convert("RGB").save(tmp_path / "colour.png")  # made grey, it would hold luminances
+    with pytest.raises(ValueError, match=r"colour.png is a RGB image; expected greyscale \(mode L\) class ids"):
+        seg_labels(str(tmp_path / "colour.png"), ImageProcessor(image_size=96), grid=12, n_classes=6)

@@ -13,7 +13,7 @@ import torch
 from tokenizers import Regex, decoders, models, normalizers, processors, trainers
 from tokenizers import pre_tokenizers as pt
 
-from nanovl.tokenizer import BYTE_TO_CHAR, DEEPSEEK_SPLITS, SPECIAL_TOKENS, Tokenizer, byte_level
+from nanovl.tokenizer import BYTE_TO_CHAR, DEEPSEEK_SPLITS, EOS, SPECIAL_TOKENS, Tokenizer, byte_level
 
 TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog. It's 5 o'clock; isn't it?",
@@ -238,8 +238,13 @@ def test_a_tokenizer_without_pad_or_image_token(corpus, tmp_path):
     hf.save(str(tmp_path / "tokenizer.json"))
     tok = Tokenizer.load(tmp_path)
     assert tok.pad_id == tok.eos_id == 1
-    with pytest.raises(ValueError, match="<image_placeholder>"):
+    with pytest.raises(ValueError, match="this tokenizer has no <image_placeholder> token: DeepSeek-VL adds it as a "
+                                         "special token"):
         tok.image_id
+    no_eos = Tokenizer({t: i for t, i in tok.vocab.items() if t != EOS}, tok.merges,
+                       [t for t in tok.added_tokens if t["content"] != EOS])  # a tokenizer of one's own, say
+    with pytest.raises(ValueError, match=f"'{EOS}' is not a token of this tokenizer: it has no such added token"):
+        no_eos.eos_id
 
 
 @pytest.mark.parametrize("field, value", [

@@ -111,13 +111,18 @@ def test_stage0_clips_each_of_its_three_models_on_its_own():
     assert list(train.clipping_groups(model, 3)) == ["model"]  # stages 1-3 train one model, clipped as one
 
 
-def test_stage2_mix_warms_up_from_language_only():
-    tc = train.TrainConfig(steps=100, lang_share=0.7, modality_warmup=0.3, sft_share=0.1)
+def test_stage2_mix_warms_up_from_language_only(data):
+    tc = train.TrainConfig(data=data, steps=100, lang_share=0.7, modality_warmup=0.3, sft_share=0.1)
     share = train.stage2_share(tc)
     assert share(0) == pytest.approx({"language": 0.9, "multimodal": 0.0, "sft": 0.1})
     assert share(15)["language"] == pytest.approx(0.85 * 0.9)  # halfway through the warm-up
     for step in (30, 99):
         assert share(step) == pytest.approx({"language": 0.63, "multimodal": 0.27, "sft": 0.1})  # 7:3, then SFT
+    # and it is the mix stage 2 reads its three sources with
+    tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    sources, mix = train.stage_data(2, tc, tok, get_config("tiny"), 512, [data])
+    assert set(sources) == {"language", "multimodal", "sft"} and all(len(s) for s in sources.values())
+    assert all(mix(step) == share(step) for step in (0, 15, 30, 99))
 
 
 def test_released_sizes_default_to_table_4():
@@ -383,6 +388,11 @@ def test_every_stage_runs_a_few_steps(data, tmp_path, capsys):
     # each stage started from the one before: weights SAM's trunk never trains after stage 0 are identical
     w0, w3 = load_model(os.path.join(out, "stage0")), load_model(os.path.join(out, "stage3"))
     assert torch.equal(w0["sam.blocks.0.attn.qkv.weight"], w3["sam.blocks.0.attn.qkv.weight"])
+    for stage in (1, 2, 3):  # the one right before, not another earlier one
+        assert f"stage {stage}: starting from {os.path.join(out, f'stage{stage - 1}', 'model.pt')}\n" in printed
+    w1, w2 = load_model(os.path.join(out, "stage1")), load_model(os.path.join(out, "stage2"))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0 if k.startswith("llm."))  # stage 1 trains the adaptor alone
+    assert all(torch.equal(w1[k], w2[k]) for k in w1 if k.startswith("siglip."))  # stage 2: not SigLIP
     assert not torch.equal(w0["llm.layers.0.mlp.up_proj.weight"], w3["llm.layers.0.mlp.up_proj.weight"])
 
 
@@ -398,6 +408,9 @@ def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_we
     clip = torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
                         lambda params, max_norm: clipped.append((len(params), max_norm)) or clip(params, max_norm))
+    asked, ask = [], train.open_questions  # (a random model names no option: its open accuracy alone shows nothing)
+    monkeypatch.setattr(train, "open_questions", lambda model, rows, *a, **k: asked.append(len(rows)) or
+                        ask(model, rows, *a, **k))
     out = str(tmp_path / "out")
     args = ["--data", data, "--stage", str(stage), "--out", out, "--steps", "3", "--batch_size", "4", "--micro_batch",
             "2", "--warmup", "0", "--min_lr_ratio", "0.5", "--grad_clip", "0.5", "--workers", "0", "--log_every", "1",
@@ -407,6 +420,7 @@ def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_we
     # evaluated every 2 steps and at the end, both ways (stage 0, which has no questions to ask: at the end, text only)
     evals = [m for m in metrics if "bpb" in m]
     assert [m["step"] for m in evals] == ([2, 3] if stage else [3])
+    assert asked == ([len(train.held_out(data, 5)[0])] * 2 if stage else [])  # the questions asked open, each time
     assert all(0 <= m["mc_mean"] <= 1 and 0 <= m["open_mean"] <= 1 if stage else m["mc_mean"] is m["open_mean"] is None
                for m in evals)
 
@@ -426,6 +440,14 @@ def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_we
         assert seq_len == 128 and cfg.llm.max_seq_len == 512
         assert evals[-1]["bpb"] == pytest.approx(bits_per_byte(trained, rows, tok, cfg.n_image_tokens, 512), rel=1e-6)
         assert evals[-1]["bpb"] != pytest.approx(bits_per_byte(trained, rows, tok, cfg.n_image_tokens, 128), rel=1e-3)
+    else:  # the final evaluation is the trained model's, both ways, as nanovl.evaluate computes them
+        from nanovl.evaluate import open_questions
+        trained = DeepSeekVL(cfg).eval()
+        trained.load_state_dict(load_model(os.path.join(out, "stage1")))
+        mc_rows, proc = train.held_out(data, 5)[0], ImageProcessor.for_config(cfg)
+        result = json.loads(open(os.path.join(out, "stage1", "eval.json")).read())
+        assert result["mc"] == multiple_choice(trained, mc_rows, tok, proc, cfg.n_image_tokens, root=data)
+        assert result["open"] == open_questions(trained, mc_rows, tok, proc, cfg.n_image_tokens, root=data)
     quiet = lambda *a, **k: None
     dataset = train.stage_batches(stage, stc, hp, cfg, tok, ImageProcessor.for_config(cfg), seq_len, micro, accum, 0,
                                   1, quiet)
@@ -437,9 +459,13 @@ def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_we
 
     with torch.no_grad():
         micros = [dataset[k] for k in range(accum)]  # step 1's micro-batches
-        if stage == 0:
+        if stage == 0:  # the decoder's summed loss, SigLIP's contrastive loss and SAM's dense loss, each on its own
             n_sup = sum((m["targets"] != -100).sum() for m in micros)
-            lm, aux = zip(*[net(m)[:2] for m in micros])
+            lm = [model.llm(m["ids"], targets=m["targets"], reduction="sum")[1] for m in micros]
+            heads = net.heads
+            aux = [heads.contrastive_loss(model, m["pair_images"], m["cap_ids"], m["cap_len"]) +
+                   heads.segmentation_loss(model.sam, m["seg_images"], m["seg_labels"]) for m in micros]
+            assert all("seg_images" in m for m in micros)  # (so the dense loss is in the step)
             expected = sum(lm) / n_sup + sum(aux) / accum
         else:
             total, n_sup = 0.0, 0
