@@ -31,6 +31,8 @@ ROLES = ("user", "assistant")
 
 def check_conversation(conversation: Sequence[dict]) -> None:
     """Raise ValueError unless the conversation alternates user/assistant turns, starting with the user."""
+    if not isinstance(conversation, (list, tuple)):
+        raise ValueError(f"the conversation must be a list of messages, got {type(conversation).__name__}")
     if not conversation:
         raise ValueError("empty conversation: expected at least one user message")
     for i, msg in enumerate(conversation):

@@ -295,6 +295,7 @@ def test_a_malformed_row_is_named_by_its_file_and_line(data_dir, tmp_path):
          f"a text row has no images, but this one has 0 {IMAGE_TAG} tags and 1 images"),
         ("sft", {"conversation": chat["conversation"][::-1]}, "message 0 has role 'assistant', expected 'user'"),
         ("sft", {"conversation": chat["conversation"][:1]}, "the conversation has no assistant turn: nothing to learn"),
+        ("sft", {"conversation": 5}, "the conversation must be a list of messages, got int"),
     ]:
         first = {"pretrain": good, "text": {"text": "A red square."}, "sft": chat}[kind]
         path.write_text(json.dumps(first) + "\n" + json.dumps(bad) + "\n")
