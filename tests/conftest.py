@@ -1,5 +1,7 @@
 """Shared test helpers. Every test runs on CPU in fp32 with small random weights, no network."""
 
+import json
+
 import pytest
 import torch
 
@@ -19,6 +21,18 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.1):
 
 def max_diff(a, b) -> float:
     return (a - b).abs().max().item()
+
+
+def write_swapped_tokenizer(tokenizer_json: str, path):
+    """A tokenizer.json of the same size as the one given (its text), with the ids of two tokens swapped: the same
+    text becomes other ids, which only a comparison of the tokenizers can tell."""
+    other = json.loads(tokenizer_json)
+    vocab = other["model"]["vocab"]
+    a, b = [t for t in vocab if len(t) > 2][:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(other, ensure_ascii=False))
+    return path
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
 import sample
-from conftest import randomize_
+from conftest import randomize_, write_swapped_tokenizer
 from nanovl import DeepSeekVL, get_config
 from nanovl.chat import IMAGE_TAG, SYSTEM_PROMPT, render_chat, start_ids, user_ids
 from nanovl.generate import ChatSession, Sampling, generate, pick, warp
@@ -423,11 +423,7 @@ def test_load_model_takes_a_dtype_and_a_tokenizer_and_refuses_one_that_does_not_
                                          f"{tok.image_id}; the 'tiny' model has a vocabulary of {tok.vocab_size} and"):
         load_model(bare, tokenizer=bare / "small.json")
     # One of the same size, beside weights saved with their own: two ids swapped turn the same text into other ids.
-    other = json.loads((stage_folder / "tokenizer.json").read_text(encoding="utf-8"))
-    vocab = other["model"]["vocab"]
-    a, b = [t for t in vocab if len(t) > 2][:2]
-    vocab[a], vocab[b] = vocab[b], vocab[a]
-    (bare / "swapped.json").write_text(json.dumps(other, ensure_ascii=False), encoding="utf-8")
+    write_swapped_tokenizer((stage_folder / "tokenizer.json").read_text(encoding="utf-8"), bare / "swapped.json")
     with pytest.raises(ValueError, match=r"--tokenizer .*swapped.json differs from .*tokenizer.json, the tokenizer "
                                          "saved with the weights"):
         load_model(stage_folder, tokenizer=bare / "swapped.json")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 import prepare_data
 import train
+from conftest import write_swapped_tokenizer
 from nanovl import DeepSeekVL, get_config
 from nanovl.evaluate import multiple_choice
 from nanovl.synth import mc_prompt
@@ -621,11 +622,7 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
         train.main(common + ["--resume", "--llm.n_layers=3"])
     with pytest.raises(SystemExit, match="--extra_data .*typo: no such folder"):
         train.main(common + ["--resume", "--extra_data", str(tmp_path / "typo")])
-    other = json.loads(before["tokenizer.json"])  # the same size, two ids swapped: the same text, other ids
-    vocab = other["model"]["vocab"]
-    a, b = [t for t in vocab if len(t) > 2][:2]
-    vocab[a], vocab[b] = vocab[b], vocab[a]
-    (tmp_path / "other.json").write_text(json.dumps(other, ensure_ascii=False), encoding="utf-8")
+    write_swapped_tokenizer(before["tokenizer.json"].decode("utf-8"), tmp_path / "other.json")  # same size, other ids
     with pytest.raises(SystemExit, match=r"--tokenizer .*other.json differs from .*stage3.tokenizer.json, the "
                                          "tokenizer this stage was trained with"):
         train.main(common + ["--resume", "--tokenizer", str(tmp_path / "other.json")])
