@@ -352,17 +352,19 @@ def load_plain(path) -> dict:
             head = f.read(4)
     except (FileNotFoundError, IsADirectoryError):
         path = Path(path)
-        unfinished = path.name == "model.pt" and (path.parent / "ckpt.pt").is_file()  # a stage not trained to its end
         stages = sorted(p.parent.name for p in path.parent.glob("stage*/model.pt"))  # a train.py --out folder
-        # nothing of that name, not even a folder: a released model's name (or Hugging Face id) not downloaded yet?
-        released = not path.exists() and not path.suffix and not stages
-        raise FileNotFoundError(f"no checkpoint at {path}" + (
-            " (nothing there: nanovl reads local folders; a released model is downloaded first, see the README's "
-            "Released weights)" if released else ""
-        ) + (
-            f" (the stage has not finished: its training state {path.parent / 'ckpt.pt'} loads too, or --resume it "
-            "to its end)" if unfinished else f" ({path.parent} holds the stage folders {', '.join(stages)}: pass "
-            f"one of them, as {path.parent / stages[-1]})" if stages else "")) from None
+        if path.name == "model.pt" and (path.parent / "ckpt.pt").is_file():  # a stage not trained to its end
+            why = (f" (the stage has not finished: its training state {path.parent / 'ckpt.pt'} loads too, or "
+                   "--resume it to its end)")
+        elif stages:
+            why = (f" ({path.parent} holds the stage folders {', '.join(stages)}: pass one of them, as "
+                   f"{path.parent / stages[-1]})")
+        elif not path.exists() and not path.suffix:  # not even a folder: a released model's name, not downloaded?
+            why = (" (nothing there: nanovl reads local folders; a released model is downloaded first, see the "
+                   "README's Released weights)")
+        else:
+            why = ""
+        raise FileNotFoundError(f"no checkpoint at {path}{why}") from None
     if head != b"PK\x03\x04":  # torch.save writes a zip archive
         raise ValueError(f"{path} is not a torch checkpoint ({os.path.getsize(path):,} bytes that are not the zip "
                          "archive torch.save writes): an empty, corrupt or wrong file")
