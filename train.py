@@ -35,6 +35,7 @@ import json
 import math
 import os
 import random
+import secrets
 import sys
 import time
 from dataclasses import dataclass
@@ -395,6 +396,12 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
         if resolved and state["hparams"].get("lr") not in (None, hp["lr"]):
             say(f"resuming with lr {hp['lr']} where the checkpoint's run had {state['hparams']['lr']}: from here "
                 "the run is not the one the checkpoint's settings would give")
+        # A stage trained on top of the one before: if that one was trained again since, this one's steps no longer
+        # follow from it, however alike the settings (a --resume --stage all after stage 2 was run anew).
+        if resolved and hp.get("start") and state["hparams"].get("start") not in (None, hp["start"]):
+            raise SystemExit(f"{path} continues a stage that began from other weights than "
+                             f"{start_weights(stage, tc)[0]} holds now (trained again since?): remove "
+                             f"{os.path.dirname(path)} to train stage {stage} from them")
         free = ("lr", "micro_batch") if stage > 0 or finished else ("lr",)  # (the split of a step: see below)
         # (A setting resolved since the checkpoint was written, absent from its hparams, is compared as given.)
         saved_hp = state["hparams"] if resolved else {}
@@ -424,6 +431,20 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
                 f"{was[1]}: each step takes the same samples, split another way, so its sums round in another "
                 "order (the run goes on, but not bit for bit)")
     return state
+
+
+def weights_id(paths: list):
+    """The id finish() writes into a stage's model.pt (a random hex string, new with every training of the stage, kept
+    through its resumes), for the one stage folder or model.pt in paths; None for anything else (pretrained parts,
+    weights of older runs)."""
+    if len(paths) != 1 or not is_nanovl_checkpoint(paths[0]):
+        return None
+    path = os.path.join(paths[0], "model.pt") if os.path.isdir(paths[0]) else paths[0]
+    try:
+        state = load_plain(path)  # (memory-mapped: the weights themselves are not read)
+    except (ValueError, FileNotFoundError):
+        return None  # (said when the stage loads them)
+    return state.get("id") if isinstance(state, dict) else None
 
 
 def is_nanovl_checkpoint(path: str) -> bool:
@@ -1055,6 +1076,9 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     hp, seq_len, stc = stage_hparams(stage, tc, cfg)
+    start = weights_id(start_weights(stage, tc)) if stage > 0 else None
+    if start:  # the weights the stage begins from, as their model.pt names them: a resume checks them
+        hp["start"] = start
     out_dir = os.path.join(tc.out, f"stage{stage}")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     finished, state = open_stage_folder(stage, tc, cfg, hp, out_dir, ckpt_path, master, world, say)
@@ -1101,8 +1125,11 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                          ) from None
     if master and not resume:
         atomic_save(tok.to_json(), os.path.join(out_dir, "tokenizer.json"))  # the folder is all sample.py needs
-    start, metrics = 0, []
+    # This training of the stage, named at its start and kept through resumes: its model.pt carries the name, and the
+    # stages after it record which one they began from (weights_id).
+    start, metrics, run_id = 0, [], secrets.token_hex(8)
     if resume:
+        run_id = state.get("id", run_id)  # (older checkpoints: none)
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
@@ -1116,7 +1143,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     def finish():
         """The stage's final weights, loss plot and evaluation; eval.json, written last, marks the stage done."""
         if master:
-            atomic_save({"model": model.state_dict(), "config": cfg.to_dict()}, os.path.join(out_dir, "model.pt"))
+            atomic_save({"model": model.state_dict(), "config": cfg.to_dict(), "id": run_id},
+                        os.path.join(out_dir, "model.pt"))
             atomic_save(cfg.to_json(), os.path.join(out_dir, "config.json"))
             with writing(os.path.join(out_dir, "loss.png")):
                 plot_losses(metrics, os.path.join(out_dir, "loss.png"), f"stage {stage} training loss ({cfg.name})")
@@ -1178,7 +1206,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         if master:
             atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state(),
                          "config": cfg.to_dict(), "train": dataclasses.asdict(tc), "hparams": hp, "stage": stage,
-                         "split": [world, micro], "metrics": metrics}, ckpt_path)
+                         "split": [world, micro], "metrics": metrics, "id": run_id}, ckpt_path)
             with writing(os.path.join(out_dir, "metrics.jsonl")):
                 write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
 

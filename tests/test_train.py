@@ -731,6 +731,21 @@ train.main(sys.argv[1:])
     assert torch.load(tmp_path / "o" / "stage3" / "ckpt.pt", weights_only=False)["step"] == 3
 
 
+def test_a_later_stage_is_not_resumed_on_top_of_an_earlier_stage_trained_again(data, start_weights, tmp_path):
+    out = tmp_path / "o"
+    common = ["--data", data, "--out", str(out), "--steps", "2", "--batch_size", "4", "--micro_batch", "2"] + FAST
+    stage2 = common + ["--stage", "2", "--init_from", start_weights]
+    train.main(stage2)
+    train.main(common + ["--stage", "3"])  # from o/stage2/model.pt
+    train.main(common + ["--stage", "3", "--resume"])  # nothing changed: finished
+    shutil.rmtree(out / "stage2")
+    train.main(stage2)  # stage 2 again: the same settings, a new model.pt
+    with pytest.raises(SystemExit, match=r"stage3.ckpt.pt continues a stage that began from other weights than "
+                                         r".*stage2.model.pt holds now \(trained again since\?\): remove .*stage3 to "
+                                         "train stage 3 from them"):
+        train.main(common + ["--stage", "3", "--resume"])
+
+
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     train.atomic_save({"step": 1}, path)
