@@ -8,6 +8,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -50,11 +51,18 @@ def load_model(folder):
     return torch.load(os.path.join(folder, "model.pt"), weights_only=True)["model"]
 
 
+def free_port() -> int:
+    """A port no one listens on now: torchrun's rendezvous on a fixed one could meet the last run's, not yet closed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(args, cwd=ROOT, module="train.py", torchrun=0, fails=False):
     """train.py in a fresh process (resume must survive a real process exit); with fails, a run that must fail, and
     its stdout and stderr."""
-    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=29531"]
-                              if torchrun else []) + [module] + args
+    cmd = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
+                               f"--master_port={free_port()}"] if torchrun else []) + [module] + args
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
     assert (result.returncode != 0) == fails, result.stdout[-3000:] + result.stderr[-3000:]
