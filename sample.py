@@ -106,12 +106,12 @@ def answer_prompts(args, prompts, model, tok, proc, sampling, pictures):
     note = f" (cut: the {'longest prompt of the batch' if len(prompts) > 1 else 'prompt'} and the answer fill the " \
         f"model's context of {ctx} tokens)"
     if stream:
-        answered = tok.decode([t for t in outs[0] if t not in tok.special_ids]).strip()
+        answered = tok.decode(outs[0], skip_special_tokens=True).strip()
         print(("\n" + note.strip() if cut[0] else "") if answered else
               "(no answer: the model ended its turn at once; an undertrained model often does)")
     else:
         for p, out, was_cut in zip(prompts, outs, cut):
-            print(f"User: {p}\nAssistant: {tok.decode([t for t in out if t not in tok.special_ids]).strip()}" +
+            print(f"User: {p}\nAssistant: {tok.decode(out, skip_special_tokens=True).strip()}" +
                   (note if was_cut else "") + "\n")
 
 

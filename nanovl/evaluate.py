@@ -43,6 +43,11 @@ def sequence_nll(model, ids, targets, device, image_embeds=None) -> torch.Tensor
     return nll.sum(dim=1)
 
 
+def normalised(text: str) -> str:
+    """Text in lower case with its runs of whitespace as single spaces: how an answer asked open is matched."""
+    return " ".join(text.split()).lower()
+
+
 def read_mc_rows(path: str) -> List[dict]:
     """The held-out multiple-choice questions, each checked, so that a bad row stops a run before it trains rather
     than after. Each row is {category, images, question, options, answer (the index of the right option)}."""
@@ -62,7 +67,7 @@ def read_mc_rows(path: str) -> List[dict]:
             problem = f"'images' must be a list of paths (empty for a question without one), got {row.get('images')!r}"
         elif not (strings(options) and len(options) > 1):
             problem = f"'options' must be a list of at least 2 strings, got {options!r}"
-        elif not all(o.strip() for o in options) or len({" ".join(o.split()).lower() for o in options}) < len(options):
+        elif not all(o.strip() for o in options) or len({normalised(o) for o in options}) < len(options):
             # (a tie would always go to the first; and asked open, an answer is matched in any case and spacing)
             problem = f"'options' must be different in any case and spacing, and not empty, got {options}"
         elif any(IMAGE_TAG in s for s in [row["question"]] + options):
@@ -160,12 +165,11 @@ def names_only(answer: str, options: Sequence[str], right: int) -> bool:
     ("The title is "Notes"." names "Notes"; "There are three." names "three" and not "one"). An option that is
     itself words of the right one ("red" in "dark red") is not held against it; "1" in "12" is not such a part.
     Options written with labels are read without them (without_labels)."""
-    norm = lambda text: " ".join(text.split()).lower()
     options = without_labels(options)
 
     def named(option, text):
-        return re.search(r"(?<!\w)" + re.escape(norm(option)) + r"(?!\w)", text) is not None
-    said, target = norm(answer), norm(options[right])
+        return re.search(r"(?<!\w)" + re.escape(normalised(option)) + r"(?!\w)", text) is not None
+    said, target = normalised(answer), normalised(options[right])
     return named(options[right], said) and not any(named(o, said) for i, o in enumerate(options)
                                                    if i != right and not named(o, target))
 
@@ -186,7 +190,7 @@ def open_questions(model, rows: Sequence[dict], tokenizer, processor, n_image_to
         answers = generate(model, prompts, images, Sampling(max_new_tokens=max_new_tokens),
                            stop_ids={tokenizer.eos_id}, pad_id=tokenizer.pad_id, n_words=tokenizer.vocab_size)
         for row, ids in zip(chunk, answers):
-            text = tokenizer.decode([t for t in ids if t not in tokenizer.special_ids])
+            text = tokenizer.decode(ids, skip_special_tokens=True)
             correct[row["category"]] += names_only(text, row["options"], row["answer"])
             total[row["category"]] += 1
     return by_category(correct, total)

@@ -288,7 +288,7 @@ class TextStream:
 
     def add(self, token: int):
         self.ids.append(token)
-        text = self.tok.decode([t for t in self.ids if t not in self.tok.special_ids]).lstrip()
+        text = self.tok.decode(self.ids, skip_special_tokens=True).lstrip()
         if self.on_text is not None and not text.endswith("\ufffd") and len(text) > len(self.shown):
             self.on_text(text[len(self.shown):])
             self.shown = text
@@ -361,7 +361,7 @@ class ChatSession:
         # cache and the next turn feeds the text's ids in its place.
         eos, answer = self.tok.eos_id, out[0].tolist()  # one row: it stops at its end-of-sentence, no padding
         held = self.cache.length - start - len(new)
-        text = self.tok.decode([t for t in answer if t not in self.tok.special_ids]).strip()
+        text = self.tok.decode(answer, skip_special_tokens=True).strip()
         said = self.tok.encode(" " + text) if text else []  # the answer as render_chat writes it
         if self.tok.image_id in said:  # it spelt out "<image_placeholder>": encoded again, that is an image slot with
             said = [t for t in answer if t not in self.tok.special_ids]  # no image, so its own ids stay instead

@@ -416,9 +416,10 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
-    def decode(self, ids) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Token ids -> text. Bytes are joined before UTF-8 decoding, so a character split across tokens comes back
-        whole; bytes that are not valid UTF-8 (a cut-off sequence) become U+FFFD."""
+        whole; bytes that are not valid UTF-8 (a cut-off sequence) become U+FFFD. skip_special_tokens: leave out the
+        added tokens marked special (BOS, EOS, ...), as HF's decode does for an answer shown to a user."""
         table, chunks = self._id_bytes, []
         if hasattr(ids, "ndim") and hasattr(ids, "tolist"):  # a tensor or a numpy array
             ids = ids.tolist() if ids.ndim else [ids.tolist()]
@@ -432,7 +433,8 @@ class Tokenizer:
             if not 0 <= i < len(table) or table[i] is None:
                 raise ValueError(f"token id {i} is not in this tokenizer: valid ids are 0..{len(table) - 1}"
                                  + ("" if all(b is not None for b in table) else " (with gaps)"))
-            chunks.append(table[i])
+            if not (skip_special_tokens and i in self.special_ids):
+                chunks.append(table[i])
         return b"".join(chunks).decode("utf-8", errors="replace")
 
     # ---- vocabulary --------------------------------------------------------------------------------------------------

@@ -315,6 +315,8 @@ def test_unsupported_pre_tokenizer_step_is_named(ours):
 def test_missing_file_and_bad_ids(ours, tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Tokenizer.load(tmp_path / "nowhere")
+    ids = [ours.bos_id] + ours.encode("hi there") + [ours.eos_id]  # special tokens left out for display, as HF's
+    assert ours.decode(ids, skip_special_tokens=True) == "hi there" != ours.decode(ids)
     with pytest.raises(ValueError, match="0..999"):
         ours.decode([5, 1000])
     with pytest.raises(ValueError, match="0..999"):
