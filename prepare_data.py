@@ -358,8 +358,7 @@ def show_samples(args):
             else:
                 ids, mask = render_chat(row["conversation"], tok, n_img)
             print(f"--- {name} / {row.get('category', '-')} / {', '.join(row.get('images', [])) or 'no image'} "
-                  f"({len(ids)} tokens, "
-                  f"{sum(mask)} supervised)")
+                  f"({len(ids)} tokens, {sum(mask)} supervised)")
             print(show(ids, mask, tok))
 
 

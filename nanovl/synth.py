@@ -15,7 +15,8 @@ chat fine-tuning, one multiple-choice question for evaluation (the paper's MCPPL
 question asks about (stage 0: SigLIP's contrastive loss), and for the scenes of shapes a per-pixel segmentation map
 (stage 0: SAM's dense loss). Interleaved documents have no multiple-choice question and no caption (their chats ask
 about all the pictures together). The questions ask about what the picture shows (a colour, a count, the tallest
-bar, the word on a sign, the title of a page), so a model can only answer them by looking. """
+bar, the word on a sign, the title of a page), so a model can only answer them by looking.
+"""
 
 import random
 from dataclasses import dataclass
