@@ -54,7 +54,8 @@ from nanovl.chat import IMAGE_TAG
 from nanovl.config import FROM_SCRATCH
 from nanovl.data import (ROW_FORMAT, PlannedBatches, Source, check_images, collate, default_folder, folder_kind,
                          plan_batches, read_images, read_jsonl, write_jsonl)
-from nanovl.evaluate import bits_per_byte, check_fits, format_table, multiple_choice, open_questions, read_mc_rows
+from nanovl.evaluate import (check_fits, format_table, mc_accuracy, mc_choices, open_accuracy, open_answers,
+                             read_mc_rows, text_bits, text_bytes)
 from nanovl.image import CachedProcessor, ImageProcessor
 from nanovl.stage0 import Stage0Heads, plan_distinct, seg_labels
 from nanovl.synth import SEG_LABELS
@@ -786,24 +787,44 @@ def held_out_text(data_dir: str, limit: int = 0):
     return (rows[:limit] if limit else rows) or None  # an empty file: no text to score
 
 
-def evaluate(model, tok, proc, cfg, rows, data_dir):
-    """MCPPL accuracy on held_out's questions (their images under data_dir), the accuracy on the same questions asked
-    open, and text bits per byte (None without held-out text; see text_bits_per_byte)."""
+def evaluate(model, tok, proc, cfg, rows, data_dir, rank: int = 0, world: int = 1, autocast=contextlib.nullcontext):
+    """(MCPPL accuracy, accuracy asked open, text bits per byte) on rows, held_out's (mc_rows, text_rows): the
+    questions (their images under data_dir; stage 0 has none, and gets None for both accuracies) and the held-out text
+    (None without it, and bits per byte None). autocast: the context to run the model in.
+
+    Text is scored in pieces of the model's whole context in every stage, so that the stages' figures compare: in
+    128-token pieces after stage 0 (the length it trains at in the scaled-down presets) and 512 after stage 1, the
+    same decoder (stage 1 trains the adaptor alone) scored 2.508 and 2.531.
+
+    Under torchrun each process scores every world-th question and text (rows[rank::world]) and they share their
+    results (gathered): the evaluation takes a world-th of the time, and no process waits on the others for long (a
+    process group gives up on a wait after 30 minutes, which a 7B model's evaluation can take). The figures are one
+    process's but for the rounding of the batches' sums, which group the rows otherwise."""
     mc_rows, text_rows = rows
     was_training = model.training
     model.eval()
-    acc = multiple_choice(model, mc_rows, tok, proc, cfg.n_image_tokens, root=data_dir)
-    asked_open = open_questions(model, mc_rows, tok, proc, cfg.n_image_tokens, root=data_dir)
-    bpb = None if text_rows is None else text_bits_per_byte(model, text_rows, tok, cfg)
+    acc = asked_open = bpb = None
+    with autocast():
+        if mc_rows is not None:
+            mine = mc_rows[rank::world]
+            acc = mc_accuracy(mc_rows, gathered(mc_choices(model, mine, tok, proc, cfg.n_image_tokens, data_dir),
+                                                world))
+            asked_open = open_accuracy(mc_rows, gathered(open_answers(model, mine, tok, proc, cfg.n_image_tokens,
+                                                                      data_dir), world))
+        if text_rows is not None:
+            bits = text_bits(model, text_rows[rank::world], tok, cfg.n_image_tokens, cfg.llm.max_seq_len)
+            bpb = sum(gathered([bits], world)) / max(1, text_bytes(text_rows))
     model.train(was_training)
     return acc, asked_open, bpb
 
 
-def text_bits_per_byte(model, rows, tok, cfg) -> float:
-    """Bits per byte of held-out text, in pieces of the model's whole context in every stage, so that the stages'
-    figures compare: scored in 128-token pieces after stage 0 (the length it trains at in the scaled-down presets)
-    and 512 after stage 1, the same decoder (stage 1 trains the adaptor alone) gave 2.508 and 2.531."""
-    return bits_per_byte(model, rows, tok, cfg.n_image_tokens, cfg.llm.max_seq_len)
+def gathered(mine: list, world: int) -> list:
+    """Every process's results, in the order of the rows, when process r has those of rows[r::world]."""
+    if world == 1:
+        return mine
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)  # (over gloo, from CPU memory, where NCCL serves the GPUs too)
+    return [parts[i % world][i // world] for i in range(sum(len(part) for part in parts))]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1101,18 +1122,26 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     net.to(device)
     model.llm.grad_checkpointing = tc.grad_ckpt
 
-    eval_rows = None
+    eval_rows = None  # (questions, text), as evaluate takes them, or None: nothing to evaluate
     if master:  # what the evaluations read: a bad row or image stops the run now, not after training
         try:
-            eval_rows = held_out(tc.data, tc.eval_limit) if stage > 0 else held_out_text(tc.data, tc.eval_limit)
-            if stage > 0 and eval_rows:
-                check_fits(eval_rows[0], tok, cfg.n_image_tokens, cfg.llm.max_seq_len)
+            if stage > 0:
+                eval_rows = held_out(tc.data, tc.eval_limit)
+                if eval_rows:
+                    check_fits(eval_rows[0], tok, cfg.n_image_tokens, cfg.llm.max_seq_len)
+            else:  # stage 0 trains no image-text pairs to ask questions of: the language model's bits per byte only
+                text_rows = held_out_text(tc.data, tc.eval_limit)
+                eval_rows = text_rows and (None, text_rows)
         except (ValueError, OSError) as e:
             raise SystemExit(f"the held-out data: {e}") from None
         if eval_rows is None:
             say(f"stage {stage}: {tc.data} has no held-out " + (
                 "questions (eval_mc.jsonl), so the stage is not evaluated; evaluate it afterwards with --eval-only "
                 f"--ckpt {out_dir} --data DIR" if stage > 0 else "text (eval_text.jsonl), so stage 0 is not evaluated"))
+    if world > 1:  # every process scores its share of them (evaluate)
+        shared = [eval_rows]
+        dist.broadcast_object_list(shared)
+        eval_rows = shared[0]
 
     dataset = stage_batches(stage, stc, hp, cfg, tok, proc, seq_len, micro, accum, rank, world, say)
     clip_groups = clipping_groups(net, stage)  # each clipped to grad_clip on its own
@@ -1140,6 +1169,14 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         say(f"stage {stage}: resuming from {ckpt_path} at step {start}")
         del state
 
+    # bf16 autocast on GPU (weights and optimizer stay fp32); plain fp32 on CPU. The evaluations run in it too, but
+    # without its cache of bf16 copies of the weights, which a CUDA graph's recording does not support
+    # (torch.cuda.make_graphed_callables refuses it): answering open records one.
+    cuda = device.startswith("cuda")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+    eval_autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if cuda else \
+        contextlib.nullcontext
+
     def finish():
         """The stage's final weights, loss plot and evaluation; eval.json, written last, marks the stage done."""
         if master:
@@ -1148,12 +1185,9 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             atomic_save(cfg.to_json(), os.path.join(out_dir, "config.json"))
             with writing(os.path.join(out_dir, "loss.png")):
                 plot_losses(metrics, os.path.join(out_dir, "loss.png"), f"stage {stage} training loss ({cfg.name})")
-            if stage > 0:
-                acc, asked_open, bpb = (evaluate(model, tok, proc, cfg, eval_rows, tc.data) if eval_rows
-                                        else (None, None, None))
-            else:  # stage 0 trains no image-text pairs to ask questions of: the language model's bits per byte only
-                acc, asked_open = None, None
-                bpb = eval_rows and text_bits_per_byte(model, eval_rows, tok, cfg)
+        acc, asked_open, bpb = (evaluate(model, tok, proc, cfg, eval_rows, tc.data, rank, world, eval_autocast)
+                                if eval_rows else (None, None, None))
+        if master:
             result = {"stage": stage, "mc": acc, "open": asked_open, "bpb": bpb}
             metrics.append({"stage": stage, "step": hp["steps"], "mc_mean": acc and acc["mean"],
                             "open_mean": asked_open and asked_open["mean"], "bpb": bpb})
@@ -1185,9 +1219,6 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                         sampler=range(start * accum, hp["steps"] * accum), pin_memory=device.startswith("cuda"),
                         persistent_workers=False, prefetch_factor=4 if tc.workers else None)
     batches = iter(loader)
-    # bf16 autocast on GPU (weights and optimizer stay fp32); plain fp32 on CPU.
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.startswith("cuda") else \
-        contextlib.nullcontext
 
     saved = start  # the step of the newest checkpoint
 
@@ -1288,7 +1319,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         if done % tc.log_every == 0 or done == hp["steps"] or done % ckpt_every == 0:
             log(done, lr)
         if tc.eval_every and done % tc.eval_every == 0 and done < hp["steps"] and eval_rows and stage > 0:
-            acc, asked_open, bpb = evaluate(model, tok, proc, cfg, eval_rows, tc.data)
+            acc, asked_open, bpb = evaluate(model, tok, proc, cfg, eval_rows, tc.data, rank, world, eval_autocast)
             metrics.append({"stage": stage, "step": done, "mc_mean": acc["mean"], "open_mean": asked_open["mean"],
                             "bpb": bpb})
             say(format_table(acc, bpb, f"stage {stage}, step {done}", asked_open))

@@ -109,13 +109,20 @@ def by_category(correct: Dict[str, int], total: Dict[str, int]) -> Dict[str, flo
     return acc
 
 
-@torch.no_grad()
 def multiple_choice(model, rows: Sequence[dict], tokenizer, processor, n_image_tokens: int, root: str = "",
                     batch_questions: int = 8) -> Dict[str, float]:
     """Accuracy per category on rows {category, images, question, options, answer}, with "mean" (over categories) and
     "chance" (what guessing would score, averaged the same way: 25% with four options everywhere)."""
+    return mc_accuracy(rows, mc_choices(model, rows, tokenizer, processor, n_image_tokens, root, batch_questions))
+
+
+@torch.no_grad()
+def mc_choices(model, rows: Sequence[dict], tokenizer, processor, n_image_tokens: int, root: str = "",
+               batch_questions: int = 8) -> List[int]:
+    """The option the model picks for each question: the index of the one with the lowest perplexity. (Apart from
+    mc_accuracy so that several processes can each score a share of the questions: train.py's evaluate.)"""
     device = next(model.parameters()).device
-    correct, total, guess = defaultdict(int), defaultdict(int), defaultdict(float)
+    choices = []
     for start in range(0, len(rows), batch_questions):
         chunk = rows[start:start + batch_questions]
         samples: List[Sample] = []
@@ -133,12 +140,18 @@ def multiple_choice(model, rows: Sequence[dict], tokenizer, processor, n_image_t
         ppl = (nll / n_tok).cpu()  # mean NLL per answer token: the log of the answer's perplexity
         k = 0
         for row in chunk:
-            n = len(row["options"])
-            choice = int(ppl[k:k + n].argmin())
-            correct[row["category"]] += choice == row["answer"]
-            total[row["category"]] += 1
-            guess[row["category"]] += 1 / n
-            k += n
+            choices.append(int(ppl[k:k + len(row["options"])].argmin()))
+            k += len(row["options"])
+    return choices
+
+
+def mc_accuracy(rows: Sequence[dict], choices: Sequence[int]) -> Dict[str, float]:
+    """multiple_choice's accuracy, from the option picked for each row (mc_choices)."""
+    correct, total, guess = defaultdict(int), defaultdict(int), defaultdict(float)
+    for row, choice in zip(rows, choices):
+        correct[row["category"]] += choice == row["answer"]
+        total[row["category"]] += 1
+        guess[row["category"]] += 1 / len(row["options"])
     acc = by_category(correct, total)
     acc["chance"] = sum(guess[c] / total[c] for c in total) / max(1, len(total))
     return acc
@@ -174,13 +187,20 @@ def names_only(answer: str, options: Sequence[str], right: int) -> bool:
                                                    if i != right and not named(o, target))
 
 
-@torch.no_grad()
 def open_questions(model, rows: Sequence[dict], tokenizer, processor, n_image_tokens: int, root: str = "",
                    batch_questions: int = 32, max_new_tokens: int = 32) -> Dict[str, float]:
     """Accuracy per category, with "mean", on the same rows asked without their options: each question (after its
     images) in a user turn, the answer decoded greedily (at most max_new_tokens), right when it names the right
     option and no other (names_only)."""
-    correct, total = defaultdict(int), defaultdict(int)
+    answers = open_answers(model, rows, tokenizer, processor, n_image_tokens, root, batch_questions, max_new_tokens)
+    return open_accuracy(rows, answers)
+
+
+@torch.no_grad()
+def open_answers(model, rows: Sequence[dict], tokenizer, processor, n_image_tokens: int, root: str = "",
+                 batch_questions: int = 32, max_new_tokens: int = 32) -> List[str]:
+    """The model's answer to each question asked open (the text decoded greedily, special tokens left out)."""
+    texts = []
     for start in range(0, len(rows), batch_questions):
         chunk = rows[start:start + batch_questions]
         prompts = [render_chat([{"role": "user", "content": IMAGE_TAG * len(r["images"]) + r["question"]}], tokenizer,
@@ -189,25 +209,40 @@ def open_questions(model, rows: Sequence[dict], tokenizer, processor, n_image_to
         images = torch.stack([processor(p) for p in paths]) if paths else None
         answers = generate(model, prompts, images, Sampling(max_new_tokens=max_new_tokens),
                            stop_ids={tokenizer.eos_id}, pad_id=tokenizer.pad_id, n_words=tokenizer.vocab_size)
-        for row, ids in zip(chunk, answers):
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            correct[row["category"]] += names_only(text, row["options"], row["answer"])
-            total[row["category"]] += 1
+        texts += [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
+    return texts
+
+
+def open_accuracy(rows: Sequence[dict], answers: Sequence[str]) -> Dict[str, float]:
+    """open_questions' accuracy, from the answer given to each row (open_answers)."""
+    correct, total = defaultdict(int), defaultdict(int)
+    for row, text in zip(rows, answers):
+        correct[row["category"]] += names_only(text, row["options"], row["answer"])
+        total[row["category"]] += 1
     return by_category(correct, total)
 
 
-@torch.no_grad()
 def bits_per_byte(model, rows: Sequence[dict], tokenizer, n_image_tokens: int, max_len: int,
                   batch_size: int = 8) -> float:
     """Summed NLL of held-out text in bits over its UTF-8 bytes (texts cut into context-sized pieces)."""
+    return text_bits(model, rows, tokenizer, n_image_tokens, max_len, batch_size) / max(1, text_bytes(rows))
+
+
+@torch.no_grad()
+def text_bits(model, rows: Sequence[dict], tokenizer, n_image_tokens: int, max_len: int, batch_size: int = 8) -> float:
+    """The summed NLL of the rows' texts, in bits (bits_per_byte's numerator)."""
     device = next(model.parameters()).device
     source = Source(rows, "text", tokenizer, n_image_tokens, max_len)
     total_nll = 0.0
     for start in range(0, len(source), batch_size):
         ids, targets, _ = collate(source.samples[start:start + batch_size], tokenizer.pad_id)
         total_nll += sequence_nll(model, ids, targets, device).sum().item()
-    n_bytes = sum(len(r["text"].encode("utf-8")) for r in rows)
-    return total_nll / math.log(2) / max(1, n_bytes)
+    return total_nll / math.log(2)
+
+
+def text_bytes(rows: Sequence[dict]) -> int:
+    """The rows' texts' length in UTF-8 bytes (bits_per_byte's denominator)."""
+    return sum(len(r["text"].encode("utf-8")) for r in rows)
 
 
 def format_table(acc: Dict[str, float], bpb: float, title: str, asked_open: Dict[str, float] = None) -> str:

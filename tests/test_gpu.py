@@ -208,7 +208,8 @@ def test_the_hybrids_low_resolution_input_in_bf16_is_torchvisions():
 
 def test_training_steps_with_an_evaluation_on_the_device(tmp_path):
     """train.py as it runs on a GPU: bf16 autocast, fused AdamW on the device, and the evaluations mid-stage and at
-    the end, whose open questions decode through a recorded graph with the fp32 training weights."""
+    the end, in bf16 autocast too (without its weight cache), whose open questions decode through a recorded graph
+    with the fp32 training weights; their figures are near those of the same weights evaluated in fp32 on the CPU."""
     import json
 
     import prepare_data
@@ -227,3 +228,12 @@ def test_training_steps_with_an_evaluation_on_the_device(tmp_path):
     assert all(m["loss"] > 0 for m in metrics if "loss" in m)  # finite: a NaN would have stopped the run
     result = json.loads((tmp_path / "out" / "stage3" / "eval.json").read_text())
     assert set(result["mc"]) >= {"mean", "chance"} and set(result["open"]) >= {"mean"}
+    from nanovl.image import ImageProcessor
+    from nanovl.tokenizer import Tokenizer
+    trained = DeepSeekVL(cfg)
+    trained.load_state_dict(torch.load(tmp_path / "out" / "stage3" / "model.pt", weights_only=True)["model"])
+    tok = Tokenizer.load(str(tmp_path / "out" / "stage3" / "tokenizer.json"))
+    rows = train.held_out(str(tmp_path / "data"), 10)
+    _, _, bpb = train.evaluate(trained, tok, ImageProcessor.for_config(cfg), cfg, rows, str(tmp_path / "data"))
+    assert result["bpb"] == pytest.approx(bpb, rel=2e-2)
+    assert (result["bpb"] != bpb) == DEVICE.startswith("cuda")  # on the CPU, no autocast: the very same figure

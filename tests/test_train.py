@@ -417,8 +417,8 @@ def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_we
     clip = torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
                         lambda params, max_norm: clipped.append((len(params), max_norm)) or clip(params, max_norm))
-    asked, ask = [], train.open_questions  # (a random model names no option: its open accuracy alone shows nothing)
-    monkeypatch.setattr(train, "open_questions", lambda model, rows, *a, **k: asked.append(len(rows)) or
+    asked, ask = [], train.open_answers  # (a random model names no option: its open accuracy alone shows nothing)
+    monkeypatch.setattr(train, "open_answers", lambda model, rows, *a, **k: asked.append(len(rows)) or
                         ask(model, rows, *a, **k))
     out = str(tmp_path / "out")
     args = ["--data", data, "--stage", str(stage), "--out", out, "--steps", "3", "--batch_size", "4", "--micro_batch",
@@ -577,8 +577,40 @@ def test_two_processes_match_one_with_the_same_global_batch(data, start_weights,
     common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "3", "--batch_size", "8",
               "--eval_limit", "5", "--workers", "0"]
     run(common + ["--out", str(tmp_path / "one"), "--micro_batch", "2"])
-    # The stage's default micro-batch is the whole batch (8): two processes take 4 rows each without being told.
-    run(common + ["--out", str(tmp_path / "two")], torchrun=2)
+    # The stage's default micro-batch is the whole batch (8): two processes take 4 rows each without being told. Each
+    # process notes the held-out rows it scores, by file and line, at the evaluation after step 2 and at the end.
+    notes = tmp_path / "notes_in_each_process.py"
+    notes.write_text(f"""import os, sys
+sys.path.insert(0, {ROOT!r})
+import train
+
+def noting(name, score):
+    def noted(model, rows, *args):
+        with open(os.path.join({str(tmp_path)!r}, "scored" + os.environ["RANK"]), "a") as f:
+            f.write(" ".join([name] + [row["_where"].replace(" ", "") for row in rows]) + "\\n")
+        return score(model, rows, *args)
+    return noted
+
+for name in ("mc_choices", "open_answers", "text_bits"):
+    setattr(train, name, noting(name, getattr(train, name)))
+train.main(sys.argv[1:])
+""")
+    run(common + ["--out", str(tmp_path / "two"), "--eval_every", "2"], module=str(notes), torchrun=2)
+    mc_rows, text_rows = train.held_out(data, 5)
+    everything = {"mc_choices": mc_rows, "open_answers": mc_rows, "text_bits": text_rows}
+    for rank in (0, 1):  # every other row, the same at both evaluations
+        scored = [line.split() for line in (tmp_path / f"scored{rank}").read_text().splitlines()]
+        assert [line[0] for line in scored] == ["mc_choices", "open_answers", "text_bits"] * 2
+        assert all(line[1:] == [row["_where"].replace(" ", "") for row in everything[line[0]][rank::2]]
+                   for line in scored)
+    assert len(mc_rows) > 2 and len(text_rows) > 2
+    # and the figures they gather are those of one process evaluating the same weights
+    cfg, tok = get_config("tiny"), Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    trained = DeepSeekVL(cfg)
+    trained.load_state_dict(load_model(tmp_path / "two" / "stage3"))
+    acc, asked_open, bpb = train.evaluate(trained, tok, ImageProcessor.for_config(cfg), cfg, (mc_rows, text_rows), data)
+    result = json.loads((tmp_path / "two" / "stage3" / "eval.json").read_text())
+    assert (result["mc"], result["open"]) == (acc, asked_open) and result["bpb"] == pytest.approx(bpb, rel=1e-6)
     one, two = load_model(tmp_path / "one" / "stage3"), load_model(tmp_path / "two" / "stage3")
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
     # and the same loss at every step: AdamW's update barely moves when every gradient is scaled alike, so a loss
