@@ -1212,6 +1212,9 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     # default, would only cost communication. (torch 2.13 renamed the switch, and warns at the old name.)
     no_buffer_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters \
         else {"broadcast_buffers": False}
+    # find_unused_parameters: a text-only batch (stages 2 and 3 give each modality steps of its own; one's own stage-1
+    # rows may lack images) leaves the vision towers and the adaptor without gradients, which DDP must be told to
+    # expect. When the first steps' batches all have images, DDP warns that it found no unused parameters: expected.
     train_net = DDP(net, find_unused_parameters=True, **no_buffer_sync) if world > 1 else net
     if tc.compile:
         train_net = torch.compile(train_net)
