@@ -1388,9 +1388,11 @@ def main(argv=None):
             tokenizer = tc.tokenizer if is_released_folder(tc.ckpt) else tokenizer_path(tc, [tc.ckpt])
             model, tok, proc = load_model(tc.ckpt, device, dtype, tokenizer)
             check_fits(rows[0], tok, model.cfg.n_image_tokens, model.cfg.llm.max_seq_len)
-            acc, asked_open, bpb = evaluate(model, tok, proc, model.cfg, rows, tc.data)
+            acc, asked_open, bpb = evaluate(model, tok, proc, model.cfg, rows, tc.data, rank, world)
         except (ValueError, FileNotFoundError) as e:  # a bad checkpoint or row (named by file and line), a bad image
             raise SystemExit(str(e)) from None
+        if rank > 0:  # under torchrun, each process scored its share; the first says the figures
+            return
         if any(a.split("=")[0] == "--config" for a in argv) and model.cfg.name != tc.config:
             print(f"(--config {tc.config} chose the questions' folder {tc.data} only: the model is the checkpoint's "
                   f"{model.cfg.name!r})")

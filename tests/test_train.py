@@ -69,6 +69,40 @@ def run(args, cwd=ROOT, module="train.py", torchrun=0, fails=False):
     return result.stdout + result.stderr if fails else result.stdout
 
 
+def noting_scored_rows(tmp_path) -> str:
+    """A train.py whose processes each note the held-out rows they score, by file and line (scored_rows reads them)."""
+    path = tmp_path / "noting_scored_rows.py"
+    path.write_text(f"""import os, sys
+sys.path.insert(0, {ROOT!r})
+import train
+
+def noting(name, score):
+    def noted(model, rows, *args):
+        with open(os.path.join({str(tmp_path)!r}, "scored" + os.environ["RANK"]), "a") as f:
+            f.write(" ".join([name] + [row["_where"].replace(" ", "") for row in rows]) + "\\n")
+        return score(model, rows, *args)
+    return noted
+
+for name in ("mc_choices", "open_answers", "text_bits"):
+    setattr(train, name, noting(name, getattr(train, name)))
+train.main(sys.argv[1:])
+""")
+    return str(path)
+
+
+def scored_rows(tmp_path, world: int) -> list:
+    """What each process of a noting_scored_rows run scored, in order: (function, [file:line of each row])."""
+    return [[(line.split()[0], line.split()[1:]) for line in (tmp_path / f"scored{rank}").read_text().splitlines()]
+            for rank in range(world)]
+
+
+def evaluation_share(data, limit: int, rank: int, world: int) -> list:
+    """What scored_rows gives for one evaluation of a process that scores its share, rows[rank::world]."""
+    mc_rows, text_rows = train.held_out(data, limit)
+    where = lambda rows: [row["_where"].replace(" ", "") for row in rows[rank::world]]
+    return [("mc_choices", where(mc_rows)), ("open_answers", where(mc_rows)), ("text_bits", where(text_rows))]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 
 def test_freeze_maps_follow_the_paper():
@@ -578,31 +612,10 @@ def test_two_processes_match_one_with_the_same_global_batch(data, start_weights,
               "--eval_limit", "5", "--workers", "0"]
     run(common + ["--out", str(tmp_path / "one"), "--micro_batch", "2"])
     # The stage's default micro-batch is the whole batch (8): two processes take 4 rows each without being told. Each
-    # process notes the held-out rows it scores, by file and line, at the evaluation after step 2 and at the end.
-    notes = tmp_path / "notes_in_each_process.py"
-    notes.write_text(f"""import os, sys
-sys.path.insert(0, {ROOT!r})
-import train
-
-def noting(name, score):
-    def noted(model, rows, *args):
-        with open(os.path.join({str(tmp_path)!r}, "scored" + os.environ["RANK"]), "a") as f:
-            f.write(" ".join([name] + [row["_where"].replace(" ", "") for row in rows]) + "\\n")
-        return score(model, rows, *args)
-    return noted
-
-for name in ("mc_choices", "open_answers", "text_bits"):
-    setattr(train, name, noting(name, getattr(train, name)))
-train.main(sys.argv[1:])
-""")
-    run(common + ["--out", str(tmp_path / "two"), "--eval_every", "2"], module=str(notes), torchrun=2)
+    # scores every other held-out row, at the evaluation after step 2 and at the end.
+    run(common + ["--out", str(tmp_path / "two"), "--eval_every", "2"], module=noting_scored_rows(tmp_path), torchrun=2)
+    assert scored_rows(tmp_path, 2) == [evaluation_share(data, 5, rank, 2) * 2 for rank in (0, 1)]
     mc_rows, text_rows = train.held_out(data, 5)
-    everything = {"mc_choices": mc_rows, "open_answers": mc_rows, "text_bits": text_rows}
-    for rank in (0, 1):  # every other row, the same at both evaluations
-        scored = [line.split() for line in (tmp_path / f"scored{rank}").read_text().splitlines()]
-        assert [line[0] for line in scored] == ["mc_choices", "open_answers", "text_bits"] * 2
-        assert all(line[1:] == [row["_where"].replace(" ", "") for row in everything[line[0]][rank::2]]
-                   for line in scored)
     assert len(mc_rows) > 2 and len(text_rows) > 2
     # and the figures they gather are those of one process evaluating the same weights
     cfg, tok = get_config("tiny"), Tokenizer.load(os.path.join(data, "tokenizer.json"))
@@ -854,6 +867,10 @@ def test_eval_only_takes_the_config_from_the_checkpoint(data, start_weights, tmp
     printed = capsys.readouterr().out
     assert f"evaluation of {start_weights} on {data}" in printed and "(chance 25.0%)" in printed
     assert "text bits per byte" in printed
+    # under torchrun each process scores its share of the questions, and the first prints what one process prints
+    shared = run(["--eval-only", "--ckpt", start_weights, "--data", data, "--config", "small", "--eval_limit", "5"],
+                 module=noting_scored_rows(tmp_path), torchrun=2)
+    assert shared == printed and scored_rows(tmp_path, 2) == [evaluation_share(data, 5, rank, 2) for rank in (0, 1)]
     assert f"(--config small chose the questions' folder {data} only: the model is the checkpoint's 'tiny')" in printed
     with pytest.raises(SystemExit, match=r"model config overrides \(--llm.n_layers\) would change nothing: drop"):
         train.main(["--eval-only", "--ckpt", start_weights, "--data", data, "--llm.n_layers=6"])
