@@ -1171,7 +1171,9 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
 
     # bf16 autocast on GPU (weights and optimizer stay fp32); plain fp32 on CPU. The evaluations run in it too, but
     # without its cache of bf16 copies of the weights, which a CUDA graph's recording does not support
-    # (torch.cuda.make_graphed_callables refuses it): answering open records one.
+    # (torch.cuda.make_graphed_callables refuses it): answering open records one. Its recorded step then casts the
+    # weights at every token, so a decoded token moves more bytes than in fp32; scoring the options and the text,
+    # most of an evaluation's FLOPs, runs at bf16's speed.
     cuda = device.startswith("cuda")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     eval_autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if cuda else \
@@ -1391,6 +1393,8 @@ def main(argv=None):
             acc, asked_open, bpb = evaluate(model, tok, proc, model.cfg, rows, tc.data, rank, world)
         except (ValueError, FileNotFoundError) as e:  # a bad checkpoint or row (named by file and line), a bad image
             raise SystemExit(str(e)) from None
+        if world > 1:
+            dist.destroy_process_group()
         if rank > 0:  # under torchrun, each process scored its share; the first says the figures
             return
         if any(a.split("=")[0] == "--config" for a in argv) and model.cfg.name != tc.config:
