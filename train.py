@@ -1173,7 +1173,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     # without its cache of bf16 copies of the weights, which a CUDA graph's recording does not support
     # (torch.cuda.make_graphed_callables refuses it): answering open records one. Its recorded step then casts the
     # weights at every token, so a decoded token moves more bytes than in fp32; scoring the options and the text,
-    # most of an evaluation's FLOPs, runs at bf16's speed.
+    # most of an evaluation's FLOPs, runs as bf16 matmuls (not yet timed on a GPU).
     cuda = device.startswith("cuda")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     eval_autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if cuda else \
