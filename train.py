@@ -50,12 +50,10 @@ from tqdm import tqdm
 from nanovl import DeepSeekVL, VLConfig, get_config
 from nanovl.checkpoint import (check_device, check_tokenizer_fits, init_from_parts, is_released_folder, load_model,
                                load_plain, nanovl_state)
-from nanovl.chat import IMAGE_TAG
 from nanovl.config import FROM_SCRATCH
-from nanovl.data import (ROW_FORMAT, PlannedBatches, Source, check_images, collate, default_folder, folder_kind,
-                         plan_batches, read_images, read_jsonl, write_jsonl)
-from nanovl.evaluate import (check_fits, format_table, mc_accuracy, mc_choices, open_accuracy, open_answers,
-                             read_mc_rows, text_bits, text_bytes)
+from nanovl.data import (PlannedBatches, Source, collate, default_folder, folder_kind, plan_batches, read_images,
+                         read_jsonl, write_jsonl)
+from nanovl.evaluate import check_fits, evaluate, format_table, held_out, held_out_text
 from nanovl.image import CachedProcessor, ImageProcessor
 from nanovl.stage0 import Stage0Heads, plan_distinct, seg_labels
 from nanovl.synth import SEG_LABELS
@@ -751,83 +749,6 @@ def plot_losses(metrics: list, path: str, title: str):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Evaluation during and after a stage
-
-def held_out(data_dir: str, limit: int = 0):
-    """A data folder's held-out set: (its multiple-choice questions, each checked; its text rows, or None when it has
-    no eval_text.jsonl, as a folder of one's own questions need not), or None when it has no eval_mc.jsonl (a LLaVA
-    import). limit: limit / categories questions (rounded up) from each category, and at most limit text rows."""
-    mc_path = os.path.join(data_dir, "eval_mc.jsonl")
-    if not os.path.isfile(mc_path):
-        return None
-    mc_rows = read_mc_rows(mc_path)
-    if limit:
-        categories = sorted({r["category"] for r in mc_rows})
-        per = -(-limit // len(categories))
-        mc_rows = [r for c in categories for r in [r for r in mc_rows if r["category"] == c][:per]]
-    # Decoded now, each image once, so that a bad one stops the run before it trains, not at its evaluation.
-    errors = check_images([os.path.join(data_dir, image) for row in mc_rows for image in row["images"]])
-    for row in mc_rows:
-        for image in row["images"]:
-            if errors[os.path.join(data_dir, image)]:
-                raise ValueError(f"{row['_where']}: {errors[os.path.join(data_dir, image)]}")
-    return mc_rows, held_out_text(data_dir, limit)
-
-
-def held_out_text(data_dir: str, limit: int = 0):
-    """A data folder's held-out text rows (at most limit), each checked, or None when it has no eval_text.jsonl."""
-    path = os.path.join(data_dir, "eval_text.jsonl")
-    if not os.path.isfile(path):
-        return None
-    rows = read_jsonl(path, origin=True)
-    for row in rows:
-        if not isinstance(row.get("text"), str) or not row["text"].strip() or IMAGE_TAG in row["text"]:
-            raise ValueError(f"{row['_where']}: 'text' must be a string of text, without {IMAGE_TAG} (held-out text "
-                             f"is scored alone); a held-out text row is {ROW_FORMAT['text']}")
-    return (rows[:limit] if limit else rows) or None  # an empty file: no text to score
-
-
-def evaluate(model, tok, proc, cfg, rows, data_dir, rank: int = 0, world: int = 1, autocast=contextlib.nullcontext):
-    """(MCPPL accuracy, accuracy asked open, text bits per byte) on rows, held_out's (mc_rows, text_rows): the
-    questions (their images under data_dir; stage 0 has none, and gets None for both accuracies) and the held-out text
-    (None without it, and bits per byte None). autocast: the context to run the model in.
-
-    Text is scored in pieces of the model's whole context in every stage, so that the stages' figures compare: in
-    128-token pieces after stage 0 (the length it trains at in the scaled-down presets) and 512 after stage 1, the
-    same decoder (stage 1 trains the adaptor alone) scored 2.508 and 2.531.
-
-    Under torchrun each process scores every world-th question and text (rows[rank::world]) and they share their
-    results (gathered): the evaluation takes a world-th of the time, and no process waits on the others for long (a
-    process group gives up on a wait after 30 minutes, which a 7B model's evaluation can take). The figures are one
-    process's but for the rounding of the batches' sums, which group the rows otherwise."""
-    mc_rows, text_rows = rows
-    was_training = model.training
-    model.eval()
-    acc = asked_open = bpb = None
-    with autocast():
-        if mc_rows is not None:
-            mine = mc_rows[rank::world]
-            acc = mc_accuracy(mc_rows, gathered(mc_choices(model, mine, tok, proc, cfg.n_image_tokens, data_dir),
-                                                world))
-            asked_open = open_accuracy(mc_rows, gathered(open_answers(model, mine, tok, proc, cfg.n_image_tokens,
-                                                                      data_dir), world))
-        if text_rows is not None:
-            bits = text_bits(model, text_rows[rank::world], tok, cfg.n_image_tokens, cfg.llm.max_seq_len)
-            bpb = sum(gathered([bits], world)) / max(1, text_bytes(text_rows))
-    model.train(was_training)
-    return acc, asked_open, bpb
-
-
-def gathered(mine: list, world: int) -> list:
-    """Every process's results, in the order of the rows, when process r has those of rows[r::world]."""
-    if world == 1:
-        return mine
-    parts = [None] * world
-    dist.all_gather_object(parts, mine)  # (over gloo, from CPU memory, where NCCL serves the GPUs too)
-    return [parts[i % world][i // world] for i in range(sum(len(part) for part in parts))]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # A stage, part by part: its settings, its folder, its tokenizer and model, its batches and optimizer; run_stage
 # below puts them together and runs the training loop.
 
@@ -1187,7 +1108,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             atomic_save(cfg.to_json(), os.path.join(out_dir, "config.json"))
             with writing(os.path.join(out_dir, "loss.png")):
                 plot_losses(metrics, os.path.join(out_dir, "loss.png"), f"stage {stage} training loss ({cfg.name})")
-        acc, asked_open, bpb = (evaluate(model, tok, proc, cfg, eval_rows, tc.data, rank, world, eval_autocast)
+        acc, asked_open, bpb = (evaluate(model, eval_rows, tok, proc, tc.data, rank, world, eval_autocast)
                                 if eval_rows else (None, None, None))
         if master:
             result = {"stage": stage, "mc": acc, "open": asked_open, "bpb": bpb}
@@ -1324,7 +1245,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         if done % tc.log_every == 0 or done == hp["steps"] or done % ckpt_every == 0:
             log(done, lr)
         if tc.eval_every and done % tc.eval_every == 0 and done < hp["steps"] and eval_rows and stage > 0:
-            acc, asked_open, bpb = evaluate(model, tok, proc, cfg, eval_rows, tc.data, rank, world, eval_autocast)
+            acc, asked_open, bpb = evaluate(model, eval_rows, tok, proc, tc.data, rank, world, eval_autocast)
             metrics.append({"stage": stage, "step": done, "mc_mean": acc["mean"], "open_mean": asked_open["mean"],
                             "bpb": bpb})
             say(format_table(acc, bpb, f"stage {stage}, step {done}", asked_open))
@@ -1390,7 +1311,7 @@ def main(argv=None):
             tokenizer = tc.tokenizer if is_released_folder(tc.ckpt) else tokenizer_path(tc, [tc.ckpt])
             model, tok, proc = load_model(tc.ckpt, device, dtype, tokenizer)
             check_fits(rows[0], tok, model.cfg.n_image_tokens, model.cfg.llm.max_seq_len)
-            acc, asked_open, bpb = evaluate(model, tok, proc, model.cfg, rows, tc.data, rank, world)
+            acc, asked_open, bpb = evaluate(model, rows, tok, proc, tc.data, rank, world)
         except (ValueError, FileNotFoundError) as e:  # a bad checkpoint or row (named by file and line), a bad image
             raise SystemExit(str(e)) from None
         if world > 1:

@@ -19,8 +19,14 @@ held-out text in bits, divided by its length in UTF-8 bytes. Unlike perplexity p
 tokenizer, and it shows whether vision-language training is eroding the language model. Each document's
 end-of-sentence is predicted and counted too (it has no bytes of its own): knowing where a text ends is part of
 modelling it.
+
+The held-out set is a data folder's eval_mc.jsonl and eval_text.jsonl (held_out reads and checks them), and evaluate
+gives all three figures on it: train.py's after each stage, and its --eval-only's for any checkpoint. Each measure
+is split into the work per row (mc_choices, open_answers, text_bits) and its summary, so that under torchrun every
+process scores a share of the rows and they gather the results.
 """
 
+import contextlib
 import math
 import os
 import re
@@ -28,9 +34,10 @@ from collections import defaultdict
 from typing import Dict, List, Sequence
 
 import torch
+import torch.distributed as dist
 
 from nanovl.chat import IMAGE_TAG, render_chat
-from nanovl.data import Sample, Source, collate, read_jsonl
+from nanovl.data import ROW_FORMAT, Sample, Source, check_images, collate, read_jsonl
 from nanovl.generate import Sampling, generate
 from nanovl.synth import mc_prompt
 
@@ -80,6 +87,40 @@ def read_mc_rows(path: str) -> List[dict]:
     return rows
 
 
+def held_out(data_dir: str, limit: int = 0):
+    """A data folder's held-out set: (its multiple-choice questions, each checked; its text rows, or None when it has
+    no eval_text.jsonl, as a folder of one's own questions need not), or None when it has no eval_mc.jsonl (a LLaVA
+    import). limit: limit / categories questions (rounded up) from each category, and at most limit text rows."""
+    mc_path = os.path.join(data_dir, "eval_mc.jsonl")
+    if not os.path.isfile(mc_path):
+        return None
+    mc_rows = read_mc_rows(mc_path)
+    if limit:
+        categories = sorted({r["category"] for r in mc_rows})
+        per = -(-limit // len(categories))
+        mc_rows = [r for c in categories for r in [r for r in mc_rows if r["category"] == c][:per]]
+    # Decoded now, each image once, so that a bad one stops the run before it trains, not at its evaluation.
+    errors = check_images([os.path.join(data_dir, image) for row in mc_rows for image in row["images"]])
+    for row in mc_rows:
+        for image in row["images"]:
+            if errors[os.path.join(data_dir, image)]:
+                raise ValueError(f"{row['_where']}: {errors[os.path.join(data_dir, image)]}")
+    return mc_rows, held_out_text(data_dir, limit)
+
+
+def held_out_text(data_dir: str, limit: int = 0):
+    """A data folder's held-out text rows (at most limit), each checked, or None when it has no eval_text.jsonl."""
+    path = os.path.join(data_dir, "eval_text.jsonl")
+    if not os.path.isfile(path):
+        return None
+    rows = read_jsonl(path, origin=True)
+    for row in rows:
+        if not isinstance(row.get("text"), str) or not row["text"].strip() or IMAGE_TAG in row["text"]:
+            raise ValueError(f"{row['_where']}: 'text' must be a string of text, without {IMAGE_TAG} (held-out text "
+                             f"is scored alone); a held-out text row is {ROW_FORMAT['text']}")
+    return (rows[:limit] if limit else rows) or None  # an empty file: no text to score
+
+
 def option_samples(row: dict, tokenizer, n_image_tokens: int) -> List[Sample]:
     """A question's rows to score: the image placeholders, the question and its options, then one option as the
     answer, for each option."""
@@ -120,7 +161,7 @@ def multiple_choice(model, rows: Sequence[dict], tokenizer, processor, n_image_t
 def mc_choices(model, rows: Sequence[dict], tokenizer, processor, n_image_tokens: int, root: str = "",
                batch_questions: int = 8) -> List[int]:
     """The option the model picks for each question: the index of the one with the lowest perplexity. (Apart from
-    mc_accuracy so that several processes can each score a share of the questions: train.py's evaluate.)"""
+    mc_accuracy so that several processes can each score a share of the questions: evaluate, below.)"""
     device = next(model.parameters()).device
     choices = []
     for start in range(0, len(rows), batch_questions):
@@ -243,6 +284,49 @@ def text_bits(model, rows: Sequence[dict], tokenizer, n_image_tokens: int, max_l
 def text_bytes(rows: Sequence[dict]) -> int:
     """The rows' texts' length in UTF-8 bytes (bits_per_byte's denominator)."""
     return sum(len(r["text"].encode("utf-8")) for r in rows)
+
+
+def evaluate(model, rows, tokenizer, processor, root: str = "", rank: int = 0, world: int = 1,
+             autocast=contextlib.nullcontext):
+    """(MCPPL accuracy, accuracy asked open, text bits per byte) of a DeepSeekVL on rows, held_out's (mc_rows,
+    text_rows): the questions (their images under root; train.py's stage 0 has none, and gets None for both
+    accuracies) and the held-out text (None without it, and bits per byte None). autocast: the context to run the
+    model in (train.py's evaluations during training run in bf16 autocast on a GPU, as the training does).
+
+    Text is scored in pieces of the model's whole context in every stage, so that the stages' figures compare: in
+    128-token pieces after stage 0 (the length it trains at in the scaled-down presets) and 512 after stage 1, the
+    same decoder (stage 1 trains the adaptor alone) scored 2.508 and 2.531.
+
+    Under torchrun each process scores every world-th question and text (rows[rank::world]) and they share their
+    results (gathered): the evaluation takes a world-th of the time, and no process waits on the others for long (a
+    process group gives up on a wait after 30 minutes, which a 7B model's evaluation can take). The figures are one
+    process's but for the rounding of the batches' sums, which group the rows otherwise."""
+    mc_rows, text_rows = rows
+    n_image_tokens = model.cfg.n_image_tokens
+    was_training = model.training
+    model.eval()
+    acc = asked_open = bpb = None
+    with autocast():
+        if mc_rows is not None:
+            mine = mc_rows[rank::world]
+            choices = mc_choices(model, mine, tokenizer, processor, n_image_tokens, root)
+            acc = mc_accuracy(mc_rows, gathered(choices, world))
+            answers = open_answers(model, mine, tokenizer, processor, n_image_tokens, root)
+            asked_open = open_accuracy(mc_rows, gathered(answers, world))
+        if text_rows is not None:
+            bits = text_bits(model, text_rows[rank::world], tokenizer, n_image_tokens, model.cfg.llm.max_seq_len)
+            bpb = sum(gathered([bits], world)) / max(1, text_bytes(text_rows))
+    model.train(was_training)
+    return acc, asked_open, bpb
+
+
+def gathered(mine: list, world: int) -> list:
+    """Every process's results, in the order of the rows, when process r has those of rows[r::world]."""
+    if world == 1:
+        return mine
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)  # (over gloo, from CPU memory, where NCCL serves the GPUs too)
+    return [parts[i % world][i // world] for i in range(sum(len(part) for part in parts))]
 
 
 def format_table(acc: Dict[str, float], bpb: float, title: str, asked_open: Dict[str, float] = None) -> str:

@@ -228,12 +228,13 @@ def test_training_steps_with_an_evaluation_on_the_device(tmp_path):
     assert all(m["loss"] > 0 for m in metrics if "loss" in m)  # finite: a NaN would have stopped the run
     result = json.loads((tmp_path / "out" / "stage3" / "eval.json").read_text())
     assert set(result["mc"]) >= {"mean", "chance"} and set(result["open"]) >= {"mean"}
+    from nanovl.evaluate import evaluate, held_out
     from nanovl.image import ImageProcessor
     from nanovl.tokenizer import Tokenizer
     trained = DeepSeekVL(cfg)
     trained.load_state_dict(torch.load(tmp_path / "out" / "stage3" / "model.pt", weights_only=True)["model"])
     tok = Tokenizer.load(str(tmp_path / "out" / "stage3" / "tokenizer.json"))
-    rows = train.held_out(str(tmp_path / "data"), 10)
-    _, _, bpb = train.evaluate(trained, tok, ImageProcessor.for_config(cfg), cfg, rows, str(tmp_path / "data"))
+    rows = held_out(str(tmp_path / "data"), 10)
+    _, _, bpb = evaluate(trained, rows, tok, ImageProcessor.for_config(cfg), str(tmp_path / "data"))
     assert result["bpb"] == pytest.approx(bpb, rel=2e-2)
     assert (result["bpb"] != bpb) == DEVICE.startswith("cuda")  # on the CPU, no autocast: the very same figure

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import prepare_data
 import train
 from conftest import write_swapped_tokenizer
-from nanovl import DeepSeekVL, get_config
+from nanovl import DeepSeekVL, evaluate, get_config
 from nanovl.evaluate import multiple_choice
 from nanovl.synth import mc_prompt
 from nanovl.image import ImageProcessor
@@ -75,6 +75,7 @@ def noting_scored_rows(tmp_path) -> str:
     path.write_text(f"""import os, sys
 sys.path.insert(0, {ROOT!r})
 import train
+from nanovl import evaluate
 
 def noting(name, score):
     def noted(model, rows, *args):
@@ -84,7 +85,7 @@ def noting(name, score):
     return noted
 
 for name in ("mc_choices", "open_answers", "text_bits"):
-    setattr(train, name, noting(name, getattr(train, name)))
+    setattr(evaluate, name, noting(name, getattr(evaluate, name)))
 train.main(sys.argv[1:])
 """)
     return str(path)
@@ -98,7 +99,7 @@ def scored_rows(tmp_path, world: int) -> list:
 
 def evaluation_share(data, limit: int, rank: int, world: int) -> list:
     """What scored_rows gives for one evaluation of a process that scores its share, rows[rank::world]."""
-    mc_rows, text_rows = train.held_out(data, limit)
+    mc_rows, text_rows = evaluate.held_out(data, limit)
     where = lambda rows: [row["_where"].replace(" ", "") for row in rows[rank::world]]
     return [("mc_choices", where(mc_rows)), ("open_answers", where(mc_rows)), ("text_bits", where(text_rows))]
 
@@ -258,7 +259,6 @@ def test_an_open_answer_is_right_when_it_names_the_right_option_alone():
 
 
 def test_open_questions_ask_without_the_options_and_score_what_comes_back(data, monkeypatch):
-    import nanovl.evaluate as evaluate
     tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
     cfg = get_config("tiny")
     images = [r["images"] for r in evaluate.read_mc_rows(os.path.join(data, "eval_mc.jsonl"))[:3]]
@@ -409,10 +409,10 @@ def test_stage0_rows_are_checked_before_training_and_a_bad_label_map_is_named_by
 
 
 def test_eval_limit_bounds_questions_per_category_and_text_rows(data):
-    mc, text = train.held_out(data)
+    mc, text = evaluate.held_out(data)
     categories = sorted({r["category"] for r in mc})
     assert len(categories) > 1 and len(text) > 3
-    mc3, text3 = train.held_out(data, limit=3)
+    mc3, text3 = evaluate.held_out(data, limit=3)
     # ceil(3 / categories) questions from each category, the first of each; and the first 3 text rows
     per = -(-3 // len(categories))
     assert mc3 == [r for c in categories for r in [r for r in mc if r["category"] == c][:per]]
@@ -451,8 +451,8 @@ def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_we
     clip = torch.nn.utils.clip_grad_norm_
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
                         lambda params, max_norm: clipped.append((len(params), max_norm)) or clip(params, max_norm))
-    asked, ask = [], train.open_answers  # (a random model names no option: its open accuracy alone shows nothing)
-    monkeypatch.setattr(train, "open_answers", lambda model, rows, *a, **k: asked.append(len(rows)) or
+    asked, ask = [], evaluate.open_answers  # (a random model names no option: its open accuracy alone shows nothing)
+    monkeypatch.setattr(evaluate, "open_answers", lambda model, rows, *a, **k: asked.append(len(rows)) or
                         ask(model, rows, *a, **k))
     out = str(tmp_path / "out")
     args = ["--data", data, "--stage", str(stage), "--out", out, "--steps", "3", "--batch_size", "4", "--micro_batch",
@@ -463,7 +463,7 @@ def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_we
     # evaluated every 2 steps and at the end, both ways (stage 0, which has no questions to ask: at the end, text only)
     evals = [m for m in metrics if "bpb" in m]
     assert [m["step"] for m in evals] == ([2, 3] if stage else [3])
-    assert asked == ([len(train.held_out(data, 5)[0])] * 2 if stage else [])  # the questions asked open, each time
+    assert asked == ([len(evaluate.held_out(data, 5)[0])] * 2 if stage else [])  # the questions asked open, each time
     assert all(0 <= m["mc_mean"] <= 1 and 0 <= m["open_mean"] <= 1 if stage else m["mc_mean"] is m["open_mean"] is None
                for m in evals)
 
@@ -487,7 +487,7 @@ def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_we
         from nanovl.evaluate import open_questions
         trained = DeepSeekVL(cfg).eval()
         trained.load_state_dict(load_model(os.path.join(out, "stage1")))
-        mc_rows, proc = train.held_out(data, 5)[0], ImageProcessor.for_config(cfg)
+        mc_rows, proc = evaluate.held_out(data, 5)[0], ImageProcessor.for_config(cfg)
         result = json.loads(open(os.path.join(out, "stage1", "eval.json")).read())
         assert result["mc"] == multiple_choice(trained, mc_rows, tok, proc, cfg.n_image_tokens, root=data)
         assert result["open"] == open_questions(trained, mc_rows, tok, proc, cfg.n_image_tokens, root=data)
@@ -615,13 +615,13 @@ def test_two_processes_match_one_with_the_same_global_batch(data, start_weights,
     # scores every other held-out row, at the evaluation after step 2 and at the end.
     run(common + ["--out", str(tmp_path / "two"), "--eval_every", "2"], module=noting_scored_rows(tmp_path), torchrun=2)
     assert scored_rows(tmp_path, 2) == [evaluation_share(data, 5, rank, 2) * 2 for rank in (0, 1)]
-    mc_rows, text_rows = train.held_out(data, 5)
+    mc_rows, text_rows = evaluate.held_out(data, 5)
     assert len(mc_rows) > 2 and len(text_rows) > 2
     # and the figures they gather are those of one process evaluating the same weights
     cfg, tok = get_config("tiny"), Tokenizer.load(os.path.join(data, "tokenizer.json"))
     trained = DeepSeekVL(cfg)
     trained.load_state_dict(load_model(tmp_path / "two" / "stage3"))
-    acc, asked_open, bpb = train.evaluate(trained, tok, ImageProcessor.for_config(cfg), cfg, (mc_rows, text_rows), data)
+    acc, asked_open, bpb = evaluate.evaluate(trained, (mc_rows, text_rows), tok, ImageProcessor.for_config(cfg), data)
     result = json.loads((tmp_path / "two" / "stage3" / "eval.json").read_text())
     assert (result["mc"], result["open"]) == (acc, asked_open) and result["bpb"] == pytest.approx(bpb, rel=1e-6)
     one, two = load_model(tmp_path / "one" / "stage3"), load_model(tmp_path / "two" / "stage3")
