@@ -11,17 +11,27 @@ DeepSeek-LLM (paper section 3.1); a scaled-down preset has none of those, so it 
                      each patch's label (background, or which coloured shape covers it) in the synthetic scenes
 
 The heads and the text tower are thrown away after this stage; only the encoders and the language model go on.
+Stage0Batches gives each micro-batch all three kinds of data, and Stage0Model computes the three losses in one
+forward, so that train.py trains stage 0 with the loop of the other stages.
 """
+
+import os
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import Dataset
 
 from nanovl.config import LlamaConfig, VLConfig
-from nanovl.data import epochs
+from nanovl.data import PlannedBatches, epochs
 from nanovl.llama import Llama
+from nanovl.model import DeepSeekVL
+from nanovl.synth import SEG_LABELS
+
+N_SEG_CLASSES = 1 + len(SEG_LABELS)  # the label maps: 0 is the background, then one class per coloured shape
+STAGE0_ROW = '{"image": path, "caption": "...", "seg": path of its label map, or null}'  # stage0.jsonl's rows
 
 
 class Stage0Heads(nn.Module):
@@ -121,3 +131,65 @@ def plan_distinct(captions, batch: int, steps: int, seed: int):
                 picked.append(i)
         plan.append(("pairs", picked))
     return plan
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What train.py runs: the stage's micro-batches, and the model with its heads as one module (one DDP module).
+
+class Stage0Batches(Dataset):
+    """Stage 0 micro-batches: text for the language model, (image, caption) pairs for SigLIP, scenes and their label
+    maps for SAM, each from its own deterministic plan. Images are cheap next to text at this size, so the pair and
+    scene streams have their own micro-batch sizes (a contrastive loss also wants many negatives per batch).
+
+    The pairs only feed SigLIP, so their images come at SigLIP's resolution from pair_processor (a CachedProcessor
+    with size=SigLIP's); the captions, a few dozen distinct sentences read thousands of times, are tokenized once."""
+
+    def __init__(self, text: PlannedBatches, pairs, scenes, plan_pairs, plan_scenes, tok, processor, pair_processor,
+                 cfg):
+        self.text, self.pairs, self.scenes, self.proc, self.pair_proc = text, pairs, scenes, processor, pair_processor
+        self.plan_pairs, self.plan_scenes, self.pad_id, self.cfg = plan_pairs, plan_scenes, tok.pad_id, cfg
+        self.caption_ids = {c: [tok.bos_id] + tok.encode(c) + [tok.eos_id] for c in {r["caption"] for r in pairs}}
+
+    def __len__(self):
+        return len(self.text)
+
+    def __getitem__(self, k):
+        ids, targets, _ = self.text[k]
+        pairs = [self.pairs[i] for i in self.text.rows(k, self.plan_pairs)]
+        caps = [self.caption_ids[r["caption"]] for r in pairs]
+        cap_ids = torch.full((len(caps), max(map(len, caps))), self.pad_id, dtype=torch.long)
+        for b, c in enumerate(caps):
+            cap_ids[b, :len(c)] = torch.tensor(c)
+        batch = {"ids": ids, "targets": targets, "cap_ids": cap_ids, "cap_len": torch.tensor([len(c) for c in caps]),
+                 "pair_images": torch.stack([self.read(r, "image", self.pair_proc) for r in pairs])}
+        if self.scenes:
+            scenes = [self.scenes[i] for i in self.text.rows(k, self.plan_scenes)]
+            batch["seg_images"] = torch.stack([self.read(r, "image", self.proc) for r in scenes])
+            labels = lambda r: self.read(r, "seg", lambda path: seg_labels(  # checked against the size of its image
+                path, self.proc, self.cfg.sam.grid, N_SEG_CLASSES, os.path.join(r["_root"], r["image"])))
+            batch["seg_labels"] = torch.stack([labels(r) for r in scenes])
+        return batch
+
+    @staticmethod
+    def read(row, key, reader):
+        """reader(the row's file under key); a file that cannot be read is an error naming the row, as in stages 1-3."""
+        try:
+            return reader(os.path.join(row["_root"], row[key]))
+        except ValueError as e:
+            raise ValueError(f"{row['_where']}: {e}") from None
+
+
+class Stage0Model(torch.nn.Module):
+    """The VLM's parts plus the stage-0 heads, with one forward that returns the three losses, so DDP sees a
+    single module."""
+
+    def __init__(self, model: DeepSeekVL, heads: Stage0Heads):
+        super().__init__()
+        self.model, self.heads = model, heads
+
+    def forward(self, batch, reduction="sum"):
+        _, lm = self.model.llm(batch["ids"], targets=batch["targets"], reduction=reduction, check_ids=False)
+        clip = self.heads.contrastive_loss(self.model, batch["pair_images"], batch["cap_ids"], batch["cap_len"])
+        seg = self.heads.segmentation_loss(self.model.sam, batch["seg_images"], batch["seg_labels"]) \
+            if "seg_images" in batch else torch.zeros((), device=lm.device)
+        return lm, clip + seg, {"clip": clip.detach(), "seg": seg.detach()}

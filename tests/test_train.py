@@ -23,7 +23,7 @@ from nanovl import DeepSeekVL, evaluate, get_config
 from nanovl.evaluate import multiple_choice
 from nanovl.synth import mc_prompt
 from nanovl.image import ImageProcessor
-from nanovl.stage0 import Stage0Heads
+from nanovl.stage0 import Stage0Heads, Stage0Model
 from nanovl.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -143,7 +143,7 @@ def test_trainable_takes_any_prefix_and_names_one_that_matches_nothing():
 
 def test_stage0_clips_each_of_its_three_models_on_its_own():
     cfg = get_config("tiny")
-    net = train.Stage0Model(DeepSeekVL(cfg), Stage0Heads(cfg, n_seg_classes=5))
+    net = Stage0Model(DeepSeekVL(cfg), Stage0Heads(cfg, n_seg_classes=5))
     train.apply_freeze_map(net, ["model." + p for p in train.trainable_prefixes(0, cfg)] + ["heads"])
     groups = {k: {id(p) for p in v} for k, v in train.clipping_groups(net, 0).items()}
     ids = lambda *prefixes: {id(p) for n, p in net.named_parameters() if p.requires_grad and n.startswith(prefixes)}
