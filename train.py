@@ -51,8 +51,8 @@ from nanovl import DeepSeekVL, VLConfig, get_config
 from nanovl.checkpoint import (check_device, check_tokenizer_fits, init_from_parts, is_released_folder, load_model,
                                load_plain, nanovl_state)
 from nanovl.config import FROM_SCRATCH
-from nanovl.data import (PlannedBatches, Source, collate, default_folder, folder_kind, plan_batches, read_images,
-                         read_jsonl, write_jsonl)
+from nanovl.data import (PackedBatches, PlannedBatches, Source, default_folder, folder_kind, plan_batches, read_jsonl,
+                         write_jsonl)
 from nanovl.evaluate import check_fits, evaluate, format_table, held_out, held_out_text
 from nanovl.image import CachedProcessor, ImageProcessor
 from nanovl.stage0 import N_SEG_CLASSES, STAGE0_ROW, Stage0Batches, Stage0Heads, Stage0Model, plan_distinct
@@ -621,29 +621,6 @@ def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, fo
         return {k: source(v, "sft", names[k]) for k, v in groups.items() if shares[k] > 0}, \
             lambda step: {k: v for k, v in shares.items() if v > 0}
     raise ValueError(f"no data mix for stage {stage}")
-
-
-class PackedBatches(PlannedBatches):
-    """PlannedBatches over a packed plan (plan_batches with lengths): each item is this rank's rows of the micro-batch,
-    every row samples laid end to end (stage 2). Attention and positions stay inside each sample (doc_ids)."""
-
-    def __getitem__(self, k):
-        modality = self.plan[k // self.accum][0]
-        packed = [[self.sources[modality][i] for i in row] for row in self.rows(k)]
-        T = max(sum(len(s.ids) - 1 for s in r) for r in packed)
-        ids = torch.full((len(packed), T), self.pad_id, dtype=torch.long)
-        targets = torch.full((len(packed), T), -100, dtype=torch.long)
-        doc_ids = torch.full((len(packed), T), -1, dtype=torch.long)  # padding: a "sample" of its own
-        images = []
-        for b, r in enumerate(packed):
-            x, y, _ = collate(r, self.pad_id)  # each sample shifted on its own, then laid end to end
-            pos = 0
-            for j, s in enumerate(r):
-                n = len(s.ids) - 1
-                ids[b, pos:pos + n], targets[b, pos:pos + n], doc_ids[b, pos:pos + n] = x[j, :n], y[j, :n], j
-                pos += n
-            images += read_images(r, self.processor)
-        return ids, targets, (torch.stack(images) if images else None), doc_ids
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ or multimodal; the paper's modality-grouped batches, section 4.4, Figure 8) with
 the step (modality warm-up), and each modality walks through its rows in a fresh shuffled order every epoch. The plan
 is a pure function of the seed, so a resumed run reads exactly the batches it would have read, and with several
 processes each rank takes its own slice of the same global batch. `PlannedBatches` turns (step, micro-batch) into
-tensors, so a torch DataLoader can build the next batches in worker processes while the model trains.
+tensors, so a torch DataLoader can build the next batches in worker processes while the model trains;
+`PackedBatches` lays several samples end to end in each row instead (stage 2, given a plan made with their lengths).
 """
 
 import codecs
@@ -314,6 +315,29 @@ class PlannedBatches(Dataset):
 
     def __getitem__(self, k):
         return collate(self.samples(k), self.pad_id, self.processor)
+
+
+class PackedBatches(PlannedBatches):
+    """PlannedBatches over a packed plan (plan_batches with lengths): each item is this rank's rows of the micro-batch,
+    every row samples laid end to end (stage 2). Attention and positions stay inside each sample (doc_ids)."""
+
+    def __getitem__(self, k):
+        modality = self.plan[k // self.accum][0]
+        packed = [[self.sources[modality][i] for i in row] for row in self.rows(k)]
+        T = max(sum(len(s.ids) - 1 for s in r) for r in packed)
+        ids = torch.full((len(packed), T), self.pad_id, dtype=torch.long)
+        targets = torch.full((len(packed), T), -100, dtype=torch.long)
+        doc_ids = torch.full((len(packed), T), -1, dtype=torch.long)  # padding: a "sample" of its own
+        images = []
+        for b, r in enumerate(packed):
+            x, y, _ = collate(r, self.pad_id)  # each sample shifted on its own, then laid end to end
+            pos = 0
+            for j, s in enumerate(r):
+                n = len(s.ids) - 1
+                ids[b, pos:pos + n], targets[b, pos:pos + n], doc_ids[b, pos:pos + n] = x[j, :n], y[j, :n], j
+                pos += n
+            images += read_images(r, self.processor)
+        return ids, targets, (torch.stack(images) if images else None), doc_ids
 
 
 # ---------------------------------------------------------------------------------------------------------------------

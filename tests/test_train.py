@@ -1040,7 +1040,7 @@ def test_help_lists_every_training_setting(capsys):
 
 
 def test_packing_lays_samples_end_to_end():
-    from nanovl.data import Sample, epochs, plan_batches
+    from nanovl.data import PackedBatches, Sample, epochs, plan_batches
     samples = [Sample(list(range(10 * i + 1, 10 * i + 1 + n)), [0] + [1] * (n - 1), []) for i, n in
                enumerate((5, 9, 4, 7))]  # inputs of 4, 8, 3 and 6 tokens
     lengths = {"language": [len(s.ids) - 1 for s in samples]}
@@ -1061,7 +1061,7 @@ def test_packing_lays_samples_end_to_end():
     assert [sorted(rows[0]) for _, rows in exact] == [[0, 1], [0, 1]]  # 6 + 6 tokens fill a row of 12 exactly
 
     plan = [("language", [[0, 1], [2, 3]])]
-    ids, targets, images, doc_ids = train.PackedBatches(plan, {"language": samples}, 0, None)[0]
+    ids, targets, images, doc_ids = PackedBatches(plan, {"language": samples}, 0, None)[0]
     assert ids.tolist() == [[1, 2, 3, 4, 11, 12, 13, 14, 15, 16, 17, 18], [21, 22, 23, 31, 32, 33, 34, 35, 36, 0, 0, 0]]
     assert doc_ids.tolist() == [[0] * 4 + [1] * 8, [0] * 3 + [1] * 6 + [-1] * 3]
     assert targets[0, :4].tolist() == [2, 3, 4, 5] and targets[1, 9:].tolist() == [-100] * 3
