@@ -51,8 +51,8 @@ from tqdm import tqdm
 
 from nanovl.chat import IMAGE_TAG, prompt_string, render_chat, render_document, show
 from nanovl.config import FROM_SCRATCH, PRESETS, get_config
-from nanovl.data import (LEFTOVER, default_folder, folder_kind, import_llava, quiet_worker, read_jsonl, read_text,
-                         write_jsonl)
+from nanovl.data import LEFTOVER, default_folder, folder_kind, quiet_worker, read_jsonl, read_text, write_jsonl
+from nanovl.llava import import_llava
 from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
 from nanovl.tokenizer import Tokenizer
 

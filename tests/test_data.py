@@ -16,7 +16,8 @@ from PIL import Image
 import prepare_data
 from nanovl.chat import IMAGE_TAG, render_document
 from nanovl.config import get_config
-from nanovl.data import PlannedBatches, Sample, Source, collate, import_llava, plan_batches, read_jsonl
+from nanovl.data import PlannedBatches, Sample, Source, collate, plan_batches, read_jsonl
+from nanovl.llava import import_llava
 from nanovl.image import ImageProcessor
 from nanovl.synth import CATEGORIES, COLORS, NUMBERS, SEG_LABELS, SHAPES, make_example
 from nanovl.tokenizer import Tokenizer
@@ -319,7 +320,7 @@ def test_a_malformed_row_is_named_by_its_file_and_line(data_dir, tmp_path):
     with pytest.raises(ValueError, match=r"line 1: not valid JSON: Extra data at column \d+; its lines end in \\r "
                                          r"alone, where JSON Lines needs \\n$"):
         read_jsonl(str(path))
-    from nanovl.data import iter_json_rows
+    from nanovl.llava import iter_json_rows
 
     [(where, error)] = list(iter_json_rows(str(path)))  # the LLaVA import's reader says the same
     assert where == "line 1" and str(error).endswith("its lines end in \\r alone, where JSON Lines needs \\n")
@@ -376,31 +377,31 @@ def test_llava_import_keeps_good_rows_and_reports_bad_ones(tmp_path):
 
 
 def test_an_import_that_cannot_be_written_says_so_in_a_line_and_leaves_nothing(tmp_path, monkeypatch):
-    import nanovl.data
+    import nanovl.llava
     ok = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps(ok) + "\n")
     (tmp_path / "file").write_text("")
     checked = []
-    monkeypatch.setattr(nanovl.data, "check_images", lambda paths, workers: checked.append(paths) or {})
+    monkeypatch.setattr(nanovl.llava, "check_images", lambda paths, workers: checked.append(paths) or {})
     with pytest.raises(ValueError, match=r"cannot write .*file/d.partial, where the import is written before it is "
                                          r"moved to .*file/d: Not a directory"):
         import_llava(str(path), str(tmp_path), str(tmp_path / "file" / "d"))
     assert not checked  # said before any image was read
-    plain = nanovl.data.write_jsonl
+    plain = nanovl.llava.write_jsonl
 
     def full(p, rows):  # a disk that fills up while pretrain.jsonl is written
         if p.endswith("pretrain.jsonl"):
             raise OSError(28, "No space left on device", p)
         plain(p, rows)
 
-    monkeypatch.setattr(nanovl.data, "write_jsonl", full)
+    monkeypatch.setattr(nanovl.llava, "write_jsonl", full)
     for out in (tmp_path / "new", tmp_path / "earlier"):
         if out.name == "earlier":  # an earlier import there: its files stay as they were
-            monkeypatch.setattr(nanovl.data, "write_jsonl", plain)
+            monkeypatch.setattr(nanovl.llava, "write_jsonl", plain)
             import_llava(str(path), str(tmp_path), str(out))
             before = {f: (out / f).read_bytes() for f in os.listdir(out)}
-            monkeypatch.setattr(nanovl.data, "write_jsonl", full)
+            monkeypatch.setattr(nanovl.llava, "write_jsonl", full)
         with pytest.raises(ValueError, match=rf"cannot write .*{out.name}.partial/pretrain.jsonl: No space left on "
                                              rf"device; .*{out.name} is as it was"):
             import_llava(str(path), str(tmp_path), str(out))
@@ -443,7 +444,7 @@ def test_llava_array_on_one_line_names_rows_by_index_and_id_and_reads_in_linear_
     assert not (tmp_path / "empty").exists()
     # Linear in the rows: the line of each row is counted on from the one before, not from the top of the file. The
     # file's text counts the characters its newline counts scan: each at most once.
-    import nanovl.data
+    import nanovl.llava
     scanned = []
 
     class Counted(str):
@@ -453,8 +454,8 @@ def test_llava_array_on_one_line_names_rows_by_index_and_id_and_reads_in_linear_
             return str.count(self, sub, start, end)
 
     path.write_text("[\n" + ",\n".join(json.dumps(r) for r in [ok] * 2000) + "\n]")  # a row a line, 2000 lines
-    monkeypatch.setattr(nanovl.data, "read_text", lambda p: Counted(open(p, encoding="utf-8").read()))
-    wheres = [where for where, _ in nanovl.data.iter_json_rows(str(path))]
+    monkeypatch.setattr(nanovl.llava, "read_text", lambda p: Counted(open(p, encoding="utf-8").read()))
+    wheres = [where for where, _ in nanovl.llava.iter_json_rows(str(path))]
     assert len(wheres) == 2000 and wheres[-1] == "row 2000, line 2001"
     assert sum(scanned) <= len(path.read_text())  # quadratic: about 2000 x the file / 2
 

@@ -906,7 +906,7 @@ def test_a_released_preset_gets_data_without_a_tokenizer_and_asks_for_the_releas
 
 
 def test_a_llava_import_alone_trains_stages_1_and_3(data, start_weights, tmp_path, capsys):
-    from nanovl.data import import_llava
+    from nanovl.llava import import_llava
     images = sorted(os.listdir(os.path.join(data, "images", "code")))[:3]
     ask = lambda q, a: [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
     rows = [{"image": f"code/{images[0]}", "conversations": ask("<image>\nWhat colour is the button?", "Blue.")},

@@ -1,0 +1,275 @@
+"""
+Real data: the LLaVA format, in which LLaVA-1.5's data and many open image-chat sets are released, imported into our
+rows (nanovl/data.py) for train.py's stages 1 and 3 (prepare_data.py --llava FILE --images DIR).
+
+    LLaVA row       {"image": path or [paths], "conversations": [{"from": "human" or "gpt", "value": "..."}]}
+                    or {"image": path, "caption": "..."}; "<image>" in the text marks where the image goes
+    ours            sft.jsonl: {"category": "llava", "images", "conversation": [{"role", "content"}]}   (stage 3)
+                    pretrain.jsonl: {"category": "caption", "images", "text"}                          (stage 1)
+
+The file is a JSON array or JSON lines, read row by row (iter_json_rows), so that one bad row is skipped and named by
+its place in the file rather than ending the import; import_llava checks every image once, converts each row
+(llava_row), and writes the rows kept with a report of those skipped, whole or not at all.
+"""
+
+import json
+import os
+import shutil
+from typing import Callable, List, Tuple
+
+from nanovl.chat import IMAGE_TAG, check_conversation
+from nanovl.data import LEFTOVER, check_images, cr_only, folder_kind, image_error, json_error, read_text, write_jsonl
+
+
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class BrokenFile(ValueError):
+    """A JSON array that breaks off (bad syntax, cut short, or more after its end): the rows before it are kept,
+    nothing after it can be trusted. is_row: whether it stands where a row was read (bad syntax in a row), or between
+    or after the rows (a missing comma, no closing ], more after it)."""
+
+    def __init__(self, message: str, is_row: bool = False):
+        super().__init__(message)
+        self.is_row = is_row
+
+
+def iter_json_rows(path: str):
+    """Yield (where, row or exception) for a JSON array file or a JSON-lines file, row by row, so one bad row can be
+    reported and skipped. where: "line N" for JSON lines; "row K, line N" in an array (K counts from 1), since an
+    array written by json.dump is often all on one line. A broken array yields a BrokenFile where it breaks, last."""
+    text = read_text(path)
+    start = len(text) - len(text.lstrip())
+    if text[start:start + 1] != "[":  # JSON lines: one row a line. Split at "\n" only: str.splitlines would also
+        # split at characters a JSON string may hold raw (U+2028, U+0085, ...), cutting such a row in two.
+        for n, line in enumerate(text.split("\n"), 1):
+            if line.strip():
+                try:
+                    yield f"line {n}", json.loads(line)
+                except (json.JSONDecodeError, RecursionError) as e:
+                    if n == 1 + text.count("\n", 0, start):  # the first row: is the file one JSON object, not rows?
+                        whole = json_or_none(text)
+                        if isinstance(whole, dict):
+                            raise ValueError(f"{path} holds one JSON object (keys {', '.join(list(whole)[:5])}), "
+                                             "expected a JSON array of rows or one row a line") from None
+                    yield f"line {n}", ValueError(f"not valid JSON: {json_error(e, lines=False)}{cr_only(line)}")
+        return
+    decoder, pos, line, counted, k = json.JSONDecoder(), start + 1, 1, 0, 0
+
+    def skip_space(p):
+        while p < len(text) and text[p] in " \t\r\n":
+            p += 1
+        return p
+
+    def line_of(p):
+        return line + text.count("\n", counted, p)
+
+    pos = skip_space(pos)
+    if text[pos:pos + 1] == "]":  # an empty array
+        pos += 1
+    else:
+        while True:
+            line += text.count("\n", counted, pos)  # counted on from the last row: linear in the file, not quadratic
+            counted, k = pos, k + 1
+            try:
+                row, pos = decoder.raw_decode(text, pos)
+            except (json.JSONDecodeError, RecursionError) as e:  # the array is broken: nothing after it can be trusted
+                yield f"row {k}, line {line}", BrokenFile(f"not valid JSON: {json_error(e)}; the rest of the file was "
+                                                          "not read", is_row=True)
+                return
+            yield f"row {k}, line {line}", row
+            pos = skip_space(pos)
+            if text[pos:pos + 1] == "]":
+                pos += 1
+                break
+            if text[pos:pos + 1] == "," and text[skip_space(pos + 1):skip_space(pos + 1) + 1] == "]":
+                pos = skip_space(pos + 1) + 1  # a comma after the last row: not JSON, but nothing is lost
+                break
+            if text[pos:pos + 1] != ",":
+                yield (f"after row {k}, line {line_of(pos)}",
+                       BrokenFile("the file ends before the array's closing ] (was it cut short?)" if pos >= len(text)
+                                  else f"expected ',' or ']' after the row, got {text[pos:pos + 20]!r}; the rest of "
+                                       "the file was not read"))
+                return
+            pos = skip_space(pos + 1)
+    pos = skip_space(pos)
+    if pos < len(text):
+        yield f"line {line_of(pos)}", BrokenFile(f"more after the array's closing ] ({text[pos:pos + 20]!r}: two "
+                                                 "files joined?); the rest of the file was not read")
+
+
+def json_or_none(text: str):
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+
+
+def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_captions: bool = False
+              ) -> Tuple[str, dict]:
+    """One LLaVA row -> ("sft" or "pretrain", our row). Raises ValueError saying what is wrong with it. as_captions:
+    a one-question chat about one image is a caption, its answer the text (see import_llava)."""
+    if not isinstance(row, dict):
+        raise ValueError(f"expected an object, got {type(row).__name__}")
+    image = row.get("image") or []  # "image": null, as some exports write, is no image
+    images = [image] if isinstance(image, str) else image
+    if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
+        raise ValueError(f"'image' must be a path or a list of paths, got {image!r}")
+    paths = [os.path.abspath(os.path.join(images_dir, i)) for i in images]
+    for p in paths:
+        check_image(p)
+    if "conversations" not in row:  # a plain image-caption pair
+        caption = row.get("caption", row.get("text"))
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError("no 'conversations' and no non-empty 'caption' or 'text'")
+        if len(paths) != 1:
+            raise ValueError(f"a caption row needs exactly one image, got {len(paths)}")
+        text = caption.strip().replace("<image>", IMAGE_TAG)
+        if IMAGE_TAG not in text:
+            text = IMAGE_TAG + text  # the image before its caption
+        if text.count(IMAGE_TAG) != 1:
+            raise ValueError(f"a caption row has one image, but its caption has {text.count(IMAGE_TAG)} <image> tags")
+        return "pretrain", checked_text({"category": "caption", "images": paths, "text": text})
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("'conversations' must be a non-empty list")
+    conversation = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or turn.get("from") not in ROLE_NAMES or not isinstance(turn.get("value"), str):
+            raise ValueError(f"turn {i} must be {{'from': 'human' or 'gpt', 'value': text}}, got {turn!r}")
+        content = turn["value"].replace("<image>", IMAGE_TAG)
+        conversation.append({"role": ROLE_NAMES[turn["from"]], "content": content})
+    if conversation[-1]["role"] == "user":
+        conversation = conversation[:-1]  # a trailing question without an answer teaches nothing
+        if not conversation:
+            raise ValueError("a question with no answer: nothing to learn from")
+    check_conversation(conversation)
+    n_tags = sum(m["content"].count(IMAGE_TAG) for m in conversation)
+    if n_tags == 0 and len(paths) == 1:  # some sets omit the tag; LLaVA puts the image before the first question
+        conversation[0]["content"] = IMAGE_TAG + "\n" + conversation[0]["content"]
+    elif n_tags != len(paths):
+        raise ValueError(f"{n_tags} <image> tags but {len(paths)} images")
+    answer = conversation[-1]["content"].strip()
+    if as_captions and len(paths) == 1 and len(conversation) == 2 and IMAGE_TAG not in answer:
+        return "pretrain", checked_text({"category": "caption", "images": paths, "text": IMAGE_TAG + answer})
+    return "sft", checked_text({"category": "llava", "images": paths, "conversation": conversation})
+
+
+def checked_text(row: dict) -> dict:
+    """row, or ValueError if some string in it cannot be written as UTF-8. JSON can spell half of a character (a
+    lone surrogate such as "\\ud83d", left where a tool cut an emoji in two), which no UTF-8 file can hold."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"the text holds half of a character ({e.object[e.start:e.end]!r}, a lone surrogate: "
+                         "text cut in the middle of an emoji?)") from None
+    return row
+
+
+def named_images(row, images_dir: str) -> List[str]:
+    """The image paths a LLaVA row names, as llava_row resolves them; [] when its 'image' field is malformed (which
+    llava_row reports)."""
+    image = (row.get("image") or []) if isinstance(row, dict) else []
+    images = [image] if isinstance(image, str) else image if isinstance(image, list) else []
+    return [os.path.abspath(os.path.join(images_dir, i)) for i in images if isinstance(i, str) and i]
+
+
+IMPORT_FILES = ("sft.jsonl", "pretrain.jsonl", "report.txt", "meta.json")  # what an import writes, meta.json last
+
+
+def import_llava(path: str, images_dir: str, out: str, workers: int = 1, as_captions: bool = False) -> str:
+    """Convert a LLaVA-format file into our rows in `out` (sft.jsonl, pretrain.jsonl, report.txt, meta.json).
+    Plain image-caption rows become captions (stage 1 reads them), conversations chats (stage 3). as_captions: a
+    one-question chat about one image becomes a caption too, the image then the answer, its instruction dropped.
+    That is the shape of LLaVA's own caption set (LLaVA-Pretrain: "<image> Render a clear and concise summary of
+    the photo." and the caption), and how LLaVA trains on it in its first stage (its "plain" template).
+
+    Every image the rows name is checked first, once, in `workers` processes. Rows with a missing or unreadable
+    image or a malformed field are skipped, each listed with where it is in the file in report.txt; every other row
+    is kept. Returns the report's summary. `out` is written whole or not at all, and only an earlier import is
+    replaced: its files, not others put beside them (your eval_mc.jsonl and its images).
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"LLaVA file {path} " + ("is a folder: expected a JSON or JSON-lines file"
+                                                  if os.path.isdir(path) else "does not exist"))
+    if not os.path.isdir(images_dir):
+        raise ValueError(f"image folder {images_dir} " + ("is a file: expected the folder the image paths are "
+                                                          "relative to" if os.path.exists(images_dir)
+                                                          else "does not exist"))
+    kind = folder_kind(out)
+    if kind == "file":
+        raise ValueError(f"--out {out} is a file: expected a folder for the import (one that does not exist yet, or "
+                         "an earlier import)")
+    if kind not in ("missing", "llava"):
+        raise ValueError(f"{out} already holds " + ("prepare_data.py's synthetic corpus" if kind == "synthetic" else
+                                                    "files that no LLaVA import made") +
+                         "; choose another --out for the import (an earlier import there would be replaced)")
+    # Written aside, in a folder of the import's files only, then moved in: never a half-written folder. Made first,
+    # so that a place that cannot be written is said before the images are read (minutes, for many of them).
+    partial = out.rstrip("/") + ".partial"
+    if os.path.exists(partial) and not all(f in IMPORT_FILES or LEFTOVER.fullmatch(f) for f in os.listdir(partial)):
+        raise ValueError(f"{partial}, where an import is written before it is moved to {out}, holds files an import "
+                         "does not write; move it out of the way")
+    shutil.rmtree(partial, ignore_errors=True)  # what an interrupted import left
+    try:
+        os.makedirs(partial)
+    except OSError as e:
+        raise ValueError(f"cannot write {partial}, where the import is written before it is moved to {out}: "
+                         f"{e.strerror or e}") from None
+    moved = False
+    try:
+        rows = list(iter_json_rows(path))
+        checked = check_images([p for _, row in rows for p in named_images(row, images_dir)], workers)
+
+        def check_image(p):
+            error = checked[p] if p in checked else image_error(p)
+            if error:
+                raise ValueError(error)
+
+        kept = {"sft": [], "pretrain": []}
+        skipped, broken = [], ""
+        total = 0
+        for where, row in rows:
+            if isinstance(row, BrokenFile):  # always the last
+                broken = f"{where}: {row}"
+                if not row.is_row:
+                    continue  # between or after the rows: not a row read, nor one skipped
+            total += 1
+            try:
+                if isinstance(row, Exception):
+                    raise row
+                kind, ours = llava_row(row, images_dir, check_image, as_captions)
+                kept[kind].append(ours)
+            except ValueError as e:
+                named = f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else ""
+                skipped.append(f"{where}{named}: {e}")
+        if not kept["sft"] and not kept["pretrain"]:
+            raise ValueError(f"{path}: no row to keep ({total} read" +
+                             (f"; the first skipped: {skipped[0]}" if skipped else "") + "); nothing was written")
+        summary = (f"{path}: {total} rows read, {len(kept['sft'])} conversations and {len(kept['pretrain'])} "
+                   f"captions kept, {len(skipped)} skipped; written to {out}" +
+                   (f". The file is broken: {broken}" if broken else ""))
+        try:
+            for name in ("sft", "pretrain"):
+                write_jsonl(os.path.join(partial, f"{name}.jsonl"), kept[name])
+            with open(os.path.join(partial, "report.txt"), "w", encoding="utf-8") as f:
+                f.write(summary + "\n" + "".join(f"skipped {s}\n" for s in skipped))
+            with open(os.path.join(partial, "meta.json"), "w") as f:
+                json.dump({"llava": {"file": os.path.abspath(path), "images": os.path.abspath(images_dir),
+                                     "as_captions": as_captions}}, f, indent=2)
+            if folder_kind(out) == "missing":
+                if os.path.isdir(out):
+                    os.rmdir(out)  # an empty folder
+                os.replace(partial, out)
+            else:  # an earlier import: only its files are replaced (meta.json last), not what else is there
+                moved = True  # (from here on, some of them may be the new ones)
+                for name in IMPORT_FILES:
+                    os.replace(os.path.join(partial, name), os.path.join(out, name))
+                os.rmdir(partial)
+        except OSError as e:  # a full disk, say: one line, and nothing half-written left behind
+            raise ValueError(f"cannot write {e.filename or partial}: {e.strerror or e}" +
+                             (f"; {out} may hold some of the new files" if moved else f"; {out} is as it was")
+                             ) from None
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)  # (moved in whole, it is gone already)
+    return summary + (f" (reasons in {os.path.join(out, 'report.txt')})" if skipped else "")
