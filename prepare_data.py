@@ -302,7 +302,7 @@ def prepare(args):
         raise SystemExit(f"--out {args.out} " + (
             "already holds a LLaVA import" if kind == "llava" else
             "is a file, not a folder" if kind == "file" else
-            f"holds a meta.json that is not one prepare_data.py writes (cut short, or edited?), so the folder cannot "
+            "holds a meta.json that is not one prepare_data.py writes (cut short, or edited?), so the folder cannot "
             "be told from one of yours" if os.path.isfile(meta) else
             "already holds files that prepare_data.py did not make (no meta.json of its own)") +
             "; choose another --out, or remove it first")

@@ -10,7 +10,6 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import prepare_data

@@ -5,7 +5,6 @@ transcription of the facts sheet for DeepSeek's SAM additions and for both adapt
 import copy
 from functools import partial
 
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
