@@ -16,8 +16,8 @@ import prepare_data
 from nanovl.chat import IMAGE_TAG, render_document
 from nanovl.config import get_config
 from nanovl.data import PlannedBatches, Sample, Source, collate, plan_batches, read_jsonl
-from nanovl.llava import import_llava
 from nanovl.image import ImageProcessor
+from nanovl.llava import import_llava
 from nanovl.synth import CATEGORIES, COLORS, NUMBERS, SEG_LABELS, SHAPES, make_example
 from nanovl.tokenizer import Tokenizer
 
