@@ -20,6 +20,9 @@ is a pure function of the seed, so a resumed run reads exactly the batches it wo
 processes each rank takes its own slice of the same global batch. `PlannedBatches` turns (step, micro-batch) into
 tensors, so a torch DataLoader can build the next batches in worker processes while the model trains;
 `PackedBatches` lays several samples end to end in each row instead (stage 2, given a plan made with their lengths).
+
+Last, what a data folder is (folder_kind) and checking its images (check_images), which prepare_data.py,
+nanovl/llava.py and nanovl/evaluate.py share.
 """
 
 import codecs
@@ -78,7 +81,7 @@ def read_jsonl(path: str, origin: bool = False) -> List[dict]:
     """All rows of a JSON-lines file; a malformed line is an error that names the file and line. origin=True also
     writes where each row came from into it ("_where": "FILE, line N"), for the errors found in it later."""
     rows = []
-    for n, line in enumerate(read_text(path).split("\n"), 1):  # "\n" only, as iter_json_rows splits
+    for n, line in enumerate(read_text(path).split("\n"), 1):  # "\n" only, as nanovl/llava.py's iter_json_rows splits
         if line.strip():
             try:
                 row = json.loads(line)

@@ -1,6 +1,6 @@
 """
-Evaluation during and after training: multi-choice perplexity (MCPPL: how the paper watched its 1.3B runs) and
-bits per byte of held-out text (the language side of the paper's Figure 4).
+Evaluation during and after training: multi-choice perplexity (MCPPL: how the paper watched its 1.3B runs), the same
+questions asked open, and bits per byte of held-out text (the language side of the paper's Figure 4).
 
 Multi-choice perplexity (MCPPL). Free generation is a noisy signal for a small model that cannot yet follow the answer
 format, so DeepSeek watched its 1.3B runs this way: the model sees the image, the question and all the options, and the
@@ -21,9 +21,11 @@ end-of-sentence is predicted and counted too (it has no bytes of its own): knowi
 modelling it.
 
 The held-out set is a data folder's eval_mc.jsonl and eval_text.jsonl (held_out reads and checks them), and evaluate
-gives all three figures on it: train.py's after each stage, and its --eval-only's for any checkpoint. Each measure
-is split into the work per row (mc_choices, open_answers, text_bits) and its summary, so that under torchrun every
-process scores a share of the rows and they gather the results.
+gives all three figures on it: train.py's during and after each stage (stage 0: bits per byte only), and its
+--eval-only's for any checkpoint. Each measure is split into the work per row (mc_choices, open_answers, text_bits)
+and its summary (mc_accuracy, open_accuracy, text_bits over text_bytes), so that under torchrun every process scores
+a share of the rows and they gather the results; multiple_choice, open_questions and bits_per_byte do both in one
+process.
 """
 
 import contextlib

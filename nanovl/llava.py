@@ -1,15 +1,19 @@
 """
 Real data: the LLaVA format, in which LLaVA-1.5's data and many open image-chat sets are released, imported into our
-rows (nanovl/data.py) for train.py's stages 1 and 3 (prepare_data.py --llava FILE --images DIR).
+rows (nanovl/data.py) for train.py's stages 1 and 3 trained on it alone, or beside the synthetic corpus with
+--extra_data, where stage 2 reads it too (prepare_data.py --llava FILE --images DIR).
 
-    LLaVA row       {"image": path or [paths], "conversations": [{"from": "human" or "gpt", "value": "..."}]}
-                    or {"image": path, "caption": "..."}; "<image>" in the text marks where the image goes
-    ours            sft.jsonl: {"category": "llava", "images", "conversation": [{"role", "content"}]}   (stage 3)
-                    pretrain.jsonl: {"category": "caption", "images", "text"}                          (stage 1)
+    LLaVA row   {"image": path, [paths] or none, "conversations": [{"from": "human" or "gpt", "value": "..."}]}
+                or {"image": path, "caption" (or "text"): "..."}; "<image>" in the text marks where the image goes
+                (without it, one image goes before the first question, or before the caption)
+    ours        sft.jsonl: {"category": "llava", "images", "conversation": [{"role", "content"}]}   (stage 3)
+                pretrain.jsonl: {"category": "caption", "images", "text"}                          (stage 1)
+                the images as absolute paths, and <image> written as <image_placeholder>
 
 The file is a JSON array or JSON lines, read row by row (iter_json_rows), so that one bad row is skipped and named by
 its place in the file rather than ending the import; import_llava checks every image once, converts each row
-(llava_row), and writes the rows kept with a report of those skipped, whole or not at all.
+(llava_row), and writes the rows kept, with a report of those skipped, aside before moving them in: the folder never
+holds a half-written file.
 """
 
 import json
@@ -19,9 +23,6 @@ from typing import Callable, List, Tuple
 
 from nanovl.chat import IMAGE_TAG, check_conversation
 from nanovl.data import LEFTOVER, check_images, cr_only, folder_kind, image_error, json_error, read_text, write_jsonl
-
-
-ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 class BrokenFile(ValueError):
@@ -105,6 +106,9 @@ def json_or_none(text: str):
         return None
 
 
+ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
 def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_captions: bool = False
               ) -> Tuple[str, dict]:
     """One LLaVA row -> ("sft" or "pretrain", our row). Raises ValueError saying what is wrong with it. as_captions:
@@ -186,8 +190,9 @@ def import_llava(path: str, images_dir: str, out: str, workers: int = 1, as_capt
 
     Every image the rows name is checked first, once, in `workers` processes. Rows with a missing or unreadable
     image or a malformed field are skipped, each listed with where it is in the file in report.txt; every other row
-    is kept. Returns the report's summary. `out` is written whole or not at all, and only an earlier import is
-    replaced: its files, not others put beside them (your eval_mc.jsonl and its images).
+    is kept. Returns the report's summary. `out` never holds a half-written file: the import is written aside and
+    moved in (a new folder at once; over an earlier import, its four files one by one, meta.json last). Only an
+    earlier import is replaced: its files, not others put beside them (your eval_mc.jsonl and its images).
     """
     if not os.path.isfile(path):
         raise ValueError(f"LLaVA file {path} " + ("is a folder: expected a JSON or JSON-lines file"

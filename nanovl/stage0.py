@@ -2,7 +2,7 @@
 Stage 0: unimodal pretraining, for presets trained from scratch. DeepSeek-VL starts from a pretrained SigLIP, SAM and
 DeepSeek-LLM (paper section 3.1); a scaled-down preset has none of those, so it first trains each part on its own:
 
-    language model   next-token prediction on text (the ordinary LM loss, in train.py)
+    language model   next-token prediction on text (the ordinary LM loss, which Stage0Model computes with the others)
     SigLIP           the sigmoid image-text contrastive loss of SigLIP (Zhai et al. 2023), against a small text tower
                      that exists only for this stage: matching (image, caption) pairs are pushed to a positive logit,
                      every other pair in the batch to a negative one, each pair an independent binary decision.
@@ -31,7 +31,8 @@ from nanovl.model import DeepSeekVL
 from nanovl.synth import SEG_LABELS
 
 N_SEG_CLASSES = 1 + len(SEG_LABELS)  # the label maps: 0 is the background, then one class per coloured shape
-STAGE0_ROW = '{"image": path, "caption": "...", "seg": path of its label map, or null}'  # stage0.jsonl's rows
+# A row of stage0.jsonl (train.py's stage_batches quotes this when it refuses one).
+STAGE0_ROW = '{"image": path, "caption": "...", "seg": path of its label map, or null}'
 
 
 class Stage0Heads(nn.Module):
@@ -70,7 +71,7 @@ class Stage0Heads(nn.Module):
         txt = F.normalize((hidden * real[..., None]).sum(dim=1) / caption_len[:, None], dim=-1)  # (B, E)
         logits = img @ txt.T * self.log_t.exp() + self.bias  # (B, B)
         # +1 on the diagonal (matching pairs), -1 everywhere else. That is only right because the batch's captions
-        # are distinct (train.py plans them so): a repeated caption would be a match, not a negative.
+        # are distinct (plan_distinct, below, plans them so): a repeated caption would be a match, not a negative.
         labels = 2 * torch.eye(len(logits), device=logits.device) - 1
         return -F.logsigmoid(labels * logits).sum() / len(logits)
 
@@ -179,7 +180,7 @@ class Stage0Batches(Dataset):
             raise ValueError(f"{row['_where']}: {e}") from None
 
 
-class Stage0Model(torch.nn.Module):
+class Stage0Model(nn.Module):
     """The VLM's parts plus the stage-0 heads, with one forward that returns the three losses, so DDP sees a
     single module."""
 
