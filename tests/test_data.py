@@ -1,6 +1,7 @@
 """prepare_data.py end to end on a small run, the LLaVA import with bad rows, and the batches the trainer reads."""
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -15,7 +16,7 @@ from PIL import Image
 import prepare_data
 from nanovl.chat import IMAGE_TAG, render_document
 from nanovl.config import get_config
-from nanovl.data import PlannedBatches, Sample, Source, collate, plan_batches, read_jsonl
+from nanovl.data import PackedBatches, PlannedBatches, Sample, Source, collate, epochs, plan_batches, read_jsonl
 from nanovl.image import ImageProcessor
 from nanovl.llava import import_llava
 from nanovl.synth import CATEGORIES, COLORS, NUMBERS, SEG_LABELS, SHAPES, make_example
@@ -671,3 +672,31 @@ def test_ranks_and_micro_batches_split_the_same_global_batch():
     for k in range(len(batches)):
         modality, rows = plan[k // 2]
         assert batches.samples(k) == [sources[modality][i] for i in batches.rows(k)]
+
+
+def test_packing_lays_samples_end_to_end():
+    samples = [Sample(list(range(10 * i + 1, 10 * i + 1 + n)), [0] + [1] * (n - 1), []) for i, n in
+               enumerate((5, 9, 4, 7))]  # inputs of 4, 8, 3 and 6 tokens
+    lengths = {"language": [len(s.ids) - 1 for s in samples]}
+    # The batch counts rows: 2 rows of 12 a step. Next fit in the stream's order; a sample that does not fit closes
+    # the row and starts the next, or the next step.
+    plan = plan_batches({"language": 4}, 2, 3, lambda step: {"language": 1.0}, 0, lengths, 12)
+    laid = [i for _, rows in plan for row in rows for i in row]
+    assert laid == list(itertools.islice(epochs(4, "0-language"), len(laid)))  # the stream, in order, none skipped
+    expected, row = [], []
+    for i in laid:  # next fit, by hand
+        if row and sum(lengths["language"][j] for j in row + [i]) > 12:
+            expected.append(row)
+            row = []
+        row.append(i)
+    assert [row for _, rows in plan for row in rows] == expected + [row] and all(len(rows) == 2 for _, rows in plan)
+
+    exact = plan_batches({"language": 2}, 1, 2, lambda step: {"language": 1.0}, 0, {"language": [6, 6]}, 12)
+    assert [sorted(rows[0]) for _, rows in exact] == [[0, 1], [0, 1]]  # 6 + 6 tokens fill a row of 12 exactly
+
+    plan = [("language", [[0, 1], [2, 3]])]
+    ids, targets, images, doc_ids = PackedBatches(plan, {"language": samples}, 0, None)[0]
+    assert ids.tolist() == [[1, 2, 3, 4, 11, 12, 13, 14, 15, 16, 17, 18], [21, 22, 23, 31, 32, 33, 34, 35, 36, 0, 0, 0]]
+    assert doc_ids.tolist() == [[0] * 4 + [1] * 8, [0] * 3 + [1] * 6 + [-1] * 3]
+    assert targets[0, :4].tolist() == [2, 3, 4, 5] and targets[1, 9:].tolist() == [-100] * 3
+    assert images is None

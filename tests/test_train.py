@@ -2,7 +2,6 @@
 steps of every stage on the tiny preset. Runs on CPU; the data folder is a small prepare_data.py run."""
 
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -1037,35 +1036,6 @@ def test_help_lists_every_training_setting(capsys):
     assert printed.startswith(train.__doc__.strip()[:60])
     for f in dataclasses.fields(train.TrainConfig):
         assert f"\n{f.name}: " in printed
-
-
-def test_packing_lays_samples_end_to_end():
-    from nanovl.data import PackedBatches, Sample, epochs, plan_batches
-    samples = [Sample(list(range(10 * i + 1, 10 * i + 1 + n)), [0] + [1] * (n - 1), []) for i, n in
-               enumerate((5, 9, 4, 7))]  # inputs of 4, 8, 3 and 6 tokens
-    lengths = {"language": [len(s.ids) - 1 for s in samples]}
-    # The batch counts rows: 2 rows of 12 a step. Next fit in the stream's order; a sample that does not fit closes
-    # the row and starts the next, or the next step.
-    plan = plan_batches({"language": 4}, 2, 3, lambda step: {"language": 1.0}, 0, lengths, 12)
-    laid = [i for _, rows in plan for row in rows for i in row]
-    assert laid == list(itertools.islice(epochs(4, "0-language"), len(laid)))  # the stream, in order, none skipped
-    expected, row = [], []
-    for i in laid:  # next fit, by hand
-        if row and sum(lengths["language"][j] for j in row + [i]) > 12:
-            expected.append(row)
-            row = []
-        row.append(i)
-    assert [row for _, rows in plan for row in rows] == expected + [row] and all(len(rows) == 2 for _, rows in plan)
-
-    exact = plan_batches({"language": 2}, 1, 2, lambda step: {"language": 1.0}, 0, {"language": [6, 6]}, 12)
-    assert [sorted(rows[0]) for _, rows in exact] == [[0, 1], [0, 1]]  # 6 + 6 tokens fill a row of 12 exactly
-
-    plan = [("language", [[0, 1], [2, 3]])]
-    ids, targets, images, doc_ids = PackedBatches(plan, {"language": samples}, 0, None)[0]
-    assert ids.tolist() == [[1, 2, 3, 4, 11, 12, 13, 14, 15, 16, 17, 18], [21, 22, 23, 31, 32, 33, 34, 35, 36, 0, 0, 0]]
-    assert doc_ids.tolist() == [[0] * 4 + [1] * 8, [0] * 3 + [1] * 6 + [-1] * 3]
-    assert targets[0, :4].tolist() == [2, 3, 4, 5] and targets[1, 9:].tolist() == [-100] * 3
-    assert images is None
 
 
 def test_contrastive_batches_hold_distinct_captions():
