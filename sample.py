@@ -2,7 +2,8 @@
 Chat about images with a trained nanovl checkpoint or a released DeepSeek-VL model folder.
 
     python sample.py --ckpt out/stage3 --image data/images/caption/eval_000000.png --prompt "How many shapes are there?"
-    python sample.py --ckpt out/stage3 --image a.png --image b.png --prompt "<image_placeholder> <image_placeholder> Same?"
+    python sample.py --ckpt out/stage3 --image a.png --image b.png \\
+        --prompt "<image_placeholder> <image_placeholder> Same?"
     python sample.py --ckpt deepseek-vl-7b-chat --image photo.jpg     # interactive chat (no --prompt)
     python sample.py --ckpt out/stage3 --prompt "one" --prompt "two"  # several prompts, one left-padded batch
 

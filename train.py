@@ -169,8 +169,8 @@ def usage() -> str:
     settings = inspect.getsource(TrainConfig).split("\n", 2)[2]  # the body, below "@dataclass" and "class ..."
     return (__doc__.strip() + "\n\nTraining settings (--key=value or --key value; a bare --flag for true):\n\n" +
             "\n".join(line.removeprefix("    ") for line in settings.rstrip().splitlines()) +
-            "\n\nModel config fields (nanovl/config.py), dotted: --llm.n_layers=6, --siglip.depth=4, --sam.window_size=7,"
-            "\n--aligner.depth=2; the preset (--config) gives the rest.")
+            "\n\nModel config fields (nanovl/config.py), dotted: --llm.n_layers=6, --siglip.depth=4, "
+            "--sam.window_size=7,\n--aligner.depth=2; the preset (--config) gives the rest.")
 
 
 def parse_args(argv):

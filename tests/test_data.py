@@ -156,8 +156,8 @@ def test_every_multiple_choice_answer_is_what_the_example_states():
             words = set(re.findall(r"\w+", dict(ex.qa)[ex.mc["question"]].lower()))
             assert {o.lower() for o in ex.mc["options"]} & words == {right.lower()}, (category, i, ex.qa)
             q = ex.mc["question"]
-            kinds.add((category, "colour" if "colour" in q else "count" if "shapes" in q else "tallest" if "tallest" in q
-                       else "rows" if "rows" in q else q))
+            kinds.add((category, "colour" if "colour" in q else "count" if "shapes" in q
+                       else "tallest" if "tallest" in q else "rows" if "rows" in q else q))
             if ex.seg is not None:  # every shape is labelled by its (shape, colour), the background 0
                 drawn = {1 + SEG_LABELS.index((s, c)) for c, s in shapes.findall(ex.text) if c in COLORS}
                 scene = [(c, s) for c, s in shapes.findall(ex.text) if c in COLORS]
@@ -522,7 +522,8 @@ def test_images_are_checked_alike_in_one_process_or_several(tmp_path, monkeypatc
     monkeypatch.setattr(multiprocessing, "Pool", lambda n, **k: pools.append(n) or real_pool(n, **k))
     one, two = check_images(paths, workers=1), check_images(paths, workers=2)
     assert pools == [2] and one == two and len(one) == 1002  # the second in a pool of two processes
-    assert sorted(p for p, error in one.items() if error) == [str(tmp_path / "broken.png"), str(tmp_path / "missing.png")]
+    broken = [str(tmp_path / "broken.png"), str(tmp_path / "missing.png")]
+    assert sorted(p for p, error in one.items() if error) == broken
 
 
 def test_show_renders_samples_with_the_folders_tokenizer_or_a_given_one(data_dir, tmp_path, capsys):

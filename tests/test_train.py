@@ -900,7 +900,8 @@ def test_a_released_preset_gets_data_without_a_tokenizer_and_asks_for_the_releas
     with pytest.raises(SystemExit, match="was prepared for the 'tiny' preset .images at 256 px.; the '1.3b' model"):
         train.main(argv[:4] + ["--data", data, "--out", str(tmp_path / "out")])  # tiny's data: refused, not rebuilt
     weights.mkdir()  # a folder without a tokenizer.json
-    with pytest.raises(SystemExit, match="no tokenizer at .*reads DeepSeek-LLM's tokenizer: pass --init_from a released"):
+    with pytest.raises(SystemExit, match="no tokenizer at .*reads DeepSeek-LLM's tokenizer: pass --init_from a "
+                                         "released"):
         train.main(argv + ["--init_from", str(weights)])
 
 
@@ -926,7 +927,8 @@ def test_a_llava_import_alone_trains_stages_1_and_3(data, start_weights, tmp_pat
         printed = capsys.readouterr().out
         assert f"stage {stage}: {mine} has no held-out questions" in printed and "MCPPL" not in printed
         if stage == "1":  # one caption for batches of two
-            assert "data: multimodal has 1 sample, fewer than a batch of 2: each of its steps repeats samples" in printed
+            assert ("data: multimodal has 1 sample, fewer than a batch of 2: each of its steps repeats samples"
+                    in printed)
         folder = tmp_path / f"out{stage}" / f"stage{stage}"
         assert json.loads((folder / "eval.json").read_text()) == {"stage": int(stage), "mc": None, "open": None,
                                                                    "bpb": None}
