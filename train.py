@@ -113,7 +113,8 @@ class TrainConfig:
     grad_ckpt: bool = False  # activation checkpointing in the decoder
     workers: int = 1  # DataLoader worker processes (on a 2-core laptop, more would take cores from training)
     image_cache: int = 1024  # MB of decoded images each worker keeps to reuse in later epochs (0: decode every time;
-    # stage 0 keeps its scenes and its SigLIP-sized pair images in two caches of this size)
+    # stage 0 keeps its scenes and its SigLIP-sized pair images in two caches of this size), and the evaluations keep
+    # the held-out images in one more (each is read for MCPPL, then asked open, at every evaluation of the stage)
     clip_batch: int = 48  # stage 0: (image, caption) pairs per micro-batch for SigLIP's contrastive loss
     seg_batch: int = 3  # stage 0: segmented scenes per micro-batch for SAM's dense loss
     stop_after: int = 0  # exit right after the checkpoint at this step, as if killed (for testing resume)
@@ -1011,6 +1012,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     eval_autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if cuda else \
         contextlib.nullcontext
+    eval_proc = CachedProcessor(proc, tc.image_cache << 20)  # each held-out image decoded once for the whole stage
 
     def finish():
         """The stage's final weights, loss plot and evaluation; eval.json, written last, marks the stage done."""
@@ -1020,7 +1022,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             atomic_save(cfg.to_json(), os.path.join(out_dir, "config.json"))
             with writing(os.path.join(out_dir, "loss.png")):
                 plot_losses(metrics, os.path.join(out_dir, "loss.png"), f"stage {stage} training loss ({cfg.name})")
-        acc, asked_open, bpb = (evaluate(model, eval_rows, tok, proc, tc.data, rank, world, eval_autocast)
+        acc, asked_open, bpb = (evaluate(model, eval_rows, tok, eval_proc, tc.data, rank, world, eval_autocast)
                                 if eval_rows else (None, None, None))
         if master:
             result = {"stage": stage, "mc": acc, "open": asked_open, "bpb": bpb}
@@ -1157,7 +1159,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         if done % tc.log_every == 0 or done == hp["steps"] or done % ckpt_every == 0:
             log(done, lr)
         if tc.eval_every and done % tc.eval_every == 0 and done < hp["steps"] and eval_rows and stage > 0:
-            acc, asked_open, bpb = evaluate(model, eval_rows, tok, proc, tc.data, rank, world, eval_autocast)
+            acc, asked_open, bpb = evaluate(model, eval_rows, tok, eval_proc, tc.data, rank, world, eval_autocast)
             metrics.append({"stage": stage, "step": done, "mc_mean": acc["mean"], "open_mean": asked_open["mean"],
                             "bpb": bpb})
             say(format_table(acc, bpb, f"stage {stage}, step {done}", asked_open))
@@ -1223,7 +1225,9 @@ def main(argv=None):
             tokenizer = tc.tokenizer if is_released_folder(tc.ckpt) else tokenizer_path(tc, [tc.ckpt])
             model, tok, proc = load_model(tc.ckpt, device, dtype, tokenizer)
             check_fits(rows[0], tok, model.cfg.n_image_tokens, model.cfg.llm.max_seq_len)
-            acc, asked_open, bpb = evaluate(model, rows, tok, proc, tc.data, rank, world)
+            # (each question's images are read twice, for MCPPL and asked open: kept, up to --image_cache MB)
+            acc, asked_open, bpb = evaluate(model, rows, tok, CachedProcessor(proc, tc.image_cache << 20), tc.data,
+                                            rank, world)
         except (ValueError, FileNotFoundError) as e:  # a bad checkpoint or row (named by file and line), a bad image
             raise SystemExit(str(e)) from None
         if world > 1:

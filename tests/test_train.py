@@ -453,6 +453,9 @@ def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_we
     asked, ask = [], evaluate.open_answers  # (a random model names no option: its open accuracy alone shows nothing)
     monkeypatch.setattr(evaluate, "open_answers", lambda model, rows, *a, **k: asked.append(len(rows)) or
                         ask(model, rows, *a, **k))
+    decoded, decode = [], ImageProcessor.pixels
+    monkeypatch.setattr(ImageProcessor, "pixels", lambda self, image, *a: decoded.append(str(image)) or
+                        decode(self, image, *a))
     out = str(tmp_path / "out")
     args = ["--data", data, "--stage", str(stage), "--out", out, "--steps", "3", "--batch_size", "4", "--micro_batch",
             "2", "--warmup", "0", "--min_lr_ratio", "0.5", "--grad_clip", "0.5", "--workers", "0", "--log_every", "1",
@@ -463,6 +466,10 @@ def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_we
     evals = [m for m in metrics if "bpb" in m]
     assert [m["step"] for m in evals] == ([2, 3] if stage else [3])
     assert asked == ([len(evaluate.held_out(data, 5)[0])] * 2 if stage else [])  # the questions asked open, each time
+    # each held-out image decoded once, though read four times (two evaluations, MCPPL and asked open in each)
+    held = [os.path.join(data, image) for row in (evaluate.held_out(data, 5)[0] if stage else []) for image in
+            row["images"]]
+    assert sorted(path for path in decoded if path in held) == sorted(set(held))
     assert all(0 <= m["mc_mean"] <= 1 and 0 <= m["open_mean"] <= 1 if stage else m["mc_mean"] is m["open_mean"] is None
                for m in evals)
 
@@ -860,10 +867,16 @@ def test_weights_broken_by_an_update_are_never_saved_and_a_lower_lr_resumes(data
     assert all(torch.isfinite(v).all() for v in load_model(out / "stage3").values())
 
 
-def test_eval_only_takes_the_config_from_the_checkpoint(data, start_weights, tmp_path, capsys):
+def test_eval_only_takes_the_config_from_the_checkpoint(data, start_weights, tmp_path, capsys, monkeypatch):
     # start_weights is a tiny model.pt with no tokenizer beside it: the data folder's is used; --config is not
+    decoded, decode = [], ImageProcessor.pixels
+    monkeypatch.setattr(ImageProcessor, "pixels", lambda self, image, *a: decoded.append(str(image)) or
+                        decode(self, image, *a))
     train.main(["--eval-only", "--ckpt", start_weights, "--data", data, "--config", "small", "--eval_limit", "5"])
     printed = capsys.readouterr().out
+    # each question's image decoded once, though read twice (MCPPL, then asked open)
+    held = [os.path.join(data, image) for row in evaluate.held_out(data, 5)[0] for image in row["images"]]
+    assert sorted(decoded) == sorted(set(held))
     assert f"evaluation of {start_weights} on {data}" in printed and "(chance 25.0%)" in printed
     assert "text bits per byte" in printed
     # under torchrun each process scores its share of the questions, and the first prints what one process prints
