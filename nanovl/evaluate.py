@@ -299,10 +299,10 @@ def evaluate(model, rows, tokenizer, processor, root: str = "", rank: int = 0, w
     128-token pieces after stage 0 (the length it trains at in the scaled-down presets) and 512 after stage 1, the
     same decoder (stage 1 trains the adaptor alone) scored 2.508 and 2.531.
 
-    Under torchrun each process scores every world-th question and text (rows[rank::world]) and they share their
-    results (gathered): the evaluation takes a world-th of the time, and no process waits on the others for long (a
-    process group gives up on a wait after 30 minutes, which a 7B model's evaluation can take). The figures are one
-    process's but for the rounding of the batches' sums, which group the rows otherwise."""
+    Under torchrun each process scores every world-th question and text (rows[rank::world]) and they share their results
+    (gathered): each does a world-th of the work, and no process waits on the others for long (a process group gives up
+    on a wait after 30 minutes, which a 7B model's evaluation can take). The figures are one process's but for the
+    rounding of the batches' sums, which group the rows otherwise."""
     mc_rows, text_rows = rows
     n_image_tokens = model.cfg.n_image_tokens
     was_training = model.training
