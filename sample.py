@@ -12,8 +12,8 @@ Chat about images with a trained nanovl checkpoint or a released DeepSeek-VL mod
 gets one in front for each --image, as in the official examples (with several prompts, each places its own).
 Decoding is greedy by default; --temperature samples instead, from the distribution that --top_k and --top_p
 narrow (they need a temperature), seeded by --seed, so a run is reproducible. --repetition_penalty makes tokens
-already in the answer less likely, greedy or not. The official CLI uses temperature 0.2, top_p 0.95 and
-repetition_penalty 1.1.
+already in the answer less likely, greedy or not. The official CLI samples with temperature 0.2, top_p 0.95 and
+repetition_penalty 1.1, and with the top_k 50 of transformers 4's default generation config.
 
 In the interactive chat each turn reuses the KV cache: only the new message is run through the model, never the
 earlier turns or their images. Commands: `new` starts a new chat, `image PATH` attaches an image to the next
@@ -60,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if there is one)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--official_rope", action="store_true",
+                   help="round RoPE's frequencies to --dtype, as the official scripts' cast to bf16 does: their GPU "
+                        "outputs, where nanovl keeps the frequencies exact (README, Released weights)")
     args = p.parse_args(argv)
     if not args.ckpt.strip():  # (an unset shell variable, say: "" would read as the current folder's model.pt)
         p.error("--ckpt is empty: expected a stage folder, a model.pt file or a released model folder")
@@ -245,6 +248,8 @@ def main(argv=None):
         prompts = tagged_prompts(args) if args.prompt else None  # what needs no model is said before one loads,
         pictures = [load_image(path) for path in args.image]  # which may take minutes
         model, tok, proc = load_model(args.ckpt, device, dtype, tokenizer=args.tokenizer or None)
+        if args.official_rope:
+            model.llm.round_rope_freqs(dtype)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from None
     except KeyboardInterrupt:  # Ctrl-C while the images or a large model load: a line, not a traceback from PIL

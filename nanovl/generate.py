@@ -9,8 +9,9 @@ the conversation between turns (nanochat's engine pattern; the official repo cal
          max_new_tokens
 
 Picking (`pick`), in HF's order: repetition penalty -> temperature -> top-k -> top-p -> sample; temperature 0 is
-greedy. The official chat CLI samples with temperature 0.2, top-p 0.95, repetition penalty 1.1; its inference
-example decodes greedily, 512 new tokens at most.
+greedy. The official chat CLI samples with temperature 0.2, top-p 0.95, repetition penalty 1.1 (and top-k 50:
+it sets no top_k, and transformers 4's GenerationConfig defaults to 50); its inference example decodes greedily, 512
+new tokens at most.
 
 A chat turn (`ChatSession.ask`) feeds only what is new since the cache was last written: the end-of-sentence token
 that closes the previous answer, then "User: ...\\n\\nAssistant:". The system prompt, earlier turns and their images

@@ -45,13 +45,15 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
+def rope_cos_sin(positions, head_dim: int, theta: float, dtype, freq_dtype=torch.float32):
     """Rotary embedding tables for integer positions (B, T) -> cos, sin of shape (B, 1, T, head_dim).
 
     Frequencies theta^(-2i/d) for i < d/2, each used twice ([f, f] layout): HF Llama's "rotate half" convention,
-    which the released checkpoints were converted to. Computed in fp32, then cast, as HF does.
+    which the released checkpoints were converted to. Computed in fp32, then cast, as HF does. A freq_dtype other
+    than fp32 rounds the frequencies to it first (Llama.round_rope_freqs says when the official code does).
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    inv_freq = inv_freq.to(freq_dtype).float()
     freqs = positions.float()[..., None] * inv_freq  # (B, T, hs/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hs)
     return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
@@ -311,6 +313,20 @@ class Llama(nn.Module):
         super()._apply(fn, recurse)
         self.rope_cos, self.rope_sin = (t.to(self.rope_cos.device) for t in tables)
         return self
+
+    def round_rope_freqs(self, dtype):
+        """Remake the rotary tables from frequencies rounded to `dtype`, as the official scripts have them on a GPU.
+
+        inference.py and cli_chat.py cast the whole model with .to(torch.bfloat16) there (utils/io.py; float16 on
+        Apple's MPS), and the cast rounds transformers' `inv_freq` buffer with the weights; HF then computes each
+        angle, position x frequency, in fp32 from the rounded frequency. A frequency is off by up to 2^-9 of itself,
+        so an angle is off by up to 0.12 rad at position 100 and 0.73 rad at position 600, which every image prompt
+        reaches (576 image tokens). By default nanovl keeps the frequencies exact, as the official code has them on
+        a CPU, where it runs in fp32; sample.py --official_rope calls this to give the official bf16
+        outputs instead. Call it before decoding: a recorded CUDA graph keeps the tables it was recorded with."""
+        cos, sin = rope_cos_sin(torch.arange(self.cfg.max_seq_len, device="cpu")[None], self.cfg.head_dim,
+                                self.cfg.rope_theta, torch.float32, freq_dtype=dtype)
+        self.rope_cos, self.rope_sin = cos[0, 0].to(self.rope_cos.device), sin[0, 0].to(self.rope_sin.device)
 
     def rope(self, positions, dtype):
         """cos, sin (B, 1, T, hs) for integer positions (B, T): rope_cos_sin's values, looked up in the tables."""

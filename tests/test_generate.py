@@ -376,6 +376,20 @@ def test_sample_answers_a_batch_of_prompts_each_with_its_own_answer(stage_folder
     sample.main(["--ckpt", str(stage_folder), "--prompt", "hello", "--max_new_tokens", "3"])  # text only: no image
 
 
+def test_sample_rounds_the_rope_frequencies_to_its_dtype_when_asked(stage_folder, monkeypatch, capsys):
+    from nanovl.llama import rope_cos_sin
+    tables = []  # the rotary cos table of the model sample.py decodes with
+    monkeypatch.setattr(sample, "generate", lambda model, *a, **k: tables.append(model.llm.rope_cos) or
+                        generate(model, *a, **k))
+    for extra in ([], ["--official_rope"]):
+        sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--max_new_tokens", "2", "--dtype", "bf16"] + extra)
+    cfg = get_config("tiny").llm
+    positions = torch.arange(cfg.max_seq_len)[None]
+    exact, rounded = (rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, torch.float32, freq_dtype=d)[0][0, 0]
+                      for d in (torch.float32, torch.bfloat16))
+    assert torch.equal(tables[0], exact) and torch.equal(tables[1], rounded) and not torch.equal(exact, rounded)
+
+
 def test_sample_says_when_the_context_cut_an_answer(stage_folder, tiny, tok, capsys):
     ctx = tiny.cfg.llm.max_seq_len
     words = 1

@@ -66,6 +66,30 @@ def test_the_rotary_tables_stay_fp32_through_dtype_casts():
         assert torch.equal(model(ids)[0], fresh(ids)[0])
 
 
+def test_rounded_rope_freqs_reproduce_transformers_after_the_official_bf16_cast():
+    # The official scripts cast the whole model with .to(torch.bfloat16), transformers' inv_freq buffer with it.
+    # Cast back to fp32, the HF model keeps the rounded frequencies (and weights), so fp32 precision can tell them.
+    cfg = LlamaConfig(**dict(CFG.__dict__, dim=256, n_heads=2, n_kv_heads=2, n_layers=2, max_seq_len=700))
+    hf, ours = hf_pair(cfg)
+    hf = hf.to(torch.bfloat16).float()
+    assert hf.model.rotary_emb.inv_freq.dtype == torch.float32  # (the values stay rounded)
+    ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items()})
+    ids = torch.randint(0, cfg.vocab_size, (1, 700))
+    positions = torch.arange(700)[None]
+    with torch.no_grad():
+        expected = hf(input_ids=ids).logits
+        exact, _ = ours(ids)
+        ours.round_rope_freqs(torch.bfloat16)
+        got, _ = ours(ids)
+        cos, sin = hf.model.rotary_emb(torch.zeros(1, dtype=torch.bfloat16), positions)
+    assert max_diff(got, expected) < ATOL
+    assert max_diff(exact, expected) > 10 * ATOL  # the exact frequencies give other logits (random weights: little)
+    assert all(torch.equal(a[:, 0], b) for a, b in zip(ours.rope(positions, torch.bfloat16), (cos, sin)))
+    ours.bfloat16().float()  # a later cast keeps the rounded tables, as HF keeps its rounded buffer
+    with torch.no_grad():
+        assert torch.equal(ours(ids)[0], got)
+
+
 def left_padded_batch(lengths, vocab, T):
     ids = torch.zeros(len(lengths), T, dtype=torch.long)
     mask = torch.zeros(len(lengths), T, dtype=torch.bool)
