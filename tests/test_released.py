@@ -269,6 +269,23 @@ def test_released_configs_give_the_presets():
         released_config(seven, 100015)
 
 
+def test_the_released_presets_hold_the_facts_sheets_constants():
+    # Written out here from the facts sheet, not imported: everywhere else the tests read these from nanovl itself
+    # (or from configs that spell them as nanovl does), so a wrong digit there would pass unseen.
+    assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073) and CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
+    assert SIGLIP_MEAN == SIGLIP_STD == (0.5, 0.5, 0.5)  # sections 1, 2 and 8
+    for name in ("1.3b", "7b"):
+        cfg = get_config(name)
+        assert (cfg.llm.norm_eps, cfg.llm.rope_theta, cfg.llm.vocab_size, cfg.image_token_id) == \
+            (1e-6, 10000.0, 102400, 100015)  # sections 5 and 9
+        assert (cfg.siglip.image_size, cfg.siglip.patch_size, cfg.siglip.width, cfg.siglip.depth,
+                cfg.n_image_tokens) == (384, 16, 1024, 24, 576)  # section 2
+    sam = get_config("7b").sam  # section 1
+    assert (sam.image_size, sam.patch_size, sam.width, sam.depth, sam.n_heads, sam.window_size, sam.global_blocks,
+            sam.neck_dim, sam.downsample_dims, sam.upsample_size) == (1024, 16, 768, 12, 12, 14, (2, 5, 8, 11), 256,
+                                                                      (512, 1024), 96)
+
+
 def test_export_loads_back_to_identical_outputs(folder, tmp_path):
     path, ref = folder
     model, tok, proc = load_released(path)
