@@ -141,9 +141,11 @@ def released_config(d: dict, image_token_id: int, name: str = "released") -> VLC
                    aligner=AlignerConfig(aligner.get("projector_type", "mlp_gelu"),
                                          _number(aligner.get("depth", 1), "aligner_config.params.depth")))
     cfg.validate()
-    for key, want in (("input_dim", siglip.width), ("n_embed", llm.dim)):
+    # The official MlpProjector has one input_dim, which its hybrid type gives both up-projections (SAM's and SigLIP's).
+    for key, want, whose in (("input_dim", siglip.width, "SigLIP's width"), ("n_embed", llm.dim, "the decoder's width")
+                             ) + ((("input_dim", sam.out_dim, "SAM's output width"),) if sam is not None else ()):
         if key in aligner and aligner[key] != want:
-            raise ValueError(f"aligner_config: {key} = {aligner[key]} but the towers and decoder need {want}")
+            raise ValueError(f"aligner_config: {key} = {aligner[key]} but {whose} is {want}")
     return cfg
 
 
@@ -161,6 +163,9 @@ def _tower_params(tower, known: dict) -> dict:
 
 def released_config_dict(cfg: VLConfig) -> dict:
     """VLConfig -> the released config.json layout (facts section 6)."""
+    if cfg.hybrid and cfg.sam.out_dim != cfg.siglip.width:
+        raise ValueError(f"SAM's output width {cfg.sam.out_dim} differs from SigLIP's {cfg.siglip.width}: the released "
+                         "layout's aligner has one input_dim for both branches, so it cannot hold this model")
     if cfg.hybrid:
         low, high = _tower_params(cfg.siglip, SIGLIP_MODELS), _tower_params(cfg.sam, SAM_MODELS)
         low["output_dim"], high["output_dim"] = cfg.siglip.width, cfg.sam.out_dim

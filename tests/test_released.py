@@ -34,7 +34,7 @@ from test_vision import segment_anything_encoder, timm_siglip
 from nanovl import DeepSeekVL, get_config
 from nanovl.chat import IMAGE_TAG, render_chat
 from nanovl.checkpoint import (TRAINED_CONTEXT, check_tokenizer_fits, export_released, init_from_parts, load_model,
-                               load_released, released_config)
+                               SAM_MODELS, load_released, released_config, released_config_dict)
 from nanovl.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, SAMConfig, SigLIPConfig
 from nanovl.model import nanovl_to_released
 from nanovl.tokenizer import BOS, EOS, IMAGE
@@ -43,7 +43,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 320  # the model's embedding is padded past the tokenizer, as the released 102400 is
 SIGLIP_DIMS = dict(patch_size=16, width=32, depth=2, n_heads=2, mlp_ratio=4.0)
 SAM_DIMS = dict(patch_size=16, width=32, depth=3, n_heads=2, mlp_ratio=4.0, window_size=3, global_blocks=(1,),
-                neck_dim=16, downsample_dims=(24, 40))
+                neck_dim=16, downsample_dims=(24, 32))  # = SigLIP width: one input_dim feeds both up_projs
 LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
              vocab_size=VOCAB, max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=10000.0)
 
@@ -264,6 +264,13 @@ def test_released_configs_give_the_presets():
     shallow = {k: v for k, v in one["aligner_config"]["params"].items() if k != "depth"}
     assert released_config(dict(one, aligner_config={"params": shallow}), 100015).aligner.depth == 1
     params = seven["vision_config"]["params"]
+    # One input_dim feeds both of the official hybrid aligner's up-projections: SAM's output must have it too.
+    narrow = dict(params, high_res_cfg=dict(params["high_res_cfg"], nanovl=dict(SAM_MODELS["sam_b_downsample"],
+                                                                                 downsample_dims=(512, 768))))
+    with pytest.raises(ValueError, match="input_dim = 1024 but SAM's output width is 768"):
+        released_config(dict(seven, vision_config={"cls": "HybridVisionTower", "params": narrow}), 100015)
+    with pytest.raises(ValueError, match="SAM's output width 48 differs from SigLIP's 64"):
+        released_config_dict(get_config("tiny", **{"sam.downsample_dims": (64, 48)}))
     ignored = dict(params, high_res_cfg=dict(params["high_res_cfg"], select_layer=-2, select_feature="patch"))
     assert released_config(dict(seven, vision_config={"cls": "HybridVisionTower", "params": ignored}), 100015) == \
         released_config(seven, 100015)
