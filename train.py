@@ -36,7 +36,10 @@ import math
 import os
 import random
 import secrets
+import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -298,6 +301,30 @@ def remove_stale_temporaries(folder: str):
             pass
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: what kill sends by default, a cluster taking its machines back, torchrun stopping the other processes
+    when one fails. Raised in the main process (stop_on_sigterm), it ends the run as Ctrl-C does: a checkpoint being
+    written is abandoned (atomic_save removes its temporary file), and the last whole one is kept for --resume. A
+    KeyboardInterrupt, so that a DataLoader worker, which the signal reaches too, exits quietly."""
+
+
+def stop_on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def stopped_why(e: BaseException) -> str:
+    """What ended a stage, for main's one line: Ctrl-C, SIGTERM, a failed write, or a data worker killed (for
+    memory, most often: the kernel kills the largest process, and each worker holds up to --image_cache MB)."""
+    if isinstance(e, Terminated):
+        return "stopped by SIGTERM"
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(e, RuntimeError):
+        return (f"{str(e).strip().rstrip('.')} (a data-loading process killed for memory, most often: run again "
+                "with fewer --workers or a smaller --image_cache)")
+    return str(e)
+
+
 class WriteFailed(Exception):
     """A file of the run could not be written (a full disk, a file-size limit): main says so in one line, with the
     checkpoint that is kept."""
@@ -310,7 +337,13 @@ def writing(path: str):
     try:
         yield
     except (OSError, RuntimeError) as e:
-        raise WriteFailed(f"cannot write {path}: {getattr(e, 'strerror', None) or e}") from None
+        if str(e).startswith("DataLoader worker"):  # a dead worker, which torch reports wherever the run is: not ours
+            raise
+        reason = getattr(e, "strerror", None) or str(e)
+        if not isinstance(e, OSError):  # torch.save's own words for a full disk ("unexpected pos 4190016 vs ...")
+            with contextlib.suppress(OSError):
+                reason += f" ({shutil.disk_usage(os.path.dirname(path) or '.').free / 2 ** 20:.0f} MB free there)"
+        raise WriteFailed(f"cannot write {path}: {reason}") from None
 
 
 def atomic_save(obj, path: str):
@@ -741,18 +774,22 @@ def stage_tokenizer(tc: TrainConfig, cfg: VLConfig, sources) -> Tokenizer:
     return tok
 
 
-def check_same_tokenizer(tok: Tokenizer, given: str, path: str):
-    """A resumed stage keeps the tokenizer its steps so far were taken with, the one in its folder (which sample.py
-    reads too): another, even of the same size, turns the same text into other ids. given: where tok came from."""
+def check_same_tokenizer(tok: Tokenizer, given: str, path: str, resume: bool):
+    """A stage trains with the tokenizer its weights so far were trained with: a resumed one, the one in its folder
+    (which sample.py reads too); a new one, the one beside the weights it starts from. Another, even of the same
+    size, turns the same text into other ids. given: where tok came from (--tokenizer)."""
     if not os.path.isfile(path):
         return  # (nothing to compare with)
     try:
         theirs = Tokenizer.load(path)
     except ValueError as e:
-        raise SystemExit(f"{e}; the stage folder's tokenizer cannot be read to compare with --tokenizer") from None
+        raise SystemExit(f"{e}; the tokenizer {'of the stage folder' if resume else 'beside the starting weights'} "
+                         "cannot be read to compare with --tokenizer") from None
     if not tok.same_ids(theirs):
-        raise SystemExit(f"--tokenizer {given} differs from {path}, the tokenizer this stage was trained with: the "
-                         "same text would become other ids. Resume without --tokenizer (or with that one)")
+        raise SystemExit(f"--tokenizer {given} differs from {path}, the tokenizer " +
+                         ("this stage was trained with" if resume else "the weights this stage starts from were "
+                          "trained with") + ": the same text would become other ids. " +
+                         ("Resume" if resume else "Run") + " without --tokenizer (or with that one)")
 
 
 def stage_model(stage: int, tc: TrainConfig, cfg: VLConfig, init: list, resume: bool, say):
@@ -869,7 +906,10 @@ def stage_batches(stage: int, tc: TrainConfig, hp: dict, cfg: VLConfig, tok, pro
         raise SystemExit(f"stage {stage} trains on {m} rows ({src.name}), but {', '.join(folders)} "
                          f"{'holds' if len(folders) == 1 else 'hold'} none" +
                          (f" that fit: all {src.dropped} are longer than {seq_len} tokens" if src.dropped else "") +
-                         (f"; without them, pass {flag} 0" if flag and not src.dropped else ""))
+                         (f"; without them, pass {flag} 0" if flag and not src.dropped else "") +
+                         ("; an import of one-question chats about an image holds captions when made with "
+                          "prepare_data.py --llava FILE --captions" if m == "multimodal" and
+                          any(folder_kind(f) == "llava" for f in folders) else ""))
     pack = hp["pack"]
     global_batch = hp["batch_size"]
     for m, n in sizes.items():
@@ -948,9 +988,16 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     init = start_weights(stage, tc)
     if stage > 0 and not resume:
         check_start(stage, tc, cfg)
-    tok = stage_tokenizer(tc, cfg, [out_dir] if resume else init if stage > 0 else [])
-    if resume and tc.tokenizer:  # (without --tokenizer a resumed stage reads its own folder's)
-        check_same_tokenizer(tok, tc.tokenizer, os.path.join(out_dir, "tokenizer.json"))
+    sources = [out_dir] if resume else init if stage > 0 else []
+    tok = stage_tokenizer(tc, cfg, sources)
+    if tc.tokenizer:  # (without it, the stage reads the one beside its weights)
+        for src in sources:
+            folder = src if os.path.isdir(src) else os.path.dirname(src)
+            check_same_tokenizer(tok, tc.tokenizer, os.path.join(folder, "tokenizer.json"), resume)
+    elif sources and is_nanovl_checkpoint(sources[0]) and tokenizer_path(tc, sources) == os.path.join(tc.data,
+                                                                                                      "tokenizer.json"):
+        say(f"stage {stage}: no tokenizer.json beside {sources[0]}, so it trains with {tc.data}/tokenizer.json, which "
+            "must be the one those weights were trained with (else pass that one as --tokenizer)")
     proc = ImageProcessor.for_config(cfg)
     model, net = stage_model(stage, tc, cfg, init, resume, say)
     net.to(device)
@@ -1278,16 +1325,23 @@ def main(argv=None):
         if world > 1:
             dist.barrier()
     t0 = time.time()
-    for k, stage in enumerate(stages):
-        # --init_from is where the run's first stage starts; each later one starts from the stage before it.
-        try:
-            run_stage(stage, tc if k == 0 else dataclasses.replace(tc, init_from=""), cfg, rank, world, device)
-        except (KeyboardInterrupt, WriteFailed) as e:  # Ctrl-C, a full disk: a line instead of a traceback
-            ckpt = os.path.join(tc.out, f"stage{stage}", "ckpt.pt")  # (whole: atomic_save)
-            raise SystemExit(f"\nstage {stage}: " + ("interrupted" if isinstance(e, KeyboardInterrupt) else str(e)) +
-                             ". " + (f"Its last checkpoint, {ckpt}, is kept: run the same command with --resume to go "
-                                     "on from it" if os.path.isfile(ckpt) else "No checkpoint of it was written yet")
-                             ) from None
+    main_thread = threading.current_thread() is threading.main_thread()  # (only that one may set a signal handler)
+    default = signal.signal(signal.SIGTERM, stop_on_sigterm) if main_thread else None
+    try:
+        for k, stage in enumerate(stages):
+            # --init_from is where the run's first stage starts; each later one starts from the stage before it.
+            try:
+                run_stage(stage, tc if k == 0 else dataclasses.replace(tc, init_from=""), cfg, rank, world, device)
+            except (KeyboardInterrupt, WriteFailed, RuntimeError) as e:  # a line instead of a traceback:
+                if isinstance(e, RuntimeError) and not str(e).startswith("DataLoader worker"):  # (a bug: the trace)
+                    raise
+                ckpt = os.path.join(tc.out, f"stage{stage}", "ckpt.pt")  # (whole: atomic_save)
+                raise SystemExit(f"\nstage {stage}: {stopped_why(e)}. " + (
+                    f"Its last checkpoint, {ckpt}, is kept: run the same command with --resume to go on from it"
+                    if os.path.isfile(ckpt) else "No checkpoint of it was written yet")) from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, default)
     if rank == 0:
         print(f"done: stages {stages} in {time.time() - t0:.0f}s")
     if world > 1:

@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -585,6 +586,55 @@ def test_a_full_disk_stops_the_run_in_a_line_keeping_the_last_checkpoint_whole(d
     assert (folder / "eval.json").exists()
 
 
+def test_a_sigterm_stops_the_run_as_ctrl_c_does_keeping_the_last_checkpoint_whole(data, start_weights, tmp_path,
+                                                                                 monkeypatch):
+    # kill's default signal, or a cluster's preemption, arriving while the second checkpoint is half written
+    common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "4", "--batch_size", "4",
+              "--micro_batch", "2", "--ckpt_every", "2", "--out", str(tmp_path / "o")] + FAST
+    folder, plain, saves = tmp_path / "o" / "stage3", torch.save, []
+
+    def terminated_midway(obj, f, *args, **kwargs):
+        saves.append(f.name)
+        if len(saves) == 2:
+            f.write(b"half a checkpoint")
+            assert signal.getsignal(signal.SIGTERM) is not before  # (else the signal would end pytest itself)
+            os.kill(os.getpid(), signal.SIGTERM)
+        plain(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", terminated_midway)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit, match=r"stage 3: stopped by SIGTERM\. Its last checkpoint, .*ckpt.pt, is kept: "
+                                         "run the same command with --resume"):
+        train.main(common)
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler was train.main's only while it ran
+    assert sorted(os.listdir(folder)) == ["ckpt.pt", "metrics.jsonl", "tokenizer.json"]  # no temporary file left
+    assert torch.load(folder / "ckpt.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(torch, "save", plain)
+    train.main(common + ["--resume"])
+    assert (folder / "eval.json").exists()
+
+
+def test_a_data_worker_killed_stops_the_run_in_a_line_that_says_what_to_lower(data, start_weights, tmp_path,
+                                                                             monkeypatch):
+    # What the kernel's out-of-memory killer does to a DataLoader worker (each holds up to --image_cache MB).
+    common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "12", "--batch_size", "2",
+              "--micro_batch", "2", "--ckpt_every", "2", "--short_chat_share", "0", "--text_sft_share", "0",
+              "--out", str(tmp_path / "o"), "--eval_limit", "10", "--workers", "1"]
+    readable, parent, ckpt = ImageProcessor.pixels, os.getpid(), tmp_path / "o" / "stage3" / "ckpt.pt"
+
+    def killed_later(self, image, max_pixels=None):
+        if os.getpid() != parent and ckpt.exists():  # in the worker (ahead by a few steps), once a checkpoint is
+            os.kill(os.getpid(), signal.SIGKILL)
+        return readable(self, image) if max_pixels is None else readable(self, image, max_pixels)
+
+    monkeypatch.setattr(ImageProcessor, "pixels", killed_later)
+    with pytest.raises(SystemExit, match=r"stage 3: DataLoader worker \(pid.*\) .*killed for memory, most often: run "
+                                         r"again with fewer --workers or a smaller --image_cache\)\. Its last "
+                                         r"checkpoint, .*ckpt.pt, is kept: run the same command with --resume"):
+        train.main(common)
+    assert torch.load(ckpt, weights_only=True)["step"] in (2, 4, 6, 8, 10)
+
+
 def test_a_run_killed_for_memory_resumes_with_a_smaller_micro_batch_except_in_stage_0(data, start_weights, tmp_path,
                                                                                       capsys):
     common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "4", "--batch_size", "4",
@@ -805,6 +855,28 @@ def test_a_later_stage_is_not_resumed_on_top_of_an_earlier_stage_trained_again(d
         train.main(common + ["--stage", "3", "--resume"])
 
 
+def test_a_new_stage_trains_with_the_tokenizer_of_the_weights_it_starts_from(data, start_weights, tmp_path,
+                                                                           capsys):
+    start = tmp_path / "start"  # a stage folder: weights and the tokenizer they were trained with
+    start.mkdir()
+    shutil.copy(start_weights, start / "model.pt")
+    common = ["--data", data, "--stage", "3", "--steps", "1", "--batch_size", "2", "--micro_batch", "2"] + FAST
+    train.main(common + ["--init_from", start_weights, "--out", str(tmp_path / "a")])  # a bare model.pt: said
+    assert f"no tokenizer.json beside {start_weights}, so it trains with {data}/tokenizer.json" in \
+        capsys.readouterr().out
+    shutil.copy(os.path.join(data, "tokenizer.json"), start / "tokenizer.json")
+    write_swapped_tokenizer((start / "tokenizer.json").read_text(encoding="utf-8"), tmp_path / "other.json")
+    with pytest.raises(SystemExit, match=r"--tokenizer .*other.json differs from .*start.tokenizer.json, the "
+                                         r"tokenizer the weights this stage starts from were trained with: .* Run "
+                                         r"without --tokenizer"):
+        train.main(common + ["--init_from", str(start / "model.pt"), "--out", str(tmp_path / "b"),
+                             "--tokenizer", str(tmp_path / "other.json")])
+    assert not os.path.exists(tmp_path / "b" / "stage3" / "ckpt.pt")
+    train.main(common + ["--init_from", str(start / "model.pt"), "--out", str(tmp_path / "c"),  # the same one: fine
+                         "--tokenizer", os.path.join(data, "tokenizer.json")])
+    assert "no tokenizer.json beside" not in capsys.readouterr().out
+
+
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     train.atomic_save({"step": 1}, path)
@@ -817,6 +889,15 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train.atomic_save({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}  # the last good checkpoint is intact
+
+    def fills_the_disk(obj, f, *a, **k):  # what torch.save says when the disk fills up: no word of space
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4190016 vs 4189904")
+
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    with pytest.raises(train.WriteFailed, match=r"cannot write .*ckpt.pt: .*unexpected pos 4190016 vs 4189904 "
+                                                r"\(\d+ MB free there\)"):
+        train.atomic_save({"step": 3}, path)
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.load(path, weights_only=True) == {"step": 1}
 
 
 def test_a_nan_loss_stops_the_run_and_names_the_step(data, start_weights, tmp_path, monkeypatch):
@@ -955,6 +1036,10 @@ def test_a_llava_import_alone_trains_stages_1_and_3(data, start_weights, tmp_pat
     train.main(argv[:1] + [str(tmp_path / "short")] + argv[2:] + ["--stage", "3", "--out", str(tmp_path / "o3"),
                                                                   "--text_sft_share", "0"])
     assert (tmp_path / "o3" / "stage3" / "model.pt").exists()
+    with pytest.raises(SystemExit, match=r"stage 1 trains on multimodal rows .* holds none; an import of one-question "
+                                         r"chats about an image holds captions when made with prepare_data.py --llava "
+                                         r"FILE --captions$"):  # (LLaVA-Pretrain's captions are written as chats)
+        train.main(argv[:1] + [str(tmp_path / "short")] + argv[2:] + ["--stage", "1", "--out", str(tmp_path / "o1")])
 
 
 def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
