@@ -16,8 +16,9 @@ folder's config.json, never from a preset, so scaled-down checkpoints in the rel
 
 Nothing is ever half-loaded. The model is first built on the "meta" device (shapes only, no memory, no random
 init), every key and shape is checked against the file's, and only then are the tensors attached. A missing,
-unexpected or misshapen key is an error that lists them all; keys the official model builds but never reads are
-skipped by name (RELEASED_UNUSED in model.py).
+unexpected or misshapen key is an error that lists them all, and so is a tensor that is not floating point or that
+holds NaN or infinite values; keys the official model builds but never reads are skipped by name (RELEASED_UNUSED in
+model.py).
 """
 
 import json
@@ -192,6 +193,23 @@ def released_config_dict(cfg: VLConfig) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # Attaching a checked state dict to a model built on "meta"
 
+def check_finite(state: dict, source: str):
+    """A ValueError naming the floating-point tensors that hold NaN or infinite values, with how many each holds:
+    loaded, they would only show later as NaN logits or a NaN loss, with no word of where they came from. One tensor
+    at a time, so the check needs no more memory than a mask of the largest tensor."""
+    bad = []
+    for k, v in state.items():
+        if not v.is_floating_point():
+            continue
+        if v.element_size() == 1:
+            v = v.half()  # torch has no isfinite for float8_e4m3fn; float16 holds every float8 value exactly
+        if not torch.isfinite(v).all():
+            bad.append(f"{k} ({v.numel() - int(torch.isfinite(v).sum()):,} of {v.numel():,})")
+    if bad:
+        raise ValueError(f"{source}: {len(bad)} tensor{'s hold' if len(bad) > 1 else ' holds'} NaN or infinite "
+                         f"values: {_shorten(bad, 4)}; the file is damaged or was saved from a diverged run")
+
+
 def _check_keys(expected: dict, state: dict, source: str):
     """Raise one ValueError listing every missing, unexpected and misshapen key."""
     missing = set(expected) - set(state)
@@ -218,6 +236,7 @@ def build_loaded(cfg: VLConfig, state: dict, source: str, device="cpu", dtype=No
     with torch.device("meta"):
         model = DeepSeekVL(cfg)
     _check_keys({k: v.shape for k, v in model.state_dict().items()}, state, source)
+    check_finite(state, source)
     if dtype is None:  # the file's dtype; where it mixes several, one that holds each exactly (fp32, or fp64)
         dtypes = {v.dtype for v in state.values()}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64 if torch.float64 in dtypes else torch.float32
@@ -602,6 +621,7 @@ def init_from_parts(model: DeepSeekVL, paths) -> list:
             raise ValueError(f"{path} ({kind}) does not fit the {model.cfg.name!r} model; nothing was loaded:\n  " +
                              (f"{len(bad)} tensors: {_shorten(bad, 8)}\n  " if bad else "") +
                              (f"given twice: {_shorten(twice, 8)}" if twice else ""))
+        check_finite(state, f"{path} ({kind})")
         chosen.update(state)
         origin.update({k: str(path) for k in state})
         parts = sorted({k.split(".")[0] for k in state})

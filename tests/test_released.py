@@ -392,6 +392,9 @@ def test_mismatched_keys_are_listed_and_nothing_is_loaded(tmp_path):
     base = tmp_path / "base"
     released_folder(base, hybrid=False)
     state = st_load_file(str(base / "model.safetensors"))
+    q_proj = "language_model.model.layers.0.self_attn.q_proj.weight"
+    diverged = state[q_proj].clone()
+    diverged[3, :10], diverged[7, 0] = float("nan"), -float("inf")
     cases = {
         "missing": ({k: v for k, v in state.items() if k != "language_model.model.layers.1.mlp.up_proj.weight"},
                     "1 missing: llm.layers.1.mlp.up_proj.weight"),
@@ -403,6 +406,12 @@ def test_mismatched_keys_are_listed_and_nothing_is_loaded(tmp_path):
                     "1 keys that are not DeepSeek-VL's: text_encoder.proj.weight"),
         "quantised": (dict(state, **{"aligner.layers.2.bias": torch.zeros(64, dtype=torch.int8)}),
                       "1 not floating-point: aligner.layers.2.bias: int8"),
+        # saved from a diverged run: counted tensor by tensor, float8 too (torch has no isfinite for e4m3fn)
+        "diverged": (dict(state, **{q_proj: diverged, "aligner.layers.2.bias": torch.tensor(
+                          [1.0, float("nan")] * 32).to(torch.float8_e4m3fn)}),
+                     r"diverged: 2 tensors hold NaN or infinite values: aligner.layers.2.bias \(32 of 64\), "
+                     r"llm.layers.0.self_attn.q_proj.weight \(11 of 4,096\); the file is damaged or was saved from a "
+                     r"diverged run$"),
     }
     for name, (tensors, message) in cases.items():
         folder = tmp_path / name
@@ -414,6 +423,15 @@ def test_mismatched_keys_are_listed_and_nothing_is_loaded(tmp_path):
             load_released(folder)
     # The unused keys are skipped by name: the base folder holds attn_pool.* and rotary_emb.inv_freq and loads.
     assert any("attn_pool" in k for k in state) and load_released(base)
+    model, tok, _ = load_released(base)  # a nanovl model.pt is checked alike (bf16, as train.py may save it)
+    weights = {k: v.bfloat16() for k, v in model.state_dict().items()}
+    weights["llm.norm.weight"][:2] = float("inf")
+    (tmp_path / "stage3").mkdir()
+    torch.save({"model": weights, "config": model.cfg.to_dict()}, tmp_path / "stage3" / "model.pt")
+    tok.save(tmp_path / "stage3" / "tokenizer.json")
+    with pytest.raises(ValueError, match=r"stage3.model.pt: 1 tensor holds NaN or infinite values: llm.norm.weight "
+                                         r"\(2 of 64\); the file is damaged"):
+        load_model(tmp_path / "stage3")
     # A file of mixed float types loads as one that holds each exactly: bf16 weights with fp32 norms load in fp32.
     mixed = {k: v if "norm" in k else v.bfloat16() for k, v in state.items()}
     st_save_file(mixed, str(tmp_path / "missing" / "model.safetensors"))
@@ -574,6 +592,16 @@ def test_a_part_that_does_not_fit_changes_nothing(parts, tmp_path):
     with pytest.raises(ValueError, match=r"--init_from .*parts0: a folder, but not one of weights: expected a nanovl "
                                          r"stage folder \(model.pt\), a released"):
         init_from_parts(model, [d])  # the folder of parts, not a part
+    # A tensor that holds NaN or infinite values (a diverged run) is refused by name, and nothing is copied from the
+    # parts before it either.
+    siglip = parts[2]
+    nan = siglip["blocks.1.mlp.fc1.bias"].clone()
+    nan[::2] = float("nan")
+    st_save_file(dict(siglip, **{"blocks.1.mlp.fc1.bias": nan}), str(tmp_path / "nan.safetensors"))
+    with pytest.raises(ValueError, match=rf"nan.safetensors \(a timm SigLIP\): 1 tensor holds NaN or infinite values: "
+                                         rf"siglip.blocks.1.mlp.fc1.bias \({nan.numel() // 2} of {nan.numel()}\); the "
+                                         r"file is damaged or was saved from a diverged run$"):
+        init_from_parts(model, [d / "sam_vit_b.pth", tmp_path / "nan.safetensors"])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
