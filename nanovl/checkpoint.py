@@ -193,6 +193,12 @@ def released_config_dict(cfg: VLConfig) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # Attaching a checked state dict to a model built on "meta"
 
+def _not_float(state: dict) -> list:
+    """"key: dtype" for each tensor that is not floating point (quantised weights, say, or a safetensors header
+    relabelled to int32): every weight here is a float, and copying an integer into one would silently convert it."""
+    return [f"{k}: {str(v.dtype).replace('torch.', '')}" for k, v in sorted(state.items()) if not v.is_floating_point()]
+
+
 def check_finite(state: dict, source: str):
     """A ValueError naming the floating-point tensors that hold NaN or infinite values, with how many each holds:
     loaded, they would only show later as NaN logits or a NaN loss, with no word of where they came from. One tensor
@@ -216,8 +222,7 @@ def _check_keys(expected: dict, state: dict, source: str):
     unexpected = set(state) - set(expected)
     shapes = [f"{k}: file {tuple(state[k].shape)}, model {tuple(expected[k])}"
               for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k])]
-    not_float = [f"{k}: {str(state[k].dtype).replace('torch.', '')}" for k in sorted(set(state) & set(expected))
-                 if not state[k].is_floating_point()]  # quantised weights, say: every weight here is a float
+    not_float = _not_float({k: state[k] for k in set(state) & set(expected)})
     problems = [f"{len(not_float)} not floating-point: {_shorten(not_float, 6)}"] if not_float else []
     if missing:
         problems.append(f"{len(missing)} missing: {_shorten(missing)}")
@@ -617,10 +622,13 @@ def init_from_parts(model: DeepSeekVL, paths) -> list:
         bad = [f"{k} {tuple(v.shape)} (model: {tuple(expected[k]) if k in expected else 'no such tensor'})"
                for k, v in state.items() if k not in expected or tuple(v.shape) != tuple(expected[k])]
         twice = [f"{k} (also from {origin[k]})" for k in state if k in origin]
-        if bad or twice:
+        not_float = _not_float(state)  # (copy_ would convert an integer tensor into the float weight, silently)
+        problems = ([f"{len(bad)} tensors: {_shorten(bad, 8)}"] if bad else []) + \
+            ([f"{len(not_float)} not floating-point: {_shorten(not_float, 6)}"] if not_float else []) + \
+            ([f"given twice: {_shorten(twice, 8)}"] if twice else [])
+        if problems:
             raise ValueError(f"{path} ({kind}) does not fit the {model.cfg.name!r} model; nothing was loaded:\n  " +
-                             (f"{len(bad)} tensors: {_shorten(bad, 8)}\n  " if bad else "") +
-                             (f"given twice: {_shorten(twice, 8)}" if twice else ""))
+                             "\n  ".join(problems))
         check_finite(state, f"{path} ({kind})")
         chosen.update(state)
         origin.update({k: str(path) for k in state})

@@ -592,9 +592,13 @@ def test_a_part_that_does_not_fit_changes_nothing(parts, tmp_path):
     with pytest.raises(ValueError, match=r"--init_from .*parts0: a folder, but not one of weights: expected a nanovl "
                                          r"stage folder \(model.pt\), a released"):
         init_from_parts(model, [d])  # the folder of parts, not a part
-    # A tensor that holds NaN or infinite values (a diverged run) is refused by name, and nothing is copied from the
-    # parts before it either.
+    # A tensor that is not floating point (a header relabelled to int32), or that holds NaN or infinite values (a
+    # diverged run), is refused by name, and nothing is copied from the parts before it either.
     siglip = parts[2]
+    st_save_file(dict(siglip, pos_embed=siglip["pos_embed"].view(torch.int32)), str(tmp_path / "int.safetensors"))
+    with pytest.raises(ValueError, match=r"int.safetensors \(a timm SigLIP\) does not fit the 'tiny' model; nothing "
+                                         r"was loaded:\n  1 not floating-point: siglip.pos_embed: int32$"):
+        init_from_parts(model, [d / "sam_vit_b.pth", tmp_path / "int.safetensors"])
     nan = siglip["blocks.1.mlp.fc1.bias"].clone()
     nan[::2] = float("nan")
     st_save_file(dict(siglip, **{"blocks.1.mlp.fc1.bias": nan}), str(tmp_path / "nan.safetensors"))
