@@ -353,16 +353,21 @@ def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_s
     cfg, folder = model.cfg, export_target(folder)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tensors = {nanovl_to_released(k, cfg.hybrid): v.detach().to("cpu", dtype or v.dtype).contiguous()
-               for k, v in model.state_dict().items()}
-    save_sharded(tensors, tmp, max_shard_bytes or 5 * 2 ** 30)  # HF's default shard size
-    (tmp / "config.json").write_text(json.dumps({**released_config_dict(cfg), **EXPORTED_BY}, indent=2))
-    tok.save(tmp / "tokenizer.json")
-    (tmp / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "LlamaTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": None,
-         "add_bos_token": True, "add_eos_token": False, "model_max_length": cfg.llm.max_seq_len}, indent=2))
-    (tmp / "preprocessor_config.json").write_text(json.dumps(ImageProcessor.for_config(cfg).to_dict(), indent=2))
+    try:
+        tmp.mkdir(parents=True)
+        tensors = {nanovl_to_released(k, cfg.hybrid): v.detach().to("cpu", dtype or v.dtype).contiguous()
+                   for k, v in model.state_dict().items()}
+        save_sharded(tensors, tmp, max_shard_bytes or 5 * 2 ** 30)  # HF's default shard size
+        (tmp / "config.json").write_text(json.dumps({**released_config_dict(cfg), **EXPORTED_BY}, indent=2))
+        tok.save(tmp / "tokenizer.json")
+        (tmp / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "LlamaTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": None,
+             "add_bos_token": True, "add_eos_token": False, "model_max_length": cfg.llm.max_seq_len}, indent=2))
+        (tmp / "preprocessor_config.json").write_text(json.dumps(ImageProcessor.for_config(cfg).to_dict(), indent=2))
+    except OSError as e:  # a full disk, say: the shards written so far go too, rather than hold the space they took
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(f"cannot write {tmp}, where the export is written before it is moved to {folder}: "
+                      f"{e.strerror or e}; it was removed, and {folder} is as it was") from e
     if folder.exists():
         shutil.rmtree(folder)
     os.replace(tmp, folder)
@@ -673,7 +678,7 @@ def main(argv=None):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     try:
         out = export_released(model, tok, args.export, dtype, int(args.shard_gb * 2 ** 30))
-    except (ValueError, OSError) as e:  # OSError: a folder that cannot be made (under a file, no permission, ...)
+    except (ValueError, OSError) as e:  # OSError: a folder that cannot be made (under a file), a full disk, ...
         raise SystemExit(str(e)) from None
     print(f"wrote {out}: {', '.join(sorted(f.name for f in out.iterdir()))}")
 

@@ -388,6 +388,29 @@ def test_export_replaces_only_an_earlier_export(folder, tmp_path, monkeypatch):
         checkpoint.main(["--ckpt", str(out), "--export", "."])
 
 
+def test_an_export_that_cannot_be_written_leaves_no_partial_folder(folder, tmp_path, monkeypatch):
+    from nanovl import checkpoint
+    model, tok, _ = load_released(folder[0])
+    out = export_released(model, tok, tmp_path / "export")  # an earlier export, which a failed one leaves as it was
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+
+    def full(tensors, dest, max_shard_bytes):  # the disk fills up after the first shard
+        (dest / "model-00001-of-00002.safetensors").write_bytes(b"shard")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_sharded", full)
+    with pytest.raises(OSError, match=r"^cannot write .*export.partial, where the export is written before it is moved "
+                                      r"to .*export: No space left on device; it was removed, and .*export is as it "
+                                      r"was$"):
+        export_released(model, tok, out)
+    assert not (tmp_path / "export.partial").exists()
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    with pytest.raises(SystemExit, match=r"^cannot write .*new.partial, where .* No space left on device; it was "
+                                         r"removed"):  # the command line says it in a line
+        checkpoint.main(["--ckpt", str(out), "--export", str(tmp_path / "new")])
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+
+
 def test_mismatched_keys_are_listed_and_nothing_is_loaded(tmp_path):
     base = tmp_path / "base"
     released_folder(base, hybrid=False)
