@@ -323,8 +323,12 @@ def prepare(args):
     partial = args.out.rstrip("/") + ".partial"
     clear_leftover(partial, "an interrupted build is left")
     clear_leftover(old, "a replaced corpus is left by an interrupted swap")
-    os.makedirs(partial)
-    build(args, partial)
+    try:
+        os.makedirs(partial)
+        build(args, partial)
+    except OSError:  # a full disk, say: what was written goes too, rather than keep the space it took until next run
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     # The swap: the old folder moves aside, the new one takes its place, and only then is the old one deleted, so
     # that at every moment one whole corpus exists (one killed between the renames is put back by the next run).
     # Ctrl-C waits for it.
@@ -443,7 +447,7 @@ def main(argv=None):
     try:
         prepare(args)
     except OSError as e:  # --out in a folder that cannot be written, or a full disk
-        raise SystemExit(f"cannot write {e.filename or args.out}: {e.strerror}") from None
+        raise SystemExit(f"cannot write {e.filename or args.out}: {e.strerror or e}") from None
     except KeyboardInterrupt:  # Ctrl-C: a line instead of a traceback
         raise SystemExit(f"\ninterrupted: {args.out} is as it was (the new data was being built aside, in "
                          f"{args.out.rstrip('/')}.partial, which the next run starts again)") from None

@@ -237,6 +237,23 @@ def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_p
     assert f"{again}: put back from {aside}" in printed and "already prepared" in printed
 
 
+def test_a_build_that_cannot_be_written_leaves_no_partial_folder(data_dir, user_text, tmp_path, monkeypatch):
+    out = tmp_path / "data"
+    shutil.copytree(data_dir, out)  # an earlier corpus, which a failed rebuild leaves as it was
+    plain = prepare_data.write_jsonl
+
+    def full(path, rows):  # the disk fills up once the images are written
+        if path.endswith("pretrain.jsonl"):
+            raise OSError(28, "No space left on device", path)
+        plain(path, rows)
+
+    monkeypatch.setattr(prepare_data, "write_jsonl", full)
+    with pytest.raises(SystemExit, match=r"^cannot write .*data.partial/pretrain.jsonl: No space left on device$"):
+        prepare_data.main(["--out", str(out), "--n", "1", "--workers", "1", "--text", user_text])
+    assert sorted(os.listdir(tmp_path)) == ["data"]  # no data.partial holding the images on the full disk
+    assert folder_digest(out) == folder_digest(data_dir)
+
+
 def test_your_own_text_files_are_checked_and_all_trained_on(data_dir, tmp_path, capsys):
     # --text files are training text: none is held out (the hash split would keep about 3% of them from training),
     # and none is made into a question about a Python module.
