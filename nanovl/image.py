@@ -17,6 +17,7 @@ Bad files get a ValueError naming the file: missing, corrupt, truncated, not an 
 (decompression bombs: a tiny PNG can claim billions of pixels, so the size is checked before any pixel is decoded).
 """
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -121,6 +122,19 @@ class ImageProcessor:
     image_std: Tuple[float, float, float] = SIGLIP_STD
     normalize: bool = False
 
+    def __post_init__(self):
+        # Normalising divides the pixels by image_std: a 0 there makes inf or NaN pixels, which the model then reports
+        # as NaN in the image, far from the statistic that made them; a negative one turns the image's values over.
+        if self.normalize:
+            std = [v for v in self.image_std if not 0 < v < math.inf]  # (NaN fails both comparisons)
+            if std:
+                raise ValueError(f"image_std {list(self.image_std)} with do_normalize true: the pixels are divided by "
+                                 f"it, so each value must be a positive, finite number; got {std[0]}")
+            mean = [v for v in self.image_mean if not math.isfinite(v)]
+            if mean:
+                raise ValueError(f"image_mean {list(self.image_mean)} with do_normalize true: the pixels are centred "
+                                 f"on it, so each value must be a finite number; got {mean[0]}")
+
     @staticmethod
     def for_config(cfg: VLConfig) -> "ImageProcessor":
         """The processor a model expects: its canvas size; normalise here only if the towers do not."""
@@ -145,7 +159,7 @@ class ImageProcessor:
             std = tuple(float(s) for s in (CLIP_STD if "image_std" not in d else d["image_std"] or SIGLIP_STD))
             if not isinstance(d.get("do_normalize", True), bool):  # ("false", a string, would read as true)
                 raise ValueError(f"do_normalize {d['do_normalize']!r} is not true or false")
-            proc = ImageProcessor(int(d["image_size"]), mean, std, d.get("do_normalize", True))
+            size = int(d["image_size"])
             rescale = float(d.get("rescale_factor", 1 / 255))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"preprocessor_config.json needs image_size (int), image_mean and image_std (3 numbers "
@@ -156,7 +170,10 @@ class ImageProcessor:
         if d.get("min_size", MIN_SIZE) != MIN_SIZE or abs(rescale - 1 / 255) > 1e-12:
             raise ValueError(f"preprocessor_config.json: min_size {d.get('min_size', MIN_SIZE)} and rescale_factor "
                              f"{rescale} are not supported; nanovl uses {MIN_SIZE} and 1/255")
-        return proc
+        try:
+            return ImageProcessor(size, mean, std, d.get("do_normalize", True))
+        except ValueError as e:  # (a statistic that cannot normalise)
+            raise ValueError(f"preprocessor_config.json: {e}") from None
 
     def to_dict(self) -> dict:
         return {"image_processor_type": "VLMImageProcessor", "image_size": self.image_size, "min_size": MIN_SIZE,

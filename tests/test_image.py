@@ -63,9 +63,23 @@ def test_processor_follows_the_model():
         ImageProcessor.from_dict({"image_size": 384, "image_mean": None, "image_std": None})
     for bad, why in [({"do_normalize": "false"}, "do_normalize 'false' is not true or false"),
                      ({"rescale_factor": "x"}, "could not convert string to float"),
-                     ({"rescale_factor": 1.0}, "min_size 14 and rescale_factor 1.0 are not supported")]:
+                     ({"rescale_factor": 1.0}, "min_size 14 and rescale_factor 1.0 are not supported")] + [
+            # statistics that cannot normalise (json.loads reads NaN and Infinity too): named here, where they used
+            # to reach the model and be reported as NaN in the image
+            ({"image_mean": [0.5] * 3, "image_std": [0.5, std, 0.5]},
+             rf"^preprocessor_config.json: image_std \[0.5, {std}, 0.5\] with do_normalize true: the pixels are "
+             rf"divided by it, so each value must be a positive, finite number; got {std}$")
+            for std in (0.0, -0.2, float("nan"), float("inf"))] + [
+            ({"image_mean": [0.5, float("nan"), 0.5], "image_std": [0.5] * 3},
+             r"^preprocessor_config.json: image_mean \[0.5, nan, 0.5\] with do_normalize true: the pixels are "
+             r"centred on it, so each value must be a finite number; got nan$")]:
         with pytest.raises(ValueError, match=why):
             ImageProcessor.from_dict({"image_size": 384, **bad})
+    # Without normalising they divide nothing (the mean still gives the pad colour), so they are kept.
+    assert ImageProcessor.from_dict({"image_size": 384, "image_std": [0, 0, 0], "do_normalize": False}).image_std == \
+        (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match=r"^image_std \[0.5, 0.0, 0.5\] with do_normalize true"):
+        ImageProcessor(image_size=64, image_std=(0.5, 0.0, 0.5), normalize=True)  # built in code: the same check
 
 
 def make_mode(mode: str) -> Image.Image:
