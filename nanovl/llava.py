@@ -51,8 +51,7 @@ def iter_json_rows(path: str):
                     if n == 1 + text.count("\n", 0, start):  # the first row: is the file one JSON object, not rows?
                         whole = json_or_none(text)
                         if isinstance(whole, dict):
-                            raise ValueError(f"{path} holds one JSON object (keys {', '.join(list(whole)[:5])}), "
-                                             "expected a JSON array of rows or one row a line") from None
+                            raise one_object(path, whole) from None
                     yield f"line {n}", ValueError(f"not valid JSON: {json_error(e, lines=False)}{cr_only(line)}")
         return
     decoder, pos, line, counted, k = json.JSONDecoder(), start + 1, 1, 0, 0
@@ -97,6 +96,13 @@ def iter_json_rows(path: str):
     if pos < len(text):
         yield f"line {line_of(pos)}", BrokenFile(f"more after the array's closing ] ({text[pos:pos + 20]!r}: two "
                                                  "files joined?); the rest of the file was not read")
+
+
+def one_object(path: str, whole: dict) -> ValueError:
+    """The error for a file that is one JSON object, such as rows wrapped as {"data": [...]}, rather than rows."""
+    keys = list(whole)
+    shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "") if keys else "none"
+    return ValueError(f"{path} holds one JSON object (keys {shown}), expected a JSON array of rows or one row a line")
 
 
 def json_or_none(text: str):
@@ -249,6 +255,11 @@ def import_llava(path: str, images_dir: str, out: str, workers: int = 1, as_capt
                 named = f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else ""
                 skipped.append(f"{where}{named}: {e}")
         if not kept["sft"] and not kept["pretrain"]:
+            # One object on one line reads as JSON lines of one row; with none of a row's fields, it is no row but
+            # the whole file (rows wrapped as {"data": [...]}), and is said to be, as one over several lines is.
+            only = rows[0][1] if len(rows) == 1 and rows[0][0].startswith("line ") else None
+            if isinstance(only, dict) and not {"image", "conversations", "caption", "text"} & set(only):
+                raise one_object(path, only)
             raise ValueError(f"{path}: no row to keep ({total} read" +
                              (f"; the first skipped: {skipped[0]}" if skipped else "") + "); nothing was written")
         summary = (f"{path}: {total} rows read, {len(kept['sft'])} conversations and {len(kept['pretrain'])} "

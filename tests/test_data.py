@@ -519,6 +519,13 @@ def test_llava_files_as_other_tools_write_them(tmp_path):
     # files that are not rows at all: an error naming the file, and nothing written over the last import
     before = open(f"{out}/sft.jsonl").read()
     for text, error in [(json.dumps({"data": [chat]}, indent=2), "holds one JSON object .keys data., expected a JSON"),
+                        (json.dumps({"data": [chat], "info": {}}), r"rows.json holds one JSON object \(keys data, "
+                                                                   r"info\), expected a JSON array of rows or one row "
+                                                                   r"a line$"),  # one line: read as one row first
+                        (json.dumps({"image": "a.png"}), r"no row to keep \(1 read; the first skipped: line 1: no "
+                                                         r"'conversations' and no non-empty 'caption'"),  # a row: said
+                        (json.dumps([{"data": [chat]}]), r"no row to keep \(1 read; the first skipped: row 1, line 1: "
+                                                         r"no 'conversations'"),  # a row in an array, however odd
                         ("[{}]".encode() + "\n\u00e9".encode("latin-1"), "rows.json is not UTF-8 text .byte 0xe9 at "
                                                                          "line 2")]:
         with pytest.raises(ValueError, match=error):
