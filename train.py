@@ -1079,7 +1079,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                 write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
             atomic_save(json.dumps(result, indent=2), os.path.join(out_dir, "eval.json"))  # last: the stage is done
             if acc:
-                say(format_table(acc, bpb, f"stage {stage} evaluation", asked_open))
+                say(format_table(acc, bpb, f"stage {stage} evaluation", asked_open, eval_rows[0]))
             elif bpb is not None:
                 say(f"stage 0: text bits per byte {bpb:.3f}")
         if world > 1:
@@ -1209,7 +1209,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             acc, asked_open, bpb = evaluate(model, eval_rows, tok, eval_proc, tc.data, rank, world, eval_autocast)
             metrics.append({"stage": stage, "step": done, "mc_mean": acc["mean"], "open_mean": asked_open["mean"],
                             "bpb": bpb})
-            say(format_table(acc, bpb, f"stage {stage}, step {done}", asked_open))
+            say(format_table(acc, bpb, f"stage {stage}, step {done}", asked_open, eval_rows[0]))
         if done % ckpt_every == 0 or done == hp["steps"]:
             save_checkpoint(done)
             if tc.stop_after and done == tc.stop_after:
@@ -1284,7 +1284,7 @@ def main(argv=None):
         if any(a.split("=")[0] == "--config" for a in argv) and model.cfg.name != tc.config:
             print(f"(--config {tc.config} chose the questions' folder {tc.data} only: the model is the checkpoint's "
                   f"{model.cfg.name!r})")
-        print(format_table(acc, bpb, f"evaluation of {tc.ckpt} on {tc.data}", asked_open))
+        print(format_table(acc, bpb, f"evaluation of {tc.ckpt} on {tc.data}", asked_open, rows[0]))
         return
 
     for folder in [f for f in tc.extra_data.split(",") if f]:

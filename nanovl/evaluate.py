@@ -32,7 +32,7 @@ import contextlib
 import math
 import os
 import re
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Dict, List, Sequence
 
 import torch
@@ -331,12 +331,19 @@ def gathered(mine: list, world: int) -> list:
     return [parts[i % world][i // world] for i in range(sum(len(part) for part in parts))]
 
 
-def format_table(acc: Dict[str, float], bpb: float, title: str, asked_open: Dict[str, float] = None) -> str:
-    """The evaluation as a table: MCPPL accuracy per category, and beside it the accuracy asked open when given."""
+def format_table(acc: Dict[str, float], bpb: float, title: str, asked_open: Dict[str, float] = None,
+                 questions: Sequence[dict] = ()) -> str:
+    """The evaluation as a table: MCPPL accuracy per category, and beside it the accuracy asked open when given.
+    With the questions scored, how many of each there were, so that 100% of one question does not read as 100% of
+    fifty (--eval_limit)."""
+    count = Counter(q["category"] for q in questions)
+    n = (lambda c: f"{sum(count.values()) if c == 'mean' else count[c]:>11}") if questions else (lambda c: "")
     more = (lambda c: f"{100 * asked_open[c]:>13.1f}%") if asked_open else (lambda c: "")
-    lines = [title, f"{'category':<14}{'MCPPL accuracy':>16}" + (f"{'asked open':>14}" if asked_open else "")]
-    lines += [f"{c:<14}{100 * a:>15.1f}%" + more(c) for c, a in acc.items() if c not in ("mean", "chance")]
-    lines.append(f"{'mean':<14}{100 * acc['mean']:>15.1f}%" + more("mean") + f"   (chance {100 * acc['chance']:.1f}%)")
+    lines = [title, f"{'category':<14}" + (f"{'questions':>11}" if questions else "") + f"{'MCPPL accuracy':>16}" +
+             (f"{'asked open':>14}" if asked_open else "")]
+    lines += [f"{c:<14}{n(c)}{100 * a:>15.1f}%" + more(c) for c, a in acc.items() if c not in ("mean", "chance")]
+    lines.append(f"{'mean':<14}{n('mean')}{100 * acc['mean']:>15.1f}%" + more("mean") +
+                 f"   (chance {100 * acc['chance']:.1f}%)")
     if bpb is not None:
         lines.append(f"text bits per byte: {bpb:.3f}")
     return "\n".join(lines)

@@ -960,6 +960,11 @@ def test_eval_only_takes_the_config_from_the_checkpoint(data, start_weights, tmp
     assert sorted(decoded) == sorted(set(held))
     assert f"evaluation of {start_weights} on {data}" in printed and "(chance 25.0%)" in printed
     assert "text bits per byte" in printed
+    # --eval_limit 5: one question of each category, which the table says (a 100% could be one question of one)
+    assert re.search(r"^category +questions +MCPPL accuracy +asked open$", printed, re.M)
+    assert [line.split()[:2] for line in printed.splitlines() if re.match(r"(caption|chart|code|ocr|scene_text|mean) ",
+                                                                          line)] == \
+        [["caption", "1"], ["chart", "1"], ["code", "1"], ["ocr", "1"], ["scene_text", "1"], ["mean", "5"]]
     # under torchrun each process scores its share of the questions, and the first prints what one process prints
     shared = run(["--eval-only", "--ckpt", start_weights, "--data", data, "--config", "small", "--eval_limit", "5"],
                  module=noting_scored_rows(tmp_path), torchrun=2)
