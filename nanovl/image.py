@@ -150,8 +150,7 @@ class ImageProcessor:
         # A field the file leaves out takes VLMImageProcessor's class default (CLIP's statistics, normalising on),
         # as the official code would. A mean given as null pads with 127s, as official; there is then nothing to
         # normalise with, so only do_normalize false goes with it (the 0.5 below gives the 127s, and divides nothing).
-        if d.get("do_normalize", True) and ("image_mean" in d or "image_std" in d) and \
-                (d.get("image_mean") is None or d.get("image_std") is None):
+        if d.get("do_normalize", True) and any(k in d and d[k] is None for k in ("image_mean", "image_std")):
             raise ValueError(f"preprocessor_config.json: image_mean {d.get('image_mean')} and image_std "
                              f"{d.get('image_std')} with do_normalize true: normalising needs both")
         try:

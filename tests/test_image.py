@@ -61,6 +61,9 @@ def test_processor_follows_the_model():
     with pytest.raises(ValueError, match="image_mean None and image_std None with do_normalize true: normalising "
                                          "needs both"):
         ImageProcessor.from_dict({"image_size": 384, "image_mean": None, "image_std": None})
+    # one statistic given and the other left out: the one left out takes its class default, as any field does
+    half = ImageProcessor.from_dict({"image_size": 384, "image_std": [0.5] * 3})
+    assert (half.image_mean, half.image_std, half.normalize) == (CLIP_MEAN, (0.5, 0.5, 0.5), True)
     for bad, why in [({"do_normalize": "false"}, "do_normalize 'false' is not true or false"),
                      ({"rescale_factor": "x"}, "could not convert string to float"),
                      ({"rescale_factor": 1.0}, "min_size 14 and rescale_factor 1.0 are not supported")] + [
