@@ -159,6 +159,10 @@ STAGE_DEFAULTS["paper-7b"] = {**STAGE_DEFAULTS["paper"],
                               2: dict(STAGE_DEFAULTS["paper"][2], lr=4.2e-5, steps=42000, batch_size=2304)}
 
 
+# What --eval-only reads; every other TrainConfig field is for training, and refused with it.
+EVAL_ONLY_FIELDS = ("eval_only", "ckpt", "data", "config", "tokenizer", "eval_limit", "device", "image_cache")
+
+
 def stage_defaults(preset: str, stage: int) -> dict:
     """A stage's default hyperparameters for a preset: scaled-down ones train from scratch, the 7B takes Table 4's
     7B column, the other released sizes (1.3b, 1.3b-hybrid) its 1B column."""
@@ -1263,6 +1267,12 @@ def main(argv=None):
         if overrides:
             raise SystemExit(f"--eval-only evaluates the model as --ckpt holds it; model config overrides "
                              f"({', '.join('--' + k for k in overrides)}) would change nothing: drop them")
+        unused = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in EVAL_ONLY_FIELDS and
+                  getattr(tc, f.name) != f.default]  # (a training flag left in a command copied from training)
+        if unused:
+            raise SystemExit(f"--eval-only evaluates --ckpt on --data; {', '.join('--' + k for k in unused)} would "
+                             f"change nothing: drop {'it' if len(unused) == 1 else 'them'} (it reads "
+                             f"{', '.join('--' + k for k in EVAL_ONLY_FIELDS[1:])})")
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         try:
             rows = held_out(tc.data, tc.eval_limit)  # before loading a model that may take minutes

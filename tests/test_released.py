@@ -740,6 +740,6 @@ def test_eval_only_scores_a_released_model_on_a_folder_of_ones_own_questions(fol
     assert torch.allclose(torch.cat(scores), torch.tensor(expected), atol=1e-5)
     printed = capsys.readouterr().out
     for category, n in correct.items():
-        assert f"{category:<14}{100 * n / 6:>15.1f}%" in printed, (correct, printed)
+        assert f"{category:<14}{6:>11}{100 * n / 6:>15.1f}%" in printed, (correct, printed)  # six questions each
     chance = 100 * (1 / 2 + 1 / 3 + 1 / 4) / 3  # each category has two questions of each size
     assert f"(chance {chance:.1f}%)" in printed and "bits per byte" not in printed

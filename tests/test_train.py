@@ -970,6 +970,10 @@ def test_eval_only_takes_the_config_from_the_checkpoint(data, start_weights, tmp
                  module=noting_scored_rows(tmp_path), torchrun=2)
     assert shared == printed and scored_rows(tmp_path, 2) == [evaluation_share(data, 5, rank, 2) for rank in (0, 1)]
     assert f"(--config small chose the questions' folder {data} only: the model is the checkpoint's 'tiny')" in printed
+    with pytest.raises(SystemExit, match=r"--eval-only evaluates --ckpt on --data; --steps, --seed would change "
+                                         r"nothing: drop them \(it reads --ckpt, --data, --config, --tokenizer, "
+                                         r"--eval_limit, --device, --image_cache\)"):
+        train.main(["--eval-only", "--ckpt", start_weights, "--data", data, "--steps", "5", "--seed", "3"])
     with pytest.raises(SystemExit, match=r"model config overrides \(--llm.n_layers\) would change nothing: drop"):
         train.main(["--eval-only", "--ckpt", start_weights, "--data", data, "--llm.n_layers=6"])
     with pytest.raises(SystemExit, match="no multiple-choice questions at .*eval_mc.jsonl: --data must be a folder"):
