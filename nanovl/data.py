@@ -49,6 +49,11 @@ def read_text(path: str) -> str:
         raw = f.read()
     if raw.startswith(codecs.BOM_UTF8):
         raw = raw[len(codecs.BOM_UTF8):]
+    packed = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+              b"\x28\xb5\x2f\xfd": "zstd"}  # what datasets are downloaded as, told by their first bytes
+    kind = next((name for magic, name in packed.items() if raw.startswith(magic)), None)
+    if kind:
+        raise ValueError(f"{path} is a {kind}-compressed file, not text: decompress it first")
     if b"\x00" in raw:  # valid UTF-8, but never in text: UTF-16 without its byte-order mark reads as ASCII and NULs
         line = raw.count(b"\n", 0, raw.index(b"\x00")) + 1
         raise ValueError(f"{path} is not UTF-8 text (a NUL byte at line {line}: UTF-16 text, or a binary file?); "

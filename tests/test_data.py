@@ -1,5 +1,6 @@
 """prepare_data.py end to end on a small run, the LLaVA import with bad rows, and the batches the trainer reads."""
 
+import gzip
 import hashlib
 import itertools
 import json
@@ -527,7 +528,9 @@ def test_llava_files_as_other_tools_write_them(tmp_path):
                         (json.dumps([{"data": [chat]}]), r"no row to keep \(1 read; the first skipped: row 1, line 1: "
                                                          r"no 'conversations'"),  # a row in an array, however odd
                         ("[{}]".encode() + "\n\u00e9".encode("latin-1"), "rows.json is not UTF-8 text .byte 0xe9 at "
-                                                                         "line 2")]:
+                                                                         "line 2"),
+                        (gzip.compress(json.dumps([chat]).encode()), "rows.json is a gzip-compressed file, not text: "
+                                                                     "decompress it first$")]:  # as downloaded
         with pytest.raises(ValueError, match=error):
             run(text)
     assert open(f"{out}/sft.jsonl").read() == before
