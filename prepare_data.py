@@ -323,8 +323,8 @@ def prepare(args):
     partial = args.out.rstrip("/") + ".partial"
     clear_leftover(partial, "an interrupted build is left")
     clear_leftover(old, "a replaced corpus is left by an interrupted swap")
+    os.makedirs(partial)
     try:
-        os.makedirs(partial)
         build(args, partial)
     except OSError:  # a full disk, say: what was written goes too, rather than keep the space it took until next run
         shutil.rmtree(partial, ignore_errors=True)

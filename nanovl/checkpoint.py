@@ -193,7 +193,7 @@ def released_config_dict(cfg: VLConfig) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 # Attaching a checked state dict to a model built on "meta"
 
-def _not_float(state: dict) -> list:
+def not_float(state: dict) -> list:
     """"key: dtype" for each tensor that is not floating point (quantised weights, say, or a safetensors header
     relabelled to int32): every weight here is a float, and copying an integer into one would silently convert it."""
     return [f"{k}: {str(v.dtype).replace('torch.', '')}" for k, v in sorted(state.items()) if not v.is_floating_point()]
@@ -203,8 +203,8 @@ def check_finite(state: dict, source: str):
     """A ValueError naming the floating-point tensors that hold NaN or infinite values, with how many each holds:
     loaded, they would only show later as NaN logits or a NaN loss, with no word of where they came from. One tensor
     at a time, and first by its sum, which one NaN or inf makes NaN or inf: one pass and no mask, 0.09 s for 50M
-    bf16 values on 2 cores against 0.26 s for isfinite, so about 13 s for the 7B's 6.9B there (a sum that overflows
-    fp32, possible only for values near the dtype's limit, is counted exactly and passes when they are finite)."""
+    bf16 values on 2 cores against 0.26 s for isfinite, so about 13 s for the 7B's 6.9B there (finite values whose
+    fp32 sum overflows are counted exactly, and pass)."""
     bad = []
     for k, v in state.items():
         if not v.is_floating_point() or torch.isfinite(v.sum(dtype=torch.float32)):
@@ -225,8 +225,8 @@ def _check_keys(expected: dict, state: dict, source: str):
     unexpected = set(state) - set(expected)
     shapes = [f"{k}: file {tuple(state[k].shape)}, model {tuple(expected[k])}"
               for k in sorted(set(state) & set(expected)) if tuple(state[k].shape) != tuple(expected[k])]
-    not_float = _not_float({k: state[k] for k in set(state) & set(expected)})
-    problems = [f"{len(not_float)} not floating-point: {_shorten(not_float, 6)}"] if not_float else []
+    ints = not_float({k: state[k] for k in set(state) & set(expected)})
+    problems = [f"{len(ints)} not floating-point: {_shorten(ints, 6)}"] if ints else []
     if missing:
         problems.append(f"{len(missing)} missing: {_shorten(missing)}")
     if unexpected:
@@ -354,14 +354,15 @@ def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_s
     deleted."""
     check_dtype(dtype, (torch.float32, torch.bfloat16, torch.float16))  # what the released format holds
     cfg, folder = model.cfg, export_target(folder)
+    config = {**released_config_dict(cfg), **EXPORTED_BY}  # (a model the layout cannot hold: refused before writing)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     try:
-        tmp.mkdir(parents=True)
         tensors = {nanovl_to_released(k, cfg.hybrid): v.detach().to("cpu", dtype or v.dtype).contiguous()
                    for k, v in model.state_dict().items()}
         save_sharded(tensors, tmp, max_shard_bytes or 5 * 2 ** 30)  # HF's default shard size
-        (tmp / "config.json").write_text(json.dumps({**released_config_dict(cfg), **EXPORTED_BY}, indent=2))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tok.save(tmp / "tokenizer.json")
         (tmp / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "LlamaTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": None,
@@ -630,9 +631,9 @@ def init_from_parts(model: DeepSeekVL, paths) -> list:
         bad = [f"{k} {tuple(v.shape)} (model: {tuple(expected[k]) if k in expected else 'no such tensor'})"
                for k, v in state.items() if k not in expected or tuple(v.shape) != tuple(expected[k])]
         twice = [f"{k} (also from {origin[k]})" for k in state if k in origin]
-        not_float = _not_float(state)  # (copy_ would convert an integer tensor into the float weight, silently)
+        ints = not_float(state)  # (copy_ would convert an integer tensor into the float weight, silently)
         problems = ([f"{len(bad)} tensors: {_shorten(bad, 8)}"] if bad else []) + \
-            ([f"{len(not_float)} not floating-point: {_shorten(not_float, 6)}"] if not_float else []) + \
+            ([f"{len(ints)} not floating-point: {_shorten(ints, 6)}"] if ints else []) + \
             ([f"given twice: {_shorten(twice, 8)}"] if twice else [])
         if problems:
             raise ValueError(f"{path} ({kind}) does not fit the {model.cfg.name!r} model; nothing was loaded:\n  " +

@@ -319,7 +319,7 @@ class Llama(nn.Module):
 
         inference.py and cli_chat.py cast the whole model with .to(torch.bfloat16) there (utils/io.py; float16 on
         Apple's MPS), and the cast rounds transformers' `inv_freq` buffer with the weights; HF then computes each
-        angle, position x frequency, in fp32 from the rounded frequency. A frequency is off by up to 2^-9 of itself,
+        angle, position x frequency, in fp32 from the rounded frequency. A frequency is off by up to 2^-8 of itself,
         so an angle is off by up to 0.12 rad at position 100 and 0.73 rad at position 600, which every image prompt
         reaches (576 image tokens). By default nanovl keeps the frequencies exact, as the official code has them on
         a CPU, where it runs in fp32; sample.py --official_rope calls this to give the official bf16
