@@ -51,8 +51,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from nanovl import DeepSeekVL, VLConfig, get_config
-from nanovl.checkpoint import (check_device, check_tokenizer_fits, init_from_parts, is_released_folder, load_model,
-                               load_plain, nanovl_state)
+from nanovl.checkpoint import (check_device, check_finite, check_tokenizer_fits, init_from_parts, is_released_folder,
+                               load_model, load_plain, nanovl_state, not_float)
 from nanovl.config import FROM_SCRATCH
 from nanovl.data import (PackedBatches, PlannedBatches, Source, default_folder, folder_kind, plan_batches, read_jsonl,
                          write_jsonl)
@@ -309,21 +309,29 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM: what kill sends by default, a cluster taking its machines back, torchrun stopping the other processes
     when one fails. Raised in the main process (stop_on_sigterm), it ends the run as Ctrl-C does: a checkpoint being
     written is abandoned (atomic_save removes its temporary file), and the last whole one is kept for --resume. A
-    KeyboardInterrupt, so that a DataLoader worker, which the signal reaches too, exits quietly."""
+    KeyboardInterrupt, so that a forked DataLoader worker, which a signal to the process group reaches too, exits
+    quietly. Python runs the handler between bytecodes: a process blocked in a collective that waits for one that
+    failed gets it only when the collective returns, or is killed by torchrun after its grace period."""
 
 
 def stop_on_sigterm(signum, frame):
     raise Terminated()
 
 
+def dead_worker(e: BaseException) -> bool:
+    """A DataLoader worker process that died (torch raises this RuntimeError wherever the main process is when it
+    learns of it): not a bug of the run, and no failed write."""
+    return isinstance(e, RuntimeError) and str(e).startswith("DataLoader worker")
+
+
 def stopped_why(e: BaseException) -> str:
     """What ended a stage, for main's one line: Ctrl-C, SIGTERM, a failed write, or a data worker killed (for
     memory, most often: the kernel kills the largest process, and each worker holds up to --image_cache MB)."""
-    if isinstance(e, Terminated):
+    if isinstance(e, Terminated) or (dead_worker(e) and "signal: Terminated" in str(e)):  # (a spawned worker's)
         return "stopped by SIGTERM"
     if isinstance(e, KeyboardInterrupt):
         return "interrupted"
-    if isinstance(e, RuntimeError):
+    if dead_worker(e):
         return (f"{str(e).strip().rstrip('.')} (a data-loading process killed for memory, most often: run again "
                 "with fewer --workers or a smaller --image_cache)")
     return str(e)
@@ -341,7 +349,7 @@ def writing(path: str):
     try:
         yield
     except (OSError, RuntimeError) as e:
-        if str(e).startswith("DataLoader worker"):  # a dead worker, which torch reports wherever the run is: not ours
+        if dead_worker(e):  # reported wherever the run is: it may be here, and is no failed write
             raise
         reason = getattr(e, "strerror", None) or str(e)
         if not isinstance(e, OSError):  # torch.save's own words for a full disk ("unexpected pos 4190016 vs ...")
@@ -380,6 +388,10 @@ def load_weights(path: str, cfg: VLConfig) -> dict:
     try:
         # weights_only: a pickle holding more than tensors is refused, with the reason
         weights, config = nanovl_state(load_plain(path), path)
+        ints = not_float(weights)  # (load_state_dict would convert an integer tensor into the float weight)
+        if ints:
+            raise ValueError(f"{path}: {len(ints)} tensors are not floating point, as every weight is: {ints[0]}, ...")
+        check_finite(weights, path)  # as load_model checks them
     except ValueError as e:
         raise SystemExit(str(e)) from None
     check_same_config(config, cfg, path)
@@ -994,14 +1006,16 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         check_start(stage, tc, cfg)
     sources = [out_dir] if resume else init if stage > 0 else []
     tok = stage_tokenizer(tc, cfg, sources)
-    if tc.tokenizer:  # (without it, the stage reads the one beside its weights)
-        for src in sources:
-            folder = src if os.path.isdir(src) else os.path.dirname(src)
-            check_same_tokenizer(tok, tc.tokenizer, os.path.join(folder, "tokenizer.json"), resume)
-    elif sources and is_nanovl_checkpoint(sources[0]) and tokenizer_path(tc, sources) == os.path.join(tc.data,
-                                                                                                      "tokenizer.json"):
-        say(f"stage {stage}: no tokenizer.json beside {sources[0]}, so it trains with {tc.data}/tokenizer.json, which "
-            "must be the one those weights were trained with (else pass that one as --tokenizer)")
+    # The tokenizer the stage would read without --tokenizer: beside its weights, else the data's. Beside a stage's
+    # or a released model's weights, it is the one they were trained with (beside a vision part, it could be any).
+    beside = tokenizer_path(dataclasses.replace(tc, tokenizer=""), sources)
+    data_tok = os.path.join(tc.data, "tokenizer.json")
+    trained = sources and (resume or is_nanovl_checkpoint(sources[0]) or is_released_folder(sources[0]))
+    if tc.tokenizer and trained and beside != data_tok:
+        check_same_tokenizer(tok, tc.tokenizer, beside, resume)
+    elif not tc.tokenizer and trained and not resume and beside == data_tok:
+        say(f"stage {stage}: no tokenizer.json beside {sources[0]}, so it trains with {data_tok}, which must be the "
+            "one those weights were trained with (else pass that one as --tokenizer)")
     proc = ImageProcessor.for_config(cfg)
     model, net = stage_model(stage, tc, cfg, init, resume, say)
     net.to(device)
@@ -1335,23 +1349,28 @@ def main(argv=None):
         if world > 1:
             dist.barrier()
     t0 = time.time()
-    main_thread = threading.current_thread() is threading.main_thread()  # (only that one may set a signal handler)
-    default = signal.signal(signal.SIGTERM, stop_on_sigterm) if main_thread else None
+    # SIGTERM ends the run as Ctrl-C does (Terminated), unless whatever started us set a handler of its own or
+    # ignores it; only the main thread may set one.
+    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if ours:
+        signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         for k, stage in enumerate(stages):
             # --init_from is where the run's first stage starts; each later one starts from the stage before it.
             try:
                 run_stage(stage, tc if k == 0 else dataclasses.replace(tc, init_from=""), cfg, rank, world, device)
             except (KeyboardInterrupt, WriteFailed, RuntimeError) as e:  # a line instead of a traceback:
-                if isinstance(e, RuntimeError) and not str(e).startswith("DataLoader worker"):  # (a bug: the trace)
+                if isinstance(e, RuntimeError) and not dead_worker(e):  # (a bug: its traceback)
                     raise
+                if rank > 0:  # (under torchrun the first process says it, for all)
+                    raise SystemExit(1) from None
                 ckpt = os.path.join(tc.out, f"stage{stage}", "ckpt.pt")  # (whole: atomic_save)
                 raise SystemExit(f"\nstage {stage}: {stopped_why(e)}. " + (
                     f"Its last checkpoint, {ckpt}, is kept: run the same command with --resume to go on from it"
                     if os.path.isfile(ckpt) else "No checkpoint of it was written yet")) from None
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, default)
+        if ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if rank == 0:
         print(f"done: stages {stages} in {time.time() - t0:.0f}s")
     if world > 1:

@@ -614,6 +614,8 @@ def test_a_sigterm_stops_the_run_as_ctrl_c_does_keeping_the_last_checkpoint_whol
     assert (folder / "eval.json").exists()
 
 
+@pytest.mark.skipif(torch.multiprocessing.get_start_method() != "fork",
+                    reason="the patched image reader reaches the worker only in a forked process")
 def test_a_data_worker_killed_stops_the_run_in_a_line_that_says_what_to_lower(data, start_weights, tmp_path,
                                                                              monkeypatch):
     # What the kernel's out-of-memory killer does to a DataLoader worker (each holds up to --image_cache MB).
@@ -1052,6 +1054,12 @@ def test_a_llava_import_alone_trains_stages_1_and_3(data, start_weights, tmp_pat
 
 
 def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
+    state = torch.load(start_weights, weights_only=True)  # weights saved from a diverged run: named, not trained on
+    state["model"]["llm.norm.weight"][:3] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(SystemExit, match=r"nan.pt: 1 tensor holds NaN or infinite values: llm.norm.weight \(3 of "):
+        train.main(["--data", data, "--stage", "3", "--out", str(tmp_path / "o"), "--init_from",
+                    str(tmp_path / "nan.pt")])
     with pytest.raises(SystemExit, match="stage 2 starts from stage 1's final weights, but .* does not exist"):
         train.main(["--data", data, "--stage", "2", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="--init_from .*nothing.pt: no such file or folder"):
