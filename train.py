@@ -1362,8 +1362,8 @@ def main(argv=None):
             except (KeyboardInterrupt, WriteFailed, RuntimeError) as e:  # a line instead of a traceback:
                 if isinstance(e, RuntimeError) and not dead_worker(e):  # (a bug: its traceback)
                     raise
-                if rank > 0:  # (under torchrun the first process says it, for all)
-                    raise SystemExit(1) from None
+                if rank > 0 and isinstance(e, KeyboardInterrupt):  # (which reaches every process under torchrun:
+                    raise SystemExit(1) from None  # the first says it, for all; a dead worker each says for itself)
                 ckpt = os.path.join(tc.out, f"stage{stage}", "ckpt.pt")  # (whole: atomic_save)
                 raise SystemExit(f"\nstage {stage}: {stopped_why(e)}. " + (
                     f"Its last checkpoint, {ckpt}, is kept: run the same command with --resume to go on from it"
