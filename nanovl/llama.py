@@ -300,10 +300,15 @@ class Llama(nn.Module):
         # Computed inside the step instead, torch.compile fused pow, cos and sin into the kernel applying them to every
         # element of q and k: in the compiled 1.3B training step on an H200 that kernel took 9.5 ms of a 166 ms step
         # (the 2026-11-29 profile), and with the tables the step took 155 ms (52.6% MFU against 49.2%).
-        cos, sin = rope_cos_sin(torch.arange(cfg.max_seq_len, device="cpu")[None], cfg.head_dim, cfg.rope_theta,
-                                torch.float32)
-        self.register_buffer("rope_cos", cos[0, 0], persistent=False)  # (max_seq_len, hs); not in the state dict
-        self.register_buffer("rope_sin", sin[0, 0], persistent=False)
+        cos, sin = self.rope_tables(torch.float32)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hs); not in the state dict
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def rope_tables(self, freq_dtype):
+        """cos, sin (max_seq_len, hs) in fp32 on the CPU, from frequencies rounded to freq_dtype (rope_cos_sin)."""
+        cos, sin = rope_cos_sin(torch.arange(self.cfg.max_seq_len, device="cpu")[None], self.cfg.head_dim,
+                                self.cfg.rope_theta, torch.float32, freq_dtype)
+        return cos[0, 0], sin[0, 0]
 
     def _apply(self, fn, recurse=True):
         """What .to(), .cuda(), .half() and the like run: the rotary tables move with the weights but stay fp32 (rope
@@ -322,11 +327,10 @@ class Llama(nn.Module):
         angle, position x frequency, in fp32 from the rounded frequency. A frequency is off by up to 2^-8 of itself,
         so an angle is off by up to 0.12 rad at position 100 and 0.73 rad at position 600, which every image prompt
         reaches (576 image tokens). By default nanovl keeps the frequencies exact, as the official code has them on
-        a CPU, where it runs in fp32; sample.py --official_rope calls this to give the official bf16
-        outputs instead. Call it before decoding: a recorded CUDA graph keeps the tables it was recorded with."""
-        cos, sin = rope_cos_sin(torch.arange(self.cfg.max_seq_len, device="cpu")[None], self.cfg.head_dim,
-                                self.cfg.rope_theta, torch.float32, freq_dtype=dtype)
-        self.rope_cos, self.rope_sin = cos[0, 0].to(self.rope_cos.device), sin[0, 0].to(self.rope_sin.device)
+        a CPU, where it runs in fp32; sample.py --official_rope calls this to give the official bf16 outputs instead.
+        Call it before decoding: a recorded CUDA graph keeps the tables it was recorded with."""
+        cos, sin = self.rope_tables(dtype)
+        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     def rope(self, positions, dtype):
         """cos, sin (B, 1, T, hs) for integer positions (B, T): rope_cos_sin's values, looked up in the tables."""
