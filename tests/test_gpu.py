@@ -139,6 +139,26 @@ def test_llama_in_bf16_matches_transformers_in_fp32():
     assert rel_error(got, expected) < 2e-2
 
 
+def test_official_rope_matches_transformers_cast_to_bf16_on_the_device():
+    # sample.py --official_rope: the official scripts' .to(torch.bfloat16) rounds transformers' inv_freq; HF then
+    # computes its cos and sin on the device, ours are made on the CPU and moved (tests/test_llama.py: in fp32)
+    from nanovl.config import LlamaConfig
+    from test_llama import CFG, hf_pair
+
+    cfg = LlamaConfig(**dict(CFG.__dict__, dim=256, n_heads=2, n_kv_heads=2, n_layers=2, max_seq_len=700))
+    hf, ours = hf_pair(cfg)
+    hf, ours = hf.to(DEVICE, torch.bfloat16), ours.to(DEVICE, torch.bfloat16)
+    ours.round_rope_freqs(torch.bfloat16)
+    positions = torch.arange(700, device=DEVICE)[None]
+    ids = torch.randint(0, cfg.vocab_size, (1, 700), device=DEVICE)
+    with torch.no_grad():
+        cos, sin = hf.model.rotary_emb(torch.zeros(1, device=DEVICE, dtype=torch.bfloat16), positions)
+        tables = ours.rope(positions, torch.bfloat16)
+        expected, (got, _) = hf(input_ids=ids).logits, ours(ids)
+    assert all(max_diff(a[:, 0], b) <= 2 ** -8 for a, b in zip(tables, (cos, sin)))  # a bf16 step near 1, at most
+    assert rel_error(got, expected) < 2e-2
+
+
 def test_training_loss_in_bf16_autocast_matches_full_logits():
     torch.manual_seed(0)
     llm = randomize_(DeepSeekVL(get_config("tiny")), std=0.1).llm.to(DEVICE).train()
