@@ -51,8 +51,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from nanovl import DeepSeekVL, VLConfig, get_config
-from nanovl.checkpoint import (check_device, check_finite, check_tokenizer_fits, init_from_parts, is_released_folder,
-                               load_model, load_plain, nanovl_state, not_float)
+from nanovl.checkpoint import (check_device, check_tokenizer_fits, check_weights, init_from_parts, is_released_folder,
+                               load_model, load_plain, nanovl_state)
 from nanovl.config import FROM_SCRATCH
 from nanovl.data import (PackedBatches, PlannedBatches, Source, default_folder, folder_kind, plan_batches, read_jsonl,
                          write_jsonl)
@@ -388,10 +388,7 @@ def load_weights(path: str, cfg: VLConfig) -> dict:
     try:
         # weights_only: a pickle holding more than tensors is refused, with the reason
         weights, config = nanovl_state(load_plain(path), path)
-        ints = not_float(weights)  # (load_state_dict would convert an integer tensor into the float weight)
-        if ints:
-            raise ValueError(f"{path}: {len(ints)} tensors are not floating point, as every weight is: {ints[0]}, ...")
-        check_finite(weights, path)  # as load_model checks them
+        check_weights(weights, path)  # as load_model checks them (load_state_dict would convert an integer tensor)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     check_same_config(config, cfg, path)

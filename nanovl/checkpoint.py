@@ -199,6 +199,15 @@ def not_float(state: dict) -> list:
     return [f"{k}: {str(v.dtype).replace('torch.', '')}" for k, v in sorted(state.items()) if not v.is_floating_point()]
 
 
+def check_weights(state: dict, source: str):
+    """A ValueError unless every tensor is floating point (not_float) and finite (check_finite): for a state dict
+    loaded whole, where no key check folds the dtypes into its own list of problems."""
+    ints = not_float(state)
+    if ints:
+        raise ValueError(f"{source}: {len(ints)} not floating-point: {_shorten(ints, 6)}")
+    check_finite(state, source)
+
+
 def check_finite(state: dict, source: str):
     """A ValueError naming the floating-point tensors that hold NaN or infinite values, with how many each holds:
     loaded, they would only show later as NaN logits or a NaN loss, with no word of where they came from. One tensor

@@ -1060,6 +1060,11 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
     with pytest.raises(SystemExit, match=r"nan.pt: 1 tensor holds NaN or infinite values: llm.norm.weight \(3 of "):
         train.main(["--data", data, "--stage", "3", "--out", str(tmp_path / "o"), "--init_from",
                     str(tmp_path / "nan.pt")])
+    state["model"]["llm.norm.weight"] = state["model"]["llm.norm.weight"].int()  # (a relabelled tensor)
+    torch.save(state, tmp_path / "int.pt")
+    with pytest.raises(SystemExit, match=r"int.pt: 1 not floating-point: llm.norm.weight: int32$"):
+        train.main(["--data", data, "--stage", "3", "--out", str(tmp_path / "o"), "--init_from",
+                    str(tmp_path / "int.pt")])
     with pytest.raises(SystemExit, match="stage 2 starts from stage 1's final weights, but .* does not exist"):
         train.main(["--data", data, "--stage", "2", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="--init_from .*nothing.pt: no such file or folder"):
