@@ -16,7 +16,12 @@ new tokens at most.
 A chat turn (`ChatSession.ask`) feeds only what is new since the cache was last written: the end-of-sentence token
 that closes the previous answer, then "User: ...\\n\\nAssistant:". The system prompt, earlier turns and their images
 are never run again. The ids are the ones render_chat gives for the same conversation, each earlier answer encoded
-again from its text as the official CLI does (where the model's own ids for it differ, they leave the cache).
+again from its stripped text, as the official processor renders a conversation given as messages
+(apply_sft_template_for_multi_turn_prompts strips every content; where the model's own ids for the text differ, they
+leave the cache). The official cli_chat.py re-renders its history the same way but unstripped (it passes
+conv.get_prompt() as the prompt, which process_one takes as it is), so there an earlier answer also keeps the space
+its first word was generated with, after the template's own: "Assistant:  The ...". We do not copy that doubled
+space; the first turn's prompt is the same either way.
 """
 
 import math
@@ -352,14 +357,15 @@ class ChatSession:
         except BaseException:
             self.cache.length = start  # forget the half-written turn: the next one overwrites those slots
             raise
-        # The cache now holds the turn and every answer token but the last (a token is fed back only to get the
-        # next one). The official CLI keeps an answer as its text (decoded without special tokens) and encodes the
-        # whole conversation again for the next turn (cli_chat.py, conv.update_last_message): the answer comes back
-        # as the ids of " " + its stripped text, closed by <｜end▁of▁sentence｜>, or, if it is empty, as nothing at
-        # all (conversation.py renders an empty message as the bare "Assistant:"). Where those are the generated ids,
-        # as they mostly are, the cache keeps them and only the answer's end (its last token if it was cut at
-        # max_new_tokens, and the end-of-sentence) starts the next turn; where not, the answer is dropped from the
-        # cache and the next turn feeds the text's ids in its place.
+        # The cache now holds the turn and every answer token but the last (a token is fed back only to get the next
+        # one). The official code keeps an answer as its text (decoded without special tokens) and encodes the whole
+        # conversation again for the next turn (cli_chat.py, conv.update_last_message). Rendered as the processor
+        # renders messages (each stripped; the module docstring has the CLI's unstripped variant), the answer comes back
+        # as the ids of " " + its stripped text, closed by <｜end▁of▁sentence｜>, or, if it is empty, as nothing at all
+        # (conversation.py renders an empty message as the bare "Assistant:"). Where those are the generated ids, as
+        # they mostly are, the cache keeps them and only the answer's end (its last token if it was cut at
+        # max_new_tokens, and the end-of-sentence) starts the next turn; where not, the answer is dropped from the cache
+        # and the next turn feeds the text's ids in its place.
         eos, answer = self.tok.eos_id, out[0].tolist()  # one row: it stops at its end-of-sentence, no padding
         held = self.cache.length - start - len(new)
         text = self.tok.decode(answer, skip_special_tokens=True).strip()

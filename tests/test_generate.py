@@ -207,9 +207,9 @@ def test_chat_turns_prefill_only_their_new_tokens(tiny, tok, monkeypatch):
     # a message is stripped, as render_chat strips it (the template's prompt_string does)
     assert chat.turn_ids(" and the square? \n") == chat.turn_ids("and the square?")
 
-    # The conversation is the official CLI's: it keeps each answer as its text and encodes the whole conversation
-    # again (render_chat of the messages), whatever ids the model produced the text with. And the cache is right:
-    # the third turn answers as decoding that whole conversation from scratch does.
+    # The conversation is the official processor's: the answer is kept as its text and the whole conversation is encoded
+    # again (render_chat of the messages), whatever ids the model produced the text with. And the cache is right: the
+    # third turn answers as decoding that whole conversation from scratch does.
     pixels = proc(picture(3))[None]
     said = [{"role": "user", "content": f"{IMAGE_TAG}what colour is the circle?"},
             {"role": "assistant", "content": first}, {"role": "user", "content": "and the square?"},
@@ -223,7 +223,7 @@ def test_chat_turns_prefill_only_their_new_tokens(tiny, tok, monkeypatch):
 
 
 def test_a_chat_keeps_each_answer_as_the_official_cli_does_as_its_text_encoded_again(tiny, tok, monkeypatch):
-    """The official CLI keeps an answer as its text and encodes the whole conversation again for the next turn.
+    """The official code keeps an answer as its text and encodes the whole conversation again for the next turn.
     Generated ids that are the text's own encoding stay in the cache; any others are dropped from it, and the text's
     ids take their place."""
     import nanovl.generate as generation
