@@ -550,6 +550,35 @@ def test_gradient_accumulation_normalises_over_the_whole_step(data, start_weight
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
+def test_every_stages_batches_survive_pickling_as_spawned_data_workers_need(data):
+    """On macOS and Windows a DataLoader worker is a fresh process that gets the dataset pickled (Linux forks, so a
+    dataset holding a lambda or an open file would break there only): each stage's batches pickle, and the copy
+    gives the same micro-batches."""
+    import pickle
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return torch.equal(a, b)
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, (list, tuple)):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return a == b
+
+    cfg = get_config("tiny")
+    tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    for stage in range(4):
+        tc, _ = train.parse_args(["--data", data, "--stage", str(stage), "--steps", "3", "--batch_size", "4",
+                                  "--micro_batch", "2"])
+        hp, seq_len, stc = train.stage_hparams(stage, tc, cfg)
+        micro, accum = train.split_batch(stage, tc, hp, 1)
+        dataset = train.stage_batches(stage, stc, hp, cfg, tok, ImageProcessor.for_config(cfg), seq_len, micro,
+                                      accum, 0, 1, lambda *a, **k: None)
+        copy = pickle.loads(pickle.dumps(dataset))
+        assert len(copy) == len(dataset) == 3 * accum
+        assert all(same(copy[k], dataset[k]) for k in (0, len(dataset) - 1)), stage
+
+
 def test_resume_is_bitwise_identical(data, start_weights, tmp_path):
     common = ["--data", data, "--stage", "2", "--init_from", start_weights, "--steps", "6", "--batch_size", "4",
               "--micro_batch", "2", "--ckpt_every", "3", "--eval_limit", "5", "--workers", "1"]
