@@ -58,6 +58,20 @@ def test_processor_follows_the_model():
     assert (bare.image_mean, bare.image_std, bare.pad_color) == (CLIP_MEAN, CLIP_STD, (122, 116, 104))
     assert ImageProcessor.from_dict({"image_size": 384, "image_mean": None, "image_std": None,
                                      "do_normalize": False}).pad_color == (127, 127, 127)  # null pads with 127s
+    # A SigLIP-only model whose tower normalises (a config's choice; the released 1.3B's does not) gets pixels in
+    # [0, 1], padded with its own mean: normalised here too, its tower would see them normalised twice.
+    own = get_config("1.3b", **{"siglip.pixel_mean": CLIP_MEAN, "siglip.pixel_std": CLIP_STD})
+    assert (ImageProcessor.for_config(own).normalize, ImageProcessor.for_config(own).pad_color) == (False,
+                                                                                                 (122, 116, 104))
+
+
+def test_normalising_uses_each_channels_own_mean_and_std():
+    # (the released statistics are all 0.5 or normalise in the tower, where a channel swap would not show)
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    got = ImageProcessor(image_size=32, image_mean=CLIP_MEAN, image_std=CLIP_STD, normalize=True)(img)
+    expected = (np.asarray(img, dtype=np.float64) / 255 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)  # (H, W, 3)
+    assert torch.allclose(got, torch.from_numpy(expected).float().permute(2, 0, 1), atol=1e-5)
     with pytest.raises(ValueError, match="image_mean None and image_std None with do_normalize true: normalising "
                                          "needs both"):
         ImageProcessor.from_dict({"image_size": 384, "image_mean": None, "image_std": None})
@@ -113,6 +127,12 @@ def test_every_mode_becomes_rgb_with_its_brightness_kept(mode):
 def test_sixteen_bit_mid_grey_is_mid_grey():
     img = Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16))  # I;16
     assert abs(int(np.asarray(to_rgb(img))[0, 0, 0]) - 128) <= 1
+    # rounded to the nearest 8-bit value, not cut down: 16-bit 65535 * 100.6 / 255 is 8-bit 100.6, so 101; and the
+    # big-endian file mode is rescaled the same way
+    value = round(65535 * 100.6 / 255)
+    assert np.asarray(to_rgb(Image.fromarray(np.full((8, 8), value, dtype=np.uint16))))[0, 0, 0] == 101
+    big_endian = Image.frombytes("I;16B", (8, 8), np.full((8, 8), value, dtype=">u2").tobytes())
+    assert np.asarray(to_rgb(big_endian))[0, 0, 0] == 101
     # A 32-bit image whose values stay within 0-255 holds 8-bit values: white stays white.
     assert np.asarray(to_rgb(Image.fromarray(np.full((8, 8), 255, dtype=np.int32))))[0, 0, 0] == 255
 
@@ -171,6 +191,8 @@ def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
     with pytest.raises(ValueError, match=r"big.png is 200x100 = 20,000 pixels, over the limit of 10,000"):
         load_image(big, max_pixels=10_000)
     assert load_image(big).size == (200, 100)
+    with pytest.raises(ValueError, match="over the limit of 10,000"):  # the processor passes its limit on
+        ImageProcessor(image_size=64)(big, max_pixels=10_000)
     head_only = tmp_path / "head_only.png"  # the header says 200x100; the pixel data is cut off
     head_only.write_bytes(png_bytes((200, 100))[:60])
     with pytest.raises(ValueError, match="over the limit"):  # said from the header: decoding would fail otherwise
