@@ -171,6 +171,11 @@ CORRUPTIONS = {
     "truncated header": (lambda p: p.write_bytes(p.read_bytes()[:30]), "runs past the end of the file"),
     "header size past end": (lambda p: rewrite(p, n=10_000), "header size 10000 runs past the end of the file"),
     "huge header size": (lambda p: rewrite(p, n=2**40), "larger than the 100000000-byte limit"),
+    "header a byte over the limit": (lambda p: rewrite(p, n=st.MAX_HEADER_BYTES + 1),
+                                     "header size 100000001 is larger than the 100000000-byte limit"),
+    # (the file is 8 + N + 32 bytes: a header size of N + 33 runs one byte past its end, counting the 8-byte prefix)
+    "header size a byte past end": (lambda p: (rewrite(p), rewrite(p, n=p.stat().st_size - 7)),
+                                    "runs past the end of the file"),
     "garbage json": (lambda p: p.write_bytes((6).to_bytes(8, "little") + b"{nope}"), "not valid UTF-8 JSON"),
     "not utf-8": (lambda p: p.write_bytes((4).to_bytes(8, "little") + b"\xff\xfe{}"), "not valid UTF-8 JSON"),
     "json array": (lambda p: p.write_bytes((2).to_bytes(8, "little") + b"[]"), "expected an object"),
@@ -180,16 +185,24 @@ CORRUPTIONS = {
                        "duplicate keys ['a']"),
     "bad metadata": (lambda p: rewrite(p, lambda h: h.update(__metadata__={"step": 3})), "must map strings to strings"),
     "missing field": (lambda p: rewrite(p, lambda h: h["a"].pop("shape")), "should be {dtype, shape, data_offsets}"),
+    "extra field": (lambda p: rewrite(p, set_entry("a", crc=0)), "should be {dtype, shape, data_offsets}"),
     "unknown dtype": (lambda p: rewrite(p, set_entry("a", dtype="F7")),
                       "tensor 'a' has unknown dtype 'F7'; known dtypes: BOOL, U8"),
     "negative shape": (lambda p: rewrite(p, set_entry("a", shape=[-2, -2])), "list of non-negative integers"),
     "float shape": (lambda p: rewrite(p, set_entry("a", shape=[2.0, 2])), "list of non-negative integers"),
+    "true in shape": (lambda p: rewrite(p, set_entry("a", shape=[True, 4])), "list of non-negative integers"),
+    "negative offsets": (lambda p: rewrite(p, set_entry("a", data_offsets=[-16, 0])),
+                         "data_offsets [-16, 0], expected [begin, end], non-negative integers"),
+    "false as an offset": (lambda p: rewrite(p, set_entry("a", data_offsets=[False, 16])),
+                           "data_offsets [False, 16], expected [begin, end], non-negative integers"),
     "end before begin": (lambda p: rewrite(p, set_entry("a", data_offsets=[16, 0])), "end is before begin"),
     "wrong offsets size": (lambda p: rewrite(p, set_entry("a", data_offsets=[0, 12])),
                            "data_offsets [0, 12] (12 bytes), but shape [2, 2] of F32 needs 16 bytes"),
     "offsets too long": (lambda p: rewrite(p, set_entry("a", data_offsets=[0, 20])), "(20 bytes), but shape [2, 2]"),
     "tensor past end": (lambda p: p.write_bytes(p.read_bytes()[:-4]),
                         "tensor 'b' has data_offsets [16, 32], past the end of the 28-byte data buffer"),
+    "tensor a byte past end": (lambda p: p.write_bytes(p.read_bytes()[:-1]),
+                               "tensor 'b' has data_offsets [16, 32], past the end of the 31-byte data buffer"),
     "overlap": (lambda p: rewrite(p, set_entry("b", data_offsets=[8, 24])), "'a' (ends at 16) and 'b'"),
     "overlap by a byte": (lambda p: rewrite(p, set_entry("b", data_offsets=[15, 31])),
                           "'a' (ends at 16) and 'b' (data_offsets [15, 31]) overlap"),
@@ -216,6 +229,15 @@ def test_corrupt_files_are_refused_with_a_reason(tmp_path, corruption):
         assert message in str(e.value) and str(path) in str(e.value)
 
 
+def test_a_header_may_list_its_tensors_in_any_order_and_load_puts_them_on_the_device(tmp_path):
+    path = tmp_path / "x.safetensors"
+    lib_save({"a": torch.ones(2, 2), "b": torch.arange(4.0)}, path)  # a: [0, 16], b: [16, 32]
+    rewrite(path, lambda h: h.update({k: h.pop(k) for k in ("a", "__metadata__") if k in h}))  # b listed first
+    assert list(st.read_header(path)[0])[0] == "b"
+    assert_same(st.load_file(path), {"a": torch.ones(2, 2), "b": torch.arange(4.0)})
+    assert {t.device.type for t in st.load_file(path, device="meta").values()} == {"meta"}
+
+
 def test_missing_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.safetensors: no such safetensors file"):
         st.load_file(tmp_path / "nope.safetensors")
@@ -226,14 +248,20 @@ def test_save_refuses_bad_metadata_and_names(tmp_path):
         st.save_file({"a": torch.ones(1)}, tmp_path / "x.safetensors", metadata={"step": 3})
     with pytest.raises(ValueError, match="expected {str: torch.Tensor}"):
         st.save_file({"a": [1.0]}, tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="must map str to str.*3: 'x'"):
+        st.save_file({"a": torch.ones(1)}, tmp_path / "x.safetensors", metadata={3: "x"})
+    with pytest.raises(ValueError, match="'__metadata__' is reserved by the format"):
+        st.save_file({"__metadata__": torch.ones(1)}, tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="tensor 'z' has dtype torch.complex64; supported: "):
+        st.save_file({"z": torch.ones(2, dtype=torch.complex64)}, tmp_path / "x.safetensors")
     assert os.listdir(tmp_path) == []
 
 
 # --- atomic save --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fail_in", ["numpy", "fsync"])  # mid-way through the data / after it, before the rename
-def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch, fail_in):
+@pytest.mark.parametrize("fail_in", ["numpy", "fsync", "ctrl-c"])  # mid-way through the data / after it, before the
+def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch, fail_in):  # rename / Ctrl-C
     path = tmp_path / "x.safetensors"
     st.save_file({"old": torch.ones(3)}, path)
     before = path.read_bytes()
@@ -247,16 +275,28 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkey
         return real_numpy(self, *args, **kwargs)
 
     def fail(*args):
-        raise OSError("disk full")
+        raise KeyboardInterrupt if fail_in == "ctrl-c" else OSError("disk full")
 
     if fail_in == "numpy":
         monkeypatch.setattr(torch.Tensor, "numpy", fail_on_second_tensor)
     else:
         monkeypatch.setattr(os, "fsync", fail)
-    with pytest.raises(OSError, match="disk full"):
+    elsewhere = tmp_path / "cwd"  # the temporary goes beside the file, not into the working folder
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(KeyboardInterrupt if fail_in == "ctrl-c" else OSError):
         st.save_file({"new.a": torch.zeros(1000), "new.b": torch.zeros(1000)}, path)
     assert path.read_bytes() == before
-    assert os.listdir(tmp_path) == ["x.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["cwd", "x.safetensors"] and os.listdir(elsewhere) == []
+    monkeypatch.undo()
+    # A save that succeeds leaves only its file, renamed from beside it (a rename across file systems, as from the
+    # working folder, is not atomic or fails)
+    renamed, replace = [], os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: renamed.append(os.path.dirname(os.path.abspath(src))) or
+                        replace(src, dst))
+    monkeypatch.chdir(elsewhere)
+    st.save_file({"new": torch.zeros(3)}, path)
+    assert sorted(os.listdir(tmp_path)) == ["cwd", "x.safetensors"] and renamed == [str(tmp_path)]
 
 
 # --- sharded checkpoints ------------------------------------------------------------------------------------------
@@ -343,6 +383,13 @@ def test_sharded_load_checks_the_index_against_the_shards(tmp_path):
         st.load_sharded(tmp_path)
     index_path.write_text('{"weight_map": {"norm.weight": 3}}')  # (os.path.join failed on it, deep in the loader)
     with pytest.raises(ValueError, match="expected JSON .*the shard of 'norm.weight' is 3, not a file name"):
+        st.load_sharded(tmp_path)
+    index_path.write_text('{"weight_map": {"norm.weight": ""}}')  # (the folder itself)
+    with pytest.raises(ValueError, match="expected JSON .*the shard of 'norm.weight' is '', not a file name"):
+        st.load_sharded(tmp_path)
+    (tmp_path / "sub").mkdir()
+    index_path.write_text('{"weight_map": {"norm.weight": "sub"}}')  # a folder, not a shard file
+    with pytest.raises(ValueError, match="lists shard 'sub', which is not in"):
         st.load_sharded(tmp_path)
     with pytest.raises(FileNotFoundError, match="holds neither model.safetensors.index.json nor model.safetensors"):
         st.load_sharded(tmp_path / "empty")
