@@ -328,16 +328,22 @@ def test_sharded_save_matches_huggingface_hub_byte_for_byte(tmp_path):
     assert set(index["weight_map"]) == set(tensors)
     assert_same(st.load_sharded(tmp_path / "ours"), tensors)
     assert_same(st.load_sharded(tmp_path / "hub"), tensors)
-    # A shard that the tensors fill exactly (512 + 128 bytes) stays one shard, as in the hub's split.
-    st.save_sharded(tensors, tmp_path / "exact", max_shard_bytes=640)
-    (tmp_path / "hub-exact").mkdir()
-    hub.save_torch_state_dict(tensors, tmp_path / "hub-exact", max_shard_size=640)
-    files = sorted(os.listdir(tmp_path / "exact"))
-    assert files == sorted(os.listdir(tmp_path / "hub-exact"))
-    for file in files:
-        assert (tmp_path / "exact" / file).read_bytes() == (tmp_path / "hub-exact" / file).read_bytes(), file
-    index = json.loads((tmp_path / "exact" / st.INDEX_NAME).read_text())["weight_map"]
+    # A shard that the tensors fill exactly (512 + 128 bytes) stays one shard, and a tensor exactly the limit's size
+    # (1200 bytes) is not set apart as an oversized one, as in the hub's split.
+    for limit in (640, 1200):
+        st.save_sharded(tensors, tmp_path / f"exact{limit}", max_shard_bytes=limit)
+        (tmp_path / f"hub-exact{limit}").mkdir()
+        hub.save_torch_state_dict(tensors, tmp_path / f"hub-exact{limit}", max_shard_size=limit)
+        files = sorted(os.listdir(tmp_path / f"exact{limit}"))
+        assert files == sorted(os.listdir(tmp_path / f"hub-exact{limit}"))
+        for file in files:
+            assert (tmp_path / f"exact{limit}" / file).read_bytes() == \
+                (tmp_path / f"hub-exact{limit}" / file).read_bytes(), (limit, file)
+    index = json.loads((tmp_path / "exact640" / st.INDEX_NAME).read_text())["weight_map"]
     assert index["embed.weight"] == index["layers.0.w"]
+    # Nothing to save still makes a folder that loads (as nothing)
+    st.save_sharded({}, tmp_path / "empty", max_shard_bytes=640)
+    assert st.load_sharded(tmp_path / "empty") == {}
 
 
 def test_huggingface_hub_loads_our_shards_into_a_model(tmp_path):
