@@ -34,7 +34,7 @@ from test_vision import segment_anything_encoder, timm_siglip
 from nanovl import DeepSeekVL, get_config
 from nanovl.chat import IMAGE_TAG, render_chat
 from nanovl.checkpoint import (TRAINED_CONTEXT, check_tokenizer_fits, export_released, init_from_parts, load_model,
-                               SAM_MODELS, load_released, released_config, released_config_dict)
+                               SAM_MODELS, SIGLIP_MODELS, load_released, released_config, released_config_dict)
 from nanovl.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, SAMConfig, SigLIPConfig
 from nanovl.model import nanovl_to_released
 from nanovl.tokenizer import BOS, EOS, IMAGE
@@ -274,6 +274,32 @@ def test_released_configs_give_the_presets():
     ignored = dict(params, high_res_cfg=dict(params["high_res_cfg"], select_layer=-2, select_feature="patch"))
     assert released_config(dict(seven, vision_config={"cls": "HybridVisionTower", "params": ignored}), 100015) == \
         released_config(seven, 100015)
+    # A Llama field left out is transformers' LlamaConfig default: 32 layers, 2048 positions
+    bare_lang = {k: v for k, v in seven["language_config"].items() if k not in ("num_hidden_layers",
+                                                                               "max_position_embeddings")}
+    defaults = released_config(dict(seven, language_config=bare_lang), 100015).llm
+    assert (defaults.n_layers, defaults.max_seq_len) == (32, 2048)
+    # What nanovl's decoder does not implement is refused, each named, rather than loaded into the wrong model
+    lang = one["language_config"]
+    for key, value in (("hidden_act", "gelu"), ("rope_scaling", {"type": "linear", "factor": 2.0}),
+                       ("attention_bias", True), ("mlp_bias", True), ("model_type", "mistral")):
+        with pytest.raises(ValueError, match=f"language_config: {key} = .* is not supported"):
+            released_config(dict(one, language_config=dict(lang, **{key: value})), 100015)
+    with pytest.raises(ValueError, match="head_dim 64 is not hidden_size / num_attention_heads"):
+        released_config(dict(one, language_config=dict(lang, head_dim=64)), 100015)
+    with pytest.raises(ValueError, match=r"vision_config.pixel_mean = \[0.5, 0.5\], expected 3 numbers"):
+        released_config(dict(one, vision_config={"cls": "CLIPVisionTower", "params": dict(
+            siglip, pixel_mean=[0.5, 0.5], pixel_std=[0.5] * 3)}), 100015)
+    partial = {k: v for k, v in SIGLIP_MODELS["siglip_large_patch16_384"].items() if k != "depth"}
+    with pytest.raises(ValueError, match="vision_config.nanovl = .*, expected an object of"):
+        released_config(dict(one, vision_config={"cls": "CLIPVisionTower", "params": dict(siglip, nanovl=partial)}),
+                        100015)
+    # ... and an export writes the released towers as the released file names them, with their output widths
+    exported = released_config_dict(get_config("7b"))["vision_config"]["params"]
+    for branch in ("high_res_cfg", "low_res_cfg"):
+        for key, value in params[branch].items():
+            assert exported[branch][key] == value, (branch, key)
+        assert "nanovl" not in exported[branch]
 
 
 def test_the_released_presets_hold_the_facts_sheets_constants():
