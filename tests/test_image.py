@@ -63,15 +63,6 @@ def test_processor_follows_the_model():
     own = get_config("1.3b", **{"siglip.pixel_mean": CLIP_MEAN, "siglip.pixel_std": CLIP_STD})
     assert (ImageProcessor.for_config(own).normalize, ImageProcessor.for_config(own).pad_color) == (False,
                                                                                                  (122, 116, 104))
-
-
-def test_normalising_uses_each_channels_own_mean_and_std():
-    # (the released statistics are all 0.5 or normalise in the tower, where a channel swap would not show)
-    rng = np.random.default_rng(1)
-    img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
-    got = ImageProcessor(image_size=32, image_mean=CLIP_MEAN, image_std=CLIP_STD, normalize=True)(img)
-    expected = (np.asarray(img, dtype=np.float64) / 255 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)  # (H, W, 3)
-    assert torch.allclose(got, torch.from_numpy(expected).float().permute(2, 0, 1), atol=1e-5)
     with pytest.raises(ValueError, match="image_mean None and image_std None with do_normalize true: normalising "
                                          "needs both"):
         ImageProcessor.from_dict({"image_size": 384, "image_mean": None, "image_std": None})
@@ -80,7 +71,10 @@ def test_normalising_uses_each_channels_own_mean_and_std():
     assert (half.image_mean, half.image_std, half.normalize) == (CLIP_MEAN, (0.5, 0.5, 0.5), True)
     for bad, why in [({"do_normalize": "false"}, "do_normalize 'false' is not true or false"),
                      ({"rescale_factor": "x"}, "could not convert string to float"),
-                     ({"rescale_factor": 1.0}, "min_size 14 and rescale_factor 1.0 are not supported")] + [
+                     ({"rescale_factor": 1.0}, "min_size 14 and rescale_factor 1.0 are not supported"),
+                     ({"rescale_factor": 1 / 256}, "rescale_factor 0.00390625 are not supported"),
+                     ({"min_size": 16}, "min_size 16 and rescale_factor .* are not supported"),
+                     ({"image_mean": [0.5, 0.5]}, r"image_mean and image_std need 3 values, got \(0.5, 0.5\)")] + [
             # statistics that cannot normalise (json.loads reads NaN and Infinity too): named here, where they used
             # to reach the model and be reported as NaN in the image
             ({"image_mean": [0.5] * 3, "image_std": [0.5, std, 0.5]},
@@ -97,6 +91,15 @@ def test_normalising_uses_each_channels_own_mean_and_std():
         (0.0, 0.0, 0.0)
     with pytest.raises(ValueError, match=r"^image_std \[0.5, 0.0, 0.5\] with do_normalize true"):
         ImageProcessor(image_size=64, image_std=(0.5, 0.0, 0.5), normalize=True)  # built in code: the same check
+
+
+def test_normalising_uses_each_channels_own_mean_and_std():
+    # (the released statistics are all 0.5 or normalise in the tower, where a channel swap would not show)
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    got = ImageProcessor(image_size=32, image_mean=CLIP_MEAN, image_std=CLIP_STD, normalize=True)(img)
+    expected = (np.asarray(img, dtype=np.float64) / 255 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)  # (H, W, 3)
+    assert torch.allclose(got, torch.from_numpy(expected).float().permute(2, 0, 1), atol=1e-5)
 
 
 def make_mode(mode: str) -> Image.Image:
@@ -193,6 +196,9 @@ def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
     assert load_image(big).size == (200, 100)
     with pytest.raises(ValueError, match="over the limit of 10,000"):  # the processor passes its limit on
         ImageProcessor(image_size=64)(big, max_pixels=10_000)
+    assert load_image(big, max_pixels=20_000).size == (200, 100)  # the limit itself is allowed
+    with pytest.raises(ValueError, match="the image is 0x10 pixels: there is nothing in it to look at"):
+        ImageProcessor(image_size=64)(Image.new("RGB", (0, 10)))
     head_only = tmp_path / "head_only.png"  # the header says 200x100; the pixel data is cut off
     head_only.write_bytes(png_bytes((200, 100))[:60])
     with pytest.raises(ValueError, match="over the limit"):  # said from the header: decoding would fail otherwise
