@@ -128,14 +128,22 @@ def test_gpt2_byte_level_regex_matches_tokenizers(ours):
 @pytest.mark.parametrize("behavior", ["isolated", "removed", "merged_with_previous", "merged_with_next", "contiguous"])
 @pytest.mark.parametrize("invert", [False, True])
 def test_split_behaviors_match_tokenizers(behavior, invert, ours):
-    texts = ["a--b-c-", "-x- -y--", "ab\nab\nb", "word  word\t1 2-3", ""]
-    for pattern in [r"(-)|\s", r"b$", r"\p{N}|^a", "-"]:  # (-): a capturing group
-        theirs = pt.Sequence([pt.Split(Regex(pattern), behavior, invert=invert),
+    texts = ["a--b-c-", "-x- -y--", "ab\nab\nb", "word  word\t1 2-3", "a.b..c", ""]
+    # (-): a capturing group; ".": a String pattern, the literal full stop
+    for pattern in [Regex(r"(-)|\s"), Regex(r"b$"), Regex(r"\p{N}|^a"), Regex("-"), "."]:
+        theirs = pt.Sequence([pt.Split(pattern, behavior, invert=invert),
                               pt.ByteLevel(add_prefix_space=False, use_regex=False)])
         mine = Tokenizer(ours.vocab, ours.merges, ours.added_tokens, _spec(theirs))
         for text in texts:
             expected = [p for p, _ in theirs.pre_tokenize_str(text)]
             assert [byte_level(p) for p in mine.pre_tokenize(text)] == expected, (pattern, text)
+
+
+def test_a_byte_level_step_that_adds_a_prefix_space_is_refused(ours):
+    # (it would put a space before every text, which nanovl's encode does not do: refused rather than ignored)
+    theirs = pt.Sequence([pt.Split(Regex(r"\s"), "isolated"), pt.ByteLevel(add_prefix_space=True, use_regex=False)])
+    with pytest.raises(ValueError, match=r"pretokenizers\[1\].add_prefix_space = True is not supported"):
+        Tokenizer(ours.vocab, ours.merges, ours.added_tokens, _spec(theirs))
 
 
 def test_loading_a_tokenizers_file_gives_the_same_ids(from_tokenizers):
@@ -147,6 +155,43 @@ def test_loading_a_tokenizers_file_gives_the_same_ids(from_tokenizers):
         assert mine.decode(ids) == text
         if hf.post_processor is not None:  # its BOS template is what encode(bos=True) gives
             assert mine.encode(text, bos=True) == hf.encode(text).ids
+
+
+def test_a_loaded_tokenizer_saves_back_what_it_read(from_tokenizers, ours, tmp_path):
+    # An export writes the tokenizer it loaded: its pre-tokenizer (the released layout splits digits one by one) and
+    # its post-processor (the BOS template the official processor relies on) must survive, or tokenizers reading the
+    # exported file gives other ids than it gave from the original.
+    hf, mine = from_tokenizers
+    again = tokenizers.Tokenizer.from_file(str(mine.save(tmp_path)))
+    for text in TEXTS + ["".join(TEXTS)]:
+        assert again.encode(text).ids == hf.encode(text).ids, text[:40]  # (post-processor included)
+        assert Tokenizer.load(tmp_path).encode(text) == mine.encode(text)
+    # a pre-tokenizer of one's own too (splitting on whitespace only, where DeepSeek's would cut "x-y" in three)
+    own = Tokenizer(ours.vocab, ours.merges, ours.added_tokens, _spec(pt.Sequence([
+        pt.Split(Regex(r"\s"), "isolated"), pt.ByteLevel(add_prefix_space=False, use_regex=False)])))
+    reread = Tokenizer.load(own.save(tmp_path / "own"))
+    assert reread.pre_tokenize("x-y z") == own.pre_tokenize("x-y z") == ["x-y", " ", "z"]
+
+
+def test_ignore_merges_is_read_and_followed(corpus, tmp_path):
+    # (Llama-3-style files: a piece that is itself a token is taken whole, whatever the merges would make of it)
+    hf = tokenizers.Tokenizer(models.BPE(ignore_merges=True))
+    hf.pre_tokenizer, hf.decoder = deepseek_pre_tokenizer(), decoders.ByteLevel()
+    hf.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1200, special_tokens=SPECIAL_TOKENS,
+                                                       initial_alphabet=pt.ByteLevel.alphabet(), show_progress=False))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    data = json.loads((tmp_path / "tokenizer.json").read_text(encoding="utf-8"))
+    assert data["model"]["ignore_merges"] is True
+    mine = Tokenizer.load(tmp_path)
+    assert mine.ignore_merges and Tokenizer.load(mine.save(tmp_path / "again")).ignore_merges
+    for text in TEXTS:
+        assert mine.encode(text) == hf.encode(text, add_special_tokens=False).ids, text[:40]
+
+
+def test_same_ids_compares_the_added_tokens_too(ours):
+    more = Tokenizer(ours.vocab, ours.merges, ours.added_tokens + [
+        {"id": ours.vocab_size, "content": "<extra>", "special": True, "normalized": False}])
+    assert ours.same_ids(ours) and not ours.same_ids(more) and not more.same_ids(ours)
 
 
 def test_tokenizers_reads_our_file_and_gives_the_same_ids(ours, tmp_path):
@@ -226,6 +271,9 @@ def test_added_tokens_are_matched_like_tokenizers(ours, tmp_path):
     for text in ["ab<s>", "<s>x<s>xy", "xabcde abc ab<", "<<s>x"]:
         assert mine.encode(text) == hf.encode(text, add_special_tokens=False).ids, text
         assert mine.decode(mine.encode(text)) == text
+        # skip_special_tokens drops "<s>" and "<s>x", and keeps the added tokens that are not special
+        assert mine.decode(mine.encode(text), skip_special_tokens=True) == \
+            hf.decode(hf.encode(text, add_special_tokens=False).ids, skip_special_tokens=True), text
 
 
 def test_a_tokenizer_without_pad_or_image_token(corpus, tmp_path):
@@ -249,6 +297,7 @@ def test_a_tokenizer_without_pad_or_image_token(corpus, tmp_path):
 
 @pytest.mark.parametrize("field, value", [
     ("normalizer", {"type": "Lowercase"}),
+    ("normalizer", {"type": "NFC"}),  # (it would change the letter-class characters TEXTS holds)
     ("model.byte_fallback", True),
     ("model.dropout", 0.1),
     ("model.continuing_subword_prefix", "##"),
@@ -266,6 +315,15 @@ def test_unsupported_fields_are_refused_by_name(ours, tmp_path, field, value):
     (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(ValueError, match=key):
         Tokenizer.load(tmp_path)
+
+
+def test_added_tokens_matched_other_than_as_exact_text_are_refused(ours, tmp_path):
+    for flag in ("single_word", "lstrip", "rstrip"):
+        data = json.loads(ours.save(tmp_path).read_text(encoding="utf-8"))
+        data["added_tokens"][1][flag] = True
+        (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+        with pytest.raises(ValueError, match=rf"added_tokens\[1\].{flag} = True is not supported"):
+            Tokenizer.load(tmp_path)
 
 
 def test_a_file_that_is_no_tokenizer_json_is_named_with_what_is_wrong(ours, tmp_path):
