@@ -218,6 +218,9 @@ def test_released_folder_gives_the_reference_models_logits(folder):
     model, tok, proc = load_released(path)
     assert tok.image_id == 282 and tok.vocab_size == 283 and model.cfg.llm.vocab_size == VOCAB
     assert model.cfg.hybrid == ref.hybrid and model.cfg.llm.max_seq_len == 512
+    assert not model.training  # ready to run: no dropout in DeepSeek-VL, but a caller may rely on eval()
+    meta = load_released(path, device="meta")[0]  # built where it is asked to be
+    assert {t.device.type for t in (*meta.parameters(), *meta.buffers())} == {"meta"}
     # Each side makes its own pixels: nanovl from the folder's preprocessor_config.json, the reference by the
     # official processor's transcription.
     ids, pixels = chat_batch(tok, proc, model.cfg.n_image_tokens)
@@ -400,6 +403,12 @@ def test_export_replaces_only_an_earlier_export(folder, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="stage3 exists, and its config.json is not one a nanovl export wrote"):
         export_released(model, tok, stage)
     assert os.listdir(stage) == ["config.json"]
+    (stage / "config.json").rename(stage / "config.json.orig")  # a name an export writes only as a prefix
+    with pytest.raises(ValueError, match="holds config.json.orig, which an export does not write"):
+        export_released(model, tok, stage)
+    (stage / "config.json.orig").rename(stage / "config.json")
+    (tmp_path / "empty").mkdir()
+    assert (export_released(model, tok, tmp_path / "empty") / "config.json").exists()  # anybody's to fill
     # The folder an export is first written in is cleared only if it holds nothing but an export's files.
     (tmp_path / "export.partial").mkdir()
     (tmp_path / "export.partial" / "thesis.txt").write_text("mine")
@@ -532,6 +541,18 @@ def test_bad_files_are_refused_clearly(tmp_path):
     with pytest.warns(UserWarning, match=r"gives do_normalize false .* and the vision tower does not normalise its "
                                          r"input itself: nothing normalises the pixels, as the official code would"):
         assert not load_model(folder)[2].normalize
+    # ... and one whose tower normalises too gets its pixels normalised twice, said as well
+    (folder / "preprocessor_config.json").write_text(json.dumps(pre))
+    (folder / "config.json").write_text(json.dumps({**config, "vision_config": {**config["vision_config"], "params": {
+        **tower, "pixel_mean": [0.5] * 3, "pixel_std": [0.5] * 3}}}))
+    with pytest.warns(UserWarning, match="and the vision tower normalises its input itself: the pixels are "
+                                         "normalised twice"):
+        load_model(folder)
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "preprocessor_config.json").write_text(json.dumps(dict(pre, image_size=2 * pre["image_size"])))
+    with pytest.raises(ValueError, match=f"image_size {2 * pre['image_size']} but the vision tower reads "
+                                         f"{pre['image_size']}"):
+        load_model(folder)
     (folder / "preprocessor_config.json").write_text("[1]")
     with pytest.raises(ValueError, match="preprocessor_config.json holds a JSON list, expected an object of settings"):
         load_model(folder)
