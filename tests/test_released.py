@@ -332,6 +332,7 @@ def test_export_loads_back_to_identical_outputs(folder, tmp_path):
     # what HF's AutoTokenizer reads beside tokenizer.json: DeepSeek-LLM's tokenizer starts every text with BOS
     tok_config = json.loads((out / "tokenizer_config.json").read_text())
     assert (tok_config["bos_token"], tok_config["eos_token"], tok_config["add_bos_token"]) == (BOS, EOS, True)
+    assert tok_config["model_max_length"] == model.cfg.llm.max_seq_len == 512  # the model's context, not 4096
     ids, pixels = chat_batch(tok, proc, model.cfg.n_image_tokens, seed=1)
     with torch.no_grad():
         assert torch.equal(again(ids, pixels)[0], model(ids, pixels)[0])
@@ -417,6 +418,7 @@ def test_export_replaces_only_an_earlier_export(folder, tmp_path, monkeypatch):
     (tmp_path / "export.partial" / "thesis.txt").unlink()
     (tmp_path / "export.partial" / ".model.safetensors.0123abcd.tmp").write_text("what a killed export leaves")
     export_released(model, tok, out)
+    assert not [f.name for f in out.iterdir() if f.name.endswith(".tmp")]  # cleared, not carried into the export
     monkeypatch.chdir(stage)
     from nanovl import checkpoint
     with pytest.raises(SystemExit, match="stage3 exists, and its config.json is not"):  # ".": the folder it is run in
@@ -559,6 +561,10 @@ def test_bad_files_are_refused_clearly(tmp_path):
     (folder / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         load_model(folder)
+    no_config = tmp_path / "bare.pt"  # a state dict under "model" with nothing to say what model it is
+    torch.save({"model": {"llm.norm.weight": torch.ones(4)}}, no_config)
+    with pytest.raises(ValueError, match=r"bare.pt holds no model config \(a dict under 'config'\), got NoneType"):
+        load_model(no_config)
     # A pickle holding more than tensors is refused by weights_only=True, with the reason.
     evil = tmp_path / "model.pt"
     torch.save({"model": {}, "config": {}, "hook": ReferenceVL}, evil)
@@ -604,13 +610,19 @@ def parts(tmp_path_factory):
     sam_state["mask_decoder.iou_token.weight"] = torch.randn(1, 256)
     torch.save(sam_state, d / "sam_vit_b.pth")
     siglip = randomize_(timm_siglip(TINY.siglip), seed=4, std=0.1)
-    st_save_file(siglip.state_dict(), str(d / "siglip.safetensors"))
+    # (with global_pool="avg" timm's ViT ends in fc_norm: a pooling part, not in DeepSeek-VL's tower)
+    fc_norm = {"fc_norm.weight": torch.ones(TINY.siglip.width), "fc_norm.bias": torch.zeros(TINY.siglip.width)}
+    st_save_file({**siglip.state_dict(), **fc_norm}, str(d / "siglip.safetensors"))
     l = TINY.llm
     llama = LlamaForCausalLM(HFLlamaConfig(hidden_size=l.dim, intermediate_size=l.ffn_dim, num_hidden_layers=l.n_layers,
                                            num_attention_heads=l.n_heads, num_key_value_heads=l.n_kv_heads,
                                            vocab_size=l.vocab_size, tie_word_embeddings=False))
     randomize_(llama, seed=5)
     llama.save_pretrained(d / "llama")
+    # Older transformers saved each layer's rotary inv_freq buffer too; those files load the same
+    saved = st_load_file(str(d / "llama" / "model.safetensors"))
+    st_save_file({**saved, "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(l.head_dim // 2)},
+                 str(d / "llama" / "model.safetensors"), metadata={"format": "pt"})
     return d, sam_state, siglip.state_dict(), llama.state_dict()
 
 
