@@ -124,7 +124,10 @@ def test_every_mode_becomes_rgb_with_its_brightness_kept(mode):
     a = np.asarray(rgb).astype(int)
     assert a[:, :20].max() <= 10, mode  # dark stays dark
     assert a[:, 20:].min() >= 245, mode  # bright stays bright (16-bit is rescaled, not clipped)
-    assert ImageProcessor(image_size=64)(img).shape == (3, 64, 64)
+    # a PIL image given to the processor goes through the same conversion as a file (not a bare convert("RGB"),
+    # which turns 16-bit grey white)
+    x = ImageProcessor(image_size=40)(img)  # (3, 40, 40): rows 5-34 hold the image, padded above and below
+    assert x.shape == (3, 40, 40) and x[:, 10:30, :15].max() <= 10 / 255 and x[:, 10:30, 25:].min() >= 245 / 255
 
 
 def test_sixteen_bit_mid_grey_is_mid_grey():
@@ -136,6 +139,8 @@ def test_sixteen_bit_mid_grey_is_mid_grey():
     assert np.asarray(to_rgb(Image.fromarray(np.full((8, 8), value, dtype=np.uint16))))[0, 0, 0] == 101
     big_endian = Image.frombytes("I;16B", (8, 8), np.full((8, 8), value, dtype=">u2").tobytes())
     assert np.asarray(to_rgb(big_endian))[0, 0, 0] == 101
+    # values below 0 (a signed 32-bit or float image) are black, not wrapped round to bright
+    assert np.asarray(to_rgb(Image.fromarray(np.full((8, 8), -100, dtype=np.int32))))[0, 0, 0] == 0
     # A 32-bit image whose values stay within 0-255 holds 8-bit values: white stays white.
     assert np.asarray(to_rgb(Image.fromarray(np.full((8, 8), 255, dtype=np.int32))))[0, 0, 0] == 255
 
@@ -183,7 +188,8 @@ def test_bad_files_get_an_error_naming_the_file(tmp_path):
                                                 "read; convert it to PNG or JPEG"),
                       (tmp_path / "logo.svg", "an SVG drawing, a format Pillow does not read"),
                       (tmp_path, f"image {tmp_path} is a folder: expected an image file"),
-                      ("https://example.org/cat.png", r"does not exist \(a web address: download the image first\)")]:
+                      ("https://example.org/cat.png", r"does not exist \(a web address: download the image first\)"),
+                      ("http://example.org/cat.png", r"does not exist \(a web address: download the image first\)")]:
         with pytest.raises(ValueError, match=why):
             load_image(path)
 
@@ -222,6 +228,18 @@ def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
             load_image(header_only(10_000), max_pixels=10_000)
     with pytest.raises(ValueError, match="20000.png is too large to read .* downscale it first"):
         load_image(header_only(20_000))
+
+
+def test_running_out_of_memory_is_not_called_a_corrupt_file(tmp_path, monkeypatch):
+    path = tmp_path / "fine.png"
+    path.write_bytes(png_bytes())
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(Image, "open", no_memory)
+    with pytest.raises(MemoryError):  # this machine's limit: the file is not to blame, nor to be skipped as bad
+        load_image(path)
 
 
 def test_a_path_pil_refuses_is_named_too():

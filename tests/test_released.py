@@ -466,6 +466,10 @@ def test_mismatched_keys_are_listed_and_nothing_is_loaded(tmp_path):
                     "1 keys that are not DeepSeek-VL's: text_encoder.proj.weight"),
         "quantised": (dict(state, **{"aligner.layers.2.bias": torch.zeros(64, dtype=torch.int8)}),
                       "1 not floating-point: aligner.layers.2.bias: int8"),
+        "int16 and bool": (dict(state, **{"aligner.layers.2.bias": torch.zeros(64, dtype=torch.int16),
+                                          "aligner.layers.0.bias": torch.zeros(state["aligner.layers.0.bias"].shape,
+                                                                               dtype=torch.bool)}),
+                           "2 not floating-point: aligner.layers.0.bias: bool, aligner.layers.2.bias: int16"),
         # saved from a diverged run: counted tensor by tensor, float8 too (torch has no isfinite for e4m3fn)
         "diverged": (dict(state, **{q_proj: diverged, "aligner.layers.2.bias": torch.tensor(
                           [1.0, float("nan")] * 32).to(torch.float8_e4m3fn)}),
@@ -746,6 +750,9 @@ def test_a_nanovl_checkpoint_exports_from_the_command_line(folder, tmp_path, cap
     stage.mkdir()
     torch.save({"model": model.state_dict(), "config": model.cfg.to_dict()}, stage / "model.pt")
     tok.save(stage / "tokenizer.json")
+    with pytest.raises(SystemExit):  # (argparse's error: 0 would otherwise read as "no limit given", 5 GiB)
+        checkpoint.main(["--ckpt", str(stage), "--export", str(tmp_path / "exported"), "--shard_gb", "0"])
+    assert "--shard_gb must be above 0, got 0.0" in capsys.readouterr().err
     checkpoint.main(["--ckpt", str(stage), "--export", str(tmp_path / "exported"), "--dtype", "bf16"])
     assert "model.safetensors" in capsys.readouterr().out
     again, _, _ = load_model(tmp_path / "exported")
