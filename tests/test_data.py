@@ -347,6 +347,36 @@ def test_a_malformed_row_is_named_by_its_file_and_line(data_dir, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 # LLaVA import
 
+def test_a_llava_row_becomes_the_row_llava_means():
+    """llava_row alone, on the variants other datasets write: what each becomes, or why it is refused."""
+    from nanovl.llava import llava_row
+    row = lambda **kw: llava_row(kw, "imgs", lambda path: None)  # images_dir relative, no image read
+    ask = lambda q, a, who=("human", "gpt"): [{"from": who[0], "value": q}, {"from": who[1], "value": a}]
+    kind, chat = row(image="a.png", conversations=ask("<image>\nWhat is it?", "A cat."))
+    assert kind == "sft" and chat["images"] == [os.path.abspath(os.path.join("imgs", "a.png"))]  # absolute: the
+    assert chat["conversation"] == [{"role": "user", "content": f"{IMAGE_TAG}\nWhat is it?"},  # folder may move
+                                    {"role": "assistant", "content": "A cat."}]
+    assert row(image="a.png", conversations=ask("<image>\nWhat is it?", "A cat.", ("user", "assistant"))) == \
+        (kind, chat)  # the role names newer exports write
+    assert row(image="a.png", conversations=ask("What is it?", "A cat.")) == (kind, chat)  # the tag LLaVA implies
+    # captions, under "caption" or "text", stripped, the image before them
+    assert row(image="a.png", text="  a cat on a mat \n") == ("pretrain", {"category": "caption", "images": chat[
+        "images"], "text": f"{IMAGE_TAG}a cat on a mat"})
+    # --captions: a one-question chat is its answer, stripped; unless the answer itself holds an image
+    assert llava_row({"image": "a.png", "conversations": ask("What is it?", " A cat. ")}, "imgs", lambda p: None,
+                     as_captions=True)[1]["text"] == f"{IMAGE_TAG}A cat."
+    assert llava_row({"image": "a.png", "conversations": ask("What is it?", "Like <image>.")}, "imgs",
+                     lambda p: None, as_captions=True)[0] == "sft"
+    for bad, why in [(dict(image=["a.png", ""], text="a cat"), "'image' must be a path or a list of paths, got ['a.png', '']"),
+                     (dict(text="a cat"), "a caption row needs exactly one image, got 0"),
+                     (dict(image=["a.png", "b.png"], conversations=ask("Compare them.", "Same.")),
+                      "0 <image> tags but 2 images"),
+                     (dict(image=["a.png", "b.png"], conversations=ask("<image> and this?", "Same.")),
+                      "1 <image> tags but 2 images")]:
+        with pytest.raises(ValueError, match=re.escape(why)):
+            row(**bad)
+
+
 def test_llava_import_keeps_good_rows_and_reports_bad_ones(tmp_path):
     images = tmp_path / "imgs"
     images.mkdir()
