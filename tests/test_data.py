@@ -367,7 +367,8 @@ def test_a_llava_row_becomes_the_row_llava_means():
                      as_captions=True)[1]["text"] == f"{IMAGE_TAG}A cat."
     assert llava_row({"image": "a.png", "conversations": ask("What is it?", "Like <image>.")}, "imgs",
                      lambda p: None, as_captions=True)[0] == "sft"
-    for bad, why in [(dict(image=["a.png", ""], text="a cat"), "'image' must be a path or a list of paths, got ['a.png', '']"),
+    for bad, why in [(dict(image=["a.png", ""], text="a cat"),
+                      "'image' must be a path or a list of paths, got ['a.png', '']"),
                      (dict(text="a cat"), "a caption row needs exactly one image, got 0"),
                      (dict(image=["a.png", "b.png"], conversations=ask("Compare them.", "Same.")),
                       "0 <image> tags but 2 images"),
