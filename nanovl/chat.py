@@ -6,9 +6,10 @@ The official prompt string, for a system prompt SYS and messages m0 (user), m1 (
 
     SYS + "\\n\\n" + "User: " + m0 + "\\n\\n" + "Assistant: " + m1 + "<｜end▁of▁sentence｜>" + "User: " + m2 + ...
 
-and, to ask for an answer, a final "Assistant:" with nothing after it. Each content is stripped, and the whole string
-is stripped (processing_vlm.py's apply_sft_template_for_multi_turn_prompts; cli_chat.py builds its history without
-stripping, see nanovl/generate.py). Every `<image_placeholder>` becomes n_image_tokens copies of the image id (576 for the released models).
+and, to ask for an answer, a final "Assistant:" with nothing after it. Each content is stripped, and the whole string is
+stripped (processing_vlm.py's apply_sft_template_for_multi_turn_prompts; cli_chat.py builds its history without
+stripping, see nanovl/generate.py). Every `<image_placeholder>` becomes n_image_tokens copies of the image id (576 for
+the released models).
 
 We never build that string and then search it for offsets. Like nanochat, we encode each piece separately and
 concatenate the ids, with a mask bit per token: 1 for what the model learns to say (the assistant's answers and their
