@@ -359,6 +359,8 @@ def test_a_llava_row_becomes_the_row_llava_means():
     assert row(image="a.png", conversations=ask("<image>\nWhat is it?", "A cat.", ("user", "assistant"))) == \
         (kind, chat)  # the role names newer exports write
     assert row(image="a.png", conversations=ask("What is it?", "A cat.")) == (kind, chat)  # the tag LLaVA implies
+    assert row(image="a.png", conversations=ask("<image>\nWhat is it?", "A cat.") + ask("And?", "")[:1]) == \
+        (kind, chat)  # a last question without its answer teaches nothing: dropped
     # captions, under "caption" or "text", stripped, the image before them
     assert row(image="a.png", text="  a cat on a mat \n") == ("pretrain", {"category": "caption", "images": chat[
         "images"], "text": f"{IMAGE_TAG}a cat on a mat"})
@@ -373,7 +375,11 @@ def test_a_llava_row_becomes_the_row_llava_means():
                      (dict(image=["a.png", "b.png"], conversations=ask("Compare them.", "Same.")),
                       "0 <image> tags but 2 images"),
                      (dict(image=["a.png", "b.png"], conversations=ask("<image> and this?", "Same.")),
-                      "1 <image> tags but 2 images")]:
+                      "1 <image> tags but 2 images"),
+                     (dict(image="a.png", caption="   "), "no 'conversations' and no non-empty 'caption' or 'text'"),
+                     (dict(image="a.png", conversations=[{"from": "human", "value": None}]), "turn 0 must be"),
+                     (dict(image="a.png", conversations=ask("What is it?", "A cat.")[:1]),
+                      "a question with no answer: nothing to learn from")]:
         with pytest.raises(ValueError, match=re.escape(why)):
             row(**bad)
 
