@@ -347,6 +347,22 @@ def test_a_file_that_is_no_tokenizer_json_is_named_with_what_is_wrong(ours, tmp_
             Tokenizer.load(tmp_path)
 
 
+def test_regex_features_that_would_change_meaning_are_refused(ours):
+    # Oniguruma (tokenizers) and Python's re read these differently, or nanovl's translation does not handle them:
+    # refused by name rather than run with another meaning (a class inverted, \w's other letters)
+    byte_level = pt.ByteLevel(add_prefix_space=False, use_regex=False)
+    for pattern, message in [(r"[\P{L}x]", r"\\P\{..\} inside a character class is not supported"),
+                             (r"[\Sx]", r"\\S inside a character class is not supported"),
+                             (r"\w+", r"\\w is not supported \(spell the class with \\p\{..\}\)")]:
+        with pytest.raises(ValueError, match=message):
+            Tokenizer(ours.vocab, ours.merges, ours.added_tokens,
+                      _spec(pt.Sequence([pt.Split(Regex(pattern), "isolated"), byte_level])))
+    split = {"type": "Split", "pattern": {"Regex": "a"}, "behavior": "Bogus", "invert": False}
+    with pytest.raises(ValueError, match=r"pretokenizers\[0\].behavior = 'Bogus' is not supported: use one of"):
+        Tokenizer(ours.vocab, ours.merges, ours.added_tokens,
+                  {"type": "Sequence", "pretokenizers": [split, _spec(byte_level)]})
+
+
 def test_unsupported_pre_tokenizer_step_is_named(ours):
     spec = _spec(pt.Sequence([pt.Split(Regex(r"\s"), "isolated"), pt.Punctuation(),
                                  pt.ByteLevel(add_prefix_space=False)]))
@@ -383,6 +399,9 @@ def test_missing_file_and_bad_ids(ours, tmp_path):
     # were read as ids one by one.
     ids = ours.encode("hello world")
     assert ours.decode(torch.tensor(ids)) == ours.decode(np.array(ids)) == ours.decode(ids) == "hello world"
+    assert ours.decode(torch.tensor(ids[0])) == ours.decode(ids[:1])  # one sampled token, a 0-d tensor
+    with pytest.raises(ValueError, match=r"expected token ids \(integers\), got True in"):
+        ours.decode([True])  # (a bool is an int to Python: it would decode as id 1)
     with pytest.raises(ValueError, match=r"expected token ids \(integers\), got \d+\.9 in"):
         ours.decode([i + 0.9 for i in ids])
     with pytest.raises(ValueError, match="expected a list of token ids, got str '123'"):
