@@ -260,8 +260,9 @@ def test_save_refuses_bad_metadata_and_names(tmp_path):
 # --- atomic save --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fail_in", ["numpy", "fsync", "ctrl-c"])  # mid-way through the data / after it, before the
-def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch, fail_in):  # rename / Ctrl-C
+# fail_in: mid-way through the data / after it, before the rename / Ctrl-C
+@pytest.mark.parametrize("fail_in", ["numpy", "fsync", "ctrl-c"])
+def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch, fail_in):
     path = tmp_path / "x.safetensors"
     st.save_file({"old": torch.ones(3)}, path)
     before = path.read_bytes()
