@@ -152,6 +152,10 @@ def test_sampling_settings_out_of_range_are_refused_and_the_smallest_allowed_one
                          (dict(repetition_penalty=1e-40), "repetition_penalty must be at least 1e-4 and finite"),
                          (dict(repetition_penalty=float("inf")), "repetition_penalty must be"),
                          (dict(seed=2 ** 64), "seed must be a 64-bit integer"),
+                         (dict(seed=-2 ** 63 - 1), "seed must be a 64-bit integer"),
+                         (dict(top_k=-1, temperature=1.0), r"top_k must be >= 0 \(0: off\), got -1"),
+                         (dict(top_p=0.0, temperature=1.0), r"top_p must be in \(0, 1\] \(1: off\), got 0.0"),
+                         (dict(top_k=True, temperature=1.0), "top_k must be an integer, got True"),
                          (dict(max_new_tokens=2.5), "max_new_tokens must be an integer, got 2.5"),
                          (dict(top_k="5"), "top_k must be an integer, got '5'"),
                          (dict(top_p=None), "top_p must be a number, got None")]:
@@ -161,6 +165,16 @@ def test_sampling_settings_out_of_range_are_refused_and_the_smallest_allowed_one
     logits = torch.tensor([[30.0, 40.0, 39.9, -30.0]])
     s = Sampling(temperature=1e-4, repetition_penalty=1e-4).check()
     assert [int(pick(logits, torch.tensor([[1]]), s, torch.Generator().manual_seed(i))) for i in range(5)] == [1] * 5
+    # Both ends of the seed's range are seeds torch.Generator takes (it reads a negative one as its two's complement).
+    for seed in (-2 ** 63, 2 ** 64 - 1):
+        assert Sampling(seed=seed).check().seed == seed
+        torch.Generator().manual_seed(seed)
+
+
+def test_the_default_sampling_is_the_official_inference_example():
+    # inference.py in the official repository: do_sample=False, max_new_tokens=512 (facts section 9).
+    s = Sampling()
+    assert (s.temperature, s.max_new_tokens, s.top_k, s.top_p, s.repetition_penalty) == (0.0, 512, 0, 1.0, 1.0)
 
 
 def test_sampling_is_seeded_and_respects_top_k():
@@ -171,6 +185,17 @@ def test_sampling_is_seeded_and_respects_top_k():
     logits[0, 3], logits[0, 7] = 5.0, 4.0
     assert set(draws(0, top_k=2)) == {3, 7}
     assert set(draws(0, top_p=0.5)) == {3}
+    assert set(draws(0, top_k=50)) == {3, 7, 9}  # a k past the vocabulary keeps every token (HF's min(k, V))
+
+
+def test_top_p_keeps_a_token_only_while_those_above_it_fall_short_of_p_as_hf_does():
+    # Four equal tokens have probabilities of exactly 0.25, so the tokens above the third add up to exactly 0.5: at
+    # top_p=0.5 the first two are kept and the third is dropped, as HF's TopPLogitsWarper drops it (the boundary a
+    # random test never meets).
+    logits = torch.zeros(1, 4)
+    got = warp(logits, torch.empty(1, 0, dtype=torch.long), Sampling(temperature=1.0, top_p=0.5))
+    expected = TopPLogitsWarper(0.5)(None, logits.clone())
+    assert int(torch.isfinite(got).sum()) == int(torch.isfinite(expected).sum()) == 2
 
 
 def test_generation_is_reproducible_with_a_seed(tiny, tok):
