@@ -12,12 +12,14 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import prepare_data
 from nanovl.chat import IMAGE_TAG, render_document
 from nanovl.config import get_config
-from nanovl.data import PackedBatches, PlannedBatches, Sample, Source, collate, epochs, plan_batches, read_jsonl
+from nanovl.data import (PackedBatches, PlannedBatches, Sample, Source, collate, epochs, folder_kind, plan_batches,
+                         read_jsonl, write_jsonl)
 from nanovl.image import ImageProcessor
 from nanovl.llava import import_llava
 from nanovl.synth import CATEGORIES, COLORS, NUMBERS, SEG_LABELS, SHAPES, make_example
@@ -306,6 +308,8 @@ def test_a_malformed_row_is_named_by_its_file_and_line(data_dir, tmp_path):
         ("pretrain", {"images": []}, "no 'text' field; a pretrain row is {\"text\""),
         ("pretrain", dict(good, images="a.png"), "'images' must be a list of paths, got 'a.png'"),
         ("pretrain", dict(good, images=[]), f"1 {IMAGE_TAG} tags but 0 images"),
+        ("pretrain", dict(good, images=["a.png", "b.png"]), f"1 {IMAGE_TAG} tags but 2 images"),
+        ("pretrain", dict(good, images=[""]), "'images' must be a list of paths, got ['']"),  # (the folder itself)
         ("text", {"text": 3}, "'text' must be a string, got int"),
         # a text row is read without images: a tag in one used to stop stage 2 mid-run, deep in the model
         ("text", {"text": f"hello {IMAGE_TAG} world"}, f"a text row has no images, but this one has 1 {IMAGE_TAG} "
@@ -342,6 +346,21 @@ def test_a_malformed_row_is_named_by_its_file_and_line(data_dir, tmp_path):
 
     [(where, error)] = list(iter_json_rows(str(path)))  # the LLaVA import's reader says the same
     assert where == "line 1" and str(error).endswith("its lines end in \\r alone, where JSON Lines needs \\n")
+    # Windows line ends (\r\n) are not that: a bad line there is named without the remark, and a line of spaces
+    # alone is skipped as an empty one is.
+    path.write_bytes((json.dumps(good) + "\r\n   \r\n" + json.dumps(good) + "}\r\n").encode())
+    with pytest.raises(ValueError, match=r"rows.jsonl, line 3: not valid JSON: Extra data at column \d+$"):
+        read_jsonl(str(path))
+    path.write_bytes((json.dumps(good) + "\r\n \t \n" + json.dumps(good) + "\r\n").encode())
+    assert read_jsonl(str(path)) == [good, good]
+
+
+def test_a_row_that_cannot_be_written_leaves_neither_a_temporary_nor_a_changed_file(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    write_jsonl(str(path), [{"a": 1}])
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        write_jsonl(str(path), [{"a": 2}, {"b": object()}])
+    assert os.listdir(tmp_path) == ["rows.jsonl"] and read_jsonl(str(path)) == [{"a": 1}]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -660,6 +679,12 @@ def test_no_folder_is_written_over_unless_this_script_made_it_for_the_same_purpo
     assert not os.path.exists(f"{out}.partial")
     with pytest.raises(SystemExit, match="holds a LLaVA import"):
         prepare_data.main(["--out", str(out), "--n", "2"])
+    # An empty folder is as good as none; a meta.json without prepare_data.py's identity is someone else's.
+    (tmp_path / "empty").mkdir()
+    assert [folder_kind(str(tmp_path / name)) for name in ("empty", "nowhere", "rows.jsonl")] == \
+        ["missing", "missing", "file"]
+    (mine / "meta.json").write_text('{"identity": {"seed": 1}}')
+    assert (folder_kind(str(mine)), folder_kind(str(data_dir))) == ("other", "synthetic")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -685,6 +710,22 @@ def test_sources_render_rows_and_handle_long_ones(data_dir):
     # Long text is cut into context-sized pieces (64 inputs and their 64 targets) that overlap by one token: each
     # piece's last token is the next one's first, so every token of the document is predicted once.
     assert len(ids) > 2 * 65 and [s.ids for s in text.samples] == [ids[i:i + 65] for i in range(0, len(ids) - 1, 64)]
+    words = next(w for w in (" ".join(f"w{i}" for i in range(n)) for n in range(10, 300))
+                 if len(render_document(w, tok, 36)[0]) % 64 == 2 and len(render_document(w, tok, 36)[0]) > 64)
+    ids, _ = render_document(words, tok, cfg.n_image_tokens)
+    pieces = [s.ids for s in Source([{"text": words}], "text", tok, cfg.n_image_tokens, max_len=64).samples]
+    assert pieces[-1] == ids[-2:] and sum(len(p) - 1 for p in pieces) == len(ids) - 1  # the last predicts one token
+    # A row of max_len + 1 ids fills the context exactly (its inputs are all but the last id): kept. One id more is
+    # dropped.
+    row = {"conversation": [{"role": "user", "content": "w1 w2"}, {"role": "assistant", "content": "w3 w4 w5"}]}
+    size = len(Source([row], "sft", tok, 36, max_len=4096).samples[0].ids)
+    assert len(Source([row], "sft", tok, 36, max_len=size - 1).samples) == 1
+    short = Source([row], "sft", tok, 36, max_len=size - 2)
+    assert (len(short.samples), short.dropped) == (0, 1)
+    # Each row's images are under its own folder when it names one (train.py gathers rows of several folders).
+    rows = [{"text": f"{IMAGE_TAG} a", "images": ["x.png"], "_root": "/one"},
+            {"text": f"{IMAGE_TAG} b", "images": ["y.png"]}]
+    assert [s.images for s in Source(rows, "pretrain", tok, 36, 512, root="/two")] == [["/one/x.png"], ["/two/y.png"]]
     proc = ImageProcessor.for_config(cfg)
     pre = Source(read_jsonl(data_dir / "pretrain.jsonl"), "pretrain", tok, cfg.n_image_tokens, 512, str(data_dir))
     ids, targets, images = collate([pre[0], pre[1]], tok.pad_id, proc)
@@ -712,6 +753,14 @@ def test_plan_draws_one_modality_per_step_and_covers_each_epoch():
     assert {m for m, _ in only_language} == {"language"}
     with pytest.raises(ValueError, match="no rows for modality"):
         plan_batches({"language": 0}, 4, 2, lambda s: {"language": 1.0}, seed=1)
+    # A modality the share leaves out is not drawn; a share of nothing at all is named.
+    assert {m for m, _ in plan_batches(sizes, 4, 20, lambda s: {"language": 1.0}, seed=1)} == {"language"}
+    with pytest.raises(ValueError, match=r"step 0: every modality has share 0 \({'language': 0.0}\)"):
+        plan_batches(sizes, 4, 2, lambda s: {"language": 0.0}, seed=1)
+    # Each epoch of a stream is a permutation of its own: the same order every epoch would repeat the same batches.
+    ten = list(itertools.islice(epochs(10, "k"), 30))
+    assert all(sorted(ten[e * 10:e * 10 + 10]) == list(range(10)) for e in range(3)) and len({*map(tuple, (
+        ten[:10], ten[10:20], ten[20:]))}) == 3
 
 
 def test_ranks_and_micro_batches_split_the_same_global_batch():
@@ -765,3 +814,12 @@ def test_packing_lays_samples_end_to_end():
     assert doc_ids.tolist() == [[0] * 4 + [1] * 8, [0] * 3 + [1] * 6 + [-1] * 3]
     assert targets[0, :4].tolist() == [2, 3, 4, 5] and targets[1, 9:].tolist() == [-100] * 3
     assert images is None
+    # Three samples in a row, and the images of every row, in order (sample i's image here is filled with i).
+    pictured = [Sample(s.ids, s.mask, [str(i)]) for i, s in enumerate(samples)]
+    ids, targets, images, doc_ids = PackedBatches([("multimodal", [[0, 2, 0], [3, 1]])], {"multimodal": pictured}, 0,
+                                                  lambda p: torch.full((3, 2, 2), float(p)))[0]
+    assert ids.tolist() == [[1, 2, 3, 4, 21, 22, 23, 1, 2, 3, 4, 0, 0, 0],
+                            [31, 32, 33, 34, 35, 36] + list(range(11, 19))]
+    assert doc_ids[0].tolist() == [0] * 4 + [1] * 3 + [2] * 4 + [-1] * 3
+    assert targets[0, 4:11].tolist() == [22, 23, 24, 2, 3, 4, 5]
+    assert images[:, 0, 0, 0].tolist() == [0, 2, 0, 3, 1]
