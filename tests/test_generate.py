@@ -179,13 +179,20 @@ def test_the_default_sampling_is_the_official_inference_example():
 
 def test_sampling_is_seeded_and_respects_top_k():
     logits = torch.zeros(1, 10)
-    draws = lambda seed, **kw: [int(pick(logits, torch.empty(1, 0, dtype=torch.long), Sampling(temperature=1.0, **kw),
+    draws = lambda seed, **kw: [int(pick(logits, torch.empty(1, 0, dtype=torch.long),
+                                         Sampling(**{"temperature": 1.0, **kw}),
                                          torch.Generator().manual_seed(seed + i))) for i in range(50)]
     assert draws(0) == draws(0) and draws(0) != draws(1)
     logits[0, 3], logits[0, 7] = 5.0, 4.0
     assert set(draws(0, top_k=2)) == {3, 7}
     assert set(draws(0, top_p=0.5)) == {3}
     assert set(draws(0, top_k=50)) == {3, 7, 9}  # a k past the vocabulary keeps every token (HF's min(k, V))
+    assert set(draws(0, top_k=1)) == {3}  # k=1 samples the likeliest alone
+    cut = warp(torch.tensor([[10.0, 0, 0, 0]]), torch.empty(1, 0, dtype=torch.long),
+               Sampling(temperature=1.0, top_p=0.995))
+    assert torch.isfinite(cut).tolist() == [[True, False, False, False]]  # 0.99986 of the mass: p close to 1 cuts too
+    logits[0, 7] = 5.0 - 1e-4
+    assert set(draws(0, temperature=1e-4)) == {3, 7}  # the smallest temperature still samples: e^1 to 1 here
 
 
 def test_top_p_keeps_a_token_only_while_those_above_it_fall_short_of_p_as_hf_does():
