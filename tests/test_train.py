@@ -218,6 +218,45 @@ def test_multiple_choice_picks_the_option_the_model_finds_likeliest(data):
              "options": ["blue", "red", "green", "yellow"], "answer": 1}]
     acc = multiple_choice(oracle, rows, tok, ImageProcessor.for_config(cfg), cfg.n_image_tokens)
     assert acc == {"caption": 0.0, "code": 1.0, "mean": 0.5, "chance": 0.25}
+    assert list(acc) == ["caption", "code", "mean", "chance"]  # categories in name order, as the table lists them
+    # The prompt shows the question and every option (MCPPL), each option then scored as the answer.
+    samples = evaluate.option_samples(rows[0], tok, cfg.n_image_tokens)
+    prompt = tok.decode(samples[0].ids[:samples[0].mask.index(1)])
+    assert [tok.decode(s.ids[s.mask.index(1):]) for s in samples] == [f" {o}<｜end▁of▁sentence｜>" for o in
+                                                                      rows[0]["options"]]
+    assert prompt.endswith(mc_prompt(rows[0]["question"], rows[0]["options"]) + "\n\nAssistant:")
+    # Chance is each question's 1 / options, averaged per category, then over categories as the accuracy is.
+    rows = [dict(rows[0], options=["a", "b"], answer=0), dict(rows[0], options=["a", "b", "c", "d"], answer=0),
+            dict(rows[1], options=["a", "b"], answer=0)]
+    assert evaluate.mc_accuracy(rows, [0, 1, 1])["chance"] == pytest.approx(((1 / 2 + 1 / 4) / 2 + 1 / 2) / 2)
+
+
+class ImageEcho(torch.nn.Module):
+    """A stand-in model whose image embedding is the image's first pixel, and which records the embeddings each
+    forward pass is given (its loss is 0 everywhere)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.seen = torch.nn.Parameter(torch.zeros(1)), []
+
+    def encode_images(self, pixels):
+        return pixels[:, 0, 0, :1]  # (N, 1)
+
+    def forward(self, ids, image_embeds=None, targets=None, reduction="none"):
+        self.seen.append(None if image_embeds is None else image_embeds[:, 0].tolist())
+        return None, torch.zeros(ids.shape)
+
+
+def test_multiple_choice_gives_each_option_its_own_questions_images(data):
+    tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    pixels = {os.path.join("/root", name): float(i) for i, name in enumerate(["a.png", "b.png", "c.png"], 1)}
+    processor = lambda path: torch.full((3, 2, 2), pixels[path])  # (a path not under the root is a KeyError)
+    row = {"category": "c", "question": "Which?", "answer": 0}
+    rows = [dict(row, images=["a.png"], options=["x", "y"]), dict(row, images=[], options=["x", "y"]),
+            dict(row, images=["b.png", "c.png"], options=["x", "y", "z"])]
+    model = ImageEcho()
+    assert evaluate.mc_choices(model, rows, tok, processor, 4, root="/root") == [0, 0, 0]
+    assert model.seen == [[1.0, 1.0, 2.0, 3.0, 2.0, 3.0, 2.0, 3.0]]  # one image span per option row, in order
 
 
 def test_multiple_choice_ranks_options_by_perplexity_not_summed_loss(data):
@@ -256,6 +295,10 @@ def test_an_open_answer_is_right_when_it_names_the_right_option_alone():
     assert names_only("5 cm", ["1. 5 cm", "2. 7 cm"], 0) and names_only("blue", ["a: red", "b: blue"], 1)
     assert not names_only("yellow", ["A. yellow", "C. blue"], 0)  # not in order: not labels
     assert names_only("A dog", ["A dog", "B cat"], 0)  # a word, not a label: kept
+    assert not names_only("2.5 cm", ["1.5 cm", "2.5 cm"], 0)  # "1." of "1.5" is no label: a label has a space after
+    assert names_only("(A) red", ["(A) red", "blue"], 0)  # one labelled option alone: options as written
+    assert not names_only("I don't know.", ["A. ", "B. yes"], 0)  # a label with no option after: options as written
+    assert names_only("It costs $5.", ["$5", "$7"], 0) and names_only("in C++ mostly", ["C", "C++"], 1)
 
 
 def test_open_questions_ask_without_the_options_and_score_what_comes_back(data, monkeypatch):
@@ -299,6 +342,32 @@ def test_bits_per_byte_counts_bits_over_utf8_bytes(data):
     assert n_bytes > sum(len(r["text"]) for r in rows)  # multibyte characters
     expected = int((targets != -100).sum()) * math.log2(tok.vocab_size) / n_bytes
     assert bits_per_byte(uniform, rows, tok, 4, max_len=64) == pytest.approx(expected, rel=1e-6)
+    one = [{"text": "Short one."}]  # a single piece: scored too
+    _, targets, _ = collate(Source(one, "text", tok, 4, max_len=64).samples, tok.pad_id)
+    assert bits_per_byte(uniform, one, tok, 4, max_len=64) == pytest.approx(
+        int((targets != -100).sum()) * math.log2(tok.vocab_size) / 10, rel=1e-6)
+
+
+def test_held_out_text_refuses_blank_rows_and_reads_an_empty_file_as_no_text(tmp_path):
+    path = tmp_path / "eval_text.jsonl"
+    path.write_text('{"text": "a"}\n{"text": " \\n "}\n')
+    with pytest.raises(ValueError, match="eval_text.jsonl, line 2: 'text' must be a string of text"):
+        evaluate.held_out_text(str(tmp_path))
+    path.write_text("\n")
+    assert evaluate.held_out_text(str(tmp_path)) is None  # no text to score: no bits per byte, rather than 0
+
+
+def test_an_evaluation_leaves_the_model_in_the_mode_it_found_and_its_table_lists_categories_alone():
+    model = torch.nn.Linear(1, 1)
+    model.cfg = get_config("tiny")
+    for training in (True, False):
+        model.train(training)
+        assert evaluate.evaluate(model, (None, None), None, None) == (None, None, None)
+        assert model.training is training
+    table = evaluate.format_table({"caption": 0.5, "code": 1.0, "mean": 0.75, "chance": 0.25}, 1.25, "stage 3")
+    assert table.splitlines() == ["stage 3", f"{'category':<14}{'MCPPL accuracy':>16}", f"{'caption':<14}{50.0:>15}%",
+                                  f"{'code':<14}{100.0:>15}%", f"{'mean':<14}{75.0:>15}%   (chance 25.0%)",
+                                  "text bits per byte: 1.250"]
 
 
 def test_a_bad_held_out_question_is_named_before_training(tmp_path):
@@ -315,6 +384,10 @@ def test_a_bad_held_out_question_is_named_before_training(tmp_path):
                      ({"question": " "}, "'question' must be a string of text, got ' '"),
                      ({"category": 3}, "'category' must be a string, got 3"),
                      ({"category": "mean"}, "'category' may not be 'mean', which the results use"),
+                     ({"category": "chance"}, "'category' may not be 'chance', which the results use"),
+                     ({"options": ["a"]}, r"'options' must be a list of at least 2 strings, got \['a'\]"),
+                     ({"answer": True}, "'answer' must be the index of the right option, 0 to 1, got True"),
+                     ({"images": [1]}, r"'images' must be a list of paths \(empty for a question without one\)"),
                      ({"images": None}, r"'images' must be a list of paths \(empty for a question without one\), got "
                                         "None")]:
         path.write_text(json.dumps(row) + "\n" + json.dumps(dict(row, **bad)) + "\n")
