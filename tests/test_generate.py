@@ -110,7 +110,7 @@ def test_generate_applies_the_repetition_penalty_to_the_answer_so_far(tiny, tok)
     assert out != generate(tiny, [prompt], sampling=Sampling(max_new_tokens=16))[0]  # the penalty changed something
 
 
-def test_decoding_never_picks_padded_or_image_ids_and_keeps_each_rows_stop():
+def test_decoding_never_picks_padded_or_image_ids_keeps_each_rows_stop_and_penalises_the_whole_answer():
     from types import SimpleNamespace
     from nanovl.generate import _decode
     V, n_words, image_id = 12, 8, 3
@@ -133,6 +133,26 @@ def test_decoding_never_picks_padded_or_image_ids_and_keeps_each_rows_stop():
     out = _decode(model, step, logits.clone(), Sampling(max_new_tokens=50), {6}, pad_id=0, n_words=n_words)
     # 3 free slots give 4 new tokens (the last is never fed back); row 0 keeps its stop id, then pads
     assert out.tolist() == [[6, 0, 0, 0], [5, 5, 5, 5]] and len(step.fed) == 3
+    step = Step()
+    out = _decode(model, step, logits.clone(), Sampling(max_new_tokens=50), {5, 6}, pad_id=0, n_words=n_words)
+    assert out.tolist() == [[6], [5]] and step.fed == []  # every row stopped at its first token: no step runs
+    # The repetition penalty reads the whole answer so far, its first token too: 5 (10), then 4 (10 / 1.3 < 9), then
+    # 5 again (9 / 1.3 < 10 / 1.3), as HF's does: a token said twice is penalised once.
+    logits[1, 4] = 9.0
+    out = _decode(model, Step(), logits.clone(), Sampling(max_new_tokens=4, repetition_penalty=1.3), set(), 0, n_words)
+    assert out[1].tolist() == [5, 4, 5, 5]
+
+
+def test_a_decoding_step_past_the_end_of_its_cache_is_refused_and_changes_nothing():
+    from nanovl.generate import DecodeStep
+    tiny = DeepSeekVL(get_config("tiny"))
+    cache = tiny.llm.new_cache(1, 2)
+    step = DecodeStep(tiny.llm, cache)
+    with torch.no_grad():
+        step(torch.tensor([[5]])), step(torch.tensor([[6]]))
+        with pytest.raises(ValueError, match="1 new tokens do not fit a KV cache of 2 holding 2"):
+            step(torch.tensor([[7]]))
+    assert cache.length == 2
 
 
 def test_generation_ends_each_row_with_its_stop_id(tiny, tok):
