@@ -70,3 +70,64 @@ def test_label_maps_take_the_images_geometry_and_never_blend_labels(tmp_path):
     Image.fromarray(labels).convert("RGB").save(tmp_path / "colour.png")  # made grey, it would hold luminances
     with pytest.raises(ValueError, match=r"colour.png is a RGB image; expected greyscale \(mode L\) class ids"):
         seg_labels(str(tmp_path / "colour.png"), ImageProcessor(image_size=96), grid=12, n_classes=6)
+
+
+def test_contrastive_batches_hold_distinct_captions_planned_by_seed():
+    from nanovl.stage0 import plan_distinct
+    captions = ["a", "b", "a", "c", "b", "d"]  # four different captions in six rows
+    plan = plan_distinct(captions, 4, 10, seed=0)
+    assert all(name == "pairs" and sorted(captions[i] for i in rows) == ["a", "b", "c", "d"] for name, rows in plan)
+    assert plan == plan_distinct(captions, 4, 10, seed=0) != plan_distinct(captions, 4, 10, seed=1)
+    # Five distinct captions cannot be drawn from four, though there are six rows (the plan would look forever).
+    with pytest.raises(ValueError, match="a contrastive batch of 5 distinct captions, but the data has only 4 "
+                                         "different captions; lower --clip_batch"):
+        plan_distinct(captions, 5, 1, seed=0)
+
+
+def test_each_stage0_micro_batch_reads_its_own_share_of_each_plan(tmp_path):
+    from types import SimpleNamespace
+    from nanovl.data import PlannedBatches, Sample
+    from nanovl.stage0 import Stage0Batches
+    cfg = get_config("tiny")
+    proc = ImageProcessor.for_config(cfg)
+    for i in range(6):  # image i is filled with grey 40 * i; its label map is all background
+        Image.new("RGB", (8, 8), (40 * i,) * 3).save(tmp_path / f"{i}.png")
+        Image.new("L", (8, 8)).save(tmp_path / f"{i}_seg.png")
+    pairs = [{"image": f"{i}.png", "caption": f"caption {i % 5}", "_root": str(tmp_path), "_where": f"line {i}"}
+             for i in range(6)]
+    scenes = [dict(pairs[i], seg=f"{i}_seg.png") for i in range(6)]
+    tok = SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, encode=lambda text: [ord(c) for c in text])
+    text = PlannedBatches([("language", [0, 1, 2, 3])] * 2, {"language": [Sample([5, 6, 7], [0, 1, 1], [])] * 4}, 0,
+                          None, accum=2)
+    plan_pairs = [("pairs", [0, 1, 2, 3]), ("pairs", [4, 5, 1, 0])]
+    plan_scenes = [("scenes", [5, 4, 3, 2]), ("scenes", [1, 0, 3, 5])]
+    low = lambda path: proc(path)[:, :4, :4]  # the pairs' processor (SigLIP's resolution in train.py)
+    batches = Stage0Batches(text, pairs, scenes, plan_pairs, plan_scenes, tok, proc, low, cfg)
+    assert len(batches) == 4  # two steps of two micro-batches
+    for k in range(4):
+        batch = batches[k]
+        step, micro = divmod(k, 2)
+        mine = slice(2 * micro, 2 * micro + 2)  # the micro-batch's half of the step's rows, in each plan
+        assert torch.equal(batch["pair_images"], torch.stack([low(str(tmp_path / f"{i}.png"))
+                                                               for i in plan_pairs[step][1][mine]]))
+        assert torch.equal(batch["seg_images"], torch.stack([proc(str(tmp_path / f"{i}.png"))
+                                                              for i in plan_scenes[step][1][mine]]))
+        # Each caption as bos + its tokens + eos, right-padded; cap_len counts every one of its tokens.
+        caps = [[1] + tok.encode(pairs[i]["caption"]) + [2] for i in plan_pairs[step][1][mine]]
+        assert batch["cap_len"].tolist() == [len(c) for c in caps] and batch["cap_ids"][0].tolist() == caps[0]
+
+
+def test_stage0_trains_on_the_sum_of_its_image_losses():
+    from nanovl.stage0 import Stage0Model
+    torch.manual_seed(0)
+    cfg = get_config("tiny")
+    net = Stage0Model(DeepSeekVL(cfg), Stage0Heads(cfg, n_seg_classes=5)).eval()
+    g = cfg.sam.grid
+    batch = {"ids": torch.tensor([[1, 5, 6]]), "targets": torch.tensor([[5, 6, -100]]),
+             "pair_images": torch.rand(2, 3, cfg.siglip.image_size, cfg.siglip.image_size),
+             "cap_ids": torch.tensor([[1, 7, 2], [1, 8, 2]]), "cap_len": torch.tensor([3, 3]),
+             "seg_images": torch.rand(2, 3, cfg.sam.image_size, cfg.sam.image_size),
+             "seg_labels": torch.randint(0, 5, (2, g, g))}
+    with torch.no_grad():
+        lm, images, parts = net(batch)
+    assert parts["seg"] > 0 and parts["clip"] > 0 and torch.equal(images, parts["clip"] + parts["seg"])
