@@ -357,17 +357,13 @@ FROM_SCRATCH = ("tiny", "small")
 
 
 def _parse(value, current, name: str):
-    """Turn a command-line string into the type of the field it overrides (int, float, bool, str, tuple, None)."""
+    """Turn a command-line string into the type of the field it overrides (int, float, str, tuple, None)."""
     if isinstance(value, list) and isinstance(current, tuple):
         return tuple(value)  # from Python: a list where the field holds a tuple, as JSON gives them too
     if not isinstance(value, str):
         return value
     if value.lower() in ("none", "null"):
         return None
-    if isinstance(current, bool):
-        if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"{name} expects true or false, got {value!r}")
-        return value.lower() in ("true", "1")
     try:
         if isinstance(current, int):
             return int(value)
