@@ -390,6 +390,14 @@ def test_presets_take_overrides_and_round_trip_through_json():
     assert cfg.llm.n_layers == 2 and cfg.sam.global_blocks == (0, 3) and cfg.llm.rope_theta == 5e5
     assert VLConfig.from_dict(json.loads(cfg.to_json())) == cfg
     assert VLConfig.from_dict(get_config("1.3b").to_dict()).sam is None
+    # Two configs' differences, field by field: none between a config and its JSON (tuples read back as lists), nor for
+    # another name alone; a field one of them lacks (an older checkpoint's) is one.
+    a = cfg.to_dict()
+    assert VLConfig.differences(a, json.loads(cfg.to_json())) == [] == VLConfig.differences(a, dict(a, name="other"))
+    b = json.loads(cfg.to_json())
+    del b["llm"]["rope_theta"]
+    assert VLConfig.differences(a, b) == [("llm.rope_theta", 5e5, None)]
+    assert VLConfig.differences(a, dict(a, llm=dict(a["llm"], n_layers=3))) == [("llm.n_layers", 2, 3)]
     # A field the preset leaves at None takes its class default's type: SigLIP normalising inside the 1.3B's tower.
     own = get_config("1.3b", **{"siglip.pixel_mean": "0.5,0.5,0.5", "siglip.pixel_std": "(0.25, 0.25, 0.25)"})
     assert own.siglip.pixel_mean == (0.5, 0.5, 0.5) and own.siglip.pixel_std == (0.25, 0.25, 0.25)
@@ -436,12 +444,29 @@ def test_bad_configs_are_refused_with_the_reason():
         with pytest.raises(ValueError, match=rf"invalid config 'tiny':\n  {message}$"):
             get_config("tiny", **{key: value})
     assert get_config("tiny", **{"sam.global_blocks": [0, 1]}).sam.global_blocks == (0, 1)  # a list, from Python
+    # How the parts must fit together, each named.
+    tiny = get_config("tiny")
+    for overrides, message in [({"siglip.image_size": 100}, "siglip.image_size 100 is not a multiple of "
+                                                             "siglip.patch_size 16"),
+                               ({"llm.dim": tiny.llm.n_heads * 5}, "llm head size 5 must be even for rotary "
+                                                                   "embeddings"),
+                               ({"image_token_id": tiny.llm.vocab_size}, f"image_token_id {tiny.llm.vocab_size} is "
+                                                                         "outside the vocabulary"),
+                               ({"aligner.depth": 1}, "aligner.depth 1 is too small .at least 1, or 2 for the hybrid"),
+                               ({"sam.global_blocks": ""}, r"sam.global_blocks \(\) must be non-empty indices"),
+                               ({"llm.rope_theta": "inf"}, "llm.rope_theta is inf, expected a finite number above 0"),
+                               ({"sam.pixel_mean": "null"}, r"sam.pixel_mean None and pixel_std")]:
+        with pytest.raises(ValueError, match=message):
+            get_config("tiny", **overrides)
+    assert get_config("tiny", **{"sam.global_blocks": "(0, 3,)"}).sam.global_blocks == (0, 3)  # a trailing comma
+    assert get_config("1.3b", **{"aligner.depth": 1}).aligner.depth == 1  # SigLIP alone: one layer will do
     # A config read from a file (a checkpoint's, edited by hand) can hold anything: each wrong type is named.
     good = get_config("tiny").to_dict()
     for edit, message in [({"llm": dict(good["llm"], dim="abc", rope_theta=10000)}, r"llm.dim is 'abc', expected an "
                                                                                      r"integer$"),
                           ({"llm": "abc"}, "config field llm is 'abc', expected an object of its fields"),
                           ({"sam": dict(good["sam"], depth=2.5)}, "sam.depth is 2.5, expected an integer"),
-                          ({"image_token_id": True}, "image_token_id is True, expected an integer")]:
+                          ({"image_token_id": True}, "image_token_id is True, expected an integer$"),
+                          ({"llm": dict(good["llm"], colour=1)}, r"unknown llm config fields \['colour'\]")]:
         with pytest.raises(ValueError, match=message):
             VLConfig.from_dict({**good, **edit})
