@@ -783,6 +783,7 @@ def test_ranks_and_micro_batches_split_the_same_global_batch():
     plan = plan_batches({m: 12 for m in sources}, 8, 20, lambda s: {"language": 0.5, "multimodal": 0.5}, seed=0)
     assert {m for m, _ in plan} == {"language", "multimodal"}
     batches = PlannedBatches(plan, sources, 2, None, accum=2, rank=1, world=2)
+    assert len(batches) == 2 * len(plan)  # an item per micro-batch
     for k in range(len(batches)):
         modality, rows = plan[k // 2]
         assert batches.samples(k) == [sources[modality][i] for i in batches.rows(k)]
@@ -823,3 +824,8 @@ def test_packing_lays_samples_end_to_end():
     assert doc_ids[0].tolist() == [0] * 4 + [1] * 3 + [2] * 4 + [-1] * 3
     assert targets[0, 4:11].tolist() == [22, 23, 24, 2, 3, 4, 5]
     assert images[:, 0, 0, 0].tolist() == [0, 2, 0, 3, 1]
+    # Each step's rows come from the source of the modality its plan drew (stage 2 mixes them).
+    shifted = [Sample([t + 100 for t in s.ids], s.mask, []) for s in samples]
+    mixed = PackedBatches([("language", [[0]]), ("multimodal", [[0]])], {"language": samples, "multimodal": shifted},
+                          0, None)
+    assert [mixed[k][0][0, 0].item() for k in range(2)] == [1, 101]

@@ -354,7 +354,8 @@ def test_prompt_longer_than_the_context_or_empty_is_refused(tiny, tok):
     # Arguments of the wrong kind are named, not met by a TypeError deep inside (a flat list of ids was "object of
     # type 'int' has no len()"); a (B, T) tensor of ids is taken as B prompts.
     s = Sampling(max_new_tokens=3)
-    assert generate(tiny, torch.tensor([[1, 5, 6]]), sampling=s) == generate(tiny, [[1, 5, 6]], sampling=s)
+    assert generate(tiny, torch.tensor([[1, 5, 6]]), sampling=s) == generate(tiny, [[1, 5, 6]], sampling=s) == \
+        generate(tiny, torch.tensor([1, 5, 6]), sampling=s)  # and a 1-D tensor as one prompt
     for kwargs, message in ((dict(prompts=[1, 5, 6]), r"prompts as a list of token-id lists \(one per prompt: "),
                             (dict(prompts=[[1, 5]], stop_ids=2), "stop_ids as a collection of token ids"),
                             (dict(prompts=[[1, 5]], sampling={"max_new_tokens": 3}), "sampling=Sampling"),
@@ -363,6 +364,7 @@ def test_prompt_longer_than_the_context_or_empty_is_refused(tiny, tok):
                                                                 "the model's 280, got 1"),
                             (dict(prompts=[[1, 5]], n_words=0), "got 0"), (dict(prompts=[[1, 5]], n_words=281),
                                                                           "got 281"),
+                            (dict(prompts=[[1, 5]], n_words=3), "got 3"),  # the image token's id: not above it
                             (dict(prompts=[[1, 5]], pad_id=-1), r"pad_id must be a token id, 0 to 279 \(the "
                                                                 r"tokenizer's pad_id\), got -1"),
                             (dict(prompts=[[1, 5]], pad_id=280), "got 280")):
