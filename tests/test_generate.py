@@ -314,6 +314,17 @@ def test_the_streamed_answer_is_the_text_returned_without_special_tokens(tiny, t
     assert chat.ask("hello", [], Sampling(max_new_tokens=20), on_text=shown.append) == "Hi there" == "".join(shown)
 
 
+def test_a_character_split_across_tokens_is_streamed_once_it_is_whole(tok):
+    from nanovl.generate import TextStream
+    ids = tok.encode(" café €5")
+    assert len(tok.encode("€")) == 3  # three byte tokens, none a character by itself
+    shown = []
+    stream = TextStream(tok, shown.append)
+    for t in ids + [tok.eos_id]:  # (the end-of-sentence adds no text: nothing is shown for it)
+        stream.add(t)
+    assert "".join(shown) == "café €5" and all(piece and "\ufffd" not in piece for piece in shown)
+
+
 def test_a_bad_turn_leaves_the_session_as_it_was(tiny, tok, tmp_path):
     proc = ImageProcessor.for_config(tiny.cfg)
     s = Sampling(max_new_tokens=5)
@@ -348,6 +359,11 @@ def test_a_bad_turn_leaves_the_session_as_it_was(tiny, tok, tmp_path):
 def test_prompt_longer_than_the_context_or_empty_is_refused(tiny, tok):
     with pytest.raises(ValueError, match="context is 512"):
         generate(tiny, [[1] * 600])
+    with pytest.raises(ValueError, match="the longest prompt has 512 tokens but the model's context is 512: at least "
+                                         "one token must fit after it"):
+        generate(tiny, [[1] * 512])
+    # One token short of the context: that token, and one more (its logits need no slot of the cache).
+    assert len(generate(tiny, [[1] * 511], sampling=Sampling(max_new_tokens=5))[0]) == 2
     for prompts in ([], [[1, 2], []]):
         with pytest.raises(ValueError, match="one or more prompts of at least one token each"):
             generate(tiny, prompts)
