@@ -274,6 +274,11 @@ def test_too_long_sequences_are_refused():
         ours(torch.zeros(1, 7, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="exceeds the model's context"):
         ours.new_cache(batch_size=1, max_len=65)
+    assert ours.new_cache(batch_size=1, max_len=64).max_len == 64  # the whole context
+    for size, length in ((1, 0), (0, 4), (1, 2.0)):
+        with pytest.raises(ValueError, match=rf"a cache needs a batch size and a length of at least 1, got {size} and "
+                                             rf"{length}$"):
+            ours.new_cache(batch_size=size, max_len=length)
 
 
 def test_packed_rows_match_samples_run_alone():
