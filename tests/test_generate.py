@@ -296,13 +296,16 @@ def test_a_chat_keeps_each_answer_as_the_official_cli_does_as_its_text_encoded_a
     # image slot with no image, and every later turn would be refused.
     pieces = [i for part in (" <", "image", "_", "placeholder", ">") for i in tok.encode(part)]
     assert tok.image_id in tok.encode(tok.decode(pieces))
-    script = iter(pieces + [tok.eos_id])
+    script = iter(pieces + [tok.bos_id, tok.eos_id])  # (and a stray special token, which is no text: left out)
     monkeypatch.setattr(generation, "pick", lambda *a: torch.tensor([next(script)]))
     chat = ChatSession(tiny, tok, proc)
-    assert chat.ask("hello", [], Sampling(max_new_tokens=20)) == IMAGE_TAG
-    assert tok.image_id not in chat.ids + chat.pending
+    assert chat.ask("hello", [], Sampling(max_new_tokens=30)) == IMAGE_TAG
+    assert tok.image_id not in chat.ids + chat.pending and chat.pending == pieces + [tok.eos_id]
     monkeypatch.setattr(generation, "pick", lambda *a: torch.tensor([tok.eos_id]))
-    chat.ask("and then?", [], Sampling(max_new_tokens=3))  # the next turn goes through
+    before = list(chat.ids + chat.pending)
+    # An empty answer is rendered as the bare "Assistant:" (conversation.py), with no end-of-sentence after it.
+    assert chat.ask("and then?", [], Sampling(max_new_tokens=3)) == ""  # the next turn goes through
+    assert chat.ids == before + chat.turn_ids("and then?") and chat.pending == []
 
 
 def test_the_streamed_answer_is_the_text_returned_without_special_tokens(tiny, tok, monkeypatch):
@@ -339,6 +342,7 @@ def test_a_bad_turn_leaves_the_session_as_it_was(tiny, tok, tmp_path):
                                      (f"{IMAGE_TAG}this?", [Image.new("RGB", (0, 3))], "0x3 pixels"),
                                      (None, [], "expected the message as a string, got NoneType"),
                                      ("red " * 600, [], "shorten the message .or the system prompt.$"),
+                                     (f"{IMAGE_TAG}this?", [picture(1), picture(2)], "1 <image_placeholder> but 2"),
                                      (" \n", [], "the message is empty")]:
         with pytest.raises(ValueError, match=message):
             chat.ask(content, images, s)
@@ -351,6 +355,19 @@ def test_a_bad_turn_leaves_the_session_as_it_was(tiny, tok, tmp_path):
     with pytest.raises(RuntimeError, match="the printer broke"):
         chat.ask(f"{IMAGE_TAG}what?", [picture(4)], s, on_text=printer_breaks)
     assert chat.cache.length == 0 and chat.ids == [] and chat.turns == 0
+
+    def ctrl_c(text):
+        raise KeyboardInterrupt  # (Ctrl-C while the answer streams: sample.py's chat then takes the next message)
+
+    with pytest.raises(KeyboardInterrupt):
+        chat.ask(f"{IMAGE_TAG}what?", [picture(4)], s, on_text=ctrl_c)
+    assert chat.cache.length == 0 and chat.ids == [] and chat.turns == 0
+    # A turn must leave at least one slot of the cache free, for the answer's first token to be fed back.
+    turn = len(start_ids(tok) + chat.turn_ids("hello"))
+    with pytest.raises(ValueError, match=f"this turn would make the conversation {turn} tokens long, but the context "
+                                         f"holds {turn}"):
+        ChatSession(tiny, tok, proc, max_len=turn).ask("hello", [], s)
+    assert ChatSession(tiny, tok, proc, max_len=turn + 1).ask("hello", [], s) is not None
     assert chat.ask(f"{IMAGE_TAG}what?", [picture(4)], s) == fresh.ask(f"{IMAGE_TAG}what?", [picture(4)], s)
     with pytest.raises(ValueError, match="start a new chat$"):  # later in a chat, what was said before fills it too
         chat.ask("red " * 600, [], s)
@@ -391,6 +408,12 @@ def test_prompt_longer_than_the_context_or_empty_is_refused(tiny, tok):
 def test_decoding_under_autocast_writes_the_cache_in_its_own_dtype(tiny):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # values come in bf16, the cache is fp32: written all the same
         assert len(generate(tiny, [[1, 5, 6]], sampling=Sampling(max_new_tokens=3))[0]) == 3
+    # (here the rotary tables' fp32 brings the keys back to fp32; a step given bf16 keys converts them itself)
+    from nanovl.llama import CacheSlot
+    cache = tiny.llm.new_cache(1, 4)
+    k = torch.randn(1, tiny.cfg.llm.n_kv_heads, 1, tiny.cfg.llm.head_dim, dtype=torch.bfloat16)
+    keys, values = CacheSlot(cache, torch.tensor([2])).update(0, k, k)
+    assert keys.dtype == values.dtype == torch.float32 and torch.equal(keys[:, :, 2:3], k.float())
 
 
 @pytest.fixture(scope="module")
