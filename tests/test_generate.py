@@ -292,6 +292,13 @@ def test_a_chat_keeps_each_answer_as_the_official_cli_does_as_its_text_encoded_a
         turn = start_ids(tok) + chat.turn_ids("hello")
         assert chat.ids == turn + (ids if kept else []) and chat.cache.length == len(chat.ids)
         assert chat.pending == ([] if kept else canonical) + [tok.eos_id]
+    # An answer cut at max_new_tokens: its last token was never fed back, so it starts the next turn, then the
+    # end-of-sentence that the template closes every answer with.
+    script = iter(canonical)
+    monkeypatch.setattr(generation, "pick", lambda *a: torch.tensor([next(script)]))
+    chat = ChatSession(tiny, tok, proc)
+    assert chat.ask("hello", [], Sampling(max_new_tokens=len(canonical))) == word
+    assert chat.ids == turn + canonical[:-1] and chat.pending == canonical[-1:] + [tok.eos_id]
     # An answer that spells out <image_placeholder> in ordinary pieces keeps them: encoded again, the text would be an
     # image slot with no image, and every later turn would be refused.
     pieces = [i for part in (" <", "image", "_", "placeholder", ">") for i in tok.encode(part)]
