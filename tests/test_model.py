@@ -278,10 +278,19 @@ def test_pixels_ids_and_targets_of_the_wrong_kind_or_range_are_refused(tiny):
         model(torch.tensor([[1.0, 5.0]]))
 
 
-def test_sequence_longer_than_context_is_refused(tiny):
+def test_sequence_longer_than_context_is_refused(tiny, monkeypatch):
     cfg, model = tiny
     with pytest.raises(ValueError, match="513 tokens .* context of 512"):
         model(torch.ones(1, 513, dtype=torch.long))
+    # Refused before the images go through the towers (a 7B's hybrid towers take a while for nothing).
+    ids = torch.ones(1, 513, dtype=torch.long)
+    ids[0, 1:1 + cfg.n_image_tokens] = cfg.image_token_id
+    encoded = []
+    monkeypatch.setattr(model, "encode_images", lambda x: encoded.append(x) or 1 / 0)
+    with pytest.raises(ValueError, match="513 tokens .* context of 512"):
+        model(ids, torch.rand(1, 3, cfg.image_size, cfg.image_size))
+    assert encoded == []
+    monkeypatch.undo()
     with torch.no_grad():  # exactly the context fits, in one pass or after a cache
         assert model(torch.ones(1, 512, dtype=torch.long), last_only=True)[0].shape == (1, 1, cfg.llm.vocab_size)
         cache = model.llm.new_cache(1, 512)
