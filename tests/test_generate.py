@@ -206,7 +206,8 @@ def test_sampling_is_seeded_and_respects_top_k():
     logits[0, 3], logits[0, 7] = 5.0, 4.0
     assert set(draws(0, top_k=2)) == {3, 7}
     assert set(draws(0, top_p=0.5)) == {3}
-    assert set(draws(0, top_k=50)) == {3, 7, 9}  # a k past the vocabulary keeps every token (HF's min(k, V))
+    wide = warp(logits, torch.empty(1, 0, dtype=torch.long), Sampling(temperature=1.0, top_k=50))
+    assert torch.isfinite(wide).all()  # a k past the vocabulary keeps every token (HF's min(k, V))
     assert set(draws(0, top_k=1)) == {3}  # k=1 samples the likeliest alone
     cut = warp(torch.tensor([[10.0, 0, 0, 0]]), torch.empty(1, 0, dtype=torch.long),
                Sampling(temperature=1.0, top_p=0.995))
