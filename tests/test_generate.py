@@ -750,6 +750,32 @@ def test_one_query_attention_equals_sdpa():
     assert not compiling_one_row(torch.randn(1, 1, 16))  # eager: nn.Linear and SDPA, the plain path
 
 
+def test_the_compiled_step_writes_one_rows_products_as_reductions(tiny, monkeypatch):
+    # What torch.compile is given to compile, read from the graph it traces: at batch 1 the projections and attention
+    # are no matmuls (compiling_one_row), so lm_head's is the one nn.Linear left; at batch 2, the plain path, every
+    # projection is a Linear and every layer calls scaled_dot_product_attention.
+    from nanovl.generate import DecodeStep
+
+    def calls(gm):  # the names of what the traced graph calls (modules by their class, as torch 2.4 keeps them)
+        return [type(gm.get_submodule(n.target)).__name__ if n.op == "call_module" else n.target.__name__
+                for n in gm.graph.nodes if n.op in ("call_module", "call_function")]
+
+    graphs, real_compile = [], torch.compile
+    backend = lambda gm, inputs: graphs.append(calls(gm)) or gm.forward  # noqa: E731 (runs the graph as traced)
+    monkeypatch.setattr(torch, "compile", lambda fn, **k: real_compile(fn, fullgraph=True, backend=backend))
+    torch._dynamo.reset()  # trace anew, rather than reuse an earlier test's compilation of the step
+    llm, L = tiny.llm, tiny.cfg.llm.n_layers
+    with torch.no_grad():
+        for B in (1, 2):
+            cache = llm.new_cache(B, 16)
+            llm(torch.tensor([[5, 9, 14, 200]] * B), cache=cache)
+            DecodeStep(llm, cache, compile=True)(torch.tensor([[40]] * B))
+    (one_row, two_rows) = graphs
+    linears = lambda names: names.count("linear") + names.count("Linear")  # noqa: E731
+    assert (linears(one_row), one_row.count("scaled_dot_product_attention")) == (1, 0)
+    assert (linears(two_rows), two_rows.count("scaled_dot_product_attention")) == (7 * L + 1, L)
+
+
 def test_compiled_one_row_step_gives_the_eager_step_logits(tiny):
     # Batch 1, compiled: the projections and attention run as multiply-and-sum reductions (compiling_one_row), a
     # different order of the same sums as the eager step's matmuls.
