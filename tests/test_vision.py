@@ -128,6 +128,30 @@ def test_sam_deepseek_additions_match_the_facts_sheet():
     assert max_diff(got, expected) < ATOL
 
 
+def test_sam_windows_of_a_grid_that_is_not_square_match_segment_anything():
+    # The towers' grids are square, where swapping height and width changes nothing; the window functions take any
+    # (B, H, W, C) map, as segment-anything's do: padded at the bottom and right, windows row by row, and back.
+    from segment_anything.modeling.image_encoder import window_partition as sa_partition
+    from segment_anything.modeling.image_encoder import window_unpartition as sa_unpartition
+
+    from nanovl.sam import window_partition, window_unpartition
+
+    x = torch.randn(2, 5, 7, 3)
+    windows, padded = window_partition(x, 4)
+    expected, expected_padded = sa_partition(x, 4)
+    assert padded == expected_padded == (8, 8) and windows.shape == (8, 4, 4, 3)
+    assert torch.equal(windows, expected)
+    assert torch.equal(window_unpartition(windows, 4, padded, (5, 7)), sa_unpartition(expected, 4, padded, (5, 7)))
+    assert torch.equal(window_unpartition(windows, 4, padded, (5, 7)), x)
+
+
+def test_sams_side_path_starts_switched_off():
+    # The official init of hd_alpha_downsamples is 0: a SAM trained from scratch starts from the last block's
+    # features alone, and the first global block's path opens as alpha learns (a checkpoint brings its own value).
+    sam = SAM(SAM_TEST)
+    assert sam.hd_alpha_downsamples.shape == (1,) and sam.hd_alpha_downsamples.item() == 0.0
+
+
 def test_sam_uses_clip_statistics_inside_the_tower():
     cfg = SAMConfig(**dict(SAM_TEST.__dict__, pixel_mean=CLIP_MEAN, pixel_std=CLIP_STD))
     ours, bare = randomize_(SAM(cfg)), SAM(SAM_TEST)
