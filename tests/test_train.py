@@ -1286,7 +1286,7 @@ def test_stage1_reads_captions_and_documents(data):
     assert {s.images[0] for s in src.samples} <= {os.path.join(data, r["images"][0]) for r in picked}
 
 
-def test_stage3_groups_one_question_chats_apart(data):
+def test_stage3_groups_one_question_chats_apart(data, tmp_path):
     tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
     cfg = get_config("tiny")
     tc = train.TrainConfig(data=data, steps=10, text_sft_share=0.25, short_chat_share=0.5)
@@ -1307,6 +1307,14 @@ def test_stage3_groups_one_question_chats_apart(data):
     _, share = train.stage_data(3, dataclasses.replace(tc, text_sft_share=0.33, short_chat_share=0.67), tok, cfg, 512,
                                 [data])
     assert share(0) == {"short_chat": 0.67, "text_chat": 0.33}
+    # Image chats that all ask several questions (or all one) leave nothing to split: one group, with both shares.
+    with open(tmp_path / "sft.jsonl", "w") as f:
+        for r in rows:
+            if not r["images"] or len(r["conversation"]) > 2:
+                f.write(json.dumps(dict(r, images=[os.path.join(data, p) for p in r["images"]])) + "\n")
+    sources, share = train.stage_data(3, tc, tok, cfg, 512, [str(tmp_path)])
+    assert set(sources) == {"chat", "text_chat"} and share(0) == {"chat": 0.75, "text_chat": 0.25}
+    assert len(sources["chat"]) + sources["chat"].dropped == len(expect["chat"])
 
 
 def test_old_synthetic_data_is_rebuilt_with_its_own_arguments(tmp_path):
