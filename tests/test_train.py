@@ -179,6 +179,17 @@ def test_released_sizes_default_to_table_4():
     assert [train.stage_defaults("7b", s)["seq_len"] for s in (1, 2, 3)] == [512 + 576, 4096, 4096]
 
 
+def test_stage_hparams_pack_stage_2_and_fit_the_context():
+    # Stage 2 packs its samples into full rows (Table 4 counts its batches in sequences), the others do not; a
+    # preset's sequence length longer than the model's context is cut to it (a --seq_len longer is refused).
+    tc = train.TrainConfig()
+    assert [train.stage_hparams(s, tc, get_config("tiny"))[0]["pack"] for s in (0, 1, 2, 3)] == [0, 0, 1, 0]
+    assert [train.stage_hparams(s, tc, get_config("tiny"))[1] for s in (0, 1)] == [128, 512]  # preset's; context
+    assert train.stage_hparams(0, tc, get_config("tiny", **{"llm.max_seq_len": 100}))[1] == 100
+    with pytest.raises(SystemExit, match="--seq_len 600 is longer than the model's context of 512"):
+        train.stage_hparams(1, train.TrainConfig(seq_len=600), get_config("tiny"))
+
+
 def test_learning_rate_schedules():
     cos = dict(lr=1.0, warmup=10, steps=110, schedule="cosine")
     assert train.learning_rate(0, cos, 0.1) == pytest.approx(0.1)
@@ -1315,6 +1326,9 @@ def test_stage3_groups_one_question_chats_apart(data, tmp_path):
     sources, share = train.stage_data(3, tc, tok, cfg, 512, [str(tmp_path)])
     assert set(sources) == {"chat", "text_chat"} and share(0) == {"chat": 0.75, "text_chat": 0.25}
     assert len(sources["chat"]) + sources["chat"].dropped == len(expect["chat"])
+    # The long chats' share is what the others leave, to the decimals the user wrote (rounded only to hide binary)
+    _, share = train.stage_data(3, dataclasses.replace(tc, text_sft_share=0.125), tok, cfg, 512, [data])
+    assert share(0) == {"chat": 0.375, "short_chat": 0.5, "text_chat": 0.125}
 
 
 def test_old_synthetic_data_is_rebuilt_with_its_own_arguments(tmp_path):
