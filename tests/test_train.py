@@ -994,7 +994,13 @@ def test_a_new_stage_trains_with_the_tokenizer_of_the_weights_it_starts_from(dat
 
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
+    # The bytes reach the disk (fsync) before the rename makes them the checkpoint: after a power cut the file holds
+    # the old checkpoint or the whole new one, never an empty one.
+    calls, fsync, replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync") or fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: calls.append("replace") or replace(a, b))
     train.atomic_save({"step": 1}, path)
+    assert calls == ["fsync", "replace"]
 
     def dies_midway(obj, f, *a, **k):
         f.write(b"half a checkpo")
@@ -1013,6 +1019,32 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
                                                 r"\(\d+ MB free there\)"):
         train.atomic_save({"step": 3}, path)
     assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_resume_checks_what_the_checkpoint_holds_and_how_its_run_was_split(tmp_path):
+    # resumable_state on checkpoints written here: one without its RNG state, one of an older run that kept its
+    # settings as given (no resolved hparams), and runs of another number of processes at the same micro-batch.
+    cfg, path, said = get_config("tiny"), str(tmp_path / "ckpt.pt"), []
+    tc = train.TrainConfig(steps=10)
+    hp = {s: train.stage_hparams(s, tc, cfg)[0] for s in (0, 1)}
+    state = lambda stage, **kw: dict({"model": {}, "optimizer": {}, "step": 3, "rng": {}, "stage": stage,
+                                      "config": cfg.to_dict()}, **kw)
+    resume = lambda stage: train.resumable_state(path, stage, cfg, tc, hp[stage], 1, said.append)
+    torch.save({k: v for k, v in state(1).items() if k != "rng"}, path)
+    with pytest.raises(SystemExit, match="is not a training checkpoint"):
+        resume(1)
+    torch.save(state(1, train=dataclasses.asdict(dataclasses.replace(tc, steps=20))), path)
+    with pytest.raises(SystemExit, match="--steps: checkpoint 20 vs now 10"):
+        resume(1)
+    micro = {s: train.split_batch(s, tc, hp[s], 1)[0] for s in (0, 1)}
+    torch.save(state(1, train=dataclasses.asdict(tc), hparams=hp[1], split=[2, micro[1]]), path)
+    assert resume(1)["step"] == 3
+    assert said == [f"resuming with 1 process(es) x micro_batch {micro[1]} where the checkpoint's run had 2 x "
+                    f"{micro[1]}: each step takes the same samples, split another way, so its sums round in another "
+                    "order (the run goes on, but not bit for bit)"]
+    torch.save(state(0, train=dataclasses.asdict(tc), hparams=hp[0], split=[2, micro[0]]), path)
+    with pytest.raises(SystemExit, match=rf"a run of 2 process\(es\) x micro_batch {micro[0]}; this one would be 1 x"):
+        resume(0)
 
 
 def test_a_nan_loss_stops_the_run_and_names_the_step(data, start_weights, tmp_path, monkeypatch):
