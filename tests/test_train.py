@@ -179,6 +179,15 @@ def test_released_sizes_default_to_table_4():
     assert [train.stage_defaults("7b", s)["seq_len"] for s in (1, 2, 3)] == [512 + 576, 4096, 4096]
 
 
+def test_adamw_is_table_4s():
+    # AdamW with betas (0.9, 0.95) and no weight decay (Table 4), in two groups: the vision side at vision_lr_mult.
+    model = DeepSeekVL(get_config("tiny"))
+    train.apply_freeze_map(model, train.trainable_prefixes(3, model.cfg))
+    opt = train.stage_optimizer(model, train.TrainConfig(), {"lr": 1e-3, "vision_lr_mult": 0.1}, "cpu")
+    assert [(g["betas"], g["weight_decay"], g["lr_mult"]) for g in opt.param_groups] == [((0.9, 0.95), 0.0, 1.0),
+                                                                                           ((0.9, 0.95), 0.0, 0.1)]
+
+
 def test_stage_hparams_pack_stage_2_and_fit_the_context():
     # Stage 2 packs its samples into full rows (Table 4 counts its batches in sequences), the others do not; a
     # preset's sequence length longer than the model's context is cut to it (a --seq_len longer is refused).
@@ -664,8 +673,11 @@ def test_every_stages_batches_survive_pickling_as_spawned_data_workers_need(data
 
 
 def test_resume_is_bitwise_identical(data, start_weights, tmp_path):
+    # Logged every 4 steps, checkpointed every 3: the losses since the last log go into the metrics at each
+    # checkpoint, or a resumed run would have lost them. Evaluated every 3: at step 3 and once at the end.
     common = ["--data", data, "--stage", "2", "--init_from", start_weights, "--steps", "6", "--batch_size", "4",
-              "--micro_batch", "2", "--ckpt_every", "3", "--eval_limit", "5", "--workers", "1"]
+              "--micro_batch", "2", "--ckpt_every", "3", "--eval_limit", "5", "--workers", "1", "--log_every", "4",
+              "--eval_every", "3"]
     run(common + ["--out", str(tmp_path / "whole")])
     printed = run(common + ["--out", str(tmp_path / "killed"), "--stop_after", "3"])
     assert "stopping after step 3" in printed and not os.path.exists(tmp_path / "killed" / "stage2" / "model.pt")
@@ -673,6 +685,12 @@ def test_resume_is_bitwise_identical(data, start_weights, tmp_path):
     assert "resuming from" in printed and "at step 3" in printed
     whole, resumed = load_model(tmp_path / "whole" / "stage2"), load_model(tmp_path / "killed" / "stage2")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    logged = [[(m["step"], m.get("loss"), m.get("mc_mean")) for m in train.read_jsonl(tmp_path / run / "stage2" /
+                                                                                       "metrics.jsonl")]
+              for run in ("whole", "killed")]
+    assert logged[0] == logged[1]
+    assert [s for s, loss, _ in logged[0] if loss is not None] == [3, 4, 6]
+    assert [s for s, _, mc in logged[0] if mc is not None] == [3, 6]
 
 
 def test_a_full_disk_stops_the_run_in_a_line_keeping_the_last_checkpoint_whole(data, start_weights, tmp_path,
