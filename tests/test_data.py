@@ -145,6 +145,7 @@ def stated_answer(question: str, text: str) -> str:
 def test_every_multiple_choice_answer_is_what_the_example_states():
     kinds, shapes = set(), re.compile(rf"(\w+) ({'|'.join(SHAPES)})")
     answers, offered = defaultdict(set), defaultdict(set)  # per question: the right options, and all options
+    places = [0] * 4  # how often the right answer is the first, second, ... option
     for category in [c for c in CATEGORIES if c != "interleaved"]:
         for i in range(200):
             ex = make_example(category, random.Random(f"check-{category}-{i}"), 64, "A snippet of prose.")
@@ -154,6 +155,8 @@ def test_every_multiple_choice_answer_is_what_the_example_states():
             offered[kind].update(ex.mc["options"])
             assert right == stated_answer(ex.mc["question"], ex.text), (category, i, ex.mc, ex.text)
             assert len(set(ex.mc["options"])) == 4
+            places[ex.mc["answer"]] += 1
+            assert not re.search(r"\ba [aeiou]", ex.text), ex.text  # "an orange circle"
             assert right.lower() in ex.caption.lower() and IMAGE_TAG not in ex.caption  # stage 0's one fact
             # the question asked open (a short chat of its own) is answered by a sentence naming that option alone
             words = set(re.findall(r"\w+", dict(ex.qa)[ex.mc["question"]].lower()))
@@ -174,6 +177,18 @@ def test_every_multiple_choice_answer_is_what_the_example_states():
     # yellow; six rows, where tables have two to five) is ruled out without looking, and chance is above a quarter.
     never = {q: sorted(offered[q] - answers[q]) for q in answers if offered[q] - answers[q]}
     assert not never, never
+    # Nor is any place among the options the right one more often than chance: 1000 questions, about 250 each.
+    assert all(200 <= n <= 300 for n in places), places
+
+
+def test_scenes_keep_out_of_the_cells_they_are_told_and_canvases_keep_their_long_side():
+    from nanovl.synth import PLACES, canvas_shape, scene
+
+    for i in range(50):  # scene text keeps the middle row for its sign
+        objects = scene(random.Random(i), 64, 3, avoid=(3, 4, 5))[2]
+        assert len(objects) == 3 and not {o["place"] for o in objects} & {PLACES[c] for c in (3, 4, 5)}
+    assert canvas_shape(random.Random(0), 64, shapes=((3, 4),)) == (48, 64)  # portrait: the height is the long side
+    assert canvas_shape(random.Random(0), 64, shapes=((4, 3),)) == (64, 48)
 
 
 def test_every_rendered_text_is_on_the_page_and_apart(monkeypatch):
