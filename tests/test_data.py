@@ -156,6 +156,9 @@ def test_every_multiple_choice_answer_is_what_the_example_states():
             assert right == stated_answer(ex.mc["question"], ex.text), (category, i, ex.mc, ex.text)
             assert len(set(ex.mc["options"])) == 4
             places[ex.mc["answer"]] += 1
+            if ex.mc["question"] == "Which bar is the tallest?":  # one bar only: the values differ
+                values = [int(v) for v in re.findall(r"\w+: (\d+)", ex.text)]
+                assert len(set(values)) == len(values), ex.text
             assert not re.search(r"\ba [aeiou]", ex.text), ex.text  # "an orange circle"
             assert right.lower() in ex.caption.lower() and IMAGE_TAG not in ex.caption  # stage 0's one fact
             # the question asked open (a short chat of its own) is answered by a sentence naming that option alone
@@ -194,7 +197,7 @@ def test_scenes_keep_out_of_the_cells_they_are_told_and_canvases_keep_their_long
 def test_every_rendered_text_is_on_the_page_and_apart(monkeypatch):
     from PIL import ImageDraw
 
-    from nanovl.synth import font, make_bar_chart, wrap
+    from nanovl.synth import font, make_bar_chart, make_ocr, wrap
     # An OCR page's lines: a word wider than the page (a URL) is broken, never drawn past the edge.
     draw = ImageDraw.Draw(Image.new("RGB", (100, 100)))
     f, text = font(12), "see http://xml.org/sax/features/namespaces-and-more for the details"
@@ -211,6 +214,30 @@ def test_every_rendered_text_is_on_the_page_and_apart(monkeypatch):
         make_bar_chart(random.Random(seed), 256)
         labels = sorted((x, x + width) for x, width, text in drawn if not text.isdigit())
         assert all(end < start for (_, end), (start, _) in zip(labels, labels[1:])), (seed, drawn)
+    # An OCR page ends its paragraph at the bottom margin: every line is drawn on the page, and the target text holds
+    # the lines drawn, no more.
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", lambda self, xy, text, **kw: (
+        drawn.append((self.textbbox(xy, text, font=kw["font"])[3], text)), real_text(self, xy, text, **kw))[1])
+    for seed in range(10):
+        drawn.clear()
+        ex = make_ocr(random.Random(seed), 128, "a long paragraph of plain words " * 40)
+        assert max(bottom for bottom, _ in drawn) <= ex.images[0].size[1], seed
+        assert ex.text.removeprefix(IMAGE_TAG).split("\n") == [text for _, text in drawn]
+
+
+def test_interleaved_documents_answer_from_their_pictures():
+    # Each picture's shapes, counted from its description in the text, answer both questions of the document.
+    for i in range(100):
+        ex = make_example("interleaved", random.Random(f"interleaved-{i}"), 32)
+        counts = [NUMBERS.index(m) for m in re.findall(r"picture shows (\w+) shapes?", ex.text)]
+        assert len(counts) == len(ex.images) == ex.text.count(IMAGE_TAG) in (2, 3)
+        (together, total), (most, which) = ex.qa
+        assert together == IMAGE_TAG * len(counts) + "How many shapes are there in all the pictures together?"
+        assert total == f"There are {sum(counts)} shapes in total."
+        top = [k for k, c in enumerate(counts) if c == max(counts)]
+        assert which == ("They all have the same number." if len(set(counts)) == 1 else
+                         f"The {('first', 'second', 'third')[top[0]]} picture." if len(top) == 1 else
+                         "Several pictures share the largest number.")
 
 
 def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_path, capsys, monkeypatch):
