@@ -233,6 +233,7 @@ def test_interleaved_documents_answer_from_their_pictures():
         assert len(counts) == len(ex.images) == ex.text.count(IMAGE_TAG) in (2, 3)
         (together, total), (most, which) = ex.qa
         assert together == IMAGE_TAG * len(counts) + "How many shapes are there in all the pictures together?"
+        assert most == "Which picture has the most shapes?"
         assert total == f"There are {sum(counts)} shapes in total."
         top = [k for k, c in enumerate(counts) if c == max(counts)]
         assert which == ("They all have the same number." if len(set(counts)) == 1 else
