@@ -685,8 +685,8 @@ def test_resume_is_bitwise_identical(data, start_weights, tmp_path):
     assert "resuming from" in printed and "at step 3" in printed
     whole, resumed = load_model(tmp_path / "whole" / "stage2"), load_model(tmp_path / "killed" / "stage2")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
-    logged = [[(m["step"], m.get("loss"), m.get("mc_mean")) for m in train.read_jsonl(tmp_path / folder / "stage2" /
-                                                                                       "metrics.jsonl")]
+    logged = [[(m["step"], m.get("loss"), m.get("mc_mean"))
+               for m in train.read_jsonl(tmp_path / folder / "stage2" / "metrics.jsonl")]
               for folder in ("whole", "killed")]
     assert logged[0] == logged[1]
     assert [s for s, loss, _ in logged[0] if loss is not None] == [3, 4, 6]
