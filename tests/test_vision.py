@@ -152,6 +152,18 @@ def test_sams_side_path_starts_switched_off():
     assert sam.hd_alpha_downsamples.shape == (1,) and sam.hd_alpha_downsamples.item() == 0.0
 
 
+def test_the_hybrids_low_resolution_input_is_torchvisions_resize():
+    # SigLIP's input in the hybrid: SAM's canvas through torchvision's Resize(384, antialias=True), as the official
+    # tower makes it; in fp32, and in bf16, which torchvision resizes in fp32 and rounds back (on a GPU:
+    # tests/test_gpu.py).
+    from nanovl.image import low_resolution
+
+    x = torch.rand(2, 3, 128, 128)
+    assert max_diff(low_resolution(x, 48), T.Resize(48, antialias=True)(x)) < ATOL
+    x = x.to(torch.bfloat16)
+    assert torch.equal(low_resolution(x, 48), T.Resize(48, antialias=True)(x))
+
+
 def test_sam_uses_clip_statistics_inside_the_tower():
     cfg = SAMConfig(**dict(SAM_TEST.__dict__, pixel_mean=CLIP_MEAN, pixel_std=CLIP_STD))
     ours, bare = randomize_(SAM(cfg)), SAM(SAM_TEST)
