@@ -117,17 +117,22 @@ class DecodeStep:
     through torch.compile, which fuses the norms, rotary embeddings and activations into fewer kernels and, at
     batch 1, writes the projections as reductions (nanovl.llama.compiling_one_row); the first call then takes a while
     (compiling, and trying block sizes for those reductions: coordinate-descent tuning, as gpt-fast does), the later
-    ones, and later generations of the same shapes, do not.
+    ones, and later generations of the same shapes, do not. Compiled, the step also reads q, k and v's weights in one
+    product, and gate and up's in another (nanovl.llama.stacked_weights, which moves them into one block of memory
+    each, the first time).
     """
 
     # torch.compile's options for the step; they win over torch._inductor.config (bench.py --inductor replaces them
     # for a run, to measure the step without the tuning).
     compile_options = {"coordinate_descent_tuning": True}
+    stack = True  # compiled: stacked projections (bench.py --separate-projections times the step without, too)
 
     def __init__(self, llm, cache, compile: bool = False):
         self.llm, self.cache = llm, cache
-        self.run = torch.compile(llm.decode_step, fullgraph=True, options=dict(self.compile_options)) \
+        step = torch.compile(llm.decode_step, fullgraph=True, options=dict(self.compile_options)) \
             if compile else llm.decode_step
+        stacked = llm.stacked_projections() if compile and self.stack else None
+        self.run = lambda tok, cache, pos: step(tok, cache, pos, stacked)  # (bench.py's profile calls it too)
         self.device = cache.real.device
         # What a recorded graph reads: it replays on these very tensors, so each call copies its inputs into them.
         self.tok = torch.zeros(cache.real.shape[0], 1, dtype=torch.long, device=self.device)

@@ -753,7 +753,8 @@ def test_one_query_attention_equals_sdpa():
 def test_the_compiled_step_writes_one_rows_products_as_reductions(tiny, monkeypatch):
     # What torch.compile is given to compile, read from the graph it traces: at batch 1 the projections and attention
     # are no matmuls (compiling_one_row), so lm_head's is the one nn.Linear left; at batch 2, the plain path, every
-    # projection is a Linear and every layer calls scaled_dot_product_attention.
+    # layer calls scaled_dot_product_attention and four matmuls: q, k, v stacked, o, gate and up stacked, down
+    # (Llama.stacked_projections); seven, one per projection, with DecodeStep.stack off.
     from nanovl.generate import DecodeStep
 
     def calls(gm):  # the names of what the traced graph calls (modules by their class, as torch 2.4 keeps them)
@@ -766,14 +767,33 @@ def test_the_compiled_step_writes_one_rows_products_as_reductions(tiny, monkeypa
     torch._dynamo.reset()  # trace anew, rather than reuse an earlier test's compilation of the step
     llm, L = tiny.llm, tiny.cfg.llm.n_layers
     with torch.no_grad():
-        for B in (1, 2):
+        for B, stack in ((1, True), (2, True), (2, False)):
+            monkeypatch.setattr(DecodeStep, "stack", stack)
             cache = llm.new_cache(B, 16)
             llm(torch.tensor([[5, 9, 14, 200]] * B), cache=cache)
             DecodeStep(llm, cache, compile=True)(torch.tensor([[40]] * B))
-    (one_row, two_rows) = graphs
+    (one_row, two_rows, unstacked) = graphs
     linears = lambda names: names.count("linear") + names.count("Linear")  # noqa: E731
     assert (linears(one_row), one_row.count("scaled_dot_product_attention")) == (1, 0)
-    assert (linears(two_rows), two_rows.count("scaled_dot_product_attention")) == (7 * L + 1, L)
+    assert (linears(two_rows), two_rows.count("scaled_dot_product_attention")) == (4 * L + 1, L)
+    assert linears(unstacked) == 7 * L + 1
+
+
+def test_only_the_compiled_step_stacks_the_weights():
+    # stacked_weights moves q, k, v's (and gate, up's) weights into one block each for the compiled step, whose speed
+    # it was measured for; an eager DecodeStep (train.py's evaluations, generate by default) leaves them as they are.
+    from nanovl.config import get_config
+    from nanovl.generate import DecodeStep
+    from nanovl.llama import Llama
+
+    llm = Llama(get_config("tiny", **{"llm.n_layers": 1}).llm)
+    a = llm.layers[0].self_attn
+    ptrs = [p.weight.data_ptr() for p in (a.q_proj, a.k_proj, a.v_proj)]
+    DecodeStep(llm, llm.new_cache(1, 8))
+    assert [p.weight.data_ptr() for p in (a.q_proj, a.k_proj, a.v_proj)] == ptrs
+    DecodeStep(llm, llm.new_cache(1, 8), compile=True)  # (torch.compile compiles at the first call, not here)
+    q = a.q_proj.weight
+    assert a.k_proj.weight.data_ptr() == q.data_ptr() + q.numel() * q.element_size() != ptrs[1]
 
 
 def test_compiled_one_row_step_gives_the_eager_step_logits(tiny):

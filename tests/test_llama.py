@@ -183,6 +183,84 @@ def test_decode_step_matches_the_cache_path_of_forward():
             assert max_diff(a[:, :, :14], b[:, :, :14]) < ATOL  # the same slots written
 
 
+def test_stacked_projections_live_in_the_parameters_own_memory():
+    # The compiled decoding step reads q, k, v's weights as one tensor and gate, up's as another
+    # (Llama.stacked_projections): made by moving each group into one block and pointing the parameters at its rows.
+    # The parameters stay the same objects with the same values, no memory is added, the model still trains and
+    # loads weights in place, and a cast (new memory for each parameter) is stacked again by the next call.
+    ours = randomize_(Llama(GQA))
+    params = list(ours.parameters())
+    before = [p.detach().clone() for p in params]
+    nbytes = lambda m: sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()  # noqa: E731
+                            for p in m.parameters()}.values())
+    plain = nbytes(ours)
+    with torch.inference_mode():  # as generate runs it
+        stacked = ours.stacked_projections()
+    assert all(a is b and torch.equal(a, b_) for a, b, b_ in zip(ours.parameters(), params, before))
+    assert nbytes(ours) == plain == sum(p.numel() * 4 for p in params)  # one storage per group now, none added
+    for layer, (qkv, gate_up) in zip(ours.layers, stacked):
+        a, m = layer.self_attn, layer.mlp
+        assert qkv.shape == (64 + 32 + 32, 64) and gate_up.shape == (2 * 176, 64)
+        starts = [qkv[0].data_ptr(), qkv[64].data_ptr(), qkv[96].data_ptr(), gate_up[0].data_ptr(),
+                  gate_up[176].data_ptr()]
+        assert [p.weight.data_ptr() for p in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj)] == starts
+        assert torch.equal(qkv, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+    again = ours.stacked_projections()  # already in place: views only
+    assert [t.data_ptr() for pair in again for t in pair] == [t.data_ptr() for pair in stacked for t in pair]
+    # Not one block, so stacked again: the rows in another order in one block, each weight at the offset it would
+    # have in one block but in a block of its own, or one weight transposed in place.
+    a = ours.layers[2].self_attn
+    qkv = [p.weight for p in (a.q_proj, a.k_proj, a.v_proj)]
+    values = [w.detach().clone() for w in qkv]
+    block = torch.cat([values[1], values[0], values[2]])  # k, q, v
+    a.k_proj.weight.data, a.q_proj.weight.data, a.v_proj.weight.data = block[:32], block[32:96], block[96:]
+    assert torch.equal(ours.stacked_projections()[2][0], torch.cat(values))
+    for w, start, value in zip(qkv, (0, 64, 96), values):
+        w.data = torch.cat([torch.zeros(start, 64), value])[start:]
+    assert torch.equal(ours.stacked_projections()[2][0], torch.cat(values))
+    a.q_proj.weight.data = a.q_proj.weight.data.t()  # (64, 64): the shape is q's still
+    assert torch.equal(ours.stacked_projections()[2][0], torch.cat([values[0].t(), *values[1:]]))
+
+    # Training (made under inference mode, the block is an ordinary tensor) and loading weights, both in place.
+    ids, q = torch.randint(0, GQA.vocab_size, (2, 10)), ours.layers[0].self_attn.q_proj.weight
+    q_before = q.detach().clone()
+    ours(ids, targets=ids)[1].backward()
+    torch.optim.SGD(ours.parameters(), lr=0.1).step()
+    assert not torch.equal(q, q_before) and torch.equal(stacked[0][0][:64], q)
+    other = randomize_(Llama(GQA), seed=1)
+    ours.load_state_dict(other.state_dict())
+    assert torch.equal(stacked[2][1][176:], other.layers[2].mlp.up_proj.weight)
+
+    # A cast gives each parameter memory of its own; the next call stacks them again, in the new dtype.
+    ours.double()
+    v = ours.layers[1].self_attn.v_proj.weight
+    assert v.untyped_storage().nbytes() == v.numel() * 8
+    qkv = ours.stacked_projections()[1][0]
+    assert qkv.dtype == torch.float64 and qkv[96].data_ptr() == v.data_ptr()
+    assert torch.equal(qkv[96:], other.layers[1].self_attn.v_proj.weight.double())
+
+
+def test_decode_step_with_stacked_projections_gives_the_same_logits():
+    # The step reading the stacked weights (one product for q, k, v, one for gate and up, then split) against the
+    # step reading each weight, eager, on a left-padded batch with grouped-query attention.
+    ours = randomize_(Llama(GQA)).eval()
+    ids, mask, _ = left_padded_batch([9, 4, 7], GQA.vocab_size, 9)
+    tok = torch.randint(1, GQA.vocab_size, (3, 1))
+    with torch.no_grad():
+        caches = ours.new_cache(3, max_len=12), ours.new_cache(3, max_len=12)
+        for cache in caches:
+            ours(ids, cache=cache, pad_mask=mask)
+        stacked = ours.stacked_projections()
+        for _ in range(3):
+            expected = ours.decode_step(tok, caches[0], torch.tensor([caches[0].length]))
+            got = ours.decode_step(tok, caches[1], torch.tensor([caches[1].length]), stacked)
+            caches[0].length += 1
+            caches[1].length += 1
+            assert max_diff(got, expected) < ATOL
+            tok = expected.argmax(-1, keepdim=True)
+        assert all(max_diff(a, b) < ATOL for a, b in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v))
+
+
 def test_training_loss_and_gradients_match_transformers():
     # HF shifts labels inside its loss; ours takes targets already shifted (nanoGPT's convention): the same
     # predictions. The loss never makes the full logits (LinearCrossEntropy), so this is its end-to-end check.
