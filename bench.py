@@ -11,10 +11,11 @@ Benchmarks, one function per part of the system:
 
 Options: --config PRESET [--llm.n_layers=2 ...] (model config overrides, dotted, as get_config) [--device cpu|cuda]
 [--dtype bf16|fp32] [--batch N] [--seq N] [--steps N] [--warmup N] [--compare]; train: [--stage 1|2|3] [--llm-only]
-[--compile] [--grad_ckpt]; decode: [--prompt-len N] [--new N] [--compile]; vision: [--compile] [--inductor];
-tokenizer: [--tokenizer FILE] [--vocab-size N] [--small-vocab N] [--small-corpus-mb MB] [--mb MB]; suite: [--out DIR]
-[--runs NAME,...] [--budget SECONDS] [--small] [--tables suite.jsonl ...]. Defaults depend on the preset (DEFAULTS
-below). Each run prints its tables and, as its last line, the same figures as one line of JSON.
+[--compile] [--grad_ckpt]; decode: [--prompt-len N] [--new N] [--compile] [--separate-projections]; vision:
+[--compile] [--inductor]; tokenizer: [--tokenizer FILE] [--vocab-size N] [--small-vocab N] [--small-corpus-mb MB]
+[--mb MB]; suite: [--out DIR] [--runs NAME,...] [--budget SECONDS] [--small] [--tables suite.jsonl ...]. Defaults
+depend on the preset (DEFAULTS below). Each run prints its tables and, as its last line, the same figures as one line
+of JSON.
 
 What is measured. Work per second (tokens or images); the model FLOPs of that work (the FLOP model below) per
 second, and on a GPU whose name is in DEVICES the model FLOPs utilisation (MFU) against its dense bf16 peak; peak
@@ -828,7 +829,7 @@ def bench_decode(args, cfg, device, dtype, spec):
     compiled, as a third run). The prefill is timed up to the first new token, then the first decoding step on its
     own (nanovl.generate records its CUDA graph there, once a generation), and tokens/s counts the new - 2 tokens
     made one at a time after that: the steady state. The headline is nanovl.generate's (compiled, with --compile)."""
-    from nanovl.generate import Sampling, generate
+    from nanovl.generate import DecodeStep, Sampling, generate
 
     B, P, new = args.batch, args.prompt_len, args.new
     if new < 3:
@@ -853,7 +854,7 @@ def bench_decode(args, cfg, device, dtype, spec):
         return {"prefill_s": parts["prefill"], "first_step_s": parts["first step"], "decode_s": parts["decode"],
                 "tokens_per_s": B * (new - 2) / parts["decode"]}, made[0]
 
-    def library(prompt, images, compile=False):
+    def library(prompt, images, compile=False, stack=True):
         def run(mark):
             first = []
 
@@ -862,23 +863,32 @@ def bench_decode(args, cfg, device, dtype, spec):
                     mark(("prefill", "first step")[len(first)])
                     first.append(True)
 
-            out = generate(model, prompt.tolist(), images, Sampling(max_new_tokens=new), on_step=on_step,
-                           compile=compile)
+            DecodeStep.stack = stack
+            try:
+                out = generate(model, prompt.tolist(), images, Sampling(max_new_tokens=new), on_step=on_step,
+                               compile=compile)
+            finally:
+                DecodeStep.stack = True
             mark("decode")
             return torch.tensor(out, device=device)
 
         return timed_generation(run)
 
     def all_runs(prompt, images):
-        """The loop, nanovl.generate, and with --compile nanovl.generate compiled: {name: figures}, and how many
-        leading tokens each gives as the loop does in every row."""
+        """The loop, nanovl.generate, and with --compile nanovl.generate compiled (and with --separate-projections
+        compiled again, each projection its own product): {name: figures}, and how many leading tokens each gives as
+        the loop does in every row."""
         loop, loop_ids = timed_generation(lambda mark: greedy(
             lambda cache: model(prompt, images, cache=cache, last_only=True), cache, model.llm, new, mark))
         runs, same = {"nanovl loop (model + KVCache)": loop}, {}
-        variants = [("nanovl.generate", False)] + ([("nanovl.generate, compiled", True)] if args.compile else [])
-        for name, compile in variants:
+        variants = [("nanovl.generate", False, True)]
+        if args.compile:
+            variants.append(("nanovl.generate, compiled", True, True))
+        if args.separate_projections:  # an A/B of stacked_weights in one process (separate compilations vary)
+            variants.append(("nanovl.generate, compiled, projections one by one", True, False))
+        for name, compile, stack in variants:
             try:
-                runs[name], their_ids = library(prompt, images, compile)
+                runs[name], their_ids = library(prompt, images, compile, stack)
             except Exception as e:  # a compiler that fails on this machine leaves the other figures standing
                 if not compile:
                     raise
@@ -1262,7 +1272,8 @@ SUITE = [  # (name, bench arguments), most important first; --small swaps the pr
     # failure costs only its own run and no time goes to compiling the references.
     ("train-1.3b-compiled", "--what train --config 1.3b --llm-only --seq 2048 --compile"),
     ("train-1.3b-hybrid", "--what train --config 1.3b-hybrid --stage 3"),
-    ("decode-1.3b-compiled", "--what decode --config 1.3b --compile --steps 2 --warmup 1"),
+    # (and the step without stacked_weights, in the same process: an A/B)
+    ("decode-1.3b-compiled", "--what decode --config 1.3b --compile --separate-projections --steps 2 --warmup 1"),
     # The same with the compiler's autotuning of matmul kernels too (see set_inductor_options; DecodeStep already
     # turns on coordinate-descent tuning of its reductions), an experiment for the decoding target
     ("decode-1.3b-autotuned", "--what decode --config 1.3b --compile --inductor max_autotune=True --steps 2 "
@@ -1581,6 +1592,9 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="train: torch.compile each part; vision: also time compiled SigLIP and SAM's trunk "
                              "and neck; decode: also time nanovl.generate compiled")
+    parser.add_argument("--separate-projections", "--separate_projections", action="store_true",
+                        help="decode, with --compile: also time the compiled step reading q, k, v's weights (and gate, "
+                             "up's) one by one, as before nanovl.llama.stacked_weights")
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                         help="with --compile: a torch._inductor.config setting (repeatable), e.g. max_autotune=True")
     parser.add_argument("--grad-ckpt", "--grad_ckpt", action="store_true", help="train: recompute decoder layers")
@@ -1611,6 +1625,8 @@ def main(argv=None):
             parser.error("the following arguments are required: --what")
         args.what = "suite"
     overrides = parse_overrides(rest, parser)
+    if args.separate_projections and not args.compile:
+        parser.error("--separate-projections times a second compiled decoding step: it needs --compile")
     if args.inductor and (not args.compile or args.what in ("suite", "tokenizer", "prefill")):
         parser.error("--inductor sets the compiler: it needs --compile, and a --what that compiles (a suite's runs "
                      "carry their own settings)")
@@ -1619,7 +1635,7 @@ def main(argv=None):
     for name, whats in (("seq", ("train", "prefill")), ("prompt_len", ("decode",)), ("new", ("decode",)),
                         ("stage", ("train",)), ("llm_only", ("train",)), ("grad_ckpt", ("train",)),
                         ("batch", benches), ("steps", benches), ("warmup", benches),
-                        ("compile", ("train", "decode", "vision")),
+                        ("compile", ("train", "decode", "vision")), ("separate_projections", ("decode",)),
                         ("compare", benches), ("config", benches), ("device", benches), ("dtype", benches),
                         ("tables", ("suite",)), ("runs", ("suite",)), ("small", ("suite",)), ("out", ("suite",)),
                         ("budget", ("suite",)), ("tokenizer", ("tokenizer",)), ("vocab_size", ("tokenizer",)),

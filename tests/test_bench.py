@@ -305,6 +305,9 @@ def test_bad_arguments_are_refused_with_a_reason(capsys):
                          (["--what", "train", "--llm-only", "--stage", "2"], "--stage picks a freeze map of the whole "
                                                                            "model; --llm-only times the decoder"),
                          (["--what", "prefill", "--compile"], "--compile is for --what train, decode, vision"),
+                         (["--what", "decode", "--separate-projections"], "it needs --compile"),
+                         (["--what", "train", "--compile", "--separate-projections"],
+                          "--separate-projections is for --what decode"),
                          (["--what", "decode", "--inductor", "max_autotune=True"], "it needs --compile"),
                          (["--what", "suite", "--inductor", "max_autotune=True"], "it needs --compile"),
                          (["--what", "suite", "--compile", "--inductor", "nosuch=1"], "a --what that compiles"),
@@ -452,6 +455,27 @@ def test_a_failing_reference_or_compiled_run_is_left_out_and_the_others_stand(ca
     assert "nanovl.generate, compiled: failed (RuntimeError: inductor is not available); left out" in printed
     assert set(result["runs"]) == {"nanovl loop (model + KVCache)", "nanovl.generate"}
     assert result["tokens_per_s"] == result["runs"]["nanovl.generate"]["tokens_per_s"]
+
+
+def test_separate_projections_times_the_compiled_step_without_stacked_weights(capsys, monkeypatch):
+    # --separate-projections adds a compiled nanovl.generate run with DecodeStep.stack off, in the same process as the
+    # one with it on (the headline), and puts the setting back after. (The step's graph with it off is
+    # test_generate's; here generate runs uncompiled, the compiler's time spared.)
+    import nanovl.generate
+    plain, Step, calls = nanovl.generate.generate, nanovl.generate.DecodeStep, []
+
+    def recorded(*a, compile=False, **k):
+        calls.append((compile, Step.stack))
+        return plain(*a, **k)
+
+    monkeypatch.setattr(nanovl.generate, "generate", recorded)
+    result, printed = run(capsys, "--what", "decode", "--compile", "--separate-projections", "--steps", "1",
+                          "--warmup", "0", "--prompt-len", "20", "--new", "3")
+    assert calls == [(False, True), (True, True), (True, False)] and Step.stack is True
+    assert list(result["runs"]) == ["nanovl loop (model + KVCache)", "nanovl.generate", "nanovl.generate, compiled",
+                                    "nanovl.generate, compiled, projections one by one"]
+    assert result["tokens_per_s"] == result["runs"]["nanovl.generate, compiled"]["tokens_per_s"]
+    assert "nanovl.generate, compiled, projections one by one 3 of 3" in printed
 
 
 FAKE_BENCH = """
