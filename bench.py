@@ -1459,8 +1459,9 @@ def suite_tables(records: list):
             plain = "CUDA graph" if res["device"] == "cuda" else "eager"
             # With a reference, nanovl's figures from the same comparison (a text prompt, as transformers' gets)
             mine = res["runs"] if ref is None else ref["nanovl"]
-            ours = ", ".join(f"{f['tokens_per_s']:,.0f} tokens/s ({'compiled' if 'compiled' in name else plain})"
-                             for name, f in mine.items() if name.startswith("nanovl.generate"))
+            how = lambda name: name.removeprefix("nanovl.generate, ") if "compiled" in name else plain  # noqa: E731
+            ours = ", ".join(f"{f['tokens_per_s']:,.0f} tokens/s ({how(name)})" for name, f in mine.items()
+                             if name.startswith("nanovl.generate"))
             theirs = "-" if ref is None else f"{ref['tokens_per_s']:,.1f} tokens/s"
             ratio_cell = "-" if ref is None else f"{ref['ratio']:.1f}x"
             if borrowed:
