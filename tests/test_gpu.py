@@ -128,6 +128,49 @@ def test_prefill_through_the_causal_kernel_equals_the_masked_path():
     assert rel_error(causal, masked) < 1e-2 and rel_error(causal, full) < 1e-2
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="which of SDPA's CUDA kernels serve attention")
+def test_attention_is_served_by_a_fused_kernel_at_the_released_sizes():
+    # Each attention call of the towers and the decoder in bf16, at the released models' head sizes, with the
+    # unfused MATH kernel (matmul, softmax, matmul) switched off: it must still run, so some fused kernel serves it.
+    # SAM's relative positions come as an additive bias, which flash attention does not take; the decoder's padded
+    # batches and chat turns come with a boolean mask. Prints which kernels can serve each call (pytest -s shows it).
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from nanovl.config import LlamaConfig
+    from nanovl.llama import Llama
+    from nanovl.sam import Attention as SAMAttention
+    from nanovl.siglip import Attention as SigLIPAttention
+
+    torch.manual_seed(0)
+    bf16 = dict(device=DEVICE, dtype=torch.bfloat16)
+    llm = Llama(LlamaConfig(vocab_size=64, dim=2048, n_layers=1, n_heads=16, n_kv_heads=16, ffn_dim=64,
+                            max_seq_len=1024)).to(**bf16)  # 1.3B's heads: 16 of 128
+    ids, pad = torch.randint(0, 64, (2, 1024), device=DEVICE), torch.ones(2, 1024, dtype=torch.bool, device=DEVICE)
+    pad[1, :100] = False
+    calls = {  # SAM-B: 12 heads of 64, windows of 14 x 14 tokens and global blocks of 64 x 64; SigLIP-L: 16 of 64
+        "SAM window (bias)": lambda: SAMAttention(768, 12, 14).to(**bf16)(torch.randn(8, 14, 14, 768, **bf16)),
+        "SAM global (bias)": lambda: SAMAttention(768, 12, 64).to(**bf16)(torch.randn(1, 64, 64, 768, **bf16)),
+        "SigLIP (none)": lambda: SigLIPAttention(1024, 16).to(**bf16)(torch.randn(4, 576, 1024, **bf16)),
+        "decoder causal": lambda: llm(ids),
+        "decoder padded (boolean mask)": lambda: llm(ids, pad_mask=pad),
+    }
+    fused = [b for b in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION") if hasattr(SDPBackend, b)]
+    served = {}
+    with torch.no_grad():
+        for name, call in calls.items():
+            served[name] = []
+            for backend in fused:
+                try:
+                    with sdpa_kernel(getattr(SDPBackend, backend)):
+                        call()
+                    served[name].append(backend)
+                except RuntimeError:  # "No available kernel": this one cannot take the call
+                    pass
+    print("\nSDPA kernels that can serve each call: " + "; ".join(f"{n}: {', '.join(b) or 'none'}"
+                                                              for n, b in served.items()))
+    assert all(served.values()), served
+
+
 def test_llama_in_bf16_matches_transformers_in_fp32():
     from test_llama import CFG, hf_pair
 
