@@ -56,6 +56,11 @@ def test_released_parameter_counts_match_the_facts_sheet(preset):
     for part, (figure, unit) in EXPECTED[preset].items():
         decimals = 2 if unit == M else 3
         assert round(counts[part] / unit, decimals) == figure, (part, counts[part])
+    # The whole model, frozen parts included (the facts sheet's 7.33-7.34B and 1.96-1.98B count the unused heads too)
+    model.siglip.requires_grad_(False)
+    assert count_params(model)["total"] == counts["total"] == sum(counts[part] for part in counts if part != "total")
+    if preset in ("1.3b", "7b"):
+        assert round(counts["total"] / B, 2) == {"1.3b": 1.96, "7b": 7.33}[preset]
     if preset == "7b":  # SAM-B's trunk alone is the original 88.88M; the first neck brings it to SAM's 89.67M
         sam = model.sam
         trunk = sum(p.numel() for n, p in sam.named_parameters() if n.split(".")[0] in ("patch_embed", "pos_embed",
@@ -139,8 +144,8 @@ def test_hybrid_tower_preprocesses_like_the_official_tower(tiny):
 
 
 def test_a_fresh_model_starts_as_gpt2_does():
-    # N(0, 0.02) for linear layers, embeddings and learned positions; the projections into the decoder's residual
-    # stream scaled down by sqrt(2 * n_layers), so the stream's variance does not grow with depth.
+    # N(0, 0.02) for linear layers, embeddings and learned positions, and linear biases at 0; the projections into the
+    # decoder's residual stream scaled down by sqrt(2 * n_layers), so the stream's variance does not grow with depth.
     torch.manual_seed(0)
     cfg = get_config("tiny")
     model = DeepSeekVL(cfg)
@@ -152,6 +157,8 @@ def test_a_fresh_model_starts_as_gpt2_does():
         assert std(layer.mlp.down_proj.weight) == pytest.approx(deep, rel=0.05)
     for tower in (model.siglip, model.sam):
         assert std(tower.pos_embed) == pytest.approx(0.02, rel=0.05)
+    biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None]
+    assert len(biases) > 20 and all((b == 0).all() for b in biases)  # the towers' and the aligner's
 
 
 def test_tiny_forward_backward_reaches_every_parameter():
