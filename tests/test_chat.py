@@ -102,6 +102,9 @@ def test_documents_supervise_text_and_end_but_not_images(tok):
     assert [m for t, m in zip(ids, mask) if t == tok.image_id] == [0] * N_IMG
     assert mask[0] == 0 and mask[-1] == 1
     assert sum(mask) == len(ids) - 1 - N_IMG
+    for blank in ("", " \n\t"):  # nothing to learn but where a document ends
+        with pytest.raises(ValueError, match="empty document"):
+            render_document(blank, tok, N_IMG)
 
 
 @pytest.mark.parametrize("conv, message", [
