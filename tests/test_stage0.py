@@ -38,6 +38,15 @@ def test_contrastive_loss_is_siglips_sigmoid_loss_over_real_caption_tokens():
     assert torch.allclose(got, expected, atol=1e-6)
 
 
+def test_the_contrastive_heads_start_where_the_docstring_says():
+    # SigLIP's temperature starts at 10 (Zhai et al. 2023); the bias at -5, not the paper's -10, for batches of tens
+    # of pairs (Stage0Heads says why); the text tower is half SigLIP's width, at least 64.
+    for preset, width in (("tiny", 64), ("small", 192)):
+        heads = Stage0Heads(get_config(preset), n_seg_classes=5)
+        assert heads.log_t.exp().item() == pytest.approx(10.0) and heads.bias.item() == -5.0
+        assert heads.text_tower.cfg.dim == width and heads.image_proj.in_features == get_config(preset).siglip.width
+
+
 def test_segmentation_loss_is_a_per_patch_cross_entropy_on_the_neck():
     torch.manual_seed(0)
     cfg = get_config("tiny")
@@ -93,8 +102,8 @@ def test_each_stage0_micro_batch_reads_its_own_share_of_each_plan(tmp_path):
     for i in range(6):  # image i is filled with grey 40 * i; its label map is all background
         Image.new("RGB", (8, 8), (40 * i,) * 3).save(tmp_path / f"{i}.png")
         Image.new("L", (8, 8)).save(tmp_path / f"{i}_seg.png")
-    pairs = [{"image": f"{i}.png", "caption": f"caption {i % 5}", "_root": str(tmp_path), "_where": f"line {i}"}
-             for i in range(6)]
+    pairs = [{"image": f"{i}.png", "caption": f"caption {i % 5}" + "!" * (i % 3), "_root": str(tmp_path),
+              "_where": f"line {i}"} for i in range(6)]  # (captions of different lengths: padding shows)
     scenes = [dict(pairs[i], seg=f"{i}_seg.png") for i in range(6)]
     tok = SimpleNamespace(bos_id=1, eos_id=2, pad_id=0, encode=lambda text: [ord(c) for c in text])
     text = PlannedBatches([("language", [0, 1, 2, 3])] * 2, {"language": [Sample([5, 6, 7], [0, 1, 1], [])] * 4}, 0,
@@ -114,7 +123,9 @@ def test_each_stage0_micro_batch_reads_its_own_share_of_each_plan(tmp_path):
                                                               for i in plan_scenes[step][1][mine]]))
         # Each caption as bos + its tokens + eos, right-padded; cap_len counts every one of its tokens.
         caps = [[1] + tok.encode(pairs[i]["caption"]) + [2] for i in plan_pairs[step][1][mine]]
-        assert batch["cap_len"].tolist() == [len(c) for c in caps] and batch["cap_ids"][0].tolist() == caps[0]
+        assert batch["cap_len"].tolist() == [len(c) for c in caps]
+        for row, c in zip(batch["cap_ids"].tolist(), caps):  # (the loss averages the first cap_len positions)
+            assert row == c + [tok.pad_id] * (len(row) - len(c))
 
 
 def test_stage0_trains_on_the_sum_of_its_image_losses():
