@@ -509,6 +509,8 @@ def test_sample_says_when_the_context_cut_an_answer(stage_folder, tiny, tok, cap
     assert printed.count(note.replace("the prompt", "the longest prompt of the batch")) == 2
     sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--max_new_tokens", "3"])
     assert "cut:" not in capsys.readouterr().out  # an answer that stopped at --max_new_tokens was not cut
+    sample.main(["--ckpt", str(stage_folder), "--prompt", prompt, "--max_new_tokens", str(len(out))])
+    assert "cut:" not in capsys.readouterr().out  # nor one that reached both limits at once
 
 
 def test_load_model_takes_a_dtype_and_a_tokenizer_and_refuses_one_that_does_not_fit(stage_folder, tiny, tok,
@@ -627,7 +629,7 @@ def test_interactive_chat_commands(stage_folder, monkeypatch, capsys):
     lines = iter(["help", f"image {cat}", f"image {missing}", "what colour?",  # a bad image is said when attached
                   f"{IMAGE_TAG}and this?", str(missing), str(cat),  # and when asked for, which asks again
                   f"{IMAGE_TAG}and that?", "",  # no path: the message is dropped
-                  "new", "hello", "exit"])
+                  "new", "hello", "Exit"])  # (any case)
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     sample.main(["--ckpt", str(stage_folder), "--max_new_tokens", "4"])
     out = capsys.readouterr().out
@@ -651,9 +653,10 @@ def test_interactive_chat_loses_nothing_to_a_failed_turn_or_a_misread_line(stage
 
     lines = iter(["image of a cat: what colour is it?",  # a message that starts with "image", not a command
                   "image", f"image '{cat}'", f"IMAGE {cat}",  # no path; a quoted one; any case
-                  f"{IMAGE_TAG} which?",  # 1 placeholder for 2 images: refused, and both stay attached
+                  f"image '{cat}", "image ~/cat.png",  # one quote is part of the name; ~ is the home folder
+                  f"{IMAGE_TAG} which?",  # 1 placeholder for 3 images: refused, and all stay attached
                   "boom",  # fails in the model: the images stay attached for the next message
-                  "both?",  # gets them both
+                  "all?",  # gets them all
                   f"{IMAGE_TAG}this?", KeyboardInterrupt(),  # Ctrl-C at the path prompt drops the message
                   KeyboardInterrupt()])  # and at the User prompt leaves, without a traceback
 
@@ -665,14 +668,16 @@ def test_interactive_chat_loses_nothing_to_a_failed_turn_or_a_misread_line(stage
 
     monkeypatch.setattr(sample, "ChatSession", Recorded)
     monkeypatch.setattr("builtins.input", typed)
+    monkeypatch.setenv("HOME", str(stage_folder))
     sample.main(["--ckpt", str(stage_folder), "--max_new_tokens", "2"])
     out = capsys.readouterr().out
-    assert asked == [("image of a cat: what colour is it?", 0), (f"{IMAGE_TAG}{IMAGE_TAG}boom", 2),
-                     (f"{IMAGE_TAG}{IMAGE_TAG}both?", 2)]
+    assert asked == [("image of a cat: what colour is it?", 0), (f"{IMAGE_TAG}{IMAGE_TAG}{IMAGE_TAG}boom", 3),
+                     (f"{IMAGE_TAG}{IMAGE_TAG}{IMAGE_TAG}all?", 3)]
+    assert f"(error: image '{cat} does not exist; not attached)" in out and "3 image(s) attached" in out
     assert "(image needs a PATH: image photo.jpg)" in out and "2 image(s) attached" in out
-    assert f"(this message has 1 {IMAGE_TAG} for 2 attached images: write one for each, or none to put them all " \
-           "first; 2 image(s) stay attached to your next message ('new' drops them))" in out
-    assert "(error: CUDA out of memory; the conversation is as it was; 2 image(s) stay attached" in out
+    assert f"(this message has 1 {IMAGE_TAG} for 3 attached images: write one for each, or none to put them all " \
+           "first; 3 image(s) stay attached to your next message ('new' drops them))" in out
+    assert "(error: CUDA out of memory; the conversation is as it was; 3 image(s) stay attached" in out
     assert "(message dropped; the conversation is as it was)" in out
 
 
@@ -713,13 +718,32 @@ def test_the_chat_says_when_an_answer_was_cut_by_a_full_context(stage_folder, mo
     assert "(the conversation now fills the context of" in capsys.readouterr().out
 
 
-def test_sample_refuses_a_system_prompt_that_cannot_work_and_names_an_empty_prompt(stage_folder):
+def test_sample_refuses_a_system_prompt_that_cannot_work_and_names_an_empty_prompt(stage_folder, tok, capsys,
+                                                                                   monkeypatch):
     with pytest.raises(SystemExit, match=f"--system holds {IMAGE_TAG}, but images go in messages"):
         sample.main(["--ckpt", str(stage_folder), "--system", f"Look at {IMAGE_TAG}"])
     with pytest.raises(SystemExit, match=r"--system is \d+ tokens, and the context holds 512: no room for a message"):
         sample.main(["--ckpt", str(stage_folder), "--system", "red " * 600])
+    words = next(k for k in range(1, 600) if len(start_ids(tok, "red " * k)) > 512 - 8)  # fits, but leaves < 8
+    assert len(start_ids(tok, "red " * words)) <= 512
+    with pytest.raises(SystemExit, match=r"--system is \d+ tokens, and the context holds 512: no room for a message"):
+        sample.main(["--ckpt", str(stage_folder), "--system", "red " * words])
     with pytest.raises(SystemExit, match="--prompt 2 of 3 is empty"):
         sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--prompt", " ", "--prompt", "yo"])
+    capsys.readouterr()
+    sample.main(["--ckpt", str(stage_folder), "--prompt", "", "--image", str(stage_folder / "cat.png"),
+                 "--max_new_tokens", "2"])  # one image alone is a prompt: it gets its placeholder
+    assert capsys.readouterr().out.strip()
+    with pytest.raises(SystemExit):  # (an unset shell variable): not the current folder's model.pt
+        sample.main(["--ckpt", "  ", "--prompt", "hi"])
+    assert "--ckpt is empty: expected a stage folder" in capsys.readouterr().err
+    loads = []  # --dtype auto: bf16 on a GPU, fp32 on the CPU (read from what load_model is asked for)
+    monkeypatch.setattr(sample, "load_model", lambda ckpt, device, dtype, tokenizer: loads.append((device, dtype)) or
+                        (_ for _ in ()).throw(ValueError("stop")))
+    for device in ("cuda", "cpu"):
+        with pytest.raises(SystemExit, match="stop"):
+            sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--device", device])
+    assert loads == [("cuda", torch.bfloat16), ("cpu", torch.float32)]
 
 
 def test_compiled_decoding_step_gives_the_same_tokens(tiny, tok, monkeypatch):
