@@ -56,6 +56,13 @@ def data_dir(tmp_path_factory, user_text):
     return out
 
 
+def test_ocr_pages_take_prose_paragraphs_only():
+    # The docstring paragraphs that read as prose, flattened: not code examples (>>>), not short or symbol-heavy ones.
+    prose = "This function returns the number of items held in the container, counting each one once. " * 2
+    docs = [{"text": f"Short.\n\n{prose}\n\n>>> {prose}\n\n{prose.replace(' ', ' = 1; ')}\n\n  {prose}\n  again"}]
+    assert prepare_data.prose_paragraphs(docs) == [prose.strip(), prose.strip() + " again"]
+
+
 def test_prepare_data_writes_every_part(data_dir):
     names = sorted(os.listdir(data_dir))
     assert names == ["eval_mc.jsonl", "eval_text.jsonl", "images", "meta.json", "pretrain.jsonl", "sft.jsonl",
@@ -71,10 +78,21 @@ def test_prepare_data_writes_every_part(data_dir):
             with Image.open(data_dir / p) as img:
                 assert max(img.size) == 256  # generated at the preset's canvas size
     assert any(len(r["images"]) > 1 for r in pretrain)  # interleaved documents hold several images
+    for row in pretrain:  # images/caption/train_000003.png; a document's several images _0.png, _1.png, ...
+        stem = re.fullmatch(rf"images/{row['category']}/train_\d{{6}}", row["images"][0].rsplit("_", 1)[0] if
+                            len(row["images"]) > 1 else row["images"][0].removesuffix(".png"))
+        assert stem and row["images"] == ([f"{stem[0]}_{j}.png" for j in range(len(row["images"]))]
+                                          if len(row["images"]) > 1 else [stem[0] + ".png"])
     sft = read_jsonl(data_dir / "sft.jsonl")
     assert {r["category"] for r in sft} == set(CATEGORIES) | {"text"}
     assert any(len(r["conversation"]) >= 4 for r in sft)  # multi-turn
     assert any(not r["images"] for r in sft)  # text-only dialogue
+    # An image chat's first question holds a placeholder for each of its images; the long chats ask their
+    # multiple-choice question at any turn, the first or a later one.
+    assert all(r["conversation"][0]["content"].count(IMAGE_TAG) == len(r["images"]) for r in sft)
+    turn = lambda r: next((i for i, m in enumerate(r["conversation"][::2]) if "Options:" in m["content"]), None)
+    at = [turn(r) for r in sft if len(r["conversation"]) >= 4 and turn(r) is not None]
+    assert len(at) > 20 and 0 in at and max(at) > 0
     stage0 = read_jsonl(data_dir / "stage0.jsonl")
     assert {r["category"] for r in stage0} == set(CATEGORIES) - {"interleaved"}
     for row in stage0:
