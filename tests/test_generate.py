@@ -545,6 +545,8 @@ def test_load_model_takes_a_dtype_and_a_tokenizer_and_refuses_one_that_does_not_
                                          "saved with the weights"):
         load_model(stage_folder, tokenizer=bare / "swapped.json")
     assert load_model(stage_folder, tokenizer=stage_folder)[1].same_ids(tok)  # the saved one itself, as its folder
+    shutil.copy(stage_folder / "tokenizer.json", bare / "copy.json")
+    assert load_model(stage_folder, tokenizer=bare / "copy.json")[1].same_ids(tok)  # or a copy of it, elsewhere
     with pytest.raises(FileNotFoundError, match="no tokenizer at .*typo.json, the --tokenizer given"):
         load_model(stage_folder, tokenizer=bare / "typo.json")
 
@@ -567,6 +569,13 @@ def test_an_edited_config_json_beside_model_pt_is_named_not_silently_ignored(sta
                                          r"model.pt\)\. model.pt's config is the one .* editing it changes nothing"):
         model, _, _ = load_model(folder)
     assert model.cfg.llm.max_seq_len == tiny.cfg.llm.max_seq_len
+    edited["llm"].update(n_layers=9, n_heads=8, ffn_dim=7)  # four changes: three are named, the rest counted
+    (folder / "config.json").write_text(json.dumps(edited))
+    with pytest.warns(UserWarning, match=r"\(llm.*; llm.*; llm[^;]*; and 1 more\)\. model.pt's config is the one"):
+        load_model(folder)
+    (folder / "config.json").write_text("[]")
+    with pytest.warns(UserWarning, match=r"config.json is not a JSON object\. model.pt's config is the one"):
+        load_model(folder)
 
 
 def test_interactive_chat_takes_the_system_prompt(stage_folder, monkeypatch, capsys):
@@ -613,6 +622,9 @@ def test_sample_refuses_mismatched_images_and_missing_checkpoints(stage_folder, 
         sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--device", "tpu"])
     with pytest.raises(SystemExit, match="--device meta holds shapes but no values"):
         sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--device", "meta"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="--device cuda:0, but torch sees no CUDA device$"):
+            sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--device", "cuda:0"])
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(SystemExit, match="empty.pt is not a torch checkpoint .0 bytes"):
         sample.main(["--ckpt", str(tmp_path / "empty.pt"), "--prompt", "hi"])
