@@ -79,10 +79,10 @@ def test_prepare_data_writes_every_part(data_dir):
                 assert max(img.size) == 256  # generated at the preset's canvas size
     assert any(len(r["images"]) > 1 for r in pretrain)  # interleaved documents hold several images
     for row in pretrain:  # images/caption/train_000003.png; a document's several images _0.png, _1.png, ...
-        stem = re.fullmatch(rf"images/{row['category']}/train_\d{{6}}", row["images"][0].rsplit("_", 1)[0] if
-                            len(row["images"]) > 1 else row["images"][0].removesuffix(".png"))
-        assert stem and row["images"] == ([f"{stem[0]}_{j}.png" for j in range(len(row["images"]))]
-                                          if len(row["images"]) > 1 else [stem[0] + ".png"])
+        n = len(row["images"])
+        stem = row["images"][0].removesuffix("_0.png" if n > 1 else ".png")
+        assert re.fullmatch(rf"images/{row['category']}/train_\d{{6}}", stem), row["images"]
+        assert row["images"] == ([f"{stem}_{j}.png" for j in range(n)] if n > 1 else [f"{stem}.png"])
     sft = read_jsonl(data_dir / "sft.jsonl")
     assert {r["category"] for r in sft} == set(CATEGORIES) | {"text"}
     assert any(len(r["conversation"]) >= 4 for r in sft)  # multi-turn
