@@ -4,6 +4,7 @@ rows (nanovl/data.py) for train.py's stages 1 and 3 trained on it alone, or besi
 --extra_data, where stage 2 reads it too (prepare_data.py --llava FILE --images DIR).
 
     LLaVA row   {"image": path, [paths] or none, "conversations": [{"from": "human" or "gpt", "value": "..."}]}
+                ("images" is read as "image" too, as several multi-image sets name it)
                 or {"image": path, "caption" (or "text"): "..."}; "<image>" in the text marks where the image goes
                 (without it, one image goes before the first question, or before the caption)
     ours        sft.jsonl: {"category": "llava", "images", "conversation": [{"role", "content"}]}   (stage 3)
@@ -121,15 +122,19 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_capti
     a one-question chat about one image is a caption, its answer the text (see import_llava)."""
     if not isinstance(row, dict):
         raise ValueError(f"expected an object, got {type(row).__name__}")
-    image = row.get("image") or []  # "image": null, as some exports write, is no image
+    key, image = image_field(row)
     images = [image] if isinstance(image, str) else image
     if not isinstance(images, list) or not all(isinstance(i, str) and i for i in images):
-        raise ValueError(f"'image' must be a path or a list of paths, got {image!r}")
+        raise ValueError(f"'{key}' must be a path or a list of paths, got {image!r}")
+    for i in images:  # (joined to the folder, "http://x" would become "DIR/http:/x" and read as a missing file)
+        if "://" in i:
+            raise ValueError(f"image {i!r} is a web address: download the images and name them by their paths in "
+                             "the folder given with --images")
     paths = [os.path.abspath(os.path.join(images_dir, i)) for i in images]
     for p in paths:
         check_image(p)
-    if "conversations" not in row:  # a plain image-caption pair
-        caption = row.get("caption", row.get("text"))
+    if row.get("conversations") is None:  # a plain image-caption pair ("conversations": null is none, like "image")
+        caption = row.get("caption") or row.get("text")  # (a null or empty caption does not hide a text)
         if not isinstance(caption, str) or not caption.strip():
             raise ValueError("no 'conversations' and no non-empty 'caption' or 'text'")
         if len(paths) != 1:
@@ -150,6 +155,8 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_capti
         content = turn["value"].replace("<image>", IMAGE_TAG)
         conversation.append({"role": ROLE_NAMES[turn["from"]], "content": content})
     if conversation[-1]["role"] == "user":
+        if IMAGE_TAG in conversation[-1]["content"]:  # dropped, its image would move to the first question
+            raise ValueError("the last question, which has no answer, holds an <image> tag")
         conversation = conversation[:-1]  # a trailing question without an answer teaches nothing
         if not conversation:
             raise ValueError("a question with no answer: nothing to learn from")
@@ -176,12 +183,25 @@ def checked_text(row: dict) -> dict:
     return row
 
 
+def image_field(row: dict) -> Tuple[str, object]:
+    """(its name, its value or []) of the field naming a row's images: "image", as LLaVA writes it, or "images", as
+    several multi-image sets do. A row with both is refused, rather than one of them dropped unseen."""
+    given = [k for k in ("image", "images") if row.get(k)]  # "image": null or "", as some exports write: none
+    if len(given) == 2:
+        raise ValueError("the row has both 'image' and 'images': expected one field naming its images")
+    return (given[0], row[given[0]]) if given else ("image", [])
+
+
 def named_images(row, images_dir: str) -> List[str]:
-    """The image paths a LLaVA row names, as llava_row resolves them; [] when its 'image' field is malformed (which
+    """The image paths a LLaVA row names, as llava_row resolves them; [] when its image field is malformed (which
     llava_row reports)."""
-    image = (row.get("image") or []) if isinstance(row, dict) else []
+    try:
+        image = image_field(row)[1] if isinstance(row, dict) else []
+    except ValueError:
+        return []
     images = [image] if isinstance(image, str) else image if isinstance(image, list) else []
-    return [os.path.abspath(os.path.join(images_dir, i)) for i in images if isinstance(i, str) and i]
+    return [os.path.abspath(os.path.join(images_dir, i)) for i in images
+            if isinstance(i, str) and i and "://" not in i]
 
 
 IMPORT_FILES = ("sft.jsonl", "pretrain.jsonl", "report.txt", "meta.json")  # what an import writes, meta.json last

@@ -441,9 +441,13 @@ def test_a_llava_row_becomes_the_row_llava_means():
     assert row(image="a.png", conversations=ask("What is it?", "A cat.")) == (kind, chat)  # the tag LLaVA implies
     assert row(image="a.png", conversations=ask("<image>\nWhat is it?", "A cat.") + ask("And?", "")[:1]) == \
         (kind, chat)  # a last question without its answer teaches nothing: dropped
+    assert row(images=["a.png"], conversations=ask("<image>\nWhat is it?", "A cat.")) == (kind, chat)  # other sets'
+    assert row(image=None, images="a.png", conversations=ask("What is it?", "A cat.")) == (kind, chat)  # field name
     # captions, under "caption" or "text", stripped, the image before them
     assert row(image="a.png", text="  a cat on a mat \n") == ("pretrain", {"category": "caption", "images": chat[
         "images"], "text": f"{IMAGE_TAG}a cat on a mat"})
+    for empty in [dict(caption=None), dict(caption=""), dict(conversations=None)]:  # null fields, as exports write
+        assert row(image="a.png", text="  a cat on a mat \n", **empty) == row(image="a.png", text="a cat on a mat")
     # --captions: a one-question chat is its answer, stripped; unless the answer itself holds an image
     assert llava_row({"image": "a.png", "conversations": ask("What is it?", " A cat. ")}, "imgs", lambda p: None,
                      as_captions=True)[1]["text"] == f"{IMAGE_TAG}A cat."
@@ -459,7 +463,14 @@ def test_a_llava_row_becomes_the_row_llava_means():
                      (dict(image="a.png", caption="   "), "no 'conversations' and no non-empty 'caption' or 'text'"),
                      (dict(image="a.png", conversations=[{"from": "human", "value": None}]), "turn 0 must be"),
                      (dict(image="a.png", conversations=ask("What is it?", "A cat.")[:1]),
-                      "a question with no answer: nothing to learn from")]:
+                      "a question with no answer: nothing to learn from"),
+                     # dropping the last question would move its image to the first one
+                     (dict(image="a.png", conversations=ask("Hello", "Hi!") + ask("<image>\nWhat is it?", "")[:1]),
+                      "the last question, which has no answer, holds an <image> tag"),
+                     (dict(image=["a.png"], images=["b.png"], text="a cat"), "both 'image' and 'images'"),
+                     (dict(images=[3], text="a cat"), "'images' must be a path or a list of paths, got [3]"),
+                     (dict(image="http://example.com/a.png", text="a cat"),
+                      "image 'http://example.com/a.png' is a web address: download the images")]:
         with pytest.raises(ValueError, match=re.escape(why)):
             row(**bad)
 
