@@ -19,6 +19,7 @@ Bad files get a ValueError naming the file: missing, corrupt, truncated, not an 
 
 import math
 import os
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
@@ -54,9 +55,7 @@ def load_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS) -> I
             img.load()  # decode now: corrupt or truncated data raises here
             return to_rgb(img)
     except FileNotFoundError:
-        url = str(path).startswith(("http://", "https://"))
-        raise ValueError(f"image {path} does not exist" + (" (a web address: download the image first)" if url else "")
-                         ) from None
+        raise ValueError(f"image {path} does not exist{missing_hint(str(path))}") from None
     except IsADirectoryError:
         raise ValueError(f"image {path} is a folder: expected an image file") from None
     except Image.DecompressionBombError as e:  # over PIL's own limit, which it checks before ours
@@ -70,12 +69,31 @@ def load_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS) -> I
         raise ValueError(f"cannot read image {path}: " + (f"{kind}, a format Pillow does not read; convert it to PNG "
                                                           "or JPEG" if kind else f"{e} (is it a corrupt, truncated "
                                                           "or non-image file?)")) from None
-    except (OSError, SyntaxError) as e:
+    except OSError as e:
+        if e.errno is not None:  # the system's (no permission, a name too long): nothing to say of the file's bytes
+            raise ValueError(f"cannot read image {path}: {e.strerror}") from None
+        raise ValueError(f"cannot read image {path}: {e} (is it a corrupt, truncated or non-image file?)") from None
+    except SyntaxError as e:
         raise ValueError(f"cannot read image {path}: {e} (is it a corrupt, truncated or non-image file?)") from None
     except MemoryError:
         raise  # this machine's limit, not the file's fault
     except Exception as e:  # PIL's decoders fail in other ways too (a damaged DDS header: NotImplementedError)
         raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e} (is it a corrupt file?)") from None
+
+
+def missing_hint(path: str) -> str:
+    """Why a file that does not exist may look as if it did: a web address, a space at either end of the name, or the
+    name spelt in another Unicode form (macOS writes "ü" as u and a combining mark, most other systems as one
+    character: the two print alike and are different names)."""
+    if path.startswith(("http://", "https://")):
+        return " (a web address: download the image first)"
+    if os.path.basename(path) != os.path.basename(path).strip():
+        return f" (its name begins or ends with white space: {os.path.basename(path)!r})"
+    for form in ("NFC", "NFD"):
+        other = unicodedata.normalize(form, path)
+        if other != path and os.path.exists(other):
+            return f" as written, but the same name in another Unicode form ({form}) does: {ascii(other)}"
+    return ""
 
 
 def unread_format(path) -> str:

@@ -3,6 +3,7 @@
 import io
 import os
 import pickle
+import re
 import struct
 import warnings
 import zlib
@@ -192,6 +193,21 @@ def test_bad_files_get_an_error_naming_the_file(tmp_path):
                       ("http://example.org/cat.png", r"does not exist \(a web address: download the image first\)")]:
         with pytest.raises(ValueError, match=why):
             load_image(path)
+
+
+def test_a_missing_name_that_looks_like_one_there_says_why(tmp_path):
+    """Names that print like a file in the folder but are not its name, and the system's own errors said as such."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "cat.png")
+    with pytest.raises(ValueError, match=r"cat.png  does not exist \(its name begins or ends with white space: "
+                                         r"'cat.png '\)"):
+        load_image(str(tmp_path / "cat.png") + " ")
+    Image.new("RGB", (8, 8)).save(tmp_path / "\u00fcber.png")  # u-umlaut as one character (NFC), as Linux writes it
+    decomposed = str(tmp_path / "u\u0308ber.png")  # u and a combining mark (NFD), as a macOS list may name it
+    with pytest.raises(ValueError, match=re.escape(f"does not exist as written, but the same name in another Unicode "
+                                                   f"form (NFC) does: {ascii(str(tmp_path / chr(252)))[:-1]}")):
+        load_image(decomposed)
+    with pytest.raises(ValueError, match=r"cannot read image .*: File name too long$"):  # no "corrupt file?" hint
+        load_image(tmp_path / ("x" * 300 + ".png"))
 
 
 def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
