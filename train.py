@@ -918,10 +918,11 @@ def stage_batches(stage: int, tc: TrainConfig, hp: dict, cfg: VLConfig, tok, pro
         src, flag = sources[m], SHARE_FLAGS.get(m)
         raise SystemExit(f"stage {stage} trains on {m} rows ({src.name}), but {', '.join(folders)} "
                          f"{'holds' if len(folders) == 1 else 'hold'} none" +
-                         (f" that fit: all {src.dropped} are longer than {seq_len} tokens" if src.dropped else "") +
+                         (f" that fit: all {src.dropped} are longer than {seq_len} tokens; a longer --seq_len (up "
+                          f"to the model's context, {cfg.llm.max_seq_len}) keeps them" if src.dropped else "") +
                          (f"; without them, pass {flag} 0" if flag and not src.dropped else "") +
                          ("; an import of one-question chats about an image holds captions when made with "
-                          "prepare_data.py --llava FILE --captions" if m == "multimodal" and
+                          "prepare_data.py --llava FILE --captions" if m == "multimodal" and not src.dropped and
                           any(folder_kind(f) == "llava" for f in folders) else ""))
     pack = hp["pack"]
     global_batch = hp["batch_size"]

@@ -1190,6 +1190,10 @@ def test_a_llava_import_alone_trains_stages_1_and_3(data, start_weights, tmp_pat
     with pytest.raises(SystemExit, match="trains on text_chat rows .text chats.* holds none; without them, pass "
                                          "--text_sft_share 0"):
         train.main(argv + ["--stage", "3", "--out", str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match=r"stage 1 trains on multimodal rows .* holds none that fit: all 1 are longer "
+                                         r"than 40 tokens; a longer --seq_len \(up to the model's context, 512\) keeps "
+                                         r"them$"):  # (and no word of --captions, which this import needs not)
+        train.main(argv + ["--stage", "1", "--out", str(tmp_path / "o1"), "--seq_len", "40"])
     for stage in ("1", "3"):
         train.main(argv + ["--stage", stage, "--out", str(tmp_path / f"out{stage}"), "--text_sft_share", "0"])
         printed = capsys.readouterr().out
