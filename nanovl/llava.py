@@ -53,6 +53,9 @@ def iter_json_rows(path: str):
                         whole = json_or_none(text)
                         if isinstance(whole, dict):
                             raise one_object(path, whole) from None
+                        if spans_lines(text, start):
+                            raise ValueError(f"{path} holds rows written over several lines (as jq '.[]' prints "
+                                             "them): expected a JSON array of rows, or one row a line (jq -c)")
                     yield f"line {n}", ValueError(f"not valid JSON: {json_error(e, lines=False)}{cr_only(line)}")
         return
     decoder, pos, line, counted, k = json.JSONDecoder(), start + 1, 1, 0, 0
@@ -103,7 +106,18 @@ def one_object(path: str, whole: dict) -> ValueError:
     """The error for a file that is one JSON object, such as rows wrapped as {"data": [...]}, rather than rows."""
     keys = list(whole)
     shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "") if keys else "none"
-    return ValueError(f"{path} holds one JSON object (keys {shown}), expected a JSON array of rows or one row a line")
+    row = " (one row over several lines? put it in [ ])" if {"conversations", "image", "images"} & set(keys) else ""
+    return ValueError(f"{path} holds one JSON object (keys {shown}), expected a JSON array of rows or one row a "
+                      f"line{row}")
+
+
+def spans_lines(text: str, start: int) -> bool:
+    """Whether text, from start, begins with a JSON object that runs over more than one line (and reads as JSON)."""
+    try:
+        _, end = json.JSONDecoder().raw_decode(text, start)
+    except (json.JSONDecodeError, RecursionError):
+        return False
+    return "\n" in text[start:end]
 
 
 def json_or_none(text: str):

@@ -645,6 +645,8 @@ def test_llava_files_as_other_tools_write_them(tmp_path):
         assert f"{n} rows read, {n} conversations and 0 captions kept, 0 skipped" in summary, (text, summary)
         assert f"The file is broken: {broken}" in summary and summary in open(f"{out}/report.txt").read()
     assert "1 rows read, 1 conversations" in run(f"[{json.dumps(chat)},\n]")  # a trailing comma loses nothing
+    assert "2 rows read, 1 conversations and 0 captions kept, 1 skipped" in run(  # two rows on one line: a bad line,
+        json.dumps(chat) + json.dumps(chat) + "\n" + json.dumps(chat))           # not rows over several lines
     # files that are not rows at all: an error naming the file, and nothing written over the last import
     before = open(f"{out}/sft.jsonl").read()
     for text, error in [(json.dumps({"data": [chat]}, indent=2), "holds one JSON object .keys data., expected a JSON"),
@@ -653,6 +655,12 @@ def test_llava_files_as_other_tools_write_them(tmp_path):
                                                                    r"a line$"),  # one line: read as one row first
                         (json.dumps({"image": "a.png"}), r"no row to keep \(1 read; the first skipped: line 1: no "
                                                          r"'conversations' and no non-empty 'caption'"),  # a row: said
+                        (json.dumps(chat, indent=2), r"holds one JSON object \(keys .*\), expected a JSON array of "
+                                                     r"rows or one row a line \(one row over several lines\? put it in "
+                                                     r"\[ \]\)$"),  # one row, pretty-printed
+                        (json.dumps(chat, indent=2) + "\n" + json.dumps(chat, indent=2),  # jq '.[]' without -c
+                         r"rows.json holds rows written over several lines \(as jq '.\[\]' prints them\): expected a "
+                         r"JSON array of rows, or one row a line \(jq -c\)$"),
                         (json.dumps([{"data": [chat]}]), r"no row to keep \(1 read; the first skipped: row 1, line 1: "
                                                          r"no 'conversations'"),  # a row in an array, however odd
                         ("[{}]".encode() + "\n\u00e9".encode("latin-1"), "rows.json is not UTF-8 text .byte 0xe9 at "
