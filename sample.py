@@ -21,6 +21,7 @@ message, `help`, `exit`.
 """
 
 import argparse
+import io
 import os
 import sys
 
@@ -151,6 +152,8 @@ def chat(args, model, tok, proc, sampling, pictures):
     more attached images than placeholders, a full context) are printed and the conversation goes on as it was."""
     session = ChatSession(model, tok, proc, system=args.system, compile=args.compile)
     queued = list(pictures)
+    if isinstance(sys.stdin, io.TextIOWrapper):  # read bytes that are not UTF-8 as escapes, for the check below to
+        sys.stdin.reconfigure(errors="surrogateescape")  # name (a UTF-8 locale reads strictly: a traceback)
     print(f"chatting with {args.ckpt} ({model.cfg.name}); type 'help' for commands" +
           (f"\n({len(queued)} image(s) attached to your first message)" if queued else ""))
     while True:
@@ -219,7 +222,7 @@ def chat(args, model, tok, proc, sampling, pictures):
         try:
             session.ask(message, images, sampling, on_text=lambda t: print(t, end="", flush=True))
             queued = []
-            if session.cache.length + len(session.pending) >= session.cache.max_len:  # _decode stopped at the end
+            if session.cut or session.cache.length + len(session.pending) >= session.cache.max_len:  # (full now)
                 print(f"\n(the conversation now fills the context of {session.cache.max_len} tokens, so the answer may "
                       "have been cut: 'new' starts a new chat)")
                 continue

@@ -256,8 +256,9 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
         raise ValueError(f"n_words is the tokenizer's vocabulary size, the ids that may be picked: expected an integer "
                          f"above the image token's id {model.cfg.image_token_id} and at most the model's {vocab}, got "
                          f"{n_words!r}")
-    if not (isinstance(pad_id, numbers.Integral) and 0 <= pad_id < vocab):  # it is fed to the model, and embedded
-        raise ValueError(f"pad_id must be a token id, 0 to {vocab - 1} (the tokenizer's pad_id), got {pad_id!r}")
+    words = vocab if n_words is None else n_words  # (a stopped row's pad ids are fed back, and looked up among the
+    if not (isinstance(pad_id, numbers.Integral) and 0 <= pad_id < words):  # picked ids by the repetition penalty)
+        raise ValueError(f"pad_id must be a token id, 0 to {words - 1} (the tokenizer's pad_id), got {pad_id!r}")
     if images is not None and not torch.is_tensor(images):
         raise ValueError(f"expected images as one (N, 3, S, S) tensor, got {type(images).__name__} (torch.stack a "
                          "list of processed images)")
@@ -317,6 +318,7 @@ class ChatSession:
         # ids decided but not yet fed: the start, or the previous answer's end-of-sentence
         self.pending = start_ids(tokenizer, system)
         self.turns = 0  # answered so far
+        self.cut = False  # whether the last answer stopped at the end of the context, without its end-of-sentence
 
     def turn_ids(self, content: str) -> List[int]:
         """The ids a user turn adds, up to and including the generation prompt (the pieces render_chat uses)."""
@@ -373,6 +375,8 @@ class ChatSession:
         # and the next turn feeds the text's ids in its place.
         eos, answer = self.tok.eos_id, out[0].tolist()  # one row: it stops at its end-of-sentence, no padding
         held = self.cache.length - start - len(new)
+        # (said before the cache is rolled back below, which the answer's text encoded again may be shorter than)
+        self.cut = eos not in answer and len(answer) == self.cache.max_len - (start + len(new)) + 1
         text = self.tok.decode(answer, skip_special_tokens=True).strip()
         said = self.tok.encode(" " + text) if text else []  # the answer as render_chat writes it
         if self.tok.image_id in said:  # it spelt out "<image_placeholder>": encoded again, that is an image slot with

@@ -1,8 +1,10 @@
 """Generation and sample.py: the cache gives the tokens a full recompute gives, sampling matches HF's logits
 processors and is seeded, a chat turn prefills only its new tokens, and bad input leaves a session as it was."""
 
+import io
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -408,7 +410,8 @@ def test_prompt_longer_than_the_context_or_empty_is_refused(tiny, tok):
                             (dict(prompts=[[1, 5]], n_words=3), "got 3"),  # the image token's id: not above it
                             (dict(prompts=[[1, 5]], pad_id=-1), r"pad_id must be a token id, 0 to 279 \(the "
                                                                 r"tokenizer's pad_id\), got -1"),
-                            (dict(prompts=[[1, 5]], pad_id=280), "got 280")):
+                            (dict(prompts=[[1, 5]], pad_id=280), "got 280"),
+                            (dict(prompts=[[1, 5]], pad_id=200, n_words=200), r"0 to 199 .* got 200")):
         with pytest.raises(ValueError, match=message):
             generate(tiny, **kwargs)
 
@@ -728,6 +731,42 @@ def test_the_chat_says_when_an_answer_was_cut_by_a_full_context(stage_folder, mo
     monkeypatch.setattr("builtins.input", lambda prompt="", lines=iter(["hi", "exit"]): next(lines))
     sample.main(["--ckpt", str(stage_folder), "--max_new_tokens", "50"])
     assert "(the conversation now fills the context of" in capsys.readouterr().out
+
+
+def test_an_answer_spelt_byte_by_byte_and_cut_by_the_context_is_said_cut(stage_folder, tok, monkeypatch, capsys):
+    """A session keeps an answer as its text's own ids when the model spelt it otherwise (here byte by byte, where
+    the text encodes to fewer tokens): the cache then ends short of the context, though decoding stopped there."""
+    import nanovl.generate
+    spelt = [tok._byte_ids[b] for b in b" the circle is red."] * 50  # more than the context holds
+    assert len(tok.encode(" the circle is red.")) < len(b" the circle is red.")  # merged, encoded again
+    monkeypatch.setattr(nanovl.generate, "pick", lambda logits, generated, s, generator=None: torch.full(
+        (logits.shape[0],), spelt[generated.shape[1]], dtype=torch.long))
+
+    class Short(ChatSession):  # room for 40 answer tokens after the first turn
+        def __init__(self, model, tok, *a, **k):
+            turn = start_ids(tok, SYSTEM_PROMPT) + user_ids(tok, "hi") + tok.encode("Assistant:")
+            super().__init__(model, tok, *a, **k, max_len=len(turn) + 39)
+
+    sessions = []
+    monkeypatch.setattr(sample, "ChatSession", lambda *a, **k: sessions.append(Short(*a, **k)) or sessions[-1])
+    monkeypatch.setattr("builtins.input", lambda prompt="", lines=iter(["hi", "exit"]): next(lines))
+    sample.main(["--ckpt", str(stage_folder), "--max_new_tokens", "100"])
+    session = sessions[0]
+    assert session.cut and session.cache.length + len(session.pending) < session.cache.max_len  # (no longer full)
+    assert "(the conversation now fills the context of" in capsys.readouterr().out
+    monkeypatch.setattr("builtins.input", lambda prompt="", lines=iter(["hi", "exit"]): next(lines))
+    sample.main(["--ckpt", str(stage_folder), "--max_new_tokens", "5"])  # stopped by --max_new_tokens: not cut
+    assert not sessions[1].cut and "fills the context" not in capsys.readouterr().out
+
+
+def test_a_chat_line_that_is_not_utf8_is_named_and_the_chat_goes_on(stage_folder, monkeypatch, capsys):
+    # A UTF-8 locale reads the terminal strictly: a Latin-1 line was a UnicodeDecodeError's traceback out of input()
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9 au lait\nhi\nexit\n"), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    sample.main(["--ckpt", str(stage_folder), "--max_new_tokens", "2"])
+    out = capsys.readouterr().out
+    assert "(that message is not UTF-8 text: check the terminal's encoding; the conversation is as it was)" in out
+    assert out.count("Assistant: ") == 1  # "hi" was answered
 
 
 def test_sample_refuses_a_system_prompt_that_cannot_work_and_names_an_empty_prompt(stage_folder, tok, capsys,
