@@ -51,8 +51,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from nanovl import DeepSeekVL, VLConfig, get_config
-from nanovl.checkpoint import (check_device, check_tokenizer_fits, check_weights, init_from_parts, is_released_folder,
-                               load_model, load_plain, nanovl_state)
+from nanovl.checkpoint import (check_device, check_finite, check_tokenizer_fits, check_weights, init_from_parts,
+                               is_released_folder, load_model, load_plain, nanovl_state)
 from nanovl.config import FROM_SCRATCH
 from nanovl.data import (PackedBatches, PlannedBatches, Source, default_folder, folder_kind, plan_batches, read_jsonl,
                          write_jsonl)
@@ -300,7 +300,8 @@ def remove_stale_temporaries(folder: str):
         try:
             os.kill(int(tmp.rsplit(".tmp", 1)[1]), 0)  # signal 0: only asks whether the process exists
         except ProcessLookupError:
-            os.remove(tmp)
+            with contextlib.suppress(OSError):  # (a folder that may not be written: the stage's first save says so)
+                os.remove(tmp)
         except (ValueError, PermissionError):  # not one of ours, or another user's live process
             pass
 
@@ -414,6 +415,16 @@ FREE_ON_RESUME = ("stage", "resume", "eval_only", "ckpt", "init_from", "tokenize
                   "image_cache", "stop_after")
 
 
+def training_tensors(state: dict) -> dict:
+    """A training checkpoint's weights and AdamW moments, by name (what is not a tensor left out: its shape is for
+    load_state_dict to check)."""
+    named = dict(state["model"]) if isinstance(state["model"], dict) else {}
+    moments = state["optimizer"].get("state", {}) if isinstance(state["optimizer"], dict) else {}
+    for i, slots in moments.items() if isinstance(moments, dict) else ():
+        named.update({f"optimizer state {i} {k}": t for k, t in slots.items()} if isinstance(slots, dict) else {})
+    return {k: t for k, t in named.items() if torch.is_tensor(t)}
+
+
 def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: dict, world: int, say,
                     finished: bool = False) -> dict:
     """A stage's ckpt.pt, after checking that it can be continued by this run: this stage, this model config and
@@ -428,6 +439,14 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
                          ) from None
     if not isinstance(state, dict) or not {"model", "optimizer", "step", "rng"} <= set(state):
         raise SystemExit(f"{path} is not a training checkpoint (a dict with model, optimizer, step and rng)")
+    # A run saves only finite weights (a NaN loss stops it first), so NaN here is damage to the file. Resumed, it
+    # would stop the run a few steps on with "the loss became nan", blamed on the learning rate.
+    if not finished:
+        try:
+            check_finite(training_tensors(state), path)
+        except ValueError as e:
+            raise SystemExit(f"{e}; it cannot be resumed: restore it, or remove the stage folder, "
+                             f"{os.path.dirname(path)}, to train stage {stage} again") from None
     if state.get("stage", stage) != stage:
         raise SystemExit(f"{path} holds stage {state['stage']}'s training state, not stage {stage}'s")
     if isinstance(state.get("config"), dict):
@@ -734,6 +753,47 @@ def stage_hparams(stage: int, tc: TrainConfig, cfg: VLConfig):
 def is_finished(out_dir: str) -> bool:
     """A stage folder whose run ended: its final weights and eval.json, which finish() writes last."""
     return all(os.path.exists(os.path.join(out_dir, f)) for f in ("model.pt", "eval.json"))
+
+
+OUT_LOCKS = {}  # --out folder -> its open .lock file, held by this run (released when main returns)
+
+
+def lock_out_folder(out: str):
+    """Hold a lock on OUT/.lock until the run ends, or stop if another run holds it: two runs into one folder would
+    each see no checkpoint of the other's until the first one is saved, then write over each other's stages (a
+    chain of stages from two runs, which nothing would notice). Taken when the first stage folder is made, so that a
+    run refused earlier leaves nothing behind. The system drops the lock when the process ends, however it ends: a
+    killed run leaves nothing to clean up. Where the folder cannot be written (the stage folder's own check says so)
+    or the system has no such locks (Windows), nothing is held."""
+    if out in OUT_LOCKS:
+        return
+    try:
+        import fcntl
+        os.makedirs(out, exist_ok=True)
+        f = open(os.path.join(out, ".lock"), "a+")
+    except (ImportError, OSError):
+        return
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise SystemExit(f"another run{f' (process {holder})' if holder.isdigit() else ''} is writing to {out}: wait "
+                         "for it to end, or choose another --out") from None
+    except OSError:  # a file system without locks
+        f.close()
+        return
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    OUT_LOCKS[out] = f
+
+
+def unlock_out_folders():
+    for f in OUT_LOCKS.values():
+        f.close()
+    OUT_LOCKS.clear()
 
 
 def refuse_earlier_run(stage: int, tc: TrainConfig, out_dir: str):
@@ -1044,11 +1104,17 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     clip_groups = clipping_groups(net, stage)  # each clipped to grad_clip on its own
     opt = stage_optimizer(net, tc, hp, device)
     # Every check has passed: only now is the stage folder made, so a run refused above leaves nothing behind.
+    if master:  # (torchrun: the first process holds it for all)
+        lock_out_folder(tc.out)
+    if not resume:  # another run may have written here since open_stage_folder looked, and ended
+        refuse_earlier_run(stage, dataclasses.replace(tc, resume=False), out_dir)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:  # --out is a file, or holds a file named stage<k>, or may not be written
         raise SystemExit(f"--out {tc.out}: cannot make the folder {out_dir} ({e.strerror}); expected a folder"
                          ) from None
+    if master and not os.access(out_dir, os.W_OK):  # (resumed, the first save would find out, steps later)
+        raise SystemExit(f"--out {tc.out}: cannot write to {out_dir} (read-only?)")
     if master and not resume:
         atomic_save(tok.to_json(), os.path.join(out_dir, "tokenizer.json"))  # the folder is all sample.py needs
     # This training of the stage, named at its start and kept through resumes: its model.pt carries the name, and the
@@ -1367,6 +1433,7 @@ def main(argv=None):
                     f"Its last checkpoint, {ckpt}, is kept: run the same command with --resume to go on from it"
                     if os.path.isfile(ckpt) else "No checkpoint of it was written yet")) from None
     finally:
+        unlock_out_folders()
         if ours:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if rank == 0:

@@ -2,6 +2,7 @@
 steps of every stage on the tiny preset. Runs on CPU; the data folder is a small prepare_data.py run."""
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -973,6 +974,63 @@ train.main(sys.argv[1:])
     assert torch.load(tmp_path / "o" / "stage3" / "ckpt.pt", weights_only=False)["step"] == 3
 
 
+def test_a_second_run_into_the_same_out_folder_is_refused_while_the_first_holds_it(data, start_weights, tmp_path,
+                                                                                   monkeypatch):
+    """Two runs into one --out each saw no checkpoint of the other's until the first was saved, then wrote over each
+    other's stages (a chain of stages from two runs, found by nobody)."""
+    import fcntl
+    out = tmp_path / "o"
+    out.mkdir()
+    held = open(out / ".lock", "a+")  # as a run in another process holds it (flock: per open file, not process)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    held.write("4242\n")
+    held.flush()
+    common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "2", "--batch_size", "2",
+              "--micro_batch", "2", "--out", str(out)] + FAST
+    with pytest.raises(SystemExit, match=rf"another run \(process 4242\) is writing to {re.escape(str(out))}: wait for "
+                                         r"it to end, or choose another --out$"):
+        train.main(common)
+    assert os.listdir(out) == [".lock"]  # nothing else made
+    held.close()  # the first run ended (killed or not, the system lets go of its lock)
+    train.main(common)
+    assert (out / "stage3" / "model.pt").exists() and not train.OUT_LOCKS  # let go when the run ended
+    assert open(out / ".lock").read() == f"{os.getpid()}\n"
+    # Another run that wrote the stage and ended while this one got ready (after its look at the folder, before its
+    # lock): refused all the same, nothing written over.
+    finished = tmp_path / "finished"
+    shutil.move(out / "stage3", finished)
+    lock = train.lock_out_folder
+
+    def lock_after_the_other_run_ended(folder):
+        shutil.copytree(finished, out / "stage3")
+        lock(folder)
+
+    monkeypatch.setattr(train, "lock_out_folder", lock_after_the_other_run_ended)
+    with pytest.raises(SystemExit, match="stage3 already holds ckpt.pt and model.pt from an earlier run"):
+        train.main(common)
+    assert all((out / "stage3" / f.name).read_bytes() == f.read_bytes() for f in finished.iterdir())
+
+
+def test_resuming_into_a_folder_that_cannot_be_written_stops_before_training(data, start_weights, tmp_path,
+                                                                            monkeypatch):
+    out, folder = tmp_path / "o", tmp_path / "o" / "stage3"
+    common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "4", "--ckpt_every", "2",
+              "--batch_size", "2", "--micro_batch", "2", "--out", str(out)] + FAST
+    run(common + ["--stop_after", "2"])  # (in a process of its own, which --stop_after ends)
+    (folder / "ckpt.pt.tmp1073741824").write_bytes(b"")  # a save killed mid-way (no such process)
+    removed = []
+
+    def read_only(path):
+        removed.append(path)
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    monkeypatch.setattr(os, "remove", read_only)  # the stale file cannot go: no traceback for that
+    monkeypatch.setattr(os, "access", lambda path, mode: mode != os.W_OK)  # (as root, only a read-only mount says so)
+    with pytest.raises(SystemExit, match=r"--out .*: cannot write to .*stage3 \(read-only\?\)$"):
+        train.main(common + ["--resume"])  # said now, not at the first save, ckpt_every steps on
+    assert removed == [str(folder / "ckpt.pt.tmp1073741824")]
+
+
 def test_a_later_stage_is_not_resumed_on_top_of_an_earlier_stage_trained_again(data, start_weights, tmp_path):
     out = tmp_path / "o"
     common = ["--data", data, "--out", str(out), "--steps", "2", "--batch_size", "4", "--micro_batch", "2"] + FAST
@@ -1057,6 +1115,17 @@ def test_resume_checks_what_the_checkpoint_holds_and_how_its_run_was_split(tmp_p
     micro = {s: train.split_batch(s, tc, hp[s], 1)[0] for s in (0, 1)}
     torch.save(state(1, train=dataclasses.asdict(tc), hparams=hp[1], split=[2, micro[1]]), path)
     assert resume(1)["step"] == 3
+    # A NaN in the weights or in AdamW's moments: a run saves only finite ones, so the file is damaged. Resumed, it
+    # stopped a few steps on as "the loss became nan", with the advice of a lower --lr.
+    nan, ok = torch.tensor([1.0, float("nan")]), torch.ones(2)
+    for model, moments, named in [({"llm.norm.weight": nan}, {}, "llm.norm.weight"),
+                                  ({"llm.norm.weight": ok}, {0: {"step": torch.tensor(3.0), "exp_avg_sq": nan}},
+                                   "optimizer state 0 exp_avg_sq")]:
+        torch.save(state(1, model=model, optimizer={"state": moments, "param_groups": []}), path)
+        with pytest.raises(SystemExit, match=rf"ckpt.pt: 1 tensor holds NaN or infinite values: {named} \(1 of 2\); "
+                                             r"the file is damaged .*; it cannot be resumed: restore it, or remove the "
+                                             r"stage folder, .*, to train stage 1 again$"):
+            resume(1)
     assert said == [f"resuming with 1 process(es) x micro_batch {micro[1]} where the checkpoint's run had 2 x "
                     f"{micro[1]}: each step takes the same samples, split another way, so its sums round in another "
                     "order (the run goes on, but not bit for bit)"]
