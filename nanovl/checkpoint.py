@@ -558,6 +558,10 @@ def _read_tensors(path: Path) -> dict:
     if path.is_dir() and not is_released_folder(path) and (path / "model.pt").is_file():
         path = path / "model.pt"  # a nanovl stage folder
     if path.is_dir():
+        stages = sorted(p.parent.name for p in path.glob("stage*/model.pt"))  # a train.py --out folder
+        if stages:
+            raise ValueError(f"--init_from {path}: a train.py --out folder, which holds the stage folders "
+                             f"{', '.join(stages)}: pass one of them, as {path / stages[-1]}")
         if not is_released_folder(path):
             raise ValueError(f"--init_from {path}: a folder, but not one of weights: expected a nanovl stage folder "
                              "(model.pt), a released DeepSeek-VL or HF Llama folder (model.safetensors, or shards "
