@@ -758,14 +758,16 @@ def is_finished(out_dir: str) -> bool:
 OUT_LOCKS = {}  # --out folder -> its open .lock file, held by this run (released when main returns)
 
 
-def lock_out_folder(out: str):
+def lock_out_folder(out: str, hold: bool = True):
     """Hold a lock on OUT/.lock until the run ends, or stop if another run holds it: two runs into one folder would
     each see no checkpoint of the other's until the first one is saved, then write over each other's stages (a
     chain of stages from two runs, which nothing would notice). Taken when the first stage folder is made, so that a
-    run refused earlier leaves nothing behind. The system drops the lock when the process ends, however it ends: a
-    killed run leaves nothing to clean up. Where the folder cannot be written (the stage folder's own check says so)
-    or the system has no such locks (Windows), nothing is held."""
-    if out in OUT_LOCKS:
+    run refused earlier leaves nothing behind; hold=False only asks, before the run's checks, and makes nothing (a
+    folder a live run writes to would otherwise be refused as an earlier run's, with advice to --resume it). The
+    system drops the lock when the process ends, however it ends: a killed run leaves nothing to clean up. Where the
+    folder cannot be written (the stage folder's own check says so) or the system has no such locks (Windows),
+    nothing is held."""
+    if out in OUT_LOCKS or not (hold or os.path.isfile(os.path.join(out, ".lock"))):
         return
     try:
         import fcntl
@@ -783,6 +785,9 @@ def lock_out_folder(out: str):
                          "for it to end, or choose another --out") from None
     except OSError:  # a file system without locks
         f.close()
+        return
+    if not hold:
+        f.close()  # (which lets go of the lock)
         return
     f.truncate(0)
     f.write(f"{os.getpid()}\n")
@@ -1396,6 +1401,8 @@ def main(argv=None):
     if stages[0] == 0 and folder_kind(tc.data) == "llava":
         raise SystemExit(f"stage 0 trains on prepare_data.py's corpus (text, caption pairs, label maps), and --data "
                          f"{tc.data} is a LLaVA import: begin with --stage 1, or pass the import as --extra_data")
+    if rank == 0:
+        lock_out_folder(tc.out, hold=False)  # another run writing to it now?
     for stage in stages:  # every stage's settings and folder, before any trains (and before data is made)
         folder = os.path.join(tc.out, f"stage{stage}")
         if not (tc.resume and is_finished(folder)):  # (a finished one is skipped)

@@ -991,19 +991,28 @@ def test_a_second_run_into_the_same_out_folder_is_refused_while_the_first_holds_
                                          r"it to end, or choose another --out$"):
         train.main(common)
     assert os.listdir(out) == [".lock"]  # nothing else made
+    (out / "stage3").mkdir()  # once the live run has saved: said as a live run, not as an earlier one to --resume
+    (out / "stage3" / "ckpt.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match=r"another run \(process 4242\) is writing to"):
+        train.main(common + ["--resume"])
+    shutil.rmtree(out / "stage3")
     held.close()  # the first run ended (killed or not, the system lets go of its lock)
     train.main(common)
     assert (out / "stage3" / "model.pt").exists() and not train.OUT_LOCKS  # let go when the run ended
     assert open(out / ".lock").read() == f"{os.getpid()}\n"
+    with pytest.raises(SystemExit, match="already holds ckpt.pt and model.pt from an earlier run"):
+        train.main(common)
+    assert not train.OUT_LOCKS  # the look before the checks holds nothing: a run refused by them keeps no lock
     # Another run that wrote the stage and ended while this one got ready (after its look at the folder, before its
     # lock): refused all the same, nothing written over.
     finished = tmp_path / "finished"
     shutil.move(out / "stage3", finished)
     lock = train.lock_out_folder
 
-    def lock_after_the_other_run_ended(folder):
-        shutil.copytree(finished, out / "stage3")
-        lock(folder)
+    def lock_after_the_other_run_ended(folder, hold=True):
+        if hold:  # (not the look before the run's checks)
+            shutil.copytree(finished, out / "stage3")
+        lock(folder, hold)
 
     monkeypatch.setattr(train, "lock_out_folder", lock_after_the_other_run_ended)
     with pytest.raises(SystemExit, match="stage3 already holds ckpt.pt and model.pt from an earlier run"):
