@@ -22,6 +22,8 @@ The synthetic folder holds:
     stage0.jsonl                  image and short caption (SigLIP's contrastive loss), with a label map for the scenes
                                   of shapes (SAM's dense loss)
     eval_mc.jsonl                 held-out multiple-choice questions per category (the paper's MCPPL evaluation)
+    val_mc.jsonl                  as many again, drawn from seeds of their own: to choose settings by (train.py
+                                  --eval_split val), so that eval_mc's figures are not chosen by as well
     eval_text.jsonl               held-out text, for the language model's bits per byte
     tokenizer.json                byte-level BPE at the preset's vocabulary size (tiny and small; the released
                                   sizes read DeepSeek-LLM's tokenizer, from the released model folder)
@@ -56,7 +58,7 @@ from nanovl.llava import import_llava
 from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
 from nanovl.tokenizer import Tokenizer
 
-VERSION = 9  # bump when the generators change, so old folders are rebuilt
+VERSION = 10  # bump when the generators change, so old folders are rebuilt
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -115,8 +117,8 @@ def text_dialogue(doc: dict) -> list:
 
 def generate(task):
     """One example, drawn and saved: (split, category, index, seed, size, snippet, out) -> {jsonl name: rows}. The
-    eval split gives its multiple-choice question (eval_mc); the train split its pretraining document, its chats
-    (sft) and its stage-0 pair."""
+    eval and val splits give their multiple-choice question (eval_mc, val_mc); the train split its pretraining
+    document, its chats (sft) and its stage-0 pair."""
     split, category, index, seed, size, snippet, out = task
     rng = random.Random(f"{seed}-{split}-{category}-{index}")
     ex = make_example(category, rng, size, snippet)
@@ -127,9 +129,9 @@ def generate(task):
         img.save(os.path.join(out, rel))
         paths.append(rel)
     rows = {}
-    if split == "eval":
+    if split != "train":
         if ex.mc:
-            rows["eval_mc"] = [dict(category=category, images=paths, **ex.mc)]
+            rows[f"{split}_mc"] = [dict(category=category, images=paths, **ex.mc)]
         return rows
     rows["pretrain"] = [{"category": category, "images": paths, "text": ex.text}]
     qa = list(ex.qa)
@@ -196,14 +198,14 @@ def build(args, out: str):
         os.makedirs(os.path.join(out, "images", c), exist_ok=True)
     n_eval = max(20, args.n // 8)
     tasks = []
-    for split, n in (("train", args.n), ("eval", n_eval)):
+    for split, n in (("train", args.n), ("eval", n_eval), ("val", n_eval)):  # (each split's seeds its own)
         for c in CATEGORIES:
-            if split == "eval" and c == "interleaved":
+            if split != "train" and c == "interleaved":
                 continue  # no multiple-choice question for interleaved documents
             for i in range(n):
                 snippet = snippets[random.Random(f"{args.seed}-{split}-{c}-{i}-text").randrange(len(snippets))]
                 tasks.append((split, c, i, args.seed, size, snippet, out))
-    rows = {k: [] for k in ("pretrain", "sft", "stage0", "eval_mc")}
+    rows = {k: [] for k in ("pretrain", "sft", "stage0", "eval_mc", "val_mc")}
     with Pool(args.workers, initializer=quiet_worker) as pool:
         for result in tqdm(pool.imap(generate, tasks, chunksize=16), total=len(tasks), desc="images", unit="ex"):
             for k, v in result.items():
@@ -260,8 +262,8 @@ def arguments(ident: dict, out: str) -> list:
 
 # What build() writes: these names at the top of the folder, and in images/ only files named as generate() names them.
 BUILT = {"images", "meta.json", "tokenizer.json"} | {f"{k}.jsonl" for k in ("pretrain", "sft", "stage0", "eval_mc",
-                                                                             "text", "eval_text")}
-BUILT_IMAGE = re.compile(rf"({'|'.join(CATEGORIES)})/(train|eval)_\d{{6}}(_\d+)?(_seg)?\.png")
+                                                                             "val_mc", "text", "eval_text")}
+BUILT_IMAGE = re.compile(rf"({'|'.join(CATEGORIES)})/(train|eval|val)_\d{{6}}(_\d+)?(_seg)?\.png")
 
 
 def not_built(folder: str) -> list:

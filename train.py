@@ -56,7 +56,7 @@ from nanovl.checkpoint import (check_device, check_finite, check_tokenizer_fits,
 from nanovl.config import FROM_SCRATCH
 from nanovl.data import (PackedBatches, PlannedBatches, Source, default_folder, folder_kind, plan_batches, read_jsonl,
                          write_jsonl)
-from nanovl.evaluate import check_fits, evaluate, format_table, held_out, held_out_text
+from nanovl.evaluate import MC_FILES, check_fits, evaluate, format_table, held_out, held_out_text
 from nanovl.image import CachedProcessor, ImageProcessor
 from nanovl.stage0 import N_SEG_CLASSES, STAGE0_ROW, Stage0Batches, Stage0Heads, Stage0Model, plan_distinct
 from nanovl.tokenizer import Tokenizer
@@ -108,6 +108,8 @@ class TrainConfig:
     eval_every: int = 0  # evaluate every this many steps, in stages 1-3 (0, and stage 0: at the end only)
     eval_limit: int = 0  # evaluate on about this many multiple-choice questions (this many / categories, rounded up,
     # from each category) and at most this many held-out text rows (0: all)
+    eval_split: str = "test"  # the questions evaluated: test (eval_mc.jsonl, the figures to report) or val
+    # (val_mc.jsonl, prepare_data.py's second set: the figures to choose settings by, leaving test's unchosen)
     ckpt_every: int = 0  # write ckpt.pt every this many steps (0: a tenth of the stage)
     log_every: int = 10
     seed: int = 1337
@@ -160,7 +162,8 @@ STAGE_DEFAULTS["paper-7b"] = {**STAGE_DEFAULTS["paper"],
 
 
 # What --eval-only reads; every other TrainConfig field is for training, and refused with it.
-EVAL_ONLY_FIELDS = ("eval_only", "ckpt", "data", "config", "tokenizer", "eval_limit", "device", "image_cache")
+EVAL_ONLY_FIELDS = ("eval_only", "ckpt", "data", "config", "tokenizer", "eval_limit", "eval_split", "device",
+                    "image_cache")
 
 
 def stage_defaults(preset: str, stage: int) -> dict:
@@ -251,6 +254,7 @@ def parse_args(argv):
             ("weight_decay", 0 <= tc.weight_decay < math.inf, ">= 0"),
             ("beta1", 0 <= tc.beta1 < 1, "in [0, 1)"), ("beta2", 0 <= tc.beta2 < 1, "in [0, 1)"),
             ("schedule", tc.schedule in ("", "cosine", "step"), "cosine or step (empty: the stage's default)"),
+            ("eval_split", tc.eval_split in MC_FILES, " or ".join(MC_FILES)),
             ("pack", tc.pack in (-1, 0, 1), "0 or 1 (-1: the default, stage 2 only)"),
             ("seed", 0 <= tc.seed < 2 ** 62, "from 0 to 2**62 - 1 (torch seeds with seed + stage, in 64 bits)")]:
         if not ok:
@@ -411,8 +415,8 @@ HPARAM_FIELDS = ("steps", "batch_size", "micro_batch", "lr", "warmup", "schedule
 # folders are named by a path, which may have moved). Every other field shapes the batches, the schedule or the
 # optimizer, and a run resumed with another value would not continue the one that wrote the checkpoint.
 FREE_ON_RESUME = ("stage", "resume", "eval_only", "ckpt", "init_from", "tokenizer", "data", "extra_data", "out",
-                  "eval_every", "eval_limit", "ckpt_every", "log_every", "device", "compile", "grad_ckpt", "workers",
-                  "image_cache", "stop_after")
+                  "eval_every", "eval_limit", "eval_split", "ckpt_every", "log_every", "device", "compile", "grad_ckpt",
+                  "workers", "image_cache", "stop_after")
 
 
 def training_tensors(state: dict) -> dict:
@@ -748,6 +752,12 @@ def stage_hparams(stage: int, tc: TrainConfig, cfg: VLConfig):
     stc = dataclasses.replace(tc, steps=hp["steps"], text_sft_share=hp.get("text_sft_share", 0.0),  # (stage 3's:
                               short_chat_share=hp.get("short_chat_share", 0.0))  # every preset sets its text share)
     return hp, seq_len, stc
+
+
+def split_named(tc: TrainConfig) -> str:
+    """A table's title ends with the questions' file when they are not the test set's, which the figures to report are
+    measured on."""
+    return "" if tc.eval_split == "test" else f" ({MC_FILES[tc.eval_split]})"
 
 
 def is_finished(out_dir: str) -> bool:
@@ -1088,7 +1098,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     if master:  # what the evaluations read: a bad row or image stops the run now, not after training
         try:
             if stage > 0:
-                eval_rows = held_out(tc.data, tc.eval_limit)
+                eval_rows = held_out(tc.data, tc.eval_limit, tc.eval_split)
                 if eval_rows:
                     check_fits(eval_rows[0], tok, cfg.n_image_tokens, cfg.llm.max_seq_len)
             else:  # stage 0 trains no image-text pairs to ask questions of: the language model's bits per byte only
@@ -1098,8 +1108,9 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             raise SystemExit(f"the held-out data: {e}") from None
         if eval_rows is None:
             say(f"stage {stage}: {tc.data} has no held-out " + (
-                "questions (eval_mc.jsonl), so the stage is not evaluated; evaluate it afterwards with --eval-only "
-                f"--ckpt {out_dir} --data DIR" if stage > 0 else "text (eval_text.jsonl), so stage 0 is not evaluated"))
+                f"questions ({MC_FILES[tc.eval_split]}), so the stage is not evaluated; evaluate it afterwards with "
+                f"--eval-only --ckpt {out_dir} --data DIR" if stage > 0 else
+                "text (eval_text.jsonl), so stage 0 is not evaluated"))
     if world > 1:  # every process scores its share of them (evaluate)
         shared = [eval_rows]
         dist.broadcast_object_list(shared)
@@ -1159,14 +1170,14 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         acc, asked_open, bpb = (evaluate(model, eval_rows, tok, eval_proc, tc.data, rank, world, eval_autocast)
                                 if eval_rows else (None, None, None))
         if master:
-            result = {"stage": stage, "mc": acc, "open": asked_open, "bpb": bpb}
+            result = {"stage": stage, "mc": acc, "open": asked_open, "bpb": bpb, "questions": MC_FILES[tc.eval_split]}
             metrics.append({"stage": stage, "step": hp["steps"], "mc_mean": acc and acc["mean"],
                             "open_mean": asked_open and asked_open["mean"], "bpb": bpb})
             with writing(os.path.join(out_dir, "metrics.jsonl")):
                 write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
             atomic_save(json.dumps(result, indent=2), os.path.join(out_dir, "eval.json"))  # last: the stage is done
             if acc:
-                say(format_table(acc, bpb, f"stage {stage} evaluation", asked_open, eval_rows[0]))
+                say(format_table(acc, bpb, f"stage {stage} evaluation{split_named(tc)}", asked_open, eval_rows[0]))
             elif bpb is not None:
                 say(f"stage 0: text bits per byte {bpb:.3f}")
         if world > 1:
@@ -1296,7 +1307,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             acc, asked_open, bpb = evaluate(model, eval_rows, tok, eval_proc, tc.data, rank, world, eval_autocast)
             metrics.append({"stage": stage, "step": done, "mc_mean": acc["mean"], "open_mean": asked_open["mean"],
                             "bpb": bpb})
-            say(format_table(acc, bpb, f"stage {stage}, step {done}", asked_open, eval_rows[0]))
+            say(format_table(acc, bpb, f"stage {stage}, step {done}{split_named(tc)}", asked_open, eval_rows[0]))
         if done % ckpt_every == 0 or done == hp["steps"]:
             save_checkpoint(done)
             if tc.stop_after and done == tc.stop_after:
@@ -1358,10 +1369,12 @@ def main(argv=None):
                              f"{', '.join('--' + k for k in EVAL_ONLY_FIELDS[1:])})")
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
         try:
-            rows = held_out(tc.data, tc.eval_limit)  # before loading a model that may take minutes
+            rows = held_out(tc.data, tc.eval_limit, tc.eval_split)  # before loading a model that may take minutes
             if rows is None:
-                raise ValueError(f"no multiple-choice questions at {os.path.join(tc.data, 'eval_mc.jsonl')}: --data "
-                                 "must be a folder holding eval_mc.jsonl (prepare_data.py's, or one of your own)")
+                name = MC_FILES[tc.eval_split]
+                raise ValueError(f"no multiple-choice questions at {os.path.join(tc.data, name)}: --data must be a "
+                                 f"folder holding {name} (prepare_data.py's" +
+                                 (", or one of your own)" if tc.eval_split == "test" else " since corpus version 10)"))
             tokenizer = tc.tokenizer if is_released_folder(tc.ckpt) else tokenizer_path(tc, [tc.ckpt])
             model, tok, proc = load_model(tc.ckpt, device, dtype, tokenizer)
             check_fits(rows[0], tok, model.cfg.n_image_tokens, model.cfg.llm.max_seq_len)
@@ -1377,7 +1390,7 @@ def main(argv=None):
         if any(a.split("=")[0] == "--config" for a in argv) and model.cfg.name != tc.config:
             print(f"(--config {tc.config} chose the questions' folder {tc.data} only: the model is the checkpoint's "
                   f"{model.cfg.name!r})")
-        print(format_table(acc, bpb, f"evaluation of {tc.ckpt} on {tc.data}", asked_open, rows[0]))
+        print(format_table(acc, bpb, f"evaluation of {tc.ckpt} on {tc.data}{split_named(tc)}", asked_open, rows[0]))
         return
 
     for folder in [f for f in tc.extra_data.split(",") if f]:

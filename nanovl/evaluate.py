@@ -20,12 +20,13 @@ tokenizer, and it shows whether vision-language training is eroding the language
 end-of-sentence is predicted and counted too (it has no bytes of its own): knowing where a text ends is part of
 modelling it.
 
-The held-out set is a data folder's eval_mc.jsonl and eval_text.jsonl (held_out reads and checks them), and evaluate
-gives all three figures on it: train.py's during and after each stage (stage 0: bits per byte only), and its
---eval-only's for any checkpoint. Each measure is split into the work per row (mc_choices, open_answers, text_bits)
-and its summary (mc_accuracy, open_accuracy, text_bits over text_bytes), so that under torchrun every process scores
-a share of the rows and they gather the results; multiple_choice, open_questions and bits_per_byte do both in one
-process.
+The held-out set is a data folder's eval_mc.jsonl and eval_text.jsonl (held_out reads and checks them), or, to
+choose settings by without choosing them by the figures reported, its val_mc.jsonl (a second set of questions, from
+seeds of their own) with the same text; evaluate gives all three figures on it: train.py's during and after each
+stage (stage 0: bits per byte only), and its --eval-only's for any checkpoint. Each measure is split into the work
+per row (mc_choices, open_answers, text_bits) and its summary (mc_accuracy, open_accuracy, text_bits over
+text_bytes), so that under torchrun every process scores a share of the rows and they gather the results;
+multiple_choice, open_questions and bits_per_byte do both in one process.
 """
 
 import contextlib
@@ -89,11 +90,15 @@ def read_mc_rows(path: str) -> List[dict]:
     return rows
 
 
-def held_out(data_dir: str, limit: int = 0):
-    """A data folder's held-out set: (its multiple-choice questions, each checked; its text rows, or None when it has
-    no eval_text.jsonl, as a folder of one's own questions need not), or None when it has no eval_mc.jsonl (a LLaVA
-    import). limit: limit / categories questions (rounded up) from each category, and at most limit text rows."""
-    mc_path = os.path.join(data_dir, "eval_mc.jsonl")
+MC_FILES = {"test": "eval_mc.jsonl", "val": "val_mc.jsonl"}  # held_out's split -> the questions' file
+
+
+def held_out(data_dir: str, limit: int = 0, split: str = "test"):
+    """A data folder's held-out set: (its multiple-choice questions of the split (MC_FILES), each checked; its text
+    rows, or None when it has no eval_text.jsonl, as a folder of one's own questions need not), or None when it has no
+    such questions (a LLaVA import). limit: limit / categories questions (rounded up) from each category, and at most
+    limit text rows."""
+    mc_path = os.path.join(data_dir, MC_FILES[split])
     if not os.path.isfile(mc_path):
         return None
     mc_rows = read_mc_rows(mc_path)

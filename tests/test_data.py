@@ -66,7 +66,7 @@ def test_ocr_pages_take_prose_paragraphs_only():
 def test_prepare_data_writes_every_part(data_dir):
     names = sorted(os.listdir(data_dir))
     assert names == ["eval_mc.jsonl", "eval_text.jsonl", "images", "meta.json", "pretrain.jsonl", "sft.jsonl",
-                     "stage0.jsonl", "text.jsonl", "tokenizer.json"]
+                     "stage0.jsonl", "text.jsonl", "tokenizer.json", "val_mc.jsonl"]
     meta = json.load(open(data_dir / "meta.json"))
     assert meta["image_size"] == 256 and meta["n_image_tokens"] == 36
     pretrain = read_jsonl(data_dir / "pretrain.jsonl")

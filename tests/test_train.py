@@ -3,6 +3,7 @@ steps of every stage on the tiny preset. Runs on CPU; the data folder is a small
 
 import dataclasses
 import errno
+import glob
 import json
 import math
 import os
@@ -12,10 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import prepare_data
 import train
@@ -974,6 +977,39 @@ train.main(sys.argv[1:])
     assert torch.load(tmp_path / "o" / "stage3" / "ckpt.pt", weights_only=False)["step"] == 3
 
 
+def test_eval_split_val_evaluates_the_second_set_of_questions(data, start_weights, tmp_path, capsys):
+    """prepare_data.py's val_mc.jsonl: questions like eval_mc's, on images of their own, to choose settings by (and
+    the test set's figures stay unchosen); --eval_split val evaluates them wherever eval_mc.jsonl would be."""
+    from nanovl.evaluate import held_out
+    test, val = held_out(data)[0], held_out(data, split="val")[0]
+    assert Counter(r["category"] for r in val) == Counter(r["category"] for r in test)
+    pixels = lambda rows: {Image.open(os.path.join(data, i)).tobytes() for r in rows for i in r["images"]}
+    assert not pixels(val) & pixels(test)  # no image of one set is in the other
+    trained = {Image.open(p).tobytes() for p in glob.glob(os.path.join(data, "images", "*", "train_*.png"))}
+    assert trained and not pixels(val) & trained
+    out = tmp_path / "o"
+    train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "2", "--batch_size", "2",
+                "--micro_batch", "2", "--out", str(out), "--eval_split", "val", "--eval_limit", "5"] + FAST[:2])
+    assert "stage 3 evaluation (val_mc.jsonl)" in capsys.readouterr().out
+    result = json.loads((out / "stage3" / "eval.json").read_text())
+    model, cfg = DeepSeekVL(get_config("tiny")).eval(), get_config("tiny")
+    model.load_state_dict(load_model(out / "stage3"))
+    tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    assert result["questions"] == "val_mc.jsonl" and result["mc"] == multiple_choice(
+        model, held_out(data, 5, "val")[0], tok, ImageProcessor.for_config(cfg), cfg.n_image_tokens, root=data)
+    train.main(["--eval-only", "--ckpt", str(out / "stage3"), "--data", data, "--eval_split", "val", "--eval_limit",
+                "5"])
+    assert f"evaluation of {out / 'stage3'} on {data} (val_mc.jsonl)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--eval_split must be test or val, got 'dev'"):
+        train.main(["--data", data, "--stage", "3", "--eval_split", "dev"])
+    mine = tmp_path / "mine"  # a folder of one's own questions has no second set
+    mine.mkdir()
+    shutil.copy(os.path.join(data, "eval_mc.jsonl"), mine)
+    with pytest.raises(SystemExit, match=r"no multiple-choice questions at .*mine.val_mc.jsonl: --data must be a folder "
+                                         r"holding val_mc.jsonl \(prepare_data.py's since corpus version 10\)"):
+        train.main(["--eval-only", "--ckpt", str(out / "stage3"), "--data", str(mine), "--eval_split", "val"])
+
+
 def test_a_second_run_into_the_same_out_folder_is_refused_while_the_first_holds_it(data, start_weights, tmp_path,
                                                                                    monkeypatch):
     """Two runs into one --out each saw no checkpoint of the other's until the first was saved, then wrote over each
@@ -1215,7 +1251,7 @@ def test_eval_only_takes_the_config_from_the_checkpoint(data, start_weights, tmp
     assert f"(--config small chose the questions' folder {data} only: the model is the checkpoint's 'tiny')" in printed
     with pytest.raises(SystemExit, match=r"--eval-only evaluates --ckpt on --data; --steps, --seed would change "
                                          r"nothing: drop them \(it reads --ckpt, --data, --config, --tokenizer, "
-                                         r"--eval_limit, --device, --image_cache\)"):
+                                         r"--eval_limit, --eval_split, --device, --image_cache\)"):
         train.main(["--eval-only", "--ckpt", start_weights, "--data", data, "--steps", "5", "--seed", "3"])
     with pytest.raises(SystemExit, match=r"model config overrides \(--llm.n_layers\) would change nothing: drop"):
         train.main(["--eval-only", "--ckpt", start_weights, "--data", data, "--llm.n_layers=6"])
@@ -1281,7 +1317,7 @@ def test_a_llava_import_alone_trains_stages_1_and_3(data, start_weights, tmp_pat
                     in printed)
         folder = tmp_path / f"out{stage}" / f"stage{stage}"
         assert json.loads((folder / "eval.json").read_text()) == {"stage": int(stage), "mc": None, "open": None,
-                                                                   "bpb": None}
+                                                                   "bpb": None, "questions": "eval_mc.jsonl"}
         assert (folder / "model.pt").exists()
     with pytest.raises(SystemExit, match="stage 0 trains on prepare_data.py's corpus .* is a LLaVA import"):
         train.main(["--data", mine, "--out", str(tmp_path / "o0")])
