@@ -21,6 +21,7 @@ message, `help`, `exit`.
 """
 
 import argparse
+import contextlib
 import io
 import os
 import sys
@@ -153,7 +154,8 @@ def chat(args, model, tok, proc, sampling, pictures):
     session = ChatSession(model, tok, proc, system=args.system, compile=args.compile)
     queued = list(pictures)
     if isinstance(sys.stdin, io.TextIOWrapper):  # read bytes that are not UTF-8 as escapes, for the check below to
-        sys.stdin.reconfigure(errors="surrogateescape")  # name (a UTF-8 locale reads strictly: a traceback)
+        with contextlib.suppress(io.UnsupportedOperation):  # name (a UTF-8 locale reads strictly: a traceback);
+            sys.stdin.reconfigure(errors="surrogateescape")  # (not possible once stdin was read)
     print(f"chatting with {args.ckpt} ({model.cfg.name}); type 'help' for commands" +
           (f"\n({len(queued)} image(s) attached to your first message)" if queued else ""))
     while True:

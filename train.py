@@ -38,6 +38,7 @@ import random
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -304,7 +305,7 @@ def remove_stale_temporaries(folder: str):
         try:
             os.kill(int(tmp.rsplit(".tmp", 1)[1]), 0)  # signal 0: only asks whether the process exists
         except ProcessLookupError:
-            with contextlib.suppress(OSError):  # (a folder that may not be written: the stage's first save says so)
+            with contextlib.suppress(OSError):  # (a folder that may not be written: run_stage's check says so)
                 os.remove(tmp)
         except (ValueError, PermissionError):  # not one of ours, or another user's live process
             pass
@@ -756,8 +757,8 @@ def stage_hparams(stage: int, tc: TrainConfig, cfg: VLConfig):
 
 def split_named(tc: TrainConfig) -> str:
     """A table's title ends with the questions' file when they are not the test set's, which the figures to report are
-    measured on."""
-    return "" if tc.eval_split == "test" else f" ({MC_FILES[tc.eval_split]})"
+    measured on (the held-out text, eval_text.jsonl, is one set for both: its bits per byte are the test set's)."""
+    return "" if tc.eval_split == "test" else f" ({MC_FILES[tc.eval_split]}; text: eval_text.jsonl)"
 
 
 def is_finished(out_dir: str) -> bool:
@@ -769,40 +770,46 @@ OUT_LOCKS = {}  # --out folder -> its open .lock file, held by this run (release
 
 
 def lock_out_folder(out: str, hold: bool = True):
-    """Hold a lock on OUT/.lock until the run ends, or stop if another run holds it: two runs into one folder would
-    each see no checkpoint of the other's until the first one is saved, then write over each other's stages (a
-    chain of stages from two runs, which nothing would notice). Taken when the first stage folder is made, so that a
-    run refused earlier leaves nothing behind; hold=False only asks, before the run's checks, and makes nothing (a
-    folder a live run writes to would otherwise be refused as an earlier run's, with advice to --resume it). The
-    system drops the lock when the process ends, however it ends: a killed run leaves nothing to clean up. Where the
-    folder cannot be written (the stage folder's own check says so) or the system has no such locks (Windows),
-    nothing is held."""
+    """Hold a lock on OUT/.lock until the run ends: two runs into one folder would each see no checkpoint of the
+    other's until the first one is saved, then write over each other's stages (a chain of stages from two runs,
+    which nothing would notice). Taken when the first stage folder is made, so that a run refused earlier leaves
+    nothing behind; hold=False only asks, before the run's checks, and makes nothing (a folder a live run writes to
+    would otherwise be refused as an earlier run's, with advice to --resume it). The system drops the lock when the
+    process ends, however it ends: a killed run leaves nothing to clean up. Where the folder cannot be written (the
+    stage folder's own check says so) or the system has no such locks (Windows; some network file systems), nothing
+    is held. -> why the run must stop: another run holds the lock ("" when it may go on)."""
     if out in OUT_LOCKS or not (hold or os.path.isfile(os.path.join(out, ".lock"))):
-        return
+        return ""
     try:
         import fcntl
         os.makedirs(out, exist_ok=True)
         f = open(os.path.join(out, ".lock"), "a+")
     except (ImportError, OSError):
-        return
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip()
-        f.close()
-        raise SystemExit(f"another run{f' (process {holder})' if holder.isdigit() else ''} is writing to {out}: wait "
-                         "for it to end, or choose another --out") from None
-    except OSError:  # a file system without locks
-        f.close()
-        return
+        return ""
+    for attempt in range(10):  # (another run's look before its checks holds the lock for an instant: wait it out)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if attempt < 9:
+                time.sleep(0.01)
+                continue
+            f.seek(0)
+            holder = f.read().split()  # "HOST PID", as the holder wrote it
+            f.close()
+            who = f" (process {holder[-1]}{f' on {holder[0]}' if len(holder) == 2 else ''})" if holder else ""
+            return f"another run{who} is writing to {out}: wait for it to end, or choose another --out"
+        except OSError:  # a file system without locks
+            f.close()
+            return ""
     if not hold:
         f.close()  # (which lets go of the lock)
-        return
+        return ""
     f.truncate(0)
-    f.write(f"{os.getpid()}\n")
+    f.write(f"{socket.gethostname()} {os.getpid()}\n")
     f.flush()
     OUT_LOCKS[out] = f
+    return ""
 
 
 def unlock_out_folders():
@@ -838,8 +845,6 @@ def open_stage_folder(stage: int, tc: TrainConfig, cfg: VLConfig, hp: dict, out_
         say(f"stage {stage}: already finished")
         return True, None
     refuse_earlier_run(stage, tc, out_dir)
-    if master:
-        remove_stale_temporaries(out_dir)
     if tc.resume and not os.path.exists(ckpt_path):
         say(f"stage {stage}: no checkpoint at {ckpt_path}; starting from the beginning")
         return False, None
@@ -993,8 +998,10 @@ def stage_batches(stage: int, tc: TrainConfig, hp: dict, cfg: VLConfig, tok, pro
         src, flag = sources[m], SHARE_FLAGS.get(m)
         raise SystemExit(f"stage {stage} trains on {m} rows ({src.name}), but {', '.join(folders)} "
                          f"{'holds' if len(folders) == 1 else 'hold'} none" +
-                         (f" that fit: all {src.dropped} are longer than {seq_len} tokens; a longer --seq_len (up "
-                          f"to the model's context, {cfg.llm.max_seq_len}) keeps them" if src.dropped else "") +
+                         (f" that fit: all {src.dropped} are longer than {seq_len} tokens" if src.dropped else "") +
+                         ((f"; a longer --seq_len (up to the model's context, {cfg.llm.max_seq_len}) keeps them"
+                           if seq_len < cfg.llm.max_seq_len else ", the model's context: shorten or split them")
+                          if src.dropped else "") +
                          (f"; without them, pass {flag} 0" if flag and not src.dropped else "") +
                          ("; an import of one-question chats about an image holds captions when made with "
                           "prepare_data.py --llava FILE --captions" if m == "multimodal" and not src.dropped and
@@ -1107,10 +1114,11 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         except (ValueError, OSError) as e:
             raise SystemExit(f"the held-out data: {e}") from None
         if eval_rows is None:
+            later = f"--eval-only --ckpt {out_dir} --data DIR" + ("" if tc.eval_split == "test" else
+                                                                  f" --eval_split {tc.eval_split}")
             say(f"stage {stage}: {tc.data} has no held-out " + (
                 f"questions ({MC_FILES[tc.eval_split]}), so the stage is not evaluated; evaluate it afterwards with "
-                f"--eval-only --ckpt {out_dir} --data DIR" if stage > 0 else
-                "text (eval_text.jsonl), so stage 0 is not evaluated"))
+                f"{later}" if stage > 0 else "text (eval_text.jsonl), so stage 0 is not evaluated"))
     if world > 1:  # every process scores its share of them (evaluate)
         shared = [eval_rows]
         dist.broadcast_object_list(shared)
@@ -1120,8 +1128,11 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     clip_groups = clipping_groups(net, stage)  # each clipped to grad_clip on its own
     opt = stage_optimizer(net, tc, hp, device)
     # Every check has passed: only now is the stage folder made, so a run refused above leaves nothing behind.
-    if master:  # (torchrun: the first process holds it for all)
-        lock_out_folder(tc.out)
+    busy = first_failure(lock_out_folder(tc.out) if master else "", world)  # (torchrun: the first holds it for all)
+    if busy:
+        raise SystemExit(busy)
+    if master:  # (now that this run holds the folder: a temporary of a live run's save is not stale)
+        remove_stale_temporaries(out_dir)
     if not resume:  # another run may have written here since open_stage_folder looked, and ended
         refuse_earlier_run(stage, dataclasses.replace(tc, resume=False), out_dir)
     try:
@@ -1170,7 +1181,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         acc, asked_open, bpb = (evaluate(model, eval_rows, tok, eval_proc, tc.data, rank, world, eval_autocast)
                                 if eval_rows else (None, None, None))
         if master:
-            result = {"stage": stage, "mc": acc, "open": asked_open, "bpb": bpb, "questions": MC_FILES[tc.eval_split]}
+            result = {"stage": stage, "mc": acc, "open": asked_open, "bpb": bpb,
+                      "questions": MC_FILES[tc.eval_split] if acc else None}
             metrics.append({"stage": stage, "step": hp["steps"], "mc_mean": acc and acc["mean"],
                             "open_mean": asked_open and asked_open["mean"], "bpb": bpb})
             with writing(os.path.join(out_dir, "metrics.jsonl")):
@@ -1374,7 +1386,8 @@ def main(argv=None):
                 name = MC_FILES[tc.eval_split]
                 raise ValueError(f"no multiple-choice questions at {os.path.join(tc.data, name)}: --data must be a "
                                  f"folder holding {name} (prepare_data.py's" +
-                                 (", or one of your own)" if tc.eval_split == "test" else " since corpus version 10)"))
+                                 (", or one of your own)" if tc.eval_split == "test" else
+                                  " since corpus version 10: run prepare_data.py again; or one of your own)"))
             tokenizer = tc.tokenizer if is_released_folder(tc.ckpt) else tokenizer_path(tc, [tc.ckpt])
             model, tok, proc = load_model(tc.ckpt, device, dtype, tokenizer)
             check_fits(rows[0], tok, model.cfg.n_image_tokens, model.cfg.llm.max_seq_len)
@@ -1414,8 +1427,9 @@ def main(argv=None):
     if stages[0] == 0 and folder_kind(tc.data) == "llava":
         raise SystemExit(f"stage 0 trains on prepare_data.py's corpus (text, caption pairs, label maps), and --data "
                          f"{tc.data} is a LLaVA import: begin with --stage 1, or pass the import as --extra_data")
-    if rank == 0:
-        lock_out_folder(tc.out, hold=False)  # another run writing to it now?
+    busy = first_failure(lock_out_folder(tc.out, hold=False) if rank == 0 else "", world)  # another run writing?
+    if busy:
+        raise SystemExit(busy)
     for stage in stages:  # every stage's settings and folder, before any trains (and before data is made)
         folder = os.path.join(tc.out, f"stage{stage}")
         if not (tc.resume and is_finished(folder)):  # (a finished one is skipped)

@@ -87,8 +87,9 @@ def missing_hint(path: str) -> str:
     character: the two print alike and are different names)."""
     if path.startswith(("http://", "https://")):
         return " (a web address: download the image first)"
-    if os.path.basename(path) != os.path.basename(path).strip():
-        return f" (its name begins or ends with white space: {os.path.basename(path)!r})"
+    name = os.path.basename(path)
+    if name != name.strip() and os.path.exists(os.path.join(os.path.dirname(path), name.strip())):
+        return f" (its name begins or ends with white space: {name!r})"
     for form in ("NFC", "NFD"):
         other = unicodedata.normalize(form, path)
         if other != path and os.path.exists(other):

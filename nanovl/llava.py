@@ -148,7 +148,9 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_capti
     for p in paths:
         check_image(p)
     if row.get("conversations") is None:  # a plain image-caption pair ("conversations": null is none, like "image")
-        caption = row.get("caption") or row.get("text")  # (a null or empty caption does not hide a text)
+        caption = row.get("caption")  # (a null or empty caption does not hide a text)
+        if not (isinstance(caption, str) and caption.strip()) and row.get("text") is not None:
+            caption = row["text"]
         if not isinstance(caption, str) or not caption.strip():
             raise ValueError("no 'conversations' and no non-empty 'caption' or 'text'")
         if len(paths) != 1:

@@ -446,7 +446,8 @@ def test_a_llava_row_becomes_the_row_llava_means():
     # captions, under "caption" or "text", stripped, the image before them
     assert row(image="a.png", text="  a cat on a mat \n") == ("pretrain", {"category": "caption", "images": chat[
         "images"], "text": f"{IMAGE_TAG}a cat on a mat"})
-    for empty in [dict(caption=None), dict(caption=""), dict(conversations=None)]:  # null fields, as exports write
+    for empty in [dict(caption=None), dict(caption=""), dict(caption="  "), dict(conversations=None)]:  # (null fields,
+        # as exports write them, and empty ones)
         assert row(image="a.png", text="  a cat on a mat \n", **empty) == row(image="a.png", text="a cat on a mat")
     # --captions: a one-question chat is its answer, stripped; unless the answer itself holds an image
     assert llava_row({"image": "a.png", "conversations": ask("What is it?", " A cat. ")}, "imgs", lambda p: None,

@@ -280,6 +280,11 @@ def low_res_without_antialias(images, size):
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
 
 
+def upsample_with_align_corners(self, x):  # SAM's neck output to the upsampled grid (64 -> 96 at full size)
+    size = self.cfg.upsample_size
+    return self.downsamples(F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True))
+
+
 def siglip_without_final_norm(self, x):
     if self.pixel_mean is not None:
         x = (x - self.pixel_mean) / self.pixel_std
@@ -304,6 +309,8 @@ BREAKAGES = {  # name -> (kind, what to replace, by what)
                                               sam_side_path_from_the_last_global_block),
     "low-res input resized without antialiasing": ("hybrid", "nanovl.model.low_resolution",
                                                    low_res_without_antialias),
+    "SAM's upsampling with align_corners=True": ("hybrid", "nanovl.sam.SAM.upsample_downsample",
+                                                 upsample_with_align_corners),
     "images spliced in reverse order": ("hybrid", "nanovl.model.DeepSeekVL.encode_images", images_in_reverse_order),
     "SigLIP without its final LayerNorm": ("siglip-only", "nanovl.siglip.SigLIP.forward", siglip_without_final_norm),
     "SigLIP's MLP with tanh GELU": ("siglip-only", "nanovl.siglip.Mlp.forward", siglip_mlp_with_tanh_gelu),

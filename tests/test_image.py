@@ -201,6 +201,8 @@ def test_a_missing_name_that_looks_like_one_there_says_why(tmp_path):
     with pytest.raises(ValueError, match=r"cat.png  does not exist \(its name begins or ends with white space: "
                                          r"'cat.png '\)"):
         load_image(str(tmp_path / "cat.png") + " ")
+    with pytest.raises(ValueError, match=r"dog.png  does not exist$"):  # no dog.png either: nothing to hint at
+        load_image(str(tmp_path / "dog.png") + " ")
     Image.new("RGB", (8, 8)).save(tmp_path / "\u00fcber.png")  # u-umlaut as one character (NFC), as Linux writes it
     decomposed = str(tmp_path / "u\u0308ber.png")  # u and a combining mark (NFD), as a macOS list may name it
     with pytest.raises(ValueError, match=re.escape(f"does not exist as written, but the same name in another Unicode "

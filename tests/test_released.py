@@ -678,8 +678,8 @@ def test_a_part_that_does_not_fit_changes_nothing(parts, tmp_path):
     with pytest.raises(ValueError, match=r"--init_from .*parts0: a folder, but not one of weights: expected a nanovl "
                                          r"stage folder \(model.pt\), a released"):
         init_from_parts(model, [d])  # the folder of parts, not a part
-    with pytest.raises(ValueError, match=rf"--init_from {re.escape(str(tmp_path))}: a train.py --out folder, which holds "
-                                         rf"the stage folders stage1: pass one of them, as .*stage1$"):
+    with pytest.raises(ValueError, match=rf"--init_from {re.escape(str(tmp_path))}: a train.py --out folder, which "
+                                         rf"holds the stage folders stage1: pass one of them, as .*stage1$"):
         init_from_parts(model, [tmp_path])  # train.py's --out, not one of its stages
     # A tensor that is not floating point (a header relabelled to int32), or that holds NaN or infinite values (a
     # diverged run), is refused by name, and nothing is copied from the parts before it either.

@@ -3,6 +3,7 @@ steps of every stage on the tiny preset. Runs on CPU; the data folder is a small
 
 import dataclasses
 import errno
+import fcntl
 import glob
 import json
 import math
@@ -13,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections import Counter
 
 import pytest
@@ -990,7 +992,7 @@ def test_eval_split_val_evaluates_the_second_set_of_questions(data, start_weight
     out = tmp_path / "o"
     train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "2", "--batch_size", "2",
                 "--micro_batch", "2", "--out", str(out), "--eval_split", "val", "--eval_limit", "5"] + FAST[:2])
-    assert "stage 3 evaluation (val_mc.jsonl)" in capsys.readouterr().out
+    assert "stage 3 evaluation (val_mc.jsonl; text: eval_text.jsonl)" in capsys.readouterr().out
     result = json.loads((out / "stage3" / "eval.json").read_text())
     model, cfg = DeepSeekVL(get_config("tiny")).eval(), get_config("tiny")
     model.load_state_dict(load_model(out / "stage3"))
@@ -999,14 +1001,15 @@ def test_eval_split_val_evaluates_the_second_set_of_questions(data, start_weight
         model, held_out(data, 5, "val")[0], tok, ImageProcessor.for_config(cfg), cfg.n_image_tokens, root=data)
     train.main(["--eval-only", "--ckpt", str(out / "stage3"), "--data", data, "--eval_split", "val", "--eval_limit",
                 "5"])
-    assert f"evaluation of {out / 'stage3'} on {data} (val_mc.jsonl)" in capsys.readouterr().out
+    assert f"evaluation of {out / 'stage3'} on {data} (val_mc.jsonl; text: eval_text.jsonl)" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--eval_split must be test or val, got 'dev'"):
         train.main(["--data", data, "--stage", "3", "--eval_split", "dev"])
     mine = tmp_path / "mine"  # a folder of one's own questions has no second set
     mine.mkdir()
     shutil.copy(os.path.join(data, "eval_mc.jsonl"), mine)
-    with pytest.raises(SystemExit, match=r"no multiple-choice questions at .*mine.val_mc.jsonl: --data must be a folder "
-                                         r"holding val_mc.jsonl \(prepare_data.py's since corpus version 10\)"):
+    with pytest.raises(SystemExit, match=r"no multiple-choice questions at .*mine.val_mc.jsonl: --data must be a "
+                                         r"folder holding val_mc.jsonl \(prepare_data.py's since corpus version 10: "
+                                         r"run prepare_data.py again; or one of your own\)"):
         train.main(["--eval-only", "--ckpt", str(out / "stage3"), "--data", str(mine), "--eval_split", "val"])
 
 
@@ -1014,31 +1017,45 @@ def test_a_second_run_into_the_same_out_folder_is_refused_while_the_first_holds_
                                                                                    monkeypatch):
     """Two runs into one --out each saw no checkpoint of the other's until the first was saved, then wrote over each
     other's stages (a chain of stages from two runs, found by nobody)."""
-    import fcntl
     out = tmp_path / "o"
     out.mkdir()
     held = open(out / ".lock", "a+")  # as a run in another process holds it (flock: per open file, not process)
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    held.write("4242\n")
+    held.write("elsewhere 4242\n")
     held.flush()
     common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "2", "--batch_size", "2",
               "--micro_batch", "2", "--out", str(out)] + FAST
-    with pytest.raises(SystemExit, match=rf"another run \(process 4242\) is writing to {re.escape(str(out))}: wait for "
-                                         r"it to end, or choose another --out$"):
+    with pytest.raises(SystemExit, match=rf"another run \(process 4242 on elsewhere\) is writing to "
+                                         rf"{re.escape(str(out))}: wait for it to end, or choose another --out$"):
         train.main(common)
     assert os.listdir(out) == [".lock"]  # nothing else made
     (out / "stage3").mkdir()  # once the live run has saved: said as a live run, not as an earlier one to --resume
     (out / "stage3" / "ckpt.pt").write_bytes(b"")
-    with pytest.raises(SystemExit, match=r"another run \(process 4242\) is writing to"):
+    with pytest.raises(SystemExit, match=r"another run \(process 4242 on elsewhere\) is writing to"):
         train.main(common + ["--resume"])
     shutil.rmtree(out / "stage3")
     held.close()  # the first run ended (killed or not, the system lets go of its lock)
     train.main(common)
     assert (out / "stage3" / "model.pt").exists() and not train.OUT_LOCKS  # let go when the run ended
-    assert open(out / ".lock").read() == f"{os.getpid()}\n"
+    assert open(out / ".lock").read() == f"{socket.gethostname()} {os.getpid()}\n"
     with pytest.raises(SystemExit, match="already holds ckpt.pt and model.pt from an earlier run"):
         train.main(common)
     assert not train.OUT_LOCKS  # the look before the checks holds nothing: a run refused by them keeps no lock
+    # Another run's look holds the lock for an instant: a run taking it then waits that out instead of stopping.
+    held = open(out / ".lock", "a+")
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    threading.Timer(0.03, held.close).start()
+    assert train.lock_out_folder(str(out)) == "" and str(out) in train.OUT_LOCKS
+    train.unlock_out_folders()
+    # Under torchrun the first process holds the lock for all: when it is refused, every process stops with it, and
+    # none makes a stage folder in the other run's --out.
+    other = tmp_path / "other"
+    other.mkdir()
+    held = open(other / ".lock", "a+")
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    printed = run(common[:-len(FAST) - 2] + ["--out", str(other), "--workers", "0"], torchrun=2, fails=True)
+    assert printed.count("is writing to") == 2 and os.listdir(other) == [".lock"]  # (each process says it)
+    held.close()
     # Another run that wrote the stage and ended while this one got ready (after its look at the folder, before its
     # lock): refused all the same, nothing written over.
     finished = tmp_path / "finished"
@@ -1308,6 +1325,11 @@ def test_a_llava_import_alone_trains_stages_1_and_3(data, start_weights, tmp_pat
                                          r"than 40 tokens; a longer --seq_len \(up to the model's context, 512\) keeps "
                                          r"them$"):  # (and no word of --captions, which this import needs not)
         train.main(argv + ["--stage", "1", "--out", str(tmp_path / "o1"), "--seq_len", "40"])
+    (tmp_path / "long.json").write_text(json.dumps([dict(rows[2], caption="A page. " * 400)]))  # past the context
+    import_llava(str(tmp_path / "long.json"), os.path.join(data, "images"), str(tmp_path / "long"))
+    with pytest.raises(SystemExit, match=r"holds none that fit: all 1 are longer than 512 tokens, the model's "
+                                         r"context: shorten or split them$"):  # (no longer --seq_len to ask for)
+        train.main(argv[:1] + [str(tmp_path / "long")] + argv[2:] + ["--stage", "1", "--out", str(tmp_path / "o1")])
     for stage in ("1", "3"):
         train.main(argv + ["--stage", stage, "--out", str(tmp_path / f"out{stage}"), "--text_sft_share", "0"])
         printed = capsys.readouterr().out
@@ -1317,7 +1339,7 @@ def test_a_llava_import_alone_trains_stages_1_and_3(data, start_weights, tmp_pat
                     in printed)
         folder = tmp_path / f"out{stage}" / f"stage{stage}"
         assert json.loads((folder / "eval.json").read_text()) == {"stage": int(stage), "mc": None, "open": None,
-                                                                   "bpb": None, "questions": "eval_mc.jsonl"}
+                                                                   "bpb": None, "questions": None}  # none asked
         assert (folder / "model.pt").exists()
     with pytest.raises(SystemExit, match="stage 0 trains on prepare_data.py's corpus .* is a LLaVA import"):
         train.main(["--data", mine, "--out", str(tmp_path / "o0")])
