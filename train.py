@@ -298,6 +298,15 @@ def first_failure(reason: str, world: int) -> str:
     return next(r for r in reasons if r)
 
 
+def end_process_group():
+    """torchrun's processes leave the group together: each waits at a barrier until every one is past its last
+    collective, then tears the group down. Torn down while another process's last collective was still in flight,
+    gloo's threads could outlive it, and once (1 run of many, an --eval-only under the test suite) a process was
+    aborted on exit ("terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def remove_stale_temporaries(folder: str):
     """Delete the temporary files (FILE.tmpPID) that atomic_save left when its process was killed while saving; one
     whose process is still running is a save in progress, and stays."""
@@ -1397,7 +1406,7 @@ def main(argv=None):
         except (ValueError, FileNotFoundError) as e:  # a bad checkpoint or row (named by file and line), a bad image
             raise SystemExit(str(e)) from None
         if world > 1:
-            dist.destroy_process_group()
+            end_process_group()
         if rank > 0:  # under torchrun, each process scored its share; the first says the figures
             return
         if any(a.split("=")[0] == "--config" for a in argv) and model.cfg.name != tc.config:
@@ -1473,7 +1482,7 @@ def main(argv=None):
     if rank == 0:
         print(f"done: stages {stages} in {time.time() - t0:.0f}s")
     if world > 1:
-        dist.destroy_process_group()
+        end_process_group()
 
 
 if __name__ == "__main__":
