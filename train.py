@@ -282,11 +282,12 @@ def setup_distributed():
 
 
 def first_failure(reason: str, world: int) -> str:
-    """reason: why this process could not read its batch for the step ("" if it could). Returns the first process's
-    reason among those that failed, or "", the same on every process: with several, one that stops alone leaves the
-    others waiting in the step's all-reduce until torchrun kills them, so the steps since the last checkpoint, which
-    the first process would have saved, are lost. A small all-reduce of a CPU tensor each step (over gloo: no wait
-    for the GPU); the reasons are gathered only when one failed."""
+    """reason: why this process must stop ("" if it need not): it could not read its batch for the step, or another
+    run holds the --out folder. Returns the first process's reason among those that failed, or "", the same on every
+    process: with several, one that stops alone leaves the others waiting in the step's all-reduce until torchrun
+    kills them, so the steps since the last checkpoint, which the first process would have saved, are lost. A small
+    all-reduce of a CPU tensor each step (over gloo: no wait for the GPU); the reasons are gathered only when one
+    failed."""
     if world == 1:
         return reason
     failed = torch.tensor([int(bool(reason))])
@@ -821,6 +822,14 @@ def lock_out_folder(out: str, hold: bool = True):
     return ""
 
 
+def claim_out_folder(out: str, first: bool, world: int, hold: bool = True):
+    """lock_out_folder on the first process (torchrun's, which holds the lock for all), its answer given to every
+    process (first_failure), so that all stop together when another run holds the folder."""
+    busy = first_failure(lock_out_folder(out, hold) if first else "", world)
+    if busy:
+        raise SystemExit(busy)
+
+
 def unlock_out_folders():
     for f in OUT_LOCKS.values():
         f.close()
@@ -1137,9 +1146,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     clip_groups = clipping_groups(net, stage)  # each clipped to grad_clip on its own
     opt = stage_optimizer(net, tc, hp, device)
     # Every check has passed: only now is the stage folder made, so a run refused above leaves nothing behind.
-    busy = first_failure(lock_out_folder(tc.out) if master else "", world)  # (torchrun: the first holds it for all)
-    if busy:
-        raise SystemExit(busy)
+    claim_out_folder(tc.out, master, world)
     if master:  # (now that this run holds the folder: a temporary of a live run's save is not stale)
         remove_stale_temporaries(out_dir)
     if not resume:  # another run may have written here since open_stage_folder looked, and ended
@@ -1436,9 +1443,7 @@ def main(argv=None):
     if stages[0] == 0 and folder_kind(tc.data) == "llava":
         raise SystemExit(f"stage 0 trains on prepare_data.py's corpus (text, caption pairs, label maps), and --data "
                          f"{tc.data} is a LLaVA import: begin with --stage 1, or pass the import as --extra_data")
-    busy = first_failure(lock_out_folder(tc.out, hold=False) if rank == 0 else "", world)  # another run writing?
-    if busy:
-        raise SystemExit(busy)
+    claim_out_folder(tc.out, rank == 0, world, hold=False)  # another run writing to it now?
     for stage in stages:  # every stage's settings and folder, before any trains (and before data is made)
         folder = os.path.join(tc.out, f"stage{stage}")
         if not (tc.resume and is_finished(folder)):  # (a finished one is skipped)
