@@ -390,6 +390,13 @@ def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_s
 # ---------------------------------------------------------------------------------------------------------------------
 # nanovl checkpoints, and whichever of the two a path is
 
+def stage_folders(folder: Path) -> str:
+    """For a train.py --out folder given where one of its stage folders was meant: "holds the stage folders stage0,
+    ...: pass one of them, as FOLDER/stage3", or "" for any other folder."""
+    stages = sorted(p.parent.name for p in folder.glob("stage*/model.pt"))
+    return f"holds the stage folders {', '.join(stages)}: pass one of them, as {folder / stages[-1]}" if stages else ""
+
+
 def load_plain(path) -> dict:
     """torch.load with weights_only=True: a pickle that holds anything but tensors and plain containers is refused.
     What is wrong with a file that does not load is said in so many words: missing, not a torch file at all (empty,
@@ -399,13 +406,12 @@ def load_plain(path) -> dict:
             head = f.read(4)
     except (FileNotFoundError, IsADirectoryError):
         path = Path(path)
-        stages = sorted(p.parent.name for p in path.parent.glob("stage*/model.pt"))  # a train.py --out folder
+        stages = stage_folders(path.parent)
         if path.name == "model.pt" and (path.parent / "ckpt.pt").is_file():  # a stage not trained to its end
             why = (f" (the stage has not finished: its training state {path.parent / 'ckpt.pt'} loads too, or "
                    "--resume it to its end)")
         elif stages:
-            why = (f" ({path.parent} holds the stage folders {', '.join(stages)}: pass one of them, as "
-                   f"{path.parent / stages[-1]})")
+            why = f" ({path.parent} {stages})"
         elif not path.exists() and not path.suffix:  # not even a folder: a released model's name, not downloaded?
             why = (" (nothing there: nanovl reads local folders; a released model is downloaded first, see the "
                    "README's Released weights)")
@@ -558,10 +564,9 @@ def _read_tensors(path: Path) -> dict:
     if path.is_dir() and not is_released_folder(path) and (path / "model.pt").is_file():
         path = path / "model.pt"  # a nanovl stage folder
     if path.is_dir():
-        stages = sorted(p.parent.name for p in path.glob("stage*/model.pt"))  # a train.py --out folder
+        stages = stage_folders(path)
         if stages:
-            raise ValueError(f"--init_from {path}: a train.py --out folder, which holds the stage folders "
-                             f"{', '.join(stages)}: pass one of them, as {path / stages[-1]}")
+            raise ValueError(f"--init_from {path}: a train.py --out folder, which {stages}")
         if not is_released_folder(path):
             raise ValueError(f"--init_from {path}: a folder, but not one of weights: expected a nanovl stage folder "
                              "(model.pt), a released DeepSeek-VL or HF Llama folder (model.safetensors, or shards "
