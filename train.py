@@ -411,6 +411,22 @@ def load_weights(path: str, cfg: VLConfig) -> dict:
     return weights
 
 
+def saved_config(folder: str):
+    """The model config a stage folder was trained with: its config.json once finished, else its ckpt.pt's, read
+    memory-mapped, without loading the tensors. None when there is none, or it cannot be read so (loading the
+    checkpoint in full later says why)."""
+    try:
+        if is_finished(folder):
+            with open(os.path.join(folder, "config.json")) as f:
+                saved = json.load(f)
+        else:
+            state = torch.load(os.path.join(folder, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
+            saved = state.get("config") if isinstance(state, dict) else None
+    except Exception:  # (whatever is wrong with the file, its full load says it, with the checks made for that)
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
 def check_same_config(saved: dict, cfg: VLConfig, path: str):
     """Stop, naming each differing field, when a checkpoint was made for another model config."""
     diff = [f"{k}: checkpoint {a} vs now {b}" for k, a, b in VLConfig.differences(saved, cfg.to_dict())]
@@ -1449,6 +1465,9 @@ def main(argv=None):
         if not (tc.resume and is_finished(folder)):  # (a finished one is skipped)
             check_stage(stage, tc, stage_hparams(stage, tc, cfg)[0], world)
             refuse_earlier_run(stage, tc, folder)
+        saved = saved_config(folder) if tc.resume else None  # (made for another model, it is said now, not after
+        if saved is not None:  # making this model's data, which takes minutes at the released sizes)
+            check_same_config(saved, cfg, folder)
     rebuild = data_to_prepare(tc.data, cfg.name)
     first = os.path.join(tc.out, f"stage{stages[0]}")
     if stages[0] > 0 and not (tc.resume and (os.path.exists(os.path.join(first, "ckpt.pt")) or is_finished(first))):

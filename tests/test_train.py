@@ -855,8 +855,9 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
     train.main(common + ["--resume"])
     assert "stage 3: already finished" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="stage3 was trained with another model config:\n  llm.n_layers: checkpoint 4 "
-                                         "vs now 2"):  # finished, but not for this model
-        train.main(common + ["--resume", "--llm.n_layers=2"])
+                                         "vs now 2"):  # finished, but not for this model: said before data is made
+        train.main(common + ["--resume", "--llm.n_layers=2", "--data", fresh])
+    assert not os.path.exists(fresh)
     (folder / "ckpt.pt").write_bytes(before["ckpt.pt"])
 
     # Killed after the last checkpoint, before the final weights and evaluation: resuming checks the settings, then
@@ -867,7 +868,8 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
                                          r"vision_lr_mult: checkpoint 0.1 vs now 0.5\n  --seed"):
         train.main(common + ["--resume", "--warmup", "7", "--vision_lr_mult", "0.5", "--seed", "3"])  # (--lr: below)
     with pytest.raises(SystemExit, match="another model config:\n  llm.n_layers: checkpoint 4 vs now 3\npass"):
-        train.main(common + ["--resume", "--llm.n_layers=3"])
+        train.main(common + ["--resume", "--llm.n_layers=3", "--data", fresh])  # (the checkpoint's, read mapped)
+    assert not os.path.exists(fresh)
     with pytest.raises(SystemExit, match="--extra_data .*typo: no such folder"):
         train.main(common + ["--resume", "--extra_data", str(tmp_path / "typo")])
     write_swapped_tokenizer(before["tokenizer.json"].decode("utf-8"), tmp_path / "other.json")  # same size, other ids
