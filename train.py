@@ -868,12 +868,7 @@ def open_stage_folder(stage: int, tc: TrainConfig, cfg: VLConfig, hp: dict, out_
     """(finished, state): whether the stage is already done (with --resume), and the checkpoint to continue from
     (None: start from the beginning). A run never writes over another's results unasked: without --resume, a stage
     folder that holds a checkpoint or final weights stops the run before anything is written."""
-    if tc.resume and is_finished(out_dir):
-        try:  # finished, but for this model? (the later stages of this run would start from it)
-            with open(os.path.join(out_dir, "config.json")) as f:
-                check_same_config(json.load(f), cfg, out_dir)
-        except (OSError, ValueError):
-            pass  # no readable config.json: loading its model.pt later checks the config
+    if tc.resume and is_finished(out_dir):  # (for this model: main's look at every stage folder, saved_config)
         if os.path.exists(ckpt_path):  # and with these settings? (its ckpt.pt may have been deleted to save space)
             resumable_state(ckpt_path, stage, cfg, tc, hp, world, lambda *a: None, finished=True)
         say(f"stage {stage}: already finished")
