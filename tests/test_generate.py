@@ -623,10 +623,10 @@ def test_sample_refuses_mismatched_images_and_missing_checkpoints(stage_folder, 
             sample.main(["--ckpt", str(tmp_path / "nothing"), "--image", str(tmp_path / "nope.png")] + chat)
     with pytest.raises(SystemExit, match="'tpu' is not a device torch knows"):
         sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--device", "tpu"])
-    with pytest.raises(SystemExit, match="--device meta holds shapes but no values"):
+    with pytest.raises(SystemExit, match="device 'meta' holds shapes but no values"):
         sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--device", "meta"])
     if not torch.cuda.is_available():
-        with pytest.raises(SystemExit, match="--device cuda:0, but torch sees no CUDA device$"):
+        with pytest.raises(SystemExit, match="device 'cuda:0', but torch sees no CUDA device$"):
             sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--device", "cuda:0"])
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(SystemExit, match="empty.pt is not a torch checkpoint .0 bytes"):
