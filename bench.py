@@ -1041,7 +1041,7 @@ def decode_breakdown(model, prompt, images, new: int, compile: bool, device: str
         kinds = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
         with profile(activities=kinds) as prof:
             for _ in range(runs):
-                step.run(step.tok, cache, step.pos)
+                step.run(step.tok, cache, step.pos, None if step.fixed else cache.length)  # (the slots up to pos)
             sync()
 
     def self_us(e):  # a kernel's own time on the GPU (named device_time since torch 2.4, cuda_time before), or an op's

@@ -119,7 +119,9 @@ class DecodeStep:
     (compiling, and trying block sizes for those reductions: coordinate-descent tuning, as gpt-fast does), the later
     ones, and later generations of the same shapes, do not. Compiled, the step also reads q, k and v's weights in one
     product, and gate and up's in another (nanovl.llama.stacked_weights, which moves them into one block of memory
-    each, the first time).
+    each, the first time). Recorded or compiled, the step keeps one shape, so its attention reads every slot of the
+    cache, filled or not; run as it is (the CPU, not compiled) it reads only the slots filled so far: at a chat's
+    4096-slot cache, after a 700-token prompt, 1.3B's step in fp32 took 403 ms instead of 495 on one CPU thread.
     """
 
     # torch.compile's options for the step; they win over torch._inductor.config (bench.py --inductor replaces them
@@ -132,8 +134,10 @@ class DecodeStep:
         step = torch.compile(llm.decode_step, fullgraph=True, options=dict(self.compile_options)) \
             if compile else llm.decode_step
         stacked = llm.stacked_projections() if compile and self.stack else None
-        self.run = lambda tok, cache, pos: step(tok, cache, pos, stacked)  # (bench.py's profile calls it too)
+        # (bench.py's profile calls run too)
+        self.run = lambda tok, cache, pos, span=None: step(tok, cache, pos, stacked, span)
         self.device = cache.real.device
+        self.fixed = compile or self.device.type == "cuda"  # one shape for every token (recorded, or compiled for it)
         # What a recorded graph reads: it replays on these very tensors, so each call copies its inputs into them.
         self.tok = torch.zeros(cache.real.shape[0], 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
@@ -144,7 +148,7 @@ class DecodeStep:
         if self.device.type != "cuda":
             self.tok.copy_(tok)
             self.pos.fill_(self.cache.length)
-            logits = self.run(self.tok, self.cache, self.pos)
+            logits = self.run(self.tok, self.cache, self.pos, None if self.fixed else self.cache.length + 1)
         else:
             with torch.cuda.device(self.device):  # streams and graphs belong to the current device: make it the model's
                 self.tok.copy_(tok)

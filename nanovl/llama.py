@@ -174,16 +174,18 @@ class KVCache:
 
 class CacheSlot(NamedTuple):
     """Llama.decode_step's handle on the cache: writes each layer's new keys and values at slot `pos`, a (1,) tensor
-    on the device, and gives back the layer's whole cache, filled or not (the caller masks the unfilled slots). No
-    Python number in it changes from one token to the next, which is what lets a CUDA graph replay it."""
+    on the device, and gives back the layer's cache, filled or not (the caller masks the unfilled slots): all of it,
+    or its first `span` slots. With span None no Python number in it changes from one token to the next, which is
+    what lets a CUDA graph replay it."""
     cache: KVCache
     pos: torch.Tensor
+    span: Optional[int] = None
 
     def update(self, layer: int, k, v):
         # (under autocast the new keys may come in another dtype than the cache's: index_copy_ does not convert)
         self.cache.k[layer].index_copy_(2, self.pos, k.to(self.cache.k[layer].dtype))  # (B, nkv, 1, hs) into pos
         self.cache.v[layer].index_copy_(2, self.pos, v.to(self.cache.v[layer].dtype))
-        return self.cache.k[layer], self.cache.v[layer]  # (B, nkv, max_len, hs)
+        return self.cache.k[layer][:, :, :self.span], self.cache.v[layer][:, :, :self.span]  # (B, nkv, S, hs)
 
 
 class Attention(nn.Module):
@@ -207,7 +209,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs): S = tokens so far (decode_step: all max_len slots)
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs): S = tokens so far (decode_step: its span of slots)
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: head i reads kv head i // (nh / nkv)
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
@@ -403,7 +405,7 @@ class Llama(nn.Module):
         return [(stacked_weights(a.q_proj, a.k_proj, a.v_proj), stacked_weights(m.gate_proj, m.up_proj))
                 for a, m in ((layer.self_attn, layer.mlp) for layer in self.layers)]
 
-    def decode_step(self, tok, cache: KVCache, pos, stacked: Optional[list] = None):
+    def decode_step(self, tok, cache: KVCache, pos, stacked: Optional[list] = None, span: Optional[int] = None):
         """One token per row, the decoding step with nothing in it that changes from one token to the next: tok (B, 1)
         the newest ids, pos a (1,) long tensor on the device, the cache slot they go into. -> logits (B, vocab).
         stacked: stacked_projections(), to read q, k, v's weights in one product, and gate and up's in another.
@@ -412,16 +414,19 @@ class Llama(nn.Module):
         slot pos by index (CacheSlot), attention reads all max_len slots of the cache behind a mask of the real ones
         up to pos, and positions are counted on the device. So it can be recorded once as a CUDA graph and replayed
         for every token (generate does on a GPU), and torch.compile compiles it once (gpt-fast's recipe). The cost:
-        attention reads the unfilled slots too, masked. cache.length is the caller's to advance.
+        attention reads the unfilled slots too, masked. Where nothing is recorded or compiled (DecodeStep on the CPU),
+        span, a Python int past pos, cuts that to the cache's first span slots; None reads them all. cache.length is
+        the caller's to advance.
         """
         x = self.embed_tokens(tok)  # (B, 1, C)
         cache.real.index_fill_(1, pos, True)
-        slots = torch.arange(cache.max_len, device=tok.device)  # (S,)
-        seen = cache.real & (slots <= pos)  # (B, S): the real tokens up to and including this one
+        S = cache.max_len if span is None else span  # the slots attention reads
+        slots = torch.arange(S, device=tok.device)  # (S,)
+        seen = cache.real[:, :S] & (slots <= pos)  # (B, S): the real tokens up to and including this one
         positions = seen.sum(1, keepdim=True) - 1  # (B, 1): real tokens before it, as forward's cumulative count
         cos, sin = self.rope(positions, x.dtype)
         mask = seen[:, None, None, :]  # (B, 1, 1, S), broadcast over heads
-        slot = CacheSlot(cache, pos)
+        slot = CacheSlot(cache, pos, span)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, slot, i, stacked[i] if stacked else (None, None))
         return self.lm_head(self.norm(x))[:, 0]  # (B, vocab)

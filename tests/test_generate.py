@@ -157,6 +157,26 @@ def test_a_decoding_step_past_the_end_of_its_cache_is_refused_and_changes_nothin
     assert cache.length == 2
 
 
+def test_the_step_run_as_it_is_reads_only_the_filled_slots(tiny):
+    # On the CPU, uncompiled, nothing needs the step's shapes fixed, so its attention reads the slots filled so far and
+    # no more (at a chat's 4096-slot cache, most of them empty). NaN in every unfilled value would poison any output
+    # that read them, masked or not (0 * NaN): the logits are a clean cache's.
+    from nanovl.generate import DecodeStep
+    llm = tiny.llm
+    caches = [llm.new_cache(1, 32) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            llm(torch.tensor([[5, 9, 14, 200]]), cache=cache)
+        for v in caches[1].v:
+            v[:, :, caches[1].length:] = float("nan")
+        steps = [DecodeStep(llm, cache) for cache in caches]
+        tok = torch.tensor([[40]])
+        for _ in range(3):
+            expected, got = (step(tok) for step in steps)
+            assert torch.isfinite(got).all() and torch.equal(got, expected)
+            tok = expected.argmax(-1, keepdim=True)
+
+
 def test_generation_ends_each_row_with_its_stop_id(tiny, tok):
     prompts = [tok.encode("what colour is the circle?"), tok.encode("red")]
     free = generate(tiny, prompts, sampling=Sampling(max_new_tokens=6))

@@ -164,23 +164,25 @@ def test_every_query_sees_at_least_one_key(monkeypatch):
 def test_decode_step_matches_the_cache_path_of_forward():
     # decode_step is forward's T = 1 cache path with fixed shapes (what a CUDA graph replays): same logits, on a
     # left-padded batch, with a stale slot past the end (a chat turn that was undone) that it must not read. The same
-    # with q, k, v's weights read as one block and gate, up's as another (stacked_projections, the compiled step's).
+    # with q, k, v's weights read as one block and gate, up's as another (stacked_projections, the compiled step's),
+    # and reading only the slots up to the new token (span, the CPU's step).
     ours = randomize_(Llama(GQA)).eval()
     ids, mask, _ = left_padded_batch([9, 4, 7], GQA.vocab_size, 9)
     continuation = torch.randint(1, GQA.vocab_size, (3, 5))
     with torch.no_grad():
-        caches = [ours.new_cache(3, max_len=20) for _ in range(3)]
+        caches = [ours.new_cache(3, max_len=20) for _ in range(4)]
         for cache in caches:
             ours(ids, cache=cache, pad_mask=mask)
         for cache in caches[1:]:
             cache.real[:, -1] = True
             for k in cache.k:
                 k[:, :, -1] = 1e4
-        steps = [(caches[1], None), (caches[2], ours.stacked_projections())]
+        steps = [(caches[1], None, False), (caches[2], ours.stacked_projections(), False), (caches[3], None, True)]
         for t in range(5):
             expected, _ = ours(continuation[:, t:t + 1], cache=caches[0])
-            for cache, stacked in steps:
-                got = ours.decode_step(continuation[:, t:t + 1], cache, torch.tensor([cache.length]), stacked)
+            for cache, stacked, span in steps:
+                got = ours.decode_step(continuation[:, t:t + 1], cache, torch.tensor([cache.length]), stacked,
+                                       cache.length + 1 if span else None)
                 cache.length += 1
                 assert max_diff(got, expected[:, 0]) < ATOL
         for cache in caches[1:]:
