@@ -27,6 +27,7 @@ does; the inference benchmarks cast the weights to --dtype. Decoding is timed tw
 model and its KV cache (forward with one token, the simple path), and nanovl.generate (what sample.py runs: the
 fixed-shape DecodeStep, replayed as a CUDA graph on a GPU; with --compile, also compiled); then where a step of the
 latter goes (decode_breakdown: the step alone against generate's loop, and the step's kernels under torch.profiler).
+The prefill is timed as one forward, then written out part by part (forward_by_part) for where its time goes.
 On a CPU shared with other work, OMP_NUM_THREADS=1 gives steadier figures.
 
 The FLOP model counts the multiply-adds of matrix products and convolutions, two FLOPs each, and nothing else
@@ -53,8 +54,10 @@ for one formula per part: the over-charge, the patch embedding's input gradient,
 FLOPs.
 MFU counts model FLOPs, not hardware FLOPs: recomputation under --grad_ckpt is not credited (PaLM's definition).
 
-Decoding one token at a time does too little arithmetic per weight for FLOPs to matter: its ceiling is memory
-bandwidth, every weight and every cached key and value read once per step. We print tokens/s and that bound.
+Decoding one token at a time does too little arithmetic per weight for FLOPs to matter (2 FLOPs a row for each weight
+read): its ceiling is memory bandwidth, every weight and every cached key and value read once per step. We print
+tokens/s and that bound, and beside them the model FLOPs of a step, 2N + 4*L*d*S a row for S positions attended to,
+and their MFU.
 
 The tokenizer benchmark trains its tokenizers on the Python standard library's own source (the .py files next to
 this interpreter), encodes a held-out tenth of those files, and caches the 100k tokenizer under ~/.cache/nanovl/ so
@@ -269,6 +272,15 @@ def decode_bytes(c: LlamaConfig, B: int, prompt_len: int, new: int, bytes_per: i
     steps = new - 1
     positions = steps * prompt_len + steps * (steps + 1) // 2  # sum over i = 1..steps of (prompt_len + i)
     return steps * weights + kv_per_position * positions
+
+
+def decode_flops(c: LlamaConfig, B: int, prompt_len: int, new: int) -> int:
+    """Model FLOPs of the same new - 1 steps as decode_bytes: per row and step 2N, and 4*L*d*S for the new token's
+    query against the S = prompt_len + i positions it attends to (the fixed-shape step also reads the empty slots
+    after them, masked: not model FLOPs)."""
+    steps = new - 1
+    positions = steps * prompt_len + steps * (steps + 1) // 2
+    return B * (steps * 2 * llm_matmul_params(c) + 4 * c.n_layers * c.dim * positions)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -622,6 +634,35 @@ def backward_by_part(model: DeepSeekVL, ids, targets, images, autocast, mark):
     return loss
 
 
+def forward_by_part(model: DeepSeekVL, ids, images, cache, mark):
+    """DeepSeekVL.forward of a prompt into the cache (the last position's logits only), written out part by part so
+    that mark(part) closes each part's time: the logits of model(ids, images, cache=cache, last_only=True)
+    (tests/test_bench.py checks). Without the forward's input checks, whose one device sync would fall in a part."""
+    images = images.to(model.dtype)
+    low = model.siglip(model.siglip_input(images))  # (B, n, c_low)
+    mark("siglip")
+    high = None
+    if model.sam is not None:
+        high = model.sam(images)  # (B, n, c_high)
+        mark("sam")
+    emb = model.aligner(low, high) if high is not None else model.aligner(low)  # (B, n, C)
+    mark("aligner")
+    x = model.llm.embed_tokens(ids)  # (B, T, C)
+    x = x.masked_scatter((ids == model.cfg.image_token_id)[..., None], emb.to(x.dtype))
+    logits, _ = model.llm(embeds=x, cache=cache, last_only=True)  # (B, 1, vocab)
+    mark("llm")
+    return logits
+
+
+def print_parts(parts: dict, flops: dict, labels: dict, note: str, modes=None):
+    """Where the time goes: a row per part (seconds a step, share, model FLOPs, FLOP/s), with its mode when given."""
+    rows = [[labels[name], "-" if modes is None else modes.get(name, "-"), f"{t * 1e3:.2f}",
+             f"{t / sum(parts.values()):.1%}", si(flops[name], "FLOP") if name in flops else "-",
+             si(flops[name] / t, "FLOP/s") if name in flops and t > 0 else "-"] for name, t in parts.items()]
+    print(f"where the time goes ({note})")
+    table(["part", "mode", "ms/step", "share", "model FLOP", "achieved"], rows, left=2)
+
+
 def bench_train(args, cfg, device, dtype, spec):
     """One optimizer step on synthetic batches made up front: the VLM under a stage's freeze map, or (--llm-only)
     the decoder on text. Timed twice: as train.py runs it (the headline), then cut at each part's boundary, where a
@@ -690,12 +731,8 @@ def bench_train(args, cfg, device, dtype, spec):
                f"{plain['total'] * 1e3:.1f} ms uncut"
     labels = {"data": "data (synthetic, made up front)", "siglip": "SigLIP fwd+bwd", "sam": "SAM fwd+bwd",
               "aligner": "adaptor fwd+bwd", "llm": "language model fwd+bwd", "optimizer": "optimizer (clip, AdamW)"}
-    mode_of = dict(modes, sam=f"trunk {modes.get('sam_trunk')}, tail {modes.get('sam_tail')}")
-    rows = [[labels[name], mode_of.get(name, "-"), f"{t * 1e3:.2f}", f"{t / sum(parts.values()):.1%}",
-             si(flops[name], "FLOP") if name in flops else "-",
-             si(flops[name] / t, "FLOP/s") if name in flops and t > 0 else "-"] for name, t in parts.items()]
-    print(f"where the time goes ({note})")
-    table(["part", "mode", "ms/step", "share", "model FLOP", "achieved"], rows, left=2)
+    print_parts(parts, flops, labels, note, dict(modes, sam=f"trunk {modes.get('sam_trunk')}, tail "
+                                                          f"{modes.get('sam_tail')}"))
     result["parts_s"] = parts
     args.partial(result)
 
@@ -776,16 +813,27 @@ def bench_prefill(args, cfg, device, dtype, spec):
         # a prompt's forward for generation: only the last position's logits are needed (and computed)
         net(x, images, cache=cache, last_only=True) if images is not None else net(x, cache=cache, last_only=True, **kw)
 
-    frozen = {p: "frozen" for p in PARTS}
+    def prefill_by_part(mark, i):
+        cache.length = 0
+        forward_by_part(model, ids, images, cache, mark)
+
     # lm_head runs on the last position only (last_only): the other T - 1 positions' logits are not model FLOPs.
     unused_head = B * (T - 1) * 2 * cfg.llm.dim * cfg.llm.vocab_size
-    runs = {"nanovl": (prefill, sum(vlm_step_flops(cfg, frozen, B, T).values()) - unused_head)}
+    flops = vlm_step_flops(cfg, {p: "frozen" for p in PARTS}, B, T)
+    flops["llm"] -= unused_head
+    runs = {"nanovl": (prefill, sum(flops.values()))}
     print(f"prefill: batch {B} x {T} tokens (one image of {cfg.n_image_tokens} tokens, then text) into a KV cache; "
           f"{timed(args, 'run')}\n")
     with torch.inference_mode():
         figures = time_runs(runs, B * T, "tokens/s", args, device, spec)
-    print_runs(figures, "tokens/s")
-    result = {**figures["nanovl"], **print_peak(device)}
+        print_runs(figures, "tokens/s")
+        parts = measure(prefill_by_part, args.steps, args.warmup, device)
+    total = parts.pop("total")
+    print_parts(parts, flops, {"siglip": "SigLIP" + (" (and its input's resize)" if cfg.hybrid else ""),
+                               "sam": "SAM", "aligner": "adaptor", "llm": "language model (embedding, decoder, head)"},
+                f"the forward written out part by part: {total * 1e3:.1f} ms, against "
+                f"{figures['nanovl']['step_s'] * 1e3:.1f} ms as one call")
+    result = {**figures["nanovl"], "flops_by_part": flops, "parts_s": parts, **print_peak(device)}
     args.partial(result)
     if args.compare:  # the decoder alone on a text prompt of the same length, against transformers
         hf = reference("transformers", lambda: hf_llama(cfg.llm, device, dtype, model.llm.state_dict()))
@@ -899,20 +947,25 @@ def bench_decode(args, cfg, device, dtype, spec):
 
     # the new - 2 steady steps, at cache lengths P + 2 .. P + new - 1: as if the prompt were one token longer
     need = decode_bytes(cfg.llm, B, P + 1, new - 1, torch.finfo(dtype).bits // 8)
+    flops = decode_flops(cfg.llm, B, P + 1, new - 1)
     bound = spec and B * (new - 2) / (need / spec.bandwidth)
     print(f"decode: batch {B}, prompt {P} tokens ({'one image, then text' if with_image else 'text'}), {new} new "
           f"tokens, greedy; {timed(args, 'generation')}" + (", nanovl.generate also compiled" if args.compile else ""))
     print(f"each decode step must read {si(need / (new - 2), 'B')} (weights + KV cache)" +
-          (f": at {spec.label}'s {si(spec.bandwidth, 'B/s')}, at most {bound:,.0f} tokens/s" if spec else "") + "\n")
+          (f": at {spec.label}'s {si(spec.bandwidth, 'B/s')}, at most {bound:,.0f} tokens/s" if spec else "") +
+          f"; its model FLOPs are {si(flops / (new - 2), 'FLOP')}, {2 * B} for each weight read (bandwidth, not "
+          "FLOP/s, bounds decoding)\n")
     def headline_of(runs):  # nanovl.generate compiled, unless that was not asked for or failed
         return "nanovl.generate, compiled" if "nanovl.generate, compiled" in runs else "nanovl.generate"
 
     runs, same, _ = all_runs(ids, images)
-    print_decoding(runs, need, bound, new)
+    print_decoding(runs, need, bound, new, flops, spec)
     print_agreement(same, new)
     headline = headline_of(runs)
     result = {**runs[headline], "runs": runs, "same_tokens_as_loop": same, "bytes_per_step": need / (new - 2),
-              "bytes_per_s": need / runs[headline]["decode_s"], "bound_tokens_per_s": bound, **print_peak(device),
+              "bytes_per_s": need / runs[headline]["decode_s"], "bound_tokens_per_s": bound,
+              "flops_per_step": flops / (new - 2), "flops_per_s": flops / runs[headline]["decode_s"],
+              "mfu": spec and flops / runs[headline]["decode_s"] / spec.peak_flops, **print_peak(device),
               "prompt_len": P, "new": new}
     args.partial(result)
 
@@ -953,7 +1006,7 @@ def bench_decode(args, cfg, device, dtype, spec):
             raise RuntimeError(f"transformers generated {tuple(their_ids.shape)} tokens, expected {(B, new)}")
         same["transformers generate"] = leading_agreement(loop_ids, their_ids)
         print(f"--compare: greedy decoding, batch {B}, a text prompt of {P}, {new} new tokens, the same weights")
-        print_decoding(runs, need, bound, new)
+        print_decoding(runs, need, bound, new, flops, spec)
         print_agreement(same, new)
         theirs = runs.pop("transformers generate")
         headline = headline_of(runs)
@@ -989,11 +1042,14 @@ def print_agreement(same: dict, new: int):
           ", ".join(f"{name} {n} of {new}" for name, n in same.items()) + "\n")
 
 
-def print_decoding(runs: dict, need: int, bound, new: int):
-    table(["", "prefill ms", "first step ms", "decode tokens/s", "ms/step", "achieved B/s", "of bound"],
+def print_decoding(runs: dict, need: int, bound, new: int, flops: int, spec):
+    """need, flops: the bytes read and the model FLOPs of the steady new - 2 steps; bound: tokens/s, or None."""
+    table(["", "prefill ms", "first step ms", "decode tokens/s", "ms/step", "achieved B/s", "of bound", "achieved",
+           "MFU"],
           [[name, f"{f['prefill_s'] * 1e3:.2f}", f"{f['first_step_s'] * 1e3:.2f}", f"{f['tokens_per_s']:,.1f}",
             f"{f['decode_s'] / (new - 2) * 1e3:.2f}", si(need / f["decode_s"], "B/s"),
-            "-" if bound is None else f"{f['tokens_per_s'] / bound:.1%}"]
+            "-" if bound is None else f"{f['tokens_per_s'] / bound:.1%}", si(flops / f["decode_s"], "FLOP/s"),
+            "-" if spec is None else f"{flops / f['decode_s'] / spec.peak_flops:.2%}"]
            for name, f in runs.items()])
 
 
@@ -1089,6 +1145,12 @@ def bench_vision(args, cfg, device, dtype, spec):
     segment-anything also has) and the whole encode_images (both towers, the resize and the adaptor). --compile also
     times SigLIP and SAM's trunk + neck through torch.compile, the two that are compared with the references."""
     model = build(cfg, device, dtype).eval()
+    # Of the decoder, encode_images reads only the dtype: its weights (12.9 GiB of the 7B's, in bf16) would only swell
+    # the peak memory. Made shapes without storage, they leave it.
+    model.llm.to("meta")
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     N = args.batch
     images = torch.rand(N, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
     images = images.to(device, dtype)
@@ -1693,6 +1755,9 @@ def main(argv=None):
             parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
     if args.warmup < 0:
         parser.error(f"--warmup must be 0 or more, got {args.warmup}")
+    if args.compile and args.warmup == 0 and args.what in ("train", "vision"):  # (decode times its first step apart)
+        parser.error("--compile compiles in the first call, which --warmup 0 would time as a step: use --warmup 1 or "
+                     "more")
     if args.batch is None:
         args.batch = {"train": defaults["batch"], "vision": defaults["images"]}.get(args.what, 1)
     args.seq = args.seq or defaults["seq"]

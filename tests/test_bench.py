@@ -153,6 +153,19 @@ def test_decode_bytes():
     assert bench.decode_bytes(c, B=3, prompt_len=10, new=4, bytes_per=2) == 3 * weights + kv * (11 + 12 + 13)
 
 
+def test_decode_flops_match_torch_flop_counter():
+    # One step after a 20-token prompt (new=2: the prefill's token, then this step's): each row's new token runs
+    # through every product and attends over 21 positions.
+    c = get_config("tiny", **{"llm.n_kv_heads": 2}).llm
+    llm = Llama(c)
+    cache = llm.new_cache(2, 32)
+    with torch.no_grad():
+        llm(torch.randint(0, c.vocab_size, (2, 20)), cache=cache)
+        got = counted(lambda: llm(torch.tensor([[5], [6]]), cache=cache, last_only=True))
+    assert got == bench.decode_flops(c, B=2, prompt_len=20, new=2) == 2 * (2 * matmul_weights(llm) +
+                                                                          4 * c.n_layers * c.dim * 21)
+
+
 def test_device_table():
     assert bench.device_spec("NVIDIA H100 80GB HBM3") == ("H100 SXM", 989e12, 3.35e12)
     assert bench.device_spec("NVIDIA H200") == ("H200 SXM", 989e12, 4.8e12)
@@ -170,6 +183,18 @@ def test_device_table():
 # ---------------------------------------------------------------------------------------------------------------------
 # The benchmarks
 
+def test_prefill_written_out_by_part_gives_the_forwards_logits_and_cache():
+    cfg = get_config("tiny")
+    model = DeepSeekVL(cfg).eval()
+    ids, _, images = bench.synthetic_batch(cfg, 2, 48, "cpu")
+    caches, marked = [model.llm.new_cache(2, 48) for _ in range(2)], []
+    with torch.no_grad():
+        expected, _ = model(ids, images, cache=caches[0], last_only=True)
+        got = bench.forward_by_part(model, ids, images, caches[1], marked.append)
+    assert marked == ["siglip", "sam", "aligner", "llm"] and torch.equal(got, expected)
+    assert caches[1].length == 48 and all(torch.equal(a, b) for a, b in zip(caches[0].k, caches[1].k))
+
+
 def test_cut_step_gives_the_plain_step_gradients():
     cfg = get_config("tiny")
     torch.manual_seed(0)
@@ -181,10 +206,17 @@ def test_cut_step_gives_the_plain_step_gradients():
     plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad(set_to_none=True)
     marked = []
+    # Each mark closes its part's time, so each part's work must be done by its mark and the next part's not begun:
+    # which parts have their gradients at each mark (the decoder, the adaptor, SAM's tail, SigLIP).
+    firsts = [model.llm.lm_head.weight, model.aligner.high_up_proj.weight, model.sam.downsamples[0].weight,
+              model.siglip.patch_embed.proj.weight]
     cut_loss = bench.backward_by_part(model, ids, targets, images, bench.autocast_for("cpu", torch.float32),
-                                      marked.append)
+                                      lambda name: marked.append((name, [p.grad is not None for p in firsts])))
     assert cut_loss.item() == loss.item()
-    assert marked == ["siglip", "sam", "aligner", "llm", "aligner", "sam", "siglip"]
+    no, llm, aligner, sam, siglip = [0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]
+    assert [(name, [int(g) for g in grads]) for name, grads in marked] == [
+        ("siglip", no), ("sam", no), ("aligner", no), ("llm", llm), ("aligner", aligner), ("sam", sam),
+        ("siglip", siglip)]
     assert {n for n, p in model.named_parameters() if p.grad is not None} == set(plain)
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -210,12 +242,20 @@ def test_prefill_decode_and_vision_on_tiny(capsys):
     unused_head = 47 * 2 * cfg.llm.dim * cfg.llm.vocab_size  # lm_head runs on the last of the 48 positions only
     assert out["flops"] == sum(bench.vlm_step_flops(cfg, {p: "frozen" for p in bench.PARTS}, 1, 48).values()) \
         - unused_head
+    model = DeepSeekVL(cfg)  # and torch counts the same for the prefill itself
+    ids, _, images = bench.synthetic_batch(cfg, 1, 48, "cpu")
+    with torch.no_grad():
+        assert counted(lambda: model(ids, images, cache=model.llm.new_cache(1, 48), last_only=True)) == out["flops"]
     assert out["tokens_per_s"] == pytest.approx(48 / out["step_s"])
+    assert set(out["parts_s"]) == {"siglip", "sam", "aligner", "llm"}
+    assert out["flops"] == sum(out["flops_by_part"].values())
 
     out, printed = run(capsys, "--what", "decode", "--prompt-len", "40", "--new", "4", "--batch", "2")
     assert "one image, then text" in printed
     # the steady steps: 4 new tokens are the prefill's, the first step's (timed apart), and 2 more
     assert out["bytes_per_step"] == bench.decode_bytes(cfg.llm, 2, 41, 3, 4) / 2  # fp32 on CPU
+    assert out["flops_per_step"] == bench.decode_flops(cfg.llm, 2, 41, 3) / 2 and out["mfu"] is None
+    assert out["flops_per_s"] == pytest.approx(out["flops_per_step"] * 2 / out["decode_s"])
     assert out["tokens_per_s"] == pytest.approx(2 * 2 / out["decode_s"]) and out["bound_tokens_per_s"] is None
     assert out["first_step_s"] > 0
     assert out["tokens_per_s"] == out["runs"]["nanovl.generate"]["tokens_per_s"]  # the headline: what sample.py runs
@@ -233,6 +273,15 @@ def test_prefill_decode_and_vision_on_tiny(capsys):
     assert set(out["runs"]) == {"nanovl SigLIP", "nanovl SAM", "nanovl SAM trunk + neck", "nanovl encode_images"}
     assert out["runs"]["nanovl SAM"]["flops"] == 2 * sum(bench.sam_total_flops(cfg.sam))
     assert out["images_per_s"] == out["runs"]["nanovl encode_images"]["images_per_s"]
+
+
+def test_vision_bench_keeps_no_decoder_weights(capsys, monkeypatch):
+    # The towers and the adaptor are the work: the decoder's weights would only swell its peak memory.
+    plain, built = bench.build, []
+    monkeypatch.setattr(bench, "build", lambda *a, **k: built.append(plain(*a, **k)) or built[-1])
+    run(capsys, "--what", "vision", "--batch", "1")
+    assert all(p.is_meta for p in built[0].llm.parameters())
+    assert not any(p.is_meta for name, p in built[0].named_parameters() if not name.startswith("llm."))
 
 
 def test_compare_runs_the_references(capsys, monkeypatch):
@@ -259,6 +308,39 @@ def test_compare_runs_the_references(capsys, monkeypatch):
     out, printed = run(capsys, "--what", "vision", "--compare", "--batch", "1")
     assert [r["name"] for r in out["reference"]] == ["timm VisionTransformer", "segment-anything ImageEncoderViT"]
     assert "nanovl SigLIP / timm VisionTransformer" in printed
+
+
+def test_compare_builds_each_reference_at_nanovls_sizes_and_feeds_it_the_same_batches(capsys, monkeypatch):
+    # A reference built smaller (fewer blocks, no global attention) or given fewer rows would flatter the ratio: each
+    # has nanovl's parameter count, and each of its calls gets the rows nanovl's calls get.
+    fed = []  # (reference, batch size) of every call
+
+    def watched(maker):
+        def make(*args, **kwargs):
+            module = maker(*args, **kwargs)
+            # the towers' first layer (timm's forward_features is called, not its forward); the decoder's forward
+            first = getattr(module, "patch_embed", module)
+            first.register_forward_pre_hook(lambda m, a, k: fed.append((maker.__name__, len(a[0] if a else
+                                                                                             k["input_ids"]))),
+                                            with_kwargs=True)
+            built[maker.__name__] = module
+            return module
+        return make
+
+    built = {}
+    for maker in (bench.hf_llama, bench.timm_siglip, bench.sam_encoder):
+        monkeypatch.setattr(bench, maker.__name__, watched(maker))
+    cfg = get_config("tiny")
+    ours = DeepSeekVL(cfg)
+    count = lambda m, skip=(): sum(p.numel() for n, p in m.named_parameters() if not n.startswith(skip))  # noqa: E731
+
+    run(capsys, "--what", "train", "--llm-only", "--compare", "--batch", "3", "--seq", "32")
+    assert count(built["hf_llama"]) == count(ours.llm) and fed and set(fed) == {("hf_llama", 3)}
+    fed.clear()
+    run(capsys, "--what", "vision", "--compare", "--batch", "3")
+    assert count(built["timm_siglip"], "attn_pool") == count(ours.siglip)  # (the pooling head: never run)
+    assert count(built["sam_encoder"]) == count(ours.sam, ("neck_hd", "downsamples", "hd_alpha_downsamples"))
+    assert {name for name, _ in fed} == {"timm_siglip", "sam_encoder"} and {n for _, n in fed} == {3}
 
 
 def test_compare_without_the_references_says_what_is_missing(capsys, monkeypatch):
@@ -305,6 +387,8 @@ def test_bad_arguments_are_refused_with_a_reason(capsys):
                          (["--what", "train", "--llm-only", "--stage", "2"], "--stage picks a freeze map of the whole "
                                                                            "model; --llm-only times the decoder"),
                          (["--what", "prefill", "--compile"], "--compile is for --what train, decode, vision"),
+                         (["--what", "vision", "--compile", "--warmup", "0"], "which --warmup 0 would time as a step"),
+                         (["--what", "train", "--compile", "--warmup", "0"], "use --warmup 1 or more"),
                          (["--what", "decode", "--separate-projections"], "it needs --compile"),
                          (["--what", "train", "--compile", "--separate-projections"],
                           "--separate-projections is for --what decode"),
