@@ -662,10 +662,10 @@ def stage2_share(tc: TrainConfig):
     image). The others follow the modality warm-up (paper section 4.4, Figure 9): their language share starts at 1.0
     and decays linearly to lang_share (0.7, Table 1) over the first modality_warmup of the run, so the language model
     is not shocked by a sudden flood of image tokens."""
-    warm = max(1, int(tc.modality_warmup * tc.steps))
+    warm = int(tc.modality_warmup * tc.steps)  # steps; 0 (--modality_warmup 0, or under a step): no warm-up
 
     def share(step):
-        lang = 1.0 - (1.0 - tc.lang_share) * min(1.0, step / warm)
+        lang = 1.0 - (1.0 - tc.lang_share) * (min(1.0, step / warm) if warm else 1.0)
         return {"language": lang * (1 - tc.sft_share), "multimodal": (1 - lang) * (1 - tc.sft_share),
                 "sft": tc.sft_share}
 

@@ -212,6 +212,21 @@ def test_scenes_keep_out_of_the_cells_they_are_told_and_canvases_keep_their_long
     assert canvas_shape(random.Random(0), 64, shapes=((4, 3),)) == (64, 48)
 
 
+def test_a_scene_texts_sign_hides_no_shape_its_label_map_and_caption_name():
+    # The sign is painted over the middle row after the shapes: a shape there would be hidden, yet named by the caption
+    # and labelled, pixel by pixel, in the label map stage 0 trains SAM on. Every labelled pixel shows its shape.
+    from nanovl.synth import COLORS, SEG_LABELS, SHAPES, make_scene_text
+
+    for i in range(40):
+        example = make_scene_text(random.Random(i), 128)
+        img, seg = np.array(example.images[0]), np.array(example.seg)
+        labels = set(np.unique(seg).tolist()) - {0}
+        assert len(labels) == len(set(re.findall(rf"(\w+) ({'|'.join(SHAPES)})", example.text)))  # each one named
+        for label in labels:
+            shape, color = SEG_LABELS[label - 1]
+            assert (img[seg == label] == COLORS[color]).all(), (i, shape, color)
+
+
 def test_every_rendered_text_is_on_the_page_and_apart(monkeypatch):
     from PIL import ImageDraw
 
@@ -886,6 +901,17 @@ def test_packing_lays_samples_end_to_end():
             row = []
         row.append(i)
     assert [row for _, rows in plan for row in rows] == expected + [row] and all(len(rows) == 2 for _, rows in plan)
+
+    # Two modalities taking turns: each lays its own stream in order, the sample left over at the end of a step
+    # waiting for that modality's next step (of the same size, the other's indices would fit its rows unseen).
+    lengths = {"language": [3, 5, 2, 6, 4, 1, 3], "multimodal": [5, 2, 7, 3, 3, 6, 2]}
+    plan = plan_batches({"language": 7, "multimodal": 7}, 2, 12, lambda step: {"language": 1, "multimodal": 1}, 0,
+                        lengths, 8)
+    assert {m for m, _ in plan} == set(lengths)
+    for m in lengths:
+        laid = [i for modality, rows in plan if modality == m for row in rows for i in row]
+        assert laid == list(itertools.islice(epochs(7, f"0-{m}"), len(laid)))
+    assert all(sum(lengths[m][i] for i in row) <= 8 for m, rows in plan for row in rows)
 
     exact = plan_batches({"language": 2}, 1, 2, lambda step: {"language": 1.0}, 0, {"language": [6, 6]}, 12)
     assert [sorted(rows[0]) for _, rows in exact] == [[0, 1], [0, 1]]  # 6 + 6 tokens fill a row of 12 exactly

@@ -13,7 +13,7 @@ import torch
 from tokenizers import Regex, decoders, models, normalizers, processors, trainers
 from tokenizers import pre_tokenizers as pt
 
-from nanovl.tokenizer import BYTE_TO_CHAR, DEEPSEEK_SPLITS, EOS, SPECIAL_TOKENS, Tokenizer, byte_level
+from nanovl.tokenizer import BYTE_TO_CHAR, DEEPSEEK_SPLITS, EOS, IMAGE, SPECIAL_TOKENS, Tokenizer, byte_level
 
 TEXTS = [
     "Hello, world! The quick brown fox jumps over the lazy dog. It's 5 o'clock; isn't it?",
@@ -234,6 +234,23 @@ def test_trainer_never_spells_a_special_token():
     tok = Tokenizer.train([" x" * 50 + " yz" * 10], 5 + 256 + 2, special_tokens=SPECIAL_TOKENS + ["Ġx"])
     assert tok.merges == [("Ġ", "y"), ("Ġy", "z")]  # (Ġ, x), seen 50 times, is skipped
     assert tok.encode(" xĠx") == [tok.token_to_id("Ġ"), tok.token_to_id("x"), 4]
+
+
+def test_trainer_learns_nothing_from_the_special_tokens_in_its_corpus():
+    # Rendered chats and pretraining text are full of <image_placeholder> and <｜end▁of▁sentence｜>, which encode as
+    # single ids: merges learned from their spelling would be ids no text ever encodes to.
+    corpus = [f"{IMAGE * 5} a cat {EOS}", f"{IMAGE} the dog{EOS}"] * 20
+    tok = Tokenizer.train(corpus, len(SPECIAL_TOKENS) + 256 + 6)
+    assert len(tok.merges) == 6 and set("".join(a + b for a, b in tok.merges)) <= set("Ġacthedog")
+
+
+def test_a_cut_off_character_decodes_to_the_replacement_character_as_in_tokenizers(tmp_path):
+    # An answer stopped by max_new_tokens can end inside a character: its bytes show as U+FFFD, not dropped unseen.
+    ours = Tokenizer.train(["héllo wörld"] * 5, len(SPECIAL_TOKENS) + 256 + 2)
+    hf = tokenizers.Tokenizer.from_file(str(ours.save(tmp_path)))
+    first_byte_of_e = len(SPECIAL_TOKENS) + "é".encode()[0]  # the byte tokens come after the special ones
+    for ids in ([first_byte_of_e], [ours.token_to_id("h"), first_byte_of_e, ours.token_to_id("l")]):
+        assert "\ufffd" in ours.decode(ids) and ours.decode(ids) == hf.decode(ids)
 
 
 def test_trainer_counts_a_very_long_piece_in_parts(monkeypatch):

@@ -168,6 +168,9 @@ def test_stage2_mix_warms_up_from_language_only(data):
     assert share(15)["language"] == pytest.approx(0.85 * 0.9)  # halfway through the warm-up
     for step in (30, 99):
         assert share(step) == pytest.approx({"language": 0.63, "multimodal": 0.27, "sft": 0.1})  # 7:3, then SFT
+    # --modality_warmup 0, or a warm-up shorter than a step: 7:3 from the first step
+    for no_warmup in (dataclasses.replace(tc, modality_warmup=0.0), dataclasses.replace(tc, steps=3)):
+        assert train.stage2_share(no_warmup)(0) == pytest.approx({"language": 0.63, "multimodal": 0.27, "sft": 0.1})
     # and it is the mix stage 2 reads its three sources with
     tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
     sources, mix = train.stage_data(2, tc, tok, get_config("tiny"), 512, [data])
@@ -413,6 +416,7 @@ def test_a_bad_held_out_question_is_named_before_training(tmp_path):
                      ({"category": "chance"}, "'category' may not be 'chance', which the results use"),
                      ({"options": ["a"]}, r"'options' must be a list of at least 2 strings, got \['a'\]"),
                      ({"answer": True}, "'answer' must be the index of the right option, 0 to 1, got True"),
+                     ({"answer": -1}, "'answer' must be the index of the right option, 0 to 1, got -1"),
                      ({"images": [1]}, r"'images' must be a list of paths \(empty for a question without one\)"),
                      ({"images": None}, r"'images' must be a list of paths \(empty for a question without one\), got "
                                         "None")]:
@@ -598,8 +602,17 @@ def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_we
         assert result["mc"] == multiple_choice(trained, mc_rows, tok, proc, cfg.n_image_tokens, root=data)
         assert result["open"] == open_questions(trained, mc_rows, tok, proc, cfg.n_image_tokens, root=data)
     quiet = lambda *a, **k: None
+    planned, plan = [], train.plan_batches
+    monkeypatch.setattr(train, "plan_batches", lambda *a: planned.append(a[5:6]) or plan(*a))  # (its lengths)
     dataset = train.stage_batches(stage, stc, hp, cfg, tok, ImageProcessor.for_config(cfg), seq_len, micro, accum, 0,
                                   1, quiet)
+    if stage:  # packed: the rows are planned with the tokens each sample then takes in them, and fit
+        m = dataset.plan[0][0]  # step 1's modality
+        for k in range(accum):  # step 1's micro-batches
+            doc_ids = dataset[k][3]
+            for b, row in enumerate(dataset.rows(k)):
+                assert [int((doc_ids[b] == j).sum()) for j in range(len(row))] == [planned[0][0][m][i] for i in row]
+        assert all(sum(planned[0][0][m][i] for i in row) <= seq_len for m, rows in dataset.plan for row in rows)
     model, net = train.stage_model(stage, tc, cfg, [start_weights], False, quiet)  # the run's starting weights
     n_groups = 3 if stage == 0 else 1
     trainable = sum(p.requires_grad for p in net.parameters())
