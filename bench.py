@@ -25,7 +25,7 @@ after warm-up steps that are not counted, with CUDA events on a GPU (no synchron
 perf_counter on CPU. On a GPU the training step runs in bf16 autocast with fp32 weights and fused AdamW, as train.py
 does; the inference benchmarks cast the weights to --dtype. Decoding is timed two ways: a bare greedy loop over the
 model and its KV cache (forward with one token, the simple path), and nanovl.generate (what sample.py runs: the
-fixed-shape DecodeStep, replayed as a CUDA graph on a GPU; with --compile, also compiled); then where a step of the
+DecodeStep, fixed-shape and replayed as a CUDA graph on a GPU; with --compile, also compiled); then where a step of the
 latter goes (decode_breakdown: the step alone against generate's loop, and the step's kernels under torch.profiler).
 The prefill is timed as one forward, then written out part by part (forward_by_part) for where its time goes.
 On a CPU shared with other work, OMP_NUM_THREADS=1 gives steadier figures.
@@ -873,7 +873,7 @@ def greedy(prefill, cache, llm, new: int, mark):
 def bench_decode(args, cfg, device, dtype, spec):
     """Greedy decoding of --new tokens after a --prompt-len prompt (one image and text when it fits), batch --batch.
     Two ways: the bare loop over the model and its KV cache (greedy above: forward with T = 1, the simple path), and
-    nanovl.generate, which sample.py runs (its DecodeStep: fixed shapes, a CUDA graph on a GPU; with --compile also
+    nanovl.generate, which sample.py runs (its DecodeStep: fixed shapes and a CUDA graph on a GPU; with --compile also
     compiled, as a third run). The prefill is timed up to the first new token, then the first decoding step on its
     own (nanovl.generate records its CUDA graph there, once a generation), and tokens/s counts the new - 2 tokens
     made one at a time after that: the steady state. The headline is nanovl.generate's (compiled, with --compile)."""
@@ -1146,7 +1146,8 @@ def bench_vision(args, cfg, device, dtype, spec):
     times SigLIP and SAM's trunk + neck through torch.compile, the two that are compared with the references."""
     model = build(cfg, device, dtype).eval()
     # Of the decoder, encode_images reads only the dtype: its weights (12.9 GiB of the 7B's, in bf16) would only swell
-    # the peak memory. Made shapes without storage, they leave it.
+    # the peak memory. Made shapes without storage, they leave it (on a GPU, whose peak is reset below; the CPU's
+    # peak RSS has held them already).
     model.llm.to("meta")
     if device == "cuda":
         torch.cuda.empty_cache()

@@ -522,15 +522,16 @@ def check_device(device: str):
     try:
         kind = torch.device(device).type
     except RuntimeError:
-        raise ValueError(f"device {device!r} is not a device torch knows: cpu, cuda, cuda:1, ...") from None
+        raise ValueError(f"device {str(device)!r} is not a device torch knows: cpu, cuda, cuda:1, ...") from None
     if kind == "meta":
         raise ValueError("device 'meta' holds shapes but no values: nothing could run on it; use cpu or cuda")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}, but torch sees no CUDA device")
+        raise ValueError(f"device {str(device)!r}, but torch sees no CUDA device")
     try:
         torch.empty(0, device=device)  # a known device may still be absent here (mps off a Mac, cuda:3 of 1 GPU)
     except (RuntimeError, AssertionError) as e:
-        raise ValueError(f"device {device!r} cannot be used here: {str(e).splitlines()[0].split('. ')[0]}") from None
+        reason = str(e).splitlines()[0].split(". ")[0]
+        raise ValueError(f"device {str(device)!r} cannot be used here: {reason}") from None
 
 
 def check_dtype(dtype, allowed=(torch.float32, torch.bfloat16, torch.float16, torch.float64)):

@@ -111,17 +111,17 @@ def pick(logits, generated, s: Sampling, generator: Optional[torch.Generator] = 
 class DecodeStep:
     """Feeds one new token per row through the decoder and its cache: step(tok (B, 1)) -> logits (B, V).
 
-    It runs Llama.decode_step, whose shapes never change. On a GPU the step is recorded as a CUDA graph the first
-    time and replayed after that: one launch per token instead of several hundred small kernels, whose launch
-    overhead would otherwise set the decoding speed of a 1.3B model (gpt-fast's recipe). compile=True also runs it
-    through torch.compile, which fuses the norms, rotary embeddings and activations into fewer kernels and, at
+    It runs Llama.decode_step, whose shapes need not change from one token to the next. On a GPU the step is recorded as
+    a CUDA graph the first time and replayed after that: one launch per token instead of several hundred small kernels,
+    whose launch overhead would otherwise set the decoding speed of a 1.3B model (gpt-fast's recipe). compile=True also
+    runs it through torch.compile, which fuses the norms, rotary embeddings and activations into fewer kernels and, at
     batch 1, writes the projections as reductions (nanovl.llama.compiling_one_row); the first call then takes a while
     (compiling, and trying block sizes for those reductions: coordinate-descent tuning, as gpt-fast does), the later
     ones, and later generations of the same shapes, do not. Compiled, the step also reads q, k and v's weights in one
-    product, and gate and up's in another (nanovl.llama.stacked_weights, which moves them into one block of memory
-    each, the first time). Recorded or compiled, the step keeps one shape, so its attention reads every slot of the
-    cache, filled or not; run as it is (the CPU, not compiled) it reads only the slots filled so far: at a chat's
-    4096-slot cache, after a 700-token prompt, 1.3B's step in fp32 took 403 ms instead of 495 on one CPU thread.
+    product, and gate and up's in another (nanovl.llama.stacked_weights, which moves them into one block of memory each,
+    the first time). Recorded or compiled, the step keeps one shape, so its attention reads every slot of the cache,
+    filled or not; run as it is (off CUDA, not compiled: the CPU) it reads only the slots filled so far: at a chat's
+    4096-slot cache, after a 700-token prompt, 1.3B's step in fp32 took 205 ms instead of 251 on two CPU cores.
     """
 
     # torch.compile's options for the step; they win over torch._inductor.config (bench.py --inductor replaces them

@@ -11,7 +11,8 @@ Decoding. `KVCache` preallocates keys and values for every layer, so decoding on
 each call writes its new keys at the end of the filled part and attends over the filled part. Batched prompts are
 left-padded; `pad_mask` says which positions are real. Positions then count real tokens only (the cumulative sum of
 the mask, as HF's generate does), and no real query attends a padding key. `decode_step` is the same one-token step with
-fixed shapes, which a GPU records once as a CUDA graph and replays (nanovl/generate.py).
+fixed shapes, which a GPU records once as a CUDA graph and replays (nanovl/generate.py); run as it is, off CUDA, it may
+read only the filled slots (its `span`).
 
 The loss. With targets, forward computes the cross-entropy from the final hidden states in chunks of rows
 (`LinearCrossEntropy`), so the (B, T, vocab) logits are never held at once: at a 102,400-word vocabulary they would be
@@ -406,17 +407,18 @@ class Llama(nn.Module):
                 for a, m in ((layer.self_attn, layer.mlp) for layer in self.layers)]
 
     def decode_step(self, tok, cache: KVCache, pos, stacked: Optional[list] = None, span: Optional[int] = None):
-        """One token per row, the decoding step with nothing in it that changes from one token to the next: tok (B, 1)
-        the newest ids, pos a (1,) long tensor on the device, the cache slot they go into. -> logits (B, vocab).
+        """One token per row, the decoding step with nothing in it that changes from one token to the next (unless given
+        a span, below): tok (B, 1) the newest ids, pos a (1,) long tensor on the device, the cache slot they go into.
+        -> logits (B, vocab).
         stacked: stacked_projections(), to read q, k, v's weights in one product, and gate and up's in another.
 
         What forward does with a cache for T = 1, with every shape and every Python number fixed: the keys go to
         slot pos by index (CacheSlot), attention reads all max_len slots of the cache behind a mask of the real ones
         up to pos, and positions are counted on the device. So it can be recorded once as a CUDA graph and replayed
         for every token (generate does on a GPU), and torch.compile compiles it once (gpt-fast's recipe). The cost:
-        attention reads the unfilled slots too, masked. Where nothing is recorded or compiled (DecodeStep on the CPU),
-        span, a Python int past pos, cuts that to the cache's first span slots; None reads them all. cache.length is
-        the caller's to advance.
+        attention reads the unfilled slots too, masked. Where nothing is recorded or compiled (DecodeStep off CUDA,
+        uncompiled), span, a Python int past pos, cuts that to the cache's first span slots; None reads them all.
+        cache.length is the caller's to advance.
         """
         x = self.embed_tokens(tok)  # (B, 1, C)
         cache.real.index_fill_(1, pos, True)

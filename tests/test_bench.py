@@ -193,6 +193,15 @@ def test_prefill_written_out_by_part_gives_the_forwards_logits_and_cache():
         got = bench.forward_by_part(model, ids, images, caches[1], marked.append)
     assert marked == ["siglip", "sam", "aligner", "llm"] and torch.equal(got, expected)
     assert caches[1].length == 48 and all(torch.equal(a, b) for a, b in zip(caches[0].k, caches[1].k))
+    # and each part's model FLOPs, as the prefill bench prints them, are torch's count of that part
+    counts = []
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        bench.forward_by_part(model, ids, images, model.llm.new_cache(2, 48),
+                              lambda name: counts.append((name, counter.get_total_flops())))
+    by_part = {name: total - before for (name, total), (_, before) in zip(counts, [("", 0)] + counts)}
+    modelled = bench.vlm_step_flops(cfg, {p: "frozen" for p in bench.PARTS}, 2, 48)
+    modelled["llm"] -= 2 * 47 * 2 * cfg.llm.dim * cfg.llm.vocab_size  # lm_head on each row's last position only
+    assert by_part == modelled
 
 
 def test_cut_step_gives_the_plain_step_gradients():
@@ -247,8 +256,8 @@ def test_prefill_decode_and_vision_on_tiny(capsys):
     with torch.no_grad():
         assert counted(lambda: model(ids, images, cache=model.llm.new_cache(1, 48), last_only=True)) == out["flops"]
     assert out["tokens_per_s"] == pytest.approx(48 / out["step_s"])
-    assert set(out["parts_s"]) == {"siglip", "sam", "aligner", "llm"}
-    assert out["flops"] == sum(out["flops_by_part"].values())
+    parts = bench.vlm_step_flops(cfg, {p: "frozen" for p in bench.PARTS}, 1, 48)
+    assert out["flops_by_part"] == dict(parts, llm=parts["llm"] - unused_head) and set(out["parts_s"]) == set(parts)
 
     out, printed = run(capsys, "--what", "decode", "--prompt-len", "40", "--new", "4", "--batch", "2")
     assert "one image, then text" in printed

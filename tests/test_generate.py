@@ -648,6 +648,9 @@ def test_sample_refuses_mismatched_images_and_missing_checkpoints(stage_folder, 
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="device 'cuda:0', but torch sees no CUDA device$"):
             sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--device", "cuda:0"])
+        from nanovl.checkpoint import load_model
+        with pytest.raises(ValueError, match="^device 'cuda', but torch sees no CUDA device$"):  # load_model's too
+            load_model(str(stage_folder), device=torch.device("cuda"))
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(SystemExit, match="empty.pt is not a torch checkpoint .0 bytes"):
         sample.main(["--ckpt", str(tmp_path / "empty.pt"), "--prompt", "hi"])

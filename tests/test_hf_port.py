@@ -12,8 +12,9 @@ Where the HF port differs on purpose, the test feeds it what the official model 
 - HF normalises in its image processor, never in the model. The official hybrid tower (and nanovl) normalises each
   branch inside its tower: SAM with the CLIP statistics, SigLIP with 0.5. The released 1.3B normalises in the
   processor, as HF does, so both sides get the same normalised tensor there.
-- HF's hybrid processor makes SigLIP's input by resizing and padding the original photo a second time. The official
-  tower (and nanovl) shrinks the padded SAM canvas with torchvision's Resize(antialias=True); HF gets that.
+- HF's hybrid processor (transformers 5.23) makes SigLIP's input with its own resize of the padded SAM canvas, with the
+  resampling its config names. The official tower (and nanovl) shrinks that canvas with torchvision's
+  Resize(antialias=True), bilinear; HF gets that.
 """
 
 import math
