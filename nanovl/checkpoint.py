@@ -277,6 +277,21 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
+def refuse_hf_port(config: dict, folder):
+    """A ValueError for a folder in transformers' own DeepSeek-VL layout (model_type deepseek_vl or
+    deepseek_vl_hybrid: what its DeepseekVL*ForConditionalGeneration saves, and what the conversions on the Hub hold).
+    Its weights are the release's under other names and another config, and nanovl reads the release's layout only:
+    without this, such a folder failed later on a missing field or key, not saying why."""
+    kind = config.get("model_type")
+    if kind in ("deepseek_vl", "deepseek_vl_hybrid"):
+        size = "7b" if kind == "deepseek_vl_hybrid" else "1.3b"
+        raise ValueError(f"{folder} is in transformers' own DeepSeek-VL layout (model_type {kind!r}, as "
+                         f"DeepseekVL{'Hybrid' if size == '7b' else ''}ForConditionalGeneration saves it), which "
+                         f"nanovl does not read: it reads the official release's, e.g. "
+                         f"deepseek-ai/deepseek-vl-{size}-chat (config.json with vision_config, aligner_config and "
+                         "language_config)")
+
+
 def is_released_folder(path) -> bool:
     """A folder of safetensors weights (nanovl's own checkpoints are model.pt files)."""
     path = Path(path)
@@ -288,6 +303,7 @@ def load_released(folder, device="cpu", dtype=None, tokenizer=None):
     tokenizer: a tokenizer.json for a folder without one (see pick_tokenizer)."""
     folder = Path(folder)
     config = _read_json(folder / "config.json", "config.json with vision_config, aligner_config and language_config")
+    refuse_hf_port(config, folder)
     tok, tok_path = pick_tokenizer(folder, tokenizer)
     cfg = released_config(config, tok.image_id, name=folder.name)
     check_tokenizer_fits(tok, cfg, tok_path)
@@ -589,6 +605,7 @@ def part_state(path) -> tuple:
     a released DeepSeek-VL folder its projector type, else None)."""
     path = Path(path)
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    refuse_hf_port(config, f"--init_from {path}")
     tensors = _read_tensors(path)
     keys, skipped, state = list(tensors), [], {}
 

@@ -326,3 +326,19 @@ def test_a_broken_part_is_caught(pairs, breakage, monkeypatch):
     _, _, got, expected = run_pair(cfg, ours, hf)
     # The subtlest of these, a tanh GELU, moves the logits by about 3e-4 (the GELUs differ by 5e-4 at most).
     assert max_diff(got, expected) > 10 * ATOL, max_diff(got, expected)
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_a_folder_in_transformers_own_layout_is_named_as_such(kind, tmp_path):
+    # What DeepseekVL*ForConditionalGeneration.save_pretrained writes (and the Hub's conversions hold): the release's
+    # weights under other names and another config. nanovl reads the release's layout, and says so, for sample.py
+    # and train.py --eval-only (load_model) and for --init_from (part_state) alike.
+    from nanovl.checkpoint import load_model, part_state
+
+    hf_model(KINDS[kind]()).save_pretrained(tmp_path)
+    model_type, size = ("deepseek_vl_hybrid", "7b") if kind == "hybrid" else ("deepseek_vl", "1.3b")
+    why = rf"transformers' own DeepSeek-VL layout \(model_type '{model_type}'.*deepseek-ai/deepseek-vl-{size}-chat"
+    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))} is in {why}"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match=f"^--init_from {re.escape(str(tmp_path))} is in {why}"):
+        part_state(tmp_path)
