@@ -600,18 +600,25 @@ def cut(t):
     return None if t is None else t.detach().requires_grad_(t.requires_grad)
 
 
+def towers_by_part(model: DeepSeekVL, images, mark):
+    """The towers' features of the images, mark(part) closing each tower's time: (SigLIP's (B, n, c_low), SAM's
+    (B, n, c_high) or None)."""
+    low = model.siglip(model.siglip_input(images))  # (B, n, c_low)
+    mark("siglip")
+    high = None
+    if model.sam is not None:
+        high = model.sam(images)  # (B, n, c_high)
+        mark("sam")
+    return low, high
+
+
 def backward_by_part(model: DeepSeekVL, ids, targets, images, autocast, mark):
     """DeepSeekVL.forward and the loss's backward, written out with a cut between the parts, so that each part's
     backward is a call of its own and mark(part) closes the part's forward and backward time. The gradients are
     those of model(ids, images, targets=targets)[1].backward() (tests/test_bench.py checks)."""
     is_image = ids == model.cfg.image_token_id  # (B, T)
     with autocast():
-        low = model.siglip(model.siglip_input(images))  # (B, n, c_low)
-        mark("siglip")
-        high = None
-        if model.sam is not None:
-            high = model.sam(images)  # (B, n, c_high)
-            mark("sam")
+        low, high = towers_by_part(model, images, mark)
         low_in, high_in = cut(low), cut(high)
         emb = model.aligner(low_in, high_in) if high is not None else model.aligner(low_in)  # (B, n, C)
         mark("aligner")
@@ -638,13 +645,7 @@ def forward_by_part(model: DeepSeekVL, ids, images, cache, mark):
     """DeepSeekVL.forward of a prompt into the cache (the last position's logits only), written out part by part so
     that mark(part) closes each part's time: the logits of model(ids, images, cache=cache, last_only=True)
     (tests/test_bench.py checks). Without the forward's input checks, whose one device sync would fall in a part."""
-    images = images.to(model.dtype)
-    low = model.siglip(model.siglip_input(images))  # (B, n, c_low)
-    mark("siglip")
-    high = None
-    if model.sam is not None:
-        high = model.sam(images)  # (B, n, c_high)
-        mark("sam")
+    low, high = towers_by_part(model, images.to(model.dtype), mark)
     emb = model.aligner(low, high) if high is not None else model.aligner(low)  # (B, n, C)
     mark("aligner")
     x = model.llm.embed_tokens(ids)  # (B, T, C)
