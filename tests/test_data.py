@@ -274,6 +274,26 @@ def test_interleaved_documents_answer_from_their_pictures():
                          "Several pictures share the largest number.")
 
 
+def test_a_corpus_is_rebuilt_when_anything_that_makes_it_changes(user_text, tmp_path):
+    # A folder is "already prepared" only when what made it is the same: the preset, --n, --seed, --image-size and
+    # the bytes of each --text file (edited in place, the same path makes another corpus). The command line that
+    # rebuilds a folder of an older version carries its --text files too.
+    import types
+    mine = tmp_path / "mine.txt"
+    mine.write_text("my own words, long enough to be a text of their own.")
+    make = lambda **kw: types.SimpleNamespace(**dict(dict(config="tiny", n=6, seed=1, image_size=0,  # noqa: E731
+                                                           text=[str(mine), user_text]), **kw))
+    before = prepare_data.identity(make())
+    for change in (dict(config="small"), dict(n=7), dict(seed=2), dict(image_size=320), dict(text=[user_text])):
+        assert prepare_data.identity(make(**change)) != before, change
+    mine.write_text("my own words, edited")
+    assert prepare_data.identity(make()) != before
+    assert prepare_data.arguments(before, "data")[-3:] == ["--text", str(mine), user_text]
+    # and the held-out split keeps a small share of the texts (3%), not the rest
+    held = sum(prepare_data.is_held_out(f"a docstring, number {i}") for i in range(4000)) / 4000
+    assert 0.02 < held < 0.04
+
+
 def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_path, capsys, monkeypatch):
     again = tmp_path / "again"
     prepare_data.main(["--out", str(again), "--n", "6", "--workers", "1", "--text", user_text])  # 1 worker, same bytes
@@ -314,6 +334,8 @@ def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_p
     prepare_data.main(["--out", str(again), "--n", "5", "--text", user_text])
     printed = capsys.readouterr().out
     assert f"{again}: put back from {aside}" in printed and "already prepared" in printed
+    prepare_data.main(["--out", str(again), "--n", "5", "--seed", "2", "--text", user_text])  # the same --n: rebuilt
+    assert "wrote" in capsys.readouterr().out
 
 
 def test_a_build_that_cannot_be_written_leaves_no_partial_folder(data_dir, user_text, tmp_path, monkeypatch):
@@ -478,6 +500,8 @@ def test_a_llava_row_becomes_the_row_llava_means():
                       "1 <image> tags but 2 images"),
                      (dict(image="a.png", caption="   "), "no 'conversations' and no non-empty 'caption' or 'text'"),
                      (dict(image="a.png", conversations=[{"from": "human", "value": None}]), "turn 0 must be"),
+                     (dict(image="a.png", conversations=[{"from": "system", "value": "Be brief."}] +
+                           ask("<image>What is it?", "A cat.")), "turn 0 must be {'from': 'human' or 'gpt'"),
                      (dict(image="a.png", conversations=ask("What is it?", "A cat.")[:1]),
                       "a question with no answer: nothing to learn from"),
                      # dropping the last question would move its image to the first one
@@ -652,6 +676,7 @@ def test_llava_files_as_other_tools_write_them(tmp_path):
     # arrays that break: the rows before are kept, and the summary says where
     rows = json.dumps([chat, chat])
     for text, n, broken in [(rows + rows, 2, "line 1: more after the array's closing ]"),
+                            (rows + "x", 2, "line 1: more after the array's closing ] ('x'"),
                             (rows[:-1], 2, "after row 2, line 1: the file ends before the array's closing ] (was it "
                                            "cut short?)"),
                             (f"[{json.dumps(chat)} {json.dumps(chat)}]", 1, "after row 1, line 1: expected ',' or ']' "

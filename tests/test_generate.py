@@ -678,6 +678,45 @@ def test_interactive_chat_commands(stage_folder, monkeypatch, capsys):
     assert out.count("Assistant: ") == 3
 
 
+def test_sample_hands_on_its_sampling_flags_and_its_images_in_the_order_given(stage_folder, monkeypatch, capsys,
+                                                                             tmp_path):
+    # --temperature and the other flags reach generate and the chat (a run that ignored them would decode greedily,
+    # unseen), and the images fill the placeholders in the order given: in a prompt, and in the chat, the --image ones
+    # first, then those attached, until 'new' drops them.
+    from nanovl.image import load_image
+    red, blue = tmp_path / "red.png", tmp_path / "blue.png"
+    Image.new("RGB", (40, 30), (250, 0, 0)).save(red)
+    Image.new("RGB", (30, 40), (0, 0, 250)).save(blue)
+    flags = ["--temperature", "0.7", "--top_k", "5", "--top_p", "0.9", "--repetition_penalty", "1.2", "--seed", "3",
+             "--max_new_tokens", "2"]
+    expected = Sampling(2, 0.7, 5, 0.9, 1.2, 3)
+    proc = ImageProcessor.for_config(get_config("tiny"))
+    pixels = lambda *paths: torch.stack([proc(load_image(p)) for p in paths])  # noqa: E731
+
+    given, plain = [], sample.generate
+    monkeypatch.setattr(sample, "generate", lambda model, ids, images, sampling, **k: given.append((images, sampling))
+                        or plain(model, ids, images, sampling, **k))
+    sample.main(["--ckpt", str(stage_folder), "--image", str(red), "--image", str(blue), "--prompt",
+                 f"{IMAGE_TAG}{IMAGE_TAG}same?"] + flags)
+    (images, sampling), = given
+    assert sampling == expected and torch.equal(images, pixels(red, blue))
+
+    asked = []
+
+    class Recorded(ChatSession):
+        def ask(self, content, images=(), sampling=None, **k):
+            asked.append(([proc(image) for image in images], sampling))
+            return super().ask(content, images, sampling, **k)
+
+    lines = iter([f"image {blue}", f"{IMAGE_TAG}{IMAGE_TAG}same?", f"image {red}", "new", "hi", "exit"])
+    monkeypatch.setattr(sample, "ChatSession", Recorded)
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    sample.main(["--ckpt", str(stage_folder), "--image", str(red)] + flags)
+    assert [len(images) for images, _ in asked] == [2, 0] and all(s == expected for _, s in asked)
+    assert torch.equal(torch.stack(asked[0][0]), pixels(red, blue))
+    capsys.readouterr()
+
+
 def test_interactive_chat_loses_nothing_to_a_failed_turn_or_a_misread_line(stage_folder, monkeypatch, capsys):
     cat = stage_folder / "cat.png"
     asked = []  # (message, number of images) of each turn sample.py asked

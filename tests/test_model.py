@@ -122,6 +122,8 @@ def test_precomputed_image_embeddings_stand_in_for_images(tiny):
         model(ids, images, image_embeds=torch.zeros(n, cfg.n_image_tokens, cfg.llm.dim))
     with pytest.raises(ValueError, match=r"image_embeds of shape \(N, 36, 128\), got \(2, 36, 64\)"):
         model(ids, image_embeds=torch.zeros(n, cfg.n_image_tokens, 64))
+    with pytest.raises(ValueError, match=r"image_embeds of shape \(N, 36, 128\), got \(2, 64, 128\)"):  # whole images
+        model(ids, image_embeds=torch.zeros(n, 64, cfg.llm.dim))
     with pytest.raises(ValueError, match="expected 2 images .* got 1"):
         model(ids, image_embeds=torch.zeros(1, cfg.n_image_tokens, cfg.llm.dim))
 
@@ -473,7 +475,16 @@ def test_bad_configs_are_refused_with_the_reason():
                                ({"aligner.depth": 1}, "aligner.depth 1 is too small .at least 1, or 2 for the hybrid"),
                                ({"sam.global_blocks": ""}, r"sam.global_blocks \(\) must be non-empty indices"),
                                ({"llm.rope_theta": "inf"}, "llm.rope_theta is inf, expected a finite number above 0"),
-                               ({"sam.pixel_mean": "null"}, r"sam.pixel_mean None and pixel_std")]:
+                               ({"sam.pixel_mean": "null"}, r"sam.pixel_mean None and pixel_std"),
+                               ({"siglip.n_heads": 3}, f"siglip.width {tiny.siglip.width} is not divisible by "
+                                                       "siglip.n_heads 3"),
+                               ({"sam.n_heads": 3}, f"sam.image_size {tiny.sam.image_size} / patch_size "
+                                                    f"{tiny.sam.patch_size} / width {tiny.sam.width} / n_heads 3 do "
+                                                    "not divide evenly"),
+                               ({"sam.image_size": 176, "siglip.image_size": 64}, "sam grid 11 upsampled to 16 is"),
+                               ({"aligner.projector_type": "mlp"}, "aligner.projector_type 'mlp' is not 'mlp_gelu'"),
+                               ({"llm.dim.x": 1}, "cannot override 'llm.dim.x': 'dim' is not a config section of "
+                                                  "'tiny'")]:
         with pytest.raises(ValueError, match=message):
             get_config("tiny", **overrides)
     assert get_config("tiny", **{"sam.global_blocks": "(0, 3,)"}).sam.global_blocks == (0, 3)  # a trailing comma

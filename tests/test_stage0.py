@@ -87,10 +87,22 @@ def test_contrastive_batches_hold_distinct_captions_planned_by_seed():
     plan = plan_distinct(captions, 4, 10, seed=0)
     assert all(name == "pairs" and sorted(captions[i] for i in rows) == ["a", "b", "c", "d"] for name, rows in plan)
     assert plan == plan_distinct(captions, 4, 10, seed=0) != plan_distinct(captions, 4, 10, seed=1)
-    # Five distinct captions cannot be drawn from four, though there are six rows (the plan would look forever).
-    with pytest.raises(ValueError, match="a contrastive batch of 5 distinct captions, but the data has only 4 "
-                                         "different captions; lower --clip_batch"):
-        plan_distinct(captions, 5, 1, seed=0)
+    # Five distinct captions cannot be drawn from four, though there are six rows (the plan would look forever: the
+    # alarm turns a return of that into a failure, not a suite that hangs).
+    import signal
+
+    def looked_forever(signum, frame):
+        raise TimeoutError("plan_distinct looked for a fifth distinct caption among four")
+
+    before = signal.signal(signal.SIGALRM, looked_forever)
+    signal.alarm(10)
+    try:
+        with pytest.raises(ValueError, match="a contrastive batch of 5 distinct captions, but the data has only 4 "
+                                             "different captions; lower --clip_batch"):
+            plan_distinct(captions, 5, 1, seed=0)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, before)
 
 
 def test_each_stage0_micro_batch_reads_its_own_share_of_each_plan(tmp_path):
