@@ -127,8 +127,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        if img.mode == "F" and a.max() <= 1.0:
+        top = 65535.0 if img.mode.startswith("I;16") or (a.size and a.max() > 255) else 255.0
+        if img.mode == "F" and a.size and a.max() <= 1.0:
             top = 1.0  # float images are usually in [0, 1]
         img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8))  # mode L
     return img.convert("RGB")

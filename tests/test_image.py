@@ -32,7 +32,8 @@ def official_canvas(img: Image.Image, S: int, mean) -> torch.Tensor:
     return torch.from_numpy(np.asarray(square).astype(np.float64) / 255).float().permute(2, 0, 1)
 
 
-@pytest.mark.parametrize("size", [(300, 200), (120, 410), (64, 64), (1000, 30), (300, 201)])  # 171 px: odd margins
+@pytest.mark.parametrize("size", [(300, 200), (120, 410), (64, 64), (1000, 30), (300, 201),  # 171 px: odd margins
+                                  (30, 1000), (121, 410)])  # the width floored at 14; an odd margin across
 def test_resize_and_pad_match_the_official_processor(size):
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
@@ -142,8 +143,12 @@ def test_sixteen_bit_mid_grey_is_mid_grey():
     assert np.asarray(to_rgb(big_endian))[0, 0, 0] == 101
     # values below 0 (a signed 32-bit or float image) are black, not wrapped round to bright
     assert np.asarray(to_rgb(Image.fromarray(np.full((8, 8), -100, dtype=np.int32))))[0, 0, 0] == 0
-    # A 32-bit image whose values stay within 0-255 holds 8-bit values: white stays white.
+    # A 32-bit image whose values stay within 0-255 holds 8-bit values: white stays white. One holding 16-bit values
+    # (mid-grey 32768) is rescaled as 16 bits, and a 16-bit file stays 16-bit however dark (200 of 65535: black).
     assert np.asarray(to_rgb(Image.fromarray(np.full((8, 8), 255, dtype=np.int32))))[0, 0, 0] == 255
+    assert abs(int(np.asarray(to_rgb(Image.fromarray(np.full((8, 8), 32768, dtype=np.int32))))[0, 0, 0]) - 128) <= 1
+    dark = Image.frombytes("I;16B", (8, 8), np.full((8, 8), 200, dtype=">u2").tobytes())
+    assert np.asarray(to_rgb(dark))[0, 0, 0] <= 1
 
 
 def test_exif_orientation_is_applied(tmp_path):
@@ -185,9 +190,13 @@ def test_bad_files_get_an_error_naming_the_file(tmp_path):
     # What a user is likely to give, named: a phone's HEIC photo, an SVG, a folder, a web address
     (tmp_path / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
     (tmp_path / "logo.svg").write_text('<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"></svg>')
+    (tmp_path / "bare.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"></svg>')  # without the XML prolog
+    (tmp_path / "photo.avif").write_bytes(b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1" + bytes(64))
     for path, why in [(tmp_path / "photo.heic", r"a HEIC/HEIF photo \(as iPhones take\), a format Pillow does not "
                                                 "read; convert it to PNG or JPEG"),
                       (tmp_path / "logo.svg", "an SVG drawing, a format Pillow does not read"),
+                      (tmp_path / "bare.svg", "an SVG drawing, a format Pillow does not read"),
+                      (tmp_path / "photo.avif", "an AVIF image"),
                       (tmp_path, f"image {tmp_path} is a folder: expected an image file"),
                       ("https://example.org/cat.png", r"does not exist \(a web address: download the image first\)"),
                       ("http://example.org/cat.png", r"does not exist \(a web address: download the image first\)")]:
@@ -208,6 +217,9 @@ def test_a_missing_name_that_looks_like_one_there_says_why(tmp_path):
     with pytest.raises(ValueError, match=re.escape(f"does not exist as written, but the same name in another Unicode "
                                                    f"form (NFC) does: {ascii(str(tmp_path / chr(252)))[:-1]}")):
         load_image(decomposed)
+    Image.new("RGB", (8, 8)).save(decomposed.replace("ber.png", "ber2.png"))  # and the other way round (macOS copies)
+    with pytest.raises(ValueError, match=r"the same name in another Unicode form \(NFD\) does"):
+        load_image(tmp_path / "\u00fcber2.png")
     with pytest.raises(ValueError, match=r"cannot read image .*: File name too long$"):  # no "corrupt file?" hint
         load_image(tmp_path / ("x" * 300 + ".png"))
 
@@ -221,8 +233,9 @@ def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path):
     with pytest.raises(ValueError, match="over the limit of 10,000"):  # the processor passes its limit on
         ImageProcessor(image_size=64)(big, max_pixels=10_000)
     assert load_image(big, max_pixels=20_000).size == (200, 100)  # the limit itself is allowed
-    with pytest.raises(ValueError, match="the image is 0x10 pixels: there is nothing in it to look at"):
-        ImageProcessor(image_size=64)(Image.new("RGB", (0, 10)))
+    for mode in ("RGB", "I", "F"):  # (the deep modes are rescaled first, by their largest value: there is none)
+        with pytest.raises(ValueError, match="the image is 0x10 pixels: there is nothing in it to look at"):
+            ImageProcessor(image_size=64)(Image.new(mode, (0, 10)))
     head_only = tmp_path / "head_only.png"  # the header says 200x100; the pixel data is cut off
     head_only.write_bytes(png_bytes((200, 100))[:60])
     with pytest.raises(ValueError, match="over the limit"):  # said from the header: decoding would fail otherwise

@@ -400,3 +400,20 @@ def test_sharded_load_checks_the_index_against_the_shards(tmp_path):
         st.load_sharded(tmp_path)
     with pytest.raises(FileNotFoundError, match="holds neither model.safetensors.index.json nor model.safetensors"):
         st.load_sharded(tmp_path / "empty")
+
+
+def test_a_save_removes_only_its_own_earlier_files(tmp_path):
+    # A new save clears the old layout's shards and index, but a file that only begins like one (a backup of one's
+    # own) is not one of them.
+    mine = ["model.safetensors.bak", "model-00001-of-00002.safetensors.orig"]
+    for name in mine:
+        (tmp_path / name).write_bytes(b"mine")
+    st.save_sharded({"a": torch.ones(4)}, tmp_path, 1 << 20)
+    assert all((tmp_path / name).read_bytes() == b"mine" for name in mine)
+
+
+def test_finite_weights_whose_sum_overflows_are_not_refused():
+    from nanovl.checkpoint import check_finite
+    check_finite({"big": torch.full((4,), 3e38), "wide": torch.full((2,), 1e300, dtype=torch.float64)}, "x")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        check_finite({"big": torch.tensor([3e38, float("nan")])}, "x")

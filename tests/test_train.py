@@ -1571,3 +1571,69 @@ def test_stage_all_checks_every_stage_settings_before_the_first_trains(tmp_path,
     assert ran == []
     train.main(base + ["--text_sft_share", "0.33", "--short_chat_share", "0.67"])  # 1 in decimals, not in binary
     assert ran == [0, 1, 2, 3]
+
+
+def resume_check(tmp_path, stage, now, **hp_changes):
+    """train.resumable_state on a checkpoint saved with the default settings, resumed with `now` (and hp_changes)."""
+    cfg, path = get_config("tiny"), str(tmp_path / "ckpt.pt")
+    tc = train.TrainConfig(steps=10)
+    hp = train.stage_hparams(stage, tc, cfg)[0]
+    micro = train.split_batch(stage, tc, hp, 1)[0]
+    torch.save({"model": {}, "optimizer": {}, "step": 3, "rng": {}, "stage": stage, "config": cfg.to_dict(),
+                "train": dataclasses.asdict(tc), "hparams": hp, "split": [1, micro]}, path)
+    return train.resumable_state(path, stage, cfg, now, dict(hp, **hp_changes), 1, lambda *a: None)
+
+
+@pytest.mark.parametrize("stage, change", [(0, {"lr": 1e-4}), (1, {"grad_ckpt": True}), (1, {"device": "cpu"}),
+                                           (1, {"image_cache": 7})])
+def test_what_a_resume_is_told_it_may_change_it_may(tmp_path, stage, change):
+    # A NaN stops every stage with "--resume it with a lower --lr", stage 0's too; a run killed for want of memory is
+    # told --grad_ckpt; a run moves from a GPU to the CPU; the image cache is a matter of memory, not of the run.
+    resume_check(tmp_path, stage, dataclasses.replace(train.TrainConfig(steps=10), **change),
+                 **{k: v for k, v in change.items() if k == "lr"})
+
+
+def test_the_full_context_is_a_sequence_length_and_stage_0_keeps_its_split():
+    assert train.stage_hparams(1, train.TrainConfig(seq_len=512), get_config("tiny"))[1] == 512  # the context itself
+    tc = train.TrainConfig()
+    hp = train.stage_hparams(0, tc, get_config("tiny"))[0]  # stage 0 counts its pairs per micro-batch: no other split
+    with pytest.raises(SystemExit, match="not divisible"):
+        train.split_batch(0, tc, hp, 2)
+
+
+def test_a_data_worker_killed_during_a_write_is_said_as_such(tmp_path):
+    with pytest.raises(RuntimeError, match="DataLoader worker"):  # not "cannot write": the advice is --workers
+        with train.writing(str(tmp_path / "x")):
+            raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Killed. ")
+
+
+def test_the_last_steps_weights_are_checked_and_a_stage_killed_in_its_evaluation_finishes_it(data, start_weights,
+                                                                                              tmp_path, monkeypatch,
+                                                                                              capsys):
+    # The last step is checkpointed (and its weights checked) even when it is no multiple of --ckpt_every: broken
+    # there, no model.pt is written.
+    steps, adamw_step = [], torch.optim.AdamW.step
+
+    def breaking(self, *a, **k):
+        result = adamw_step(self, *a, **k)
+        steps.append(1)
+        if len(steps) == 8:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", breaking)
+    out = tmp_path / "out"
+    common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--batch_size", "2", "--eval_limit", "3",
+              "--workers", "0"]
+    with pytest.raises(SystemExit, match="after step 8, 1 weights are not finite"):
+        train.main(common + ["--out", str(out), "--steps", "8", "--ckpt_every", "3"])
+    assert not (out / "stage3" / "model.pt").exists()
+    monkeypatch.undo()
+    # Killed in the final evaluation (model.pt written, eval.json not): not finished, so --resume evaluates it.
+    out = tmp_path / "o"
+    train.main(common + ["--out", str(out), "--steps", "2"])
+    (out / "stage3" / "eval.json").unlink()
+    capsys.readouterr()
+    train.main(common + ["--out", str(out), "--steps", "2", "--resume"])
+    assert "already finished" not in capsys.readouterr().out and (out / "stage3" / "eval.json").exists()
