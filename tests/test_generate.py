@@ -620,6 +620,9 @@ def test_sample_refuses_mismatched_images_and_missing_checkpoints(stage_folder, 
     with pytest.raises(SystemExit, match="hold 2 <image_placeholder> but 1 --image"):  # said before the model loads
         sample.main(["--ckpt", str(tmp_path / "nothing"), "--image", str(stage_folder / "cat.png"),
                      "--prompt", f"{IMAGE_TAG}{IMAGE_TAG}same?"])
+    with pytest.raises(SystemExit, match="hold 1 <image_placeholder> but 2 --image"):  # and fewer than the images
+        sample.main(["--ckpt", str(tmp_path / "nothing"), "--image", str(stage_folder / "cat.png"), "--image",
+                     str(stage_folder / "cat.png"), "--prompt", f"{IMAGE_TAG}same?"])
     with pytest.raises(SystemExit, match=r"hold 1 <image_placeholder> but 0 --image were given: give one image per "
                                          r"placeholder, in order \(with several prompts, each places its own\)"):
         sample.main(["--ckpt", str(stage_folder), "--prompt", f"{IMAGE_TAG}same?", "--prompt", "hi"])

@@ -274,6 +274,10 @@ def test_released_configs_give_the_presets():
         released_config(dict(seven, vision_config={"cls": "HybridVisionTower", "params": narrow}), 100015)
     with pytest.raises(ValueError, match="SAM's output width 48 differs from SigLIP's 64"):
         released_config_dict(get_config("tiny", **{"sam.downsample_dims": (64, 48)}))
+    for fusion in ("feature", "sequence"):  # the official tower's other ways to join the branches: not the release's
+        with pytest.raises(ValueError, match=f"concat_type '{fusion}' is not supported; the released 7B uses 'tuple'"):
+            released_config(dict(seven, vision_config={"cls": "HybridVisionTower", "params": dict(
+                params, concat_type=fusion)}), 100015)
     ignored = dict(params, high_res_cfg=dict(params["high_res_cfg"], select_layer=-2, select_feature="patch"))
     assert released_config(dict(seven, vision_config={"cls": "HybridVisionTower", "params": ignored}), 100015) == \
         released_config(seven, 100015)
