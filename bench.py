@@ -263,24 +263,26 @@ def vlm_step_flops(cfg: VLConfig, modes: dict, B: int, T: int) -> dict:
     return flops
 
 
+def attended_positions(prompt_len: int, new: int) -> int:
+    """The positions the new - 1 decoding steps after the prefill attend to, summed: prompt_len + i at step i."""
+    steps = new - 1
+    return steps * prompt_len + steps * (steps + 1) // 2  # sum over i = 1..steps of (prompt_len + i)
+
+
 def decode_bytes(c: LlamaConfig, B: int, prompt_len: int, new: int, bytes_per: int) -> int:
     """Bytes the decoder must read from memory for the new - 1 steps after the prefill (which made the first token):
     every weight once per step (lm_head in; of the embedding only B rows, left out), plus the cached keys and values
     of every layer, over prompt_len + i positions at step i."""
     weights = (llm_matmul_params(c) + (2 * c.n_layers + 1) * c.dim) * bytes_per  # matmuls and RMSNorm weights
     kv_per_position = 2 * c.n_layers * B * c.n_kv_heads * c.head_dim * bytes_per  # k and v, all layers
-    steps = new - 1
-    positions = steps * prompt_len + steps * (steps + 1) // 2  # sum over i = 1..steps of (prompt_len + i)
-    return steps * weights + kv_per_position * positions
+    return (new - 1) * weights + kv_per_position * attended_positions(prompt_len, new)
 
 
 def decode_flops(c: LlamaConfig, B: int, prompt_len: int, new: int) -> int:
     """Model FLOPs of the same new - 1 steps as decode_bytes: per row and step 2N, and 4*L*d*S for the new token's
     query against the S = prompt_len + i positions it attends to (the fixed-shape step also reads the empty slots
     after them, masked: not model FLOPs)."""
-    steps = new - 1
-    positions = steps * prompt_len + steps * (steps + 1) // 2
-    return B * (steps * 2 * llm_matmul_params(c) + 4 * c.n_layers * c.dim * positions)
+    return B * ((new - 1) * 2 * llm_matmul_params(c) + 4 * c.n_layers * c.dim * attended_positions(prompt_len, new))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
