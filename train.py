@@ -1288,6 +1288,21 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.2e}", tok_s=entry["tok_per_s"])
         losses, t_last, tokens = [], time.time(), 0
 
+    def evaluate_mid_stage(done):
+        """The held-out evaluation every --eval_every steps, into the metrics (and metrics.jsonl) and the log."""
+        acc, asked_open, bpb = evaluate(model, eval_rows, tok, eval_proc, tc.data, rank, world, eval_autocast)
+        metrics.append({"stage": stage, "step": done, "mc_mean": acc["mean"], "open_mean": asked_open["mean"],
+                        "bpb": bpb})
+        if master:
+            with writing(os.path.join(out_dir, "metrics.jsonl")):
+                write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
+        say(format_table(acc, bpb, f"stage {stage}, step {done}{split_named(tc)}", asked_open, eval_rows[0]))
+
+    def evaluation_due(done):
+        return bool(tc.eval_every) and done % tc.eval_every == 0 and 0 < done < hp["steps"] and eval_rows and stage > 0
+
+    if evaluation_due(start):  # a checkpoint is written before its step's evaluation, which the run may not have lived
+        evaluate_mid_stage(start)  # to write
     for step in bar:
         lr = learning_rate(step, hp, tc.min_lr_ratio)
         for group in opt.param_groups:
@@ -1342,17 +1357,16 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         done = step + 1
         if done % tc.log_every == 0 or done == hp["steps"] or done % ckpt_every == 0:
             log(done, lr)
-        if tc.eval_every and done % tc.eval_every == 0 and done < hp["steps"] and eval_rows and stage > 0:
-            acc, asked_open, bpb = evaluate(model, eval_rows, tok, eval_proc, tc.data, rank, world, eval_autocast)
-            metrics.append({"stage": stage, "step": done, "mc_mean": acc["mean"], "open_mean": asked_open["mean"],
-                            "bpb": bpb})
-            say(format_table(acc, bpb, f"stage {stage}, step {done}{split_named(tc)}", asked_open, eval_rows[0]))
+        # The checkpoint first, then the evaluation: a run killed (or out of memory) while it evaluates loses no
+        # steps, and its resume evaluates that step's weights again (above).
         if done % ckpt_every == 0 or done == hp["steps"]:
             save_checkpoint(done)
             if tc.stop_after and done == tc.stop_after:
                 say(f"stopping after step {done} (--stop_after)")
                 sys.stdout.flush()
                 os._exit(0)  # as if the process were killed right after this checkpoint
+        if evaluation_due(done):
+            evaluate_mid_stage(done)
     bar.close()
     del batches, loader  # their worker processes, and the images these cache, have nothing more to do
     finish()

@@ -700,8 +700,11 @@ def test_resume_is_bitwise_identical(data, start_weights, tmp_path):
     run(common + ["--out", str(tmp_path / "whole")])
     printed = run(common + ["--out", str(tmp_path / "killed"), "--stop_after", "3"])
     assert "stopping after step 3" in printed and not os.path.exists(tmp_path / "killed" / "stage2" / "model.pt")
+    # Step 3's checkpoint is written before its evaluation (a run killed while evaluating loses no steps), and the
+    # resume evaluates those weights.
+    assert "stage 2, step 3" not in printed
     printed = run(common + ["--out", str(tmp_path / "killed"), "--resume"])
-    assert "resuming from" in printed and "at step 3" in printed
+    assert "resuming from" in printed and "at step 3" in printed and "stage 2, step 3" in printed
     whole, resumed = load_model(tmp_path / "whole" / "stage2"), load_model(tmp_path / "killed" / "stage2")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     logged = [[(m["step"], m.get("loss"), m.get("mc_mean"))
