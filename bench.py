@@ -10,12 +10,12 @@ Benchmarks, one function per part of the system:
     python bench.py --what suite --out bench-suite                   # all of the README's GPU figures (SUITE below)
 
 Options: --config PRESET [--llm.n_layers=2 ...] (model config overrides, dotted, as get_config) [--device cpu|cuda]
-[--dtype bf16|fp32] [--batch N] [--seq N] [--steps N] [--warmup N] [--compare]; train: [--stage 1|2|3] [--llm-only]
-[--compile] [--grad_ckpt]; decode: [--prompt-len N] [--new N] [--compile] [--separate-projections]; vision:
-[--compile] [--inductor]; tokenizer: [--tokenizer FILE] [--vocab-size N] [--small-vocab N] [--small-corpus-mb MB]
-[--mb MB]; suite: [--out DIR] [--runs NAME,...] [--budget SECONDS] [--small] [--tables suite.jsonl ...]. Defaults
-depend on the preset (DEFAULTS below). Each run prints its tables and, as its last line, the same figures as one line
-of JSON.
+[--dtype bf16|fp32] [--batch N] [--seq N] [--steps N] [--warmup N] [--compare] [--inductor NAME=VALUE] (with --compile:
+train, decode, vision); train: [--stage 1|2|3] [--llm-only] [--compile] [--grad_ckpt]; decode: [--prompt-len N] [--new
+N] [--compile] [--separate-projections]; vision: [--compile]; tokenizer: [--tokenizer FILE] [--vocab-size N]
+[--small-vocab N] [--small-corpus-mb MB] [--mb MB]; suite: [--out DIR] [--runs NAME,...] [--budget SECONDS] [--small]
+[--tables suite.jsonl ...]. Defaults depend on the preset (DEFAULTS below). Each run prints its tables and, as its last
+line, the same figures as one line of JSON.
 
 What is measured. Work per second (tokens or images); the model FLOPs of that work (the FLOP model below) per
 second, and on a GPU whose name is in DEVICES the model FLOPs utilisation (MFU) against its dense bf16 peak; peak

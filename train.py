@@ -133,8 +133,9 @@ STAGE_DEFAULTS = {
         # pairs: trained alone in the tiny default, 400 steps of 48 pairs left a linear probe on its mean token at 59%
         # of the held-out questions, 800 steps at 82% (titles, signs and button colours at 92-100%). At lr 1e-3, 400
         # steps of 48 pairs gave 68%, of 80 pairs 73%, and 800 steps of 48 pairs 78%. What SigLIP knows is what the
-        # decoder learns to read: in the run that led to this change, the final multiple-choice accuracy went from
-        # 46% to 65%. The decoder and SAM see as much text and as many scenes as before, in batches half as big.
+        # decoder learns to read: the tiny default's final multiple-choice accuracy (seed 1337) went from 46% to 65%
+        # (README, "What the experiments say"). The decoder and SAM see as much text and as many scenes as before, in
+        # batches half as big.
         0: dict(steps=800, batch_size=4, micro_batch=4, lr=3e-3, warmup=20, schedule="cosine", seq_len=128),
         1: dict(steps=30, batch_size=16, micro_batch=16, lr=3e-3, warmup=6, schedule="cosine", vision_lr_mult=0.1),
         # Stage 2's batch counts packed rows of the model's context (tiny: 512 tokens; 6 hold about what 16 samples
@@ -996,6 +997,9 @@ def stage_batches(stage: int, tc: TrainConfig, hp: dict, cfg: VLConfig, tok, pro
                         and row["caption"].strip() and isinstance(row.get("seg") or "", str)):
                     raise ValueError(f"{row['_where']}: a stage-0 row is {STAGE0_ROW}")
             scenes = [r for r in rows0 if r.get("seg")] if cfg.hybrid else []
+            # The contrastive pairs and SAM's scenes are planned as one-stream plans (the stream's name, "language",
+            # is only plan_batches' label for it), and Stage0Batches slices them per process and micro-batch as it
+            # slices the text batches.
             plans = [plan_batches({"language": n}, b * world * accum, hp["steps"], lambda s: {"language": 1.0},
                                   tc.seed + k)
                      for k, (n, b) in enumerate(((len(text), micro), (max(1, len(scenes)), tc.seg_batch)))]
@@ -1339,6 +1343,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             with ctx, autocast():
                 if stage == 0:
                     lm_sum, aux, parts = train_net(m)
+                    # aux (the contrastive and dense losses) is already normalised within this micro-batch (per
+                    # image, per patch): / accum averages it over the micro-batches, DDP's over processes does the rest.
                     loss = lm_sum * world / n_sup + aux / accum
                 else:
                     _, lm_sum = train_net(m["ids"], m.get("images"), targets=m["targets"], doc_ids=m.get("doc_ids"),

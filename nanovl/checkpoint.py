@@ -8,8 +8,9 @@ Weights in and out: nanovl's own checkpoints, the released DeepSeek-VL model fol
                                         model.safetensors            or model-0000k-of-0000n.safetensors + index.json
                                         tokenizer.json, tokenizer_config.json, preprocessor_config.json
     export_released(model, tok, dir) a nanovl model -> that same layout; load_released reads it back exactly
-    init_from_parts(model, paths)    pretrained parts for training, as the paper did: SigLIP and the language model
-                                     of a released folder, SAM-B's original checkpoint, a timm SigLIP, an HF Llama
+    init_from_parts(model, paths)    pretrained parts for training, as the paper did: the towers (SigLIP; SAM too,
+                                     from a hybrid one) and the language model of a released folder, SAM-B's original
+                                     checkpoint, a timm SigLIP, an HF Llama
 
 How the released keys map onto ours is the six-line RELEASED_PREFIXES table in model.py. Dimensions come from the
 folder's config.json, never from a preset, so scaled-down checkpoints in the released layout load too.

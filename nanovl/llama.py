@@ -348,7 +348,8 @@ class Llama(nn.Module):
         # is built on "meta"; .to() moves them, and _apply keeps them fp32). Each forward looks its positions up.
         # Computed inside the step instead, torch.compile fused pow, cos and sin into the kernel applying them to every
         # element of q and k: in the compiled 1.3B training step on an H200 that kernel took 9.5 ms of a 166 ms step
-        # (the 2026-11-29 profile), and with the tables the step took 155 ms (52.6% MFU against 49.2%).
+        # (the 2026-11-29 profile, 49.2% MFU; the suite's run before it, 49.6%), and with the tables the step took
+        # 155 ms (52.6% MFU).
         cos, sin = self.rope_tables(torch.float32)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hs); not in the state dict
         self.register_buffer("rope_sin", sin, persistent=False)

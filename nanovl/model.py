@@ -42,8 +42,9 @@ RELEASED_PREFIXES = (
     ("language_model.model.", "llm."),
     ("language_model.lm_head.", "llm.lm_head."),
 )
-# Keys present in released files that the model never reads: SigLIP's attention-pooling head (built, never called),
-# the hybrid tower's two LayerNorms (built, never used in forward) and HF's cached RoPE frequencies.
+# Keys the official model builds but never reads, skipped where a released file holds them: SigLIP's attention-pooling
+# head (built, never called; its keys probably in the files), the hybrid tower's two LayerNorms (built, never used in
+# forward; whether the 7B's files hold them is unconfirmed, facts section 7) and HF's cached RoPE frequencies.
 RELEASED_UNUSED = (".attn_pool.", "vision_model.high_layer_norm.", "vision_model.low_layer_norm.",
                    "rotary_emb.inv_freq")
 

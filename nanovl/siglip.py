@@ -13,8 +13,9 @@ It is a plain Vision Transformer in timm's layout (`vit_large_patch16_siglip_384
 
 Two details differ from the SigLIP you may know, and both matter for the released weights:
 - the MLP uses exact (erf) GELU, where SigLIP was trained with the tanh approximation; DeepSeek hard-codes nn.GELU;
-- the tower returns the normalised patch tokens (timm's forward_features). The attention-pooling head exists in the
-  checkpoint (`attn_pool.*`) but is never run, so we do not build it.
+- the tower returns the normalised patch tokens (timm's forward_features). The official model builds the
+  attention-pooling head (`attn_pool.*`, its keys probably in the released files) but never runs it, so we do not
+  build it.
 Parameter names are timm's, which are also the checkpoint's (`blocks.N.attn.qkv`, `blocks.N.mlp.fc1`, ...).
 """
 
