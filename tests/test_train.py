@@ -767,6 +767,37 @@ def test_a_sigterm_stops_the_run_as_ctrl_c_does_keeping_the_last_checkpoint_whol
     assert (folder / "eval.json").exists()
 
 
+def test_a_stopped_stage_lets_go_of_its_workers_at_once_without_a_traceback_for_those_the_signal_killed(monkeypatch):
+    # What a SIGTERM to the process group left behind: the stage's frame holds a loader whose shutdown raises (torch's
+    # SIGCHLD handler, for a worker killed by the signal) and printed "Exception ignored in ..." at exit.
+    heard, shut = [], []
+
+    class Loader:
+        def __init__(self, error):
+            self.error = error
+
+        def __del__(self):
+            shut.append(self.error)
+            raise RuntimeError(self.error)
+
+    def stage(error):
+        batches = Loader(error)  # noqa: F841 (held by the frame, as run_stage holds its loader)
+        raise train.Terminated()
+
+    def hook(unraisable):
+        heard.append(str(unraisable.exc_value))
+
+    monkeypatch.setattr(sys, "unraisablehook", hook)
+    for error in ("DataLoader worker (pid 7) is killed by signal: Terminated. ", "a bug in a destructor"):
+        try:
+            stage(error)
+        except train.Terminated as e:
+            train.let_go_of_workers(e)
+            assert shut[-1] == error  # shut down now, not when Python tidies up
+    assert heard == ["a bug in a destructor"]  # anything else still said
+    assert sys.unraisablehook is hook  # (put back)
+
+
 @pytest.mark.skipif(torch.multiprocessing.get_start_method() != "fork",
                     reason="the patched image reader reaches the worker only in a forked process")
 def test_a_data_worker_killed_stops_the_run_in_a_line_that_says_what_to_lower(data, start_weights, tmp_path,
