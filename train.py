@@ -1195,13 +1195,14 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         atomic_save(tok.to_json(), os.path.join(out_dir, "tokenizer.json"))  # the folder is all sample.py needs
     # This training of the stage, named at its start and kept through resumes: its model.pt carries the name, and the
     # stages after it record which one they began from (weights_id).
-    start, metrics, run_id = 0, [], secrets.token_hex(8)
+    start, metrics, run_id, lr_was = 0, [], secrets.token_hex(8), None
     if resume:
         run_id = state.get("id", run_id)  # (older checkpoints: none)
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start = state["step"]
+        lr_was = state.get("hparams", {}).get("lr")
         if master:  # the metrics up to the checkpoint travel inside it (older checkpoints: from metrics.jsonl)
             metrics = state["metrics"] if "metrics" in state else \
                 [m for m in read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if m["step"] <= start]
@@ -1270,6 +1271,12 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
 
     def kept_advice() -> str:
         # A resume with the same settings would repeat the same steps, so the way on is a lower learning rate.
+        if saved and saved == start and lr_was not in (None, hp["lr"]):
+            # Already resumed from it with another --lr, and failed again before the next checkpoint: weights can be
+            # finite and still past saving (a loss of thousands; each gradient then overflows, whatever the lr).
+            return (f"This run resumed from {ckpt_path} (step {saved}) with --lr {hp['lr']} (its run had {lr_was}) "
+                    "and failed again before its next checkpoint: those weights may be past saving. Start the stage "
+                    f"again with a lower --lr (remove {out_dir}, or choose another --out)")
         return (f"The last good checkpoint, {ckpt_path} (step {saved}), is kept: --resume it with a lower --lr"
                 if saved else "Start again with a lower --lr")
 

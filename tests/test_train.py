@@ -1286,6 +1286,14 @@ def test_weights_broken_by_an_update_are_never_saved_and_a_lower_lr_resumes(data
                                          r"checkpoint, .*ckpt.pt \(step 3\), is kept: --resume it with a lower --lr$"):
         train.main(args)
     assert torch.load(out / "stage3" / "ckpt.pt", weights_only=True)["step"] == 3
+    # Resumed with a lower --lr, it breaks again before its next checkpoint (weights can be finite and past saving):
+    # the same advice would go round in a circle.
+    calls["n"] = 3
+    with pytest.raises(SystemExit, match=r"after step 6, .* This run resumed from .*ckpt.pt \(step 3\) with --lr "
+                                         r"1e-05 \(its run had 0.002\) and failed again before its next checkpoint: "
+                                         r"those weights may be past saving. Start the stage again with a lower --lr "
+                                         r"\(remove .*stage3, or choose another --out\)$"):
+        train.main(args + ["--resume", "--lr=1e-5"])
     monkeypatch.setattr(torch.optim.AdamW, "step", adamw_step)
     capsys.readouterr()
     train.main(args + ["--resume", "--lr=1e-5"])
