@@ -27,6 +27,7 @@ import os
 import sys
 
 import torch
+from PIL import Image
 
 from nanovl.chat import IMAGE_TAG, SYSTEM_PROMPT, render_chat, start_ids
 from nanovl.checkpoint import load_model
@@ -36,7 +37,7 @@ from nanovl.image import load_image
 HELP = f"""commands:
   new          forget the conversation and start again
   image PATH   attach an image to your next message (its {IMAGE_TAG} goes in front unless you place it);
-               ("image of a cat: what is it?", naming no file, is a message)
+               ("image of a cat: what is it?", not shaped as a path, is a message)
   help         this text
   exit         leave (so does Ctrl-D)
 A message may hold several {IMAGE_TAG}; you are asked for a path for each one not attached yet."""
@@ -136,12 +137,15 @@ def read_image(path: str):
 
 def is_image_command(line: str) -> bool:
     """`image PATH` attaches an image, but "image of a cat: what colour is it?" is a message: the line is a command
-    when what follows `image` is one word, is quoted, or names a file."""
+    when what follows `image` is one word, is quoted, names a file, or looks like a path (it starts as one, or ends
+    in an image's extension), so that a mistyped path with a space in it is said to be missing, not sent."""
     word, _, rest = line.partition(" ")
     if word.lower() != "image":
         return False
     rest = rest.strip()
-    return len(rest.split()) <= 1 or rest[0] in "'\"" or os.path.isfile(os.path.expanduser(rest))
+    looks_like_path = rest.startswith(("/", "~", "./", "../")) or \
+        os.path.splitext(rest)[1].lower() in Image.registered_extensions()
+    return len(rest.split()) <= 1 or rest[0] in "'\"" or looks_like_path or os.path.isfile(os.path.expanduser(rest))
 
 
 def attached(queued) -> str:
