@@ -708,7 +708,7 @@ def main(argv=None):
     p.add_argument("--export", required=True, help="the folder to write")
     p.add_argument("--tokenizer", default="", help="tokenizer.json, if not beside the checkpoint")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--shard_gb", type=float, default=5.0, help="largest shard, in GiB (HF's default: 5)")
+    p.add_argument("--shard_gb", type=float, default=5.0, help="largest shard, in GiB (HF's default: 5; inf: one file)")
     args = p.parse_args(argv)
     if not args.shard_gb > 0:
         p.error(f"--shard_gb must be above 0, got {args.shard_gb}")
@@ -719,7 +719,7 @@ def main(argv=None):
         raise SystemExit(str(e)) from None
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     try:
-        out = export_released(model, tok, args.export, dtype, int(args.shard_gb * 2 ** 30))
+        out = export_released(model, tok, args.export, dtype, int(min(args.shard_gb, 2 ** 32) * 2 ** 30))
     except (ValueError, OSError) as e:  # OSError: a folder that cannot be made (under a file), a full disk, ...
         raise SystemExit(str(e)) from None
     print(f"wrote {out}: {', '.join(sorted(f.name for f in out.iterdir()))}")

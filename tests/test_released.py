@@ -766,7 +766,8 @@ def test_a_nanovl_checkpoint_exports_from_the_command_line(folder, tmp_path, cap
     with pytest.raises(SystemExit):  # (argparse's error: 0 would otherwise read as "no limit given", 5 GiB)
         checkpoint.main(["--ckpt", str(stage), "--export", str(tmp_path / "exported"), "--shard_gb", "0"])
     assert "--shard_gb must be above 0, got 0.0" in capsys.readouterr().err
-    checkpoint.main(["--ckpt", str(stage), "--export", str(tmp_path / "exported"), "--dtype", "bf16"])
+    checkpoint.main(["--ckpt", str(stage), "--export", str(tmp_path / "exported"), "--dtype", "bf16", "--shard_gb",
+                     "inf"])  # one file, however large
     assert "model.safetensors" in capsys.readouterr().out
     again, _, _ = load_model(tmp_path / "exported")
     assert again.dtype == torch.bfloat16  # kept as written; sample.py picks the dtype to run in
