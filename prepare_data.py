@@ -397,6 +397,13 @@ def main(argv=None):
     if args.llava:
         if not args.images:
             p.error("--llava needs --images DIR, the folder that the file's image paths are relative to")
+        # What only the synthetic corpus uses would be ignored: say so, rather than import without it.
+        ignored = [f"--{dest.replace('_', '-') if dest == 'image_size' else dest}"
+                   for dest in ("config", "n", "seed", "image_size", "text", "show", "tokenizer")
+                   if getattr(args, dest) != p.get_default(dest)]
+        if ignored:
+            p.error(f"{', '.join(ignored)}: not for --llava, which imports the file's conversations and images as "
+                    "they are (the synthetic corpus's settings; --show a folder once it is imported)")
         try:
             report = import_llava(args.llava, args.images, args.out or "data-llava", workers=max(1, args.workers),
                                   as_captions=args.captions)
@@ -413,6 +420,8 @@ def main(argv=None):
     if args.image_size and args.image_size < 256:  # smaller, a chart's labels and a page's text no longer fit legibly
         p.error(f"--image-size must be at least 256, the smallest preset's canvas (or 0, the preset's own), got "
                 f"{args.image_size}")
+    if args.image_size > 4096:  # (each image is drawn whole in memory: 100000 ran out of it)
+        p.error(f"--image-size must be at most 4096, four times the largest preset's canvas, got {args.image_size}")
     args.out = args.out or default_folder(args.config)
     if os.path.islink(args.out):  # build beside the folder it points to, and swap that one
         args.out = os.path.realpath(args.out)
@@ -435,7 +444,8 @@ def main(argv=None):
     for f in args.text:
         if not os.path.isfile(f):
             p.error(f"--text {f} " + ("is a folder; expected text files (a pattern such as DIR/*.txt will do)"
-                                      if os.path.isdir(f) else "does not exist"))
+                                      if os.path.isdir(f) else "is not a regular file; expected a text file"
+                                      if os.path.exists(f) else "does not exist"))
         try:
             text = read_text(f)
         except (ValueError, OSError) as e:

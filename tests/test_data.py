@@ -385,6 +385,11 @@ def test_your_own_text_files_are_checked_and_all_trained_on(data_dir, tmp_path, 
 def test_bad_arguments_are_named_before_anything_is_written(tmp_path, capsys):
     out = ["--out", str(tmp_path / "d"), "--n", "1"]
     for args, message in ((["--image-size", "128"], "--image-size must be at least 256, the smallest preset's canvas"),
+                          (["--image-size", "4097"], "--image-size must be at most 4096"),  # 100000: out of memory
+                          (["--text", os.devnull], f"--text {os.devnull} is not a regular file; expected a text file"),
+                          (["--llava", "l.json", "--images", str(tmp_path), "--image-size", "512", "--text", "a.txt",
+                            "--config", "small"],  # (and out's --n 1) would be ignored by an import
+                           "--config, --n, --image-size, --text: not for --llava, which imports"),
                           (["--show", "-1"], "--show must be at least 0, got -1"),
                           (["--text", str(tmp_path)], "is a folder; expected text files"),
                           (["--text", str(tmp_path / "latin.txt")], "latin.txt does not exist"),
