@@ -89,6 +89,16 @@ def tagged_prompts(args) -> list:
     return prompts
 
 
+def no_answer(ids, tok) -> str:
+    """Why an answer's text is empty: the model ended its turn at once, or wrote only white space (newlines, which
+    an undertrained model often does) until it stopped or ran out of tokens. ids: the answer as generated."""
+    ids = [int(t) for t in ids]
+    if ids and ids[0] == tok.eos_id:
+        return "(no answer: the model ended its turn at once; an undertrained model often does)"
+    n = ids.index(tok.eos_id) if tok.eos_id in ids else len(ids)
+    return f"(no answer: the model wrote only white space, {n} token(s) of it; an undertrained model often does)"
+
+
 def answer_prompts(args, prompts, model, tok, proc, sampling, pictures):
     """--prompt given: one batch of prompts (tagged_prompts); the images (from --image) fill their placeholders in
     order."""
@@ -114,12 +124,11 @@ def answer_prompts(args, prompts, model, tok, proc, sampling, pictures):
         f"model's context of {ctx} tokens)"
     if stream:
         answered = tok.decode(outs[0], skip_special_tokens=True).strip()
-        print(("\n" + note.strip() if cut[0] else "") if answered else
-              "(no answer: the model ended its turn at once; an undertrained model often does)")
+        print(("\n" + note.strip() if cut[0] else "") if answered else no_answer(outs[0], tok))
     else:
         for p, out, was_cut in zip(prompts, outs, cut):
-            print(f"User: {p}\nAssistant: {tok.decode(out, skip_special_tokens=True).strip()}" +
-                  (note if was_cut else "") + "\n")
+            answered = tok.decode(out, skip_special_tokens=True).strip()
+            print(f"User: {p}\nAssistant: {answered or no_answer(out, tok)}" + (note if was_cut else "") + "\n")
 
 
 def read_image(path: str):
@@ -226,7 +235,8 @@ def chat(args, model, tok, proc, sampling, pictures):
             continue
         print("Assistant: ", end="", flush=True)
         try:
-            session.ask(message, images, sampling, on_text=lambda t: print(t, end="", flush=True))
+            if not session.ask(message, images, sampling, on_text=lambda t: print(t, end="", flush=True)):
+                print(no_answer(session.answer, tok), end="")
             queued = []
             if session.cut or session.cache.length + len(session.pending) >= session.cache.max_len:  # (full now)
                 print(f"\n(the conversation now fills the context of {session.cache.max_len} tokens, so the answer may "

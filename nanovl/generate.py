@@ -323,6 +323,7 @@ class ChatSession:
         self.pending = start_ids(tokenizer, system)
         self.turns = 0  # answered so far
         self.cut = False  # whether the last answer stopped at the end of the context, without its end-of-sentence
+        self.answer: List[int] = []  # the last answer's ids, as generated (its end-of-sentence included)
 
     def turn_ids(self, content: str) -> List[int]:
         """The ids a user turn adds, up to and including the generation prompt (the pieces render_chat uses)."""
@@ -381,6 +382,7 @@ class ChatSession:
         held = self.cache.length - start - len(new)
         # (said before the cache is rolled back below, which the answer's text encoded again may be shorter than)
         self.cut = eos not in answer and len(answer) == self.cache.max_len - (start + len(new)) + 1
+        self.answer = answer
         text = self.tok.decode(answer, skip_special_tokens=True).strip()
         said = self.tok.encode(" " + text) if text else []  # the answer as render_chat writes it
         if self.tok.image_id in said:  # it spelt out "<image_placeholder>": encoded again, that is an image slot with

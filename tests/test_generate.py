@@ -315,6 +315,7 @@ def test_a_chat_keeps_each_answer_as_the_official_cli_does_as_its_text_encoded_a
         turn = start_ids(tok) + chat.turn_ids("hello")
         assert chat.ids == turn + (ids if kept else []) and chat.cache.length == len(chat.ids)
         assert chat.pending == ([] if kept else canonical) + [tok.eos_id]
+        assert chat.answer == ids + [tok.eos_id]  # as generated, whatever the cache keeps
     # An answer cut at max_new_tokens: its last token was never fed back, so it starts the next turn, then the
     # end-of-sentence that the template closes every answer with.
     script = iter(canonical)
@@ -534,6 +535,41 @@ def test_sample_says_when_the_context_cut_an_answer(stage_folder, tiny, tok, cap
     assert "cut:" not in capsys.readouterr().out  # an answer that stopped at --max_new_tokens was not cut
     sample.main(["--ckpt", str(stage_folder), "--prompt", prompt, "--max_new_tokens", str(len(out))])
     assert "cut:" not in capsys.readouterr().out  # nor one that reached both limits at once
+
+
+def test_an_empty_answer_says_whether_the_model_ended_at_once_or_wrote_only_white_space(stage_folder, tok, capsys,
+                                                                                      monkeypatch):
+    newline = tok.encode("\n")
+    assert tok.decode(newline * 3).strip() == ""
+    answers = {"hi": [tok.eos_id], "yo": newline * 3 + [tok.eos_id], "eh": newline * 4}  # (the last: out of tokens)
+
+    def answering(model, ids, *a, **k):  # each prompt's answer, padded as generate pads a batch
+        rows = [answers[tok.decode(row).split("User: ")[-1].split("\n")[0]] for row in ids]
+        return torch.tensor([row + [tok.pad_id] * (4 - len(row)) for row in rows])
+
+    monkeypatch.setattr(sample, "generate", answering)
+    at_once = "(no answer: the model ended its turn at once; an undertrained model often does)"
+    spaces = "(no answer: the model wrote only white space, {} token(s) of it; an undertrained model often does)"
+    sample.main(["--ckpt", str(stage_folder), "--prompt", "hi"])
+    assert capsys.readouterr().out.strip().endswith(at_once)
+    sample.main(["--ckpt", str(stage_folder), "--prompt", "yo"])
+    assert capsys.readouterr().out.strip().endswith(spaces.format(3))
+    sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--prompt", "yo", "--prompt", "eh"])
+    printed = capsys.readouterr().out
+    assert f"User: hi\nAssistant: {at_once}\n" in printed and f"User: yo\nAssistant: {spaces.format(3)}\n" in printed
+    assert f"User: eh\nAssistant: {spaces.format(4)}\n" in printed
+
+    class Answering(ChatSession):  # the chat: the answer's ids as the session generated them
+        def ask(self, content, *a, **k):
+            self.answer = answers[content]
+            return ""
+
+    lines = iter(["hi", "yo", "exit"])
+    monkeypatch.setattr(sample, "ChatSession", Answering)
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    sample.main(["--ckpt", str(stage_folder)])
+    printed = capsys.readouterr().out
+    assert f"Assistant: {at_once}\n" in printed and f"Assistant: {spaces.format(3)}\n" in printed
 
 
 def test_load_model_takes_a_dtype_and_a_tokenizer_and_refuses_one_that_does_not_fit(stage_folder, tiny, tok,
