@@ -865,6 +865,15 @@ def claim_out_folder(out: str, first: bool, world: int, hold: bool = True):
         raise SystemExit(busy)
 
 
+def close_inherited_locks(worker_id: int):
+    """A forked data worker's first act: close its copies of the run's lock files. A lock belongs to the open file,
+    which the worker shares until it closes its copy (the run's own stays locked): a run killed with kill -9 then
+    lets go of its --out at once, where its workers held it until they noticed (seconds), and a --resume at once was
+    refused as "another run is writing", naming the dead process."""
+    for f in OUT_LOCKS.values():
+        f.close()
+
+
 def unlock_out_folders():
     for f in OUT_LOCKS.values():
         f.close()
@@ -1262,7 +1271,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     train_net = DDP(net, find_unused_parameters=True, **no_buffer_sync) if world > 1 else net
     if tc.compile:
         train_net = torch.compile(train_net)
-    loader = DataLoader(dataset, batch_size=None, num_workers=tc.workers,
+    loader = DataLoader(dataset, batch_size=None, num_workers=tc.workers, worker_init_fn=close_inherited_locks,
                         sampler=range(start * accum, hp["steps"] * accum), pin_memory=device.startswith("cuda"),
                         persistent_workers=False, prefetch_factor=4 if tc.workers else None)
     batches = iter(loader)

@@ -1122,6 +1122,35 @@ def test_a_second_run_into_the_same_out_folder_is_refused_while_the_first_holds_
     assert all((out / "stage3" / f.name).read_bytes() == f.read_bytes() for f in finished.iterdir())
 
 
+@pytest.mark.skipif(torch.multiprocessing.get_start_method() != "fork", reason="a spawned worker inherits no files")
+def test_data_workers_let_go_of_the_lock_they_inherit_and_the_run_keeps_it(tmp_path):
+    """A run killed with kill -9 kept its --out locked while its forked workers lived on (seconds): a --resume at once
+    was refused as "another run is writing", naming the dead process."""
+    out = str(tmp_path / "o")
+    assert train.lock_out_folder(out) == ""
+    fd = train.OUT_LOCKS[out].fileno()
+
+    class Inherited(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):  # in the worker: is its copy of the lock file still open?
+            try:
+                os.fstat(fd)
+                return True
+            except OSError:
+                return False
+
+    try:
+        loader = torch.utils.data.DataLoader(Inherited(), batch_size=None, num_workers=1,
+                                             worker_init_fn=train.close_inherited_locks)
+        assert list(loader) == [False]
+        # the run's own lock is held still (asked under another spelling of the folder, as another run would)
+        assert "is writing to" in train.lock_out_folder(out + "/", hold=False)
+    finally:
+        train.unlock_out_folders()
+
+
 def test_resuming_into_a_folder_that_cannot_be_written_stops_before_training(data, start_weights, tmp_path,
                                                                             monkeypatch):
     out, folder = tmp_path / "o", tmp_path / "o" / "stage3"
