@@ -262,6 +262,9 @@ def parse_args(argv):
             ("seed", 0 <= tc.seed < 2 ** 62, "from 0 to 2**62 - 1 (torch seeds with seed + stage, in 64 bits)")]:
         if not ok:
             raise SystemExit(f"--{key} must be {need}, got {getattr(tc, key)!r}")
+    for key in ("init_from", "extra_data", "trainable"):  # comma-separated lists: "," would read as none given
+        if getattr(tc, key).strip() and not [p for p in getattr(tc, key).split(",") if p.strip()]:
+            raise SystemExit(f"--{key} {getattr(tc, key)!r} names nothing: give one or more, separated by commas")
     return tc, overrides
 
 

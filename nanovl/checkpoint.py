@@ -350,9 +350,11 @@ def export_target(folder) -> Path:
     """The folder an export may write, resolved ("." has no name to put ".partial" after); ValueError for one that
     is not an earlier export (by its config.json: the same file names are not enough, a released model has them)."""
     folder = Path(folder).resolve()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file: an export writes a folder (a released model's layout). Choose a new "
+                         "folder to export to")
     if folder.exists():
-        others = sorted(f.name for f in folder.iterdir() if not EXPORT_FILES.fullmatch(f.name)) \
-            if folder.is_dir() else [folder.name]
+        others = sorted(f.name for f in folder.iterdir() if not EXPORT_FILES.fullmatch(f.name))
         if others:
             raise ValueError(f"{folder} exists and holds {', '.join(others[:5])}" + (", ..." if len(others) > 5 else "")
                              + ", which an export does not write: an export only replaces an earlier export. Choose a "

@@ -409,6 +409,9 @@ def test_export_replaces_only_an_earlier_export(folder, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="stage3 exists and holds model.pt, which an export does not write"):
         export_released(model, tok, stage)
     assert (stage / "model.pt").read_bytes() == b"weights" and sorted(os.listdir(stage)) == ["config.json", "model.pt"]
+    with pytest.raises(ValueError, match="model.pt is a file: an export writes a folder"):
+        export_released(model, tok, stage / "model.pt")
+    assert (stage / "model.pt").read_bytes() == b"weights"
     # A folder with only the names an export writes, but not written by one (a released model, trimmed): refused.
     (stage / "model.pt").unlink()
     with pytest.raises(ValueError, match="stage3 exists, and its config.json is not one a nanovl export wrote"):

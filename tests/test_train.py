@@ -1505,6 +1505,9 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
                           (["--pack=2"], r"--pack must be 0 or 1 \(-1: the default, stage 2 only\), got 2"),
                           (["--seed", str(2 ** 64 - 1)], r"--seed must be from 0 to 2\*\*62 - 1"),
                           (["--seq_len", "2048"], "--seq_len 2048 is longer than the model's context of 512 tokens"),
+                          (["--init_from", ","], "--init_from ',' names nothing: give one or more, separated by "
+                                                 "commas"),  # (it fell back to the stage before's weights)
+                          (["--extra_data", " , "], "--extra_data ' , ' names nothing"),
                           ]:
         with pytest.raises(SystemExit, match=message):
             train.main(["--data", data, "--out", str(tmp_path / "o")] + argv)
