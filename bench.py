@@ -1265,12 +1265,13 @@ def _bench_tokenizer(args, Tokenizer):
                 raise SystemExit(f"--vocab-size {args.vocab_size}: {e}") from None
             print(f"trained in {time.perf_counter() - t0:.1f} s")
             CACHE.mkdir(parents=True, exist_ok=True)
-            big.save(path)
+            os.replace(big.save(path.with_name(f"{path.name}.tmp{os.getpid()}")), path)  # whole, or not there
     t0 = time.perf_counter()
     try:
         big = Tokenizer.load(path)  # a fresh instance: its caches start empty
     except (ValueError, FileNotFoundError) as e:  # not a tokenizer.json, or a folder without one (Tokenizer.load says)
-        raise SystemExit(str(e)) from None
+        raise SystemExit(str(e) + ("" if args.tokenizer else f" ({path} is bench.py's cache of the tokenizer it "
+                                   "trains: delete it, and the next run trains it again)")) from None
     print(f"loaded {path} ({big.vocab_size:,} ids) in {time.perf_counter() - t0:.1f} s\n")
     runs.append(("big", big))
 

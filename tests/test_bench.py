@@ -5,6 +5,8 @@ and the JSON line."""
 import argparse
 import builtins
 import json
+import os
+import re
 
 import pytest
 import torch
@@ -450,6 +452,23 @@ def test_tokenizer_benchmark_still_runs(capsys, tmp_path):
                          (["--tokenizer", str(tmp_path / "nope.json")], "nope.json: no such file or folder")):
         with pytest.raises(SystemExit, match=reason):
             bench.main(["--what", "tokenizer", "--small-vocab", "400", "--small-corpus-mb", "0.05"] + argv)
+
+
+def test_the_tokenizer_benchmark_caches_its_big_tokenizer_whole_and_names_a_broken_cache(capsys, tmp_path,
+                                                                                         monkeypatch):
+    monkeypatch.setattr(bench, "CACHE", tmp_path / "cache")
+    argv = ["--what", "tokenizer", "--small-vocab", "400", "--small-corpus-mb", "0.05", "--mb", "0.05",
+            "--vocab-size", "300"]
+    bench.main(argv)
+    cached = tmp_path / "cache" / "stdlib-bpe-300.json"
+    assert os.listdir(tmp_path / "cache") == [cached.name]  # written aside, then renamed: no temporary left
+    assert "training a 300-id tokenizer" in capsys.readouterr().out
+    bench.main(argv)
+    assert "training a" not in capsys.readouterr().out  # the second run reads the cache
+    cached.write_text(cached.read_text()[:100])  # a run killed mid-write, before the writes were atomic
+    with pytest.raises(SystemExit, match=rf"\({re.escape(str(cached))} is bench.py's cache of the tokenizer it "
+                                         r"trains: delete it, and the next run trains it again\)"):
+        bench.main(argv)
 
 
 def test_suite_runs_each_bench_in_its_own_process_and_prints_the_readme_tables(capsys, tmp_path):
