@@ -679,24 +679,31 @@ def load_rows(folders, name):
     return rows
 
 
-def stage2_share(tc: TrainConfig):
-    """Stage 2's mix as a function of the step. sft_share of the steps are chats throughout (many of them with an
-    image). The others follow the modality warm-up (paper section 4.4, Figure 9): their language share starts at 1.0
-    and decays linearly to lang_share (0.7, Table 1) over the first modality_warmup of the run, so the language model
-    is not shocked by a sudden flood of image tokens."""
+def stage2_share(tc: TrainConfig, n_chats: int = 1, n_text_chats: int = 0):
+    """Stage 2's mix as a function of the step. The modality warm-up (paper section 4.4, Figure 9): the language share
+    of the steps starts at 1.0 and decays linearly to lang_share (0.7, Table 1) over the first modality_warmup of the
+    run, so the language model is not shocked by a sudden flood of image tokens. sft_share of the steps are chats
+    (the paper mixed a little SFT data into stage 2, to watch the 1.3B's progress on questions: facts section 11),
+    split by modality as the rest, each step one modality (paper section 4.4, modality grouping): chats with an image
+    (sft) in proportion to their rows, and after the same warm-up as the multimodal steps; text-only chats
+    (text_sft) from the start. The shares need not sum to 1 (plan_batches)."""
     warm = int(tc.modality_warmup * tc.steps)  # steps; 0 (--modality_warmup 0, or under a step): no warm-up
+    # (no chats at all: "sft", whose absence is then said, with the setting that does without)
+    with_image = n_chats / (n_chats + n_text_chats) if n_chats + n_text_chats else 1.0
 
     def share(step):
-        lang = 1.0 - (1.0 - tc.lang_share) * (min(1.0, step / warm) if warm else 1.0)
+        ramp = min(1.0, step / warm) if warm else 1.0
+        lang = 1.0 - (1.0 - tc.lang_share) * ramp
         return {"language": lang * (1 - tc.sft_share), "multimodal": (1 - lang) * (1 - tc.sft_share),
-                "sft": tc.sft_share}
+                "sft": tc.sft_share * with_image * ramp, "text_sft": tc.sft_share * (1 - with_image)}
 
     return share
 
 
 # The modality groups a run can do without, and the setting that leaves each out (one's own data may have no
 # text-only chats, say); the others are what the stage is for.
-SHARE_FLAGS = {"sft": "--sft_share", "text_chat": "--text_sft_share", "short_chat": "--short_chat_share"}
+SHARE_FLAGS = {"sft": "--sft_share", "text_sft": "--sft_share", "text_chat": "--text_sft_share",
+               "short_chat": "--short_chat_share"}
 
 
 def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, folders):
@@ -715,10 +722,12 @@ def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, fo
                                  "; expected a string, such as 'caption' or 'ocr'")
         return {"multimodal": source([r for r in pretrain if r.get("category") in ("caption", "ocr")], "pretrain",
                                      "captions+ocr")}, lambda step: {"multimodal": 1.0}
-    if stage == 2:
-        return {"language": source(load_rows([tc.data], "text"), "text", "text"),
-                "multimodal": source(pretrain, "pretrain", "image-text"),
-                "sft": source(sft, "sft", "sft")}, stage2_share(tc)
+    if stage == 2:  # (.get: a malformed row goes on to Source, which names its file and line)
+        sources = {"language": source(load_rows([tc.data], "text"), "text", "text"),
+                   "multimodal": source(pretrain, "pretrain", "image-text"),
+                   "sft": source([r for r in sft if r.get("images")], "sft", "chats with images"),
+                   "text_sft": source([r for r in sft if not r.get("images")], "sft", "text-only chats")}
+        return sources, stage2_share(tc, len(sources["sft"]), len(sources["text_sft"]))
     if stage == 3:
         # With the loss normalised over a step's answer tokens, one long answer (a page read out, a web page's
         # markup) outweighs many one-word answers in the same step. The small models learn to answer from the image

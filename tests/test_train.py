@@ -161,21 +161,25 @@ def test_stage0_clips_each_of_its_three_models_on_its_own():
     assert list(train.clipping_groups(model, 3)) == ["model"]  # stages 1-3 train one model, clipped as one
 
 
-def test_stage2_mix_warms_up_from_language_only(data):
+def test_stage2_mix_warms_up_from_language_only_one_modality_a_step(data):
     tc = train.TrainConfig(data=data, steps=100, lang_share=0.7, modality_warmup=0.3, sft_share=0.1)
-    share = train.stage2_share(tc)
-    assert share(0) == pytest.approx({"language": 0.9, "multimodal": 0.0, "sft": 0.1})
-    assert share(15)["language"] == pytest.approx(0.85 * 0.9)  # halfway through the warm-up
-    for step in (30, 99):
-        assert share(step) == pytest.approx({"language": 0.63, "multimodal": 0.27, "sft": 0.1})  # 7:3, then SFT
+    share = train.stage2_share(tc, n_chats=30, n_text_chats=70)  # the chats split by modality, as their rows
+    assert share(0) == pytest.approx({"language": 0.9, "multimodal": 0.0, "sft": 0.0, "text_sft": 0.07})
+    assert share(15) == pytest.approx({"language": 0.85 * 0.9, "multimodal": 0.15 * 0.9, "sft": 0.015,
+                                       "text_sft": 0.07})  # halfway through the warm-up
+    for step in (30, 99):  # 7:3, then the chats: 10% of the steps
+        assert share(step) == pytest.approx({"language": 0.63, "multimodal": 0.27, "sft": 0.03, "text_sft": 0.07})
     # --modality_warmup 0, or a warm-up shorter than a step: 7:3 from the first step
     for no_warmup in (dataclasses.replace(tc, modality_warmup=0.0), dataclasses.replace(tc, steps=3)):
-        assert train.stage2_share(no_warmup)(0) == pytest.approx({"language": 0.63, "multimodal": 0.27, "sft": 0.1})
-    # and it is the mix stage 2 reads its three sources with
+        assert train.stage2_share(no_warmup, 30, 70)(0) == share(99)
+    assert train.stage2_share(tc, 0, 0)(99)["sft"] == pytest.approx(0.1)  # none: the group whose absence is said
+    # and it is the mix stage 2 reads its sources with, each step's samples of one modality
     tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
     sources, mix = train.stage_data(2, tc, tok, get_config("tiny"), 512, [data])
-    assert set(sources) == {"language", "multimodal", "sft"} and all(len(s) for s in sources.values())
-    assert all(mix(step) == share(step) for step in (0, 15, 30, 99))
+    assert set(sources) == {"language", "multimodal", "sft", "text_sft"} and all(len(s) for s in sources.values())
+    assert all(s.images for s in sources["sft"].samples) and not any(s.images for s in sources["text_sft"].samples)
+    expected = train.stage2_share(tc, len(sources["sft"]), len(sources["text_sft"]))
+    assert all(mix(step) == expected(step) for step in (0, 15, 30, 99))
 
 
 def test_released_sizes_default_to_table_4():
