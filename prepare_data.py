@@ -1,7 +1,7 @@
 """
-Prepare the training data, offline: a synthetic corpus that mirrors DeepSeek-VL's data (the paper's Tables 1 and
-2), real English prose from the Python standard library, and a tokenizer trained on it. Or import real data in
-the LLaVA conversation format.
+Prepare the training data, offline: a synthetic corpus that mirrors DeepSeek-VL's data categories (the paper's Tables 1
+and 2; as many examples of each, not the paper's proportions, so every category is learnt), real English prose from the
+Python standard library, and a tokenizer trained on it. Or import real data in the LLaVA conversation format.
 
     python prepare_data.py                         # the embedded default: data/ for the tiny preset, in seconds
     python prepare_data.py --config small --n 2000 # bigger images and more of them, into data-small/
