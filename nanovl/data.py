@@ -27,6 +27,7 @@ nanovl/llava.py and nanovl/evaluate.py share.
 
 import codecs
 import itertools
+from array import array
 import json
 import os
 import random
@@ -249,9 +250,32 @@ def epochs(n: int, key: str):
         epoch += 1
 
 
+class PackedRows:
+    """One step's packed rows (plan_batches), each a list of sample indices, held in two flat arrays: the released
+    sizes' stage 2 plans about 100 million rows (Table 4: 96,000 steps of 1024 at 1.3B), which as Python lists of
+    ints would take about 16 GB in each process (measured: 49 MB for 300 steps of 1024 rows of 4096 tokens, samples
+    of 200-3000 tokens); as arrays, 4 MB, and 3,000 steps are planned in 3.1 s instead of 4.8 (the garbage collector
+    no longer walks millions of lists). rows[k] is row k as a list, rows[a:b] a list of rows."""
+
+    def __init__(self, rows: List[List[int]]):
+        self.ids = array("i", [i for row in rows for i in row])  # every row's indices, end to end
+        self.starts = array("i", itertools.accumulate([len(row) for row in rows], initial=0))  # row k: [k], [k + 1]
+
+    def __len__(self):
+        return len(self.starts) - 1
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"row {k} of {len(self)}")
+        k %= len(self)
+        return self.ids[self.starts[k]:self.starts[k + 1]].tolist()
+
+
 def plan_batches(sizes: Dict[str, int], global_batch: int, steps: int, share: Callable[[int], Dict[str, float]],
                  seed: int, lengths: Optional[Dict[str, List[int]]] = None, row_len: int = 0) -> List[Tuple[str, list]]:
-    """For each step: (modality, global_batch row indices of that modality's source).
+    """For each step: (modality, global_batch row indices of that modality's source; packed, a PackedRows).
 
     share(step) gives each modality's probability at that step (they need not sum to 1). Each modality has its own
     stream of indices: a new permutation every epoch, seeded by (seed, modality, epoch).
@@ -289,7 +313,7 @@ def plan_batches(sizes: Dict[str, int], global_batch: int, steps: int, share: Ca
                     break
             row.append(i)
             used += n
-        plan.append((modality, rows))
+        plan.append((modality, PackedRows(rows)))
     return plan
 
 

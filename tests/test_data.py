@@ -18,8 +18,8 @@ from PIL import Image
 import prepare_data
 from nanovl.chat import IMAGE_TAG, render_document
 from nanovl.config import get_config
-from nanovl.data import (PackedBatches, PlannedBatches, Sample, Source, collate, epochs, folder_kind, plan_batches,
-                         read_jsonl, write_jsonl)
+from nanovl.data import (PackedBatches, PackedRows, PlannedBatches, Sample, Source, collate, epochs, folder_kind,
+                         plan_batches, read_jsonl, write_jsonl)
 from nanovl.image import ImageProcessor
 from nanovl.llava import import_llava
 from nanovl.synth import CATEGORIES, COLORS, NUMBERS, SEG_LABELS, SHAPES, make_example
@@ -945,6 +945,14 @@ def test_packing_lays_samples_end_to_end():
 
     exact = plan_batches({"language": 2}, 1, 2, lambda step: {"language": 1.0}, 0, {"language": [6, 6]}, 12)
     assert [sorted(rows[0]) for _, rows in exact] == [[0, 1], [0, 1]]  # 6 + 6 tokens fill a row of 12 exactly
+
+    # A step's rows are held in flat arrays (the released sizes plan about 100M rows), read back as lists.
+    rows = PackedRows([[4, 1], [7], [2, 0, 5]])
+    assert len(rows) == 3 and rows[0] == [4, 1] and rows[-1] == [2, 0, 5] and list(rows) == [[4, 1], [7], [2, 0, 5]]
+    assert rows[1:3] == [[7], [2, 0, 5]] and rows[5:] == [] and PackedRows([])[:] == []
+    with pytest.raises(IndexError):
+        rows[3]
+    assert all(isinstance(rows, PackedRows) for _, rows in plan)
 
     plan = [("language", [[0, 1], [2, 3]])]
     ids, targets, images, doc_ids = PackedBatches(plan, {"language": samples}, 0, None)[0]
