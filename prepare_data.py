@@ -53,7 +53,8 @@ from tqdm import tqdm
 
 from nanovl.chat import IMAGE_TAG, prompt_string, render_chat, render_document, show
 from nanovl.config import FROM_SCRATCH, PRESETS, get_config
-from nanovl.data import LEFTOVER, default_folder, folder_kind, quiet_worker, read_jsonl, read_text, write_jsonl
+from nanovl.data import (LEFTOVER, building, default_folder, folder_kind, quiet_worker, read_jsonl, read_text,
+                         write_jsonl)
 from nanovl.llava import import_llava
 from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
 from nanovl.tokenizer import Tokenizer
@@ -405,10 +406,13 @@ def main(argv=None):
             p.error(f"{', '.join(ignored)}: not for --llava, which imports the file's conversations and images as "
                     "they are (the synthetic corpus's settings; --show a folder once it is imported)")
         try:
-            report = import_llava(args.llava, args.images, args.out or "data-llava", workers=max(1, args.workers),
-                                  as_captions=args.captions)
+            with building(args.out or "data-llava"):  # (one build of a folder at a time)
+                report = import_llava(args.llava, args.images, args.out or "data-llava", workers=max(1, args.workers),
+                                      as_captions=args.captions)
         except ValueError as e:
             raise SystemExit(str(e)) from None
+        except OSError as e:  # (the lock beside --out, in a folder that cannot be written)
+            raise SystemExit(f"cannot write {e.filename or args.out}: {e.strerror or e}") from None
         except KeyboardInterrupt:  # Ctrl-C: a line instead of a traceback
             raise SystemExit(f"\ninterrupted: {args.out or 'data-llava'} is as it was (an import is written aside "
                              "and swapped in only when whole)") from None
@@ -457,7 +461,8 @@ def main(argv=None):
                     "document has no image: remove or reword it")
         args.user_text.append((f, text))
     try:
-        prepare(args)
+        with building(args.out):  # one build of a folder at a time: a second waits, then finds what the first made
+            prepare(args)
     except OSError as e:  # --out in a folder that cannot be written, or a full disk
         raise SystemExit(f"cannot write {e.filename or args.out}: {e.strerror or e}") from None
     except KeyboardInterrupt:  # Ctrl-C: a line instead of a traceback

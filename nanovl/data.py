@@ -26,13 +26,15 @@ nanovl/llava.py and nanovl/evaluate.py share.
 """
 
 import codecs
+import contextlib
 import itertools
-from array import array
 import json
 import os
 import random
 import re
 import signal
+import socket
+from array import array
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -117,6 +119,47 @@ def write_jsonl(path: str, rows: Sequence[dict]) -> None:
         os.remove(tmp)
         raise
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def building(folder: str):
+    """Hold folder's build lock while a corpus is made aside and swapped in (prepare_data.py's, or a LLaVA import).
+    Two builds of one folder at once cleared each other's .partial, and left a folder of one's rows and the other's
+    images, whose meta.json named one of them (a review found 896 of 1,164 images the other run's). A second build
+    waits for the first, then finds the folder as the first left it (two train.py runs making a missing data/ then
+    train on one corpus). The lock is a hidden file beside the folder, .NAME.lock, removed when the build ends;
+    where the system has no such locks (Windows), nothing is held."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    parent = os.path.dirname(os.path.abspath(folder))
+    os.makedirs(parent, exist_ok=True)  # (as the build's own folder would make it)
+    path = os.path.join(parent, f".{os.path.basename(folder.rstrip('/'))}.lock")
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()  # "HOST PID", as the holder wrote it
+            print(f"waiting for another build of {folder} to end (process {holder or '?'})", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)  # (Ctrl-C while waiting: KeyboardInterrupt, as anywhere)
+        try:  # the holder removes the file as it ends: a lock on that one, gone, holds nothing
+            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        f.close()
+    try:
+        f.truncate(0)
+        f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        os.remove(path)  # (before letting go: a build waiting on this file then sees it is gone, and opens anew)
+        f.close()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ import os
 import random
 import re
 import shutil
+import socket
+import threading
+import time
 from collections import defaultdict
 
 import numpy as np
@@ -18,8 +21,8 @@ from PIL import Image
 import prepare_data
 from nanovl.chat import IMAGE_TAG, render_document
 from nanovl.config import get_config
-from nanovl.data import (PackedBatches, PackedRows, PlannedBatches, Sample, Source, collate, epochs, folder_kind,
-                         plan_batches, read_jsonl, write_jsonl)
+from nanovl.data import (PackedBatches, PackedRows, PlannedBatches, Sample, Source, building, collate, epochs,
+                         folder_kind, plan_batches, read_jsonl, write_jsonl)
 from nanovl.image import ImageProcessor
 from nanovl.llava import import_llava
 from nanovl.synth import CATEGORIES, COLORS, NUMBERS, SEG_LABELS, SHAPES, make_example
@@ -292,6 +295,28 @@ def test_a_corpus_is_rebuilt_when_anything_that_makes_it_changes(user_text, tmp_
     # and the held-out split keeps a small share of the texts (3%), not the rest
     held = sum(prepare_data.is_held_out(f"a docstring, number {i}") for i in range(4000)) / 4000
     assert 0.02 < held < 0.04
+
+
+def test_two_builds_of_one_folder_take_turns(data_dir, user_text, tmp_path, capsys):
+    """Two at once cleared each other's .partial, and left one's rows with the other's images. The second waits for
+    the first, then builds (or finds the folder built), and the lock beside the folder goes with the last."""
+    out, held, done = tmp_path / "again", threading.Event(), []
+
+    def first():
+        with building(str(out)):
+            held.set()
+            time.sleep(0.5)
+            done.append(time.time())
+
+    other = threading.Thread(target=first)
+    other.start()
+    held.wait()
+    prepare_data.main(["--out", str(out), "--n", "6", "--workers", "1", "--text", user_text])
+    other.join()
+    assert f"waiting for another build of {out} to end (process {socket.gethostname()} {os.getpid()})" in \
+        capsys.readouterr().out
+    assert os.path.getmtime(out / "meta.json") >= done[0]  # built once the first had ended
+    assert folder_digest(out) == folder_digest(data_dir) and not (tmp_path / ".again.lock").exists()
 
 
 def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_path, capsys, monkeypatch):
