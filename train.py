@@ -85,7 +85,8 @@ class TrainConfig:
     # default (STAGE_DEFAULTS)
     steps: int = 0
     batch_size: int = 0  # global batch, in samples; packed (stage 2), in rows of seq_len tokens
-    micro_batch: int = 0  # samples (packed: rows) per forward pass per process (accumulation makes up the rest)
+    micro_batch: int = 0  # samples (packed: rows) per forward pass per process (accumulation makes up the rest;
+    # stages 1-3 take the largest micro-batch up to it that splits their batch evenly)
     lr: float = 0.0
     min_lr_ratio: float = 0.1  # the cosine schedule's floor, a share of lr (not given in the paper; the step
     # schedule of stage 2 has its own factors)
@@ -1005,17 +1006,21 @@ def split_batch(stage: int, tc: TrainConfig, hp: dict, world: int):
     """(micro, accum): the samples (packed: rows) per forward pass on each process, and the micro-batches each process
     accumulates per step, so that processes x micro x accum is the global batch."""
     global_batch, micro = hp["batch_size"], hp["micro_batch"]
-    if global_batch % (world * micro) and not tc.micro_batch and global_batch % world == 0 and stage > 0:
-        # The stage's default micro-batch does not split this batch (tiny's is the whole batch, for one process):
-        # each process takes the largest micro-batch up to it that splits its share evenly. In stages 1-3 the loss
-        # is normalised over the whole step, so the run is the same however the batch is split (a test checks); the
-        # default in the checkpoint's settings is unchanged. Not in stage 0, whose contrastive pairs and scenes are
-        # counted per micro-batch.
+    if global_batch % (world * micro) and global_batch % world == 0 and stage > 0:
+        # The micro-batch does not split this batch (tiny's default is the whole batch, for one process; a
+        # --micro_batch for every stage of the run may not split each stage's): each process takes the largest
+        # micro-batch up to it that splits its share evenly. In stages 1-3 the loss is normalised over the whole
+        # step, so the run is the same however the batch is split (a test checks); the settings in the checkpoint
+        # are unchanged. Not in stage 0, whose contrastive pairs and scenes are counted per micro-batch.
         micro = max(m for m in range(1, micro + 1) if (global_batch // world) % m == 0)
     if global_batch % (world * micro):
-        raise SystemExit(f"batch_size {global_batch} is not divisible by {world} processes x micro_batch {micro}: "
-                         + (f"pass a --micro_batch that divides {global_batch // world}" if global_batch % world == 0
-                            else f"pass a --batch_size that {world} processes divide"))
+        raise SystemExit(f"stage {stage}: batch_size {global_batch} is not divisible by {world} processes x "
+                         f"micro_batch {micro}: " + (
+                             f"pass a --micro_batch that divides {global_batch // world}" + (
+                                 " (stage 0 keeps its micro-batch as given: its contrastive pairs are counted per "
+                                 "micro-batch; stages 1-3 take the largest up to it that splits theirs)"
+                                 if stage == 0 else "") if global_batch % world == 0
+                             else f"pass a --batch_size that {world} processes divide"))
     return micro, global_batch // (world * micro)
 
 
@@ -1451,6 +1456,17 @@ def main(argv=None):
     except ValueError as e:
         raise SystemExit(str(e)) from None
     rank, world = setup_distributed()
+    try:
+        train_or_evaluate(argv, tc, overrides, cfg, rank, world)
+    finally:
+        # Stopped (a refused setting, a failure), torchrun's processes leave the group here, without a barrier: left
+        # to the exit, gloo's threads aborted 1 run in 4 ("terminate called without an active exception").
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, rank: int, world: int):
+    """main, once the process group is set up: --eval_only, or the stages of the run."""
     device = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         check_device(device)

@@ -1641,14 +1641,23 @@ def test_stage_all_checks_every_stage_settings_before_the_first_trains(tmp_path,
     base = ["--out", str(tmp_path / "o"), "--data", str(tmp_path / "d")]
     with pytest.raises(SystemExit, match=r"--text_sft_share 0.6 and --short_chat_share 0.6 add up to more than 1"):
         train.main(base + ["--text_sft_share", "0.6", "--short_chat_share", "0.6"])
-    with pytest.raises(SystemExit, match=r"batch_size 6 is not divisible by 1 processes x micro_batch 4"):
-        train.main(base + ["--micro_batch", "4"])  # stage 2's 6 packed rows; stages 0, 1 and 3 split by 4
+    with pytest.raises(SystemExit, match=r"stage 0: batch_size 4 is not divisible by 1 processes x micro_batch 3: "
+                                         r"pass a --micro_batch that divides 4 \(stage 0 keeps its micro-batch as "
+                                         r"given: .*; stages 1-3 take the largest up to it that splits theirs\)"):
+        train.main(base + ["--micro_batch", "3"])
     # One of the two given, the other the preset's (0.65 for one-question chats): the sum is the same problem
     with pytest.raises(SystemExit, match=r"--text_sft_share 0.6 and --short_chat_share 0.65 \(the preset's\) add up"):
         train.main(base + ["--text_sft_share", "0.6"])
     assert ran == []
     train.main(base + ["--text_sft_share", "0.33", "--short_chat_share", "0.67"])  # 1 in decimals, not in binary
     assert ran == [0, 1, 2, 3]
+    # A --micro_batch for the whole run that splits stage 0's batch of 4 but not stage 2's 6 packed rows (as the
+    # advice for 2 processes would have it): stages 1-3 take the largest micro-batch up to it that splits theirs.
+    train.main(base + ["--micro_batch", "4"])
+    assert ran == [0, 1, 2, 3] * 2
+    tc = train.TrainConfig(micro_batch=4)
+    assert train.split_batch(2, tc, train.stage_hparams(2, tc, get_config("tiny"))[0], 1) == (3, 2)
+    assert train.split_batch(2, tc, train.stage_hparams(2, tc, get_config("tiny"))[0], 2) == (3, 1)
 
 
 def resume_check(tmp_path, stage, now, **hp_changes):
