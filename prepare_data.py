@@ -267,6 +267,12 @@ BUILT = {"images", "meta.json", "tokenizer.json"} | {f"{k}.jsonl" for k in ("pre
 BUILT_IMAGE = re.compile(rf"({'|'.join(CATEGORIES)})/(train|eval|val)_\d{{6}}(_\d+)?(_seg)?\.png")
 
 
+def missing(folder: str, preset: str) -> list:
+    """What a corpus made by this version holds at its top that folder lacks (removed since): it is rebuilt."""
+    need = BUILT - (set() if preset in FROM_SCRATCH else {"tokenizer.json"})  # (released sizes: the model's own)
+    return sorted(f for f in need if not os.path.exists(os.path.join(folder, f)))
+
+
 def not_built(folder: str) -> list:
     """What in a corpus folder (or a build's .partial) prepare_data.py did not write: a rebuild would delete it."""
     others = sorted(f for f in os.listdir(folder) if f not in BUILT and not LEFTOVER.fullmatch(f))
@@ -312,9 +318,12 @@ def prepare(args):
     if kind == "synthetic":
         with open(os.path.join(args.out, "meta.json")) as f:
             meta = json.load(f)
-        if meta.get("identity") == identity(args):
+        gone = missing(args.out, args.config)
+        if meta.get("identity") == identity(args) and not gone:
             print(f"{args.out} is already prepared with these arguments; nothing to do")
             return
+        if gone:
+            print(f"{args.out} lacks {', '.join(gone)}: rebuilding it")
         # Rebuilt whole: so anything else put in the folder (questions of one's own, notes, pictures among the
         # generated ones) would go with it.
         others = not_built(args.out)

@@ -583,8 +583,8 @@ def tokenizer_path(tc: TrainConfig, sources) -> str:
 
 
 def data_to_prepare(folder: str, preset: str):
-    """(why, prepare_data arguments) when the synthetic folder is missing or was made by an older prepare_data.py
-    (its generators changed, e.g. the stage-0 captions), else None. A rebuild keeps the folder's own arguments; a
+    """(why, prepare_data arguments) when the synthetic folder is missing, was made by an older prepare_data.py (its
+    generators changed, e.g. the stage-0 captions) or lacks one of its files (removed since), else None. A rebuild keeps the folder's own arguments; a
     folder made for another preset is refused, never rebuilt. A LLaVA import is used as it is: training on one's
     own data alone."""
     import prepare_data
@@ -606,10 +606,11 @@ def data_to_prepare(folder: str, preset: str):
         raise SystemExit(f"--data {folder} was prepared for the {ident['config']!r} preset (images at "
                          f"{meta.get('image_size')} px); the {preset!r} model needs data of its own: pass "
                          f"--data {default_folder(preset)} (made there if missing)")
-    if ident["version"] == prepare_data.VERSION:
-        return None
-    return (f"made by an older prepare_data.py (version {ident['version']}, now {prepare_data.VERSION})",
-            prepare_data.arguments(ident, folder))
+    if ident["version"] != prepare_data.VERSION:
+        return (f"made by an older prepare_data.py (version {ident['version']}, now {prepare_data.VERSION})",
+                prepare_data.arguments(ident, folder))
+    gone = prepare_data.missing(folder, preset)  # (a stage would find a file missing, and say it less clearly)
+    return (f"{', '.join(gone)} missing", prepare_data.arguments(ident, folder)) if gone else None
 
 
 def rng_state() -> dict:

@@ -328,6 +328,10 @@ def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_p
     prepare_data.main(["--out", str(again), "--n", "6", "--text", "./" + os.path.basename(user_text)])
     assert "already prepared" in capsys.readouterr().out
     monkeypatch.undo()
+    (again / "text.jsonl").unlink()  # removed since: rebuilt, not "already prepared"
+    prepare_data.main(["--out", str(again), "--n", "6", "--workers", "1", "--text", user_text])
+    assert f"{again} lacks text.jsonl: rebuilding it" in capsys.readouterr().out
+    assert folder_digest(again) == folder_digest(data_dir)
     (again / "my_questions.jsonl").write_text("mine")  # what a rebuild would delete: it stops and says so
     with pytest.raises(SystemExit, match="to be rebuilt .new arguments., but it also holds my_questions.jsonl, which "
                                          "prepare_data.py did not write and the rebuild would delete: move it out"):

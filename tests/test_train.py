@@ -1619,11 +1619,18 @@ def test_old_synthetic_data_is_rebuilt_with_its_own_arguments(tmp_path):
     assert train.data_to_prepare(str(tmp_path), "tiny")[1] == ["--out", str(tmp_path), "--config", "tiny"]
     ident = {"version": prepare_data.VERSION, "config": "tiny", "n": 50, "seed": 3, "image_size": 0, "text": {}}
     (tmp_path / "meta.json").write_text(json.dumps({"identity": ident}))
+    own = ["--out", str(tmp_path), "--config", "tiny", "--n", "50", "--seed", "3", "--image-size", "0"]
+    built = sorted(prepare_data.BUILT - {"meta.json"})
+    assert train.data_to_prepare(str(tmp_path), "tiny") == (f"{', '.join(built)} missing", own)
+    for name in built:
+        (tmp_path / name).mkdir() if name == "images" else (tmp_path / name).write_text("")
     assert train.data_to_prepare(str(tmp_path), "tiny") is None
+    (tmp_path / "text.jsonl").unlink()  # removed since: rebuilt (stage 0 said "no rows for modality ['language']")
+    assert train.data_to_prepare(str(tmp_path), "tiny") == ("text.jsonl missing", own)
+    (tmp_path / "text.jsonl").write_text("")
     (tmp_path / "meta.json").write_text(json.dumps({"identity": dict(ident, version=prepare_data.VERSION - 1)}))
     why, args = train.data_to_prepare(str(tmp_path), "tiny")
-    assert "older prepare_data.py" in why
-    assert args == ["--out", str(tmp_path), "--config", "tiny", "--n", "50", "--seed", "3", "--image-size", "0"]
+    assert "older prepare_data.py" in why and args == own
     (tmp_path / "meta.json").write_text(json.dumps({"llava": {}}))  # an import: used as it is, never rebuilt
     assert train.data_to_prepare(str(tmp_path), "tiny") is None
     (tmp_path / "meta.json").unlink()
