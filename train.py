@@ -1516,11 +1516,17 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
         print(format_table(acc, bpb, f"evaluation of {tc.ckpt} on {tc.data}{split_named(tc)}", asked_open, rows[0]))
         return
 
+    seen = {os.path.realpath(tc.data): "--data"}
     for folder in [f for f in tc.extra_data.split(",") if f]:
         if not any(os.path.exists(os.path.join(folder, f"{name}.jsonl")) for name in ("pretrain", "sft")):
-            raise SystemExit(f"--extra_data {folder}: " + ("no such folder" if not os.path.isdir(folder) else
-                                                           "holds neither pretrain.jsonl nor sft.jsonl") +
-                             "; expected a folder of rows, such as prepare_data.py --llava writes")
+            raise SystemExit(f"--extra_data {folder}: " + (
+                "a file" if os.path.isfile(folder) else "no such folder" if not os.path.isdir(folder) else
+                "holds neither pretrain.jsonl nor sft.jsonl") +
+                "; expected a folder of rows, such as prepare_data.py --llava writes")
+        if os.path.realpath(folder) in seen:  # its rows would be read twice, and weigh double in the mix
+            raise SystemExit(f"--extra_data {folder} is the folder {seen[os.path.realpath(folder)]} names already: "
+                             "name each folder once")
+        seen[os.path.realpath(folder)] = f"--extra_data {folder}"
     if tc.stage == "all":
         stages = [0, 1, 2, 3] if cfg.name in FROM_SCRATCH else [1, 2, 3]
     elif tc.stage in ("0", "1", "2", "3"):

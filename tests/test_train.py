@@ -1512,6 +1512,8 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
                           (["--init_from", ","], "--init_from ',' names nothing: give one or more, separated by "
                                                  "commas"),  # (it fell back to the stage before's weights)
                           (["--extra_data", " , "], "--extra_data ' , ' names nothing"),
+                          (["--extra_data", data], f"--extra_data {data} is the folder --data names already: name "
+                                                   "each folder once"),  # (its rows read twice, silently)
                           ]:
         with pytest.raises(SystemExit, match=message):
             train.main(["--data", data, "--out", str(tmp_path / "o")] + argv)
@@ -1532,6 +1534,12 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
     with pytest.raises(SystemExit, match="--data .*a_file is a file: expected a folder made by prepare_data.py"):
         train.main(["--data", str(tmp_path / "a_file"), "--stage", "3", "--init_from", start_weights, "--out",
                     str(tmp_path / "y")])
+    for extras, message in ((str(tmp_path / "a_file"), "a_file: a file; expected a folder of rows"),
+                            (f"{extra},{tmp_path}/./extra", f"--extra_data {tmp_path}/./extra is the folder "
+                                                            f"--extra_data {extra} names already")):
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            train.main(["--data", data, "--stage", "1", "--init_from", start_weights, "--out", str(tmp_path / "x"),
+                        "--extra_data", extras])
     with pytest.raises(SystemExit, match=r"--stop_after 3 is not a checkpoint step of stage 3 \(every 2, and the last, "
                                          r"8\)"):
         train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "s"),
