@@ -356,7 +356,9 @@ class ChatSession:
         if end >= self.cache.max_len:
             raise ValueError(f"this turn would make the conversation {end} tokens long, but the context holds "
                              f"{self.cache.max_len} (with room for an answer); " +
-                             ("start a new chat" if self.turns else "shorten the message (or the system prompt)"))
+                             ("start a new chat" if self.turns else "shorten the message (or the system prompt)") +
+                             (f", or give fewer images (each takes {self.model.cfg.n_image_tokens} tokens)"
+                              if images else ""))
         pixels = torch.stack([self.proc(im) for im in images]) if images else None  # (N, 3, S, S); may raise
         device = self.model.llm.embed_tokens.weight.device
         start = self.cache.length

@@ -402,6 +402,10 @@ def test_a_bad_turn_leaves_the_session_as_it_was(tiny, tok, tmp_path):
     assert chat.ask(f"{IMAGE_TAG}what?", [picture(4)], s) == fresh.ask(f"{IMAGE_TAG}what?", [picture(4)], s)
     with pytest.raises(ValueError, match="start a new chat$"):  # later in a chat, what was said before fills it too
         chat.ask("red " * 600, [], s)
+    many = 1 + tiny.cfg.llm.max_seq_len // tiny.cfg.n_image_tokens  # images alone fill the context
+    with pytest.raises(ValueError, match=rf"shorten the message \(or the system prompt\), or give fewer images \(each "
+                                         rf"takes {tiny.cfg.n_image_tokens} tokens\)$"):
+        ChatSession(tiny, tok, proc).ask(IMAGE_TAG * many + "what?", [picture(4)] * many, s)
 
 
 def test_prompt_longer_than_the_context_or_empty_is_refused(tiny, tok):
