@@ -267,10 +267,14 @@ BUILT = {"images", "meta.json", "tokenizer.json"} | {f"{k}.jsonl" for k in ("pre
 BUILT_IMAGE = re.compile(rf"({'|'.join(CATEGORIES)})/(train|eval|val)_\d{{6}}(_\d+)?(_seg)?\.png")
 
 
-def missing(folder: str, preset: str) -> list:
-    """What a corpus made by this version holds at its top that folder lacks (removed since): it is rebuilt."""
-    need = BUILT - (set() if preset in FROM_SCRATCH else {"tokenizer.json"})  # (released sizes: the model's own)
-    return sorted(f for f in need if not os.path.exists(os.path.join(folder, f)))
+# What training reads of a corpus; the held-out files are optional there (a stage without them is not evaluated).
+TRAINED_ON = {"images", "tokenizer.json", "pretrain.jsonl", "sft.jsonl", "stage0.jsonl", "text.jsonl"}
+
+
+def missing(folder: str, preset: str, names=BUILT) -> list:
+    """Which of names a corpus made by this version holds at its top folder lacks (removed since): it is rebuilt."""
+    need = names - {"meta.json"} - (set() if preset in FROM_SCRATCH else {"tokenizer.json"})  # (released sizes:
+    return sorted(f for f in need if not os.path.exists(os.path.join(folder, f)))  # the model's own tokenizer)
 
 
 def not_built(folder: str) -> list:

@@ -521,8 +521,8 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
         free = ("lr", "micro_batch") if stage > 0 or finished else ("lr",)  # (the split of a step: see below)
         # (A setting resolved since the checkpoint was written, absent from its hparams, is compared as given.)
         saved_hp = state["hparams"] if resolved else {}
-        diff = [f"{k}: checkpoint {saved_hp[k]!r} vs now {v!r}" for k, v in hp.items()
-                if k in saved_hp and k not in free and saved_hp[k] != v]
+        diff = [f"{'--' * (k in HPARAM_FIELDS)}{k}: checkpoint {saved_hp[k]!r} vs now {v!r}" for k, v in hp.items()
+                if k in saved_hp and k not in free and saved_hp[k] != v]  # (each as the flag that sets it)
         diff += [f"--{k}: checkpoint {state['train'][k]!r} vs now {v!r}" for k, v in dataclasses.asdict(tc).items()
                  if k not in FREE_ON_RESUME and not (k in HPARAM_FIELDS and k in saved_hp) and k in state["train"]
                  and state["train"][k] != v]
@@ -584,7 +584,7 @@ def tokenizer_path(tc: TrainConfig, sources) -> str:
 
 def data_to_prepare(folder: str, preset: str):
     """(why, prepare_data arguments) when the synthetic folder is missing, was made by an older prepare_data.py (its
-    generators changed, e.g. the stage-0 captions) or lacks one of its files (removed since), else None. A rebuild keeps the folder's own arguments; a
+    generators changed, e.g. the stage-0 captions) or lacks a file training reads (removed since), else None. A rebuild keeps the folder's own arguments; a
     folder made for another preset is refused, never rebuilt. A LLaVA import is used as it is: training on one's
     own data alone."""
     import prepare_data
@@ -609,7 +609,8 @@ def data_to_prepare(folder: str, preset: str):
     if ident["version"] != prepare_data.VERSION:
         return (f"made by an older prepare_data.py (version {ident['version']}, now {prepare_data.VERSION})",
                 prepare_data.arguments(ident, folder))
-    gone = prepare_data.missing(folder, preset)  # (a stage would find a file missing, and say it less clearly)
+    gone = prepare_data.missing(folder, preset, prepare_data.TRAINED_ON)  # (a stage would find one missing, and
+    # say it less clearly; a held-out file removed leaves its evaluation out, as for one's own data without it)
     return (f"{', '.join(gone)} missing", prepare_data.arguments(ident, folder)) if gone else None
 
 

@@ -846,7 +846,7 @@ def test_a_run_killed_for_memory_resumes_with_a_smaller_micro_batch_except_in_st
     stage0 = tmp_path / "s0" / "stage0"
     stage0.mkdir(parents=True)
     torch.save(dict(state, stage=0, hparams=train.stage_defaults("tiny", 0), step=2), stage0 / "ckpt.pt")
-    with pytest.raises(SystemExit, match=r"other training settings:\n  micro_batch: checkpoint 4 vs now 2\npass the "
+    with pytest.raises(SystemExit, match=r"other training settings:\n  --micro_batch: checkpoint 4 vs now 2\npass the "
                                          r"same settings to resume it \(to fit in less memory, --grad_ckpt may"):
         train.main(["--data", data, "--stage", "0", "--out", str(tmp_path / "s0"), "--resume", "--micro_batch", "2"])
     with pytest.raises(SystemExit, match=r"run of 1 process\(es\) x micro_batch 1; this one would be 1 x 4\. Stage 0"):
@@ -915,8 +915,8 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
     # writes them from the checkpoint.
     (folder / "model.pt").unlink()
     (folder / "eval.json").unlink()
-    with pytest.raises(SystemExit, match=r"other training settings:\n  warmup: checkpoint \d+ vs now 7\n  "
-                                         r"vision_lr_mult: checkpoint 0.1 vs now 0.5\n  --seed"):
+    with pytest.raises(SystemExit, match=r"other training settings:\n  --warmup: checkpoint \d+ vs now 7\n  "
+                                         r"--vision_lr_mult: checkpoint 0.1 vs now 0.5\n  --seed"):
         train.main(common + ["--resume", "--warmup", "7", "--vision_lr_mult", "0.5", "--seed", "3"])  # (--lr: below)
     with pytest.raises(SystemExit, match="another model config:\n  llm.n_layers: checkpoint 4 vs now 3\npass"):
         train.main(common + ["--resume", "--llm.n_layers=3", "--data", fresh])  # (the checkpoint's, read mapped)
@@ -1628,7 +1628,7 @@ def test_old_synthetic_data_is_rebuilt_with_its_own_arguments(tmp_path):
     ident = {"version": prepare_data.VERSION, "config": "tiny", "n": 50, "seed": 3, "image_size": 0, "text": {}}
     (tmp_path / "meta.json").write_text(json.dumps({"identity": ident}))
     own = ["--out", str(tmp_path), "--config", "tiny", "--n", "50", "--seed", "3", "--image-size", "0"]
-    built = sorted(prepare_data.BUILT - {"meta.json"})
+    built = sorted(prepare_data.TRAINED_ON)
     assert train.data_to_prepare(str(tmp_path), "tiny") == (f"{', '.join(built)} missing", own)
     for name in built:
         (tmp_path / name).mkdir() if name == "images" else (tmp_path / name).write_text("")
