@@ -1223,7 +1223,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         atomic_save(tok.to_json(), os.path.join(out_dir, "tokenizer.json"))  # the folder is all sample.py needs
     # This training of the stage, named at its start and kept through resumes: its model.pt carries the name, and the
     # stages after it record which one they began from (weights_id).
-    start, metrics, run_id, lr_was = 0, [], secrets.token_hex(8), None
+    start, metrics, run_id, lr_was, evaluated = 0, [], secrets.token_hex(8), None, 0
     if resume:
         run_id = state.get("id", run_id)  # (older checkpoints: none)
         net.load_state_dict(state["model"])
@@ -1231,6 +1231,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         set_rng_state(state["rng"])
         start = state["step"]
         lr_was = state.get("hparams", {}).get("lr")
+        evaluated = state.get("evaluated", 0)  # the last step evaluated mid-stage (older checkpoints: not said)
         if master:  # the metrics up to the checkpoint travel inside it (older checkpoints: from metrics.jsonl)
             metrics = state["metrics"] if "metrics" in state else \
                 [m for m in read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if m["step"] <= start]
@@ -1318,7 +1319,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         if master:
             atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state(),
                          "config": cfg.to_dict(), "train": dataclasses.asdict(tc), "hparams": hp, "stage": stage,
-                         "split": [world, micro], "metrics": metrics, "id": run_id}, ckpt_path)
+                         "split": [world, micro], "metrics": metrics, "id": run_id, "evaluated": evaluated}, ckpt_path)
             with writing(os.path.join(out_dir, "metrics.jsonl")):
                 write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
 
@@ -1347,6 +1348,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
 
     def evaluate_mid_stage(done):
         """The held-out evaluation every --eval_every steps, into the metrics (and metrics.jsonl) and the log."""
+        nonlocal evaluated
+        evaluated = done
         acc, asked_open, bpb = evaluate(model, eval_rows, tok, eval_proc, tc.data, rank, world, eval_autocast)
         metrics.append({"stage": stage, "step": done, "mc_mean": acc["mean"], "open_mean": asked_open["mean"],
                         "bpb": bpb})
@@ -1358,8 +1361,10 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     def evaluation_due(done):
         return bool(tc.eval_every) and done % tc.eval_every == 0 and 0 < done < hp["steps"] and eval_rows and stage > 0
 
-    if evaluation_due(start):  # a checkpoint is written before its step's evaluation, which the run may not have lived
-        evaluate_mid_stage(start)  # to write
+    # A step's checkpoint is written before its evaluation (below), which the run may not have lived to write; one
+    # written later in that step (an unreadable image's) holds it already.
+    if evaluation_due(start) and evaluated != start:
+        evaluate_mid_stage(start)
     for step in bar:
         lr = learning_rate(step, hp, tc.min_lr_ratio)
         for group in opt.param_groups:

@@ -1000,6 +1000,26 @@ def test_an_unreadable_image_stops_the_run_naming_its_row_and_keeps_the_steps_do
         train.main(args[:7] + [str(tmp_path / "p")] + args[8:])
     assert not os.path.exists(tmp_path / "p" / "stage3" / "ckpt.pt")
 
+    # Evaluated at every step: the checkpoint of the steps done holds step 1's evaluation, which its resume does not
+    # run again (one written at a checkpoint step, before that step's evaluation, does: test_resume_is_bitwise...).
+    trained = []
+
+    def training_breaks_later(self, image, max_pixels=None):  # (the held-out images read on)
+        if "/train_" in str(image):
+            trained.append(image)
+            if len(trained) > 4:
+                raise ValueError(f"cannot read image {image}: broken")
+        return readable(self, image) if max_pixels is None else readable(self, image, max_pixels)
+
+    monkeypatch.setattr(ImageProcessor, "pixels", training_breaks_later)
+    evaluated = args[:7] + [str(tmp_path / "q")] + args[8:] + ["--eval_every", "1"]
+    with pytest.raises(SystemExit, match=r"stage 3, step 2: .*Training up to step 1 is saved"):
+        train.main(evaluated)
+    monkeypatch.setattr(ImageProcessor, "pixels", readable)
+    train.main(evaluated + ["--resume"])
+    metrics = train.read_jsonl(tmp_path / "q" / "stage3" / "metrics.jsonl")
+    assert [m["step"] for m in metrics if "mc_mean" in m] == [1, 2, 3]
+
 
 def test_an_unreadable_image_in_another_process_stops_every_process_and_keeps_the_steps_done(data, start_weights,
                                                                                               tmp_path):
