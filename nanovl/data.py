@@ -128,15 +128,16 @@ def building(folder: str):
     images, whose meta.json named one of them (a review found 896 of 1,164 images the other run's). A second build
     waits for the first, then finds the folder as the first left it (two train.py runs making a missing data/ then
     train on one corpus). The lock is a hidden file beside the folder, .NAME.lock, removed when the build ends;
-    where the system has no such locks (Windows), nothing is held."""
+    where the system or the file system has no such locks (Windows; Lustre or NFS mounted without them), nothing is
+    held."""
     try:
         import fcntl
     except ImportError:
         yield
         return
-    parent = os.path.dirname(os.path.abspath(folder))
-    os.makedirs(parent, exist_ok=True)  # (as the build's own folder would make it)
-    path = os.path.join(parent, f".{os.path.basename(folder.rstrip('/'))}.lock")
+    folder = os.path.abspath(folder)  # (however it is spelt: "data", "data/", "./data/.")
+    os.makedirs(os.path.dirname(folder), exist_ok=True)  # (as the build's own folder would make it)
+    path = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.lock")
     while True:
         f = open(path, "a+")
         try:
@@ -146,12 +147,21 @@ def building(folder: str):
             holder = f.read().strip()  # "HOST PID", as the holder wrote it
             print(f"waiting for another build of {folder} to end (process {holder or '?'})", flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)  # (Ctrl-C while waiting: KeyboardInterrupt, as anywhere)
+        except OSError:  # a file system without locks (ENOSYS, ENOLCK): the build goes on unlocked
+            f.close()
+            with contextlib.suppress(OSError):
+                os.remove(path)
+            f = None
+            break
         try:  # the holder removes the file as it ends: a lock on that one, gone, holds nothing
             if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
                 break
         except FileNotFoundError:
             pass
         f.close()
+    if f is None:
+        yield
+        return
     try:
         f.truncate(0)
         f.write(f"{socket.gethostname()} {os.getpid()}\n")

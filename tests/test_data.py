@@ -1,5 +1,7 @@
 """prepare_data.py end to end on a small run, the LLaVA import with bad rows, and the batches the trainer reads."""
 
+import errno
+import fcntl
 import gzip
 import hashlib
 import itertools
@@ -317,6 +319,21 @@ def test_two_builds_of_one_folder_take_turns(data_dir, user_text, tmp_path, caps
         capsys.readouterr().out
     assert os.path.getmtime(out / "meta.json") >= done[0]  # built once the first had ended
     assert folder_digest(out) == folder_digest(data_dir) and not (tmp_path / ".again.lock").exists()
+    with building(f"{out}/."):  # one lock however the folder is spelt
+        assert os.listdir(tmp_path).count(".again.lock") == 1
+        with pytest.raises(BlockingIOError):
+            with open(tmp_path / ".again.lock") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_build_goes_on_unlocked_where_the_file_system_has_no_locks(tmp_path, monkeypatch):
+    def no_locks(f, how):  # Lustre mounted without flock, some NFS: the build worked before it took a lock
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with building(str(tmp_path / "data")):
+        built = True
+    assert built and os.listdir(tmp_path) == []
 
 
 def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_path, capsys, monkeypatch):
