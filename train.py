@@ -1155,6 +1155,9 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     if finished:
         return
     micro, accum = check_stage(stage, tc, hp, world)
+    if tc.micro_batch and micro != tc.micro_batch:  # (split_batch: the largest micro-batch up to it that splits)
+        say(f"stage {stage}: micro-batches of {micro}: --micro_batch {tc.micro_batch} does not split the "
+            f"{hp['batch_size'] // world} {'rows' if hp['pack'] else 'samples'} of each process's step")
     ckpt_every = tc.ckpt_every or max(1, hp["steps"] // 10)
     if tc.stop_after and tc.stop_after % ckpt_every and tc.stop_after != hp["steps"]:
         raise SystemExit(f"--stop_after {tc.stop_after} is not a checkpoint step of stage {stage} (every {ckpt_every}, "
@@ -1466,9 +1469,11 @@ def main(argv=None):
     try:
         train_or_evaluate(argv, tc, overrides, cfg, rank, world)
     finally:
-        # Stopped (a refused setting, a failure), torchrun's processes leave the group here, without a barrier: left
-        # to the exit, gloo's threads aborted 1 run in 4 ("terminate called without an active exception").
-        if world > 1 and dist.is_initialized():
+        # Stopped (a refused setting, a failure), torchrun's processes leave a gloo group here, without a barrier:
+        # left to the exit, gloo's threads aborted 1 run in 4 ("terminate called without an active exception"). Not
+        # one with NCCL, whose teardown waits for collectives in flight, which a process stopped by Ctrl-C may have
+        # left for good (the exit aborts them instead).
+        if world > 1 and dist.is_initialized() and "nccl" not in str(dist.get_backend()):
             dist.destroy_process_group()
 
 

@@ -1695,6 +1695,14 @@ def test_stage_all_checks_every_stage_settings_before_the_first_trains(tmp_path,
     assert train.split_batch(2, tc, train.stage_hparams(2, tc, get_config("tiny"))[0], 2) == (3, 1)
 
 
+def test_a_micro_batch_that_does_not_split_a_stage_batch_is_said_with_the_one_taken(data, start_weights, tmp_path,
+                                                                                   capsys):
+    train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "o"), "--steps",
+                "1", "--batch_size", "6", "--micro_batch", "4"] + FAST)
+    assert "stage 3: micro-batches of 3: --micro_batch 4 does not split the 6 samples of each process's step" in \
+        capsys.readouterr().out
+
+
 def resume_check(tmp_path, stage, now, **hp_changes):
     """train.resumable_state on a checkpoint saved with the default settings, resumed with `now` (and hp_changes)."""
     cfg, path = get_config("tiny"), str(tmp_path / "ckpt.pt")
