@@ -326,13 +326,14 @@ def prepare(args):
         if meta.get("identity") == identity(args) and not gone:
             print(f"{args.out} is already prepared with these arguments; nothing to do")
             return
-        if gone:
+        why = ("a new version of the corpus" if meta["identity"].get("version") != VERSION else "new arguments"
+               if meta.get("identity") != identity(args) else f"{', '.join(gone)} missing")
+        if gone and meta.get("identity") == identity(args):
             print(f"{args.out} lacks {', '.join(gone)}: rebuilding it")
         # Rebuilt whole: so anything else put in the folder (questions of one's own, notes, pictures among the
         # generated ones) would go with it.
         others = not_built(args.out)
         if others:
-            why = "new arguments" if meta["identity"].get("version") == VERSION else "a new version of the corpus"
             raise SystemExit(f"{args.out} is to be rebuilt ({why}), but it also holds {', '.join(others[:5])}, which "
                              "prepare_data.py did not write and the rebuild would delete: move "
                              f"{'them' if len(others) > 1 else 'it'} out of the folder first, or use another folder")

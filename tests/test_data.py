@@ -349,6 +349,13 @@ def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_p
     prepare_data.main(["--out", str(again), "--n", "6", "--workers", "1", "--text", user_text])
     assert f"{again} lacks text.jsonl: rebuilding it" in capsys.readouterr().out
     assert folder_digest(again) == folder_digest(data_dir)
+    text = (again / "text.jsonl").read_bytes()
+    (again / "text.jsonl").unlink()
+    (again / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match=r"is to be rebuilt \(text.jsonl missing\), but it also holds notes.txt"):
+        prepare_data.main(["--out", str(again), "--n", "6", "--text", user_text])
+    (again / "notes.txt").unlink()
+    (again / "text.jsonl").write_bytes(text)
     (again / "my_questions.jsonl").write_text("mine")  # what a rebuild would delete: it stops and says so
     with pytest.raises(SystemExit, match="to be rebuilt .new arguments., but it also holds my_questions.jsonl, which "
                                          "prepare_data.py did not write and the rebuild would delete: move it out"):
