@@ -156,16 +156,14 @@ class DeepSeekVL(nn.Module):
         cut = (edge == -1) & ((t - span_start) % per_image != 0)  # (B, T+1): True where a cut span ends
         # What must hold before anything runs, read back in one go: one device sync per forward, not one per check.
         # (Pixels that are NaN or inf would run through every layer and come out as a confident-looking answer. So
-        # would pixels of 0-255, or normalised twice. Towers that normalise their input themselves (the hybrid's, or
-        # a SigLIP given pixel_mean) take [0, 1] pixels; the released 1.3B's processor normalises them instead, to
-        # [-1, 1] (other statistics give up to about [-2.1, 2.6]). The bounds leave room for a resize that overshoots
-        # a little, as bicubic ones do.)
+        # would pixels of 0-255. The processor makes them in [0, 1] where the towers normalise them (the hybrid's, or
+        # a SigLIP given pixel_mean), else normalised by its mean and std: [-1, 1] for the released 1.3B, and no
+        # statistics of a released processor reach past about [-2.2, 2.7]. The bounds take any of those, and a
+        # resize that overshoots a little, as bicubic ones do.)
         none = torch.zeros((), dtype=torch.long, device=ids.device)
         floats = given is not None and given.is_floating_point()
         not_finite = (~torch.isfinite(given)).sum() if floats else none
-        unit = self.cfg.hybrid or self.cfg.siglip.pixel_mean is not None  # the towers normalise [0, 1] pixels
-        low, high = (-0.5, 1.5) if unit else (-4.0, 4.0)
-        out_of_range = ((images < low) | (images > high)).sum() if images is not None and floats else none
+        out_of_range = ((images < -4) | (images > 4)).sum() if images is not None and floats else none
         n_tok, n_cut, n_bad, n_nan, n_out = torch.stack([is_image.sum(), cut.sum(), bad_token_count(
             ids, targets, self.cfg.llm.vocab_size), not_finite.to(ids.device), out_of_range.to(ids.device)]).tolist()
         if n_bad:
@@ -175,13 +173,9 @@ class DeepSeekVL(nn.Module):
             raise ValueError(f"{name} hold {n_nan} values that are NaN or infinite, of {given.numel()}; expected "
                              "finite numbers")
         if n_out:
-            given_range = f"got values from {images.min().item():.3g} to {images.max().item():.3g}"
-            raise ValueError(f"expected pixels in [0, 1], as the image processor makes them, {given_range} (pixels "
-                             "of 0-255: divide by 255; pixels already normalised by a mean and std: give them "
-                             "unnormalised, this model's towers normalise them)" if unit else
-                             "expected pixels normalised as the image processor makes them for this model ([-1, 1] "
-                             f"for the released 1.3B's), {given_range} (pixels of 0-255: use "
-                             "nanovl.image.ImageProcessor.for_config, or divide by 255 and normalise)")
+            raise ValueError(f"expected pixels as the image processor makes them (in [0, 1], or normalised by its mean "
+                             f"and std), got values from {images.min().item():.3g} to {images.max().item():.3g} "
+                             "(pixels of 0-255? use nanovl.image.ImageProcessor.for_config(model.cfg))")
         n_given = 0 if given is None else given.shape[0]
         if n_cut:
             raise ValueError(f"{n_cut} span(s) of <image_placeholder> tokens are not whole images of {per_image} "
