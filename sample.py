@@ -91,12 +91,14 @@ def tagged_prompts(args) -> list:
 
 def no_answer(ids, tok) -> str:
     """Why an answer's text is empty: the model ended its turn at once, or wrote only white space (newlines, which
-    an undertrained model often does) until it stopped or ran out of tokens. ids: the answer as generated."""
+    an undertrained model often does) or special tokens, which the text leaves out, until it stopped or ran out of
+    tokens. ids: the answer as generated."""
     ids = [int(t) for t in ids]
     if ids and ids[0] == tok.eos_id:
         return "(no answer: the model ended its turn at once; an undertrained model often does)"
-    n = ids.index(tok.eos_id) if tok.eos_id in ids else len(ids)
-    return f"(no answer: the model wrote only white space, {n} token(s) of it; an undertrained model often does)"
+    ids = ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
+    what = "white space" if not set(ids) & tok.special_ids else "white space and special tokens"
+    return f"(no answer: the model wrote only {what}, {len(ids)} token(s); an undertrained model often does)"
 
 
 def answer_prompts(args, prompts, model, tok, proc, sampling, pictures):

@@ -545,7 +545,8 @@ def test_an_empty_answer_says_whether_the_model_ended_at_once_or_wrote_only_whit
                                                                                       monkeypatch):
     newline = tok.encode("\n")
     assert tok.decode(newline * 3).strip() == ""
-    answers = {"hi": [tok.eos_id], "yo": newline * 3 + [tok.eos_id], "eh": newline * 4}  # (the last: out of tokens)
+    answers = {"hi": [tok.eos_id], "yo": newline * 3 + [tok.eos_id], "eh": newline * 4,  # (out of tokens)
+               "sp": [tok.bos_id] + newline + [tok.eos_id]}  # (a special token: no text either)
 
     def answering(model, ids, *a, **k):  # each prompt's answer, padded as generate pads a batch
         rows = [answers[tok.decode(row).split("User: ")[-1].split("\n")[0]] for row in ids]
@@ -553,7 +554,7 @@ def test_an_empty_answer_says_whether_the_model_ended_at_once_or_wrote_only_whit
 
     monkeypatch.setattr(sample, "generate", answering)
     at_once = "(no answer: the model ended its turn at once; an undertrained model often does)"
-    spaces = "(no answer: the model wrote only white space, {} token(s) of it; an undertrained model often does)"
+    spaces = "(no answer: the model wrote only white space, {} token(s); an undertrained model often does)"
     sample.main(["--ckpt", str(stage_folder), "--prompt", "hi"])
     assert capsys.readouterr().out.strip().endswith(at_once)
     sample.main(["--ckpt", str(stage_folder), "--prompt", "yo"])
@@ -562,6 +563,9 @@ def test_an_empty_answer_says_whether_the_model_ended_at_once_or_wrote_only_whit
     printed = capsys.readouterr().out
     assert f"User: hi\nAssistant: {at_once}\n" in printed and f"User: yo\nAssistant: {spaces.format(3)}\n" in printed
     assert f"User: eh\nAssistant: {spaces.format(4)}\n" in printed
+    sample.main(["--ckpt", str(stage_folder), "--prompt", "sp"])
+    assert capsys.readouterr().out.strip().endswith(spaces.format(2).replace("white space", "white space and special "
+                                                                             "tokens"))
 
     class Answering(ChatSession):  # the chat: the answer's ids as the session generated them
         def ask(self, content, *a, **k):
