@@ -705,8 +705,7 @@ def stage2_share(tc: TrainConfig, n_chats: int = 1, n_text_chats: int = 0):
 
 # The modality groups a run can do without, and the setting that leaves each out (one's own data may have no
 # text-only chats, say); the others are what the stage is for.
-SHARE_FLAGS = {"sft": "--sft_share", "text_sft": "--sft_share", "text_chat": "--text_sft_share",
-               "short_chat": "--short_chat_share"}
+SHARE_FLAGS = {"sft": "--sft_share", "text_chat": "--text_sft_share", "short_chat": "--short_chat_share"}
 
 
 def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, folders):
