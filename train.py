@@ -264,7 +264,7 @@ def parse_args(argv):
         if not ok:
             raise SystemExit(f"--{key} must be {need}, got {getattr(tc, key)!r}")
     for key in ("init_from", "extra_data", "trainable"):  # comma-separated lists: "," would read as none given
-        if getattr(tc, key).strip() and not [p for p in getattr(tc, key).split(",") if p.strip()]:
+        if getattr(tc, key) and not [p for p in getattr(tc, key).split(",") if p]:  # (split as where it is read)
             raise SystemExit(f"--{key} {getattr(tc, key)!r} names nothing: give one or more, separated by commas")
     return tc, overrides
 

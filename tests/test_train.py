@@ -1531,7 +1531,7 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
                           (["--seq_len", "2048"], "--seq_len 2048 is longer than the model's context of 512 tokens"),
                           (["--init_from", ","], "--init_from ',' names nothing: give one or more, separated by "
                                                  "commas"),  # (it fell back to the stage before's weights)
-                          (["--extra_data", " , "], "--extra_data ' , ' names nothing"),
+                          (["--extra_data", ",,"], "--extra_data ',,' names nothing"),
                           (["--extra_data", data], f"--extra_data {data} is the folder --data names already: name "
                                                    "each folder once"),  # (its rows read twice, silently)
                           ]:
