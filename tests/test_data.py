@@ -443,6 +443,8 @@ def test_bad_arguments_are_named_before_anything_is_written(tmp_path, capsys):
                           (["--llava", "l.json", "--images", str(tmp_path), "--image-size", "512", "--text", "a.txt",
                             "--config", "small"],  # (and out's --n 1) would be ignored by an import
                            "--config, --n, --image-size, --text: not for --llava, which imports"),
+                          (["--llava", "l.json", "--images", str(tmp_path), "--seed", "5", "--show", "1",
+                            "--tokenizer", "t.json"], "--n, --seed, --show, --tokenizer: not for --llava"),
                           (["--show", "-1"], "--show must be at least 0, got -1"),
                           (["--text", str(tmp_path)], "is a folder; expected text files"),
                           (["--text", str(tmp_path / "latin.txt")], "latin.txt does not exist"),
@@ -829,6 +831,8 @@ def test_no_folder_is_written_over_unless_this_script_made_it_for_the_same_purpo
         prepare_data.main(["--llava", str(rows), "--images", str(tmp_path), "--out", str(mine)])
     with pytest.raises(SystemExit, match="--out .*thesis.txt is a file: expected a folder for the import"):
         prepare_data.main(["--llava", str(rows), "--images", str(tmp_path), "--out", str(mine / "thesis.txt")])
+    with pytest.raises(SystemExit, match="cannot write .*thesis.txt"):  # (the build's lock goes beside the folder)
+        prepare_data.main(["--llava", str(rows), "--images", str(tmp_path), "--out", str(mine / "thesis.txt" / "x")])
     assert os.listdir(mine) == ["thesis.txt"] and (mine / "thesis.txt").read_text() == "precious"
     before = folder_digest(data_dir)
     with pytest.raises(SystemExit, match="holds prepare_data.py's synthetic corpus"):

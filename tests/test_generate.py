@@ -779,6 +779,7 @@ def test_interactive_chat_loses_nothing_to_a_failed_turn_or_a_misread_line(stage
                   "image", f"image '{cat}'", f"IMAGE {cat}",  # no path; a quoted one; any case
                   f"image '{cat}", "image ~/cat.png",  # one quote is part of the name; ~ is the home folder
                   "image /no/such folder/cat.png", "image my cat.JPG",  # missing paths with a space: said, not sent
+                  "image ./no such/cat",  # (one that starts as a path, without an image's extension)
                   f"{IMAGE_TAG} which?",  # 1 placeholder for 3 images: refused, and all stay attached
                   "boom",  # fails in the model: the images stay attached for the next message
                   "all?",  # gets them all
@@ -800,6 +801,7 @@ def test_interactive_chat_loses_nothing_to_a_failed_turn_or_a_misread_line(stage
                      (f"{IMAGE_TAG}{IMAGE_TAG}{IMAGE_TAG}all?", 3)]
     assert f"(error: image '{cat} does not exist; not attached)" in out and "3 image(s) attached" in out
     assert "(error: image /no/such folder/cat.png does not exist" in out and "(error: image my cat.JPG does not" in out
+    assert "(error: image ./no such/cat does not exist" in out
     assert "(image needs a PATH: image photo.jpg)" in out and "2 image(s) attached" in out
     assert f"(this message has 1 {IMAGE_TAG} for 3 attached images: write one for each, or none to put them all " \
            "first; 3 image(s) stay attached to your next message ('new' drops them))" in out

@@ -275,6 +275,8 @@ def test_pixels_ids_and_targets_of_the_wrong_kind_or_range_are_refused(tiny):
                                          r"normalised by its mean and std\), got values from 0\.0.* to 255 \(pixels "
                                          r"of 0-255\? use nanovl.image.ImageProcessor.for_config\(model.cfg\)\)"):
         model(ids, image * 255)
+    with pytest.raises(ValueError, match=r"expected pixels as the image processor makes them .*, got values from -25"):
+        model(ids, -image * 255)
     mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     model(ids, (image - mean) / std)
     embeds = model.encode_images(image)

@@ -1400,6 +1400,9 @@ def test_a_released_preset_gets_data_without_a_tokenizer_and_asks_for_the_releas
     prepare_data.main(["--out", str(mine), "--config", "1.3b", "--n", "2"])
     assert "the '1.3b' preset reads DeepSeek-LLM's" in capsys.readouterr().out
     assert (mine / "meta.json").exists() and not (mine / "tokenizer.json").exists()
+    assert train.data_to_prepare(str(mine), "1.3b") is None  # no tokenizer of its own is not one missing
+    prepare_data.main(["--out", str(mine), "--config", "1.3b", "--n", "2"])
+    assert "already prepared" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         prepare_data.main(["--out", str(mine), "--show", "1"])
     assert "no tokenizer at " in (err := capsys.readouterr().err) and "pass --tokenizer" in err
