@@ -568,7 +568,16 @@ def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_we
     args = ["--data", data, "--stage", str(stage), "--out", out, "--steps", "3", "--batch_size", "4", "--micro_batch",
             "2", "--warmup", "0", "--min_lr_ratio", "0.5", "--grad_clip", "0.5", "--workers", "0", "--log_every", "1",
             "--eval_limit", "5", "--eval_every", "2"] + (["--init_from", start_weights, "--pack", "1"] if stage else [])
+    on_disk, rate = [], train.learning_rate
+
+    def watching(step, *a):  # metrics.jsonl as the third step starts: step 2's evaluation is in it already
+        if step == 2:
+            on_disk.extend(train.read_jsonl(os.path.join(out, f"stage{stage}", "metrics.jsonl")))
+        return rate(step, *a)
+
+    monkeypatch.setattr(train, "learning_rate", watching)
     train.main(args)
+    assert [m["step"] for m in on_disk if "mc_mean" in m] == ([2] if stage else [])
     metrics = train.read_jsonl(os.path.join(out, f"stage{stage}", "metrics.jsonl"))
     # evaluated every 2 steps and at the end, both ways (stage 0, which has no questions to ask: at the end, text only)
     evals = [m for m in metrics if "bpb" in m]
@@ -759,11 +768,14 @@ def test_a_sigterm_stops_the_run_as_ctrl_c_does_keeping_the_last_checkpoint_whol
         plain(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", terminated_midway)
+    let_go, lets_go = [], train.let_go_of_workers  # (the stage's data workers shut down at once: the test below)
+    monkeypatch.setattr(train, "let_go_of_workers", lambda e: let_go.append(type(e)) or lets_go(e))
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(SystemExit, match=r"stage 3: stopped by SIGTERM\. Its last checkpoint, .*ckpt.pt, is kept: "
                                          "run the same command with --resume"):
         train.main(common)
     assert signal.getsignal(signal.SIGTERM) == before  # the handler was train.main's only while it ran
+    assert let_go == [train.Terminated]
     assert sorted(os.listdir(folder)) == ["ckpt.pt", "metrics.jsonl", "tokenizer.json"]  # no temporary file left
     assert torch.load(folder / "ckpt.pt", weights_only=True)["step"] == 2
     monkeypatch.setattr(torch, "save", plain)
@@ -1347,11 +1359,26 @@ def test_weights_broken_by_an_update_are_never_saved_and_a_lower_lr_resumes(data
                                          r"those weights may be past saving. Start the stage again with a lower --lr "
                                          r"\(remove .*stage3, or choose another --out\)$"):
         train.main(args + ["--resume", "--lr=1e-5"])
+    calls["n"] = 3  # resumed with the checkpoint's own lr: a lower one is still the way on
+    with pytest.raises(SystemExit, match=r"after step 6, .* The last good checkpoint, .*ckpt.pt \(step 3\), is kept: "
+                                         r"--resume it with a lower --lr$"):
+        train.main(args + ["--resume"])
     monkeypatch.setattr(torch.optim.AdamW, "step", adamw_step)
     capsys.readouterr()
     train.main(args + ["--resume", "--lr=1e-5"])
     assert "resuming with lr 1e-05 where the checkpoint's run had 0.002" in capsys.readouterr().out
     assert all(torch.isfinite(v).all() for v in load_model(out / "stage3").values())
+    # Resumed with a lower --lr, a checkpoint written since (step 6), then broken (step 7's update, found at step 8's
+    # checkpoint): that newer checkpoint is the way on.
+    monkeypatch.setattr(torch.optim.AdamW, "step", breaking)
+    calls["n"] = 0
+    other = args[:7] + [str(tmp_path / "other")] + args[8:]
+    with pytest.raises(SystemExit, match=r"after step 6, "):
+        train.main(other)
+    calls["n"] = 2
+    with pytest.raises(SystemExit, match=r"after step 8, .* The last good checkpoint, .*ckpt.pt \(step 6\), is kept: "
+                                         r"--resume it with a lower --lr$"):
+        train.main(other + ["--resume", "--lr=1e-5"])
 
 
 def test_eval_only_takes_the_config_from_the_checkpoint(data, start_weights, tmp_path, capsys, monkeypatch):
@@ -1699,11 +1726,14 @@ def test_stage_all_checks_every_stage_settings_before_the_first_trains(tmp_path,
 
 
 def test_a_micro_batch_that_does_not_split_a_stage_batch_is_said_with_the_one_taken(data, start_weights, tmp_path,
-                                                                                   capsys):
+                                                                                   capsys, monkeypatch):
+    made, loader = [], train.DataLoader  # (and the run's loader: its workers close the --out lock they inherit)
+    monkeypatch.setattr(train, "DataLoader", lambda *a, **k: made.append(k) or loader(*a, **k))
     train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "o"), "--steps",
                 "1", "--batch_size", "6", "--micro_batch", "4"] + FAST)
     assert "stage 3: micro-batches of 3: --micro_batch 4 does not split the 6 samples of each process's step" in \
         capsys.readouterr().out
+    assert [k["worker_init_fn"] for k in made] == [train.close_inherited_locks]
 
 
 def resume_check(tmp_path, stage, now, **hp_changes):
