@@ -584,9 +584,9 @@ def tokenizer_path(tc: TrainConfig, sources) -> str:
 
 def data_to_prepare(folder: str, preset: str):
     """(why, prepare_data arguments) when the synthetic folder is missing, was made by an older prepare_data.py (its
-    generators changed, e.g. the stage-0 captions) or lacks a file training reads (removed since), else None. A rebuild keeps the folder's own arguments; a
-    folder made for another preset is refused, never rebuilt. A LLaVA import is used as it is: training on one's
-    own data alone."""
+    generators changed, e.g. the stage-0 captions) or lacks a file training reads (removed since), else None. A
+    rebuild keeps the folder's own arguments; a folder made for another preset is refused, never rebuilt. A LLaVA
+    import is used as it is: training on one's own data alone."""
     import prepare_data
     kind = folder_kind(folder)
     if kind == "missing":
