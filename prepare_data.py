@@ -272,9 +272,10 @@ TRAINED_ON = {"images", "tokenizer.json", "pretrain.jsonl", "sft.jsonl", "stage0
 
 
 def missing(folder: str, preset: str, names=BUILT) -> list:
-    """Which of names a corpus made by this version holds at its top folder lacks (removed since): it is rebuilt."""
-    need = names - {"meta.json"} - (set() if preset in FROM_SCRATCH else {"tokenizer.json"})  # (released sizes:
-    return sorted(f for f in need if not os.path.exists(os.path.join(folder, f)))  # the model's own tokenizer)
+    """Which of names a corpus made by this version holds at its top folder lacks (removed since): it is rebuilt.
+    The released sizes' corpus has no tokenizer.json: they read the released model's."""
+    need = names - {"meta.json"} - (set() if preset in FROM_SCRATCH else {"tokenizer.json"})
+    return sorted(f for f in need if not os.path.exists(os.path.join(folder, f)))
 
 
 def not_built(folder: str) -> list:
@@ -322,13 +323,13 @@ def prepare(args):
     if kind == "synthetic":
         with open(os.path.join(args.out, "meta.json")) as f:
             meta = json.load(f)
-        gone = missing(args.out, args.config)
-        if meta.get("identity") == identity(args) and not gone:
+        same, gone = meta.get("identity") == identity(args), missing(args.out, args.config)
+        if same and not gone:
             print(f"{args.out} is already prepared with these arguments; nothing to do")
             return
         why = ("a new version of the corpus" if meta["identity"].get("version") != VERSION else "new arguments"
-               if meta.get("identity") != identity(args) else f"{', '.join(gone)} missing")
-        if gone and meta.get("identity") == identity(args):
+               if not same else f"{', '.join(gone)} missing")
+        if same:
             print(f"{args.out} lacks {', '.join(gone)}: rebuilding it")
         # Rebuilt whole: so anything else put in the folder (questions of one's own, notes, pictures among the
         # generated ones) would go with it.
