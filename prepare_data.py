@@ -420,16 +420,17 @@ def main(argv=None):
         if ignored:
             p.error(f"{', '.join(ignored)}: not for --llava, which imports the file's conversations and images as "
                     "they are (the synthetic corpus's settings; --show a folder once it is imported)")
+        out = args.out or "data-llava"
         try:
-            with building(args.out or "data-llava"):  # (one build of a folder at a time)
-                report = import_llava(args.llava, args.images, args.out or "data-llava", workers=max(1, args.workers),
+            with building(out):  # (one build of a folder at a time)
+                report = import_llava(args.llava, args.images, out, workers=max(1, args.workers),
                                       as_captions=args.captions)
         except ValueError as e:
             raise SystemExit(str(e)) from None
         except OSError as e:  # (the lock beside --out, in a folder that cannot be written)
-            raise SystemExit(f"cannot write {e.filename or args.out}: {e.strerror or e}") from None
+            raise SystemExit(f"cannot write {e.filename or out}: {e.strerror or e}") from None
         except KeyboardInterrupt:  # Ctrl-C: a line instead of a traceback
-            raise SystemExit(f"\ninterrupted: {args.out or 'data-llava'} is as it was (an import is written aside "
+            raise SystemExit(f"\ninterrupted: {out} is as it was (an import is written aside "
                              "and swapped in only when whole)") from None
         print(report)
         return

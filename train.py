@@ -1015,13 +1015,14 @@ def split_batch(stage: int, tc: TrainConfig, hp: dict, world: int):
         # are unchanged. Not in stage 0, whose contrastive pairs and scenes are counted per micro-batch.
         micro = max(m for m in range(1, micro + 1) if (global_batch // world) % m == 0)
     if global_batch % (world * micro):
+        if global_batch % world:
+            advice = f"pass a --batch_size that {world} processes divide"
+        else:
+            advice = f"pass a --micro_batch that divides {global_batch // world}" + (
+                " (stage 0 keeps its micro-batch as given: its contrastive pairs are counted per micro-batch; stages "
+                "1-3 take the largest up to it that splits theirs)" if stage == 0 else "")
         raise SystemExit(f"stage {stage}: batch_size {global_batch} is not divisible by {world} processes x "
-                         f"micro_batch {micro}: " + (
-                             f"pass a --micro_batch that divides {global_batch // world}" + (
-                                 " (stage 0 keeps its micro-batch as given: its contrastive pairs are counted per "
-                                 "micro-batch; stages 1-3 take the largest up to it that splits theirs)"
-                                 if stage == 0 else "") if global_batch % world == 0
-                             else f"pass a --batch_size that {world} processes divide"))
+                         f"micro_batch {micro}: {advice}")
     return micro, global_batch // (world * micro)
 
 
