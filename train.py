@@ -56,8 +56,8 @@ from nanovl import DeepSeekVL, VLConfig, get_config
 from nanovl.checkpoint import (check_device, check_finite, check_tokenizer_fits, check_weights, init_from_parts,
                                is_released_folder, load_model, load_plain, nanovl_state)
 from nanovl.config import FROM_SCRATCH
-from nanovl.data import (PackedBatches, PlannedBatches, Source, default_folder, folder_kind, plan_batches, read_jsonl,
-                         write_jsonl)
+from nanovl.data import (PackedBatches, PlannedBatches, Source, default_folder, folder_kind, folder_stamp, plan_batches,
+                         read_jsonl, write_jsonl)
 from nanovl.evaluate import MC_FILES, check_fits, evaluate, format_table, held_out, held_out_text
 from nanovl.image import CachedProcessor, ImageProcessor
 from nanovl.stage0 import N_SEG_CLASSES, STAGE0_ROW, Stage0Batches, Stage0Heads, Stage0Model, plan_distinct
@@ -547,6 +547,24 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
                 f"{was[1]}: each step takes the same samples, split another way, so its sums round in another "
                 "order (the run goes on, but not bit for bit)")
     return state
+
+
+def data_change(was: dict, now: dict) -> str:
+    """How this run's data and plan (the batches' fingerprint) differ from the ones a checkpoint's run had, in words;
+    "" if they do not. --data and --extra_data may change on resume (folders move), so what they hold is compared
+    here: a folder prepared again with other arguments (or by a newer prepare_data.py), or other rows of one's own,
+    and the resumed steps read other rows than the checkpoint's run planned. Said, not refused, as a new --lr is."""
+    if was == now:
+        return ""
+    before, after = was.get("sources", {}), now["sources"]
+    changed = [f"{m}: {after.get(m, [0])[0]} samples, {before.get(m, [0])[0]} in that run" +
+               (", other ones" if after.get(m, [0])[0] == before.get(m, [0])[0] else "")
+               for m in sorted(set(before) | set(after)) if before.get(m) != after.get(m)]
+    if changed:
+        return ("resuming on other data than the checkpoint's run trained on (" + "; ".join(changed) + "): from here "
+                "the steps read other rows than that run planned (to go on with that run, resume with its data)")
+    return ("resuming on the checkpoint's data, but its steps are planned otherwise here (a checkpoint of another "
+            "version of train.py?): from here the steps read other rows than that run planned")
 
 
 def weights_id(paths: list):
@@ -1206,7 +1224,16 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         dist.broadcast_object_list(shared)
         eval_rows = shared[0]
 
+    # Which build of each synthetic folder the rows come from (taken before they are read): checked every step,
+    # as a folder made anew meanwhile holds other pictures under the names the rows give (data.folder_stamp).
+    read = [tc.data] + ([f for f in stc.extra_data.split(",") if f] if stage > 0 else [])
+    stamps = {f: folder_stamp(f) for f in dict.fromkeys(read) if folder_kind(f) == "synthetic"}
     dataset = stage_batches(stage, stc, hp, cfg, tok, proc, seq_len, micro, accum, rank, world, say)
+    fingerprint = dataset.fingerprint() if master else None  # what the steps read: kept in every checkpoint
+    if master and resume and isinstance(state.get("data"), dict):  # (older checkpoints: not kept)
+        change = data_change(state["data"], fingerprint)
+        if change:
+            say(f"stage {stage}: {change}")
     clip_groups = clipping_groups(net, stage)  # each clipped to grad_clip on its own
     opt = stage_optimizer(net, tc, hp, device)
     # Every check has passed: only now is the stage folder made, so a run refused above leaves nothing behind.
@@ -1322,7 +1349,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         if master:
             atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state(),
                          "config": cfg.to_dict(), "train": dataclasses.asdict(tc), "hparams": hp, "stage": stage,
-                         "split": [world, micro], "metrics": metrics, "id": run_id, "evaluated": evaluated}, ckpt_path)
+                         "split": [world, micro], "metrics": metrics, "id": run_id, "evaluated": evaluated,
+                         "data": fingerprint}, ckpt_path)
             with writing(os.path.join(out_dir, "metrics.jsonl")):
                 write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
 
@@ -1376,8 +1404,18 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             micros, reason = [next(batches) for _ in range(accum)], ""
         except ValueError as e:  # an unreadable image; from a worker, the message ends with the original error
             reason = str(e).strip().splitlines()[-1].removeprefix("ValueError: ")
+            reason += "\nFix or remove that row, then run "  # (the advice after a line break: see below)
+        # Asked after the step's batches are read: a batch read from a folder made anew is never trained on (and an
+        # image missing in the middle of the swap is said as what it is, not as a row to fix).
+        remade = [f for f, s in stamps.items() if folder_stamp(f) != s]
+        if remade:
+            reason = (f"{remade[0]} was prepared again while this run read it (its meta.json is new), so the images "
+                      "of the rows the run read at its start may now be other pictures\nTo go on with the data as "
+                      "they are now (the resume says how they differ), or with the ones it began with once restored, "
+                      "run ")
         reason = first_failure(reason, world)  # every process stops at the same step, whichever failed
         if reason:
+            reason, advice = reason.split("\n")  # (why, and the advice, which the ending below completes)
             if step > saved:  # keep the steps done since the last checkpoint: nothing is lost
                 if losses:
                     log(step, learning_rate(step - 1, hp, tc.min_lr_ratio))
@@ -1385,7 +1423,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             if not master:  # the first process says why, once, and exits with the failure: torchrun would stop it
                 raise SystemExit(0)  # (with SIGTERM, even mid-save) as soon as another process exits with one
             kept = f"Training up to step {saved} is saved in {ckpt_path}. " if saved else ""
-            raise SystemExit(f"stage {stage}, step {step + 1}: {reason}. {kept}Fix or remove that row, then run "
+            raise SystemExit(f"stage {stage}, step {step + 1}: {reason}. {kept}{advice}"
                              f"again{' with --resume' if saved else ''}") from None
         micros = [m if isinstance(m, dict) else dict(zip(("ids", "targets", "images", "doc_ids"), m)) for m in micros]
         # Normalise by the supervised tokens of the whole step (all micro-batches, all processes), so a step's

@@ -16,8 +16,9 @@ the context are cut into context-sized pieces; chats and image documents that do
 A `plan` fixes, before training starts, which rows every optimizer step reads: each step draws one modality (language
 or multimodal; the paper's modality-grouped batches, section 4.4, Figure 8) with probabilities that may change with
 the step (modality warm-up), and each modality walks through its rows in a fresh shuffled order every epoch. The plan
-is a pure function of the seed, so a resumed run reads exactly the batches it would have read, and with several
-processes each rank takes its own slice of the same global batch. `PlannedBatches` turns (step, micro-batch) into
+is a pure function of the seed and the data, so a resumed run reads exactly the batches it would have read (a
+checkpoint keeps a fingerprint of both, which a resume compares), and with several processes each rank takes its own
+slice of the same global batch. `PlannedBatches` turns (step, micro-batch) into
 tensors, so a torch DataLoader can build the next batches in worker processes while the model trains;
 `PackedBatches` lays several samples end to end in each row instead (stage 2, given a plan made with their lengths).
 
@@ -27,6 +28,7 @@ nanovl/llava.py and nanovl/evaluate.py share.
 
 import codecs
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -270,6 +272,21 @@ class Source:
     def __getitem__(self, i) -> Sample:
         return self.samples[i]
 
+    def digest(self) -> str:
+        """A short hash of what this source trains on: every sample's token ids and loss mask, in order (an image is
+        there as its span of image tokens; the files themselves are not read)."""
+        return digest(array("i", s.ids).tobytes() + bytes(s.mask) for s in self.samples)
+
+
+def digest(chunks) -> str:
+    """A 16-hex-digit hash of a sequence of byte strings (each one's length goes in too, so where one ends and the
+    next begins is part of what is hashed): the fingerprints a checkpoint keeps of its run's data and plan."""
+    h = hashlib.blake2b(digest_size=8)
+    for chunk in chunks:
+        h.update(len(chunk).to_bytes(8, "little"))
+        h.update(chunk)
+    return h.hexdigest()
+
 
 def collate(samples: Sequence[Sample], pad_id: int, processor: Optional[ImageProcessor] = None):
     """Samples -> (ids (B, T), targets (B, T), images (N, 3, S, S) or None), right-padded; no images without a
@@ -370,6 +387,18 @@ def plan_batches(sizes: Dict[str, int], global_batch: int, steps: int, share: Ca
     return plan
 
 
+def plan_digest(plan) -> str:
+    """A short hash of a plan (plan_batches' or stage 0's): every step's modality and row indices."""
+    def chunks():
+        for modality, rows in plan:
+            yield modality.encode()
+            if isinstance(rows, PackedRows):  # (its arrays as they are: hashing them is as fast as copying)
+                yield rows.ids.tobytes() + rows.starts.tobytes()
+            else:
+                yield array("i", rows).tobytes()
+    return digest(chunks())
+
+
 class PlannedBatches(Dataset):
     """Item k = micro-batch k % accum of step k // accum, for this rank: a map-style dataset a DataLoader can
     prefetch with workers. Each rank reads global_batch / world rows per step, accum micro-batches of them."""
@@ -400,6 +429,11 @@ class PlannedBatches(Dataset):
 
     def __getitem__(self, k):
         return collate(self.samples(k), self.pad_id, self.processor)
+
+    def fingerprint(self) -> dict:
+        """What these batches are made of, for a checkpoint to keep and a resume to compare (train.py): each source's
+        sample count and digest, by modality, and the plan's digest."""
+        return {"sources": {m: [len(s), s.digest()] for m, s in self.sources.items()}, "plan": plan_digest(self.plan)}
 
 
 class PackedBatches(PlannedBatches):
@@ -450,6 +484,18 @@ def folder_kind(path: str) -> str:
     if isinstance(meta, dict) and "llava" in meta:
         return "llava"
     return "synthetic" if isinstance(meta, dict) and "version" in (meta.get("identity") or {}) else "other"
+
+
+def folder_stamp(path: str) -> Optional[str]:
+    """Which build of a data folder this is: its meta.json's inode and modification time (None without one).
+    prepare_data.py builds a synthetic corpus beside the old one and swaps it in, so a folder made anew while a run
+    reads it has another stamp, and the images of the rows the run read at its start are then other pictures of the
+    same names: train.py compares the stamps of its synthetic folders every step (one stat each)."""
+    try:
+        st = os.stat(os.path.join(path, "meta.json"))
+    except OSError:
+        return None
+    return f"{st.st_ino}-{st.st_mtime_ns}"
 
 
 def image_error(path: str) -> Optional[str]:

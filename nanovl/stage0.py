@@ -15,6 +15,7 @@ Stage0Batches gives each micro-batch all three kinds of data, and Stage0Model co
 forward, so that train.py trains stage 0 with the loop of the other stages.
 """
 
+import json
 import os
 
 import numpy as np
@@ -25,7 +26,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from nanovl.config import LlamaConfig, VLConfig
-from nanovl.data import PlannedBatches, epochs
+from nanovl.data import PlannedBatches, digest, epochs, plan_digest
 from nanovl.llama import Llama
 from nanovl.model import DeepSeekVL
 from nanovl.synth import SEG_LABELS
@@ -170,6 +171,14 @@ class Stage0Batches(Dataset):
                 path, self.proc, self.cfg.sam.grid, N_SEG_CLASSES, os.path.join(r["_root"], r["image"])))
             batch["seg_labels"] = torch.stack([labels(r) for r in scenes])
         return batch
+
+    def fingerprint(self) -> dict:
+        """As PlannedBatches.fingerprint, with the image-caption pairs and the scenes as two more sources (their
+        rows' files and captions) and their plans in the plan's digest."""
+        rows = lambda rs: [len(rs), digest(json.dumps([r["image"], r["caption"], r.get("seg")]).encode() for r in rs)]
+        text = self.text.fingerprint()
+        return {"sources": {**text["sources"], "pairs": rows(self.pairs), "scenes": rows(self.scenes)},
+                "plan": plan_digest(self.text.plan + self.plan_pairs + self.plan_scenes)}
 
     @staticmethod
     def read(row, key, reader):

@@ -23,8 +23,8 @@ from PIL import Image
 import prepare_data
 from nanovl.chat import IMAGE_TAG, render_document
 from nanovl.config import get_config
-from nanovl.data import (PackedBatches, PackedRows, PlannedBatches, Sample, Source, building, collate, epochs,
-                         folder_kind, plan_batches, read_jsonl, write_jsonl)
+from nanovl.data import (PackedBatches, PackedRows, PlannedBatches, Sample, Source, building, collate, digest,
+                         epochs, folder_kind, plan_batches, plan_digest, read_jsonl, write_jsonl)
 from nanovl.image import ImageProcessor
 from nanovl.llava import import_llava
 from nanovl.synth import CATEGORIES, COLORS, NUMBERS, SEG_LABELS, SHAPES, make_example
@@ -1031,3 +1031,30 @@ def test_packing_lays_samples_end_to_end():
     mixed = PackedBatches([("language", [[0]]), ("multimodal", [[0]])], {"language": samples, "multimodal": shifted},
                           0, None)
     assert [mixed[k][0][0, 0].item() for k in range(2)] == [1, 101]
+
+
+def test_a_fingerprint_changes_with_any_token_mask_or_planned_row():
+    def source(samples):
+        src = Source([], "text", None, 1, 8)
+        src.samples = samples
+        return src
+
+    samples = [Sample([1, 2, 3], [0, 1, 1], []), Sample([4, 5], [0, 1], [])]
+    plan = plan_batches({"language": 2}, 1, 4, lambda step: {"language": 1.0}, 0)
+    base = PlannedBatches(plan, {"language": source(samples)}, 0, None).fingerprint()
+    assert base == PlannedBatches(plan, {"language": source(list(samples))}, 0, None).fingerprint()
+    assert base["sources"]["language"][0] == 2
+    for other in ([Sample([1, 2, 9], [0, 1, 1], []), samples[1]],  # a token
+                  [Sample([1, 2, 3], [0, 0, 1], []), samples[1]],  # the loss mask
+                  [Sample([1, 2], [0, 1], []), Sample([3, 4, 5], [0, 1, 1], [])],  # where one sample ends
+                  samples[::-1]):  # their order
+        changed = PlannedBatches(plan, {"language": source(other)}, 0, None).fingerprint()
+        assert changed["sources"] != base["sources"] and changed["plan"] == base["plan"]
+    replanned = plan_batches({"language": 2}, 1, 4, lambda step: {"language": 1.0}, 2)  # another seed
+    assert [rows for _, rows in replanned] != [rows for _, rows in plan]
+    changed = PlannedBatches(replanned, {"language": source(samples)}, 0, None).fingerprint()
+    assert changed["plan"] != base["plan"] and changed["sources"] == base["sources"]
+    packed = [("language", PackedRows([[0, 1]])), ("language", PackedRows([[1], [0]]))]
+    assert plan_digest(packed) != plan_digest([("language", PackedRows([[0], [1]])), packed[1]])
+    assert plan_digest(packed) != plan_digest([("multimodal", packed[0][1]), packed[1]])  # the modality drawn
+    assert digest([b"ab", b"c"]) != digest([b"a", b"bc"])  # where each chunk ends is part of what is hashed

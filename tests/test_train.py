@@ -692,7 +692,7 @@ def test_every_stages_batches_survive_pickling_as_spawned_data_workers_need(data
 
     cfg = get_config("tiny")
     tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
-    for stage in range(4):
+    for stage in (1, 2, 3, 0):  # (stage 0 last: its batches are looked at again below)
         tc, _ = train.parse_args(["--data", data, "--stage", str(stage), "--steps", "3", "--batch_size", "4",
                                   "--micro_batch", "2"])
         hp, seq_len, stc = train.stage_hparams(stage, tc, cfg)
@@ -702,6 +702,15 @@ def test_every_stages_batches_survive_pickling_as_spawned_data_workers_need(data
         copy = pickle.loads(pickle.dumps(dataset))
         assert len(copy) == len(dataset) == 3 * accum
         assert all(same(copy[k], dataset[k]) for k in (0, len(dataset) - 1)), stage
+        assert copy.fingerprint() == dataset.fingerprint()  # (what a checkpoint keeps, a resume compares)
+    # Stage 0's fingerprint holds its image-caption pairs, its scenes and their plans too.
+    seen = dataset.fingerprint()
+    for what, where in (("caption", copy.pairs), ("seg", copy.scenes)):
+        where[0] = {**where[0], what: "other"}
+        assert copy.fingerprint()["sources"] != seen["sources"]
+        seen = copy.fingerprint()
+    copy.plan_scenes = copy.plan_scenes[::-1]
+    assert copy.fingerprint()["plan"] != seen["plan"] and copy.fingerprint()["sources"] == seen["sources"]
 
 
 def test_resume_is_bitwise_identical(data, start_weights, tmp_path):
@@ -718,6 +727,7 @@ def test_resume_is_bitwise_identical(data, start_weights, tmp_path):
     assert "stage 2, step 3" not in printed
     printed = run(common + ["--out", str(tmp_path / "killed"), "--resume"])
     assert "resuming from" in printed and "at step 3" in printed and "stage 2, step 3" in printed
+    assert "resuming on" not in printed  # (the same data and plan: data_change says nothing)
     whole, resumed = load_model(tmp_path / "whole" / "stage2"), load_model(tmp_path / "killed" / "stage2")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     logged = [[(m["step"], m.get("loss"), m.get("mc_mean"))
@@ -1800,3 +1810,50 @@ def test_the_last_steps_weights_are_checked_and_a_stage_killed_in_its_evaluation
     capsys.readouterr()
     train.main(common + ["--out", str(out), "--steps", "2", "--resume"])
     assert "already finished" not in capsys.readouterr().out and (out / "stage3" / "eval.json").exists()
+
+
+def test_a_data_folder_prepared_again_stops_the_run_reading_it_and_its_resume_says_how_the_data_differ(
+        data, start_weights, tmp_path, monkeypatch, capsys):
+    from nanovl.image import ImageProcessor
+    folder = str(tmp_path / "data")
+    shutil.copytree(data, folder)
+    args = ["--data", folder, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "o"), "--steps",
+            "3", "--batch_size", "4", "--micro_batch", "4", "--short_chat_share", "0", "--text_sft_share", "0",
+            "--ckpt_every", "3"] + FAST + ["--log_every", "3"]
+    readable, calls = ImageProcessor.pixels, []
+
+    def prepared_again(self, image, max_pixels=None):  # as step 2 is read, a new meta.json (prepare_data's swap)
+        calls.append(image)
+        if len(calls) == 5:
+            meta = os.path.join(folder, "meta.json")
+            shutil.copy(meta, meta + ".new")
+            os.replace(meta + ".new", meta)
+        return readable(self, image) if max_pixels is None else readable(self, image, max_pixels)
+
+    monkeypatch.setattr(ImageProcessor, "pixels", prepared_again)
+    with pytest.raises(SystemExit, match=rf"stage 3, step 2: {re.escape(folder)} was prepared again while this run "
+                                         r"read it .*other pictures\. Training up to step 1 is saved in .*ckpt.pt\. "
+                                         r"To go on with the data as they are now .* run again with --resume$"):
+        train.main(args)
+    assert torch.load(tmp_path / "o" / "stage3" / "ckpt.pt", weights_only=False)["step"] == 1  # step 2: not trained
+    monkeypatch.setattr(ImageProcessor, "pixels", readable)
+
+    # Prepared again with other rows (here: two chats fewer), the resume goes on, saying how its data differ.
+    rows = train.read_jsonl(os.path.join(folder, "sft.jsonl"))
+    dropped = [i for i, r in enumerate(rows) if r["images"]][:2]  # (image chats: stage 3's one group here)
+    train.write_jsonl(os.path.join(folder, "sft.jsonl"), [r for i, r in enumerate(rows) if i not in dropped])
+    capsys.readouterr()
+    train.main(args + ["--resume"])
+    said = re.search(r"stage 3: resuming on other data than the checkpoint's run trained on \(chat: (\d+) samples, "
+                     r"(\d+) in that run\): from here the steps read other rows", capsys.readouterr().out)
+    assert said and int(said[2]) - int(said[1]) == 2
+    assert torch.load(tmp_path / "o" / "stage3" / "ckpt.pt", weights_only=False)["step"] == 3
+
+
+def test_data_change_names_the_sources_that_differ_or_else_the_plan():
+    was = {"sources": {"sft": [10, "a"], "text_sft": [4, "b"]}, "plan": "p"}
+    assert train.data_change(was, json.loads(json.dumps(was))) == ""
+    assert "(sft: 10 samples, 10 in that run, other ones; text_sft: 0 samples, 4 in that run)" in \
+        train.data_change(was, {"sources": {"sft": [10, "c"]}, "plan": "p"})
+    assert "on the checkpoint's data, but its steps are planned otherwise here" in \
+        train.data_change(was, {**was, "plan": "q"})
