@@ -557,8 +557,9 @@ def data_change(was: dict, now: dict) -> str:
     if was == now:
         return ""
     before, after = was.get("sources", {}), now["sources"]
-    changed = [f"{m}: {after.get(m, [0])[0]} samples, {before.get(m, [0])[0]} in that run" +
-               (", other ones" if after.get(m, [0])[0] == before.get(m, [0])[0] else "")
+    count = lambda fingerprint, m: fingerprint.get(m, [0])[0]
+    changed = [f"{m}: {count(after, m)} other samples (as many as in that run)" if count(after, m) == count(before, m)
+               else f"{m}: {count(after, m)} samples, {count(before, m)} in that run"
                for m in sorted(set(before) | set(after)) if before.get(m) != after.get(m)]
     if changed:
         return ("resuming on other data than the checkpoint's run trained on (" + "; ".join(changed) + "): from here "

@@ -1853,7 +1853,7 @@ def test_a_data_folder_prepared_again_stops_the_run_reading_it_and_its_resume_sa
 def test_data_change_names_the_sources_that_differ_or_else_the_plan():
     was = {"sources": {"sft": [10, "a"], "text_sft": [4, "b"]}, "plan": "p"}
     assert train.data_change(was, json.loads(json.dumps(was))) == ""
-    assert "(sft: 10 samples, 10 in that run, other ones; text_sft: 0 samples, 4 in that run)" in \
+    assert "(sft: 10 other samples (as many as in that run); text_sft: 0 samples, 4 in that run)" in \
         train.data_change(was, {"sources": {"sft": [10, "c"]}, "plan": "p"})
     assert "on the checkpoint's data, but its steps are planned otherwise here" in \
         train.data_change(was, {**was, "plan": "q"})
