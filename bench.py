@@ -699,7 +699,7 @@ def bench_train(args, cfg, device, dtype, spec):
         mark("data")
         with autocast():
             _, loss = model.llm(ids, targets=targets, check_ids=False) if args.llm_only else \
-                model(ids, images, targets=targets)
+                model(ids, images, targets=targets, check_inputs=False)  # (as train.py: no read-back in a step)
         loss.backward()
         mark("llm" if args.llm_only else "forward+backward")
         optimizer_step()

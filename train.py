@@ -1447,8 +1447,10 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                     # image, per patch): / accum averages it over the micro-batches, DDP's over processes does the rest.
                     loss = lm_sum * world / n_sup + aux / accum
                 else:
+                    # (its batches' spans and images match by construction: data.Source checks each row's tags
+                    # against its images, so the model's own check, a device sync each call, is left out)
                     _, lm_sum = train_net(m["ids"], m.get("images"), targets=m["targets"], doc_ids=m.get("doc_ids"),
-                                          reduction="sum")
+                                          reduction="sum", check_inputs=False)
                     loss = lm_sum * world / n_sup  # DDP averages over processes, hence the x world
             loss.backward()
             step_loss += loss.detach() / world

@@ -9,7 +9,7 @@ official modeling_vlm.py and clip_encoder.py, facts sheet sections 3 and 9).
       SigLIP-only (1.3B): aligner(SigLIP(images))                 -> (N, n, d_model)
     ids (B, T) with each image written as n consecutive <image_placeholder> ids (n = 576 for the released models)
       -> token embeddings, with the image-token positions overwritten by the image embeddings, in order
-      -> Llama -> logits (B, T, vocab), and the loss when targets are given
+      -> Llama -> logits (B, T, vocab); given targets, the loss instead (the full logits are never made)
 
 The low-resolution input is made from the *same* padded canvas as the high one, by torchvision's Resize(384,
 antialias=True) in the official tower, which is F.interpolate(bilinear, antialias=True). Each branch then normalises
@@ -124,13 +124,16 @@ class DeepSeekVL(nn.Module):
         return images if self.sam is None else low_resolution(images, self.cfg.siglip.image_size)
 
     def forward(self, ids, images=None, targets=None, cache: Optional[KVCache] = None, pad_mask=None, doc_ids=None,
-                reduction: str = "mean", last_only: bool = False, image_embeds=None):
+                reduction: str = "mean", last_only: bool = False, image_embeds=None, check_inputs: bool = True):
         """
         ids (B, T): token ids, each image written as cfg.n_image_tokens copies of cfg.image_token_id.
         images (N, 3, S, S) or None: the images of all rows, in the order their spans appear (row by row).
         image_embeds (N, n, d_model) or None: instead of images, what encode_images made of them, so that rows sharing
             an image encode it once (the multiple-choice evaluation asks one question with four answers).
         targets, cache, pad_mask, doc_ids, reduction, last_only: as Llama.forward.
+        check_inputs: check the ids, spans and pixels against each other and the vocabulary (below), which reads a few
+            counts back from the device; train.py, whose batches its own data code made and checked, passes False to
+            keep its steps free of device syncs (STYLE: no read-back in the training hot path).
         Returns (logits (B, T, vocab), None) without targets, and (None, loss) with them: training never makes the
         full logits (Llama.forward).
         """
@@ -147,14 +150,33 @@ class DeepSeekVL(nn.Module):
             raise ValueError(f"expected image_embeds as one tensor of shape (N, n, C), got {what(image_embeds)}")
         self.llm.check_length(ids.shape[1], cache)  # fail before spending time on the images
         is_image = ids == self.cfg.image_token_id  # (B, T)
+        if check_inputs:
+            self.check_inputs(ids, targets, pad_mask, images, given, is_image)
+        x = self.llm.embed_tokens(ids)  # (B, T, C); the image positions are overwritten below
+        if given is not None and given.shape[0]:
+            if image_embeds is None:
+                image_embeds = self.encode_images(images)  # (N, n, C)
+            elif image_embeds.shape[1:] != (self.cfg.n_image_tokens, self.cfg.llm.dim):
+                raise ValueError(f"expected image_embeds of shape (N, {self.cfg.n_image_tokens}, {self.cfg.llm.dim}), "
+                                 f"got {tuple(image_embeds.shape)}")
+            # Ordered scatter, as the official prepare_inputs_embeds: the k-th image token gets the k-th embedding.
+            x = x.masked_scatter(is_image[..., None], image_embeds.to(x.dtype))  # (unchecked: a wrong count may raise
+            # or silently use the first embeddings, so check_inputs=False is for batches made right by construction)
+        return self.llm(embeds=x, targets=targets, cache=cache, pad_mask=pad_mask, doc_ids=doc_ids, reduction=reduction,
+                        last_only=last_only)
+
+    def check_inputs(self, ids, targets, pad_mask, images, given, is_image):
+        """What must hold before anything runs: ids and targets in the vocabulary, image spans whole, one image per
+        span, pixels finite and in the processor's range. A ValueError saying what was expected and given."""
         per_image = self.cfg.n_image_tokens
-        # Each span of image tokens must hold whole images (back-to-back images make one longer span): the length of
-        # the span that ends before position j is j minus the latest span start at or before j.
+        # Each span of image tokens must hold whole images (back-to-back images make one longer span). edge[j] is +1
+        # where a span starts (position j is its first image token) and -1 where one has just ended (j is one past its
+        # last); the length of the span that ends before j is j minus the latest span start at or before j.
         t = torch.arange(ids.shape[1] + 1, device=ids.device)
         edge = torch.diff(is_image.int(), dim=1, prepend=is_image[:, :1] * 0, append=is_image[:, :1] * 0)  # (B, T+1)
         span_start = torch.where(edge == 1, t, 0).cummax(dim=1).values  # (B, T+1)
         cut = (edge == -1) & ((t - span_start) % per_image != 0)  # (B, T+1): True where a cut span ends
-        # What must hold before anything runs, read back in one go: one device sync per forward, not one per check.
+        # Every count read back in one go: one device sync per forward, not one per check.
         # (Pixels that are NaN or inf would run through every layer and come out as a confident-looking answer. So
         # would pixels of 0-255. The processor makes them in [0, 1] where the towers normalise them (the hybrid's, or
         # a SigLIP given pixel_mean), else normalised by its mean and std: [-1, 1] for the released 1.3B, and no
@@ -184,18 +206,6 @@ class DeepSeekVL(nn.Module):
         if n_tok // per_image != n_given:
             raise ValueError(f"expected {n_tok // per_image} images for {n_tok} <image_placeholder> tokens (each "
                              f"image fills {per_image}), got {n_given}; give one image per placeholder span, in order")
-
-        x = self.llm.embed_tokens(ids)  # (B, T, C); the image positions are overwritten below
-        if n_given:
-            if image_embeds is None:
-                image_embeds = self.encode_images(images)  # (N, n, C)
-            elif image_embeds.shape[1:] != (per_image, self.cfg.llm.dim):
-                raise ValueError(f"expected image_embeds of shape (N, {per_image}, {self.cfg.llm.dim}), got "
-                                 f"{tuple(image_embeds.shape)}")
-            # Ordered scatter, as the official prepare_inputs_embeds: the k-th image token gets the k-th embedding.
-            x = x.masked_scatter(is_image[..., None], image_embeds.to(x.dtype))
-        return self.llm(embeds=x, targets=targets, cache=cache, pad_mask=pad_mask, doc_ids=doc_ids, reduction=reduction,
-                        last_only=last_only)
 
 
 def count_params(model: nn.Module) -> dict:

@@ -179,6 +179,24 @@ def test_tiny_forward_backward_reaches_every_parameter():
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+def test_a_training_step_unchecked_reads_nothing_back_from_the_device(tiny, monkeypatch):
+    # train.py passes check_inputs=False: its steps then queue their kernels without waiting for the device (STYLE).
+    # Read-backs (tolist, item, a tensor's truth value) are made to fail; the loss is the checked forward's.
+    cfg, model = tiny
+    ids, n = with_images(cfg, [[1, "I", 7, 8, 9] + [10] * 20, [4, 5, "I", 6, "I"]])
+    targets = ids.roll(-1, dims=1).masked_fill(ids == cfg.image_token_id, -100)
+    doc_ids = (torch.arange(ids.shape[1]) >= 30).long().expand_as(ids)  # packed: two samples a row
+    images = torch.rand(n, 3, cfg.image_size, cfg.image_size)
+    _, checked = model(ids, images, targets=targets, doc_ids=doc_ids, reduction="sum")
+    for read_back in ("tolist", "item", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, read_back, lambda *a, what=read_back: pytest.fail(f"{what} in the step"))
+    _, loss = model(ids, images, targets=targets, doc_ids=doc_ids, reduction="sum", check_inputs=False)
+    loss.backward()
+    monkeypatch.undo()
+    assert torch.equal(loss, checked)
+    model.zero_grad()
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_a_half_precision_hybrid_runs_on_the_cpu(tiny, dtype):
     # model.to(dtype) on a machine without a GPU (sample.py --dtype): the hybrid's resize for SigLIP has no CPU kernel
