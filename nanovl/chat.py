@@ -13,7 +13,9 @@ the released models).
 
 We never build that string and then search it for offsets. Like nanochat, we encode each piece separately and
 concatenate the ids, with a mask bit per token: 1 for what the model learns to say (the assistant's answers and their
-end-of-sentence token), 0 for everything else (BOS, system prompt, role names, the user's turns, image tokens). The
+end-of-sentence token), 0 for everything else (BOS, system prompt, role names, the user's turns, image tokens). Bit i
+is about token i itself: where it is 1, the model is trained to predict ids[i] from ids[:i] (data.collate shifts ids
+and mask by one into inputs and targets), so BOS, which nothing predicts, always has 0. The
 pieces are cut where the DeepSeek pre-tokenizer always cuts (at newlines, special tokens, and between "Assistant:"
 and the space that starts an answer), so the ids equal the tokenizer's encoding of the whole official string; a test
 checks this.
@@ -73,8 +75,9 @@ def expand_images(ids: List[int], mask: List[int], image_id: int, n_image_tokens
 
 def start_ids(tokenizer, system: str = SYSTEM_PROMPT) -> List[int]:
     """BOS, then the system prompt and its blank line (nothing more when there is no system prompt). The official
-    string keeps the system prompt as given, less the whitespace at its start (the whole string is stripped), and one
-    piece with its blank line: a run of whitespace at its end joins the newlines."""
+    string strips only the start of the system prompt (the whole string is stripped), so its end is kept as given,
+    and it is encoded together with the "\\n\\n" after it, as one piece: whitespace at its end and those newlines
+    then become the same tokens as in the official string."""
     ids = [tokenizer.bos_id]
     if system.strip():
         ids += tokenizer.encode(system.lstrip() + "\n\n")

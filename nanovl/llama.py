@@ -11,8 +11,9 @@ Decoding. `KVCache` preallocates keys and values for every layer, so decoding on
 each call writes its new keys at the end of the filled part and attends over the filled part. Batched prompts are
 left-padded; `pad_mask` says which positions are real. Positions then count real tokens only (the cumulative sum of
 the mask, as HF's generate does), and no real query attends a padding key. `decode_step` is the same one-token step with
-fixed shapes, which a GPU records once as a CUDA graph and replays (nanovl/generate.py); run as it is, off CUDA, it may
-read only the filled slots (its `span`).
+fixed shapes, which a GPU records once as a CUDA graph (the step's kernels captured once and relaunched as one unit, so
+Python's time per kernel launch is paid once; nanovl/generate.py) and replays; run as it is, off CUDA, it may read only
+the filled slots of the cache (its `span`).
 
 The loss. With targets, forward computes the cross-entropy from the final hidden states in chunks of rows
 (`LinearCrossEntropy`), so the (B, T, vocab) logits are never held at once: at a 102,400-word vocabulary they would be
@@ -49,7 +50,9 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(positions, head_dim: int, theta: float, dtype, freq_dtype=torch.float32):
     """Rotary embedding tables for integer positions (B, T) -> cos, sin of shape (B, 1, T, head_dim).
 
-    Frequencies theta^(-2i/d) for i < d/2, each used twice ([f, f] layout): HF Llama's "rotate half" convention,
+    RoPE (rotary position embedding) gives attention its sense of order: q and k are rotated, pair of channels by pair,
+    by angles proportional to their positions, so the dot product q.k depends on the distance between the two tokens
+    and not on where they are. Frequencies theta^(-2i/d) for i < d/2, each used twice ([f, f] layout): HF Llama's "rotate half" convention,
     which the released checkpoints were converted to. Computed in fp32, then cast, as HF does. A freq_dtype other
     than fp32 rounds the frequencies to it first (Llama.round_rope_freqs says when the official code does).
     """
@@ -61,7 +64,8 @@ def rope_cos_sin(positions, head_dim: int, theta: float, dtype, freq_dtype=torch
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each (x_i, x_{i + hs/2}) pair of x (B, nh, T, hs) by its position's angle."""
+    """Rotate each (x_i, x_{i + hs/2}) pair of x (B, nh, T, hs) by the angle position * theta^(-2i/hs): each pair
+    turns at its own frequency (cos and sin from rope_cos_sin)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
@@ -448,8 +452,9 @@ class Llama(nn.Module):
         callers that normalise by the supervised-token count of several micro-batches; with reduction="none" it is
         each position's cross-entropy (B, T), 0 where the target is -100, for scoring answers. last_only (generation, no
         targets) gives the logits of the last position only, (B, 1, vocab): a prompt of T tokens then costs one
-        lm_head row instead of T (with a 102400-word vocabulary, that is most of a short prompt's FLOPs). check_ids:
-        refuse ids (and targets) outside the vocabulary, which costs a device sync; False skips it (see below).
+        lm_head row instead of T (with a 102400-word vocabulary, lm_head is a seventh of each token's FLOPs at 1.3B,
+        and its (B, T, vocab) logits the largest tensor of a prefill). check_ids: refuse ids (and targets) outside the
+        vocabulary, which costs a device sync; False skips it (see below).
         """
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
@@ -483,7 +488,9 @@ class Llama(nn.Module):
             if cache is not None:
                 cache.real[:, start:start + T] = real
                 real = cache.real[:, :start + T]  # (B, S) every key so far
-            positions = (real.long().cumsum(1) - 1).clamp(min=0)[:, start:]  # (B, T): counts real tokens only
+            # (B, T): counts real tokens only; the left padding before a row's first real token would be at -1,
+            # clamped to 0 (its outputs are never read)
+            positions = (real.long().cumsum(1) - 1).clamp(min=0)[:, start:]
             q_pos = torch.arange(start, start + T, device=x.device)[:, None]  # (T, 1)
             k_pos = torch.arange(start + T, device=x.device)[None, :]  # (1, S)
             # A query sees real keys at or before it. It always sees itself, so that a padding query (whose output
@@ -508,7 +515,7 @@ class Llama(nn.Module):
         if reduction == "none":
             # Scoring (the multiple-choice evaluation): only the supervised positions, a few answer tokens per row,
             # go through lm_head. The logits of every position of a batch of prompts with images would take
-            # gigabytes with a 102,400-word vocabulary, and most of the FLOPs.
+            # gigabytes with a 102,400-word vocabulary (and lm_head is a seventh of a token's FLOPs at 1.3B).
             flat = targets.flatten()  # (B*T,)
             keep = (flat != -100).nonzero().squeeze(1)  # (n,)
             nll = torch.zeros(flat.shape, dtype=torch.float32, device=h.device)

@@ -7,9 +7,12 @@ SAM-B (ViTDet) at 1024: the high-resolution, fine-detail half of DeepSeek-VL's h
       -> patch embedding: 16x16 stride-16 conv, kept channels-last             (B, 64, 64, 768)
       -> + learned absolute position embedding
       -> 12 pre-norm blocks; blocks 2, 5, 8, 11 attend globally over all 64x64 tokens, the others inside 14x14
-         windows; every block adds decomposed relative-position terms to its attention logits
+         windows (ViTDet's design: attention over all 4,096 tokens in every block would cost too much, so most
+         blocks look only inside their window, and the four global ones carry information between windows); every
+         block adds decomposed relative-position terms to its attention logits
       -> neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d                      (B, 256, 64, 64)
-      -> DeepSeek: bilinear upsample to 96x96 in fp32, two bias-free stride-2 convs (B, 1024, 24, 24)
+      -> DeepSeek: bilinear upsample to 96x96 in fp32, two bias-free stride-2 convs (B, 1024, 24, 24): 96 = 24 x 4,
+         so the two halvings land on SigLIP's 24x24 grid, and the aligner pairs the two towers token by token
          (the paper counts this tail as part of the vision-language adaptor; it trains with the aligner, and so do
          both necks, as the official freeze_high=False unfreezes them)
       -> DeepSeek "sam_hd": the same tail applied to the output of the *first* global block through its own
