@@ -52,9 +52,10 @@ def rope_cos_sin(positions, head_dim: int, theta: float, dtype, freq_dtype=torch
 
     RoPE (rotary position embedding) gives attention its sense of order: q and k are rotated, pair of channels by pair,
     by angles proportional to their positions, so the dot product q.k depends on the distance between the two tokens
-    and not on where they are. Frequencies theta^(-2i/d) for i < d/2, each used twice ([f, f] layout): HF Llama's "rotate half" convention,
-    which the released checkpoints were converted to. Computed in fp32, then cast, as HF does. A freq_dtype other
-    than fp32 rounds the frequencies to it first (Llama.round_rope_freqs says when the official code does).
+    and not on where they are. Frequencies theta^(-2i/d) for i < d/2, each used twice ([f, f] layout): HF Llama's
+    "rotate half" convention, which the released checkpoints were converted to. Computed in fp32, then cast, as HF
+    does. A freq_dtype other than fp32 rounds the frequencies to it first (Llama.round_rope_freqs says when the
+    official code does).
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
     inv_freq = inv_freq.to(freq_dtype).float()
