@@ -27,6 +27,8 @@ import os
 import pickle
 import re
 import shutil
+import signal
+import threading
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -350,6 +352,11 @@ def export_target(folder) -> Path:
     """The folder an export may write, resolved ("." has no name to put ".partial" after); ValueError for one that
     is not an earlier export (by its config.json: the same file names are not enough, a released model has them)."""
     folder = Path(folder).resolve()
+    here = Path.cwd().resolve()
+    if folder == here or folder in here.parents:  # (an empty "." would pass every check below)
+        raise ValueError(f"{folder} is the current folder{'' if folder == here else ' or holds it'}: an export "
+                         "replaces its folder whole, which would take the shell's folder away from under it. Choose "
+                         "a new folder to export to")
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} is a file: an export writes a folder (a released model's layout). Choose a new "
                          "folder to export to")
@@ -384,9 +391,9 @@ def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_s
     cfg, folder = model.cfg, export_target(folder)
     config = {**released_config_dict(cfg), **EXPORTED_BY}  # (a model the layout cannot hold: refused before writing)
     tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
         tensors = {nanovl_to_released(k, cfg.hybrid): v.detach().to("cpu", dtype or v.dtype).contiguous()
                    for k, v in model.state_dict().items()}
         save_sharded(tensors, tmp, max_shard_bytes or 5 * 2 ** 30)  # HF's default shard size
@@ -400,9 +407,20 @@ def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_s
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(f"cannot write {tmp}, where the export is written before it is moved to {folder}: "
                       f"{e.strerror or e}; it was removed, and {folder} is as it was") from e
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    except KeyboardInterrupt:  # Ctrl-C: the same (a 7B takes minutes to write)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # The swap: an earlier export goes and the new one takes its place. Ctrl-C waits for it (it takes a moment),
+    # so that it never leaves the old folder gone and the new one still named .partial.
+    main_thread = threading.current_thread() is threading.main_thread()  # (signals are the main thread's only)
+    ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+    try:
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, ctrl_c)
     return folder
 
 
@@ -567,6 +585,8 @@ def load_model(path, device="cpu", dtype=None, tokenizer=None):
     check_dtype(dtype)
     if is_released_folder(path):
         return load_released(path, device, dtype, tokenizer)
+    if Path(path).is_file() and Path(path).suffix != ".pt" and is_released_folder(Path(path).parent):
+        raise ValueError(f"{path} is one file of the released model folder {Path(path).parent}: pass the folder")
     if Path(path).is_dir() and any(Path(path).glob("model-*-of-*.safetensors")):
         raise ValueError(f"{path} holds safetensors shards but no model.safetensors.index.json, which says which "
                          "tensor is in which shard; copy it from where the shards came from")
@@ -719,11 +739,16 @@ def main(argv=None):
         model, tok, _ = load_model(args.ckpt, tokenizer=args.tokenizer or None)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from None
+    except KeyboardInterrupt:
+        raise SystemExit(f"\n(interrupted while loading {args.ckpt}: nothing was written)") from None
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     try:
         out = export_released(model, tok, args.export, dtype, int(min(args.shard_gb, 2 ** 32) * 2 ** 30))
     except (ValueError, OSError) as e:  # OSError: a folder that cannot be made (under a file), a full disk, ...
         raise SystemExit(str(e)) from None
+    except KeyboardInterrupt:
+        raise SystemExit(f"\n(interrupted: what was written is removed, and {Path(args.export).resolve()} is as "
+                         "it was)") from None
     print(f"wrote {out}: {', '.join(sorted(f.name for f in out.iterdir()))}")
 
 

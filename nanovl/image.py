@@ -124,15 +124,20 @@ def to_rgb(img: Image.Image) -> Image.Image:
       released model answers differently here than in its own repository;
     - 16-bit and 32-bit grey ("I;16", "I", "F") are rescaled to 8 bits first, where convert clips every value above
       255 to white.
+    Pillow's warnings are kept quiet here (they would reach the user as two lines of library source): that a palette
+    with transparency should become RGBA (converted to RGB the alpha is dropped, as above) and that an EXIF block is
+    damaged (its orientation is then unknown, and the image is taken as stored).
     """
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or (a.size and a.max() > 255) else 255.0
-        if img.mode == "F" and a.size and a.max() <= 1.0:
-            top = 1.0  # float images are usually in [0, 1]
-        img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8))  # mode L
-    return img.convert("RGB")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            a = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if img.mode.startswith("I;16") or (a.size and a.max() > 255) else 255.0
+            if img.mode == "F" and a.size and a.max() <= 1.0:
+                top = 1.0  # float images are usually in [0, 1]
+            img = Image.fromarray(np.clip(a / top * 255.0 + 0.5, 0, 255).astype(np.uint8))  # mode L
+        return img.convert("RGB")
 
 
 @dataclass

@@ -165,6 +165,23 @@ def test_exif_orientation_is_applied(tmp_path):
     assert bottom[2] > 200 and bottom[0] < 60
 
 
+def test_pillows_warnings_stay_quiet_and_the_picture_is_the_official_convert(tmp_path):
+    # A palette PNG whose transparency table has several entries (pngquant's, most web PNG-8s): Pillow warns that it
+    # "should be converted to RGBA images" as it drops the alpha, which is what the official convert("RGB") gives.
+    img = Image.new("P", (8, 8))
+    img.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * 759)
+    img.paste(1, (0, 0, 4, 8))
+    img.paste(2, (4, 0, 8, 8))
+    img.save(tmp_path / "pal.png", transparency=bytes([0, 128, 255]))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        shown = load_image(tmp_path / "pal.png")
+        with Image.open(tmp_path / "pal.png") as raw:
+            official = raw.convert("RGB")  # (Pillow's warning, here, shows the file is one that gets it)
+    assert [str(w.message) for w in said] == [str(said[-1].message)] and "RGBA" in str(said[-1].message)
+    assert np.array_equal(np.asarray(shown), np.asarray(official))
+
+
 def png_bytes(size=(64, 64)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")

@@ -430,10 +430,15 @@ def test_export_replaces_only_an_earlier_export(folder, tmp_path, monkeypatch):
     (tmp_path / "export.partial" / ".model.safetensors.0123abcd.tmp").write_text("what a killed export leaves")
     export_released(model, tok, out)
     assert not [f.name for f in out.iterdir() if f.name.endswith(".tmp")]  # cleared, not carried into the export
-    monkeypatch.chdir(stage)
     from nanovl import checkpoint
-    with pytest.raises(SystemExit, match="stage3 exists, and its config.json is not"):  # ".": the folder it is run in
-        checkpoint.main(["--ckpt", str(out), "--export", "."])
+    # ".", the folder it is run in, or one above it: refused even empty (replaced whole, the shell's folder would go)
+    (tmp_path / "here" / "below").mkdir(parents=True)
+    for cwd, target in (("here", "."), ("here/below", ".."), ("here", str(tmp_path / "here"))):
+        monkeypatch.chdir(tmp_path / cwd)
+        with pytest.raises(SystemExit, match=r"here is the current folder( or holds it)?: an export replaces its "
+                                             "folder whole"):
+            checkpoint.main(["--ckpt", str(out), "--export", target])
+    assert os.listdir(tmp_path / "here") == ["below"] and not (tmp_path / "here.partial").exists()
 
 
 def test_an_export_that_cannot_be_written_leaves_no_partial_folder(folder, tmp_path, monkeypatch):
@@ -457,6 +462,19 @@ def test_an_export_that_cannot_be_written_leaves_no_partial_folder(folder, tmp_p
                                          r"removed"):  # the command line says it in a line
         checkpoint.main(["--ckpt", str(out), "--export", str(tmp_path / "new")])
     assert sorted(os.listdir(tmp_path)) == ["export"]
+    (tmp_path / "afile").write_text("")  # a folder that cannot be made: said the same way
+    with pytest.raises(SystemExit, match=r"^cannot write .*afile/x.partial, where .*: Not a directory; it was removed"):
+        checkpoint.main(["--ckpt", str(out), "--export", str(tmp_path / "afile" / "x")])
+
+    def interrupted(tensors, dest, max_shard_bytes):  # Ctrl-C after the first shard
+        (dest / "model-00001-of-00002.safetensors").write_bytes(b"shard")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save_sharded", interrupted)
+    with pytest.raises(SystemExit, match=r"^\n\(interrupted: what was written is removed, and .*export is as it "
+                                         r"was\)$"):
+        checkpoint.main(["--ckpt", str(out), "--export", str(out)])
+    assert not (tmp_path / "export.partial").exists() and {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
 def test_mismatched_keys_are_listed_and_nothing_is_loaded(tmp_path):
@@ -525,6 +543,10 @@ def test_bad_files_are_refused_clearly(tmp_path):
     with pytest.raises(ValueError, match="past the end"):
         load_model(folder)
     weights.write_bytes(data)
+    for one in ("model.safetensors", "config.json"):  # a file of the folder where the folder was meant
+        with pytest.raises(ValueError, match=rf"rel.{one} is one file of the released model folder .*rel: pass the "
+                                             "folder$"):
+            load_model(folder / one)
     config = json.loads((folder / "config.json").read_text())
     small = {**config, "language_config": {**config["language_config"], "vocab_size": 200}}
     (folder / "config.json").write_text(json.dumps(small))  # 283 token ids, but embeddings for 200: the config's own
