@@ -22,6 +22,7 @@ message, `help`, `exit`.
 
 import argparse
 import contextlib
+import errno
 import io
 import os
 import sys
@@ -263,6 +264,14 @@ def main(argv=None):
         raise SystemExit(f"--prompt {empty[0]} of {len(args.prompt)} is empty: expected some text")
     if IMAGE_TAG in args.system:
         raise SystemExit(f"--system holds {IMAGE_TAG}, but images go in messages (the system prompt has none)")
+    n = len(args.prompt)
+    for flag, text in [("--system", args.system)] + [(f"--prompt{f' {i + 1} of {n}' * (n > 1)}", p)
+                                                     for i, p in enumerate(args.prompt)]:
+        try:  # (Python reads argument bytes that are not UTF-8 as lone surrogates, which no tokenizer can encode)
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise SystemExit(f"{flag} is not UTF-8 text (byte 0x{ord(text[e.start]) - 0xDC00:02x} after "
+                             f"{text[:e.start]!r}): check the terminal's encoding") from None
     try:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty,
                             args.seed).check()
@@ -290,6 +299,11 @@ def main(argv=None):
     except BrokenPipeError:  # printing into a pipe whose reader stopped (| head): nothing more to say, nowhere
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's exit flush fails quietly
         raise SystemExit(1) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # (other errors are not the output's)
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (as above)
+        raise SystemExit(f"cannot write the answer to the standard output: {e.strerror}") from None
 
 
 if __name__ == "__main__":

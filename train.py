@@ -1558,6 +1558,8 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
                                             rank, world)
         except (ValueError, FileNotFoundError) as e:  # a bad checkpoint or row (named by file and line), a bad image
             raise SystemExit(str(e)) from None
+        except KeyboardInterrupt:  # Ctrl-C: a line, as a training run gives, not the model's traceback
+            raise SystemExit("\n(evaluation interrupted: nothing was written)") from None
         if world > 1:
             end_process_group()
         if rank > 0:  # under torchrun, each process scored its share; the first says the figures

@@ -146,8 +146,10 @@ def check_fits(rows: Sequence[dict], tokenizer, n_image_tokens: int, max_len: in
         # (the model reads all but the last token: collate shifts the ids by one, as in training)
         longest = max(len(s.ids) for s in option_samples(row, tokenizer, n_image_tokens)) - 1
         if longest > max_len:
-            raise ValueError(f"{row['_where']}: with its images ({n_image_tokens} tokens each), the question and its "
-                             f"longest option make {longest} input tokens, but the model's context is {max_len}")
+            n = len(row.get("images") or ())
+            images = f"with its {n} image{'s' * (n > 1)} ({n_image_tokens} tokens each), " if n else ""
+            raise ValueError(f"{row['_where']}: {images}the question and its longest option make {longest} input "
+                             f"tokens, but the model's context is {max_len}")
 
 
 def by_category(correct: Dict[str, int], total: Dict[str, int]) -> Dict[str, float]:

@@ -3,6 +3,7 @@ processors and is seeded, a chat turn prefills only its new tokens, and bad inpu
 
 import io
 import json
+import os
 import shutil
 import sys
 
@@ -894,6 +895,12 @@ def test_sample_refuses_a_system_prompt_that_cannot_work_and_names_an_empty_prom
         sample.main(["--ckpt", str(stage_folder), "--system", "red " * words])
     with pytest.raises(SystemExit, match="--prompt 2 of 3 is empty"):
         sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--prompt", " ", "--prompt", "yo"])
+    # Arguments that are not UTF-8 (Python reads such bytes as lone surrogates): named before the model loads.
+    latin1 = "caf\udce9"
+    with pytest.raises(SystemExit, match=r"^--system is not UTF-8 text \(byte 0xe9 after 'caf'\): check the terminal"):
+        sample.main(["--ckpt", str(stage_folder), "--system", latin1, "--prompt", "hi"])
+    with pytest.raises(SystemExit, match=r"^--prompt 2 of 2 is not UTF-8 text \(byte 0xe9 after 'caf'\)"):
+        sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--prompt", latin1])
     capsys.readouterr()
     sample.main(["--ckpt", str(stage_folder), "--prompt", "", "--image", str(stage_folder / "cat.png"),
                  "--max_new_tokens", "2"])  # one image alone is a prompt: it gets its placeholder
@@ -908,6 +915,16 @@ def test_sample_refuses_a_system_prompt_that_cannot_work_and_names_an_empty_prom
         with pytest.raises(SystemExit, match="stop"):
             sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--device", device])
     assert loads == [("cuda", torch.bfloat16), ("cpu", torch.float32)]
+
+
+def test_an_answer_into_a_full_disk_is_said_in_a_line(stage_folder, monkeypatch):
+    if not os.path.exists("/dev/full"):  # (Linux's always-full device)
+        pytest.skip("no /dev/full on this system")
+    with open("/dev/full", "w") as full:
+        monkeypatch.setattr(sys, "stdout", full)
+        with pytest.raises(SystemExit, match=r"^cannot write the answer to the standard output: No space left on "
+                                             "device$"):
+            sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--max_new_tokens", "3"])
 
 
 def test_compiled_decoding_step_gives_the_same_tokens(tiny, tok, monkeypatch):

@@ -26,6 +26,7 @@ import prepare_data
 import train
 from conftest import write_swapped_tokenizer
 from nanovl import DeepSeekVL, evaluate, get_config
+from nanovl.chat import IMAGE_TAG
 from nanovl.evaluate import multiple_choice
 from nanovl.synth import mc_prompt
 from nanovl.image import ImageProcessor
@@ -448,7 +449,7 @@ def test_bad_held_out_text_or_images_stop_a_run_before_it_trains_and_a_finished_
     (copy / "eval_text.jsonl").write_text(text)
     long_option = mc.replace('"options": ["', '"options": ["' + "very " * 400, 1)  # past the 512-token context
     (copy / "eval_mc.jsonl").write_text(long_option)
-    with pytest.raises(SystemExit, match=r"eval_mc.jsonl, line 1: with its images .36 tokens each., the question and "
+    with pytest.raises(SystemExit, match=r"eval_mc.jsonl, line 1: with its 1 image .36 tokens each., the question and "
                                          r"its longest option make \d+ input tokens, but the model's context is 512"):
         train.main(args + ["--out", str(tmp_path / "b")])
     # The model reads all but an answer's last token: a question whose longest option makes context + 1 ids fits.
@@ -459,6 +460,8 @@ def test_bad_held_out_text_or_images_stop_a_run_before_it_trains_and_a_finished_
     check_fits([row], tok, 36, ids - 1)
     with pytest.raises(ValueError, match=f"make {ids - 1} input tokens, but the model's context is {ids - 2}"):
         check_fits([row], tok, 36, ids - 2)
+    with pytest.raises(ValueError, match="^q: the question and its longest option make"):  # (no images to name)
+        check_fits([dict(row, images=[], question=row["question"].replace(IMAGE_TAG, ""))], tok, 36, 5)
     (copy / "eval_mc.jsonl").write_text(mc)
     first_image = json.loads(mc.splitlines()[0])["images"][0]
     image = (copy / first_image).read_bytes()
@@ -1428,6 +1431,9 @@ def test_eval_only_takes_the_config_from_the_checkpoint(data, start_weights, tmp
         train.resumable_state(str(tmp_path / "ckpt.pt"), 3, None, None, None, 1, print)
     with pytest.raises(SystemExit, match="--eval_only needs --ckpt"):
         train.main(["--eval-only", "--data", data])
+    monkeypatch.setattr(train, "evaluate", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))  # Ctrl-C midway
+    with pytest.raises(SystemExit, match=r"^\n\(evaluation interrupted: nothing was written\)$"):
+        train.main(["--eval-only", "--ckpt", start_weights, "--data", data, "--eval_limit", "5"])
 
 
 def test_a_released_preset_gets_data_without_a_tokenizer_and_asks_for_the_released_one(data, tmp_path, capsys):
