@@ -7,13 +7,14 @@ builds from its `language_config` (paper section 3.1, facts section 5).
       -> n_layers x [ x + attn(RMSNorm(x)) ; x + SwiGLU(RMSNorm(x)) ]    rotary positions on q and k
       -> final RMSNorm -> lm_head (untied from embed_tokens)             (B, T, vocab) logits
 
-Decoding. `KVCache` preallocates keys and values for every layer, so decoding one token costs one token's compute:
-each call writes its new keys at the end of the filled part and attends over the filled part. Batched prompts are
-left-padded; `pad_mask` says which positions are real. Positions then count real tokens only (the cumulative sum of
-the mask, as HF's generate does), and no real query attends a padding key. `decode_step` is the same one-token step with
+Decoding. `KVCache` preallocates keys and values for every layer, so decoding one token costs one token's compute: each
+call writes its new keys at the end of the filled part and attends over the filled part. Batched prompts are
+left-padded; `pad_mask` says which positions are real. Positions then count real tokens only (the cumulative sum of the
+mask, as HF's generate does), and no real query attends a padding key. `decode_step` is the same one-token step with
 fixed shapes, which a GPU records once as a CUDA graph (the step's kernels captured once and relaunched as one unit, so
 Python's time per kernel launch is paid once; nanovl/generate.py) and replays; run as it is, off CUDA, it may read only
-the filled slots of the cache (its `span`).
+the filled slots of the cache (its `span`). Compiled, that step writes its one-row products as reductions, which read
+the weights faster (the last section of this file: a first reading can skip it).
 
 The loss. With targets, forward computes the cross-entropy from the final hidden states in chunks of rows
 (`LinearCrossEntropy`), so the (B, T, vocab) logits are never held at once: at a 102,400-word vocabulary they would be
@@ -70,78 +71,6 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return x * cos + rotated * sin
-
-
-def compiling_one_row(x) -> bool:
-    """Whether x (B, T, C) is a single row (decoding one token, batch 1) that torch.compile is tracing: the case the
-    projections and attention below write out as multiply-and-sum.
-
-    Why: a one-row matmul reads its whole weight to do one multiply-add per element, so its speed is the memory's.
-    In the compiled 1.3B decoding step on an H200 (the 2026-11-29 profile), cuBLAS's one-row kernels for the
-    projections reached about 2.1 TB/s of its 4.8, while the 419 MB lm_head reached 4.0: their tile of 64 output rows
-    (the kernel's name says so) gives a 2048-wide projection 32 thread blocks for 132 SMs. Written as
-    (x * W).sum(-1), torch.compile makes it one reduction kernel spread over every output row. Eager PyTorch would
-    instead build the whole product in memory first, so the plain path keeps nn.Linear and
-    scaled_dot_product_attention. Measured on the H200 (2026-11-29, the compiled 1.3B step alone, a
-    600-token prompt): 1.865 ms with cuBLAS and SDPA, 1.758 ms written as reductions, 1.501 ms once the compiler also
-    tunes the reductions' block sizes (coordinate_descent_tuning, which DecodeStep turns on)."""
-    return x.numel() == x.shape[-1] and torch.compiler.is_compiling()
-
-
-def project(weight, x):
-    """x @ weight.T, a projection without bias (nn.Linear's); for one row under torch.compile, the same sum of
-    products as one reduction kernel."""
-    if compiling_one_row(x):
-        return (x.unsqueeze(-2) * weight).sum(-1)  # (.., 1, C) * (N, C) -> (.., N, C) -> sum -> (.., N)
-    return F.linear(x, weight)
-
-
-def stacked_weights(*linears: nn.Linear):
-    """The linears' weights as one (N1 + N2 + .., C) tensor, each one's rows in turn, in the memory they already
-    have: decoding one token then reads q, k and v's weights (or gate and up's) in one product instead of several.
-
-    Why: a one-row product is as fast as its weight can be read, and small kernels read it slower than big ones (in
-    the compiled 1.3B decoding step on an H200, 2026-11-30, the reductions read the MLP's 23 MB weights at 1.6 to 1.8
-    TB/s, lm_head's 419 MB at 4.0). Measured there, in one process each: stacked q, k, v and gate, up took the step
-    from 1.752 to 1.562 ms, and on a second machine from 1.944 to 1.503 ms; with cuBLAS's kernels (2026-11-29), from
-    1.852 to 1.591 ms. Those stacks were copies, 1.7 GB more for the 1.3B model; this one is not (not yet timed on a
-    GPU itself: bench.py --what decode --compile --separate-projections times it against the separate products).
-
-    How: the first call copies the weights into one new tensor and points each parameter at its rows (param.data).
-    The parameters stay the same objects with the same names, shapes and values, so the state dict, a checkpoint
-    and an optimizer (which updates them in place) see no difference, and the old memory is freed. Later calls find
-    the rows already in one block and only make the view. What gives a parameter new memory (.to(), .half(),
-    load_state_dict(assign=True)) parts them again, and the next call stacks them again."""
-    ws = [linear.weight for linear in linears]
-    with torch.no_grad(), torch.inference_mode(False):  # (an inference tensor could never be trained again)
-        first, offset = ws[0], ws[0].storage_offset()
-        for w in ws:  # one after another in one storage, as an earlier call left them?
-            same_storage = w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
-            if not (same_storage and w.device == first.device and w.storage_offset() == offset and
-                    w.is_contiguous() and w.shape[1:] == first.shape[1:]):
-                break
-            offset += w.numel()
-        else:
-            return first.detach().as_strided((sum(w.shape[0] for w in ws), first.shape[1]), (first.shape[1], 1))
-        block = torch.cat([w.detach() for w in ws])  # (N1 + N2 + .., C)
-        start = 0
-        for w in ws:
-            w.data = block[start:start + w.shape[0]]
-            start += w.shape[0]
-        return block
-
-
-def one_query_attention(q, k, v, mask):
-    """scaled_dot_product_attention for a single query (B, nh, 1, hs) over keys and values (B, nh, S, hs), mask
-    (B, 1, 1, S) or None, written as reductions for torch.compile (compiling_one_row says why). The scores and the
-    softmax stay in fp32, as in SDPA's kernels. For attention the gain is not shown: untuned, the step took 1.700 ms
-    with SDPA here against 1.758 with this (the H200, 2026-11-29), and the tuned 1.501 ms was measured with this
-    only; the next measurement settles which stays."""
-    scores = (q.float() * k.float()).sum(-1)[:, :, None] * q.shape[-1] ** -0.5  # (B, nh, 1, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    p = scores.softmax(-1)  # (B, nh, 1, S)
-    return (p.transpose(-1, -2) * v.float()).sum(-2, keepdim=True).to(q.dtype)  # (B, nh, 1, hs)
 
 
 class KVCache:
@@ -532,3 +461,81 @@ class Llama(nn.Module):
             # Mean over supervised tokens; a batch with none gives 0 (and zero gradients), never NaN.
             loss = loss / (targets != -100).sum().clamp(min=1)
         return None, loss
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The compiled decoding step's fast path (read after Llama.decode_step). Decoding one token reads every weight to do
+# one multiply-add per element, so its speed is the memory's; these helpers write that one-row case so that
+# torch.compile turns it into kernels that read the weights fast. Everywhere else (training, prefill, eager decoding)
+# they give back plain nn.Linear products and scaled_dot_product_attention.
+
+def compiling_one_row(x) -> bool:
+    """Whether x (B, T, C) is a single row (decoding one token, batch 1) that torch.compile is tracing: the case the
+    projections and attention below write out as multiply-and-sum.
+
+    Why: a one-row matmul reads its whole weight to do one multiply-add per element, so its speed is the memory's.
+    In the compiled 1.3B decoding step on an H200 (the 2026-11-29 profile), cuBLAS's one-row kernels for the
+    projections reached about 2.1 TB/s of its 4.8, while the 419 MB lm_head reached 4.0: their tile of 64 output rows
+    (the kernel's name says so) gives a 2048-wide projection 32 thread blocks for 132 SMs. Written as
+    (x * W).sum(-1), torch.compile makes it one reduction kernel spread over every output row. Eager PyTorch would
+    instead build the whole product in memory first, so the plain path keeps nn.Linear and
+    scaled_dot_product_attention. Measured on the H200 (2026-11-29, the compiled 1.3B step alone, a
+    600-token prompt): 1.865 ms with cuBLAS and SDPA, 1.758 ms written as reductions, 1.501 ms once the compiler also
+    tunes the reductions' block sizes (coordinate_descent_tuning, which DecodeStep turns on)."""
+    return x.numel() == x.shape[-1] and torch.compiler.is_compiling()
+
+
+def project(weight, x):
+    """x @ weight.T, a projection without bias (nn.Linear's); for one row under torch.compile, the same sum of
+    products as one reduction kernel."""
+    if compiling_one_row(x):
+        return (x.unsqueeze(-2) * weight).sum(-1)  # (.., 1, C) * (N, C) -> (.., N, C) -> sum -> (.., N)
+    return F.linear(x, weight)
+
+
+def stacked_weights(*linears: nn.Linear):
+    """The linears' weights as one (N1 + N2 + .., C) tensor, each one's rows in turn, in the memory they already
+    have: decoding one token then reads q, k and v's weights (or gate and up's) in one product instead of several.
+
+    Why: a one-row product is as fast as its weight can be read, and small kernels read it slower than big ones (in
+    the compiled 1.3B decoding step on an H200, 2026-11-30, the reductions read the MLP's 23 MB weights at 1.6 to 1.8
+    TB/s, lm_head's 419 MB at 4.0). Measured there, in one process each: stacked q, k, v and gate, up took the step
+    from 1.752 to 1.562 ms, and on a second machine from 1.944 to 1.503 ms; with cuBLAS's kernels (2026-11-29), from
+    1.852 to 1.591 ms. Those stacks were copies, 1.7 GB more for the 1.3B model; this one is not (not yet timed on a
+    GPU itself: bench.py --what decode --compile --separate-projections times it against the separate products).
+
+    How: the first call copies the weights into one new tensor and points each parameter at its rows (param.data).
+    The parameters stay the same objects with the same names, shapes and values, so the state dict, a checkpoint
+    and an optimizer (which updates them in place) see no difference, and the old memory is freed. Later calls find
+    the rows already in one block and only make the view. What gives a parameter new memory (.to(), .half(),
+    load_state_dict(assign=True)) parts them again, and the next call stacks them again."""
+    ws = [linear.weight for linear in linears]
+    with torch.no_grad(), torch.inference_mode(False):  # (an inference tensor could never be trained again)
+        first, offset = ws[0], ws[0].storage_offset()
+        for w in ws:  # one after another in one storage, as an earlier call left them?
+            same_storage = w.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+            if not (same_storage and w.device == first.device and w.storage_offset() == offset and
+                    w.is_contiguous() and w.shape[1:] == first.shape[1:]):
+                break
+            offset += w.numel()
+        else:
+            return first.detach().as_strided((sum(w.shape[0] for w in ws), first.shape[1]), (first.shape[1], 1))
+        block = torch.cat([w.detach() for w in ws])  # (N1 + N2 + .., C)
+        start = 0
+        for w in ws:
+            w.data = block[start:start + w.shape[0]]
+            start += w.shape[0]
+        return block
+
+
+def one_query_attention(q, k, v, mask):
+    """scaled_dot_product_attention for a single query (B, nh, 1, hs) over keys and values (B, nh, S, hs), mask
+    (B, 1, 1, S) or None, written as reductions for torch.compile (compiling_one_row says why). The scores and the
+    softmax stay in fp32, as in SDPA's kernels. For attention the gain is not shown: untuned, the step took 1.700 ms
+    with SDPA here against 1.758 with this (the H200, 2026-11-29), and the tuned 1.501 ms was measured with this
+    only; the next measurement settles which stays."""
+    scores = (q.float() * k.float()).sum(-1)[:, :, None] * q.shape[-1] ** -0.5  # (B, nh, 1, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    p = scores.softmax(-1)  # (B, nh, 1, S)
+    return (p.transpose(-1, -2) * v.float()).sum(-2, keepdim=True).to(q.dtype)  # (B, nh, 1, hs)
