@@ -1,7 +1,8 @@
 """
 Weights in and out: nanovl's own checkpoints, the released DeepSeek-VL model folders, and pretrained parts.
 
-    load_model(path)                 a nanovl stage folder (or its model.pt) or a released model folder
+    load_model(path)                 a nanovl stage folder (or its model.pt) or a released model folder (or one in
+                                     transformers' own layout: HF_PORT_NAMES)
                                      -> (model, tokenizer, image processor), ready for sample.py
     load_released(folder)            the released layout (facts sheet sections 6-8):
                                         config.json                  vision_config / aligner_config / language_config
@@ -35,7 +36,8 @@ from typing import Optional
 
 import torch
 
-from nanovl.config import FROM_SCRATCH, AlignerConfig, LlamaConfig, SAMConfig, SigLIPConfig, VLConfig
+from nanovl.config import (CLIP_MEAN, CLIP_STD, FROM_SCRATCH, SIGLIP_MEAN, SIGLIP_STD, AlignerConfig, LlamaConfig,
+                           SAMConfig, SigLIPConfig, VLConfig)
 from nanovl.image import ImageProcessor
 from nanovl.model import DeepSeekVL, nanovl_to_released, released_to_nanovl
 from nanovl.safetensors import load_file, load_sharded, save_sharded
@@ -280,19 +282,107 @@ def _read_json(path: Path, what: str) -> dict:
     return data
 
 
-def refuse_hf_port(config: dict, folder):
-    """A ValueError for a folder in transformers' own DeepSeek-VL layout (model_type deepseek_vl or
-    deepseek_vl_hybrid: what its DeepseekVL*ForConditionalGeneration saves, and what the conversions on the Hub hold).
-    Its weights are the release's under other names and another config, and nanovl reads the release's layout only:
-    without this, such a folder failed later on a missing field or key, not saying why."""
-    kind = config.get("model_type")
-    if kind in ("deepseek_vl", "deepseek_vl_hybrid"):
-        size = "7b" if kind == "deepseek_vl_hybrid" else "1.3b"
-        raise ValueError(f"{folder} is in transformers' own DeepSeek-VL layout (model_type {kind!r}, as "
-                         f"DeepseekVL{'Hybrid' if size == '7b' else ''}ForConditionalGeneration saves it), which "
-                         f"nanovl does not read: it reads the official release's, e.g. "
-                         f"deepseek-ai/deepseek-vl-{size}-chat (config.json with vision_config, aligner_config and "
-                         "language_config)")
+# transformers' own port of DeepSeek-VL (its DeepseekVLForConditionalGeneration and
+# DeepseekVLHybridForConditionalGeneration; the conversions on the Hub that its documentation loads) holds the release's
+# weights under other names, SigLIP's q, k and v apart, and another config.json. Translated back to the release's
+# layout, such a folder loads as a released one: the same model, the same outputs.
+HF_PORT_KINDS = ("deepseek_vl", "deepseek_vl_hybrid")
+SAM_ENC = r"model\.high_res_vision_model\.vision_encoder\."
+NECK = (("conv1", 0), ("layer_norm1", 1), ("conv2", 2), ("layer_norm2", 3))  # HF's SamVisionNeck: the release's neck.i
+HF_PORT_NAMES = (  # (a name in the port, ours), tried in order; None: a tensor the model never uses
+    (r"model\.vision_model\.embeddings\.patch_embedding\.", "siglip.patch_embed.proj."),
+    (r"model\.vision_model\.embeddings\.position_embedding\.weight$", "siglip.pos_embed"),  # (N, C): ours (1, N, C)
+    (r"model\.vision_model\.encoder\.layers\.(\d+)\.layer_norm([12])\.", r"siglip.blocks.\1.norm\2."),
+    (r"model\.vision_model\.encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"siglip.blocks.\1.attn.qkv.\2."),
+    (r"model\.vision_model\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"siglip.blocks.\1.attn.proj."),
+    (r"model\.vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"siglip.blocks.\1.mlp."),  # fc1, fc2
+    (r"model\.vision_model\.post_layernorm\.", "siglip.norm."),
+    (r"model\.vision_model\.head\.", None),  # SigLIP's attention-pooling head (the release's attn_pool)
+    (SAM_ENC + r"patch_embed\.projection\.", "sam.patch_embed.proj."),
+    (SAM_ENC + r"pos_embed$", "sam.pos_embed"),
+    (SAM_ENC + r"layers\.(\d+)\.layer_norm([12])\.", r"sam.blocks.\1.norm\2."),
+    (SAM_ENC + r"layers\.(\d+)\.", r"sam.blocks.\1."),  # attn.qkv, attn.proj, attn.rel_pos_h/w, mlp.lin1/2
+    *((SAM_ENC + rf"neck\.{part}\.", f"sam.neck.{i}.") for part, i in NECK),
+    *((rf"model\.high_res_vision_neck\.{part}\.", f"sam.neck_hd.{i}.") for part, i in NECK),
+    (r"model\.high_res_vision_proj\.conv1\.", "sam.downsamples.0."),
+    (r"model\.high_res_vision_proj\.conv2\.", "sam.downsamples.1."),
+    (r"model\.high_res_vision_alpha$", "sam.hd_alpha_downsamples"),
+    (r"model\.aligner\.linear1\.", "aligner.layers.0."),  # mlp_gelu (1.3B): Linear, GELU, Linear
+    (r"model\.aligner\.linear2\.", "aligner.layers.2."),
+    (r"model\.aligner\.high_res_vision_proj\.", "aligner.high_up_proj."),  # the hybrid aligner (7B)
+    (r"model\.aligner\.vision_proj\.", "aligner.low_up_proj."),
+    (r"model\.aligner\.proj\.", "aligner.layers.1."),
+    (r"lm_head\.", "llm.lm_head."),
+    (r"model\.language_model\.", "llm."),
+)
+
+
+def is_hf_port(config: dict) -> bool:
+    return config.get("model_type") in HF_PORT_KINDS
+
+
+def hf_port_config(config: dict, where) -> dict:
+    """A port's config.json -> the release's (what released_config reads). The port's holds the decoder's settings
+    (text_config) and the towers' sizes; what the release's says beside them is the same for every DeepSeek-VL:
+    SigLIP's and SAM's in-tower statistics for the hybrid (the 1.3B normalises in its processor), and the aligners."""
+    hybrid = config["model_type"] == "deepseek_vl_hybrid"
+    text, vision, high = (config.get(k) for k in ("text_config", "vision_config", "high_res_vision_config"))
+    if not (isinstance(text, dict) and isinstance(vision, dict) and (isinstance(high, dict) or not hybrid)):
+        raise ValueError(f"{where}: config.json of model_type {config['model_type']!r} needs text_config and "
+                         f"vision_config{' and high_res_vision_config' if hybrid else ''}, each an object")
+    try:
+        siglip = {"model_name": "siglip (transformers' port)", "image_size": vision["image_size"],
+                  "select_layer": -1, "select_feature": "same",
+                  "nanovl": dict(patch_size=vision["patch_size"], width=vision["hidden_size"],
+                                 depth=vision["num_hidden_layers"], n_heads=vision["num_attention_heads"],
+                                 mlp_ratio=vision["intermediate_size"] / vision["hidden_size"]),
+                  "pixel_mean": list(SIGLIP_MEAN) if hybrid else None,
+                  "pixel_std": list(SIGLIP_STD) if hybrid else None}
+        if hybrid:  # HF's SAM projection: two convs to 2x and 4x the neck's width (the release: 512, 1024)
+            sam = {"model_name": "sam (transformers' port)", "image_size": high["image_size"],
+                   "nanovl": dict(patch_size=high["patch_size"], width=high["hidden_size"],
+                                  depth=high["num_hidden_layers"], n_heads=high["num_attention_heads"],
+                                  mlp_ratio=high["mlp_ratio"], window_size=high["window_size"],
+                                  global_blocks=list(high["global_attn_indexes"]), neck_dim=high["output_channels"],
+                                  downsample_dims=[2 * high["output_channels"], 4 * high["output_channels"]]),
+                   "pixel_mean": list(CLIP_MEAN), "pixel_std": list(CLIP_STD)}
+    except (KeyError, TypeError, ZeroDivisionError) as e:
+        raise ValueError(f"{where}: config.json's vision_config{' or high_res_vision_config' if hybrid else ''} "
+                         f"lacks a usable {e}") from None
+    lang = dict(text)
+    if "rope_theta" not in lang and isinstance(lang.get("rope_parameters"), dict):  # (transformers 5 nests it)
+        lang["rope_theta"] = lang["rope_parameters"].get("rope_theta")
+    return {"vision_config": {"cls": "HybridVisionTower", "params": {"high_res_cfg": sam, "low_res_cfg": siglip}}
+            if hybrid else {"cls": "CLIPVisionTower", "params": siglip},
+            "aligner_config": {"params": {"projector_type": "low_high_hybrid_split_mlp_gelu" if hybrid else "mlp_gelu",
+                                          "depth": 2}},
+            "language_config": lang, "image_token_id": config.get("image_token_id")}
+
+
+def hf_port_tensors(tensors: dict, hybrid: bool, where) -> dict:
+    """A port's tensors -> the same tensors by the release's names (SigLIP's q, k, v stacked back into qkv)."""
+    out, parts, unknown = {}, {}, []
+    for key, tensor in tensors.items():
+        pattern, ours = next(((p, o) for p, o in HF_PORT_NAMES if re.match(p, key)), (None, "?"))
+        if pattern is None:
+            unknown.append(key)
+            continue
+        if ours is None:
+            continue
+        ours = re.sub(pattern, ours, key, count=1)
+        if ours.startswith("siglip.") and ".attn.qkv." in ours:  # siglip.blocks.N.attn.qkv.{q,k,v}.weight
+            head, which, leaf = ours.rsplit(".", 2)
+            parts.setdefault(f"{head}.{leaf}", {})[which] = tensor
+            continue
+        out[nanovl_to_released(ours, hybrid)] = tensor[None] if ours == "siglip.pos_embed" else tensor
+    if unknown:
+        raise ValueError(f"{where}: {len(unknown)} tensors that transformers' DeepSeek-VL does not name so: "
+                         f"{_shorten(unknown)}")
+    for name, qkv in parts.items():
+        if set(qkv) != set("qkv"):
+            raise ValueError(f"{where}: {name} has only {sorted(qkv)} of q, k and v")
+        out[nanovl_to_released(name, hybrid)] = torch.cat([qkv[c] for c in "qkv"])
+    return out
 
 
 def is_released_folder(path) -> bool:
@@ -302,16 +392,25 @@ def is_released_folder(path) -> bool:
 
 
 def load_released(folder, device="cpu", dtype=None, tokenizer=None):
-    """A released DeepSeek-VL folder -> (model, tokenizer, processor), without transformers or safetensors.
-    tokenizer: a tokenizer.json for a folder without one (see pick_tokenizer)."""
+    """A released DeepSeek-VL folder -> (model, tokenizer, processor), without transformers or safetensors; or one
+    in transformers' layout (its port: HF_PORT_NAMES), read as the release it was converted from. tokenizer: a
+    tokenizer.json for a folder without one (see pick_tokenizer)."""
     folder = Path(folder)
     config = _read_json(folder / "config.json", "config.json with vision_config, aligner_config and language_config")
-    refuse_hf_port(config, folder)
+    port = is_hf_port(config)
+    if port:
+        config = hf_port_config(config, folder)
     tok, tok_path = pick_tokenizer(folder, tokenizer)
+    if port and config["image_token_id"] not in (None, tok.image_id):
+        raise ValueError(f"{folder}/config.json: image_token_id {config['image_token_id']}, but {tok_path} puts "
+                         f"<image_placeholder> at {tok.image_id}")
     cfg = released_config(config, tok.image_id, name=folder.name)
     check_tokenizer_fits(tok, cfg, tok_path)
+    tensors = load_sharded(folder)
+    if port:
+        tensors = hf_port_tensors(tensors, cfg.hybrid, folder)
     state, skipped, unknown = {}, [], []
-    for key, tensor in load_sharded(folder).items():
+    for key, tensor in tensors.items():
         try:
             ours = released_to_nanovl(key)
         except ValueError:
@@ -325,7 +424,9 @@ def load_released(folder, device="cpu", dtype=None, tokenizer=None):
         raise ValueError(f"{folder}: {len(unknown)} keys that are not DeepSeek-VL's: {_shorten(unknown)}")
     model = build_loaded(cfg, state, f"{folder}", device, dtype)
     pre = folder / "preprocessor_config.json"
-    proc = ImageProcessor.from_dict(_read_json(pre, "the image processor")) if pre.exists() \
+    # (a port's preprocessor_config.json is transformers' processor, which makes the low-resolution input its own
+    # way (facts sheet section 13): the official processor stands in for it)
+    proc = ImageProcessor.from_dict(_read_json(pre, "the image processor")) if pre.exists() and not port \
         else ImageProcessor.for_config(cfg)
     if proc.image_size != cfg.image_size:
         raise ValueError(f"{pre}: image_size {proc.image_size} but the vision tower reads {cfg.image_size}")
@@ -628,8 +729,10 @@ def part_state(path) -> tuple:
     a released DeepSeek-VL folder its projector type, else None)."""
     path = Path(path)
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
-    refuse_hf_port(config, f"--init_from {path}")
     tensors = _read_tensors(path)
+    if is_hf_port(config):  # transformers' layout: read as the release it was converted from
+        config = hf_port_config(config, f"--init_from {path}")
+        tensors = hf_port_tensors(tensors, "high_res_cfg" in config["vision_config"]["params"], f"--init_from {path}")
     keys, skipped, state = list(tensors), [], {}
 
     def take(key, ours):

@@ -2,11 +2,12 @@
 (the released 1.3B's layout: SigLIP only, `mlp_gelu` aligner) and `DeepseekVLHybridForConditionalGeneration` (the
 7B's: SAM-B and SigLIP, the hybrid aligner).
 
-The other parity tests hold each module against its own reference; this one holds the assembled model (towers,
-aligner, image embeddings spliced into the token sequence, decoder) against an implementation written by other
-people from the same official code. Both are built on small random configs of the released structure, every weight
-is copied across by an explicit name table that must use each parameter of both sides exactly once, and both get
-the same ids and pixels. The image processors are not compared: HF's get the pixels nanovl's towers see.
+The other parity tests hold each module against its own reference; this one holds the assembled model (towers, aligner,
+image embeddings spliced into the token sequence, decoder) against an implementation written by other people from the
+same official code. Both are built on small random configs of the released structure, every weight is copied across by
+an explicit name table that must use each parameter of both sides exactly once, and both get the same ids and pixels.
+The image processors are not compared: HF's get the pixels nanovl's towers see. Last, a folder that HF's save_pretrained
+writes loads into nanovl as the release it stands for (nanovl.checkpoint.HF_PORT_NAMES).
 
 Where the HF port differs on purpose, the test feeds it what the official model computes (facts sheet section 13):
 - HF normalises in its image processor, never in the model. The official hybrid tower (and nanovl) normalises each
@@ -17,6 +18,8 @@ Where the HF port differs on purpose, the test feeds it what the official model 
   Resize(antialias=True), bilinear; HF gets that.
 """
 
+import dataclasses
+import json
 import math
 import re
 from collections import Counter
@@ -26,7 +29,8 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms as T
 from transformers import (DeepseekVLConfig, DeepseekVLForConditionalGeneration, DeepseekVLHybridConfig,
-                          DeepseekVLHybridForConditionalGeneration)
+                          DeepseekVLHybridForConditionalGeneration, DeepseekVLHybridImageProcessor,
+                          DeepseekVLImageProcessor)
 
 from conftest import ATOL, max_diff
 from nanovl import DeepSeekVL, VLConfig, get_config
@@ -329,16 +333,47 @@ def test_a_broken_part_is_caught(pairs, breakage, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_a_folder_in_transformers_own_layout_is_named_as_such(kind, tmp_path):
-    # What DeepseekVL*ForConditionalGeneration.save_pretrained writes (and the Hub's conversions hold): the release's
-    # weights under other names and another config. nanovl reads the release's layout, and says so, for sample.py
-    # and train.py --eval-only (load_model) and for --init_from (part_state) alike.
+def test_a_folder_in_transformers_own_layout_loads_as_the_release_it_was_converted_from(pairs, kind, tmp_path):
+    # What DeepseekVL*ForConditionalGeneration.save_pretrained writes (the layout of the Hub's conversions): the
+    # release's weights under other names, SigLIP's q, k, v apart, another config. load_model (sample.py, --eval-only,
+    # export) and part_state (--init_from) read it as the release: every tensor exactly ours, the same config, the
+    # official processor, and so transformers' logits.
     from nanovl.checkpoint import load_model, part_state
+    from nanovl.image import ImageProcessor
+    from nanovl.tokenizer import Tokenizer
 
-    hf_model(KINDS[kind]()).save_pretrained(tmp_path)
-    model_type, size = ("deepseek_vl_hybrid", "7b") if kind == "hybrid" else ("deepseek_vl", "1.3b")
-    why = rf"transformers' own DeepSeek-VL layout \(model_type '{model_type}'.*deepseek-ai/deepseek-vl-{size}-chat"
-    with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path))} is in {why}"):
+    cfg, ours, hf = pairs(kind)
+    hf.save_pretrained(tmp_path)
+    processor = DeepseekVLHybridImageProcessor if cfg.hybrid else DeepseekVLImageProcessor
+    processor().save_pretrained(tmp_path)  # transformers' preprocessor_config.json: not the official processor's
+    tok = Tokenizer.train(["what colour is the circle? the circle is red and the square is blue."] * 20, 280)
+    assert tok.image_id == cfg.image_token_id
+    tok.save(tmp_path / "tokenizer.json")
+    loaded, _, proc = load_model(tmp_path)
+    assert dataclasses.replace(loaded.cfg, name=cfg.name) == cfg and proc == ImageProcessor.for_config(cfg)
+    expected = ours.state_dict()
+    got = loaded.state_dict()
+    assert set(got) == set(expected) and all(torch.equal(got[k], v) for k, v in expected.items())
+    _, _, logits, hf_logits = run_pair(cfg, loaded, hf)
+    assert max_diff(logits, hf_logits) < ATOL, max_diff(logits, hf_logits)
+    what, parts, skipped, projector = part_state(tmp_path)
+    assert what == "a released DeepSeek-VL model" and projector == cfg.aligner.projector_type and not skipped
+    assert set(parts) == set(expected) and all(torch.equal(parts[k], v) for k, v in expected.items())
+    # A tensor the port does not name so, or a SigLIP block missing one of q, k and v: named, nothing loaded.
+    from safetensors.torch import load_file as st_load, save_file as st_save
+    tensors = st_load(str(tmp_path / "model.safetensors"))
+    for change, message in ((lambda t: t.update({"model.extra.weight": torch.zeros(1)}),
+                             r"1 tensors that transformers' DeepSeek-VL does not name so: model.extra.weight"),
+                            (lambda t: t.pop("model.vision_model.encoder.layers.0.self_attn.k_proj.weight"),
+                             r"siglip.blocks.0.attn.qkv.weight has only \['q', 'v'\] of q, k and v")):
+        broken = dict(tensors)
+        change(broken)
+        st_save(broken, str(tmp_path / "model.safetensors"))
+        with pytest.raises(ValueError, match=message):
+            load_model(tmp_path)
+    st_save(tensors, str(tmp_path / "model.safetensors"))
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "image_token_id": 7}))
+    with pytest.raises(ValueError, match=r"config.json: image_token_id 7, but .*tokenizer.json puts "
+                                         r"<image_placeholder> at 3"):
         load_model(tmp_path)
-    with pytest.raises(ValueError, match=f"^--init_from {re.escape(str(tmp_path))} is in {why}"):
-        part_state(tmp_path)
