@@ -349,7 +349,7 @@ def prepare(args):
         raise
     # The swap: the old folder moves aside, the new one takes its place, and only then is the old one deleted, so
     # that at every moment one whole corpus exists (one killed between the renames is put back by the next run).
-    # Ctrl-C waits for it.
+    # Ctrl-C is ignored for that moment (the build is done: the swap completes).
     ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         if os.path.exists(args.out):

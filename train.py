@@ -288,8 +288,8 @@ def setup_distributed():
 
 
 def first_failure(reason: str, world: int) -> str:
-    """reason: why this process must stop ("" if it need not): it could not read its batch for the step, or another
-    run holds the --out folder. Returns the first process's reason among those that failed, or "", the same on every
+    """reason: why this process must stop ("" if it need not): it could not read its batch for the step, a data
+    folder was prepared again while the run read it, or another run holds the --out folder. Returns the first process's reason among those that failed, or "", the same on every
     process: with several, one that stops alone leaves the others waiting in the step's all-reduce until torchrun
     kills them, so the steps since the last checkpoint, which the first process would have saved, are lost. A small
     all-reduce of a CPU tensor each step (over gloo: no wait for the GPU); the reasons are gathered only when one
@@ -1412,11 +1412,11 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         if remade:
             reason = (f"{remade[0]} was prepared again while this run read it (its meta.json is new), so the images "
                       "of the rows the run read at its start may now be other pictures\nTo go on with the data as "
-                      "they are now (the resume says how they differ), or with the ones it began with once restored, "
-                      "run ")
+                      "they are now (a resume says whether its rows differ; pictures are not compared), or with the "
+                      "ones it began with once restored, run ")
         reason = first_failure(reason, world)  # every process stops at the same step, whichever failed
         if reason:
-            reason, advice = reason.split("\n")  # (why, and the advice, which the ending below completes)
+            reason, advice = reason.split("\n", 1)  # (why, and the advice, which the ending below completes)
             if step > saved:  # keep the steps done since the last checkpoint: nothing is lost
                 if losses:
                     log(step, learning_rate(step - 1, hp, tc.min_lr_ratio))

@@ -350,8 +350,12 @@ def hf_port_config(config: dict, where) -> dict:
         raise ValueError(f"{where}: config.json's vision_config{' or high_res_vision_config' if hybrid else ''} "
                          f"lacks a usable {e}") from None
     lang = dict(text)
-    if "rope_theta" not in lang and isinstance(lang.get("rope_parameters"), dict):  # (transformers 5 nests it)
-        lang["rope_theta"] = lang["rope_parameters"].get("rope_theta")
+    rope = lang.get("rope_parameters")
+    if isinstance(rope, dict):  # (transformers 5 nests RoPE's settings)
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"{where}: text_config.rope_parameters.rope_type {rope['rope_type']!r} is not supported "
+                             "(DeepSeek-VL's decoder uses plain RoPE, 'default')")
+        lang.setdefault("rope_theta", rope.get("rope_theta"))
     return {"vision_config": {"cls": "HybridVisionTower", "params": {"high_res_cfg": sam, "low_res_cfg": siglip}}
             if hybrid else {"cls": "CLIPVisionTower", "params": siglip},
             "aligner_config": {"params": {"projector_type": "low_high_hybrid_split_mlp_gelu" if hybrid else "mlp_gelu",
@@ -378,6 +382,14 @@ def hf_port_tensors(tensors: dict, hybrid: bool, where) -> dict:
     if unknown:
         raise ValueError(f"{where}: {len(unknown)} tensors that transformers' DeepSeek-VL does not name so: "
                          f"{_shorten(unknown)}")
+    if "lm_head.weight" not in tensors and "model.language_model.embed_tokens.weight" in tensors:
+        # transformers ties the output head to the input embedding unless config.json says tie_word_embeddings
+        # false (its DeepSeek-VL config defaults to true), and then saves no head: the released models have one of
+        # their own, so such a folder cannot give their outputs.
+        raise ValueError(f"{where}: no lm_head.weight: its config.json ties the output head to the input embedding "
+                         "(tie_word_embeddings true, transformers' default for DeepSeek-VL), where the released models "
+                         f"have a head of their own; fetch deepseek-ai/deepseek-vl-{'7b' if hybrid else '1.3b'}-chat "
+                         "instead")
     for name, qkv in parts.items():
         if set(qkv) != set("qkv"):
             raise ValueError(f"{where}: {name} has only {sorted(qkv)} of q, k and v")
@@ -486,8 +498,8 @@ def export_target(folder) -> Path:
 def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_shard_bytes: Optional[int] = None):
     """Write `model` in the released layout. The folder is written as folder.partial and then renamed, so an
     interrupted export never leaves a folder that looks complete. An existing folder is replaced only when it is
-    empty or an earlier export (export_target): a stage folder, a data folder or anything else is refused, never
-    deleted."""
+    empty or an earlier export (export_target): a stage folder, a data folder, the current folder or anything else
+    is refused, never deleted."""
     check_dtype(dtype, (torch.float32, torch.bfloat16, torch.float16))  # what the released format holds
     cfg, folder = model.cfg, export_target(folder)
     config = {**released_config_dict(cfg), **EXPORTED_BY}  # (a model the layout cannot hold: refused before writing)
@@ -507,12 +519,12 @@ def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_s
     except OSError as e:  # a full disk, say: the shards written so far go too, rather than hold the space they took
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(f"cannot write {tmp}, where the export is written before it is moved to {folder}: "
-                      f"{e.strerror or e}; it was removed, and {folder} is as it was") from e
+                      f"{e.strerror or e}; nothing of it is left, and {folder} is as it was") from e
     except KeyboardInterrupt:  # Ctrl-C: the same (a 7B takes minutes to write)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    # The swap: an earlier export goes and the new one takes its place. Ctrl-C waits for it (it takes a moment),
-    # so that it never leaves the old folder gone and the new one still named .partial.
+    # The swap: an earlier export goes and the new one takes its place. Ctrl-C is ignored for that moment (the export
+    # is written: the swap completes), so that it never leaves the old folder gone and the new one named .partial.
     main_thread = threading.current_thread() is threading.main_thread()  # (signals are the main thread's only)
     ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
     try:

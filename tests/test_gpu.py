@@ -224,6 +224,32 @@ def test_training_loss_in_bf16_autocast_matches_full_logits():
     assert rel_error(head_a, head_b) < 2e-2 and rel_error(embed_a, embed_b) < 2e-2
 
 
+def test_an_unchecked_training_step_never_waits_for_the_device():
+    # train.py's steps pass check_inputs=False so that the CPU queues a step's kernels while the GPU runs the ones
+    # before: no op of the step may wait for the device (the sync debug mode makes one that does an error). Packed
+    # rows with images, as stage 2's, in bf16 autocast, forward and backward. (On the CPU: the step runs, unwatched.)
+    cfg = get_config("tiny")
+    model = DeepSeekVL(cfg).to(DEVICE).train()
+    n = cfg.n_image_tokens
+    row = [1, 7] + [cfg.image_token_id] * n + [9, 10, 11, 2, 1, 12, 13, 14, 2]  # two samples, the first with an image
+    ids = torch.tensor([row, row], device=DEVICE)
+    targets = ids.roll(-1, dims=1).masked_fill(ids == cfg.image_token_id, -100)
+    doc_ids = torch.tensor([[0] * (n + 6) + [1] * 5] * 2, device=DEVICE)
+    images = torch.rand(2, 3, cfg.image_size, cfg.image_size, device=DEVICE)
+    watched = DEVICE == "cuda"
+    if watched:
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            _, loss = model(ids, images, targets=targets, doc_ids=doc_ids, reduction="sum", check_inputs=False)
+        loss.backward()
+    finally:
+        if watched:
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss).item()
+
+
 def test_siglip_in_bf16_matches_timm_in_fp32():
     from test_vision import timm_siglip
 

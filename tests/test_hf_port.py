@@ -377,3 +377,17 @@ def test_a_folder_in_transformers_own_layout_loads_as_the_release_it_was_convert
     with pytest.raises(ValueError, match=r"config.json: image_token_id 7, but .*tokenizer.json puts "
                                          r"<image_placeholder> at 3"):
         load_model(tmp_path)
+    rope = {**config["text_config"], "rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}}
+    (tmp_path / "config.json").write_text(json.dumps({**config, "text_config": rope}))
+    with pytest.raises(ValueError, match=r"rope_type 'linear' is not supported"):
+        load_model(tmp_path)
+    # transformers' DeepSeek-VL config ties the output head to the input embedding by default, and then saves no
+    # head: not the release's model, refused for the model and for --init_from alike (not a head left random).
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    del tensors["lm_head.weight"]
+    st_save(tensors, str(tmp_path / "model.safetensors"))
+    tied = r"no lm_head.weight: its config.json ties the output head to the input embedding"
+    with pytest.raises(ValueError, match=tied):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match=tied):
+        part_state(tmp_path)

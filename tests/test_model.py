@@ -188,7 +188,7 @@ def test_a_training_step_unchecked_reads_nothing_back_from_the_device(tiny, monk
     doc_ids = (torch.arange(ids.shape[1]) >= 30).long().expand_as(ids)  # packed: two samples a row
     images = torch.rand(n, 3, cfg.image_size, cfg.image_size)
     _, checked = model(ids, images, targets=targets, doc_ids=doc_ids, reduction="sum")
-    for read_back in ("tolist", "item", "__bool__"):
+    for read_back in ("tolist", "item", "__bool__", "__int__", "__float__", "__index__"):
         monkeypatch.setattr(torch.Tensor, read_back, lambda *a, what=read_back: pytest.fail(f"{what} in the step"))
     _, loss = model(ids, images, targets=targets, doc_ids=doc_ids, reduction="sum", check_inputs=False)
     loss.backward()

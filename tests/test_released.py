@@ -432,8 +432,9 @@ def test_export_replaces_only_an_earlier_export(folder, tmp_path, monkeypatch):
     assert not [f.name for f in out.iterdir() if f.name.endswith(".tmp")]  # cleared, not carried into the export
     from nanovl import checkpoint
     # ".", the folder it is run in, or one above it: refused even empty (replaced whole, the shell's folder would go)
-    (tmp_path / "here" / "below").mkdir(parents=True)
+    (tmp_path / "here").mkdir()
     for cwd, target in (("here", "."), ("here/below", ".."), ("here", str(tmp_path / "here"))):
+        (tmp_path / cwd).mkdir(exist_ok=True)  # ("here" is empty the first time)
         monkeypatch.chdir(tmp_path / cwd)
         with pytest.raises(SystemExit, match=r"here is the current folder( or holds it)?: an export replaces its "
                                              "folder whole"):
@@ -453,17 +454,17 @@ def test_an_export_that_cannot_be_written_leaves_no_partial_folder(folder, tmp_p
 
     monkeypatch.setattr(checkpoint, "save_sharded", full)
     with pytest.raises(OSError, match=r"^cannot write .*export.partial, where the export is written before it is moved "
-                                      r"to .*export: No space left on device; it was removed, and .*export is as it "
+                                      r"to .*export: No space left on device; nothing of it is left, and .*export is as it "
                                       r"was$"):
         export_released(model, tok, out)
     assert not (tmp_path / "export.partial").exists()
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
-    with pytest.raises(SystemExit, match=r"^cannot write .*new.partial, where .* No space left on device; it was "
-                                         r"removed"):  # the command line says it in a line
+    with pytest.raises(SystemExit, match=r"^cannot write .*new.partial, where .* No space left on device; nothing of "
+                                         r"it is left"):  # the command line says it in a line
         checkpoint.main(["--ckpt", str(out), "--export", str(tmp_path / "new")])
     assert sorted(os.listdir(tmp_path)) == ["export"]
     (tmp_path / "afile").write_text("")  # a folder that cannot be made: said the same way
-    with pytest.raises(SystemExit, match=r"^cannot write .*afile/x.partial, where .*: Not a directory; it was removed"):
+    with pytest.raises(SystemExit, match=r"^cannot write .*afile/x.partial, where .*: Not a directory; nothing of it is left"):
         checkpoint.main(["--ckpt", str(out), "--export", str(tmp_path / "afile" / "x")])
 
     def interrupted(tensors, dest, max_shard_bytes):  # Ctrl-C after the first shard
