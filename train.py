@@ -289,11 +289,11 @@ def setup_distributed():
 
 def first_failure(reason: str, world: int) -> str:
     """reason: why this process must stop ("" if it need not): it could not read its batch for the step, a data
-    folder was prepared again while the run read it, or another run holds the --out folder. Returns the first process's reason among those that failed, or "", the same on every
-    process: with several, one that stops alone leaves the others waiting in the step's all-reduce until torchrun
-    kills them, so the steps since the last checkpoint, which the first process would have saved, are lost. A small
-    all-reduce of a CPU tensor each step (over gloo: no wait for the GPU); the reasons are gathered only when one
-    failed."""
+    folder was prepared again while the run read it, or another run holds the --out folder. Returns the first
+    process's reason among those that failed, or "", the same on every process: with several, one that stops alone
+    leaves the others waiting in the step's all-reduce until torchrun kills them, so the steps since the last
+    checkpoint, which the first process would have saved, are lost. A small all-reduce of a CPU tensor each step (over
+    gloo: no wait for the GPU); the reasons are gathered only when one failed."""
     if world == 1:
         return reason
     failed = torch.tensor([int(bool(reason))])

@@ -263,7 +263,8 @@ def build_loaded(cfg: VLConfig, state: dict, source: str, device="cpu", dtype=No
         dtypes = {v.dtype for v in state.values()}
         dtype = dtypes.pop() if len(dtypes) == 1 else torch.float64 if torch.float64 in dtypes else torch.float32
     state = {k: v.to(dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)  # (assign: a model on "meta" has no memory to copy into;
+    # the file's tensors become its parameters)
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -456,7 +457,7 @@ def load_released(folder, device="cpu", dtype=None, tokenizer=None):
     return model, tok, proc
 
 
-LEFTOVER = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # what a killed safetensors write leaves (nanovl/safetensors.py)
+SHARD_LEFTOVER = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # what a killed safetensors write leaves (nanovl/safetensors.py)
 EXPORT_FILES = re.compile(r"(config|tokenizer|tokenizer_config|preprocessor_config)\.json|model\.safetensors"
                           r"(\.index\.json)?|model-\d+-of-\d+\.safetensors")  # the names an export writes
 
@@ -489,7 +490,7 @@ def export_target(folder) -> Path:
                              "folder to export to")
     partial = folder.with_name(folder.name + ".partial")
     if partial.exists() and not (partial.is_dir() and all(EXPORT_FILES.fullmatch(f.name) or
-                                                          LEFTOVER.fullmatch(f.name) for f in partial.iterdir())):
+                                                          SHARD_LEFTOVER.fullmatch(f.name) for f in partial.iterdir())):
         raise ValueError(f"{partial}, where an export is written before it is moved to {folder}, holds files an export "
                          "does not write; move it out of the way")
     return folder
@@ -509,7 +510,7 @@ def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_s
         tmp.mkdir(parents=True)
         tensors = {nanovl_to_released(k, cfg.hybrid): v.detach().to("cpu", dtype or v.dtype).contiguous()
                    for k, v in model.state_dict().items()}
-        save_sharded(tensors, tmp, max_shard_bytes or 5 * 2 ** 30)  # HF's default shard size
+        save_sharded(tensors, tmp, max_shard_bytes or 5 * 10 ** 9)  # huggingface_hub's default: "5GB", 10^9 each
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tok.save(tmp / "tokenizer.json")
         (tmp / "tokenizer_config.json").write_text(json.dumps(
@@ -594,7 +595,7 @@ def nanovl_state(state, path) -> tuple:
         raise ValueError(f"{path} is not a nanovl model file: its 'model' should map parameter names to tensors, and "
                          f"holds {len(odd)} other entries, such as {odd[0]!r}: {type(v).__name__}")
     if any(k.startswith("heads.") for k in state["model"]):
-        raise ValueError(f"{path} is stage 0's training state (the model inside stage 0's heads, and the optimizer); "
+        raise ValueError(f"{path} is stage 0's training state (the model beside stage 0's heads, and the optimizer); "
                          f"pass the stage folder's model.pt, which holds the model alone")
     if not isinstance(state.get("config"), dict):
         raise ValueError(f"{path} holds no model config (a dict under 'config'), got "
@@ -845,7 +846,8 @@ def main(argv=None):
     p.add_argument("--export", required=True, help="the folder to write")
     p.add_argument("--tokenizer", default="", help="tokenizer.json, if not beside the checkpoint")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--shard_gb", type=float, default=5.0, help="largest shard, in GiB (HF's default: 5; inf: one file)")
+    p.add_argument("--shard_gb", type=float, default=5.0,
+                   help="largest shard, in GB of 10^9 bytes (huggingface_hub's default: 5; inf: one file)")
     args = p.parse_args(argv)
     if not args.shard_gb > 0:
         p.error(f"--shard_gb must be above 0, got {args.shard_gb}")
@@ -858,7 +860,7 @@ def main(argv=None):
         raise SystemExit(f"\n(interrupted while loading {args.ckpt}: nothing was written)") from None
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     try:
-        out = export_released(model, tok, args.export, dtype, int(min(args.shard_gb, 2 ** 32) * 2 ** 30))
+        out = export_released(model, tok, args.export, dtype, int(min(args.shard_gb, 2 ** 32) * 10 ** 9))
     except (ValueError, OSError) as e:  # OSError: a folder that cannot be made (under a file), a full disk, ...
         raise SystemExit(str(e)) from None
     except KeyboardInterrupt:

@@ -94,7 +94,10 @@ class SAMConfig:
 @dataclass
 class AlignerConfig:
     """The vision-language adaptor, `MlpProjector` in the official code (facts section 4)."""
-    projector_type: str = "mlp_gelu"  # or "low_high_hybrid_split_mlp_gelu" for the hybrid encoder
+    # mlp_gelu: `depth` Linear layers with a GELU between each two. The hybrid type ("low_high_hybrid_split_mlp_gelu")
+    # splits the first layer into two up-projections, SAM's (high) and SigLIP's (low), whose outputs are
+    # concatenated, and needs a depth of at least 2 (the official class's layers.1 is its first Linear after them).
+    projector_type: str = "mlp_gelu"
     depth: int = 2
 
 

@@ -15,11 +15,12 @@ the context are cut into context-sized pieces; chats and image documents that do
 
 A `plan` fixes, before training starts, which rows every optimizer step reads: each step draws one modality (language
 or multimodal; the paper's modality-grouped batches, section 4.4, Figure 8) with probabilities that may change with
-the step (modality warm-up), and each modality walks through its rows in a fresh shuffled order every epoch. The plan
-is a pure function of the seed and the data, so a resumed run reads exactly the batches it would have read (a
-checkpoint keeps a fingerprint of both, which a resume compares), and with several processes each rank takes its own
-slice of the same global batch. `PlannedBatches` turns (step, micro-batch) into
-tensors, so a torch DataLoader can build the next batches in worker processes while the model trains;
+the step (modality warm-up, paper Figure 9: the language share starts at 1 and falls to its target, 0.7 in stage 2,
+over the first steps), and each modality walks through its rows in a fresh shuffled order every epoch. The plan is a
+pure function of the seed and the data, so a resumed run reads exactly the batches it would have read (a checkpoint
+keeps a fingerprint of both, which a resume compares), and with several processes each rank takes its own slice of the
+same global batch. `PlannedBatches` turns (step, micro-batch) into tensors, so a torch DataLoader can build the next
+batches in worker processes while the model trains;
 `PackedBatches` lays several samples end to end in each row instead (stage 2, given a plan made with their lengths).
 
 Last, what a data folder is (folder_kind) and checking its images (check_images), which prepare_data.py,
@@ -315,7 +316,7 @@ def epochs(n: int, key: str):
     epoch = 0
     while True:
         order = list(range(n))
-        random.Random(f"{key}-epoch-{epoch}").shuffle(order)
+        random.Random(f"{key}-epoch-{epoch}").shuffle(order)  # (a str seed is hashed the same in every process)
         yield from order
         epoch += 1
 

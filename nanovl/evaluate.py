@@ -20,14 +20,13 @@ tokenizer, and it shows whether vision-language training is eroding the language
 end-of-sentence is predicted and counted too (it has no bytes of its own): knowing where a text ends is part of
 modelling it.
 
-The held-out set is a data folder's eval_mc.jsonl and eval_text.jsonl (held_out reads and checks them), or, to
-choose settings by without choosing them by the figures reported, its val_mc.jsonl (a second set of questions, from
-seeds of their own) with the same text; evaluate gives all three figures on it: train.py's during and after each
-stage (stage 0: bits per byte only), and its --eval-only's for any checkpoint. Each measure is split into the work
-per row (mc_choices, open_answers, text_bits) and its summary (mc_accuracy, open_accuracy, text_bits over
-text_bytes), so that under torchrun every process scores a share of the rows and they gather the results;
-multiple_choice, open_questions and bits_per_byte do both in one process.
-"""
+The held-out set is a data folder's eval_mc.jsonl and eval_text.jsonl (held_out reads and checks them), or its
+val_mc.jsonl (a second set of questions, from seeds of their own) with the same text: a validation split to tune
+settings on, so that the figures reported, on eval_mc.jsonl, are not tuned on; evaluate gives all three figures on it:
+train.py's during and after each stage (stage 0: bits per byte only), and its --eval-only's for any checkpoint. Each
+measure is split into the work per row (mc_choices, open_answers, text_bits) and its summary (mc_accuracy,
+open_accuracy, text_bits over text_bytes), so that under torchrun every process scores a share of the rows and they
+gather the results; multiple_choice, open_questions and bits_per_byte do both in one process. """
 
 import contextlib
 import math
@@ -183,7 +182,8 @@ def mc_choices(model, rows: Sequence[dict], tokenizer, processor, n_image_tokens
             samples += option_samples(row, tokenizer, n_image_tokens)
             which += mine * len(row["options"])
         ids, targets, _ = collate(samples, tokenizer.pad_id)
-        # The four rows of a question share its image: encode it once, then give each row its copy of the tokens.
+        # The rows of a question (one per option) share its images: encode each once, then give each row its copy
+        # (which: every question's image indices, once per option row): (images of all rows, n_image_tokens, C).
         embeds = model.encode_images(torch.stack([processor(p) for p in paths]).to(device))[which] if paths else None
         nll = sequence_nll(model, ids, targets, device, image_embeds=embeds)
         n_tok = (targets != -100).sum(dim=1).to(nll.device)
@@ -302,9 +302,9 @@ def evaluate(model, rows, tokenizer, processor, root: str = "", rank: int = 0, w
     accuracies) and the held-out text (None without it, and bits per byte None). autocast: the context to run the
     model in (train.py's evaluations during training run in bf16 autocast on a GPU, as the training does).
 
-    Text is scored in pieces of the model's whole context in every stage, so that the stages' figures compare: in
-    128-token pieces after stage 0 (the length it trains at in the scaled-down presets) and 512 after stage 1, the
-    same decoder (stage 1 trains the adaptor alone) scored 2.508 and 2.531.
+    Text is scored in pieces of the model's whole context in every stage, so that the stages' figures compare. Scored
+    at different lengths instead, the same decoder (stage 1 trains the adaptor alone) gave 2.508 in the 128-token
+    pieces stage 0 trains on in the scaled-down presets and 2.531 in 512-token pieces after stage 1.
 
     Under torchrun each process scores every world-th question and text (rows[rank::world]) and they share their results
     (gathered): each does a world-th of the work, and no process waits on the others for long (a process group gives up

@@ -6,7 +6,9 @@ DeepSeek-LLM (paper section 3.1); a scaled-down preset has none of those, so it 
     SigLIP           the sigmoid image-text contrastive loss of SigLIP (Zhai et al. 2023), against a small text tower
                      that exists only for this stage: matching (image, caption) pairs are pushed to a positive logit,
                      every other pair in the batch to a negative one, each pair an independent binary decision.
-                     Every batch holds distinct captions (plan_distinct), so every other pair is a true negative
+                     Every batch holds distinct captions (plan_distinct), so no other pair repeats a pair's caption;
+                     a caption can still be true of another image ("Three shapes."), about 1 pair in 10 here: the
+                     loss calls those negatives too, as SigLIP's does on its web pairs
     SAM              a dense objective, as SAM itself is trained on masks: a 1x1 conv on the neck's feature map predicts
                      each patch's label (background, or which coloured shape covers it) in the synthetic scenes
 
@@ -71,8 +73,9 @@ class Stage0Heads(nn.Module):
         real = (torch.arange(caption_ids.shape[1], device=caption_ids.device) < caption_len[:, None]).to(hidden.dtype)
         txt = F.normalize((hidden * real[..., None]).sum(dim=1) / caption_len[:, None], dim=-1)  # (B, E)
         logits = img @ txt.T * self.log_t.exp() + self.bias  # (B, B)
-        # +1 on the diagonal (matching pairs), -1 everywhere else. That is only right because the batch's captions
-        # are distinct (plan_distinct, below, plans them so): a repeated caption would be a match, not a negative.
+        # +1 on the diagonal (matching pairs), -1 everywhere else. The batch's captions are distinct (plan_distinct,
+        # below), so no -1 falls on a repeat of the pair's own caption, which would be a match; a caption that is
+        # merely true of another image too (one fact each: "Three shapes.") is still counted a negative.
         labels = 2 * torch.eye(len(logits), device=logits.device) - 1
         return -F.logsigmoid(labels * logits).sum() / len(logits)
 
@@ -157,6 +160,8 @@ class Stage0Batches(Dataset):
 
     def __getitem__(self, k):
         ids, targets, _ = self.text[k]
+        # The pairs' and scenes' plans are one-stream plans, sliced per process and micro-batch as the text's is
+        # (PlannedBatches.rows with another plan): each item gets its own share of the step's pairs and scenes.
         pairs = [self.pairs[i] for i in self.text.rows(k, self.plan_pairs)]
         caps = [self.caption_ids[r["caption"]] for r in pairs]
         cap_ids = torch.full((len(caps), max(map(len, caps))), self.pad_id, dtype=torch.long)
@@ -190,8 +195,8 @@ class Stage0Batches(Dataset):
 
 
 class Stage0Model(nn.Module):
-    """The VLM's parts plus the stage-0 heads, with one forward that returns the three losses, so DDP sees a
-    single module."""
+    """The VLM's parts plus the stage-0 heads, with one forward that returns the three losses (the language model's,
+    then SigLIP's and SAM's summed, and those two apart for the log), so DDP sees a single module."""
 
     def __init__(self, model: DeepSeekVL, heads: Stage0Heads):
         super().__init__()

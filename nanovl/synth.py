@@ -42,7 +42,7 @@ TITLE_WORDS = ("Report", "Notes", "Summary", "Letter", "Minutes", "Agenda", "Inv
 ITEMS = ("apples", "pears", "plums", "grapes", "lemons", "melons", "cherries", "peaches")
 PAGE_WORDS = ("Welcome", "Shop", "Contact", "About", "News", "Login", "Search", "Gallery", "Blog", "Events")
 BUTTON_WORDS = ("Buy", "Send", "Join", "Next", "Save", "Go", "Open", "Start")
-BUTTON_COLORS = ("red", "green", "blue", "purple", "orange")  # also the bars' colours (white text reads on each)
+BUTTON_COLORS = ("red", "green", "blue", "purple", "orange")  # white button text reads on each; the bars' too
 CATEGORIES = ("caption", "ocr", "chart", "code", "scene_text", "interleaved")
 # Segmentation labels for the stage-0 dense objective on SAM: 0 is background, then one per (shape, colour).
 SEG_LABELS = [(s, c) for s in SHAPES for c in COLORS]
@@ -73,7 +73,7 @@ def canvas_shape(rng: random.Random, size: int, shapes=((1, 1), (4, 3), (3, 4)))
     return (size, size * ah // aw) if aw >= ah else (size * aw // ah, size)
 
 
-def multiple_choice(rng: random.Random, question: str, answer: str, pool) -> dict:
+def mc_question(rng: random.Random, question: str, answer: str, pool) -> dict:
     """Four options, the answer among them at a random place. pool: the answers the generator can give to this
     question, so that every option is right for some image: an option that never is (a yellow button, where buttons
     are never yellow) can be ruled out without looking, and would lift chance above a quarter."""
@@ -156,10 +156,10 @@ def scene_questions(rng: random.Random, objects: list) -> Tuple[List[Tuple[str, 
             qa.append((f"Where is the {o['color']} {o['shape']}?", f"It is at the {o['place']}."))
     kind, o = rng.choice(choices) if choices and rng.random() < 0.7 else ("count", None)
     if kind == "color":
-        mc = multiple_choice(rng, f"What colour is the {o['shape']}?", o["color"], list(COLORS))
+        mc = mc_question(rng, f"What colour is the {o['shape']}?", o["color"], list(COLORS))
         fact = f"The {o['shape']} is {o['color']}."
     else:
-        mc = multiple_choice(rng, "How many shapes are in the picture?", NUMBERS[n], NUMBERS[1:5])
+        mc = mc_question(rng, "How many shapes are in the picture?", NUMBERS[n], NUMBERS[1:5])
         fact = f"{NUMBERS[n].capitalize()} {'shape' if n == 1 else 'shapes'}."
     qa.sort(key=lambda pair: pair[0] != mc["question"])  # (stable: the others keep their order)
     return qa, mc, fact
@@ -187,7 +187,7 @@ def make_scene_text(rng: random.Random, size: int) -> Example:
     things = " and ".join(with_article(f"{o['color']} {o['shape']}") for o in objects)
     caption = f'A sign that says "{word}" with {things} on a {bg} background.'
     qa = [("What does the sign say?", f'The sign says "{word}".'), ("Describe the image.", caption)]
-    mc = multiple_choice(rng, "What does the sign say?", word, SIGN_WORDS)
+    mc = mc_question(rng, "What does the sign say?", word, SIGN_WORDS)
     return Example("scene_text", [img], IMAGE_TAG + caption, qa, mc, caption=f'A sign that says "{word}".', seg=seg)
 
 
@@ -253,7 +253,7 @@ def make_ocr(rng: random.Random, size: int, snippet: str) -> Example:
     text = f"{title}\n{body}"
     qa = [("What is the title of this document?", f"The title is \"{title}\"."),
           ("Read all the text in the document.", text)]
-    mc = multiple_choice(rng, "What is the title of this document?", title, TITLE_WORDS)
+    mc = mc_question(rng, "What is the title of this document?", title, TITLE_WORDS)
     return Example("ocr", [img], IMAGE_TAG + text, qa, mc, caption=f"A document titled {title}.")
 
 
@@ -294,7 +294,7 @@ def make_bar_chart(rng: random.Random, size: int) -> Example:
     text = f"A bar chart of fruit counts. {data}."
     qa = [("Which bar is the tallest?", f"The tallest bar is {tallest}, with {max(values)}."),
           ("What data does the chart show?", data + ".")]
-    mc = multiple_choice(rng, "Which bar is the tallest?", tallest, ITEMS)
+    mc = mc_question(rng, "Which bar is the tallest?", tallest, ITEMS)
     return Example("chart", [img], IMAGE_TAG + text, qa, mc, caption=f"A bar chart; the tallest bar is {tallest}.")
 
 
@@ -317,7 +317,7 @@ def make_table(rng: random.Random, size: int) -> Example:
     table = "| item | count |\n|---|---|\n" + "\n".join(f"| {i} | {v} |" for i, v in zip(items, values))
     qa = [("How many rows does the table have, not counting the header?", f"It has {NUMBERS[rows]} rows."),
           ("Convert the table to markdown.", table)]
-    mc = multiple_choice(rng, "How many rows does the table have, not counting the header?", NUMBERS[rows],
+    mc = mc_question(rng, "How many rows does the table have, not counting the header?", NUMBERS[rows],
                          NUMBERS[2:6])
     return Example("chart", [img], IMAGE_TAG + table, qa, mc, caption=f"A table with {NUMBERS[rows]} rows.")
 
@@ -355,7 +355,7 @@ def make_code(rng: random.Random, size: int) -> Example:
             markup.append(f'<button style="background:{color}">{content}</button>')
     code = "\n".join(markup)
     qa = [("Write the HTML for this web page.", code), ("What colour is the button?", f"The button is {color}.")]
-    mc = multiple_choice(rng, "What colour is the button?", color, BUTTON_COLORS)
+    mc = mc_question(rng, "What colour is the button?", color, BUTTON_COLORS)
     return Example("code", [img], IMAGE_TAG + code, qa, mc, caption=f"A web page with a {color} button.")
 
 

@@ -454,8 +454,8 @@ def test_an_export_that_cannot_be_written_leaves_no_partial_folder(folder, tmp_p
 
     monkeypatch.setattr(checkpoint, "save_sharded", full)
     with pytest.raises(OSError, match=r"^cannot write .*export.partial, where the export is written before it is moved "
-                                      r"to .*export: No space left on device; nothing of it is left, and .*export is as it "
-                                      r"was$"):
+                                      r"to .*export: No space left on device; nothing of it is left, and .*export is "
+                                      r"as it was$"):
         export_released(model, tok, out)
     assert not (tmp_path / "export.partial").exists()
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
@@ -464,7 +464,8 @@ def test_an_export_that_cannot_be_written_leaves_no_partial_folder(folder, tmp_p
         checkpoint.main(["--ckpt", str(out), "--export", str(tmp_path / "new")])
     assert sorted(os.listdir(tmp_path)) == ["export"]
     (tmp_path / "afile").write_text("")  # a folder that cannot be made: said the same way
-    with pytest.raises(SystemExit, match=r"^cannot write .*afile/x.partial, where .*: Not a directory; nothing of it is left"):
+    with pytest.raises(SystemExit, match=r"^cannot write .*afile/x.partial, where .*: Not a directory; nothing of it "
+                                         "is left"):
         checkpoint.main(["--ckpt", str(out), "--export", str(tmp_path / "afile" / "x")])
 
     def interrupted(tensors, dest, max_shard_bytes):  # Ctrl-C after the first shard
