@@ -296,14 +296,12 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C while a one-shot answer is printed: a line, not a traceback from the model
         print("\n(interrupted)", file=sys.stderr)
         raise SystemExit(130) from None
-    except BrokenPipeError:  # printing into a pipe whose reader stopped (| head): nothing more to say, nowhere
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's exit flush fails quietly
-        raise SystemExit(1) from None
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # (other errors are not the output's)
+    except OSError as e:  # the answer cannot be printed: into a pipe whose reader stopped (| head), or a full disk
+        pipe = isinstance(e, BrokenPipeError)
+        if not pipe and e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):  # (other errors are not the output's)
             raise
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (as above)
-        raise SystemExit(f"cannot write the answer to the standard output: {e.strerror}") from None
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's exit flush fails quietly
+        raise SystemExit(1 if pipe else f"cannot write the answer to the standard output: {e.strerror}") from None
 
 
 if __name__ == "__main__":

@@ -917,7 +917,14 @@ def test_sample_refuses_a_system_prompt_that_cannot_work_and_names_an_empty_prom
     assert loads == [("cuda", torch.bfloat16), ("cpu", torch.float32)]
 
 
-def test_an_answer_into_a_full_disk_is_said_in_a_line(stage_folder, monkeypatch):
+def test_an_answer_into_a_full_disk_is_said_in_a_line_and_into_a_closed_pipe_ends_quietly(stage_folder, monkeypatch):
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # (| head, once head has exited)
+    with open(write_end, "w") as closed:
+        monkeypatch.setattr(sys, "stdout", closed)
+        with pytest.raises(SystemExit) as ended:
+            sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--max_new_tokens", "3"])
+    assert ended.value.code == 1  # nothing to say, and nowhere to say it
     if not os.path.exists("/dev/full"):  # (Linux's always-full device)
         pytest.skip("no /dev/full on this system")
     with open("/dev/full", "w") as full:
