@@ -111,13 +111,16 @@ LEFTOVER = re.compile(r".*\.tmp\d+")  # the temporary file of a write_jsonl (FIL
 
 
 def write_jsonl(path: str, rows: Sequence[dict]) -> None:
-    """Write atomically: to a temporary name, then rename, so a killed run never leaves half a file."""
+    """Write atomically: to a temporary name, synced to disk, then rename, so a killed run (or a power cut) never
+    leaves half a file, as train.atomic_save and safetensors' writes do."""
     tmp = f"{path}.tmp{os.getpid()}"
     f = open(tmp, "w", encoding="utf-8")
     try:
         with f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename points the name at it
     except BaseException:  # a row that cannot be written: no half-file left beside the old one
         os.remove(tmp)
         raise
