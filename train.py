@@ -1509,6 +1509,14 @@ def main(argv=None):
     rank, world = setup_distributed()
     try:
         train_or_evaluate(argv, tc, overrides, cfg, rank, world)
+    except SystemExit as e:
+        if world > 1 and isinstance(e.code, str):
+            # torchrun's processes share one terminal, and Python prints an exit message and its newline in two
+            # writes, between which another process's message landed (two on one line): each is written here in one
+            # write, the later processes' named as such (a refusal most processes meet alike is said by each).
+            os.write(2, ((f"(process {rank}) " if rank else "") + e.code + "\n").encode())
+            raise SystemExit(1) from None
+        raise
     finally:
         # Stopped (a refused setting, a failure), torchrun's processes leave a gloo group here, without a barrier:
         # left to the exit, gloo's threads aborted 1 run in 4 ("terminate called without an active exception"). Not

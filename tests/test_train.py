@@ -1152,7 +1152,11 @@ def test_a_second_run_into_the_same_out_folder_is_refused_while_the_first_holds_
     held = open(other / ".lock", "a+")
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     printed = run(common[:-len(FAST) - 2] + ["--out", str(other), "--workers", "0"], torchrun=2, fails=True)
-    assert printed.count("is writing to") == 2 and os.listdir(other) == [".lock"]  # (each process says it)
+    assert printed.count("is writing to") == 2 and os.listdir(other) == [".lock"]  # (each process says it,
+    # on a line of its own, the second one named)
+    said = [line for line in printed.splitlines() if "is writing to" in line]
+    first = [line for line in said if not line.startswith("(process")]  # (the two write in either order)
+    assert len(first) == 1 and sorted(said) == sorted(first + ["(process 1) " + first[0]])
     held.close()
     # Another run that wrote the stage and ended while this one got ready (after its look at the folder, before its
     # lock): refused all the same, nothing written over.
