@@ -743,7 +743,8 @@ def part_state(path) -> tuple:
     path = Path(path)
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
     tensors = _read_tensors(path)
-    if is_hf_port(config):  # transformers' layout: read as the release it was converted from
+    port = is_hf_port(config)
+    if port:  # transformers' layout: read as the release it was converted from
         config = hf_port_config(config, f"--init_from {path}")
         tensors = hf_port_tensors(tensors, "high_res_cfg" in config["vision_config"]["params"], f"--init_from {path}")
     keys, skipped, state = list(tensors), [], {}
@@ -755,7 +756,7 @@ def part_state(path) -> tuple:
             state[ours] = tensors[key]
 
     if "language_config" in config or any(k.startswith("language_model.") for k in keys):
-        kind = "a released DeepSeek-VL model"
+        kind = "a released DeepSeek-VL model" + (" (in transformers' layout)" if port else "")
         projector_type = config.get("aligner_config", {}).get("params", {}).get("projector_type")
         for k in keys:
             take(k, released_to_nanovl(k))
