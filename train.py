@@ -1463,11 +1463,13 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         losses.append(step_loss)
 
         done = step + 1
-        if done % tc.log_every == 0 or done == hp["steps"] or done % ckpt_every == 0:
+        # A checkpoint at every ckpt_every steps, the last, and each step with an evaluation: the checkpoint first,
+        # then the evaluation, so a run killed (or out of memory) while it evaluates loses no steps, and its resume
+        # evaluates that step's weights again (above).
+        checkpoint_due = done % ckpt_every == 0 or done == hp["steps"] or evaluation_due(done)
+        if done % tc.log_every == 0 or checkpoint_due:  # (the losses since the last log go into the checkpoint)
             log(done, lr)
-        # The checkpoint first, then the evaluation: a run killed (or out of memory) while it evaluates loses no
-        # steps, and its resume evaluates that step's weights again (above).
-        if done % ckpt_every == 0 or done == hp["steps"]:
+        if checkpoint_due:
             save_checkpoint(done)
             if tc.stop_after and done == tc.stop_after:
                 say(f"stopping after step {done} (--stop_after)")
