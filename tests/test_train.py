@@ -1820,6 +1820,14 @@ def test_the_last_steps_weights_are_checked_and_a_stage_killed_in_its_evaluation
     capsys.readouterr()
     train.main(common + ["--out", str(out), "--steps", "2", "--resume"])
     assert "already finished" not in capsys.readouterr().out and (out / "stage3" / "eval.json").exists()
+    # Killed in a mid-stage evaluation at a step that is no checkpoint step (--eval_every 2, --ckpt_every 3): that
+    # step was checkpointed first, so no step is lost.
+    evaluations = []
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: evaluations.append(1) or (_ for _ in ()).throw(
+        KeyboardInterrupt))
+    with pytest.raises(SystemExit, match="stage 3: interrupted. Its last checkpoint, .*ckpt.pt, is kept"):
+        train.main(common + ["--out", str(tmp_path / "e"), "--steps", "6", "--ckpt_every", "3", "--eval_every", "2"])
+    assert evaluations == [1] and torch.load(tmp_path / "e" / "stage3" / "ckpt.pt", weights_only=False)["step"] == 2
 
 
 def test_a_data_folder_prepared_again_stops_the_run_reading_it_and_its_resume_says_how_the_data_differ(
