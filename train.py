@@ -13,7 +13,7 @@ repository has no training code: this file is the recipe, written out.
              answers
 
     python train.py                                  # the embedded default: prepare data if needed, stages 0-3, tiny
-    python train.py --stage 2 --config small --lr=5e-4 --llm.n_layers=6
+    python train.py --config small --out out-small --lr=5e-4 --llm.n_layers=6   # every stage, small, changed
     python train.py --stage 3 --resume               # continue a killed run exactly where its checkpoint left it
     python train.py --eval-only --ckpt out/stage3    # multiple-choice and text evaluation of a checkpoint
     torchrun --nproc_per_node=2 train.py --stage 3   # several processes, one global batch
@@ -84,7 +84,8 @@ class TrainConfig:
     # optimisation; steps, batch_size, micro_batch, lr and seq_len at 0, and every -1 and "", take the stage's
     # default (STAGE_DEFAULTS)
     steps: int = 0
-    batch_size: int = 0  # global batch, in samples; packed (stage 2), in rows of seq_len tokens
+    batch_size: int = 0  # global batch, in samples; packed (stage 2), in rows of seq_len tokens; stage 0: in text
+    # pieces (its contrastive pairs and scenes are clip_batch and seg_batch per micro-batch)
     micro_batch: int = 0  # samples (packed: rows) per forward pass per process (accumulation makes up the rest;
     # stages 1-3 take the largest micro-batch up to it that splits their batch evenly)
     lr: float = 0.0
@@ -104,8 +105,8 @@ class TrainConfig:
     text_sft_share: float = -1  # stage 3: text-only share of the chats (default: Table 2's 47.9%; 25% from scratch)
     short_chat_share: float = -1  # stage 3: share of steps from one-question image chats, grouped apart from the
     # multi-turn ones (default: 0, no split; 65% from scratch, see stage_data)
-    vision_lr_mult: float = -1  # learning rate of the vision side (all but the aligner) / the stage's (default: 1;
-    # 0.1 in stages 1-3 from scratch, see the optimizer below)
+    vision_lr_mult: float = -1  # learning rate of the towers, SigLIP and SAM (SAM's neck and tail too) / the stage's
+    # (default: 1; 0.1 in stages 1-3 from scratch, see the optimizer below)
     pack: int = -1  # pack samples into full rows (default: stage 2 only, as Table 4)
     trainable: str = ""  # comma-separated module prefixes to train instead of the stage's freeze map
     eval_every: int = 0  # evaluate every this many steps, in stages 1-3 (0, and stage 0: at the end only)
@@ -172,7 +173,7 @@ EVAL_ONLY_FIELDS = ("eval_only", "ckpt", "data", "config", "tokenizer", "eval_li
 
 def stage_defaults(preset: str, stage: int) -> dict:
     """A stage's default hyperparameters for a preset: scaled-down ones train from scratch, the 7B takes Table 4's
-    7B column, the other released sizes (1.3b, 1.3b-hybrid) its 1B column."""
+    7B column, the released 1.3b and the paper's hybrid recipe at that size (1.3b-hybrid) its 1B column."""
     table = "scratch" if preset in FROM_SCRATCH else "paper-7b" if preset == "7b" else "paper"
     return dict(STAGE_DEFAULTS[table][stage])
 
@@ -248,7 +249,7 @@ def parse_args(argv):
     share = "in [0, 1]"
     for key, ok, need in [
             ("lr", math.isfinite(tc.lr), "a finite number (0: the stage's default)"),
-            ("grad_clip", 0 < tc.grad_clip < math.inf, "above 0 (the largest gradient norm of a module)"),
+            ("grad_clip", 0 < tc.grad_clip < math.inf, "above 0 (the largest gradient norm of each clipping group)"),
             ("min_lr_ratio", 0 <= tc.min_lr_ratio <= 1, share), ("lang_share", 0 <= tc.lang_share <= 1, share),
             ("modality_warmup", 0 <= tc.modality_warmup <= 1, share), ("sft_share", 0 <= tc.sft_share <= 1, share),
             ("text_sft_share", tc.text_sft_share == -1 or 0 <= tc.text_sft_share <= 1, share + " (-1: the default)"),
@@ -462,8 +463,10 @@ def check_same_config(saved: dict, cfg: VLConfig, path: str):
 HPARAM_FIELDS = ("steps", "batch_size", "micro_batch", "lr", "warmup", "schedule", "seq_len", "text_sft_share",
                  "short_chat_share", "vision_lr_mult", "pack")
 # TrainConfig fields a resumed run may change: they say how the run is carried out, not what it computes (the data
-# folders are named by a path, which may have moved). Every other field shapes the batches, the schedule or the
-# optimizer, and a run resumed with another value would not continue the one that wrote the checkpoint.
+# folders are named by a path, which may have moved: what they hold is compared, data_change), but for rounding:
+# --device (fp32 on the CPU, bf16 autocast on a GPU; a change of kind is said) and --compile (kernels that sum in
+# another order). Every other field shapes the batches, the schedule or the optimizer, and a run resumed with another
+# value would not continue the one that wrote the checkpoint.
 FREE_ON_RESUME = ("stage", "resume", "eval_only", "ckpt", "init_from", "tokenizer", "data", "extra_data", "out",
                   "eval_every", "eval_limit", "eval_split", "ckpt_every", "log_every", "device", "compile", "grad_ckpt",
                   "workers", "image_cache", "stop_after")
@@ -707,7 +710,7 @@ def stage2_share(tc: TrainConfig, n_chats: int = 1, n_text_chats: int = 0):
     run, so the language model is not shocked by a sudden flood of image tokens. sft_share of the steps are chats
     (the paper mixed a little SFT data into stage 2, to watch the 1.3B's progress on questions: facts section 11),
     split by modality as the rest, each step one modality (paper section 4.4, modality grouping): chats with an image
-    (sft) in proportion to their rows, and after the same warm-up as the multimodal steps; text-only chats
+    (sft) in proportion to their rows, phased in over the same warm-up as the multimodal steps; text-only chats
     (text_sft) from the start. The shares need not sum to 1 (plan_batches)."""
     warm = int(tc.modality_warmup * tc.steps)  # steps; 0 (--modality_warmup 0, or under a step): no warm-up
     # (no chats at all: "sft", whose absence is then said, with the setting that does without)
@@ -1263,6 +1266,13 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         start = state["step"]
         lr_was = state.get("hparams", {}).get("lr")
         evaluated = state.get("evaluated", 0)  # the last step evaluated mid-stage (older checkpoints: not said)
+        # --device may change on resume (a run moved to another machine), but not silently: on a GPU the steps run in
+        # bf16 autocast, on the CPU in fp32 (older checkpoints: not said)
+        was_on, now_on = state.get("device"), device.split(":")[0]
+        if was_on and was_on != now_on:
+            precision = lambda kind: "bf16 autocast" if kind == "cuda" else "fp32"
+            say(f"stage {stage}: resuming on {now_on} ({precision(now_on)}) a run that trained on {was_on} "
+                f"({precision(was_on)}): the run goes on, but not bit for bit")
         if master:  # the metrics up to the checkpoint travel inside it (older checkpoints: from metrics.jsonl)
             metrics = state["metrics"] if "metrics" in state else \
                 [m for m in read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if m["step"] <= start]
@@ -1351,7 +1361,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state(),
                          "config": cfg.to_dict(), "train": dataclasses.asdict(tc), "hparams": hp, "stage": stage,
                          "split": [world, micro], "metrics": metrics, "id": run_id, "evaluated": evaluated,
-                         "data": fingerprint}, ckpt_path)
+                         "data": fingerprint, "device": device.split(":")[0]}, ckpt_path)
             with writing(os.path.join(out_dir, "metrics.jsonl")):
                 write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
 

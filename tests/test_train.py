@@ -1875,3 +1875,17 @@ def test_data_change_names_the_sources_that_differ_or_else_the_plan():
         train.data_change(was, {"sources": {"sft": [10, "c"]}, "plan": "p"})
     assert "on the checkpoint's data, but its steps are planned otherwise here" in \
         train.data_change(was, {**was, "plan": "q"})
+
+
+def test_a_resume_on_another_kind_of_device_says_it_does_not_go_on_bit_for_bit(data, start_weights, tmp_path, capsys):
+    args = ["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "o"), "--steps", "2",
+            "--batch_size", "2", "--ckpt_every", "1"] + FAST
+    run(args + ["--stop_after", "1"])
+    ckpt = tmp_path / "o" / "stage3" / "ckpt.pt"
+    state = torch.load(ckpt, weights_only=False)
+    assert state["device"] == "cpu"
+    torch.save({**state, "device": "cuda"}, ckpt)  # as if it had trained on a GPU
+    capsys.readouterr()
+    train.main(args + ["--resume"])
+    assert "stage 3: resuming on cpu (fp32) a run that trained on cuda (bf16 autocast): the run goes on, but not bit " \
+           "for bit" in capsys.readouterr().out
