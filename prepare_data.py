@@ -5,7 +5,8 @@ Python standard library, and a tokenizer trained on it. Or import real data in t
 
     python prepare_data.py                         # the embedded default: data/ for the tiny preset, in seconds
     python prepare_data.py --config small --n 2000 # bigger images and more of them, into data-small/
-    python prepare_data.py --text my_books/*.txt   # add your own text files to the text-only data
+    python prepare_data.py --text my_books/*.txt   # add your own text files to the text-only data (and the OCR
+                                                   # pages' paragraphs: every page changes, held-out ones too)
     python prepare_data.py --show 3                # print 3 rendered documents and 3 chats: image spans and
                                                    # supervised tokens marked
     python prepare_data.py --llava llava_v1_5.json --images llava_images/ --out data-llava
@@ -29,8 +30,9 @@ The synthetic folder holds:
                                   sizes read DeepSeek-LLM's tokenizer, from the released model folder)
     meta.json                     what made this folder; written last, so its presence means the folder is complete
 
-Every run with the same arguments writes the same data (each example has its own seed; only meta.json's timing
-differs), so a finished folder is reused as it is; a folder from other arguments is rebuilt aside and then swapped in.
+Every run with the same arguments, under the same Python version (the prose is its standard library's), writes the
+same data (each example has its own seed; only meta.json's timing differs), so a finished folder is reused as it is; a
+folder from other arguments is rebuilt aside and then swapped in.
 """
 
 import argparse
@@ -389,12 +391,14 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="output folder (default: data for tiny, data-<preset> for the other "
                                                 "presets, data-llava with --llava)")
     p.add_argument("--config", default="tiny", choices=list(PRESETS), help="preset: image size and vocabulary size")
-    p.add_argument("--n", type=int, default=400, help="training examples per category (default 400)")
+    p.add_argument("--n", type=int, default=400, help="training examples per category (default 400); held out: "
+                                                       "n / 8 per category, at least 20 (50 at the default)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--image-size", type=int, default=0, help="long side of the generated images (default: the "
                                                               "preset's canvas)")
-    p.add_argument("--text", nargs="*", default=[], help="your own UTF-8 text files to add to the text-only data")
+    p.add_argument("--text", nargs="*", default=[], help="your own UTF-8 text files to add to the text-only data "
+                                                           "(their paragraphs also go on the OCR pages)")
     p.add_argument("--show", type=int, default=0,
                    help="print this many rendered pretraining documents, and as many chats, of an existing folder")
     p.add_argument("--tokenizer", help="with --show: the tokenizer to render with (default: the folder's own "

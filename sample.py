@@ -8,15 +8,17 @@ Chat about images with a trained nanovl checkpoint or a released DeepSeek-VL mod
     python sample.py --ckpt out/stage3 --prompt "one" --prompt "two"  # several prompts, one left-padded batch
 
 --ckpt is a nanovl stage folder (model.pt; its tokenizer.json, or --tokenizer) or a released model folder
-(config.json, model.safetensors, tokenizer.json, preprocessor_config.json). A prompt without <image_placeholder>
+(config.json, model.safetensors or its shards and model.safetensors.index.json, tokenizer.json,
+preprocessor_config.json; or a folder in transformers' own DeepSeek-VL layout). A prompt without <image_placeholder>
 gets one in front for each --image, as in the official examples (with several prompts, each places its own).
 Decoding is greedy by default; --temperature samples instead, from the distribution that --top_k and --top_p
-narrow (they need a temperature), seeded by --seed, so a run is reproducible. --repetition_penalty makes tokens
-already in the answer less likely, greedy or not. The official CLI samples with temperature 0.2, top_p 0.95 and
+narrow (they need a temperature), seeded by --seed, so a run is reproducible. --repetition_penalty above 1 makes
+tokens already in the answer less likely (below 1, more), greedy or not. The official CLI samples with temperature 0.2, top_p 0.95 and
 repetition_penalty 1.1, and with the top_k 50 of transformers 4's default generation config.
 
-In the interactive chat each turn reuses the KV cache: only the new message is run through the model, never the
-earlier turns or their images. Commands: `new` starts a new chat, `image PATH` attaches an image to the next
+In the interactive chat each turn reuses the KV cache: only the new message is run through the model (with the end
+of the last answer, which the cache does not hold yet, or the whole answer when its text encodes to other ids than
+the model produced: README, Chat), never the earlier turns or their images. Commands: `new` starts a new chat, `image PATH` attaches an image to the next
 message, `help`, `exit`.
 """
 
@@ -57,7 +59,8 @@ def parse_args(argv=None):
                    help="sample from the k likeliest tokens (0: off; needs a temperature)")
     p.add_argument("--top_p", type=float, default=1.0,
                    help="sample from the likeliest tokens that make up this probability (1: off; needs a temperature)")
-    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--repetition_penalty", type=float, default=1.0,
+                   help="above 1: tokens already in the answer less likely (1: off; the official CLI uses 1.1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step: faster tokens on a GPU after a slow first answer")
@@ -66,7 +69,8 @@ def parse_args(argv=None):
                    help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--official_rope", action="store_true",
                    help="round RoPE's frequencies to --dtype, as the official scripts' cast to bf16 does: their GPU "
-                        "outputs, where nanovl keeps the frequencies exact (README, Released weights)")
+                        "outputs, where nanovl keeps the frequencies exact (README, Released weights); with --dtype "
+                        "bf16 (in fp32 there is nothing to round)")
     args = p.parse_args(argv)
     if not args.ckpt.strip():  # (an unset shell variable, say: "" would read as the current folder's model.pt)
         p.error("--ckpt is empty: expected a stage folder, a model.pt file or a released model folder")
