@@ -1332,6 +1332,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     train_net = DDP(net, find_unused_parameters=True, **no_buffer_sync) if world > 1 else net
     if tc.compile:
         train_net = torch.compile(train_net)
+    # Each item of the dataset is one whole micro-batch, planned up front (hence batch_size None); the sampler starts
+    # at the resumed step's first micro-batch, so a resumed run reads exactly the batches the plan gives from there.
     loader = DataLoader(dataset, batch_size=None, num_workers=tc.workers, worker_init_fn=close_inherited_locks,
                         sampler=range(start * accum, hp["steps"] * accum), pin_memory=device.startswith("cuda"),
                         persistent_workers=False, prefetch_factor=4 if tc.workers else None)
@@ -1436,6 +1438,9 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             kept = f"Training up to step {saved} is saved in {ckpt_path}. " if saved else ""
             raise SystemExit(f"stage {stage}, step {step + 1}: {reason}. {kept}{advice}"
                              f"again{' with --resume' if saved else ''}") from None
+        # Each micro-batch: ids and targets (b, T), targets -100 where nothing is learnt (prompt, image tokens,
+        # padding); images (N, 3, S, S) or None; packed rows (stage 2) also doc_ids (b, T), which sample of the row
+        # each token belongs to, so that attention and positions stay inside it. Stage 0's is a dict of its own.
         micros = [m if isinstance(m, dict) else dict(zip(("ids", "targets", "images", "doc_ids"), m)) for m in micros]
         # Normalise by the supervised tokens of the whole step (all micro-batches, all processes), so a step's
         # gradient does not depend on how its batch was split; a step with none gives a zero loss, never NaN.
