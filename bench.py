@@ -15,20 +15,22 @@ train, decode, vision); train: [--stage 1|2|3] [--llm-only] [--compile] [--grad_
 N] [--compile] [--separate-projections]; vision: [--compile]; tokenizer: [--tokenizer FILE] [--vocab-size N]
 [--small-vocab N] [--small-corpus-mb MB] [--mb MB]; suite: [--out DIR] [--runs NAME,...] [--budget SECONDS] [--small]
 [--tables suite.jsonl ...]. Defaults depend on the preset (DEFAULTS below). Each run prints its tables and, as its last
-line, the same figures as one line of JSON.
+line, the same figures as one line of JSON (the suite: each run's name, seconds and error; its figures are in
+suite.jsonl).
 
-What is measured. Work per second (tokens or images); the model FLOPs of that work (the FLOP model below) per
-second, and on a GPU whose name is in DEVICES the model FLOPs utilisation (MFU) against its dense bf16 peak; peak
-memory (torch.cuda.max_memory_allocated on a GPU; on CPU the whole process's peak resident set size), and on a GPU
-each run's working memory (its peak above what was allocated before it); and where the time goes. Steps are timed
-after warm-up steps that are not counted, with CUDA events on a GPU (no synchronisation inside a step) and
+What is measured. Work per second (tokens or images); the model FLOPs of that work (the FLOP model below) per second,
+and on a GPU whose name is in DEVICES the model FLOPs utilisation (MFU) against its dense bf16 peak; peak memory
+(torch.cuda.max_memory_allocated on a GPU; on CPU the whole process's peak resident set size), and on a GPU each run's
+working memory (its peak above what was allocated before it); and where the time goes. Steps are timed after warm-up
+steps that are not counted, with CUDA events on a GPU (no synchronisation inside a step, but for the model's input
+checks in the prefill's one call, as sample.py runs it: one read-back, which the part-by-part prefill leaves out) and
 perf_counter on CPU. On a GPU the training step runs in bf16 autocast with fp32 weights and fused AdamW, as train.py
 does; the inference benchmarks cast the weights to --dtype. Decoding is timed two ways: a bare greedy loop over the
 model and its KV cache (forward with one token, the simple path), and nanovl.generate (what sample.py runs: the
 DecodeStep, fixed-shape and replayed as a CUDA graph on a GPU; with --compile, also compiled); then where a step of the
-latter goes (decode_breakdown: the step alone against generate's loop, and the step's kernels under torch.profiler).
-The prefill is timed as one forward, then written out part by part (forward_by_part) for where its time goes.
-On a CPU shared with other work, OMP_NUM_THREADS=1 gives steadier figures.
+latter goes (decode_breakdown: the step alone against generate's loop, and the step's kernels under torch.profiler). The
+prefill is timed as one forward, then written out part by part (forward_by_part) for where its time goes. On a CPU
+shared with other work, OMP_NUM_THREADS=1 gives steadier figures.
 
 The FLOP model counts the multiply-adds of matrix products and convolutions, two FLOPs each, and nothing else
 (norms, softmax, activations, the optimizer and the embedding lookup are left out, as in PaLM's MFU, appendix B of
@@ -350,8 +352,10 @@ def reset_peak_memory(device: str):
 
 
 def peak_memory(device: str):
-    """(bytes, what they are): the most ever allocated at once in this process. On CPU there is no allocator to ask:
-    the process's peak resident set size since it started, which includes Python, torch and anything run earlier."""
+    """(bytes, what they are): the most allocated at once since the model was built, over every run since (build()
+    and the vision bench reset the count first: the fp32 initialisation and the freed decoder are not in it). On CPU
+    there is no allocator to ask: the process's peak resident set size since it started, which includes Python,
+    torch and anything run earlier."""
     if device == "cuda":
         return max(_cuda_peak_before_reset, torch.cuda.max_memory_allocated()), "torch.cuda.max_memory_allocated"
     import resource
@@ -598,7 +602,9 @@ def print_peak(device: str):
 # The benchmarks. Each takes (args, cfg, device, dtype, spec), prints its tables, and returns its figures.
 
 def cut(t):
-    """A leaf copy of t: backward stops here, and t.backward(copy.grad) carries it on as a separate call."""
+    """A leaf copy of t: backward stops here, and t.backward(copy.grad) carries it on as a separate call. It asks for
+    a gradient only if t had one (a frozen tower's output has none): else the cut step would compute gradients the
+    plain step never does, and its times would not describe that step."""
     return None if t is None else t.detach().requires_grad_(t.requires_grad)
 
 
@@ -1165,6 +1171,7 @@ def bench_vision(args, cfg, device, dtype, spec):
         f_sam = sam_forward_flops(cfg.sam)
         f_trunk_neck = sum(f_sam["trunk"]) + f_sam["neck"]
         work["nanovl SAM"] = (lambda: model.sam(images), N * sum(sam_total_flops(cfg.sam)))
+        # (the trunk's last block's output, channels-last (B, H, W, C), into the neck's convs as (B, C, H, W))
         work["nanovl SAM trunk + neck"] = (lambda: model.sam.neck(model.sam.trunk(images)[0].permute(0, 3, 1, 2)),
                                            N * f_trunk_neck)
     whole = sum(vlm_step_flops(cfg, {p: "frozen" for p in PARTS}, N, 0).values())  # T = 0: no decoder

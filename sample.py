@@ -7,19 +7,19 @@ Chat about images with a trained nanovl checkpoint or a released DeepSeek-VL mod
     python sample.py --ckpt deepseek-vl-7b-chat --image photo.jpg     # interactive chat (no --prompt)
     python sample.py --ckpt out/stage3 --prompt "one" --prompt "two"  # several prompts, one left-padded batch
 
---ckpt is a nanovl stage folder (model.pt; its tokenizer.json, or --tokenizer) or a released model folder
-(config.json, model.safetensors or its shards and model.safetensors.index.json, tokenizer.json,
-preprocessor_config.json; or a folder in transformers' own DeepSeek-VL layout). A prompt without <image_placeholder>
-gets one in front for each --image, as in the official examples (with several prompts, each places its own).
-Decoding is greedy by default; --temperature samples instead, from the distribution that --top_k and --top_p
-narrow (they need a temperature), seeded by --seed, so a run is reproducible. --repetition_penalty above 1 makes
-tokens already in the answer less likely (below 1, more), greedy or not. The official CLI samples with temperature 0.2, top_p 0.95 and
-repetition_penalty 1.1, and with the top_k 50 of transformers 4's default generation config.
+--ckpt is a nanovl stage folder (model.pt; its tokenizer.json, or --tokenizer) or a released model folder (config.json,
+model.safetensors or its shards and model.safetensors.index.json, tokenizer.json, preprocessor_config.json; or a folder
+in transformers' own DeepSeek-VL layout). A prompt without <image_placeholder> gets one in front for each --image, as in
+the official examples (with several prompts, each places its own). Decoding is greedy by default; --temperature samples
+instead, from the distribution that --top_k and --top_p narrow (they need a temperature), seeded by --seed, so a run is
+reproducible. --repetition_penalty above 1 makes tokens already in the answer less likely (below 1, more), greedy or
+not. The official CLI samples with temperature 0.2, top_p 0.95 and repetition_penalty 1.1, and with the top_k 50 of
+transformers 4's default generation config.
 
-In the interactive chat each turn reuses the KV cache: only the new message is run through the model (with the end
-of the last answer, which the cache does not hold yet, or the whole answer when its text encodes to other ids than
-the model produced: README, Chat), never the earlier turns or their images. Commands: `new` starts a new chat, `image PATH` attaches an image to the next
-message, `help`, `exit`.
+In the interactive chat each turn reuses the KV cache: only the new message is run through the model (with the end of
+the last answer, which the cache does not hold yet, or the whole answer when its text encodes to other ids than the
+model produced: README, Chat), never the earlier turns or their images. Commands: `new` starts a new chat, `image PATH`
+attaches an image to the next message, `help`, `exit`.
 """
 
 import argparse
