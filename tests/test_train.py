@@ -1569,8 +1569,8 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
                           (["--resum"], r"unknown setting --resum \(did you mean --resume\?\)"),  # last, no value
                           (["--image_token_idd=5"], r"did you mean --image_token_id\?"),
                           (["--device", "tpu"], "'tpu' is not a device torch knows"),
-                          (["--grad_clip=-1"], r"--grad_clip must be above 0 \(the largest gradient norm of a "
-                                               r"module\), got -1.0"),
+                          (["--grad_clip=-1"], r"--grad_clip must be above 0 \(the largest gradient norm of each "
+                                               r"clipping group\), got -1.0"),
                           (["--lang_share=2"], r"--lang_share must be in \[0, 1\], got 2.0"),
                           (["--text_sft_share=-0.5"], r"--text_sft_share must be in \[0, 1\] \(-1: the default\)"),
                           (["--beta1=1"], r"--beta1 must be in \[0, 1\), got 1.0"),
