@@ -44,7 +44,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import sys
 import sysconfig
 import time
@@ -55,8 +54,8 @@ from tqdm import tqdm
 
 from nanovl.chat import IMAGE_TAG, prompt_string, render_chat, render_document, show
 from nanovl.config import FROM_SCRATCH, PRESETS, get_config
-from nanovl.data import (LEFTOVER, building, default_folder, folder_kind, quiet_worker, read_jsonl, read_text,
-                         write_jsonl)
+from nanovl.data import (LEFTOVER, building, ctrl_c_ignored, default_folder, folder_kind, quiet_worker, read_jsonl,
+                         read_text, write_jsonl)
 from nanovl.llava import import_llava
 from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
 from nanovl.tokenizer import Tokenizer
@@ -352,15 +351,12 @@ def prepare(args):
     # The swap: the old folder moves aside, the new one takes its place, and only then is the old one deleted, so
     # that at every moment one whole corpus exists (one killed between the renames is put back by the next run).
     # Ctrl-C is ignored for that moment (the build is done: the swap completes).
-    ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    with ctrl_c_ignored():
         if os.path.exists(args.out):
             os.replace(args.out, old)
         os.replace(partial, args.out)
         if os.path.exists(old):
             shutil.rmtree(old)
-    finally:
-        signal.signal(signal.SIGINT, ctrl_c)
 
 
 def show_samples(args):

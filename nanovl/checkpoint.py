@@ -28,8 +28,6 @@ import os
 import pickle
 import re
 import shutil
-import signal
-import threading
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -38,6 +36,7 @@ import torch
 
 from nanovl.config import (CLIP_MEAN, CLIP_STD, FROM_SCRATCH, SIGLIP_MEAN, SIGLIP_STD, AlignerConfig, LlamaConfig,
                            SAMConfig, SigLIPConfig, VLConfig)
+from nanovl.data import ctrl_c_ignored
 from nanovl.image import ImageProcessor
 from nanovl.model import DeepSeekVL, nanovl_to_released, released_to_nanovl
 from nanovl.safetensors import load_file, load_sharded, save_sharded
@@ -526,15 +525,10 @@ def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_s
         raise
     # The swap: an earlier export goes and the new one takes its place. Ctrl-C is ignored for that moment (the export
     # is written: the swap completes), so that it never leaves the old folder gone and the new one named .partial.
-    main_thread = threading.current_thread() is threading.main_thread()  # (signals are the main thread's only)
-    ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
-    try:
+    with ctrl_c_ignored():
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGINT, ctrl_c)
     return folder
 
 
@@ -745,8 +739,9 @@ def part_state(path) -> tuple:
     tensors = _read_tensors(path)
     port = is_hf_port(config)
     if port:  # transformers' layout: read as the release it was converted from
+        hybrid = config["model_type"] == "deepseek_vl_hybrid"
         config = hf_port_config(config, f"--init_from {path}")
-        tensors = hf_port_tensors(tensors, "high_res_cfg" in config["vision_config"]["params"], f"--init_from {path}")
+        tensors = hf_port_tensors(tensors, hybrid, f"--init_from {path}")
     keys, skipped, state = list(tensors), [], {}
 
     def take(key, ours):

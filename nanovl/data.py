@@ -37,6 +37,7 @@ import random
 import re
 import signal
 import socket
+import threading
 from array import array
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -125,6 +126,21 @@ def write_jsonl(path: str, rows: Sequence[dict]) -> None:
         os.remove(tmp)
         raise
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def ctrl_c_ignored():
+    """Ctrl-C ignored for the moment of a swap of folders (prepare_data.py's corpus, an export), so that it always
+    completes: never the old folder gone and the new one still under its temporary name. (Signals are the main
+    thread's: called from another, nothing changes.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, ctrl_c)
 
 
 @contextlib.contextmanager
