@@ -13,8 +13,8 @@ left-padded; `pad_mask` says which positions are real. Positions then count real
 mask, as HF's generate does), and no real query attends a padding key. `decode_step` is the same one-token step with
 fixed shapes, which a GPU records once as a CUDA graph (the step's kernels captured once and relaunched as one unit, so
 Python's time per kernel launch is paid once; nanovl/generate.py) and replays; run as it is, off CUDA, it may read only
-the filled slots of the cache (its `span`). Compiled, that step writes its one-row products as reductions, which read
-the weights faster (the last section of this file: a first reading can skip it).
+the filled slots of the cache (its `span`). Compiled, that step writes its one-row projections as reductions, which
+read the weights faster (the last section of this file: a first reading can skip it).
 
 The loss. With targets, forward computes the cross-entropy from the final hidden states in chunks of rows
 (`LinearCrossEntropy`), so the (B, T, vocab) logits are never held at once: at a 102,400-word vocabulary they would be
@@ -148,10 +148,12 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: head i reads kv head i // (nh / nkv)
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-        if compiling_one_row(x):  # one token, compiled: the newest, so no causal mask; `mask` hides unfilled slots
-            y = one_query_attention(q, k, v, mask)
-        else:  # without a mask this is plain causal attention (the training path, eligible for flash kernels)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, nh, T, hs)
+        # Without a mask this is plain causal attention (the training path, eligible for flash kernels). The compiled
+        # one-token step keeps this call too: written as reductions, as its projections are (compiling_one_row), its
+        # attention made the step slower in both A/Bs on an H200 (2026-11-29, untuned: 1.758 ms against SDPA's
+        # 1.700; 2026-11-30, tuned, q, k, v stacked inside the step: 1.891 against 1.758), and took three kernels a
+        # layer to SDPA's one.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, nh, T, hs)
         return project(self.o_proj.weight, y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -467,21 +469,23 @@ class Llama(nn.Module):
 # The compiled decoding step's fast path (read after Llama.decode_step). Decoding one token reads every weight to do
 # one multiply-add per element, so its speed is the memory's; these helpers write that one-row case so that
 # torch.compile turns it into kernels that read the weights fast. Everywhere else (training, prefill, eager decoding)
-# they give back plain nn.Linear products and scaled_dot_product_attention.
+# they give back plain nn.Linear products.
 
 def compiling_one_row(x) -> bool:
-    """Whether x (B, T, C) is a single row (decoding one token, batch 1) that torch.compile is tracing: the case the
-    projections and attention below write out as multiply-and-sum.
+    """Whether x (B, T, C) is a single row (decoding one token, batch 1) that torch.compile is tracing: the case
+    project below writes out as multiply-and-sum.
 
     Why: a one-row matmul reads its whole weight to do one multiply-add per element, so its speed is the memory's.
     In the compiled 1.3B decoding step on an H200 (the 2026-11-29 profile), cuBLAS's one-row kernels for the
     projections reached about 2.1 TB/s of its 4.8, while the 419 MB lm_head reached 4.0: their tile of 64 output rows
     (the kernel's name says so) gives a 2048-wide projection 32 thread blocks for 132 SMs. Written as
     (x * W).sum(-1), torch.compile makes it one reduction kernel spread over every output row. Eager PyTorch would
-    instead build the whole product in memory first, so the plain path keeps nn.Linear and
-    scaled_dot_product_attention. Measured on the H200 (2026-11-29, the compiled 1.3B step alone, a
-    600-token prompt): 1.865 ms with cuBLAS and SDPA, 1.758 ms written as reductions, 1.501 ms once the compiler also
-    tunes the reductions' block sizes (coordinate_descent_tuning, which DecodeStep turns on)."""
+    instead build the whole product in memory first, so the plain path keeps nn.Linear. Measured on the H200
+    (2026-11-29, the compiled 1.3B step alone, a 600-token prompt, attention through SDPA): 1.865 ms with cuBLAS,
+    1.700 ms with the projections written as reductions. With attention written as reductions too, 1.758 ms, and
+    1.501 ms once the compiler also tuned the reductions' block sizes (coordinate_descent_tuning, which DecodeStep
+    turns on); attention went back to SDPA since (Attention.forward says why), which makes the library's step one
+    not yet timed on a GPU."""
     return x.numel() == x.shape[-1] and torch.compiler.is_compiling()
 
 
@@ -527,15 +531,3 @@ def stacked_weights(*linears: nn.Linear):
             start += w.shape[0]
         return block
 
-
-def one_query_attention(q, k, v, mask):
-    """scaled_dot_product_attention for a single query (B, nh, 1, hs) over keys and values (B, nh, S, hs), mask
-    (B, 1, 1, S) or None, written as reductions for torch.compile (compiling_one_row says why). The scores and the
-    softmax stay in fp32, as in SDPA's kernels. For attention the gain is not shown: untuned, the step took 1.700 ms
-    with SDPA here against 1.758 with this (the H200, 2026-11-29), and the tuned 1.501 ms was measured with this
-    only; the next measurement settles which stays."""
-    scores = (q.float() * k.float()).sum(-1)[:, :, None] * q.shape[-1] ** -0.5  # (B, nh, 1, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    p = scores.softmax(-1)  # (B, nh, 1, S)
-    return (p.transpose(-1, -2) * v.float()).sum(-2, keepdim=True).to(q.dtype)  # (B, nh, 1, hs)

@@ -945,29 +945,13 @@ def test_compiled_decoding_step_gives_the_same_tokens(tiny, tok, monkeypatch):
     assert compiled == [(tiny.llm.decode_step, {"fullgraph": True, "options": {"coordinate_descent_tuning": True}})]
 
 
-def test_one_query_attention_equals_sdpa():
-    # The compiled one-token step's attention, written as reductions (nanovl.llama.one_query_attention), against
-    # scaled_dot_product_attention, in fp32, with a padding mask and without one.
-    import torch.nn.functional as F
-
-    from nanovl.llama import compiling_one_row, one_query_attention
-
-    torch.manual_seed(0)
-    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 4, 9, 16), torch.randn(2, 4, 9, 16)
-    mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
-    mask[1, ..., :4] = False  # a left-padded row
-    for m in (mask, None):
-        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
-        assert (one_query_attention(q, k, v, m) - expected).abs().max() < 1e-6
-    assert not compiling_one_row(torch.randn(1, 1, 16))  # eager: nn.Linear and SDPA, the plain path
-
-
 def test_the_compiled_step_writes_one_rows_products_as_reductions(tiny, monkeypatch):
-    # What torch.compile is given to compile, read from the graph it traces: at batch 1 the projections and attention
-    # are no matmuls (compiling_one_row), so lm_head's is the one nn.Linear left; at batch 2, the plain path, every
-    # layer calls scaled_dot_product_attention and four matmuls: q, k, v stacked, o, gate and up stacked, down
-    # (Llama.stacked_projections); seven, one per projection, with DecodeStep.stack off.
+    # What torch.compile is given to compile, read from the graph it traces: at batch 1 the projections are no matmuls
+    # (compiling_one_row), so lm_head's is the one nn.Linear left; at batch 2, the plain path, every layer calls four
+    # matmuls: q, k, v stacked, o, gate and up stacked, down (Llama.stacked_projections); seven, one per projection,
+    # with DecodeStep.stack off. Attention is scaled_dot_product_attention at either batch.
     from nanovl.generate import DecodeStep
+    from nanovl.llama import compiling_one_row
 
     def calls(gm):  # the names of what the traced graph calls (modules by their class, as torch 2.4 keeps them)
         return [type(gm.get_submodule(n.target)).__name__ if n.op == "call_module" else n.target.__name__
@@ -986,9 +970,10 @@ def test_the_compiled_step_writes_one_rows_products_as_reductions(tiny, monkeypa
             DecodeStep(llm, cache, compile=True)(torch.tensor([[40]] * B))
     (one_row, two_rows, unstacked) = graphs
     linears = lambda names: names.count("linear") + names.count("Linear")  # noqa: E731
-    assert (linears(one_row), one_row.count("scaled_dot_product_attention")) == (1, 0)
+    assert (linears(one_row), one_row.count("scaled_dot_product_attention")) == (1, L)
     assert (linears(two_rows), two_rows.count("scaled_dot_product_attention")) == (4 * L + 1, L)
     assert linears(unstacked) == 7 * L + 1
+    assert not compiling_one_row(torch.randn(1, 1, 16))  # one row, eager: nn.Linear, the plain path
 
 
 def test_only_the_compiled_step_stacks_the_weights():
@@ -1009,8 +994,8 @@ def test_only_the_compiled_step_stacks_the_weights():
 
 
 def test_compiled_one_row_step_gives_the_eager_step_logits(tiny):
-    # Batch 1, compiled: the projections and attention run as multiply-and-sum reductions (compiling_one_row), a
-    # different order of the same sums as the eager step's matmuls.
+    # Batch 1, compiled: the projections run as multiply-and-sum reductions (compiling_one_row), a different order of
+    # the same sums as the eager step's matmuls.
     from nanovl.generate import DecodeStep
 
     llm = tiny.llm
