@@ -384,16 +384,19 @@ def autocast_for(device: str, dtype):
     return contextlib.nullcontext
 
 
-def optimizer_for(params, device: str):
-    """train.py's AdamW (betas, weight decay, fused on CUDA and CPU) and its gradient clipping, as one step function."""
-    from train import TrainConfig
+def optimizer_for(net, device: str, stage: int = 3):
+    """train.py's optimizer step for a stage, as one function: the gradient clipping (each of clipping_groups at
+    grad_clip), then its AdamW (stage_optimizer: betas, weight decay, the vision side's learning-rate group, fused on
+    CUDA and CPU) over net's trainable parameters."""
+    from train import TrainConfig, clipping_groups, stage_optimizer
 
     tc = TrainConfig()
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(tc.beta1, tc.beta2), weight_decay=tc.weight_decay,
-                            fused=device in ("cuda", "cpu") or None)
+    opt = stage_optimizer(net, tc, {"lr": 1e-4, "vision_lr_mult": 0.1}, device)
+    groups = clipping_groups(net, stage)
 
     def step():
-        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+        for group in groups.values():
+            torch.nn.utils.clip_grad_norm_(group, tc.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -695,8 +698,7 @@ def bench_train(args, cfg, device, dtype, spec):
         for part in (model.siglip, model.sam, model.aligner, model.llm):
             if part is not None:
                 part.compile()  # in place: model.forward and the cut step both call the compiled parts
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer_step = optimizer_for(params, device)
+    optimizer_step = optimizer_for(model, device, args.stage)
     autocast = autocast_for(device, dtype)
     model.train()
 
@@ -726,7 +728,7 @@ def bench_train(args, cfg, device, dtype, spec):
     print(f"train.py's AdamW and clipping; {timed(args, 'step')}" +
           (", compiled" if args.compile else "") + (", decoder activation checkpointing" if args.grad_ckpt else ""))
     print("modes: " + ", ".join(f"{p} {m}" for p, m in modes.items()) +
-          f"; {sum(p.numel() for p in params):,} parameters trained\n")
+          f"; {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters trained\n")
     print_runs(figures, "tokens/s")
     result = {**figures["nanovl"], **print_peak(device), "modes": modes, "flops_by_part": flops}
     args.partial(result)
@@ -746,7 +748,7 @@ def bench_train(args, cfg, device, dtype, spec):
     args.partial(result)
 
     if args.compare:
-        del plain_step, cut_step, optimizer_step, batches, params  # free our optimizer state and batches first
+        del plain_step, cut_step, optimizer_step, batches  # free our optimizer state and batches first
         result["reference"] = compare_train(args, cfg, model, device, dtype, spec)
     return result
 
@@ -765,7 +767,7 @@ def compare_train(args, cfg, model, device, dtype, spec):
 
     def time_training(name, net, loss_fn):
         net.train().requires_grad_(True)
-        optimizer_step = optimizer_for(list(net.parameters()), device)
+        optimizer_step = optimizer_for(net, device)
 
         def step(i):
             ids, targets, _ = batches[i % len(batches)]
