@@ -1337,6 +1337,8 @@ TARGETS = [
      "at least equal"),
     ("vision-7b-compiled", "nanovl SigLIP", "timm VisionTransformer", "the same, also compiled", "784 images/s",
      "at least equal"),
+    ("decode-7b", None, None, "7B decode, batch 1, after a 600-token prompt (no target: how fast the 7B runs)", "none",
+     "-"),
 ]
 SUITE = [  # (name, bench arguments), most important first; --small swaps the preset for tiny and shrinks the shapes
     # The targets, eager, each against its reference in the same process.

@@ -650,13 +650,16 @@ def test_a_compiled_run_alone_is_compared_with_the_eager_runs_reference(capsys):
                    ("decode-1.3b-compiled", decode(1000.0, {"nanovl.generate, compiled": {"tokens_per_s": 1000.0},
                                                             "nanovl.generate, compiled, projections one by one":
                                                                 {"tokens_per_s": 900.0}})),
-                   ("vision-7b-sam8", vision)]]
+                   ("vision-7b-sam8", vision),
+                   ("decode-7b", decode(60.0, {"nanovl.generate": {"tokens_per_s": 40.0},
+                                               "nanovl.generate, compiled": {"tokens_per_s": 60.0}}))]]
     bench.suite_tables(records)
     printed = capsys.readouterr().out
     assert "| 20.0 tokens/s | 810 tokens/s (CUDA graph) | 40.5x |" in printed
     assert "| 20.0 tokens/s (eager run's) | 1,000 tokens/s (compiled), 900 tokens/s (compiled, projections one by " \
            "one) | 50.0x |" in printed  # --separate-projections' run named
     assert "| 50 images/s | 150 images/s (eager) | 3.00x |" in printed
+    assert "| none | - | 40 tokens/s (CUDA graph), 60 tokens/s (compiled) | - | - |" in printed  # the 7B: no reference
 
 
 def test_mfu_is_model_flops_per_second_over_the_devices_peak():
@@ -664,3 +667,43 @@ def test_mfu_is_model_flops_per_second_over_the_devices_peak():
     f = bench.figure(work=4096, seconds=0.5, flops=400e12, memory=None, spec=spec, unit="tokens/s")
     assert f["tokens_per_s"] == 8192 and f["flops_per_s"] == 800e12 and f["mfu"] == pytest.approx(800e12 / 989e12)
     assert bench.figure(4096, 0.5, 400e12, None, None, "tokens/s")["mfu"] is None  # CPU: no peak to compare with
+
+
+def test_the_gpu_script_runs_its_steps_in_order_within_its_time(tmp_path):
+    # .ci/gpu, what a session lent a GPU runs (CI cannot: it has no GPU), with a stand-in for Python that logs how it
+    # is called: the first suite run, the GPU tests, the other runs, the tables; wheels in .whl/ installed first;
+    # every budget at least 0, whatever the time given; the tests' exit status is the script's.
+    import shutil
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = tmp_path / "repo"
+    (repo / ".ci").mkdir(parents=True)
+    shutil.copy(os.path.join(root, ".ci", "gpu"), repo / ".ci" / "gpu")
+    (repo / ".whl").mkdir()
+    (repo / ".whl" / "segment_anything-1.0-py3-none-any.whl").write_text("")
+    log = tmp_path / "calls"
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho \"$*\" >> {log}\ncase \"$*\" in *pytest*) exit $TESTS_EXIT;; esac\n")
+    fake.chmod(0o755)
+
+    def gpu(total, tests_exit, *runs):
+        log.write_text("")
+        env = dict(os.environ, PY=str(fake), OUT=str(tmp_path / "out"), TOTAL=str(total), TESTS_EXIT=str(tests_exit))
+        done = subprocess.run(["bash", str(repo / ".ci" / "gpu"), *runs], env=env, capture_output=True, text=True)
+        return done.returncode, [line.split(" --out")[0] for line in log.read_text().splitlines()], log.read_text()
+
+    status, calls, text = gpu(540, 0)
+    assert status == 0 and calls == [
+        "-m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "
+        ".whl/segment_anything-1.0-py3-none-any.whl",
+        calls[1],  # (torch's version and the device's name)
+        "bench.py --what suite --runs decode-1.3b-compiled",
+        "-m pytest -q -p no:cacheprovider tests/test_gpu.py",
+        "bench.py --what suite --runs vision-7b-compiled,decode-7b",
+        f"bench.py --tables {tmp_path / 'out'}/suite.jsonl"]
+    first, rest = map(int, re.findall(r"--budget (\d+)", text))  # (a second may pass while it runs)
+    assert 388 <= first <= 390 and 523 <= rest <= 525  # the first leaves the tests 150 s, the rest leave 15 s
+    status, calls, text = gpu(100, 3, "train-1.3b")  # one run named; too little time; the tests fail
+    assert status == 3 and "bench.py --what suite --runs train-1.3b" in calls and len(calls) == 5
+    assert re.findall(r"--budget (\d+)", text) == ["0"]
