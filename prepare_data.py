@@ -421,6 +421,8 @@ def main(argv=None):
             p.error(f"{', '.join(ignored)}: not for --llava, which imports the file's conversations and images as "
                     "they are (the synthetic corpus's settings; --show a folder once it is imported)")
         out = args.out or "data-llava"
+        if os.path.islink(out):  # import into the folder it points to, as a build does
+            out = os.path.realpath(out)
         try:
             with building(out):  # (one build of a folder at a time)
                 report = import_llava(args.llava, args.images, out, workers=max(1, args.workers),

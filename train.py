@@ -950,6 +950,9 @@ def stage_tokenizer(tc: TrainConfig, cfg: VLConfig, sources) -> Tokenizer:
     where = (f"prepare_data.py --config {cfg.name} makes one, or pass --tokenizer PATH" if cfg.name in FROM_SCRATCH
              else f"the {cfg.name!r} preset reads DeepSeek-LLM's tokenizer: pass --init_from a released DeepSeek-VL "
                   "folder (its tokenizer.json is used) or --tokenizer PATH")
+    if cfg.name in FROM_SCRATCH and folder_kind(tc.data) == "llava":  # (prepare_data.py refuses to build over it)
+        where = (f"{tc.data} is a LLaVA import, which has none: pass --tokenizer PATH, the one the weights were "
+                 f"trained with (the synthetic corpus's, e.g. {default_folder(cfg.name)}/tokenizer.json)")
     if not os.path.isfile(tok_path):
         raise SystemExit(f"no tokenizer at {tok_path}; {where}")
     try:
@@ -1157,6 +1160,10 @@ def check_start(stage: int, tc: TrainConfig, cfg: VLConfig):
     if stage == 1 and cfg.name not in FROM_SCRATCH:
         raise SystemExit(f"stage 1 of {cfg.name!r} starts from pretrained parts: pass --init_from, e.g. a released "
                          "DeepSeek-VL folder (see the README's 'Pretrained parts for training')")
+    if stage == 1 and folder_kind(tc.data) == "llava":  # (stage 0 refuses an import as --data: say what it reads)
+        raise SystemExit(f"stage 1 starts from stage 0's final weights, but {missing[0]} does not exist: stage 0 "
+                         f"trains on prepare_data.py's synthetic corpus, so run --stage 0 with --out {tc.out} and "
+                         f"without --data {tc.data} first, or pass --init_from PATH")
     raise SystemExit(f"stage {stage} starts from stage {stage - 1}'s final weights, but {missing[0]} does not exist: "
                      f"run --stage {stage - 1} first, or pass --init_from PATH")
 

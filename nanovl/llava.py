@@ -6,7 +6,9 @@ rows (nanovl/data.py) for train.py's stages 1 and 3 trained on it alone, or besi
     LLaVA row   {"image": path, [paths] or none, "conversations": [{"from": "human" or "gpt", "value": "..."}]}
                 ("images" is read as "image" too, as several multi-image sets name it)
                 or {"image": path, "caption" (or "text"): "..."}; "<image>" in the text marks where the image goes
-                (without it, one image goes before the first question, or before the caption)
+                (without it, one image goes before the first question, or before the caption); roles in any
+                case, "user" and "assistant" too; a first turn that is not the human's is dropped, as LLaVA's own
+                loader drops it, and so is a last question without its answer
     ours        sft.jsonl: {"category": "llava", "images", "conversation": [{"role", "content"}]}   (stage 3)
                 pretrain.jsonl: {"category": "caption", "images", "text"}                          (stage 1)
                 the images as absolute paths, and <image> written as <image_placeholder>
@@ -166,17 +168,26 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_capti
         raise ValueError("'conversations' must be a non-empty list")
     conversation = []
     for i, turn in enumerate(turns):
-        if not isinstance(turn, dict) or turn.get("from") not in ROLE_NAMES or not isinstance(turn.get("value"), str):
-            raise ValueError(f"turn {i} must be {{'from': 'human' or 'gpt', 'value': text}}, got {turn!r}")
-        content = turn["value"].replace("<image>", IMAGE_TAG)
-        conversation.append({"role": ROLE_NAMES[turn["from"]], "content": content})
-    if conversation[-1]["role"] == "user":
+        role = turn.get("from") if isinstance(turn, dict) else None
+        role = ROLE_NAMES.get(role.lower()) if isinstance(role, str) else None  # ("USER" too)
+        if role is None or not isinstance(turn.get("value"), str):
+            raise ValueError(f"turn {i} must be {{'from': 'human' or 'gpt' (or 'user', 'assistant'), 'value': text}}, "
+                             f"got {turn!r}")
+        conversation.append({"role": role, "content": turn["value"].replace("<image>", IMAGE_TAG)})
+    if conversation[0]["role"] == "assistant":  # LLaVA's own loader skips a first turn that is not the human's
+        if IMAGE_TAG in conversation[0]["content"]:  # dropped, its image would move to the first question
+            raise ValueError("the first turn, an answer with no question, holds an <image> tag")
+        conversation = conversation[1:]
+        if not conversation:
+            raise ValueError("an answer with no question: nothing to learn from")
+    # A last question without its answer teaches nothing: dropped (unless the turns before do not alternate either).
+    if conversation[-1]["role"] == "user" and (len(conversation) == 1 or conversation[-2]["role"] == "assistant"):
         if IMAGE_TAG in conversation[-1]["content"]:  # dropped, its image would move to the first question
             raise ValueError("the last question, which has no answer, holds an <image> tag")
-        conversation = conversation[:-1]  # a trailing question without an answer teaches nothing
+        conversation = conversation[:-1]
         if not conversation:
             raise ValueError("a question with no answer: nothing to learn from")
-    check_conversation(conversation)
+    check_conversation(conversation)  # (user, assistant, user, ...)
     n_tags = sum(m["content"].count(IMAGE_TAG) for m in conversation)
     if n_tags == 0 and len(paths) == 1:  # some sets omit the tag; LLaVA puts the image before the first question
         conversation[0]["content"] = IMAGE_TAG + "\n" + conversation[0]["content"]
@@ -266,7 +277,14 @@ def import_llava(path: str, images_dir: str, out: str, workers: int = 1, as_capt
     moved = False
     try:
         rows = list(iter_json_rows(path))
-        checked = check_images([p for _, row in rows for p in named_images(row, images_dir)], workers)
+        named = [p for _, row in rows for p in named_images(row, images_dir)]
+        # None there at all: the wrong folder, most likely. Every row with an image would be skipped, and the rows
+        # without one (LLaVA-1.5's mix has 40k) kept, replacing an earlier import with a text-only one.
+        if named and not any(os.path.exists(p) for p in named):
+            raise ValueError(f"none of the {len(set(named))} images the rows name is in {images_dir} (the first: "
+                             f"{named[0]}): is --images the folder the file's image paths are relative to? Nothing "
+                             "was written")
+        checked = check_images(named, workers)
 
         def check_image(p):
             error = checked[p] if p in checked else image_error(p)

@@ -535,9 +535,13 @@ def test_a_llava_row_becomes_the_row_llava_means():
                                     {"role": "assistant", "content": "A cat."}]
     assert row(image="a.png", conversations=ask("<image>\nWhat is it?", "A cat.", ("user", "assistant"))) == \
         (kind, chat)  # the role names newer exports write
+    assert row(image="a.png", conversations=ask("<image>\nWhat is it?", "A cat.", ("USER", "Gpt"))) == (kind, chat)
+    assert row(image="a.png", conversations=ask("", "Welcome!")[1:] + ask("<image>\nWhat is it?", "A cat.")) == \
+        (kind, chat)  # a first turn that is not a question: dropped, as LLaVA's own loader drops it
     assert row(image="a.png", conversations=ask("What is it?", "A cat.")) == (kind, chat)  # the tag LLaVA implies
     assert row(image="a.png", conversations=ask("<image>\nWhat is it?", "A cat.") + ask("And?", "")[:1]) == \
         (kind, chat)  # a last question without its answer teaches nothing: dropped
+    assert row(image="a.png", conversations=ask("<image>\nWhat is it?", "A cat.") + ask(" ", "")[:1]) == (kind, chat)
     assert row(images=["a.png"], conversations=ask("<image>\nWhat is it?", "A cat.")) == (kind, chat)  # other sets'
     assert row(image=None, images="a.png", conversations=ask("What is it?", "A cat.")) == (kind, chat)  # field name
     # captions, under "caption" or "text", stripped, the image before them
@@ -561,9 +565,14 @@ def test_a_llava_row_becomes_the_row_llava_means():
                      (dict(image="a.png", caption="   "), "no 'conversations' and no non-empty 'caption' or 'text'"),
                      (dict(image="a.png", conversations=[{"from": "human", "value": None}]), "turn 0 must be"),
                      (dict(image="a.png", conversations=[{"from": "system", "value": "Be brief."}] +
-                           ask("<image>What is it?", "A cat.")), "turn 0 must be {'from': 'human' or 'gpt'"),
+                           ask("<image>What is it?", "A cat.")),
+                      "turn 0 must be {'from': 'human' or 'gpt' (or 'user', 'assistant')"),
+                     (dict(image="a.png", conversations=ask("", "<image> Look.")[1:] + ask("What is it?", "A cat.")),
+                      "the first turn, an answer with no question, holds an <image> tag"),
                      (dict(image="a.png", conversations=ask("What is it?", "A cat.")[:1]),
                       "a question with no answer: nothing to learn from"),
+                     (dict(image="a.png", conversations=ask("What is it?", "A cat.")[1:]),
+                      "an answer with no question: nothing to learn from"),
                      # dropping the last question would move its image to the first one
                      (dict(image="a.png", conversations=ask("Hello", "Hi!") + ask("<image>\nWhat is it?", "")[:1]),
                       "the last question, which has no answer, holds an <image> tag"),
@@ -593,7 +602,7 @@ def test_llava_import_keeps_good_rows_and_reports_bad_ones(tmp_path):
         {"image": "missing.png", "conversations": good["conversations"]},              # missing image
         {"image": "broken.jpg", "conversations": good["conversations"]},               # unreadable image
         {"image": "a.png", "conversations": "not a list"},                             # malformed
-        {"image": "a.png", "conversations": [{"from": "gpt", "value": "I start"}]},    # wrong roles
+        {"image": "a.png", "conversations": [{"from": "human", "value": "Hi"}] * 2},   # wrong roles
         {"image": "a.png", "conversations": [{"from": "human", "value": "<image><image>two?"},
                                              {"from": "gpt", "value": "one"}]},       # 2 tags, 1 image
         ["not", "an", "object"],                                                       # not an object
@@ -605,7 +614,7 @@ def test_llava_import_keeps_good_rows_and_reports_bad_ones(tmp_path):
     assert "10 rows read, 3 conversations and 1 captions kept, 6 skipped" in summary
     report = (out / "report.txt").read_text()
     for line, reason in [(6, "missing.png does not exist"), (7, "cannot read image"), (8, "must be a non-empty list"),
-                         (9, "role 'assistant', expected 'user'"), (10, "2 <image> tags but 1 images"),
+                         (9, "role 'user', expected 'assistant'"), (10, "2 <image> tags but 1 images"),
                          (11, "expected an object")]:
         where = f"skipped row {line - 1}, line {line}: "
         assert where in report and reason in report.split(where)[1]
@@ -620,6 +629,15 @@ def test_llava_import_keeps_good_rows_and_reports_bad_ones(tmp_path):
     captions = [r["text"] for r in read_jsonl(out / "pretrain.jsonl")]
     assert captions == [IMAGE_TAG + "A green square.", IMAGE_TAG + "Fine."]
     assert [len(r["conversation"]) for r in read_jsonl(out / "sft.jsonl")] == [4, 2]  # multi-turn; no image
+    # --images, a folder where none of the images named are: the wrong one, most likely (LLaVA-1.5's images are in
+    # subfolders, coco/..., of the folder to give). Refused, rather than keep the rows without an image alone in
+    # place of the earlier import.
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    with pytest.raises(ValueError, match=r"none of the 4 images the rows name is in .*tmp.* \(the first: .*a.png\): is "
+                                         r"--images the folder the file's image paths are relative to\? Nothing was "
+                                         r"written$"):
+        import_llava(str(path), str(tmp_path), str(out))
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
 
 
 def test_an_import_that_cannot_be_written_says_so_in_a_line_and_leaves_nothing(tmp_path, monkeypatch):
@@ -811,6 +829,19 @@ def test_show_renders_samples_with_the_folders_tokenizer_or_a_given_one(data_dir
     prepare_data.main(["--out", str(tmp_path / "imp"), "--show", "1", "--tokenizer",
                        os.path.join(data_dir, "tokenizer.json")])
     assert "--- sft / - / no image" in capsys.readouterr().out
+
+
+def test_an_import_into_a_symlinked_out_goes_to_the_folder_it_points_to(tmp_path, capsys):
+    # as a build of the synthetic corpus does (it was refused as "Not a directory", the link's .partial beside it)
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]}))
+    (tmp_path / "real").mkdir()
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    os.symlink(tmp_path / "later", tmp_path / "dangling")  # (a link to a folder not made yet)
+    for link, folder in (("link", "real"), ("dangling", "later")):
+        prepare_data.main(["--llava", str(rows), "--images", str(tmp_path), "--out", str(tmp_path / link)])
+        assert "1 conversations and 0 captions kept" in capsys.readouterr().out
+        assert os.path.islink(tmp_path / link) and read_jsonl(tmp_path / folder / "sft.jsonl")[0]["conversation"]
 
 
 def test_no_folder_is_written_over_unless_this_script_made_it_for_the_same_purpose(data_dir, tmp_path):

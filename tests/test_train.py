@@ -1503,6 +1503,18 @@ def test_a_llava_import_alone_trains_stages_1_and_3(data, start_weights, tmp_pat
         assert (folder / "model.pt").exists()
     with pytest.raises(SystemExit, match="stage 0 trains on prepare_data.py's corpus .* is a LLaVA import"):
         train.main(["--data", mine, "--out", str(tmp_path / "o0")])
+    # The advice of the other refusals can be followed with an import as --data: prepare_data.py makes no tokenizer
+    # in an import, and stage 0 refuses one.
+    (tmp_path / "lone").mkdir()
+    shutil.copy(start_weights, tmp_path / "lone" / "model.pt")  # (no tokenizer.json beside it)
+    with pytest.raises(SystemExit, match=rf"no tokenizer at {mine}/tokenizer.json; {mine} is a LLaVA import, which "
+                                         r"has none: pass --tokenizer PATH, .* e.g. data/tokenizer.json\)$"):
+        train.main(argv[:2] + ["--init_from", str(tmp_path / "lone" / "model.pt")] + argv[6:] +
+                   ["--stage", "3", "--text_sft_share", "0", "--out", str(tmp_path / "o3")])
+    with pytest.raises(SystemExit, match=r"stage 1 starts from stage 0's final weights, but .* does not exist: stage 0 "
+                                         r"trains on prepare_data.py's synthetic corpus, so run --stage 0 with --out "
+                                         rf".*fresh and without --data {mine} first, or pass --init_from PATH$"):
+        train.main(["--data", mine, "--stage", "1", "--out", str(tmp_path / "fresh")])
     # One-question chats only (LLaVA's usual kind): tiny's split of short chats from long ones has nothing to split,
     # and the stage trains on them as one group without being told.
     (tmp_path / "short.json").write_text(json.dumps(rows[:1] * 3))
