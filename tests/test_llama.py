@@ -328,6 +328,36 @@ def test_loss_ignores_minus_100_and_never_gives_nan():
     assert all(torch.isfinite(p.grad).all() for p in ours.parameters() if p.grad is not None)
 
 
+
+def test_a_bf16_model_scores_each_position_in_fp32():
+    # Scoring (reduction="none", the multiple-choice evaluation) of a model cast to bf16 without autocast, as
+    # sample.py and --eval-only load one: each position's cross-entropy comes from its logits taken to fp32, as the
+    # plain path's would (bf16 logits fed to the loss as they are do not even fit the fp32 result).
+    model = randomize_(Llama(CFG)).to(torch.bfloat16).eval()
+    ids = torch.randint(0, CFG.vocab_size, (2, 12))
+    targets = torch.randint(0, CFG.vocab_size, (2, 12))
+    targets[0, :4] = -100
+    with torch.no_grad():
+        _, each = model(ids, targets=targets, reduction="none")
+        logits, _ = model(ids)
+    expected = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
+    assert each.dtype == torch.float32 and max_diff(each, expected.view(2, 12)) < 1e-5
+
+
+def test_a_pad_mask_or_ids_of_the_wrong_kind_are_refused_not_broadcast():
+    # A pad_mask of one row for a batch of two would broadcast: every row would silently get the first one's padding.
+    # Boolean ids would pass for 0 and 1. Both get the ValueError that says what was expected.
+    model = Llama(CFG).eval()
+    ids = torch.randint(0, CFG.vocab_size, (2, 12))
+    one_row = torch.ones(1, 12, dtype=torch.bool)
+    one_row[0, :3] = False
+    with pytest.raises(ValueError, match=r"expected pad_mask of the ids' shape \(2, 12\), got shape \(1, 12\)"):
+        model(ids, pad_mask=one_row)
+    with pytest.raises(ValueError, match=r"expected token ids as an integer tensor .* of torch.bool"):
+        model(ids.bool())
+    with pytest.raises(ValueError, match="expected integer targets .* got torch.bool"):
+        model(ids, targets=ids.bool())
+
 def test_too_long_sequences_are_refused():
     ours = Llama(CFG)
     with pytest.raises(ValueError, match="longer than the model's context of 64"):

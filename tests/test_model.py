@@ -317,6 +317,28 @@ def test_pixels_ids_and_targets_of_the_wrong_kind_or_range_are_refused(tiny):
         model(torch.tensor([[1.0, 5.0]]))
 
 
+
+def test_a_dark_picture_of_0_255_pixels_is_refused_too(tiny):
+    # A dark photo read as 0-255 floats never reaches 255, nor 40: its pixels are still far past what any processor
+    # makes (at most about [-2.2, 2.7]), and would give a confident-looking answer about a white image.
+    cfg, model = tiny
+    ids, _ = with_images(cfg, [[1, "I", 2]])
+    dark = torch.rand(1, 3, 256, 256) * 20
+    with pytest.raises(ValueError, match=r"expected pixels as the image processor makes them .*got values from 0"):
+        model(ids, dark)
+
+
+def test_an_empty_batch_of_images_is_a_text_only_batch(tiny):
+    # Rows without image spans may come with an (0, 3, S, S) tensor (the images of none of them, stacked or sliced):
+    # it means no image, as None does; the towers, which cannot take an empty batch, are not run.
+    cfg, model = tiny
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        expected, _ = model(ids)
+        got, _ = model(ids, torch.zeros(0, 3, cfg.image_size, cfg.image_size))
+        embedded, _ = model(ids, image_embeds=torch.zeros(0, cfg.n_image_tokens, cfg.llm.dim))
+    assert torch.equal(got, expected) and torch.equal(embedded, expected)
+
 def test_sequence_longer_than_context_is_refused(tiny, monkeypatch):
     cfg, model = tiny
     with pytest.raises(ValueError, match="513 tokens .* context of 512"):

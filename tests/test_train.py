@@ -363,6 +363,18 @@ def test_open_questions_ask_without_the_options_and_score_what_comes_back(data, 
     assert all(a[2] == 0 and a[3] == {tok.eos_id} for a in asked)  # greedy, up to the end of the answer
 
 
+
+def test_open_answers_are_their_text_without_special_tokens(data, monkeypatch):
+    # An answer is scored as the text a user would read: its end-of-sentence spelt out would name an option "end" or
+    # "sentence" for a model that said nothing at all.
+    tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    rows = [{"category": "c", "images": [], "question": "Which?", "options": ["end", "start"], "answer": 1}] * 2
+    replies = iter([[tok.eos_id], tok.encode(" start") + [tok.eos_id]])  # nothing said, then "start"
+    monkeypatch.setattr(evaluate, "generate", lambda model, prompts, *args, **kwargs: [next(replies) for _ in prompts])
+    answers = evaluate.open_answers(torch.nn.Linear(1, 1), rows, tok, None, 36, batch_questions=1)
+    assert [a.strip() for a in answers] == ["", "start"]
+    assert evaluate.open_accuracy(rows, answers) == {"c": 0.5, "mean": 0.5}
+
 def test_bits_per_byte_counts_bits_over_utf8_bytes(data):
     from nanovl.data import Source, collate
     from nanovl.evaluate import bits_per_byte
@@ -381,6 +393,30 @@ def test_bits_per_byte_counts_bits_over_utf8_bytes(data):
     assert bits_per_byte(uniform, one, tok, 4, max_len=64) == pytest.approx(
         int((targets != -100).sum()) * math.log2(tok.vocab_size) / 10, rel=1e-6)
 
+
+
+class PieceLengths(torch.nn.Module):
+    """A stand-in model whose loss at each supervised position is the number of tokens before it in its row: the
+    summed loss of a text then tells how long the pieces it was cut into were."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.cfg = torch.nn.Parameter(torch.zeros(1)), get_config("tiny")
+
+    def forward(self, ids, image_embeds=None, targets=None, reduction="none"):
+        return None, torch.arange(ids.shape[1], dtype=torch.float32).expand(ids.shape) * (targets != -100)
+
+
+def test_an_evaluation_scores_text_in_pieces_of_the_whole_context(data):
+    # Every stage's bits per byte is scored in pieces of the model's whole context (evaluate's docstring: scored at
+    # other lengths, the figures of the stages would not compare).
+    from nanovl.evaluate import bits_per_byte
+    tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    rows = [{"text": " ".join(f"word{i}" for i in range(400))}]
+    model, ctx = PieceLengths(), get_config("tiny").llm.max_seq_len
+    whole, half = (bits_per_byte(model, rows, tok, 36, max_len=n) for n in (ctx, ctx // 2))
+    assert whole != pytest.approx(half)  # the text is longer than half the context: the lengths tell
+    assert evaluate.evaluate(model, (None, rows), tok, None)[2] == pytest.approx(whole, rel=1e-6)
 
 def test_held_out_text_refuses_blank_rows_and_reads_an_empty_file_as_no_text(tmp_path):
     path = tmp_path / "eval_text.jsonl"
@@ -528,6 +564,18 @@ def test_eval_limit_bounds_questions_per_category_and_text_rows(data):
     assert mc3 == [r for c in categories for r in [r for r in mc if r["category"] == c][:per]]
     assert text3 == text[:3]
 
+
+
+def test_eval_limit_rounds_each_categorys_share_up(tmp_path):
+    # limit / categories questions from each category, rounded up: a limit of 3 over two categories takes 2 of each,
+    # so that a limit never gives fewer questions than it says (rounded down, 1 of each).
+    row = {"images": [], "question": "Which?", "options": ["a", "b"], "answer": 0}
+    rows = [dict(row, category=c, question=f"Which {i}?") for c in ("chart", "code") for i in range(3)]
+    (tmp_path / "eval_mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mc, text = evaluate.held_out(str(tmp_path), limit=3)
+    assert [(r["category"], r["question"]) for r in mc] == [(c, f"Which {i}?") for c in ("chart", "code")
+                                                            for i in range(2)]
+    assert text is None  # no eval_text.jsonl: nothing to score
 
 def test_every_stage_runs_a_few_steps(data, tmp_path, capsys):
     out = str(tmp_path / "out")
