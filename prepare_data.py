@@ -421,7 +421,8 @@ def main(argv=None):
             p.error(f"{', '.join(ignored)}: not for --llava, which imports the file's conversations and images as "
                     "they are (the synthetic corpus's settings; --show a folder once it is imported)")
         out = args.out or "data-llava"
-        if os.path.islink(out):  # import into the folder it points to, as a build does
+        if os.path.islink(out.rstrip("/") or out):  # import into the folder it points to, as a build does
+            # (stripped: a link named with a trailing slash, "link/", is not a link to os.path.islink)
             out = os.path.realpath(out)
         try:
             with building(out):  # (one build of a folder at a time)
@@ -445,7 +446,7 @@ def main(argv=None):
     if args.image_size > 4096:  # (each image is drawn whole in memory: 100000 ran out of it)
         p.error(f"--image-size must be at most 4096, four times the largest preset's canvas, got {args.image_size}")
     args.out = args.out or default_folder(args.config)
-    if os.path.islink(args.out):  # build beside the folder it points to, and swap that one
+    if os.path.islink(args.out.rstrip("/") or args.out):  # build beside the folder it points to, and swap that one
         args.out = os.path.realpath(args.out)
     if args.show:
         if folder_kind(args.out) == "missing":
