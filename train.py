@@ -950,7 +950,10 @@ def stage_tokenizer(tc: TrainConfig, cfg: VLConfig, sources) -> Tokenizer:
     where = (f"prepare_data.py --config {cfg.name} makes one, or pass --tokenizer PATH" if cfg.name in FROM_SCRATCH
              else f"the {cfg.name!r} preset reads DeepSeek-LLM's tokenizer: pass --init_from a released DeepSeek-VL "
                   "folder (its tokenizer.json is used) or --tokenizer PATH")
-    if cfg.name in FROM_SCRATCH and folder_kind(tc.data) == "llava":  # (prepare_data.py refuses to build over it)
+    # The import's own advice only where the data's tokenizer was the one looked for (not --tokenizer's, nor the one
+    # beside the starting weights). (prepare_data.py refuses to build a corpus over an import.)
+    if (cfg.name in FROM_SCRATCH and tok_path == os.path.join(tc.data, "tokenizer.json")
+            and folder_kind(tc.data) == "llava"):
         where = (f"{tc.data} is a LLaVA import, which has none: pass --tokenizer PATH, the one the weights were "
                  f"trained with (the synthetic corpus's, e.g. {default_folder(cfg.name)}/tokenizer.json)")
     if not os.path.isfile(tok_path):
@@ -1131,10 +1134,14 @@ def stage_optimizer(net, tc: TrainConfig, hp: dict, device: str):
     # taught it (a linear probe on SAM's output fell from 62% to 52% over stages 1 and 2; the document titles were
     # lost first), and kept the final accuracy near chance. The aligner, which has to learn the map into the
     # decoder, does best at the full rate.
+    # Each group starts at its own rate too (the schedule sets it again at every step), so that an optimizer built
+    # here and stepped without the schedule (bench.py's) updates as training does.
     vision = lambda n: n.removeprefix("model.").startswith(("siglip.", "sam."))
     mult = hp["vision_lr_mult"]
-    groups = [{"params": [p for n, p in net.named_parameters() if p.requires_grad and not vision(n)], "lr_mult": 1.0},
-              {"params": [p for n, p in net.named_parameters() if p.requires_grad and vision(n)], "lr_mult": mult}]
+    groups = [{"params": [p for n, p in net.named_parameters() if p.requires_grad and not vision(n)], "lr_mult": 1.0,
+               "lr": hp["lr"]},
+              {"params": [p for n, p in net.named_parameters() if p.requires_grad and vision(n)], "lr_mult": mult,
+               "lr": hp["lr"] * mult}]
     # fused: one kernel for the whole update, on a GPU and on the CPU alike. On CPU, for the tiny model, the update
     # alone takes 1.9 ms against 8 ms for the loop over parameters that is the default there; with the clipping, in
     # bench.py's training step on one thread, 5.5 ms against 12 ms.

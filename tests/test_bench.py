@@ -147,6 +147,23 @@ def test_part_modes_follow_train_py_freeze_maps():
     assert modes[3] == dict(vision, siglip="train", llm="train")
 
 
+def test_the_training_step_updates_with_train_pys_two_learning_rate_groups():
+    # bench.py times train.py's optimizer, not a copy of it: the vision side moves at vision_lr_mult (0.1) times the
+    # rate of the rest. (Adam's first step moves every weight by about the learning rate, whatever its gradient.)
+    model = DeepSeekVL(get_config("tiny"))
+    train.apply_freeze_map(model, train.trainable_prefixes(3, model.cfg))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p) if p.requires_grad else None
+    bench.optimizer_for(model, "cpu", 3)()
+    moved = {n: (p.detach() - before[n]).abs().mean().item() for n, p in model.named_parameters() if n in before}
+    vision = [m for n, m in moved.items() if n.startswith(("siglip.", "sam."))]
+    rest = [m for n, m in moved.items() if not n.startswith(("siglip.", "sam."))]
+    assert vision and rest and all(p.grad is None for p in model.parameters())
+    assert min(vision) == pytest.approx(1e-5, rel=1e-2) and max(vision) == pytest.approx(1e-5, rel=1e-2)
+    assert min(rest) == pytest.approx(1e-4, rel=1e-2) and max(rest) == pytest.approx(1e-4, rel=1e-2)
+
+
 def test_decode_bytes():
     c = LlamaConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=64)
     weights = (98368 + 5 * 64) * 2  # matmul weights and 2 * 2 + 1 RMSNorm weights, bf16
@@ -707,3 +724,6 @@ def test_the_gpu_script_runs_its_steps_in_order_within_its_time(tmp_path):
     status, calls, text = gpu(100, 3, "train-1.3b")  # one run named; too little time; the tests fail
     assert status == 3 and "bench.py --what suite --runs train-1.3b" in calls and len(calls) == 5
     assert re.findall(r"--budget (\d+)", text) == ["0"]
+    status, calls, text = gpu(10, 0)  # no time left for the tests: not run unbounded (timeout 0), said to be not run
+    assert status == 124 and not any("-m pytest" in call for call in calls)
+    assert "not run: no time left" in (tmp_path / "out" / "tests.log").read_text()

@@ -1559,6 +1559,11 @@ def test_a_llava_import_alone_trains_stages_1_and_3(data, start_weights, tmp_pat
                                          r"has none: pass --tokenizer PATH, .* e.g. data/tokenizer.json\)$"):
         train.main(argv[:2] + ["--init_from", str(tmp_path / "lone" / "model.pt")] + argv[6:] +
                    ["--stage", "3", "--text_sft_share", "0", "--out", str(tmp_path / "o3")])
+    # A --tokenizer that is missing gets the preset's advice: the import's is for its own folder's tokenizer.
+    with pytest.raises(SystemExit, match=r"no tokenizer at \S*nope.json; prepare_data.py --config tiny makes one, "
+                                         r"or pass --tokenizer PATH$"):
+        train.main(argv[:4] + ["--tokenizer", str(tmp_path / "nope.json")] + argv[6:] +
+                   ["--stage", "3", "--text_sft_share", "0", "--out", str(tmp_path / "o3")])
     with pytest.raises(SystemExit, match=r"stage 1 starts from stage 0's final weights, but .* does not exist: stage 0 "
                                          r"trains on prepare_data.py's synthetic corpus, so run --stage 0 with --out "
                                          rf".*fresh and without --data {mine} first, or pass --init_from PATH$"):
