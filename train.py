@@ -45,23 +45,26 @@ import time
 import traceback
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
-from PIL import Image, ImageDraw
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+try:  # Ctrl-C while torch loads (a second or more): a line, not the import machinery's traceback
+    import torch
+    import torch.distributed as dist
+    from PIL import Image, ImageDraw
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.utils.data import DataLoader, Dataset
+    from tqdm import tqdm
 
-from nanovl import DeepSeekVL, VLConfig, get_config
-from nanovl.checkpoint import (check_device, check_finite, check_tokenizer_fits, check_weights, init_from_parts,
-                               is_released_folder, load_model, load_plain, nanovl_state)
-from nanovl.config import FROM_SCRATCH
-from nanovl.data import (PackedBatches, PlannedBatches, Source, default_folder, folder_kind, folder_stamp, plan_batches,
-                         read_jsonl, write_jsonl)
-from nanovl.evaluate import MC_FILES, check_fits, evaluate, format_table, held_out, held_out_text
-from nanovl.image import CachedProcessor, ImageProcessor
-from nanovl.stage0 import N_SEG_CLASSES, STAGE0_ROW, Stage0Batches, Stage0Heads, Stage0Model, plan_distinct
-from nanovl.tokenizer import Tokenizer
+    from nanovl import DeepSeekVL, VLConfig, get_config
+    from nanovl.checkpoint import (check_device, check_finite, check_tokenizer_fits, check_weights, init_from_parts,
+                                   is_released_folder, load_model, load_plain, nanovl_state)
+    from nanovl.config import FROM_SCRATCH
+    from nanovl.data import (PackedBatches, PlannedBatches, Source, default_folder, folder_kind, folder_stamp,
+                             plan_batches, read_jsonl, write_jsonl)
+    from nanovl.evaluate import MC_FILES, check_fits, evaluate, format_table, held_out, held_out_text
+    from nanovl.image import CachedProcessor, ImageProcessor
+    from nanovl.stage0 import N_SEG_CLASSES, STAGE0_ROW, Stage0Batches, Stage0Heads, Stage0Model, plan_distinct
+    from nanovl.tokenizer import Tokenizer
+except KeyboardInterrupt:
+    raise SystemExit("\ninterrupted while starting: nothing was written") from None
 
 
 @dataclass
@@ -1688,4 +1691,7 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C before the first stage began (a stage, and --eval_only, say their own line)
+        raise SystemExit("\ninterrupted before training began: no checkpoint was written") from None

@@ -844,6 +844,26 @@ def test_a_sigterm_stops_the_run_as_ctrl_c_does_keeping_the_last_checkpoint_whol
     assert (folder / "eval.json").exists()
 
 
+def test_ctrl_c_while_starting_ends_the_run_in_one_line(tmp_path):
+    # Ctrl-C in the first second or two, while torch is imported (it gave a traceback from importlib's frames), or
+    # before the first stage begins: a line, as a stage gives. Stood in for by an import, and by a call of main's,
+    # that raise KeyboardInterrupt, as a Ctrl-C then would.
+    (tmp_path / "fake" / "tqdm").mkdir(parents=True)
+    (tmp_path / "fake" / "tqdm" / "__init__.py").write_text("raise KeyboardInterrupt\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "fake"))
+    starting = "import nanovl, runpy, sys\n" \
+               "def interrupted(*args, **kwargs):\n    raise KeyboardInterrupt\n" \
+               "nanovl.get_config = interrupted\n" \
+               f"sys.argv = ['train.py', '--out', {str(tmp_path / 'o')!r}]\n" \
+               "runpy.run_path('train.py', run_name='__main__')\n"
+    for cmd, env, line in (([sys.executable, "train.py", "--out", str(tmp_path / "o")], env,
+                            "interrupted while starting: nothing was written"),
+                           ([sys.executable, "-c", starting], os.environ,
+                            "interrupted before training began: no checkpoint was written")):
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 1 and done.stderr.strip() == line and not os.path.exists(tmp_path / "o")
+
+
 def test_a_stopped_stage_lets_go_of_its_workers_at_once_without_a_traceback_for_those_the_signal_killed(monkeypatch):
     # What a SIGTERM to the process group left behind: the stage's frame holds a loader whose shutdown raises (torch's
     # SIGCHLD handler, for a worker killed by the signal) and printed "Exception ignored in ..." at exit.
