@@ -50,15 +50,18 @@ import time
 from functools import lru_cache
 from multiprocessing import Pool
 
-from tqdm import tqdm
+try:  # Ctrl-C while torch loads (a second or more, nanovl imports it): a line, not importlib's traceback
+    from tqdm import tqdm
 
-from nanovl.chat import IMAGE_TAG, prompt_string, render_chat, render_document, show
-from nanovl.config import FROM_SCRATCH, PRESETS, get_config
-from nanovl.data import (LEFTOVER, building, ctrl_c_ignored, default_folder, folder_kind, quiet_worker, read_jsonl,
-                         read_text, write_jsonl)
-from nanovl.llava import import_llava
-from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
-from nanovl.tokenizer import Tokenizer
+    from nanovl.chat import IMAGE_TAG, prompt_string, render_chat, render_document, show
+    from nanovl.config import FROM_SCRATCH, PRESETS, get_config
+    from nanovl.data import (LEFTOVER, building, ctrl_c_ignored, default_folder, folder_kind, quiet_worker, read_jsonl,
+                             read_text, write_jsonl)
+    from nanovl.llava import import_llava
+    from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
+    from nanovl.tokenizer import Tokenizer
+except KeyboardInterrupt:
+    raise SystemExit("\ninterrupted while starting: nothing was written") from None
 
 VERSION = 10  # bump when the generators change, so old folders are rebuilt
 

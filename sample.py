@@ -29,13 +29,17 @@ import io
 import os
 import sys
 
-import torch
-from PIL import Image
+try:  # Ctrl-C while torch loads (a second or more): a line, not the import machinery's traceback
+    import torch
+    from PIL import Image
 
-from nanovl.chat import IMAGE_TAG, SYSTEM_PROMPT, render_chat, start_ids
-from nanovl.checkpoint import load_model
-from nanovl.generate import ChatSession, Sampling, TextStream, generate
-from nanovl.image import load_image
+    from nanovl.chat import IMAGE_TAG, SYSTEM_PROMPT, render_chat, start_ids
+    from nanovl.checkpoint import load_model
+    from nanovl.generate import ChatSession, Sampling, TextStream, generate
+    from nanovl.image import load_image
+except KeyboardInterrupt:  # (as main's other Ctrl-C's)
+    print("\n(interrupted)", file=sys.stderr)
+    raise SystemExit(130) from None
 
 HELP = f"""commands:
   new          forget the conversation and start again
