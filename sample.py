@@ -73,8 +73,8 @@ def parse_args(argv=None):
                    help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--official_rope", action="store_true",
                    help="round RoPE's frequencies to --dtype, as the official scripts' cast to bf16 does: their GPU "
-                        "outputs, where nanovl keeps the frequencies exact (README, Released weights); with --dtype "
-                        "bf16 (in fp32 there is nothing to round)")
+                        "outputs, where nanovl keeps the frequencies exact (README, Released weights); needs --dtype "
+                        "bf16 (in fp32 there is nothing to round: refused)")
     args = p.parse_args(argv)
     if not args.ckpt.strip():  # (an unset shell variable, say: "" would read as the current folder's model.pt)
         p.error("--ckpt is empty: expected a stage folder, a model.pt file or a released model folder")
@@ -267,6 +267,9 @@ def main(argv=None):
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
              "auto": torch.bfloat16 if device.startswith("cuda") else torch.float32}[args.dtype]
+    if args.official_rope and dtype == torch.float32:  # (it would change nothing, and say nothing)
+        raise SystemExit("--official_rope rounds RoPE's frequencies as the official scripts' cast to bf16 does, and in "
+                         f"fp32 there is nothing to round (--dtype {args.dtype} on {device}): add --dtype bf16")
     empty = [i + 1 for i, p in enumerate(args.prompt) if not p.strip()]
     if empty and not (len(args.prompt) == 1 and args.image):  # (an image alone is a prompt: it gets its placeholder)
         raise SystemExit(f"--prompt {empty[0]} of {len(args.prompt)} is empty: expected some text")
