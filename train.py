@@ -274,386 +274,6 @@ def parse_args(argv):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Processes, devices, checkpoints
-
-def setup_distributed():
-    """(rank, world) from torchrun's environment, or (0, 1) for a single process; each process then uses the GPU of
-    its LOCAL_RANK, if there are GPUs."""
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        # NCCL for tensors on the GPU, gloo for those on the CPU: the few bytes each step that say whether every
-        # process could read its batch (first_failure), asked over NCCL, would wait for the GPU to finish the step
-        # before; and --device cpu trains over gloo on a machine with GPUs.
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        return rank, world
-    return 0, 1
-
-
-def first_failure(reason: str, world: int) -> str:
-    """reason: why this process must stop ("" if it need not): it could not read its batch for the step, a data
-    folder was prepared again while the run read it, or another run holds the --out folder. Returns the first
-    process's reason among those that failed, or "", the same on every process: with several, one that stops alone
-    leaves the others waiting in the step's all-reduce until torchrun kills them, so the steps since the last
-    checkpoint, which the first process would have saved, are lost. A small all-reduce of a CPU tensor each step (over
-    gloo: no wait for the GPU); the reasons are gathered only when one failed."""
-    if world == 1:
-        return reason
-    failed = torch.tensor([int(bool(reason))])
-    dist.all_reduce(failed)
-    if not failed.item():
-        return ""
-    reasons = [None] * world
-    dist.all_gather_object(reasons, reason)
-    return next(r for r in reasons if r)
-
-
-def end_process_group():
-    """torchrun's processes leave the group together: each waits at a barrier until every one is past its last
-    collective, then tears the group down. Torn down while another process's last collective was still in flight,
-    gloo's threads could outlive it, and once (1 run of many, an --eval-only under the test suite) a process was
-    aborted on exit ("terminate called without an active exception")."""
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def remove_stale_temporaries(folder: str):
-    """Delete the temporary files (FILE.tmpPID) that atomic_save left when its process was killed while saving; one
-    whose process is still running is a save in progress, and stays."""
-    for tmp in glob.glob(os.path.join(folder, "*.tmp[0-9]*")):
-        try:
-            os.kill(int(tmp.rsplit(".tmp", 1)[1]), 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            with contextlib.suppress(OSError):  # (a folder that may not be written: run_stage's check says so)
-                os.remove(tmp)
-        except (ValueError, PermissionError):  # not one of ours, or another user's live process
-            pass
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM: what kill sends by default, a cluster taking its machines back, torchrun stopping the other processes
-    when one fails. Raised in the main process (stop_on_sigterm), it ends the run as Ctrl-C does: a checkpoint being
-    written is abandoned (atomic_save removes its temporary file), and the last whole one is kept for --resume. A
-    KeyboardInterrupt, so that a forked DataLoader worker, which a signal to the process group reaches too, exits
-    quietly. Python runs the handler between bytecodes: a process blocked in a collective that waits for one that
-    failed gets it only when the collective returns, or is killed by torchrun after its grace period."""
-
-
-def stop_on_sigterm(signum, frame):
-    raise Terminated()
-
-
-def dead_worker(e: BaseException) -> bool:
-    """A DataLoader worker process that died (torch raises this RuntimeError wherever the main process is when it
-    learns of it): not a bug of the run, and no failed write."""
-    return isinstance(e, RuntimeError) and str(e).startswith("DataLoader worker")
-
-
-def let_go_of_workers(e: BaseException):
-    """Shut the stopped stage's data workers down now, through the frames of e's traceback, which hold the loader.
-    A SIGTERM reaches the whole process group, so the workers die of it too, and torch's SIGCHLD handler raises for a
-    worker killed by a signal: left to Python's tidying up at exit, the loader's shutdown printed that as a traceback
-    ("Exception ignored in ... DataLoader worker ... is killed by signal: Terminated") after the run's one line, in 3
-    of 4 runs of stage 0 with 2 workers killed so. Here it is expected, and not printed."""
-    def hook(unraisable):
-        if not dead_worker(unraisable.exc_value):
-            previous(unraisable)
-
-    previous, sys.unraisablehook = sys.unraisablehook, hook
-    try:
-        traceback.clear_frames(e.__traceback__)  # (their locals: the loader's iterator, whose __del__ shuts it down)
-    finally:
-        sys.unraisablehook = previous
-
-
-def stopped_why(e: BaseException) -> str:
-    """What ended a stage, for main's one line: Ctrl-C, SIGTERM, a failed write, or a data worker killed (for
-    memory, most often: the kernel kills the largest process, and each worker holds up to --image_cache MB)."""
-    if isinstance(e, Terminated) or (dead_worker(e) and "signal: Terminated" in str(e)):  # (a spawned worker's)
-        return "stopped by SIGTERM"
-    if isinstance(e, KeyboardInterrupt):
-        return "interrupted"
-    if dead_worker(e):
-        return (f"{str(e).strip().rstrip('.')} (a data-loading process killed for memory, most often: run again "
-                "with fewer --workers or a smaller --image_cache)")
-    return str(e)
-
-
-class WriteFailed(Exception):
-    """A file of the run could not be written (a full disk, a file-size limit): main says so in one line, with the
-    checkpoint that is kept."""
-
-
-@contextlib.contextmanager
-def writing(path: str):
-    """Around a write of path: an OSError (or torch.save's RuntimeError, which is what a file-size limit gives)
-    becomes WriteFailed naming the file."""
-    try:
-        yield
-    except (OSError, RuntimeError) as e:
-        if dead_worker(e):  # reported wherever the run is: it may be here, and is no failed write
-            raise
-        reason = getattr(e, "strerror", None) or str(e)
-        if not isinstance(e, OSError):  # torch.save's own words for a full disk ("unexpected pos 4190016 vs ...")
-            with contextlib.suppress(OSError):
-                reason += f" ({shutil.disk_usage(os.path.dirname(path) or '.').free / 2 ** 20:.0f} MB free there)"
-        raise WriteFailed(f"cannot write {path}: {reason}") from None
-
-
-def atomic_save(obj, path: str):
-    """torch.save (or, for a str, the text) to a temporary file, then rename: a killed process leaves the old file or
-    the new one, never half of one (rename is atomic on POSIX filesystems). A write that fails removes its
-    temporary file and raises WriteFailed."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with writing(path):
-            with open(tmp, "wb") as f:
-                if isinstance(obj, str):
-                    f.write(obj.encode("utf-8"))
-                else:
-                    torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint, or a power cut could empty it
-            os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
-
-def load_weights(path: str, cfg: VLConfig) -> dict:
-    """A model state dict from a stage folder or .pt file, after checking it was made for this model config."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.pt")
-    if not os.path.exists(path):
-        raise SystemExit(f"no checkpoint at {path}")
-    try:
-        # weights_only: a pickle holding more than tensors is refused, with the reason
-        weights, config = nanovl_state(load_plain(path), path)
-        check_weights(weights, path)  # as load_model checks them (load_state_dict would convert an integer tensor)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    check_same_config(config, cfg, path)
-    return weights
-
-
-def saved_config(folder: str):
-    """The model config a stage folder was trained with: its config.json once finished, else its ckpt.pt's, read
-    memory-mapped, without loading the tensors. None when there is none, or it cannot be read so (loading the
-    checkpoint in full later says why)."""
-    try:
-        if is_finished(folder):
-            with open(os.path.join(folder, "config.json")) as f:
-                saved = json.load(f)
-        else:
-            state = torch.load(os.path.join(folder, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
-            saved = state.get("config") if isinstance(state, dict) else None
-    except Exception:  # (whatever is wrong with the file, its full load says it, with the checks made for that)
-        return None
-    return saved if isinstance(saved, dict) else None
-
-
-def check_same_config(saved: dict, cfg: VLConfig, path: str):
-    """Stop, naming each differing field, when a checkpoint was made for another model config."""
-    diff = [f"{k}: checkpoint {a} vs now {b}" for k, a, b in VLConfig.differences(saved, cfg.to_dict())]
-    if diff:
-        raise SystemExit(f"{path} was trained with another model config:\n  " + "\n  ".join(diff) +
-                         "\npass the same --config and overrides it was trained with")
-
-
-# The TrainConfig fields that override a stage's defaults (STAGE_DEFAULTS); stage_hparams resolves them into hp.
-HPARAM_FIELDS = ("steps", "batch_size", "micro_batch", "lr", "warmup", "schedule", "seq_len", "text_sft_share",
-                 "short_chat_share", "vision_lr_mult", "pack")
-# TrainConfig fields a resumed run may change: they say how the run is carried out, not what it computes (the data
-# folders are named by a path, which may have moved: what they hold is compared, data_change), but for rounding:
-# --device (fp32 on the CPU, bf16 autocast on a GPU; a change of kind is said) and --compile (kernels that sum in
-# another order). Every other field shapes the batches, the schedule or the optimizer, and a run resumed with another
-# value would not continue the one that wrote the checkpoint.
-FREE_ON_RESUME = ("stage", "resume", "eval_only", "ckpt", "init_from", "tokenizer", "data", "extra_data", "out",
-                  "eval_every", "eval_limit", "eval_split", "ckpt_every", "log_every", "device", "compile", "grad_ckpt",
-                  "workers", "image_cache", "stop_after")
-
-
-def training_tensors(state: dict) -> dict:
-    """A training checkpoint's weights and AdamW moments, by name (what is not a tensor left out: its shape is for
-    load_state_dict to check)."""
-    named = dict(state["model"]) if isinstance(state["model"], dict) else {}
-    moments = state["optimizer"].get("state", {}) if isinstance(state["optimizer"], dict) else {}
-    for i, slots in moments.items() if isinstance(moments, dict) else ():
-        named.update({f"optimizer state {i} {k}": t for k, t in slots.items()} if isinstance(slots, dict) else {})
-    return {k: t for k, t in named.items() if torch.is_tensor(t)}
-
-
-def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: dict, world: int, say,
-                    finished: bool = False) -> dict:
-    """A stage's ckpt.pt, after checking that it can be continued by this run: this stage, this model config and
-    the same training settings (each difference is named). hp: the stage's hyperparameters as this run resolved
-    them (the defaults filled in), compared with the checkpoint's, so that giving a default explicitly is no
-    difference. world: the number of processes of this run; say: print, on the first one. finished: the stage is
-    done and only its settings are checked (how its steps were split no longer matters)."""
-    try:
-        state = load_plain(path)
-    except (ValueError, FileNotFoundError) as e:  # (FileNotFoundError: a ckpt.pt that is a folder)
-        raise SystemExit(f"{e}; remove the stage folder, {os.path.dirname(path)}, to train stage {stage} again"
-                         ) from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "step", "rng"} <= set(state):
-        raise SystemExit(f"{path} is not a training checkpoint (a dict with model, optimizer, step and rng)")
-    # A run saves only finite weights (a NaN loss stops it first), so NaN here is damage to the file. Resumed, it
-    # would stop the run a few steps on with "the loss became nan", blamed on the learning rate.
-    if not finished:
-        try:
-            check_finite(training_tensors(state), path)
-        except ValueError as e:
-            raise SystemExit(f"{e}; it cannot be resumed: restore it, or remove the stage folder, "
-                             f"{os.path.dirname(path)}, to train stage {stage} again") from None
-    if state.get("stage", stage) != stage:
-        raise SystemExit(f"{path} holds stage {state['stage']}'s training state, not stage {stage}'s")
-    if isinstance(state.get("config"), dict):
-        check_same_config(state["config"], cfg, path)
-    if isinstance(state.get("train"), dict):
-        resolved = isinstance(state.get("hparams"), dict)  # older checkpoints: the settings as given
-        # The learning rate may change: a resume otherwise repeats the same steps bit for bit, so after a loss that
-        # became NaN, a lower --lr is the way on from the last good checkpoint.
-        if resolved and state["hparams"].get("lr") not in (None, hp["lr"]):
-            say(f"resuming with lr {hp['lr']} where the checkpoint's run had {state['hparams']['lr']}: from here "
-                "the run is not the one the checkpoint's settings would give")
-        # A stage trained on top of the one before: if that one was trained again since, this one's steps no longer
-        # follow from it, however alike the settings (a --resume --stage all after stage 2 was run anew).
-        if resolved and hp.get("start") and state["hparams"].get("start") not in (None, hp["start"]):
-            raise SystemExit(f"{path} continues a stage that began from other weights than "
-                             f"{start_weights(stage, tc)[0]} holds now (trained again since?): remove "
-                             f"{os.path.dirname(path)} to train stage {stage} from them")
-        free = ("lr", "micro_batch") if stage > 0 or finished else ("lr",)  # (the split of a step: see below)
-        # (A setting resolved since the checkpoint was written, absent from its hparams, is compared as given.)
-        saved_hp = state["hparams"] if resolved else {}
-        diff = [f"{'--' * (k in HPARAM_FIELDS)}{k}: checkpoint {saved_hp[k]!r} vs now {v!r}" for k, v in hp.items()
-                if k in saved_hp and k not in free and saved_hp[k] != v]  # (each as the flag that sets it)
-        diff += [f"--{k}: checkpoint {state['train'][k]!r} vs now {v!r}" for k, v in dataclasses.asdict(tc).items()
-                 if k not in FREE_ON_RESUME and not (k in HPARAM_FIELDS and k in saved_hp) and k in state["train"]
-                 and state["train"][k] != v]
-        if diff:
-            hint = " (to fit in less memory, --grad_ckpt may change on resume)" if resolved and stage == 0 and \
-                state["hparams"].get("micro_batch") != hp.get("micro_batch") else ""
-            raise SystemExit(f"{path} was written by a run with other training settings:\n  " + "\n  ".join(diff) +
-                             f"\npass the same settings to resume it{hint}")
-        # In stages 1-3 a step's batch is planned whole and its loss normalised over the whole step, so the same
-        # samples make the same step however they are split into micro-batches and processes (a test checks): a run
-        # killed for want of memory resumes with a smaller --micro_batch, or on another number of GPUs. Stage 0
-        # counts its contrastive pairs and scenes per micro-batch, so there the split is part of the run.
-        was = state.get("split")  # [processes, micro-batch] of the run that wrote it (older checkpoints: none)
-        now = None if finished else [world, split_batch(stage, tc, hp, world)[0]]  # (a finished stage: not asked)
-        if was and now and was != now:
-            if stage == 0:
-                raise SystemExit(f"{path} was written by a run of {was[0]} process(es) x micro_batch {was[1]}; this "
-                                 f"one would be {now[0]} x {now[1]}. Stage 0 counts its contrastive pairs and scenes "
-                                 "per micro-batch, so resume it with the same processes and --micro_batch (to fit in "
-                                 "less memory, --grad_ckpt may change on resume)")
-            say(f"resuming with {now[0]} process(es) x micro_batch {now[1]} where the checkpoint's run had {was[0]} x "
-                f"{was[1]}: each step takes the same samples, split another way, so its sums round in another "
-                "order (the run goes on, but not bit for bit)")
-    return state
-
-
-def data_change(was: dict, now: dict) -> str:
-    """How this run's data and plan (the batches' fingerprint) differ from the ones a checkpoint's run had, in words;
-    "" if they do not. --data and --extra_data may change on resume (folders move), so what they hold is compared
-    here: a folder prepared again with other arguments (or by a newer prepare_data.py), or other rows of one's own,
-    and the resumed steps read other rows than the checkpoint's run planned. Said, not refused, as a new --lr is."""
-    if was == now:
-        return ""
-    before, after = was.get("sources", {}), now["sources"]
-    count = lambda fingerprint, m: fingerprint.get(m, [0])[0]
-    changed = [f"{m}: {count(after, m)} other samples (as many as in that run)" if count(after, m) == count(before, m)
-               else f"{m}: {count(after, m)} samples, {count(before, m)} in that run"
-               for m in sorted(set(before) | set(after)) if before.get(m) != after.get(m)]
-    if changed:
-        return ("resuming on other data than the checkpoint's run trained on (" + "; ".join(changed) + "): from here "
-                "the steps read other rows than that run planned (to go on with that run, resume with its data)")
-    return ("resuming on the checkpoint's data, but its steps are planned otherwise here (a checkpoint of another "
-            "version of train.py?): from here the steps read other rows than that run planned")
-
-
-def weights_id(paths: list):
-    """The id finish() writes into a stage's model.pt (a random hex string, new with every training of the stage, kept
-    through its resumes), for the one stage folder or model.pt in paths; None for anything else (pretrained parts,
-    weights of older runs)."""
-    if len(paths) != 1 or not is_nanovl_checkpoint(paths[0]):
-        return None
-    path = os.path.join(paths[0], "model.pt") if os.path.isdir(paths[0]) else paths[0]
-    try:
-        state = load_plain(path)  # (memory-mapped: the weights themselves are not read)
-    except (ValueError, FileNotFoundError):
-        return None  # (said when the stage loads them)
-    return state.get("id") if isinstance(state, dict) else None
-
-
-def is_nanovl_checkpoint(path: str) -> bool:
-    """A stage folder or a .pt file written by this script (rather than a pretrained part for init_from_parts)."""
-    if os.path.isdir(path):
-        return os.path.exists(os.path.join(path, "model.pt")) and not is_released_folder(path)
-    return path.endswith(".pt")  # (SAM's own checkpoint is a .pth: a pretrained part)
-
-
-def tokenizer_path(tc: TrainConfig, sources) -> str:
-    """--tokenizer, else the tokenizer.json beside the weights a stage starts from (a stage folder, or a released
-    model's), else the data's."""
-    if tc.tokenizer:
-        return tc.tokenizer
-    for src in sources:
-        folder = src if os.path.isdir(src) else os.path.dirname(src)
-        if os.path.exists(os.path.join(folder, "tokenizer.json")):
-            return os.path.join(folder, "tokenizer.json")
-    return os.path.join(tc.data, "tokenizer.json")
-
-
-def data_to_prepare(folder: str, preset: str):
-    """(why, prepare_data arguments) when the synthetic folder is missing, was made by an older prepare_data.py (its
-    generators changed, e.g. the stage-0 captions) or lacks a file training reads (removed since), else None. A
-    rebuild keeps the folder's own arguments; a folder made for another preset is refused, never rebuilt. A LLaVA
-    import is used as it is: training on one's own data alone."""
-    import prepare_data
-    kind = folder_kind(folder)
-    if kind == "missing":
-        return "no prepared data", ["--out", folder, "--config", preset]
-    if kind == "llava":
-        return None
-    if kind == "file":
-        raise SystemExit(f"--data {folder} is a file: expected a folder made by prepare_data.py (or a LLaVA import), "
-                         "or a path that does not exist yet to make one there")
-    if kind == "other":  # never build over files prepare_data did not make
-        raise SystemExit(f"--data {folder} holds files but no meta.json of prepare_data.py's; give --data a folder "
-                         "made by prepare_data.py, or a path that does not exist yet to make one there")
-    with open(os.path.join(folder, "meta.json")) as f:
-        meta = json.load(f)
-    ident = meta["identity"]
-    if ident["config"] != preset:  # its images are another size, its tokenizer (if any) another model's
-        raise SystemExit(f"--data {folder} was prepared for the {ident['config']!r} preset (images at "
-                         f"{meta.get('image_size')} px); the {preset!r} model needs data of its own: pass "
-                         f"--data {default_folder(preset)} (made there if missing)")
-    if ident["version"] != prepare_data.VERSION:
-        return (f"made by an older prepare_data.py (version {ident['version']}, now {prepare_data.VERSION})",
-                prepare_data.arguments(ident, folder))
-    gone = prepare_data.missing(folder, preset, prepare_data.TRAINED_ON)  # (a stage would find one missing, and
-    # say it less clearly; a held-out file removed leaves its evaluation out, as for one's own data without it)
-    return (f"{', '.join(gone)} missing", prepare_data.arguments(ident, folder)) if gone else None
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # What each stage trains and reads
 
 def trainable_prefixes(stage: int, cfg: VLConfig) -> list:
@@ -1688,6 +1308,387 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
         print(f"done: stages {stages} in {time.time() - t0:.0f}s")
     if world > 1:
         end_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Processes, devices, checkpoints: the plumbing under the recipe above (torchrun's processes, stopping on a signal,
+# writing whole files, resuming exactly). It comes last so that the file reads as the recipe first.
+
+def setup_distributed():
+    """(rank, world) from torchrun's environment, or (0, 1) for a single process; each process then uses the GPU of
+    its LOCAL_RANK, if there are GPUs."""
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        # NCCL for tensors on the GPU, gloo for those on the CPU: the few bytes each step that say whether every
+        # process could read its batch (first_failure), asked over NCCL, would wait for the GPU to finish the step
+        # before; and --device cpu trains over gloo on a machine with GPUs.
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return rank, world
+    return 0, 1
+
+
+def first_failure(reason: str, world: int) -> str:
+    """reason: why this process must stop ("" if it need not): it could not read its batch for the step, a data
+    folder was prepared again while the run read it, or another run holds the --out folder. Returns the first
+    process's reason among those that failed, or "", the same on every process: with several, one that stops alone
+    leaves the others waiting in the step's all-reduce until torchrun kills them, so the steps since the last
+    checkpoint, which the first process would have saved, are lost. A small all-reduce of a CPU tensor each step (over
+    gloo: no wait for the GPU); the reasons are gathered only when one failed."""
+    if world == 1:
+        return reason
+    failed = torch.tensor([int(bool(reason))])
+    dist.all_reduce(failed)
+    if not failed.item():
+        return ""
+    reasons = [None] * world
+    dist.all_gather_object(reasons, reason)
+    return next(r for r in reasons if r)
+
+
+def end_process_group():
+    """torchrun's processes leave the group together: each waits at a barrier until every one is past its last
+    collective, then tears the group down. Torn down while another process's last collective was still in flight,
+    gloo's threads could outlive it, and once (1 run of many, an --eval-only under the test suite) a process was
+    aborted on exit ("terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def remove_stale_temporaries(folder: str):
+    """Delete the temporary files (FILE.tmpPID) that atomic_save left when its process was killed while saving; one
+    whose process is still running is a save in progress, and stays."""
+    for tmp in glob.glob(os.path.join(folder, "*.tmp[0-9]*")):
+        try:
+            os.kill(int(tmp.rsplit(".tmp", 1)[1]), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            with contextlib.suppress(OSError):  # (a folder that may not be written: run_stage's check says so)
+                os.remove(tmp)
+        except (ValueError, PermissionError):  # not one of ours, or another user's live process
+            pass
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: what kill sends by default, a cluster taking its machines back, torchrun stopping the other processes
+    when one fails. Raised in the main process (stop_on_sigterm), it ends the run as Ctrl-C does: a checkpoint being
+    written is abandoned (atomic_save removes its temporary file), and the last whole one is kept for --resume. A
+    KeyboardInterrupt, so that a forked DataLoader worker, which a signal to the process group reaches too, exits
+    quietly. Python runs the handler between bytecodes: a process blocked in a collective that waits for one that
+    failed gets it only when the collective returns, or is killed by torchrun after its grace period."""
+
+
+def stop_on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def dead_worker(e: BaseException) -> bool:
+    """A DataLoader worker process that died (torch raises this RuntimeError wherever the main process is when it
+    learns of it): not a bug of the run, and no failed write."""
+    return isinstance(e, RuntimeError) and str(e).startswith("DataLoader worker")
+
+
+def let_go_of_workers(e: BaseException):
+    """Shut the stopped stage's data workers down now, through the frames of e's traceback, which hold the loader.
+    A SIGTERM reaches the whole process group, so the workers die of it too, and torch's SIGCHLD handler raises for a
+    worker killed by a signal: left to Python's tidying up at exit, the loader's shutdown printed that as a traceback
+    ("Exception ignored in ... DataLoader worker ... is killed by signal: Terminated") after the run's one line, in 3
+    of 4 runs of stage 0 with 2 workers killed so. Here it is expected, and not printed."""
+    def hook(unraisable):
+        if not dead_worker(unraisable.exc_value):
+            previous(unraisable)
+
+    previous, sys.unraisablehook = sys.unraisablehook, hook
+    try:
+        traceback.clear_frames(e.__traceback__)  # (their locals: the loader's iterator, whose __del__ shuts it down)
+    finally:
+        sys.unraisablehook = previous
+
+
+def stopped_why(e: BaseException) -> str:
+    """What ended a stage, for main's one line: Ctrl-C, SIGTERM, a failed write, or a data worker killed (for
+    memory, most often: the kernel kills the largest process, and each worker holds up to --image_cache MB)."""
+    if isinstance(e, Terminated) or (dead_worker(e) and "signal: Terminated" in str(e)):  # (a spawned worker's)
+        return "stopped by SIGTERM"
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    if dead_worker(e):
+        return (f"{str(e).strip().rstrip('.')} (a data-loading process killed for memory, most often: run again "
+                "with fewer --workers or a smaller --image_cache)")
+    return str(e)
+
+
+class WriteFailed(Exception):
+    """A file of the run could not be written (a full disk, a file-size limit): main says so in one line, with the
+    checkpoint that is kept."""
+
+
+@contextlib.contextmanager
+def writing(path: str):
+    """Around a write of path: an OSError (or torch.save's RuntimeError, which is what a file-size limit gives)
+    becomes WriteFailed naming the file."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if dead_worker(e):  # reported wherever the run is: it may be here, and is no failed write
+            raise
+        reason = getattr(e, "strerror", None) or str(e)
+        if not isinstance(e, OSError):  # torch.save's own words for a full disk ("unexpected pos 4190016 vs ...")
+            with contextlib.suppress(OSError):
+                reason += f" ({shutil.disk_usage(os.path.dirname(path) or '.').free / 2 ** 20:.0f} MB free there)"
+        raise WriteFailed(f"cannot write {path}: {reason}") from None
+
+
+def atomic_save(obj, path: str):
+    """torch.save (or, for a str, the text) to a temporary file, then rename: a killed process leaves the old file or
+    the new one, never half of one (rename is atomic on POSIX filesystems). A write that fails removes its
+    temporary file and raises WriteFailed."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with writing(path):
+            with open(tmp, "wb") as f:
+                if isinstance(obj, str):
+                    f.write(obj.encode("utf-8"))
+                else:
+                    torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint, or a power cut could empty it
+            os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def load_weights(path: str, cfg: VLConfig) -> dict:
+    """A model state dict from a stage folder or .pt file, after checking it was made for this model config."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "model.pt")
+    if not os.path.exists(path):
+        raise SystemExit(f"no checkpoint at {path}")
+    try:
+        # weights_only: a pickle holding more than tensors is refused, with the reason
+        weights, config = nanovl_state(load_plain(path), path)
+        check_weights(weights, path)  # as load_model checks them (load_state_dict would convert an integer tensor)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    check_same_config(config, cfg, path)
+    return weights
+
+
+def saved_config(folder: str):
+    """The model config a stage folder was trained with: its config.json once finished, else its ckpt.pt's, read
+    memory-mapped, without loading the tensors. None when there is none, or it cannot be read so (loading the
+    checkpoint in full later says why)."""
+    try:
+        if is_finished(folder):
+            with open(os.path.join(folder, "config.json")) as f:
+                saved = json.load(f)
+        else:
+            state = torch.load(os.path.join(folder, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
+            saved = state.get("config") if isinstance(state, dict) else None
+    except Exception:  # (whatever is wrong with the file, its full load says it, with the checks made for that)
+        return None
+    return saved if isinstance(saved, dict) else None
+
+
+def check_same_config(saved: dict, cfg: VLConfig, path: str):
+    """Stop, naming each differing field, when a checkpoint was made for another model config."""
+    diff = [f"{k}: checkpoint {a} vs now {b}" for k, a, b in VLConfig.differences(saved, cfg.to_dict())]
+    if diff:
+        raise SystemExit(f"{path} was trained with another model config:\n  " + "\n  ".join(diff) +
+                         "\npass the same --config and overrides it was trained with")
+
+
+# The TrainConfig fields that override a stage's defaults (STAGE_DEFAULTS); stage_hparams resolves them into hp.
+HPARAM_FIELDS = ("steps", "batch_size", "micro_batch", "lr", "warmup", "schedule", "seq_len", "text_sft_share",
+                 "short_chat_share", "vision_lr_mult", "pack")
+# TrainConfig fields a resumed run may change: they say how the run is carried out, not what it computes (the data
+# folders are named by a path, which may have moved: what they hold is compared, data_change), but for rounding:
+# --device (fp32 on the CPU, bf16 autocast on a GPU; a change of kind is said) and --compile (kernels that sum in
+# another order). Every other field shapes the batches, the schedule or the optimizer, and a run resumed with another
+# value would not continue the one that wrote the checkpoint.
+FREE_ON_RESUME = ("stage", "resume", "eval_only", "ckpt", "init_from", "tokenizer", "data", "extra_data", "out",
+                  "eval_every", "eval_limit", "eval_split", "ckpt_every", "log_every", "device", "compile", "grad_ckpt",
+                  "workers", "image_cache", "stop_after")
+
+
+def training_tensors(state: dict) -> dict:
+    """A training checkpoint's weights and AdamW moments, by name (what is not a tensor left out: its shape is for
+    load_state_dict to check)."""
+    named = dict(state["model"]) if isinstance(state["model"], dict) else {}
+    moments = state["optimizer"].get("state", {}) if isinstance(state["optimizer"], dict) else {}
+    for i, slots in moments.items() if isinstance(moments, dict) else ():
+        named.update({f"optimizer state {i} {k}": t for k, t in slots.items()} if isinstance(slots, dict) else {})
+    return {k: t for k, t in named.items() if torch.is_tensor(t)}
+
+
+def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: dict, world: int, say,
+                    finished: bool = False) -> dict:
+    """A stage's ckpt.pt, after checking that it can be continued by this run: this stage, this model config and
+    the same training settings (each difference is named). hp: the stage's hyperparameters as this run resolved
+    them (the defaults filled in), compared with the checkpoint's, so that giving a default explicitly is no
+    difference. world: the number of processes of this run; say: print, on the first one. finished: the stage is
+    done and only its settings are checked (how its steps were split no longer matters)."""
+    try:
+        state = load_plain(path)
+    except (ValueError, FileNotFoundError) as e:  # (FileNotFoundError: a ckpt.pt that is a folder)
+        raise SystemExit(f"{e}; remove the stage folder, {os.path.dirname(path)}, to train stage {stage} again"
+                         ) from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "step", "rng"} <= set(state):
+        raise SystemExit(f"{path} is not a training checkpoint (a dict with model, optimizer, step and rng)")
+    # A run saves only finite weights (a NaN loss stops it first), so NaN here is damage to the file. Resumed, it
+    # would stop the run a few steps on with "the loss became nan", blamed on the learning rate.
+    if not finished:
+        try:
+            check_finite(training_tensors(state), path)
+        except ValueError as e:
+            raise SystemExit(f"{e}; it cannot be resumed: restore it, or remove the stage folder, "
+                             f"{os.path.dirname(path)}, to train stage {stage} again") from None
+    if state.get("stage", stage) != stage:
+        raise SystemExit(f"{path} holds stage {state['stage']}'s training state, not stage {stage}'s")
+    if isinstance(state.get("config"), dict):
+        check_same_config(state["config"], cfg, path)
+    if isinstance(state.get("train"), dict):
+        resolved = isinstance(state.get("hparams"), dict)  # older checkpoints: the settings as given
+        # The learning rate may change: a resume otherwise repeats the same steps bit for bit, so after a loss that
+        # became NaN, a lower --lr is the way on from the last good checkpoint.
+        if resolved and state["hparams"].get("lr") not in (None, hp["lr"]):
+            say(f"resuming with lr {hp['lr']} where the checkpoint's run had {state['hparams']['lr']}: from here "
+                "the run is not the one the checkpoint's settings would give")
+        # A stage trained on top of the one before: if that one was trained again since, this one's steps no longer
+        # follow from it, however alike the settings (a --resume --stage all after stage 2 was run anew).
+        if resolved and hp.get("start") and state["hparams"].get("start") not in (None, hp["start"]):
+            raise SystemExit(f"{path} continues a stage that began from other weights than "
+                             f"{start_weights(stage, tc)[0]} holds now (trained again since?): remove "
+                             f"{os.path.dirname(path)} to train stage {stage} from them")
+        free = ("lr", "micro_batch") if stage > 0 or finished else ("lr",)  # (the split of a step: see below)
+        # (A setting resolved since the checkpoint was written, absent from its hparams, is compared as given.)
+        saved_hp = state["hparams"] if resolved else {}
+        diff = [f"{'--' * (k in HPARAM_FIELDS)}{k}: checkpoint {saved_hp[k]!r} vs now {v!r}" for k, v in hp.items()
+                if k in saved_hp and k not in free and saved_hp[k] != v]  # (each as the flag that sets it)
+        diff += [f"--{k}: checkpoint {state['train'][k]!r} vs now {v!r}" for k, v in dataclasses.asdict(tc).items()
+                 if k not in FREE_ON_RESUME and not (k in HPARAM_FIELDS and k in saved_hp) and k in state["train"]
+                 and state["train"][k] != v]
+        if diff:
+            hint = " (to fit in less memory, --grad_ckpt may change on resume)" if resolved and stage == 0 and \
+                state["hparams"].get("micro_batch") != hp.get("micro_batch") else ""
+            raise SystemExit(f"{path} was written by a run with other training settings:\n  " + "\n  ".join(diff) +
+                             f"\npass the same settings to resume it{hint}")
+        # In stages 1-3 a step's batch is planned whole and its loss normalised over the whole step, so the same
+        # samples make the same step however they are split into micro-batches and processes (a test checks): a run
+        # killed for want of memory resumes with a smaller --micro_batch, or on another number of GPUs. Stage 0
+        # counts its contrastive pairs and scenes per micro-batch, so there the split is part of the run.
+        was = state.get("split")  # [processes, micro-batch] of the run that wrote it (older checkpoints: none)
+        now = None if finished else [world, split_batch(stage, tc, hp, world)[0]]  # (a finished stage: not asked)
+        if was and now and was != now:
+            if stage == 0:
+                raise SystemExit(f"{path} was written by a run of {was[0]} process(es) x micro_batch {was[1]}; this "
+                                 f"one would be {now[0]} x {now[1]}. Stage 0 counts its contrastive pairs and scenes "
+                                 "per micro-batch, so resume it with the same processes and --micro_batch (to fit in "
+                                 "less memory, --grad_ckpt may change on resume)")
+            say(f"resuming with {now[0]} process(es) x micro_batch {now[1]} where the checkpoint's run had {was[0]} x "
+                f"{was[1]}: each step takes the same samples, split another way, so its sums round in another "
+                "order (the run goes on, but not bit for bit)")
+    return state
+
+
+def data_change(was: dict, now: dict) -> str:
+    """How this run's data and plan (the batches' fingerprint) differ from the ones a checkpoint's run had, in words;
+    "" if they do not. --data and --extra_data may change on resume (folders move), so what they hold is compared
+    here: a folder prepared again with other arguments (or by a newer prepare_data.py), or other rows of one's own,
+    and the resumed steps read other rows than the checkpoint's run planned. Said, not refused, as a new --lr is."""
+    if was == now:
+        return ""
+    before, after = was.get("sources", {}), now["sources"]
+    count = lambda fingerprint, m: fingerprint.get(m, [0])[0]
+    changed = [f"{m}: {count(after, m)} other samples (as many as in that run)" if count(after, m) == count(before, m)
+               else f"{m}: {count(after, m)} samples, {count(before, m)} in that run"
+               for m in sorted(set(before) | set(after)) if before.get(m) != after.get(m)]
+    if changed:
+        return ("resuming on other data than the checkpoint's run trained on (" + "; ".join(changed) + "): from here "
+                "the steps read other rows than that run planned (to go on with that run, resume with its data)")
+    return ("resuming on the checkpoint's data, but its steps are planned otherwise here (a checkpoint of another "
+            "version of train.py?): from here the steps read other rows than that run planned")
+
+
+def weights_id(paths: list):
+    """The id finish() writes into a stage's model.pt (a random hex string, new with every training of the stage, kept
+    through its resumes), for the one stage folder or model.pt in paths; None for anything else (pretrained parts,
+    weights of older runs)."""
+    if len(paths) != 1 or not is_nanovl_checkpoint(paths[0]):
+        return None
+    path = os.path.join(paths[0], "model.pt") if os.path.isdir(paths[0]) else paths[0]
+    try:
+        state = load_plain(path)  # (memory-mapped: the weights themselves are not read)
+    except (ValueError, FileNotFoundError):
+        return None  # (said when the stage loads them)
+    return state.get("id") if isinstance(state, dict) else None
+
+
+def is_nanovl_checkpoint(path: str) -> bool:
+    """A stage folder or a .pt file written by this script (rather than a pretrained part for init_from_parts)."""
+    if os.path.isdir(path):
+        return os.path.exists(os.path.join(path, "model.pt")) and not is_released_folder(path)
+    return path.endswith(".pt")  # (SAM's own checkpoint is a .pth: a pretrained part)
+
+
+def tokenizer_path(tc: TrainConfig, sources) -> str:
+    """--tokenizer, else the tokenizer.json beside the weights a stage starts from (a stage folder, or a released
+    model's), else the data's."""
+    if tc.tokenizer:
+        return tc.tokenizer
+    for src in sources:
+        folder = src if os.path.isdir(src) else os.path.dirname(src)
+        if os.path.exists(os.path.join(folder, "tokenizer.json")):
+            return os.path.join(folder, "tokenizer.json")
+    return os.path.join(tc.data, "tokenizer.json")
+
+
+def data_to_prepare(folder: str, preset: str):
+    """(why, prepare_data arguments) when the synthetic folder is missing, was made by an older prepare_data.py (its
+    generators changed, e.g. the stage-0 captions) or lacks a file training reads (removed since), else None. A
+    rebuild keeps the folder's own arguments; a folder made for another preset is refused, never rebuilt. A LLaVA
+    import is used as it is: training on one's own data alone."""
+    import prepare_data
+    kind = folder_kind(folder)
+    if kind == "missing":
+        return "no prepared data", ["--out", folder, "--config", preset]
+    if kind == "llava":
+        return None
+    if kind == "file":
+        raise SystemExit(f"--data {folder} is a file: expected a folder made by prepare_data.py (or a LLaVA import), "
+                         "or a path that does not exist yet to make one there")
+    if kind == "other":  # never build over files prepare_data did not make
+        raise SystemExit(f"--data {folder} holds files but no meta.json of prepare_data.py's; give --data a folder "
+                         "made by prepare_data.py, or a path that does not exist yet to make one there")
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)
+    ident = meta["identity"]
+    if ident["config"] != preset:  # its images are another size, its tokenizer (if any) another model's
+        raise SystemExit(f"--data {folder} was prepared for the {ident['config']!r} preset (images at "
+                         f"{meta.get('image_size')} px); the {preset!r} model needs data of its own: pass "
+                         f"--data {default_folder(preset)} (made there if missing)")
+    if ident["version"] != prepare_data.VERSION:
+        return (f"made by an older prepare_data.py (version {ident['version']}, now {prepare_data.VERSION})",
+                prepare_data.arguments(ident, folder))
+    gone = prepare_data.missing(folder, preset, prepare_data.TRAINED_ON)  # (a stage would find one missing, and
+    # say it less clearly; a held-out file removed leaves its evaluation out, as for one's own data without it)
+    return (f"{', '.join(gone)} missing", prepare_data.arguments(ident, folder)) if gone else None
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 if __name__ == "__main__":
