@@ -338,6 +338,10 @@ def stage2_share(tc: TrainConfig, n_chats: int = 1, n_text_chats: int = 0):
     warm = int(tc.modality_warmup * tc.steps)  # steps; 0 (--modality_warmup 0, or under a step): no warm-up
     # (no chats at all: "sft", whose absence is then said, with the setting that does without)
     with_image = n_chats / (n_chats + n_text_chats) if n_chats + n_text_chats else 1.0
+    if warm and tc.sft_share == 1 and n_chats and not n_text_chats:  # (step 0's shares would all be 0)
+        raise ValueError(f"--sft_share 1 leaves stage 2's first step nothing to train on: every step is a chat, the "
+                         f"data holds no text-only chats, and the chats with an image come in over the modality "
+                         f"warm-up ({warm} step{'s' * (warm != 1)}): pass an --sft_share below 1, or --modality_warmup 0")
 
     def share(step):
         ramp = min(1.0, step / warm) if warm else 1.0

@@ -174,6 +174,12 @@ def test_stage2_mix_warms_up_from_language_only_one_modality_a_step(data):
     for no_warmup in (dataclasses.replace(tc, modality_warmup=0.0), dataclasses.replace(tc, steps=3)):
         assert train.stage2_share(no_warmup, 30, 70)(0) == share(99)
     assert train.stage2_share(tc, 0, 0)(99)["sft"] == pytest.approx(0.1)  # none: the group whose absence is said
+    all_chats = dataclasses.replace(tc, sft_share=1.0)  # and no text-only chats: step 0 would have nothing to draw
+    with pytest.raises(ValueError, match=r"--sft_share 1 leaves stage 2's first step nothing to train on: .* "
+                                         r"warm-up \(30 steps\): pass an --sft_share below 1, or --modality_warmup 0"):
+        train.stage2_share(all_chats, 30, 0)
+    assert train.stage2_share(all_chats, 30, 70)(0)["text_sft"] == pytest.approx(0.7)  # with them: the first steps'
+    assert train.stage2_share(dataclasses.replace(all_chats, modality_warmup=0), 30, 0)(0)["sft"] == 1.0
     # and it is the mix stage 2 reads its sources with, each step's samples of one modality
     tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
     sources, mix = train.stage_data(2, tc, tok, get_config("tiny"), 512, [data])
