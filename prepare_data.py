@@ -61,6 +61,8 @@ try:  # Ctrl-C while torch loads (a second or more, nanovl imports it): a line, 
     from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
     from nanovl.tokenizer import Tokenizer
 except KeyboardInterrupt:
+    if __name__ != "__main__":  # imported (by a test, or as a spawned worker's __mp_main__): as any import
+        raise
     raise SystemExit("\ninterrupted while starting: nothing was written") from None
 
 VERSION = 10  # bump when the generators change, so old folders are rebuilt

@@ -38,6 +38,8 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
     from nanovl.generate import ChatSession, Sampling, TextStream, generate
     from nanovl.image import load_image
 except KeyboardInterrupt:  # (as main's other Ctrl-C's)
+    if __name__ != "__main__":  # imported (by a test, or as a spawned worker's __mp_main__): as any import
+        raise
     print("\n(interrupted)", file=sys.stderr)
     raise SystemExit(130) from None
 

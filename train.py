@@ -64,7 +64,11 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
     from nanovl.stage0 import N_SEG_CLASSES, STAGE0_ROW, Stage0Batches, Stage0Heads, Stage0Model, plan_distinct
     from nanovl.tokenizer import Tokenizer
 except KeyboardInterrupt:
-    raise SystemExit("\ninterrupted while starting: nothing was written") from None
+    if __name__ != "__main__":  # imported (by a test, or as a spawned data worker's __mp_main__): as any import
+        raise
+    # torchrun's later processes stop without a word: the first says it for all, as a stage's stop does.
+    raise SystemExit("\ninterrupted while starting: nothing was written" if os.environ.get("RANK", "0") == "0"
+                     else 1) from None
 
 
 @dataclass
@@ -341,7 +345,8 @@ def stage2_share(tc: TrainConfig, n_chats: int = 1, n_text_chats: int = 0):
     if warm and tc.sft_share == 1 and n_chats and not n_text_chats:  # (step 0's shares would all be 0)
         raise ValueError(f"--sft_share 1 leaves stage 2's first step nothing to train on: every step is a chat, the "
                          f"data holds no text-only chats, and the chats with an image come in over the modality "
-                         f"warm-up ({warm} step{'s' * (warm != 1)}): pass an --sft_share below 1, or --modality_warmup 0")
+                         f"warm-up ({warm} step{'s' * (warm != 1)}): pass an --sft_share below 1, or "
+                         "--modality_warmup 0")
 
     def share(step):
         ramp = min(1.0, step / warm) if warm else 1.0
@@ -722,7 +727,7 @@ def stage_batches(stage: int, tc: TrainConfig, hp: dict, cfg: VLConfig, tok, pro
 
     try:
         sources, share = stage_data(stage, tc, tok, cfg, seq_len, folders)
-    except ValueError as e:  # a malformed row, named by its file and line
+    except ValueError as e:  # a malformed row, named by its file and line; a mix with nothing to draw (stage2_share)
         raise SystemExit(str(e)) from None
     for name, src in sources.items():
         say(f"data: {name}: {len(src)} samples from {src.name}" + (f" ({src.dropped} longer than {seq_len} "
@@ -1698,5 +1703,7 @@ def set_rng_state(state: dict):
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C before the first stage began (a stage, and --eval_only, say their own line)
-        raise SystemExit("\ninterrupted before training began: no checkpoint was written") from None
+    except KeyboardInterrupt:  # Ctrl-C outside a stage's training (a stage, and --eval_only, say their own line):
+        # before the first began, or after the last ended; torchrun's later processes stop without a word.
+        raise SystemExit("\ninterrupted while no stage was training" if os.environ.get("RANK", "0") == "0"
+                         else 1) from None

@@ -847,6 +847,14 @@ def test_an_import_into_a_symlinked_out_goes_to_the_folder_it_points_to(tmp_path
         assert os.path.islink(tmp_path / link) and read_jsonl(tmp_path / folder / "sft.jsonl")[0]["conversation"]
 
 
+def test_a_build_into_a_symlinked_out_named_with_a_slash_goes_to_the_folder_it_points_to(tmp_path, capsys):
+    # "link/" is no link to os.path.islink: the build made link.partial/ and was refused, the link a folder already
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    prepare_data.main(["--out", str(tmp_path / "link") + "/", "--n", "1", "--workers", "1"])
+    assert "wrote " in capsys.readouterr().out and os.path.islink(tmp_path / "link")
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"] and (tmp_path / "real" / "tokenizer.json").exists()
+
+
 def test_no_folder_is_written_over_unless_this_script_made_it_for_the_same_purpose(data_dir, tmp_path):
     """prepare_data.py rebuilds only its own synthetic folders, an import replaces only an earlier import, and
     neither ever touches a folder something else made."""
