@@ -840,8 +840,7 @@ def test_an_import_into_a_symlinked_out_goes_to_the_folder_it_points_to(tmp_path
     os.symlink(tmp_path / "later", tmp_path / "dangling")  # (a link to a folder not made yet)
     os.symlink(tmp_path / "real2", tmp_path / "link2")
     for link, folder in (("link", "real"), ("dangling", "later"), ("link2/", "real2")):  # ("link2/": named with a /)
-        prepare_data.main(["--llava", str(rows), "--images", str(tmp_path), "--out", str(tmp_path / link) + (
-            "/" if link.endswith("/") else "")])
+        prepare_data.main(["--llava", str(rows), "--images", str(tmp_path), "--out", os.path.join(tmp_path, link)])
         link = link.rstrip("/")
         assert "1 conversations and 0 captions kept" in capsys.readouterr().out
         assert os.path.islink(tmp_path / link) and read_jsonl(tmp_path / folder / "sft.jsonl")[0]["conversation"]

@@ -852,7 +852,7 @@ def test_a_sigterm_stops_the_run_as_ctrl_c_does_keeping_the_last_checkpoint_whol
 
 def test_ctrl_c_while_starting_ends_the_run_in_one_line(tmp_path):
     # Ctrl-C in the first second or two, while torch is imported (it gave a traceback from importlib's frames), or
-    # before the first stage begins: a line, as a stage gives (and so do prepare_data.py and sample.py while they
+    # while no stage is training: a line, as a stage gives (and so do prepare_data.py and sample.py while they
     # import). Stood in for by an import, and by a call of main's, that raise KeyboardInterrupt, as a Ctrl-C would.
     (tmp_path / "fake" / "PIL").mkdir(parents=True)
     (tmp_path / "fake" / "PIL" / "__init__.py").write_text("raise KeyboardInterrupt\n")
