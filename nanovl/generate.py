@@ -179,7 +179,7 @@ class DecodeStep:
 def _decode(model, step: DecodeStep, logits, s: Sampling, stop_ids, pad_id: int, n_words: int,
             on_step=None) -> torch.Tensor:
     """Decode from the prompt's last logits (B, V) until every row hit a stop id or max_new_tokens. -> (B, n) ids,
-    with pad_id after a row's stop token. on_step(ids (B,)) is called after each step (for streaming).
+    with pad_id after a row's stop token. on_step(ids (B,)) is called with each token picked (for streaming).
 
     Only ids below n_words (the tokenizer's size) are ever picked: the embedding is padded past the tokenizer (to
     102400 in the released models), and those rows have no text to decode to. Nor is <image_placeholder>: fed back,
@@ -252,7 +252,7 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
                                                     all(isinstance(t, numbers.Integral) for t in p) for p in prompts):
         raise ValueError(f"expected prompts as a list of token-id lists (one per prompt: [[1, 2, 3]] for one), got "
                          f"{reprlib.repr(prompts)}")
-    if isinstance(stop_ids, numbers.Integral) or not all(isinstance(t, numbers.Integral) for t in stop_ids):
+    if stop_ids is None or isinstance(stop_ids, (numbers.Integral, str, bytes)) or not all(isinstance(t, numbers.Integral) for t in stop_ids):
         raise ValueError(f"expected stop_ids as a collection of token ids ({{eos_id}} for one), got {stop_ids!r}")
     vocab = model.cfg.llm.vocab_size
     if n_words is not None and not (isinstance(n_words, numbers.Integral) and model.cfg.image_token_id < n_words <=
@@ -296,8 +296,9 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
 class TextStream:
     """Token ids -> text as they come, for printing an answer while it is generated: on_text gets each new piece
     once it decodes to whole characters (a character split across tokens waits for its last byte). The answer's
-    leading space and its special tokens (the end-of-sentence, ...) are not shown: the text is the one ask returns,
-    decoded as the official CLI decodes (skip_special_tokens)."""
+    leading space and its special tokens (the end-of-sentence, ...) are not shown: the text is the one ask returns
+    (but for the trailing spaces or newlines, which ask strips), decoded as the official CLI decodes
+    (skip_special_tokens)."""
 
     def __init__(self, tokenizer, on_text: Optional[Callable[[str], None]]):
         self.tok, self.on_text, self.ids, self.shown = tokenizer, on_text, [], ""

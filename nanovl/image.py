@@ -148,6 +148,11 @@ class ImageProcessor:
     normalize: bool = False
 
     def __post_init__(self):
+        # The canvas's side: an integer the official processor can resize to (a size of 0 gave empty tensors, and a
+        # negative one failed inside PIL; a bool or a float such as 384.9 passed int() and was silently truncated).
+        if type(self.image_size) is not int or self.image_size < MIN_SIZE:
+            raise ValueError(f"image_size must be a whole number of pixels, at least {MIN_SIZE}; got "
+                             f"{self.image_size!r}")
         # Normalising divides the pixels by image_std: a 0 there makes inf or NaN pixels, which the model then reports
         # as NaN in the image, far from the statistic that made them; a negative one turns the image's values over.
         if self.normalize:
@@ -183,7 +188,7 @@ class ImageProcessor:
             std = tuple(float(s) for s in (CLIP_STD if "image_std" not in d else d["image_std"] or SIGLIP_STD))
             if not isinstance(d.get("do_normalize", True), bool):  # ("false", a string, would read as true)
                 raise ValueError(f"do_normalize {d['do_normalize']!r} is not true or false")
-            size = int(d["image_size"])
+            size = d["image_size"]
             rescale = float(d.get("rescale_factor", 1 / 255))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"preprocessor_config.json needs image_size (int), image_mean and image_std (3 numbers "
@@ -196,7 +201,7 @@ class ImageProcessor:
                              f"{rescale} are not supported; nanovl uses {MIN_SIZE} and 1/255")
         try:
             return ImageProcessor(size, mean, std, d.get("do_normalize", True))
-        except ValueError as e:  # (a statistic that cannot normalise)
+        except ValueError as e:  # (a size or a statistic it cannot work with)
             raise ValueError(f"preprocessor_config.json: {e}") from None
 
     def to_dict(self) -> dict:

@@ -248,16 +248,16 @@ def bad_token_count(ids, targets, vocab_size: int):
     return bad
 
 
-def check_token_ids(ids, targets, pad_mask, vocab_size: int, check_range: bool = True):
+def check_token_ids(ids, targets, pad_mask, vocab_size: int, check_range: bool = True, doc_ids=None):
     """A ValueError saying what was expected and what was given, for token ids that are not an integer (B, T) tensor
-    of the vocabulary's ids, targets that are neither such ids nor -100, or targets or a pad_mask of another shape
-    (otherwise the embedding lookup or the loss fails deep inside torch, or on a GPU with a device-side assert).
-    check_range=False: the shapes and dtypes only, which need no device sync."""
+    of the vocabulary's ids, targets that are neither such ids nor -100, or targets, a pad_mask or doc_ids of another
+    shape (otherwise the embedding lookup, the mask or the loss fails deep inside torch, or on a GPU with a
+    device-side assert). check_range=False: the shapes and dtypes only, which need no device sync."""
     what = lambda v: f"shape {tuple(v.shape)} of {v.dtype}" if torch.is_tensor(v) else type(v).__name__
     is_int = lambda v: not (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool)
     if not (torch.is_tensor(ids) and ids.ndim == 2 and is_int(ids)):
         raise ValueError(f"expected token ids as an integer tensor of shape (B, T), got {what(ids)}")
-    for name, v in (("targets", targets), ("pad_mask", pad_mask)):
+    for name, v in (("targets", targets), ("pad_mask", pad_mask), ("doc_ids", doc_ids)):
         if v is not None and not (torch.is_tensor(v) and v.shape == ids.shape):
             raise ValueError(f"expected {name} of the ids' shape {tuple(ids.shape)}, got {what(v)}")
     if targets is not None and not is_int(targets):
@@ -385,15 +385,19 @@ class Llama(nn.Module):
         each position's cross-entropy (B, T), 0 where the target is -100, for scoring answers. last_only (generation, no
         targets) gives the logits of the last position only, (B, 1, vocab): a prompt of T tokens then costs one
         lm_head row instead of T (with a 102400-word vocabulary, lm_head is a seventh of each token's FLOPs at 1.3B,
-        and its (B, T, vocab) logits the largest tensor of a prefill). check_ids: refuse ids (and targets) outside the
-        vocabulary, which costs a device sync; False skips it (see below).
+        and its (B, T, vocab) logits the largest tensor of a prefill). check_ids: with idx, refuse ids (and targets)
+        outside the vocabulary, which costs a device sync; False skips it (see below). Given embeds, nothing of the
+        kind is checked here: DeepSeekVL.forward, which passes them, has checked its ids and targets already.
         """
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        if (idx is None) == (embeds is None):
+            raise ValueError("expected token ids (idx) or input embeddings (embeds), one of the two; got "
+                             + ("neither" if idx is None else "both"))
         if idx is not None:  # (DeepSeekVL.forward checks its ids itself, and passes embeds)
             # The range check reads a count back from the device: a training loop whose ids its own tokenizer made
             # (stage 0, bench.py's decoder step) passes check_ids=False to keep its steps free of syncs.
-            check_token_ids(idx, targets, pad_mask, self.cfg.vocab_size, check_range=check_ids)
+            check_token_ids(idx, targets, pad_mask, self.cfg.vocab_size, check_range=check_ids, doc_ids=doc_ids)
         x = self.embed_tokens(idx) if embeds is None else embeds  # (B, T, C)
         B, T, _ = x.shape
         self.check_length(T, cache)

@@ -133,11 +133,11 @@ class DeepSeekVL(nn.Module):
         targets, cache, pad_mask, doc_ids, reduction, last_only: as Llama.forward.
         check_inputs: check the ids, spans and pixels against each other and the vocabulary (below), which reads a few
             counts back from the device; train.py, whose batches its own data code made and checked, passes False to
-            keep its steps free of device syncs (STYLE: no read-back in the training hot path).
+            keep its steps free of device syncs (no read-back in the training hot path).
         Returns (logits (B, T, vocab), None) without targets, and (None, loss) with them: training never makes the
         full logits (Llama.forward).
         """
-        check_token_ids(ids, targets, pad_mask, self.cfg.llm.vocab_size, check_range=False)
+        check_token_ids(ids, targets, pad_mask, self.cfg.llm.vocab_size, check_range=False, doc_ids=doc_ids)
         if images is not None and image_embeds is not None:
             raise ValueError("give images or image_embeds, not both")
         given = images if images is not None else image_embeds

@@ -427,6 +427,7 @@ def test_prompt_longer_than_the_context_or_empty_is_refused(tiny, tok):
         generate(tiny, torch.tensor([1, 5, 6]), sampling=s)  # and a 1-D tensor as one prompt
     for kwargs, message in ((dict(prompts=[1, 5, 6]), r"prompts as a list of token-id lists \(one per prompt: "),
                             (dict(prompts=[[1, 5]], stop_ids=2), "stop_ids as a collection of token ids"),
+                            (dict(prompts=[[1, 5]], stop_ids=None), r"stop_ids .* \(\{eos_id\} for one\), got None"),
                             (dict(prompts=[[1, 5]], sampling={"max_new_tokens": 3}), "sampling=Sampling"),
                             (dict(prompts=[[1] + [3] * 36], images=[torch.rand(3, 256, 256)]), "images as one"),
                             (dict(prompts=[[1, 5]], n_words=1), "n_words .* above the image token's id 3 and at most "

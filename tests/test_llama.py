@@ -7,6 +7,7 @@ from transformers import LlamaConfig as HFLlamaConfig
 from transformers import LlamaForCausalLM
 
 from conftest import ATOL, max_diff, randomize_
+from nanovl import DeepSeekVL, get_config
 from nanovl.config import LlamaConfig
 from nanovl.llama import LinearCrossEntropy, Llama
 
@@ -357,6 +358,15 @@ def test_a_pad_mask_or_ids_of_the_wrong_kind_are_refused_not_broadcast():
         model(ids.bool())
     with pytest.raises(ValueError, match="expected integer targets .* got torch.bool"):
         model(ids, targets=ids.bool())
+    # doc_ids of another shape failed inside the mask's broadcast ("The size of tensor a (2) must match ...").
+    with pytest.raises(ValueError, match=r"expected doc_ids of the ids' shape \(2, 12\), got shape \(2, 11\)"):
+        model(ids, doc_ids=torch.zeros(2, 11, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"expected doc_ids of the ids' shape \(2, 12\), got shape \(2, 11\)"):
+        DeepSeekVL(get_config("tiny"))(ids % 200, doc_ids=torch.zeros(2, 11, dtype=torch.long))  # (through the VLM)
+    # Neither ids nor embeddings (or both) was a TypeError from the embedding lookup.
+    for kwargs, given in (({}, "neither"), ({"idx": ids, "embeds": torch.zeros(2, 12, CFG.dim)}, "both")):
+        with pytest.raises(ValueError, match=f"expected token ids \\(idx\\) or input embeddings .* got {given}$"):
+            model(**kwargs)
 
 def test_too_long_sequences_are_refused():
     ours = Llama(CFG)

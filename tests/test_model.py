@@ -180,7 +180,7 @@ def test_tiny_forward_backward_reaches_every_parameter():
 
 
 def test_a_training_step_unchecked_reads_nothing_back_from_the_device(tiny, monkeypatch):
-    # train.py passes check_inputs=False: its steps then queue their kernels without waiting for the device (STYLE).
+    # train.py passes check_inputs=False: its steps then queue their kernels without waiting for the device.
     # Read-backs (tolist, item, a tensor's truth value) are made to fail; the loss is the checked forward's.
     cfg, model = tiny
     ids, n = with_images(cfg, [[1, "I", 7, 8, 9] + [10] * 20, [4, 5, "I", 6, "I"]])
