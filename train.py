@@ -525,6 +525,20 @@ def lock_out_folder(out: str, hold: bool = True):
     return ""
 
 
+def check_out_path(out: str, stages: list):
+    """--out and its stage folders must be folders, or paths where folders can be made: said before the data is made
+    and the model built (minutes at the released sizes), where making the stage folder would find out."""
+    there = os.path.abspath(out)
+    while not os.path.exists(there) and os.path.dirname(there) != there:  # the nearest part of the path that exists
+        there = os.path.dirname(there)
+    if not os.path.isdir(there):
+        raise SystemExit(f"--out {out}: {there} is a file; expected a folder, or a path where one can be made")
+    for stage in stages:
+        folder = os.path.join(out, f"stage{stage}")
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise SystemExit(f"--out {out}: {folder} is a file; expected stage {stage}'s folder, or nothing there")
+
+
 def claim_out_folder(out: str, first: bool, world: int, hold: bool = True):
     """lock_out_folder on the first process (torchrun's, which holds the lock for all), its answer given to every
     process (first_failure), so that all stop together when another run holds the folder."""
@@ -1268,6 +1282,7 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
     if stages[0] == 0 and folder_kind(tc.data) == "llava":
         raise SystemExit(f"stage 0 trains on prepare_data.py's corpus (text, caption pairs, label maps), and --data "
                          f"{tc.data} is a LLaVA import: begin with --stage 1, or pass the import as --extra_data")
+    check_out_path(tc.out, stages)
     claim_out_folder(tc.out, rank == 0, world, hold=False)  # another run writing to it now?
     for stage in stages:  # every stage's settings and folder, before any trains (and before data is made)
         folder = os.path.join(tc.out, f"stage{stage}")

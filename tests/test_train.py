@@ -1696,8 +1696,13 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
         train.main(["--data", data, "--stage", "1", "--init_from", start_weights, "--out", str(tmp_path / "x"),
                     "--extra_data", str(extra)])
     (tmp_path / "a_file").write_text("notes")
-    with pytest.raises(SystemExit, match="--out .*a_file: cannot make the folder .*stage3 .Not a directory.; expected"):
-        train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "a_file")])
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "stage3").write_text("notes")  # (said before the data is made and the model built)
+    for out, message in ((tmp_path / "a_file", "a_file: .*a_file is a file; expected a folder, or a path where"),
+                         (tmp_path / "a_file" / "sub", "sub: .*a_file is a file; expected a folder, or a path where"),
+                         (tmp_path / "p", "p: .*p.stage3 is a file; expected stage 3's folder, or nothing there")):
+        with pytest.raises(SystemExit, match=f"--out .*{message}"):
+            train.main(["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(out)])
     with pytest.raises(SystemExit, match="--data .*a_file is a file: expected a folder made by prepare_data.py"):
         train.main(["--data", str(tmp_path / "a_file"), "--stage", "3", "--init_from", start_weights, "--out",
                     str(tmp_path / "y")])
