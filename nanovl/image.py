@@ -123,7 +123,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
       shows it; the official code gives the model the sensor's orientation, on its side, so for such a file the
       released model answers differently here than in its own repository;
     - 16-bit and 32-bit grey ("I;16", "I", "F") are rescaled to 8 bits first, where convert clips every value above
-      255 to white.
+      255 to white (a float image holding NaN or infinite values, which has no scale, is refused).
     Pillow's warnings are kept quiet here (they would reach the user as two lines of library source): that a palette
     with transparency should become RGBA (converted to RGB the alpha is dropped, as above) and that an EXIF block is
     damaged (its orientation is then unknown, and the image is taken as stored).
@@ -133,6 +133,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             a = np.asarray(img, dtype=np.float64)
+            bad = int(a.size - np.isfinite(a).sum())  # (a float image can hold NaN: its largest value is then NaN,
+            if bad:  # which chose the scale below wrongly and turned a picture in [0, 1] black, without a word)
+                raise ValueError(f"{bad} of its {a.size} pixels are NaN or infinite (a 32-bit float image); expected "
+                                 "finite values")
             top = 65535.0 if img.mode.startswith("I;16") or (a.size and a.max() > 255) else 255.0
             if img.mode == "F" and a.size and a.max() <= 1.0:
                 top = 1.0  # float images are usually in [0, 1]

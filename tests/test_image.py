@@ -155,6 +155,18 @@ def test_sixteen_bit_mid_grey_is_mid_grey():
     assert np.asarray(to_rgb(dark))[0, 0, 0] <= 1
 
 
+def test_a_float_image_with_nan_or_inf_is_refused_not_rescaled_black(tmp_path):
+    a = np.full((8, 8), 0.5, dtype=np.float32)
+    assert abs(int(np.asarray(to_rgb(Image.fromarray(a, mode="F")))[0, 0, 0]) - 128) <= 1  # in [0, 1]: mid-grey
+    for value in (np.nan, np.inf):  # one such pixel made the largest value NaN (all black) or inf (all white)
+        a[0, 0] = value
+        Image.fromarray(a, mode="F").save(tmp_path / "f.tif")
+        with pytest.raises(ValueError, match=r"cannot read image .*f\.tif.*: 1 of its 64 pixels are NaN or infinite"):
+            load_image(tmp_path / "f.tif")
+        with pytest.raises(ValueError, match="1 of its 64 pixels are NaN or infinite .*; expected finite values"):
+            ImageProcessor(image_size=16)(Image.fromarray(a, mode="F"))
+
+
 def test_exif_orientation_is_applied(tmp_path):
     img = Image.new("RGB", (40, 20), (0, 0, 255))
     img.paste((255, 0, 0), (0, 0, 20, 20))  # left half red
