@@ -275,6 +275,9 @@ def main(argv=None):
     empty = [i + 1 for i, p in enumerate(args.prompt) if not p.strip()]
     if empty and not (len(args.prompt) == 1 and args.image):  # (an image alone is a prompt: it gets its placeholder)
         raise SystemExit(f"--prompt {empty[0]} of {len(args.prompt)} is empty: expected some text")
+    if not args.prompt and sys.stdin is None:  # (closed: `<&-`, a service; input() then raised a RuntimeError)
+        raise SystemExit("the chat reads your messages from the standard input, which is closed: give one, or ask "
+                         "with --prompt TEXT")
     if IMAGE_TAG in args.system:
         raise SystemExit(f"--system holds {IMAGE_TAG}, but images go in messages (the system prompt has none)")
     n = len(args.prompt)

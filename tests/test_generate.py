@@ -889,6 +889,13 @@ def test_a_chat_line_that_is_not_utf8_is_named_and_the_chat_goes_on(stage_folder
 
 def test_sample_refuses_a_system_prompt_that_cannot_work_and_names_an_empty_prompt(stage_folder, tok, capsys,
                                                                                    monkeypatch):
+    with monkeypatch.context() as m:  # a closed standard input (`<&-`) is None: input() raised a RuntimeError
+        m.setattr(sys, "stdin", None)
+        with pytest.raises(SystemExit, match="the chat reads your messages from the standard input, which is closed"):
+            sample.main(["--ckpt", str(stage_folder)])
+        m.setattr(sample, "answer_prompts", lambda *a: print("answered"))  # --prompt needs no standard input
+        sample.main(["--ckpt", str(stage_folder), "--prompt", "hi"])
+        assert "answered" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=f"--system holds {IMAGE_TAG}, but images go in messages"):
         sample.main(["--ckpt", str(stage_folder), "--system", f"Look at {IMAGE_TAG}"])
     with pytest.raises(SystemExit, match=r"--system is \d+ tokens, and the context holds 512: no room for a message"):
