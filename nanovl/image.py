@@ -66,6 +66,8 @@ def load_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS) -> I
     except ValueError as e:  # PIL's: a NUL in the path, a bad header
         raise ValueError(f"cannot read image {path!r}: {e}") from None
     except Image.UnidentifiedImageError as e:  # not a format this Pillow reads: say which, when the bytes tell
+        if os.path.isfile(path) and os.path.getsize(path) == 0:  # (a download or a copy that failed)
+            raise ValueError(f"cannot read image {path}: the file is empty (0 bytes)") from None
         kind = unread_format(path)
         raise ValueError(f"cannot read image {path}: " + (f"{kind}, a format Pillow does not read; convert it to PNG "
                                                           "or JPEG" if kind else f"{e} (is it a corrupt, truncated "

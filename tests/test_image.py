@@ -220,6 +220,9 @@ def test_bad_files_get_an_error_naming_the_file(tmp_path):
     text.write_text("this is not an image")
     with pytest.raises(ValueError, match=f"cannot read image {text}"):
         ImageProcessor(image_size=32)(text)
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"cannot read image .*empty.png: the file is empty \(0 bytes\)$"):
+        load_image(tmp_path / "empty.png")
     # What a user is likely to give, named: a phone's HEIC photo, an SVG, a folder, a web address
     (tmp_path / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64))
     (tmp_path / "logo.svg").write_text('<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg"></svg>')
