@@ -121,6 +121,15 @@ def answer_prompts(args, prompts, model, tok, proc, sampling, pictures):
                            generation_prompt=True)[0] for p in prompts]
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    ctx = model.cfg.llm.max_seq_len
+    for i, x in enumerate(ids):  # (generate would say how long the longest is, not which prompt it is)
+        if len(x) >= ctx:
+            which = f" {i + 1} of {len(prompts)}" if len(prompts) > 1 else ""
+            n_img = prompts[i].count(IMAGE_TAG)
+            images = f" with its {n_img} image(s), {model.cfg.n_image_tokens} tokens each," if n_img else ""
+            raise SystemExit(f"--prompt{which} is {len(x)} tokens in the chat template{images} and the model's "
+                             f"context holds {ctx}: at least one token must fit after it; shorten it" +
+                             (" or give fewer images" if n_img else ""))
     stream = len(prompts) == 1  # a single prompt's answer is printed as it comes
     text = TextStream(tok, lambda piece: print(piece, end="", flush=True))
     try:
@@ -130,7 +139,6 @@ def answer_prompts(args, prompts, model, tok, proc, sampling, pictures):
         raise SystemExit(str(e)) from None
     # generate ends every answer where the context does (the longest prompt, left-padded, sets where): an answer
     # that got there without its end-of-sentence was cut, and says so, as the chat does.
-    ctx = model.cfg.llm.max_seq_len
     room = ctx - max(len(i) for i in ids) + 1  # (the last new token is never fed back, so it needs no slot)
     cut = [tok.eos_id not in out and len(out) == room < sampling.max_new_tokens for out in outs]
     note = f" (cut: the {'longest prompt of the batch' if len(prompts) > 1 else 'prompt'} and the answer fill the " \

@@ -906,6 +906,16 @@ def test_sample_refuses_a_system_prompt_that_cannot_work_and_names_an_empty_prom
         sample.main(["--ckpt", str(stage_folder), "--system", "red " * words])
     with pytest.raises(SystemExit, match="--prompt 2 of 3 is empty"):
         sample.main(["--ckpt", str(stage_folder), "--prompt", "hi", "--prompt", " ", "--prompt", "yo"])
+    # A prompt too long for the context is named among the batch's (generate's error gives the longest's length only)
+    cat = str(stage_folder / "cat.png")
+    for argv, message in ((["--prompt", "hi", "--prompt", "red " * 600], r"--prompt 2 of 2 is \d+ tokens in the chat "
+                           r"template and the model's context holds 512: at least one token must fit after it; "
+                           r"shorten it$"),
+                          (["--prompt", "red " * 600], r"--prompt is \d+ tokens in the chat template and"),
+                          (["--prompt", f"{IMAGE_TAG}{IMAGE_TAG}" + "red " * 200] + ["--image", cat] * 2,
+                           r"with its 2 image\(s\), 36 tokens each, and the .* shorten it or give fewer images$")):
+        with pytest.raises(SystemExit, match=message):
+            sample.main(["--ckpt", str(stage_folder)] + argv)
     # Arguments that are not UTF-8 (Python reads such bytes as lone surrogates): named before the model loads.
     latin1 = "caf\udce9"
     with pytest.raises(SystemExit, match=r"^--system is not UTF-8 text \(byte 0xe9 after 'caf'\): check the terminal"):
