@@ -633,12 +633,13 @@ def warn_if_edited(copy: Path, config: dict):
     """train.py writes the model config twice: inside model.pt, which is what loads, and as config.json beside it,
     for people to read. An edit to config.json would change nothing, silently; say so instead."""
     try:
-        written = json.loads(copy.read_text())
-    except (OSError, ValueError):  # none (a bare model.pt), or unreadable: there is nothing to compare
+        written = json.loads(copy.read_text(encoding="utf-8"))
+        what = "" if isinstance(written, dict) else "is not a JSON object"
+    except OSError:  # none (a bare model.pt), or unreadable: there is nothing to compare
         return
-    if not isinstance(written, dict):
-        what = "is not a JSON object"
-    else:
+    except (ValueError, RecursionError) as e:  # (an edit that broke it: said, as an edit that kept it valid is)
+        what = f"is not valid JSON ({e})"
+    if not what:
         diff = VLConfig.differences(config, written)
         if not diff:
             return

@@ -648,6 +648,9 @@ def test_an_edited_config_json_beside_model_pt_is_named_not_silently_ignored(sta
     (folder / "config.json").write_text("[]")
     with pytest.warns(UserWarning, match=r"config.json is not a JSON object\. model.pt's config is the one"):
         load_model(folder)
+    (folder / "config.json").write_text('{"llm": {"max_seq_len": 1024,}}')  # an edit that broke it: said too
+    with pytest.warns(UserWarning, match=r"config.json is not valid JSON \(Expecting property name .*\)\. model.pt's"):
+        load_model(folder)
 
 
 def test_interactive_chat_takes_the_system_prompt(stage_folder, monkeypatch, capsys):
