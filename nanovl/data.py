@@ -100,12 +100,23 @@ def read_jsonl(path: str, origin: bool = False) -> List[dict]:
             except (json.JSONDecodeError, RecursionError) as e:
                 raise ValueError(f"{path}, line {n}: not valid JSON: {json_error(e, lines=False)}{cr_only(line)}"
                                  ) from None
+            if SURROGATE_ESCAPE.search(line):  # (only an escape can spell one: the file itself is UTF-8)
+                try:
+                    json.dumps(row, ensure_ascii=False).encode("utf-8")  # (a pair spells one character: it passes)
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"{path}, line {n}: a string holds half of a character ("
+                                     f"{e.object[e.start:e.end]!r}, a lone surrogate written as a JSON escape: text "
+                                     "cut in the middle of an emoji?); expected text that UTF-8 can hold") from None
             if origin:
                 if not isinstance(row, dict):
                     raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
                 row["_where"] = f"{path}, line {n}"
             rows.append(row)
     return rows
+
+
+# A JSON escape of a UTF-16 surrogate, "\ud800" to "\udfff": half of a character unless its pair follows
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
 LEFTOVER = re.compile(r".*\.tmp\d+")  # the temporary file of a write_jsonl (FILE.tmpPID) whose process was killed

@@ -431,6 +431,15 @@ def test_held_out_text_refuses_blank_rows_and_reads_an_empty_file_as_no_text(tmp
         evaluate.held_out_text(str(tmp_path))
     path.write_text("\n")
     assert evaluate.held_out_text(str(tmp_path)) is None  # no text to score: no bits per byte, rather than 0
+    # Half of a character, as a JSON escape (a tool cut an emoji in two): refused as the file is read, where it had
+    # passed these checks and stopped the run with a traceback at its evaluation, after training (any JSON-lines
+    # file: the questions, the training rows). A whole pair, and an escaped backslash before "u", are text.
+    path.write_text('{"text": "a \\ud83d\\ude00 b"}\n{"text": "C:\\\\udf8 c"}\n{"text": "x \\ud800 y"}\n')
+    with pytest.raises(ValueError, match=r"eval_text.jsonl, line 3: a string holds half of a character \('\\ud800', a "
+                                         "lone surrogate written as a JSON escape"):
+        evaluate.held_out_text(str(tmp_path))
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))
+    assert [r["text"] for r in evaluate.held_out_text(str(tmp_path))] == ["a \U0001f600 b", "C:\\udf8 c"]
 
 
 def test_an_evaluation_leaves_the_model_in_the_mode_it_found_and_its_table_lists_categories_alone():
