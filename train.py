@@ -1456,6 +1456,8 @@ def writing(path: str):
     except (OSError, RuntimeError) as e:
         if dead_worker(e):  # reported wherever the run is: it may be here, and is no failed write
             raise
+        if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C or a SIGTERM (Terminated) while torch.save wrote:
+            raise e.__context__ from None  # its writer turns that into "unexpected pos": a stop, not a failed write
         reason = getattr(e, "strerror", None) or str(e)
         if not isinstance(e, OSError):  # torch.save's own words for a full disk ("unexpected pos 4190016 vs ...")
             with contextlib.suppress(OSError):

@@ -5,6 +5,7 @@ import dataclasses
 import errno
 import fcntl
 import glob
+import io
 import json
 import math
 import os
@@ -1376,6 +1377,22 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(train.WriteFailed, match=r"cannot write .*ckpt.pt: .*unexpected pos 4190016 vs 4189904 "
                                                 r"\(\d+ MB free there\)"):
         train.atomic_save({"step": 3}, path)
+    assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.load(path, weights_only=True) == {"step": 1}
+    # Ctrl-C or a SIGTERM while torch.save writes the file itself: its writer catches the interrupt and raises the
+    # disk-full error above in its place, which was said as a failed write (with the free space); it is the stop.
+    monkeypatch.undo()
+    stopped = iter([None, train.Terminated()])
+
+    class Stops(io.FileIO):
+        def write(self, b):  # (the SIGTERM handler raises between bytecodes: here, in the write torch.save calls)
+            if (stop := next(stopped, None)) is not None:
+                raise stop
+            return super().write(b)
+
+    monkeypatch.setattr("builtins.open", lambda name, mode="r", *a, **k: Stops(name, mode.replace("b", "")))
+    with pytest.raises(train.Terminated):
+        train.atomic_save({"step": 4, "w": torch.zeros(100)}, path)
+    monkeypatch.undo()
     assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.load(path, weights_only=True) == {"step": 1}
 
 
