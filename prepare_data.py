@@ -55,8 +55,8 @@ try:  # Ctrl-C while torch loads (a second or more, nanovl imports it): a line, 
 
     from nanovl.chat import IMAGE_TAG, prompt_string, render_chat, render_document, show
     from nanovl.config import FROM_SCRATCH, PRESETS, get_config
-    from nanovl.data import (LEFTOVER, building, ctrl_c_ignored, default_folder, folder_kind, quiet_worker, read_jsonl,
-                             read_text, write_jsonl)
+    from nanovl.data import (LEFTOVER, Terminated, building, ctrl_c_ignored, default_folder, folder_kind, quiet_worker,
+                             read_jsonl, read_text, sigterm_stops, write_jsonl)
     from nanovl.llava import import_llava
     from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
     from nanovl.tokenizer import Tokenizer
@@ -430,15 +430,15 @@ def main(argv=None):
             # (stripped: a link named with a trailing slash, "link/", is not a link to os.path.islink)
             out = os.path.realpath(out)
         try:
-            with building(out):  # (one build of a folder at a time)
+            with sigterm_stops(), building(out):  # (one build of a folder at a time)
                 report = import_llava(args.llava, args.images, out, workers=max(1, args.workers),
                                       as_captions=args.captions)
         except ValueError as e:
             raise SystemExit(str(e)) from None
         except OSError as e:  # (the lock beside --out, in a folder that cannot be written)
             raise SystemExit(f"cannot write {e.filename or out}: {e.strerror or e}") from None
-        except KeyboardInterrupt:  # Ctrl-C: a line instead of a traceback
-            raise SystemExit(f"\ninterrupted: {out} is as it was (an import is written aside "
+        except KeyboardInterrupt as e:  # Ctrl-C or a SIGTERM: a line instead of a traceback
+            raise SystemExit(f"\n{stopped(e)}: {out} is as it was (an import is written aside "
                              "and swapped in only when whole)") from None
         print(report)
         return
@@ -485,13 +485,17 @@ def main(argv=None):
                     "document has no image: remove or reword it")
         args.user_text.append((f, text))
     try:
-        with building(args.out):  # one build of a folder at a time: a second waits, then finds what the first made
-            prepare(args)
+        with sigterm_stops(), building(args.out):  # one build of a folder at a time: a second waits, then finds what
+            prepare(args)  # the first made
     except OSError as e:  # --out in a folder that cannot be written, or a full disk
         raise SystemExit(f"cannot write {e.filename or args.out}: {e.strerror or e}") from None
-    except KeyboardInterrupt:  # Ctrl-C: a line instead of a traceback
-        raise SystemExit(f"\ninterrupted: {args.out} is as it was (the new data was being built aside, in "
+    except KeyboardInterrupt as e:  # Ctrl-C or a SIGTERM: a line instead of a traceback
+        raise SystemExit(f"\n{stopped(e)}: {args.out} is as it was (the new data was being built aside, in "
                          f"{args.out.rstrip('/')}.partial, which the next run starts again)") from None
+
+
+def stopped(e: KeyboardInterrupt) -> str:
+    return "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
 
 
 if __name__ == "__main__":

@@ -37,10 +37,8 @@ import os
 import random
 import secrets
 import shutil
-import signal
 import socket
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -57,8 +55,8 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
     from nanovl.checkpoint import (check_device, check_finite, check_tokenizer_fits, check_weights, init_from_parts,
                                    is_released_folder, load_model, load_plain, nanovl_state)
     from nanovl.config import FROM_SCRATCH
-    from nanovl.data import (PackedBatches, PlannedBatches, Source, default_folder, folder_kind, folder_stamp,
-                             plan_batches, read_jsonl, write_jsonl)
+    from nanovl.data import (PackedBatches, PlannedBatches, Source, Terminated, default_folder, folder_kind,
+                             folder_stamp, plan_batches, read_jsonl, sigterm_stops, write_jsonl)
     from nanovl.evaluate import MC_FILES, check_fits, evaluate, format_table, held_out, held_out_text
     from nanovl.image import CachedProcessor, ImageProcessor
     from nanovl.stage0 import N_SEG_CLASSES, STAGE0_ROW, Stage0Batches, Stage0Heads, Stage0Model, plan_distinct
@@ -1296,38 +1294,33 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
     first = os.path.join(tc.out, f"stage{stages[0]}")
     if stages[0] > 0 and not (tc.resume and (os.path.exists(os.path.join(first, "ckpt.pt")) or is_finished(first))):
         check_start(stages[0], tc, cfg)  # before any data is made, which takes minutes at the released sizes
-    if rebuild:
-        if rank == 0:
-            import prepare_data
-            print(f"{tc.data}: {rebuild[0]}: running prepare_data.py {' '.join(rebuild[1])} first")
-            prepare_data.main(rebuild[1])
-        if world > 1:
-            dist.barrier()
-    t0 = time.time()
-    # SIGTERM ends the run as Ctrl-C does (Terminated), unless whatever started us set a handler of its own or
-    # ignores it; only the main thread may set one.
-    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    if ours:
-        signal.signal(signal.SIGTERM, stop_on_sigterm)
-    try:
-        for k, stage in enumerate(stages):
-            # --init_from is where the run's first stage starts; each later one starts from the stage before it.
-            try:
-                run_stage(stage, tc if k == 0 else dataclasses.replace(tc, init_from=""), cfg, rank, world, device)
-            except (KeyboardInterrupt, WriteFailed, RuntimeError) as e:  # a line instead of a traceback:
-                if isinstance(e, RuntimeError) and not dead_worker(e):  # (a bug: its traceback)
-                    raise
-                let_go_of_workers(e)
-                if rank > 0 and isinstance(e, KeyboardInterrupt):  # (which reaches every process under torchrun:
-                    raise SystemExit(1) from None  # the first says it, for all; a dead worker each says for itself)
-                ckpt = os.path.join(tc.out, f"stage{stage}", "ckpt.pt")  # (whole: atomic_save)
-                raise SystemExit(f"\nstage {stage}: {stopped_why(e)}. " + (
-                    f"Its last checkpoint, {ckpt}, is kept: run the same command with --resume to go on from it"
-                    if os.path.isfile(ckpt) else "No checkpoint of it was written yet")) from None
-    finally:
-        unlock_out_folders()
-        if ours:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # SIGTERM ends the run as Ctrl-C does (Terminated), from here on: while data is made too.
+    with sigterm_stops():
+        if rebuild:
+            if rank == 0:
+                import prepare_data
+                print(f"{tc.data}: {rebuild[0]}: running prepare_data.py {' '.join(rebuild[1])} first")
+                prepare_data.main(rebuild[1])
+            if world > 1:
+                dist.barrier()
+        t0 = time.time()
+        try:
+            for k, stage in enumerate(stages):
+                # --init_from is where the run's first stage starts; each later one starts from the stage before it.
+                try:
+                    run_stage(stage, tc if k == 0 else dataclasses.replace(tc, init_from=""), cfg, rank, world, device)
+                except (KeyboardInterrupt, WriteFailed, RuntimeError) as e:  # a line instead of a traceback:
+                    if isinstance(e, RuntimeError) and not dead_worker(e):  # (a bug: its traceback)
+                        raise
+                    let_go_of_workers(e)
+                    if rank > 0 and isinstance(e, KeyboardInterrupt):  # (which reaches every process under torchrun:
+                        raise SystemExit(1) from None  # the first says it, for all; a dead worker each says for itself)
+                    ckpt = os.path.join(tc.out, f"stage{stage}", "ckpt.pt")  # (whole: atomic_save)
+                    raise SystemExit(f"\nstage {stage}: {stopped_why(e)}. " + (
+                        f"Its last checkpoint, {ckpt}, is kept: run the same command with --resume to go on from it"
+                        if os.path.isfile(ckpt) else "No checkpoint of it was written yet")) from None
+        finally:
+            unlock_out_folders()
     if rank == 0:
         print(f"done: stages {stages} in {time.time() - t0:.0f}s")
     if world > 1:
@@ -1391,19 +1384,6 @@ def remove_stale_temporaries(folder: str):
                 os.remove(tmp)
         except (ValueError, PermissionError):  # not one of ours, or another user's live process
             pass
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM: what kill sends by default, a cluster taking its machines back, torchrun stopping the other processes
-    when one fails. Raised in the main process (stop_on_sigterm), it ends the run as Ctrl-C does: a checkpoint being
-    written is abandoned (atomic_save removes its temporary file), and the last whole one is kept for --resume. A
-    KeyboardInterrupt, so that a forked DataLoader worker, which a signal to the process group reaches too, exits
-    quietly. Python runs the handler between bytecodes: a process blocked in a collective that waits for one that
-    failed gets it only when the collective returns, or is killed by torchrun after its grace period."""
-
-
-def stop_on_sigterm(signum, frame):
-    raise Terminated()
 
 
 def dead_worker(e: BaseException) -> bool:

@@ -139,6 +139,36 @@ def write_jsonl(path: str, rows: Sequence[dict]) -> None:
     os.replace(tmp, path)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: what kill sends by default, a cluster taking its machines back, torchrun stopping the other processes
+    when one fails. Raised in the main process (sigterm_stops), it ends a run as Ctrl-C does: in train.py a checkpoint
+    being written is abandoned (atomic_save removes its temporary file), and the last whole one is kept for --resume;
+    a corpus being built is left aside, as it was. A KeyboardInterrupt, so that a forked DataLoader worker, which a
+    signal to the process group reaches too, exits quietly. Python runs the handler between bytecodes: a process
+    blocked in a collective that waits for one that failed gets it only when the collective returns, or is killed by
+    torchrun after its grace period."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_stops():
+    """While it runs, SIGTERM raises Terminated, unless whatever started us set a handler of its own or ignores it
+    (or a sigterm_stops outside this one did: that one restores it). Left to its default, a SIGTERM killed a run
+    without a word, and the pool workers that made a corpus printed a traceback each as their parent vanished. Only
+    the main thread may set a handler: called from another, nothing changes."""
+    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if ours:
+        signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        if ours:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def ctrl_c_ignored():
     """Ctrl-C ignored for the moment of a swap of folders (prepare_data.py's corpus, an export), so that it always
@@ -540,8 +570,10 @@ def image_error(path: str) -> Optional[str]:
 
 def quiet_worker():
     """A pool worker's initializer: Ctrl-C reaches every process of the terminal, and the parent alone answers it
-    (with a line, not one traceback per worker); leaving the pool's `with` stops the workers."""
+    (with a line, not one traceback per worker); leaving the pool's `with` stops the workers, with a SIGTERM, which
+    ends each at once (its default, not the parent's Terminated: sigterm_stops)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def check_images(paths: Sequence[str], workers: int = 1) -> Dict[str, Optional[str]]:

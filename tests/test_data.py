@@ -10,7 +10,10 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -406,6 +409,27 @@ def test_a_build_that_cannot_be_written_leaves_no_partial_folder(data_dir, user_
         prepare_data.main(["--out", str(out), "--n", "1", "--workers", "1", "--text", user_text])
     assert sorted(os.listdir(tmp_path)) == ["data"]  # no data.partial holding the images on the full disk
     assert folder_digest(out) == folder_digest(data_dir)
+
+
+def test_a_sigterm_while_the_images_are_drawn_ends_the_build_in_one_line(tmp_path):
+    # `kill PID` (SIGTERM, to the parent alone): left to its default, it killed the build without a word, and each
+    # pool worker, its parent gone, printed a BrokenPipeError's traceback. It is now a stop, as Ctrl-C is.
+    log = tmp_path / "log"
+    with open(log, "wb") as f:
+        build = subprocess.Popen([sys.executable, "prepare_data.py", "--out", str(tmp_path / "d"), "--workers", "2"],
+                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdout=f,
+                                 stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while b"images:" not in log.read_bytes() and build.poll() is None and time.time() < deadline:
+        time.sleep(0.05)  # (tqdm's bar: the workers are drawing)
+    time.sleep(0.3)
+    build.send_signal(signal.SIGTERM)
+    assert build.wait(60) == 1
+    time.sleep(0.5)  # (time for any worker left behind to say something)
+    out = log.read_text()
+    assert out.rstrip().endswith(f"stopped by SIGTERM: {tmp_path / 'd'} is as it was (the new data was being built "
+                                 f"aside, in {tmp_path / 'd'}.partial, which the next run starts again)"), out[-500:]
+    assert "Traceback" not in out and not os.path.exists(tmp_path / "d")
 
 
 def test_your_own_text_files_are_checked_and_all_trained_on(data_dir, tmp_path, capsys):
