@@ -1290,6 +1290,18 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
         saved = saved_config(folder) if tc.resume else None  # (made for another model, it is said now, not after
         if saved is not None:  # making this model's data, which takes minutes at the released sizes)
             check_same_config(saved, cfg, folder)
+    # A resumed stage goes on only from the weights it began from (resumable_state): one whose stage before has lost
+    # its files (the folder removed) would be refused only after that stage had trained again. Said now instead.
+    for before, stage in zip(stages, stages[1:]):
+        held = {s: [f for f in ("ckpt.pt", "model.pt") if os.path.exists(os.path.join(tc.out, f"stage{s}", f))]
+                for s in (before, stage)}
+        if tc.resume and held[stage] and not held[before]:
+            raise SystemExit(f"{os.path.join(tc.out, f'stage{stage}')} holds an earlier run's "
+                             f"{' and '.join(held[stage])}, which began from stage {before}'s weights, but "
+                             f"{os.path.join(tc.out, f'stage{before}')} holds neither its checkpoint nor its weights: "
+                             f"this run would train stage {before} again, then refuse to go on from the new weights. "
+                             f"Put stage {before}'s files back, or remove stage {stage}'s folder (and those after it) "
+                             "to train them again")
     rebuild = data_to_prepare(tc.data, cfg.name)
     first = os.path.join(tc.out, f"stage{stages[0]}")
     if stages[0] > 0 and not (tc.resume and (os.path.exists(os.path.join(first, "ckpt.pt")) or is_finished(first))):

@@ -1322,6 +1322,12 @@ def test_a_later_stage_is_not_resumed_on_top_of_an_earlier_stage_trained_again(d
     train.main(common + ["--stage", "3"])  # from o/stage2/model.pt
     train.main(common + ["--stage", "3", "--resume"])  # nothing changed: finished
     shutil.rmtree(out / "stage2")
+    # Resumed from the start, the run would train stages 0-2 again, and only then refuse stage 3: said first
+    with pytest.raises(SystemExit, match=r"stage3 holds an earlier run's ckpt.pt and model.pt, which began from stage "
+                                         r"2's weights, but .*stage2 holds neither its checkpoint nor its weights: "
+                                         "this run would train stage 2 again, then refuse"):
+        train.main(common + ["--stage", "all", "--resume"])
+    assert sorted(os.listdir(out)) == [".lock", "stage3"]  # nothing trained, nothing made
     train.main(stage2)  # stage 2 again: the same settings, a new model.pt
     with pytest.raises(SystemExit, match=r"stage3.ckpt.pt continues a stage that began from other weights than "
                                          r".*stage2.model.pt holds now \(trained again since\?\): remove .*stage3 to "
