@@ -847,6 +847,10 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     if stage > 0 and not resume:
         check_start(stage, tc, cfg)
     sources = [out_dir] if resume else init if stage > 0 else []
+    saved_tok = os.path.join(out_dir, "tokenizer.json")  # (written as the stage began: the one it trains with)
+    if resume and not tc.tokenizer and not os.path.isfile(saved_tok):  # (else the data's, which may be another)
+        raise SystemExit(f"{saved_tok}, written when stage {stage} began, is gone: pass --tokenizer PATH, the one the "
+                         "stage trained with, to resume it (it is written back there)")
     tok = stage_tokenizer(tc, cfg, sources)
     # The tokenizer the stage would read without --tokenizer: beside its weights, else the data's. Beside a stage's
     # or a released model's weights, it is the one they were trained with (beside a vision part, it could be any).
@@ -911,8 +915,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                          ) from None
     if master and not os.access(out_dir, os.W_OK):  # (resumed, the first save would find out, steps later)
         raise SystemExit(f"--out {tc.out}: cannot write to {out_dir} (read-only?)")
-    if master and not resume:
-        atomic_save(tok.to_json(), os.path.join(out_dir, "tokenizer.json"))  # the folder is all sample.py needs
+    if master and not (resume and os.path.isfile(saved_tok)):
+        atomic_save(tok.to_json(), saved_tok)  # the folder is all sample.py needs
     # This training of the stage, named at its start and kept through resumes: its model.pt carries the name, and the
     # stages after it record which one they began from (weights_id).
     start, metrics, run_id, lr_was, evaluated = 0, [], secrets.token_hex(8), None, 0

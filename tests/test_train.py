@@ -1017,6 +1017,17 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
     assert "stage 3: already finished" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"other training settings:\n  --seed: checkpoint 1337 vs now 3"):
         train.main(common + ["--resume", "--seed", "3"])  # finished, but by another run than this one asks for
+    # Killed after its last step, before its final weights: the resume writes them. Without the folder's tokenizer,
+    # it had fallen back on the data's without a word (the one the stage trained with, or not); now it asks which.
+    (folder / "model.pt").rename(tmp_path / "model.pt")
+    (folder / "eval.json").rename(tmp_path / "eval.json")
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(SystemExit, match=r"stage3.tokenizer.json, written when stage 3 began, is gone: pass "
+                                         r"--tokenizer PATH, the one the stage trained with, to resume it"):
+        train.main(common + ["--resume"])
+    train.main(common + ["--resume", "--tokenizer", os.path.join(data, "tokenizer.json")])
+    assert files() == before  # the same final weights, and the tokenizer written back
+    capsys.readouterr()
     (folder / "ckpt.pt").unlink()  # a finished stage's training state, deleted to save space: still finished
     train.main(common + ["--resume"])
     assert "stage 3: already finished" in capsys.readouterr().out
