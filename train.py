@@ -489,12 +489,14 @@ def lock_out_folder(out: str, hold: bool = True):
     process ends, however it ends: a killed run leaves nothing to clean up. Where the folder cannot be written (the
     stage folder's own check says so) or the system has no such locks (Windows; some network file systems), nothing
     is held. -> why the run must stop: another run holds the lock ("" when it may go on)."""
-    if out in OUT_LOCKS or not (hold or os.path.isfile(os.path.join(out, ".lock"))):
+    if out in OUT_LOCKS or not (hold or os.path.exists(os.path.join(out, ".lock"))):
         return ""
     try:
         import fcntl
         os.makedirs(out, exist_ok=True)
         f = open(os.path.join(out, ".lock"), "a+")
+    except IsADirectoryError:  # (passed over, two runs into the folder would both go on)
+        return f"{os.path.join(out, '.lock')} is a folder, where runs into {out} keep their lock file: remove it"
     except (ImportError, OSError):
         return ""
     for attempt in range(10):  # (another run's look before its checks holds the lock for an instant: wait it out)

@@ -1234,6 +1234,13 @@ def test_a_second_run_into_the_same_out_folder_is_refused_while_the_first_holds_
         train.main(common + ["--resume"])
     shutil.rmtree(out / "stage3")
     held.close()  # the first run ended (killed or not, the system lets go of its lock)
+    os.rename(out / ".lock", tmp_path / "lock")  # a folder where the lock goes: passed over, two runs both went on
+    (out / ".lock").mkdir()
+    with pytest.raises(SystemExit, match=r"o.\.lock is a folder, where runs into .*o keep their lock file: remove it$"):
+        train.main(common)
+    assert os.listdir(out) == [".lock"]  # nothing else made
+    (out / ".lock").rmdir()
+    os.rename(tmp_path / "lock", out / ".lock")
     train.main(common)
     assert (out / "stage3" / "model.pt").exists() and not train.OUT_LOCKS  # let go when the run ended
     assert open(out / ".lock").read() == f"{socket.gethostname()} {os.getpid()}\n"
