@@ -715,7 +715,9 @@ def stage_batches(stage: int, tc: TrainConfig, hp: dict, cfg: VLConfig, tok, pro
             for row in rows0:
                 if not (isinstance(row.get("image"), str) and isinstance(row.get("caption"), str)
                         and row["caption"].strip() and isinstance(row.get("seg") or "", str)):
-                    raise ValueError(f"{row['_where']}: a stage-0 row is {STAGE0_ROW}")
+                    given = {k: v for k, v in row.items() if not k.startswith("_")}  # (not where it was read)
+                    raise ValueError(f"{row['_where']}: a stage-0 row is {STAGE0_ROW}; got "
+                                     f"{json.dumps(given, ensure_ascii=False)[:200]}")
             scenes = [r for r in rows0 if r.get("seg")] if cfg.hybrid else []
             # The contrastive pairs and SAM's scenes are planned as one-stream plans (the stream's name, "language",
             # is only plan_batches' label for it), and Stage0Batches slices them per process and micro-batch as it
