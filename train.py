@@ -1164,20 +1164,16 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
 
 
 def check_init_preset(init_from: str, cfg: VLConfig, stage: int = 0):
-    """Stop before any data is made when --init_from is a nanovl checkpoint of another preset: its stage folder's
-    config.json names it (the weights themselves are checked field by field when they load, minutes later). stage:
-    given for the stage before's weights in --out, which a stage starts from without --init_from."""
+    """Stop before any data is made when --init_from is a nanovl checkpoint of another preset: the config inside it
+    names it (the weights themselves are checked field by field when they load, minutes later). stage: given for the
+    stage before's weights in --out, which a stage starts from without --init_from."""
     if not init_from or "," in init_from or not is_nanovl_checkpoint(init_from):
         return  # nothing to start from, or pretrained parts
-    folder = init_from if os.path.isdir(init_from) else os.path.dirname(init_from)
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            theirs = json.load(f).get("name")
-    except (OSError, ValueError, AttributeError):
-        return  # none, or unreadable: loading the weights names what is wrong
+    path = os.path.join(init_from, "model.pt") if os.path.isdir(init_from) else init_from
+    theirs = (config_inside(path) or {}).get("name")  # (none, or unreadable: loading the weights says what is wrong)
     if theirs and theirs != cfg.name:
         raise SystemExit((f"{init_from}, where stage {stage} starts," if stage else f"--init_from {init_from}") +
-                         f" holds a {theirs!r} model ({os.path.join(folder, 'config.json')}), but this run builds "
+                         f" holds a {theirs!r} model ({path}), but this run builds "
                          f"{cfg.name!r}: pass --config {theirs}, or start from a {cfg.name!r} checkpoint" +
                          (" (--init_from, or another --out)" if stage else ""))
 
@@ -1503,18 +1499,19 @@ def load_weights(path: str, cfg: VLConfig) -> dict:
 
 
 def saved_config(folder: str):
-    """The model config a stage folder was trained with: its config.json once finished, else its ckpt.pt's, read
-    memory-mapped, without loading the tensors. None when there is none, or it cannot be read so (loading the
-    checkpoint in full later says why)."""
+    """The model config a stage folder was trained with: its model.pt's once finished, else its ckpt.pt's."""
+    return config_inside(os.path.join(folder, "model.pt" if is_finished(folder) else "ckpt.pt"))
+
+
+def config_inside(path: str):
+    """The model config held in a model.pt or ckpt.pt, read memory-mapped, without loading the tensors (not the
+    config.json beside it, a copy for reading, which an edit would make say what the weights are not). None when
+    there is none, or it cannot be read so (loading the file in full later says why)."""
     try:
-        if is_finished(folder):
-            with open(os.path.join(folder, "config.json")) as f:
-                saved = json.load(f)
-        else:
-            state = torch.load(os.path.join(folder, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
-            saved = state.get("config") if isinstance(state, dict) else None
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # (whatever is wrong with the file, its full load says it, with the checks made for that)
         return None
+    saved = state.get("config") if isinstance(state, dict) else None
     return saved if isinstance(saved, dict) else None
 
 

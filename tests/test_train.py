@@ -1029,6 +1029,11 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
     train.main(common + ["--resume", "--tokenizer", os.path.join(data, "tokenizer.json")])
     assert files() == before  # the same final weights, and the tokenizer written back
     capsys.readouterr()
+    edited = json.loads((folder / "config.json").read_text())  # the copy for reading, edited: the weights are not
+    edited["llm"]["n_layers"] += 3
+    (folder / "config.json").write_text(json.dumps(edited))
+    train.main(common + ["--resume"])  # (it was refused as "trained with another model config", the weights' own)
+    assert "stage 3: already finished" in capsys.readouterr().out
     (folder / "ckpt.pt").unlink()  # a finished stage's training state, deleted to save space: still finished
     train.main(common + ["--resume"])
     assert "stage 3: already finished" in capsys.readouterr().out
@@ -1697,8 +1702,7 @@ def test_bad_starts_get_clear_errors(data, start_weights, tmp_path):
         train.main(["--data", data, "--llm.layers=2"])
     stage = tmp_path / "stage2"  # a tiny stage folder given to a small run: named before any data is made
     stage.mkdir()
-    (stage / "model.pt").write_bytes(open(start_weights, "rb").read())
-    (stage / "config.json").write_text(get_config("tiny").to_json())
+    (stage / "model.pt").write_bytes(open(start_weights, "rb").read())  # (the config inside it names the preset)
     with pytest.raises(SystemExit, match="stage2 holds a 'tiny' model .*, but this run builds 'small': pass --config "
                                          "tiny"):
         train.main(["--config", "small", "--stage", "3", "--init_from", str(stage), "--data", str(tmp_path / "none"),
