@@ -100,13 +100,8 @@ def read_jsonl(path: str, origin: bool = False) -> List[dict]:
             except (json.JSONDecodeError, RecursionError) as e:
                 raise ValueError(f"{path}, line {n}: not valid JSON: {json_error(e, lines=False)}{cr_only(line)}"
                                  ) from None
-            if SURROGATE_ESCAPE.search(line):  # (only an escape can spell one: the file itself is UTF-8)
-                try:
-                    json.dumps(row, ensure_ascii=False).encode("utf-8")  # (a pair spells one character: it passes)
-                except UnicodeEncodeError as e:
-                    raise ValueError(f"{path}, line {n}: a string holds half of a character ("
-                                     f"{e.object[e.start:e.end]!r}, a lone surrogate written as a JSON escape: text "
-                                     "cut in the middle of an emoji?); expected text that UTF-8 can hold") from None
+            if SURROGATE_ESCAPE.search(line) and (bad := half_character(row)):  # (the file itself is UTF-8: only
+                raise ValueError(f"{path}, line {n}: {bad}")  # an escape can spell one; a pair spells a character)
             if origin:
                 if not isinstance(row, dict):
                     raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
@@ -117,6 +112,17 @@ def read_jsonl(path: str, origin: bool = False) -> List[dict]:
 
 # A JSON escape of a UTF-16 surrogate, "\ud800" to "\udfff": half of a character unless its pair follows
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+def half_character(row) -> str:
+    """What is wrong when some string in row cannot be written as UTF-8, else "". JSON can spell half of a character
+    (a lone surrogate such as "\\ud83d", left where a tool cut an emoji in two), which no UTF-8 file can hold."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"the text holds half of a character ({e.object[e.start:e.end]!r}, a lone surrogate: text cut in the "
+                "middle of an emoji?)")
+    return ""
 
 
 LEFTOVER = re.compile(r".*\.tmp\d+")  # the temporary file of a write_jsonl (FILE.tmpPID) whose process was killed

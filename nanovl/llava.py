@@ -25,7 +25,8 @@ import shutil
 from typing import Callable, List, Tuple
 
 from nanovl.chat import IMAGE_TAG, check_conversation
-from nanovl.data import LEFTOVER, check_images, cr_only, folder_kind, image_error, json_error, read_text, write_jsonl
+from nanovl.data import (LEFTOVER, check_images, cr_only, folder_kind, half_character, image_error, json_error,
+                         read_text, write_jsonl)
 
 
 class BrokenFile(ValueError):
@@ -200,13 +201,9 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_capti
 
 
 def checked_text(row: dict) -> dict:
-    """row, or ValueError if some string in it cannot be written as UTF-8. JSON can spell half of a character (a
-    lone surrogate such as "\\ud83d", left where a tool cut an emoji in two), which no UTF-8 file can hold."""
-    try:
-        json.dumps(row, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"the text holds half of a character ({e.object[e.start:e.end]!r}, a lone surrogate: "
-                         "text cut in the middle of an emoji?)") from None
+    """row, or ValueError if some string in it cannot be written as UTF-8 (half_character)."""
+    if bad := half_character(row):
+        raise ValueError(bad)
     return row
 
 

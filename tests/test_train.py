@@ -436,8 +436,8 @@ def test_held_out_text_refuses_blank_rows_and_reads_an_empty_file_as_no_text(tmp
     # passed these checks and stopped the run with a traceback at its evaluation, after training (any JSON-lines
     # file: the questions, the training rows). A whole pair, and an escaped backslash before "u", are text.
     path.write_text('{"text": "a \\ud83d\\ude00 b"}\n{"text": "C:\\\\udf8 c"}\n{"text": "x \\ud800 y"}\n')
-    with pytest.raises(ValueError, match=r"eval_text.jsonl, line 3: a string holds half of a character \('\\ud800', a "
-                                         "lone surrogate written as a JSON escape"):
+    with pytest.raises(ValueError, match=r"eval_text.jsonl, line 3: the text holds half of a character \('\\ud800', a "
+                                         "lone surrogate: text cut in the middle of an emoji"):
         evaluate.held_out_text(str(tmp_path))
     path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))
     assert [r["text"] for r in evaluate.held_out_text(str(tmp_path))] == ["a \U0001f600 b", "C:\\udf8 c"]
@@ -553,7 +553,7 @@ def test_stage0_rows_are_checked_before_training_and_a_bad_label_map_is_named_by
     args = ["--data", str(copy), "--stage", "0", "--steps", "2", "--batch_size", "4"] + FAST
     (copy / "stage0.jsonl").write_text("\n".join(rows[:2] + [rows[2].replace('"caption"', '"title"')] + rows[3:]))
     with pytest.raises(SystemExit, match=r"stage0.jsonl, line 3: a stage-0 row is \{\"image\": path, \"caption\".*"
-                                         r"; got \{.*\"title\": \"[^\"]+\", \"seg\": \"images/[^\"]+\"\}$"):  # (what was given too)
+                                         r"; got \{.*\"title\": \"[^\"]+\", \"seg\": \"images/[^\"]+\"\}$"):
         train.main(args + ["--out", str(tmp_path / "a")])
     (copy / "stage0.jsonl").write_text("\n".join(rows))
     for row in map(json.loads, rows):
