@@ -585,6 +585,24 @@ def test_an_empty_answer_says_whether_the_model_ended_at_once_or_wrote_only_whit
     assert f"Assistant: {at_once}\n" in printed and f"Assistant: {spaces.format(3)}\n" in printed
 
 
+def test_a_loaded_model_owns_its_weights_so_that_its_file_may_be_written_over(stage_folder, tiny, tmp_path):
+    # Read memory-mapped, the weights stayed views of the file's pages: a file written over in place (torch.save to
+    # the same path, after fine-tuning) changed the model under its user, or crashed the process with a bus error.
+    from nanovl.checkpoint import load_model
+    folder = tmp_path / "stage"
+    shutil.copytree(stage_folder, folder)
+    ids = torch.tensor([[1, 5, 6, 7]])
+    other = {k: torch.randn_like(v) for k, v in tiny.state_dict().items()}
+    torch.save({"model": other, "config": tiny.cfg.to_dict()}, tmp_path / "other.pt")  # (the same size)
+    for dtype in (None, torch.float32, torch.bfloat16):
+        shutil.copyfile(stage_folder / "model.pt", folder / "model.pt")
+        model, _, _ = load_model(folder, dtype=dtype)
+        with torch.no_grad():
+            before = model(ids)[0]
+            shutil.copyfile(tmp_path / "other.pt", folder / "model.pt")  # written over in place, not replaced
+            assert torch.equal(model(ids)[0], before), dtype
+
+
 def test_load_model_takes_a_dtype_and_a_tokenizer_and_refuses_one_that_does_not_fit(stage_folder, tiny, tok,
                                                                                   tmp_path):
     import dataclasses
