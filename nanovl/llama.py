@@ -248,20 +248,27 @@ def bad_token_count(ids, targets, vocab_size: int):
     return bad
 
 
+# Integer types a token stream is often stored in (nanoGPT's .bin files are uint16), which torch's embedding lookup and
+# gather refuse with errors of their own
+SMALL_INTS = (torch.uint8, torch.int8, torch.int16, torch.uint16, torch.uint32, torch.uint64)
+
+
 def check_token_ids(ids, targets, pad_mask, vocab_size: int, check_range: bool = True, doc_ids=None):
     """A ValueError saying what was expected and what was given, for token ids that are not an integer (B, T) tensor
     of the vocabulary's ids, targets that are neither such ids nor -100, or targets, a pad_mask or doc_ids of another
     shape (otherwise the embedding lookup, the mask or the loss fails deep inside torch, or on a GPU with a
     device-side assert). check_range=False: the shapes and dtypes only, which need no device sync."""
     what = lambda v: f"shape {tuple(v.shape)} of {v.dtype}" if torch.is_tensor(v) else type(v).__name__
-    is_int = lambda v: not (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool)
+    is_int = lambda v: v.dtype in (torch.int64, torch.int32)  # (what the embedding lookup and the loss's gather take)
     if not (torch.is_tensor(ids) and ids.ndim == 2 and is_int(ids)):
-        raise ValueError(f"expected token ids as an integer tensor of shape (B, T), got {what(ids)}")
+        raise ValueError(f"expected token ids as an int64 or int32 tensor of shape (B, T), got {what(ids)}" +
+                         (" (ids.long() converts them)" if torch.is_tensor(ids) and ids.dtype in SMALL_INTS else ""))
     for name, v in (("targets", targets), ("pad_mask", pad_mask), ("doc_ids", doc_ids)):
         if v is not None and not (torch.is_tensor(v) and v.shape == ids.shape):
             raise ValueError(f"expected {name} of the ids' shape {tuple(ids.shape)}, got {what(v)}")
     if targets is not None and not is_int(targets):
-        raise ValueError(f"expected integer targets (the ids to predict, -100 where none is), got {targets.dtype}")
+        raise ValueError(f"expected int64 or int32 targets (the ids to predict, -100 where none is), got "
+                         f"{targets.dtype}" + (" (targets.long() converts them)" * (targets.dtype in SMALL_INTS)))
     if check_range and int(bad_token_count(ids, targets, vocab_size)):
         if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
             raise ValueError(f"token ids must be in [0, {vocab_size}), the model's vocabulary; got ids from "

@@ -354,10 +354,19 @@ def test_a_pad_mask_or_ids_of_the_wrong_kind_are_refused_not_broadcast():
     one_row[0, :3] = False
     with pytest.raises(ValueError, match=r"expected pad_mask of the ids' shape \(2, 12\), got shape \(1, 12\)"):
         model(ids, pad_mask=one_row)
-    with pytest.raises(ValueError, match=r"expected token ids as an integer tensor .* of torch.bool"):
+    with pytest.raises(ValueError, match=r"expected token ids as an int64 or int32 tensor .* of torch.bool$"):
         model(ids.bool())
-    with pytest.raises(ValueError, match="expected integer targets .* got torch.bool"):
+    with pytest.raises(ValueError, match="expected int64 or int32 targets .* got torch.bool$"):
         model(ids, targets=ids.bool())
+    # Ids as a token stream is often stored (nanoGPT's uint16 files): the lookup or the loss's gather failed in torch
+    # ('"lt_cpu" not implemented for UInt16'); int32 ids give the int64 ids' logits.
+    for dtype in (torch.uint16, torch.int16, torch.uint8):
+        with pytest.raises(ValueError, match=rf"int64 or int32 tensor .* of {dtype} \(ids.long\(\) converts them\)$"):
+            model((ids % 200).to(dtype))
+        with pytest.raises(ValueError, match=rf"int64 or int32 targets .* got {dtype} \(targets.long\(\) converts"):
+            model(ids, targets=(ids % 200).to(dtype))
+    with torch.no_grad():
+        assert torch.equal(model(ids.int())[0], model(ids)[0])
     # doc_ids of another shape failed inside the mask's broadcast ("The size of tensor a (2) must match ...").
     with pytest.raises(ValueError, match=r"expected doc_ids of the ids' shape \(2, 12\), got shape \(2, 11\)"):
         model(ids, doc_ids=torch.zeros(2, 11, dtype=torch.long))
