@@ -334,8 +334,11 @@ class Llama(nn.Module):
         w = self.embed_tokens.weight
         return KVCache(self.cfg, batch_size, self.cfg.max_seq_len if max_len is None else max_len, w.device, w.dtype)
 
-    def check_length(self, T: int, cache: Optional[KVCache] = None):
-        """Raise ValueError if T new tokens (after what the cache holds) do not fit the context or the cache."""
+    def check_length(self, T: int, cache: Optional[KVCache] = None, batch: Optional[int] = None):
+        """Raise ValueError if T new tokens (after what the cache holds) do not fit the context or the cache, or the
+        cache was made for another model, batch size (given: the B of a forward) or device."""
+        if cache is not None:
+            self.check_cache(cache, batch)
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens ({start} cached + {T} new) is longer than the model's "
@@ -343,6 +346,21 @@ class Llama(nn.Module):
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"{T} new tokens do not fit a KV cache of {cache.max_len} holding {start}; "
                              f"allocate a longer cache")
+
+    def check_cache(self, cache: KVCache, batch: Optional[int] = None):
+        """A cache of another model, batch or device failed inside the attention (a reshape, a list index, a copy)."""
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"expected cache as a KVCache (Llama.new_cache), got {type(cache).__name__}")
+        c, k = self.cfg, cache.k[0]  # (B, n_kv_heads, max_len, hs), one a layer
+        if (len(cache.k), k.shape[1], k.shape[3]) != (c.n_layers, c.n_kv_heads, c.head_dim):
+            raise ValueError(f"the KV cache was made for a model of {len(cache.k)} layers, {k.shape[1]} key-value "
+                             f"heads of {k.shape[3]}; this one has {c.n_layers} layers, {c.n_kv_heads} key-value heads "
+                             f"of {c.head_dim}: make it with this model's new_cache")
+        if batch is not None and cache.real.shape[0] != batch:
+            raise ValueError(f"the KV cache holds {cache.real.shape[0]} rows, but {batch} came: a cache serves one "
+                             "batch, of the size it was made for")
+        if cache.real.device != self.embed_tokens.weight.device:
+            raise ValueError(f"the KV cache is on {cache.real.device}, the model on {self.embed_tokens.weight.device}")
 
     def stacked_projections(self) -> list:
         """[(q, k, v's weights stacked, gate and up's stacked)] for each layer, over the parameters' own memory
@@ -407,7 +425,7 @@ class Llama(nn.Module):
             check_token_ids(idx, targets, pad_mask, self.cfg.vocab_size, check_range=check_ids, doc_ids=doc_ids)
         x = self.embed_tokens(idx) if embeds is None else embeds  # (B, T, C)
         B, T, _ = x.shape
-        self.check_length(T, cache)
+        self.check_length(T, cache, B)
         start = cache.length if cache is not None else 0
 
         t = torch.arange(T, device=x.device)

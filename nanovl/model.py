@@ -148,7 +148,7 @@ class DeepSeekVL(nn.Module):
                              (" (one image needs a batch dimension: x[None])" if one else ""))
         if image_embeds is not None and not (torch.is_tensor(image_embeds) and image_embeds.ndim == 3):
             raise ValueError(f"expected image_embeds as one tensor of shape (N, n, C), got {what(image_embeds)}")
-        self.llm.check_length(ids.shape[1], cache)  # fail before spending time on the images
+        self.llm.check_length(ids.shape[1], cache, ids.shape[0])  # fail before spending time on the images
         is_image = ids == self.cfg.image_token_id  # (B, T)
         if check_inputs:
             self.check_inputs(ids, targets, pad_mask, images, given, is_image)

@@ -1,5 +1,7 @@
 """The decoder against transformers' LlamaForCausalLM, and the KV cache against the full forward pass."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -392,6 +394,28 @@ def test_too_long_sequences_are_refused():
         with pytest.raises(ValueError, match=rf"a cache needs a batch size and a length of at least 1, got {size} and "
                                              rf"{length}$"):
             ours.new_cache(batch_size=size, max_len=length)
+
+
+def test_a_cache_of_another_batch_model_or_kind_is_refused_before_it_is_written():
+    # Each failed inside the attention: "shape '[1, 4, 128]' is invalid", "The expanded size of the tensor (1) must
+    # match", "list index out of range".
+    ours, ids = Llama(CFG).eval(), torch.zeros(1, 4, dtype=torch.long)
+    fewer = dataclasses.replace(CFG, n_layers=CFG.n_layers - 1)
+    for cache, message in ((ours.new_cache(2, 16), "the KV cache holds 2 rows, but 1 came: a cache serves one batch"),
+                           (Llama(fewer).new_cache(1, 16), rf"made for a model of {fewer.n_layers} layers, .*; this "
+                                                           rf"one has {CFG.n_layers} layers"),
+                           ("cache", "expected cache as a KVCache .Llama.new_cache., got str")):
+        with pytest.raises(ValueError, match=message):
+            ours(ids, cache=cache)
+        assert isinstance(cache, str) or cache.length == 0
+    with pytest.raises(ValueError, match="the KV cache holds 2 rows, but 1 came"):  # (through the VLM too)
+        vlm = DeepSeekVL(get_config("tiny"))
+        vlm(ids, cache=vlm.llm.new_cache(2, 16))
+    cache = ours.new_cache(1, 16)
+    ours(ids, cache=cache)
+    with pytest.raises(ValueError, match="the KV cache holds 1 rows, but 2 came"):  # (a cache reused for a batch)
+        ours(ids.repeat(2, 1), cache=cache)
+    assert cache.length == 4
 
 
 def test_packed_rows_match_samples_run_alone():
