@@ -24,15 +24,18 @@ its first word was generated with, after the template's own: "Assistant:  The ..
 space; the first turn's prompt is the same either way.
 """
 
-import math
 import numbers
 import reprlib
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from nanovl.chat import IMAGE_TAG, SYSTEM_PROMPT, expand_images, start_ids, user_ids
+
+
+FP32_MAX = torch.finfo(torch.float32).max  # (the logits are divided in fp32)
 
 
 @dataclass
@@ -55,14 +58,15 @@ class Sampling:
             raise ValueError("bad sampling settings: " + "; ".join(wrong))
         # Sampling divides the fp32 logits by the temperature, and a repetition penalty divides some: far enough below
         # 1 (around 1e-37 for a logit of 30) a logit passes the largest float, and the softmax of inf is NaN. 1e-4 is a
-        # floor well clear of that, and a temperature that small is greedy in effect anyway.
+        # floor well clear of that, and a temperature that small is greedy in effect anyway. Above fp32's largest
+        # float, the divisor itself is inf, and the image token's -inf logit divided by it NaN.
         bad = [f"{name} must be {need}, got {value}" for name, value, ok, need in (
-            ("temperature", self.temperature, self.temperature == 0 or 1e-4 <= self.temperature < math.inf,
-             "0 (greedy), or at least 1e-4 and finite"),
+            ("temperature", self.temperature, self.temperature == 0 or 1e-4 <= self.temperature <= FP32_MAX,
+             "0 (greedy), or at least 1e-4 and finite in fp32"),
             ("top_k", self.top_k, self.top_k >= 0, ">= 0 (0: off)"),
             ("top_p", self.top_p, 0 < self.top_p <= 1, "in (0, 1] (1: off)"),
-            ("repetition_penalty", self.repetition_penalty, 1e-4 <= self.repetition_penalty < math.inf,
-             "at least 1e-4 and finite (1: off)"),
+            ("repetition_penalty", self.repetition_penalty, 1e-4 <= self.repetition_penalty <= FP32_MAX,
+             "at least 1e-4 and finite in fp32 (1: off)"),
             ("max_new_tokens", self.max_new_tokens, self.max_new_tokens >= 1, ">= 1"),
             ("seed", self.seed, -2 ** 63 <= self.seed < 2 ** 64, "a 64-bit integer")) if not ok]
         if self.temperature == 0 and (self.top_k > 0 or 0 < self.top_p < 1):
@@ -228,6 +232,11 @@ def _decode(model, step: DecodeStep, logits, s: Sampling, stop_ids, pad_id: int,
 
 
 @torch.no_grad()
+def is_id(t) -> bool:
+    """A token id: an integer, numpy's too, but not a bool (True would pass for id 1, which the model refuses)."""
+    return isinstance(t, numbers.Integral) and not isinstance(t, bool)
+
+
 def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sampling = Sampling(), stop_ids=(),
              pad_id: int = 0, n_words: Optional[int] = None, on_step: Optional[Callable] = None,
              compile: bool = False) -> List[List[int]]:
@@ -248,11 +257,15 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
     s = sampling.check()
     if torch.is_tensor(prompts):  # (B, T) ids, unpadded: a list of rows
         prompts = prompts.tolist() if prompts.ndim == 2 else [prompts.tolist()] if prompts.ndim == 1 else prompts
-    if isinstance(prompts, (str, bytes)) or not all(isinstance(p, (list, tuple)) and
-                                                    all(isinstance(t, numbers.Integral) for t in p) for p in prompts):
+    if isinstance(prompts, Iterator):  # (read once, by the check below)
+        prompts = list(prompts)
+    if isinstance(prompts, (str, bytes)) or not all(isinstance(p, (list, tuple)) and all(map(is_id, p))
+                                                    for p in prompts):
         raise ValueError(f"expected prompts as a list of token-id lists (one per prompt: [[1, 2, 3]] for one), got "
                          f"{reprlib.repr(prompts)}")
-    if stop_ids is None or isinstance(stop_ids, (numbers.Integral, str, bytes)) or not all(isinstance(t, numbers.Integral) for t in stop_ids):
+    if isinstance(stop_ids, Iterator):  # (read once: the check below used it up, and no row ever stopped)
+        stop_ids = list(stop_ids)
+    if not isinstance(stop_ids, Collection) or isinstance(stop_ids, (str, bytes)) or not all(map(is_id, stop_ids)):
         raise ValueError(f"expected stop_ids as a collection of token ids ({{eos_id}} for one), got {stop_ids!r}")
     vocab = model.cfg.llm.vocab_size
     if n_words is not None and not (isinstance(n_words, numbers.Integral) and model.cfg.image_token_id < n_words <=
@@ -261,7 +274,7 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
                          f"above the image token's id {model.cfg.image_token_id} and at most the model's {vocab}, got "
                          f"{n_words!r}")
     words = vocab if n_words is None else n_words  # (a stopped row's pad ids are fed back, and looked up among the
-    if not (isinstance(pad_id, numbers.Integral) and 0 <= pad_id < words):  # picked ids by the repetition penalty)
+    if not (is_id(pad_id) and 0 <= pad_id < words):  # picked ids by the repetition penalty)
         raise ValueError(f"pad_id must be a token id, 0 to {words - 1} (the tokenizer's pad_id), got {pad_id!r}")
     if images is not None and not torch.is_tensor(images):
         raise ValueError(f"expected images as one (N, 3, S, S) tensor, got {type(images).__name__} (torch.stack a "
@@ -304,8 +317,8 @@ class TextStream:
         self.tok, self.on_text, self.ids, self.shown = tokenizer, on_text, [], ""
 
     def add(self, token: int):
+        text = self.tok.decode(self.ids + [token], skip_special_tokens=True).lstrip()  # (a bad id: refused, not kept)
         self.ids.append(token)
-        text = self.tok.decode(self.ids, skip_special_tokens=True).lstrip()
         if self.on_text is not None and not text.endswith("\ufffd") and len(text) > len(self.shown):
             self.on_text(text[len(self.shown):])
             self.shown = text

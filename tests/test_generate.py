@@ -190,7 +190,10 @@ def test_generation_ends_each_row_with_its_stop_id(tiny, tok):
 
 def test_sampling_settings_out_of_range_are_refused_and_the_smallest_allowed_ones_still_sample():
     for bad, message in [(dict(temperature=float("inf")), r"temperature must be 0 \(greedy\), or at least 1e-4 and "
-                                                          "finite, got inf"),
+                                                          "finite in fp32, got inf"),
+                         # (finite in Python, inf in fp32: the image token's -inf logit divided by it was NaN)
+                         (dict(temperature=1e39), "temperature must be .* finite in fp32, got 1e\\+39"),
+                         (dict(repetition_penalty=1e39), "repetition_penalty must be .* finite in fp32"),
                          (dict(temperature=1e-40), "temperature must be"), (dict(temperature=float("nan")), "temper"),
                          (dict(repetition_penalty=1e-40), "repetition_penalty must be at least 1e-4 and finite"),
                          (dict(repetition_penalty=float("inf")), "repetition_penalty must be"),
@@ -357,6 +360,8 @@ def test_a_character_split_across_tokens_is_streamed_once_it_is_whole(tok):
     stream = TextStream(tok, shown.append)
     for t in ids + [tok.eos_id]:  # (the end-of-sentence adds no text: nothing is shown for it)
         stream.add(t)
+        with pytest.raises(ValueError):  # a bad id is refused, and not kept: it broke every later add
+            stream.add("x")
     assert "".join(shown) == "café €5" and all(piece and "\ufffd" not in piece for piece in shown)
 
 
@@ -438,9 +443,18 @@ def test_prompt_longer_than_the_context_or_empty_is_refused(tiny, tok):
                             (dict(prompts=[[1, 5]], pad_id=-1), r"pad_id must be a token id, 0 to 279 \(the "
                                                                 r"tokenizer's pad_id\), got -1"),
                             (dict(prompts=[[1, 5]], pad_id=280), "got 280"),
-                            (dict(prompts=[[1, 5]], pad_id=200, n_words=200), r"0 to 199 .* got 200")):
+                            (dict(prompts=[[1, 5]], pad_id=200, n_words=200), r"0 to 199 .* got 200"),
+                            # bools pass for ids 0 and 1 in Python, which the model refuses
+                            (dict(prompts=[[True, False]]), "prompts as a list of token-id lists"),
+                            (dict(prompts=torch.tensor([[1, 0]], dtype=torch.bool)), "got \\[\\[True, False\\]\\]"),
+                            (dict(prompts=[[1, 5]], pad_id=True), "pad_id must be a token id"),
+                            (dict(prompts=[[1, 5]], stop_ids=[True]), "stop_ids as a collection of token ids")):
         with pytest.raises(ValueError, match=message):
             generate(tiny, **kwargs)
+    # A generator is read once: stop_ids' check used it up (no row ever stopped), and prompts' left none
+    free = generate(tiny, [[1, 5, 6]], sampling=s)[0]
+    assert generate(tiny, [[1, 5, 6]], sampling=s, stop_ids=(t for t in [free[0]])) == [free[:1]]
+    assert generate(tiny, (p for p in [[1, 5, 6]]), sampling=s) == [free]
 
 
 def test_decoding_under_autocast_writes_the_cache_in_its_own_dtype(tiny):

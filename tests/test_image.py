@@ -80,7 +80,8 @@ def test_processor_follows_the_model():
             # sizes int() took: 0 made empty tensors, a negative one failed inside PIL, true and 384.9 were cut to 1
             # and 384 unsaid
             ({"image_size": size}, rf"^preprocessor_config.json: image_size must be a whole number of pixels, at "
-                                   rf"least 14; got {re.escape(repr(size))}$") for size in (0, -384, True, 384.9, "384", 13)] + [
+                                   rf"least 14; got {re.escape(repr(size))}$")
+            for size in (0, -384, True, 384.9, "384", 13)] + [
             # statistics that cannot normalise (json.loads reads NaN and Infinity too): named here, where they used
             # to reach the model and be reported as NaN in the image
             ({"image_mean": [0.5] * 3, "image_std": [0.5, std, 0.5]},
