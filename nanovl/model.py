@@ -19,6 +19,7 @@ Parameter names: ours are `sam.*`, `siglip.*`, `aligner.*`, `llm.*`; below those
 checkpoint's. RELEASED_PREFIXES is the whole mapping.
 """
 
+import copy
 import math
 from typing import Optional
 
@@ -75,6 +76,11 @@ def nanovl_to_released(name: str, hybrid: bool) -> str:
 class DeepSeekVL(nn.Module):
     def __init__(self, cfg: VLConfig):
         super().__init__()
+        if not isinstance(cfg, VLConfig):
+            raise ValueError(f"expected a VLConfig (get_config('tiny'), say), got {type(cfg).__name__}")
+        # A copy of its own: the caller's, edited for a second model, changed this one's too (its cache had the
+        # other's layers, and an export wrote a config its weights do not match)
+        cfg = copy.deepcopy(cfg)
         self.cfg = cfg.validate()
         self.siglip = SigLIP(cfg.siglip)
         self.sam = SAM(cfg.sam) if cfg.hybrid else None

@@ -78,6 +78,19 @@ def test_every_preset_builds_with_equal_token_counts_from_both_branches():
     assert get_config("7b").n_image_tokens == 576 and get_config("1.3b").n_image_tokens == 576
 
 
+def test_a_model_keeps_a_config_of_its_own():
+    # The caller's config, edited to build a second model, changed the first one's as well: its new_cache made the
+    # second one's layers ("list index out of range" in generate), and an export wrote a config its weights are not.
+    cfg = get_config("tiny")
+    first = DeepSeekVL(cfg)
+    cfg.llm.n_layers = 2
+    second = DeepSeekVL(cfg)
+    assert first.cfg.llm.n_layers == len(first.llm.layers) == 4 and len(second.llm.layers) == 2
+    assert len(first.llm.new_cache(1, 8).k) == 4
+    with pytest.raises(ValueError, match=r"expected a VLConfig \(get_config\('tiny'\), say\), got str"):
+        DeepSeekVL("tiny")  # (an AttributeError: 'str' object has no attribute 'validate')
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Forward, splicing, gradients
 
