@@ -505,6 +505,11 @@ def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_s
     empty or an earlier export (export_target): a stage folder, a data folder, the current folder or anything else
     is refused, never deleted."""
     check_dtype(dtype, (torch.float32, torch.bfloat16, torch.float16))  # what the released format holds
+    for value, kind in ((model, DeepSeekVL), (tok, Tokenizer)):
+        if not isinstance(value, kind):
+            raise ValueError(f"expected a {kind.__name__} to export, got {type(value).__name__}")
+    # (what load_model refuses, refused before anything is written: a folder that cannot be loaded back)
+    check_tokenizer_fits(tok, model.cfg, "the tokenizer given")
     cfg, folder = model.cfg, export_target(folder)
     config = {**released_config_dict(cfg), **EXPORTED_BY}  # (a model the layout cannot hold: refused before writing)
     tmp = folder.with_name(folder.name + ".partial")
@@ -520,12 +525,11 @@ def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_s
             {"tokenizer_class": "LlamaTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": None,
              "add_bos_token": True, "add_eos_token": False, "model_max_length": cfg.llm.max_seq_len}, indent=2))
         (tmp / "preprocessor_config.json").write_text(json.dumps(ImageProcessor.for_config(cfg).to_dict(), indent=2))
-    except OSError as e:  # a full disk, say: the shards written so far go too, rather than hold the space they took
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OSError(f"cannot write {tmp}, where the export is written before it is moved to {folder}: "
-                      f"{e.strerror or e}; nothing of it is left, and {folder} is as it was") from e
-    except KeyboardInterrupt:  # Ctrl-C: the same (a 7B takes minutes to write)
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:  # a full disk, Ctrl-C (a 7B takes minutes to write), a bug: the shards written so far
+        shutil.rmtree(tmp, ignore_errors=True)  # go too, rather than hold the space they took
+        if isinstance(e, OSError):
+            raise OSError(f"cannot write {tmp}, where the export is written before it is moved to {folder}: "
+                          f"{e.strerror or e}; nothing of it is left, and {folder} is as it was") from e
         raise
     # The swap: an earlier export goes and the new one takes its place. Ctrl-C is ignored for that moment (the export
     # is written: the swap completes), so that it never leaves the old folder gone and the new one named .partial.

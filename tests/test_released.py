@@ -459,6 +459,24 @@ def test_an_export_that_cannot_be_written_leaves_no_partial_folder(folder, tmp_p
         export_released(model, tok, out)
     assert not (tmp_path / "export.partial").exists()
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+    def a_bug(tensors, dest, max_shard_bytes):  # any other failure: the shards went with a full disk's only
+        (dest / "model-00001-of-00002.safetensors").write_bytes(b"shard")
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(checkpoint, "save_sharded", a_bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        export_released(model, tok, out)
+    assert not (tmp_path / "export.partial").exists() and {f.name: f.read_bytes() for f in out.iterdir()} == before
+    monkeypatch.setattr(checkpoint, "save_sharded", full)
+    # What load_model refuses is refused before anything is written, not found on loading the export back
+    with pytest.raises(ValueError, match="expected a Tokenizer to export, got NoneType"):
+        export_released(model, None, tmp_path / "none")
+    other = copy.deepcopy(model.cfg)
+    other.image_token_id -= 1  # (the tokenizer's <image_placeholder> would be read as text)
+    with pytest.raises(ValueError, match=r"the tokenizer given has .* tokens and <image_placeholder> = (\d+); the .* "
+                                         r"model has a vocabulary of .* and expects (?!\1)"):
+        export_released(DeepSeekVL(other), tok, tmp_path / "other")
     with pytest.raises(SystemExit, match=r"^cannot write .*new.partial, where .* No space left on device; nothing of "
                                          r"it is left"):  # the command line says it in a line
         checkpoint.main(["--ckpt", str(out), "--export", str(tmp_path / "new")])
