@@ -44,6 +44,11 @@ class TooLarge(ValueError):
 
 def load_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open an image file fully (so a truncated file fails here, not later) and return it as an RGB PIL image."""
+    if not isinstance(path, (str, os.PathLike)):  # (else said as a corrupt file, from the error PIL raised)
+        raise ValueError(f"expected the image's path, got {type(path).__name__}" + (
+            " (for an image already open, ImageProcessor takes it as it is)" if isinstance(path, Image.Image) else ""))
+    if type(max_pixels) is not int or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a whole number of pixels, at least 1; got {max_pixels!r}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is ours, checked below
@@ -159,6 +164,13 @@ class ImageProcessor:
         if type(self.image_size) is not int or self.image_size < MIN_SIZE:
             raise ValueError(f"image_size must be a whole number of pixels, at least {MIN_SIZE}; got "
                              f"{self.image_size!r}")
+        if type(self.normalize) is not bool:  # ("false", a string, would normalise)
+            raise ValueError(f"normalize must be True or False, got {self.normalize!r}")
+        for name in ("image_mean", "image_std"):  # (the pad colour is made of the mean: a bad one failed inside PIL)
+            value = getattr(self, name)
+            if not (isinstance(value, (tuple, list)) and len(value) == 3 and
+                    all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+                raise ValueError(f"{name} must be 3 numbers, one per colour channel; got {value!r}")
         # Normalising divides the pixels by image_std: a 0 there makes inf or NaN pixels, which the model then reports
         # as NaN in the image, far from the statistic that made them; a negative one turns the image's values over.
         if self.normalize:
@@ -237,7 +249,7 @@ class ImageProcessor:
         if isinstance(image, Image.Image):
             img = to_rgb(image)
         elif isinstance(image, (str, os.PathLike)):
-            img = load_image(image, max_pixels or MAX_PIXELS)
+            img = load_image(image, MAX_PIXELS if max_pixels is None else max_pixels)
         else:
             raise ValueError(f"expected an image as a PIL image or a path, got {type(image).__name__}")
         if min(img.size) < 1:

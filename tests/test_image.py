@@ -53,6 +53,21 @@ def test_processor_follows_the_model():
     x = released_13b(Image.new("RGB", (50, 50), (255, 0, 0)))
     assert x.min().item() == -1.0 and x.max().item() == 1.0  # normalised to [-1, 1]: red is (1, -1, -1)
     assert ImageProcessor.for_config(get_config("tiny")).image_size == 256
+    # Settings of the wrong kind, built directly (from_dict checks a file's): "false" normalised, being a string,
+    # and a mean of two values failed inside PIL, which pads with it
+    for kwargs, message in ((dict(normalize="false"), "normalize must be True or False, got 'false'"),
+                            (dict(image_mean=(0.5, 0.5)), r"image_mean must be 3 numbers, .*; got \(0.5, 0.5\)"),
+                            (dict(image_std=None), "image_std must be 3 numbers, one per colour channel; got None")):
+        with pytest.raises(ValueError, match=message):
+            ImageProcessor(384, **kwargs)
+    # A path of the wrong kind was said to be a corrupt file ("AttributeError ... (is it a corrupt file?)")
+    for path, message in ((5, "expected the image's path, got int$"),
+                          (Image.new("RGB", (4, 4)), "got Image .for an image already open, ImageProcessor takes")):
+        with pytest.raises(ValueError, match=message):
+            load_image(path)
+    for limit in ("10", 0):  # (0 read as the default limit)
+        with pytest.raises(ValueError, match=f"max_pixels must be a whole number of pixels, at least 1; got {limit!r}"):
+            ImageProcessor(64)("any.png", max_pixels=limit)
     # A preprocessor_config.json without do_normalize normalises, as VLMImageProcessor's default
     assert ImageProcessor.from_dict({"image_size": 384, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}).normalize
     # ... and one without image_mean and image_std takes the class defaults, CLIP's (facts section 8), not SigLIP's
