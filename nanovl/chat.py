@@ -78,6 +78,8 @@ def start_ids(tokenizer, system: str = SYSTEM_PROMPT) -> List[int]:
     string strips only the start of the system prompt (the whole string is stripped), so its end is kept as given,
     and it is encoded together with the "\\n\\n" after it, as one piece: whitespace at its end and those newlines
     then become the same tokens as in the official string."""
+    if not isinstance(system, str):  # (None failed as "'NoneType' object has no attribute 'strip'")
+        raise ValueError(f"expected the system prompt as a string ('' for none), got {type(system).__name__}")
     ids = [tokenizer.bos_id]
     if system.strip():
         ids += tokenizer.encode(system.lstrip() + "\n\n")

@@ -329,6 +329,9 @@ class ChatSession:
 
     def __init__(self, model, tokenizer, processor, system: str = SYSTEM_PROMPT, max_len: Optional[int] = None,
                  compile: bool = False):
+        from nanovl.checkpoint import check_tokenizer_fits
+        # (another tokenizer's <image_placeholder> is text to this model: "expected 0 images for 0 placeholders")
+        check_tokenizer_fits(tokenizer, model.cfg, "the tokenizer given")
         self.model, self.tok, self.proc = model, tokenizer, processor
         self.cache = model.llm.new_cache(1, max_len)
         self.step = DecodeStep(model.llm, self.cache, compile)  # one for the whole chat: on a GPU, one recording
