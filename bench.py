@@ -1177,7 +1177,8 @@ def bench_vision(args, cfg, device, dtype, spec):
         work["nanovl SAM trunk + neck"] = (lambda: model.sam.neck(model.sam.trunk(images)[0].permute(0, 3, 1, 2)),
                                            N * f_trunk_neck)
     whole = sum(vlm_step_flops(cfg, {p: "frozen" for p in PARTS}, N, 0).values())  # T = 0: no decoder
-    work["nanovl encode_images"] = (lambda: model.encode_images(images), whole)
+    # (check=False: the towers' work, without the pixel check's read-back from the device, as forward calls it)
+    work["nanovl encode_images"] = (lambda: model.encode_images(images, check=False), whole)
     compared = {"nanovl SigLIP": "timm VisionTransformer",  # {ours: the reference it is compared with}
                 "nanovl SAM trunk + neck": "segment-anything ImageEncoderViT"}
     if args.compile:

@@ -111,15 +111,25 @@ class DeepSeekVL(nn.Module):
     def dtype(self):
         return self.llm.embed_tokens.weight.dtype
 
-    def encode_images(self, images):
-        """(N, 3, S, S) canvases -> (N, n_image_tokens, d_model) embeddings in the language model's space."""
+    def encode_images(self, images, check: bool = True):
+        """(N, 3, S, S) canvases -> (N, n_image_tokens, d_model) embeddings in the language model's space. check: refuse
+        pixels that are NaN or infinite, or outside what the image processor makes (as forward does), at the cost of
+        one device sync; forward, which has checked them already (or was asked not to), passes False."""
         S = self.cfg.image_size
+        if not torch.is_tensor(images):
+            raise ValueError(f"expected images as one tensor of shape (N, 3, {S}, {S}), got {type(images).__name__} "
+                             "(torch.stack a list of processed images)")
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != S or images.shape[3] != S:
             raise ValueError(f"expected images of shape (N, 3, {S}, {S}) for the {self.cfg.name!r} model, got "
                              f"{tuple(images.shape)}; the image processor pads and resizes to {S}x{S} RGB")
         if not images.is_floating_point():  # uint8 pixels (read_image, np.array(pil)) would pass as 0-255 "floats"
             raise ValueError(f"expected float pixels in [0, 1], as the image processor makes them, got {images.dtype}"
                              " (divide uint8 pixels by 255, or use nanovl.image.ImageProcessor)")
+        if check:
+            counts = torch.stack([(~torch.isfinite(images)).sum(), ((images < -4) | (images > 4)).sum()])
+            refuse_pixels(images, "images", *counts.tolist())
+        if not images.shape[0]:  # (no image: the towers would fail on an empty batch)
+            return images.new_zeros(0, self.cfg.n_image_tokens, self.cfg.llm.dim, dtype=self.dtype)
         images = images.to(self.dtype)
         if self.sam is None:
             return self.aligner(self.siglip(images))  # (N, n, d_model)
@@ -161,7 +171,7 @@ class DeepSeekVL(nn.Module):
         x = self.llm.embed_tokens(ids)  # (B, T, C); the image positions are overwritten below
         if given is not None and given.shape[0]:
             if image_embeds is None:
-                image_embeds = self.encode_images(images)  # (N, n, C)
+                image_embeds = self.encode_images(images, check=False)  # (N, n, C); checked above, or not asked
             elif image_embeds.shape[1:] != (self.cfg.n_image_tokens, self.cfg.llm.dim):
                 raise ValueError(f"expected image_embeds of shape (N, {self.cfg.n_image_tokens}, {self.cfg.llm.dim}), "
                                  f"got {tuple(image_embeds.shape)}")
@@ -196,14 +206,7 @@ class DeepSeekVL(nn.Module):
             ids, targets, self.cfg.llm.vocab_size), not_finite.to(ids.device), out_of_range.to(ids.device)]).tolist()
         if n_bad:
             check_token_ids(ids, targets, pad_mask, self.cfg.llm.vocab_size)  # raises, naming what is out of range
-        if n_nan:
-            name = "images" if images is not None else "image_embeds"
-            raise ValueError(f"{name} hold {n_nan} values that are NaN or infinite, of {given.numel()}; expected "
-                             "finite numbers")
-        if n_out:
-            raise ValueError(f"expected pixels as the image processor makes them (in [0, 1], or normalised by its mean "
-                             f"and std), got values from {images.min().item():.3g} to {images.max().item():.3g} "
-                             "(pixels of 0-255? use nanovl.image.ImageProcessor.for_config(model.cfg))")
+        refuse_pixels(given, "images" if images is not None else "image_embeds", n_nan, n_out)
         n_given = 0 if given is None else given.shape[0]
         if n_cut:
             raise ValueError(f"{n_cut} span(s) of <image_placeholder> tokens are not whole images of {per_image} "
@@ -212,6 +215,18 @@ class DeepSeekVL(nn.Module):
         if n_tok // per_image != n_given:
             raise ValueError(f"expected {n_tok // per_image} images for {n_tok} <image_placeholder> tokens (each "
                              f"image fills {per_image}), got {n_given}; give one image per placeholder span, in order")
+
+
+def refuse_pixels(given, name: str, n_nan: int, n_out: int):
+    """The ValueError for images (or image_embeds) holding n_nan values that are NaN or infinite, or images holding
+    n_out pixels outside what the image processor makes (DeepSeekVL.check_inputs says why those bounds)."""
+    if n_nan:
+        raise ValueError(f"{name} hold {n_nan} values that are NaN or infinite, of {given.numel()}; expected finite "
+                         "numbers")
+    if n_out:
+        raise ValueError(f"expected pixels as the image processor makes them (in [0, 1], or normalised by its mean "
+                         f"and std), got values from {given.min().item():.3g} to {given.max().item():.3g} "
+                         "(pixels of 0-255? use nanovl.image.ImageProcessor.for_config(model.cfg))")
 
 
 def count_params(model: nn.Module) -> dict:

@@ -330,7 +330,6 @@ def test_pixels_ids_and_targets_of_the_wrong_kind_or_range_are_refused(tiny):
         model(torch.tensor([[1.0, 5.0]]))
 
 
-
 def test_a_dark_picture_of_0_255_pixels_is_refused_too(tiny):
     # A dark photo read as 0-255 floats never reaches 255, nor 40: its pixels are still far past what any processor
     # makes (at most about [-2.2, 2.7]), and would give a confident-looking answer about a white image.
@@ -339,6 +338,15 @@ def test_a_dark_picture_of_0_255_pixels_is_refused_too(tiny):
     dark = torch.rand(1, 3, 256, 256) * 20
     with pytest.raises(ValueError, match=r"expected pixels as the image processor makes them .*got values from 0"):
         model(ids, dark)
+    # encode_images, called alone, checks them as forward does (what it made of them then passed forward's
+    # image_embeds check, which asks only for finite numbers); an empty batch is no image, and a list is named
+    with pytest.raises(ValueError, match=r"expected pixels as the image processor makes them .*got values from 0"):
+        model.encode_images(dark)
+    with pytest.raises(ValueError, match=r"images hold 1 values that are NaN or infinite, of 196608"):
+        model.encode_images(torch.where(torch.arange(3 * 256 * 256).view(1, 3, 256, 256) == 7, torch.nan, 0.5))
+    with pytest.raises(ValueError, match=r"images as one tensor of shape \(N, 3, 256, 256\), got list \(torch.stack"):
+        model.encode_images([dark[0]])
+    assert model.encode_images(torch.rand(0, 3, 256, 256)).shape == (0, cfg.n_image_tokens, cfg.llm.dim)
 
 
 def test_an_empty_batch_of_images_is_a_text_only_batch(tiny):
