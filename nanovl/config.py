@@ -265,6 +265,8 @@ class VLConfig:
 
     @staticmethod
     def from_dict(d: dict) -> "VLConfig":
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a model config as a dict of its fields, got {type(d).__name__}")
         d = dict(d)
         known = {f.name for f in dataclasses.fields(VLConfig)}
         unknown = set(d) - known

@@ -195,6 +195,8 @@ class ImageProcessor:
     # preprocessor_config.json, the file a released model folder carries (VLMImageProcessor's fields).
     @staticmethod
     def from_dict(d: dict) -> "ImageProcessor":
+        if not isinstance(d, dict):
+            raise ValueError(f"preprocessor_config.json: expected an object of settings, got {type(d).__name__}")
         # A field the file leaves out takes VLMImageProcessor's class default (CLIP's statistics, normalising on),
         # as the official code would. A mean given as null pads with 127s, as official; there is then nothing to
         # normalise with, so only do_normalize false goes with it (the 0.5 below gives the 127s, and divides nothing).

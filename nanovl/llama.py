@@ -423,6 +423,10 @@ class Llama(nn.Module):
             # The range check reads a count back from the device: a training loop whose ids its own tokenizer made
             # (stage 0, bench.py's decoder step) passes check_ids=False to keep its steps free of syncs.
             check_token_ids(idx, targets, pad_mask, self.cfg.vocab_size, check_range=check_ids, doc_ids=doc_ids)
+        if embeds is not None and not (torch.is_tensor(embeds) and embeds.ndim == 3 and embeds.is_floating_point()
+                                       and embeds.shape[2] == self.cfg.dim):
+            raise ValueError(f"expected embeds as a float tensor of shape (B, T, {self.cfg.dim}), got " + (
+                f"shape {tuple(embeds.shape)} of {embeds.dtype}" if torch.is_tensor(embeds) else type(embeds).__name__))
         x = self.embed_tokens(idx) if embeds is None else embeds  # (B, T, C)
         B, T, _ = x.shape
         self.check_length(T, cache, B)

@@ -108,6 +108,8 @@ def test_processor_follows_the_model():
              r"centred on it, so each value must be a finite number; got nan$")]:
         with pytest.raises(ValueError, match=why):
             ImageProcessor.from_dict({"image_size": 384, **bad})
+    with pytest.raises(ValueError, match="preprocessor_config.json: expected an object of settings, got list"):
+        ImageProcessor.from_dict([1])  # (an AttributeError from d.get)
     # Without normalising they divide nothing (the mean still gives the pad colour), so they are kept.
     assert ImageProcessor.from_dict({"image_size": 384, "image_std": [0, 0, 0], "do_normalize": False}).image_std == \
         (0.0, 0.0, 0.0)

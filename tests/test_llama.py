@@ -378,6 +378,13 @@ def test_a_pad_mask_or_ids_of_the_wrong_kind_are_refused_not_broadcast():
     for kwargs, given in (({}, "neither"), ({"idx": ids, "embeds": torch.zeros(2, 12, CFG.dim)}, "both")):
         with pytest.raises(ValueError, match=f"expected token ids \\(idx\\) or input embeddings .* got {given}$"):
             model(**kwargs)
+    # Embeddings of the wrong kind failed inside torch ("'list' object has no attribute 'shape'", a matmul's shapes)
+    wide = CFG.dim
+    for embeds, given in (([[0.0]], "got list"), (torch.zeros(2, 12, wide - 1), rf"got shape \(2, 12, {wide - 1}\)"),
+                          (torch.zeros(2, 12, wide, dtype=torch.long), "got .* of torch.int64")):
+        with pytest.raises(ValueError, match=rf"expected embeds as a float tensor of shape \(B, T, {wide}\), {given}"):
+            model(embeds=embeds)
+
 
 def test_too_long_sequences_are_refused():
     ours = Llama(CFG)

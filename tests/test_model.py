@@ -520,6 +520,8 @@ def test_bad_configs_are_refused_with_the_reason():
         get_config("tiny", **{"sam.pixel_mean": "none", "sam.pixel_std": "none"})
     with pytest.raises(ValueError, match="unknown config fields"):
         VLConfig.from_dict({"name": "x", "colour": "blue"})
+    with pytest.raises(ValueError, match="expected a model config as a dict of its fields, got list"):
+        VLConfig.from_dict([1])  # (a TypeError from dict())
     # Sizes, rates and constants must be positive and finite: a depth of -1 built an empty decoder, a zero std or
     # a NaN eps gave NaN logits, a zero head count a ZeroDivisionError.
     for key, value, message in (("llm.n_layers", -1, "llm.n_layers is -1, expected an integer above 0"),
