@@ -62,6 +62,9 @@ def prompt_string(conversation: Sequence[dict], system: str = SYSTEM_PROMPT, gen
 
 def expand_images(ids: List[int], mask: List[int], image_id: int, n_image_tokens: int) -> Tuple[List[int], List[int]]:
     """Replace each image id by n_image_tokens copies of it, never supervised."""
+    if type(n_image_tokens) is not int or n_image_tokens < 1:  # (0 deleted every image's place without a word)
+        raise ValueError(f"n_image_tokens must be the model's tokens per image (cfg.n_image_tokens), at least 1; got "
+                         f"{n_image_tokens!r}")
     out_ids, out_mask = [], []
     for t, m in zip(ids, mask):
         if t == image_id:

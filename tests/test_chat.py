@@ -86,6 +86,12 @@ def test_no_system_prompt(tok):
         ids, _ = render_chat(conv, tok, N_IMG, system=system)
         assert tok.decode(ids).startswith("<｜begin▁of▁sentence｜>User: What does f do?")
         assert ids == tok.encode(prompt_string(conv, system=system), bos=True)
+    # None is not "no system prompt": named, as an image count of 0 is (which deleted every image's place)
+    with pytest.raises(ValueError, match=r"expected the system prompt as a string \('' for none\), got NoneType"):
+        render_chat(conv, tok, N_IMG, system=None)
+    for n in (0, -1, 2.0):
+        with pytest.raises(ValueError, match=rf"n_image_tokens must be .* at least 1; got {n!r}$"):
+            render_chat(CONVERSATIONS["single"], tok, n)
 
 
 @pytest.mark.parametrize("system", ["Be brief. ", "  Be brief.", "Be brief.\n", "Be brief.\t \n"])
