@@ -266,7 +266,7 @@ def test_chat_turns_prefill_only_their_new_tokens(tiny, tok, monkeypatch):
     monkeypatch.setattr(tiny.llm, "forward", lambda *a, **k: fed.append(k["embeds"].shape[1]) or forward(*a, **k))
     monkeypatch.setattr(tiny.llm, "decode_step", lambda tok, *a: stepped.append(tuple(tok.shape)) or
                         decode_step(tok, *a))
-    monkeypatch.setattr(tiny, "encode_images", lambda x: images_seen.append(len(x)) or encode(x))
+    monkeypatch.setattr(tiny, "encode_images", lambda x, **k: images_seen.append(len(x)) or encode(x, **k))
 
     chat = ChatSession(tiny, tok, proc)
     s = Sampling(max_new_tokens=6)

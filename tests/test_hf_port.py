@@ -303,8 +303,8 @@ def siglip_mlp_with_tanh_gelu(self, x):
     return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
-def images_in_reverse_order(self, images, encode=DeepSeekVL.encode_images):  # each span gets another row's image
-    return encode(self, images.flip(0))
+def images_in_reverse_order(self, images, check=True, encode=DeepSeekVL.encode_images):  # each span: another's image
+    return encode(self, images.flip(0), check)
 
 
 BREAKAGES = {  # name -> (kind, what to replace, by what)
