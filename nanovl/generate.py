@@ -231,12 +231,12 @@ def _decode(model, step: DecodeStep, logits, s: Sampling, stop_ids, pad_id: int,
     return out
 
 
-@torch.no_grad()
 def is_id(t) -> bool:
     """A token id: an integer, numpy's too, but not a bool (True would pass for id 1, which the model refuses)."""
     return isinstance(t, numbers.Integral) and not isinstance(t, bool)
 
 
+@torch.no_grad()
 def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sampling = Sampling(), stop_ids=(),
              pad_id: int = 0, n_words: Optional[int] = None, on_step: Optional[Callable] = None,
              compile: bool = False) -> List[List[int]]:
