@@ -264,8 +264,8 @@ def build_loaded(cfg: VLConfig, state: dict, source: str, device="cpu", dtype=No
     # Read memory-mapped, a tensor already of this dtype would stay a view of the file's pages: a file written over in
     # place (torch.save to the same path, after fine-tuning) then changed the weights under the model, or crashed the
     # process (a bus error) and left the file cut short. On the CPU each is copied; a move to a GPU copies anyway.
-    copy = torch.device(device).type == "cpu"
-    state = {k: v.to(dtype, copy=copy) for k, v in state.items()}
+    on_cpu = torch.device(device).type == "cpu"
+    state = {k: v.to(dtype, copy=on_cpu) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)  # (assign: a model on "meta" has no memory to copy into;
     # the file's tensors become its parameters)
     return model.to(device=device, dtype=dtype).eval()
