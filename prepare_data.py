@@ -485,8 +485,9 @@ def main(argv=None):
                     "document has no image: remove or reword it")
         args.user_text.append((f, text))
     try:
-        with sigterm_stops(), building(args.out):  # one build of a folder at a time: a second waits, then finds what
-            prepare(args)  # the first made
+        # One build of a folder at a time: a second waits, then finds what the first made
+        with sigterm_stops(), building(args.out):
+            prepare(args)
     except OSError as e:  # --out in a folder that cannot be written, or a full disk
         raise SystemExit(f"cannot write {e.filename or args.out}: {e.strerror or e}") from None
     except KeyboardInterrupt as e:  # Ctrl-C or a SIGTERM: a line instead of a traceback
