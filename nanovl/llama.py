@@ -335,9 +335,10 @@ class Llama(nn.Module):
         return KVCache(self.cfg, batch_size, self.cfg.max_seq_len if max_len is None else max_len, w.device, w.dtype)
 
     def check_length(self, T: int, cache: Optional[KVCache] = None, batch: Optional[int] = None):
-        """Raise ValueError if T new tokens (after what the cache holds) do not fit the context or the cache, or the
-        cache was made for another model, batch size (given: the B of a forward) or device."""
-        if cache is not None:
+        """Raise ValueError if T new tokens (after what the cache holds) do not fit the context or the cache. With
+        batch (a forward's B), also if the cache was made for another model, batch size or device; DecodeStep, whose
+        cache was made for it, asks for the length alone, as it does every token."""
+        if cache is not None and batch is not None:
             self.check_cache(cache, batch)
         start = cache.length if cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -347,7 +348,7 @@ class Llama(nn.Module):
             raise ValueError(f"{T} new tokens do not fit a KV cache of {cache.max_len} holding {start}; "
                              f"allocate a longer cache")
 
-    def check_cache(self, cache: KVCache, batch: Optional[int] = None):
+    def check_cache(self, cache: KVCache, batch: int):
         """A cache of another model, batch or device failed inside the attention (a reshape, a list index, a copy)."""
         if not isinstance(cache, KVCache):
             raise ValueError(f"expected cache as a KVCache (Llama.new_cache), got {type(cache).__name__}")
@@ -356,7 +357,7 @@ class Llama(nn.Module):
             raise ValueError(f"the KV cache was made for a model of {len(cache.k)} layers, {k.shape[1]} key-value "
                              f"heads of {k.shape[3]}; this one has {c.n_layers} layers, {c.n_kv_heads} key-value heads "
                              f"of {c.head_dim}: make it with this model's new_cache")
-        if batch is not None and cache.real.shape[0] != batch:
+        if cache.real.shape[0] != batch:
             raise ValueError(f"the KV cache holds {cache.real.shape[0]} rows, but {batch} came: a cache serves one "
                              "batch, of the size it was made for")
         if cache.real.device != self.embed_tokens.weight.device:

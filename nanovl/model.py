@@ -126,8 +126,7 @@ class DeepSeekVL(nn.Module):
             raise ValueError(f"expected float pixels in [0, 1], as the image processor makes them, got {images.dtype}"
                              " (divide uint8 pixels by 255, or use nanovl.image.ImageProcessor)")
         if check:
-            counts = torch.stack([(~torch.isfinite(images)).sum(), ((images < -4) | (images > 4)).sum()])
-            refuse_pixels(images, "images", *counts.tolist())
+            refuse_pixels(images, "images", *torch.stack(pixel_counts(images)).tolist())
         if not images.shape[0]:  # (no image: the towers would fail on an empty batch)
             return images.new_zeros(0, self.cfg.n_image_tokens, self.cfg.llm.dim, dtype=self.dtype)
         images = images.to(self.dtype)
@@ -200,8 +199,9 @@ class DeepSeekVL(nn.Module):
         # resize that overshoots a little, as bicubic ones do.)
         none = torch.zeros((), dtype=torch.long, device=ids.device)
         floats = given is not None and given.is_floating_point()
-        not_finite = (~torch.isfinite(given)).sum() if floats else none
-        out_of_range = ((images < -4) | (images > 4)).sum() if images is not None and floats else none
+        not_finite, out_of_range = pixel_counts(given) if floats else (none, none)
+        if images is None:  # (image_embeds: only their finiteness is asked)
+            out_of_range = none
         n_tok, n_cut, n_bad, n_nan, n_out = torch.stack([is_image.sum(), cut.sum(), bad_token_count(
             ids, targets, self.cfg.llm.vocab_size), not_finite.to(ids.device), out_of_range.to(ids.device)]).tolist()
         if n_bad:
@@ -215,6 +215,12 @@ class DeepSeekVL(nn.Module):
         if n_tok // per_image != n_given:
             raise ValueError(f"expected {n_tok // per_image} images for {n_tok} <image_placeholder> tokens (each "
                              f"image fills {per_image}), got {n_given}; give one image per placeholder span, in order")
+
+
+def pixel_counts(x):
+    """(values of x that are NaN or infinite, values outside [-4, 4]): 0-d tensors on x's device, read back by the
+    caller with its other counts in one sync. The bounds are those of DeepSeekVL.check_inputs' comment."""
+    return (~torch.isfinite(x)).sum(), ((x < -4) | (x > 4)).sum()
 
 
 def refuse_pixels(given, name: str, n_nan: int, n_out: int):
