@@ -55,9 +55,9 @@ try:  # Ctrl-C while torch loads (a second or more, nanovl imports it): a line, 
 
     from nanovl.chat import IMAGE_TAG, prompt_string, render_chat, render_document, show
     from nanovl.config import FROM_SCRATCH, PRESETS, get_config
-    from nanovl.data import (LEFTOVER, Terminated, building, ctrl_c_ignored, default_folder, folder_kind, quiet_worker,
-                             read_jsonl, read_text, sigterm_stops, write_jsonl)
+    from nanovl.data import default_folder, folder_kind, read_jsonl, read_text, write_jsonl
     from nanovl.llava import import_llava
+    from nanovl.runs import LEFTOVER, Terminated, building, ctrl_c_ignored, quiet_worker, sigterm_stops
     from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
     from nanovl.tokenizer import Tokenizer
 except KeyboardInterrupt:

@@ -29,18 +29,13 @@ writing anything.
 import contextlib
 import dataclasses
 import difflib
-import glob
 import inspect
 import json
 import math
 import os
-import random
 import secrets
-import shutil
-import socket
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 
 try:  # Ctrl-C while torch loads (a second or more): a line, not the import machinery's traceback
@@ -55,10 +50,14 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
     from nanovl.checkpoint import (check_device, check_finite, check_tokenizer_fits, check_weights, init_from_parts,
                                    is_released_folder, load_model, load_plain, nanovl_state)
     from nanovl.config import FROM_SCRATCH
-    from nanovl.data import (PackedBatches, PlannedBatches, Source, Terminated, default_folder, folder_kind,
-                             folder_stamp, plan_batches, read_jsonl, sigterm_stops, write_jsonl)
+    from nanovl.data import (PackedBatches, PlannedBatches, Source, default_folder, folder_kind, folder_stamp,
+                             plan_batches, read_jsonl, write_jsonl)
     from nanovl.evaluate import MC_FILES, check_fits, evaluate, format_table, held_out, held_out_text
     from nanovl.image import CachedProcessor, ImageProcessor
+    from nanovl.runs import (Terminated, WriteFailed, atomic_save, claim_out_folder, close_inherited_locks,
+                             dead_worker, end_process_group, first_failure, let_go_of_workers,
+                             remove_stale_temporaries, rng_state, set_rng_state, setup_distributed, sigterm_stops,
+                             unlock_out_folders, writing)
     from nanovl.stage0 import N_SEG_CLASSES, STAGE0_ROW, Stage0Batches, Stage0Heads, Stage0Model, plan_distinct
     from nanovl.tokenizer import Tokenizer
 except KeyboardInterrupt:
@@ -477,54 +476,6 @@ def is_finished(out_dir: str) -> bool:
     return all(os.path.exists(os.path.join(out_dir, f)) for f in ("model.pt", "eval.json"))
 
 
-OUT_LOCKS = {}  # --out folder -> its open .lock file, held by this run (released when main returns)
-
-
-def lock_out_folder(out: str, hold: bool = True):
-    """Hold a lock on OUT/.lock until the run ends: two runs into one folder would each see no checkpoint of the
-    other's until the first one is saved, then write over each other's stages (a chain of stages from two runs,
-    which nothing would notice). Taken when the first stage folder is made, so that a run refused earlier leaves
-    nothing behind; hold=False only asks, before the run's checks, and makes nothing (a folder a live run writes to
-    would otherwise be refused as an earlier run's, with advice to --resume it). The system drops the lock when the
-    process ends, however it ends: a killed run leaves nothing to clean up. Where the folder cannot be written (the
-    stage folder's own check says so) or the system has no such locks (Windows; some network file systems), nothing
-    is held. -> why the run must stop: another run holds the lock ("" when it may go on)."""
-    if out in OUT_LOCKS or not (hold or os.path.exists(os.path.join(out, ".lock"))):
-        return ""
-    try:
-        import fcntl
-        os.makedirs(out, exist_ok=True)
-        f = open(os.path.join(out, ".lock"), "a+")
-    except IsADirectoryError:  # (passed over, two runs into the folder would both go on)
-        return f"{os.path.join(out, '.lock')} is a folder, where runs into {out} keep their lock file: remove it"
-    except (ImportError, OSError):
-        return ""
-    for attempt in range(10):  # (another run's look before its checks holds the lock for an instant: wait it out)
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            if attempt < 9:
-                time.sleep(0.01)
-                continue
-            f.seek(0)
-            holder = f.read().split()  # "HOST PID", as the holder wrote it
-            f.close()
-            who = f" (process {holder[-1]}{f' on {holder[0]}' if len(holder) == 2 else ''})" if holder else ""
-            return f"another run{who} is writing to {out}: wait for it to end, or choose another --out"
-        except OSError:  # a file system without locks
-            f.close()
-            return ""
-    if not hold:
-        f.close()  # (which lets go of the lock)
-        return ""
-    f.truncate(0)
-    f.write(f"{socket.gethostname()} {os.getpid()}\n")
-    f.flush()
-    OUT_LOCKS[out] = f
-    return ""
-
-
 def check_out_path(out: str, stages: list):
     """--out and its stage folders must be folders, or paths where folders can be made: said before the data is made
     and the model built (minutes at the released sizes), where making the stage folder would find out."""
@@ -537,29 +488,6 @@ def check_out_path(out: str, stages: list):
         folder = os.path.join(out, f"stage{stage}")
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise SystemExit(f"--out {out}: {folder} is a file; expected stage {stage}'s folder, or nothing there")
-
-
-def claim_out_folder(out: str, first: bool, world: int, hold: bool = True):
-    """lock_out_folder on the first process (torchrun's, which holds the lock for all), its answer given to every
-    process (first_failure), so that all stop together when another run holds the folder."""
-    busy = first_failure(lock_out_folder(out, hold) if first else "", world)
-    if busy:
-        raise SystemExit(busy)
-
-
-def close_inherited_locks(worker_id: int):
-    """A forked data worker's first act: close its copies of the run's lock files. A lock belongs to the open file,
-    which the worker shares until it closes its copy (the run's own stays locked): a run killed with kill -9 then
-    lets go of its --out at once, where its workers held it until they noticed (seconds), and a --resume at once was
-    refused as "another run is writing", naming the dead process."""
-    for f in OUT_LOCKS.values():
-        f.close()
-
-
-def unlock_out_folders():
-    for f in OUT_LOCKS.values():
-        f.close()
-    OUT_LOCKS.clear()
 
 
 def refuse_earlier_run(stage: int, tc: TrainConfig, out_dir: str):
@@ -1343,88 +1271,6 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
         end_process_group()
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Processes, devices, checkpoints: the plumbing under the recipe above (torchrun's processes, stopping on a signal,
-# writing whole files, resuming exactly). It comes last so that the file reads as the recipe first.
-
-def setup_distributed():
-    """(rank, world) from torchrun's environment, or (0, 1) for a single process; each process then uses the GPU of
-    its LOCAL_RANK, if there are GPUs."""
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        # NCCL for tensors on the GPU, gloo for those on the CPU: the few bytes each step that say whether every
-        # process could read its batch (first_failure), asked over NCCL, would wait for the GPU to finish the step
-        # before; and --device cpu trains over gloo on a machine with GPUs.
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        return rank, world
-    return 0, 1
-
-
-def first_failure(reason: str, world: int) -> str:
-    """reason: why this process must stop ("" if it need not): it could not read its batch for the step, a data
-    folder was prepared again while the run read it, or another run holds the --out folder. Returns the first
-    process's reason among those that failed, or "", the same on every process: with several, one that stops alone
-    leaves the others waiting in the step's all-reduce until torchrun kills them, so the steps since the last
-    checkpoint, which the first process would have saved, are lost. A small all-reduce of a CPU tensor each step (over
-    gloo: no wait for the GPU); the reasons are gathered only when one failed."""
-    if world == 1:
-        return reason
-    failed = torch.tensor([int(bool(reason))])
-    dist.all_reduce(failed)
-    if not failed.item():
-        return ""
-    reasons = [None] * world
-    dist.all_gather_object(reasons, reason)
-    return next(r for r in reasons if r)
-
-
-def end_process_group():
-    """torchrun's processes leave the group together: each waits at a barrier until every one is past its last
-    collective, then tears the group down. Torn down while another process's last collective was still in flight,
-    gloo's threads could outlive it, and once (1 run of many, an --eval-only under the test suite) a process was
-    aborted on exit ("terminate called without an active exception")."""
-    dist.barrier()
-    dist.destroy_process_group()
-
-
-def remove_stale_temporaries(folder: str):
-    """Delete the temporary files (FILE.tmpPID) that atomic_save left when its process was killed while saving; one
-    whose process is still running is a save in progress, and stays."""
-    for tmp in glob.glob(os.path.join(folder, "*.tmp[0-9]*")):
-        try:
-            os.kill(int(tmp.rsplit(".tmp", 1)[1]), 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            with contextlib.suppress(OSError):  # (a folder that may not be written: run_stage's check says so)
-                os.remove(tmp)
-        except (ValueError, PermissionError):  # not one of ours, or another user's live process
-            pass
-
-
-def dead_worker(e: BaseException) -> bool:
-    """A DataLoader worker process that died (torch raises this RuntimeError wherever the main process is when it
-    learns of it): not a bug of the run, and no failed write."""
-    return isinstance(e, RuntimeError) and str(e).startswith("DataLoader worker")
-
-
-def let_go_of_workers(e: BaseException):
-    """Shut the stopped stage's data workers down now, through the frames of e's traceback, which hold the loader.
-    A SIGTERM reaches the whole process group, so the workers die of it too, and torch's SIGCHLD handler raises for a
-    worker killed by a signal: left to Python's tidying up at exit, the loader's shutdown printed that as a traceback
-    ("Exception ignored in ... DataLoader worker ... is killed by signal: Terminated") after the run's one line, in 3
-    of 4 runs of stage 0 with 2 workers killed so. Here it is expected, and not printed."""
-    def hook(unraisable):
-        if not dead_worker(unraisable.exc_value):
-            previous(unraisable)
-
-    previous, sys.unraisablehook = sys.unraisablehook, hook
-    try:
-        traceback.clear_frames(e.__traceback__)  # (their locals: the loader's iterator, whose __del__ shuts it down)
-    finally:
-        sys.unraisablehook = previous
-
-
 def stopped_why(e: BaseException) -> str:
     """What ended a stage, for main's one line: Ctrl-C, SIGTERM, a failed write, or a data worker killed (for
     memory, most often: the kernel kills the largest process, and each worker holds up to --image_cache MB)."""
@@ -1438,49 +1284,10 @@ def stopped_why(e: BaseException) -> str:
     return str(e)
 
 
-class WriteFailed(Exception):
-    """A file of the run could not be written (a full disk, a file-size limit): main says so in one line, with the
-    checkpoint that is kept."""
-
-
-@contextlib.contextmanager
-def writing(path: str):
-    """Around a write of path: an OSError (or torch.save's RuntimeError, which is what a file-size limit gives)
-    becomes WriteFailed naming the file."""
-    try:
-        yield
-    except (OSError, RuntimeError) as e:
-        if dead_worker(e):  # reported wherever the run is: it may be here, and is no failed write
-            raise
-        if isinstance(e.__context__, KeyboardInterrupt):  # Ctrl-C or a SIGTERM (Terminated) while torch.save wrote:
-            raise e.__context__ from None  # its writer turns that into "unexpected pos": a stop, not a failed write
-        reason = getattr(e, "strerror", None) or str(e)
-        if not isinstance(e, OSError):  # torch.save's own words for a full disk ("unexpected pos 4190016 vs ...")
-            with contextlib.suppress(OSError):
-                reason += f" ({shutil.disk_usage(os.path.dirname(path) or '.').free / 2 ** 20:.0f} MB free there)"
-        raise WriteFailed(f"cannot write {path}: {reason}") from None
-
-
-def atomic_save(obj, path: str):
-    """torch.save (or, for a str, the text) to a temporary file, then rename: a killed process leaves the old file or
-    the new one, never half of one (rename is atomic on POSIX filesystems). A write that fails removes its
-    temporary file and raises WriteFailed."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with writing(path):
-            with open(tmp, "wb") as f:
-                if isinstance(obj, str):
-                    f.write(obj.encode("utf-8"))
-                else:
-                    torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint, or a power cut could empty it
-            os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints and resuming: what a stage's folder holds, and the checks that a resume continues the run that wrote it
+# (the plumbing under them, stopping on a signal, writing whole files, torchrun's processes, is nanovl/runs.py). It
+# comes last so that the file reads as the recipe first.
 
 def load_weights(path: str, cfg: VLConfig) -> dict:
     """A model state dict from a stage folder or .pt file, after checking it was made for this model config."""
@@ -1698,20 +1505,6 @@ def data_to_prepare(folder: str, preset: str):
     gone = prepare_data.missing(folder, preset, prepare_data.TRAINED_ON)  # (a stage would find one missing, and
     # say it less clearly; a held-out file removed leaves its evaluation out, as for one's own data without it)
     return (f"{', '.join(gone)} missing", prepare_data.arguments(ident, folder)) if gone else None
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 if __name__ == "__main__":

@@ -36,9 +36,9 @@ import torch
 
 from nanovl.config import (CLIP_MEAN, CLIP_STD, FROM_SCRATCH, SIGLIP_MEAN, SIGLIP_STD, AlignerConfig, LlamaConfig,
                            SAMConfig, SigLIPConfig, VLConfig)
-from nanovl.data import ctrl_c_ignored
 from nanovl.image import ImageProcessor
 from nanovl.model import DeepSeekVL, nanovl_to_released, released_to_nanovl
+from nanovl.runs import ctrl_c_ignored
 from nanovl.safetensors import load_file, load_sharded, save_sharded
 from nanovl.tokenizer import BOS, EOS, Tokenizer
 

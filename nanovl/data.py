@@ -28,16 +28,12 @@ nanovl/llava.py and nanovl/evaluate.py share.
 """
 
 import codecs
-import contextlib
 import hashlib
 import itertools
 import json
 import os
 import random
 import re
-import signal
-import socket
-import threading
 from array import array
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -47,6 +43,7 @@ from torch.utils.data import Dataset
 
 from nanovl.chat import IMAGE_TAG, render_chat, render_document
 from nanovl.image import ImageProcessor, load_image
+from nanovl.runs import atomic_write, quiet_worker
 
 
 def read_text(path: str) -> str:
@@ -125,120 +122,14 @@ def half_character(row) -> str:
     return ""
 
 
-LEFTOVER = re.compile(r".*\.tmp\d+")  # the temporary file of a write_jsonl (FILE.tmpPID) whose process was killed
-
-
 def write_jsonl(path: str, rows: Sequence[dict]) -> None:
-    """Write atomically: to a temporary name, synced to disk, then rename, so a killed run (or a power cut) never
-    leaves half a file, as train.atomic_save and safetensors' writes do."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    f = open(tmp, "w", encoding="utf-8")
-    try:
-        with f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename points the name at it
-    except BaseException:  # a row that cannot be written: no half-file left beside the old one
-        os.remove(tmp)
-        raise
-    os.replace(tmp, path)
+    """One JSON object per line, UTF-8, written whole or not at all (runs.atomic_write): a killed run never leaves
+    half a file, and a row that cannot be written leaves the old file as it was."""
+    def write(f):
+        for row in rows:
+            f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
 
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM: what kill sends by default, a cluster taking its machines back, torchrun stopping the other processes
-    when one fails. Raised in the main process (sigterm_stops), it ends a run as Ctrl-C does: in train.py a checkpoint
-    being written is abandoned (atomic_save removes its temporary file), and the last whole one is kept for --resume;
-    a corpus being built is left aside, as it was. A KeyboardInterrupt, so that a forked DataLoader worker, which a
-    signal to the process group reaches too, exits quietly. Python runs the handler between bytecodes: a process
-    blocked in a collective that waits for one that failed gets it only when the collective returns, or is killed by
-    torchrun after its grace period."""
-
-
-def raise_terminated(signum, frame):
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def sigterm_stops():
-    """While it runs, SIGTERM raises Terminated, unless whatever started us set a handler of its own or ignores it
-    (or a sigterm_stops outside this one did: that one restores it). Left to its default, a SIGTERM killed a run
-    without a word, and the pool workers that made a corpus printed a traceback each as their parent vanished. Only
-    the main thread may set a handler: called from another, nothing changes."""
-    ours = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    if ours:
-        signal.signal(signal.SIGTERM, raise_terminated)
-    try:
-        yield
-    finally:
-        if ours:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-@contextlib.contextmanager
-def ctrl_c_ignored():
-    """Ctrl-C ignored for the moment of a swap of folders (prepare_data.py's corpus, an export), so that it always
-    completes: never the old folder gone and the new one still under its temporary name. (Signals are the main
-    thread's: called from another, nothing changes.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, ctrl_c)
-
-
-@contextlib.contextmanager
-def building(folder: str):
-    """Hold folder's build lock while a corpus is made aside and swapped in (prepare_data.py's, or a LLaVA import).
-    Two builds of one folder at once cleared each other's .partial, and left a folder of one's rows and the other's
-    images, whose meta.json named one of them (a review found 896 of 1,164 images the other run's). A second build
-    waits for the first, then finds the folder as the first left it (two train.py runs making a missing data/ then
-    train on one corpus). The lock is a hidden file beside the folder, .NAME.lock, removed when the build ends;
-    where the system or the file system has no such locks (Windows; Lustre or NFS mounted without them), nothing is
-    held."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    folder = os.path.abspath(folder)  # (however it is spelt: "data", "data/", "./data/.")
-    os.makedirs(os.path.dirname(folder), exist_ok=True)  # (as the build's own folder would make it)
-    path = os.path.join(os.path.dirname(folder), f".{os.path.basename(folder)}.lock")
-    while True:
-        f = open(path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip()  # "HOST PID", as the holder wrote it
-            print(f"waiting for another build of {folder} to end (process {holder or '?'})", flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)  # (Ctrl-C while waiting: KeyboardInterrupt, as anywhere)
-        except OSError:  # a file system without locks (ENOSYS, ENOLCK): the build goes on unlocked
-            f.close()
-            with contextlib.suppress(OSError):
-                os.remove(path)
-            f = None
-            break
-        try:  # the holder removes the file as it ends: a lock on that one, gone, holds nothing
-            if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        f.close()
-    if f is None:
-        yield
-        return
-    try:
-        f.truncate(0)
-        f.write(f"{socket.gethostname()} {os.getpid()}\n")
-        f.flush()
-        yield
-    finally:
-        os.remove(path)  # (before letting go: a build waiting on this file then sees it is gone, and opens anew)
-        f.close()
+    atomic_write(path, write)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -572,14 +463,6 @@ def image_error(path: str) -> Optional[str]:
         return None
     except ValueError as e:
         return str(e)
-
-
-def quiet_worker():
-    """A pool worker's initializer: Ctrl-C reaches every process of the terminal, and the parent alone answers it
-    (with a line, not one traceback per worker); leaving the pool's `with` stops the workers, with a SIGTERM, which
-    ends each at once (its default, not the parent's Terminated: sigterm_stops)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def check_images(paths: Sequence[str], workers: int = 1) -> Dict[str, Optional[str]]:

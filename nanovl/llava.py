@@ -25,8 +25,9 @@ import shutil
 from typing import Callable, List, Tuple
 
 from nanovl.chat import IMAGE_TAG, check_conversation
-from nanovl.data import (LEFTOVER, check_images, cr_only, folder_kind, half_character, image_error, json_error,
-                         read_text, write_jsonl)
+from nanovl.data import (check_images, cr_only, folder_kind, half_character, image_error, json_error, read_text,
+                         write_jsonl)
+from nanovl.runs import LEFTOVER
 
 
 class BrokenFile(ValueError):

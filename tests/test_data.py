@@ -26,10 +26,11 @@ from PIL import Image
 import prepare_data
 from nanovl.chat import IMAGE_TAG, render_document
 from nanovl.config import get_config
-from nanovl.data import (PackedBatches, PackedRows, PlannedBatches, Sample, Source, building, collate, digest,
-                         epochs, folder_kind, plan_batches, plan_digest, read_jsonl, write_jsonl)
+from nanovl.data import (PackedBatches, PackedRows, PlannedBatches, Sample, Source, collate, digest, epochs,
+                         folder_kind, plan_batches, plan_digest, read_jsonl, write_jsonl)
 from nanovl.image import ImageProcessor
 from nanovl.llava import import_llava
+from nanovl.runs import building
 from nanovl.synth import CATEGORIES, COLORS, NUMBERS, SEG_LABELS, SHAPES, make_example
 from nanovl.tokenizer import Tokenizer
 

@@ -26,7 +26,7 @@ from PIL import Image
 import prepare_data
 import train
 from conftest import write_swapped_tokenizer
-from nanovl import DeepSeekVL, evaluate, get_config
+from nanovl import DeepSeekVL, evaluate, get_config, runs
 from nanovl.chat import IMAGE_TAG
 from nanovl.evaluate import multiple_choice
 from nanovl.synth import mc_prompt
@@ -853,7 +853,7 @@ def test_a_sigterm_stops_the_run_as_ctrl_c_does_keeping_the_last_checkpoint_whol
                                          "run the same command with --resume"):
         train.main(common)
     assert signal.getsignal(signal.SIGTERM) == before  # the handler was train.main's only while it ran
-    assert let_go == [train.Terminated]
+    assert let_go == [runs.Terminated]
     assert sorted(os.listdir(folder)) == ["ckpt.pt", "metrics.jsonl", "tokenizer.json"]  # no temporary file left
     assert torch.load(folder / "ckpt.pt", weights_only=True)["step"] == 2
     monkeypatch.setattr(torch, "save", plain)
@@ -902,7 +902,7 @@ def test_a_stopped_stage_lets_go_of_its_workers_at_once_without_a_traceback_for_
 
     def stage(error):
         batches = Loader(error)  # noqa: F841 (held by the frame, as run_stage holds its loader)
-        raise train.Terminated()
+        raise runs.Terminated()
 
     def hook(unraisable):
         heard.append(str(unraisable.exc_value))
@@ -911,7 +911,7 @@ def test_a_stopped_stage_lets_go_of_its_workers_at_once_without_a_traceback_for_
     for error in ("DataLoader worker (pid 7) is killed by signal: Terminated. ", "a bug in a destructor"):
         try:
             stage(error)
-        except train.Terminated as e:
+        except runs.Terminated as e:
             train.let_go_of_workers(e)
             assert shut[-1] == error  # shut down now, not when Python tidies up
     assert heard == ["a bug in a destructor"]  # anything else still said
@@ -1248,17 +1248,17 @@ def test_a_second_run_into_the_same_out_folder_is_refused_while_the_first_holds_
     (out / ".lock").rmdir()
     os.rename(tmp_path / "lock", out / ".lock")
     train.main(common)
-    assert (out / "stage3" / "model.pt").exists() and not train.OUT_LOCKS  # let go when the run ended
+    assert (out / "stage3" / "model.pt").exists() and not runs.OUT_LOCKS  # let go when the run ended
     assert open(out / ".lock").read() == f"{socket.gethostname()} {os.getpid()}\n"
     with pytest.raises(SystemExit, match="already holds ckpt.pt and model.pt from an earlier run"):
         train.main(common)
-    assert not train.OUT_LOCKS  # the look before the checks holds nothing: a run refused by them keeps no lock
+    assert not runs.OUT_LOCKS  # the look before the checks holds nothing: a run refused by them keeps no lock
     # Another run's look holds the lock for an instant: a run taking it then waits that out instead of stopping.
     held = open(out / ".lock", "a+")
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     threading.Timer(0.03, held.close).start()
-    assert train.lock_out_folder(str(out)) == "" and str(out) in train.OUT_LOCKS
-    train.unlock_out_folders()
+    assert runs.lock_out_folder(str(out)) == "" and str(out) in runs.OUT_LOCKS
+    runs.unlock_out_folders()
     # Under torchrun the first process holds the lock for all: when it is refused, every process stops with it, and
     # none makes a stage folder in the other run's --out.
     other = tmp_path / "other"
@@ -1276,14 +1276,14 @@ def test_a_second_run_into_the_same_out_folder_is_refused_while_the_first_holds_
     # lock): refused all the same, nothing written over.
     finished = tmp_path / "finished"
     shutil.move(out / "stage3", finished)
-    lock = train.lock_out_folder
+    lock = runs.lock_out_folder
 
     def lock_after_the_other_run_ended(folder, hold=True):
         if hold:  # (not the look before the run's checks)
             shutil.copytree(finished, out / "stage3")
         lock(folder, hold)
 
-    monkeypatch.setattr(train, "lock_out_folder", lock_after_the_other_run_ended)
+    monkeypatch.setattr(runs, "lock_out_folder", lock_after_the_other_run_ended)
     with pytest.raises(SystemExit, match="stage3 already holds ckpt.pt and model.pt from an earlier run"):
         train.main(common)
     assert all((out / "stage3" / f.name).read_bytes() == f.read_bytes() for f in finished.iterdir())
@@ -1294,8 +1294,8 @@ def test_data_workers_let_go_of_the_lock_they_inherit_and_the_run_keeps_it(tmp_p
     """A run killed with kill -9 kept its --out locked while its forked workers lived on (seconds): a --resume at once
     was refused as "another run is writing", naming the dead process."""
     out = str(tmp_path / "o")
-    assert train.lock_out_folder(out) == ""
-    fd = train.OUT_LOCKS[out].fileno()
+    assert runs.lock_out_folder(out) == ""
+    fd = runs.OUT_LOCKS[out].fileno()
 
     class Inherited(torch.utils.data.Dataset):
         def __len__(self):
@@ -1310,12 +1310,12 @@ def test_data_workers_let_go_of_the_lock_they_inherit_and_the_run_keeps_it(tmp_p
 
     try:
         loader = torch.utils.data.DataLoader(Inherited(), batch_size=None, num_workers=1,
-                                             worker_init_fn=train.close_inherited_locks)
+                                             worker_init_fn=runs.close_inherited_locks)
         assert list(loader) == [False]
         # the run's own lock is held still (asked under another spelling of the folder, as another run would)
-        assert "is writing to" in train.lock_out_folder(out + "/", hold=False)
+        assert "is writing to" in runs.lock_out_folder(out + "/", hold=False)
     finally:
-        train.unlock_out_folders()
+        runs.unlock_out_folders()
 
 
 def test_resuming_into_a_folder_that_cannot_be_written_stops_before_training(data, start_weights, tmp_path,
@@ -1388,7 +1388,7 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     calls, fsync, replace = [], os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: calls.append("fsync") or fsync(fd))
     monkeypatch.setattr(os, "replace", lambda a, b: calls.append("replace") or replace(a, b))
-    train.atomic_save({"step": 1}, path)
+    runs.atomic_save({"step": 1}, path)
     assert calls == ["fsync", "replace"]
 
     def dies_midway(obj, f, *a, **k):
@@ -1397,21 +1397,21 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(KeyboardInterrupt):
-        train.atomic_save({"step": 2}, path)
+        runs.atomic_save({"step": 2}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}  # the last good checkpoint is intact
 
     def fills_the_disk(obj, f, *a, **k):  # what torch.save says when the disk fills up: no word of space
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4190016 vs 4189904")
 
     monkeypatch.setattr(torch, "save", fills_the_disk)
-    with pytest.raises(train.WriteFailed, match=r"cannot write .*ckpt.pt: .*unexpected pos 4190016 vs 4189904 "
+    with pytest.raises(runs.WriteFailed, match=r"cannot write .*ckpt.pt: .*unexpected pos 4190016 vs 4189904 "
                                                 r"\(\d+ MB free there\)"):
-        train.atomic_save({"step": 3}, path)
+        runs.atomic_save({"step": 3}, path)
     assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.load(path, weights_only=True) == {"step": 1}
     # Ctrl-C or a SIGTERM while torch.save writes the file itself: its writer catches the interrupt and raises the
     # disk-full error above in its place, which was said as a failed write (with the free space); it is the stop.
     monkeypatch.undo()
-    stopped = iter([None, train.Terminated()])
+    stopped = iter([None, runs.Terminated()])
 
     class Stops(io.FileIO):
         def write(self, b):  # (the SIGTERM handler raises between bytecodes: here, in the write torch.save calls)
@@ -1420,8 +1420,8 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
             return super().write(b)
 
     monkeypatch.setattr("builtins.open", lambda name, mode="r", *a, **k: Stops(name, mode.replace("b", "")))
-    with pytest.raises(train.Terminated):
-        train.atomic_save({"step": 4, "w": torch.zeros(100)}, path)
+    with pytest.raises(runs.Terminated):
+        runs.atomic_save({"step": 4, "w": torch.zeros(100)}, path)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.load(path, weights_only=True) == {"step": 1}
 
@@ -1910,7 +1910,7 @@ def test_a_micro_batch_that_does_not_split_a_stage_batch_is_said_with_the_one_ta
                 "1", "--batch_size", "6", "--micro_batch", "4"] + FAST)
     assert "stage 3: micro-batches of 3: --micro_batch 4 does not split the 6 samples of each process's step" in \
         capsys.readouterr().out
-    assert [k["worker_init_fn"] for k in made] == [train.close_inherited_locks]
+    assert [k["worker_init_fn"] for k in made] == [runs.close_inherited_locks]
 
 
 def resume_check(tmp_path, stage, now, **hp_changes):
@@ -1943,7 +1943,7 @@ def test_the_full_context_is_a_sequence_length_and_stage_0_keeps_its_split():
 
 def test_a_data_worker_killed_during_a_write_is_said_as_such(tmp_path):
     with pytest.raises(RuntimeError, match="DataLoader worker"):  # not "cannot write": the advice is --workers
-        with train.writing(str(tmp_path / "x")):
+        with runs.writing(str(tmp_path / "x")):
             raise RuntimeError("DataLoader worker (pid 123) is killed by signal: Killed. ")
 
 
