@@ -349,7 +349,8 @@ class Llama(nn.Module):
                              f"allocate a longer cache")
 
     def check_cache(self, cache: KVCache, batch: int):
-        """A cache of another model, batch or device failed inside the attention (a reshape, a list index, a copy)."""
+        """A cache of another model, batch, device or dtype failed inside the attention (a reshape, a list index, a
+        copy; the attention's own "Expected query, key, and value to have the same dtype")."""
         if not isinstance(cache, KVCache):
             raise ValueError(f"expected cache as a KVCache (Llama.new_cache), got {type(cache).__name__}")
         c, k = self.cfg, cache.k[0]  # (B, n_kv_heads, max_len, hs), one a layer
@@ -362,6 +363,9 @@ class Llama(nn.Module):
                              "batch, of the size it was made for")
         if cache.real.device != self.embed_tokens.weight.device:
             raise ValueError(f"the KV cache is on {cache.real.device}, the model on {self.embed_tokens.weight.device}")
+        if k.dtype != self.embed_tokens.weight.dtype:  # (under autocast too: new_cache makes it the weights' dtype)
+            raise ValueError(f"the KV cache holds {k.dtype}, the model's weights are {self.embed_tokens.weight.dtype}: "
+                             "make it with this model's new_cache")
 
     def stacked_projections(self) -> list:
         """[(q, k, v's weights stacked, gate and up's stacked)] for each layer, over the parameters' own memory

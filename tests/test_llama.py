@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 from conftest import ATOL, max_diff, randomize_
 from nanovl import DeepSeekVL, get_config
 from nanovl.config import LlamaConfig
-from nanovl.llama import LinearCrossEntropy, Llama
+from nanovl.llama import KVCache, LinearCrossEntropy, Llama
 
 CFG = LlamaConfig(vocab_size=97, dim=64, n_layers=3, n_heads=4, n_kv_heads=4, ffn_dim=176, max_seq_len=64)
 GQA = LlamaConfig(**dict(CFG.__dict__, n_kv_heads=2))
@@ -405,12 +405,14 @@ def test_too_long_sequences_are_refused():
 
 def test_a_cache_of_another_batch_model_or_kind_is_refused_before_it_is_written():
     # Each failed inside the attention: "shape '[1, 4, 128]' is invalid", "The expanded size of the tensor (1) must
-    # match", "list index out of range".
+    # match", "Expected query, key, and value to have the same dtype", "list index out of range".
     ours, ids = Llama(CFG).eval(), torch.zeros(1, 4, dtype=torch.long)
     fewer = dataclasses.replace(CFG, n_layers=CFG.n_layers - 1)
     for cache, message in ((ours.new_cache(2, 16), "the KV cache holds 2 rows, but 1 came: a cache serves one batch"),
                            (Llama(fewer).new_cache(1, 16), rf"made for a model of {fewer.n_layers} layers, .*; this "
                                                            rf"one has {CFG.n_layers} layers"),
+                           (KVCache(CFG, 1, 16, dtype=torch.bfloat16), "the KV cache holds torch.bfloat16, the "
+                                                                        "model's weights are torch.float32: make it"),
                            ("cache", "expected cache as a KVCache .Llama.new_cache., got str")):
         with pytest.raises(ValueError, match=message):
             ours(ids, cache=cache)
