@@ -235,8 +235,14 @@ def refuse_pixels(given, name: str, n_nan: int, n_out: int):
                          "(pixels of 0-255? use nanovl.image.ImageProcessor.for_config(model.cfg))")
 
 
-def count_params(model: nn.Module) -> dict:
-    """Parameters per top-level part and in total; works on the meta device (nothing allocated)."""
+def count_params(model) -> dict:
+    """Parameters per top-level part and in total, of a model or of the one a VLConfig describes (built on the meta
+    device, shapes only: the 7B is counted in a moment, with nothing allocated)."""
+    if isinstance(model, VLConfig):
+        with torch.device("meta"):
+            model = DeepSeekVL(model)
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"expected a model (nn.Module) or its VLConfig, got {type(model).__name__}")
     counts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
     counts["total"] = sum(counts.values())
     return counts

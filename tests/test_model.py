@@ -59,6 +59,7 @@ def test_released_parameter_counts_match_the_facts_sheet(preset):
     # The whole model, frozen parts included (the facts sheet's 7.33-7.34B and 1.96-1.98B count the unused heads too)
     model.siglip.requires_grad_(False)
     assert count_params(model)["total"] == counts["total"] == sum(counts[part] for part in counts if part != "total")
+    assert count_params(get_config(preset)) == counts  # (a config: its model built on the meta device)
     if preset in ("1.3b", "7b"):
         assert round(counts["total"] / B, 2) == {"1.3b": 1.96, "7b": 7.33}[preset]
     if preset == "7b":  # SAM-B's trunk alone is the original 88.88M; the first neck brings it to SAM's 89.67M
