@@ -48,7 +48,7 @@ HELP = f"""commands:
   image PATH   attach an image to your next message (its {IMAGE_TAG} goes in front unless you place it);
                ("image of a cat: what is it?", not shaped as a path, is a message)
   help         this text
-  exit         leave (so does Ctrl-D)
+  exit, quit   leave (so does Ctrl-D)
 A message may hold several {IMAGE_TAG}; you are asked for a path for each one not attached yet."""
 
 
@@ -75,8 +75,8 @@ def parse_args(argv=None):
                    help="auto: bf16 on GPU, fp32 on CPU")
     p.add_argument("--official_rope", action="store_true",
                    help="round RoPE's frequencies to --dtype, as the official scripts' cast to bf16 does: their GPU "
-                        "outputs, where nanovl keeps the frequencies exact (README, Released weights); needs --dtype "
-                        "bf16 (in fp32 there is nothing to round: refused)")
+                        "outputs, where nanovl keeps the frequencies exact (README, Released weights); with --dtype "
+                        "bf16 (or fp16); in fp32 there is nothing to round: refused")
     args = p.parse_args(argv)
     if not args.ckpt.strip():  # (an unset shell variable, say: "" would read as the current folder's model.pt)
         p.error("--ckpt is empty: expected a stage folder, a model.pt file or a released model folder")
@@ -279,7 +279,8 @@ def main(argv=None):
              "auto": torch.bfloat16 if device.startswith("cuda") else torch.float32}[args.dtype]
     if args.official_rope and dtype == torch.float32:  # (it would change nothing, and say nothing)
         raise SystemExit("--official_rope rounds RoPE's frequencies as the official scripts' cast to bf16 does, and in "
-                         f"fp32 there is nothing to round (--dtype {args.dtype} on {device}): add --dtype bf16")
+                         f"fp32 there is nothing to round (--dtype {args.dtype} on {device}): add --dtype bf16 (or "
+                         "fp16)")
     empty = [i + 1 for i, p in enumerate(args.prompt) if not p.strip()]
     if empty and not (len(args.prompt) == 1 and args.image):  # (an image alone is a prompt: it gets its placeholder)
         raise SystemExit(f"--prompt {empty[0]} of {len(args.prompt)} is empty: expected some text")

@@ -54,8 +54,8 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
                              plan_batches, read_jsonl, write_jsonl)
     from nanovl.evaluate import MC_FILES, check_fits, evaluate, format_table, held_out, held_out_text
     from nanovl.image import CachedProcessor, ImageProcessor
-    from nanovl.runs import (Terminated, WriteFailed, atomic_save, claim_out_folder, close_inherited_locks,
-                             dead_worker, end_process_group, first_failure, let_go_of_workers,
+    from nanovl.runs import (Terminated, WriteFailed, atomic_save, atomic_write, claim_out_folder,
+                             close_inherited_locks, dead_worker, end_process_group, first_failure, let_go_of_workers,
                              remove_stale_temporaries, rng_state, set_rng_state, setup_distributed, sigterm_stops,
                              unlock_out_folders, writing)
     from nanovl.stage0 import N_SEG_CLASSES, STAGE0_ROW, Stage0Batches, Stage0Heads, Stage0Model, plan_distinct
@@ -170,6 +170,9 @@ STAGE_DEFAULTS["paper-7b"] = {**STAGE_DEFAULTS["paper"],
                               2: dict(STAGE_DEFAULTS["paper"][2], lr=4.2e-5, steps=42000, batch_size=2304)}
 
 
+# The TrainConfig fields that override a stage's defaults (STAGE_DEFAULTS); stage_hparams resolves them into hp.
+HPARAM_FIELDS = ("steps", "batch_size", "micro_batch", "lr", "warmup", "schedule", "seq_len", "text_sft_share",
+                 "short_chat_share", "vision_lr_mult", "pack")
 # What --eval-only reads; every other TrainConfig field is for training, and refused with it.
 EVAL_ONLY_FIELDS = ("eval_only", "ckpt", "data", "config", "tokenizer", "eval_limit", "eval_split", "device",
                     "image_cache")
@@ -184,13 +187,16 @@ def stage_defaults(preset: str, stage: int) -> dict:
 
 def usage() -> str:
     """--help: this file's docstring, then TrainConfig as written above (every setting, its default and comment)."""
-    import inspect
-
     settings = inspect.getsource(TrainConfig).split("\n", 2)[2]  # the body, below "@dataclass" and "class ..."
     return (__doc__.strip() + "\n\nTraining settings (--key=value or --key value; a bare --flag for true):\n\n" +
             "\n".join(line.removeprefix("    ") for line in settings.rstrip().splitlines()) +
             "\n\nModel config fields (nanovl/config.py), dotted: --llm.n_layers=6, --siglip.depth=4, "
             "--sam.window_size=7,\n--aligner.depth=2; the preset (--config) gives the rest.")
+
+
+def listed(value: str) -> list:
+    """A comma-separated setting (--init_from, --extra_data, --trainable) as its items, empty ones left out."""
+    return [item for item in value.split(",") if item]
 
 
 def parse_args(argv):
@@ -269,7 +275,7 @@ def parse_args(argv):
         if not ok:
             raise SystemExit(f"--{key} must be {need}, got {getattr(tc, key)!r}")
     for key in ("init_from", "extra_data", "trainable"):  # comma-separated lists: "," would read as none given
-        if getattr(tc, key) and not [p for p in getattr(tc, key).split(",") if p]:  # (split as where it is read)
+        if getattr(tc, key) and not listed(getattr(tc, key)):
             raise SystemExit(f"--{key} {getattr(tc, key)!r} names nothing: give one or more, separated by commas")
     return tc, overrides
 
@@ -328,7 +334,7 @@ def load_rows(folders, name):
     return rows
 
 
-def stage2_share(tc: TrainConfig, n_chats: int = 1, n_text_chats: int = 0):
+def stage2_share(tc: TrainConfig, n_chats: int, n_text_chats: int):
     """Stage 2's mix as a function of the step. The modality warm-up (paper section 4.4, Figure 9): the language share
     of the steps starts at 1.0 and decays linearly to lang_share (0.7, Table 1) over the first modality_warmup of the
     run, so the language model is not shocked by a sudden flood of image tokens. sft_share of the steps are chats
@@ -420,7 +426,7 @@ def learning_rate(step: int, hp: dict, min_ratio: float) -> float:
 
 
 def plot_losses(metrics: list, path: str, title: str):
-    """A loss curve as a PNG, drawn with PIL (no plotting library needed)."""
+    """A loss curve as a PNG, drawn with PIL (no plotting library needed), written whole (atomic_write)."""
     points = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
     if len(points) < 2:
         return
@@ -438,7 +444,8 @@ def plot_losses(metrics: list, path: str, title: str):
     d.text((W - pad - 60, H - pad + 8), f"step {x1}", fill="black")
     d.text((5, pad - 12), f"{y1:.3f}", fill="black")
     d.text((5, H - pad), f"{y0:.3f}", fill="black")
-    img.save(path)
+    with writing(path):
+        atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -576,7 +583,7 @@ def stage_model(stage: int, tc: TrainConfig, cfg: VLConfig, init: list, resume: 
             say(f"stage {stage}: starting from pretrained parts\n  " + "\n  ".join(report))
     heads = Stage0Heads(cfg, N_SEG_CLASSES) if stage == 0 else None
     net = Stage0Model(model, heads) if stage == 0 else model
-    given = [p for p in tc.trainable.split(",") if p] if tc.trainable else trainable_prefixes(stage, cfg)
+    given = listed(tc.trainable) if tc.trainable else trainable_prefixes(stage, cfg)
     # (In stage 0 the VLM sits inside Stage0Model as "model", beside the heads.)
     prefixes = [p if stage != 0 or p.split(".")[0] == "heads" else "model." + p for p in given]
     names = [n for n, _ in net.named_parameters()]
@@ -634,7 +641,7 @@ def stage_batches(stage: int, tc: TrainConfig, hp: dict, cfg: VLConfig, tok, pro
     up front (exact resume, the same global batch on every process count). Stage 0 reads its own rows (text,
     caption pairs, scenes); stages 1-3 read stage_data's sources, packed into full rows in stage 2. tc: the run's
     settings with the stage's filled in (stage_hparams' stc)."""
-    folders = [tc.data] + [f for f in tc.extra_data.split(",") if f]
+    folders = [tc.data] + listed(tc.extra_data)
     reader = CachedProcessor(proc, tc.image_cache << 20)  # what the training batches read their images with
     if stage == 0:
         try:  # a malformed row stops the run now, named by its file and line
@@ -728,7 +735,7 @@ def stage_optimizer(net, tc: TrainConfig, hp: dict, device: str):
 
 def start_weights(stage: int, tc: TrainConfig) -> list:
     """Where a stage starts: the --init_from paths, or else the stage before's final weights in --out."""
-    return [p for p in tc.init_from.split(",") if p] or [os.path.join(tc.out, f"stage{stage - 1}", "model.pt")]
+    return listed(tc.init_from) or [os.path.join(tc.out, f"stage{stage - 1}", "model.pt")]
 
 
 def check_start(stage: int, tc: TrainConfig, cfg: VLConfig):
@@ -758,9 +765,9 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     hp, seq_len, stc = stage_hparams(stage, tc, cfg)
-    start = weights_id(start_weights(stage, tc)) if stage > 0 else None
-    if start:  # the weights the stage begins from, as their model.pt names them: a resume checks them
-        hp["start"] = start
+    began_from = weights_id(start_weights(stage, tc)) if stage > 0 else None
+    if began_from:  # the weights the stage begins from, as their model.pt names them: a resume checks them
+        hp["start"] = began_from
     out_dir = os.path.join(tc.out, f"stage{stage}")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
     finished, state = open_stage_folder(stage, tc, cfg, hp, out_dir, ckpt_path, master, world, say)
@@ -824,7 +831,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
 
     # Which build of each synthetic folder the rows come from (taken before they are read): checked every step,
     # as a folder made anew meanwhile holds other pictures under the names the rows give (data.folder_stamp).
-    read = [tc.data] + ([f for f in stc.extra_data.split(",") if f] if stage > 0 else [])
+    read = [tc.data] + (listed(stc.extra_data) if stage > 0 else [])
     stamps = {f: folder_stamp(f) for f in dict.fromkeys(read) if folder_kind(f) == "synthetic"}
     dataset = stage_batches(stage, stc, hp, cfg, tok, proc, seq_len, micro, accum, rank, world, say)
     fingerprint = dataset.fingerprint() if master else None  # what the steps read: kept in every checkpoint
@@ -884,14 +891,18 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         contextlib.nullcontext
     eval_proc = CachedProcessor(proc, tc.image_cache << 20)  # each held-out image decoded once for the whole stage
 
+    def save_metrics():
+        """metrics.jsonl, written anew (whole) with every entry so far: at each checkpoint and evaluation."""
+        with writing(os.path.join(out_dir, "metrics.jsonl")):
+            write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
+
     def finish():
         """The stage's final weights, loss plot and evaluation; eval.json, written last, marks the stage done."""
         if master:
             atomic_save({"model": model.state_dict(), "config": cfg.to_dict(), "id": run_id},
                         os.path.join(out_dir, "model.pt"))
             atomic_save(cfg.to_json(), os.path.join(out_dir, "config.json"))
-            with writing(os.path.join(out_dir, "loss.png")):
-                plot_losses(metrics, os.path.join(out_dir, "loss.png"), f"stage {stage} training loss ({cfg.name})")
+            plot_losses(metrics, os.path.join(out_dir, "loss.png"), f"stage {stage} training loss ({cfg.name})")
         acc, asked_open, bpb = (evaluate(model, eval_rows, tok, eval_proc, tc.data, rank, world, eval_autocast)
                                 if eval_rows else (None, None, None))
         if master:
@@ -899,8 +910,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                       "questions": MC_FILES[tc.eval_split] if acc else None}
             metrics.append({"stage": stage, "step": hp["steps"], "mc_mean": acc and acc["mean"],
                             "open_mean": asked_open and asked_open["mean"], "bpb": bpb})
-            with writing(os.path.join(out_dir, "metrics.jsonl")):
-                write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
+            save_metrics()
             atomic_save(json.dumps(result, indent=2), os.path.join(out_dir, "eval.json"))  # last: the stage is done
             if acc:
                 say(format_table(acc, bpb, f"stage {stage} evaluation{split_named(tc)}", asked_open, eval_rows[0]))
@@ -958,8 +968,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                          "config": cfg.to_dict(), "train": dataclasses.asdict(tc), "hparams": hp, "stage": stage,
                          "split": [world, micro], "metrics": metrics, "id": run_id, "evaluated": evaluated,
                          "data": fingerprint, "device": device.split(":")[0]}, ckpt_path)
-            with writing(os.path.join(out_dir, "metrics.jsonl")):
-                write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
+            save_metrics()
 
     net.train()
     bar = tqdm(range(start, hp["steps"]), desc=f"stage {stage}", initial=start, total=hp["steps"], disable=not master)
@@ -992,8 +1001,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         metrics.append({"stage": stage, "step": done, "mc_mean": acc["mean"], "open_mean": asked_open["mean"],
                         "bpb": bpb})
         if master:
-            with writing(os.path.join(out_dir, "metrics.jsonl")):
-                write_jsonl(os.path.join(out_dir, "metrics.jsonl"), metrics)
+            save_metrics()
         say(format_table(acc, bpb, f"stage {stage}, step {done}{split_named(tc)}", asked_open, eval_rows[0]))
 
     def evaluation_due(done):
@@ -1097,7 +1105,7 @@ def check_init_preset(init_from: str, cfg: VLConfig, stage: int = 0):
     stage before's weights in --out, which a stage starts from without --init_from."""
     if not init_from or "," in init_from or not is_nanovl_checkpoint(init_from):
         return  # nothing to start from, or pretrained parts
-    path = os.path.join(init_from, "model.pt") if os.path.isdir(init_from) else init_from
+    path = model_file(init_from)
     theirs = (config_inside(path) or {}).get("name")  # (none, or unreadable: loading the weights says what is wrong)
     if theirs and theirs != cfg.name:
         raise SystemExit((f"{init_from}, where stage {stage} starts," if stage else f"--init_from {init_from}") +
@@ -1186,7 +1194,7 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
         return
 
     seen = {os.path.realpath(tc.data): "--data"}
-    for folder in [f for f in tc.extra_data.split(",") if f]:
+    for folder in listed(tc.extra_data):
         if not any(os.path.exists(os.path.join(folder, f"{name}.jsonl")) for name in ("pretrain", "sft")):
             raise SystemExit(f"--extra_data {folder}: " + (
                 "a file" if os.path.isfile(folder) else "no such folder" if not os.path.isdir(folder) else
@@ -1291,8 +1299,7 @@ def stopped_why(e: BaseException) -> str:
 
 def load_weights(path: str, cfg: VLConfig) -> dict:
     """A model state dict from a stage folder or .pt file, after checking it was made for this model config."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "model.pt")
+    path = model_file(path)
     if not os.path.exists(path):
         raise SystemExit(f"no checkpoint at {path}")
     try:
@@ -1315,7 +1322,7 @@ def config_inside(path: str):
     config.json beside it, a copy for reading, which an edit would make say what the weights are not). None when
     there is none, or it cannot be read so (loading the file in full later says why)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = load_plain(path)  # (memory-mapped: the tensors are not read)
     except Exception:  # (whatever is wrong with the file, its full load says it, with the checks made for that)
         return None
     saved = state.get("config") if isinstance(state, dict) else None
@@ -1330,9 +1337,6 @@ def check_same_config(saved: dict, cfg: VLConfig, path: str):
                          "\npass the same --config and overrides it was trained with")
 
 
-# The TrainConfig fields that override a stage's defaults (STAGE_DEFAULTS); stage_hparams resolves them into hp.
-HPARAM_FIELDS = ("steps", "batch_size", "micro_batch", "lr", "warmup", "schedule", "seq_len", "text_sft_share",
-                 "short_chat_share", "vision_lr_mult", "pack")
 # TrainConfig fields a resumed run may change: they say how the run is carried out, not what it computes (the data
 # folders are named by a path, which may have moved: what they hold is compared, data_change), but for rounding:
 # --device (fp32 on the CPU, bf16 autocast on a GPU; a change of kind is said) and --compile (kernels that sum in
@@ -1448,12 +1452,17 @@ def weights_id(paths: list):
     weights of older runs)."""
     if len(paths) != 1 or not is_nanovl_checkpoint(paths[0]):
         return None
-    path = os.path.join(paths[0], "model.pt") if os.path.isdir(paths[0]) else paths[0]
+    path = model_file(paths[0])
     try:
         state = load_plain(path)  # (memory-mapped: the weights themselves are not read)
     except (ValueError, FileNotFoundError):
         return None  # (said when the stage loads them)
     return state.get("id") if isinstance(state, dict) else None
+
+
+def model_file(path: str) -> str:
+    """A stage folder's model.pt (its final weights), or the .pt file given."""
+    return os.path.join(path, "model.pt") if os.path.isdir(path) else path
 
 
 def is_nanovl_checkpoint(path: str) -> bool:

@@ -14,7 +14,6 @@ SIGTERM, a full disk, a second run into the same folder or a killed torchrun pro
 """
 
 import contextlib
-import glob
 import os
 import random
 import re
@@ -141,13 +140,17 @@ def atomic_save(obj, path: str):
 def remove_stale_temporaries(folder: str):
     """Delete the temporary files (FILE.tmpPID) that atomic_write left when its process was killed while writing; one
     whose process is still running is a write in progress, and stays."""
-    for tmp in glob.glob(os.path.join(folder, "*.tmp[0-9]*")):
+    try:
+        names = os.listdir(folder)
+    except OSError:  # (a stage folder not made yet holds none; one that cannot be read: run_stage's checks say so)
+        return
+    for tmp in [os.path.join(folder, name) for name in names if LEFTOVER.fullmatch(name)]:
         try:
             os.kill(int(tmp.rsplit(".tmp", 1)[1]), 0)  # signal 0: only asks whether the process exists
         except ProcessLookupError:
             with contextlib.suppress(OSError):  # (a folder that may not be written: run_stage's check says so)
                 os.remove(tmp)
-        except (ValueError, PermissionError):  # not one of ours, or another user's live process
+        except PermissionError:  # another user's live process
             pass
 
 
@@ -271,6 +274,7 @@ def close_inherited_locks(worker_id: int):
 
 
 def unlock_out_folders():
+    """Let go of every --out this run holds (main, as the run ends however it ends)."""
     for f in OUT_LOCKS.values():
         f.close()
     OUT_LOCKS.clear()

@@ -1097,6 +1097,7 @@ def test_packing_lays_samples_end_to_end():
     mixed = PackedBatches([("language", [[0]]), ("multimodal", [[0]])], {"language": samples, "multimodal": shifted},
                           0, None)
     assert [mixed[k][0][0, 0].item() for k in range(2)] == [1, 101]
+    assert mixed.samples(1) == [[shifted[0]]]  # (a row of samples each; PlannedBatches' own, inherited, raised)
 
 
 def test_a_fingerprint_changes_with_any_token_mask_or_planned_row():

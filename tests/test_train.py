@@ -1426,6 +1426,23 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.load(path, weights_only=True) == {"step": 1}
 
 
+def test_the_loss_plot_is_written_whole(tmp_path, monkeypatch):
+    # It was saved in place: a run killed (or a disk full) while PIL wrote it left half a PNG as the stage's loss.png.
+    path, metrics = str(tmp_path / "loss.png"), [{"step": s, "loss": 3.0 / s} for s in (1, 2, 3)]
+    train.plot_losses(metrics, path, "a stage")
+    before = open(path, "rb").read()
+    assert Image.open(path).size == (640, 360)
+
+    def fills_the_disk(self, f, *a, **k):
+        f.write(b"\x89PNG half a pict")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", fills_the_disk)
+    with pytest.raises(runs.WriteFailed, match=r"cannot write .*loss.png: No space left on device$"):
+        train.plot_losses(metrics + [{"step": 4, "loss": 0.5}], path, "a stage")
+    assert os.listdir(tmp_path) == ["loss.png"] and open(path, "rb").read() == before
+
+
 def test_resume_checks_what_the_checkpoint_holds_and_how_its_run_was_split(tmp_path):
     # resumable_state on checkpoints written here: one without its RNG state, one of an older run that kept its
     # settings as given (no resolved hparams), and runs of another number of processes at the same micro-batch.
