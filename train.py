@@ -7,8 +7,9 @@ repository has no training code: this file is the recipe, written out.
     stage 1  adaptor warm-up: only the adaptor trains (for the hybrid also SAM's upsample-and-downsample tail, which
              the paper counts as adaptor, section 3.1, and its necks, as the official freeze_high=False
              unfreezes them); captions and document OCR
-    stage 2  joint vision-language pretraining: language model and adaptor; language:multimodal = 7:3 with modality
-             warm-up, one modality per optimizer step, a small share of SFT data, samples packed into full rows
+    stage 2  joint vision-language pretraining: language model and adaptor; language:multimodal = 7:3 (of the steps
+             that are not chats) with modality warm-up, one modality per optimizer step, a small share of SFT data
+             (10% of the steps), samples packed into full rows
     stage 3  supervised fine-tuning: language model, adaptor and SigLIP (SAM's trunk stays frozen); chats, loss on
              answers
 
@@ -102,7 +103,7 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     seq_len: int = 0  # default: the stage's (the model's context where the stage sets none)
-    lang_share: float = 0.7  # stage 2: language share of steps after the warm-up (Table 1: 70% text)
+    lang_share: float = 0.7  # stage 2: language share of the steps that are not chats, after the warm-up (Table 1)
     modality_warmup: float = 0.3  # stage 2: part of the run over which the language share decays from 1.0
     sft_share: float = 0.1  # stage 2: share of steps drawn from the SFT chats (the paper mixes in "a minimal
     # proportion" for the 1.3B, section 3.2.2, without a figure: 0.1 is ours)
@@ -773,6 +774,9 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     finished, state = open_stage_folder(stage, tc, cfg, hp, out_dir, ckpt_path, master, world, say)
     if finished:
         return
+    if hp["steps"] < hp["warmup"]:  # (a quick run's --steps leave the stage's warm-up as it is)
+        say(f"stage {stage}: its {hp['steps']} steps end inside the learning rate's warm-up of {hp['warmup']} steps, "
+            f"so the rate never reaches its peak, {hp['lr']:g} (a smaller --warmup reaches it)")
     micro, accum = check_stage(stage, tc, hp, world)
     if tc.micro_batch and micro != tc.micro_batch:  # (split_batch: the largest micro-batch up to it that splits)
         say(f"stage {stage}: micro-batches of {micro}: --micro_batch {tc.micro_batch} does not split the "

@@ -531,8 +531,13 @@ def test_bad_held_out_text_or_images_stop_a_run_before_it_trains_and_a_finished_
             (copy / "eval_text.jsonl").unlink()
         capsys.readouterr()
         train.main(["--data", str(copy), "--stage", "0", "--out", str(tmp_path / out), "--steps", "1",
-                    "--batch_size", "4"] + FAST)
-        assert "has no held-out text (eval_text.jsonl), so stage 0 is not evaluated" in capsys.readouterr().out
+                    "--batch_size", "4"] + FAST + ["--warmup", "1"] * empty)
+        printed = capsys.readouterr().out
+        assert "has no held-out text (eval_text.jsonl), so stage 0 is not evaluated" in printed
+        # (tiny's stage 0 warms up over 20 steps; --warmup 1 reaches the peak at the one step)
+        warned = ("stage 0: its 1 steps end inside the learning rate's warm-up of 20 steps, so the rate never reaches "
+                  "its peak, 0.003 (a smaller --warmup reaches it)")
+        assert warned in printed if not empty else "learning rate's warm-up" not in printed
         assert json.loads((tmp_path / out / "stage0" / "eval.json").read_text())["bpb"] is None
     # A finished stage is skipped by --resume even when the weights it started from are gone (only ckpt.pt is kept
     # for resuming; the stage before may have been removed to save the space).
