@@ -187,9 +187,11 @@ def chat(args, model, tok, proc, sampling, pictures):
     more attached images than placeholders, a full context) are printed and the conversation goes on as it was."""
     session = ChatSession(model, tok, proc, system=args.system, compile=args.compile)
     queued = list(pictures)
-    if isinstance(sys.stdin, io.TextIOWrapper):  # read bytes that are not UTF-8 as escapes, for the check below to
-        with contextlib.suppress(io.UnsupportedOperation):  # name (a UTF-8 locale reads strictly: a traceback);
-            sys.stdin.reconfigure(errors="surrogateescape")  # (not possible once stdin was read)
+    # Input bytes that are not UTF-8 are read as escapes, for the check below to name (a UTF-8 locale reads them
+    # strictly: a traceback). Not possible once stdin was read.
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        with contextlib.suppress(io.UnsupportedOperation):
+            sys.stdin.reconfigure(errors="surrogateescape")
     print(f"chatting with {args.ckpt} ({model.cfg.name}); type 'help' for commands" +
           (f"\n({len(queued)} image(s) attached to your first message)" if queued else ""))
     while True:

@@ -78,14 +78,17 @@ class TrainConfig:
     extra_data: str = ""  # more folders of rows (e.g. a LLaVA import), comma-separated: their pretrain.jsonl and
     # sft.jsonl are added to stages 1-3 (stage 2's text and the held-out set come from --data alone)
     out: str = "out"
+
     # weights to start from: default the previous stage's model.pt. Or pretrained parts, comma-separated (a released
     # DeepSeek-VL folder, SAM's checkpoint, a timm SigLIP, an HF Llama): see nanovl/checkpoint.py, init_from_parts
     init_from: str = ""
+
     tokenizer: str = ""  # default: the tokenizer.json beside the weights the stage starts from (--init_from, or the
     # stage before's folder; resumed: its own folder), else the data's
     resume: bool = False  # continue from out/stage<k>/ckpt.pt
     eval_only: bool = False
     ckpt: str = ""  # with --eval_only: a stage folder, a model.pt file or a released model folder
+
     # optimisation; steps, batch_size, micro_batch, lr and seq_len at 0, and every -1 and "", take the stage's
     # default (STAGE_DEFAULTS)
     steps: int = 0
@@ -114,6 +117,8 @@ class TrainConfig:
     # (default: 1; 0.1 in stages 1-3 from scratch, see the optimizer below)
     pack: int = -1  # pack samples into full rows (default: stage 2 only, as Table 4)
     trainable: str = ""  # comma-separated module prefixes to train instead of the stage's freeze map
+
+    # evaluation, checkpoints and the run itself
     eval_every: int = 0  # evaluate every this many steps, in stages 1-3 (0, and stage 0: at the end only)
     eval_limit: int = 0  # evaluate on about this many multiple-choice questions (this many / categories, rounded up,
     # from each category) and at most this many held-out text rows (0: all)
@@ -327,6 +332,8 @@ def apply_freeze_map(model, prefixes) -> dict:
 
 
 def load_rows(folders, name):
+    """The rows of NAME.jsonl in each of folders (one without that file adds none), each with two private keys: _root,
+    its folder, under which its image paths are read (data.Source), and _where, "FILE, line N" for its errors."""
     rows = []
     for folder in folders:
         path = os.path.join(folder, f"{name}.jsonl")
@@ -468,8 +475,9 @@ def stage_hparams(stage: int, tc: TrainConfig, cfg: VLConfig):
     hp.setdefault("vision_lr_mult", 1.0)
     hp.setdefault("pack", int(stage == 2))  # stage 2 packs its samples into full rows (Table 4 counts sequences)
     seq_len = min(hp["seq_len"], cfg.llm.max_seq_len)
-    stc = dataclasses.replace(tc, steps=hp["steps"], text_sft_share=hp.get("text_sft_share", 0.0),  # (stage 3's:
-                              short_chat_share=hp.get("short_chat_share", 0.0))  # every preset sets its text share)
+    # (The shares are stage 3's; every preset sets its text share.)
+    stc = dataclasses.replace(tc, steps=hp["steps"], text_sft_share=hp.get("text_sft_share", 0.0),
+                              short_chat_share=hp.get("short_chat_share", 0.0))
     return hp, seq_len, stc
 
 
@@ -1039,8 +1047,10 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                 if losses:
                     log(step, learning_rate(step - 1, hp, tc.min_lr_ratio))
                 save_checkpoint(step)  # (written by the first process)
-            if not master:  # the first process says why, once, and exits with the failure: torchrun would stop it
-                raise SystemExit(0)  # (with SIGTERM, even mid-save) as soon as another process exits with one
+            # The first process says why, once, and exits with the failure; the others exit quietly, as torchrun
+            # would stop them (with SIGTERM, even mid-save) as soon as one process exits with a failure.
+            if not master:
+                raise SystemExit(0)
             kept = f"Training up to step {saved} is saved in {ckpt_path}. " if saved else ""
             raise SystemExit(f"stage {stage}, step {step + 1}: {reason}. {kept}{advice}"
                              f"again{' with --resume' if saved else ''}") from None
@@ -1231,8 +1241,10 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
         if not (tc.resume and is_finished(folder)):  # (a finished one is skipped)
             check_stage(stage, tc, stage_hparams(stage, tc, cfg)[0], world)
             refuse_earlier_run(stage, tc, folder)
-        saved = saved_config(folder) if tc.resume else None  # (made for another model, it is said now, not after
-        if saved is not None:  # making this model's data, which takes minutes at the released sizes)
+        # A folder trained for another model is said now, not after making this model's data (minutes at the
+        # released sizes).
+        saved = saved_config(folder) if tc.resume else None
+        if saved is not None:
             check_same_config(saved, cfg, folder)
     # A resumed stage goes on only from the weights it began from (resumable_state): one whose stage before has lost
     # its files (the folder removed) would be refused only after that stage had trained again. Said now instead.
@@ -1269,8 +1281,10 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
                     if isinstance(e, RuntimeError) and not dead_worker(e):  # (a bug: its traceback)
                         raise
                     let_go_of_workers(e)
-                    if rank > 0 and isinstance(e, KeyboardInterrupt):  # (which reaches every process under torchrun:
-                        raise SystemExit(1) from None  # the first says it, for all; a dead worker each says for itself)
+                    # Ctrl-C reaches every process under torchrun: the first says it, for all (a dead worker, each
+                    # process says for itself).
+                    if rank > 0 and isinstance(e, KeyboardInterrupt):
+                        raise SystemExit(1) from None
                     ckpt = os.path.join(tc.out, f"stage{stage}", "ckpt.pt")  # (whole: atomic_save)
                     raise SystemExit(f"\nstage {stage}: {stopped_why(e)}. " + (
                         f"Its last checkpoint, {ckpt}, is kept: run the same command with --resume to go on from it"
@@ -1515,8 +1529,9 @@ def data_to_prepare(folder: str, preset: str):
     if ident["version"] != prepare_data.VERSION:
         return (f"made by an older prepare_data.py (version {ident['version']}, now {prepare_data.VERSION})",
                 prepare_data.arguments(ident, folder))
-    gone = prepare_data.missing(folder, preset, prepare_data.TRAINED_ON)  # (a stage would find one missing, and
-    # say it less clearly; a held-out file removed leaves its evaluation out, as for one's own data without it)
+    # A file training reads, removed since: a stage would find it missing, and say it less clearly. (A held-out file
+    # removed leaves its evaluation out, as for one's own data without it.)
+    gone = prepare_data.missing(folder, preset, prepare_data.TRAINED_ON)
     return (f"{', '.join(gone)} missing", prepare_data.arguments(ident, folder)) if gone else None
 
 

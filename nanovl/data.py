@@ -98,8 +98,9 @@ def read_jsonl(path: str, origin: bool = False) -> List[dict]:
             except (json.JSONDecodeError, RecursionError) as e:
                 raise ValueError(f"{path}, line {n}: not valid JSON: {json_error(e, lines=False)}{cr_only(line)}"
                                  ) from None
-            if SURROGATE_ESCAPE.search(line) and (bad := half_character(row)):  # (the file itself is UTF-8: only
-                raise ValueError(f"{path}, line {n}: {bad}")  # an escape can spell one; a pair spells a character)
+            # The file itself is UTF-8, so only a JSON escape can spell half a character (a pair spells a whole one).
+            if SURROGATE_ESCAPE.search(line) and (bad := half_character(row)):
+                raise ValueError(f"{path}, line {n}: {bad}")
             if origin:
                 if not isinstance(row, dict):
                     raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
