@@ -157,6 +157,20 @@ def remove_stale_temporaries(folder: str):
 # ---------------------------------------------------------------------------------------------------------------------
 # One run a folder
 
+def sign_lock(f):
+    """Write into a lock file just taken who holds it, "HOST PID", for another run that finds it held to name."""
+    f.truncate(0)
+    f.write(f"{socket.gethostname()} {os.getpid()}\n")
+    f.flush()
+
+
+def lock_holder(f) -> str:
+    """Who holds the lock file f, as sign_lock wrote it: " (process PID on HOST)", or "" when it says nothing."""
+    f.seek(0)
+    holder = f.read().split()
+    return f" (process {holder[-1]}{f' on {holder[0]}' if len(holder) == 2 else ''})" if holder else ""
+
+
 @contextlib.contextmanager
 def building(folder: str):
     """Hold folder's build lock while a corpus is made aside and swapped in (prepare_data.py's, or a LLaVA import).
@@ -179,9 +193,7 @@ def building(folder: str):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip()  # "HOST PID", as the holder wrote it
-            print(f"waiting for another build of {folder} to end (process {holder or '?'})", flush=True)
+            print(f"waiting for another build of {folder} to end{lock_holder(f)}", flush=True)
             fcntl.flock(f, fcntl.LOCK_EX)  # (Ctrl-C while waiting: KeyboardInterrupt, as anywhere)
         except OSError:  # a file system without locks (ENOSYS, ENOLCK): the build goes on unlocked
             f.close()
@@ -199,9 +211,7 @@ def building(folder: str):
         yield
         return
     try:
-        f.truncate(0)
-        f.write(f"{socket.gethostname()} {os.getpid()}\n")
-        f.flush()
+        sign_lock(f)
         yield
     finally:
         os.remove(path)  # (before letting go: a build waiting on this file then sees it is gone, and opens anew)
@@ -238,10 +248,8 @@ def lock_out_folder(out: str, hold: bool = True):
             if attempt < 9:
                 time.sleep(0.01)
                 continue
-            f.seek(0)
-            holder = f.read().split()  # "HOST PID", as the holder wrote it
+            who = lock_holder(f)
             f.close()
-            who = f" (process {holder[-1]}{f' on {holder[0]}' if len(holder) == 2 else ''})" if holder else ""
             return f"another run{who} is writing to {out}: wait for it to end, or choose another --out"
         except OSError:  # a file system without locks
             f.close()
@@ -249,9 +257,7 @@ def lock_out_folder(out: str, hold: bool = True):
     if not hold:
         f.close()  # (which lets go of the lock)
         return ""
-    f.truncate(0)
-    f.write(f"{socket.gethostname()} {os.getpid()}\n")
-    f.flush()
+    sign_lock(f)
     OUT_LOCKS[out] = f
     return ""
 

@@ -319,7 +319,7 @@ def test_two_builds_of_one_folder_take_turns(data_dir, user_text, tmp_path, caps
     held.wait()
     prepare_data.main(["--out", str(out), "--n", "6", "--workers", "1", "--text", user_text])
     other.join()
-    assert f"waiting for another build of {out} to end (process {socket.gethostname()} {os.getpid()})" in \
+    assert f"waiting for another build of {out} to end (process {os.getpid()} on {socket.gethostname()})" in \
         capsys.readouterr().out
     assert os.path.getmtime(out / "meta.json") >= done[0]  # built once the first had ended
     assert folder_digest(out) == folder_digest(data_dir) and not (tmp_path / ".again.lock").exists()
