@@ -53,8 +53,9 @@ def sequence_nll(model, ids, targets, device, image_embeds=None) -> torch.Tensor
 
 
 def normalised(text: str) -> str:
-    """Text in lower case with its runs of whitespace as single spaces: how an answer asked open is matched."""
-    return " ".join(text.split()).lower()
+    """Text case-folded ("Straße" as "strasse"), with typographic apostrophes as plain ones and its runs of whitespace
+    as single spaces: how an answer asked open is matched."""
+    return " ".join(text.replace("\u2019", "'").split()).casefold()
 
 
 def read_mc_rows(path: str) -> List[dict]:
@@ -227,11 +228,13 @@ def names_only(answer: str, options: Sequence[str], right: int) -> bool:
     """Whether a free answer names options[right] and no other option: each as whole words, in any case and spacing
     ("The title is "Notes"." names "Notes"; "There are three." names "three" and not "one"). An option that is
     itself words of the right one ("red" in "dark red") is not held against it; "1" in "12" is not such a part.
-    Options written with labels are read without them (without_labels)."""
+    Options written with labels are read without them (without_labels), and an option's closing punctuation is not
+    asked for ("Notes" names the option "Notes.")."""
     options = without_labels(options)
 
     def named(option, text):
-        return re.search(r"(?<!\w)" + re.escape(normalised(option)) + r"(?!\w)", text) is not None
+        words = normalised(option).rstrip(".,;:!?") or normalised(option)  # ("?" alone stays itself)
+        return re.search(r"(?<!\w)" + re.escape(words) + r"(?!\w)", text) is not None
     said, target = normalised(answer), normalised(options[right])
     return named(options[right], said) and not any(named(o, said) for i, o in enumerate(options)
                                                    if i != right and not named(o, target))

@@ -329,6 +329,11 @@ def test_an_open_answer_is_right_when_it_names_the_right_option_alone():
     assert not names_only("", ["one", "two"], 0)
     assert names_only("It is dark red.", ["red", "dark red", "blue"], 1)  # the option inside the right one is fine
     assert not names_only("It is red.", ["red", "dark red"], 1)
+    # An option's closing punctuation is not asked for; curly and straight apostrophes, and case-folded letters, match.
+    assert names_only("Notes", ["Notes.", "Report."], 0) and not names_only("Report", ["Notes.", "Report."], 0)
+    assert names_only("I don\u2019t know", ["Don't know", "Know"], 0)
+    assert names_only("STRASSE", ["Straße", "Weg"], 0)
+    assert names_only("It says ?", ["?", "!"], 0) and not names_only("It says !", ["?", "!"], 0)
     assert not names_only("1, 2 or 12", ["12", "1", "2"], 0)  # "1" is not words of "12": the hedge names three
     assert names_only("It  is DARK\nred", ["red", "dark red"], 1)  # in any spacing
     # Options written with their labels, in order, are read without them: asked open, a model says "yellow"
