@@ -5,8 +5,9 @@ SIGTERM, a full disk, a second run into the same folder or a killed torchrun pro
 
     stopping         SIGTERM ends a run as Ctrl-C does (Terminated, sigterm_stops); a folder swap is never cut in
                      half (ctrl_c_ignored); pool workers leave the answering to their parent (quiet_worker)
-    whole files      every file is written to FILE.tmpPID, synced, then renamed over FILE (atomic_write): a reader
-                     or a resume sees the old file or the new one, never half of one (atomic_save, for checkpoints)
+    whole files      each file of a training run (checkpoints, metrics, the loss plot) and each file of rows is
+                     written to FILE.tmpPID, synced, then renamed over FILE (atomic_write): a reader or a resume sees
+                     the old file or the new one, never half of one (atomic_save, for checkpoints)
     one run a folder a corpus build holds its folder's lock (building), a training run its --out's (lock_out_folder)
     processes        torchrun's processes stop together, at the same step, and leave the group without a traceback
                      (first_failure, end_process_group, let_go_of_workers)
