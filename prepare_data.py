@@ -57,7 +57,7 @@ try:  # Ctrl-C while torch loads (a second or more, nanovl imports it): a line, 
     from nanovl.config import FROM_SCRATCH, PRESETS, get_config
     from nanovl.data import default_folder, folder_kind, read_jsonl, read_text, write_jsonl
     from nanovl.llava import import_llava
-    from nanovl.runs import LEFTOVER, Terminated, building, ctrl_c_ignored, quiet_worker, sigterm_stops
+    from nanovl.runs import LEFTOVER, Terminated, building, quiet_worker, sigterm_stops, uninterrupted
     from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
     from nanovl.tokenizer import Tokenizer
 except KeyboardInterrupt:
@@ -355,8 +355,8 @@ def prepare(args):
         raise
     # The swap: the old folder moves aside, the new one takes its place, and only then is the old one deleted, so
     # that at every moment one whole corpus exists (one killed between the renames is put back by the next run).
-    # Ctrl-C is ignored for that moment (the build is done: the swap completes).
-    with ctrl_c_ignored():
+    # Ctrl-C and SIGTERM wait for that moment (the build is done: the swap completes).
+    with uninterrupted():
         if os.path.exists(args.out):
             os.replace(args.out, old)
         os.replace(partial, args.out)

@@ -38,7 +38,7 @@ from nanovl.config import (CLIP_MEAN, CLIP_STD, FROM_SCRATCH, SIGLIP_MEAN, SIGLI
                            SAMConfig, SigLIPConfig, VLConfig)
 from nanovl.image import ImageProcessor
 from nanovl.model import DeepSeekVL, nanovl_to_released, released_to_nanovl
-from nanovl.runs import ctrl_c_ignored
+from nanovl.runs import LEFTOVER, uninterrupted
 from nanovl.safetensors import load_file, load_sharded, save_sharded
 from nanovl.tokenizer import BOS, EOS, Tokenizer
 
@@ -460,7 +460,6 @@ def load_released(folder, device="cpu", dtype=None, tokenizer=None):
     return model, tok, proc
 
 
-SHARD_LEFTOVER = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")  # what a killed safetensors write leaves (nanovl/safetensors.py)
 EXPORT_FILES = re.compile(r"(config|tokenizer|tokenizer_config|preprocessor_config)\.json|model\.safetensors"
                           r"(\.index\.json)?|model-\d+-of-\d+\.safetensors")  # the names an export writes
 
@@ -493,7 +492,7 @@ def export_target(folder) -> Path:
                              "folder to export to")
     partial = folder.with_name(folder.name + ".partial")
     if partial.exists() and not (partial.is_dir() and all(EXPORT_FILES.fullmatch(f.name) or
-                                                          SHARD_LEFTOVER.fullmatch(f.name) for f in partial.iterdir())):
+                                                          LEFTOVER.fullmatch(f.name) for f in partial.iterdir())):
         raise ValueError(f"{partial}, where an export is written before it is moved to {folder}, holds files an export "
                          "does not write; move it out of the way")
     return folder
@@ -531,9 +530,10 @@ def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_s
             raise OSError(f"cannot write {tmp}, where the export is written before it is moved to {folder}: "
                           f"{e.strerror or e}; nothing of it is left, and {folder} is as it was") from e
         raise
-    # The swap: an earlier export goes and the new one takes its place. Ctrl-C is ignored for that moment (the export
-    # is written: the swap completes), so that it never leaves the old folder gone and the new one named .partial.
-    with ctrl_c_ignored():
+    # The swap: an earlier export goes and the new one takes its place. Ctrl-C and SIGTERM wait for that moment (the
+    # export is written: the swap completes), so that it never leaves the old folder gone and the new one named
+    # .partial.
+    with uninterrupted():
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)

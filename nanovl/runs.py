@@ -4,8 +4,8 @@ export of weights. None of it is the paper's; it is what a run of hours on share
 SIGTERM, a full disk, a second run into the same folder or a killed torchrun process never costs the work done.
 
     stopping         SIGTERM ends a run as Ctrl-C does (Terminated, sigterm_stops); a folder swap is never cut in
-                     half (ctrl_c_ignored); pool workers leave the answering to their parent (quiet_worker)
-    whole files      each file of a training run (checkpoints, metrics, the loss plot) and each file of rows is
+                     half (uninterrupted); pool workers leave the answering to their parent (quiet_worker)
+    whole files      each file of a training run (checkpoints, metrics, the loss plot), of rows, and of safetensors is
                      written to FILE.tmpPID, synced, then renamed over FILE (atomic_write): a reader or a resume sees
                      the old file or the new one, never half of one (atomic_save, for checkpoints)
     one run a folder a corpus build holds its folder's lock (building), a training run its --out's (lock_out_folder)
@@ -63,18 +63,24 @@ def sigterm_stops():
 
 
 @contextlib.contextmanager
-def ctrl_c_ignored():
-    """Ctrl-C ignored for the moment of a swap of folders (prepare_data.py's corpus, an export), so that it always
-    completes: never the old folder gone and the new one still under its temporary name. (Signals are the main
-    thread's: called from another, nothing changes.)"""
+def uninterrupted():
+    """Ctrl-C and SIGTERM held back for the moment of a swap of folders (prepare_data.py's corpus, an export), so that
+    it always completes: never the old folder gone and the new one still under its temporary name (a SIGTERM there
+    left an export only as .partial, which the next export then cleared). A signal that comes meanwhile is delivered
+    as the swap ends, to the handlers of before. (Signals are the main thread's: called from another, nothing
+    changes.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    ctrl_c = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    held = []
+    before = {s: signal.signal(s, lambda signum, frame: held.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, ctrl_c)
+        for s, handler in before.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # (None: set outside Python)
+        for s in dict.fromkeys(held):
+            os.kill(os.getpid(), s)
 
 
 def quiet_worker():

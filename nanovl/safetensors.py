@@ -21,9 +21,10 @@ import math
 import mmap
 import os
 import re
-import secrets
 
 import torch
+
+from nanovl.runs import atomic_write
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit; a larger claim is a corrupt or hostile file
 INDEX_NAME = "model.safetensors.index.json"
@@ -157,23 +158,6 @@ def load_file(path, device="cpu", names=None) -> dict:
     return out
 
 
-def _atomic_write(path, write):
-    """Call write(f) on a fresh temporary file next to `path`, then rename it over `path`. A rename within one folder
-    is atomic, so a reader (or a process killed mid-save) sees the old file or the new one, never half of one."""
-    path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(path) or ".", f".{os.path.basename(path)}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:  # plain open, not mkstemp, so the file gets the usual umask permissions, not 0600
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_file(tensors: dict, path, metadata: dict = None):
     """Write {name: tensor} (any device, any strides) and optional {str: str} metadata to `path` as safetensors.
     The bytes equal `safetensors.torch.save_file`'s for the same input, except that the library writes metadata keys
@@ -212,7 +196,7 @@ def save_file(tensors: dict, path, metadata: dict = None):
             if t.numel():
                 f.write(t.view(torch.uint8).numpy())  # numpy has no bf16/fp8, but raw bytes it can hand over
 
-    _atomic_write(path, write)
+    atomic_write(path, write)  # (a reader, or a process killed mid-save, sees the old file or the new one)
 
 
 def load_sharded(folder) -> dict:
@@ -280,7 +264,7 @@ def save_sharded(tensors: dict, folder, max_shard_bytes: int):
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}}
         text = json.dumps(index, indent=2)  # huggingface_hub's layout, so the index is byte-identical too
-        _atomic_write(os.path.join(folder, INDEX_NAME), lambda f: f.write(text.encode("utf-8")))
+        atomic_write(os.path.join(folder, INDEX_NAME), lambda f: f.write(text.encode("utf-8")))
         files.append(INDEX_NAME)
     # A leftover index would make load_sharded read an old checkpoint; leftover shards waste disk. Each file is
     # replaced atomically, but a crash between files can leave old and new shards mixed: save to a fresh folder

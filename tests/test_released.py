@@ -427,9 +427,9 @@ def test_export_replaces_only_an_earlier_export(folder, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="export.partial, where an export is written before .* holds files an export"):
         export_released(model, tok, out)
     (tmp_path / "export.partial" / "thesis.txt").unlink()
-    (tmp_path / "export.partial" / ".model.safetensors.0123abcd.tmp").write_text("what a killed export leaves")
+    (tmp_path / "export.partial" / "model.safetensors.tmp4321").write_text("what a killed export leaves")
     export_released(model, tok, out)
-    assert not [f.name for f in out.iterdir() if f.name.endswith(".tmp")]  # cleared, not carried into the export
+    assert not [f.name for f in out.iterdir() if ".tmp" in f.name]  # cleared, not carried into the export
     from nanovl import checkpoint
     # ".", the folder it is run in, or one above it: refused even empty (replaced whole, the shell's folder would go)
     (tmp_path / "here").mkdir()
@@ -440,6 +440,30 @@ def test_export_replaces_only_an_earlier_export(folder, tmp_path, monkeypatch):
                                              "folder whole"):
             checkpoint.main(["--ckpt", str(out), "--export", target])
     assert os.listdir(tmp_path / "here") == ["below"] and not (tmp_path / "here.partial").exists()
+
+
+def test_a_signal_during_an_exports_swap_waits_for_the_swap(folder, tmp_path, monkeypatch):
+    # Ctrl-C (or SIGTERM) between removing the earlier export and renaming the new one into place left the export
+    # only as export.partial, which the next export cleared: now the signal waits for the swap, then stops the run.
+    import shutil
+    import signal
+
+    from nanovl import checkpoint
+    model, tok, _ = load_released(folder[0])
+    out = export_released(model, tok, tmp_path / "export")
+    remove = shutil.rmtree
+
+    def interrupted_midway(path, *a, **k):
+        remove(path, *a, **k)
+        if str(path) == str(out):  # (the earlier export gone, the new one not yet in its place)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", interrupted_midway)
+    with pytest.raises(KeyboardInterrupt):
+        export_released(model, tok, out)
+    monkeypatch.undo()
+    assert not (tmp_path / "export.partial").exists() and load_released(out)[0].cfg.llm == model.cfg.llm
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # (the handlers of before, back)
 
 
 def test_an_export_that_cannot_be_written_leaves_no_partial_folder(folder, tmp_path, monkeypatch):
