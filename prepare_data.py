@@ -122,7 +122,7 @@ def text_dialogue(doc: dict) -> list:
 # ---------------------------------------------------------------------------------------------------------------------
 # Images: one task per example, each with its own seed, so the output does not depend on the number of workers
 
-def generate(task):
+def draw_example(task):
     """One example, drawn and saved: (split, category, index, seed, size, snippet, out) -> {jsonl name: rows}. The
     eval and val splits give their multiple-choice question (eval_mc, val_mc); the train split its pretraining
     document, its chats (sft) and its stage-0 pair."""
@@ -214,7 +214,7 @@ def build(args, out: str):
                 tasks.append((split, c, i, args.seed, size, snippet, out))
     rows = {k: [] for k in ("pretrain", "sft", "stage0", "eval_mc", "val_mc")}
     with Pool(args.workers, initializer=quiet_worker) as pool:
-        for result in tqdm(pool.imap(generate, tasks, chunksize=16), total=len(tasks), desc="images", unit="ex"):
+        for result in tqdm(pool.imap(draw_example, tasks, chunksize=16), total=len(tasks), desc="images", unit="ex"):
             for k, v in result.items():
                 rows[k] += v
 
@@ -267,7 +267,8 @@ def arguments(ident: dict, out: str) -> list:
             "--image-size", str(ident["image_size"])] + (["--text", *ident["text"]] if ident.get("text") else [])
 
 
-# What build() writes: these names at the top of the folder, and in images/ only files named as generate() names them.
+# What build() writes: these names at the top of the folder, and in images/ only files named as draw_example() names
+# them.
 BUILT = {"images", "meta.json", "tokenizer.json"} | {f"{k}.jsonl" for k in ("pretrain", "sft", "stage0", "eval_mc",
                                                                              "val_mc", "text", "eval_text")}
 BUILT_IMAGE = re.compile(rf"({'|'.join(CATEGORIES)})/(train|eval|val)_\d{{6}}(_\d+)?(_seg)?\.png")
@@ -278,8 +279,8 @@ TRAINED_ON = {"images", "tokenizer.json", "pretrain.jsonl", "sft.jsonl", "stage0
 
 
 def missing(folder: str, preset: str, names=BUILT) -> list:
-    """Which of names a corpus made by this version holds at its top folder lacks (removed since): it is rebuilt.
-    The released sizes' corpus has no tokenizer.json: they read the released model's."""
+    """The entries of names missing at the top of folder, a corpus this version made (removed since: it is rebuilt).
+    The released sizes' corpus has no tokenizer.json to miss: they read the released model's."""
     need = names - {"meta.json"} - (set() if preset in FROM_SCRATCH else {"tokenizer.json"})
     return sorted(f for f in need if not os.path.exists(os.path.join(folder, f)))
 

@@ -14,7 +14,7 @@ the official examples (with several prompts, each places its own). Decoding is g
 instead, from the distribution that --top_k and --top_p narrow (they need a temperature), seeded by --seed, so a run is
 reproducible. --repetition_penalty above 1 makes tokens already in the answer less likely (below 1, more), greedy or
 not. The official CLI samples with temperature 0.2, top_p 0.95 and repetition_penalty 1.1, and with the top_k 50 of
-transformers 4's default generation config.
+transformers 4's default generation config; it sets the penalty only when it samples, so its greedy answers have none.
 
 In the interactive chat each turn reuses the KV cache: only the new message is run through the model (with the end of
 the last answer, which the cache does not hold yet, or the whole answer when its text encodes to other ids than the

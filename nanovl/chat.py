@@ -13,12 +13,13 @@ the released models).
 
 We never build that string and then search it for offsets. Like nanochat, we encode each piece separately and
 concatenate the ids, with a mask bit per token: 1 for what the model learns to say (the assistant's answers and their
-end-of-sentence token), 0 for everything else (BOS, system prompt, role names, the user's turns, image tokens). Bit i
-is about token i itself: where it is 1, the model is trained to predict ids[i] from ids[:i] (data.collate shifts ids
-and mask by one into inputs and targets), so BOS, which nothing predicts, always has 0. The
-pieces are cut where the DeepSeek pre-tokenizer always cuts (at newlines, special tokens, and between "Assistant:"
-and the space that starts an answer), so the ids equal the tokenizer's encoding of the whole official string; a test
-checks this.
+end-of-sentence token), 0 for everything else (BOS, system prompt, role names, the user's turns, image tokens). Bit i is
+about token i itself: where it is 1, the model is trained to predict ids[i] from ids[:i] (data.collate shifts ids and
+mask by one into inputs and targets), so BOS, which nothing predicts, always has 0. The pieces are cut where the
+DeepSeek pre-tokenizer always cuts (at newlines, special tokens, and between "Assistant:" and the space that starts an
+answer), so the ids equal the tokenizer's encoding of the whole official string; a test checks this. (For a conversation
+that ends with an answer, or asks for one: one that ends with the user's turn keeps that turn's "\\n\\n", which the
+official string's final strip drops.)
 
 Pretraining documents (stages 1 and 2) use no template: BOS, the text with its images, EOS, and the loss on the text
 tokens and EOS only (paper section 3.2: next-token prediction on language tokens).
@@ -26,7 +27,9 @@ tokens and EOS only (paper section 3.2: next-token prediction on language tokens
 
 from typing import List, Sequence, Tuple
 
-IMAGE_TAG = "<image_placeholder>"
+from nanovl.tokenizer import EOS, IMAGE
+
+IMAGE_TAG = IMAGE  # "<image_placeholder>", where an image goes in a message
 # VLChatProcessor's fixed system prompt.
 SYSTEM_PROMPT = ("You are a helpful language and vision assistant. You are able to understand the visual content that "
                  "the user provides, and assist the user with a variety of tasks using natural language.")
@@ -54,7 +57,7 @@ def prompt_string(conversation: Sequence[dict], system: str = SYSTEM_PROMPT, gen
     parts = [system + "\n\n"] if system else []
     for i, msg in enumerate(conversation):
         role = "User" if i % 2 == 0 else "Assistant"
-        parts.append(f"{role}: {msg['content'].strip()}" + ("\n\n" if i % 2 == 0 else "<｜end▁of▁sentence｜>"))
+        parts.append(f"{role}: {msg['content'].strip()}" + ("\n\n" if i % 2 == 0 else EOS))
     if generation_prompt:
         parts.append("Assistant:")
     return "".join(parts).strip()

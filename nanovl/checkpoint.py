@@ -155,6 +155,8 @@ def released_config(d: dict, image_token_id: int, name: str = "released") -> VLC
 
 
 def _tower_params(tower, known: dict) -> dict:
+    """A vision tower's params block of the released config.json: its official model_name when its dimensions are a
+    released tower's (known: {model_name: dimensions}), else a nanovl name and the dimensions themselves."""
     dims = {k: getattr(tower, k) for k in next(iter(known.values()))}
     name = next((n for n, d in known.items() if d == dims), None)
     params = {"model_name": name or f"nanovl_{type(tower).__name__.lower()}", "image_size": tower.image_size,
@@ -425,16 +427,14 @@ def load_released(folder, device="cpu", dtype=None, tokenizer=None):
     tensors = load_sharded(folder)
     if port:
         tensors = hf_port_tensors(tensors, cfg.hybrid, folder)
-    state, skipped, unknown = {}, [], []
+    state, unknown = {}, []
     for key, tensor in tensors.items():
         try:
-            ours = released_to_nanovl(key)
+            ours = released_to_nanovl(key)  # (None: a key the official model builds but never reads, RELEASED_UNUSED)
         except ValueError:
             unknown.append(key)
             continue
-        if ours is None:
-            skipped.append(key)
-        else:
+        if ours is not None:
             state[ours] = tensor
     if unknown:
         raise ValueError(f"{folder}: {len(unknown)} keys that are not DeepSeek-VL's: {_shorten(unknown)}")

@@ -140,10 +140,10 @@ class DecodeStep:
         stacked = llm.stacked_projections() if compile and self.stack else None
         # (bench.py's profile calls run too)
         self.run = lambda tok, cache, pos, span=None: step(tok, cache, pos, stacked, span)
-        self.device = cache.real.device
+        self.device = cache.device
         self.fixed = compile or self.device.type == "cuda"  # one shape for every token (recorded, or compiled for it)
         # What a recorded graph reads: it replays on these very tensors, so each call copies its inputs into them.
-        self.tok = torch.zeros(cache.real.shape[0], 1, dtype=torch.long, device=self.device)
+        self.tok = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.graph = self.logits = None
 
@@ -273,8 +273,9 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
         raise ValueError(f"n_words is the tokenizer's vocabulary size, the ids that may be picked: expected an integer "
                          f"above the image token's id {model.cfg.image_token_id} and at most the model's {vocab}, got "
                          f"{n_words!r}")
-    words = vocab if n_words is None else n_words  # (a stopped row's pad ids are fed back, and looked up among the
-    if not (is_id(pad_id) and 0 <= pad_id < words):  # picked ids by the repetition penalty)
+    # A stopped row's pad ids are fed back, and looked up among the picked ids by the repetition penalty.
+    words = vocab if n_words is None else n_words
+    if not (is_id(pad_id) and 0 <= pad_id < words):
         raise ValueError(f"pad_id must be a token id, 0 to {words - 1} (the tokenizer's pad_id), got {pad_id!r}")
     if images is not None and not torch.is_tensor(images):
         raise ValueError(f"expected images as one (N, 3, S, S) tensor, got {type(images).__name__} (torch.stack a "
@@ -297,8 +298,7 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
     pad_mask = None if pad_mask.all() else pad_mask.to(device)
     logits, _ = model(ids.to(device), None if images is None else images.to(device), cache=cache, pad_mask=pad_mask,
                       last_only=True)  # (B, 1, V)
-    out = _decode(model, DecodeStep(model.llm, cache, compile), logits[:, -1], s, stop_ids, pad_id,
-                  vocab if n_words is None else n_words, on_step)
+    out = _decode(model, DecodeStep(model.llm, cache, compile), logits[:, -1], s, stop_ids, pad_id, words, on_step)
     rows = []
     for row in out.tolist():  # cut each row after its stop token
         end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))

@@ -99,6 +99,14 @@ class KVCache:
     def max_len(self) -> int:
         return self.real.shape[1]
 
+    @property
+    def batch_size(self) -> int:
+        return self.real.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.real.device
+
     def update(self, layer: int, k, v):
         """Write this step's keys and values (B, nkv, T, hs) and return all of them so far (B, nkv, length + T, hs)."""
         start, end = self.length, self.length + k.shape[2]
@@ -358,11 +366,11 @@ class Llama(nn.Module):
             raise ValueError(f"the KV cache was made for a model of {len(cache.k)} layers, {k.shape[1]} key-value "
                              f"heads of {k.shape[3]}; this one has {c.n_layers} layers, {c.n_kv_heads} key-value heads "
                              f"of {c.head_dim}: make it with this model's new_cache")
-        if cache.real.shape[0] != batch:
-            raise ValueError(f"the KV cache holds {cache.real.shape[0]} rows, but {batch} came: a cache serves one "
-                             "batch, of the size it was made for")
-        if cache.real.device != self.embed_tokens.weight.device:
-            raise ValueError(f"the KV cache is on {cache.real.device}, the model on {self.embed_tokens.weight.device}")
+        if cache.batch_size != batch:
+            raise ValueError(f"the KV cache holds {cache.batch_size} rows, but {batch} came: a cache serves one batch, "
+                             "of the size it was made for")
+        if cache.device != self.embed_tokens.weight.device:
+            raise ValueError(f"the KV cache is on {cache.device}, the model on {self.embed_tokens.weight.device}")
         if k.dtype != self.embed_tokens.weight.dtype:  # (under autocast too: new_cache makes it the weights' dtype)
             raise ValueError(f"the KV cache holds {k.dtype}, the model's weights are {self.embed_tokens.weight.dtype}: "
                              "make it with this model's new_cache")

@@ -301,11 +301,11 @@ def import_llava(path: str, images_dir: str, out: str, workers: int = 1, as_capt
             try:
                 if isinstance(row, Exception):
                     raise row
-                kind, ours = llava_row(row, images_dir, check_image, as_captions)
-                kept[kind].append(ours)
+                dest, ours = llava_row(row, images_dir, check_image, as_captions)
+                kept[dest].append(ours)
             except ValueError as e:
-                named = f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else ""
-                skipped.append(f"{where}{named}: {e}")
+                id_note = f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else ""
+                skipped.append(f"{where}{id_note}: {e}")
         if not kept["sft"] and not kept["pretrain"]:
             # One object on one line reads as JSON lines of one row; with none of a row's fields, it is no row but
             # the whole file (rows wrapped as {"data": [...]}), and is said to be, as one over several lines is.

@@ -53,7 +53,9 @@ class Example:
     category: str
     images: List[Image.Image]
     text: str  # pretraining text, one IMAGE_TAG per image
-    qa: List[Tuple[str, str]]  # question-answer pairs for SFT (the first question is asked with the image)
+    # question-answer pairs for SFT; the images go before the first question (prepare_data.py puts their tags there,
+    # but for the interleaved documents, whose first question holds its own)
+    qa: List[Tuple[str, str]]
     mc: Optional[dict] = None  # {"question", "options", "answer"} for multiple-choice evaluation
     # A short caption of the image's main fact, the one its multiple-choice question asks about (stage 0, SigLIP's
     # image-text contrastive loss): one fact per caption keeps the captions few and distinct, so each contrastive
