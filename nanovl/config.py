@@ -21,6 +21,10 @@ Scaled-down presets keep the official geometry. In the released hybrid, SAM sees
 upsampled by 1.5 to 96x96, then two stride-2 convs give 24x24, which is exactly SigLIP's 384/16 grid. So both
 branches give the same number of tokens, and the hybrid adaptor can concatenate them feature-wise. A preset is a
 starting point: `get_config("tiny", **{"llm.n_layers": 2})` overrides any field.
+
+The scaled-down presets have no pretrained parts to start from, so nanovl trains them from scratch with a "stage 0" of
+its own before the paper's three stages: the decoder on text, SigLIP with a contrastive loss, SAM with a dense one
+(train.py, nanovl/stage0.py). Comments that mention stage 0 mean that.
 """
 
 import dataclasses

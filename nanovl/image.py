@@ -6,7 +6,9 @@ released `VLMImageProcessor` (official image_processing_vlm.py; facts sheet sect
     resize: long side -> S, aspect kept      target (max(int(h/M*S), 14), max(int(w/M*S), 14)), M = max(w, h),
                                               PIL bicubic (what torchvision's resize does on a PIL image)
     pad to S x S, centred, with the mean colour   offset (S - short) // 2; colour int(255 * mean) per channel
-                                              (normalised, the mean colour is about 0: padding adds no signal)
+                                              (normalised with that mean, about 0: padding adds little signal; the
+                                              7B's SigLIP branch, with other statistics, sees a slightly dark border,
+                                              as in the official code)
     HWC uint8 -> CHW float in [0, 1]
     normalise (x - mean) / std                only where the model does not normalise inside its towers
 

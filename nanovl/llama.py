@@ -142,6 +142,8 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: Optional[KVCache], layer: int, qkv_weight=None):
         B, T, C = x.shape
+        # project(p.weight, x) is p(x), the bias-free nn.Linear; written so, the compiled one-token step (decode_step)
+        # can make it a single reduction kernel (project, at the end of this file, with the other decoding helpers).
         if qkv_weight is None:
             q, k, v = (project(p.weight, x) for p in (self.q_proj, self.k_proj, self.v_proj))
         else:  # decode_step: the three weights stacked in one tensor (stacked_weights), one product
@@ -154,15 +156,15 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, nkv, S, hs): S = tokens so far (decode_step: its span of slots)
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: head i reads kv head i // (nh / nkv)
-            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, S, hs)
+            v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, S, hs)
         # Without a mask this is plain causal attention (the training path, eligible for flash kernels). The compiled
         # one-token step keeps this call too: written as reductions, as its projections are (compiling_one_row), its
         # attention made the step slower in both A/Bs on an H200 (2026-11-29, untuned: 1.758 ms against SDPA's
         # 1.700; 2026-11-30, tuned, q, k, v stacked inside the step: 1.891 against 1.758), and took three kernels a
         # layer to SDPA's one.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, nh, T, hs)
-        return project(self.o_proj.weight, y.transpose(1, 2).reshape(B, T, C))
+        return project(self.o_proj.weight, y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
 
 class MLP(nn.Module):
@@ -179,7 +181,7 @@ class MLP(nn.Module):
             gate, up = project(self.gate_proj.weight, x), project(self.up_proj.weight, x)  # (B, T, ffn) each
         else:  # decode_step: gate's and up's weights stacked in one tensor (stacked_weights), one product
             gate, up = project(gate_up_weight, x).chunk(2, dim=-1)
-        return project(self.down_proj.weight, F.silu(gate) * up)
+        return project(self.down_proj.weight, F.silu(gate) * up)  # (B, T, C)
 
 
 class DecoderLayer(nn.Module):

@@ -182,7 +182,8 @@ class DeepSeekVL(nn.Module):
 
     def check_inputs(self, ids, targets, pad_mask, images, given, is_image):
         """What must hold before anything runs: ids and targets in the vocabulary, image spans whole, one image per
-        span, pixels finite and in the processor's range. A ValueError saying what was expected and given."""
+        n_image_tokens placeholder tokens, pixels finite and in the processor's range. A ValueError saying what was
+        expected and given."""
         per_image = self.cfg.n_image_tokens
         # Each span of image tokens must hold whole images (back-to-back images make one longer span). edge[j] is +1
         # where a span starts (position j is its first image token) and -1 where one has just ended (j is one past its
@@ -214,7 +215,8 @@ class DeepSeekVL(nn.Module):
                              "in one run, and keep spans whole)")
         if n_tok // per_image != n_given:
             raise ValueError(f"expected {n_tok // per_image} images for {n_tok} <image_placeholder> tokens (each "
-                             f"image fills {per_image}), got {n_given}; give one image per placeholder span, in order")
+                             f"image fills {per_image}), got {n_given}; give one image per {per_image} placeholder "
+                             "tokens, in order")
 
 
 def pixel_counts(x):

@@ -13,8 +13,9 @@ SAM-B (ViTDet) at 1024: the high-resolution, fine-detail half of DeepSeek-VL's h
       -> neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d                      (B, 256, 64, 64)
       -> DeepSeek: bilinear upsample to 96x96 in fp32, two bias-free stride-2 convs (B, 1024, 24, 24): 96 = 24 x 4,
          so the two halvings land on SigLIP's 24x24 grid, and the aligner pairs the two towers token by token
-         (the paper counts this tail as part of the vision-language adaptor; it trains with the aligner, and so do
-         both necks, as the official freeze_high=False unfreezes them)
+         (the paper counts this tail as part of the vision-language adaptor; nanovl trains it with the aligner in
+         stage 1, and both necks too, as the official freeze_high=False would: the paper does not say which of the
+         official flags DeepSeek trained with, facts section 11)
       -> DeepSeek "sam_hd": the same tail applied to the output of the *first* global block through its own
          neck (`neck_hd`), but the *shared* downsample convs, scaled by a learned scalar and added:
              F = D(up(neck(h_last))) + alpha * D(up(neck_hd(h_block2)))
@@ -207,8 +208,8 @@ class SAM(nn.Module):
     def upsample_downsample(self, x):
         """(B, neck_dim, H, W) -> (B, out_dim, out_grid, out_grid). Upsampled in fp32, as the official code does."""
         size = self.cfg.upsample_size
-        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False).to(x.dtype)
-        return self.downsamples(x)
+        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False).to(x.dtype)  # 96x96
+        return self.downsamples(x)  # two stride-2 convs: (B, out_dim, 24, 24) at the released sizes
 
     def forward(self, x):
         last, first_global = self.trunk(x)
