@@ -155,6 +155,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 @dataclass
 class ImageProcessor:
+    """The official VLMImageProcessor, as a callable: an image (a path or a PIL image) -> (3, S, S) float32 tensor.
+    Made for a model by for_config(cfg), or from a released folder's preprocessor_config.json by from_dict, which
+    fills what the file leaves out with the official class's defaults. The field defaults here are neither: a
+    1024-pixel canvas padded with SigLIP's mean grey, unnormalised, for building one by hand."""
     image_size: int = 1024
     image_mean: Tuple[float, float, float] = SIGLIP_MEAN  # gives the pad colour, and the normalisation if on
     image_std: Tuple[float, float, float] = SIGLIP_STD
