@@ -75,22 +75,22 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, h, w, C = x.shape  # B counts windows too
-        N, nh = h * w, self.n_heads
-        qkv = self.qkv(x).view(B, N, 3, nh, C // nh)  # (B, N, 3, nh, hs)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, N, hs)
+        T, nh = h * w, self.n_heads  # T: the tokens of the window (or of the whole grid, in a global block)
+        qkv = self.qkv(x).view(B, T, 3, nh, C // nh)  # (B, T, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
 
         # Decomposed relative positions: the logit of the query at cell (qy, qx) for the key at (ky, kx) gains
         # q . R_h[qy - ky] + q . R_w[qx - kx] (rel_index shifts the offsets to start at 0).
         # The official code uses the *unscaled* q here, while the content term uses q * hs^-0.5.
         r_h = self.rel_pos_h[self.rel_index]  # (h, h, hs): [query row, key row]
         r_w = self.rel_pos_w[self.rel_index]  # (w, w, hs)
-        r_q = q.reshape(B, nh, h, w, -1)
+        r_q = q.reshape(B, nh, h, w, -1)  # (B, nh, h, w, hs)
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, r_h)  # (B, nh, h, w, h_k)
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, r_w)  # (B, nh, h, w, w_k)
-        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, nh, N, N)  # (B, nh, h, w, h_k, w_k) -> N x N
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, nh, T, T)  # (B, nh, h, w, h_k, w_k) -> T x T
 
         # softmax(q k^T / sqrt(hs) + bias) v: the same sum as the official (q * scale) @ k^T + rel terms.
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, nh, N, hs)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, nh, T, hs)
         x = x.transpose(1, 2).reshape(B, h, w, C)
         return self.proj(x)
 

@@ -45,11 +45,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width, bias=True)
 
     def forward(self, x):
-        B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.n_heads, C // self.n_heads)  # (B, N, 3, nh, hs)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, N, hs)
+        B, T, C = x.shape  # T: the image's patch tokens
+        qkv = self.qkv(x).view(B, T, 3, self.n_heads, C // self.n_heads)  # (B, T, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         x = F.scaled_dot_product_attention(q, k, v)  # default scale 1/sqrt(hs), bidirectional
-        x = x.transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+        x = x.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.proj(x)
 
 
@@ -102,8 +102,8 @@ class SigLIP(nn.Module):
         if self.pixel_mean is not None:
             x = (x - self.pixel_mean) / self.pixel_std
         x = self.patch_embed(x)  # (B, C, H, W)
-        x = x.flatten(2).transpose(1, 2)  # (B, N, C), N = H*W in row-major order
+        x = x.flatten(2).transpose(1, 2)  # (B, T, C), T = H*W patch tokens in row-major order
         x = x + self.pos_embed
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)  # (B, N, C); DeepSeek keeps the final norm (timm's forward_features)
+        return self.norm(x)  # (B, T, C); DeepSeek keeps the final norm (timm's forward_features)
