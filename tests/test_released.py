@@ -464,6 +464,16 @@ def test_a_signal_during_an_exports_swap_waits_for_the_swap(folder, tmp_path, mo
     monkeypatch.undo()
     assert not (tmp_path / "export.partial").exists() and load_released(out)[0].cfg.llm == model.cfg.llm
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # (the handlers of before, back)
+    # A SIGTERM there, in a process of its own (its default ends the process): it ends once the swap is done.
+    script = (f"import os, shutil, signal; from nanovl import checkpoint; remove = shutil.rmtree\n"
+              f"def midway(path, *a, **k):\n    remove(path, *a, **k)\n"
+              f"    if str(path) == {str(out)!r}: os.kill(os.getpid(), signal.SIGTERM)\n"
+              f"checkpoint.shutil.rmtree = midway\n"
+              f"model, tok, _ = checkpoint.load_released({str(folder[0])!r})\n"
+              f"checkpoint.export_released(model, tok, {str(out)!r})\nprint('not stopped')")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGTERM and "not stopped" not in done.stdout, done.stderr
+    assert not (tmp_path / "export.partial").exists() and load_released(out)[0].cfg.llm == model.cfg.llm
 
 
 def test_an_export_that_cannot_be_written_leaves_no_partial_folder(folder, tmp_path, monkeypatch):
