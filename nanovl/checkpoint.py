@@ -38,7 +38,7 @@ from nanovl.config import (CLIP_MEAN, CLIP_STD, FROM_SCRATCH, SIGLIP_MEAN, SIGLI
                            SAMConfig, SigLIPConfig, VLConfig)
 from nanovl.image import ImageProcessor
 from nanovl.model import DeepSeekVL, nanovl_to_released, released_to_nanovl
-from nanovl.runs import LEFTOVER, uninterrupted
+from nanovl.runs import uninterrupted
 from nanovl.safetensors import load_file, load_sharded, save_sharded
 from nanovl.tokenizer import BOS, EOS, Tokenizer
 
@@ -462,6 +462,9 @@ def load_released(folder, device="cpu", dtype=None, tokenizer=None):
 
 EXPORT_FILES = re.compile(r"(config|tokenizer|tokenizer_config|preprocessor_config)\.json|model\.safetensors"
                           r"(\.index\.json)?|model-\d+-of-\d+\.safetensors")  # the names an export writes
+# What a killed export leaves in its .partial beside them: the file it was writing, FILE.tmpPID (runs.atomic_write),
+# or .FILE.XXXXXXXX.tmp, as nanovl named its safetensors temporaries before 2026-12-02.
+EXPORT_LEFTOVER = re.compile(rf"(?:{EXPORT_FILES.pattern})\.tmp\d+|\.(?:{EXPORT_FILES.pattern})\.[0-9a-f]{{8}}\.tmp")
 
 
 def export_target(folder) -> Path:
@@ -491,8 +494,8 @@ def export_target(folder) -> Path:
                              f"{json.dumps(EXPORTED_BY)}): an export only replaces an earlier export. Choose a new "
                              "folder to export to")
     partial = folder.with_name(folder.name + ".partial")
-    if partial.exists() and not (partial.is_dir() and all(EXPORT_FILES.fullmatch(f.name) or
-                                                          LEFTOVER.fullmatch(f.name) for f in partial.iterdir())):
+    ours = lambda name: EXPORT_FILES.fullmatch(name) or EXPORT_LEFTOVER.fullmatch(name)
+    if partial.exists() and not (partial.is_dir() and all(ours(f.name) for f in partial.iterdir())):
         raise ValueError(f"{partial}, where an export is written before it is moved to {folder}, holds files an export "
                          "does not write; move it out of the way")
     return folder

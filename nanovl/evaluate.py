@@ -53,8 +53,13 @@ def sequence_nll(model, ids, targets, device, image_embeds=None) -> torch.Tensor
 
 
 def normalised(text: str) -> str:
-    """Text case-folded ("Straße" as "strasse"), with typographic apostrophes as plain ones and its runs of whitespace
-    as single spaces: how an answer asked open is matched."""
+    """Text in lower case with its runs of whitespace as single spaces: how an answer asked open is matched, at the
+    least (names_only reads it more loosely where the options stay apart)."""
+    return " ".join(text.split()).lower()
+
+
+def loosely(text: str) -> str:
+    """normalised, and also case-folded ("Straße" as "strasse") with typographic apostrophes as plain ones."""
     return " ".join(text.replace("\u2019", "'").split()).casefold()
 
 
@@ -228,16 +233,20 @@ def names_only(answer: str, options: Sequence[str], right: int) -> bool:
     """Whether a free answer names options[right] and no other option: each as whole words, in any case and spacing
     ("The title is "Notes"." names "Notes"; "There are three." names "three" and not "one"). An option that is
     itself words of the right one ("red" in "dark red") is not held against it; "1" in "12" is not such a part.
-    Options written with labels are read without them (without_labels), and an option's closing punctuation is not
-    asked for ("Notes" names the option "Notes.")."""
+    Options written with labels are read without them (without_labels). Where the question's options stay apart
+    so, they are read loosely too: their closing punctuation not asked for ("Notes" names the option "Notes."),
+    letters case-folded and typographic apostrophes as plain ones (loosely); options that would then read alike
+    ("3" and "3.", "Masse" and "Maße") are each asked for as written."""
     options = without_labels(options)
+    loose = [loosely(o).rstrip(".,;:!?") or loosely(o) for o in options]  # ("?" alone stays itself)
+    read = loosely if len(set(loose)) == len(loose) else normalised
+    keys = loose if read is loosely else [normalised(o) for o in options]
 
-    def named(option, text):
-        words = normalised(option).rstrip(".,;:!?") or normalised(option)  # ("?" alone stays itself)
-        return re.search(r"(?<!\w)" + re.escape(words) + r"(?!\w)", text) is not None
-    said, target = normalised(answer), normalised(options[right])
-    return named(options[right], said) and not any(named(o, said) for i, o in enumerate(options)
-                                                   if i != right and not named(o, target))
+    def named(key, text):
+        return re.search(r"(?<!\w)" + re.escape(key) + r"(?!\w)", text) is not None
+    said = read(answer)
+    return named(keys[right], said) and not any(named(k, said) for i, k in enumerate(keys)
+                                                if i != right and not named(k, keys[right]))
 
 
 def open_questions(model, rows: Sequence[dict], tokenizer, processor, n_image_tokens: int, root: str = "",

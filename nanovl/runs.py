@@ -66,9 +66,9 @@ def sigterm_stops():
 def uninterrupted():
     """Ctrl-C and SIGTERM held back for the moment of a swap of folders (prepare_data.py's corpus, an export), so that
     it always completes: never the old folder gone and the new one still under its temporary name (a SIGTERM there
-    left an export only as .partial, which the next export then cleared). A signal that comes meanwhile is delivered
-    as the swap ends, to the handlers of before. (Signals are the main thread's: called from another, nothing
-    changes.)"""
+    left an export only as .partial, which the next export then cleared). A signal that came meanwhile is delivered
+    once the swap has completed, to the handlers of before (SIGTERM if both came: either means stop); a swap that
+    failed raises its own error instead. (Signals are the main thread's: called from another, nothing changes.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -77,10 +77,20 @@ def uninterrupted():
     try:
         yield
     finally:
+        # Each handler is put back even if a signal lands meanwhile: signal.signal runs the handlers of signals
+        # pending (a Ctrl-C just after SIGINT's is back raises there), which would leave the other one holding.
+        came = None
         for s, handler in before.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # (None: set outside Python)
-        for s in dict.fromkeys(held):
-            os.kill(os.getpid(), s)
+            while True:
+                try:
+                    signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # (None: set outside Python)
+                    break
+                except BaseException as e:  # (KeyboardInterrupt, Terminated: raised once every handler is back)
+                    came = came or e
+        if came is not None:
+            raise came
+    if held:  # (only here, after a swap that completed)
+        os.kill(os.getpid(), signal.SIGTERM if signal.SIGTERM in held else signal.SIGINT)
 
 
 def quiet_worker():
@@ -157,7 +167,7 @@ def remove_stale_temporaries(folder: str):
         except ProcessLookupError:
             with contextlib.suppress(OSError):  # (a folder that may not be written: run_stage's check says so)
                 os.remove(tmp)
-        except PermissionError:  # another user's live process
+        except (PermissionError, OverflowError):  # another user's live process; a number no process can have
             pass
 
 

@@ -428,6 +428,7 @@ def test_export_replaces_only_an_earlier_export(folder, tmp_path, monkeypatch):
         export_released(model, tok, out)
     (tmp_path / "export.partial" / "thesis.txt").unlink()
     (tmp_path / "export.partial" / "model.safetensors.tmp4321").write_text("what a killed export leaves")
+    (tmp_path / "export.partial" / ".model.safetensors.0123abcd.tmp").write_text("and one of nanovl before 12-02")
     export_released(model, tok, out)
     assert not [f.name for f in out.iterdir() if ".tmp" in f.name]  # cleared, not carried into the export
     from nanovl import checkpoint

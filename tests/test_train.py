@@ -334,6 +334,9 @@ def test_an_open_answer_is_right_when_it_names_the_right_option_alone():
     assert names_only("I don\u2019t know", ["Don't know", "Know"], 0)
     assert names_only("STRASSE", ["Straße", "Weg"], 0)
     assert names_only("It says ?", ["?", "!"], 0) and not names_only("It says !", ["?", "!"], 0)
+    # ... but only where the options stay apart so: each is then asked for as written, as before.
+    assert names_only("3.", ["3", "3."], 1) and not names_only("3.", ["3", "3."], 0)
+    assert names_only("Maße", ["Masse", "Maße"], 1) and not names_only("Maße", ["Masse", "Maße"], 0)
     assert not names_only("1, 2 or 12", ["12", "1", "2"], 0)  # "1" is not words of "12": the hedge names three
     assert names_only("It  is DARK\nred", ["red", "dark red"], 1)  # in any spacing
     # Options written with their labels, in order, are read without them: asked open, a model says "yellow"
@@ -1073,11 +1076,13 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
     dead, live = folder / f"ckpt.pt.tmp{2 ** 22 + 1}", folder / f"ckpt.pt.tmp{os.getppid()}"  # pid_max <= 2 ** 22
     dead.write_bytes(b"half a checkpo")  # left by a process killed while saving: removed
     live.write_bytes(b"half a mod")  # a save still going on in a live process: kept
+    huge = folder / f"notes.tmp{10 ** 20}"  # a number no process has: not one of ours, kept (it raised OverflowError)
+    huge.write_bytes(b"mine")
     capsys.readouterr()
     # the stage's own learning rate, vision rate and packing, given explicitly: the same run
     train.main(common + ["--resume", "--lr", "2e-3", "--vision_lr_mult", "0.1", "--pack", "0"])
     assert "trained to step 2, but its final weights or evaluation were never written" in capsys.readouterr().out
-    assert (folder / "eval.json").exists() and not dead.exists() and live.exists()
+    assert (folder / "eval.json").exists() and not dead.exists() and live.exists() and huge.exists()
     assert (folder / "model.pt").read_bytes() == before["model.pt"]  # what the first run wrote, byte for byte
     steps = [m["step"] for m in train.read_jsonl(folder / "metrics.jsonl")]
     assert steps == [1, 2, 2]  # the metrics came back from the checkpoint, then the evaluation's line
@@ -1434,6 +1439,42 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
         runs.atomic_save({"step": 4, "w": torch.zeros(100)}, path)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == ["ckpt.pt"] and torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_a_signal_held_during_a_swap_comes_after_it_and_every_handler_comes_back(monkeypatch):
+    got = []
+    record = lambda signum, frame: got.append(signum)
+    before = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with runs.uninterrupted():  # both come: SIGTERM is delivered (either means stop), after the block
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert got == []
+        assert got == [signal.SIGTERM]
+        got.clear()
+        with pytest.raises(OSError, match="the swap failed"):  # a swap that fails says so, not the held signal
+            with runs.uninterrupted():
+                os.kill(os.getpid(), signal.SIGINT)
+                raise OSError("the swap failed")
+        assert got == []
+        # A signal that lands while the handlers are put back (signal.signal runs pending ones: a Ctrl-C just after
+        # SIGINT's handler is back raises there) no longer leaves the other handler holding signals for good.
+        put_back, landed = signal.signal, []
+
+        def lands_once(s, handler):
+            if not landed and handler is record:
+                landed.append(s)
+                raise KeyboardInterrupt
+            return put_back(s, handler)
+
+        with pytest.raises(KeyboardInterrupt):
+            with runs.uninterrupted():
+                monkeypatch.setattr(signal, "signal", lands_once)
+        monkeypatch.undo()
+        assert all(signal.getsignal(s) is record for s in (signal.SIGINT, signal.SIGTERM))
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 def test_the_loss_plot_is_written_whole(tmp_path, monkeypatch):
