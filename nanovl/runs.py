@@ -85,7 +85,7 @@ def uninterrupted():
                 try:
                     signal.signal(s, handler if handler is not None else signal.SIG_DFL)  # (None: set outside Python)
                     break
-                except BaseException as e:  # (KeyboardInterrupt, Terminated: raised once every handler is back)
+                except KeyboardInterrupt as e:  # (Ctrl-C, or Terminated: raised once every handler is back)
                     came = came or e
         if came is not None:
             raise came
