@@ -256,6 +256,11 @@ def chat(args, model, tok, proc, sampling, pictures):
         if len(images) < n_tags:
             print(f"\n(message dropped; the conversation is as it was{attached(queued)})")
             continue
+        try:  # a message too long for the context, say: said on its own line, not as the start of an answer
+            session.check_turn(message, images, sampling)
+        except ValueError as e:
+            print(f"(error: {e}; the conversation is as it was{attached(queued)})")
+            continue
         print("Assistant: ", end="", flush=True)
         try:
             if not session.ask(message, images, sampling, on_text=lambda t: print(t, end="", flush=True)):

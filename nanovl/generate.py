@@ -348,15 +348,13 @@ class ChatSession:
         ids = user_ids(tok, content) + tok.encode("Assistant:")
         return expand_images(ids, [0] * len(ids), tok.image_id, self.model.cfg.n_image_tokens)[0]
 
-    @torch.no_grad()
-    def ask(self, content: str, images: Sequence = (), sampling: Sampling = Sampling(),
-            on_text: Optional[Callable[[str], None]] = None) -> str:
-        """One user turn -> the answer's text. `images` (PIL images or paths) fill the turn's placeholders in order.
-        A bad image, a wrong image count or a conversation too long for the context raises ValueError and leaves the
-        session as it was."""
+    def check_turn(self, content: str, images: Sequence = (), sampling: Sampling = Sampling()) -> List[int]:
+        """The ids this turn would feed, or the ValueError ask would raise for a bad message, image count, setting or
+        a conversation too long for the context; it changes nothing. (sample.py asks first, so that an error line is
+        not printed after the "Assistant: " that opens an answer.)"""
         if not isinstance(sampling, Sampling):
             raise ValueError(f"expected sampling=Sampling(...), got {type(sampling).__name__}")
-        s = sampling.check()
+        sampling.check()
         if not isinstance(content, str):
             raise ValueError(f"expected the message as a string, got {type(content).__name__}")
         if not isinstance(images, (list, tuple)):  # (a path string would be read letter by letter)
@@ -376,6 +374,15 @@ class ChatSession:
                              ("start a new chat" if self.turns else "shorten the message (or the system prompt)") +
                              (f", or give fewer images (each takes {self.model.cfg.n_image_tokens} tokens)"
                               if images else ""))
+        return new
+
+    @torch.no_grad()
+    def ask(self, content: str, images: Sequence = (), sampling: Sampling = Sampling(),
+            on_text: Optional[Callable[[str], None]] = None) -> str:
+        """One user turn -> the answer's text. `images` (PIL images or paths) fill the turn's placeholders in order.
+        A bad image, a wrong image count or a conversation too long for the context raises ValueError and leaves the
+        session as it was."""
+        new = self.check_turn(content, images, sampling)
         pixels = torch.stack([self.proc(im) for im in images]) if images else None  # (N, 3, S, S); may raise
         device = self.model.llm.embed_tokens.weight.device
         start = self.cache.length
@@ -383,7 +390,7 @@ class ChatSession:
             logits, _ = self.model(torch.tensor([new], device=device), None if pixels is None else pixels.to(device),
                                    cache=self.cache, last_only=True)
             stream = TextStream(self.tok, on_text)  # prints the answer as it comes
-            out = _decode(self.model, self.step, logits[:, -1], s, {self.tok.eos_id}, self.tok.pad_id,
+            out = _decode(self.model, self.step, logits[:, -1], sampling, {self.tok.eos_id}, self.tok.pad_id,
                           self.tok.vocab_size, lambda nxt: stream.add(int(nxt[0])))  # (1, n)
         except BaseException:
             self.cache.length = start  # forget the half-written turn: the next one overwrites those slots

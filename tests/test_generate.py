@@ -939,6 +939,16 @@ def test_a_chat_line_that_is_not_utf8_is_named_and_the_chat_goes_on(stage_folder
     assert out.count("Assistant: ") == 1  # "hi" was answered
 
 
+def test_a_chat_message_too_long_is_refused_before_an_answer_starts(stage_folder, monkeypatch, capsys):
+    # The error line stands alone: it was printed after the "Assistant: " that opens an answer, as if the model said it
+    monkeypatch.setattr("builtins.input", lambda prompt="", lines=iter(["red " * 2000, "hi", "exit"]): next(lines))
+    sample.main(["--ckpt", str(stage_folder), "--max_new_tokens", "2"])
+    out = capsys.readouterr().out
+    assert "\n(error: this turn would make the conversation " in out and "\n\n(error" not in out
+    assert "Assistant: \n(error" not in out
+    assert out.count("Assistant: ") == 1  # "hi" was answered
+
+
 def test_sample_refuses_a_system_prompt_that_cannot_work_and_names_an_empty_prompt(stage_folder, tok, capsys,
                                                                                    monkeypatch):
     with monkeypatch.context() as m:  # a closed standard input (`<&-`) is None: input() raised a RuntimeError
