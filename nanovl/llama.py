@@ -159,10 +159,10 @@ class Attention(nn.Module):
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, S, hs)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, S, hs)
         # Without a mask this is plain causal attention (the training path, eligible for flash kernels). The compiled
-        # one-token step keeps this call too: written as reductions, as its projections are (compiling_one_row), its
-        # attention made the step slower in both A/Bs on an H200 (2026-11-29, untuned: 1.758 ms against SDPA's
-        # 1.700; 2026-11-30, tuned, q, k, v stacked inside the step: 1.891 against 1.758), and took three kernels a
-        # layer to SDPA's one.
+        # one-token step keeps this call too. Its attention written as reductions, as its projections are
+        # (compiling_one_row), took three kernels a layer to SDPA's one and made the step slower in both A/Bs on an
+        # H200, each in one process: 1.758 ms a token against SDPA's 1.700 (2026-11-29, untuned), and 1.891 against
+        # 1.758 (2026-11-30, tuned, with q, k, v stacked inside the step).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, nh, T, hs)
         return project(self.o_proj.weight, y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
@@ -524,16 +524,21 @@ def compiling_one_row(x) -> bool:
     project below writes out as multiply-and-sum.
 
     Why: a one-row matmul reads its whole weight to do one multiply-add per element, so its speed is the memory's.
-    In the compiled 1.3B decoding step on an H200 (the 2026-11-29 profile), cuBLAS's one-row kernels for the
-    projections reached about 2.1 TB/s of its 4.8, while the 419 MB lm_head reached 4.0: their tile of 64 output rows
-    (the kernel's name says so) gives a 2048-wide projection 32 thread blocks for 132 SMs. Written as
-    (x * W).sum(-1), torch.compile makes it one reduction kernel spread over every output row. Eager PyTorch would
-    instead build the whole product in memory first, so the plain path keeps nn.Linear. Measured on the H200
-    (2026-11-29, the compiled 1.3B step alone, a 600-token prompt, attention through SDPA): 1.865 ms with cuBLAS,
-    1.700 ms with the projections written as reductions. With attention written as reductions too, 1.758 ms, and
-    1.501 ms once the compiler also tuned the reductions' block sizes (coordinate_descent_tuning, which DecodeStep
-    turns on); attention went back to SDPA since (Attention.forward says why), which makes the library's step one
-    not yet timed on a GPU."""
+    cuBLAS's one-row kernels take 64 output rows a thread block (the kernel's name says so), which gives a 2048-wide
+    projection 32 blocks for the H200's 132 SMs: in the compiled 1.3B decoding step (profiled 2026-11-29) they read
+    their weights at about 2.1 TB/s of the 4.8 the memory gives, where the 419 MB lm_head reached 4.0. Written as
+    (x * W).sum(-1), torch.compile makes one reduction kernel spread over every output row. (Eager PyTorch would build
+    the whole product in memory first, so the plain path keeps nn.Linear.)
+
+    Measured on the H200 on 2026-11-29, the compiled 1.3B step alone after a 600-token prompt, ms a token:
+
+        projections through cuBLAS, attention through SDPA                            1.865
+        projections as reductions, attention through SDPA                             1.700
+        projections and attention as reductions                                       1.758
+        the same, the reductions' block sizes tuned (coordinate_descent_tuning)       1.501
+
+    DecodeStep turns the tuning on. Attention has gone back to SDPA since (Attention.forward says why), so the step as
+    the library has it now has not been timed on a GPU: bench.py --what decode --compile times it."""
     return x.numel() == x.shape[-1] and torch.compiler.is_compiling()
 
 
@@ -551,10 +556,15 @@ def stacked_weights(*linears: nn.Linear):
 
     Why: a one-row product is as fast as its weight can be read, and small kernels read it slower than big ones (in
     the compiled 1.3B decoding step on an H200, 2026-11-30, the reductions read the MLP's 23 MB weights at 1.6 to 1.8
-    TB/s, lm_head's 419 MB at 4.0). Measured there, in one process each: stacked q, k, v and gate, up took the step
-    from 1.752 to 1.562 ms, and on a second machine from 1.944 to 1.503 ms; with cuBLAS's kernels (2026-11-29), from
-    1.852 to 1.591 ms. Those stacks were copies, 1.7 GB more for the 1.3B model; this one is not (not yet timed on a
-    GPU itself: bench.py --what decode --compile --separate-projections times it against the separate products).
+    TB/s, lm_head's 419 MB at 4.0). Stacking q, k, v and gate, up cut the step's time a token, each A/B in one
+    process:
+
+        reductions, H200 (2026-11-30)                            1.752 -> 1.562 ms
+        reductions, a second H200 (2026-11-30)                   1.944 -> 1.503 ms
+        cuBLAS's one-row kernels, H200 (2026-11-29)              1.852 -> 1.591 ms
+
+    Those stacks were copies, 1.7 GB more for the 1.3B model. The stack below is not a copy, and has not been timed on
+    a GPU itself: bench.py --what decode --compile --separate-projections times it against the separate products.
 
     How: the first call copies the weights into one new tensor and points each parameter at its rows (param.data).
     The parameters stay the same objects with the same names, shapes and values, so the state dict, a checkpoint
