@@ -8,6 +8,10 @@ the conversation between turns (nanochat's engine pattern; the official repo cal
       -> a row stops at a stop id (the chat passes <｜end▁of▁sentence｜>); generation stops when every row has, or at
          max_new_tokens
 
+The official cli_chat.py and inference example stop at <｜end▁of▁sentence｜> alone, as we do. The template's second
+stop string, "User:" (facts section 9), is used only by the Gradio demo (serve/inference.py's stopping criteria), which
+ends an answer that goes on to write the user's next turn.
+
 Picking (`pick`), in HF's order: repetition penalty -> temperature -> top-k -> top-p -> sample; temperature 0 is
 greedy. The official chat CLI samples with temperature 0.2, top-p 0.95, repetition penalty 1.1 (and top-k 50:
 it sets no top_k, and transformers 4's GenerationConfig defaults to 50); its inference example decodes greedily, 512
