@@ -13,16 +13,16 @@ with the row's image paths; images are read and processed only when a batch need
 the context are cut into context-sized pieces; chats and image documents that do not fit are dropped and counted
 (cutting them would cut an image span or an answer).
 
-A `plan` fixes, before training starts, which rows every optimizer step reads: each step draws one modality group
-(language or multimodal; in stage 2 also chats with and without images, in stage 3 kinds of chat; the paper's
-modality-grouped batches, section 4.4, Figure 8) with probabilities that may change with the step (modality warm-up,
-paper Figure 9: the language share starts at 1 and falls to its target, 0.7 in stage 2, over the first steps), and each
-modality walks through its rows in a fresh shuffled order every epoch. The plan is a pure function of the seed and the
-data, so a resumed run reads exactly the batches it would have read (a checkpoint keeps a fingerprint of both, which a
-resume compares), and with several processes each rank takes its own slice of the same global batch. `PlannedBatches`
-turns (step, micro-batch) into tensors, so a torch DataLoader can build the next batches in worker processes while the
-model trains; `PackedBatches` lays several samples end to end in each row instead (stage 2, given a plan made with their
-lengths).
+A plan (`plan_batches`) fixes, before training starts, which rows every optimizer step reads: each step draws one
+modality group (language or multimodal; in stage 2 also chats with and without images, in stage 3 kinds of chat; the
+paper's modality-grouped batches, section 4.4, Figure 8) with probabilities that may change with the step (modality
+warm-up, paper Figure 9: the language share starts at 1 and falls to its target, 0.7 in stage 2, over the first steps),
+and each modality walks through its rows in a fresh shuffled order every epoch. The plan is a pure function of the seed
+and the data, so a resumed run reads exactly the batches it would have read (a checkpoint keeps a fingerprint of both,
+which a resume compares), and with several processes each rank takes its own slice of the same global batch.
+`PlannedBatches` turns (step, micro-batch) into tensors, so a torch DataLoader can build the next batches in worker
+processes while the model trains; `PackedBatches` lays several samples end to end in each row instead (stage 2, given a
+plan made with their lengths).
 
 Last, what a data folder is (folder_kind) and checking its images (check_images), which prepare_data.py,
 nanovl/llava.py and nanovl/evaluate.py share.

@@ -67,7 +67,7 @@ class Stage0Heads(nn.Module):
         title), and a mean over its tokens carries those words from the first step, where the last token of a fresh
         causal tower would first have to learn to gather them (it did: the tower learned the facts far more slowly
         that way)."""
-        features = model.siglip(images)  # (B, N, C)
+        features = model.siglip(images)  # (B, T, C)
         img = F.normalize(self.image_proj(features.mean(dim=1)), dim=-1)  # (B, E)
         hidden, _ = self.text_tower(caption_ids, check_ids=False)  # (B, L, E): the projection of every position
         real = (torch.arange(caption_ids.shape[1], device=caption_ids.device) < caption_len[:, None]).to(hidden.dtype)
