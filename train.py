@@ -27,6 +27,7 @@ latest resumable state), metrics.jsonl, loss.png and eval.json. Stage k+1 starts
 writing anything.
 """
 
+import collections
 import contextlib
 import dataclasses
 import difflib
@@ -51,8 +52,8 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
     from nanovl.checkpoint import (check_device, check_finite, check_tokenizer_fits, check_weights, init_from_parts,
                                    is_released_folder, load_model, load_plain, nanovl_state)
     from nanovl.config import FROM_SCRATCH
-    from nanovl.data import (PackedBatches, PlannedBatches, Source, default_folder, folder_kind, folder_stamp,
-                             plan_batches, read_jsonl, write_jsonl)
+    from nanovl.data import (PackedBatches, PlannedBatches, Source, check_rows, default_folder, folder_kind,
+                             folder_stamp, plan_batches, read_jsonl, write_jsonl)
     from nanovl.evaluate import MC_FILES, check_fits, evaluate, format_table, held_out, held_out_text
     from nanovl.image import CachedProcessor, ImageProcessor
     from nanovl.runs import (Terminated, WriteFailed, atomic_save, atomic_write, claim_out_folder,
@@ -373,13 +374,10 @@ def stage2_share(tc: TrainConfig, n_chats: int, n_text_chats: int):
 SHARE_FLAGS = {"sft": "--sft_share", "text_chat": "--text_sft_share", "short_chat": "--short_chat_share"}
 
 
-def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, folders):
-    """Sources by modality, and each modality's share of the steps as a function of the step."""
-    n_img = cfg.n_image_tokens
-
-    def source(rows, kind, name):
-        return Source(rows, kind, tok, n_img, seq_len, name=name)  # each row carries its folder in "_root"
-
+def stage_groups(stage: int, tc: TrainConfig, folders):
+    """The stage's rows by modality group, {group: (rows, kind, name)}, and share_for: the sizes of the groups (their
+    samples) -> each group's share of the steps as a function of the step. stage_data renders the rows; main checks
+    them (check_stage_rows) before the first stage of the run trains."""
     pretrain, sft = load_rows(folders, "pretrain"), load_rows(folders, "sft")
     if stage == 1:  # captions and document OCR (paper section 3.2.1)
         for r in pretrain:
@@ -387,14 +385,19 @@ def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, fo
                 raise ValueError(f"{r['_where']}: " + ("no 'category'" if "category" not in r else
                                                        f"'category' is {r['category']!r}") +
                                  "; expected a string, such as 'caption' or 'ocr'")
-        return {"multimodal": source([r for r in pretrain if r.get("category") in ("caption", "ocr")], "pretrain",
-                                     "captions+ocr")}, lambda step: {"multimodal": 1.0}
+        # (the others, said in the group's name: a row of one's own with another category would go unseen)
+        others = collections.Counter(r["category"] for r in pretrain if r["category"] not in ("caption", "ocr"))
+        name = "captions+ocr" + ("; the image-text rows of other categories left out: " +
+                                 ", ".join(f"{n} {category}" for category, n in sorted(others.items()))
+                                 if others else "")
+        return {"multimodal": ([r for r in pretrain if r["category"] in ("caption", "ocr")], "pretrain", name)}, \
+            lambda sizes: lambda step: {"multimodal": 1.0}
     if stage == 2:  # (.get: a malformed row goes on to Source, which names its file and line)
-        sources = {"language": source(load_rows([tc.data], "text"), "text", "text"),
-                   "multimodal": source(pretrain, "pretrain", "image-text"),
-                   "sft": source([r for r in sft if r.get("images")], "sft", "chats with images"),
-                   "text_sft": source([r for r in sft if not r.get("images")], "sft", "text-only chats")}
-        return sources, stage2_share(tc, len(sources["sft"]), len(sources["text_sft"]))
+        groups = {"language": (load_rows([tc.data], "text"), "text", "text"),
+                  "multimodal": (pretrain, "pretrain", "image-text"),
+                  "sft": ([r for r in sft if r.get("images")], "sft", "chats with images"),
+                  "text_sft": ([r for r in sft if not r.get("images")], "sft", "text-only chats")}
+        return groups, lambda sizes: stage2_share(tc, sizes["sft"], sizes["text_sft"])
     if stage == 3:
         # With the loss normalised over a step's answer tokens, one long answer (a page read out, a web page's
         # markup) outweighs many one-word answers in the same step. The small models learn to answer from the image
@@ -413,9 +416,18 @@ def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, fo
         shares = {"chat": round(1 - tc.text_sft_share - short, 9), "short_chat": short, "text_chat": tc.text_sft_share}
         if shares["chat"] < 0:  # (check_stage refused this before the first stage; here for a direct caller)
             raise SystemExit(f"text_sft_share {tc.text_sft_share} + short_chat_share {short} is over 1")
-        return {k: source(v, "sft", names[k]) for k, v in groups.items() if shares[k] > 0}, \
-            lambda step: {k: v for k, v in shares.items() if v > 0}
+        return {k: (v, "sft", names[k]) for k, v in groups.items() if shares[k] > 0}, \
+            lambda sizes: lambda step: {k: v for k, v in shares.items() if v > 0}
     raise ValueError(f"no data mix for stage {stage}")
+
+
+def stage_data(stage: int, tc: TrainConfig, tok, cfg: VLConfig, seq_len: int, folders):
+    """Sources by modality, and each modality's share of the steps as a function of the step."""
+    groups, share_for = stage_groups(stage, tc, folders)
+    # (each row carries its folder in "_root")
+    sources = {group: Source(rows, kind, tok, cfg.n_image_tokens, seq_len, name=name)
+               for group, (rows, kind, name) in groups.items()}
+    return sources, share_for({group: len(source) for group, source in sources.items()})
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -655,13 +667,7 @@ def stage_batches(stage: int, tc: TrainConfig, hp: dict, cfg: VLConfig, tok, pro
     if stage == 0:
         try:  # a malformed row stops the run now, named by its file and line
             text = Source(load_rows([tc.data], "text"), "text", tok, cfg.n_image_tokens, seq_len, name="text")
-            rows0 = load_rows([tc.data], "stage0")
-            for row in rows0:
-                if not (isinstance(row.get("image"), str) and isinstance(row.get("caption"), str)
-                        and row["caption"].strip() and isinstance(row.get("seg") or "", str)):
-                    given = {k: v for k, v in row.items() if not k.startswith("_")}  # (not where it was read)
-                    raise ValueError(f"{row['_where']}: a stage-0 row is {STAGE0_ROW}; got "
-                                     f"{json.dumps(given, ensure_ascii=False)[:200]}")
+            rows0 = check_stage0_rows(load_rows([tc.data], "stage0"))
             scenes = [r for r in rows0 if r.get("seg")] if cfg.hybrid else []
             # The contrastive pairs and SAM's scenes are planned as one-stream plans (the stream's name, "language",
             # is only plan_batches' label for it), and Stage0Batches slices them per process and micro-batch as it
@@ -692,19 +698,9 @@ def stage_batches(stage: int, tc: TrainConfig, hp: dict, cfg: VLConfig, tok, pro
     for name, src in sources.items():
         say(f"data: {name}: {len(src)} samples from {src.name}" + (f" ({src.dropped} longer than {seq_len} "
                                                                     "tokens dropped)" if src.dropped else ""))
-    sizes = {m: len(s) for m, s in sources.items() if any(share(t).get(m, 0) > 0 for t in (0, hp["steps"] - 1))}
+    sizes = {m: len(s) for m, s in sources.items() if drawn(m, share, hp["steps"])}
     for m in [m for m, n in sizes.items() if n == 0]:
-        src, flag = sources[m], SHARE_FLAGS.get(m)
-        raise SystemExit(f"stage {stage} trains on {m} rows ({src.name}), but {', '.join(folders)} "
-                         f"{'holds' if len(folders) == 1 else 'hold'} none" +
-                         (f" that fit: all {src.dropped} are longer than {seq_len} tokens" if src.dropped else "") +
-                         ((f"; a longer --seq_len (up to the model's context, {cfg.llm.max_seq_len}) keeps them"
-                           if seq_len < cfg.llm.max_seq_len else ", the model's context: shorten or split them")
-                          if src.dropped else "") +
-                         (f"; without them, pass {flag} 0" if flag and not src.dropped else "") +
-                         ("; an import of one-question chats about an image holds captions when made with "
-                          "prepare_data.py --llava FILE --captions" if m == "multimodal" and not src.dropped and
-                          any(folder_kind(f) == "llava" for f in folders) else ""))
+        raise SystemExit(no_rows(stage, m, sources[m].name, folders, sources[m].dropped, seq_len, cfg))
     pack = hp["pack"]
     global_batch = hp["batch_size"]
     for m, n in sizes.items():
@@ -715,6 +711,64 @@ def stage_batches(stage: int, tc: TrainConfig, hp: dict, cfg: VLConfig, tok, pro
     lengths = {m: [len(s.ids) - 1 for s in sources[m].samples] for m in sizes} if pack else None
     plan = plan_batches(sizes, global_batch, hp["steps"], share, tc.seed + stage, lengths, seq_len)
     return (PackedBatches if pack else PlannedBatches)(plan, sources, tok.pad_id, reader, accum, rank, world)
+
+
+def check_stage0_rows(rows: list) -> list:
+    """rows, or a ValueError naming the first that is not a stage-0 row (STAGE0_ROW) by its file and line."""
+    for row in rows:
+        if not (isinstance(row.get("image"), str) and isinstance(row.get("caption"), str)
+                and row["caption"].strip() and isinstance(row.get("seg") or "", str)):
+            given = {k: v for k, v in row.items() if not k.startswith("_")}  # (not where it was read)
+            raise ValueError(f"{row['_where']}: a stage-0 row is {STAGE0_ROW}; got "
+                             f"{json.dumps(given, ensure_ascii=False)[:200]}")
+    return rows
+
+
+def drawn(group: str, share, steps: int) -> bool:
+    """Whether the stage's steps draw from the group: its share at the first step or the last (the shares move
+    linearly over the warm-up in between, stage2_share)."""
+    return any(share(t).get(group, 0) > 0 for t in (0, steps - 1))
+
+
+def no_rows(stage: int, group: str, name: str, folders: list, dropped: int, seq_len: int, cfg: VLConfig) -> str:
+    """Why a stage cannot draw from a modality group with no samples, and what to do: dropped, the rows that were
+    there but did not fit the stage's sequence length."""
+    flag = SHARE_FLAGS.get(group)
+    llava = any(folder_kind(f) == "llava" for f in folders)
+    return (f"stage {stage} trains on {group} rows ({name}), but {', '.join(folders)} "
+            f"{'holds' if len(folders) == 1 else 'hold'} none" +
+            (f" that fit: all {dropped} are longer than {seq_len} tokens" if dropped else "") +
+            ((f"; a longer --seq_len (up to the model's context, {cfg.llm.max_seq_len}) keeps them"
+              if seq_len < cfg.llm.max_seq_len else ", the model's context: shorten or split them")
+             if dropped else "") +
+            (f"; without them, pass {flag} 0" if flag and not dropped else "") +
+            ("; an import of one-question chats about an image holds captions when made with "
+             "prepare_data.py --llava FILE --captions" if group == "multimodal" and not dropped and llava else "") +
+            ("; a LLaVA import holds no text: pass prepare_data.py's corpus as --data and the import as --extra_data "
+             "(or begin with --stage 3, which trains on chats alone)" if group == "language" and llava else ""))
+
+
+def check_stage_rows(stage: int, tc: TrainConfig, cfg: VLConfig):
+    """SystemExit for what in the stage's rows would stop it as it begins: a malformed row (named by its file and
+    line) or a modality group it draws from with no rows. main asks it of every stage of the run before the first
+    one trains, so that `--stage all` is not stopped at stage 2 after stage 1 has trained (for days, at the released
+    sizes). What needs the tokenizer, a row too long for the context, is found as the stage begins."""
+    hp, seq_len, stc = stage_hparams(stage, tc, cfg)
+    folders = [tc.data] + (listed(tc.extra_data) if stage > 0 else [])
+    try:
+        if stage == 0:
+            check_rows(load_rows(folders, "text"), "text")
+            check_stage0_rows(load_rows(folders, "stage0"))
+            return
+        groups, share_for = stage_groups(stage, stc, folders)
+        for rows, kind, name in groups.values():
+            check_rows(rows, kind, name)
+        share = share_for({group: len(rows) for group, (rows, _, _) in groups.items()})  # (may refuse the mix)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    for group, (rows, _, name) in groups.items():
+        if not rows and drawn(group, share, hp["steps"]):
+            raise SystemExit(no_rows(stage, group, name, folders, 0, seq_len, cfg))
 
 
 def stage_optimizer(net, tc: TrainConfig, hp: dict, device: str):
@@ -1271,6 +1325,16 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
                 prepare_data.main(rebuild[1])
             if world > 1:
                 dist.barrier()
+        # Every stage's rows, and the questions the later stages are evaluated on, before the first stage trains (the
+        # first one's questions are read as it begins, with their images).
+        pending = [s for s in stages if not (tc.resume and is_finished(os.path.join(tc.out, f"stage{s}")))]
+        for stage in pending:
+            check_stage_rows(stage, tc, cfg)
+        if any(stage > 0 for stage in pending[1:]):
+            try:
+                held_out(tc.data, tc.eval_limit, tc.eval_split)
+            except (ValueError, OSError) as e:
+                raise SystemExit(f"the held-out data: {e}") from None
         t0 = time.time()
         try:
             for k, stage in enumerate(stages):

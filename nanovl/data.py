@@ -42,7 +42,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import Dataset
 
-from nanovl.chat import IMAGE_TAG, render_chat, render_document
+from nanovl.chat import IMAGE_TAG, check_conversation, render_chat, render_document
 from nanovl.image import ImageProcessor, load_image
 from nanovl.runs import atomic_write, quiet_worker
 
@@ -172,6 +172,47 @@ def text_field(row: dict, key: str) -> str:
     return row[key]
 
 
+def check_row(row: dict, kind: str) -> List[str]:
+    """The row's image paths as written, or the KeyError, TypeError or ValueError of what is wrong with its shape
+    (fields, types, turns, one image per tag): everything Source checks but what needs the tokenizer, so that a run
+    can check the rows of its later stages before the first one trains."""
+    images = row.get("images", [])
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise ValueError(f"'images' must be a list of paths, got {images!r}")
+    if kind in ("text", "pretrain"):
+        text = text_field(row, "text")
+        if not text.strip():
+            raise ValueError("empty document")
+        n_tags = text.count(IMAGE_TAG)
+        if kind == "text" and (n_tags or images):  # a text row is read without images: a tag would ask for one
+            raise ValueError(f"a text row has no images, but this one has {n_tags} {IMAGE_TAG} tags and "
+                             f"{len(images)} images")
+    else:
+        check_conversation(row["conversation"])
+        if len(row["conversation"]) < 2:  # (a LLaVA import drops such rows; one of one's own would train nothing)
+            raise ValueError("the conversation has no assistant turn: nothing to learn from")
+        n_tags = sum(m["content"].count(IMAGE_TAG) for m in row["conversation"])
+    if n_tags != len(images):
+        raise ValueError(f"{n_tags} {IMAGE_TAG} tags but {len(images)} images")
+    return images
+
+
+def row_error(row, i: int, kind: str, name: str, e: Exception) -> ValueError:
+    """A malformed row's error, named by its file and line when it carries them (read_jsonl(origin=True))."""
+    where = row.get("_where", f"{name}, row {i}") if isinstance(row, dict) else f"{name}, row {i}"
+    what = f"no {e} field" if isinstance(e, KeyError) else str(e)
+    return ValueError(f"{where}: {what}; a {kind} row is " + ROW_FORMAT[kind])
+
+
+def check_rows(rows: Sequence[dict], kind: str, name: str = "") -> None:
+    """check_row for each row: a ValueError naming the first malformed one."""
+    for i, row in enumerate(rows):
+        try:
+            check_row(row, kind)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise row_error(row, i, kind, name or kind, e) from None
+
+
 class Source:
     """One kind of row ("pretrain", "sft" or "text"), rendered to token ids once."""
 
@@ -186,24 +227,15 @@ class Source:
             try:
                 self.add(row, kind, tokenizer, n_image_tokens, max_len, root)
             except (KeyError, TypeError, ValueError, AttributeError) as e:
-                # A malformed row is named by its file and line when it carries them (read_jsonl(origin=True)).
-                where = row.get("_where", f"{self.name}, row {i}") if isinstance(row, dict) else f"{self.name}, row {i}"
-                what = f"no {e} field" if isinstance(e, KeyError) else str(e)
-                raise ValueError(f"{where}: {what}; a {kind} row is " + ROW_FORMAT[kind]) from None
+                raise row_error(row, i, kind, self.name, e) from None
 
     def add(self, row: dict, kind: str, tokenizer, n_image_tokens: int, max_len: int, root: str):
         """Render one row into samples (a text row may give several), or count it as dropped if too long."""
-        images = row.get("images", [])
-        if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
-            raise ValueError(f"'images' must be a list of paths, got {images!r}")
+        images = check_row(row, kind)
         row_root = row.get("_root", root)  # rows gathered from several folders carry their own
         paths = [p if os.path.isabs(p) else os.path.join(row_root, p) for p in images]
         if kind == "text":
-            text = text_field(row, "text")
-            if IMAGE_TAG in text or paths:  # a text row is read without images: a tag would ask for one
-                raise ValueError(f"a text row has no images, but this one has {text.count(IMAGE_TAG)} {IMAGE_TAG} "
-                                 f"tags and {len(paths)} images")
-            ids, mask = render_document(text, tokenizer, n_image_tokens)
+            ids, mask = render_document(row["text"], tokenizer, n_image_tokens)
             for start in range(0, len(ids) - 1, max_len):  # overlapping by one: each piece predicts its next
                 piece = slice(start, start + max_len + 1)
                 if len(ids[piece]) > 1:
@@ -211,16 +243,9 @@ class Source:
                     self.samples.append(Sample(ids[piece], [0] + mask[piece][1:], []))
             return
         if kind == "pretrain":
-            text = text_field(row, "text")
-            ids, mask = render_document(text, tokenizer, n_image_tokens)
-            n_tags = text.count(IMAGE_TAG)
+            ids, mask = render_document(row["text"], tokenizer, n_image_tokens)
         else:
-            ids, mask = render_chat(row["conversation"], tokenizer, n_image_tokens)  # checks the turns
-            n_tags = sum(m["content"].count(IMAGE_TAG) for m in row["conversation"])
-            if not any(mask):  # (a LLaVA import drops such rows; one of one's own would train nothing, unseen)
-                raise ValueError("the conversation has no assistant turn: nothing to learn from")
-        if n_tags != len(paths):
-            raise ValueError(f"{n_tags} {IMAGE_TAG} tags but {len(paths)} images")
+            ids, mask = render_chat(row["conversation"], tokenizer, n_image_tokens)
         if len(ids) > max_len + 1:  # inputs are ids[:-1], so max_len + 1 ids fill the context exactly
             self.dropped += 1
             return

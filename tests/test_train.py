@@ -1943,12 +1943,12 @@ def test_old_synthetic_data_is_rebuilt_with_its_own_arguments(tmp_path):
     assert (tmp_path / "thesis.txt").read_text() == "not made by prepare_data.py"
 
 
-def test_stage_all_checks_every_stage_settings_before_the_first_trains(tmp_path, monkeypatch):
+def test_stage_all_checks_every_stage_settings_before_the_first_trains(data, tmp_path, monkeypatch):
     # A setting only stage 3 cannot run with stops `--stage all` at once, not after stages 0-2 have trained.
     ran = []
     monkeypatch.setattr(train, "run_stage", lambda stage, *a: ran.append(stage))
     monkeypatch.setattr(train, "data_to_prepare", lambda *a: None)
-    base = ["--out", str(tmp_path / "o"), "--data", str(tmp_path / "d")]
+    base = ["--out", str(tmp_path / "o"), "--data", data]
     with pytest.raises(SystemExit, match=r"--text_sft_share 0.6 and --short_chat_share 0.6 add up to more than 1"):
         train.main(base + ["--text_sft_share", "0.6", "--short_chat_share", "0.6"])
     with pytest.raises(SystemExit, match=r"stage 0: batch_size 4 is not divisible by 1 processes x micro_batch 3: "
@@ -1968,6 +1968,52 @@ def test_stage_all_checks_every_stage_settings_before_the_first_trains(tmp_path,
     tc = train.TrainConfig(micro_batch=4)
     assert train.split_batch(2, tc, train.stage_hparams(2, tc, get_config("tiny"))[0], 1) == (3, 2)
     assert train.split_batch(2, tc, train.stage_hparams(2, tc, get_config("tiny"))[0], 2) == (3, 1)
+
+
+def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_trains(data, start_weights, tmp_path,
+                                                                                 monkeypatch):
+    # A malformed row that only a later stage reads, a question of the later stages' evaluation, or a modality group
+    # a later stage draws from with no rows stopped `--stage all` only when that stage began, after the ones before
+    # it had trained (at the released sizes, days).
+    import shutil
+    ran = []
+    monkeypatch.setattr(train, "run_stage", lambda stage, *a: ran.append(stage))
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    monkeypatch.setattr(train, "data_to_prepare", lambda *a: None)  # (the copy is edited on purpose)
+    args = ["--data", str(copy), "--out", str(tmp_path / "o")]
+    sft = (copy / "sft.jsonl").read_text()
+    n = len(sft.splitlines())
+    bad = {"images": [], "conversation": [{"role": "assistant", "content": "Hi"}]}  # stages 2 and 3 read it
+    (copy / "sft.jsonl").write_text(sft + json.dumps(bad) + "\n")
+    with pytest.raises(SystemExit, match=rf"sft.jsonl, line {n + 1}: message 0 has role 'assistant', expected 'user'"):
+        train.main(args)
+    (copy / "sft.jsonl").write_text(sft)
+    mc = (copy / "eval_mc.jsonl").read_text().splitlines()
+    (copy / "eval_mc.jsonl").write_text("\n".join(mc[:3] + [json.dumps(dict(json.loads(mc[3]), options=["a"]))] +
+                                                 mc[4:]) + "\n")
+    with pytest.raises(SystemExit, match=r"the held-out data: .*eval_mc.jsonl, line 4: 'options' must be a list"):
+        train.main(args)
+    (copy / "eval_mc.jsonl").write_text("\n".join(mc) + "\n")
+    # Chats with images only, and every step of stage 2 a chat: its first step, before the warm-up lets the chats
+    # with images in, has nothing to draw from
+    (copy / "sft.jsonl").write_text("".join(line + "\n" for line in sft.splitlines() if json.loads(line)["images"]))
+    with pytest.raises(SystemExit, match="--sft_share 1 leaves stage 2's first step nothing to train on"):
+        train.main(args + ["--sft_share", "1"])
+    (copy / "text.jsonl").write_text("")  # no text: stage 2's language steps have nothing to read
+    with pytest.raises(SystemExit, match=rf"stage 2 trains on language rows \(text\), but {copy} holds none$"):
+        train.main(args)
+    assert ran == []
+    (copy / "sft.jsonl").write_text(sft)
+    train.main(args + ["--stage", "3", "--init_from", start_weights])  # (what a stage does not read is not asked of it)
+    assert ran == [3]
+    # Stage 1 reads captions and OCR pages alone: rows of one's own with another category were left out unsaid
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "pretrain.jsonl").write_text(json.dumps({"category": "photo", "text": "A cat.", "images": []}) + "\n")
+    with pytest.raises(SystemExit, match=r"^stage 1 trains on multimodal rows \(captions\+ocr; the image-text rows of "
+                                         rf"other categories left out: 1 photo\), but {own} holds none"):
+        train.check_stage_rows(1, train.TrainConfig(data=str(own)), get_config("tiny"))
 
 
 def test_a_micro_batch_that_does_not_split_a_stage_batch_is_said_with_the_one_taken(data, start_weights, tmp_path,
