@@ -21,6 +21,7 @@ holds a half-written file.
 
 import json
 import os
+import reprlib
 import shutil
 from typing import Callable, List, Tuple
 
@@ -152,9 +153,13 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_capti
     for p in paths:
         check_image(p)
     if row.get("conversations") is None:  # a plain image-caption pair ("conversations": null is none, like "image")
-        caption = row.get("caption")  # (a null or empty caption does not hide a text)
-        if not (isinstance(caption, str) and caption.strip()) and row.get("text") is not None:
-            caption = row["text"]
+        field = "caption"  # (a null or empty caption does not hide a text)
+        if not (isinstance(row.get(field), str) and row[field].strip()) and row.get("text") is not None:
+            field = "text"
+        caption = row.get(field)
+        if caption is not None and not isinstance(caption, str):  # (several captions of one image, say)
+            raise ValueError(f"'{field}' must be a string, got {type(caption).__name__} {reprlib.repr(caption)}" +
+                             ("; write a row for each caption" if isinstance(caption, list) else ""))
         if not isinstance(caption, str) or not caption.strip():
             raise ValueError("no 'conversations' and no non-empty 'caption' or 'text'")
         if len(paths) != 1:
@@ -214,6 +219,12 @@ def image_field(row: dict) -> Tuple[str, object]:
     given = [k for k in ("image", "images") if row.get(k)]  # "image": null or "", as some exports write: none
     if len(given) == 2:
         raise ValueError("the row has both 'image' and 'images': expected one field naming its images")
+    if not given:  # images under another name ("image_path", "Image") would be dropped unseen: the chat trains blind
+        other = [k for k, v in row.items() if "image" in k.lower() and k not in ("image", "images") and
+                 (isinstance(v, str) and v or isinstance(v, list) and v and all(isinstance(i, str) for i in v))]
+        if other:
+            raise ValueError(f"the row names images under {other[0]!r}, a field this import does not read: expected "
+                             "'image' (LLaVA's) or 'images'; rename the field in the file")
     return (given[0], row[given[0]]) if given else ("image", [])
 
 
@@ -314,8 +325,10 @@ def import_llava(path: str, images_dir: str, out: str, workers: int = 1, as_capt
                 raise one_object(path, only)
             raise ValueError(f"{path}: no row to keep ({total} read" +
                              (f"; the first skipped: {skipped[0]}" if skipped else "") + "); nothing was written")
-        summary = (f"{path}: {total} rows read, {len(kept['sft'])} conversations and {len(kept['pretrain'])} "
-                   f"captions kept, {len(skipped)} skipped; written to {out}" +
+        with_images = sum(1 for row in kept["sft"] if row["images"])
+        summary = (f"{path}: {total} rows read, {len(kept['sft'])} conversations" +
+                   (f" ({with_images} with images)" if kept["sft"] else "") +
+                   f" and {len(kept['pretrain'])} captions kept, {len(skipped)} skipped; written to {out}" +
                    (f". The file is broken: {broken}" if broken else ""))
         try:
             for name in ("sft", "pretrain"):

@@ -588,6 +588,9 @@ def test_a_llava_row_becomes_the_row_llava_means():
                      (dict(image=["a.png", "b.png"], conversations=ask("<image> and this?", "Same.")),
                       "1 <image> tags but 2 images"),
                      (dict(image="a.png", caption="   "), "no 'conversations' and no non-empty 'caption' or 'text'"),
+                     (dict(image="a.png", caption=["a red box", "a red square"]),  # (some COCO exports)
+                      "'caption' must be a string, got list ['a red box', 'a red square']; write a row for each"),
+                     (dict(image="a.png", caption=None, text=3), "'text' must be a string, got int 3"),
                      (dict(image="a.png", conversations=[{"from": "human", "value": None}]), "turn 0 must be"),
                      (dict(image="a.png", conversations=[{"from": "system", "value": "Be brief."}] +
                            ask("<image>What is it?", "A cat.")),
@@ -604,7 +607,12 @@ def test_a_llava_row_becomes_the_row_llava_means():
                      (dict(image=["a.png"], images=["b.png"], text="a cat"), "both 'image' and 'images'"),
                      (dict(images=[3], text="a cat"), "'images' must be a path or a list of paths, got [3]"),
                      (dict(image="http://example.com/a.png", text="a cat"),
-                      "image 'http://example.com/a.png' is a web address: download the images")]:
+                      "image 'http://example.com/a.png' is a web address: download the images"),
+                     # images under a name the import does not read were dropped, the chat kept as text-only
+                     (dict(image=None, image_path="a.png", conversations=ask("Describe it.", "Red.")),
+                      "the row names images under 'image_path', a field this import does not read: expected 'image'"),
+                     (dict(image=None, Images=["a.png"], conversations=ask("<image>Describe it.", "Red.")),
+                      "the row names images under 'Images'")]:
         with pytest.raises(ValueError, match=re.escape(why)):
             row(**bad)
 
@@ -636,7 +644,7 @@ def test_llava_import_keeps_good_rows_and_reports_bad_ones(tmp_path):
     path.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n]\n")  # row k on line k + 2
     out = tmp_path / "out"
     summary = import_llava(str(path), str(images), str(out))
-    assert "10 rows read, 3 conversations and 1 captions kept, 6 skipped" in summary
+    assert "10 rows read, 3 conversations (2 with images) and 1 captions kept, 6 skipped" in summary
     report = (out / "report.txt").read_text()
     for line, reason in [(6, "missing.png does not exist"), (7, "cannot read image"), (8, "must be a non-empty list"),
                          (9, "role 'user', expected 'assistant'"), (10, "2 <image> tags but 1 images"),
@@ -650,7 +658,7 @@ def test_llava_import_keeps_good_rows_and_reports_bad_ones(tmp_path):
     assert read_jsonl(out / "pretrain.jsonl")[0]["text"] == IMAGE_TAG + "A green square."
     # --captions: a one-question chat about one image is a caption (LLaVA-Pretrain's rows); the others stay chats
     summary = import_llava(str(path), str(images), str(out), as_captions=True)
-    assert "10 rows read, 2 conversations and 2 captions kept, 6 skipped" in summary
+    assert "10 rows read, 2 conversations (1 with images) and 2 captions kept, 6 skipped" in summary
     captions = [r["text"] for r in read_jsonl(out / "pretrain.jsonl")]
     assert captions == [IMAGE_TAG + "A green square.", IMAGE_TAG + "Fine."]
     assert [len(r["conversation"]) for r in read_jsonl(out / "sft.jsonl")] == [4, 2]  # multi-turn; no image
@@ -704,7 +712,7 @@ def test_llava_json_lines_with_a_broken_line(tmp_path):
     ok = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
     path.write_text(json.dumps(ok) + "\n{broken\n" + json.dumps(ok) + "\n")
     summary = import_llava(str(path), str(tmp_path), str(tmp_path / "out"))
-    assert "3 rows read, 2 conversations and 0 captions kept, 1 skipped" in summary
+    assert "3 rows read, 2 conversations (0 with images) and 0 captions kept, 1 skipped" in summary
     assert "skipped line 2: not valid JSON: Expecting property name enclosed in double quotes at column 2" in \
         (tmp_path / "out" / "report.txt").read_text()
     with pytest.raises(ValueError, match="does not exist"):
@@ -717,7 +725,7 @@ def test_llava_array_on_one_line_names_rows_by_index_and_id_and_reads_in_linear_
     path = tmp_path / "rows.json"
     path.write_text(json.dumps(rows))  # as json.dump writes it: one line
     summary = import_llava(str(path), str(tmp_path), str(tmp_path / "out"))
-    assert "5 rows read, 4 conversations and 0 captions kept, 1 skipped" in summary
+    assert "5 rows read, 4 conversations (0 with images) and 0 captions kept, 1 skipped" in summary
     assert "skipped row 5, line 1 (id 'bad'): 'conversations' must be a non-empty list" in \
            (tmp_path / "out" / "report.txt").read_text()
     # A broken array: the rows before the break are kept, and the summary says where the rest was lost.
@@ -786,10 +794,10 @@ def test_llava_files_as_other_tools_write_them(tmp_path):
                                                                             "after the row"),
                             ("[\n" + rows[1:] + "\n\n{}", 2, "line 4: more after the array's closing ]")]:
         summary = run(text)  # what stands between or after the rows is no row: not counted as one read or skipped
-        assert f"{n} rows read, {n} conversations and 0 captions kept, 0 skipped" in summary, (text, summary)
+        assert f"{n} rows read, {n} conversations (0 with images) and 0 captions kept, 0 skipped" in summary, (text, summary)
         assert f"The file is broken: {broken}" in summary and summary in open(f"{out}/report.txt").read()
     assert "1 rows read, 1 conversations" in run(f"[{json.dumps(chat)},\n]")  # a trailing comma loses nothing
-    assert "2 rows read, 1 conversations and 0 captions kept, 1 skipped" in run(  # two rows on one line: a bad line,
+    assert "2 rows read, 1 conversations (0 with images) and 0 captions kept, 1 skipped" in run(  # two rows on one line: a bad line,
         json.dumps(chat) + json.dumps(chat) + "\n" + json.dumps(chat))           # not rows over several lines
     # files that are not rows at all: an error naming the file, and nothing written over the last import
     before = open(f"{out}/sft.jsonl").read()
@@ -867,7 +875,7 @@ def test_an_import_into_a_symlinked_out_goes_to_the_folder_it_points_to(tmp_path
     for link, folder in (("link", "real"), ("dangling", "later"), ("link2/", "real2")):  # ("link2/": named with a /)
         prepare_data.main(["--llava", str(rows), "--images", str(tmp_path), "--out", os.path.join(tmp_path, link)])
         link = link.rstrip("/")
-        assert "1 conversations and 0 captions kept" in capsys.readouterr().out
+        assert "1 conversations (0 with images) and 0 captions kept" in capsys.readouterr().out
         assert os.path.islink(tmp_path / link) and read_jsonl(tmp_path / folder / "sft.jsonl")[0]["conversation"]
 
 
