@@ -55,7 +55,7 @@ try:  # Ctrl-C while torch loads (a second or more, nanovl imports it): a line, 
 
     from nanovl.chat import IMAGE_TAG, prompt_string, render_chat, render_document, show
     from nanovl.config import FROM_SCRATCH, PRESETS, get_config
-    from nanovl.data import default_folder, folder_kind, read_jsonl, read_text, write_jsonl
+    from nanovl.data import check_rows, default_folder, folder_kind, read_jsonl, read_text, write_jsonl
     from nanovl.llava import import_llava
     from nanovl.runs import LEFTOVER, Terminated, building, quiet_worker, sigterm_stops, uninterrupted
     from nanovl.synth import CATEGORIES, SEG_LABELS, make_example, mc_prompt
@@ -377,7 +377,10 @@ def show_samples(args):
     for name in ("pretrain", "sft"):
         if not os.path.isfile(os.path.join(args.out, f"{name}.jsonl")):
             continue  # (a folder of one's own rows may hold only one of the two)
-        rows = read_jsonl(os.path.join(args.out, f"{name}.jsonl"))
+        rows = read_jsonl(os.path.join(args.out, f"{name}.jsonl"), origin=True)
+        check_rows(rows, name)  # (a malformed row, named by its file and line, as train.py names it)
+        if not rows:
+            print(f"--- {name}: {os.path.join(args.out, f'{name}.jsonl')} holds no rows")
         for row in rng.sample(rows, min(args.show, len(rows))):
             if name == "pretrain":
                 ids, mask = render_document(row["text"], tok, n_img)
@@ -458,6 +461,9 @@ def main(argv=None):
         if folder_kind(args.out) == "missing":
             p.error(f"--show: {args.out} holds no prepared data; make it first (prepare_data.py --config "
                     f"{args.config} --out {args.out})")
+        if not any(os.path.isfile(os.path.join(args.out, f"{name}.jsonl")) for name in ("pretrain", "sft")):
+            p.error(f"--show: {args.out} holds no rows to show (pretrain.jsonl or sft.jsonl): expected a folder that "
+                    "prepare_data.py made, an import, or one of your own rows")
         args.tokenizer = args.tokenizer or os.path.join(args.out, "tokenizer.json")
         if not os.path.isfile(args.tokenizer):
             p.error(f"--show: no tokenizer at {args.tokenizer} to render with (a folder for a released preset, or a "
@@ -484,7 +490,9 @@ def main(argv=None):
         if IMAGE_TAG in text:
             p.error(f"--text {f} holds {IMAGE_TAG}, which a model reads as an image's place, and a text-only "
                     "document has no image: remove or reword it")
-        args.user_text.append((f, text))
+        # Windows' (and old Macs') line ends read as "\n": paragraphs are split at blank lines, "\n\n", and a "\r"
+        # left in would be trained on as text
+        args.user_text.append((f, text.replace("\r\n", "\n").replace("\r", "\n")))
     try:
         # One build of a folder at a time: a second waits, then finds what the first made
         with sigterm_stops(), building(args.out):

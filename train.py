@@ -202,8 +202,9 @@ def usage() -> str:
 
 
 def listed(value: str) -> list:
-    """A comma-separated setting (--init_from, --extra_data, --trainable) as its items, empty ones left out."""
-    return [item for item in value.split(",") if item]
+    """A comma-separated setting (--init_from, --extra_data, --trainable) as its items, empty ones left out, and the
+    spaces around each (written after a comma, "llm, aligner" kept " aligner", a name that matches nothing)."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def parse_args(argv):

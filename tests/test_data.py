@@ -72,6 +72,16 @@ def test_ocr_pages_take_prose_paragraphs_only():
     assert prepare_data.prose_paragraphs(docs) == [prose.strip(), prose.strip() + " again"]
 
 
+def test_a_text_file_with_windows_line_ends_is_split_into_its_paragraphs(tmp_path, monkeypatch):
+    # Paragraphs are split at "\n\n", which "\r\n\r\n" does not hold: such a file reached no OCR page, its "\r" kept
+    crlf = tmp_path / "notes.txt"
+    crlf.write_bytes(b"First paragraph.\r\n\r\nSecond one,\ron an old Mac.\r\n")
+    given = []
+    monkeypatch.setattr(prepare_data, "prepare", lambda args: given.append(args.user_text))
+    prepare_data.main(["--out", str(tmp_path / "data"), "--n", "1", "--text", str(crlf)])
+    assert given == [[(str(crlf), "First paragraph.\n\nSecond one,\non an old Mac.\n")]]
+
+
 def test_prepare_data_writes_every_part(data_dir):
     names = sorted(os.listdir(data_dir))
     assert names == ["eval_mc.jsonl", "eval_text.jsonl", "images", "meta.json", "pretrain.jsonl", "sft.jsonl",
@@ -794,11 +804,13 @@ def test_llava_files_as_other_tools_write_them(tmp_path):
                                                                             "after the row"),
                             ("[\n" + rows[1:] + "\n\n{}", 2, "line 4: more after the array's closing ]")]:
         summary = run(text)  # what stands between or after the rows is no row: not counted as one read or skipped
-        assert f"{n} rows read, {n} conversations (0 with images) and 0 captions kept, 0 skipped" in summary, (text, summary)
+        assert f"{n} rows read, {n} conversations (0 with images) and 0 captions kept, 0 skipped" in summary, \
+            (text, summary)
         assert f"The file is broken: {broken}" in summary and summary in open(f"{out}/report.txt").read()
     assert "1 rows read, 1 conversations" in run(f"[{json.dumps(chat)},\n]")  # a trailing comma loses nothing
-    assert "2 rows read, 1 conversations (0 with images) and 0 captions kept, 1 skipped" in run(  # two rows on one line: a bad line,
-        json.dumps(chat) + json.dumps(chat) + "\n" + json.dumps(chat))           # not rows over several lines
+    # two rows on one line: a bad line, not rows over several lines
+    assert "2 rows read, 1 conversations (0 with images) and 0 captions kept, 1 skipped" in run(
+        json.dumps(chat) + json.dumps(chat) + "\n" + json.dumps(chat))
     # files that are not rows at all: an error naming the file, and nothing written over the last import
     before = open(f"{out}/sft.jsonl").read()
     for text, error in [(json.dumps({"data": [chat]}, indent=2), "holds one JSON object .keys data., expected a JSON"),
@@ -862,6 +874,22 @@ def test_show_renders_samples_with_the_folders_tokenizer_or_a_given_one(data_dir
     prepare_data.main(["--out", str(tmp_path / "imp"), "--show", "1", "--tokenizer",
                        os.path.join(data_dir, "tokenizer.json")])
     assert "--- sft / - / no image" in capsys.readouterr().out
+    # A malformed row of one's own is named by its file and line (it was a KeyError's traceback), an empty file said
+    given = ["--out", str(tmp_path / "imp"), "--show", "1", "--tokenizer", os.path.join(data_dir, "tokenizer.json")]
+    for row, why in [({"images": []}, "line 1: no 'text' field; a pretrain row is"),
+                     ({"text": 5}, "line 1: 'text' must be a string, got int"),
+                     (["a"], "line 1: expected a JSON object")]:
+        (tmp_path / "imp" / "pretrain.jsonl").write_text(json.dumps(row) + "\n")
+        with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'imp' / 'pretrain.jsonl'}, {why}")):
+            prepare_data.main(given)
+    (tmp_path / "imp" / "pretrain.jsonl").write_text("")
+    prepare_data.main(given)
+    assert f"--- pretrain: {tmp_path / 'imp' / 'pretrain.jsonl'} holds no rows" in capsys.readouterr().out
+    (tmp_path / "pictures").mkdir()  # a folder of pictures alone: no rows (the tokenizer was said to be missing)
+    (tmp_path / "imp" / "pretrain.jsonl").rename(tmp_path / "pictures" / "a.png")
+    with pytest.raises(SystemExit):
+        prepare_data.main(["--out", str(tmp_path / "pictures"), "--show", "1"])
+    assert "--show: " + str(tmp_path / "pictures") + " holds no rows to show" in capsys.readouterr().err
 
 
 def test_an_import_into_a_symlinked_out_goes_to_the_folder_it_points_to(tmp_path, capsys):

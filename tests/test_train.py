@@ -147,6 +147,7 @@ def test_trainable_takes_any_prefix_and_names_one_that_matches_nothing():
     with pytest.raises(SystemExit, match="stage 0: --trainable siglp names no parameter of the model; its modules: "
                                          "siglip, sam, aligner, llm, heads"):
         train.stage_model(0, train.TrainConfig(trainable="llm,siglp"), cfg, [], False, quiet)  # a typo among others
+    assert train.listed(" llm, aligner ,,sam ") == ["llm", "aligner", "sam"]  # (" aligner" matched nothing)
 
 
 def test_stage0_clips_each_of_its_three_models_on_its_own():
