@@ -171,6 +171,10 @@ def test_sixteen_bit_mid_grey_is_mid_grey():
     assert abs(int(np.asarray(to_rgb(Image.fromarray(np.full((8, 8), 32768, dtype=np.int32))))[0, 0, 0]) - 128) <= 1
     dark = Image.frombytes("I;16B", (8, 8), np.full((8, 8), 200, dtype=">u2").tobytes())
     assert np.asarray(to_rgb(dark))[0, 0, 0] <= 1
+    # Every 16-bit value goes to the nearest 8-bit one (scaled in float32, for memory: float64 rounds the same)
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    nearest = np.floor(every.astype(np.float64) * 255 / 65535 + 0.5).astype(np.uint8)
+    assert np.array_equal(np.asarray(to_rgb(Image.fromarray(every)))[..., 0], nearest)
 
 
 def test_a_float_image_with_nan_or_inf_is_refused_not_rescaled_black(tmp_path):
