@@ -793,6 +793,40 @@ def part_state(path) -> tuple:
     return kind, state, skipped, None
 
 
+# What a part's tensors do not show: a decoder of 32 heads of 64 has the tensors of one of 16 heads of 128, and RoPE's
+# base and the norms' epsilon are no tensors at all. Loaded into a model built otherwise, the weights would compute
+# something else without a word, so these are compared where the part's config.json says them.
+UNSEEN_SETTINGS = {"llm": ("n_heads", "n_kv_heads", "rope_theta", "norm_eps"), "siglip": ("n_heads",),
+                   "sam": ("n_heads",)}
+
+
+def unseen_differences(path, kind: str, cfg: VLConfig) -> list:
+    """UNSEEN_SETTINGS where the model a part comes from differs from cfg, as "llm.n_heads 32 there, 16 here": read
+    from a released folder's config.json (or transformers' port of one), or an HF Llama's. A part without one (SAM's
+    or timm's checkpoint), or a released config this code cannot read, has its tensors' shapes checked alone."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        return []
+    config = json.loads(file.read_text())
+    if kind.startswith("a released DeepSeek-VL model"):
+        try:
+            theirs = released_config(hf_port_config(config, str(path)) if is_hf_port(config) else config,
+                                     cfg.image_token_id)
+        except ValueError:
+            return []
+        sections = {name: getattr(theirs, name) for name in UNSEEN_SETTINGS}
+    elif kind == "an HF Llama language model":
+        n_heads = config.get("num_attention_heads", HF_LLAMA_DEFAULTS["num_attention_heads"])
+        sections = {"llm": LlamaConfig(n_heads=n_heads, n_kv_heads=config.get("num_key_value_heads") or n_heads,
+                                       rope_theta=config.get("rope_theta", HF_LLAMA_DEFAULTS["rope_theta"]),
+                                       norm_eps=config.get("rms_norm_eps", HF_LLAMA_DEFAULTS["rms_norm_eps"]))}
+    else:
+        return []
+    return [f"{name}.{key} {getattr(there, key)} there, {getattr(getattr(cfg, name), key)} here"
+            for name, there in sections.items() if there is not None and getattr(cfg, name) is not None
+            for key in UNSEEN_SETTINGS[name] if getattr(there, key) != getattr(getattr(cfg, name), key)]
+
+
 def init_from_parts(model: DeepSeekVL, paths) -> list:
     """Copy pretrained parts into a freshly initialised model; returns the report, one line per source and part.
 
@@ -816,9 +850,12 @@ def init_from_parts(model: DeepSeekVL, paths) -> list:
                for k, v in state.items() if k not in expected or tuple(v.shape) != tuple(expected[k])]
         twice = [f"{k} (also from {origin[k]})" for k in state if k in origin]
         ints = not_float(state)  # (copy_ would convert an integer tensor into the float weight, silently)
+        unseen = unseen_differences(path, kind, model.cfg)
         problems = ([f"{len(bad)} tensors: {_shorten(bad, 8)}"] if bad else []) + \
             ([f"{len(ints)} not floating-point: {_shorten(ints, 6)}"] if ints else []) + \
-            ([f"given twice: {_shorten(twice, 8)}"] if twice else [])
+            ([f"given twice: {_shorten(twice, 8)}"] if twice else []) + \
+            ([f"settings its config.json gives, which its tensors' shapes do not show: {', '.join(unseen)}"]
+             if unseen else [])
         if problems:
             raise ValueError(f"{path} ({kind}) does not fit the {model.cfg.name!r} model; nothing was loaded:\n  " +
                              "\n  ".join(problems))

@@ -757,6 +757,14 @@ def test_a_part_that_does_not_fit_changes_nothing(parts, tmp_path):
     for twice in ("llama", "sam_vit_b.pth", "siglip.safetensors"):
         with pytest.raises(ValueError, match="given twice"):
             init_from_parts(model, [d / twice, d / twice])
+    import shutil
+    shutil.copytree(d / "llama", tmp_path / "llama")  # an HF Llama of another RoPE base: the same tensors
+    config = json.loads((tmp_path / "llama" / "config.json").read_text())
+    (tmp_path / "llama" / "config.json").write_text(json.dumps(dict(config, rope_theta=5e5)))
+    with pytest.raises(ValueError, match=r"llama \(an HF Llama language model\) does not fit the 'tiny' model; nothing "
+                                         r"was loaded:\n  settings its config.json gives, which its tensors' shapes do "
+                                         r"not show: llm.rope_theta 500000.0 there, 10000.0 here$"):
+        init_from_parts(model, [d / "sam_vit_b.pth", tmp_path / "llama"])
     stage = tmp_path / "stage1"  # a nanovl stage folder is a part too, as its model.pt is
     stage.mkdir()
     torch.save({"model": DeepSeekVL(TINY).state_dict(), "config": TINY.to_dict()}, stage / "model.pt")
@@ -812,6 +820,19 @@ def test_a_released_folder_of_the_same_layout_gives_every_tensor(tmp_path):
     theirs = donor.state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in model.state_dict().items())
     assert not torch.equal(theirs["sam.neck_hd.0.weight"], theirs["sam.neck.0.weight"])
+    # What the tensors do not show, said by its config.json: twice the heads of half the size, another RoPE base. The
+    # weights loaded into this model would compute something else, and were taken without a word.
+    config = json.loads((tmp_path / "rel" / "config.json").read_text())
+    lang = config["language_config"]
+    lang["num_attention_heads"], lang["rope_theta"] = 2 * donor.cfg.llm.n_heads, 5e5
+    lang.pop("num_key_value_heads", None)
+    (tmp_path / "rel" / "config.json").write_text(json.dumps(config))
+    l = donor.cfg.llm
+    with pytest.raises(ValueError, match=re.escape(
+            f"settings its config.json gives, which its tensors' shapes do not show: llm.n_heads {2 * l.n_heads} "
+            f"there, {l.n_heads} here, llm.n_kv_heads {2 * l.n_heads} there, {l.n_kv_heads} here, llm.rope_theta "
+            f"500000.0 there, {l.rope_theta} here")):
+        init_from_parts(DeepSeekVL(donor.cfg), [tmp_path / "rel"])
 
 
 def test_train_starts_stage_1_from_pretrained_parts(parts, tmp_path):
