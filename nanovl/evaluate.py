@@ -87,6 +87,9 @@ def read_mc_rows(path: str) -> List[dict]:
             problem = f"'options' must be different in any case and spacing, and not empty, got {options}"
         elif any(IMAGE_TAG in s for s in [row["question"]] + options):
             problem = f"{IMAGE_TAG} in the question or an option: the images listed in 'images' get theirs in front"
+        elif "<image>" in row["question"] and row["images"]:  # (a question converted from LLaVA's data)
+            problem = ("LLaVA's <image> tag in the question: the images listed in 'images' are put in front of it "
+                       "by themselves; remove the tag")
         elif not (type(answer) is int and 0 <= answer < len(options)):
             problem = f"'answer' must be the index of the right option, 0 to {len(options) - 1}, got {answer!r}"
         else:

@@ -727,6 +727,10 @@ def test_sample_refuses_mismatched_images_and_missing_checkpoints(stage_folder, 
     with pytest.raises(SystemExit, match=r"hold 1 <image_placeholder> but 0 --image were given: give one image per "
                                          r"placeholder, in order \(with several prompts, each places its own\)"):
         sample.main(["--ckpt", str(stage_folder), "--prompt", f"{IMAGE_TAG}same?", "--prompt", "hi"])
+    with pytest.raises(SystemExit, match=r"^--prompt holds <image>, LLaVA's tag; DeepSeek-VL's is <image_placeholder>: "
+                                         r"write that, or leave it out"):  # (it stayed as text, the image in front)
+        sample.main(["--ckpt", str(tmp_path / "nothing"), "--image", str(stage_folder / "cat.png"),
+                     "--prompt", "<image>\nWhat colour?"])
     with pytest.raises(SystemExit, match="no checkpoint at .*nothing .nothing there: nanovl reads local folders; a "
                                          "released model is downloaded first"):  # a model's name, not yet fetched
         sample.main(["--ckpt", str(tmp_path / "nothing"), "--prompt", "hi"])

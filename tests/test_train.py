@@ -476,6 +476,7 @@ def test_a_bad_held_out_question_is_named_before_training(tmp_path):
                      ({"options": ["Notes", "notes"]}, "'options' must be different in any case and spacing"),
                      ({"options": ["a", " "]}, "'options' must be different in any case and spacing, and not empty"),
                      ({"question": "<image_placeholder> Which?"}, "<image_placeholder> in the question or an option"),
+                     ({"question": "<image>\nWhich?", "images": ["a.png"]}, "LLaVA's <image> tag in the question"),
                      ({"question": " "}, "'question' must be a string of text, got ' '"),
                      ({"category": 3}, "'category' must be a string, got 3"),
                      ({"category": "mean"}, "'category' may not be 'mean', which the results use"),
