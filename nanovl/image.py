@@ -92,14 +92,20 @@ def load_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS) -> I
 
 
 def missing_hint(path: str) -> str:
-    """Why a file that does not exist may look as if it did: a web address, a space at either end of the name, or the
-    name spelt in another Unicode form (macOS writes "ü" as u and a combining mark, most other systems as one
-    character: the two print alike and are different names)."""
+    """Why a file that does not exist may look as if it did: a web address, a space at either end of the name, a
+    shell's escaped spaces or a Windows path (backslashes are part of a name here), or the name spelt in another
+    Unicode form (macOS writes "ü" as u and a combining mark, most other systems as one character: the two print alike
+    and are different names)."""
     if path.startswith(("http://", "https://")):
         return " (a web address: download the image first)"
     name = os.path.basename(path)
     if name != name.strip() and os.path.exists(os.path.join(os.path.dirname(path), name.strip())):
         return f" (its name begins or ends with white space: {name!r})"
+    unescaped, forward = path.replace("\\ ", " "), path.replace("\\", "/")  # (a terminal's drag and drop: "a\ b.png")
+    if unescaped != path and os.path.exists(unescaped):
+        return f" as written, but {unescaped} does: write the spaces without a backslash"
+    if forward != path and os.path.exists(forward):
+        return f" as written, but {forward} does: write / between folders, not \\"
     for form in ("NFC", "NFD"):
         other = unicodedata.normalize(form, path)
         if other != path and os.path.exists(other):

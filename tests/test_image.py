@@ -270,6 +270,14 @@ def test_a_missing_name_that_looks_like_one_there_says_why(tmp_path):
         load_image(str(tmp_path / "cat.png") + " ")
     with pytest.raises(ValueError, match=r"dog.png  does not exist$"):  # no dog.png either: nothing to hint at
         load_image(str(tmp_path / "dog.png") + " ")
+    (tmp_path / "my pets").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "my pets" / "a cat.png")
+    with pytest.raises(ValueError, match=re.escape(f"does not exist as written, but {tmp_path}/my pets/a cat.png does: "
+                                                   "write the spaces without a backslash")):  # (a shell's escapes)
+        load_image(f"{tmp_path}/my\\ pets/a\\ cat.png")
+    with pytest.raises(ValueError, match=re.escape(f"does not exist as written, but {tmp_path}/my pets/a cat.png does: "
+                                                   "write / between folders, not \\")):  # (a Windows path)
+        load_image(f"{tmp_path}\\my pets\\a cat.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "\u00fcber.png")  # u-umlaut as one character (NFC), as Linux writes it
     decomposed = str(tmp_path / "u\u0308ber.png")  # u and a combining mark (NFD), as a macOS list may name it
     with pytest.raises(ValueError, match=re.escape(f"does not exist as written, but the same name in another Unicode "
