@@ -251,12 +251,17 @@ def build(args, out: str):
     print("wrote " + ", ".join(f"{v} {k}" for k, v in counts.items()) + f" in {time.time() - t0:.0f}s")
 
 
+def read_user_text(path: str) -> str:
+    """A --text file's text, its line ends "\n": Windows' "\r\n" and old Macs' "\r" would leave each paragraph
+    (split at blank lines, "\n\n") unsplit, and a "\r" in the text trained on."""
+    return read_text(path).replace("\r\n", "\n").replace("\r", "\n")
+
+
 def identity(args) -> dict:
-    """What determines the folder's content (not where it is, nor how many workers made it)."""
-    texts = {}
-    for path in args.text:
-        with open(path, "rb") as f:
-            texts[path] = hashlib.sha1(f.read()).hexdigest()
+    """What determines the folder's content (not where it is, nor how many workers made it). A --text file counts by
+    its text as read (read_user_text), so a folder made from a Windows file before its line ends were read as "\n" is
+    made again."""
+    texts = {path: hashlib.sha1(read_user_text(path).encode("utf-8")).hexdigest() for path in args.text}
     return {"version": VERSION, "config": args.config, "n": args.n, "seed": args.seed, "image_size": args.image_size,
             "text": texts}
 
@@ -482,7 +487,7 @@ def main(argv=None):
                                       if os.path.isdir(f) else "is not a regular file; expected a text file"
                                       if os.path.exists(f) else "does not exist"))
         try:
-            text = read_text(f)
+            text = read_user_text(f)
         except (ValueError, OSError) as e:
             p.error(f"--text: {e}")
         if not text.strip():
@@ -490,9 +495,7 @@ def main(argv=None):
         if IMAGE_TAG in text:
             p.error(f"--text {f} holds {IMAGE_TAG}, which a model reads as an image's place, and a text-only "
                     "document has no image: remove or reword it")
-        # Windows' (and old Macs') line ends read as "\n": paragraphs are split at blank lines, "\n\n", and a "\r"
-        # left in would be trained on as text
-        args.user_text.append((f, text.replace("\r\n", "\n").replace("\r", "\n")))
+        args.user_text.append((f, text))
     try:
         # One build of a folder at a time: a second waits, then finds what the first made
         with sigterm_stops(), building(args.out):

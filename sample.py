@@ -91,11 +91,11 @@ def with_tags(message: str, n_images: int) -> str:
 def tagged_prompts(args) -> list:
     """The --prompt texts with their image placeholders: one prompt alone gets one per --image when it has none;
     several must place their own, one per image, in order."""
-    llava = [i + 1 for i, p in enumerate(args.prompt) if "<image>" in p and IMAGE_TAG not in p]
-    if args.image and llava:  # it would stay in the prompt as text, the image put in front of it
-        raise SystemExit(f"--prompt{f' {llava[0]}' * (len(args.prompt) > 1)} holds <image>, LLaVA's tag; DeepSeek-VL's "
-                         f"is {IMAGE_TAG}: write that, or leave it out (a prompt alone gets one in front for each "
-                         "--image)")
+    if args.image and len(args.prompt) == 1 and "<image>" in args.prompt[0] and IMAGE_TAG not in args.prompt[0]:
+        # (it would stay in the prompt as text, the images put in front of it; several prompts place their own tags,
+        # and one of them may well be about the SVG element)
+        raise SystemExit(f"--prompt holds <image>, LLaVA's tag; DeepSeek-VL's is {IMAGE_TAG}: write that, or leave "
+                         "it out (a prompt alone gets one in front for each --image)")
     prompts = [with_tags(p, len(args.image)) for p in args.prompt] if len(args.prompt) == 1 else args.prompt
     n_tags = sum(p.count(IMAGE_TAG) for p in prompts)
     if n_tags != len(args.image):

@@ -732,9 +732,10 @@ def drawn(group: str, share, steps: int) -> bool:
 
 
 def no_rows(stage: int, group: str, name: str, folders: list, dropped: int, seq_len: int, cfg: VLConfig) -> str:
-    """Why a stage cannot draw from a modality group with no samples, and what to do: dropped, the rows that were
-    there but did not fit the stage's sequence length."""
+    """Why a stage cannot draw from a modality group with no samples, and what to do. folders: --data, then the
+    --extra_data folders; dropped: the rows that were there but did not fit the stage's sequence length."""
     flag = SHARE_FLAGS.get(group)
+    folders = folders[:1] if group == "language" else folders  # (text rows are read from --data alone)
     llava = any(folder_kind(f) == "llava" for f in folders)
     return (f"stage {stage} trains on {group} rows ({name}), but {', '.join(folders)} "
             f"{'holds' if len(folders) == 1 else 'hold'} none" +

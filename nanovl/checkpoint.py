@@ -816,9 +816,15 @@ def unseen_differences(path, kind: str, cfg: VLConfig) -> list:
             return []
         sections = {name: getattr(theirs, name) for name in UNSEEN_SETTINGS}
     elif kind == "an HF Llama language model":
+        # (transformers 5 writes RoPE's settings inside rope_parameters; 4 wrote rope_theta and rope_scaling)
+        rope = config["rope_parameters"] if isinstance(config.get("rope_parameters"), dict) else {}
+        scaling = config.get("rope_scaling") or rope.get("rope_type", "default") != "default" and rope
+        if scaling:  # (our decoder's RoPE has no scaling: a released folder's config.json with one is refused too)
+            return [f"RoPE scaling {scaling.get('rope_type', scaling.get('type'))!r} there, none here"]
         n_heads = config.get("num_attention_heads", HF_LLAMA_DEFAULTS["num_attention_heads"])
+        theta = config.get("rope_theta", rope.get("rope_theta", HF_LLAMA_DEFAULTS["rope_theta"]))
         sections = {"llm": LlamaConfig(n_heads=n_heads, n_kv_heads=config.get("num_key_value_heads") or n_heads,
-                                       rope_theta=config.get("rope_theta", HF_LLAMA_DEFAULTS["rope_theta"]),
+                                       rope_theta=theta,
                                        norm_eps=config.get("rms_norm_eps", HF_LLAMA_DEFAULTS["rms_norm_eps"]))}
     else:
         return []

@@ -213,15 +213,20 @@ def checked_text(row: dict) -> dict:
     return row
 
 
+# What an image file's name ends with: a field of other name holding such names is taken for the row's images
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+
+
 def image_field(row: dict) -> Tuple[str, object]:
     """(its name, its value or []) of the field naming a row's images: "image", as LLaVA writes it, or "images", as
     several multi-image sets do. A row with both is refused, rather than one of them dropped unseen."""
     given = [k for k in ("image", "images") if row.get(k)]  # "image": null or "", as some exports write: none
     if len(given) == 2:
         raise ValueError("the row has both 'image' and 'images': expected one field naming its images")
-    if not given:  # images under another name ("image_path", "Image") would be dropped unseen: the chat trains blind
-        other = [k for k, v in row.items() if "image" in k.lower() and k not in ("image", "images") and
-                 (isinstance(v, str) and v or isinstance(v, list) and v and all(isinstance(i, str) for i in v))]
+    if not given:  # images under another name ("image_path", "img") would be dropped unseen: the chat trains blind
+        other = [k for k, v in row.items() if k not in ("id", "conversations", "caption", "text") and
+                 any(isinstance(p, str) and p.lower().endswith(IMAGE_EXTENSIONS) for p in (v if isinstance(v, list)
+                                                                                           else [v]))]
         if other:
             raise ValueError(f"the row names images under {other[0]!r}, a field this import does not read: expected "
                              "'image' (LLaVA's) or 'images'; rename the field in the file")

@@ -1,5 +1,6 @@
 """prepare_data.py end to end on a small run, the LLaVA import with bad rows, and the batches the trainer reads."""
 
+import argparse
 import errno
 import fcntl
 import gzip
@@ -80,6 +81,14 @@ def test_a_text_file_with_windows_line_ends_is_split_into_its_paragraphs(tmp_pat
     monkeypatch.setattr(prepare_data, "prepare", lambda args: given.append(args.user_text))
     prepare_data.main(["--out", str(tmp_path / "data"), "--n", "1", "--text", str(crlf)])
     assert given == [[(str(crlf), "First paragraph.\n\nSecond one,\non an old Mac.\n")]]
+    # A folder made from it before counts it by its text as read now, so it is made again; one made from a file with
+    # "\n" line ends, by the same hash as before (its bytes'), so it is not
+    lf = tmp_path / "notes-lf.txt"
+    lf.write_bytes(b"First paragraph.\n\nSecond one,\non an old Mac.\n")
+    made = lambda path: prepare_data.identity(argparse.Namespace(config="tiny", n=1, seed=1, image_size=0,  # noqa: E731
+                                                                 text=[str(path)]))["text"][str(path)]
+    sha1 = lambda path: hashlib.sha1(path.read_bytes()).hexdigest()  # noqa: E731
+    assert made(crlf) == made(lf) == sha1(lf) != sha1(crlf)
 
 
 def test_prepare_data_writes_every_part(data_dir):
@@ -579,6 +588,8 @@ def test_a_llava_row_becomes_the_row_llava_means():
     assert row(image="a.png", conversations=ask("<image>\nWhat is it?", "A cat.") + ask(" ", "")[:1]) == (kind, chat)
     assert row(images=["a.png"], conversations=ask("<image>\nWhat is it?", "A cat.")) == (kind, chat)  # other sets'
     assert row(image=None, images="a.png", conversations=ask("What is it?", "A cat.")) == (kind, chat)  # field name
+    text_only = row(image=None, image_id="none", id="a.png", conversations=ask("Hi", "Hello"))  # no image's name
+    assert text_only[1]["images"] == []
     # captions, under "caption" or "text", stripped, the image before them
     assert row(image="a.png", text="  a cat on a mat \n") == ("pretrain", {"category": "caption", "images": chat[
         "images"], "text": f"{IMAGE_TAG}a cat on a mat"})
@@ -622,7 +633,9 @@ def test_a_llava_row_becomes_the_row_llava_means():
                      (dict(image=None, image_path="a.png", conversations=ask("Describe it.", "Red.")),
                       "the row names images under 'image_path', a field this import does not read: expected 'image'"),
                      (dict(image=None, Images=["a.png"], conversations=ask("<image>Describe it.", "Red.")),
-                      "the row names images under 'Images'")]:
+                      "the row names images under 'Images'"),
+                     (dict(image=None, img="photos/A.JPG", conversations=ask("Describe it.", "Red.")),
+                      "the row names images under 'img'")]:
         with pytest.raises(ValueError, match=re.escape(why)):
             row(**bad)
 

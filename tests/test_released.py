@@ -759,12 +759,21 @@ def test_a_part_that_does_not_fit_changes_nothing(parts, tmp_path):
             init_from_parts(model, [d / twice, d / twice])
     import shutil
     shutil.copytree(d / "llama", tmp_path / "llama")  # an HF Llama of another RoPE base: the same tensors
-    config = json.loads((tmp_path / "llama" / "config.json").read_text())
-    (tmp_path / "llama" / "config.json").write_text(json.dumps(dict(config, rope_theta=5e5)))
-    with pytest.raises(ValueError, match=r"llama \(an HF Llama language model\) does not fit the 'tiny' model; nothing "
-                                         r"was loaded:\n  settings its config.json gives, which its tensors' shapes do "
-                                         r"not show: llm.rope_theta 500000.0 there, 10000.0 here$"):
-        init_from_parts(model, [d / "sam_vit_b.pth", tmp_path / "llama"])
+    config = json.loads((d / "llama" / "config.json").read_text())
+    config.pop("rope_theta", None)
+    for written in ({"rope_theta": 5e5},  # as transformers 4 writes it, and as 5 does
+                    {"rope_parameters": {"rope_theta": 5e5, "rope_type": "default"}}):
+        (tmp_path / "llama" / "config.json").write_text(json.dumps(dict(config, **written)))
+        with pytest.raises(ValueError, match=r"llama \(an HF Llama language model\) does not fit the 'tiny' model; "
+                                             r"nothing was loaded:\n  settings its config.json gives, which its "
+                                             r"tensors' shapes do not show: llm.rope_theta 500000.0 there, 10000.0 "
+                                             r"here$"):
+            init_from_parts(model, [d / "sam_vit_b.pth", tmp_path / "llama"])
+    for written in ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+                    {"rope_parameters": {"rope_theta": 1e4, "rope_type": "llama3", "factor": 8.0}}):
+        (tmp_path / "llama" / "config.json").write_text(json.dumps(dict(config, **written)))
+        with pytest.raises(ValueError, match=r"shapes do not show: RoPE scaling 'llama3' there, none here$"):
+            init_from_parts(model, [d / "sam_vit_b.pth", tmp_path / "llama"])
     stage = tmp_path / "stage1"  # a nanovl stage folder is a part too, as its model.pt is
     stage.mkdir()
     torch.save({"model": DeepSeekVL(TINY).state_dict(), "config": TINY.to_dict()}, stage / "model.pt")

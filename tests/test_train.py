@@ -2016,6 +2016,9 @@ def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_train
     with pytest.raises(SystemExit, match=r"^stage 1 trains on multimodal rows \(captions\+ocr; the image-text rows of "
                                          rf"other categories left out: 1 photo\), but {own} holds none"):
         train.check_stage_rows(1, train.TrainConfig(data=str(own)), get_config("tiny"))
+    # Stage 2's text is read from --data alone: the folders of --extra_data are not named for it
+    with pytest.raises(SystemExit, match=rf"^stage 2 trains on language rows \(text\), but {own} holds none$"):
+        train.check_stage_rows(2, train.TrainConfig(data=str(own), extra_data=str(copy)), get_config("tiny"))
 
 
 def test_a_micro_batch_that_does_not_split_a_stage_batch_is_said_with_the_one_taken(data, start_weights, tmp_path,
