@@ -1008,6 +1008,9 @@ def test_sources_render_rows_and_handle_long_ones(data_dir):
     # Long text is cut into context-sized pieces (64 inputs and their 64 targets) that overlap by one token: each
     # piece's last token is the next one's first, so every token of the document is predicted once.
     assert len(ids) > 2 * 65 and [s.ids for s in text.samples] == [ids[i:i + 65] for i in range(0, len(ids) - 1, 64)]
+    # (a piece's first token is context only, predicted by the piece before: its mask says so, as show() and the
+    # resume fingerprint read it; collate's targets never read a row's first bit)
+    assert [s.mask for s in text.samples] == [[0] + [1] * (len(s.ids) - 1) for s in text.samples]
     words = next(w for w in (" ".join(f"w{i}" for i in range(n)) for n in range(10, 300))
                  if len(render_document(w, tok, 36)[0]) % 64 == 2 and len(render_document(w, tok, 36)[0]) > 64)
     ids, _ = render_document(words, tok, cfg.n_image_tokens)

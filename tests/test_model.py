@@ -283,6 +283,10 @@ def test_image_count_must_match_placeholder_spans(tiny):
                            ([[1] * 3 + [3] * (n // 2), [3] * (n // 2) + [1] * 3], 1)):  # one image across two rows
         with pytest.raises(ValueError, match="2 span\\(s\\) of <image_placeholder> tokens are not whole images"):
             model(torch.tensor(rows), torch.rand(n_images, 3, 256, 256))
+    for rows, n_images in (([[1, 3, 5]], 0),  # one stray placeholder, and no image
+                           ([[1] + [3] * (n + 1) + [5]], 1)):  # one image's span and one more
+        with pytest.raises(ValueError, match="1 span\\(s\\) of <image_placeholder> tokens are not whole images"):
+            model(torch.tensor(rows), torch.rand(n_images, 3, 256, 256) if n_images else None)
     logits, _ = model(torch.tensor([[3] * 2 * n + [5]]), torch.rand(2, 3, 256, 256))  # back to back, at the start
     assert logits.shape == (1, 2 * n + 1, cfg.llm.vocab_size)
 

@@ -128,6 +128,30 @@ def test_sam_deepseek_additions_match_the_facts_sheet():
     assert max_diff(got, expected) < ATOL
 
 
+def test_sams_channel_norm_matches_segment_anything_on_a_map_with_little_variance():
+    # Random features cannot tell where epsilon sits (their variance dwarfs it); a nearly flat map, as a plain region
+    # of a real image gives, can: segment-anything adds it inside the square root.
+    from segment_anything.modeling.common import LayerNorm2d as SegmentAnythingLayerNorm2d
+    from nanovl.sam import LayerNorm2d
+    ref, ours = randomize_(SegmentAnythingLayerNorm2d(8), std=0.3), LayerNorm2d(8)
+    ours.load_state_dict(ref.state_dict())
+    assert ours.eps == ref.eps
+    flat = 1.0 + 1e-4 * torch.randn(2, 8, 5, 5)  # variance 1e-8, under epsilon (1e-6)
+    with torch.no_grad():
+        assert max_diff(ours(flat), ref(flat)) < ATOL
+
+
+def test_sam_upsamples_in_fp32_and_rounds_once_in_half_precision():
+    # The official tower interpolates the neck's map in fp32 and casts back (facts section 1): in bf16 throughout,
+    # 45% of the upsampled values come out otherwise.
+    sam = SAM(SAM_TEST).to(torch.bfloat16)
+    size = SAM_TEST.upsample_size
+    x = torch.randn(2, SAM_TEST.neck_dim, 8, 8).to(torch.bfloat16)
+    expected = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False).to(torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(sam.upsample_downsample(x), sam.downsamples(expected))
+
+
 def test_sam_windows_of_a_grid_that_is_not_square_match_segment_anything():
     # The towers' grids are square, where swapping height and width changes nothing; the window functions take any
     # (B, H, W, C) map, as segment-anything's do: padded at the bottom and right, windows row by row, and back.
