@@ -148,8 +148,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             # float32, scaled in place: a 12000 x 12000 16-bit grey image (a few hundred KB as a PNG, under MAX_PIXELS)
-            # took 9.2 s and 4.4 GB at peak in float64 with a temporary for each step, and takes 2.9 s and 2.0 GB so,
-            # the RGB copy included. (Mode F is float32 already, and a 16-bit value scaled to 8 bits lies too far from
+            # took 9.2 s and 4.4 GB at peak in float64 with a temporary for each step, and takes 2.9 s and 2.0 GB this
+            # way, the RGB copy included. (Mode F is float32 already, and a 16-bit value scaled to 8 bits lies too far from
             # a rounding boundary for float32 to cross one: all 65,536 give what float64 gave.)
             a = np.array(img, dtype=np.float32)
             bad = int(a.size - np.isfinite(a).sum())  # (a float image can hold NaN: its largest value is then NaN,
