@@ -91,6 +91,15 @@ def test_a_text_file_with_windows_line_ends_is_split_into_its_paragraphs(tmp_pat
     assert made(crlf) == made(lf) == sha1(lf) != sha1(crlf)
 
 
+def test_a_questions_wrong_options_are_drawn_from_every_other_answer():
+    # else the odd one out among the options (an answer never offered wrongly) would give itself away unseen
+    from nanovl.synth import mc_question
+    pool = ["red", "green", "blue", "yellow", "white"]
+    asked = [mc_question(random.Random(seed), "Which colour?", "red", pool) for seed in range(40)]
+    assert {option for q in asked for option in q["options"]} == set(pool)
+    assert all(q["options"][q["answer"]] == "red" and len(set(q["options"])) == 4 for q in asked)
+
+
 def test_prepare_data_writes_every_part(data_dir):
     names = sorted(os.listdir(data_dir))
     assert names == ["eval_mc.jsonl", "eval_text.jsonl", "images", "meta.json", "pretrain.jsonl", "sft.jsonl",
@@ -121,6 +130,7 @@ def test_prepare_data_writes_every_part(data_dir):
     turn = lambda r: next((i for i, m in enumerate(r["conversation"][::2]) if "Options:" in m["content"]), None)
     at = [turn(r) for r in sft if len(r["conversation"]) >= 4 and turn(r) is not None]
     assert len(at) > 20 and 0 in at and max(at) > 0
+    assert any(turn(r) == len(r["conversation"]) // 2 - 1 for r in sft if len(r["conversation"]) >= 4)  # the last
     stage0 = read_jsonl(data_dir / "stage0.jsonl")
     assert {r["category"] for r in stage0} == set(CATEGORIES) - {"interleaved"}
     for row in stage0:

@@ -396,9 +396,13 @@ def test_export_and_load_refuse_a_dtype_that_is_not_floating_point(folder, tmp_p
 
 
 def test_export_replaces_only_an_earlier_export(folder, tmp_path, monkeypatch):
+    import nanovl.checkpoint as checkpoint
     model, tok, _ = load_released(folder[0])
+    sizes, save_sharded = [], checkpoint.save_sharded
+    monkeypatch.setattr(checkpoint, "save_sharded", lambda t, f, size: sizes.append(size) or save_sharded(t, f, size))
     out = export_released(model, tok, tmp_path / "export")
     export_released(model, tok, out, max_shard_bytes=20_000)  # an earlier export: replaced, now in shards
+    assert sizes == [5 * 10 ** 9, 20_000]  # huggingface_hub's default shard, "5GB", of 10^9 bytes
     assert not (out / "model.safetensors").exists() and (out / "model.safetensors.index.json").exists()
     stage = tmp_path / "stage3"  # a training run's folder: refused, and nothing in it touched
     stage.mkdir()

@@ -44,6 +44,10 @@ def test_dtypes_cover_the_format():
     # The torch in requirements has every dtype; an older one would silently shrink the round trips below.
     assert list(st._DTYPES) == ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32",
                                 "U32", "F32", "F64", "I64", "U64"]
+    # and each name means the dtype the safetensors library reads it as (the round trips below are built from our
+    # table, so a name mapped to the wrong dtype, F8_E5M2 to e4m3 say, would pass them)
+    from safetensors.torch import _TYPES
+    assert st._DTYPES == {name: _TYPES[name] for name in st._DTYPES}
 
 
 def test_we_read_what_the_library_writes(tmp_path):

@@ -299,6 +299,7 @@ def test_multiple_choice_gives_each_option_its_own_questions_images(data):
     model = ImageEcho()
     assert evaluate.mc_choices(model, rows, tok, processor, 4, root="/root") == [0, 0, 0]
     assert model.seen == [[1.0, 1.0, 2.0, 3.0, 2.0, 3.0, 2.0, 3.0]]  # one image span per option row, in order
+    assert [s.ids.count(tok.image_id) for s in evaluate.option_samples(rows[2], tok, 4)] == [2 * 4] * 3
 
 
 def test_multiple_choice_ranks_options_by_perplexity_not_summed_loss(data):
@@ -335,6 +336,7 @@ def test_an_open_answer_is_right_when_it_names_the_right_option_alone():
     assert names_only("I don\u2019t know", ["Don't know", "Know"], 0)
     assert names_only("STRASSE", ["Straße", "Weg"], 0)
     assert names_only("It says ?", ["?", "!"], 0) and not names_only("It says !", ["?", "!"], 0)
+    assert names_only("Yes", ["Yes?", "No?"], 0) and names_only("No", ["Yes!", "No!"], 1)
     # ... but only where the options stay apart so: each is then asked for as written, as before.
     assert names_only("3.", ["3", "3."], 1) and not names_only("3.", ["3", "3."], 0)
     assert names_only("Maße", ["Masse", "Maße"], 1) and not names_only("Maße", ["Masse", "Maße"], 0)
@@ -1398,6 +1400,16 @@ def test_a_new_stage_trains_with_the_tokenizer_of_the_weights_it_starts_from(dat
     assert "no tokenizer.json beside" not in capsys.readouterr().out
 
 
+def test_only_an_atomic_writes_own_leftovers_are_removed_and_a_lock_names_its_holder(tmp_path):
+    import io
+    for name in ("notes.tmp", "ckpt.pt.tmp", "ckpt.pt.tmpx1", "ckpt.pt.tmp999999999"):  # (the last: no such process)
+        (tmp_path / name).write_text("")
+    runs.remove_stale_temporaries(str(tmp_path))  # ("notes.tmp" has no process number: int("") failed)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt.tmp", "ckpt.pt.tmpx1", "notes.tmp"]
+    assert runs.lock_holder(io.StringIO("host7 4242\n")) == " (process 4242 on host7)"
+    assert runs.lock_holder(io.StringIO("4242\n")) == " (process 4242)" and runs.lock_holder(io.StringIO("")) == ""
+
+
 def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
     # The bytes reach the disk (fsync) before the rename makes them the checkpoint: after a power cut the file holds
@@ -2032,15 +2044,17 @@ def test_a_micro_batch_that_does_not_split_a_stage_batch_is_said_with_the_one_ta
     assert [k["worker_init_fn"] for k in made] == [runs.close_inherited_locks]
 
 
-def resume_check(tmp_path, stage, now, **hp_changes):
-    """train.resumable_state on a checkpoint saved with the default settings, resumed with `now` (and hp_changes)."""
+def resume_check(tmp_path, stage, now, finished=False, saved_changes=None, **hp_changes):
+    """train.resumable_state on a checkpoint saved with the default settings (and saved_changes to its hparams),
+    resumed with `now` (and hp_changes)."""
     cfg, path = get_config("tiny"), str(tmp_path / "ckpt.pt")
     tc = train.TrainConfig(steps=10)
     hp = train.stage_hparams(stage, tc, cfg)[0]
     micro = train.split_batch(stage, tc, hp, 1)[0]
+    saved = {k: v for k, v in dict(hp, **(saved_changes or {})).items() if v is not None}  # (None: not saved)
     torch.save({"model": {}, "optimizer": {}, "step": 3, "rng": {}, "stage": stage, "config": cfg.to_dict(),
-                "train": dataclasses.asdict(tc), "hparams": hp, "split": [1, micro]}, path)
-    return train.resumable_state(path, stage, cfg, now, dict(hp, **hp_changes), 1, lambda *a: None)
+                "train": dataclasses.asdict(tc), "hparams": saved, "split": [1, micro]}, path)
+    return train.resumable_state(path, stage, cfg, now, dict(hp, **hp_changes), 1, lambda *a: None, finished)
 
 
 @pytest.mark.parametrize("stage, change", [(0, {"lr": 1e-4}), (1, {"grad_ckpt": True}), (1, {"device": "cpu"}),
@@ -2050,6 +2064,18 @@ def test_what_a_resume_is_told_it_may_change_it_may(tmp_path, stage, change):
     # told --grad_ckpt; a run moves from a GPU to the CPU; the image cache is a matter of memory, not of the run.
     resume_check(tmp_path, stage, dataclasses.replace(train.TrainConfig(steps=10), **change),
                  **{k: v for k, v in change.items() if k == "lr"})
+
+
+def test_a_finished_stage_0_and_a_checkpoint_older_than_start_weights_resume(tmp_path):
+    # --resume over a finished stage 0 checks its settings only: how its steps were split no longer matters
+    resume_check(tmp_path, 0, train.TrainConfig(steps=10, micro_batch=2), finished=True, micro_batch=2)
+    with pytest.raises(SystemExit, match="was written by a run with other training settings"):  # (unfinished: it does)
+        resume_check(tmp_path, 0, train.TrainConfig(steps=10, micro_batch=2), micro_batch=2)
+    # A checkpoint from before the start weights were recorded (no "start") resumes; another start is refused
+    resume_check(tmp_path, 2, train.TrainConfig(steps=10), saved_changes={"start": None}, start="stage1 run 7")
+    with pytest.raises(SystemExit, match="continues a stage that began from other weights"):
+        resume_check(tmp_path, 2, train.TrainConfig(steps=10), saved_changes={"start": "stage1 run 6"},
+                     start="stage1 run 7")
 
 
 def test_the_full_context_is_a_sequence_length_and_stage_0_keeps_its_split():
@@ -2151,6 +2177,8 @@ def test_data_change_names_the_sources_that_differ_or_else_the_plan():
         train.data_change(was, {"sources": {"sft": [10, "c"]}, "plan": "p"})
     assert "on the checkpoint's data, but its steps are planned otherwise here" in \
         train.data_change(was, {**was, "plan": "q"})
+    assert "(sft: 12 samples, 10 in that run)" in train.data_change(was, {**was, "sources": {**was["sources"],
+                                                                                              "sft": [12, "c"]}})
 
 
 def test_a_resume_on_another_kind_of_device_says_it_does_not_go_on_bit_for_bit(data, start_weights, tmp_path, capsys):
