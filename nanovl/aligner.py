@@ -1,16 +1,16 @@
 """
 The vision-language adaptor ("aligner", `MlpProjector` in the official projector.py; paper section 3.1, facts
 section 4). It maps vision features into the language model's embedding space, one vector per image token.
-Shapes: B images, T tokens each (576 in the released models).
+Shapes: N images, n tokens each (576 in the released models), as in model.py.
 
 mlp_gelu (released 1.3B, SigLIP only):
-    low (B, T, c_low) -> Linear -> GELU -> Linear -> (B, T, d_model)           keys layers.0, layers.2
+    low (N, n, c_low) -> Linear -> GELU -> Linear -> (N, n, d_model)           keys layers.0, layers.2
 
 low_high_hybrid_split_mlp_gelu (released 7B and our hybrid presets):
-    high (B, T, c_high) -> high_up_proj -> (B, T, d_model/2)  \
-                                                                cat, high first -> (B, T, d_model)
-    low  (B, T, c_low)  -> low_up_proj  -> (B, T, d_model/2)  /
-    -> GELU -> Linear -> (B, T, d_model)                                       keys layers.1
+    high (N, n, c_high) -> high_up_proj -> (N, n, d_model/2)  \
+                                                                cat, high first -> (N, n, d_model)
+    low  (N, n, c_low)  -> low_up_proj  -> (N, n, d_model/2)  /
+    -> GELU -> Linear -> (N, n, d_model)                                       keys layers.1
 
 This is the code's order, which the paper's "Vision-Language Adaptor" paragraph describes (two single-layer MLPs,
 concatenation, one more MLP); an earlier sentence of the same section, concatenating the raw features into 576 x 2048
@@ -41,9 +41,9 @@ class Aligner(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, low, high=None):
-        """low: SigLIP features (B, T, c_low); high: SAM features (B, T, c_high), hybrid only."""
+        """low: SigLIP features (N, n, c_low); high: SAM features (N, n, c_high), hybrid only."""
         if self.hybrid:
-            x = torch.cat([self.high_up_proj(high), self.low_up_proj(low)], dim=-1)  # (B, T, d_model), high first
+            x = torch.cat([self.high_up_proj(high), self.low_up_proj(low)], dim=-1)  # (N, n, d_model), high first
         else:
             x = low
-        return self.layers(x)  # (B, T, d_model)
+        return self.layers(x)  # (N, n, d_model)

@@ -1,10 +1,10 @@
-"""
+r"""
 The DeepSeek chat template, rendered straight into token ids and a loss mask (official conversation.py and
 processing_vlm.py; paper section 3.2.3; facts sheet section 9).
 
 The official prompt string, for a system prompt SYS and messages m0 (user), m1 (assistant), m2 (user), ...:
 
-    SYS + "\\n\\n" + "User: " + m0 + "\\n\\n" + "Assistant: " + m1 + "<｜end▁of▁sentence｜>" + "User: " + m2 + ...
+    SYS + "\n\n" + "User: " + m0 + "\n\n" + "Assistant: " + m1 + "<｜end▁of▁sentence｜>" + "User: " + m2 + ...
 
 and, to ask for an answer, a final "Assistant:" with nothing after it. Each content is stripped, and the whole string is
 stripped (processing_vlm.py's apply_sft_template_for_multi_turn_prompts; cli_chat.py builds its history without
@@ -17,9 +17,9 @@ end-of-sentence token), 0 for everything else (BOS, system prompt, role names, t
 about token i itself: where it is 1, the model is trained to predict ids[i] from ids[:i] (data.collate shifts ids and
 mask by one into inputs and targets), so BOS, which nothing predicts, always has 0. The pieces are cut where the
 DeepSeek pre-tokenizer always cuts (at newlines, special tokens, and between "Assistant:" and the space that starts an
-answer), so the ids equal the tokenizer's encoding of the whole official string; a test checks this. (For a conversation
-that ends with an answer, or asks for one: one that ends with the user's turn keeps that turn's "\\n\\n", which the
-official string's final strip drops.)
+answer), so the ids equal the tokenizer's encoding of the whole official string; a test checks this. (That holds for a
+conversation that ends with an answer, or with the "Assistant:" that asks for one. One that ends with a user's turn
+keeps that turn's "\n\n", which the official string's final strip drops.)
 
 Pretraining documents (stages 1 and 2) use no template: BOS, the text with its images, EOS, and the loss on the text
 tokens and EOS only (paper section 3.2: next-token prediction on language tokens).
@@ -80,10 +80,10 @@ def expand_images(ids: List[int], mask: List[int], image_id: int, n_image_tokens
 
 
 def start_ids(tokenizer, system: str = SYSTEM_PROMPT) -> List[int]:
-    """BOS, then the system prompt and its blank line (nothing more when there is no system prompt). The official
-    string strips only the start of the system prompt (the whole string is stripped), so its end is kept as given,
-    and it is encoded together with the "\\n\\n" after it, as one piece: whitespace at its end and those newlines
-    then become the same tokens as in the official string."""
+    r"""BOS, then the system prompt and its blank line (nothing more when there is no system prompt). The official
+    code strips the whole prompt string, which trims whitespace before the system prompt but not after it. So it is
+    lstrip()ed here, and encoded together with the "\n\n" after it, as one piece: whitespace at its end and those
+    newlines then become the same tokens as in the official string."""
     if not isinstance(system, str):  # (None failed as "'NoneType' object has no attribute 'strip'")
         raise ValueError(f"expected the system prompt as a string ('' for none), got {type(system).__name__}")
     ids = [tokenizer.bos_id]
@@ -93,7 +93,7 @@ def start_ids(tokenizer, system: str = SYSTEM_PROMPT) -> List[int]:
 
 
 def user_ids(tokenizer, content: str) -> List[int]:
-    """One user message and its blank line: "User: ...\\n\\n" (the generation's chat session adds turns with it)."""
+    r"""One user message and its blank line: "User: ...\n\n" (the generation's chat session adds turns with it)."""
     return tokenizer.encode(f"User: {content.strip()}") + tokenizer.encode("\n\n")
 
 

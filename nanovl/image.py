@@ -18,6 +18,7 @@ released 1.3B uses 384, mean = std = 0.5, and normalises here. `ImageProcessor.f
 
 Bad files get a ValueError naming the file: missing, corrupt, truncated, not an image, or larger than the pixel limit
 (decompression bombs: a tiny PNG can claim billions of pixels, so the size is checked before any pixel is decoded).
+That file-reading half (load_image, to_rgb) is the last section of this file; the processor comes first.
 """
 
 import math
@@ -34,135 +35,7 @@ from PIL import Image, ImageOps
 
 from nanovl.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, VLConfig
 
-# 179 megapixels, where PIL itself refuses a file (2 x Image.MAX_IMAGE_PIXELS): a 108 MP phone photo loads (0.3 GB
-# decoded), and nothing near what would exhaust memory does.
-MAX_PIXELS = 2 * 89_478_485
 MIN_SIZE = 14  # the official processor never resizes a side below 14 pixels
-
-
-class TooLarge(ValueError):
-    """An image over the pixel limit (told apart from the ValueErrors PIL raises, which load_image rewords)."""
-
-
-def load_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open an image file fully (so a truncated file fails here, not later) and return it as an RGB PIL image."""
-    if not isinstance(path, (str, os.PathLike)):  # (else said as a corrupt file, from the error PIL raised)
-        raise ValueError(f"expected the image's path, got {type(path).__name__}" + (
-            " (for an image already open, ImageProcessor takes it as it is)" if isinstance(path, Image.Image) else ""))
-    if type(max_pixels) is not int or max_pixels < 1:
-        raise ValueError(f"max_pixels must be a whole number of pixels, at least 1; got {max_pixels!r}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is ours, checked below
-            img = Image.open(path)
-        with img:
-            w, h = img.size
-            if w * h > max_pixels:
-                raise TooLarge(f"image {path} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}; "
-                               "downscale it first")
-            img.load()  # decode now: corrupt or truncated data raises here
-            return to_rgb(img)
-    except FileNotFoundError:
-        raise ValueError(f"image {path} does not exist{missing_hint(str(path))}") from None
-    except IsADirectoryError:
-        raise ValueError(f"image {path} is a folder: expected an image file") from None
-    except Image.DecompressionBombError as e:  # over PIL's own limit, which it checks before ours
-        raise ValueError(f"image {path} is too large to read ({e}); downscale it first") from None
-    except TooLarge:
-        raise
-    except ValueError as e:  # PIL's: a NUL in the path, a bad header
-        raise ValueError(f"cannot read image {path!r}: {e}") from None
-    except Image.UnidentifiedImageError as e:  # not a format this Pillow reads: say which, when the bytes tell
-        if os.path.isfile(path) and os.path.getsize(path) == 0:  # (a download or a copy that failed)
-            raise ValueError(f"cannot read image {path}: the file is empty (0 bytes)") from None
-        kind = unread_format(path)
-        raise ValueError(f"cannot read image {path}: " + (f"{kind}, a format Pillow does not read; convert it to PNG "
-                                                          "or JPEG" if kind else f"{e} (is it a corrupt, truncated "
-                                                          "or non-image file?)")) from None
-    except OSError as e:
-        if e.errno is not None:  # the system's (no permission, a name too long): nothing to say of the file's bytes
-            raise ValueError(f"cannot read image {path}: {e.strerror}") from None
-        raise ValueError(f"cannot read image {path}: {e} (is it a corrupt, truncated or non-image file?)") from None
-    except SyntaxError as e:
-        raise ValueError(f"cannot read image {path}: {e} (is it a corrupt, truncated or non-image file?)") from None
-    except MemoryError:
-        raise  # this machine's limit, not the file's fault
-    except Exception as e:  # PIL's decoders fail in other ways too (a damaged DDS header: NotImplementedError)
-        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e} (is it a corrupt file?)") from None
-
-
-def missing_hint(path: str) -> str:
-    """Why a file that does not exist may look as if it did: a web address, a space at either end of the name, a
-    shell's escaped spaces or a Windows path (backslashes are part of a name here), or the name spelt in another
-    Unicode form (macOS writes "ü" as u and a combining mark, most other systems as one character: the two print alike
-    and are different names)."""
-    if path.startswith(("http://", "https://")):
-        return " (a web address: download the image first)"
-    name = os.path.basename(path)
-    if name != name.strip() and os.path.exists(os.path.join(os.path.dirname(path), name.strip())):
-        return f" (its name begins or ends with white space: {name!r})"
-    unescaped, forward = path.replace("\\ ", " "), path.replace("\\", "/")  # (a terminal's drag and drop: "a\ b.png")
-    if unescaped != path and os.path.exists(unescaped):
-        return f" as written, but {unescaped} does: write the spaces without a backslash"
-    if forward != path and os.path.exists(forward):
-        return f" as written, but {forward} does: write / between folders, not \\"
-    for form in ("NFC", "NFD"):
-        other = unicodedata.normalize(form, path)
-        if other != path and os.path.exists(other):
-            return f" as written, but the same name in another Unicode form ({form}) does: {ascii(other)}"
-    return ""
-
-
-def unread_format(path) -> str:
-    """The name of a common image format Pillow cannot open without a plugin, from the file's first bytes, or ""."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(256)
-    except OSError:
-        return ""
-    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"heim", b"heis", b"hevc"):
-        return "a HEIC/HEIF photo (as iPhones take)"
-    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):
-        return "an AVIF image"
-    if b"<svg" in head.lower() or (head.lstrip().startswith(b"<?xml") and b"svg" in head.lower()):
-        return "an SVG drawing"
-    return ""
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB, with the EXIF orientation applied.
-
-    The official code calls `convert("RGB")` alone, which is right for palette, grey, CMYK, YCbCr and alpha modes
-    (alpha is dropped, as it does). We differ from it twice, on purpose:
-    - a photo whose EXIF says "rotate to display" (most phone pictures) is turned upright first, as a photo viewer
-      shows it; the official code gives the model the sensor's orientation, on its side, so for such a file the
-      released model answers differently here than in its own repository;
-    - 16-bit and 32-bit grey ("I;16", "I", "F") are rescaled to 8 bits first, where convert clips every value above
-      255 to white (a float image holding NaN or infinite values, which has no scale, is refused).
-    Pillow's warnings are kept quiet here (they would reach the user as two lines of library source): that a palette
-    with transparency should become RGBA (converted to RGB the alpha is dropped, as above) and that an EXIF block is
-    damaged (its orientation is then unknown, and the image is taken as stored).
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            # float32, scaled in place: a 12000 x 12000 16-bit grey image (a few hundred KB as a PNG, under MAX_PIXELS)
-            # took 9.2 s and 4.4 GB at peak in float64 with a temporary for each step, and takes 2.9 s and 2.0 GB this
-            # way, the RGB copy included. (Mode F is float32 already, and a 16-bit value scaled to 8 bits lies too far from
-            # a rounding boundary for float32 to cross one: all 65,536 give what float64 gave.)
-            a = np.array(img, dtype=np.float32)
-            bad = int(a.size - np.isfinite(a).sum())  # (a float image can hold NaN: its largest value is then NaN,
-            if bad:  # which chose the scale below wrongly and turned a picture in [0, 1] black, without a word)
-                raise ValueError(f"{bad} of its {a.size} pixels are NaN or infinite (a 32-bit float image); expected "
-                                 "finite values")
-            top = 65535.0 if img.mode.startswith("I;16") or (a.size and a.max() > 255) else 255.0
-            if img.mode == "F" and a.size and a.max() <= 1.0:
-                top = 1.0  # float images are usually in [0, 1]
-            a *= 255.0 / top
-            a += 0.5
-            img = Image.fromarray(np.clip(a, 0, 255, out=a).astype(np.uint8))  # mode L
-        return img.convert("RGB")
 
 
 @dataclass
@@ -334,3 +207,137 @@ class CachedProcessor:
                 self.cache[path] = kept
                 self.held += kept.nbytes
         return kept if self.size is not None else self.processor.to_tensor(kept)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reading image files: a clear ValueError for whatever a user may pass (a missing path, a corrupt or truncated
+# file, a format PIL cannot read, a decompression bomb), and any PIL mode brought to RGB.
+
+# 179 megapixels, where PIL itself refuses a file (2 x Image.MAX_IMAGE_PIXELS): a 108 MP phone photo loads (0.3 GB
+# decoded), and nothing near what would exhaust memory does.
+MAX_PIXELS = 2 * 89_478_485
+
+
+class TooLarge(ValueError):
+    """An image over the pixel limit (told apart from the ValueErrors PIL raises, which load_image rewords)."""
+
+
+def load_image(path: Union[str, os.PathLike], max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open an image file fully (so a truncated file fails here, not later) and return it as an RGB PIL image."""
+    if not isinstance(path, (str, os.PathLike)):  # (else said as a corrupt file, from the error PIL raised)
+        raise ValueError(f"expected the image's path, got {type(path).__name__}" + (
+            " (for an image already open, ImageProcessor takes it as it is)" if isinstance(path, Image.Image) else ""))
+    if type(max_pixels) is not int or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a whole number of pixels, at least 1; got {max_pixels!r}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the limit is ours, checked below
+            img = Image.open(path)
+        with img:
+            w, h = img.size
+            if w * h > max_pixels:
+                raise TooLarge(f"image {path} is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}; "
+                               "downscale it first")
+            img.load()  # decode now: corrupt or truncated data raises here
+            return to_rgb(img)
+    except FileNotFoundError:
+        raise ValueError(f"image {path} does not exist{missing_hint(str(path))}") from None
+    except IsADirectoryError:
+        raise ValueError(f"image {path} is a folder: expected an image file") from None
+    except Image.DecompressionBombError as e:  # over PIL's own limit, which it checks before ours
+        raise ValueError(f"image {path} is too large to read ({e}); downscale it first") from None
+    except TooLarge:
+        raise
+    except ValueError as e:  # PIL's: a NUL in the path, a bad header
+        raise ValueError(f"cannot read image {path!r}: {e}") from None
+    except Image.UnidentifiedImageError as e:  # not a format this Pillow reads: say which, when the bytes tell
+        if os.path.isfile(path) and os.path.getsize(path) == 0:  # (a download or a copy that failed)
+            raise ValueError(f"cannot read image {path}: the file is empty (0 bytes)") from None
+        kind = unread_format(path)
+        raise ValueError(f"cannot read image {path}: " + (f"{kind}, a format Pillow does not read; convert it to PNG "
+                                                          "or JPEG" if kind else f"{e} (is it a corrupt, truncated "
+                                                          "or non-image file?)")) from None
+    except OSError as e:
+        if e.errno is not None:  # the system's (no permission, a name too long): nothing to say of the file's bytes
+            raise ValueError(f"cannot read image {path}: {e.strerror}") from None
+        raise ValueError(f"cannot read image {path}: {e} (is it a corrupt, truncated or non-image file?)") from None
+    except SyntaxError as e:
+        raise ValueError(f"cannot read image {path}: {e} (is it a corrupt, truncated or non-image file?)") from None
+    except MemoryError:
+        raise  # this machine's limit, not the file's fault
+    except Exception as e:  # PIL's decoders fail in other ways too (a damaged DDS header: NotImplementedError)
+        raise ValueError(f"cannot read image {path}: {type(e).__name__}: {e} (is it a corrupt file?)") from None
+
+
+def missing_hint(path: str) -> str:
+    """Why a file that does not exist may look as if it did: a web address, a space at either end of the name, a
+    shell's escaped spaces or a Windows path (backslashes are part of a name here), or the name spelt in another
+    Unicode form (macOS writes "ü" as u and a combining mark, most other systems as one character: the two print alike
+    and are different names)."""
+    if path.startswith(("http://", "https://")):
+        return " (a web address: download the image first)"
+    name = os.path.basename(path)
+    if name != name.strip() and os.path.exists(os.path.join(os.path.dirname(path), name.strip())):
+        return f" (its name begins or ends with white space: {name!r})"
+    unescaped, forward = path.replace("\\ ", " "), path.replace("\\", "/")  # (a terminal's drag and drop: "a\ b.png")
+    if unescaped != path and os.path.exists(unescaped):
+        return f" as written, but {unescaped} does: write the spaces without a backslash"
+    if forward != path and os.path.exists(forward):
+        return f" as written, but {forward} does: write / between folders, not \\"
+    for form in ("NFC", "NFD"):
+        other = unicodedata.normalize(form, path)
+        if other != path and os.path.exists(other):
+            return f" as written, but the same name in another Unicode form ({form}) does: {ascii(other)}"
+    return ""
+
+
+def unread_format(path) -> str:
+    """The name of a common image format Pillow cannot open without a plugin, from the file's first bytes, or ""."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return ""
+    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"heim", b"heis", b"hevc"):
+        return "a HEIC/HEIF photo (as iPhones take)"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis"):
+        return "an AVIF image"
+    if b"<svg" in head.lower() or (head.lstrip().startswith(b"<?xml") and b"svg" in head.lower()):
+        return "an SVG drawing"
+    return ""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB, with the EXIF orientation applied.
+
+    The official code calls `convert("RGB")` alone, which is right for palette, grey, CMYK, YCbCr and alpha modes
+    (alpha is dropped, as it does). We differ from it twice, on purpose:
+    - a photo whose EXIF says "rotate to display" (most phone pictures) is turned upright first, as a photo viewer
+      shows it; the official code gives the model the sensor's orientation, on its side, so for such a file the
+      released model answers differently here than in its own repository;
+    - 16-bit and 32-bit grey ("I;16", "I", "F") are rescaled to 8 bits first, where convert clips every value above
+      255 to white (a float image holding NaN or infinite values, which has no scale, is refused).
+    Pillow's warnings are kept quiet here (they would reach the user as two lines of library source): that a palette
+    with transparency should become RGBA (converted to RGB the alpha is dropped, as above) and that an EXIF block is
+    damaged (its orientation is then unknown, and the image is taken as stored).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            # In float32, scaled in place, to keep memory low: a 16-bit PNG of a few hundred KB can hold 12000 x 12000
+            # pixels (2.0 GB at peak so, 4.4 GB in float64 with a temporary for each step). Mode F is float32 already,
+            # and a 16-bit value scaled to 8 bits lies too far from a rounding boundary for float32 to cross one: all
+            # 65,536 give what float64 gave (tested).
+            a = np.array(img, dtype=np.float32)
+            bad = int(a.size - np.isfinite(a).sum())  # (a float image can hold NaN: its largest value is then NaN,
+            if bad:  # which chose the scale below wrongly and turned a picture in [0, 1] black, without a word)
+                raise ValueError(f"{bad} of its {a.size} pixels are NaN or infinite (a 32-bit float image); expected "
+                                 "finite values")
+            top = 65535.0 if img.mode.startswith("I;16") or (a.size and a.max() > 255) else 255.0
+            if img.mode == "F" and a.size and a.max() <= 1.0:
+                top = 1.0  # float images are usually in [0, 1]
+            a *= 255.0 / top
+            a += 0.5
+            img = Image.fromarray(np.clip(a, 0, 255, out=a).astype(np.uint8))  # mode L
+        return img.convert("RGB")

@@ -158,11 +158,11 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: head i reads kv head i // (nh / nkv)
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, S, hs)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, S, hs)
-        # Without a mask this is plain causal attention (the training path, eligible for flash kernels). The compiled
-        # one-token step keeps this call too. Its attention written as reductions, as its projections are
-        # (compiling_one_row), took three kernels a layer to SDPA's one and made the step slower in both A/Bs on an
-        # H200, each in one process: 1.758 ms a token against SDPA's 1.700 (2026-11-29, untuned), and 1.891 against
-        # 1.758 (2026-11-30, tuned, with q, k, v stacked inside the step).
+        # F.scaled_dot_product_attention (SDPA): softmax(q k^T / sqrt(hs) + mask) v in one call, which PyTorch serves
+        # with a fused kernel (FlashAttention where the shapes allow). Without a mask it is plain causal attention
+        # (training, a prompt without padding); a boolean mask says which keys each query sees. The compiled one-token
+        # step keeps this call too: written as reductions, as its projections are, attention was slower on an H200
+        # (README, Benchmarks).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, nh, T, hs)
         return project(self.o_proj.weight, y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
@@ -198,96 +198,6 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x), gate_up_weight)
 
 
-class LinearCrossEntropy(torch.autograd.Function):
-    """Summed cross_entropy(h @ weight^T, targets) that never holds the (N, vocab) logits all at once.
-
-    With a 102,400-word vocabulary the logits are the biggest tensor of a training step: batch 4 x 4096 tokens makes
-    3.4 GB of bf16 logits, 6.7 GB again in fp32 for the softmax, and their gradient as much again. Here the rows go
-    through in chunks, and each chunk's gradients are worked out at once, in the forward pass, while its logits are
-    at hand: the gradient of the summed loss over logit j of a row is softmax_j - [j == target] (0 for an ignored row),
-    so  dh = dlogits @ weight  and  dweight = dlogits^T @ h.  Backward then only scales them by the incoming gradient.
-    The FLOPs are the same as the plain path (one matmul forward, two for the gradients), only done earlier; the
-    chunk's logits live for one chunk. (The fused linear cross-entropy of Liger-Kernel, written in plain PyTorch.)
-
-    Precision follows the plain path: the matmuls run in the weights' dtype, or in what autocast says (bf16 in
-    training), the softmax in fp32. Tests check loss and gradients against F.cross_entropy on full logits, in fp32
-    and with bf16 weights.
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, targets, rows: int, need_grads: bool):
-        # h (N, C) final hidden states, weight (V, C) lm_head, targets (N,) with -100 for rows without a loss;
-        # rows: how many rows a chunk takes
-        loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.zeros_like(h) if need_grads and h.requires_grad else None
-        grad_w = torch.zeros_like(weight) if need_grads and weight.requires_grad else None
-        for i in range(0, targets.shape[0], rows):
-            h_c, t_c = h[i:i + rows], targets[i:i + rows]  # (n, C), (n,)
-            logits = (h_c @ weight.T).float()  # (n, V)
-            valid = t_c != -100
-            t_c = t_c.masked_fill(~valid, 0)  # any id will do: the row is masked out below
-            lse = logits.logsumexp(-1)  # (n,)
-            loss += ((lse - logits.gather(1, t_c[:, None]).squeeze(1)) * valid).sum()
-            if grad_h is None and grad_w is None:
-                continue
-            d = logits.sub_(lse[:, None]).exp_()  # (n, V) softmax, in place of the logits
-            d.scatter_add_(1, t_c[:, None], -torch.ones_like(d[:, :1]))  # minus one at the target
-            d *= valid[:, None]  # (n, V) dloss / dlogits
-            # (d is fp32; in the matmuls it takes the weights' dtype, as the logits' matmul ran in it. Autocast
-            # casts it again, to bf16, where the weights are fp32 masters.)
-            if grad_h is not None:
-                grad_h[i:i + rows] = d.to(weight.dtype) @ weight  # (n, C)
-            if grad_w is not None:
-                grad_w += d.T.to(h_c.dtype) @ h_c  # (V, C)
-        ctx.save_for_backward(grad_h, grad_w)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.saved_tensors  # for a summed loss of 1; the mean's 1 / count comes in grad_loss
-        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
-                None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype), None, None, None)
-
-
-def bad_token_count(ids, targets, vocab_size: int):
-    """How many ids, and targets other than -100, fall outside the vocabulary: a 0-d tensor, read by the caller
-    together with whatever else it checks, so that the checks cost one device sync."""
-    bad = ((ids < 0) | (ids >= vocab_size)).sum()
-    if targets is not None:
-        bad = bad + ((targets != -100) & ((targets < 0) | (targets >= vocab_size))).sum()
-    return bad
-
-
-# Integer types a token stream is often stored in (nanoGPT's .bin files are uint16), which torch's embedding lookup and
-# gather refuse with errors of their own
-SMALL_INTS = (torch.uint8, torch.int8, torch.int16, torch.uint16, torch.uint32, torch.uint64)
-
-
-def check_token_ids(ids, targets, pad_mask, vocab_size: int, check_range: bool = True, doc_ids=None):
-    """A ValueError saying what was expected and what was given, for token ids that are not an integer (B, T) tensor
-    of the vocabulary's ids, targets that are neither such ids nor -100, or targets, a pad_mask or doc_ids of another
-    shape (otherwise the embedding lookup, the mask or the loss fails deep inside torch, or on a GPU with a
-    device-side assert). check_range=False: the shapes and dtypes only, which need no device sync."""
-    what = lambda v: f"shape {tuple(v.shape)} of {v.dtype}" if torch.is_tensor(v) else type(v).__name__
-    is_int = lambda v: v.dtype in (torch.int64, torch.int32)  # (what the embedding lookup and the loss's gather take)
-    if not (torch.is_tensor(ids) and ids.ndim == 2 and is_int(ids)):
-        raise ValueError(f"expected token ids as an int64 or int32 tensor of shape (B, T), got {what(ids)}" +
-                         (" (ids.long() converts them)" if torch.is_tensor(ids) and ids.dtype in SMALL_INTS else ""))
-    for name, v in (("targets", targets), ("pad_mask", pad_mask), ("doc_ids", doc_ids)):
-        if v is not None and not (torch.is_tensor(v) and v.shape == ids.shape):
-            raise ValueError(f"expected {name} of the ids' shape {tuple(ids.shape)}, got {what(v)}")
-    if targets is not None and not is_int(targets):
-        raise ValueError(f"expected int64 or int32 targets (the ids to predict, -100 where none is), got "
-                         f"{targets.dtype}" + (" (targets.long() converts them)" * (targets.dtype in SMALL_INTS)))
-    if check_range and int(bad_token_count(ids, targets, vocab_size)):
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
-            raise ValueError(f"token ids must be in [0, {vocab_size}), the model's vocabulary; got ids from "
-                             f"{int(ids.min())} to {int(ids.max())} (ids of another tokenizer?)")
-        bad = targets[(targets != -100) & ((targets < 0) | (targets >= vocab_size))]
-        raise ValueError(f"targets must be ids in [0, {vocab_size}) or -100 (nothing to predict); got "
-                         f"{sorted(set(bad.tolist()))[:5]}")
-
-
 class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -299,13 +209,113 @@ class Llama(nn.Module):
         self.grad_checkpointing = False
         # The rotary tables of every position in the context, made once, in fp32, on the CPU (so also when the model
         # is built on "meta"; .to() moves them, and _apply keeps them fp32). Each forward looks its positions up.
-        # Computed inside the step instead, torch.compile fused pow, cos and sin into the kernel applying them to every
-        # element of q and k: in the compiled 1.3B training step on an H200 that kernel took 9.5 ms of a 166 ms step
-        # (the 2026-11-29 profile, 49.2% MFU; the suite's run before it, 49.6%), and with the tables the step took
-        # 155 ms (52.6% MFU).
+        # Computed inside each step instead, they cost the compiled 1.3B training step about 6% of its time on an H200
+        # (README, Benchmarks: the compiler recomputed them for every element of q and k).
         cos, sin = self.rope_tables(torch.float32)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hs); not in the state dict
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, idx=None, embeds=None, targets=None, cache: Optional[KVCache] = None, pad_mask=None,
+                doc_ids=None, reduction: str = "mean", last_only: bool = False, check_ids: bool = True):
+        """
+        idx (B, T) token ids, or embeds (B, T, C) input embeddings.
+        targets (B, T): the id each position should predict (already shifted, as in nanoGPT); -100 is ignored.
+        cache: a KVCache to append to (decoding); None for a plain full-sequence forward (training).
+        pad_mask (B, T): True for real tokens, False for (left) padding. Not needed for unpadded batches.
+        doc_ids (B, T): for packed training rows, which sample each token belongs to; attention and positions then
+        stay inside each sample, as if the samples had been run one by one (the paper packs stage 2, Table 4).
+        Returns (logits (B, T, vocab), None) without targets, (None, loss) with them: the loss is computed without
+        ever holding all the logits (LinearCrossEntropy). With reduction="sum" the loss is the summed cross-entropy, for
+        callers that normalise by the supervised-token count of several micro-batches; with reduction="none" it is
+        each position's cross-entropy (B, T), 0 where the target is -100, for scoring answers. last_only (generation, no
+        targets) gives the logits of the last position only, (B, 1, vocab): a prompt of T tokens then costs one
+        lm_head row instead of T (with a 102400-word vocabulary, lm_head is a seventh of each token's FLOPs at 1.3B,
+        and its (B, T, vocab) logits the largest tensor of a prefill). check_ids: with idx, refuse ids (and targets)
+        outside the vocabulary, which costs a device sync; False skips it (see below). Given embeds, nothing of the
+        kind is checked here: DeepSeekVL.forward, which passes them, has checked its ids and targets already.
+        """
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        if (idx is None) == (embeds is None):
+            raise ValueError("expected token ids (idx) or input embeddings (embeds), one of the two; got "
+                             + ("neither" if idx is None else "both"))
+        if idx is not None:  # (DeepSeekVL.forward checks its ids itself, and passes embeds)
+            # The range check reads a count back from the device: a training loop whose ids its own tokenizer made
+            # (stage 0, bench.py's decoder step) passes check_ids=False to keep its steps free of syncs.
+            check_token_ids(idx, targets, pad_mask, self.cfg.vocab_size, check_range=check_ids, doc_ids=doc_ids)
+        if embeds is not None and not (torch.is_tensor(embeds) and embeds.ndim == 3 and embeds.is_floating_point()
+                                       and embeds.shape[2] == self.cfg.dim):
+            raise ValueError(f"expected embeds as a float tensor of shape (B, T, {self.cfg.dim}), got " + (
+                f"shape {tuple(embeds.shape)} of {embeds.dtype}" if torch.is_tensor(embeds) else type(embeds).__name__))
+        x = self.embed_tokens(idx) if embeds is None else embeds  # (B, T, C)
+        B, T, _ = x.shape
+        self.check_length(T, cache, B)
+        start = cache.length if cache is not None else 0
+
+        t = torch.arange(T, device=x.device)
+        if doc_ids is not None:
+            if cache is not None or pad_mask is not None:
+                raise ValueError("doc_ids (packed training rows) cannot be combined with a cache or a pad_mask")
+            starts = torch.ones_like(doc_ids, dtype=torch.bool)
+            starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+            positions = t - torch.where(starts, t, 0).cummax(dim=1).values  # (B, T): 0 at each sample's first token
+            mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & (t[None, :] <= t[:, None])  # (B, T, T)
+            mask = mask[:, None]  # (B, 1, T, T): causal, and block-diagonal over samples
+        elif pad_mask is None and start == 0:
+            # Nothing before these tokens and no padding: plain causal attention, which flash kernels serve; also
+            # when the tokens fill an empty cache (a prompt), whose keys are then exactly these.
+            positions = t[None]  # (1, T)
+            mask = None  # causal
+            if cache is not None:
+                cache.real[:, :T] = True
+        else:
+            real = torch.ones(B, T, dtype=torch.bool, device=x.device) if pad_mask is None else pad_mask.bool()
+            if cache is not None:
+                cache.real[:, start:start + T] = real
+                real = cache.real[:, :start + T]  # (B, S) every key so far
+            # (B, T): counts real tokens only; the left padding before a row's first real token would be at -1,
+            # clamped to 0 (its outputs are never read)
+            positions = (real.long().cumsum(1) - 1).clamp(min=0)[:, start:]
+            q_pos = torch.arange(start, start + T, device=x.device)[:, None]  # (T, 1)
+            k_pos = torch.arange(start + T, device=x.device)[None, :]  # (1, S)
+            # A query sees real keys at or before it. It always sees itself, so that a padding query (whose output
+            # nobody reads) still has one key and its softmax stays finite.
+            mask = (real[:, None, :] & (k_pos <= q_pos)) | (k_pos == q_pos)  # (B, T, S)
+            mask = mask[:, None]  # (B, 1, T, S), broadcast over heads
+
+        cos, sin = self.rope(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            if self.grad_checkpointing and self.training:  # recompute activations in backward: memory for compute
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, i, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache, i)
+        if cache is not None:
+            cache.length += T
+        if targets is None:
+            if last_only:
+                x = x[:, -1:]  # (B, 1, C)
+            return self.lm_head(self.norm(x)), None  # (B, T, vocab), or (B, 1, vocab) with last_only
+
+        h = self.norm(x).flatten(0, 1)  # (B*T, C)
+        if reduction == "none":
+            # Scoring (the multiple-choice evaluation): only the supervised positions, a few answer tokens per row,
+            # go through lm_head. The logits of every position of a batch of prompts with images would take
+            # gigabytes with a 102,400-word vocabulary (and lm_head is a seventh of a token's FLOPs at 1.3B).
+            flat = targets.flatten()  # (B*T,)
+            keep = (flat != -100).nonzero().squeeze(1)  # (n,)
+            nll = torch.zeros(flat.shape, dtype=torch.float32, device=h.device)
+            nll[keep] = F.cross_entropy(self.lm_head(h[keep]).float(), flat[keep], reduction="none")
+            return None, nll.view(B, T)
+
+        # Training: the loss straight from the hidden states, chunk by chunk (LinearCrossEntropy, below); the full
+        # (B, T, vocab) logits are never made, so none are returned.
+        need_grads = torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad)
+        rows = max(1, 2 ** 27 // self.cfg.vocab_size)  # a chunk's fp32 logits: 512 MiB at most (1310 x 102400)
+        loss = LinearCrossEntropy.apply(h, self.lm_head.weight, targets.flatten(), rows, need_grads)
+        if reduction == "mean":
+            # Mean over supervised tokens; a batch with none gives 0 (and zero gradients), never NaN.
+            loss = loss / (targets != -100).sum().clamp(min=1)
+        return None, loss
 
     def rope_tables(self, freq_dtype):
         """cos, sin (max_seq_len, hs) in fp32 on the CPU, from frequencies rounded to freq_dtype (rope_cos_sin)."""
@@ -410,107 +420,101 @@ class Llama(nn.Module):
             x = layer(x, cos, sin, mask, slot, i, stacked[i] if stacked else (None, None))
         return self.lm_head(self.norm(x))[:, 0]  # (B, vocab)
 
-    def forward(self, idx=None, embeds=None, targets=None, cache: Optional[KVCache] = None, pad_mask=None,
-                doc_ids=None, reduction: str = "mean", last_only: bool = False, check_ids: bool = True):
-        """
-        idx (B, T) token ids, or embeds (B, T, C) input embeddings.
-        targets (B, T): the id each position should predict (already shifted, as in nanoGPT); -100 is ignored.
-        cache: a KVCache to append to (decoding); None for a plain full-sequence forward (training).
-        pad_mask (B, T): True for real tokens, False for (left) padding. Not needed for unpadded batches.
-        doc_ids (B, T): for packed training rows, which sample each token belongs to; attention and positions then
-        stay inside each sample, as if the samples had been run one by one (the paper packs stage 2, Table 4).
-        Returns (logits (B, T, vocab), None) without targets, (None, loss) with them: the loss is computed without
-        ever holding all the logits (LinearCrossEntropy). With reduction="sum" the loss is the summed cross-entropy, for
-        callers that normalise by the supervised-token count of several micro-batches; with reduction="none" it is
-        each position's cross-entropy (B, T), 0 where the target is -100, for scoring answers. last_only (generation, no
-        targets) gives the logits of the last position only, (B, 1, vocab): a prompt of T tokens then costs one
-        lm_head row instead of T (with a 102400-word vocabulary, lm_head is a seventh of each token's FLOPs at 1.3B,
-        and its (B, T, vocab) logits the largest tensor of a prefill). check_ids: with idx, refuse ids (and targets)
-        outside the vocabulary, which costs a device sync; False skips it (see below). Given embeds, nothing of the
-        kind is checked here: DeepSeekVL.forward, which passes them, has checked its ids and targets already.
-        """
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        if (idx is None) == (embeds is None):
-            raise ValueError("expected token ids (idx) or input embeddings (embeds), one of the two; got "
-                             + ("neither" if idx is None else "both"))
-        if idx is not None:  # (DeepSeekVL.forward checks its ids itself, and passes embeds)
-            # The range check reads a count back from the device: a training loop whose ids its own tokenizer made
-            # (stage 0, bench.py's decoder step) passes check_ids=False to keep its steps free of syncs.
-            check_token_ids(idx, targets, pad_mask, self.cfg.vocab_size, check_range=check_ids, doc_ids=doc_ids)
-        if embeds is not None and not (torch.is_tensor(embeds) and embeds.ndim == 3 and embeds.is_floating_point()
-                                       and embeds.shape[2] == self.cfg.dim):
-            raise ValueError(f"expected embeds as a float tensor of shape (B, T, {self.cfg.dim}), got " + (
-                f"shape {tuple(embeds.shape)} of {embeds.dtype}" if torch.is_tensor(embeds) else type(embeds).__name__))
-        x = self.embed_tokens(idx) if embeds is None else embeds  # (B, T, C)
-        B, T, _ = x.shape
-        self.check_length(T, cache, B)
-        start = cache.length if cache is not None else 0
 
-        t = torch.arange(T, device=x.device)
-        if doc_ids is not None:
-            if cache is not None or pad_mask is not None:
-                raise ValueError("doc_ids (packed training rows) cannot be combined with a cache or a pad_mask")
-            starts = torch.ones_like(doc_ids, dtype=torch.bool)
-            starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
-            positions = t - torch.where(starts, t, 0).cummax(dim=1).values  # (B, T): 0 at each sample's first token
-            mask = (doc_ids[:, :, None] == doc_ids[:, None, :]) & (t[None, :] <= t[:, None])  # (B, T, T)
-            mask = mask[:, None]  # (B, 1, T, T): causal, and block-diagonal over samples
-        elif pad_mask is None and start == 0:
-            # Nothing before these tokens and no padding: plain causal attention, which flash kernels serve; also
-            # when the tokens fill an empty cache (a prompt), whose keys are then exactly these.
-            positions = t[None]  # (1, T)
-            mask = None  # causal
-            if cache is not None:
-                cache.real[:, :T] = True
-        else:
-            real = torch.ones(B, T, dtype=torch.bool, device=x.device) if pad_mask is None else pad_mask.bool()
-            if cache is not None:
-                cache.real[:, start:start + T] = real
-                real = cache.real[:, :start + T]  # (B, S) every key so far
-            # (B, T): counts real tokens only; the left padding before a row's first real token would be at -1,
-            # clamped to 0 (its outputs are never read)
-            positions = (real.long().cumsum(1) - 1).clamp(min=0)[:, start:]
-            q_pos = torch.arange(start, start + T, device=x.device)[:, None]  # (T, 1)
-            k_pos = torch.arange(start + T, device=x.device)[None, :]  # (1, S)
-            # A query sees real keys at or before it. It always sees itself, so that a padding query (whose output
-            # nobody reads) still has one key and its softmax stays finite.
-            mask = (real[:, None, :] & (k_pos <= q_pos)) | (k_pos == q_pos)  # (B, T, S)
-            mask = mask[:, None]  # (B, 1, T, S), broadcast over heads
+# ---------------------------------------------------------------------------------------------------------------------
+# The training loss, computed chunk by chunk from the final hidden states (Llama.forward with targets).
 
-        cos, sin = self.rope(positions, x.dtype)
-        for i, layer in enumerate(self.layers):
-            if self.grad_checkpointing and self.training:  # recompute activations in backward: memory for compute
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, i, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, mask, cache, i)
-        if cache is not None:
-            cache.length += T
-        if targets is None:
-            if last_only:
-                x = x[:, -1:]  # (B, 1, C)
-            return self.lm_head(self.norm(x)), None  # (B, T, vocab), or (B, 1, vocab) with last_only
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross_entropy(h @ weight^T, targets) that never holds the (N, vocab) logits all at once.
 
-        h = self.norm(x).flatten(0, 1)  # (B*T, C)
-        if reduction == "none":
-            # Scoring (the multiple-choice evaluation): only the supervised positions, a few answer tokens per row,
-            # go through lm_head. The logits of every position of a batch of prompts with images would take
-            # gigabytes with a 102,400-word vocabulary (and lm_head is a seventh of a token's FLOPs at 1.3B).
-            flat = targets.flatten()  # (B*T,)
-            keep = (flat != -100).nonzero().squeeze(1)  # (n,)
-            nll = torch.zeros(flat.shape, dtype=torch.float32, device=h.device)
-            nll[keep] = F.cross_entropy(self.lm_head(h[keep]).float(), flat[keep], reduction="none")
-            return None, nll.view(B, T)
+    With a 102,400-word vocabulary the logits are the biggest tensor of a training step: batch 4 x 4096 tokens makes
+    3.4 GB of bf16 logits, 6.7 GB again in fp32 for the softmax, and their gradient as much again. Here the rows go
+    through in chunks, and each chunk's gradients are worked out at once, in the forward pass, while its logits are
+    at hand: the gradient of the summed loss over logit j of a row is softmax_j - [j == target] (0 for an ignored row),
+    so  dh = dlogits @ weight  and  dweight = dlogits^T @ h.  Backward then only scales them by the incoming gradient.
+    The FLOPs are the same as the plain path (one matmul forward, two for the gradients), only done earlier; the
+    chunk's logits live for one chunk. (The fused linear cross-entropy of Liger-Kernel, written in plain PyTorch.)
 
-        # Training: the loss straight from the hidden states, chunk by chunk (LinearCrossEntropy above); the full
-        # (B, T, vocab) logits are never made, so none are returned.
-        need_grads = torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad)
-        rows = max(1, 2 ** 27 // self.cfg.vocab_size)  # a chunk's fp32 logits: 512 MiB at most (1310 x 102400)
-        loss = LinearCrossEntropy.apply(h, self.lm_head.weight, targets.flatten(), rows, need_grads)
-        if reduction == "mean":
-            # Mean over supervised tokens; a batch with none gives 0 (and zero gradients), never NaN.
-            loss = loss / (targets != -100).sum().clamp(min=1)
-        return None, loss
+    Precision follows the plain path: the matmuls run in the weights' dtype, or in what autocast says (bf16 in
+    training), the softmax in fp32. Tests check loss and gradients against F.cross_entropy on full logits, in fp32
+    and with bf16 weights.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, rows: int, need_grads: bool):
+        # h (N, C) final hidden states, weight (V, C) lm_head, targets (N,) with -100 for rows without a loss;
+        # rows: how many rows a chunk takes
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.zeros_like(h) if need_grads and h.requires_grad else None
+        grad_w = torch.zeros_like(weight) if need_grads and weight.requires_grad else None
+        for i in range(0, targets.shape[0], rows):
+            h_c, t_c = h[i:i + rows], targets[i:i + rows]  # (n, C), (n,)
+            logits = (h_c @ weight.T).float()  # (n, V)
+            valid = t_c != -100
+            t_c = t_c.masked_fill(~valid, 0)  # any id will do: the row is masked out below
+            lse = logits.logsumexp(-1)  # (n,)
+            loss += ((lse - logits.gather(1, t_c[:, None]).squeeze(1)) * valid).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            d = logits.sub_(lse[:, None]).exp_()  # (n, V) softmax, in place of the logits
+            d.scatter_add_(1, t_c[:, None], -torch.ones_like(d[:, :1]))  # minus one at the target
+            d *= valid[:, None]  # (n, V) dloss / dlogits
+            # (d is fp32; in the matmuls it takes the weights' dtype, as the logits' matmul ran in it. Autocast
+            # casts it again, to bf16, where the weights are fp32 masters.)
+            if grad_h is not None:
+                grad_h[i:i + rows] = d.to(weight.dtype) @ weight  # (n, C)
+            if grad_w is not None:
+                grad_w += d.T.to(h_c.dtype) @ h_c  # (V, C)
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors  # for a summed loss of 1; the mean's 1 / count comes in grad_loss
+        return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
+                None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype), None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checks of what Llama.forward is given: a wrong input says what was expected, not a deep torch error.
+
+def bad_token_count(ids, targets, vocab_size: int):
+    """How many ids, and targets other than -100, fall outside the vocabulary: a 0-d tensor, read by the caller
+    together with whatever else it checks, so that the checks cost one device sync."""
+    bad = ((ids < 0) | (ids >= vocab_size)).sum()
+    if targets is not None:
+        bad = bad + ((targets != -100) & ((targets < 0) | (targets >= vocab_size))).sum()
+    return bad
+
+
+# Integer types a token stream is often stored in (nanoGPT's .bin files are uint16), which torch's embedding lookup and
+# gather refuse with errors of their own
+SMALL_INTS = (torch.uint8, torch.int8, torch.int16, torch.uint16, torch.uint32, torch.uint64)
+
+
+def check_token_ids(ids, targets, pad_mask, vocab_size: int, check_range: bool = True, doc_ids=None):
+    """A ValueError saying what was expected and what was given, for token ids that are not an integer (B, T) tensor
+    of the vocabulary's ids, targets that are neither such ids nor -100, or targets, a pad_mask or doc_ids of another
+    shape (otherwise the embedding lookup, the mask or the loss fails deep inside torch, or on a GPU with a
+    device-side assert). check_range=False: the shapes and dtypes only, which need no device sync."""
+    what = lambda v: f"shape {tuple(v.shape)} of {v.dtype}" if torch.is_tensor(v) else type(v).__name__
+    is_int = lambda v: v.dtype in (torch.int64, torch.int32)  # (what the embedding lookup and the loss's gather take)
+    if not (torch.is_tensor(ids) and ids.ndim == 2 and is_int(ids)):
+        raise ValueError(f"expected token ids as an int64 or int32 tensor of shape (B, T), got {what(ids)}" +
+                         (" (ids.long() converts them)" if torch.is_tensor(ids) and ids.dtype in SMALL_INTS else ""))
+    for name, v in (("targets", targets), ("pad_mask", pad_mask), ("doc_ids", doc_ids)):
+        if v is not None and not (torch.is_tensor(v) and v.shape == ids.shape):
+            raise ValueError(f"expected {name} of the ids' shape {tuple(ids.shape)}, got {what(v)}")
+    if targets is not None and not is_int(targets):
+        raise ValueError(f"expected int64 or int32 targets (the ids to predict, -100 where none is), got "
+                         f"{targets.dtype}" + (" (targets.long() converts them)" * (targets.dtype in SMALL_INTS)))
+    if check_range and int(bad_token_count(ids, targets, vocab_size)):
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+            raise ValueError(f"token ids must be in [0, {vocab_size}), the model's vocabulary; got ids from "
+                             f"{int(ids.min())} to {int(ids.max())} (ids of another tokenizer?)")
+        bad = targets[(targets != -100) & ((targets < 0) | (targets >= vocab_size))]
+        raise ValueError(f"targets must be ids in [0, {vocab_size}) or -100 (nothing to predict); got "
+                         f"{sorted(set(bad.tolist()))[:5]}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ antialias=True) in the official tower, which is F.interpolate(bilinear, antialia
 with its own mean and std inside its tower.
 
 Parameter names: ours are `sam.*`, `siglip.*`, `aligner.*`, `llm.*`; below those prefixes every name is the released
-checkpoint's. RELEASED_PREFIXES is the whole mapping.
+checkpoint's. RELEASED_PREFIXES, at the end of this file, is the whole mapping.
 """
 
 import copy
@@ -33,45 +33,6 @@ from nanovl.llama import KVCache, Llama, bad_token_count, check_token_ids
 from nanovl.sam import SAM
 from nanovl.siglip import SigLIP
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Released checkpoint key prefix -> nanovl prefix (facts sheet section 7). The rest of each key is identical.
-RELEASED_PREFIXES = (
-    ("vision_model.vision_tower_high.vision_tower.", "sam."),  # 7B: SAM-B
-    ("vision_model.vision_tower_low.vision_tower.", "siglip."),  # 7B: SigLIP-L
-    ("vision_model.vision_tower.", "siglip."),  # 1.3B: SigLIP-L is the only tower
-    ("aligner.", "aligner."),
-    ("language_model.model.", "llm."),
-    ("language_model.lm_head.", "llm.lm_head."),
-)
-# Keys the official model builds but never reads, skipped where a released file holds them: SigLIP's attention-pooling
-# head (built, never called; its keys probably in the files), the hybrid tower's two LayerNorms (built, never used in
-# forward; whether the 7B's files hold them is unconfirmed, facts section 7) and HF's cached RoPE frequencies.
-RELEASED_UNUSED = (".attn_pool.", "vision_model.high_layer_norm.", "vision_model.low_layer_norm.",
-                   "rotary_emb.inv_freq")
-
-
-def released_to_nanovl(key: str) -> Optional[str]:
-    """Name of our parameter for a released checkpoint key; None for a key known to be unused."""
-    if any(u in key for u in RELEASED_UNUSED):
-        return None
-    for theirs, ours in RELEASED_PREFIXES:
-        if key.startswith(theirs):
-            return ours + key[len(theirs):]
-    raise ValueError(f"unknown key {key!r} in a released DeepSeek-VL checkpoint; known prefixes are "
-                     f"{[p for p, _ in RELEASED_PREFIXES]}")
-
-
-def nanovl_to_released(name: str, hybrid: bool) -> str:
-    """The inverse: the released key for one of our parameter names (SigLIP's prefix depends on the layout)."""
-    for theirs, ours in RELEASED_PREFIXES:
-        if name.startswith(ours) and not (ours == "siglip." and hybrid != ("_low" in theirs)):
-            if ours == "llm." and name.startswith("llm.lm_head."):
-                continue  # lm_head sits outside `model.` in HF's layout
-            return theirs + name[len(ours):]
-    raise ValueError(f"parameter {name!r} has no released name")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 
 class DeepSeekVL(nn.Module):
     def __init__(self, cfg: VLConfig):
@@ -170,13 +131,14 @@ class DeepSeekVL(nn.Module):
         x = self.llm.embed_tokens(ids)  # (B, T, C); the image positions are overwritten below
         if given is not None and given.shape[0]:
             if image_embeds is None:
-                image_embeds = self.encode_images(images, check=False)  # (N, n, C); checked above, or not asked
+                image_embeds = self.encode_images(images, check=False)  # (N, n, d_model); checked above, or not asked
             elif image_embeds.shape[1:] != (self.cfg.n_image_tokens, self.cfg.llm.dim):
                 raise ValueError(f"expected image_embeds of shape (N, {self.cfg.n_image_tokens}, {self.cfg.llm.dim}), "
                                  f"got {tuple(image_embeds.shape)}")
             # Ordered scatter, as the official prepare_inputs_embeds: the k-th image token gets the k-th embedding.
-            x = x.masked_scatter(is_image[..., None], image_embeds.to(x.dtype))  # (unchecked: a wrong count may raise
-            # or silently use the first embeddings, so check_inputs=False is for batches made right by construction)
+            # (Unchecked, a wrong count may raise or silently use the first embeddings: check_inputs=False is for
+            # batches made right by construction.)
+            x = x.masked_scatter(is_image[..., None], image_embeds.to(x.dtype))  # (B, T, C)
         return self.llm(embeds=x, targets=targets, cache=cache, pad_mask=pad_mask, doc_ids=doc_ids, reduction=reduction,
                         last_only=last_only)
 
@@ -195,9 +157,9 @@ class DeepSeekVL(nn.Module):
         # Every count read back in one go: one device sync per forward, not one per check.
         # (Pixels that are NaN or inf would run through every layer and come out as a confident-looking answer. So
         # would pixels of 0-255. The processor makes them in [0, 1] where the towers normalise them (the hybrid's, or
-        # a SigLIP given pixel_mean), else normalised by its mean and std: [-1, 1] for the released 1.3B, and no
-        # statistics of a released processor reach past about [-2.2, 2.7]. The bounds take any of those, and a
-        # resize that overshoots a little, as bicubic ones do.)
+        # a SigLIP given pixel_mean), else normalised by its mean and std: [-1, 1] for the released 1.3B (mean = std
+        # = 0.5), about [-1.8, 2.2] with CLIP's statistics (the official processor class's default). The bounds take
+        # any of those, and a resize that overshoots a little, as bicubic ones do.)
         none = torch.zeros((), dtype=torch.long, device=ids.device)
         floats = given is not None and given.is_floating_point()
         not_finite, out_of_range = pixel_counts(given) if floats else (none, none)
@@ -248,3 +210,42 @@ def count_params(model) -> dict:
     counts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
     counts["total"] = sum(counts.values())
     return counts
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The released checkpoints' key names, which checkpoint.py loads and exports with.
+# Released checkpoint key prefix -> nanovl prefix (facts sheet section 7). The rest of each key is identical.
+RELEASED_PREFIXES = (
+    ("vision_model.vision_tower_high.vision_tower.", "sam."),  # 7B: SAM-B
+    ("vision_model.vision_tower_low.vision_tower.", "siglip."),  # 7B: SigLIP-L
+    ("vision_model.vision_tower.", "siglip."),  # 1.3B: SigLIP-L is the only tower
+    ("aligner.", "aligner."),
+    ("language_model.model.", "llm."),
+    ("language_model.lm_head.", "llm.lm_head."),
+)
+# Keys the official model builds but never reads, skipped where a released file holds them: SigLIP's attention-pooling
+# head (built, never called; its keys probably in the files), the hybrid tower's two LayerNorms (built, never used in
+# forward; whether the 7B's files hold them is unconfirmed, facts section 7) and HF's cached RoPE frequencies.
+RELEASED_UNUSED = (".attn_pool.", "vision_model.high_layer_norm.", "vision_model.low_layer_norm.",
+                   "rotary_emb.inv_freq")
+
+
+def released_to_nanovl(key: str) -> Optional[str]:
+    """Name of our parameter for a released checkpoint key; None for a key known to be unused."""
+    if any(u in key for u in RELEASED_UNUSED):
+        return None
+    for theirs, ours in RELEASED_PREFIXES:
+        if key.startswith(theirs):
+            return ours + key[len(theirs):]
+    raise ValueError(f"unknown key {key!r} in a released DeepSeek-VL checkpoint; known prefixes are "
+                     f"{[p for p, _ in RELEASED_PREFIXES]}")
+
+
+def nanovl_to_released(name: str, hybrid: bool) -> str:
+    """The inverse: the released key for one of our parameter names (SigLIP's prefix depends on the layout)."""
+    for theirs, ours in RELEASED_PREFIXES:
+        if name.startswith(ours) and not (ours == "siglip." and hybrid != ("_low" in theirs)):
+            if ours == "llm." and name.startswith("llm.lm_head."):
+                continue  # lm_head sits outside `model.` in HF's layout
+            return theirs + name[len(ours):]
+    raise ValueError(f"parameter {name!r} has no released name")

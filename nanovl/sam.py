@@ -3,23 +3,30 @@ SAM-B (ViTDet) at 1024: the high-resolution, fine-detail half of DeepSeek-VL's h
 3.1). It is Segment Anything's ViT-B image encoder plus three DeepSeek additions (facts sheet section 1):
 
     pixels (B, 3, 1024, 1024)
-      -> in-tower normalisation with the CLIP mean and std (not SAM's ImageNet ones)
+      -> DeepSeek (1): in-tower normalisation with the CLIP mean and std (not SAM's ImageNet ones)
       -> patch embedding: 16x16 stride-16 conv, kept channels-last             (B, 64, 64, 768)
       -> + learned absolute position embedding
-      -> 12 pre-norm blocks; blocks 2, 5, 8, 11 attend globally over all 64x64 tokens, the others inside 14x14
-         windows (ViTDet's design: attention over all 4,096 tokens in every block would cost too much, so most
+      -> 12 pre-norm blocks; blocks 2, 5, 8, 11 (0-based) attend globally over all 64x64 tokens, the others inside
+         14x14 windows (ViTDet's design: attention over all 4,096 tokens in every block would cost too much, so most
          blocks look only inside their window, and the four global ones carry information between windows); every
-         block adds decomposed relative-position terms to its attention logits
-      -> neck: 1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d                      (B, 256, 64, 64)
-      -> DeepSeek: bilinear upsample to 96x96 in fp32, two bias-free stride-2 convs (B, 1024, 24, 24): 96 = 24 x 4,
+         block adds decomposed relative-position terms to its attention logits (below)
+      -> neck (detection's word for the layers between a backbone and its heads):
+         1x1 conv, LayerNorm2d, 3x3 conv, LayerNorm2d                          (B, 256, 64, 64)
+      -> DeepSeek (2): bilinear upsample to 96x96 in fp32, two bias-free stride-2 convs (B, 1024, 24, 24): 96 = 24 x 4,
          so the two halvings land on SigLIP's 24x24 grid, and the aligner pairs the two towers token by token
-         (the paper counts this tail as part of the vision-language adaptor; nanovl trains it with the aligner in
-         stage 1, and both necks too, as the official freeze_high=False would: the paper does not say which of the
-         official flags DeepSeek trained with, facts section 11)
-      -> DeepSeek "sam_hd": the same tail applied to the output of the *first* global block through its own
+      -> DeepSeek (3), "sam_hd": the same tail applied to the output of the *first* global block through its own
          neck (`neck_hd`), but the *shared* downsample convs, scaled by a learned scalar and added:
              F = D(up(neck(h_last))) + alpha * D(up(neck_hd(h_block2)))
       -> rearranged row-major to tokens                                        (B, 576, 1024)
+
+Relative positions: a block's attention logit for a query and a key gains a term that depends on where the key lies
+from the query (its offset), not on where either lies in the image. "Decomposed": rather than one learned vector for
+each 2-D offset (dy, dx), one table of row offsets and one of column offsets, each dotted with the query and the two
+added, q . R_h[dy] + q . R_w[dx] (Attention.forward).
+
+The paper counts the upsample-and-downsample tail as part of the vision-language adaptor; nanovl trains it with the
+aligner in stage 1, and both necks too, as the official freeze_high=False would (the paper does not say which of the
+official flags DeepSeek trained with, facts section 11).
 
 Parameter names are the checkpoint's: `blocks.N.attn.qkv`, `blocks.N.attn.rel_pos_h`, `blocks.N.mlp.lin1`,
 `neck.0`, `neck_hd.3`, `downsamples.1`, `hd_alpha_downsamples`.
@@ -91,7 +98,7 @@ class Attention(nn.Module):
 
         # softmax(q k^T / sqrt(hs) + bias) v: the same sum as the official (q * scale) @ k^T + rel terms.
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, nh, T, hs)
-        x = x.transpose(1, 2).reshape(B, h, w, C)
+        x = x.transpose(1, 2).reshape(B, h, w, C)  # (B, h, w, C)
         return self.proj(x)
 
 
@@ -144,7 +151,7 @@ class Block(nn.Module):
         x = self.norm1(x)
         if self.window_size > 0:
             H, W = x.shape[1], x.shape[2]
-            x, padded_hw = window_partition(x, self.window_size)  # (B*nW, ws, ws, C)
+            x, padded_hw = window_partition(x, self.window_size)  # (B*nH*nW, ws, ws, C)
             x = self.attn(x)
             x = window_unpartition(x, self.window_size, padded_hw, (H, W))  # (B, H, W, C)
         else:
@@ -169,7 +176,7 @@ class SAM(nn.Module):
     def __init__(self, cfg: SAMConfig):
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = nn.Module()
+        self.patch_embed = nn.Module()  # an empty holder, so the conv's keys are patch_embed.proj.*, as released
         self.patch_embed.proj = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.grid, cfg.grid, cfg.width))
         self.blocks = nn.ModuleList([

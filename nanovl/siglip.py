@@ -15,7 +15,7 @@ Two details differ from the SigLIP you may know, and both matter for the release
 - the MLP uses exact (erf) GELU, where SigLIP was trained with the tanh approximation; DeepSeek hard-codes nn.GELU;
 - the tower returns the normalised patch tokens (timm's forward_features). The official model builds the
   attention-pooling head (`attn_pool.*`, its keys probably in the released files) but never runs it, so we do not
-  build it.
+  build it (loading skips its keys: model.RELEASED_UNUSED).
 Parameter names are timm's, which are also the checkpoint's (`blocks.N.attn.qkv`, `blocks.N.mlp.fc1`, ...).
 """
 
