@@ -9,9 +9,23 @@ repository has no training code: this file is the recipe, written out.
              unfreezes them); captions and document OCR
     stage 2  joint vision-language pretraining: language model and adaptor; language:multimodal = 7:3 (of the steps
              that are not chats) with modality warm-up, one modality per optimizer step, a small share of SFT data
-             (10% of the steps), samples packed into full rows
+             (10% of the steps once the warm-up is over, fewer during it), samples packed into full rows
     stage 3  supervised fine-tuning: language model, adaptor and SigLIP (SAM's trunk stays frozen); chats, loss on
              answers
+
+Where each part of the recipe is written:
+    each stage's defaults (Table 4)      STAGE_DEFAULTS, resolved with the flags by stage_hparams
+    the freeze map of each stage         trainable_prefixes (applied by stage_model)
+    each stage's data                    stage_groups; stage 2's 7:3 mix, modality warm-up and SFT share: stage2_share
+    one modality per step                nanovl/data.py plan_batches: every step draws one group, by those shares
+    packing (stage 2)                    plan_batches given lengths; data.PackedBatches (doc_ids keep samples apart)
+    the loss on answers only             nanovl/chat.py render_chat (a mask bit per token) -> data.collate (targets
+                                         -100 where nothing is learnt) -> run_stage's step loop (normalised by the
+                                         step's supervised tokens)
+    the learning rate                    learning_rate, set at the top of each step in run_stage
+    AdamW, two rates, clipping           stage_optimizer (vision_lr_mult), clipping_groups
+    stage 0                              nanovl/stage0.py (its heads, batches and losses)
+Packed rows make every stage-2 step the same number of tokens, so a share of its steps is a share of its tokens.
 
     python train.py                                  # the embedded default: prepare data if needed, stages 0-3, tiny
     python train.py --config small --out out-small --lr=5e-4 --llm.n_layers=6   # every stage, small, changed
@@ -113,9 +127,9 @@ class TrainConfig:
     # proportion" for the 1.3B, section 3.2.2, without a figure: 0.1 is ours)
     text_sft_share: float = -1  # stage 3: text-only share of the chats (default: Table 2's 47.9%; 25% from scratch)
     short_chat_share: float = -1  # stage 3: share of steps from one-question image chats, grouped apart from the
-    # multi-turn ones (default: 0, no split; 65% from scratch, see stage_data)
+    # multi-turn ones (default: 0, no split; 65% from scratch, see stage_groups)
     vision_lr_mult: float = -1  # learning rate of the towers, SigLIP and SAM (SAM's neck and tail too) / the stage's
-    # (default: 1; 0.1 in stages 1-3 from scratch, see the optimizer below)
+    # (default: 1; 0.1 in stages 1-3 from scratch, see stage_optimizer)
     pack: int = -1  # pack samples into full rows (default: stage 2 only, as Table 4)
     trainable: str = ""  # comma-separated module prefixes to train instead of the stage's freeze map
 
@@ -143,23 +157,17 @@ class TrainConfig:
 # Defaults per stage. Scaled-down presets train from scratch on the synthetic data; the released sizes take Table 4.
 STAGE_DEFAULTS = {
     "scratch": {
-        # Stage 0 runs many small steps. SigLIP's contrastive loss learns the facts late, and by steps more than by
-        # pairs: trained alone in the tiny default, 400 steps of 48 pairs left a linear probe on its mean token at 59%
-        # of the held-out questions, 800 steps at 82% (titles, signs and button colours at 92-100%). At lr 1e-3, 400
-        # steps of 48 pairs gave 68%, of 80 pairs 73%, and 800 steps of 48 pairs 78%. What SigLIP knows is what the
-        # decoder learns to read: the tiny default's final multiple-choice accuracy (seed 1337) went from 46% to 65%
-        # (README, "What the experiments say"). The decoder and SAM see as much text and as many scenes as before, in
-        # batches half as big.
+        # Stage 0 runs many small steps: SigLIP's contrastive loss learns the facts late, and by steps more than by
+        # pairs, and what SigLIP knows is what the decoder learns to read (800 steps instead of 400 lifted the tiny
+        # default's final accuracy from 46% to 65% and 71%, seeds 1337 and 7: README, "What the experiments say"). The
+        # decoder and SAM see as much text and as many scenes as with 400 steps, in batches half as big.
         0: dict(steps=800, batch_size=4, micro_batch=4, lr=3e-3, warmup=20, schedule="cosine", seq_len=128),
         1: dict(steps=30, batch_size=16, micro_batch=16, lr=3e-3, warmup=6, schedule="cosine", vision_lr_mult=0.1),
         # Stage 2's batch counts packed rows of the model's context (tiny: 512 tokens; 6 hold about what 16 samples
         # did, unpacked).
         2: dict(steps=100, batch_size=6, micro_batch=6, lr=2e-3, warmup=10, schedule="step", vision_lr_mult=0.1),
-        # Stage 3 was still learning at 700 steps: from the same stage-2 weights (one thread), the held-out accuracy
-        # of seeds 1337 and 7 went from 58.8% and 57.6% at 700 steps to 65.6% and 73.6% at 1000 (67.6% and 72.8% at
-        # 1100; corpus version 8). Corpus version 9 asks each question of the one-question chats twice (with its
-        # options and open), and on it 1000 steps gave 67.6% and 59.6%, 1300 steps 66.4% and 73.2% (AdamW not yet
-        # fused on CPU). 1300 steps go through the doubled short chats about as often as 700 went through the others.
+        # Stage 3 was still learning at 700 steps (README, "What the experiments say"); 1300 go through the one-question
+        # chats, each asked twice (with its options, and open), about as often as 700 went through them asked once.
         3: dict(steps=1300, batch_size=8, micro_batch=8, lr=2e-3, warmup=30, schedule="cosine",
                 text_sft_share=0.25, short_chat_share=0.65, vision_lr_mult=0.1),
     },
@@ -295,7 +303,8 @@ def trainable_prefixes(stage: int, cfg: VLConfig) -> list:
     """The module prefixes a stage trains (its freeze map); everything else is frozen. Stage 0 trains what its three
     objectives reach: the decoder, SigLIP, SAM up to its main neck (the dense head reads that neck), and the heads."""
     # For the hybrid, the paper's "VL adaptor" also holds SAM's upsample-and-downsample tail (section 3.1); the
-    # official tower's freeze_high=False unfreezes exactly the neck, neck_hd, downsamples and alpha.
+    # official tower's freeze_high=False unfreezes exactly the neck, neck_hd, downsamples and alpha. (They train at
+    # the vision side's rate, vision_lr_mult, with the towers: stage_optimizer.)
     adaptor = ["aligner"] + (["sam.neck", "sam.neck_hd", "sam.downsamples", "sam.hd_alpha_downsamples"]
                              if cfg.hybrid else [])
     return {0: ["llm", "siglip", "sam.patch_embed", "sam.pos_embed", "sam.blocks", "sam.neck", "heads"],
@@ -306,9 +315,7 @@ def clipping_groups(net, stage: int) -> dict:
     """The trainable parameters, grouped by what is clipped together (at grad_clip, Table 4): the whole model in
     stages 1-3. Stage 0 trains three separate models side by side (the decoder; SigLIP with its text tower; SAM with
     its dense head), so each is clipped on its own: clipped as one, a large contrastive or dense gradient would
-    scale down the decoder's step too, by an amount that depends on the seed. In the tiny default, joint clipping
-    left the decoder at 2.551 and 2.725 text bits per byte after stage 0 for seeds 1337 and 7; clipped on its own it
-    reached 2.512 and 2.588, what it reaches when trained alone (scored in 128-token pieces)."""
+    scale down the decoder's step too, by an amount that depends on the seed (README, "What the experiments say")."""
     def part(name):
         if stage != 0:
             return "model"
@@ -323,11 +330,12 @@ def clipping_groups(net, stage: int) -> dict:
 
 
 def apply_freeze_map(model, prefixes) -> dict:
-    """requires_grad from a list of module prefixes; returns {top-level module: (trainable, total)} parameters."""
+    """requires_grad from a list of module prefixes; returns {top-level module: (trainable, total)} parameters (in
+    stage 0, the VLM's modules inside its wrapper, Stage0Model's "model", each on its own, beside the heads)."""
     counts = {}
     for name, p in model.named_parameters():
         p.requires_grad = any(name == q or name.startswith(q + ".") for q in prefixes)
-        top = name.split(".")[0]
+        top = name.removeprefix("model.").split(".")[0]
         t, n = counts.get(top, (0, 0))
         counts[top] = (t + p.numel() * p.requires_grad, n + p.numel())
     return counts
@@ -351,9 +359,11 @@ def stage2_share(tc: TrainConfig, n_chats: int, n_text_chats: int):
     (the paper mixed a little SFT data into stage 2, to watch the 1.3B's progress on questions: facts section 11),
     split by modality as the rest, each step one modality (paper section 4.4, modality grouping): chats with an image
     (sft) in proportion to their rows, phased in over the same warm-up as the multimodal steps; text-only chats
-    (text_sft) from the start. The shares need not sum to 1 (plan_batches)."""
+    (text_sft) from the start. The shares need not sum to 1 (plan_batches). (These groups' names are stage 2's:
+    --sft_share sets both; --text_sft_share is stage 3's flag, for its group text_chat.)"""
     warm = int(tc.modality_warmup * tc.steps)  # steps; 0 (--modality_warmup 0, or under a step): no warm-up
-    # (no chats at all: "sft", whose absence is then said, with the setting that does without)
+    # (with no chats at all, the whole chat share goes to "sft", so that no_rows says they are missing and names the
+    # setting that does without them, --sft_share 0)
     with_image = n_chats / (n_chats + n_text_chats) if n_chats + n_text_chats else 1.0
     if warm and tc.sft_share == 1 and n_chats and not n_text_chats:  # (step 0's shares would all be 0)
         raise ValueError(f"--sft_share 1 leaves stage 2's first step nothing to train on: every step is a chat, the "
@@ -368,11 +378,6 @@ def stage2_share(tc: TrainConfig, n_chats: int, n_text_chats: int):
                 "sft": tc.sft_share * with_image * ramp, "text_sft": tc.sft_share * (1 - with_image)}
 
     return share
-
-
-# The modality groups a run can do without, and the setting that leaves each out (one's own data may have no
-# text-only chats, say); the others are what the stage is for.
-SHARE_FLAGS = {"sft": "--sft_share", "text_chat": "--text_sft_share", "short_chat": "--short_chat_share"}
 
 
 def stage_groups(stage: int, tc: TrainConfig, folders):
@@ -488,7 +493,7 @@ def stage_hparams(stage: int, tc: TrainConfig, cfg: VLConfig):
     hp.setdefault("vision_lr_mult", 1.0)
     hp.setdefault("pack", int(stage == 2))  # stage 2 packs its samples into full rows (Table 4 counts sequences)
     seq_len = min(hp["seq_len"], cfg.llm.max_seq_len)
-    # (The shares are stage 3's; every preset sets its text share.)
+    # (The shares are stage 3's; every preset sets its stage-3 text share.)
     stc = dataclasses.replace(tc, steps=hp["steps"], text_sft_share=hp.get("text_sft_share", 0.0),
                               short_chat_share=hp.get("short_chat_share", 0.0))
     return hp, seq_len, stc
@@ -659,8 +664,9 @@ def split_batch(stage: int, tc: TrainConfig, hp: dict, world: int):
 
 def stage_batches(stage: int, tc: TrainConfig, hp: dict, cfg: VLConfig, tok, proc, seq_len: int, micro: int,
                   accum: int, rank: int, world: int, say) -> Dataset:
-    """The stage's micro-batches, item k the k-th of the whole run on this process: a plan per modality group, fixed
-    up front (exact resume, the same global batch on every process count). Stage 0 reads its own rows (text,
+    """The stage's micro-batches, item k the k-th of the whole run on this process: one plan, fixed up front, that
+    gives every step one modality group and its rows (data.plan_batches: the paper's modality grouping; exact
+    resume, the same global batch on every process count). Stage 0 reads its own rows (text,
     caption pairs, scenes); stages 1-3 read stage_data's sources, packed into full rows in stage 2. tc: the run's
     settings with the stage's filled in (stage_hparams' stc)."""
     folders = [tc.data] + listed(tc.extra_data)
@@ -731,6 +737,11 @@ def drawn(group: str, share, steps: int) -> bool:
     return any(share(t).get(group, 0) > 0 for t in (0, steps - 1))
 
 
+# The modality groups a run can do without, and the setting that leaves each out (one's own data may have no
+# text-only chats, say); the others are what the stage is for.
+SHARE_FLAGS = {"sft": "--sft_share", "text_chat": "--text_sft_share", "short_chat": "--short_chat_share"}
+
+
 def no_rows(stage: int, group: str, name: str, folders: list, dropped: int, seq_len: int, cfg: VLConfig) -> str:
     """Why a stage cannot draw from a modality group with no samples, and what to do. folders: --data, then the
     --extra_data folders; dropped: the rows that were there but did not fit the stage's sequence length."""
@@ -777,10 +788,9 @@ def stage_optimizer(net, tc: TrainConfig, hp: dict, device: str):
     """AdamW (Table 4: betas 0.9, 0.95, no weight decay) over two parameter groups: the language model and the
     aligner (and stage 0's heads) at the stage's learning rate; the vision side (the towers, SAM's neck and its
     downsampling tail) at vision_lr_mult times it. Each group's lr_mult scales the schedule's rate at every step."""
-    # A from-scratch decoder learns to read the image tokens only if what they carry holds still while it does. In
-    # the tiny default, training the vision side at the full rate in stages 1-3 wiped out much of what stage 0 had
-    # taught it (a linear probe on SAM's output fell from 62% to 52% over stages 1 and 2; the document titles were
-    # lost first), and kept the final accuracy near chance. The aligner, which has to learn the map into the
+    # A from-scratch decoder learns to read the image tokens only if what they carry holds still while it does: at
+    # the full rate, stages 1-3 wiped out much of what stage 0 had taught the vision side, and the final accuracy
+    # stayed near chance (README, "What the experiments say"). The aligner, which has to learn the map into the
     # decoder, does best at the full rate.
     # Each group starts at its own rate too (the schedule sets it again at every step), so that an optimizer built
     # here and stepped without the schedule (bench.py's) updates as training does.
@@ -790,9 +800,8 @@ def stage_optimizer(net, tc: TrainConfig, hp: dict, device: str):
                "lr": hp["lr"]},
               {"params": [p for n, p in net.named_parameters() if p.requires_grad and vision(n)], "lr_mult": mult,
                "lr": hp["lr"] * mult}]
-    # fused: one kernel for the whole update, on a GPU and on the CPU alike. On CPU, for the tiny model, the update
-    # alone takes 1.9 ms against 8 ms for the loop over parameters that is the default there; with the clipping, in
-    # bench.py's training step on one thread, 5.5 ms against 12 ms.
+    # fused: one kernel for the whole update, on a GPU and on the CPU alike (on the CPU, for the tiny model, about
+    # four times as fast as the loop over parameters that is the default there).
     fused = device.split(":")[0] in ("cuda", "cpu") or None
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=hp["lr"], betas=(tc.beta1, tc.beta2),
                              weight_decay=tc.weight_decay, fused=fused)
@@ -826,7 +835,9 @@ def check_start(stage: int, tc: TrainConfig, cfg: VLConfig):
 def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int, device: str):
     """One stage, start to finish: check its folder (or the checkpoint it resumes), build the tokenizer, the model
     (with the stage's freeze map), the batches and the optimizer, then train, checkpointing every ckpt_every steps,
-    and write the final weights and evaluation (finish). rank, world: this process among torchrun's."""
+    and write the final weights and evaluation (finish). rank, world: this process among torchrun's. The training
+    step itself (learning rate, micro-batches, the loss normalised over the step, clipping, update) is the loop
+    `for step in bar:`, at the end."""
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     hp, seq_len, stc = stage_hparams(stage, tc, cfg)
@@ -1044,8 +1055,9 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
 
     def log(done, lr):
         """The mean loss of the steps since the last log into the metrics (in stage 0 with the last micro-batch's
-        contrastive and dense losses beside it, as this process computed them); a NaN or inf among the losses stops
-        the run before anything is saved over the last good checkpoint."""
+        contrastive and dense losses beside it, as this process computed them; in stages 1-3 with how many of those
+        steps each modality group had, which shows stage 2's mix moving through its warm-up); a NaN or inf among the
+        losses stops the run before anything is saved over the last good checkpoint."""
         nonlocal losses, t_last, tokens
         window = torch.stack(losses).cpu()
         bad = (~torch.isfinite(window)).nonzero()
@@ -1057,6 +1069,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                  "tok_per_s": round(tokens * world / max(elapsed, 1e-9))}
         if stage == 0:
             entry.update({k: round(float(v), 4) for k, v in parts.items()})
+        else:  # (each step's group is the plan's: dataset.plan[step] is (group, rows))
+            entry["groups"] = dict(collections.Counter(dataset.plan[s][0] for s in range(done - len(window), done)))
         metrics.append(entry)
         bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{lr:.2e}", tok_s=entry["tok_per_s"])
         losses, t_last, tokens = [], time.time(), 0
@@ -1110,9 +1124,11 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             kept = f"Training up to step {saved} is saved in {ckpt_path}. " if saved else ""
             raise SystemExit(f"stage {stage}, step {step + 1}: {reason}. {kept}{advice}"
                              f"again{' with --resume' if saved else ''}") from None
-        # Each micro-batch: ids and targets (b, T), targets -100 where nothing is learnt (prompt, image tokens,
-        # padding); images (N, 3, S, S) or None; packed rows (stage 2) also doc_ids (b, T), which sample of the row
-        # each token belongs to, so that attention and positions stay inside it. Stage 0's is a dict of its own.
+        # Each micro-batch: ids and targets (B, T), B its samples (packed: rows); targets -100 where nothing is
+        # learnt: padding, image tokens, and in chats everything but the assistant's answers and their end of
+        # sentence (render_chat's mask, made targets by data.collate: stage 3's loss on answers). Also images
+        # (N, 3, S, S) or None, and for packed rows (stage 2) doc_ids (B, T), which sample of the row each token
+        # belongs to, so that attention and positions stay inside it. Stage 0's is a dict of its own.
         micros = [m if isinstance(m, dict) else dict(zip(("ids", "targets", "images", "doc_ids"), m)) for m in micros]
         # Normalise by the supervised tokens of the whole step (all micro-batches, all processes), so a step's
         # gradient does not depend on how its batch was split; a step with none gives a zero loss, never NaN.

@@ -16,16 +16,17 @@ the context are cut into context-sized pieces; chats and image documents that do
 A plan (`plan_batches`) fixes, before training starts, which rows every optimizer step reads: each step draws one
 modality group (language or multimodal; in stage 2 also chats with and without images, in stage 3 kinds of chat; the
 paper's modality-grouped batches, section 4.4, Figure 8) with probabilities that may change with the step (modality
-warm-up, paper Figure 9: the language share starts at 1 and falls to its target, 0.7 in stage 2, over the first steps),
-and each modality walks through its rows in a fresh shuffled order every epoch. The plan is a pure function of the seed
-and the data, so a resumed run reads exactly the batches it would have read (a checkpoint keeps a fingerprint of both,
-which a resume compares), and with several processes each rank takes its own slice of the same global batch.
-`PlannedBatches` turns (step, micro-batch) into tensors, so a torch DataLoader can build the next batches in worker
-processes while the model trains; `PackedBatches` lays several samples end to end in each row instead (stage 2, given a
-plan made with their lengths).
+warm-up, paper Figure 9: the language share starts at 1 and falls to its target, 0.7, over stage 2's first 30%:
+train.py's stage2_share), and each modality walks through its rows in a fresh shuffled order every epoch. The plan is a
+pure function of the seed and the data, so a resumed run reads exactly the batches it would have read (a checkpoint
+keeps a fingerprint of both, which a resume compares), and with several processes each rank takes its own slice of the
+same global batch. `PlannedBatches` turns (step, micro-batch) into tensors, so a torch DataLoader can build the next
+batches in worker processes while the model trains; `PackedBatches` lays several samples end to end in each row instead
+(stage 2, given a plan made with their lengths).
 
-Last, what a data folder is (folder_kind) and checking its images (check_images), which prepare_data.py,
-nanovl/llava.py and nanovl/evaluate.py share.
+Last, reading and writing JSON-lines files (read_jsonl names a malformed line by file and line), what a data folder
+is (folder_kind) and checking its images (check_images), which prepare_data.py, nanovl/llava.py and nanovl/evaluate.py
+share.
 """
 
 import codecs
@@ -45,93 +46,6 @@ from torch.utils.data import Dataset
 from nanovl.chat import IMAGE_TAG, check_conversation, render_chat, render_document
 from nanovl.image import ImageProcessor, load_image
 from nanovl.runs import atomic_write, quiet_worker
-
-
-def read_text(path: str) -> str:
-    """A UTF-8 text file's text, without the byte-order mark some editors write; ValueError naming the file and line
-    for text in another encoding."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    if raw.startswith(codecs.BOM_UTF8):
-        raw = raw[len(codecs.BOM_UTF8):]
-    packed = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
-              b"\x28\xb5\x2f\xfd": "zstd"}  # what datasets are downloaded as, told by their first bytes
-    kind = next((name for magic, name in packed.items() if raw.startswith(magic)), None)
-    if kind:
-        raise ValueError(f"{path} is a {kind}-compressed file, not text: decompress it first")
-    if b"\x00" in raw:  # valid UTF-8, but never in text: UTF-16 without its byte-order mark reads as ASCII and NULs
-        line = raw.count(b"\n", 0, raw.index(b"\x00")) + 1
-        raise ValueError(f"{path} is not UTF-8 text (a NUL byte at line {line}: UTF-16 text, or a binary file?); "
-                         "save it as UTF-8")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise ValueError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}: a compressed file, "
-                         "or text saved in another encoding?); save it as UTF-8") from None
-
-
-def cr_only(line: str) -> str:
-    """What to add to the error for a JSON line that did not parse, when the file's lines end in "\\r" alone (old Mac
-    line ends): the whole file then reads as one line holding every row."""
-    return "; its lines end in \\r alone, where JSON Lines needs \\n" if "\r" in line.strip() else ""
-
-
-def json_error(e: Exception, lines: bool = True) -> str:
-    """What a row that did not parse has wrong, and where. JSONDecodeError's msg alone can stop mid-sentence
-    ("Unterminated string starting at"): its position completes it. lines=False: a JSON line, where only the column
-    says more."""
-    if not isinstance(e, json.JSONDecodeError):
-        return "nested too deeply"  # (a RecursionError)
-    at = "" if e.msg.endswith(" at") else " at"  # ("... starting at" already says it)
-    return f"{e.msg}{at} " + (f"line {e.lineno}, column {e.colno}" if lines else f"column {e.colno}")
-
-
-def read_jsonl(path: str, origin: bool = False) -> List[dict]:
-    """All rows of a JSON-lines file; a malformed line is an error that names the file and line. origin=True also
-    writes where each row came from into it ("_where": "FILE, line N"), for the errors found in it later."""
-    rows = []
-    for n, line in enumerate(read_text(path).split("\n"), 1):  # "\n" only, as nanovl/llava.py's iter_json_rows splits
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
-                raise ValueError(f"{path}, line {n}: not valid JSON: {json_error(e, lines=False)}{cr_only(line)}"
-                                 ) from None
-            # The file itself is UTF-8, so only a JSON escape can spell half a character (a pair spells a whole one).
-            if SURROGATE_ESCAPE.search(line) and (bad := half_character(row)):
-                raise ValueError(f"{path}, line {n}: {bad}")
-            if origin:
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
-                row["_where"] = f"{path}, line {n}"
-            rows.append(row)
-    return rows
-
-
-# A JSON escape of a UTF-16 surrogate, "\ud800" to "\udfff": half of a character unless its pair follows
-SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
-
-
-def half_character(row) -> str:
-    """What is wrong when some string in row cannot be written as UTF-8, else "". JSON can spell half of a character
-    (a lone surrogate such as "\\ud83d", left where a tool cut an emoji in two), which no UTF-8 file can hold."""
-    try:
-        json.dumps(row, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError as e:
-        return (f"the text holds half of a character ({e.object[e.start:e.end]!r}, a lone surrogate: text cut in the "
-                "middle of an emoji?)")
-    return ""
-
-
-def write_jsonl(path: str, rows: Sequence[dict]) -> None:
-    """One JSON object per line, UTF-8, written whole or not at all (runs.atomic_write): a killed run never leaves
-    half a file, and a row that cannot be written leaves the old file as it was."""
-    def write(f):
-        for row in rows:
-            f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-
-    atomic_write(path, write)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -236,10 +150,12 @@ class Source:
         paths = [p if os.path.isabs(p) else os.path.join(row_root, p) for p in images]
         if kind == "text":
             ids, mask = render_document(row["text"], tokenizer, n_image_tokens)
-            for start in range(0, len(ids) - 1, max_len):  # overlapping by one: each piece predicts its next
+            # Pieces of max_len + 1 ids (max_len inputs, each with the next id as its target) that overlap by one:
+            # a piece's last target is the next piece's first input, so every id but the first is predicted once.
+            for start in range(0, len(ids) - 1, max_len):
                 piece = slice(start, start + max_len + 1)
                 if len(ids[piece]) > 1:
-                    # (a piece's first token is context only: nothing in the piece predicts it)
+                    # (the first bit of a piece's mask is never read: nothing in the piece predicts its first id)
                     self.samples.append(Sample(ids[piece], [0] + mask[piece][1:], []))
             return
         if kind == "pretrain":
@@ -305,29 +221,6 @@ def epochs(n: int, key: str):
         epoch += 1
 
 
-class PackedRows:
-    """One step's packed rows (plan_batches), each a list of sample indices, held in two flat arrays: the released
-    sizes' stage 2 plans about 100 million rows (Table 4: 96,000 steps of 1024 at 1.3B), which as Python lists of
-    ints would take about 16 GB in each process (measured: 49 MB for 300 steps of 1024 rows of 4096 tokens, samples
-    of 200-3000 tokens); as arrays, 4 MB, and 3,000 steps are planned in 3.1 s instead of 4.8 (the garbage collector
-    no longer walks millions of lists). rows[k] is row k as a list, rows[a:b] a list of rows."""
-
-    def __init__(self, rows: List[List[int]]):
-        self.ids = array("i", [i for row in rows for i in row])  # every row's indices, end to end
-        self.starts = array("i", itertools.accumulate([len(row) for row in rows], initial=0))  # row k: [k], [k + 1]
-
-    def __len__(self):
-        return len(self.starts) - 1
-
-    def __getitem__(self, k):
-        if isinstance(k, slice):
-            return [self[j] for j in range(*k.indices(len(self)))]
-        if not -len(self) <= k < len(self):
-            raise IndexError(f"row {k} of {len(self)}")
-        k %= len(self)
-        return self.ids[self.starts[k]:self.starts[k + 1]].tolist()
-
-
 def plan_batches(sizes: Dict[str, int], global_batch: int, steps: int, share: Callable[[int], Dict[str, float]],
                  seed: int, lengths: Optional[Dict[str, List[int]]] = None, row_len: int = 0) -> List[Tuple[str, list]]:
     """For each step: (modality, global_batch row indices of that modality's source; packed, a PackedRows).
@@ -370,6 +263,28 @@ def plan_batches(sizes: Dict[str, int], global_batch: int, steps: int, share: Ca
             used += n
         plan.append((modality, PackedRows(rows)))
     return plan
+
+
+class PackedRows:
+    """One step's packed rows (plan_batches), each a list of sample indices, held in two flat arrays: the released
+    sizes' stage 2 plans about 100 million rows (Table 4: 96,000 steps of 1024 at 1.3B), which as Python lists of
+    ints would take about 16 GB in each process, and as arrays a twelfth of that. rows[k] is row k as a list,
+    rows[a:b] a list of rows."""
+
+    def __init__(self, rows: List[List[int]]):
+        self.ids = array("i", [i for row in rows for i in row])  # every row's indices, end to end
+        self.starts = array("i", itertools.accumulate([len(row) for row in rows], initial=0))  # row k: [k], [k + 1]
+
+    def __len__(self):
+        return len(self.starts) - 1
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"row {k} of {len(self)}")
+        k %= len(self)
+        return self.ids[self.starts[k]:self.starts[k + 1]].tolist()
 
 
 def plan_digest(plan) -> str:
@@ -431,11 +346,11 @@ class PackedBatches(PlannedBatches):
         return [[self.sources[modality][i] for i in row] for row in self.rows(k)]
 
     def __getitem__(self, k):
-        packed = self.samples(k)
-        T = max(sum(len(s.ids) - 1 for s in r) for r in packed)
-        ids = torch.full((len(packed), T), self.pad_id, dtype=torch.long)
-        targets = torch.full((len(packed), T), -100, dtype=torch.long)
-        doc_ids = torch.full((len(packed), T), -1, dtype=torch.long)  # padding: a "sample" of its own
+        packed = self.samples(k)  # this micro-batch's B rows
+        T = max(sum(len(s.ids) - 1 for s in r) for r in packed)  # the longest row (at most the plan's row_len)
+        ids = torch.full((len(packed), T), self.pad_id, dtype=torch.long)  # (B, T)
+        targets = torch.full((len(packed), T), -100, dtype=torch.long)  # (B, T)
+        doc_ids = torch.full((len(packed), T), -1, dtype=torch.long)  # (B, T); padding: a "sample" of its own
         images = []
         for b, r in enumerate(packed):
             x, y, _ = collate(r, self.pad_id)  # each sample shifted on its own, then laid end to end
@@ -449,7 +364,95 @@ class PackedBatches(PlannedBatches):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Data folders, and checking their images
+# Reading and writing rows (JSON lines); data folders, and checking their images
+
+def read_text(path: str) -> str:
+    """A UTF-8 text file's text, without the byte-order mark some editors write; ValueError naming the file and line
+    for text in another encoding."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith(codecs.BOM_UTF8):
+        raw = raw[len(codecs.BOM_UTF8):]
+    packed = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+              b"\x28\xb5\x2f\xfd": "zstd"}  # what datasets are downloaded as, told by their first bytes
+    kind = next((name for magic, name in packed.items() if raw.startswith(magic)), None)
+    if kind:
+        raise ValueError(f"{path} is a {kind}-compressed file, not text: decompress it first")
+    if b"\x00" in raw:  # valid UTF-8, but never in text: UTF-16 without its byte-order mark reads as ASCII and NULs
+        line = raw.count(b"\n", 0, raw.index(b"\x00")) + 1
+        raise ValueError(f"{path} is not UTF-8 text (a NUL byte at line {line}: UTF-16 text, or a binary file?); "
+                         "save it as UTF-8")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}: a compressed file, "
+                         "or text saved in another encoding?); save it as UTF-8") from None
+
+
+def cr_only(line: str) -> str:
+    """What to add to the error for a JSON line that did not parse, when the file's lines end in "\\r" alone (old Mac
+    line ends): the whole file then reads as one line holding every row."""
+    return "; its lines end in \\r alone, where JSON Lines needs \\n" if "\r" in line.strip() else ""
+
+
+def json_error(e: Exception, lines: bool = True) -> str:
+    """What a row that did not parse has wrong, and where. JSONDecodeError's msg alone can stop mid-sentence
+    ("Unterminated string starting at"): its position completes it. lines=False: a JSON line, where only the column
+    says more."""
+    if not isinstance(e, json.JSONDecodeError):
+        return "nested too deeply"  # (a RecursionError)
+    at = "" if e.msg.endswith(" at") else " at"  # ("... starting at" already says it)
+    return f"{e.msg}{at} " + (f"line {e.lineno}, column {e.colno}" if lines else f"column {e.colno}")
+
+
+# A JSON escape of a UTF-16 surrogate, "\ud800" to "\udfff": half of a character unless its pair follows
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+def read_jsonl(path: str, origin: bool = False) -> List[dict]:
+    """All rows of a JSON-lines file; a malformed line is an error that names the file and line. origin=True also
+    writes where each row came from into it ("_where": "FILE, line N"), for the errors found in it later."""
+    rows = []
+    for n, line in enumerate(read_text(path).split("\n"), 1):  # "\n" only, as nanovl/llava.py's iter_json_rows splits
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{path}, line {n}: not valid JSON: {json_error(e, lines=False)}{cr_only(line)}"
+                                 ) from None
+            # The file itself is UTF-8, so only a JSON escape can spell half a character (a pair spells a whole one).
+            if SURROGATE_ESCAPE.search(line) and (bad := half_character(row)):
+                raise ValueError(f"{path}, line {n}: {bad}")
+            if origin:
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+                row["_where"] = f"{path}, line {n}"
+            rows.append(row)
+    return rows
+
+
+def half_character(row) -> str:
+    """What is wrong when some string in row cannot be written as UTF-8, else "". JSON can spell half of a character
+    (a lone surrogate such as "\\ud83d", left where a tool cut an emoji in two), which no UTF-8 file can hold."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"the text holds half of a character ({e.object[e.start:e.end]!r}, a lone surrogate: text cut in the "
+                "middle of an emoji?)")
+    return ""
+
+
+def write_jsonl(path: str, rows: Sequence[dict]) -> None:
+    """One JSON object per line, UTF-8, written whole or not at all (runs.atomic_write): a killed run never leaves
+    half a file, and a row that cannot be written leaves the old file as it was."""
+    def write(f):
+        for row in rows:
+            f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+
+    atomic_write(path, write)
+
+
 
 def default_folder(preset: str) -> str:
     """Where prepare_data.py writes a preset's synthetic corpus and train.py reads it unless told otherwise: data/ for

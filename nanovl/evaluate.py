@@ -20,13 +20,14 @@ tokenizer, and it shows whether vision-language training is eroding the language
 end-of-sentence is predicted and counted too (it has no bytes of its own): knowing where a text ends is part of
 modelling it.
 
-The held-out set is a data folder's eval_mc.jsonl and eval_text.jsonl (held_out reads and checks them), or its
-val_mc.jsonl (a second set of questions, from seeds of their own) with the same text: a validation split to tune
-settings on, so that the figures reported, on eval_mc.jsonl, are not tuned on; evaluate gives all three figures on it:
-train.py's during and after each stage (stage 0: bits per byte only), and its --eval-only's for any checkpoint. Each
-measure is split into the work per row (mc_choices, open_answers, text_bits) and its summary (mc_accuracy,
-open_accuracy, text_bits over text_bytes), so that under torchrun every process scores a share of the rows and they
-gather the results; multiple_choice, open_questions and bits_per_byte do both in one process. """
+The held-out set is a data folder's eval_mc.jsonl (the figures to report) or val_mc.jsonl (a second set of questions,
+from seeds of their own, to choose settings by, so that the reported figures are not tuned on), with eval_text.jsonl
+for both; held_out reads and checks them. evaluate gives all three figures: train.py calls it during and after each
+stage (stage 0: bits per byte only), and --eval-only for any checkpoint. Each measure is split into the work per row
+(mc_choices, open_answers, text_bits) and its summary (mc_accuracy, open_accuracy, text_bits over text_bytes), so that
+under torchrun every process scores a share of the rows and they gather the results; multiple_choice, open_questions
+and bits_per_byte do both in one process.
+"""
 
 import contextlib
 import math
@@ -317,9 +318,8 @@ def evaluate(model, rows, tokenizer, processor, root: str = "", rank: int = 0, w
     accuracies) and the held-out text (None without it, and bits per byte None). autocast: the context to run the
     model in (train.py's evaluations during training run in bf16 autocast on a GPU, as the training does).
 
-    Text is scored in pieces of the model's whole context in every stage, so that the stages' figures compare. Scored
-    at different lengths instead, the same decoder (stage 1 trains the adaptor alone) gave 2.508 in the 128-token
-    pieces stage 0 trains on in the scaled-down presets and 2.531 in 512-token pieces after stage 1.
+    Text is scored in pieces of the model's whole context in every stage, so that the stages' figures compare (the
+    same decoder scores differently in stage 0's 128-token training pieces than in 512-token ones).
 
     Under torchrun each process scores every world-th question and text (rows[rank::world]) and they share their results
     (gathered): each does a world-th of the work, and no process waits on the others for long (a process group gives up

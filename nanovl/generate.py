@@ -128,8 +128,8 @@ class DecodeStep:
     ones, and later generations of the same shapes, do not. Compiled, the step also reads q, k and v's weights in one
     product, and gate and up's in another (nanovl.llama.stacked_weights, which moves them into one block of memory each,
     the first time). Recorded or compiled, the step keeps one shape, so its attention reads every slot of the cache,
-    filled or not; run as it is (off CUDA, not compiled: the CPU) it reads only the slots filled so far: at a chat's
-    4096-slot cache, after a 700-token prompt, 1.3B's step in fp32 took 205 ms instead of 251 on two CPU cores.
+    filled or not; run as it is (off CUDA, not compiled: the CPU) it reads only the slots filled so far, which in a
+    chat's 4096-slot cache saves about a fifth of the 1.3B's step (README, Chat).
     """
 
     # torch.compile's options for the step; they win over torch._inductor.config (bench.py --inductor replaces them
@@ -203,13 +203,14 @@ def _decode(model, step: DecodeStep, logits, s: Sampling, stop_ids, pad_id: int,
     # the next step is queued it would wait for that step too, and asked before, the GPU would idle while the host
     # picks and queues the step. So the answer is copied out before the step is queued (an event marks the copy),
     # and the host waits for the copy alone while the GPU runs the step. The step after every row's last token is
-    # then queued in vain, and its cache slot given back. (In the compiled 1.3B decoding on an H200, generate's time
-    # beyond its step fell from 0.11 ms a token to 0.06, the picking kernels that still run between the steps.) Not
-    # the first step: it records the graph (and compiles), too dear to risk for an answer that is one token long.
+    # then queued in vain, and its cache slot given back (this halved generate's time beyond its step on an H200:
+    # README, Benchmarks). Not the first step: it records the graph (and compiles), too dear to risk for an answer
+    # that is one token long.
     cuda = device.type == "cuda"
     all_done = torch.zeros((), dtype=torch.bool, pin_memory=cuda)
     copied = torch.cuda.Event() if cuda else None
     for i in range(n_new):
+        # (B, n_words): the embedding's padded rows past the vocabulary, and the image token, are never picked
         logits = logits[:, :n_words].index_fill(1, image_id, float("-inf"))
         nxt = pick(logits, out, s, generator)  # (B,)
         nxt = torch.where(done, pad_id, nxt)

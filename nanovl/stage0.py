@@ -34,7 +34,7 @@ from nanovl.model import DeepSeekVL
 from nanovl.synth import SEG_LABELS
 
 N_SEG_CLASSES = 1 + len(SEG_LABELS)  # the label maps: 0 is the background, then one class per coloured shape
-# A row of stage0.jsonl (train.py's stage_batches quotes this when it refuses one).
+# A row of stage0.jsonl (train.py's check_stage0_rows quotes this when it refuses one).
 STAGE0_ROW = '{"image": path, "caption": "...", "seg": path of its label map, or null}'
 
 
@@ -70,18 +70,17 @@ class Stage0Heads(nn.Module):
         features = model.siglip(images)  # (B, T, C)
         img = F.normalize(self.image_proj(features.mean(dim=1)), dim=-1)  # (B, E)
         hidden, _ = self.text_tower(caption_ids, check_ids=False)  # (B, L, E): the projection of every position
+        # (B, L): 1 on each caption's tokens, 0 on its padding
         real = (torch.arange(caption_ids.shape[1], device=caption_ids.device) < caption_len[:, None]).to(hidden.dtype)
         txt = F.normalize((hidden * real[..., None]).sum(dim=1) / caption_len[:, None], dim=-1)  # (B, E)
         logits = img @ txt.T * self.log_t.exp() + self.bias  # (B, B)
-        # +1 on the diagonal (matching pairs), -1 everywhere else. The batch's captions are distinct (plan_distinct,
-        # below), so no -1 falls on a repeat of the pair's own caption, which would be a match; a caption that is
-        # merely true of another image too (one fact each: "Three shapes.") is still counted a negative.
+        # +1 on the diagonal (matching pairs), -1 everywhere else (plan_distinct keeps a batch's captions distinct).
         labels = 2 * torch.eye(len(logits), device=logits.device) - 1
         return -F.logsigmoid(labels * logits).sum() / len(logits)
 
     def segmentation_loss(self, sam, images, labels):
         """Per-patch cross-entropy of a 1x1 conv on SAM's neck output; labels (B, g, g) class ids."""
-        last, _ = sam.trunk(images)
+        last, _ = sam.trunk(images)  # (B, g, g, width)
         logits = self.seg_head(sam.neck(last.permute(0, 3, 1, 2)))  # (B, classes, g, g)
         return F.cross_entropy(logits, labels)
 

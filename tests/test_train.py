@@ -153,7 +153,10 @@ def test_trainable_takes_any_prefix_and_names_one_that_matches_nothing():
 def test_stage0_clips_each_of_its_three_models_on_its_own():
     cfg = get_config("tiny")
     net = Stage0Model(DeepSeekVL(cfg), Stage0Heads(cfg, n_seg_classes=5))
-    train.apply_freeze_map(net, ["model." + p for p in train.trainable_prefixes(0, cfg)] + ["heads"])
+    counts = train.apply_freeze_map(net, ["model." + p for p in train.trainable_prefixes(0, cfg)] + ["heads"])
+    # (what the run prints, module by module: the adaptor waits for stage 1, and so does SAM's tail)
+    assert list(counts) == ["siglip", "sam", "aligner", "llm", "heads"] and counts["aligner"][0] == 0
+    assert 0 < counts["sam"][0] < counts["sam"][1] and counts["llm"][0] == counts["llm"][1]
     groups = {k: {id(p) for p in v} for k, v in train.clipping_groups(net, 0).items()}
     ids = lambda *prefixes: {id(p) for n, p in net.named_parameters() if p.requires_grad and n.startswith(prefixes)}
     assert groups == {"llm": ids("model.llm."), "sam": ids("model.sam.", "heads.seg_head."),
@@ -821,6 +824,11 @@ def test_resume_is_bitwise_identical(data, start_weights, tmp_path):
     assert logged[0] == logged[1]
     assert [s for s, loss, _ in logged[0] if loss is not None] == [3, 4, 6]
     assert [s for s, _, mc in logged[0] if mc is not None] == [3, 6]
+    # Each log counts the modality groups of its steps (the plan's): 3, 1 and 2 steps, resumed or not.
+    groups = [[m["groups"] for m in train.read_jsonl(tmp_path / folder / "stage2" / "metrics.jsonl") if "loss" in m]
+              for folder in ("whole", "killed")]
+    assert groups[0] == groups[1] and [sum(g.values()) for g in groups[0]] == [3, 1, 2]
+    assert set().union(*groups[0]) <= {"language", "multimodal", "sft", "text_sft"}
 
 
 def test_a_full_disk_stops_the_run_in_a_line_keeping_the_last_checkpoint_whole(data, start_weights, tmp_path,
