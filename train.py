@@ -65,7 +65,7 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
     from nanovl import DeepSeekVL, VLConfig, get_config
     from nanovl.checkpoint import (check_device, check_finite, check_tokenizer_fits, check_weights, init_from_parts,
                                    is_released_folder, load_model, load_plain, nanovl_state)
-    from nanovl.config import FROM_SCRATCH
+    from nanovl.config import FROM_SCRATCH, PRESETS
     from nanovl.data import (PackedBatches, PlannedBatches, Source, check_rows, default_folder, folder_kind,
                              folder_stamp, plan_batches, read_jsonl, write_jsonl)
     from nanovl.evaluate import MC_FILES, check_fits, evaluate, format_table, held_out, held_out_text
@@ -394,8 +394,8 @@ def stage_groups(stage: int, tc: TrainConfig, folders):
         # (the others, said in the group's name: a row of one's own with another category would go unseen)
         others = collections.Counter(r["category"] for r in pretrain if r["category"] not in ("caption", "ocr"))
         name = "captions+ocr" + ("; the image-text rows of other categories left out: " +
-                                 ", ".join(f"{n} {category}" for category, n in sorted(others.items()))
-                                 if others else "")
+                                 ", ".join(f"{n} {category}" for category, n in sorted(others.items())) +
+                                 " (category 'caption' or 'ocr' brings a row in)" if others else "")
         return {"multimodal": ([r for r in pretrain if r["category"] in ("caption", "ocr")], "pretrain", name)}, \
             lambda sizes: lambda step: {"multimodal": 1.0}
     if stage == 2:  # (.get: a malformed row goes on to Source, which names its file and line)
@@ -779,6 +779,16 @@ def check_stage_rows(stage: int, tc: TrainConfig, cfg: VLConfig):
         share = share_for({group: len(rows) for group, (rows, _, _) in groups.items()})  # (may refuse the mix)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    # The images of rows written by hand (a folder neither prepare_data.py nor its LLaVA import made, which check
+    # theirs as they write them): a missing one would stop the run only when a step drew its row, hours in maybe.
+    kinds = {f: folder_kind(f) for f in folders}
+    missing = [(r["_where"], path) for rows, _, _ in groups.values() for r in rows if kinds.get(r["_root"]) == "other"
+               for path in (p if os.path.isabs(p) else os.path.join(r["_root"], p) for p in r.get("images") or ())
+               if not os.path.isfile(path)]
+    if missing:
+        raise SystemExit(f"{missing[0][0]}: image {missing[0][1]} does not exist" + (
+            f" (and {len(missing) - 1} more image{'s' * (len(missing) > 2)} of stage {stage}'s rows)"
+            if len(missing) > 1 else "") + "; fix or remove the rows that name them")
     for group, (rows, _, name) in groups.items():
         if not rows and drawn(group, share, hp["steps"]):
             raise SystemExit(no_rows(stage, group, name, folders, 0, seq_len, cfg))
@@ -1368,15 +1378,28 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
                     if rank > 0 and isinstance(e, KeyboardInterrupt):
                         raise SystemExit(1) from None
                     ckpt = os.path.join(tc.out, f"stage{stage}", "ckpt.pt")  # (whole: atomic_save)
+                    step = checkpoint_step(ckpt)
                     raise SystemExit(f"\nstage {stage}: {stopped_why(e)}. " + (
-                        f"Its last checkpoint, {ckpt}, is kept: run the same command with --resume to go on from it"
-                        if os.path.isfile(ckpt) else "No checkpoint of it was written yet")) from None
+                        f"Its last checkpoint, {ckpt}{f' (step {step})' if step is not None else ''}, is kept: run "
+                        "the same command with --resume to go on from it" if os.path.isfile(ckpt) else
+                        "No checkpoint of it was written yet: run the same command again to train it from its start")
+                                     ) from None
         finally:
             unlock_out_folders()
     if rank == 0:
         print(f"done: stages {stages} in {time.time() - t0:.0f}s")
     if world > 1:
         end_process_group()
+
+
+def checkpoint_step(path: str):
+    """The step a ckpt.pt was written at, for main's last line; None if it cannot be read (memory-mapped: its
+    tensors are not read, so this takes a moment at any size)."""
+    try:
+        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
+    except Exception:  # (the line is said without it: a stop is no time for another traceback)
+        return None
+    return step if isinstance(step, int) else None
 
 
 def stopped_why(e: BaseException) -> str:
@@ -1431,10 +1454,44 @@ def config_inside(path: str):
 
 def check_same_config(saved: dict, cfg: VLConfig, path: str):
     """Stop, naming each differing field, when a checkpoint was made for another model config."""
-    diff = [f"{k}: checkpoint {a} vs now {b}" for k, a, b in VLConfig.differences(saved, cfg.to_dict())]
+    now = cfg.to_dict()
+    # A part one side has not (a SigLIP-only model's SAM) is one line, not one per field of the other side's.
+    absent = {k for k in now if isinstance(saved, dict) and (saved.get(k, "") is None) != (now[k] is None)}
+    diff = [f"{k}: checkpoint {'none' if saved.get(k) is None else 'present'} vs now "
+            f"{'none' if now[k] is None else 'present'}" for k in sorted(absent)]
+    diff += [f"{k}: checkpoint {a} vs now {b}" for k, a, b in VLConfig.differences(saved, now)
+             if k.split(".")[0] not in absent]
     if diff:
+        flags = config_flags(saved)
         raise SystemExit(f"{path} was trained with another model config:\n  " + "\n  ".join(diff) +
-                         "\npass the same --config and overrides it was trained with")
+                         "\npass the same --config and overrides it was trained with" +
+                         (f": {' '.join(flags)}" if flags is not None else ""))
+
+
+def config_flags(saved: dict):
+    """The command-line flags that build the model config a checkpoint holds (saved, to_dict's layout): its preset
+    and the overrides of it, as ["--config tiny", "--llm.dim=96"]; None where flags cannot (a preset this version
+    does not know, a section the preset lacks). Checked by building the config from them, as main would."""
+    name = saved.get("name") if isinstance(saved, dict) else None
+    if name not in PRESETS:
+        return None
+    flags, off = [f"--config {name}"], set()
+    for key, was, _ in VLConfig.differences(saved, get_config(name).to_dict()):
+        section = key.split(".")[0]
+        if saved.get(section, "") is None:  # a part the checkpoint's model has not (SigLIP-only: no SAM)
+            if section not in off:
+                off.add(section)
+                flags.append(f"--{section}=none")
+            continue
+        value = ",".join(map(str, was)) if isinstance(was, list) else "none" if was is None else was
+        flags.append(f"--{key}={value}")
+    try:
+        overrides = dict(f[2:].split("=", 1) for f in flags[1:])
+        if VLConfig.differences(get_config(name, **overrides).to_dict(), saved):
+            return None
+    except (ValueError, TypeError):
+        return None
+    return flags
 
 
 # TrainConfig fields a resumed run may change: they say how the run is carried out, not what it computes (the data
@@ -1499,16 +1556,22 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
         free = ("lr", "micro_batch") if stage > 0 or finished else ("lr",)  # (the split of a step: see below)
         # (A setting resolved since the checkpoint was written, absent from its hparams, is compared as given.)
         saved_hp = state["hparams"] if resolved else {}
-        diff = [f"{'--' * (k in HPARAM_FIELDS)}{k}: checkpoint {saved_hp[k]!r} vs now {v!r}" for k, v in hp.items()
-                if k in saved_hp and k not in free and saved_hp[k] != v]  # (each as the flag that sets it)
-        diff += [f"--{k}: checkpoint {state['train'][k]!r} vs now {v!r}" for k, v in dataclasses.asdict(tc).items()
-                 if k not in FREE_ON_RESUME and not (k in HPARAM_FIELDS and k in saved_hp) and k in state["train"]
-                 and state["train"][k] != v]
-        if diff:
+        # Each difference as (the setting, the checkpoint's value, this run's), named as the flag that sets it.
+        differ = [(f"{'--' * (k in HPARAM_FIELDS)}{k}", saved_hp[k], v) for k, v in hp.items()
+                  if k in saved_hp and k not in free and saved_hp[k] != v]
+        differ += [(f"--{k}", state["train"][k], v) for k, v in dataclasses.asdict(tc).items()
+                   if k not in FREE_ON_RESUME and not (k in HPARAM_FIELDS and k in saved_hp) and k in state["train"]
+                   and state["train"][k] != v]
+        if differ:
             hint = " (to fit in less memory, --grad_ckpt may change on resume)" if resolved and stage == 0 and \
                 state["hparams"].get("micro_batch") != hp.get("micro_batch") else ""
-            raise SystemExit(f"{path} was written by a run with other training settings:\n  " + "\n  ".join(diff) +
-                             f"\npass the same settings to resume it{hint}")
+            # The checkpoint's values as flags to add to the command (a bool as true or false; an hparam no flag
+            # sets, such as the weights the stage began from, is only named).
+            as_flag = lambda v: str(v).lower() if isinstance(v, bool) else v if v != "" else "''"
+            flags = [f"{k}={as_flag(was)}" for k, was, _ in differ if k.startswith("--")]
+            raise SystemExit(f"{path} was written by a run with other training settings:\n  " + "\n  ".join(
+                f"{k}: checkpoint {was!r} vs now {now!r}" for k, was, now in differ) +
+                f"\npass the same settings to resume it{hint}" + (f": {' '.join(flags)}" if flags else ""))
         # In stages 1-3 a step's batch is planned whole and its loss normalised over the whole step, so the same
         # samples make the same step however they are split into micro-batches and processes (a test checks): a run
         # killed for want of memory resumes with a smaller --micro_batch, or on another number of GPUs. Stage 0

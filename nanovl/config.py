@@ -163,15 +163,18 @@ class VLConfig:
             problems.append(f"llm.dim {l.dim}, n_heads {l.n_heads}, n_kv_heads {l.n_kv_heads}: need dim % n_heads == 0"
                             " and n_heads % n_kv_heads == 0")
         if l.head_dim % 2:
-            problems.append(f"llm head size {l.head_dim} must be even for rotary embeddings")
+            problems.append(f"llm head size {l.head_dim} (dim {l.dim} / n_heads {l.n_heads}) must be even for rotary "
+                            f"embeddings: give a dim divisible by 2 x n_heads ({2 * l.n_heads})")
         if not 0 <= self.image_token_id < l.vocab_size:
             problems.append(f"image_token_id {self.image_token_id} is outside the vocabulary (size {l.vocab_size})")
         if a.projector_type not in ("mlp_gelu", "low_high_hybrid_split_mlp_gelu"):
             problems.append(f"aligner.projector_type {a.projector_type!r} is not 'mlp_gelu' or "
                             "'low_high_hybrid_split_mlp_gelu'")
         if (a.projector_type == "low_high_hybrid_split_mlp_gelu") != self.hybrid:
-            problems.append(f"aligner.projector_type {a.projector_type!r} does not fit "
-                            f"{'a hybrid (SAM + SigLIP)' if self.hybrid else 'a SigLIP-only'} encoder")
+            problems.append(f"aligner.projector_type {a.projector_type!r} does not fit " + (
+                "a hybrid (SAM + SigLIP) encoder: the hybrid's is 'low_high_hybrid_split_mlp_gelu' (for a SigLIP-only "
+                "model, as the 1.3B, also switch SAM off: sam=none)" if self.hybrid else
+                "a SigLIP-only encoder: its adaptor is 'mlp_gelu' (aligner.projector_type=mlp_gelu, with sam=none)"))
         if a.depth < 1 or (self.hybrid and a.depth < 2):
             problems.append(f"aligner.depth {a.depth} is too small (at least 1, or 2 for the hybrid adaptor)")
         if self.hybrid:

@@ -510,8 +510,14 @@ def test_bad_configs_are_refused_with_the_reason():
         get_config("tiny", **{"llm.dim": "wide"})
     with pytest.raises(ValueError, match="SAM gives a 12x12 grid but SigLIP gives 6x6"):
         get_config("tiny", **{"sam.image_size": 512})
-    with pytest.raises(ValueError, match="does not fit a SigLIP-only"):
+    with pytest.raises(ValueError, match=r"does not fit a SigLIP-only encoder: its adaptor is 'mlp_gelu' \(aligner"):
         get_config("1.3b", **{"aligner.projector_type": "low_high_hybrid_split_mlp_gelu"})
+    # Switching SAM off takes both settings, and either alone names the other (a tiny SigLIP-only model, as the 1.3B)
+    with pytest.raises(ValueError, match=r"does not fit a SigLIP-only encoder: .*with sam=none"):
+        get_config("tiny", sam="none")
+    with pytest.raises(ValueError, match=r"does not fit a hybrid \(SAM \+ SigLIP\) encoder: .*SAM off: sam=none"):
+        get_config("tiny", **{"aligner.projector_type": "mlp_gelu"})
+    assert get_config("tiny", **{"sam": "none", "aligner.projector_type": "mlp_gelu"}).hybrid is False
     with pytest.raises(ValueError, match="n_heads 4, n_kv_heads 3: need dim % n_heads == 0 and n_heads % n_kv_heads"):
         get_config("tiny", **{"llm.n_heads": 4, "llm.n_kv_heads": 3})
     depth = get_config("tiny").sam.depth
@@ -546,8 +552,9 @@ def test_bad_configs_are_refused_with_the_reason():
     tiny = get_config("tiny")
     for overrides, message in [({"siglip.image_size": 100}, "siglip.image_size 100 is not a multiple of "
                                                              "siglip.patch_size 16"),
-                               ({"llm.dim": tiny.llm.n_heads * 5}, "llm head size 5 must be even for rotary "
-                                                                   "embeddings"),
+                               ({"llm.dim": tiny.llm.n_heads * 5}, "llm head size 5 .* must be even for "
+                                                                   "rotary embeddings: give a dim divisible by 2 x "
+                                                                   f"n_heads \\({2 * tiny.llm.n_heads}\\)"),
                                ({"image_token_id": tiny.llm.vocab_size}, f"image_token_id {tiny.llm.vocab_size} is "
                                                                          "outside the vocabulary"),
                                ({"aligner.depth": 1}, "aligner.depth 1 is too small .at least 1, or 2 for the hybrid"),

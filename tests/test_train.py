@@ -1073,7 +1073,9 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
     (folder / "model.pt").unlink()
     (folder / "eval.json").unlink()
     with pytest.raises(SystemExit, match=r"other training settings:\n  --warmup: checkpoint \d+ vs now 7\n  "
-                                         r"--vision_lr_mult: checkpoint 0.1 vs now 0.5\n  --seed"):
+                                         r"--vision_lr_mult: checkpoint 0.1 vs now 0.5\n  --seed: checkpoint 1337 vs "
+                                         r"now 3\npass the same settings to resume it: --warmup=\d+ "
+                                         r"--vision_lr_mult=0.1 --seed=1337$"):
         train.main(common + ["--resume", "--warmup", "7", "--vision_lr_mult", "0.5", "--seed", "3"])  # (--lr: below)
     with pytest.raises(SystemExit, match="another model config:\n  llm.n_layers: checkpoint 4 vs now 3\npass"):
         train.main(common + ["--resume", "--llm.n_layers=3", "--data", fresh])  # (the checkpoint's, read mapped)
@@ -2034,8 +2036,21 @@ def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_train
     own.mkdir()
     (own / "pretrain.jsonl").write_text(json.dumps({"category": "photo", "text": "A cat.", "images": []}) + "\n")
     with pytest.raises(SystemExit, match=r"^stage 1 trains on multimodal rows \(captions\+ocr; the image-text rows of "
-                                         rf"other categories left out: 1 photo\), but {own} holds none"):
+                                         r"other categories left out: 1 photo \(category 'caption' or 'ocr' brings "
+                                         rf"a row in\)\), but {own} holds none"):
         train.check_stage_rows(1, train.TrainConfig(data=str(own)), get_config("tiny"))
+    # The images of rows written by hand are looked for before anything trains (a missing one stopped the run only when
+    # a step drew its row); those of prepare_data.py's folders, which it checked as it made them, are not looked for
+    chat = lambda image: json.dumps({"category": "mine", "images": [image], "conversation": [
+        {"role": "user", "content": "<image_placeholder>What is it?"}, {"role": "assistant", "content": "A cat."}]})
+    (own / "cat.png").write_bytes(b"")  # (whether it is there is what is asked here)
+    (own / "sft.jsonl").write_text("\n".join([chat("cat.png"), chat("nope.png"), chat("gone.png")]) + "\n")
+    with pytest.raises(SystemExit, match=rf"^{own}.sft.jsonl, line 2: image {own}.nope.png does not exist \(and 1 "
+                                         r"more image of stage 3's rows\); fix or remove the rows that name them$"):
+        train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(own)), get_config("tiny"))
+    (own / "sft.jsonl").write_text(chat("cat.png") + "\n")
+    train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(own)), get_config("tiny"))
+    (own / "sft.jsonl").unlink()
     # Stage 2's text is read from --data alone: the folders of --extra_data are not named for it
     with pytest.raises(SystemExit, match=rf"^stage 2 trains on language rows \(text\), but {own} holds none$"):
         train.check_stage_rows(2, train.TrainConfig(data=str(own), extra_data=str(copy)), get_config("tiny"))
@@ -2135,9 +2150,17 @@ def test_the_last_steps_weights_are_checked_and_a_stage_killed_in_its_evaluation
     evaluations = []
     monkeypatch.setattr(train, "evaluate", lambda *a, **k: evaluations.append(1) or (_ for _ in ()).throw(
         KeyboardInterrupt))
-    with pytest.raises(SystemExit, match="stage 3: interrupted. Its last checkpoint, .*ckpt.pt, is kept"):
+    with pytest.raises(SystemExit, match=r"stage 3: interrupted. Its last checkpoint, .*ckpt.pt \(step 2\), is kept"):
         train.main(common + ["--out", str(tmp_path / "e"), "--steps", "6", "--ckpt_every", "3", "--eval_every", "2"])
     assert evaluations == [1] and torch.load(tmp_path / "e" / "stage3" / "ckpt.pt", weights_only=False)["step"] == 2
+    # Stopped before its first checkpoint: the same command again trains the stage from its start, as the line says.
+    monkeypatch.setattr(train, "learning_rate", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit, match=r"stage 3: interrupted. No checkpoint of it was written yet: run the same "
+                                         r"command again to train it from its start$"):
+        train.main(common + ["--out", str(tmp_path / "n"), "--steps", "2"])
+    monkeypatch.undo()
+    train.main(common + ["--out", str(tmp_path / "n"), "--steps", "2"])
+    assert (tmp_path / "n" / "stage3" / "eval.json").exists()
 
 
 def test_a_data_folder_prepared_again_stops_the_run_reading_it_and_its_resume_says_how_the_data_differ(
@@ -2201,3 +2224,37 @@ def test_a_resume_on_another_kind_of_device_says_it_does_not_go_on_bit_for_bit(d
     train.main(args + ["--resume"])
     assert "stage 3: resuming on cpu (fp32) a run that trained on cuda (bf16 autocast): the run goes on, but not bit " \
            "for bit" in capsys.readouterr().out
+
+
+def test_a_config_mismatch_names_the_flags_that_build_the_checkpoints_model():
+    # A student who trained with overrides and forgot them later gets the flags to paste, checked by building the
+    # config from them: the preset, each changed field, a part switched off, a tuple.
+    flags = lambda preset, **o: train.config_flags(get_config(preset, **o).to_dict())
+    assert flags("tiny") == ["--config tiny"]
+    assert flags("tiny", **{"llm.dim": "96", "llm.n_layers": "3"}) == ["--config tiny", "--llm.dim=96",
+                                                                       "--llm.n_layers=3"]
+    assert flags("tiny", **{"sam": "none", "aligner.projector_type": "mlp_gelu"}) == [
+        "--config tiny", "--aligner.projector_type=mlp_gelu", "--sam=none"]
+    assert flags("small", **{"sam.global_blocks": "1,3", "llm.norm_eps": "1e-5"}) == [
+        "--config small", "--llm.norm_eps=1e-05", "--sam.global_blocks=1,3"]
+    for o in ({"llm.dim": "96"}, {"sam": "none", "aligner.projector_type": "mlp_gelu"}, {"sam.global_blocks": "1"}):
+        args = train.config_flags(get_config("tiny", **o).to_dict())
+        cfg = train.get_config(args[0].split()[1], **dict(a[2:].split("=", 1) for a in args[1:]))
+        assert cfg.to_dict() == get_config("tiny", **o).to_dict()
+    # What flags cannot build: a preset this version lacks, a part the preset has not (the 1.3B is SigLIP-only)
+    assert train.config_flags(dict(get_config("tiny").to_dict(), name="tiny-v0")) is None
+    assert train.config_flags(dict(get_config("1.3b").to_dict(), sam=get_config("7b").to_dict()["sam"])) is None
+    with pytest.raises(SystemExit, match=r"was trained with another model config:\n  llm.dim: checkpoint 96 vs now "
+                                         r"128\npass the same --config and overrides it was trained with: --config "
+                                         r"tiny --llm.dim=96$"):
+        train.check_same_config(get_config("tiny", **{"llm.dim": "96"}).to_dict(), get_config("tiny"), "x/model.pt")
+    # A part one side lacks is one line, not one per field of the other side's
+    siglip_only = get_config("tiny", **{"sam": "none", "aligner.projector_type": "mlp_gelu"}).to_dict()
+    with pytest.raises(SystemExit, match=r"another model config:\n  sam: checkpoint none vs now present\n  "
+                                         r"aligner.projector_type: checkpoint mlp_gelu vs now low_high_hybrid_split_"
+                                         r"mlp_gelu\npass .*: --config tiny --aligner.projector_type=mlp_gelu "
+                                         r"--sam=none$"):
+        train.check_same_config(siglip_only, get_config("tiny"), "x/model.pt")
+    with pytest.raises(SystemExit, match=r"config:\n  sam: checkpoint present vs now none\n  aligner.projector_type"):
+        train.check_same_config(get_config("tiny").to_dict(), get_config("tiny", **{
+            "sam": "none", "aligner.projector_type": "mlp_gelu"}), "x/model.pt")
