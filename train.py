@@ -859,9 +859,6 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     finished, state = open_stage_folder(stage, tc, cfg, hp, out_dir, ckpt_path, master, world, say)
     if finished:
         return
-    if hp["steps"] < hp["warmup"]:  # (a quick run's --steps leave the stage's warm-up as it is)
-        say(f"stage {stage}: its {hp['steps']} steps end inside the learning rate's warm-up of {hp['warmup']} steps, "
-            f"so the rate never reaches its peak, {hp['lr']:g} (a smaller --warmup reaches it)")
     micro, accum = check_stage(stage, tc, hp, world)
     if tc.micro_batch and micro != tc.micro_batch:  # (split_batch: the largest micro-batch up to it that splits)
         say(f"stage {stage}: micro-batches of {micro}: --micro_batch {tc.micro_batch} does not split the "
@@ -932,6 +929,9 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     opt = stage_optimizer(net, tc, hp, device)
     # Every check has passed: only now is the stage folder made, so a run refused above leaves nothing behind.
     claim_out_folder(tc.out, master, world)
+    if hp["steps"] < hp["warmup"]:  # (a quick run's --steps leave the stage's warm-up as it is)
+        say(f"stage {stage}: its {hp['steps']} steps end inside the learning rate's warm-up of {hp['warmup']} steps, "
+            f"so the rate never reaches its peak, {hp['lr']:g} (a smaller --warmup reaches it)")
     if master:  # (now that this run holds the folder: a temporary of a live run's save is not stale)
         remove_stale_temporaries(out_dir)
     if not resume:  # another run may have written here since open_stage_folder looked, and ended
@@ -1662,8 +1662,11 @@ def data_to_prepare(folder: str, preset: str):
         raise SystemExit(f"--data {folder} is a file: expected a folder made by prepare_data.py (or a LLaVA import), "
                          "or a path that does not exist yet to make one there")
     if kind == "other":  # never build over files prepare_data did not make
+        rows = [f for f in ("pretrain.jsonl", "sft.jsonl") if os.path.isfile(os.path.join(folder, f))]
         raise SystemExit(f"--data {folder} holds files but no meta.json of prepare_data.py's; give --data a folder "
-                         "made by prepare_data.py, or a path that does not exist yet to make one there")
+                         "made by prepare_data.py, or a path that does not exist yet to make one there" + (
+                             f" (its {' and '.join(rows)}, rows of your own, are read with --extra_data {folder}, "
+                             "beside that --data)" if rows else ""))
     with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
     ident = meta["identity"]

@@ -161,7 +161,9 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_capti
             raise ValueError(f"'{field}' must be a string, got {type(caption).__name__} {reprlib.repr(caption)}" +
                              ("; write a row for each caption" if isinstance(caption, list) else ""))
         if not isinstance(caption, str) or not caption.strip():
-            raise ValueError("no 'conversations' and no non-empty 'caption' or 'text'")
+            raise ValueError("no 'conversations' and no non-empty 'caption' or 'text'" + (
+                " (a 'conversation' of role and content turns is nanovl's own row: train.py reads a folder of those "
+                "as it is, with --extra_data, without an import)" if "conversation" in row else ""))
         if len(paths) != 1:
             raise ValueError(f"a caption row needs exactly one image, got {len(paths)}")
         text = caption.strip().replace("<image>", IMAGE_TAG)

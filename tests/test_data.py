@@ -619,6 +619,9 @@ def test_a_llava_row_becomes_the_row_llava_means():
                      (dict(image=["a.png", "b.png"], conversations=ask("<image> and this?", "Same.")),
                       "1 <image> tags but 2 images"),
                      (dict(image="a.png", caption="   "), "no 'conversations' and no non-empty 'caption' or 'text'"),
+                     (dict(images=["a.png"], conversation=[{"role": "user", "content": "Hi"}]),
+                      "no 'conversations' and no non-empty 'caption' or 'text' (a 'conversation' of role and content "
+                      "turns is nanovl's own row: train.py reads a folder of those as it is, with --extra_data"),
                      (dict(image="a.png", caption=["a red box", "a red square"]),  # (some COCO exports)
                       "'caption' must be a string, got list ['a red box', 'a red square']; write a row for each"),
                      (dict(image="a.png", caption=None, text=3), "'text' must be a string, got int 3"),

@@ -1962,9 +1962,14 @@ def test_old_synthetic_data_is_rebuilt_with_its_own_arguments(tmp_path):
     assert train.data_to_prepare(str(tmp_path), "tiny") is None
     (tmp_path / "meta.json").unlink()
     (tmp_path / "thesis.txt").write_text("not made by prepare_data.py")  # never built over
-    with pytest.raises(SystemExit, match="holds files but no meta.json of prepare_data.py's"):
+    with pytest.raises(SystemExit, match=r"holds files but no meta.json of prepare_data.py's; .* \(its pretrain.jsonl "
+                                         r"and sft.jsonl, rows of your own, are read with --extra_data .*\)$"):
         train.data_to_prepare(str(tmp_path), "tiny")
     assert (tmp_path / "thesis.txt").read_text() == "not made by prepare_data.py"
+    for name in ("pretrain.jsonl", "sft.jsonl"):
+        (tmp_path / name).unlink()
+    with pytest.raises(SystemExit, match=r"holds files but no meta.json of prepare_data.py's; .* to make one there$"):
+        train.data_to_prepare(str(tmp_path), "tiny")
 
 
 def test_stage_all_checks_every_stage_settings_before_the_first_trains(data, tmp_path, monkeypatch):
