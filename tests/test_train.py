@@ -846,7 +846,8 @@ def test_a_full_disk_stops_the_run_in_a_line_keeping_the_last_checkpoint_whole(d
 
     monkeypatch.setattr(torch, "save", fills_up)
     with pytest.raises(SystemExit, match=r"stage 3: cannot write .*ckpt.pt: No space left on device\. Its last "
-                                         r"checkpoint, .*ckpt.pt \(step 2\), is kept: run the same command with --resume"):
+                                         r"checkpoint, .*ckpt.pt \(step 2\), is kept: run the same command with "
+                                         r"--resume"):
         train.main(common)
     assert sorted(os.listdir(folder)) == ["ckpt.pt", "metrics.jsonl", "tokenizer.json"]  # no temporary file left
     assert torch.load(folder / "ckpt.pt", weights_only=True)["step"] == 2  # the first checkpoint, whole
@@ -874,8 +875,8 @@ def test_a_sigterm_stops_the_run_as_ctrl_c_does_keeping_the_last_checkpoint_whol
     let_go, lets_go = [], train.let_go_of_workers  # (the stage's data workers shut down at once: the test below)
     monkeypatch.setattr(train, "let_go_of_workers", lambda e: let_go.append(type(e)) or lets_go(e))
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(SystemExit, match=r"stage 3: stopped by SIGTERM\. Its last checkpoint, .*ckpt.pt \(step 2\), is kept: "
-                                         "run the same command with --resume"):
+    with pytest.raises(SystemExit, match=r"stage 3: stopped by SIGTERM\. Its last checkpoint, .*ckpt.pt \(step 2\), "
+                                         "is kept: run the same command with --resume"):
         train.main(common)
     assert signal.getsignal(signal.SIGTERM) == before  # the handler was train.main's only while it ran
     assert let_go == [runs.Terminated]
@@ -961,9 +962,11 @@ def test_a_data_worker_killed_stops_the_run_in_a_line_that_says_what_to_lower(da
     monkeypatch.setattr(ImageProcessor, "pixels", killed_later)
     with pytest.raises(SystemExit, match=r"stage 3: DataLoader worker \(pid.*\) .*killed for memory, most often: run "
                                          r"again with fewer --workers or a smaller --image_cache\)\. Its last "
-                                         r"checkpoint, .*ckpt.pt \(step 2\), is kept: run the same command with --resume"):
+                                         r"checkpoint, .*ckpt.pt \(step (\d+)\), is kept: run the same command "
+                                         r"with --resume") as stopped:
         train.main(common)
-    assert torch.load(ckpt, weights_only=True)["step"] in (2, 4, 6, 8, 10)
+    step = torch.load(ckpt, weights_only=True)["step"]
+    assert step in (2, 4, 6, 8, 10) and f"(step {step})" in str(stopped.value)
 
 
 def test_a_run_killed_for_memory_resumes_with_a_smaller_micro_batch_except_in_stage_0(data, start_weights, tmp_path,
