@@ -25,7 +25,8 @@ Where each part of the recipe is written:
     the learning rate                    learning_rate, set at the top of each step in run_stage
     AdamW, two rates, clipping           stage_optimizer (vision_lr_mult), clipping_groups
     stage 0                              nanovl/stage0.py (its heads, batches and losses)
-Packed rows make every stage-2 step the same number of tokens, so a share of its steps is a share of its tokens.
+Packed rows make every stage-2 step about as many tokens as any other, so a share of its steps is about as large a
+share of its tokens.
 
     python train.py                                  # the embedded default: prepare data if needed, stages 0-3, tiny
     python train.py --config small --out out-small --lr=5e-4 --llm.n_layers=6   # every stage, small, changed
