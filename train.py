@@ -25,8 +25,8 @@ Where each part of the recipe is written:
     the learning rate                    learning_rate, set at the top of each step in run_stage
     AdamW, two rates, clipping           stage_optimizer (vision_lr_mult), clipping_groups
     stage 0                              nanovl/stage0.py (its heads, batches and losses)
-Packed rows make every stage-2 step about as many tokens as any other, so a share of its steps is about as large a
-share of its tokens.
+Packed rows make every stage-2 step about as many tokens as any other (next fit leaves each row's tail empty), so a
+share of its steps is roughly a share of its tokens.
 
     python train.py                                  # the embedded default: prepare data if needed, stages 0-3, tiny
     python train.py --config small --out out-small --lr=5e-4 --llm.n_layers=6   # every stage, small, changed
@@ -51,6 +51,7 @@ import json
 import math
 import os
 import secrets
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
     from nanovl.data import (PackedBatches, PlannedBatches, Source, check_rows, default_folder, folder_kind,
                              folder_stamp, plan_batches, read_jsonl, write_jsonl)
     from nanovl.evaluate import MC_FILES, check_fits, evaluate, format_table, held_out, held_out_text
-    from nanovl.image import CachedProcessor, ImageProcessor
+    from nanovl.image import CachedProcessor, ImageProcessor, missing_hint
     from nanovl.runs import (Terminated, WriteFailed, atomic_save, atomic_write, claim_out_folder,
                              close_inherited_locks, dead_worker, end_process_group, first_failure, let_go_of_workers,
                              remove_stale_temporaries, rng_state, set_rng_state, setup_distributed, sigterm_stops,
@@ -783,11 +784,14 @@ def check_stage_rows(stage: int, tc: TrainConfig, cfg: VLConfig):
     # The images of rows written by hand (a folder neither prepare_data.py nor its LLaVA import made, which check
     # theirs as they write them): a missing one would stop the run only when a step drew its row, hours in maybe.
     kinds = {f: folder_kind(f) for f in folders}
-    missing = [(r["_where"], path) for rows, _, _ in groups.values() for r in rows if kinds.get(r["_root"]) == "other"
-               for path in (p if os.path.isabs(p) else os.path.join(r["_root"], p) for p in r.get("images") or ())
-               if not os.path.isfile(path)]
+    missing = list(dict.fromkeys(  # (row, path), each once
+        (r["_where"], path) for rows, _, _ in groups.values() for r in rows if kinds.get(r["_root"]) == "other"
+        for path in (p if os.path.isabs(p) else os.path.join(r["_root"], p) for p in r.get("images") or ())
+        if not os.path.isfile(path)))
     if missing:
-        raise SystemExit(f"{missing[0][0]}: image {missing[0][1]} does not exist" + (
+        where, path = missing[0]
+        raise SystemExit(f"{where}: image {path} " + ("is a folder" if os.path.isdir(path) else
+                                                      f"does not exist{missing_hint(path)}") + (
             f" (and {len(missing) - 1} more image{'s' * (len(missing) > 2)} of stage {stage}'s rows)"
             if len(missing) > 1 else "") + "; fix or remove the rows that name them")
     for group, (rows, _, name) in groups.items():
@@ -1383,8 +1387,9 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
                     raise SystemExit(f"\nstage {stage}: {stopped_why(e)}. " + (
                         f"Its last checkpoint, {ckpt}{f' (step {step})' if step is not None else ''}, is kept: run "
                         "the same command with --resume to go on from it" if os.path.isfile(ckpt) else
-                        "No checkpoint of it was written yet: run the same command again to train it from its start")
-                                     ) from None
+                        "No checkpoint of it was written yet: run the same command again" + (
+                            " with --resume (the stages before it are done, and skipped)" if k and not tc.resume
+                            else "") + " to train it from its start")) from None
         finally:
             unlock_out_folders()
     if rank == 0:
@@ -1457,7 +1462,8 @@ def check_same_config(saved: dict, cfg: VLConfig, path: str):
     """Stop, naming each differing field, when a checkpoint was made for another model config."""
     now = cfg.to_dict()
     # A part one side has not (a SigLIP-only model's SAM) is one line, not one per field of the other side's.
-    absent = {k for k in now if isinstance(saved, dict) and (saved.get(k, "") is None) != (now[k] is None)}
+    absent = {k for k in ("siglip", "sam", "aligner", "llm")
+              if isinstance(saved, dict) and (saved.get(k, "") is None) != (now[k] is None)}
     diff = [f"{k}: checkpoint {'none' if saved.get(k) is None else 'present'} vs now "
             f"{'none' if now[k] is None else 'present'}" for k in sorted(absent)]
     diff += [f"{k}: checkpoint {a} vs now {b}" for k, a, b in VLConfig.differences(saved, now)
@@ -1474,7 +1480,7 @@ def config_flags(saved: dict):
     and the overrides of it, as ["--config tiny", "--llm.dim=96"]; None where flags cannot (a preset this version
     does not know, a section the preset lacks). Checked by building the config from them, as main would."""
     name = saved.get("name") if isinstance(saved, dict) else None
-    if name not in PRESETS:
+    if not isinstance(name, str) or name not in PRESETS:
         return None
     flags, off = [f"--config {name}"], set()
     for key, was, _ in VLConfig.differences(saved, get_config(name).to_dict()):
@@ -1568,7 +1574,7 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
                 state["hparams"].get("micro_batch") != hp.get("micro_batch") else ""
             # The checkpoint's values as flags to add to the command (a bool as true or false; an hparam no flag
             # sets, such as the weights the stage began from, is only named).
-            as_flag = lambda v: str(v).lower() if isinstance(v, bool) else v if v != "" else "''"
+            as_flag = lambda v: shlex.quote(str(v).lower() if isinstance(v, bool) else str(v))  # (pasted in a shell)
             flags = [f"{k}={as_flag(was)}" for k, was, _ in differ if k.startswith("--")]
             raise SystemExit(f"{path} was written by a run with other training settings:\n  " + "\n  ".join(
                 f"{k}: checkpoint {was!r} vs now {now!r}" for k, was, now in differ) +

@@ -1080,6 +1080,9 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
                                          r"now 3\npass the same settings to resume it: --warmup=\d+ "
                                          r"--vision_lr_mult=0.1 --seed=1337$"):
         train.main(common + ["--resume", "--warmup", "7", "--vision_lr_mult", "0.5", "--seed", "3"])  # (--lr: below)
+    with pytest.raises(SystemExit, match=r"--trainable: checkpoint '' vs now 'llm, aligner'\npass the same settings "
+                                         r"to resume it: --trainable=''$"):  # (as a shell reads it back)
+        train.main(common + ["--resume", "--trainable", "llm, aligner"])
     with pytest.raises(SystemExit, match="another model config:\n  llm.n_layers: checkpoint 4 vs now 3\npass"):
         train.main(common + ["--resume", "--llm.n_layers=3", "--data", fresh])  # (the checkpoint's, read mapped)
     assert not os.path.exists(fresh)
@@ -2056,6 +2059,15 @@ def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_train
     with pytest.raises(SystemExit, match=rf"^{own}.sft.jsonl, line 2: image {own}.nope.png does not exist \(and 1 "
                                          r"more image of stage 3's rows\); fix or remove the rows that name them$"):
         train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(own)), get_config("tiny"))
+    (own / "dir.png").mkdir()
+    (own / "sft.jsonl").write_text(chat("dir.png") + "\n" + chat("cat.png ") + "\n")
+    with pytest.raises(SystemExit, match=rf"^{own}.sft.jsonl, line 1: image {own}.dir.png is a folder \(and 1 more "
+                                         r"image"):
+        train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(own)), get_config("tiny"))
+    (own / "sft.jsonl").write_text(chat("cat.png ") + "\n")  # a stray space: the file that is there is named
+    with pytest.raises(SystemExit, match=r"line 1: image .*cat.png  does not exist .*cat.png"):
+        train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(own)), get_config("tiny"))
+    (own / "dir.png").rmdir()
     (own / "sft.jsonl").write_text(chat("cat.png") + "\n")
     train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(own)), get_config("tiny"))
     (own / "sft.jsonl").unlink()
@@ -2169,6 +2181,13 @@ def test_the_last_steps_weights_are_checked_and_a_stage_killed_in_its_evaluation
     monkeypatch.undo()
     train.main(common + ["--out", str(tmp_path / "n"), "--steps", "2"])
     assert (tmp_path / "n" / "stage3" / "eval.json").exists()
+    # A later stage of the run stopped so: the same command again would be refused by the stages before it, done
+    monkeypatch.setattr(train, "run_stage", lambda stage, *a: (_ for _ in ()).throw(KeyboardInterrupt) if stage == 2
+                        else None)
+    with pytest.raises(SystemExit, match=r"stage 2: interrupted. No checkpoint of it was written yet: run the same "
+                                         r"command again with --resume \(the stages before it are done, and skipped\) "
+                                         r"to train it from its start$"):
+        train.main(["--data", data, "--out", str(tmp_path / "m")])
 
 
 def test_a_data_folder_prepared_again_stops_the_run_reading_it_and_its_resume_says_how_the_data_differ(
@@ -2263,6 +2282,7 @@ def test_a_config_mismatch_names_the_flags_that_build_the_checkpoints_model():
                                          r"mlp_gelu\npass .*: --config tiny --aligner.projector_type=mlp_gelu "
                                          r"--sam=none$"):
         train.check_same_config(siglip_only, get_config("tiny"), "x/model.pt")
+    assert train.config_flags(dict(get_config("tiny").to_dict(), name=["tiny"])) is None  # (a name of another type)
     with pytest.raises(SystemExit, match=r"config:\n  sam: checkpoint present vs now none\n  aligner.projector_type"):
         train.check_same_config(get_config("tiny").to_dict(), get_config("tiny", **{
             "sam": "none", "aligner.projector_type": "mlp_gelu"}), "x/model.pt")
