@@ -69,7 +69,7 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
                                    is_released_folder, load_model, load_plain, nanovl_state)
     from nanovl.config import FROM_SCRATCH, PRESETS
     from nanovl.data import (PackedBatches, PlannedBatches, Source, check_rows, default_folder, folder_kind,
-                             folder_stamp, plan_batches, read_jsonl, write_jsonl)
+                             folder_stamp, image_paths, plan_batches, read_jsonl, write_jsonl)
     from nanovl.evaluate import MC_FILES, check_fits, evaluate, format_table, held_out, held_out_text
     from nanovl.image import CachedProcessor, ImageProcessor, missing_hint
     from nanovl.runs import (Terminated, WriteFailed, atomic_save, atomic_write, claim_out_folder,
@@ -786,7 +786,7 @@ def check_stage_rows(stage: int, tc: TrainConfig, cfg: VLConfig):
     kinds = {f: folder_kind(f) for f in folders}
     missing = list(dict.fromkeys(  # (row, path), each once
         (r["_where"], path) for rows, _, _ in groups.values() for r in rows if kinds.get(r["_root"]) == "other"
-        for path in (p if os.path.isabs(p) else os.path.join(r["_root"], p) for p in r.get("images") or ())
+        for path in image_paths(r.get("images") or (), r["_root"])
         if not os.path.isfile(path)))
     if missing:
         where, path = missing[0]
@@ -1399,12 +1399,13 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
 
 
 def checkpoint_step(path: str):
-    """The step a ckpt.pt was written at, for main's last line; None if it cannot be read (memory-mapped: its
-    tensors are not read, so this takes a moment at any size)."""
+    """The step a ckpt.pt was written at, for main's last line; None if it cannot be read (load_plain maps the file:
+    its tensors are not read, so this takes a moment at any size)."""
     try:
-        step = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("step")
+        state = load_plain(path)
     except Exception:  # (the line is said without it: a stop is no time for another traceback)
         return None
+    step = state.get("step") if isinstance(state, dict) else None
     return step if isinstance(step, int) else None
 
 

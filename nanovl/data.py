@@ -111,6 +111,11 @@ def check_row(row: dict, kind: str) -> List[str]:
     return images
 
 
+def image_paths(images: Sequence[str], root: str) -> List[str]:
+    """A row's image paths as files: each relative to its folder (root), unless absolute."""
+    return [p if os.path.isabs(p) else os.path.join(root, p) for p in images]
+
+
 def row_error(row, i: int, kind: str, name: str, e: Exception) -> ValueError:
     """A malformed row's error, named by its file and line when it carries them (read_jsonl(origin=True))."""
     where = row.get("_where", f"{name}, row {i}") if isinstance(row, dict) else f"{name}, row {i}"
@@ -146,8 +151,7 @@ class Source:
     def add(self, row: dict, kind: str, tokenizer, n_image_tokens: int, max_len: int, root: str):
         """Render one row into samples (a text row may give several), or count it as dropped if too long."""
         images = check_row(row, kind)
-        row_root = row.get("_root", root)  # rows gathered from several folders carry their own
-        paths = [p if os.path.isabs(p) else os.path.join(row_root, p) for p in images]
+        paths = image_paths(images, row.get("_root", root))  # rows gathered from several folders carry their own
         if kind == "text":
             ids, mask = render_document(row["text"], tokenizer, n_image_tokens)
             # Pieces of max_len + 1 ids (max_len inputs, each with the next id as its target) that overlap by one:
