@@ -204,7 +204,7 @@ def _decode(model, step: DecodeStep, logits, s: Sampling, stop_ids, pad_id: int,
     # picks and queues the step. So the answer is copied out before the step is queued (an event marks the copy),
     # and the host waits for the copy alone while the GPU runs the step. The step after every row's last token is
     # then queued in vain, and its cache slot given back (this halved generate's time beyond its step on an H200:
-    # README, Benchmarks). Not the first step: it records the graph (and compiles), too dear to risk for an answer
+    # README, History). Not the first step: it records the graph (and compiles), too dear to risk for an answer
     # that is one token long.
     cuda = device.type == "cuda"
     all_done = torch.zeros((), dtype=torch.bool, pin_memory=cuda)

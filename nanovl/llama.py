@@ -162,7 +162,7 @@ class Attention(nn.Module):
         # with a fused kernel (FlashAttention where the shapes allow). Without a mask it is plain causal attention
         # (training, a prompt without padding); a boolean mask says which keys each query sees. The compiled one-token
         # step keeps this call too: written as reductions, as its projections are, attention was slower on an H200
-        # (README, Benchmarks).
+        # (README, History: the H200 sessions).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, nh, T, hs)
         return project(self.o_proj.weight, y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
@@ -210,7 +210,7 @@ class Llama(nn.Module):
         # The rotary tables of every position in the context, made once, in fp32, on the CPU (so also when the model
         # is built on "meta"; .to() moves them, and _apply keeps them fp32). Each forward looks its positions up.
         # Computed inside each step instead, they cost the compiled 1.3B training step about 6% of its time on an H200
-        # (README, Benchmarks: the compiler recomputed them for every element of q and k).
+        # (README, History: the H200 sessions; the compiler recomputed them for every element of q and k).
         cos, sin = self.rope_tables(torch.float32)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hs); not in the state dict
         self.register_buffer("rope_sin", sin, persistent=False)
