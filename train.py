@@ -168,7 +168,7 @@ STAGE_DEFAULTS = {
         # Stage 2's batch counts packed rows of the model's context (tiny: 512 tokens; 6 hold about what 16 samples
         # did, unpacked).
         2: dict(steps=100, batch_size=6, micro_batch=6, lr=2e-3, warmup=10, schedule="step", vision_lr_mult=0.1),
-        # Stage 3 was still learning at 700 steps (README, "What the experiments say"); 1300 go through the one-question
+        # Stage 3 was still learning at 700 steps (README, History); 1300 go through the one-question
         # chats, each asked twice (with its options, and open), about as often as 700 went through them asked once.
         3: dict(steps=1300, batch_size=8, micro_batch=8, lr=2e-3, warmup=30, schedule="cosine",
                 text_sft_share=0.25, short_chat_share=0.65, vision_lr_mult=0.1),
