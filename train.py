@@ -65,8 +65,8 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
     from tqdm import tqdm
 
     from nanovl import DeepSeekVL, VLConfig, get_config
-    from nanovl.checkpoint import (check_device, check_finite, check_tokenizer_fits, check_weights, init_from_parts,
-                                   is_released_folder, load_model, load_plain, nanovl_state)
+    from nanovl.checkpoint import (check_device, check_finite, check_tokenizer_fits, check_trained_with, check_weights,
+                                   init_from_parts, is_released_folder, load_model, load_plain, nanovl_state)
     from nanovl.config import FROM_SCRATCH, PRESETS
     from nanovl.data import (PackedBatches, PlannedBatches, Source, check_rows, default_folder, folder_kind,
                              folder_stamp, image_paths, plan_batches, read_jsonl, write_jsonl)
@@ -856,7 +856,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     hp, seq_len, stc = stage_hparams(stage, tc, cfg)
-    began_from = weights_id(start_weights(stage, tc)) if stage > 0 else None
+    began_from = weights_entry(start_weights(stage, tc), "id") if stage > 0 else None
     if began_from:  # the weights the stage begins from, as their model.pt names them: a resume checks them
         hp["start"] = began_from
     out_dir = os.path.join(tc.out, f"stage{stage}")
@@ -889,7 +889,15 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     trained = sources and (resume or is_nanovl_checkpoint(sources[0]) or is_released_folder(sources[0]))
     if tc.tokenizer and trained and beside != data_tok:
         check_same_tokenizer(tok, tc.tokenizer, beside, resume)
-    elif not tc.tokenizer and trained and not resume and beside == data_tok:
+    # The fingerprint of the tokenizer the weights were trained with, which this script's checkpoints keep (older
+    # ones: None): a tokenizer.json lost or left behind is not replaced by another of the same size unseen.
+    trained_with = state.get("tokenizer") if resume else weights_entry(init, "tokenizer") if stage > 0 else None
+    if trained_with is not None:
+        try:
+            check_trained_with(tok, tokenizer_path(tc, sources), trained_with, ckpt_path if resume else sources[0])
+        except ValueError as e:
+            raise SystemExit(f"{e} (or pass it as --tokenizer)") from None
+    if not tc.tokenizer and trained and not resume and beside == data_tok and trained_with is None:
         say(f"stage {stage}: no tokenizer.json beside {sources[0]}, so it trains with {data_tok}, which must be the "
             "one those weights were trained with (else pass that one as --tokenizer)")
     proc = ImageProcessor.for_config(cfg)
@@ -951,7 +959,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     if master and not (resume and os.path.isfile(saved_tok)):
         atomic_save(tok.to_json(), saved_tok)  # the folder is all sample.py needs
     # This training of the stage, named at its start and kept through resumes: its model.pt carries the name, and the
-    # stages after it record which one they began from (weights_id).
+    # stages after it record which one they began from (weights_entry).
     start, metrics, run_id, lr_was, evaluated = 0, [], secrets.token_hex(8), None, 0
     if resume:
         run_id = state.get("id", run_id)  # (older checkpoints: none)
@@ -993,8 +1001,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     def finish():
         """The stage's final weights, loss plot and evaluation; eval.json, written last, marks the stage done."""
         if master:
-            atomic_save({"model": model.state_dict(), "config": cfg.to_dict(), "id": run_id},
-                        os.path.join(out_dir, "model.pt"))
+            atomic_save({"model": model.state_dict(), "config": cfg.to_dict(), "id": run_id,
+                         "tokenizer": tok.fingerprint()}, os.path.join(out_dir, "model.pt"))
             atomic_save(cfg.to_json(), os.path.join(out_dir, "config.json"))
             plot_losses(metrics, os.path.join(out_dir, "loss.png"), f"stage {stage} training loss ({cfg.name})")
         acc, asked_open, bpb = (evaluate(model, eval_rows, tok, eval_proc, tc.data, rank, world, eval_autocast)
@@ -1061,7 +1069,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state(),
                          "config": cfg.to_dict(), "train": dataclasses.asdict(tc), "hparams": hp, "stage": stage,
                          "split": [world, micro], "metrics": metrics, "id": run_id, "evaluated": evaluated,
-                         "data": fingerprint, "device": device.split(":")[0]}, ckpt_path)
+                         "data": fingerprint, "device": device.split(":")[0], "tokenizer": tok.fingerprint()},
+                        ckpt_path)
             save_metrics()
 
     net.train()
@@ -1275,7 +1284,11 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
                                  (", or one of your own)" if tc.eval_split == "test" else
                                   " since corpus version 10: run prepare_data.py again; or one of your own)"))
             tokenizer = tc.tokenizer if is_released_folder(tc.ckpt) else tokenizer_path(tc, [tc.ckpt])
-            model, tok, proc = load_model(tc.ckpt, device, dtype, tokenizer)
+            model, tok, proc = load_model(tc.ckpt, device, dtype, tokenizer)  # (which checks it by its fingerprint)
+            if (rank == 0 and tokenizer == os.path.join(tc.data, "tokenizer.json") and not tc.tokenizer
+                    and weights_entry([tc.ckpt], "tokenizer") is None):  # (older weights: no fingerprint kept)
+                print(f"(no tokenizer.json beside {tc.ckpt}, so it is evaluated with {tokenizer}, which must be the "
+                      "one those weights were trained with: else pass that one as --tokenizer)")
             check_fits(rows[0], tok, model.cfg.n_image_tokens, model.cfg.llm.max_seq_len)
             # (each question's images are read twice, for MCPPL and asked open: kept, up to --image_cache MB)
             acc, asked_open, bpb = evaluate(model, rows, tok, CachedProcessor(proc, tc.image_cache << 20), tc.data,
@@ -1617,10 +1630,11 @@ def data_change(was: dict, now: dict) -> str:
             "version of train.py?): from here the steps read other rows than that run planned")
 
 
-def weights_id(paths: list):
-    """The id finish() writes into a stage's model.pt (a random hex string, new with every training of the stage, kept
-    through its resumes), for the one stage folder or model.pt in paths; None for anything else (pretrained parts,
-    weights of older runs)."""
+def weights_entry(paths: list, key: str):
+    """What finish() writes beside the weights into a stage's model.pt, for the one stage folder or model.pt in paths:
+    "id" (a random hex string, new with every training of the stage, kept through its resumes) or "tokenizer" (the
+    fingerprint of the tokenizer they were trained with); None for anything else (pretrained parts, weights of older
+    runs)."""
     if len(paths) != 1 or not is_nanovl_checkpoint(paths[0]):
         return None
     path = model_file(paths[0])
@@ -1628,7 +1642,7 @@ def weights_id(paths: list):
         state = load_plain(path)  # (memory-mapped: the weights themselves are not read)
     except (ValueError, FileNotFoundError):
         return None  # (said when the stage loads them)
-    return state.get("id") if isinstance(state, dict) else None
+    return state.get(key) if isinstance(state, dict) else None
 
 
 def model_file(path: str) -> str:

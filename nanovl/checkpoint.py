@@ -612,11 +612,13 @@ def load_nanovl(path, device="cpu", dtype=None, tokenizer=None):
     """A nanovl stage folder (model.pt, tokenizer.json) or model.pt file -> (model, tokenizer, processor)."""
     path = Path(path)
     file = path / "model.pt" if path.is_dir() else path
-    weights, config = nanovl_state(load_plain(file), file)
+    state = load_plain(file)
+    weights, config = nanovl_state(state, file)
     warn_if_edited(file.parent / "config.json", config)
     cfg = VLConfig.from_dict(config)
     tok, tok_path = pick_tokenizer(file.parent, tokenizer)  # (before the weights, which may take minutes to build)
     check_tokenizer_fits(tok, cfg, tok_path, exact=cfg.name in FROM_SCRATCH)  # as train.py checked it
+    check_trained_with(tok, tok_path, state.get("tokenizer"), file)
     model = build_loaded(cfg, weights, str(file), device, dtype)
     return model, tok, ImageProcessor.for_config(cfg)
 
@@ -638,6 +640,18 @@ def pick_tokenizer(folder: Path, given=None) -> tuple:
         raise ValueError(f"--tokenizer {given} differs from {saved}, the tokenizer saved with the weights: the same "
                          "text would become other ids. Leave --tokenizer out to use the saved one")
     return tok, given
+
+
+def check_trained_with(tok: Tokenizer, tok_path, fingerprint, weights):
+    """A ValueError unless tok is the tokenizer the weights were trained with, by the fingerprint train.py keeps in
+    model.pt and ckpt.pt (since 2026-12-03; None for older files and other sources: nothing to compare). A
+    tokenizer.json beside the weights is compared whole (pick_tokenizer); this catches another one given for weights
+    that travel alone, such as the data folder's after prepare_data.py made it anew."""
+    if fingerprint is not None and tok.fingerprint() != fingerprint:
+        raise ValueError(f"{tok_path} is not the tokenizer {weights} was trained with (fingerprints "
+                         f"{tok.fingerprint()} and {fingerprint}), though it fits the model: the same text would "
+                         "become other ids, which the model reads as nonsense. Use the tokenizer.json the run wrote in "
+                         "their stage folder")
 
 
 def warn_if_edited(copy: Path, config: dict):

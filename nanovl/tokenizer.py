@@ -19,6 +19,7 @@ build those classes from `unicodedata`.
 """
 
 import functools
+import hashlib
 import heapq
 import json
 import numbers
@@ -598,6 +599,14 @@ class Tokenizer:
     def same_ids(self, other: "Tokenizer") -> bool:
         """Whether both turn every text into the same ids: the same vocabulary, merges and special tokens."""
         return (self.vocab, self.merges, self.added_tokens) == (other.vocab, other.merges, other.added_tokens)
+
+    def fingerprint(self) -> str:
+        """A short digest of what same_ids compares. train.py keeps it in the checkpoints it writes, so that weights
+        which travel without their tokenizer.json still refuse another tokenizer of the same size, whose ids would
+        mean other words to the model (and which nothing else could tell apart)."""
+        what = json.dumps([self.vocab, [list(m) for m in self.merges], self.added_tokens], sort_keys=True,
+                          ensure_ascii=False)
+        return hashlib.sha256(what.encode("utf-8")).hexdigest()[:16]
 
     def to_json(self) -> str:
         """The text of the tokenizer.json that save writes."""

@@ -670,6 +670,17 @@ def test_load_model_takes_a_dtype_and_a_tokenizer_and_refuses_one_that_does_not_
     assert load_model(stage_folder, tokenizer=bare / "copy.json")[1].same_ids(tok)  # or a copy of it, elsewhere
     with pytest.raises(FileNotFoundError, match="no tokenizer at .*typo.json, the --tokenizer given"):
         load_model(stage_folder, tokenizer=bare / "typo.json")
+    # Weights alone, as train.py writes them now, keep the fingerprint of their tokenizer: another of the same size
+    # given for them (the data folder's, made anew since) is refused; theirs, from anywhere, loads. An older file has
+    # none, and takes the swapped one without a word: all it can do.
+    load_model(bare, tokenizer=bare / "swapped.json")
+    torch.save({"model": tiny.state_dict(), "config": tiny.cfg.to_dict(), "tokenizer": tok.fingerprint()},
+               bare / "model.pt")
+    with pytest.raises(ValueError, match=rf"swapped.json is not the tokenizer .*bare.model.pt was trained with "
+                                         rf"\(fingerprints \w+ and {tok.fingerprint()}\), though it fits the "
+                                         "model: the same text would become other ids"):
+        load_model(bare, tokenizer=bare / "swapped.json")
+    assert load_model(bare, tokenizer=bare / "copy.json")[1].same_ids(tok)
 
 
 def test_an_edited_config_json_beside_model_pt_is_named_not_silently_ignored(stage_folder, tiny, tmp_path):

@@ -13,6 +13,8 @@ import torch
 from tokenizers import Regex, decoders, models, normalizers, processors, trainers
 from tokenizers import pre_tokenizers as pt
 
+from conftest import write_swapped_tokenizer
+
 from nanovl.tokenizer import BYTE_TO_CHAR, DEEPSEEK_SPLITS, EOS, IMAGE, SPECIAL_TOKENS, Tokenizer, byte_level
 
 TEXTS = [
@@ -192,6 +194,17 @@ def test_same_ids_compares_the_added_tokens_too(ours):
     more = Tokenizer(ours.vocab, ours.merges, ours.added_tokens + [
         {"id": ours.vocab_size, "content": "<extra>", "special": True, "normalized": False}])
     assert ours.same_ids(ours) and not ours.same_ids(more) and not more.same_ids(ours)
+
+
+def test_the_fingerprint_tells_tokenizers_apart_as_same_ids_does(ours, tmp_path):
+    again = Tokenizer.load(ours.save(tmp_path))  # the same tokenizer, read back: the same fingerprint
+    assert again.fingerprint() == ours.fingerprint() and len(ours.fingerprint()) == 16
+    more = Tokenizer(ours.vocab, ours.merges, ours.added_tokens + [
+        {"id": ours.vocab_size, "content": "<extra>", "special": True, "normalized": False}])
+    swapped = write_swapped_tokenizer(ours.to_json(), tmp_path / "swapped.json")  # same size, two ids swapped
+    fewer = Tokenizer(ours.vocab, ours.merges[:-1], ours.added_tokens)  # one merge less: other splits
+    prints = {t.fingerprint() for t in (ours, more, Tokenizer.load(swapped), fewer)}
+    assert len(prints) == 4
 
 
 def test_tokenizers_reads_our_file_and_gives_the_same_ids(ours, tmp_path):

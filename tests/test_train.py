@@ -1416,6 +1416,44 @@ def test_a_new_stage_trains_with_the_tokenizer_of_the_weights_it_starts_from(dat
     assert "no tokenizer.json beside" not in capsys.readouterr().out
 
 
+def test_weights_that_travel_without_their_tokenizer_refuse_another_by_its_fingerprint(data, start_weights, tmp_path,
+                                                                                    capsys):
+    # model.pt and ckpt.pt keep the fingerprint of the tokenizer the stage trained with. Weights copied alone, or a
+    # stage folder that lost its tokenizer.json, then refuse another tokenizer of the same size (two ids swapped),
+    # which would turn the same text into other ids without a word.
+    first, folder = tmp_path / "first", tmp_path / "first" / "stage3"
+    common = ["--data", data, "--stage", "3", "--steps", "4", "--ckpt_every", "2", "--batch_size", "2",
+              "--micro_batch", "2"] + FAST
+    run(common + ["--init_from", start_weights, "--out", str(first), "--stop_after", "2"])
+    ours = Tokenizer.load(os.path.join(data, "tokenizer.json")).fingerprint()
+    assert torch.load(folder / "ckpt.pt", weights_only=True)["tokenizer"] == ours
+    other = write_swapped_tokenizer((folder / "tokenizer.json").read_text(encoding="utf-8"), tmp_path / "other.json")
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(SystemExit, match=r"other.json is not the tokenizer .*stage3.ckpt.pt was trained with .* Use "
+                                         r"the tokenizer.json the run wrote in their stage folder \(or pass it as "
+                                         r"--tokenizer\)$"):
+        train.main(common + ["--out", str(first), "--resume", "--tokenizer", str(other)])
+    train.main(common + ["--out", str(first), "--resume", "--tokenizer", os.path.join(data, "tokenizer.json")])
+    assert torch.load(folder / "model.pt", weights_only=True)["tokenizer"] == ours
+    bare = tmp_path / "bare"  # the final weights, copied without their folder
+    bare.mkdir()
+    shutil.copy(folder / "model.pt", bare / "model.pt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=r"other.json is not the tokenizer .*bare.model.pt was trained with"):
+        train.main(common + ["--init_from", str(bare / "model.pt"), "--out", str(tmp_path / "b"), "--tokenizer",
+                             str(other)])
+    assert not os.path.exists(tmp_path / "b" / "stage3")
+    with pytest.raises(SystemExit, match=r"other.json is not the tokenizer .*bare.model.pt was trained with"):
+        train.main(["--eval-only", "--ckpt", str(bare / "model.pt"), "--data", data, "--tokenizer", str(other),
+                    "--eval_limit", "5"])
+    # The data's own tokenizer is theirs: it trains, without the note for weights that cannot tell (start_weights).
+    train.main(common + ["--init_from", str(bare / "model.pt"), "--out", str(tmp_path / "c")])
+    assert "no tokenizer.json beside" not in capsys.readouterr().out
+    train.main(["--eval-only", "--ckpt", start_weights, "--data", data, "--eval_limit", "5"])
+    assert f"(no tokenizer.json beside {start_weights}, so it is evaluated with {data}/tokenizer.json, which must " \
+           "be the one those weights were trained with" in capsys.readouterr().out
+
+
 def test_only_an_atomic_writes_own_leftovers_are_removed_and_a_lock_names_its_holder(tmp_path):
     import io
     for name in ("notes.tmp", "ckpt.pt.tmp", "ckpt.pt.tmpx1", "ckpt.pt.tmp999999999"):  # (the last: no such process)
