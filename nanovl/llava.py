@@ -250,6 +250,20 @@ def named_images(row, images_dir: str) -> List[str]:
 IMPORT_FILES = ("sft.jsonl", "pretrain.jsonl", "report.txt", "meta.json")  # what an import writes, meta.json last
 
 
+def earlier_import(out: str) -> str:
+    """What an import into `out` replaces, for its summary line: ", replacing the import of FILE made there before"
+    (its meta.json names the file), or "" for a new folder. Replacing one is allowed (re-importing is how a changed
+    file comes in), but not without a word: the earlier file may have been another one."""
+    if folder_kind(out) != "llava":
+        return ""
+    try:
+        with open(os.path.join(out, "meta.json"), encoding="utf-8") as f:
+            made = json.load(f)["llava"]
+        return f", replacing the import of {made['file']} made there before"
+    except (OSError, ValueError, KeyError, TypeError):  # (a meta.json edited by hand: still an import's folder)
+        return ", replacing the import made there before"
+
+
 def import_llava(path: str, images_dir: str, out: str, workers: int = 1, as_captions: bool = False) -> str:
     """Convert a LLaVA-format file into our rows in `out` (sft.jsonl, pretrain.jsonl, report.txt, meta.json).
     Plain image-caption rows become captions (stage 1 reads them), conversations chats (stage 3). as_captions: a
@@ -336,7 +350,7 @@ def import_llava(path: str, images_dir: str, out: str, workers: int = 1, as_capt
         summary = (f"{path}: {total} rows read, {len(kept['sft'])} conversations" +
                    (f" ({with_images} with images)" if kept["sft"] else "") +
                    f" and {len(kept['pretrain'])} captions kept, {len(skipped)} skipped; written to {out}" +
-                   (f". The file is broken: {broken}" if broken else ""))
+                   earlier_import(out) + (f". The file is broken: {broken}" if broken else ""))
         try:
             for name in ("sft", "pretrain"):
                 write_jsonl(os.path.join(partial, f"{name}.jsonl"), kept[name])

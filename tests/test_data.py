@@ -967,13 +967,15 @@ def test_no_folder_is_written_over_unless_this_script_made_it_for_the_same_purpo
         prepare_data.main(["--llava", str(rows), "--images", str(tmp_path), "--out", str(data_dir)])
     assert folder_digest(data_dir) == before
     out = tmp_path / "imported"
-    import_llava(str(rows), str(tmp_path), str(out))
+    assert "replacing" not in import_llava(str(rows), str(tmp_path), str(out))
     # What the README says to put beside an import (questions of your own, their images) stays when it is replaced.
     (out / "eval_mc.jsonl").write_text("mine")
     (out / "img").mkdir()
     (out / "img" / "0.png").write_text("mine too")
     rows.write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hey"}]}))
-    import_llava(str(rows), str(tmp_path), str(out))  # an earlier import is replaced
+    said = import_llava(str(rows), str(tmp_path), str(out))  # an earlier import is replaced, and that is said
+    assert said.endswith(f"written to {out}, replacing the import of {rows} made there before")
+    assert said in (out / "report.txt").read_text()
     assert sorted(os.listdir(out)) == ["eval_mc.jsonl", "img", "meta.json", "pretrain.jsonl", "report.txt", "sft.jsonl"]
     assert read_jsonl(out / "sft.jsonl")[0]["conversation"][1]["content"] == "Hey"
     assert (out / "eval_mc.jsonl").read_text() == "mine" and (out / "img" / "0.png").read_text() == "mine too"
