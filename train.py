@@ -891,13 +891,16 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         check_same_tokenizer(tok, tc.tokenizer, beside, resume)
     # The fingerprint of the tokenizer the weights were trained with, which this script's checkpoints keep (older
     # ones: None): a tokenizer.json lost or left behind is not replaced by another of the same size unseen.
-    trained_with = state.get("tokenizer") if resume else weights_entry(init, "tokenizer") if stage > 0 else None
-    if trained_with is not None:
+    # (--init_from may name several parts: each of this script's checkpoints among them is checked)
+    marked = [(ckpt_path, state.get("tokenizer"))] if resume else \
+        [(path, weights_entry([path], "tokenizer")) for path in init] if stage > 0 else []
+    for weights, trained_with in marked:
         try:
-            check_trained_with(tok, tokenizer_path(tc, sources), trained_with, ckpt_path if resume else sources[0])
+            check_trained_with(tok, tokenizer_path(tc, sources), trained_with, weights)
         except ValueError as e:
             raise SystemExit(f"{e} (or pass it as --tokenizer)") from None
-    if not tc.tokenizer and trained and not resume and beside == data_tok and trained_with is None:
+    if (not tc.tokenizer and trained and not resume and beside == data_tok
+            and not any(trained_with for _, trained_with in marked)):
         say(f"stage {stage}: no tokenizer.json beside {sources[0]}, so it trains with {data_tok}, which must be the "
             "one those weights were trained with (else pass that one as --tokenizer)")
     proc = ImageProcessor.for_config(cfg)

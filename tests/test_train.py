@@ -1444,6 +1444,9 @@ def test_weights_that_travel_without_their_tokenizer_refuse_another_by_its_finge
                              str(other)])
     assert not os.path.exists(tmp_path / "b" / "stage3")
     with pytest.raises(SystemExit, match=r"other.json is not the tokenizer .*bare.model.pt was trained with"):
+        train.main(common + ["--init_from", f"{start_weights},{bare / 'model.pt'}", "--out", str(tmp_path / "b"),
+                             "--tokenizer", str(other)])  # (one of several parts: each is looked at)
+    with pytest.raises(SystemExit, match=r"other.json is not the tokenizer .*bare.model.pt was trained with"):
         train.main(["--eval-only", "--ckpt", str(bare / "model.pt"), "--data", data, "--tokenizer", str(other),
                     "--eval_limit", "5"])
     # The data's own tokenizer is theirs: it trains, without the note for weights that cannot tell (start_weights).
