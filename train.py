@@ -664,6 +664,14 @@ def split_batch(stage: int, tc: TrainConfig, hp: dict, world: int):
     return micro, global_batch // (world * micro)
 
 
+def by_folder(src: Source) -> str:
+    """" (N from FOLDER, M from FOLDER2)" when a source's samples come from more than one data folder (--extra_data
+    beside --data), so that a run says how much of each it reads; "" when they come from one. (Each sample knows its
+    row as "FILE, line N"; text pieces, read from --data alone, carry none.)"""
+    folders = collections.Counter(os.path.dirname(s.where.rsplit(", line ", 1)[0]) for s in src.samples if s.where)
+    return " (" + ", ".join(f"{n} from {folder}" for folder, n in folders.items()) + ")" if len(folders) > 1 else ""
+
+
 def stage_batches(stage: int, tc: TrainConfig, hp: dict, cfg: VLConfig, tok, proc, seq_len: int, micro: int,
                   accum: int, rank: int, world: int, say) -> Dataset:
     """The stage's micro-batches, item k the k-th of the whole run on this process: one plan, fixed up front, that
@@ -705,8 +713,8 @@ def stage_batches(stage: int, tc: TrainConfig, hp: dict, cfg: VLConfig, tok, pro
     except ValueError as e:  # a malformed row, named by its file and line; a mix with nothing to draw (stage2_share)
         raise SystemExit(str(e)) from None
     for name, src in sources.items():
-        say(f"data: {name}: {len(src)} samples from {src.name}" + (f" ({src.dropped} longer than {seq_len} "
-                                                                    "tokens dropped)" if src.dropped else ""))
+        say(f"data: {name}: {len(src)} samples from {src.name}" + by_folder(src) +
+            (f" ({src.dropped} longer than {seq_len} tokens dropped)" if src.dropped else ""))
     sizes = {m: len(s) for m, s in sources.items() if drawn(m, share, hp["steps"])}
     for m in [m for m, n in sizes.items() if n == 0]:
         raise SystemExit(no_rows(stage, m, sources[m].name, folders, sources[m].dropped, seq_len, cfg))

@@ -2117,6 +2117,23 @@ def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_train
         train.check_stage_rows(2, train.TrainConfig(data=str(own), extra_data=str(copy)), get_config("tiny"))
 
 
+def test_a_run_says_how_many_samples_each_data_folder_gives(data, start_weights, tmp_path, capsys):
+    own = tmp_path / "own"  # rows written by hand: one chat about one picture, beside the corpus
+    own.mkdir()
+    Image.new("RGB", (40, 30), "red").save(own / "red.png")
+    (own / "sft.jsonl").write_text(json.dumps({"category": "mine", "images": ["red.png"], "conversation": [
+        {"role": "user", "content": "<image_placeholder>What colour is it?"},
+        {"role": "assistant", "content": "Red."}]}) + "\n")
+    args = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "1", "--batch_size", "2",
+            "--micro_batch", "2"] + FAST
+    train.main(args + ["--out", str(tmp_path / "a")])
+    alone = capsys.readouterr().out
+    n = int(re.search(r"data: short_chat: (\d+) samples from one-question image chats\n", alone).group(1))
+    train.main(args + ["--out", str(tmp_path / "b"), "--extra_data", str(own)])
+    assert (f"data: short_chat: {n + 1} samples from one-question image chats ({n} from {data}, 1 from {own})\n"
+            in capsys.readouterr().out)
+
+
 def test_a_micro_batch_that_does_not_split_a_stage_batch_is_said_with_the_one_taken(data, start_weights, tmp_path,
                                                                                    capsys, monkeypatch):
     made, loader = [], train.DataLoader  # (and the run's loader: its workers close the --out lock they inherit)
