@@ -1239,8 +1239,23 @@ def _bench_tokenizer(args, Tokenizer):
     for name in ("mb", "small_corpus_mb"):
         if not 0 < getattr(args, name) < math.inf:
             raise SystemExit(f"--{name.replace('_', '-')} must be a finite number above 0, got {getattr(args, name)}")
-    if args.tokenizer and not Path(args.tokenizer).exists():
-        raise SystemExit(f"--tokenizer {args.tokenizer}: no such file or folder")
+    # Every setting is checked before the small tokenizer trains (seconds): a bad one is said at once.
+    from nanovl.tokenizer import SPECIAL_TOKENS
+    first = len(SPECIAL_TOKENS) + 256  # the special tokens and the 256 bytes come before any merge
+    for flag, size in (("--small-vocab", args.small_vocab), ("--vocab-size", args.vocab_size)):
+        if size < first:
+            raise SystemExit(f"{flag} {size} is too small: {len(SPECIAL_TOKENS)} special tokens + 256 byte tokens "
+                             f"come first, so at least {first}")
+    big = None  # the big one, when given: loaded (and timed) now
+    if args.tokenizer:
+        if not Path(args.tokenizer).exists():
+            raise SystemExit(f"--tokenizer {args.tokenizer}: no such file or folder")
+        t0 = time.perf_counter()
+        try:
+            big = Tokenizer.load(args.tokenizer)  # a fresh instance: its caches start empty
+        except (ValueError, FileNotFoundError) as e:  # not a tokenizer.json, or a folder without one (load says)
+            raise SystemExit(f"--tokenizer: {e}") from None
+        loaded = f"loaded {args.tokenizer} ({big.vocab_size:,} ids) in {time.perf_counter() - t0:.1f} s"
     train, held_out = stdlib_texts()
     text = "".join(held_out)[: int(args.mb * 1e6)]
     n_bytes = len(text.encode("utf-8"))
@@ -1261,10 +1276,9 @@ def _bench_tokenizer(args, Tokenizer):
     print(f"trained a {small.vocab_size:,}-id tokenizer on {size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
     runs = [("small", small)]
 
-    # The big one: a given tokenizer.json, or a 100k one trained once on the whole training split and cached.
-    if args.tokenizer:
-        path = Path(args.tokenizer)
-    else:
+    # The big one: a given tokenizer.json (loaded above), or a 100k one trained once on the whole training split and
+    # cached, then loaded afresh so that its caches start empty.
+    if big is None:
         path = CACHE / f"stdlib-bpe-{args.vocab_size}.json"
         if not path.exists():
             size = sum(len(t.encode("utf-8")) for t in train)
@@ -1277,13 +1291,14 @@ def _bench_tokenizer(args, Tokenizer):
             print(f"trained in {time.perf_counter() - t0:.1f} s")
             CACHE.mkdir(parents=True, exist_ok=True)
             os.replace(big.save(path.with_name(f"{path.name}.tmp{os.getpid()}")), path)  # whole, or not there
-    t0 = time.perf_counter()
-    try:
-        big = Tokenizer.load(path)  # a fresh instance: its caches start empty
-    except (ValueError, FileNotFoundError) as e:  # not a tokenizer.json, or a folder without one (Tokenizer.load says)
-        raise SystemExit(str(e) + ("" if args.tokenizer else f" ({path} is bench.py's cache of the tokenizer it "
-                                   "trains: delete it, and the next run trains it again)")) from None
-    print(f"loaded {path} ({big.vocab_size:,} ids) in {time.perf_counter() - t0:.1f} s\n")
+        t0 = time.perf_counter()
+        try:
+            big = Tokenizer.load(path)
+        except (ValueError, FileNotFoundError) as e:  # a damaged cache
+            raise SystemExit(f"{e} ({path} is bench.py's cache of the tokenizer it trains: delete it, and the next "
+                             "run trains it again)") from None
+        loaded = f"loaded {path} ({big.vocab_size:,} ids) in {time.perf_counter() - t0:.1f} s"
+    print(loaded + "\n")
     runs.append(("big", big))
 
     rows, figures = [], []
@@ -1726,6 +1741,9 @@ def main(argv=None):
         if getattr(args, name) not in (None, False) and args.what not in whats:
             parser.error(f"--{name.replace('_', '-')} is for --what {', '.join(whats)}; --what {args.what} does not "
                          "use it")
+    if args.tokenizer and args.vocab_size is not None:
+        parser.error("--vocab-size sizes the big tokenizer bench.py trains, and --tokenizer gives that one: pass one "
+                     "of them")
     if args.llm_only and args.stage:
         parser.error("--stage picks a freeze map of the whole model; --llm-only times the decoder alone, all trained")
     if overrides and args.what not in benches:

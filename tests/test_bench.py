@@ -458,6 +458,7 @@ def test_tokenizer_benchmark_still_runs(capsys, tmp_path):
 
     path = tmp_path / "tokenizer.json"
     Tokenizer.train(["def f(x):\n    return x + 1\n" * 50, "import os\nprint(os.getcwd())\n" * 30], 280).save(path)
+    (tmp_path / "cache").mkdir()  # a folder without a tokenizer.json
     result = bench.main(["--what", "tokenizer", "--tokenizer", str(path), "--small-vocab", "400",
                          "--small-corpus-mb", "0.05", "--mb", "0.05"])
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -466,9 +467,15 @@ def test_tokenizer_benchmark_still_runs(capsys, tmp_path):
     assert all(r["tokens_per_byte"] < 1 for r in result["runs"])  # merges happened: fewer tokens than bytes
     for argv, reason in ((["--mb", "-1"], "--mb must be a finite number above 0, got -1.0"),  # ([:-1000000]: all)
                          (["--mb", "inf"], "--mb must be a finite number above 0, got inf"),
-                         (["--tokenizer", str(tmp_path / "nope.json")], "nope.json: no such file or folder")):
+                         (["--tokenizer", str(tmp_path / "nope.json")], "nope.json: no such file or folder"),
+                         (["--tokenizer", str(tmp_path / "cache")], "no tokenizer.json at"),
+                         (["--vocab-size", "100"], "--vocab-size 100 is too small: 4 special tokens .* at least 260")):
         with pytest.raises(SystemExit, match=reason):
             bench.main(["--what", "tokenizer", "--small-vocab", "400", "--small-corpus-mb", "0.05"] + argv)
+        assert "trained a" not in capsys.readouterr().out  # said before the small tokenizer trains, not after
+    with pytest.raises(SystemExit):
+        bench.main(["--what", "tokenizer", "--tokenizer", str(path), "--vocab-size", "300"])
+    assert "--tokenizer gives that one: pass one of them" in capsys.readouterr().err
 
 
 def test_the_tokenizer_benchmark_caches_its_big_tokenizer_whole_and_names_a_broken_cache(capsys, tmp_path,
