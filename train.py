@@ -972,7 +972,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     tok_print = tok.fingerprint()  # (kept in model.pt and every ckpt.pt: a third of a second for a 100k vocabulary)
     # This training of the stage, named at its start and kept through resumes: its model.pt carries the name, and the
     # stages after it record which one they began from (weights_entry).
-    start, metrics, run_id, lr_was, evaluated = 0, [], secrets.token_hex(8), None, 0
+    start, metrics, run_id, lr_was = 0, [], secrets.token_hex(8), None
     if resume:
         run_id = state.get("id", run_id)  # (older checkpoints: none)
         net.load_state_dict(state["model"])
@@ -980,7 +980,6 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         set_rng_state(state["rng"])
         start = state["step"]
         lr_was = state.get("hparams", {}).get("lr")
-        evaluated = state.get("evaluated", 0)  # the last step evaluated mid-stage (older checkpoints: not said)
         # --device may change on resume (a run moved to another machine), but not silently: on a GPU the steps run in
         # bf16 autocast, on the CPU in fp32 (older checkpoints: not said)
         was_on, now_on = state.get("device"), device.split(":")[0]
@@ -1080,7 +1079,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         if master:
             atomic_save({"model": net.state_dict(), "optimizer": opt.state_dict(), "step": step, "rng": rng_state(),
                          "config": cfg.to_dict(), "train": dataclasses.asdict(tc), "hparams": hp, "stage": stage,
-                         "split": [world, micro], "metrics": metrics, "id": run_id, "evaluated": evaluated,
+                         "split": [world, micro], "metrics": metrics, "id": run_id,
                          "data": fingerprint, "device": device.split(":")[0], "tokenizer": tok_print},
                         ckpt_path)
             save_metrics()
@@ -1113,8 +1112,6 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
 
     def evaluate_mid_stage(done):
         """The held-out evaluation every --eval_every steps, into the metrics (and metrics.jsonl) and the log."""
-        nonlocal evaluated
-        evaluated = done
         acc, asked_open, bpb = evaluate(model, eval_rows, tok, eval_proc, tc.data, rank, world, eval_autocast)
         metrics.append({"stage": stage, "step": done, "mc_mean": acc["mean"], "open_mean": asked_open["mean"],
                         "bpb": bpb})
@@ -1125,9 +1122,10 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     def evaluation_due(done):
         return bool(tc.eval_every) and done % tc.eval_every == 0 and 0 < done < hp["steps"] and eval_rows and stage > 0
 
-    # A step's checkpoint is written before its evaluation (below), which the run may not have lived to write; one
-    # written later in that step (an unreadable image's) holds it already.
-    if evaluation_due(start) and evaluated != start:
+    # A step's checkpoint is written before its evaluation (below), so the checkpoint a resume starts from never holds
+    # that evaluation (the run may not have lived to make it): it is made again now. (Only a checkpoint step is
+    # evaluated, and a checkpoint written on failure comes at a later step than any evaluation.)
+    if evaluation_due(start):
         evaluate_mid_stage(start)
     for step in bar:
         lr = learning_rate(step, hp, tc.min_lr_ratio)

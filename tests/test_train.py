@@ -1136,7 +1136,7 @@ def test_init_from_starts_the_first_stage_of_a_run_and_each_later_one_starts_fro
 
 
 def test_an_unreadable_image_stops_the_run_naming_its_row_and_keeps_the_steps_done(data, start_weights, tmp_path,
-                                                                                    monkeypatch):
+                                                                                    monkeypatch, capsys):
     from nanovl.image import ImageProcessor
     args = ["--data", data, "--stage", "3", "--init_from", start_weights, "--out", str(tmp_path / "o"), "--steps", "3",
             "--batch_size", "4", "--micro_batch", "4", "--short_chat_share", "0", "--text_sft_share", "0",
@@ -1167,8 +1167,8 @@ def test_an_unreadable_image_stops_the_run_naming_its_row_and_keeps_the_steps_do
         train.main(args[:7] + [str(tmp_path / "p")] + args[8:])
     assert not os.path.exists(tmp_path / "p" / "stage3" / "ckpt.pt")
 
-    # Evaluated at every step: the checkpoint of the steps done holds step 1's evaluation, which its resume does not
-    # run again (one written at a checkpoint step, before that step's evaluation, does: test_resume_is_bitwise...).
+    # Evaluated at every step: step 1's checkpoint was written before step 1's evaluation, so its metrics lack that
+    # evaluation, and the resume makes it again; each evaluation is in metrics.jsonl once.
     trained = []
 
     def training_breaks_later(self, image, max_pixels=None):  # (the held-out images read on)
@@ -1183,9 +1183,11 @@ def test_an_unreadable_image_stops_the_run_naming_its_row_and_keeps_the_steps_do
     with pytest.raises(SystemExit, match=r"stage 3, step 2: .*Training up to step 1 is saved"):
         train.main(evaluated)
     monkeypatch.setattr(ImageProcessor, "pixels", readable)
+    capsys.readouterr()
     train.main(evaluated + ["--resume"])
     metrics = train.read_jsonl(tmp_path / "q" / "stage3" / "metrics.jsonl")
     assert [m["step"] for m in metrics if "mc_mean" in m] == [1, 2, 3]
+    assert "stage 3, step 1" in capsys.readouterr().out  # the resume's: the evaluation made again
 
 
 def test_an_unreadable_image_in_another_process_stops_every_process_and_keeps_the_steps_done(data, start_weights,
