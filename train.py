@@ -25,8 +25,8 @@ Where each part of the recipe is written:
     the learning rate                    learning_rate, set at the top of each step in run_stage
     AdamW, two rates, clipping           stage_optimizer (vision_lr_mult), clipping_groups
     stage 0                              nanovl/stage0.py (its heads, batches and losses)
-Packed rows make every stage-2 step about as many tokens as any other (next fit leaves each row's tail empty), so a
-share of its steps is roughly a share of its tokens.
+Stage 2 packs its samples into full rows, so each of its steps holds about as many tokens as any other (next-fit
+packing leaves only each row's tail unused): a group's share of the steps is roughly its share of the tokens.
 
     python train.py                                  # the embedded default: prepare data if needed, stages 0-3, tiny
     python train.py --config small --out out-small --lr=5e-4 --llm.n_layers=6   # every stage, small, changed
@@ -90,8 +90,9 @@ except KeyboardInterrupt:
 class TrainConfig:
     stage: str = "all"  # 0, 1, 2, 3 or all
     config: str = "tiny"  # model preset
-    data: str = ""  # folder made by prepare_data.py, or a LLaVA import to train on alone (stages 1 and 3)
-    # (default: data for tiny, data-<preset> for the other presets)
+    # data: a folder made by prepare_data.py (default: data for tiny, data-<preset> for the other presets), or a
+    # LLaVA import to train on alone (stages 1 and 3)
+    data: str = ""
     extra_data: str = ""  # more folders of rows (e.g. a LLaVA import), comma-separated: their pretrain.jsonl and
     # sft.jsonl are added to stages 1-3 (stage 2's text and the held-out set come from --data alone)
     out: str = "out"
@@ -212,8 +213,8 @@ def usage() -> str:
 
 
 def listed(value: str) -> list:
-    """A comma-separated setting (--init_from, --extra_data, --trainable) as its items, empty ones left out, and the
-    spaces around each (written after a comma, "llm, aligner" kept " aligner", a name that matches nothing)."""
+    """A comma-separated setting (--init_from, --extra_data, --trainable) as its items, stripped, empty ones left
+    out. (Unstripped, "llm, aligner" would give " aligner", which names no module.)"""
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
@@ -364,8 +365,8 @@ def stage2_share(tc: TrainConfig, n_chats: int, n_text_chats: int):
     (text_sft) from the start. The shares need not sum to 1 (plan_batches). (These groups' names are stage 2's:
     --sft_share sets both; --text_sft_share is stage 3's flag, for its group text_chat.)"""
     warm = int(tc.modality_warmup * tc.steps)  # steps; 0 (--modality_warmup 0, or under a step): no warm-up
-    # (with no chats at all, the whole chat share goes to "sft", so that no_rows says they are missing and names the
-    # setting that does without them, --sft_share 0)
+    # With no chats at all, with_image is 1: the whole chat share goes to "sft", and no_rows then says the chats are
+    # missing and names the setting that does without them, --sft_share 0.
     with_image = n_chats / (n_chats + n_text_chats) if n_chats + n_text_chats else 1.0
     if warm and tc.sft_share == 1 and n_chats and not n_text_chats:  # (step 0's shares would all be 0)
         raise ValueError(f"--sft_share 1 leaves stage 2's first step nothing to train on: every step is a chat, the "
@@ -384,8 +385,8 @@ def stage2_share(tc: TrainConfig, n_chats: int, n_text_chats: int):
 
 def stage_groups(stage: int, tc: TrainConfig, folders):
     """The stage's rows by modality group, {group: (rows, kind, name)}, and share_for: the sizes of the groups (their
-    samples) -> each group's share of the steps as a function of the step. stage_data renders the rows; main checks
-    them (check_stage_rows) before the first stage of the run trains."""
+    samples) -> each group's share of the steps as a function of the step. stage_data renders the rows;
+    train_or_evaluate checks them (check_stage_rows) before the first stage of the run trains."""
     pretrain, sft = load_rows(folders, "pretrain"), load_rows(folders, "sft")
     if stage == 1:  # captions and document OCR (paper section 3.2.1)
         for r in pretrain:
@@ -393,7 +394,8 @@ def stage_groups(stage: int, tc: TrainConfig, folders):
                 raise ValueError(f"{r['_where']}: " + ("no 'category'" if "category" not in r else
                                                        f"'category' is {r['category']!r}") +
                                  "; expected a string, such as 'caption' or 'ocr'")
-        # (the others, said in the group's name: a row of one's own with another category would go unseen)
+        # Image-text rows of other categories are not trained on in stage 1; the group's name counts them, so that
+        # the log says so (a row of one's own with another category would otherwise go unseen).
         others = collections.Counter(r["category"] for r in pretrain if r["category"] not in ("caption", "ocr"))
         name = "captions+ocr" + ("; the image-text rows of other categories left out: " +
                                  ", ".join(f"{n} {category}" for category, n in sorted(others.items())) +
@@ -537,13 +539,14 @@ def refuse_earlier_run(stage: int, tc: TrainConfig, out_dir: str):
                          f", or remove {out_dir} (or choose another --out) to train stage {stage} again")
 
 
-def open_stage_folder(stage: int, tc: TrainConfig, cfg: VLConfig, hp: dict, out_dir: str, ckpt_path: str,
-                      master: bool, world: int, say):
+def open_stage_folder(stage: int, tc: TrainConfig, cfg: VLConfig, hp: dict, out_dir: str, ckpt_path: str, world: int,
+                      say):
     """(finished, state): whether the stage is already done (with --resume), and the checkpoint to continue from
     (None: start from the beginning). A run never writes over another's results unasked: without --resume, a stage
     folder that holds a checkpoint or final weights stops the run before anything is written."""
-    if tc.resume and is_finished(out_dir):  # (for this model: main's look at every stage folder, saved_config)
-        if os.path.exists(ckpt_path):  # and with these settings? (its ckpt.pt may have been deleted to save space)
+    if tc.resume and is_finished(out_dir):  # (its model config: checked by train_or_evaluate, saved_config)
+        # and its settings, unless its ckpt.pt was deleted to save space:
+        if os.path.exists(ckpt_path):
             resumable_state(ckpt_path, stage, cfg, tc, hp, world, lambda *a: None, finished=True)
         say(f"stage {stage}: already finished")
         return True, None
@@ -630,8 +633,8 @@ def stage_model(stage: int, tc: TrainConfig, cfg: VLConfig, init: list, resume: 
 
 def check_stage(stage: int, tc: TrainConfig, hp: dict, world: int):
     """(micro, accum), how the stage's batch splits (split_batch); SystemExit for settings (hp: stage_hparams') that
-    cannot run together. main checks each stage of the run with it before the first one trains: a setting a later
-    stage cannot work with stops `--stage all` at once, not after the earlier stages have trained."""
+    cannot run together. train_or_evaluate checks each stage of the run with it before the first one trains: a setting a
+    later stage cannot work with stops `--stage all` at once, not after the earlier stages have trained."""
     text, short = hp.get("text_sft_share", 0.0), hp.get("short_chat_share", 0.0)
     if stage == 3 and round(text + short, 9) > 1:
         said = lambda key: "" if getattr(tc, key) >= 0 else " (the preset's)"  # -1: not given
@@ -772,8 +775,8 @@ def no_rows(stage: int, group: str, name: str, folders: list, dropped: int, seq_
 
 
 def check_stage_rows(stage: int, tc: TrainConfig, cfg: VLConfig):
-    """SystemExit for what in the stage's rows would stop it as it begins: a malformed row (named by its file and
-    line) or a modality group it draws from with no rows. main asks it of every stage of the run before the first
+    """SystemExit for what in the stage's rows would stop it as it begins: a malformed row (named by its file and line)
+    or a modality group it draws from with no rows. train_or_evaluate asks it of every stage of the run before the first
     one trains, so that `--stage all` is not stopped at stage 2 after stage 1 has trained (for days, at the released
     sizes). What needs the tokenizer, a row too long for the context, is found as the stage begins."""
     hp, seq_len, stc = stage_hparams(stage, tc, cfg)
@@ -839,7 +842,7 @@ def check_start(stage: int, tc: TrainConfig, cfg: VLConfig):
     """Stop unless the weights a stage (1-3, not resumed) starts from exist, with a way on that can be followed."""
     missing = [p for p in start_weights(stage, tc) if not os.path.exists(p)]
     if not missing:
-        if not tc.init_from:  # the stage before's, in --out: trained for this preset? (--init_from: main checks)
+        if not tc.init_from:  # the stage before's, in --out: for this preset? (--init_from: train_or_evaluate's)
             check_init_preset(start_weights(stage, tc)[0], cfg, stage)
         return
     if tc.init_from:
@@ -869,7 +872,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         hp["start"] = began_from
     out_dir = os.path.join(tc.out, f"stage{stage}")
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    finished, state = open_stage_folder(stage, tc, cfg, hp, out_dir, ckpt_path, master, world, say)
+    finished, state = open_stage_folder(stage, tc, cfg, hp, out_dir, ckpt_path, world, say)
     if finished:
         return
     micro, accum = check_stage(stage, tc, hp, world)
@@ -890,8 +893,9 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         raise SystemExit(f"{saved_tok}, written when stage {stage} began, is gone: pass --tokenizer PATH, the one the "
                          "stage trained with, to resume it (it is written back there)")
     tok = stage_tokenizer(tc, cfg, sources)
-    # The tokenizer the stage would read without --tokenizer: beside its weights, else the data's. Beside a stage's
-    # or a released model's weights, it is the one they were trained with (beside a vision part, it could be any).
+    # beside: the tokenizer the stage would read without --tokenizer (beside its weights, else the data's). Beside a
+    # nanovl stage or a released model it is the one those weights were trained with; beside a vision part it says
+    # nothing.
     beside = tokenizer_path(dataclasses.replace(tc, tokenizer=""), sources)
     data_tok = os.path.join(tc.data, "tokenizer.json")
     trained = sources and (resume or is_nanovl_checkpoint(sources[0]) or is_released_folder(sources[0]))
@@ -993,11 +997,11 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         say(f"stage {stage}: resuming from {ckpt_path} at step {start}")
         del state
 
-    # bf16 autocast on GPU (weights and optimizer stay fp32); plain fp32 on CPU. The evaluations run in it too, but
-    # without its cache of bf16 copies of the weights, which a CUDA graph's recording does not support
-    # (torch.cuda.make_graphed_callables refuses it): answering open records one. Its recorded step then casts the
-    # weights at every token, so a decoded token moves more bytes than in fp32; scoring the options and the text,
-    # most of an evaluation's FLOPs, runs as bf16 matmuls (not yet timed on a GPU).
+    # GPU: bf16 autocast (the weights and the optimizer stay fp32); CPU: plain fp32. The evaluations use autocast
+    # with cache_enabled=False: answering open records a CUDA graph, and torch.cuda.make_graphed_callables refuses
+    # autocast's cache of bf16 copies of the weights. So each decoded token casts the weights again (more bytes moved
+    # than in fp32), while scoring the options and the text, most of an evaluation's FLOPs, still runs as bf16
+    # matmuls (not yet timed on a GPU).
     cuda = device.startswith("cuda")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     eval_autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)) if cuda else \
@@ -1525,10 +1529,10 @@ def config_flags(saved: dict):
     return flags
 
 
-# TrainConfig fields a resumed run may change: they say how the run is carried out, not what it computes (the data
-# folders are named by a path, which may have moved: what they hold is compared, data_change), but for rounding:
-# --device (fp32 on the CPU, bf16 autocast on a GPU; a change of kind is said) and --compile (kernels that sum in
-# another order). Every other field shapes the batches, the schedule or the optimizer, and a run resumed with another
+# TrainConfig fields a resumed run may change: they say how the run is carried out, not what it computes. Two change
+# only the rounding: --device (fp32 on the CPU, bf16 autocast on a GPU; a change of kind is said) and --compile (kernels
+# may sum in another order). --data and --extra_data may change because folders move; what they hold is compared
+# (data_change). Every other field shapes the batches, the schedule or the optimizer, and a run resumed with another
 # value would not continue the one that wrote the checkpoint.
 FREE_ON_RESUME = ("stage", "resume", "eval_only", "ckpt", "init_from", "tokenizer", "data", "extra_data", "out",
                   "eval_every", "eval_limit", "eval_split", "ckpt_every", "log_every", "device", "compile", "grad_ckpt",
