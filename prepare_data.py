@@ -290,6 +290,42 @@ def missing(folder: str, preset: str, names=BUILT) -> list:
     return sorted(f for f in need if not os.path.exists(os.path.join(folder, f)))
 
 
+def data_to_prepare(folder: str, preset: str):
+    """For train.py, which makes its --data when it must: (why, the arguments to main that make it again) when the
+    synthetic folder is missing, was made by an older prepare_data.py (its generators changed, e.g. the stage-0
+    captions) or lacks a file training reads (removed since), else None. A rebuild keeps the folder's own arguments; a
+    folder made for another preset is refused, never rebuilt. A LLaVA import is used as it is: training on one's own
+    data alone."""
+    kind = folder_kind(folder)
+    if kind == "missing":
+        return "no prepared data", ["--out", folder, "--config", preset]
+    if kind == "llava":
+        return None
+    if kind == "file":
+        raise SystemExit(f"--data {folder} is a file: expected a folder made by prepare_data.py (or a LLaVA import), "
+                         "or a path that does not exist yet to make one there")
+    if kind == "other":  # never build over files prepare_data did not make
+        rows = [f for f in ("pretrain.jsonl", "sft.jsonl") if os.path.isfile(os.path.join(folder, f))]
+        raise SystemExit(f"--data {folder} holds files but no meta.json of prepare_data.py's; give --data a folder "
+                         "made by prepare_data.py, or a path that does not exist yet to make one there" + (
+                             f" (its {' and '.join(rows)}, rows of your own, are read with --extra_data {folder}, "
+                             "beside that --data)" if rows else ""))
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)
+    ident = meta["identity"]
+    if ident["config"] != preset:  # its images are another size, its tokenizer (if any) another model's
+        raise SystemExit(f"--data {folder} was prepared for the {ident['config']!r} preset (images at "
+                         f"{meta.get('image_size')} px); the {preset!r} model needs data of its own: pass "
+                         f"--data {default_folder(preset)} (made there if missing)")
+    if ident["version"] != VERSION:
+        return (f"made by an older prepare_data.py (version {ident['version']}, now {VERSION})",
+                arguments(ident, folder))
+    # A file training reads, removed since: a stage would find it missing, and say it less clearly. (A held-out file
+    # removed leaves its evaluation out, as for one's own data without it.)
+    gone = missing(folder, preset, TRAINED_ON)
+    return (f"{', '.join(gone)} missing", arguments(ident, folder)) if gone else None
+
+
 def not_built(folder: str) -> list:
     """What in a corpus folder (or a build's .partial) prepare_data.py did not write: a rebuild would delete it."""
     others = sorted(f for f in os.listdir(folder) if f not in BUILT and not LEFTOVER.fullmatch(f))

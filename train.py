@@ -25,6 +25,8 @@ Where each part of the recipe is written:
     the learning rate                    learning_rate, set at the top of each step in run_stage
     AdamW, two rates, clipping           stage_optimizer (vision_lr_mult), clipping_groups
     stage 0                              nanovl/stage0.py (its heads, batches and losses)
+    a stage's folder, resuming           open_stage_folder, resumable_state (the settings); nanovl/resume.py (the
+                                         checkpoint files); nanovl/runs.py (files written whole, locks, signals)
 Stage 2 packs its samples into full rows, so each of its steps holds about as many tokens as any other (next-fit
 packing leaves only each row's tail unused): a group's share of the steps is roughly its share of the tokens.
 
@@ -65,19 +67,23 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
     from tqdm import tqdm
 
     from nanovl import DeepSeekVL, VLConfig, get_config
-    from nanovl.checkpoint import (check_device, check_finite, check_tokenizer_fits, check_trained_with, check_weights,
-                                   init_from_parts, is_released_folder, load_model, load_plain, nanovl_state)
-    from nanovl.config import FROM_SCRATCH, PRESETS
+    from nanovl.checkpoint import (check_device, check_tokenizer_fits, check_trained_with, init_from_parts,
+                                   is_released_folder, load_model, load_plain)
+    from nanovl.config import FROM_SCRATCH
     from nanovl.data import (PackedBatches, PlannedBatches, Source, check_rows, default_folder, folder_kind,
                              folder_stamp, image_paths, plan_batches, read_jsonl, write_jsonl)
     from nanovl.evaluate import MC_FILES, check_fits, evaluate, format_table, held_out, held_out_text
     from nanovl.image import CachedProcessor, ImageProcessor, missing_hint
+    from nanovl.resume import (check_init_preset, check_same_config, check_same_tokenizer, data_change, is_finished,
+                               is_nanovl_checkpoint, load_weights, read_checkpoint, refuse_earlier_run, saved_config,
+                               weights_entry)
     from nanovl.runs import (Terminated, WriteFailed, atomic_save, atomic_write, claim_out_folder,
                              close_inherited_locks, dead_worker, end_process_group, first_failure, let_go_of_workers,
                              remove_stale_temporaries, rng_state, set_rng_state, setup_distributed, sigterm_stops,
                              unlock_out_folders, writing)
     from nanovl.stage0 import N_SEG_CLASSES, STAGE0_ROW, Stage0Batches, Stage0Heads, Stage0Model, plan_distinct
     from nanovl.tokenizer import Tokenizer
+    from prepare_data import data_to_prepare
 except KeyboardInterrupt:
     if __name__ != "__main__":  # imported (by a test, or as a spawned data worker's __mp_main__): as any import
         raise
@@ -509,11 +515,6 @@ def split_named(tc: TrainConfig) -> str:
     return "" if tc.eval_split == "test" else f" ({MC_FILES[tc.eval_split]}; text: eval_text.jsonl)"
 
 
-def is_finished(out_dir: str) -> bool:
-    """A stage folder whose run ended: its final weights and eval.json, which finish() writes last."""
-    return all(os.path.exists(os.path.join(out_dir, f)) for f in ("model.pt", "eval.json"))
-
-
 def check_out_path(out: str, stages: list):
     """--out and its stage folders must be folders, or paths where folders can be made: said before the data is made
     and the model built (minutes at the released sizes), where making the stage folder would find out."""
@@ -528,17 +529,6 @@ def check_out_path(out: str, stages: list):
             raise SystemExit(f"--out {out}: {folder} is a file; expected stage {stage}'s folder, or nothing there")
 
 
-def refuse_earlier_run(stage: int, tc: TrainConfig, out_dir: str):
-    """Stop if the stage folder holds an earlier run's checkpoint or final weights that this run would write over:
-    without --resume, or with it but no ckpt.pt to go on from (a stage finished is not asked: it is skipped)."""
-    earlier = [f for f in ("ckpt.pt", "model.pt") if os.path.exists(os.path.join(out_dir, f))]
-    if earlier and (not tc.resume or earlier == ["model.pt"]):
-        raise SystemExit(f"{out_dir} already holds {' and '.join(earlier)} from an earlier run: " +
-                         ("pass --resume to continue it (a finished stage is skipped)" if not tc.resume else
-                          "there is no ckpt.pt to resume from") +
-                         f", or remove {out_dir} (or choose another --out) to train stage {stage} again")
-
-
 def open_stage_folder(stage: int, tc: TrainConfig, cfg: VLConfig, hp: dict, out_dir: str, ckpt_path: str, world: int,
                       say):
     """(finished, state): whether the stage is already done (with --resume), and the checkpoint to continue from
@@ -550,11 +540,91 @@ def open_stage_folder(stage: int, tc: TrainConfig, cfg: VLConfig, hp: dict, out_
             resumable_state(ckpt_path, stage, cfg, tc, hp, world, lambda *a: None, finished=True)
         say(f"stage {stage}: already finished")
         return True, None
-    refuse_earlier_run(stage, tc, out_dir)
+    refuse_earlier_run(stage, out_dir, tc.resume)
     if tc.resume and not os.path.exists(ckpt_path):
         say(f"stage {stage}: no checkpoint at {ckpt_path}; starting from the beginning")
         return False, None
     return False, resumable_state(ckpt_path, stage, cfg, tc, hp, world, say) if tc.resume else None
+
+
+# TrainConfig fields a resumed run may change: they say how the run is carried out, not what it computes. Two change
+# only the rounding: --device (fp32 on the CPU, bf16 autocast on a GPU; a change of kind is said) and --compile (kernels
+# may sum in another order). --data and --extra_data may change because folders move; what they hold is compared
+# (data_change). Every other field shapes the batches, the schedule or the optimizer, and a run resumed with another
+# value would not continue the one that wrote the checkpoint.
+FREE_ON_RESUME = ("stage", "resume", "eval_only", "ckpt", "init_from", "tokenizer", "data", "extra_data", "out",
+                  "eval_every", "eval_limit", "eval_split", "ckpt_every", "log_every", "device", "compile", "grad_ckpt",
+                  "workers", "image_cache", "stop_after")
+
+
+def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: dict, world: int, say,
+                    finished: bool = False) -> dict:
+    """A stage's ckpt.pt, after checking that it can be continued by this run: this stage, this model config
+    (read_checkpoint) and the same training settings (each difference is named). hp: the stage's hyperparameters as this run resolved
+    them (the defaults filled in), compared with the checkpoint's, so that giving a default explicitly is no
+    difference. world: the number of processes of this run; say: print, on the first one. finished: the stage is
+    done and only its settings are checked (how its steps were split no longer matters)."""
+    state = read_checkpoint(path, stage, cfg, finished)  # (a whole, finite checkpoint of this stage and model)
+    if isinstance(state.get("train"), dict):
+        resolved = isinstance(state.get("hparams"), dict)  # older checkpoints: the settings as given
+        # The learning rate may change: a resume otherwise repeats the same steps bit for bit, so after a loss that
+        # became NaN, a lower --lr is the way on from the last good checkpoint.
+        if resolved and state["hparams"].get("lr") not in (None, hp["lr"]):
+            say(f"resuming with lr {hp['lr']} where the checkpoint's run had {state['hparams']['lr']}: from here "
+                "the run is not the one the checkpoint's settings would give")
+        # A stage trained on top of the one before: if that one was trained again since, this one's steps no longer
+        # follow from it, however alike the settings (a --resume --stage all after stage 2 was run anew).
+        if resolved and hp.get("start") and state["hparams"].get("start") not in (None, hp["start"]):
+            raise SystemExit(f"{path} continues a stage that began from other weights than "
+                             f"{start_weights(stage, tc)[0]} holds now (trained again since?): remove "
+                             f"{os.path.dirname(path)} to train stage {stage} from them")
+        free = ("lr", "micro_batch") if stage > 0 or finished else ("lr",)  # (the split of a step: see below)
+        # (A setting resolved since the checkpoint was written, absent from its hparams, is compared as given.)
+        saved_hp = state["hparams"] if resolved else {}
+        # Each difference as (the setting, the checkpoint's value, this run's), named as the flag that sets it.
+        differ = [(f"{'--' * (k in HPARAM_FIELDS)}{k}", saved_hp[k], v) for k, v in hp.items()
+                  if k in saved_hp and k not in free and saved_hp[k] != v]
+        differ += [(f"--{k}", state["train"][k], v) for k, v in dataclasses.asdict(tc).items()
+                   if k not in FREE_ON_RESUME and not (k in HPARAM_FIELDS and k in saved_hp) and k in state["train"]
+                   and state["train"][k] != v]
+        if differ:
+            hint = " (to fit in less memory, --grad_ckpt may change on resume)" if resolved and stage == 0 and \
+                state["hparams"].get("micro_batch") != hp.get("micro_batch") else ""
+            # The checkpoint's values as flags to add to the command (a bool as true or false; an hparam no flag
+            # sets, such as the weights the stage began from, is only named).
+            as_flag = lambda v: shlex.quote(str(v).lower() if isinstance(v, bool) else str(v))  # (pasted in a shell)
+            flags = [f"{k}={as_flag(was)}" for k, was, _ in differ if k.startswith("--")]
+            raise SystemExit(f"{path} was written by a run with other training settings:\n  " + "\n  ".join(
+                f"{k}: checkpoint {was!r} vs now {now!r}" for k, was, now in differ) +
+                f"\npass the same settings to resume it{hint}" + (f": {' '.join(flags)}" if flags else ""))
+        # In stages 1-3 a step's batch is planned whole and its loss normalised over the whole step, so the same
+        # samples make the same step however they are split into micro-batches and processes (a test checks): a run
+        # killed for want of memory resumes with a smaller --micro_batch, or on another number of GPUs. Stage 0
+        # counts its contrastive pairs and scenes per micro-batch, so there the split is part of the run.
+        was = state.get("split")  # [processes, micro-batch] of the run that wrote it (older checkpoints: none)
+        now = None if finished else [world, split_batch(stage, tc, hp, world)[0]]  # (a finished stage: not asked)
+        if was and now and was != now:
+            if stage == 0:
+                raise SystemExit(f"{path} was written by a run of {was[0]} process(es) x micro_batch {was[1]}; this "
+                                 f"one would be {now[0]} x {now[1]}. Stage 0 counts its contrastive pairs and scenes "
+                                 "per micro-batch, so resume it with the same processes and --micro_batch (to fit in "
+                                 "less memory, --grad_ckpt may change on resume)")
+            say(f"resuming with {now[0]} process(es) x micro_batch {now[1]} where the checkpoint's run had {was[0]} x "
+                f"{was[1]}: each step takes the same samples, split another way, so its sums round in another "
+                "order (the run goes on, but not bit for bit)")
+    return state
+
+
+def tokenizer_path(tc: TrainConfig, sources) -> str:
+    """--tokenizer, else the tokenizer.json beside the weights a stage starts from (a stage folder, or a released
+    model's), else the data's."""
+    if tc.tokenizer:
+        return tc.tokenizer
+    for src in sources:
+        folder = src if os.path.isdir(src) else os.path.dirname(src)
+        if os.path.exists(os.path.join(folder, "tokenizer.json")):
+            return os.path.join(folder, "tokenizer.json")
+    return os.path.join(tc.data, "tokenizer.json")
 
 
 def stage_tokenizer(tc: TrainConfig, cfg: VLConfig, sources) -> Tokenizer:
@@ -577,24 +647,6 @@ def stage_tokenizer(tc: TrainConfig, cfg: VLConfig, sources) -> Tokenizer:
     except ValueError as e:
         raise SystemExit(f"{e}; {where}") from None
     return tok
-
-
-def check_same_tokenizer(tok: Tokenizer, given: str, path: str, resume: bool):
-    """A stage trains with the tokenizer its weights so far were trained with: a resumed one, the one in its folder
-    (which sample.py reads too); a new one, the one beside the weights it starts from. Another, even of the same
-    size, turns the same text into other ids. given: where tok came from (--tokenizer)."""
-    if not os.path.isfile(path):
-        return  # (nothing to compare with)
-    try:
-        theirs = Tokenizer.load(path)
-    except ValueError as e:
-        raise SystemExit(f"{e}; the tokenizer {'of the stage folder' if resume else 'beside the starting weights'} "
-                         "cannot be read to compare with --tokenizer") from None
-    if not tok.same_ids(theirs):
-        raise SystemExit(f"--tokenizer {given} differs from {path}, the tokenizer " +
-                         ("this stage was trained with" if resume else "the weights this stage starts from were "
-                          "trained with") + ": the same text would become other ids. " +
-                         ("Resume" if resume else "Run") + " without --tokenizer (or with that one)")
 
 
 def stage_model(stage: int, tc: TrainConfig, cfg: VLConfig, init: list, resume: bool, say):
@@ -963,7 +1015,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     if master:  # (now that this run holds the folder: a temporary of a live run's save is not stale)
         remove_stale_temporaries(out_dir)
     if not resume:  # another run may have written here since open_stage_folder looked, and ended
-        refuse_earlier_run(stage, dataclasses.replace(tc, resume=False), out_dir)
+        refuse_earlier_run(stage, out_dir, resume=False)
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:  # --out is a file, or holds a file named stage<k>, or may not be written
@@ -1223,21 +1275,6 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     finish()
 
 
-def check_init_preset(init_from: str, cfg: VLConfig, stage: int = 0):
-    """Stop before any data is made when --init_from is a nanovl checkpoint of another preset: the config inside it
-    names it (the weights themselves are checked field by field when they load, minutes later). stage: given for the
-    stage before's weights in --out, which a stage starts from without --init_from."""
-    if not init_from or "," in init_from or not is_nanovl_checkpoint(init_from):
-        return  # nothing to start from, or pretrained parts
-    path = model_file(init_from)
-    theirs = (config_inside(path) or {}).get("name")  # (none, or unreadable: loading the weights says what is wrong)
-    if theirs and theirs != cfg.name:
-        raise SystemExit((f"{init_from}, where stage {stage} starts," if stage else f"--init_from {init_from}") +
-                         f" holds a {theirs!r} model ({path}), but this run builds "
-                         f"{cfg.name!r}: pass --config {theirs}, or start from a {cfg.name!r} checkpoint" +
-                         (" (--init_from, or another --out)" if stage else ""))
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     tc, overrides = parse_args(argv)
@@ -1354,7 +1391,7 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
         folder = os.path.join(tc.out, f"stage{stage}")
         if not (tc.resume and is_finished(folder)):  # (a finished one is skipped)
             check_stage(stage, tc, stage_hparams(stage, tc, cfg)[0], world)
-            refuse_earlier_run(stage, tc, folder)
+            refuse_earlier_run(stage, folder, tc.resume)
         # A folder trained for another model is said now, not after making this model's data (minutes at the
         # released sizes).
         saved = saved_config(folder) if tc.resume else None
@@ -1447,276 +1484,6 @@ def stopped_why(e: BaseException) -> str:
         return (f"{str(e).strip().rstrip('.')} (a data-loading process killed for memory, most often: run again "
                 "with fewer --workers or a smaller --image_cache)")
     return str(e)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Checkpoints and resuming: what a stage's folder holds, and the checks that a resume continues the run that wrote it
-# (the plumbing under them, stopping on a signal, writing whole files, torchrun's processes, is nanovl/runs.py). It
-# comes last so that the file reads as the recipe first.
-
-def load_weights(path: str, cfg: VLConfig) -> dict:
-    """A model state dict from a stage folder or .pt file, after checking it was made for this model config."""
-    path = model_file(path)
-    if not os.path.exists(path):
-        raise SystemExit(f"no checkpoint at {path}")
-    try:
-        # weights_only: a pickle holding more than tensors is refused, with the reason
-        weights, config = nanovl_state(load_plain(path), path)
-        check_weights(weights, path)  # as load_model checks them (load_state_dict would convert an integer tensor)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    check_same_config(config, cfg, path)
-    return weights
-
-
-def saved_config(folder: str):
-    """The model config a stage folder was trained with: its model.pt's once finished, else its ckpt.pt's."""
-    return config_inside(os.path.join(folder, "model.pt" if is_finished(folder) else "ckpt.pt"))
-
-
-def config_inside(path: str):
-    """The model config held in a model.pt or ckpt.pt, read memory-mapped, without loading the tensors (not the
-    config.json beside it, a copy for reading, which an edit would make say what the weights are not). None when
-    there is none, or it cannot be read so (loading the file in full later says why)."""
-    try:
-        state = load_plain(path)  # (memory-mapped: the tensors are not read)
-    except Exception:  # (whatever is wrong with the file, its full load says it, with the checks made for that)
-        return None
-    saved = state.get("config") if isinstance(state, dict) else None
-    return saved if isinstance(saved, dict) else None
-
-
-def check_same_config(saved: dict, cfg: VLConfig, path: str):
-    """Stop, naming each differing field, when a checkpoint was made for another model config."""
-    now = cfg.to_dict()
-    # A part one side has not (a SigLIP-only model's SAM) is one line, not one per field of the other side's.
-    absent = {k for k in ("siglip", "sam", "aligner", "llm")
-              if isinstance(saved, dict) and (saved.get(k, "") is None) != (now[k] is None)}
-    diff = [f"{k}: checkpoint {'none' if saved.get(k) is None else 'present'} vs now "
-            f"{'none' if now[k] is None else 'present'}" for k in sorted(absent)]
-    diff += [f"{k}: checkpoint {a} vs now {b}" for k, a, b in VLConfig.differences(saved, now)
-             if k.split(".")[0] not in absent]
-    if diff:
-        flags = config_flags(saved)
-        raise SystemExit(f"{path} was trained with another model config:\n  " + "\n  ".join(diff) +
-                         "\npass the same --config and overrides it was trained with" +
-                         (f": {' '.join(flags)}" if flags is not None else ""))
-
-
-def config_flags(saved: dict):
-    """The command-line flags that build the model config a checkpoint holds (saved, to_dict's layout): its preset
-    and the overrides of it, as ["--config tiny", "--llm.dim=96"]; None where flags cannot (a preset this version
-    does not know, a section the preset lacks). Checked by building the config from them, as main would."""
-    name = saved.get("name") if isinstance(saved, dict) else None
-    if not isinstance(name, str) or name not in PRESETS:
-        return None
-    flags, off = [f"--config {name}"], set()
-    for key, was, _ in VLConfig.differences(saved, get_config(name).to_dict()):
-        section = key.split(".")[0]
-        if saved.get(section, "") is None:  # a part the checkpoint's model has not (SigLIP-only: no SAM)
-            if section not in off:
-                off.add(section)
-                flags.append(f"--{section}=none")
-            continue
-        value = ",".join(map(str, was)) if isinstance(was, list) else "none" if was is None else was
-        flags.append(f"--{key}={value}")
-    try:
-        overrides = dict(f[2:].split("=", 1) for f in flags[1:])
-        if VLConfig.differences(get_config(name, **overrides).to_dict(), saved):
-            return None
-    except (ValueError, TypeError):
-        return None
-    return flags
-
-
-# TrainConfig fields a resumed run may change: they say how the run is carried out, not what it computes. Two change
-# only the rounding: --device (fp32 on the CPU, bf16 autocast on a GPU; a change of kind is said) and --compile (kernels
-# may sum in another order). --data and --extra_data may change because folders move; what they hold is compared
-# (data_change). Every other field shapes the batches, the schedule or the optimizer, and a run resumed with another
-# value would not continue the one that wrote the checkpoint.
-FREE_ON_RESUME = ("stage", "resume", "eval_only", "ckpt", "init_from", "tokenizer", "data", "extra_data", "out",
-                  "eval_every", "eval_limit", "eval_split", "ckpt_every", "log_every", "device", "compile", "grad_ckpt",
-                  "workers", "image_cache", "stop_after")
-
-
-def training_tensors(state: dict) -> dict:
-    """A training checkpoint's weights and AdamW moments, by name (what is not a tensor left out: its shape is for
-    load_state_dict to check)."""
-    named = dict(state["model"]) if isinstance(state["model"], dict) else {}
-    moments = state["optimizer"].get("state", {}) if isinstance(state["optimizer"], dict) else {}
-    for i, slots in moments.items() if isinstance(moments, dict) else ():
-        named.update({f"optimizer state {i} {k}": t for k, t in slots.items()} if isinstance(slots, dict) else {})
-    return {k: t for k, t in named.items() if torch.is_tensor(t)}
-
-
-def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: dict, world: int, say,
-                    finished: bool = False) -> dict:
-    """A stage's ckpt.pt, after checking that it can be continued by this run: this stage, this model config and
-    the same training settings (each difference is named). hp: the stage's hyperparameters as this run resolved
-    them (the defaults filled in), compared with the checkpoint's, so that giving a default explicitly is no
-    difference. world: the number of processes of this run; say: print, on the first one. finished: the stage is
-    done and only its settings are checked (how its steps were split no longer matters)."""
-    try:
-        state = load_plain(path)
-    except (ValueError, FileNotFoundError) as e:  # (FileNotFoundError: a ckpt.pt that is a folder)
-        raise SystemExit(f"{e}; remove the stage folder, {os.path.dirname(path)}, to train stage {stage} again"
-                         ) from None
-    if not isinstance(state, dict) or not {"model", "optimizer", "step", "rng"} <= set(state):
-        raise SystemExit(f"{path} is not a training checkpoint (a dict with model, optimizer, step and rng)")
-    # A run saves only finite weights (a NaN loss stops it first), so NaN here is damage to the file. Resumed, it
-    # would stop the run a few steps on with "the loss became nan", blamed on the learning rate.
-    if not finished:
-        try:
-            check_finite(training_tensors(state), path)
-        except ValueError as e:
-            raise SystemExit(f"{e}; it cannot be resumed: restore it, or remove the stage folder, "
-                             f"{os.path.dirname(path)}, to train stage {stage} again") from None
-    if state.get("stage", stage) != stage:
-        raise SystemExit(f"{path} holds stage {state['stage']}'s training state, not stage {stage}'s")
-    if isinstance(state.get("config"), dict):
-        check_same_config(state["config"], cfg, path)
-    if isinstance(state.get("train"), dict):
-        resolved = isinstance(state.get("hparams"), dict)  # older checkpoints: the settings as given
-        # The learning rate may change: a resume otherwise repeats the same steps bit for bit, so after a loss that
-        # became NaN, a lower --lr is the way on from the last good checkpoint.
-        if resolved and state["hparams"].get("lr") not in (None, hp["lr"]):
-            say(f"resuming with lr {hp['lr']} where the checkpoint's run had {state['hparams']['lr']}: from here "
-                "the run is not the one the checkpoint's settings would give")
-        # A stage trained on top of the one before: if that one was trained again since, this one's steps no longer
-        # follow from it, however alike the settings (a --resume --stage all after stage 2 was run anew).
-        if resolved and hp.get("start") and state["hparams"].get("start") not in (None, hp["start"]):
-            raise SystemExit(f"{path} continues a stage that began from other weights than "
-                             f"{start_weights(stage, tc)[0]} holds now (trained again since?): remove "
-                             f"{os.path.dirname(path)} to train stage {stage} from them")
-        free = ("lr", "micro_batch") if stage > 0 or finished else ("lr",)  # (the split of a step: see below)
-        # (A setting resolved since the checkpoint was written, absent from its hparams, is compared as given.)
-        saved_hp = state["hparams"] if resolved else {}
-        # Each difference as (the setting, the checkpoint's value, this run's), named as the flag that sets it.
-        differ = [(f"{'--' * (k in HPARAM_FIELDS)}{k}", saved_hp[k], v) for k, v in hp.items()
-                  if k in saved_hp and k not in free and saved_hp[k] != v]
-        differ += [(f"--{k}", state["train"][k], v) for k, v in dataclasses.asdict(tc).items()
-                   if k not in FREE_ON_RESUME and not (k in HPARAM_FIELDS and k in saved_hp) and k in state["train"]
-                   and state["train"][k] != v]
-        if differ:
-            hint = " (to fit in less memory, --grad_ckpt may change on resume)" if resolved and stage == 0 and \
-                state["hparams"].get("micro_batch") != hp.get("micro_batch") else ""
-            # The checkpoint's values as flags to add to the command (a bool as true or false; an hparam no flag
-            # sets, such as the weights the stage began from, is only named).
-            as_flag = lambda v: shlex.quote(str(v).lower() if isinstance(v, bool) else str(v))  # (pasted in a shell)
-            flags = [f"{k}={as_flag(was)}" for k, was, _ in differ if k.startswith("--")]
-            raise SystemExit(f"{path} was written by a run with other training settings:\n  " + "\n  ".join(
-                f"{k}: checkpoint {was!r} vs now {now!r}" for k, was, now in differ) +
-                f"\npass the same settings to resume it{hint}" + (f": {' '.join(flags)}" if flags else ""))
-        # In stages 1-3 a step's batch is planned whole and its loss normalised over the whole step, so the same
-        # samples make the same step however they are split into micro-batches and processes (a test checks): a run
-        # killed for want of memory resumes with a smaller --micro_batch, or on another number of GPUs. Stage 0
-        # counts its contrastive pairs and scenes per micro-batch, so there the split is part of the run.
-        was = state.get("split")  # [processes, micro-batch] of the run that wrote it (older checkpoints: none)
-        now = None if finished else [world, split_batch(stage, tc, hp, world)[0]]  # (a finished stage: not asked)
-        if was and now and was != now:
-            if stage == 0:
-                raise SystemExit(f"{path} was written by a run of {was[0]} process(es) x micro_batch {was[1]}; this "
-                                 f"one would be {now[0]} x {now[1]}. Stage 0 counts its contrastive pairs and scenes "
-                                 "per micro-batch, so resume it with the same processes and --micro_batch (to fit in "
-                                 "less memory, --grad_ckpt may change on resume)")
-            say(f"resuming with {now[0]} process(es) x micro_batch {now[1]} where the checkpoint's run had {was[0]} x "
-                f"{was[1]}: each step takes the same samples, split another way, so its sums round in another "
-                "order (the run goes on, but not bit for bit)")
-    return state
-
-
-def data_change(was: dict, now: dict) -> str:
-    """How this run's data and plan (the batches' fingerprint) differ from the ones a checkpoint's run had, in words;
-    "" if they do not. --data and --extra_data may change on resume (folders move), so what they hold is compared
-    here: a folder prepared again with other arguments (or by a newer prepare_data.py), or other rows of one's own,
-    and the resumed steps read other rows than the checkpoint's run planned. Said, not refused, as a new --lr is."""
-    if was == now:
-        return ""
-    before, after = was.get("sources", {}), now["sources"]
-    count = lambda fingerprint, m: fingerprint.get(m, [0])[0]
-    changed = [f"{m}: {count(after, m)} other samples (as many as in that run)" if count(after, m) == count(before, m)
-               else f"{m}: {count(after, m)} samples, {count(before, m)} in that run"
-               for m in sorted(set(before) | set(after)) if before.get(m) != after.get(m)]
-    if changed:
-        return ("resuming on other data than the checkpoint's run trained on (" + "; ".join(changed) + "): from here "
-                "the steps read other rows than that run planned (to go on with that run, resume with its data)")
-    return ("resuming on the checkpoint's data, but its steps are planned otherwise here (a checkpoint of another "
-            "version of train.py?): from here the steps read other rows than that run planned")
-
-
-def weights_entry(paths: list, key: str):
-    """What finish() writes beside the weights into a stage's model.pt, for the one stage folder or model.pt in paths:
-    "id" (a random hex string, new with every training of the stage, kept through its resumes) or "tokenizer" (the
-    fingerprint of the tokenizer they were trained with); None for anything else (pretrained parts, weights of older
-    runs)."""
-    if len(paths) != 1 or not is_nanovl_checkpoint(paths[0]):
-        return None
-    path = model_file(paths[0])
-    try:
-        state = load_plain(path)  # (memory-mapped: the weights themselves are not read)
-    except (ValueError, FileNotFoundError):
-        return None  # (said when the stage loads them)
-    return state.get(key) if isinstance(state, dict) else None
-
-
-def model_file(path: str) -> str:
-    """A stage folder's model.pt (its final weights), or the .pt file given."""
-    return os.path.join(path, "model.pt") if os.path.isdir(path) else path
-
-
-def is_nanovl_checkpoint(path: str) -> bool:
-    """A stage folder or a .pt file written by this script (rather than a pretrained part for init_from_parts)."""
-    if os.path.isdir(path):
-        return os.path.exists(os.path.join(path, "model.pt")) and not is_released_folder(path)
-    return path.endswith(".pt")  # (SAM's own checkpoint is a .pth: a pretrained part)
-
-
-def tokenizer_path(tc: TrainConfig, sources) -> str:
-    """--tokenizer, else the tokenizer.json beside the weights a stage starts from (a stage folder, or a released
-    model's), else the data's."""
-    if tc.tokenizer:
-        return tc.tokenizer
-    for src in sources:
-        folder = src if os.path.isdir(src) else os.path.dirname(src)
-        if os.path.exists(os.path.join(folder, "tokenizer.json")):
-            return os.path.join(folder, "tokenizer.json")
-    return os.path.join(tc.data, "tokenizer.json")
-
-
-def data_to_prepare(folder: str, preset: str):
-    """(why, prepare_data arguments) when the synthetic folder is missing, was made by an older prepare_data.py (its
-    generators changed, e.g. the stage-0 captions) or lacks a file training reads (removed since), else None. A
-    rebuild keeps the folder's own arguments; a folder made for another preset is refused, never rebuilt. A LLaVA
-    import is used as it is: training on one's own data alone."""
-    import prepare_data
-    kind = folder_kind(folder)
-    if kind == "missing":
-        return "no prepared data", ["--out", folder, "--config", preset]
-    if kind == "llava":
-        return None
-    if kind == "file":
-        raise SystemExit(f"--data {folder} is a file: expected a folder made by prepare_data.py (or a LLaVA import), "
-                         "or a path that does not exist yet to make one there")
-    if kind == "other":  # never build over files prepare_data did not make
-        rows = [f for f in ("pretrain.jsonl", "sft.jsonl") if os.path.isfile(os.path.join(folder, f))]
-        raise SystemExit(f"--data {folder} holds files but no meta.json of prepare_data.py's; give --data a folder "
-                         "made by prepare_data.py, or a path that does not exist yet to make one there" + (
-                             f" (its {' and '.join(rows)}, rows of your own, are read with --extra_data {folder}, "
-                             "beside that --data)" if rows else ""))
-    with open(os.path.join(folder, "meta.json")) as f:
-        meta = json.load(f)
-    ident = meta["identity"]
-    if ident["config"] != preset:  # its images are another size, its tokenizer (if any) another model's
-        raise SystemExit(f"--data {folder} was prepared for the {ident['config']!r} preset (images at "
-                         f"{meta.get('image_size')} px); the {preset!r} model needs data of its own: pass "
-                         f"--data {default_folder(preset)} (made there if missing)")
-    if ident["version"] != prepare_data.VERSION:
-        return (f"made by an older prepare_data.py (version {ident['version']}, now {prepare_data.VERSION})",
-                prepare_data.arguments(ident, folder))
-    # A file training reads, removed since: a stage would find it missing, and say it less clearly. (A held-out file
-    # removed leaves its evaluation out, as for one's own data without it.)
-    gone = prepare_data.missing(folder, preset, prepare_data.TRAINED_ON)
-    return (f"{', '.join(gone)} missing", prepare_data.arguments(ident, folder)) if gone else None
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from PIL import Image
 import prepare_data
 import train
 from conftest import write_swapped_tokenizer
-from nanovl import DeepSeekVL, evaluate, get_config, runs
+from nanovl import DeepSeekVL, evaluate, get_config, resume, runs
 from nanovl.chat import IMAGE_TAG
 from nanovl.evaluate import multiple_choice
 from nanovl.synth import mc_prompt
@@ -1575,16 +1575,16 @@ def test_resume_checks_what_the_checkpoint_holds_and_how_its_run_was_split(tmp_p
     hp = {s: train.stage_hparams(s, tc, cfg)[0] for s in (0, 1)}
     state = lambda stage, **kw: dict({"model": {}, "optimizer": {}, "step": 3, "rng": {}, "stage": stage,
                                       "config": cfg.to_dict()}, **kw)
-    resume = lambda stage: train.resumable_state(path, stage, cfg, tc, hp[stage], 1, said.append)
+    resumed = lambda stage: train.resumable_state(path, stage, cfg, tc, hp[stage], 1, said.append)
     torch.save({k: v for k, v in state(1).items() if k != "rng"}, path)
     with pytest.raises(SystemExit, match="is not a training checkpoint"):
-        resume(1)
+        resumed(1)
     torch.save(state(1, train=dataclasses.asdict(dataclasses.replace(tc, steps=20))), path)
     with pytest.raises(SystemExit, match="--steps: checkpoint 20 vs now 10"):
-        resume(1)
+        resumed(1)
     micro = {s: train.split_batch(s, tc, hp[s], 1)[0] for s in (0, 1)}
     torch.save(state(1, train=dataclasses.asdict(tc), hparams=hp[1], split=[2, micro[1]]), path)
-    assert resume(1)["step"] == 3
+    assert resumed(1)["step"] == 3
     # A NaN in the weights or in AdamW's moments: a run saves only finite ones, so the file is damaged. Resumed, it
     # stopped a few steps on as "the loss became nan", with the advice of a lower --lr.
     nan, ok = torch.tensor([1.0, float("nan")]), torch.ones(2)
@@ -1595,13 +1595,13 @@ def test_resume_checks_what_the_checkpoint_holds_and_how_its_run_was_split(tmp_p
         with pytest.raises(SystemExit, match=rf"ckpt.pt: 1 tensor holds NaN or infinite values: {named} \(1 of 2\); "
                                              r"the file is damaged .*; it cannot be resumed: restore it, or remove the "
                                              r"stage folder, .*, to train stage 1 again$"):
-            resume(1)
+            resumed(1)
     assert said == [f"resuming with 1 process(es) x micro_batch {micro[1]} where the checkpoint's run had 2 x "
                     f"{micro[1]}: each step takes the same samples, split another way, so its sums round in another "
                     "order (the run goes on, but not bit for bit)"]
     torch.save(state(0, train=dataclasses.asdict(tc), hparams=hp[0], split=[2, micro[0]]), path)
     with pytest.raises(SystemExit, match=rf"a run of 2 process\(es\) x micro_batch {micro[0]}; this one would be 1 x"):
-        resume(0)
+        resumed(0)
 
 
 def test_a_nan_loss_stops_the_run_and_names_the_step(data, start_weights, tmp_path, monkeypatch):
@@ -1724,7 +1724,7 @@ def test_a_released_preset_gets_data_without_a_tokenizer_and_asks_for_the_releas
     prepare_data.main(["--out", str(mine), "--config", "1.3b", "--n", "2"])
     assert "the '1.3b' preset reads DeepSeek-LLM's" in capsys.readouterr().out
     assert (mine / "meta.json").exists() and not (mine / "tokenizer.json").exists()
-    assert train.data_to_prepare(str(mine), "1.3b") is None  # no tokenizer of its own is not one missing
+    assert prepare_data.data_to_prepare(str(mine), "1.3b") is None  # no tokenizer of its own is not one missing
     prepare_data.main(["--out", str(mine), "--config", "1.3b", "--n", "2"])
     assert "already prepared" in capsys.readouterr().out
     with pytest.raises(SystemExit):
@@ -1992,33 +1992,33 @@ def test_stage3_groups_one_question_chats_apart(data, tmp_path):
 
 def test_old_synthetic_data_is_rebuilt_with_its_own_arguments(tmp_path):
     import prepare_data
-    assert train.data_to_prepare(str(tmp_path), "tiny")[1] == ["--out", str(tmp_path), "--config", "tiny"]
+    assert prepare_data.data_to_prepare(str(tmp_path), "tiny")[1] == ["--out", str(tmp_path), "--config", "tiny"]
     ident = {"version": prepare_data.VERSION, "config": "tiny", "n": 50, "seed": 3, "image_size": 0, "text": {}}
     (tmp_path / "meta.json").write_text(json.dumps({"identity": ident}))
     own = ["--out", str(tmp_path), "--config", "tiny", "--n", "50", "--seed", "3", "--image-size", "0"]
     built = sorted(prepare_data.TRAINED_ON)
-    assert train.data_to_prepare(str(tmp_path), "tiny") == (f"{', '.join(built)} missing", own)
+    assert prepare_data.data_to_prepare(str(tmp_path), "tiny") == (f"{', '.join(built)} missing", own)
     for name in built:
         (tmp_path / name).mkdir() if name == "images" else (tmp_path / name).write_text("")
-    assert train.data_to_prepare(str(tmp_path), "tiny") is None
+    assert prepare_data.data_to_prepare(str(tmp_path), "tiny") is None
     (tmp_path / "text.jsonl").unlink()  # removed since: rebuilt (stage 0 said "no rows for modality ['language']")
-    assert train.data_to_prepare(str(tmp_path), "tiny") == ("text.jsonl missing", own)
+    assert prepare_data.data_to_prepare(str(tmp_path), "tiny") == ("text.jsonl missing", own)
     (tmp_path / "text.jsonl").write_text("")
     (tmp_path / "meta.json").write_text(json.dumps({"identity": dict(ident, version=prepare_data.VERSION - 1)}))
-    why, args = train.data_to_prepare(str(tmp_path), "tiny")
+    why, args = prepare_data.data_to_prepare(str(tmp_path), "tiny")
     assert "older prepare_data.py" in why and args == own
     (tmp_path / "meta.json").write_text(json.dumps({"llava": {}}))  # an import: used as it is, never rebuilt
-    assert train.data_to_prepare(str(tmp_path), "tiny") is None
+    assert prepare_data.data_to_prepare(str(tmp_path), "tiny") is None
     (tmp_path / "meta.json").unlink()
     (tmp_path / "thesis.txt").write_text("not made by prepare_data.py")  # never built over
     with pytest.raises(SystemExit, match=r"holds files but no meta.json of prepare_data.py's; .* \(its pretrain.jsonl "
                                          r"and sft.jsonl, rows of your own, are read with --extra_data .*\)$"):
-        train.data_to_prepare(str(tmp_path), "tiny")
+        prepare_data.data_to_prepare(str(tmp_path), "tiny")
     assert (tmp_path / "thesis.txt").read_text() == "not made by prepare_data.py"
     for name in ("pretrain.jsonl", "sft.jsonl"):
         (tmp_path / name).unlink()
     with pytest.raises(SystemExit, match=r"holds files but no meta.json of prepare_data.py's; .* to make one there$"):
-        train.data_to_prepare(str(tmp_path), "tiny")
+        prepare_data.data_to_prepare(str(tmp_path), "tiny")
 
 
 def test_stage_all_checks_every_stage_settings_before_the_first_trains(data, tmp_path, monkeypatch):
@@ -2290,12 +2290,12 @@ def test_a_data_folder_prepared_again_stops_the_run_reading_it_and_its_resume_sa
 
 def test_data_change_names_the_sources_that_differ_or_else_the_plan():
     was = {"sources": {"sft": [10, "a"], "text_sft": [4, "b"]}, "plan": "p"}
-    assert train.data_change(was, json.loads(json.dumps(was))) == ""
+    assert resume.data_change(was, json.loads(json.dumps(was))) == ""
     assert "(sft: 10 other samples (as many as in that run); text_sft: 0 samples, 4 in that run)" in \
-        train.data_change(was, {"sources": {"sft": [10, "c"]}, "plan": "p"})
+        resume.data_change(was, {"sources": {"sft": [10, "c"]}, "plan": "p"})
     assert "on the checkpoint's data, but its steps are planned otherwise here" in \
-        train.data_change(was, {**was, "plan": "q"})
-    assert "(sft: 12 samples, 10 in that run)" in train.data_change(was, {**was, "sources": {**was["sources"],
+        resume.data_change(was, {**was, "plan": "q"})
+    assert "(sft: 12 samples, 10 in that run)" in resume.data_change(was, {**was, "sources": {**was["sources"],
                                                                                               "sft": [12, "c"]}})
 
 
@@ -2316,7 +2316,7 @@ def test_a_resume_on_another_kind_of_device_says_it_does_not_go_on_bit_for_bit(d
 def test_a_config_mismatch_names_the_flags_that_build_the_checkpoints_model():
     # A student who trained with overrides and forgot them later gets the flags to paste, checked by building the
     # config from them: the preset, each changed field, a part switched off, a tuple.
-    flags = lambda preset, **o: train.config_flags(get_config(preset, **o).to_dict())
+    flags = lambda preset, **o: resume.config_flags(get_config(preset, **o).to_dict())
     assert flags("tiny") == ["--config tiny"]
     assert flags("tiny", **{"llm.dim": "96", "llm.n_layers": "3"}) == ["--config tiny", "--llm.dim=96",
                                                                        "--llm.n_layers=3"]
@@ -2325,24 +2325,24 @@ def test_a_config_mismatch_names_the_flags_that_build_the_checkpoints_model():
     assert flags("small", **{"sam.global_blocks": "1,3", "llm.norm_eps": "1e-5"}) == [
         "--config small", "--llm.norm_eps=1e-05", "--sam.global_blocks=1,3"]
     for o in ({"llm.dim": "96"}, {"sam": "none", "aligner.projector_type": "mlp_gelu"}, {"sam.global_blocks": "1"}):
-        args = train.config_flags(get_config("tiny", **o).to_dict())
+        args = resume.config_flags(get_config("tiny", **o).to_dict())
         cfg = train.get_config(args[0].split()[1], **dict(a[2:].split("=", 1) for a in args[1:]))
         assert cfg.to_dict() == get_config("tiny", **o).to_dict()
     # What flags cannot build: a preset this version lacks, a part the preset has not (the 1.3B is SigLIP-only)
-    assert train.config_flags(dict(get_config("tiny").to_dict(), name="tiny-v0")) is None
-    assert train.config_flags(dict(get_config("1.3b").to_dict(), sam=get_config("7b").to_dict()["sam"])) is None
+    assert resume.config_flags(dict(get_config("tiny").to_dict(), name="tiny-v0")) is None
+    assert resume.config_flags(dict(get_config("1.3b").to_dict(), sam=get_config("7b").to_dict()["sam"])) is None
     with pytest.raises(SystemExit, match=r"was trained with another model config:\n  llm.dim: checkpoint 96 vs now "
                                          r"128\npass the same --config and overrides it was trained with: --config "
                                          r"tiny --llm.dim=96$"):
-        train.check_same_config(get_config("tiny", **{"llm.dim": "96"}).to_dict(), get_config("tiny"), "x/model.pt")
+        resume.check_same_config(get_config("tiny", **{"llm.dim": "96"}).to_dict(), get_config("tiny"), "x/model.pt")
     # A part one side lacks is one line, not one per field of the other side's
     siglip_only = get_config("tiny", **{"sam": "none", "aligner.projector_type": "mlp_gelu"}).to_dict()
     with pytest.raises(SystemExit, match=r"another model config:\n  sam: checkpoint none vs now present\n  "
                                          r"aligner.projector_type: checkpoint mlp_gelu vs now low_high_hybrid_split_"
                                          r"mlp_gelu\npass .*: --config tiny --aligner.projector_type=mlp_gelu "
                                          r"--sam=none$"):
-        train.check_same_config(siglip_only, get_config("tiny"), "x/model.pt")
-    assert train.config_flags(dict(get_config("tiny").to_dict(), name=["tiny"])) is None  # (a name of another type)
+        resume.check_same_config(siglip_only, get_config("tiny"), "x/model.pt")
+    assert resume.config_flags(dict(get_config("tiny").to_dict(), name=["tiny"])) is None  # (a name of another type)
     with pytest.raises(SystemExit, match=r"config:\n  sam: checkpoint present vs now none\n  aligner.projector_type"):
-        train.check_same_config(get_config("tiny").to_dict(), get_config("tiny", **{
+        resume.check_same_config(get_config("tiny").to_dict(), get_config("tiny", **{
             "sam": "none", "aligner.projector_type": "mlp_gelu"}), "x/model.pt")
