@@ -560,10 +560,10 @@ FREE_ON_RESUME = ("stage", "resume", "eval_only", "ckpt", "init_from", "tokenize
 def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: dict, world: int, say,
                     finished: bool = False) -> dict:
     """A stage's ckpt.pt, after checking that it can be continued by this run: this stage, this model config
-    (read_checkpoint) and the same training settings (each difference is named). hp: the stage's hyperparameters as this run resolved
-    them (the defaults filled in), compared with the checkpoint's, so that giving a default explicitly is no
-    difference. world: the number of processes of this run; say: print, on the first one. finished: the stage is
-    done and only its settings are checked (how its steps were split no longer matters)."""
+    (read_checkpoint) and the same training settings (each difference is named). hp: the stage's hyperparameters as this
+    run resolved them (the defaults filled in), compared with the checkpoint's, so that giving a default explicitly is
+    no difference. world: the number of processes of this run; say: print, on the first one. finished: the stage is done
+    and only its settings are checked (how its steps were split no longer matters)."""
     state = read_checkpoint(path, stage, cfg, finished)  # (a whole, finite checkpoint of this stage and model)
     if isinstance(state.get("train"), dict):
         resolved = isinstance(state.get("hparams"), dict)  # older checkpoints: the settings as given
