@@ -70,8 +70,27 @@ def read_mc_rows(path: str) -> List[dict]:
     rows = read_jsonl(path, origin=True)
     if not rows:
         raise ValueError(f"{path} holds no questions; expected one JSON object a line, as the README shows")
+    check_mc_rows(rows)
+    return rows
+
+
+def where(row: dict, i: int) -> str:
+    """How an error names a question: its file and line when read from one (read_jsonl's _where), else its index in
+    the rows given."""
+    return row.get("_where") or f"question {i} (rows[{i}])"
+
+
+def check_mc_rows(rows: Sequence[dict]) -> None:
+    """A ValueError naming the first malformed question: the checks read_mc_rows makes of a file's rows, made again
+    by multiple_choice and open_questions for rows built in Python (a wrong answer index would otherwise be scored as
+    a wrong answer, without a word)."""
+    if not isinstance(rows, (list, tuple)):
+        raise ValueError(f"expected the questions as a list of dicts, got {type(rows).__name__}")
     strings = lambda x: isinstance(x, list) and all(isinstance(s, str) for s in x)
-    for row in rows:
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{where({}, i)}: expected a dict {{category, images, question, options, answer}}, got "
+                             f"{type(row).__name__}")
         options, answer = row.get("options"), row.get("answer")
         if not isinstance(row.get("category"), str):
             problem = f"'category' must be a string, got {row.get('category')!r}"
@@ -95,8 +114,7 @@ def read_mc_rows(path: str) -> List[dict]:
             problem = f"'answer' must be the index of the right option, 0 to {len(options) - 1}, got {answer!r}"
         else:
             continue
-        raise ValueError(f"{row['_where']}: {problem}")
-    return rows
+        raise ValueError(f"{where(row, i)}: {problem}")
 
 
 MC_FILES = {"test": "eval_mc.jsonl", "val": "val_mc.jsonl"}  # held_out's split -> the questions' file
@@ -151,14 +169,24 @@ def option_samples(row: dict, tokenizer, n_image_tokens: int) -> List[Sample]:
 def check_fits(rows: Sequence[dict], tokenizer, n_image_tokens: int, max_len: int) -> None:
     """A ValueError naming the first question whose images, question and longest option do not fit the context (the
     model cannot score it), before a run trains or loads for minutes only to fail at its evaluation."""
-    for row in rows:
+    for i, row in enumerate(rows):
         # (the model reads all but the last token: collate shifts the ids by one, as in training)
         longest = max(len(s.ids) for s in option_samples(row, tokenizer, n_image_tokens)) - 1
         if longest > max_len:
             n = len(row.get("images") or ())
             images = f"with its {n} image{'s' * (n > 1)} ({n_image_tokens} tokens each), " if n else ""
-            raise ValueError(f"{row['_where']}: {images}the question and its longest option make {longest} input "
+            raise ValueError(f"{where(row, i)}: {images}the question and its longest option make {longest} input "
                              f"tokens, but the model's context is {max_len}")
+
+
+def check_questions(model, rows: Sequence[dict], tokenizer, n_image_tokens: int, batch_questions: int) -> None:
+    """What multiple_choice and open_questions check before they score: each row well formed (check_mc_rows), each
+    question with its options fitting the model's context (check_fits), and a batch size that is a count. (Rows read
+    by held_out are checked as they are read; evaluate takes those.)"""
+    if type(batch_questions) is not int or batch_questions < 1:
+        raise ValueError(f"batch_questions must be an integer of at least 1, got {batch_questions!r}")
+    check_mc_rows(rows)
+    check_fits(rows, tokenizer, n_image_tokens, model.cfg.llm.max_seq_len)
 
 
 def by_category(correct: Dict[str, int], total: Dict[str, int]) -> Dict[str, float]:
@@ -172,6 +200,7 @@ def multiple_choice(model, rows: Sequence[dict], tokenizer, processor, n_image_t
                     batch_questions: int = 8) -> Dict[str, float]:
     """Accuracy per category on rows {category, images, question, options, answer}, with "mean" (over categories) and
     "chance" (what guessing would score, averaged the same way: 25% with four options everywhere)."""
+    check_questions(model, rows, tokenizer, n_image_tokens, batch_questions)
     return mc_accuracy(rows, mc_choices(model, rows, tokenizer, processor, n_image_tokens, root, batch_questions))
 
 
@@ -258,6 +287,7 @@ def open_questions(model, rows: Sequence[dict], tokenizer, processor, n_image_to
     """Accuracy per category, with "mean", on the same rows asked without their options: each question (after its
     images) in a user turn, the answer decoded greedily (at most max_new_tokens), right when it names the right
     option and no other (names_only)."""
+    check_questions(model, rows, tokenizer, n_image_tokens, batch_questions)
     answers = open_answers(model, rows, tokenizer, processor, n_image_tokens, root, batch_questions, max_new_tokens)
     return open_accuracy(rows, answers)
 

@@ -239,11 +239,12 @@ def test_learning_rate_schedules():
 
 class FavouriteTokens(torch.nn.Module):
     """A stand-in model whose next-token logits are `bonus` for the given ids and 0 for every other, at every
-    position; its loss is the per-token NLL (reduction="none"), as the evaluations ask for."""
+    position; its loss is the per-token NLL (reduction="none"), as the evaluations ask for. Its cfg is tiny's, whose
+    context the evaluations check each question against."""
 
     def __init__(self, vocab_size, favourite=(), bonus=0.0):
         super().__init__()
-        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.w, self.cfg = torch.nn.Parameter(torch.zeros(1)), get_config("tiny")
         self.vocab_size, self.favourite, self.bonus = vocab_size, list(favourite), bonus
 
     def forward(self, ids, images=None, image_embeds=None, targets=None, reduction="none"):
@@ -274,6 +275,36 @@ def test_multiple_choice_picks_the_option_the_model_finds_likeliest(data):
     rows = [dict(rows[0], options=["a", "b"], answer=0), dict(rows[0], options=["a", "b", "c", "d"], answer=0),
             dict(rows[1], options=["a", "b"], answer=0)]
     assert evaluate.mc_accuracy(rows, [0, 1, 1])["chance"] == pytest.approx(((1 / 2 + 1 / 4) / 2 + 1 / 2) / 2)
+
+
+def test_questions_built_in_python_are_checked_as_a_files_rows_are(data):
+    # multiple_choice and open_questions are a library's API too: a row built in Python with an answer out of range
+    # was scored as a wrong answer without a word, and a string of options as its letters.
+    tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    cfg = get_config("tiny")
+    model = FavouriteTokens(tok.vocab_size)
+    good = {"category": "code", "images": [], "question": "Which?", "options": ["red", "blue"], "answer": 1}
+    for rows, reason in [([dict(good, answer=7)], r"question 1 \(rows\[1\]\): 'answer' must be the index of the right "
+                                                  r"option, 0 to 1, got 7"),
+                         ([dict(good, answer="1")], "'answer' must be the index of the right option, 0 to 1, got '1'"),
+                         ([dict(good, options="abcd")], "'options' must be a list of at least 2 strings, got 'abcd'"),
+                         ([dict(good, options=[])], "'options' must be a list of at least 2 strings, got \\[\\]"),
+                         ([dict(good, question=None)], "'question' must be a string of text, got None"),
+                         ([dict(good, images="a.png")], "'images' must be a list of paths"),
+                         ([{k: v for k, v in good.items() if k != "category"}], "'category' must be a string"),
+                         (["what?"], r"question 1 \(rows\[1\]\): expected a dict \{category, .*\}, got str"),
+                         (good, "expected the questions as a list of dicts, got dict"),
+                         ([dict(good, question="why " * 600)], r"question 1 \(rows\[1\]\): the question and its "
+                                                               r"longest option make \d+ input tokens, but the "
+                                                               r"model's context is 512")]:
+        rows = rows if isinstance(rows, dict) else [good] + rows  # (the bad one second: named by its index)
+        for ask in (evaluate.multiple_choice, evaluate.open_questions):
+            with pytest.raises(ValueError, match=reason):
+                ask(model, rows, tok, ImageProcessor.for_config(cfg), cfg.n_image_tokens)
+    with pytest.raises(ValueError, match="batch_questions must be an integer of at least 1, got 0"):
+        evaluate.multiple_choice(model, [good], tok, ImageProcessor.for_config(cfg), cfg.n_image_tokens,
+                                 batch_questions=0)
+    assert evaluate.multiple_choice(model, [good], tok, None, cfg.n_image_tokens)["code"] in (0.0, 1.0)
 
 
 class ImageEcho(torch.nn.Module):
@@ -374,8 +405,10 @@ def test_open_questions_ask_without_the_options_and_score_what_comes_back(data, 
         return [tok.encode(" " + next(replies)) + [tok.eos_id] for _ in prompts]
 
     monkeypatch.setattr(evaluate, "generate", fake_generate)
-    acc = evaluate.open_questions(torch.nn.Linear(1, 1), rows, tok, ImageProcessor.for_config(cfg),
-                                  cfg.n_image_tokens, root=data, batch_questions=2)
+    model = torch.nn.Linear(1, 1)  # (never run: generate is faked)
+    model.cfg = cfg  # (whose context each question is checked against)
+    acc = evaluate.open_questions(model, rows, tok, ImageProcessor.for_config(cfg), cfg.n_image_tokens, root=data,
+                                  batch_questions=2)
     assert acc == {"code": 0.5, "ocr": 1.0, "mean": 0.75}
     assert [a[1][0] for a in asked] == [2, 1]  # every question's image, in batches of two questions
     prompt = tok.decode(asked[0][0][0])  # the image's tokens in front of the question, as sample.py puts them
