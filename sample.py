@@ -218,8 +218,8 @@ def chat(args, model, tok, proc, sampling, pictures):
             print(HELP)
             continue
         if line.lower() == "new":
-            session = None  # the old cache goes first: both at once would need twice its memory
-            session, queued = ChatSession(model, tok, proc, system=args.system, compile=args.compile), []
+            session.reset()  # (its cache, and on a GPU its recorded decoding step, serve the new chat)
+            queued = []
             print("(new chat)")
             continue
         if is_image_command(line):
@@ -234,6 +234,10 @@ def chat(args, model, tok, proc, sampling, pictures):
             if image is not None:
                 queued.append(image)
                 print(f"({len(queued)} image(s) attached to your next message)")
+            continue
+        if "<image>" in line and IMAGE_TAG not in line:  # (as --prompt refuses it: LLaVA's tag would stay as text)
+            print(f"(that message holds <image>, LLaVA's tag; DeepSeek-VL's is {IMAGE_TAG}: write that, or leave it "
+                  f"out to put the attached images first; the message was not sent{attached(queued)})")
             continue
         message = with_tags(line, len(queued))
         n_tags = message.count(IMAGE_TAG)
@@ -264,7 +268,8 @@ def chat(args, model, tok, proc, sampling, pictures):
         try:  # a message too long for the context, say: said on its own line, not as the start of an answer
             session.check_turn(message, images, sampling)
         except ValueError as e:
-            print(f"(error: {e}; the conversation is as it was{attached(queued)})")
+            print(f"(error: {str(e).replace('start a new chat (reset)', 'start a new chat (new)')}; the conversation "
+                  f"is as it was{attached(queued)})")
             continue
         print("Assistant: ", end="", flush=True)
         try:

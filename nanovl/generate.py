@@ -55,11 +55,14 @@ class Sampling:
         """self, or ValueError naming each setting of the wrong type or out of its range."""
         kinds = {"max_new_tokens": int, "top_k": int, "seed": int, "temperature": float, "top_p": float,
                  "repetition_penalty": float}
+        # numpy's numbers count as numbers (numbers.Integral, numbers.Real); a bool does not (True is no count)
         wrong = [f"{name} must be {'an integer' if kind is int else 'a number'}, got {getattr(self, name)!r}"
                  for name, kind in kinds.items() if isinstance(getattr(self, name), bool) or
-                 not isinstance(getattr(self, name), int if kind is int else (int, float))]
+                 not isinstance(getattr(self, name), numbers.Integral if kind is int else numbers.Real)]
         if wrong:  # (the ranges below compare numbers; max_new_tokens=2.5 would fail deep in the cache)
             raise ValueError("bad sampling settings: " + "; ".join(wrong))
+        for name, kind in kinds.items():  # as Python's own (np.float32(0.7) would divide the logits in its precision)
+            setattr(self, name, kind(getattr(self, name)))
         # Sampling divides the fp32 logits by the temperature, and a repetition penalty divides some: far enough below
         # 1 (around 1e-37 for a logit of 30) a logit passes the largest float, and the softmax of inf is NaN. 1e-4 is a
         # floor well clear of that, and a temperature that small is greedy in effect anyway. Above fp32's largest
@@ -185,15 +188,18 @@ class DecodeStep:
 
 
 def _decode(model, step: DecodeStep, logits, s: Sampling, stop_ids, pad_id: int, n_words: int,
-            on_step=None) -> torch.Tensor:
+            on_step=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Decode from the prompt's last logits (B, V) until every row hit a stop id or max_new_tokens. -> (B, n) ids,
     with pad_id after a row's stop token. on_step(ids (B,)) is called with each token picked (for streaming).
+    generator: the random stream samples are drawn from (default: a new one seeded with s.seed; a chat session keeps
+    one for all its turns).
 
     Only ids below n_words (the tokenizer's size) are ever picked: the embedding is padded past the tokenizer (to
     102400 in the released models), and those rows have no text to decode to. Nor is <image_placeholder>: fed back,
     it would ask for an image that does not exist."""
     B, device = logits.shape[0], logits.device
-    generator = torch.Generator(device=device).manual_seed(s.seed)
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(s.seed)
     image_id = torch.tensor([model.cfg.image_token_id], device=device)  # made once, not per step
     stop = torch.tensor(sorted(stop_ids), device=device)
     out = torch.empty(B, 0, dtype=torch.long, device=device)
@@ -330,19 +336,32 @@ class TextStream:
 
 
 class ChatSession:
-    """A conversation with one model, its KV cache holding everything said so far."""
+    """A conversation with one model, its KV cache holding everything said so far. Samples (temperature > 0) are drawn
+    from one random stream for the whole session, seeded by the first turn's Sampling.seed, as the official CLI seeds
+    once: each turn draws on from where the last stopped (a new seed starts a new stream)."""
 
     def __init__(self, model, tokenizer, processor, system: str = SYSTEM_PROMPT, max_len: Optional[int] = None,
                  compile: bool = False):
         from nanovl.checkpoint import check_tokenizer_fits
         # (another tokenizer's <image_placeholder> is text to this model: "expected 0 images for 0 placeholders")
         check_tokenizer_fits(tokenizer, model.cfg, "the tokenizer given")
-        self.model, self.tok, self.proc = model, tokenizer, processor
+        if isinstance(system, str) and IMAGE_TAG in system:  # (an image span with no image: every turn would fail)
+            raise ValueError(f"the system prompt holds {IMAGE_TAG}, but images go in messages (the system prompt has "
+                             "none)")
+        self.model, self.tok, self.proc, self.system = model, tokenizer, processor, system
         self.cache = model.llm.new_cache(1, max_len)
         self.step = DecodeStep(model.llm, self.cache, compile)  # one for the whole chat: on a GPU, one recording
+        self.generator: Optional[torch.Generator] = None  # made at the first turn, from its seed
+        self.seed: Optional[int] = None
+        self.reset()
+
+    def reset(self):
+        """Start a new conversation: the same system prompt, the KV cache emptied (its memory, and on a GPU the
+        recorded decoding step, kept), the random stream going on."""
+        self.cache.length = 0
         self.ids: List[int] = []  # exactly what the cache holds
         # ids decided but not yet fed: the start, or the previous answer's end-of-sentence
-        self.pending = start_ids(tokenizer, system)
+        self.pending = start_ids(self.tok, self.system)
         self.turns = 0  # answered so far
         self.cut = False  # whether the last answer stopped at the end of the context, without its end-of-sentence
         self.answer: List[int] = []  # the last answer's ids, as generated (its end-of-sentence included)
@@ -367,6 +386,10 @@ class ChatSession:
                              f"{type(images).__name__}")
         if not content.strip():
             raise ValueError(f"the message is empty: expected some text, or an {IMAGE_TAG} for an image")
+        weights = self.model.llm.embed_tokens.weight
+        if (self.cache.device, self.cache.k[0].dtype) != (weights.device, weights.dtype):
+            raise ValueError(f"the model was moved to {weights.device}, {weights.dtype} after this chat began (its KV "
+                             f"cache is {self.cache.device}, {self.cache.k[0].dtype}): start a new ChatSession")
         n_tags = content.count(IMAGE_TAG)
         if n_tags != len(images):
             raise ValueError(f"this message has {n_tags} {IMAGE_TAG} but {len(images)} images were given: put one "
@@ -376,7 +399,8 @@ class ChatSession:
         if end >= self.cache.max_len:
             raise ValueError(f"this turn would make the conversation {end} tokens long, but the context holds "
                              f"{self.cache.max_len} (with room for an answer); " +
-                             ("start a new chat" if self.turns else "shorten the message (or the system prompt)") +
+                             ("start a new chat (reset)" if self.turns else
+                              "shorten the message (or the system prompt)") +
                              (f", or give fewer images (each takes {self.model.cfg.n_image_tokens} tokens)"
                               if images else ""))
         return new
@@ -395,8 +419,11 @@ class ChatSession:
             logits, _ = self.model(torch.tensor([new], device=device), None if pixels is None else pixels.to(device),
                                    cache=self.cache, last_only=True)
             stream = TextStream(self.tok, on_text)  # prints the answer as it comes
+            if self.generator is None or sampling.seed != self.seed:
+                self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
+                self.seed = sampling.seed
             out = _decode(self.model, self.step, logits[:, -1], sampling, {self.tok.eos_id}, self.tok.pad_id,
-                          self.tok.vocab_size, lambda nxt: stream.add(int(nxt[0])))  # (1, n)
+                          self.tok.vocab_size, lambda nxt: stream.add(int(nxt[0])), self.generator)  # (1, n)
         except BaseException:
             self.cache.length = start  # forget the half-written turn: the next one overwrites those slots
             raise

@@ -1,12 +1,14 @@
 """Generation and sample.py: the cache gives the tokens a full recompute gives, sampling matches HF's logits
 processors and is seeded, a chat turn prefills only its new tokens, and bad input leaves a session as it was."""
 
+import copy
 import io
 import json
 import os
 import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -215,6 +217,12 @@ def test_sampling_settings_out_of_range_are_refused_and_the_smallest_allowed_one
     for seed in (-2 ** 63, 2 ** 64 - 1):
         assert Sampling(seed=seed).check().seed == seed
         torch.Generator().manual_seed(seed)
+    # numpy's numbers are numbers (they were refused as "must be an integer, got np.int64(8)"), taken as Python's
+    s = Sampling(max_new_tokens=np.int64(8), temperature=np.float32(0.5), top_k=np.int32(3), seed=np.uint64(5)).check()
+    assert [(type(v), v) for v in (s.max_new_tokens, s.temperature, s.top_k, s.seed)] == \
+        [(int, 8), (float, 0.5), (int, 3), (int, 5)]
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer, got np.float64"):
+        Sampling(max_new_tokens=np.float64(8)).check()
 
 
 def test_the_default_sampling_is_the_official_inference_example():
@@ -250,6 +258,45 @@ def test_top_p_keeps_a_token_only_while_those_above_it_fall_short_of_p_as_hf_doe
     got = warp(logits, torch.empty(1, 0, dtype=torch.long), Sampling(temperature=1.0, top_p=0.5))
     expected = TopPLogitsWarper(0.5)(None, logits.clone())
     assert int(torch.isfinite(got).sum()) == int(torch.isfinite(expected).sum()) == 2
+
+
+def test_a_chat_draws_its_turns_from_one_random_stream_and_reset_starts_a_new_chat(tiny, tok):
+    # Each turn was seeded anew, so every turn drew the same random numbers (the official CLI seeds once a process).
+    proc = ImageProcessor.for_config(tiny.cfg)
+    s = Sampling(max_new_tokens=8, temperature=5.0, seed=3)  # (hot: each token nearly uniform over the vocabulary)
+    chat = ChatSession(tiny, tok, proc)
+    first = chat.ask("hello", [], s)
+    chat.reset()  # the same conversation again, the stream going on
+    assert (chat.cache.length, chat.ids, chat.turns, chat.answer) == (0, [], 0, [])
+    again = chat.ask("hello", [], s)
+    assert again != first and first == ChatSession(tiny, tok, proc).ask("hello", [], s)  # (a seed reproduces a chat)
+    assert chat.ask("hello", [], Sampling(8, 5.0, seed=3)) != again  # the stream goes on while the seed stays
+    assert ChatSession(tiny, tok, proc).ask("hello", [], Sampling(8, 5.0, seed=4)) != first
+    # reset leaves nothing of the conversation: greedy, a reset chat answers as a fresh one, token for token
+    greedy = Sampling(max_new_tokens=6)
+    chat.reset()
+    fresh = ChatSession(tiny, tok, proc)
+    for message in ("hi", "and then?"):
+        assert chat.ask(message, [], greedy) == fresh.ask(message, [], greedy)
+        assert (chat.ids, chat.pending) == (fresh.ids, fresh.pending)
+
+
+def test_a_chat_refuses_what_would_break_every_later_turn(tiny, tok):
+    proc = ImageProcessor.for_config(tiny.cfg)
+    # An image placeholder in the system prompt was an image span with no image: every turn then failed with "1
+    # span(s) of <image_placeholder> tokens are not whole images" (sample.py refused it; the API did not).
+    with pytest.raises(ValueError, match="the system prompt holds <image_placeholder>, but images go in messages"):
+        ChatSession(tiny, tok, proc, system=f"{IMAGE_TAG} describe")
+    # A model moved to another dtype after the chat began: its cache is the old dtype's (advice the session's user
+    # can follow, not "make it with this model's new_cache")
+    model = copy.deepcopy(tiny)
+    chat = ChatSession(model, tok, proc)
+    chat.ask("hi", [], Sampling(max_new_tokens=2))
+    model.to(torch.float64)
+    with pytest.raises(ValueError, match=r"the model was moved to cpu, torch.float64 after this chat began \(its KV "
+                                         r"cache is cpu, torch.float32\): start a new ChatSession"):
+        chat.ask("and?", [], Sampling(max_new_tokens=2))
+    assert ChatSession(model, tok, proc).ask("and?", [], Sampling(max_new_tokens=2)) is not None
 
 
 def test_generation_is_reproducible_with_a_seed(tiny, tok):
@@ -412,7 +459,7 @@ def test_a_bad_turn_leaves_the_session_as_it_was(tiny, tok, tmp_path):
         ChatSession(tiny, tok, proc, max_len=turn).ask("hello", [], s)
     assert ChatSession(tiny, tok, proc, max_len=turn + 1).ask("hello", [], s) is not None
     assert chat.ask(f"{IMAGE_TAG}what?", [picture(4)], s) == fresh.ask(f"{IMAGE_TAG}what?", [picture(4)], s)
-    with pytest.raises(ValueError, match="start a new chat$"):  # later in a chat, what was said before fills it too
+    with pytest.raises(ValueError, match=r"start a new chat \(reset\)$"):  # later in a chat, what was said before fills it too
         chat.ask("red " * 600, [], s)
     many = 1 + tiny.cfg.llm.max_seq_len // tiny.cfg.n_image_tokens  # images alone fill the context
     with pytest.raises(ValueError, match=rf"shorten the message \(or the system prompt\), or give fewer images \(each "
@@ -786,14 +833,25 @@ def test_interactive_chat_commands(stage_folder, monkeypatch, capsys):
     lines = iter(["help", f"image {cat}", f"image {missing}", "what colour?",  # a bad image is said when attached
                   f"{IMAGE_TAG}and this?", str(missing), str(cat),  # and when asked for, which asks again
                   f"{IMAGE_TAG}and that?", "",  # no path: the message is dropped
+                  f"image {cat}", "<image> and this one?",  # LLaVA's tag: not sent (it would stay as text)
                   "new", "hello", "Exit"])  # (any case)
+    sessions = []
+
+    class Kept(ChatSession):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            sessions.append(self)
+
+    monkeypatch.setattr(sample, "ChatSession", Kept)
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     sample.main(["--ckpt", str(stage_folder), "--max_new_tokens", "4"])
     out = capsys.readouterr().out
     assert "commands:" in out and "1 image(s) attached" in out and "2 image(s)" not in out
     assert out.count("missing.png does not exist") == 2 and out.count("; not attached)") == 2
     assert "(message dropped; the conversation is as it was)" in out
-    assert "(new chat)" in out
+    assert (f"(that message holds <image>, LLaVA's tag; DeepSeek-VL's is {IMAGE_TAG}: write that, or leave it out to "
+            "put the attached images first; the message was not sent; 1 image(s) stay attached") in out
+    assert "(new chat)" in out and len(sessions) == 1 and sessions[0].turns == 1  # 'new' reset the one session
     assert out.count("Assistant: ") == 3
 
 
