@@ -86,7 +86,12 @@ def _tower_config(params: dict, known: dict, cls, where: str):
         raise ValueError(f"{where}: unknown vision tower model_name {name!r}; nanovl knows {sorted(known)} (or give "
                          f"the dimensions in a 'nanovl' entry, as export_released writes)")
     # SigLIP's select_layer cuts the tower at build time (-1 keeps all its blocks); left out of the file, it takes
-    # CLIPVisionTower's default, -2, one block fewer. SAM's tower ignores both fields (facts sections 1 and 2).
+    # CLIPVisionTower's default, -2, one block fewer. Its select_feature the official build_vision_tower sets to
+    # "same" whatever the file says; we refuse another value rather than ignore it (stricter than the official code,
+    # and no released file has one). SAM's tower ignores select_layer (facts section 1); its select_feature is
+    # applied by the official feature_select to SAM's (B, C, H, W) output, where "same" (every released file's) and
+    # "cls_patch" change nothing. The facts sheet calls both fields ignored for SAM; we accept any value there, as it
+    # says (the official code's "patch", its default when the field is absent, would cut a channel off).
     if cls is SigLIPConfig and (params.get("select_layer", -2) != -1 or params.get("select_feature", "same") != "same"):
         raise ValueError(f"{where}: select_layer {params.get('select_layer', '(absent: -2)')} / select_feature "
                          f"{params.get('select_feature')!r} are not supported (the released models use -1 / 'same')")

@@ -54,6 +54,21 @@ def test_official_single_turn_prompt():
         SYSTEM_PROMPT + "\n\nUser: <image_placeholder>Describe each stage of this image.\n\nAssistant:")
 
 
+def test_official_multi_turn_prompt(tok):
+    # The separators between turns, written out (facts sheet section 9): an answer ends with the end-of-sentence and
+    # the next "User:" follows it at once, with no newline. The renderer is checked against prompt_string elsewhere;
+    # this pins prompt_string itself, so that one misreading cannot change both (and the SFT template with them).
+    conv = [{"role": "user", "content": " q1 "}, {"role": "assistant", "content": "a1\n"},
+            {"role": "user", "content": "q2"}]
+    assert prompt_string(conv, generation_prompt=True) == (
+        SYSTEM_PROMPT + "\n\nUser: q1\n\nAssistant: a1<｜end▁of▁sentence｜>User: q2\n\nAssistant:")
+    ids, mask = render_chat(conv + [{"role": "assistant", "content": "a2"}], tok, 4)
+    assert tok.decode(ids) == ("<｜begin▁of▁sentence｜>" + SYSTEM_PROMPT + "\n\nUser: q1\n\nAssistant: a1"
+                               "<｜end▁of▁sentence｜>User: q2\n\nAssistant: a2<｜end▁of▁sentence｜>")
+    learnt = tok.decode([i for i, m in zip(ids, mask) if m])
+    assert learnt == " a1<｜end▁of▁sentence｜> a2<｜end▁of▁sentence｜>"  # the loss on the answers and their ends alone
+
+
 def test_only_answers_and_their_end_of_sentence_are_supervised(tok):
     conv = CONVERSATIONS["multi_turn_multi_image"]
     ids, mask = render_chat(conv, tok, N_IMG)
