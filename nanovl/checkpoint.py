@@ -635,7 +635,8 @@ def pick_tokenizer(folder: Path, given=None) -> tuple:
     saved = folder / "tokenizer.json"
     if not given:
         if not saved.is_file():
-            raise FileNotFoundError(f"no tokenizer at {saved}: pass --tokenizer (e.g. data/tokenizer.json)")
+            raise FileNotFoundError(f"no tokenizer at {saved}: pass --tokenizer (load_model's tokenizer=; e.g. "
+                                    "data/tokenizer.json)")
         return Tokenizer.load(saved), saved
     given = Path(given) / "tokenizer.json" if Path(given).is_dir() else Path(given)
     if not given.is_file():
@@ -719,7 +720,11 @@ def check_dtype(dtype, allowed=(torch.float32, torch.bfloat16, torch.float16, to
 
 
 def load_model(path, device="cpu", dtype=None, tokenizer=None):
-    """Either kind of checkpoint -> (model, tokenizer, processor), in eval mode."""
+    """Either kind of checkpoint -> (model, tokenizer, processor), in eval mode. device None: the CPU."""
+    for name, value in (("path", path), ("tokenizer", tokenizer)):
+        if not (isinstance(value, (str, os.PathLike)) or (name == "tokenizer" and value is None)):
+            raise ValueError(f"expected {name} as a path (a str or a pathlib.Path), got {type(value).__name__}")
+    device = "cpu" if device is None else device
     check_device(device)
     check_dtype(dtype)
     if is_released_folder(path):

@@ -140,6 +140,15 @@ class ImageProcessor:
     def pixels(self, image: Union[Image.Image, str, os.PathLike], max_pixels: Optional[int] = None) -> np.ndarray:
         """A PIL image or a path -> the canvas as an (S, S, 3) uint8 array (before any float conversion)."""
         if isinstance(image, Image.Image):
+            try:  # (an image opened lazily and closed since: Pillow's error names no image)
+                image.load()
+            except (ValueError, AssertionError) as e:  # ("Operation on closed image"; after a with block, its file
+                if isinstance(e, ValueError) and "closed image" not in str(e):  # gone: an assert in Pillow)
+                    raise
+                name = f" ({image.filename})" if getattr(image, "filename", "") else ""
+                raise ValueError(f"the PIL image given{name} was closed before its pixels were read (Image.close(), "
+                                 "or the end of a `with Image.open(...)` block): keep it open, call its load() "
+                                 "before closing it, or pass its path") from None
             img = to_rgb(image)
         elif isinstance(image, (str, os.PathLike)):
             img = load_image(image, MAX_PIXELS if max_pixels is None else max_pixels)
@@ -314,7 +323,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
     (alpha is dropped, as it does). We differ from it twice, on purpose:
     - a photo whose EXIF says "rotate to display" (most phone pictures) is turned upright first, as a photo viewer
       shows it; the official code gives the model the sensor's orientation, on its side, so for such a file the
-      released model answers differently here than in its own repository;
+      released model answers differently here than in its own repository. (A picture turned by hand in Pillow,
+      transpose or rotate, keeps the file's orientation tag and is turned again here: use ImageOps.exif_transpose,
+      which clears the tag, or pass the file's path);
     - 16-bit and 32-bit grey ("I;16", "I", "F") are rescaled to 8 bits first, where convert clips every value above
       255 to white (a float image holding NaN or infinite values, which has no scale, is refused).
     Pillow's warnings are kept quiet here (they would reach the user as two lines of library source): that a palette

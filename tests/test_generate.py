@@ -728,6 +728,12 @@ def test_load_model_takes_a_dtype_and_a_tokenizer_and_refuses_one_that_does_not_
                                          "model: the same text would become other ids"):
         load_model(bare, tokenizer=bare / "swapped.json")
     assert load_model(bare, tokenizer=bare / "copy.json")[1].same_ids(tok)
+    # From Python: a path that is not one is named (it was pathlib's TypeError), and device None is the default
+    for args, kwargs, reason in [((None,), {}, "expected path as a path .*, got NoneType"),
+                                 ((stage_folder,), {"tokenizer": 3}, "expected tokenizer as a path .*, got int")]:
+        with pytest.raises(ValueError, match=reason):
+            load_model(*args, **kwargs)
+    assert next(load_model(stage_folder, device=None)[0].parameters()).device.type == "cpu"
 
 
 def test_an_edited_config_json_beside_model_pt_is_named_not_silently_ignored(stage_folder, tiny, tmp_path):

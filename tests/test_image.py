@@ -260,6 +260,12 @@ def test_bad_files_get_an_error_naming_the_file(tmp_path):
                       ("http://example.org/cat.png", r"does not exist \(a web address: download the image first\)")]:
         with pytest.raises(ValueError, match=why):
             load_image(path)
+    # An image given open, then closed before it was read (Pillow's own error named no image)
+    Image.new("RGB", (8, 8)).save(tmp_path / "closed.png")
+    with Image.open(tmp_path / "closed.png") as closed:
+        pass
+    with pytest.raises(ValueError, match=r"the PIL image given \(.*closed.png\) was closed before its pixels were read"):
+        ImageProcessor(image_size=32)(closed)
 
 
 def test_a_missing_name_that_looks_like_one_there_says_why(tmp_path):
