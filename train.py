@@ -910,6 +910,95 @@ def check_start(stage: int, tc: TrainConfig, cfg: VLConfig):
                      f"run --stage {stage - 1} first, or pass --init_from PATH")
 
 
+def checked_tokenizer(stage: int, tc: TrainConfig, cfg: VLConfig, out_dir: str, state, init: list, say) -> Tokenizer:
+    """The tokenizer the stage trains with (stage_tokenizer), after checking that it is the one the weights it
+    continues were trained with: a resumed stage's (state: its checkpoint), or those it starts from (init). Another of
+    the same size would turn the same text into other ids, which the weights read as nonsense without a word."""
+    resume = state is not None
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    sources = [out_dir] if resume else init if stage > 0 else []
+    saved_tok = os.path.join(out_dir, "tokenizer.json")  # (written as the stage began: the one it trains with)
+    if resume and not tc.tokenizer and not os.path.isfile(saved_tok):  # (else the data's, which may be another)
+        raise SystemExit(f"{saved_tok}, written when stage {stage} began, is gone: pass --tokenizer PATH, the one the "
+                         "stage trained with, to resume it (it is written back there)")
+    tok = stage_tokenizer(tc, cfg, sources)
+    # beside: the tokenizer the stage would read without --tokenizer (beside its weights, else the data's). Beside a
+    # nanovl stage or a released model it is the one those weights were trained with; beside a vision part it says
+    # nothing.
+    beside = tokenizer_path(dataclasses.replace(tc, tokenizer=""), sources)
+    data_tok = os.path.join(tc.data, "tokenizer.json")
+    trained = sources and (resume or is_nanovl_checkpoint(sources[0]) or is_released_folder(sources[0]))
+    if tc.tokenizer and trained and beside != data_tok:
+        check_same_tokenizer(tok, tc.tokenizer, beside, resume)
+    # The fingerprint of the tokenizer the weights were trained with, which this script's checkpoints keep (older
+    # ones: None): a tokenizer.json lost or left behind is not replaced by another of the same size unseen.
+    # (--init_from may name several parts: each of this script's checkpoints among them is checked)
+    marked = [(ckpt_path, state.get("tokenizer"))] if resume else \
+        [(path, weights_entry([path], "tokenizer")) for path in init] if stage > 0 else []
+    for weights, trained_with in marked:
+        try:
+            check_trained_with(tok, tokenizer_path(tc, sources), trained_with, weights)
+        except ValueError as e:
+            raise SystemExit(f"{e} (or pass it as --tokenizer)") from None
+    if (not tc.tokenizer and trained and not resume and beside == data_tok
+            and not any(trained_with for _, trained_with in marked)):
+        say(f"stage {stage}: no tokenizer.json beside {sources[0]}, so it trains with {data_tok}, which must be the "
+            "one those weights were trained with (else pass that one as --tokenizer)")
+    return tok
+
+
+def stage_eval_rows(stage: int, tc: TrainConfig, cfg: VLConfig, tok: Tokenizer, out_dir: str, master: bool,
+                    world: int, say):
+    """What the stage's evaluations read, as evaluate takes it: (questions, text rows), or None: nothing to evaluate.
+    Read and checked now, so that a bad row or image stops the run before it trains, not after. Stage 0 trains no
+    image-text pairs to ask questions of: its evaluation is the language model's bits per byte alone. Under torchrun
+    the first process reads them and every process gets them, to score its share."""
+    eval_rows = None
+    if master:
+        try:
+            if stage > 0:
+                eval_rows = held_out(tc.data, tc.eval_limit, tc.eval_split)
+                if eval_rows:
+                    check_fits(eval_rows[0], tok, cfg.n_image_tokens, cfg.llm.max_seq_len)
+            else:
+                text_rows = held_out_text(tc.data, tc.eval_limit)
+                eval_rows = text_rows and (None, text_rows)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"the held-out data: {e}") from None
+        if eval_rows is None:
+            later = f"--eval-only --ckpt {out_dir} --data DIR" + ("" if tc.eval_split == "test" else
+                                                                  f" --eval_split {tc.eval_split}")
+            say(f"stage {stage}: {tc.data} has no held-out " + (
+                f"questions ({MC_FILES[tc.eval_split]}), so the stage is not evaluated; evaluate it afterwards with "
+                f"{later}" if stage > 0 else "text (eval_text.jsonl), so stage 0 is not evaluated"))
+    if world > 1:
+        shared = [eval_rows]
+        dist.broadcast_object_list(shared)
+        eval_rows = shared[0]
+    return eval_rows
+
+
+def make_stage_folder(stage: int, tc: TrainConfig, out_dir: str, tok: Tokenizer, resume: bool, master: bool,
+                      world: int):
+    """Take --out (its lock, held until the run ends), make the stage folder and write the tokenizer the stage trains
+    with into it. Called once every check has passed, so that a run refused before leaves nothing behind."""
+    claim_out_folder(tc.out, master, world)
+    if master:  # (now that this run holds the folder: a temporary of a live run's save is not stale)
+        remove_stale_temporaries(out_dir)
+    if not resume:  # another run may have written here since open_stage_folder looked, and ended
+        refuse_earlier_run(stage, out_dir, resume=False)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # --out is a file, or holds a file named stage<k>, or may not be written
+        raise SystemExit(f"--out {tc.out}: cannot make the folder {out_dir} ({e.strerror}); expected a folder"
+                         ) from None
+    if master and not os.access(out_dir, os.W_OK):  # (resumed, the first save would find out, steps later)
+        raise SystemExit(f"--out {tc.out}: cannot write to {out_dir} (read-only?)")
+    saved_tok = os.path.join(out_dir, "tokenizer.json")  # (a resumed stage's is there already)
+    if master and not (resume and os.path.isfile(saved_tok)):
+        atomic_save(tok.to_json(), saved_tok)  # the folder is all sample.py needs
+
+
 def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int, device: str):
     """One stage, start to finish: check its folder (or the checkpoint it resumes), build the tokenizer, the model
     (with the stage's freeze map), the batches and the optimizer, then train, checkpointing every ckpt_every steps,
@@ -939,61 +1028,13 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     init = start_weights(stage, tc)
     if stage > 0 and not resume:
         check_start(stage, tc, cfg)
-    sources = [out_dir] if resume else init if stage > 0 else []
-    saved_tok = os.path.join(out_dir, "tokenizer.json")  # (written as the stage began: the one it trains with)
-    if resume and not tc.tokenizer and not os.path.isfile(saved_tok):  # (else the data's, which may be another)
-        raise SystemExit(f"{saved_tok}, written when stage {stage} began, is gone: pass --tokenizer PATH, the one the "
-                         "stage trained with, to resume it (it is written back there)")
-    tok = stage_tokenizer(tc, cfg, sources)
-    # beside: the tokenizer the stage would read without --tokenizer (beside its weights, else the data's). Beside a
-    # nanovl stage or a released model it is the one those weights were trained with; beside a vision part it says
-    # nothing.
-    beside = tokenizer_path(dataclasses.replace(tc, tokenizer=""), sources)
-    data_tok = os.path.join(tc.data, "tokenizer.json")
-    trained = sources and (resume or is_nanovl_checkpoint(sources[0]) or is_released_folder(sources[0]))
-    if tc.tokenizer and trained and beside != data_tok:
-        check_same_tokenizer(tok, tc.tokenizer, beside, resume)
-    # The fingerprint of the tokenizer the weights were trained with, which this script's checkpoints keep (older
-    # ones: None): a tokenizer.json lost or left behind is not replaced by another of the same size unseen.
-    # (--init_from may name several parts: each of this script's checkpoints among them is checked)
-    marked = [(ckpt_path, state.get("tokenizer"))] if resume else \
-        [(path, weights_entry([path], "tokenizer")) for path in init] if stage > 0 else []
-    for weights, trained_with in marked:
-        try:
-            check_trained_with(tok, tokenizer_path(tc, sources), trained_with, weights)
-        except ValueError as e:
-            raise SystemExit(f"{e} (or pass it as --tokenizer)") from None
-    if (not tc.tokenizer and trained and not resume and beside == data_tok
-            and not any(trained_with for _, trained_with in marked)):
-        say(f"stage {stage}: no tokenizer.json beside {sources[0]}, so it trains with {data_tok}, which must be the "
-            "one those weights were trained with (else pass that one as --tokenizer)")
+    tok = checked_tokenizer(stage, tc, cfg, out_dir, state, init, say)  # the one the weights were trained with
     proc = ImageProcessor.for_config(cfg)
     model, net = stage_model(stage, tc, cfg, init, resume, say)
     net.to(device)
     model.llm.grad_checkpointing = tc.grad_ckpt
 
-    eval_rows = None  # (questions, text), as evaluate takes them, or None: nothing to evaluate
-    if master:  # what the evaluations read: a bad row or image stops the run now, not after training
-        try:
-            if stage > 0:
-                eval_rows = held_out(tc.data, tc.eval_limit, tc.eval_split)
-                if eval_rows:
-                    check_fits(eval_rows[0], tok, cfg.n_image_tokens, cfg.llm.max_seq_len)
-            else:  # stage 0 trains no image-text pairs to ask questions of: the language model's bits per byte only
-                text_rows = held_out_text(tc.data, tc.eval_limit)
-                eval_rows = text_rows and (None, text_rows)
-        except (ValueError, OSError) as e:
-            raise SystemExit(f"the held-out data: {e}") from None
-        if eval_rows is None:
-            later = f"--eval-only --ckpt {out_dir} --data DIR" + ("" if tc.eval_split == "test" else
-                                                                  f" --eval_split {tc.eval_split}")
-            say(f"stage {stage}: {tc.data} has no held-out " + (
-                f"questions ({MC_FILES[tc.eval_split]}), so the stage is not evaluated; evaluate it afterwards with "
-                f"{later}" if stage > 0 else "text (eval_text.jsonl), so stage 0 is not evaluated"))
-    if world > 1:  # every process scores its share of them (evaluate)
-        shared = [eval_rows]
-        dist.broadcast_object_list(shared)
-        eval_rows = shared[0]
+    eval_rows = stage_eval_rows(stage, tc, cfg, tok, out_dir, master, world, say)  # read and checked before training
 
     # Which build of each synthetic folder the rows come from (taken before they are read): checked every step,
     # as a folder made anew meanwhile holds other pictures under the names the rows give (data.folder_stamp).
@@ -1008,23 +1049,10 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     clip_groups = clipping_groups(net, stage)  # each clipped to grad_clip on its own
     opt = stage_optimizer(net, tc, hp, device)
     # Every check has passed: only now is the stage folder made, so a run refused above leaves nothing behind.
-    claim_out_folder(tc.out, master, world)
+    make_stage_folder(stage, tc, out_dir, tok, resume, master, world)
     if hp["steps"] < hp["warmup"]:  # (a quick run's --steps leave the stage's warm-up as it is)
         say(f"stage {stage}: its {hp['steps']} steps end inside the learning rate's warm-up of {hp['warmup']} steps, "
             f"so the rate never reaches its peak, {hp['lr']:g} (a smaller --warmup reaches it)")
-    if master:  # (now that this run holds the folder: a temporary of a live run's save is not stale)
-        remove_stale_temporaries(out_dir)
-    if not resume:  # another run may have written here since open_stage_folder looked, and ended
-        refuse_earlier_run(stage, out_dir, resume=False)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:  # --out is a file, or holds a file named stage<k>, or may not be written
-        raise SystemExit(f"--out {tc.out}: cannot make the folder {out_dir} ({e.strerror}); expected a folder"
-                         ) from None
-    if master and not os.access(out_dir, os.W_OK):  # (resumed, the first save would find out, steps later)
-        raise SystemExit(f"--out {tc.out}: cannot write to {out_dir} (read-only?)")
-    if master and not (resume and os.path.isfile(saved_tok)):
-        atomic_save(tok.to_json(), saved_tok)  # the folder is all sample.py needs
     tok_print = tok.fingerprint()  # (kept in model.pt and every ckpt.pt: a third of a second for a 100k vocabulary)
     # This training of the stage, named at its start and kept through resumes: its model.pt carries the name, and the
     # stages after it record which one they began from (weights_entry).
