@@ -1330,8 +1330,57 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def evaluate_only(argv, tc: TrainConfig, overrides: dict, device: str, rank: int, world: int):
+    """--eval-only: the held-out evaluation of --ckpt (a stage folder, a model.pt or a released model folder) on
+    --data's questions and text, printed as the table a stage prints; nothing is written. The model config is the
+    checkpoint's (--config only names the default --data); bf16 on a GPU."""
+    if not tc.ckpt:
+        raise SystemExit("--eval_only needs --ckpt: a stage folder, a model.pt file or a released model folder")
+    if overrides:
+        raise SystemExit(f"--eval-only evaluates the model as --ckpt holds it; model config overrides "
+                         f"({', '.join('--' + k for k in overrides)}) would change nothing: drop them")
+    unused = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in EVAL_ONLY_FIELDS and
+              getattr(tc, f.name) != f.default]  # (a training flag left in a command copied from training)
+    if unused:
+        raise SystemExit(f"--eval-only evaluates --ckpt on --data; {', '.join('--' + k for k in unused)} would "
+                         f"change nothing: drop {'it' if len(unused) == 1 else 'them'} (it reads "
+                         f"{', '.join('--' + k for k in EVAL_ONLY_FIELDS[1:])})")
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    try:
+        rows = held_out(tc.data, tc.eval_limit, tc.eval_split)  # before loading a model that may take minutes
+        if rows is None:
+            name = MC_FILES[tc.eval_split]
+            raise ValueError(f"no multiple-choice questions at {os.path.join(tc.data, name)}: --data must be a "
+                             f"folder holding {name} (prepare_data.py's" +
+                             (", or one of your own)" if tc.eval_split == "test" else
+                              " since corpus version 10: run prepare_data.py again; or one of your own)"))
+        tokenizer = tc.tokenizer if is_released_folder(tc.ckpt) else tokenizer_path(tc, [tc.ckpt])
+        model, tok, proc = load_model(tc.ckpt, device, dtype, tokenizer)  # (which checks it by its fingerprint)
+        if (rank == 0 and tokenizer == os.path.join(tc.data, "tokenizer.json") and not tc.tokenizer
+                and weights_entry([tc.ckpt], "tokenizer") is None):  # (older weights: no fingerprint kept)
+            print(f"(no tokenizer.json beside {tc.ckpt}, so it is evaluated with {tokenizer}, which must be the "
+                  "one those weights were trained with: else pass that one as --tokenizer)")
+        check_fits(rows[0], tok, model.cfg.n_image_tokens, model.cfg.llm.max_seq_len)
+        # (each question's images are read twice, for MCPPL and asked open: kept, up to --image_cache MB)
+        acc, asked_open, bpb = evaluate(model, rows, tok, CachedProcessor(proc, tc.image_cache << 20), tc.data,
+                                        rank, world)
+    except (ValueError, FileNotFoundError) as e:  # a bad checkpoint or row (named by file and line), a bad image
+        raise SystemExit(str(e)) from None
+    except KeyboardInterrupt:  # Ctrl-C: a line, as a training run gives, not the model's traceback
+        raise SystemExit("\n(evaluation interrupted: nothing was written)") from None
+    if world > 1:
+        end_process_group()
+    if rank > 0:  # under torchrun, each process scored its share; the first says the figures
+        return
+    if any(a.split("=")[0] == "--config" for a in argv) and model.cfg.name != tc.config:
+        print(f"(--config {tc.config} chose the questions' folder {tc.data} only: the model is the checkpoint's "
+              f"{model.cfg.name!r})")
+    print(format_table(acc, bpb, f"evaluation of {tc.ckpt} on {tc.data}{split_named(tc)}", asked_open, rows[0]))
+
+
 def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, rank: int, world: int):
-    """main, once the process group is set up: --eval_only, or the stages of the run."""
+    """main, once the process group is set up: --eval_only (evaluate_only), or the stages of the run, each checked
+    before the first one trains, then run one after another (run_stage)."""
     device = tc.device if tc.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         check_device(device)
@@ -1341,50 +1390,7 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
 
     if tc.eval_only:
-        if not tc.ckpt:
-            raise SystemExit("--eval_only needs --ckpt: a stage folder, a model.pt file or a released model folder")
-        # The model config comes from the checkpoint; --config only names the default --data. bf16 on a GPU.
-        if overrides:
-            raise SystemExit(f"--eval-only evaluates the model as --ckpt holds it; model config overrides "
-                             f"({', '.join('--' + k for k in overrides)}) would change nothing: drop them")
-        unused = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in EVAL_ONLY_FIELDS and
-                  getattr(tc, f.name) != f.default]  # (a training flag left in a command copied from training)
-        if unused:
-            raise SystemExit(f"--eval-only evaluates --ckpt on --data; {', '.join('--' + k for k in unused)} would "
-                             f"change nothing: drop {'it' if len(unused) == 1 else 'them'} (it reads "
-                             f"{', '.join('--' + k for k in EVAL_ONLY_FIELDS[1:])})")
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-        try:
-            rows = held_out(tc.data, tc.eval_limit, tc.eval_split)  # before loading a model that may take minutes
-            if rows is None:
-                name = MC_FILES[tc.eval_split]
-                raise ValueError(f"no multiple-choice questions at {os.path.join(tc.data, name)}: --data must be a "
-                                 f"folder holding {name} (prepare_data.py's" +
-                                 (", or one of your own)" if tc.eval_split == "test" else
-                                  " since corpus version 10: run prepare_data.py again; or one of your own)"))
-            tokenizer = tc.tokenizer if is_released_folder(tc.ckpt) else tokenizer_path(tc, [tc.ckpt])
-            model, tok, proc = load_model(tc.ckpt, device, dtype, tokenizer)  # (which checks it by its fingerprint)
-            if (rank == 0 and tokenizer == os.path.join(tc.data, "tokenizer.json") and not tc.tokenizer
-                    and weights_entry([tc.ckpt], "tokenizer") is None):  # (older weights: no fingerprint kept)
-                print(f"(no tokenizer.json beside {tc.ckpt}, so it is evaluated with {tokenizer}, which must be the "
-                      "one those weights were trained with: else pass that one as --tokenizer)")
-            check_fits(rows[0], tok, model.cfg.n_image_tokens, model.cfg.llm.max_seq_len)
-            # (each question's images are read twice, for MCPPL and asked open: kept, up to --image_cache MB)
-            acc, asked_open, bpb = evaluate(model, rows, tok, CachedProcessor(proc, tc.image_cache << 20), tc.data,
-                                            rank, world)
-        except (ValueError, FileNotFoundError) as e:  # a bad checkpoint or row (named by file and line), a bad image
-            raise SystemExit(str(e)) from None
-        except KeyboardInterrupt:  # Ctrl-C: a line, as a training run gives, not the model's traceback
-            raise SystemExit("\n(evaluation interrupted: nothing was written)") from None
-        if world > 1:
-            end_process_group()
-        if rank > 0:  # under torchrun, each process scored its share; the first says the figures
-            return
-        if any(a.split("=")[0] == "--config" for a in argv) and model.cfg.name != tc.config:
-            print(f"(--config {tc.config} chose the questions' folder {tc.data} only: the model is the checkpoint's "
-                  f"{model.cfg.name!r})")
-        print(format_table(acc, bpb, f"evaluation of {tc.ckpt} on {tc.data}{split_named(tc)}", asked_open, rows[0]))
-        return
+        return evaluate_only(argv, tc, overrides, device, rank, world)
 
     seen = {os.path.realpath(tc.data): "--data"}
     for folder in listed(tc.extra_data):
