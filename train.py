@@ -1403,6 +1403,11 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
             raise SystemExit(f"--extra_data {folder} is the folder {seen[os.path.realpath(folder)]} names already: "
                              "name each folder once")
         seen[os.path.realpath(folder)] = f"--extra_data {folder}"
+        held = [f for f in (*MC_FILES.values(), "eval_text.jsonl") if os.path.isfile(os.path.join(folder, f))]
+        if held and rank == 0:  # (the held-out set is --data's alone: one set, so that stages compare)
+            print(f"(--extra_data {folder} holds {' and '.join(held)}, which this run does not read: the held-out set "
+                  f"is --data's; evaluate on it with --eval-only --ckpt {os.path.join(tc.out, 'stageN')} --data "
+                  f"{folder})")
     if tc.stage == "all":
         stages = [0, 1, 2, 3] if cfg.name in FROM_SCRATCH else [1, 2, 3]
     elif tc.stage in ("0", "1", "2", "3"):

@@ -2165,8 +2165,16 @@ def test_a_run_says_how_many_samples_each_data_folder_gives(data, start_weights,
     alone = capsys.readouterr().out
     n = int(re.search(r"data: short_chat: (\d+) samples from one-question image chats\n", alone).group(1))
     train.main(args + ["--out", str(tmp_path / "b"), "--extra_data", str(own)])
-    assert (f"data: short_chat: {n + 1} samples from one-question image chats ({n} from {data}, 1 from {own})\n"
-            in capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert f"data: short_chat: {n + 1} samples from one-question image chats ({n} from {data}, 1 from {own})\n" in out
+    assert "which this run does not read" not in out
+    # Questions of one's own in that folder are not the held-out set (--data's): said, with the way to use them
+    (own / "eval_mc.jsonl").write_text(json.dumps({"category": "mine", "images": ["red.png"], "question": "Colour?",
+                                                   "options": ["red", "blue"], "answer": 0}) + "\n")
+    train.main(args + ["--out", str(tmp_path / "c"), "--extra_data", str(own)])
+    assert (f"(--extra_data {own} holds eval_mc.jsonl, which this run does not read: the held-out set is --data's; "
+            f"evaluate on it with --eval-only --ckpt {tmp_path / 'c' / 'stageN'} --data {own})"
+            ) in capsys.readouterr().out
 
 
 def test_a_micro_batch_that_does_not_split_a_stage_batch_is_said_with_the_one_taken(data, start_weights, tmp_path,
