@@ -235,7 +235,8 @@ def chat(args, model, tok, proc, sampling, pictures):
                 queued.append(image)
                 print(f"({len(queued)} image(s) attached to your next message)")
             continue
-        if "<image>" in line and IMAGE_TAG not in line:  # (as --prompt refuses it: LLaVA's tag would stay as text)
+        # With images attached, as --prompt with --image refuses it: LLaVA's tag would stay in the message as text
+        if queued and "<image>" in line and IMAGE_TAG not in line:
             print(f"(that message holds <image>, LLaVA's tag; DeepSeek-VL's is {IMAGE_TAG}: write that, or leave it "
                   f"out to put the attached images first; the message was not sent{attached(queued)})")
             continue

@@ -1403,11 +1403,15 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
             raise SystemExit(f"--extra_data {folder} is the folder {seen[os.path.realpath(folder)]} names already: "
                              "name each folder once")
         seen[os.path.realpath(folder)] = f"--extra_data {folder}"
-        held = [f for f in (*MC_FILES.values(), "eval_text.jsonl") if os.path.isfile(os.path.join(folder, f))]
-        if held and rank == 0:  # (the held-out set is --data's alone: one set, so that stages compare)
+        # The held-out set is --data's alone (one set, so that stages compare): one's own there is said to be unread.
+        questions = [split for split, name in MC_FILES.items() if os.path.isfile(os.path.join(folder, name))]
+        held = [MC_FILES[split] for split in questions] + \
+            ["eval_text.jsonl"] * os.path.isfile(os.path.join(folder, "eval_text.jsonl"))
+        if held and rank == 0:
+            how = f"--eval-only --ckpt {os.path.join(tc.out, 'stageN')} --data {folder}" + \
+                ("" if "test" in questions else " --eval_split val")
             print(f"(--extra_data {folder} holds {' and '.join(held)}, which this run does not read: the held-out set "
-                  f"is --data's; evaluate on it with --eval-only --ckpt {os.path.join(tc.out, 'stageN')} --data "
-                  f"{folder})")
+                  f"is --data's" + (f"; evaluate on its questions with {how})" if questions else ")"))
     if tc.stage == "all":
         stages = [0, 1, 2, 3] if cfg.name in FROM_SCRATCH else [1, 2, 3]
     elif tc.stage in ("0", "1", "2", "3"):

@@ -31,6 +31,7 @@ and bits_per_byte do both in one process.
 
 import contextlib
 import math
+import numbers
 import os
 import re
 from collections import Counter, defaultdict
@@ -77,7 +78,7 @@ def read_mc_rows(path: str) -> List[dict]:
 def where(row: dict, i: int) -> str:
     """How an error names a question: its file and line when read from one (read_jsonl's _where), else its index in
     the rows given."""
-    return row.get("_where") or f"question {i} (rows[{i}])"
+    return row.get("_where") or f"rows[{i}]"
 
 
 def check_mc_rows(rows: Sequence[dict]) -> None:
@@ -110,7 +111,7 @@ def check_mc_rows(rows: Sequence[dict]) -> None:
         elif "<image>" in row["question"] and row["images"]:  # (a question converted from LLaVA's data)
             problem = ("LLaVA's <image> tag in the question: the images listed in 'images' are put in front of it "
                        "by themselves; remove the tag")
-        elif not (type(answer) is int and 0 <= answer < len(options)):
+        elif not (isinstance(answer, numbers.Integral) and not isinstance(answer, bool) and 0 <= answer < len(options)):
             problem = f"'answer' must be the index of the right option, 0 to {len(options) - 1}, got {answer!r}"
         else:
             continue
@@ -183,7 +184,7 @@ def check_questions(model, rows: Sequence[dict], tokenizer, n_image_tokens: int,
     """What multiple_choice and open_questions check before they score: each row well formed (check_mc_rows), each
     question with its options fitting the model's context (check_fits), and a batch size that is a count. (Rows read
     by held_out are checked as they are read; evaluate takes those.)"""
-    if type(batch_questions) is not int or batch_questions < 1:
+    if not isinstance(batch_questions, numbers.Integral) or isinstance(batch_questions, bool) or batch_questions < 1:
         raise ValueError(f"batch_questions must be an integer of at least 1, got {batch_questions!r}")
     check_mc_rows(rows)
     check_fits(rows, tokenizer, n_image_tokens, model.cfg.llm.max_seq_len)
@@ -199,7 +200,8 @@ def by_category(correct: Dict[str, int], total: Dict[str, int]) -> Dict[str, flo
 def multiple_choice(model, rows: Sequence[dict], tokenizer, processor, n_image_tokens: int, root: str = "",
                     batch_questions: int = 8) -> Dict[str, float]:
     """Accuracy per category on rows {category, images, question, options, answer}, with "mean" (over categories) and
-    "chance" (what guessing would score, averaged the same way: 25% with four options everywhere)."""
+    "chance" (what guessing would score, averaged the same way: 25% with four options everywhere). model: a
+    DeepSeekVL (its cfg's context is what each question is checked against)."""
     check_questions(model, rows, tokenizer, n_image_tokens, batch_questions)
     return mc_accuracy(rows, mc_choices(model, rows, tokenizer, processor, n_image_tokens, root, batch_questions))
 

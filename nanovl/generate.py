@@ -61,8 +61,6 @@ class Sampling:
                  not isinstance(getattr(self, name), numbers.Integral if kind is int else numbers.Real)]
         if wrong:  # (the ranges below compare numbers; max_new_tokens=2.5 would fail deep in the cache)
             raise ValueError("bad sampling settings: " + "; ".join(wrong))
-        for name, kind in kinds.items():  # as Python's own (np.float32(0.7) would divide the logits in its precision)
-            setattr(self, name, kind(getattr(self, name)))
         # Sampling divides the fp32 logits by the temperature, and a repetition penalty divides some: far enough below
         # 1 (around 1e-37 for a logit of 30) a logit passes the largest float, and the softmax of inf is NaN. 1e-4 is a
         # floor well clear of that, and a temperature that small is greedy in effect anyway. Above fp32's largest
@@ -81,6 +79,8 @@ class Sampling:
                        "(temperature 0 decodes greedily: the likeliest token, whatever they say)")
         if bad:
             raise ValueError("bad sampling settings: " + "; ".join(bad))
+        for name, kind in kinds.items():  # as Python's own (np.float32(0.7) would divide the logits in its precision)
+            setattr(self, name, kind(getattr(self, name)))  # (in range now: 10**400 was refused above, not overflowed)
         return self
 
 
@@ -419,7 +419,8 @@ class ChatSession:
             logits, _ = self.model(torch.tensor([new], device=device), None if pixels is None else pixels.to(device),
                                    cache=self.cache, last_only=True)
             stream = TextStream(self.tok, on_text)  # prints the answer as it comes
-            if self.generator is None or sampling.seed != self.seed:
+            # (only a sampled turn draws from the stream, so only it starts one: a greedy turn in between leaves it)
+            if sampling.temperature > 0 and (self.generator is None or sampling.seed != self.seed):
                 self.generator = torch.Generator(device=device).manual_seed(sampling.seed)
                 self.seed = sampling.seed
             out = _decode(self.model, self.step, logits[:, -1], sampling, {self.tok.eos_id}, self.tok.pad_id,

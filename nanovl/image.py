@@ -140,15 +140,18 @@ class ImageProcessor:
     def pixels(self, image: Union[Image.Image, str, os.PathLike], max_pixels: Optional[int] = None) -> np.ndarray:
         """A PIL image or a path -> the canvas as an (S, S, 3) uint8 array (before any float conversion)."""
         if isinstance(image, Image.Image):
-            try:  # (an image opened lazily and closed since: Pillow's error names no image)
+            try:  # (a closed image: Pillow's error names no image, and says nothing of what to do)
                 image.load()
-            except (ValueError, AssertionError) as e:  # ("Operation on closed image"; after a with block, its file
-                if isinstance(e, ValueError) and "closed image" not in str(e):  # gone: an assert in Pillow)
+            except (ValueError, AssertionError, AttributeError) as e:
+                # Image.close() leaves "Operation on closed image"; the end of a `with Image.open(...)` block, an
+                # image not yet read with no file to read it from (Pillow asserts its file is there; under python -O,
+                # it fails reaching for it)
+                if "closed image" not in str(e) and getattr(image, "fp", True) is not None:
                     raise
                 name = f" ({image.filename})" if getattr(image, "filename", "") else ""
-                raise ValueError(f"the PIL image given{name} was closed before its pixels were read (Image.close(), "
-                                 "or the end of a `with Image.open(...)` block): keep it open, call its load() "
-                                 "before closing it, or pass its path") from None
+                raise ValueError(f"the PIL image given{name} was closed (Image.close(), or the end of a `with "
+                                 "Image.open(...)` block): its pixels can no longer be read. Pass it while it is "
+                                 "open, a copy made before closing it (image.copy()), or its path") from None
             img = to_rgb(image)
         elif isinstance(image, (str, os.PathLike)):
             img = load_image(image, MAX_PIXELS if max_pixels is None else max_pixels)

@@ -190,6 +190,7 @@ def training_tensors(state: dict) -> dict:
         named.update({f"optimizer state {i} {k}": t for k, t in slots.items()} if isinstance(slots, dict) else {})
     return {k: t for k, t in named.items() if torch.is_tensor(t)}
 
+
 def read_checkpoint(path: str, stage: int, cfg: VLConfig, finished: bool = False) -> dict:
     """A stage's ckpt.pt, checked as a file: a training checkpoint (a dict with model, optimizer, step and rng) with
     finite weights, of this stage and for this model config. Whether the run that wrote it trained with this run's

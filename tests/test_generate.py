@@ -217,6 +217,8 @@ def test_sampling_settings_out_of_range_are_refused_and_the_smallest_allowed_one
     for seed in (-2 ** 63, 2 ** 64 - 1):
         assert Sampling(seed=seed).check().seed == seed
         torch.Generator().manual_seed(seed)
+    with pytest.raises(ValueError, match="temperature must be 0 .greedy., or at least 1e-4"):  # (not OverflowError)
+        Sampling(temperature=10 ** 400).check()
     # numpy's numbers are numbers (they were refused as "must be an integer, got np.int64(8)"), taken as Python's
     s = Sampling(max_new_tokens=np.int64(8), temperature=np.float32(0.5), top_k=np.int32(3), seed=np.uint64(5)).check()
     assert [(type(v), v) for v in (s.max_new_tokens, s.temperature, s.top_k, s.seed)] == \
@@ -266,12 +268,21 @@ def test_a_chat_draws_its_turns_from_one_random_stream_and_reset_starts_a_new_ch
     s = Sampling(max_new_tokens=8, temperature=5.0, seed=3)  # (hot: each token nearly uniform over the vocabulary)
     chat = ChatSession(tiny, tok, proc)
     first = chat.ask("hello", [], s)
+    # its first turn draws what generate draws from the same seed: the stream starts at the seed
+    prompt = render_chat([{"role": "user", "content": "hello"}], tok, tiny.cfg.n_image_tokens, generation_prompt=True)
+    drawn = generate(tiny, [prompt[0]], sampling=s, stop_ids={tok.eos_id}, pad_id=tok.pad_id, n_words=tok.vocab_size)
+    assert tok.decode(drawn[0], skip_special_tokens=True).strip() == first
+    chat.ask("and?", [], Sampling(max_new_tokens=3))  # a greedy turn between draws nothing, and leaves the stream
+    chat.cut = True
     chat.reset()  # the same conversation again, the stream going on
-    assert (chat.cache.length, chat.ids, chat.turns, chat.answer) == (0, [], 0, [])
+    assert (chat.cache.length, chat.ids, chat.turns, chat.answer, chat.cut) == (0, [], 0, [], False)
     again = chat.ask("hello", [], s)
     assert again != first and first == ChatSession(tiny, tok, proc).ask("hello", [], s)  # (a seed reproduces a chat)
-    assert chat.ask("hello", [], Sampling(8, 5.0, seed=3)) != again  # the stream goes on while the seed stays
-    assert ChatSession(tiny, tok, proc).ask("hello", [], Sampling(8, 5.0, seed=4)) != first
+    chat.reset()
+    assert chat.ask("hello", [], Sampling(8, 5.0, seed=3)) not in (first, again)  # the stream goes on with its seed
+    other = ChatSession(tiny, tok, proc).ask("hello", [], Sampling(8, 5.0, seed=4))
+    chat.reset()
+    assert other != first and chat.ask("hello", [], Sampling(8, 5.0, seed=4)) == other  # a new seed: a new stream
     # reset leaves nothing of the conversation: greedy, a reset chat answers as a fresh one, token for token
     greedy = Sampling(max_new_tokens=6)
     chat.reset()
@@ -840,7 +851,8 @@ def test_interactive_chat_commands(stage_folder, monkeypatch, capsys):
                   f"{IMAGE_TAG}and this?", str(missing), str(cat),  # and when asked for, which asks again
                   f"{IMAGE_TAG}and that?", "",  # no path: the message is dropped
                   f"image {cat}", "<image> and this one?",  # LLaVA's tag: not sent (it would stay as text)
-                  "new", "hello", "Exit"])  # (any case)
+                  "new", "what is <image> in LLaVA's data?",  # (with no image attached, it is text to ask about)
+                  "Exit"])  # (any case)
     sessions = []
 
     class Kept(ChatSession):
@@ -858,7 +870,7 @@ def test_interactive_chat_commands(stage_folder, monkeypatch, capsys):
     assert (f"(that message holds <image>, LLaVA's tag; DeepSeek-VL's is {IMAGE_TAG}: write that, or leave it out to "
             "put the attached images first; the message was not sent; 1 image(s) stay attached") in out
     assert "(new chat)" in out and len(sessions) == 1 and sessions[0].turns == 1  # 'new' reset the one session
-    assert out.count("Assistant: ") == 3
+    assert out.count("Assistant: ") == 3 and out.count("LLaVA's tag") == 1
 
 
 def test_sample_hands_on_its_sampling_flags_and_its_images_in_the_order_given(stage_folder, monkeypatch, capsys,

@@ -264,8 +264,14 @@ def test_bad_files_get_an_error_naming_the_file(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "closed.png")
     with Image.open(tmp_path / "closed.png") as closed:
         pass
-    with pytest.raises(ValueError, match=r"the PIL image given \(.*closed.png\) was closed before its pixels were read"):
-        ImageProcessor(image_size=32)(closed)
+    loaded, made = Image.open(tmp_path / "closed.png"), Image.new("RGB", (8, 8))
+    loaded.load()
+    loaded.close()  # (close() drops the pixels even once read)
+    made.close()
+    for image, name in [(closed, r" \(.*closed.png\)"), (loaded, r" \(.*closed.png\)"), (made, "")]:
+        with pytest.raises(ValueError, match=rf"the PIL image given{name} was closed \(Image.close\(\), or the end of "
+                                             r"a `with Image.open\(...\)` block\): its pixels can no longer be read"):
+            ImageProcessor(image_size=32)(image)
 
 
 def test_a_missing_name_that_looks_like_one_there_says_why(tmp_path):

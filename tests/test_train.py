@@ -284,7 +284,7 @@ def test_questions_built_in_python_are_checked_as_a_files_rows_are(data):
     cfg = get_config("tiny")
     model = FavouriteTokens(tok.vocab_size)
     good = {"category": "code", "images": [], "question": "Which?", "options": ["red", "blue"], "answer": 1}
-    for rows, reason in [([dict(good, answer=7)], r"question 1 \(rows\[1\]\): 'answer' must be the index of the right "
+    for rows, reason in [([dict(good, answer=7)], r"rows\[1\]: 'answer' must be the index of the right "
                                                   r"option, 0 to 1, got 7"),
                          ([dict(good, answer="1")], "'answer' must be the index of the right option, 0 to 1, got '1'"),
                          ([dict(good, options="abcd")], "'options' must be a list of at least 2 strings, got 'abcd'"),
@@ -292,9 +292,9 @@ def test_questions_built_in_python_are_checked_as_a_files_rows_are(data):
                          ([dict(good, question=None)], "'question' must be a string of text, got None"),
                          ([dict(good, images="a.png")], "'images' must be a list of paths"),
                          ([{k: v for k, v in good.items() if k != "category"}], "'category' must be a string"),
-                         (["what?"], r"question 1 \(rows\[1\]\): expected a dict \{category, .*\}, got str"),
+                         (["what?"], r"rows\[1\]: expected a dict \{category, .*\}, got str"),
                          (good, "expected the questions as a list of dicts, got dict"),
-                         ([dict(good, question="why " * 600)], r"question 1 \(rows\[1\]\): the question and its "
+                         ([dict(good, question="why " * 600)], r"rows\[1\]: the question and its "
                                                                r"longest option make \d+ input tokens, but the "
                                                                r"model's context is 512")]:
         rows = rows if isinstance(rows, dict) else [good] + rows  # (the bad one second: named by its index)
@@ -305,6 +305,9 @@ def test_questions_built_in_python_are_checked_as_a_files_rows_are(data):
         evaluate.multiple_choice(model, [good], tok, ImageProcessor.for_config(cfg), cfg.n_image_tokens,
                                  batch_questions=0)
     assert evaluate.multiple_choice(model, [good], tok, None, cfg.n_image_tokens)["code"] in (0.0, 1.0)
+    import numpy as np  # (numpy's integers are integers: an answer index, a batch size)
+    assert evaluate.multiple_choice(model, [dict(good, answer=np.int64(1))], tok, None, cfg.n_image_tokens,
+                                    batch_questions=np.int64(2))["code"] in (0.0, 1.0)
 
 
 class ImageEcho(torch.nn.Module):
@@ -2173,8 +2176,18 @@ def test_a_run_says_how_many_samples_each_data_folder_gives(data, start_weights,
                                                    "options": ["red", "blue"], "answer": 0}) + "\n")
     train.main(args + ["--out", str(tmp_path / "c"), "--extra_data", str(own)])
     assert (f"(--extra_data {own} holds eval_mc.jsonl, which this run does not read: the held-out set is --data's; "
-            f"evaluate on it with --eval-only --ckpt {tmp_path / 'c' / 'stageN'} --data {own})"
+            f"evaluate on its questions with --eval-only --ckpt {tmp_path / 'c' / 'stageN'} --data {own})"
             ) in capsys.readouterr().out
+    (own / "eval_mc.jsonl").rename(own / "val_mc.jsonl")  # validation questions alone: their split named
+    (own / "eval_text.jsonl").write_text(json.dumps({"text": "Held out."}) + "\n")
+    train.main(args + ["--out", str(tmp_path / "d"), "--extra_data", str(own)])
+    assert ("holds val_mc.jsonl and eval_text.jsonl, which this run does not read: the held-out set is --data's; "
+            f"evaluate on its questions with --eval-only --ckpt {tmp_path / 'd' / 'stageN'} --data {own} "
+            "--eval_split val)") in capsys.readouterr().out
+    (own / "val_mc.jsonl").unlink()  # text alone: no questions to evaluate on (--eval-only asks for some)
+    train.main(args + ["--out", str(tmp_path / "e"), "--extra_data", str(own)])
+    assert "holds eval_text.jsonl, which this run does not read: the held-out set is --data's)" in \
+        capsys.readouterr().out
 
 
 def test_a_micro_batch_that_does_not_split_a_stage_batch_is_said_with_the_one_taken(data, start_weights, tmp_path,
