@@ -777,7 +777,8 @@ def test_an_edited_config_json_beside_model_pt_is_named_not_silently_ignored(sta
         load_model(folder)
 
 
-def test_interactive_chat_takes_the_system_prompt(stage_folder, monkeypatch, capsys):
+def recorded_sessions(monkeypatch) -> list:
+    """The list every ChatSession sample.py makes from now on is appended to (the sessions themselves are real)."""
     sessions = []
 
     class Recorded(ChatSession):
@@ -786,6 +787,11 @@ def test_interactive_chat_takes_the_system_prompt(stage_folder, monkeypatch, cap
             sessions.append(self)
 
     monkeypatch.setattr(sample, "ChatSession", Recorded)
+    return sessions
+
+
+def test_interactive_chat_takes_the_system_prompt(stage_folder, monkeypatch, capsys):
+    sessions = recorded_sessions(monkeypatch)
     monkeypatch.setattr("builtins.input", lambda prompt="", lines=iter(["hi", "exit"]): next(lines))
     sample.main(["--ckpt", str(stage_folder), "--system", "Answer in one word.", "--max_new_tokens", "2"])
     tok = sessions[0].tok
@@ -853,14 +859,7 @@ def test_interactive_chat_commands(stage_folder, monkeypatch, capsys):
                   f"image {cat}", "<image> and this one?",  # LLaVA's tag: not sent (it would stay as text)
                   "new", "what is <image> in LLaVA's data?",  # (with no image attached, it is text to ask about)
                   "Exit"])  # (any case)
-    sessions = []
-
-    class Kept(ChatSession):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            sessions.append(self)
-
-    monkeypatch.setattr(sample, "ChatSession", Kept)
+    sessions = recorded_sessions(monkeypatch)
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     sample.main(["--ckpt", str(stage_folder), "--max_new_tokens", "4"])
     out = capsys.readouterr().out
