@@ -721,8 +721,9 @@ def check_dtype(dtype, allowed=(torch.float32, torch.bfloat16, torch.float16, to
 
 def load_model(path, device="cpu", dtype=None, tokenizer=None):
     """Either kind of checkpoint -> (model, tokenizer, processor), in eval mode. device None: the CPU."""
-    for name, value in (("path", path), ("tokenizer", tokenizer)):
-        if not (isinstance(value, (str, os.PathLike)) or (name == "tokenizer" and value is None)):
+    paths = {"path": path} if tokenizer is None else {"path": path, "tokenizer": tokenizer}
+    for name, value in paths.items():
+        if not isinstance(value, (str, os.PathLike)):
             raise ValueError(f"expected {name} as a path (a str or a pathlib.Path), got {type(value).__name__}")
     device = "cpu" if device is None else device
     check_device(device)

@@ -90,7 +90,7 @@ def check_mc_rows(rows: Sequence[dict]) -> None:
     strings = lambda x: isinstance(x, list) and all(isinstance(s, str) for s in x)
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise ValueError(f"{where({}, i)}: expected a dict {{category, images, question, options, answer}}, got "
+            raise ValueError(f"rows[{i}]: expected a dict {{category, images, question, options, answer}}, got "
                              f"{type(row).__name__}")
         options, answer = row.get("options"), row.get("answer")
         if not isinstance(row.get("category"), str):
