@@ -999,12 +999,60 @@ def make_stage_folder(stage: int, tc: TrainConfig, out_dir: str, tok: Tokenizer,
         atomic_save(tok.to_json(), saved_tok)  # the folder is all sample.py needs
 
 
+def train_step(train_net, micros: list, opt, clip_groups: dict, grad_clip: float, stage: int, pad_id: int,
+               device: str, world: int, autocast):
+    """One optimizer step on one process: forward and backward over the step's micro-batches (gradients accumulate),
+    the loss normalised over the whole step, each clipping group clipped on its own, then the update.
+    Returns (the step's mean loss as a device tensor, read only at log steps; the non-padding tokens read; stage 0's
+    last contrastive and dense losses, else {})."""
+    # Each micro-batch: ids and targets (B, T), B its samples (packed: rows); targets -100 where nothing is learnt:
+    # padding, image tokens, and in chats everything but the assistant's answers and their end of sentence
+    # (render_chat's mask, made targets by data.collate: stage 3's loss on answers). Also images (N, 3, S, S) or None,
+    # and for packed rows (stage 2) doc_ids (B, T), which sample of the row each token belongs to, so that attention
+    # and positions stay inside it. Stage 0's is a dict of its own.
+    micros = [m if isinstance(m, dict) else dict(zip(("ids", "targets", "images", "doc_ids"), m)) for m in micros]
+    # Normalise by the supervised tokens of the whole step (all micro-batches, all processes), so a step's gradient
+    # does not depend on how its batch was split; a step with none gives a zero loss, never NaN.
+    n_sup = sum((m["targets"] != -100).sum() for m in micros).to(device)
+    if world > 1:
+        dist.all_reduce(n_sup)
+    n_sup = n_sup.clamp(min=1).float()
+    step_loss, tokens, parts = torch.zeros((), device=device), 0, {}
+    for j, m in enumerate(micros):
+        tokens += int((m["ids"] != pad_id).sum())  # counted on the CPU copy: no device sync
+        m = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in m.items()}
+        # With DDP, gradients are all-reduced only after the last micro-batch of the step.
+        last = j == len(micros) - 1
+        ctx = train_net.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
+        with ctx, autocast():
+            if stage == 0:
+                lm_sum, aux, parts = train_net(m)
+                # aux (the contrastive and dense losses) is already normalised within this micro-batch (per image,
+                # per patch): / len(micros) averages it over the micro-batches, DDP's over processes does the rest.
+                loss = lm_sum * world / n_sup + aux / len(micros)
+            else:
+                # (its batches' spans and images match by construction: data.Source checks each row's tags against
+                # its images, so the model's own check, a device sync each call, is left out)
+                _, lm_sum = train_net(m["ids"], m.get("images"), targets=m["targets"], doc_ids=m.get("doc_ids"),
+                                      reduction="sum", check_inputs=False)
+                loss = lm_sum * world / n_sup  # DDP averages over processes, hence the x world
+        loss.backward()
+        step_loss += loss.detach() / world
+    if world > 1:
+        dist.all_reduce(step_loss)
+    for group in clip_groups.values():
+        torch.nn.utils.clip_grad_norm_(group, grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return step_loss, tokens, parts
+
+
 def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int, device: str):
     """One stage, start to finish: check its folder (or the checkpoint it resumes), build the tokenizer, the model
     (with the stage's freeze map), the batches and the optimizer, then train, checkpointing every ckpt_every steps,
     and write the final weights and evaluation (finish). rank, world: this process among torchrun's. The training
-    step itself (learning rate, micro-batches, the loss normalised over the step, clipping, update) is the loop
-    `for step in bar:`, at the end."""
+    step itself is train_step, called by the loop `for step in bar:` at the end, which reads each step's batches and
+    logs, checkpoints and evaluates between steps."""
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     hp, seq_len, stc = stage_hparams(stage, tc, cfg)
@@ -1242,46 +1290,10 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             kept = f"Training up to step {saved} is saved in {ckpt_path}. " if saved else ""
             raise SystemExit(f"stage {stage}, step {step + 1}: {reason}. {kept}{advice}"
                              f"again{' with --resume' if saved else ''}") from None
-        # Each micro-batch: ids and targets (B, T), B its samples (packed: rows); targets -100 where nothing is
-        # learnt: padding, image tokens, and in chats everything but the assistant's answers and their end of
-        # sentence (render_chat's mask, made targets by data.collate: stage 3's loss on answers). Also images
-        # (N, 3, S, S) or None, and for packed rows (stage 2) doc_ids (B, T), which sample of the row each token
-        # belongs to, so that attention and positions stay inside it. Stage 0's is a dict of its own.
-        micros = [m if isinstance(m, dict) else dict(zip(("ids", "targets", "images", "doc_ids"), m)) for m in micros]
-        # Normalise by the supervised tokens of the whole step (all micro-batches, all processes), so a step's
-        # gradient does not depend on how its batch was split; a step with none gives a zero loss, never NaN.
-        n_sup = sum((m["targets"] != -100).sum() for m in micros).to(device)
-        if world > 1:
-            dist.all_reduce(n_sup)
-        n_sup = n_sup.clamp(min=1).float()
-        step_loss = torch.zeros((), device=device)
-        for j, m in enumerate(micros):
-            tokens += int((m["ids"] != tok.pad_id).sum())  # counted on the CPU copy: no device sync
-            m = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in m.items()}
-            # With DDP, gradients are all-reduced only after the last micro-batch of the step.
-            last = j == accum - 1
-            ctx = train_net.no_sync() if (world > 1 and not last) else contextlib.nullcontext()
-            with ctx, autocast():
-                if stage == 0:
-                    lm_sum, aux, parts = train_net(m)
-                    # aux (the contrastive and dense losses) is already normalised within this micro-batch (per
-                    # image, per patch): / accum averages it over the micro-batches, DDP's over processes does the rest.
-                    loss = lm_sum * world / n_sup + aux / accum
-                else:
-                    # (its batches' spans and images match by construction: data.Source checks each row's tags
-                    # against its images, so the model's own check, a device sync each call, is left out)
-                    _, lm_sum = train_net(m["ids"], m.get("images"), targets=m["targets"], doc_ids=m.get("doc_ids"),
-                                          reduction="sum", check_inputs=False)
-                    loss = lm_sum * world / n_sup  # DDP averages over processes, hence the x world
-            loss.backward()
-            step_loss += loss.detach() / world
-        if world > 1:
-            dist.all_reduce(step_loss)
-        for group in clip_groups.values():
-            torch.nn.utils.clip_grad_norm_(group, tc.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step_loss, step_tokens, parts = train_step(train_net, micros, opt, clip_groups, tc.grad_clip, stage,
+                                                   tok.pad_id, device, world, autocast)
         losses.append(step_loss)
+        tokens += step_tokens
 
         done = step + 1
         # A checkpoint at every ckpt_every steps, the last, and each step with an evaluation: the checkpoint first,
