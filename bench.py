@@ -51,10 +51,13 @@ SAM's windowed blocks attend inside windows (the window's token count in place o
 decomposed relative-position terms (q against a learned table: 2*d*n*(h + w) per block, 0.5% of SAM-B);
 convolutions (patch embeddings, SAM's neck, neck_hd and downsample convs) are counted directly. Autograd computes
 no gradient for the input of a trained layer with nothing trained below it (SigLIP's patch embedding in stage 3,
-SAM's 1x1 neck convs on the frozen trunk, the adaptor's low_up_proj while SigLIP is frozen); we charge 6N anyway,
-for one formula per part: the over-charge, the patch embedding's input gradient, is 0.08% of SigLIP-L's training
-FLOPs.
-MFU counts model FLOPs, not hardware FLOPs: recomputation under --grad_ckpt is not credited (PaLM's definition).
+SAM's 1x1 neck convs on the frozen trunk, the adaptor's first layer while SigLIP is frozen: low_up_proj, or the
+SigLIP-only adaptor's layers.0); we charge 6N anyway, for one formula per part: the over-charge, the patch
+embedding's input gradient, is 0.08% of SigLIP-L's training FLOPs.
+MFU counts model FLOPs, not hardware FLOPs: recomputation under --grad_ckpt is not credited (PaLM's definition), nor
+the flash kernels' recomputed scores in backward. (To check these counts with torch.utils.flop_counter's
+FlopCounterMode, as tests/test_bench.py does, run attention with the math kernel: on the CPU, the default
+attention kernel is not counted at all.)
 
 Decoding one token at a time does too little arithmetic per weight for FLOPs to matter (2 FLOPs a row for each weight
 read): its ceiling is memory bandwidth, every weight and every cached key and value read once per step. We print

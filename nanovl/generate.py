@@ -84,6 +84,13 @@ class Sampling:
         return self
 
 
+def checked(sampling) -> Sampling:
+    """sampling.check(), or ValueError if what was passed as sampling is not a Sampling at all."""
+    if not isinstance(sampling, Sampling):
+        raise ValueError(f"expected sampling=Sampling(...), got {type(sampling).__name__}")
+    return sampling.check()
+
+
 def warp(logits, generated, s: Sampling):
     """The sampling distribution's logits: (B, V) last-position logits, generated (B, t) ids of this answer so far.
     Tokens that may not be picked get -inf. Each step matches its HF logits processor (a test checks this)."""
@@ -263,9 +270,7 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
     never fed back, so needs no cache slot), whatever sampling.max_new_tokens says (sample.py says when an answer
     was cut there; ChatSession leaves that to its caller, as sample.py's chat loop does).
     """
-    if not isinstance(sampling, Sampling):
-        raise ValueError(f"expected sampling=Sampling(...), got {type(sampling).__name__}")
-    s = sampling.check()
+    s = checked(sampling)
     if torch.is_tensor(prompts):  # (B, T) ids, unpadded: a list of rows
         prompts = prompts.tolist() if prompts.ndim == 2 else [prompts.tolist()] if prompts.ndim == 1 else prompts
     if isinstance(prompts, Iterator):  # (read once, by the check below)
@@ -376,9 +381,7 @@ class ChatSession:
         """The ids this turn would feed, or the ValueError ask would raise for a bad message, image count, setting or
         a conversation too long for the context; it changes nothing. (sample.py asks first, so that an error line is
         not printed after the "Assistant: " that opens an answer.)"""
-        if not isinstance(sampling, Sampling):
-            raise ValueError(f"expected sampling=Sampling(...), got {type(sampling).__name__}")
-        sampling.check()
+        checked(sampling)
         if not isinstance(content, str):
             raise ValueError(f"expected the message as a string, got {type(content).__name__}")
         if not isinstance(images, (list, tuple)):  # (a path string would be read letter by letter)
@@ -438,7 +441,7 @@ class ChatSession:
         # max_new_tokens, and the end-of-sentence) starts the next turn; where not, the answer is dropped from the cache
         # and the next turn feeds the text's ids in its place.
         eos, answer = self.tok.eos_id, out[0].tolist()  # one row: it stops at its end-of-sentence, no padding
-        held = self.cache.length - start - len(new)
+        held = self.cache.length - start - len(new)  # the answer's ids fed back into the cache: all but its last
         # (said before the cache is rolled back below, which the answer's text encoded again may be shorter than)
         self.cut = eos not in answer and len(answer) == self.cache.max_len - (start + len(new)) + 1
         self.answer = answer

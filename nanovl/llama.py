@@ -48,21 +48,21 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(positions, head_dim: int, theta: float, dtype, freq_dtype=torch.float32):
-    """Rotary embedding tables for integer positions (B, T) -> cos, sin of shape (B, 1, T, head_dim).
+def rope_cos_sin(length: int, head_dim: int, theta: float, freq_dtype=torch.float32):
+    """The rotary embedding tables of positions 0 .. length - 1: cos, sin of shape (length, head_dim), fp32, CPU.
 
     RoPE (rotary position embedding) gives attention its sense of order: q and k are rotated, pair of channels by pair,
     by angles proportional to their positions, so the dot product q.k depends on the distance between the two tokens
     and not on where they are. Frequencies theta^(-2i/d) for i < d/2, each used twice ([f, f] layout): HF Llama's
-    "rotate half" convention, which the released checkpoints were converted to. Computed in fp32, then cast, as HF
-    does. A freq_dtype other than fp32 rounds the frequencies to it first (Llama.round_rope_freqs says when the
-    official code does).
+    "rotate half" convention, which the released checkpoints were converted to. Computed in fp32, as HF does (which
+    then casts the values to the compute dtype: Llama.rope). A freq_dtype other than fp32 rounds the frequencies to
+    it first (Llama.round_rope_freqs says when the official code does).
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device="cpu").float() / head_dim))  # (hs/2,)
     inv_freq = inv_freq.to(freq_dtype).float()
-    freqs = positions.float()[..., None] * inv_freq  # (B, T, hs/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, hs)
-    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+    freqs = torch.arange(length, device="cpu").float()[:, None] * inv_freq  # (length, hs/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (length, hs)
+    return emb.cos(), emb.sin()
 
 
 def apply_rope(x, cos, sin):
@@ -160,9 +160,9 @@ class Attention(nn.Module):
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, S, hs)
         # F.scaled_dot_product_attention (SDPA): softmax(q k^T / sqrt(hs) + mask) v in one call, which PyTorch serves
         # with a fused kernel (FlashAttention where the shapes allow). Without a mask it is plain causal attention
-        # (training, a prompt without padding); a boolean mask says which keys each query sees. The compiled one-token
-        # step keeps this call too: written as reductions, as its projections are, attention was slower on an H200
-        # (README, History: the H200 sessions).
+        # (training on unpacked rows, a prompt without padding); a boolean mask says which keys each query sees. The
+        # compiled one-token step keeps this call too: written as reductions, as its projections are, attention was
+        # slower on an H200 (README, History: the H200 sessions).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # (B, nh, T, hs)
         return project(self.o_proj.weight, y.transpose(1, 2).reshape(B, T, C))  # (B, T, C)
 
@@ -211,7 +211,7 @@ class Llama(nn.Module):
         # is built on "meta"; .to() moves them, and _apply keeps them fp32). Each forward looks its positions up.
         # Computed inside each step instead, they cost the compiled 1.3B training step about 6% of its time on an H200
         # (README, History: the H200 sessions; the compiler recomputed them for every element of q and k).
-        cos, sin = self.rope_tables(torch.float32)
+        cos, sin = rope_cos_sin(cfg.max_seq_len, cfg.head_dim, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, hs); not in the state dict
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -239,7 +239,7 @@ class Llama(nn.Module):
         if (idx is None) == (embeds is None):
             raise ValueError("expected token ids (idx) or input embeddings (embeds), one of the two; got "
                              + ("neither" if idx is None else "both"))
-        if idx is not None:  # (DeepSeekVL.forward checks its ids itself, and passes embeds)
+        if idx is not None:
             # The range check reads a count back from the device: a training loop whose ids its own tokenizer made
             # (stage 0, bench.py's decoder step) passes check_ids=False to keep its steps free of syncs.
             check_token_ids(idx, targets, pad_mask, self.cfg.vocab_size, check_range=check_ids, doc_ids=doc_ids)
@@ -317,12 +317,6 @@ class Llama(nn.Module):
             loss = loss / (targets != -100).sum().clamp(min=1)
         return None, loss
 
-    def rope_tables(self, freq_dtype):
-        """cos, sin (max_seq_len, hs) in fp32 on the CPU, from frequencies rounded to freq_dtype (rope_cos_sin)."""
-        cos, sin = rope_cos_sin(torch.arange(self.cfg.max_seq_len, device="cpu")[None], self.cfg.head_dim,
-                                self.cfg.rope_theta, torch.float32, freq_dtype)
-        return cos[0, 0], sin[0, 0]
-
     def _apply(self, fn, recurse=True):
         """What .to(), .cuda(), .half() and the like run: the rotary tables move with the weights but stay fp32 (rope
         casts the rows it looks up to the compute dtype, as HF casts its fp32 cos and sin): cast to bf16 and back
@@ -342,7 +336,7 @@ class Llama(nn.Module):
         reaches (576 image tokens). By default nanovl keeps the frequencies exact, as the official code has them on
         a CPU, where it runs in fp32; sample.py --official_rope calls this to give the official bf16 outputs instead.
         Call it before decoding: a recorded CUDA graph keeps the tables it was recorded with."""
-        cos, sin = self.rope_tables(dtype)
+        cos, sin = rope_cos_sin(self.cfg.max_seq_len, self.cfg.head_dim, self.cfg.rope_theta, freq_dtype=dtype)
         self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     def rope(self, positions, dtype):

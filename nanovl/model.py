@@ -62,7 +62,8 @@ class DeepSeekVL(nn.Module):
         elif isinstance(module, (SigLIP, SAM)):
             nn.init.trunc_normal_(module.pos_embed, std=0.02)
         # The projections that write into the decoder's residual stream are scaled down by sqrt(2 * n_layers), so
-        # the stream's variance does not grow with depth (GPT-2, section 2.3).
+        # the stream's variance does not grow with depth (GPT-2, section 2.3). (Module.apply visits the children
+        # before their parent, so this comes after, and overrides, these Linears' init above.)
         elif isinstance(module, Llama):
             for layer in module.layers:
                 for w in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight):
@@ -110,13 +111,14 @@ class DeepSeekVL(nn.Module):
         check_inputs: check the ids, spans and pixels against each other and the vocabulary (below), which reads a few
             counts back from the device; train.py, whose batches its own data code made and checked, passes False to
             keep its steps free of device syncs (no read-back in the training hot path).
-        Returns (logits (B, T, vocab), None) without targets, and (None, loss) with them: training never makes the
-        full logits (Llama.forward).
+        Returns (logits (B, T, vocab), None) without targets ((B, 1, vocab) with last_only), and (None, loss) with
+        them: the mean cross-entropy over the supervised tokens, their sum with reduction="sum", each position's (B, T)
+        with reduction="none" (0 where the target is -100). Training never makes the full logits (Llama.forward).
         """
         check_token_ids(ids, targets, pad_mask, self.cfg.llm.vocab_size, check_range=False, doc_ids=doc_ids)
         if images is not None and image_embeds is not None:
             raise ValueError("give images or image_embeds, not both")
-        given = images if images is not None else image_embeds
+        given = images if images is not None else image_embeds  # whichever of the two came, or None
         what = lambda v: f"shape {tuple(v.shape)}" if torch.is_tensor(v) else type(v).__name__
         if images is not None and not (torch.is_tensor(images) and images.ndim == 4):
             one = torch.is_tensor(images) and images.ndim == 3
@@ -151,7 +153,8 @@ class DeepSeekVL(nn.Module):
         # where a span starts (position j is its first image token) and -1 where one has just ended (j is one past its
         # last); the length of the span that ends before j is j minus the latest span start at or before j.
         t = torch.arange(ids.shape[1] + 1, device=ids.device)
-        edge = torch.diff(is_image.int(), dim=1, prepend=is_image[:, :1] * 0, append=is_image[:, :1] * 0)  # (B, T+1)
+        zero = torch.zeros_like(is_image[:, :1], dtype=torch.int)  # (B, 1): no image token before or after the row
+        edge = torch.diff(is_image.int(), dim=1, prepend=zero, append=zero)  # (B, T+1)
         span_start = torch.where(edge == 1, t, 0).cummax(dim=1).values  # (B, T+1)
         cut = (edge == -1) & ((t - span_start) % per_image != 0)  # (B, T+1): True where a cut span ends
         # Every count read back in one go: one device sync per forward, not one per check.

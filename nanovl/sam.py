@@ -39,22 +39,6 @@ import torch.nn.functional as F
 from nanovl.config import SAMConfig
 
 
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of a (B, C, H, W) map, at each pixel separately (ConvNeXt / detectron2 style)."""
-
-    def __init__(self, channels: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-        self.eps = eps
-
-    def forward(self, x):
-        u = x.mean(1, keepdim=True)
-        s = (x - u).pow(2).mean(1, keepdim=True)
-        x = (x - u) / torch.sqrt(s + self.eps)
-        return self.weight[:, None, None] * x + self.bias[:, None, None]
-
-
 def relative_index(size: int) -> torch.Tensor:
     """(size, size) table of i - j + size - 1: the row of rel_pos_* that query i uses for key j (MViTv2 / ViTDet).
 
@@ -113,8 +97,8 @@ class MLPBlock(nn.Module):
 
 
 def window_partition(x, ws: int):
-    """(B, H, W, C) -> ((B * nH * nW, ws, ws, C) windows, (Hp, Wp) the padded size), zero-padding the bottom and
-    right up to a multiple of ws (nH = Hp / ws windows down, nW = Wp / ws across).
+    """(B, H, W, C) -> ((B * Hp/ws * Wp/ws, ws, ws, C) windows, (Hp, Wp) the padded size), zero-padding the bottom
+    and right up to a multiple of ws: Hp/ws windows down, Wp/ws across.
 
     One reshape and permute, no loop over windows. The padded tokens are ordinary zeros *after norm1*, and the
     official code does not mask them as keys; we do the same, or the released weights would give other outputs.
@@ -123,15 +107,15 @@ def window_partition(x, ws: int):
     pad_h, pad_w = (ws - H % ws) % ws, (ws - W % ws) % ws
     x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C)
     Hp, Wp = H + pad_h, W + pad_w
-    x = x.view(B, Hp // ws, ws, Wp // ws, ws, C).permute(0, 1, 3, 2, 4, 5)  # (B, nH, nW, ws, ws, C)
+    x = x.view(B, Hp // ws, ws, Wp // ws, ws, C).permute(0, 1, 3, 2, 4, 5)  # (B, Hp/ws, Wp/ws, ws, ws, C)
     return x.reshape(-1, ws, ws, C), (Hp, Wp)
 
 
 def window_unpartition(x, ws: int, padded_hw, hw):
-    """Inverse of window_partition: (B * nH * nW, ws, ws, C) -> (B, H, W, C), cropping the padding off again."""
+    """Inverse of window_partition: (B * Hp/ws * Wp/ws, ws, ws, C) -> (B, H, W, C), cropping the padding off again."""
     (Hp, Wp), (H, W) = padded_hw, hw
     B = x.shape[0] // ((Hp // ws) * (Wp // ws))
-    x = x.view(B, Hp // ws, Wp // ws, ws, ws, -1).permute(0, 1, 3, 2, 4, 5)  # (B, nH, ws, nW, ws, C)
+    x = x.view(B, Hp // ws, Wp // ws, ws, ws, -1).permute(0, 1, 3, 2, 4, 5)  # (B, Hp/ws, ws, Wp/ws, ws, C)
     return x.reshape(B, Hp, Wp, -1)[:, :H, :W, :]
 
 
@@ -151,13 +135,29 @@ class Block(nn.Module):
         x = self.norm1(x)
         if self.window_size > 0:
             H, W = x.shape[1], x.shape[2]
-            x, padded_hw = window_partition(x, self.window_size)  # (B*nH*nW, ws, ws, C)
+            x, padded_hw = window_partition(x, self.window_size)  # (B * windows, ws, ws, C)
             x = self.attn(x)
             x = window_unpartition(x, self.window_size, padded_hw, (H, W))  # (B, H, W, C)
         else:
             x = self.attn(x)
         x = shortcut + x
         return x + self.mlp(self.norm2(x))
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of a (B, C, H, W) map, at each pixel separately (ConvNeXt / detectron2 style)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
 def make_neck(width: int, neck_dim: int) -> nn.Sequential:
@@ -215,12 +215,12 @@ class SAM(nn.Module):
     def upsample_downsample(self, x):
         """(B, neck_dim, H, W) -> (B, out_dim, out_grid, out_grid). Upsampled in fp32, as the official code does."""
         size = self.cfg.upsample_size
-        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False).to(x.dtype)  # 96x96
-        return self.downsamples(x)  # two stride-2 convs: (B, out_dim, 24, 24) at the released sizes
+        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False).to(x.dtype)  # (B, C, size, size)
+        return self.downsamples(x)  # two stride-2 convs, each halving the side: 96 -> 48 -> 24 at the released sizes
 
     def forward(self, x):
         last, first_global = self.trunk(x)
-        out = self.upsample_downsample(self.neck(last.permute(0, 3, 1, 2)))  # (B, out_dim, g, g)
-        hd = self.upsample_downsample(self.neck_hd(first_global.permute(0, 3, 1, 2)))  # (B, out_dim, g, g)
+        out = self.upsample_downsample(self.neck(last.permute(0, 3, 1, 2)))  # (B, out_dim, out_grid, out_grid)
+        hd = self.upsample_downsample(self.neck_hd(first_global.permute(0, 3, 1, 2)))  # the same shape
         out = out + hd * self.hd_alpha_downsamples
-        return out.flatten(2).transpose(1, 2)  # (B, g*g, out_dim), row-major (h outer, w inner)
+        return out.flatten(2).transpose(1, 2)  # (B, out_grid^2, out_dim), row-major (h outer, w inner)
