@@ -19,7 +19,8 @@ transformers 4's default generation config; it sets the penalty only when it sam
 In the interactive chat each turn reuses the KV cache: only the new message is run through the model (with the end of
 the last answer, which the cache does not hold yet, or the whole answer when its text encodes to other ids than the
 model produced: README, Chat), never the earlier turns or their images. Commands: `new` starts a new chat, `image PATH`
-attaches an image to the next message, `help`, `exit`.
+attaches an image to the next message, `help`, `exit`. An error in a turn is said and the chat goes on; a chat read
+from a pipe or a file (`sample.py --ckpt out/stage3 < questions.txt`) stops at its first error, with exit status 1.
 """
 
 import argparse
@@ -158,16 +159,12 @@ def answer_prompts(args, prompts, model, tok, proc, sampling, pictures):
 
 
 def read_image(path: str):
-    """The image at path, or None after saying why it cannot be read (missing, corrupt, not an image, too large).
+    """The image at path, or ValueError saying why it cannot be read (missing, corrupt, not an image, too large).
     A path typed or pasted with quotes around it, or starting with ~, is read as a shell would."""
     path = path.strip()
     if len(path) > 1 and path[0] == path[-1] and path[0] in "'\"":
         path = path[1:-1]
-    try:
-        return load_image(os.path.expanduser(path))
-    except ValueError as e:
-        print(f"(error: {e}; not attached)")
-        return None
+    return load_image(os.path.expanduser(path))
 
 
 def is_image_command(line: str) -> bool:
@@ -187,11 +184,28 @@ def attached(queued) -> str:
     return f"; {len(queued)} image(s) stay attached to your next message ('new' drops them)" if queued else ""
 
 
+def at_a_terminal() -> bool:
+    return sys.stdin.isatty()
+
+
 def chat(args, model, tok, proc, sampling, pictures):
     """The interactive loop, with the --image pictures attached to the first message. Errors in a turn (a bad image,
-    more attached images than placeholders, a full context) are printed and the conversation goes on as it was."""
+    more attached images than placeholders, a full context) are printed and the conversation goes on as it was.
+    A chat read from a pipe or a file stops at its first error instead (below)."""
     session = ChatSession(model, tok, proc, system=args.system, compile=args.compile)
     queued = list(pictures)
+    typed, n_line = at_a_terminal(), 0
+
+    def trouble(why: str, then: str):
+        """At a terminal, say why a line failed and what happens now (then), and go on: the user sees it and answers
+        it. From a pipe or a file, stop with exit status 1: the lines after it were written for a conversation that
+        did not happen (a question about an image that could not be read, a follow-up to a message refused)."""
+        if not typed:
+            raise SystemExit(f"sample.py: line {n_line} of the chat's input: {why.removeprefix('error: ')}. Stopping "
+                             "there, as the input is not a terminal and its next lines were written for the "
+                             "conversation this line would have made")
+        print(f"({why}{then})")
+
     # Input bytes that are not UTF-8 are read as escapes, for the check below to name (a UTF-8 locale reads them
     # strictly: a traceback). Not possible once stdin was read.
     if isinstance(sys.stdin, io.TextIOWrapper):
@@ -202,6 +216,7 @@ def chat(args, model, tok, proc, sampling, pictures):
     while True:
         try:
             line = input("\nUser: ").strip()
+            n_line += 1
         except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave, without a traceback
             print()
             return
@@ -210,7 +225,7 @@ def chat(args, model, tok, proc, sampling, pictures):
         try:
             line.encode("utf-8")
         except UnicodeEncodeError:  # the terminal sent bytes that are not UTF-8
-            print("(that message is not UTF-8 text: check the terminal's encoding; the conversation is as it was)")
+            trouble("that message is not UTF-8 text: check the terminal's encoding", "; the conversation is as it was")
             continue
         if line.lower() in ("exit", "quit"):
             return
@@ -224,53 +239,55 @@ def chat(args, model, tok, proc, sampling, pictures):
             continue
         if is_image_command(line):
             if not line[len("image"):].strip():
-                print("(image needs a PATH: image photo.jpg)")
+                trouble("image needs a PATH: image photo.jpg", "")
                 continue
             try:
-                image = read_image(line[len("image"):])  # read now: a bad path is said at once
+                queued.append(read_image(line[len("image"):]))  # read now: a bad path is said at once
+                print(f"({len(queued)} image(s) attached to your next message)")
+            except ValueError as e:
+                trouble(f"error: {e}", "; not attached")
             except KeyboardInterrupt:  # Ctrl-C while a large image loads: that image only, not the chat
                 print(f"\n(interrupted: that image is not attached{attached(queued)})")
-                continue
-            if image is not None:
-                queued.append(image)
-                print(f"({len(queued)} image(s) attached to your next message)")
             continue
         # With images attached, as --prompt with --image refuses it: LLaVA's tag would stay in the message as text
         if queued and "<image>" in line and IMAGE_TAG not in line:
-            print(f"(that message holds <image>, LLaVA's tag; DeepSeek-VL's is {IMAGE_TAG}: write that, or leave it "
-                  f"out to put the attached images first; the message was not sent{attached(queued)})")
+            trouble(f"that message holds <image>, LLaVA's tag; DeepSeek-VL's is {IMAGE_TAG}: write that, or leave it "
+                    "out to put the attached images first", f"; the message was not sent{attached(queued)}")
             continue
         message = with_tags(line, len(queued))
         n_tags = message.count(IMAGE_TAG)
         if n_tags < len(queued):
-            print(f"(this message has {n_tags} {IMAGE_TAG} for {len(queued)} attached images: write one for each, "
-                  f"or none to put them all first{attached(queued)})")
+            trouble(f"this message has {n_tags} {IMAGE_TAG} for {len(queued)} attached images: write one for each, "
+                    "or none to put them all first", attached(queued))
             continue
         images = list(queued)
         while len(images) < n_tags:
             try:
                 path = input(f"  path of image {len(images) + 1} of {n_tags} (empty: drop the message): ").strip()
-            except EOFError:  # the input ended (a piped chat)
-                print("\n(message dropped: the input ended)")
+                n_line += 1
+            except EOFError:  # the input ended (Ctrl-D, or the end of a piped chat)
+                print()
+                trouble(f"message dropped: the input ended before the path of its image {len(images) + 1}", "")
                 return
             except KeyboardInterrupt:
                 path = ""
             if not path:
                 break
             try:
-                image = read_image(path)
+                images.append(read_image(path))
+            except ValueError as e:
+                trouble(f"error: {e}", "; not attached")  # (and asked again for that image's path)
             except KeyboardInterrupt:  # as Ctrl-C at the path prompt: the message is dropped
                 break
-            if image is not None:
-                images.append(image)
         if len(images) < n_tags:
-            print(f"\n(message dropped; the conversation is as it was{attached(queued)})")
+            print()
+            trouble("message dropped", f"; the conversation is as it was{attached(queued)}")
             continue
         try:  # a message too long for the context, say: said on its own line, not as the start of an answer
             session.check_turn(message, images, sampling)
         except ValueError as e:
-            print(f"(error: {str(e).replace('start a new chat (reset)', 'start a new chat (new)')}; the conversation "
-                  f"is as it was{attached(queued)})")
+            trouble(f"error: {str(e).replace('start a new chat (reset)', 'start a new chat (new)')}",
+                    f"; the conversation is as it was{attached(queued)}")
             continue
         print("Assistant: ", end="", flush=True)
         try:
@@ -282,7 +299,8 @@ def chat(args, model, tok, proc, sampling, pictures):
                       "have been cut: 'new' starts a new chat)")
                 continue
         except (ValueError, RuntimeError) as e:  # RuntimeError: out of memory on a GPU, say; ask undid the turn
-            print(f"\n(error: {e}; the conversation is as it was{attached(queued)})")
+            print()
+            trouble(f"error: {e}", f"; the conversation is as it was{attached(queued)}")
             continue
         except KeyboardInterrupt:
             print(f"\n(interrupted: that turn is forgotten{attached(queued)})")

@@ -470,7 +470,8 @@ def test_a_bad_turn_leaves_the_session_as_it_was(tiny, tok, tmp_path):
         ChatSession(tiny, tok, proc, max_len=turn).ask("hello", [], s)
     assert ChatSession(tiny, tok, proc, max_len=turn + 1).ask("hello", [], s) is not None
     assert chat.ask(f"{IMAGE_TAG}what?", [picture(4)], s) == fresh.ask(f"{IMAGE_TAG}what?", [picture(4)], s)
-    with pytest.raises(ValueError, match=r"start a new chat \(reset\)$"):  # later in a chat, what was said before fills it too
+    # later in a chat, what was said before fills it too
+    with pytest.raises(ValueError, match=r"start a new chat \(reset\)$"):
         chat.ask("red " * 600, [], s)
     many = 1 + tiny.cfg.llm.max_seq_len // tiny.cfg.n_image_tokens  # images alone fill the context
     with pytest.raises(ValueError, match=rf"shorten the message \(or the system prompt\), or give fewer images \(each "
@@ -848,6 +849,40 @@ def test_sample_refuses_mismatched_images_and_missing_checkpoints(stage_folder, 
     for setting in (["--top_k", "5"], ["--top_p", "0.9"]):  # not silently greedy
         with pytest.raises(SystemExit, match="top_k and top_p .* need temperature > 0"):
             sample.main(["--ckpt", str(stage_folder), "--prompt", "hi"] + setting)
+
+
+@pytest.fixture(autouse=True)
+def typed_at_a_terminal(monkeypatch):
+    """The chat tests type their lines as a user at a terminal would, where an error is said and the chat goes on
+    (under pytest, stdin is no terminal: a chat read from a pipe stops at its first error, tested below)."""
+    monkeypatch.setattr(sample, "at_a_terminal", lambda: True)
+
+
+def test_a_chat_read_from_a_pipe_stops_at_its_first_error(stage_folder, monkeypatch):
+    # The lines after a failed one were written for a conversation that did not happen: the question about an image
+    # that could not be read must not go without it. A real pipe, so that the terminal test is the real one.
+    import subprocess
+    lines = "hi\nimage missing.png\nwhat colour is it?\n"
+    run = subprocess.run([sys.executable, "sample.py", "--ckpt", str(stage_folder), "--max_new_tokens", "2"],
+                         input=lines, capture_output=True, text=True, cwd=os.path.dirname(sample.__file__),
+                         timeout=300)
+    assert run.returncode == 1 and run.stdout.count("Assistant: ") == 1, (run.stdout, run.stderr)
+    assert "sample.py: line 2 of the chat's input: image missing.png does not exist. Stopping" in run.stderr
+    assert "Stopping there, as the input is not a terminal" in run.stderr
+    # A message whose image paths the input ends before is dropped: an error too, not a chat that ended well
+    monkeypatch.setattr(sample, "at_a_terminal", lambda: False)
+    lines = iter([f"{IMAGE_TAG}what is it?"])
+
+    def typed(prompt=""):
+        line = next(lines, None)
+        if line is None:  # as input() at the end of the input
+            raise EOFError
+        return line
+
+    monkeypatch.setattr("builtins.input", typed)
+    with pytest.raises(SystemExit, match=r"^sample.py: line 1 of the chat's input: message dropped: the input ended "
+                                         r"before the path of its image 1\. Stopping"):
+        sample.main(["--ckpt", str(stage_folder), "--max_new_tokens", "2"])
 
 
 def test_interactive_chat_commands(stage_folder, monkeypatch, capsys):
