@@ -156,11 +156,11 @@ class Source:
             ids, mask = render_document(row["text"], tokenizer, n_image_tokens)
             # Pieces of max_len + 1 ids (max_len inputs, each with the next id as its target) that overlap by one:
             # a piece's last target is the next piece's first input, so every id but the first is predicted once.
+            # (start stops short of the last id, so every piece holds at least two.) The first bit of a piece's mask
+            # is never read (nothing in the piece predicts its first id); it is set to 0 all the same.
             for start in range(0, len(ids) - 1, max_len):
                 piece = slice(start, start + max_len + 1)
-                if len(ids[piece]) > 1:
-                    # (the first bit of a piece's mask is never read: nothing in the piece predicts its first id)
-                    self.samples.append(Sample(ids[piece], [0] + mask[piece][1:], []))
+                self.samples.append(Sample(ids[piece], [0] + mask[piece][1:], []))
             return
         if kind == "pretrain":
             ids, mask = render_document(row["text"], tokenizer, n_image_tokens)

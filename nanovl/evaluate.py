@@ -182,8 +182,9 @@ def check_fits(rows: Sequence[dict], tokenizer, n_image_tokens: int, max_len: in
 
 def check_questions(model, rows: Sequence[dict], tokenizer, n_image_tokens: int, batch_questions: int) -> None:
     """What multiple_choice and open_questions check before they score: each row well formed (check_mc_rows), each
-    question with its options fitting the model's context (check_fits), and a batch size that is a count. (Rows read
-    by held_out are checked as they are read; evaluate takes those.)"""
+    question with its options fitting the model's context (check_fits), and a batch size that is a count. (evaluate
+    takes rows that held_out checked as it read them, and leaves check_fits to its caller: train.py runs it once,
+    before a stage trains or --eval-only loads its model.)"""
     if not isinstance(batch_questions, numbers.Integral) or isinstance(batch_questions, bool) or batch_questions < 1:
         raise ValueError(f"batch_questions must be an integer of at least 1, got {batch_questions!r}")
     check_mc_rows(rows)

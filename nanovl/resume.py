@@ -52,7 +52,7 @@ def model_file(path: str) -> str:
 
 
 def is_nanovl_checkpoint(path: str) -> bool:
-    """A stage folder or a .pt file written by this script (rather than a pretrained part for init_from_parts)."""
+    """A stage folder or a .pt file written by train.py (rather than a pretrained part for init_from_parts)."""
     if os.path.isdir(path):
         return os.path.exists(os.path.join(path, "model.pt")) and not is_released_folder(path)
     return path.endswith(".pt")  # (SAM's own checkpoint is a .pth: a pretrained part)

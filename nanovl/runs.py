@@ -288,10 +288,11 @@ def claim_out_folder(out: str, first: bool, world: int, hold: bool = True):
 
 
 def close_inherited_locks(worker_id: int):
-    """A forked data worker's first act: close its copies of the run's lock files. A lock belongs to the open file,
-    which the worker shares until it closes its copy (the run's own stays locked): a run killed with kill -9 then
-    lets go of its --out at once, where its workers held it until they noticed (seconds), and a --resume at once was
-    refused as "another run is writing", naming the dead process."""
+    """DataLoader's worker_init_fn (hence the worker_id it passes, unused): a forked data worker's first act: close
+    its copies of the run's lock files. A lock belongs to the open file, which the worker shares until it closes its
+    copy (the run's own stays locked): a run killed with kill -9 then lets go of its --out at once, where its workers
+    held it until they noticed (seconds), and a --resume at once was refused as "another run is writing", naming the
+    dead process."""
     for f in OUT_LOCKS.values():
         f.close()
 

@@ -215,8 +215,8 @@ class SAM(nn.Module):
     def upsample_downsample(self, x):
         """(B, neck_dim, H, W) -> (B, out_dim, out_grid, out_grid). Upsampled in fp32, as the official code does."""
         size = self.cfg.upsample_size
-        x = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False).to(x.dtype)  # (B, C, size, size)
-        return self.downsamples(x)  # two stride-2 convs, each halving the side: 96 -> 48 -> 24 at the released sizes
+        up = F.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False)  # (B, C, size, size)
+        return self.downsamples(up.to(x.dtype))  # two stride-2 convs, each halving the side: 96 -> 48 -> 24 released
 
     def forward(self, x):
         last, first_global = self.trunk(x)

@@ -50,10 +50,11 @@ class Stage0Heads(nn.Module):
         self.text_tower = Llama(text)
         self.text_tower.lm_head = nn.Linear(width, embed_dim, bias=False)
         self.image_proj = nn.Linear(cfg.siglip.width, embed_dim, bias=False)  # on the mean of SigLIP's tokens
-        # SigLIP's learned temperature and bias. The paper starts at t = 10, b = -10, tuned for batches of 32k pairs
-        # where negatives outnumber positives 32k to 1. With our batches of tens of pairs, b = -10 would hold every
-        # logit below zero until t had grown, stalling a short run. b = -5 is of the order of -log(batch) (-3.9 for the
-        # default 48 pairs), the log-odds that a pair drawn from the batch is a match.
+        # SigLIP's learned temperature and bias. The SigLIP paper (Zhai et al. 2023, arXiv 2303.15343) starts at t = 10,
+        # b = -10, tuned for batches of 32k pairs where negatives outnumber positives 32k to 1. With our batches of tens
+        # of pairs, b = -10 would hold every logit below zero until t had grown, stalling a short run. b = -5 is of the
+        # order of -log(batch) (-3.9 for the default 48 pairs), the log-odds that a pair drawn from the batch is a
+        # match.
         self.log_t = nn.Parameter(torch.tensor(float(np.log(10.0))))
         self.bias = nn.Parameter(torch.tensor(-5.0))
         self.seg_head = nn.Conv2d(cfg.sam.neck_dim, n_seg_classes, kernel_size=1) if cfg.hybrid else None
@@ -194,8 +195,10 @@ class Stage0Batches(Dataset):
 
 
 class Stage0Model(nn.Module):
-    """The VLM's parts plus the stage-0 heads, with one forward that returns the three losses (the language model's,
-    then SigLIP's and SAM's summed, and those two apart for the log), so DDP sees a single module."""
+    """The VLM's parts plus the stage-0 heads, with one forward that returns the three losses, so DDP sees a single
+    module: the language model's (summed over the batch's supervised tokens with reduction="sum": train_step divides
+    by the step's count), then SigLIP's contrastive and SAM's segmentation losses added together (each already a mean
+    within the micro-batch), and those two apart for the log."""
 
     def __init__(self, model: DeepSeekVL, heads: Stage0Heads):
         super().__init__()
