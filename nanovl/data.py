@@ -180,10 +180,10 @@ class Source:
     def digest(self) -> str:
         """A short hash of what this source trains on: every sample's token ids and loss mask, in order (an image is
         there as its span of image tokens; the files themselves are not read)."""
-        return digest(array("i", s.ids).tobytes() + bytes(s.mask) for s in self.samples)
+        return hash_chunks(array("i", s.ids).tobytes() + bytes(s.mask) for s in self.samples)
 
 
-def digest(chunks) -> str:
+def hash_chunks(chunks) -> str:
     """A 16-hex-digit hash of a sequence of byte strings (each one's length goes in too, so where one ends and the
     next begins is part of what is hashed): the fingerprints a checkpoint keeps of its run's data and plan."""
     h = hashlib.blake2b(digest_size=8)
@@ -300,7 +300,7 @@ def plan_digest(plan) -> str:
                 yield rows.ids.tobytes() + rows.starts.tobytes()
             else:
                 yield array("i", rows).tobytes()
-    return digest(chunks())
+    return hash_chunks(chunks())
 
 
 class PlannedBatches(Dataset):

@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from nanovl.config import LlamaConfig, VLConfig
-from nanovl.data import PlannedBatches, digest, epochs, plan_digest
+from nanovl.data import PlannedBatches, epochs, hash_chunks, plan_digest
 from nanovl.llama import Llama
 from nanovl.model import DeepSeekVL
 from nanovl.synth import SEG_LABELS
@@ -180,7 +180,8 @@ class Stage0Batches(Dataset):
     def fingerprint(self) -> dict:
         """As PlannedBatches.fingerprint, with the image-caption pairs and the scenes as two more sources (their
         rows' files and captions) and their plans in the plan's digest."""
-        rows = lambda rs: [len(rs), digest(json.dumps([r["image"], r["caption"], r.get("seg")]).encode() for r in rs)]
+        rows = lambda rs: [len(rs), hash_chunks(json.dumps([r["image"], r["caption"], r.get("seg")]).encode()
+                                                for r in rs)]
         text = self.text.fingerprint()
         return {"sources": {**text["sources"], "pairs": rows(self.pairs), "scenes": rows(self.scenes)},
                 "plan": plan_digest(self.text.plan + self.plan_pairs + self.plan_scenes)}

@@ -27,8 +27,8 @@ from PIL import Image
 import prepare_data
 from nanovl.chat import IMAGE_TAG, render_document
 from nanovl.config import get_config
-from nanovl.data import (PackedBatches, PackedRows, PlannedBatches, Sample, Source, collate, digest, epochs,
-                         folder_kind, plan_batches, plan_digest, read_jsonl, write_jsonl)
+from nanovl.data import (PackedBatches, PackedRows, PlannedBatches, Sample, Source, collate, epochs, folder_kind,
+                         hash_chunks, plan_batches, plan_digest, read_jsonl, write_jsonl)
 from nanovl.image import ImageProcessor
 from nanovl.llava import import_llava
 from nanovl.runs import building
@@ -1191,4 +1191,4 @@ def test_a_fingerprint_changes_with_any_token_mask_or_planned_row():
     packed = [("language", PackedRows([[0, 1]])), ("language", PackedRows([[1], [0]]))]
     assert plan_digest(packed) != plan_digest([("language", PackedRows([[0], [1]])), packed[1]])
     assert plan_digest(packed) != plan_digest([("multimodal", packed[0][1]), packed[1]])  # the modality drawn
-    assert digest([b"ab", b"c"]) != digest([b"a", b"bc"])  # where each chunk ends is part of what is hashed
+    assert hash_chunks([b"ab", b"c"]) != hash_chunks([b"a", b"bc"])  # where each chunk ends is part of what is hashed
