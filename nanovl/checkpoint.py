@@ -414,10 +414,10 @@ def is_released_folder(path) -> bool:
     return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
 
 
-def load_released(folder, device="cpu", dtype=None, tokenizer=None):
+def load_released(folder, device="cpu", dtype=None, tokenizer=None, before_weights=None):
     """A released DeepSeek-VL folder -> (model, tokenizer, processor), without transformers or safetensors; or one
     in transformers' layout (its port: HF_PORT_NAMES), read as the release it was converted from. tokenizer: a
-    tokenizer.json for a folder without one (see pick_tokenizer)."""
+    tokenizer.json for a folder without one (see pick_tokenizer). before_weights: as load_model's."""
     folder = Path(folder)
     config = _read_json(folder / "config.json", "config.json with vision_config, aligner_config and language_config")
     port = is_hf_port(config)
@@ -429,6 +429,8 @@ def load_released(folder, device="cpu", dtype=None, tokenizer=None):
                          f"<image_placeholder> at {tok.image_id}")
     cfg = released_config(config, tok.image_id, name=folder.name)
     check_tokenizer_fits(tok, cfg, tok_path)
+    if before_weights is not None:
+        before_weights(cfg, tok)
     tensors = load_sharded(folder)
     if port:
         tensors = hf_port_tensors(tensors, cfg.hybrid, folder)
@@ -613,8 +615,9 @@ def nanovl_state(state, path) -> tuple:
     return state["model"], state["config"]
 
 
-def load_nanovl(path, device="cpu", dtype=None, tokenizer=None):
-    """A nanovl stage folder (model.pt, tokenizer.json) or model.pt file -> (model, tokenizer, processor)."""
+def load_nanovl(path, device="cpu", dtype=None, tokenizer=None, before_weights=None):
+    """A nanovl stage folder (model.pt, tokenizer.json) or model.pt file -> (model, tokenizer, processor).
+    before_weights: as load_model's."""
     path = Path(path)
     file = path / "model.pt" if path.is_dir() else path
     state = load_plain(file)
@@ -624,6 +627,8 @@ def load_nanovl(path, device="cpu", dtype=None, tokenizer=None):
     tok, tok_path = pick_tokenizer(file.parent, tokenizer)  # (before the weights, which may take minutes to build)
     check_tokenizer_fits(tok, cfg, tok_path, exact=cfg.name in FROM_SCRATCH)  # as train.py checked it
     check_trained_with(tok, tok_path, state.get("tokenizer"), file)
+    if before_weights is not None:
+        before_weights(cfg, tok)
     model = build_loaded(cfg, weights, str(file), device, dtype)
     return model, tok, ImageProcessor.for_config(cfg)
 
@@ -719,8 +724,10 @@ def check_dtype(dtype, allowed=(torch.float32, torch.bfloat16, torch.float16, to
                          ", ".join(map(str, allowed)))
 
 
-def load_model(path, device="cpu", dtype=None, tokenizer=None):
-    """Either kind of checkpoint -> (model, tokenizer, processor), in eval mode. device None: the CPU."""
+def load_model(path, device="cpu", dtype=None, tokenizer=None, before_weights=None):
+    """Either kind of checkpoint -> (model, tokenizer, processor), in eval mode. device None: the CPU.
+    before_weights(cfg, tokenizer), if given, is called once the model config and the tokenizer are read and checked,
+    before the weights (which may take minutes): a caller's own checks of its inputs against them fail at once."""
     paths = {"path": path} if tokenizer is None else {"path": path, "tokenizer": tokenizer}
     for name, value in paths.items():
         if not isinstance(value, (str, os.PathLike)):
@@ -729,7 +736,7 @@ def load_model(path, device="cpu", dtype=None, tokenizer=None):
     check_device(device)
     check_dtype(dtype)
     if is_released_folder(path):
-        return load_released(path, device, dtype, tokenizer)
+        return load_released(path, device, dtype, tokenizer, before_weights)
     if Path(path).is_file() and Path(path).suffix != ".pt" and is_released_folder(Path(path).parent):
         raise ValueError(f"{path} is one file of the released model folder {Path(path).parent}: pass the folder")
     if Path(path).is_dir() and any(Path(path).glob("model-*-of-*.safetensors")):
@@ -740,7 +747,7 @@ def load_model(path, device="cpu", dtype=None, tokenizer=None):
         raise FileNotFoundError(f"{path} holds config.json but no weights: a released DeepSeek-VL folder holds "
                                 "model.safetensors (or shards and model.safetensors.index.json), a nanovl stage "
                                 "folder model.pt")
-    return load_nanovl(path, device, dtype, tokenizer)
+    return load_nanovl(path, device, dtype, tokenizer, before_weights)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -213,8 +213,19 @@ def folder(request, tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------------------------------------
 
-def test_released_folder_gives_the_reference_models_logits(folder):
+def test_released_folder_gives_the_reference_models_logits(folder, monkeypatch):
     path, ref = folder
+    with monkeypatch.context() as m:  # before_weights: called with the config and tokenizer, before any weight is read
+        m.setattr("nanovl.checkpoint.load_sharded", lambda *a: pytest.fail("the weights were read first"))
+        seen = []
+
+        def refuse(cfg, tok):  # (as --eval-only's check of its questions against the context)
+            seen.append((cfg.hybrid, tok.image_id))
+            raise ValueError("refused")
+
+        with pytest.raises(ValueError, match="^refused$"):
+            load_model(path, before_weights=refuse)
+        assert seen == [(ref.hybrid, 282)]
     model, tok, proc = load_released(path)
     assert tok.image_id == 282 and tok.vocab_size == 283 and model.cfg.llm.vocab_size == VOCAB
     assert model.cfg.hybrid == ref.hybrid and model.cfg.llm.max_seq_len == 512

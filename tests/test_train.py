@@ -26,7 +26,7 @@ from PIL import Image
 import prepare_data
 import train
 from conftest import write_swapped_tokenizer
-from nanovl import DeepSeekVL, evaluate, get_config, resume, runs
+from nanovl import DeepSeekVL, checkpoint, evaluate, get_config, resume, runs
 from nanovl.chat import IMAGE_TAG
 from nanovl.evaluate import multiple_choice
 from nanovl.synth import mc_prompt
@@ -539,7 +539,8 @@ def test_a_bad_held_out_question_is_named_before_training(tmp_path):
 
 
 def test_bad_held_out_text_or_images_stop_a_run_before_it_trains_and_a_finished_stage_resumes(data, start_weights,
-                                                                                                tmp_path, capsys):
+                                                                                                tmp_path, capsys,
+                                                                                                monkeypatch):
     import shutil
     copy = tmp_path / "data"
     shutil.copytree(data, copy)
@@ -555,6 +556,12 @@ def test_bad_held_out_text_or_images_stop_a_run_before_it_trains_and_a_finished_
     with pytest.raises(SystemExit, match=r"eval_mc.jsonl, line 1: with its 1 image .36 tokens each., the question and "
                                          r"its longest option make \d+ input tokens, but the model's context is 512"):
         train.main(args + ["--out", str(tmp_path / "b")])
+    with monkeypatch.context() as m:  # --eval-only says so before it builds the weights (minutes for a 7B)
+        m.setattr(checkpoint, "build_loaded", lambda *a, **k: pytest.fail("the weights were loaded first"))
+        with pytest.raises(SystemExit, match=r"eval_mc.jsonl, line 1: with its 1 image .36 tokens each., the "
+                                             r"question and its longest option make \d+ input tokens, but the "
+                                             r"model's context is 512"):
+            train.main(["--eval-only", "--ckpt", start_weights, "--data", str(copy)])
     # The model reads all but an answer's last token: a question whose longest option makes context + 1 ids fits.
     from nanovl.evaluate import check_fits, option_samples
     row = dict(json.loads(mc.splitlines()[0]), _where="q")
