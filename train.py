@@ -20,8 +20,8 @@ Where each part of the recipe is written:
     one modality per step                nanovl/data.py plan_batches: every step draws one group, by those shares
     packing (stage 2)                    plan_batches given lengths; data.PackedBatches (doc_ids keep samples apart)
     the loss on answers only             nanovl/chat.py render_chat (a mask bit per token) -> data.collate (targets
-                                         -100 where nothing is learnt) -> run_stage's step loop (normalised by the
-                                         step's supervised tokens)
+                                         -100 where nothing is learnt) -> train_step (normalised by the step's
+                                         supervised tokens)
     the learning rate                    learning_rate, set at the top of each step in run_stage
     AdamW, two rates, clipping           stage_optimizer (vision_lr_mult), clipping_groups
     stage 0                              nanovl/stage0.py (its heads, batches and losses)
