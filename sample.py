@@ -194,15 +194,16 @@ def chat(args, model, tok, proc, sampling, pictures):
     A chat read from a pipe or a file stops at its first error instead (below)."""
     session = ChatSession(model, tok, proc, system=args.system, compile=args.compile)
     queued = list(pictures)
-    typed, n_line = at_a_terminal(), 0
+    typed, n_line = at_a_terminal(), 0  # n_line: the lines read so far, blank ones and image paths included
 
-    def trouble(why: str, then: str):
-        """At a terminal, say why a line failed and what happens now (then), and go on: the user sees it and answers
-        it. From a pipe or a file, stop with exit status 1: the lines after it were written for a conversation that
-        did not happen (a question about an image that could not be read, a follow-up to a message refused)."""
+    def trouble(why: str, then: str, line: int = 0):
+        """At a terminal, say why a line failed (line: that line, if not the last read) and what happens now (then),
+        and go on: the user sees it and answers it. From a pipe or a file, stop with exit status 1: the lines after it
+        were written for a conversation that did not happen (a question about an image that could not be read, a
+        follow-up to a message refused, an answer interrupted)."""
         if not typed:
-            raise SystemExit(f"sample.py: line {n_line} of the chat's input: {why.removeprefix('error: ')}. Stopping "
-                             "there, as the input is not a terminal and its next lines were written for the "
+            raise SystemExit(f"sample.py: line {line or n_line} of the chat's input: {why.removeprefix('error: ')}. "
+                             "Stopping there, as the input is not a terminal and its next lines were written for the "
                              "conversation this line would have made")
         print(f"({why}{then})")
 
@@ -217,6 +218,7 @@ def chat(args, model, tok, proc, sampling, pictures):
         try:
             line = input("\nUser: ").strip()
             n_line += 1
+            message_line = n_line  # (the image paths asked for after a message are lines of their own)
         except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave, without a traceback
             print()
             return
@@ -225,7 +227,8 @@ def chat(args, model, tok, proc, sampling, pictures):
         try:
             line.encode("utf-8")
         except UnicodeEncodeError:  # the terminal sent bytes that are not UTF-8
-            trouble("that message is not UTF-8 text: check the terminal's encoding", "; the conversation is as it was")
+            trouble("that message is not UTF-8 text: check the terminal's (or the file's) encoding",
+                    "; the conversation is as it was")
             continue
         if line.lower() in ("exit", "quit"):
             return
@@ -247,7 +250,8 @@ def chat(args, model, tok, proc, sampling, pictures):
             except ValueError as e:
                 trouble(f"error: {e}", "; not attached")
             except KeyboardInterrupt:  # Ctrl-C while a large image loads: that image only, not the chat
-                print(f"\n(interrupted: that image is not attached{attached(queued)})")
+                print()
+                trouble("interrupted: that image is not attached", attached(queued))
             continue
         # With images attached, as --prompt with --image refuses it: LLaVA's tag would stay in the message as text
         if queued and "<image>" in line and IMAGE_TAG not in line:
@@ -267,7 +271,8 @@ def chat(args, model, tok, proc, sampling, pictures):
                 n_line += 1
             except EOFError:  # the input ended (Ctrl-D, or the end of a piped chat)
                 print()
-                trouble(f"message dropped: the input ended before the path of its image {len(images) + 1}", "")
+                trouble(f"message dropped: the input ended before the path of its image {len(images) + 1}", "",
+                        message_line)
                 return
             except KeyboardInterrupt:
                 path = ""
@@ -281,13 +286,13 @@ def chat(args, model, tok, proc, sampling, pictures):
                 break
         if len(images) < n_tags:
             print()
-            trouble("message dropped", f"; the conversation is as it was{attached(queued)}")
+            trouble("message dropped", f"; the conversation is as it was{attached(queued)}", message_line)
             continue
         try:  # a message too long for the context, say: said on its own line, not as the start of an answer
             session.check_turn(message, images, sampling)
         except ValueError as e:
             trouble(f"error: {str(e).replace('start a new chat (reset)', 'start a new chat (new)')}",
-                    f"; the conversation is as it was{attached(queued)}")
+                    f"; the conversation is as it was{attached(queued)}", message_line)
             continue
         print("Assistant: ", end="", flush=True)
         try:
@@ -300,10 +305,11 @@ def chat(args, model, tok, proc, sampling, pictures):
                 continue
         except (ValueError, RuntimeError) as e:  # RuntimeError: out of memory on a GPU, say; ask undid the turn
             print()
-            trouble(f"error: {e}", f"; the conversation is as it was{attached(queued)}")
+            trouble(f"error: {e}", f"; the conversation is as it was{attached(queued)}", message_line)
             continue
         except KeyboardInterrupt:
-            print(f"\n(interrupted: that turn is forgotten{attached(queued)})")
+            print()
+            trouble("interrupted: that turn is forgotten", attached(queued), message_line)
             continue
         print()
 

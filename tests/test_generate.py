@@ -869,9 +869,10 @@ def test_a_chat_read_from_a_pipe_stops_at_its_first_error(stage_folder, monkeypa
     assert run.returncode == 1 and run.stdout.count("Assistant: ") == 1, (run.stdout, run.stderr)
     assert "sample.py: line 2 of the chat's input: image missing.png does not exist. Stopping" in run.stderr
     assert "Stopping there, as the input is not a terminal" in run.stderr
-    # A message whose image paths the input ends before is dropped: an error too, not a chat that ended well
+    # A message whose image paths the input ends before is dropped: an error too, not a chat that ended well. The
+    # line named is the message's (line 2), not its first image's path (line 3).
     monkeypatch.setattr(sample, "at_a_terminal", lambda: False)
-    lines = iter([f"{IMAGE_TAG}what is it?"])
+    lines = iter(["", f"{IMAGE_TAG} and {IMAGE_TAG}: which is bigger?", str(stage_folder / "cat.png")])
 
     def typed(prompt=""):
         line = next(lines, None)
@@ -880,8 +881,18 @@ def test_a_chat_read_from_a_pipe_stops_at_its_first_error(stage_folder, monkeypa
         return line
 
     monkeypatch.setattr("builtins.input", typed)
-    with pytest.raises(SystemExit, match=r"^sample.py: line 1 of the chat's input: message dropped: the input ended "
-                                         r"before the path of its image 1\. Stopping"):
+    with pytest.raises(SystemExit, match=r"^sample.py: line 2 of the chat's input: message dropped: the input ended "
+                                         r"before the path of its image 2\. Stopping"):
+        sample.main(["--ckpt", str(stage_folder), "--max_new_tokens", "2"])
+    # Ctrl-C during an answer: the turn is forgotten, so the lines after it cannot go on either
+    lines = iter(["hi", "and then?"])
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample.ChatSession, "ask", interrupted)
+    with pytest.raises(SystemExit, match=r"^sample.py: line 1 of the chat's input: interrupted: that turn is "
+                                         r"forgotten\. Stopping"):
         sample.main(["--ckpt", str(stage_folder), "--max_new_tokens", "2"])
 
 
@@ -1059,7 +1070,8 @@ def test_a_chat_line_that_is_not_utf8_is_named_and_the_chat_goes_on(stage_folder
     monkeypatch.setattr(sys, "stdin", stdin)
     sample.main(["--ckpt", str(stage_folder), "--max_new_tokens", "2"])
     out = capsys.readouterr().out
-    assert "(that message is not UTF-8 text: check the terminal's encoding; the conversation is as it was)" in out
+    assert ("(that message is not UTF-8 text: check the terminal's (or the file's) encoding; the conversation is as it "
+            "was)") in out
     assert out.count("Assistant: ") == 1  # "hi" was answered
 
 
