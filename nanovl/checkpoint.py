@@ -732,6 +732,9 @@ def load_model(path, device="cpu", dtype=None, tokenizer=None, before_weights=No
     for name, value in paths.items():
         if not isinstance(value, (str, os.PathLike)):
             raise ValueError(f"expected {name} as a path (a str or a pathlib.Path), got {type(value).__name__}")
+    if before_weights is not None and not callable(before_weights):  # (else a TypeError once the config is read)
+        raise ValueError(f"expected before_weights as a function of (cfg, tokenizer), got "
+                         f"{type(before_weights).__name__}")
     device = "cpu" if device is None else device
     check_device(device)
     check_dtype(dtype)

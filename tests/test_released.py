@@ -226,6 +226,8 @@ def test_released_folder_gives_the_reference_models_logits(folder, monkeypatch):
         with pytest.raises(ValueError, match="^refused$"):
             load_model(path, before_weights=refuse)
         assert seen == [(ref.hybrid, 282)]
+        with pytest.raises(ValueError, match=r"^expected before_weights as a function of \(cfg, tokenizer\), got int"):
+            load_model(path, before_weights=3)
     model, tok, proc = load_released(path)
     assert tok.image_id == 282 and tok.vocab_size == 283 and model.cfg.llm.vocab_size == VOCAB
     assert model.cfg.hybrid == ref.hybrid and model.cfg.llm.max_seq_len == 512
