@@ -418,7 +418,9 @@ def read_jsonl(path: str, origin: bool = False) -> List[dict]:
     """All rows of a JSON-lines file; a malformed line is an error that names the file and line. origin=True also
     writes where each row came from into it ("_where": "FILE, line N"), for the errors found in it later."""
     rows = []
-    for n, line in enumerate(read_text(path).split("\n"), 1):  # "\n" only, as nanovl/llava.py's iter_json_rows splits
+    # Split at "\n" only: str.splitlines would also split at characters a JSON string may hold raw (U+2028, U+0085,
+    # ...), cutting such a row in two (nanovl/llava.py's iter_json_rows splits the same way)
+    for n, line in enumerate(read_text(path).split("\n"), 1):
         if line.strip():
             try:
                 row = json.loads(line)
