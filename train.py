@@ -1367,14 +1367,14 @@ def evaluate_only(argv, tc: TrainConfig, overrides: dict, device: str, rank: int
                              (", or one of your own)" if tc.eval_split == "test" else
                               " since corpus version 10: run prepare_data.py again; or one of your own)"))
         tokenizer = tc.tokenizer if is_released_folder(tc.ckpt) else tokenizer_path(tc, [tc.ckpt])
-        # (load_model checks the tokenizer by its fingerprint; the questions are checked against the model's context
-        # and the tokenizer before the weights are loaded, which may take minutes)
-        model, tok, proc = load_model(tc.ckpt, device, dtype, tokenizer, before_weights=lambda cfg, tok: check_fits(
-            rows[0], tok, cfg.n_image_tokens, cfg.llm.max_seq_len))
         if (rank == 0 and tokenizer == os.path.join(tc.data, "tokenizer.json") and not tc.tokenizer
                 and weights_entry([tc.ckpt], "tokenizer") is None):  # (older weights: no fingerprint kept)
             print(f"(no tokenizer.json beside {tc.ckpt}, so it is evaluated with {tokenizer}, which must be the "
                   "one those weights were trained with: else pass that one as --tokenizer)")
+        # (load_model checks the tokenizer by its fingerprint; the questions are checked against the model's context
+        # and the tokenizer before the weights are loaded, which may take minutes)
+        model, tok, proc = load_model(tc.ckpt, device, dtype, tokenizer, before_weights=lambda cfg, tok: check_fits(
+            rows[0], tok, cfg.n_image_tokens, cfg.llm.max_seq_len))
         # (each question's images are read twice, for MCPPL and asked open: kept, up to --image_cache MB)
         acc, asked_open, bpb = evaluate(model, rows, tok, CachedProcessor(proc, tc.image_cache << 20), tc.data,
                                         rank, world)
