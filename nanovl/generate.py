@@ -109,11 +109,15 @@ def warp(logits, generated, s: Sampling):
         kth = logits.topk(min(s.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1) the k-th largest
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if s.top_p < 1.0:
-        # Keep the smallest set of most likely tokens whose probabilities add up to top_p: drop a token when the
-        # tokens ranked above it already reach top_p (the most likely token is always kept).
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop_sorted = probs.cumsum(-1) - probs >= s.top_p  # (B, V) in sorted order
+        # Keep the smallest set of most likely tokens whose probabilities add up to top_p. Counted as HF's
+        # TopPLogitsWarper counts, from the least likely end: a token is dropped when it and every token less likely
+        # hold at most 1 - top_p of the mass (the most likely token is always kept). Summed from the top instead
+        # (drop a token once those above it reach top_p), the running sum nears 1, where fp32 keeps 7 digits: over
+        # 102,400 tokens its rounding moved the cut by a token in about half the rows. From the bottom, the sums that
+        # decide are small and exact enough, and tied tokens at the cut are kept as HF keeps them.
+        sorted_logits, order = logits.sort(dim=-1)  # (B, V) least likely first
+        drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= 1 - s.top_p  # (B, V) in sorted order
+        drop_sorted[:, -1] = False
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     return logits
 
