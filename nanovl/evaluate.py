@@ -299,16 +299,24 @@ def open_questions(model, rows: Sequence[dict], tokenizer, processor, n_image_to
 def open_answers(model, rows: Sequence[dict], tokenizer, processor, n_image_tokens: int, root: str = "",
                  batch_questions: int = 32, max_new_tokens: int = 32) -> List[str]:
     """The model's answer to each question asked open (the text decoded greedily, special tokens left out)."""
-    texts = []
+    texts = [""] * len(rows)
     for start in range(0, len(rows), batch_questions):
-        chunk = rows[start:start + batch_questions]
-        prompts = [render_chat([{"role": "user", "content": IMAGE_TAG * len(r["images"]) + r["question"]}], tokenizer,
-                               n_image_tokens, generation_prompt=True)[0] for r in chunk]
-        paths = [os.path.join(root, p) for r in chunk for p in r["images"]]
-        images = torch.stack([processor(p) for p in paths]) if paths else None
-        answers = generate(model, prompts, images, Sampling(max_new_tokens=max_new_tokens),
-                           stop_ids={tokenizer.eos_id}, pad_id=tokenizer.pad_id, n_words=tokenizer.vocab_size)
-        texts += [tokenizer.decode(ids, skip_special_tokens=True) for ids in answers]
+        batch = range(start, min(start + batch_questions, len(rows)))
+        prompts = {i: render_chat([{"role": "user", "content": IMAGE_TAG * len(rows[i]["images"]) +
+                                    rows[i]["question"]}], tokenizer, n_image_tokens, generation_prompt=True)[0]
+                   for i in batch}
+        # generate ends every row of a batch where the context is full after its longest prompt, so a question too
+        # long to leave room for max_new_tokens is asked alone: the others in its batch keep their whole answers.
+        near = [i for i in batch if len(prompts[i]) + max_new_tokens - 1 > model.cfg.llm.max_seq_len]
+        for group in [[i for i in batch if i not in near]] + [[i] for i in near]:
+            if not group:
+                continue
+            paths = [os.path.join(root, p) for i in group for p in rows[i]["images"]]
+            images = torch.stack([processor(p) for p in paths]) if paths else None
+            answers = generate(model, [prompts[i] for i in group], images, Sampling(max_new_tokens=max_new_tokens),
+                               stop_ids={tokenizer.eos_id}, pad_id=tokenizer.pad_id, n_words=tokenizer.vocab_size)
+            for i, ids in zip(group, answers):
+                texts[i] = tokenizer.decode(ids, skip_special_tokens=True)
     return texts
 
 

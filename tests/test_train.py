@@ -27,7 +27,7 @@ import prepare_data
 import train
 from conftest import write_swapped_tokenizer
 from nanovl import DeepSeekVL, checkpoint, evaluate, get_config, resume, runs
-from nanovl.chat import IMAGE_TAG
+from nanovl.chat import IMAGE_TAG, render_chat
 from nanovl.evaluate import multiple_choice
 from nanovl.synth import mc_prompt
 from nanovl.image import ImageProcessor
@@ -428,9 +428,39 @@ def test_open_answers_are_their_text_without_special_tokens(data, monkeypatch):
     rows = [{"category": "c", "images": [], "question": "Which?", "options": ["end", "start"], "answer": 1}] * 2
     replies = iter([[tok.eos_id], tok.encode(" start") + [tok.eos_id]])  # nothing said, then "start"
     monkeypatch.setattr(evaluate, "generate", lambda model, prompts, *args, **kwargs: [next(replies) for _ in prompts])
-    answers = evaluate.open_answers(torch.nn.Linear(1, 1), rows, tok, None, 36, batch_questions=1)
+    model = torch.nn.Linear(1, 1)  # (never run: generate is faked)
+    model.cfg = get_config("tiny")  # (whose context the questions are measured against)
+    answers = evaluate.open_answers(model, rows, tok, None, 36, batch_questions=1)
     assert [a.strip() for a in answers] == ["", "start"]
     assert evaluate.open_accuracy(rows, answers) == {"c": 0.5, "mean": 0.5}
+
+
+def test_a_question_near_the_end_of_the_context_is_asked_alone_so_the_others_answer_in_full(data, monkeypatch):
+    # generate ends all the rows of a batch where the context is full after the longest prompt: a question that
+    # leaves fewer than max_new_tokens would cut the answers of the short questions asked beside it.
+    tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    cfg = get_config("tiny")
+    ctx, max_new = cfg.llm.max_seq_len, 32
+    prompt = lambda row: render_chat([{"role": "user", "content": row["question"]}], tok, cfg.n_image_tokens,
+                                     generation_prompt=True)[0]
+    row = lambda question: {"category": "c", "images": [], "question": question, "options": ["a", "b"], "answer": 0}
+    long = next(r for r in (row("Which? " + "word " * k) for k in range(ctx)) if len(prompt(r)) + max_new - 1 > ctx)
+    assert len(prompt(long)) < ctx  # (room for an answer of its own, shorter than max_new)
+    rows = [row("Which?"), long, row("And which one?")]
+    asked = []
+
+    def fake_generate(model, prompts, images, sampling, **kwargs):
+        asked.append([len(p) for p in prompts])
+        return [tok.encode(f" {len(p)}") + [tok.eos_id] for p in prompts]  # each answer names its prompt's length
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    model = torch.nn.Linear(1, 1)  # (never run: generate is faked)
+    model.cfg = cfg
+    answers = evaluate.open_answers(model, rows, tok, None, cfg.n_image_tokens, batch_questions=3,
+                                    max_new_tokens=max_new)
+    lengths = [len(prompt(r)) for r in rows]
+    assert asked == [[lengths[0], lengths[2]], [lengths[1]]]  # the long one alone, after the others
+    assert [int(a) for a in answers] == lengths  # each answer back at its own row
 
 def test_bits_per_byte_counts_bits_over_utf8_bytes(data):
     from nanovl.data import Source, collate
