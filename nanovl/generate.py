@@ -270,9 +270,10 @@ def generate(model, prompts: Sequence[Sequence[int]], images=None, sampling: Sam
     vocabulary size (default: the model's; ids past it, the embedding's padding rows, are never picked); on_step:
     called with each step's (B,) new ids; compile: torch.compile the decoding step (DecodeStep).
 
-    A row also ends when the context is full: at most context - (longest prompt) + 1 new tokens (the last one is
-    never fed back, so needs no cache slot), whatever sampling.max_new_tokens says (sample.py says when an answer
-    was cut there; ChatSession leaves that to its caller, as sample.py's chat loop does).
+    Every prompt must be shorter than the context (a ValueError says so). A row also ends when the context is full: at
+    most context - (longest prompt) + 1 new tokens (the last one is never fed back, so needs no cache slot), whatever
+    sampling.max_new_tokens says (sample.py says when an answer was cut there; ChatSession leaves that to its caller, as
+    sample.py's chat loop does).
     """
     s = checked(sampling)
     if torch.is_tensor(prompts):  # (B, T) ids, unpadded: a list of rows
