@@ -27,8 +27,10 @@ Where each part of the recipe is written:
     stage 0                              nanovl/stage0.py (its heads, batches and losses)
     a stage's folder, resuming           open_stage_folder, resumable_state (the settings); nanovl/resume.py (the
                                          checkpoint files); nanovl/runs.py (files written whole, locks, signals)
-Stage 2 packs its samples into full rows, so each of its steps holds about as many tokens as any other (next-fit
-packing leaves only each row's tail unused): a group's share of the steps is roughly its share of the tokens.
+Stage 2's 7:3 is a share of the steps. It packs its samples into rows, so its steps hold comparable numbers of tokens,
+but not equal ones: next-fit packing leaves each row's tail unused, and text pieces fill less of a row than captions do
+(tiny: 80% against 89%), so in tokens the tiny data's mix of language and multimodal comes to about 2:1 (README, note
+4 of the stages).
 
     python train.py                                  # the embedded default: prepare data if needed, stages 0-3, tiny
     python train.py --config small --out out-small --lr=5e-4 --llm.n_layers=6   # every stage, small, changed
