@@ -45,11 +45,16 @@ _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _RANK = {name: i for i, name in enumerate(_DTYPES)}
 
 
+class DuplicateKeys(ValueError):
+    """A JSON object that names one key twice."""
+
+
 def _no_duplicates(pairs):
-    # json.loads silently keeps the last of two equal keys; two tensors with one name means a corrupt header
+    # json.loads silently keeps the last of two equal keys; two tensors with one name (or two shards for one tensor, in
+    # an index) means a corrupt file
     keys = [k for k, _ in pairs]
     if len(set(keys)) < len(keys):
-        raise ValueError(f"duplicate keys {sorted({k for k in keys if keys.count(k) > 1})}")
+        raise DuplicateKeys(f"duplicate keys {sorted({k for k in keys if keys.count(k) > 1})}")
     return dict(pairs)
 
 
@@ -76,6 +81,8 @@ def read_header(path):
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except DuplicateKeys as e:  # (valid JSON, but not a valid header)
+        raise bad(f"the header has {e}") from None
     except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
         raise bad(f"the header is not valid UTF-8 JSON ({e})") from None
     except RecursionError:  # (thousands of nested brackets: no header of tensor entries nests deeper than 3)
@@ -212,10 +219,12 @@ def load_sharded(folder) -> dict:
     by_shard = {}  # shard file -> the names the index puts in it
     try:
         with open(index_path, encoding="utf-8") as f:
-            for name, shard in json.load(f)["weight_map"].items():
+            for name, shard in json.load(f, object_pairs_hook=_no_duplicates)["weight_map"].items():
                 if not (isinstance(shard, str) and shard):
                     raise TypeError(f"the shard of {name!r} is {shard!r}, not a file name")
                 by_shard.setdefault(shard, set()).add(name)
+    except DuplicateKeys as e:  # (the last shard named would have been believed)
+        raise ValueError(f"{index_path} has {e}: each tensor must be named once, with its shard") from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f'{index_path}: expected JSON {{"weight_map": {{name: shard file}}}} ({e!r})') from None
     outside = [s for s in by_shard if os.path.basename(s) != s]  # an index names files of its folder: no ../, no /

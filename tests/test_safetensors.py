@@ -186,7 +186,7 @@ CORRUPTIONS = {
     "nested too deeply": (lambda p: p.write_bytes((200_000).to_bytes(8, "little") + b"[" * 100_000 + b"]" * 100_000),
                           "the header's JSON is nested too deeply"),
     "duplicate name": (lambda p: p.write_bytes((40).to_bytes(8, "little") + (b'{"a":{},"a":{}}' + b" " * 25)),
-                       "duplicate keys ['a']"),
+                       "the header has duplicate keys ['a']"),  # (valid JSON: not said to be invalid)
     "bad metadata": (lambda p: rewrite(p, lambda h: h.update(__metadata__={"step": 3})), "must map strings to strings"),
     "missing field": (lambda p: rewrite(p, lambda h: h["a"].pop("shape")), "should be {dtype, shape, data_offsets}"),
     "extra field": (lambda p: rewrite(p, set_entry("a", crc=0)), "should be {dtype, shape, data_offsets}"),
@@ -389,6 +389,13 @@ def test_sharded_load_checks_the_index_against_the_shards(tmp_path):
         with_map({**index["weight_map"], "norm.weight": outside})
         with pytest.raises(ValueError, match=f"lists shard '{re.escape(outside)}': expected a file name in"):
             st.load_sharded(tmp_path)
+    # A tensor listed twice, in another shard and then its own: json.load alone kept the last entry, and the folder
+    # loaded without a word (in the other order, the shard was blamed for a tensor it lacks).
+    entries = [f'"{k}": "{v}"' for k, v in index["weight_map"].items()]
+    index_path.write_text('{"weight_map": {"norm.weight": "model-00009-of-00009.safetensors", ' + ", ".join(entries) +
+                          "}}")
+    with pytest.raises(ValueError, match=re.escape(f"{index_path} has duplicate keys ['norm.weight']: each tensor")):
+        st.load_sharded(tmp_path)
     index_path.write_text('{"weight_map": ["not", "a", "map"]}')
     with pytest.raises(ValueError, match='index.json: expected JSON {"weight_map": {name: shard file}}'):
         st.load_sharded(tmp_path)
