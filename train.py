@@ -1109,10 +1109,18 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     start, metrics, run_id, lr_was = 0, [], secrets.token_hex(8), None
     if resume:
         run_id = state.get("id", run_id)  # (older checkpoints: none)
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start = state["step"]
+        try:  # (a whole file of this stage and config, read_checkpoint found, but another version's, or edited)
+            net.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            set_rng_state(state["rng"])
+            start = state["step"]
+            if not (type(start) is int and 0 < start <= hp["steps"]):
+                raise ValueError(f"its step is {start!r}, where one of 1 to {hp['steps']} was expected")
+        except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
+            why = "; ".join(line.strip() for line in str(e).strip().splitlines()[:4])
+            raise SystemExit(f"{ckpt_path} does not fit this stage's model, optimizer or steps (written by another "
+                             f"version of train.py, or changed since?): {why}. Restore it, or move the stage folder, "
+                             f"{out_dir}, aside to train stage {stage} again") from None
         lr_was = state.get("hparams", {}).get("lr")
         # --device may change on resume (a run moved to another machine), but not silently: on a GPU the steps run in
         # bf16 autocast, on the CPU in fp32 (older checkpoints: not said)

@@ -67,7 +67,7 @@ def _number(value, where: str, kind=int):
     """A positive integer (or, kind=float, number) field of config.json, or a ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
             or (kind is int and not float(value).is_integer()):
-        raise ValueError(f"config.json: {where} = {value!r}, expected a positive " +
+        raise ValueError(f"{where} = {value!r}, expected a positive " +
                          ("integer" if kind is int else "number"))
     return kind(value)
 
@@ -76,11 +76,11 @@ def _tower_config(params: dict, known: dict, cls, where: str):
     """One `vision_config` tower entry -> SigLIPConfig or SAMConfig. Dimensions come from `model_name` for the
     released towers, or from the explicit "nanovl" entry that export_released writes for scaled-down ones."""
     if not isinstance(params, dict):
-        raise ValueError(f"config.json: {where} = {params!r}, expected an object")
+        raise ValueError(f"{where} = {params!r}, expected an object")
     name = params.get("model_name")
     dims = params.get("nanovl") or (known.get(name) if isinstance(name, str) else None)
     if dims is not None and (not isinstance(dims, dict) or set(dims) != set(next(iter(known.values())))):
-        raise ValueError(f"config.json: {where}.nanovl = {dims!r}, expected an object of "
+        raise ValueError(f"{where}.nanovl = {dims!r}, expected an object of "
                          f"{sorted(next(iter(known.values())))}")
     if dims is None:
         raise ValueError(f"{where}: unknown vision tower model_name {name!r}; nanovl knows {sorted(known)} (or give "
@@ -98,7 +98,7 @@ def _tower_config(params: dict, known: dict, cls, where: str):
     stats = {k: params.get(k) for k in ("pixel_mean", "pixel_std")}
     for k, v in stats.items():
         if v is not None and not (isinstance(v, list) and len(v) == 3):
-            raise ValueError(f"config.json: {where}.{k} = {v!r}, expected 3 numbers (or null: no normalising)")
+            raise ValueError(f"{where}.{k} = {v!r}, expected 3 numbers (or null: no normalising)")
     stats = {k: None if v is None else tuple(v) for k, v in stats.items()}
     dims = {k: tuple(v) if isinstance(v, list) else v for k, v in dims.items()}
     return cls(image_size=_number(params.get("image_size"), f"{where}.image_size"), **dims, **stats)
@@ -112,9 +112,9 @@ def released_config(d: dict, image_token_id: int, name: str = "released") -> VLC
         if not (isinstance(aligner, dict) and isinstance(params, dict)):
             raise TypeError
     except (KeyError, TypeError, ValueError, AttributeError):
-        raise ValueError(f"config.json of a DeepSeek-VL folder needs vision_config (with params), "
-                         f"aligner_config.params and language_config, each an object; it has "
-                         f"{sorted(d) if isinstance(d, dict) else type(d).__name__}") from None
+        has = {k: type(v).__name__ for k, v in d.items()} if isinstance(d, dict) else type(d).__name__
+        raise ValueError(f"a DeepSeek-VL config needs vision_config (with params), "
+                         f"aligner_config.params and language_config, each an object; it has {has}") from None
     if cls == "CLIPVisionTower":  # 1.3B: SigLIP only
         siglip, sam = _tower_config(params, SIGLIP_MODELS, SigLIPConfig, "vision_config"), None
     elif cls == "HybridVisionTower":  # 7B: SAM-B (high) + SigLIP-L (low), fused by the aligner
@@ -152,7 +152,7 @@ def released_config(d: dict, image_token_id: int, name: str = "released") -> VLC
                                          _number(aligner.get("depth", 1), "aligner_config.params.depth")))
     cfg.validate()
     # The official MlpProjector has one input_dim, which its hybrid type gives both up-projections (SAM's and SigLIP's).
-    for key, want, whose in (("input_dim", siglip.width, "SigLIP's width"), ("n_embed", llm.dim, "the decoder's width")
+    for key, want, whose in (("input_dim", siglip.width, "SigLIP's width"), ("n_embed", llm.dim, "language_config.hidden_size")
                              ) + ((("input_dim", sam.out_dim, "SAM's output width"),) if sam is not None else ()):
         if key in aligner and aligner[key] != want:
             raise ValueError(f"aligner_config: {key} = {aligner[key]} but {whose} is {want}")
@@ -239,7 +239,7 @@ def check_finite(state: dict, source: str):
                          f"values: {_shorten(bad, 4)}; the file is damaged or was saved from a diverged run")
 
 
-def _check_keys(expected: dict, state: dict, source: str):
+def check_keys(expected: dict, state: dict, source: str):
     """Raise one ValueError listing every missing, unexpected and misshapen key."""
     missing = set(expected) - set(state)
     unexpected = set(state) - set(expected)
@@ -263,7 +263,7 @@ def build_loaded(cfg: VLConfig, state: dict, source: str, device="cpu", dtype=No
     initialised for weights that are about to be replaced, and a mismatch fails before anything is attached."""
     with torch.device("meta"):
         model = DeepSeekVL(cfg)
-    _check_keys({k: v.shape for k, v in model.state_dict().items()}, state, source)
+    check_keys({k: v.shape for k, v in model.state_dict().items()}, state, source)
     check_finite(state, source)
     if dtype is None:  # the file's dtype; where it mixes several, one that holds each exactly (fp32, or fp64)
         dtypes = {v.dtype for v in state.values()}
@@ -427,7 +427,10 @@ def load_released(folder, device="cpu", dtype=None, tokenizer=None, before_weigh
     if port and config["image_token_id"] not in (None, tok.image_id):
         raise ValueError(f"{folder}/config.json: image_token_id {config['image_token_id']}, but {tok_path} puts "
                          f"<image_placeholder> at {tok.image_id}")
-    cfg = released_config(config, tok.image_id, name=folder.name)
+    try:
+        cfg = released_config(config, tok.image_id, name=folder.name)
+    except ValueError as e:  # (released_config reads a dict: the file is named here)
+        raise ValueError(f"{folder / 'config.json'}: {e}") from None
     check_tokenizer_fits(tok, cfg, tok_path)
     if before_weights is not None:
         before_weights(cfg, tok)
@@ -623,7 +626,10 @@ def load_nanovl(path, device="cpu", dtype=None, tokenizer=None, before_weights=N
     state = load_plain(file)
     weights, config = nanovl_state(state, file)
     warn_if_edited(file.parent / "config.json", config)
-    cfg = VLConfig.from_dict(config)
+    try:
+        cfg = VLConfig.from_dict(config)
+    except ValueError as e:
+        raise ValueError(f"{file}: the model config it holds: {e}") from None
     tok, tok_path = pick_tokenizer(file.parent, tokenizer)  # (before the weights, which may take minutes to build)
     check_tokenizer_fits(tok, cfg, tok_path, exact=cfg.name in FROM_SCRATCH)  # as train.py checked it
     check_trained_with(tok, tok_path, state.get("tokenizer"), file)

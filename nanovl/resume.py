@@ -25,8 +25,9 @@ import os
 
 import torch
 
-from nanovl.checkpoint import check_finite, check_weights, is_released_folder, load_plain, nanovl_state
+from nanovl.checkpoint import check_finite, check_keys, check_weights, is_released_folder, load_plain, nanovl_state
 from nanovl.config import PRESETS, VLConfig, get_config
+from nanovl.model import DeepSeekVL
 from nanovl.tokenizer import Tokenizer
 
 
@@ -102,6 +103,12 @@ def load_weights(path: str, cfg: VLConfig) -> dict:
     except ValueError as e:
         raise SystemExit(str(e)) from None
     check_same_config(config, cfg, path)
+    with torch.device("meta"):  # (nothing allocated: only the names and shapes are wanted)
+        shapes = {k: v.shape for k, v in DeepSeekVL(cfg).state_dict().items()}
+    try:  # the config matches, but the weights may still not (an edited file): each key named, not load_state_dict's
+        check_keys(shapes, weights, path)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     return weights
 
 

@@ -647,10 +647,14 @@ def test_bad_files_are_refused_clearly(tmp_path):
             ({"vision_config": {**config["vision_config"], "params": {**{k: v for k, v in tower.items()
                                                                          if k != "nanovl"}, "model_name": ["x"]}}},
              r"unknown vision tower model_name \['x'\]"),
-            ({"aligner_config": []}, "needs vision_config .with params., aligner_config.params and language_config")]:
+            ({"aligner_config": []}, "needs vision_config .with params., aligner_config.params and language_config"),
+            ({"language_config": [1]}, "each an object; it has .*'language_config': 'list'"),  # (it said "has" alone)
+            ({"aligner_config": {**config["aligner_config"], "params": {**config["aligner_config"]["params"],
+                                                                         "n_embed": 7}}},
+             f"aligner_config: n_embed = 7 but language_config.hidden_size is {lang['hidden_size']}")]:
         (folder / "config.json").write_text(json.dumps({**config, **edited}))
-        with pytest.raises(ValueError, match=message):
-            load_model(folder)
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(folder / 'config.json'))}: .*{message}"):
+            load_model(folder)  # (the file named: released_config reads a dict)
     # A SigLIP-only tower reads pixels its processor normalised: a file that turns that off is followed, and said
     pre = json.loads((folder / "preprocessor_config.json").read_text())
     (folder / "config.json").write_text(json.dumps(config))
@@ -680,6 +684,9 @@ def test_bad_files_are_refused_clearly(tmp_path):
     torch.save({"model": {"llm.norm.weight": torch.ones(4)}}, no_config)
     with pytest.raises(ValueError, match=r"bare.pt holds no model config \(a dict under 'config'\), got NoneType"):
         load_model(no_config)
+    torch.save({"model": {"llm.norm.weight": torch.ones(4)}, "config": {"zzz": 1}}, no_config)
+    with pytest.raises(ValueError, match=r"^.*bare.pt: the model config it holds: unknown config fields \['zzz'\]"):
+        load_model(no_config)  # (the file named: VLConfig.from_dict reads a dict)
     # A pickle holding more than tensors is refused by weights_only=True, with the reason.
     evil = tmp_path / "model.pt"
     torch.save({"model": {}, "config": {}, "hook": ReferenceVL}, evil)

@@ -904,6 +904,43 @@ def test_resume_is_bitwise_identical(data, start_weights, tmp_path):
     assert set().union(*groups[0]) <= {"language", "multimodal", "sft", "text_sft"}
 
 
+def test_a_checkpoint_that_does_not_fit_the_stage_is_refused_in_a_line_and_kept(data, start_weights, tmp_path):
+    # Whole files of this stage and config, with weights, optimizer, random state or step as another version of
+    # train.py (or an edit) would leave them: each stopped the resume with a traceback from load_state_dict,
+    # set_rng_state or a comparison.
+    common = ["--data", data, "--stage", "3", "--steps", "4", "--batch_size", "2", "--micro_batch", "2",
+              "--ckpt_every", "2", "--workers", "0", "--eval_limit", "5", "--out", str(tmp_path / "run")]
+    run(common + ["--init_from", start_weights, "--stop_after", "2"])
+    ckpt = tmp_path / "run" / "stage3" / "ckpt.pt"
+    good = ckpt.read_bytes()
+    for change, said in [(dict(model={"llm.norm.weight": torch.ones(3)}), "size mismatch for llm.norm.weight"),
+                         (dict(model={}), 'Missing key.s. in state_dict: "siglip.pos_embed"'),
+                         (dict(optimizer={"state": {}, "param_groups": []}), "different number of parameter groups"),
+                         (dict(rng={"python": 1}), "not subscriptable"),
+                         (dict(step="2"), "its step is '2', where one of 1 to 4 was expected"),
+                         (dict(step=9), "its step is 9, where one of 1 to 4 was expected")]:
+        state = torch.load(io.BytesIO(good), weights_only=True)
+        state.update({k: {**state[k], **v} if k == "model" and v else v for k, v in change.items()})
+        torch.save(state, ckpt)
+        changed = ckpt.read_bytes()
+        with pytest.raises(SystemExit, match=rf"^{re.escape(str(ckpt))} does not fit this stage's model, optimizer or "
+                                             rf"steps \(written by another version of train.py, or changed since\?\): "
+                                             rf".*{said}.*\. Restore it, or move the stage folder, .*, aside to train "
+                                             "stage 3 again$"):
+            train.main(common + ["--resume"])
+        assert ckpt.read_bytes() == changed  # kept as it was, for whoever restores it
+    # --init_from a model.pt of the right config whose weights do not fit it: each key named, as load_model names them
+    init = tmp_path / "init.pt"
+    state = torch.load(start_weights, weights_only=True)
+    state["model"]["llm.norm.weight"] = torch.ones(3)
+    del state["model"]["siglip.pos_embed"]
+    torch.save(state, init)
+    with pytest.raises(SystemExit, match=r"init.pt does not match the model it describes .*\n  1 missing: "
+                                         r"siglip.pos_embed\n  1 with the wrong shape: llm.norm.weight: file \(3,\)"):
+        train.main(common[:-1] + [str(tmp_path / "fresh"), "--init_from", str(init)])
+    assert not os.path.exists(tmp_path / "fresh")
+
+
 def test_a_full_disk_stops_the_run_in_a_line_keeping_the_last_checkpoint_whole(data, start_weights, tmp_path,
                                                                                 monkeypatch):
     common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "4", "--batch_size", "4",
