@@ -208,13 +208,14 @@ def save_file(tensors: dict, path, metadata: dict = None):
 
 def load_sharded(folder) -> dict:
     """Load a Hugging Face checkpoint folder: the shards listed in `model.safetensors.index.json` ({"metadata": ...,
-    "weight_map": {name: shard file}}), checking each shard holds exactly the names the index gives it; or, with no
-    index, the single `model.safetensors`."""
+    "weight_map": {name: shard file}}), checking each shard holds exactly the names the index gives it; or the single
+    `model.safetensors`, which transformers' from_pretrained reads first when a folder holds both (so do we: the same
+    folder gives the same weights). save_sharded leaves only one of the two layouts in a folder."""
     folder = os.fspath(folder)
     index_path = os.path.join(folder, INDEX_NAME)
+    if os.path.isfile(os.path.join(folder, SINGLE_NAME)):
+        return load_file(os.path.join(folder, SINGLE_NAME))
     if not os.path.isfile(index_path):
-        if os.path.isfile(os.path.join(folder, SINGLE_NAME)):
-            return load_file(os.path.join(folder, SINGLE_NAME))
         raise FileNotFoundError(f"{folder}: holds neither {INDEX_NAME} nor {SINGLE_NAME}")
     by_shard = {}  # shard file -> the names the index puts in it
     try:

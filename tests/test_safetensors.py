@@ -364,8 +364,18 @@ def test_single_shard_folder_replaces_an_old_sharded_save(tmp_path):
     tensors = model_tensors()
     st.save_sharded(tensors, tmp_path, max_shard_bytes=700)
     st.save_sharded(tensors, tmp_path, max_shard_bytes=10_000)
-    assert os.listdir(tmp_path) == ["model.safetensors"]  # the stale index would have won over it
+    assert os.listdir(tmp_path) == ["model.safetensors"]  # (a stale index would confuse readers)
     assert_same(st.load_sharded(tmp_path), tensors)
+
+
+def test_a_folder_with_both_layouts_loads_model_safetensors_as_transformers_does(tmp_path):
+    # transformers' from_pretrained looks for model.safetensors before the index, so a folder holding both (a copied
+    # folder, a repository with an extra file) gives its model.safetensors: the same folder, the same weights.
+    tensors = model_tensors()
+    st.save_sharded(tensors, tmp_path, max_shard_bytes=700)  # shards and an index
+    single = {k: v + 1 for k, v in tensors.items()}
+    st.save_file(single, tmp_path / "model.safetensors")
+    assert_same(st.load_sharded(tmp_path), single)
 
 
 def test_sharded_load_checks_the_index_against_the_shards(tmp_path):
