@@ -81,6 +81,10 @@ def _bytes_to_unicode() -> list:
 
 BYTE_TO_CHAR = _bytes_to_unicode()
 CHAR_TO_BYTE = {c: b for b, c in enumerate(BYTE_TO_CHAR)}
+# The bytes a UTF-8 text can hold: all but 0xC0, 0xC1 and 0xF5-0xFF, which no valid UTF-8 has. A vocabulary learnt
+# from text never sees those 13, and a file may leave them out of its vocab (DeepSeek-LLM's is thought to add their
+# characters, "ø", "ö", "ú", ..., as added tokens 100002-100014; facts section 10 leaves those contents unverified).
+UTF8_BYTES = [b for b in range(256) if b not in (0xC0, 0xC1) and b < 0xF5]
 
 
 def byte_level(text: str) -> str:
@@ -99,7 +103,10 @@ _SPACE = r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3
 
 @functools.cache
 def _category_ranges() -> dict:
-    """{general category ("Lu", "Nd", ...): [[first, last], ...]} over all code points, computed once (~0.5 s)."""
+    """{general category ("Lu", "Nd", ...): [[first, last], ...]} over all code points, computed once (~0.5 s).
+    These are the running Python's Unicode tables, which may be older than those of tokenizers' regex engine: with
+    Python 3.11 (Unicode 14) and tokenizers 0.23, 120 code points of scripts encoded since (Kawi and Garay digits,
+    say) are \\p{N} there and not here, so a text holding them can split otherwise. Rare enough to leave."""
     ranges = defaultdict(list)
     for cp in range(0x110000):
         r = ranges[unicodedata.category(chr(cp))]
@@ -271,21 +278,37 @@ class Tokenizer:
         self.vocab, self.merges, self.added_tokens = vocab, [tuple(m) for m in merges], added_tokens
         self.pre_tokenizer, self.ignore_merges, self.post_processor = pre_tokenizer, ignore_merges, post_processor
         self._stages = _compile_pre_tokenizer(pre_tokenizer)
-        missing = [b for b in range(256) if BYTE_TO_CHAR[b] not in vocab]
+        missing = [b for b in UTF8_BYTES if BYTE_TO_CHAR[b] not in vocab]
         if missing:  # tokenizers would silently drop such bytes (or emit unk); refuse instead
             raise ValueError(f"the vocabulary lacks the byte tokens for bytes {missing[:10]}...: byte-level BPE needs "
-                             f"all 256, so that every text can be encoded")
-        self._byte_ids = [vocab[BYTE_TO_CHAR[b]] for b in range(256)]
+                             f"all {len(UTF8_BYTES)} that UTF-8 text can hold, so that every text can be encoded")
+        self._byte_ids = [vocab.get(BYTE_TO_CHAR[b]) for b in range(256)]  # (None: a byte no text holds)
         # (left id, right id) -> (rank, merged id). Later duplicates win, as in tokenizers.
         self._merge_map = {}
         for rank, (a, b) in enumerate(self.merges):
             if a not in vocab or b not in vocab or a + b not in vocab:
                 raise ValueError(f"merge #{rank} {a!r} + {b!r}: {a!r}, {b!r} and {a + b!r} must all be in the vocab")
             self._merge_map[vocab[a], vocab[b]] = (rank, vocab[a + b])
-        # id -> the bytes it decodes to. A vocab string that is not byte-level spelling (a special token such as
-        # "<｜end▁of▁sentence｜>") stands for its own UTF-8, as in tokenizers. An added token outside the vocab decodes
-        # to its text. (tokenizers byte-decodes it when every character is in the byte alphabet: DeepSeek's added
-        # "ø" would come back as U+FFFD there; here it comes back as "ø".)
+        # tokenizers does not read an added token's "id" from the file: it gives a token of the vocab its vocab id,
+        # and each other one the next id after the vocab and the added tokens before it, in file order. A file whose
+        # ids say otherwise would give other ids there than here (the image token's among them): refused.
+        numbered = {}
+        for t in added_tokens:
+            top = max(numbered.values(), default=-1)
+            numbered.setdefault(t["content"], vocab[t["content"]] if t["content"] in vocab else
+                                top + 1 if top >= len(vocab) else len(vocab))
+        renumbered = [(t["content"], t["id"], numbered[t["content"]]) for t in added_tokens
+                      if numbered[t["content"]] != t["id"]]
+        if renumbered:
+            content, given, theirs = renumbered[0]
+            raise ValueError(f"added token {content!r} has id {given}, but the tokenizers library, which ignores an "
+                             f"added token's id, would number it {theirs} (a token of the vocab keeps its vocab id; "
+                             f"the others follow the vocab's {len(vocab)} ids in file order, without gaps), so the "
+                             f"ids would differ from the reference's ({len(renumbered)} of the {len(added_tokens)} "
+                             f"added tokens are numbered otherwise there)")
+        # id -> the bytes it decodes to, as tokenizers' ByteLevel decoder gives them: a token spelt in the byte
+        # alphabet ("Ġthe") is those bytes, any other (a special token such as "<｜end▁of▁sentence｜>") its own UTF-8.
+        # Added tokens decode the same way: an added "ø" is byte 0xF8, which alone is no UTF-8 and decodes to U+FFFD.
         self._added = {t["content"]: t["id"] for t in added_tokens}
         # What decoding for display leaves out, as HF's decode(skip_special_tokens=True): added tokens marked special
         self.special_ids = frozenset(t["id"] for t in added_tokens if t.get("special"))
@@ -294,14 +317,14 @@ class Tokenizer:
             raise ValueError(f"token ids run up to {max(ids)} for {len(ids)} tokens: ids are numbered from 0, without "
                              "wide gaps (a corrupt or hand-edited file?)")
         self._id_bytes = [None] * (max(ids) + 1 if ids else 0)
+        spelt = lambda token: bytes(CHAR_TO_BYTE[c] for c in token) if all(c in CHAR_TO_BYTE for c in token) \
+            else token.encode("utf-8")
         for token, i in vocab.items():
-            self._id_bytes[i] = bytes(CHAR_TO_BYTE[c] for c in token) if all(c in CHAR_TO_BYTE for c in token) \
-                else token.encode("utf-8")
+            self._id_bytes[i] = spelt(token)
         self._id_token = {i: t for t, i in vocab.items()}
         for content, i in self._added.items():
             self._id_token[i] = content
-            if self._id_bytes[i] is None:
-                self._id_bytes[i] = content.encode("utf-8")
+            self._id_bytes[i] = spelt(content)
         # tokenizers first cuts out the added tokens with normalized=false, then (in what is left) those with
         # normalized=true; in each pass the leftmost match wins, then the longest, which is what an alternation
         # sorted longest first gives.
@@ -495,7 +518,8 @@ class Tokenizer:
             raise ValueError(f"vocab_size {vocab_size} is too small: {k} special tokens + 256 byte tokens come first")
         added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
                   "special": True} for i, t in enumerate(special_tokens)]
-        base = cls({BYTE_TO_CHAR[b]: k + b for b in range(256)}, [], added)
+        base = cls({**{t: i for i, t in enumerate(special_tokens)}, **{BYTE_TO_CHAR[b]: k + b for b in range(256)}}, [],
+                   added)  # (the special tokens in its vocab too, as in the one returned: see the end)
         # 1. Count pre-token pieces: BPE never merges across pieces, so each distinct piece is one "word" with a count.
         counts = Counter()
         for text in texts:

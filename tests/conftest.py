@@ -27,8 +27,8 @@ def write_swapped_tokenizer(tokenizer_json: str, path):
     """A tokenizer.json of the same size as the one given (its text), with the ids of two tokens swapped: the same
     text becomes other ids, which only a comparison of the tokenizers can tell."""
     other = json.loads(tokenizer_json)
-    vocab = other["model"]["vocab"]
-    a, b = [t for t in vocab if len(t) > 2][:2]
+    vocab, added = other["model"]["vocab"], {t["content"] for t in other["added_tokens"]}
+    a, b = [t for t in vocab if len(t) > 2 and t not in added][:2]  # (an added token's id is the vocab's: kept)
     vocab[a], vocab[b] = vocab[b], vocab[a]
     with open(path, "w", encoding="utf-8") as f:
         f.write(json.dumps(other, ensure_ascii=False))

@@ -207,6 +207,57 @@ def test_the_fingerprint_tells_tokenizers_apart_as_same_ids_does(ours, tmp_path)
     assert len(prints) == 4
 
 
+def test_added_tokens_are_taken_exactly_when_tokenizers_keeps_their_ids(ours, tmp_path):
+    # tokenizers ignores an added token's "id": a token of the vocab gets its vocab id, the others the ids after the
+    # vocab in file order. A file that says otherwise gave other ids here than there (the image token's, say).
+    n = len(ours.vocab)
+    layouts = {"after the vocab": [("<a>", n), ("<b>", n + 1)], "a vocab token at its own id": [("a", ours.vocab["a"])],
+               "out of order": [("<b>", n + 1), ("<a>", n)], "after a gap": [("<a>", n), ("<b>", n + 5)],
+               "a vocab token at another id": [("a", n)], "one token twice": [("<a>", n), ("<a>", n + 1)]}
+    taken = []
+    for name, added in layouts.items():
+        spec = json.loads(ours.to_json())
+        spec["added_tokens"] += [{"id": i, "content": c, "single_word": False, "lstrip": False, "rstrip": False,
+                                  "normalized": False, "special": True} for c, i in added]
+        path = tmp_path / "tokenizer.json"
+        path.write_text(json.dumps(spec), encoding="utf-8")
+        hf = tokenizers.Tokenizer.from_file(str(path))
+        if all(hf.token_to_id(c) == i for c, i in added):
+            mine = Tokenizer.load(path)
+            assert mine.encode("x<a>y<b>a") == hf.encode("x<a>y<b>a", add_special_tokens=False).ids
+            taken.append(name)
+        else:
+            with pytest.raises(ValueError, match=r"added token '[<>ab]+' has id \d+, but the tokenizers library, "
+                                                 r"which ignores an added token's id, would number it \d+"):
+                Tokenizer.load(path)
+    assert taken == ["after the vocab", "a vocab token at its own id"]  # (the others: refused)
+
+
+def test_a_vocab_without_the_bytes_utf8_never_holds_is_read_as_tokenizers_reads_it(corpus, tmp_path):
+    # No UTF-8 text holds the bytes 0xC0, 0xC1 or 0xF5-0xFF, so a vocabulary learnt from text lacks their tokens;
+    # DeepSeek-LLM's file is thought to add their characters ("ø", "ü", ...) as added tokens instead. Such a file was
+    # refused for lacking byte tokens. Text then matches those added tokens literally, and each decodes to its one
+    # byte, which alone is no UTF-8: "München" comes back as "M\ufffdnchen", in tokenizers as here.
+    never = [b for b in range(256) if b in (0xC0, 0xC1) or b >= 0xF5]
+    hf = tokenizers.Tokenizer(models.BPE())
+    hf.pre_tokenizer = deepseek_pre_tokenizer()
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1200, special_tokens=[SPECIAL_TOKENS[0], EOS], show_progress=False,
+                                  initial_alphabet=[c for b, c in enumerate(BYTE_TO_CHAR) if b not in never])
+    hf.train_from_iterator(corpus, trainer)
+    hf.add_tokens([BYTE_TO_CHAR[b] for b in never])
+    hf.add_special_tokens([IMAGE])
+    assert not {BYTE_TO_CHAR[b] for b in never} & set(json.loads(hf.to_str())["model"]["vocab"])
+    hf.save(str(tmp_path / "tokenizer.json"))
+    mine = Tokenizer.load(tmp_path / "tokenizer.json")
+    for text in TEXTS + ["München, Ærø: façade ÿ þ <image_placeholder>!"]:
+        ids = hf.encode(text, add_special_tokens=False).ids
+        assert mine.encode(text) == ids, text[:40]
+        assert mine.decode(ids) == hf.decode(ids, skip_special_tokens=False)
+        assert mine.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+    assert mine.decode(mine.encode("München")) == "M\ufffdnchen"
+
+
 def test_tokenizers_reads_our_file_and_gives_the_same_ids(ours, tmp_path):
     hf = tokenizers.Tokenizer.from_file(str(ours.save(tmp_path)))
     assert hf.get_vocab_size() == ours.vocab_size
@@ -413,6 +464,8 @@ def test_unsupported_pre_tokenizer_step_is_named(ours):
         with pytest.raises(ValueError, match=message):
             Tokenizer(ours.vocab, ours.merges, ours.added_tokens, malformed)
     with pytest.raises(ValueError, match=r"token ids run up to 10000000000 for \d+ tokens"):
+        Tokenizer({**ours.vocab, "<far>": 10 ** 10}, ours.merges, ours.added_tokens)
+    with pytest.raises(ValueError, match=r"added token '<far>' has id 10000000000, but the tokenizers library"):
         Tokenizer(ours.vocab, ours.merges, ours.added_tokens + [{"id": 10 ** 10, "content": "<far>"}])
 
 
