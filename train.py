@@ -846,19 +846,28 @@ def check_stage_rows(stage: int, tc: TrainConfig, cfg: VLConfig):
         share = share_for({group: len(rows) for group, (rows, _, _) in groups.items()})  # (may refuse the mix)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    # The images of rows written by hand (a folder neither prepare_data.py nor its LLaVA import made, which check
-    # theirs as they write them): a missing one would stop the run only when a step drew its row, hours in maybe.
+    # The images of rows written by hand (a folder neither prepare_data.py nor its LLaVA import made), and of an
+    # import, which checked them as it wrote its rows but names them where they were then (a folder moved since):
+    # a missing one would stop the run only when a step drew its row, hours in maybe. (One stat per image.)
     kinds = {f: folder_kind(f) for f in folders}
-    missing = list(dict.fromkeys(  # (row, path), each once
-        (r["_where"], path) for rows, _, _ in groups.values() for r in rows if kinds.get(r["_root"]) == "other"
-        for path in image_paths(r.get("images") or (), r["_root"])
+    missing = list(dict.fromkeys(  # (row, path, its folder), each once
+        (r["_where"], path, r["_root"]) for rows, _, _ in groups.values() for r in rows
+        if kinds.get(r["_root"]) in ("other", "llava") for path in image_paths(r.get("images") or (), r["_root"])
         if not os.path.isfile(path)))
     if missing:
-        where, path = missing[0]
+        where, path, root = missing[0]
+        if kinds[root] == "llava":
+            with open(os.path.join(root, "meta.json")) as f:
+                made = json.load(f)["llava"]
+            advice = (f"; the import in {root} was made from {made.get('images')}, whose images have moved or gone "
+                      f"since: import again with --images where they are now (python prepare_data.py --llava "
+                      f"{made.get('file')} --images FOLDER --out {root})")
+        else:
+            advice = "; fix or remove the rows that name them"
         raise SystemExit(f"{where}: image {path} " + ("is a folder" if os.path.isdir(path) else
                                                       f"does not exist{missing_hint(path)}") + (
             f" (and {len(missing) - 1} more image{'s' * (len(missing) > 2)} of stage {stage}'s rows)"
-            if len(missing) > 1 else "") + "; fix or remove the rows that name them")
+            if len(missing) > 1 else "") + advice)
     for group, (rows, _, name) in groups.items():
         if not rows and drawn(group, share, hp["steps"]):
             raise SystemExit(no_rows(stage, group, name, folders, 0, seq_len, cfg))

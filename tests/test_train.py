@@ -2204,7 +2204,7 @@ def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_train
                                          rf"a row in\)\), but {own} holds none"):
         train.check_stage_rows(1, train.TrainConfig(data=str(own)), get_config("tiny"))
     # The images of rows written by hand are looked for before anything trains (a missing one stopped the run only when
-    # a step drew its row); those of prepare_data.py's folders, which it checked as it made them, are not looked for
+    # a step drew its row); those of prepare_data.py's corpus, which it checked as it made them, are not looked for
     chat = lambda image: json.dumps({"category": "mine", "images": [image], "conversation": [
         {"role": "user", "content": "<image_placeholder>What is it?"}, {"role": "assistant", "content": "A cat."}]})
     (own / "cat.png").write_bytes(b"")  # (whether it is there is what is asked here)
@@ -2224,6 +2224,23 @@ def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_train
     (own / "sft.jsonl").write_text(chat("cat.png") + "\n")
     train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(own)), get_config("tiny"))
     (own / "sft.jsonl").unlink()
+    # Nor were those of a LLaVA import, which names them where they were when it was made: a folder of images moved
+    # since stopped the run at the first step that drew one of its rows, with the advice to fix that row
+    (tmp_path / "pictures").mkdir()
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "pictures" / "red.png")
+    (tmp_path / "llava.json").write_text(json.dumps([{"id": 1, "image": "red.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour is it?"}, {"from": "gpt", "value": "Red."}]}]))
+    imported = tmp_path / "imported"
+    prepare_data.main(["--llava", str(tmp_path / "llava.json"), "--images", str(tmp_path / "pictures"),
+                       "--out", str(imported)])
+    train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(imported)), get_config("tiny"))
+    (tmp_path / "pictures").rename(tmp_path / "moved")
+    with pytest.raises(SystemExit, match=rf"^{imported}.sft.jsonl, line 1: image {tmp_path}.pictures.red.png does not "
+                                         rf"exist; the import in {imported} was made from {tmp_path}.pictures, whose "
+                                         r"images have moved or gone since: import again with --images where they "
+                                         rf"are now \(python prepare_data.py --llava {tmp_path}.llava.json --images "
+                                         rf"FOLDER --out {imported}\)$"):
+        train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(imported)), get_config("tiny"))
     # Stage 2's text is read from --data alone: the folders of --extra_data are not named for it
     with pytest.raises(SystemExit, match=rf"^stage 2 trains on language rows \(text\), but {own} holds none$"):
         train.check_stage_rows(2, train.TrainConfig(data=str(own), extra_data=str(copy)), get_config("tiny"))
