@@ -6,7 +6,8 @@ rows (nanovl/data.py) for train.py's stages 1 and 3 trained on it alone, or besi
     LLaVA row   {"image": path, [paths] or none, "conversations": [{"from": "human" or "gpt", "value": "..."}]}
                 ("images" is read as "image" too, as several multi-image sets name it)
                 or {"image": path, "caption" (or "text"): "..."}; "<image>" in the text marks where the image goes
-                (without it, one image goes before the first question, or before the caption); roles in any
+                (without it, one image goes before the first question, or before the caption; a chat's lone image
+                goes to the front of its turn, as LLaVA's training code puts it); roles in any
                 case, "user" and "assistant" too; a first turn that is not the human's is dropped, as LLaVA's own
                 loader drops it, and so is a last question without its answer
     ours        sft.jsonl: {"category": "llava", "images", "conversation": [{"role", "content"}]}   (stage 3)
@@ -202,6 +203,13 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_capti
         conversation[0]["content"] = IMAGE_TAG + "\n" + conversation[0]["content"]
     elif n_tags != len(paths):
         raise ValueError(f"{n_tags} <image> tags but {len(paths)} images")
+    elif len(paths) == 1:
+        # LLaVA's training code (preprocess_multimodal) moves a lone image's tag to the front of its turn, a newline
+        # after it, wherever the row wrote it: LLaVA-Pretrain and ShareGPT4V often end a question with "\n<image>".
+        # So the model always sees the image before the words about it, as DeepSeek-VL's prompts and sample.py put it.
+        for m in conversation:
+            if IMAGE_TAG in m["content"]:
+                m["content"] = (IMAGE_TAG + "\n" + m["content"].replace(IMAGE_TAG, "").strip()).strip()
     answer = conversation[-1]["content"].strip()
     if as_captions and len(paths) == 1 and len(conversation) == 2 and IMAGE_TAG not in answer:
         return "pretrain", checked_text({"category": "caption", "images": paths, "text": IMAGE_TAG + answer})

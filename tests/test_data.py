@@ -593,6 +593,10 @@ def test_a_llava_row_becomes_the_row_llava_means():
     assert row(image="a.png", conversations=ask("", "Welcome!")[1:] + ask("<image>\nWhat is it?", "A cat.")) == \
         (kind, chat)  # a first turn that is not a question: dropped, as LLaVA's own loader drops it
     assert row(image="a.png", conversations=ask("What is it?", "A cat.")) == (kind, chat)  # the tag LLaVA implies
+    for placed in ("What is it?\n<image>", "  What is it? <image>  ", "<image>\n\n  What is it?"):  # as LLaVA
+        assert row(image="a.png", conversations=ask(placed, "A cat.")) == (kind, chat)  # moves it: to the front
+    two = row(image=["a.png", "b.png"], conversations=ask("This <image> or <image>?", "The first."))[1]
+    assert two["conversation"][0]["content"] == f"This {IMAGE_TAG} or {IMAGE_TAG}?"  # several: where they stand
     assert row(image="a.png", conversations=ask("<image>\nWhat is it?", "A cat.") + ask("And?", "")[:1]) == \
         (kind, chat)  # a last question without its answer teaches nothing: dropped
     assert row(image="a.png", conversations=ask("<image>\nWhat is it?", "A cat.") + ask(" ", "")[:1]) == (kind, chat)
