@@ -184,7 +184,8 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_capti
             raise ValueError(f"turn {i} must be {{'from': 'human' or 'gpt' (or 'user', 'assistant'), 'value': text}}, "
                              f"got {turn!r}")
         conversation.append({"role": role, "content": turn["value"].replace("<image>", IMAGE_TAG)})
-    if conversation[0]["role"] == "assistant":  # LLaVA's own loader skips a first turn that is not the human's
+    first_dropped = conversation[0]["role"] == "assistant"
+    if first_dropped:  # LLaVA's own loader skips a first turn that is not the human's
         if IMAGE_TAG in conversation[0]["content"]:  # dropped, its image would move to the first question
             raise ValueError("the first turn, an answer with no question, holds an <image> tag")
         conversation = conversation[1:]
@@ -197,7 +198,11 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_capti
         conversation = conversation[:-1]
         if not conversation:
             raise ValueError("a question with no answer: nothing to learn from")
-    check_conversation(conversation)  # (user, assistant, user, ...)
+    try:
+        check_conversation(conversation)  # (user, assistant, user, ...)
+    except ValueError as e:  # (it counts the messages kept from 0: said when they are not the row's turns)
+        raise ValueError(f"{e} (counted from the first question: the answer before it was dropped)" if first_dropped
+                         else str(e)) from None
     n_tags = sum(m["content"].count(IMAGE_TAG) for m in conversation)
     if n_tags == 0 and len(paths) == 1:  # some sets omit the tag; LLaVA puts the image before the first question
         conversation[0]["content"] = IMAGE_TAG + "\n" + conversation[0]["content"]

@@ -639,6 +639,10 @@ def test_a_llava_row_becomes_the_row_llava_means():
                       "a question with no answer: nothing to learn from"),
                      (dict(image="a.png", conversations=ask("What is it?", "A cat.")[1:]),
                       "an answer with no question: nothing to learn from"),
+                     # after a first answer is dropped, the messages counted are not the row's turns: said
+                     (dict(image="a.png", conversations=ask("", "Hi!")[1:] + ask("<image>Q", "A") + ask("Q2", " ")),
+                      "message 3 (assistant) is empty (counted from the first question: the answer before it was "
+                      "dropped)"),
                      # dropping the last question would move its image to the first one
                      (dict(image="a.png", conversations=ask("Hello", "Hi!") + ask("<image>\nWhat is it?", "")[:1]),
                       "the last question, which has no answer, holds an <image> tag"),
