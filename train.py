@@ -857,11 +857,16 @@ def check_stage_rows(stage: int, tc: TrainConfig, cfg: VLConfig):
     if missing:
         where, path, root = missing[0]
         if kinds[root] == "llava":
-            with open(os.path.join(root, "meta.json")) as f:
-                made = json.load(f)["llava"]
-            advice = (f"; the import in {root} was made from {made.get('images')}, whose images have moved or gone "
-                      f"since: import again with --images where they are now (python prepare_data.py --llava "
-                      f"{made.get('file')} --images FOLDER --out {root})")
+            try:  # (what the import wrote: the file, the images' folder, whether chats became captions)
+                with open(os.path.join(root, "meta.json")) as f:
+                    made = dict(json.load(f)["llava"])
+            except (OSError, ValueError, KeyError, TypeError):  # (edited since: the command is said without it)
+                made = {}
+            command = ["python", "prepare_data.py", "--llava", made.get("file", "FILE"), "--images", "FOLDER",
+                       "--out", root] + ["--captions"] * bool(made.get("as_captions"))
+            advice = (f"; the import in {root} was made from the images in {made.get('images', '(not said)')}, which "
+                      f"have moved or gone since: import again with --images where they are now "
+                      f"({shlex.join(map(str, command))})")
         else:
             advice = "; fix or remove the rows that name them"
         raise SystemExit(f"{where}: image {path} " + ("is a folder" if os.path.isdir(path) else
@@ -1125,6 +1130,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             start = state["step"]
             if not (type(start) is int and 0 < start <= hp["steps"]):
                 raise ValueError(f"its step is {start!r}, where one of 1 to {hp['steps']} was expected")
+        except torch.cuda.OutOfMemoryError:  # (a RuntimeError, but no fault of the file: AdamW's moments move to
+            raise  # the GPU here, the first large allocation of a resume, and torch's own message says so)
         except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as e:
             why = "; ".join(line.strip() for line in str(e).strip().splitlines()[:4])
             raise SystemExit(f"{ckpt_path} does not fit this stage's model, optimizer or steps (written by another "

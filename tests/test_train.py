@@ -904,7 +904,8 @@ def test_resume_is_bitwise_identical(data, start_weights, tmp_path):
     assert set().union(*groups[0]) <= {"language", "multimodal", "sft", "text_sft"}
 
 
-def test_a_checkpoint_that_does_not_fit_the_stage_is_refused_in_a_line_and_kept(data, start_weights, tmp_path):
+def test_a_checkpoint_that_does_not_fit_the_stage_is_refused_in_a_line_and_kept(data, start_weights, tmp_path,
+                                                                                 monkeypatch):
     # Whole files of this stage and config, with weights, optimizer, random state or step as another version of
     # train.py (or an edit) would leave them: each stopped the resume with a traceback from load_state_dict,
     # set_rng_state or a comparison.
@@ -929,6 +930,16 @@ def test_a_checkpoint_that_does_not_fit_the_stage_is_refused_in_a_line_and_kept(
                                              "stage 3 again$"):
             train.main(common + ["--resume"])
         assert ckpt.read_bytes() == changed  # kept as it was, for whoever restores it
+    # Out of GPU memory as AdamW's moments move there is no fault of the file: not said to be one
+    ckpt.write_bytes(good)
+
+    def no_memory(self, state):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 56.00 GiB")
+
+    monkeypatch.setattr(torch.optim.AdamW, "load_state_dict", no_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="Tried to allocate"):
+        train.main(common + ["--resume"])
+    monkeypatch.undo()
     # --init_from a model.pt of the right config whose weights do not fit it: each key named, as load_model names them
     init = tmp_path / "init.pt"
     state = torch.load(start_weights, weights_only=True)
@@ -2236,11 +2247,21 @@ def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_train
     train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(imported)), get_config("tiny"))
     (tmp_path / "pictures").rename(tmp_path / "moved")
     with pytest.raises(SystemExit, match=rf"^{imported}.sft.jsonl, line 1: image {tmp_path}.pictures.red.png does not "
-                                         rf"exist; the import in {imported} was made from {tmp_path}.pictures, whose "
-                                         r"images have moved or gone since: import again with --images where they "
-                                         rf"are now \(python prepare_data.py --llava {tmp_path}.llava.json --images "
-                                         rf"FOLDER --out {imported}\)$"):
+                                         rf"exist; the import in {imported} was made from the images in "
+                                         rf"{tmp_path}.pictures, which have moved or gone since: import again with "
+                                         rf"--images where they are now \(python prepare_data.py --llava "
+                                         rf"{tmp_path}.llava.json --images FOLDER --out {imported}\)$"):
         train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(imported)), get_config("tiny"))
+    captions = tmp_path / "captions"  # an import of chats as captions is made again as one
+    prepare_data.main(["--llava", str(tmp_path / "llava.json"), "--images", str(tmp_path / "moved"), "--out",
+                       str(captions), "--captions"])
+    (tmp_path / "moved").rename(tmp_path / "again")
+    with pytest.raises(SystemExit, match=rf"--images FOLDER --out {captions} --captions\)$"):
+        train.check_stage_rows(1, train.TrainConfig(data=data, extra_data=str(captions)), get_config("tiny"))
+    (captions / "meta.json").write_text(json.dumps({"llava": "edited"}))  # (what it says cannot be read: not said)
+    with pytest.raises(SystemExit, match=r"made from the images in \(not said\), .*\(python prepare_data.py --llava "
+                                         rf"FILE --images FOLDER --out {captions}\)$"):
+        train.check_stage_rows(1, train.TrainConfig(data=data, extra_data=str(captions)), get_config("tiny"))
     # Stage 2's text is read from --data alone: the folders of --extra_data are not named for it
     with pytest.raises(SystemExit, match=rf"^stage 2 trains on language rows \(text\), but {own} holds none$"):
         train.check_stage_rows(2, train.TrainConfig(data=str(own), extra_data=str(copy)), get_config("tiny"))
