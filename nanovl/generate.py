@@ -113,8 +113,9 @@ def warp(logits, generated, s: Sampling):
         # TopPLogitsWarper counts, from the least likely end: a token is dropped when it and every token less likely
         # hold at most 1 - top_p of the mass (the most likely token is always kept). Summed from the top instead
         # (drop a token once those above it reach top_p), the running sum nears 1, where fp32 keeps 7 digits: over
-        # 102,400 tokens its rounding moved the cut by a token in about half the rows. From the bottom, the sums that
-        # decide are small and exact enough, and tied tokens at the cut are kept as HF keeps them.
+        # 102,400 tokens its rounding moved the cut by a token in 0 to 55% of random rows, by their spread and top_p.
+        # From the bottom, the sums that decide are small and exact enough, and tied tokens at the cut are kept as HF
+        # keeps them.
         sorted_logits, order = logits.sort(dim=-1)  # (B, V) least likely first
         drop_sorted = sorted_logits.softmax(-1).cumsum(-1) <= 1 - s.top_p  # (B, V) in sorted order
         drop_sorted[:, -1] = False

@@ -225,7 +225,8 @@ def load_sharded(folder) -> dict:
                     raise TypeError(f"the shard of {name!r} is {shard!r}, not a file name")
                 by_shard.setdefault(shard, set()).add(name)
     except DuplicateKeys as e:  # (the last shard named would have been believed)
-        raise ValueError(f"{index_path} has {e}: each tensor must be named once, with its shard") from None
+        raise ValueError(f"{index_path} has {e}: each key once (a tensor named twice could be read from either shard; "
+                         f"transformers keeps the last, silently)") from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f'{index_path}: expected JSON {{"weight_map": {{name: shard file}}}} ({e!r})') from None
     outside = [s for s in by_shard if os.path.basename(s) != s]  # an index names files of its folder: no ../, no /
@@ -276,9 +277,11 @@ def save_sharded(tensors: dict, folder, max_shard_bytes: int):
         text = json.dumps(index, indent=2)  # huggingface_hub's layout, so the index is byte-identical too
         atomic_write(os.path.join(folder, INDEX_NAME), lambda f: f.write(text.encode("utf-8")))
         files.append(INDEX_NAME)
-    # A leftover index would make load_sharded read an old checkpoint; leftover shards waste disk. Each file is
-    # replaced atomically, but a crash between files can leave old and new shards mixed: save to a fresh folder
-    # when that matters (load_sharded's name checks catch most, not all, such mixes).
+    # Stale files of the other layout go last: a leftover model.safetensors would be read before the new index (as
+    # transformers reads it), a leftover index is litter, leftover shards waste disk. Until then the folder still
+    # reads as the old save (sharded to single: already as the new one). Each file is replaced atomically, but a crash
+    # between files can leave old and new shards mixed: save to a fresh folder when that matters (load_sharded's name
+    # checks catch most, not all, such mixes).
     stale = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
     for file in os.listdir(folder):
         if file not in files and stale.fullmatch(file):

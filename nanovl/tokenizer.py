@@ -291,27 +291,29 @@ class Tokenizer:
             self._merge_map[vocab[a], vocab[b]] = (rank, vocab[a + b])
         # tokenizers does not read an added token's "id" from the file: it gives a token of the vocab its vocab id,
         # and each other one the next id after the vocab and the added tokens before it, in file order. A file whose
-        # ids say otherwise would give other ids there than here (the image token's among them): refused.
+        # ids say otherwise would give other ids there than here (the image token's among them): refused. An added
+        # token without text it skips altogether (no id, never matched), and so do we (it is kept for save alone).
+        added = [t for t in added_tokens if t["content"]]
         numbered = {}
-        for t in added_tokens:
+        for t in added:
             top = max(numbered.values(), default=-1)
             numbered.setdefault(t["content"], vocab[t["content"]] if t["content"] in vocab else
                                 top + 1 if top >= len(vocab) else len(vocab))
-        renumbered = [(t["content"], t["id"], numbered[t["content"]]) for t in added_tokens
+        renumbered = [(t["content"], t["id"], numbered[t["content"]]) for t in added
                       if numbered[t["content"]] != t["id"]]
         if renumbered:
             content, given, theirs = renumbered[0]
             raise ValueError(f"added token {content!r} has id {given}, but the tokenizers library, which ignores an "
                              f"added token's id, would number it {theirs} (a token of the vocab keeps its vocab id; "
                              f"the others follow the vocab's {len(vocab)} ids in file order, without gaps), so the "
-                             f"ids would differ from the reference's ({len(renumbered)} of the {len(added_tokens)} "
+                             f"ids would differ from the reference's ({len(renumbered)} of the {len(added)} "
                              f"added tokens are numbered otherwise there)")
         # id -> the bytes it decodes to, as tokenizers' ByteLevel decoder gives them: a token spelt in the byte
         # alphabet ("Ġthe") is those bytes, any other (a special token such as "<｜end▁of▁sentence｜>") its own UTF-8.
         # Added tokens decode the same way: an added "ø" is byte 0xF8, which alone is no UTF-8 and decodes to U+FFFD.
-        self._added = {t["content"]: t["id"] for t in added_tokens}
+        self._added = {t["content"]: t["id"] for t in added}
         # What decoding for display leaves out, as HF's decode(skip_special_tokens=True): added tokens marked special
-        self.special_ids = frozenset(t["id"] for t in added_tokens if t.get("special"))
+        self.special_ids = frozenset(t["id"] for t in added if t.get("special"))
         ids = [*vocab.values(), *self._added.values()]
         if ids and max(ids) >= max(2 * len(ids), 1 << 20):  # every id gets a slot below: an id of 10**10 would not fit
             raise ValueError(f"token ids run up to {max(ids)} for {len(ids)} tokens: ids are numbered from 0, without "
@@ -330,7 +332,7 @@ class Tokenizer:
         # sorted longest first gives.
         self._added_res = []
         for normalized in (False, True):
-            tokens = sorted((t["content"] for t in added_tokens if bool(t.get("normalized")) == normalized),
+            tokens = sorted((t["content"] for t in added if bool(t.get("normalized")) == normalized),
                             key=len, reverse=True)
             if tokens:
                 self._added_res.append(re.compile("|".join(map(re.escape, tokens))))
