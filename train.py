@@ -1452,6 +1452,18 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
                 ("" if "test" in questions else " --eval_split val")
             print(f"(--extra_data {folder} holds {' and '.join(held)}, which this run does not read: the held-out set "
                   f"is --data's" + (f"; evaluate on its questions with {how})" if questions else ")"))
+    # Two imports of one LLaVA file (into two folders, say once with --captions) read its rows twice: said.
+    imported = {}
+    for folder in [tc.data] + listed(tc.extra_data):
+        try:
+            with open(os.path.join(folder, "meta.json")) as f:
+                file = str(json.load(f)["llava"]["file"])
+        except (OSError, ValueError, KeyError, TypeError):  # (not an import)
+            continue
+        if file in imported and rank == 0:
+            print(f"({folder} and {imported[file]} are both imports of {file}: its rows are read twice, and weigh "
+                  "double in the mix)")
+        imported.setdefault(file, folder)
     if tc.stage == "all":
         stages = [0, 1, 2, 3] if cfg.name in FROM_SCRATCH else [1, 2, 3]
     elif tc.stage in ("0", "1", "2", "3"):

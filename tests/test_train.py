@@ -2170,7 +2170,7 @@ def test_stage_all_checks_every_stage_settings_before_the_first_trains(data, tmp
 
 
 def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_trains(data, start_weights, tmp_path,
-                                                                                 monkeypatch):
+                                                                                 monkeypatch, capsys):
     # A malformed row that only a later stage reads, a question of the later stages' evaluation, or a modality group
     # a later stage draws from with no rows stopped `--stage all` only when that stage began, after the ones before
     # it had trained (at the released sizes, days).
@@ -2258,6 +2258,13 @@ def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_train
     (tmp_path / "moved").rename(tmp_path / "again")
     with pytest.raises(SystemExit, match=rf"--images FOLDER --out {captions} --captions\)$"):
         train.check_stage_rows(1, train.TrainConfig(data=data, extra_data=str(captions)), get_config("tiny"))
+    # Two imports of one file read its rows twice: a run is told as it reads its folders (here stopped right after,
+    # by a --stage that does not exist)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="--stage must be 0, 1, 2, 3 or all, got '9'"):
+        train.main(["--data", data, "--extra_data", f"{imported},{captions}", "--stage", "9"])
+    assert (f"({captions} and {imported} are both imports of {tmp_path / 'llava.json'}: its rows are read twice, and "
+            "weigh double in the mix)") in capsys.readouterr().out
     (captions / "meta.json").write_text(json.dumps({"llava": "edited"}))  # (what it says cannot be read: not said)
     with pytest.raises(SystemExit, match=r"made from the images in \(not said\), .*\(python prepare_data.py --llava "
                                          rf"FILE --images FOLDER --out {captions}\)$"):
