@@ -70,7 +70,7 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
 
     from nanovl import DeepSeekVL, VLConfig, get_config
     from nanovl.checkpoint import (check_device, check_tokenizer_fits, check_trained_with, init_from_parts,
-                                   is_released_folder, load_model, load_plain)
+                                   is_released_folder, load_model, load_plain, read_tokenizer)
     from nanovl.config import FROM_SCRATCH
     from nanovl.data import (PackedBatches, PlannedBatches, Source, check_rows, default_folder, folder_kind,
                              folder_stamp, image_paths, plan_batches, read_jsonl, write_jsonl)
@@ -644,7 +644,7 @@ def stage_tokenizer(tc: TrainConfig, cfg: VLConfig, sources) -> Tokenizer:
     if not os.path.isfile(tok_path):
         raise SystemExit(f"no tokenizer at {tok_path}; {where}")
     try:
-        tok = Tokenizer.load(tok_path)
+        tok = read_tokenizer(tok_path)  # (a released folder's with <image_placeholder>, as sample.py reads it)
         check_tokenizer_fits(tok, cfg, tok_path, exact=cfg.name in FROM_SCRATCH)
     except ValueError as e:
         raise SystemExit(f"{e}; {where}") from None

@@ -40,7 +40,7 @@ from nanovl.image import ImageProcessor
 from nanovl.model import DeepSeekVL, nanovl_to_released, released_to_nanovl
 from nanovl.runs import uninterrupted
 from nanovl.safetensors import load_file, load_sharded, save_sharded
-from nanovl.tokenizer import BOS, EOS, Tokenizer
+from nanovl.tokenizer import BOS, EOS, IMAGE, Tokenizer
 
 # The towers the released configs name by `model_name` (official clip_encoder.py / sam.py), in nanovl's fields.
 SIGLIP_MODELS = {"siglip_large_patch16_384": dict(patch_size=16, width=1024, depth=24, n_heads=16, mlp_ratio=4.0)}
@@ -424,11 +424,15 @@ def load_released(folder, device="cpu", dtype=None, tokenizer=None, before_weigh
     if port:
         config = hf_port_config(config, folder)
     tok, tok_path = pick_tokenizer(folder, tokenizer)
+    # The official VLChatProcessor adds <image_placeholder> as a special token to a tokenizer that lacks it (facts
+    # section 9), where it gets the next id: 100015, after DeepSeek-LLM's added tokens 100000-100014.
+    tok = tok.with_special_token(IMAGE)
     if port and config["image_token_id"] not in (None, tok.image_id):
         raise ValueError(f"{folder}/config.json: image_token_id {config['image_token_id']}, but {tok_path} puts "
                          f"<image_placeholder> at {tok.image_id}")
+    image_id = tok.image_id
     try:
-        cfg = released_config(config, tok.image_id, name=folder.name)
+        cfg = released_config(config, image_id, name=folder.name)
     except ValueError as e:  # (released_config reads a dict: the file is named here)
         raise ValueError(f"{folder / 'config.json'}: {e}") from None
     check_tokenizer_fits(tok, cfg, tok_path)
@@ -657,6 +661,15 @@ def pick_tokenizer(folder: Path, given=None) -> tuple:
         raise ValueError(f"--tokenizer {given} differs from {saved}, the tokenizer saved with the weights: the same "
                          "text would become other ids. Leave --tokenizer out to use the saved one")
     return tok, given
+
+
+def read_tokenizer(path) -> Tokenizer:
+    """Tokenizer.load(path) (a tokenizer.json, or a folder holding one); beside a released model, with
+    <image_placeholder> added where it lacks one, as load_released adds it (train.py reads a released folder's
+    tokenizer with this, so that the stage trains with the one sample.py reads the weights with)."""
+    tok = Tokenizer.load(path)
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    return tok.with_special_token(IMAGE) if is_released_folder(folder) else tok
 
 
 def check_trained_with(tok: Tokenizer, tok_path, fingerprint, weights):

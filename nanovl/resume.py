@@ -25,7 +25,8 @@ import os
 
 import torch
 
-from nanovl.checkpoint import check_finite, check_keys, check_weights, is_released_folder, load_plain, nanovl_state
+from nanovl.checkpoint import (check_finite, check_keys, check_weights, is_released_folder, load_plain, nanovl_state,
+                               read_tokenizer)
 from nanovl.config import PRESETS, VLConfig, get_config
 from nanovl.model import DeepSeekVL
 from nanovl.tokenizer import Tokenizer
@@ -177,7 +178,7 @@ def check_same_tokenizer(tok: Tokenizer, given: str, path: str, resume: bool):
     if not os.path.isfile(path):
         return  # (nothing to compare with)
     try:
-        theirs = Tokenizer.load(path)
+        theirs = read_tokenizer(path)  # (as stage_tokenizer read tok)
     except ValueError as e:
         raise SystemExit(f"{e}; the tokenizer {'of the stage folder' if resume else 'beside the starting weights'} "
                          "cannot be read to compare with --tokenizer") from None

@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -129,7 +130,7 @@ class ReferenceVL(nn.Module):
         return self.language_model(inputs_embeds=embeds).logits
 
 
-def hf_tokenizer(path):
+def hf_tokenizer(path, special=(BOS, EOS, IMAGE)):
     """DeepSeek's layout: byte-level BPE, then the special tokens added after the vocabulary."""
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = deepseek_pre_tokenizer()
@@ -137,7 +138,7 @@ def hf_tokenizer(path):
     text = ["what colour is the circle? the circle is red and the square is blue. " * 20]
     hf.train_from_iterator(text, trainers.BpeTrainer(vocab_size=280, show_progress=False,
                                                      initial_alphabet=pt.ByteLevel.alphabet()))
-    hf.add_special_tokens([BOS, EOS, IMAGE])
+    hf.add_special_tokens(list(special))
     hf.save(str(path))
     return hf
 
@@ -230,6 +231,14 @@ def test_released_folder_gives_the_reference_models_logits(folder, monkeypatch):
             load_model(path, before_weights=3)
     model, tok, proc = load_released(path)
     assert tok.image_id == 282 and tok.vocab_size == 283 and model.cfg.llm.vocab_size == VOCAB
+    # A tokenizer.json without <image_placeholder> gets it as the official processor adds it: a special token at the
+    # next id, here 282 again (it refused, "this tokenizer has no <image_placeholder> token")
+    bare = path.parent / f"{path.name}-no-image-token"
+    shutil.copytree(path, bare)
+    hf_tokenizer(bare / "tokenizer.json", special=(BOS, EOS))
+    assert IMAGE not in (bare / "tokenizer.json").read_text(encoding="utf-8")
+    again = load_released(bare, device="meta")[1]
+    assert again.image_id == 282 and again.same_ids(tok) and again.special_ids == tok.special_ids
     assert model.cfg.hybrid == ref.hybrid and model.cfg.llm.max_seq_len == 512
     assert not model.training  # ready to run: no dropout in DeepSeek-VL, but a caller may rely on eval()
     meta = load_released(path, device="meta")[0]  # built where it is asked to be
@@ -847,6 +856,23 @@ def test_a_released_siglip_model_starts_the_hybrid_recipe(tmp_path):
     for k, v in donor.state_dict().items():
         if k.startswith(("siglip.", "llm.")):
             assert torch.equal(model.state_dict()[k], v)
+
+
+def test_a_released_tokenizer_without_the_image_token_trains_with_the_one_sample_reads(tmp_path):
+    # load_released adds <image_placeholder> to a tokenizer that lacks it, as the official processor does; a stage
+    # started from that folder trains with the same tokenizer (it refused it), and --tokenizer naming the folder's own
+    # file is the same one.
+    import train
+    from nanovl.resume import check_same_tokenizer
+    released_folder(tmp_path / "rel", hybrid=False)
+    hf_tokenizer(tmp_path / "rel" / "tokenizer.json", special=(BOS, EOS))
+    cfg = get_config("tiny", **{f"siglip.{k}": v for k, v in SIGLIP_DIMS.items()}, **{
+        "siglip.image_size": 48, "llm.dim": 64, "llm.ffn_dim": 96, "llm.n_layers": 2, "llm.vocab_size": 283,
+        "sam": None, "aligner.projector_type": "mlp_gelu", "image_token_id": 282})  # (a scratch preset's vocab: exact)
+    tok = train.stage_tokenizer(train.TrainConfig(data=str(tmp_path / "data")), cfg, [str(tmp_path / "rel")])
+    assert tok.image_id == 282 and tok.same_ids(load_released(tmp_path / "rel", device="meta")[1])
+    check_same_tokenizer(tok, str(tmp_path / "rel" / "tokenizer.json"), str(tmp_path / "rel" / "tokenizer.json"),
+                         resume=False)
 
 
 def test_a_released_folder_of_the_same_layout_gives_every_tensor(tmp_path):
