@@ -127,6 +127,12 @@ def released_config(d: dict, image_token_id: int, name: str = "released") -> VLC
         raise ValueError(f"vision_config.cls {cls!r} is not supported: expected CLIPVisionTower (1.3B) or "
                          "HybridVisionTower (7B)")
 
+    rope = lang.get("rope_parameters")
+    if isinstance(rope, dict):  # transformers 5 nests RoPE's settings (a port, or a released config saved again by it)
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"language_config: rope_parameters.rope_type {rope['rope_type']!r} is not supported "
+                             "(DeepSeek-VL's decoder uses plain RoPE, 'default')")
+        lang.setdefault("rope_theta", rope.get("rope_theta"))
     for key, want in (("model_type", "llama"), ("hidden_act", "silu"), ("tie_word_embeddings", False),
                       ("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False)):
         if key in lang and lang[key] != want:
@@ -360,13 +366,7 @@ def hf_port_config(config: dict, where) -> dict:
     except (KeyError, TypeError, ZeroDivisionError) as e:
         raise ValueError(f"{where}: config.json's vision_config{' or high_res_vision_config' if hybrid else ''} "
                          f"lacks a usable {e}") from None
-    lang = dict(text)
-    rope = lang.get("rope_parameters")
-    if isinstance(rope, dict):  # (transformers 5 nests RoPE's settings)
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"{where}: text_config.rope_parameters.rope_type {rope['rope_type']!r} is not supported "
-                             "(DeepSeek-VL's decoder uses plain RoPE, 'default')")
-        lang.setdefault("rope_theta", rope.get("rope_theta"))
+    lang = dict(text)  # (its rope_parameters, which transformers 5 writes, are read by released_config)
     return {"vision_config": {"cls": "HybridVisionTower", "params": {"high_res_cfg": sam, "low_res_cfg": siglip}}
             if hybrid else {"cls": "CLIPVisionTower", "params": siglip},
             "aligner_config": {"params": {"projector_type": "low_high_hybrid_split_mlp_gelu" if hybrid else "mlp_gelu",

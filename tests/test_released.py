@@ -658,12 +658,27 @@ def test_bad_files_are_refused_clearly(tmp_path):
              r"unknown vision tower model_name \['x'\]"),
             ({"aligner_config": []}, "needs vision_config .with params., aligner_config.params and language_config"),
             ({"language_config": [1]}, "each an object; it has .*'language_config': 'list'"),  # (it said "has" alone)
+            ({"language_config": {**lang, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}},  # (transformers
+             r"language_config: rope_parameters.rope_type 'yarn' is not supported"),  # 5's; it was let through)
             ({"aligner_config": {**config["aligner_config"], "params": {**config["aligner_config"]["params"],
                                                                          "n_embed": 7}}},
              f"aligner_config: n_embed = 7 but language_config.hidden_size is {lang['hidden_size']}")]:
         (folder / "config.json").write_text(json.dumps({**config, **edited}))
         with pytest.raises(ValueError, match=rf"^{re.escape(str(folder / 'config.json'))}: .*{message}"):
             load_model(folder)  # (the file named: released_config reads a dict)
+    # RoPE's base as transformers 5 writes it, inside rope_parameters, is followed (it was read as the default 10000)
+    (folder / "config.json").write_text(json.dumps({**config, "language_config": {
+        **{k: v for k, v in lang.items() if k != "rope_theta"}, "rope_parameters": {"rope_type": "default",
+                                                                                     "rope_theta": 5e5}}}))
+    seen = []
+
+    def theta(cfg, tok):  # (what the config gives, before any weight is read)
+        seen.append(cfg.llm.rope_theta)
+        raise ValueError("enough")
+
+    with pytest.raises(ValueError, match="^enough$"):
+        load_model(folder, before_weights=theta)
+    assert seen == [5e5]
     # A SigLIP-only tower reads pixels its processor normalised: a file that turns that off is followed, and said
     pre = json.loads((folder / "preprocessor_config.json").read_text())
     (folder / "config.json").write_text(json.dumps(config))
