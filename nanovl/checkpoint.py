@@ -287,6 +287,30 @@ def build_loaded(cfg: VLConfig, state: dict, source: str, device="cpu", dtype=No
 # ---------------------------------------------------------------------------------------------------------------------
 # Released folders
 
+def check_prompt_settings(folder: Path, cfg: VLConfig):
+    """The settings of a released folder that shape the prompt, where it has their files, checked against what nanovl
+    does (nanovl.chat renders prompts as the official processor does with the released values): processor_config.json
+    (VLChatProcessor's) and tokenizer_config.json. A value that would give other token ids is refused, by name; the
+    released files hold the values nanovl follows (facts section 6), so this only ever meets an edited folder."""
+    path = folder / "processor_config.json"
+    settings = _read_json(path, "") if path.is_file() else {}
+    want = {"image_tag": IMAGE, "num_image_tokens": cfg.n_image_tokens, "add_special_token": False,
+            "sft_format": "deepseek"}
+    wrong = [f"{k} {settings[k]!r}, where nanovl uses {v!r}" for k, v in want.items() if k in settings and
+             settings[k] != v]
+    if wrong:
+        raise ValueError(f"{path}: {'; '.join(wrong)}: nanovl renders prompts as the released processor does, with "
+                         "these values only")
+    path = folder / "tokenizer_config.json"
+    settings = _read_json(path, "") if path.is_file() else {}
+    if settings.get("add_bos_token") is False:  # (nanovl.chat begins every prompt with BOS, as the released one does)
+        raise ValueError(f"{path}: add_bos_token false, but nanovl begins every prompt with {BOS}, as the released "
+                         "tokenizer's add_bos_token true has the official processor do")
+    if settings.get("clean_up_tokenization_spaces") is True:  # (display only: the ids are the same)
+        warnings.warn(f"{path} asks for clean_up_tokenization_spaces, which nanovl does not apply: its answers may show "
+                      "a space before punctuation where transformers' decode would remove it (the ids are the same)")
+
+
 def _read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: a released DeepSeek-VL folder holds {what}")
@@ -436,6 +460,7 @@ def load_released(folder, device="cpu", dtype=None, tokenizer=None, before_weigh
     except ValueError as e:  # (released_config reads a dict: the file is named here)
         raise ValueError(f"{folder / 'config.json'}: {e}") from None
     check_tokenizer_fits(tok, cfg, tok_path)
+    check_prompt_settings(folder, cfg)
     if before_weights is not None:
         before_weights(cfg, tok)
     tensors = load_sharded(folder)
@@ -539,7 +564,8 @@ def export_released(model: DeepSeekVL, tok: Tokenizer, folder, dtype=None, max_s
         tok.save(tmp / "tokenizer.json")
         (tmp / "tokenizer_config.json").write_text(json.dumps(
             {"tokenizer_class": "LlamaTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": None,
-             "add_bos_token": True, "add_eos_token": False, "model_max_length": cfg.llm.max_seq_len}, indent=2))
+             "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+             "model_max_length": cfg.llm.max_seq_len}, indent=2))
         (tmp / "preprocessor_config.json").write_text(json.dumps(ImageProcessor.for_config(cfg).to_dict(), indent=2))
     except BaseException as e:  # a full disk, Ctrl-C (a 7B takes minutes to write), a bug: the shards written so far
         shutil.rmtree(tmp, ignore_errors=True)  # go too, rather than hold the space they took

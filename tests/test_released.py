@@ -666,6 +666,26 @@ def test_bad_files_are_refused_clearly(tmp_path):
         (folder / "config.json").write_text(json.dumps({**config, **edited}))
         with pytest.raises(ValueError, match=rf"^{re.escape(str(folder / 'config.json'))}: .*{message}"):
             load_model(folder)  # (the file named: released_config reads a dict)
+    # What shapes the prompt, in the official processor's and tokenizer's own files: another value than the released
+    # one (which nanovl follows) is refused by name, not rendered otherwise without a word (neither file was read)
+    (folder / "config.json").write_text(json.dumps(config))
+    released = {"image_tag": IMAGE, "add_special_token": False, "sft_format": "deepseek", "mask_prompt": True}
+    for edited, message in [({"num_image_tokens": 999}, r"num_image_tokens 999, where nanovl uses \d+"),
+                            ({"add_special_token": True}, "add_special_token True, where nanovl uses False"),
+                            ({"image_tag": "<image>"}, "image_tag '<image>', where nanovl uses '<image_placeholder>'")]:
+        (folder / "processor_config.json").write_text(json.dumps({**released, **edited}))
+        with pytest.raises(ValueError, match=rf"processor_config.json: {message}: nanovl renders prompts as the "
+                                             "released processor does"):
+            load_model(folder)
+    (folder / "processor_config.json").write_text(json.dumps(released))
+    tokenizer_config = (folder / "tokenizer_config.json").read_text()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
+    with pytest.raises(ValueError, match="tokenizer_config.json: add_bos_token false, but nanovl begins every prompt"):
+        load_model(folder)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"clean_up_tokenization_spaces": True}))
+    with pytest.warns(UserWarning, match="asks for clean_up_tokenization_spaces, which nanovl does not apply"):
+        load_model(folder)
+    (folder / "tokenizer_config.json").write_text(tokenizer_config)
     # RoPE's base as transformers 5 writes it, inside rope_parameters, is followed (it was read as the default 10000)
     (folder / "config.json").write_text(json.dumps({**config, "language_config": {
         **{k: v for k, v in lang.items() if k != "rope_theta"}, "rope_parameters": {"rope_type": "default",
