@@ -644,7 +644,7 @@ def stage_tokenizer(tc: TrainConfig, cfg: VLConfig, sources) -> Tokenizer:
     if not os.path.isfile(tok_path):
         raise SystemExit(f"no tokenizer at {tok_path}; {where}")
     try:
-        tok = read_tokenizer(tok_path)  # (a released folder's with <image_placeholder>, as sample.py reads it)
+        tok = read_tokenizer(tok_path)  # (as sample.py reads it: <image_placeholder> added to a released one without)
         check_tokenizer_fits(tok, cfg, tok_path, exact=cfg.name in FROM_SCRATCH)
     except ValueError as e:
         raise SystemExit(f"{e}; {where}") from None
@@ -1452,18 +1452,23 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
                 ("" if "test" in questions else " --eval_split val")
             print(f"(--extra_data {folder} holds {' and '.join(held)}, which this run does not read: the held-out set "
                   f"is --data's" + (f"; evaluate on its questions with {how})" if questions else ")"))
-    # Two imports of one LLaVA file (into two folders, say once with --captions) read its rows twice: said.
+    # Two imports of one LLaVA file read its rows twice: said. (Once with --captions, its one-question chats are
+    # captions in one and chats in the other, which may be the point: its other chats are still read twice.)
     imported = {}
     for folder in [tc.data] + listed(tc.extra_data):
         try:
             with open(os.path.join(folder, "meta.json")) as f:
-                file = str(json.load(f)["llava"]["file"])
+                made = json.load(f)["llava"]
+            file, captions = os.path.realpath(str(made["file"])), bool(made.get("as_captions"))
         except (OSError, ValueError, KeyError, TypeError):  # (not an import)
             continue
         if file in imported and rank == 0:
-            print(f"({folder} and {imported[file]} are both imports of {file}: its rows are read twice, and weigh "
-                  "double in the mix)")
-        imported.setdefault(file, folder)
+            other, other_captions = imported[file]
+            what = "its rows are" if captions == other_captions else \
+                "its chats of more than one question or image are (its one-question chats: captions in one, chats in " \
+                "the other)"
+            print(f"({folder} and {other} are both imports of {file}: {what} read twice, and weigh double in the mix)")
+        imported.setdefault(file, (folder, captions))
     if tc.stage == "all":
         stages = [0, 1, 2, 3] if cfg.name in FROM_SCRATCH else [1, 2, 3]
     elif tc.stage in ("0", "1", "2", "3"):

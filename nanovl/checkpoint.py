@@ -128,11 +128,13 @@ def released_config(d: dict, image_token_id: int, name: str = "released") -> VLC
                          "HybridVisionTower (7B)")
 
     rope = lang.get("rope_parameters")
-    if isinstance(rope, dict):  # transformers 5 nests RoPE's settings (a port, or a released config saved again by it)
-        if rope.get("rope_type", "default") != "default":
-            raise ValueError(f"language_config: rope_parameters.rope_type {rope['rope_type']!r} is not supported "
-                             "(DeepSeek-VL's decoder uses plain RoPE, 'default')")
-        lang.setdefault("rope_theta", rope.get("rope_theta"))
+    if isinstance(rope, dict):  # transformers 5 nests RoPE's settings (a port, or a released config saved again by it),
+        kind = rope.get("rope_type", rope.get("type", "default"))  # and reads them as it does: they win over a
+        if kind != "default":  # top-level rope_theta, "type" is the older name of "rope_type"
+            raise ValueError(f"language_config (a port's text_config): rope_parameters.rope_type {kind!r} is not "
+                             "supported (DeepSeek-VL's decoder uses plain RoPE, 'default')")
+        if "rope_theta" in rope:
+            lang["rope_theta"] = rope["rope_theta"]
     for key, want in (("model_type", "llama"), ("hidden_act", "silu"), ("tie_word_embeddings", False),
                       ("rope_scaling", None), ("attention_bias", False), ("mlp_bias", False)):
         if key in lang and lang[key] != want:
@@ -447,10 +449,7 @@ def load_released(folder, device="cpu", dtype=None, tokenizer=None, before_weigh
     port = is_hf_port(config)
     if port:
         config = hf_port_config(config, folder)
-    tok, tok_path = pick_tokenizer(folder, tokenizer)
-    # The official VLChatProcessor adds <image_placeholder> as a special token to a tokenizer that lacks it (facts
-    # section 9), where it gets the next id: 100015, after DeepSeek-LLM's added tokens 100000-100014.
-    tok = tok.with_special_token(IMAGE)
+    tok, tok_path = pick_tokenizer(folder, tokenizer)  # (with <image_placeholder>, as the official processor adds it)
     if port and config["image_token_id"] not in (None, tok.image_id):
         raise ValueError(f"{folder}/config.json: image_token_id {config['image_token_id']}, but {tok_path} puts "
                          f"<image_placeholder> at {tok.image_id}")
@@ -678,24 +677,24 @@ def pick_tokenizer(folder: Path, given=None) -> tuple:
         if not saved.is_file():
             raise FileNotFoundError(f"no tokenizer at {saved}: pass --tokenizer (load_model's tokenizer=; e.g. "
                                     "data/tokenizer.json)")
-        return Tokenizer.load(saved), saved
+        return read_tokenizer(saved), saved
     given = Path(given) / "tokenizer.json" if Path(given).is_dir() else Path(given)
     if not given.is_file():
         raise FileNotFoundError(f"no tokenizer at {given}, the --tokenizer given")
-    tok = Tokenizer.load(given)
-    if saved.is_file() and given.resolve() != saved.resolve() and not tok.same_ids(Tokenizer.load(saved)):
+    tok = read_tokenizer(given)
+    if saved.is_file() and given.resolve() != saved.resolve() and not tok.same_ids(read_tokenizer(saved)):
         raise ValueError(f"--tokenizer {given} differs from {saved}, the tokenizer saved with the weights: the same "
                          "text would become other ids. Leave --tokenizer out to use the saved one")
     return tok, given
 
 
 def read_tokenizer(path) -> Tokenizer:
-    """Tokenizer.load(path) (a tokenizer.json, or a folder holding one); beside a released model, with
-    <image_placeholder> added where it lacks one, as load_released adds it (train.py reads a released folder's
-    tokenizer with this, so that the stage trains with the one sample.py reads the weights with)."""
-    tok = Tokenizer.load(path)
-    folder = Path(path) if Path(path).is_dir() else Path(path).parent
-    return tok.with_special_token(IMAGE) if is_released_folder(folder) else tok
+    """Tokenizer.load(path) (a tokenizer.json, or a folder holding one) as a model reads it: with <image_placeholder>
+    added as a special token where it lacks one, as the official VLChatProcessor adds it (facts section 9), at the
+    next id (100015, after DeepSeek-LLM's added tokens 100000-100014). Every tokenizer that drives a model is read so
+    (load_model, train.py's stages, the checks that compare two), so a released tokenizer.json without it reads as the
+    same tokenizer everywhere. (Ours all have it: for them this is Tokenizer.load.)"""
+    return Tokenizer.load(path).with_special_token(IMAGE)
 
 
 def check_trained_with(tok: Tokenizer, tok_path, fingerprint, weights):

@@ -510,12 +510,14 @@ class Tokenizer:
 
     def with_special_token(self, content: str) -> "Tokenizer":
         """This tokenizer, with `content` added as a special token if it has none, at the id the tokenizers library
-        gives it, as transformers' add_special_tokens adds one: the next after the vocab and the added tokens."""
+        gives it, as transformers' add_special_tokens adds one: its vocab id if the vocab has it, else the next after
+        the vocab and the added tokens."""
         if content in self._added:
             return self
         top = max(self._added.values(), default=-1)
-        token = {"id": top + 1 if top >= len(self.vocab) else len(self.vocab), "content": content, "single_word": False,
-                 "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+        new_id = self.vocab[content] if content in self.vocab else top + 1 if top >= len(self.vocab) else len(self.vocab)
+        token = {"id": new_id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+                 "normalized": False, "special": True}
         return Tokenizer(self.vocab, self.merges, self.added_tokens + [token], self.pre_tokenizer, self.ignore_merges,
                          self.post_processor)
 

@@ -35,7 +35,8 @@ from test_vision import segment_anything_encoder, timm_siglip
 from nanovl import DeepSeekVL, get_config
 from nanovl.chat import IMAGE_TAG, render_chat
 from nanovl.checkpoint import (TRAINED_CONTEXT, check_tokenizer_fits, export_released, init_from_parts, load_model,
-                               SAM_MODELS, SIGLIP_MODELS, load_released, released_config, released_config_dict)
+                               SAM_MODELS, SIGLIP_MODELS, load_released, pick_tokenizer, released_config,
+                               released_config_dict)
 from nanovl.config import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN, SIGLIP_STD, SAMConfig, SigLIPConfig
 from nanovl.model import nanovl_to_released
 from nanovl.tokenizer import BOS, EOS, IMAGE
@@ -659,7 +660,7 @@ def test_bad_files_are_refused_clearly(tmp_path):
             ({"aligner_config": []}, "needs vision_config .with params., aligner_config.params and language_config"),
             ({"language_config": [1]}, "each an object; it has .*'language_config': 'list'"),  # (it said "has" alone)
             ({"language_config": {**lang, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}},  # (transformers
-             r"language_config: rope_parameters.rope_type 'yarn' is not supported"),  # 5's; it was let through)
+             r"language_config \(a port's text_config\): rope_parameters.rope_type 'yarn' is not supported"),  # 5's; it was let through)
             ({"aligner_config": {**config["aligner_config"], "params": {**config["aligner_config"]["params"],
                                                                          "n_embed": 7}}},
              f"aligner_config: n_embed = 7 but language_config.hidden_size is {lang['hidden_size']}")]:
@@ -686,19 +687,25 @@ def test_bad_files_are_refused_clearly(tmp_path):
     with pytest.warns(UserWarning, match="asks for clean_up_tokenization_spaces, which nanovl does not apply"):
         load_model(folder)
     (folder / "tokenizer_config.json").write_text(tokenizer_config)
-    # RoPE's base as transformers 5 writes it, inside rope_parameters, is followed (it was read as the default 10000)
-    (folder / "config.json").write_text(json.dumps({**config, "language_config": {
-        **{k: v for k, v in lang.items() if k != "rope_theta"}, "rope_parameters": {"rope_type": "default",
-                                                                                     "rope_theta": 5e5}}}))
+    # RoPE's base as transformers 5 writes it, inside rope_parameters, is followed as transformers reads it: before a
+    # top-level rope_theta, and the default without one (it was read as 10000 whatever it said); its older "type" too
     seen = []
 
     def theta(cfg, tok):  # (what the config gives, before any weight is read)
         seen.append(cfg.llm.rope_theta)
         raise ValueError("enough")
 
-    with pytest.raises(ValueError, match="^enough$"):
-        load_model(folder, before_weights=theta)
-    assert seen == [5e5]
+    for rope, top in [({"rope_type": "default", "rope_theta": 5e5}, {}), ({"rope_type": "default", "rope_theta": 5e5},
+                      {"rope_theta": 1e4}), ({"rope_type": "default"}, {})]:
+        (folder / "config.json").write_text(json.dumps({**config, "language_config": {
+            **{k: v for k, v in lang.items() if k != "rope_theta"}, **top, "rope_parameters": rope}}))
+        with pytest.raises(ValueError, match="^enough$"):
+            load_model(folder, before_weights=theta)
+    assert seen == [5e5, 5e5, 1e4]
+    (folder / "config.json").write_text(json.dumps({**config, "language_config": {
+        **lang, "rope_parameters": {"type": "linear", "factor": 2.0}}}))
+    with pytest.raises(ValueError, match=r"rope_parameters.rope_type 'linear' is not supported"):
+        load_model(folder)
     # A SigLIP-only tower reads pixels its processor normalised: a file that turns that off is followed, and said
     pre = json.loads((folder / "preprocessor_config.json").read_text())
     (folder / "config.json").write_text(json.dumps(config))
@@ -908,6 +915,16 @@ def test_a_released_tokenizer_without_the_image_token_trains_with_the_one_sample
     assert tok.image_id == 282 and tok.same_ids(load_released(tmp_path / "rel", device="meta")[1])
     check_same_tokenizer(tok, str(tmp_path / "rel" / "tokenizer.json"), str(tmp_path / "rel" / "tokenizer.json"),
                          resume=False)
+    # ... a copy of it given as --tokenizer is the same one; and the stage's saved tokenizer (which holds the token)
+    # is the same as the released file given beside it, to load_model as to train.py
+    (tmp_path / "copy").mkdir()
+    shutil.copy(tmp_path / "rel" / "tokenizer.json", tmp_path / "copy" / "tokenizer.json")
+    given = train.TrainConfig(data=str(tmp_path / "data"), tokenizer=str(tmp_path / "copy" / "tokenizer.json"))
+    assert train.stage_tokenizer(given, cfg, [str(tmp_path / "rel")]).same_ids(tok)
+    (tmp_path / "stage1").mkdir()
+    tok.save(tmp_path / "stage1")
+    for folder, other in [("stage1", "rel"), ("rel", "stage1")]:
+        assert pick_tokenizer(tmp_path / folder, tmp_path / other)[0].same_ids(tok)
 
 
 def test_a_released_folder_of_the_same_layout_gives_every_tensor(tmp_path):

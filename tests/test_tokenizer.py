@@ -260,6 +260,21 @@ def test_a_vocab_without_the_bytes_utf8_never_holds_is_read_as_tokenizers_reads_
     assert mine.decode(mine.encode("München")) == "M\ufffdnchen"
 
 
+def test_a_special_token_is_added_where_tokenizers_adds_it(ours, tmp_path):
+    # as the official processor adds <image_placeholder> to a tokenizer without it (transformers' add_special_tokens):
+    # after the vocab and the added tokens, or at its vocab id where the vocab has it
+    n = len(ours.vocab)
+    for name, mine in [("ours", ours), ("a vocab entry", Tokenizer({**ours.vocab, "<x>": n}, ours.merges,
+                                                                    ours.added_tokens))]:
+        path = mine.save(tmp_path / f"{name}.json")
+        hf = tokenizers.Tokenizer.from_file(str(path))
+        hf.add_special_tokens(["<x>"])
+        added = mine.with_special_token("<x>")
+        assert added.token_to_id("<x>") == hf.token_to_id("<x>") == n
+        assert added.encode("a<x>b") == hf.encode("a<x>b", add_special_tokens=False).ids
+        assert added.with_special_token("<x>") is added and ours.with_special_token(IMAGE) is ours  # (had it)
+
+
 def test_tokenizers_reads_our_file_and_gives_the_same_ids(ours, tmp_path):
     hf = tokenizers.Tokenizer.from_file(str(ours.save(tmp_path)))
     assert hf.get_vocab_size() == ours.vocab_size

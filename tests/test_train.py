@@ -2259,12 +2259,19 @@ def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_train
     with pytest.raises(SystemExit, match=rf"--images FOLDER --out {captions} --captions\)$"):
         train.check_stage_rows(1, train.TrainConfig(data=data, extra_data=str(captions)), get_config("tiny"))
     # Two imports of one file read its rows twice: a run is told as it reads its folders (here stopped right after,
-    # by a --stage that does not exist)
-    capsys.readouterr()
-    with pytest.raises(SystemExit, match="--stage must be 0, 1, 2, 3 or all, got '9'"):
-        train.main(["--data", data, "--extra_data", f"{imported},{captions}", "--stage", "9"])
-    assert (f"({captions} and {imported} are both imports of {tmp_path / 'llava.json'}: its rows are read twice, and "
-            "weigh double in the mix)") in capsys.readouterr().out
+    # by a --stage that does not exist). Once as captions, its one-question chats are captions in one and chats in the
+    # other: its other chats are what is read twice.
+    twice = tmp_path / "twice"
+    shutil.copytree(imported, twice)
+    source = os.path.realpath(tmp_path / "llava.json")
+    for folders, what in [((imported, twice), "its rows are"),
+                          ((imported, captions), "its chats of more than one question or image are (its one-question "
+                                                 "chats: captions in one, chats in the other)")]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit, match="--stage must be 0, 1, 2, 3 or all, got '9'"):
+            train.main(["--data", data, "--extra_data", ",".join(map(str, folders)), "--stage", "9"])
+        assert (f"({folders[1]} and {folders[0]} are both imports of {source}: {what} read twice, and weigh double in "
+                "the mix)") in capsys.readouterr().out
     (captions / "meta.json").write_text(json.dumps({"llava": "edited"}))  # (what it says cannot be read: not said)
     with pytest.raises(SystemExit, match=r"made from the images in \(not said\), .*\(python prepare_data.py --llava "
                                          rf"FILE --images FOLDER --out {captions}\)$"):
