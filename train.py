@@ -76,6 +76,7 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
                              folder_stamp, image_paths, plan_batches, read_jsonl, write_jsonl)
     from nanovl.evaluate import MC_FILES, check_fits, evaluate, format_table, held_out, held_out_text
     from nanovl.image import CachedProcessor, ImageProcessor, missing_hint
+    from nanovl.llava import import_record
     from nanovl.resume import (check_init_preset, check_same_config, check_same_tokenizer, data_change, is_finished,
                                is_nanovl_checkpoint, load_weights, read_checkpoint, refuse_earlier_run, saved_config,
                                weights_entry)
@@ -857,11 +858,7 @@ def check_stage_rows(stage: int, tc: TrainConfig, cfg: VLConfig):
     if missing:
         where, path, root = missing[0]
         if kinds[root] == "llava":
-            try:  # (what the import wrote: the file, the images' folder, whether chats became captions)
-                with open(os.path.join(root, "meta.json")) as f:
-                    made = dict(json.load(f)["llava"])
-            except (OSError, ValueError, KeyError, TypeError):  # (edited since: the command is said without it)
-                made = {}
+            made = import_record(root)  # (the file, the images' folder, whether chats became captions; {}: edited)
             command = ["python", "prepare_data.py", "--llava", made.get("file", "FILE"), "--images", "FOLDER",
                        "--out", root] + ["--captions"] * bool(made.get("as_captions"))
             advice = (f"; the import in {root} was made from the images in {made.get('images', '(not said)')}, which "
@@ -1456,12 +1453,10 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
     # captions in one and chats in the other, which may be the point: its other chats are still read twice.)
     imported = {}
     for folder in [tc.data] + listed(tc.extra_data):
-        try:
-            with open(os.path.join(folder, "meta.json")) as f:
-                made = json.load(f)["llava"]
-            file, captions = os.path.realpath(str(made["file"])), bool(made.get("as_captions"))
-        except (OSError, ValueError, KeyError, TypeError):  # (not an import)
+        made = import_record(folder)
+        if "file" not in made:  # (not an import)
             continue
+        file, captions = os.path.realpath(str(made["file"])), bool(made.get("as_captions"))
         if file in imported and rank == 0:
             other, other_captions = imported[file]
             what = "its rows are" if captions == other_captions else \

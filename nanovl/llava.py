@@ -263,18 +263,26 @@ def named_images(row, images_dir: str) -> List[str]:
 IMPORT_FILES = ("sft.jsonl", "pretrain.jsonl", "report.txt", "meta.json")  # what an import writes, meta.json last
 
 
+def import_record(folder: str) -> dict:
+    """What an import wrote into its folder's meta.json: {"file", "images", "as_captions"}; {} for a folder that is no
+    import, or one whose meta.json was edited past reading (each caller then says less, never fails on it)."""
+    try:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+            made = json.load(f)["llava"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return made if isinstance(made, dict) else {}
+
+
 def earlier_import(out: str) -> str:
     """What an import into `out` replaces, for its summary line: ", replacing the import of FILE made there before"
     (its meta.json names the file), or "" for a new folder. Replacing one is allowed (re-importing is how a changed
     file comes in), but not without a word: the earlier file may have been another one."""
     if folder_kind(out) != "llava":
         return ""
-    try:
-        with open(os.path.join(out, "meta.json"), encoding="utf-8") as f:
-            made = json.load(f)["llava"]
-        return f", replacing the import of {made['file']} made there before"
-    except (OSError, ValueError, KeyError, TypeError):  # (a meta.json edited by hand: still an import's folder)
-        return ", replacing the import made there before"
+    made = import_record(out)  # (a meta.json edited by hand: still an import's folder)
+    return f", replacing the import of {made['file']} made there before" if "file" in made else \
+        ", replacing the import made there before"
 
 
 def import_llava(path: str, images_dir: str, out: str, workers: int = 1, as_captions: bool = False) -> str:
