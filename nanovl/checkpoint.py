@@ -160,7 +160,8 @@ def released_config(d: dict, image_token_id: int, name: str = "released") -> VLC
                                          _number(aligner.get("depth", 1), "aligner_config.params.depth")))
     cfg.validate()
     # The official MlpProjector has one input_dim, which its hybrid type gives both up-projections (SAM's and SigLIP's).
-    for key, want, whose in (("input_dim", siglip.width, "SigLIP's width"), ("n_embed", llm.dim, "language_config.hidden_size")
+    for key, want, whose in (("input_dim", siglip.width, "SigLIP's width"),
+                             ("n_embed", llm.dim, "language_config.hidden_size")
                              ) + ((("input_dim", sam.out_dim, "SAM's output width"),) if sam is not None else ()):
         if key in aligner and aligner[key] != want:
             raise ValueError(f"aligner_config: {key} = {aligner[key]} but {whose} is {want}")
@@ -309,8 +310,8 @@ def check_prompt_settings(folder: Path, cfg: VLConfig):
         raise ValueError(f"{path}: add_bos_token false, but nanovl begins every prompt with {BOS}, as the released "
                          "tokenizer's add_bos_token true has the official processor do")
     if settings.get("clean_up_tokenization_spaces") is True:  # (display only: the ids are the same)
-        warnings.warn(f"{path} asks for clean_up_tokenization_spaces, which nanovl does not apply: its answers may show "
-                      "a space before punctuation where transformers' decode would remove it (the ids are the same)")
+        warnings.warn(f"{path} asks for clean_up_tokenization_spaces, which nanovl does not apply: its answers may "
+                      "show a space before punctuation where transformers' decode would remove it (the ids are the same)")
 
 
 def _read_json(path: Path, what: str) -> dict:
@@ -453,9 +454,8 @@ def load_released(folder, device="cpu", dtype=None, tokenizer=None, before_weigh
     if port and config["image_token_id"] not in (None, tok.image_id):
         raise ValueError(f"{folder}/config.json: image_token_id {config['image_token_id']}, but {tok_path} puts "
                          f"<image_placeholder> at {tok.image_id}")
-    image_id = tok.image_id
     try:
-        cfg = released_config(config, image_id, name=folder.name)
+        cfg = released_config(config, tok.image_id, name=folder.name)  # (pick_tokenizer saw that it has one)
     except ValueError as e:  # (released_config reads a dict: the file is named here)
         raise ValueError(f"{folder / 'config.json'}: {e}") from None
     check_tokenizer_fits(tok, cfg, tok_path)

@@ -268,6 +268,13 @@ def _compile_pre_tokenizer(spec) -> list:
 _CACHE_SIZE = 1 << 18  # pieces remembered per cache; a full cache is simply emptied
 
 
+def added_token_id(content: str, vocab: dict, taken) -> int:
+    """The id the tokenizers library gives a token added after those with the ids `taken` (it ignores any id a file
+    gives): its vocab id if the vocab has it, else the next after the vocab and the added tokens."""
+    top = max(taken, default=-1)
+    return vocab[content] if content in vocab else top + 1 if top >= len(vocab) else len(vocab)
+
+
 class Tokenizer:
     """Byte-level BPE. `vocab` maps byte-level token strings ("Ġthe") to ids, `merges` lists the fused pairs in
     training order, `added_tokens` are tokenizer.json's entries ({"id", "content", "special", ...}) matched literally
@@ -296,9 +303,7 @@ class Tokenizer:
         added = [t for t in added_tokens if t["content"]]
         numbered = {}
         for t in added:
-            top = max(numbered.values(), default=-1)
-            numbered.setdefault(t["content"], vocab[t["content"]] if t["content"] in vocab else
-                                top + 1 if top >= len(vocab) else len(vocab))
+            numbered.setdefault(t["content"], added_token_id(t["content"], vocab, numbered.values()))
         renumbered = [(t["content"], t["id"], numbered[t["content"]]) for t in added
                       if numbered[t["content"]] != t["id"]]
         if renumbered:
@@ -510,14 +515,11 @@ class Tokenizer:
 
     def with_special_token(self, content: str) -> "Tokenizer":
         """This tokenizer, with `content` added as a special token if it has none, at the id the tokenizers library
-        gives it, as transformers' add_special_tokens adds one: its vocab id if the vocab has it, else the next after
-        the vocab and the added tokens."""
+        gives it (added_token_id), as transformers' add_special_tokens adds one."""
         if content in self._added:
             return self
-        top = max(self._added.values(), default=-1)
-        new_id = self.vocab[content] if content in self.vocab else top + 1 if top >= len(self.vocab) else len(self.vocab)
-        token = {"id": new_id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
-                 "normalized": False, "special": True}
+        token = {"id": added_token_id(content, self.vocab, self._added.values()), "content": content,
+                 "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
         return Tokenizer(self.vocab, self.merges, self.added_tokens + [token], self.pre_tokenizer, self.ignore_merges,
                          self.post_processor)
 

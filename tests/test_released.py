@@ -659,8 +659,9 @@ def test_bad_files_are_refused_clearly(tmp_path):
              r"unknown vision tower model_name \['x'\]"),
             ({"aligner_config": []}, "needs vision_config .with params., aligner_config.params and language_config"),
             ({"language_config": [1]}, "each an object; it has .*'language_config': 'list'"),  # (it said "has" alone)
-            ({"language_config": {**lang, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}},  # (transformers
-             r"language_config \(a port's text_config\): rope_parameters.rope_type 'yarn' is not supported"),  # 5's; it was let through)
+            # transformers 5's nested RoPE settings (they were let through)
+            ({"language_config": {**lang, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}},
+             r"language_config \(a port's text_config\): rope_parameters.rope_type 'yarn' is not supported"),
             ({"aligner_config": {**config["aligner_config"], "params": {**config["aligner_config"]["params"],
                                                                          "n_embed": 7}}},
              f"aligner_config: n_embed = 7 but language_config.hidden_size is {lang['hidden_size']}")]:
