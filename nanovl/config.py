@@ -9,7 +9,7 @@ DeepSeek-VL (arXiv 2403.05525, section 3.1) is three parts glued together:
 
 The numbers of the released models are the official code's and configs' (deepseek-ai/DeepSeek-VL), as the project's
 facts sheet collects them (our notes, not part of this repository, each fact traced to a public source, as the README's
-section "The code" says; comments cite its sections as "facts section N"). The presets:
+paragraph "The facts sheet" says; comments cite its sections as "facts section N"). The presets:
 
     tiny         the hybrid architecture, shrunk so a forward+backward pass takes well under a second on a laptop CPU
     small        a scaled-down hybrid that one GPU trains in minutes

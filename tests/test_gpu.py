@@ -284,7 +284,7 @@ def test_sam_in_bf16_matches_segment_anything_in_fp32():
 
 
 def test_the_hybrids_low_resolution_input_in_bf16_is_torchvisions():
-    import torchvision.transforms as T
+    T = pytest.importorskip("torchvision.transforms")  # (a test oracle only; run beside the other GPU tests without it)
 
     from nanovl.image import low_resolution
 
