@@ -249,7 +249,10 @@ def parse_args(argv):
                              "; python train.py --help lists the training settings, and the model's parts' fields "
                              "are dotted, as --llm.n_layers=6")
         if key in fields and fields[key].type in (bool, "bool") and not eq:
-            value = "true"  # a bare flag
+            # a bare flag, or the flag and a true or false after it (--key value, as for the other settings)
+            taken = i + 1 < len(argv) and argv[i + 1].lower() in ("1", "true", "yes", "0", "false", "no")
+            i += taken
+            value = argv[i] if taken else "true"
         elif not eq:
             i += 1
             if i == len(argv):
@@ -269,6 +272,8 @@ def parse_args(argv):
             overrides[key] = value
         i += 1
     tc.data = tc.data or default_folder(tc.config)
+    if not tc.out.strip():  # (an unset shell variable, say: "" would write the stages into the current folder)
+        raise SystemExit("--out is empty: expected the folder the stages are written to (out, if not given)")
     # Counts and sizes: nothing is negative but the -1 defaults; what 0 means, each says (TrainConfig's comments).
     # SigLIP's contrastive loss in stage 0 needs two pairs at least: with one, there is nothing to contrast.
     zero_means = {"steps": "the default", "batch_size": "the default", "micro_batch": "the default",
@@ -579,8 +584,13 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
         # follow from it, however alike the settings (a --resume --stage all after stage 2 was run anew).
         if resolved and hp.get("start") and state["hparams"].get("start") not in (None, hp["start"]):
             raise SystemExit(f"{path} continues a stage that began from other weights than "
-                             f"{start_weights(stage, tc)[0]} holds now (trained again since?): remove "
-                             f"{os.path.dirname(path)} to train stage {stage} from them")
+                             f"{start_weights(stage, tc)[0]} holds now (trained again since, or another --init_from "
+                             "than its run's?): resume with the weights it began from, or remove "
+                             f"{os.path.dirname(path)} to train stage {stage} from these")
+        # Resumed where its start weights are not to be found (another --out, no --init_from): the checkpoint's
+        # record of them goes on into the checkpoints this run writes, or a later resume could not check them.
+        if resolved and not hp.get("start") and state["hparams"].get("start"):
+            hp["start"] = state["hparams"]["start"]
         free = ("lr", "micro_batch") if stage > 0 or finished else ("lr",)  # (the split of a step: see below)
         # (A setting resolved since the checkpoint was written, absent from its hparams, is compared as given.)
         saved_hp = state["hparams"] if resolved else {}
@@ -923,6 +933,20 @@ def check_start(stage: int, tc: TrainConfig, cfg: VLConfig):
                      f"run --stage {stage - 1} first, or pass --init_from PATH")
 
 
+def run_tokenizer(tc: TrainConfig, cfg: VLConfig, first: int):
+    """The tokenizer every stage of a run trains with: the first stage's (each later one reads the tokenizer.json the
+    stage before wrote, a copy of it), taken as checked_tokenizer takes it. None where that stage would stop for want
+    of one: it says why itself, in its own words."""
+    folder = os.path.join(tc.out, f"stage{first}")
+    resumed = tc.resume and os.path.exists(os.path.join(folder, "ckpt.pt"))
+    if resumed and not tc.tokenizer and not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return None
+    try:
+        return stage_tokenizer(tc, cfg, [folder] if resumed else start_weights(first, tc) if first > 0 else [])
+    except SystemExit:
+        return None
+
+
 def checked_tokenizer(stage: int, tc: TrainConfig, cfg: VLConfig, out_dir: str, state, init: list, say) -> Tokenizer:
     """The tokenizer the stage trains with (stage_tokenizer), after checking that it is the one the weights it
     continues were trained with: a resumed stage's (state: its checkpoint), or those it starts from (init). Another of
@@ -1105,6 +1129,12 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     fingerprint = dataset.fingerprint() if master else None  # what the steps read: kept in every checkpoint
     if master and resume and isinstance(state.get("data"), dict):  # (older checkpoints: not kept)
         change = data_change(state["data"], fingerprint)
+        # The folders that run read, where they were named otherwise (a forgotten --extra_data, say): its settings
+        # keep them as given, though folders may have moved since.
+        given = lambda t: [t.get("data") or ""] + listed(t.get("extra_data") or "")
+        was = given(state.get("train") if isinstance(state.get("train"), dict) else {})
+        if change and was[0] and was != given(dataclasses.asdict(tc)):
+            change += f"; that run read --data {was[0]}" + (f" --extra_data {','.join(was[1:])}" if was[1:] else "")
         if change:
             say(f"stage {stage}: {change}")
     clip_groups = clipping_groups(net, stage)  # each clipped to grad_clip on its own
@@ -1112,7 +1142,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     # Every check has passed: only now is the stage folder made, so a run refused above leaves nothing behind.
     make_stage_folder(stage, tc, out_dir, tok, resume, master, world)
     if hp["steps"] < hp["warmup"]:  # (a quick run's --steps leave the stage's warm-up as it is)
-        say(f"stage {stage}: its {hp['steps']} steps end inside the learning rate's warm-up of {hp['warmup']} steps, "
+        steps = f"{hp['steps']} steps end" if hp["steps"] > 1 else "one step ends"
+        say(f"stage {stage}: its {steps} inside the learning rate's warm-up of {hp['warmup']} steps, "
             f"so the rate never reaches its peak, {hp['lr']:g} (a smaller --warmup reaches it)")
     tok_print = tok.fingerprint()  # (kept in model.pt and every ckpt.pt: a third of a second for a 100k vocabulary)
     # This training of the stage, named at its start and kept through resumes: its model.pt carries the name, and the
@@ -1241,6 +1272,9 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
 
     net.train()
     bar = tqdm(range(start, hp["steps"]), desc=f"stage {stage}", initial=start, total=hp["steps"], disable=not master)
+    # What is said while the bar is drawn goes through tqdm.write, which takes the bar off the terminal's line, prints
+    # and draws it again below: a plain print would start on the bar's line.
+    say_under_bar = (lambda text: tqdm.write(text)) if master else (lambda text: None)
     losses, t_last, tokens, parts = [], time.time(), 0, {}
 
     def log(done, lr):
@@ -1272,7 +1306,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
                         "bpb": bpb})
         if master:
             save_metrics()
-        say(format_table(acc, bpb, f"stage {stage}, step {done}{split_named(tc)}", asked_open, eval_rows[0]))
+        say_under_bar(format_table(acc, bpb, f"stage {stage}, step {done}{split_named(tc)}", asked_open,
+                                   eval_rows[0]))
 
     def evaluation_due(done):
         return bool(tc.eval_every) and done % tc.eval_every == 0 and 0 < done < hp["steps"] and eval_rows and stage > 0
@@ -1328,7 +1363,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         if checkpoint_due:
             save_checkpoint(done)
             if tc.stop_after and done == tc.stop_after:
-                say(f"stopping after step {done} (--stop_after)")
+                say_under_bar(f"stopping after step {done} (--stop_after)")
                 sys.stdout.flush()
                 os._exit(0)  # as if the process were killed right after this checkpoint
         if evaluation_due(done):
@@ -1459,10 +1494,10 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
         file, captions = os.path.realpath(str(made["file"])), bool(made.get("as_captions"))
         if file in imported and rank == 0:
             other, other_captions = imported[file]
-            what = "its rows are" if captions == other_captions else \
-                "its chats of more than one question or image are (its one-question chats: captions in one, chats in " \
-                "the other)"
-            print(f"({folder} and {other} are both imports of {file}: {what} read twice, and weigh double in the mix)")
+            what = "its rows are read twice" if captions == other_captions else \
+                "its chats of more than one question or image are read twice (its one-question chats are captions in " \
+                "one and chats in the other)"
+            print(f"({folder} and {other} are both imports of {file}: {what}, and weigh double in the mix)")
         imported.setdefault(file, (folder, captions))
     if tc.stage == "all":
         stages = [0, 1, 2, 3] if cfg.name in FROM_SCRATCH else [1, 2, 3]
@@ -1524,7 +1559,10 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
             check_stage_rows(stage, tc, cfg)
         if any(stage > 0 for stage in pending[1:]):
             try:
-                held_out(tc.data, tc.eval_limit, tc.eval_split)
+                questions = held_out(tc.data, tc.eval_limit, tc.eval_split)
+                tok = run_tokenizer(tc, cfg, pending[0])
+                if questions and tok:  # (a context too small for them, say: not found out after stage 0 trained)
+                    check_fits(questions[0], tok, cfg.n_image_tokens, cfg.llm.max_seq_len)
             except (ValueError, OSError) as e:
                 raise SystemExit(f"the held-out data: {e}") from None
         t0 = time.time()

@@ -623,8 +623,8 @@ def test_bad_held_out_text_or_images_stop_a_run_before_it_trains_and_a_finished_
         printed = capsys.readouterr().out
         assert "has no held-out text (eval_text.jsonl), so stage 0 is not evaluated" in printed
         # (tiny's stage 0 warms up over 20 steps; --warmup 1 reaches the peak at the one step)
-        warned = ("stage 0: its 1 steps end inside the learning rate's warm-up of 20 steps, so the rate never reaches "
-                  "its peak, 0.003 (a smaller --warmup reaches it)")
+        warned = ("stage 0: its one step ends inside the learning rate's warm-up of 20 steps, so the rate never "
+                  "reaches its peak, 0.003 (a smaller --warmup reaches it)")
         assert warned in printed if not empty else "learning rate's warm-up" not in printed
         assert json.loads((tmp_path / out / "stage0" / "eval.json").read_text())["bpb"] is None
     # A finished stage is skipped by --resume even when the weights it started from are gone (only ckpt.pt is kept
@@ -1512,8 +1512,9 @@ def test_a_later_stage_is_not_resumed_on_top_of_an_earlier_stage_trained_again(d
     assert sorted(os.listdir(out)) == [".lock", "stage3"]  # nothing trained, nothing made
     train.main(stage2)  # stage 2 again: the same settings, a new model.pt
     with pytest.raises(SystemExit, match=r"stage3.ckpt.pt continues a stage that began from other weights than "
-                                         r".*stage2.model.pt holds now \(trained again since\?\): remove .*stage3 to "
-                                         "train stage 3 from them"):
+                                         r".*stage2.model.pt holds now \(trained again since, or another --init_from "
+                                         r"than its run's\?\): resume with the weights it began from, or remove "
+                                         ".*stage3 to train stage 3 from these"):
         train.main(common + ["--stage", "3", "--resume"])
 
 
@@ -2053,6 +2054,20 @@ def test_help_lists_every_training_setting(capsys):
         assert f"\n{f.name}: " in printed
 
 
+def test_a_flag_takes_a_true_or_false_after_it_and_an_empty_out_is_refused():
+    # --help says "--key value" for every setting: a flag's true or false was "unexpected argument 'true'"
+    for argv, resumed, compiled in [(["--resume", "true", "--compile", "No"], True, False),
+                                    (["--resume", "--compile"], True, True),
+                                    (["--resume=0", "--compile", "1"], False, True)]:
+        tc, _ = train.parse_args(argv + ["--steps", "3"])
+        assert (tc.resume, tc.compile, tc.steps) == (resumed, compiled, 3)
+    with pytest.raises(SystemExit, match="^unexpected argument 'maybe'"):
+        train.parse_args(["--resume", "maybe"])
+    # An unset shell variable as --out wrote every stage into the current folder
+    with pytest.raises(SystemExit, match=r"^--out is empty: expected the folder the stages are written to"):
+        train.parse_args(["--out", ""])
+
+
 def test_contrastive_batches_hold_distinct_captions():
     from nanovl.stage0 import plan_distinct
     captions = ["red", "blue", "green", "red", "red", "blue", "title A", "title B", "title A", "sign"]
@@ -2194,6 +2209,11 @@ def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_train
     with pytest.raises(SystemExit, match=r"the held-out data: .*eval_mc.jsonl, line 4: 'options' must be a list"):
         train.main(args)
     (copy / "eval_mc.jsonl").write_text("\n".join(mc) + "\n")
+    # A context too small for the questions, with the tokenizer the stages train with: said before stage 0 trains
+    with pytest.raises(SystemExit, match=r"the held-out data: .*eval_mc.jsonl, line 1: with its 1 image \(36 tokens "
+                                         r"each\), the question and its longest option make \d+ input tokens, but the "
+                                         r"model's context is 64$"):
+        train.main(args + ["--llm.max_seq_len=64"])
     # Chats with images only, and every step of stage 2 a chat: its first step, before the warm-up lets the chats
     # with images in, has nothing to draw from
     (copy / "sft.jsonl").write_text("".join(line + "\n" for line in sft.splitlines() if json.loads(line)["images"]))
@@ -2264,14 +2284,14 @@ def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_train
     twice = tmp_path / "twice"
     shutil.copytree(imported, twice)
     source = os.path.realpath(tmp_path / "llava.json")
-    for folders, what in [((imported, twice), "its rows are"),
-                          ((imported, captions), "its chats of more than one question or image are (its one-question "
-                                                 "chats: captions in one, chats in the other)")]:
+    for folders, what in [((imported, twice), "its rows are read twice"),
+                          ((imported, captions), "its chats of more than one question or image are read twice (its "
+                                                 "one-question chats are captions in one and chats in the other)")]:
         capsys.readouterr()
         with pytest.raises(SystemExit, match="--stage must be 0, 1, 2, 3 or all, got '9'"):
             train.main(["--data", data, "--extra_data", ",".join(map(str, folders)), "--stage", "9"])
-        assert (f"({folders[1]} and {folders[0]} are both imports of {source}: {what} read twice, and weigh double in "
-                "the mix)") in capsys.readouterr().out
+        assert f"({folders[1]} and {folders[0]} are both imports of {source}: {what}, and weigh double in the mix)" \
+            in capsys.readouterr().out
     (captions / "meta.json").write_text(json.dumps({"llava": "edited"}))  # (what it says cannot be read: not said)
     with pytest.raises(SystemExit, match=r"made from the images in \(not said\), .*\(python prepare_data.py --llava "
                                          rf"FILE --images FOLDER --out {captions}\)$"):
@@ -2329,7 +2349,7 @@ def test_a_micro_batch_that_does_not_split_a_stage_batch_is_said_with_the_one_ta
 
 def resume_check(tmp_path, stage, now, finished=False, saved_changes=None, **hp_changes):
     """train.resumable_state on a checkpoint saved with the default settings (and saved_changes to its hparams),
-    resumed with `now` (and hp_changes)."""
+    resumed with `now` (and hp_changes). Returns the hparams the resumed run goes on with."""
     cfg, path = get_config("tiny"), str(tmp_path / "ckpt.pt")
     tc = train.TrainConfig(steps=10)
     hp = train.stage_hparams(stage, tc, cfg)[0]
@@ -2337,7 +2357,9 @@ def resume_check(tmp_path, stage, now, finished=False, saved_changes=None, **hp_
     saved = {k: v for k, v in dict(hp, **(saved_changes or {})).items() if v is not None}  # (None: not saved)
     torch.save({"model": {}, "optimizer": {}, "step": 3, "rng": {}, "stage": stage, "config": cfg.to_dict(),
                 "train": dataclasses.asdict(tc), "hparams": saved, "split": [1, micro]}, path)
-    return train.resumable_state(path, stage, cfg, now, dict(hp, **hp_changes), 1, lambda *a: None, finished)
+    hp = dict(hp, **hp_changes)
+    train.resumable_state(path, stage, cfg, now, hp, 1, lambda *a: None, finished)
+    return hp
 
 
 @pytest.mark.parametrize("stage, change", [(0, {"lr": 1e-4}), (1, {"grad_ckpt": True}), (1, {"device": "cpu"}),
@@ -2359,6 +2381,10 @@ def test_a_finished_stage_0_and_a_checkpoint_older_than_start_weights_resume(tmp
     with pytest.raises(SystemExit, match="continues a stage that began from other weights"):
         resume_check(tmp_path, 2, train.TrainConfig(steps=10), saved_changes={"start": "stage1 run 6"},
                      start="stage1 run 7")
+    # Resumed where its start weights cannot be found (another --out, no --init_from): their record goes on into the
+    # run's checkpoints, so that a later resume from other weights is still refused
+    assert resume_check(tmp_path, 2, train.TrainConfig(steps=10), saved_changes={"start": "stage1 run 6"},
+                        start=None)["start"] == "stage1 run 6"
 
 
 def test_the_full_context_is_a_sequence_length_and_stage_0_keeps_its_split():
@@ -2456,14 +2482,18 @@ def test_a_data_folder_prepared_again_stops_the_run_reading_it_and_its_resume_sa
     assert torch.load(tmp_path / "o" / "stage3" / "ckpt.pt", weights_only=False)["step"] == 1  # step 2: not trained
     monkeypatch.setattr(ImageProcessor, "pixels", readable)
 
-    # Prepared again with other rows (here: two chats fewer), the resume goes on, saying how its data differ.
+    # Prepared again with other rows (here: two chats fewer), the resume goes on, saying how its data differ, and
+    # here, as the folder has another name now, which folders that run read.
     rows = train.read_jsonl(os.path.join(folder, "sft.jsonl"))
     dropped = [i for i, r in enumerate(rows) if r["images"]][:2]  # (image chats: stage 3's one group here)
     train.write_jsonl(os.path.join(folder, "sft.jsonl"), [r for i, r in enumerate(rows) if i not in dropped])
+    os.rename(folder, folder + "-moved")
     capsys.readouterr()
-    train.main(args + ["--resume"])
+    train.main(["--data", folder + "-moved"] + args[2:] + ["--resume"])
     said = re.search(r"stage 3: resuming on other data than the checkpoint's run trained on \(chat: (\d+) samples, "
-                     r"(\d+) in that run\): from here the steps read other rows", capsys.readouterr().out)
+                     r"(\d+) in that run\): from here the steps read other rows than that run planned \(to go on with "
+                     rf"that run, resume with its data\); that run read --data {re.escape(folder)}\n",
+                     capsys.readouterr().out)
     assert said and int(said[2]) - int(said[1]) == 2
     assert torch.load(tmp_path / "o" / "stage3" / "ckpt.pt", weights_only=False)["step"] == 3
 
