@@ -377,8 +377,6 @@ def prepare(args):
             return
         why = ("a new version of the corpus" if meta["identity"].get("version") != VERSION else "new arguments"
                if not same else f"{', '.join(gone)} missing")
-        if same:
-            print(f"{args.out} lacks {', '.join(gone)}: rebuilding it")
         # Rebuilt whole: so anything else put in the folder (questions of one's own, notes, pictures among the
         # generated ones) would go with it.
         others = not_built(args.out)
@@ -386,6 +384,15 @@ def prepare(args):
             raise SystemExit(f"{args.out} is to be rebuilt ({why}), but it also holds {', '.join(others[:5])}, which "
                              "prepare_data.py did not write and the rebuild would delete: move "
                              f"{'them' if len(others) > 1 else 'it'} out of the folder first, or use another folder")
+        if same:
+            print(f"{args.out} lacks {', '.join(gone)}: rebuilding it")
+        else:  # (a mistyped --n or --seed replaces a corpus that may have taken long to make: said, with what changed)
+            was, now = meta["identity"], identity(args)
+            flag = {"version": "the corpus version", "image_size": "--image-size", "text": "--text"}
+            changed = [f"{flag.get(k, '--' + k)} {was.get(k)} -> {now[k]}" if k != "text" else "--text (other files)"
+                       for k in now if was.get(k) != now[k]]
+            print(f"{args.out} was prepared with other arguments ({', '.join(changed)}): rebuilding it; the old corpus "
+                  "is deleted once the new one is made")
     partial = args.out.rstrip("/") + ".partial"
     clear_leftover(partial, "an interrupted build is left")
     clear_leftover(old, "a replaced corpus is left by an interrupted swap")

@@ -196,6 +196,15 @@ def chat(args, model, tok, proc, sampling, pictures):
     queued = list(pictures)
     typed, n_line = at_a_terminal(), 0  # n_line: the lines read so far, blank ones and image paths included
 
+    def read_line(prompt: str) -> str:
+        """The next line of the chat's input, stripped. Read from a pipe or a file it is printed after its prompt,
+        as a terminal shows what is typed, so the output reads "User: hi" then "Assistant: ...". A byte-order mark,
+        which Windows editors put at the start of a UTF-8 file, is dropped: "\ufeffimage a.png" is the command."""
+        line = input(prompt).lstrip("\ufeff").strip()
+        if not typed:  # (bytes that are not UTF-8, which the loop refuses, shown as ?)
+            print(line.encode("utf-8", "replace").decode("utf-8"))
+        return line
+
     def trouble(why: str, then: str, line: int = 0):
         """At a terminal, say why a line failed (line: that line, if not the last read) and what happens now (then),
         and go on: the user sees it and answers it. From a pipe or a file, stop with exit status 1: the lines after it
@@ -216,7 +225,7 @@ def chat(args, model, tok, proc, sampling, pictures):
           (f"\n({len(queued)} image(s) attached to your first message)" if queued else ""))
     while True:
         try:
-            line = input("\nUser: ").strip()
+            line = read_line("\nUser: ")
             n_line += 1
             message_line = n_line  # (the image paths asked for after a message are lines of their own)
         except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: leave, without a traceback
@@ -267,7 +276,7 @@ def chat(args, model, tok, proc, sampling, pictures):
         images = list(queued)
         while len(images) < n_tags:
             try:
-                path = input(f"  path of image {len(images) + 1} of {n_tags} (empty: drop the message): ").strip()
+                path = read_line(f"  path of image {len(images) + 1} of {n_tags} (empty: drop the message): ")
                 n_line += 1
             except EOFError:  # the input ended (Ctrl-D, or the end of a piped chat)
                 print()

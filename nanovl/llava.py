@@ -207,7 +207,9 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_capti
     if n_tags == 0 and len(paths) == 1:  # some sets omit the tag; LLaVA puts the image before the first question
         conversation[0]["content"] = IMAGE_TAG + "\n" + conversation[0]["content"]
     elif n_tags != len(paths):
-        raise ValueError(f"{n_tags} <image> tags but {len(paths)} images")
+        written = any(IMAGE_TAG in turn["value"] for turn in turns)  # (DeepSeek-VL's own tag, in a LLaVA row)
+        raise ValueError(f"{n_tags} <image> tags but {len(paths)} images" +
+                         (f" ({IMAGE_TAG} written in the text counts as one)" if written else ""))
     elif len(paths) == 1:
         # LLaVA's training code (preprocess_multimodal) moves a lone image's tag to the front of its turn, a newline
         # after it, wherever the row wrote it: LLaVA-Pretrain and ShareGPT4V often end a question with "\n<image>".

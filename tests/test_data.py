@@ -387,6 +387,7 @@ def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_p
     (again / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit, match=r"is to be rebuilt \(text.jsonl missing\), but it also holds notes.txt"):
         prepare_data.main(["--out", str(again), "--n", "6", "--text", user_text])
+    assert "rebuilding" not in capsys.readouterr().out  # (refused: not said to go ahead first)
     (again / "notes.txt").unlink()
     (again / "text.jsonl").write_bytes(text)
     (again / "my_questions.jsonl").write_text("mine")  # what a rebuild would delete: it stops and says so
@@ -411,8 +412,12 @@ def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_p
     shutil.copytree(again, tmp_path / "again.old")  # a backup of one's own, under an obvious name: never touched
     aside = tmp_path / "again.replaced-by-prepare_data"
     shutil.copytree(again, aside)  # what a rebuild killed after moving the old corpus aside leaves
-    prepare_data.main(["--out", str(again), "--n", "5", "--text", user_text])  # other arguments: rebuilt
-    assert "wrote" in capsys.readouterr().out
+    capsys.readouterr()
+    prepare_data.main(["--out", str(again), "--n", "5", "--text", user_text])  # other arguments: rebuilt, and said
+    printed = capsys.readouterr().out
+    assert "wrote" in printed
+    assert f"{again} was prepared with other arguments (--n 6 -> 5): rebuilding it; the old corpus is deleted" \
+        in printed
     assert not os.path.exists(partial) and not os.path.exists(aside)
     assert folder_digest(tmp_path / "again.old") == folder_digest(data_dir)
     # Killed between the swap's two renames: no folder, the old corpus aside. The next run puts it back first.
@@ -622,6 +627,8 @@ def test_a_llava_row_becomes_the_row_llava_means():
                       "0 <image> tags but 2 images"),
                      (dict(image=["a.png", "b.png"], conversations=ask("<image> and this?", "Same.")),
                       "1 <image> tags but 2 images"),
+                     (dict(image="a.png", conversations=ask(f"<image> and {IMAGE_TAG}?", "Same.")),
+                      f"2 <image> tags but 1 images ({IMAGE_TAG} written in the text counts as one)"),
                      (dict(image="a.png", caption="   "), "no 'conversations' and no non-empty 'caption' or 'text'"),
                      (dict(images=["a.png"], conversation=[{"role": "user", "content": "Hi"}]),
                       "no 'conversations' and no non-empty 'caption' or 'text' (a 'conversation' of role and content "

@@ -881,6 +881,13 @@ def test_a_chat_read_from_a_pipe_stops_at_its_first_error(stage_folder, monkeypa
                          input=lines, capture_output=True, text=True, cwd=os.path.dirname(sample.__file__),
                          timeout=300)
     assert run.returncode == 1 and run.stdout.count("Assistant: ") == 1, (run.stdout, run.stderr)
+    assert "\nUser: hi\nAssistant: " in run.stdout  # each line read is shown after its prompt, as one typed is
+    # A line that is not UTF-8, under a strict output encoding: shown ("?" for the byte) and refused, not a traceback
+    strict = subprocess.run([sys.executable, "sample.py", "--ckpt", str(stage_folder)], input=b"caf\xe9\nhi\n",
+                            capture_output=True, cwd=os.path.dirname(sample.__file__), timeout=300,
+                            env=dict(os.environ, PYTHONIOENCODING="utf-8:strict"))
+    assert strict.returncode == 1 and b"\nUser: caf?\n" in strict.stdout, (strict.stdout, strict.stderr)
+    assert b"line 1 of the chat's input: that message is not UTF-8 text" in strict.stderr
     assert "sample.py: line 2 of the chat's input: image missing.png does not exist. Stopping" in run.stderr
     assert "Stopping there, as the input is not a terminal" in run.stderr
     # A message whose image paths the input ends before is dropped: an error too, not a chat that ended well. The
@@ -912,7 +919,8 @@ def test_a_chat_read_from_a_pipe_stops_at_its_first_error(stage_folder, monkeypa
 
 def test_interactive_chat_commands(stage_folder, monkeypatch, capsys):
     cat, missing = stage_folder / "cat.png", stage_folder / "missing.png"
-    lines = iter(["help", f"image {cat}", f"image {missing}", "what colour?",  # a bad image is said when attached
+    lines = iter(["\ufeffhelp",  # (the byte-order mark a Windows editor starts a file with: not part of the command)
+                  f"image {cat}", f"image {missing}", "what colour?",  # a bad image is said when attached
                   f"{IMAGE_TAG}and this?", str(missing), str(cat),  # and when asked for, which asks again
                   f"{IMAGE_TAG}and that?", "",  # no path: the message is dropped
                   f"image {cat}", "<image> and this one?",  # LLaVA's tag: not sent (it would stay as text)
