@@ -105,6 +105,11 @@ class AlignerConfig:
     depth: int = 2
 
 
+# The largest llm.max_seq_len a config may ask for: the rotary tables are built for the whole context (2 x 2**20 x head
+# size floats, 1 GiB at the released head size of 128), so a mistyped one is refused rather than allocated.
+MAX_CONTEXT = 2 ** 20
+
+
 @dataclass
 class LlamaConfig:
     """The LLaMA-style decoder (facts section 5): RMSNorm pre-norm, RoPE, SwiGLU, untied lm_head."""
@@ -116,7 +121,7 @@ class LlamaConfig:
     ffn_dim: int = 5632
     # The released models were trained on 4096-token sequences (README of the official repo); their config says
     # max_position_embeddings 16384, which only bounds RoPE. We refuse sequences longer than max_seq_len.
-    max_seq_len: int = 4096
+    max_seq_len: int = 4096  # at most MAX_CONTEXT (below)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
 
@@ -165,6 +170,10 @@ class VLConfig:
         if l.head_dim % 2:
             problems.append(f"llm head size {l.head_dim} (dim {l.dim} / n_heads {l.n_heads}) must be even for rotary "
                             f"embeddings: give a dim divisible by 2 x n_heads ({2 * l.n_heads})")
+        if l.max_seq_len > MAX_CONTEXT:  # (a typo would otherwise end in an allocation failure, or the OOM killer)
+            problems.append(f"llm.max_seq_len {l.max_seq_len} is above {MAX_CONTEXT:,}, the largest context nanovl "
+                            "builds: the rotary tables are made for the whole context at once (DeepSeek-VL trains with "
+                            "4096)")
         if not 0 <= self.image_token_id < l.vocab_size:
             problems.append(f"image_token_id {self.image_token_id} is outside the vocabulary (size {l.vocab_size})")
         if a.projector_type not in ("mlp_gelu", "low_high_hybrid_split_mlp_gelu"):

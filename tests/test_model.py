@@ -568,6 +568,8 @@ def test_bad_configs_are_refused_with_the_reason():
                                                     "not divide evenly"),
                                ({"sam.image_size": 176, "siglip.image_size": 64}, "sam grid 11 upsampled to 16 is"),
                                ({"aligner.projector_type": "mlp"}, "aligner.projector_type 'mlp' is not 'mlp_gelu'"),
+                               ({"llm.max_seq_len": 10 ** 8}, "llm.max_seq_len 100000000 is above 1,048,576, the "
+                                                              "largest context nanovl builds"),
                                ({"llm.dim.x": 1}, "cannot override 'llm.dim.x': 'dim' is not a config section of "
                                                   "'tiny'")]:
         with pytest.raises(ValueError, match=message):
