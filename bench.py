@@ -71,6 +71,7 @@ that reruns start at once (delete the file to retrain it after changing the trai
 
 import argparse
 import contextlib
+import difflib
 import json
 import math
 import os
@@ -1656,8 +1657,10 @@ def parse_overrides(rest, parser) -> dict:
     while i < len(rest):
         key, eq, value = rest[i].removeprefix("--").partition("=")
         if not rest[i].startswith("--") or "." not in key:
-            parser.error(f"unrecognised argument {rest[i]!r}; model config overrides are dotted, like "
-                         "--llm.n_layers=2 or --sam.window_size=7")
+            flags = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+            close = difflib.get_close_matches(rest[i].partition("=")[0], flags, n=1)
+            parser.error(f"unrecognised argument {rest[i]!r}" + (f" (did you mean {close[0]}?)" if close else "") +
+                         "; model config overrides are dotted, like --llm.n_layers=2 or --sam.window_size=7")
         if not eq:
             i += 1
             if i == len(rest):

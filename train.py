@@ -646,6 +646,10 @@ def stage_tokenizer(tc: TrainConfig, cfg: VLConfig, sources) -> Tokenizer:
     where = (f"prepare_data.py --config {cfg.name} makes one, or pass --tokenizer PATH" if cfg.name in FROM_SCRATCH
              else f"the {cfg.name!r} preset reads DeepSeek-LLM's tokenizer: pass --init_from a released DeepSeek-VL "
                   "folder (its tokenizer.json is used) or --tokenizer PATH")
+    preset_vocab = get_config(cfg.name).llm.vocab_size if cfg.name in FROM_SCRATCH else None
+    if preset_vocab and cfg.llm.vocab_size != preset_vocab:  # (--llm.vocab_size: no tokenizer made has that size)
+        where = (f"prepare_data.py makes the {cfg.name!r} preset's tokenizers with its {preset_vocab} tokens: leave "
+                 f"--llm.vocab_size out, or pass --tokenizer PATH, one of {cfg.llm.vocab_size}")
     # The import's own advice only where the data's tokenizer was the one looked for (not --tokenizer's, nor the one
     # beside the starting weights). (prepare_data.py refuses to build a corpus over an import.)
     if (cfg.name in FROM_SCRATCH and tok_path == os.path.join(tc.data, "tokenizer.json")

@@ -389,6 +389,8 @@ def test_compare_without_the_references_says_what_is_missing(capsys, monkeypatch
 
 def test_bad_arguments_are_refused_with_a_reason(capsys):
     for argv, reason in ((["--what", "train", "--bogus", "1"], "model config overrides are dotted"),
+                         (["--what", "train", "--stesp", "1"],
+                          "unrecognised argument '--stesp' (did you mean --steps?)"),
                          (["--what", "train", "--llm.nope=1"], "no field 'nope'"),
                          (["--what", "train", "--seq", "30"], "too short for one image of 36 tokens"),
                          (["--what", "prefill", "--seq", "30"], "use --seq 38 or more\n"),  # no --llm-only hint

@@ -1915,6 +1915,11 @@ def test_a_llava_import_alone_trains_stages_1_and_3(data, start_weights, tmp_pat
                                          r"or pass --tokenizer PATH$"):
         train.main(argv[:4] + ["--tokenizer", str(tmp_path / "nope.json")] + argv[6:] +
                    ["--stage", "3", "--text_sft_share", "0", "--out", str(tmp_path / "o3")])
+    # A model of another vocabulary size than its preset's: prepare_data.py makes no tokenizer that fits it
+    with pytest.raises(SystemExit, match=r"tokenizer.json has 2048 tokens .* vocabulary of 4096 and expects 3; "
+                                         r"prepare_data.py makes the 'tiny' preset's tokenizers with its 2048 tokens: "
+                                         r"leave --llm.vocab_size out, or pass --tokenizer PATH, one of 4096$"):
+        train.stage_tokenizer(train.TrainConfig(data=data), get_config("tiny", **{"llm.vocab_size": 4096}), [])
     with pytest.raises(SystemExit, match=r"stage 1 starts from stage 0's final weights, but .* does not exist: stage 0 "
                                          r"trains on prepare_data.py's synthetic corpus, so run --stage 0 with --out "
                                          rf".*fresh and without --data {mine} first, or pass --init_from PATH$"):
