@@ -20,6 +20,7 @@ its place in the file rather than ending the import; import_llava checks every i
 holds a half-written file.
 """
 
+import collections
 import json
 import os
 import reprlib
@@ -136,10 +137,11 @@ def json_or_none(text: str):
 ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
-def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_captions: bool = False
-              ) -> Tuple[str, dict]:
+def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_captions: bool = False,
+              dropped: collections.Counter = None) -> Tuple[str, dict]:
     """One LLaVA row -> ("sft" or "pretrain", our row). Raises ValueError saying what is wrong with it. as_captions:
-    a one-question chat about one image is a caption, its answer the text (see import_llava)."""
+    a one-question chat about one image is a caption, its answer the text (see import_llava). dropped: counts the
+    turns a kept chat loses (an opening answer, an unanswered last question), for the import's summary."""
     if not isinstance(row, dict):
         raise ValueError(f"expected an object, got {type(row).__name__}")
     key, image = image_field(row)
@@ -192,7 +194,9 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_capti
         if not conversation:
             raise ValueError("an answer with no question: nothing to learn from")
     # A last question without its answer teaches nothing: dropped (unless the turns before do not alternate either).
-    if conversation[-1]["role"] == "user" and (len(conversation) == 1 or conversation[-2]["role"] == "assistant"):
+    last_dropped = conversation[-1]["role"] == "user" and (len(conversation) == 1 or
+                                                          conversation[-2]["role"] == "assistant")
+    if last_dropped:
         if IMAGE_TAG in conversation[-1]["content"]:  # dropped, its image would move to the first question
             raise ValueError("the last question, which has no answer, holds an <image> tag")
         conversation = conversation[:-1]
@@ -219,8 +223,12 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_capti
                 m["content"] = (IMAGE_TAG + "\n" + m["content"].replace(IMAGE_TAG, "").strip()).strip()
     answer = conversation[-1]["content"].strip()
     if as_captions and len(paths) == 1 and len(conversation) == 2 and IMAGE_TAG not in answer:
-        return "pretrain", checked_text({"category": "caption", "images": paths, "text": IMAGE_TAG + answer})
-    return "sft", checked_text({"category": "llava", "images": paths, "conversation": conversation})
+        kept = "pretrain", checked_text({"category": "caption", "images": paths, "text": IMAGE_TAG + answer})
+    else:
+        kept = "sft", checked_text({"category": "llava", "images": paths, "conversation": conversation})
+    if dropped is not None:  # (the row is kept: counted)
+        dropped.update(["opening answer"] * first_dropped + ["unanswered last question"] * last_dropped)
+    return kept
 
 
 def checked_text(row: dict) -> dict:
@@ -345,7 +353,7 @@ def import_llava(path: str, images_dir: str, out: str, workers: int = 1, as_capt
                 raise ValueError(error)
 
         kept = {"sft": [], "pretrain": []}
-        skipped, broken = [], ""
+        skipped, broken, dropped = [], "", collections.Counter()
         total = 0
         for where, row in rows:
             if isinstance(row, BrokenFile):  # always the last
@@ -356,7 +364,7 @@ def import_llava(path: str, images_dir: str, out: str, workers: int = 1, as_capt
             try:
                 if isinstance(row, Exception):
                     raise row
-                dest, ours = llava_row(row, images_dir, check_image, as_captions)
+                dest, ours = llava_row(row, images_dir, check_image, as_captions, dropped)
                 kept[dest].append(ours)
             except ValueError as e:
                 id_note = f" (id {row['id']!r})" if isinstance(row, dict) and "id" in row else ""
@@ -372,7 +380,10 @@ def import_llava(path: str, images_dir: str, out: str, workers: int = 1, as_capt
         with_images = sum(1 for row in kept["sft"] if row["images"])
         summary = (f"{path}: {total} rows read, {len(kept['sft'])} conversations" +
                    (f" ({with_images} with images)" if kept["sft"] else "") +
-                   f" and {len(kept['pretrain'])} captions kept, {len(skipped)} skipped; written to {out}" +
+                   f" and {len(kept['pretrain'])} captions kept, {len(skipped)} skipped" +
+                   (f"; turns dropped from rows kept: {dropped['opening answer']} opening answers (no question "
+                    f"before them), {dropped['unanswered last question']} last questions (no answer after them)"
+                    if dropped else "") + f"; written to {out}" +
                    earlier_import(out) + (f". The file is broken: {broken}" if broken else ""))
         try:
             for name in ("sft", "pretrain"):

@@ -763,9 +763,16 @@ def test_llava_json_lines_with_a_broken_line(tmp_path):
     ok = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
     path.write_text(json.dumps(ok) + "\n{broken\n" + json.dumps(ok) + "\n")
     summary = import_llava(str(path), str(tmp_path), str(tmp_path / "out"))
-    assert "3 rows read, 2 conversations (0 with images) and 0 captions kept, 1 skipped" in summary
+    assert "3 rows read, 2 conversations (0 with images) and 0 captions kept, 1 skipped; written to" in summary
     assert "skipped line 2: not valid JSON: Expecting property name enclosed in double quotes at column 2" in \
         (tmp_path / "out" / "report.txt").read_text()
+    # Turns a kept chat loses (an answer before any question, a last question left unanswered) are counted
+    opened, unanswered = ({"conversations": [{"from": "gpt", "value": "Hello"}] + ok["conversations"]},
+                          {"conversations": ok["conversations"] + [{"from": "human", "value": "And?"}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in [ok, opened, unanswered, unanswered]))
+    assert ("4 rows read, 4 conversations (0 with images) and 0 captions kept, 0 skipped; turns dropped from rows "
+            "kept: 1 opening answers (no question before them), 2 last questions (no answer after them); written to"
+            ) in import_llava(str(path), str(tmp_path), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="does not exist"):
         import_llava(str(tmp_path / "nope.json"), str(tmp_path), str(tmp_path / "out"))
 
