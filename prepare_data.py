@@ -266,6 +266,17 @@ def identity(args) -> dict:
             "text": texts}
 
 
+def changed_arguments(was: dict, now: dict) -> str:
+    """How two identities of one version differ, as flags: "--n 6 -> 5, --seed 0 -> 1". A mistyped --n or --seed
+    replaces a corpus that may have taken long to make: said, with what changed."""
+    shown = lambda k, v: ("the preset's" if k == "image_size" and not v else v)  # (0: the preset's size)
+    flag = lambda k: "--" + k.replace("_", "-")
+    text = ("none now" if not now["text"] else "given now" if not was.get("text") else
+            "other files, or their text changed")
+    return ", ".join(f"--text ({text})" if k == "text" else f"{flag(k)} {shown(k, was.get(k))} -> {shown(k, now[k])}"
+                     for k in now if k != "version" and was.get(k) != now[k])
+
+
 def arguments(ident: dict, out: str) -> list:
     """The command line that made a folder of this identity (the inverse of identity), to rebuild it in place."""
     return ["--out", out, "--config", ident["config"], "--n", str(ident["n"]), "--seed", str(ident["seed"]),
@@ -384,18 +395,17 @@ def prepare(args):
             raise SystemExit(f"{args.out} is to be rebuilt ({why}), but it also holds {', '.join(others[:5])}, which "
                              "prepare_data.py did not write and the rebuild would delete: move "
                              f"{'them' if len(others) > 1 else 'it'} out of the folder first, or use another folder")
-        if same:
-            print(f"{args.out} lacks {', '.join(gone)}: rebuilding it")
-        else:  # (a mistyped --n or --seed replaces a corpus that may have taken long to make: said, with what changed)
-            was, now = meta["identity"], identity(args)
-            flag = {"version": "the corpus version", "image_size": "--image-size", "text": "--text"}
-            changed = [f"{flag.get(k, '--' + k)} {was.get(k)} -> {now[k]}" if k != "text" else "--text (other files)"
-                       for k in now if was.get(k) != now[k]]
-            print(f"{args.out} was prepared with other arguments ({', '.join(changed)}): rebuilding it; the old corpus "
-                  "is deleted once the new one is made")
+        rebuilding = f"{args.out} lacks {', '.join(gone)}: rebuilding it" if same else \
+            f"{args.out} was made by another version of prepare_data.py (its corpus version " \
+            f"{meta['identity'].get('version')}, now {VERSION}): rebuilding it" \
+            if meta["identity"].get("version") != VERSION else \
+            f"{args.out} was prepared with other arguments ({changed_arguments(meta['identity'], identity(args))}): " \
+            "rebuilding it; the old corpus is deleted once the new one is made"
     partial = args.out.rstrip("/") + ".partial"
     clear_leftover(partial, "an interrupted build is left")
     clear_leftover(old, "a replaced corpus is left by an interrupted swap")
+    if kind == "synthetic":  # (said once nothing can stop the build but the build itself)
+        print(rebuilding)
     os.makedirs(partial)
     try:
         build(args, partial)

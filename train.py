@@ -1133,11 +1133,11 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     fingerprint = dataset.fingerprint() if master else None  # what the steps read: kept in every checkpoint
     if master and resume and isinstance(state.get("data"), dict):  # (older checkpoints: not kept)
         change = data_change(state["data"], fingerprint)
-        # The folders that run read, where they were named otherwise (a forgotten --extra_data, say): its settings
-        # keep them as given, though folders may have moved since.
-        given = lambda t: [t.get("data") or ""] + listed(t.get("extra_data") or "")
+        # The folders that run read, where other ones are read now (a forgotten --extra_data, say): its settings keep
+        # them as given, though folders may have moved since. (Stage 0 reads --data alone.)
+        given = lambda t: [t.get("data") or ""] + (listed(t.get("extra_data") or "") if stage > 0 else [])
         was = given(state.get("train") if isinstance(state.get("train"), dict) else {})
-        if change and was[0] and was != given(dataclasses.asdict(tc)):
+        if change and was[0] and [os.path.realpath(f) for f in was] != [os.path.realpath(f) for f in read]:
             change += f"; that run read --data {was[0]}" + (f" --extra_data {','.join(was[1:])}" if was[1:] else "")
         if change:
             say(f"stage {stage}: {change}")
@@ -1367,7 +1367,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         if checkpoint_due:
             save_checkpoint(done)
             if tc.stop_after and done == tc.stop_after:
-                say_under_bar(f"stopping after step {done} (--stop_after)")
+                bar.close()  # (its line ended, where the process stops)
+                say(f"stopping after step {done} (--stop_after)")
                 sys.stdout.flush()
                 os._exit(0)  # as if the process were killed right after this checkpoint
         if evaluation_due(done):
@@ -1564,11 +1565,17 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
         if any(stage > 0 for stage in pending[1:]):
             try:
                 questions = held_out(tc.data, tc.eval_limit, tc.eval_split)
-                tok = run_tokenizer(tc, cfg, pending[0])
-                if questions and tok:  # (a context too small for them, say: not found out after stage 0 trained)
-                    check_fits(questions[0], tok, cfg.n_image_tokens, cfg.llm.max_seq_len)
             except (ValueError, OSError) as e:
                 raise SystemExit(f"the held-out data: {e}") from None
+            # A context too small for them, say, is found out now, not once the stages before have trained. (A
+            # stage after the run's first starts from the one before it: --init_from is the first's alone.)
+            tok = questions and run_tokenizer(tc if pending[0] == stages[0] else dataclasses.replace(tc, init_from=""),
+                                              cfg, pending[0])
+            if tok:
+                try:
+                    check_fits(questions[0], tok, cfg.n_image_tokens, cfg.llm.max_seq_len)
+                except ValueError as e:
+                    raise SystemExit(f"the held-out data: {e}") from None
         t0 = time.time()
         try:
             for k, stage in enumerate(stages):

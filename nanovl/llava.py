@@ -173,7 +173,8 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_capti
         if IMAGE_TAG not in text:
             text = IMAGE_TAG + text  # the image before its caption
         if text.count(IMAGE_TAG) != 1:
-            raise ValueError(f"a caption row has one image, but its caption has {text.count(IMAGE_TAG)} <image> tags")
+            raise ValueError(f"a caption row has one image, but its caption has {text.count(IMAGE_TAG)} <image> tags" +
+                             placeholder_note([caption]))
         return "pretrain", checked_text({"category": "caption", "images": paths, "text": text})
     turns = row["conversations"]
     if not isinstance(turns, list) or not turns:
@@ -211,9 +212,8 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_capti
     if n_tags == 0 and len(paths) == 1:  # some sets omit the tag; LLaVA puts the image before the first question
         conversation[0]["content"] = IMAGE_TAG + "\n" + conversation[0]["content"]
     elif n_tags != len(paths):
-        written = any(IMAGE_TAG in turn["value"] for turn in turns)  # (DeepSeek-VL's own tag, in a LLaVA row)
         raise ValueError(f"{n_tags} <image> tags but {len(paths)} images" +
-                         (f" ({IMAGE_TAG} written in the text counts as one)" if written else ""))
+                         placeholder_note(turn["value"] for turn in turns))
     elif len(paths) == 1:
         # LLaVA's training code (preprocess_multimodal) moves a lone image's tag to the front of its turn, a newline
         # after it, wherever the row wrote it: LLaVA-Pretrain and ShareGPT4V often end a question with "\n<image>".
@@ -229,6 +229,11 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_capti
     if dropped is not None:  # (the row is kept: counted)
         dropped.update(["opening answer"] * first_dropped + ["unanswered last question"] * last_dropped)
     return kept
+
+
+def placeholder_note(texts) -> str:
+    """What to add to a count of <image> tags when the row's texts also hold DeepSeek-VL's own tag, which counts."""
+    return f" ({IMAGE_TAG} written in the text counts as one)" if any(IMAGE_TAG in t for t in texts) else ""
 
 
 def checked_text(row: dict) -> dict:

@@ -407,6 +407,7 @@ def test_prepare_data_is_deterministic_and_idempotent(data_dir, user_text, tmp_p
     with pytest.raises(SystemExit, match=r"again.partial is where an interrupted build is left, but it holds "
                                          "thesis.tex, which prepare_data.py did not write"):
         prepare_data.main(["--out", str(again), "--n", "5", "--text", user_text])
+    assert "rebuilding" not in capsys.readouterr().out  # (refused: not said to go ahead first)
     assert (partial / "thesis.tex").read_text() == "precious"
     (partial / "thesis.tex").unlink()
     shutil.copytree(again, tmp_path / "again.old")  # a backup of one's own, under an obvious name: never touched
@@ -629,6 +630,8 @@ def test_a_llava_row_becomes_the_row_llava_means():
                       "1 <image> tags but 2 images"),
                      (dict(image="a.png", conversations=ask(f"<image> and {IMAGE_TAG}?", "Same.")),
                       f"2 <image> tags but 1 images ({IMAGE_TAG} written in the text counts as one)"),
+                     (dict(image="a.png", caption=f"<image> a {IMAGE_TAG}"),
+                      f"its caption has 2 <image> tags ({IMAGE_TAG} written in the text counts as one)"),
                      (dict(image="a.png", caption="   "), "no 'conversations' and no non-empty 'caption' or 'text'"),
                      (dict(images=["a.png"], conversation=[{"role": "user", "content": "Hi"}]),
                       "no 'conversations' and no non-empty 'caption' or 'text' (a 'conversation' of role and content "
@@ -756,6 +759,15 @@ def test_an_import_that_cannot_be_written_says_so_in_a_line_and_leaves_nothing(t
         assert not os.path.exists(f"{out}.partial")
         after = {f: (out / f).read_bytes() for f in os.listdir(out)} if out.exists() else None
         assert after is None if out.name == "new" else after == before
+
+
+def test_a_rebuild_names_the_arguments_that_changed():
+    was = {"version": prepare_data.VERSION, "config": "tiny", "n": 6, "seed": 0, "image_size": 0, "text": {"a": "1"}}
+    assert prepare_data.changed_arguments(was, dict(was, n=5, image_size=256, text={})) == \
+        "--n 6 -> 5, --image-size the preset's -> 256, --text (none now)"
+    assert prepare_data.changed_arguments(dict(was, text={}), dict(was, seed=1)) == "--seed 0 -> 1, --text (given now)"
+    assert prepare_data.changed_arguments(was, dict(was, text={"a": "2"})) == \
+        "--text (other files, or their text changed)"
 
 
 def test_llava_json_lines_with_a_broken_line(tmp_path):

@@ -251,6 +251,7 @@ def test_an_unchecked_training_step_never_waits_for_the_device():
 
 
 def test_siglip_in_bf16_matches_timm_in_fp32():
+    pytest.importorskip("torchvision")  # (test_vision, where the oracle is built, imports it)
     from test_vision import timm_siglip
 
     # head size 64 and 576 tokens, as SigLIP-L/16 at 384, for the attention kernels to see the released shapes
@@ -266,6 +267,7 @@ def test_siglip_in_bf16_matches_timm_in_fp32():
 
 
 def test_sam_in_bf16_matches_segment_anything_in_fp32():
+    pytest.importorskip("torchvision")  # (test_vision, where the oracle is built, imports it)
     from test_vision import segment_anything_encoder
 
     # SAM-B's head size (64) and windows (14, padded 16 -> 28 tokens a side: 196-token windows, 256 global tokens),
