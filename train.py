@@ -1278,7 +1278,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     bar = tqdm(range(start, hp["steps"]), desc=f"stage {stage}", initial=start, total=hp["steps"], disable=not master)
     # What is said while the bar is drawn goes through tqdm.write, which takes the bar off the terminal's line, prints
     # and draws it again below: a plain print would start on the bar's line.
-    say_under_bar = (lambda text: tqdm.write(text)) if master else (lambda text: None)
+    say_under_bar = tqdm.write if master else (lambda text: None)
     losses, t_last, tokens, parts = [], time.time(), 0, {}
 
     def log(done, lr):
