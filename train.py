@@ -994,7 +994,7 @@ def stage_eval_rows(stage: int, tc: TrainConfig, cfg: VLConfig, tok: Tokenizer, 
     Read and checked now, so that a bad row or image stops the run before it trains, not after. Stage 0 trains no
     image-text pairs to ask questions of: its evaluation is the language model's bits per byte alone. Under torchrun
     the first process reads them and every process gets them, to score its share."""
-    eval_rows = None
+    eval_rows, failed = None, ""
     if master:
         try:
             if stage > 0:
@@ -1005,17 +1005,19 @@ def stage_eval_rows(stage: int, tc: TrainConfig, cfg: VLConfig, tok: Tokenizer, 
                 text_rows = held_out_text(tc.data, tc.eval_limit)
                 eval_rows = text_rows and (None, text_rows)
         except (ValueError, OSError) as e:
-            raise SystemExit(f"the held-out data: {e}") from None
-        if eval_rows is None:
+            failed = f"the held-out data: {e}"
+        if eval_rows is None and not failed:
             later = f"--eval-only --ckpt {out_dir} --data DIR" + ("" if tc.eval_split == "test" else
                                                                   f" --eval_split {tc.eval_split}")
             say(f"stage {stage}: {tc.data} has no held-out " + (
                 f"questions ({MC_FILES[tc.eval_split]}), so the stage is not evaluated; evaluate it afterwards with "
                 f"{later}" if stage > 0 else "text (eval_text.jsonl), so stage 0 is not evaluated"))
-    if world > 1:
-        shared = [eval_rows]
+    if world > 1:  # (a failure too: the others, waiting here, stop with the first, which says why for all)
+        shared = [eval_rows, failed]
         dist.broadcast_object_list(shared)
-        eval_rows = shared[0]
+        eval_rows, failed = shared
+    if failed:
+        raise SystemExit(failed if master else 1)
     return eval_rows
 
 

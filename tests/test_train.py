@@ -1340,6 +1340,14 @@ train.main(sys.argv[1:])
     assert torch.load(tmp_path / "o" / "stage3" / "ckpt.pt", weights_only=False)["step"] == 1
     run(args + ["--resume"], torchrun=2)  # the row fixed: the run goes on from step 1 and finishes
     assert torch.load(tmp_path / "o" / "stage3" / "ckpt.pt", weights_only=False)["step"] == 3
+    # A held-out image the first process cannot read, in a run of one stage (read as it begins): it says so for all,
+    # and the other, waiting for the questions it was to be sent, stops with it (it was a gloo traceback)
+    bad = tmp_path / "bad"
+    shutil.copytree(data, bad)
+    (bad / json.loads((bad / "eval_mc.jsonl").read_text().splitlines()[0])["images"][0]).write_bytes(b"no image")
+    printed = run(["--data", str(bad)] + args[2:7] + [str(tmp_path / "b")] + args[8:], torchrun=2, fails=True)
+    assert printed.count("the held-out data: ") == 1 and "cannot read image" in printed
+    assert "broadcast_object_list" not in printed and "[rank1]" not in printed and not (tmp_path / "b").exists()
 
 
 def test_eval_split_val_evaluates_the_second_set_of_questions(data, start_weights, tmp_path, capsys):
