@@ -578,8 +578,8 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
         # The learning rate may change: a resume otherwise repeats the same steps bit for bit, so after a loss that
         # became NaN, a lower --lr is the way on from the last good checkpoint.
         if resolved and state["hparams"].get("lr") not in (None, hp["lr"]):
-            say(f"resuming with lr {hp['lr']} where the checkpoint's run had {state['hparams']['lr']}: from here "
-                "the run is not the one the checkpoint's settings would give")
+            say(f"stage {stage}: resuming with lr {hp['lr']} where the checkpoint's run had {state['hparams']['lr']}: "
+                "from here the run is not the one the checkpoint's settings would give")
         # A stage trained on top of the one before: if that one was trained again since, this one's steps no longer
         # follow from it, however alike the settings (a --resume --stage all after stage 2 was run anew).
         if resolved and hp.get("start") and state["hparams"].get("start") not in (None, hp["start"]):
@@ -622,9 +622,9 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
                                  f"one would be {now[0]} x {now[1]}. Stage 0 counts its contrastive pairs and scenes "
                                  "per micro-batch, so resume it with the same processes and --micro_batch (to fit in "
                                  "less memory, --grad_ckpt may change on resume)")
-            say(f"resuming with {now[0]} process(es) x micro_batch {now[1]} where the checkpoint's run had {was[0]} x "
-                f"{was[1]}: each step takes the same samples, split another way, so its sums round in another "
-                "order (the run goes on, but not bit for bit)")
+            say(f"stage {stage}: resuming with {now[0]} process(es) x micro_batch {now[1]} where the checkpoint's run "
+                f"had {was[0]} x {was[1]}: each step takes the same samples, split another way, so its sums round in "
+                "another order (the run goes on, but not bit for bit)")
     return state
 
 
@@ -724,13 +724,13 @@ def split_batch(stage: int, tc: TrainConfig, hp: dict, world: int):
         # step, so the run is the same however the batch is split (a test checks); the settings in the checkpoint
         # are unchanged. Not in stage 0, whose contrastive pairs and scenes are counted per micro-batch.
         micro = max(m for m in range(1, micro + 1) if (global_batch // world) % m == 0)
+    if global_batch % world:  # (the micro-batch aside: stages 1-3 would take one that splits the share)
+        raise SystemExit(f"stage {stage}: batch_size {global_batch} is not divisible by {world} processes: pass a "
+                         f"--batch_size that {world} processes divide")
     if global_batch % (world * micro):
-        if global_batch % world:
-            advice = f"pass a --batch_size that {world} processes divide"
-        else:
-            advice = f"pass a --micro_batch that divides {global_batch // world}" + (
-                " (stage 0 keeps its micro-batch as given: its contrastive pairs are counted per micro-batch; stages "
-                "1-3 take the largest up to it that splits theirs)" if stage == 0 else "")
+        advice = f"pass a --micro_batch that divides {global_batch // world}" + (
+            " (stage 0 keeps its micro-batch as given: its contrastive pairs are counted per micro-batch; stages "
+            "1-3 take the largest up to it that splits theirs)" if stage == 0 else "")
         raise SystemExit(f"stage {stage}: batch_size {global_batch} is not divisible by {world} processes x "
                          f"micro_batch {micro}: {advice}")
     return micro, global_batch // (world * micro)
@@ -880,10 +880,11 @@ def check_stage_rows(stage: int, tc: TrainConfig, cfg: VLConfig):
                       f"({shlex.join(map(str, command))})")
         else:
             advice = "; fix or remove the rows that name them"
+        others = len({p for _, p, _ in missing}) - 1  # (an image named by many rows is one image)
         raise SystemExit(f"{where}: image {path} " + ("is a folder" if os.path.isdir(path) else
                                                       f"does not exist{missing_hint(path)}") + (
-            f" (and {len(missing) - 1} more image{'s' * (len(missing) > 2)} of stage {stage}'s rows)"
-            if len(missing) > 1 else "") + advice)
+            f" (and {others} more image{'s' * (others > 1)} of stage {stage}'s rows)" if others else
+            f" (named by {len(missing)} of stage {stage}'s rows)" if len(missing) > 1 else "") + advice)
     for group, (rows, _, name) in groups.items():
         if not rows and drawn(group, share, hp["steps"]):
             raise SystemExit(no_rows(stage, group, name, folders, 0, seq_len, cfg))

@@ -235,7 +235,8 @@ def data_change(was: dict, now: dict) -> str:
         return ""
     before, after = was.get("sources", {}), now["sources"]
     count = lambda fingerprint, m: fingerprint.get(m, [0])[0]
-    changed = [f"{m}: {count(after, m)} other samples (as many as in that run)" if count(after, m) == count(before, m)
+    changed = [f"{m}: {count(after, m)} samples, as many as in that run but not all the same"
+               if count(after, m) == count(before, m)
                else f"{m}: {count(after, m)} samples, {count(before, m)} in that run"
                for m in sorted(set(before) | set(after)) if before.get(m) != after.get(m)]
     if changed:

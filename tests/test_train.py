@@ -1726,7 +1726,7 @@ def test_resume_checks_what_the_checkpoint_holds_and_how_its_run_was_split(tmp_p
                                              r"the file is damaged .*; it cannot be resumed: restore it, or remove the "
                                              r"stage folder, .*, to train stage 1 again$"):
             resumed(1)
-    assert said == [f"resuming with 1 process(es) x micro_batch {micro[1]} where the checkpoint's run had 2 x "
+    assert said == [f"stage 1: resuming with 1 process(es) x micro_batch {micro[1]} where the checkpoint's run had 2 x "
                     f"{micro[1]}: each step takes the same samples, split another way, so its sums round in another "
                     "order (the run goes on, but not bit for bit)"]
     torch.save(state(0, train=dataclasses.asdict(tc), hparams=hp[0], split=[2, micro[0]]), path)
@@ -1790,7 +1790,7 @@ def test_weights_broken_by_an_update_are_never_saved_and_a_lower_lr_resumes(data
     monkeypatch.setattr(torch.optim.AdamW, "step", adamw_step)
     capsys.readouterr()
     train.main(args + ["--resume", "--lr=1e-5"])
-    assert "resuming with lr 1e-05 where the checkpoint's run had 0.002" in capsys.readouterr().out
+    assert "stage 3: resuming with lr 1e-05 where the checkpoint's run had 0.002" in capsys.readouterr().out
     assert all(torch.isfinite(v).all() for v in load_model(out / "stage3").values())
     # Resumed with a lower --lr, a checkpoint written since (step 6), then broken (step 7's update, found at step 8's
     # checkpoint): that newer checkpoint is the way on.
@@ -2195,6 +2195,10 @@ def test_stage_all_checks_every_stage_settings_before_the_first_trains(data, tmp
     tc = train.TrainConfig(micro_batch=4)
     assert train.split_batch(2, tc, train.stage_hparams(2, tc, get_config("tiny"))[0], 1) == (3, 2)
     assert train.split_batch(2, tc, train.stage_hparams(2, tc, get_config("tiny"))[0], 2) == (3, 1)
+    # A batch the processes cannot share: said as that (the micro-batch, which stages 1-3 would fit, aside)
+    with pytest.raises(SystemExit, match=r"^stage 3: batch_size 5 is not divisible by 2 processes: pass a --batch_size "
+                                         "that 2 processes divide$"):
+        train.split_batch(3, tc, dict(train.stage_hparams(3, tc, get_config("tiny"))[0], batch_size=5), 2)
 
 
 def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_trains(data, start_weights, tmp_path,
@@ -2255,6 +2259,10 @@ def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_train
     (own / "sft.jsonl").write_text("\n".join([chat("cat.png"), chat("nope.png"), chat("gone.png")]) + "\n")
     with pytest.raises(SystemExit, match=rf"^{own}.sft.jsonl, line 2: image {own}.nope.png does not exist \(and 1 "
                                          r"more image of stage 3's rows\); fix or remove the rows that name them$"):
+        train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(own)), get_config("tiny"))
+    (own / "sft.jsonl").write_text("\n".join([chat("nope.png")] * 3) + "\n")  # one image, named by three rows
+    with pytest.raises(SystemExit, match=rf"^{own}.sft.jsonl, line 1: image {own}.nope.png does not exist \(named by 3 "
+                                         r"of stage 3's rows\); fix or remove"):
         train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(own)), get_config("tiny"))
     (own / "dir.png").mkdir()
     (own / "sft.jsonl").write_text(chat("dir.png") + "\n" + chat("cat.png ") + "\n")
@@ -2514,7 +2522,7 @@ def test_a_data_folder_prepared_again_stops_the_run_reading_it_and_its_resume_sa
 def test_data_change_names_the_sources_that_differ_or_else_the_plan():
     was = {"sources": {"sft": [10, "a"], "text_sft": [4, "b"]}, "plan": "p"}
     assert resume.data_change(was, json.loads(json.dumps(was))) == ""
-    assert "(sft: 10 other samples (as many as in that run); text_sft: 0 samples, 4 in that run)" in \
+    assert "(sft: 10 samples, as many as in that run but not all the same; text_sft: 0 samples, 4 in that run)" in \
         resume.data_change(was, {"sources": {"sft": [10, "c"]}, "plan": "p"})
     assert "on the checkpoint's data, but its steps are planned otherwise here" in \
         resume.data_change(was, {**was, "plan": "q"})
