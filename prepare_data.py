@@ -379,15 +379,24 @@ def prepare(args):
             "be told from one of yours" if os.path.isfile(meta) else
             "already holds files that prepare_data.py did not make (no meta.json of its own)") +
             "; choose another --out, or remove it first")
+    rebuilding = ""  # (what is said once the build goes ahead over an earlier corpus)
     if kind == "synthetic":
         with open(os.path.join(args.out, "meta.json")) as f:
-            meta = json.load(f)
-        same, gone = meta.get("identity") == identity(args), missing(args.out, args.config)
-        if same and not gone:
+            was = json.load(f)["identity"]
+        now, gone = identity(args), missing(args.out, args.config)
+        if was == now and not gone:
             print(f"{args.out} is already prepared with these arguments; nothing to do")
             return
-        why = ("a new version of the corpus" if meta["identity"].get("version") != VERSION else "new arguments"
-               if not same else f"{', '.join(gone)} missing")
+        if was == now:
+            why, rebuilding = f"{', '.join(gone)} missing", f"{args.out} lacks {', '.join(gone)}: rebuilding it"
+        elif was.get("version") != VERSION:
+            why = "a new version of the corpus"
+            rebuilding = (f"{args.out} was made by another version of prepare_data.py (its corpus version "
+                          f"{was.get('version')}, now {VERSION}): rebuilding it")
+        else:
+            why = "new arguments"
+            rebuilding = (f"{args.out} was prepared with other arguments ({changed_arguments(was, now)}): rebuilding "
+                          "it; the old corpus is deleted once the new one is made")
         # Rebuilt whole: so anything else put in the folder (questions of one's own, notes, pictures among the
         # generated ones) would go with it.
         others = not_built(args.out)
@@ -395,16 +404,10 @@ def prepare(args):
             raise SystemExit(f"{args.out} is to be rebuilt ({why}), but it also holds {', '.join(others[:5])}, which "
                              "prepare_data.py did not write and the rebuild would delete: move "
                              f"{'them' if len(others) > 1 else 'it'} out of the folder first, or use another folder")
-        rebuilding = f"{args.out} lacks {', '.join(gone)}: rebuilding it" if same else \
-            f"{args.out} was made by another version of prepare_data.py (its corpus version " \
-            f"{meta['identity'].get('version')}, now {VERSION}): rebuilding it" \
-            if meta["identity"].get("version") != VERSION else \
-            f"{args.out} was prepared with other arguments ({changed_arguments(meta['identity'], identity(args))}): " \
-            "rebuilding it; the old corpus is deleted once the new one is made"
     partial = args.out.rstrip("/") + ".partial"
     clear_leftover(partial, "an interrupted build is left")
     clear_leftover(old, "a replaced corpus is left by an interrupted swap")
-    if kind == "synthetic":  # (said once nothing can stop the build but the build itself)
+    if rebuilding:  # (said once nothing can stop the build but the build itself)
         print(rebuilding)
     os.makedirs(partial)
     try:
