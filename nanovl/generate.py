@@ -348,8 +348,9 @@ class TextStream:
 
 class ChatSession:
     """A conversation with one model, its KV cache holding everything said so far. Samples (temperature > 0) are drawn
-    from one random stream for the whole session, seeded by the first turn's Sampling.seed, as the official CLI seeds
-    once: each turn draws on from where the last stopped (a new seed starts a new stream)."""
+    from one random stream for the whole session, seeded by the first turn's Sampling.seed (the official CLI does not
+    seed; we seed once so that a chat can be replayed): each turn draws on from where the last stopped (a new seed
+    starts a new stream)."""
 
     def __init__(self, model, tokenizer, processor, system: str = SYSTEM_PROMPT, max_len: Optional[int] = None,
                  compile: bool = False):

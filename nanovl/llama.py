@@ -154,7 +154,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs): S = tokens so far (decode_step: its span of slots)
+            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs): S = tokens so far (decode_step: its span, or all max_len slots when recorded or compiled)
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: head i reads kv head i // (nh / nkv)
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, S, hs)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, S, hs)
@@ -232,7 +232,8 @@ class Llama(nn.Module):
         lm_head row instead of T (with a 102400-word vocabulary, lm_head is a seventh of each token's FLOPs at 1.3B,
         and its (B, T, vocab) logits the largest tensor of a prefill). check_ids: with idx, refuse ids (and targets)
         outside the vocabulary, which costs a device sync; False skips it (see below). Given embeds, nothing of the
-        kind is checked here: DeepSeekVL.forward, which passes them, has checked its ids and targets already.
+        kind is checked here: DeepSeekVL.forward, which passes them, has checked its ids and targets already, unless
+        called with check_inputs=False (train.py, whose batches its own data code made and checked).
         """
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
@@ -283,7 +284,7 @@ class Llama(nn.Module):
             mask = (real[:, None, :] & (k_pos <= q_pos)) | (k_pos == q_pos)  # (B, T, S)
             mask = mask[:, None]  # (B, 1, T, S), broadcast over heads
 
-        cos, sin = self.rope(positions, x.dtype)
+        cos, sin = self.rope(positions, x.dtype)  # (B or 1, 1, T, hs) each: broadcast over the heads
         for i, layer in enumerate(self.layers):
             if self.grad_checkpointing and self.training:  # recompute activations in backward: memory for compute
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, cache, i, use_reentrant=False)
@@ -407,7 +408,7 @@ class Llama(nn.Module):
         slots = torch.arange(S, device=tok.device)  # (S,)
         seen = cache.real[:, :S] & (slots <= pos)  # (B, S): the real tokens up to and including this one
         positions = seen.sum(1, keepdim=True) - 1  # (B, 1): real tokens before it, as forward's cumulative count
-        cos, sin = self.rope(positions, x.dtype)
+        cos, sin = self.rope(positions, x.dtype)  # (B, 1, 1, hs) each: this token's position in its row
         mask = seen[:, None, None, :]  # (B, 1, 1, S), broadcast over heads
         slot = CacheSlot(cache, pos, span)
         for i, layer in enumerate(self.layers):

@@ -94,6 +94,8 @@ class DeepSeekVL(nn.Module):
         images = images.to(self.dtype)
         if self.sam is None:
             return self.aligner(self.siglip(images))  # (N, n, d_model)
+        # SigLIP reads the canvas resized to its 384 x 384, SAM the canvas itself (1024 x 1024): the aligner takes
+        # (low, high) and puts SAM's half first
         return self.aligner(self.siglip(self.siglip_input(images)), self.sam(images))  # (N, n, d_model)
 
     def siglip_input(self, images):

@@ -80,7 +80,8 @@ class Attention(nn.Module):
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, r_w)  # (B, nh, h, w, w_k)
         bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, nh, T, T)  # (B, nh, h, w, h_k, w_k) -> T x T
 
-        # softmax(q k^T / sqrt(hs) + bias) v: the same sum as the official (q * scale) @ k^T + rel terms.
+        # softmax(q k^T / sqrt(hs) + bias) v: the same sum as the official (q * scale) @ k^T + rel terms. (A float
+        # attn_mask is added to the logits; the decoder's boolean one instead says which keys each query sees.)
         x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (B, nh, T, hs)
         x = x.transpose(1, 2).reshape(B, h, w, C)  # (B, h, w, C)
         return self.proj(x)
