@@ -27,6 +27,8 @@ Where each part of the recipe is written:
     stage 0                              nanovl/stage0.py (its heads, batches and losses)
     a stage's folder, resuming           open_stage_folder, resumable_state (the settings); nanovl/resume.py (the
                                          checkpoint files); nanovl/runs.py (files written whole, locks, signals)
+    the run as a whole                   train_or_evaluate: every stage's settings, folder and rows checked before the
+                                         first one trains, then the stages in turn (run_stage)
 Stage 2's 7:3 is a share of the steps. It packs its samples into rows, so its steps hold comparable numbers of tokens,
 but not equal ones: next-fit packing leaves each row's tail unused, and text pieces fill less of a row than captions do
 (tiny: 80% against 89%), so in tokens the tiny data's mix of language and multimodal comes to about 2:1 (README, note
@@ -70,7 +72,7 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
 
     from nanovl import DeepSeekVL, VLConfig, get_config
     from nanovl.checkpoint import (check_device, check_tokenizer_fits, check_trained_with, init_from_parts,
-                                   is_released_folder, load_model, load_plain, read_tokenizer)
+                                   is_released_folder, load_model, read_tokenizer)
     from nanovl.config import FROM_SCRATCH
     from nanovl.data import (PackedBatches, PlannedBatches, Source, check_rows, default_folder, folder_kind,
                              folder_stamp, image_paths, plan_batches, read_jsonl, write_jsonl)
@@ -79,7 +81,7 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
     from nanovl.llava import import_record
     from nanovl.resume import (check_init_preset, check_same_config, check_same_tokenizer, data_change, is_finished,
                                is_nanovl_checkpoint, load_weights, read_checkpoint, refuse_earlier_run, saved_config,
-                               weights_entry)
+                               saved_entry, weights_entry)
     from nanovl.runs import (Terminated, WriteFailed, atomic_save, atomic_write, claim_out_folder,
                              close_inherited_locks, dead_worker, end_process_group, first_failure, let_go_of_workers,
                              remove_stale_temporaries, rng_state, set_rng_state, setup_distributed, sigterm_stops,
@@ -227,6 +229,12 @@ def listed(value: str) -> list:
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def data_folders(stage: int, data: str, extra_data: str) -> list:
+    """The folders a stage reads its rows from: --data, and from stage 1 on the --extra_data folders too (stage 0's
+    text, caption pairs and scenes are prepare_data.py's, in --data alone)."""
+    return [data] + (listed(extra_data) if stage > 0 else [])
+
+
 def parse_args(argv):
     """--key=value or --key value. TrainConfig fields go to the TrainConfig; anything else is a model config
     override (get_config checks it). Dashes and underscores are the same: --eval-only == --eval_only,
@@ -248,7 +256,7 @@ def parse_args(argv):
             raise SystemExit(f"unknown setting --{key}" + (f" (did you mean --{close[0]}?)" if close else "") +
                              "; python train.py --help lists the training settings, and the model's parts' fields "
                              "are dotted, as --llm.n_layers=6")
-        if key in fields and fields[key].type in (bool, "bool") and not eq:
+        if key in fields and fields[key].type is bool and not eq:
             # a bare flag, or the flag and a true or false after it (--key value, as for the other settings)
             taken = i + 1 < len(argv) and argv[i + 1].lower() in ("1", "true", "yes", "0", "false", "no")
             i += taken
@@ -259,8 +267,7 @@ def parse_args(argv):
                 raise SystemExit(f"--{key} needs a value")
             value = argv[i]
         if key in fields:
-            f = fields[key]
-            kind = {"int": int, "float": float, "bool": bool, "str": str}.get(f.type, f.type)
+            kind = fields[key].type  # int, float, bool or str (TrainConfig's annotations)
             if kind is bool and value.lower() not in ("1", "true", "yes", "0", "false", "no"):
                 raise SystemExit(f"--{key} expects true or false, got {value!r}")
             try:
@@ -437,9 +444,8 @@ def stage_groups(stage: int, tc: TrainConfig, folders):
                   "short_chat": [r for r in chats if short and turns(r) <= 2], "text_chat": text}
         names = {"chat": "multimodal chats", "short_chat": "one-question image chats", "text_chat": "text chats"}
         # (rounded: 1 - 0.33 - 0.67 is -1e-16 in floating point, and the shares are what the user wrote)
+        # (check_stage refused shares over 1 before the first stage)
         shares = {"chat": round(1 - tc.text_sft_share - short, 9), "short_chat": short, "text_chat": tc.text_sft_share}
-        if shares["chat"] < 0:  # (check_stage refused this before the first stage; here for a direct caller)
-            raise SystemExit(f"text_sft_share {tc.text_sft_share} + short_chat_share {short} is over 1")
         return {k: (v, "sft", names[k]) for k, v in groups.items() if shares[k] > 0}, \
             lambda sizes: lambda step: {k: v for k, v in shares.items() if v > 0}
     raise ValueError(f"no data mix for stage {stage}")
@@ -523,20 +529,6 @@ def split_named(tc: TrainConfig) -> str:
     return "" if tc.eval_split == "test" else f" ({MC_FILES[tc.eval_split]}; text: eval_text.jsonl)"
 
 
-def check_out_path(out: str, stages: list):
-    """--out and its stage folders must be folders, or paths where folders can be made: said before the data is made
-    and the model built (minutes at the released sizes), where making the stage folder would find out."""
-    there = os.path.abspath(out)
-    while not os.path.exists(there) and os.path.dirname(there) != there:  # the nearest part of the path that exists
-        there = os.path.dirname(there)
-    if not os.path.isdir(there):
-        raise SystemExit(f"--out {out}: {there} is a file; expected a folder, or a path where one can be made")
-    for stage in stages:
-        folder = os.path.join(out, f"stage{stage}")
-        if os.path.exists(folder) and not os.path.isdir(folder):
-            raise SystemExit(f"--out {out}: {folder} is a file; expected stage {stage}'s folder, or nothing there")
-
-
 def open_stage_folder(stage: int, tc: TrainConfig, cfg: VLConfig, hp: dict, out_dir: str, ckpt_path: str, world: int,
                       say):
     """(finished, state): whether the stage is already done (with --resume), and the checkpoint to continue from
@@ -615,7 +607,7 @@ def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: d
         # killed for want of memory resumes with a smaller --micro_batch, or on another number of GPUs. Stage 0
         # counts its contrastive pairs and scenes per micro-batch, so there the split is part of the run.
         was = state.get("split")  # [processes, micro-batch] of the run that wrote it (older checkpoints: none)
-        now = None if finished else [world, split_batch(stage, tc, hp, world)[0]]  # (a finished stage: not asked)
+        now = None if finished else [world, split_batch(stage, hp, world)[0]]  # (a finished stage: not asked)
         if was and now and was != now:
             if stage == 0:
                 raise SystemExit(f"{path} was written by a run of {was[0]} process(es) x micro_batch {was[1]}; this "
@@ -710,10 +702,10 @@ def check_stage(stage: int, tc: TrainConfig, hp: dict, world: int):
         raise SystemExit(f"--text_sft_share {text}{said('text_sft_share')} and --short_chat_share {short}"
                          f"{said('short_chat_share')} add up to more than 1: they are shares of stage 3's steps, and "
                          f"the multimodal chats take the rest; pass shares that add up to 1 or less")
-    return split_batch(stage, tc, hp, world)
+    return split_batch(stage, hp, world)
 
 
-def split_batch(stage: int, tc: TrainConfig, hp: dict, world: int):
+def split_batch(stage: int, hp: dict, world: int):
     """(micro, accum): the samples (packed: rows) per forward pass on each process, and the micro-batches each process
     accumulates per step, so that processes x micro x accum is the global batch."""
     global_batch, micro = hp["batch_size"], hp["micro_batch"]
@@ -751,7 +743,7 @@ def stage_batches(stage: int, tc: TrainConfig, hp: dict, cfg: VLConfig, tok, pro
     resume, the same global batch on every process count). Stage 0 reads its own rows (text,
     caption pairs, scenes); stages 1-3 read stage_data's sources, packed into full rows in stage 2. tc: the run's
     settings with the stage's filled in (stage_hparams' stc)."""
-    folders = [tc.data] + listed(tc.extra_data)
+    folders = data_folders(stage, tc.data, tc.extra_data)
     reader = CachedProcessor(proc, tc.image_cache << 20)  # what the training batches read their images with
     if stage == 0:
         try:  # a malformed row stops the run now, named by its file and line
@@ -843,53 +835,6 @@ def no_rows(stage: int, group: str, name: str, folders: list, dropped: int, seq_
              "(or begin with --stage 3, which trains on chats alone)" if group == "language" and llava else ""))
 
 
-def check_stage_rows(stage: int, tc: TrainConfig, cfg: VLConfig):
-    """SystemExit for what in the stage's rows would stop it as it begins: a malformed row (named by its file and line)
-    or a modality group it draws from with no rows. train_or_evaluate asks it of every stage of the run before the first
-    one trains, so that `--stage all` is not stopped at stage 2 after stage 1 has trained (for days, at the released
-    sizes). What needs the tokenizer, a row too long for the context, is found as the stage begins."""
-    hp, seq_len, stc = stage_hparams(stage, tc, cfg)
-    folders = [tc.data] + (listed(tc.extra_data) if stage > 0 else [])
-    try:
-        if stage == 0:
-            check_rows(load_rows(folders, "text"), "text")
-            check_stage0_rows(load_rows(folders, "stage0"))
-            return
-        groups, share_for = stage_groups(stage, stc, folders)
-        for rows, kind, name in groups.values():
-            check_rows(rows, kind, name)
-        share = share_for({group: len(rows) for group, (rows, _, _) in groups.items()})  # (may refuse the mix)
-    except ValueError as e:
-        raise SystemExit(str(e)) from None
-    # The images of rows written by hand (a folder neither prepare_data.py nor its LLaVA import made), and of an
-    # import, which checked them as it wrote its rows but names them where they were then (a folder moved since):
-    # a missing one would stop the run only when a step drew its row, hours in maybe. (One stat per image.)
-    kinds = {f: folder_kind(f) for f in folders}
-    missing = list(dict.fromkeys(  # (row, path, its folder), each once
-        (r["_where"], path, r["_root"]) for rows, _, _ in groups.values() for r in rows
-        if kinds.get(r["_root"]) in ("other", "llava") for path in image_paths(r.get("images") or (), r["_root"])
-        if not os.path.isfile(path)))
-    if missing:
-        where, path, root = missing[0]
-        if kinds[root] == "llava":
-            made = import_record(root)  # (the file, the images' folder, whether chats became captions; {}: edited)
-            command = ["python", "prepare_data.py", "--llava", made.get("file", "FILE"), "--images", "FOLDER",
-                       "--out", root] + ["--captions"] * bool(made.get("as_captions"))
-            advice = (f"; the import in {root} was made from the images in {made.get('images', '(not said)')}, which "
-                      f"have moved or gone since: import again with --images where they are now "
-                      f"({shlex.join(map(str, command))})")
-        else:
-            advice = "; fix or remove the rows that name them"
-        others = len({p for _, p, _ in missing}) - 1  # (an image named by many rows is one image)
-        raise SystemExit(f"{where}: image {path} " + ("is a folder" if os.path.isdir(path) else
-                                                      f"does not exist{missing_hint(path)}") + (
-            f" (and {others} more image{'s' * (others > 1)} of stage {stage}'s rows)" if others else
-            f" (named by {len(missing)} of stage {stage}'s rows)" if len(missing) > 1 else "") + advice)
-    for group, (rows, _, name) in groups.items():
-        if not rows and drawn(group, share, hp["steps"]):
-            raise SystemExit(no_rows(stage, group, name, folders, 0, seq_len, cfg))
-
-
 def stage_optimizer(net, tc: TrainConfig, hp: dict, device: str):
     """AdamW (Table 4: betas 0.9, 0.95, no weight decay) over two parameter groups: the language model and the
     aligner (and stage 0's heads) at the stage's learning rate; the vision side (the towers, SAM's neck and its
@@ -936,20 +881,6 @@ def check_start(stage: int, tc: TrainConfig, cfg: VLConfig):
                          f"without --data {tc.data} first, or pass --init_from PATH")
     raise SystemExit(f"stage {stage} starts from stage {stage - 1}'s final weights, but {missing[0]} does not exist: "
                      f"run --stage {stage - 1} first, or pass --init_from PATH")
-
-
-def run_tokenizer(tc: TrainConfig, cfg: VLConfig, first: int):
-    """The tokenizer every stage of a run trains with: the first stage's (each later one reads the tokenizer.json the
-    stage before wrote, a copy of it), taken as checked_tokenizer takes it. None where that stage would stop for want
-    of one: it says why itself, in its own words."""
-    folder = os.path.join(tc.out, f"stage{first}")
-    resumed = tc.resume and os.path.exists(os.path.join(folder, "ckpt.pt"))
-    if resumed and not tc.tokenizer and not os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        return None
-    try:
-        return stage_tokenizer(tc, cfg, [folder] if resumed else start_weights(first, tc) if first > 0 else [])
-    except SystemExit:
-        return None
 
 
 def checked_tokenizer(stage: int, tc: TrainConfig, cfg: VLConfig, out_dir: str, state, init: list, say) -> Tokenizer:
@@ -1130,7 +1061,7 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
 
     # Which build of each synthetic folder the rows come from (taken before they are read): checked every step,
     # as a folder made anew meanwhile holds other pictures under the names the rows give (data.folder_stamp).
-    read = [tc.data] + (listed(stc.extra_data) if stage > 0 else [])
+    read = data_folders(stage, stc.data, stc.extra_data)
     stamps = {f: folder_stamp(f) for f in dict.fromkeys(read) if folder_kind(f) == "synthetic"}
     dataset = stage_batches(stage, stc, hp, cfg, tok, proc, seq_len, micro, accum, rank, world, say)
     fingerprint = dataset.fingerprint() if master else None  # what the steps read: kept in every checkpoint
@@ -1138,8 +1069,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         change = data_change(state["data"], fingerprint)
         # The folders that run read, where other ones are read now (a forgotten --extra_data, say): its settings keep
         # them as given, though folders may have moved since. (Stage 0 reads --data alone.)
-        given = lambda t: [t.get("data") or ""] + (listed(t.get("extra_data") or "") if stage > 0 else [])
-        was = given(state.get("train") if isinstance(state.get("train"), dict) else {})
+        was = state.get("train") if isinstance(state.get("train"), dict) else {}
+        was = data_folders(stage, was.get("data") or "", was.get("extra_data") or "")
         if change and was[0] and [os.path.realpath(f) for f in was] != [os.path.realpath(f) for f in read]:
             change += f"; that run read --data {was[0]}" + (f" --extra_data {','.join(was[1:])}" if was[1:] else "")
         if change:
@@ -1381,6 +1312,86 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
     finish()
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# The run: main; --eval_only; train_or_evaluate, which checks every stage's settings, folder and rows before the
+# first one trains (the checks below), then runs the stages in turn.
+
+def check_out_path(out: str, stages: list):
+    """--out and its stage folders must be folders, or paths where folders can be made: said before the data is made
+    and the model built (minutes at the released sizes), where making the stage folder would find out."""
+    there = os.path.abspath(out)
+    while not os.path.exists(there) and os.path.dirname(there) != there:  # the nearest part of the path that exists
+        there = os.path.dirname(there)
+    if not os.path.isdir(there):
+        raise SystemExit(f"--out {out}: {there} is a file; expected a folder, or a path where one can be made")
+    for stage in stages:
+        folder = os.path.join(out, f"stage{stage}")
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise SystemExit(f"--out {out}: {folder} is a file; expected stage {stage}'s folder, or nothing there")
+
+
+def check_stage_rows(stage: int, tc: TrainConfig, cfg: VLConfig):
+    """SystemExit for what in the stage's rows would stop it as it begins: a malformed row (named by its file and line)
+    or a modality group it draws from with no rows. train_or_evaluate asks it of every stage of the run before the first
+    one trains, so that `--stage all` is not stopped at stage 2 after stage 1 has trained (for days, at the released
+    sizes). What needs the tokenizer, a row too long for the context, is found as the stage begins."""
+    hp, seq_len, stc = stage_hparams(stage, tc, cfg)
+    folders = data_folders(stage, tc.data, tc.extra_data)
+    try:
+        if stage == 0:
+            check_rows(load_rows(folders, "text"), "text")
+            check_stage0_rows(load_rows(folders, "stage0"))
+            return
+        groups, share_for = stage_groups(stage, stc, folders)
+        for rows, kind, name in groups.values():
+            check_rows(rows, kind, name)
+        share = share_for({group: len(rows) for group, (rows, _, _) in groups.items()})  # (may refuse the mix)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    # The images of rows written by hand (a folder neither prepare_data.py nor its LLaVA import made), and of an
+    # import, which checked them as it wrote its rows but names them where they were then (a folder moved since):
+    # a missing one would stop the run only when a step drew its row, hours in maybe. (One stat per image.)
+    kinds = {f: folder_kind(f) for f in folders}
+    missing = list(dict.fromkeys(  # (row, path, its folder), each once
+        (r["_where"], path, r["_root"]) for rows, _, _ in groups.values() for r in rows
+        if kinds.get(r["_root"]) in ("other", "llava") for path in image_paths(r.get("images") or (), r["_root"])
+        if not os.path.isfile(path)))
+    if missing:
+        where, path, root = missing[0]
+        if kinds[root] == "llava":
+            made = import_record(root)  # (the file, the images' folder, whether chats became captions; {}: edited)
+            command = ["python", "prepare_data.py", "--llava", made.get("file", "FILE"), "--images", "FOLDER",
+                       "--out", root] + ["--captions"] * bool(made.get("as_captions"))
+            advice = (f"; the import in {root} was made from the images in {made.get('images', '(not said)')}, which "
+                      f"have moved or gone since: import again with --images where they are now "
+                      f"({shlex.join(map(str, command))})")
+        else:
+            advice = "; fix or remove the rows that name them"
+        others = len({p for _, p, _ in missing}) - 1  # (an image named by many rows is one image)
+        raise SystemExit(f"{where}: image {path} " + ("is a folder" if os.path.isdir(path) else
+                                                      f"does not exist{missing_hint(path)}") + (
+            f" (and {others} more image{'s' * (others > 1)} of stage {stage}'s rows)" if others else
+            f" (named by {len(missing)} of stage {stage}'s rows)" if len(missing) > 1 else "") + advice)
+    for group, (rows, _, name) in groups.items():
+        if not rows and drawn(group, share, hp["steps"]):
+            raise SystemExit(no_rows(stage, group, name, folders, 0, seq_len, cfg))
+
+
+def run_tokenizer(tc: TrainConfig, cfg: VLConfig, first: int):
+    """The tokenizer every stage of a run trains with: the first stage's (each later one reads the tokenizer.json the
+    stage before wrote, a copy of it), from the places checked_tokenizer takes it from, without its checks against the
+    weights (the stage makes them as it begins). None where that stage would stop for want of one: it says why itself,
+    in its own words."""
+    folder = os.path.join(tc.out, f"stage{first}")
+    resumed = tc.resume and os.path.exists(os.path.join(folder, "ckpt.pt"))
+    if resumed and not tc.tokenizer and not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return None
+    try:
+        return stage_tokenizer(tc, cfg, [folder] if resumed else start_weights(first, tc) if first > 0 else [])
+    except SystemExit:
+        return None
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     tc, overrides = parse_args(argv)
@@ -1525,9 +1536,11 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
                          f"{tc.data} is a LLaVA import: begin with --stage 1, or pass the import as --extra_data")
     check_out_path(tc.out, stages)
     claim_out_folder(tc.out, rank == 0, world, hold=False)  # another run writing to it now?
+    # The stages that will train (with --resume, a finished one is skipped)
+    pending = [s for s in stages if not (tc.resume and is_finished(os.path.join(tc.out, f"stage{s}")))]
     for stage in stages:  # every stage's settings and folder, before any trains (and before data is made)
         folder = os.path.join(tc.out, f"stage{stage}")
-        if not (tc.resume and is_finished(folder)):  # (a finished one is skipped)
+        if stage in pending:
             check_stage(stage, tc, stage_hparams(stage, tc, cfg)[0], world)
             refuse_earlier_run(stage, folder, tc.resume)
         # A folder trained for another model is said now, not after making this model's data (minutes at the
@@ -1562,7 +1575,6 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
                 dist.barrier()
         # Every stage's rows, and the questions the later stages are evaluated on, before the first stage trains (the
         # first one's questions are read as it begins, with their images).
-        pending = [s for s in stages if not (tc.resume and is_finished(os.path.join(tc.out, f"stage{s}")))]
         for stage in pending:
             check_stage_rows(stage, tc, cfg)
         if any(stage > 0 for stage in pending[1:]):
@@ -1594,9 +1606,10 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
                     if rank > 0 and isinstance(e, KeyboardInterrupt):
                         raise SystemExit(1) from None
                     ckpt = os.path.join(tc.out, f"stage{stage}", "ckpt.pt")  # (whole: atomic_save)
-                    step = checkpoint_step(ckpt)
+                    step = saved_entry(ckpt, "step")  # (None if unreadable: a stop is no time for a traceback)
+                    step = f" (step {step})" if isinstance(step, int) else ""
                     raise SystemExit(f"\nstage {stage}: {stopped_why(e)}. " + (
-                        f"Its last checkpoint, {ckpt}{f' (step {step})' if step is not None else ''}, is kept: run "
+                        f"Its last checkpoint, {ckpt}{step}, is kept: run "
                         "the same command with --resume to go on from it" if os.path.isfile(ckpt) else
                         "No checkpoint of it was written yet: run the same command again" + (
                             " with --resume (the stages before it are done, and skipped)" if k and not tc.resume
@@ -1609,20 +1622,9 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
         end_process_group()
 
 
-def checkpoint_step(path: str):
-    """The step a ckpt.pt was written at, for main's last line; None if it cannot be read (load_plain maps the file:
-    its tensors are not read, so this takes a moment at any size)."""
-    try:
-        state = load_plain(path)
-    except Exception:  # (the line is said without it: a stop is no time for another traceback)
-        return None
-    step = state.get("step") if isinstance(state, dict) else None
-    return step if isinstance(step, int) else None
-
-
 def stopped_why(e: BaseException) -> str:
-    """What ended a stage, for main's one line: Ctrl-C, SIGTERM, a failed write, or a data worker killed (for
-    memory, most often: the kernel kills the largest process, and each worker holds up to --image_cache MB)."""
+    """What ended a stage, for train_or_evaluate's one line: Ctrl-C, SIGTERM, a failed write, or a data worker killed
+    (for memory, most often: the kernel kills the largest process, and each worker holds up to --image_cache MB)."""
     if isinstance(e, Terminated) or (dead_worker(e) and "signal: Terminated" in str(e)):  # (a spawned worker's)
         return "stopped by SIGTERM"
     if isinstance(e, KeyboardInterrupt):

@@ -288,6 +288,89 @@ def build_loaded(cfg: VLConfig, state: dict, source: str, device="cpu", dtype=No
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# What both kinds of checkpoint (released folders, nanovl's) are checked with: the tokenizer that drives the
+# model, the device and dtype asked for
+
+def read_tokenizer(path) -> Tokenizer:
+    """Tokenizer.load(path) (a tokenizer.json, or a folder holding one) as a model reads it: with <image_placeholder>
+    added as a special token where it lacks one, as the official VLChatProcessor adds it (facts section 9), at the
+    next id (100015, after DeepSeek-LLM's added tokens 100000-100014). Every tokenizer that drives a model is read so
+    (load_model, train.py's stages, the checks that compare two), so a released tokenizer.json without it reads as the
+    same tokenizer everywhere. (Ours all have it: for them this is Tokenizer.load.)"""
+    return Tokenizer.load(path).with_special_token(IMAGE)
+
+
+def pick_tokenizer(folder: Path, given=None) -> tuple:
+    """(Tokenizer, its path): the tokenizer.json saved beside the weights in folder, or the one given (a file, or a
+    folder holding one) for weights without one. Where both exist they must be the same tokenizer: another, even
+    of the same size, turns the same text into other ids, and the model reads them as nonsense without a word."""
+    saved = folder / "tokenizer.json"
+    if not given:
+        if not saved.is_file():
+            raise FileNotFoundError(f"no tokenizer at {saved}: pass --tokenizer (load_model's tokenizer=; e.g. "
+                                    "data/tokenizer.json)")
+        return read_tokenizer(saved), saved
+    given = Path(given) / "tokenizer.json" if Path(given).is_dir() else Path(given)
+    if not given.is_file():
+        raise FileNotFoundError(f"no tokenizer at {given}, the --tokenizer given")
+    tok = read_tokenizer(given)
+    if saved.is_file() and given.resolve() != saved.resolve() and not tok.same_ids(read_tokenizer(saved)):
+        raise ValueError(f"--tokenizer {given} differs from {saved}, the tokenizer saved with the weights: the same "
+                         "text would become other ids. Leave --tokenizer out to use the saved one")
+    return tok, given
+
+
+def check_trained_with(tok: Tokenizer, tok_path, fingerprint, weights):
+    """A ValueError unless tok is the tokenizer the weights were trained with, by the fingerprint train.py keeps in
+    model.pt and ckpt.pt (since 2026-12-03; None for older files and other sources: nothing to compare). A
+    tokenizer.json beside the weights is compared whole (pick_tokenizer); this catches another one given for weights
+    that travel alone, such as the data folder's after prepare_data.py made it anew."""
+    if fingerprint is not None and tok.fingerprint() != fingerprint:
+        raise ValueError(f"{tok_path} is not the tokenizer {weights} was trained with (fingerprints "
+                         f"{tok.fingerprint()} and {fingerprint}), though it fits the model: the same text would "
+                         "become other ids, which the model reads as nonsense. Use the tokenizer.json the run wrote in "
+                         "their stage folder")
+
+
+def check_tokenizer_fits(tok: Tokenizer, cfg: VLConfig, where, exact: bool = False):
+    """A ValueError unless the tokenizer (read from `where`) can drive the model: every id it makes needs an embedding
+    row, and its <image_placeholder> must be the id the model replaces with image features. A released tokenizer may
+    be smaller than the padded embedding (100016 ids for 102400 rows); `exact` asks for the same size, as a tokenizer
+    that prepare_data.py made for a scratch preset has."""
+    if tok.vocab_size > cfg.llm.vocab_size or (exact and tok.vocab_size != cfg.llm.vocab_size) \
+            or tok.image_id != cfg.image_token_id:
+        raise ValueError(f"{where} has {tok.vocab_size} tokens and <image_placeholder> = {tok.image_id}; the "
+                         f"{cfg.name!r} model has a vocabulary of {cfg.llm.vocab_size} "
+                         f"and expects {cfg.image_token_id}")
+
+
+def check_device(device: str):
+    """A ValueError for a device torch does not know or cannot see, before anything is read. (The scripts' --device
+    comes here, as does load_model's device=: the messages name the value, which reads right after either.)"""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"device {str(device)!r} is not a device torch knows: cpu, cuda, cuda:1, ...") from None
+    if kind == "meta":
+        raise ValueError("device 'meta' holds shapes but no values: nothing could run on it; use cpu or cuda")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}, but torch sees no CUDA device")
+    try:
+        torch.empty(0, device=device)  # a known device may still be absent here (mps off a Mac, cuda:3 of 1 GPU)
+    except (RuntimeError, AssertionError) as e:
+        reason = str(e).splitlines()[0].split(". ")[0]
+        raise ValueError(f"device {str(device)!r} cannot be used here: {reason}") from None
+
+
+def check_dtype(dtype, allowed=(torch.float32, torch.bfloat16, torch.float16, torch.float64)):
+    """A ValueError unless dtype is None (keep the weights' own) or one of the floating-point torch dtypes allowed:
+    a string ("bf16") would otherwise be read as a device, and an integer dtype would round every weight."""
+    if dtype is not None and dtype not in allowed:
+        raise ValueError(f"dtype {dtype!r}: expected None (the weights' own) or one of " +
+                         ", ".join(map(str, allowed)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Released folders
 
 def check_prompt_settings(folder: Path, cfg: VLConfig):
@@ -668,47 +751,6 @@ def load_nanovl(path, device="cpu", dtype=None, tokenizer=None, before_weights=N
     return model, tok, ImageProcessor.for_config(cfg)
 
 
-def pick_tokenizer(folder: Path, given=None) -> tuple:
-    """(Tokenizer, its path): the tokenizer.json saved beside the weights in folder, or the one given (a file, or a
-    folder holding one) for weights without one. Where both exist they must be the same tokenizer: another, even
-    of the same size, turns the same text into other ids, and the model reads them as nonsense without a word."""
-    saved = folder / "tokenizer.json"
-    if not given:
-        if not saved.is_file():
-            raise FileNotFoundError(f"no tokenizer at {saved}: pass --tokenizer (load_model's tokenizer=; e.g. "
-                                    "data/tokenizer.json)")
-        return read_tokenizer(saved), saved
-    given = Path(given) / "tokenizer.json" if Path(given).is_dir() else Path(given)
-    if not given.is_file():
-        raise FileNotFoundError(f"no tokenizer at {given}, the --tokenizer given")
-    tok = read_tokenizer(given)
-    if saved.is_file() and given.resolve() != saved.resolve() and not tok.same_ids(read_tokenizer(saved)):
-        raise ValueError(f"--tokenizer {given} differs from {saved}, the tokenizer saved with the weights: the same "
-                         "text would become other ids. Leave --tokenizer out to use the saved one")
-    return tok, given
-
-
-def read_tokenizer(path) -> Tokenizer:
-    """Tokenizer.load(path) (a tokenizer.json, or a folder holding one) as a model reads it: with <image_placeholder>
-    added as a special token where it lacks one, as the official VLChatProcessor adds it (facts section 9), at the
-    next id (100015, after DeepSeek-LLM's added tokens 100000-100014). Every tokenizer that drives a model is read so
-    (load_model, train.py's stages, the checks that compare two), so a released tokenizer.json without it reads as the
-    same tokenizer everywhere. (Ours all have it: for them this is Tokenizer.load.)"""
-    return Tokenizer.load(path).with_special_token(IMAGE)
-
-
-def check_trained_with(tok: Tokenizer, tok_path, fingerprint, weights):
-    """A ValueError unless tok is the tokenizer the weights were trained with, by the fingerprint train.py keeps in
-    model.pt and ckpt.pt (since 2026-12-03; None for older files and other sources: nothing to compare). A
-    tokenizer.json beside the weights is compared whole (pick_tokenizer); this catches another one given for weights
-    that travel alone, such as the data folder's after prepare_data.py made it anew."""
-    if fingerprint is not None and tok.fingerprint() != fingerprint:
-        raise ValueError(f"{tok_path} is not the tokenizer {weights} was trained with (fingerprints "
-                         f"{tok.fingerprint()} and {fingerprint}), though it fits the model: the same text would "
-                         "become other ids, which the model reads as nonsense. Use the tokenizer.json the run wrote in "
-                         "their stage folder")
-
-
 def warn_if_edited(copy: Path, config: dict):
     """train.py writes the model config twice: inside model.pt, which is what loads, and as config.json beside it,
     for people to read. An edit to config.json would change nothing, silently; say so instead."""
@@ -728,44 +770,6 @@ def warn_if_edited(copy: Path, config: dict):
             f"; and {len(diff) - 3} more)" if len(diff) > 3 else ")")
     warnings.warn(f"{copy} {what}. model.pt's config is the one its weights were trained with, and the one used: "
                   "config.json is a copy written for reading, and editing it changes nothing", stacklevel=3)
-
-
-def check_tokenizer_fits(tok: Tokenizer, cfg: VLConfig, where, exact: bool = False):
-    """A ValueError unless the tokenizer (read from `where`) can drive the model: every id it makes needs an embedding
-    row, and its <image_placeholder> must be the id the model replaces with image features. A released tokenizer may
-    be smaller than the padded embedding (100016 ids for 102400 rows); `exact` asks for the same size, as a tokenizer
-    that prepare_data.py made for a scratch preset has."""
-    if tok.vocab_size > cfg.llm.vocab_size or (exact and tok.vocab_size != cfg.llm.vocab_size) \
-            or tok.image_id != cfg.image_token_id:
-        raise ValueError(f"{where} has {tok.vocab_size} tokens and <image_placeholder> = {tok.image_id}; the "
-                         f"{cfg.name!r} model has a vocabulary of {cfg.llm.vocab_size} "
-                         f"and expects {cfg.image_token_id}")
-
-
-def check_device(device: str):
-    """A ValueError for a device torch does not know or cannot see, before anything is read. (The scripts' --device
-    comes here, as does load_model's device=: the messages name the value, which reads right after either.)"""
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise ValueError(f"device {str(device)!r} is not a device torch knows: cpu, cuda, cuda:1, ...") from None
-    if kind == "meta":
-        raise ValueError("device 'meta' holds shapes but no values: nothing could run on it; use cpu or cuda")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r}, but torch sees no CUDA device")
-    try:
-        torch.empty(0, device=device)  # a known device may still be absent here (mps off a Mac, cuda:3 of 1 GPU)
-    except (RuntimeError, AssertionError) as e:
-        reason = str(e).splitlines()[0].split(". ")[0]
-        raise ValueError(f"device {str(device)!r} cannot be used here: {reason}") from None
-
-
-def check_dtype(dtype, allowed=(torch.float32, torch.bfloat16, torch.float16, torch.float64)):
-    """A ValueError unless dtype is None (keep the weights' own) or one of the floating-point torch dtypes allowed:
-    a string ("bf16") would otherwise be read as a device, and an integer dtype would round every weight."""
-    if dtype is not None and dtype not in allowed:
-        raise ValueError(f"dtype {dtype!r}: expected None (the weights' own) or one of " +
-                         ", ".join(map(str, allowed)))
 
 
 def load_model(path, device="cpu", dtype=None, tokenizer=None, before_weights=None):

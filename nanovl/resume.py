@@ -67,23 +67,24 @@ def weights_entry(paths: list, key: str):
     runs)."""
     if len(paths) != 1 or not is_nanovl_checkpoint(paths[0]):
         return None
-    path = model_file(paths[0])
+    return saved_entry(model_file(paths[0]), key)
+
+
+def saved_entry(path: str, key: str):
+    """One entry of what a model.pt or ckpt.pt holds beside its tensors ("config", "step", "id", ...), read
+    memory-mapped: the tensors are not read, so this takes a moment at any size. None when the file has no such entry
+    or cannot be read so (whatever is wrong with it, loading it in full says, with the checks made for that)."""
     try:
-        state = load_plain(path)  # (memory-mapped: the weights themselves are not read)
-    except (ValueError, FileNotFoundError):
-        return None  # (said when the stage loads them)
+        state = load_plain(path)
+    except Exception:
+        return None
     return state.get(key) if isinstance(state, dict) else None
 
 
 def config_inside(path: str):
-    """The model config held in a model.pt or ckpt.pt, read memory-mapped, without loading the tensors (not the
-    config.json beside it, a copy for reading, which an edit would make say what the weights are not). None when
-    there is none, or it cannot be read so (loading the file in full later says why)."""
-    try:
-        state = load_plain(path)  # (memory-mapped: the tensors are not read)
-    except Exception:  # (whatever is wrong with the file, its full load says it, with the checks made for that)
-        return None
-    saved = state.get("config") if isinstance(state, dict) else None
+    """The model config held in a model.pt or ckpt.pt (not the config.json beside it, a copy for reading, which an
+    edit would make say what the weights are not); None when there is none, or it cannot be read."""
+    saved = saved_entry(path, "config")
     return saved if isinstance(saved, dict) else None
 
 

@@ -756,7 +756,7 @@ def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_we
     hp, seq_len, stc = train.stage_hparams(stage, tc, cfg)
     assert [m["lr"] for m in metrics if "loss" in m] == [train.learning_rate(s, hp, 0.5) for s in range(3)]
     assert train.learning_rate(2, hp, 0.5) != train.learning_rate(2, hp, 0.1)  # (the ratio shows at step 3)
-    micro, accum = train.split_batch(stage, tc, hp, 1)
+    micro, accum = train.split_batch(stage, hp, 1)
     assert (micro, accum) == (2, 2)
     tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
     if stage == 0:  # held-out text is scored in pieces of the model's context, as in every stage, not of stage 0's 128
@@ -857,7 +857,7 @@ def test_every_stages_batches_survive_pickling_as_spawned_data_workers_need(data
         tc, _ = train.parse_args(["--data", data, "--stage", str(stage), "--steps", "3", "--batch_size", "4",
                                   "--micro_batch", "2"])
         hp, seq_len, stc = train.stage_hparams(stage, tc, cfg)
-        micro, accum = train.split_batch(stage, tc, hp, 1)
+        micro, accum = train.split_batch(stage, hp, 1)
         dataset = train.stage_batches(stage, stc, hp, cfg, tok, ImageProcessor.for_config(cfg), seq_len, micro,
                                       accum, 0, 1, lambda *a, **k: None)
         copy = pickle.loads(pickle.dumps(dataset))
@@ -1712,7 +1712,7 @@ def test_resume_checks_what_the_checkpoint_holds_and_how_its_run_was_split(tmp_p
     torch.save(state(1, train=dataclasses.asdict(dataclasses.replace(tc, steps=20))), path)
     with pytest.raises(SystemExit, match="--steps: checkpoint 20 vs now 10"):
         resumed(1)
-    micro = {s: train.split_batch(s, tc, hp[s], 1)[0] for s in (0, 1)}
+    micro = {s: train.split_batch(s, hp[s], 1)[0] for s in (0, 1)}
     torch.save(state(1, train=dataclasses.asdict(tc), hparams=hp[1], split=[2, micro[1]]), path)
     assert resumed(1)["step"] == 3
     # A NaN in the weights or in AdamW's moments: a run saves only finite ones, so the file is damaged. Resumed, it
@@ -2193,12 +2193,12 @@ def test_stage_all_checks_every_stage_settings_before_the_first_trains(data, tmp
     train.main(base + ["--micro_batch", "4"])
     assert ran == [0, 1, 2, 3] * 2
     tc = train.TrainConfig(micro_batch=4)
-    assert train.split_batch(2, tc, train.stage_hparams(2, tc, get_config("tiny"))[0], 1) == (3, 2)
-    assert train.split_batch(2, tc, train.stage_hparams(2, tc, get_config("tiny"))[0], 2) == (3, 1)
+    assert train.split_batch(2, train.stage_hparams(2, tc, get_config("tiny"))[0], 1) == (3, 2)
+    assert train.split_batch(2, train.stage_hparams(2, tc, get_config("tiny"))[0], 2) == (3, 1)
     # A batch the processes cannot share: said as that (the micro-batch, which stages 1-3 would fit, aside)
     with pytest.raises(SystemExit, match=r"^stage 3: batch_size 5 is not divisible by 2 processes: pass a --batch_size "
                                          "that 2 processes divide$"):
-        train.split_batch(3, tc, dict(train.stage_hparams(3, tc, get_config("tiny"))[0], batch_size=5), 2)
+        train.split_batch(3, dict(train.stage_hparams(3, tc, get_config("tiny"))[0], batch_size=5), 2)
 
 
 def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_trains(data, start_weights, tmp_path,
@@ -2374,7 +2374,7 @@ def resume_check(tmp_path, stage, now, finished=False, saved_changes=None, **hp_
     cfg, path = get_config("tiny"), str(tmp_path / "ckpt.pt")
     tc = train.TrainConfig(steps=10)
     hp = train.stage_hparams(stage, tc, cfg)[0]
-    micro = train.split_batch(stage, tc, hp, 1)[0]
+    micro = train.split_batch(stage, hp, 1)[0]
     saved = {k: v for k, v in dict(hp, **(saved_changes or {})).items() if v is not None}  # (None: not saved)
     torch.save({"model": {}, "optimizer": {}, "step": 3, "rng": {}, "stage": stage, "config": cfg.to_dict(),
                 "train": dataclasses.asdict(tc), "hparams": saved, "split": [1, micro]}, path)
@@ -2413,7 +2413,7 @@ def test_the_full_context_is_a_sequence_length_and_stage_0_keeps_its_split():
     tc = train.TrainConfig()
     hp = train.stage_hparams(0, tc, get_config("tiny"))[0]  # stage 0 counts its pairs per micro-batch: no other split
     with pytest.raises(SystemExit, match="not divisible"):
-        train.split_batch(0, tc, hp, 2)
+        train.split_batch(0, hp, 2)
 
 
 def test_a_data_worker_killed_during_a_write_is_said_as_such(tmp_path):
