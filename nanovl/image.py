@@ -137,7 +137,7 @@ class ImageProcessor:
         square.paste(img, ((S - new_w) // 2, (S - new_h) // 2))  # expand2square: centred on the short axis
         return square
 
-    def pixels(self, image: Union[Image.Image, str, os.PathLike], max_pixels: Optional[int] = None) -> np.ndarray:
+    def pixels(self, image: Union[Image.Image, str, os.PathLike]) -> np.ndarray:
         """A PIL image or a path -> the canvas as an (S, S, 3) uint8 array (before any float conversion)."""
         if isinstance(image, Image.Image):
             try:  # (a closed image: Pillow's error names no image, and says nothing of what to do)
@@ -154,7 +154,7 @@ class ImageProcessor:
                                  "open, a copy made before closing it (image.copy()), or its path") from None
             img = to_rgb(image)
         elif isinstance(image, (str, os.PathLike)):
-            img = load_image(image, MAX_PIXELS if max_pixels is None else max_pixels)
+            img = load_image(image)
         else:
             raise ValueError(f"expected an image as a PIL image or a path, got {type(image).__name__}")
         if min(img.size) < 1:
@@ -169,9 +169,9 @@ class ImageProcessor:
             x = (x - torch.tensor(self.image_mean).view(3, 1, 1)) / torch.tensor(self.image_std).view(3, 1, 1)
         return x
 
-    def __call__(self, image: Union[Image.Image, str, os.PathLike], max_pixels: Optional[int] = None) -> torch.Tensor:
+    def __call__(self, image: Union[Image.Image, str, os.PathLike]) -> torch.Tensor:
         """A PIL image or a path -> (3, S, S) float32 tensor."""
-        return self.to_tensor(self.pixels(image, max_pixels))
+        return self.to_tensor(self.pixels(image))
 
 
 def low_resolution(images: torch.Tensor, size: int) -> torch.Tensor:

@@ -1075,10 +1075,10 @@ def test_a_data_worker_killed_stops_the_run_in_a_line_that_says_what_to_lower(da
               "--out", str(tmp_path / "o"), "--eval_limit", "10", "--workers", "1"]
     readable, parent, ckpt = ImageProcessor.pixels, os.getpid(), tmp_path / "o" / "stage3" / "ckpt.pt"
 
-    def killed_later(self, image, max_pixels=None):
+    def killed_later(self, image):
         if os.getpid() != parent and ckpt.exists():  # in the worker (ahead by a few steps), once a checkpoint is
             os.kill(os.getpid(), signal.SIGKILL)
-        return readable(self, image) if max_pixels is None else readable(self, image, max_pixels)
+        return readable(self, image)
 
     monkeypatch.setattr(ImageProcessor, "pixels", killed_later)
     with pytest.raises(SystemExit, match=r"stage 3: DataLoader worker \(pid.*\) .*killed for memory, most often: run "
@@ -1264,11 +1264,11 @@ def test_an_unreadable_image_stops_the_run_naming_its_row_and_keeps_the_steps_do
             "--ckpt_every", "3"] + FAST + ["--log_every", "3"]
     readable, calls = ImageProcessor.pixels, []
 
-    def breaks_later(self, image, max_pixels=None):  # every image of step 1 reads; the first of step 2 does not
+    def breaks_later(self, image):  # every image of step 1 reads; the first of step 2 does not
         calls.append(image)
         if len(calls) > 4:
             raise ValueError(f"cannot read image {image}: broken")
-        return readable(self, image) if max_pixels is None else readable(self, image, max_pixels)
+        return readable(self, image)
 
     monkeypatch.setattr(ImageProcessor, "pixels", breaks_later)
     with pytest.raises(SystemExit, match=r"stage 3, step 2: .*sft.jsonl, line \d+: cannot read image .*: broken\. "
@@ -1292,12 +1292,12 @@ def test_an_unreadable_image_stops_the_run_naming_its_row_and_keeps_the_steps_do
     # evaluation, and the resume makes it again; each evaluation is in metrics.jsonl once.
     trained = []
 
-    def training_breaks_later(self, image, max_pixels=None):  # (the held-out images read on)
+    def training_breaks_later(self, image):  # (the held-out images read on)
         if "/train_" in str(image):
             trained.append(image)
             if len(trained) > 4:
                 raise ValueError(f"cannot read image {image}: broken")
-        return readable(self, image) if max_pixels is None else readable(self, image, max_pixels)
+        return readable(self, image)
 
     monkeypatch.setattr(ImageProcessor, "pixels", training_breaks_later)
     evaluated = args[:7] + [str(tmp_path / "q")] + args[8:] + ["--eval_every", "1"]
@@ -2487,13 +2487,13 @@ def test_a_data_folder_prepared_again_stops_the_run_reading_it_and_its_resume_sa
             "--ckpt_every", "3"] + FAST + ["--log_every", "3"]
     readable, calls = ImageProcessor.pixels, []
 
-    def prepared_again(self, image, max_pixels=None):  # as step 2 is read, a new meta.json (prepare_data's swap)
+    def prepared_again(self, image):  # as step 2 is read, a new meta.json (prepare_data's swap)
         calls.append(image)
         if len(calls) == 5:
             meta = os.path.join(folder, "meta.json")
             shutil.copy(meta, meta + ".new")
             os.replace(meta + ".new", meta)
-        return readable(self, image) if max_pixels is None else readable(self, image, max_pixels)
+        return readable(self, image)
 
     monkeypatch.setattr(ImageProcessor, "pixels", prepared_again)
     with pytest.raises(SystemExit, match=rf"stage 3, step 2: {re.escape(folder)} was prepared again while this run "
