@@ -239,8 +239,8 @@ def test_learning_rate_schedules():
 
 class FavouriteTokens(torch.nn.Module):
     """A stand-in model whose next-token logits are `bonus` for the given ids and 0 for every other, at every
-    position; its loss is the per-token NLL (reduction="none"), as the evaluations ask for. Its cfg is tiny's, whose
-    context the evaluations check each question against."""
+    position; its loss is the per-token NLL (reduction="none", as the questions are scored) or their sum ("sum", as
+    the held-out text is). Its cfg is tiny's, whose context the evaluations check each question against."""
 
     def __init__(self, vocab_size, favourite=(), bonus=0.0):
         super().__init__()
@@ -251,7 +251,7 @@ class FavouriteTokens(torch.nn.Module):
         logits = torch.zeros(*ids.shape, self.vocab_size)
         logits[..., self.favourite] = self.bonus
         nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none")
-        return None, nll.view(ids.shape)
+        return None, nll.sum() if reduction == "sum" else nll.view(ids.shape)
 
 
 def test_multiple_choice_picks_the_option_the_model_finds_likeliest(data):
@@ -481,6 +481,28 @@ def test_bits_per_byte_counts_bits_over_utf8_bytes(data):
         int((targets != -100).sum()) * math.log2(tok.vocab_size) / 10, rel=1e-6)
 
 
+def test_held_out_text_is_scored_by_the_summed_loss_never_by_each_positions_logits(data):
+    # Every position of a text is supervised: scored as the questions' answers are (reduction="none"), a batch of
+    # 8 x 4096 tokens would make 13 GB of fp32 logits at the released vocabulary. The summed loss (training's chunked
+    # path) gives the same bits.
+    from nanovl.data import Source, collate
+    from nanovl.evaluate import sequence_nll, text_bits
+    tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
+    cfg = get_config("tiny")
+    torch.manual_seed(0)
+    model = DeepSeekVL(cfg).eval()
+    rows = [{"text": "the red circle is left of the blue square. " * 12}, {"text": "Short one."}]
+    asked = []
+    llm_forward = model.llm.forward
+    model.llm.forward = lambda *a, **kw: asked.append(kw.get("reduction")) or llm_forward(*a, **kw)
+    bits = text_bits(model, rows, tok, cfg.n_image_tokens, 64, batch_size=2)
+    assert asked and set(asked) == {"sum"}
+    ids, targets, _ = collate(Source(rows, "text", tok, cfg.n_image_tokens, 64).samples, tok.pad_id)
+    with torch.no_grad():
+        each = sequence_nll(model, ids, targets, "cpu").sum().item() / math.log(2)
+    assert bits == pytest.approx(each, rel=1e-5)
+
+
 
 class PieceLengths(torch.nn.Module):
     """A stand-in model whose loss at each supervised position is the number of tokens before it in its row: the
@@ -491,7 +513,8 @@ class PieceLengths(torch.nn.Module):
         self.w, self.cfg = torch.nn.Parameter(torch.zeros(1)), get_config("tiny")
 
     def forward(self, ids, image_embeds=None, targets=None, reduction="none"):
-        return None, torch.arange(ids.shape[1], dtype=torch.float32).expand(ids.shape) * (targets != -100)
+        nll = torch.arange(ids.shape[1], dtype=torch.float32).expand(ids.shape) * (targets != -100)
+        return None, nll.sum() if reduction == "sum" else nll
 
 
 def test_an_evaluation_scores_text_in_pieces_of_the_whole_context(data):
