@@ -79,9 +79,9 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
     from nanovl.evaluate import MC_FILES, check_fits, evaluate, format_table, held_out, held_out_text
     from nanovl.image import CachedProcessor, ImageProcessor, missing_hint
     from nanovl.llava import import_record
-    from nanovl.resume import (check_init_preset, check_same_config, check_same_tokenizer, data_change, is_finished,
-                               is_nanovl_checkpoint, load_weights, read_checkpoint, refuse_earlier_run, saved_config,
-                               saved_entry, weights_entry)
+    from nanovl.resume import (check_init_preset, check_same_config, check_same_tokenizer, data_change, held_weights,
+                               is_finished, is_nanovl_checkpoint, load_weights, read_checkpoint, refuse_earlier_run,
+                               saved_config, saved_entry, weights_entry)
     from nanovl.runs import (Terminated, WriteFailed, atomic_save, atomic_write, claim_out_folder,
                              close_inherited_locks, dead_worker, end_process_group, first_failure, let_go_of_workers,
                              remove_stale_temporaries, rng_state, set_rng_state, setup_distributed, sigterm_stops,
@@ -1551,8 +1551,7 @@ def train_or_evaluate(argv, tc: TrainConfig, overrides: dict, cfg: VLConfig, ran
     # A resumed stage goes on only from the weights it began from (resumable_state): one whose stage before has lost
     # its files (the folder removed) would be refused only after that stage had trained again. Said now instead.
     for before, stage in zip(stages, stages[1:]):
-        held = {s: [f for f in ("ckpt.pt", "model.pt") if os.path.exists(os.path.join(tc.out, f"stage{s}", f))]
-                for s in (before, stage)}
+        held = {s: held_weights(os.path.join(tc.out, f"stage{s}")) for s in (before, stage)}
         if tc.resume and held[stage] and not held[before]:
             raise SystemExit(f"{os.path.join(tc.out, f'stage{stage}')} holds an earlier run's "
                              f"{' and '.join(held[stage])}, which began from stage {before}'s weights, but "

@@ -39,7 +39,7 @@ from nanovl.config import (CLIP_MEAN, CLIP_STD, FROM_SCRATCH, SIGLIP_MEAN, SIGLI
 from nanovl.image import ImageProcessor
 from nanovl.model import DeepSeekVL, nanovl_to_released, released_to_nanovl
 from nanovl.runs import uninterrupted
-from nanovl.safetensors import load_file, load_sharded, save_sharded
+from nanovl.safetensors import INDEX_NAME, SINGLE_NAME, load_file, load_sharded, save_sharded
 from nanovl.tokenizer import BOS, EOS, IMAGE, Tokenizer
 
 # The towers the released configs name by `model_name` (official clip_encoder.py / sam.py), in nanovl's fields.
@@ -521,7 +521,7 @@ def hf_port_tensors(tensors: dict, hybrid: bool, where) -> dict:
 def is_released_folder(path) -> bool:
     """A folder of safetensors weights (nanovl's own checkpoints are model.pt files)."""
     path = Path(path)
-    return (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+    return (path / SINGLE_NAME).is_file() or (path / INDEX_NAME).is_file()
 
 
 def load_released(folder, device="cpu", dtype=None, tokenizer=None, before_weights=None):

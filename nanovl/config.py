@@ -121,7 +121,7 @@ class LlamaConfig:
     ffn_dim: int = 5632
     # The released models were trained on 4096-token sequences (README of the official repo); their config says
     # max_position_embeddings 16384, which only bounds RoPE. We refuse sequences longer than max_seq_len.
-    max_seq_len: int = 4096  # at most MAX_CONTEXT (below)
+    max_seq_len: int = 4096  # at most MAX_CONTEXT (above)
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
 
@@ -242,8 +242,8 @@ class VLConfig:
                     ok = isinstance(value, want)
                 if not ok:
                     problems.append(f"{prefix}{f.name} is {value!r}, expected " +
-                                    {"int": "an integer", "float": "a number", "str": "a string", "tuple": "a list",
-                                     "bool": "true or false"}.get(want.__name__, want.__name__))
+                                    {"int": "an integer", "float": "a number", "str": "a string", "tuple": "a list"}
+                                    .get(want.__name__, want.__name__))
                     continue
                 # Every number of a config is a size, a count, a rate or a constant: finite and above 0 (an id, a
                 # block index or a pixel mean may also be 0).
@@ -307,10 +307,6 @@ class VLConfig:
 # ---------------------------------------------------------------------------------------------------------------------
 # Presets
 
-def _released_sam() -> SAMConfig:
-    return SAMConfig()
-
-
 def _tiny() -> VLConfig:
     # SigLIP: 96 px / 16 = 6x6 = 36 image tokens. SAM: 256 px / 16 = 16x16 grid -> 24x24 -> 12 -> 6: the same 36.
     # A 16x16 grid in windows of 6 needs padding to 18, so the tiny model exercises the official zero-padding too.
@@ -354,7 +350,7 @@ def _hybrid_13b() -> VLConfig:
     return VLConfig(
         name="1.3b-hybrid",
         siglip=SigLIPConfig(),
-        sam=_released_sam(),
+        sam=SAMConfig(),
         aligner=AlignerConfig("low_high_hybrid_split_mlp_gelu"),
         llm=LlamaConfig(dim=2048, n_layers=24, n_heads=16, n_kv_heads=16, ffn_dim=5632),
     )
@@ -364,7 +360,7 @@ def _released_7b() -> VLConfig:
     return VLConfig(
         name="7b",
         siglip=SigLIPConfig(),
-        sam=_released_sam(),
+        sam=SAMConfig(),
         aligner=AlignerConfig("low_high_hybrid_split_mlp_gelu"),
         llm=LlamaConfig(dim=4096, n_layers=30, n_heads=32, n_kv_heads=32, ffn_dim=11008),
     )

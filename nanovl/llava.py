@@ -152,7 +152,7 @@ def llava_row(row, images_dir: str, check_image: Callable[[str], None], as_capti
         if "://" in i:
             raise ValueError(f"image {i!r} is a web address: download the images and name them by their paths in "
                              "the folder given with --images")
-    paths = [os.path.abspath(os.path.join(images_dir, i)) for i in images]
+    paths = named_images(row, images_dir)
     for p in paths:
         check_image(p)
     if row.get("conversations") is None:  # a plain image-caption pair ("conversations": null is none, like "image")

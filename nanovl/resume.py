@@ -37,10 +37,15 @@ def is_finished(out_dir: str) -> bool:
     return all(os.path.exists(os.path.join(out_dir, f)) for f in ("model.pt", "eval.json"))
 
 
+def held_weights(out_dir: str) -> list:
+    """Which of a run's weight files a stage folder holds: ["ckpt.pt", "model.pt"], either, or neither."""
+    return [f for f in ("ckpt.pt", "model.pt") if os.path.exists(os.path.join(out_dir, f))]
+
+
 def refuse_earlier_run(stage: int, out_dir: str, resume: bool):
     """Stop if the stage folder holds an earlier run's checkpoint or final weights that this run would write over:
     without --resume, or with it but no ckpt.pt to go on from (a stage finished is not asked: it is skipped)."""
-    earlier = [f for f in ("ckpt.pt", "model.pt") if os.path.exists(os.path.join(out_dir, f))]
+    earlier = held_weights(out_dir)
     if earlier and (not resume or earlier == ["model.pt"]):
         raise SystemExit(f"{out_dir} already holds {' and '.join(earlier)} from an earlier run: " +
                          ("pass --resume to continue it (a finished stage is skipped)" if not resume else
@@ -96,13 +101,12 @@ def saved_config(folder: str):
 def load_weights(path: str, cfg: VLConfig) -> dict:
     """A model state dict from a stage folder or .pt file, after checking it was made for this model config."""
     path = model_file(path)
-    if not os.path.exists(path):
-        raise SystemExit(f"no checkpoint at {path}")
     try:
-        # weights_only: a pickle holding more than tensors is refused, with the reason
+        # weights_only: a pickle holding more than tensors is refused, with the reason; a missing file is said with
+        # what the folder holds instead (a stage not trained to its end, an --out folder)
         weights, config = nanovl_state(load_plain(path), path)
         check_weights(weights, path)  # as load_model checks them (load_state_dict would convert an integer tensor)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from None
     check_same_config(config, cfg, path)
     with torch.device("meta"):  # (nothing allocated: only the names and shapes are wanted)

@@ -4,13 +4,15 @@ export of weights. None of it is the paper's; it is what a run of hours on share
 SIGTERM, a full disk, a second run into the same folder or a killed torchrun process never costs the work done.
 
     stopping         SIGTERM ends a run as Ctrl-C does (Terminated, sigterm_stops); a folder swap is never cut in
-                     half (uninterrupted); pool workers leave the answering to their parent (quiet_worker)
+                     half (uninterrupted); pool workers leave the answering to their parent (quiet_worker); a stage's
+                     DataLoader workers, killed or stopped with it, end without a traceback (dead_worker,
+                     let_go_of_workers)
     whole files      each file of a training run (checkpoints, metrics, the loss plot), of rows, and of safetensors is
                      written to FILE.tmpPID, synced, then renamed over FILE (atomic_write): a reader or a resume sees
                      the old file or the new one, never half of one (atomic_save, for checkpoints)
     one run a folder a corpus build holds its folder's lock (building), a training run its --out's (lock_out_folder)
     processes        torchrun's processes stop together, at the same step, and leave the group without a traceback
-                     (first_failure, end_process_group, let_go_of_workers)
+                     (first_failure, end_process_group)
     exact resume     the random number generators' state, saved in every checkpoint (rng_state)
 """
 
@@ -99,6 +101,29 @@ def quiet_worker():
     ends each at once (its default, not the parent's Terminated: sigterm_stops)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def dead_worker(e: BaseException) -> bool:
+    """A DataLoader worker process that died (torch raises this RuntimeError wherever the main process is when it
+    learns of it): not a bug of the run, and no failed write."""
+    return isinstance(e, RuntimeError) and str(e).startswith("DataLoader worker")
+
+
+def let_go_of_workers(e: BaseException):
+    """Shut the stopped stage's data workers down now, through the frames of e's traceback, which hold the loader.
+    A SIGTERM reaches the whole process group, so the workers die of it too, and torch's SIGCHLD handler raises for a
+    worker killed by a signal: left to Python's tidying up at exit, the loader's shutdown printed that as a traceback
+    ("Exception ignored in ... DataLoader worker ... is killed by signal: Terminated") after the run's one line, in 3
+    of 4 runs of stage 0 with 2 workers killed so. Here it is expected, and not printed."""
+    def hook(unraisable):
+        if not dead_worker(unraisable.exc_value):
+            previous(unraisable)
+
+    previous, sys.unraisablehook = sys.unraisablehook, hook
+    try:
+        traceback.clear_frames(e.__traceback__)  # (their locals: the loader's iterator, whose __del__ shuts it down)
+    finally:
+        sys.unraisablehook = previous
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -347,29 +372,6 @@ def end_process_group():
     aborted on exit ("terminate called without an active exception")."""
     dist.barrier()
     dist.destroy_process_group()
-
-
-def dead_worker(e: BaseException) -> bool:
-    """A DataLoader worker process that died (torch raises this RuntimeError wherever the main process is when it
-    learns of it): not a bug of the run, and no failed write."""
-    return isinstance(e, RuntimeError) and str(e).startswith("DataLoader worker")
-
-
-def let_go_of_workers(e: BaseException):
-    """Shut the stopped stage's data workers down now, through the frames of e's traceback, which hold the loader.
-    A SIGTERM reaches the whole process group, so the workers die of it too, and torch's SIGCHLD handler raises for a
-    worker killed by a signal: left to Python's tidying up at exit, the loader's shutdown printed that as a traceback
-    ("Exception ignored in ... DataLoader worker ... is killed by signal: Terminated") after the run's one line, in 3
-    of 4 runs of stage 0 with 2 workers killed so. Here it is expected, and not printed."""
-    def hook(unraisable):
-        if not dead_worker(unraisable.exc_value):
-            previous(unraisable)
-
-    previous, sys.unraisablehook = sys.unraisablehook, hook
-    try:
-        traceback.clear_frames(e.__traceback__)  # (their locals: the loader's iterator, whose __del__ shuts it down)
-    finally:
-        sys.unraisablehook = previous
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -32,15 +32,12 @@ SINGLE_NAME = "model.safetensors"
 
 # Format name -> torch dtype, in the order of the Rust library's `Dtype` enum (grouped by item size, smallest first).
 # Writers sort tensors by this rank, descending, so each tensor starts aligned to its item size (the data buffer
-# starts at 8 + N, padded to a multiple of 8), and our bytes equal the library's. The unsigned and fp8 dtypes need a
-# recent torch. (Files from other writers may be unaligned; torch on x86/ARM reads those too, just slower.)
-_DTYPES = {}
-for _name, _attr in [("BOOL", "bool"), ("U8", "uint8"), ("I8", "int8"), ("F8_E5M2", "float8_e5m2"),
-                     ("F8_E4M3", "float8_e4m3fn"), ("I16", "int16"), ("U16", "uint16"), ("F16", "float16"),
-                     ("BF16", "bfloat16"), ("I32", "int32"), ("U32", "uint32"), ("F32", "float32"),
-                     ("F64", "float64"), ("I64", "int64"), ("U64", "uint64")]:
-    if hasattr(torch, _attr):
-        _DTYPES[_name] = getattr(torch, _attr)
+# starts at 8 + N, padded to a multiple of 8), and our bytes equal the library's. (Files from other writers may be
+# unaligned; torch on x86/ARM reads those too, just slower.)
+_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E5M2": torch.float8_e5m2,
+           "F8_E4M3": torch.float8_e4m3fn, "I16": torch.int16, "U16": torch.uint16, "F16": torch.float16,
+           "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
+           "F64": torch.float64, "I64": torch.int64, "U64": torch.uint64}
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _RANK = {name: i for i, name in enumerate(_DTYPES)}
 
