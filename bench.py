@@ -246,10 +246,11 @@ PARTS = {
 
 def part_modes(model: DeepSeekVL) -> dict:
     """'train', 'pass' or 'frozen' for each part the model has, read off its parameters' requires_grad."""
+    from train import under
+
     trains = {}
     for part, (prefixes, _) in PARTS.items():
-        flags = [p.requires_grad for n, p in model.named_parameters()
-                 if any(n == q or n.startswith(q + ".") for q in prefixes)]
+        flags = [p.requires_grad for n, p in model.named_parameters() if under(n, prefixes)]
         if flags:  # a SigLIP-only model has no SAM parts
             trains[part] = any(flags)
     return {part: "train" if trains[part] else "pass" if any(trains.get(u) for u in PARTS[part][1]) else "frozen"
@@ -349,12 +350,11 @@ def measure(step, steps: int, warmup: int, device: str) -> dict:
 _cuda_peak_before_reset = 0
 
 
-def reset_peak_memory(device: str):
+def reset_peak_memory():
     global _cuda_peak_before_reset
-    if device == "cuda":
-        _cuda_peak_before_reset = max(_cuda_peak_before_reset, torch.cuda.max_memory_allocated())
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    _cuda_peak_before_reset = max(_cuda_peak_before_reset, torch.cuda.max_memory_allocated())
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
 
 
 def peak_memory(device: str):
@@ -377,7 +377,7 @@ def timed_run(step, args, device: str):
     before = None
     if device == "cuda":
         torch.cuda.synchronize()
-        reset_peak_memory(device)
+        reset_peak_memory()
         before = torch.cuda.memory_allocated()
     parts = measure(step, args.steps, args.warmup, device)
     return parts, None if before is None else torch.cuda.max_memory_allocated() - before
@@ -481,7 +481,8 @@ def hf_llama(c: LlamaConfig, device: str, dtype, weights=None):
 
 
 def timm_siglip(c: SigLIPConfig):
-    """timm's ViT with DeepSeek's SigLIP settings (the constructor of tests/test_vision.py)."""
+    """timm's ViT with DeepSeek's SigLIP settings: no class token, map pooling (built, never run), exact GELU, eps
+    1e-6 (tests/test_vision.py's parity tests build it here too)."""
     from functools import partial
 
     import torch.nn as nn
@@ -494,7 +495,8 @@ def timm_siglip(c: SigLIPConfig):
 
 
 def sam_encoder(c: SAMConfig):
-    """segment-anything's ImageEncoderViT: SAM's trunk and neck, without DeepSeek's neck_hd and downsample convs."""
+    """segment-anything's ImageEncoderViT: SAM's trunk and neck, without DeepSeek's neck_hd and downsample convs
+    (tests/test_vision.py's parity tests build it here too)."""
     from functools import partial
 
     import torch.nn as nn
@@ -637,7 +639,7 @@ def backward_by_part(model: DeepSeekVL, ids, targets, images, autocast, mark):
     with autocast():
         low, high = towers_by_part(model, images, mark)
         low_in, high_in = cut(low), cut(high)
-        emb = model.aligner(low_in, high_in) if high is not None else model.aligner(low_in)  # (B, n, C)
+        emb = model.aligner(low_in, high_in)  # (B, n, C); high is None unless hybrid
         mark("aligner")
         emb_in = cut(emb)
         x = model.llm.embed_tokens(ids)  # (B, T, C)
@@ -663,7 +665,7 @@ def forward_by_part(model: DeepSeekVL, ids, images, cache, mark):
     that mark(part) closes each part's time: the logits of model(ids, images, cache=cache, last_only=True)
     (tests/test_bench.py checks). Without the forward's input checks, whose one device sync would fall in a part."""
     low, high = towers_by_part(model, images.to(model.dtype), mark)
-    emb = model.aligner(low, high) if high is not None else model.aligner(low)  # (B, n, C)
+    emb = model.aligner(low, high)  # (B, n, C); high is None unless hybrid
     mark("aligner")
     x = model.llm.embed_tokens(ids)  # (B, T, C)
     x = x.masked_scatter((ids == model.cfg.image_token_id)[..., None], emb.to(x.dtype))
@@ -684,7 +686,8 @@ def print_parts(parts: dict, flops: dict, labels: dict, note: str, modes=None):
 def bench_train(args, cfg, device, dtype, spec):
     """One optimizer step on synthetic batches made up front: the VLM under a stage's freeze map, or (--llm-only)
     the decoder on text. Timed twice: as train.py runs it (the headline), then cut at each part's boundary, where a
-    detached copy of the part's output lets each part's backward run as its own timed call (where the time goes)."""
+    detached copy of the part's output lets each part's backward run as its own timed call (where the time goes);
+    with --llm-only once, the plain step's own marks saying where its time goes."""
     from train import apply_freeze_map, trainable_prefixes
 
     model = build(cfg, device)
@@ -772,6 +775,8 @@ def compare_train(args, cfg, model, device, dtype, spec):
     batches = [synthetic_batch(cfg, B, T, device, image=False, seed=s) for s in range(2)]
     flops = B * T * step_flops(llm_forward_flops(cfg.llm, T), "train")
 
+    reference_runs = ("transformers LlamaForCausalLM", "transformers LlamaForCausalLM, compiled")
+
     def time_training(name, net, loss_fn):
         net.train().requires_grad_(True)
         optimizer_step = optimizer_for(net, device)
@@ -785,7 +790,6 @@ def compare_train(args, cfg, model, device, dtype, spec):
 
         return time_runs({name: (step, flops)}, B * T, "tokens/s", args, device, spec, optional=reference_runs)
 
-    reference_runs = ("transformers LlamaForCausalLM", "transformers LlamaForCausalLM, compiled")
     llm, model.llm = model.llm, None
     model.siglip = model.sam = model.aligner = None  # only the decoder takes part
     # (check_ids=False: the range check reads a count back from the device, a sync the plain step skips too)
@@ -897,10 +901,7 @@ def bench_decode(args, cfg, device, dtype, spec):
     made one at a time after that: the steady state. The headline is nanovl.generate's (compiled, with --compile)."""
     from nanovl.generate import DecodeStep, Sampling, generate
 
-    B, P, new = args.batch, args.prompt_len, args.new
-    if new < 3:
-        raise SystemExit(f"--new {new}: decode needs at least 3 new tokens (the first comes from the prefill, the "
-                         "second from the first step, timed apart)")
+    B, P, new = args.batch, args.prompt_len, args.new  # (main: new >= 3, the first two timed apart)
     model = build(cfg, device, dtype).eval()
     with_image = P >= cfg.n_image_tokens + 2
     ids, _, images = synthetic_batch(cfg, B, P, device, image=with_image)
@@ -1082,7 +1083,8 @@ def decode_breakdown(model, prompt, images, new: int, compile: bool, device: str
     2. The step's own work: run 5 times without the graph (step.run, the plain or compiled decode_step) under
        torch.profiler, its GPU kernels (on CPU, its ops) summed by name. Their sum against the replay's time in 1
        shows what the graph still spends between kernels.
-    Returns {step_s, loop_s, kernels_s, kernels: the top ones [{name, calls, s}] per step, device}."""
+    Returns {step_s, loop_s, kernels_s, kernels: the top ones [{name, calls, s}] per step, n_kinds: how many kinds
+    there were, device, batch}."""
     from torch.profiler import ProfilerActivity, profile
 
     from nanovl.generate import DecodeStep
@@ -1275,7 +1277,7 @@ def _bench_tokenizer(args, Tokenizer):
     t0 = time.perf_counter()
     try:
         small = Tokenizer.train(corpus, args.small_vocab)
-    except ValueError as e:  # a vocabulary too small for the bytes and the special tokens, say
+    except ValueError as e:  # a corpus too small for that many merges (too small a vocabulary is refused above)
         raise SystemExit(f"--small-vocab {args.small_vocab}: {e}") from None
     print(f"trained a {small.vocab_size:,}-id tokenizer on {size / 1e6:.1f} MB in {time.perf_counter() - t0:.1f} s")
     runs = [("small", small)]
@@ -1335,8 +1337,9 @@ def _bench_tokenizer(args, Tokenizer):
 # not work on the machine) fails alone: its eager figures, and the references', come from runs of their own.
 # --small runs the same list on the tiny preset (a test).
 
-# The issue's targets: (suite run, what nanovl part, the reference, work, the reference's figure measured on one
-# H200 when the issue was written, what nanovl must reach).
+# The speed targets nanovl set itself (the README's "On one H200" tables them against the figures): (suite run, what
+# nanovl part, the reference, work, the reference's figure as measured on one H200 when the target was set, what
+# nanovl must reach).
 TARGETS = [
     ("train-1.3b", None, "transformers LlamaForCausalLM", "1.3B decoder training step, bf16, 4 x 2048 tokens",
      "35.8k tokens/s, 35% MFU", "50% MFU, 1.4x the reference"),

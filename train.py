@@ -353,12 +353,18 @@ def clipping_groups(net, stage: int) -> dict:
     return groups
 
 
+def under(name: str, prefixes) -> bool:
+    """Whether a parameter's name is one of the module prefixes or lies below one ("llm" holds "llm.norm.weight",
+    not "llm_head.weight")."""
+    return any(name == q or name.startswith(q + ".") for q in prefixes)
+
+
 def apply_freeze_map(model, prefixes) -> dict:
     """requires_grad from a list of module prefixes; returns {top-level module: (trainable, total)} parameters (in
     stage 0, the VLM's modules inside its wrapper, Stage0Model's "model", each on its own, beside the heads)."""
     counts = {}
     for name, p in model.named_parameters():
-        p.requires_grad = any(name == q or name.startswith(q + ".") for q in prefixes)
+        p.requires_grad = under(name, prefixes)
         top = name.removeprefix("model.").split(".")[0]
         t, n = counts.get(top, (0, 0))
         counts[top] = (t + p.numel() * p.requires_grad, n + p.numel())
@@ -680,7 +686,7 @@ def stage_model(stage: int, tc: TrainConfig, cfg: VLConfig, init: list, resume: 
     # (In stage 0 the VLM sits inside Stage0Model as "model", beside the heads.)
     prefixes = [p if stage != 0 or p.split(".")[0] == "heads" else "model." + p for p in given]
     names = [n for n, _ in net.named_parameters()]
-    unknown = [g for g, p in zip(given, prefixes) if not any(n == p or n.startswith(p + ".") for n in names)]
+    unknown = [g for g, p in zip(given, prefixes) if not any(under(n, [p]) for n in names)]
     if tc.trainable and (unknown or not given):  # a typo would train less than asked, without a word
         modules = dict.fromkeys(n.removeprefix("model.").split(".")[0] for n in names)
         raise SystemExit(f"stage {stage}: --trainable {','.join(unknown) or repr(tc.trainable)} names no parameter "

@@ -3,15 +3,15 @@ ImageEncoderViT (SAM-B), torchvision's Resize and Normalize (the hybrid tower's 
 transcription of the facts sheet for DeepSeek's SAM additions and for both adaptors."""
 
 import copy
-from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
-from segment_anything.modeling.image_encoder import ImageEncoderViT
-from timm.models.vision_transformer import VisionTransformer
 
+# The references, built as bench.py --compare builds them (one constructor each): timm's ViT with DeepSeek's SigLIP
+# settings (no class token, map pooling built but unused, exact GELU, eps 1e-6) and segment-anything's ImageEncoderViT
+from bench import sam_encoder as segment_anything_encoder, timm_siglip
 from conftest import ATOL, max_diff, randomize_
 from nanovl.aligner import Aligner
 from nanovl.config import CLIP_MEAN, CLIP_STD, AlignerConfig, SAMConfig, SigLIPConfig
@@ -25,14 +25,6 @@ def same_epsilons(ours: nn.Module, ref: nn.Module):
     eps = {name: m.eps for name, m in ours.named_modules() if hasattr(m, "eps")}
     theirs = {name: m.eps for name, m in ref.named_modules() if hasattr(m, "eps") and "attn_pool" not in name}
     assert theirs and set(theirs) <= set(eps) and {n: eps[n] for n in theirs} == theirs
-
-
-def timm_siglip(cfg: SigLIPConfig) -> VisionTransformer:
-    # timm's SigLIP ViT with DeepSeek's settings: no class token, map pooling (built, unused), exact GELU, eps 1e-6.
-    return VisionTransformer(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
-                             num_heads=cfg.n_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, class_token=False,
-                             global_pool="map", num_classes=0, act_layer=nn.GELU,
-                             norm_layer=partial(nn.LayerNorm, eps=1e-6))
 
 
 def test_siglip_matches_timm():
@@ -66,13 +58,6 @@ def test_siglip_normalises_inside_the_tower_like_torchvision():
 
 SAM_TEST = SAMConfig(image_size=128, patch_size=16, width=64, depth=4, n_heads=4, window_size=3, global_blocks=(1, 3),
                      neck_dim=32, downsample_dims=(32, 48), pixel_mean=None, pixel_std=None)
-
-
-def segment_anything_encoder(cfg: SAMConfig) -> ImageEncoderViT:
-    return ImageEncoderViT(img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.depth,
-                           num_heads=cfg.n_heads, mlp_ratio=cfg.mlp_ratio, out_chans=cfg.neck_dim, qkv_bias=True,
-                           norm_layer=partial(nn.LayerNorm, eps=1e-6), act_layer=nn.GELU, use_abs_pos=True,
-                           use_rel_pos=True, window_size=cfg.window_size, global_attn_indexes=cfg.global_blocks)
 
 
 def test_sam_matches_segment_anything():
