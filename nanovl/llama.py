@@ -154,7 +154,8 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nkv, S, hs): S = tokens so far (decode_step: its span, or all max_len slots when recorded or compiled)
+            # (B, nkv, S, hs): S = tokens so far (decode_step: its span, or all max_len slots when recorded or compiled)
+            k, v = cache.update(layer, k, v)
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: head i reads kv head i // (nh / nkv)
             k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, S, hs)
             v = v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)  # (B, nh, S, hs)
