@@ -147,15 +147,22 @@ def test_part_modes_follow_train_py_freeze_maps():
     assert modes[3] == dict(vision, siglip="train", llm="train")
 
 
-def test_the_training_step_updates_with_train_pys_two_learning_rate_groups():
+def test_the_training_step_updates_with_train_pys_two_learning_rate_groups(monkeypatch):
     # bench.py times train.py's optimizer, not a copy of it: the vision side moves at vision_lr_mult (0.1) times the
-    # rate of the rest. (Adam's first step moves every weight by about the learning rate, whatever its gradient.)
+    # rate of the rest. (Adam's first step moves every weight by about the learning rate, whatever its gradient, so
+    # the clipping, which would not show in the weights, is watched: each of train.py's clipping groups at grad_clip.)
     model = DeepSeekVL(get_config("tiny"))
     train.apply_freeze_map(model, train.trainable_prefixes(3, model.cfg))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     for p in model.parameters():
         p.grad = torch.ones_like(p) if p.requires_grad else None
+    clip, clipped = torch.nn.utils.clip_grad_norm_, []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm: clipped.append(({id(p) for p in params}, max_norm)) or
+                        clip(params, max_norm))
     bench.optimizer_for(model, "cpu", 3)()
+    groups = train.clipping_groups(model, 3).values()
+    assert clipped == [({id(p) for p in group}, train.TrainConfig().grad_clip) for group in groups]
     moved = {n: (p.detach() - before[n]).abs().mean().item() for n, p in model.named_parameters() if n in before}
     vision = [m for n, m in moved.items() if n.startswith(("siglip.", "sam."))]
     rest = [m for n, m in moved.items() if not n.startswith(("siglip.", "sam."))]

@@ -495,13 +495,15 @@ def test_a_bad_turn_leaves_the_session_as_it_was(tiny, tok, tmp_path):
 
 def test_generate_builds_no_autograd_graph(tiny):
     # (a function put between generate and its no_grad decorator took the decorator: every step then kept its graph)
+    # A decoder layer runs in the prefill and in every step (Llama.decode_step is a method, which a hook on the Llama
+    # module itself would not see): the prefill and two steps, the third token never fed back.
     grad_on = []
-    handle = tiny.llm.register_forward_pre_hook(lambda module, args: grad_on.append(torch.is_grad_enabled()))
+    handle = tiny.llm.layers[0].register_forward_pre_hook(lambda module, args: grad_on.append(torch.is_grad_enabled()))
     try:
         generate(tiny, [[1, 5, 6]], sampling=Sampling(max_new_tokens=3))
     finally:
         handle.remove()
-    assert grad_on and not any(grad_on)
+    assert len(grad_on) == 3 and not any(grad_on)
 
 
 def test_prompt_longer_than_the_context_or_empty_is_refused(tiny, tok):

@@ -71,10 +71,22 @@ def test_released_parameter_counts_match_the_facts_sheet(preset):
 
 
 def test_every_preset_builds_with_equal_token_counts_from_both_branches():
+    # Each preset's towers, run on the "meta" device (shapes only: the released sizes cost no memory or time), give
+    # the token count its config says, from both branches of a hybrid, in the decoder's width.
     for name in ("tiny", "small", "1.3b", "1.3b-hybrid", "7b"):
         cfg = get_config(name)
+        with torch.device("meta"):
+            model = DeepSeekVL(cfg).to("meta")  # (the pixel statistics are made on the CPU)
+            towers = {}
+            for tower in ("siglip", "sam"):
+                if getattr(model, tower) is not None:
+                    getattr(model, tower).register_forward_hook(
+                        lambda module, args, out, tower=tower: towers.update({tower: tuple(out.shape)}))
+            embeds = model.encode_images(torch.empty(1, 3, cfg.image_size, cfg.image_size), check=False)
+        assert tuple(embeds.shape) == (1, cfg.n_image_tokens, cfg.llm.dim), name
+        assert towers == {"siglip": (1, cfg.n_image_tokens, cfg.siglip.width)} | (
+            {"sam": (1, cfg.n_image_tokens, cfg.sam.downsample_dims[-1])} if cfg.hybrid else {}), name
         if cfg.hybrid:
-            assert cfg.sam.out_grid == cfg.siglip.grid
             assert cfg.sam.upsample_size * 2 == cfg.sam.grid * 3  # upsampled by 1.5, as 64 -> 96
     assert get_config("7b").n_image_tokens == 576 and get_config("1.3b").n_image_tokens == 576
 
@@ -129,9 +141,11 @@ def test_precomputed_image_embeddings_stand_in_for_images(tiny):
     with torch.no_grad():
         logits, _ = model(ids, images)
         shared, _ = model(ids, image_embeds=model.encode_images(images[:1])[[0, 0]])
-        # (embeddings of another dtype, from a bf16 tower say, are cast to the decoder's)
-        half, _ = model(ids, image_embeds=model.encode_images(images[:1])[[0, 0]].bfloat16())
-    assert max_diff(shared, logits) < ATOL and max_diff(half, logits) < 0.05
+        # (embeddings of another dtype, from a bf16 tower say, are cast to the decoder's: exactly the bf16 values)
+        emb = model.encode_images(images[:1])[[0, 0]]
+        half, _ = model(ids, image_embeds=emb.bfloat16())
+        rounded, _ = model(ids, image_embeds=emb.bfloat16().float())
+    assert max_diff(shared, logits) < ATOL and torch.equal(half, rounded) and max_diff(half, logits) < 0.01
     with pytest.raises(ValueError, match="images or image_embeds, not both"):
         model(ids, images, image_embeds=torch.zeros(n, cfg.n_image_tokens, cfg.llm.dim))
     with pytest.raises(ValueError, match=r"image_embeds of shape \(N, 36, 128\), got \(2, 36, 64\)"):

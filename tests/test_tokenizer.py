@@ -108,7 +108,7 @@ def _spec(pre_tokenizer) -> dict:
     return json.loads(hf.to_str())["pre_tokenizer"]
 
 
-def test_deepseek_letter_class_is_intact():
+def test_deepseek_split_patterns_are_intact():
     # The parity tests feed tokenizers our own copy of the patterns, so they cannot see a damaged copy. The letter
     # class must hold exactly the released 2729 code points, all cased letters, including the six that Unicode
     # normalisation changes (a normalised "K-ℭ" would silently become the huge range U+004B..U+212D).
@@ -117,6 +117,10 @@ def test_deepseek_letter_class_is_intact():
     assert len(members) == 2729
     assert {unicodedata.category(chr(cp)) for cp in members} == {"Lu", "Ll", "Lt"}
     assert {0x1F7D, 0x1FBE, 0x1FD3, 0x1FDB, 0x2126, 0x212A} <= set(members)
+    # The other five, as the facts sheet writes them (section 10, the llama.cpp transcription), to the code point
+    assert [DEEPSEEK_SPLITS[i] for i in (0, 2, 3, 4, 5)] == [
+        r"[\r\n]", "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+", r"\s+$",
+        "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+", r"\p{N}+"]
 
 
 def test_gpt2_byte_level_regex_matches_tokenizers(ours):

@@ -304,10 +304,12 @@ def test_questions_built_in_python_are_checked_as_a_files_rows_are(data):
     with pytest.raises(ValueError, match="batch_questions must be an integer of at least 1, got 0"):
         evaluate.multiple_choice(model, [good], tok, ImageProcessor.for_config(cfg), cfg.n_image_tokens,
                                  batch_questions=0)
-    assert evaluate.multiple_choice(model, [good], tok, None, cfg.n_image_tokens)["code"] in (0.0, 1.0)
+    blue = FavouriteTokens(tok.vocab_size, tok.encode(" blue"), 10.0)  # picks "blue", option 1
+    assert evaluate.multiple_choice(blue, [good], tok, None, cfg.n_image_tokens)["code"] == 1.0
     import numpy as np  # (numpy's integers are integers: an answer index, a batch size)
-    assert evaluate.multiple_choice(model, [dict(good, answer=np.int64(1))], tok, None, cfg.n_image_tokens,
-                                    batch_questions=np.int64(2))["code"] in (0.0, 1.0)
+    for answer, accuracy in ((1, 1.0), (0, 0.0)):
+        assert evaluate.multiple_choice(blue, [dict(good, answer=np.int64(answer))], tok, None, cfg.n_image_tokens,
+                                        batch_questions=np.int64(2))["code"] == accuracy
 
 
 class ImageEcho(torch.nn.Module):
@@ -1569,6 +1571,12 @@ def test_a_new_stage_trains_with_the_tokenizer_of_the_weights_it_starts_from(dat
     train.main(common + ["--init_from", str(start / "model.pt"), "--out", str(tmp_path / "c"),  # the same one: fine
                          "--tokenizer", os.path.join(data, "tokenizer.json")])
     assert "no tokenizer.json beside" not in capsys.readouterr().out
+    # Without --tokenizer, the one beside the weights is taken, not the data's (here another of the same size)
+    shutil.copy(tmp_path / "other.json", start / "tokenizer.json")
+    train.main(common + ["--init_from", str(start / "model.pt"), "--out", str(tmp_path / "d")])
+    trained_with = Tokenizer.load(tmp_path / "d" / "stage3" / "tokenizer.json")
+    assert trained_with.same_ids(Tokenizer.load(start / "tokenizer.json"))
+    assert not trained_with.same_ids(Tokenizer.load(os.path.join(data, "tokenizer.json")))
 
 
 def test_weights_that_travel_without_their_tokenizer_refuse_another_by_its_fingerprint(data, start_weights, tmp_path,
