@@ -227,7 +227,8 @@ class Llama(nn.Module):
         stay inside each sample, as if the samples had been run one by one (the paper packs stage 2, Table 4).
         Returns (logits (B, T, vocab), None) without targets, (None, loss) with them: the loss is computed without
         ever holding all the logits (LinearCrossEntropy). With reduction="sum" the loss is the summed cross-entropy, for
-        callers that normalise by the supervised-token count of several micro-batches; with reduction="none" it is
+        callers that normalise by the supervised-token count of several micro-batches, or score whole texts
+        (evaluate.text_bits); with reduction="none" it is
         each position's cross-entropy (B, T), 0 where the target is -100, for scoring answers. last_only (generation, no
         targets) gives the logits of the last position only, (B, 1, vocab): a prompt of T tokens then costs one
         lm_head row instead of T (with a 102400-word vocabulary, lm_head is a seventh of each token's FLOPs at 1.3B,
@@ -309,8 +310,8 @@ class Llama(nn.Module):
             nll[keep] = F.cross_entropy(self.lm_head(h[keep]).float(), flat[keep], reduction="none")
             return None, nll.view(B, T)
 
-        # Training: the loss straight from the hidden states, chunk by chunk (LinearCrossEntropy, below); the full
-        # (B, T, vocab) logits are never made, so none are returned.
+        # Training (and held-out text): the loss straight from the hidden states, chunk by chunk (LinearCrossEntropy,
+        # below); the full (B, T, vocab) logits are never made, so none are returned.
         need_grads = torch.is_grad_enabled() and (h.requires_grad or self.lm_head.weight.requires_grad)
         rows = max(1, 2 ** 27 // self.cfg.vocab_size)  # a chunk's fp32 logits: 512 MiB at most (1310 x 102400)
         loss = LinearCrossEntropy.apply(h, self.lm_head.weight, targets.flatten(), rows, need_grads)

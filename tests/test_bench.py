@@ -150,7 +150,7 @@ def test_part_modes_follow_train_py_freeze_maps():
 def test_the_training_step_updates_with_train_pys_two_learning_rate_groups(monkeypatch):
     # bench.py times train.py's optimizer, not a copy of it: the vision side moves at vision_lr_mult (0.1) times the
     # rate of the rest. (Adam's first step moves every weight by about the learning rate, whatever its gradient, so
-    # the clipping, which would not show in the weights, is watched: each of train.py's clipping groups at grad_clip.)
+    # the clipping, which would not show in the weights, is watched: stage 3's one clipping group, at grad_clip.)
     model = DeepSeekVL(get_config("tiny"))
     train.apply_freeze_map(model, train.trainable_prefixes(3, model.cfg))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -251,8 +251,8 @@ def test_an_unchecked_training_step_never_waits_for_the_device():
 
 
 def test_siglip_in_bf16_matches_timm_in_fp32():
-    pytest.importorskip("torchvision")  # (test_vision, where the oracle is built, imports it)
-    from test_vision import timm_siglip
+    pytest.importorskip("torchvision")  # (timm imports it)
+    from bench import timm_siglip
 
     # head size 64 and 576 tokens, as SigLIP-L/16 at 384, for the attention kernels to see the released shapes
     cfg = SigLIPConfig(image_size=384, patch_size=16, width=256, depth=2, n_heads=4, pixel_mean=None, pixel_std=None)
@@ -267,8 +267,8 @@ def test_siglip_in_bf16_matches_timm_in_fp32():
 
 
 def test_sam_in_bf16_matches_segment_anything_in_fp32():
-    pytest.importorskip("torchvision")  # (test_vision, where the oracle is built, imports it)
-    from test_vision import segment_anything_encoder
+    pytest.importorskip("torchvision")  # (segment-anything's package imports it)
+    from bench import sam_encoder as segment_anything_encoder
 
     # SAM-B's head size (64) and windows (14, padded 16 -> 28 tokens a side: 196-token windows, 256 global tokens),
     # so the additive relative-position bias meets the kernels at the released model's awkward sizes
