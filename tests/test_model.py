@@ -2,6 +2,8 @@
 table, and the config system."""
 
 import json
+import math
+import os
 
 import pytest
 import torch
@@ -600,3 +602,13 @@ def test_bad_configs_are_refused_with_the_reason():
                           ({"llm": dict(good["llm"], colour=1)}, r"unknown llm config fields \['colour'\]")]:
         with pytest.raises(ValueError, match=message):
             VLConfig.from_dict({**good, **edit})
+
+
+def test_the_readmes_forward_pass_by_hand_runs_as_written(capsys):
+    # The README's first snippet is what a newcomer runs first: it runs, and prints the shapes and loss it says.
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    section = readme.split("### A forward pass by hand", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    exec(compile(code, "README.md", "exec"), {})
+    shape, loss = capsys.readouterr().out.split(") tensor(")
+    assert shape == "torch.Size([1, 40, 2048]" and abs(float(loss.split(",")[0]) - math.log(2048)) < 0.5
