@@ -570,6 +570,26 @@ def stage_folder(tiny, tok, tmp_path_factory):
     return folder
 
 
+def test_the_readmes_python_chat_runs_as_written(stage_folder, tok, tmp_path, capsys, monkeypatch):
+    # The README's snippet of the library's chat API (load_model, render_chat, generate, the loss on an answer,
+    # ChatSession), run as written in a folder laid out as it expects: out/stage3 and one of data/'s images. (Random
+    # weights never say their end-of-sentence: each chat answer runs to the 512 new tokens, which the context holds.)
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8").read()
+    code = readme.split("## Chat: `sample.py`", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    folder = tmp_path / "out" / "stage3"
+    folder.mkdir(parents=True)
+    cfg = get_config("tiny", **{"llm.vocab_size": tok.vocab_size, "llm.max_seq_len": 1536})
+    torch.save({"model": DeepSeekVL(cfg).state_dict(), "config": cfg.to_dict()}, folder / "model.pt")
+    tok.save(folder / "tokenizer.json")
+    (tmp_path / "data" / "images" / "caption").mkdir(parents=True)
+    os.symlink(stage_folder / "cat.png", tmp_path / "data" / "images" / "caption" / "eval_000000.png")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    out = capsys.readouterr().out
+    loss = [line for line in out.splitlines() if line.startswith("loss ")]
+    assert len(loss) == 1 and 0 < float(loss[0].split()[1]) < 20, out
+
+
 def test_sample_answers_a_prompt_and_streams_the_text(stage_folder, tiny, tok, capsys, monkeypatch):
     streamed = []  # what had been printed by the time generation ended
 
