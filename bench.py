@@ -830,10 +830,10 @@ def bench_prefill(args, cfg, device, dtype, spec):
     ids, _, images = synthetic_batch(cfg, B, T, device)
     cache = model.llm.new_cache(B, max_len=T)  # allocated once; each run writes every slot it reads again
 
-    def prefill(i, net=model, x=ids, images=images, **kw):
+    def prefill(i):
         cache.length = 0
         # a prompt's forward for generation: only the last position's logits are needed (and computed)
-        net(x, images, cache=cache, last_only=True) if images is not None else net(x, cache=cache, last_only=True, **kw)
+        model(ids, images, cache=cache, last_only=True)
 
     def prefill_by_part(mark, i):
         cache.length = 0
@@ -861,8 +861,13 @@ def bench_prefill(args, cfg, device, dtype, spec):
         hf = reference("transformers", lambda: hf_llama(cfg.llm, device, dtype, model.llm.state_dict()))
         if hf is not None:
             text, _, _ = synthetic_batch(cfg, B, T, device, image=False)
+
+            def prefill_text(i):
+                cache.length = 0
+                model.llm(text, cache=cache, last_only=True, check_ids=False)
+
             flops = B * T * step_flops(llm_forward_flops(cfg.llm, T), "frozen") - unused_head
-            runs = {"nanovl Llama": (lambda i: prefill(i, model.llm, text, None, check_ids=False), flops),
+            runs = {"nanovl Llama": (prefill_text, flops),
                     "transformers LlamaForCausalLM": (lambda i: hf(input_ids=text, use_cache=True, logits_to_keep=1),
                                                       flops)}
             with torch.inference_mode():
