@@ -264,8 +264,12 @@ def _compile_pre_tokenizer(spec) -> list:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Added tokens, as tokenizer.json writes them and the tokenizers library numbers them
 
-_CACHE_SIZE = 1 << 18  # pieces remembered per cache; a full cache is simply emptied
+def special_token(id: int, content: str) -> dict:
+    """A special token's tokenizer.json entry: matched literally, never split or normalised."""
+    return {"id": id, "content": content, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
+            "special": True}
 
 
 def added_token_id(content: str, vocab: dict, taken) -> int:
@@ -273,6 +277,9 @@ def added_token_id(content: str, vocab: dict, taken) -> int:
     gives): its vocab id if the vocab has it, else the next after the vocab and the added tokens."""
     top = max(taken, default=-1)
     return vocab[content] if content in vocab else top + 1 if top >= len(vocab) else len(vocab)
+
+
+_CACHE_SIZE = 1 << 18  # pieces remembered per cache (Tokenizer's, below); a full cache is simply emptied
 
 
 class Tokenizer:
@@ -518,8 +525,7 @@ class Tokenizer:
         gives it (added_token_id), as transformers' add_special_tokens adds one."""
         if content in self._added:
             return self
-        token = {"id": added_token_id(content, self.vocab, self._added.values()), "content": content,
-                 "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+        token = special_token(added_token_id(content, self.vocab, self._added.values()), content)
         return Tokenizer(self.vocab, self.merges, self.added_tokens + [token], self.pre_tokenizer, self.ignore_merges,
                          self.post_processor)
 
@@ -533,8 +539,7 @@ class Tokenizer:
         k = len(special_tokens)
         if vocab_size < k + 256:
             raise ValueError(f"vocab_size {vocab_size} is too small: {k} special tokens + 256 byte tokens come first")
-        added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
-                  "special": True} for i, t in enumerate(special_tokens)]
+        added = [special_token(i, t) for i, t in enumerate(special_tokens)]
         base = cls({**{t: i for i, t in enumerate(special_tokens)}, **{BYTE_TO_CHAR[b]: k + b for b in range(256)}}, [],
                    added)  # (the special tokens in its vocab too, as in the one returned: see the end)
         # 1. Count pre-token pieces: BPE never merges across pieces, so each distinct piece is one "word" with a count.
