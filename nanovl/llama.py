@@ -10,7 +10,7 @@ builds from its `language_config` (paper section 3.1, facts section 5).
 Decoding. The prefill is one forward pass over the whole prompt (its images spliced in) that fills the cache; then
 tokens go in one at a time. `KVCache` preallocates keys and values for every layer, so decoding one token costs one
 token's compute: each call writes its new keys at the end of the filled part and attends over the filled part. Batched
-prompts are left-padded, so that every row's last token sits at the same position, where decoding goes on from;
+prompts are left-padded, so that every row's last token sits at the last position, where decoding continues;
 `pad_mask` says which positions are real. Positions then count real tokens only (the cumulative sum of the
 mask, as HF's generate does), and no real query attends a padding key. `decode_step` is the same one-token step with
 fixed shapes, which a GPU records once as a CUDA graph (the step's kernels captured once and relaunched as one unit, so
