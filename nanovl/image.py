@@ -177,13 +177,11 @@ class ImageProcessor:
 def low_resolution(images: torch.Tensor, size: int) -> torch.Tensor:
     """(N, 3, S, S) canvases -> (N, 3, size, size): the hybrid tower's input to SigLIP, made from the same canvas as
     SAM's by torchvision's Resize(size, antialias=True) in the official code, i.e. bilinear with antialiasing."""
-    if images.dtype not in (torch.float32, torch.float64):
-        # torchvision's tensor resize computes in fp32 whatever it is given and rounds the result back (its
-        # _cast_squeeze_in), so a bf16 model gets the official pixels only this way: a GPU's bf16 kernel keeps its
-        # weights and sums in bf16, which moves a fifth of the pixels by up to a grey level.
-        return F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False,
-                             antialias=True).to(images.dtype)
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    # torchvision's tensor resize computes in fp32 whatever it is given and rounds the result back (its
+    # _cast_squeeze_in), so a bf16 model gets the official pixels only this way: a GPU's bf16 kernel keeps its weights
+    # and sums in bf16, which moves a fifth of the pixels by up to a grey level.
+    x = images if images.dtype in (torch.float32, torch.float64) else images.float()
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).to(images.dtype)
 
 
 class CachedProcessor:
