@@ -414,27 +414,33 @@ def json_error(e: Exception, lines: bool = True) -> str:
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 
 
+def json_lines(text: str):
+    """(line number, line, row) for each line of a JSON-lines text that is not blank; for a line that is not JSON,
+    the row is the ValueError that says why. Split at "\n" only: str.splitlines would also split at characters a JSON
+    string may hold raw (U+2028, U+0085, ...), cutting such a row in two."""
+    for n, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            try:
+                yield n, line, json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                yield n, line, ValueError(f"not valid JSON: {json_error(e, lines=False)}{cr_only(line)}")
+
+
 def read_jsonl(path: str, origin: bool = False) -> List[dict]:
     """All rows of a JSON-lines file; a malformed line is an error that names the file and line. origin=True also
     writes where each row came from into it ("_where": "FILE, line N"), for the errors found in it later."""
     rows = []
-    # Split at "\n" only: str.splitlines would also split at characters a JSON string may hold raw (U+2028, U+0085,
-    # ...), cutting such a row in two (nanovl/llava.py's iter_json_rows splits the same way)
-    for n, line in enumerate(read_text(path).split("\n"), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
-                raise ValueError(f"{path}, line {n}: not valid JSON: {json_error(e, lines=False)}{cr_only(line)}"
-                                 ) from None
-            # The file itself is UTF-8, so only a JSON escape can spell half a character (a pair spells a whole one).
-            if SURROGATE_ESCAPE.search(line) and (bad := half_character(row)):
-                raise ValueError(f"{path}, line {n}: {bad}")
-            if origin:
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
-                row["_where"] = f"{path}, line {n}"
-            rows.append(row)
+    for n, line, row in json_lines(read_text(path)):
+        if isinstance(row, ValueError):
+            raise ValueError(f"{path}, line {n}: {row}")
+        # The file itself is UTF-8, so only a JSON escape can spell half a character (a pair spells a whole one).
+        if SURROGATE_ESCAPE.search(line) and (bad := half_character(row)):
+            raise ValueError(f"{path}, line {n}: {bad}")
+        if origin:
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}, line {n}: expected a JSON object, got {type(row).__name__}")
+            row["_where"] = f"{path}, line {n}"
+        rows.append(row)
     return rows
 
 

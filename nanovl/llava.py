@@ -28,7 +28,7 @@ import shutil
 from typing import Callable, List, Tuple
 
 from nanovl.chat import IMAGE_TAG, check_conversation
-from nanovl.data import (check_images, cr_only, folder_kind, half_character, image_error, json_error, read_text,
+from nanovl.data import (check_images, folder_kind, half_character, image_error, json_error, json_lines, read_text,
                          write_jsonl)
 from nanovl.runs import LEFTOVER
 
@@ -49,21 +49,17 @@ def iter_json_rows(path: str):
     array written by json.dump is often all on one line. A broken array yields a BrokenFile where it breaks, last."""
     text = read_text(path)
     start = len(text) - len(text.lstrip())
-    if text[start:start + 1] != "[":  # JSON lines: one row a line. Split at "\n" only: str.splitlines would also
-        # split at characters a JSON string may hold raw (U+2028, U+0085, ...), cutting such a row in two.
-        for n, line in enumerate(text.split("\n"), 1):
-            if line.strip():
-                try:
-                    yield f"line {n}", json.loads(line)
-                except (json.JSONDecodeError, RecursionError) as e:
-                    if n == 1 + text.count("\n", 0, start):  # the first row: is the file one JSON object, not rows?
-                        whole = json_or_none(text)
-                        if isinstance(whole, dict):
-                            raise one_object(path, whole) from None
-                        if spans_lines(text, start):
-                            raise ValueError(f"{path} holds rows written over several lines (as jq '.[]' prints "
-                                             "them): expected a JSON array of rows, or one row a line (jq -c)")
-                    yield f"line {n}", ValueError(f"not valid JSON: {json_error(e, lines=False)}{cr_only(line)}")
+    if text[start:start + 1] != "[":  # JSON lines: one row a line
+        for n, _, row in json_lines(text):
+            if isinstance(row, ValueError) and n == 1 + text.count("\n", 0, start):
+                # the first row: is the file one JSON object, not rows?
+                whole = json_or_none(text)
+                if isinstance(whole, dict):
+                    raise one_object(path, whole) from None
+                if spans_lines(text, start):
+                    raise ValueError(f"{path} holds rows written over several lines (as jq '.[]' prints them): "
+                                     "expected a JSON array of rows, or one row a line (jq -c)")
+            yield f"line {n}", row
         return
     decoder, pos, line, counted, k = json.JSONDecoder(), start + 1, 1, 0, 0
 
