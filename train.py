@@ -1075,8 +1075,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
         change = data_change(state["data"], fingerprint)
         # The folders that run read, where other ones are read now (a forgotten --extra_data, say): its settings keep
         # them as given, though folders may have moved since. (Stage 0 reads --data alone.)
-        was = state.get("train") if isinstance(state.get("train"), dict) else {}
-        was = data_folders(stage, was.get("data") or "", was.get("extra_data") or "")
+        given = state.get("train") if isinstance(state.get("train"), dict) else {}  # (its settings, as given)
+        was = data_folders(stage, given.get("data") or "", given.get("extra_data") or "")
         if change and was[0] and [os.path.realpath(f) for f in was] != [os.path.realpath(f) for f in read]:
             change += f"; that run read --data {was[0]}" + (f" --extra_data {','.join(was[1:])}" if was[1:] else "")
         if change:
