@@ -317,6 +317,16 @@ def unread_format(path) -> str:
     return ""
 
 
+def upright_size(img: Image.Image) -> Tuple[int, int]:
+    """(width, height) of the picture as to_rgb gives it, read from the header alone: an EXIF orientation of 5 to 8
+    (a phone held sideways) turns it a quarter, swapping the two."""
+    try:
+        orientation = img.getexif().get(0x0112, 1)
+    except Exception:  # (a damaged EXIF block: the image is taken as stored, as exif_transpose takes it)
+        orientation = 1
+    return img.size[::-1] if orientation in (5, 6, 7, 8) else img.size
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB, with the EXIF orientation applied.
 

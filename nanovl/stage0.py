@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 
 from nanovl.config import LlamaConfig, VLConfig
 from nanovl.data import PlannedBatches, epochs, hash_chunks, plan_digest
+from nanovl.image import upright_size
 from nanovl.llama import Llama
 from nanovl.model import DeepSeekVL
 from nanovl.synth import SEG_LABELS
@@ -89,16 +90,16 @@ class Stage0Heads(nn.Module):
 def seg_labels(path: str, processor, grid: int, n_classes: int, image_path: str = "") -> torch.Tensor:
     """A label map through the same resize-and-pad as its image (nearest, never blending labels), then down to the
     patch grid: (grid, grid) long tensor, 0 (background) in the padding. It must be a greyscale image whose pixels are
-    class ids below n_classes (the segmentation head's outputs), of the size of its image (at image_path, when given):
-    another picture given as a label map is refused here, by name, not deep in the loss or shifted against its
-    image."""
+    class ids below n_classes (the segmentation head's outputs), of the size of its image (at image_path, when given)
+    as the model sees it, upright (a photo's EXIF orientation applied): another picture given as a label map is
+    refused here, by name, not deep in the loss or shifted against its image."""
     try:
         with Image.open(path) as img:
             if img.mode != "L":  # (a palette or colour image converted to grey would give luminances, not ids)
                 raise ValueError(f"label map {path} is a {img.mode} image; expected greyscale (mode L) class ids")
             if image_path:
-                with Image.open(image_path) as image:  # (the header only: its size)
-                    size = image.size
+                with Image.open(image_path) as image:  # (the header only: its size, upright)
+                    size = upright_size(image)
                 if img.size != size:
                     raise ValueError(f"label map {path} is {img.size[0]}x{img.size[1]} but its image is {size[0]}x"
                                      f"{size[1]}: padded to a square, its labels would be shifted against it")

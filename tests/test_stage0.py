@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from nanovl import DeepSeekVL, get_config
-from nanovl.image import ImageProcessor
+from nanovl.image import ImageProcessor, load_image
 from nanovl.stage0 import Stage0Heads, seg_labels
 
 
@@ -79,6 +79,28 @@ def test_label_maps_take_the_images_geometry_and_never_blend_labels(tmp_path):
     Image.fromarray(labels).convert("RGB").save(tmp_path / "colour.png")  # made grey, it would hold luminances
     with pytest.raises(ValueError, match=r"colour.png is a RGB image; expected greyscale \(mode L\) class ids"):
         seg_labels(str(tmp_path / "colour.png"), ImageProcessor(image_size=96), grid=12, n_classes=6)
+
+
+def test_a_label_map_is_drawn_over_the_picture_upright_as_the_model_sees_it(tmp_path):
+    # A photo stored 64 x 32 with an EXIF orientation of 6 is seen upright, 32 x 64 (load_image turns it): its label
+    # map is drawn over that, and lands on the same patches as the picture (the stored size was compared, so such a
+    # map was refused and one drawn over the stored pixels taken, a quarter turn off).
+    stored = np.zeros((32, 64, 3), dtype=np.uint8)
+    stored[:, :32] = 255  # the left half white, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
+    proc = ImageProcessor(image_size=96)
+    upright = load_image(tmp_path / "photo.png")
+    assert upright.size == (32, 64)
+    white = (np.asarray(upright.convert("L")) > 128).astype(np.uint8)  # label 1 where the picture is white
+    Image.fromarray(white).save(tmp_path / "labels.png")
+    grid = seg_labels(str(tmp_path / "labels.png"), proc, grid=12, n_classes=2, image_path=str(tmp_path / "photo.png"))
+    seen = np.asarray(proc.canvas(upright).convert("L").resize((12, 12), Image.Resampling.NEAREST)) > 128
+    assert grid.tolist() == seen.astype(int).tolist() and 0 < grid.sum() < 144
+    Image.fromarray(np.zeros((32, 64), dtype=np.uint8)).save(tmp_path / "stored.png")  # over the stored pixels
+    with pytest.raises(ValueError, match="stored.png is 64x32 but its image is 32x64"):
+        seg_labels(str(tmp_path / "stored.png"), proc, grid=12, n_classes=2, image_path=str(tmp_path / "photo.png"))
 
 
 def test_contrastive_batches_hold_distinct_captions_planned_by_seed():
