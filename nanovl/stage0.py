@@ -7,8 +7,9 @@ DeepSeek-LLM (paper section 3.1); a scaled-down preset has none of those, so it 
                      that exists only for this stage: matching (image, caption) pairs are pushed to a positive logit,
                      every other pair in the batch to a negative one, each pair an independent binary decision.
                      Every batch holds distinct captions (plan_distinct), so no other pair repeats a pair's caption;
-                     a caption can still be true of another image ("Three shapes."), about 1 pair in 10 here: the
-                     loss calls those negatives too, as SigLIP's does on its web pairs
+                     a caption can still be true of another image ("Three shapes."): about 1% of the other pairs in
+                     the tiny data's batches of 48 (counting counts and colours; over a third of the rows meet one).
+                     The loss calls those negatives too, as SigLIP's does on its web pairs
     SAM              a dense objective, as SAM itself is trained on masks: a 1x1 conv on the neck's feature map predicts
                      each patch's label (background, or which coloured shape covers it) in the synthetic scenes
 
