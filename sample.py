@@ -143,6 +143,8 @@ def answer_prompts(args, prompts, model, tok, proc, sampling, pictures):
                         on_step=(lambda nxt: text.add(int(nxt[0]))) if stream else None, compile=args.compile)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    if stream:
+        text.finish()  # (a character the last token left incomplete)
     # generate ends every answer where the context does (the longest prompt, left-padded, sets where): an answer
     # that got there without its end-of-sentence was cut, and says so, as the chat does.
     room = ctx - max(len(i) for i in ids) + 1  # (the last new token is never fed back, so it needs no slot)

@@ -341,7 +341,16 @@ class TextStream:
     def add(self, token: int):
         text = self.tok.decode(self.ids + [token], skip_special_tokens=True).lstrip()  # (a bad id: refused, not kept)
         self.ids.append(token)
-        if self.on_text is not None and not text.endswith("\ufffd") and len(text) > len(self.shown):
+        if not text.endswith("\ufffd"):
+            self.show(text)
+
+    def finish(self):
+        """Once the answer has ended: what it still holds back, a character its last token left incomplete, shown as
+        the returned text has it ("\ufffd")."""
+        self.show(self.tok.decode(self.ids, skip_special_tokens=True).lstrip())
+
+    def show(self, text: str):
+        if self.on_text is not None and len(text) > len(self.shown):
             self.on_text(text[len(self.shown):])
             self.shown = text
 
@@ -435,6 +444,7 @@ class ChatSession:
                 self.seed = sampling.seed
             out = _decode(self.model, self.step, logits[:, -1], sampling, {self.tok.eos_id}, self.tok.pad_id,
                           self.tok.vocab_size, lambda nxt: stream.add(int(nxt[0])), self.generator)  # (1, n)
+            stream.finish()
         except BaseException:
             self.cache.length = start  # forget the half-written turn: the next one overwrites those slots
             raise

@@ -435,6 +435,25 @@ def test_a_character_split_across_tokens_is_streamed_once_it_is_whole(tok):
         with pytest.raises(ValueError):  # a bad id is refused, and not kept: it broke every later add
             stream.add("x")
     assert "".join(shown) == "café €5" and all(piece and "\ufffd" not in piece for piece in shown)
+    # An answer that ends inside a character (cut by max_new_tokens): finish shows it as the returned text has it
+    shown = []
+    stream = TextStream(tok, shown.append)
+    for t in tok.encode(" café €")[:-1]:  # the euro sign's last byte never comes
+        stream.add(t)
+    assert "".join(shown) == "café "
+    stream.finish()
+    assert "".join(shown) == tok.decode(tok.encode(" café €")[:-1]).lstrip() == "café \ufffd"
+
+
+def test_a_chat_answer_streams_all_of_the_text_it_returns(tiny, tok, monkeypatch):
+    # (cut inside a character by max_new_tokens: the stream held the last piece back, and never showed it)
+    import nanovl.generate as generation
+    script = iter(tok.encode(" é")[:-1] + tok.encode(" more"))
+    monkeypatch.setattr(generation, "pick", lambda *a: torch.tensor([next(script)]))
+    shown = []
+    chat = ChatSession(tiny, tok, ImageProcessor.for_config(tiny.cfg))
+    answer = chat.ask("hello", [], Sampling(max_new_tokens=len(tok.encode(" é")) - 1), on_text=shown.append)
+    assert answer == "".join(shown) == "\ufffd"
 
 
 def test_a_bad_turn_leaves_the_session_as_it_was(tiny, tok, tmp_path):
@@ -609,6 +628,15 @@ def test_sample_answers_a_prompt_and_streams_the_text(stage_folder, tiny, tok, c
     expected = generate(tiny, [ids], proc(stage_folder / "cat.png")[None], Sampling(8), stop_ids={tok.eos_id},
                         n_words=tok.vocab_size)[0]
     assert out.strip() == tok.decode([t for t in expected if t != tok.eos_id]).strip()
+
+
+def test_sample_streams_an_answer_cut_inside_a_character_whole(stage_folder, tok, capsys, monkeypatch):
+    # (the stream held the incomplete character back, and the answer's last piece was never printed)
+    import nanovl.generate as generation
+    script = iter(tok.encode(" é")[:-1])
+    monkeypatch.setattr(generation, "pick", lambda *a: torch.tensor([next(script)]))
+    sample.main(["--ckpt", str(stage_folder), "--prompt", "hello", "--max_new_tokens", str(len(tok.encode(" é")) - 1)])
+    assert capsys.readouterr().out.strip() == "\ufffd"
 
 
 def test_sample_answers_a_batch_of_prompts_each_with_its_own_answer(stage_folder, tiny, tok, capsys, monkeypatch):
