@@ -889,17 +889,25 @@ def check_start(stage: int, tc: TrainConfig, cfg: VLConfig):
                      f"run --stage {stage - 1} first, or pass --init_from PATH")
 
 
+def tokenizer_sources(stage: int, tc: TrainConfig, out_dir: str, resumed: bool):
+    """Where stage_tokenizer looks for the stage's tokenizer: a resumed stage's own folder, else the weights it starts
+    from (stage 0: none). None when a resumed stage's tokenizer.json, written as it began, is gone and no --tokenizer
+    is given (the data's may be another)."""
+    if resumed and not tc.tokenizer and not os.path.isfile(os.path.join(out_dir, "tokenizer.json")):
+        return None
+    return [out_dir] if resumed else start_weights(stage, tc) if stage > 0 else []
+
+
 def checked_tokenizer(stage: int, tc: TrainConfig, cfg: VLConfig, out_dir: str, state, init: list, say) -> Tokenizer:
     """The tokenizer the stage trains with (stage_tokenizer), after checking that it is the one the weights it
     continues were trained with: a resumed stage's (state: its checkpoint), or those it starts from (init). Another of
     the same size would turn the same text into other ids, which the weights read as nonsense without a word."""
     resume = state is not None
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    sources = [out_dir] if resume else init if stage > 0 else []
-    saved_tok = os.path.join(out_dir, "tokenizer.json")  # (written as the stage began: the one it trains with)
-    if resume and not tc.tokenizer and not os.path.isfile(saved_tok):  # (else the data's, which may be another)
-        raise SystemExit(f"{saved_tok}, written when stage {stage} began, is gone: pass --tokenizer PATH, the one the "
-                         "stage trained with, to resume it (it is written back there)")
+    sources = tokenizer_sources(stage, tc, out_dir, resume)
+    if sources is None:
+        raise SystemExit(f"{os.path.join(out_dir, 'tokenizer.json')}, written when stage {stage} began, is gone: pass "
+                         "--tokenizer PATH, the one the stage trained with, to resume it (it is written back there)")
     tok = stage_tokenizer(tc, cfg, sources)
     # beside: the tokenizer the stage would read without --tokenizer (beside its weights, else the data's). Beside a
     # nanovl stage or a released model it is the one those weights were trained with; beside a vision part it says
@@ -1389,11 +1397,9 @@ def run_tokenizer(tc: TrainConfig, cfg: VLConfig, first: int):
     weights (the stage makes them as it begins). None where that stage would stop for want of one: it says why itself,
     in its own words."""
     folder = os.path.join(tc.out, f"stage{first}")
-    resumed = tc.resume and os.path.exists(os.path.join(folder, "ckpt.pt"))
-    if resumed and not tc.tokenizer and not os.path.isfile(os.path.join(folder, "tokenizer.json")):
-        return None
+    sources = tokenizer_sources(first, tc, folder, tc.resume and os.path.exists(os.path.join(folder, "ckpt.pt")))
     try:
-        return stage_tokenizer(tc, cfg, [folder] if resumed else start_weights(first, tc) if first > 0 else [])
+        return None if sources is None else stage_tokenizer(tc, cfg, sources)
     except SystemExit:
         return None
 
