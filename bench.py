@@ -88,6 +88,7 @@ import torch
 from nanovl import DeepSeekVL, get_config
 from nanovl.checkpoint import check_device
 from nanovl.config import LlamaConfig, SAMConfig, SigLIPConfig, VLConfig
+from nanovl.recipe import TrainConfig, apply_freeze_map, clipping_groups, stage_optimizer, trainable_prefixes, under
 
 CACHE = Path.home() / ".cache" / "nanovl"
 
@@ -246,8 +247,6 @@ PARTS = {
 
 def part_modes(model: DeepSeekVL) -> dict:
     """'train', 'pass' or 'frozen' for each part the model has, read off its parameters' requires_grad."""
-    from train import under
-
     trains = {}
     for part, (prefixes, _) in PARTS.items():
         flags = [p.requires_grad for n, p in model.named_parameters() if under(n, prefixes)]
@@ -394,8 +393,6 @@ def optimizer_for(net, device: str, stage: int = 3):
     """train.py's optimizer step for a stage, as one function: the gradient clipping (each of clipping_groups at
     grad_clip), then its AdamW (stage_optimizer: betas, weight decay, the vision side's learning-rate group, fused on
     CUDA and CPU) over net's trainable parameters."""
-    from train import TrainConfig, clipping_groups, stage_optimizer
-
     tc = TrainConfig()
     opt = stage_optimizer(net, tc, {"lr": 1e-4, "vision_lr_mult": 0.1}, device)
     groups = clipping_groups(net, stage)
@@ -688,8 +685,6 @@ def bench_train(args, cfg, device, dtype, spec):
     the decoder on text. Timed twice: as train.py runs it (the headline), then cut at each part's boundary, where a
     detached copy of the part's output lets each part's backward run as its own timed call (where the time goes);
     with --llm-only once, the plain step's own marks saying where its time goes."""
-    from train import apply_freeze_map, trainable_prefixes
-
     model = build(cfg, device)
     B, T = args.batch, args.seq
     if args.llm_only:

@@ -17,12 +17,12 @@ A plan (`plan_batches`) fixes, before training starts, which rows every optimize
 modality group (language or multimodal; in stage 2 also chats with and without images, in stage 3 kinds of chat; the
 paper's modality-grouped batches, section 4.4, Figure 8) with probabilities that may change with the step (modality
 warm-up, paper Figure 9: the language share starts at 1 and falls to its target, 0.7, over stage 2's first 30%:
-train.py's stage2_share), and each modality walks through its rows in a fresh shuffled order every epoch. The plan is a
-pure function of the seed and the data, so a resumed run reads exactly the batches it would have read (a checkpoint
-keeps a fingerprint of both, which a resume compares), and with several processes each rank takes its own slice of the
-same global batch. `PlannedBatches` turns (step, micro-batch) into tensors, so a torch DataLoader can build the next
-batches in worker processes while the model trains; `PackedBatches` lays several samples end to end in each row instead
-(stage 2, given a plan made with their lengths).
+nanovl/recipe.py's stage2_share), and each modality walks through its rows in a fresh shuffled order every epoch. The
+plan is a pure function of the seed and the data, so a resumed run reads exactly the batches it would have read (a
+checkpoint keeps a fingerprint of both, which a resume compares), and with several processes each rank takes its own
+slice of the same global batch. `PlannedBatches` turns (step, micro-batch) into tensors, so a torch DataLoader can build
+the next batches in worker processes while the model trains; `PackedBatches` lays several samples end to end in each row
+instead (stage 2, given a plan made with their lengths).
 
 Last, reading and writing JSON-lines files (read_jsonl names a malformed line by file and line), what a data folder
 is (folder_kind) and checking its images (check_images), which prepare_data.py, nanovl/llava.py and nanovl/evaluate.py

@@ -15,8 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import bench
-import train
-from nanovl import DeepSeekVL, get_config
+from nanovl import DeepSeekVL, get_config, recipe
 from nanovl.config import LlamaConfig, SAMConfig, SigLIPConfig
 from nanovl.llama import Llama
 from nanovl.sam import SAM
@@ -117,7 +116,7 @@ def test_forward_flops_match_torch_flop_counter():
 def test_training_flops_match_the_counter_but_for_first_layer_input_gradients(stage):
     cfg = get_config("tiny")
     model = DeepSeekVL(cfg)
-    train.apply_freeze_map(model, train.trainable_prefixes(stage, cfg))
+    recipe.apply_freeze_map(model, recipe.trainable_prefixes(stage, cfg))
     B, T = 2, 48
     ids, targets, images = bench.synthetic_batch(cfg, B, T, "cpu")
     got = counted(lambda: model(ids, images, targets=targets)[1].backward())
@@ -139,7 +138,7 @@ def test_part_modes_follow_train_py_freeze_maps():
     model = DeepSeekVL(cfg)
     modes = {}
     for stage in (1, 2, 3):
-        train.apply_freeze_map(model, train.trainable_prefixes(stage, cfg))
+        recipe.apply_freeze_map(model, recipe.trainable_prefixes(stage, cfg))
         modes[stage] = bench.part_modes(model)
     vision = {"siglip": "frozen", "sam_trunk": "frozen", "sam_tail": "train", "aligner": "train"}
     assert modes[1] == dict(vision, llm="pass")  # the frozen decoder carries the gradient down to the adaptor
@@ -152,7 +151,7 @@ def test_the_training_step_updates_with_train_pys_two_learning_rate_groups(monke
     # rate of the rest. (Adam's first step moves every weight by about the learning rate, whatever its gradient, so
     # the clipping, which would not show in the weights, is watched: stage 3's one clipping group, at grad_clip.)
     model = DeepSeekVL(get_config("tiny"))
-    train.apply_freeze_map(model, train.trainable_prefixes(3, model.cfg))
+    recipe.apply_freeze_map(model, recipe.trainable_prefixes(3, model.cfg))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     for p in model.parameters():
         p.grad = torch.ones_like(p) if p.requires_grad else None
@@ -161,8 +160,8 @@ def test_the_training_step_updates_with_train_pys_two_learning_rate_groups(monke
                         lambda params, max_norm: clipped.append(({id(p) for p in params}, max_norm)) or
                         clip(params, max_norm))
     bench.optimizer_for(model, "cpu", 3)()
-    groups = train.clipping_groups(model, 3).values()
-    assert clipped == [({id(p) for p in group}, train.TrainConfig().grad_clip) for group in groups]
+    groups = recipe.clipping_groups(model, 3).values()
+    assert clipped == [({id(p) for p in group}, recipe.TrainConfig().grad_clip) for group in groups]
     moved = {n: (p.detach() - before[n]).abs().mean().item() for n, p in model.named_parameters() if n in before}
     vision = [m for n, m in moved.items() if n.startswith(("siglip.", "sam."))]
     rest = [m for n, m in moved.items() if not n.startswith(("siglip.", "sam."))]
@@ -234,7 +233,7 @@ def test_cut_step_gives_the_plain_step_gradients():
     cfg = get_config("tiny")
     torch.manual_seed(0)
     model = DeepSeekVL(cfg)
-    train.apply_freeze_map(model, train.trainable_prefixes(3, cfg))
+    recipe.apply_freeze_map(model, recipe.trainable_prefixes(3, cfg))
     ids, targets, images = bench.synthetic_batch(cfg, 2, 48, "cpu")
     _, loss = model(ids, images, targets=targets)
     loss.backward()

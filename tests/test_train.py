@@ -26,7 +26,7 @@ from PIL import Image
 import prepare_data
 import train
 from conftest import write_swapped_tokenizer
-from nanovl import DeepSeekVL, checkpoint, evaluate, get_config, resume, runs
+from nanovl import DeepSeekVL, checkpoint, evaluate, get_config, recipe, resume, runs
 from nanovl.chat import IMAGE_TAG, render_chat
 from nanovl.evaluate import multiple_choice
 from nanovl.synth import mc_prompt
@@ -119,7 +119,7 @@ def test_freeze_maps_follow_the_paper():
     model = DeepSeekVL(cfg)
 
     def trained(stage):
-        train.apply_freeze_map(model, train.trainable_prefixes(stage, cfg))
+        recipe.apply_freeze_map(model, recipe.trainable_prefixes(stage, cfg))
         return {n for n, p in model.named_parameters() if p.requires_grad}
 
     names = {n for n, _ in model.named_parameters()}
@@ -134,42 +134,42 @@ def test_freeze_maps_follow_the_paper():
     assert trained(1) == aligner | sam_tail  # adaptor warm-up: the adaptor, SAM's tail counted in (section 3.1)
     assert trained(2) == aligner | sam_tail | llm  # vision frozen
     assert trained(3) == aligner | sam_tail | llm | siglip  # SigLIP joins; SAM's trunk stays frozen
-    counts = train.apply_freeze_map(model, ["llm"])
+    counts = recipe.apply_freeze_map(model, ["llm"])
     assert counts["llm"][0] == counts["llm"][1] and counts["siglip"][0] == 0
 
 
 def test_trainable_takes_any_prefix_and_names_one_that_matches_nothing():
     cfg, quiet = get_config("tiny"), lambda *a: None
     # Stage 0 trains the VLM inside a wrapper, beside its heads: a prefix means the same there as in stages 1-3.
-    _, net = train.stage_model(0, train.TrainConfig(trainable="heads.seg_head,llm.layers.0"), cfg, [], False, quiet)
+    _, net = train.stage_model(0, recipe.TrainConfig(trainable="heads.seg_head,llm.layers.0"), cfg, [], False, quiet)
     trained = {n for n, p in net.named_parameters() if p.requires_grad}
     assert trained == {n for n, _ in net.named_parameters() if n.startswith(("heads.seg_head.", "model.llm.layers.0."))}
     with pytest.raises(SystemExit, match="stage 0: --trainable siglp names no parameter of the model; its modules: "
                                          "siglip, sam, aligner, llm, heads"):
-        train.stage_model(0, train.TrainConfig(trainable="llm,siglp"), cfg, [], False, quiet)  # a typo among others
-    assert train.listed(" llm, aligner ,,sam ") == ["llm", "aligner", "sam"]  # (" aligner" matched nothing)
+        train.stage_model(0, recipe.TrainConfig(trainable="llm,siglp"), cfg, [], False, quiet)  # a typo among others
+    assert recipe.listed(" llm, aligner ,,sam ") == ["llm", "aligner", "sam"]  # (" aligner" matched nothing)
 
 
 def test_stage0_clips_each_of_its_three_models_on_its_own():
     cfg = get_config("tiny")
     net = Stage0Model(DeepSeekVL(cfg), Stage0Heads(cfg, n_seg_classes=5))
-    counts = train.apply_freeze_map(net, ["model." + p for p in train.trainable_prefixes(0, cfg)] + ["heads"])
+    counts = recipe.apply_freeze_map(net, ["model." + p for p in recipe.trainable_prefixes(0, cfg)] + ["heads"])
     # (what the run prints, module by module: the adaptor waits for stage 1, and so does SAM's tail)
     assert list(counts) == ["siglip", "sam", "aligner", "llm", "heads"] and counts["aligner"][0] == 0
     assert 0 < counts["sam"][0] < counts["sam"][1] and counts["llm"][0] == counts["llm"][1]
-    groups = {k: {id(p) for p in v} for k, v in train.clipping_groups(net, 0).items()}
+    groups = {k: {id(p) for p in v} for k, v in recipe.clipping_groups(net, 0).items()}
     ids = lambda *prefixes: {id(p) for n, p in net.named_parameters() if p.requires_grad and n.startswith(prefixes)}
     assert groups == {"llm": ids("model.llm."), "sam": ids("model.sam.", "heads.seg_head."),
                       "siglip": ids("model.siglip.", "heads.text_tower.", "heads.image_proj.", "heads.log_t",
                                     "heads.bias")}
     model = DeepSeekVL(cfg)
-    train.apply_freeze_map(model, train.trainable_prefixes(3, cfg))
-    assert list(train.clipping_groups(model, 3)) == ["model"]  # stages 1-3 train one model, clipped as one
+    recipe.apply_freeze_map(model, recipe.trainable_prefixes(3, cfg))
+    assert list(recipe.clipping_groups(model, 3)) == ["model"]  # stages 1-3 train one model, clipped as one
 
 
 def test_stage2_mix_warms_up_from_language_only_one_modality_a_step(data):
-    tc = train.TrainConfig(data=data, steps=100, lang_share=0.7, modality_warmup=0.3, sft_share=0.1)
-    share = train.stage2_share(tc, n_chats=30, n_text_chats=70)  # the chats split by modality, as their rows
+    tc = recipe.TrainConfig(data=data, steps=100, lang_share=0.7, modality_warmup=0.3, sft_share=0.1)
+    share = recipe.stage2_share(tc, n_chats=30, n_text_chats=70)  # the chats split by modality, as their rows
     assert share(0) == pytest.approx({"language": 0.9, "multimodal": 0.0, "sft": 0.0, "text_sft": 0.07})
     assert share(15) == pytest.approx({"language": 0.85 * 0.9, "multimodal": 0.15 * 0.9, "sft": 0.015,
                                        "text_sft": 0.07})  # halfway through the warm-up
@@ -177,38 +177,38 @@ def test_stage2_mix_warms_up_from_language_only_one_modality_a_step(data):
         assert share(step) == pytest.approx({"language": 0.63, "multimodal": 0.27, "sft": 0.03, "text_sft": 0.07})
     # --modality_warmup 0, or a warm-up shorter than a step: 7:3 from the first step
     for no_warmup in (dataclasses.replace(tc, modality_warmup=0.0), dataclasses.replace(tc, steps=3)):
-        assert train.stage2_share(no_warmup, 30, 70)(0) == share(99)
-    assert train.stage2_share(tc, 0, 0)(99)["sft"] == pytest.approx(0.1)  # none: the group whose absence is said
+        assert recipe.stage2_share(no_warmup, 30, 70)(0) == share(99)
+    assert recipe.stage2_share(tc, 0, 0)(99)["sft"] == pytest.approx(0.1)  # none: the group whose absence is said
     all_chats = dataclasses.replace(tc, sft_share=1.0)  # and no text-only chats: step 0 would have nothing to draw
     with pytest.raises(ValueError, match=r"--sft_share 1 leaves stage 2's first step nothing to train on: .* "
                                          r"warm-up \(30 steps\): pass an --sft_share below 1, or --modality_warmup 0"):
-        train.stage2_share(all_chats, 30, 0)
-    assert train.stage2_share(all_chats, 30, 70)(0)["text_sft"] == pytest.approx(0.7)  # with them: the first steps'
-    assert train.stage2_share(dataclasses.replace(all_chats, modality_warmup=0), 30, 0)(0)["sft"] == 1.0
+        recipe.stage2_share(all_chats, 30, 0)
+    assert recipe.stage2_share(all_chats, 30, 70)(0)["text_sft"] == pytest.approx(0.7)  # with them: the first steps'
+    assert recipe.stage2_share(dataclasses.replace(all_chats, modality_warmup=0), 30, 0)(0)["sft"] == 1.0
     # and it is the mix stage 2 reads its sources with, each step's samples of one modality
     tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
-    sources, mix = train.stage_data(2, tc, tok, get_config("tiny"), 512, [data])
+    sources, mix = recipe.stage_data(2, tc, tok, get_config("tiny"), 512, [data])
     assert set(sources) == {"language", "multimodal", "sft", "text_sft"} and all(len(s) for s in sources.values())
     assert all(s.images for s in sources["sft"].samples) and not any(s.images for s in sources["text_sft"].samples)
-    expected = train.stage2_share(tc, len(sources["sft"]), len(sources["text_sft"]))
+    expected = recipe.stage2_share(tc, len(sources["sft"]), len(sources["text_sft"]))
     assert all(mix(step) == expected(step) for step in (0, 15, 30, 99))
 
 
 def test_released_sizes_default_to_table_4():
-    rows = lambda preset: [tuple(train.stage_defaults(preset, s)[k] for k in ("lr", "steps", "batch_size", "warmup"))
+    rows = lambda preset: [tuple(recipe.stage_defaults(preset, s)[k] for k in ("lr", "steps", "batch_size", "warmup"))
                            for s in (1, 2, 3)]
     assert rows("1.3b") == rows("1.3b-hybrid") == [(1e-3, 15000, 256, 128), (3e-5, 96000, 1024, 2000),
                                                    (2e-5, 10000, 256, 256)]
     assert rows("7b") == [(1e-3, 15000, 256, 128), (4.2e-5, 42000, 2304, 2000), (2e-5, 10000, 256, 256)]
     # Table 4's stage-1 length of 512, read as text tokens plus one image's 576 (or no caption pair would fit)
-    assert [train.stage_defaults("7b", s)["seq_len"] for s in (1, 2, 3)] == [512 + 576, 4096, 4096]
+    assert [recipe.stage_defaults("7b", s)["seq_len"] for s in (1, 2, 3)] == [512 + 576, 4096, 4096]
 
 
 def test_adamw_is_table_4s():
     # AdamW with betas (0.9, 0.95) and no weight decay (Table 4), in two groups: the vision side at vision_lr_mult.
     model = DeepSeekVL(get_config("tiny"))
-    train.apply_freeze_map(model, train.trainable_prefixes(3, model.cfg))
-    opt = train.stage_optimizer(model, train.TrainConfig(), {"lr": 1e-3, "vision_lr_mult": 0.1}, "cpu")
+    recipe.apply_freeze_map(model, recipe.trainable_prefixes(3, model.cfg))
+    opt = recipe.stage_optimizer(model, recipe.TrainConfig(), {"lr": 1e-3, "vision_lr_mult": 0.1}, "cpu")
     assert [(g["betas"], g["weight_decay"], g["lr_mult"]) for g in opt.param_groups] == [((0.9, 0.95), 0.0, 1.0),
                                                                                            ((0.9, 0.95), 0.0, 0.1)]
 
@@ -216,25 +216,25 @@ def test_adamw_is_table_4s():
 def test_stage_hparams_pack_stage_2_and_fit_the_context():
     # Stage 2 packs its samples into full rows (Table 4 counts its batches in sequences), the others do not; a
     # preset's sequence length longer than the model's context is cut to it (a --seq_len longer is refused).
-    tc = train.TrainConfig()
-    assert [train.stage_hparams(s, tc, get_config("tiny"))[0]["pack"] for s in (0, 1, 2, 3)] == [0, 0, 1, 0]
-    assert [train.stage_hparams(s, tc, get_config("tiny"))[1] for s in (0, 1)] == [128, 512]  # preset's; context
-    assert train.stage_hparams(0, tc, get_config("tiny", **{"llm.max_seq_len": 100}))[1] == 100
+    tc = recipe.TrainConfig()
+    assert [recipe.stage_hparams(s, tc, get_config("tiny"))[0]["pack"] for s in (0, 1, 2, 3)] == [0, 0, 1, 0]
+    assert [recipe.stage_hparams(s, tc, get_config("tiny"))[1] for s in (0, 1)] == [128, 512]  # preset's; context
+    assert recipe.stage_hparams(0, tc, get_config("tiny", **{"llm.max_seq_len": 100}))[1] == 100
     with pytest.raises(SystemExit, match="--seq_len 600 is longer than the model's context of 512"):
-        train.stage_hparams(1, train.TrainConfig(seq_len=600), get_config("tiny"))
+        recipe.stage_hparams(1, recipe.TrainConfig(seq_len=600), get_config("tiny"))
 
 
 def test_learning_rate_schedules():
     cos = dict(lr=1.0, warmup=10, steps=110, schedule="cosine")
-    assert train.learning_rate(0, cos, 0.1) == pytest.approx(0.1)
-    assert train.learning_rate(9, cos, 0.1) == train.learning_rate(10, cos, 0.1) == pytest.approx(1.0)  # the peak
-    assert train.learning_rate(60, cos, 0.1) == pytest.approx(0.55)
-    assert train.learning_rate(109, cos, 0.1) == pytest.approx(0.1, abs=1e-3)
+    assert recipe.learning_rate(0, cos, 0.1) == pytest.approx(0.1)
+    assert recipe.learning_rate(9, cos, 0.1) == recipe.learning_rate(10, cos, 0.1) == pytest.approx(1.0)  # the peak
+    assert recipe.learning_rate(60, cos, 0.1) == pytest.approx(0.55)
+    assert recipe.learning_rate(109, cos, 0.1) == pytest.approx(0.1, abs=1e-3)
     step = dict(lr=1.0, warmup=0, steps=100, schedule="step")
-    assert [train.learning_rate(s, step, 0.1) for s in (79, 80, 90)] == [1.0, 0.316, 0.1]
+    assert [recipe.learning_rate(s, step, 0.1) for s in (79, 80, 90)] == [1.0, 0.316, 0.1]
     # the milestones are 80% and 90% of the whole run, warm-up included
     warm = dict(step, warmup=10, steps=110)
-    assert [train.learning_rate(s, warm, 0.1) for s in (87, 88, 98, 99)] == [1.0, 0.316, 0.316, 0.1]
+    assert [recipe.learning_rate(s, warm, 0.1) for s in (87, 88, 98, 99)] == [1.0, 0.316, 0.316, 0.1]
 
 
 class FavouriteTokens(torch.nn.Module):
@@ -754,7 +754,7 @@ def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_we
     args = ["--data", data, "--stage", str(stage), "--out", out, "--steps", "3", "--batch_size", "4", "--micro_batch",
             "2", "--warmup", "0", "--min_lr_ratio", "0.5", "--grad_clip", "0.5", "--workers", "0", "--log_every", "1",
             "--eval_limit", "5", "--eval_every", "2"] + (["--init_from", start_weights, "--pack", "1"] if stage else [])
-    on_disk, rate = [], train.learning_rate
+    on_disk, rate = [], recipe.learning_rate
 
     def watching(step, *a):  # metrics.jsonl as the third step starts: step 2's evaluation is in it already
         if step == 2:
@@ -778,10 +778,10 @@ def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_we
 
     tc, _ = train.parse_args(args)
     cfg = get_config("tiny")
-    hp, seq_len, stc = train.stage_hparams(stage, tc, cfg)
-    assert [m["lr"] for m in metrics if "loss" in m] == [train.learning_rate(s, hp, 0.5) for s in range(3)]
-    assert train.learning_rate(2, hp, 0.5) != train.learning_rate(2, hp, 0.1)  # (the ratio shows at step 3)
-    micro, accum = train.split_batch(stage, hp, 1)
+    hp, seq_len, stc = recipe.stage_hparams(stage, tc, cfg)
+    assert [m["lr"] for m in metrics if "loss" in m] == [recipe.learning_rate(s, hp, 0.5) for s in range(3)]
+    assert recipe.learning_rate(2, hp, 0.5) != recipe.learning_rate(2, hp, 0.1)  # (the ratio shows at step 3)
+    micro, accum = recipe.split_batch(stage, hp, 1)
     assert (micro, accum) == (2, 2)
     tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
     if stage == 0:  # held-out text is scored in pieces of the model's context, as in every stage, not of stage 0's 128
@@ -881,8 +881,8 @@ def test_every_stages_batches_survive_pickling_as_spawned_data_workers_need(data
     for stage in (1, 2, 3, 0):  # (stage 0 last: its batches are looked at again below)
         tc, _ = train.parse_args(["--data", data, "--stage", str(stage), "--steps", "3", "--batch_size", "4",
                                   "--micro_batch", "2"])
-        hp, seq_len, stc = train.stage_hparams(stage, tc, cfg)
-        micro, accum = train.split_batch(stage, hp, 1)
+        hp, seq_len, stc = recipe.stage_hparams(stage, tc, cfg)
+        micro, accum = recipe.split_batch(stage, hp, 1)
         dataset = train.stage_batches(stage, stc, hp, cfg, tok, ImageProcessor.for_config(cfg), seq_len, micro,
                                       accum, 0, 1, lambda *a, **k: None)
         copy = pickle.loads(pickle.dumps(dataset))
@@ -1135,7 +1135,7 @@ def test_a_run_killed_for_memory_resumes_with_a_smaller_micro_batch_except_in_st
     state = torch.load(tmp_path / "killed" / "stage3" / "ckpt.pt", weights_only=True)
     stage0 = tmp_path / "s0" / "stage0"
     stage0.mkdir(parents=True)
-    torch.save(dict(state, stage=0, hparams=train.stage_defaults("tiny", 0), step=2), stage0 / "ckpt.pt")
+    torch.save(dict(state, stage=0, hparams=recipe.stage_defaults("tiny", 0), step=2), stage0 / "ckpt.pt")
     with pytest.raises(SystemExit, match=r"other training settings:\n  --micro_batch: checkpoint 4 vs now 2\npass the "
                                          r"same settings to resume it \(to fit in less memory, --grad_ckpt may"):
         train.main(["--data", data, "--stage", "0", "--out", str(tmp_path / "s0"), "--resume", "--micro_batch", "2"])
@@ -1732,8 +1732,8 @@ def test_resume_checks_what_the_checkpoint_holds_and_how_its_run_was_split(tmp_p
     # resumable_state on checkpoints written here: one without its RNG state, one of an older run that kept its
     # settings as given (no resolved hparams), and runs of another number of processes at the same micro-batch.
     cfg, path, said = get_config("tiny"), str(tmp_path / "ckpt.pt"), []
-    tc = train.TrainConfig(steps=10)
-    hp = {s: train.stage_hparams(s, tc, cfg)[0] for s in (0, 1)}
+    tc = recipe.TrainConfig(steps=10)
+    hp = {s: recipe.stage_hparams(s, tc, cfg)[0] for s in (0, 1)}
     state = lambda stage, **kw: dict({"model": {}, "optimizer": {}, "step": 3, "rng": {}, "stage": stage,
                                       "config": cfg.to_dict()}, **kw)
     resumed = lambda stage: train.resumable_state(path, stage, cfg, tc, hp[stage], 1, said.append)
@@ -1743,7 +1743,7 @@ def test_resume_checks_what_the_checkpoint_holds_and_how_its_run_was_split(tmp_p
     torch.save(state(1, train=dataclasses.asdict(dataclasses.replace(tc, steps=20))), path)
     with pytest.raises(SystemExit, match="--steps: checkpoint 20 vs now 10"):
         resumed(1)
-    micro = {s: train.split_batch(s, hp[s], 1)[0] for s in (0, 1)}
+    micro = {s: recipe.split_batch(s, hp[s], 1)[0] for s in (0, 1)}
     torch.save(state(1, train=dataclasses.asdict(tc), hparams=hp[1], split=[2, micro[1]]), path)
     assert resumed(1)["step"] == 3
     # A NaN in the weights or in AdamW's moments: a run saves only finite ones, so the file is damaged. Resumed, it
@@ -1958,7 +1958,7 @@ def test_a_llava_import_alone_trains_stages_1_and_3(data, start_weights, tmp_pat
     with pytest.raises(SystemExit, match=r"tokenizer.json has 2048 tokens .* vocabulary of 4096 and expects 3; "
                                          r"prepare_data.py makes the 'tiny' preset's tokenizers with its 2048 tokens: "
                                          r"leave --llm.vocab_size out, or pass --tokenizer PATH, one of 4096$"):
-        train.stage_tokenizer(train.TrainConfig(data=data), get_config("tiny", **{"llm.vocab_size": 4096}), [])
+        train.stage_tokenizer(recipe.TrainConfig(data=data), get_config("tiny", **{"llm.vocab_size": 4096}), [])
     with pytest.raises(SystemExit, match=r"stage 1 starts from stage 0's final weights, but .* does not exist: stage 0 "
                                          r"trains on prepare_data.py's synthetic corpus, so run --stage 0 with --out "
                                          rf".*fresh and without --data {mine} first, or pass --init_from PATH$"):
@@ -2094,7 +2094,7 @@ def test_help_lists_every_training_setting(capsys):
     assert stop.value.code == 0
     printed = capsys.readouterr().out
     assert printed.startswith(train.__doc__.strip()[:60])
-    for f in dataclasses.fields(train.TrainConfig):
+    for f in dataclasses.fields(recipe.TrainConfig):
         assert f"\n{f.name}: " in printed
 
 
@@ -2126,7 +2126,7 @@ def test_contrastive_batches_hold_distinct_captions():
 
 def test_stage1_reads_captions_and_documents(data):
     tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
-    sources, share = train.stage_data(1, train.TrainConfig(data=data), tok, get_config("tiny"), 512, [data])
+    sources, share = recipe.stage_data(1, recipe.TrainConfig(data=data), tok, get_config("tiny"), 512, [data])
     rows = [json.loads(line) for line in open(os.path.join(data, "pretrain.jsonl"))]
     picked = [r for r in rows if r["category"] in ("caption", "ocr")]  # paper section 3.2.1
     assert {r["category"] for r in picked} == {"caption", "ocr"} and len(picked) < len(rows)
@@ -2139,8 +2139,8 @@ def test_stage1_reads_captions_and_documents(data):
 def test_stage3_groups_one_question_chats_apart(data, tmp_path):
     tok = Tokenizer.load(os.path.join(data, "tokenizer.json"))
     cfg = get_config("tiny")
-    tc = train.TrainConfig(data=data, steps=10, text_sft_share=0.25, short_chat_share=0.5)
-    sources, share = train.stage_data(3, tc, tok, cfg, 512, [data])
+    tc = recipe.TrainConfig(data=data, steps=10, text_sft_share=0.25, short_chat_share=0.5)
+    sources, share = recipe.stage_data(3, tc, tok, cfg, 512, [data])
     assert share(0) == {"chat": 0.25, "short_chat": 0.5, "text_chat": 0.25}
     rows = [json.loads(line) for line in open(os.path.join(data, "sft.jsonl"))]
     expect = {"short_chat": [r for r in rows if r["images"] and len(r["conversation"]) == 2],
@@ -2150,11 +2150,11 @@ def test_stage3_groups_one_question_chats_apart(data, tmp_path):
     for name, src in sources.items():
         assert len(src) + src.dropped == len(expect[name]), name
     assert all(sum(s.mask) and len(s.images) for s in sources["short_chat"].samples)
-    merged, share = train.stage_data(3, dataclasses.replace(tc, short_chat_share=0.0), tok, cfg, 512, [data])
+    merged, share = recipe.stage_data(3, dataclasses.replace(tc, short_chat_share=0.0), tok, cfg, 512, [data])
     assert set(merged) == {"chat", "text_chat"} and share(0) == {"chat": 0.75, "text_chat": 0.25}
     assert len(merged["chat"]) == len(sources["chat"]) + len(sources["short_chat"])
     # Shares that add up to 1 in decimals (not in binary: 1 - 0.33 - 0.67 is -1e-16) leave the long chats none.
-    _, share = train.stage_data(3, dataclasses.replace(tc, text_sft_share=0.33, short_chat_share=0.67), tok, cfg, 512,
+    _, share = recipe.stage_data(3, dataclasses.replace(tc, text_sft_share=0.33, short_chat_share=0.67), tok, cfg, 512,
                                 [data])
     assert share(0) == {"short_chat": 0.67, "text_chat": 0.33}
     # Image chats that all ask several questions (or all one) leave nothing to split: one group, with both shares.
@@ -2162,11 +2162,11 @@ def test_stage3_groups_one_question_chats_apart(data, tmp_path):
         for r in rows:
             if not r["images"] or len(r["conversation"]) > 2:
                 f.write(json.dumps(dict(r, images=[os.path.join(data, p) for p in r["images"]])) + "\n")
-    sources, share = train.stage_data(3, tc, tok, cfg, 512, [str(tmp_path)])
+    sources, share = recipe.stage_data(3, tc, tok, cfg, 512, [str(tmp_path)])
     assert set(sources) == {"chat", "text_chat"} and share(0) == {"chat": 0.75, "text_chat": 0.25}
     assert len(sources["chat"]) + sources["chat"].dropped == len(expect["chat"])
     # The long chats' share is what the others leave, to the decimals the user wrote (rounded only to hide binary)
-    _, share = train.stage_data(3, dataclasses.replace(tc, text_sft_share=0.125), tok, cfg, 512, [data])
+    _, share = recipe.stage_data(3, dataclasses.replace(tc, text_sft_share=0.125), tok, cfg, 512, [data])
     assert share(0) == {"chat": 0.375, "short_chat": 0.5, "text_chat": 0.125}
 
 
@@ -2223,13 +2223,13 @@ def test_stage_all_checks_every_stage_settings_before_the_first_trains(data, tmp
     # advice for 2 processes would have it): stages 1-3 take the largest micro-batch up to it that splits theirs.
     train.main(base + ["--micro_batch", "4"])
     assert ran == [0, 1, 2, 3] * 2
-    tc = train.TrainConfig(micro_batch=4)
-    assert train.split_batch(2, train.stage_hparams(2, tc, get_config("tiny"))[0], 1) == (3, 2)
-    assert train.split_batch(2, train.stage_hparams(2, tc, get_config("tiny"))[0], 2) == (3, 1)
+    tc = recipe.TrainConfig(micro_batch=4)
+    assert recipe.split_batch(2, recipe.stage_hparams(2, tc, get_config("tiny"))[0], 1) == (3, 2)
+    assert recipe.split_batch(2, recipe.stage_hparams(2, tc, get_config("tiny"))[0], 2) == (3, 1)
     # A batch the processes cannot share: said as that (the micro-batch, which stages 1-3 would fit, aside)
     with pytest.raises(SystemExit, match=r"^stage 3: batch_size 5 is not divisible by 2 processes: pass a --batch_size "
                                          "that 2 processes divide$"):
-        train.split_batch(3, dict(train.stage_hparams(3, tc, get_config("tiny"))[0], batch_size=5), 2)
+        recipe.split_batch(3, dict(recipe.stage_hparams(3, tc, get_config("tiny"))[0], batch_size=5), 2)
 
 
 def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_trains(data, start_weights, tmp_path,
@@ -2281,7 +2281,7 @@ def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_train
     with pytest.raises(SystemExit, match=r"^stage 1 trains on multimodal rows \(captions\+ocr; the image-text rows of "
                                          r"other categories left out: 1 photo \(category 'caption' or 'ocr' brings "
                                          rf"a row in\)\), but {own} holds none"):
-        train.check_stage_rows(1, train.TrainConfig(data=str(own)), get_config("tiny"))
+        train.check_stage_rows(1, recipe.TrainConfig(data=str(own)), get_config("tiny"))
     # The images of rows written by hand are looked for before anything trains (a missing one stopped the run only when
     # a step drew its row); those of prepare_data.py's corpus, which it checked as it made them, are not looked for
     chat = lambda image: json.dumps({"category": "mine", "images": [image], "conversation": [
@@ -2290,22 +2290,22 @@ def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_train
     (own / "sft.jsonl").write_text("\n".join([chat("cat.png"), chat("nope.png"), chat("gone.png")]) + "\n")
     with pytest.raises(SystemExit, match=rf"^{own}.sft.jsonl, line 2: image {own}.nope.png does not exist \(and 1 "
                                          r"more image of stage 3's rows\); fix or remove the rows that name them$"):
-        train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(own)), get_config("tiny"))
+        train.check_stage_rows(3, recipe.TrainConfig(data=data, extra_data=str(own)), get_config("tiny"))
     (own / "sft.jsonl").write_text("\n".join([chat("nope.png")] * 3) + "\n")  # one image, named by three rows
     with pytest.raises(SystemExit, match=rf"^{own}.sft.jsonl, line 1: image {own}.nope.png does not exist \(named by 3 "
                                          r"of stage 3's rows\); fix or remove"):
-        train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(own)), get_config("tiny"))
+        train.check_stage_rows(3, recipe.TrainConfig(data=data, extra_data=str(own)), get_config("tiny"))
     (own / "dir.png").mkdir()
     (own / "sft.jsonl").write_text(chat("dir.png") + "\n" + chat("cat.png ") + "\n")
     with pytest.raises(SystemExit, match=rf"^{own}.sft.jsonl, line 1: image {own}.dir.png is a folder \(and 1 more "
                                          r"image"):
-        train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(own)), get_config("tiny"))
+        train.check_stage_rows(3, recipe.TrainConfig(data=data, extra_data=str(own)), get_config("tiny"))
     (own / "sft.jsonl").write_text(chat("cat.png ") + "\n")  # a stray space: the file that is there is named
     with pytest.raises(SystemExit, match=r"line 1: image .*cat.png  does not exist .*cat.png"):
-        train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(own)), get_config("tiny"))
+        train.check_stage_rows(3, recipe.TrainConfig(data=data, extra_data=str(own)), get_config("tiny"))
     (own / "dir.png").rmdir()
     (own / "sft.jsonl").write_text(chat("cat.png") + "\n")
-    train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(own)), get_config("tiny"))
+    train.check_stage_rows(3, recipe.TrainConfig(data=data, extra_data=str(own)), get_config("tiny"))
     (own / "sft.jsonl").unlink()
     # Nor were those of a LLaVA import, which names them where they were when it was made: a folder of images moved
     # since stopped the run at the first step that drew one of its rows, with the advice to fix that row
@@ -2316,20 +2316,20 @@ def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_train
     imported = tmp_path / "imported"
     prepare_data.main(["--llava", str(tmp_path / "llava.json"), "--images", str(tmp_path / "pictures"),
                        "--out", str(imported)])
-    train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(imported)), get_config("tiny"))
+    train.check_stage_rows(3, recipe.TrainConfig(data=data, extra_data=str(imported)), get_config("tiny"))
     (tmp_path / "pictures").rename(tmp_path / "moved")
     with pytest.raises(SystemExit, match=rf"^{imported}.sft.jsonl, line 1: image {tmp_path}.pictures.red.png does not "
                                          rf"exist; the import in {imported} was made from the images in "
                                          rf"{tmp_path}.pictures, which have moved or gone since: import again with "
                                          rf"--images where they are now \(python prepare_data.py --llava "
                                          rf"{tmp_path}.llava.json --images FOLDER --out {imported}\)$"):
-        train.check_stage_rows(3, train.TrainConfig(data=data, extra_data=str(imported)), get_config("tiny"))
+        train.check_stage_rows(3, recipe.TrainConfig(data=data, extra_data=str(imported)), get_config("tiny"))
     captions = tmp_path / "captions"  # an import of chats as captions is made again as one
     prepare_data.main(["--llava", str(tmp_path / "llava.json"), "--images", str(tmp_path / "moved"), "--out",
                        str(captions), "--captions"])
     (tmp_path / "moved").rename(tmp_path / "again")
     with pytest.raises(SystemExit, match=rf"--images FOLDER --out {captions} --captions\)$"):
-        train.check_stage_rows(1, train.TrainConfig(data=data, extra_data=str(captions)), get_config("tiny"))
+        train.check_stage_rows(1, recipe.TrainConfig(data=data, extra_data=str(captions)), get_config("tiny"))
     # Two imports of one file read its rows twice: a run is told as it reads its folders (here stopped right after,
     # by a --stage that does not exist). Once as captions, its one-question chats are captions in one and chats in the
     # other: its other chats are what is read twice.
@@ -2347,10 +2347,10 @@ def test_stage_all_checks_every_stages_rows_and_questions_before_the_first_train
     (captions / "meta.json").write_text(json.dumps({"llava": "edited"}))  # (what it says cannot be read: not said)
     with pytest.raises(SystemExit, match=r"made from the images in \(not said\), .*\(python prepare_data.py --llava "
                                          rf"FILE --images FOLDER --out {captions}\)$"):
-        train.check_stage_rows(1, train.TrainConfig(data=data, extra_data=str(captions)), get_config("tiny"))
+        train.check_stage_rows(1, recipe.TrainConfig(data=data, extra_data=str(captions)), get_config("tiny"))
     # Stage 2's text is read from --data alone: the folders of --extra_data are not named for it
     with pytest.raises(SystemExit, match=rf"^stage 2 trains on language rows \(text\), but {own} holds none$"):
-        train.check_stage_rows(2, train.TrainConfig(data=str(own), extra_data=str(copy)), get_config("tiny"))
+        train.check_stage_rows(2, recipe.TrainConfig(data=str(own), extra_data=str(copy)), get_config("tiny"))
 
 
 def test_a_run_says_how_many_samples_each_data_folder_gives(data, start_weights, tmp_path, capsys):
@@ -2403,9 +2403,9 @@ def resume_check(tmp_path, stage, now, finished=False, saved_changes=None, **hp_
     """train.resumable_state on a checkpoint saved with the default settings (and saved_changes to its hparams),
     resumed with `now` (and hp_changes). Returns the hparams the resumed run goes on with."""
     cfg, path = get_config("tiny"), str(tmp_path / "ckpt.pt")
-    tc = train.TrainConfig(steps=10)
-    hp = train.stage_hparams(stage, tc, cfg)[0]
-    micro = train.split_batch(stage, hp, 1)[0]
+    tc = recipe.TrainConfig(steps=10)
+    hp = recipe.stage_hparams(stage, tc, cfg)[0]
+    micro = recipe.split_batch(stage, hp, 1)[0]
     saved = {k: v for k, v in dict(hp, **(saved_changes or {})).items() if v is not None}  # (None: not saved)
     torch.save({"model": {}, "optimizer": {}, "step": 3, "rng": {}, "stage": stage, "config": cfg.to_dict(),
                 "train": dataclasses.asdict(tc), "hparams": saved, "split": [1, micro]}, path)
@@ -2419,32 +2419,32 @@ def resume_check(tmp_path, stage, now, finished=False, saved_changes=None, **hp_
 def test_what_a_resume_is_told_it_may_change_it_may(tmp_path, stage, change):
     # A NaN stops every stage with "--resume it with a lower --lr", stage 0's too; a run killed for want of memory is
     # told --grad_ckpt; a run moves from a GPU to the CPU; the image cache is a matter of memory, not of the run.
-    resume_check(tmp_path, stage, dataclasses.replace(train.TrainConfig(steps=10), **change),
+    resume_check(tmp_path, stage, dataclasses.replace(recipe.TrainConfig(steps=10), **change),
                  **{k: v for k, v in change.items() if k == "lr"})
 
 
 def test_a_finished_stage_0_and_a_checkpoint_older_than_start_weights_resume(tmp_path):
     # --resume over a finished stage 0 checks its settings only: how its steps were split no longer matters
-    resume_check(tmp_path, 0, train.TrainConfig(steps=10, micro_batch=2), finished=True, micro_batch=2)
+    resume_check(tmp_path, 0, recipe.TrainConfig(steps=10, micro_batch=2), finished=True, micro_batch=2)
     with pytest.raises(SystemExit, match="was written by a run with other training settings"):  # (unfinished: it does)
-        resume_check(tmp_path, 0, train.TrainConfig(steps=10, micro_batch=2), micro_batch=2)
+        resume_check(tmp_path, 0, recipe.TrainConfig(steps=10, micro_batch=2), micro_batch=2)
     # A checkpoint from before the start weights were recorded (no "start") resumes; another start is refused
-    resume_check(tmp_path, 2, train.TrainConfig(steps=10), saved_changes={"start": None}, start="stage1 run 7")
+    resume_check(tmp_path, 2, recipe.TrainConfig(steps=10), saved_changes={"start": None}, start="stage1 run 7")
     with pytest.raises(SystemExit, match="continues a stage that began from other weights"):
-        resume_check(tmp_path, 2, train.TrainConfig(steps=10), saved_changes={"start": "stage1 run 6"},
+        resume_check(tmp_path, 2, recipe.TrainConfig(steps=10), saved_changes={"start": "stage1 run 6"},
                      start="stage1 run 7")
     # Resumed where its start weights cannot be found (another --out, no --init_from): their record goes on into the
     # run's checkpoints, so that a later resume from other weights is still refused
-    assert resume_check(tmp_path, 2, train.TrainConfig(steps=10), saved_changes={"start": "stage1 run 6"},
+    assert resume_check(tmp_path, 2, recipe.TrainConfig(steps=10), saved_changes={"start": "stage1 run 6"},
                         start=None)["start"] == "stage1 run 6"
 
 
 def test_the_full_context_is_a_sequence_length_and_stage_0_keeps_its_split():
-    assert train.stage_hparams(1, train.TrainConfig(seq_len=512), get_config("tiny"))[1] == 512  # the context itself
-    tc = train.TrainConfig()
-    hp = train.stage_hparams(0, tc, get_config("tiny"))[0]  # stage 0 counts its pairs per micro-batch: no other split
+    assert recipe.stage_hparams(1, recipe.TrainConfig(seq_len=512), get_config("tiny"))[1] == 512  # the context itself
+    tc = recipe.TrainConfig()
+    hp = recipe.stage_hparams(0, tc, get_config("tiny"))[0]  # stage 0 counts its pairs per micro-batch: no other split
     with pytest.raises(SystemExit, match="not divisible"):
-        train.split_batch(0, hp, 2)
+        recipe.split_batch(0, hp, 2)
 
 
 def test_a_data_worker_killed_during_a_write_is_said_as_such(tmp_path):
