@@ -16,14 +16,15 @@ repository has no training code: nanovl/recipe.py is the recipe, written out, an
 What each stage trains, on which data, in what mix and at what rate is nanovl/recipe.py: the recipe as settings
 (TrainConfig, each stage's defaults) and plain functions (freeze maps, data mix, optimizer, learning rate). This file
 runs it:
-    a stage, part by part                its folder (open_stage_folder; resumable_state checks a checkpoint's settings),
-                                         tokenizer, model, batches and optimizer; train_step, one optimizer step (the
-                                         loss normalised by the step's supervised tokens: answers only, in chats)
+    a stage, part by part                its model (stage_model: the freeze map applied), batches (stage_batches) and
+                                         held-out rows; train_step, one optimizer step (the loss normalised by the
+                                         step's supervised tokens: answers only, in chats)
     a stage, start to finish             run_stage: the training loop, its checkpoints, logs and evaluations
     the run as a whole                   train_or_evaluate: every stage's settings, folder and rows checked before the
                                          first one trains, then the stages in turn (run_stage)
-    what keeps it safe                   nanovl/resume.py (the checkpoint files); nanovl/runs.py (files written whole,
-                                         locks, signals)
+    a stage's folder, resuming           nanovl/resume.py: the weights and tokenizer a stage starts from, its folder,
+                                         the checks before a checkpoint is continued; nanovl/runs.py: files written
+                                         whole, locks, signals
 
     python train.py                                  # the embedded default: prepare data if needed, stages 0-3, tiny
     python train.py --config small --out out-small --lr=5e-4 --llm.n_layers=6   # every stage, small, changed
@@ -61,24 +62,23 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
     from tqdm import tqdm
 
     from nanovl import DeepSeekVL, VLConfig, get_config
-    from nanovl.checkpoint import (check_device, check_tokenizer_fits, check_trained_with, init_from_parts,
-                                   is_released_folder, load_model, read_tokenizer)
+    from nanovl.checkpoint import check_device, init_from_parts, is_released_folder, load_model
     from nanovl.config import FROM_SCRATCH
     from nanovl.data import (PackedBatches, PlannedBatches, Source, check_rows, default_folder, folder_kind,
                              folder_stamp, image_paths, plan_batches, read_jsonl, write_jsonl)
     from nanovl.evaluate import MC_FILES, check_fits, evaluate, format_table, held_out, held_out_text
     from nanovl.image import CachedProcessor, ImageProcessor, missing_hint
     from nanovl.llava import import_record
-    from nanovl.recipe import (HPARAM_FIELDS, TrainConfig, apply_freeze_map, check_stage, clipping_groups, data_folders,
-                               learning_rate, listed, load_rows, split_batch, stage_data, stage_groups, stage_hparams,
+    from nanovl.recipe import (TrainConfig, apply_freeze_map, check_stage, clipping_groups, data_folders,
+                               learning_rate, listed, load_rows, stage_data, stage_groups, stage_hparams,
                                stage_optimizer, trainable_prefixes, under)
-    from nanovl.resume import (check_init_preset, check_same_config, check_same_tokenizer, data_change, held_weights,
-                               is_finished, is_nanovl_checkpoint, load_weights, read_checkpoint, refuse_earlier_run,
-                               saved_config, saved_entry, weights_entry)
+    from nanovl.resume import (check_init_preset, check_same_config, check_start, checked_tokenizer, data_change,
+                               held_weights, is_finished, is_nanovl_checkpoint, load_weights, make_stage_folder,
+                               open_stage_folder, refuse_earlier_run, saved_config, saved_entry, stage_tokenizer,
+                               start_weights, tokenizer_path, tokenizer_sources, weights_entry)
     from nanovl.runs import (Terminated, WriteFailed, atomic_save, atomic_write, claim_out_folder,
                              close_inherited_locks, dead_worker, end_process_group, first_failure, let_go_of_workers,
-                             remove_stale_temporaries, rng_state, set_rng_state, setup_distributed, sigterm_stops,
-                             unlock_out_folders, writing)
+                             rng_state, set_rng_state, setup_distributed, sigterm_stops, unlock_out_folders, writing)
     from nanovl.stage0 import N_SEG_CLASSES, STAGE0_ROW, Stage0Batches, Stage0Heads, Stage0Model, plan_distinct
     from nanovl.tokenizer import Tokenizer
     from prepare_data import data_to_prepare
@@ -193,7 +193,6 @@ def parse_args(argv):
 # ---------------------------------------------------------------------------------------------------------------------
 # The loss curve
 
-
 def plot_losses(metrics: list, path: str, title: str):
     """A loss curve as a PNG, drawn with PIL (no plotting library needed), written whole (atomic_write)."""
     points = [(m["step"], m["loss"]) for m in metrics if "loss" in m]
@@ -218,143 +217,13 @@ def plot_losses(metrics: list, path: str, title: str):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# A stage, part by part: its settings, its folder, its tokenizer and model, its batches and optimizer; run_stage
-# below puts them together and runs the training loop.
-
+# A stage, part by part: its model, its batches, its held-out rows, one optimizer step; run_stage below puts them
+# together (with its folder and tokenizer, nanovl/resume.py) and runs the training loop.
 
 def split_named(tc: TrainConfig) -> str:
     """A table's title ends with the questions' file when they are not the test set's, which the figures to report are
     measured on (the held-out text, eval_text.jsonl, is one set for both: its bits per byte are the test set's)."""
     return "" if tc.eval_split == "test" else f" ({MC_FILES[tc.eval_split]}; text: eval_text.jsonl)"
-
-
-def open_stage_folder(stage: int, tc: TrainConfig, cfg: VLConfig, hp: dict, out_dir: str, ckpt_path: str, world: int,
-                      say):
-    """(finished, state): whether the stage is already done (with --resume), and the checkpoint to continue from
-    (None: start from the beginning). A run never writes over another's results unasked: without --resume, a stage
-    folder that holds a checkpoint or final weights stops the run before anything is written."""
-    if tc.resume and is_finished(out_dir):  # (its model config: checked by train_or_evaluate, saved_config)
-        # and its settings, unless its ckpt.pt was deleted to save space:
-        if os.path.exists(ckpt_path):
-            resumable_state(ckpt_path, stage, cfg, tc, hp, world, lambda *a: None, finished=True)
-        say(f"stage {stage}: already finished")
-        return True, None
-    refuse_earlier_run(stage, out_dir, tc.resume)
-    if tc.resume and not os.path.exists(ckpt_path):
-        say(f"stage {stage}: no checkpoint at {ckpt_path}; starting from the beginning")
-        return False, None
-    return False, resumable_state(ckpt_path, stage, cfg, tc, hp, world, say) if tc.resume else None
-
-
-# TrainConfig fields a resumed run may change: they say how the run is carried out, not what it computes. Two change
-# only the rounding: --device (fp32 on the CPU, bf16 autocast on a GPU; a change of kind is said) and --compile (kernels
-# may sum in another order). --data and --extra_data may change because folders move; what they hold is compared
-# (data_change). Every other field shapes the batches, the schedule or the optimizer, and a run resumed with another
-# value would not continue the one that wrote the checkpoint.
-FREE_ON_RESUME = ("stage", "resume", "eval_only", "ckpt", "init_from", "tokenizer", "data", "extra_data", "out",
-                  "eval_every", "eval_limit", "eval_split", "ckpt_every", "log_every", "device", "compile", "grad_ckpt",
-                  "workers", "image_cache", "stop_after")
-
-
-def resumable_state(path: str, stage: int, cfg: VLConfig, tc: TrainConfig, hp: dict, world: int, say,
-                    finished: bool = False) -> dict:
-    """A stage's ckpt.pt, after checking that it can be continued by this run: this stage, this model config
-    (read_checkpoint) and the same training settings (each difference is named). hp: the stage's hyperparameters as this
-    run resolved them (the defaults filled in), compared with the checkpoint's, so that giving a default explicitly is
-    no difference. world: the number of processes of this run; say: print, on the first one. finished: the stage is done
-    and only its settings are checked (how its steps were split no longer matters)."""
-    state = read_checkpoint(path, stage, cfg, finished)  # (a whole, finite checkpoint of this stage and model)
-    if isinstance(state.get("train"), dict):
-        resolved = isinstance(state.get("hparams"), dict)  # older checkpoints: the settings as given
-        # The learning rate may change: a resume otherwise repeats the same steps bit for bit, so after a loss that
-        # became NaN, a lower --lr is the way on from the last good checkpoint.
-        if resolved and state["hparams"].get("lr") not in (None, hp["lr"]):
-            say(f"stage {stage}: resuming with lr {hp['lr']} where the checkpoint's run had {state['hparams']['lr']}: "
-                "from here the run is not the one the checkpoint's settings would give")
-        # A stage trained on top of the one before: if that one was trained again since, this one's steps no longer
-        # follow from it, however alike the settings (a --resume --stage all after stage 2 was run anew).
-        if resolved and hp.get("start") and state["hparams"].get("start") not in (None, hp["start"]):
-            raise SystemExit(f"{path} continues a stage that began from other weights than "
-                             f"{start_weights(stage, tc)[0]} holds now (trained again since, or another --init_from "
-                             "than its run's?): resume with the weights it began from, or remove "
-                             f"{os.path.dirname(path)} to train stage {stage} from these")
-        # Resumed where its start weights are not to be found (another --out, no --init_from): the checkpoint's
-        # record of them goes on into the checkpoints this run writes, or a later resume could not check them.
-        if resolved and not hp.get("start") and state["hparams"].get("start"):
-            hp["start"] = state["hparams"]["start"]
-        free = ("lr", "micro_batch") if stage > 0 or finished else ("lr",)  # (the split of a step: see below)
-        # (A setting resolved since the checkpoint was written, absent from its hparams, is compared as given.)
-        saved_hp = state["hparams"] if resolved else {}
-        # Each difference as (the setting, the checkpoint's value, this run's), named as the flag that sets it.
-        differ = [(f"{'--' * (k in HPARAM_FIELDS)}{k}", saved_hp[k], v) for k, v in hp.items()
-                  if k in saved_hp and k not in free and saved_hp[k] != v]
-        differ += [(f"--{k}", state["train"][k], v) for k, v in dataclasses.asdict(tc).items()
-                   if k not in FREE_ON_RESUME and not (k in HPARAM_FIELDS and k in saved_hp) and k in state["train"]
-                   and state["train"][k] != v]
-        if differ:
-            hint = " (to fit in less memory, --grad_ckpt may change on resume)" if resolved and stage == 0 and \
-                state["hparams"].get("micro_batch") != hp.get("micro_batch") else ""
-            # The checkpoint's values as flags to add to the command (a bool as true or false; an hparam no flag
-            # sets, such as the weights the stage began from, is only named).
-            as_flag = lambda v: shlex.quote(str(v).lower() if isinstance(v, bool) else str(v))  # (pasted in a shell)
-            flags = [f"{k}={as_flag(was)}" for k, was, _ in differ if k.startswith("--")]
-            raise SystemExit(f"{path} was written by a run with other training settings:\n  " + "\n  ".join(
-                f"{k}: checkpoint {was!r} vs now {now!r}" for k, was, now in differ) +
-                f"\npass the same settings to resume it{hint}" + (f": {' '.join(flags)}" if flags else ""))
-        # In stages 1-3 a step's batch is planned whole and its loss normalised over the whole step, so the same
-        # samples make the same step however they are split into micro-batches and processes (a test checks): a run
-        # killed for want of memory resumes with a smaller --micro_batch, or on another number of GPUs. Stage 0
-        # counts its contrastive pairs and scenes per micro-batch, so there the split is part of the run.
-        was = state.get("split")  # [processes, micro-batch] of the run that wrote it (older checkpoints: none)
-        now = None if finished else [world, split_batch(stage, hp, world)[0]]  # (a finished stage: not asked)
-        if was and now and was != now:
-            if stage == 0:
-                raise SystemExit(f"{path} was written by a run of {was[0]} process(es) x micro_batch {was[1]}; this "
-                                 f"one would be {now[0]} x {now[1]}. Stage 0 counts its contrastive pairs and scenes "
-                                 "per micro-batch, so resume it with the same processes and --micro_batch (to fit in "
-                                 "less memory, --grad_ckpt may change on resume)")
-            say(f"stage {stage}: resuming with {now[0]} process(es) x micro_batch {now[1]} where the checkpoint's run "
-                f"had {was[0]} x {was[1]}: each step takes the same samples, split another way, so its sums round in "
-                "another order (the run goes on, but not bit for bit)")
-    return state
-
-
-def tokenizer_path(tc: TrainConfig, sources) -> str:
-    """--tokenizer, else the tokenizer.json beside the weights a stage starts from (a stage folder, or a released
-    model's), else the data's."""
-    if tc.tokenizer:
-        return tc.tokenizer
-    for src in sources:
-        folder = src if os.path.isdir(src) else os.path.dirname(src)
-        if os.path.exists(os.path.join(folder, "tokenizer.json")):
-            return os.path.join(folder, "tokenizer.json")
-    return os.path.join(tc.data, "tokenizer.json")
-
-
-def stage_tokenizer(tc: TrainConfig, cfg: VLConfig, sources) -> Tokenizer:
-    """The tokenizer a stage trains with (tokenizer_path's choice among sources), checked against the model."""
-    tok_path = tokenizer_path(tc, sources)
-    where = (f"prepare_data.py --config {cfg.name} makes one, or pass --tokenizer PATH" if cfg.name in FROM_SCRATCH
-             else f"the {cfg.name!r} preset reads DeepSeek-LLM's tokenizer: pass --init_from a released DeepSeek-VL "
-                  "folder (its tokenizer.json is used) or --tokenizer PATH")
-    preset_vocab = get_config(cfg.name).llm.vocab_size if cfg.name in FROM_SCRATCH else None
-    if preset_vocab and cfg.llm.vocab_size != preset_vocab:  # (--llm.vocab_size: no tokenizer made has that size)
-        where = (f"prepare_data.py makes the {cfg.name!r} preset's tokenizers with its {preset_vocab} tokens: leave "
-                 f"--llm.vocab_size out, or pass --tokenizer PATH, one of {cfg.llm.vocab_size}")
-    # The import's own advice only where the data's tokenizer was the one looked for (not --tokenizer's, nor the one
-    # beside the starting weights). (prepare_data.py refuses to build a corpus over an import.)
-    if (cfg.name in FROM_SCRATCH and tok_path == os.path.join(tc.data, "tokenizer.json")
-            and folder_kind(tc.data) == "llava"):
-        where = (f"{tc.data} is a LLaVA import, which has none: pass --tokenizer PATH, the one the weights were "
-                 f"trained with (the synthetic corpus's, e.g. {default_folder(cfg.name)}/tokenizer.json)")
-    if not os.path.isfile(tok_path):
-        raise SystemExit(f"no tokenizer at {tok_path}; {where}")
-    try:
-        tok = read_tokenizer(tok_path)  # (as sample.py reads it: <image_placeholder> added to a released one without)
-        check_tokenizer_fits(tok, cfg, tok_path, exact=cfg.name in FROM_SCRATCH)
-    except ValueError as e:
-        raise SystemExit(f"{e}; {where}") from None
-    return tok
 
 
 def stage_model(stage: int, tc: TrainConfig, cfg: VLConfig, init: list, resume: bool, say):
@@ -498,76 +367,6 @@ def no_rows(stage: int, group: str, name: str, folders: list, dropped: int, seq_
              "(or begin with --stage 3, which trains on chats alone)" if group == "language" and llava else ""))
 
 
-def start_weights(stage: int, tc: TrainConfig) -> list:
-    """Where a stage starts: the --init_from paths, or else the stage before's final weights in --out."""
-    return listed(tc.init_from) or [os.path.join(tc.out, f"stage{stage - 1}", "model.pt")]
-
-
-def check_start(stage: int, tc: TrainConfig, cfg: VLConfig):
-    """Stop unless the weights a stage (1-3, not resumed) starts from exist, with a way on that can be followed."""
-    missing = [p for p in start_weights(stage, tc) if not os.path.exists(p)]
-    if not missing:
-        if not tc.init_from:  # the stage before's, in --out: for this preset? (--init_from: train_or_evaluate's)
-            check_init_preset(start_weights(stage, tc)[0], cfg, stage)
-        return
-    if tc.init_from:
-        raise SystemExit(f"--init_from {', '.join(missing)}: no such file or folder")
-    if stage == 1 and cfg.name not in FROM_SCRATCH:
-        raise SystemExit(f"stage 1 of {cfg.name!r} starts from pretrained parts: pass --init_from, e.g. a released "
-                         "DeepSeek-VL folder (see the README's 'Pretrained parts for training')")
-    if stage == 1 and folder_kind(tc.data) == "llava":  # (stage 0 refuses an import as --data: say what it reads)
-        raise SystemExit(f"stage 1 starts from stage 0's final weights, but {missing[0]} does not exist: stage 0 "
-                         f"trains on prepare_data.py's synthetic corpus, so run --stage 0 with --out {tc.out} and "
-                         f"without --data {tc.data} first, or pass --init_from PATH")
-    raise SystemExit(f"stage {stage} starts from stage {stage - 1}'s final weights, but {missing[0]} does not exist: "
-                     f"run --stage {stage - 1} first, or pass --init_from PATH")
-
-
-def tokenizer_sources(stage: int, tc: TrainConfig, out_dir: str, resumed: bool):
-    """Where stage_tokenizer looks for the stage's tokenizer: a resumed stage's own folder, else the weights it starts
-    from (stage 0: none). None when a resumed stage's tokenizer.json, written as it began, is gone and no --tokenizer
-    is given (the data's may be another)."""
-    if resumed and not tc.tokenizer and not os.path.isfile(os.path.join(out_dir, "tokenizer.json")):
-        return None
-    return [out_dir] if resumed else start_weights(stage, tc) if stage > 0 else []
-
-
-def checked_tokenizer(stage: int, tc: TrainConfig, cfg: VLConfig, out_dir: str, state, init: list, say) -> Tokenizer:
-    """The tokenizer the stage trains with (stage_tokenizer), after checking that it is the one the weights it
-    continues were trained with: a resumed stage's (state: its checkpoint), or those it starts from (init). Another of
-    the same size would turn the same text into other ids, which the weights read as nonsense without a word."""
-    resume = state is not None
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
-    sources = tokenizer_sources(stage, tc, out_dir, resume)
-    if sources is None:
-        raise SystemExit(f"{os.path.join(out_dir, 'tokenizer.json')}, written when stage {stage} began, is gone: pass "
-                         "--tokenizer PATH, the one the stage trained with, to resume it (it is written back there)")
-    tok = stage_tokenizer(tc, cfg, sources)
-    # beside: the tokenizer the stage would read without --tokenizer (beside its weights, else the data's). Beside a
-    # nanovl stage or a released model it is the one those weights were trained with; beside a vision part it says
-    # nothing.
-    beside = tokenizer_path(dataclasses.replace(tc, tokenizer=""), sources)
-    data_tok = os.path.join(tc.data, "tokenizer.json")
-    trained = sources and (resume or is_nanovl_checkpoint(sources[0]) or is_released_folder(sources[0]))
-    if tc.tokenizer and trained and beside != data_tok:
-        check_same_tokenizer(tok, tc.tokenizer, beside, resume)
-    # The fingerprint of the tokenizer the weights were trained with, which this script's checkpoints keep (older
-    # ones: None): a tokenizer.json lost or left behind is not replaced by another of the same size unseen.
-    # (--init_from may name several parts: each of this script's checkpoints among them is checked)
-    marked = [(ckpt_path, state.get("tokenizer"))] if resume else \
-        [(path, weights_entry([path], "tokenizer")) for path in init] if stage > 0 else []
-    for weights, trained_with in marked:
-        try:
-            check_trained_with(tok, tokenizer_path(tc, sources), trained_with, weights)
-        except ValueError as e:
-            raise SystemExit(f"{e} (or pass it as --tokenizer)") from None
-    if (not tc.tokenizer and trained and not resume and beside == data_tok
-            and not any(trained_with for _, trained_with in marked)):
-        say(f"stage {stage}: no tokenizer.json beside {sources[0]}, so it trains with {data_tok}, which must be the "
-            "one those weights were trained with (else pass that one as --tokenizer)")
-    return tok
-
-
 def stage_eval_rows(stage: int, tc: TrainConfig, cfg: VLConfig, tok: Tokenizer, out_dir: str, master: bool,
                     world: int, say):
     """What the stage's evaluations read, as evaluate takes it: (questions, text rows), or None: nothing to evaluate.
@@ -599,27 +398,6 @@ def stage_eval_rows(stage: int, tc: TrainConfig, cfg: VLConfig, tok: Tokenizer, 
     if failed:
         raise SystemExit(failed if master else 1)
     return eval_rows
-
-
-def make_stage_folder(stage: int, tc: TrainConfig, out_dir: str, tok: Tokenizer, resume: bool, master: bool,
-                      world: int):
-    """Take --out (its lock, held until the run ends), make the stage folder and write the tokenizer the stage trains
-    with into it. Called once every check has passed, so that a run refused before leaves nothing behind."""
-    claim_out_folder(tc.out, master, world)
-    if master:  # (now that this run holds the folder: a temporary of a live run's save is not stale)
-        remove_stale_temporaries(out_dir)
-    if not resume:  # another run may have written here since open_stage_folder looked, and ended
-        refuse_earlier_run(stage, out_dir, resume=False)
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-    except OSError as e:  # --out is a file, or holds a file named stage<k>, or may not be written
-        raise SystemExit(f"--out {tc.out}: cannot make the folder {out_dir} ({e.strerror}); expected a folder"
-                         ) from None
-    if master and not os.access(out_dir, os.W_OK):  # (resumed, the first save would find out, steps later)
-        raise SystemExit(f"--out {tc.out}: cannot write to {out_dir} (read-only?)")
-    saved_tok = os.path.join(out_dir, "tokenizer.json")  # (a resumed stage's is there already)
-    if master and not (resume and os.path.isfile(saved_tok)):
-        atomic_save(tok.to_json(), saved_tok)  # the folder is all sample.py needs
 
 
 def train_step(train_net, micros: list, opt, clip_groups: dict, grad_clip: float, stage: int, pad_id: int,

@@ -905,15 +905,14 @@ def test_a_released_tokenizer_without_the_image_token_trains_with_the_one_sample
     # load_released adds <image_placeholder> to a tokenizer that lacks it, as the official processor does; a stage
     # started from that folder trains with the same tokenizer (it refused it), and --tokenizer naming the folder's own
     # file is the same one.
-    import train
     from nanovl import recipe
-    from nanovl.resume import check_same_tokenizer
+    from nanovl.resume import check_same_tokenizer, stage_tokenizer
     released_folder(tmp_path / "rel", hybrid=False)
     hf_tokenizer(tmp_path / "rel" / "tokenizer.json", special=(BOS, EOS))
     cfg = get_config("tiny", **{f"siglip.{k}": v for k, v in SIGLIP_DIMS.items()}, **{
         "siglip.image_size": 48, "llm.dim": 64, "llm.ffn_dim": 96, "llm.n_layers": 2, "llm.vocab_size": 283,
         "sam": None, "aligner.projector_type": "mlp_gelu", "image_token_id": 282})  # (a scratch preset's vocab: exact)
-    tok = train.stage_tokenizer(recipe.TrainConfig(data=str(tmp_path / "data")), cfg, [str(tmp_path / "rel")])
+    tok = stage_tokenizer(recipe.TrainConfig(data=str(tmp_path / "data")), cfg, [str(tmp_path / "rel")])
     assert tok.image_id == 282 and tok.same_ids(load_released(tmp_path / "rel", device="meta")[1])
     check_same_tokenizer(tok, str(tmp_path / "rel" / "tokenizer.json"), str(tmp_path / "rel" / "tokenizer.json"),
                          resume=False)
@@ -922,7 +921,7 @@ def test_a_released_tokenizer_without_the_image_token_trains_with_the_one_sample
     (tmp_path / "copy").mkdir()
     shutil.copy(tmp_path / "rel" / "tokenizer.json", tmp_path / "copy" / "tokenizer.json")
     given = recipe.TrainConfig(data=str(tmp_path / "data"), tokenizer=str(tmp_path / "copy" / "tokenizer.json"))
-    assert train.stage_tokenizer(given, cfg, [str(tmp_path / "rel")]).same_ids(tok)
+    assert stage_tokenizer(given, cfg, [str(tmp_path / "rel")]).same_ids(tok)
     (tmp_path / "stage1").mkdir()
     tok.save(tmp_path / "stage1")
     for folder, other in [("stage1", "rel"), ("rel", "stage1")]:

@@ -1736,7 +1736,7 @@ def test_resume_checks_what_the_checkpoint_holds_and_how_its_run_was_split(tmp_p
     hp = {s: recipe.stage_hparams(s, tc, cfg)[0] for s in (0, 1)}
     state = lambda stage, **kw: dict({"model": {}, "optimizer": {}, "step": 3, "rng": {}, "stage": stage,
                                       "config": cfg.to_dict()}, **kw)
-    resumed = lambda stage: train.resumable_state(path, stage, cfg, tc, hp[stage], 1, said.append)
+    resumed = lambda stage: resume.resumable_state(path, stage, cfg, tc, hp[stage], 1, said.append)
     torch.save({k: v for k, v in state(1).items() if k != "rng"}, path)
     with pytest.raises(SystemExit, match="is not a training checkpoint"):
         resumed(1)
@@ -1870,7 +1870,7 @@ def test_eval_only_takes_the_config_from_the_checkpoint(data, start_weights, tmp
         train.main(["--eval-only", "--ckpt", str(tmp_path), "--data", data])
     (tmp_path / "ckpt.pt").mkdir()  # a folder where --resume reads a file: said, not a traceback
     with pytest.raises(SystemExit, match="no checkpoint at .*ckpt.pt; remove the stage folder"):
-        train.resumable_state(str(tmp_path / "ckpt.pt"), 3, None, None, None, 1, print)
+        resume.resumable_state(str(tmp_path / "ckpt.pt"), 3, None, None, None, 1, print)
     with pytest.raises(SystemExit, match="--eval_only needs --ckpt"):
         train.main(["--eval-only", "--data", data])
     monkeypatch.setattr(train, "evaluate", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))  # Ctrl-C midway
@@ -1958,7 +1958,7 @@ def test_a_llava_import_alone_trains_stages_1_and_3(data, start_weights, tmp_pat
     with pytest.raises(SystemExit, match=r"tokenizer.json has 2048 tokens .* vocabulary of 4096 and expects 3; "
                                          r"prepare_data.py makes the 'tiny' preset's tokenizers with its 2048 tokens: "
                                          r"leave --llm.vocab_size out, or pass --tokenizer PATH, one of 4096$"):
-        train.stage_tokenizer(recipe.TrainConfig(data=data), get_config("tiny", **{"llm.vocab_size": 4096}), [])
+        resume.stage_tokenizer(recipe.TrainConfig(data=data), get_config("tiny", **{"llm.vocab_size": 4096}), [])
     with pytest.raises(SystemExit, match=r"stage 1 starts from stage 0's final weights, but .* does not exist: stage 0 "
                                          r"trains on prepare_data.py's synthetic corpus, so run --stage 0 with --out "
                                          rf".*fresh and without --data {mine} first, or pass --init_from PATH$"):
@@ -2400,7 +2400,7 @@ def test_a_micro_batch_that_does_not_split_a_stage_batch_is_said_with_the_one_ta
 
 
 def resume_check(tmp_path, stage, now, finished=False, saved_changes=None, **hp_changes):
-    """train.resumable_state on a checkpoint saved with the default settings (and saved_changes to its hparams),
+    """resume.resumable_state on a checkpoint saved with the default settings (and saved_changes to its hparams),
     resumed with `now` (and hp_changes). Returns the hparams the resumed run goes on with."""
     cfg, path = get_config("tiny"), str(tmp_path / "ckpt.pt")
     tc = recipe.TrainConfig(steps=10)
@@ -2410,7 +2410,7 @@ def resume_check(tmp_path, stage, now, finished=False, saved_changes=None, **hp_
     torch.save({"model": {}, "optimizer": {}, "step": 3, "rng": {}, "stage": stage, "config": cfg.to_dict(),
                 "train": dataclasses.asdict(tc), "hparams": saved, "split": [1, micro]}, path)
     hp = dict(hp, **hp_changes)
-    train.resumable_state(path, stage, cfg, now, hp, 1, lambda *a: None, finished)
+    resume.resumable_state(path, stage, cfg, now, hp, 1, lambda *a: None, finished)
     return hp
 
 
