@@ -358,7 +358,7 @@ def main(argv=None):
         model, tok, proc = load_model(args.ckpt, device, dtype, tokenizer=args.tokenizer or None)
         if args.official_rope:
             model.llm.round_rope_freqs(dtype)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, PermissionError) as e:  # (PermissionError: a file this user may not read)
         raise SystemExit(str(e)) from None
     except KeyboardInterrupt:  # Ctrl-C while the images or a large model load: a line, not a traceback from PIL
         print("\n(interrupted)", file=sys.stderr)

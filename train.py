@@ -825,7 +825,10 @@ def main(argv=None):
         raise SystemExit(str(e)) from None
     rank, world = setup_distributed()
     try:
-        train_or_evaluate(argv, tc, overrides, cfg, rank, world)
+        try:
+            train_or_evaluate(argv, tc, overrides, cfg, rank, world)
+        except PermissionError as e:  # a file this user may not read (another user's checkpoint or tokenizer), or a
+            raise SystemExit(str(e)) from None  # folder it may not write: a line that names it, not a traceback
     except SystemExit as e:
         if world > 1 and isinstance(e.code, str):
             # torchrun's processes share one terminal, and Python prints an exit message and its newline in two

@@ -988,7 +988,7 @@ def main(argv=None):
     try:
         export_target(args.export)  # before the minutes a large model takes to load
         model, tok, _ = load_model(args.ckpt, tokenizer=args.tokenizer or None)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, PermissionError) as e:  # (PermissionError: a file this user may not read)
         raise SystemExit(str(e)) from None
     except KeyboardInterrupt:
         raise SystemExit(f"\n(interrupted while loading {args.ckpt}: nothing was written)") from None

@@ -372,9 +372,13 @@ class PackedBatches(PlannedBatches):
 
 def read_text(path: str) -> str:
     """A UTF-8 text file's text, without the byte-order mark some editors write; ValueError naming the file and line
-    for text in another encoding."""
-    with open(path, "rb") as f:
-        raw = f.read()
+    for text in another encoding, or for a file this user may not read (which the callers' error handling would
+    otherwise take for one they could not write: prepare_data.py's, say)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except PermissionError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror} (the user running this may not read it)") from None
     if raw.startswith(codecs.BOM_UTF8):
         raw = raw[len(codecs.BOM_UTF8):]
     packed = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",

@@ -898,6 +898,29 @@ def test_llava_files_as_other_tools_write_them(tmp_path):
     assert open(f"{out}/sft.jsonl").read() == before
 
 
+def test_a_file_this_user_may_not_read_is_said_to_be_unreadable(tmp_path, monkeypatch):
+    # The import's OSError handler is for an --out it cannot write; a LLaVA file it may not read was said as one it
+    # "cannot write". Root reads any file, so open plays the refusal here (a chmod 000 file, read by another user,
+    # was checked by hand).
+    import builtins
+    import nanovl.data
+    rows = tmp_path / "rows.json"
+    rows.write_text("[]")
+
+    def denying(path, *args, **kwargs):
+        if str(path) == str(rows):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(nanovl.data, "open", denying, raising=False)
+    with pytest.raises(SystemExit, match=rf"^cannot read {re.escape(str(rows))}: Permission denied \(the user running "
+                                         r"this may not read it\)$"):
+        prepare_data.main(["--llava", str(rows), "--images", str(tmp_path), "--out", str(tmp_path / "imp")])
+    assert not (tmp_path / "imp").exists()
+    with pytest.raises(ValueError, match="^cannot read .*rows.json: Permission denied"):  # rows of a stage, alike
+        read_jsonl(str(rows))
+
+
 def test_images_are_checked_alike_in_one_process_or_several(tmp_path, monkeypatch):
     from nanovl.data import check_images
     paths = []

@@ -2,6 +2,7 @@
 processors and is seeded, a chat turn prefills only its new tokens, and bad input leaves a session as it was."""
 
 import copy
+import errno
 import io
 import json
 import os
@@ -17,7 +18,7 @@ from transformers.generation.logits_process import (RepetitionPenaltyLogitsProce
 
 import sample
 from conftest import randomize_, write_swapped_tokenizer
-from nanovl import DeepSeekVL, get_config
+from nanovl import DeepSeekVL, checkpoint, get_config
 from nanovl.chat import IMAGE_TAG, SYSTEM_PROMPT, render_chat, start_ids, user_ids
 from nanovl.generate import ChatSession, Sampling, generate, pick, warp
 from nanovl.image import ImageProcessor
@@ -860,6 +861,19 @@ def test_interactive_chat_takes_the_system_prompt(stage_folder, monkeypatch, cap
     sample.main(["--ckpt", str(stage_folder), "--system", "Answer in one word.", "--max_new_tokens", "2"])
     tok = sessions[0].tok
     assert "Answer in one word." in tok.decode(sessions[0].ids[:30])
+
+
+def test_a_checkpoint_this_user_may_not_read_is_named_in_a_line(stage_folder, monkeypatch):
+    # (root reads any file: the load plays the refusal; a chmod 000 model.pt, read by another user, was checked by hand)
+    def denied(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", os.path.join(path, "model.pt"))
+
+    monkeypatch.setattr(sample, "load_model", denied)
+    with pytest.raises(SystemExit, match=r"^\[Errno 13\] Permission denied: '.*model.pt'$"):
+        sample.main(["--ckpt", str(stage_folder), "--prompt", "hi"])
+    monkeypatch.setattr(checkpoint, "load_model", denied)  # the export's load, alike
+    with pytest.raises(SystemExit, match=r"^\[Errno 13\] Permission denied: '.*model.pt'$"):
+        checkpoint.main(["--ckpt", str(stage_folder), "--export", str(stage_folder / "exported")])
 
 
 def test_sample_refuses_mismatched_images_and_missing_checkpoints(stage_folder, tmp_path):

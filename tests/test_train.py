@@ -1033,6 +1033,18 @@ def test_a_sigterm_stops_the_run_as_ctrl_c_does_keeping_the_last_checkpoint_whol
     assert (folder / "eval.json").exists()
 
 
+def test_a_file_this_user_may_not_read_ends_the_run_in_a_line_that_names_it(monkeypatch):
+    # Another user's checkpoint, tokenizer or start weights, read anywhere in the run (--resume, --init_from,
+    # --eval-only): a line naming the file, not a traceback. (Root reads any file: the run plays the refusal here; a
+    # chmod 000 model.pt and tokenizer.json, read by another user with --eval-only, were checked by hand.)
+    def denied(*args):
+        raise PermissionError(errno.EACCES, "Permission denied", "/elsewhere/stage3/model.pt")
+
+    monkeypatch.setattr(train, "train_or_evaluate", denied)
+    with pytest.raises(SystemExit, match=r"^\[Errno 13\] Permission denied: '/elsewhere/stage3/model.pt'$"):
+        train.main(["--eval-only", "--ckpt", "/elsewhere/stage3"])
+
+
 def test_ctrl_c_while_starting_ends_the_run_in_one_line(tmp_path):
     # Ctrl-C in the first second or two, while torch is imported (it gave a traceback from importlib's frames), or
     # while no stage is training: a line, as a stage gives (and so do prepare_data.py and sample.py while they
