@@ -38,6 +38,7 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
     from nanovl.checkpoint import load_model
     from nanovl.generate import ChatSession, Sampling, TextStream, generate
     from nanovl.image import load_image
+    from nanovl.runs import denied
 except KeyboardInterrupt:  # (as main's other Ctrl-C's)
     if __name__ != "__main__":  # imported (by a test, or as a spawned worker's __mp_main__): as any import
         raise
@@ -358,7 +359,9 @@ def main(argv=None):
         model, tok, proc = load_model(args.ckpt, device, dtype, tokenizer=args.tokenizer or None)
         if args.official_rope:
             model.llm.round_rope_freqs(dtype)
-    except (ValueError, FileNotFoundError, PermissionError) as e:  # (PermissionError: a file this user may not read)
+    except PermissionError as e:  # a checkpoint or tokenizer this user may not read
+        raise SystemExit(denied(e)) from None
+    except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from None
     except KeyboardInterrupt:  # Ctrl-C while the images or a large model load: a line, not a traceback from PIL
         print("\n(interrupted)", file=sys.stderr)

@@ -32,12 +32,12 @@ runs it:
     python train.py --eval-only --ckpt out/stage3    # multiple-choice and text evaluation of a checkpoint
     torchrun --nproc_per_node=2 train.py --stage 3   # several processes, one global batch
 
-Any training field below (--help lists them), and any model config field (dotted, as --llm.dim=256), can be set with
---key=value. Each stage writes out/stage<k>/: model.pt (final weights), config.json and tokenizer.json, ckpt.pt (the
-latest resumable state), metrics.jsonl, loss.png and eval.json. Stage k+1 starts from out/stage<k>/model.pt unless
---init_from says otherwise. A stage folder that holds an earlier run's ckpt.pt or model.pt is never written over:
---resume continues it (after checking that the settings are the same), and without --resume the run stops before
-writing anything.
+Any training field (TrainConfig, in nanovl/recipe.py: --help lists them below), and any model config field (dotted, as
+--llm.dim=256), can be set with --key=value. Each stage writes out/stage<k>/: model.pt (final weights), config.json and
+tokenizer.json, ckpt.pt (the latest resumable state), metrics.jsonl, loss.png and eval.json. Stage k+1 starts from
+out/stage<k>/model.pt unless --init_from says otherwise. A stage folder that holds an earlier run's ckpt.pt or model.pt
+is never written over: --resume continues it (after checking that the settings are the same), and without --resume the
+run stops before writing anything.
 """
 
 import collections
@@ -77,8 +77,9 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
                                open_stage_folder, refuse_earlier_run, saved_config, saved_entry, stage_tokenizer,
                                start_weights, tokenizer_path, tokenizer_sources, weights_entry)
     from nanovl.runs import (Terminated, WriteFailed, atomic_save, atomic_write, claim_out_folder,
-                             close_inherited_locks, dead_worker, end_process_group, first_failure, let_go_of_workers,
-                             rng_state, set_rng_state, setup_distributed, sigterm_stops, unlock_out_folders, writing)
+                             close_inherited_locks, dead_worker, denied, end_process_group, first_failure,
+                             let_go_of_workers, rng_state, set_rng_state, setup_distributed, sigterm_stops,
+                             unlock_out_folders, writing)
     from nanovl.stage0 import N_SEG_CLASSES, STAGE0_ROW, Stage0Batches, Stage0Heads, Stage0Model, plan_distinct
     from nanovl.tokenizer import Tokenizer
     from prepare_data import data_to_prepare
@@ -537,9 +538,14 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             precision = lambda kind: "bf16 autocast" if kind == "cuda" else "fp32"
             say(f"stage {stage}: resuming on {now_on} ({precision(now_on)}) a run that trained on {was_on} "
                 f"({precision(was_on)}): the run goes on, but not bit for bit")
-        if master:  # the metrics up to the checkpoint travel inside it (older checkpoints: from metrics.jsonl)
-            metrics = state["metrics"] if "metrics" in state else \
-                [m for m in read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if m["step"] <= start]
+        if master and "metrics" in state:  # the metrics up to the checkpoint travel inside it
+            metrics = state["metrics"]
+        elif master:  # (older checkpoints: from metrics.jsonl, which the next save writes anew from them)
+            try:
+                metrics = [m for m in read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if m["step"] <= start]
+            except (ValueError, OSError, KeyError, TypeError) as e:  # a log, not the training state: said, not fatal
+                say(f"stage {stage}: the metrics before step {start} are not carried on: {out_dir}/metrics.jsonl "
+                    f"cannot be read ({e})")
         say(f"stage {stage}: resuming from {ckpt_path} at step {start}")
         del state
 
@@ -828,7 +834,7 @@ def main(argv=None):
         try:
             train_or_evaluate(argv, tc, overrides, cfg, rank, world)
         except PermissionError as e:  # a file this user may not read (another user's checkpoint or tokenizer), or a
-            raise SystemExit(str(e)) from None  # folder it may not write: a line that names it, not a traceback
+            raise SystemExit(denied(e, "read or write")) from None  # folder it may not write: named, no traceback
     except SystemExit as e:
         if world > 1 and isinstance(e.code, str):
             # torchrun's processes share one terminal, and Python prints an exit message and its newline in two

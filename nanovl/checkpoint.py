@@ -38,7 +38,7 @@ from nanovl.config import (CLIP_MEAN, CLIP_STD, FROM_SCRATCH, SIGLIP_MEAN, SIGLI
                            SAMConfig, SigLIPConfig, VLConfig)
 from nanovl.image import ImageProcessor
 from nanovl.model import DeepSeekVL, nanovl_to_released, released_to_nanovl
-from nanovl.runs import uninterrupted
+from nanovl.runs import denied, uninterrupted
 from nanovl.safetensors import INDEX_NAME, SINGLE_NAME, load_file, load_sharded, save_sharded
 from nanovl.tokenizer import BOS, EOS, IMAGE, Tokenizer
 
@@ -988,7 +988,9 @@ def main(argv=None):
     try:
         export_target(args.export)  # before the minutes a large model takes to load
         model, tok, _ = load_model(args.ckpt, tokenizer=args.tokenizer or None)
-    except (ValueError, FileNotFoundError, PermissionError) as e:  # (PermissionError: a file this user may not read)
+    except PermissionError as e:  # a checkpoint or tokenizer this user may not read
+        raise SystemExit(denied(e)) from None
+    except (ValueError, FileNotFoundError) as e:
         raise SystemExit(str(e)) from None
     except KeyboardInterrupt:
         raise SystemExit(f"\n(interrupted while loading {args.ckpt}: nothing was written)") from None

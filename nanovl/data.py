@@ -45,7 +45,7 @@ from torch.utils.data import Dataset
 
 from nanovl.chat import IMAGE_TAG, check_conversation, render_chat, render_document
 from nanovl.image import ImageProcessor, load_image
-from nanovl.runs import atomic_write, quiet_worker
+from nanovl.runs import atomic_write, denied, quiet_worker
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -378,7 +378,7 @@ def read_text(path: str) -> str:
         with open(path, "rb") as f:
             raw = f.read()
     except PermissionError as e:
-        raise ValueError(f"cannot read {path}: {e.strerror} (the user running this may not read it)") from None
+        raise ValueError(denied(e)) from None
     if raw.startswith(codecs.BOM_UTF8):
         raw = raw[len(codecs.BOM_UTF8):]
     packed = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",

@@ -1,7 +1,8 @@
 """
 The paper's training recipe, written out (sections 3.2 and 3.3, Table 4; facts sheet section 11): what each stage
 trains, on which data, in what mix and at what rate. The official repository has no training code. train.py runs the
-recipe (the training loop, the stage folders, resuming); this file is what it runs, as settings and plain functions.
+recipe (the training loop; nanovl/resume.py: the stage folders and resuming); this file is what it runs, as settings
+and plain functions.
 
     stage 0  unimodal pretraining (scaled-down presets only: the real model starts from pretrained parts)
     stage 1  adaptor warm-up: the adaptor alone (for the hybrid, with SAM's necks and downsampling tail)
@@ -20,6 +21,8 @@ Where each part of the recipe is written:
     the loss on answers only             nanovl/chat.py render_chat (a mask bit per token) -> data.collate (targets
                                          -100 where nothing is learnt) -> train.py's train_step (normalised by the
                                          step's supervised tokens)
+    a step's batch over micro-batches    check_stage, split_batch (gradients accumulate over the micro-batches; the
+    and processes                        loss is normalised over the whole step, so the split changes no step)
     stage 0                              nanovl/stage0.py (its heads, batches and losses)
 Stage 2's 7:3 is a share of the steps. It packs its samples into rows, so its steps hold comparable numbers of tokens,
 but not equal ones: next-fit packing leaves each row's tail unused, and text pieces fill less of a row than captions do

@@ -216,7 +216,7 @@ def training_tensors(state: dict) -> dict:
 def read_checkpoint(path: str, stage: int, cfg: VLConfig, finished: bool = False) -> dict:
     """A stage's ckpt.pt, checked as a file: a training checkpoint (a dict with model, optimizer, step and rng) with
     finite weights, of this stage and for this model config. Whether the run that wrote it trained with this run's
-    settings is train.py's to check (resumable_state). finished: the stage is done, and only its settings will be
+    settings is resumable_state's to check (below). finished: the stage is done, and only its settings will be
     checked (its weights are not read)."""
     try:
         state = load_plain(path)

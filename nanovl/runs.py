@@ -4,9 +4,9 @@ export of weights. None of it is the paper's; it is what a run of hours on share
 SIGTERM, a full disk, a second run into the same folder or a killed torchrun process never costs the work done.
 
     stopping         SIGTERM ends a run as Ctrl-C does (Terminated, sigterm_stops); a folder swap is never cut in
-                     half (uninterrupted); pool workers leave the answering to their parent (quiet_worker); a stage's
-                     DataLoader workers, killed or stopped with it, end without a traceback (dead_worker,
-                     let_go_of_workers)
+                     half (uninterrupted); pool workers leave the answering to their parent (quiet_worker); a file
+                     the user may not read ends a run in a line that names it (denied); a stage's DataLoader workers,
+                     killed or stopped with it, end without a traceback (dead_worker, let_go_of_workers)
     whole files      each file of a training run (checkpoints, metrics, the loss plot), of rows, and of safetensors is
                      written to FILE.tmpPID, synced, then renamed over FILE (atomic_write): a reader or a resume sees
                      the old file or the new one, never half of one (atomic_save, for checkpoints)
@@ -101,6 +101,14 @@ def quiet_worker():
     ends each at once (its default, not the parent's Terminated: sigterm_stops)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def denied(e: PermissionError, doing: str = "read") -> str:
+    """A file this user may not read (another user's checkpoint, tokenizer or rows), or a folder it may not write, as
+    the one line a script ends with instead of a traceback: sample.py, train.py, the export, the data readers."""
+    if e.filename is None:  # (not a file's: say what the system said)
+        return str(e)
+    return f"cannot {doing} {e.filename}: {e.strerror} (the user running this may not {doing} it)"
 
 
 def dead_worker(e: BaseException) -> bool:

@@ -1041,7 +1041,8 @@ def test_a_file_this_user_may_not_read_ends_the_run_in_a_line_that_names_it(monk
         raise PermissionError(errno.EACCES, "Permission denied", "/elsewhere/stage3/model.pt")
 
     monkeypatch.setattr(train, "train_or_evaluate", denied)
-    with pytest.raises(SystemExit, match=r"^\[Errno 13\] Permission denied: '/elsewhere/stage3/model.pt'$"):
+    with pytest.raises(SystemExit, match=r"^cannot read or write /elsewhere/stage3/model.pt: Permission denied \(the "
+                                         r"user running this may not read or write it\)$"):
         train.main(["--eval-only", "--ckpt", "/elsewhere/stage3"])
 
 
@@ -1539,6 +1540,24 @@ def test_resuming_into_a_folder_that_cannot_be_written_stops_before_training(dat
     with pytest.raises(SystemExit, match=r"--out .*: cannot write to .*stage3 \(read-only\?\)$"):
         train.main(common + ["--resume"])  # said now, not at the first save, ckpt_every steps on
     assert removed == [str(folder / "ckpt.pt.tmp1073741824")]
+
+
+def test_an_older_checkpoint_resumes_when_its_metrics_file_cannot_be_read(data, start_weights, tmp_path, capsys):
+    # Checkpoints before 2026-12 kept no metrics: a resume read them from metrics.jsonl, and a damaged one ended the
+    # resume in a traceback. The metrics are a log, not the training state: the run goes on without them, and says so.
+    out, folder = tmp_path / "o", tmp_path / "o" / "stage3"
+    common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "4", "--ckpt_every", "2",
+              "--batch_size", "2", "--micro_batch", "2", "--log_every", "1", "--out", str(out)] + FAST
+    run(common + ["--stop_after", "2"])
+    state = torch.load(folder / "ckpt.pt", weights_only=True)
+    del state["metrics"]  # (as an older checkpoint)
+    torch.save(state, folder / "ckpt.pt")
+    (folder / "metrics.jsonl").write_text('{"stage": 3, "step": 1, "loss": 2.0}\n{"stage": 3, "ste\n')
+    train.main(common + ["--resume"])
+    assert re.search(r"stage 3: the metrics before step 2 are not carried on: .*metrics.jsonl cannot be read "
+                     r"\(.*metrics.jsonl, line 2: ", capsys.readouterr().out)
+    assert [m["step"] for m in train.read_jsonl(folder / "metrics.jsonl") if "loss" in m] == [3, 4]
+    assert (folder / "eval.json").is_file()
 
 
 def test_a_later_stage_is_not_resumed_on_top_of_an_earlier_stage_trained_again(data, start_weights, tmp_path):
