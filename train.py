@@ -65,7 +65,7 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
     from nanovl.checkpoint import check_device, init_from_parts, is_released_folder, load_model
     from nanovl.config import FROM_SCRATCH
     from nanovl.data import (PackedBatches, PlannedBatches, Source, check_rows, default_folder, folder_kind,
-                             folder_stamp, image_paths, plan_batches, read_jsonl, write_jsonl)
+                             folder_stamp, image_paths, plan_batches, write_jsonl)
     from nanovl.evaluate import MC_FILES, check_fits, evaluate, format_table, held_out, held_out_text
     from nanovl.image import CachedProcessor, ImageProcessor, missing_hint
     from nanovl.llava import import_record
@@ -74,7 +74,7 @@ try:  # Ctrl-C while torch loads (a second or more): a line, not the import mach
                                stage_optimizer, trainable_prefixes, under)
     from nanovl.resume import (check_init_preset, check_same_config, check_start, checked_tokenizer, data_change,
                                held_weights, is_finished, is_nanovl_checkpoint, load_weights, make_stage_folder,
-                               open_stage_folder, refuse_earlier_run, saved_config, saved_entry, stage_tokenizer,
+                               open_stage_folder, refuse_earlier_run, saved_config, saved_entry, saved_metrics, stage_tokenizer,
                                start_weights, tokenizer_path, tokenizer_sources, weights_entry)
     from nanovl.runs import (Terminated, WriteFailed, atomic_save, atomic_write, claim_out_folder,
                              close_inherited_locks, dead_worker, denied, end_process_group, first_failure,
@@ -538,14 +538,8 @@ def run_stage(stage: int, tc: TrainConfig, cfg: VLConfig, rank: int, world: int,
             precision = lambda kind: "bf16 autocast" if kind == "cuda" else "fp32"
             say(f"stage {stage}: resuming on {now_on} ({precision(now_on)}) a run that trained on {was_on} "
                 f"({precision(was_on)}): the run goes on, but not bit for bit")
-        if master and "metrics" in state:  # the metrics up to the checkpoint travel inside it
-            metrics = state["metrics"]
-        elif master:  # (older checkpoints: from metrics.jsonl, which the next save writes anew from them)
-            try:
-                metrics = [m for m in read_jsonl(os.path.join(out_dir, "metrics.jsonl")) if m["step"] <= start]
-            except (ValueError, OSError, KeyError, TypeError) as e:  # a log, not the training state: said, not fatal
-                say(f"stage {stage}: the metrics before step {start} are not carried on: {out_dir}/metrics.jsonl "
-                    f"cannot be read ({e})")
+        if master:
+            metrics = saved_metrics(state, out_dir, stage, start, say)
         say(f"stage {stage}: resuming from {ckpt_path} at step {start}")
         del state
 

@@ -34,7 +34,7 @@ import torch
 from nanovl.checkpoint import (check_finite, check_keys, check_tokenizer_fits, check_trained_with, check_weights,
                                is_released_folder, load_plain, nanovl_state, read_tokenizer)
 from nanovl.config import FROM_SCRATCH, PRESETS, VLConfig, get_config
-from nanovl.data import default_folder, folder_kind
+from nanovl.data import default_folder, folder_kind, read_jsonl
 from nanovl.model import DeepSeekVL
 from nanovl.recipe import HPARAM_FIELDS, TrainConfig, listed, split_batch
 from nanovl.runs import atomic_save, claim_out_folder, remove_stale_temporaries
@@ -238,6 +238,20 @@ def read_checkpoint(path: str, stage: int, cfg: VLConfig, finished: bool = False
     if isinstance(state.get("config"), dict):
         check_same_config(state["config"], cfg, path)
     return state
+
+
+def saved_metrics(state: dict, out_dir: str, stage: int, step: int, say) -> list:
+    """The metrics of a resumed stage up to its checkpoint's step, which travel inside the checkpoint. Older checkpoints
+    kept none: they come from the stage's metrics.jsonl then, which the next save writes anew from them; one that cannot
+    be read (damaged, gone) costs the log of those steps, not the resume (said)."""
+    if "metrics" in state:
+        return state["metrics"]
+    path = os.path.join(out_dir, "metrics.jsonl")
+    try:
+        return [m for m in read_jsonl(path) if m["step"] <= step]
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        say(f"stage {stage}: the metrics before step {step} are not carried on: {path} cannot be read ({e})")
+        return []
 
 
 def data_change(was: dict, now: dict) -> str:

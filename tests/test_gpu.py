@@ -305,6 +305,7 @@ def test_training_steps_with_an_evaluation_on_the_device(tmp_path):
 
     import prepare_data
     import train
+    from nanovl.data import read_jsonl
 
     prepare_data.main(["--out", str(tmp_path / "data"), "--n", "2", "--workers", "4"])
     torch.manual_seed(0)
@@ -313,7 +314,7 @@ def test_training_steps_with_an_evaluation_on_the_device(tmp_path):
     train.main(["--data", str(tmp_path / "data"), "--stage", "3", "--init_from", str(tmp_path / "init.pt"),
                 "--out", str(tmp_path / "out"), "--steps", "4", "--batch_size", "4", "--eval_every", "2",
                 "--eval_limit", "10", "--workers", "0", "--log_every", "1", "--device", DEVICE])
-    metrics = train.read_jsonl(tmp_path / "out" / "stage3" / "metrics.jsonl")
+    metrics = read_jsonl(tmp_path / "out" / "stage3" / "metrics.jsonl")
     assert [m["step"] for m in metrics if "mc_mean" in m] == [2, 4]
     assert all(0 <= m["mc_mean"] <= 1 and 0 <= m["open_mean"] <= 1 and m["bpb"] > 0 for m in metrics if "bpb" in m)
     assert all(m["loss"] > 0 for m in metrics if "loss" in m)  # finite: a NaN would have stopped the run

@@ -28,6 +28,7 @@ import train
 from conftest import write_swapped_tokenizer
 from nanovl import DeepSeekVL, checkpoint, evaluate, get_config, recipe, resume, runs
 from nanovl.chat import IMAGE_TAG, render_chat
+from nanovl.data import read_jsonl, write_jsonl
 from nanovl.evaluate import multiple_choice
 from nanovl.synth import mc_prompt
 from nanovl.image import ImageProcessor
@@ -758,13 +759,13 @@ def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_we
 
     def watching(step, *a):  # metrics.jsonl as the third step starts: step 2's evaluation is in it already
         if step == 2:
-            on_disk.extend(train.read_jsonl(os.path.join(out, f"stage{stage}", "metrics.jsonl")))
+            on_disk.extend(read_jsonl(os.path.join(out, f"stage{stage}", "metrics.jsonl")))
         return rate(step, *a)
 
     monkeypatch.setattr(train, "learning_rate", watching)
     train.main(args)
     assert [m["step"] for m in on_disk if "mc_mean" in m] == ([2] if stage else [])
-    metrics = train.read_jsonl(os.path.join(out, f"stage{stage}", "metrics.jsonl"))
+    metrics = read_jsonl(os.path.join(out, f"stage{stage}", "metrics.jsonl"))
     # evaluated every 2 steps and at the end, both ways (stage 0, which has no questions to ask: at the end, text only)
     evals = [m for m in metrics if "bpb" in m]
     assert [m["step"] for m in evals] == ([2, 3] if stage else [3])
@@ -788,7 +789,7 @@ def test_a_steps_loss_learning_rates_and_clipping_are_the_recipes(data, start_we
         from nanovl.evaluate import bits_per_byte
         trained = DeepSeekVL(cfg).eval()
         trained.load_state_dict(load_model(os.path.join(out, "stage0")))
-        rows = train.read_jsonl(os.path.join(data, "eval_text.jsonl"))[:5]
+        rows = read_jsonl(os.path.join(data, "eval_text.jsonl"))[:5]
         assert seq_len == 128 and cfg.llm.max_seq_len == 512
         assert evals[-1]["bpb"] == pytest.approx(bits_per_byte(trained, rows, tok, cfg.n_image_tokens, 512), rel=1e-6)
         assert evals[-1]["bpb"] != pytest.approx(bits_per_byte(trained, rows, tok, cfg.n_image_tokens, 128), rel=1e-3)
@@ -917,13 +918,13 @@ def test_resume_is_bitwise_identical(data, start_weights, tmp_path):
     whole, resumed = load_model(tmp_path / "whole" / "stage2"), load_model(tmp_path / "killed" / "stage2")
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     logged = [[(m["step"], m.get("loss"), m.get("mc_mean"))
-               for m in train.read_jsonl(tmp_path / folder / "stage2" / "metrics.jsonl")]
+               for m in read_jsonl(tmp_path / folder / "stage2" / "metrics.jsonl")]
               for folder in ("whole", "killed")]
     assert logged[0] == logged[1]
     assert [s for s, loss, _ in logged[0] if loss is not None] == [3, 4, 6]
     assert [s for s, _, mc in logged[0] if mc is not None] == [3, 6]
     # Each log counts the modality groups of its steps (the plan's): 3, 1 and 2 steps, resumed or not.
-    groups = [[m["groups"] for m in train.read_jsonl(tmp_path / folder / "stage2" / "metrics.jsonl") if "loss" in m]
+    groups = [[m["groups"] for m in read_jsonl(tmp_path / folder / "stage2" / "metrics.jsonl") if "loss" in m]
               for folder in ("whole", "killed")]
     assert groups[0] == groups[1] and [sum(g.values()) for g in groups[0]] == [3, 1, 2]
     assert set().union(*groups[0]) <= {"language", "multimodal", "sft", "text_sft"}
@@ -1177,7 +1178,7 @@ def test_two_processes_match_one_with_the_same_global_batch(data, start_weights,
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
     # and the same loss at every step: AdamW's update barely moves when every gradient is scaled alike, so a loss
     # that two processes counted at the wrong scale (and gradients with it, under another clip) shows only here
-    losses = [[m["loss"] for m in train.read_jsonl(tmp_path / run / "stage3" / "metrics.jsonl") if "loss" in m]
+    losses = [[m["loss"] for m in read_jsonl(tmp_path / run / "stage3" / "metrics.jsonl") if "loss" in m]
               for run in ("one", "two")]
     assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-4)
 
@@ -1263,7 +1264,7 @@ def test_earlier_runs_are_never_written_over_and_resume_checks_what_it_continues
     assert "trained to step 2, but its final weights or evaluation were never written" in capsys.readouterr().out
     assert (folder / "eval.json").exists() and not dead.exists() and live.exists() and huge.exists()
     assert (folder / "model.pt").read_bytes() == before["model.pt"]  # what the first run wrote, byte for byte
-    steps = [m["step"] for m in train.read_jsonl(folder / "metrics.jsonl")]
+    steps = [m["step"] for m in read_jsonl(folder / "metrics.jsonl")]
     assert steps == [1, 2, 2]  # the metrics came back from the checkpoint, then the evaluation's line
     (folder / "eval.json").unlink()  # unfinished again: the checks below look at the checkpoint
 
@@ -1344,7 +1345,7 @@ def test_an_unreadable_image_stops_the_run_naming_its_row_and_keeps_the_steps_do
     monkeypatch.setattr(ImageProcessor, "pixels", readable)
     capsys.readouterr()
     train.main(evaluated + ["--resume"])
-    metrics = train.read_jsonl(tmp_path / "q" / "stage3" / "metrics.jsonl")
+    metrics = read_jsonl(tmp_path / "q" / "stage3" / "metrics.jsonl")
     assert [m["step"] for m in metrics if "mc_mean" in m] == [1, 2, 3]
     assert "stage 3, step 1" in capsys.readouterr().out  # the resume's: the evaluation made again
 
@@ -1542,22 +1543,21 @@ def test_resuming_into_a_folder_that_cannot_be_written_stops_before_training(dat
     assert removed == [str(folder / "ckpt.pt.tmp1073741824")]
 
 
-def test_an_older_checkpoint_resumes_when_its_metrics_file_cannot_be_read(data, start_weights, tmp_path, capsys):
+def test_an_older_checkpoint_resumes_when_its_metrics_file_cannot_be_read(tmp_path):
     # Checkpoints before 2026-12 kept no metrics: a resume read them from metrics.jsonl, and a damaged one ended the
     # resume in a traceback. The metrics are a log, not the training state: the run goes on without them, and says so.
-    out, folder = tmp_path / "o", tmp_path / "o" / "stage3"
-    common = ["--data", data, "--stage", "3", "--init_from", start_weights, "--steps", "4", "--ckpt_every", "2",
-              "--batch_size", "2", "--micro_batch", "2", "--log_every", "1", "--out", str(out)] + FAST
-    run(common + ["--stop_after", "2"])
-    state = torch.load(folder / "ckpt.pt", weights_only=True)
-    del state["metrics"]  # (as an older checkpoint)
-    torch.save(state, folder / "ckpt.pt")
-    (folder / "metrics.jsonl").write_text('{"stage": 3, "step": 1, "loss": 2.0}\n{"stage": 3, "ste\n')
-    train.main(common + ["--resume"])
-    assert re.search(r"stage 3: the metrics before step 2 are not carried on: .*metrics.jsonl cannot be read "
-                     r"\(.*metrics.jsonl, line 2: ", capsys.readouterr().out)
-    assert [m["step"] for m in train.read_jsonl(folder / "metrics.jsonl") if "loss" in m] == [3, 4]
-    assert (folder / "eval.json").is_file()
+    said = []
+    assert resume.saved_metrics({"metrics": [{"step": 1}]}, str(tmp_path), 3, 2, said.append) == [{"step": 1}]
+    (tmp_path / "metrics.jsonl").write_text('{"stage": 3, "step": 1, "loss": 2.0}\n{"stage": 3, "step": 3}\n')
+    assert resume.saved_metrics({}, str(tmp_path), 3, 2, said.append) == [{"stage": 3, "step": 1, "loss": 2.0}]
+    assert said == []
+    (tmp_path / "metrics.jsonl").write_text('{"stage": 3, "step": 1, "loss": 2.0}\n{"stage": 3, "ste\n')
+    assert resume.saved_metrics({}, str(tmp_path), 3, 2, said.append) == []
+    os.remove(tmp_path / "metrics.jsonl")
+    assert resume.saved_metrics({}, str(tmp_path), 3, 2, said.append) == []
+    assert len(said) == 2 and all(re.match(r"stage 3: the metrics before step 2 are not carried on: .*metrics.jsonl "
+                                           r"cannot be read \(", line) for line in said)
+    assert "line 2: not valid JSON" in said[0] and "No such file" in said[1]
 
 
 def test_a_later_stage_is_not_resumed_on_top_of_an_earlier_stage_trained_again(data, start_weights, tmp_path):
@@ -2567,9 +2567,9 @@ def test_a_data_folder_prepared_again_stops_the_run_reading_it_and_its_resume_sa
 
     # Prepared again with other rows (here: two chats fewer), the resume goes on, saying how its data differ, and
     # here, as the folder has another name now, which folders that run read.
-    rows = train.read_jsonl(os.path.join(folder, "sft.jsonl"))
+    rows = read_jsonl(os.path.join(folder, "sft.jsonl"))
     dropped = [i for i, r in enumerate(rows) if r["images"]][:2]  # (image chats: stage 3's one group here)
-    train.write_jsonl(os.path.join(folder, "sft.jsonl"), [r for i, r in enumerate(rows) if i not in dropped])
+    write_jsonl(os.path.join(folder, "sft.jsonl"), [r for i, r in enumerate(rows) if i not in dropped])
     os.rename(folder, folder + "-moved")
     capsys.readouterr()
     train.main(["--data", folder + "-moved"] + args[2:] + ["--resume"])
